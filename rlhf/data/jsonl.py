@@ -1,0 +1,82 @@
+"""JSONL reading with file:line errors, and atomic JSONL/JSON writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import DataError
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, object) for each non-blank line; raise DataError naming file:line on bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Read every object of a JSONL file, checking that each has the `required` fields."""
+    required = list(required)
+    rows = []
+    for lineno, obj in iter_jsonl(path):
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing field {missing[0]!r}")
+        rows.append(obj)
+    if not rows:
+        raise DataError(f"{path}: no records (empty file)")
+    return rows
+
+
+def field(path: str | Path, lineno: int, obj: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """obj[key] checked for presence and type, with a file:line error otherwise."""
+    if key not in obj:
+        raise DataError(f"{path}:{lineno}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(f"{path}:{lineno}: field {key!r} should be {names}, got {type(value).__name__}")
+    return value
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as JSONL atomically; return how many were written."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
