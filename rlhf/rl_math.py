@@ -1,0 +1,254 @@
+"""The numerical core of RLHF, in pure torch: masked statistics, KL estimators, reward shaping, GAE,
+KL-coefficient controllers, and log-probabilities/entropy from logits.
+
+Shapes: B = batch (rollouts), T = tokens (response positions), V = vocabulary. A `mask` is 1 (or True)
+at real tokens and 0 at padding; padding never enters a statistic and comes back as 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of `x` over the positions where `mask` is 1 (over all elements, or along `dim`).
+
+    Padding is selected away rather than multiplied by 0, so inf or NaN there cannot leak in.
+    """
+    masked = torch.where(mask.bool(), x, torch.zeros_like(x))  # same shape as x
+    return masked.sum() if dim is None else masked.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is 1 (OpenRLHF/TRL `masked_mean`).
+
+    A row (or the whole tensor) with no real token gives 0 rather than NaN, so a batch holding an
+    empty response does not poison the loss.
+    """
+    count = masked_sum(torch.ones_like(x), mask, dim).clamp(min=1.0)
+    return masked_sum(x, mask, dim) / count
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over all positions where `mask` is 1 (TRL `masked_var`).
+
+    With `unbiased` the Bessel correction n/(n-1) is applied; that needs at least two real tokens,
+    and fewer raise ValueError rather than return inf.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = int(mask.sum().item())
+        if n < 2:
+            raise ValueError(f"masked_var(unbiased=True) needs at least 2 real tokens, got {n}")
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise `x` to mean 0 and std 1 over the real tokens; padded positions are set to 0.
+
+    Follows TRL/summarize-from-feedback `whiten`: with `shift_mean=False` only the scale changes and the
+    mean is added back (used for rewards, whose sign carries meaning).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # same shape as x
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL penalty and reward shaping
+# ---------------------------------------------------------------------------------------------------
+
+
+def approx_kl(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    estimator: Literal["k1", "k2", "k3"] = "k1",
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi (shape (B, T)).
+
+    With log r = logp - ref_logp (OpenRLHF `compute_approx_kl`; Schulman, "Approximating KL
+    Divergence", http://joschu.net/blog/kl-approx.html):
+      k1 = log r                      unbiased, high variance, can be negative per token;
+      k2 = 0.5 * (log r)^2            biased, low variance, >= 0;
+      k3 = exp(-log r) - 1 + log r    unbiased, low variance, >= 0.
+    Positions where `mask` is 0 are 0.
+    """
+    log_ratio = logprobs - ref_logprobs  # (B, T)
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k2":
+        kl = 0.5 * log_ratio**2
+    elif estimator == "k3":
+        # r' = pi_ref / pi = exp(-log r); k3 = r' - 1 - log r' >= 0 because log x <= x - 1.
+        kl = torch.exp(-log_ratio) - 1.0 + log_ratio
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+    if mask is None:
+        return kl
+    # where, not multiply: a padded log-prob of -inf would turn 0 * inf into NaN.
+    return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
+def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position where `mask` is 1 in each row, or -1 for a row with none; (B,) long."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)  # (B, T)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=-1).values  # (B,)
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * kl at every response token, plus the sequence score on the
+    last real token (the EOS); padding gets 0.
+
+    This is the KL-penalised reward of Ziegler et al. 2019 / InstructGPT (Ouyang et al. 2022, eq. 2),
+    spread per token as in summarize-from-feedback and OpenRLHF `compute_reward`. A row whose mask is
+    all zeros gets no score.
+    """
+    penalty = -kl_coef * kl  # (B, T)
+    rewards = torch.where(mask.bool(), penalty, torch.zeros_like(penalty))  # (B, T)
+    last = _last_token_index(mask)  # (B,)
+    has_token = last >= 0  # (B,)
+    score_at_last = torch.where(has_token, scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))  # (B,)
+    return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score_at_last.unsqueeze(1))  # (B, T)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438), as in OpenRLHF
+    `get_advantages_and_returns` and TRL's PPO trainer. Returns (advantages, returns), both (B, T).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  returns = A + V.
+    The step after the last real token is terminal (V = 0, A = 0). Real tokens must be contiguous in
+    each row (leading and trailing padding are both fine); padded entries come back as 0.
+    """
+    fmask = mask.to(values.dtype)  # (B, T)
+    values = values * fmask  # (B, T); zero past the end makes the terminal step's value 0
+    rewards = rewards * fmask  # (B, T)
+    batch, length = rewards.shape
+    advantages = torch.zeros_like(rewards)  # (B, T)
+    next_value = torch.zeros(batch, dtype=values.dtype, device=values.device)  # (B,)
+    next_advantage = torch.zeros_like(next_value)  # (B,)
+    for t in reversed(range(length)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        next_advantage = delta + gamma * lam * next_advantage  # (B,)
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    advantages = advantages * fmask  # (B, T)
+    returns = advantages + values  # (B, T); values already 0 at padding
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL-coefficient controllers
+# ---------------------------------------------------------------------------------------------------
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+    Preferences", sec. 2.2; OpenRLHF/TRL `AdaptiveKLController`).
+
+    Each update moves `value` towards the coefficient that keeps the measured KL at `target`:
+    e = clip(KL / target - 1, -0.2, 0.2);  value *= 1 + e * n_steps / horizon.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be positive, got target={target}, horizon={horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Adjust `value` after `n_steps` samples (episodes) that showed mean KL `current_kl`."""
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": float(self.horizon)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])
+
+
+class FixedKLController:
+    """Constant KL coefficient, with the interface of AdaptiveKLController (update does nothing)."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Keep `value` unchanged."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+KLController = AdaptiveKLController | FixedKLController
+
+
+# ---------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy from logits
+# ---------------------------------------------------------------------------------------------------
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32, so that logsumexp over a large vocabulary stays accurate."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[labels] per position: (B, T, V), (B, T) -> (B, T).
+
+    Divide by the sampling temperature so that PPO's log-probs are those of the distribution the
+    rollout was sampled from (summarize-from-feedback; OpenRLHF). Computed one row at a time, as TRL's
+    `selective_log_softmax`, so only a (T, V) temporary exists beside the logits; the result is
+    logit[label] - logsumexp(logits). Half-precision logits give float32 log-probs.
+    """
+    rows = []
+    for row_logits, row_labels in zip(logits, labels, strict=True):  # (T, V), (T,)
+        scaled = _upcast(row_logits) / temperature  # (T, V)
+        picked = scaled.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # (T,)
+        rows.append(picked - torch.logsumexp(scaled, dim=-1))  # (T,)
+    return torch.stack(rows)  # (B, T)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position: (B, T, V) -> (B, T), row by row to bound memory.
+
+    H = logsumexp(z) - sum_v softmax(z)_v * z_v (OpenRLHF/TRL `entropy_from_logits`).
+    """
+    rows = []
+    for row_logits in logits:  # (T, V)
+        z = _upcast(row_logits)  # (T, V)
+        probs = torch.softmax(z, dim=-1)  # (T, V)
+        rows.append(torch.logsumexp(z, dim=-1) - (probs * z).sum(dim=-1))  # (T,)
+    return torch.stack(rows)  # (B, T)

@@ -1,0 +1,239 @@
+"""rlhf.rl_math against hand-computed values and plain-Python references."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from rlhf.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    approx_kl,
+    compute_gae,
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    shape_rewards,
+)
+
+LN2 = math.log(2.0)
+
+
+def close(actual: torch.Tensor, expected: list | float, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+# --- masked statistics --------------------------------------------------------------------------
+
+
+def test_masked_sum_and_mean_skip_padding() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    close(masked_sum(x, mask), 7.0)  # 1 + 2 + 4
+    close(masked_mean(x, mask), 7.0 / 3)
+    close(masked_sum(x, mask, dim=1), [3.0, 4.0])
+    close(masked_mean(x, mask, dim=1), [1.5, 4.0])
+
+
+def test_masked_mean_of_empty_row_is_zero_not_nan() -> None:
+    x = torch.tensor([[1.0, 2.0], [float("nan"), 5.0]])
+    mask = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool)
+    close(masked_mean(x, mask, dim=1), [1.5, 0.0])
+
+
+def test_masked_var_biased_and_unbiased() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    mask = torch.tensor([1, 1, 1, 0])
+    # mean 2; squared deviations 1, 0, 1: biased 2/3, unbiased 2/2 = 1
+    close(masked_var(x, mask, unbiased=False), 2.0 / 3)
+    close(masked_var(x, mask), 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        masked_var(x, torch.tensor([1, 0, 0, 0]))
+
+
+def test_masked_whiten_hand_values_and_padding_zero() -> None:
+    x = torch.tensor([[2.0, 4.0, 6.0, 999.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # mean 4, unbiased var (4 + 0 + 4) / 2 = 4, std 2 -> (-1, 0, 1); padding -> 0
+    close(masked_whiten(x, mask), [[-1.0, 0.0, 1.0, 0.0]], atol=1e-5)
+    # shift_mean=False adds the mean 4 back
+    close(masked_whiten(x, mask, shift_mean=False), [[3.0, 4.0, 5.0, 0.0]], atol=1e-5)
+
+
+def test_masked_whiten_ignores_padded_values() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    changed = torch.where(mask.bool(), x, torch.full_like(x, 1e4))
+    out = masked_whiten(x, mask)
+    torch.testing.assert_close(out, masked_whiten(changed, mask))
+    real = out[mask.bool()]
+    close(real.mean(), 0.0, atol=1e-5)
+    close(real.std(), 1.0, atol=1e-5)
+    assert (out[~mask.bool()] == 0).all()
+
+
+# --- KL estimators ------------------------------------------------------------------------------
+
+
+def test_approx_kl_estimators_on_known_inputs() -> None:
+    logp = torch.tensor([[math.log(0.5), math.log(0.25), 0.0]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5), float("-inf")]])
+    mask = torch.tensor([[1, 1, 0]])
+    # token 0: log r = ln 2; token 1: log r = -ln 2; token 2 is padding (ref -inf must not leak a NaN)
+    close(approx_kl(logp, ref, mask, "k1"), [[LN2, -LN2, 0.0]])
+    close(approx_kl(logp, ref, mask, "k2"), [[0.5 * LN2**2, 0.5 * LN2**2, 0.0]])  # 0.2402 each
+    # k3 = exp(-log r) - 1 + log r: 0.5 - 1 + 0.6931 = 0.1931;  2 - 1 - 0.6931 = 0.3069
+    close(approx_kl(logp, ref, mask, "k3"), [[0.5 - 1 + LN2, 2 - 1 - LN2, 0.0]])
+    with pytest.raises(ValueError):
+        approx_kl(logp, ref, mask, "k4")  # type: ignore[arg-type]
+
+
+def test_k1_and_k3_expectations_equal_exact_kl() -> None:
+    # Both estimators are unbiased: summing p(x) * k(x) over every outcome gives KL(p || q) exactly.
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    exact = (p * (p / q).log()).sum()
+    for estimator in ("k1", "k3"):
+        per_outcome = approx_kl(p.log()[None], q.log()[None], estimator=estimator)[0]  # (3,)
+        close((p * per_outcome).sum(), exact.item())
+
+
+def test_k3_is_nonnegative() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logp, ref = torch.randn(4, 50, generator=gen) * 3, torch.randn(4, 50, generator=gen) * 3
+    assert (approx_kl(logp, ref, estimator="k3") >= 0).all()
+
+
+# --- reward shaping -----------------------------------------------------------------------------
+
+
+def test_shape_rewards_puts_score_on_last_real_token() -> None:
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).repeat(4, 1)
+    kl[1, 3] = float("inf")  # padding may hold anything
+    mask = torch.tensor(
+        [
+            [1, 1, 1, 1],  # full row: score on index 3
+            [1, 1, 0, 0],  # shorter row: score on index 1
+            [0, 0, 0, 0],  # empty row: no score, no crash
+            [0, 1, 1, 0],  # left and right padding: score on index 2
+        ]
+    )
+    rewards = shape_rewards(scores, kl, mask, kl_coef=0.1)
+    expected = [
+        [-0.01, -0.02, -0.03, -0.04 + 1.0],
+        [-0.01, -0.02 + 2.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0],
+        [0.0, -0.02, -0.03 + 4.0, 0.0],
+    ]
+    close(rewards, expected)
+
+
+# --- GAE ----------------------------------------------------------------------------------------
+
+
+def test_gae_by_hand() -> None:
+    rewards = torch.tensor([[0.0, 0.5, 1.0, 9.0]])
+    values = torch.tensor([[0.5, 1.0, 2.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # t=2 (last real, terminal next):  delta = 1.0 + 0 - 2.0 = -1.0;           A = -1.0
+    # t=1: delta = 0.5 + 0.9*2.0 - 1.0 = 1.3;  A = 1.3 + 0.45*(-1.0) = 0.85
+    # t=0: delta = 0.0 + 0.9*1.0 - 0.5 = 0.4;  A = 0.4 + 0.45*0.85 = 0.7825
+    close(advantages, [[0.7825, 0.85, -1.0, 0.0]])
+    close(returns, [[0.7825 + 0.5, 0.85 + 1.0, -1.0 + 2.0, 0.0]])
+
+
+def _gae_reference(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """Plain-Python GAE over one unpadded sequence."""
+    advantages, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
+        running = rewards[t] + gamma * next_value - values[t] + gamma * lam * running
+        advantages[t] = running
+    return advantages
+
+
+def test_gae_matches_reference_loop_on_ragged_batch() -> None:
+    rng = random.Random(0)
+    lengths, width, gamma, lam = [6, 3, 1, 0, 5], 6, 0.97, 0.9
+    rewards = torch.tensor([[rng.gauss(0, 1) for _ in range(width)] for _ in lengths], dtype=torch.float64)
+    values = torch.tensor([[rng.gauss(0, 1) for _ in range(width)] for _ in lengths], dtype=torch.float64)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=gamma, lam=lam)
+    for i, n in enumerate(lengths):
+        expected = _gae_reference(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam)
+        close(advantages[i], expected + [0.0] * (width - n), atol=1e-10)
+        close(
+            returns[i],
+            [a + v for a, v in zip(expected, values[i, :n].tolist(), strict=True)] + [0.0] * (width - n),
+        )
+
+
+def test_gae_with_lambda_one_gives_reward_to_go_returns() -> None:
+    # gamma = lam = 1: returns are the sum of future rewards (Monte Carlo), whatever the values.
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    values = torch.tensor([[0.3, -1.0, 4.0, 8.0], [2.0, 1.0, 0.5, -3.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]])  # second row has a leading pad too
+    _, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    close(returns, [[6.0, 5.0, 3.0, 0.0], [0.0, 5.0, 5.0, 0.0]])
+
+
+# --- KL controllers -----------------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller_by_hand() -> None:
+    ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    ctl.update(current_kl=7.5, n_steps=256)  # error 7.5/6 - 1 = 0.25 -> clipped to 0.2; x(1 + 0.2*256/1e4)
+    assert ctl.value == pytest.approx(0.2 * 1.00512)  # 0.201024
+    ctl.update(current_kl=6.6, n_steps=1000)  # error 0.1 (not clipped); x1.01
+    assert ctl.value == pytest.approx(0.201024 * 1.01)  # 0.20303424
+    ctl.update(current_kl=0.0, n_steps=500)  # error -1 -> clipped to -0.2; x0.99
+    assert ctl.value == pytest.approx(0.20303424 * 0.99)  # 0.2010039...
+
+    restored = AdaptiveKLController(init_kl_coef=1.0, target=1.0, horizon=1)
+    restored.load_state_dict(ctl.state_dict())
+    ctl.update(5.0, 100)
+    restored.update(5.0, 100)
+    assert restored.value == ctl.value != pytest.approx(0.2010039976)
+
+
+def test_fixed_kl_controller_never_changes() -> None:
+    ctl = FixedKLController(0.05)
+    ctl.update(current_kl=100.0, n_steps=10**6)
+    assert ctl.value == 0.05
+    other = FixedKLController(1.0)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == 0.05
+
+
+# --- log-probs and entropy ----------------------------------------------------------------------
+
+
+def test_logprobs_from_logits_hand_values_with_temperature() -> None:
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # softmax -> (1/4, 3/4)
+    close(logprobs_from_logits(logits, torch.tensor([[1]])), [[math.log(0.75)]])
+    # T=2: logits (0, ln sqrt 3) -> p(0) = 1 / (1 + sqrt 3)
+    close(logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0), [[-math.log(1 + math.sqrt(3))]])
+
+
+def test_logprobs_from_logits_equals_log_softmax_gather() -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 4, 11, generator=gen) * 4
+    labels = torch.randint(0, 11, (3, 4), generator=gen)
+    for temperature in (1.0, 0.7):
+        expected = torch.log_softmax(logits / temperature, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+        torch.testing.assert_close(logprobs_from_logits(logits, labels, temperature), expected)
+    half = logprobs_from_logits(logits.bfloat16(), labels)
+    assert half.dtype == torch.float32
+
+
+def test_entropy_from_logits() -> None:
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -1e4, -1e4]]])
+    # uniform over 4 -> ln 4; (1/4, 3/4, 0, 0) -> -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623
+    close(entropy_from_logits(logits), [[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
