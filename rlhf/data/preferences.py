@@ -1,0 +1,263 @@
+"""Preference data: every format the labelers' judgements come in, and the groups the reward model trains on.
+
+The reward model trains on PreferenceGroups: all comparisons from one judgement of one prompt form one batch
+element, so each completion is scored once and the C(K,2) pairs of a ranking don't overfit as separate examples
+(InstructGPT, Ouyang et al. 2022, sec. 3.5, https://arxiv.org/abs/2203.02155). The record types and their
+JSONL reading and writing live in preference_io and are re-exported here: import everything from this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+from rlhf.data.preference_io import (
+    CHOICES,
+    HH_ASSISTANT,
+    Choice,
+    ConversationalPair,
+    Format,
+    Message,
+    PairwiseVote,
+    PreferencePair,
+    Ranking,
+    Rating,
+    Record,
+    read_preferences,
+    record_from_json,
+    record_to_json,
+    split_hh,
+    write_preferences,
+)
+
+__all__ = [
+    "CHOICES",
+    "HH_ASSISTANT",
+    "Choice",
+    "ConversationalPair",
+    "Format",
+    "Message",
+    "PairwiseVote",
+    "PreferenceGroup",
+    "PreferencePair",
+    "Ranking",
+    "Rating",
+    "Record",
+    "Render",
+    "group_to_pairs",
+    "group_to_ranking",
+    "pair_to_group",
+    "pair_to_hh",
+    "pair_to_vote",
+    "pairs_to_ranking",
+    "ranking_to_group",
+    "ratings_to_groups",
+    "read_preferences",
+    "record_from_json",
+    "record_to_json",
+    "render_conversational",
+    "split_hh",
+    "to_groups",
+    "vote_to_pair",
+    "vote_to_ranking",
+    "write_preferences",
+]
+
+Render = Callable[[list[dict[str, str]], bool], str]
+"""A chat template, render(messages, add_generation_prompt) -> text; with a Hugging Face tokenizer:
+lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)."""
+
+
+@dataclass
+class PreferenceGroup:
+    """One reward-model batch element: every pair from one judgement of one prompt (InstructGPT)."""
+
+    prompt: str
+    completions: list[str]  # the distinct completions
+    pairs: list[tuple[int, int]]  # (chosen index, rejected index) into completions
+    margins: list[float | None]  # one per pair
+    labeler: str | None = None
+
+
+def pair_to_hh(p: PreferencePair) -> dict[str, str]:
+    """The HH row that reads back as `p` (margin and labeler have no place in HH and are dropped)."""
+    if not p.prompt.endswith(HH_ASSISTANT) or HH_ASSISTANT in p.chosen or HH_ASSISTANT in p.rejected:
+        raise ValueError(f"an HH pair needs a prompt ending in {HH_ASSISTANT!r} and replies without one")
+    return {"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected}
+
+
+def render_conversational(p: ConversationalPair, render: Render) -> PreferencePair:
+    """Plain-text pair for the reward model, through a chat template (as TRL's maybe_apply_chat_template).
+
+    prompt = render(prompt, True); chosen = render(prompt + chosen, False) minus that prompt text at its front.
+    ValueError if the template renders the prompt differently once a reply follows (no clean cut exists).
+    """
+    history = [asdict(m) for m in p.prompt]
+    prompt = render(history, True)
+    replies = []
+    for reply in (p.chosen, p.rejected):
+        text = render(history + [asdict(m) for m in reply], False)
+        if not text.startswith(prompt):
+            raise ValueError("the chat template renders the prompt differently when a reply follows it")
+        replies.append(text[len(prompt) :])
+    return PreferencePair(prompt, replies[0], replies[1], p.margin, p.labeler)
+
+
+def pair_to_vote(p: PreferencePair) -> PairwiseVote:
+    """A vote for completion A = chosen (lossless)."""
+    return PairwiseVote(p.prompt, p.chosen, p.rejected, "A", p.labeler, p.margin)
+
+
+def vote_to_pair(v: PairwiseVote) -> PreferencePair | None:
+    """The preferred completion as chosen; None for "tie" and "both_bad", which make no pair. meta is dropped."""
+    if v.choice == "A":
+        return PreferencePair(v.prompt, v.completion_a, v.completion_b, v.margin, v.labeler)
+    if v.choice == "B":
+        return PreferencePair(v.prompt, v.completion_b, v.completion_a, v.margin, v.labeler)
+    return None
+
+
+def vote_to_ranking(v: PairwiseVote) -> Ranking | None:
+    """A 2-way ranking ("tie" -> equal ranks); None for "both_bad", which a ranking can't say. margin is dropped."""
+    ranks = {"A": [1, 2], "B": [2, 1], "tie": [1, 1]}.get(v.choice)
+    if ranks is None:
+        return None
+    return Ranking(v.prompt, [v.completion_a, v.completion_b], ranks, v.labeler, dict(v.meta))
+
+
+def pair_to_group(p: PreferencePair) -> PreferenceGroup | None:
+    """A group of one pair; None if chosen and rejected are the same text (the pair would teach nothing)."""
+    if p.chosen == p.rejected:
+        return None
+    return PreferenceGroup(p.prompt, [p.chosen, p.rejected], [(0, 1)], [p.margin], p.labeler)
+
+
+def ranking_to_group(r: Ranking) -> PreferenceGroup | None:
+    """All C(K,2) pairs whose ranks differ, in one group; ties make no pair; None if no pair is left.
+
+    Pairs come in (i, j) order for i < j over r.completions; identical completion texts count as one
+    completion. Rankings carry no margin, so margins are None.
+    """
+    return _group_by_score(
+        r.prompt, r.completions, [-rank for rank in r.ranking], r.labeler, with_margin=False
+    )
+
+
+def group_to_pairs(g: PreferenceGroup) -> list[PreferencePair]:
+    """The group's pairs as TRL pairs, in order, margins kept."""
+    return [
+        PreferencePair(g.prompt, g.completions[c], g.completions[r], m, g.labeler)
+        for (c, r), m in zip(g.pairs, g.margins, strict=True)
+    ]
+
+
+def group_to_ranking(g: PreferenceGroup) -> Ranking | None:
+    """The ranking whose pairs are exactly the group's, with dense ranks 1, 2, 3...; margins are dropped.
+
+    None if no ranking has exactly these pairs: a cycle (A>B>A), or a pair that ranks would imply but the
+    group lacks (A>B and B>C without A>C), or a completion that appears in no pair.
+    """
+    ranks = [1] * len(g.completions)
+    # rank = 1 + the longest chain of better completions; K passes settle any acyclic group, a cycle never settles
+    for _ in range(len(ranks)):
+        changed = False
+        for better, worse in g.pairs:
+            if ranks[worse] <= ranks[better]:
+                ranks[worse] = ranks[better] + 1
+                changed = True
+        if not changed:
+            break
+    else:
+        return None
+    ranking = Ranking(g.prompt, list(g.completions), ranks, g.labeler)
+    implied = ranking_to_group(ranking)
+    return ranking if implied is not None and set(implied.pairs) == set(g.pairs) else None
+
+
+def pairs_to_ranking(pairs: Sequence[PreferencePair]) -> Ranking | None:
+    """The ranking of one prompt's pairs by one labeler (see group_to_ranking), completions in first-seen order."""
+    if len({(p.prompt, p.labeler) for p in pairs}) != 1:
+        raise ValueError("pairs_to_ranking needs at least one pair, all of one prompt and one labeler")
+    completions = list(dict.fromkeys(text for p in pairs for text in (p.chosen, p.rejected)))
+    index = {text: i for i, text in enumerate(completions)}
+    pair_indices = [(index[p.chosen], index[p.rejected]) for p in pairs]
+    group = PreferenceGroup(
+        pairs[0].prompt, completions, pair_indices, [p.margin for p in pairs], pairs[0].labeler
+    )
+    return group_to_ranking(group)
+
+
+def ratings_to_groups(ratings: Iterable[Rating], margin: bool = False) -> list[PreferenceGroup]:
+    """One group per (prompt, labeler): pairs between that labeler's completions whose ratings differ.
+
+    Different labelers' ratings are never compared, as each has their own scale. A completion rated more than
+    once by the same labeler (or anonymously) counts with its mean rating. Margins are None by default,
+    because rating scales are neither shared nor calibrated; margin=True sets them to the rating difference
+    (the margin loss of Llama 2, Touvron et al. 2023, sec. 3.2.2). Groups come in the order of their first rating.
+    """
+    rated: dict[tuple[str, str | None], dict[str, list[float]]] = {}
+    for r in ratings:
+        rated.setdefault((r.prompt, r.labeler), {}).setdefault(r.completion, []).append(r.rating)
+    groups = []
+    for (prompt, labeler), by_completion in rated.items():
+        means = [sum(v) / len(v) for v in by_completion.values()]
+        group = _group_by_score(prompt, list(by_completion), means, labeler, with_margin=margin)
+        if group is not None:
+            groups.append(group)
+    return groups
+
+
+def to_groups(
+    records: Iterable[Record], render: Render | None = None, rating_margins: bool = False
+) -> list[PreferenceGroup]:
+    """What the reward model trains on: one group per judgement, in input order.
+
+    pair -> a group of one pair; vote -> one pair (tie and both_bad: nothing); ranking -> one group of its
+    C(K,2) pairs; ratings -> one group per (prompt, labeler), placed where its first rating was (see
+    ratings_to_groups). Conversational pairs are rendered to text with `render`, required if any are present.
+    Judgements that compare nothing are skipped.
+    """
+    slots: list[PreferenceGroup | None] = []
+    rated: dict[tuple[str, str | None], tuple[int, list[Rating]]] = {}
+    for r in records:
+        if isinstance(r, Rating):
+            slot, group_ratings = rated.setdefault((r.prompt, r.labeler), (len(slots), []))
+            if slot == len(slots):
+                slots.append(None)  # filled once all of this (prompt, labeler)'s ratings are in
+            group_ratings.append(r)
+        elif isinstance(r, ConversationalPair):
+            if render is None:
+                raise ValueError("conversational preference pairs need a chat template: pass render=")
+            slots.append(pair_to_group(render_conversational(r, render)))
+        elif isinstance(r, PreferencePair):
+            slots.append(pair_to_group(r))
+        elif isinstance(r, PairwiseVote):
+            pair = vote_to_pair(r)
+            slots.append(pair_to_group(pair) if pair is not None else None)
+        elif isinstance(r, Ranking):
+            slots.append(ranking_to_group(r))
+        else:
+            raise TypeError(f"not a preference record: {type(r).__name__}")
+    for slot, group_ratings in rated.values():
+        slots[slot] = next(iter(ratings_to_groups(group_ratings, margin=rating_margins)), None)
+    return [g for g in slots if g is not None]
+
+
+def _group_by_score(
+    prompt: str, texts: Sequence[str], scores: Sequence[float], labeler: str | None, with_margin: bool
+) -> PreferenceGroup | None:
+    """Pairs (better, worse) for every i < j whose scores differ (higher = better); equal texts are one completion."""
+    completions = list(dict.fromkeys(texts))
+    index = {text: k for k, text in enumerate(completions)}
+    pairs: list[tuple[int, int]] = []
+    margins: list[float | None] = []
+    for i, j in itertools.combinations(range(len(texts)), 2):
+        if scores[i] == scores[j] or texts[i] == texts[j]:
+            continue
+        better, worse = (i, j) if scores[i] > scores[j] else (j, i)
+        pair = (index[texts[better]], index[texts[worse]])
+        if pair not in pairs:
+            pairs.append(pair)
+            margins.append(scores[better] - scores[worse] if with_margin else None)
+    return PreferenceGroup(prompt, completions, pairs, margins, labeler) if pairs else None
