@@ -1,0 +1,125 @@
+"""The `rlhf` command: one entry, a sub-command per stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rlhf.config import RootConfig, load_config
+from rlhf.errors import RlhfError
+
+app = typer.Typer(
+    help="rlhf-loop: pretrain, SFT, collect human feedback, train a reward model, PPO with KL, serve, iterate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Generate or convert data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config with one section per stage")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a config key, e.g. --set sft.lr=3e-4 (repeatable)")
+]
+OutOpt = Annotated[str | None, typer.Option("--out", help="run directory (default: the stage's out_dir)")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="continue from the run directory's last checkpoint")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="plain log lines instead of progress bars")]
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("httpx", "urllib3", "accelerate", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(config: Path | None, sets: list[str] | None, section: str, out: str | None) -> RootConfig:
+    overrides = list(sets or [])
+    if out:
+        overrides.append(f"{section}.out_dir={out}")
+    return load_config(config, overrides)
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Annotated[Path, typer.Option("--out", help="directory for the generated files")] = Path("data/demo"),
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="generator seed (default: data.seed of the config)")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Write the demo task: pretraining corpus, SFT demonstrations, RL and evaluation prompts (offline, deterministic)."""
+    from rlhf.data import demo_task
+
+    cfg = load_config(config, list(sets or [])).data
+    paths = demo_task.generate(
+        out, seed=cfg.seed if seed is None else seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft,
+        n_rl_prompts=cfg.n_rl_prompts, n_eval_prompts=cfg.n_eval_prompts, sft_rude_rate=cfg.sft_rude_rate,
+        sft_wrong_rate=cfg.sft_wrong_rate, sft_ramble_rate=cfg.sft_ramble_rate,
+    )  # fmt: skip
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def pretrain(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain a causal LM on a corpus (next-token prediction on packed blocks)."""
+    from rlhf.train import pretrain as stage
+
+    cfg = _config(config, sets, "pretrain", out).pretrain
+    _setup_logging(quiet)
+    result = stage.run(cfg, resume=resume, quiet=quiet)
+    typer.echo(
+        f"pretrain: held-out loss {result.get('loss', float('nan')):.4f}, ppl {result.get('ppl', float('nan')):.2f}; model in {cfg.out_dir}/final"
+    )
+
+
+@app.command()
+def sft(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Supervised fine-tuning on prompt -> response demonstrations (loss on response tokens only)."""
+    from rlhf.train import sft as stage
+
+    cfg = _config(config, sets, "sft", out).sft
+    _setup_logging(quiet)
+    result = stage.run(cfg, resume=resume, quiet=quiet)
+    typer.echo(
+        f"sft: held-out response loss {result.get('loss', float('nan')):.4f}; model in {cfg.out_dir}/final"
+    )
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 1."""
+    try:
+        app()
+    except RlhfError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Typed configs, one per stage (pydantic v2), loaded from YAML with dotted `--set` overrides.
+
+A config file holds one section per stage (`data`, `model`, `pretrain`, `sft`, ...). Every field has a type,
+a default and a one-line description that doubles as documentation. Errors name the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf.errors import ConfigError
+
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ArchConfig(Section):
+    """Architecture of a new causal LM (Llama-style) built from scratch; ignored when loading a checkpoint."""
+
+    hidden_size: int = Field(128, gt=0, description="width of the residual stream")
+    intermediate_size: int = Field(384, gt=0, description="width of the MLP")
+    num_hidden_layers: int = Field(4, gt=0, description="number of transformer blocks")
+    num_attention_heads: int = Field(4, gt=0, description="attention heads")
+    num_key_value_heads: int = Field(4, gt=0, description="key/value heads (fewer than heads = GQA)")
+    max_position_embeddings: int = Field(256, gt=0, description="context length in tokens")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    tie_word_embeddings: bool = Field(True, description="share input and output embeddings")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ArchConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class DataConfig(Section):
+    """The demo task generator (`rlhf data demo`)."""
+
+    seed: int = Field(0, description="seed of the generator; same seed, same files")
+    n_pretrain: int = Field(30000, gt=0, description="dialogues in the pretraining corpus")
+    n_sft: int = Field(3000, gt=0, description="SFT demonstrations")
+    n_rl_prompts: int = Field(2000, gt=0, description="prompts for candidate generation and PPO")
+    n_eval_prompts: int = Field(300, gt=0, description="held-out prompts for evaluation")
+    sft_rude_rate: float = Field(0.15, ge=0, le=1, description="share of SFT demonstrations that are rude")
+    sft_wrong_rate: float = Field(0.1, ge=0, le=1, description="share of SFT demonstrations that are wrong")
+    sft_ramble_rate: float = Field(0.1, ge=0, le=1, description="share of SFT demonstrations that ramble")
+
+
+class TrainConfig(Section):
+    """What every training stage shares: optimiser, schedule, batch sizes, precision, logging, checkpoints."""
+
+    out_dir: str = Field("runs/stage", description="run directory (config, metrics.jsonl, checkpoints)")
+    seed: int = Field(0, description="random seed (each process adds its rank)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor as a fraction of lr")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping by global norm")
+    batch_size: int = Field(32, gt=0, description="sequences per optimiser step, over all processes")
+    micro_batch_size: int = Field(16, gt=0, description="sequences per forward pass on one process")
+    epochs: int = Field(1, gt=0, description="passes over the training data")
+    max_steps: int = Field(0, ge=0, description="stop after this many optimiser steps (0 = run all epochs)")
+    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+    log_every: int = Field(10, gt=0, description="log metrics every N steps")
+    eval_every: int = Field(100, gt=0, description="evaluate on the held-out split every N steps")
+    save_every: int = Field(200, gt=0, description="checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="keep this many latest checkpoints")
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> TrainConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class PretrainConfig(TrainConfig):
+    """`rlhf pretrain`: next-token prediction on packed blocks of a corpus."""
+
+    out_dir: str = Field("runs/pretrain", description="run directory")
+    train_file: str = Field(
+        "data/demo/pretrain.txt",
+        description="corpus: .txt (documents split by blank lines) or .jsonl with a `text` field",
+    )
+    eval_file: str | None = Field(None, description="held-out corpus; default: a split of train_file")
+    eval_fraction: float = Field(
+        0.02, ge=0, lt=1, description="share of documents held out when eval_file is unset"
+    )
+    model: str | None = Field(
+        None, description="start from this checkpoint (local dir or hub id); unset = new model"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer dir or hub id; unset = train a byte-level BPE on the corpus"
+    )
+    vocab_size: int = Field(1024, ge=64, description="vocabulary size of a newly trained tokenizer")
+    arch: ArchConfig = Field(default_factory=ArchConfig, description="architecture of a new model")
+    block_size: int = Field(128, gt=1, description="tokens per packed training block")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
+    batch_size: int = Field(32, gt=0, description="blocks per optimiser step, over all processes")
+    epochs: int = Field(1, gt=0, description="passes over the corpus")
+    max_eval_blocks: int = Field(200, gt=0, description="held-out blocks used per evaluation")
+
+
+class SFTConfig(TrainConfig):
+    """`rlhf sft`: supervised fine-tuning on prompt -> response demonstrations, loss on response tokens only."""
+
+    out_dir: str = Field("runs/sft", description="run directory")
+    model: str = Field("runs/pretrain/final", description="checkpoint to fine-tune (local dir or hub id)")
+    train_file: str = Field("data/demo/sft.jsonl", description="JSONL of {prompt, response} or {messages}")
+    eval_file: str | None = Field(None, description="held-out demonstrations; default: a split of train_file")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share held out when eval_file is unset")
+    max_seq_len: int = Field(128, gt=1, description="prompt + response tokens (longer ones are truncated)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
+    epochs: int = Field(2, gt=0, description="passes over the demonstrations")
+
+
+class RootConfig(Section):
+    """A whole config file: one section per stage."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`sft.lr=3e-4` -> (["sft", "lr"], 0.0003); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.lr=3e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = tree
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts)}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _format_error(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msgs.append(
+            f"{key}: {msg}"
+            + (
+                f" (got {err['input']!r})"
+                if err["type"] != "extra_forbidden" and not isinstance(err["input"], dict)
+                else ""
+            )
+        )
+    return "config error: " + "; ".join(msgs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RootConfig:
+    """Read a YAML config (or the defaults), apply `--set` overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        tree = loaded or {}
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return RootConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def dump_config(section: BaseModel) -> str:
+    """The resolved config as YAML (written into each run directory)."""
+    return yaml.safe_dump(section.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Judges that stand in for people: the demo task's gold utility and the simulated labeler panel."""

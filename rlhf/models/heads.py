@@ -1,0 +1,95 @@
+"""Scalar-head models: the reward model and the PPO critic.
+
+Both are the policy's transformer with a linear head giving one number per token, saved as a standard
+`AutoModelForSequenceClassification` checkpoint (num_labels=1) that other tools load as it is. The reward is the
+head's output at the last real token of each sequence (the EOS), found from the attention mask, so left and
+right padding give the same reward. Normalisation constants (shift, scale) live in the checkpoint's config and
+are applied whenever we read a reward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from rlhf.errors import RlhfError
+
+SHIFT_KEY, SCALE_KEY = "rlhf_reward_shift", "rlhf_reward_scale"
+
+
+def build_scalar_model(init_from: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """A causal-LM checkpoint (e.g. the SFT policy) with a new scalar head, N(0, 1/sqrt(d+1)) as in
+    Stiennon et al. 2020 / the OpenAI lm-human-preferences code; no bias (or bias 0 where the head has one)."""
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise RlhfError(f"cannot build a reward model from {init_from!r}: {str(e).splitlines()[0]}") from None
+    head = score_head(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(model.config.hidden_size + 1))
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+    model.config.problem_type = "regression"
+    return model
+
+
+def load_scalar_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A saved reward model or critic (with its normalisation constants in the config)."""
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise RlhfError(f"cannot load reward model from {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def score_head(model: PreTrainedModel) -> torch.nn.Linear:
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise RlhfError(f"{type(model).__name__} has no linear scalar head ('score' or 'classifier')")
+    return head
+
+
+def backbone(model: PreTrainedModel) -> torch.nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def token_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The head's raw output at every position, (B, T); the critic's values."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) correct for left padding too
+    hidden = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    return score_head(model)(hidden).squeeze(-1).float()  # (B, T)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token in each row, (B,), for left or right padding."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=-1)
+
+
+def normalisation(model: PreTrainedModel) -> tuple[float, float]:
+    return float(getattr(model.config, SHIFT_KEY, 0.0)), float(getattr(model.config, SCALE_KEY, 1.0))
+
+
+def set_normalisation(model: PreTrainedModel, shift: float, scale: float = 1.0) -> None:
+    """Store r' = (r - shift) / scale in the config, saved with the checkpoint."""
+    if not scale > 0:
+        raise ValueError(f"reward scale must be positive, got {scale}")
+    setattr(model.config, SHIFT_KEY, float(shift))
+    setattr(model.config, SCALE_KEY, float(scale))
+
+
+def sequence_rewards(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, normalise: bool = True
+) -> Tensor:
+    """One reward per sequence, (B,), read at its last real token; normalised with the stored constants."""
+    scores = token_scores(model, input_ids, attention_mask)  # (B, T)
+    rewards = scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
+    if normalise:
+        shift, scale = normalisation(model)
+        rewards = (rewards - shift) / scale
+    return rewards

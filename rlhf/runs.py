@@ -1,0 +1,115 @@
+"""Run directories: the resolved config, metrics.jsonl, and atomic checkpoints that `--resume` continues from.
+
+RUN/config.yaml              the resolved config of the stage
+RUN/metrics.jsonl            one JSON object per logged step
+RUN/checkpoints/step-000200  model (safetensors) + tokenizer + trainer_state.pt, written to a temp dir
+                             and renamed into place, so a killed run never leaves half a checkpoint
+RUN/final                    the finished model, loadable by any Hugging Face tool
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from rlhf.config import dump_config
+from rlhf.data.jsonl import atomic_write_text
+from rlhf.models.loading import replace_dir
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+
+
+class Run:
+    """One stage's run directory. Only the main process writes."""
+
+    def __init__(self, out_dir: str | Path, config: BaseModel, is_main: bool = True) -> None:
+        self.dir = Path(out_dir)
+        self.checkpoints = self.dir / "checkpoints"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.is_main = is_main
+        if is_main:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.dir / "config.yaml", dump_config(config))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: drop rows logged after the checkpoint, so the file reads as one uninterrupted run."""
+        if not self.is_main or not self.metrics_path.exists():
+            return
+        rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= after_step]
+        atomic_write_text(self.metrics_path, "".join(r + "\n" for r in kept))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(p for p in self.checkpoints.glob("step-*") if (p / STATE_FILE).exists())
+        return found[-1] if found else None
+
+    def save_checkpoint(
+        self, step: int, save_files: Any, state: dict[str, Any], keep: int = 2
+    ) -> Path | None:
+        """`save_files(dir)` writes model files; `state` (optimiser, scheduler, RNG...) goes to trainer_state.pt."""
+        if not self.is_main:
+            return None
+        target = self.checkpoints / f"step-{step:07d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
+        try:
+            save_files(tmp)
+            torch.save({"step": step, "rng": rng_state(), **state}, tmp / STATE_FILE)
+            replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in sorted(self.checkpoints.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    @staticmethod
+    def load_state(checkpoint: Path) -> dict[str, Any]:
+        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float | int | str | bool) or v is None:
+        return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""Training stages, one per file, each a loop you can read top to bottom."""

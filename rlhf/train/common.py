@@ -1,0 +1,153 @@
+"""What every training stage shares: the accelerator, precision, AdamW with warm-up + cosine, batch plans, progress."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from rlhf.config import Precision, TrainConfig
+from rlhf.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: Precision) -> str:
+    """'bf16' or 'no' (accelerate's names) for this machine."""
+    if precision == "fp32":
+        return "no"
+    if precision == "bf16":
+        return "bf16"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def make_accelerator(precision: Precision) -> Accelerator:
+    """One accelerator per stage: `accelerate launch` turns the same code into DDP / FSDP / DeepSpeed."""
+    return Accelerator(mixed_precision=resolve_precision(precision), cpu=not torch.cuda.is_available())
+
+
+def autocast(accelerator: Accelerator) -> Any:
+    """bf16 autocast for forward passes outside prepared modules (reference, reward model, generation)."""
+    return accelerator.autocast() if accelerator.mixed_precision == "bf16" else nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+
+
+@dataclass
+class BatchPlan:
+    """Which examples each optimiser step uses, fixed by the seed, so a resumed run sees the same batches.
+
+    Every process knows the whole global batch (to normalise losses by its token count) and takes its own
+    contiguous share, cut into micro-batches.
+    """
+
+    n_examples: int
+    batch_size: int
+    micro_batch_size: int
+    epochs: int
+    seed: int
+    world_size: int = 1
+    rank: int = 0
+    max_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size % (self.micro_batch_size * self.world_size):
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batch_size x processes "
+                f"({self.micro_batch_size} x {self.world_size})"
+            )
+        self.steps_per_epoch = self.n_examples // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) is larger than the training set ({self.n_examples} examples)"
+            )
+        full = self.steps_per_epoch * self.epochs
+        self.total_steps = min(full, self.max_steps) if self.max_steps else full
+        self.grad_accum = self.batch_size // (self.micro_batch_size * self.world_size)
+
+    def global_batch(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        order = torch.randperm(self.n_examples, generator=g)
+        return order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+
+    def micro_batches(self, step: int) -> Iterator[list[int]]:
+        batch = self.global_batch(step)
+        share = self.batch_size // self.world_size
+        mine = batch[self.rank * share : (self.rank + 1) * share]
+        for i in range(0, share, self.micro_batch_size):
+            yield mine[i : i + self.micro_batch_size]
+
+
+class Progress:
+    """A tqdm bar with loss and tokens/s, or plain log lines with --quiet; only on the main process."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, quiet: bool, initial: int = 0) -> None:
+        self.quiet, self.enabled, self.desc = quiet, enabled, desc
+        self.bar = (
+            tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            if enabled and not quiet
+            else None
+        )
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def update(self, step: int, tokens: int, **metrics: float) -> float:
+        self.tokens += tokens
+        rate = self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"tok/s": f"{rate:.0f}"})
+        return rate
+
+    def line(self, step: int, **metrics: float) -> None:
+        if self.enabled and (self.quiet or self.bar is None):
+            log.info("%s step %d %s", self.desc, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

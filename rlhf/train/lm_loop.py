@@ -1,0 +1,160 @@
+"""The language-model training loop shared by pretraining and SFT: next-token loss on the labelled tokens.
+
+The loss of a step is the sum of token losses over the whole global batch divided by its number of labelled
+tokens, whatever the number of processes or micro-batches, so 1 process and N processes follow the same curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import TrainConfig
+from rlhf.data.jsonl import write_json
+from rlhf.losses import sft_loss
+from rlhf.models.loading import save_pretrained_atomic
+from rlhf.runs import Run, set_rng_state
+from rlhf.train.common import BatchPlan, Progress, make_optimizer, make_scheduler
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with IGNORE where there is no loss
+
+
+def n_loss_tokens(example: Example) -> int:
+    return sum(1 for t in example["labels"][1:] if t != IGNORE)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding gets attention 0 and label IGNORE."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: list[Example], pad_id: int, micro_batch_size: int
+) -> dict[str, float]:
+    """Mean next-token loss per labelled token, and its perplexity."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[i : i + micro_batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += float(sft_loss(logits.float(), batch["labels"], reduction="sum"))
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    model.train(was_training)
+    loss = total / max(1, count)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def fit(
+    *,
+    stage: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Example],
+    held_out: list[Example],
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: Run,
+    checkpoint: Path | None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train `model` on `train`; returns the final held-out metrics. The finished model goes to RUN/final."""
+    pad_id = int(tokenizer.pad_token_id)
+    plan = BatchPlan(
+        len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed,
+        accelerator.num_processes, accelerator.process_index, cfg.max_steps,
+    )  # fmt: skip
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
+    start = 0
+    if checkpoint is not None:
+        state = Run.load_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        run.truncate_metrics(start)
+        log.info("%s: resumed from %s (step %d)", stage, checkpoint, start)
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    def save_files(path: Path) -> None:
+        unwrapped.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+    progress = Progress(plan.total_steps, stage, accelerator.is_main_process, quiet, initial=start)
+    metrics: dict[str, Any] = {}
+    for step in range(start, plan.total_steps):
+        # 1. forward and backward over this process's micro-batches; loss normalised by the global token count
+        global_tokens = sum(n_loss_tokens(train[i]) for i in plan.global_batch(step))
+        step_loss = torch.zeros((), dtype=torch.float64)
+        seen_tokens = 0
+        micro = list(plan.micro_batches(step))
+        for k, indices in enumerate(micro):
+            batch = collate([train[i] for i in indices], pad_id)
+            seen_tokens += int(batch["attention_mask"].sum())
+            sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
+            with sync:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum = sft_loss(logits.float(), batch["labels"], reduction="sum")
+                # DDP averages gradients over processes; scale back so the sum over the global batch is exact
+                accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
+            step_loss += loss_sum.detach().double()
+        # 2. clip and step
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # 3. log
+        loss = float(accelerator.reduce(step_loss, reduction="sum")) / global_tokens
+        rate = progress.update(step, seen_tokens * accelerator.num_processes, loss=loss)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == plan.total_steps:
+            metrics = {f"{stage}/loss": loss, f"{stage}/lr": scheduler.get_last_lr()[0],
+                       f"{stage}/grad_norm": float(grad_norm), f"{stage}/tokens_per_s": rate}  # fmt: skip
+            run.log(done, metrics)
+            progress.line(done, loss=loss)
+        # 4. evaluate on the held-out split
+        if done % cfg.eval_every == 0 or done == plan.total_steps:
+            ev = evaluate(unwrapped, held_out, pad_id, cfg.micro_batch_size)
+            run.log(done, {f"{stage}/eval_{k}": v for k, v in ev.items()})
+            progress.line(done, **{f"eval_{k}": v for k, v in ev.items()})
+            metrics.update({f"{stage}/eval_{k}": v for k, v in ev.items()})
+        # 5. checkpoint (atomic: temp dir, then rename)
+        if done % cfg.save_every == 0 or done == plan.total_steps:
+            accelerator.wait_for_everyone()
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            run.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
+    progress.close()
+    accelerator.wait_for_everyone()
+    final = evaluate(unwrapped, held_out, pad_id, cfg.micro_batch_size)
+    if accelerator.is_main_process:
+        save_pretrained_atomic(run.dir / "final", unwrapped, tokenizer)
+        write_json(
+            run.dir / "summary.json",
+            {"stage": stage, "steps": plan.total_steps, **{f"eval_{k}": v for k, v in final.items()}},
+        )
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,122 @@
+"""`rlhf pretrain`: next-token prediction on a corpus packed into fixed-length blocks.
+
+Set-up (corpus, tokenizer, model), then the shared LM loop (rlhf.train.lm_loop.fit): AdamW with warm-up and
+cosine decay, gradient clipping, bf16 autocast where supported, held-out loss and perplexity, atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import PretrainConfig
+from rlhf.data.jsonl import field, iter_jsonl
+from rlhf.errors import ConfigError, DataError
+from rlhf.models.loading import (
+    build_causal_lm,
+    context_length,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
+from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.runs import Run, seed_everything
+from rlhf.train.common import make_accelerator
+from rlhf.train.lm_loop import Example, fit
+
+log = logging.getLogger(__name__)
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Documents of a corpus: a .jsonl file's `text` fields, or a text file's blank-line-separated blocks."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".jsonl":
+        docs = [field(path, n, obj, "text", str) for n, obj in iter_jsonl(path)]
+    else:
+        text = path.read_text(encoding="utf-8")
+        docs = [d.strip() for d in text.split("\n\n")]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"{path}: the corpus is empty")
+    return docs
+
+
+def pack(docs: list[list[int]], eos_id: int, block_size: int) -> list[Example]:
+    """Concatenate documents, each followed by EOS, and cut the stream into blocks of `block_size` tokens."""
+    stream: list[int] = []
+    for d in docs:
+        stream.extend(d)
+        stream.append(eos_id)
+    blocks = []
+    for i in range(0, len(stream) - block_size + 1, block_size):
+        block = stream[i : i + block_size]
+        blocks.append({"input_ids": block, "labels": list(block)})
+    return blocks
+
+
+def split_docs(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A deterministic held-out split by document."""
+    if fraction == 0 or len(docs) < 2:
+        return docs, []
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(docs) * fraction))
+    held = set(order[:n_eval])
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    accelerator = make_accelerator(cfg.precision)
+    seed_everything(cfg.seed + accelerator.process_index)
+    docs = read_corpus(cfg.train_file)  # read before any output: bad input leaves nothing behind
+    if cfg.eval_file:
+        train_docs, eval_docs = docs, read_corpus(cfg.eval_file)
+    else:
+        train_docs, eval_docs = split_docs(docs, cfg.eval_fraction, cfg.seed)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+
+    # Model and tokenizer: a checkpoint to resume, a given model, or new ones (the tokenizer trained here).
+    if checkpoint is not None:
+        tokenizer, model = load_tokenizer(str(checkpoint)), load_causal_lm(str(checkpoint))
+    elif cfg.model:
+        tokenizer, model = load_tokenizer(cfg.tokenizer or cfg.model), load_causal_lm(cfg.model)
+    else:
+        if cfg.tokenizer:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+        else:
+            tok_dir = run_dir.dir / "tokenizer"
+            if accelerator.is_main_process:
+                train_bpe_tokenizer(train_docs, cfg.vocab_size).save_pretrained(tok_dir)
+            accelerator.wait_for_everyone()
+            tokenizer = load_tokenizer(str(tok_dir))
+        model = build_causal_lm(cfg.arch, tokenizer, seed=cfg.seed)
+    disable_dropout(model)
+    if cfg.block_size > context_length(model):
+        raise ConfigError(
+            f"pretrain.block_size: {cfg.block_size} exceeds the model's context of {context_length(model)} tokens"
+        )
+
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    train = pack(encode(train_docs), tokenizer.eos_token_id, cfg.block_size)
+    held_out = (
+        pack(encode(eval_docs), tokenizer.eos_token_id, cfg.block_size)[: cfg.max_eval_blocks]
+        if eval_docs
+        else []
+    )
+    if not train:
+        raise DataError(f"{cfg.train_file}: too little text for one block of {cfg.block_size} tokens")
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "pretrain: %d blocks of %d tokens, %d held out, model %.2fM parameters",
+        len(train),
+        cfg.block_size,
+        len(held_out),
+        n_params / 1e6,
+    )
+    return fit(stage="pretrain", model=model, tokenizer=tokenizer, train=train, held_out=held_out, cfg=cfg,
+               accelerator=accelerator, run=run_dir, checkpoint=checkpoint, quiet=quiet)  # fmt: skip

@@ -1,0 +1,115 @@
+"""`rlhf sft`: supervised fine-tuning on prompt -> response demonstrations.
+
+Rows are `{prompt, response}` or chat `{messages: [...]}` (rendered with the tokenizer's chat template; the last
+assistant turn is the response). Loss falls on response tokens only, each response ends with EOS, padding is
+masked. The loop is the shared LM loop; after it, a few held-out prompts are answered by sampling, to show
+whether the model ends its answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from rlhf.config import SFTConfig
+from rlhf.data.jsonl import field, iter_jsonl, write_json, write_jsonl
+from rlhf.errors import DataError
+from rlhf.generation import SamplingParams, decode_responses, generate
+from rlhf.models.loading import context_length, disable_dropout, load_causal_lm, load_tokenizer
+from rlhf.runs import Run, seed_everything
+from rlhf.train.common import make_accelerator
+from rlhf.train.lm_loop import IGNORE, Example, fit
+
+log = logging.getLogger(__name__)
+
+
+def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, str]]:
+    """(prompt, response) text pairs from {prompt, response} or {messages} rows, with file:line errors."""
+    pairs = []
+    for lineno, row in iter_jsonl(path):
+        if "messages" in row:
+            messages = field(path, lineno, row, "messages", list)
+            if not messages or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages
+            ):
+                raise DataError(f"{path}:{lineno}: 'messages' must be a list of {{role, content}} objects")
+            if messages[-1]["role"] != "assistant":
+                raise DataError(f"{path}:{lineno}: the last message must be the assistant's answer")
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            pairs.append((str(prompt), " " + str(messages[-1]["content"])))
+        else:
+            pairs.append((field(path, lineno, row, "prompt", str), field(path, lineno, row, "response", str)))
+    if not pairs:
+        raise DataError(f"{path}: no demonstrations (empty file)")
+    return pairs
+
+
+def tokenize_demonstrations(
+    pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> tuple[list[Example], int, int]:
+    """Prompt tokens carry no loss; the response and its EOS do. Returns (examples, n_truncated, n_dropped)."""
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    examples, truncated, dropped = [], 0, 0
+    for p, r in zip(prompts, responses, strict=True):
+        r = [*r, tokenizer.eos_token_id]
+        if len(p) + len(r) > max_len:
+            truncated += 1
+            if len(p) >= max_len - 1:
+                dropped += 1  # no room for a single response token
+                continue
+            r = r[: max_len - len(p)]
+        examples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r})
+    return examples, truncated, dropped
+
+
+def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    accelerator = make_accelerator(cfg.precision)
+    seed_everything(cfg.seed + accelerator.process_index)
+    tokenizer = load_tokenizer(cfg.model)
+    rows = read_demonstrations(
+        cfg.train_file, tokenizer
+    )  # read before any output: bad input leaves nothing behind
+    held_rows = read_demonstrations(cfg.eval_file, tokenizer) if cfg.eval_file else []
+    if not cfg.eval_file and cfg.eval_fraction > 0:
+        n_eval = max(1, int(len(rows) * cfg.eval_fraction))
+        rows, held_rows = rows[n_eval:], rows[:n_eval]
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+    model = load_causal_lm(str(checkpoint) if checkpoint else cfg.model)
+    disable_dropout(model)
+    max_len = cfg.max_seq_len
+    if max_len > context_length(model):
+        log.warning(
+            "sft.max_seq_len %d exceeds the model's context; using %d", max_len, context_length(model)
+        )
+        max_len = context_length(model)
+    train, truncated, dropped = tokenize_demonstrations(rows, tokenizer, max_len)
+    held_out, _, _ = tokenize_demonstrations(held_rows, tokenizer, max_len)
+    if truncated:
+        log.warning("sft: %d of %d demonstrations longer than %d tokens were truncated (%d dropped: prompt alone too long)",
+                    truncated, len(rows), max_len, dropped)  # fmt: skip
+    if not train:
+        raise DataError(f"{cfg.train_file}: no demonstration fits in {max_len} tokens")
+    result = fit(stage="sft", model=model, tokenizer=tokenizer, train=train, held_out=held_out, cfg=cfg,
+                 accelerator=accelerator, run=run_dir, checkpoint=checkpoint, quiet=quiet)  # fmt: skip
+
+    # Sample answers to held-out prompts: does the model end its answers with EOS?
+    if accelerator.is_main_process and held_rows:
+        final = load_causal_lm(str(run_dir.dir / "final"))
+        final.eval()
+        prompts = [p for p, _ in held_rows[:64]]
+        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        gen = generate(final, ids, SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.95, seed=cfg.seed),
+                       tokenizer.eos_token_id, tokenizer.pad_token_id)  # fmt: skip
+        texts = decode_responses(tokenizer, gen)
+        write_jsonl(run_dir.dir / "samples.jsonl",
+                    [{"prompt": p, "response": t, "ended": bool(e)} for p, t, e in zip(prompts, texts, gen.ended.tolist(), strict=True)])  # fmt: skip
+        result["sample_eos_rate"] = float(gen.ended.float().mean())
+        summary = json.loads((run_dir.dir / "summary.json").read_text())
+        write_json(run_dir.dir / "summary.json", {**summary, "sample_eos_rate": result["sample_eos_rate"]})
+    return result
