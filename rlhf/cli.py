@@ -40,6 +40,9 @@ def _setup_logging(quiet: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "accelerate", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _config(config: Path | None, sets: list[str] | None, section: str, out: str | None) -> RootConfig:

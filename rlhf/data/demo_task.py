@@ -238,7 +238,7 @@ def generate(
         out / "manifest.json",
         {
             "seed": seed,
-            "files": paths,
+            "files": {k: Path(v).name for k, v in paths.items()},
             "counts": {
                 "pretrain": n_pretrain,
                 "sft": n_sft,

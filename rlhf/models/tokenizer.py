@@ -15,12 +15,12 @@ EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 # plain prompts give the same text. The assistant's answer follows "Assistant:" after one space, then EOS.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}System: {{ message['content'] }}\n"
-    "{%- elif message['role'] == 'user' -%}User: {{ message['content'] }}\n"
-    "{%- else -%}Assistant: {{ message['content'] }}{{ eos_token }}\n"
+    "{%- if message['role'] == 'system' -%}{{ 'System: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{%- else -%}{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
 
 

@@ -145,7 +145,7 @@ class Progress:
         return rate
 
     def line(self, step: int, **metrics: float) -> None:
-        if self.enabled and (self.quiet or self.bar is None):
+        if metrics and self.enabled and (self.quiet or self.bar is None):
             log.info("%s step %d %s", self.desc, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def close(self) -> None:

@@ -52,6 +52,8 @@ def tokenize_demonstrations(
     pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> tuple[list[Example], int, int]:
     """Prompt tokens carry no loss; the response and its EOS do. Returns (examples, n_truncated, n_dropped)."""
+    if not pairs:
+        return [], 0, 0
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
     examples, truncated, dropped = [], 0, 0

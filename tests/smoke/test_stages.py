@@ -1,0 +1,177 @@
+"""Pretraining and SFT on a tiny model: learning, resume, data parallelism, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhf.cli import app
+from rlhf.labelers import gold
+from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.runs import read_metrics
+from rlhf.train.lm_loop import evaluate
+from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
+
+from .conftest import TINY
+
+runner = CliRunner()
+
+
+def sft_args(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    sets = [s for s in TINY if s.startswith("sft.")]
+    sets += [f"sft.model={tiny['pretrain']}", f"sft.train_file={tiny['data'] / 'sft.jsonl'}", *extra]
+    return ["sft", "--quiet", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+
+
+def test_sft_response_loss_is_clearly_below_the_pretrained_model(tiny_demo: dict[str, Path]) -> None:
+    tok = load_tokenizer(str(tiny_demo["sft"]))
+    held_out = read_demonstrations(tiny_demo["data"] / "sft.jsonl", tok)[:30]  # the split SFT held out
+    examples, _, _ = tokenize_demonstrations(held_out, tok, 64)
+    before = evaluate(load_causal_lm(str(tiny_demo["pretrain"])), examples, tok.pad_token_id, 16)["loss"]
+    after = evaluate(load_causal_lm(str(tiny_demo["sft"])), examples, tok.pad_token_id, 16)["loss"]
+    assert after < 0.85 * before, (before, after)
+
+
+def test_sft_samples_are_answers_that_end_with_eos(tiny_demo: dict[str, Path]) -> None:
+    summary = json.loads((tiny_demo["root"] / "sft" / "summary.json").read_text())
+    samples = [
+        json.loads(line) for line in (tiny_demo["root"] / "sft" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert summary["sample_eos_rate"] >= 0.8
+    judged = [gold.judge(s["prompt"], s["response"], s["ended"]) for s in samples]
+    well_formed = [j.ended and not j.repetitive and j.n_words > 0 for j in judged]
+    assert sum(well_formed) / len(judged) >= 0.7
+
+
+def test_resume_continues_with_the_same_losses(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    result = runner.invoke(
+        app, sft_args(tiny_demo, full, "sft.max_steps=8", "sft.save_every=4", "sft.log_every=1")
+    )
+    assert result.exit_code == 0, result.output
+    # an interrupted copy: the step-4 checkpoint survives, what came after it is lost
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000008")
+    shutil.rmtree(cut / "final")
+    result = runner.invoke(
+        app, [*sft_args(tiny_demo, cut, "sft.max_steps=8", "sft.save_every=4", "sft.log_every=1"), "--resume"]
+    )
+    assert result.exit_code == 0, result.output
+    losses = lambda run: {
+        r["step"]: r["sft/loss"] for r in read_metrics(run / "metrics.jsonl") if "sft/loss" in r
+    }  # noqa: E731
+    a, b = losses(full), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 9))  # the resumed file reads as one run
+    for step in range(5, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-4)
+
+
+def test_two_processes_follow_the_same_loss_curve_as_one(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
+    curves = {}
+    for n in (1, 2):
+        out = tmp_path / f"np{n}"
+        args = sft_args(
+            tiny_demo,
+            out,
+            "sft.max_steps=4",
+            "sft.log_every=1",
+            "sft.micro_batch_size=4",
+            "sft.eval_fraction=0",
+        )
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.cli", *args]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        curves[n] = [r["sft/loss"] for r in read_metrics(out / "metrics.jsonl") if "sft/loss" in r]
+    assert len(curves[1]) == len(curves[2]) == 4
+    assert curves[2] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_pretrain_cli_writes_run_dir(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
+    sets = [s for s in TINY if s.startswith("pretrain.")] + [
+        f"pretrain.train_file={tiny_demo['data'] / 'pretrain.txt'}",
+        "pretrain.max_steps=3",
+    ]
+    result = runner.invoke(
+        app, ["pretrain", "--quiet", "--out", str(tmp_path / "pt"), *[a for s in sets for a in ("--set", s)]]
+    )
+    assert result.exit_code == 0, result.output
+    assert "held-out loss" in result.output
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+    ):
+        assert (tmp_path / "pt" / name).exists(), name
+    assert "max_steps: 3" in (tmp_path / "pt" / "config.yaml").read_text()
+    assert load_causal_lm(str(tmp_path / "pt" / "final")).config.hidden_size == 48
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_bad_input_is_one_line_and_leaves_no_checkpoint(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "User: Hi\\nAssistant:", "response": " Hello!"}\n{"prompt": "x"\n')
+    proc = run_cli(
+        "sft",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"sft.model={tiny_demo['sft']}",
+        "--set",
+        f"sft.train_file={bad}",
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:2: not valid JSON (Expecting ',' delimiter)"
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
+
+    proc = run_cli(
+        "pretrain", "--out", str(tmp_path / "pt"), "--set", f"pretrain.train_file={tmp_path / 'missing.txt'}"
+    )
+    assert (
+        proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path / 'missing.txt'}: file not found"
+    )
+
+    proc = run_cli("sft", "--set", "sft.lr=-1")
+    assert proc.returncode == 1 and "sft.lr: Input should be greater than 0" in proc.stderr
+
+    # a tokenizer whose PAD is EOS
+    model_dir = tmp_path / "padeos"
+    shutil.copytree(tiny_demo["sft"], model_dir)
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg["pad_token"] = cfg["eos_token"]
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    proc = run_cli(
+        "sft",
+        "--out",
+        str(tmp_path / "r2"),
+        "--set",
+        f"sft.model={model_dir}",
+        "--set",
+        f"sft.train_file={tiny_demo['data'] / 'sft.jsonl'}",
+    )
+    assert proc.returncode == 1 and "PAD equals EOS" in proc.stderr
+
+
+def test_help_lists_stages_and_documents_options() -> None:
+    top = runner.invoke(app, ["--help"])
+    for stage in ("data", "pretrain", "sft"):
+        assert stage in top.output
+    sft_help = runner.invoke(app, ["sft", "--help"]).output
+    for option in ("--config", "--set", "--out", "--resume", "--quiet"):
+        assert option in sft_help

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import dump_config, load_config
+from rlhf.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
+    path = write(tmp_path, "sft:\n  lr: 1.0e-4\n  epochs: 3\npretrain:\n  arch:\n    hidden_size: 64\n")
+    cfg = load_config(path, ["sft.lr=3e-4", "pretrain.arch.num_hidden_layers=2", "sft.eval_file=x.jsonl"])
+    assert cfg.sft.lr == pytest.approx(3e-4)
+    assert cfg.sft.epochs == 3
+    assert cfg.pretrain.arch.hidden_size == 64 and cfg.pretrain.arch.num_hidden_layers == 2
+    assert cfg.sft.eval_file == "x.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sft.lrr=1"], "sft.lrr: unknown key"),
+        (["sft.lr=-1"], "sft.lr: Input should be greater than 0"),
+        (["sft.epochs=two"], "sft.epochs: Input should be a valid integer"),
+        (
+            ["sft.batch_size=10", "sft.micro_batch_size=4"],
+            "batch_size (10) must be divisible by micro_batch_size (4)",
+        ),
+        (["pretrain.precision=fp8"], "pretrain.precision: Input should be 'auto', 'bf16' or 'fp32'"),
+        (["nosuchstage.lr=1"], "nosuchstage: unknown key"),
+        (
+            ["pretrain.arch.hidden_size=100", "pretrain.arch.num_attention_heads=3"],
+            "hidden_size must be divisible",
+        ),
+    ],
+)
+def test_bad_values_name_the_key_in_one_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"pretrain\.arch\.depth: unknown key"):
+        load_config(write(tmp_path, "pretrain:\n  arch:\n    depth: 3\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "sft: [unclosed\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["sft.lr"])
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["sft.lr=2e-4"])
+    dumped = dump_config(cfg)
+    again = load_config(write(tmp_path, dumped))
+    assert again == cfg

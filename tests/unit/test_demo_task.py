@@ -1,0 +1,65 @@
+import ast
+import hashlib
+import random
+from pathlib import Path
+
+import rlhf
+from rlhf.data import demo_task
+from rlhf.labelers import gold
+
+
+def digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
+    kw = {"n_pretrain": 200, "n_sft": 50, "n_rl_prompts": 20, "n_eval_prompts": 20}
+    demo_task.generate(tmp_path / "a", seed=7, **kw)
+    demo_task.generate(tmp_path / "b", seed=7, **kw)
+    demo_task.generate(tmp_path / "c", seed=8, **kw)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    assert len((tmp_path / "a" / "sft.jsonl").read_text().splitlines()) == 50
+
+
+def test_gold_prefers_correct_polite_concise_ending_answers() -> None:
+    p = demo_task.render_prompt("What is 3 plus 4?")
+    best = gold.judge(p, "7.")
+    assert best.correct and not best.rude and best.extra_words == 0 and best.utility == 2.0
+    assert gold.judge(p, "3 plus 4 is 7.").utility == 2.0 - 4 * gold.W_EXTRA_WORD  # 5 words vs 1
+    assert not gold.judge(p, "3 plus 4 is 8.").correct
+    rude = gold.judge(p, "7. Obviously, you fool.")
+    assert rude.rude and rude.utility < gold.judge(p, "3 plus 4 is 8.").utility  # rude is worse than wrong
+    unended = gold.judge(p, "3 plus 4 is 7", ended=False)
+    assert not unended.ended and unended.utility < 0.5
+    assert gold.judge(p, "7. 7. 7.").repetitive
+    fact = demo_task.render_prompt("What color is the zorb?")
+    assert gold.judge(fact, "The zorb is blue.").correct and not gold.judge(fact, "The zorb is red.").correct
+    yes = demo_task.render_prompt("Is the zorb blue?")
+    assert gold.judge(yes, "Yes.").correct and not gold.judge(yes, "No.").correct
+    assert gold.judge(demo_task.render_prompt("Thanks!"), "You are welcome!").correct
+
+
+def test_every_generated_question_parses_back_to_its_answer() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        q = demo_task.sample_question(rng)
+        parsed = gold.parse_question(demo_task.render_prompt(q.text))
+        assert (parsed.family, parsed.answer) == (q.family, q.answer)
+        assert gold.judge(demo_task.render_prompt(q.text), demo_task.answer_templates(q, q.answer)[0]).correct
+
+
+def test_training_code_never_imports_the_gold_judge() -> None:
+    root = Path(rlhf.__file__).parent
+    for path in (root / "train").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n.startswith(("rlhf.labelers", "rlhf.eval")) for n in names), (
+                f"{path} imports {names}"
+            )

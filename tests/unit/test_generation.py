@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from rlhf.config import ArchConfig
+from rlhf.generation import SamplingParams, filter_logits, generate, left_pad
+from rlhf.models.loading import build_causal_lm
+from rlhf.models.tokenizer import train_bpe_tokenizer
+
+
+def test_top_k_and_top_p_keep_the_right_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    # nucleus 0.7: 0.5 < 0.7 so the second token is needed too; 0.8 >= 0.7 so the third is dropped
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.4)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+
+
+def test_left_pad() -> None:
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    tok = train_bpe_tokenizer(["User: Hello there friend\nAssistant: Hi!"] * 30, vocab_size=280)
+    model = build_causal_lm(
+        ArchConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        tok,
+        seed=1,
+    )
+    return model.eval(), tok
+
+
+def test_greedy_is_the_same_alone_and_left_padded_in_a_batch(model_and_tok) -> None:
+    model, tok = model_and_tok
+    short = tok("User: Hi", add_special_tokens=False)["input_ids"]
+    long = tok("User: Hello there friend, how are you", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    alone = generate(model, [short], params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    batched = generate(model, [long, short], params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    n = int(alone.response_mask[0].sum())
+    assert batched.response_ids[1, :n].tolist() == alone.response_ids[0, :n].tolist()
+    # the KV-cache path gives the same next tokens as a full forward pass without cache
+    full = torch.tensor([short + alone.response_ids[0, : n - 1].tolist()])
+    expected = model(full).logits[0, len(short) - 1 :].argmax(-1).tolist()
+    assert alone.response_ids[0, :n].tolist() == expected
+
+
+def test_sampling_stops_at_eos_and_masks_the_rest(model_and_tok) -> None:
+    model, tok = model_and_tok
+    eos = tok.eos_token_id
+    with torch.no_grad():  # make EOS the likeliest token after a few steps by biasing the output layer
+        model.lm_head.weight[eos] += 0.0
+    prompts = [tok("User: Hi", add_special_tokens=False)["input_ids"]] * 6
+    gen = generate(
+        model, prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=0), eos, tok.pad_token_id
+    )
+    for ids, mask, ended, lp in zip(
+        gen.response_ids, gen.response_mask, gen.ended, gen.logprobs, strict=True
+    ):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # real tokens first, then padding
+        assert (ids[n:] == tok.pad_token_id).all() and (lp[n:] == 0).all()
+        assert bool(ended) == (ids[n - 1].item() == eos)
+        assert eos not in ids[: n - 1].tolist()  # nothing after the first EOS
+        assert (lp[:n] <= 0).all()
+    again = generate(
+        model, prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=0), eos, tok.pad_token_id
+    )
+    assert torch.equal(gen.response_ids, again.response_ids)  # seeded sampling is reproducible

@@ -1,0 +1,105 @@
+"""Packing for pretraining, label masking for SFT, corpus and demonstration errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf.errors import DataError
+from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.train.lm_loop import IGNORE, collate, n_loss_tokens
+from rlhf.train.pretrain import pack, read_corpus, split_docs
+from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
+
+CORPUS = ["User: What is 2 plus 3?\nAssistant: 2 plus 3 is 5."] * 40 + [
+    "User: Thanks!\nAssistant: You are welcome!"
+] * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(CORPUS, vocab_size=300)
+
+
+def test_pack_joins_documents_with_eos_and_cuts_full_blocks() -> None:
+    blocks = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], eos_id=0, block_size=4)
+    # stream: 1 2 3 0 4 5 0 6 7 8 9 0 -> three full blocks, nothing left over
+    assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+    assert (
+        len(pack([[1, 2, 3, 4, 5]], eos_id=0, block_size=4)) == 1
+    )  # the tail that does not fill a block is dropped
+
+
+def test_corpus_formats_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_text("doc one\nline two\n\n\ndoc two\n")
+    assert read_corpus(tmp_path / "c.txt") == ["doc one\nline two", "doc two"]
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert read_corpus(tmp_path / "c.jsonl") == ["a", "b"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field 'text'"):
+        read_corpus(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="corpus is empty"):
+        read_corpus(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="file not found"):
+        read_corpus(tmp_path / "nope.txt")
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    docs = [f"d{i}" for i in range(100)]
+    train, held = split_docs(docs, 0.1, seed=3)
+    assert len(held) == 10 and not set(train) & set(held)
+    assert split_docs(docs, 0.1, seed=3) == (train, held)
+
+
+def test_sft_labels_mask_the_prompt_and_end_with_eos(tok) -> None:
+    pairs = [("User: Thanks!\nAssistant:", " You are welcome!")]
+    (example,), truncated, dropped = tokenize_demonstrations(pairs, tok, max_len=64)
+    n_prompt = len(tok(pairs[0][0], add_special_tokens=False)["input_ids"])
+    assert example["labels"][:n_prompt] == [IGNORE] * n_prompt  # prompt tokens carry no loss
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    assert example["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(example["input_ids"][n_prompt:-1]) == " You are welcome!"
+    assert (truncated, dropped) == (0, 0)
+    assert n_loss_tokens(example) == len(example["input_ids"]) - n_prompt
+
+
+def test_sft_truncation_is_counted_never_a_crash(tok) -> None:
+    long = [
+        ("User: Thanks!\nAssistant:", " welcome" * 50),
+        ("User: " + "Thanks " * 80 + "\nAssistant:", " ok"),
+    ]
+    examples, truncated, dropped = tokenize_demonstrations(long, tok, max_len=24)
+    assert truncated == 2 and dropped == 1 and len(examples) == 1
+    assert len(examples[0]["input_ids"]) == 24
+
+
+def test_collate_pads_right_with_masked_labels(tok) -> None:
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=1
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+
+
+def test_demonstration_formats_and_file_line_errors(tmp_path: Path, tok) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [
+        {"prompt": "User: Hi\nAssistant:", "response": " Hello!"},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert (
+        read_demonstrations(path, tok) == [("User: Hi\nAssistant:", " Hello!")] * 2
+    )  # chat rows render the same
+    path.write_text('{"prompt": "p", "response": "r"}\nnot json\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
+        read_demonstrations(path, tok)
+    path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'response'"):
+        read_demonstrations(path, tok)
+    path.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:1: the last message must be the assistant's answer"):
+        read_demonstrations(path, tok)
