@@ -64,9 +64,10 @@ def test_resume_continues_with_the_same_losses(tiny_demo: dict[str, Path], tmp_p
         app, [*sft_args(tiny_demo, cut, "sft.max_steps=8", "sft.save_every=4", "sft.log_every=1"), "--resume"]
     )
     assert result.exit_code == 0, result.output
-    losses = lambda run: {
-        r["step"]: r["sft/loss"] for r in read_metrics(run / "metrics.jsonl") if "sft/loss" in r
-    }  # noqa: E731
+
+    def losses(run):
+        return {r["step"]: r["sft/loss"] for r in read_metrics(run / "metrics.jsonl") if "sft/loss" in r}  # noqa: E731
+
     a, b = losses(full), losses(cut)
     assert sorted(a) == sorted(b) == list(range(1, 9))  # the resumed file reads as one run
     for step in range(5, 9):
