@@ -112,6 +112,25 @@ def sft(
     )
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="run directory of the whole demo")] = Path("runs/demo"),
+    fast: Annotated[bool, typer.Option("--fast", help="a reduced demo, end to end in a few minutes")] = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run every stage on the built-in demo task; interrupted, it resumes where it stopped."""
+    from rlhf import demo as demo_run
+
+    load_config(config, list(sets or []))  # check the config before any work
+    _setup_logging(quiet)
+    stages = demo_run.run(out, fast=fast, config=config, overrides=list(sets or []), quiet=quiet)
+    for name, info in stages.done.items():
+        typer.echo(f"{name:>10}: {info['seconds']:7.1f} s")
+    typer.echo(f"run directory: {out}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1."""
     try:
