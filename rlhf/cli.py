@@ -11,6 +11,7 @@ import typer
 
 from rlhf.config import RootConfig, load_config
 from rlhf.errors import RlhfError
+from rlhf.feedback.cli import app as label_app
 
 app = typer.Typer(
     help="rlhf-loop: pretrain, SFT, collect human feedback, train a reward model, PPO with KL, serve, iterate.",
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Generate or convert data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(label_app, name="label", help="The labeling web app and its feedback store.")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config with one section per stage")
