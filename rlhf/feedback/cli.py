@@ -1,0 +1,174 @@
+"""`rlhf label ...`: serve the labeling app, migrate, import candidates, export preferences, users, tokens."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from rlhf.errors import DataError
+
+if TYPE_CHECKING:
+    from rlhf.feedback.db import Database
+
+# Heavy imports (FastAPI, SQLAlchemy, uvicorn) happen inside the commands, so `rlhf --help` stays quick.
+
+app = typer.Typer(help="The human-feedback labeling app and its store.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Database schema (Alembic migrations shipped with the package).", no_args_is_help=True
+)
+user_app = typer.Typer(help="Labelers and admins.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens for scripts and API clients.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+
+DbOpt = Annotated[
+    str,
+    typer.Option(
+        "--db", envvar="RLHF_LABEL_DB", help="Database URL: sqlite:///FILE (default) or postgresql://..."
+    ),
+]
+DEFAULT_DB = "sqlite:///feedback.db"
+
+
+def _open(url: str) -> Database:
+    from rlhf.feedback.db import Database, upgrade
+
+    db = Database(url)
+    upgrade(db)
+    return db
+
+
+@app.command()
+def serve(
+    db: DbOpt = DEFAULT_DB,
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on (0.0.0.0 for a team on the network).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the labeling server (migrates the database first). Other settings come from RLHF_LABEL_* variables."""
+    import uvicorn
+
+    from rlhf.feedback.main import create_app
+    from rlhf.feedback.settings import Settings
+
+    settings = Settings.from_env(db=db)
+    typer.echo(f"labeling app on http://{host}:{port}  (db: {settings.db.split('@')[-1]})")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = DEFAULT_DB) -> None:
+    """Create or update the schema to the newest migration."""
+    from rlhf.feedback.db import current_revision
+
+    typer.echo(f"schema at revision {current_revision(_open(db))}")
+
+
+@app.command("import")
+def import_(
+    project: Annotated[str, typer.Option(help="Project name (created if missing).")],
+    candidates: Annotated[Path, typer.Option(help="JSONL of {prompt, prompt_id?, completions: [...]} rows.")],
+    db: DbOpt = DEFAULT_DB,
+    gold: Annotated[
+        Path | None, typer.Option(help="JSONL of vote rows whose choice (A/B) is the right answer.")
+    ] = None,
+    task_kind: Annotated[str, typer.Option(help="pairwise, ranking or rating.")] = "pairwise",
+    overlap: Annotated[
+        int | None, typer.Option(help="Labelers per task (default 1 for a new project).")
+    ] = None,
+    gold_rate: Annotated[
+        float | None, typer.Option(help="Share of served tasks that are gold (0..1).")
+    ] = None,
+) -> None:
+    """Create comparison tasks from candidate generations."""
+    from rlhf.feedback.importer import import_candidates, read_rows
+    from rlhf.feedback.schemas import PROJECT_PATTERN, CandidateRow, GoldRow
+    from rlhf.feedback.settings import Settings
+
+    if not re.match(PROJECT_PATTERN, project):
+        raise DataError(f"project name {project!r}: use letters, digits, '_', '.', '-' (up to 128)")
+    if task_kind not in ("pairwise", "ranking", "rating"):
+        raise DataError(f"--task-kind must be pairwise, ranking or rating, got {task_kind!r}")
+    if overlap is not None and not 1 <= overlap <= 100:
+        raise DataError("--overlap must be between 1 and 100")
+    if gold_rate is not None and not 0 <= gold_rate <= 1:
+        raise DataError("--gold-rate must be between 0 and 1")
+    limit = Settings.from_env().max_import_bytes
+    rows = read_rows(candidates, CandidateRow, limit)
+    gold_rows = read_rows(gold, GoldRow, limit) if gold else []
+    database = _open(db)
+    with database.session() as session:
+        out = import_candidates(
+            session, project, rows, task_kind=task_kind, gold=gold_rows, overlap=overlap, gold_rate=gold_rate
+        )
+    typer.echo(
+        f"{project}: {out.prompts} prompts, {out.completions} completions, {out.tasks} {task_kind} tasks, "
+        f"{out.gold_tasks} gold tasks ({out.skipped} rows already there)"
+    )
+
+
+@app.command()
+def export(
+    project: Annotated[str, typer.Option(help="Project name.")],
+    out: Annotated[Path, typer.Option(help="Output JSONL file (written atomically).")],
+    db: DbOpt = DEFAULT_DB,
+    format: Annotated[str, typer.Option(help="votes, pairs (TRL), ranking or rating.")] = "votes",
+) -> None:
+    """Write the project's live votes as preference records."""
+    from rlhf.data.jsonl import write_jsonl
+    from rlhf.feedback.export import FORMATS, export_records
+
+    if format not in FORMATS:
+        raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    database = _open(db)
+    with database.session() as session:
+        n = write_jsonl(out, export_records(session, project, format))
+    typer.echo(f"wrote {n} {format} records to {out}")
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Option(help="Login name.")],
+    db: DbOpt = DEFAULT_DB,
+    role: Annotated[str, typer.Option(help="admin or labeler.")] = "labeler",
+    password: Annotated[
+        str | None,
+        typer.Option(help="Password for the web login (prompted for if omitted; empty: API only)."),
+    ] = None,
+) -> None:
+    """Create a user."""
+    from rlhf.feedback.schemas import NAME_PATTERN
+    from rlhf.feedback.users import create_user
+
+    if not re.match(NAME_PATTERN, name):
+        raise DataError(f"user name {name!r}: use letters, digits, '_', '.', '@', '-' (up to 64)")
+    if password is None:
+        password = typer.prompt(
+            "Password (empty: API token only)", hide_input=True, default="", show_default=False
+        )
+    if password and len(password) < 8:
+        raise DataError("passwords need at least 8 characters")
+    database = _open(db)
+    with database.session() as session:
+        create_user(session, name, role, password or None)
+    typer.echo(f"created {role} {name}")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="The user the token acts as.")],
+    db: DbOpt = DEFAULT_DB,
+    label: Annotated[str, typer.Option(help="What the token is for (shown to admins).")] = "",
+) -> None:
+    """Create an API token and print it (it is shown this once; only its hash is stored)."""
+    from rlhf.feedback.users import create_token
+
+    database = _open(db)
+    with database.session() as session:
+        typer.echo(create_token(session, name, label))

@@ -1,0 +1,210 @@
+"""A small synchronous client of the labeling API (httpx). The simulated panel and the RLHF loop vote
+through it, so their votes travel the same path as people's.
+
+    with FeedbackClient("http://127.0.0.1:8000", token) as client:
+        while (task := client.next_task("demo")) is not None:
+            client.vote(task["id"], choice="A", display_order=task["display_order"])
+
+Votes carry an idempotency key (a fresh UUID unless given); on a connection error or a 429/503 the client
+retries with the same key, so a vote is recorded once however often it is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from rlhf.errors import RlhfError
+
+RETRY_STATUS = (429, 502, 503, 504)
+
+
+class FeedbackAPIError(RlhfError):
+    """The server answered with an error status; `status` and `detail` say which."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"labeling API answered {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class FeedbackClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 8,
+        backoff_s: float = 0.1,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout_s,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> FeedbackClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
+        """Send a request; with `retry`, resend it on connection errors and 429/5xx-unavailable answers."""
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if last:
+                    raise
+                time.sleep(self.backoff_s * 2 ** min(attempt, 5))
+                continue
+            if response.status_code in RETRY_STATUS and not last:
+                wait = response.headers.get("Retry-After")
+                time.sleep(float(wait) if wait and wait.isdigit() else self.backoff_s * 2 ** min(attempt, 5))
+                continue
+            if response.status_code >= 400:
+                try:
+                    detail = response.json().get("detail", response.text)
+                except (ValueError, AttributeError):
+                    detail = response.text
+                raise FeedbackAPIError(
+                    response.status_code, detail if isinstance(detail, str) else json.dumps(detail)
+                )
+            return response
+        raise AssertionError("unreachable")
+
+    # ---- labeling ------------------------------------------------------------------------------------
+
+    def next_task(self, project: str | None = None) -> dict[str, Any] | None:
+        """The next task for this token's user (assigned to them), or None when nothing is left.
+
+        The task dict has id, project, kind, prompt, completions [{position, text}] and a random
+        display_order; send that order back with the vote if you showed the answers in it.
+        """
+        params = {"project": project} if project else None
+        task: dict[str, Any] | None = self._request("POST", "/api/tasks/next", params=params).json()["task"]
+        return task
+
+    def vote(
+        self,
+        task_id: int,
+        choice: str | None = None,
+        ranking: Sequence[int] | None = None,
+        rating: float | None = None,
+        margin: float | None = None,
+        note: str | None = None,
+        display_order: Sequence[int] | None = None,
+        idempotency_key: str | None = None,
+        *,
+        confidence: float | None = None,
+        time_to_vote_ms: int | None = None,
+        source: str = "api",
+    ) -> dict[str, Any]:
+        """Record a vote: `choice` (A/B/tie/both_bad) for pairwise tasks, `ranking` (rank per position,
+        1 = best) for ranking tasks, `rating` for rating tasks. Returns the stored vote (the original one
+        when `idempotency_key` was used before)."""
+        body = {
+            "task_id": task_id,
+            "choice": choice,
+            "ranking": list(ranking) if ranking is not None else None,
+            "rating": rating,
+            "margin": margin,
+            "confidence": confidence,
+            "note": note,
+            "display_order": list(display_order) if display_order is not None else None,
+            "time_to_vote_ms": time_to_vote_ms,
+            "idempotency_key": idempotency_key or f"cli-{uuid.uuid4().hex}",
+            "source": source,
+        }
+        vote: dict[str, Any] = self._request(
+            "POST", "/api/votes", json={k: v for k, v in body.items() if v is not None}
+        ).json()
+        return vote
+
+    def skip(self, task_id: int) -> None:
+        self._request("POST", f"/api/tasks/{task_id}/skip")
+
+    def undo(self, vote_id: int | None = None) -> dict[str, Any]:
+        """Retract a vote of yours (the latest if `vote_id` is None) within the undo window."""
+        path = "/api/votes/undo" if vote_id is None else f"/api/votes/{vote_id}/undo"
+        out: dict[str, Any] = self._request("POST", path, retry=False).json()
+        return out
+
+    def my_votes(self, project: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if project:
+            params["project"] = project
+        out: list[dict[str, Any]] = self._request("GET", "/api/votes", params=params).json()
+        return out
+
+    # ---- admin ---------------------------------------------------------------------------------------
+
+    def import_candidates(
+        self,
+        project: str,
+        candidates: Sequence[dict[str, Any]],
+        *,
+        task_kind: str = "pairwise",
+        gold: Sequence[dict[str, Any]] = (),
+        overlap: int | None = None,
+        gold_rate: float | None = None,
+    ) -> dict[str, Any]:
+        """Import candidate rows (the generation file's format); retried only when rows have prompt_ids,
+        because only then is a repeated import harmless."""
+        body: dict[str, Any] = {"task_kind": task_kind, "candidates": list(candidates), "gold": list(gold)}
+        if overlap is not None:
+            body["overlap"] = overlap
+        if gold_rate is not None:
+            body["gold_rate"] = gold_rate
+        safe = all("prompt_id" in r for r in [*candidates, *gold])
+        out: dict[str, Any] = self._request(
+            "POST", f"/api/projects/{project}/import", json=body, retry=safe
+        ).json()
+        return out
+
+    def export(self, project: str, format: str = "votes") -> list[dict[str, Any]]:
+        """Preference records: votes, pairs, ranking or rating (see rlhf.feedback.export)."""
+        text = self._request("GET", f"/api/projects/{project}/export", params={"format": format}).text
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def stats(self, project: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._request("GET", f"/api/projects/{project}/stats").json()
+        return out
+
+    def update_project(
+        self, project: str, overlap: int | None = None, gold_rate: float | None = None
+    ) -> dict[str, Any]:
+        body = {k: v for k, v in (("overlap", overlap), ("gold_rate", gold_rate)) if v is not None}
+        out: dict[str, Any] = self._request("PATCH", f"/api/projects/{project}", json=body).json()
+        return out
+
+    def create_user(self, name: str, role: str = "labeler", password: str | None = None) -> dict[str, Any]:
+        body = {"name": name, "role": role, **({"password": password} if password else {})}
+        out: dict[str, Any] = self._request("POST", "/api/users", json=body, retry=False).json()
+        return out
+
+    def create_token(self, user: str, label: str = "") -> str:
+        token: str = self._request(
+            "POST", f"/api/users/{user}/tokens", json={"name": label}, retry=False
+        ).json()["token"]
+        return token
+
+    def set_disabled(self, user: str, disabled: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = self._request("PATCH", f"/api/users/{user}", json={"disabled": disabled}).json()
+        return out

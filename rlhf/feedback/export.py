@@ -1,0 +1,146 @@
+"""Export live (not undone) votes as preference records, the shapes of `rlhf.data.preferences`.
+
+- votes:   {"prompt", "completion_a", "completion_b", "choice", "labeler", "margin"?, "meta"}  (pairwise
+           tasks; tie and both_bad kept)
+- ranking: {"prompt", "completions", "ranking", "labeler", "meta"}  (ranking: rank per completion, 1 = best)
+- rating:  {"prompt", "completion", "rating", "labeler", "meta"}
+- pairs:   {"prompt", "chosen", "rejected", "margin"?}  (TRL), derived: a pairwise vote A or B gives one pair;
+           a ranking of K gives a pair for every two completions with different ranks (up to C(K,2));
+           ratings give a pair for every two completions of a prompt that one labeler rated differently,
+           with margin = the rating difference. Ties and both_bad give no pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
+from rlhf.feedback.projects import get_project
+
+FORMATS = ("votes", "pairs", "ranking", "rating")
+
+
+def export_records(session: Session, project: str, kind: str) -> list[dict[str, Any]]:
+    """All records of one format for `project`, oldest vote first."""
+    if kind not in FORMATS:
+        raise ValueError(f"unknown export format {kind!r}")
+    if kind == "pairs":
+        return list(_pairs(session, project))
+    task_kind = {"votes": "pairwise", "ranking": "ranking", "rating": "rating"}[kind]
+    return [_record(task_kind, *row) for row in _rows(session, project, task_kind)]
+
+
+def _rows(
+    session: Session, project: str, task_kind: str
+) -> Iterator[tuple[Vote, Task, str, Prompt, list[Completion]]]:
+    """(vote, task, labeler, prompt, completions in position order) for each live vote on `task_kind` tasks."""
+    proj = get_project(session, project)
+    votes = session.execute(
+        select(Vote, Task, User.name, Prompt)
+        .join(Task, Task.id == Vote.task_id)
+        .join(User, User.id == Vote.user_id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .where(Task.project_id == proj.id, Task.kind == task_kind, Vote.retracted_at.is_(None))
+        .order_by(Vote.id)
+    ).all()
+    members: dict[int, list[Completion]] = defaultdict(list)
+    links = session.execute(
+        select(TaskCompletion.task_id, Completion)
+        .join(Completion, Completion.id == TaskCompletion.completion_id)
+        .join(Task, Task.id == TaskCompletion.task_id)
+        .where(Task.project_id == proj.id, Task.kind == task_kind)
+        .order_by(TaskCompletion.task_id, TaskCompletion.position)
+    ).all()
+    for task_id, completion in links:
+        members[task_id].append(completion)
+    for vote, task, labeler, prompt in votes:
+        yield vote, task, labeler, prompt, members[task.id]
+
+
+def _meta(vote: Vote, task: Task, prompt: Prompt, comps: list[Completion]) -> dict[str, Any]:
+    return {
+        "task_id": task.id,
+        "vote_id": vote.id,
+        "prompt_id": prompt.external_id,
+        "policies": [c.policy for c in comps],
+        "sampling": [c.sampling for c in comps],
+        "is_gold": task.is_gold,
+        "source": vote.source,
+        "created_at": vote.created_at.isoformat(),
+        "display_order": vote.display_order,
+        "time_to_vote_ms": vote.time_to_vote_ms,
+        "confidence": vote.confidence,
+        "note": vote.note,
+    }
+
+
+def _record(
+    task_kind: str, vote: Vote, task: Task, labeler: str, prompt: Prompt, comps: list[Completion]
+) -> dict[str, Any]:
+    meta = _meta(vote, task, prompt, comps)
+    if task_kind == "pairwise":
+        rec: dict[str, Any] = {
+            "prompt": prompt.text,
+            "completion_a": comps[0].text,
+            "completion_b": comps[1].text,
+            "choice": vote.choice,
+            "labeler": labeler,
+        }
+        if vote.margin is not None:
+            rec["margin"] = vote.margin
+        rec["meta"] = meta
+        return rec
+    if task_kind == "ranking":
+        texts = [c.text for c in comps]
+        return {
+            "prompt": prompt.text,
+            "completions": texts,
+            "ranking": vote.ranking,
+            "labeler": labeler,
+            "meta": meta,
+        }
+    return {
+        "prompt": prompt.text,
+        "completion": comps[0].text,
+        "rating": vote.rating,
+        "labeler": labeler,
+        "meta": meta,
+    }
+
+
+def _pair(prompt: str, chosen: str, rejected: str, margin: float | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if margin is not None:
+        rec["margin"] = margin
+    return rec
+
+
+def _pairs(session: Session, project: str) -> Iterator[dict[str, Any]]:
+    for vote, _task, _labeler, prompt, comps in _rows(session, project, "pairwise"):
+        if vote.choice in ("A", "B"):
+            win = 0 if vote.choice == "A" else 1
+            yield _pair(prompt.text, comps[win].text, comps[1 - win].text, vote.margin)
+    for vote, _task, _labeler, prompt, comps in _rows(session, project, "ranking"):
+        ranks = vote.ranking or []
+        for i, j in itertools.combinations(range(len(comps)), 2):
+            if ranks[i] != ranks[j]:
+                best, worst = (i, j) if ranks[i] < ranks[j] else (j, i)
+                yield _pair(prompt.text, comps[best].text, comps[worst].text, None)
+    # Ratings: compare only within one labeler's ratings of one prompt (labelers use the scale differently).
+    rated: dict[tuple[int, str], list[tuple[str, float]]] = defaultdict(list)
+    prompts: dict[int, str] = {}
+    for vote, _task, labeler, prompt, comps in _rows(session, project, "rating"):
+        if vote.rating is not None:
+            rated[(prompt.id, labeler)].append((comps[0].text, vote.rating))
+            prompts[prompt.id] = prompt.text
+    for (prompt_id, _labeler), items in rated.items():
+        for (text_i, r_i), (text_j, r_j) in itertools.combinations(items, 2):
+            if r_i != r_j:
+                chosen, rejected = (text_i, text_j) if r_i > r_j else (text_j, text_i)
+                yield _pair(prompts[prompt_id], chosen, rejected, abs(r_i - r_j))

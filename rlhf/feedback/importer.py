@@ -1,0 +1,169 @@
+"""Import candidate generations (and gold items) into comparison tasks.
+
+Tasks made from a prompt with K completions:
+- pairwise: every pair (i, j), i < j, for K <= 4 (at most 6 pairs); for K > 4 the K pairs of a cycle
+  (i, i+1 mod K), so each completion is compared twice and the comparison graph stays connected.
+  Pairs of identical texts are left out: there is nothing to judge.
+- ranking: one task with all K completions.
+- rating: one task per completion.
+Gold rows become pairwise tasks with `is_gold` and the known answer. Rows whose `prompt_id` the project
+already holds are skipped, so importing the same file twice adds nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from rlhf.data.jsonl import iter_jsonl
+from rlhf.errors import DataError
+from rlhf.feedback.db import db_of
+from rlhf.feedback.errors import InvalidInput
+from rlhf.feedback.models import Completion, Project, Prompt, Task, TaskCompletion
+from rlhf.feedback.schemas import CandidateRow, GoldRow, ImportOut
+
+log = logging.getLogger(__name__)
+
+ALL_PAIRS_MAX_K = 4
+
+
+def pair_indices(k: int) -> list[tuple[int, int]]:
+    """Which completion pairs of a K-candidate prompt become pairwise tasks (see the module docstring)."""
+    if k <= ALL_PAIRS_MAX_K:
+        return list(itertools.combinations(range(k), 2))
+    return [(i, (i + 1) % k) if i < (i + 1) % k else ((i + 1) % k, i) for i in range(k)]
+
+
+def read_rows(path: str | Path, model: type[CandidateRow] | type[GoldRow], max_bytes: int) -> list[Any]:
+    """Read and validate a JSONL file of candidate or gold rows; errors name file:line."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > max_bytes:
+        raise DataError(f"{path}: {path.stat().st_size} bytes is over the import limit of {max_bytes}")
+    rows = []
+    for lineno, obj in iter_jsonl(path):
+        try:
+            rows.append(model.model_validate(obj))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "row"
+            raise DataError(f"{path}:{lineno}: {where}: {err['msg']}") from None
+    if not rows:
+        raise DataError(f"{path}: no records (empty file)")
+    return rows
+
+
+def import_candidates(
+    session: Session,
+    project_name: str,
+    candidates: Sequence[CandidateRow],
+    *,
+    task_kind: str = "pairwise",
+    gold: Sequence[GoldRow] = (),
+    overlap: int | None = None,
+    gold_rate: float | None = None,
+) -> ImportOut:
+    """Create the project if needed, then its prompts, completions and tasks, in one transaction."""
+    min_k = 1 if task_kind == "rating" else 2
+    for i, row in enumerate(candidates):
+        if len(row.completions) < min_k:
+            raise InvalidInput(
+                f"candidate row {i + 1}: a {task_kind} task needs at least {min_k} completions"
+            )
+    counts = {"prompts": 0, "completions": 0, "tasks": 0, "gold_tasks": 0, "skipped": 0}
+    with db_of(session).write(session):
+        project = session.scalar(select(Project).where(Project.name == project_name))
+        if project is None:
+            project = Project(name=project_name, overlap=overlap or 1, gold_rate=gold_rate or 0.0)
+            session.add(project)
+            session.flush()
+        else:
+            if overlap is not None:
+                project.overlap = overlap
+            if gold_rate is not None:
+                project.gold_rate = gold_rate
+        known = set(session.scalars(select(Prompt.external_id).where(Prompt.project_id == project.id)))
+        # One entry per new prompt: (text, prompt_id, meta, [(text, policy, sampling)], gold answer or None).
+        entries: list[
+            tuple[str, str | None, dict[str, Any], list[tuple[str, str, dict[str, Any]]], str | None]
+        ] = []
+        for row in candidates:
+            if row.prompt_id is not None and row.prompt_id in known:
+                counts["skipped"] += 1
+                continue
+            known.add(row.prompt_id)
+            comps = [(c.text, c.policy, c.sampling.model_dump(exclude_none=True)) for c in row.completions]
+            entries.append((row.prompt, row.prompt_id, row.meta, comps, None))
+        for g in gold:
+            if g.prompt_id is not None and g.prompt_id in known:
+                counts["skipped"] += 1
+                continue
+            known.add(g.prompt_id)
+            comps = [(g.completion_a, "", {}), (g.completion_b, "", {})]
+            entries.append((g.prompt, g.prompt_id, {**g.meta, "gold": True}, comps, g.choice))
+        prompt_ids = _insert_ids(
+            session,
+            Prompt,
+            [{"project_id": project.id, "text": e[0], "external_id": e[1], "meta": e[2]} for e in entries],
+        )
+        completion_rows = [
+            {"prompt_id": pid, "text": text, "policy": policy, "sampling": sampling}
+            for pid, entry in zip(prompt_ids, entries, strict=True)
+            for text, policy, sampling in entry[3]
+        ]
+        completion_ids = iter(_insert_ids(session, Completion, completion_rows))
+        tasks: list[dict[str, Any]] = []
+        members: list[list[int]] = []
+        for pid, (_, _, _, comps, gold_choice) in zip(prompt_ids, entries, strict=True):
+            ids = [next(completion_ids) for _ in comps]
+            base = {"project_id": project.id, "prompt_id": pid, "n_assigned": 0}
+            if gold_choice is not None:
+                tasks.append({**base, "kind": "pairwise", "is_gold": True, "gold_choice": gold_choice})
+                members.append(ids)
+                continue
+            for group in _task_groups(task_kind, [c[0] for c in comps]):
+                tasks.append({**base, "kind": task_kind, "is_gold": False, "gold_choice": None})
+                members.append([ids[i] for i in group])
+        for t, m in zip(tasks, members, strict=True):
+            t["n_completions"] = len(m)
+        task_ids = _insert_ids(session, Task, tasks)
+        links = [
+            {"task_id": tid, "position": pos, "completion_id": cid}
+            for tid, m in zip(task_ids, members, strict=True)
+            for pos, cid in enumerate(m)
+        ]
+        if links:
+            session.execute(insert(TaskCompletion), links)
+        n_gold = sum(1 for t in tasks if t["is_gold"])
+        counts.update(
+            prompts=len(prompt_ids),
+            completions=len(completion_rows),
+            tasks=len(task_ids) - n_gold,
+            gold_tasks=n_gold,
+        )
+    log.info("imported into %s: %s", project_name, counts)
+    return ImportOut(project=project_name, **counts)
+
+
+def _task_groups(kind: str, texts: list[str]) -> list[tuple[int, ...]]:
+    if kind == "pairwise":
+        return [(i, j) for i, j in pair_indices(len(texts)) if texts[i] != texts[j]]
+    if kind == "ranking":
+        return [tuple(range(len(texts)))]
+    if kind == "rating":
+        return [(i,) for i in range(len(texts))]
+    raise InvalidInput(f"task kind must be pairwise, ranking or rating, got {kind!r}")
+
+
+def _insert_ids(session: Session, model: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """Bulk INSERT ... RETURNING id, ids in the order of `rows` (batched by SQLAlchemy's insertmanyvalues)."""
+    if not rows:
+        return []
+    stmt = insert(model).returning(model.id, sort_by_parameter_order=True)
+    return list(session.scalars(stmt, rows))

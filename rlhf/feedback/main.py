@@ -1,0 +1,58 @@
+"""The labeling app: `create_app(settings)`, or `app` configured from RLHF_LABEL_* variables.
+
+uvicorn rlhf.feedback.main:app        # or: rlhf label serve --db URL
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from rlhf import __version__
+from rlhf.feedback.db import Database, upgrade
+from rlhf.feedback.middleware import BodySizeLimit, add_error_handlers
+from rlhf.feedback.routers import health, pages_admin, pages_auth, pages_label, projects, tasks, users, votes
+from rlhf.feedback.security import RateLimiter
+from rlhf.feedback.settings import Settings
+from rlhf.feedback.users import app_secret
+from rlhf.feedback.web import STATIC_DIR
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    db = Database(settings.db, settings.sqlite_synchronous)
+    if settings.migrate_on_start:
+        upgrade(db)
+    with db.session() as session:
+        app.state.secret = settings.secret or app_secret(session)
+    app.state.db = db
+    app.state.limiter = RateLimiter(settings.votes_per_minute)
+    yield
+    db.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="rlhf-loop labeling",
+        version=__version__,
+        description="Human feedback for RLHF: comparison tasks, votes, statistics and exports.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or Settings.from_env()
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=app.state.settings.max_body_bytes,
+        import_bytes=app.state.settings.max_import_bytes,
+    )
+    add_error_handlers(app)
+    for router in (health, users, projects, tasks, votes, pages_auth, pages_label, pages_admin):
+        app.include_router(router.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+app = create_app()

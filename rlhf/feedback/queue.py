@@ -1,0 +1,142 @@
+"""The labeler's queue: which task comes next, skipping, progress, and how a task is shown.
+
+A labeler first gets back any task they opened and have not answered. Otherwise they claim a new one:
+a task they have never been assigned (so never one they voted on or skipped) that has fewer than
+`overlap` live assignments, fullest first so tasks reach their overlap early. With probability
+`gold_rate` a gold task is tried first; gold tasks go to every labeler, outside the overlap count.
+A claim is a conditional UPDATE (n_assigned < overlap), so two labelers racing cannot exceed the overlap.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.orm import Session
+
+from rlhf.feedback.db import db_of
+from rlhf.feedback.errors import NotFound
+from rlhf.feedback.models import Assignment, Completion, Project, Prompt, Task, TaskCompletion, User
+from rlhf.feedback.schemas import CompletionOut, ProgressOut, TaskAdminOut, TaskOut
+
+CANDIDATES_PER_TRY = 8
+
+
+def claim(session: Session, task: Task, project: Project) -> bool:
+    """Take one slot of `task` for a new assignment; False when it already has `overlap` labelers."""
+    stmt = update(Task).where(Task.id == task.id).values(n_assigned=Task.n_assigned + 1)
+    if not task.is_gold:
+        stmt = stmt.where(Task.n_assigned < project.overlap)
+    return session.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1  # type: ignore[attr-defined]
+
+
+def next_task(
+    session: Session, user: User, project: Project, rng: random.Random | None = None
+) -> Task | None:
+    """The task `user` should label next in `project` (assigning it to them), or None when nothing is left."""
+    rng = rng or random.Random()
+    open_task = session.scalar(
+        select(Task)
+        .join(Assignment, Assignment.task_id == Task.id)
+        .where(
+            Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "open"
+        )
+        .order_by(Assignment.id)
+        .limit(1)
+    )
+    if open_task is not None:
+        return open_task
+    order = [True, False] if project.gold_rate > 0 and rng.random() < project.gold_rate else [False]
+    with db_of(session).write(session):
+        for gold in order:
+            for task in _candidates(session, user, project, gold):
+                if claim(session, task, project):
+                    session.add(Assignment(task_id=task.id, user_id=user.id, project_id=project.id))
+                    return task
+    return None
+
+
+def _candidates(session: Session, user: User, project: Project, gold: bool) -> list[Task]:
+    mine = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id)
+    stmt = select(Task).where(Task.project_id == project.id, Task.is_gold.is_(gold), ~mine)
+    if gold:
+        stmt = stmt.order_by(Task.id)
+    else:
+        stmt = stmt.where(Task.n_assigned < project.overlap).order_by(Task.n_assigned.desc(), Task.id)
+    return list(session.scalars(stmt.limit(CANDIDATES_PER_TRY)))
+
+
+def skip(session: Session, user: User, task_id: int) -> None:
+    """Give up an open assignment: the slot goes back to others and the task never comes back to `user`."""
+    with db_of(session).write(session):
+        assignment = session.scalar(
+            select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user.id)
+        )
+        if assignment is None or assignment.status != "open":
+            raise NotFound(f"task {task_id} is not open for you")
+        assignment.status = "skipped"
+        session.execute(update(Task).where(Task.id == task_id).values(n_assigned=Task.n_assigned - 1))
+
+
+def progress(session: Session, user: User, project: Project) -> ProgressOut:
+    """done = tasks `user` answered; total = done + open + new non-gold tasks still available to them."""
+    by_status = dict(
+        session.execute(
+            select(Assignment.status, func.count())
+            .where(Assignment.user_id == user.id, Assignment.project_id == project.id)
+            .group_by(Assignment.status)
+        ).all()
+    )
+    mine = exists().where(and_(Assignment.task_id == Task.id, Assignment.user_id == user.id))
+    available = session.scalar(
+        select(func.count())
+        .select_from(Task)
+        .where(
+            Task.project_id == project.id, Task.is_gold.is_(False), Task.n_assigned < project.overlap, ~mine
+        )
+    )
+    done = int(by_status.get("done", 0))
+    return ProgressOut(done=done, total=done + int(by_status.get("open", 0)) + int(available or 0))
+
+
+def task_completions(session: Session, task_id: int) -> list[tuple[int, Completion]]:
+    rows = session.execute(
+        select(TaskCompletion.position, Completion)
+        .join(Completion, Completion.id == TaskCompletion.completion_id)
+        .where(TaskCompletion.task_id == task_id)
+        .order_by(TaskCompletion.position)
+    ).all()
+    return [(int(pos), comp) for pos, comp in rows]
+
+
+def task_view(
+    session: Session, task: Task, project_name: str, admin: bool = False, rng: random.Random | None = None
+) -> TaskOut:
+    """The task as shown: prompt, completions by position, and a fresh random display order.
+
+    Labelers never see policy versions or gold fields; admins get them in TaskAdminOut.
+    """
+    rng = rng or random.Random()
+    prompt = session.get(Prompt, task.prompt_id)
+    assert prompt is not None
+    comps = task_completions(session, task.id)
+    order = [pos for pos, _ in comps]
+    rng.shuffle(order)
+    fields: dict[str, Any] = {
+        "id": task.id,
+        "project": project_name,
+        "kind": task.kind,
+        "prompt": prompt.text,
+        "completions": [CompletionOut(position=pos, text=c.text) for pos, c in comps],
+        "display_order": order,
+    }
+    if admin:
+        return TaskAdminOut(
+            **fields,
+            is_gold=task.is_gold,
+            gold_choice=task.gold_choice,
+            policies=[c.policy for _, c in comps],
+            n_assigned=task.n_assigned,
+        )
+    return TaskOut(**fields)

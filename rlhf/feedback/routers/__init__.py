@@ -1,0 +1,1 @@
+"""One router per resource: JSON API (users, projects, tasks, votes), pages, health."""

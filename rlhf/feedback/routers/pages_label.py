@@ -1,0 +1,150 @@
+"""The labeler's pages: projects, the task in front of them, vote, skip, undo."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+
+from rlhf.feedback import projects, queue
+from rlhf.feedback import votes as store
+from rlhf.feedback.deps import CsrfChecked, LimiterDep, PageUser, SessionDep, SettingsDep
+from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
+from rlhf.feedback.metrics import VOTES
+from rlhf.feedback.models import Vote
+from rlhf.feedback.schemas import MAX_INT32, PROJECT_PATTERN, VoteIn
+from rlhf.feedback.web import render
+
+router = APIRouter(prefix="/label", include_in_schema=False)
+ProjectName = Annotated[str, Path(pattern=PROJECT_PATTERN)]
+RATING_SCALE = range(1, 8)  # the web form's rating scale: 1 (worst) .. 7 (best)
+# Messages are passed as codes, so a crafted link cannot put its own text on the page.
+MESSAGES = {
+    "undone": "Vote undone: answer this task again.",
+    "conflict": "That vote was not recorded: you already answered this task, or it has all its labelers.",
+    "undo_failed": "Too late to undo that vote.",
+}
+
+
+@router.get("")
+def index(request: Request, user: PageUser, session: SessionDep) -> Response:
+    rows = [(p.name, queue.progress(session, user, p)) for p in projects.list_projects(session)]
+    return render(request, "label_index.html", {"user": user, "projects": rows})
+
+
+@router.get("/{project}")
+def task_page(
+    request: Request,
+    project: ProjectName,
+    user: PageUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    voted: Annotated[int | None, Query(ge=1, le=MAX_INT32)] = None,
+) -> Response:
+    proj = projects.get_project(session, project)
+    undo_vote = None
+    if voted is not None:
+        vote = session.get(Vote, voted)
+        window = timedelta(seconds=settings.undo_window_s)
+        if vote and vote.user_id == user.id and vote.retracted_at is None:
+            if datetime.now(timezone.utc) - vote.created_at <= window:
+                undo_vote = vote.id
+    task = queue.next_task(session, user, proj)
+    ctx: dict[str, Any] = {
+        "user": user,
+        "project": proj.name,
+        "progress": queue.progress(session, user, proj),
+        "undo_vote": undo_vote,
+        "undo_window_s": int(settings.undo_window_s),
+        "message": MESSAGES.get(request.query_params.get("msg", "")),
+    }
+    if task is None:
+        return render(request, "done.html", ctx)
+    view = queue.task_view(session, task, proj.name)
+    texts = {c.position: c.text for c in view.completions}
+    ctx.update(
+        task=view,
+        slots=[(i + 1, pos, texts[pos]) for i, pos in enumerate(view.display_order)],
+        display_order=",".join(str(p) for p in view.display_order),
+        idempotency_key=f"web-{uuid.uuid4().hex}",
+        rating_scale=list(RATING_SCALE),
+    )
+    return render(request, "task.html", ctx)
+
+
+def _vote_from_form(form: FormData) -> VoteIn:
+    def value(name: str) -> str | None:
+        v = form.get(name)
+        return v if isinstance(v, str) and v != "" else None
+
+    order = value("display_order")
+    ranks = sorted((k, v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str))
+    fields: dict[str, Any] = {
+        "task_id": value("task_id"),
+        "choice": value("choice"),
+        "rating": value("rating"),
+        "note": value("note"),
+        "display_order": [int(p) for p in order.split(",")] if order else None,
+        "time_to_vote_ms": value("time_ms"),
+        "idempotency_key": value("idempotency_key"),
+    }
+    if ranks:
+        fields["ranking"] = [int(v) for _, v in sorted(ranks, key=lambda kv: int(kv[0][5:]))]
+    try:
+        return VoteIn.model_validate({k: v for k, v in fields.items() if v is not None})
+    except (ValidationError, ValueError):
+        raise InvalidInput("the vote form is incomplete or malformed") from None
+
+
+@router.post("/{project}/vote", dependencies=[CsrfChecked])
+async def vote(request: Request, project: ProjectName, user: PageUser, limiter: LimiterDep) -> Response:
+    data = _vote_from_form(await request.form())
+    db = request.app.state.db
+
+    def save() -> int:
+        with db.session() as session:
+            recorded = store.record_vote(session, user, data, source="web", limiter=limiter)
+            if recorded.created:
+                VOTES.labels("web").inc()
+            return recorded.vote.id
+
+    try:
+        vote_id = await run_in_threadpool(save)
+    except Conflict:
+        return RedirectResponse(f"/label/{project}?msg=conflict", status_code=303)
+    return RedirectResponse(f"/label/{project}?voted={vote_id}", status_code=303)
+
+
+@router.post("/{project}/skip", dependencies=[CsrfChecked])
+def skip(
+    project: ProjectName,
+    user: PageUser,
+    session: SessionDep,
+    task_id: Annotated[int, Form(ge=1, le=MAX_INT32)],
+) -> Response:
+    try:
+        queue.skip(session, user, task_id)
+    except NotFound:
+        pass  # already answered or skipped (a double click): nothing to do
+    return RedirectResponse(f"/label/{project}", status_code=303)
+
+
+@router.post("/{project}/undo", dependencies=[CsrfChecked])
+def undo(
+    project: ProjectName,
+    user: PageUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    vote_id: Annotated[int, Form(ge=1, le=MAX_INT32)],
+) -> Response:
+    try:
+        store.undo(session, user, settings.undo_window_s, vote_id)
+    except (Conflict, NotFound):
+        return RedirectResponse(f"/label/{project}?msg=undo_failed", status_code=303)
+    return RedirectResponse(f"/label/{project}?msg=undone", status_code=303)

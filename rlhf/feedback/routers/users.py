@@ -1,0 +1,42 @@
+"""Users and API tokens (admins), and /api/me."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from rlhf.feedback import users
+from rlhf.feedback.deps import AdminUser, CurrentUser, SessionDep
+from rlhf.feedback.schemas import NAME_PATTERN, TokenIn, TokenOut, UserIn, UserOut, UserUpdate
+
+router = APIRouter(prefix="/api", tags=["users"])
+UserName = Annotated[str, Path(pattern=NAME_PATTERN)]
+
+
+@router.get("/me")
+def me(user: CurrentUser) -> UserOut:
+    return UserOut.model_validate(user)
+
+
+@router.get("/users")
+def list_users(_: AdminUser, session: SessionDep) -> list[UserOut]:
+    return [UserOut.model_validate(u) for u in users.list_users(session)]
+
+
+@router.post("/users", status_code=201)
+def create_user(body: UserIn, _: AdminUser, session: SessionDep) -> UserOut:
+    return UserOut.model_validate(users.create_user(session, body.name, body.role, body.password))
+
+
+@router.patch("/users/{name}")
+def update_user(name: UserName, body: UserUpdate, _: AdminUser, session: SessionDep) -> UserOut:
+    """Disable or enable a user, change their role or password."""
+    user = users.update_user(session, name, disabled=body.disabled, role=body.role, password=body.password)
+    return UserOut.model_validate(user)
+
+
+@router.post("/users/{name}/tokens", status_code=201)
+def create_token(name: UserName, body: TokenIn, _: AdminUser, session: SessionDep) -> TokenOut:
+    """A new API token for `name`; the response is the only time it is shown."""
+    return TokenOut(user=name, token=users.create_token(session, name, body.name))

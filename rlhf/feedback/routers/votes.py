@@ -1,0 +1,77 @@
+"""Votes over the API: record (idempotent), list your own, undo."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response
+from sqlalchemy import select
+
+from rlhf.feedback import projects
+from rlhf.feedback import votes as store
+from rlhf.feedback.deps import CurrentUser, LimiterDep, SessionDep, SettingsDep
+from rlhf.feedback.metrics import VOTE_REPLAYS, VOTE_SECONDS, VOTES
+from rlhf.feedback.models import User
+from rlhf.feedback.schemas import MAX_INT32, NAME_PATTERN, PROJECT_PATTERN, VoteIn, VoteOut
+from rlhf.feedback.users import get_user
+
+router = APIRouter(prefix="/api/votes", tags=["votes"])
+VoteId = Annotated[int, Path(ge=1, le=MAX_INT32)]
+
+
+@router.post(
+    "", status_code=201, responses={200: {"model": VoteOut, "description": "a replay: the original vote"}}
+)
+def create_vote(
+    body: VoteIn, user: CurrentUser, session: SessionDep, limiter: LimiterDep, response: Response
+) -> VoteOut:
+    """Record a vote in one transaction. 201 with the new vote; 200 with the original one when the
+    idempotency key was seen before (a retry). 409 if you already voted on the task, 429 over the rate limit."""
+    start = time.perf_counter()
+    recorded = store.record_vote(session, user, body, source=body.source, limiter=limiter)
+    if recorded.created:
+        VOTES.labels(body.source).inc()
+        VOTE_SECONDS.observe(time.perf_counter() - start)
+    else:
+        VOTE_REPLAYS.inc()
+        response.status_code = 200
+    return store.vote_out(recorded.vote, user.name)
+
+
+@router.get("")
+def list_votes(
+    user: CurrentUser,
+    session: SessionDep,
+    project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
+    labeler: Annotated[str | None, Query(pattern=NAME_PATTERN, description="admins only")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
+) -> list[VoteOut]:
+    """Votes, newest first. Labelers get only their own."""
+    proj = projects.get_project(session, project) if project else None
+    who = get_user(session, labeler) if labeler and user.role == "admin" else None
+    found = store.list_votes(session, user, proj, who, limit, offset)
+    names = dict(
+        session.execute(select(User.id, User.name).where(User.id.in_({v.user_id for v in found}))).all()
+    )
+    return [store.vote_out(v, names[v.user_id]) for v in found]
+
+
+@router.get("/{vote_id}")
+def get_vote(vote_id: VoteId, user: CurrentUser, session: SessionDep) -> VoteOut:
+    vote = store.get_vote(session, user, vote_id)
+    owner = session.get(User, vote.user_id)
+    return store.vote_out(vote, owner.name if owner else "")
+
+
+@router.post("/undo")
+def undo_last(user: CurrentUser, session: SessionDep, settings: SettingsDep) -> VoteOut:
+    """Retract your latest vote if it is within the undo window; the task reopens for you."""
+    return store.vote_out(store.undo(session, user, settings.undo_window_s), user.name)
+
+
+@router.post("/{vote_id}/undo")
+def undo(vote_id: VoteId, user: CurrentUser, session: SessionDep, settings: SettingsDep) -> VoteOut:
+    """Retract one of your votes if it is within the undo window."""
+    return store.vote_out(store.undo(session, user, settings.undo_window_s, vote_id), user.name)

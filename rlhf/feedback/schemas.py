@@ -1,0 +1,259 @@
+"""Input and output schemas of the JSON API (pydantic), kept apart from the table models.
+
+Every string is bounded and checked for NUL bytes and lone surrogates (PostgreSQL stores neither),
+so bad input is a 422, never a 500.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_NOTE_CHARS = 2000
+MAX_TEXT_CHARS = 100_000
+MAX_COMPLETIONS = 16
+MAX_INT32 = 2**31 - 1
+
+TaskKind = Literal["pairwise", "ranking", "rating"]
+Choice = Literal["A", "B", "tie", "both_bad"]
+Role = Literal["admin", "labeler"]
+ExportFormat = Literal["votes", "pairs", "ranking", "rating"]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"
+
+
+def _clean(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+# Bounded strings that PostgreSQL and SQLite can both store.
+LongText = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_clean)]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_clean)]
+NoteText = Annotated[str, Field(max_length=MAX_NOTE_CHARS), AfterValidator(_clean)]
+Label = Annotated[str, Field(max_length=128), AfterValidator(_clean)]
+ExternalId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_clean)]
+Password = Annotated[str, Field(min_length=8, max_length=256), AfterValidator(_clean)]
+
+
+UserName = Annotated[str, Field(pattern=NAME_PATTERN)]
+ProjectName = Annotated[str, Field(pattern=PROJECT_PATTERN)]
+Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e9, le=1e9)]
+Meta = Annotated[dict[str, Any], Field(max_length=64)]
+
+
+# ---- import -------------------------------------------------------------------------------------------
+
+
+class SamplingIn(BaseModel):
+    """Sampling parameters of a completion; extra keys are kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+    temperature: Finite | None = None
+    top_p: Finite | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_INT32)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+
+
+class CompletionIn(BaseModel):
+    text: LongText
+    policy: Label = ""
+    sampling: SamplingIn = Field(default_factory=SamplingIn)
+
+
+class CandidateRow(BaseModel):
+    """One line of the candidate-generation file: a prompt and its K sampled completions."""
+
+    prompt: PromptText
+    prompt_id: ExternalId | None = None
+    completions: Annotated[list[CompletionIn], Field(min_length=1, max_length=MAX_COMPLETIONS)]
+    meta: Meta = Field(default_factory=dict)
+
+
+class GoldRow(BaseModel):
+    """A vote-format row whose `choice` is the known correct answer."""
+
+    prompt: PromptText
+    completion_a: LongText
+    completion_b: LongText
+    choice: Literal["A", "B"]
+    prompt_id: ExternalId | None = None
+    meta: Meta = Field(default_factory=dict)
+
+
+class ImportIn(BaseModel):
+    task_kind: TaskKind = "pairwise"
+    candidates: Annotated[list[CandidateRow], Field(max_length=200_000)]
+    gold: Annotated[list[GoldRow], Field(max_length=100_000)] = []
+    overlap: Annotated[int, Field(ge=1, le=100)] | None = None
+    gold_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class ImportOut(BaseModel):
+    project: str
+    prompts: int
+    completions: int
+    tasks: int
+    gold_tasks: int
+    skipped: int = Field(description="rows whose prompt_id the project already holds")
+
+
+# ---- projects and users -------------------------------------------------------------------------------
+
+
+class ProjectIn(BaseModel):
+    name: ProjectName
+    overlap: Annotated[int, Field(ge=1, le=100)] = 1
+    gold_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class ProjectUpdate(BaseModel):
+    overlap: Annotated[int, Field(ge=1, le=100)] | None = None
+    gold_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class ProjectOut(BaseModel):
+    name: str
+    overlap: int
+    gold_rate: float
+    n_tasks: int
+    n_gold_tasks: int
+    n_votes: int
+    created_at: datetime
+
+
+class UserIn(BaseModel):
+    name: UserName
+    role: Role = "labeler"
+    password: Password | None = None
+
+
+class UserUpdate(BaseModel):
+    disabled: bool | None = None
+    role: Role | None = None
+    password: Password | None = None
+
+
+class UserOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    name: str
+    role: str
+    disabled: bool
+    created_at: datetime
+
+
+class TokenIn(BaseModel):
+    name: Label = ""
+
+
+class TokenOut(BaseModel):
+    user: str
+    token: str = Field(description="bearer token; shown once, only its hash is stored")
+
+
+# ---- tasks and votes ----------------------------------------------------------------------------------
+
+
+class CompletionOut(BaseModel):
+    position: int = Field(description="canonical position: 0 is answer A, 1 is B, ...")
+    text: str
+
+
+class TaskOut(BaseModel):
+    """A task as a labeler sees it: no policy versions, no gold fields."""
+
+    id: int
+    project: str
+    kind: TaskKind
+    prompt: str
+    completions: list[CompletionOut]
+    display_order: list[int] = Field(description="a random order to show the completions in (positions)")
+
+
+class TaskAdminOut(TaskOut):
+    is_gold: bool
+    gold_choice: str | None
+    policies: list[str]
+    n_assigned: int
+
+
+class ProgressOut(BaseModel):
+    done: int
+    total: int
+
+
+class NextTaskOut(BaseModel):
+    task: TaskOut | None = Field(description="null when nothing is left for you")
+    progress: ProgressOut | None
+
+
+class VoteIn(BaseModel):
+    task_id: Annotated[int, Field(ge=1, le=MAX_INT32)]
+    choice: Choice | None = Field(None, description="pairwise tasks: A, B, tie or both_bad")
+    ranking: (
+        Annotated[list[Annotated[int, Field(ge=1, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]
+        | None
+    ) = Field(None, description="ranking tasks: rank of each completion by position, 1 = best, equal = tie")
+    rating: Finite | None = Field(None, description="rating tasks: the score given")
+    margin: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
+    confidence: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    note: NoteText | None = None
+    display_order: (
+        Annotated[list[Annotated[int, Field(ge=0, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]
+        | None
+    ) = Field(None, description="positions in the order they were shown, left to right")
+    time_to_vote_ms: Annotated[int, Field(ge=0, le=86_400_000)] | None = None
+    idempotency_key: Annotated[str, Field(pattern=KEY_PATTERN)] = Field(
+        description="client-chosen; a retry with the same key returns the original vote"
+    )
+    source: Literal["api", "simulated", "production"] = "api"
+
+
+class VoteOut(BaseModel):
+    id: int
+    task_id: int
+    labeler: str
+    choice: str | None
+    ranking: list[int] | None
+    rating: float | None
+    margin: float | None
+    confidence: float | None
+    note: str | None
+    display_order: list[int] | None
+    time_to_vote_ms: int | None
+    source: str
+    idempotency_key: str
+    created_at: datetime
+    retracted: bool
+
+
+# ---- statistics ---------------------------------------------------------------------------------------
+
+
+class LabelerStats(BaseModel):
+    labeler: str
+    disabled: bool
+    votes: int
+    agreement: float | None = Field(description="share of pairwise choices equal to another labeler's")
+    agreement_pairs: int
+    gold_accuracy: float | None
+    gold_votes: int
+    median_time_ms: float | None
+
+
+class StatsOut(BaseModel):
+    project: str
+    tasks: int
+    votes: int
+    alpha: float | None = Field(description="Krippendorff's alpha (nominal) over pairwise choices")
+    labelers: list[LabelerStats]

@@ -1,0 +1,59 @@
+"""Settings of the labeling app, read from the environment (RLHF_LABEL_<FIELD>), overridable in code."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from rlhf.errors import ConfigError
+
+ENV_PREFIX = "RLHF_LABEL_"
+
+
+class Settings(BaseModel):
+    """Every field can be set by an environment variable named RLHF_LABEL_<FIELD> (upper case)."""
+
+    model_config = {"frozen": True}
+
+    db: str = Field("sqlite:///feedback.db", description="Database URL: sqlite:///FILE or postgresql://...")
+    secret: str | None = Field(
+        None,
+        description="Key that signs session cookies and CSRF tokens; generated and kept in the db if unset",
+    )
+    undo_window_s: float = Field(
+        60.0, ge=0, description="Seconds during which a labeler may undo their last vote"
+    )
+    votes_per_minute: int = Field(
+        120, ge=0, description="Per-labeler limit on new votes per minute (429 beyond it); 0 turns it off"
+    )
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request body accepted (413 beyond it)"
+    )
+    max_import_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest candidate import (API body or file) accepted"
+    )
+    session_max_age_s: int = Field(12 * 3600, ge=60, description="Lifetime of a browser login session")
+    cookie_secure: bool = Field(False, description="Mark cookies Secure (set when served over HTTPS)")
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL",
+        description="SQLite synchronous mode in WAL: NORMAL survives a killed process, FULL also a power cut",
+    )
+    migrate_on_start: bool = Field(True, description="Run the Alembic migrations when the server starts")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from RLHF_LABEL_* variables; keyword overrides that are not None win."""
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            env = os.environ.get(ENV_PREFIX + name.upper())
+            if env is not None:
+                values[name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"label setting {field} ({ENV_PREFIX}{field.upper()}): {err['msg']}") from None

@@ -1,0 +1,179 @@
+"""Recording votes: one transaction per vote, idempotent by a client-supplied key; undo; listing.
+
+A vote is acknowledged only after its transaction commits. A retry with the same idempotency key returns
+the original vote (the replay check runs inside the write transaction; if two requests race past it, the
+UNIQUE index on the key makes one fail with IntegrityError, and that one answers with the winner's row).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from rlhf.feedback.db import db_of
+from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
+from rlhf.feedback.models import Assignment, Project, Task, User, Vote
+from rlhf.feedback.queue import claim
+from rlhf.feedback.schemas import VoteIn, VoteOut
+from rlhf.feedback.security import RateLimiter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recorded:
+    vote: Vote
+    created: bool  # False when this was a replay of an earlier request with the same key
+
+
+def record_vote(
+    session: Session, user: User, data: VoteIn, source: str, limiter: RateLimiter | None = None
+) -> Recorded:
+    db = db_of(session)
+    key = data.idempotency_key
+    if limiter is not None:
+        limiter.check(user.id)
+    try:
+        with db.write(session):
+            earlier = session.scalar(select(Vote).where(Vote.idempotency_key == key))
+            if earlier is not None:
+                return _replay(earlier, user)
+            row = session.execute(
+                select(Task, Project, Assignment)
+                .join(Project, Project.id == Task.project_id)
+                .outerjoin(Assignment, (Assignment.task_id == Task.id) & (Assignment.user_id == user.id))
+                .where(Task.id == data.task_id)
+            ).first()
+            if row is None:
+                raise NotFound(f"no task {data.task_id}")
+            task, project, assignment = row
+            _check_answer(task, data)
+            if assignment is None or assignment.status == "skipped":
+                # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
+                if not claim(session, task, project):
+                    raise Conflict(f"task {task.id} already has its {project.overlap} labelers")
+                if assignment is None:
+                    assignment = Assignment(task_id=task.id, user_id=user.id, project_id=project.id)
+                    session.add(assignment)
+            elif assignment.status == "done":
+                raise Conflict(f"you already voted on task {task.id}; undo that vote first")
+            assignment.status = "done"
+            vote = Vote(
+                task_id=task.id,
+                user_id=user.id,
+                choice=data.choice,
+                ranking=data.ranking,
+                rating=data.rating,
+                margin=data.margin,
+                confidence=data.confidence,
+                note=data.note or None,
+                display_order=data.display_order,
+                time_to_vote_ms=data.time_to_vote_ms,
+                idempotency_key=key,
+                source=source,
+            )
+            session.add(vote)
+    except (IntegrityError, Conflict) as e:
+        # Another request may have committed first: a retry racing its original (same key), or
+        # another vote on this task. Whatever this attempt tripped over, the winner's row answers it.
+        earlier = session.scalar(select(Vote).where(Vote.idempotency_key == key))
+        if earlier is not None:
+            return _replay(earlier, user)
+        if isinstance(e, Conflict):
+            raise
+        raise Conflict(f"you already voted on task {data.task_id}") from None
+    if limiter is not None:
+        limiter.record(user.id)
+    return Recorded(vote, created=True)
+
+
+def _replay(earlier: Vote, user: User) -> Recorded:
+    if earlier.user_id != user.id:
+        raise Conflict("this idempotency key was used by another labeler")
+    return Recorded(earlier, created=False)
+
+
+def _check_answer(task: Task, data: VoteIn) -> None:
+    """The answer fields must fit the task kind: choice for pairwise, ranking for ranking, rating for rating."""
+    k = task.n_completions
+    given = {name for name in ("choice", "ranking", "rating") if getattr(data, name) is not None}
+    wanted = {"pairwise": "choice", "ranking": "ranking", "rating": "rating"}[task.kind]
+    if given != {wanted}:
+        raise InvalidInput(f"a {task.kind} task takes `{wanted}` (and none of the other answer fields)")
+    if data.ranking is not None and (len(data.ranking) != k or max(data.ranking) > k):
+        raise InvalidInput(f"ranking must give each of the {k} completions a rank from 1 to {k}")
+    if data.display_order is not None and sorted(data.display_order) != list(range(k)):
+        raise InvalidInput(f"display_order must be a permutation of 0..{k - 1}")
+
+
+def undo(session: Session, user: User, window_s: float, vote_id: int | None = None) -> Vote:
+    """Retract `user`'s vote (`vote_id`, or their latest) if it is younger than `window_s` seconds.
+
+    The row is kept with `retracted_at` set; the task reopens for this labeler.
+    """
+    with db_of(session).write(session):
+        stmt = select(Vote).where(Vote.user_id == user.id, Vote.retracted_at.is_(None))
+        if vote_id is not None:
+            stmt = stmt.where(Vote.id == vote_id)
+        vote = session.scalar(stmt.order_by(Vote.created_at.desc(), Vote.id.desc()).limit(1))
+        if vote is None:
+            raise NotFound(
+                "no vote of yours to undo" if vote_id is None else f"no live vote {vote_id} of yours"
+            )
+        now = datetime.now(timezone.utc)
+        if now - vote.created_at > timedelta(seconds=window_s):
+            raise Conflict(f"votes can be undone only within {window_s:g} s")
+        vote.retracted_at = now
+        assignment = session.scalar(
+            select(Assignment).where(Assignment.task_id == vote.task_id, Assignment.user_id == user.id)
+        )
+        if assignment is not None:
+            assignment.status = "open"
+    return vote
+
+
+def get_vote(session: Session, user: User, vote_id: int) -> Vote:
+    """A vote by id; labelers see only their own (another's is reported as absent)."""
+    vote = session.get(Vote, vote_id)
+    if vote is None or (user.role != "admin" and vote.user_id != user.id):
+        raise NotFound(f"no vote {vote_id}")
+    return vote
+
+
+def list_votes(
+    session: Session, user: User, project: Project | None, labeler: User | None, limit: int, offset: int
+) -> list[Vote]:
+    """Votes, newest first. Labelers get only their own, whatever they ask for."""
+    stmt = select(Vote).order_by(Vote.id.desc())
+    if user.role != "admin":
+        stmt = stmt.where(Vote.user_id == user.id)
+    elif labeler is not None:
+        stmt = stmt.where(Vote.user_id == labeler.id)
+    if project is not None:
+        stmt = stmt.join(Task, Task.id == Vote.task_id).where(Task.project_id == project.id)
+    return list(session.scalars(stmt.limit(limit).offset(offset)))
+
+
+def vote_out(vote: Vote, labeler: str) -> VoteOut:
+    return VoteOut(
+        id=vote.id,
+        task_id=vote.task_id,
+        labeler=labeler,
+        choice=vote.choice,
+        ranking=vote.ranking,
+        rating=vote.rating,
+        margin=vote.margin,
+        confidence=vote.confidence,
+        note=vote.note,
+        display_order=vote.display_order,
+        time_to_vote_ms=vote.time_to_vote_ms,
+        source=vote.source,
+        idempotency_key=vote.idempotency_key,
+        created_at=vote.created_at,
+        retracted=vote.retracted_at is not None,
+    )
