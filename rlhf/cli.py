@@ -130,7 +130,9 @@ def serve(
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="model id clients ask for")] = None,
     max_n: Annotated[int | None, typer.Option(help="most choices per request")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (0 = default)")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (default 1; 0 = torch's default)")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="log level of the server")] = "info",
 ) -> None:
     """Serve a policy with an OpenAI-compatible API (chat, completions, streaming), batching and A/B feedback.
@@ -139,7 +141,7 @@ def serve(
     """
     import uvicorn
 
-    from rlhf.serve.main import create_app
+    from rlhf.serve.main import create_app, open_state
     from rlhf.serve.settings import Settings
 
     settings = Settings.from_env(
@@ -148,7 +150,8 @@ def serve(
         max_n=max_n, threads=threads,
     )  # fmt: skip
     _setup_logging(quiet=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    state = open_state(settings)  # load the models first: a bad path is one line on stderr, not a traceback
+    uvicorn.run(create_app(state=state), host=settings.host, port=settings.port, log_level=log_level)
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ def load_policy(
     path: str,
     name: str | None,
     dtype: str = "fp32",
+    device: str = "auto",
     max_batch_size: int = 32,
     batch_wait_s: float = 0.005,
     max_queue: int = 1024,
@@ -51,6 +52,9 @@ def load_policy(
 ) -> Policy:
     """Load the model at `path` (merging a LoRA adapter onto its base) and start its generation worker."""
     model, tokenizer = load_model(path, DTYPES[dtype])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.nn.Module.to(model, torch.device(device))  # (transformers types `.to` for its own dtype args)
     name = name or default_name(path)
     version = f"{name}@{checkpoint_digest(path)}"
     engine = Engine(model, tokenizer, name, max_batch_size, batch_wait_s, max_queue, seed)

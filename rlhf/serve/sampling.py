@@ -23,15 +23,19 @@ def sample_rows(
     """
     greedy = temperature <= 0  # (B,)
     scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
-    probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
-    rank = torch.arange(probs.size(-1), device=probs.device)[None, :]  # (1, V)
-    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    # a token is dropped when the mass before it already reaches top_p; rows with top_p = 1 keep everything
-    drop |= (top_p[:, None] < 1.0) & ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])
-    cdf = probs.masked_fill(drop, 0.0).cumsum(dim=-1)  # (B, V), unnormalised
+    if bool(((top_p < 1.0) | (top_k > 0)).any()):
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
+        rank = torch.arange(probs.size(-1), device=probs.device)[None, :]  # (1, V)
+        drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+        # a token is dropped when the mass before it already reaches top_p; rows with top_p = 1 keep all
+        drop |= (top_p[:, None] < 1.0) & ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])
+        probs = probs.masked_fill(drop, 0.0)
+    else:  # nothing to truncate: sample in vocabulary order, no sort
+        probs, order = torch.softmax(scaled, dim=-1), None
+    cdf = probs.cumsum(dim=-1)  # (B, V), unnormalised after truncation
     target = uniforms[:, None].to(cdf.dtype) * cdf[:, -1:]  # (B, 1)
     # the first index whose cumulative mass exceeds the target; dropped tokens add no mass, so never win
     index = torch.searchsorted(cdf, target, right=True).clamp(max=probs.size(-1) - 1)  # (B, 1)
-    index = torch.where(greedy[:, None], torch.zeros_like(index), index)
-    return order.gather(-1, index).squeeze(-1)  # (B,)
+    sampled = (index if order is None else order.gather(-1, index)).squeeze(-1)  # (B,)
+    return torch.where(greedy, scaled.argmax(dim=-1), sampled)

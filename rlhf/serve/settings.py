@@ -32,7 +32,15 @@ class Settings(BaseModel):
     )
     candidate_name: str | None = Field(None, description="Model id of the candidate (default: from its dir)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights and compute dtype")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    device: str = Field(
+        "auto", description="torch device: auto (cuda when there is one, else cpu), cpu, cuda:0..."
+    )
+    threads: int = Field(
+        1,
+        ge=0,
+        description="torch CPU threads (0 = torch's default): 1 suits small models, whose batches gain more "
+        "than their matmuls would from splitting; raise it for a big model on an otherwise idle CPU",
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most sequences decoded together in one step")
