@@ -135,7 +135,6 @@ def machine() -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -160,6 +159,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    host = machine()  # before the load: the load average says how busy the machine was without us
 
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +186,7 @@ def main() -> None:
     report = {
         "benchmark": "serve_load",
         "command": "python -m benchmarks.serve_load " + shlex.join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": host,
         "model": model
         if args.model or args.url
         else "demo-size tiny Llama (hidden 128, 4 layers, vocab 512), untrained",

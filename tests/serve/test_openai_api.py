@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -129,3 +130,24 @@ def test_metrics_count_requests_and_tokens(client: openai.OpenAI, server: dict[s
         assert name in text
     health = httpx.get(server["url"] + "/healthz").json()
     assert health["status"] == "ok" and set(health["models"]) == {"tiny", "tiny-candidate"}
+
+
+def test_a_client_that_goes_away_frees_its_row(server: dict[str, Any]) -> None:
+    def generated() -> float:
+        for line in httpx.get(server["url"] + "/metrics").text.splitlines():
+            if line.startswith('rlhf_serve_generated_tokens_total{model="tiny"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    body = {"model": "tiny", "prompt": "User: hi", "max_tokens": 120, "temperature": 0}
+    full = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60).json()["usage"]
+    assert full["completion_tokens"] > 40  # greedy: the stream below would make as many
+    before = generated()
+    with httpx.stream(
+        "POST", server["url"] + "/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 4:
+                break  # leave after a couple of tokens
+    time.sleep(1.0)
+    assert generated() - before < full["completion_tokens"] / 2
