@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhf.feedback.deps import LoginRequired
-from rlhf.feedback.errors import FeedbackError, RateLimited
+from rlhf.feedback.errors import FeedbackError, InvalidInput, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,11 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _feedback_error(request: Request, exc: FeedbackError) -> Response:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
         if request.url.path.startswith("/api") or request.method != "GET":
-            return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+            if isinstance(exc, InvalidInput):  # the shape of FastAPI's own 422 answers
+                detail: object = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
+            else:
+                detail = str(exc)
+            return JSONResponse({"detail": detail}, status_code=exc.status, headers=headers)
         return Response(str(exc), status_code=exc.status, headers=headers, media_type="text/plain")
 
     @app.exception_handler(LoginRequired)

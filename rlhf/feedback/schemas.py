@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_NOTE_CHARS = 2000
 MAX_TEXT_CHARS = 100_000
@@ -26,29 +26,69 @@ PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"
 
 
-def _clean(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL characters
+
+
+def _no_surrogates(value: str) -> str:
+    """Lone UTF-16 surrogates (valid JSON escapes, but not Unicode) become U+FFFD, as UTF-8 decoders do."""
     try:
         value.encode("utf-8")
+        return value
     except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
+
+
+def _clean_json(value: Any) -> Any:
+    """_no_surrogates applied to every string (keys too) of a JSON value."""
+    if isinstance(value, str):
+        return _no_surrogates(value)
+    if isinstance(value, list):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, dict):
+        return {_no_surrogates(k): _clean_json(v) for k, v in value.items()}
     return value
 
 
-# Bounded strings that PostgreSQL and SQLite can both store.
-LongText = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(_clean)]
-PromptText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_clean)]
-NoteText = Annotated[str, Field(max_length=MAX_NOTE_CHARS), AfterValidator(_clean)]
-Label = Annotated[str, Field(max_length=128), AfterValidator(_clean)]
-ExternalId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_clean)]
-Password = Annotated[str, Field(min_length=8, max_length=256), AfterValidator(_clean)]
+def _text(min_length: int = 0, max_length: int = MAX_TEXT_CHARS) -> Any:
+    return Field(min_length=min_length, max_length=max_length, pattern=NO_NUL)
 
+
+# Bounded strings that PostgreSQL and SQLite can both store.
+LongText = Annotated[str, _text(), AfterValidator(_no_surrogates)]
+PromptText = Annotated[str, _text(1), AfterValidator(_no_surrogates)]
+NoteText = Annotated[str, _text(0, MAX_NOTE_CHARS), AfterValidator(_no_surrogates)]
+Label = Annotated[str, _text(0, 128), AfterValidator(_no_surrogates)]
+ExternalId = Annotated[str, _text(1, 128), AfterValidator(_no_surrogates)]
+Password = Annotated[str, _text(8, 256), AfterValidator(_no_surrogates)]
 
 UserName = Annotated[str, Field(pattern=NAME_PATTERN)]
 ProjectName = Annotated[str, Field(pattern=PROJECT_PATTERN)]
 Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e9, le=1e9)]
-Meta = Annotated[dict[str, Any], Field(max_length=64)]
+Meta = Annotated[dict[str, Any], Field(max_length=64), AfterValidator(_clean_json)]
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+# Error answers every JSON API route may give; documented so clients (and schemathesis) know them.
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no credentials, or a wrong or revoked token"},
+    403: {
+        "model": ErrorOut,
+        "description": "disabled account, wrong role, or missing CSRF header (cookie auth)",
+    },
+    404: {"model": ErrorOut, "description": "no such object, or not yours to see"},
+    409: {
+        "model": ErrorOut,
+        "description": "conflicts with the stored state (already voted, exists, too late)",
+    },
+    413: {"model": ErrorOut, "description": "request body over the size limit"},
+    429: {"model": ErrorOut, "description": "over the per-labeler vote rate limit (see Retry-After)"},
+}
 
 
 # ---- import -------------------------------------------------------------------------------------------
@@ -62,7 +102,13 @@ class SamplingIn(BaseModel):
     top_p: Finite | None = None
     top_k: Annotated[int, Field(ge=-1, le=MAX_INT32)] | None = None
     max_new_tokens: Annotated[int, Field(ge=0, le=MAX_INT32)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _clean_extra(self) -> SamplingIn:
+        if self.__pydantic_extra__:
+            self.__pydantic_extra__ = _clean_json(self.__pydantic_extra__)
+        return self
 
 
 class CompletionIn(BaseModel):

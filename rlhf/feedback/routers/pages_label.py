@@ -89,7 +89,7 @@ def _vote_from_form(form: FormData) -> VoteIn:
         "task_id": value("task_id"),
         "choice": value("choice"),
         "rating": value("rating"),
-        "note": value("note"),
+        "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
         "display_order": [int(p) for p in order.split(",")] if order else None,
         "time_to_vote_ms": value("time_ms"),
         "idempotency_key": value("idempotency_key"),

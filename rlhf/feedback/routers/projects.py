@@ -13,6 +13,7 @@ from rlhf.feedback.deps import AdminUser, CurrentUser, SessionDep
 from rlhf.feedback.export import export_records
 from rlhf.feedback.importer import import_candidates
 from rlhf.feedback.schemas import (
+    API_ERRORS,
     PROJECT_PATTERN,
     ExportFormat,
     ImportIn,
@@ -24,7 +25,7 @@ from rlhf.feedback.schemas import (
 )
 from rlhf.feedback.stats import project_stats
 
-router = APIRouter(prefix="/api/projects", tags=["projects"])
+router = APIRouter(prefix="/api/projects", tags=["projects"], responses=API_ERRORS)
 ProjectName = Annotated[str, Path(pattern=PROJECT_PATTERN)]
 
 

@@ -11,9 +11,9 @@ from rlhf.feedback import projects, queue
 from rlhf.feedback.deps import CurrentUser, SessionDep
 from rlhf.feedback.errors import NotFound
 from rlhf.feedback.models import Assignment, Project, Task
-from rlhf.feedback.schemas import MAX_INT32, PROJECT_PATTERN, NextTaskOut, TaskAdminOut, TaskOut
+from rlhf.feedback.schemas import API_ERRORS, MAX_INT32, PROJECT_PATTERN, NextTaskOut, TaskAdminOut, TaskOut
 
-router = APIRouter(prefix="/api/tasks", tags=["tasks"])
+router = APIRouter(prefix="/api/tasks", tags=["tasks"], responses=API_ERRORS)
 TaskId = Annotated[int, Path(ge=1, le=MAX_INT32)]
 
 

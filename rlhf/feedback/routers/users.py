@@ -8,9 +8,9 @@ from fastapi import APIRouter, Path
 
 from rlhf.feedback import users
 from rlhf.feedback.deps import AdminUser, CurrentUser, SessionDep
-from rlhf.feedback.schemas import NAME_PATTERN, TokenIn, TokenOut, UserIn, UserOut, UserUpdate
+from rlhf.feedback.schemas import API_ERRORS, NAME_PATTERN, TokenIn, TokenOut, UserIn, UserOut, UserUpdate
 
-router = APIRouter(prefix="/api", tags=["users"])
+router = APIRouter(prefix="/api", tags=["users"], responses=API_ERRORS)
 UserName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 

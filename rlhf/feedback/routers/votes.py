@@ -13,10 +13,10 @@ from rlhf.feedback import votes as store
 from rlhf.feedback.deps import CurrentUser, LimiterDep, SessionDep, SettingsDep
 from rlhf.feedback.metrics import VOTE_REPLAYS, VOTE_SECONDS, VOTES
 from rlhf.feedback.models import User
-from rlhf.feedback.schemas import MAX_INT32, NAME_PATTERN, PROJECT_PATTERN, VoteIn, VoteOut
+from rlhf.feedback.schemas import API_ERRORS, MAX_INT32, NAME_PATTERN, PROJECT_PATTERN, VoteIn, VoteOut
 from rlhf.feedback.users import get_user
 
-router = APIRouter(prefix="/api/votes", tags=["votes"])
+router = APIRouter(prefix="/api/votes", tags=["votes"], responses=API_ERRORS)
 VoteId = Annotated[int, Path(ge=1, le=MAX_INT32)]
 
 

@@ -1,0 +1,83 @@
+"""Browser tests: Playwright (sync API) driving Debian's Chromium against a live labeling server.
+
+Screenshots go to tests/artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from rlhf.feedback.client import FeedbackClient
+from rlhf.feedback.testing import make_user, run_server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+SCRIPT = "<script>window.__pwned = 1</script>"
+PASSWORD = "browser-password"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A live server on SQLite with projects `demo` (8 plain pairwise tasks) and `xss` (a script answer)."""
+    db_url = f"sqlite:///{tmp_path_factory.mktemp('browser')}/feedback.db"
+    admin_token = make_user(db_url, "boss", role="admin", password=PASSWORD)
+    for name in ("lia", "max", "noa"):
+        make_user(db_url, name, password=PASSWORD)
+    with run_server(db_url, votes_per_minute=0) as url:
+        admin = FeedbackClient(url, admin_token)
+        rows = [
+            {
+                "prompt": f"What is {i} + {i}?",
+                "prompt_id": f"q{i}",
+                "completions": [
+                    {"text": f"It is {2 * i}.", "policy": "policy-v1"},
+                    {"text": f"Maybe {2 * i + 1}, you fool.", "policy": "policy-v2"},
+                ],
+            }
+            for i in range(8)
+        ]
+        admin.import_candidates("demo", rows, overlap=3)
+        xss = [
+            {"prompt": "Say hi", "completions": [{"text": SCRIPT}, {"text": "Hello <b>there</b> & welcome"}]}
+        ]
+        admin.import_candidates("xss", xss, overlap=3)
+        yield {"url": url, "admin": admin}
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    pg = context.new_page()
+    pg.set_default_timeout(10_000)
+    yield pg
+    context.close()
+
+
+def log_in(page: Page, base_url: str, name: str) -> None:
+    page.goto(f"{base_url}/login")
+    page.fill("#name", name)
+    page.fill("#password", PASSWORD)
+    with page.expect_navigation():
+        page.click("#login")

@@ -1,0 +1,142 @@
+"""A labeler votes with the mouse and the keyboard; answers come in random order; model output stays text;
+an admin sees the statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import ARTIFACTS, SCRIPT, log_in
+from playwright.sync_api import Page
+
+pytestmark = pytest.mark.browser
+
+
+def shown_positions(page: Page) -> list[int]:
+    """Canonical positions of the answers in display order (slot 1 first)."""
+    return [int(p) for p in page.eval_on_selector_all(".answer", "els => els.map(e => e.dataset.position)")]
+
+
+def last_vote(server: dict[str, Any], labeler: str) -> dict[str, Any]:
+    votes = server["admin"]._request("GET", "/api/votes", params={"labeler": labeler, "limit": 1}).json()
+    return votes[0]
+
+
+def test_vote_with_mouse_and_keyboard(page: Page, server: dict[str, Any]) -> None:
+    url = server["url"]
+    log_in(page, url, "lia")
+    page.goto(f"{url}/label/demo")
+    assert page.inner_text("#progress") == "Done 0 / 8"
+
+    # 1. mouse: click the answer in slot 2, then the Submit button
+    slots = shown_positions(page)
+    page.click("#completion-2")
+    assert page.is_checked("#slot-2")
+    page.screenshot(path=ARTIFACTS / "label_task_mouse.png", full_page=True)
+    with page.expect_navigation():
+        page.click("#submit")
+    vote = last_vote(server, "lia")
+    assert vote["choice"] == ("A" if slots[1] == 0 else "B")
+    assert vote["display_order"] == slots and vote["source"] == "web"
+    assert vote["time_to_vote_ms"] is not None and vote["time_to_vote_ms"] >= 0
+    assert page.inner_text("#progress") == "Done 1 / 8"
+
+    # 2. keyboard: 1 picks slot 1, Enter submits; T tie; B both bad
+    for key, expected in (("1", None), ("t", "tie"), ("b", "both_bad")):
+        slots = shown_positions(page)
+        page.keyboard.press(key.upper() if key.isalpha() else key)
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        vote = last_vote(server, "lia")
+        assert vote["choice"] == (expected or ("A" if slots[0] == 0 else "B"))
+        assert vote["display_order"] == slots
+
+    # 3. a note, typed with Enter inside it (a new line, not a submit), then Ctrl+Enter submits
+    page.keyboard.press("2")
+    page.fill("#note", "first line")
+    page.press("#note", "Enter")
+    page.type("#note", "second line")
+    assert page.url.endswith("/label/demo") or "voted=" in page.url
+    with page.expect_navigation():
+        page.press("#note", "Control+Enter")
+    assert last_vote(server, "lia")["note"] == "first line\nsecond line"
+    assert page.inner_text("#progress") == "Done 5 / 8"
+    page.screenshot(path=ARTIFACTS / "label_after_votes.png", full_page=True)
+
+
+def test_undo_and_skip(page: Page, server: dict[str, Any]) -> None:
+    url = server["url"]
+    log_in(page, url, "max")
+    page.goto(f"{url}/label/demo")
+    first_prompt = page.inner_text("#prompt")
+    page.keyboard.press("1")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert page.is_visible("#undo")
+    with page.expect_navigation():
+        page.keyboard.press("u")
+    assert "Vote undone" in page.inner_text("#message")
+    assert page.inner_text("#prompt") == first_prompt  # the task is back
+    assert last_vote(server, "max")["retracted"] is True
+    with page.expect_navigation():
+        page.click("#skip")
+    assert page.inner_text("#prompt") != first_prompt
+
+
+def test_answer_order_is_random(page: Page, server: dict[str, Any]) -> None:
+    url = server["url"]
+    log_in(page, url, "noa")
+    seen = set()
+    for _ in range(3):  # over several tasks ...
+        for _ in range(4):  # ... and reloads of each
+            page.goto(f"{url}/label/demo")
+            seen.add(tuple(shown_positions(page)))
+        page.keyboard.press("t")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        if len(seen) == 2:
+            break
+    assert seen == {(0, 1), (1, 0)}
+
+
+def test_script_in_a_completion_is_shown_as_text(page: Page, server: dict[str, Any]) -> None:
+    url = server["url"]
+    log_in(page, url, "lia")
+    page.goto(f"{url}/label/xss")
+    texts = page.eval_on_selector_all(".completion", "els => els.map(e => e.textContent)")
+    assert SCRIPT in texts  # literal text, tags and all
+    assert "Hello <b>there</b> & welcome" in texts
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator(".completion b").count() == 0  # no markup from model output
+    page.screenshot(path=ARTIFACTS / "label_script_as_text.png", full_page=True)
+
+
+def test_model_identities_are_never_shown(page: Page, server: dict[str, Any]) -> None:
+    log_in(page, server["url"], "lia")
+    page.goto(f"{server['url']}/label/demo")
+    assert "policy-v" not in page.content()
+
+
+def test_admin_sees_statistics(page: Page, server: dict[str, Any]) -> None:
+    url = server["url"]
+    # make sure two labelers overlap, so agreement has something to show
+    log_in(page, url, "max")
+    for _ in range(3):
+        page.goto(f"{url}/label/demo")
+        page.keyboard.press("1")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+    page.context.clear_cookies()
+    log_in(page, url, "boss")
+    assert page.url.endswith("/admin")
+    with page.expect_navigation():
+        page.click("text=demo")
+    stats = server["admin"].stats("demo")
+    row = page.locator('tr[data-labeler="lia"]')
+    lia = next(s for s in stats["labelers"] if s["labeler"] == "lia")
+    assert row.locator(".votes").inner_text() == str(lia["votes"]) and lia["votes"] >= 5
+    assert "%" in page.locator('tr[data-labeler="max"] .agreement').inner_text()
+    alpha = page.inner_text("#alpha")
+    assert alpha == ("–" if stats["alpha"] is None else f"{stats['alpha']:.3f}")
+    assert page.is_visible("#export-pairs")
+    page.screenshot(path=ARTIFACTS / "admin_project.png", full_page=True)

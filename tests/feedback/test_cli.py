@@ -1,0 +1,83 @@
+"""rlhf/feedback/cli.py: the `rlhf label` commands."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from typer.testing import CliRunner
+
+from rlhf.feedback.cli import app
+from rlhf.feedback.db import Database, current_revision, head_revision
+from rlhf.feedback.testing import run_server
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_upgrade_import_users_tokens_export(db_url: str, tmp_path, make_rows) -> None:
+    invoke("db", "upgrade", "--db", db_url)
+    db = Database(db_url)
+    assert current_revision(db) == head_revision()
+    db.dispose()
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text("".join(json.dumps(r) + "\n" for r in make_rows(3, 3)))
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(
+        json.dumps({"prompt": "2+2?", "completion_a": "4", "completion_b": "5", "choice": "A"}) + "\n"
+    )
+    out = invoke(
+        "import",
+        "--db",
+        db_url,
+        "--project",
+        "demo",
+        "--candidates",
+        str(candidates),
+        "--gold",
+        str(gold),
+        "--overlap",
+        "2",
+        "--gold-rate",
+        "0.1",
+    )
+    assert "4 prompts" in out and "9 pairwise tasks" in out and "1 gold" in out
+    invoke(
+        "user", "add", "--db", db_url, "--name", "admin", "--role", "admin", "--password", "admin-password"
+    )
+    invoke("user", "add", "--db", db_url, "--name", "ann", "--password", "")
+    token = invoke("token", "create", "--db", db_url, "--name", "ann").strip()
+    assert token.startswith("rlhf_")
+    with run_server(db_url) as url:
+        r = httpx.post(f"{url}/api/tasks/next", headers={"Authorization": f"Bearer {token}"})
+        task = r.json()["task"]
+        r = httpx.post(
+            f"{url}/api/votes",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"task_id": task["id"], "choice": "tie", "idempotency_key": "cli-test-1"},
+        )
+        assert r.status_code == 201
+    target = tmp_path / "votes.jsonl"
+    assert "wrote 1 votes" in invoke(
+        "export", "--db", db_url, "--project", "demo", "--format", "votes", "--out", str(target)
+    )
+    assert json.loads(target.read_text())["choice"] == "tie"
+
+
+def test_user_errors_are_one_line(tmp_path) -> None:
+    db_url = f"sqlite:///{tmp_path}/x.db"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "completions": [{"text": "a"}, {"text": "b"}]}\n{oops\n')
+    result = runner.invoke(app, ["import", "--db", db_url, "--project", "demo", "--candidates", str(bad)])
+    assert result.exit_code != 0 and "bad.jsonl:2: not valid JSON" in str(result.exception)
+    result = runner.invoke(
+        app, ["export", "--db", db_url, "--project", "nope", "--out", str(tmp_path / "o.jsonl")]
+    )
+    assert "no project named 'nope'" in str(result.exception)
+    result = runner.invoke(app, ["user", "add", "--db", db_url, "--name", "x y", "--password", ""])
+    assert "user name 'x y'" in str(result.exception)

@@ -1,0 +1,70 @@
+"""rlhf/feedback/db.py and the migrations: schema, pragmas, URL handling."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from rlhf.errors import ConfigError
+from rlhf.feedback.db import (
+    SCHEMA_HEAD,
+    Database,
+    current_revision,
+    head_revision,
+    normalize_url,
+    table_names,
+    upgrade,
+)
+from rlhf.feedback.models import Base
+
+TABLES = [
+    "api_tokens",
+    "app_settings",
+    "assignments",
+    "completions",
+    "projects",
+    "prompts",
+    "task_completions",
+    "tasks",
+    "users",
+    "votes",
+]
+
+
+def test_migrations_create_the_schema(db: Database) -> None:
+    assert current_revision(db) == head_revision() == SCHEMA_HEAD
+    assert set(TABLES) <= set(table_names(db))
+    assert "alembic_version" in table_names(db)
+
+
+def test_migrations_match_the_models(db: Database) -> None:
+    with db.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diffs == []
+
+
+def test_upgrade_twice_is_harmless(db: Database) -> None:
+    upgrade(db)
+    assert current_revision(db) == head_revision()
+
+
+def test_sqlite_runs_in_wal_with_foreign_keys(tmp_path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/x.db", sqlite_synchronous="FULL")
+    with db.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+    db.dispose()
+
+
+def test_urls() -> None:
+    assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("runs/f.db") == "sqlite:///runs/f.db"
+    with pytest.raises(ConfigError):
+        Database("sqlite:///:memory:")
+    with pytest.raises(ConfigError):
+        Database("mysql://u@h/db")

@@ -1,0 +1,92 @@
+"""rlhf/feedback/export.py: the shapes of rlhf.data.preferences, and pairs derived from every kind."""
+
+from __future__ import annotations
+
+import json
+
+from rlhf.feedback.db import Database
+from rlhf.feedback.export import export_records
+
+
+def test_votes_keep_ties_and_pairs_drop_them(api, db: Database) -> None:
+    api.seed(n_prompts=4)
+    choices = ["A", "B", "tie", "both_bad"]
+    for choice in choices:
+        task = api.next("ann")
+        assert (
+            api.vote("ann", task["id"], choice=choice, margin=0.5 if choice == "A" else None).status_code
+            == 201
+        )
+    with db.session() as s:
+        votes = export_records(s, "demo", "votes")
+        pairs = export_records(s, "demo", "pairs")
+    assert [v["choice"] for v in votes] == choices
+    first = votes[0]
+    assert list(first) == ["prompt", "completion_a", "completion_b", "choice", "labeler", "margin", "meta"]
+    assert (first["prompt"], first["completion_a"], first["completion_b"]) == (
+        "prompt 0",
+        "answer 0.0",
+        "answer 0.1",
+    )
+    assert first["labeler"] == "ann" and first["margin"] == 0.5
+    assert first["meta"]["policies"] == ["policy-v0", "policy-v1"] and first["meta"]["prompt_id"] == "p0"
+    assert "margin" not in votes[1]
+    assert pairs == [
+        {"prompt": "prompt 0", "chosen": "answer 0.0", "rejected": "answer 0.1", "margin": 0.5},
+        {"prompt": "prompt 1", "chosen": "answer 1.1", "rejected": "answer 1.0"},
+    ]
+
+
+def test_ranking_gives_all_untied_pairs(api, db: Database) -> None:
+    api.seed(n_prompts=1, k=4, task_kind="ranking")
+    task = api.next("ann")
+    # rank per position: answer 0.2 best, then 0.0, then 0.1 and 0.3 tied
+    assert api.vote("ann", task["id"], ranking=[2, 3, 1, 3]).status_code == 201
+    with db.session() as s:
+        ranking = export_records(s, "demo", "ranking")
+        pairs = export_records(s, "demo", "pairs")
+    assert ranking[0]["completions"] == ["answer 0.0", "answer 0.1", "answer 0.2", "answer 0.3"]
+    assert ranking[0]["ranking"] == [2, 3, 1, 3]
+    assert set(ranking[0]) == {"prompt", "completions", "ranking", "labeler", "meta"}
+    got = {(p["chosen"][-1], p["rejected"][-1]) for p in pairs}
+    assert got == {("0", "1"), ("2", "0"), ("0", "3"), ("2", "1"), ("2", "3")}  # C(4,2) = 6 minus the tie
+    assert len(pairs) == 5
+
+
+def test_ratings_give_pairs_within_one_labeler(api, db: Database) -> None:
+    api.seed(n_prompts=1, k=3, task_kind="rating", overlap=2)
+    given = {"ann": [6, 2, 6], "bob": [1, 1, 1]}
+    for name, ratings in given.items():
+        for _ in range(3):
+            task = api.next(name)
+            position = int(api.get("admin", f"/api/tasks/{task['id']}").json()["completions"][0]["text"][-1])
+            assert api.vote(name, task["id"], rating=ratings[position]).status_code == 201
+    with db.session() as s:
+        ratings = export_records(s, "demo", "rating")
+        pairs = export_records(s, "demo", "pairs")
+    assert len(ratings) == 6 and set(ratings[0]) == {"prompt", "completion", "rating", "labeler", "meta"}
+    # ann: 0.0 (6) > 0.1 (2) and 0.2 (6) > 0.1; 0.0 vs 0.2 tied; bob rated all equal: no pairs
+    assert sorted((p["chosen"], p["rejected"], p["margin"]) for p in pairs) == [
+        ("answer 0.0", "answer 0.1", 4.0),
+        ("answer 0.2", "answer 0.1", 4.0),
+    ]
+
+
+def test_export_over_http_and_cli(api, db_url: str, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from rlhf.feedback.cli import app
+
+    api.seed(n_prompts=1)
+    api.vote("ann", api.next("ann")["id"], choice="B")
+    response = api.get("admin", "/api/projects/demo/export", params={"format": "pairs"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/x-ndjson")
+    assert [json.loads(line) for line in response.text.splitlines()] == [
+        {"prompt": "prompt 0", "chosen": "answer 0.1", "rejected": "answer 0.0"}
+    ]
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(
+        app, ["export", "--db", db_url, "--project", "demo", "--format", "pairs", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == response.text

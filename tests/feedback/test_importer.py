@@ -1,0 +1,103 @@
+"""rlhf/feedback/importer.py: candidate files become prompts, completions and tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from rlhf.errors import DataError
+from rlhf.feedback.db import Database
+from rlhf.feedback.importer import import_candidates, pair_indices, read_rows
+from rlhf.feedback.models import Completion, Task, TaskCompletion
+from rlhf.feedback.schemas import CandidateRow, GoldRow
+
+
+def test_pair_indices() -> None:
+    assert pair_indices(2) == [(0, 1)]
+    assert pair_indices(4) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    # K > 4: a cycle, each completion in two comparisons
+    assert pair_indices(5) == [(0, 1), (1, 2), (2, 3), (3, 4), (0, 4)]
+
+
+@pytest.mark.parametrize(
+    ("kind", "k", "tasks_per_prompt", "size"),
+    [("pairwise", 3, 3, 2), ("pairwise", 6, 6, 2), ("ranking", 4, 1, 4), ("rating", 3, 3, 1)],
+)
+def test_import_creates_tasks(
+    db: Database, make_rows, kind: str, k: int, tasks_per_prompt: int, size: int
+) -> None:
+    rows = [CandidateRow.model_validate(r) for r in make_rows(5, k)]
+    with db.session() as s:
+        out = import_candidates(s, "demo", rows, task_kind=kind, overlap=2)
+        assert (out.prompts, out.completions, out.tasks, out.gold_tasks) == (
+            5,
+            5 * k,
+            5 * tasks_per_prompt,
+            0,
+        )
+        tasks = list(s.scalars(select(Task)))
+        assert len(tasks) == 5 * tasks_per_prompt
+        assert {t.kind for t in tasks} == {kind}
+        assert {t.n_completions for t in tasks} == {size}
+        members = s.scalar(select(func.count()).select_from(TaskCompletion))
+        assert members == 5 * tasks_per_prompt * size
+
+
+def test_lineage_is_stored(db: Database, make_rows) -> None:
+    rows = [CandidateRow.model_validate(r) for r in make_rows(1, 2)]
+    rows[0].completions[1].sampling.__pydantic_extra__["repetition_penalty"] = 1.1  # type: ignore[index]
+    with db.session() as s:
+        import_candidates(s, "demo", rows)
+        comps = list(s.scalars(select(Completion).order_by(Completion.id)))
+    assert [c.policy for c in comps] == ["policy-v0", "policy-v1"]
+    assert comps[0].sampling == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 0,
+        "max_new_tokens": 32,
+        "seed": 0,
+    }
+    assert comps[1].sampling["repetition_penalty"] == 1.1
+
+
+def test_reimport_skips_known_prompts_and_identical_pairs(db: Database, make_rows) -> None:
+    rows = make_rows(3, 2)
+    rows[2]["completions"][1]["text"] = rows[2]["completions"][0]["text"]  # nothing to compare
+    parsed = [CandidateRow.model_validate(r) for r in rows]
+    with db.session() as s:
+        first = import_candidates(s, "demo", parsed)
+        again = import_candidates(s, "demo", parsed)
+    assert (first.prompts, first.tasks) == (3, 2)
+    assert (again.prompts, again.tasks, again.skipped) == (0, 0, 3)
+
+
+def test_gold_rows_become_gold_tasks(db: Database, make_rows) -> None:
+    gold = [GoldRow(prompt="2+2?", completion_a="4", completion_b="5", choice="A")]
+    with db.session() as s:
+        out = import_candidates(s, "demo", [CandidateRow.model_validate(r) for r in make_rows(2)], gold=gold)
+        gold_tasks = list(s.scalars(select(Task).where(Task.is_gold.is_(True))))
+    assert (out.tasks, out.gold_tasks) == (2, 1)
+    assert [(t.kind, t.gold_choice) for t in gold_tasks] == [("pairwise", "A")]
+
+
+def test_read_rows_names_file_and_line(tmp_path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "x", "completions": [{"text": "a"}]})
+        + "\n"
+        + json.dumps({"prompt": "y"})
+        + "\n"
+    )
+    with pytest.raises(DataError, match=r"c.jsonl:2: completions: Field required"):
+        read_rows(path, CandidateRow, 10_000)
+    with pytest.raises(DataError, match="over the import limit"):
+        read_rows(path, CandidateRow, 10)
+
+
+def test_pairwise_needs_two_completions(api) -> None:
+    body = {"candidates": [{"prompt": "p", "completions": [{"text": "only one"}]}]}
+    response = api.post("admin", "/api/projects/demo/import", json=body)
+    assert response.status_code == 422
+    assert "at least 2" in response.json()["detail"][0]["msg"]

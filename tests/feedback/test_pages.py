@@ -1,0 +1,126 @@
+"""The HTML pages through the app (the browser tests drive the same pages in Chromium)."""
+
+from __future__ import annotations
+
+import re
+
+from rlhf.feedback import users
+from rlhf.feedback.db import Database
+
+SCRIPT = "<script>window.__pwned = 1</script>"
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def log_in(client, db: Database, name: str, role: str = "labeler") -> None:
+    with db.session() as s:
+        users.create_user(s, name, role, f"{name}-password")
+    page = client.get("/login")
+    r = client.post(
+        "/login", data={"name": name, "password": f"{name}-password", "csrf_token": csrf_of(page.text)}
+    )
+    assert r.status_code == 200, r.text
+
+
+def import_script_project(api) -> None:
+    rows = [
+        {
+            "prompt": "Say hi",
+            "completions": [{"text": SCRIPT, "policy": "secret-policy-v7"}, {"text": "Hi & bye"}],
+        }
+    ]
+    assert api.post("admin", "/api/projects/demo/import", json={"candidates": rows}).status_code == 201
+
+
+def test_task_page_escapes_completions_and_hides_policies(api, db: Database, make_client) -> None:
+    import_script_project(api)
+    browser = make_client()
+    assert browser.get("/label/demo", follow_redirects=False).headers["location"] == "/login"
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo")
+    assert page.status_code == 200
+    assert SCRIPT not in page.text
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in page.text
+    assert "Hi &amp; bye" in page.text
+    assert "secret-policy-v7" not in page.text and "policy" not in page.text.lower()
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+
+
+def test_vote_skip_and_undo_through_forms(api, db: Database, make_client) -> None:
+    api.seed(n_prompts=3)
+    browser = make_client()
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo").text
+    task_id = re.search(r'name="task_id" value="(\d+)"', page).group(1)
+    order = re.search(r'name="display_order" value="([\d,]+)"', page).group(1)
+    key = re.search(r'name="idempotency_key" value="([^"]+)"', page).group(1)
+    form = {
+        "csrf_token": csrf_of(page),
+        "task_id": task_id,
+        "choice": "B",
+        "display_order": order,
+        "idempotency_key": key,
+        "time_ms": "1234",
+        "note": "close call",
+    }
+    assert (
+        browser.post("/label/demo/vote", data={**form, "csrf_token": ""}, follow_redirects=False).status_code
+        == 403
+    )
+    r = browser.post("/label/demo/vote", data=form, follow_redirects=False)
+    assert r.status_code == 303 and "voted=" in r.headers["location"]
+    again = browser.post("/label/demo/vote", data=form, follow_redirects=False)  # double submit: same key
+    assert again.headers["location"] == r.headers["location"]
+    votes = api.get("admin", "/api/votes").json()
+    assert len(votes) == 1
+    v = votes[0]
+    assert (v["choice"], v["note"], v["time_to_vote_ms"], v["source"]) == ("B", "close call", 1234, "web")
+    assert v["display_order"] == [int(p) for p in order.split(",")]
+    after = browser.get(r.headers["location"]).text
+    assert "Done 1 / 3" in after and 'id="undo"' in after
+    vote_id = re.search(r'name="vote_id" value="(\d+)"', after).group(1)
+    undone = browser.post(
+        "/label/demo/undo", data={"csrf_token": csrf_of(after), "vote_id": vote_id}, follow_redirects=False
+    )
+    assert undone.headers["location"].endswith("msg=undone")
+    reopened = browser.get(undone.headers["location"]).text
+    assert f'name="task_id" value="{task_id}"' in reopened and "Vote undone" in reopened
+    skipped = browser.post(
+        "/label/demo/skip", data={"csrf_token": csrf_of(reopened), "task_id": task_id}, follow_redirects=False
+    )
+    assert skipped.status_code == 303
+    assert f'name="task_id" value="{task_id}"' not in browser.get("/label/demo").text
+
+
+def test_admin_pages(api, db: Database, make_client) -> None:
+    api.seed(n_prompts=2, overlap=2)
+    for name in ("ann", "bob"):
+        api.vote(name, api.next(name)["id"], choice="A", time_to_vote_ms=2000)
+    labeler = make_client()
+    log_in(labeler, db, "lia")
+    assert labeler.get("/admin").status_code == 403
+    admin = make_client()
+    log_in(admin, db, "boss", role="admin")
+    index = admin.get("/admin").text
+    assert 'href="/admin/projects/demo"' in index
+    page = admin.get("/admin/projects/demo").text
+    assert 'data-labeler="ann"' in page and "100.0%" in page and "2.0 s" in page
+    assert 'href="/api/projects/demo/export?format=pairs"' in page
+    assert (
+        admin.get("/api/projects/demo/export?format=votes").status_code == 200
+    )  # export links work by cookie
+    r = admin.post(
+        "/admin/projects/demo/settings",
+        data={"csrf_token": csrf_of(page), "overlap": "3", "gold_rate": "0.25"},
+    )
+    assert r.status_code == 200
+    assert api.get("admin", "/api/projects/demo").json()["overlap"] == 3
+    r = admin.post(
+        "/admin/users/ann/disabled",
+        data={"csrf_token": csrf_of(page), "disabled": "true", "back": "/admin/projects/demo"},
+        follow_redirects=False,
+    )
+    assert r.headers["location"] == "/admin/projects/demo"
+    assert api.post("ann", "/api/tasks/next").status_code == 403

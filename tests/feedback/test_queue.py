@@ -1,0 +1,90 @@
+"""rlhf/feedback/queue.py: overlap, never a task twice, skip, progress, gold rate, what labelers see."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sqlalchemy import select
+
+from rlhf.feedback.db import Database
+from rlhf.feedback.models import Assignment, Task
+
+
+def drain(api, who: str, project: str = "demo") -> list[int]:
+    """Vote A on every task `who` is given; return the task ids in order."""
+    seen = []
+    while (task := api.next(who, project)) is not None:
+        assert api.vote(who, task["id"]).status_code == 201
+        seen.append(task["id"])
+    return seen
+
+
+def test_overlap_is_honoured(api, db: Database) -> None:
+    api.seed(n_prompts=4, overlap=2)
+    done = {name: drain(api, name) for name in ("ann", "bob", "cat")}
+    per_task = Counter(t for ids in done.values() for t in ids)
+    assert sorted(per_task.values()) == [2, 2, 2, 2]  # every task exactly `overlap` labelers
+    assert all(len(ids) == len(set(ids)) for ids in done.values())  # nobody saw a task twice
+    assert len(done["ann"]) == 4 and len(done["bob"]) == 4 and done["cat"] == []
+    with db.session() as s:
+        assert {t.n_assigned for t in s.scalars(select(Task))} == {2}
+
+
+def test_open_task_comes_back_until_answered(api) -> None:
+    api.seed(n_prompts=2)
+    first = api.next("ann")
+    assert api.next("ann")["id"] == first["id"]
+    assert api.vote("ann", first["id"]).status_code == 201
+    assert api.next("ann")["id"] != first["id"]
+
+
+def test_skip_gives_the_slot_to_others_and_never_returns(api, db: Database) -> None:
+    api.seed(n_prompts=1, overlap=1)
+    task = api.next("ann")
+    assert api.next("bob") is None  # the only slot is taken
+    assert api.post("ann", f"/api/tasks/{task['id']}/skip").status_code == 204
+    assert api.next("ann") is None  # skipped tasks never come back
+    assert api.next("bob")["id"] == task["id"]
+    with db.session() as s:
+        statuses = dict(s.execute(select(Assignment.user_id, Assignment.status)).all())
+    assert sorted(statuses.values()) == ["open", "skipped"]
+    assert api.post("ann", f"/api/tasks/{task['id']}/skip").status_code == 404
+
+
+def test_progress(api) -> None:
+    api.seed(n_prompts=3, overlap=1)
+    r = api.post("ann", "/api/tasks/next", params={"project": "demo"}).json()
+    assert r["progress"] == {"done": 0, "total": 3}
+    api.vote("ann", r["task"]["id"])
+    api.next("bob")  # bob takes one of the two left
+    r = api.post("ann", "/api/tasks/next", params={"project": "demo"}).json()
+    assert r["progress"] == {"done": 1, "total": 2}
+
+
+def test_gold_rate_one_serves_gold_first_to_everyone(api) -> None:
+    gold = [{"prompt": "2+2?", "completion_a": "4", "completion_b": "5", "choice": "A"}]
+    api.seed(n_prompts=2, gold=gold, gold_rate=1.0, overlap=1)
+    tasks = {name: api.next(name) for name in ("ann", "bob")}
+    assert tasks["ann"]["id"] == tasks["bob"]["id"]  # gold is outside the overlap count
+    assert tasks["ann"]["prompt"] == "2+2?"
+
+
+def test_labelers_never_see_gold_answers_or_policies(api) -> None:
+    gold = [{"prompt": "2+2?", "completion_a": "4", "completion_b": "5", "choice": "A"}]
+    api.seed(n_prompts=1, gold=gold, gold_rate=1.0)
+    task = api.next("ann")
+    as_labeler = api.get("ann", f"/api/tasks/{task['id']}").json()
+    for body in (task, as_labeler):
+        assert not {"is_gold", "gold_choice", "policies", "n_assigned"} & set(body)
+        assert all(set(c) == {"position", "text"} for c in body["completions"])
+        assert "policy" not in str(body)
+    as_admin = api.get("admin", f"/api/tasks/{task['id']}").json()
+    assert as_admin["is_gold"] is True and as_admin["gold_choice"] == "A"
+    assert api.get("bob", f"/api/tasks/{task['id']}").status_code == 404  # not assigned to bob
+
+
+def test_display_order_is_random(api) -> None:
+    api.seed(n_prompts=1)
+    task = api.next("ann")
+    orders = {tuple(api.get("ann", f"/api/tasks/{task['id']}").json()["display_order"]) for _ in range(40)}
+    assert orders == {(0, 1), (1, 0)}

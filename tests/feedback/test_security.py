@@ -1,0 +1,130 @@
+"""rlhf/feedback/security.py and the access rules: roles, hashes, CSRF, size limits."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from rlhf.feedback import users
+from rlhf.feedback.db import Database
+from rlhf.feedback.models import ApiToken, User
+from rlhf.feedback.security import make_session_cookie, read_session_cookie
+
+
+def test_no_token_is_401_and_bad_token_is_401(client) -> None:
+    assert client.get("/api/me").status_code == 401
+    assert client.get("/api/me", headers={"Authorization": "Bearer rlhf_nope"}).status_code == 401
+
+
+def test_labeler_sees_only_their_own_votes(api) -> None:
+    api.seed(n_prompts=2, overlap=2)
+    ann_task = api.next("ann")
+    ann_vote = api.vote("ann", ann_task["id"], note="ann's note").json()
+    bob_task = api.next("bob")
+    bob_vote = api.vote("bob", bob_task["id"]).json()
+    assert api.get("bob", f"/api/votes/{ann_vote['id']}").status_code == 404
+    assert api.get("ann", f"/api/votes/{ann_vote['id']}").json()["note"] == "ann's note"
+    for query in ({}, {"labeler": "ann"}, {"project": "demo"}):
+        listed = api.get("bob", "/api/votes", params=query).json()
+        assert [v["id"] for v in listed] == [bob_vote["id"]]
+        assert {v["labeler"] for v in listed} == {"bob"}
+    assert len(api.get("admin", "/api/votes").json()) == 2
+
+
+def test_labeler_cannot_use_admin_endpoints(api) -> None:
+    api.seed(n_prompts=1)
+    for path in ("/api/projects/demo/stats", "/api/projects/demo/export", "/api/users", "/api/projects/demo"):
+        assert api.get("ann", path).status_code == 403, path
+    assert api.post("ann", "/api/projects/demo/import", json={"candidates": []}).status_code == 403
+    assert api.post("ann", "/api/users/bob/tokens", json={}).status_code == 403
+    assert (
+        api.client.patch("/api/users/bob", json={"disabled": True}, headers=api.team["ann"]).status_code
+        == 403
+    )
+
+
+def test_passwords_are_argon2_and_tokens_hashed(db: Database, team) -> None:
+    with db.session() as s:
+        users.create_user(s, "dan", "labeler", "correct horse")
+        token = users.create_token(s, "dan")
+        dan = s.scalar(select(User).where(User.name == "dan"))
+        stored = list(s.scalars(select(ApiToken.token_hash)))
+        assert dan.password_hash.startswith("$argon2id$")
+        assert "correct horse" not in dan.password_hash
+        assert token not in stored and len(stored) == 5
+        assert users.authenticate(s, "dan", "correct horse").name == "dan"
+        assert users.authenticate(s, "dan", "wrong") is None
+        users.update_user(s, "dan", disabled=True)
+        assert users.authenticate(s, "dan", "correct horse") is None
+
+
+def test_session_cookie_is_signed() -> None:
+    cookie = make_session_cookie("s3cret", 7, 60)
+    assert read_session_cookie("s3cret", cookie) == 7
+    assert read_session_cookie("other", cookie) is None
+    data, mac = cookie.split(".")
+    forged = make_session_cookie("s3cret", 8, 60).split(".")[0] + "." + mac
+    assert read_session_cookie("s3cret", forged) is None
+    assert read_session_cookie("s3cret", make_session_cookie("s3cret", 7, -1)) is None  # expired
+
+
+def login(client, name: str, password: str, csrf: bool = True):
+    page = client.get("/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    data = {"name": name, "password": password, **({"csrf_token": token} if csrf else {})}
+    return client.post("/login", data=data, follow_redirects=False)
+
+
+def test_csrf_token_required_on_form_posts(client, db: Database) -> None:
+    with db.session() as s:
+        users.create_user(s, "eve", "labeler", "eve-password")
+    assert login(client, "eve", "eve-password", csrf=False).status_code == 403
+    ok = login(client, "eve", "eve-password")
+    assert ok.status_code == 303 and ok.headers["location"] == "/label"
+    set_cookie = ok.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie and "samesite=lax" in set_cookie
+    # logged in by cookie: forms without the token, and a token for another browser's nonce, are refused
+    assert client.post("/logout", data={}, follow_redirects=False).status_code == 403
+    assert client.post("/logout", data={"csrf_token": "forged"}, follow_redirects=False).status_code == 403
+    # the JSON API with a cookie needs the X-CSRF-Token header on unsafe methods
+    assert client.get("/api/me").status_code == 200
+    assert client.post("/api/votes/undo").status_code == 403
+
+
+def test_wrong_password_is_401(client, db: Database) -> None:
+    with db.session() as s:
+        users.create_user(s, "eve", "labeler", "eve-password")
+    assert login(client, "eve", "not-it").status_code == 401
+    assert login(client, "nobody", "not-it").status_code == 401
+
+
+def test_size_limits(make_client, team) -> None:
+    client = make_client(max_body_bytes=4096, max_import_bytes=20_000)
+    admin = team["admin"]
+    rows = [{"prompt": "p", "completions": [{"text": "a"}, {"text": "b"}]}]
+    assert (
+        client.post("/api/projects/demo/import", json={"candidates": rows}, headers=admin).status_code == 201
+    )
+    big = [{"prompt": "p" * 30_000, "completions": [{"text": "a"}, {"text": "b"}]}]
+    assert (
+        client.post("/api/projects/demo/import", json={"candidates": big}, headers=admin).status_code == 413
+    )
+    vote = {"task_id": 1, "choice": "A", "idempotency_key": "size-limit-1"}
+    assert (
+        client.post("/api/votes", json={**vote, "note": "x" * 2001}, headers=team["ann"]).status_code == 422
+    )
+    assert (
+        client.post("/api/votes", json={**vote, "note": "x" * 5000}, headers=team["ann"]).status_code == 413
+    )
+    assert client.post("/api/votes", json={**vote, "note": "nul\x00"}, headers=team["ann"]).status_code == 422
+
+    def chunks():  # no Content-Length: the limit holds while streaming too
+        for _ in range(10):
+            yield b" " * 1000
+
+    streamed = client.post(
+        "/api/votes", content=chunks(), headers={**team["ann"], "Content-Type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert (
+        client.post("/api/votes", json={**vote, "note": "x" * 2000}, headers=team["ann"]).status_code == 201
+    )
