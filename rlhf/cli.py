@@ -213,6 +213,50 @@ def reward(
         )
 
 
+def serve(
+    model_dir: Annotated[str, typer.Argument(help="policy to serve: model dir, LoRA adapter dir or hub id")],
+    feedback_db: Annotated[
+        str | None,
+        typer.Option(help="feedback store URL (sqlite:///FILE or postgresql://...) that records A/B votes"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_batch_size: Annotated[int | None, typer.Option(help="most sequences decoded together")] = None,
+    batch_wait_ms: Annotated[
+        float | None, typer.Option(help="when idle, how long a request waits for others to batch with")
+    ] = None,
+    ab_rate: Annotated[
+        float | None, typer.Option(help="share of opted-in requests answered with an A/B pair (0..1)")
+    ] = None,
+    candidate_model: Annotated[
+        str | None, typer.Option(help="second policy: A/B pairs compare it with MODEL_DIR")
+    ] = None,
+    model_name: Annotated[str | None, typer.Option(help="model id clients ask for")] = None,
+    max_n: Annotated[int | None, typer.Option(help="most choices per request")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (default 1; 0 = torch's default)")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="log level of the server")] = "info",
+) -> None:
+    """Serve a policy with an OpenAI-compatible API (chat, completions, streaming), batching and A/B feedback.
+
+    Other settings come from RLHF_SERVE_* variables (see docs/serving.md).
+    """
+    import uvicorn
+
+    from rlhf.serve.main import create_app, open_state
+    from rlhf.serve.settings import Settings
+
+    settings = Settings.from_env(
+        model_dir=model_dir, feedback_db=feedback_db, host=host, port=port, max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms, ab_rate=ab_rate, candidate_model=candidate_model, model_name=model_name,
+        max_n=max_n, threads=threads,
+    )  # fmt: skip
+    _setup_logging(quiet=True)
+    state = open_state(settings)  # load the models first: a bad path is one line on stderr, not a traceback
+    uvicorn.run(create_app(state=state), host=settings.host, port=settings.port, log_level=log_level)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1."""
     try:

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of a policy, with continuous batching and A/B feedback capture (`rlhf serve`)."""

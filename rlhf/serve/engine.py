@@ -1,0 +1,359 @@
+"""The generation worker: one thread owns the model and runs every request through one growing batch.
+
+Continuous batching over a Hugging Face KV cache. Between decode steps the worker admits waiting sequences:
+it prefills their prompts as a small batch of their own, then joins the two caches along the batch axis,
+left-padding the shorter one (each row keeps its own attention mask and position ids, so padding changes
+nothing it attends to). Finished rows are dropped from the cache at once, and leading columns that only
+padding uses are cut away. When the worker is idle, the first request waits up to `batch_wait_s` for
+company before its prefill. Caches whose layers are not plain `DynamicLayer`s (sliding windows) cannot be
+joined; then new sequences wait for the running batch to finish (static batching).
+
+Requests talk to the worker through `Sequence` objects: `submit` queues them, the worker calls each one's
+`emit` with `Delta`s (from its own thread: the callback must be thread-safe), and a request that goes
+away sets `cancelled`, which frees its row at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from rlhf.generation import left_pad
+from rlhf.serve import metrics
+from rlhf.serve.sampling import sample_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """How one choice is sampled (the OpenAI request's parameters, resolved)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Delta:
+    """What a sequence reports: new text; at the end, also why it stopped and how many tokens it made."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" | None while running
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated, and the state the worker keeps for it."""
+
+    prompt_ids: list[int]
+    params: RowParams
+    index: int
+    emit: Callable[[Delta], None]
+    stream: bool = False
+    cancelled: bool = False
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (streaming or stop strings only), cut at a stop string
+    sent: int = 0  # characters of `text` already emitted
+    finish_reason: str | None = None
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+
+class Overloaded(Exception):
+    """The queue is full; the request should be retried later."""
+
+
+@dataclass
+class _Batch:
+    """The running rows: their cache and the token each one sampled last (not yet in the cache)."""
+
+    seqs: list[Sequence]
+    cache: DynamicCache
+    attention: Tensor  # (B, L) 1 where the cache holds a real token of the row
+    next_ids: Tensor  # (B,)
+    positions: Tensor  # (B,) position id of next_ids
+
+    @property
+    def joinable(self) -> bool:
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+
+class Engine:
+    """Owns `model` on a background thread; `submit` sequences to it from any thread."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        max_batch_size: int = 32,
+        batch_wait_s: float = 0.005,
+        max_queue: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.max_queue = max_queue
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.device = next(model.parameters()).device
+        self.batch_sizes: Counter[int] = Counter()  # decode steps by number of rows, for tests and /metrics
+        self._rng = torch.Generator().manual_seed(seed)  # uniforms of unseeded rows
+        self._incoming: queue.Queue[Sequence | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"rlhf-serve-{name}", daemon=True)
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+
+    # ---- called from request handlers -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._incoming.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        if self._incoming.qsize() + len(seqs) > self.max_queue:
+            raise Overloaded(f"{self.name}: more than {self.max_queue} sequences waiting")
+        for seq in seqs:
+            self._incoming.put(seq)
+        metrics.QUEUE_DEPTH.labels(self.name).set(self._incoming.qsize())
+
+    # ---- the worker thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        batch: _Batch | None = None
+        while True:
+            # 1. admit waiting sequences (block when idle; when running, take what is there)
+            room = self.max_batch_size - (len(batch.seqs) if batch else 0)
+            if batch is not None and not batch.joinable:
+                room = 0
+            new, stopping = self._take(room, block=batch is None)
+            new = [s for s in new if not s.cancelled]
+            try:
+                # 2. prefill the newcomers and join them to the running batch
+                if new:
+                    joined = self._prefill(new)
+                    batch = joined if batch is None else _join(batch, joined)
+                    batch = self._prune(batch)
+                # 3. one decode step for every running row
+                if batch is not None:
+                    batch = self._prune(self._decode(batch))
+            except Exception as e:  # a bug or out of memory: fail these requests, keep serving
+                log.exception("generation failed on %s", self.name)
+                for seq in (batch.seqs if batch else []) + new:
+                    self._emit(seq, Delta(seq.index, "", error=f"generation failed: {e}"))
+                batch = None
+            if batch is None:
+                metrics.TOKENS_PER_SECOND.labels(self.name).set(0)
+            if stopping:
+                return
+
+    def _take(self, room: int, block: bool) -> tuple[list[Sequence], bool]:
+        """Up to `room` waiting sequences; when idle, wait for one, then up to batch_wait_s for more."""
+        taken: list[Sequence] = []
+        deadline = None
+        while len(taken) < room:
+            try:
+                if block and not taken:
+                    item = self._incoming.get()
+                    deadline = time.perf_counter() + self.batch_wait_s
+                elif deadline is not None:
+                    item = self._incoming.get(timeout=max(0.0, deadline - time.perf_counter()))
+                else:
+                    item = self._incoming.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return taken, True
+            taken.append(item)
+        metrics.QUEUE_DEPTH.labels(self.name).set(self._incoming.qsize())
+        return taken, False
+
+    def _prefill(self, seqs: list[Sequence]) -> _Batch:
+        ids, mask = (t.to(self.device) for t in left_pad([s.prompt_ids for s in seqs], self.pad_id))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        metrics.PROMPT_TOKENS.labels(self.name).inc(int(mask.sum()))
+        next_ids = self._sample(out.logits[:, -1, :], seqs)  # (B,)
+        now = time.perf_counter()
+        for seq in seqs:
+            metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.enqueued_at)
+        batch = _Batch(seqs, out.past_key_values, mask, next_ids, mask.sum(-1))
+        self._advance(batch)
+        return batch
+
+    def _decode(self, batch: _Batch) -> _Batch:
+        attention = torch.cat([batch.attention, torch.ones_like(batch.attention[:, :1])], dim=-1)  # (B, L+1)
+        out = self.model(
+            input_ids=batch.next_ids[:, None],
+            attention_mask=attention,
+            position_ids=batch.positions[:, None],
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        metrics.BATCH_SIZE.labels(self.name).observe(len(batch.seqs))
+        self.batch_sizes[len(batch.seqs)] += 1
+        batch.attention = attention
+        batch.positions = batch.positions + 1
+        batch.next_ids = self._sample(out.logits[:, -1, :], batch.seqs)
+        self._advance(batch)
+        return batch
+
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        rows = len(seqs)
+        uniforms = torch.rand(rows, generator=self._rng)  # (B,)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                uniforms[i] = torch.rand(1, generator=seq.generator)[0]
+        params = [s.params for s in seqs]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
+        return sample_rows(logits, temperature, top_p, top_k, uniforms.to(logits.device))
+
+    def _advance(self, batch: _Batch) -> None:
+        """Append each row's new token, decide whether it is done, and report to its request."""
+        new_tokens = batch.next_ids.tolist()
+        self._count_tokens(len(new_tokens))
+        for seq, token in zip(batch.seqs, new_tokens, strict=True):
+            if seq.cancelled:
+                continue
+            seq.tokens.append(token)
+            if token == self.eos_id:
+                seq.finish_reason = "stop"
+            elif len(seq.tokens) >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+            if seq.stream or seq.params.stop:
+                self._update_text(seq)
+            if seq.finish_reason is not None:
+                if not (seq.stream or seq.params.stop):
+                    seq.text = self._decode_text(seq)
+                self._emit(seq, Delta(seq.index, seq.text[seq.sent :], seq.finish_reason, len(seq.tokens)))
+            elif seq.stream:
+                ready = _safe_length(seq.text, seq.params.stop)
+                if ready > seq.sent:
+                    self._emit(seq, Delta(seq.index, seq.text[seq.sent : ready]))
+                    seq.sent = ready
+
+    def _update_text(self, seq: Sequence) -> None:
+        seq.text = self._decode_text(seq)
+        cut = min((i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            seq.text = seq.text[:cut]
+            seq.finish_reason = "stop"
+
+    def _decode_text(self, seq: Sequence) -> str:
+        ids = seq.tokens[:-1] if seq.tokens and seq.tokens[-1] == self.eos_id else seq.tokens
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _prune(self, batch: _Batch) -> _Batch | None:
+        """Drop finished and cancelled rows from the batch and cut padding-only columns off the cache."""
+        keep = [i for i, s in enumerate(batch.seqs) if s.finish_reason is None and not s.cancelled]
+        if not keep:
+            return None
+        if len(keep) < len(batch.seqs):
+            index = torch.tensor(keep, device=self.device)
+            batch.cache.batch_select_indices(index)
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.attention = batch.attention[index]
+            batch.next_ids = batch.next_ids[index]
+            batch.positions = batch.positions[index]
+            lead = int(batch.attention.any(dim=0).long().argmax())  # first column some row still uses
+            if lead > 0 and batch.joinable:
+                for layer in _kv_layers(batch.cache):
+                    keys, values = cast(Tensor, layer.keys), cast(Tensor, layer.values)  # (B, H, L, D)
+                    layer.keys, layer.values = keys[:, :, lead:, :], values[:, :, lead:, :]
+                batch.attention = batch.attention[:, lead:]
+        return batch
+
+    def _emit(self, seq: Sequence, delta: Delta) -> None:
+        try:
+            seq.emit(delta)
+        except RuntimeError:  # the request's event loop is gone (server shutting down)
+            seq.cancelled = True
+
+    def _count_tokens(self, n: int) -> None:
+        metrics.GENERATED_TOKENS.labels(self.name).inc(n)
+        self._window_tokens += n
+        elapsed = time.perf_counter() - self._window_start
+        if elapsed >= 1.0:
+            metrics.TOKENS_PER_SECOND.labels(self.name).set(self._window_tokens / elapsed)
+            self._window_start, self._window_tokens = time.perf_counter(), 0
+
+
+def _join(a: _Batch, b: _Batch) -> _Batch:
+    """One batch of a's rows then b's, both caches left-padded to the wider one."""
+    width = max(a.attention.size(1), b.attention.size(1))
+
+    def pad(t: Tensor, dim_from_end: int) -> Tensor:  # left-pad along the given axis up to `width`
+        missing = width - t.size(-dim_from_end)
+        return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else t
+
+    for la, lb in zip(_kv_layers(a.cache), _kv_layers(b.cache), strict=True):
+        ka, kb = cast(Tensor, la.keys), cast(Tensor, lb.keys)  # (B, H, L, D)
+        va, vb = cast(Tensor, la.values), cast(Tensor, lb.values)
+        la.keys = torch.cat([pad(ka, 2), pad(kb, 2)], dim=0)  # (Ba+Bb, H, width, D)
+        la.values = torch.cat([pad(va, 2), pad(vb, 2)], dim=0)
+    a.attention = torch.cat([pad(a.attention, 1), pad(b.attention, 1)], dim=0)  # (Ba+Bb, width)
+    a.next_ids = torch.cat([a.next_ids, b.next_ids])
+    a.positions = torch.cat([a.positions, b.positions])
+    a.seqs = a.seqs + b.seqs
+    return a
+
+
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The layers of a joinable cache (every one a plain DynamicLayer holding keys and values)."""
+    return [layer for layer in cache.layers if isinstance(layer, DynamicLayer)]
+
+
+def _safe_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of a running sequence's text can be sent: not a trailing partial character (U+FFFD from
+    half a UTF-8 byte sequence), nor a tail that may grow into a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - k : end] == stop[:k]:
+                hold = max(hold, k)
+                break
+    return end - hold

@@ -1,0 +1,1 @@
+"""One router per resource: chat completions, completions, models, feedback, health and metrics."""

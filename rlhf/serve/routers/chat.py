@@ -1,0 +1,156 @@
+"""POST /v1/chat/completions: messages rendered by the policy's chat template; JSON or a stream of chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from rlhf.serve.deps import StateDep
+from rlhf.serve.errors import APIError, error_body
+from rlhf.serve.policy import Policy
+from rlhf.serve.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChunkDelta,
+    ResponseMessage,
+    Usage,
+)
+from rlhf.serve.service import (
+    SSE_DONE,
+    SSE_HEADERS,
+    ChoiceRun,
+    check_supported,
+    plan_choices,
+    row_params,
+    save_ab,
+    sse,
+    wants_ab,
+)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: StateDep
+) -> ChatCompletion | StreamingResponse:
+    policy = state.policy(body.model)
+    check_supported(body)
+    prompt = render_chat(policy, body.messages)
+    prompt_ids = policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    params = row_params(
+        body, body.max_completion_tokens or body.max_tokens, len(prompt_ids), policy, "messages"
+    )
+    ab = wants_ab(state, body, request, 1)
+    specs = plan_choices(state, policy, [prompt_ids], params, body.n or 1, ab)
+    meta: dict[str, Any] = {
+        "endpoint": "chat.completions",
+        "model": policy.name,
+        "messages": [m.model_dump(exclude_none=True) for m in body.messages],
+        "request_user": body.user,
+    }
+    run = ChoiceRun(specs, stream=bool(body.stream))
+    run.start()
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _stream(state, run, ab, ident, created, policy, len(prompt_ids), include_usage, prompt, meta)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await run.results()
+    feedback_id = await save_ab(state, specs, results, prompt, meta) if ab else None
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return ChatCompletion(
+        id=ident,
+        created=created,
+        model=policy.name,
+        choices=[
+            ChatChoice(
+                index=r.index, message=ResponseMessage(content=r.text.lstrip()), finish_reason=r.finish_reason
+            )
+            for r in results
+        ],
+        usage=Usage(
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=completion_tokens,
+            total_tokens=len(prompt_ids) + completion_tokens,
+        ),
+        feedback_id=feedback_id,
+    )
+
+
+def render_chat(policy: Policy, messages: list[ChatMessage]) -> str:
+    """The prompt text the policy sees: its chat template applied, ending with the assistant's turn."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    if not getattr(policy.tokenizer, "chat_template", None):
+        raise APIError(
+            f"The model '{policy.name}' has no chat template; use /v1/completions with a plain prompt.",
+            param="messages",
+            code="no_chat_template",
+        )
+    try:
+        return str(policy.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+    except Exception as e:  # templates raise their own errors for sequences they do not accept
+        raise APIError(f"The chat template rejected these messages: {e}", param="messages") from None
+
+
+async def _stream(
+    state: StateDep,
+    run: ChoiceRun,
+    ab: bool,
+    ident: str,
+    created: int,
+    policy: Policy,
+    prompt_tokens: int,
+    include_usage: bool,
+    prompt: str,
+    meta: dict[str, Any],
+) -> AsyncIterator[str]:
+    """Chunks: the role first, then content deltas, then each choice's finish_reason; a last chunk with
+    the usage (when asked) and the feedback id (A/B pairs); then [DONE]."""
+
+    def chunk(index: int, delta: ChunkDelta, finish_reason: str | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+        return sse(ChatCompletionChunk(id=ident, created=created, model=policy.name, choices=[choice]))
+
+    started: set[int] = set()  # choices whose content has begun (leading whitespace is dropped before)
+    try:
+        for spec in run.specs:
+            yield chunk(spec.index, ChunkDelta(role="assistant", content=""))
+        async for d in run.deltas():
+            content = d.text if d.index in started else d.text.lstrip()
+            if content:
+                started.add(d.index)
+                yield chunk(d.index, ChunkDelta(content=content))
+            if d.finish_reason is not None:
+                yield chunk(d.index, ChunkDelta(), d.finish_reason)
+        results = run.finished()
+        feedback_id = await save_ab(state, run.specs, results, prompt, meta) if ab else None
+        if include_usage or feedback_id:
+            done = sum(r.completion_tokens for r in results)
+            usage = Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
+            )
+            yield sse(
+                ChatCompletionChunk(
+                    id=ident,
+                    created=created,
+                    model=policy.name,
+                    choices=[],
+                    usage=usage if include_usage else None,
+                    feedback_id=feedback_id,
+                )
+            )
+    except APIError as e:
+        yield sse(error_body(e.message, e.status, e.param, e.code))
+    finally:
+        run.cancel()
+    yield SSE_DONE

@@ -1,0 +1,104 @@
+"""POST /v1/completions: plain-text prompts (one or a list), continued as they are; JSON or a stream."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from rlhf.serve.deps import StateDep
+from rlhf.serve.errors import APIError, error_body
+from rlhf.serve.policy import Policy
+from rlhf.serve.schemas import Completion, CompletionRequest, TextChoice, Usage
+from rlhf.serve.service import (
+    SSE_DONE,
+    SSE_HEADERS,
+    ChoiceRun,
+    check_supported,
+    plan_choices,
+    row_params,
+    save_ab,
+    sse,
+    wants_ab,
+)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, request: Request, state: StateDep
+) -> Completion | StreamingResponse:
+    policy = state.policy(body.model)
+    check_supported(body)
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = [policy.tokenizer(t)["input_ids"] for t in texts]
+    # One set of parameters for all prompts, so the longest prompt decides whether max_tokens fits.
+    params = row_params(body, body.max_tokens, max(len(p) for p in prompts), policy, "prompt")
+    ab = wants_ab(state, body, request, len(prompts))
+    specs = plan_choices(state, policy, prompts, params, body.n or 1, ab)
+    meta: dict[str, Any] = {"endpoint": "completions", "model": policy.name, "request_user": body.user}
+    prompt_tokens = sum(len(p) for p in prompts)
+    run = ChoiceRun(specs, stream=bool(body.stream))
+    run.start()
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _stream(state, run, ab, ident, created, policy, prompt_tokens, include_usage, texts[0], meta)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await run.results()
+    feedback_id = await save_ab(state, specs, results, texts[0], meta) if ab else None
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return Completion(
+        id=ident,
+        created=created,
+        model=policy.name,
+        choices=[TextChoice(index=r.index, text=r.text, finish_reason=r.finish_reason) for r in results],
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+        feedback_id=feedback_id,
+    )
+
+
+async def _stream(
+    state: StateDep,
+    run: ChoiceRun,
+    ab: bool,
+    ident: str,
+    created: int,
+    policy: Policy,
+    prompt_tokens: int,
+    include_usage: bool,
+    prompt: str,
+    meta: dict[str, Any],
+) -> AsyncIterator[str]:
+    """Text chunks as they come, each choice's last one with its finish_reason; a last chunk with the
+    usage (when asked) and the feedback id (A/B pairs); then [DONE]."""
+
+    def chunk(choices: list[TextChoice], **extra: Any) -> str:
+        return sse(Completion(id=ident, created=created, model=policy.name, choices=choices, **extra))
+
+    try:
+        async for d in run.deltas():
+            if d.text or d.finish_reason is not None:
+                yield chunk([TextChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)])
+        results = run.finished()
+        feedback_id = await save_ab(state, run.specs, results, prompt, meta) if ab else None
+        if include_usage or feedback_id:
+            done = sum(r.completion_tokens for r in results)
+            usage = Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
+            )
+            yield chunk([], usage=usage if include_usage else None, feedback_id=feedback_id)
+    except APIError as e:
+        yield sse(error_body(e.message, e.status, e.param, e.code))
+    finally:
+        run.cancel()
+    yield SSE_DONE

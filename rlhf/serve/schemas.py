@@ -1,0 +1,221 @@
+"""Request and response schemas of the OpenAI-compatible API (pydantic), plus the A/B feedback endpoint.
+
+Inputs follow OpenAI's field names and ranges; fields this server does not know are ignored, as OpenAI
+clients and frameworks send extras. Fields it knows but does not implement (logprobs, penalties, tools)
+are refused with a 400 rather than silently dropped. Extensions: `top_k`, and `ab` (opt in to A/B).
+Outputs carry `feedback_id` only on A/B responses.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlhf.feedback.schemas import KEY_PATTERN
+
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+Unit = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+StopList = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
+]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """What chat and text completions share: the model, sampling parameters, streaming, A/B opt-in."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="a model id from /v1/models")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="most tokens to generate per choice (default: the rest of the context)"
+    )
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = Field(
+        None, description="sampling temperature; 0 = greedy (default 1)"
+    )
+    top_p: Unit | None = Field(None, description="nucleus sampling mass in (0, 1] (default 1 = off)")
+    top_k: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="keep the k likeliest tokens; 0 = off"
+    )
+    n: Annotated[int, Field(ge=1)] | None = Field(None, description="choices to generate (default 1)")
+    stop: str | StopList | None = Field(None, description="up to 4 strings; the text is cut at the first one")
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = Field(
+        None, description="same seed and request, same answer"
+    )
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    ab: bool | None = Field(None, description="opt in to A/B pairs (also: header X-RLHF-AB: 1)")
+    # Known to OpenAI clients, not implemented here: refused unless left at their neutral values.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server cannot do, or None."""
+        if self.logprobs or self.top_logprobs:
+            return "logprobs"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name
+        if self.logit_bias:
+            return "logit_bias"
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of"
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.tools or self.functions:
+            return "tools"
+        return None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the newer name of max_tokens"
+    )
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+
+
+class FeedbackIn(BaseModel):
+    """A user's choice between the two answers of an A/B response."""
+
+    model_config = ConfigDict(extra="forbid")
+    feedback_id: Annotated[str, Field(min_length=1, max_length=128)]
+    choice: Literal["A", "B", "tie", "both_bad"]
+    user: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,58}$")] | None = Field(
+        None, description="the end user's id; votes without one are per client address"
+    )
+    idempotency_key: Annotated[str, Field(pattern=KEY_PATTERN)] | None = Field(
+        None,
+        description="8-128 of [A-Za-z0-9_.:-]; or the Idempotency-Key header. A retry never counts twice",
+    )
+
+
+# ---- responses ----------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    feedback_id: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
+    content: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=lambda v: v is None)
+    system_fingerprint: str | None = None
+    feedback_id: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = Field(None, exclude_if=lambda v: v is None)
+    system_fingerprint: str | None = None
+    feedback_id: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rlhf-loop"
+    version: str = Field(description="name@digest of the checkpoint: the policy version votes are tied to")
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+class FeedbackOut(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    feedback_id: str
+    choice: str
+    vote_id: int
+    replayed: bool = Field(description="true when this repeats an earlier request with the same key")

@@ -1,0 +1,237 @@
+"""What chat and text completions share: resolving parameters, running choices on the engines, A/B pairs.
+
+A request becomes a list of `ChoiceSpec`s (one per choice: which policy, which prompt, how to sample);
+`ChoiceRun` submits them to the engines and yields their `Delta`s as they arrive. An A/B request is two
+choices: two samples of the requested policy, or the main policy and the candidate in a random order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from rlhf.serve import metrics
+from rlhf.serve.deps import ServeState
+from rlhf.serve.engine import Delta, Overloaded, RowParams, Sequence
+from rlhf.serve.errors import APIError
+from rlhf.serve.feedback import Answer, save_ab_pair
+from rlhf.serve.policy import Policy
+from rlhf.serve.schemas import SamplingRequest
+
+log = logging.getLogger(__name__)
+
+AB_HEADER = "x-rlhf-ab"
+SEED_MOD = 2**64
+
+
+@dataclass
+class ChoiceSpec:
+    index: int
+    policy: Policy
+    prompt_ids: list[int]
+    params: RowParams
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+def check_supported(req: SamplingRequest) -> None:
+    field = req.unsupported()
+    if field is not None:
+        raise APIError(
+            f"'{field}' is not supported by this server.", param=field, code="unsupported_parameter"
+        )
+
+
+def row_params(
+    req: SamplingRequest, max_tokens: int | None, prompt_len: int, policy: Policy, prompt_param: str
+) -> RowParams:
+    """The request's sampling parameters, checked against the model's context length."""
+    context = policy.context_length
+    if prompt_len >= context:
+        raise APIError(
+            f"This model's maximum context length is {context} tokens. However, your {prompt_param} is "
+            f"{prompt_len} tokens, which leaves no room for a completion. Please shorten it.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    room = context - prompt_len
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return RowParams(
+        max_tokens=max_tokens or room,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        seed=req.seed,
+        stop=stop,
+    )
+
+
+def wants_ab(state: ServeState, req: SamplingRequest, request: Request, n_prompts: int) -> bool:
+    """A/B applies to opted-in single-prompt, single-choice requests, at the configured rate."""
+    opted = bool(req.ab) or request.headers.get(AB_HEADER, "").strip().lower() in ("1", "true", "yes")
+    if not opted or state.store is None or (req.n or 1) != 1 or n_prompts != 1:
+        return False
+    return state.rng.random() < state.settings.ab_rate
+
+
+def plan_choices(
+    state: ServeState, policy: Policy, prompts: list[list[int]], params: RowParams, n: int, ab: bool
+) -> list[ChoiceSpec]:
+    """One spec per choice: prompt p's j-th choice is index p * n + j; a seed moves on by j."""
+    if len(prompts) * n > state.settings.max_n:
+        raise APIError(
+            f"At most {state.settings.max_n} choices per request (n times prompts); got {len(prompts) * n}.",
+            param="n",
+        )
+    if ab:
+        pair = [policy, policy]
+        if state.candidate is not None and policy in (state.main, state.candidate):
+            pair = [state.main, state.candidate]
+            state.rng.shuffle(pair)  # which side the candidate is shown on is random: no position bias
+        return [ChoiceSpec(i, p, prompts[0], _seeded(params, i)) for i, p in enumerate(pair)]
+    return [
+        ChoiceSpec(p * n + j, policy, ids, _seeded(params, j))
+        for p, ids in enumerate(prompts)
+        for j in range(n)
+    ]
+
+
+def _seeded(params: RowParams, offset: int) -> RowParams:
+    if params.seed is None or offset == 0:
+        return params
+    return RowParams(**{**params.__dict__, "seed": (params.seed + offset) % SEED_MOD})
+
+
+class ChoiceRun:
+    """The choices of one request on the engines. Iterate `deltas()`; `cancel()` frees rows left running."""
+
+    def __init__(self, specs: list[ChoiceSpec], stream: bool) -> None:
+        self.specs = specs
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.seqs = [Sequence(s.prompt_ids, s.params, s.index, self._emit, stream) for s in specs]
+        self._texts: dict[int, list[str]] = {}
+        self._done: dict[int, ChoiceResult] = {}
+
+    def _emit(self, delta: Delta) -> None:  # called on an engine's thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+
+    def start(self) -> None:
+        try:
+            for spec, seq in zip(self.specs, self.seqs, strict=True):
+                spec.policy.engine.submit([seq])
+        except Overloaded as e:
+            self.cancel()
+            raise APIError(
+                f"The server is overloaded ({e}); retry shortly.", 429, code="overloaded"
+            ) from None
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            seq.cancelled = True
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Deltas until every choice has finished (then `finished()` has the results); a generation
+        failure raises APIError (500)."""
+        running = len(self.seqs)
+        while running:
+            delta = await self._queue.get()
+            if delta.error is not None:
+                self.cancel()
+                raise APIError(delta.error, 500, code="generation_failed")
+            self._texts.setdefault(delta.index, []).append(delta.text)
+            if delta.finish_reason is not None:
+                running -= 1
+                text = "".join(self._texts[delta.index])
+                self._done[delta.index] = ChoiceResult(
+                    delta.index, text, delta.finish_reason, delta.completion_tokens
+                )
+            yield delta
+
+    def finished(self) -> list[ChoiceResult]:
+        return [self._done[i] for i in sorted(self._done)]
+
+    async def results(self) -> list[ChoiceResult]:
+        """Run every choice to its end."""
+        try:
+            async for _ in self.deltas():
+                pass
+        finally:
+            self.cancel()
+        return self.finished()
+
+
+def sampling_record(spec: ChoiceSpec, result: ChoiceResult) -> dict[str, Any]:
+    """The sampling parameters stored with a production completion (its lineage), and how it ended."""
+    p = spec.params
+    return {
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k,
+        "max_new_tokens": p.max_tokens,
+        "seed": p.seed,
+        "stop": list(p.stop),
+        "model": spec.policy.name,
+        "finish_reason": result.finish_reason,
+    }
+
+
+async def save_ab(
+    state: ServeState,
+    specs: list[ChoiceSpec],
+    results: list[ChoiceResult],
+    prompt: str,
+    meta: dict[str, Any],
+) -> str | None:
+    """Write the A/B pair to the store; its feedback id, or None (identical answers, or the store failed:
+    the user still gets the answers, only the vote is lost)."""
+    assert state.store is not None and len(results) == 2
+    feedback_id = "ab-" + secrets.token_hex(12)
+    answers = (
+        Answer(results[0].text, specs[0].policy.version, sampling_record(specs[0], results[0])),
+        Answer(results[1].text, specs[1].policy.version, sampling_record(specs[1], results[1])),
+    )
+    try:
+        saved = await run_in_threadpool(
+            save_ab_pair, state.store, feedback_id, prompt, answers, {"source": "production", **meta}
+        )
+    except Exception:
+        log.exception("could not write an A/B pair to the feedback store")
+        return None
+    if not saved:
+        return None
+    metrics.AB_RESPONSES.labels(meta.get("endpoint", "")).inc()
+    return feedback_id
+
+
+def sse(event: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event in OpenAI's framing."""
+    body = event.model_dump_json() if isinstance(event, BaseModel) else json.dumps(event)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

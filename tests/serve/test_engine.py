@@ -1,0 +1,123 @@
+"""The batching worker: joining a running batch changes no output; seeds hold in any batch; rows free up;
+and concurrent requests through the server are decoded together."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from rlhf.generation import SamplingParams, decode_responses, generate
+from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.serve.engine import Delta, Engine, RowParams, Sequence
+
+PROMPTS = [
+    "User: Hello!\nAssistant:",
+    "User: What is 2 plus 3?\nAssistant:",
+    "User: hi",
+    "User: Is the sky green?",
+]
+
+
+class Collector:
+    """Gathers the deltas of several sequences; `wait()` until all have finished."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.deltas: dict[int, list[Delta]] = {i: [] for i in range(n)}
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def emit(self, delta: Delta) -> None:
+        with self._lock:
+            self.deltas[delta.index].append(delta)
+            if sum(1 for ds in self.deltas.values() if ds and ds[-1].finish_reason) == self.n:
+                self.done.set()
+
+    def text(self, i: int) -> str:
+        return "".join(d.text for d in self.deltas[i])
+
+    def wait(self) -> None:
+        assert self.done.wait(60), "sequences did not finish"
+
+
+@pytest.fixture(scope="module")
+def engine(model_dirs: dict[str, Path]) -> Any:
+    path = str(model_dirs["policy"])
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    eng = Engine(model, tokenizer, "test", max_batch_size=8, batch_wait_s=0.0)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def test_sequences_joining_a_running_batch_get_the_same_greedy_text(engine: Engine) -> None:
+    tok = engine.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    expected = [
+        decode_responses(
+            tok,
+            generate(
+                engine.model, [p], SamplingParams(10, temperature=0), tok.eos_token_id, tok.pad_token_id
+            ),
+        )[0]
+        for p in ids
+    ]
+    got = Collector(len(ids))
+    for i, p in enumerate(ids):  # staggered: each joins a batch already decoding, with a different length
+        engine.submit([Sequence(p, RowParams(max_tokens=10, temperature=0), i, got.emit, stream=i % 2 == 0)])
+        time.sleep(0.02)
+    got.wait()
+    assert [got.text(i) for i in range(len(ids))] == expected
+
+
+def test_a_seeded_sequence_samples_the_same_alone_or_in_company(engine: Engine) -> None:
+    tok = engine.tokenizer
+    seeded = RowParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    alone = Collector(1)
+    engine.submit([Sequence(tok(PROMPTS[0])["input_ids"], seeded, 0, alone.emit)])
+    alone.wait()
+    crowd = Collector(4)
+    others = [RowParams(max_tokens=12, temperature=t, top_k=k) for t, k in ((0.0, 0), (1.5, 5), (0.7, 0))]
+    seqs = [Sequence(tok(PROMPTS[i + 1])["input_ids"], p, i + 1, crowd.emit) for i, p in enumerate(others)]
+    engine.submit([*seqs[:2], Sequence(tok(PROMPTS[0])["input_ids"], seeded, 0, crowd.emit), seqs[2]])
+    crowd.wait()
+    assert crowd.text(0) == alone.text(0)
+
+
+def test_a_cancelled_sequence_stops_growing(engine: Engine) -> None:
+    tok = engine.tokenizer
+    got = Collector(2)
+    long = Sequence(tok(PROMPTS[0])["input_ids"], RowParams(max_tokens=60), 0, got.emit, stream=True)
+    short = Sequence(tok(PROMPTS[1])["input_ids"], RowParams(max_tokens=20), 1, got.emit)
+    engine.submit([long, short])
+    while not long.tokens:
+        time.sleep(0.001)
+    long.cancelled = True
+    deadline = time.monotonic() + 60
+    while not (got.deltas[1] and got.deltas[1][-1].finish_reason):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert len(long.tokens) < 60 and not any(d.finish_reason for d in got.deltas[0])
+
+
+def test_concurrent_requests_are_batched(client: openai.OpenAI, server: dict[str, Any]) -> None:
+    engine = server["state"].main.engine
+    before = Counter(engine.batch_sizes)
+
+    def ask(i: int) -> str:
+        out = client.completions.create(model="tiny", prompt=PROMPTS[i % 4], max_tokens=16, temperature=1.0)
+        return out.choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert len(answers) == 8
+    steps = Counter(engine.batch_sizes)
+    steps.subtract(before)
+    assert max(size for size, count in steps.items() if count > 0) >= 4

@@ -1,0 +1,27 @@
+"""`rlhf serve` is wired into the CLI with the documented options, and rejects A/B without a store."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from rlhf.cli import app
+
+
+def test_serve_help_lists_the_options() -> None:
+    result = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in (
+        "--feedback-db",
+        "--host",
+        "--port",
+        "--max-batch-size",
+        "--ab-rate",
+        "--candidate-model",
+        "--model-name",
+    ):
+        assert option in result.output
+
+
+def test_ab_rate_without_a_feedback_store_is_a_config_error() -> None:
+    result = CliRunner().invoke(app, ["serve", "some/model", "--ab-rate", "0.5"])
+    assert result.exit_code != 0 and "feedback_db" in str(result.exception)
