@@ -213,6 +213,7 @@ def reward(
         )
 
 
+@app.command()
 def serve(
     model_dir: Annotated[str, typer.Argument(help="policy to serve: model dir, LoRA adapter dir or hub id")],
     feedback_db: Annotated[
