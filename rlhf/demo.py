@@ -36,7 +36,10 @@ FAST_OVERRIDES = [
 
 def default_config_path() -> Path | None:
     """configs/demo.yaml of a source checkout, or the copy shipped in the package."""
-    for candidate in (Path(__file__).parents[1] / "configs" / "demo.yaml", Path(__file__).parent / "_configs" / "demo.yaml"):
+    for candidate in (
+        Path(__file__).parents[1] / "configs" / "demo.yaml",
+        Path(__file__).parent / "_configs" / "demo.yaml",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -51,8 +54,17 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
         f"sft.out_dir={out / 'sft'}",
         f"sft.model={out / 'pretrain' / 'final'}",
         f"sft.train_file={data / 'sft.jsonl'}",
+        f"generate.model={out / 'sft' / 'final'}",
+        f"generate.prompts_file={data / 'rl_prompts.jsonl'}",
+        f"generate.out={out / 'candidates.jsonl'}",
+        "generate.policy_version=sft",
+        f"reward.out_dir={out / 'reward'}",
+        f"reward.model={out / 'sft' / 'final'}",
+        f"reward.train_file={out / 'votes.jsonl'}",
     ]
-    return load_config(config or default_config_path(), [*(FAST_OVERRIDES if fast else []), *overrides, *paths])
+    return load_config(
+        config or default_config_path(), [*(FAST_OVERRIDES if fast else []), *overrides, *paths]
+    )
 
 
 class Stages:
@@ -68,11 +80,76 @@ class Stages:
             return
         t0 = time.perf_counter()
         result = fn() or {}
-        self.done[name] = {"seconds": round(time.perf_counter() - t0, 2), **{k: v for k, v in result.items() if isinstance(v, int | float | str)}}
+        self.done[name] = {
+            "seconds": round(time.perf_counter() - t0, 2),
+            **{k: v for k, v in result.items() if isinstance(v, int | float | str)},
+        }
         write_json(self.path, self.done)
 
 
-def run(out: Path, fast: bool = False, config: Path | None = None, overrides: list[str] | None = None, quiet: bool = False) -> Stages:
+PROJECT = "demo"
+
+
+def train_reward(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
+    """The reward model on the exported votes, then its accuracy against gold beside the panel's."""
+    from rlhf.eval.reward_eval import add_gold_eval
+    from rlhf.train import reward
+
+    result = reward.run(cfg.reward, resume=True, quiet=quiet)
+    gold = add_gold_eval(cfg.reward.out_dir, [cfg.reward.train_file], cfg.reward.format)
+    return {
+        "pairs": result["train_pairs"],
+        "rm_gold_accuracy": gold["gold/rm_accuracy"]["accuracy"],
+        "panel_gold_agreement": gold["gold/label_agreement"]["accuracy"],
+    }
+
+
+def label(out: Path, cfg: RootConfig) -> dict[str, Any]:
+    """Candidates -> comparison tasks in the feedback store (SQLite) -> the simulated panel votes through the
+    labeling app's HTTP API -> exported votes."""
+    from rlhf.data.jsonl import write_jsonl
+    from rlhf.feedback.db import Database, upgrade
+    from rlhf.feedback.errors import NotFound
+    from rlhf.feedback.export import export_records
+    from rlhf.feedback.importer import import_candidates, read_rows
+    from rlhf.feedback.schemas import CandidateRow
+    from rlhf.feedback.testing import run_server
+    from rlhf.feedback.users import create_token, create_user, get_user
+    from rlhf.labelers.api_panel import label_through_api
+    from rlhf.labelers.panel import Panel
+
+    db_url = f"sqlite:///{out / 'feedback.db'}"
+    db = Database(db_url)
+    panel = Panel.from_config(cfg.panel)
+    tokens = {}
+    try:
+        upgrade(db)
+        with db.session() as session:
+            rows = read_rows(cfg.generate.out, CandidateRow, 1 << 30)
+            imported = import_candidates(session, PROJECT, rows, task_kind="pairwise", overlap=1)
+            for member in panel.members:  # a user per simulated labeler (kept when the demo resumes)
+                try:
+                    get_user(session, member.name)
+                except NotFound:
+                    create_user(session, member.name, "labeler")
+                tokens[member.name] = create_token(session, member.name, "demo panel")
+        with run_server(db_url, votes_per_minute=0) as base_url:
+            counts = label_through_api(base_url, tokens, panel, PROJECT)
+        with db.session() as session:
+            n = write_jsonl(cfg.reward.train_file, export_records(session, PROJECT, "votes"))
+    finally:
+        db.dispose()
+    return {"tasks": imported.tasks, "votes": n, "votes_this_run": sum(counts.values())}
+
+
+def run(
+    out: Path,
+    fast: bool = False,
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+) -> Stages:
+    from rlhf import generate
     from rlhf.data import demo_task
     from rlhf.train import pretrain, sft
 
@@ -90,4 +167,7 @@ def run(out: Path, fast: bool = False, config: Path | None = None, overrides: li
     stages.run("data", data)
     stages.run("pretrain", lambda: pretrain.run(cfg.pretrain, resume=True, quiet=quiet))
     stages.run("sft", lambda: sft.run(cfg.sft, resume=True, quiet=quiet))
+    stages.run("generate", lambda: generate.run(cfg.generate))
+    stages.run("label", lambda: label(out, cfg))
+    stages.run("reward", lambda: train_reward(cfg, quiet))
     return stages

@@ -27,7 +27,15 @@ CURVES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Pretraining loss", "pretrain", [("pretrain/loss", "train"), ("pretrain/eval_loss", "held-out")]),
     ("SFT loss", "sft", [("sft/loss", "train"), ("sft/eval_loss", "held-out")]),
     ("Reward-model accuracy", "reward", [("rm/accuracy", "train"), ("rm/eval_accuracy", "held-out")]),
-    ("PPO: proxy (reward model) and gold", "ppo", [("ppo/score", "proxy, train batch"), ("ppo/guard_proxy", "proxy, held-out"), ("ppo/guard_gold", "gold, held-out")]),
+    (
+        "PPO: proxy (reward model) and gold",
+        "ppo",
+        [
+            ("ppo/score", "proxy, train batch"),
+            ("ppo/guard_proxy", "proxy, held-out"),
+            ("ppo/guard_gold", "gold, held-out"),
+        ],
+    ),
     ("PPO: KL to the reference", "ppo", [("ppo/kl", "train batch"), ("ppo/guard_kl", "held-out")]),
     ("PPO: entropy", "ppo", [("ppo/entropy", "entropy")]),
     ("PPO: response length (tokens)", "ppo", [("ppo/response_length", "mean length")]),
