@@ -1,0 +1,1 @@
+"""Evaluation: win rates under a judge, KL to a reference, the demo task's metrics."""
