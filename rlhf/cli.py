@@ -109,6 +109,89 @@ def sft(
     )
 
 
+@app.command("generate")
+def generate_candidates(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", help="candidates JSONL (default: generate.out)")] = None,
+    policy_version: Annotated[
+        str | None, typer.Option("--policy-version", help="policy name stored with each completion")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sample K candidate answers per prompt from a policy (nucleus sampling) for labelers to compare."""
+    from rlhf import generate as stage
+
+    overrides = list(sets or [])
+    if out:
+        overrides.append(f"generate.out={out}")
+    if policy_version:
+        overrides.append(f"generate.policy_version={policy_version}")
+    cfg = load_config(config, overrides).generate
+    _setup_logging(quiet)
+    result = stage.run(cfg)
+    typer.echo(
+        f"generate: {result['completions']} answers to {result['prompts']} prompts by {result['policy']} "
+        f"(EOS rate {result['eos_rate']:.2f}) in {result['seconds']:.1f}s; written to {result['out']}"
+    )
+
+
+@data_app.command("label-offline")
+def data_label_offline(
+    candidates: Annotated[Path, typer.Option("--candidates", help="candidates JSONL from `rlhf generate`")],
+    out: Annotated[Path, typer.Option("--out", help="votes JSONL to write")] = Path("votes.jsonl"),
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Label candidates with the simulated panel (no web app): vote-format JSONL, plus its agreement with gold."""
+    from rlhf.data.preferences import write_preferences
+    from rlhf.labelers.panel import Panel, agreement_with_gold, label_offline, read_candidates
+
+    cfg = load_config(config, list(sets or [])).panel
+    rows = read_candidates(candidates)
+    votes = label_offline(rows, Panel.from_config(cfg), cfg.pairs_per_prompt)
+    write_preferences(out, votes)
+    agreement = agreement_with_gold(votes)
+    typer.echo(
+        f"label-offline: {len(votes)} votes on {len(rows)} prompts by {cfg.size} simulated labelers; "
+        f"agreement with gold {agreement.rate:.3f} on {agreement.n} gold-ordered pairs; written to {out}"
+    )
+
+
+@app.command()
+def reward(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a Bradley-Terry reward model on preference data, initialised from the SFT policy."""
+    from rlhf.train import reward as stage
+
+    cfg = _config(config, sets, "reward", out).reward
+    _setup_logging(quiet)
+    result = stage.run(cfg, resume=resume, quiet=quiet)
+    acc = result.get("eval", {}).get("rm/accuracy", {})
+    line = f"reward: {result['train_pairs']} pairs in {result['train_groups']} groups; "
+    if acc.get("n"):
+        low, high = acc["ci95"]
+        line += f"held-out accuracy {acc['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}, {acc['n']} pairs); "
+    typer.echo(line + f"model in {cfg.out_dir}/final")
+    if cfg.gold_eval:
+        from rlhf.eval.reward_eval import add_gold_eval
+
+        files = [cfg.train_file, *([cfg.eval_file] if cfg.eval_file else [])]
+        gold = add_gold_eval(cfg.out_dir, files, cfg.format)
+        if not gold["gold/pairs"]:
+            typer.echo("reward vs gold: no held-out pairs that gold orders (set reward.eval_fraction > 0)")
+            return
+        typer.echo(
+            f"reward vs gold on {gold['gold/pairs']} held-out pairs: reward model "
+            f"{gold['gold/rm_accuracy']['accuracy']:.3f}, labels (panel) {gold['gold/label_agreement']['accuracy']:.3f}"
+        )
+
+
 @app.command()
 def ppo(
     config: ConfigOpt = None,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlhf.data.preference_io import Format
 from rlhf.errors import ConfigError
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -127,6 +128,122 @@ class SFTConfig(TrainConfig):
     epochs: int = Field(2, gt=0, description="passes over the demonstrations")
 
 
+class GenerateConfig(Section):
+    """`rlhf generate`: K candidate answers per prompt from a policy, for labelers to compare."""
+
+    model: str = Field("runs/sft/final", description="policy checkpoint that samples (local dir or hub id)")
+    prompts_file: str = Field("data/demo/rl_prompts.jsonl", description="JSONL of {prompt, prompt_id?} rows")
+    out: str = Field(
+        "runs/candidates.jsonl", description="candidates JSONL written here (the labeling app's import)"
+    )
+    policy_version: str | None = Field(
+        None, description="policy name stored with each completion; default: the model dir name"
+    )
+    k: int = Field(4, ge=1, le=16, description="candidate answers per prompt")
+    max_prompts: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    max_new_tokens: int = Field(
+        48, gt=0, description="longest answer in tokens; longer ones end with finish_reason 'length'"
+    )
+    seed: int = Field(0, description="sampling seed; same seed and batch size, same candidates")
+    batch_size: int = Field(128, gt=0, description="sequences sampled together (prompts x K)")
+    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+
+
+class PanelConfig(Section):
+    """The simulated labeler panel: members judge by the demo task's gold utility, with human-like noise."""
+
+    size: int = Field(5, gt=0, description="number of simulated labelers")
+    temperature: float = Field(
+        1.0, gt=0, description="Bradley-Terry noise: P(A) = sigmoid((u_A - u_B) / temperature)"
+    )
+    flip_prob: float = Field(
+        0.1, ge=0, le=0.5, description="chance that a member reports the opposite of their choice"
+    )
+    bias_spread: float = Field(
+        0.05, ge=0, description="std of each member's length bias w: perceived utility + w * n_words"
+    )
+    seed: int = Field(0, description="seed of member biases and of every judgement")
+    pairs_per_prompt: int = Field(
+        0, ge=0, description="label_offline: pairs compared per prompt (0 = all C(K,2))"
+    )
+
+
+class LoraSettings(Section):
+    """LoRA adapters (peft) instead of full fine-tuning; merged into the weights when saved."""
+
+    r: int = Field(0, ge=0, description="adapter rank (0 = off: train all weights)")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names that get adapters",
+    )
+
+
+class NormaliseSettings(Section):
+    """After training: shift (and scale) rewards so the SFT policy's answers score mean 0 (std 1)."""
+
+    enabled: bool = Field(True, description="set the normalisation constants after training")
+    policy: str | None = Field(
+        None, description="policy whose answers define 0; default: reward.model (the SFT checkpoint)"
+    )
+    prompts_file: str | None = Field(
+        None, description="JSONL of {prompt}; default: the distinct prompts of the preference data"
+    )
+    completions_file: str | None = Field(
+        None, description="JSONL of {prompt, completion} to score instead of sampling"
+    )
+    n_prompts: int = Field(256, gt=0, description="reference prompts answered (one answer each)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of the reference answers")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass of the reference answers")
+    max_new_tokens: int = Field(48, gt=0, description="longest reference answer in tokens")
+    scale: bool = Field(False, description="also divide by the std, so reference answers score std 1")
+
+
+class RewardConfig(TrainConfig):
+    """`rlhf reward`: a Bradley-Terry reward model on preference data, initialised from the SFT policy."""
+
+    out_dir: str = Field("runs/reward", description="run directory")
+    model: str = Field("runs/sft/final", description="SFT checkpoint the reward model starts from")
+    train_file: str = Field(
+        "runs/votes.jsonl", description="preference JSONL in any format of docs/formats.md"
+    )
+    format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
+    eval_file: str | None = Field(
+        None, description="held-out preferences; default: a split of train_file by prompt"
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of prompts held out when eval_file is unset"
+    )
+    max_seq_len: int = Field(
+        128, gt=1, description="prompt + completion + EOS tokens; longer ones are cut, EOS kept"
+    )
+    group_sessions: bool = Field(
+        True, description="merge one labeler's judgements of one prompt into one batch element (InstructGPT)"
+    )
+    use_margins: bool = Field(True, description="use the data's margins in -log sigmoid(r_c - r_r - margin)")
+    labeler_weights: str | None = Field(
+        None, description="JSON/YAML mapping labeler -> loss weight (0 drops a labeler)"
+    )
+    default_labeler_weight: float = Field(
+        1.0, ge=0, description="weight of labelers absent from labeler_weights"
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA instead of full fine-tuning")
+    normalise: NormaliseSettings = Field(
+        default_factory=NormaliseSettings, description="reward normalisation"
+    )
+    gold_eval: bool = Field(
+        False, description="after training, compare with the demo task's gold utility (CLI only)"
+    )
+    lr: float = Field(5e-5, gt=0, description="peak learning rate of AdamW")
+    batch_size: int = Field(16, gt=0, description="groups (one judgement of one prompt) per optimiser step")
+    micro_batch_size: int = Field(16, gt=0, description="groups per forward pass on one process")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
+
+
 class PPOConfig(TrainConfig):
     """`rlhf ppo`: PPO against a frozen reward model with a per-token KL penalty to a frozen reference.
 
@@ -234,6 +351,9 @@ class RootConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    panel: PanelConfig = Field(default_factory=PanelConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -1,12 +1,15 @@
-"""Shared fixtures: a tiny demo task and tiny models trained on it, built once per test session in a temp dir.
+"""Shared fixtures: a tiny demo task and a tiny SFT policy trained on it, built once per test session in a temp dir.
 
 Nothing is downloaded: the tokenizer is a small BPE trained on the tiny corpus, the model a 2-layer Llama of
-width 32, fine-tuned for a few SFT steps; the reward model is that model with a new scalar head.
+width 32 fine-tuned for 30 SFT steps (about 2 s on one core). Stages that start from "the SFT checkpoint"
+(reward, PPO) take `tiny_sft_model`, a directory that holds the model and its tokenizer.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +27,7 @@ TINY_ARCH = ArchConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo task at a tenth of a percent of its size."""
+    """The demo task's files (pretrain.txt, sft.jsonl, rl_prompts.jsonl, eval_prompts.jsonl), tiny."""
     out = tmp_path_factory.mktemp("demo_data")
     demo_task.generate(out, seed=0, n_pretrain=400, n_sft=200, n_rl_prompts=64, n_eval_prompts=32)
     return out
@@ -32,7 +35,7 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sft_model(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> Path:
-    """A tiny SFT policy (directory with model and tokenizer): BPE + 2-layer Llama + 30 SFT steps."""
+    """A tiny SFT policy: directory with a LlamaForCausalLM and its tokenizer (PAD distinct from EOS)."""
     root = tmp_path_factory.mktemp("tiny_models")
     tokenizer = train_bpe_tokenizer(read_corpus(demo_data / "pretrain.txt"), vocab_size=300)
     tokenizer.save_pretrained(root / "base")
@@ -42,6 +45,44 @@ def tiny_sft_model(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) ->
                     epochs=3, precision="fp32", eval_fraction=0.05, save_every=1000, log_every=10)  # fmt: skip
     sft.run(cfg, quiet=True)
     return root / "sft" / "final"
+
+
+def make_demo_candidates(
+    n_prompts: int, k: int = 4, seed: int = 0, wrong: float = 0.3, rude: float = 0.25, ramble: float = 0.3,
+    endless: float = 0.15, template_weights: list[float] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Candidate rows (the `rlhf generate` format) with the demo world's answers, written without a model:
+    each answer is wrong, rude, rambling or endless (finish_reason "length") with the given probabilities."""
+    rng = random.Random(seed)
+    rows = []
+    for n in range(n_prompts):
+        q = demo_task.sample_question(rng)
+        completions = []
+        for _ in range(k):
+            never_ends = rng.random() < endless
+            text = demo_task.make_response(q, rng, wrong=rng.random() < wrong, rude=rng.random() < rude,
+                                           ramble=rng.random() < ramble, endless=never_ends,
+                                           template_weights=template_weights)  # fmt: skip
+            completions.append({"text": " " + text, "policy": "synthetic",
+                                "finish_reason": "length" if never_ends else "stop"})  # fmt: skip
+        rows.append(
+            {"prompt": demo_task.render_prompt(q.text), "prompt_id": f"p{n}", "completions": completions}
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def demo_candidates() -> list[dict[str, Any]]:
+    """600 prompts with 4 answers of mixed quality each (3,600 pairs), as `rlhf generate` writes them."""
+    return make_demo_candidates(600)
+
+
+@pytest.fixture(scope="session")
+def sft_like_candidates() -> list[dict[str, Any]]:
+    """300 prompts with 4 answers each, flawed at the SFT demonstrations' rates (10% wrong, 15% rude, 10%
+    rambling, mostly wordy templates, all ending): what the demo SFT policy samples."""
+    return make_demo_candidates(300, wrong=0.1, rude=0.15, ramble=0.1, endless=0.0,
+                                template_weights=[0.15, 0.35, 0.25, 0.15, 0.1])  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
 from rlhf.config import Precision, TrainConfig
@@ -44,8 +45,15 @@ def resolve_precision(precision: Precision) -> str:
 
 
 def make_accelerator(precision: Precision) -> Accelerator:
-    """One accelerator per stage: `accelerate launch` turns the same code into DDP / FSDP / DeepSpeed."""
-    return Accelerator(mixed_precision=resolve_precision(precision), cpu=not torch.cuda.is_available())
+    """One accelerator per stage: `accelerate launch` turns the same code into DDP / FSDP / DeepSpeed.
+
+    accelerate keeps one state per process and refuses a second precision; stages run one after another in
+    one process (`rlhf demo`, the tests) may differ, so that state is reset (the process group kept) first.
+    """
+    mixed_precision = resolve_precision(precision)
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def autocast(accelerator: Accelerator) -> Any:

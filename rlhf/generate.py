@@ -1,0 +1,101 @@
+"""`rlhf generate`: K candidate answers per prompt from a policy, the comparison tasks labelers judge.
+
+Writes the candidates JSONL that the labeling app imports, one row per prompt:
+  {"prompt", "prompt_id", "completions": [{"text", "policy", "sampling": {...}, "finish_reason"}]}
+Each completion carries its lineage: the policy version and the sampling parameters that made it.
+finish_reason is "stop" when the policy ended with EOS, "length" when it ran out of max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import GenerateConfig
+from rlhf.data.jsonl import field, iter_jsonl, write_jsonl
+from rlhf.errors import DataError
+from rlhf.generation import SamplingParams, decode_responses, generate
+from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.train.common import resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(path: str | Path, max_prompts: int = 0) -> list[tuple[str, str]]:
+    """(prompt_id, prompt) pairs; the id is the row's `prompt_id` (or `id`), else "<file stem>:<line>"."""
+    path = Path(path)
+    prompts = []
+    for lineno, row in iter_jsonl(path):
+        prompt = field(path, lineno, row, "prompt", str)
+        given = row.get("prompt_id", row.get("id"))
+        prompts.append((str(given) if given is not None else f"{path.stem}:{lineno}", prompt))
+        if max_prompts and len(prompts) == max_prompts:
+            break
+    if not prompts:
+        raise DataError(f"{path}: no prompts (empty file)")
+    return prompts
+
+
+def policy_name(model: str, policy_version: str | None) -> str:
+    """The policy version stored with each completion: the given name, else the checkpoint's directory name
+    (its parent's too when that is a generic 'final', e.g. runs/sft/final -> 'sft/final')."""
+    if policy_version:
+        return policy_version
+    path = Path(model)
+    return f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name else path.name
+
+
+def run(cfg: GenerateConfig) -> dict[str, Any]:
+    """Sample cfg.k answers to every prompt in batches; write the candidates file; return a summary."""
+    start = time.perf_counter()
+    prompts = read_prompts(cfg.prompts_file, cfg.max_prompts)  # read first: bad input leaves nothing behind
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model)
+    policy.eval()
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
+    sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+    policy_version = policy_name(cfg.model, cfg.policy_version)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    bf16 = resolve_precision(cfg.precision) == "bf16" and not torch.cuda.is_available()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # Every prompt K times, sampled in batches; row i of the flat list is answer i % k of prompt i // k.
+    prompt_ids = tokenizer([p for _, p in prompts], add_special_tokens=False)["input_ids"]
+    flat = [ids for ids in prompt_ids for _ in range(cfg.k)]
+    texts: list[str] = []
+    ended: list[bool] = []
+    for i in range(0, len(flat), cfg.batch_size):
+        with autocast:
+            gen = generate(
+                policy, flat[i : i + cfg.batch_size], params, tokenizer.eos_token_id,
+                tokenizer.pad_token_id, generator=generator,
+            )  # fmt: skip
+        texts.extend(decode_responses(tokenizer, gen))
+        ended.extend(bool(e) for e in gen.ended.tolist())
+        log.info("generate: %d / %d answers", len(texts), len(flat))
+
+    rows: list[dict[str, Any]] = []
+    for n, (prompt_id, prompt) in enumerate(prompts):
+        answers = range(n * cfg.k, (n + 1) * cfg.k)
+        completions = [
+            {"text": texts[j], "policy": policy_version, "sampling": sampling,
+             "finish_reason": "stop" if ended[j] else "length"}
+            for j in answers
+        ]  # fmt: skip
+        rows.append({"prompt": prompt, "prompt_id": prompt_id, "completions": completions})
+    write_jsonl(cfg.out, rows)
+    seconds = time.perf_counter() - start
+    return {
+        "prompts": len(rows),
+        "completions": len(texts),
+        "eos_rate": ended.count(True) / len(ended),
+        "distinct_per_prompt": sum(len({c["text"] for c in r["completions"]}) for r in rows) / len(rows),
+        "seconds": seconds,
+        "policy": policy_version,
+        "out": cfg.out,
+    }

@@ -1,0 +1,499 @@
+"""`rlhf reward`: a Bradley-Terry reward model trained on human (or simulated) preferences.
+
+Set-up: any preference format (rlhf.data.preferences) becomes PreferenceGroups, one per judgement of one prompt;
+with `group_sessions`, one labeler's judgements of one prompt merge into one group, so the C(K,2) pairs of a
+ranking of K answers, or a labeler's votes on them, form ONE batch element (InstructGPT, Ouyang et al. 2022,
+sec. 3.5). Prompts are split into train and held-out. The model is the SFT policy with a new scalar head
+(heads.build_scalar_model), dropout off, optionally LoRA adapters (merged into the weights when saved).
+
+The loop, per optimiser step over `batch_size` groups:
+  1. forward: each micro-batch's distinct completions (prompt + completion + EOS, right-padded) in ONE batched
+     forward, the reward read at the last real token
+  2. loss: -log sigmoid(r_chosen - r_rejected - margin) averaged within each group, then over the global batch
+  3. clip and step   4. log   5. evaluate on held-out   6. checkpoint
+
+After the loop: normalise (the SFT policy's answers to reference prompts score mean 0, optionally std 1),
+save RUN/final (a plain AutoModelForSequenceClassification), and write the held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import yaml
+from accelerate import Accelerator
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import RewardConfig
+from rlhf.data.jsonl import field, iter_jsonl, write_json
+from rlhf.data.preferences import PreferenceGroup, read_preferences, to_groups
+from rlhf.errors import ConfigError, DataError
+from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
+from rlhf.generation import SamplingParams, generate
+from rlhf.losses import grouped_bt_loss
+from rlhf.models.heads import build_scalar_model, load_scalar_model, sequence_rewards, set_normalisation
+from rlhf.models.loading import (
+    context_length,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    save_pretrained_atomic,
+)
+from rlhf.runs import Run, seed_everything, set_rng_state
+from rlhf.train.common import BatchPlan, Progress, autocast, make_accelerator, make_optimizer, make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupExample:
+    """One batch element, tokenized: every distinct completion of one judgement of one prompt."""
+
+    prompt: str
+    texts: list[str]  # the completions as text (for the evaluation report)
+    sequences: list[list[int]]  # prompt + completion + EOS token ids, one per completion
+    pairs: list[tuple[int, int]]  # (chosen, rejected) indices into sequences
+    margins: list[float | None]  # one per pair, as the data gives them
+    weight: float  # the labeler's reliability weight
+    labeler: str | None
+
+    @property
+    def width(self) -> int:
+        """Its longest sequence: what a micro-batch holding this group is padded to, at least."""
+        return max(len(s) for s in self.sequences)
+
+
+@dataclass
+class Batch:
+    """A micro-batch: all completions of its groups in one padded tensor, pairs indexing into it."""
+
+    input_ids: Tensor  # (N, T) right-padded
+    attention_mask: Tensor  # (N, T)
+    chosen_idx: Tensor  # (P,) rows of input_ids
+    rejected_idx: Tensor  # (P,)
+    group_idx: Tensor  # (P,) which group (0..G-1) each pair belongs to
+    margins: Tensor  # (P,)
+    weights: Tensor  # (P,)
+    num_groups: int
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def merge_sessions(groups: list[PreferenceGroup]) -> list[PreferenceGroup]:
+    """One group per (prompt, labeler): a labeler's votes on pairs of one prompt's answers are one judgement.
+
+    Anonymous groups (labeler None) stay apart, as they may come from different people. Order: first seen.
+    """
+    merged: dict[tuple[str, str], PreferenceGroup] = {}
+    out: list[PreferenceGroup] = []
+    for g in groups:
+        if g.labeler is None:
+            out.append(g)
+            continue
+        key = (g.prompt, g.labeler)
+        if key not in merged:
+            merged[key] = PreferenceGroup(g.prompt, [], [], [], g.labeler)
+            out.append(merged[key])
+        target = merged[key]
+        for (c, r), margin in zip(g.pairs, g.margins, strict=True):
+            ids = []
+            for text in (g.completions[c], g.completions[r]):
+                if text not in target.completions:
+                    target.completions.append(text)
+                ids.append(target.completions.index(text))
+            target.pairs.append((ids[0], ids[1]))
+            target.margins.append(margin)
+    return out
+
+
+def split_by_prompt(
+    groups: list[PreferenceGroup], fraction: float, seed: int
+) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+    """Hold out a `fraction` of the distinct prompts (seeded), so held-out prompts are never trained on."""
+    prompts = sorted({g.prompt for g in groups})
+    if fraction == 0 or len(prompts) < 2:
+        return groups, []
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, int(len(prompts) * fraction))])
+    return [g for g in groups if g.prompt not in held], [g for g in groups if g.prompt in held]
+
+
+def read_groups(path: str, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> list[PreferenceGroup]:
+    """Preference groups of a file in any format; conversational rows go through the tokenizer's chat template."""
+    records = read_preferences(path, cfg.format)
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+
+    groups = to_groups(records, render=render if tokenizer.chat_template else None)
+    return merge_sessions(groups) if cfg.group_sessions else groups
+
+
+def read_labeler_weights(path: str | None) -> dict[str, float]:
+    """A JSON or YAML mapping labeler -> weight (>= 0), e.g. from their agreement with gold questions."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"reward.labeler_weights: file not found: {p}")
+    try:
+        mapping = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML reads JSON too
+    except yaml.YAMLError as e:
+        raise DataError(f"{p}: not valid JSON/YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in mapping.values()
+    ):
+        raise DataError(f"{p}: expected a mapping of labeler name -> non-negative weight")
+    return {str(k): float(v) for k, v in mapping.items()}
+
+
+def encode_groups(
+    groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_len: int, cfg: RewardConfig,
+    weights: dict[str, float],
+) -> tuple[list[GroupExample], int]:  # fmt: skip
+    """Token ids of prompt + completion + EOS per completion; over-long ones are cut to max_len with EOS kept
+    last (the reward is read there). Groups whose labeler weighs 0 are dropped. Returns (examples, n_truncated)."""
+    eos = tokenizer.eos_token_id
+    prompt_ids = (
+        tokenizer([g.prompt for g in groups], add_special_tokens=False)["input_ids"] if groups else []
+    )
+    examples, truncated = [], 0
+    for g, p_ids in zip(groups, prompt_ids, strict=True):
+        weight = weights.get(g.labeler or "", cfg.default_labeler_weight)
+        if weight == 0:
+            continue
+        sequences = []
+        for c_ids in tokenizer(g.completions, add_special_tokens=False)["input_ids"]:
+            seq = [*p_ids, *c_ids, eos]
+            if len(seq) > max_len:
+                truncated += 1
+                seq = [*seq[: max_len - 1], eos]
+            sequences.append(seq)
+        examples.append(
+            GroupExample(g.prompt, g.completions, sequences, g.pairs, g.margins, weight, g.labeler)
+        )
+    return examples, truncated
+
+
+def collate(examples: list[GroupExample], pad_id: int, use_margins: bool = True) -> Batch:
+    """Stack every completion of the micro-batch's groups, right-padded, and index the pairs into them.
+    Margins the data lacks (or all, without `use_margins`) are 0."""
+    sequences = [s for e in examples for s in e.sequences]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        attention_mask[row, : len(s)] = 1
+    chosen, rejected, group, margins, weights = [], [], [], [], []
+    offset = 0
+    for g, e in enumerate(examples):
+        for (c, r), m in zip(e.pairs, e.margins, strict=True):
+            chosen.append(offset + c)
+            rejected.append(offset + r)
+            group.append(g)
+            margins.append(float(m) if use_margins and m is not None else 0.0)
+            weights.append(e.weight)
+        offset += len(e.sequences)
+    return Batch(
+        input_ids, attention_mask, torch.tensor(chosen), torch.tensor(rejected), torch.tensor(group),
+        torch.tensor(margins), torch.tensor(weights), len(examples),
+    )  # fmt: skip
+
+
+def micro_batches_by_length(plan: BatchPlan, step: int, examples: list[GroupExample]) -> list[list[int]]:
+    """This process's share of the step's groups, sorted by their longest sequence before cutting into
+    micro-batches, so each forward pads less; the step's gradient is the same sum over the same groups."""
+    mine = sorted((i for mb in plan.micro_batches(step) for i in mb), key=lambda i: examples[i].width)
+    return [mine[k : k + plan.micro_batch_size] for k in range(0, len(mine), plan.micro_batch_size)]
+
+
+def forward_rewards(model: torch.nn.Module, batch: Batch) -> Tensor:
+    """One reward per completion, (N,): the scalar head at the last real token (the model's own pooling finds
+    the last non-PAD token; PAD differs from EOS). Calls the wrapper, so DDP and peft see the forward."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.logits[:, 0].float()  # (N,)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_pairs(
+    model: torch.nn.Module,
+    examples: list[GroupExample],
+    pad_id: int,
+    cfg: RewardConfig,
+    accelerator: Accelerator,
+) -> tuple[float, list[ScoredPair]]:
+    """(mean group loss, every pair with its raw rewards) over the held-out groups."""
+    was_training = model.training
+    model.eval()
+    total, pairs = 0.0, []
+    for i in range(0, len(examples), cfg.micro_batch_size):
+        chunk = examples[i : i + cfg.micro_batch_size]
+        batch = collate(chunk, pad_id, cfg.use_margins)
+        with autocast(accelerator):
+            rewards = forward_rewards(model, batch)  # (N,)
+        loss, _ = grouped_bt_loss(
+            rewards,
+            batch.chosen_idx,
+            batch.rejected_idx,
+            batch.group_idx,
+            batch.num_groups,
+            batch.margins,
+            batch.weights,
+        )
+        total += float(loss) * len(chunk)
+        flat = rewards.tolist()
+        offset = 0
+        for e in chunk:
+            for (c, r), margin in zip(e.pairs, e.margins, strict=True):
+                pairs.append(ScoredPair(e.prompt, e.texts[c], e.texts[r], flat[offset + c], flat[offset + r],
+                                        e.labeler, margin))  # fmt: skip
+            offset += len(e.sequences)
+    model.train(was_training)
+    return total / max(1, len(examples)), pairs
+
+
+# --- normalisation ----------------------------------------------------------------------------------------
+
+
+def reference_sequences(
+    cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_len: int
+) -> list[list[int]]:
+    """prompt + answer + EOS ids of the reference answers: a given file, or the SFT policy's samples."""
+    norm = cfg.normalise
+    eos = tokenizer.eos_token_id
+    if norm.completions_file:
+        path = norm.completions_file
+        rows = [
+            (field(path, n, r, "prompt", str), field(path, n, r, "completion", str))
+            for n, r in iter_jsonl(path)
+        ]
+        p_ids = tokenizer([p for p, _ in rows], add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer([c for _, c in rows], add_special_tokens=False)["input_ids"]
+        return [[*p, *c, eos][-max_len:] for p, c in zip(p_ids, c_ids, strict=True)]
+    if norm.prompts_file:
+        prompts = [field(norm.prompts_file, n, r, "prompt", str) for n, r in iter_jsonl(norm.prompts_file)]
+    prompts = sorted(set(prompts))
+    random.Random(cfg.seed).shuffle(prompts)
+    prompts = prompts[: norm.n_prompts]
+    policy = load_causal_lm(norm.policy or cfg.model)
+    policy.eval()
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(norm.max_new_tokens, norm.temperature, 0, norm.top_p, cfg.seed)
+    sequences = []
+    for i in range(0, len(p_ids), 128):
+        gen = generate(policy, p_ids[i : i + 128], params, eos, tokenizer.pad_token_id)
+        for p, ids, mask in zip(
+            p_ids[i : i + 128], gen.response_ids.tolist(), gen.response_mask.tolist(), strict=True
+        ):
+            answer = [t for t, m in zip(ids, mask, strict=True) if m and t != eos]
+            sequences.append([*p, *answer, eos][-max_len:])
+    return sequences
+
+
+@torch.no_grad()
+def normalise(
+    model: PreTrainedModel, sequences: list[list[int]], pad_id: int, scale: bool, batch: int = 64
+) -> dict[str, float]:
+    """Set shift (and scale) in the model's config so the reference sequences score mean 0 (std 1)."""
+    model.eval()
+    rewards = []
+    for i in range(0, len(sequences), batch):
+        chunk = sequences[i : i + batch]
+        ids = torch.full((len(chunk), max(len(s) for s in chunk)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(chunk):
+            ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+        rewards.append(sequence_rewards(model, ids, mask, normalise=False))
+    r = torch.cat(rewards)  # (R,)
+    shift = float(r.mean())
+    std = float(r.std(unbiased=False)) if len(r) > 1 else 1.0
+    set_normalisation(model, shift, std if scale and std > 0 else 1.0)
+    return {"reference_n": len(r), "reference_mean": shift, "reference_std": std}
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+def load_model(cfg: RewardConfig, checkpoint: Path | None, pad_id: int) -> torch.nn.Module:
+    """The SFT checkpoint with a new scalar head (or the checkpoint to resume); with LoRA, wrapped by peft."""
+    model: torch.nn.Module
+    if cfg.lora.r == 0:
+        model = (
+            load_scalar_model(str(checkpoint)) if checkpoint else build_scalar_model(cfg.model, seed=cfg.seed)
+        )
+    else:
+        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+        base = build_scalar_model(cfg.model, seed=cfg.seed)
+        base.config.pad_token_id = pad_id
+        if checkpoint:
+            model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+        else:
+            lora = LoraConfig(
+                task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                target_modules=list(cfg.lora.target_modules), modules_to_save=["score"],  # the head trains fully
+            )  # fmt: skip
+            model = get_peft_model(base, lora)
+    # the model's own pooling finds the last real token as the last non-PAD one
+    model.config.pad_token_id = pad_id  # type: ignore[union-attr]
+    disable_dropout(model)
+    return model
+
+
+def plain_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The model as a plain AutoModelForSequenceClassification: LoRA adapters merged into the weights."""
+    merge = getattr(model, "merge_and_unload", None)
+    merged = merge() if merge is not None else model
+    assert isinstance(merged, PreTrainedModel)
+    return merged
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    accelerator = make_accelerator(cfg.precision)
+    seed_everything(cfg.seed + accelerator.process_index)
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = int(tokenizer.pad_token_id)
+    # Read everything before any output: a malformed row fails with file:line and leaves nothing behind.
+    groups = read_groups(cfg.train_file, cfg, tokenizer)
+    if cfg.eval_file:
+        train_groups, held_groups = groups, read_groups(cfg.eval_file, cfg, tokenizer)
+    else:
+        train_groups, held_groups = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
+    weights = read_labeler_weights(cfg.labeler_weights)
+
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+    model = load_model(cfg, checkpoint, pad_id)
+    max_len = min(cfg.max_seq_len, context_length(cast(PreTrainedModel, model)))
+    train, truncated = encode_groups(train_groups, tokenizer, max_len, cfg, weights)
+    held_out, held_truncated = encode_groups(held_groups, tokenizer, max_len, cfg, weights)
+    if truncated or held_truncated:
+        log.warning("reward: %d completions longer than %d tokens were cut (EOS kept last)",
+                    truncated + held_truncated, max_len)  # fmt: skip
+    if not train:
+        raise DataError(f"{cfg.train_file}: no comparisons to train on (all ties, or every labeler weighs 0)")
+    n_pairs = sum(len(e.pairs) for e in train)
+    log.info("reward: %d groups (%d pairs) to train on, %d groups (%d pairs) held out",
+             len(train), n_pairs, len(held_out), sum(len(e.pairs) for e in held_out))  # fmt: skip
+
+    plan = BatchPlan(
+        len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed,
+        accelerator.num_processes, accelerator.process_index, cfg.max_steps,
+    )  # fmt: skip
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
+    start = 0
+    if checkpoint is not None:
+        state = Run.load_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        run_dir.truncate_metrics(start)
+        log.info("reward: resumed from %s (step %d)", checkpoint, start)
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    def save_files(path: Path) -> None:
+        unwrapped.save_pretrained(path, safe_serialization=True)  # with LoRA: the adapter and the head
+        tokenizer.save_pretrained(path)
+
+    progress = Progress(plan.total_steps, "reward", accelerator.is_main_process, quiet, initial=start)
+    metrics: dict[str, Any] = {}
+    pairs_seen, t0 = 0, time.perf_counter()
+    for step in range(start, plan.total_steps):
+        global_groups = plan.batch_size
+        step_loss = torch.zeros((), dtype=torch.float64)
+        step_correct = step_pairs = step_tokens = 0
+        micro = micro_batches_by_length(plan, step, train)
+        for k, indices in enumerate(micro):
+            batch = collate([train[i] for i in indices], pad_id, cfg.use_margins)
+            step_tokens += int(batch.attention_mask.sum())
+            sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
+            with sync:
+                # 1. forward: all distinct completions of these groups at once, rewards at the last real token
+                rewards = forward_rewards(model, batch)  # (N,)
+                # 2. loss: mean over each group's pairs, then over groups; scaled to the global batch
+                loss, _ = grouped_bt_loss(
+                    rewards, batch.chosen_idx, batch.rejected_idx, batch.group_idx, batch.num_groups,
+                    batch.margins, batch.weights,
+                )  # fmt: skip
+                accelerator.backward(loss * batch.num_groups * accelerator.num_processes / global_groups)
+            step_loss += loss.detach().double() * batch.num_groups
+            step_pairs += len(batch.chosen_idx)
+            step_correct += int((rewards[batch.chosen_idx] > rewards[batch.rejected_idx]).sum())
+        # 3. clip and step
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # 4. log
+        loss_value = float(accelerator.reduce(step_loss, reduction="sum")) / global_groups
+        pairs_seen += step_pairs * accelerator.num_processes
+        rate = pairs_seen / max(1e-9, time.perf_counter() - t0)
+        progress.update(step, step_tokens * accelerator.num_processes, loss=loss_value)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == plan.total_steps:
+            metrics = {"rm/loss": loss_value, "rm/accuracy": step_correct / max(1, step_pairs),
+                       "rm/lr": scheduler.get_last_lr()[0], "rm/grad_norm": float(grad_norm),
+                       "rm/pairs_per_s": rate}  # fmt: skip
+            run_dir.log(done, metrics)
+            progress.line(done, loss=loss_value, pairs_per_s=rate)
+        # 5. evaluate on the held-out prompts
+        if held_out and (done % cfg.eval_every == 0 or done == plan.total_steps):
+            eval_loss, scored = score_pairs(unwrapped, held_out, pad_id, cfg, accelerator)
+            ev = {"rm/eval_loss": eval_loss, "rm/eval_accuracy": sum(p.correct for p in scored) / len(scored)}
+            run_dir.log(done, ev)
+            progress.line(done, **{k.split("/")[1]: v for k, v in ev.items()})
+            metrics.update(ev)
+        # 6. checkpoint (atomic: temp dir, then rename)
+        if done % cfg.save_every == 0 or done == plan.total_steps:
+            accelerator.wait_for_everyone()
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            run_dir.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # After training: held-out scores, normalisation on the SFT policy's answers, the final model, the report.
+    result: dict[str, Any] = {"steps": plan.total_steps, "train_groups": len(train), "train_pairs": n_pairs,
+                              "truncated": truncated + held_truncated, **metrics}  # fmt: skip
+    if accelerator.is_main_process:
+        scored = score_pairs(unwrapped, held_out, pad_id, cfg, accelerator)[1] if held_out else []
+        final = plain_model(unwrapped)
+        shift, scale = 0.0, 1.0
+        if cfg.normalise.enabled:
+            reference = reference_sequences(cfg, tokenizer, [g.prompt for g in groups], max_len)
+            result.update(normalise(final, reference, pad_id, cfg.normalise.scale))
+            shift, scale = final.config.rlhf_reward_shift, final.config.rlhf_reward_scale
+        save_pretrained_atomic(run_dir.dir / "final", final, tokenizer)
+        report = write_reward_eval(
+            run_dir.dir, scored, shift, scale, train_pairs=n_pairs, train_groups=len(train)
+        )
+        result["eval"] = report
+        write_json(
+            run_dir.dir / "summary.json",
+            {"stage": "reward", **{k: v for k, v in result.items() if k != "eval"}},
+        )
+    accelerator.wait_for_everyone()
+    return result

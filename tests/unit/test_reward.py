@@ -1,0 +1,154 @@
+"""Reward-model data path: groups, batching (a K-way ranking = C(K,2) pairs in ONE element), truncation,
+labeler weights, padding-independent rewards read at the last real token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config import RewardConfig
+from rlhf.data.preferences import PairwiseVote, Ranking, to_groups
+from rlhf.errors import DataError
+from rlhf.generation import left_pad
+from rlhf.losses import grouped_bt_loss
+from rlhf.models.heads import build_scalar_model, sequence_rewards
+from rlhf.models.loading import load_tokenizer
+from rlhf.train.common import BatchPlan
+from rlhf.train.reward import (
+    GroupExample,
+    collate,
+    encode_groups,
+    forward_rewards,
+    merge_sessions,
+    micro_batches_by_length,
+    read_labeler_weights,
+    split_by_prompt,
+)
+
+PROMPT = "User: What is 2 plus 3?\nAssistant:"
+ANSWERS = [" 5.", " 2 plus 3 is 5.", " It is 6.", " Go away, you fool."]
+
+
+def test_k_way_ranking_is_one_batch_element_of_all_pairs(tiny_sft_model: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    ranking = Ranking(PROMPT, ANSWERS, [1, 2, 3, 4], labeler="ann")
+    other = PairwiseVote("User: Hi!\nAssistant:", " Hello!", " Go away.", "A", labeler="bob")
+    examples, truncated = encode_groups(to_groups([ranking, other]), tokenizer, 128, RewardConfig(), {})
+    assert truncated == 0 and len(examples) == 2
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert batch.num_groups == 2
+    assert batch.input_ids.shape[0] == 4 + 2  # each distinct completion forwarded once
+    assert len(batch.chosen_idx) == 6 + 1  # C(4, 2) pairs + 1
+    assert batch.group_idx.tolist() == [0] * 6 + [1]
+    assert list(zip(batch.chosen_idx.tolist()[:6], batch.rejected_idx.tolist()[:6], strict=True)) == [
+        (0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)
+    ]  # fmt: skip
+    assert (batch.chosen_idx[6].item(), batch.rejected_idx[6].item()) == (4, 5)
+    # right-padded, every sequence = prompt + completion + EOS
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    first = batch.input_ids[0, : int(batch.attention_mask[0].sum())].tolist()
+    assert first == [
+        *prompt_ids,
+        *tokenizer(ANSWERS[0], add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
+    assert (batch.input_ids[batch.attention_mask == 0] == tokenizer.pad_token_id).all()
+    # the ranking weighs as ONE element: its 6 pair losses are averaged before the mean over the 2 groups
+    rewards = torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0, 0.0])
+    loss, _ = grouped_bt_loss(
+        rewards, batch.chosen_idx, batch.rejected_idx, batch.group_idx, batch.num_groups
+    )
+    gaps = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 1.0])
+    expected = (torch.nn.functional.softplus(-gaps).mean() + torch.log(torch.tensor(2.0))) / 2
+    torch.testing.assert_close(loss, expected)
+
+
+def test_merge_sessions_makes_one_group_per_prompt_and_labeler() -> None:
+    votes = [
+        PairwiseVote(PROMPT, ANSWERS[i], ANSWERS[j], "A", "ann") for i in range(4) for j in range(i + 1, 4)
+    ]
+    votes += [
+        PairwiseVote(PROMPT, ANSWERS[0], ANSWERS[3], "B", "bob"),
+        PairwiseVote(PROMPT, ANSWERS[0], ANSWERS[1], "A"),
+    ]
+    votes += [PairwiseVote(PROMPT, ANSWERS[0], ANSWERS[1], "A")]
+    groups = merge_sessions(to_groups(votes))
+    assert [(g.labeler, len(g.completions), len(g.pairs)) for g in groups] == [
+        ("ann", 4, 6), ("bob", 2, 1), (None, 2, 1), (None, 2, 1)
+    ]  # fmt: skip
+    ann = groups[0]
+    assert ann.completions == ANSWERS and ann.pairs == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert groups[1].pairs == [(0, 1)] and groups[1].completions == [ANSWERS[3], ANSWERS[0]]
+
+
+def test_split_by_prompt_never_shares_a_prompt() -> None:
+    votes = [PairwiseVote(f"q{i % 40}", "a", "b", "A", f"l{i % 3}") for i in range(200)]
+    train, held = split_by_prompt(merge_sessions(to_groups(votes)), 0.25, seed=0)
+    assert {g.prompt for g in train}.isdisjoint({g.prompt for g in held})
+    assert len({g.prompt for g in held}) == 10 and len(train) + len(held) == 120
+    assert split_by_prompt(merge_sessions(to_groups(votes)), 0.25, seed=0)[1] == held
+
+
+def test_over_long_completions_are_cut_with_eos_last(tiny_sft_model: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    long = " " + "blah " * 200
+    examples, truncated = encode_groups(
+        to_groups([PairwiseVote(PROMPT, " 5.", long, "A", "ann")]), tokenizer, 24, RewardConfig(), {}
+    )
+    assert truncated == 1
+    short, cut = examples[0].sequences
+    assert len(cut) == 24 and cut[-1] == tokenizer.eos_token_id and short[-1] == tokenizer.eos_token_id
+
+
+def test_labeler_weights_from_yaml_or_json_and_zero_drops(tmp_path: Path, tiny_sft_model: Path) -> None:
+    (tmp_path / "w.yaml").write_text("ann: 2.0\nbob: 0\n")
+    (tmp_path / "w.json").write_text('{"ann": 0.5}')
+    assert read_labeler_weights(str(tmp_path / "w.yaml")) == {"ann": 2.0, "bob": 0.0}
+    assert read_labeler_weights(str(tmp_path / "w.json")) == {"ann": 0.5}
+    (tmp_path / "bad.json").write_text('{"ann": -1}')
+    with pytest.raises(DataError, match="non-negative"):
+        read_labeler_weights(str(tmp_path / "bad.json"))
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    votes = [PairwiseVote(PROMPT, "a", "b", "A", who) for who in ("ann", "bob", "cy")]
+    examples, _ = encode_groups(to_groups(votes), tokenizer, 64, RewardConfig(default_labeler_weight=0.7),
+                                {"ann": 2.0, "bob": 0.0})  # fmt: skip
+    assert [(e.labeler, e.weight) for e in examples] == [("ann", 2.0), ("cy", 0.7)]
+    assert collate(examples, tokenizer.pad_token_id).weights.tolist() == pytest.approx([2.0, 0.7])
+
+
+def test_length_sorted_micro_batches_cover_the_same_groups() -> None:
+    examples = [GroupExample("p", ["a"], [[1] * n], [], [], 1.0, None) for n in (9, 2, 7, 4, 5, 1, 8, 3)]
+    plan = BatchPlan(8, batch_size=8, micro_batch_size=2, epochs=1, seed=0)
+    micro = micro_batches_by_length(plan, 0, examples)
+    assert sorted(i for mb in micro for i in mb) == sorted(plan.global_batch(0))
+    lengths = [examples[i].width for mb in micro for i in mb]
+    assert lengths == sorted(lengths) and [len(mb) for mb in micro] == [2, 2, 2, 2]
+
+
+def test_left_and_right_padding_give_the_same_reward(tiny_sft_model: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    model = build_scalar_model(str(tiny_sft_model), seed=1).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    sequences = [
+        tokenizer(PROMPT + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for a in ANSWERS
+    ]
+    left_ids, left_mask = left_pad(sequences, tokenizer.pad_token_id)
+    examples = [GroupExample(PROMPT, ANSWERS, sequences, [(0, 1)], [None], 1.0, None)]
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        left = sequence_rewards(model, left_ids, left_mask)
+        right = sequence_rewards(model, batch.input_ids, batch.attention_mask)
+        alone = torch.cat(
+            [
+                sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                for s in sequences
+            ]
+        )
+        trained_path = forward_rewards(model, batch)  # the training loop's read: the model's own pooling
+    assert len(set(map(len, sequences))) > 1  # the padding differs between rows
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained_path, right, atol=1e-5, rtol=0)
