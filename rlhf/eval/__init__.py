@@ -1,1 +1,2 @@
-"""Evaluation: reward-model reports, and (later) win rates under a judge, reward-KL curves, the final report."""
+"""Evaluation: reward-model reports, win rates under a judge (with KL to a reference), and (later)
+reward-KL curves and the final report."""
