@@ -61,6 +61,13 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
         f"reward.out_dir={out / 'reward'}",
         f"reward.model={out / 'sft' / 'final'}",
         f"reward.train_file={out / 'votes.jsonl'}",
+        f"ppo.out_dir={out / 'ppo'}",
+        f"ppo.policy={out / 'sft' / 'final'}",
+        f"ppo.reward_model={out / 'reward' / 'final'}",
+        f"ppo.prompts_file={data / 'rl_prompts.jsonl'}",
+        f"ppo.eval_prompts_file={data / 'eval_prompts.jsonl'}",
+        f"eval.prompts_file={data / 'eval_prompts.jsonl'}",
+        f"eval.reference={out / 'sft' / 'final'}",
     ]
     return load_config(
         config or default_config_path(), [*(FAST_OVERRIDES if fast else []), *overrides, *paths]
@@ -102,6 +109,80 @@ def train_reward(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
         "rm_gold_accuracy": gold["gold/rm_accuracy"]["accuracy"],
         "panel_gold_agreement": gold["gold/label_agreement"]["accuracy"],
     }
+
+
+def train_ppo(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
+    """PPO with the KL penalty; the guard watches held-out KL, proxy reward and gold utility."""
+    from rlhf.eval.judges import gold_utilities
+    from rlhf.train import ppo
+
+    result = ppo.run(
+        cfg.ppo, resume=True, quiet=quiet, gold_fn=gold_utilities if cfg.ppo.guard_gold else None
+    )
+    return {"stop_reason": result["stop_reason"]}
+
+
+def ppo_policy(out: Path) -> Path:
+    """The PPO policy to evaluate: the last one, or the guard's best when the guard stopped the run."""
+    summary = json.loads((out / "ppo" / "summary.json").read_text())
+    best = out / "ppo" / "best"
+    return (
+        best
+        if summary.get("stop_reason", "completed") != "completed" and best.exists()
+        else out / "ppo" / "final"
+    )
+
+
+def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
+    """PPO vs SFT and pretrained vs SFT under the gold judge, on the held-out prompts."""
+    from rlhf.eval.compare import compare
+    from rlhf.eval.judges import make_judge
+
+    judge = make_judge(cfg.eval.judge)
+    sft = str(out / "sft" / "final")
+    results = {}
+    for name, policy in (
+        ("ppo_vs_sft", str(ppo_policy(out))),
+        ("pretrained_vs_sft", str(out / "pretrain" / "final")),
+    ):
+        summary = compare(policy, sft, cfg.eval, judge)
+        write_json(out / "eval" / f"{name}.json", summary)
+        results[f"{name}_win_rate"] = summary["win_rate_a"]
+        if name == "ppo_vs_sft":
+            write_json(
+                out / "eval" / "examples.json",
+                score_examples(summary["samples"][:12], out / "reward" / "final"),
+            )
+    return results
+
+
+def score_examples(samples: list[dict[str, Any]], reward_model: Path) -> list[dict[str, Any]]:
+    """Example answers of PPO (a) and SFT (b) with their gold utility and reward-model score."""
+    import torch
+
+    from rlhf.generation import left_pad
+    from rlhf.labelers import gold
+    from rlhf.models.heads import load_scalar_model, sequence_rewards
+    from rlhf.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(reward_model))
+    rm = load_scalar_model(str(reward_model)).eval()
+    rows = []
+    for s in samples:
+        texts = [s["a"], s["b"]]
+        ids = [
+            tokenizer(s["prompt"] + t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for t in texts
+        ]
+        batch, mask = left_pad(ids, tokenizer.pad_token_id)
+        with torch.no_grad():
+            scores = sequence_rewards(rm, batch, mask).tolist()
+        rows.append({
+            "prompt": s["prompt"], "ppo": s["a"], "sft": s["b"],
+            "gold_ppo": gold.utility(s["prompt"], s["a"]), "gold_sft": gold.utility(s["prompt"], s["b"]),
+            "rm_ppo": scores[0], "rm_sft": scores[1],
+        })  # fmt: skip
+    return rows
 
 
 def label(out: Path, cfg: RootConfig) -> dict[str, Any]:
@@ -151,6 +232,7 @@ def run(
 ) -> Stages:
     from rlhf import generate
     from rlhf.data import demo_task
+    from rlhf.eval import report
     from rlhf.train import pretrain, sft
 
     cfg = demo_config(out, fast, config, overrides or [])
@@ -170,4 +252,7 @@ def run(
     stages.run("generate", lambda: generate.run(cfg.generate))
     stages.run("label", lambda: label(out, cfg))
     stages.run("reward", lambda: train_reward(cfg, quiet))
+    stages.run("ppo", lambda: train_ppo(cfg, quiet))
+    stages.run("eval", lambda: evaluate(out, cfg))
+    stages.run("report", lambda: {"path": str(report.write_demo_report(out))})
     return stages

@@ -120,3 +120,125 @@ def write_report(run: Path, sections: list[tuple[str, str]]) -> Path:
     path = run / "report.html"
     atomic_write_text(path, render(run, sections))
     return path
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def demo_sections(run: Path) -> list[tuple[str, str]]:
+    """The demo report's sections, every number read from the run directory's files."""
+    stages = _load(run / "stages.json")
+    rm = _load(run / "reward" / "eval.json")
+    ppo_vs_sft = _load(run / "eval" / "ppo_vs_sft.json")
+    pre_vs_sft = _load(run / "eval" / "pretrained_vs_sft.json")
+    ppo_summary = _load(run / "ppo" / "summary.json")
+    examples = (
+        json.loads((run / "eval" / "examples.json").read_text())
+        if (run / "eval" / "examples.json").exists()
+        else []
+    )
+    sections = []
+
+    order = ["data", "pretrain", "sft", "generate", "label", "reward", "ppo", "eval", "report"]
+    what = {
+        "data": "demo task generated (corpus, demonstrations, prompts)", "pretrain": "next-token prediction",
+        "sft": "supervised fine-tuning", "generate": "K candidate answers per prompt (nucleus sampling)",
+        "label": "comparison tasks in the feedback store; simulated panel votes through the labeling API",
+        "reward": "Bradley–Terry reward model", "ppo": "PPO with KL penalty to the SFT reference",
+        "eval": "gold-judge comparisons on held-out prompts", "report": "this page",
+    }  # fmt: skip
+    rows = [[name, what[name], stages[name]["seconds"]] for name in order if name in stages]
+    total = sum(r[2] for r in rows)
+    sections.append(("Pipeline", table(["stage", "what", "seconds"], [*rows, ["total", "", total]])))
+
+    gold = rm.get("gold/rm_accuracy", {})
+    panel = rm.get("gold/label_agreement", {})
+    held = rm.get("rm/accuracy", {})
+    if gold:
+        body = table(
+            ["measure", "value", "95% CI", "pairs"],
+            [
+                ["reward model agrees with gold (held-out)", gold["accuracy"], "–".join(f"{x:.3f}" for x in gold.get("ci95", [])), gold.get("n")],
+                ["panel's labels agree with gold (same pairs)", panel.get("accuracy"), "–".join(f"{x:.3f}" for x in panel.get("ci95", [])), panel.get("n")],
+                ["reward model agrees with the panel (held-out)", held.get("accuracy"), "–".join(f"{x:.3f}" for x in held.get("ci95", [])), held.get("n")],
+            ],
+        )  # fmt: skip
+        verdict = "ok" if gold["accuracy"] >= panel.get("accuracy", 1) else "bad"
+        body += f"<p class='{verdict}'>The reward model {'averages' if verdict == 'ok' else 'does not average'} the labelers' noise away: {gold['accuracy']:.3f} vs the panel's {panel.get('accuracy', 0):.3f}.</p>"
+        sections.append(("Reward model against gold", body))
+
+    if ppo_vs_sft:
+        ppo_m, sft_m = ppo_vs_sft["a"], ppo_vs_sft["b"]
+        pre_m = pre_vs_sft.get("a", {})
+        ci = ppo_vs_sft["ci95"]
+        cols = [
+            "policy",
+            "gold win rate vs SFT (95% CI)",
+            "correct",
+            "rude",
+            "mean tokens",
+            "EOS rate",
+            "KL to SFT (nats)",
+        ]
+
+        def row(name: str, m: dict[str, Any], win: str) -> list[Any]:
+            return [
+                name,
+                win,
+                _pct(m.get("correct_rate")),
+                _pct(m.get("rude_rate")),
+                m.get("mean_tokens"),
+                _pct(m.get("eos_rate")),
+                m.get("kl_to_reference"),
+            ]
+
+        rows = [
+            row("PPO", ppo_m, f"{ppo_vs_sft['win_rate_a']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"),
+            row("SFT", sft_m, "0.500 (baseline)"),
+        ]
+        if pre_m:
+            pci = pre_vs_sft["ci95"]
+            rows.append(
+                row("pretrained", pre_m, f"{pre_vs_sft['win_rate_a']:.3f} [{pci[0]:.3f}, {pci[1]:.3f}]")
+            )
+        body = table(cols, rows)
+        body += f"<p>{ppo_vs_sft['n_prompts']} held-out prompts, answers in random A/B order, ties counted half; sampling temperature {ppo_vs_sft['sampling']['temperature']}.</p>"
+        sections.append(("PPO vs SFT vs pretrained, under the gold judge", body))
+
+    if examples:
+        rows = [
+            [
+                e["prompt"].replace("User: ", "").replace("\nAssistant:", ""),
+                e["sft"],
+                e["gold_sft"],
+                e["rm_sft"],
+                e["ppo"],
+                e["gold_ppo"],
+                e["rm_ppo"],
+            ]
+            for e in examples
+        ]
+        sections.append(
+            ("Examples", table(["prompt", "SFT answer", "gold", "RM", "PPO answer", "gold", "RM"], rows))
+        )
+
+    if ppo_summary:
+        guard_rows = (
+            [r for r in read_metrics(run / "ppo" / "metrics.jsonl") if "ppo/guard_proxy" in r]
+            if (run / "ppo" / "metrics.jsonl").exists()
+            else []
+        )
+        rows = [
+            [r["step"], r.get("ppo/guard_kl"), r.get("ppo/guard_proxy"), r.get("ppo/guard_gold")]
+            for r in guard_rows
+        ]
+        body = table(["iteration", "KL to reference", "proxy (RM)", "gold"], rows)
+        body += f"<p>Stop reason: <b>{html.escape(str(ppo_summary.get('stop_reason')))}</b>; best checkpoint at iteration {ppo_summary.get('best_iteration')}. "
+        body += "The guard stops the run and keeps the best checkpoint when the proxy rises while gold falls for several evaluations in a row, or when KL passes its budget.</p>"
+        sections.append(("Reward-hacking check", body))
+    return sections
+
+
+def write_demo_report(run: Path) -> Path:
+    return write_report(run, demo_sections(run))
