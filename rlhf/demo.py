@@ -31,6 +31,13 @@ FAST_OVERRIDES = [
     "pretrain.batch_size=16",
     "pretrain.micro_batch_size=16",
     "sft.epochs=1",
+    "generate.max_prompts=160",
+    "reward.normalise.n_prompts=64",
+    "ppo.iterations=12",
+    "ppo.guard_every=4",
+    "ppo.guard_prompts=32",
+    "ppo.save_every=6",
+    "eval.n_prompts=100",
 ]
 
 

@@ -1,0 +1,73 @@
+"""`rlhf demo --fast` end to end: the report exists, renders in Chromium with no broken image, and its numbers
+are the run's own; started again, the demo skips every finished stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+STAGES = ["data", "pretrain", "sft", "generate", "label", "reward", "ppo", "eval", "report"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "demo", "--fast", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run directory: {out}" in proc.stdout
+    return out
+
+
+def test_every_stage_ran_and_a_second_run_skips_them(demo_run: Path) -> None:
+    stages = json.loads((demo_run / "stages.json").read_text())
+    assert list(stages) == STAGES
+    before = (demo_run / "report.html").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "demo", "--fast", "--quiet", "--out", str(demo_run)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("already finished, skipped") == len(STAGES)
+    assert (demo_run / "report.html").stat().st_mtime_ns == before
+
+
+def test_votes_travelled_through_the_labeling_api(demo_run: Path) -> None:
+    votes = [json.loads(line) for line in (demo_run / "votes.jsonl").read_text().splitlines()]
+    stages = json.loads((demo_run / "stages.json").read_text())
+    assert len(votes) == stages["label"]["votes"] > 100
+    assert {v["meta"]["source"] for v in votes} == {"simulated"}
+    assert len({v["labeler"] for v in votes}) > 1
+
+
+def test_report_numbers_are_the_run_files_numbers(demo_run: Path) -> None:
+    html = (demo_run / "report.html").read_text()
+    ppo_vs_sft = json.loads((demo_run / "eval" / "ppo_vs_sft.json").read_text())
+    rm = json.loads((demo_run / "reward" / "eval.json").read_text())
+    low, high = ppo_vs_sft["ci95"]
+    assert f"{ppo_vs_sft['win_rate_a']:.3f} [{low:.3f}, {high:.3f}]" in html
+    assert f"{100 * ppo_vs_sft['a']['rude_rate']:.1f}%" in html
+    assert f"{rm['gold/rm_accuracy']['accuracy']:.3f}" in html
+    assert f"{rm['gold/label_agreement']['accuracy']:.3f}" in html
+    stages = json.loads((demo_run / "stages.json").read_text())
+    assert f"<td>{stages['ppo']['seconds']:.3f}</td>" in html
+
+
+def test_report_renders_with_no_broken_image(demo_run: Path) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((demo_run / "report.html").as_uri())
+        images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        page.screenshot(path=str(ARTIFACTS / "demo_report.png"), full_page=True)
+        browser.close()
+    assert len(images) >= 6
+    assert all(ok for _, ok in images), [alt for alt, ok in images if not ok]
+    titles = {alt for alt, _ in images}
+    assert {"Pretraining loss", "SFT loss", "PPO: KL to the reference"} <= titles
