@@ -3,6 +3,8 @@ labeler weights, padding-independent rewards read at the last real token."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,9 @@ def test_left_and_right_padding_give_the_same_reward(tiny_sft_model: Path) -> No
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(trained_path, right, atol=1e-5, rtol=0)
+
+
+def test_training_code_never_imports_the_gold_judge() -> None:
+    code = "import sys, rlhf.train.reward, rlhf.generate; print('rlhf.labelers.gold' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
