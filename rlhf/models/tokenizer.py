@@ -13,11 +13,12 @@ EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 
 # Renders messages in the demo task's dialogue format ("User: ...\nAssistant: ..."), so chat-format data and
 # plain prompts give the same text. The assistant's answer follows "Assistant:" after one space, then EOS.
+# The newlines are Jinja expressions: a literal newline before a `{%-` tag would be stripped with it.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}System: {{ message['content'] }}\n"
-    "{%- elif message['role'] == 'user' -%}User: {{ message['content'] }}\n"
-    "{%- else -%}Assistant: {{ message['content'] }}{{ eos_token }}\n"
+    "{%- if message['role'] == 'system' -%}System: {{ message['content'] }}{{ '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}User: {{ message['content'] }}{{ '\\n' }}"
+    "{%- else -%}Assistant: {{ message['content'] }}{{ eos_token }}{{ '\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
