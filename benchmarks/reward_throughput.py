@@ -153,7 +153,8 @@ def update_doc(result: dict[str, Any]) -> None:
         START, "## Reward-model training throughput: `rlhf reward` vs TRL RewardTrainer", "",
         f"Command: `{result['command']}` ({result['date']}).", "",
         f"Machine: {m['cpu']}, {m['cores']} cores (shared; load average {m['load_average_at_start']:.1f} at the start), "
-        f"torch {m['torch']}, TRL {result['trl_version']}, bf16 autocast, {result['reps']} alternating repetitions.", "",
+        f"torch {m['torch']}, TRL {result['trl_version']}, bf16 autocast, {m['torch_threads']} torch thread(s) each, "
+        f"{result['reps']} alternating repetitions, each run a fresh process.", "",
         f"Model: demo-size Llama (hidden {ARCH.hidden_size}, {ARCH.num_hidden_layers} layers, vocab 512), max length "
         f"{MAX_LEN}; one epoch; the same pairs per optimiser step and per forward pass (4 micro-batches a step) for "
         "both.", "", *rows, "",

@@ -196,7 +196,9 @@ def reward(
     cfg = _config(config, sets, "reward", out).reward
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
-    acc = result.get("eval", {}).get("rm/accuracy", {})
+    if "eval" not in result:
+        return  # another process of a distributed run: the main one reports
+    acc = result["eval"]["rm/accuracy"]
     line = f"reward: {result['train_pairs']} pairs in {result['train_groups']} groups; "
     if acc.get("n"):
         low, high = acc["ci95"]

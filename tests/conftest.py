@@ -7,11 +7,13 @@ width 32 fine-tuned for 30 SFT steps (about 2 s on one core). Stages that start 
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from rlhf.config import ArchConfig, SFTConfig
 from rlhf.data import demo_task
@@ -20,6 +22,11 @@ from rlhf.models.loading import build_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.train import sft
 from rlhf.train.pretrain import read_corpus
+
+# Tiny models run fastest on one thread, and the test machine's 2 cores are shared: two OpenMP threads per
+# process, spinning against other processes, made the suite 5x slower. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_ARCH = ArchConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip

@@ -72,14 +72,12 @@ class Panel:
         self._by_name = {m.name: m for m in self.members}
 
     @classmethod
-    def from_config(cfg_cls, cfg: PanelConfig) -> Panel:
+    def from_config(cls, cfg: PanelConfig) -> Panel:
         """`cfg.size` members named sim-0, sim-1, ...; length biases drawn from N(0, bias_spread) by the seed."""
         rng = random.Random(cfg.seed)
-        members = [
-            Member(f"sim-{i}", cfg.temperature, cfg.flip_prob, rng.gauss(0.0, cfg.bias_spread) if cfg.bias_spread else 0.0)
-            for i in range(cfg.size)
-        ]  # fmt: skip
-        return cfg_cls(members, cfg.seed)
+        biases = [rng.gauss(0.0, cfg.bias_spread) if cfg.bias_spread else 0.0 for _ in range(cfg.size)]
+        members = [Member(f"sim-{i}", cfg.temperature, cfg.flip_prob, w) for i, w in enumerate(biases)]
+        return cls(members, cfg.seed)
 
     def member(self, who: Member | str | int | None, key: str) -> Member:
         """A member by object, name or index; None = the member assigned to `key` (e.g. a prompt id)."""

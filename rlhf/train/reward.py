@@ -138,7 +138,10 @@ def read_groups(path: str, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase
             )
         )
 
-    groups = to_groups(records, render=render if tokenizer.chat_template else None)
+    try:
+        groups = to_groups(records, render=render if tokenizer.chat_template else None)
+    except ValueError as e:  # conversational rows without a (usable) chat template
+        raise DataError(f"{path}: {e}") from None
     return merge_sessions(groups) if cfg.group_sessions else groups
 
 
@@ -176,7 +179,9 @@ def encode_groups(
         if weight == 0:
             continue
         sequences = []
-        for c_ids in tokenizer(g.completions, add_special_tokens=False)["input_ids"]:
+        for c_ids in tokenizer(
+            [strip_eos(c, tokenizer.eos_token) for c in g.completions], add_special_tokens=False
+        )["input_ids"]:
             seq = [*p_ids, *c_ids, eos]
             if len(seq) > max_len:
                 truncated += 1
@@ -186,6 +191,12 @@ def encode_groups(
             GroupExample(g.prompt, g.completions, sequences, g.pairs, g.margins, weight, g.labeler)
         )
     return examples, truncated
+
+
+def strip_eos(completion: str, eos_token: str | None) -> str:
+    """The completion without a trailing EOS text (a chat template may render one): EOS is appended as a token."""
+    end = completion.rstrip()
+    return end[: -len(eos_token)] if eos_token and end.endswith(eos_token) else completion
 
 
 def collate(examples: list[GroupExample], pad_id: int, use_margins: bool = True) -> Batch:

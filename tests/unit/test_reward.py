@@ -3,6 +3,9 @@ labeler weights, padding-independent rewards read at the last real token."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from rlhf.train.reward import (
     forward_rewards,
     merge_sessions,
     micro_batches_by_length,
+    read_groups,
     read_labeler_weights,
     split_by_prompt,
 )
@@ -152,3 +156,34 @@ def test_left_and_right_padding_give_the_same_reward(tiny_sft_model: Path) -> No
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(trained_path, right, atol=1e-5, rtol=0)
+
+
+def test_training_code_never_imports_the_gold_judge() -> None:
+    ours = lambda: [name for name in sys.modules if name == "rlhf" or name.startswith("rlhf.")]  # noqa: E731
+    saved = {name: sys.modules.pop(name) for name in ours()}
+    try:  # a fresh import of the stage and everything it pulls in
+        importlib.import_module("rlhf.train.reward")
+        importlib.import_module("rlhf.generate")
+        imported = set(ours())
+    finally:
+        for name in ours():
+            del sys.modules[name]
+        sys.modules.update(saved)
+    assert "rlhf.train.reward" in imported and "rlhf.eval.reward_metrics" in imported
+    assert "rlhf.labelers.gold" not in imported
+
+
+def test_conversational_pairs_render_through_the_chat_template_with_one_eos(
+    tmp_path: Path, tiny_sft_model: Path
+) -> None:
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    row = {"prompt": [{"role": "user", "content": "Hi!"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+           "rejected": [{"role": "assistant", "content": "Go away."}]}  # fmt: skip
+    (tmp_path / "conv.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = RewardConfig()
+    groups = read_groups(str(tmp_path / "conv.jsonl"), cfg, tokenizer)
+    assert groups[0].prompt == "User: Hi!\nAssistant:"
+    examples, _ = encode_groups(groups, tokenizer, 64, cfg, {})
+    chosen = examples[0].sequences[0]
+    assert tokenizer.decode(chosen) == "User: Hi!\nAssistant: Hello!<|endoftext|>"
+    assert chosen.count(tokenizer.eos_token_id) == 1
