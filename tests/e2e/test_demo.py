@@ -59,12 +59,20 @@ def test_report_numbers_are_the_run_files_numbers(demo_run: Path) -> None:
 
 def test_report_renders_with_no_broken_image(demo_run: Path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto((demo_run / "report.html").as_uri())
-        images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        images = page.eval_on_selector_all(
+            "img", "imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth > 0])"
+        )
         page.screenshot(path=str(ARTIFACTS / "demo_report.png"), full_page=True)
         browser.close()
     assert len(images) >= 6

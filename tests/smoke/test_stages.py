@@ -86,10 +86,13 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tiny_demo: dict[str, Pa
             "sft.micro_batch_size=4",
             "sft.eval_fraction=0",
         )
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.cli", *args]  # fmt: skip
+        # accelerate's multi-process launcher is --multi_gpu; with no GPU it runs the processes on the CPU (gloo)
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no"] if n == 2 else []  # fmt: skip
+        cmd = [sys.executable, *launcher, "-m", "rlhf.cli", *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((out / "summary.json").read_text())["processes"] == n
         curves[n] = [r["sft/loss"] for r in read_metrics(out / "metrics.jsonl") if "sft/loss" in r]
     assert len(curves[1]) == len(curves[2]) == 4
     assert curves[2] == pytest.approx(curves[1], rel=1e-4)
