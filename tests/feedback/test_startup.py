@@ -21,7 +21,9 @@ def test_app_module_does_not_import_torch() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy'));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -47,7 +49,7 @@ def time_to_healthz(db: str, limit_s: float = 10.0) -> float:
         "warning",
     ]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         while time.monotonic() - start < limit_s:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
