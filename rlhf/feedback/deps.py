@@ -27,6 +27,7 @@ from rlhf.feedback.security import (
 )
 from rlhf.feedback.settings import Settings
 from rlhf.feedback.users import user_by_token
+from rlhf.feedback.writer import VoteWriter
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -67,6 +68,11 @@ async def get_limiter(request: Request) -> RateLimiter:
     return limiter
 
 
+async def get_writer(request: Request) -> VoteWriter:
+    writer: VoteWriter = request.app.state.writer
+    return writer
+
+
 async def get_secret(request: Request) -> str:
     secret: str = request.app.state.secret
     return secret
@@ -75,6 +81,7 @@ async def get_secret(request: Request) -> str:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
+WriterDep = Annotated[VoteWriter, Depends(get_writer)]
 SecretDep = Annotated[str, Depends(get_secret)]
 
 

@@ -19,6 +19,7 @@ from rlhf.feedback.security import AuthCache, RateLimiter
 from rlhf.feedback.settings import Settings
 from rlhf.feedback.users import app_secret
 from rlhf.feedback.web import STATIC_DIR
+from rlhf.feedback.writer import VoteWriter
 
 
 @asynccontextmanager
@@ -32,7 +33,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = db
     app.state.limiter = RateLimiter(settings.votes_per_minute)
     app.state.auth_cache = AuthCache(settings.auth_cache_s)
+    app.state.writer = VoteWriter(db)
+    app.state.writer.start()
     yield
+    app.state.writer.stop()
     db.dispose()
 
 

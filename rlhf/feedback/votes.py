@@ -1,8 +1,8 @@
-"""Recording votes: one transaction per vote, idempotent by a client-supplied key; undo; listing.
+"""Recording votes, idempotent by a client-supplied key; undo; listing.
 
-A vote is acknowledged only after its transaction commits. A retry with the same idempotency key returns
-the original vote (the replay check runs inside the write transaction; if two requests race past it, the
-UNIQUE index on the key makes one fail with IntegrityError, and that one answers with the winner's row).
+A vote is acknowledged only after the transaction holding it commits. A retry with the same idempotency
+key returns the original vote: the UNIQUE index on the key makes the retry's INSERT fail (or, when the
+original already marked the task done, the retry meets that), and `settle` answers with the original row.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ _INSERT_ASSIGNMENT = insert(_assignments)
 _INSERT_VOTE = insert(_votes).returning(_votes.c.id)
 
 
-def record_vote(
-    session: Session, user: User, data: VoteIn, source: str, limiter: RateLimiter | None = None
-) -> Recorded:
-    """Store one vote in one transaction, or return the earlier vote made with the same key."""
-    if limiter is not None:
-        limiter.check(user.id)
+def write_vote(session: Session, user: User, data: VoteIn, source: str) -> Recorded:
+    """Insert one vote within the session's open write transaction (see record_vote and VoteWriter).
+
+    Raises NotFound, Forbidden, InvalidInput or Conflict, or IntegrityError when the idempotency key or
+    the one-live-vote-per-task rule is already taken; `settle` turns those into the right answer.
+    """
     fields = {
         "task_id": data.task_id,
         "user_id": user.id,
@@ -84,42 +84,57 @@ def record_vote(
         "created_at": utcnow(),
         "retracted_at": None,
     }
+    conn = session.connection()
+    row = conn.execute(_SELECT_TASK, {"b_task": data.task_id, "b_user": user.id}).first()
+    if row is None:
+        raise NotFound(f"no task {data.task_id}")
+    kind, n_completions, is_gold, project_id, overlap, assignment_id, status, disabled = row
+    if disabled:
+        raise Forbidden("this account is disabled")
+    _check_answer(kind, n_completions, data)
+    if status == "done":
+        raise Conflict(f"you already voted on task {data.task_id}; undo that vote first")
+    if status in (None, "skipped"):
+        # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
+        if not claim(session, data.task_id, is_gold, overlap):
+            raise Conflict(f"task {data.task_id} already has its {overlap} labelers")
+    if assignment_id is None:
+        assignment = {"task_id": data.task_id, "user_id": user.id, "project_id": project_id}
+        conn.execute(_INSERT_ASSIGNMENT, {**assignment, "status": "done", "created_at": fields["created_at"]})
+    else:
+        conn.execute(_MARK_DONE, {"b_assignment": assignment_id})
+    vote_id = conn.execute(_INSERT_VOTE, fields).scalar_one()
+    return Recorded(Vote(id=vote_id, **fields), created=True)
+
+
+def settle(session: Session, user: User, data: VoteIn, error: IntegrityError | Conflict) -> Recorded:
+    """The answer to a vote that hit a conflict: the earlier vote with the same key if there is one (a
+    retry, or a retry racing its original), else the conflict itself (a second vote on the task)."""
+    earlier = session.scalar(select(Vote).where(Vote.idempotency_key == data.idempotency_key))
+    if earlier is not None:
+        return _replay(earlier, user)
+    if isinstance(error, Conflict):
+        raise error
+    raise Conflict(f"you already voted on task {data.task_id}") from None
+
+
+def record_vote(
+    session: Session, user: User, data: VoteIn, source: str, limiter: RateLimiter | None = None
+) -> Recorded:
+    """Store one vote in a transaction of its own, or return the earlier vote made with the same key.
+
+    (The server batches votes through VoteWriter instead; this is the same logic, one at a time.)
+    """
+    if limiter is not None:
+        limiter.check(user.id)
     try:
         with db_of(session).write(session):
-            conn = session.connection()
-            row = conn.execute(_SELECT_TASK, {"b_task": data.task_id, "b_user": user.id}).first()
-            if row is None:
-                raise NotFound(f"no task {data.task_id}")
-            kind, n_completions, is_gold, project_id, overlap, assignment_id, status, disabled = row
-            if disabled:
-                raise Forbidden("this account is disabled")
-            _check_answer(kind, n_completions, data)
-            if status == "done":
-                raise Conflict(f"you already voted on task {data.task_id}; undo that vote first")
-            if status in (None, "skipped"):
-                # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
-                if not claim(session, data.task_id, is_gold, overlap):
-                    raise Conflict(f"task {data.task_id} already has its {overlap} labelers")
-            if assignment_id is None:
-                assignment = {"task_id": data.task_id, "user_id": user.id, "project_id": project_id}
-                conn.execute(
-                    _INSERT_ASSIGNMENT, {**assignment, "status": "done", "created_at": fields["created_at"]}
-                )
-            else:
-                conn.execute(_MARK_DONE, {"b_assignment": assignment_id})
-            vote_id = conn.execute(_INSERT_VOTE, fields).scalar_one()
+            recorded = write_vote(session, user, data, source)
     except (IntegrityError, Conflict) as e:
-        # The key may be taken: a retry of an acknowledged vote (the usual case), or a retry racing its
-        # original. Then the original answers. Otherwise this really is a second vote on the task.
-        earlier = session.scalar(select(Vote).where(Vote.idempotency_key == data.idempotency_key))
-        if earlier is not None:
-            return _replay(earlier, user)
-        if isinstance(e, Conflict):
-            raise
-        raise Conflict(f"you already voted on task {data.task_id}") from None
+        return settle(session, user, data, e)
     if limiter is not None:
         limiter.record(user.id)
-    return Recorded(Vote(id=vote_id, **fields), created=True)
+    return recorded
 
 
 def _replay(earlier: Vote, user: User) -> Recorded:

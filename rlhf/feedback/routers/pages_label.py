@@ -9,12 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from rlhf.feedback import projects, queue
 from rlhf.feedback import votes as store
-from rlhf.feedback.deps import CsrfChecked, LimiterDep, PageUser, SessionDep, SettingsDep
+from rlhf.feedback.deps import CsrfChecked, LimiterDep, PageUser, SessionDep, SettingsDep, WriterDep
 from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
 from rlhf.feedback.metrics import VOTES
 from rlhf.feedback.models import Vote
@@ -103,22 +102,19 @@ def _vote_from_form(form: FormData) -> VoteIn:
 
 
 @router.post("/{project}/vote", dependencies=[CsrfChecked])
-async def vote(request: Request, project: ProjectName, user: PageUser, limiter: LimiterDep) -> Response:
+async def vote(
+    request: Request, project: ProjectName, user: PageUser, limiter: LimiterDep, writer: WriterDep
+) -> Response:
     data = _vote_from_form(await request.form())
-    db = request.app.state.db
-
-    def save() -> int:
-        with db.session() as session:
-            recorded = store.record_vote(session, user, data, source="web", limiter=limiter)
-            if recorded.created:
-                VOTES.labels("web").inc()
-            return recorded.vote.id
-
+    limiter.check(user.id)
     try:
-        vote_id = await run_in_threadpool(save)
+        recorded = await writer.record(user, data, "web")
     except Conflict:
         return RedirectResponse(f"/label/{project}?msg=conflict", status_code=303)
-    return RedirectResponse(f"/label/{project}?voted={vote_id}", status_code=303)
+    if recorded.created:
+        limiter.record(user.id)
+        VOTES.labels("web").inc()
+    return RedirectResponse(f"/label/{project}?voted={recorded.vote.id}", status_code=303)
 
 
 @router.post("/{project}/skip", dependencies=[CsrfChecked])

@@ -1,0 +1,115 @@
+"""Group commit of votes: one writer thread stores the votes of many requests in one transaction.
+
+Under load many votes arrive while one is being written. Instead of a transaction each (serialised by
+SQLite's single writer, with a commit each), the writer thread takes every vote waiting, writes each inside
+a SAVEPOINT (so a bad vote fails alone), commits once, and only then answers all of them. A vote is
+acknowledged only after the commit that holds it; if that commit fails, every vote in it gets the error.
+Requests wait on a future, so an API vote costs no thread-pool hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import IntegrityError
+
+from rlhf.feedback.db import Database
+from rlhf.feedback.errors import Conflict, FeedbackError
+from rlhf.feedback.metrics import VOTE_BATCH
+from rlhf.feedback.models import User
+from rlhf.feedback.schemas import VoteIn
+from rlhf.feedback.votes import Recorded, settle, write_vote
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    user: User
+    data: VoteIn
+    source: str
+    future: Future[Recorded] = field(default_factory=Future)
+
+
+class VoteWriter:
+    def __init__(self, db: Database, max_batch: int = 256) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="rlhf-vote-writer", daemon=True)
+        self._stopped = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread."""
+        self._stopped = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, user: User, data: VoteIn, source: str) -> Future[Recorded]:
+        """Queue a vote (votes queued before start() go into the first batch)."""
+        if self._stopped:
+            raise RuntimeError("the vote writer has stopped")
+        pending = _Pending(user, data, source)
+        self._queue.put(pending)
+        return pending.future
+
+    async def record(self, user: User, data: VoteIn, source: str) -> Recorded:
+        """Store a vote (or find the earlier one with its key); returns once it is committed."""
+        return await asyncio.wrap_future(self.submit(user, data, source))
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            VOTE_BATCH.observe(len(batch))
+            self._write(batch)
+            if stop:
+                return
+
+    def _write(self, batch: list[_Pending]) -> None:
+        outcomes: list[Recorded | BaseException] = []
+        try:
+            with self.db.session() as session, self.db.write(session):
+                for item in batch:
+                    savepoint = session.begin_nested()
+                    try:
+                        outcomes.append(write_vote(session, item.user, item.data, item.source))
+                        savepoint.commit()
+                    except (IntegrityError, FeedbackError) as e:
+                        savepoint.rollback()
+                        try:
+                            if not isinstance(e, IntegrityError | Conflict):
+                                raise
+                            outcomes.append(settle(session, item.user, item.data, e))
+                        except FeedbackError as final:
+                            outcomes.append(final)
+        except Exception as e:  # the commit (or the database) failed: nothing in this batch was stored
+            log.exception("vote batch of %d failed", len(batch))
+            for item in batch:
+                item.future.set_exception(e)
+            return
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
