@@ -35,7 +35,8 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password_hash: str | None, password: str) -> bool:
-    if not password_hash:
+    if not password_hash:  # an API-only user: spend a hash's time anyway, so this cannot be told apart
+        _hasher.hash(password)
         return False
     try:
         return _hasher.verify(password_hash, password)
