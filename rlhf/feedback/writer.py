@@ -1,10 +1,14 @@
-"""Group commit of votes: one writer thread stores the votes of many requests in one transaction.
+"""Where the server's votes are written: group commit on SQLite, concurrent transactions on PostgreSQL.
 
-Under load many votes arrive while one is being written. Instead of a transaction each (serialised by
-SQLite's single writer, with a commit each), the writer thread takes every vote waiting, writes each inside
-a SAVEPOINT (so a bad vote fails alone), commits once, and only then answers all of them. A vote is
-acknowledged only after the commit that holds it; if that commit fails, every vote in it gets the error.
-Requests wait on a future, so an API vote costs no thread-pool hop.
+SQLite has one writer at a time. Under load many votes arrive while one is being written, so instead of a
+transaction each (each waiting for the write lock, each with its own commit), one writer thread takes every
+vote waiting, writes each inside a SAVEPOINT (so a bad vote fails alone), commits once, and only then
+answers all of them. A vote is acknowledged only after the commit that holds it; if that commit fails,
+every vote in it gets the error. Requests wait on a future, so an API vote costs no thread-pool hop.
+
+PostgreSQL runs many writers at once and already shares WAL flushes between concurrent commits, so there
+each vote is its own transaction on the thread pool (`record_vote`); one writer thread would only add
+round trips in series.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from rlhf.feedback.db import Database
 from rlhf.feedback.errors import Conflict, FeedbackError
 from rlhf.feedback.metrics import VOTE_BATCH
 from rlhf.feedback.models import User
 from rlhf.feedback.schemas import VoteIn
-from rlhf.feedback.votes import Recorded, settle, write_vote
+from rlhf.feedback.votes import Recorded, record_vote, settle, write_vote
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +42,25 @@ class _Pending:
 
 
 class VoteWriter:
-    def __init__(self, db: Database, max_batch: int = 256) -> None:
+    def __init__(self, db: Database, max_batch: int = 256, group_commit: bool | None = None) -> None:
+        """`group_commit` defaults to on for SQLite, off for PostgreSQL (see the module docstring)."""
         self.db = db
         self.max_batch = max_batch
+        self.group_commit = db.is_sqlite if group_commit is None else group_commit
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="rlhf-vote-writer", daemon=True)
         self._stopped = False
 
     def start(self) -> None:
-        self._thread.start()
+        if self.group_commit:
+            self._thread.start()
 
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
         self._stopped = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
 
     def submit(self, user: User, data: VoteIn, source: str) -> Future[Recorded]:
         """Queue a vote (votes queued before start() go into the first batch)."""
@@ -63,7 +72,13 @@ class VoteWriter:
 
     async def record(self, user: User, data: VoteIn, source: str) -> Recorded:
         """Store a vote (or find the earlier one with its key); returns once it is committed."""
+        if not self.group_commit:
+            return await run_in_threadpool(self._record_one, user, data, source)
         return await asyncio.wrap_future(self.submit(user, data, source))
+
+    def _record_one(self, user: User, data: VoteIn, source: str) -> Recorded:
+        with self.db.session() as session:
+            return record_vote(session, user, data, source)
 
     def _run(self) -> None:
         while True:

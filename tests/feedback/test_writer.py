@@ -34,7 +34,7 @@ def n_votes(db: Database) -> int:
 
 def test_one_batch_answers_each_vote_on_its_own(db: Database, seeded: dict[str, Any]) -> None:
     ann, bob = seeded["ann"], seeded["bob"]
-    writer = VoteWriter(db)  # not started yet: everything below lands in one batch
+    writer = VoteWriter(db, group_commit=True)  # not started yet: everything below lands in one batch
     futures = [
         writer.submit(ann, VoteIn(task_id=1, choice="A", idempotency_key="batch-key-1"), "api"),
         writer.submit(ann, VoteIn(task_id=1, choice="B", idempotency_key="batch-key-1"), "api"),  # retry
