@@ -20,7 +20,6 @@ import platform
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -262,22 +261,20 @@ def run_backend(
         "server_cpu_ms_per_request": round(1000 * server_cpu / max(len(lat), 1), 2),
         "client_cpu_ms_per_request": round(1000 * client_cpu / max(len(lat), 1), 2),
         "latency_ms": {
-            "p50": round(statistics.median(lat), 1),
-            "p90": round(lat[int(0.90 * (len(lat) - 1))], 1),
-            "p99": round(lat[int(0.99 * (len(lat) - 1))], 1),
-            "max": round(lat[-1], 1),
+            "p50": pct(lat, 0.5),
+            "p90": pct(lat, 0.9),
+            "p99": pct(lat, 0.99),
+            "max": pct(lat, 1.0),
             "requests": len(lat),
         },
         "latency_ms_steady": {"p50": pct(steady, 0.5), "p99": pct(steady, 0.99), "requests": len(steady)},
-        "server_side_ms": {
-            "p50": round(statistics.median(srv), 1),
-            "p99": round(srv[int(0.99 * (len(srv) - 1))], 1),
-        },
+        "server_side_ms": {"p50": pct(srv, 0.5), "p99": pct(srv, 0.99)},
         "ok": not (missing or duplicated or mismatched or shared.errors) and total == n_votes,
     }
 
 
 def pct(sorted_values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank below) of already sorted values, rounded to 0.1."""
     return round(sorted_values[int(q * (len(sorted_values) - 1))], 1)
 
 
@@ -303,6 +300,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feedback_load.json"))
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()
     results = []
     for backend in args.backends.split(","):
         if backend == "sqlite":
@@ -349,6 +347,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "results": results,
     }
