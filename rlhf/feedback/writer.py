@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from rlhf.feedback.db import Database
@@ -102,7 +103,7 @@ class VoteWriter:
                 return
 
     def _write(self, batch: list[_Pending]) -> None:
-        outcomes: list[Recorded | BaseException] = []
+        outcomes: list[Recorded | FeedbackError] = []
         try:
             with self.db.session() as session, self.db.write(session):
                 for item in batch:
@@ -112,19 +113,27 @@ class VoteWriter:
                         savepoint.commit()
                     except (IntegrityError, FeedbackError) as e:
                         savepoint.rollback()
-                        try:
-                            if not isinstance(e, IntegrityError | Conflict):
-                                raise
-                            outcomes.append(settle(session, item.user, item.data, e))
-                        except FeedbackError as final:
-                            outcomes.append(final)
+                        outcomes.append(_settled(session, item, e))
         except Exception as e:  # the commit (or the database) failed: nothing in this batch was stored
             log.exception("vote batch of %d failed", len(batch))
             for item in batch:
                 item.future.set_exception(e)
             return
         for item, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, FeedbackError):
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
+
+
+def _settled(
+    session: Session, item: _Pending, error: IntegrityError | FeedbackError
+) -> Recorded | FeedbackError:
+    """What a vote that failed inside the batch is answered with: a replay of an earlier vote with its
+    key, or the error."""
+    if not isinstance(error, IntegrityError | Conflict):
+        return error
+    try:
+        return settle(session, item.user, item.data, error)
+    except FeedbackError as final:
+        return final

@@ -78,24 +78,25 @@ def task_page(
 
 
 def _vote_from_form(form: FormData) -> VoteIn:
+    """The vote of the task page's form; rank_<position> fields carry a ranking."""
+
     def value(name: str) -> str | None:
         v = form.get(name)
         return v if isinstance(v, str) and v != "" else None
 
-    order = value("display_order")
-    ranks = sorted((k, v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str))
-    fields: dict[str, Any] = {
-        "task_id": value("task_id"),
-        "choice": value("choice"),
-        "rating": value("rating"),
-        "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
-        "display_order": [int(p) for p in order.split(",")] if order else None,
-        "time_to_vote_ms": value("time_ms"),
-        "idempotency_key": value("idempotency_key"),
-    }
-    if ranks:
-        fields["ranking"] = [int(v) for _, v in sorted(ranks, key=lambda kv: int(kv[0][5:]))]
     try:
+        order = value("display_order")
+        ranks = {int(k[5:]): int(v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str)}
+        fields: dict[str, Any] = {
+            "task_id": value("task_id"),
+            "choice": value("choice"),
+            "rating": value("rating"),
+            "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
+            "display_order": [int(p) for p in order.split(",")] if order else None,
+            "ranking": [ranks[p] for p in sorted(ranks)] if ranks else None,
+            "time_to_vote_ms": value("time_ms"),
+            "idempotency_key": value("idempotency_key"),
+        }
         return VoteIn.model_validate({k: v for k, v in fields.items() if v is not None})
     except (ValidationError, ValueError):
         raise InvalidInput("the vote form is incomplete or malformed") from None
