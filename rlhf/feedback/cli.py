@@ -173,7 +173,7 @@ def user_add(
 def token_create(
     name: Annotated[str, typer.Option(help="The user the token acts as.")],
     db: DbOpt = DEFAULT_DB,
-    label: Annotated[str, typer.Option(help="What the token is for (shown to admins).")] = "",
+    label: Annotated[str, typer.Option(help="A note on what the token is for, stored with it.")] = "",
 ) -> None:
     """Create an API token and print it (it is shown this once; only its hash is stored)."""
     from rlhf.feedback.users import create_token
