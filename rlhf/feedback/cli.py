@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from rlhf.feedback.db import Database
@@ -35,10 +35,18 @@ DEFAULT_DB = "sqlite:///feedback.db"
 
 
 def _open(url: str) -> Database:
+    """The database at `url`, migrated; an unreachable or unusable one is a one-line ConfigError."""
+    from sqlalchemy.exc import OperationalError
+
     from rlhf.feedback.db import Database, upgrade
 
     db = Database(url)
-    upgrade(db)
+    try:
+        upgrade(db)
+    except OperationalError as e:
+        where = db.engine.url.render_as_string(hide_password=True)
+        reason = str(e.orig or e).strip().splitlines()[0]
+        raise ConfigError(f"cannot open the database {where}: {reason}") from None
     return db
 
 
@@ -58,6 +66,7 @@ def serve(
     from rlhf.feedback.settings import Settings
 
     settings = Settings.from_env(db=db)
+    _open(settings.db).dispose()  # migrate first, so a bad URL is one line here, not a traceback
     typer.echo(f"labeling app on http://{host}:{port}  (db: {settings.db.split('@')[-1]})")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
 
@@ -164,7 +173,7 @@ def user_add(
 def token_create(
     name: Annotated[str, typer.Option(help="The user the token acts as.")],
     db: DbOpt = DEFAULT_DB,
-    label: Annotated[str, typer.Option(help="What the token is for (shown to admins).")] = "",
+    label: Annotated[str, typer.Option(help="A note on what the token is for, stored with it.")] = "",
 ) -> None:
     """Create an API token and print it (it is shown this once; only its hash is stored)."""
     from rlhf.feedback.users import create_token

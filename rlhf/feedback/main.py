@@ -13,12 +13,13 @@ from fastapi.staticfiles import StaticFiles
 
 from rlhf import __version__
 from rlhf.feedback.db import Database, upgrade
-from rlhf.feedback.middleware import BodySizeLimit, add_error_handlers
+from rlhf.feedback.middleware import BodySizeLimit, ServerTiming, add_error_handlers
 from rlhf.feedback.routers import health, pages_admin, pages_auth, pages_label, projects, tasks, users, votes
-from rlhf.feedback.security import RateLimiter
+from rlhf.feedback.security import AuthCache, RateLimiter
 from rlhf.feedback.settings import Settings
 from rlhf.feedback.users import app_secret
 from rlhf.feedback.web import STATIC_DIR
+from rlhf.feedback.writer import VoteWriter
 
 
 @asynccontextmanager
@@ -31,7 +32,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.secret = settings.secret or app_secret(session)
     app.state.db = db
     app.state.limiter = RateLimiter(settings.votes_per_minute)
+    app.state.auth_cache = AuthCache(settings.auth_cache_s)
+    app.state.writer = VoteWriter(db)
+    app.state.writer.start()
     yield
+    app.state.writer.stop()
     db.dispose()
 
 
@@ -48,8 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=app.state.settings.max_body_bytes,
         import_bytes=app.state.settings.max_import_bytes,
     )
+    app.add_middleware(ServerTiming)
     add_error_handlers(app)
-    for router in (health, users, projects, tasks, votes, pages_auth, pages_label, pages_admin):
+    # Routes are matched in order: the busiest (votes, tasks) first.
+    for router in (votes, tasks, projects, users, health, pages_auth, pages_label, pages_admin):
         app.include_router(router.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -13,3 +13,8 @@ VOTE_SECONDS = Histogram(
     "Time to record a vote, transaction included",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+VOTE_BATCH = Histogram(
+    "rlhf_label_vote_batch_size",
+    "Votes stored per group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)

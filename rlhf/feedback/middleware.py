@@ -1,8 +1,9 @@
-"""Request body size limits and the mapping of store errors to HTTP answers."""
+"""Request body size limits, Server-Timing, and the mapping of store errors to HTTP answers."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -66,6 +67,29 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
+
+
+class ServerTiming:
+    """Add `Server-Timing: app;dur=MS` to every answer: the time from the request reaching the app to its
+    answer starting, so clients (and the load benchmark) can tell server time from network and client time."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ms = (time.perf_counter() - start) * 1000
+                headers = [*message.get("headers", []), (b"server-timing", f"app;dur={ms:.2f}".encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 def _too_large(limit: int) -> Response:

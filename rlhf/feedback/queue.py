@@ -10,9 +10,9 @@ A claim is a conditional UPDATE (n_assigned < overlap), so two labelers racing c
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import Table, and_, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
@@ -23,12 +23,19 @@ from rlhf.feedback.schemas import CompletionOut, ProgressOut, TaskAdminOut, Task
 CANDIDATES_PER_TRY = 8
 
 
-def claim(session: Session, task: Task, project: Project) -> bool:
-    """Take one slot of `task` for a new assignment; False when it already has `overlap` labelers."""
-    stmt = update(Task).where(Task.id == task.id).values(n_assigned=Task.n_assigned + 1)
-    if not task.is_gold:
-        stmt = stmt.where(Task.n_assigned < project.overlap)
-    return session.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1  # type: ignore[attr-defined]
+_tasks = cast(Table, Task.__table__)
+_CLAIM = (
+    update(_tasks)
+    .where(_tasks.c.id == bindparam("b_task"), _tasks.c.n_assigned < bindparam("b_limit"))
+    .values(n_assigned=_tasks.c.n_assigned + 1)
+)
+GOLD_LIMIT = 2**31 - 1  # gold tasks go to every labeler: no overlap limit
+
+
+def claim(session: Session, task_id: int, is_gold: bool, overlap: int) -> bool:
+    """Take one slot of a task for a new assignment; False when it already has `overlap` labelers."""
+    limit = GOLD_LIMIT if is_gold else overlap
+    return session.connection().execute(_CLAIM, {"b_task": task_id, "b_limit": limit}).rowcount == 1
 
 
 def next_task(
@@ -51,7 +58,7 @@ def next_task(
     with db_of(session).write(session):
         for gold in order:
             for task in _candidates(session, user, project, gold):
-                if claim(session, task, project):
+                if claim(session, task.id, task.is_gold, project.overlap):
                     session.add(Assignment(task_id=task.id, user_id=user.id, project_id=project.id))
                     return task
     return None

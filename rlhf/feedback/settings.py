@@ -34,6 +34,9 @@ class Settings(BaseModel):
     max_import_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest candidate import (API body or file) accepted"
     )
+    auth_cache_s: float = Field(
+        5.0, ge=0, description="Seconds an API token's user is cached in memory (0: look it up every request)"
+    )
     session_max_age_s: int = Field(12 * 3600, ge=60, description="Lifetime of a browser login session")
     cookie_secure: bool = Field(False, description="Mark cookies Secure (set when served over HTTPS)")
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(

@@ -25,9 +25,11 @@ from rlhf.feedback.users import create_token, create_user
 def run_server(db_url: str, host: str = "127.0.0.1", port: int = 0, **settings: Any) -> Iterator[str]:
     """Serve the app from a background thread; yield its base URL ("http://127.0.0.1:PORT").
 
-    `port=0` binds a free port. Extra keyword arguments override Settings fields (e.g. votes_per_minute=0).
+    `port=0` binds a free port. Extra keyword arguments override Settings fields. The per-labeler rate
+    limit is off unless `votes_per_minute` is given: simulated panels vote faster than people can.
     The server is stopped, and its thread joined, when the block ends.
     """
+    settings.setdefault("votes_per_minute", 0)
     app = create_app(Settings.from_env(db=db_url, **settings))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)

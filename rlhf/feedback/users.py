@@ -62,7 +62,7 @@ def authenticate(session: Session, name: str, password: str) -> User | None:
     """The enabled user with this name and password, else None (the same answer for every failure)."""
     user = session.scalar(select(User).where(User.name == name))
     if user is None:
-        hash_password(password)  # spend the same time as a real check, so names cannot be probed by timing
+        verify_password(None, password)  # spend a real check's time, so names cannot be probed by timing
         return None
     if not verify_password(user.password_hash, password) or user.disabled:
         return None

@@ -1,8 +1,8 @@
-"""Recording votes: one transaction per vote, idempotent by a client-supplied key; undo; listing.
+"""Recording votes, idempotent by a client-supplied key; undo; listing.
 
-A vote is acknowledged only after its transaction commits. A retry with the same idempotency key returns
-the original vote (the replay check runs inside the write transaction; if two requests race past it, the
-UNIQUE index on the key makes one fail with IntegrityError, and that one answers with the winner's row).
+A vote is acknowledged only after the transaction holding it commits. A retry with the same idempotency
+key returns the original vote: the UNIQUE index on the key makes the retry's INSERT fail (or, when the
+original already marked the task done, the retry meets that), and `settle` answers with the original row.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
-from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
-from rlhf.feedback.models import Assignment, Project, Task, User, Vote
+from rlhf.feedback.errors import Conflict, Forbidden, InvalidInput, NotFound
+from rlhf.feedback.models import Assignment, Project, Task, User, Vote, utcnow
 from rlhf.feedback.queue import claim
 from rlhf.feedback.schemas import VoteIn, VoteOut
 from rlhf.feedback.security import RateLimiter
@@ -31,65 +32,109 @@ class Recorded:
     created: bool  # False when this was a replay of an earlier request with the same key
 
 
+# The hot path runs prebuilt Core statements with bound parameters: building SQLAlchemy statements per call
+# (and the ORM's unit of work) cost more CPU than SQLite spends on the vote itself.
+_tasks, _projects, _assignments, _votes, _users = (
+    cast(Table, m.__table__) for m in (Task, Project, Assignment, Vote, User)
+)
+_SELECT_TASK = (
+    select(
+        _tasks.c.kind,
+        _tasks.c.n_completions,
+        _tasks.c.is_gold,
+        _tasks.c.project_id,
+        _projects.c.overlap,
+        _assignments.c.id,
+        _assignments.c.status,
+        # checked here too: the labeler may have been disabled since their token was cached
+        select(_users.c.disabled).where(_users.c.id == bindparam("b_user")).scalar_subquery(),
+    )
+    .select_from(
+        _tasks.join(_projects, _projects.c.id == _tasks.c.project_id).outerjoin(
+            _assignments,
+            (_assignments.c.task_id == _tasks.c.id) & (_assignments.c.user_id == bindparam("b_user")),
+        )
+    )
+    .where(_tasks.c.id == bindparam("b_task"))
+)
+_MARK_DONE = update(_assignments).where(_assignments.c.id == bindparam("b_assignment")).values(status="done")
+_INSERT_ASSIGNMENT = insert(_assignments)
+_INSERT_VOTE = insert(_votes).returning(_votes.c.id)
+
+
+def write_vote(session: Session, user: User, data: VoteIn, source: str) -> Recorded:
+    """Insert one vote within the session's open write transaction (see record_vote and VoteWriter).
+
+    Raises NotFound, Forbidden, InvalidInput or Conflict, or IntegrityError when the idempotency key or
+    the one-live-vote-per-task rule is already taken; `settle` turns those into the right answer.
+    """
+    fields = {
+        "task_id": data.task_id,
+        "user_id": user.id,
+        "choice": data.choice,
+        "ranking": data.ranking,
+        "rating": data.rating,
+        "margin": data.margin,
+        "confidence": data.confidence,
+        "note": data.note or None,
+        "display_order": data.display_order,
+        "time_to_vote_ms": data.time_to_vote_ms,
+        "idempotency_key": data.idempotency_key,
+        "source": source,
+        "created_at": utcnow(),
+        "retracted_at": None,
+    }
+    conn = session.connection()
+    row = conn.execute(_SELECT_TASK, {"b_task": data.task_id, "b_user": user.id}).first()
+    if row is None:
+        raise NotFound(f"no task {data.task_id}")
+    kind, n_completions, is_gold, project_id, overlap, assignment_id, status, disabled = row
+    if disabled:
+        raise Forbidden("this account is disabled")
+    _check_answer(kind, n_completions, data)
+    if status == "done":
+        raise Conflict(f"you already voted on task {data.task_id}; undo that vote first")
+    if status in (None, "skipped"):
+        # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
+        if not claim(session, data.task_id, is_gold, overlap):
+            raise Conflict(f"task {data.task_id} already has its {overlap} labelers")
+    if assignment_id is None:
+        assignment = {"task_id": data.task_id, "user_id": user.id, "project_id": project_id}
+        conn.execute(_INSERT_ASSIGNMENT, {**assignment, "status": "done", "created_at": fields["created_at"]})
+    else:
+        conn.execute(_MARK_DONE, {"b_assignment": assignment_id})
+    vote_id = conn.execute(_INSERT_VOTE, fields).scalar_one()
+    return Recorded(Vote(id=vote_id, **fields), created=True)
+
+
+def settle(session: Session, user: User, data: VoteIn, error: IntegrityError | Conflict) -> Recorded:
+    """The answer to a vote that hit a conflict: the earlier vote with the same key if there is one (a
+    retry, or a retry racing its original), else the conflict itself (a second vote on the task)."""
+    earlier = session.scalar(select(Vote).where(Vote.idempotency_key == data.idempotency_key))
+    if earlier is not None:
+        return _replay(earlier, user)
+    if isinstance(error, Conflict):
+        raise error
+    raise Conflict(f"you already voted on task {data.task_id}") from None
+
+
 def record_vote(
     session: Session, user: User, data: VoteIn, source: str, limiter: RateLimiter | None = None
 ) -> Recorded:
-    db = db_of(session)
-    key = data.idempotency_key
+    """Store one vote in a transaction of its own, or return the earlier vote made with the same key.
+
+    (The server batches votes through VoteWriter instead; this is the same logic, one at a time.)
+    """
     if limiter is not None:
         limiter.check(user.id)
     try:
-        with db.write(session):
-            earlier = session.scalar(select(Vote).where(Vote.idempotency_key == key))
-            if earlier is not None:
-                return _replay(earlier, user)
-            row = session.execute(
-                select(Task, Project, Assignment)
-                .join(Project, Project.id == Task.project_id)
-                .outerjoin(Assignment, (Assignment.task_id == Task.id) & (Assignment.user_id == user.id))
-                .where(Task.id == data.task_id)
-            ).first()
-            if row is None:
-                raise NotFound(f"no task {data.task_id}")
-            task, project, assignment = row
-            _check_answer(task, data)
-            if assignment is None or assignment.status == "skipped":
-                # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
-                if not claim(session, task, project):
-                    raise Conflict(f"task {task.id} already has its {project.overlap} labelers")
-                if assignment is None:
-                    assignment = Assignment(task_id=task.id, user_id=user.id, project_id=project.id)
-                    session.add(assignment)
-            elif assignment.status == "done":
-                raise Conflict(f"you already voted on task {task.id}; undo that vote first")
-            assignment.status = "done"
-            vote = Vote(
-                task_id=task.id,
-                user_id=user.id,
-                choice=data.choice,
-                ranking=data.ranking,
-                rating=data.rating,
-                margin=data.margin,
-                confidence=data.confidence,
-                note=data.note or None,
-                display_order=data.display_order,
-                time_to_vote_ms=data.time_to_vote_ms,
-                idempotency_key=key,
-                source=source,
-            )
-            session.add(vote)
+        with db_of(session).write(session):
+            recorded = write_vote(session, user, data, source)
     except (IntegrityError, Conflict) as e:
-        # Another request may have committed first: a retry racing its original (same key), or
-        # another vote on this task. Whatever this attempt tripped over, the winner's row answers it.
-        earlier = session.scalar(select(Vote).where(Vote.idempotency_key == key))
-        if earlier is not None:
-            return _replay(earlier, user)
-        if isinstance(e, Conflict):
-            raise
-        raise Conflict(f"you already voted on task {data.task_id}") from None
+        return settle(session, user, data, e)
     if limiter is not None:
         limiter.record(user.id)
-    return Recorded(vote, created=True)
+    return recorded
 
 
 def _replay(earlier: Vote, user: User) -> Recorded:
@@ -98,13 +143,12 @@ def _replay(earlier: Vote, user: User) -> Recorded:
     return Recorded(earlier, created=False)
 
 
-def _check_answer(task: Task, data: VoteIn) -> None:
+def _check_answer(kind: str, k: int, data: VoteIn) -> None:
     """The answer fields must fit the task kind: choice for pairwise, ranking for ranking, rating for rating."""
-    k = task.n_completions
     given = {name for name in ("choice", "ranking", "rating") if getattr(data, name) is not None}
-    wanted = {"pairwise": "choice", "ranking": "ranking", "rating": "rating"}[task.kind]
+    wanted = {"pairwise": "choice", "ranking": "ranking", "rating": "rating"}[kind]
     if given != {wanted}:
-        raise InvalidInput(f"a {task.kind} task takes `{wanted}` (and none of the other answer fields)")
+        raise InvalidInput(f"a {kind} task takes `{wanted}` (and none of the other answer fields)")
     if data.ranking is not None and (len(data.ranking) != k or max(data.ranking) > k):
         raise InvalidInput(f"ranking must give each of the {k} completions a rank from 1 to {k}")
     if data.display_order is not None and sorted(data.display_order) != list(range(k)):

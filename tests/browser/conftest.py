@@ -5,7 +5,7 @@ Screenshots go to tests/artifacts/ (gitignored).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +75,29 @@ def page(browser: Browser) -> Iterator[Page]:
     context.close()
 
 
-def log_in(page: Page, base_url: str, name: str) -> None:
+def _log_in(page: Page, base_url: str, name: str) -> None:
     page.goto(f"{base_url}/login")
     page.fill("#name", name)
     page.fill("#password", PASSWORD)
     with page.expect_navigation():
         page.click("#login")
+
+
+# Helpers reach the tests as fixtures, not imports: `from conftest import ...` is ambiguous once several
+# test folders have a conftest.py.
+@pytest.fixture
+def log_in() -> Callable[[Page, str, str], None]:
+    """log_in(page, base_url, name): log in through the login form (every test user has PASSWORD)."""
+    return _log_in
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    """tests/artifacts/, where screenshots go."""
+    return ARTIFACTS
+
+
+@pytest.fixture
+def script_answer() -> str:
+    """The completion of project `xss` that would set window.__pwned if it ever ran."""
+    return SCRIPT

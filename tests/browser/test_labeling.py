@@ -3,10 +3,10 @@ an admin sees the statistics."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ARTIFACTS, SCRIPT, log_in
 from playwright.sync_api import Page
 
 pytestmark = pytest.mark.browser
@@ -22,7 +22,9 @@ def last_vote(server: dict[str, Any], labeler: str) -> dict[str, Any]:
     return votes[0]
 
 
-def test_vote_with_mouse_and_keyboard(page: Page, server: dict[str, Any]) -> None:
+def test_vote_with_mouse_and_keyboard(
+    page: Page, server: dict[str, Any], log_in: Any, artifacts: Path
+) -> None:
     url = server["url"]
     log_in(page, url, "lia")
     page.goto(f"{url}/label/demo")
@@ -32,7 +34,7 @@ def test_vote_with_mouse_and_keyboard(page: Page, server: dict[str, Any]) -> Non
     slots = shown_positions(page)
     page.click("#completion-2")
     assert page.is_checked("#slot-2")
-    page.screenshot(path=ARTIFACTS / "label_task_mouse.png", full_page=True)
+    page.screenshot(path=artifacts / "label_task_mouse.png", full_page=True)
     with page.expect_navigation():
         page.click("#submit")
     vote = last_vote(server, "lia")
@@ -61,10 +63,10 @@ def test_vote_with_mouse_and_keyboard(page: Page, server: dict[str, Any]) -> Non
         page.press("#note", "Control+Enter")
     assert last_vote(server, "lia")["note"] == "first line\nsecond line"
     assert page.inner_text("#progress") == "Done 5 / 8"
-    page.screenshot(path=ARTIFACTS / "label_after_votes.png", full_page=True)
+    page.screenshot(path=artifacts / "label_after_votes.png", full_page=True)
 
 
-def test_undo_and_skip(page: Page, server: dict[str, Any]) -> None:
+def test_undo_and_skip(page: Page, server: dict[str, Any], log_in: Any) -> None:
     url = server["url"]
     log_in(page, url, "max")
     page.goto(f"{url}/label/demo")
@@ -83,7 +85,7 @@ def test_undo_and_skip(page: Page, server: dict[str, Any]) -> None:
     assert page.inner_text("#prompt") != first_prompt
 
 
-def test_answer_order_is_random(page: Page, server: dict[str, Any]) -> None:
+def test_answer_order_is_random(page: Page, server: dict[str, Any], log_in: Any) -> None:
     url = server["url"]
     log_in(page, url, "noa")
     seen = set()
@@ -99,25 +101,27 @@ def test_answer_order_is_random(page: Page, server: dict[str, Any]) -> None:
     assert seen == {(0, 1), (1, 0)}
 
 
-def test_script_in_a_completion_is_shown_as_text(page: Page, server: dict[str, Any]) -> None:
+def test_script_in_a_completion_is_shown_as_text(
+    page: Page, server: dict[str, Any], log_in: Any, artifacts: Path, script_answer: str
+) -> None:
     url = server["url"]
     log_in(page, url, "lia")
     page.goto(f"{url}/label/xss")
     texts = page.eval_on_selector_all(".completion", "els => els.map(e => e.textContent)")
-    assert SCRIPT in texts  # literal text, tags and all
+    assert script_answer in texts  # literal text, tags and all
     assert "Hello <b>there</b> & welcome" in texts
     assert page.evaluate("window.__pwned") is None
     assert page.locator(".completion b").count() == 0  # no markup from model output
-    page.screenshot(path=ARTIFACTS / "label_script_as_text.png", full_page=True)
+    page.screenshot(path=artifacts / "label_script_as_text.png", full_page=True)
 
 
-def test_model_identities_are_never_shown(page: Page, server: dict[str, Any]) -> None:
+def test_model_identities_are_never_shown(page: Page, server: dict[str, Any], log_in: Any) -> None:
     log_in(page, server["url"], "lia")
     page.goto(f"{server['url']}/label/demo")
     assert "policy-v" not in page.content()
 
 
-def test_admin_sees_statistics(page: Page, server: dict[str, Any]) -> None:
+def test_admin_sees_statistics(page: Page, server: dict[str, Any], log_in: Any, artifacts: Path) -> None:
     url = server["url"]
     # make sure two labelers overlap, so agreement has something to show
     log_in(page, url, "max")
@@ -139,4 +143,4 @@ def test_admin_sees_statistics(page: Page, server: dict[str, Any]) -> None:
     alpha = page.inner_text("#alpha")
     assert alpha == ("–" if stats["alpha"] is None else f"{stats['alpha']:.3f}")
     assert page.is_visible("#export-pairs")
-    page.screenshot(path=ARTIFACTS / "admin_project.png", full_page=True)
+    page.screenshot(path=artifacts / "admin_project.png", full_page=True)

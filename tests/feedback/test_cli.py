@@ -7,6 +7,7 @@ import json
 import httpx
 from typer.testing import CliRunner
 
+from rlhf.errors import ConfigError
 from rlhf.feedback.cli import app
 from rlhf.feedback.db import Database, current_revision, head_revision
 from rlhf.feedback.testing import run_server
@@ -81,3 +82,5 @@ def test_user_errors_are_one_line(tmp_path) -> None:
     assert "no project named 'nope'" in str(result.exception)
     result = runner.invoke(app, ["user", "add", "--db", db_url, "--name", "x y", "--password", ""])
     assert "user name 'x y'" in str(result.exception)
+    result = runner.invoke(app, ["db", "upgrade", "--db", "postgresql://nobody@127.0.0.1:1/none"])
+    assert isinstance(result.exception, ConfigError) and "cannot open the database" in str(result.exception)

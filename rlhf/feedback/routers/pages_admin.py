@@ -52,6 +52,7 @@ def project_settings(
 
 @router.post("/users/{name}/disabled", dependencies=[CsrfChecked])
 def set_disabled(
+    request: Request,
     name: Annotated[str, Path(pattern=NAME_PATTERN)],
     user: PageAdmin,
     session: SessionDep,
@@ -62,4 +63,5 @@ def set_disabled(
     if name == user.name and disabled:
         return RedirectResponse(back, status_code=303)  # an admin cannot lock themselves out
     users.update_user(session, name, disabled=disabled)
+    request.app.state.auth_cache.clear()
     return RedirectResponse(back, status_code=303)

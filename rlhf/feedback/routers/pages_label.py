@@ -9,12 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from rlhf.feedback import projects, queue
 from rlhf.feedback import votes as store
-from rlhf.feedback.deps import CsrfChecked, LimiterDep, PageUser, SessionDep, SettingsDep
+from rlhf.feedback.deps import CsrfChecked, LimiterDep, PageUser, SessionDep, SettingsDep, WriterDep
 from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
 from rlhf.feedback.metrics import VOTES
 from rlhf.feedback.models import Vote
@@ -79,46 +78,44 @@ def task_page(
 
 
 def _vote_from_form(form: FormData) -> VoteIn:
+    """The vote of the task page's form; rank_<position> fields carry a ranking."""
+
     def value(name: str) -> str | None:
         v = form.get(name)
         return v if isinstance(v, str) and v != "" else None
 
-    order = value("display_order")
-    ranks = sorted((k, v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str))
-    fields: dict[str, Any] = {
-        "task_id": value("task_id"),
-        "choice": value("choice"),
-        "rating": value("rating"),
-        "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
-        "display_order": [int(p) for p in order.split(",")] if order else None,
-        "time_to_vote_ms": value("time_ms"),
-        "idempotency_key": value("idempotency_key"),
-    }
-    if ranks:
-        fields["ranking"] = [int(v) for _, v in sorted(ranks, key=lambda kv: int(kv[0][5:]))]
     try:
+        order = value("display_order")
+        ranks = {int(k[5:]): int(v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str)}
+        fields: dict[str, Any] = {
+            "task_id": value("task_id"),
+            "choice": value("choice"),
+            "rating": value("rating"),
+            "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
+            "display_order": [int(p) for p in order.split(",")] if order else None,
+            "ranking": [ranks[p] for p in sorted(ranks)] if ranks else None,
+            "time_to_vote_ms": value("time_ms"),
+            "idempotency_key": value("idempotency_key"),
+        }
         return VoteIn.model_validate({k: v for k, v in fields.items() if v is not None})
     except (ValidationError, ValueError):
         raise InvalidInput("the vote form is incomplete or malformed") from None
 
 
 @router.post("/{project}/vote", dependencies=[CsrfChecked])
-async def vote(request: Request, project: ProjectName, user: PageUser, limiter: LimiterDep) -> Response:
+async def vote(
+    request: Request, project: ProjectName, user: PageUser, limiter: LimiterDep, writer: WriterDep
+) -> Response:
     data = _vote_from_form(await request.form())
-    db = request.app.state.db
-
-    def save() -> int:
-        with db.session() as session:
-            recorded = store.record_vote(session, user, data, source="web", limiter=limiter)
-            if recorded.created:
-                VOTES.labels("web").inc()
-            return recorded.vote.id
-
+    limiter.check(user.id)
     try:
-        vote_id = await run_in_threadpool(save)
+        recorded = await writer.record(user, data, "web")
     except Conflict:
         return RedirectResponse(f"/label/{project}?msg=conflict", status_code=303)
-    return RedirectResponse(f"/label/{project}?voted={vote_id}", status_code=303)
+    if recorded.created:
+        limiter.record(user.id)
+        VOTES.labels("web").inc()
+    return RedirectResponse(f"/label/{project}?voted={recorded.vote.id}", status_code=303)
 
 
 @router.post("/{project}/skip", dependencies=[CsrfChecked])

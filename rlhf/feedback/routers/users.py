@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
 from rlhf.feedback import users
 from rlhf.feedback.deps import AdminUser, CurrentUser, SessionDep
@@ -30,9 +30,12 @@ def create_user(body: UserIn, _: AdminUser, session: SessionDep) -> UserOut:
 
 
 @router.patch("/users/{name}")
-def update_user(name: UserName, body: UserUpdate, _: AdminUser, session: SessionDep) -> UserOut:
+def update_user(
+    name: UserName, body: UserUpdate, _: AdminUser, session: SessionDep, request: Request
+) -> UserOut:
     """Disable or enable a user, change their role or password."""
     user = users.update_user(session, name, disabled=body.disabled, role=body.role, password=body.password)
+    request.app.state.auth_cache.clear()
     return UserOut.model_validate(user)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from rlhf.feedback import projects
 from rlhf.feedback import votes as store
-from rlhf.feedback.deps import CurrentUser, LimiterDep, SessionDep, SettingsDep
+from rlhf.feedback.deps import CurrentUser, LimiterDep, SessionDep, SettingsDep, WriterDep
 from rlhf.feedback.metrics import VOTE_REPLAYS, VOTE_SECONDS, VOTES
 from rlhf.feedback.models import User
 from rlhf.feedback.schemas import API_ERRORS, MAX_INT32, NAME_PATTERN, PROJECT_PATTERN, VoteIn, VoteOut
@@ -23,14 +23,17 @@ VoteId = Annotated[int, Path(ge=1, le=MAX_INT32)]
 @router.post(
     "", status_code=201, responses={200: {"model": VoteOut, "description": "a replay: the original vote"}}
 )
-def create_vote(
-    body: VoteIn, user: CurrentUser, session: SessionDep, limiter: LimiterDep, response: Response
+async def create_vote(
+    body: VoteIn, user: CurrentUser, writer: WriterDep, limiter: LimiterDep, response: Response
 ) -> VoteOut:
-    """Record a vote in one transaction. 201 with the new vote; 200 with the original one when the
-    idempotency key was seen before (a retry). 409 if you already voted on the task, 429 over the rate limit."""
+    """Record a vote; answered once it is committed. 201 with the new vote; 200 with the original one
+    when the idempotency key was seen before (a retry). 409 if you already voted on the task, 429 over
+    the rate limit. (Runs on the event loop: the group-commit writer thread stores the vote.)"""
     start = time.perf_counter()
-    recorded = store.record_vote(session, user, body, source=body.source, limiter=limiter)
+    limiter.check(user.id)
+    recorded = await writer.record(user, body, body.source)
     if recorded.created:
+        limiter.record(user.id)
         VOTES.labels(body.source).inc()
         VOTE_SECONDS.observe(time.perf_counter() - start)
     else:

@@ -1,0 +1,139 @@
+"""Where the server's votes are written: group commit on SQLite, concurrent transactions on PostgreSQL.
+
+SQLite has one writer at a time. Under load many votes arrive while one is being written, so instead of a
+transaction each (each waiting for the write lock, each with its own commit), one writer thread takes every
+vote waiting, writes each inside a SAVEPOINT (so a bad vote fails alone), commits once, and only then
+answers all of them. A vote is acknowledged only after the commit that holds it; if that commit fails,
+every vote in it gets the error. Requests wait on a future, so an API vote costs no thread-pool hop.
+
+PostgreSQL runs many writers at once and already shares WAL flushes between concurrent commits, so there
+each vote is its own transaction on the thread pool (`record_vote`); one writer thread would only add
+round trips in series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from rlhf.feedback.db import Database
+from rlhf.feedback.errors import Conflict, FeedbackError
+from rlhf.feedback.metrics import VOTE_BATCH
+from rlhf.feedback.models import User
+from rlhf.feedback.schemas import VoteIn
+from rlhf.feedback.votes import Recorded, record_vote, settle, write_vote
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    user: User
+    data: VoteIn
+    source: str
+    future: Future[Recorded] = field(default_factory=Future)
+
+
+class VoteWriter:
+    def __init__(self, db: Database, max_batch: int = 256, group_commit: bool | None = None) -> None:
+        """`group_commit` defaults to on for SQLite, off for PostgreSQL (see the module docstring)."""
+        self.db = db
+        self.max_batch = max_batch
+        self.group_commit = db.is_sqlite if group_commit is None else group_commit
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="rlhf-vote-writer", daemon=True)
+        self._stopped = False
+
+    def start(self) -> None:
+        if self.group_commit:
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread."""
+        self._stopped = True
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    def submit(self, user: User, data: VoteIn, source: str) -> Future[Recorded]:
+        """Queue a vote (votes queued before start() go into the first batch)."""
+        if self._stopped:
+            raise RuntimeError("the vote writer has stopped")
+        pending = _Pending(user, data, source)
+        self._queue.put(pending)
+        return pending.future
+
+    async def record(self, user: User, data: VoteIn, source: str) -> Recorded:
+        """Store a vote (or find the earlier one with its key); returns once it is committed."""
+        if not self.group_commit:
+            return await run_in_threadpool(self._record_one, user, data, source)
+        return await asyncio.wrap_future(self.submit(user, data, source))
+
+    def _record_one(self, user: User, data: VoteIn, source: str) -> Recorded:
+        with self.db.session() as session:
+            return record_vote(session, user, data, source)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            VOTE_BATCH.observe(len(batch))
+            self._write(batch)
+            if stop:
+                return
+
+    def _write(self, batch: list[_Pending]) -> None:
+        outcomes: list[Recorded | FeedbackError] = []
+        try:
+            with self.db.session() as session, self.db.write(session):
+                for item in batch:
+                    savepoint = session.begin_nested()
+                    try:
+                        outcomes.append(write_vote(session, item.user, item.data, item.source))
+                        savepoint.commit()
+                    except (IntegrityError, FeedbackError) as e:
+                        savepoint.rollback()
+                        outcomes.append(_settled(session, item, e))
+        except Exception as e:  # the commit (or the database) failed: nothing in this batch was stored
+            log.exception("vote batch of %d failed", len(batch))
+            for item in batch:
+                item.future.set_exception(e)
+            return
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, FeedbackError):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+
+def _settled(
+    session: Session, item: _Pending, error: IntegrityError | FeedbackError
+) -> Recorded | FeedbackError:
+    """What a vote that failed inside the batch is answered with: a replay of an earlier vote with its
+    key, or the error."""
+    if not isinstance(error, IntegrityError | Conflict):
+        return error
+    try:
+        return settle(session, item.user, item.data, error)
+    except FeedbackError as final:
+        return final
