@@ -130,14 +130,9 @@ def train_ppo(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
 
 
 def ppo_policy(out: Path) -> Path:
-    """The PPO policy to evaluate: the last one, or the guard's best when the guard stopped the run."""
-    summary = json.loads((out / "ppo" / "summary.json").read_text())
+    """The PPO policy to evaluate: the guard's best checkpoint (by gold on held-out prompts) when it kept one."""
     best = out / "ppo" / "best"
-    return (
-        best
-        if summary.get("stop_reason", "completed") != "completed" and best.exists()
-        else out / "ppo" / "final"
-    )
+    return best if best.exists() else out / "ppo" / "final"
 
 
 def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
