@@ -129,5 +129,6 @@ def decode_responses(tokenizer, gen: Generation) -> list[str]:  # type: ignore[n
     texts = []
     for ids, mask in zip(gen.response_ids.tolist(), gen.response_mask.tolist(), strict=True):
         real = [t for t, m in zip(ids, mask, strict=True) if m and t != tokenizer.eos_token_id]
-        texts.append(tokenizer.decode(real, skip_special_tokens=True))
+        # a byte-level model can sample a NUL byte, which text stores and JSON tools refuse: shown as U+FFFD
+        texts.append(tokenizer.decode(real, skip_special_tokens=True).replace("\x00", "\ufffd"))
     return texts
