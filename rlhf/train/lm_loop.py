@@ -154,7 +154,12 @@ def fit(
         save_pretrained_atomic(run.dir / "final", unwrapped, tokenizer)
         write_json(
             run.dir / "summary.json",
-            {"stage": stage, "steps": plan.total_steps, "processes": accelerator.num_processes, **{f"eval_{k}": v for k, v in final.items()}},
+            {
+                "stage": stage,
+                "steps": plan.total_steps,
+                "processes": accelerator.num_processes,
+                **{f"eval_{k}": v for k, v in final.items()},
+            },
         )
     accelerator.wait_for_everyone()
     return final

@@ -7,11 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.sync_api import sync_playwright
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+from ..conftest import ARTIFACTS
+
 STAGES = ["data", "pretrain", "sft", "generate", "label", "reward", "ppo", "eval", "report"]
 
 
@@ -57,24 +58,14 @@ def test_report_numbers_are_the_run_files_numbers(demo_run: Path) -> None:
     assert f"<td>{stages['ppo']['seconds']:.3f}</td>" in html
 
 
-def test_report_renders_with_no_broken_image(demo_run: Path) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
-    ]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto((demo_run / "report.html").as_uri())
-        images = page.eval_on_selector_all(
-            "img", "imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth > 0])"
-        )
-        page.screenshot(path=str(ARTIFACTS / "demo_report.png"), full_page=True)
-        browser.close()
+def test_report_renders_with_no_broken_image(demo_run: Path, browser: Any) -> None:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto((demo_run / "report.html").as_uri())
+    images = page.eval_on_selector_all(
+        "img", "imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth > 0])"
+    )
+    page.screenshot(path=str(ARTIFACTS / "demo_report.png"), full_page=True)
+    page.close()
     assert len(images) >= 6
     assert all(ok for _, ok in images), [alt for alt, ok in images if not ok]
     titles = {alt for alt, _ in images}
