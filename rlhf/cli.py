@@ -258,6 +258,58 @@ def serve(
     uvicorn.run(create_app(state=state), host=settings.host, port=settings.port, log_level=log_level)
 
 
+@app.command()
+def ppo(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """PPO against the reward model with a KL penalty to the SFT reference (and the reward-hacking guard)."""
+    from rlhf.train import ppo as stage
+
+    cfg = _config(config, sets, "ppo", out).ppo
+    _setup_logging(quiet)
+    gold_fn = None
+    if cfg.guard_gold:  # the demo's hidden judge reaches training only here, as the guard's yardstick
+        from rlhf.eval.judges import gold_utilities
+
+        gold_fn = gold_utilities
+    result = stage.run(cfg, resume=resume, quiet=quiet, gold_fn=gold_fn)
+    typer.echo(
+        f"ppo: {result['stop_reason']}; score {result.get('ppo/score', float('nan')):.3f}, "
+        f"KL {result.get('ppo/kl', float('nan')):.3f}; model in {cfg.out_dir}/final"
+    )
+
+
+@app.command("eval")
+def eval_(
+    policy_a: Annotated[str, typer.Argument(help="policy A (local dir or hub id)")],
+    policy_b: Annotated[str, typer.Argument(help="policy B, the baseline (local dir or hub id)")],
+    reference: Annotated[
+        str | None,
+        typer.Option("--reference", help="measure each policy's KL to this model (default: eval.reference)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the JSON summary here")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Win rate of policy A over policy B under a judge, with a bootstrap 95% CI, KL to a reference and demo metrics."""
+    from rlhf.data.jsonl import write_json
+    from rlhf.eval.compare import compare, format_table
+    from rlhf.eval.judges import make_judge
+
+    cfg = load_config(config, list(sets or [])).eval
+    if reference:
+        cfg.reference = reference
+    _setup_logging(quiet=True)
+    summary = compare(policy_a, policy_b, cfg, make_judge(cfg.judge))
+    if out:
+        write_json(out, summary)
+    typer.echo(format_table(summary))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1."""
     try:

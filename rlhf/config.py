@@ -244,6 +244,107 @@ class RewardConfig(TrainConfig):
     eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
 
 
+class PPOConfig(TrainConfig):
+    """`rlhf ppo`: PPO against a frozen reward model with a per-token KL penalty to a frozen reference.
+
+    Shared fields read per PPO iteration: `batch_size` is rollouts per iteration, `epochs` PPO epochs over them,
+    `log_every`/`save_every` count iterations, `max_steps` stops early after that many iterations.
+    """
+
+    out_dir: str = Field("runs/ppo", description="run directory")
+    policy: str = Field(
+        "runs/sft/final", description="SFT checkpoint: the initial policy (and the reference)"
+    )
+    reward_model: str = Field("runs/reward/final", description="reward model checkpoint (frozen)")
+    reference: str | None = Field(
+        None, description="reference policy for the KL penalty; unset = the initial policy"
+    )
+    critic: str | None = Field(None, description="critic initialisation; unset = the reward model")
+    prompts_file: str = Field("data/demo/rl_prompts.jsonl", description="JSONL of {prompt} to train on")
+    eval_prompts_file: str | None = Field(
+        None, description="held-out JSONL of {prompt} for the reward-hacking guard; unset = no guard"
+    )
+    ptx_file: str | None = Field(
+        None, description="JSONL of demonstrations for PPO-ptx ({prompt, response} or {messages})"
+    )
+    iterations: int = Field(100, gt=0, description="PPO iterations (generate, score, update)")
+    batch_size: int = Field(64, gt=0, description="rollouts per iteration, over all processes")
+    minibatch_size: int = Field(32, gt=0, description="rollouts per optimiser step, over all processes")
+    micro_batch_size: int = Field(32, gt=0, description="rollouts per forward pass on one process")
+    epochs: int = Field(2, gt=0, description="PPO epochs over each iteration's rollouts")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate of the policy's AdamW")
+    critic_lr: float = Field(5e-5, gt=0, description="peak learning rate of the critic's AdamW")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimiser steps")
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="cosine decay floor (1.0 = constant lr)")
+    eval_every: int = Field(1, gt=0, description="not used by PPO: the held-out check runs every guard_every")
+    # generation
+    max_new_tokens: int = Field(48, gt=0, description="longest response in tokens")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use logits / T)")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1.0 = off)")
+    # reward
+    no_eos_penalty: float | None = Field(
+        -3.0, description="score of a response that never emits EOS, instead of the RM's (None = RM score)"
+    )
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator in the penalty")
+    adaptive_kl: bool = Field(False, description="adapt beta to keep the KL near kl_target (Ziegler et al.)")
+    kl_target: float = Field(
+        6.0, gt=0, description="target KL per sequence (nats) of the adaptive controller"
+    )
+    kl_horizon: int = Field(10000, gt=0, description="horizon in rollouts of the adaptive controller")
+    whiten_rewards: bool = Field(False, description="scale per-token rewards to std 1 (mean kept)")
+    # advantages and losses
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    clip_eps: float = Field(0.2, gt=0, description="policy ratio clip range")
+    value_clip: float = Field(0.2, gt=0, description="value clip range around the rollout's values")
+    vf_coef: float = Field(
+        1.0, gt=0, description="weight of the value loss (the critic has its own optimiser)"
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="weight of the entropy bonus")
+    ptx_coef: float = Field(0.0, ge=0, description="weight of the SFT loss on ptx_file (PPO-ptx); 0 = off")
+    ptx_batch_size: int = Field(16, gt=0, description="demonstrations per optimiser step for PPO-ptx")
+    # LoRA
+    lora_r: int = Field(0, ge=0, description="LoRA rank for policy and critic (0 = full fine-tuning)")
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    # reward-hacking guard
+    guard_every: int = Field(10, gt=0, description="run the guard on held-out prompts every N iterations")
+    guard_prompts: int = Field(64, gt=0, description="held-out prompts per guard evaluation")
+    guard_patience: int = Field(
+        3, gt=0, description="stop after this many guard evaluations in a row where proxy rose and gold fell"
+    )
+    kl_budget: float | None = Field(None, gt=0, description="stop when the guard's KL (nats) exceeds this")
+    guard_gold: bool = Field(
+        False, description="score guard answers with the demo task's gold judge (demo only; never trained on)"
+    )
+
+    @model_validator(mode="after")
+    def _sizes_divide(self) -> PPOConfig:
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by minibatch_size ({self.minibatch_size})"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    """`rlhf eval A B`: both policies answer the same held-out prompts; a judge compares them in random order."""
+
+    prompts_file: str = Field("data/demo/eval_prompts.jsonl", description="held-out JSONL of {prompt}")
+    n_prompts: int = Field(300, ge=0, description="prompts to answer (0 = all in the file)")
+    judge: Literal["gold"] = Field("gold", description="who compares answers: gold = the demo task's utility")
+    reference: str | None = Field(None, description="model to measure each policy's KL against; unset = none")
+    max_new_tokens: int = Field(48, gt=0, description="longest answer in tokens")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature (0 = greedy)")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1.0 = off)")
+    batch_size: int = Field(64, gt=0, description="prompts per generation batch")
+    seed: int = Field(0, description="seed of sampling (policy B uses seed + 1) and of the A/B order")
+    bootstrap: int = Field(2000, gt=0, description="bootstrap resamples for the win rate's 95% interval")
+    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+
+
 class RootConfig(Section):
     """A whole config file: one section per stage."""
 
@@ -253,6 +354,8 @@ class RootConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     panel: PanelConfig = Field(default_factory=PanelConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -15,6 +15,7 @@ import pytest
 
 from rlhf.config import ArchConfig, SFTConfig
 from rlhf.data import demo_task
+from rlhf.models.heads import build_scalar_model, set_normalisation
 from rlhf.models.loading import build_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.train import sft
@@ -82,3 +83,14 @@ def sft_like_candidates() -> list[dict[str, Any]]:
     rambling, mostly wordy templates, all ending): what the demo SFT policy samples."""
     return make_demo_candidates(300, wrong=0.1, rude=0.15, ramble=0.1, endless=0.0,
                                 template_weights=[0.15, 0.35, 0.25, 0.15, 0.1])  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory, tiny_sft_model: Path) -> Path:
+    """A reward model built from the tiny SFT model: an untrained scalar head, normalised to shift 0, scale 1."""
+    path = tmp_path_factory.mktemp("tiny_rm") / "rm"
+    model = build_scalar_model(str(tiny_sft_model), seed=0)
+    set_normalisation(model, 0.0, 1.0)
+    model.save_pretrained(path)
+    load_tokenizer(str(tiny_sft_model)).save_pretrained(path)
+    return path

@@ -1,1 +1,1 @@
-"""Evaluation: reward-model reports, and (later) win rates under a judge, reward-KL curves, the final report."""
+"""Evaluation: win rates under a judge, KL to a reference, the demo task's metrics, reward-model reports."""

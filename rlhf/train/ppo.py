@@ -1,0 +1,492 @@
+"""`rlhf ppo`: PPO against a frozen reward model, with a per-token KL penalty to a frozen reference.
+
+One iteration: sample responses to a batch of prompts, score them once (old log-probs, reference log-probs,
+values, reward-model score), turn score and KL into per-token rewards, GAE, then a few PPO epochs over
+minibatches; every `guard_every` iterations the reward-hacking guard checks KL, proxy and gold on held-out
+prompts. The recipe follows Ziegler et al. 2019 / Stiennon et al. 2020 (summarize-from-feedback) and
+InstructGPT; the details (dropout off, log-probs at the sampling temperature, score on the EOS token, a fixed
+score for answers without EOS, whitened advantages, critic initialised from the reward model) are the ones
+"The N Implementation Details of RLHF with PPO" (Huang et al. 2024) found to matter.
+
+Models: the policy (full or LoRA), the reference (the initial policy; with LoRA the same module with its
+adapter disabled, so no second copy), the critic (initialised from the reward model, full or LoRA) and the
+reward model (frozen). Policy and critic have separate AdamW optimisers: their learning rates differ by an
+order of magnitude, and clipping their gradients separately keeps the critic's large early gradients from
+shrinking the policy's steps.
+
+Training code never sees the demo's gold judge: the guard's gold score, if any, comes in as `gold_fn`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import PPOConfig
+from rlhf.data.jsonl import field, iter_jsonl, write_json
+from rlhf.errors import ConfigError, DataError
+from rlhf.generation import Generation, SamplingParams, decode_responses, generate
+from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
+from rlhf.models.heads import backbone, load_scalar_model, normalisation, sequence_rewards
+from rlhf.models.loading import (
+    context_length,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    save_pretrained_atomic,
+)
+from rlhf.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    approx_kl,
+    compute_gae,
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    shape_rewards,
+)
+from rlhf.runs import Run, seed_everything, set_rng_state
+from rlhf.train.common import BatchPlan, Progress, autocast, make_accelerator, make_optimizer, make_scheduler
+from rlhf.train.lm_loop import collate
+from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
+
+log = logging.getLogger(__name__)
+
+# gold_fn(prompts, responses, ended) -> one gold utility per response; made by rlhf.eval, never imported here
+GoldFn = Callable[[list[str], list[str], list[bool]], list[float]]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    prompts = [field(path, lineno, row, "prompt", str) for lineno, row in iter_jsonl(path)]
+    if not prompts:
+        raise DataError(f"{path}: no prompts (empty file)")
+    return prompts
+
+
+def add_lora(model: PreTrainedModel, cfg: PPOConfig, task_type: str) -> PeftModel:
+    """LoRA on every linear layer (not the LM head or the scalar head, which stays fully trainable)."""
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                        target_modules="all-linear", task_type=task_type)  # fmt: skip
+    return get_peft_model(model, config)
+
+
+class Critic(torch.nn.Module):
+    """The value function V(s_t) at every token, in the reward model's normalised units.
+
+    A module of its own so that `accelerator.prepare` (DDP, autocast) wraps the per-token forward; the
+    sequence-classification forward of Hugging Face would pool to the last token only.
+    """
+
+    def __init__(self, model: PreTrainedModel | PeftModel) -> None:
+        super().__init__()
+        self.model = model
+        self.shift, self.scale = normalisation(self.base)
+
+    @property
+    def base(self) -> PreTrainedModel:
+        """The Hugging Face model (LoRA layers, if any, are injected into it in place)."""
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return cast(PreTrainedModel, model)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        hidden = backbone(self.base)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # (B, L, H)
+        # the scalar head: a Linear, or PEFT's wrapper that keeps it fully trainable under LoRA
+        head: Any = getattr(self.base, "score", None) or self.base.classifier
+        return (head(hidden).squeeze(-1).float() - self.shift) / self.scale  # (B, L)
+
+
+def policy_forward(policy: torch.nn.Module, ids: Tensor, mask: Tensor, n_prompt: int) -> Tensor:
+    """Logits that predict each response token, (B, T, V): positions P-1 .. P+T-2 of prompt + response."""
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) correct for the left-padded prompt
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits  # (B, L, V)
+    return logits[:, n_prompt - 1 : -1]
+
+
+def response_values(critic: torch.nn.Module, ids: Tensor, mask: Tensor, n_prompt: int) -> Tensor:
+    """V before each response token, (B, T): the critic read at the token that precedes it."""
+    return critic(ids, mask)[:, n_prompt - 1 : -1]
+
+
+@dataclass
+class Rollout:
+    """One iteration's experience on this process. P = prompt width, T = response width."""
+
+    ids: Tensor  # (B, P + T) left-padded prompt, then right-padded response
+    mask: Tensor  # (B, P + T)
+    n_prompt: int
+    response_ids: Tensor  # (B, T)
+    response_mask: Tensor  # (B, T) 1 on real response tokens (EOS included)
+    logprobs: Tensor  # (B, T) of the policy that sampled (the "old" log-probs)
+    ref_logprobs: Tensor  # (B, T)
+    values: Tensor  # (B, T)
+    scores: Tensor  # (B,) reward-model score, or the no-EOS penalty
+    entropy: Tensor  # (B, T) of the sampling distribution
+
+
+@torch.no_grad()
+def score_rollout(
+    gen: Generation, policy: torch.nn.Module, reference: torch.nn.Module | None, critic: torch.nn.Module,
+    reward_model: PreTrainedModel, cfg: PPOConfig, ctx: Callable[[], Any],
+) -> Rollout:  # fmt: skip
+    """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch.
+
+    The old log-probs come from a full forward pass, not from generation: the KV-cache path rounds differently
+    under bf16, and the first PPO step must see a ratio of exactly 1.
+    """
+    ids = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P + T)
+    mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P + T)
+    n_prompt, rmask = gen.prompt_ids.size(1), gen.response_mask
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "ref", "values", "rm", "entropy")}
+    for i in range(0, ids.size(0), cfg.micro_batch_size):
+        b_ids, b_mask, b_resp = ids[i : i + cfg.micro_batch_size], mask[i : i + cfg.micro_batch_size], gen.response_ids[i : i + cfg.micro_batch_size]  # fmt: skip
+        with ctx():
+            logits = policy_forward(policy, b_ids, b_mask, n_prompt).float() / cfg.temperature  # (b, T, V)
+            parts["logprobs"].append(logprobs_from_logits(logits, b_resp))
+            parts["entropy"].append(entropy_from_logits(logits))
+            if reference is None:  # LoRA: the reference is the policy with its adapter switched off
+                with policy.disable_adapter():  # type: ignore[operator]
+                    ref_logits = policy_forward(policy, b_ids, b_mask, n_prompt)
+            else:
+                ref_logits = policy_forward(reference, b_ids, b_mask, n_prompt)
+            parts["ref"].append(logprobs_from_logits(ref_logits, b_resp, cfg.temperature))
+            parts["values"].append(response_values(critic, b_ids, b_mask, n_prompt))
+            parts["rm"].append(sequence_rewards(reward_model, b_ids, b_mask))  # read at the last token (EOS)
+    zero = torch.zeros_like(rmask, dtype=torch.float32)
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    masked = {k: torch.where(rmask.bool(), out[k], zero) for k in ("logprobs", "ref", "values", "entropy")}
+    # the "EOS trick": an answer that never ends gets a fixed low score whatever the reward model says
+    penalty = out["rm"] if cfg.no_eos_penalty is None else torch.full_like(out["rm"], cfg.no_eos_penalty)
+    scores = torch.where(gen.ended, out["rm"], penalty)  # (B,)
+    return Rollout(ids, mask, n_prompt, gen.response_ids, rmask, masked["logprobs"], masked["ref"],
+                   masked["values"], scores, masked["entropy"])  # fmt: skip
+
+
+@dataclass
+class Guard:
+    """The reward-hacking guard's memory (saved in checkpoints): the last evaluation, the streak, the best."""
+
+    last_proxy: float | None = None
+    last_gold: float | None = None
+    streak: int = 0
+    best_score: float = -math.inf
+    best_iteration: int = -1
+    stop_reason: str | None = None
+
+    def observe(self, iteration: int, m: dict[str, float], patience: int, kl_budget: float | None) -> bool:
+        """Record one evaluation; returns True when it is the best so far (by gold if known, else proxy)."""
+        proxy, gold = m["ppo/guard_proxy"], m.get("ppo/guard_gold")
+        if gold is not None and self.last_proxy is not None and self.last_gold is not None:
+            hacking = proxy > self.last_proxy and gold < self.last_gold
+            self.streak = self.streak + 1 if hacking else 0
+        self.last_proxy, self.last_gold = proxy, gold
+        if self.streak >= patience:
+            self.stop_reason = (
+                f"reward hacking: proxy rose while gold fell in {self.streak} evaluations in a row"
+            )
+        if kl_budget is not None and m["ppo/guard_kl"] > kl_budget:
+            self.stop_reason = f"KL budget: {m['ppo/guard_kl']:.3g} nats > kl_budget {kl_budget:.3g}"
+        score = proxy if gold is None else gold
+        if score > self.best_score:
+            self.best_score, self.best_iteration = score, iteration
+            return True
+        return False
+
+
+@torch.no_grad()
+def guard_eval(
+    policy: Any, reference: torch.nn.Module | None, critic: torch.nn.Module,
+    reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    cfg: PPOConfig, ctx: Callable[[], Any], gold_fn: GoldFn | None, reduce: Callable[[Tensor], Tensor],
+) -> dict[str, float]:  # fmt: skip
+    """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed."""
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    with ctx():
+        gen = generate(policy, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx)
+    kl = masked_sum(
+        approx_kl(r.logprobs, r.ref_logprobs, r.response_mask, cfg.kl_estimator), r.response_mask, dim=1
+    )
+    stats = [kl.mean(), r.scores.mean()]
+    if gold_fn is not None:
+        gold = gold_fn(prompts, decode_responses(tokenizer, gen), gen.ended.tolist())
+        stats.append(torch.tensor(gold, dtype=torch.float32).mean())
+    values = reduce(torch.stack(stats)).tolist()
+    return dict(zip(["ppo/guard_kl", "ppo/guard_proxy", "ppo/guard_gold"], values, strict=False))
+
+
+def load_models(
+    cfg: PPOConfig, checkpoint: Path | None
+) -> tuple[Any, PreTrainedModel | None, Critic, PreTrainedModel]:
+    """Policy, reference (None: the policy with its LoRA adapter off), critic and reward model; dropout off."""
+    lora = cfg.lora_r > 0
+    policy: Any = load_causal_lm(str(checkpoint / "policy") if checkpoint and not lora else cfg.policy)
+    critic_model: Any = load_scalar_model(
+        str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model
+    )
+    if lora and checkpoint:
+        policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
+        critic_model = PeftModel.from_pretrained(critic_model, checkpoint / "critic", is_trainable=True)
+    elif lora:
+        policy, critic_model = add_lora(policy, cfg, "CAUSAL_LM"), add_lora(critic_model, cfg, "SEQ_CLS")
+    reference = None
+    if not lora or cfg.reference not in (None, cfg.policy):
+        reference = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
+    reward_model = load_scalar_model(cfg.reward_model).eval().requires_grad_(False)
+    for model in (policy, reference, critic_model, reward_model):
+        if model is not None:
+            disable_dropout(model)
+    return policy, reference, Critic(critic_model), reward_model
+
+
+def no_sync(accelerator: Any, *models: torch.nn.Module, sync: bool) -> ExitStack:
+    """Skip DDP's gradient all-reduce for these models unless `sync` (gradient accumulation)."""
+    stack = ExitStack()
+    if not sync:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A plain Hugging Face checkpoint; a LoRA policy is merged into a copy first (the live one keeps training)."""
+    model = copy.deepcopy(policy).merge_and_unload() if isinstance(policy, PeftModel) else policy
+    save_pretrained_atomic(path, model, tokenizer)  # type: ignore[arg-type]
+
+
+def run(
+    cfg: PPOConfig, resume: bool = False, quiet: bool = False, gold_fn: GoldFn | None = None
+) -> dict[str, Any]:
+    accelerator = make_accelerator(cfg.precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    seed_everything(cfg.seed + rank)
+    if cfg.minibatch_size % (cfg.micro_batch_size * world):
+        raise ConfigError(f"ppo.minibatch_size ({cfg.minibatch_size}) must be divisible by micro_batch_size x "
+                          f"processes ({cfg.micro_batch_size} x {world})")  # fmt: skip
+    if cfg.batch_size % world:
+        raise ConfigError(f"ppo.batch_size ({cfg.batch_size}) must be divisible by the {world} processes")
+    tokenizer = load_tokenizer(cfg.policy)
+    prompts = read_prompts(cfg.prompts_file)  # read before any output: bad input leaves nothing behind
+    guard_prompts = read_prompts(cfg.eval_prompts_file)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
+    guard_prompts = guard_prompts[rank::world]
+    if cfg.ptx_coef > 0 and not cfg.ptx_file:
+        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
+    demonstrations = read_demonstrations(cfg.ptx_file, tokenizer) if cfg.ptx_coef > 0 and cfg.ptx_file else []
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+    policy, reference, critic, reward_model = load_models(cfg, checkpoint)
+    if cfg.max_new_tokens >= context_length(policy):
+        raise ConfigError(f"ppo.max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt")
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prompt_ids = [p for p in prompt_ids if len(p) + cfg.max_new_tokens <= context_length(policy)]
+    ptx = (
+        tokenize_demonstrations(demonstrations, tokenizer, context_length(policy))[0]
+        if demonstrations
+        else []
+    )
+
+    # optimisers and schedules: one optimiser step per minibatch, per epoch, per iteration
+    updates_per_iteration = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
+    policy.train(), critic.train()  # dropout is off everywhere: train() only matters to peft/accelerate
+    policy_opt = make_optimizer(policy, cfg)
+    critic_opt = make_optimizer(critic, cfg.model_copy(update={"lr": cfg.critic_lr}))
+    policy_sched = make_scheduler(policy_opt, cfg, cfg.iterations * updates_per_iteration)
+    critic_sched = make_scheduler(critic_opt, cfg, cfg.iterations * updates_per_iteration)
+    kl_ctl: KLController = (
+        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+        else FixedKLController(cfg.kl_coef)
+    )  # fmt: skip
+    guard, start = Guard(), 0
+    if checkpoint is not None:
+        state = Run.load_state(checkpoint)
+        for obj, key in ((policy_opt, "policy_optimizer"), (critic_opt, "critic_optimizer"),
+                         (policy_sched, "policy_scheduler"), (critic_sched, "critic_scheduler"), (kl_ctl, "kl_ctl")):  # fmt: skip
+            obj.load_state_dict(state[key])
+        guard = Guard(**state["guard"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        run_dir.truncate_metrics(start)
+        log.info("ppo: resumed from %s (iteration %d)", checkpoint, start)
+    policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
+    policy_model: Any = accelerator.unwrap_model(policy)  # the bare model, for generation and saving
+    critic_module = cast(Critic, accelerator.unwrap_model(critic))
+    reward_model.to(accelerator.device)
+    if reference is not None:
+        reference.to(accelerator.device)
+    ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes of unprepared modules
+    device = accelerator.device
+    reduce = lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean")  # noqa: E731
+
+    def save_files(path: Path) -> None:
+        policy_model.save_pretrained(
+            str(path / "policy"), safe_serialization=True
+        )  # full model, or the adapter
+        tokenizer.save_pretrained(path / "policy")
+        critic_module.model.save_pretrained(str(path / "critic"), safe_serialization=True)
+
+    def save_checkpoint(iteration: int) -> None:
+        accelerator.wait_for_everyone()
+        state = {"policy_optimizer": policy_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+                 "policy_scheduler": policy_sched.state_dict(), "critic_scheduler": critic_sched.state_dict(),
+                 "kl_ctl": kl_ctl.state_dict(), "guard": asdict(guard)}  # fmt: skip
+        run_dir.save_checkpoint(iteration, save_files, state, keep=cfg.keep_checkpoints)
+
+    def run_guard(iteration: int) -> dict[str, float]:
+        m = guard_eval(policy_model, reference, critic, reward_model, tokenizer, guard_prompts, cfg, ctx,
+                       gold_fn, reduce)  # fmt: skip
+        if guard.observe(iteration, m, cfg.guard_patience, cfg.kl_budget) and accelerator.is_main_process:
+            save_policy(run_dir.dir / "best", policy_model, tokenizer)
+            write_json(run_dir.dir / "best" / "guard.json", {"iteration": iteration, **m})
+        run_dir.log(iteration, m)
+        return m
+
+    n_iterations = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
+    plan = BatchPlan(len(prompt_ids), cfg.batch_size, cfg.batch_size // world, epochs=cfg.iterations,
+                     seed=cfg.seed, world_size=world, rank=rank)  # fmt: skip
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    progress = Progress(n_iterations, "ppo", accelerator.is_main_process, quiet, initial=start)
+    guard_on = bool(guard_prompts)
+    if guard_on and start == 0:
+        progress.line(0, **run_guard(0))  # the initial policy is the baseline (and the first "best")
+    metrics: dict[str, float] = {}
+    done = start
+    for iteration in range(start, n_iterations):
+        if guard.stop_reason:
+            break
+        t0 = time.perf_counter()
+        # each process draws its own samples; seeding per iteration makes a resumed run draw the same ones
+        rng = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration) * 1024 + rank)
+
+        # 1. generate
+        batch_ids = [prompt_ids[i] for i in next(plan.micro_batches(iteration))]
+        with ctx():
+            gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id, rng)
+
+        # 2. score: old log-probs, reference log-probs, values, reward-model scores
+        r = score_rollout(gen, policy_model, reference, critic_module, reward_model, cfg, ctx)
+        rmask = r.response_mask  # (B, T)
+
+        # 3. rewards with KL penalty: -beta * KL on every token, the score on the last (EOS) token
+        kl = approx_kl(r.logprobs, r.ref_logprobs, rmask, cfg.kl_estimator)  # (B, T)
+        rewards = shape_rewards(r.scores, kl, rmask, kl_ctl.value)  # (B, T)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, rmask, shift_mean=False)
+
+        # 4. advantages
+        advantages, returns = compute_gae(rewards, r.values, rmask, cfg.gamma, cfg.lam)  # (B, T) each
+        advantages = masked_whiten(advantages, rmask)
+        t_rollout = time.perf_counter() - t0
+
+        # 5. update: `epochs` passes over shuffled minibatches, gradients accumulated over micro-batches
+        stats: dict[str, list[float]] = defaultdict(list)
+        n_local, share = rmask.size(0), cfg.minibatch_size // world
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(n_local, generator=rng)
+            for minibatch in order.split(share):
+                if ptx:  # PPO-ptx (InstructGPT): keep the SFT objective on demonstrations
+                    pick = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=rng)
+                    demos = {
+                        k: v.to(device) for k, v in collate([ptx[i] for i in pick.tolist()], pad_id).items()
+                    }
+                    with accelerator.no_sync(policy):
+                        demo_logits = policy(
+                            input_ids=demos["input_ids"], attention_mask=demos["attention_mask"]
+                        ).logits
+                        loss_ptx = sft_loss(demo_logits.float(), demos["labels"])
+                        accelerator.backward(cfg.ptx_coef * loss_ptx)
+                    stats["ppo/ptx_loss"].append(float(loss_ptx))
+                micro = minibatch.split(cfg.micro_batch_size)
+                for k, idx in enumerate(micro):
+                    # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
+                    with no_sync(accelerator, policy, critic, sync=k == len(micro) - 1):
+                        ids, mask, m = r.ids[idx], r.mask[idx], rmask[idx]
+                        logits = policy_forward(policy, ids, mask, r.n_prompt).float() / cfg.temperature
+                        logprobs = logprobs_from_logits(logits, r.response_ids[idx])  # (b, T)
+                        pg_loss, pg_stats = ppo_policy_loss(
+                            logprobs, r.logprobs[idx], advantages[idx], m, cfg.clip_eps
+                        )
+                        loss = pg_loss
+                        if cfg.entropy_coef > 0:
+                            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
+                        accelerator.backward(loss / len(micro))
+                        values = response_values(critic, ids, mask, r.n_prompt)  # (b, T)
+                        vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.value_clip)
+                        accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
+                    value_error = masked_mean((values.detach() - returns[idx]) ** 2, m)
+                    step_stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(), **pg_stats, **vf_stats,
+                                  "ppo/value_error": value_error}  # fmt: skip
+                    for key, value in step_stats.items():
+                        stats[key].append(float(value))
+                stats["ppo/grad_norm"].append(
+                    float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+                )
+                stats["ppo/critic_grad_norm"].append(
+                    float(accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
+                )
+                for opt, sched in ((policy_opt, policy_sched), (critic_opt, critic_sched)):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+
+        # 6. log: means over this iteration's micro-batches, then over processes; the KL controller adapts
+        seq_kl = masked_sum(kl, rmask, dim=1)  # (B,) KL of each answer, nats
+        rollout_stats = {
+            "ppo/score": r.scores.mean(), "ppo/kl": seq_kl.mean(), "ppo/reward": (r.scores - kl_ctl.value * seq_kl).mean(),
+            "ppo/entropy": masked_mean(r.entropy, rmask), "ppo/response_length": rmask.sum(1).float().mean(),
+            "ppo/eos_rate": gen.ended.float().mean(), "ppo/advantages_mean": masked_mean(advantages, rmask),
+            "ppo/returns_mean": masked_mean(returns, rmask),
+        }  # fmt: skip
+        local = {
+            **{k: float(v) for k, v in rollout_stats.items()},
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+        }
+        metrics = dict(zip(local, reduce(torch.tensor(list(local.values()))).tolist(), strict=True))
+        metrics |= {"ppo/kl_coef": kl_ctl.value, "ppo/lr": float(policy_sched.get_last_lr()[0]),
+                    "ppo/rollout_s": t_rollout, "ppo/iteration_s": time.perf_counter() - t0}  # fmt: skip
+        kl_ctl.update(metrics["ppo/kl"], cfg.batch_size)
+        done = iteration + 1
+        progress.update(done, int(rmask.sum()) * world, score=metrics["ppo/score"], kl=metrics["ppo/kl"])
+        if done % cfg.log_every == 0 or done == n_iterations:
+            run_dir.log(done, metrics)
+            progress.line(
+                done, **{k.removeprefix("ppo/"): metrics[k] for k in ("ppo/score", "ppo/kl", "ppo/clipfrac")}
+            )
+
+        # 7. reward-hacking guard on held-out prompts; 8. checkpoint (atomic)
+        if guard_on and (done % cfg.guard_every == 0 or done == n_iterations):
+            progress.line(done, **run_guard(done))
+        if done % cfg.save_every == 0 or done == n_iterations or guard.stop_reason:
+            save_checkpoint(done)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_policy(run_dir.dir / "final", policy_model, tokenizer)
+        summary = {"stage": "ppo", "iterations": done,
+                   "stop_reason": guard.stop_reason or "completed", "best_iteration": guard.best_iteration,
+                   "best_score": guard.best_score if guard_on else None, "policy": cfg.policy,
+                   "reward_model": cfg.reward_model, **metrics}  # fmt: skip
+        write_json(run_dir.dir / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return {"stop_reason": guard.stop_reason or "completed", **metrics}

@@ -1,0 +1,37 @@
+"""`rlhf eval` on tiny models: a policy against itself, through the CLI, with a JSON summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from rlhf.cli import app
+
+
+def test_a_policy_against_itself_wins_half_the_time(
+    tmp_path: Path, tiny_sft_model: Path, demo_data: Path
+) -> None:
+    out = tmp_path / "eval.json"
+    sft = str(tiny_sft_model)
+    args = ["eval", sft, sft, "--reference", sft, "--out", str(out),
+            "--set", f"eval.prompts_file={demo_data / 'eval_prompts.jsonl'}", "--set", "eval.n_prompts=32",
+            "--set", "eval.max_new_tokens=12", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=500"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["n_prompts"] == 32 and summary["judge"] == "gold"
+    assert summary["wins_a"] + summary["ties"] + summary["losses_a"] == 32
+    low, high = summary["ci95"]
+    assert low <= 0.5 <= high and low <= summary["win_rate_a"] <= high
+    for side in ("a", "b"):
+        metrics = summary[side]
+        assert abs(metrics["kl_to_reference"]) < 1e-5  # the reference is the same model
+        assert 0 < metrics["mean_tokens"] <= 12
+        for key in ("eos_rate", "correct_rate", "rude_rate", "repetitive_rate", "mean_words", "gold_utility"):
+            assert key in metrics
+    assert len(summary["samples"]) == 20 and {"prompt", "a", "b", "a_first", "outcome_a"} <= set(
+        summary["samples"][0]
+    )
+    assert "win rate of A over B" in result.output and "kl_to_reference" in result.output

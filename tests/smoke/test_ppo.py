@@ -1,0 +1,244 @@
+"""`rlhf ppo` on tiny models: a few iterations change the policy and critic, never the reference or the RM."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from rlhf.config import PPOConfig
+from rlhf.generation import left_pad
+from rlhf.models.heads import load_scalar_model, sequence_rewards
+from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.runs import read_metrics
+from rlhf.train import ppo
+
+REPO = Path(__file__).resolve().parents[2]
+METRICS = ["ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/value_error",
+           "ppo/vf_clipfrac", "ppo/response_length", "ppo/eos_rate", "ppo/policy_loss", "ppo/value_loss"]  # fmt: skip
+
+
+def tiny_ppo(out: Path, sft: Path, rm: Path, data: Path, **overrides: Any) -> PPOConfig:
+    """A PPO config that runs in about a second per iteration on tiny models."""
+    base: dict[str, Any] = dict(
+        out_dir=str(out), policy=str(sft), reward_model=str(rm), prompts_file=str(data / "rl_prompts.jsonl"),
+        iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2, epochs=2, max_new_tokens=12,
+        lr=1e-3, critic_lr=1e-3, precision="fp32", save_every=1, log_every=1, seed=0,
+    )  # fmt: skip
+    return PPOConfig(**(base | overrides))
+
+
+def capture_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Keep the models that ppo.run builds, to inspect them after the run."""
+    seen: dict[str, Any] = {}
+    original = ppo.load_models
+
+    def spy(cfg: PPOConfig, checkpoint: Path | None) -> Any:
+        models = original(cfg, checkpoint)
+        seen.update(zip(["policy", "reference", "critic", "reward_model"], models, strict=True))
+        return models
+
+    monkeypatch.setattr(ppo, "load_models", spy)
+    return seen
+
+
+def max_change(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+
+
+def test_two_iterations_train_policy_and_critic_only(
+    tmp_path: Path,
+    tiny_sft_model: Path,
+    tiny_reward_model: Path,
+    demo_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = capture_models(monkeypatch)
+    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data)
+    result = ppo.run(cfg, quiet=True)
+
+    assert result["stop_reason"] == "completed"
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in METRICS:
+            assert math.isfinite(row[key]), (key, row[key])
+    assert rows[0]["ppo/kl_coef"] == cfg.kl_coef
+    assert 0 < rows[0]["ppo/response_length"] <= cfg.max_new_tokens
+    # the first minibatch sees ratio 1 exactly; later ones moved, so the policy changed during the update
+    assert rows[0]["ppo/approx_kl"] > 0
+
+    sft, rm = load_causal_lm(str(tiny_sft_model)), load_scalar_model(str(tiny_reward_model))
+    assert max_change(load_causal_lm(str(tmp_path / "run" / "final")), sft) > 1e-4
+    critic = load_scalar_model(str(tmp_path / "run" / "checkpoints" / "step-0000002" / "critic"))
+    assert max_change(critic, rm) > 1e-4
+    assert max_change(seen["reference"], sft) == 0.0
+    assert max_change(seen["reward_model"], rm) == 0.0
+    assert not any(p.requires_grad for p in seen["reference"].parameters())
+    assert all(m.p == 0.0 for m in seen["policy"].modules() if isinstance(m, torch.nn.Dropout))
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"iterations": 2' in summary
+
+
+def test_lora_keeps_one_copy_and_merges_at_the_end(
+    tmp_path: Path,
+    tiny_sft_model: Path,
+    tiny_reward_model: Path,
+    demo_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = capture_models(monkeypatch)
+    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, lora_r=4, lr=1e-2)
+    ppo.run(cfg, quiet=True)
+
+    policy, sft = seen["policy"], load_causal_lm(str(tiny_sft_model))
+    assert seen["reference"] is None  # the reference is the policy itself with its adapter disabled
+    assert isinstance(policy, PeftModel)
+    n_base = sum(p.numel() for p in sft.parameters())
+    n_policy = sum(p.numel() for p in policy.parameters())
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert n_base < n_policy < 1.5 * n_base  # base weights plus small adapters, not a second model
+    assert 0 < n_trainable < 0.5 * n_base
+    ids = torch.tensor([[5, 17, 42, 9, 23]])
+    with torch.no_grad():
+        assert not torch.allclose(policy(input_ids=ids).logits, sft(input_ids=ids).logits)
+        with policy.disable_adapter():  # the frozen base weights are the SFT model's, untouched
+            torch.testing.assert_close(policy(input_ids=ids).logits, sft(input_ids=ids).logits)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert (checkpoint / "policy" / "adapter_config.json").exists()
+    assert (checkpoint / "critic" / "adapter_config.json").exists()
+    final = tmp_path / "run" / "final"
+    assert not (final / "adapter_config.json").exists()  # merged into a plain Hugging Face checkpoint
+    assert max_change(load_causal_lm(str(final)), sft) > 1e-5
+
+
+# --- resume -------------------------------------------------------------------------------------------
+
+TIMING = ("ppo/rollout_s", "ppo/iteration_s")
+
+
+def assert_same_metrics(actual: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for got, want in zip(actual, expected, strict=True):
+        for key in want:
+            if key not in TIMING:
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_sft_model: Path, tiny_reward_model: Path,
+                  demo_data: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Metrics of a 4-iteration run that nothing interrupts (adaptive KL, so its state must resume too)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    ppo.run(tiny_ppo(out, tiny_sft_model, tiny_reward_model, demo_data, **RESUMABLE), quiet=True)
+    return read_metrics(out / "metrics.jsonl")
+
+
+RESUMABLE: dict[str, Any] = dict(iterations=4, adaptive_kl=True, kl_target=0.5, kl_horizon=50, save_every=2)
+
+
+def test_resume_continues_like_an_uninterrupted_run(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path,
+    uninterrupted: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, **RESUMABLE, max_steps=2)
+    ppo.run(cfg, quiet=True)  # stops after 2 of 4 iterations, with a checkpoint
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+    ppo.run(cfg.model_copy(update={"max_steps": 0}), resume=True, quiet=True)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert_same_metrics(rows, uninterrupted)
+    assert rows[-1]["ppo/kl_coef"] != cfg.kl_coef  # the adaptive controller moved, and resumed where it was
+
+
+def test_killed_run_resumes_to_the_same_result(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path,
+    uninterrupted: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    cfg = tiny_ppo(
+        tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, **(RESUMABLE | {"save_every": 1})
+    )
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"ppo": cfg.model_dump(mode="json")}))
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "rlhf.cli", "ppo", "-q", "-c", str(config_file)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer_state.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "final").exists()
+
+    result = subprocess.run(
+        [*cmd, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert_same_metrics(rows, uninterrupted)
+    assert '"iterations": 4' in (tmp_path / "run" / "summary.json").read_text()
+
+
+# --- reward-hacking guard -------------------------------------------------------------------------------
+
+
+def test_guard_stops_a_hacked_run_and_keeps_the_best_policy(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    # A deliberately hackable proxy: gold is minus the reward model's score, so with no KL penalty every proxy
+    # gain PPO makes is a gold loss.
+    tokenizer, rm = load_tokenizer(str(tiny_sft_model)), load_scalar_model(str(tiny_reward_model))
+
+    def gold_fn(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
+        seqs = [tokenizer(p + r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * e
+                for p, r, e in zip(prompts, responses, ended, strict=True)]  # fmt: skip
+        with torch.no_grad():
+            return (-sequence_rewards(rm, *left_pad(seqs, tokenizer.pad_token_id))).tolist()
+
+    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, kl_coef=0.0,
+                   no_eos_penalty=None, iterations=12, lr=3e-3, eval_prompts_file=str(demo_data / "eval_prompts.jsonl"),
+                   guard_every=1, guard_prompts=16, guard_patience=2, save_every=100)  # fmt: skip
+    result = ppo.run(cfg, quiet=True, gold_fn=gold_fn)
+
+    assert result["stop_reason"].startswith("reward hacking")
+    guard_rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "ppo/guard_gold" in r]
+    assert [r["step"] for r in guard_rows] == list(range(len(guard_rows)))  # iteration 0 is the baseline
+    stopped_at = guard_rows[-1]["step"]
+    assert 2 <= stopped_at < cfg.iterations
+    last = guard_rows[-3:]
+    assert last[0]["ppo/guard_proxy"] < last[1]["ppo/guard_proxy"] < last[2]["ppo/guard_proxy"]
+    assert last[0]["ppo/guard_gold"] > last[1]["ppo/guard_gold"] > last[2]["ppo/guard_gold"]
+    best = max(guard_rows, key=lambda r: r["ppo/guard_gold"])
+    kept = json.loads((tmp_path / "run" / "best" / "guard.json").read_text())
+    assert kept["iteration"] == best["step"] and kept["ppo/guard_gold"] == pytest.approx(
+        best["ppo/guard_gold"]
+    )
+    assert load_causal_lm(str(tmp_path / "run" / "best")) is not None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == result["stop_reason"] and summary["iterations"] == stopped_at
+
+
+def test_kl_budget_stops_the_run(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, iterations=4, lr=3e-3,
+                   kl_estimator="k3", kl_budget=1e-6, eval_prompts_file=str(demo_data / "eval_prompts.jsonl"),
+                   guard_every=1, guard_prompts=8)  # fmt: skip
+    result = ppo.run(cfg, quiet=True)  # no gold: the best is by proxy
+    assert result["stop_reason"].startswith("KL budget")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["iterations"] == 1 and summary["best_iteration"] in (0, 1)
+    assert "ppo/guard_gold" not in read_metrics(tmp_path / "run" / "metrics.jsonl")[0]

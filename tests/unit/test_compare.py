@@ -1,0 +1,53 @@
+"""Win rate, bootstrap interval and randomised A/B order of rlhf.eval.compare, with judges made by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rlhf.eval.compare import PolicyAnswers, judge_pairs, win_rate
+from rlhf.eval.judges import Answer, GoldJudge
+
+
+class FirstAlwaysWins:
+    """A judge with a pure position bias."""
+
+    name = "first"
+
+    def compare(self, prompt: str, first: Answer, second: Answer) -> float:
+        return 1.0
+
+
+def answers(texts: list[str], ended: bool = True) -> PolicyAnswers:
+    return PolicyAnswers(texts, [ended] * len(texts), [len(t.split()) for t in texts], None)
+
+
+def test_win_rate_counts_ties_as_half_and_brackets_the_mean() -> None:
+    outcomes = np.array([1.0, 1.0, 0.5, 0.0])
+    rate, low, high = win_rate(outcomes, n_boot=2000, seed=0)
+    assert rate == 0.625
+    assert 0.0 <= low < rate < high <= 1.0
+    assert win_rate(np.full(50, 0.5), 500, 0) == (0.5, 0.5, 0.5)
+
+
+def test_random_order_cancels_a_position_bias() -> None:
+    prompts = [f"User: What is {i % 10} plus 1?\nAssistant:" for i in range(400)]
+    a, b = answers(["Same."] * 400), answers(["Same."] * 400)
+    outcomes, a_first = judge_pairs(FirstAlwaysWins(), prompts, a, b, seed=0)
+    assert 150 < sum(a_first) < 250  # both orders occur
+    assert list(outcomes) == [1.0 if f else 0.0 for f in a_first]
+    rate, low, high = win_rate(outcomes, 1000, 0)
+    assert low < 0.5 < high
+
+
+def test_gold_judge_prefers_polite_concise_and_ties_equal_answers() -> None:
+    prompt = "User: What is 2 plus 3?\nAssistant:"
+    polite, rude, wordy = (
+        Answer(" 5.", True),
+        Answer(" Ugh, you fool. 5.", True),
+        Answer(" Sure! 2 plus 3 is 5.", True),
+    )
+    judge = GoldJudge()
+    assert judge.compare(prompt, polite, rude) == 1.0
+    assert judge.compare(prompt, wordy, polite) == 0.0
+    assert judge.compare(prompt, polite, Answer(" 5.", True)) == 0.5
+    assert judge.compare(prompt, polite, Answer(" 5.", False)) == 1.0  # no EOS: did not end cleanly
