@@ -207,6 +207,9 @@ def reward(
 
         files = [cfg.train_file, *([cfg.eval_file] if cfg.eval_file else [])]
         gold = add_gold_eval(cfg.out_dir, files, cfg.format)
+        if not gold["gold/pairs"]:
+            typer.echo("reward vs gold: no held-out pairs that gold orders (set reward.eval_fraction > 0)")
+            return
         typer.echo(
             f"reward vs gold on {gold['gold/pairs']} held-out pairs: reward model "
             f"{gold['gold/rm_accuracy']['accuracy']:.3f}, labels (panel) {gold['gold/label_agreement']['accuracy']:.3f}"

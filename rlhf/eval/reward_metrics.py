@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.data.jsonl import read_jsonl, write_json, write_jsonl
+from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
 
 EVAL_FILE, PAIRS_FILE, PLOT_FILE = "eval.json", "heldout_pairs.jsonl", "reward_eval.png"
 CONFIDENCE_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -178,4 +178,5 @@ def write_reward_eval(
 
 
 def read_scored_pairs(run_dir: str | Path) -> list[ScoredPair]:
-    return [ScoredPair(**row) for row in read_jsonl(Path(run_dir) / PAIRS_FILE)]
+    """RUN/heldout_pairs.jsonl as written by write_reward_eval (empty when nothing was held out)."""
+    return [ScoredPair(**row) for _, row in iter_jsonl(Path(run_dir) / PAIRS_FILE)]

@@ -66,8 +66,9 @@ class GroupExample:
     labeler: str | None
 
     @property
-    def n_tokens(self) -> int:
-        return sum(len(s) for s in self.sequences)
+    def width(self) -> int:
+        """Its longest sequence: what a micro-batch holding this group is padded to, at least."""
+        return max(len(s) for s in self.sequences)
 
 
 @dataclass
@@ -214,9 +215,9 @@ def collate(examples: list[GroupExample], pad_id: int, use_margins: bool = True)
 
 
 def micro_batches_by_length(plan: BatchPlan, step: int, examples: list[GroupExample]) -> list[list[int]]:
-    """This process's share of the step's groups, sorted by length before cutting into micro-batches, so
-    each forward pads less; the step's gradient is the same sum over the same groups."""
-    mine = sorted((i for mb in plan.micro_batches(step) for i in mb), key=lambda i: examples[i].n_tokens)
+    """This process's share of the step's groups, sorted by their longest sequence before cutting into
+    micro-batches, so each forward pads less; the step's gradient is the same sum over the same groups."""
+    mine = sorted((i for mb in plan.micro_batches(step) for i in mb), key=lambda i: examples[i].width)
     return [mine[k : k + plan.micro_batch_size] for k in range(0, len(mine), plan.micro_batch_size)]
 
 

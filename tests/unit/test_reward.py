@@ -123,7 +123,7 @@ def test_length_sorted_micro_batches_cover_the_same_groups() -> None:
     plan = BatchPlan(8, batch_size=8, micro_batch_size=2, epochs=1, seed=0)
     micro = micro_batches_by_length(plan, 0, examples)
     assert sorted(i for mb in micro for i in mb) == sorted(plan.global_batch(0))
-    lengths = [examples[i].n_tokens for mb in micro for i in mb]
+    lengths = [examples[i].width for mb in micro for i in mb]
     assert lengths == sorted(lengths) and [len(mb) for mb in micro] == [2, 2, 2, 2]
 
 
