@@ -145,7 +145,9 @@ def main() -> None:
         result["sizes"][size] = r
         print(f"{size}: ours {r['ours_median']:.0f} tok/s, HF {r['hf_median']:.0f} tok/s: {r['ratio']:.2f}x "
               f"(CPU time {r['cpu_ratio']:.2f}x; vs HF fp32 {r['ratio_vs_fp32']:.2f}x)", flush=True)  # fmt: skip
-    save_result("generation", result)
+    save_result(
+        "generation" + (".quick" if args.quick else ""), result
+    )  # a smoke pass keeps the real results
     if not args.no_doc and not args.quick:
         update_doc("generation", "Generation throughput: `rlhf.generation.generate` vs transformers `generate()`",
                    result, doc_section(result))  # fmt: skip

@@ -132,9 +132,14 @@ def _sample_rss(pid: int, phase: Any, peaks: Any, interval: float) -> None:
 
 
 class RSSMonitor:
-    """Peak resident set size per phase, sampled every `interval` s by a child process via /proc/PID/statm."""
+    """Peak resident set size per phase, sampled every `interval` s by a child process via /proc/PID/statm.
 
-    def __init__(self, interval: float = 0.005) -> None:
+    Only a phase's first occurrence (the first iteration: generation, scoring, training in that order) is
+    sampled: the allocator keeps freed memory, so later occurrences would inherit earlier peaks. A phase's
+    "added" memory is its peak minus the RSS when it started.
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
         ctx = multiprocessing.get_context("fork")
         self.phase = ctx.Value("i", -1, lock=False)
         self.peaks = ctx.Array("q", len(PHASES), lock=False)
@@ -151,18 +156,20 @@ class RSSMonitor:
 
     @contextmanager
     def track(self, phase: str) -> Any:
-        previous, index = self.phase.value, PHASES.index(phase)
-        self.start.setdefault(phase, self.rss())  # the rise is measured from the phase's first start
-        self.peaks[index] = max(self.peaks[index], self.rss())
-        self.phase.value = index
+        previous = self.phase.value
+        self.enter(phase)
         try:
             yield
         finally:
-            self.peaks[index] = max(self.peaks[index], self.rss())
+            if self.phase.value >= 0:
+                self.peaks[self.phase.value] = max(self.peaks[self.phase.value], self.rss())
             self.phase.value = previous
 
     def enter(self, phase: str) -> None:
-        """Switch to `phase` without a block (training: from the end of scoring to the iteration's log)."""
+        """Switch to `phase` (also without a block: training runs from the end of scoring to the log)."""
+        if phase in self.start and phase != "whole run":
+            self.phase.value = -1  # a later occurrence: not sampled
+            return
         index = PHASES.index(phase)
         self.start.setdefault(phase, self.rss())
         self.peaks[index] = max(self.peaks[index], self.rss())
@@ -206,9 +213,10 @@ def worker_ours(args: argparse.Namespace) -> None:
     def generate(model: Any, prompts: Any, *a: Any, **k: Any) -> Any:
         n_linear.setdefault("policy", linear_weights(model))
         with mon.track("generation"):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             gen = orig_generate(model, prompts, *a, **k)
             times["generation"].append(time.perf_counter() - t0)
+            times["generation_cpu"].append(time.process_time() - c0)
         shapes.append((gen.prompt_ids.size(0), gen.prompt_ids.size(1), gen.response_ids.size(1)))
         return gen
 
@@ -236,9 +244,10 @@ def worker_ours(args: argparse.Namespace) -> None:
             times[name].append(0.0)
         state["scoring"], state["calls"] = True, 0
         with mon.track("scoring"):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = orig_score(gen, policy, reference, critic, reward_model, *a)
             times["scoring"].append(time.perf_counter() - t0)
+            times["scoring_cpu"].append(time.process_time() - c0)
         state["scoring"] = False
         mon.enter("training")  # the rest of the iteration: rewards, advantages, PPO epochs
         return out
@@ -288,12 +297,18 @@ def worker_ours(args: argparse.Namespace) -> None:
         "scoring": med(times["scoring"]),
         "training": med(training),
     }
+    # CPU time: iteration i+1 runs between the logs of iterations i and i+1
+    gen_cpu, score_cpu = times["generation_cpu"][1:], times["scoring_cpu"][1:]
+    train_cpu = [c - g - sc for c, g, sc in zip(cpu_between, gen_cpu, score_cpu, strict=False)]
+    phase_cpu_s = {"generation": statistics.median(gen_cpu), "scoring": statistics.median(score_cpu),
+                   "training": statistics.median(train_cpu)}  # fmt: skip
     result = {
         "iteration_s": statistics.median(wall_between), "iteration_cpu_s": statistics.median(cpu_between),
         "stage_iteration_s": med(iteration), "phase_s": phase_s,
         "scoring_split_s": {k: med(times[k]) for k in ("score_policy", "score_reference", "score_critic", "score_reward")},
         "flops": flops,
-        "flop_rate": {k: flops[k] / phase_s[k] for k in flops}, "shape": {"batch": b, "prompt": p, "response": t},
+        "flop_rate": {k: flops[k] / phase_s[k] for k in flops}, "phase_cpu_s": phase_cpu_s,
+        "flop_rate_cpu": {k: flops[k] / phase_cpu_s[k] for k in flops}, "shape": {"batch": b, "prompt": p, "response": t},
         "linear_weights": n_linear, "iterations": len(rows),
         "score": [r["ppo/score"] for r in rows], "kl": [r["ppo/kl"] for r in rows],
         "response_length": [r["ppo/response_length"] for r in rows],
@@ -322,6 +337,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=["tiny", "small"], choices=sorted(SIZES))
     parser.add_argument(
         "--small-reps", type=int, default=1, help="repetitions of the small workload (ours only)"
+    )
+    parser.add_argument(
+        "--small-iterations", type=int, default=3, help="PPO iterations per run, small workload"
     )
     parser.add_argument("--no-trl", action="store_true", help="skip TRL")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both systems")
@@ -359,7 +377,8 @@ def main() -> None:
                 if system == "ours":
                     cmd = [sys.executable, "-m", "benchmarks.ppo_bench", "--worker", "ours", "--size", size,
                            "--paths", json.dumps(paths), "--out", str(work / size / f"ours-{rep}"),
-                           "--iterations", str(args.iterations), "--threads", str(args.threads)]  # fmt: skip
+                           "--iterations", str(args.iterations if size == "tiny" else args.small_iterations),
+                           "--threads", str(args.threads)]  # fmt: skip
                     ours.append(run_worker(cmd, env))
                     print(f"{size} rep {rep} ours: {ours[-1]['iteration_s']:.2f} s/iteration "
                           f"(CPU {ours[-1]['iteration_cpu_s']:.2f} s) "
@@ -381,7 +400,7 @@ def main() -> None:
     result["matmul_peak"] = {"before": peak_before, "after": peak_after}
     for r in result["sizes"].values():
         add_mfu(r, peak_before, peak_after)
-    save_result("ppo", result)
+    save_result("ppo" + (".quick" if args.quick else ""), result)  # a smoke pass keeps the real results
     print(json.dumps({s: {k: v for k, v in r.items() if k not in ("ours", "trl")} for s, r in result["sizes"].items()},
                      indent=1))  # fmt: skip
     if not args.no_doc and not args.quick:
@@ -402,6 +421,10 @@ def summarise(ours: list[dict[str, Any]], trl: list[dict[str, Any]], peak: dict[
         k: med([o["scoring_split_s"][k] for o in ours]) for k in ours[0]["scoring_split_s"]
     }
     r["ours_flop_rate"] = {k: med([o["flop_rate"][k] for o in ours]) for k in ours[0]["flop_rate"]}
+    r["ours_flop_rate_cpu"] = {
+        k: med([o["flop_rate_cpu"][k] for o in ours]) for k in ours[0]["flop_rate_cpu"]
+    }
+    r["ours_phase_cpu_s"] = {k: med([o["phase_cpu_s"][k] for o in ours]) for k in ours[0]["phase_cpu_s"]}
     r["ours_peak_rss_mib"] = {
         k: max(o["peak_rss_mib"].get(k, 0) for o in ours) for k in ours[0]["peak_rss_mib"]
     }
@@ -425,33 +448,50 @@ def summarise(ours: list[dict[str, Any]], trl: list[dict[str, Any]], peak: dict[
 
 
 def add_mfu(r: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
+    """MFU two ways: wall-clock rates over the wall-clock peak, CPU-time rates over the CPU-time peak (the
+    second is blind to how much of the time other jobs held the cores)."""
     peak = statistics.fmean([before["bf16"]["flops"], after["bf16"]["flops"]])
-    r["peak_bf16_flops"] = peak
+    peak_cpu = statistics.fmean([before["bf16"]["flops_cpu"], after["bf16"]["flops_cpu"]])
+    r["peak_bf16_flops"], r["peak_bf16_flops_cpu"] = peak, peak_cpu
     r["ours_mfu"] = {k: v / peak for k, v in r["ours_flop_rate"].items()}
+    r["ours_mfu_cpu"] = {k: v / peak_cpu for k, v in r["ours_flop_rate_cpu"].items()}
 
 
 def doc_section(result: dict[str, Any]) -> list[str]:
-    w = result["workload"]
+    w, mp = result["workload"], result["matmul_peak"]["before"]
     lines = [
         f"Workload: {w['batch']} prompts per iteration, up to {w['max_new_tokens']} new tokens, {w['epochs']} PPO epochs "
         f"over minibatches of {w['minibatch']} (micro-batch {w['micro_batch']}), lr {w['lr']}, KL coef {w['kl_coef']}, "
-        f"bf16 autocast; {result['iterations']} iterations per run, the first dropped; {result['reps']} alternating "
-        "repetitions (tiny). Peaks: matmul in bf16, measured in the same run (before and after, mean).", "",
-        "| model | ours s/iter | generation s | scoring s (policy / ref / critic / RM) | training s | MFU gen / score / train | peak RSS MiB gen / score / run | TRL s/iter | speed-up vs TRL (target 3x) | score first -> last: ours; TRL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"bf16 autocast; tiny: {result['iterations']} iterations per run, {result['reps']} alternating repetitions with "
+        "TRL; small: ours only; the first iteration of each run dropped. Matmul peak (bf16, 1 thread, measured in "
+        f"this run): {mp['bf16']['flops'] / 1e9:.0f} GFLOP/s wall-clock, {mp['bf16']['flops_cpu'] / 1e9:.0f} GFLOP per "
+        f"CPU-second (fp32: {mp['fp32']['flops'] / 1e9:.0f}, {mp['fp32']['flops_cpu'] / 1e9:.0f}).", "",
+        "Time per iteration and speed-up vs TRL, wall clock and CPU time (the CPU-time ratio is steadier: it does not "
+        "count the time other jobs held the cores):", "",
+        "| model | ours s/iter (CPU s) | TRL s/iter (CPU s) | speed-up vs TRL, wall (target 3x) | speed-up, CPU time | per-pair wall ratios | score first -> last 2: ours; TRL |",
+        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for size, r in result["sizes"].items():
-        ph, sp, mfu, mem = r["ours_phase_s"], r["ours_scoring_split_s"], r["ours_mfu"], r["ours_peak_rss_mib"]
-        trl = (f"{r['trl_iteration_s']:.2f} | **{r['speedup_vs_trl']:.2f}x** (pairs: "
-               f"{', '.join(f'{x:.2f}' for x in r['pair_speedups'])}) | {r['ours_first_score']:.3f} -> "
-               f"{r['ours_final_score']:.3f}; {r['trl_first_score']:.3f} -> {r['trl_final_score']:.3f}"
-               if "trl_iteration_s" in r else "- | - | " f"{r['ours_first_score']:.3f} -> {r['ours_final_score']:.3f}; -")  # fmt: skip
-        lines.append(
-            f"| {size} | {r['ours_iteration_s']:.2f} | {ph['generation']:.2f} | {ph['scoring']:.2f} "
-            f"({sp['score_policy']:.2f} / {sp['score_reference']:.2f} / {sp['score_critic']:.2f} / {sp['score_reward']:.2f}) | "
-            f"{ph['training']:.2f} | {mfu['generation']:.0%} / {mfu['scoring']:.0%} / {mfu['training']:.0%} | "
-            f"{mem.get('generation', 0):.0f} / {mem.get('scoring', 0):.0f} / {mem.get('whole run', 0):.0f} | {trl} |"
-        )  # fmt: skip
+        if "trl_iteration_s" in r:
+            lines.append(f"| {size} | {r['ours_iteration_s']:.2f} ({r['ours_iteration_cpu_s']:.2f}) | {r['trl_iteration_s']:.2f} "
+                         f"({r['trl_iteration_cpu_s']:.2f}) | **{r['speedup_vs_trl']:.2f}x** | **{r['cpu_speedup_vs_trl']:.2f}x** | "
+                         f"{', '.join(f'{x:.2f}' for x in r['pair_speedups'])} | {r['ours_first_score']:.3f} -> "
+                         f"{r['ours_final_score']:.3f}; {r['trl_first_score']:.3f} -> {r['trl_final_score']:.3f} |")  # fmt: skip
+        else:
+            lines.append(f"| {size} | {r['ours_iteration_s']:.2f} ({r['ours_iteration_cpu_s']:.2f}) | - | - | - | - | "
+                         f"{r['ours_first_score']:.3f} -> {r['ours_final_score']:.3f}; - |")  # fmt: skip
+    lines += ["", "Ours per phase (median seconds; MFU = achieved FLOP rate / bf16 matmul peak, wall-clock and CPU-time; "
+              "peak RSS of the phase's first occurrence and what it added):", "",
+              "| model | phase | wall s | CPU s | MFU wall | MFU CPU | peak RSS MiB | added MiB |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for size, r in result["sizes"].items():
+        for phase in ("generation", "scoring", "training"):
+            split = ""
+            if phase == "scoring":
+                sp = r["ours_scoring_split_s"]
+                split = f" (policy {sp['score_policy']:.2f} / ref {sp['score_reference']:.2f} / critic {sp['score_critic']:.2f} / RM {sp['score_reward']:.2f})"
+            lines.append(f"| {size} | {phase}{split} | {r['ours_phase_s'][phase]:.2f} | {r['ours_phase_cpu_s'][phase]:.2f} | "
+                         f"{r['ours_mfu'][phase]:.0%} | {r['ours_mfu_cpu'][phase]:.0%} | "
+                         f"{r['ours_peak_rss_mib'].get(phase, 0):.0f} | {r['ours_rss_rise_mib'].get(phase, 0):.0f} |")  # fmt: skip
     return lines
 
 

@@ -102,7 +102,9 @@ def sample(
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """Whether the model (or, under a LoRA wrapper, its base model) can compute logits for the last positions only."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
