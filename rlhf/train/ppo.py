@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -157,18 +158,25 @@ def score_rollout(
     n_prompt, rmask = gen.prompt_ids.size(1), gen.response_mask
     parts: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "ref", "values", "rm", "entropy")}
     for i in range(0, ids.size(0), cfg.micro_batch_size):
-        b_ids, b_mask, b_resp = ids[i : i + cfg.micro_batch_size], mask[i : i + cfg.micro_batch_size], gen.response_ids[i : i + cfg.micro_batch_size]  # fmt: skip
+        rows = slice(i, i + cfg.micro_batch_size)
+        t = int(rmask[rows].sum(1).max())  # longest response in this micro-batch: later columns are padding
+        b_ids, b_mask, b_resp = (
+            ids[rows, : n_prompt + t],
+            mask[rows, : n_prompt + t],
+            gen.response_ids[rows, :t],
+        )
+        pad = lambda x, t=t: F.pad(x, (0, rmask.size(1) - t))  # noqa: E731  back to the width T
         with ctx():
-            logits = policy_forward(policy, b_ids, b_mask, n_prompt).float() / cfg.temperature  # (b, T, V)
-            parts["logprobs"].append(logprobs_from_logits(logits, b_resp))
-            parts["entropy"].append(entropy_from_logits(logits))
+            logits = policy_forward(policy, b_ids, b_mask, n_prompt).float() / cfg.temperature  # (b, t, V)
+            parts["logprobs"].append(pad(logprobs_from_logits(logits, b_resp)))
+            parts["entropy"].append(pad(entropy_from_logits(logits)))
             if reference is None:  # LoRA: the reference is the policy with its adapter switched off
                 with policy.disable_adapter():  # type: ignore[operator]
                     ref_logits = policy_forward(policy, b_ids, b_mask, n_prompt)
             else:
                 ref_logits = policy_forward(reference, b_ids, b_mask, n_prompt)
-            parts["ref"].append(logprobs_from_logits(ref_logits, b_resp, cfg.temperature))
-            parts["values"].append(response_values(critic, b_ids, b_mask, n_prompt))
+            parts["ref"].append(pad(logprobs_from_logits(ref_logits, b_resp, cfg.temperature)))
+            parts["values"].append(pad(response_values(critic, b_ids, b_mask, n_prompt)))
             parts["rm"].append(sequence_rewards(reward_model, b_ids, b_mask))  # read at the last token (EOS)
     zero = torch.zeros_like(rmask, dtype=torch.float32)
     out = {k: torch.cat(v) for k, v in parts.items()}
@@ -419,21 +427,22 @@ def run(
                 micro = minibatch.split(cfg.micro_batch_size)
                 for k, idx in enumerate(micro):
                     # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
+                    t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
+                    ids, mask, m = r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], rmask[idx, :t]
+                    old_logprobs, old_values = r.logprobs[idx, :t], r.values[idx, :t]
+                    adv, ret = advantages[idx, :t], returns[idx, :t]
                     with no_sync(accelerator, policy, critic, sync=k == len(micro) - 1):
-                        ids, mask, m = r.ids[idx], r.mask[idx], rmask[idx]
                         logits = policy_forward(policy, ids, mask, r.n_prompt).float() / cfg.temperature
-                        logprobs = logprobs_from_logits(logits, r.response_ids[idx])  # (b, T)
-                        pg_loss, pg_stats = ppo_policy_loss(
-                            logprobs, r.logprobs[idx], advantages[idx], m, cfg.clip_eps
-                        )
+                        logprobs = logprobs_from_logits(logits, r.response_ids[idx, :t])  # (b, t)
+                        pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs, adv, m, cfg.clip_eps)
                         loss = pg_loss
                         if cfg.entropy_coef > 0:
                             loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
                         accelerator.backward(loss / len(micro))
-                        values = response_values(critic, ids, mask, r.n_prompt)  # (b, T)
-                        vf_loss, vf_stats = value_loss(values, r.values[idx], returns[idx], m, cfg.value_clip)
+                        values = response_values(critic, ids, mask, r.n_prompt)  # (b, t)
+                        vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
                         accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
-                    value_error = masked_mean((values.detach() - returns[idx]) ** 2, m)
+                    value_error = masked_mean((values.detach() - ret) ** 2, m)
                     step_stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(), **pg_stats, **vf_stats,
                                   "ppo/value_error": value_error}  # fmt: skip
                     for key, value in step_stats.items():
