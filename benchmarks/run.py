@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in sequence, each writing its JSON into benchmarks/results/.
 
     python -m benchmarks.run            # the full suite (tens of minutes on a 2-core CPU)
-    python -m benchmarks.run --quick    # a smoke pass of each (a few minutes), docs left unchanged
+    python -m benchmarks.run --quick    # a smoke pass of each (minutes); results go to NAME.quick.json
     python -m benchmarks.run --only generation ppo_bench
 
 Benchmarks run one after another, never in parallel (they would measure each other). A benchmark that fails
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 # (module, full-run arguments, quick-run arguments); modules other branches add are run when present
 SUITE: list[tuple[str, list[str], list[str]]] = [
@@ -28,6 +29,16 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("serve_load", [], ["--seconds", "3", "--clients", "1,8"]),
     ("feedback_load", [], ["--quick"]),
 ]
+
+
+def keep_real_results(before: dict[Path, bytes]) -> None:
+    """After a smoke pass: its JSON goes to NAME.quick.json and the full run's NAME.json is put back."""
+    for f in RESULTS.glob("*.json"):
+        if f.name.endswith(".quick.json") or before.get(f) == f.read_bytes():
+            continue
+        f.replace(f.with_suffix(".quick.json"))
+        if f in before:
+            f.write_bytes(before[f])
 
 
 def main() -> None:
@@ -47,7 +58,10 @@ def main() -> None:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", *(quick if args.quick else full)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
+        before = {f: f.read_bytes() for f in RESULTS.glob("*.json")}
         code = subprocess.run(cmd, cwd=ROOT).returncode
+        if args.quick:
+            keep_real_results(before)
         print(f"== {name}: {'ok' if code == 0 else f'FAILED (exit {code})'} in {time.perf_counter() - t0:.0f} s",
               flush=True)  # fmt: skip
         if code:
