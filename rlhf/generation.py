@@ -7,6 +7,7 @@ the distribution PPO recomputes (without the top-k/top-p truncation, as in TRL a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -69,6 +70,44 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def sample(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """(token, log-prob) per row, (B,) each; the log-prob is under softmax(logits / T), untruncated.
+
+    Same distribution as softmax(filter_logits(logits / T)), with one sort and no scatter: the truncation is
+    done in sorted order, and the draw is an exponential race (argmax p_i / E_i, E_i ~ Exp(1), picks i with
+    probability p_i), cheaper than `torch.multinomial` on CPU.
+    """
+    if params.temperature <= 0:
+        token = logits.argmax(dim=-1)  # (B,)
+        return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / params.temperature, dim=-1)  # (B, V)
+    truncate_k = 0 < params.top_k < logits.size(-1)
+    if truncate_k or params.top_p < 1.0:
+        sorted_logp, order = torch.sort(logp, dim=-1, descending=True)  # (B, V)
+        probs = sorted_logp.exp()
+        if truncate_k:
+            probs[:, params.top_k :] = 0.0
+            probs = probs / probs.sum(-1, keepdim=True)  # top-p applies to the renormalised top-k
+        if params.top_p < 1.0:
+            # drop a token when the mass before it already reaches top_p (so the first token always stays)
+            probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= params.top_p, 0.0)
+    else:
+        probs, order = logp.exp(), None
+    race = probs / torch.empty_like(probs).exponential_(generator=generator)  # (B, V)
+    index = race.argmax(dim=-1, keepdim=True)  # (B, 1)
+    token = index if order is None else order.gather(-1, index)
+    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
+
+
+def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    """Whether the model (or, under a LoRA wrapper, its base model) can compute logits for the last positions only."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -78,49 +117,48 @@ def generate(
     pad_id: int,
     generator: torch.Generator | None = None,
 ) -> Generation:
-    """Sample one response per prompt (token id lists), stopping each row at EOS or after max_new_tokens."""
+    """Sample one response per prompt (token id lists), stopping each row at EOS or after max_new_tokens.
+
+    The hot loop does no Python work per row: the attention mask and the outputs are preallocated and
+    written a column per step, and the prefill computes logits for the last position only.
+    """
     device = next(model.parameters()).device
     if generator is None and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    batch = prompt_ids.size(0)
-    attention = prompt_mask.clone()
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    (batch, width), steps = prompt_ids.shape, params.max_new_tokens
+    attention = torch.ones(batch, width + steps, dtype=torch.long, device=device)  # (B, P + T)
+    attention[:, :width] = prompt_mask
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    response_ids = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)  # (B, T)
+    logprobs = torch.zeros(batch, steps, device=device)  # (B, T)
+    response_mask = torch.zeros(batch, steps, dtype=torch.long, device=device)  # (B, T)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logprobs, masks = [], [], []
-    input_ids, past = prompt_ids, None
-    for _ in range(params.max_new_tokens):
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    input_ids, past, n = prompt_ids, None, 0
+    for step in range(steps):
         out = model(
             input_ids=input_ids,
-            attention_mask=attention,
+            attention_mask=attention[:, : width + step],
             position_ids=positions,
             past_key_values=past,
             use_cache=True,
+            **extra,
         )
         past = out.past_key_values
-        logits = out.logits[:, -1, :].float()  # (B, V)
-        if params.temperature > 0:
-            scaled = logits / params.temperature
-            probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-        else:
-            scaled = logits
-            next_token = logits.argmax(dim=-1)
-        logprob = torch.log_softmax(scaled, dim=-1).gather(-1, next_token[:, None]).squeeze(-1)  # (B,)
+        next_token, logprob = sample(out.logits[:, -1, :].float(), params, generator)  # (B,) each
         alive = ~finished
-        tokens.append(torch.where(alive, next_token, torch.full_like(next_token, pad_id)))
-        logprobs.append(torch.where(alive, logprob, torch.zeros_like(logprob)))
-        masks.append(alive.long())
-        finished = finished | (next_token == eos_id)
+        response_ids[:, step] = torch.where(alive, next_token, pad_id)
+        logprobs[:, step] = torch.where(alive, logprob, 0.0)
+        response_mask[:, step] = alive
+        finished |= next_token == eos_id
+        n = step + 1
         if bool(finished.all()):
             break
-        input_ids = tokens[-1][:, None]
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
+        input_ids = response_ids[:, step : step + 1]
         positions = positions[:, -1:] + 1
-    response_ids = torch.stack(tokens, dim=1)  # (B, T)
-    response_mask = torch.stack(masks, dim=1)
     return Generation(
-        prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logprobs, dim=1), finished
+        prompt_ids, prompt_mask, response_ids[:, :n], response_mask[:, :n], logprobs[:, :n], finished
     )
 
 

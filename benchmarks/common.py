@@ -1,0 +1,89 @@
+"""What the benchmarks share: model sizes, the demo tokenizer, machine description, results and the docs table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import ArchConfig
+from rlhf.data import demo_task
+from rlhf.models.loading import build_causal_lm, load_tokenizer
+from rlhf.models.tokenizer import train_bpe_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "performance.md"
+
+# tiny = the demo's model (configs/demo.yaml); small = a width and depth where matmuls dominate
+SIZES = {
+    "tiny": ArchConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=256),
+    "small": ArchConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=8, max_position_embeddings=256),
+}  # fmt: skip
+
+
+@cache
+def tokenizer_dir() -> Path:
+    """The demo task's BPE tokenizer (vocab 512, PAD distinct from EOS), trained once per process."""
+    work = Path(tempfile.mkdtemp(prefix="bench-tok-"))
+    demo_task.generate(work / "data", seed=0, n_pretrain=2000, n_sft=10, n_rl_prompts=10, n_eval_prompts=10)
+    corpus = (work / "data" / "pretrain.txt").read_text().split("\n\n")
+    train_bpe_tokenizer(corpus, vocab_size=512).save_pretrained(work / "tok")
+    return work / "tok"
+
+
+def build_model(size: str, device: str = "cpu", seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer): a Llama of the given size with random weights, on `device`."""
+    tokenizer = load_tokenizer(str(tokenizer_dir()))
+    return build_causal_lm(SIZES[size], tokenizer, seed=seed).to(device), tokenizer
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+               platform.processor())  # fmt: skip
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "avx512_bf16": "avx512_bf16" in cpuinfo, "amx_bf16": "amx_bf16" in cpuinfo, "device": device,
+            "load_average_at_start": round(os.getloadavg()[0], 1)}  # fmt: skip
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def update_doc(name: str, title: str, result: dict[str, Any], body: list[str]) -> None:
+    """Replace (or append) this benchmark's section of docs/performance.md, between its markers."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    m = result["machine"]
+    section = "\n".join([
+        start, f"## {title}", "", f"Command: `{result['command']}` ({result['date']}).", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
+        f"AVX512-BF16 {'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx_bf16'] else 'no'}; shared with "
+        f"other work (load average {m['load_average_at_start']} at the start), so only ratios measured side by "
+        "side, alternating, are meaningful; absolute rates vary from run to run.", "", *body, end,
+    ])  # fmt: skip
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    if start in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOC.write_text(text)
