@@ -228,9 +228,10 @@ def guard_eval(
     """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # a seed of its own, the same at every evaluation: successive evaluations differ only by the policy
+    generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed + 1_000_003)
     with ctx():
-        gen = generate(policy, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                       generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+        gen = generate(policy, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
     r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx)
     kl = masked_sum(
         approx_kl(r.logprobs, r.ref_logprobs, r.response_mask, cfg.kl_estimator), r.response_mask, dim=1
@@ -315,7 +316,8 @@ def run(
 
     # optimisers and schedules: one optimiser step per minibatch, per epoch, per iteration
     updates_per_iteration = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
-    policy.train(), critic.train()  # dropout is off everywhere: train() only matters to peft/accelerate
+    policy.train()  # dropout is off everywhere, so train() and eval() compute the same function
+    critic.train()
     policy_opt = make_optimizer(policy, cfg)
     critic_opt = make_optimizer(critic, cfg.model_copy(update={"lr": cfg.critic_lr}))
     policy_sched = make_scheduler(policy_opt, cfg, cfg.iterations * updates_per_iteration)
@@ -360,7 +362,7 @@ def run(
         run_dir.save_checkpoint(iteration, save_files, state, keep=cfg.keep_checkpoints)
 
     def run_guard(iteration: int) -> dict[str, float]:
-        m = guard_eval(policy_model, reference, critic, reward_model, tokenizer, guard_prompts, cfg, ctx,
+        m = guard_eval(policy_model, reference, critic_module, reward_model, tokenizer, guard_prompts, cfg, ctx,
                        gold_fn, reduce)  # fmt: skip
         if guard.observe(iteration, m, cfg.guard_patience, cfg.kl_budget) and accelerator.is_main_process:
             save_policy(run_dir.dir / "best", policy_model, tokenizer)
@@ -384,12 +386,14 @@ def run(
             break
         t0 = time.perf_counter()
         # each process draws its own samples; seeding per iteration makes a resumed run draw the same ones
-        rng = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration) * 1024 + rank)
+        seed = (cfg.seed * 1_000_003 + iteration) * 1024 + rank
+        rng = torch.Generator().manual_seed(seed)  # minibatch order and PPO-ptx picks
 
         # 1. generate
         batch_ids = [prompt_ids[i] for i in next(plan.micro_batches(iteration))]
         with ctx():
-            gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id, rng)
+            gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id,
+                           torch.Generator(device=device).manual_seed(seed))  # fmt: skip
 
         # 2. score: old log-probs, reference log-probs, values, reward-model scores
         r = score_rollout(gen, policy_model, reference, critic_module, reward_model, cfg, ctx)
