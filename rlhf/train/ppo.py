@@ -10,9 +10,9 @@ score for answers without EOS, whitened advantages, critic initialised from the 
 
 Models: the policy (full or LoRA), the reference (the initial policy; with LoRA the same module with its
 adapter disabled, so no second copy), the critic (initialised from the reward model, full or LoRA) and the
-reward model (frozen). Policy and critic have separate AdamW optimisers: their learning rates differ by an
-order of magnitude, and clipping their gradients separately keeps the critic's large early gradients from
-shrinking the policy's steps.
+reward model (frozen). Policy and critic have separate AdamW optimisers: they are separate networks whose good
+learning rates differ, and clipping their gradients separately keeps the critic's large early gradients from
+shrinking the policy's steps (a joint clip would).
 
 Training code never sees the demo's gold judge: the guard's gold score, if any, comes in as `gold_fn`.
 """
@@ -329,9 +329,11 @@ def run(
     guard, start = Guard(), 0
     if checkpoint is not None:
         state = Run.load_state(checkpoint)
-        for obj, key in ((policy_opt, "policy_optimizer"), (critic_opt, "critic_optimizer"),
-                         (policy_sched, "policy_scheduler"), (critic_sched, "critic_scheduler"), (kl_ctl, "kl_ctl")):  # fmt: skip
-            obj.load_state_dict(state[key])
+        policy_opt.load_state_dict(state["policy_optimizer"])
+        critic_opt.load_state_dict(state["critic_optimizer"])
+        policy_sched.load_state_dict(state["policy_scheduler"])
+        critic_sched.load_state_dict(state["critic_scheduler"])
+        kl_ctl.load_state_dict(state["kl_ctl"])
         guard = Guard(**state["guard"])
         set_rng_state(state["rng"])
         start = state["step"]
@@ -430,11 +432,11 @@ def run(
                     stats["ppo/ptx_loss"].append(float(loss_ptx))
                 micro = minibatch.split(cfg.micro_batch_size)
                 for k, idx in enumerate(micro):
-                    # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
                     t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
                     ids, mask, m = r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], rmask[idx, :t]
                     old_logprobs, old_values = r.logprobs[idx, :t], r.values[idx, :t]
                     adv, ret = advantages[idx, :t], returns[idx, :t]
+                    # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
                     with no_sync(accelerator, policy, critic, sync=k == len(micro) - 1):
                         logits = policy_forward(policy, ids, mask, r.n_prompt).float() / cfg.temperature
                         logprobs = logprobs_from_logits(logits, r.response_ids[idx, :t])  # (b, t)
@@ -446,9 +448,9 @@ def run(
                         values = response_values(critic, ids, mask, r.n_prompt)  # (b, t)
                         vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
                         accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
-                    value_error = masked_mean((values.detach() - ret) ** 2, m)
-                    step_stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(), **pg_stats, **vf_stats,
-                                  "ppo/value_error": value_error}  # fmt: skip
+                    step_stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(),
+                                  "ppo/value_error": masked_mean((values.detach() - ret) ** 2, m),
+                                  **pg_stats, **vf_stats}  # fmt: skip
                     for key, value in step_stats.items():
                         stats[key].append(float(value))
                 stats["ppo/grad_norm"].append(
@@ -465,11 +467,15 @@ def run(
         # 6. log: means over this iteration's micro-batches, then over processes; the KL controller adapts
         seq_kl = masked_sum(kl, rmask, dim=1)  # (B,) KL of each answer, nats
         rollout_stats = {
-            "ppo/score": r.scores.mean(), "ppo/kl": seq_kl.mean(), "ppo/reward": (r.scores - kl_ctl.value * seq_kl).mean(),
-            "ppo/entropy": masked_mean(r.entropy, rmask), "ppo/response_length": rmask.sum(1).float().mean(),
-            "ppo/eos_rate": gen.ended.float().mean(), "ppo/advantages_mean": masked_mean(advantages, rmask),
+            "ppo/score": r.scores.mean(),
+            "ppo/kl": seq_kl.mean(),
+            "ppo/reward": (r.scores - kl_ctl.value * seq_kl).mean(),
+            "ppo/entropy": masked_mean(r.entropy, rmask),
+            "ppo/response_length": rmask.sum(1).float().mean(),
+            "ppo/eos_rate": gen.ended.float().mean(),
+            "ppo/advantages_mean": masked_mean(advantages, rmask),
             "ppo/returns_mean": masked_mean(returns, rmask),
-        }  # fmt: skip
+        }
         local = {
             **{k: float(v) for k, v in rollout_stats.items()},
             **{k: sum(v) / len(v) for k, v in stats.items()},
