@@ -79,6 +79,16 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
+    def resume(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> int:
+        """Restore optimiser, scheduler and RNG from `checkpoint`, drop metrics logged after it; returns its step."""
+        state = self.load_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.truncate_metrics(state["step"])
+        log.info("%s: resumed from %s (step %d)", self.dir, checkpoint, state["step"])
+        return int(state["step"])
+
     @staticmethod
     def load_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)

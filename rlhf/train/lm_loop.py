@@ -20,7 +20,7 @@ from rlhf.config import TrainConfig
 from rlhf.data.jsonl import write_json
 from rlhf.losses import sft_loss
 from rlhf.models.loading import save_pretrained_atomic
-from rlhf.runs import Run, set_rng_state
+from rlhf.runs import Run
 from rlhf.train.common import BatchPlan, Progress, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -87,15 +87,7 @@ def fit(
     )  # fmt: skip
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = 0
-    if checkpoint is not None:
-        state = Run.load_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        run.truncate_metrics(start)
-        log.info("%s: resumed from %s (step %d)", stage, checkpoint, start)
+    start = run.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)

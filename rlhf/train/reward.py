@@ -47,7 +47,7 @@ from rlhf.models.loading import (
     load_tokenizer,
     save_pretrained_atomic,
 )
-from rlhf.runs import Run, seed_everything, set_rng_state
+from rlhf.runs import Run, seed_everything
 from rlhf.train.common import BatchPlan, Progress, autocast, make_accelerator, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -413,15 +413,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     )  # fmt: skip
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = 0
-    if checkpoint is not None:
-        state = Run.load_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        run_dir.truncate_metrics(start)
-        log.info("reward: resumed from %s (step %d)", checkpoint, start)
+    start = run_dir.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
