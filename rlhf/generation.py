@@ -8,11 +8,14 @@ the distribution PPO recomputes (without the top-k/top-p truncation, as in TRL a
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
+
+from rlhf.fast_decode import LlamaDecoder
 
 
 @dataclass
@@ -75,30 +78,51 @@ def sample(
 ) -> tuple[Tensor, Tensor]:
     """(token, log-prob) per row, (B,) each; the log-prob is under softmax(logits / T), untruncated.
 
-    Same distribution as softmax(filter_logits(logits / T)), with one sort and no scatter: the truncation is
-    done in sorted order, and the draw is an exponential race (argmax p_i / E_i, E_i ~ Exp(1), picks i with
-    probability p_i), cheaper than `torch.multinomial` on CPU.
+    Same distribution as softmax(filter_logits(logits / T)) without sorting the vocabulary: a token is drawn by
+    inverse CDF from the (top-k truncated) distribution, and a draw outside the nucleus is redrawn, which is
+    exact rejection sampling (the nucleus holds at least top_p of the mass, so redraws are rare). Rows still
+    outside after a few redraws take the sorted-nucleus draw. A sort and an exponential race over the vocabulary
+    cost several times more than the rest of a decoding step on a CPU.
     """
     if params.temperature <= 0:
         token = logits.argmax(dim=-1)  # (B,)
         return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
     logp = torch.log_softmax(logits / params.temperature, dim=-1)  # (B, V)
-    truncate_k = 0 < params.top_k < logits.size(-1)
-    if truncate_k or params.top_p < 1.0:
-        sorted_logp, order = torch.sort(logp, dim=-1, descending=True)  # (B, V)
-        probs = sorted_logp.exp()
-        if truncate_k:
-            probs[:, params.top_k :] = 0.0
-            probs = probs / probs.sum(-1, keepdim=True)  # top-p applies to the renormalised top-k
-        if params.top_p < 1.0:
-            # drop a token when the mass before it already reaches top_p (so the first token always stays)
-            probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= params.top_p, 0.0)
-    else:
-        probs, order = logp.exp(), None
-    race = probs / torch.empty_like(probs).exponential_(generator=generator)  # (B, V)
-    index = race.argmax(dim=-1, keepdim=True)  # (B, 1)
-    token = index if order is None else order.gather(-1, index)
+    probs = logp.exp()
+    if 0 < params.top_k < logits.size(-1):
+        kth = torch.topk(probs, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        probs = probs.masked_fill(probs < kth, 0.0)
+    token = _draw(probs, generator)  # (B, 1)
+    if params.top_p < 1.0:
+        outside = _outside_nucleus(probs, token, params.top_p)  # (B, 1)
+        for _ in range(_REDRAWS):
+            if not bool(outside.any()):
+                break
+            token = torch.where(outside, _draw(probs, generator), token)
+            outside = _outside_nucleus(probs, token, params.top_p)
+        if bool(outside.any()):
+            rows = outside.squeeze(-1).nonzero().squeeze(-1)  # (R,)
+            nucleus = filter_logits(probs[rows].log(), top_p=params.top_p).softmax(-1)
+            token[rows] = _draw(nucleus, generator)
     return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
+
+
+_REDRAWS = 4
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row (B, 1) drawn from unnormalised probabilities (B, V) by inverse CDF."""
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) * cdf[:, -1:]  # (B, 1)
+    # right=True: the first index whose CDF exceeds u, so a zero-probability token is never chosen
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1)
+
+
+def _outside_nucleus(probs: Tensor, token: Tensor, top_p: float) -> Tensor:
+    """(B, 1) bool: the token's more probable tokens already hold top_p of the mass (the sorted rule)."""
+    p = probs.gather(-1, token)  # (B, 1)
+    above = (probs * (probs > p)).sum(-1, keepdim=True) / probs.sum(-1, keepdim=True)
+    return above >= top_p
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
@@ -106,6 +130,53 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+Forward = Callable[[Tensor, Tensor, int], Tensor]
+
+
+def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int) -> Forward:
+    """(input_ids, positions, step) -> last-position logits (B, V) through the model's own forward and cache."""
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    past = None
+
+    def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
+        nonlocal past
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention[:, : width + step],
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+            **extra,
+        )
+        past = out.past_key_values
+        return out.logits[:, -1, :].float()
+
+    return forward
+
+
+def _lean_forward(model: PreTrainedModel, attention: Tensor, width: int) -> Forward:
+    """The same, through `LlamaDecoder` (a static cache, fused projections), in the autocast dtype if one is on."""
+    device_type = attention.device.type
+    dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else next(model.parameters()).dtype
+    )
+    decoder = LlamaDecoder(model, attention.size(0), attention.size(1), dtype)
+    keys = attention.bool()  # (B, P + T)
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention.device).tril()  # (P, P)
+    # a padding query attends to itself only, so no row of the mask is empty (its output is never used)
+    prefill = (causal & keys[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=keys.device)
+
+    def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
+        start = 0 if step == 0 else width + step - 1
+        mask = prefill if step == 0 else keys[:, None, None, : width + step]
+        with torch.autocast(device_type, enabled=False):
+            return decoder.forward(input_ids, positions, mask, start)
+
+    return forward
 
 
 @torch.no_grad()
@@ -134,19 +205,14 @@ def generate(
     logprobs = torch.zeros(batch, steps, device=device)  # (B, T)
     response_mask = torch.zeros(batch, steps, dtype=torch.long, device=device)  # (B, T)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    input_ids, past, n = prompt_ids, None, 0
+    forward = (
+        _lean_forward(model, attention, width)
+        if LlamaDecoder.supports(model)
+        else _transformers_forward(model, attention, width)
+    )
+    input_ids, n = prompt_ids, 0
     for step in range(steps):
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention[:, : width + step],
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=True,
-            **extra,
-        )
-        past = out.past_key_values
-        next_token, logprob = sample(out.logits[:, -1, :].float(), params, generator)  # (B,) each
+        next_token, logprob = sample(forward(input_ids, positions, step), params, generator)  # (B,) each
         alive = ~finished
         response_ids[:, step] = torch.where(alive, next_token, pad_id)
         logprobs[:, step] = torch.where(alive, logprob, 0.0)

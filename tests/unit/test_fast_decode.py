@@ -1,0 +1,73 @@
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from rlhf.config import ArchConfig
+from rlhf.fast_decode import LlamaDecoder
+from rlhf.generation import left_pad
+from rlhf.models.loading import build_causal_lm
+from rlhf.models.tokenizer import train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def gqa_model():
+    """Two query heads per KV head, so the grouped-attention path is exercised."""
+    tok = train_bpe_tokenizer(["User: Hello there friend\nAssistant: Hi!"] * 30, vocab_size=280)
+    arch = ArchConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return build_causal_lm(arch, tok, seed=3).eval()
+
+
+def _prefill_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
+    width = prompt_mask.size(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    return (causal & prompt_mask.bool()[:, None, None, :]) | torch.eye(width, dtype=torch.bool)
+
+
+@torch.no_grad()
+def test_prefill_and_decode_match_the_transformers_forward(gqa_model) -> None:
+    model = gqa_model
+    assert LlamaDecoder.supports(model)
+    prompt_ids, prompt_mask = left_pad([[5, 9, 14, 20, 7], [11, 3]], pad_id=0)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    decoder = LlamaDecoder(model, batch=2, max_len=8, dtype=torch.float32)
+    logits = decoder.forward(prompt_ids, positions, _prefill_mask(prompt_mask), start=0)  # (B, V)
+    expected = model(prompt_ids, attention_mask=prompt_mask, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    # one decoding step over the cache equals a full forward over prompt + the new token
+    new = torch.tensor([[30], [40]])
+    keys = torch.cat([prompt_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    step = decoder.forward(new, positions[:, -1:] + 1, keys.bool()[:, None, None, :], start=5)
+    full = model(
+        torch.cat([prompt_ids, new], dim=1),
+        attention_mask=keys,
+        position_ids=torch.cat([positions, positions[:, -1:] + 1], dim=1),
+    ).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+
+
+def test_supports_plain_llama_only(gqa_model) -> None:
+    lora = get_peft_model(
+        build_causal_lm(
+            ArchConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            ),
+            train_bpe_tokenizer(["a b c"] * 10, vocab_size=270),
+        ),
+        LoraConfig(r=2, target_modules=["q_proj"]),
+    )
+    assert not LlamaDecoder.supports(lora)  # the adapter's forward is not reproduced: transformers runs it
+    gqa_model.config.rope_parameters = {**gqa_model.config.rope_parameters, "rope_type": "linear"}
+    try:
+        assert not LlamaDecoder.supports(gqa_model)
+    finally:
+        gqa_model.config.rope_parameters = {**gqa_model.config.rope_parameters, "rope_type": "default"}
