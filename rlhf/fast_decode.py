@@ -47,22 +47,24 @@ class LlamaDecoder:
         )
 
     def __init__(self, model: PreTrainedModel, batch: int, max_len: int, dtype: torch.dtype) -> None:
+        """`dtype`: the matmuls' dtype (autocast's, or the weights' own). As under autocast, the residual stream
+        and the norms stay in the weights' dtype; attention runs in the cache's dtype."""
         cfg, core = model.config, model.model
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps, self.dtype = cfg.rms_norm_eps, dtype
         self.scaling = self.head_dim**-0.5
         self.embed = core.embed_tokens.weight
-        self.final_norm = core.norm.weight.to(dtype)
+        self.final_norm = core.norm.weight
         self.lm_head = model.lm_head.weight.to(dtype)
         self.inv_freq = core.rotary_emb.inv_freq.float()  # (D/2,)
         self.rope_scale = float(getattr(core.rotary_emb, "attention_scaling", 1.0))
         self.layers = [
             _Layer(
-                layer.input_layernorm.weight.to(dtype),
+                layer.input_layernorm.weight,
                 torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype),
                 a.o_proj.weight.to(dtype),
-                layer.post_attention_layernorm.weight.to(dtype),
+                layer.post_attention_layernorm.weight,
                 torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).to(dtype),
                 layer.mlp.down_proj.weight.to(dtype),
             )
@@ -73,17 +75,17 @@ class LlamaDecoder:
         # On a CPU attention runs as plain matmuls in fp32 (see `_attend`): the cache is fp32 there, and keys are
         # stored transposed, (B, H_kv, D, L), so q @ K reads them in the order the matmul wants.
         self.on_cpu = device.type != "cuda"
-        cache_dtype = torch.float32 if self.on_cpu else dtype
+        self.attn_dtype = torch.float32 if self.on_cpu else dtype
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         key_shape = (batch, self.kv_heads, self.head_dim, max_len) if self.on_cpu else shape
-        self.keys = [torch.empty(key_shape, dtype=cache_dtype, device=device) for _ in self.layers]
-        self.values = [torch.empty(shape, dtype=cache_dtype, device=device) for _ in self.layers]
+        self.keys = [torch.empty(key_shape, dtype=self.attn_dtype, device=device) for _ in self.layers]
+        self.values = [torch.empty(shape, dtype=self.attn_dtype, device=device) for _ in self.layers]
 
     def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, S, D/2)
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, S, D)
         cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
-        return cos.to(self.dtype), sin.to(self.dtype)
+        return cos.to(self.attn_dtype), sin.to(self.attn_dtype)
 
     @staticmethod
     def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -105,7 +107,7 @@ class LlamaDecoder:
         # than SDPA's kernel (in bf16 far more). Query heads sharing a KV head are stacked as extra rows.
         batch, _, steps, dim = q.shape
         group = self.heads // self.kv_heads
-        q = q.float().reshape(batch, self.kv_heads, group * steps, dim)  # (B, H_kv, G S, D)
+        q = q.reshape(batch, self.kv_heads, group * steps, dim)  # (B, H_kv, G S, D)
         scores = (q @ keys[..., :end]) * self.scaling  # (B, H_kv, G S, L)
         scores = scores.masked_fill(~key_mask.repeat(1, 1, group, 1), float("-inf"))
         return (scores.softmax(-1) @ values[:, :, :end]).view(batch, self.heads, steps, dim)
@@ -118,12 +120,12 @@ class LlamaDecoder:
         batch, steps = input_ids.shape
         end = start + steps
         cos, sin = self._rotary(positions)
-        x = F.embedding(input_ids, self.embed).to(self.dtype)  # (B, S, d)
-        width = x.size(-1)
+        x = F.embedding(input_ids, self.embed)  # (B, S, d) the residual stream, in the weights' dtype
+        width, residual = x.size(-1), x.dtype
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            h = F.rms_norm(x, (width,), layer.input_norm, self.eps)
-            q, k, v = (h @ layer.qkv.T).split([q_size, kv_size, kv_size], dim=-1)
+            h = F.rms_norm(x, (width,), layer.input_norm, self.eps).to(self.dtype)
+            q, k, v = (h @ layer.qkv.T).to(self.attn_dtype).split([q_size, kv_size, kv_size], dim=-1)
             q = self._rotate(q.view(batch, steps, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rotate(k.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             if self.on_cpu:
@@ -132,9 +134,11 @@ class LlamaDecoder:
                 keys[:, :, start:end] = k
             values[:, :, start:end] = v.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
             attn = self._attend(q, keys, values, end, key_mask)  # (B, H, S, D)
-            x = x + attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype) @ layer.out.T
-            h = F.rms_norm(x, (width,), layer.post_norm, self.eps)
+            x = x + (attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype) @ layer.out.T).to(
+                residual
+            )
+            h = F.rms_norm(x, (width,), layer.post_norm, self.eps).to(self.dtype)
             gate, up = (h @ layer.gate_up.T).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer.down.T
-        last = F.rms_norm(x[:, -1], (width,), self.final_norm, self.eps)  # (B, d)
+            x = x + ((F.silu(gate) * up) @ layer.down.T).to(residual)
+        last = F.rms_norm(x[:, -1], (width,), self.final_norm, self.eps).to(self.dtype)  # (B, d)
         return (last @ self.lm_head.T).float()  # (B, V)

@@ -51,6 +51,21 @@ def test_prefill_and_decode_match_the_transformers_forward(gqa_model) -> None:
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_bf16_matmuls_stay_as_close_to_fp32_as_autocast(gqa_model) -> None:
+    """Under autocast the residual stream and norms stay fp32 and only the matmuls run in bf16; so here."""
+    prompt_ids, prompt_mask = left_pad([[5, 9, 14, 20, 7, 8, 30], [11, 3, 4]], pad_id=0)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    fp32 = gqa_model(prompt_ids, attention_mask=prompt_mask, position_ids=positions).logits[:, -1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = gqa_model(prompt_ids, attention_mask=prompt_mask, position_ids=positions).logits[:, -1]
+        ours = LlamaDecoder(gqa_model, batch=2, max_len=8, dtype=torch.bfloat16).forward(
+            prompt_ids, positions, _prefill_mask(prompt_mask), start=0
+        )
+    assert ours.dtype == torch.float32
+    assert (ours - fp32).abs().max() <= 2 * (autocast.float() - fp32).abs().max() + 1e-4
+
+
 def test_supports_plain_llama_only(gqa_model) -> None:
     lora = get_peft_model(
         build_causal_lm(
