@@ -53,7 +53,9 @@ from rlhf.feedback.models import LoopRun, PolicyVersion, RewardModelVersion
 log = logging.getLogger(__name__)
 
 SFT = "sft"
-STALL_ENV = "RLHF_LOOP_STALL"  # fault injection for the kill-and-resume tests: "PHASE:FILE" stalls there
+STALL_ENV = (
+    "RLHF_LOOP_STALL"  # fault injection for the kill-and-resume tests: "rROUND.POINT:FILE" stalls there
+)
 
 
 class LoopStopped(RlhfError):
@@ -117,7 +119,7 @@ def generate_candidates(
                 "seed": cfg.loop.seed * 100_003 + round_ * 101 + n,
             })  # fmt: skip
             generate.run(gen_cfg)
-        stall_point("generate")
+        stall_point(f"r{round_}.generate")
         for _, row in iter_jsonl(out):
             merged = by_prompt.setdefault(row["prompt_id"], {**row, "completions": []})
             merged["completions"].extend(row["completions"])
@@ -262,7 +264,7 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
                 votes = round_counts(session, loop.name, round_)[1]
             if votes >= need:
                 break
-            stall_point("votes")
+            stall_point(f"r{round_}.votes")
             if time.monotonic() > deadline:
                 message = f"round {round_}: {votes} of the {need} votes needed arrived within {lc.vote_timeout_s:g} s"
                 if lc.on_timeout == "stop":
