@@ -39,7 +39,9 @@ log = logging.getLogger("active_selection")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def candidates(run: Path, out: Path, name: str, prompts_file: Path, n: int, seed: int) -> list[dict[str, Any]]:
+def candidates(
+    run: Path, out: Path, name: str, prompts_file: Path, n: int, seed: int
+) -> list[dict[str, Any]]:
     """K=4 answers of the SFT policy to the first n prompts (cached in OUT)."""
     from rlhf import generate
 
@@ -113,7 +115,9 @@ def curve(
         rest = [idx for idx in range(len(pairs)) if idx not in labeled]
         scores = None
         if strategy == "active":
-            scores = disagreement_scores(cfg, rm, pool, [pairs[idx] for idx in rest], votes, seed * 1000 + step)
+            scores = disagreement_scores(
+                cfg, rm, pool, [pairs[idx] for idx in rest], votes, seed * 1000 + step
+            )
         chosen = select_pairs([pairs[idx] for idx in rest], scores, args.step,
                               cfg.loop.random_share if scores is not None else 1.0, seed * 1000 + step)  # fmt: skip
         picked = {(p, i, j) for p, sel in chosen.items() for i, j in sel.pairs}
@@ -163,8 +167,12 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     args.out.mkdir(parents=True, exist_ok=True)
-    pool = candidates(args.run, args.out, "pool", args.run / "data" / "rl_prompts.jsonl", args.pool_prompts, 1)
-    held = candidates(args.run, args.out, "test", args.run / "data" / "eval_prompts.jsonl", args.test_prompts, 2)
+    pool = candidates(
+        args.run, args.out, "pool", args.run / "data" / "rl_prompts.jsonl", args.pool_prompts, 1
+    )
+    held = candidates(
+        args.run, args.out, "test", args.run / "data" / "eval_prompts.jsonl", args.test_prompts, 2
+    )
     test = []
     for row in held:
         for _, i, j in candidate_pairs([row]):
