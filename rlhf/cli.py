@@ -334,10 +334,14 @@ def loop(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: Annotated[str | None, typer.Option("--out", help="loop directory (default: loop.out_dir)")] = None,
+    feedback_url: Annotated[
+        str | None, typer.Option("--feedback-url", help="vote through this running `rlhf label serve`")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the loop's rounds (resumes where a killed run stopped); `status` and `lineage` read its state."""
     overrides = [*(sets or []), *([f"loop.out_dir={out}"] if out else [])]
+    overrides += [f"loop.feedback_url={feedback_url}"] if feedback_url else []
     ctx.obj = (config, overrides)
     if ctx.invoked_subcommand is not None:
         return

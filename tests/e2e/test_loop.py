@@ -183,3 +183,56 @@ def test_killed_during_ppo(setup: tuple[Path, Path, Path], uninterrupted: dict[s
         for line in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4]  # rows logged after the checkpoint were dropped, the rest logged once
+
+
+def test_people_vote_in_a_running_labeling_app_and_the_loop_waits(tmp_path: Path, tiny_sft_model: Path,
+                                                                    demo_data: Path) -> None:  # fmt: skip
+    """No panel: the loop makes tasks in the store of a running labeling server and waits until people have
+    cast min_votes through it; the reward model learns from exactly those votes."""
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.testing import make_user, run_server
+
+    out = tmp_path / "loop"
+    url = f"sqlite:///{tmp_path / 'team.db'}"
+    config = tiny_config(tmp_path / "loop.yaml", tiny_sft_model, demo_data, out)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["loop"].update(rounds=1, panel=False, min_votes=8, db=url, vote_timeout_s=120)
+    cfg["reward"].update(batch_size=4, micro_batch_size=4)  # 8 votes by one person make 5 groups
+    config.write_text(yaml.safe_dump(cfg))
+    token = make_user(url, "lia")
+    log = tmp_path / "loop.log"
+    with run_server(url) as base_url:
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "loop", "-c", str(config), "--quiet",
+                                 "--feedback-url", base_url], stdout=log.open("ab"), stderr=subprocess.STDOUT)  # fmt: skip
+        person = FeedbackClient(base_url, token)
+        wait_for(lambda: "waiting for 8 votes" in log.read_text(), proc, log)
+        for n in range(8):
+            task = person.next_task("tiny")
+            assert task is not None
+            person.vote(
+                task["id"], choice="A", display_order=task["display_order"], idempotency_key=f"lia-vote-{n}"
+            )
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        person.close()
+    db = Database(url)
+    try:
+        with db.session() as session:
+            from rlhf.feedback.loop_state import get_loop, reward_models
+
+            (rm,) = reward_models(session, get_loop(session, "tiny"))
+            assert rm.n_votes == 8 and len(rm.vote_ids) == 8
+            assert set(session.scalars(select(Vote.source))) == {"api"}
+    finally:
+        db.dispose()
+
+
+def test_too_few_votes_by_the_timeout_stops_the_loop_when_asked(setup: tuple[Path, Path, Path]) -> None:
+    config, out, log = setup
+    cfg = yaml.safe_load(config.read_text())
+    cfg["loop"].update(panel=False, vote_timeout_s=0.5, on_timeout="stop")
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "loop", "-c", str(config), "--quiet"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1
+    assert f"error: round 1: 0 of the {PAIRS_PER_ROUND} votes needed arrived within 0.5 s" in proc.stderr
+    assert (1, "votes") not in store(out)["phases"] and (1, "tasks") in store(out)["phases"]
