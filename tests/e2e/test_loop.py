@@ -109,16 +109,25 @@ def uninterrupted(
     root = tmp_path_factory.mktemp("uninterrupted")
     config = tiny_config(root / "loop.yaml", tiny_sft_model, demo_data, root / "loop")
     finish(config, root / "loop.log")
-    return store(root / "loop")
+    return {**store(root / "loop"), "config": config}
 
 
-def test_uninterrupted_run_records_every_phase_and_the_lineage(
-    uninterrupted: dict[str, Any], tmp_path: Path
-) -> None:
+def test_uninterrupted_run_records_every_phase_and_the_lineage(uninterrupted: dict[str, Any]) -> None:
     assert uninterrupted["tasks"] == ROUNDS * PAIRS_PER_ROUND
     assert len(uninterrupted["votes"]) == uninterrupted["tasks"]  # overlap 1, every task answered
     phases = ["generate", "tasks", "votes", "reward", "ppo", "eval", "register"]
     assert set(uninterrupted["phases"]) == {(0, "register")} | {(r, p) for r in (1, 2) for p in phases}
+    cli = [sys.executable, "-m", "rlhf.cli", "loop", "-c", str(uninterrupted["config"])]
+    lineage = subprocess.run([*cli, "lineage", "r2"], capture_output=True, text=True, check=True).stdout
+    lines = lineage.splitlines()
+    assert [line.split()[0] for line in lines] == ["r2", "r1", "sft"]
+    assert "reward_model=rm-r2 (votes 24, warm start from rm-r1)" in lines[0]
+    assert "reward_model=rm-r1 (votes 12, warm start from SFT)" in lines[1]
+    status = subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout
+    assert f"round 2: phases {','.join(phases)}; tasks {PAIRS_PER_ROUND}, votes {PAIRS_PER_ROUND}" in status
+    assert "(9 active, 3 random pairs)" in status  # round 2: active selection with a 25% random share
+    board = status.split("leaderboard")[1].splitlines()[2:]
+    assert sorted(line.split()[0] for line in board) == ["r1", "r2", "sft"]
 
 
 def test_killed_during_generation(setup: tuple[Path, Path, Path], uninterrupted: dict[str, Any]) -> None:
