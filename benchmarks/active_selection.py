@@ -1,13 +1,16 @@
 """Active vs random selection of comparisons: reward-model accuracy against gold as a function of votes.
 
     python -m benchmarks.active_selection --run runs/demo --out runs/active_selection --seeds 0 1 2
+    python -m benchmarks.active_selection --run runs/demo --out runs/active_selection --strategies active --l2 0.01
+
+A second call with the same --out adds its curves to RESULTS.json (strategies are labelled with --l2).
 
 From a finished demo run (its SFT policy and prompt files): the SFT policy answers `--pool-prompts` RL prompts
 K=4 times (the pool of candidate pairs) and the held-out evaluation prompts K=4 times (the test pairs). Both
 strategies start from the same `--start` random pairs; each step adds `--step` pairs, chosen
 - random: uniformly from the unlabeled pool;
-- active: as `rlhf loop` does (rlhf.active): 25% at random, the rest where bootstrap heads on the current
-  reward model's features disagree most;
+- active: as `rlhf loop` does (rlhf.active): 25% at random, the rest where bootstrap heads (L2 penalty --l2)
+  on the current reward model's features disagree most;
 labels them with the simulated panel (the member is fixed per pair, so a pair gets the same vote whichever
 strategy picks it), and trains a reward model from the SFT policy on all labels so far (same config each time,
 configs/demo.yaml's reward section with 2 epochs, no normalisation). Accuracy: how often the reward model orders
@@ -17,6 +20,7 @@ a held-out pair as the gold utility does (pairs gold rates equal skipped). Write
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -87,7 +91,9 @@ def curve(
     strategy: str, run: Path, out: Path, pool: list[dict[str, Any]], test: list[tuple[str, str, str]],
     args: argparse.Namespace, seed: int,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"loop.ensemble_size={args.heads}"])
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml", [f"loop.ensemble_size={args.heads}", f"loop.ensemble_l2={args.l2}"]
+    )
     panel = Panel.from_config(cfg.panel)
     pairs = candidate_pairs(pool)
     rng = random.Random(seed)
@@ -105,7 +111,8 @@ def curve(
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
         votes = [vote(idx) for idx in sorted(labeled)]
-        rm = train_rm(run, votes, out / f"{strategy}-s{seed}-{step}", seed)
+        tag = strategy if strategy == "random" else f"{strategy}-l2_{args.l2:g}"
+        rm = train_rm(run, votes, out / f"{tag}-s{seed}-{step}", seed)
         acc = rm_accuracy(rm, test)
         points.append({"votes": len(labeled), "accuracy": acc})
         log.info("%s seed %d: %d votes -> accuracy %.4f (%.0f s)", strategy, seed, len(labeled), acc,
@@ -131,9 +138,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for strategy, color in (("random", "tab:gray"), ("active", "tab:blue")):
-        runs = results["curves"][strategy]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (strategy, runs), color in zip(
+        results["curves"].items(), ["tab:gray", "tab:blue", "tab:orange", "tab:green"], strict=False
+    ):
         votes = [p["votes"] for p in runs[0]]
         mean = [sum(r[k]["accuracy"] for r in runs) / len(runs) for k in range(len(votes))]
         for r in runs:
@@ -149,6 +157,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(results: dict[str, Any], targets: tuple[float, ...] = (0.78, 0.80, 0.82)) -> str:
+    """Markdown: mean accuracy per vote count for each strategy, and the votes each needs to reach a target
+    (first vote count whose seed-mean accuracy is at or above it)."""
+    labels = list(results["curves"])
+    votes = [p["votes"] for p in results["curves"][labels[0]][0]]
+    means = {
+        label: [sum(r[k]["accuracy"] for r in runs) / len(runs) for k in range(len(votes))]
+        for label, runs in results["curves"].items()
+    }
+    lines = ["| votes | " + " | ".join(f"{label} ({len(results['curves'][label])} seeds)" for label in labels) + " |",
+             "|---|" + "---|" * len(labels)]  # fmt: skip
+    for k, v in enumerate(votes):
+        lines.append(f"| {v} | " + " | ".join(f"{means[label][k]:.3f}" for label in labels) + " |")
+    for target in targets:
+        reach = [next((f"{v}" for v, m in zip(votes, means[label], strict=True) if m >= target), "not reached")
+                 for label in labels]  # fmt: skip
+        lines.append(f"| votes to reach {target:.2f} | " + " | ".join(reach) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished `rlhf demo` run")
@@ -160,8 +188,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--heads", type=int, default=6, help="bootstrap heads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--strategies", nargs="+", default=["random", "active"], choices=["random", "active"])
+    parser.add_argument(
+        "--l2", type=float, default=1.0, help="L2 penalty of the bootstrap heads (loop.ensemble_l2)"
+    )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "active_selection.png")
+    parser.add_argument(
+        "--report", action="store_true", help="only plot and print the table of --out's results"
+    )
     args = parser.parse_args()
+    if args.report:
+        results = json.loads((args.out / "results.json").read_text())
+        plot(results, args.plot)
+        print(table(results))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("rlhf", "httpx", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -181,14 +221,21 @@ def main() -> None:
             if order:
                 test.append((row["prompt"], a, b) if order > 0 else (row["prompt"], b, a))
     log.info("pool: %d pairs; test: %d gold-ordered held-out pairs", len(candidate_pairs(pool)), len(test))
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "test_pairs": len(test),
-                               "curves": {"random": [], "active": []}}  # fmt: skip
+    path = args.out / "results.json"
+    results: dict[str, Any] = (
+        json.loads(path.read_text()) if path.exists() else {"test_pairs": len(test), "curves": {}}
+    )
+    results.setdefault("runs", []).append({k: str(v) for k, v in vars(args).items()})
     for seed in args.seeds:
-        for strategy in ("random", "active"):
-            results["curves"][strategy].append(curve(strategy, args.run, args.out, pool, test, args, seed))
-            write_json(args.out / "results.json", results)
+        for strategy in args.strategies:
+            label = strategy if strategy == "random" else f"active (l2={args.l2:g})"
+            results["curves"][label] = results["curves"].get(label, []) + [
+                curve(strategy, args.run, args.out, pool, test, args, seed)
+            ]
+            write_json(path, results)
     plot(results, args.plot)
     log.info("wrote %s and %s", args.out / "results.json", args.plot)
+    print(table(results))
 
 
 if __name__ == "__main__":

@@ -390,6 +390,9 @@ class LoopConfig(Section):
         0.25, ge=0, le=1, description="share of the budget chosen at random (marked, for unbiased evaluation)"
     )
     ensemble_size: int = Field(6, ge=2, le=32, description="bootstrap heads that score the disagreement")
+    ensemble_l2: float = Field(
+        1.0, ge=0, description="L2 penalty of each bootstrap head (on standardised features)"
+    )
     panel: bool = Field(True, description="the simulated panel votes through the labeling API")
     panel_votes_per_poll: int = Field(
         0, ge=0, description="panel votes cast between two looks at the vote count (0 = all open tasks)"

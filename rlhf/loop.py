@@ -167,7 +167,8 @@ def disagreement_scores(
            for v in decided]  # fmt: skip
     chosen = torch.tensor([index[(v["prompt"], w)] for v, (w, _) in zip(decided, win, strict=True)])
     rejected = torch.tensor([index[(v["prompt"], r)] for v, (_, r) in zip(decided, win, strict=True)])
-    heads = fit_bootstrap_heads(feats[chosen] - feats[rejected], cfg.loop.ensemble_size, seed)  # (H, d)
+    diffs = feats[chosen] - feats[rejected]  # (P, d)
+    heads = fit_bootstrap_heads(diffs, cfg.loop.ensemble_size, seed, l2=cfg.loop.ensemble_l2)  # (H, d)
     a = torch.tensor([index[(rows[p]["prompt"], rows[p]["completions"][i]["text"])] for p, i, _ in pairs])
     b = torch.tensor([index[(rows[p]["prompt"], rows[p]["completions"][j]["text"])] for p, _, j in pairs])
     return disagreement(heads, feats[a], feats[b]).tolist()
