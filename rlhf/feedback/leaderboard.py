@@ -6,16 +6,17 @@ A tie counts half a win for each side. The fit is Hunter's (2004) MM algorithm f
 P(i beats j) = p_i / (p_i + p_j), with one virtual tie against a reference of strength 1 per version, so a
 version that never lost (or never won) still gets a finite strength. Scores are log-strengths shifted so the
 first-named anchor (the SFT policy) is 0; 95% intervals are percentiles over bootstrap resamples of the
-judgements. Torch-free (numpy), for the admin pages and `rlhf loop status`.
+judgements. Pure Python (a handful of versions), so the labeling app imports neither torch nor numpy.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.export import export_records
@@ -46,29 +47,39 @@ class Standing:
 
 
 def fit_bradley_terry(
-    names: Sequence[str], judgements: Sequence[Judgement], iterations: int = 500
-) -> np.ndarray:
+    names: Sequence[str], judgements: Sequence[Judgement], iterations: int = 1000
+) -> list[float]:
     """Log-strengths of `names` (first one = 0) by MM iterations, with one virtual tie per version."""
     index = {n: i for i, n in enumerate(names)}
     m = len(names)
-    wins = np.full(m, 0.5)  # the virtual tie: half a win against a reference of strength 1
-    games = np.zeros((m, m))
+    wins = [0.5] * m  # the virtual tie: half a win against a reference of strength 1
+    games: dict[tuple[int, int], float] = {}
     for j in judgements:
         a, b = index[j.a], index[j.b]
         wins[a] += j.outcome
         wins[b] += 1.0 - j.outcome
-        games[a, b] += 1
-        games[b, a] += 1
-    p = np.ones(m)
+        games[(a, b)] = games.get((a, b), 0.0) + 1
+        games[(b, a)] = games.get((b, a), 0.0) + 1
+    p = [1.0] * m
     for _ in range(iterations):
-        denom = (games / (p[:, None] + p[None, :])).sum(axis=1) + 1.0 / (p + 1.0)  # (m,)
-        new = wins / denom
-        if np.allclose(new, p, rtol=1e-10, atol=1e-12):
-            p = new
-            break
+        denom = [1.0 / (p[i] + 1.0) for i in range(m)]
+        for (a, b), n in games.items():
+            denom[a] += n / (p[a] + p[b])
+        new = [w / d for w, d in zip(wins, denom, strict=True)]
+        converged = max(abs(x - y) / y for x, y in zip(new, p, strict=True)) < 1e-10
         p = new
-    scores: np.ndarray = np.log(p)
-    return scores - scores[0]
+        if converged:
+            break
+    return [math.log(x) - math.log(p[0]) for x in p]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def leaderboard(
@@ -78,21 +89,20 @@ def leaderboard(
     if not names:
         return []
     scores = fit_bradley_terry(names, judgements)
-    rng = np.random.default_rng(seed)
-    boots = np.empty((n_boot, len(names)))
-    for k in range(n_boot):
-        sample = (
-            [judgements[i] for i in rng.integers(0, len(judgements), len(judgements))] if judgements else []
-        )
-        boots[k] = fit_bradley_terry(names, sample)
-    low, high = np.percentile(boots, [2.5, 97.5], axis=0)
-    counts = {n: 0 for n in names}
+    rng = random.Random(seed)
+    n = len(judgements)
+    boots = [
+        fit_bradley_terry(names, [judgements[rng.randrange(n)] for _ in range(n)]) for _ in range(n_boot)
+    ]
+    counts = dict.fromkeys(names, 0)
     for j in judgements:
         counts[j.a] += 1
         counts[j.b] += 1
-    rows = [
-        Standing(n, float(scores[i]), (float(low[i]), float(high[i])), counts[n]) for i, n in enumerate(names)
-    ]
+    rows = []
+    for i, name in enumerate(names):
+        column = [b[i] for b in boots]
+        ci = (_percentile(column, 0.025), _percentile(column, 0.975))
+        rows.append(Standing(name, scores[i], ci, counts[name]))
     return sorted(rows, key=lambda s: -s.score)
 
 
