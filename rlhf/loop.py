@@ -35,6 +35,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from rlhf.config import RootConfig
 from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
 from rlhf.errors import RlhfError
@@ -350,7 +352,31 @@ def evaluate(cfg: RootConfig, policy: str, rdir: Path) -> dict[str, Any]:
             "ties": summary["ties"], "losses": summary["losses_a"], **{f"a/{k}": v for k, v in summary["a"].items()}}  # fmt: skip
 
 
+def policy_version(
+    loop: LoopRun, round_: int, parent: PolicyVersion, rm: RewardModelVersion, trained: dict[str, Any],
+    ev: dict[str, Any],
+) -> PolicyVersion:  # fmt: skip
+    """Round `round_`'s policy: its parent, reward model, PPO outcome and evaluation against SFT."""
+    metrics = {
+        "win_rate_vs_sft": ev["win_rate_vs_sft"], "ci95": ev["ci95"], "reward_model_votes": rm.n_votes,
+        "eval": {"baseline": SFT, "wins": ev["wins"], "ties": ev["ties"], "losses": ev["losses"]},
+        **{k: v for k, v in trained.items() if k != "path"}, **{k: v for k, v in ev.items() if k.startswith("a/")},
+    }  # fmt: skip
+    return PolicyVersion(loop_id=loop.id, name=f"r{round_}", round=round_, parent=parent.name,
+                         reward_model=rm.name, path=trained["path"], metrics=metrics)  # fmt: skip
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
+
+
+def start_loop(session: Session, cfg: RootConfig) -> LoopRun:
+    """The loop run of this name (created with the config the first time), with the SFT policy as round 0."""
+    loop = get_or_create_loop(session, cfg.loop.name, cfg.model_dump(mode="json"))
+    if (0, "register") not in finished_phases(session, loop):
+        sft = PolicyVersion(loop_id=loop.id, name=SFT, round=0, parent=None, reward_model=None,
+                            path=cfg.loop.sft_policy, metrics={})  # fmt: skip
+        finish_phase(session, loop, 0, "register", {"policy": SFT}, [sft])
+    return loop
 
 
 def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
@@ -365,13 +391,7 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
     try:
         upgrade(db)
         with db.session() as session:
-            loop = get_or_create_loop(session, lc.name, cfg.model_dump(mode="json"))
-            if (0, "register") not in finished_phases(
-                session, loop
-            ):  # round 0: the SFT policy, version "sft"
-                sft = PolicyVersion(loop_id=loop.id, name=SFT, round=0, parent=None, reward_model=None,
-                                    path=lc.sft_policy, metrics={})  # fmt: skip
-                finish_phase(session, loop, 0, "register", {"policy": SFT}, [sft])
+            loop = start_loop(session, cfg)
         for round_ in range(1, lc.rounds + 1):
             rdir = out / f"round-{round_}"
             rdir.mkdir(parents=True, exist_ok=True)
@@ -427,11 +447,7 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
             # 7. register the new policy version (its parent, reward model and metrics)
             with db.session() as session:
                 ev = finished_phases(session, loop)[(round_, "eval")]
-                metrics = {"win_rate_vs_sft": ev["win_rate_vs_sft"], "ci95": ev["ci95"], "reward_model_votes": rm.n_votes,
-                           "eval": {"baseline": SFT, "wins": ev["wins"], "ties": ev["ties"], "losses": ev["losses"]},
-                           **{k: v for k, v in trained.items() if k != "path"}, **{k: v for k, v in ev.items() if k.startswith("a/")}}  # fmt: skip
-                new = PolicyVersion(loop_id=loop.id, name=f"r{round_}", round=round_, parent=current.name,
-                                    reward_model=rm.name, path=trained["path"], metrics=metrics)  # fmt: skip
+                new = policy_version(loop, round_, current, rm, trained, ev)
                 finish_phase(session, loop, round_, "register", {"policy": new.name}, [new])
             log.info("loop: round %d: policy r%d, gold win rate vs SFT %.3f [%.3f, %.3f]", round_, round_,
                      ev["win_rate_vs_sft"], *ev["ci95"])  # fmt: skip
