@@ -174,6 +174,15 @@ def table(results: dict[str, Any], targets: tuple[float, ...] = (0.78, 0.80, 0.8
         reach = [next((f"{v}" for v, m in zip(votes, means[label], strict=True) if m >= target), "not reached")
                  for label in labels]  # fmt: skip
         lines.append(f"| votes to reach {target:.2f} | " + " | ".join(reach) + " |")
+    for label in labels[1:]:
+        diffs = [
+            a["accuracy"] - r["accuracy"]
+            for run_a, run_r in zip(results["curves"][label], results["curves"][labels[0]], strict=False)
+            for a, r in list(zip(run_a, run_r, strict=True))[1:]
+        ]  # paired: same seed, same start, same vote count (the shared starting point left out)
+        wins = sum(d > 0 for d in diffs)
+        lines.append(f"\n{label} - {labels[0]}, paired by seed and vote count: mean {sum(diffs) / len(diffs):+.3f}, "
+                     f"ahead at {wins} of {len(diffs)} points")  # fmt: skip
     return "\n".join(lines)
 
 
