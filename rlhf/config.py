@@ -391,7 +391,7 @@ class LoopConfig(Section):
     )
     ensemble_size: int = Field(6, ge=2, le=32, description="bootstrap heads that score the disagreement")
     ensemble_l2: float = Field(
-        1.0, ge=0, description="L2 penalty of each bootstrap head (on standardised features)"
+        0.01, ge=0, description="L2 penalty of each bootstrap head (on standardised features)"
     )
     panel: bool = Field(True, description="the simulated panel votes through the labeling API")
     panel_votes_per_poll: int = Field(
