@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", default=["random", "active"], choices=["random", "active"])
     parser.add_argument(
-        "--l2", type=float, default=1.0, help="L2 penalty of the bootstrap heads (loop.ensemble_l2)"
+        "--l2", type=float, default=0.01, help="L2 penalty of the bootstrap heads (loop.ensemble_l2)"
     )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "active_selection.png")
     parser.add_argument(
