@@ -205,9 +205,14 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only plot and print the table of --out's results"
     )
+    parser.add_argument(
+        "--labels", nargs="+", help="with --report: only these curves (the first is the baseline)"
+    )
     args = parser.parse_args()
     if args.report:
         results = json.loads((args.out / "results.json").read_text())
+        if args.labels:  # e.g. --labels random "active (l2=0.01)"
+            results["curves"] = {label: results["curves"][label] for label in args.labels}
         plot(results, args.plot)
         print(table(results))
         return
