@@ -366,8 +366,9 @@ def loop(
 def _loop_db(cfg: RootConfig, url: str | None) -> Database:
     """The loop's feedback store, migrated."""
     from rlhf.feedback.cli import open_database
+    from rlhf.loop import db_url
 
-    return open_database(url or cfg.loop.db or f"sqlite:///{Path(cfg.loop.out_dir) / 'feedback.db'}")
+    return open_database(url or db_url(cfg))
 
 
 @loop_app.command("status")
