@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rlhf.config import RootConfig, load_config
 from rlhf.errors import RlhfError
 from rlhf.feedback.cli import app as label_app
+
+if TYPE_CHECKING:
+    from rlhf.feedback.db import Database
 
 app = typer.Typer(
     help="rlhf-loop: pretrain, SFT, collect human feedback, train a reward model, PPO with KL, serve, iterate.",
@@ -313,6 +316,91 @@ def eval_(
     if out:
         write_json(out, summary)
     typer.echo(format_table(summary))
+
+
+loop_app = typer.Typer(
+    help="Iterative refinement: rounds of generate -> votes -> reward model -> PPO -> eval (docs/loop.md).",
+    invoke_without_command=True,
+)
+app.add_typer(loop_app, name="loop")
+LoopDbOpt = Annotated[
+    str | None, typer.Option("--db", help="feedback store URL (default: loop.db, else OUT/feedback.db)")
+]
+
+
+@loop_app.callback()
+def loop(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", help="loop directory (default: loop.out_dir)")] = None,
+    feedback_url: Annotated[
+        str | None, typer.Option("--feedback-url", help="vote through this running `rlhf label serve`")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the loop's rounds (resumes where a killed run stopped); `status` and `lineage` read its state."""
+    overrides = [*(sets or []), *([f"loop.out_dir={out}"] if out else [])]
+    overrides += [f"loop.feedback_url={feedback_url}"] if feedback_url else []
+    ctx.obj = (config, overrides)
+    if ctx.invoked_subcommand is not None:
+        return
+    from rlhf import loop as stage
+    from rlhf.feedback.loop_state import format_lineage, get_loop, lineage
+
+    cfg = load_config(config, overrides)
+    _setup_logging(quiet)
+    versions = stage.run(cfg, quiet=quiet)
+    for v in versions[1:]:
+        low, high = v.metrics["ci95"]
+        typer.echo(f"round {v.round}: policy {v.name}, gold win rate vs SFT {v.metrics['win_rate_vs_sft']:.3f} "
+                   f"[{low:.3f}, {high:.3f}], reward model trained on {v.metrics['reward_model_votes']} votes")  # fmt: skip
+    store = _loop_db(cfg, None)
+    try:
+        with store.session() as session:
+            typer.echo(format_lineage(lineage(session, get_loop(session, cfg.loop.name), versions[-1].name)))
+    finally:
+        store.dispose()
+
+
+def _loop_db(cfg: RootConfig, url: str | None) -> Database:
+    """The loop's feedback store, migrated."""
+    from rlhf.feedback.cli import open_database
+    from rlhf.loop import db_url
+
+    return open_database(url or db_url(cfg))
+
+
+@loop_app.command("status")
+def loop_status(ctx: typer.Context, db: LoopDbOpt = None) -> None:
+    """Rounds and their phases, versions, vote counts, metrics and the leaderboard (reads the store only)."""
+    from rlhf.feedback.loop_state import get_loop, status_text
+
+    cfg = load_config(*ctx.obj)
+    store = _loop_db(cfg, db)
+    try:
+        with store.session() as session:
+            typer.echo(status_text(session, get_loop(session, cfg.loop.name)))
+    finally:
+        store.dispose()
+
+
+@loop_app.command("lineage")
+def loop_lineage(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="policy version, e.g. r3")],
+    db: LoopDbOpt = None,
+) -> None:
+    """The chain from VERSION back to the SFT policy: each parent, reward model and its vote count."""
+    from rlhf.feedback.loop_state import format_lineage, get_loop, lineage
+
+    cfg = load_config(*ctx.obj)
+    store = _loop_db(cfg, db)
+    try:
+        with store.session() as session:
+            typer.echo(format_lineage(lineage(session, get_loop(session, cfg.loop.name), version)))
+    finally:
+        store.dispose()
 
 
 def main() -> None:

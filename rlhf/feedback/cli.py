@@ -34,7 +34,7 @@ DbOpt = Annotated[
 DEFAULT_DB = "sqlite:///feedback.db"
 
 
-def _open(url: str) -> Database:
+def open_database(url: str) -> Database:
     """The database at `url`, migrated; an unreachable or unusable one is a one-line ConfigError."""
     from sqlalchemy.exc import OperationalError
 
@@ -66,7 +66,7 @@ def serve(
     from rlhf.feedback.settings import Settings
 
     settings = Settings.from_env(db=db)
-    _open(settings.db).dispose()  # migrate first, so a bad URL is one line here, not a traceback
+    open_database(settings.db).dispose()  # migrate first, so a bad URL is one line here, not a traceback
     typer.echo(f"labeling app on http://{host}:{port}  (db: {settings.db.split('@')[-1]})")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
 
@@ -76,7 +76,7 @@ def db_upgrade(db: DbOpt = DEFAULT_DB) -> None:
     """Create or update the schema to the newest migration."""
     from rlhf.feedback.db import current_revision
 
-    typer.echo(f"schema at revision {current_revision(_open(db))}")
+    typer.echo(f"schema at revision {current_revision(open_database(db))}")
 
 
 @app.command("import")
@@ -111,7 +111,7 @@ def import_(
     limit = Settings.from_env().max_import_bytes
     rows = read_rows(candidates, CandidateRow, limit)
     gold_rows = read_rows(gold, GoldRow, limit) if gold else []
-    database = _open(db)
+    database = open_database(db)
     with database.session() as session:
         out = import_candidates(
             session, project, rows, task_kind=task_kind, gold=gold_rows, overlap=overlap, gold_rate=gold_rate
@@ -135,7 +135,7 @@ def export(
 
     if format not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    database = _open(db)
+    database = open_database(db)
     with database.session() as session:
         n = write_jsonl(out, export_records(session, project, format))
     typer.echo(f"wrote {n} {format} records to {out}")
@@ -163,7 +163,7 @@ def user_add(
         )
     if password and len(password) < 8:
         raise DataError("passwords need at least 8 characters")
-    database = _open(db)
+    database = open_database(db)
     with database.session() as session:
         create_user(session, name, role, password or None)
     typer.echo(f"created {role} {name}")
@@ -178,6 +178,6 @@ def token_create(
     """Create an API token and print it (it is shown this once; only its hash is stored)."""
     from rlhf.feedback.users import create_token
 
-    database = _open(db)
+    database = open_database(db)
     with database.session() as session:
         typer.echo(create_token(session, name, label))

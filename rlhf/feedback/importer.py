@@ -6,7 +6,8 @@ Tasks made from a prompt with K completions:
   Pairs of identical texts are left out: there is nothing to judge.
 - ranking: one task with all K completions.
 - rating: one task per completion.
-Gold rows become pairwise tasks with `is_gold` and the known answer. Rows whose `prompt_id` the project
+A candidate row may name its pairs (`pairs`, e.g. chosen by active selection): then exactly those become
+pairwise tasks. Gold rows become pairwise tasks with `is_gold` and the known answer. Rows whose `prompt_id` the project
 already holds are skipped, so importing the same file twice adds nothing.
 """
 
@@ -89,24 +90,28 @@ def import_candidates(
             if gold_rate is not None:
                 project.gold_rate = gold_rate
         known = set(session.scalars(select(Prompt.external_id).where(Prompt.project_id == project.id)))
-        # One entry per new prompt: (text, prompt_id, meta, [(text, policy, sampling)], gold answer or None).
+        # One entry per new prompt: (text, prompt_id, meta, [(text, policy, sampling)], gold answer or None,
+        # chosen pairs or None).
         entries: list[
-            tuple[str, str | None, dict[str, Any], list[tuple[str, str, dict[str, Any]]], str | None]
-        ] = []
+            tuple[
+                str, str | None, dict[str, Any], list[tuple[str, str, dict[str, Any]]], str | None,
+                list[tuple[int, int]] | None,
+            ]
+        ] = []  # fmt: skip
         for row in candidates:
             if row.prompt_id is not None and row.prompt_id in known:
                 counts["skipped"] += 1
                 continue
             known.add(row.prompt_id)
             comps = [(c.text, c.policy, c.sampling.model_dump(exclude_none=True)) for c in row.completions]
-            entries.append((row.prompt, row.prompt_id, row.meta, comps, None))
+            entries.append((row.prompt, row.prompt_id, row.meta, comps, None, row.pairs))
         for g in gold:
             if g.prompt_id is not None and g.prompt_id in known:
                 counts["skipped"] += 1
                 continue
             known.add(g.prompt_id)
             comps = [(g.completion_a, "", {}), (g.completion_b, "", {})]
-            entries.append((g.prompt, g.prompt_id, {**g.meta, "gold": True}, comps, g.choice))
+            entries.append((g.prompt, g.prompt_id, {**g.meta, "gold": True}, comps, g.choice, None))
         prompt_ids = _insert_ids(
             session,
             Prompt,
@@ -120,14 +125,14 @@ def import_candidates(
         completion_ids = iter(_insert_ids(session, Completion, completion_rows))
         tasks: list[dict[str, Any]] = []
         members: list[list[int]] = []
-        for pid, (_, _, _, comps, gold_choice) in zip(prompt_ids, entries, strict=True):
+        for pid, (_, _, _, comps, gold_choice, chosen) in zip(prompt_ids, entries, strict=True):
             ids = [next(completion_ids) for _ in comps]
             base = {"project_id": project.id, "prompt_id": pid, "n_assigned": 0}
             if gold_choice is not None:
                 tasks.append({**base, "kind": "pairwise", "is_gold": True, "gold_choice": gold_choice})
                 members.append(ids)
                 continue
-            for group in _task_groups(task_kind, [c[0] for c in comps]):
+            for group in _task_groups(task_kind, [c[0] for c in comps], chosen):
                 tasks.append({**base, "kind": task_kind, "is_gold": False, "gold_choice": None})
                 members.append([ids[i] for i in group])
         for t, m in zip(tasks, members, strict=True):
@@ -151,9 +156,12 @@ def import_candidates(
     return ImportOut(project=project_name, **counts)
 
 
-def _task_groups(kind: str, texts: list[str]) -> list[tuple[int, ...]]:
+def _task_groups(
+    kind: str, texts: list[str], pairs: list[tuple[int, int]] | None = None
+) -> list[tuple[int, ...]]:
     if kind == "pairwise":
-        return [(i, j) for i, j in pair_indices(len(texts)) if texts[i] != texts[j]]
+        chosen = pair_indices(len(texts)) if pairs is None else pairs
+        return [(i, j) for i, j in chosen if texts[i] != texts[j]]
     if kind == "ranking":
         return [tuple(range(len(texts)))]
     if kind == "rating":

@@ -199,3 +199,65 @@ class AppSetting(Base):
     __tablename__ = "app_settings"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+# --- the iterative loop (`rlhf loop`): its state lives here, beside the tasks and votes it makes ---------
+
+
+class LoopRun(Base):
+    """One `rlhf loop` run; its comparison tasks live in the project of the same name."""
+
+    __tablename__ = "loop_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LoopPhase(Base):
+    """A finished phase of one round (`generate`, `tasks`, `votes`, `reward`, `ppo`, `eval`, `register`).
+
+    Written in the same transaction as the phase's own rows, so a restarted loop skips exactly what was done.
+    """
+
+    __tablename__ = "loop_phases"
+    __table_args__ = (UniqueConstraint("loop_id", "round", "phase"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    loop_id: Mapped[int] = mapped_column(ForeignKey("loop_runs.id", ondelete="CASCADE"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(32))
+    info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RewardModelVersion(Base):
+    """A reward model the loop trained: the votes it learned from (ids and count) and the one it started from."""
+
+    __tablename__ = "reward_model_versions"
+    __table_args__ = (UniqueConstraint("loop_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    loop_id: Mapped[int] = mapped_column(ForeignKey("loop_runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    parent: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    n_votes: Mapped[int] = mapped_column(Integer)
+    vote_ids: Mapped[list[int]] = mapped_column(default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PolicyVersion(Base):
+    """A policy of the loop: the parent it was trained from, the reward model it was trained against."""
+
+    __tablename__ = "policy_versions"
+    __table_args__ = (UniqueConstraint("loop_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    loop_id: Mapped[int] = mapped_column(ForeignKey("loop_runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    parent: Mapped[str | None] = mapped_column(String(64))
+    reward_model: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

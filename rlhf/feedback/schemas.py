@@ -124,6 +124,18 @@ class CandidateRow(BaseModel):
     prompt_id: ExternalId | None = None
     completions: Annotated[list[CompletionIn], Field(min_length=1, max_length=MAX_COMPLETIONS)]
     meta: Meta = Field(default_factory=dict)
+    pairs: Annotated[list[tuple[int, int]], Field(max_length=MAX_COMPLETIONS**2)] | None = Field(
+        None, description="pairwise tasks for exactly these completion pairs (i, j); default: the importer's"
+    )
+
+    @model_validator(mode="after")
+    def _pairs_in_range(self) -> CandidateRow:
+        for i, j in self.pairs or []:
+            if not (0 <= i < len(self.completions) and 0 <= j < len(self.completions)) or i == j:
+                raise ValueError(
+                    f"pair ({i}, {j}) does not name two of the {len(self.completions)} completions"
+                )
+        return self
 
 
 class GoldRow(BaseModel):

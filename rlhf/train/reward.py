@@ -343,16 +343,16 @@ def normalise(
 
 
 def load_model(cfg: RewardConfig, checkpoint: Path | None, pad_id: int) -> torch.nn.Module:
-    """The SFT checkpoint with a new scalar head (or the checkpoint to resume); with LoRA, wrapped by peft."""
+    """The SFT checkpoint with a new scalar head, or `init_from` (warm start), or the checkpoint to resume;
+    with LoRA, wrapped by peft."""
     model: torch.nn.Module
+    start = checkpoint if checkpoint and cfg.lora.r == 0 else cfg.init_from
+    base = load_scalar_model(str(start)) if start else build_scalar_model(cfg.model, seed=cfg.seed)
     if cfg.lora.r == 0:
-        model = (
-            load_scalar_model(str(checkpoint)) if checkpoint else build_scalar_model(cfg.model, seed=cfg.seed)
-        )
+        model = base
     else:
         from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-        base = build_scalar_model(cfg.model, seed=cfg.seed)
         base.config.pad_token_id = pad_id
         if checkpoint:
             model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)

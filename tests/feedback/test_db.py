@@ -24,8 +24,12 @@ TABLES = [
     "app_settings",
     "assignments",
     "completions",
+    "loop_phases",
+    "loop_runs",
+    "policy_versions",
     "projects",
     "prompts",
+    "reward_model_versions",
     "task_completions",
     "tasks",
     "users",
@@ -68,3 +72,22 @@ def test_urls() -> None:
         Database("sqlite:///:memory:")
     with pytest.raises(ConfigError):
         Database("mysql://u@h/db")
+
+
+def test_loop_tables_migrate_onto_an_existing_store(tmp_path) -> None:
+    """A store made before the loop tables existed (revision 0001) keeps its data when upgraded to 0002."""
+    db = Database(f"sqlite:///{tmp_path}/old.db")
+    upgrade(db, "0001")
+    assert "loop_runs" not in table_names(db)
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO projects (name, overlap, gold_rate, created_at) VALUES ('p', 1, 0, '2026-01-01')"
+            )
+        )
+    upgrade(db)
+    assert current_revision(db) == "0002"
+    assert {"loop_runs", "loop_phases", "policy_versions", "reward_model_versions"} <= set(table_names(db))
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM projects")).scalars().all() == ["p"]
+    db.dispose()

@@ -204,3 +204,18 @@ def test_malformed_preference_row_is_one_line_with_file_and_line(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {tmp_path / 'prefs.jsonl'}:3: field 'chosen' should be str, got int"]
     assert not (tmp_path / "rm").exists()  # nothing written before the data was read
+
+
+def test_warm_start_continues_from_the_given_reward_model(trained: RewardConfig, tmp_path: Path) -> None:
+    """`init_from`: training starts from that model's weights and head, not a new head on the SFT policy."""
+    previous = load_scalar_model(str(Path(trained.out_dir) / "final"))
+    cfg = trained.model_copy(update={"out_dir": str(tmp_path / "warm"), "init_from": str(Path(trained.out_dir) / "final"),
+                                     "lr": 1e-9, "max_steps": 1, "eval_fraction": 0.0})  # fmt: skip
+    cfg.normalise.enabled = False
+    reward.run(cfg, quiet=True)
+    warm = load_scalar_model(str(tmp_path / "warm" / "final"))
+    cold_cfg = cfg.model_copy(update={"out_dir": str(tmp_path / "cold"), "init_from": None})
+    reward.run(cold_cfg, quiet=True)
+    cold = load_scalar_model(str(tmp_path / "cold" / "final"))
+    assert torch.allclose(warm.score.weight, previous.score.weight, atol=1e-6)
+    assert not torch.allclose(cold.score.weight, previous.score.weight, atol=1e-2)

@@ -1,4 +1,5 @@
-"""Admin pages: projects, one project's overview and labeler statistics, settings, disabling labelers."""
+"""Admin pages: projects, one project's overview and labeler statistics, settings, disabling labelers; the
+iterative loops with their rounds, policy versions and leaderboard."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Path, Request
 from fastapi.responses import RedirectResponse, Response
 
-from rlhf.feedback import projects, users
+from rlhf.feedback import loop_state, projects, users
 from rlhf.feedback.deps import CsrfChecked, PageAdmin, SessionDep
 from rlhf.feedback.export import FORMATS
+from rlhf.feedback.leaderboard import loop_leaderboard
 from rlhf.feedback.schemas import NAME_PATTERN, PROJECT_PATTERN
 from rlhf.feedback.stats import project_stats
 from rlhf.feedback.web import render
@@ -21,9 +23,9 @@ ProjectName = Annotated[str, Path(pattern=PROJECT_PATTERN)]
 @router.get("")
 def index(request: Request, user: PageAdmin, session: SessionDep) -> Response:
     summaries = [projects.summary(session, p) for p in projects.list_projects(session)]
-    return render(
-        request, "admin_index.html", {"user": user, "projects": summaries, "users": users.list_users(session)}
-    )
+    ctx = {"user": user, "projects": summaries, "users": users.list_users(session),
+           "loops": loop_state.list_loops(session)}  # fmt: skip
+    return render(request, "admin_index.html", ctx)
 
 
 @router.get("/projects/{name}")
@@ -36,6 +38,28 @@ def project_page(request: Request, name: ProjectName, user: PageAdmin, session: 
         "formats": FORMATS,
     }
     return render(request, "admin_project.html", ctx)
+
+
+@router.get("/loops/{name}")
+def loop_page(request: Request, name: ProjectName, user: PageAdmin, session: SessionDep) -> Response:
+    """One `rlhf loop` run: rounds (tasks, votes, phases), policy versions with lineage, the leaderboard."""
+    loop = loop_state.get_loop(session, name)
+    done = loop_state.finished_phases(session, loop)
+    rounds = []
+    for r in sorted({r for r, _ in done if r > 0}):
+        tasks, votes = loop_state.round_counts(session, loop.name, r)
+        rounds.append(
+            {"round": r, "phases": [p for rr, p in done if rr == r], "tasks": tasks, "votes": votes}
+        )
+    ctx = {
+        "user": user,
+        "loop": loop,
+        "rounds": rounds,
+        "policies": loop_state.policies(session, loop),
+        "reward_models": loop_state.reward_models(session, loop),
+        "leaderboard": loop_leaderboard(session, loop),
+    }
+    return render(request, "admin_loop.html", ctx)
 
 
 @router.post("/projects/{name}/settings", dependencies=[CsrfChecked])

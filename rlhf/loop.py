@@ -1,0 +1,457 @@
+"""`rlhf loop`: iterative refinement. Each round the current policy's answers go to people (or the simulated
+panel), the reward model is retrained on every vote so far, and PPO trains the policy again.
+
+One round r, phase by phase; each phase is recorded as finished in the feedback store (loop_phases) in the
+same transaction as what it produced, and a restarted loop skips the finished ones:
+  1. generate   sample this round's prompts (new ones and a share of earlier ones, fixed by (seed, r)); K answers
+                each from the current policy and, for cross-version pairs, some from the previous version
+  2. tasks      choose the pairs people see (active selection where bootstrap reward heads disagree most, plus
+                a random share) and import them as comparison tasks; prompt ids "r{r}:..." make a second
+                import of the same round create nothing
+  3. votes      the simulated panel votes through the labeling API (as people do in the web app); wait until
+                `min_votes` of this round's tasks are answered, or the timeout
+  4. reward     retrain the reward model on all votes so far, warm-started from the previous one
+  5. ppo        PPO from the current policy against the new reward model, KL to the fixed SFT reference
+  6. eval       the new policy against the SFT policy under the judge (win rate, 95% CI)
+  7. register   the new policy version, with its parent, reward model and metrics
+
+Training phases resume from their checkpoints (RUN/checkpoints), generation writes each policy's answers
+atomically, votes carry idempotency keys: killed at any point and started again, the loop never duplicates a
+task and never loses a vote. `rlhf loop status` and `rlhf loop lineage` read the store alone.
+
+Layout of OUT (loop.out_dir): feedback.db (unless loop.db names another store), round-N/{prompts.jsonl,
+candidates-VERSION.jsonl, candidates.jsonl, votes.jsonl, reward/, ppo/, eval.json}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from rlhf.config import RootConfig
+from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
+from rlhf.errors import RlhfError
+from rlhf.feedback.db import Database, upgrade
+from rlhf.feedback.loop_state import (
+    finish_phase,
+    finished_phases,
+    get_or_create_loop,
+    policies,
+    reward_models,
+    round_counts,
+    round_prefix,
+)
+from rlhf.feedback.models import LoopRun, PolicyVersion, RewardModelVersion
+
+log = logging.getLogger(__name__)
+
+SFT = "sft"
+STALL_ENV = (
+    "RLHF_LOOP_STALL"  # fault injection for the kill-and-resume tests: "rROUND.POINT:FILE" stalls there
+)
+
+
+class LoopStopped(RlhfError):
+    """The loop stopped on purpose (too few votes by the timeout, with loop.on_timeout = stop)."""
+
+
+def stall_point(name: str) -> None:
+    """If RLHF_LOOP_STALL names this point, write its marker file and wait to be killed (tests only)."""
+    point, _, marker = os.environ.get(STALL_ENV, "").partition(":")
+    if point == name:
+        Path(marker).write_text(name)
+        while True:
+            time.sleep(1)
+
+
+def pending(done: dict[tuple[int, str], Any], round_: int, phase: str) -> bool:
+    """Whether `phase` of `round_` still has to run (logs the skip otherwise)."""
+    if (round_, phase) in done:
+        log.info("loop: round %d: %s already finished, skipped", round_, phase)
+        return False
+    return True
+
+
+def db_url(cfg: RootConfig) -> str:
+    return cfg.loop.db or f"sqlite:///{Path(cfg.loop.out_dir) / 'feedback.db'}"
+
+
+# --- 1. generate -----------------------------------------------------------------------------------------------
+
+
+def round_prompts(pool: list[dict[str, Any]], round_: int, cfg: RootConfig) -> list[dict[str, Any]]:
+    """This round's prompts, a pure function of (seed, round): the next unused ones of the shuffled pool, plus
+    `share_old_prompts` of them drawn again from earlier rounds' new prompts."""
+    lc = cfg.loop
+    order = list(range(len(pool)))
+    random.Random(lc.seed).shuffle(order)
+    n_old = [0] + [round(lc.prompts_per_round * lc.share_old_prompts) for _ in range(1, round_)]
+    n_new = [lc.prompts_per_round - n for n in n_old]
+    start = sum(n_new[:-1])
+    if start + n_new[-1] > len(pool):
+        raise RlhfError(f"{lc.prompts_file}: {len(pool)} prompts are too few for round {round_}")
+    new = order[start : start + n_new[-1]]
+    old = random.Random(f"{lc.seed}-{round_}").sample(order[:start], min(n_old[-1], start))
+    return [pool[i] for i in sorted(new + old)]
+
+
+def generate_candidates(
+    cfg: RootConfig, round_: int, rdir: Path, sources: list[tuple[PolicyVersion, int]]
+) -> dict[str, Any]:
+    """Each source policy answers the round's prompts (its own atomic file, skipped when present); the answers
+    are merged per prompt into candidates.jsonl, the current policy's first."""
+    from rlhf import generate
+
+    by_prompt: dict[str, dict[str, Any]] = {}
+    for n, (version, k) in enumerate(sources):
+        out = rdir / f"candidates-{version.name}.jsonl"
+        if not out.exists():
+            gen_cfg = cfg.generate.model_copy(update={
+                "model": version.path, "prompts_file": str(rdir / "prompts.jsonl"), "out": str(out),
+                "policy_version": version.name, "k": k, "max_prompts": 0,
+                "seed": cfg.loop.seed * 100_003 + round_ * 101 + n,
+            })  # fmt: skip
+            generate.run(gen_cfg)
+        stall_point(f"r{round_}.generate")
+        for _, row in iter_jsonl(out):
+            merged = by_prompt.setdefault(row["prompt_id"], {**row, "completions": []})
+            merged["completions"].extend(row["completions"])
+    rows = list(by_prompt.values())
+    write_jsonl(rdir / "candidates.jsonl", rows)
+    return {"prompts": len(rows), "completions": sum(len(r["completions"]) for r in rows),
+            "sources": [v.name for v, _ in sources]}  # fmt: skip
+
+
+# --- 2. tasks ----------------------------------------------------------------------------------------------------
+
+
+def candidate_pairs(rows: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """Every pair of distinct answers to each prompt: (row index, i, j)."""
+    pairs: list[tuple[int, int, int]] = []
+    for p, row in enumerate(rows):
+        texts = [c["text"] for c in row["completions"]]
+        pairs.extend(
+            (p, i, j) for i, j in itertools.combinations(range(len(texts)), 2) if texts[i] != texts[j]
+        )
+    return pairs
+
+
+def disagreement_scores(
+    cfg: RootConfig, reward_model: str, rows: list[dict[str, Any]], pairs: list[tuple[int, int, int]],
+    votes: list[dict[str, Any]], seed: int,
+) -> list[float]:  # fmt: skip
+    """Std over bootstrap heads of P(a > b) for each candidate pair (see rlhf.active)."""
+    import torch
+
+    from rlhf.active import disagreement, fit_bootstrap_heads, last_token_features
+    from rlhf.models.heads import load_scalar_model
+    from rlhf.models.loading import load_tokenizer
+
+    decided = [v for v in votes if v["choice"] in ("A", "B")]
+    texts = sorted(
+        {(r["prompt"], c["text"]) for r in rows for c in r["completions"]}
+        | {(v["prompt"], v[key]) for v in decided for key in ("completion_a", "completion_b")}
+    )
+    index = {t: n for n, t in enumerate(texts)}
+    feats = last_token_features(load_scalar_model(reward_model), load_tokenizer(reward_model), texts,
+                                max_len=cfg.reward.max_seq_len)  # fmt: skip
+    feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)  # (N, d) standardised
+    win = [(v["completion_a"], v["completion_b"]) if v["choice"] == "A" else (v["completion_b"], v["completion_a"])
+           for v in decided]  # fmt: skip
+    chosen = torch.tensor([index[(v["prompt"], w)] for v, (w, _) in zip(decided, win, strict=True)])
+    rejected = torch.tensor([index[(v["prompt"], r)] for v, (_, r) in zip(decided, win, strict=True)])
+    diffs = feats[chosen] - feats[rejected]  # (P, d)
+    heads = fit_bootstrap_heads(diffs, cfg.loop.ensemble_size, seed, l2=cfg.loop.ensemble_l2)  # (H, d)
+    a = torch.tensor([index[(rows[p]["prompt"], rows[p]["completions"][i]["text"])] for p, i, _ in pairs])
+    b = torch.tensor([index[(rows[p]["prompt"], rows[p]["completions"][j]["text"])] for p, _, j in pairs])
+    return disagreement(heads, feats[a], feats[b]).tolist()
+
+
+def make_tasks(cfg: RootConfig, db: Database, loop: LoopRun, round_: int, rdir: Path) -> dict[str, Any]:
+    """Choose the round's pairs and import them; a second call for the same round imports nothing new."""
+    from rlhf.active import select_pairs
+    from rlhf.feedback.export import export_records
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.schemas import CandidateRow
+
+    rows = [row for _, row in iter_jsonl(rdir / "candidates.jsonl")]
+    pairs = candidate_pairs(rows)
+    with db.session() as session:
+        rms = reward_models(session, loop)
+        votes = export_records(session, loop.name, "votes") if rms else []
+    scores = None
+    if cfg.loop.active and rms and votes:
+        scores = disagreement_scores(cfg, rms[-1].path, rows, pairs, votes, cfg.loop.seed + round_)
+    chosen = select_pairs(
+        pairs, scores, cfg.loop.pairs_per_round, cfg.loop.random_share, cfg.loop.seed + round_
+    )
+    candidates = [
+        CandidateRow.model_validate({
+            **rows[p], "prompt_id": f"{round_prefix(round_)}{rows[p]['prompt_id']}", "pairs": sel.pairs,
+            "meta": {**rows[p].get("meta", {}), "round": round_, "selection": sel.how},
+        })
+        for p, sel in chosen.items()
+    ]  # fmt: skip
+    with db.session() as session:
+        imported = import_candidates(
+            session, loop.name, candidates, task_kind="pairwise", overlap=cfg.loop.overlap
+        )
+    n_random = sum(len(s.pairs) for s in chosen.values() if s.how == "random")
+    return {"tasks_created": imported.tasks, "skipped_prompts": imported.skipped, "random_pairs": n_random,
+            "active_pairs": sum(len(s.pairs) for s in chosen.values()) - n_random,
+            "selection": "active" if scores is not None else "random"}  # fmt: skip
+
+
+# --- 3. votes ----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def labeling_server(cfg: RootConfig, url: str) -> Iterator[str]:
+    """The labeling app to vote through: `loop.feedback_url`, or the app served in this process."""
+    from rlhf.feedback.testing import run_server
+
+    if cfg.loop.feedback_url:
+        yield cfg.loop.feedback_url.rstrip("/")
+        return
+    with run_server(url, votes_per_minute=0) as base_url:
+        yield base_url
+
+
+def panel_tokens(db: Database, cfg: RootConfig) -> dict[str, str]:
+    """An API token per simulated labeler (a user each, created the first time)."""
+    from rlhf.feedback.errors import NotFound
+    from rlhf.feedback.users import create_token, create_user, get_user
+    from rlhf.labelers.panel import Panel
+
+    tokens = {}
+    with db.session() as session:
+        for member in Panel.from_config(cfg.panel).members:
+            try:
+                get_user(session, member.name)
+            except NotFound:
+                create_user(session, member.name, "labeler")
+            tokens[member.name] = create_token(session, member.name, "loop panel")
+    return tokens
+
+
+def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> dict[str, Any]:
+    """Let the panel vote (if on), then poll the store until the round has min_votes or the timeout passes."""
+    from rlhf.labelers.api_panel import label_through_api
+    from rlhf.labelers.panel import Panel
+
+    lc = cfg.loop
+    with db.session() as session:
+        tasks, votes = round_counts(session, loop.name, round_)
+    need = min(lc.min_votes, tasks * lc.overlap) if lc.min_votes else tasks * lc.overlap
+    panel = Panel.from_config(cfg.panel) if lc.panel else None
+    tokens = panel_tokens(db, cfg) if panel else {}
+    deadline = time.monotonic() + lc.vote_timeout_s
+    log.info("loop: round %d: waiting for %d votes on %d tasks (%d so far)", round_, need, tasks, votes)
+    with labeling_server(cfg, db.url) if panel else nullcontext(None) as base_url:
+        while True:
+            cast = 0
+            if panel is not None and base_url is not None:
+                cast = sum(
+                    label_through_api(base_url, tokens, panel, loop.name, lc.panel_votes_per_poll).values()
+                )
+            with db.session() as session:
+                votes = round_counts(session, loop.name, round_)[1]
+            if votes >= need:
+                break
+            stall_point(f"r{round_}.votes")
+            if time.monotonic() > deadline:
+                message = f"round {round_}: {votes} of the {need} votes needed arrived within {lc.vote_timeout_s:g} s"
+                if lc.on_timeout == "stop":
+                    raise LoopStopped(message + " (loop.on_timeout = stop)")
+                log.warning(
+                    "loop: %s; training on the votes that arrived (loop.on_timeout = continue)", message
+                )
+                break
+            if not cast:
+                time.sleep(lc.poll_s)
+    return {"tasks": tasks, "votes": votes, "needed": need}
+
+
+# --- 4. reward, 5. ppo, 6. eval ------------------------------------------------------------------------------
+
+
+def train_reward(
+    cfg: RootConfig, db: Database, loop: LoopRun, round_: int, rdir: Path, parent: RewardModelVersion | None,
+    quiet: bool,
+) -> RewardModelVersion:  # fmt: skip
+    """Every vote so far -> a reward model, warm-started from the previous round's."""
+    from rlhf.feedback.export import export_records
+    from rlhf.train import reward
+
+    with db.session() as session:
+        records = export_records(session, loop.name, "votes")
+    write_jsonl(rdir / "votes.jsonl", records)
+    warm = parent.path if parent is not None and cfg.loop.warm_start else None
+    rm_cfg = cfg.reward.model_copy(update={
+        "out_dir": str(rdir / "reward"), "model": cfg.loop.sft_policy, "train_file": str(rdir / "votes.jsonl"),
+        "init_from": warm,
+    })  # fmt: skip
+    result = reward.run(rm_cfg, resume=True, quiet=quiet)
+    metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    if cfg.reward.gold_eval:
+        from rlhf.eval.reward_eval import add_gold_eval
+
+        gold = add_gold_eval(rm_cfg.out_dir, [rm_cfg.train_file], rm_cfg.format)
+        if gold["gold/pairs"]:  # held-out pairs that gold orders
+            metrics["gold/rm_accuracy"] = gold["gold/rm_accuracy"]["accuracy"]
+            metrics["gold/label_agreement"] = gold["gold/label_agreement"]["accuracy"]
+            metrics["gold/pairs"] = gold["gold/pairs"]
+    return RewardModelVersion(
+        loop_id=loop.id, name=f"rm-r{round_}", round=round_, parent=parent.name if warm and parent else None,
+        path=str(rdir / "reward" / "final"), n_votes=len(records), vote_ids=[r["meta"]["vote_id"] for r in records],
+        metrics=metrics,
+    )  # fmt: skip
+
+
+def train_policy(
+    cfg: RootConfig, current: PolicyVersion, rm: RewardModelVersion, rdir: Path, quiet: bool
+) -> dict[str, Any]:
+    """PPO from the current policy against the new reward model, KL to the SFT reference; resumes from its
+    checkpoints. The guard's best checkpoint (when it kept one) is the new policy, as in `rlhf demo`."""
+    from rlhf.train import ppo
+
+    gold_fn = None
+    if cfg.ppo.guard_gold:
+        from rlhf.eval.judges import gold_utilities
+
+        gold_fn = gold_utilities
+    ppo_cfg = cfg.ppo.model_copy(update={
+        "out_dir": str(rdir / "ppo"), "policy": current.path, "reference": cfg.loop.sft_policy,
+        "reward_model": rm.path, "critic": None, "seed": cfg.ppo.seed + rm.round,
+    })  # fmt: skip
+    result = ppo.run(ppo_cfg, resume=True, quiet=quiet, gold_fn=gold_fn)
+    best = rdir / "ppo" / "best"
+    path = best if best.exists() else rdir / "ppo" / "final"
+    return {"path": str(path), "stop_reason": result["stop_reason"], "ppo/kl": result.get("ppo/kl"),
+            "ppo/score": result.get("ppo/score")}  # fmt: skip
+
+
+def evaluate(cfg: RootConfig, policy: str, rdir: Path) -> dict[str, Any]:
+    """The new policy (A) against the SFT policy (B) under the judge, on the held-out prompts."""
+    from rlhf.eval.compare import compare
+    from rlhf.eval.judges import make_judge
+
+    eval_cfg = cfg.eval.model_copy(update={"reference": cfg.loop.sft_policy})
+    summary = compare(policy, cfg.loop.sft_policy, eval_cfg, make_judge(cfg.eval.judge))
+    write_json(rdir / "eval.json", summary)
+    return {"win_rate_vs_sft": summary["win_rate_a"], "ci95": summary["ci95"], "wins": summary["wins_a"],
+            "ties": summary["ties"], "losses": summary["losses_a"], **{f"a/{k}": v for k, v in summary["a"].items()}}  # fmt: skip
+
+
+def policy_version(
+    loop: LoopRun, round_: int, parent: PolicyVersion, rm: RewardModelVersion, trained: dict[str, Any],
+    ev: dict[str, Any],
+) -> PolicyVersion:  # fmt: skip
+    """Round `round_`'s policy: its parent, reward model, PPO outcome and evaluation against SFT."""
+    metrics = {
+        "win_rate_vs_sft": ev["win_rate_vs_sft"], "ci95": ev["ci95"], "reward_model_votes": rm.n_votes,
+        "eval": {"baseline": SFT, "wins": ev["wins"], "ties": ev["ties"], "losses": ev["losses"]},
+        **{k: v for k, v in trained.items() if k != "path"}, **{k: v for k, v in ev.items() if k.startswith("a/")},
+    }  # fmt: skip
+    return PolicyVersion(loop_id=loop.id, name=f"r{round_}", round=round_, parent=parent.name,
+                         reward_model=rm.name, path=trained["path"], metrics=metrics)  # fmt: skip
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+
+def start_loop(session: Session, cfg: RootConfig) -> LoopRun:
+    """The loop run of this name (created with the config the first time), with the SFT policy as round 0."""
+    loop = get_or_create_loop(session, cfg.loop.name, cfg.model_dump(mode="json"))
+    if (0, "register") not in finished_phases(session, loop):
+        sft = PolicyVersion(loop_id=loop.id, name=SFT, round=0, parent=None, reward_model=None,
+                            path=cfg.loop.sft_policy, metrics={})  # fmt: skip
+        finish_phase(session, loop, 0, "register", {"policy": SFT}, [sft])
+    return loop
+
+
+def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
+    """Run rounds 1..loop.rounds, skipping what the store records as finished; returns the policy versions."""
+    lc = cfg.loop
+    out = Path(lc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = [row for _, row in iter_jsonl(lc.prompts_file)]
+    for n, row in enumerate(pool):
+        row.setdefault("prompt_id", f"{Path(lc.prompts_file).stem}:{n + 1}")
+    db = Database(db_url(cfg))
+    try:
+        upgrade(db)
+        with db.session() as session:
+            loop = start_loop(session, cfg)
+        for round_ in range(1, lc.rounds + 1):
+            rdir = out / f"round-{round_}"
+            rdir.mkdir(parents=True, exist_ok=True)
+            with db.session() as session:
+                done = finished_phases(session, loop)
+                versions = policies(session, loop)
+                rms = reward_models(session, loop)
+            current = versions[-1]  # the policy this round starts from
+            if (round_, "register") in done:
+                log.info("loop: round %d already finished (policy r%d), skipped", round_, round_)
+                continue
+
+            # 1. generate: this round's prompts, answered by the current policy (and the previous version)
+            if pending(done, round_, "generate"):
+                write_jsonl(rdir / "prompts.jsonl", round_prompts(pool, round_, cfg))
+                sources = [(current, lc.k)]
+                if lc.cross_version and current.parent is not None:
+                    sources.append((next(v for v in versions if v.name == current.parent), lc.k_previous))
+                info = generate_candidates(cfg, round_, rdir, sources)
+                with db.session() as session:
+                    finish_phase(session, loop, round_, "generate", info)
+            # 2. tasks: active (or random) pairs -> comparison tasks, keyed by round and prompt
+            if pending(done, round_, "tasks"):
+                info = make_tasks(cfg, db, loop, round_, rdir)
+                with db.session() as session:
+                    finish_phase(session, loop, round_, "tasks", info)
+            # 3. votes: the panel (and/or people) vote through the labeling app; wait for min_votes
+            if pending(done, round_, "votes"):
+                info = collect_votes(cfg, db, loop, round_)
+                with db.session() as session:
+                    finish_phase(session, loop, round_, "votes", info)
+            # 4. reward: retrain on all votes so far, warm start
+            if pending(done, round_, "reward"):
+                rm = train_reward(cfg, db, loop, round_, rdir, rms[-1] if rms else None, quiet)
+                with db.session() as session:
+                    finish_phase(
+                        session, loop, round_, "reward", {"reward_model": rm.name, "votes": rm.n_votes}, [rm]
+                    )
+            with db.session() as session:
+                rm = reward_models(session, loop)[-1]
+            # 5. ppo: from the current policy, against the new reward model, KL to the SFT reference
+            if pending(done, round_, "ppo"):
+                info = train_policy(cfg, current, rm, rdir, quiet)
+                with db.session() as session:
+                    finish_phase(session, loop, round_, "ppo", info)
+            with db.session() as session:
+                trained = finished_phases(session, loop)[(round_, "ppo")]
+            # 6. eval: win rate against the SFT policy
+            if pending(done, round_, "eval"):
+                info = evaluate(cfg, trained["path"], rdir)
+                with db.session() as session:
+                    finish_phase(session, loop, round_, "eval", info)
+            # 7. register the new policy version (its parent, reward model and metrics)
+            with db.session() as session:
+                ev = finished_phases(session, loop)[(round_, "eval")]
+                new = policy_version(loop, round_, current, rm, trained, ev)
+                finish_phase(session, loop, round_, "register", {"policy": new.name}, [new])
+            log.info("loop: round %d: policy r%d, gold win rate vs SFT %.3f [%.3f, %.3f]", round_, round_,
+                     ev["win_rate_vs_sft"], *ev["ci95"])  # fmt: skip
+        with db.session() as session:
+            return policies(session, loop)
+    finally:
+        db.dispose()
