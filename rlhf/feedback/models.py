@@ -121,7 +121,8 @@ class Task(Base):
     """
 
     __tablename__ = "tasks"
-    __table_args__ = (Index("ix_tasks_queue", "project_id", "is_gold", "n_assigned"),)
+    # one range per assignment count, in id order: the queue's next task is a step into the index
+    __table_args__ = (Index("ix_tasks_queue", "project_id", "is_gold", "n_assigned", "id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)

@@ -65,13 +65,18 @@ def next_task(
 
 
 def _candidates(session: Session, user: User, project: Project, gold: bool) -> list[Task]:
+    """Tasks `user` may take next: gold in id order; others those started by more labelers first (so the
+    overlap fills), then in id order. One query per assignment count, each an index range already in id order
+    (ix_tasks_queue), so the cost does not grow with the number of open tasks."""
     mine = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id)
     stmt = select(Task).where(Task.project_id == project.id, Task.is_gold.is_(gold), ~mine)
     if gold:
-        stmt = stmt.order_by(Task.id)
-    else:
-        stmt = stmt.where(Task.n_assigned < project.overlap).order_by(Task.n_assigned.desc(), Task.id)
-    return list(session.scalars(stmt.limit(CANDIDATES_PER_TRY)))
+        return list(session.scalars(stmt.order_by(Task.id).limit(CANDIDATES_PER_TRY)))
+    for n_assigned in range(project.overlap - 1, -1, -1):
+        level = stmt.where(Task.n_assigned == n_assigned).order_by(Task.id).limit(CANDIDATES_PER_TRY)
+        if tasks := list(session.scalars(level)):
+            return tasks
+    return []
 
 
 def skip(session: Session, user: User, task_id: int) -> None:

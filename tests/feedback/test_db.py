@@ -75,7 +75,7 @@ def test_urls() -> None:
 
 
 def test_loop_tables_migrate_onto_an_existing_store(tmp_path) -> None:
-    """A store made before the loop tables existed (revision 0001) keeps its data when upgraded to 0002."""
+    """A store made before the loop tables existed (revision 0001) keeps its data when upgraded to the head."""
     db = Database(f"sqlite:///{tmp_path}/old.db")
     upgrade(db, "0001")
     assert "loop_runs" not in table_names(db)
@@ -86,7 +86,7 @@ def test_loop_tables_migrate_onto_an_existing_store(tmp_path) -> None:
             )
         )
     upgrade(db)
-    assert current_revision(db) == "0002"
+    assert current_revision(db) == SCHEMA_HEAD
     assert {"loop_runs", "loop_phases", "policy_versions", "reward_model_versions"} <= set(table_names(db))
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM projects")).scalars().all() == ["p"]
