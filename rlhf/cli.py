@@ -130,9 +130,9 @@ def demo(
 
     load_config(config, list(sets or []))  # check the config before any work
     _setup_logging(quiet)
-    stages = demo_run.run(out, fast=fast, config=config, overrides=list(sets or []), quiet=quiet)
-    for name, info in stages.done.items():
-        typer.echo(f"{name:>10}: {info['seconds']:7.1f} s")
+    demo_run.run(out, fast=fast, config=config, overrides=list(sets or []), quiet=quiet)
+    for line in demo_run.summary_lines(out):
+        typer.echo(line)
     typer.echo(f"run directory: {out}")
 
 

@@ -225,6 +225,31 @@ def label(out: Path, cfg: RootConfig) -> dict[str, Any]:
     return {"tasks": imported.tasks, "votes": n, "votes_this_run": sum(counts.values())}
 
 
+def summary_lines(out: Path) -> list[str]:
+    """The terminal's closing summary: stage times, then the headline results, read from the run's files."""
+    lines = [f"{'stage':>10}  seconds"]
+    stages = Stages(out).done
+    lines += [f"{name:>10}: {info['seconds']:7.1f}" for name, info in stages.items()]
+    reward = stages.get("reward", {})
+    if "rm_gold_accuracy" in reward:
+        lines.append(f"reward model agrees with gold on {reward['rm_gold_accuracy']:.3f} of held-out pairs "
+                     f"(the panel's own votes: {reward['panel_gold_agreement']:.3f})")  # fmt: skip
+    comparison = out / "eval" / "ppo_vs_sft.json"
+    if comparison.exists():
+        e = json.loads(comparison.read_text())
+        (low, high), ppo, sft = e["ci95"], e["a"], e["b"]
+        lines += [
+            f"PPO vs SFT under the gold judge, {e['n_prompts']} held-out prompts: win rate {e['win_rate_a']:.3f} "
+            f"(95% CI {low:.3f}-{high:.3f}), KL to SFT {ppo['kl_to_reference']:.2f} nats",
+            f"{'':>10}  {'SFT':>7}  {'PPO':>7}",
+            *(f"{label:>10}  {sft[key]:7.3f}  {ppo[key]:7.3f}" for label, key in
+              [("correct", "correct_rate"), ("rude", "rude_rate"), ("words", "mean_words"), ("EOS", "eos_rate")]),
+        ]  # fmt: skip
+    if (out / "report.html").exists():
+        lines.append(f"report: {out / 'report.html'}")
+    return lines
+
+
 def run(
     out: Path,
     fast: bool = False,

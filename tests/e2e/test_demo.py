@@ -23,6 +23,11 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run directory: {out}" in proc.stdout
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    ppo_vs_sft = json.loads((out / "eval" / "ppo_vs_sft.json").read_text())
+    assert (
+        f"win rate {ppo_vs_sft['win_rate_a']:.3f}" in proc.stdout
+    )  # the terminal summary reads the run's files
     return out
 
 
