@@ -72,20 +72,20 @@ class LlamaDecoder:
             for a in [layer.self_attn]
         ]
         device = self.embed.device
-        # On a CPU attention runs as plain matmuls in fp32 (see `_attend`): the cache is fp32 there, and keys are
-        # stored transposed, (B, H_kv, D, L), so q @ K reads them in the order the matmul wants.
+        # The cache is in the matmuls' dtype: reading it is most of a decoding step's memory traffic. On a CPU
+        # attention runs as plain matmuls (see `_attend`) and keys are stored transposed, (B, H_kv, D, L), so
+        # q @ K reads them in the order the matmul wants.
         self.on_cpu = device.type != "cuda"
-        self.attn_dtype = torch.float32 if self.on_cpu else dtype
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         key_shape = (batch, self.kv_heads, self.head_dim, max_len) if self.on_cpu else shape
-        self.keys = [torch.empty(key_shape, dtype=self.attn_dtype, device=device) for _ in self.layers]
-        self.values = [torch.empty(shape, dtype=self.attn_dtype, device=device) for _ in self.layers]
+        self.keys = [torch.empty(key_shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
 
     def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, S, D/2)
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, S, D)
         cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
-        return cos.to(self.attn_dtype), sin.to(self.attn_dtype)
+        return cos, sin  # fp32: the rotation is applied in fp32, as under autocast
 
     @staticmethod
     def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -94,6 +94,7 @@ class LlamaDecoder:
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, end: int, key_mask: Tensor) -> Tensor:
         """Attention of q (B, H, S, D) over the first `end` cache slots; key_mask (B, 1, S, end) bool."""
+        q = q.to(keys.dtype)
         if not self.on_cpu:
             return F.scaled_dot_product_attention(
                 q,
@@ -103,14 +104,15 @@ class LlamaDecoder:
                 scale=self.scaling,
                 enable_gqa=self.kv_heads != self.heads,
             )
-        # On a CPU, for one new token over a short cache, matmul-softmax-matmul in fp32 is several times faster
-        # than SDPA's kernel (in bf16 far more). Query heads sharing a KV head are stacked as extra rows.
+        # On a CPU, for one new token over a short cache, matmul-softmax-matmul (softmax in fp32) is several times
+        # faster than SDPA's kernel, in bf16 far more. Query heads sharing a KV head are stacked as extra rows.
         batch, _, steps, dim = q.shape
         group = self.heads // self.kv_heads
         q = q.reshape(batch, self.kv_heads, group * steps, dim)  # (B, H_kv, G S, D)
-        scores = (q @ keys[..., :end]) * self.scaling  # (B, H_kv, G S, L)
+        scores = (q @ keys[..., :end]).float() * self.scaling  # (B, H_kv, G S, L)
         scores = scores.masked_fill(~key_mask.repeat(1, 1, group, 1), float("-inf"))
-        return (scores.softmax(-1) @ values[:, :, :end]).view(batch, self.heads, steps, dim)
+        probs = scores.softmax(-1).to(values.dtype)
+        return (probs @ values[:, :, :end]).view(batch, self.heads, steps, dim)
 
     def forward(self, input_ids: Tensor, positions: Tensor, key_mask: Tensor, start: int) -> Tensor:
         """Logits (B, V) in fp32 at the last of `input_ids` (B, S), whose tokens sit at cache slots start..start+S.
@@ -125,7 +127,7 @@ class LlamaDecoder:
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             h = F.rms_norm(x, (width,), layer.input_norm, self.eps).to(self.dtype)
-            q, k, v = (h @ layer.qkv.T).to(self.attn_dtype).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = (h @ layer.qkv.T).split([q_size, kv_size, kv_size], dim=-1)
             q = self._rotate(q.view(batch, steps, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = self._rotate(k.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             if self.on_cpu:
