@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, exists, func, select, update
+from sqlalchemy import Select, Table, and_, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
@@ -66,17 +66,28 @@ def next_task(
 
 def _candidates(session: Session, user: User, project: Project, gold: bool) -> list[Task]:
     """Tasks `user` may take next: gold in id order; others those started by more labelers first (so the
-    overlap fills), then in id order. One query per assignment count, each an index range already in id order
-    (ix_tasks_queue), so the cost does not grow with the number of open tasks."""
-    mine = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user.id)
-    stmt = select(Task).where(Task.project_id == project.id, Task.is_gold.is_(gold), ~mine)
+    overlap fills), then in id order, one assignment count at a time."""
     if gold:
-        return list(session.scalars(stmt.order_by(Task.id).limit(CANDIDATES_PER_TRY)))
+        return list(session.scalars(candidates_query(user.id, project.id, gold=True)))
     for n_assigned in range(project.overlap - 1, -1, -1):
-        level = stmt.where(Task.n_assigned == n_assigned).order_by(Task.id).limit(CANDIDATES_PER_TRY)
-        if tasks := list(session.scalars(level)):
+        if tasks := list(
+            session.scalars(candidates_query(user.id, project.id, gold=False, n_assigned=n_assigned))
+        ):
             return tasks
     return []
+
+
+def candidates_query(
+    user_id: int, project_id: int, gold: bool, n_assigned: int | None = None
+) -> Select[Task]:
+    """Up to CANDIDATES_PER_TRY tasks of the project not yet `user_id`'s, in id order (of one assignment count
+    for non-gold tasks): an index range of ix_tasks_queue already in that order, so no sort of every open task
+    and a cost that does not grow with the project."""
+    mine = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user_id)
+    stmt = select(Task).where(Task.project_id == project_id, Task.is_gold.is_(gold), ~mine)
+    if n_assigned is not None:
+        stmt = stmt.where(Task.n_assigned == n_assigned)
+    return stmt.order_by(Task.id).limit(CANDIDATES_PER_TRY)
 
 
 def skip(session: Session, user: User, task_id: int) -> None:

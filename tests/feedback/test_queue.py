@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from rlhf.feedback.db import Database
 from rlhf.feedback.models import Assignment, Task
+from rlhf.feedback.queue import candidates_query
 
 
 def drain(api, who: str, project: str = "demo") -> list[int]:
@@ -88,3 +89,17 @@ def test_display_order_is_random(api) -> None:
     task = api.next("ann")
     orders = {tuple(api.get("ann", f"/api/tasks/{task['id']}").json()["display_order"]) for _ in range(40)}
     assert orders == {(0, 1), (1, 0)}
+
+
+def test_the_next_task_query_reads_an_index_range_without_sorting(db: Database) -> None:
+    """The queue's query must not sort every open task of the project (it ran on each `next`)."""
+    stmt = candidates_query(user_id=1, project_id=1, gold=False, n_assigned=0)
+    sql = str(stmt.compile(db.engine, compile_kwargs={"literal_binds": True}))
+    with db.engine.connect() as conn:
+        if db.engine.dialect.name == "sqlite":
+            plan = " ".join(str(row[-1]) for row in conn.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+            assert "ix_tasks_queue" in plan and "TEMP B-TREE" not in plan, plan
+        else:
+            conn.execute(text("SET enable_seqscan = off"))  # an empty table: ask for the plan the index gives
+            plan = " ".join(row[0] for row in conn.execute(text(f"EXPLAIN {sql}")))
+            assert "ix_tasks_queue" in plan and "Sort" not in plan, plan
