@@ -192,30 +192,22 @@ def label(out: Path, cfg: RootConfig) -> dict[str, Any]:
     labeling app's HTTP API -> exported votes."""
     from rlhf.data.jsonl import write_jsonl
     from rlhf.feedback.db import Database, upgrade
-    from rlhf.feedback.errors import NotFound
     from rlhf.feedback.export import export_records
     from rlhf.feedback.importer import import_candidates, read_rows
     from rlhf.feedback.schemas import CandidateRow
     from rlhf.feedback.testing import run_server
-    from rlhf.feedback.users import create_token, create_user, get_user
-    from rlhf.labelers.api_panel import label_through_api
+    from rlhf.labelers.api_panel import label_through_api, panel_tokens
     from rlhf.labelers.panel import Panel
 
     db_url = f"sqlite:///{out / 'feedback.db'}"
     db = Database(db_url)
     panel = Panel.from_config(cfg.panel)
-    tokens = {}
     try:
         upgrade(db)
         with db.session() as session:
             rows = read_rows(cfg.generate.out, CandidateRow, 1 << 30)
             imported = import_candidates(session, PROJECT, rows, task_kind="pairwise", overlap=1)
-            for member in panel.members:  # a user per simulated labeler (kept when the demo resumes)
-                try:
-                    get_user(session, member.name)
-                except NotFound:
-                    create_user(session, member.name, "labeler")
-                tokens[member.name] = create_token(session, member.name, "demo panel")
+        tokens = panel_tokens(db, panel, "demo panel")
         with run_server(db_url, votes_per_minute=0) as base_url:
             counts = label_through_api(base_url, tokens, panel, PROJECT)
         with db.session() as session:

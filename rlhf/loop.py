@@ -226,26 +226,9 @@ def labeling_server(cfg: RootConfig, url: str) -> Iterator[str]:
         yield base_url
 
 
-def panel_tokens(db: Database, cfg: RootConfig) -> dict[str, str]:
-    """An API token per simulated labeler (a user each, created the first time)."""
-    from rlhf.feedback.errors import NotFound
-    from rlhf.feedback.users import create_token, create_user, get_user
-    from rlhf.labelers.panel import Panel
-
-    tokens = {}
-    with db.session() as session:
-        for member in Panel.from_config(cfg.panel).members:
-            try:
-                get_user(session, member.name)
-            except NotFound:
-                create_user(session, member.name, "labeler")
-            tokens[member.name] = create_token(session, member.name, "loop panel")
-    return tokens
-
-
 def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> dict[str, Any]:
     """Let the panel vote (if on), then poll the store until the round has min_votes or the timeout passes."""
-    from rlhf.labelers.api_panel import label_through_api
+    from rlhf.labelers.api_panel import label_through_api, panel_tokens
     from rlhf.labelers.panel import Panel
 
     lc = cfg.loop
@@ -253,7 +236,7 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
         tasks, votes = round_counts(session, loop.name, round_)
     need = min(lc.min_votes, tasks * lc.overlap) if lc.min_votes else tasks * lc.overlap
     panel = Panel.from_config(cfg.panel) if lc.panel else None
-    tokens = panel_tokens(db, cfg) if panel else {}
+    tokens = panel_tokens(db, panel, "loop panel") if panel else {}
     deadline = time.monotonic() + lc.vote_timeout_s
     log.info("loop: round %d: waiting for %d votes on %d tasks (%d so far)", round_, need, tasks, votes)
     with labeling_server(cfg, db.url) if panel else nullcontext(None) as base_url:

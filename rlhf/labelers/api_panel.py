@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rlhf.feedback.client import FeedbackClient
+from rlhf.feedback.db import Database
 from rlhf.labelers.gold import judge
 from rlhf.labelers.panel import Panel
 
@@ -31,6 +32,22 @@ def _judge_task(panel: Panel, member: str, task: dict[str, Any]) -> dict[str, An
     m = panel.member(member, prompt)
     utility = panel.perceived_utility(m, prompt, texts[0], None)
     return {"rating": max(1.0, min(7.0, round(4.0 + utility)))}  # a 1-7 Likert scale around gold utility
+
+
+def panel_tokens(db: Database, panel: Panel, label: str) -> dict[str, str]:
+    """A new API token per panel member (a labeler user each, created the first time, kept after)."""
+    from rlhf.feedback.errors import NotFound
+    from rlhf.feedback.users import create_token, create_user, get_user
+
+    tokens = {}
+    with db.session() as session:
+        for member in panel.members:
+            try:
+                get_user(session, member.name)
+            except NotFound:
+                create_user(session, member.name, "labeler")
+            tokens[member.name] = create_token(session, member.name, label)
+    return tokens
 
 
 def label_through_api(
