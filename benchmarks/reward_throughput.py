@@ -7,7 +7,8 @@ step, same max length, bf16 autocast for both, one epoch; the two systems altern
 process, and the median of the repetitions is reported. Two settings:
   rankings  K=4 answers per prompt ranked by the simulated panel: C(4,2)=6 pairs per prompt. We forward each
             answer once per ranking (InstructGPT grouping); TRL takes the 6 pairs as 12 sequences.
-  pairs     K=2: one pair per prompt, the same work for both; shows the overhead of each implementation.
+  pairs     K=2: one pair per prompt, the same pairs for both. Ours forwards the prompt once per pair and
+            packs rows (reward.shared_prefix); TRL forwards chosen and rejected as two padded rows.
 TRL 1.x is installed into its own venv, .bench-venvs/trl1 (torch first, the local CPU build, then trl).
 Results: benchmarks/results/reward_throughput.json and a table in docs/performance.md.
 """
@@ -158,9 +159,12 @@ def update_doc(result: dict[str, Any]) -> None:
         f"Model: demo-size Llama (hidden {ARCH.hidden_size}, {ARCH.num_hidden_layers} layers, vocab 512), max length "
         f"{MAX_LEN}; one epoch; the same pairs per optimiser step and per forward pass (4 micro-batches a step) for "
         "both.", "", *rows, "",
+        "Both systems run the same Hugging Face model with SDPA attention; what differs is what they forward. "
         "rankings: ours forwards each of a prompt's 4 answers once and takes its 6 pairs from those rewards (one batch "
-        "element); TRL forwards 12 sequences for the same 6 pairs. pairs: one pair per prompt, the same sequences "
-        "for both; ours sorts a step's groups by length before cutting micro-batches (less padding).", END,
+        "element); TRL forwards 12 sequences for the same 6 pairs. Both settings: ours forwards a group's prompt "
+        "once, its answers as branches under a tree attention mask (`reward.shared_prefix`), and packs groups into "
+        "rows no wider than the widest (first-fit decreasing), so little padding is left; TRL right-pads one row "
+        "per sequence.", END,
     ])  # fmt: skip
     text = (
         DOC.read_text()

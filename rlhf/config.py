@@ -227,6 +227,10 @@ class RewardConfig(TrainConfig):
         True, description="merge one labeler's judgements of one prompt into one batch element (InstructGPT)"
     )
     use_margins: bool = Field(True, description="use the data's margins in -log sigmoid(r_c - r_r - margin)")
+    shared_prefix: bool = Field(
+        True,
+        description="forward a group's common prompt once, its answers as branches (tree attention mask)",
+    )
     labeler_weights: str | None = Field(
         None, description="JSON/YAML mapping labeler -> loss weight (0 drops a labeler)"
     )
@@ -407,6 +411,12 @@ class LoopConfig(Section):
     )
     poll_s: float = Field(2.0, gt=0, description="seconds between two looks at the vote count")
     warm_start: bool = Field(True, description="each round's reward model starts from the previous one")
+    kl_budget_step: float | None = Field(
+        None, gt=0, description="round r's PPO keeps its policy within r x this KL (nats) of the SFT policy"
+    )
+    guard_every: int | None = Field(
+        None, gt=0, description="PPO's guard_every within the loop (unset = ppo.guard_every)"
+    )
     seed: int = Field(
         0, description="seed of prompt sampling, generation and pair selection (plus the round)"
     )

@@ -315,6 +315,8 @@ def train_policy(
     ppo_cfg = cfg.ppo.model_copy(update={
         "out_dir": str(rdir / "ppo"), "policy": current.path, "reference": cfg.loop.sft_policy,
         "reward_model": rm.path, "critic": None, "seed": cfg.ppo.seed + rm.round,
+        "kl_budget": cfg.ppo.kl_budget if cfg.loop.kl_budget_step is None else cfg.loop.kl_budget_step * rm.round,
+        "guard_every": cfg.loop.guard_every or cfg.ppo.guard_every,
     })  # fmt: skip
     result = ppo.run(ppo_cfg, resume=True, quiet=quiet, gold_fn=gold_fn)
     best = rdir / "ppo" / "best"

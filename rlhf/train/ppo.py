@@ -212,6 +212,7 @@ class Guard:
             )
         if kl_budget is not None and m["ppo/guard_kl"] > kl_budget:
             self.stop_reason = f"KL budget: {m['ppo/guard_kl']:.3g} nats > kl_budget {kl_budget:.3g}"
+            return False  # a policy outside the budget is never kept as the best
         score = proxy if gold is None else gold
         if score > self.best_score:
             self.best_score, self.best_iteration = score, iteration

@@ -70,19 +70,33 @@ class GroupExample:
         """Its longest sequence: what a micro-batch holding this group is padded to, at least."""
         return max(len(s) for s in self.sequences)
 
+    @property
+    def shared_width(self) -> int:
+        """Its length as one row with the common prefix once (shared_prefix_row)."""
+        lcp = common_prefix_length(self.sequences)
+        return lcp + sum(len(s) - lcp for s in self.sequences)
+
 
 @dataclass
 class Batch:
-    """A micro-batch: all completions of its groups in one padded tensor, pairs indexing into it."""
+    """A micro-batch: all completions of its groups in one padded tensor, pairs indexing into its rewards.
 
-    input_ids: Tensor  # (N, T) right-padded
-    attention_mask: Tensor  # (N, T)
-    chosen_idx: Tensor  # (P,) rows of input_ids
+    Plain: one right-padded row per completion, the reward at the row's last real token. With a shared prefix:
+    one row per group, its common prefix (the prompt) once and then each completion's rest as a branch that
+    sees the prefix and itself (a tree attention mask, positions restarting after the prefix); the reward of
+    completion n is read at row/column `reward_at[n]`."""
+
+    input_ids: Tensor  # (R, T) right-padded
+    attention_mask: Tensor  # (R, T), or (R, 1, T, T) with a shared prefix
+    chosen_idx: Tensor  # (P,) indices into the completions' rewards
     rejected_idx: Tensor  # (P,)
     group_idx: Tensor  # (P,) which group (0..G-1) each pair belongs to
     margins: Tensor  # (P,)
     weights: Tensor  # (P,)
     num_groups: int
+    n_tokens: int = 0  # real tokens forwarded
+    position_ids: Tensor | None = None  # (R, T) with a shared prefix
+    reward_at: Tensor | None = None  # (N, 2) row and column of each completion's last token
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -199,16 +213,98 @@ def strip_eos(completion: str, eos_token: str | None) -> str:
     return end[: -len(eos_token)] if eos_token and end.endswith(eos_token) else completion
 
 
-def collate(examples: list[GroupExample], pad_id: int, use_margins: bool = True) -> Batch:
-    """Stack every completion of the micro-batch's groups, right-padded, and index the pairs into them.
-    Margins the data lacks (or all, without `use_margins`) are 0."""
-    sequences = [s for e in examples for s in e.sequences]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        input_ids[row, : len(s)] = torch.tensor(s)
-        attention_mask[row, : len(s)] = 1
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least its last token (where its reward is read)."""
+    n, first = min(len(s) for s in sequences) - 1, sequences[0]
+    lcp = 0
+    while lcp < n and all(s[lcp] == first[lcp] for s in sequences):
+        lcp += 1
+    return lcp
+
+
+def shared_prefix_row(sequences: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One group as one run of tokens: (tokens, positions, branches, ends). The common prefix comes once
+    (branch 0, positions 0..L-1), then sequence j's remaining tokens (branch j+1, positions from L on, as if
+    alone); ends[j] is where sequence j's last token lands. A causal model gives each sequence the same hidden
+    states as a forward of it alone, provided a branch sees only the prefix and itself (tree_attention_mask)."""
+    lcp = common_prefix_length(sequences)
+    tokens, positions, segments, ends = list(sequences[0][:lcp]), list(range(lcp)), [0] * lcp, []
+    for j, s in enumerate(sequences):
+        tokens += s[lcp:]
+        positions += range(lcp, len(s))
+        segments += [j + 1] * (len(s) - lcp)
+        ends.append(len(tokens) - 1)
+    return tokens, positions, segments, ends
+
+
+def pack_rows(widths: list[int]) -> list[list[int]]:
+    """Groups into rows no wider than the widest group, first-fit decreasing: little padding is left."""
+    capacity, rows, free = max(widths), [], []  # type: ignore[var-annotated]
+    for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
+        row = next((r for r, f in enumerate(free) if widths[i] <= f), None)
+        if row is None:
+            rows.append([i])
+            free.append(capacity - widths[i])
+        else:
+            rows[row].append(i)
+            free[row] -= widths[i]
+    return rows
+
+
+def tree_attention_mask(groups: Tensor, branches: Tensor, additive: bool = False) -> Tensor:
+    """(R, 1, T, T) from (R, T) ids of each token's group in its row (-1 = padding) and its branch (0 = the
+    group's shared prefix, j > 0 = its sequence j): a query sees the earlier keys of its own group's prefix and
+    of its own branch. Padding sees only itself (no empty softmax row, whose NaN would reach the weight
+    gradients). Boolean (True = attend) for SDPA; additive 0 / -inf-like for eager attention."""
+    width = groups.size(1)
+    order = torch.ones(width, width, dtype=torch.bool).tril()
+    same_group = (groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0)
+    keys, queries = branches[:, None, :], branches[:, :, None]
+    allowed = order & same_group & ((keys == 0) | (keys == queries))
+    allowed |= torch.eye(width, dtype=torch.bool)
+    allowed = allowed[:, None]  # (R, 1, T, T)
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def collate(
+    examples: list[GroupExample], pad_id: int, use_margins: bool = True, shared_prefix: bool = False,
+    additive_mask: bool = False,
+) -> Batch:  # fmt: skip
+    """Stack every completion of the micro-batch's groups, right-padded, and index the pairs into them; with
+    `shared_prefix`, each group's prefix once (shared_prefix_row) and groups packed into rows (pack_rows). Margins the data lacks (or all, without
+    `use_margins`) are 0."""
+    if shared_prefix:
+        layouts = [shared_prefix_row(e.sequences) for e in examples]
+        rows = pack_rows([len(tokens) for tokens, *_ in layouts])
+        width = max(sum(len(layouts[g][0]) for g in members) for members in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        group_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        ends_at: list[list[tuple[int, int]]] = [[] for _ in examples]
+        for r, members in enumerate(rows):
+            col = 0
+            for g in members:
+                tokens, positions, branches, ends = layouts[g]
+                span = slice(col, col + len(tokens))
+                input_ids[r, span], position_ids[r, span] = torch.tensor(tokens), torch.tensor(positions)
+                group_ids[r, span], branch_ids[r, span] = g, torch.tensor(branches)
+                ends_at[g] = [(r, col + end) for end in ends]
+                col += len(tokens)
+        reward_at = [at for group in ends_at for at in group]  # completions in example order
+        attention_mask = tree_attention_mask(group_ids, branch_ids, additive_mask)
+        n_tokens = sum(len(tokens) for tokens, *_ in layouts)
+    else:
+        sequences = [s for e in examples for s in e.sequences]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, s in enumerate(sequences):
+            input_ids[row, : len(s)] = torch.tensor(s)
+            attention_mask[row, : len(s)] = 1
+        n_tokens = sum(len(s) for s in sequences)
     chosen, rejected, group, margins, weights = [], [], [], [], []
     offset = 0
     for g, e in enumerate(examples):
@@ -221,22 +317,54 @@ def collate(examples: list[GroupExample], pad_id: int, use_margins: bool = True)
         offset += len(e.sequences)
     return Batch(
         input_ids, attention_mask, torch.tensor(chosen), torch.tensor(rejected), torch.tensor(group),
-        torch.tensor(margins), torch.tensor(weights), len(examples),
+        torch.tensor(margins), torch.tensor(weights), len(examples), n_tokens,
+        position_ids if shared_prefix else None, torch.tensor(reward_at) if shared_prefix else None,
     )  # fmt: skip
 
 
-def micro_batches_by_length(plan: BatchPlan, step: int, examples: list[GroupExample]) -> list[list[int]]:
-    """This process's share of the step's groups, sorted by their longest sequence before cutting into
+def micro_batches_by_length(
+    plan: BatchPlan, step: int, examples: list[GroupExample], shared_prefix: bool = False
+) -> list[list[int]]:
+    """This process's share of the step's groups, sorted by the width of their rows before cutting into
     micro-batches, so each forward pads less; the step's gradient is the same sum over the same groups."""
-    mine = sorted((i for mb in plan.micro_batches(step) for i in mb), key=lambda i: examples[i].width)
+
+    def width(i: int) -> int:
+        return examples[i].shared_width if shared_prefix else examples[i].width
+
+    mine = sorted((i for mb in plan.micro_batches(step) for i in mb), key=width)
     return [mine[k : k + plan.micro_batch_size] for k in range(0, len(mine), plan.micro_batch_size)]
+
+
+def uses_shared_prefix(cfg: RewardConfig, model: torch.nn.Module) -> tuple[bool, bool]:
+    """(shared prefix on, additive mask): on when configured and the attention takes a custom 4-D mask."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return cfg.shared_prefix and attention in ("sdpa", "eager"), attention == "eager"
+
+
+def scalar_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The head module inside DDP and peft wrappers (with LoRA, peft's trainable copy of it)."""
+    inner = getattr(model, "module", model)
+    get_base = getattr(inner, "get_base_model", None)
+    inner = get_base() if get_base is not None else inner
+    return cast(torch.nn.Module, getattr(inner, "score", None) or inner.classifier)
 
 
 def forward_rewards(model: torch.nn.Module, batch: Batch) -> Tensor:
     """One reward per completion, (N,): the scalar head at the last real token (the model's own pooling finds
-    the last non-PAD token; PAD differs from EOS). Calls the wrapper, so DDP and peft see the forward."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return out.logits[:, 0].float()  # (N,)
+    the last non-PAD token; PAD differs from EOS). With a shared prefix the head's output at every position is
+    caught on its way out and read at `reward_at`. Calls the wrapper, so DDP and peft see the forward."""
+    if batch.reward_at is None:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return out.logits[:, 0].float()  # (N,)
+    caught: list[Tensor] = []
+    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids, use_cache=False)  # fmt: skip
+    finally:
+        hook.remove()
+    scores = caught[-1]  # (R, T, 1)
+    return scores[batch.reward_at[:, 0], batch.reward_at[:, 1], 0].float()  # (N,)
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -256,7 +384,7 @@ def score_pairs(
     total, pairs = 0.0, []
     for i in range(0, len(examples), cfg.micro_batch_size):
         chunk = examples[i : i + cfg.micro_batch_size]
-        batch = collate(chunk, pad_id, cfg.use_margins)
+        batch = collate(chunk, pad_id, cfg.use_margins, *uses_shared_prefix(cfg, model))
         with autocast(accelerator):
             rewards = forward_rewards(model, batch)  # (N,)
         loss, _ = grouped_bt_loss(
@@ -417,6 +545,9 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    shared = uses_shared_prefix(cfg, unwrapped)
+    if cfg.shared_prefix and not shared[0]:
+        log.info("reward: shared_prefix needs sdpa or eager attention; one row per completion instead")
 
     def save_files(path: Path) -> None:
         unwrapped.save_pretrained(path, safe_serialization=True)  # with LoRA: the adapter and the head
@@ -429,10 +560,10 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         global_groups = plan.batch_size
         step_loss = torch.zeros((), dtype=torch.float64)
         step_correct = step_pairs = step_tokens = 0
-        micro = micro_batches_by_length(plan, step, train)
+        micro = micro_batches_by_length(plan, step, train, shared[0])
         for k, indices in enumerate(micro):
-            batch = collate([train[i] for i in indices], pad_id, cfg.use_margins)
-            step_tokens += int(batch.attention_mask.sum())
+            batch = collate([train[i] for i in indices], pad_id, cfg.use_margins, *shared)
+            step_tokens += batch.n_tokens
             sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
             with sync:
                 # 1. forward: all distinct completions of these groups at once, rewards at the last real token

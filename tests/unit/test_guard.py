@@ -35,5 +35,13 @@ def test_without_gold_the_best_is_by_proxy_and_only_kl_can_stop() -> None:
         guard.observe(i, evaluation(kl, proxy), patience=1, kl_budget=10.0)
     assert guard.best_iteration == 1 and math.isclose(guard.best_score, 0.5)
     assert guard.stop_reason is None
-    guard.observe(4, evaluation(12.5, 0.2), patience=1, kl_budget=10.0)
+    assert not guard.observe(4, evaluation(12.5, 0.2), patience=1, kl_budget=10.0)
     assert guard.stop_reason == "KL budget: 12.5 nats > kl_budget 10"
+
+
+def test_a_policy_over_the_kl_budget_is_never_the_best() -> None:
+    guard = Guard()
+    assert guard.observe(0, evaluation(0.0, 0.0, 0.1), patience=3, kl_budget=2.0)
+    assert guard.observe(1, evaluation(1.5, 0.4, 0.3), patience=3, kl_budget=2.0)
+    assert not guard.observe(2, evaluation(2.5, 0.9, 0.8), patience=3, kl_budget=2.0)
+    assert guard.best_iteration == 1 and guard.stop_reason is not None

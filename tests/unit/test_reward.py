@@ -26,9 +26,12 @@ from rlhf.train.reward import (
     forward_rewards,
     merge_sessions,
     micro_batches_by_length,
+    pack_rows,
     read_groups,
     read_labeler_weights,
+    shared_prefix_row,
     split_by_prompt,
+    tree_attention_mask,
 )
 
 PROMPT = "User: What is 2 plus 3?\nAssistant:"
@@ -156,6 +159,63 @@ def test_left_and_right_padding_give_the_same_reward(tiny_sft_model: Path) -> No
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(trained_path, right, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_shared_prefix_gives_the_rewards_and_gradients_of_one_row_per_completion(
+    tiny_sft_model: Path, attention: str
+) -> None:
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    model = build_scalar_model(str(tiny_sft_model), seed=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config._attn_implementation = attention
+    groups = to_groups([
+        Ranking(PROMPT, ANSWERS, [1, 2, 3, 4], labeler="ann"),
+        PairwiseVote("User: Hi!\nAssistant:", " Hello!", " Hello, you fool.", "A", labeler="bob"),
+        PairwiseVote(PROMPT, " 5.", " 5. Five.", "A", labeler="cy"),  # the prefix reaches into the answers
+    ])  # fmt: skip
+    examples, _ = encode_groups(groups, tokenizer, 128, RewardConfig(), {})
+    plain = collate(examples, tokenizer.pad_token_id)
+    shared = collate(examples, tokenizer.pad_token_id, shared_prefix=True, additive_mask=attention == "eager")
+    rows, width = shared.input_ids.shape
+    assert rows < 3 and shared.n_tokens < plain.n_tokens  # groups share rows, prompts come once
+    assert shared.attention_mask.shape == (rows, 1, width, width)
+    assert torch.equal(shared.chosen_idx, plain.chosen_idx)
+    assert torch.equal(shared.rejected_idx, plain.rejected_idx)
+    grads = []
+    for batch in (plain, shared):
+        model.zero_grad()
+        rewards = forward_rewards(model, batch)
+        loss, _ = grouped_bt_loss(rewards, batch.chosen_idx, batch.rejected_idx, batch.group_idx,
+                                  batch.num_groups, batch.margins, batch.weights)  # fmt: skip
+        loss.backward()
+        grads.append((rewards.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (r_plain, g_plain), (r_shared, g_shared) = grads
+    assert r_plain.shape == (4 + 2 + 2,)
+    torch.testing.assert_close(r_shared, r_plain, atol=1e-5, rtol=0)
+    assert len(g_plain) == len(g_shared) and all(torch.isfinite(g).all() for g in g_shared)
+    for a, b in zip(g_plain, g_shared, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_the_shared_prefix_is_the_common_prompt_and_leaves_each_answer_its_eos() -> None:
+    tokens, positions, segments, ends = shared_prefix_row([[1, 2, 3, 9], [1, 2, 4, 5, 9], [1, 2, 3, 9]])
+    assert tokens == [1, 2, 3, 9, 4, 5, 9, 3, 9]
+    assert positions == [0, 1, 2, 3, 2, 3, 4, 2, 3]
+    assert segments == [0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert ends == [3, 6, 8]
+    groups = torch.tensor([[0] * 9 + [1, 1, 1, -1]])  # a second group [7, 8], [7, 9] after the first
+    mask = tree_attention_mask(groups, torch.tensor([segments + [0, 1, 2, 0]]))[0, 0]
+    assert mask[6].tolist() == [True, True, False, False, True, True, True] + [False] * 6
+    assert mask[11].tolist() == [False] * 9 + [True, False, True, False]  # its prefix and itself only
+    assert mask[12].tolist() == [False] * 12 + [True]  # padding sees only itself
+
+
+def test_rows_are_packed_no_wider_than_the_widest_group() -> None:
+    widths = [9, 2, 7, 4, 5, 1, 8, 3]
+    rows = pack_rows(widths)
+    assert sorted(g for row in rows for g in row) == list(range(8))
+    assert all(sum(widths[g] for g in row) <= 9 for row in rows) and len(rows) == 5
 
 
 def test_training_code_never_imports_the_gold_judge() -> None:
