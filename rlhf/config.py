@@ -414,8 +414,9 @@ class LoopConfig(Section):
     kl_budget_step: float | None = Field(
         None, gt=0, description="round r's PPO keeps its policy within r x this KL (nats) of the SFT policy"
     )
-    guard_every: int | None = Field(
-        None, gt=0, description="PPO's guard_every within the loop (unset = ppo.guard_every)"
+    ppo: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ppo settings that differ inside the loop, laid over the ppo section (e.g. lr, guard_every)",
     )
     seed: int = Field(
         0, description="seed of prompt sampling, generation and pair selection (plus the round)"
@@ -434,6 +435,18 @@ class RootConfig(Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+
+    def loop_ppo(self) -> PPOConfig:
+        """The ppo section with the loop's own ppo settings (loop.ppo) laid over it."""
+        return PPOConfig.model_validate({**self.ppo.model_dump(), **self.loop.ppo})
+
+    @model_validator(mode="after")
+    def _loop_ppo_is_ppo(self) -> RootConfig:
+        unknown = sorted(set(self.loop.ppo) - set(PPOConfig.model_fields))
+        if unknown:
+            raise ValueError(f"loop.ppo: not ppo settings: {', '.join(unknown)}")
+        self.loop_ppo()
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from rlhf.config import RootConfig
+from rlhf.config import PPOConfig, RootConfig
 from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
 from rlhf.errors import RlhfError
 from rlhf.feedback.db import Database, upgrade
@@ -300,6 +300,20 @@ def train_reward(
     )  # fmt: skip
 
 
+def round_ppo_config(
+    cfg: RootConfig, current: PolicyVersion, rm: RewardModelVersion, rdir: Path
+) -> PPOConfig:
+    """The ppo section with loop.ppo laid over it, for this round: from the current policy, against the new
+    reward model (the critic starts from it), KL to the SFT policy, seed ppo.seed + r, and with
+    `kl_budget_step` a KL budget of r x kl_budget_step nats."""
+    settings = cfg.loop_ppo()
+    budget = settings.kl_budget if cfg.loop.kl_budget_step is None else cfg.loop.kl_budget_step * rm.round
+    return settings.model_copy(update={
+        "out_dir": str(rdir / "ppo"), "policy": current.path, "reference": cfg.loop.sft_policy,
+        "reward_model": rm.path, "critic": None, "seed": settings.seed + rm.round, "kl_budget": budget,
+    })  # fmt: skip
+
+
 def train_policy(
     cfg: RootConfig, current: PolicyVersion, rm: RewardModelVersion, rdir: Path, quiet: bool
 ) -> dict[str, Any]:
@@ -307,17 +321,12 @@ def train_policy(
     checkpoints. The guard's best checkpoint (when it kept one) is the new policy, as in `rlhf demo`."""
     from rlhf.train import ppo
 
+    ppo_cfg = round_ppo_config(cfg, current, rm, rdir)
     gold_fn = None
-    if cfg.ppo.guard_gold:
+    if ppo_cfg.guard_gold:
         from rlhf.eval.judges import gold_utilities
 
         gold_fn = gold_utilities
-    ppo_cfg = cfg.ppo.model_copy(update={
-        "out_dir": str(rdir / "ppo"), "policy": current.path, "reference": cfg.loop.sft_policy,
-        "reward_model": rm.path, "critic": None, "seed": cfg.ppo.seed + rm.round,
-        "kl_budget": cfg.ppo.kl_budget if cfg.loop.kl_budget_step is None else cfg.loop.kl_budget_step * rm.round,
-        "guard_every": cfg.loop.guard_every or cfg.ppo.guard_every,
-    })  # fmt: skip
     result = ppo.run(ppo_cfg, resume=True, quiet=quiet, gold_fn=gold_fn)
     best = rdir / "ppo" / "best"
     path = best if best.exists() else rdir / "ppo" / "final"

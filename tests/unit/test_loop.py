@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rlhf.config import load_config
-from rlhf.loop import candidate_pairs, pending, round_prompts
+from rlhf.errors import ConfigError
+from rlhf.feedback.models import PolicyVersion, RewardModelVersion
+from rlhf.loop import candidate_pairs, pending, round_ppo_config, round_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,3 +41,36 @@ def test_pending_reads_the_finished_phases() -> None:
 def test_demo_config_has_a_loop_section() -> None:
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.loop.rounds == 3 and cfg.loop.active and cfg.loop.sft_policy == "runs/demo/sft/final"
+
+
+def test_each_round_widens_the_kl_budget_and_loop_ppo_overrides_the_ppo_section(tmp_path: Path) -> None:
+    cfg = load_config(None, ["ppo.lr=2e-4", "ppo.guard_every=10", "ppo.seed=5", "loop.kl_budget_step=0.7",
+                             "loop.ppo={lr: 5.0e-5, guard_every: 1}", "loop.sft_policy=SFT"])  # fmt: skip
+    current = PolicyVersion(name="r1", path="R1")
+    configs = [round_ppo_config(cfg, current, RewardModelVersion(round=r, path=f"RM{r}"), tmp_path / str(r))
+               for r in (1, 2, 3)]  # fmt: skip
+    assert [c.kl_budget for c in configs] == pytest.approx([0.7, 1.4, 2.1])
+    assert [c.seed for c in configs] == [6, 7, 8]
+    first = configs[0]
+    assert (first.lr, first.guard_every, first.policy, first.reference, first.reward_model) == (
+        5e-5,
+        1,
+        "R1",
+        "SFT",
+        "RM1",
+    )
+    assert cfg.ppo.lr == 2e-4 and cfg.ppo.guard_every == 10  # `rlhf ppo` and the demo keep their own
+    unchanged = load_config(None, ["ppo.kl_budget=3.0"])
+    assert (
+        round_ppo_config(unchanged, current, RewardModelVersion(round=2, path="RM"), tmp_path).kl_budget
+        == 3.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("loop.ppo={learning_rate: 1}", "not ppo settings: learning_rate"), ("loop.ppo={lr: -1}", "lr")],
+)
+def test_loop_ppo_takes_only_valid_ppo_settings(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
