@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, and_, bindparam, exists, func, select, update
+from sqlalchemy import Connection, Select, Table, and_, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
@@ -32,10 +32,12 @@ _CLAIM = (
 GOLD_LIMIT = 2**31 - 1  # gold tasks go to every labeler: no overlap limit
 
 
-def claim(session: Session, task_id: int, is_gold: bool, overlap: int) -> bool:
+def claim(
+    session: Session, task_id: int, is_gold: bool, overlap: int, conn: Connection | None = None
+) -> bool:
     """Take one slot of a task for a new assignment; False when it already has `overlap` labelers."""
     limit = GOLD_LIMIT if is_gold else overlap
-    return session.connection().execute(_CLAIM, {"b_task": task_id, "b_limit": limit}).rowcount == 1
+    return (conn or session.connection()).execute(_CLAIM, {"b_task": task_id, "b_limit": limit}).rowcount == 1
 
 
 def next_task(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -62,7 +62,9 @@ _INSERT_ASSIGNMENT = insert(_assignments)
 _INSERT_VOTE = insert(_votes).returning(_votes.c.id)
 
 
-def write_vote(session: Session, user: User, data: VoteIn, source: str) -> Recorded:
+def write_vote(
+    session: Session, user: User, data: VoteIn, source: str, conn: Connection | None = None
+) -> Recorded:
     """Insert one vote within the session's open write transaction (see record_vote and VoteWriter).
 
     Raises NotFound, Forbidden, InvalidInput or Conflict, or IntegrityError when the idempotency key or
@@ -84,7 +86,7 @@ def write_vote(session: Session, user: User, data: VoteIn, source: str) -> Recor
         "created_at": utcnow(),
         "retracted_at": None,
     }
-    conn = session.connection()
+    conn = conn or session.connection()
     row = conn.execute(_SELECT_TASK, {"b_task": data.task_id, "b_user": user.id}).first()
     if row is None:
         raise NotFound(f"no task {data.task_id}")
@@ -96,7 +98,7 @@ def write_vote(session: Session, user: User, data: VoteIn, source: str) -> Recor
         raise Conflict(f"you already voted on task {data.task_id}; undo that vote first")
     if status in (None, "skipped"):
         # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
-        if not claim(session, data.task_id, is_gold, overlap):
+        if not claim(session, data.task_id, is_gold, overlap, conn):
             raise Conflict(f"task {data.task_id} already has its {overlap} labelers")
     if assignment_id is None:
         assignment = {"task_id": data.task_id, "user_id": user.id, "project_id": project_id}

@@ -106,10 +106,11 @@ class VoteWriter:
         outcomes: list[Recorded | FeedbackError] = []
         try:
             with self.db.session() as session, self.db.write(session):
+                conn = session.connection()
                 for item in batch:
-                    savepoint = session.begin_nested()
+                    savepoint = conn.begin_nested()  # Core savepoints: the votes are Core statements
                     try:
-                        outcomes.append(write_vote(session, item.user, item.data, item.source))
+                        outcomes.append(write_vote(session, item.user, item.data, item.source, conn))
                         savepoint.commit()
                     except (IntegrityError, FeedbackError) as e:
                         savepoint.rollback()
