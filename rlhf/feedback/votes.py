@@ -67,8 +67,9 @@ def write_vote(
 ) -> Recorded:
     """Insert one vote within the session's open write transaction (see record_vote and VoteWriter).
 
-    Raises NotFound, Forbidden, InvalidInput or Conflict, or IntegrityError when the idempotency key or
-    the one-live-vote-per-task rule is already taken; `settle` turns those into the right answer.
+    Raises NotFound, Forbidden, InvalidInput or Conflict before anything is written (VoteWriter relies on
+    it), or IntegrityError when the idempotency key or the one-live-vote-per-task rule is already taken;
+    `settle` turns those into the right answer.
     """
     fields = {
         "task_id": data.task_id,

@@ -2,7 +2,8 @@
 
 SQLite has one writer at a time. Under load many votes arrive while one is being written, so instead of a
 transaction each (each waiting for the write lock, each with its own commit), one writer thread takes every
-vote waiting, writes each inside a SAVEPOINT (so a bad vote fails alone), commits once, and only then
+vote waiting, writes them in one transaction (a refused vote writes nothing, so it fails alone; a constraint
+hit after a write sends the batch round again with a SAVEPOINT per vote), commits once, and only then
 answers all of them. A vote is acknowledged only after the commit that holds it; if that commit fails,
 every vote in it gets the error. Requests wait on a future, so an API vote costs no thread-pool hop.
 
@@ -103,18 +104,11 @@ class VoteWriter:
                 return
 
     def _write(self, batch: list[_Pending]) -> None:
-        outcomes: list[Recorded | FeedbackError] = []
         try:
-            with self.db.session() as session, self.db.write(session):
-                conn = session.connection()
-                for item in batch:
-                    savepoint = conn.begin_nested()  # Core savepoints: the votes are Core statements
-                    try:
-                        outcomes.append(write_vote(session, item.user, item.data, item.source, conn))
-                        savepoint.commit()
-                    except (IntegrityError, FeedbackError) as e:
-                        savepoint.rollback()
-                        outcomes.append(_settled(session, item, e))
+            try:
+                outcomes = self._write_batch(batch, savepoints=False)
+            except _NeedsSavepoints:  # rolled back: write the batch again, each vote in a savepoint
+                outcomes = self._write_batch(batch, savepoints=True)
         except Exception as e:  # the commit (or the database) failed: nothing in this batch was stored
             log.exception("vote batch of %d failed", len(batch))
             for item in batch:
@@ -125,6 +119,35 @@ class VoteWriter:
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
+
+    def _write_batch(self, batch: list[_Pending], savepoints: bool) -> list[Recorded | FeedbackError]:
+        """One transaction for the batch. write_vote raises its FeedbackErrors before it writes anything, so
+        without savepoints a refused vote leaves nothing behind; an IntegrityError comes after writes, so
+        then the whole batch is rolled back and written again with a savepoint per vote (SAVEPOINT and
+        RELEASE cost as much as the vote itself, and the conflicts that need them are rare)."""
+        outcomes: list[Recorded | FeedbackError] = []
+        with self.db.session() as session, self.db.write(session):
+            conn = session.connection()
+            for item in batch:
+                savepoint = conn.begin_nested() if savepoints else None
+                try:
+                    outcomes.append(write_vote(session, item.user, item.data, item.source, conn))
+                    if savepoint is not None:
+                        savepoint.commit()
+                except IntegrityError as e:
+                    if savepoint is None:
+                        raise _NeedsSavepoints from e
+                    savepoint.rollback()
+                    outcomes.append(_settled(session, item, e))
+                except FeedbackError as e:
+                    if savepoint is not None:
+                        savepoint.rollback()
+                    outcomes.append(_settled(session, item, e))
+        return outcomes
+
+
+class _NeedsSavepoints(Exception):
+    """A vote of the batch hit a constraint after writing: the batch must be written with savepoints."""
 
 
 def _settled(

@@ -12,7 +12,7 @@ from rlhf.feedback import users
 from rlhf.feedback.db import Database
 from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
 from rlhf.feedback.importer import import_candidates
-from rlhf.feedback.models import Vote
+from rlhf.feedback.models import Assignment, Task, Vote
 from rlhf.feedback.schemas import CandidateRow, VoteIn
 from rlhf.feedback.votes import record_vote
 from rlhf.feedback.writer import VoteWriter
@@ -89,3 +89,26 @@ def test_racing_transactions_store_one_vote(db: Database, db_url: str, seeded: d
         d.dispose()
     assert len(results) == len(databases) and len(set(results)) == 1
     assert n_votes(db) == 1
+
+
+def test_a_constraint_hit_after_writing_rewrites_the_batch_with_savepoints(
+    db: Database, seeded: dict[str, Any]
+) -> None:
+    ann, bob = seeded["ann"], seeded["bob"]
+    writer = VoteWriter(db, group_commit=True)
+    futures = [
+        writer.submit(ann, VoteIn(task_id=1, choice="A", idempotency_key="reused-key-1"), "api"),
+        writer.submit(bob, VoteIn(task_id=2, choice="B", idempotency_key="other-key-2"), "api"),
+        # the same key on another task: the task is claimed and assigned before the vote's insert fails
+        writer.submit(ann, VoteIn(task_id=3, choice="A", idempotency_key="reused-key-1"), "api"),
+        writer.submit(bob, VoteIn(task_id=4, choice="tie", idempotency_key="other-key-4"), "api"),
+    ]
+    writer.start()
+    writer.stop()
+    first, second, reused, fourth = (f.result() for f in futures)
+    assert first.created and second.created and fourth.created
+    assert not reused.created and reused.vote.id == first.vote.id  # answered as a replay of the first
+    assert n_votes(db) == 3
+    with db.session() as s:  # the failed vote's claim and assignment were rolled back with it
+        assert s.scalar(select(Task.n_assigned).where(Task.id == 3)) == 0
+        assert s.scalar(select(func.count()).select_from(Assignment).where(Assignment.task_id == 3)) == 0
