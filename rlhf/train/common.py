@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from rlhf.config import Precision, TrainConfig
@@ -54,6 +55,20 @@ def make_accelerator(precision: Precision) -> Accelerator:
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+# On a CPU, SDPA's flash kernel has a slow backward in bf16 on short sequences: forward plus backward on one
+# thread, its math backend (matmul, softmax, matmul) was 1.1-2.8x faster up to 160 tokens and slower from 192
+# on. In fp32, and for the forward alone, flash was the faster (docs/performance.md, "Attention on a CPU").
+MATH_ATTENTION_MAX_LEN = 160
+
+
+def short_attention(length: int, device: torch.device, half: bool) -> Any:
+    """For a training forward in bf16/fp16 (`half`) of at most MATH_ATTENTION_MAX_LEN tokens on a CPU, SDPA's
+    math backend; otherwise the backend torch picks. The backward follows the backend chosen in the forward."""
+    if half and device.type == "cpu" and length <= MATH_ATTENTION_MAX_LEN and torch.is_grad_enabled():
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
 
 
 def autocast(accelerator: Accelerator) -> Any:

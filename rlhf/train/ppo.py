@@ -63,7 +63,15 @@ from rlhf.rl_math import (
     shape_rewards,
 )
 from rlhf.runs import Run, seed_everything, set_rng_state
-from rlhf.train.common import BatchPlan, Progress, autocast, make_accelerator, make_optimizer, make_scheduler
+from rlhf.train.common import (
+    BatchPlan,
+    Progress,
+    autocast,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    short_attention,
+)
 from rlhf.train.lm_loop import collate
 from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
 
@@ -319,6 +327,8 @@ def run(
     updates_per_iteration = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
     policy.train()  # dropout is off everywhere, so train() and eval() compute the same function
     critic.train()
+    # training attention in bf16/fp16 (autocast or half weights): see short_attention
+    half = accelerator.mixed_precision in ("bf16", "fp16") or next(policy.parameters()).dtype != torch.float32
     policy_opt = make_optimizer(policy, cfg)
     critic_opt = make_optimizer(critic, cfg.model_copy(update={"lr": cfg.critic_lr}))
     policy_sched = make_scheduler(policy_opt, cfg, cfg.iterations * updates_per_iteration)
@@ -438,7 +448,10 @@ def run(
                     old_logprobs, old_values = r.logprobs[idx, :t], r.values[idx, :t]
                     adv, ret = advantages[idx, :t], returns[idx, :t]
                     # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
-                    with no_sync(accelerator, policy, critic, sync=k == len(micro) - 1):
+                    with (
+                        no_sync(accelerator, policy, critic, sync=k == len(micro) - 1),
+                        short_attention(ids.size(1), ids.device, half),
+                    ):
                         logits = policy_forward(policy, ids, mask, r.n_prompt).float() / cfg.temperature
                         logprobs = logprobs_from_logits(logits, r.response_ids[idx, :t])  # (b, t)
                         pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs, adv, m, cfg.clip_eps)
