@@ -23,6 +23,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # (module, full-run arguments, quick-run arguments); modules other branches add are run when present
 SUITE: list[tuple[str, list[str], list[str]]] = [
     ("matmul_peak", [], ["--quick"]),
+    ("attention_backends", [], ["--quick"]),
     ("generation", [], ["--quick"]),
     ("ppo_bench", [], ["--quick"]),
     ("reward_throughput", [], ["--reps", "1", "--groups", "40", "--no-doc"]),
