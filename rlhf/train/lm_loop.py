@@ -21,7 +21,7 @@ from rlhf.data.jsonl import write_json
 from rlhf.losses import sft_loss
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.runs import Run
-from rlhf.train.common import BatchPlan, Progress, make_optimizer, make_scheduler
+from rlhf.train.common import BatchPlan, Progress, make_optimizer, make_scheduler, short_attention
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -98,6 +98,7 @@ def fit(
 
     progress = Progress(plan.total_steps, stage, accelerator.is_main_process, quiet, initial=start)
     metrics: dict[str, Any] = {}
+    half = accelerator.mixed_precision in ("bf16", "fp16")  # short bf16 sequences: see short_attention
     for step in range(start, plan.total_steps):
         # 1. forward and backward over this process's micro-batches; loss normalised by the global token count
         global_tokens = sum(n_loss_tokens(train[i]) for i in plan.global_batch(step))
@@ -108,8 +109,9 @@ def fit(
             batch = collate([train[i] for i in indices], pad_id)
             seen_tokens += int(batch["attention_mask"].sum())
             sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
-            with sync:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ids = batch["input_ids"]
+            with sync, short_attention(ids.size(1), ids.device, half):
+                logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
                 loss_sum = sft_loss(logits.float(), batch["labels"], reduction="sum")
                 # DDP averages gradients over processes; scale back so the sum over the global batch is exact
                 accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)

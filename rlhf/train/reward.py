@@ -48,7 +48,15 @@ from rlhf.models.loading import (
     save_pretrained_atomic,
 )
 from rlhf.runs import Run, seed_everything
-from rlhf.train.common import BatchPlan, Progress, autocast, make_accelerator, make_optimizer, make_scheduler
+from rlhf.train.common import (
+    BatchPlan,
+    Progress,
+    autocast,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    short_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +554,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     shared = uses_shared_prefix(cfg, unwrapped)
+    half = accelerator.mixed_precision in ("bf16", "fp16")  # short bf16 rows: see short_attention
     if cfg.shared_prefix and not shared[0]:
         log.info("reward: shared_prefix needs sdpa or eager attention; one row per completion instead")
 
@@ -565,7 +574,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
             batch = collate([train[i] for i in indices], pad_id, cfg.use_margins, *shared)
             step_tokens += batch.n_tokens
             sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
-            with sync:
+            with sync, short_attention(batch.input_ids.size(1), batch.input_ids.device, half):
                 # 1. forward: all distinct completions of these groups at once, rewards at the last real token
                 rewards = forward_rewards(model, batch)  # (N,)
                 # 2. loss: mean over each group's pairs, then over groups; scaled to the global batch
