@@ -164,7 +164,8 @@ def update_doc(result: dict[str, Any]) -> None:
         "element); TRL forwards 12 sequences for the same 6 pairs. Both settings: ours forwards a group's prompt "
         "once, its answers as branches under a tree attention mask (`reward.shared_prefix`), and packs groups into "
         "rows no wider than the widest (first-fit decreasing), so little padding is left; TRL right-pads one row "
-        "per sequence.", END,
+        "per sequence. Ours also takes SDPA's math backend for rows of at most 160 tokens (see Attention on a "
+        "CPU above); TRL runs SDPA as torch picks.", END,
     ])  # fmt: skip
     text = (
         DOC.read_text()
