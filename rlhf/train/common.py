@@ -63,6 +63,11 @@ def make_accelerator(precision: Precision) -> Accelerator:
 MATH_ATTENTION_MAX_LEN = 160
 
 
+def trains_in_half(accelerator: Accelerator) -> bool:
+    """Whether training forwards run in bf16/fp16 (accelerate's mixed precision): short_attention's `half`."""
+    return accelerator.mixed_precision in ("bf16", "fp16")
+
+
 def short_attention(length: int, device: torch.device, half: bool) -> Any:
     """For a training forward in bf16/fp16 (`half`) of at most MATH_ATTENTION_MAX_LEN tokens on a CPU, SDPA's
     math backend; otherwise the backend torch picks. The backward follows the backend chosen in the forward."""

@@ -21,7 +21,14 @@ from rlhf.data.jsonl import write_json
 from rlhf.losses import sft_loss
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.runs import Run
-from rlhf.train.common import BatchPlan, Progress, make_optimizer, make_scheduler, short_attention
+from rlhf.train.common import (
+    BatchPlan,
+    Progress,
+    make_optimizer,
+    make_scheduler,
+    short_attention,
+    trains_in_half,
+)
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -98,7 +105,7 @@ def fit(
 
     progress = Progress(plan.total_steps, stage, accelerator.is_main_process, quiet, initial=start)
     metrics: dict[str, Any] = {}
-    half = accelerator.mixed_precision in ("bf16", "fp16")  # short bf16 sequences: see short_attention
+    half = trains_in_half(accelerator)
     for step in range(start, plan.total_steps):
         # 1. forward and backward over this process's micro-batches; loss normalised by the global token count
         global_tokens = sum(n_loss_tokens(train[i]) for i in plan.global_batch(step))

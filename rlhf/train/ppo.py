@@ -71,6 +71,7 @@ from rlhf.train.common import (
     make_optimizer,
     make_scheduler,
     short_attention,
+    trains_in_half,
 )
 from rlhf.train.lm_loop import collate
 from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
@@ -327,8 +328,7 @@ def run(
     updates_per_iteration = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
     policy.train()  # dropout is off everywhere, so train() and eval() compute the same function
     critic.train()
-    # training attention in bf16/fp16 (autocast or half weights): see short_attention
-    half = accelerator.mixed_precision in ("bf16", "fp16") or next(policy.parameters()).dtype != torch.float32
+    half = trains_in_half(accelerator)  # policy and critic are loaded in fp32: autocast decides
     policy_opt = make_optimizer(policy, cfg)
     critic_opt = make_optimizer(critic, cfg.model_copy(update={"lr": cfg.critic_lr}))
     policy_sched = make_scheduler(policy_opt, cfg, cfg.iterations * updates_per_iteration)

@@ -23,6 +23,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +57,7 @@ from rlhf.train.common import (
     make_optimizer,
     make_scheduler,
     short_attention,
+    trains_in_half,
 )
 
 log = logging.getLogger(__name__)
@@ -73,12 +75,12 @@ class GroupExample:
     weight: float  # the labeler's reliability weight
     labeler: str | None
 
-    @property
+    @cached_property
     def width(self) -> int:
         """Its longest sequence: what a micro-batch holding this group is padded to, at least."""
         return max(len(s) for s in self.sequences)
 
-    @property
+    @cached_property
     def shared_width(self) -> int:
         """Its length as one row with the common prefix once (shared_prefix_row)."""
         lcp = common_prefix_length(self.sequences)
@@ -236,18 +238,20 @@ def shared_prefix_row(sequences: list[list[int]]) -> tuple[list[int], list[int],
     alone); ends[j] is where sequence j's last token lands. A causal model gives each sequence the same hidden
     states as a forward of it alone, provided a branch sees only the prefix and itself (tree_attention_mask)."""
     lcp = common_prefix_length(sequences)
-    tokens, positions, segments, ends = list(sequences[0][:lcp]), list(range(lcp)), [0] * lcp, []
+    tokens, positions, branches, ends = list(sequences[0][:lcp]), list(range(lcp)), [0] * lcp, []
     for j, s in enumerate(sequences):
         tokens += s[lcp:]
         positions += range(lcp, len(s))
-        segments += [j + 1] * (len(s) - lcp)
+        branches += [j + 1] * (len(s) - lcp)
         ends.append(len(tokens) - 1)
-    return tokens, positions, segments, ends
+    return tokens, positions, branches, ends
 
 
 def pack_rows(widths: list[int]) -> list[list[int]]:
     """Groups into rows no wider than the widest group, first-fit decreasing: little padding is left."""
-    capacity, rows, free = max(widths), [], []  # type: ignore[var-annotated]
+    capacity = max(widths)
+    rows: list[list[int]] = []
+    free: list[int] = []  # room left in each row
     for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
         row = next((r for r, f in enumerate(free) if widths[i] <= f), None)
         if row is None:
@@ -281,8 +285,10 @@ def collate(
     additive_mask: bool = False,
 ) -> Batch:  # fmt: skip
     """Stack every completion of the micro-batch's groups, right-padded, and index the pairs into them; with
-    `shared_prefix`, each group's prefix once (shared_prefix_row) and groups packed into rows (pack_rows). Margins the data lacks (or all, without
-    `use_margins`) are 0."""
+    `shared_prefix`, each group's prefix once (shared_prefix_row) and groups packed into rows (pack_rows).
+    Margins the data lacks (or all, without `use_margins`) are 0."""
+    position_ids: Tensor | None = None
+    reward_at: Tensor | None = None
     if shared_prefix:
         layouts = [shared_prefix_row(e.sequences) for e in examples]
         rows = pack_rows([len(tokens) for tokens, *_ in layouts])
@@ -301,7 +307,7 @@ def collate(
                 group_ids[r, span], branch_ids[r, span] = g, torch.tensor(branches)
                 ends_at[g] = [(r, col + end) for end in ends]
                 col += len(tokens)
-        reward_at = [at for group in ends_at for at in group]  # completions in example order
+        reward_at = torch.tensor([at for group in ends_at for at in group])  # completions in example order
         attention_mask = tree_attention_mask(group_ids, branch_ids, additive_mask)
         n_tokens = sum(len(tokens) for tokens, *_ in layouts)
     else:
@@ -325,8 +331,7 @@ def collate(
         offset += len(e.sequences)
     return Batch(
         input_ids, attention_mask, torch.tensor(chosen), torch.tensor(rejected), torch.tensor(group),
-        torch.tensor(margins), torch.tensor(weights), len(examples), n_tokens,
-        position_ids if shared_prefix else None, torch.tensor(reward_at) if shared_prefix else None,
+        torch.tensor(margins), torch.tensor(weights), len(examples), n_tokens, position_ids, reward_at,
     )  # fmt: skip
 
 
@@ -554,7 +559,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     shared = uses_shared_prefix(cfg, unwrapped)
-    half = accelerator.mixed_precision in ("bf16", "fp16")  # short bf16 rows: see short_attention
+    half = trains_in_half(accelerator)
     if cfg.shared_prefix and not shared[0]:
         log.info("reward: shared_prefix needs sdpa or eager attention; one row per completion instead")
 
