@@ -1,6 +1,6 @@
 """PPO iteration time, per phase, with MFU and peak memory; and the same workload under TRL's PPOTrainer.
 
-    python -m benchmarks.ppo_bench [--reps 3] [--iterations 4] [--sizes tiny small] [--quick]
+    python -m benchmarks.ppo_bench [--reps 3] [--iterations 6] [--sizes tiny small] [--quick]
 
 Workloads (fixed): batch 64 prompts, responses of up to 48 tokens, 2 PPO epochs over 2 minibatches of 32,
 bf16 autocast where the CPU has it. tiny = the demo model (hidden 128, 4 layers), briefly SFT-trained so
@@ -12,7 +12,8 @@ generation (`generate`), scoring (`score_rollout`, split into policy, reference,
 forwards) and training (the rest of the iteration: PPO epochs). Time per iteration is the median over the
 iterations after the first (which pays one-off allocation). FLOPs: 2·N·tokens per forward, 6·N·tokens per
 trained token, N = weights of the Linear layers (LM head included, embeddings not), plus attention
-(4·layers·hidden·context per token forward); tokens as executed (finished rows still ride along in generation).
+(4·layers·hidden·context per token forward); tokens = the rollouts' real tokens (prompt and response, each once),
+so padding and finished rows that ride along in generation count as lost time, not as work.
 MFU = FLOP rate / the bf16 (or fp32) matmul peak measured in the same run (benchmarks/matmul_peak.py).
 Peak memory per phase: the largest resident set size (/proc/self/statm, sampled every 5 ms by a thread) while
 the phase runs, and its rise over the RSS at the phase's start; torch's CPU allocator has no peak counter.
@@ -185,10 +186,11 @@ def linear_weights(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def forward_flops(n_linear: int, arch: ArchConfig, batch: int, length: int) -> float:
-    """2·N per token, plus QK^T and AV over the causal context (on average length / 2)."""
-    attention = 4 * arch.num_hidden_layers * arch.hidden_size * (length / 2)
-    return batch * length * (2 * n_linear + attention)
+def forward_flops(n_linear: int, arch: ArchConfig, lengths: list[int]) -> float:
+    """A forward of sequences of these lengths (real tokens): 2·N per token, plus QK^T and AV over the causal
+    context (on average length / 2)."""
+    per_layer = 4 * arch.num_hidden_layers * arch.hidden_size
+    return sum(n * (2 * n_linear + per_layer * n / 2) for n in lengths)
 
 
 def worker_ours(args: argparse.Namespace) -> None:
@@ -201,11 +203,12 @@ def worker_ours(args: argparse.Namespace) -> None:
     mon = RSSMonitor()
     times: dict[str, list[float]] = defaultdict(list)
     shapes: list[tuple[int, int, int]] = []
+    lengths: list[list[int]] = []  # real tokens (prompt + response) of each rollout, per iteration
     orig_generate, orig_score = ppo.generate, ppo.score_rollout
     orig_policy_forward, orig_values, orig_rewards = (
         ppo.policy_forward,
         ppo.response_values,
-        ppo.sequence_rewards,
+        ppo.reward_scores,
     )
     state = {"scoring": False, "calls": 0}
     n_linear: dict[str, int] = {}
@@ -218,6 +221,7 @@ def worker_ours(args: argparse.Namespace) -> None:
             times["generation"].append(time.perf_counter() - t0)
             times["generation_cpu"].append(time.process_time() - c0)
         shapes.append((gen.prompt_ids.size(0), gen.prompt_ids.size(1), gen.response_ids.size(1)))
+        lengths.append((gen.prompt_mask.sum(1) + gen.response_mask.sum(1)).tolist())
         return gen
 
     def timed(name: str, fn: Any) -> Any:
@@ -254,7 +258,7 @@ def worker_ours(args: argparse.Namespace) -> None:
 
     ppo.generate, ppo.score_rollout, ppo.policy_forward = generate, score_rollout, policy_forward  # type: ignore[assignment]
     ppo.response_values = timed("score_critic", orig_values)  # type: ignore[assignment]
-    ppo.sequence_rewards = timed("score_reward", orig_rewards)  # type: ignore[assignment]
+    ppo.reward_scores = timed("score_reward", orig_rewards)  # type: ignore[assignment]
     out = Path(args.out)
     cfg = ppo_config(paths, out, args.iterations)
     # one Run.log per iteration (log_every=1): the clock between two calls is one whole iteration, as TRL's is
@@ -283,32 +287,35 @@ def worker_ours(args: argparse.Namespace) -> None:
     def med(xs: list[float]) -> float:
         return statistics.median(xs[keep])
 
-    b, p, t = shapes[-1]
-    tokens_full = p + t
-    f_policy = forward_flops(n_linear["policy"], arch, b, tokens_full)
-    f_critic = forward_flops(n_linear["critic"], arch, b, tokens_full)
-    flops = {
-        "generation": forward_flops(n_linear["policy"], arch, b, tokens_full),  # prefill + one token per step
-        "scoring": 2 * f_policy + 2 * f_critic,  # policy, reference, critic, reward model
-        "training": EPOCHS * 3 * (f_policy + f_critic),  # forward + backward (2x) for policy and critic
-    }
-    phase_s = {
-        "generation": med(times["generation"]),
-        "scoring": med(times["scoring"]),
-        "training": med(training),
-    }
+    # model FLOPs: the real tokens' (padding and finished rows riding along in generation are not useful work)
+    flops: dict[str, list[float]] = defaultdict(list)
+    for n in lengths:
+        f_policy = forward_flops(n_linear["policy"], arch, n)
+        f_critic = forward_flops(n_linear["critic"], arch, n)
+        flops["generation"].append(f_policy)  # the prompt's prefill, then each response token once
+        flops["scoring"].append(2 * f_policy + 2 * f_critic)  # policy, reference, critic, reward model
+        # forward + backward (2x) for policy and critic, each epoch
+        flops["training"].append(EPOCHS * 3 * (f_policy + f_critic))
+    phase_times = {"generation": times["generation"], "scoring": times["scoring"], "training": training}
+    phase_s = {k: med(v) for k, v in phase_times.items()}
     # CPU time: iteration i+1 runs between the logs of iterations i and i+1
     gen_cpu, score_cpu = times["generation_cpu"][1:], times["scoring_cpu"][1:]
     train_cpu = [c - g - sc for c, g, sc in zip(cpu_between, gen_cpu, score_cpu, strict=False)]
-    phase_cpu_s = {"generation": statistics.median(gen_cpu), "scoring": statistics.median(score_cpu),
-                   "training": statistics.median(train_cpu)}  # fmt: skip
+    phase_cpu = {"generation": gen_cpu, "scoring": score_cpu, "training": train_cpu}
+    phase_cpu_s = {k: statistics.median(v) for k, v in phase_cpu.items()}
+    # rates per iteration (each iteration's own FLOPs over its own time), then the median
+    rate = {k: med([f / t for f, t in zip(flops[k], phase_times[k], strict=True)]) for k in phase_times}
+    rate_cpu = {k: statistics.median([f / t for f, t in zip(flops[k][1:], phase_cpu[k], strict=False)])
+                for k in phase_cpu}  # fmt: skip
+    b, p, t = shapes[-1]
     result = {
         "iteration_s": statistics.median(wall_between), "iteration_cpu_s": statistics.median(cpu_between),
         "stage_iteration_s": med(iteration), "phase_s": phase_s,
         "scoring_split_s": {k: med(times[k]) for k in ("score_policy", "score_reference", "score_critic", "score_reward")},
-        "flops": flops,
-        "flop_rate": {k: flops[k] / phase_s[k] for k in flops}, "phase_cpu_s": phase_cpu_s,
-        "flop_rate_cpu": {k: flops[k] / phase_cpu_s[k] for k in flops}, "shape": {"batch": b, "prompt": p, "response": t},
+        "flops": {k: med(v) for k, v in flops.items()},
+        "flop_rate": rate, "phase_cpu_s": phase_cpu_s,
+        "flop_rate_cpu": rate_cpu, "shape": {"batch": b, "prompt": p, "response": t},
+        "real_tokens": [sum(n) for n in lengths], "padded_tokens": [b_ * (p_ + t_) for b_, p_, t_ in shapes],
         "linear_weights": n_linear, "iterations": len(rows),
         "score": [r["ppo/score"] for r in rows], "kl": [r["ppo/kl"] for r in rows],
         "response_length": [r["ppo/response_length"] for r in rows],
@@ -333,7 +340,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (median reported)")
-    parser.add_argument("--iterations", type=int, default=4, help="PPO iterations per run")
+    parser.add_argument("--iterations", type=int, default=6, help="PPO iterations per run, tiny workload")
     parser.add_argument("--sizes", nargs="*", default=["tiny", "small"], choices=sorted(SIZES))
     parser.add_argument(
         "--small-reps", type=int, default=1, help="repetitions of the small workload (ours only)"

@@ -278,6 +278,11 @@ class PPOConfig(TrainConfig):
     batch_size: int = Field(64, gt=0, description="rollouts per iteration, over all processes")
     minibatch_size: int = Field(32, gt=0, description="rollouts per optimiser step, over all processes")
     micro_batch_size: int = Field(32, gt=0, description="rollouts per forward pass on one process")
+    pack_sequences: bool = Field(
+        True,
+        description="score and train on a micro-batch's sequences packed end to end into rows, not padded "
+        "(off by itself for attention kernels that take no 4-D mask)",
+    )
     epochs: int = Field(2, gt=0, description="PPO epochs over each iteration's rollouts")
     lr: float = Field(1e-5, gt=0, description="peak learning rate of the policy's AdamW")
     critic_lr: float = Field(5e-5, gt=0, description="peak learning rate of the critic's AdamW")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+_SLOT_BLOCK = 16
+
 
 @dataclass
 class _Layer:
@@ -78,8 +80,17 @@ class LlamaDecoder:
         self.on_cpu = device.type != "cuda"
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         key_shape = (batch, self.kv_heads, self.head_dim, max_len) if self.on_cpu else shape
-        self.keys = [torch.empty(key_shape, dtype=dtype, device=device) for _ in self.layers]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        # zeros, not empty: on a CPU attention reads whole blocks of slots (see `forward`), unwritten ones masked
+        self.max_len = max_len
+        self.keys = [torch.zeros(key_shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+
+    def keep(self, rows: Tensor, filled: int) -> None:
+        """Only these rows of the batch from now on (finished ones leave): the first `filled` cache slots of
+        each kept row move into buffers of the new batch size."""
+        for cache in (self.keys, self.values):
+            for i, old in enumerate(cache):
+                cache[i] = old.index_select(0, rows)
 
     def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, S, D/2)
@@ -120,7 +131,12 @@ class LlamaDecoder:
         key_mask (B, 1, S, start + S) bool: which cached positions each new token attends to.
         """
         batch, steps = input_ids.shape
-        end = start + steps
+        end = read = start + steps
+        if self.on_cpu:
+            # attend over whole blocks of _SLOT_BLOCK cache slots, the slots not yet written masked out: a matmul
+            # of a new shape costs a new oneDNN kernel (0.4-0.6 ms here), and `end` grows by one every step
+            read = min(-(-end // _SLOT_BLOCK) * _SLOT_BLOCK, self.max_len)
+            key_mask = F.pad(key_mask, (0, read - end), value=False)
         cos, sin = self._rotary(positions)
         x = F.embedding(input_ids, self.embed)  # (B, S, d) the residual stream, in the weights' dtype
         width, residual = x.size(-1), x.dtype
@@ -135,7 +151,7 @@ class LlamaDecoder:
             else:
                 keys[:, :, start:end] = k
             values[:, :, start:end] = v.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            attn = self._attend(q, keys, values, end, key_mask)  # (B, H, S, D)
+            attn = self._attend(q, keys, values, read, key_mask)  # (B, H, S, D)
             x = x + (attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype) @ layer.out.T).to(
                 residual
             )

@@ -223,32 +223,44 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+# rows of logits per temporary in the two functions below: 4M elements, 16 MB in float32
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The logits (..., V) as chunks of whole rows (n, V), bounding the float32 temporaries."""
+    vocab = logits.size(-1)
+    return logits.reshape(-1, vocab).split(max(1, _CHUNK_ELEMENTS // vocab))
+
+
 def logprobs_from_logits(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log softmax(logits / temperature)[labels] per position: (B, T, V), (B, T) -> (B, T).
+    """log softmax(logits / temperature)[labels] per position: (..., V), (...) -> (...), e.g. (B, T, V) ->
+    (B, T), or (N, V) -> (N,) for the real response tokens alone.
 
     Divide by the sampling temperature so that PPO's log-probs are those of the distribution the
-    rollout was sampled from (summarize-from-feedback; OpenRLHF). Computed one row at a time, as TRL's
-    `selective_log_softmax`, so only a (T, V) temporary exists beside the logits; the result is
-    logit[label] - logsumexp(logits). Half-precision logits give float32 log-probs.
+    rollout was sampled from (summarize-from-feedback; OpenRLHF). Computed a chunk of rows at a time, as TRL's
+    `selective_log_softmax` goes row by row, so only a bounded temporary exists beside the logits; the result
+    is logit[label] - logsumexp(logits). Half-precision logits give float32 log-probs.
     """
-    rows = []
-    for row_logits, row_labels in zip(logits, labels, strict=True):  # (T, V), (T,)
-        scaled = _upcast(row_logits) / temperature  # (T, V)
-        picked = scaled.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # (T,)
-        rows.append(picked - torch.logsumexp(scaled, dim=-1))  # (T,)
-    return torch.stack(rows)  # (B, T)
+    chunks = _row_chunks(logits)
+    picked = []
+    for chunk, chunk_labels in zip(chunks, labels.reshape(-1).split(chunks[0].size(0)), strict=True):
+        scaled = _upcast(chunk) if temperature == 1.0 else _upcast(chunk) / temperature  # (n, V)
+        label_logits = scaled.gather(-1, chunk_labels.unsqueeze(-1)).squeeze(-1)  # (n,)
+        picked.append(label_logits - torch.logsumexp(scaled, dim=-1))  # (n,)
+    return torch.cat(picked).view(labels.shape)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position: (B, T, V) -> (B, T), row by row to bound memory.
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position: (..., V) -> (...), a chunk of rows at a time.
 
     H = logsumexp(z) - sum_v softmax(z)_v * z_v (OpenRLHF/TRL `entropy_from_logits`).
     """
-    rows = []
-    for row_logits in logits:  # (T, V)
-        z = _upcast(row_logits)  # (T, V)
-        probs = torch.softmax(z, dim=-1)  # (T, V)
-        rows.append(torch.logsumexp(z, dim=-1) - (probs * z).sum(dim=-1))  # (T,)
-    return torch.stack(rows)  # (B, T)
+    entropies = []
+    for chunk in _row_chunks(logits):
+        z = _upcast(chunk) if temperature == 1.0 else _upcast(chunk) / temperature  # (n, V)
+        probs = torch.softmax(z, dim=-1)  # (n, V)
+        entropies.append(torch.logsumexp(z, dim=-1) - (probs * z).sum(dim=-1))  # (n,)
+    return torch.cat(entropies).view(logits.shape[:-1])

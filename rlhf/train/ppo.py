@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from accelerate import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,7 +42,8 @@ from rlhf.data.jsonl import field, iter_jsonl, write_json
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Generation, SamplingParams, decode_responses, generate
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
-from rlhf.models.heads import backbone, load_scalar_model, normalisation, sequence_rewards
+from rlhf.models import lean_llama
+from rlhf.models.heads import backbone, load_scalar_model, normalisation, score_head
 from rlhf.models.loading import (
     context_length,
     disable_dropout,
@@ -49,6 +51,7 @@ from rlhf.models.loading import (
     load_tokenizer,
     save_pretrained_atomic,
 )
+from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -80,6 +83,8 @@ log = logging.getLogger(__name__)
 
 # gold_fn(prompts, responses, ended) -> one gold utility per response; made by rlhf.eval, never imported here
 GoldFn = Callable[[list[str], list[str], list[bool]], list[float]]
+# (ids, mask, n_prompt) of prompt + response sequences -> their layout for a forward pass (packed or padded)
+LayoutFn = Callable[[Tensor, Tensor, int], TokenLayout]
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -96,16 +101,44 @@ def add_lora(model: PreTrainedModel, cfg: PPOConfig, task_type: str) -> PeftMode
     return get_peft_model(model, config)
 
 
+class Actor(torch.nn.Module):
+    """The policy's logits at the real response tokens, (N, V).
+
+    A module of its own, as the critic, so that `accelerator.prepare` (DDP, autocast) wraps this forward. With
+    `lean` (a plain Llama whose weights are whole on this process), the backbone runs through
+    rlhf.models.lean_llama, and the LM head only at the response tokens.
+    """
+
+    def __init__(self, model: PreTrainedModel | PeftModel, lean: bool = False) -> None:
+        super().__init__()
+        self.model: Any = model  # a Hugging Face causal LM, or its LoRA wrapper
+        self.lean = lean
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
+    ) -> Tensor:
+        if self.lean:
+            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
+            # the LM head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
+            n = response_at.numel()
+            rows = F.pad(response_at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
+            return cast(Tensor, self.model.lm_head(hidden.flatten(0, 1)[rows]))[:n]  # (N, V)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits
+        return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
+
+
 class Critic(torch.nn.Module):
     """The value function V(s_t) at every token, in the reward model's normalised units.
 
     A module of its own so that `accelerator.prepare` (DDP, autocast) wraps the per-token forward; the
-    sequence-classification forward of Hugging Face would pool to the last token only.
+    sequence-classification forward of Hugging Face would pool to the last token only. `lean` as the actor's.
     """
 
-    def __init__(self, model: PreTrainedModel | PeftModel) -> None:
+    def __init__(self, model: PreTrainedModel | PeftModel, lean: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.lean = model, lean
         self.shift, self.scale = normalisation(self.base)
 
     @property
@@ -114,26 +147,41 @@ class Critic(torch.nn.Module):
         model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         return cast(PreTrainedModel, model)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-        hidden = backbone(self.base)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state  # (B, L, H)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        hidden = backbone_states(self.base, self.lean, input_ids, attention_mask, position_ids)  # (R, W, H)
         # the scalar head: a Linear, or PEFT's wrapper that keeps it fully trainable under LoRA
         head: Any = getattr(self.base, "score", None) or self.base.classifier
-        return (head(hidden).squeeze(-1).float() - self.shift) / self.scale  # (B, L)
+        return (head(hidden).squeeze(-1).float() - self.shift) / self.scale  # (R, W)
 
 
-def policy_forward(policy: torch.nn.Module, ids: Tensor, mask: Tensor, n_prompt: int) -> Tensor:
-    """Logits that predict each response token, (B, T, V): positions P-1 .. P+T-2 of prompt + response."""
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) correct for the left-padded prompt
-    logits = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits  # (B, L, V)
-    return logits[:, n_prompt - 1 : -1]
+def backbone_states(model: PreTrainedModel, lean: bool, *inputs: Tensor) -> Tensor:
+    """Final hidden states (R, W, H) of (input_ids, attention_mask, position_ids): lean or Hugging Face's."""
+    if lean:
+        return lean_llama.hidden_states(model, *inputs)
+    input_ids, attention_mask, position_ids = inputs
+    return backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
 
 
-def response_values(critic: torch.nn.Module, ids: Tensor, mask: Tensor, n_prompt: int) -> Tensor:
-    """V before each response token, (B, T): the critic read at the token that precedes it."""
-    return critic(ids, mask)[:, n_prompt - 1 : -1]
+def policy_forward(policy: torch.nn.Module, lay: TokenLayout) -> Tensor:
+    """Logits that predict each real response token, (N, V): read at the token before it. `policy`: an Actor."""
+    return cast(Tensor, policy(**lay.inputs, response_at=lay.response_at))
+
+
+def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
+    """V before each response token, (B, T) (0 at padding): the critic read at the token that precedes it."""
+    return lay.padded(lay.response(critic(**lay.inputs)))
+
+
+def reward_scores(reward_model: PreTrainedModel, lay: TokenLayout) -> Tensor:
+    """The reward model's normalised score of each sequence, (B,), read at its last token (EOS)."""
+    lean = lean_llama.supports(reward_model)  # frozen and never sharded: whole on every process
+    hidden = backbone_states(
+        reward_model, lean, lay.input_ids, lay.attention_mask, lay.position_ids
+    )  # (R, W, H)
+    shift, scale = normalisation(reward_model)
+    return (score_head(reward_model)(lay.last(hidden)).squeeze(-1).float() - shift) / scale
 
 
 @dataclass
@@ -154,47 +202,47 @@ class Rollout:
 
 @torch.no_grad()
 def score_rollout(
-    gen: Generation, policy: torch.nn.Module, reference: torch.nn.Module | None, critic: torch.nn.Module,
-    reward_model: PreTrainedModel, cfg: PPOConfig, ctx: Callable[[], Any],
+    gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module,
+    reward_model: PreTrainedModel, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
 ) -> Rollout:  # fmt: skip
     """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch.
 
-    The old log-probs come from a full forward pass, not from generation: the KV-cache path rounds differently
-    under bf16, and the first PPO step must see a ratio of exactly 1.
+    The old log-probs come from a forward pass laid out as the update's (`layout_of`), not from generation:
+    the KV-cache path rounds differently under bf16, and the first PPO step should see a ratio of 1 (packed
+    rows hold other neighbours in the update, which moves it by rounding only; tests/unit/test_packing.py).
     """
     ids = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P + T)
     mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P + T)
     n_prompt, rmask = gen.prompt_ids.size(1), gen.response_mask
     parts: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "ref", "values", "rm", "entropy")}
+
+    def widen(x: Tensor) -> Tensor:
+        """(b, t) -> (b, T), 0 at padding."""
+        return F.pad(x, (0, rmask.size(1) - x.size(1)))
+
     for i in range(0, ids.size(0), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
         t = int(rmask[rows].sum(1).max())  # longest response in this micro-batch: later columns are padding
-        b_ids, b_mask, b_resp = (
-            ids[rows, : n_prompt + t],
-            mask[rows, : n_prompt + t],
-            gen.response_ids[rows, :t],
-        )
-        pad = lambda x, t=t: F.pad(x, (0, rmask.size(1) - t))  # noqa: E731  back to the width T
+        lay = layout_of(ids[rows, : n_prompt + t], mask[rows, : n_prompt + t], n_prompt)
+        tokens = gen.response_ids[rows, :t][lay.response_mask]  # (n,) the real response tokens
         with ctx():
-            logits = policy_forward(policy, b_ids, b_mask, n_prompt).float() / cfg.temperature  # (b, t, V)
-            parts["logprobs"].append(pad(logprobs_from_logits(logits, b_resp)))
-            parts["entropy"].append(pad(entropy_from_logits(logits)))
+            logits = policy_forward(policy, lay)  # (n, V)
+            parts["logprobs"].append(widen(lay.padded(logprobs_from_logits(logits, tokens, cfg.temperature))))
+            parts["entropy"].append(widen(lay.padded(entropy_from_logits(logits, cfg.temperature))))
             if reference is None:  # LoRA: the reference is the policy with its adapter switched off
-                with policy.disable_adapter():  # type: ignore[operator]
-                    ref_logits = policy_forward(policy, b_ids, b_mask, n_prompt)
+                with policy.model.disable_adapter():  # type: ignore[operator]
+                    ref_logits = policy_forward(policy, lay)
             else:
-                ref_logits = policy_forward(reference, b_ids, b_mask, n_prompt)
-            parts["ref"].append(pad(logprobs_from_logits(ref_logits, b_resp, cfg.temperature)))
-            parts["values"].append(pad(response_values(critic, b_ids, b_mask, n_prompt)))
-            parts["rm"].append(sequence_rewards(reward_model, b_ids, b_mask))  # read at the last token (EOS)
-    zero = torch.zeros_like(rmask, dtype=torch.float32)
-    out = {k: torch.cat(v) for k, v in parts.items()}
-    masked = {k: torch.where(rmask.bool(), out[k], zero) for k in ("logprobs", "ref", "values", "entropy")}
+                ref_logits = policy_forward(reference, lay)
+            parts["ref"].append(widen(lay.padded(logprobs_from_logits(ref_logits, tokens, cfg.temperature))))
+            parts["values"].append(widen(response_values(critic, lay)))
+            parts["rm"].append(reward_scores(reward_model, lay))  # read at the last token (EOS)
+    out = {k: torch.cat(v) for k, v in parts.items()}  # (B, T) each, 0 at padding; rm (B,)
     # the "EOS trick": an answer that never ends gets a fixed low score whatever the reward model says
     penalty = out["rm"] if cfg.no_eos_penalty is None else torch.full_like(out["rm"], cfg.no_eos_penalty)
     scores = torch.where(gen.ended, out["rm"], penalty)  # (B,)
-    return Rollout(ids, mask, n_prompt, gen.response_ids, rmask, masked["logprobs"], masked["ref"],
-                   masked["values"], scores, masked["entropy"])  # fmt: skip
+    return Rollout(ids, mask, n_prompt, gen.response_ids, rmask, out["logprobs"], out["ref"], out["values"], scores,
+                   out["entropy"])  # fmt: skip
 
 
 @dataclass
@@ -231,9 +279,10 @@ class Guard:
 
 @torch.no_grad()
 def guard_eval(
-    policy: Any, reference: torch.nn.Module | None, critic: torch.nn.Module,
+    policy: Actor, reference: Actor | None, critic: torch.nn.Module,
     reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-    cfg: PPOConfig, ctx: Callable[[], Any], gold_fn: GoldFn | None, reduce: Callable[[Tensor], Tensor],
+    cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, gold_fn: GoldFn | None,
+    reduce: Callable[[Tensor], Tensor],
 ) -> dict[str, float]:  # fmt: skip
     """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -241,8 +290,8 @@ def guard_eval(
     # a seed of its own, the same at every evaluation: successive evaluations differ only by the policy
     generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed + 1_000_003)
     with ctx():
-        gen = generate(policy, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx)
+        gen = generate(policy.model, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of)
     kl = masked_sum(
         approx_kl(r.logprobs, r.ref_logprobs, r.response_mask, cfg.kl_estimator), r.response_mask, dim=1
     )
@@ -324,6 +373,12 @@ def run(
         else []
     )
 
+    # the lean Llama forward wherever a model's weights are whole on this process (not sharded by FSDP/ZeRO)
+    whole = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    policy = Actor(policy, whole and lean_llama.supports(policy))
+    critic.lean = whole and lean_llama.supports(critic.base)
+    reference_actor = None if reference is None else Actor(reference, lean_llama.supports(reference))
+
     # optimisers and schedules: one optimiser step per minibatch, per epoch, per iteration
     updates_per_iteration = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
     policy.train()  # dropout is off everywhere, so train() and eval() compute the same function
@@ -351,12 +406,21 @@ def run(
         run_dir.truncate_metrics(start)
         log.info("ppo: resumed from %s (iteration %d)", checkpoint, start)
     policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
-    policy_model: Any = accelerator.unwrap_model(policy)  # the bare model, for generation and saving
+    actor = cast(Actor, accelerator.unwrap_model(policy))
+    policy_model: Any = actor.model  # the bare model, for generation and saving
     critic_module = cast(Critic, accelerator.unwrap_model(critic))
     reward_model.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
     ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes of unprepared modules
+    # sequences packed into rows when every model takes a 4-D attention mask (SDPA, eager)
+    masks = [
+        takes_4d_mask(m) for m in (policy_model, critic_module.base, reward_model, reference) if m is not None
+    ]
+    pack, additive = cfg.pack_sequences and all(ok for ok, _ in masks), any(add for _, add in masks)
+    layout_of: LayoutFn = lambda ids, mask, n_prompt: layout(  # noqa: E731
+        ids, mask, n_prompt, tokenizer.pad_token_id, pack, additive
+    )
     device = accelerator.device
     reduce = lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean")  # noqa: E731
 
@@ -375,8 +439,8 @@ def run(
         run_dir.save_checkpoint(iteration, save_files, state, keep=cfg.keep_checkpoints)
 
     def run_guard(iteration: int) -> dict[str, float]:
-        m = guard_eval(policy_model, reference, critic_module, reward_model, tokenizer, guard_prompts, cfg, ctx,
-                       gold_fn, reduce)  # fmt: skip
+        m = guard_eval(actor, reference_actor, critic_module, reward_model, tokenizer, guard_prompts, cfg, ctx,
+                       layout_of, gold_fn, reduce)  # fmt: skip
         if guard.observe(iteration, m, cfg.guard_patience, cfg.kl_budget) and accelerator.is_main_process:
             save_policy(run_dir.dir / "best", policy_model, tokenizer)
             write_json(run_dir.dir / "best" / "guard.json", {"iteration": iteration, **m})
@@ -409,7 +473,7 @@ def run(
                            torch.Generator(device=device).manual_seed(seed))  # fmt: skip
 
         # 2. score: old log-probs, reference log-probs, values, reward-model scores
-        r = score_rollout(gen, policy_model, reference, critic_module, reward_model, cfg, ctx)
+        r = score_rollout(gen, actor, reference_actor, critic_module, reward_model, cfg, ctx, layout_of)
         rmask = r.response_mask  # (B, T)
 
         # 3. rewards with KL penalty: -beta * KL on every token, the score on the last (EOS) token
@@ -435,31 +499,37 @@ def run(
                         k: v.to(device) for k, v in collate([ptx[i] for i in pick.tolist()], pad_id).items()
                     }
                     with accelerator.no_sync(policy):
+                        rows, width = demos["input_ids"].shape  # right-padded: positions 0, 1, ...
                         demo_logits = policy(
-                            input_ids=demos["input_ids"], attention_mask=demos["attention_mask"]
-                        ).logits
+                            input_ids=demos["input_ids"], attention_mask=demos["attention_mask"],
+                            position_ids=torch.arange(width, device=device).expand(rows, width),
+                            response_at=torch.arange(rows * width, device=device),
+                        ).view(rows, width, -1)  # fmt: skip
                         loss_ptx = sft_loss(demo_logits.float(), demos["labels"])
                         accelerator.backward(cfg.ptx_coef * loss_ptx)
                     stats["ppo/ptx_loss"].append(float(loss_ptx))
                 micro = minibatch.split(cfg.micro_batch_size)
                 for k, idx in enumerate(micro):
                     t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
-                    ids, mask, m = r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], rmask[idx, :t]
+                    lay = layout_of(r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], r.n_prompt)
+                    m = rmask[idx, :t]
                     old_logprobs, old_values = r.logprobs[idx, :t], r.values[idx, :t]
                     adv, ret = advantages[idx, :t], returns[idx, :t]
                     # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
                     with (
                         no_sync(accelerator, policy, critic, sync=k == len(micro) - 1),
-                        short_attention(ids.size(1), ids.device, half),
+                        short_attention(lay.input_ids.size(1), device, half),
                     ):
-                        logits = policy_forward(policy, ids, mask, r.n_prompt).float() / cfg.temperature
-                        logprobs = logprobs_from_logits(logits, r.response_ids[idx, :t])  # (b, t)
+                        logits = policy_forward(policy, lay)  # (n, V) at the real response tokens
+                        tokens = r.response_ids[idx, :t][lay.response_mask]  # (n,)
+                        logprobs = lay.padded(logprobs_from_logits(logits, tokens, cfg.temperature))  # (b, t)
                         pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs, adv, m, cfg.clip_eps)
                         loss = pg_loss
                         if cfg.entropy_coef > 0:
-                            loss = loss - cfg.entropy_coef * masked_mean(entropy_from_logits(logits), m)
+                            entropy = lay.padded(entropy_from_logits(logits, cfg.temperature))  # (b, t)
+                            loss = loss - cfg.entropy_coef * masked_mean(entropy, m)
                         accelerator.backward(loss / len(micro))
-                        values = response_values(critic, ids, mask, r.n_prompt)  # (b, t)
+                        values = response_values(critic, lay)  # (b, t)
                         vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
                         accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
                     step_stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(),

@@ -48,6 +48,7 @@ from rlhf.models.loading import (
     load_tokenizer,
     save_pretrained_atomic,
 )
+from rlhf.models.packing import pack_rows, takes_4d_mask, tree_attention_mask
 from rlhf.runs import Run, seed_everything
 from rlhf.train.common import (
     BatchPlan,
@@ -247,39 +248,6 @@ def shared_prefix_row(sequences: list[list[int]]) -> tuple[list[int], list[int],
     return tokens, positions, branches, ends
 
 
-def pack_rows(widths: list[int]) -> list[list[int]]:
-    """Groups into rows no wider than the widest group, first-fit decreasing: little padding is left."""
-    capacity = max(widths)
-    rows: list[list[int]] = []
-    free: list[int] = []  # room left in each row
-    for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
-        row = next((r for r, f in enumerate(free) if widths[i] <= f), None)
-        if row is None:
-            rows.append([i])
-            free.append(capacity - widths[i])
-        else:
-            rows[row].append(i)
-            free[row] -= widths[i]
-    return rows
-
-
-def tree_attention_mask(groups: Tensor, branches: Tensor, additive: bool = False) -> Tensor:
-    """(R, 1, T, T) from (R, T) ids of each token's group in its row (-1 = padding) and its branch (0 = the
-    group's shared prefix, j > 0 = its sequence j): a query sees the earlier keys of its own group's prefix and
-    of its own branch. Padding sees only itself (no empty softmax row, whose NaN would reach the weight
-    gradients). Boolean (True = attend) for SDPA; additive 0 / -inf-like for eager attention."""
-    width = groups.size(1)
-    order = torch.ones(width, width, dtype=torch.bool).tril()
-    same_group = (groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0)
-    keys, queries = branches[:, None, :], branches[:, :, None]
-    allowed = order & same_group & ((keys == 0) | (keys == queries))
-    allowed |= torch.eye(width, dtype=torch.bool)
-    allowed = allowed[:, None]  # (R, 1, T, T)
-    if not additive:
-        return allowed
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-
-
 def collate(
     examples: list[GroupExample], pad_id: int, use_margins: bool = True, shared_prefix: bool = False,
     additive_mask: bool = False,
@@ -350,8 +318,8 @@ def micro_batches_by_length(
 
 def uses_shared_prefix(cfg: RewardConfig, model: torch.nn.Module) -> tuple[bool, bool]:
     """(shared prefix on, additive mask): on when configured and the attention takes a custom 4-D mask."""
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return cfg.shared_prefix and attention in ("sdpa", "eager"), attention == "eager"
+    works, additive = takes_4d_mask(model)
+    return cfg.shared_prefix and works, additive
 
 
 def scalar_head(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from rlhf import generation
 from rlhf.config import ArchConfig
 from rlhf.generation import SamplingParams, filter_logits, generate, left_pad, sample
 from rlhf.models.loading import build_causal_lm
@@ -91,3 +92,39 @@ def test_sampling_stops_at_eos_and_masks_the_rest(model_and_tok) -> None:
         model, prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=0), eos, tok.pad_token_id
     )
     assert torch.equal(gen.response_ids, again.response_ids)  # seeded sampling is reproducible
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_finished_rows_leave_the_batch_without_changing_any_answer(model_and_tok, monkeypatch, lean) -> None:
+    model, tok = model_and_tok
+    texts = ["User: Hi", "User: Hello there", "Hi friend", "User: Hello there friend, how are you", "Assistant:",
+             "User: you", "there", "Hello"]  # fmt: skip
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    if not lean:  # transformers' forward and cache
+        monkeypatch.setattr(generation.LlamaDecoder, "supports", staticmethod(lambda model: False))
+    # any token can end an answer: take the first token of the most greedy answers (not of all of them)
+    endless = generate(model, prompts, params, eos_id=-1, pad_id=tok.pad_token_id)
+    firsts = endless.response_ids[:, 0].tolist()
+    stop = max(set(firsts), key=firsts.count)
+    # a batch where five answers end at once (it shrinks from 8 rows to 4) and three run on
+    ending = [p for p, f in zip(prompts, firsts, strict=True) if f == stop]
+    running = [p for p, f in zip(prompts, firsts, strict=True) if f != stop]
+    prompts = (ending * 5)[:5] + running[:3]
+    kept: list[int] = []
+    keep_rows = generation._lean_forward if lean else generation._transformers_forward
+
+    def counting(*a, **k):
+        forward, keep = keep_rows(*a, **k)
+        return forward, lambda rows: kept.append(rows.numel()) or keep(rows)
+
+    monkeypatch.setattr(generation, "_lean_forward" if lean else "_transformers_forward", counting)
+    compacted = generate(model, prompts, params, eos_id=stop, pad_id=tok.pad_token_id)
+    monkeypatch.setattr(generation, "_COMPACT_AT", 0.0)  # never
+    whole = generate(model, prompts, params, eos_id=stop, pad_id=tok.pad_token_id)
+    assert kept == [4]  # the batch did shrink
+    assert torch.equal(compacted.response_ids, whole.response_ids)
+    assert torch.equal(compacted.response_mask, whole.response_mask)
+    assert torch.equal(compacted.ended, whole.ended) and int(whole.ended.sum()) >= 5
+    assert int(whole.response_mask.sum()) > 5 + 3 * 5  # the others ran on after the shrink
+    torch.testing.assert_close(compacted.logprobs, whole.logprobs, atol=1e-5, rtol=0)

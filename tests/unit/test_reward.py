@@ -18,6 +18,7 @@ from rlhf.generation import left_pad
 from rlhf.losses import grouped_bt_loss
 from rlhf.models.heads import build_scalar_model, sequence_rewards
 from rlhf.models.loading import load_tokenizer
+from rlhf.models.packing import tree_attention_mask
 from rlhf.train.common import BatchPlan
 from rlhf.train.reward import (
     GroupExample,
@@ -26,12 +27,10 @@ from rlhf.train.reward import (
     forward_rewards,
     merge_sessions,
     micro_batches_by_length,
-    pack_rows,
     read_groups,
     read_labeler_weights,
     shared_prefix_row,
     split_by_prompt,
-    tree_attention_mask,
 )
 
 PROMPT = "User: What is 2 plus 3?\nAssistant:"
@@ -209,13 +208,6 @@ def test_the_shared_prefix_is_the_common_prompt_and_leaves_each_answer_its_eos()
     assert mask[6].tolist() == [True, True, False, False, True, True, True] + [False] * 6
     assert mask[11].tolist() == [False] * 9 + [True, False, True, False]  # its prefix and itself only
     assert mask[12].tolist() == [False] * 12 + [True]  # padding sees only itself
-
-
-def test_rows_are_packed_no_wider_than_the_widest_group() -> None:
-    widths = [9, 2, 7, 4, 5, 1, 8, 3]
-    rows = pack_rows(widths)
-    assert sorted(g for row in rows for g in row) == list(range(8))
-    assert all(sum(widths[g] for g in row) <= 9 for row in rows) and len(rows) == 5
 
 
 def test_training_code_never_imports_the_gold_judge() -> None:

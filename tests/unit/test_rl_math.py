@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from rlhf import rl_math
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -222,15 +223,22 @@ def test_logprobs_from_logits_hand_values_with_temperature() -> None:
     close(logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0), [[-math.log(1 + math.sqrt(3))]])
 
 
-def test_logprobs_from_logits_equals_log_softmax_gather() -> None:
+@pytest.mark.parametrize("chunk_rows", [1, 5, 100])  # rows per temporary: one, uneven chunks, all at once
+def test_logprobs_and_entropy_equal_log_softmax_in_any_chunks(monkeypatch, chunk_rows: int) -> None:
+    monkeypatch.setattr(rl_math, "_CHUNK_ELEMENTS", chunk_rows * 11)
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 4, 11, generator=gen) * 4
     labels = torch.randint(0, 11, (3, 4), generator=gen)
     for temperature in (1.0, 0.7):
-        expected = torch.log_softmax(logits / temperature, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+        logp = torch.log_softmax(logits / temperature, dim=-1)  # (3, 4, 11)
+        expected = logp.gather(-1, labels[..., None]).squeeze(-1)  # (3, 4)
         torch.testing.assert_close(logprobs_from_logits(logits, labels, temperature), expected)
+        # flat rows, as PPO passes the real response tokens alone
+        torch.testing.assert_close(logprobs_from_logits(logits[0], labels[0], temperature), expected[0])
+        entropy = -(logp.exp() * logp).sum(-1)  # (3, 4)
+        torch.testing.assert_close(entropy_from_logits(logits, temperature), entropy)
     half = logprobs_from_logits(logits.bfloat16(), labels)
-    assert half.dtype == torch.float32
+    assert half.dtype == torch.float32 and half.shape == (3, 4)
 
 
 def test_entropy_from_logits() -> None:

@@ -1,0 +1,101 @@
+"""A lean, differentiable forward of the Llama backbone, for PPO's scoring and update passes.
+
+On a CPU, and for small models anywhere, Hugging Face's forward costs more in framework overhead and in
+elementwise passes than in matmuls. This one computes the same function with fewer, larger operations: one
+fused QKV matmul and one fused gate/up matmul per layer (the weights are concatenated in the forward, so their
+gradients flow back to the model's own parameters), rotary tables computed once, attention as
+matmul-softmax-matmul with the softmax in float32 under one mask shared by all layers. The residual stream and
+the norms stay in the weights' dtype and the matmuls run in autocast's, as under autocast.
+
+It reads the weights directly, so it serves only a plain Llama backbone whose parameters are whole on this
+process (not sharded by FSDP or DeepSpeed ZeRO-3, not wrapped by LoRA layers): `supports` says when.
+`tests/unit/test_lean_llama.py` checks outputs and gradients against transformers' forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel
+
+
+def supports(model: Any) -> bool:
+    """Whether `model` is a plain Llama causal LM or sequence classifier this forward reproduces exactly."""
+    cfg = getattr(model, "config", None)
+    core: Any = getattr(model, "model", None)
+    if cfg is None or type(core).__name__ != "LlamaModel":
+        return False
+    projections = [getattr(block, name) for layer in core.layers
+                   for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                        (layer.mlp, ("gate_proj", "up_proj", "down_proj")))
+                   for name in names]  # fmt: skip
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return (
+        type(model).__name__ in ("LlamaForCausalLM", "LlamaForSequenceClassification")
+        and all(type(m) is torch.nn.Linear for m in projections)  # LoRA layers replace them
+        and cfg.hidden_act == "silu"
+        and not getattr(cfg, "attention_bias", False)
+        and not getattr(cfg, "mlp_bias", False)
+        and rope.get("rope_type", "default") == "default"
+        and getattr(cfg, "pretraining_tp", 1) == 1
+        and not getattr(cfg, "attention_dropout", 0.0)
+    )
+
+
+def attention_mask_4d(attention_mask: Tensor) -> Tensor:
+    """(R, 1, W, W) bool, True = attend, from a packed layout's 4-D mask (returned as is: boolean, or additive
+    with 0 for attend) or a padded layout's (R, W) 0/1 key mask (causal; a padding query sees only itself)."""
+    if attention_mask.dim() == 4:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    width = attention_mask.size(1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(width, dtype=torch.bool, device=attention_mask.device)
+    return (causal & attention_mask.bool()[:, None, None, :]) | eye
+
+
+def hidden_states(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
+) -> Tensor:
+    """The backbone's final-normed hidden states (R, W, d), in the weights' dtype; matmuls in autocast's dtype
+    if autocast is on, else in the weights'."""
+    cfg, core = model.config, model.model  # type: ignore[attr-defined]
+    device_type = input_ids.device.type
+    weights = core.embed_tokens.weight
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weights.dtype
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    group, eps = heads // kv_heads, cfg.rms_norm_eps
+    allowed = attention_mask_4d(attention_mask)  # (R, 1, W, W)
+    with torch.autocast(device_type, enabled=False):
+        x = F.embedding(input_ids, weights)  # (R, W, d) the residual stream
+        rows, width, d = x.shape
+        freqs = position_ids[..., None].float() * core.rotary_emb.inv_freq.float()  # (R, W, D/2)
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (R, 1, W, D)
+        scale = float(getattr(core.rotary_emb, "attention_scaling", 1.0))
+        cos, sin = angles.cos() * scale, angles.sin() * scale
+        for layer in core.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            h = F.rms_norm(x, (d,), layer.input_layernorm.weight, eps).to(dtype)
+            qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
+            qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
+            q, k = _rotate(q, cos, sin).to(dtype), _rotate(k, cos, sin).to(dtype)  # rotation in fp32, as HF's
+            if group > 1:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            scores = (q @ k.transpose(-1, -2)).float() * head_dim**-0.5  # (R, H, W, W)
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(dtype)
+            attn = (probs @ v).transpose(1, 2).reshape(rows, width, heads * head_dim)
+            x = x + (attn @ a.o_proj.weight.to(dtype).T).to(x.dtype)
+            h = F.rms_norm(x, (d,), layer.post_attention_layernorm.weight, eps).to(dtype)
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
+            gate, up = (h @ gate_up.T).chunk(2, dim=-1)
+            x = x + ((F.silu(gate) * up) @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
+        return F.rms_norm(x, (d,), core.norm.weight, eps)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
