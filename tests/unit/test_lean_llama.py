@@ -14,8 +14,9 @@ from rlhf.models.loading import build_causal_lm
 from rlhf.models.packing import packed_layout, padded_layout
 from rlhf.models.tokenizer import train_bpe_tokenizer
 
-ARCH = ArchConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)  # fmt: skip  two query heads per KV head
+ARCH = ArchConfig(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)  # fmt: skip  two query heads per KV head
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,9 @@ def gqa_model():
 def rollouts() -> tuple[torch.Tensor, torch.Tensor, int]:
     """(ids, mask, P): three left-padded prompts with right-padded responses."""
     ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0, 0, 0]])
+    mask = torch.tensor(
+        [[0, 0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0, 0, 0]]
+    )
     return ids * mask, mask, 5
 
 
@@ -50,7 +53,9 @@ def test_hidden_states_and_gradients_match_transformers(gqa_model, packed: bool)
             hidden = backbone(gqa_model)(**lay.inputs).last_hidden_state
         states = real(hidden, lay)  # (n, d)
         (states * torch.linspace(-1, 1, states.size(-1))).square().sum().backward()
-        results.append((states.detach(), [q.grad.clone() for q in gqa_model.parameters() if q.grad is not None]))
+        results.append(
+            (states.detach(), [q.grad.clone() for q in gqa_model.parameters() if q.grad is not None])
+        )
     (hf, hf_grads), (ours, our_grads) = results
     torch.testing.assert_close(ours, hf, atol=1e-5, rtol=1e-4)
     assert len(our_grads) == len(hf_grads) == len(list(gqa_model.model.parameters()))  # every backbone weight
@@ -73,7 +78,9 @@ def test_bf16_autocast_is_as_close_to_fp32_as_transformers(gqa_model) -> None:
 def test_supports_plain_whole_llama_only(gqa_model) -> None:
     lora = get_peft_model(build_causal_lm(ARCH, train_bpe_tokenizer(["a b c"] * 10, vocab_size=270)),
                           LoraConfig(r=4, target_modules="all-linear"))  # fmt: skip
-    assert not lean_llama.supports(lora) and not lean_llama.supports(lora.get_base_model())  # LoRA layers inside
+    assert not lean_llama.supports(lora) and not lean_llama.supports(
+        lora.get_base_model()
+    )  # LoRA layers inside
     scaled = build_causal_lm(ARCH, train_bpe_tokenizer(["a b c"] * 10, vocab_size=270))
     scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert not lean_llama.supports(scaled)

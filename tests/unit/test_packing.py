@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.models import packing
 from rlhf.models.heads import build_scalar_model
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.models import packing
 from rlhf.models.packing import layout, pack_rows, packed_layout, padded_layout, tree_attention_mask
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.train.ppo import Actor, Critic, policy_forward, response_values, reward_scores
