@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rlhf.models.lean_llama import plain_llama_config, rotary_tables, rotate
+
 _SLOT_BLOCK = 16
 
 
@@ -37,16 +39,7 @@ class LlamaDecoder:
     def supports(model: PreTrainedModel) -> bool:
         """Whether `model` is a plain Llama causal LM whose forward this class reproduces exactly."""
         cfg = getattr(model, "config", None)
-        if cfg is None or type(model).__name__ != "LlamaForCausalLM":
-            return False
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        return (
-            cfg.hidden_act == "silu"
-            and not getattr(cfg, "attention_bias", False)
-            and not getattr(cfg, "mlp_bias", False)
-            and rope.get("rope_type", "default") == "default"
-            and getattr(cfg, "pretraining_tp", 1) == 1
-        )
+        return cfg is not None and type(model).__name__ == "LlamaForCausalLM" and plain_llama_config(cfg)
 
     def __init__(self, model: PreTrainedModel, batch: int, max_len: int, dtype: torch.dtype) -> None:
         """`dtype`: the matmuls' dtype (autocast's, or the weights' own). As under autocast, the residual stream
@@ -85,23 +78,12 @@ class LlamaDecoder:
         self.keys = [torch.zeros(key_shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
 
-    def keep(self, rows: Tensor, filled: int) -> None:
-        """Only these rows of the batch from now on (finished ones leave): the first `filled` cache slots of
-        each kept row move into buffers of the new batch size."""
+    def keep(self, rows: Tensor) -> None:
+        """Only these rows of the batch from now on (finished ones leave): their caches move into buffers of the
+        new batch size."""
         for cache in (self.keys, self.values):
             for i, old in enumerate(cache):
                 cache[i] = old.index_select(0, rows)
-
-    def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # (B, S, D/2)
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, S, D)
-        cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
-        return cos, sin  # fp32: the rotation is applied in fp32, as under autocast
-
-    @staticmethod
-    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.size(-1) // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, end: int, key_mask: Tensor) -> Tensor:
         """Attention of q (B, H, S, D) over the first `end` cache slots; key_mask (B, 1, S, end) bool."""
@@ -137,15 +119,15 @@ class LlamaDecoder:
             # of a new shape costs a new oneDNN kernel (0.4-0.6 ms here), and `end` grows by one every step
             read = min(-(-end // _SLOT_BLOCK) * _SLOT_BLOCK, self.max_len)
             key_mask = F.pad(key_mask, (0, read - end), value=False)
-        cos, sin = self._rotary(positions)
+        cos, sin = rotary_tables(self.inv_freq, self.rope_scale, positions)  # (B, 1, S, D)
         x = F.embedding(input_ids, self.embed)  # (B, S, d) the residual stream, in the weights' dtype
         width, residual = x.size(-1), x.dtype
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             h = F.rms_norm(x, (width,), layer.input_norm, self.eps).to(self.dtype)
             q, k, v = (h @ layer.qkv.T).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rotate(q.view(batch, steps, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            q = rotate(q.view(batch, steps, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = rotate(k.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             if self.on_cpu:
                 keys[:, :, :, start:end] = k.transpose(-1, -2)
             else:

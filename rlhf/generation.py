@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.fast_decode import LlamaDecoder
+from rlhf.models.lean_llama import attention_mask_4d
 
 
 @dataclass
@@ -184,23 +185,18 @@ def _lean_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tupl
     )
     decoder = LlamaDecoder(model, attention.size(0), attention.size(1), dtype)
     keys = attention.bool()  # (B, P + T)
-    causal = torch.ones(width, width, dtype=torch.bool, device=attention.device).tril()  # (P, P)
-    # a padding query attends to itself only, so no row of the mask is empty (its output is never used)
-    prefill = (causal & keys[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=keys.device)
-
-    filled = 0  # cache slots written so far
+    # causal over the prompts; a padding query attends to itself only, so no row of the mask is empty
+    prefill = attention_mask_4d(attention[:, :width])  # (B, 1, P, P)
 
     def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
-        nonlocal filled
         start = 0 if step == 0 else width + step - 1
         mask = prefill if step == 0 else keys[:, None, None, : width + step]
-        filled = start + input_ids.size(1)
         with torch.autocast(device_type, enabled=False):
             return decoder.forward(input_ids, positions, mask, start)
 
     def keep(rows: Tensor) -> bool:
         nonlocal keys
-        decoder.keep(rows, filled)
+        decoder.keep(rows)
         keys = keys[rows]
         return True
 

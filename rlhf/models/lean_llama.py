@@ -22,6 +22,19 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 
+def plain_llama_config(cfg: Any) -> bool:
+    """A Llama config whose forward the lean code reproduces: SiLU, no biases, unscaled RoPE, no tensor split.
+    (Also `rlhf.fast_decode.LlamaDecoder`'s condition.)"""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return (
+        cfg.hidden_act == "silu"
+        and not getattr(cfg, "attention_bias", False)
+        and not getattr(cfg, "mlp_bias", False)
+        and rope.get("rope_type", "default") == "default"
+        and getattr(cfg, "pretraining_tp", 1) == 1
+    )
+
+
 def supports(model: Any) -> bool:
     """Whether `model` is a plain Llama causal LM or sequence classifier this forward reproduces exactly."""
     cfg = getattr(model, "config", None)
@@ -32,17 +45,25 @@ def supports(model: Any) -> bool:
                    for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                         (layer.mlp, ("gate_proj", "up_proj", "down_proj")))
                    for name in names]  # fmt: skip
-    rope = getattr(cfg, "rope_parameters", None) or {}
     return (
         type(model).__name__ in ("LlamaForCausalLM", "LlamaForSequenceClassification")
         and all(type(m) is torch.nn.Linear for m in projections)  # LoRA layers replace them
-        and cfg.hidden_act == "silu"
-        and not getattr(cfg, "attention_bias", False)
-        and not getattr(cfg, "mlp_bias", False)
-        and rope.get("rope_type", "default") == "default"
-        and getattr(cfg, "pretraining_tp", 1) == 1
+        and plain_llama_config(cfg)
         and not getattr(cfg, "attention_dropout", 0.0)
     )
+
+
+def rotary_tables(inv_freq: Tensor, scale: float, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos, sin), (R, 1, W, D) in fp32, for positions (R, W): the rotation is applied in fp32, as under autocast."""
+    freqs = positions[..., None].float() * inv_freq.float()  # (R, W, D/2)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (R, 1, W, D)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of x (..., D): x cos + rotate_half(x) sin."""
+    half = x.size(-1) // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def attention_mask_4d(attention_mask: Tensor) -> Tensor:
@@ -72,17 +93,15 @@ def hidden_states(
     with torch.autocast(device_type, enabled=False):
         x = F.embedding(input_ids, weights)  # (R, W, d) the residual stream
         rows, width, d = x.shape
-        freqs = position_ids[..., None].float() * core.rotary_emb.inv_freq.float()  # (R, W, D/2)
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (R, 1, W, D)
         scale = float(getattr(core.rotary_emb, "attention_scaling", 1.0))
-        cos, sin = angles.cos() * scale, angles.sin() * scale
+        cos, sin = rotary_tables(core.rotary_emb.inv_freq, scale, position_ids)  # (R, 1, W, D)
         for layer in core.layers:
             a, mlp = layer.self_attn, layer.mlp
             h = F.rms_norm(x, (d,), layer.input_layernorm.weight, eps).to(dtype)
             qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
             qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim).transpose(1, 2)
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
-            q, k = _rotate(q, cos, sin).to(dtype), _rotate(k, cos, sin).to(dtype)  # rotation in fp32, as HF's
+            q, k = rotate(q, cos, sin).to(dtype), rotate(k, cos, sin).to(dtype)  # rotation in fp32, as HF's
             if group > 1:
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             scores = (q @ k.transpose(-1, -2)).float() * head_dim**-0.5  # (R, H, W, W)
@@ -94,8 +113,3 @@ def hidden_states(
             gate, up = (h @ gate_up.T).chunk(2, dim=-1)
             x = x + ((F.silu(gate) * up) @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
         return F.rms_norm(x, (d,), core.norm.weight, eps)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
