@@ -2,6 +2,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from rlhf import fast_decode
 from rlhf.config import ArchConfig
 from rlhf.fast_decode import LlamaDecoder
 from rlhf.generation import left_pad
@@ -49,6 +50,32 @@ def test_prefill_and_decode_match_the_transformers_forward(gqa_model) -> None:
         position_ids=torch.cat([positions, positions[:, -1:] + 1], dim=1),
     ).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_long_decoding_over_a_growing_cache_matches_the_transformers_forward(gqa_model) -> None:
+    """On a CPU the cache grows by blocks of slots as decoding goes on; every step's logits still equal a full
+    forward over the prompt and the tokens so far, also after rows leave the batch."""
+    prompt_ids, prompt_mask = left_pad([[5, 9, 14, 20, 7], [11, 3], [8, 8, 8]], pad_id=0)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    steps = fast_decode._SLOT_BLOCK + 8
+    decoder = LlamaDecoder(gqa_model, batch=3, max_len=5 + steps, dtype=torch.float32)
+    decoder.forward(prompt_ids, positions, _prefill_mask(prompt_mask), start=0)
+    ids, mask, pos = prompt_ids, prompt_mask, positions
+    tokens = torch.randint(4, 250, (3, steps), generator=torch.Generator().manual_seed(0))
+    sizes = set()
+    for step in range(steps):
+        if step == steps - 4:  # the middle row leaves
+            decoder.keep(torch.tensor([0, 2]))
+            ids, mask, pos, tokens = ids[[0, 2]], mask[[0, 2]], pos[[0, 2]], tokens[[0, 2]]
+        new, new_pos = tokens[:, step : step + 1], pos[:, -1:] + 1
+        ids, mask = torch.cat([ids, new], dim=1), torch.cat([mask, torch.ones_like(new)], dim=1)
+        pos = torch.cat([pos, new_pos], dim=1)
+        logits = decoder.forward(new, new_pos, mask.bool()[:, None, None, :], start=4 + step + 1)
+        full = gqa_model(ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-4)
+        sizes.add(decoder.keys[0].size(2))
+    assert len(sizes) >= 2  # the cache did grow on the way
 
 
 @torch.no_grad()
