@@ -150,17 +150,17 @@ class LlamaDecoder:
             read = min(-(-end // _SLOT_BLOCK) * _SLOT_BLOCK, self.max_len)
             key_mask = F.pad(key_mask, (0, read - end), value=False)
             self._reserve(read)
-        cos, sin = rotary_tables(self.inv_freq, self.rope_scale, positions)  # (B, 1, S, D)
+        cos, sin = rotary_tables(self.inv_freq, self.rope_scale, positions)  # (B, S, 1, D)
         x = F.embedding(input_ids, self.embed)  # (B, S, d) the residual stream, in the weights' dtype
         width, residual = x.size(-1), x.dtype
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q_size = self.heads * self.head_dim
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             h = F.rms_norm(x, (width,), layer.input_norm, self.eps).to(self.dtype)
-            q, k, v = _linear(h, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
-            q = rotate(q.view(batch, steps, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = rotate(k.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            qkv = _linear(h, layer.qkv).view(batch, steps, self.heads + 2 * self.kv_heads, self.head_dim)
+            qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)  # queries and keys together, fp32
+            q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, H or H_kv, S, D)
             keys[:, :, start:end] = k
-            values[:, :, start:end] = v.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            values[:, :, start:end] = qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)
             attn = self._attend(q, keys, values, read, key_mask)  # (B, H, S, D)
             x = x + _linear(attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype), layer.out).to(
                 residual

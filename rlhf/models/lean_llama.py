@@ -54,16 +54,17 @@ def supports(model: Any) -> bool:
 
 
 def rotary_tables(inv_freq: Tensor, scale: float, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """(cos, sin), (R, 1, W, D) in fp32, for positions (R, W): the rotation is applied in fp32, as under autocast."""
-    freqs = positions[..., None].float() * inv_freq.float()  # (R, W, D/2)
-    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (R, 1, W, D)
-    return angles.cos() * scale, angles.sin() * scale
+    """(cos, sin) for `rotate`, (R, W, 1, D) in fp32, for positions (R, W), to broadcast over the heads of an
+    (R, W, heads, D) projection; sin's first half negated. The rotation is applied in fp32, as under autocast."""
+    freqs = positions[..., None, None].float() * inv_freq.float()  # (R, W, 1, D/2)
+    cos, sin = freqs.cos() * scale, freqs.sin() * scale
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of x (..., D): x cos + rotate_half(x) sin."""
-    half = x.size(-1) // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    """Rotary position embedding of x (..., D), with `rotary_tables`' cos and sin: x cos + rotate_half(x) sin,
+    where rotate_half(x) sin = roll(x, D/2) times sin with its first half negated."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 def attention_mask_4d(attention_mask: Tensor) -> Tensor:
@@ -94,19 +95,28 @@ def hidden_states(
         x = F.embedding(input_ids, weights)  # (R, W, d) the residual stream
         rows, width, d = x.shape
         scale = float(getattr(core.rotary_emb, "attention_scaling", 1.0))
-        cos, sin = rotary_tables(core.rotary_emb.inv_freq, scale, position_ids)  # (R, 1, W, D)
+        cos, sin = rotary_tables(core.rotary_emb.inv_freq, scale, position_ids)  # (R, W, 1, D)
+        # the mask as an additive bias in the matmuls' dtype, one (W, W) block per row and head, made once for
+        # all layers: baddbmm then adds it and scales q k^T in one pass
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        bias = bias.expand(rows, heads, width, width).reshape(rows * heads, width, width)
         for layer in core.layers:
             a, mlp = layer.self_attn, layer.mlp
             h = F.rms_norm(x, (d,), layer.input_layernorm.weight, eps).to(dtype)
             qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
-            qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim).transpose(1, 2)
-            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
-            q, k = rotate(q, cos, sin).to(dtype), rotate(k, cos, sin).to(dtype)  # rotation in fp32, as HF's
+            qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim)
+            # queries and keys rotated together, in fp32 as under autocast
+            qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin).to(dtype).transpose(1, 2)
+            q, k = qk.split([heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
+            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             if group > 1:
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            scores = (q @ k.transpose(-1, -2)).float() * head_dim**-0.5  # (R, H, W, W)
-            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(dtype)
-            attn = (probs @ v).transpose(1, 2).reshape(rows, width, heads * head_dim)
+            scores = torch.baddbmm(  # (R H, W, W), rounded to the matmuls' dtype as transformers' eager path
+                bias, q.reshape(-1, width, head_dim), k.reshape(-1, width, head_dim).mT, alpha=head_dim**-0.5
+            )
+            probs = scores.softmax(-1, dtype=torch.float32).to(dtype)
+            attn = (probs @ v.reshape(-1, width, head_dim)).view(rows, heads, width, head_dim)
+            attn = attn.transpose(1, 2).reshape(rows, width, heads * head_dim)
             x = x + (attn @ a.o_proj.weight.to(dtype).T).to(x.dtype)
             h = F.rms_norm(x, (d,), layer.post_attention_layernorm.weight, eps).to(dtype)
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
