@@ -114,7 +114,7 @@ def hidden_states(
             scores = torch.baddbmm(  # (R H, W, W), rounded to the matmuls' dtype as transformers' eager path
                 bias, q.reshape(-1, width, head_dim), k.reshape(-1, width, head_dim).mT, alpha=head_dim**-0.5
             )
-            probs = scores.softmax(-1, dtype=torch.float32).to(dtype)
+            probs = scores.softmax(-1)  # bf16 in and out, fp32 inside
             attn = (probs @ v.reshape(-1, width, head_dim)).view(rows, heads, width, head_dim)
             attn = attn.transpose(1, 2).reshape(rows, width, heads * head_dim)
             x = x + (attn @ a.o_proj.weight.to(dtype).T).to(x.dtype)
