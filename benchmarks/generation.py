@@ -74,9 +74,9 @@ def bench_size(size: str, batch: int, new_tokens: int, reps: int, device: str) -
     amp = device.startswith("cuda") or cpu_has_bf16()
     ids = prompts(batch, len(tokenizer))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    # warm-up: first calls allocate and pick kernels
-    run_ours(model, ids[:8], 4, pad, amp, device)
-    run_hf(model, ids[:8], 4, pad, eos, amp, device)
+    # warm-up at the measured shapes: first calls allocate and pick kernels (oneDNN builds one per new shape)
+    run_ours(model, ids, new_tokens, pad, amp, device)
+    run_hf(model, ids, new_tokens, pad, eos, amp, device)
     runs: dict[str, list[tuple[float, float]]] = {"ours": [], "hf": [], "hf_fp32": []}
     for rep in range(reps):
         order = ("ours", "hf", "hf_fp32") if rep % 2 == 0 else ("hf_fp32", "hf", "ours")

@@ -3,7 +3,10 @@
     python -m benchmarks.matmul_peak [--threads 1] [--size 2048] [--reps 5] [--device cpu]
 
 Large square GEMMs (2·n³ FLOPs each), timed after a warm-up; the peak of a dtype is the median over
-repetitions of the best size's rate. Results: benchmarks/results/matmul_peak.json.
+repetitions of the best size's rate. A full run (not --quick) also times what a training step of the PPO
+benchmark's small model is made of: its own bf16 products, forward and backward, against that peak, and the
+bandwidth of an elementwise product in and out of cache (`model_shapes`). Results:
+benchmarks/results/matmul_peak.json.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +80,45 @@ def measure(device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048), reps: in
     return out
 
 
+def product(op: Any, a: torch.Tensor, b: torch.Tensor, device: str) -> None:
+    op(a, b)
+    sync(device)
+
+
+def timed(fn: Any, min_seconds: float = 0.3) -> float:
+    """Median seconds per call of `fn` over 5 runs of at least `min_seconds` each, after a warm-up call."""
+    fn()
+    runs = []
+    for _ in range(5):
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_seconds:
+            fn()
+            calls += 1
+        runs.append((time.perf_counter() - t0) / calls)
+    return statistics.median(runs)
+
+
+def model_shapes(device: str, tokens: int = 2560) -> dict[str, Any]:
+    """What the peak means for a training step of the PPO benchmark's small model (hidden 512, MLP 1536): the
+    bf16 rate of its own products at `tokens` rows, forward (x W^T) and backward (g W, and g^T x for the
+    weight's gradient); and the bandwidth of an fp32 elementwise product, in cache and out of it, which bounds
+    the norms, rotary embedding, activations and casts between the products."""
+    out: dict[str, Any] = {"tokens": tokens, "bf16_flops": {}, "elementwise_gb_s": {}}
+    for name, (n_out, n_in) in {"qkv": (1536, 512), "gate_up": (3072, 512), "down": (512, 1536)}.items():
+        x = torch.randn(tokens, n_in, device=device).bfloat16()
+        w = torch.randn(n_out, n_in, device=device).bfloat16()
+        g = torch.randn(tokens, n_out, device=device).bfloat16()
+        flops = 2 * tokens * n_in * n_out
+        for kind, (a, b) in {"forward": (x, w.T), "grad_input": (g, w), "grad_weight": (g.T, x)}.items():
+            out["bf16_flops"][f"{name} {kind}"] = flops / timed(partial(product, torch.matmul, a, b, device))
+    for n in (1 << 16, 1 << 22):
+        a, b = torch.randn(n, device=device), torch.randn(n, device=device)
+        out["elementwise_gb_s"][f"{n} floats"] = (
+            3 * 4 * n / timed(partial(product, torch.mul, a, b, device)) / 1e9
+        )
+    return out
+
+
 def load_or_measure(device: str, threads: int, quick: bool = False) -> dict[str, Any]:
     """The peak measured now (quick: one size, fewer repetitions) — a stale file would mislead MFU."""
     torch.set_num_threads(threads)
@@ -95,15 +138,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = (1024,) if args.quick else tuple(args.size)
     peak = measure(args.device, sizes, 3 if args.quick else args.reps)
+    shapes = None if args.quick else model_shapes(args.device)
     result = {"command": "python -m benchmarks.matmul_peak " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "machine": machine(args.threads),
-              **peak}  # fmt: skip
+              **peak, "model_shapes": shapes}  # fmt: skip
     path = RESULTS.with_name("matmul_peak.quick.json") if args.quick else RESULTS  # keep the real results
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     for name in DTYPES:
         print(f"{name}: {peak[name]['flops'] / 1e9:.1f} GFLOP/s wall, {peak[name]['flops_cpu'] / 1e9:.1f} per CPU-second "
               f"(n={peak[name]['best_size']})")  # fmt: skip
+    if shapes:
+        for name, rate in shapes["bf16_flops"].items():
+            print(f"  {name} ({shapes['tokens']} tokens): {rate / 1e9:.0f} GFLOP/s, "
+                  f"{rate / peak['bf16']['flops']:.0%} of the bf16 peak")  # fmt: skip
+        for name, rate in shapes["elementwise_gb_s"].items():
+            print(f"  fp32 elementwise product of {name}: {rate:.1f} GB/s")
 
 
 if __name__ == "__main__":
