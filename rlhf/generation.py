@@ -176,7 +176,8 @@ def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int)
 
 
 def _lean_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
-    """The same through `LlamaDecoder` (its own KV cache, fused and prepacked projections), in the autocast dtype if one is on."""
+    """The same through `LlamaDecoder` (its own KV cache, fused and prepacked projections), in the autocast dtype
+    if one is on."""
     device_type = attention.device.type
     dtype = (
         torch.get_autocast_dtype(device_type)

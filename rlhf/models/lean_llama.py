@@ -3,9 +3,10 @@
 On a CPU, and for small models anywhere, Hugging Face's forward costs more in framework overhead and in
 elementwise passes than in matmuls. This one computes the same function with fewer, larger operations: one
 fused QKV matmul and one fused gate/up matmul per layer (the weights are concatenated in the forward, so their
-gradients flow back to the model's own parameters), rotary tables computed once, attention as
-matmul-softmax-matmul with the softmax in float32 under one mask shared by all layers. The residual stream and
-the norms stay in the weights' dtype and the matmuls run in autocast's, as under autocast.
+gradients flow back to the model's own parameters), rotary tables computed once and queries and keys rotated
+in one pass, attention as baddbmm-softmax-matmul under one additive mask shared by all layers (scores rounded
+to the matmuls' dtype, as in transformers' eager attention; the softmax computes in float32). The residual
+stream and the norms stay in the weights' dtype and the matmuls run in autocast's, as under autocast.
 
 It reads the weights directly, so it serves only a plain Llama backbone whose parameters are whole on this
 process (not sharded by FSDP or DeepSpeed ZeRO-3, not wrapped by LoRA layers): `supports` says when.
