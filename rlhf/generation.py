@@ -140,9 +140,8 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
 # workload's rollouts this took generation from 0.198 to 0.159 s (thresholds 0.5-0.75 gave 0.147-0.159 s).
 _COMPACT_AT = 0.5
 
-Forward = Callable[
-    [Tensor, Tensor, int], Tensor
-]  # (input_ids, positions, step) -> last-position logits (B, V)
+# (input_ids, positions, step) -> last-position logits (B, V)
+Forward = Callable[[Tensor, Tensor, int], Tensor]
 Keep = Callable[[Tensor], bool]  # keep only these rows of the batch (cache included); False: cannot
 
 

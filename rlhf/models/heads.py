@@ -56,13 +56,13 @@ def backbone(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def token_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The head's raw output at every position, (B, T); the critic's values."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) correct for left padding too
-    hidden = backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
-    return score_head(model)(hidden).squeeze(-1).float()  # (B, T)
+def head_scores(model: PreTrainedModel, hidden: Tensor, normalise: bool = True) -> Tensor:
+    """The scalar head on hidden states (..., H) -> (...), in float32; normalised with the stored constants."""
+    scores = score_head(model)(hidden).squeeze(-1).float()
+    if normalise:
+        shift, scale = normalisation(model)
+        scores = (scores - shift) / scale
+    return scores
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
@@ -87,9 +87,11 @@ def sequence_rewards(
     model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, normalise: bool = True
 ) -> Tensor:
     """One reward per sequence, (B,), read at its last real token; normalised with the stored constants."""
-    scores = token_scores(model, input_ids, attention_mask)  # (B, T)
-    rewards = scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
-    if normalise:
-        shift, scale = normalisation(model)
-        rewards = (rewards - shift) / scale
-    return rewards
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) correct for left padding too
+    hidden = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state  # (B, T, H)
+    last = hidden[
+        torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)
+    ]  # (B, H)
+    return head_scores(model, last, normalise)

@@ -43,7 +43,7 @@ from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Generation, SamplingParams, decode_responses, generate
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
 from rlhf.models import lean_llama
-from rlhf.models.heads import backbone, load_scalar_model, normalisation, score_head
+from rlhf.models.heads import backbone, head_scores, load_scalar_model, normalisation
 from rlhf.models.loading import (
     context_length,
     disable_dropout,
@@ -180,8 +180,7 @@ def reward_scores(reward_model: PreTrainedModel, lay: TokenLayout) -> Tensor:
     hidden = backbone_states(
         reward_model, lean, lay.input_ids, lay.attention_mask, lay.position_ids
     )  # (R, W, H)
-    shift, scale = normalisation(reward_model)
-    return (score_head(reward_model)(lay.last(hidden)).squeeze(-1).float() - shift) / scale
+    return head_scores(reward_model, lay.last(hidden))
 
 
 @dataclass
