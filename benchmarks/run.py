@@ -24,6 +24,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SUITE: list[tuple[str, list[str], list[str]]] = [
     ("matmul_peak", [], ["--quick"]),
     ("attention_backends", [], ["--quick"]),
+    ("fused_kernels", [], ["--quick"]),
     ("generation", [], ["--quick"]),
     ("ppo_bench", [], ["--quick"]),
     ("reward_throughput", [], ["--reps", "1", "--groups", "40", "--no-doc"]),

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rlhf.models import cpu_kernels
+
 
 def plain_llama_config(cfg: Any) -> bool:
     """A Llama config whose forward the lean code reproduces: SiLU, no biases, unscaled RoPE, no tensor split.
@@ -79,6 +81,13 @@ def attention_mask_4d(attention_mask: Tensor) -> Tensor:
     return (causal & attention_mask.bool()[:, None, None, :]) | eye
 
 
+def _norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype, fused: bool) -> Tensor:
+    """RMS norm of the residual stream, cast to the matmuls' dtype."""
+    if fused:
+        return cpu_kernels.rms_norm_cast(x, weight, eps)
+    return F.rms_norm(x, (x.size(-1),), weight, eps).to(dtype)
+
+
 def hidden_states(
     model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
 ) -> Tensor:
@@ -101,15 +110,18 @@ def hidden_states(
         # all layers: baddbmm then adds it and scales q k^T in one pass
         bias = torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         bias = bias.expand(rows, heads, width, width).reshape(rows * heads, width, width)
+        fused = cpu_kernels.applies(x, dtype)  # one pass per elementwise chain (cpu_kernels.c)
         for layer in core.layers:
             a, mlp = layer.self_attn, layer.mlp
-            h = F.rms_norm(x, (d,), layer.input_layernorm.weight, eps).to(dtype)
+            h = _norm(x, layer.input_layernorm.weight, eps, dtype, fused)
             qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
             qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim)
-            # queries and keys rotated together, in fp32 as under autocast
-            qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin).to(dtype).transpose(1, 2)
-            q, k = qk.split([heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
-            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+            if fused:
+                q, k, v = cpu_kernels.rotary_split(qkv, cos, sin, heads, kv_heads)
+            else:  # queries and keys rotated together, in fp32 as under autocast
+                qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin).to(dtype).transpose(1, 2)
+                q, k = qk.split([heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
+                v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             if group > 1:
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             scores = torch.baddbmm(  # (R H, W, W), rounded to the matmuls' dtype as transformers' eager path
@@ -119,8 +131,12 @@ def hidden_states(
             attn = (probs @ v.reshape(-1, width, head_dim)).view(rows, heads, width, head_dim)
             attn = attn.transpose(1, 2).reshape(rows, width, heads * head_dim)
             x = x + (attn @ a.o_proj.weight.to(dtype).T).to(x.dtype)
-            h = F.rms_norm(x, (d,), layer.post_attention_layernorm.weight, eps).to(dtype)
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
-            gate, up = (h @ gate_up.T).chunk(2, dim=-1)
-            x = x + ((F.silu(gate) * up) @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
+            h = _norm(x, layer.post_attention_layernorm.weight, eps, dtype, fused)
+            gate_up = h @ torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype).T
+            if fused:
+                act = cpu_kernels.swiglu(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            x = x + (act @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
         return F.rms_norm(x, (d,), core.norm.weight, eps)
