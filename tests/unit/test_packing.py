@@ -39,6 +39,14 @@ def test_rows_are_packed_no_wider_than_the_widest() -> None:
     assert len(pack_rows(widths, capacity=12)) == 4
 
 
+def test_row_width_trades_padding_against_attention() -> None:
+    lengths = [70] * 8  # alone in rows of 80: 12% padding; two to a row of 144: 3%
+    assert packing.row_width(lengths) == 80  # no model width given: the narrowest
+    assert packing.row_width(lengths, hidden_size=512) == 144  # matmuls dominate: fewer padded positions
+    assert packing.row_width(lengths, hidden_size=16) == 80  # attention dominates: short rows
+    assert packing.row_width([60] * 8, hidden_size=512) == 64  # they fill rows of 64 already
+
+
 def test_without_branches_the_mask_is_block_diagonal_and_causal() -> None:
     mask = tree_attention_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]))[0, 0]
     assert mask[1].tolist() == [True, True, False, False, False, False]
