@@ -77,7 +77,7 @@ def main() -> None:
         sys.exit("the fused CPU kernels could not be built here (no C compiler?): nothing to compare")
     torch.set_num_threads(1)
     sizes = ["tiny"] if args.quick else list(SIZES)
-    result = {"command": "python -m benchmarks.fused_kernels " + " ".join(sys.argv[1:]),
+    result = {"command": " ".join(["python -m benchmarks.fused_kernels", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(1), "reps": 3 if args.quick else args.reps,
               "sizes": {size: measure(size, 3 if args.quick else args.reps) for size in sizes}}  # fmt: skip
     save_result("fused_kernels" + (".quick" if args.quick else ""), result)
