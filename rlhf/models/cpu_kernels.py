@@ -5,7 +5,7 @@ Under bf16 autocast on a CPU the passes between a layer's matmuls are bound by m
 elementwise chain as several passes (a norm's backward alone as a dozen). These do each chain in one pass.
 The C source is compiled on first use with the system's C compiler (`CC`, else `cc`) for this CPU
 (`-march=native`) and cached under `$RLHF_KERNEL_CACHE` (default `~/.cache/rlhf-loop`), keyed by the source,
-the flags and the CPU's features. Without a compiler, or with `RLHF_CPU_KERNELS=0`, `available()` is False
+the flags and the CPU's features. Without a compiler, or with `RLHF_CPU_KERNELS=0`, `library()` is None
 and the lean forward keeps torch's ops; `tests/unit/test_cpu_kernels.py` checks both give the same values
 and gradients.
 """
@@ -65,7 +65,8 @@ def _compile(compiler: str, target: Path) -> None:
             if done.returncode == 0:
                 os.replace(out, target)
                 return
-        raise OSError(f"{compiler} could not build {SOURCE.name}: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise OSError(f"{compiler} could not build {SOURCE.name}: {last}")
 
 
 @functools.cache
@@ -107,19 +108,16 @@ def applies(x: Tensor, dtype: torch.dtype) -> bool:
     )
 
 
-def _ptr(t: Tensor) -> int:
-    return t.data_ptr()
-
-
 class _RMSNormCast(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        x = x.contiguous()
+        # every tensor whose address C reads is held by a name for the call's length
+        x, weight = x.contiguous(), weight.contiguous()
         d = x.size(-1)
         y = torch.empty(x.shape, dtype=torch.bfloat16)
         rstd = torch.empty(x.numel() // d)
-        library().rms_norm_fwd(_ptr(x), _ptr(weight.contiguous()), rstd.numel(), d, eps, _ptr(y), _ptr(rstd),
-                               torch.get_num_threads())  # fmt: skip
+        library().rms_norm_fwd(x.data_ptr(), weight.data_ptr(), rstd.numel(), d, eps, y.data_ptr(),
+                               rstd.data_ptr(), torch.get_num_threads())  # fmt: skip
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -130,8 +128,8 @@ class _RMSNormCast(torch.autograd.Function):
         threads = torch.get_num_threads()
         gx = torch.empty_like(x)
         gw = torch.zeros(threads, x.size(-1))
-        library().rms_norm_bwd(_ptr(x), _ptr(weight.contiguous()), _ptr(rstd), _ptr(gy), rstd.numel(),
-                               x.size(-1), _ptr(gx), _ptr(gw), threads)  # fmt: skip
+        library().rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), gy.data_ptr(), rstd.numel(),
+                               x.size(-1), gx.data_ptr(), gw.data_ptr(), threads)  # fmt: skip
         return gx, (gw.sum(0) if ctx.needs_input_grad[1] else None), None
 
 
@@ -148,11 +146,15 @@ class _RotarySplit(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
         rows, width, _, dim = qkv.shape
+        if cos.shape != (rows, width, 1, dim) or sin.shape != cos.shape or cos.dtype != torch.float32:
+            raise ValueError(
+                f"rotary tables {tuple(cos.shape)} {cos.dtype}: need ({rows}, {width}, 1, {dim}) fp32"
+            )
         q = torch.empty(rows, heads, width, dim, dtype=torch.bfloat16)
         k = torch.empty(rows, kv_heads, width, dim, dtype=torch.bfloat16)
         v = torch.empty_like(k)
-        library().rotary_split_fwd(_ptr(qkv), _ptr(cos), _ptr(sin), rows, width, heads, kv_heads, dim, _ptr(q),
-                                   _ptr(k), _ptr(v), torch.get_num_threads())  # fmt: skip
+        library().rotary_split_fwd(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, width, heads, kv_heads,
+                                   dim, q.data_ptr(), k.data_ptr(), v.data_ptr(), torch.get_num_threads())  # fmt: skip
         ctx.save_for_backward(cos, sin)
         ctx.shape = qkv.shape
         return q, k, v
@@ -165,8 +167,9 @@ class _RotarySplit(torch.autograd.Function):
         kv_heads = (all_heads - heads) // 2
         gqkv = torch.empty(ctx.shape, dtype=torch.bfloat16)
         gq, gk, gv = (g.to(torch.bfloat16).contiguous() for g in (gq, gk, gv))
-        library().rotary_split_bwd(_ptr(gq), _ptr(gk), _ptr(gv), _ptr(cos), _ptr(sin), rows, width, heads,
-                                   kv_heads, dim, _ptr(gqkv), torch.get_num_threads())  # fmt: skip
+        library().rotary_split_bwd(gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                   rows, width, heads, kv_heads, dim, gqkv.data_ptr(),
+                                   torch.get_num_threads())  # fmt: skip
         return gqkv, None, None, None, None
 
 
@@ -185,7 +188,9 @@ class _SwiGLU(torch.autograd.Function):
         gate_up = gate_up.contiguous()
         inner = gate_up.size(-1) // 2
         y = torch.empty(*gate_up.shape[:-1], inner, dtype=torch.bfloat16)
-        library().swiglu_fwd(_ptr(gate_up), y.numel() // inner, inner, _ptr(y), torch.get_num_threads())
+        library().swiglu_fwd(
+            gate_up.data_ptr(), y.numel() // inner, inner, y.data_ptr(), torch.get_num_threads()
+        )
         ctx.save_for_backward(gate_up)
         return y
 
@@ -195,7 +200,7 @@ class _SwiGLU(torch.autograd.Function):
         gy = gy.to(torch.bfloat16).contiguous()
         inner = gate_up.size(-1) // 2
         grad = torch.empty_like(gate_up)
-        library().swiglu_bwd(_ptr(gate_up), _ptr(gy), gy.numel() // inner, inner, _ptr(grad),
+        library().swiglu_bwd(gate_up.data_ptr(), gy.data_ptr(), gy.numel() // inner, inner, grad.data_ptr(),
                              torch.get_num_threads())  # fmt: skip
         return grad
 

@@ -7,6 +7,9 @@ gradients flow back to the model's own parameters), rotary tables computed once 
 in one pass, attention as baddbmm-softmax-matmul under one additive mask shared by all layers (scores rounded
 to the matmuls' dtype, as in transformers' eager attention; the softmax computes in float32). The residual
 stream and the norms stay in the weights' dtype and the matmuls run in autocast's, as under autocast.
+On a CPU under bf16 autocast, the norms with their casts, the rotation with the split into heads, and SwiGLU
+run as fused kernels, each one pass over memory forward and backward (`rlhf.models.cpu_kernels`), where a C
+compiler can build them.
 
 It reads the weights directly, so it serves only a plain Llama backbone whose parameters are whole on this
 process (not sharded by FSDP or DeepSpeed ZeRO-3, not wrapped by LoRA layers): `supports` says when.

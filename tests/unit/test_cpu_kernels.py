@@ -71,6 +71,8 @@ def test_rotary_split_rotates_queries_and_keys_and_passes_values(threads: int, k
     (ref,) = torch.autograd.grad((rq, rk, rv), x, [t.float() for t in grads])
     assert ours.dtype == BF16
     assert ulps(ours, ref.to(BF16)) <= 1
+    with pytest.raises(ValueError, match="rotary tables"):  # tables for other rows than qkv's
+        cpu_kernels.rotary_split(qkv, cos[:1], sin[:1], heads, kv_heads)
 
 
 def test_swiglu_and_its_gradient(threads: int) -> None:
