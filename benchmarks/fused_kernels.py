@@ -4,9 +4,10 @@ torch's ops, side by side in one process.
     python -m benchmarks.fused_kernels [--reps 15] [--quick]
 
 For the tiny and small models (benchmarks.common.SIZES), under bf16 autocast, one torch thread: the forward
-and backward of a packed micro-batch as PPO's update runs it, and the forward alone as its scoring runs it.
-The two paths alternate call by call; each reports its median milliseconds over `--reps` calls after two
-warm-up calls, and the ratio of the medians. Results: benchmarks/results/fused_kernels.json and a section of
+and backward of a packed micro-batch as PPO's update runs it, the forward alone as its scoring runs it, and
+a generation of 48 tokens for 64 prompts by the lean decoder (rlhf.fast_decode) as its rollouts run it.
+The two paths alternate call by call; each reports its median milliseconds over `--reps` calls (a third as
+many generations) after warm-up calls, and the ratio of the medians. Results: benchmarks/results/fused_kernels.json and a section of
 docs/performance.md.
 """
 
@@ -21,23 +22,29 @@ from typing import Any
 import torch
 
 from benchmarks.common import SIZES, build_model, machine, save_result, update_doc
+from benchmarks.generation import prompts, run_ours
 from rlhf.models import cpu_kernels, lean_llama
 
 # (rows, width) of a packed micro-batch: 32 rollouts of up to 48 + 24 tokens, one per row in the small model's
 # case, and the tiny model's shorter answers two or three to a row
 BATCHES = {"tiny": (16, 64), "small": (32, 80)}
+MODES = ("forward+backward", "forward", "generation")
 
 
-def timed_call(model: Any, inputs: tuple[torch.Tensor, ...], fused: bool, backward: bool) -> float:
+def timed_call(model: Any, inputs: tuple[torch.Tensor, ...], fused: bool, mode: str) -> float:
     real = cpu_kernels.applies
     if not fused:
         cpu_kernels.applies = lambda x, dtype: False  # type: ignore[assignment]
     try:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(backward):
+        if mode == "generation":
+            ids = prompts(64, model.config.vocab_size, 0)
+            run_ours(model, ids, 48, model.config.pad_token_id or 0, True, "cpu")
+            return (time.perf_counter() - t0) * 1000
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(mode == "forward+backward"):
             hidden = lean_llama.hidden_states(model, *inputs)
-            if backward:
+            if mode == "forward+backward":
                 hidden.float().square().mean().backward()
         return (time.perf_counter() - t0) * 1000
     finally:
@@ -50,11 +57,12 @@ def measure(size: str, reps: int) -> dict[str, Any]:
     ids = torch.randint(3, model.config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(0))
     inputs = (ids, torch.ones_like(ids), torch.arange(width).expand(rows, width))
     out: dict[str, Any] = {"rows": rows, "width": width}
-    for name, backward in (("forward+backward", True), ("forward", False)):
+    for name in MODES:
         times: dict[bool, list[float]] = {True: [], False: []}
-        for i in range(reps + 2):
+        calls = max(reps // 3, 3) if name == "generation" else reps
+        for i in range(calls + 2):
             for fused in (True, False) if i % 2 else (False, True):
-                ms = timed_call(model, inputs, fused, backward)
+                ms = timed_call(model, inputs, fused, name)
                 if i >= 2:
                     times[fused].append(ms)
         fused_ms, torch_ms = statistics.median(times[True]), statistics.median(times[False])
@@ -84,14 +92,16 @@ def main() -> None:
     if args.quick or args.no_doc:
         return
     body = ["Lean Llama forward under bf16 autocast, one torch thread, a packed micro-batch of (rows, width); "
-            f"the two paths alternate, median of {result['reps']} calls each.", "",
+            f"the two paths alternate, median of {result['reps']} calls each. Generation: the lean decoder, "
+            f"64 prompts of 8-24 tokens, 48 new tokens each, median of {max(result['reps'] // 3, 3)} runs.", "",
             "| model | rows x width | pass | fused kernels ms | torch ops ms | **speed-up** |",
             "|---|---|---|---|---|---|"]  # fmt: skip
     for size, r in result["sizes"].items():
-        for name in ("forward+backward", "forward"):
-            body.append(f"| {size} | {r['rows']} x {r['width']} | {name} | {r[name]['fused_ms']} | "
-                        f"{r[name]['torch_ops_ms']} | **{r[name]['speedup']:.2f}x** |")  # fmt: skip
-    update_doc("fused_kernels", "Fused CPU kernels in the lean forward: with and without", result, body)
+        for name in MODES:
+            shape = "64 x (8-24 + 48)" if name == "generation" else f"{r['rows']} x {r['width']}"
+            body.append(f"| {size} | {shape} | {name} | {r[name]['fused_ms']} | {r[name]['torch_ops_ms']} | "
+                        f"**{r[name]['speedup']:.2f}x** |")  # fmt: skip
+    update_doc("fused_kernels", "Fused CPU kernels in the lean forward and the decoder: with and without", result, body)
 
 
 if __name__ == "__main__":

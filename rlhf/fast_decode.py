@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rlhf.models import cpu_kernels
 from rlhf.models.lean_llama import plain_llama_config, rotary_tables, rotate
 
 _SLOT_BLOCK = 32
@@ -118,8 +119,9 @@ class LlamaDecoder:
         for cache in (self.keys, self.values):
             for i, old in enumerate(cache):
                 if old.size(2) < slots:
-                    grown = old.new_zeros(old.size(0), old.size(1), slots, old.size(3))
+                    grown = old.new_empty(old.size(0), old.size(1), slots, old.size(3))
                     grown[:, :, : old.size(2)] = old
+                    grown[:, :, old.size(2) :] = 0
                     cache[i] = grown
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, end: int, key_mask: Tensor) -> Tensor:
@@ -145,6 +147,12 @@ class LlamaDecoder:
         probs = scores.softmax(-1).to(values.dtype)
         return (probs @ values).view(batch, self.heads, steps, dim)
 
+    def _norm(self, x: Tensor, weight: Tensor, fused: bool) -> Tensor:
+        """RMS norm of the residual stream, cast to the matmuls' dtype."""
+        if fused:
+            return cpu_kernels.rms_norm_cast(x, weight, self.eps)
+        return F.rms_norm(x, (x.size(-1),), weight, self.eps).to(self.dtype)
+
     def forward(self, input_ids: Tensor, positions: Tensor, key_mask: Tensor, start: int) -> Tensor:
         """Logits (B, V) in fp32 at the last of `input_ids` (B, S), whose tokens sit at cache slots start..start+S.
 
@@ -162,19 +170,33 @@ class LlamaDecoder:
         x = F.embedding(input_ids, self.embed)  # (B, S, d) the residual stream, in the weights' dtype
         width, residual = x.size(-1), x.dtype
         q_size = self.heads * self.head_dim
+        # on a CPU under bf16, the norms, the rotation and split, attention and SwiGLU as fused kernels
+        fused = self.on_cpu and cpu_kernels.applies(x, self.dtype)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            h = F.rms_norm(x, (width,), layer.input_norm, self.eps).to(self.dtype)
+            h = self._norm(x, layer.input_norm, fused)
             qkv = _linear(h, layer.qkv).view(batch, steps, self.heads + 2 * self.kv_heads, self.head_dim)
-            qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)  # queries and keys together, fp32
-            q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, H or H_kv, S, D)
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)
-            attn = self._attend(q, keys, values, read, key_mask)  # (B, H, S, D)
+            if fused:
+                q, k, v = cpu_kernels.rotary_split(qkv, cos, sin, self.heads, self.kv_heads)
+                keys[:, :, start:end], values[:, :, start:end] = k, v
+                attn = cpu_kernels.cached_attention(q, keys, values, key_mask, self.scaling)
+            else:
+                qk = rotate(
+                    qkv[:, :, : self.heads + self.kv_heads], cos, sin
+                )  # queries and keys together, fp32
+                q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, H or H_kv, S, D)
+                keys[:, :, start:end] = k
+                values[:, :, start:end] = qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)
+                attn = self._attend(q, keys, values, read, key_mask)  # (B, H, S, D)
             x = x + _linear(attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype), layer.out).to(
                 residual
             )
-            h = F.rms_norm(x, (width,), layer.post_norm, self.eps).to(self.dtype)
-            gate, up = _linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + _linear(F.silu(gate) * up, layer.down).to(residual)
+            h = self._norm(x, layer.post_norm, fused)
+            gate_up = _linear(h, layer.gate_up)
+            if fused:
+                act = cpu_kernels.swiglu(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            x = x + _linear(act, layer.down).to(residual)
         last = F.rms_norm(x[:, -1], (width,), self.final_norm, self.eps).to(self.dtype)  # (B, d)
         return _linear(last, self.lm_head).float()  # (B, V)

@@ -190,3 +190,50 @@ void swiglu_bwd(const bf16 *gu, const bf16 *gy, int64_t n, int64_t I, bf16 *ggu,
         }
     }
 }
+
+/* Attention of new tokens over a KV cache, for decoding (no backward): queries q (B, Hkv, G, S, D), the G query
+   heads that share a KV head stacked, S new tokens each; keys and values (B, Hkv, L, D); allowed (B, S, L), 1 =
+   attend. Per query: scores in fp32, softmax, then the weighted sum of the values, rounded once into out, laid
+   out as q. Masked slots are skipped, never read. A batched matmul of one query row runs far below the memory
+   bandwidth that reading the cache needs; this streams each key and value row once per query. */
+void cached_attention(const bf16 *q, const bf16 *keys, const bf16 *values, const uint8_t *allowed, int64_t B,
+                      int64_t Hkv, int64_t G, int64_t S, int64_t L, int64_t D, float scale, bf16 *out,
+                      int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t bh = 0; bh < B * Hkv; bh++) {
+        int64_t b = bh / Hkv;
+        const bf16 *K = keys + bh * L * D, *V = values + bh * L * D;
+        float scores[L], acc[D], qf[D];
+        for (int64_t r = 0; r < G * S; r++) {
+            int64_t s = r % S;
+            const uint8_t *ok = allowed + (b * S + s) * L;
+            const bf16 *qr = q + (bh * G * S + r) * D;
+#pragma omp simd
+            for (int64_t j = 0; j < D; j++) qf[j] = bf16_to_f32(qr[j]) * scale;
+            float top = -INFINITY;
+            for (int64_t l = 0; l < L; l++) {
+                if (!ok[l]) continue;
+                const bf16 *k = K + l * D;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t j = 0; j < D; j++) dot += qf[j] * bf16_to_f32(k[j]);
+                scores[l] = dot;
+                top = dot > top ? dot : top;
+            }
+            for (int64_t j = 0; j < D; j++) acc[j] = 0.0f;
+            float total = 0.0f;
+            for (int64_t l = 0; l < L; l++) {
+                if (!ok[l]) continue;
+                float p = exp_f32(scores[l] - top);
+                total += p;
+                const bf16 *v = V + l * D;
+#pragma omp simd
+                for (int64_t j = 0; j < D; j++) acc[j] += p * bf16_to_f32(v[j]);
+            }
+            bf16 *o = out + (bh * G * S + r) * D;
+            float inv = total > 0.0f ? 1.0f / total : 0.0f; /* a query that sees nothing gets zeros */
+#pragma omp simd
+            for (int64_t j = 0; j < D; j++) o[j] = f32_to_bf16(acc[j] * inv);
+        }
+    }
+}

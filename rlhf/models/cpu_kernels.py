@@ -1,5 +1,6 @@
 """Fused CPU kernels (cpu_kernels.c) for the lean Llama forward: RMS norm with its cast to bf16, the QKV split
-with queries and keys rotated, and SwiGLU, each with its backward, as autograd functions.
+with queries and keys rotated, and SwiGLU, each with its backward, as autograd functions; and, for the decoder
+(rlhf.fast_decode), attention over its KV cache.
 
 Under bf16 autocast on a CPU the passes between a layer's matmuls are bound by memory, and torch runs each
 elementwise chain as several passes (a norm's backward alone as a dozen). These do each chain in one pass.
@@ -40,6 +41,7 @@ SIGNATURES = {  # argument types; the last of each is the thread count
     "rotary_split_bwd": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P, ctypes.c_int],
     "swiglu_fwd": [_P, _I, _I, _P, ctypes.c_int],
     "swiglu_bwd": [_P, _P, _I, _I, _P, ctypes.c_int],
+    "cached_attention": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, ctypes.c_int],
 }
 
 
@@ -208,3 +210,24 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(gate_up: Tensor) -> Tensor:
     """silu(gate) * up for the fused gate/up projection (..., 2 I) bf16 (gate first), in bf16."""
     return _SwiGLU.apply(gate_up)
+
+
+def cached_attention(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """Decoding attention, no gradient: queries q (B, H, S, D) over a KV cache keys, values (B, H_kv, L, D) bf16,
+    allowed (B, 1, S, L) bool; (B, H, S, D) bf16. Softmax and the weighted sum in fp32, slots not allowed
+    skipped."""
+    batch, heads, steps, dim = q.shape
+    kv_heads, slots = keys.size(1), keys.size(2)
+    if (
+        keys.dtype != torch.bfloat16
+        or values.shape != keys.shape
+        or allowed.shape != (batch, 1, steps, slots)
+    ):
+        raise ValueError(f"cache {tuple(keys.shape)} {keys.dtype}, mask {tuple(allowed.shape)}: do not fit")
+    q, keys, values = q.to(torch.bfloat16).contiguous(), keys.contiguous(), values.contiguous()
+    allowed = allowed.contiguous()
+    out = torch.empty(q.shape, dtype=torch.bfloat16)
+    library().cached_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), allowed.data_ptr(), batch,
+                               kv_heads, heads // kv_heads, steps, slots, dim, scale, out.data_ptr(),
+                               torch.get_num_threads())  # fmt: skip
+    return out

@@ -144,3 +144,63 @@ def test_library_is_skipped_where_it_cannot_be_built(monkeypatch, tmp_path, capl
         assert cpu_kernels.library() is None
     finally:
         cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("steps", [1, 5], ids=["decode", "prefill"])
+def test_cached_attention_is_softmax_attention_over_the_allowed_slots(threads: int, steps: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    batch, heads, kv_heads, slots, dim = 3, 4, 2, 40, 16
+    q = torch.randn(batch, heads, steps, dim, generator=g).to(BF16)
+    keys, values = (torch.randn(batch, kv_heads, slots, dim, generator=g).to(BF16) for _ in range(2))
+    allowed = torch.rand(batch, 1, steps, slots, generator=g) < 0.6
+    allowed[..., 0] = True
+    values[:, :, 1] = float("nan")  # an unwritten slot: masked out, so never read
+    allowed[..., 1] = False
+    out = cpu_kernels.cached_attention(q, keys, values, allowed, dim**-0.5)
+    # reference in fp32: each query head reads its KV head (heads grouped KV-major)
+    k, v = (t.float().repeat_interleave(heads // kv_heads, dim=1) for t in (keys, values))
+    scores = (q.float() @ k.mT * dim**-0.5).masked_fill(~allowed, float("-inf"))
+    ref = scores.softmax(-1).nan_to_num() @ v.nan_to_num()
+    assert out.shape == q.shape and out.dtype == BF16 and torch.isfinite(out.float()).all()
+    assert ulps(out, ref.to(BF16)) <= 2
+
+
+@torch.no_grad()
+def test_decoder_with_kernels_decodes_as_close_to_fp32_as_with_torch_ops(monkeypatch) -> None:
+    """bf16 decoding over a growing cache, a row leaving midway: logits of the fused decoder and of the
+    torch-ops one against transformers' fp32 forward, step by step."""
+    from rlhf import fast_decode
+    from rlhf.generation import left_pad
+
+    arch = ArchConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)  # fmt: skip
+    tok = train_bpe_tokenizer(["User: Hello there friend\nAssistant: Hi!"] * 30, vocab_size=280)
+    model = build_causal_lm(arch, tok, seed=3).eval()
+    ids, mask = left_pad([[5, 9, 14, 20, 7], [11, 3], [8, 8, 8, 1]], pad_id=0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    width = ids.size(1)
+    prefill = (torch.ones(width, width, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]) | torch.eye(
+        width, dtype=torch.bool
+    )
+    steps = fast_decode._SLOT_BLOCK + 6
+    decoders = {}
+    for fused in (False, True):
+        monkeypatch.setattr(cpu_kernels, "applies", lambda x, dtype, fused=fused: fused)
+        decoders[fused] = fast_decode.LlamaDecoder(model, batch=3, max_len=width + steps, dtype=BF16)
+        decoders[fused].forward(ids, pos, prefill, start=0)
+    tokens = torch.randint(4, 250, (3, steps), generator=torch.Generator().manual_seed(0))
+    worst = {False: 0.0, True: 0.0}
+    for step in range(steps):
+        if step == steps - 3:  # the middle row leaves
+            for d in decoders.values():
+                d.keep(torch.tensor([0, 2]))
+            ids, mask, pos, tokens = ids[[0, 2]], mask[[0, 2]], pos[[0, 2]], tokens[[0, 2]]
+        new, new_pos = tokens[:, step : step + 1], pos[:, -1:] + 1
+        ids, mask = torch.cat([ids, new], dim=1), torch.cat([mask, torch.ones_like(new)], dim=1)
+        pos = torch.cat([pos, new_pos], dim=1)
+        fp32 = model(ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        for fused, d in decoders.items():
+            monkeypatch.setattr(cpu_kernels, "applies", lambda x, dtype, fused=fused: fused)
+            logits = d.forward(new, new_pos, mask.bool()[:, None, None, :], start=width + step)
+            worst[fused] = max(worst[fused], (logits - fp32).abs().max().item())
+    assert 0 < worst[True] <= 1.5 * worst[False] + 1e-3
