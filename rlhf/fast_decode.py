@@ -4,8 +4,10 @@ At the sizes RLHF runs on a CPU (and in small-batch decoding anywhere), a decodi
 overhead than in arithmetic: module calls, mask building, cache bookkeeping. This forward does the same maths as
 transformers' `LlamaForCausalLM` with about a third of the tensor operations per layer: one fused QKV matmul, one
 fused gate/up matmul, `F.rms_norm`, rotary embeddings computed once per step for all layers, and a KV cache
-written in place into buffers sized for the whole generation. Models it does not cover (other architectures,
-biases, scaled RoPE variants, LoRA wrappers) use transformers' forward instead: see `LlamaDecoder.supports`.
+written in place into buffers sized for the whole generation. On a CPU under bf16 the norms, the rotation and
+split into heads, SwiGLU and attention over the cache run as fused kernels (`rlhf.models.cpu_kernels`) where a
+C compiler can build them. Models it does not cover (other architectures, biases, scaled RoPE variants, LoRA
+wrappers) use transformers' forward instead: see `LlamaDecoder.supports`.
 """
 
 from __future__ import annotations
