@@ -182,9 +182,8 @@ class LlamaDecoder:
                 keys[:, :, start:end], values[:, :, start:end] = k, v
                 attn = cpu_kernels.cached_attention(q, keys, values, key_mask, self.scaling)
             else:
-                qk = rotate(
-                    qkv[:, :, : self.heads + self.kv_heads], cos, sin
-                )  # queries and keys together, fp32
+                # queries and keys rotated together, in fp32
+                qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
                 q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, H or H_kv, S, D)
                 keys[:, :, start:end] = k
                 values[:, :, start:end] = qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)

@@ -418,9 +418,9 @@ def run(
     ]
     pack, additive = cfg.pack_sequences and all(ok for ok, _ in masks), any(add for _, add in masks)
     # rows as wide as suits the policy, which computes the most passes (packing.row_width)
-    width = getattr(policy_model.config, "hidden_size", None)
+    hidden_size = getattr(policy_model.config, "hidden_size", None)
     layout_of: LayoutFn = lambda ids, mask, n_prompt: layout(  # noqa: E731
-        ids, mask, n_prompt, tokenizer.pad_token_id, pack, additive, width
+        ids, mask, n_prompt, tokenizer.pad_token_id, pack, additive, hidden_size
     )
     device = accelerator.device
     reduce = lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean")  # noqa: E731
