@@ -101,7 +101,9 @@ def main() -> None:
             shape = "64 x (8-24 + 48)" if name == "generation" else f"{r['rows']} x {r['width']}"
             body.append(f"| {size} | {shape} | {name} | {r[name]['fused_ms']} | {r[name]['torch_ops_ms']} | "
                         f"**{r[name]['speedup']:.2f}x** |")  # fmt: skip
-    update_doc("fused_kernels", "Fused CPU kernels in the lean forward and the decoder: with and without", result, body)
+    update_doc(
+        "fused_kernels", "Fused CPU kernels, training forward and decoder: with and without", result, body
+    )
 
 
 if __name__ == "__main__":
