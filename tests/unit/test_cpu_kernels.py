@@ -16,7 +16,7 @@ from rlhf.models.loading import build_causal_lm
 from rlhf.models.packing import packed_layout
 from rlhf.models.tokenizer import train_bpe_tokenizer
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler on this machine")
+needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler on this machine")
 BF16 = torch.bfloat16
 
 
@@ -34,6 +34,7 @@ def threads(request):  # type: ignore[no-untyped-def]
     torch.set_num_threads(before)
 
 
+@needs_kernels
 def test_rms_norm_cast_and_its_gradients(threads: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(5, 7, 96, generator=g) * 3).requires_grad_()
@@ -49,6 +50,7 @@ def test_rms_norm_cast_and_its_gradients(threads: int) -> None:
     torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-4)  # summed over rows, across threads
 
 
+@needs_kernels
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_rotary_split_rotates_queries_and_keys_and_passes_values(threads: int, kv_heads: int) -> None:
     g = torch.Generator().manual_seed(1)
@@ -75,6 +77,7 @@ def test_rotary_split_rotates_queries_and_keys_and_passes_values(threads: int, k
         cpu_kernels.rotary_split(qkv, cos[:1], sin[:1], heads, kv_heads)
 
 
+@needs_kernels
 def test_swiglu_and_its_gradient(threads: int) -> None:
     g = torch.Generator().manual_seed(2)
     gate_up = (torch.randn(4, 6, 2 * 40, generator=g) * 4).to(BF16).requires_grad_()
@@ -89,6 +92,7 @@ def test_swiglu_and_its_gradient(threads: int) -> None:
     assert ulps(ours, theirs.to(BF16)) <= 1
 
 
+@needs_kernels
 def test_lean_forward_with_kernels_is_as_close_to_fp32_as_with_torch_ops(monkeypatch, threads: int) -> None:
     """Outputs and every weight's gradient under bf16 autocast, fused and not, against the fp32 forward."""
     arch = ArchConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -120,6 +124,7 @@ def test_lean_forward_with_kernels_is_as_close_to_fp32_as_with_torch_ops(monkeyp
         assert (b - ref).norm() <= 1.5 * (a - ref).norm() + 1e-3 * ref.norm()
 
 
+@needs_kernels
 def test_applies_only_to_an_fp32_stream_under_bf16_on_a_cpu() -> None:
     x = torch.zeros(2, 3)
     assert cpu_kernels.applies(x, BF16)
@@ -146,6 +151,7 @@ def test_library_is_skipped_where_it_cannot_be_built(monkeypatch, tmp_path, capl
         cpu_kernels.library.cache_clear()
 
 
+@needs_kernels
 @pytest.mark.parametrize("steps", [1, 5], ids=["decode", "prefill"])
 def test_cached_attention_is_softmax_attention_over_the_allowed_slots(threads: int, steps: int) -> None:
     g = torch.Generator().manual_seed(5)
@@ -165,6 +171,7 @@ def test_cached_attention_is_softmax_attention_over_the_allowed_slots(threads: i
     assert ulps(out, ref.to(BF16)) <= 2
 
 
+@needs_kernels
 @torch.no_grad()
 def test_decoder_with_kernels_decodes_as_close_to_fp32_as_with_torch_ops(monkeypatch) -> None:
     """bf16 decoding over a growing cache, a row leaving midway: logits of the fused decoder and of the
