@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.models import cpu_kernels
-from rlhf.models.lean_llama import plain_llama_config, rotary_tables, rotate
+from rlhf.models.lean_llama import norm, plain_llama_config, rotary_tables, rotate, swiglu
 
 _SLOT_BLOCK = 32
 
@@ -149,12 +149,6 @@ class LlamaDecoder:
         probs = scores.softmax(-1).to(values.dtype)
         return (probs @ values).view(batch, self.heads, steps, dim)
 
-    def _norm(self, x: Tensor, weight: Tensor, fused: bool) -> Tensor:
-        """RMS norm of the residual stream, cast to the matmuls' dtype."""
-        if fused:
-            return cpu_kernels.rms_norm_cast(x, weight, self.eps)
-        return F.rms_norm(x, (x.size(-1),), weight, self.eps).to(self.dtype)
-
     def forward(self, input_ids: Tensor, positions: Tensor, key_mask: Tensor, start: int) -> Tensor:
         """Logits (B, V) in fp32 at the last of `input_ids` (B, S), whose tokens sit at cache slots start..start+S.
 
@@ -173,9 +167,9 @@ class LlamaDecoder:
         width, residual = x.size(-1), x.dtype
         q_size = self.heads * self.head_dim
         # on a CPU under bf16, the norms, the rotation and split, attention and SwiGLU as fused kernels
-        fused = self.on_cpu and cpu_kernels.applies(x, self.dtype)
+        fused = cpu_kernels.applies(x, self.dtype)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            h = self._norm(x, layer.input_norm, fused)
+            h = norm(x, layer.input_norm, self.eps, self.dtype, fused)
             qkv = _linear(h, layer.qkv).view(batch, steps, self.heads + 2 * self.kv_heads, self.head_dim)
             if fused:
                 q, k, v = cpu_kernels.rotary_split(qkv, cos, sin, self.heads, self.kv_heads)
@@ -191,13 +185,7 @@ class LlamaDecoder:
             x = x + _linear(attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype), layer.out).to(
                 residual
             )
-            h = self._norm(x, layer.post_norm, fused)
-            gate_up = _linear(h, layer.gate_up)
-            if fused:
-                act = cpu_kernels.swiglu(gate_up)
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                act = F.silu(gate) * up
-            x = x + _linear(act, layer.down).to(residual)
+            h = norm(x, layer.post_norm, self.eps, self.dtype, fused)
+            x = x + _linear(swiglu(_linear(h, layer.gate_up), fused), layer.down).to(residual)
         last = F.rms_norm(x[:, -1], (width,), self.final_norm, self.eps).to(self.dtype)  # (B, d)
         return _linear(last, self.lm_head).float()  # (B, V)

@@ -84,11 +84,20 @@ def attention_mask_4d(attention_mask: Tensor) -> Tensor:
     return (causal & attention_mask.bool()[:, None, None, :]) | eye
 
 
-def _norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype, fused: bool) -> Tensor:
-    """RMS norm of the residual stream, cast to the matmuls' dtype."""
+def norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype, fused: bool) -> Tensor:
+    """RMS norm of the residual stream, cast to the matmuls' dtype; a fused kernel if `fused` (cpu_kernels).
+    (Also `rlhf.fast_decode.LlamaDecoder`'s.)"""
     if fused:
         return cpu_kernels.rms_norm_cast(x, weight, eps)
     return F.rms_norm(x, (x.size(-1),), weight, eps).to(dtype)
+
+
+def swiglu(gate_up: Tensor, fused: bool) -> Tensor:
+    """silu(gate) * up for the fused gate/up projection (..., 2 I), gate first; a fused kernel if `fused`."""
+    if fused:
+        return cpu_kernels.swiglu(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def hidden_states(
@@ -116,7 +125,7 @@ def hidden_states(
         fused = cpu_kernels.applies(x, dtype)  # one pass per elementwise chain (cpu_kernels.c)
         for layer in core.layers:
             a, mlp = layer.self_attn, layer.mlp
-            h = _norm(x, layer.input_layernorm.weight, eps, dtype, fused)
+            h = norm(x, layer.input_layernorm.weight, eps, dtype, fused)
             qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
             qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim)
             if fused:
@@ -134,12 +143,7 @@ def hidden_states(
             attn = (probs @ v.reshape(-1, width, head_dim)).view(rows, heads, width, head_dim)
             attn = attn.transpose(1, 2).reshape(rows, width, heads * head_dim)
             x = x + (attn @ a.o_proj.weight.to(dtype).T).to(x.dtype)
-            h = _norm(x, layer.post_attention_layernorm.weight, eps, dtype, fused)
+            h = norm(x, layer.post_attention_layernorm.weight, eps, dtype, fused)
             gate_up = h @ torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype).T
-            if fused:
-                act = cpu_kernels.swiglu(gate_up)
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                act = F.silu(gate) * up
-            x = x + (act @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
+            x = x + (swiglu(gate_up, fused) @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
         return F.rms_norm(x, (d,), core.norm.weight, eps)
