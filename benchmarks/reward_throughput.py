@@ -159,8 +159,9 @@ def update_doc(result: dict[str, Any]) -> None:
         f"Model: demo-size Llama (hidden {ARCH.hidden_size}, {ARCH.num_hidden_layers} layers, vocab 512), max length "
         f"{MAX_LEN}; one epoch; the same pairs per optimiser step and per forward pass (4 micro-batches a step) for "
         "both.", "", *rows, "",
-        "Both systems run the same Hugging Face model with SDPA attention; what differs is what they forward. "
-        "rankings: ours forwards each of a prompt's 4 answers once and takes its 6 pairs from those rewards (one batch "
+        "Both systems train the same Hugging Face model; ours runs its backbone through the lean Llama forward "
+        "and its fused CPU kernels (`rlhf/models/lean_llama.py`, the head only where rewards are read), TRL "
+        "through transformers' forward with SDPA attention. They also differ in what they forward. rankings: ours forwards each of a prompt's 4 answers once and takes its 6 pairs from those rewards (one batch "
         "element); TRL forwards 12 sequences for the same 6 pairs. Both settings: ours forwards a group's prompt "
         "once, its answers as branches under a tree attention mask (`reward.shared_prefix`), and packs groups into "
         "rows no wider than the widest (first-fit decreasing), so little padding is left; TRL right-pads one row "

@@ -25,6 +25,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("matmul_peak", [], ["--quick"]),
     ("attention_backends", [], ["--quick"]),
     ("fused_kernels", [], ["--quick"]),
+    ("lean_training", [], ["--quick"]),
     ("generation", [], ["--quick"]),
     ("ppo_bench", [], ["--quick"]),
     ("reward_throughput", [], ["--reps", "1", "--groups", "40", "--no-doc"]),

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from rlhf.config import Precision, TrainConfig
 from rlhf.errors import ConfigError
+from rlhf.models import lean_llama
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,26 @@ def short_attention(length: int, device: torch.device, half: bool) -> Any:
     if half and device.type == "cpu" and length <= MATH_ATTENTION_MAX_LEN and torch.is_grad_enabled():
         return sdpa_kernel([SDPBackend.MATH])
     return nullcontext()
+
+
+class ModelForward(torch.nn.Module):
+    """A training loop's forward around a Hugging Face model (PPO's actor and critic, the LM loss, the rewards),
+    as a module of its own so that `accelerator.prepare` (DDP, autocast) wraps it. `lean`: the backbone runs
+    through rlhf.models.lean_llama (`lean_forward` says when). The model's layer classes are named as the model
+    names them, for FSDP's auto-wrap policy."""
+
+    def __init__(self, model: Any, lean: bool = False) -> None:
+        super().__init__()
+        self.model: Any = model  # a Hugging Face model, or its LoRA wrapper
+        self.lean = lean
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+
+def lean_forward(model: Any, accelerator: Accelerator) -> bool:
+    """Whether `model` trains through rlhf.models.lean_llama: a plain Llama whose weights are whole on this
+    process (one process or DDP; FSDP and DeepSpeed shard them, and the lean forward reads them directly)."""
+    whole = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return whole and lean_llama.supports(model)
 
 
 def autocast(accelerator: Accelerator) -> Any:

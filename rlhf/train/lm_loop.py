@@ -10,20 +10,25 @@ import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import TrainConfig
 from rlhf.data.jsonl import write_json
 from rlhf.losses import sft_loss
+from rlhf.models import lean_llama
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.runs import Run
 from rlhf.train.common import (
     BatchPlan,
+    ModelForward,
     Progress,
+    lean_forward,
     make_optimizer,
     make_scheduler,
     short_attention,
@@ -53,22 +58,38 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class NextTokenLoss(ModelForward):
+    """The summed next-token loss of a micro-batch over its labelled tokens (`sft_loss`, reduction "sum").
+    With `lean`, the LM head runs only at the labelled tokens: prompts and padding never reach its matmul."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        if not self.lean:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+            return sft_loss(logits.float(), labels, reduction="sum")
+        # right-padded rows: positions count from 0, as in the model's own forward
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)  # (B, T)
+        hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, positions)  # (B, T, d)
+        targets = labels[:, 1:]  # (B, T-1) the token that each position predicts
+        counted = targets != IGNORE
+        logits = self.model.lm_head(hidden[:, :-1][counted])  # (N, V)
+        return F.cross_entropy(logits.float(), targets[counted], reduction="sum")
+
+
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, examples: list[Example], pad_id: int, micro_batch_size: int
+    loss_fn: NextTokenLoss, examples: list[Example], pad_id: int, micro_batch_size: int
 ) -> dict[str, float]:
     """Mean next-token loss per labelled token, and its perplexity."""
     if not examples:
         return {}
-    was_training = model.training
-    model.eval()
+    was_training = loss_fn.training
+    loss_fn.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), micro_batch_size):
         batch = collate(examples[i : i + micro_batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += float(sft_loss(logits.float(), batch["labels"], reduction="sum"))
+        total += float(loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"]))
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
-    model.train(was_training)
+    loss_fn.train(was_training)
     loss = total / max(1, count)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
@@ -96,11 +117,12 @@ def fit(
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
     start = run.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    loss_fn = NextTokenLoss(model, lean_forward(model, accelerator))
+    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    unwrapped = cast(NextTokenLoss, accelerator.unwrap_model(loss_fn))
 
     def save_files(path: Path) -> None:
-        unwrapped.save_pretrained(path, safe_serialization=True)
+        unwrapped.model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
 
     progress = Progress(plan.total_steps, stage, accelerator.is_main_process, quiet, initial=start)
@@ -115,16 +137,15 @@ def fit(
         for k, indices in enumerate(micro):
             batch = collate([train[i] for i in indices], pad_id)
             seen_tokens += int(batch["attention_mask"].sum())
-            sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
+            sync = accelerator.no_sync(loss_fn) if k < len(micro) - 1 else nullcontext()
             ids = batch["input_ids"]
             with sync, short_attention(ids.size(1), ids.device, half):
-                logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-                loss_sum = sft_loss(logits.float(), batch["labels"], reduction="sum")
+                loss_sum = loss_fn(ids, batch["attention_mask"], batch["labels"])
                 # DDP averages gradients over processes; scale back so the sum over the global batch is exact
                 accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
             step_loss += loss_sum.detach().double()
         # 2. clip and step
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -152,7 +173,7 @@ def fit(
     accelerator.wait_for_everyone()
     final = evaluate(unwrapped, held_out, pad_id, cfg.micro_batch_size)
     if accelerator.is_main_process:
-        save_pretrained_atomic(run.dir / "final", unwrapped, tokenizer)
+        save_pretrained_atomic(run.dir / "final", unwrapped.model, tokenizer)
         write_json(
             run.dir / "summary.json",
             {

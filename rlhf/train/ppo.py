@@ -32,7 +32,6 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from accelerate import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -68,8 +67,10 @@ from rlhf.rl_math import (
 from rlhf.runs import Run, seed_everything, set_rng_state
 from rlhf.train.common import (
     BatchPlan,
+    ModelForward,
     Progress,
     autocast,
+    lean_forward,
     make_accelerator,
     make_optimizer,
     make_scheduler,
@@ -101,18 +102,8 @@ def add_lora(model: PreTrainedModel, cfg: PPOConfig, task_type: str) -> PeftMode
     return get_peft_model(model, config)
 
 
-class Actor(torch.nn.Module):
-    """The policy's logits at the real response tokens, (N, V).
-
-    A module of its own, as the critic, so that `accelerator.prepare` (DDP, autocast) wraps this forward. With
-    `lean` (a plain Llama whose weights are whole on this process), the backbone runs through
-    rlhf.models.lean_llama, and the LM head only at the response tokens.
-    """
-
-    def __init__(self, model: PreTrainedModel | PeftModel, lean: bool = False) -> None:
-        super().__init__()
-        self.model: Any = model  # a Hugging Face causal LM, or its LoRA wrapper
-        self.lean = lean
+class Actor(ModelForward):
+    """The policy's logits at the real response tokens, (N, V). With `lean`, the LM head runs only there."""
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
@@ -129,16 +120,12 @@ class Actor(torch.nn.Module):
         return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
 
 
-class Critic(torch.nn.Module):
-    """The value function V(s_t) at every token, in the reward model's normalised units.
-
-    A module of its own so that `accelerator.prepare` (DDP, autocast) wraps the per-token forward; the
-    sequence-classification forward of Hugging Face would pool to the last token only. `lean` as the actor's.
-    """
+class Critic(ModelForward):
+    """The value function V(s_t) at every token, in the reward model's normalised units. Its own forward: the
+    sequence-classification forward of Hugging Face would pool to the last token only."""
 
     def __init__(self, model: PreTrainedModel | PeftModel, lean: bool = False) -> None:
-        super().__init__()
-        self.model, self.lean = model, lean
+        super().__init__(model, lean)
         self.shift, self.scale = normalisation(self.base)
 
     @property
@@ -373,9 +360,8 @@ def run(
     )
 
     # the lean Llama forward wherever a model's weights are whole on this process (not sharded by FSDP/ZeRO)
-    whole = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    policy = Actor(policy, whole and lean_llama.supports(policy))
-    critic.lean = whole and lean_llama.supports(critic.base)
+    policy = Actor(policy, lean_forward(policy, accelerator))
+    critic.lean = lean_forward(critic.base, accelerator)
     reference_actor = None if reference is None else Actor(reference, lean_llama.supports(reference))
 
     # optimisers and schedules: one optimiser step per minibatch, per epoch, per iteration

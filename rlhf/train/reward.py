@@ -40,6 +40,7 @@ from rlhf.errors import ConfigError, DataError
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.generation import SamplingParams, generate
 from rlhf.losses import grouped_bt_loss
+from rlhf.models import lean_llama
 from rlhf.models.heads import build_scalar_model, load_scalar_model, sequence_rewards, set_normalisation
 from rlhf.models.loading import (
     context_length,
@@ -52,8 +53,10 @@ from rlhf.models.packing import pack_rows, takes_4d_mask, tree_attention_mask
 from rlhf.runs import Run, seed_everything
 from rlhf.train.common import (
     BatchPlan,
+    ModelForward,
     Progress,
     autocast,
+    lean_forward,
     make_accelerator,
     make_optimizer,
     make_scheduler,
@@ -330,22 +333,44 @@ def scalar_head(model: torch.nn.Module) -> torch.nn.Module:
     return cast(torch.nn.Module, getattr(inner, "score", None) or inner.classifier)
 
 
-def forward_rewards(model: torch.nn.Module, batch: Batch) -> Tensor:
-    """One reward per completion, (N,): the scalar head at the last real token (the model's own pooling finds
-    the last non-PAD token; PAD differs from EOS). With a shared prefix the head's output at every position is
-    caught on its way out and read at `reward_at`. Calls the wrapper, so DDP and peft see the forward."""
-    if batch.reward_at is None:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return out.logits[:, 0].float()  # (N,)
-    caught: list[Tensor] = []
-    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: caught.append(out))
-    try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-              position_ids=batch.position_ids, use_cache=False)  # fmt: skip
-    finally:
-        hook.remove()
-    scores = caught[-1]  # (R, T, 1)
-    return scores[batch.reward_at[:, 0], batch.reward_at[:, 1], 0].float()  # (N,)
+class RewardForward(ModelForward):
+    """One reward per completion, (N,): the scalar head at the completion's last real token.
+
+    With `lean`, the head runs only at those N tokens. Otherwise the model's own forward: its pooling finds the
+    last non-PAD token (PAD differs from EOS); with a shared prefix, the head's output at every position is
+    caught on its way out and read at `reward_at`.
+    """
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None, reward_at: Tensor | None
+    ) -> Tensor:
+        if self.lean:
+            device = input_ids.device
+            if reward_at is None:  # one right-padded row per completion
+                rows = torch.arange(input_ids.size(0), device=device)
+                reward_at = torch.stack([rows, attention_mask.sum(1) - 1], dim=1)  # (N, 2)
+            if position_ids is None:  # positions from 0, as in the model's own forward
+                position_ids = torch.arange(input_ids.size(1), device=device).expand_as(input_ids)
+            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
+            # the head at the N last tokens of the (R, T, d) states
+            return cast(Tensor, self.model.score(hidden[reward_at[:, 0], reward_at[:, 1]]))[:, 0].float()
+        if reward_at is None:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return cast(Tensor, out.logits[:, 0].float())  # (N,)
+        caught: list[Tensor] = []
+        hook = scalar_head(self.model).register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False)  # fmt: skip
+        finally:
+            hook.remove()
+        scores = caught[-1]  # (R, T, 1)
+        return scores[reward_at[:, 0], reward_at[:, 1], 0].float()  # (N,)
+
+
+def forward_rewards(scorer: torch.nn.Module, batch: Batch) -> Tensor:
+    """The rewards of a micro-batch's completions, (N,), through a RewardForward (or its DDP wrapper)."""
+    return cast(Tensor, scorer(batch.input_ids, batch.attention_mask, batch.position_ids, batch.reward_at))
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -353,21 +378,21 @@ def forward_rewards(model: torch.nn.Module, batch: Batch) -> Tensor:
 
 @torch.no_grad()
 def score_pairs(
-    model: torch.nn.Module,
+    scorer: RewardForward,
     examples: list[GroupExample],
     pad_id: int,
     cfg: RewardConfig,
     accelerator: Accelerator,
 ) -> tuple[float, list[ScoredPair]]:
     """(mean group loss, every pair with its raw rewards) over the held-out groups."""
-    was_training = model.training
-    model.eval()
+    was_training = scorer.training
+    scorer.eval()
     total, pairs = 0.0, []
     for i in range(0, len(examples), cfg.micro_batch_size):
         chunk = examples[i : i + cfg.micro_batch_size]
-        batch = collate(chunk, pad_id, cfg.use_margins, *uses_shared_prefix(cfg, model))
+        batch = collate(chunk, pad_id, cfg.use_margins, *uses_shared_prefix(cfg, scorer.model))
         with autocast(accelerator):
-            rewards = forward_rewards(model, batch)  # (N,)
+            rewards = forward_rewards(scorer, batch)  # (N,)
         loss, _ = grouped_bt_loss(
             rewards,
             batch.chosen_idx,
@@ -385,7 +410,7 @@ def score_pairs(
                 pairs.append(ScoredPair(e.prompt, e.texts[c], e.texts[r], flat[offset + c], flat[offset + r],
                                         e.labeler, margin))  # fmt: skip
             offset += len(e.sequences)
-    model.train(was_training)
+    scorer.train(was_training)
     return total / max(1, len(examples)), pairs
 
 
@@ -524,15 +549,16 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
     start = run_dir.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    shared = uses_shared_prefix(cfg, unwrapped)
+    scorer = RewardForward(model, lean_forward(model, accelerator))
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    unwrapped = cast(RewardForward, accelerator.unwrap_model(scorer))
+    shared = uses_shared_prefix(cfg, model)
     half = trains_in_half(accelerator)
     if cfg.shared_prefix and not shared[0]:
         log.info("reward: shared_prefix needs sdpa or eager attention; one row per completion instead")
 
     def save_files(path: Path) -> None:
-        unwrapped.save_pretrained(path, safe_serialization=True)  # with LoRA: the adapter and the head
+        unwrapped.model.save_pretrained(path, safe_serialization=True)  # with LoRA: the adapter and the head
         tokenizer.save_pretrained(path)
 
     progress = Progress(plan.total_steps, "reward", accelerator.is_main_process, quiet, initial=start)
@@ -546,10 +572,10 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         for k, indices in enumerate(micro):
             batch = collate([train[i] for i in indices], pad_id, cfg.use_margins, *shared)
             step_tokens += batch.n_tokens
-            sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
+            sync = accelerator.no_sync(scorer) if k < len(micro) - 1 else nullcontext()
             with sync, short_attention(batch.input_ids.size(1), batch.input_ids.device, half):
                 # 1. forward: all distinct completions of these groups at once, rewards at the last real token
-                rewards = forward_rewards(model, batch)  # (N,)
+                rewards = forward_rewards(scorer, batch)  # (N,)
                 # 2. loss: mean over each group's pairs, then over groups; scaled to the global batch
                 loss, _ = grouped_bt_loss(
                     rewards, batch.chosen_idx, batch.rejected_idx, batch.group_idx, batch.num_groups,
@@ -560,7 +586,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
             step_pairs += len(batch.chosen_idx)
             step_correct += int((rewards[batch.chosen_idx] > rewards[batch.rejected_idx]).sum())
         # 3. clip and step
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -596,7 +622,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
                               "truncated": truncated + held_truncated, **metrics}  # fmt: skip
     if accelerator.is_main_process:
         scored = score_pairs(unwrapped, held_out, pad_id, cfg, accelerator)[1] if held_out else []
-        final = plain_model(unwrapped)
+        final = plain_model(unwrapped.model)
         shift, scale = 0.0, 1.0
         if cfg.normalise.enabled:
             reference = reference_sequences(cfg, tokenizer, [g.prompt for g in groups], max_len)

@@ -15,7 +15,7 @@ from rlhf.cli import app
 from rlhf.labelers import gold
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
-from rlhf.train.lm_loop import evaluate
+from rlhf.train.lm_loop import NextTokenLoss, evaluate
 from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
 
 from .conftest import TINY
@@ -33,8 +33,9 @@ def test_sft_response_loss_is_clearly_below_the_pretrained_model(tiny_demo: dict
     tok = load_tokenizer(str(tiny_demo["sft"]))
     held_out = read_demonstrations(tiny_demo["data"] / "sft.jsonl", tok)[:30]  # the split SFT held out
     examples, _, _ = tokenize_demonstrations(held_out, tok, 64)
-    before = evaluate(load_causal_lm(str(tiny_demo["pretrain"])), examples, tok.pad_token_id, 16)["loss"]
-    after = evaluate(load_causal_lm(str(tiny_demo["sft"])), examples, tok.pad_token_id, 16)["loss"]
+    pretrained, sft = (NextTokenLoss(load_causal_lm(str(tiny_demo[k]))) for k in ("pretrain", "sft"))
+    before = evaluate(pretrained, examples, tok.pad_token_id, 16)["loss"]
+    after = evaluate(sft, examples, tok.pad_token_id, 16)["loss"]
     assert after < 0.85 * before, (before, after)
 
 

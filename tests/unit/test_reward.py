@@ -16,12 +16,14 @@ from rlhf.data.preferences import PairwiseVote, Ranking, to_groups
 from rlhf.errors import DataError
 from rlhf.generation import left_pad
 from rlhf.losses import grouped_bt_loss
+from rlhf.models import lean_llama
 from rlhf.models.heads import build_scalar_model, sequence_rewards
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.packing import tree_attention_mask
 from rlhf.train.common import BatchPlan
 from rlhf.train.reward import (
     GroupExample,
+    RewardForward,
     collate,
     encode_groups,
     forward_rewards,
@@ -153,16 +155,20 @@ def test_left_and_right_padding_give_the_same_reward(tiny_sft_model: Path) -> No
                 for s in sequences
             ]
         )
-        trained_path = forward_rewards(model, batch)  # the training loop's read: the model's own pooling
+        trained_path = forward_rewards(RewardForward(model), batch)  # the model's own pooling
+        lean_path = forward_rewards(RewardForward(model, lean=True), batch)  # the head at mask.sum() - 1
     assert len(set(map(len, sequences))) > 1  # the padding differs between rows
     torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(trained_path, right, atol=1e-5, rtol=0)
+    assert lean_llama.supports(model)
+    torch.testing.assert_close(lean_path, right, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_shared_prefix_gives_the_rewards_and_gradients_of_one_row_per_completion(
-    tiny_sft_model: Path, attention: str
+    tiny_sft_model: Path, attention: str, lean: bool
 ) -> None:
     tokenizer = load_tokenizer(str(tiny_sft_model))
     model = build_scalar_model(str(tiny_sft_model), seed=1)
@@ -181,20 +187,22 @@ def test_a_shared_prefix_gives_the_rewards_and_gradients_of_one_row_per_completi
     assert shared.attention_mask.shape == (rows, 1, width, width)
     assert torch.equal(shared.chosen_idx, plain.chosen_idx)
     assert torch.equal(shared.rejected_idx, plain.rejected_idx)
-    grads = []
-    for batch in (plain, shared):
+    grads = []  # the model's own forward, one row per completion; then with `lean` as parametrized
+    for scorer, batch in ((RewardForward(model), plain), (RewardForward(model, lean), plain),
+                          (RewardForward(model, lean), shared)):  # fmt: skip
         model.zero_grad()
-        rewards = forward_rewards(model, batch)
+        rewards = forward_rewards(scorer, batch)
         loss, _ = grouped_bt_loss(rewards, batch.chosen_idx, batch.rejected_idx, batch.group_idx,
                                   batch.num_groups, batch.margins, batch.weights)  # fmt: skip
         loss.backward()
         grads.append((rewards.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (r_plain, g_plain), (r_shared, g_shared) = grads
+    (r_plain, g_plain), *others = grads
     assert r_plain.shape == (4 + 2 + 2,)
-    torch.testing.assert_close(r_shared, r_plain, atol=1e-5, rtol=0)
-    assert len(g_plain) == len(g_shared) and all(torch.isfinite(g).all() for g in g_shared)
-    for a, b in zip(g_plain, g_shared, strict=True):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    for r_other, g_other in others:
+        torch.testing.assert_close(r_other, r_plain, atol=1e-5, rtol=0)
+        assert len(g_plain) == len(g_other) and all(torch.isfinite(g).all() for g in g_other)
+        for a, b in zip(g_plain, g_other, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 def test_the_shared_prefix_is_the_common_prompt_and_leaves_each_answer_its_eos() -> None:
