@@ -69,6 +69,8 @@ def test_the_loop_takes_the_lean_forward_only_for_a_plain_whole_llama() -> None:
     accelerator = make_accelerator("fp32")
     model = build_model()
     assert lean_forward(model, accelerator)
+    # the wrapper names the model's layer class, as FSDP's auto-wrap policy reads it off the prepared module
+    assert set(NextTokenLoss(model)._no_split_modules) == {"LlamaDecoderLayer"}
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert not lean_forward(lora, accelerator)
     assert not lean_forward(lora.get_base_model(), accelerator)  # LoRA layers replaced its projections
