@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,18 @@ def build_model(size: str, device: str = "cpu", seed: int = 0) -> tuple[Any, Any
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def alternating_medians(call: Callable[[bool], float], calls: int, warmup: int = 2) -> tuple[float, float]:
+    """(median with the option on, median with it off) of `call(on)`'s milliseconds: the two alternate call by call,
+    each going first every other round, after `warmup` rounds that are not counted."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(calls + warmup):
+        for on in (True, False) if i % 2 else (False, True):
+            ms = call(on)
+            if i >= warmup:
+                times[on].append(ms)
+    return statistics.median(times[True]), statistics.median(times[False])
 
 
 def machine(threads: int, device: str = "cpu") -> dict[str, Any]:

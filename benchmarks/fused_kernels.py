@@ -14,14 +14,14 @@ docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 import time
 from typing import Any
 
 import torch
 
-from benchmarks.common import SIZES, build_model, machine, save_result, update_doc
+from benchmarks.common import SIZES, alternating_medians, build_model, machine, save_result, update_doc
 from benchmarks.generation import prompts, run_ours
 from rlhf.models import cpu_kernels, lean_llama
 
@@ -58,14 +58,10 @@ def measure(size: str, reps: int) -> dict[str, Any]:
     inputs = (ids, torch.ones_like(ids), torch.arange(width).expand(rows, width))
     out: dict[str, Any] = {"rows": rows, "width": width}
     for name in MODES:
-        times: dict[bool, list[float]] = {True: [], False: []}
         calls = max(reps // 3, 3) if name == "generation" else reps
-        for i in range(calls + 2):
-            for fused in (True, False) if i % 2 else (False, True):
-                ms = timed_call(model, inputs, fused, name)
-                if i >= 2:
-                    times[fused].append(ms)
-        fused_ms, torch_ms = statistics.median(times[True]), statistics.median(times[False])
+        fused_ms, torch_ms = alternating_medians(
+            functools.partial(timed_call, model, inputs, mode=name), calls
+        )
         out[name] = {"fused_ms": round(fused_ms, 2), "torch_ops_ms": round(torch_ms, 2),
                      "speedup": round(torch_ms / fused_ms, 3)}  # fmt: skip
         print(f"{size} {name}: fused {fused_ms:.1f} ms, torch ops {torch_ms:.1f} ms, {torch_ms / fused_ms:.2f}x",

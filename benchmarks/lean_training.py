@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import SIZES, build_model, machine, save_result, update_doc
+from benchmarks.common import SIZES, alternating_medians, build_model, machine, save_result, update_doc
 from rlhf.config import RewardConfig, TrainConfig
 from rlhf.losses import grouped_bt_loss
 from rlhf.models.heads import build_scalar_model
@@ -112,13 +111,7 @@ def measure(size: str, reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for loop in LOOPS:
         step, tokens = step_fn(size, loop)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for i in range(reps + 2):
-            for lean in (True, False) if i % 2 else (False, True):
-                ms = step(lean)
-                if i >= 2:
-                    times[lean].append(ms)
-        lean_ms, hf_ms = statistics.median(times[True]), statistics.median(times[False])
+        lean_ms, hf_ms = alternating_medians(step, reps)
         out[loop] = {"tokens": tokens, "lean_ms": round(lean_ms, 2), "transformers_ms": round(hf_ms, 2),
                      "speedup": round(hf_ms / lean_ms, 3)}  # fmt: skip
         print(f"{size} {loop}: lean {lean_ms:.1f} ms, transformers {hf_ms:.1f} ms, {hf_ms / lean_ms:.2f}x",
