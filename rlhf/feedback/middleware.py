@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -56,8 +58,64 @@ class BodySizeLimit:
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        data = b"".join(chunks)
+        problem = json_body_problem(scope, data)
+        if problem is not None:
+            detail = [{"loc": ["body"], "msg": problem, "type": "value_error"}]  # FastAPI's 422 shape
+            await JSONResponse({"detail": detail}, status_code=422)(scope, receive, send)
+            return
+        body = {"type": "http.request", "body": data, "more_body": False}
         await self.app(scope, _replay([body], receive), send)
+
+
+class _Unrepresentable(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _Unrepresentable(f"{name} is not a number JSON allows; send a finite number")
+
+
+def json_body_problem(scope: Scope, body: bytes) -> str | None:
+    """Why a JSON request body cannot be taken, or None: NaN or Infinity (Python's parser accepts them, no
+    other does), or a string holding a lone UTF-16 surrogate ("\\ud800": no UTF-8 text can hold one, so it
+    would fail later, when stored or echoed in an error). Bodies FastAPI would not parse as JSON (another
+    content type) and malformed JSON are left to the app, which answers those itself."""
+    content_type = ""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_type = value.decode("latin-1").split(";")[0].strip().lower()
+    if content_type and not (content_type == "application/json" or content_type.endswith("+json")):
+        return None
+    if not body or (b"\\u" not in body and b"N" not in body and b"I" not in body):
+        return None  # the common case: nothing that could be a surrogate escape or a bare constant
+    try:
+        value = json.loads(body, parse_constant=_no_constant)
+    except _Unrepresentable as e:
+        return str(e)
+    except ValueError:
+        return None
+    return _lone_surrogate(value)
+
+
+def _lone_surrogate(value: Any, path: str = "body") -> str | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path}: a lone UTF-16 surrogate in a string (not valid Unicode text)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}.{i}")
+            if found:
+                return found
+    return None
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

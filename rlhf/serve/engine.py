@@ -161,20 +161,23 @@ class Engine:
                 room = 0
             new, stopping = self._take(room, block=batch is None)
             new = [s for s in new if not s.cancelled]
-            try:
-                # 2. prefill the newcomers and join them to the running batch
-                if new:
-                    joined = self._prefill(new)
-                    batch = joined if batch is None else _join(batch, joined)
-                    batch = self._prune(batch)
-                # 3. one decode step for every running row
-                if batch is not None:
+            # 2. prefill the newcomers and join them to the running batch; a row that fails fails alone
+            joined = self._prefill_isolated(new) if new else None
+            if joined is not None:
+                try:
+                    batch = self._prune(joined if batch is None else _join(batch, joined))
+                except Exception as e:  # out of memory joining: fail these requests, keep serving
+                    self._fail((batch.seqs if batch else []) + joined.seqs, e)
+                    batch = None
+            # 3. one decode step for every running row
+            if batch is not None:
+                try:
                     batch = self._prune(self._decode(batch))
-            except Exception as e:  # a bug or out of memory: fail these requests, keep serving
-                log.exception("generation failed on %s", self.name)
-                for seq in (batch.seqs if batch else []) + new:
-                    self._emit(seq, Delta(seq.index, "", error=f"generation failed: {e}"))
-                batch = None
+                except (
+                    Exception
+                ) as e:  # a bug or out of memory in the shared step: the rows cannot be told apart
+                    self._fail(batch.seqs, e)
+                    batch = None
             if batch is None:
                 metrics.TOKENS_PER_SECOND.labels(self.name).set(0)
             if stopping:
@@ -200,6 +203,51 @@ class Engine:
             taken.append(item)
         metrics.QUEUE_DEPTH.labels(self.name).set(self._incoming.qsize())
         return taken, False
+
+    def _prefill_isolated(self, seqs: list[Sequence]) -> _Batch | None:
+        """Prefill the newcomers together; if that fails, each alone, so that one bad row (a prompt the
+        model cannot take) fails only its own request. None when no row could start."""
+        ok = []
+        for seq in seqs:
+            problem = self._refuse(seq)
+            if problem is None:
+                ok.append(seq)
+            else:
+                self._emit(seq, Delta(seq.index, "", error=f"generation failed: {problem}"))
+        if not ok:
+            return None
+        try:
+            return self._prefill(ok)
+        except Exception as e:
+            if len(ok) == 1:
+                self._fail(ok, e)
+                return None
+        batch: _Batch | None = None
+        for seq in ok:
+            try:
+                alone = self._prefill([seq])
+            except Exception as e:
+                self._fail([seq], e)
+                continue
+            batch = alone if batch is None else _join(batch, alone)
+        return batch
+
+    def _refuse(self, seq: Sequence) -> str | None:
+        """Why the model cannot take this row (the routers check these first; this keeps the batch safe
+        from a caller that did not), or None."""
+        vocab = int(self.model.config.vocab_size)
+        if not seq.prompt_ids:
+            return "empty prompt"
+        if any(not 0 <= t < vocab for t in seq.prompt_ids):
+            return "a prompt token id outside the vocabulary"
+        if not 0 <= seq.params.top_k < 2**62:
+            return f"top_k {seq.params.top_k} out of range"
+        return None
+
+    def _fail(self, seqs: list[Sequence], e: Exception) -> None:
+        log.error("generation failed on %s for %d row(s)", self.name, len(seqs), exc_info=e)
+        for seq in seqs:
+            self._emit(seq, Delta(seq.index, "", error=f"generation failed: {e}"))
 
     def _prefill(self, seqs: list[Sequence]) -> _Batch:
         ids, mask = (t.to(self.device) for t in left_pad([s.prompt_ids for s in seqs], self.pad_id))

@@ -108,6 +108,11 @@ def validation_error(errors: Any) -> APIError:
         str(p) for p in err["loc"] if p not in ("body", "header", "query", "path") and not _is_union_tag(p)
     ]
     param = ".".join(loc) or None
+    if err["type"] == "missing" and not param:
+        return APIError(
+            "The request body is empty; send a JSON object with the request's parameters.",
+            code="missing_body",
+        )
     if err["type"] == "missing":
         return APIError(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"

@@ -8,6 +8,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rlhf.feedback.middleware import json_body_problem
 from rlhf.serve import metrics
 from rlhf.serve.errors import error_body
 
@@ -69,23 +70,28 @@ class BodySizeLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        data = b"".join(chunks)
+        problem = json_body_problem(scope, data)
+        if problem is not None:
+            await self._send_error(send, 400, problem, "invalid_value")
+            return
         body_sent = False
 
         async def replay() -> Message:
             nonlocal body_sent
             if not body_sent:
                 body_sent = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": data, "more_body": False}
             return await receive()  # after the body: wait for the disconnect, as the server would
 
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(
-                f"Request body over the limit of {self.max_bytes} bytes.", 413, code="request_too_large"
-            )
-        ).encode()
+        message = f"Request body over the limit of {self.max_bytes} bytes."
+        await self._send_error(send, 413, message, "request_too_large")
+
+    async def _send_error(self, send: Send, status: int, message: str, code: str) -> None:
+        body = json.dumps(error_body(message, status, code=code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

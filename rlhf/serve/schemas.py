@@ -1,8 +1,9 @@
 """Request and response schemas of the OpenAI-compatible API (pydantic), plus the A/B feedback endpoint.
 
-Inputs follow OpenAI's field names and ranges; fields this server does not know are ignored, as OpenAI
-clients and frameworks send extras. Fields it knows but does not implement (logprobs, penalties, tools)
-are refused with a 400 rather than silently dropped. Extensions: `top_k`, and `ab` (opt in to A/B).
+Inputs follow OpenAI's field names and ranges, every number bounded; fields this server does not know are
+ignored, as OpenAI clients and frameworks send extras (`store`, `metadata`, ...). Fields it knows but does
+not implement (logprobs, penalties, tools, tool_choice, response_format, ...) are refused with a 400
+naming the field rather than silently dropped. Extensions: `top_k`, and `ab` (opt in to A/B).
 Outputs carry `feedback_id` only on A/B responses.
 """
 
@@ -16,10 +17,25 @@ from rlhf.feedback.schemas import KEY_PATTERN
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
+MAX_INT = 2**31 - 1
 Unit = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
-StopList = Annotated[
-    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
-]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[Stop], Field(max_length=MAX_STOP)]
+
+
+# OpenAI fields this server cannot honour, and the values that ask for nothing (so clients that send the
+# default explicitly still work); anything else is a 400 naming the field.
+NEUTRAL: dict[str, list[Any]] = {
+    "tool_choice": ["none"],
+    "function_call": ["none"],
+    "response_format": [{"type": "text"}],
+    "modalities": [["text"]],
+    "audio": [],
+    "prediction": [],
+    "reasoning_effort": [],
+    "web_search_options": [],
+}
 
 
 class StreamOptions(BaseModel):
@@ -32,18 +48,20 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="a model id from /v1/models")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = Field(
         None, description="most tokens to generate per choice (default: the rest of the context)"
     )
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = Field(
         None, description="sampling temperature; 0 = greedy (default 1)"
     )
     top_p: Unit | None = Field(None, description="nucleus sampling mass in (0, 1] (default 1 = off)")
-    top_k: Annotated[int, Field(ge=0)] | None = Field(
+    top_k: Annotated[int, Field(ge=0, le=MAX_INT)] | None = Field(
         None, description="keep the k likeliest tokens; 0 = off"
     )
-    n: Annotated[int, Field(ge=1)] | None = Field(None, description="choices to generate (default 1)")
-    stop: str | StopList | None = Field(None, description="up to 4 strings; the text is cut at the first one")
+    n: Annotated[int, Field(ge=1, le=128)] | None = Field(None, description="choices to generate (default 1)")
+    stop: Stop | StopList | None = Field(
+        None, description="up to 4 strings; the text is cut at the first one"
+    )
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = Field(
         None, description="same seed and request, same answer"
     )
@@ -52,16 +70,24 @@ class SamplingRequest(BaseModel):
     user: Annotated[str, Field(max_length=256)] | None = None
     ab: bool | None = Field(None, description="opt in to A/B pairs (also: header X-RLHF-AB: 1)")
     # Known to OpenAI clients, not implemented here: refused unless left at their neutral values.
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
     echo: bool | None = None
     suffix: str | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: list[Any] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
@@ -80,6 +106,10 @@ class SamplingRequest(BaseModel):
             return "suffix"
         if self.tools or self.functions:
             return "tools"
+        for name, neutral in NEUTRAL.items():
+            value = getattr(self, name)
+            if value is not None and value not in neutral:
+                return name
         return None
 
 
@@ -102,7 +132,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = Field(
         None, description="the newer name of max_tokens"
     )
 

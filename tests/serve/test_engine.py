@@ -37,7 +37,8 @@ class Collector:
     def emit(self, delta: Delta) -> None:
         with self._lock:
             self.deltas[delta.index].append(delta)
-            if sum(1 for ds in self.deltas.values() if ds and ds[-1].finish_reason) == self.n:
+            ended = sum(1 for ds in self.deltas.values() if ds and (ds[-1].finish_reason or ds[-1].error))
+            if ended == self.n:
                 self.done.set()
 
     def text(self, i: int) -> str:
@@ -89,6 +90,26 @@ def test_a_seeded_sequence_samples_the_same_alone_or_in_company(engine: Engine) 
     engine.submit([*seqs[:2], Sequence(tok(PROMPTS[0])["input_ids"], seeded, 0, crowd.emit), seqs[2]])
     crowd.wait()
     assert crowd.text(0) == alone.text(0)
+
+
+def test_a_row_the_model_cannot_take_fails_alone(engine: Engine) -> None:
+    tok = engine.tokenizer
+    got = Collector(5)
+    good = RowParams(max_tokens=6, temperature=0)
+    seqs = [
+        Sequence(tok(PROMPTS[0])["input_ids"], good, 0, got.emit),
+        Sequence([], good, 1, got.emit),  # an empty prompt: no token to start from
+        Sequence(tok(PROMPTS[1])["input_ids"], RowParams(max_tokens=6, top_k=2**63), 2, got.emit),
+        Sequence([engine.model.config.vocab_size + 5], good, 3, got.emit),
+        Sequence(tok(PROMPTS[2])["input_ids"], good, 4, got.emit),
+    ]
+    engine.submit(seqs)  # admitted together, in one prefill
+    got.wait()
+    for i in (0, 4):
+        assert got.deltas[i][-1].error is None and got.deltas[i][-1].finish_reason in ("stop", "length")
+    for i in (1, 2, 3):
+        assert got.deltas[i][-1].error is not None
+    assert engine.alive
 
 
 def test_a_cancelled_sequence_stops_growing(engine: Engine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -41,6 +42,63 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         "messages.0.role",
     ),
     ("logprobs", "/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs"),
+    ("top_k beyond int64", "/v1/completions", {**COMPLETION, "top_k": 2**63}, 400, "top_k"),
+    ("seed beyond uint64", "/v1/completions", {**COMPLETION, "seed": 2**64}, 400, "seed"),
+    ("n beyond any batch", "/v1/completions", {**COMPLETION, "n": 2**40}, 400, "n"),
+    (
+        "penalty out of range",
+        "/v1/completions",
+        {**COMPLETION, "presence_penalty": 1e300},
+        400,
+        "presence_penalty",
+    ),
+    ("empty prompt without BOS", "/v1/completions", {**COMPLETION, "prompt": ""}, 400, "prompt"),
+    ("empty stop string", "/v1/completions", {**COMPLETION, "stop": ""}, 400, "stop"),
+    ("empty stop in a list", "/v1/completions", {**COMPLETION, "stop": ["a", ""]}, 400, "stop.1"),
+    (
+        "response_format json",
+        "/v1/chat/completions",
+        {**CHAT, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+    ("tool_choice", "/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, 400, "tool_choice"),
+    (
+        "modalities audio",
+        "/v1/chat/completions",
+        {**CHAT, "modalities": ["text", "audio"]},
+        400,
+        "modalities",
+    ),
+    ("empty body", "/v1/chat/completions", b"", 400, None),
+    (
+        "NaN temperature",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "hi", "temperature": NaN}',
+        400,
+        None,
+    ),
+    (
+        "Infinity in logit_bias",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "hi", "logit_bias": {"1": -Infinity}}',
+        400,
+        None,
+    ),
+    (
+        "lone surrogate in content",
+        "/v1/chat/completions",
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        400,
+        None,
+    ),
+    (
+        "lone surrogate as model",
+        "/v1/chat/completions",
+        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        400,
+        None,
+    ),
     (
         "feedback without a key",
         "/v1/feedback",
@@ -80,6 +138,20 @@ def test_bad_input_gets_an_openai_error(
     assert error["param"] == param
 
 
+def test_neutral_values_of_unsupported_fields_are_accepted(server: dict[str, Any]) -> None:
+    body = {**CHAT, "response_format": {"type": "text"}, "tool_choice": "none", "store": False}
+    r = httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_empty_body_says_what_is_missing(server: dict[str, Any]) -> None:
+    r = httpx.post(
+        server["url"] + "/v1/completions", content=b"", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "None" not in r.json()["error"]["message"]
+    assert "empty" in r.json()["error"]["message"]
+
+
 def test_oversized_body_is_413_in_openai_shape(server: dict[str, Any]) -> None:
     r = httpx.post(server["url"] + "/v1/completions", json={**COMPLETION, "prompt": "x" * 100_000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -93,3 +165,49 @@ def test_unknown_route_is_404_in_openai_shape(server: dict[str, Any]) -> None:
 def test_server_still_answers_after_bad_input(server: dict[str, Any]) -> None:
     r = httpx.post(server["url"] + "/v1/completions", json=COMPLETION, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_malformed_requests_among_32_generations_in_flight_harm_none(server: dict[str, Any]) -> None:
+    """32 well-formed generations run together while malformed requests arrive among them: every
+    well-formed one succeeds, every malformed one gets its own 4xx."""
+    bad: list[Any] = [
+        {**COMPLETION, "prompt": ""},
+        {**COMPLETION, "top_k": 2**63},
+        {**COMPLETION, "stop": ""},
+        b'{"model": "tiny", "prompt": "hi", "temperature": NaN}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        b'{"model": "\\ud800", "prompt": "hi"}',
+        b'{"model": "tiny", "prompt": [',
+        {**CHAT, "response_format": {"type": "json_object"}},
+    ]
+
+    async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=server["url"], timeout=120) as http:
+
+            async def good(i: int) -> httpx.Response:
+                if i % 2:
+                    body = {**COMPLETION, "prompt": f"User: {i} plus 1?\nAssistant:", "max_tokens": 8}
+                    return await http.post("/v1/completions", json=body)
+                return await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 8})
+
+            async def malformed(i: int) -> httpx.Response:
+                await asyncio.sleep(0.01 * i)  # arrive while the good ones are decoding
+                body = bad[i % len(bad)]
+                path = "/v1/completions" if b"prompt" in str(body).encode() else "/v1/chat/completions"
+                if isinstance(body, bytes):
+                    headers = {"content-type": "application/json"}
+                    return await http.post(path, content=body, headers=headers)
+                return await http.post(path, json=body)
+
+            results = await asyncio.gather(*(good(i) for i in range(32)), *(malformed(i) for i in range(16)))
+            return list(results[:32]), list(results[32:])
+
+    goods, bads = asyncio.run(main())
+    assert [r.status_code for r in goods] == [200] * 32, [r.text for r in goods if r.status_code != 200]
+    assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in goods)
+    assert all(400 <= r.status_code < 500 for r in bads), [(r.status_code, r.text) for r in bads]
+
+
+def test_head_healthz_is_200(server: dict[str, Any]) -> None:
+    r = httpx.head(server["url"] + "/healthz")
+    assert r.status_code == 200 and r.content == b""

@@ -17,7 +17,7 @@ class Health(BaseModel):
     status: str
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 def healthz(session: SessionDep) -> Health:
     """200 when the server is up and its database answers."""
     session.execute(text("SELECT 1"))

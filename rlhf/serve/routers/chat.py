@@ -47,6 +47,8 @@ async def chat_completions(
     check_supported(body)
     prompt = render_chat(policy, body.messages)
     prompt_ids = policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise APIError("The messages render to an empty prompt.", param="messages", code="empty_prompt")
     params = row_params(
         body, body.max_completion_tokens or body.max_tokens, len(prompt_ids), policy, "messages"
     )

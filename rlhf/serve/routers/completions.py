@@ -37,6 +37,12 @@ async def completions(
     check_supported(body)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     prompts = [policy.tokenizer(t)["input_ids"] for t in texts]
+    if not all(prompts):
+        raise APIError(
+            f"An empty prompt cannot be continued: the model '{policy.name}' has no BOS token to start from.",
+            param="prompt",
+            code="empty_prompt",
+        )
     # One set of parameters for all prompts, so the longest prompt decides whether max_tokens fits.
     params = row_params(body, body.max_tokens, max(len(p) for p in prompts), policy, "prompt")
     ab = wants_ab(state, body, request, len(prompts))

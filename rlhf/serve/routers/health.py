@@ -11,7 +11,7 @@ from rlhf.serve.deps import StateDep
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 def healthz(state: StateDep) -> JSONResponse:
     dead = [name for name, p in state.policies.items() if not p.engine.alive]
     body = {
