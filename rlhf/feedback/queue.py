@@ -3,7 +3,8 @@
 A labeler first gets back any task they opened and have not answered. Otherwise they claim a new one:
 a task they have never been assigned (so never one they voted on or skipped) that has fewer than
 `overlap` live assignments, fullest first so tasks reach their overlap early. With probability
-`gold_rate` a gold task is tried first; gold tasks go to every labeler, outside the overlap count.
+`gold_rate` a gold task is tried first, else the real ones (gold comes when no real task is left);
+gold tasks go to every labeler, outside the overlap count, and count in their progress like any task.
 A claim is a conditional UPDATE (n_assigned < overlap), so two labelers racing cannot exceed the overlap.
 """
 
@@ -56,7 +57,12 @@ def next_task(
     )
     if open_task is not None:
         return open_task
-    order = [True, False] if project.gold_rate > 0 and rng.random() < project.gold_rate else [False]
+    # Gold first with probability gold_rate, else after the real tasks: every gold task counts in the
+    # labeler's progress total from the start (see `progress`), so each one is shown before they are done.
+    if project.gold_rate <= 0:
+        order = [False]
+    else:
+        order = [True, False] if rng.random() < project.gold_rate else [False, True]
     with db_of(session).write(session):
         for gold in order:
             for task in _candidates(session, user, project, gold):
@@ -105,7 +111,12 @@ def skip(session: Session, user: User, task_id: int) -> None:
 
 
 def progress(session: Session, user: User, project: Project) -> ProgressOut:
-    """done = tasks `user` answered; total = done + open + new non-gold tasks still available to them."""
+    """done = tasks `user` answered; total = done + open + tasks still available to them.
+
+    Gold tasks count like any other, in all three terms (a gold task is available to every labeler until
+    shown to them), so the total does not move when a gold task is shown: labelers cannot tell gold from
+    real tasks by watching their progress.
+    """
     by_status = dict(
         session.execute(
             select(Assignment.status, func.count())
@@ -114,15 +125,21 @@ def progress(session: Session, user: User, project: Project) -> ProgressOut:
         ).all()
     )
     mine = exists().where(and_(Assignment.task_id == Task.id, Assignment.user_id == user.id))
-    available = session.scalar(
+    available_real = session.scalar(
         select(func.count())
         .select_from(Task)
         .where(
             Task.project_id == project.id, Task.is_gold.is_(False), Task.n_assigned < project.overlap, ~mine
         )
     )
+    available_gold = 0
+    if project.gold_rate > 0:
+        available_gold = session.scalar(
+            select(func.count()).select_from(Task).where(Task.project_id == project.id, Task.is_gold, ~mine)
+        )
     done = int(by_status.get("done", 0))
-    return ProgressOut(done=done, total=done + int(by_status.get("open", 0)) + int(available or 0))
+    left = int(by_status.get("open", 0)) + int(available_real or 0) + int(available_gold or 0)
+    return ProgressOut(done=done, total=done + left)
 
 
 def task_completions(session: Session, task_id: int) -> list[tuple[int, Completion]]:

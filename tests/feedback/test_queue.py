@@ -103,3 +103,25 @@ def test_the_next_task_query_reads_an_index_range_without_sorting(db: Database) 
             conn.execute(text("SET enable_seqscan = off"))  # an empty table: ask for the plan the index gives
             plan = " ".join(row[0] for row in conn.execute(text(f"EXPLAIN {sql}")))
             assert "ix_tasks_queue" in plan and "Sort" not in plan, plan
+
+
+def test_progress_does_not_tell_gold_from_real_tasks(api) -> None:
+    """The total stays put whichever kind of task is shown, and every vote moves done by one."""
+    gold = [
+        {"prompt": f"{i}+{i}?", "completion_a": str(2 * i), "completion_b": "5", "choice": "A"} for i in range(3)
+    ]
+    api.seed(n_prompts=4, gold=gold, gold_rate=0.5, overlap=1)
+    first = api.post("ann", "/api/tasks/next", params={"project": "demo"}).json()
+    total = first["progress"]["total"]
+    assert total == 7
+    shown, done = [first["task"]["prompt"]], 0
+    task = first["task"]
+    while task is not None:
+        assert api.vote("ann", task["id"]).status_code == 201
+        done += 1
+        r = api.post("ann", "/api/tasks/next", params={"project": "demo"}).json()
+        assert r["progress"] == {"done": done, "total": total}
+        task = r["task"]
+        if task is not None:
+            shown.append(task["prompt"])
+    assert done == 7 and sum("+" in p for p in shown) == 3  # every gold task shown before the end
