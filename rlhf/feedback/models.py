@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -67,6 +68,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str | None] = mapped_column(String(255))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Written into every session cookie; bumped by logout and password changes, which ends older cookies.
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -90,6 +93,8 @@ class Project(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     overlap: Mapped[int] = mapped_column(Integer, default=1)
     gold_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    # Production A/B pairs: answered by the end user who got them, never offered to labelers.
+    production: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

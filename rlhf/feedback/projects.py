@@ -19,8 +19,12 @@ def get_project(session: Session, name: str) -> Project:
     return project
 
 
-def list_projects(session: Session) -> list[Project]:
-    return list(session.scalars(select(Project).order_by(Project.id)))
+def list_projects(session: Session, for_labelers: bool = False) -> list[Project]:
+    """Every project; for labelers, not the production ones (end users' A/B pairs are not theirs to see)."""
+    stmt = select(Project).order_by(Project.id)
+    if for_labelers:
+        stmt = stmt.where(Project.production.is_(False))
+    return list(session.scalars(stmt))
 
 
 def create_project(session: Session, name: str, overlap: int = 1, gold_rate: float = 0.0) -> Project:

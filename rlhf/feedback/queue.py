@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Select, Table, and_, bindparam, exists, func,
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
-from rlhf.feedback.errors import NotFound
+from rlhf.feedback.errors import Forbidden, NotFound
 from rlhf.feedback.models import Assignment, Completion, Project, Prompt, Task, TaskCompletion, User
 from rlhf.feedback.schemas import CompletionOut, ProgressOut, TaskAdminOut, TaskOut
 
@@ -44,7 +44,14 @@ def claim(
 def next_task(
     session: Session, user: User, project: Project, rng: random.Random | None = None
 ) -> Task | None:
-    """The task `user` should label next in `project` (assigning it to them), or None when nothing is left."""
+    """The task `user` should label next in `project` (assigning it to them), or None when nothing is left.
+
+    Production projects hold end users' A/B pairs: only the user who got a pair answers it, never a labeler.
+    """
+    if project.production:
+        raise Forbidden(
+            f"project {project.name!r} holds production A/B pairs; only their end users answer them"
+        )
     rng = rng or random.Random()
     open_task = session.scalar(
         select(Task)
@@ -132,7 +139,7 @@ def progress(session: Session, user: User, project: Project) -> ProgressOut:
             Task.project_id == project.id, Task.is_gold.is_(False), Task.n_assigned < project.overlap, ~mine
         )
     )
-    available_gold = 0
+    available_gold: int | None = 0
     if project.gold_rate > 0:
         available_gold = session.scalar(
             select(func.count()).select_from(Task).where(Task.project_id == project.id, Task.is_gold, ~mine)

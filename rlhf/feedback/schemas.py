@@ -274,7 +274,7 @@ class VoteIn(BaseModel):
     idempotency_key: Annotated[str, Field(pattern=KEY_PATTERN)] = Field(
         description="client-chosen; a retry with the same key returns the original vote"
     )
-    source: Literal["api", "simulated", "production"] = "api"
+    source: Literal["api", "simulated"] = "api"  # "production" votes come only from the model server
 
 
 class VoteOut(BaseModel):

@@ -44,6 +44,7 @@ _SELECT_TASK = (
         _tasks.c.is_gold,
         _tasks.c.project_id,
         _projects.c.overlap,
+        _projects.c.production,
         _assignments.c.id,
         _assignments.c.status,
         # checked here too: the labeler may have been disabled since their token was cached
@@ -91,9 +92,11 @@ def write_vote(
     row = conn.execute(_SELECT_TASK, {"b_task": data.task_id, "b_user": user.id}).first()
     if row is None:
         raise NotFound(f"no task {data.task_id}")
-    kind, n_completions, is_gold, project_id, overlap, assignment_id, status, disabled = row
+    kind, n_completions, is_gold, project_id, overlap, production, assignment_id, status, disabled = row
     if disabled:
         raise Forbidden("this account is disabled")
+    if production and source != "production":
+        raise Forbidden(f"task {data.task_id} is a production A/B pair; only its end user answers it")
     _check_answer(kind, n_completions, data)
     if status == "done":
         raise Conflict(f"you already voted on task {data.task_id}; undo that vote first")

@@ -171,12 +171,11 @@ class Engine:
                     batch = None
             # 3. one decode step for every running row
             if batch is not None:
+                running = batch.seqs
                 try:
                     batch = self._prune(self._decode(batch))
-                except (
-                    Exception
-                ) as e:  # a bug or out of memory in the shared step: the rows cannot be told apart
-                    self._fail(batch.seqs, e)
+                except Exception as e:  # a bug or out of memory in the shared step: no row to blame
+                    self._fail(running, e)
                     batch = None
             if batch is None:
                 metrics.TOKENS_PER_SECOND.labels(self.name).set(0)

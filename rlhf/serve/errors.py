@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",

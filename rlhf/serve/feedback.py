@@ -4,12 +4,20 @@ An A/B response becomes a pairwise task of the store's production project at onc
 saw (its `external_id` is the feedback id), and both answers as completions carrying their policy version
 and sampling parameters; answer A is position 0. A user's choice then becomes a vote on that task through
 `rlhf.feedback.votes.record_vote` with source "production": one transaction, idempotent by key, one vote
-per A/B pair. End users are store users named "prod.<user>" ("prod.anonymous" without one), so they never
-mix with labelers. The loop exports the project like any other: `export_records(session, "production", ...)`.
+per A/B pair. The project is marked `production`: labelers never see it nor take its tasks.
+
+Only whoever got the response can vote on it: the response carries a `feedback_token`, an HMAC of the
+feedback id under the store's secret, which the vote must bring back. The vote is the end user's the
+completion request named (its `user` field), stored as user "prod.<user>" ("prod.anonymous" without one)
+so they never mix with labelers, and created only when a vote of theirs is accepted. New votes are rate
+limited per client address and per end user, so a client cannot sidestep the limit by renaming its user.
+The loop exports the project like any other: `export_records(session, "production", ...)`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -17,13 +25,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rlhf.feedback.db import Database, upgrade
-from rlhf.feedback.errors import Conflict, NotFound
+from rlhf.feedback.db import Database, db_of, upgrade
+from rlhf.feedback.errors import Conflict, Forbidden, NotFound
 from rlhf.feedback.importer import import_candidates
 from rlhf.feedback.models import Project, Prompt, Task, User, Vote
 from rlhf.feedback.schemas import CandidateRow, Choice, CompletionIn, SamplingIn, VoteIn
 from rlhf.feedback.security import RateLimiter
-from rlhf.feedback.users import create_user, get_user
+from rlhf.feedback.users import app_secret, create_user, get_user
 from rlhf.feedback.votes import Recorded, record_vote
 
 USER_PREFIX = "prod."
@@ -46,7 +54,26 @@ class FeedbackStore:
         self.db = Database(url)
         upgrade(self.db)
         self.project = project
-        self.limiter = RateLimiter(votes_per_minute)
+        self.limiter = RateLimiter(votes_per_minute)  # keyed by end user (ids >= 0) and address (< 0)
+        with self.db.session() as session:
+            self._secret = app_secret(session).encode()
+            with self.db.write(session):
+                found = session.scalar(select(Project).where(Project.name == project))
+                if found is None:
+                    session.add(Project(name=project, production=True))
+                else:
+                    found.production = True
+
+    def token(self, feedback_id: str) -> str:
+        """The proof of having received the A/B response `feedback_id`, sent with it."""
+        mac = hmac.new(self._secret, b"rlhf-ab-feedback:" + feedback_id.encode(), hashlib.sha256)
+        return mac.hexdigest()
+
+    def check_token(self, feedback_id: str, token: str) -> None:
+        if not hmac.compare_digest(self.token(feedback_id), token):
+            raise Forbidden(
+                "feedback_token does not match feedback_id: vote with the token sent with the response"
+            )
 
     def close(self) -> None:
         self.db.dispose()
@@ -74,6 +101,7 @@ def save_ab_pair(
 def record_ab_vote(
     store: FeedbackStore,
     feedback_id: str,
+    feedback_token: str,
     choice: Choice,
     idempotency_key: str,
     user: str | None = None,
@@ -81,22 +109,60 @@ def record_ab_vote(
 ) -> Recorded:
     """Record a production user's choice on the A/B pair `feedback_id`, in one transaction.
 
-    A retry with the same key returns the first vote and is not rate limited. New votes are limited per
-    user, or per client address for anonymous ones (RateLimited, a 429). Raises NotFound for an unknown
-    feedback id and Conflict when the pair already has its vote.
+    Raises Forbidden for a wrong token or a `user` other than the one the response was made for, NotFound
+    for an unknown feedback id, Conflict when the pair already has its vote, RateLimited (a 429) over the
+    limit per client address or per end user. A retry with the same key returns the first vote and is not
+    rate limited. The end user's store account is made only with the first vote of theirs that is accepted.
     """
+    store.check_token(feedback_id, feedback_token)
     with store.db.session() as session:
-        task_id = _task_of(session, store.project, feedback_id)
-        account = _production_user(session, user or ANONYMOUS)
-        replay = session.scalar(select(Vote.id).where(Vote.idempotency_key == idempotency_key))
-        limit_key = account.id if user else _anonymous_key(client)
-        if replay is None:
-            store.limiter.check(limit_key)
-        vote = VoteIn(task_id=task_id, choice=choice, idempotency_key=idempotency_key, source="production")
-        recorded = record_vote(session, account, vote, source="production")
+        task_id, owner = _pair(session, store.project, feedback_id)
+        if user is not None and user != (owner or ANONYMOUS):
+            raise Forbidden("this A/B response was made for another user")
+        name = USER_PREFIX + (owner or ANONYMOUS)
+        replay = session.scalar(select(Vote).where(Vote.idempotency_key == idempotency_key))
+        if replay is not None:
+            if replay.task_id != task_id:
+                raise Conflict("this idempotency key was used for another A/B pair")
+            return Recorded(replay, created=False)
+        account = session.scalar(select(User).where(User.name == name))
+        keys = [_anonymous_key(client)] + ([account.id] if account is not None and owner else [])
+        for key in keys:
+            store.limiter.check(key)
+        if session.scalar(select(Vote.id).where(Vote.task_id == task_id, Vote.retracted_at.is_(None))):
+            raise Conflict(f"the A/B pair {feedback_id!r} already has its vote")
+        made = account is None
+        account = account or _production_user(session, name)
+        vote = VoteIn(task_id=task_id, choice=choice, idempotency_key=idempotency_key)
+        try:
+            recorded = record_vote(session, account, vote, source="production")
+        except Exception:
+            if made:  # a refused vote leaves no user behind (a concurrent vote took the pair)
+                _drop_user(session, account)
+            raise
         if recorded.created:
-            store.limiter.record(limit_key)
+            for key in {_anonymous_key(client), account.id} if owner else {_anonymous_key(client)}:
+                store.limiter.record(key)
         return recorded
+
+
+def _pair(session: Session, project: str, feedback_id: str) -> tuple[int, str | None]:
+    """The task of an A/B pair and the end user its request named (None: anonymous)."""
+    row = session.execute(
+        select(Task.id, Prompt.meta)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .join(Project, Project.id == Prompt.project_id)
+        .where(Project.name == project, Prompt.external_id == feedback_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"no A/B pair with feedback_id {feedback_id!r}")
+    owner = (row[1] or {}).get("request_user")
+    return int(row[0]), owner if isinstance(owner, str) and owner else None
+
+
+def _drop_user(session: Session, account: User) -> None:
+    with db_of(session).write(session):
+        session.delete(account)
 
 
 def _storable(value: Any) -> Any:
@@ -111,27 +177,11 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _task_of(session: Session, project: str, feedback_id: str) -> int:
-    task_id = session.scalar(
-        select(Task.id)
-        .join(Prompt, Prompt.id == Task.prompt_id)
-        .join(Project, Project.id == Prompt.project_id)
-        .where(Project.name == project, Prompt.external_id == feedback_id)
-    )
-    if task_id is None:
-        raise NotFound(f"no A/B pair with feedback_id {feedback_id!r}")
-    return int(task_id)
-
-
-def _production_user(session: Session, name: str) -> User:
-    full = USER_PREFIX + name
+def _production_user(session: Session, full: str) -> User:
     try:
+        return create_user(session, full, "labeler")  # no password: it can never log in
+    except Conflict:  # created by a concurrent request
         return get_user(session, full)
-    except NotFound:
-        try:
-            return create_user(session, full, "labeler")  # no password: it can never log in
-        except Conflict:  # created by a concurrent request
-            return get_user(session, full)
 
 
 def _anonymous_key(client: str) -> int:

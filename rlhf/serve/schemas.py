@@ -4,7 +4,7 @@ Inputs follow OpenAI's field names and ranges, every number bounded; fields this
 ignored, as OpenAI clients and frameworks send extras (`store`, `metadata`, ...). Fields it knows but does
 not implement (logprobs, penalties, tools, tool_choice, response_format, ...) are refused with a 400
 naming the field rather than silently dropped. Extensions: `top_k`, and `ab` (opt in to A/B).
-Outputs carry `feedback_id` only on A/B responses.
+Outputs carry `feedback_id` and `feedback_token` only on A/B responses.
 """
 
 from __future__ import annotations
@@ -146,9 +146,12 @@ class FeedbackIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     feedback_id: Annotated[str, Field(min_length=1, max_length=128)]
+    feedback_token: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="the feedback_token sent with the A/B response: proof of having received it"
+    )
     choice: Literal["A", "B", "tie", "both_bad"]
     user: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,58}$")] | None = Field(
-        None, description="the end user's id; votes without one are per client address"
+        None, description="optional; must be the `user` the completion request named, if any"
     )
     idempotency_key: Annotated[str, Field(pattern=KEY_PATTERN)] | None = Field(
         None,
@@ -186,6 +189,7 @@ class ChatCompletion(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     feedback_id: str | None = Field(None, exclude_if=lambda v: v is None)
+    feedback_token: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChunkDelta(BaseModel):
@@ -209,6 +213,7 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = Field(None, exclude_if=lambda v: v is None)
     system_fingerprint: str | None = None
     feedback_id: str | None = Field(None, exclude_if=lambda v: v is None)
+    feedback_token: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class TextChoice(BaseModel):
@@ -227,6 +232,7 @@ class Completion(BaseModel):
     usage: Usage | None = Field(None, exclude_if=lambda v: v is None)
     system_fingerprint: str | None = None
     feedback_id: str | None = Field(None, exclude_if=lambda v: v is None)
+    feedback_token: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ModelOut(BaseModel):

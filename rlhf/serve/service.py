@@ -41,6 +41,17 @@ class ChoiceSpec:
     params: RowParams
 
 
+@dataclass(frozen=True)
+class AB:
+    """What an A/B response carries: the pair's id, and the token that lets its receiver vote on it."""
+
+    feedback_id: str
+    feedback_token: str
+
+    def fields(self) -> dict[str, str]:
+        return {"feedback_id": self.feedback_id, "feedback_token": self.feedback_token}
+
+
 @dataclass
 class ChoiceResult:
     index: int
@@ -205,9 +216,9 @@ async def save_ab(
     results: list[ChoiceResult],
     prompt: str,
     meta: dict[str, Any],
-) -> str | None:
-    """Write the A/B pair to the store; its feedback id, or None (identical answers, or the store failed:
-    the user still gets the answers, only the vote is lost)."""
+) -> AB | None:
+    """Write the A/B pair to the store; its feedback id and token, or None (identical answers, or the store
+    failed: the user still gets the answers, only the vote is lost)."""
     assert state.store is not None and len(results) == 2
     feedback_id = "ab-" + secrets.token_hex(12)
     answers = (
@@ -224,7 +235,7 @@ async def save_ab(
     if not saved:
         return None
     metrics.AB_RESPONSES.labels(meta.get("endpoint", "")).inc()
-    return feedback_id
+    return AB(feedback_id, state.store.token(feedback_id))
 
 
 def sse(event: BaseModel | dict[str, Any]) -> str:

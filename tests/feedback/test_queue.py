@@ -108,7 +108,8 @@ def test_the_next_task_query_reads_an_index_range_without_sorting(db: Database) 
 def test_progress_does_not_tell_gold_from_real_tasks(api) -> None:
     """The total stays put whichever kind of task is shown, and every vote moves done by one."""
     gold = [
-        {"prompt": f"{i}+{i}?", "completion_a": str(2 * i), "completion_b": "5", "choice": "A"} for i in range(3)
+        {"prompt": f"{i}+{i}?", "completion_a": str(2 * i), "completion_b": "5", "choice": "A"}
+        for i in range(3)
     ]
     api.seed(n_prompts=4, gold=gold, gold_rate=0.5, overlap=1)
     first = api.post("ann", "/api/tasks/next", params={"project": "demo"}).json()

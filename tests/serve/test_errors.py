@@ -102,22 +102,22 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     (
         "feedback without a key",
         "/v1/feedback",
-        {"feedback_id": "ab-x", "choice": "A"},
+        {"feedback_id": "ab-x", "feedback_token": "0" * 64, "choice": "A"},
         400,
         "idempotency_key",
     ),
     (
         "feedback bad choice",
         "/v1/feedback",
-        {"feedback_id": "ab-x", "choice": "C", "idempotency_key": "k" * 10},
+        {"feedback_id": "ab-x", "feedback_token": "0" * 64, "choice": "C", "idempotency_key": "k" * 10},
         400,
         "choice",
     ),
     (
-        "feedback unknown id",
+        "feedback with a token not issued for it",
         "/v1/feedback",
-        {"feedback_id": "ab-x", "choice": "A", "idempotency_key": "k" * 10},
-        404,
+        {"feedback_id": "ab-x", "feedback_token": "0" * 64, "choice": "A", "idempotency_key": "k" * 10},
+        403,
         None,
     ),
 ]

@@ -16,6 +16,15 @@ from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User,
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
+def _ab_pair(client: openai.OpenAI, **kwargs: Any) -> Any:
+    """An A/B response that made a pair (two identical short answers make none: try again)."""
+    for _ in range(10):
+        out = _ab_chat(client, **kwargs)
+        if "feedback_id" in (out.model_extra or {}):
+            return out
+    raise AssertionError("ten A/B responses with identical answers")
+
+
 def _ab_chat(client: openai.OpenAI, **kwargs: Any) -> Any:
     return client.chat.completions.create(
         model="tiny",
@@ -26,8 +35,16 @@ def _ab_chat(client: openai.OpenAI, **kwargs: Any) -> Any:
     )
 
 
-def _vote(server: dict[str, Any], **body: Any) -> httpx.Response:
-    return httpx.post(server["url"] + "/v1/feedback", json=body, timeout=30)
+def _vote(
+    server: dict[str, Any], out: Any = None, headers: dict[str, str] | None = None, **body: Any
+) -> httpx.Response:
+    """POST /v1/feedback; with `out` (an A/B response), its feedback id and token go with the vote."""
+    if out is not None:
+        extra = out.model_extra or {}
+        body = {"feedback_id": extra["feedback_id"], "feedback_token": extra["feedback_token"], **body}
+    # Votes are limited per client address as well: unless a test says, each comes from an address of its own.
+    headers = headers or {"X-Forwarded-For": f"10.9.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"}
+    return httpx.post(server["url"] + "/v1/feedback", json=body, timeout=30, headers=headers)
 
 
 def _key() -> str:
@@ -37,11 +54,11 @@ def _key() -> str:
 def test_ab_vote_lands_in_the_store_with_both_policy_versions(
     client: openai.OpenAI, server: dict[str, Any]
 ) -> None:
-    out = _ab_chat(client, seed=5)
+    out = _ab_chat(client, seed=5, user="alice")
     feedback_id = out.model_extra["feedback_id"]
     assert feedback_id and [c.index for c in out.choices] == [0, 1]
     key = _key()
-    r = _vote(server, feedback_id=feedback_id, choice="B", user="alice", idempotency_key=key)
+    r = _vote(server, out, choice="B", idempotency_key=key)
     assert r.status_code == 200, r.text
     assert r.json()["replayed"] is False and r.json()["choice"] == "B"
 
@@ -71,14 +88,15 @@ def test_ab_vote_lands_in_the_store_with_both_policy_versions(
 
 
 def test_retry_with_the_same_key_counts_once(client: openai.OpenAI, server: dict[str, Any]) -> None:
-    feedback_id = _ab_chat(client).model_extra["feedback_id"]
+    out = _ab_chat(client, user="bob")
+    feedback_id = out.model_extra["feedback_id"]
     key = _key()
-    first = _vote(server, feedback_id=feedback_id, choice="A", user="bob", idempotency_key=key)
-    retry = _vote(server, feedback_id=feedback_id, choice="A", user="bob", idempotency_key=key)
+    first = _vote(server, out, choice="A", user="bob", idempotency_key=key)
+    retry = _vote(server, out, choice="A", user="bob", idempotency_key=key)
     assert first.status_code == retry.status_code == 200
     assert retry.json()["replayed"] is True and retry.json()["vote_id"] == first.json()["vote_id"]
     # a second vote on the same pair with a new key is refused: one vote per A/B pair
-    again = _vote(server, feedback_id=feedback_id, choice="B", user="bob", idempotency_key=_key())
+    again = _vote(server, out, choice="B", user="bob", idempotency_key=_key())
     assert again.status_code == 409 and again.json()["error"]["type"] == "conflict_error"
     db = Database(server["db_url"])
     with db.session() as session:
@@ -92,27 +110,109 @@ def test_retry_with_the_same_key_counts_once(client: openai.OpenAI, server: dict
     assert len(mine) == 1 and mine[0]["choice"] == "A" and mine[0]["meta"]["source"] == "production"
 
 
-def test_votes_are_rate_limited_per_user(client: openai.OpenAI, server: dict[str, Any]) -> None:
+def test_votes_are_rate_limited_per_user_and_address(client: openai.OpenAI, server: dict[str, Any]) -> None:
     limit = server["votes_per_minute"]
+    carol = {"X-Forwarded-For": "10.0.0.1"}
     statuses = []
     for _ in range(limit + 1):
-        feedback_id = _ab_chat(client, max_completion_tokens=2).model_extra["feedback_id"]
-        statuses.append(
-            _vote(server, feedback_id=feedback_id, choice="tie", user="carol", idempotency_key=_key())
-        )
+        out = _ab_pair(client, max_completion_tokens=4, user="carol")
+        statuses.append(_vote(server, out, carol, choice="tie", idempotency_key=_key()))
     assert [r.status_code for r in statuses] == [200] * limit + [429]
     assert (
         statuses[-1].json()["error"]["code"] == "rate_limit_exceeded"
         and "Retry-After" in statuses[-1].headers
     )
-    # another user is not affected
-    feedback_id = _ab_chat(client, max_completion_tokens=2).model_extra["feedback_id"]
+    # a new user name from the same address does not get around the limit
+    out = _ab_pair(client, max_completion_tokens=4, user="carol2")
+    assert _vote(server, out, carol, choice="A", idempotency_key=_key()).status_code == 429
+    # carol from another address is still over her own limit; another user elsewhere is not affected
+    out = _ab_pair(client, max_completion_tokens=4, user="carol")
+    assert (
+        _vote(server, out, {"X-Forwarded-For": "10.0.0.2"}, choice="A", idempotency_key=_key()).status_code
+        == 429
+    )
+    out = _ab_pair(client, max_completion_tokens=4, user="dave")
     assert (
         _vote(
-            server, feedback_id=feedback_id, choice="both_bad", user="dave", idempotency_key=_key()
+            server, out, {"X-Forwarded-For": "10.0.0.3"}, choice="both_bad", idempotency_key=_key()
         ).status_code
         == 200
     )
+
+
+def test_a_vote_needs_the_token_sent_with_the_response(client: openai.OpenAI, server: dict[str, Any]) -> None:
+    out = _ab_pair(client, max_completion_tokens=4, user="frank")
+    feedback_id = out.model_extra["feedback_id"]
+    forged = _vote(
+        server, feedback_id=feedback_id, feedback_token="0" * 64, choice="A", idempotency_key=_key()
+    )
+    assert forged.status_code == 403
+    missing = _vote(server, feedback_id=feedback_id, choice="A", idempotency_key=_key())
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "feedback_token"
+    other_user = _vote(server, out, choice="A", user="mallory", idempotency_key=_key())
+    assert other_user.status_code == 403
+    db = Database(server["db_url"])
+    with db.session() as session:  # refused votes made no store user
+        names = set(session.scalars(select(User.name)))
+    db.dispose()
+    assert "prod.frank" not in names and "prod.mallory" not in names
+    assert _vote(server, out, choice="A", idempotency_key=_key()).status_code == 200
+
+
+def test_refused_votes_create_no_user(client: openai.OpenAI, server: dict[str, Any]) -> None:
+    out = _ab_pair(client, max_completion_tokens=4)
+    assert (
+        _vote(server, out, {"X-Forwarded-For": "10.0.0.9"}, choice="A", idempotency_key=_key()).status_code
+        == 200
+    )
+    for i in range(3):  # a taken pair, from users the response was not made for
+        r = _vote(
+            server, out, {"X-Forwarded-For": "10.0.0.9"}, choice="B", user=f"ghost{i}", idempotency_key=_key()
+        )
+        assert r.status_code == 403
+    r = _vote(server, out, {"X-Forwarded-For": "10.0.0.9"}, choice="B", idempotency_key=_key())
+    assert r.status_code == 409
+    db = Database(server["db_url"])
+    with db.session() as session:
+        names = set(session.scalars(select(User.name)))
+    db.dispose()
+    assert not any(n.startswith("prod.ghost") for n in names)
+
+
+def test_labelers_cannot_take_or_see_production_pairs(
+    client: openai.OpenAI, server: dict[str, Any], tmp_path: Any
+) -> None:
+    """The labeling app on the same store: the production project is not listed for labelers, opening it
+    takes nothing, voting on its task is refused, and the end user's vote then succeeds."""
+    from fastapi.testclient import TestClient
+
+    from rlhf.feedback import users
+    from rlhf.feedback.main import create_app
+    from rlhf.feedback.settings import Settings
+
+    out = _ab_pair(client, max_completion_tokens=4, user="gina")
+    db = Database(server["db_url"])
+    with db.session() as session:
+        users.create_user(session, "labeler1", "labeler")
+        token = users.create_token(session, "labeler1")
+        task_id = session.scalar(
+            select(Task.id)
+            .join(Prompt, Prompt.id == Task.prompt_id)
+            .where(Prompt.external_id == out.model_extra["feedback_id"])
+        )
+    db.dispose()
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(Settings(db=server["db_url"]))) as app:
+        assert "production" not in [p["name"] for p in app.get("/api/projects", headers=auth).json()]
+        r = app.post("/api/tasks/next", params={"project": "production"}, headers=auth)
+        assert r.status_code == 403
+        r = app.post("/api/tasks/next", headers=auth)
+        assert r.status_code == 200 and r.json()["task"] is None
+        vote = {"task_id": task_id, "choice": "A", "idempotency_key": _key()}
+        assert app.post("/api/votes", json=vote, headers=auth).status_code == 403
+        vote = {**vote, "idempotency_key": _key(), "source": "production"}
+        assert app.post("/api/votes", json=vote, headers=auth).status_code == 422
+    assert _vote(server, out, choice="B", idempotency_key=_key()).status_code == 200
 
 
 def test_ab_by_header_and_in_a_stream(client: openai.OpenAI, server: dict[str, Any]) -> None:
@@ -128,6 +228,7 @@ def test_ab_by_header_and_in_a_stream(client: openai.OpenAI, server: dict[str, A
         )  # type: ignore[arg-type]
     )
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
-    feedback_id = chunks[-1].model_extra["feedback_id"]
-    r = _vote(server, feedback_id=feedback_id, choice="A", user="erin", idempotency_key=_key())
+    last = chunks[-1].model_extra
+    body = {"feedback_id": last["feedback_id"], "feedback_token": last["feedback_token"]}
+    r = _vote(server, **body, choice="A", idempotency_key=_key())
     assert r.status_code == 200 and r.json()["replayed"] is False

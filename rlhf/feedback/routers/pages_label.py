@@ -33,7 +33,9 @@ MESSAGES = {
 
 @router.get("")
 def index(request: Request, user: PageUser, session: SessionDep) -> Response:
-    rows = [(p.name, queue.progress(session, user, p)) for p in projects.list_projects(session)]
+    rows = [
+        (p.name, queue.progress(session, user, p)) for p in projects.list_projects(session, for_labelers=True)
+    ]
     return render(request, "label_index.html", {"user": user, "projects": rows})
 
 

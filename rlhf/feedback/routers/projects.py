@@ -30,8 +30,10 @@ ProjectName = Annotated[str, Path(pattern=PROJECT_PATTERN)]
 
 
 @router.get("")
-def list_projects(_: CurrentUser, session: SessionDep) -> list[ProjectOut]:
-    return [projects.summary(session, p) for p in projects.list_projects(session)]
+def list_projects(user: CurrentUser, session: SessionDep) -> list[ProjectOut]:
+    """Every project (for labelers: not the production ones)."""
+    listed = projects.list_projects(session, for_labelers=user.role != "admin")
+    return [projects.summary(session, p) for p in listed]
 
 
 @router.post("", status_code=201)

@@ -27,7 +27,11 @@ def next_task(
 
     The same open task comes back until you vote on it or skip it; `task` is null when nothing is left.
     """
-    candidates = [projects.get_project(session, project)] if project else projects.list_projects(session)
+    candidates = (
+        [projects.get_project(session, project)]
+        if project
+        else projects.list_projects(session, for_labelers=True)
+    )
     for proj in candidates:
         task = queue.next_task(session, user, proj)
         if task is not None:

@@ -68,7 +68,7 @@ async def chat_completions(
         stream = _stream(state, run, ab, ident, created, policy, len(prompt_ids), include_usage, prompt, meta)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run.results()
-    feedback_id = await save_ab(state, specs, results, prompt, meta) if ab else None
+    ab_pair = await save_ab(state, specs, results, prompt, meta) if ab else None
     completion_tokens = sum(r.completion_tokens for r in results)
     return ChatCompletion(
         id=ident,
@@ -85,7 +85,7 @@ async def chat_completions(
             completion_tokens=completion_tokens,
             total_tokens=len(prompt_ids) + completion_tokens,
         ),
-        feedback_id=feedback_id,
+        **(ab_pair.fields() if ab_pair else {}),
     )
 
 
@@ -135,8 +135,8 @@ async def _stream(
             if d.finish_reason is not None:
                 yield chunk(d.index, ChunkDelta(), d.finish_reason)
         results = run.finished()
-        feedback_id = await save_ab(state, run.specs, results, prompt, meta) if ab else None
-        if include_usage or feedback_id:
+        ab_pair = await save_ab(state, run.specs, results, prompt, meta) if ab else None
+        if include_usage or ab_pair:
             done = sum(r.completion_tokens for r in results)
             usage = Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
@@ -148,7 +148,7 @@ async def _stream(
                     model=policy.name,
                     choices=[],
                     usage=usage if include_usage else None,
-                    feedback_id=feedback_id,
+                    **(ab_pair.fields() if ab_pair else {}),
                 )
             )
     except APIError as e:

@@ -57,7 +57,7 @@ async def completions(
         stream = _stream(state, run, ab, ident, created, policy, prompt_tokens, include_usage, texts[0], meta)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run.results()
-    feedback_id = await save_ab(state, specs, results, texts[0], meta) if ab else None
+    ab_pair = await save_ab(state, specs, results, texts[0], meta) if ab else None
     completion_tokens = sum(r.completion_tokens for r in results)
     return Completion(
         id=ident,
@@ -69,7 +69,7 @@ async def completions(
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         ),
-        feedback_id=feedback_id,
+        **(ab_pair.fields() if ab_pair else {}),
     )
 
 
@@ -96,13 +96,13 @@ async def _stream(
             if d.text or d.finish_reason is not None:
                 yield chunk([TextChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)])
         results = run.finished()
-        feedback_id = await save_ab(state, run.specs, results, prompt, meta) if ab else None
-        if include_usage or feedback_id:
+        ab_pair = await save_ab(state, run.specs, results, prompt, meta) if ab else None
+        if include_usage or ab_pair:
             done = sum(r.completion_tokens for r in results)
             usage = Usage(
                 prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
             )
-            yield chunk([], usage=usage if include_usage else None, feedback_id=feedback_id)
+            yield chunk([], usage=usage if include_usage else None, **(ab_pair.fields() if ab_pair else {}))
     except APIError as e:
         yield sse(error_body(e.message, e.status, e.param, e.code))
     finally:

@@ -34,7 +34,7 @@ async def post_feedback(
         )
     client = request.client.host if request.client else ""
     recorded = await run_in_threadpool(
-        record_ab_vote, store, body.feedback_id, body.choice, key, body.user, client
+        record_ab_vote, store, body.feedback_id, body.feedback_token, body.choice, key, body.user, client
     )
     metrics.FEEDBACK.labels(body.choice, "recorded" if recorded.created else "replayed").inc()
     return FeedbackOut(

@@ -11,7 +11,8 @@ from rlhf.serve.deps import StateDep
 router = APIRouter(tags=["ops"])
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"])
+@router.get("/healthz")
+@router.head("/healthz", include_in_schema=False)
 def healthz(state: StateDep) -> JSONResponse:
     dead = [name for name, p in state.policies.items() if not p.engine.alive]
     body = {
