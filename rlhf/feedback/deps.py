@@ -95,6 +95,13 @@ def _user_by_id(db: Database, user_id: int) -> User | None:
         return session.get(User, user_id)
 
 
+def session_user(claim: tuple[int, int] | None, user: User | None) -> User | None:
+    """The user of a session cookie's claim, unless that session was ended (logout, password change)."""
+    if claim is None or user is None or user.session_generation != claim[1]:
+        return None
+    return user
+
+
 async def get_current_user(request: Request) -> User:
     """API callers: a bearer token, or a browser session (then unsafe methods also need the CSRF header).
 
@@ -114,8 +121,9 @@ async def get_current_user(request: Request) -> User:
             if user is not None:
                 cache.put(token, user)
     else:
-        uid = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
-        user = await run_in_threadpool(_user_by_id, db, uid) if uid is not None else None
+        claim = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
+        found = await run_in_threadpool(_user_by_id, db, claim[0]) if claim is not None else None
+        user = session_user(claim, found)
     if user is None:
         raise HTTPException(401, "not authenticated", headers={"WWW-Authenticate": "Bearer"})
     if user.disabled:
@@ -134,8 +142,8 @@ def get_admin(user: Annotated[User, Depends(get_current_user)]) -> User:
 
 def get_page_user(request: Request, session: SessionDep, secret: SecretDep) -> User:
     """Browser pages: a valid session cookie of an enabled user, else a redirect to the login page."""
-    uid = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
-    user = session.get(User, uid) if uid is not None else None
+    claim = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
+    user = session_user(claim, session.get(User, claim[0]) if claim is not None else None)
     if user is None or user.disabled:
         raise LoginRequired()
     return user

@@ -37,3 +37,4 @@ class RateLimited(FeedbackError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.scope = ""  # who is limited, for messages: "for this account", "from your address"

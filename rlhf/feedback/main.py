@@ -16,7 +16,7 @@ from rlhf import __version__
 from rlhf.feedback.db import Database, upgrade
 from rlhf.feedback.middleware import BodySizeLimit, ServerTiming, add_error_handlers
 from rlhf.feedback.routers import health, pages_admin, pages_auth, pages_label, projects, tasks, users, votes
-from rlhf.feedback.security import AuthCache, RateLimiter
+from rlhf.feedback.security import AuthCache, LoginLimits, RateLimiter
 from rlhf.feedback.settings import Settings
 from rlhf.feedback.users import app_secret
 from rlhf.feedback.web import STATIC_DIR
@@ -34,6 +34,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = db
     app.state.limiter = RateLimiter(settings.votes_per_minute)
     app.state.auth_cache = AuthCache(settings.auth_cache_s)
+    app.state.login_limits = LoginLimits(
+        settings.login_attempts_per_address, settings.login_failures_per_account, settings.login_window_s
+    )
     app.state.writer = VoteWriter(db)
     app.state.writer.start()
     # What start-up made (modules, routes, the app) lives as long as the process: moved out of the cyclic

@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Hashable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -59,14 +60,17 @@ def _sign(secret: str, payload: bytes) -> str:
     return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
 
-def make_session_cookie(secret: str, user_id: int, max_age_s: int) -> str:
-    body = json.dumps({"uid": user_id, "exp": int(time.time()) + max_age_s}, separators=(",", ":")).encode()
+def make_session_cookie(secret: str, user_id: int, max_age_s: int, generation: int = 0) -> str:
+    """A signed cookie naming the user and their session generation at login (see read_session_cookie)."""
+    claims = {"uid": user_id, "gen": generation, "exp": int(time.time()) + max_age_s}
+    body = json.dumps(claims, separators=(",", ":")).encode()
     data = base64.urlsafe_b64encode(body).decode().rstrip("=")
     return f"{data}.{_sign(secret, data.encode())}"
 
 
-def read_session_cookie(secret: str, cookie: str | None) -> int | None:
-    """The user id of a valid, unexpired session cookie, else None."""
+def read_session_cookie(secret: str, cookie: str | None) -> tuple[int, int] | None:
+    """(user id, session generation) of a valid, unexpired session cookie, else None. The cookie is live
+    only while the generation equals the user's `session_generation` (logout and password changes bump it)."""
     if not cookie or cookie.count(".") != 1:
         return None
     data, mac = cookie.split(".")
@@ -74,10 +78,10 @@ def read_session_cookie(secret: str, cookie: str | None) -> int | None:
         return None
     try:
         body = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
-        uid, exp = int(body["uid"]), int(body["exp"])
-    except (ValueError, KeyError, TypeError):
+        uid, gen, exp = int(body["uid"]), int(body.get("gen", 0)), int(body["exp"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    return uid if exp > time.time() else None
+    return (uid, gen) if exp > time.time() else None
 
 
 def new_csrf_nonce() -> str:
@@ -95,34 +99,78 @@ def check_csrf(secret: str, nonce: str | None, token: str | None) -> bool:
 
 
 class RateLimiter:
-    """A sliding one-minute window of new votes per labeler, kept in this process's memory.
+    """A sliding window (one minute unless told) of events per key, kept in this process's memory.
 
     With several server processes each enforces the limit on its own share of the traffic.
     """
 
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._events: dict[int, deque[float]] = {}
+    MAX_KEYS = 100_000
+
+    def __init__(self, per_window: int, window_s: float = 60.0, what: str = "votes per minute") -> None:
+        self.per_minute = per_window
+        self.window_s = window_s
+        self.what = what
+        self._events: dict[Hashable, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, user_id: int) -> None:
-        """Raise RateLimited if `user_id` already used up this minute's budget."""
+    def check(self, key: Hashable) -> None:
+        """Raise RateLimited if `key` already used up this window's budget."""
+        if self.per_minute <= 0:
+            return
+        with self._lock:
+            self._check(key, time.monotonic())
+
+    def record(self, key: Hashable) -> None:
+        if self.per_minute <= 0:
+            return
+        with self._lock:
+            self._events.setdefault(key, deque()).append(time.monotonic())
+
+    def take(self, key: Hashable) -> None:
+        """check and record in one step, so parallel requests cannot all pass before any is counted."""
         if self.per_minute <= 0:
             return
         now = time.monotonic()
         with self._lock:
-            window = self._events.setdefault(user_id, deque())
-            while window and window[0] <= now - 60:
-                window.popleft()
-            if len(window) >= self.per_minute:
-                retry = max(1, int(window[0] + 60 - now) + 1)
-                raise RateLimited(f"rate limit: at most {self.per_minute} votes per minute", retry)
+            self._check(key, now)
+            self._events[key].append(now)
 
-    def record(self, user_id: int) -> None:
-        if self.per_minute <= 0:
-            return
-        with self._lock:
-            self._events.setdefault(user_id, deque()).append(time.monotonic())
+    def _check(self, key: Hashable, now: float) -> None:
+        if len(self._events) > self.MAX_KEYS:  # forget keys whose window has passed: memory stays bounded
+            old = now - self.window_s
+            self._events = {k: w for k, w in self._events.items() if w and w[-1] > old}
+        window = self._events.setdefault(key, deque())
+        while window and window[0] <= now - self.window_s:
+            window.popleft()
+        if len(window) >= self.per_minute:
+            retry = max(1, int(window[0] + self.window_s - now) + 1)
+            raise RateLimited(f"rate limit: at most {self.per_minute} {self.what}; retry in {retry} s", retry)
+
+
+class LoginLimits:
+    """Login attempts per client address (every attempt) and failed ones per account name, each in a
+    sliding window: guessing passwords is slow from one address, and for one account from many."""
+
+    def __init__(self, per_address: int, per_account: int, window_s: float) -> None:
+        minutes = f"{window_s / 60:g} minutes"
+        self.by_address = RateLimiter(per_address, window_s, f"login attempts per address in {minutes}")
+        self.by_account = RateLimiter(per_account, window_s, f"failed logins per account in {minutes}")
+
+    def check(self, name: str, address: str) -> None:
+        """Count this attempt; raise RateLimited (with `scope` set) if the address or account is over."""
+        try:
+            self.by_account.check(name.casefold())
+        except RateLimited as e:
+            e.scope = "for this account"
+            raise
+        try:
+            self.by_address.take(address)
+        except RateLimited as e:
+            e.scope = "from your address"
+            raise
+
+    def failed(self, name: str) -> None:
+        self.by_account.record(name.casefold())
 
 
 class AuthCache:

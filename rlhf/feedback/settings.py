@@ -37,6 +37,13 @@ class Settings(BaseModel):
     auth_cache_s: float = Field(
         5.0, ge=0, description="Seconds an API token's user is cached in memory (0: look it up every request)"
     )
+    login_attempts_per_address: int = Field(
+        30, ge=0, description="Login attempts one client address may make per login window; 0 turns it off"
+    )
+    login_failures_per_account: int = Field(
+        10, ge=0, description="Failed logins one account name may take per login window; 0 turns it off"
+    )
+    login_window_s: float = Field(900.0, gt=0, description="Seconds of the sliding window of login limits")
     session_max_age_s: int = Field(12 * 3600, ge=60, description="Lifetime of a browser login session")
     cookie_secure: bool = Field(False, description="Mark cookies Secure (set when served over HTTPS)")
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(

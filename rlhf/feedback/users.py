@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -55,7 +55,16 @@ def update_user(
             user.role = role
         if password is not None:
             user.password_hash = hash_password(password)
+            user.session_generation += 1  # a new password ends every session opened with the old one
     return user
+
+
+def end_sessions(session: Session, user_id: int) -> None:
+    """End every browser session of the user (their session cookies name an older generation)."""
+    with db_of(session).write(session):
+        session.execute(
+            update(User).where(User.id == user_id).values(session_generation=User.session_generation + 1)
+        )
 
 
 def authenticate(session: Session, name: str, password: str) -> User | None:

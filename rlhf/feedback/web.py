@@ -24,7 +24,11 @@ templates = Jinja2Templates(
 
 
 def render(
-    request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200
+    request: Request,
+    name: str,
+    context: dict[str, Any] | None = None,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
 ) -> HTMLResponse:
     """Render a page with `csrf_token` in its context, setting this browser's CSRF cookie if it has none."""
     secret: str = request.app.state.secret
@@ -34,7 +38,7 @@ def render(
     if not nonce:
         nonce = new_csrf_nonce()
     ctx = {"csrf_token": csrf_token(secret, nonce), "user": None, "message": None, **(context or {})}
-    response = templates.TemplateResponse(request, name, ctx, status_code=status_code)
+    response = templates.TemplateResponse(request, name, ctx, status_code=status_code, headers=headers)
     response.headers["Cache-Control"] = "no-store"
     # Defence in depth behind autoescaping: no inline script, nothing from other origins, no framing.
     response.headers["Content-Security-Policy"] = (

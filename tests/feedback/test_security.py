@@ -58,8 +58,8 @@ def test_passwords_are_argon2_and_tokens_hashed(db: Database, team) -> None:
 
 
 def test_session_cookie_is_signed() -> None:
-    cookie = make_session_cookie("s3cret", 7, 60)
-    assert read_session_cookie("s3cret", cookie) == 7
+    cookie = make_session_cookie("s3cret", 7, 60, generation=3)
+    assert read_session_cookie("s3cret", cookie) == (7, 3)
     assert read_session_cookie("other", cookie) is None
     data, mac = cookie.split(".")
     forged = make_session_cookie("s3cret", 8, 60).split(".")[0] + "." + mac
@@ -128,3 +128,49 @@ def test_size_limits(make_client, team) -> None:
     assert (
         client.post("/api/votes", json={**vote, "note": "x" * 2000}, headers=team["ann"]).status_code == 201
     )
+
+
+def csrf_of(client) -> str:
+    page = client.get("/login")
+    return page.text.split('name="csrf_token" value="')[1].split('"')[0]
+
+
+def test_logout_and_password_change_end_copied_sessions(make_client, db: Database) -> None:
+    with db.session() as s:
+        users.create_user(s, "eve", "labeler", "eve-password")
+    browser, thief = make_client(), make_client()
+
+    def copy_cookie() -> None:
+        thief.cookies.set("rlhf_session", browser.cookies.get("rlhf_session"))
+
+    assert login(browser, "eve", "eve-password").status_code == 303
+    copy_cookie()
+    assert thief.get("/api/me").status_code == 200
+    assert (
+        browser.post("/logout", data={"csrf_token": csrf_of(browser)}, follow_redirects=False).status_code
+        == 303
+    )
+    assert thief.get("/api/me").status_code == 401  # the copy died with the logout
+    assert thief.get("/label", follow_redirects=False).headers["location"] == "/login"
+
+    assert login(browser, "eve", "eve-password").status_code == 303
+    copy_cookie()
+    assert thief.get("/api/me").status_code == 200
+    with db.session() as s:
+        users.update_user(s, "eve", password="new-password")
+    assert thief.get("/api/me").status_code == 401
+    assert browser.get("/api/me").status_code == 401  # every session opened with the old password
+    assert login(browser, "eve", "new-password").status_code == 303
+    assert browser.get("/api/me").status_code == 200
+
+
+def test_login_attempts_are_limited_per_account_and_per_address(make_client, db: Database) -> None:
+    with db.session() as s:
+        users.create_user(s, "eve", "labeler", "eve-password")
+    client = make_client(login_failures_per_account=2, login_attempts_per_address=3)
+    assert [login(client, "eve", f"guess{i}").status_code for i in range(2)] == [401, 401]
+    locked = login(client, "eve", "eve-password")  # even the right password: the account is locked a while
+    assert locked.status_code == 429 and "for this account" in locked.text and "Retry-After" in locked.headers
+    assert login(client, "other", "guess").status_code == 401  # another account from the same address
+    over = login(client, "third", "guess")  # this address's fourth counted attempt: over its 3
+    assert over.status_code == 429 and "from your address" in over.text

@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from rlhf.feedback.deps import CsrfChecked, SecretDep, SessionDep, SettingsDep
+from rlhf.feedback.deps import CsrfChecked, SecretDep, SessionDep, SettingsDep, session_user
+from rlhf.feedback.errors import RateLimited
 from rlhf.feedback.models import User
-from rlhf.feedback.security import SESSION_COOKIE, make_session_cookie, read_session_cookie
-from rlhf.feedback.users import authenticate
+from rlhf.feedback.security import SESSION_COOKIE, LoginLimits, make_session_cookie, read_session_cookie
+from rlhf.feedback.users import authenticate, end_sessions
 from rlhf.feedback.web import render
 
 router = APIRouter(include_in_schema=False)
@@ -18,8 +19,8 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/")
 def home(request: Request, session: SessionDep, secret: SecretDep) -> Response:
-    uid = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
-    user = session.get(User, uid) if uid is not None else None
+    claim = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
+    user = session_user(claim, session.get(User, claim[0]) if claim is not None else None)
     if user is None or user.disabled:
         return RedirectResponse("/login", status_code=303)
     return RedirectResponse("/admin" if user.role == "admin" else "/label", status_code=303)
@@ -39,13 +40,22 @@ def login(
     name: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=256)],
 ) -> Response:
+    limits: LoginLimits = request.app.state.login_limits
+    address = request.client.host if request.client else ""
+    try:  # before the password check: a guess refused here costs no argon2 time
+        limits.check(name, address)
+    except RateLimited as e:
+        message = f"Too many login attempts {e.scope}. Try again in {e.retry_after_s} s."
+        headers = {"Retry-After": str(e.retry_after_s)}
+        return render(request, "login.html", {"message": message}, status_code=429, headers=headers)
     user = authenticate(session, name, password)
     if user is None:
+        limits.failed(name)
         return render(request, "login.html", {"message": "Wrong name or password."}, status_code=401)
     response = RedirectResponse("/admin" if user.role == "admin" else "/label", status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        make_session_cookie(secret, user.id, settings.session_max_age_s),
+        make_session_cookie(secret, user.id, settings.session_max_age_s, user.session_generation),
         max_age=settings.session_max_age_s,
         httponly=True,
         samesite="lax",
@@ -56,7 +66,12 @@ def login(
 
 
 @router.post("/logout", dependencies=[CsrfChecked])
-def logout() -> Response:
+def logout(request: Request, session: SessionDep, secret: SecretDep) -> Response:
+    """End this session and every other one of the user's: copies of the cookie stop working too."""
+    claim = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
+    user = session_user(claim, session.get(User, claim[0]) if claim is not None else None)
+    if user is not None:
+        end_sessions(session, user.id)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
