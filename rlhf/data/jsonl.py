@@ -71,9 +71,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+# Characters JSON leaves raw in text (with ensure_ascii=False) that Python's str.splitlines() and JavaScript
+# treat as line breaks: escaped, so one record stays one line for every reader.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def jsonl_line(row: Any) -> str:
+    """One JSONL record (no newline): UTF-8 text kept readable, line-breaking characters escaped."""
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSONL atomically; return how many were written."""
-    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines = [jsonl_line(r) for r in rows]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 

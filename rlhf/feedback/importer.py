@@ -98,18 +98,25 @@ def import_candidates(
                 list[tuple[int, int]] | None,
             ]
         ] = []  # fmt: skip
+        # A row repeating an earlier one of this import (same prompt, same answers) would only make
+        # duplicate tasks, each answered separately and counted twice in the exported pairs.
+        seen: set[tuple[str, tuple[str, ...]]] = set()
         for row in candidates:
-            if row.prompt_id is not None and row.prompt_id in known:
+            content = (row.prompt, tuple(sorted(c.text for c in row.completions)))
+            if (row.prompt_id is not None and row.prompt_id in known) or content in seen:
                 counts["skipped"] += 1
                 continue
             known.add(row.prompt_id)
+            seen.add(content)
             comps = [(c.text, c.policy, c.sampling.model_dump(exclude_none=True)) for c in row.completions]
             entries.append((row.prompt, row.prompt_id, row.meta, comps, None, row.pairs))
         for g in gold:
-            if g.prompt_id is not None and g.prompt_id in known:
+            content = (g.prompt, tuple(sorted((g.completion_a, g.completion_b))))
+            if (g.prompt_id is not None and g.prompt_id in known) or content in seen:
                 counts["skipped"] += 1
                 continue
             known.add(g.prompt_id)
+            seen.add(content)
             comps = [(g.completion_a, "", {}), (g.completion_b, "", {})]
             entries.append((g.prompt, g.prompt_id, {**g.meta, "gold": True}, comps, g.choice, None))
         prompt_ids = _insert_ids(
@@ -159,9 +166,16 @@ def import_candidates(
 def _task_groups(
     kind: str, texts: list[str], pairs: list[tuple[int, int]] | None = None
 ) -> list[tuple[int, ...]]:
-    if kind == "pairwise":
+    if kind == "pairwise":  # one task per distinct pair of different answers
         chosen = pair_indices(len(texts)) if pairs is None else pairs
-        return [(i, j) for i, j in chosen if texts[i] != texts[j]]
+        groups: list[tuple[int, ...]] = []
+        seen: set[frozenset[str]] = set()
+        for i, j in chosen:
+            key = frozenset((texts[i], texts[j]))
+            if texts[i] != texts[j] and key not in seen:
+                seen.add(key)
+                groups.append((i, j))
+        return groups
     if kind == "ranking":
         return [tuple(range(len(texts)))]
     if kind == "rating":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,11 +44,25 @@ def update_user(
     disabled: bool | None = None,
     role: str | None = None,
     password: str | None = None,
+    acting: User | None = None,
 ) -> User:
+    """Change a user. Refused (Conflict) when it would take admin rights from `acting` (the admin making
+    the change: nobody locks themselves out) or leave the store without an enabled admin."""
     if role is not None and role not in ROLES:
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    losing_admin = role not in (None, "admin") or disabled is True
     with db_of(session).write(session):
         user = get_user(session, name)
+        if losing_admin and user.role == "admin" and not user.disabled:
+            if acting is not None and acting.id == user.id:
+                raise Conflict("you cannot demote or disable yourself; another admin can")
+            others = session.scalar(
+                select(func.count())
+                .select_from(User)
+                .where(User.role == "admin", User.disabled.is_(False), User.id != user.id)
+            )
+            if not others:
+                raise Conflict(f"{name!r} is the last enabled admin; make another admin first")
         if disabled is not None:
             user.disabled = disabled
         if role is not None:

@@ -118,7 +118,7 @@ def settle(session: Session, user: User, data: VoteIn, error: IntegrityError | C
     retry, or a retry racing its original), else the conflict itself (a second vote on the task)."""
     earlier = session.scalar(select(Vote).where(Vote.idempotency_key == data.idempotency_key))
     if earlier is not None:
-        return _replay(earlier, user)
+        return _replay(earlier, user, data)
     if isinstance(error, Conflict):
         raise error
     raise Conflict(f"you already voted on task {data.task_id}") from None
@@ -143,9 +143,22 @@ def record_vote(
     return recorded
 
 
-def _replay(earlier: Vote, user: User) -> Recorded:
+REPLAYED_FIELDS = ("task_id", "choice", "ranking", "rating", "margin", "confidence", "display_order")
+
+
+def _replay(earlier: Vote, user: User, data: VoteIn) -> Recorded:
+    """The earlier vote, if `data` is a retry of it: the same key with another body is a client's mistake
+    (a key reused for a new vote), answered 422 rather than with a vote it did not ask for."""
     if earlier.user_id != user.id:
         raise Conflict("this idempotency key was used by another labeler")
+    differ = [f for f in REPLAYED_FIELDS if getattr(earlier, f) != getattr(data, f)]
+    if (earlier.note or None) != (data.note or None):
+        differ.append("note")
+    if differ:
+        raise InvalidInput(
+            f"idempotency key {data.idempotency_key!r} was used for a different vote ({', '.join(differ)} "
+            "differ); use a new key for a new vote"
+        )
     return Recorded(earlier, created=False)
 
 

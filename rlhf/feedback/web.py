@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from starlette.templating import Jinja2Templates
@@ -15,10 +16,25 @@ from rlhf.feedback.security import CSRF_COOKIE, csrf_token, new_csrf_nonce
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
 
+# Unicode's directional embeddings, overrides and isolates: in untrusted text they reorder what a reader
+# sees ("gnp.exe" shown as "exe.png"); on the pages each is shown as its code point instead.
+_BIDI_CONTROLS = {c: f"[U+{c:04X}]" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def neutralise_bidi(value: Any) -> Any:
+    """Every value a template prints, before escaping: bidi control characters made visible."""
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+        return value.translate(_BIDI_CONTROLS)
+    return value
+
+
 # autoescape=True for every template, whatever its extension: completion text is untrusted model output.
 templates = Jinja2Templates(
     env=jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True, undefined=jinja2.StrictUndefined
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        finalize=neutralise_bidi,
     )
 )
 

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import Database, db_of, upgrade
-from rlhf.feedback.errors import Conflict, Forbidden, NotFound
+from rlhf.feedback.errors import Conflict, Forbidden, InvalidInput, NotFound
 from rlhf.feedback.importer import import_candidates
 from rlhf.feedback.models import Project, Prompt, Task, User, Vote
 from rlhf.feedback.schemas import CandidateRow, Choice, CompletionIn, SamplingIn, VoteIn
@@ -122,8 +122,10 @@ def record_ab_vote(
         name = USER_PREFIX + (owner or ANONYMOUS)
         replay = session.scalar(select(Vote).where(Vote.idempotency_key == idempotency_key))
         if replay is not None:
-            if replay.task_id != task_id:
-                raise Conflict("this idempotency key was used for another A/B pair")
+            if replay.task_id != task_id or replay.choice != choice:
+                raise InvalidInput(
+                    f"idempotency key {idempotency_key!r} was used for a different vote; use a new key"
+                )
             return Recorded(replay, created=False)
         account = session.scalar(select(User).where(User.name == name))
         keys = [_anonymous_key(client)] + ([account.id] if account is not None and owner else [])

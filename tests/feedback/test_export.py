@@ -90,3 +90,22 @@ def test_export_over_http_and_cli(api, db_url: str, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert out.read_text() == response.text
+
+
+def test_line_separators_in_text_keep_one_record_per_line(api, db_url: str, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from rlhf.feedback.cli import app
+
+    rows = [{"prompt": "a\u2028b", "completions": [{"text": "c\u2029d"}, {"text": "e\x85f"}]}]
+    assert api.post("admin", "/api/projects/seps/import", json={"candidates": rows}).status_code == 201
+    api.vote("ann", api.next("ann", "seps")["id"], choice="A")
+    response = api.get("admin", "/api/projects/seps/export", params={"format": "pairs"})
+    lines = response.text.splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"prompt": "a\u2028b", "chosen": "c\u2029d", "rejected": "e\x85f"}
+    ]
+    out = tmp_path / "pairs.jsonl"
+    args = ["export", "--db", db_url, "--project", "seps", "--format", "pairs", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 1

@@ -73,6 +73,28 @@ def test_reimport_skips_known_prompts_and_identical_pairs(db: Database, make_row
     assert (again.prompts, again.tasks, again.skipped) == (0, 0, 3)
 
 
+def test_duplicate_rows_and_pairs_in_an_import_make_one_task(db: Database, make_rows) -> None:
+    rows = make_rows(2, 3)
+    del rows[0]["prompt_id"], rows[1]["prompt_id"]
+    rows.append({**rows[0], "completions": list(reversed(rows[0]["completions"]))})  # the same row again
+    rows[1]["completions"][2]["text"] = rows[1]["completions"][1]["text"]  # pairs (0,1) and (0,2) the same
+    parsed = [CandidateRow.model_validate(r) for r in rows]
+    with db.session() as s:
+        out = import_candidates(s, "demo", parsed)
+        texts = [
+            sorted(
+                s.scalars(
+                    select(Completion.text)
+                    .join(TaskCompletion, TaskCompletion.completion_id == Completion.id)
+                    .where(TaskCompletion.task_id == t)
+                )
+            )
+            for t in s.scalars(select(Task.id))
+        ]
+    assert (out.prompts, out.tasks, out.skipped) == (2, 3 + 1, 1)
+    assert len({tuple(t) for t in texts}) == len(texts)  # no two tasks compare the same answers
+
+
 def test_gold_rows_become_gold_tasks(db: Database, make_rows) -> None:
     gold = [GoldRow(prompt="2+2?", completion_a="4", completion_b="5", choice="A")]
     with db.session() as s:

@@ -48,6 +48,18 @@ def test_task_page_escapes_completions_and_hides_policies(api, db: Database, mak
     assert "script-src 'self'" in page.headers["content-security-policy"]
 
 
+def test_bidi_controls_in_answers_are_shown_not_obeyed(api, db: Database, make_client) -> None:
+    rows = [
+        {"prompt": "Name a file", "completions": [{"text": "photo\u202egnp.exe"}, {"text": "a\u2067b\u2069"}]}
+    ]
+    assert api.post("admin", "/api/projects/demo/import", json={"candidates": rows}).status_code == 201
+    browser = make_client()
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo").text
+    assert not any(c in page for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    assert "photo[U+202E]gnp.exe" in page and "a[U+2067]b[U+2069]" in page
+
+
 def test_vote_skip_and_undo_through_forms(api, db: Database, make_client) -> None:
     api.seed(n_prompts=3)
     browser = make_client()

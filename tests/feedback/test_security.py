@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from rlhf.feedback import users
 from rlhf.feedback.db import Database
+from rlhf.feedback.errors import Conflict
 from rlhf.feedback.models import ApiToken, User
 from rlhf.feedback.security import make_session_cookie, read_session_cookie
 
@@ -174,3 +176,22 @@ def test_login_attempts_are_limited_per_account_and_per_address(make_client, db:
     assert login(client, "other", "guess").status_code == 401  # another account from the same address
     over = login(client, "third", "guess")  # this address's fourth counted attempt: over its 3
     assert over.status_code == 429 and "from your address" in over.text
+
+
+def test_admins_cannot_lock_themselves_or_everyone_out(api, db: Database) -> None:
+    assert (
+        api.client.patch("/api/users/admin", json={"role": "labeler"}, headers=api.team["admin"]).status_code
+        == 409
+    )
+    assert (
+        api.client.patch("/api/users/admin", json={"disabled": True}, headers=api.team["admin"]).status_code
+        == 409
+    )
+    assert api.get("admin", "/api/me").json()["role"] == "admin"
+    with db.session() as s:
+        users.create_user(s, "root2", "admin")
+        root2 = {"Authorization": f"Bearer {users.create_token(s, 'root2')}"}
+    # another admin may demote this one; then root2 is the last admin, whom nobody can remove
+    assert api.client.patch("/api/users/admin", json={"role": "labeler"}, headers=root2).status_code == 200
+    with db.session() as s, pytest.raises(Conflict, match="last enabled admin"):
+        users.update_user(s, "root2", disabled=True)

@@ -24,11 +24,15 @@ def count_votes(db: Database, key: str | None = None) -> int:
 def test_same_key_twice_is_one_vote(api, db: Database) -> None:
     api.seed(n_prompts=1)
     task = api.next("ann")
-    first = api.vote("ann", task["id"], key="retry-key-1", choice="A", display_order=[1, 0], note="ok")
-    again = api.vote("ann", task["id"], key="retry-key-1", choice="B")
+    body = {"choice": "A", "display_order": [1, 0], "note": "ok"}
+    first = api.vote("ann", task["id"], key="retry-key-1", **body)
+    again = api.vote("ann", task["id"], key="retry-key-1", **body, time_to_vote_ms=5)
     assert (first.status_code, again.status_code) == (201, 200)
-    assert again.json() == first.json()  # the original vote, not the retry's body
+    assert again.json() == first.json()  # the original vote
     assert first.json()["choice"] == "A" and first.json()["display_order"] == [1, 0]
+    # the same key with another answer is a key reused by mistake, not a retry
+    changed = api.vote("ann", task["id"], key="retry-key-1", **{**body, "choice": "B"})
+    assert changed.status_code == 422 and "choice" in changed.text
     assert count_votes(db, "retry-key-1") == 1
     # another labeler reusing the key is refused
     assert api.vote("bob", task["id"], key="retry-key-1").status_code == 409

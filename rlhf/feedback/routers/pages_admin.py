@@ -84,8 +84,6 @@ def set_disabled(
     back: Annotated[str, Form(pattern=r"^/admin(/projects/[A-Za-z0-9_.-]+)?$")] = "/admin",
 ) -> Response:
     """Disable (or enable again) a user; a disabled user can neither log in, nor use a token, nor vote."""
-    if name == user.name and disabled:
-        return RedirectResponse(back, status_code=303)  # an admin cannot lock themselves out
-    users.update_user(session, name, disabled=disabled)
+    users.update_user(session, name, disabled=disabled, acting=user)
     request.app.state.auth_cache.clear()
     return RedirectResponse(back, status_code=303)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
+from rlhf.data.jsonl import jsonl_line
 from rlhf.feedback import projects
 from rlhf.feedback.deps import AdminUser, CurrentUser, SessionDep
 from rlhf.feedback.export import export_records
@@ -81,7 +81,7 @@ def export(
 ) -> Response:
     """Live votes as preference records (JSON Lines): votes, pairs (TRL), ranking or rating."""
     records = export_records(session, name, format)
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    body = "".join(jsonl_line(r) + "\n" for r in records)
     disposition = f'attachment; filename="{name}.{format}.jsonl"'
     return Response(body, media_type="application/x-ndjson", headers={"Content-Disposition": disposition})
 

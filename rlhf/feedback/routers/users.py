@@ -31,10 +31,13 @@ def create_user(body: UserIn, _: AdminUser, session: SessionDep) -> UserOut:
 
 @router.patch("/users/{name}")
 def update_user(
-    name: UserName, body: UserUpdate, _: AdminUser, session: SessionDep, request: Request
+    name: UserName, body: UserUpdate, admin: AdminUser, session: SessionDep, request: Request
 ) -> UserOut:
-    """Disable or enable a user, change their role or password."""
-    user = users.update_user(session, name, disabled=body.disabled, role=body.role, password=body.password)
+    """Disable or enable a user, change their role or password. 409 when it would demote or disable
+    yourself, or leave no enabled admin."""
+    user = users.update_user(
+        session, name, disabled=body.disabled, role=body.role, password=body.password, acting=admin
+    )
     request.app.state.auth_cache.clear()
     return UserOut.model_validate(user)
 
