@@ -92,12 +92,19 @@ def import_(
         int | None, typer.Option(help="Labelers per task (default 1 for a new project).")
     ] = None,
     gold_rate: Annotated[
-        float | None, typer.Option(help="Share of served tasks that are gold (0..1).")
+        float | None, typer.Option(help="Chance that the next task served is gold (0..1).")
+    ] = None,
+    guidelines: Annotated[
+        Path | None, typer.Option(help="Markdown file of labeling guidelines, shown with every task.")
+    ] = None,
+    axes: Annotated[
+        str | None, typer.Option(help="Judgement axes asked beside the choice, e.g. helpful,honest,harmless.")
     ] = None,
 ) -> None:
     """Create comparison tasks from candidate generations."""
     from rlhf.feedback.importer import import_candidates, read_rows
-    from rlhf.feedback.schemas import PROJECT_PATTERN, CandidateRow, GoldRow
+    from rlhf.feedback.projects import update_project
+    from rlhf.feedback.schemas import MAX_GUIDELINES_CHARS, PROJECT_PATTERN, CandidateRow, GoldRow
     from rlhf.feedback.settings import Settings
 
     if not re.match(PROJECT_PATTERN, project):
@@ -108,6 +115,16 @@ def import_(
         raise DataError("--overlap must be between 1 and 100")
     if gold_rate is not None and not 0 <= gold_rate <= 1:
         raise DataError("--gold-rate must be between 0 and 1")
+    axis_list = [a.strip() for a in axes.split(",") if a.strip()] if axes is not None else None
+    if axis_list is not None and not all(re.match(r"^[a-z][a-z_]{0,31}$", a) for a in axis_list):
+        raise DataError(f"--axes {axes!r}: comma-separated names of lower-case letters and '_'")
+    guideline_text = None
+    if guidelines is not None:
+        if not guidelines.is_file():
+            raise DataError(f"{guidelines}: file not found")
+        guideline_text = guidelines.read_text(encoding="utf-8")
+        if len(guideline_text) > MAX_GUIDELINES_CHARS:
+            raise DataError(f"{guidelines}: over {MAX_GUIDELINES_CHARS} characters")
     limit = Settings.from_env().max_import_bytes
     rows = read_rows(candidates, CandidateRow, limit)
     gold_rows = read_rows(gold, GoldRow, limit) if gold else []
@@ -116,6 +133,8 @@ def import_(
         out = import_candidates(
             session, project, rows, task_kind=task_kind, gold=gold_rows, overlap=overlap, gold_rate=gold_rate
         )
+        if guideline_text is not None or axis_list is not None:
+            update_project(session, project, guidelines=guideline_text, axes=axis_list)
     typer.echo(
         f"{project}: {out.prompts} prompts, {out.completions} completions, {out.tasks} {task_kind} tasks, "
         f"{out.gold_tasks} gold tasks ({out.skipped} rows already there)"
@@ -127,7 +146,12 @@ def export(
     project: Annotated[str, typer.Option(help="Project name.")],
     out: Annotated[Path, typer.Option(help="Output JSONL file (written atomically).")],
     db: DbOpt = DEFAULT_DB,
-    format: Annotated[str, typer.Option(help="votes, pairs (TRL), ranking or rating.")] = "votes",
+    format: Annotated[
+        str,
+        typer.Option(
+            help="votes, pairs (TRL), ranking, rating, axes (per-axis judgements) or sft (rewrites)."
+        ),
+    ] = "votes",
 ) -> None:
     """Write the project's live votes as preference records."""
     from rlhf.data.jsonl import write_jsonl

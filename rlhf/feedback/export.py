@@ -8,6 +8,9 @@
            a ranking of K gives a pair for every two completions with different ranks (up to C(K,2));
            ratings give a pair for every two completions of a prompt that one labeler rated differently,
            with margin = the rating difference. Ties and both_bad give no pair.
+- axes:    {"prompt", "completion_a", "completion_b", "axis", "choice": "A"|"B"|"same", "labeler", "meta"}
+           (one record per judgement axis a pairwise vote answered: helpful, honest, harmless, ...)
+- sft:     {"prompt", "response", "meta"}  (the better answers labelers wrote: SFT demonstrations)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from sqlalchemy.orm import Session
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
 from rlhf.feedback.projects import get_project
 
-FORMATS = ("votes", "pairs", "ranking", "rating")
+FORMATS = ("votes", "pairs", "ranking", "rating", "axes", "sft")
 
 
 def export_records(session: Session, project: str, kind: str) -> list[dict[str, Any]]:
@@ -32,6 +35,10 @@ def export_records(session: Session, project: str, kind: str) -> list[dict[str, 
         raise ValueError(f"unknown export format {kind!r}")
     if kind == "pairs":
         return list(_pairs(session, project))
+    if kind == "axes":
+        return list(_axes(session, project))
+    if kind == "sft":
+        return list(_rewrites(session, project))
     task_kind = {"votes": "pairwise", "ranking": "ranking", "rating": "rating"}[kind]
     return [_record(task_kind, *row) for row in _rows(session, project, task_kind)]
 
@@ -77,6 +84,7 @@ def _meta(vote: Vote, task: Task, prompt: Prompt, comps: list[Completion]) -> di
         "time_to_vote_ms": vote.time_to_vote_ms,
         "confidence": vote.confidence,
         "note": vote.note,
+        "rewrite": vote.rewrite,
     }
 
 
@@ -94,6 +102,8 @@ def _record(
         }
         if vote.margin is not None:
             rec["margin"] = vote.margin
+        if vote.axes:
+            rec["axes"] = vote.axes
         rec["meta"] = meta
         return rec
     if task_kind == "ranking":
@@ -144,3 +154,25 @@ def _pairs(session: Session, project: str) -> Iterator[dict[str, Any]]:
             if r_i != r_j:
                 chosen, rejected = (text_i, text_j) if r_i > r_j else (text_j, text_i)
                 yield _pair(prompts[prompt_id], chosen, rejected, abs(r_i - r_j))
+
+
+def _axes(session: Session, project: str) -> Iterator[dict[str, Any]]:
+    for vote, task, labeler, prompt, comps in _rows(session, project, "pairwise"):
+        for axis, choice in (vote.axes or {}).items():
+            yield {
+                "prompt": prompt.text,
+                "completion_a": comps[0].text,
+                "completion_b": comps[1].text,
+                "axis": axis,
+                "choice": choice,
+                "labeler": labeler,
+                "meta": _meta(vote, task, prompt, comps),
+            }
+
+
+def _rewrites(session: Session, project: str) -> Iterator[dict[str, Any]]:
+    for kind in ("pairwise", "ranking", "rating"):
+        for vote, task, labeler, prompt, comps in _rows(session, project, kind):
+            if vote.rewrite:
+                meta = {**_meta(vote, task, prompt, comps), "labeler": labeler}
+                yield {"prompt": prompt.text, "response": vote.rewrite, "meta": meta}

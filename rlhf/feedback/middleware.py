@@ -8,11 +8,15 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhf.feedback.deps import LoginRequired
 from rlhf.feedback.errors import FeedbackError, InvalidInput, RateLimited
+from rlhf.feedback.web import render
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +158,57 @@ def _too_large(limit: int) -> Response:
     return JSONResponse({"detail": f"request body over the limit of {limit} bytes"}, status_code=413)
 
 
+# Paths answered in JSON whatever went wrong: the API and the machine-facing endpoints.
+JSON_PATHS = ("/api", "/healthz", "/metrics", "/openapi.json", "/docs", "/redoc", "/static")
+TITLES = {
+    400: "Bad request",
+    401: "Please log in",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Not allowed",
+    409: "Conflict",
+    413: "Too large",
+    422: "Something is missing",
+    429: "Slow down",
+}
+
+
+def wants_page(request: Request) -> bool:
+    """Whether an error should be a page for a person (the browser pages) rather than JSON."""
+    return not request.url.path.startswith(JSON_PATHS)
+
+
+def error_page(
+    request: Request, status: int, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    ctx = {"title": TITLES.get(status, "Something went wrong"), "status": status, "detail": message}
+    return render(request, "error.html", ctx, status_code=status, headers=headers)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FeedbackError)
     async def _feedback_error(request: Request, exc: FeedbackError) -> Response:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
-        if request.url.path.startswith("/api") or request.method != "GET":
-            if isinstance(exc, InvalidInput):  # the shape of FastAPI's own 422 answers
-                detail: object = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
-            else:
-                detail = str(exc)
-            return JSONResponse({"detail": detail}, status_code=exc.status, headers=headers)
-        return Response(str(exc), status_code=exc.status, headers=headers, media_type="text/plain")
+        if wants_page(request):
+            return error_page(request, exc.status, str(exc), headers)
+        if isinstance(exc, InvalidInput):  # the shape of FastAPI's own 422 answers
+            detail: object = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
+        else:
+            detail = str(exc)
+        return JSONResponse({"detail": detail}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if wants_page(request) and exc.status_code not in (204, 304):
+            return error_page(request, exc.status_code, str(exc.detail), dict(exc.headers or {}) or None)
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        if wants_page(request):
+            fields = ", ".join(".".join(str(p) for p in e["loc"][1:]) or "the form" for e in exc.errors())
+            return error_page(request, 422, f"The request is incomplete or malformed ({fields}).")
+        return await request_validation_exception_handler(request, exc)
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, exc: LoginRequired) -> Response:

@@ -95,6 +95,8 @@ class Project(Base):
     gold_rate: Mapped[float] = mapped_column(Float, default=0.0)
     # Production A/B pairs: answered by the end user who got them, never offered to labelers.
     production: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    guidelines: Mapped[str | None] = mapped_column(Text)  # Markdown, shown with every task
+    axes: Mapped[list[str] | None] = mapped_column(JSON)  # judgement axes asked beside the overall choice
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -195,6 +197,8 @@ class Vote(Base):
     time_to_vote_ms: Mapped[int | None] = mapped_column(Integer)
     idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
     source: Mapped[str] = mapped_column(String(16), default="api")
+    axes: Mapped[dict[str, str] | None] = mapped_column(JSON)  # axis -> "A" | "B" | "same"
+    rewrite: Mapped[str | None] = mapped_column(Text)  # the labeler's better answer (exported as SFT data)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     retracted_at: Mapped[datetime | None] = mapped_column()
 

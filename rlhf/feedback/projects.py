@@ -38,14 +38,24 @@ def create_project(session: Session, name: str, overlap: int = 1, gold_rate: flo
 
 
 def update_project(
-    session: Session, name: str, overlap: int | None = None, gold_rate: float | None = None
+    session: Session,
+    name: str,
+    overlap: int | None = None,
+    gold_rate: float | None = None,
+    guidelines: str | None = None,
+    axes: list[str] | None = None,
 ) -> Project:
+    """Change what is given; guidelines "" and axes [] clear them."""
     with db_of(session).write(session):
         project = get_project(session, name)
         if overlap is not None:
             project.overlap = overlap
         if gold_rate is not None:
             project.gold_rate = gold_rate
+        if guidelines is not None:
+            project.guidelines = guidelines.replace("\r\n", "\n") or None
+        if axes is not None:
+            project.axes = list(dict.fromkeys(axes)) or None
     return project
 
 
@@ -67,5 +77,8 @@ def summary(session: Session, project: Project) -> ProjectOut:
         n_tasks=int(n_tasks),
         n_gold_tasks=int(n_gold),
         n_votes=int(n_votes or 0),
+        guidelines=project.guidelines,
+        axes=project.axes or [],
+        production=project.production,
         created_at=project.created_at,
     )

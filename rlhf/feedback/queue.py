@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Select, Table, and_, bindparam, exists, func,
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
-from rlhf.feedback.errors import Forbidden, NotFound
+from rlhf.feedback.errors import Conflict, Forbidden, NotFound
 from rlhf.feedback.models import Assignment, Completion, Project, Prompt, Task, TaskCompletion, User
 from rlhf.feedback.schemas import CompletionOut, ProgressOut, TaskAdminOut, TaskOut
 
@@ -115,6 +115,22 @@ def skip(session: Session, user: User, task_id: int) -> None:
             raise NotFound(f"task {task_id} is not open for you")
         assignment.status = "skipped"
         session.execute(update(Task).where(Task.id == task_id).values(n_assigned=Task.n_assigned - 1))
+
+
+def unskip(session: Session, user: User, task_id: int) -> None:
+    """Take back a skip: the assignment is open again, if the task still has a slot (Conflict if not)."""
+    with db_of(session).write(session):
+        assignment = session.scalar(
+            select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user.id)
+        )
+        if assignment is None or assignment.status != "skipped":
+            raise NotFound(f"task {task_id} is not skipped by you")
+        task = session.get(Task, task_id)
+        project = session.get(Project, assignment.project_id)
+        assert task is not None and project is not None
+        if not claim(session, task_id, task.is_gold, project.overlap):
+            raise Conflict(f"task {task_id} already has its {project.overlap} labelers")
+        assignment.status = "open"  # the older open assignment: next_task gives it back first
 
 
 def progress(session: Session, user: User, project: Project) -> ProgressOut:

@@ -19,7 +19,10 @@ MAX_INT32 = 2**31 - 1
 TaskKind = Literal["pairwise", "ranking", "rating"]
 Choice = Literal["A", "B", "tie", "both_bad"]
 Role = Literal["admin", "labeler"]
-ExportFormat = Literal["votes", "pairs", "ranking", "rating"]
+ExportFormat = Literal["votes", "pairs", "ranking", "rating", "axes", "sft"]
+AxisJudgement = Literal["A", "B", "same"]
+MAX_AXES = 8
+MAX_GUIDELINES_CHARS = 20_000
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
 PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -65,6 +68,11 @@ UserName = Annotated[str, Field(pattern=NAME_PATTERN)]
 ProjectName = Annotated[str, Field(pattern=PROJECT_PATTERN)]
 Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e9, le=1e9)]
 Meta = Annotated[dict[str, Any], Field(max_length=64), AfterValidator(_clean_json)]
+Axis = Annotated[
+    str, Field(pattern=r"^[a-z][a-z_]{0,31}$", description="a judgement axis: helpful, honest, ...")
+]
+Axes = Annotated[list[Axis], Field(max_length=MAX_AXES)]
+Guidelines = Annotated[str, _text(0, MAX_GUIDELINES_CHARS), AfterValidator(_no_surrogates)]
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -155,6 +163,8 @@ class ImportIn(BaseModel):
     gold: Annotated[list[GoldRow], Field(max_length=100_000)] = []
     overlap: Annotated[int, Field(ge=1, le=100)] | None = None
     gold_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    guidelines: Guidelines | None = Field(None, description="Markdown shown to labelers with every task")
+    axes: Axes | None = Field(None, description="judgement axes asked beside the overall choice (pairwise)")
 
 
 class ImportOut(BaseModel):
@@ -178,6 +188,8 @@ class ProjectIn(BaseModel):
 class ProjectUpdate(BaseModel):
     overlap: Annotated[int, Field(ge=1, le=100)] | None = None
     gold_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    guidelines: Guidelines | None = Field(None, description="Markdown shown to labelers with every task")
+    axes: Axes | None = Field(None, description="judgement axes asked beside the overall choice (pairwise)")
 
 
 class ProjectOut(BaseModel):
@@ -187,6 +199,9 @@ class ProjectOut(BaseModel):
     n_tasks: int
     n_gold_tasks: int
     n_votes: int
+    guidelines: str | None = None
+    axes: list[str] = []
+    production: bool = False
     created_at: datetime
 
 
@@ -266,6 +281,12 @@ class VoteIn(BaseModel):
     margin: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
     confidence: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
     note: NoteText | None = None
+    axes: Annotated[dict[Axis, AxisJudgement], Field(max_length=MAX_AXES)] | None = Field(
+        None, description="pairwise tasks: per judgement axis of the project, which answer is better"
+    )
+    rewrite: Annotated[str, _text(1, MAX_TEXT_CHARS), AfterValidator(_no_surrogates)] | None = Field(
+        None, description="a better answer written by the labeler (exported as SFT data)"
+    )
     display_order: (
         Annotated[list[Annotated[int, Field(ge=0, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]
         | None
@@ -289,6 +310,8 @@ class VoteOut(BaseModel):
     note: str | None
     display_order: list[int] | None
     time_to_vote_ms: int | None
+    axes: dict[str, str] | None = None
+    rewrite: str | None = None
     source: str
     idempotency_key: str
     created_at: datetime

@@ -45,6 +45,7 @@ _SELECT_TASK = (
         _tasks.c.project_id,
         _projects.c.overlap,
         _projects.c.production,
+        _projects.c.axes,
         _assignments.c.id,
         _assignments.c.status,
         # checked here too: the labeler may have been disabled since their token was cached
@@ -81,6 +82,8 @@ def write_vote(
         "margin": data.margin,
         "confidence": data.confidence,
         "note": data.note or None,
+        "axes": data.axes or None,
+        "rewrite": data.rewrite,
         "display_order": data.display_order,
         "time_to_vote_ms": data.time_to_vote_ms,
         "idempotency_key": data.idempotency_key,
@@ -92,12 +95,15 @@ def write_vote(
     row = conn.execute(_SELECT_TASK, {"b_task": data.task_id, "b_user": user.id}).first()
     if row is None:
         raise NotFound(f"no task {data.task_id}")
-    kind, n_completions, is_gold, project_id, overlap, production, assignment_id, status, disabled = row
+    kind, n_completions, is_gold, project_id, overlap, production, axes, assignment_id, status, disabled = row
     if disabled:
         raise Forbidden("this account is disabled")
     if production and source != "production":
         raise Forbidden(f"task {data.task_id} is a production A/B pair; only its end user answers it")
     _check_answer(kind, n_completions, data)
+    if data.axes and (kind != "pairwise" or not set(data.axes) <= set(axes or ())):
+        asked = ", ".join(axes or ()) if kind == "pairwise" else "none (not a pairwise task)"
+        raise InvalidInput(f"axes must be among this project's judgement axes: {asked or 'none'}")
     if status == "done":
         raise Conflict(f"you already voted on task {data.task_id}; undo that vote first")
     if status in (None, "skipped"):
@@ -143,7 +149,16 @@ def record_vote(
     return recorded
 
 
-REPLAYED_FIELDS = ("task_id", "choice", "ranking", "rating", "margin", "confidence", "display_order")
+REPLAYED_FIELDS = (
+    "task_id",
+    "choice",
+    "ranking",
+    "rating",
+    "margin",
+    "confidence",
+    "display_order",
+    "rewrite",
+)
 
 
 def _replay(earlier: Vote, user: User, data: VoteIn) -> Recorded:
@@ -154,6 +169,8 @@ def _replay(earlier: Vote, user: User, data: VoteIn) -> Recorded:
     differ = [f for f in REPLAYED_FIELDS if getattr(earlier, f) != getattr(data, f)]
     if (earlier.note or None) != (data.note or None):
         differ.append("note")
+    if (earlier.axes or None) != (data.axes or None):
+        differ.append("axes")
     if differ:
         raise InvalidInput(
             f"idempotency key {data.idempotency_key!r} was used for a different vote ({', '.join(differ)} "
@@ -235,6 +252,8 @@ def vote_out(vote: Vote, labeler: str) -> VoteOut:
         note=vote.note,
         display_order=vote.display_order,
         time_to_vote_ms=vote.time_to_vote_ms,
+        axes=vote.axes,
+        rewrite=vote.rewrite,
         source=vote.source,
         idempotency_key=vote.idempotency_key,
         created_at=vote.created_at,

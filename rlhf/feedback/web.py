@@ -28,6 +28,24 @@ def neutralise_bidi(value: Any) -> Any:
     return value
 
 
+_markdown: Any = None
+
+
+def markdown(text: str) -> markupsafe.Markup:
+    """Untrusted Markdown (answers, prompts, guidelines) as safe HTML: markdown-it-py with raw HTML off, so
+    any HTML in the text is shown as text, and its link check (no javascript:, vbscript:, file: or data:
+    links); the pages' Content-Security-Policy keeps images and scripts to this origin. Newlines are kept
+    as line breaks (model output is mostly plain text). Imported on first use: only task pages need it."""
+    global _markdown
+    if _markdown is None:
+        from markdown_it import MarkdownIt
+
+        _markdown = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(
+            ["table", "strikethrough"]
+        )
+    return markupsafe.Markup(_markdown.render(text.translate(_BIDI_CONTROLS)))
+
+
 # autoescape=True for every template, whatever its extension: completion text is untrusted model output.
 templates = Jinja2Templates(
     env=jinja2.Environment(
@@ -37,6 +55,7 @@ templates = Jinja2Templates(
         finalize=neutralise_bidi,
     )
 )
+templates.env.filters["markdown"] = markdown
 
 
 def render(

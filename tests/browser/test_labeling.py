@@ -107,7 +107,7 @@ def test_script_in_a_completion_is_shown_as_text(
     url = server["url"]
     log_in(page, url, "lia")
     page.goto(f"{url}/label/xss")
-    texts = page.eval_on_selector_all(".completion", "els => els.map(e => e.textContent)")
+    texts = page.eval_on_selector_all(".completion", "els => els.map(e => e.textContent.trim())")
     assert script_answer in texts  # literal text, tags and all
     assert "Hello <b>there</b> & welcome" in texts
     assert page.evaluate("window.__pwned") is None

@@ -23,11 +23,14 @@ from rlhf.feedback.web import render
 router = APIRouter(prefix="/label", include_in_schema=False)
 ProjectName = Annotated[str, Path(pattern=PROJECT_PATTERN)]
 RATING_SCALE = range(1, 8)  # the web form's rating scale: 1 (worst) .. 7 (best)
+AXIS_KEYS = ("q", "e", "r", "y", "i", "o", "p", "z")  # clear of the page's other shortcuts
 # Messages are passed as codes, so a crafted link cannot put its own text on the page.
 MESSAGES = {
     "undone": "Vote undone: answer this task again.",
     "conflict": "That vote was not recorded: you already answered this task, or it has all its labelers.",
     "undo_failed": "Too late to undo that vote.",
+    "unskipped": "Skip undone: here is the task again.",
+    "unskip_failed": "That task cannot come back: it has all its labelers now.",
 }
 
 
@@ -47,6 +50,7 @@ def task_page(
     session: SessionDep,
     settings: SettingsDep,
     voted: Annotated[int | None, Query(ge=1, le=MAX_INT32)] = None,
+    skipped: Annotated[int | None, Query(ge=1, le=MAX_INT32)] = None,
 ) -> Response:
     proj = projects.get_project(session, project)
     undo_vote = None
@@ -62,6 +66,8 @@ def task_page(
         "project": proj.name,
         "progress": queue.progress(session, user, proj),
         "undo_vote": undo_vote,
+        "undo_skip": skipped,
+        "guidelines": proj.guidelines,
         "undo_window_s": int(settings.undo_window_s),
         "message": MESSAGES.get(request.query_params.get("msg", "")),
     }
@@ -69,7 +75,11 @@ def task_page(
         return render(request, "done.html", ctx)
     view = queue.task_view(session, task, proj.name)
     texts = {c.position: c.text for c in view.completions}
+    slot_values = ["A" if pos == 0 else "B" for pos in view.display_order]
     ctx.update(
+        axes=(proj.axes or []) if task.kind == "pairwise" else [],
+        axis_keys=AXIS_KEYS,
+        axis_columns=[("1", slot_values[0]), ("same", "same"), ("2", slot_values[-1])],
         task=view,
         slots=[(i + 1, pos, texts[pos]) for i, pos in enumerate(view.display_order)],
         display_order=",".join(str(p) for p in view.display_order),
@@ -97,6 +107,9 @@ def _vote_from_form(form: FormData) -> VoteIn:
             "display_order": [int(p) for p in order.split(",")] if order else None,
             "ranking": [ranks[p] for p in sorted(ranks)] if ranks else None,
             "time_to_vote_ms": value("time_ms"),
+            "axes": {k[5:]: v for k, v in form.items() if k.startswith("axis_") and isinstance(v, str)}
+            or None,
+            "rewrite": (value("rewrite") or "").replace("\r\n", "\n").strip() or None,
             "idempotency_key": value("idempotency_key"),
         }
         return VoteIn.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -130,8 +143,33 @@ def skip(
     try:
         queue.skip(session, user, task_id)
     except NotFound:
-        pass  # already answered or skipped (a double click): nothing to do
-    return RedirectResponse(f"/label/{project}", status_code=303)
+        return RedirectResponse(f"/label/{project}", status_code=303)  # a double click: nothing to do
+    return RedirectResponse(f"/label/{project}?skipped={task_id}", status_code=303)
+
+
+@router.post("/{project}/unskip", dependencies=[CsrfChecked])
+def unskip(
+    project: ProjectName,
+    user: PageUser,
+    session: SessionDep,
+    task_id: Annotated[int, Form(ge=1, le=MAX_INT32)],
+) -> Response:
+    """Undo a skip: the task comes back as the open one, if it still has room for this labeler."""
+    try:
+        queue.unskip(session, user, task_id)
+    except (Conflict, NotFound):
+        return RedirectResponse(f"/label/{project}?msg=unskip_failed", status_code=303)
+    return RedirectResponse(f"/label/{project}?msg=unskipped", status_code=303)
+
+
+@router.get("/{project}/help")
+def help_page(request: Request, project: ProjectName, user: PageUser, session: SessionDep) -> Response:
+    """The project's guidelines, its judgement axes and the keyboard shortcuts."""
+    proj = projects.get_project(session, project)
+    if proj.production:
+        queue.next_task(session, user, proj)  # raises Forbidden: not a labelers' project
+    ctx = {"user": user, "project": proj.name, "guidelines": proj.guidelines, "axes": proj.axes or []}
+    return render(request, "help.html", {**ctx, "axis_keys": AXIS_KEYS})
 
 
 @router.post("/{project}/undo", dependencies=[CsrfChecked])

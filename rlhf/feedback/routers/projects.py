@@ -49,8 +49,9 @@ def get_project(name: ProjectName, _: AdminUser, session: SessionDep) -> Project
 
 @router.patch("/{name}")
 def update_project(name: ProjectName, body: ProjectUpdate, _: AdminUser, session: SessionDep) -> ProjectOut:
-    """Change the overlap (labelers per task) or the gold rate (share of served tasks that are gold)."""
-    project = projects.update_project(session, name, body.overlap, body.gold_rate)
+    """Change the overlap (labelers per task), the gold rate (chance the next task is gold), the guidelines
+    (Markdown; "" clears them) or the judgement axes ([] clears them)."""
+    project = projects.update_project(session, name, body.overlap, body.gold_rate, body.guidelines, body.axes)
     return projects.summary(session, project)
 
 
@@ -60,7 +61,7 @@ def import_into(name: ProjectName, body: ImportIn, _: AdminUser, session: Sessio
 
     Creates the project if it does not exist. Rows whose prompt_id the project holds already are skipped.
     """
-    return import_candidates(
+    out = import_candidates(
         session,
         name,
         body.candidates,
@@ -69,6 +70,9 @@ def import_into(name: ProjectName, body: ImportIn, _: AdminUser, session: Sessio
         overlap=body.overlap,
         gold_rate=body.gold_rate,
     )
+    if body.guidelines is not None or body.axes is not None:
+        projects.update_project(session, name, guidelines=body.guidelines, axes=body.axes)
+    return out
 
 
 @router.get(
