@@ -26,6 +26,17 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 SCRIPT = "<script>window.__pwned = 1</script>"
 PASSWORD = "browser-password"
+GUIDELINES = """Pick the answer a **careful, honest and kind** assistant would give.
+
+- *Helpful*: it answers what was asked.
+- *Honest*: it says "I don't know" rather than invent.
+- *Harmless*: it refuses to help harm anyone, politely.
+"""
+LONG_ANSWER = (
+    "Here is how, step by step:\n\n"
+    + "\n".join(f"{i}. Step {i}: check the windows and the back door once more." for i in range(1, 61))
+    + "\n\n```sh\nlockpick --force door\n```"
+)
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +64,34 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             {"prompt": "Say hi", "completions": [{"text": SCRIPT}, {"text": "Hello <b>there</b> & welcome"}]}
         ]
         admin.import_candidates("xss", xss, overlap=3)
+        hhh = [
+            {
+                "prompt": "How do I get into my neighbour's house while they are away?",
+                "prompt_id": "h0",
+                "completions": [
+                    {"text": LONG_ANSWER},
+                    {
+                        "text": "I can't help with entering someone else's home.\n\nIf you are worried about them, "
+                        "call them or ask the police for a **welfare check**."
+                    },
+                ],
+            },
+            {
+                "prompt": "Which is bigger, `7` or `12`?",
+                "prompt_id": "h1",
+                "completions": [{"text": "12 is bigger than 7."}, {"text": "7."}],
+            },
+        ]
+        admin._request(
+            "POST",
+            "/api/projects/hhh/import",
+            json={
+                "candidates": hhh,
+                "overlap": 3,
+                "guidelines": GUIDELINES,
+                "axes": ["helpful", "honest", "harmless"],
+            },
+        )
         yield {"url": url, "admin": admin}
         admin.close()
 

@@ -3,6 +3,7 @@ an admin sees the statistics."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,72 @@ def test_admin_sees_statistics(page: Page, server: dict[str, Any], log_in: Any, 
     assert alpha == ("–" if stats["alpha"] is None else f"{stats['alpha']:.3f}")
     assert page.is_visible("#export-pairs")
     page.screenshot(path=artifacts / "admin_project.png", full_page=True)
+
+
+def test_hhh_project_end_to_end(page: Page, server: dict[str, Any], log_in: Any, artifacts: Path) -> None:
+    """Guidelines on the task, Markdown answers side by side with the controls in view, per-axis judgements
+    and a rewrite by keyboard, Enter on a focused Skip skipping (not voting), undo of the skip, and the
+    exports of pairs, per-axis judgements and SFT rewrites."""
+    url = server["url"]
+    log_in(page, url, "noa")
+    page.goto(f"{url}/label/hhh")
+    assert page.get_attribute("#progress-bar", "max") == "2" and page.inner_text("#progress") == "Done 0 / 2"
+    page.keyboard.press("g")
+    assert "careful, honest and kind" in page.inner_text("#guidelines")
+    assert page.locator("#guidelines strong").count() == 1  # Markdown rendered
+    first = page.inner_text("#prompt")
+    page.focus("#skip")  # Enter on a focused Skip skips; it does not vote
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert "Task skipped" in page.inner_text("#undo-form") and page.inner_text("#prompt") != first
+    with page.expect_navigation():
+        page.keyboard.press("u")  # undo the skip: the task is back
+    assert page.inner_text("#prompt") == first and "Skip undone" in page.inner_text("#message")
+    if "neighbour" not in first:  # answer the short task, then the long one comes
+        page.keyboard.press("1")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+    # both answers side by side, the long one scrolling inside its pane, Submit on screen
+    one, two = page.locator("#completion-1").bounding_box(), page.locator("#completion-2").bounding_box()
+    assert one and two and abs(one["y"] - two["y"]) < 2 and one["x"] != two["x"]
+    assert page.locator("#submit").is_visible() and page.locator("#submit").bounding_box()["y"] < 800
+    assert (
+        page.locator(".completion ol li").count() == 60 or page.locator(".completion pre code").count() == 1
+    )
+    page.screenshot(path=artifacts / "label_task_hhh.png")
+
+    slots = shown_positions(page)
+    refusal_slot = "1" if slots[0] == 1 else "2"
+    page.keyboard.press(refusal_slot)
+    for axis_key, column in (
+        ("q", refusal_slot),
+        ("e", "="),
+        ("r", refusal_slot),
+    ):  # helpful, honest, harmless
+        page.keyboard.press(axis_key)
+        page.keyboard.press(column)
+    page.keyboard.press("w")
+    page.keyboard.type("I can't help you enter their home. If you are worried, call them.")
+    page.keyboard.press("Escape")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    vote = last_vote(server, "noa")
+    assert vote["choice"] == "B"
+    assert vote["axes"] == {"helpful": "B", "honest": "same", "harmless": "B"}
+    assert vote["rewrite"].startswith("I can't help you enter")
+
+    def export(fmt: str) -> list[dict[str, Any]]:
+        text = server["admin"]._request("GET", "/api/projects/hhh/export", params={"format": fmt}).text
+        return [json.loads(line) for line in text.splitlines()]
+
+    assert "I can't help with entering" in {p["chosen"][:26] for p in export("pairs")}
+    assert {(r["axis"], r["choice"]) for r in export("axes")} == {
+        ("helpful", "B"),
+        ("honest", "same"),
+        ("harmless", "B"),
+    }
+    assert [r["response"][:20] for r in export("sft")] == ["I can't help you ent"]
+    page.goto(f"{url}/label/hhh/help")
+    assert "Judgement axes" in page.inner_text("main") and "careful, honest and kind" in page.inner_text(
+        "#guidelines"
+    )

@@ -109,3 +109,38 @@ def test_line_separators_in_text_keep_one_record_per_line(api, db_url: str, tmp_
     args = ["export", "--db", db_url, "--project", "seps", "--format", "pairs", "--out", str(out)]
     assert CliRunner().invoke(app, args).exit_code == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_hhh_axes_and_rewrites_are_stored_and_exported(api) -> None:
+    rows = [
+        {
+            "prompt": "How do I pick a lock?",
+            "completions": [{"text": "I can't help."}, {"text": "Use a pin."}],
+        }
+    ]
+    body = {"candidates": rows, "guidelines": "# Be **kind**", "axes": ["helpful", "honest", "harmless"]}
+    assert api.post("admin", "/api/projects/hhh/import", json=body).status_code == 201
+    project = api.get("admin", "/api/projects/hhh").json()
+    assert project["guidelines"] == "# Be **kind**" and project["axes"] == ["helpful", "honest", "harmless"]
+    task = api.next("ann", "hhh")
+    bad = api.vote("ann", task["id"], choice="A", axes={"funny": "A"})
+    assert bad.status_code == 422 and "helpful, honest, harmless" in bad.text
+    axes = {"helpful": "B", "honest": "same", "harmless": "A"}
+    r = api.vote("ann", task["id"], choice="A", axes=axes, rewrite="Call a locksmith.")
+    assert r.status_code == 201 and r.json()["axes"] == axes and r.json()["rewrite"] == "Call a locksmith."
+
+    def export(fmt: str) -> list[dict]:
+        response = api.get("admin", "/api/projects/hhh/export", params={"format": fmt})
+        assert response.status_code == 200
+        return [json.loads(line) for line in response.text.splitlines()]
+
+    assert export("votes")[0]["axes"] == axes
+    per_axis = {(r["axis"], r["choice"]) for r in export("axes")}
+    assert per_axis == {("helpful", "B"), ("honest", "same"), ("harmless", "A")}
+    assert all(r["completion_a"] == "I can't help." for r in export("axes"))
+    sft = export("sft")
+    assert [(r["prompt"], r["response"]) for r in sft] == [("How do I pick a lock?", "Call a locksmith.")]
+    assert sft[0]["meta"]["labeler"] == "ann"
+    assert export("pairs") == [
+        {"prompt": "How do I pick a lock?", "chosen": "I can't help.", "rejected": "Use a pin."}
+    ]

@@ -173,3 +173,22 @@ def test_ranking_and_rating_forms(api, db: Database, make_client) -> None:
     votes = {v["task_id"]: v for v in api.get("admin", "/api/votes").json()}
     assert [v["ranking"] for v in votes.values() if v["ranking"]] == [[2, 3, 1]]
     assert [v["rating"] for v in votes.values() if v["rating"] is not None] == [6.0]
+
+
+def test_skip_can_be_undone_and_errors_are_pages(api, db: Database, make_client) -> None:
+    api.seed(n_prompts=2)
+    browser = make_client()
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo").text
+    task_id = re.search(r'name="task_id" value="(\d+)"', page).group(1)
+    skipped = browser.post("/label/demo/skip", data={"csrf_token": csrf_of(page), "task_id": task_id})
+    assert "Undo skip" in skipped.text and f'name="task_id" value="{task_id}"' in skipped.text
+    back = browser.post("/label/demo/unskip", data={"csrf_token": csrf_of(skipped.text), "task_id": task_id})
+    assert "Skip undone" in back.text
+    assert re.search(r'name="task_id" value="(\d+)"', back.text).group(1) == task_id  # the task is back
+    missing = browser.get("/label/no-such-project")
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
+    assert "no project named" in missing.text and "Back to your projects" in missing.text
+    forbidden = browser.get("/admin")
+    assert forbidden.status_code == 403 and "Not allowed" in forbidden.text
+    assert browser.get("/api/projects/none", headers=api.team["admin"]).json()["detail"]  # the API stays JSON
