@@ -126,6 +126,19 @@ def loop_judgements(session: Session, loop: LoopRun) -> tuple[list[str], list[Ju
     return names, judgements
 
 
+def project_leaderboard(session: Session, project: str, n_boot: int = 200) -> list[Standing]:
+    """Standings of the policy versions compared in one project's pairwise votes (empty below two);
+    the version seen first is the anchor."""
+    names: list[str] = []
+    judgements = []
+    for rec in export_records(session, project, "votes"):
+        a, b = rec["meta"]["policies"]
+        if a and b and a != b:
+            names.extend(n for n in (a, b) if n not in names)
+            judgements.append(Judgement(a, b, OUTCOMES[rec["choice"]], "votes"))
+    return leaderboard(names, judgements, n_boot) if len(names) >= 2 else []
+
+
 def _has_project(session: Session, name: str) -> bool:
     from rlhf.feedback.errors import NotFound
     from rlhf.feedback.projects import get_project

@@ -332,9 +332,27 @@ class LabelerStats(BaseModel):
     median_time_ms: float | None
 
 
+class AxisStats(BaseModel):
+    axis: str
+    judged: int = Field(description="live pairwise votes that judged this axis")
+    a: int
+    b: int
+    same: int
+    agrees_with_choice: float | None = Field(
+        description="share of the axis' A/B judgements that pick the answer the overall choice picked"
+    )
+
+
+class DayCount(BaseModel):
+    day: str
+    votes: int
+
+
 class StatsOut(BaseModel):
     project: str
     tasks: int
     votes: int
     alpha: float | None = Field(description="Krippendorff's alpha (nominal) over pairwise choices")
     labelers: list[LabelerStats]
+    axes: list[AxisStats] = []
+    votes_per_day: list[DayCount] = Field([], description="live votes by UTC day, oldest first")

@@ -1,4 +1,5 @@
-"""Labeler statistics: votes, pairwise agreement, Krippendorff's alpha, accuracy on gold, time per vote."""
+"""Labeler statistics: votes, pairwise agreement, Krippendorff's alpha, accuracy on gold, time per vote;
+per-axis judgements and votes per day."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from rlhf.feedback.models import Assignment, Task, User, Vote
 from rlhf.feedback.projects import get_project
-from rlhf.feedback.schemas import LabelerStats, StatsOut
+from rlhf.feedback.schemas import AxisStats, DayCount, LabelerStats, StatsOut
 
 
 def krippendorff_alpha_nominal(units: Sequence[Sequence[Hashable]]) -> float | None:
@@ -62,6 +63,8 @@ def project_stats(session: Session, project_name: str) -> StatsOut:
             Task.kind,
             Task.is_gold,
             Task.gold_choice,
+            Vote.axes,
+            Vote.created_at,
         )
         .join(Task, Task.id == Vote.task_id)
         .join(User, User.id == Vote.user_id)
@@ -72,8 +75,15 @@ def project_stats(session: Session, project_name: str) -> StatsOut:
     n_votes: Counter[str] = Counter()
     times: dict[str, list[int]] = defaultdict(list)
     gold: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for task_id, name, choice, time_ms, kind, is_gold, gold_choice in rows:
+    per_axis: dict[str, Counter[str]] = defaultdict(Counter)
+    per_day: Counter[str] = Counter()
+    for task_id, name, choice, time_ms, kind, is_gold, gold_choice, axes, created_at in rows:
         n_votes[name] += 1
+        per_day[created_at.date().isoformat()] += 1
+        for axis, judged in (axes or {}).items():
+            per_axis[axis][judged] += 1
+            if judged in ("A", "B") and choice in ("A", "B"):
+                per_axis[axis]["agree" if judged == choice else "disagree"] += 1
         if time_ms is not None:
             times[name].append(time_ms)
         if kind == "pairwise" and choice is not None:
@@ -114,4 +124,18 @@ def project_stats(session: Session, project_name: str) -> StatsOut:
         votes=len(rows),
         alpha=krippendorff_alpha_nominal([list(a.values()) for a in choices.values()]),
         labelers=per_labeler,
+        axes=[_axis_stats(axis, per_axis.get(axis, Counter())) for axis in project.axes or sorted(per_axis)],
+        votes_per_day=[DayCount(day=d, votes=n) for d, n in sorted(per_day.items())],
+    )
+
+
+def _axis_stats(axis: str, counts: Counter[str]) -> AxisStats:
+    decided = counts["agree"] + counts["disagree"]
+    return AxisStats(
+        axis=axis,
+        judged=counts["A"] + counts["B"] + counts["same"],
+        a=counts["A"],
+        b=counts["B"],
+        same=counts["same"],
+        agrees_with_choice=counts["agree"] / decided if decided else None,
     )

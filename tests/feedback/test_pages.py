@@ -129,6 +129,24 @@ def test_admin_pages(api, db: Database, make_client) -> None:
     )
     assert r.status_code == 200
     assert api.get("admin", "/api/projects/demo").json()["overlap"] == 3
+    settings = {"overlap": "3", "gold_rate": "0.25", "axes": "helpful, honest", "guidelines": "Be **fair**"}
+    assert (
+        admin.post(
+            "/admin/projects/demo/settings", data={"csrf_token": csrf_of(page), **settings}
+        ).status_code
+        == 200
+    )
+    assert api.get("admin", "/api/projects/demo").json()["axes"] == ["helpful", "honest"]
+    task = api.next("cat")
+    assert api.vote("cat", task["id"], choice="B", axes={"helpful": "B", "honest": "A"}).status_code == 201
+    page = admin.get("/admin/projects/demo").text
+    assert 'id="votes-chart"' in page and "3 votes" in page  # one bar: today's three votes
+    assert (
+        'data-axis="helpful"' in page and "100.0%" in page.split('data-axis="helpful"')[1].split("</tr>")[0]
+    )
+    assert "0.0%" in page.split('data-axis="honest"')[1].split("</tr>")[0]
+    assert 'data-policy="policy-v0"' in page and 'data-policy="policy-v1"' in page  # the leaderboard
+    assert "Be **fair**" in page  # the guidelines in the settings form
     r = admin.post(
         "/admin/users/ann/disabled",
         data={"csrf_token": csrf_of(page), "disabled": "true", "back": "/admin/projects/demo"},

@@ -3,6 +3,7 @@ iterative loops with their rounds, policy versions and leaderboard."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Path, Request
@@ -11,8 +12,8 @@ from fastapi.responses import RedirectResponse, Response
 from rlhf.feedback import loop_state, projects, users
 from rlhf.feedback.deps import CsrfChecked, PageAdmin, SessionDep
 from rlhf.feedback.export import FORMATS
-from rlhf.feedback.leaderboard import loop_leaderboard
-from rlhf.feedback.schemas import NAME_PATTERN, PROJECT_PATTERN
+from rlhf.feedback.leaderboard import loop_leaderboard, project_leaderboard
+from rlhf.feedback.schemas import MAX_AXES, MAX_GUIDELINES_CHARS, NAME_PATTERN, NO_NUL, PROJECT_PATTERN
 from rlhf.feedback.stats import project_stats
 from rlhf.feedback.web import render
 
@@ -31,13 +32,26 @@ def index(request: Request, user: PageAdmin, session: SessionDep) -> Response:
 @router.get("/projects/{name}")
 def project_page(request: Request, name: ProjectName, user: PageAdmin, session: SessionDep) -> Response:
     project = projects.get_project(session, name)
+    stats = project_stats(session, name)
+    peak = max((d.votes for d in stats.votes_per_day), default=0)
     ctx = {
         "user": user,
         "project": projects.summary(session, project),
-        "stats": project_stats(session, name),
+        "stats": stats,
+        "leaderboard": project_leaderboard(session, name),
+        "chart": _bars([(d.day, d.votes) for d in stats.votes_per_day[-60:]], peak),
         "formats": FORMATS,
     }
     return render(request, "admin_project.html", ctx)
+
+
+def _bars(days: list[tuple[str, int]], peak: int) -> list[dict[str, object]]:
+    """Bars of the votes-per-day chart (an inline SVG of 600 x 120 user units: no script, no library)."""
+    width = min(600 / max(len(days), 1), 40.0)  # a few days: narrow bars, not one wall
+    return [
+        {"x": i * width, "w": max(width - 2, 1), "h": 100 * n / peak if peak else 0, "day": day, "n": n}
+        for i, (day, n) in enumerate(days)
+    ]
 
 
 @router.get("/loops/{name}")
@@ -69,8 +83,17 @@ def project_settings(
     session: SessionDep,
     overlap: Annotated[int, Form(ge=1, le=100)],
     gold_rate: Annotated[float, Form(ge=0, le=1)],
+    guidelines: Annotated[str | None, Form(max_length=MAX_GUIDELINES_CHARS, pattern=NO_NUL)] = None,
+    axes: Annotated[str | None, Form(max_length=300, pattern=r"^[a-z_, ]*$")] = None,
 ) -> Response:
-    projects.update_project(session, name, overlap=overlap, gold_rate=gold_rate)
+    """Overlap, gold rate, guidelines (Markdown) and judgement axes (comma-separated) of a project."""
+    axis_list = None
+    if axes is not None:
+        axis_list = [a for a in (a.strip() for a in axes.split(",")) if re.match(r"^[a-z][a-z_]{0,31}$", a)]
+        axis_list = axis_list[:MAX_AXES]
+    projects.update_project(
+        session, name, overlap=overlap, gold_rate=gold_rate, guidelines=guidelines, axes=axis_list
+    )
     return RedirectResponse(f"/admin/projects/{name}", status_code=303)
 
 
