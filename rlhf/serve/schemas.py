@@ -162,6 +162,45 @@ class FeedbackIn(BaseModel):
 # ---- responses ----------------------------------------------------------------------------------------
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorOut(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorOut, "description": description}
+
+
+# The answers every endpoint may give besides its own: documented, so clients and schema checks know them.
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _err("malformed JSON, a missing or out-of-range field, an unsupported parameter, too long a prompt"),
+    413: _err("request body over the size limit"),
+    422: _err("an idempotency key reused for a different vote (feedback)"),
+    500: _err("the generation failed (the request's own rows only)"),
+}
+MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    **API_ERRORS,
+    404: _err("no served model with this id"),
+    429: _err("the generation queue is full; retry shortly"),
+}
+FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
+    **API_ERRORS,
+    403: _err("a feedback_token not issued with this feedback_id, or a user other than the response's"),
+    404: _err("no A/B pair with this feedback_id"),
+    409: _err("the A/B pair already has its vote"),
+    429: _err("over the vote rate limit per client address or per user (see Retry-After)"),
+    503: _err("this server runs without a feedback store"),
+}
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

@@ -14,6 +14,7 @@ from rlhf.serve.deps import StateDep
 from rlhf.serve.errors import APIError, error_body
 from rlhf.serve.policy import Policy
 from rlhf.serve.schemas import (
+    MODEL_ERRORS,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -36,7 +37,7 @@ from rlhf.serve.service import (
     wants_ab,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=MODEL_ERRORS)
 
 
 @router.post("/chat/completions", response_model=None)

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from rlhf.serve.deps import StateDep
 from rlhf.serve.errors import APIError, error_body
 from rlhf.serve.policy import Policy
-from rlhf.serve.schemas import Completion, CompletionRequest, TextChoice, Usage
+from rlhf.serve.schemas import MODEL_ERRORS, Completion, CompletionRequest, TextChoice, Usage
 from rlhf.serve.service import (
     SSE_DONE,
     SSE_HEADERS,
@@ -26,7 +26,7 @@ from rlhf.serve.service import (
     wants_ab,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=MODEL_ERRORS)
 
 
 @router.post("/completions", response_model=None)

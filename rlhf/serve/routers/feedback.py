@@ -12,9 +12,9 @@ from rlhf.serve import metrics
 from rlhf.serve.deps import StoreDep
 from rlhf.serve.errors import APIError
 from rlhf.serve.feedback import record_ab_vote
-from rlhf.serve.schemas import FeedbackIn, FeedbackOut
+from rlhf.serve.schemas import FEEDBACK_ERRORS, FeedbackIn, FeedbackOut
 
-router = APIRouter(prefix="/v1", tags=["feedback"])
+router = APIRouter(prefix="/v1", tags=["feedback"], responses=FEEDBACK_ERRORS)
 
 
 @router.post("/feedback")

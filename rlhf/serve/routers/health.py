@@ -11,7 +11,7 @@ from rlhf.serve.deps import StateDep
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={503: {"description": "a generation worker died"}})
 @router.head("/healthz", include_in_schema=False)
 def healthz(state: StateDep) -> JSONResponse:
     dead = [name for name, p in state.policies.items() if not p.engine.alive]
@@ -24,6 +24,6 @@ def healthz(state: StateDep) -> JSONResponse:
     return JSONResponse(body, status_code=503 if dead else 200)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from rlhf.serve.deps import StateDep
 from rlhf.serve.policy import Policy
-from rlhf.serve.schemas import ModelList, ModelOut
+from rlhf.serve.schemas import MODEL_ERRORS, ModelList, ModelOut
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=MODEL_ERRORS)
 
 
 def model_out(policy: Policy) -> ModelOut:
