@@ -39,13 +39,15 @@ NEUTRAL: dict[str, list[Any]] = {
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """What chat and text completions share: the model, sampling parameters, streaming, A/B opt-in."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: "2" for n or "true" for stream is a client's mistake (OpenAI refuses it too), not a number
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(description="a model id from /v1/models")
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = Field(
@@ -114,12 +116,13 @@ class SamplingRequest(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -144,7 +147,7 @@ class CompletionRequest(SamplingRequest):
 class FeedbackIn(BaseModel):
     """A user's choice between the two answers of an A/B response."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     feedback_id: Annotated[str, Field(min_length=1, max_length=128)]
     feedback_token: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
         description="the feedback_token sent with the A/B response: proof of having received it"

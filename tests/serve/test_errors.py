@@ -71,6 +71,8 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         "modalities",
     ),
     ("empty body", "/v1/chat/completions", b"", 400, None),
+    ("n as a string", "/v1/completions", {**COMPLETION, "n": "2"}, 400, "n"),
+    ("stream as a string", "/v1/completions", {**COMPLETION, "stream": "true"}, 400, "stream"),
     (
         "NaN temperature",
         "/v1/completions",
