@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -72,6 +73,9 @@ class BodySizeLimit:
         await self.app(scope, _replay([body], receive), send)
 
 
+_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
+
+
 class _Unrepresentable(ValueError):
     pass
 
@@ -91,8 +95,8 @@ def json_body_problem(scope: Scope, body: bytes) -> str | None:
             content_type = value.decode("latin-1").split(";")[0].strip().lower()
     if content_type and not (content_type == "application/json" or content_type.endswith("+json")):
         return None
-    if not body or (b"\\u" not in body and b"N" not in body and b"I" not in body):
-        return None  # the common case: nothing that could be a surrogate escape or a bare constant
+    if not body or _SUSPECT.search(body) is None:
+        return None  # the common case: no surrogate escape and no NaN/Infinity anywhere, not even in text
     try:
         value = json.loads(body, parse_constant=_no_constant)
     except _Unrepresentable as e:
