@@ -92,6 +92,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 "axes": ["helpful", "honest", "harmless"],
             },
         )
+        ranking = [{"prompt": "Rank these", "completions": [{"text": f"answer {c}"} for c in "xyz"]}]
+        admin._request(
+            "POST", "/api/projects/rank/import", json={"candidates": ranking, "task_kind": "ranking"}
+        )
         yield {"url": url, "admin": admin}
         admin.close()
 

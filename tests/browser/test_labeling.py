@@ -214,3 +214,23 @@ def test_hhh_project_end_to_end(page: Page, server: dict[str, Any], log_in: Any,
     assert "Judgement axes" in page.inner_text("main") and "careful, honest and kind" in page.inner_text(
         "#guidelines"
     )
+
+
+def test_ranking_by_keys_and_undo_from_the_done_page(page: Page, server: dict[str, Any], log_in: Any) -> None:
+    """Typing the answers' numbers best first ranks them; U on the page after the last task undoes."""
+    url = server["url"]
+    log_in(page, url, "lia")
+    page.goto(f"{url}/label/rank")
+    slots = shown_positions(page)
+    for key in ("3", "1", "2"):
+        page.keyboard.press(key)
+    assert [page.input_value(f"#rank-{s}") for s in (1, 2, 3)] == ["2", "3", "1"]
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    ranking = last_vote(server, "lia")["ranking"]
+    by_position = dict(zip(slots, (2, 3, 1), strict=True))  # slot i shows position slots[i - 1]
+    assert ranking == [by_position[p] for p in range(3)]
+    assert page.locator("#all-done").is_visible()
+    with page.expect_navigation():
+        page.keyboard.press("u")
+    assert "Vote undone" in page.inner_text("#message") and page.locator("#rank-1").is_visible()
