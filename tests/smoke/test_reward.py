@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train import reward
 from rlhf.train.reward import read_groups, reference_sequences
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli import run_cli
 
 
 def padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +194,8 @@ def test_malformed_preference_row_is_one_line_with_file_and_line(
     good = {"prompt": "User: Hi!\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}
     lines = [json.dumps(good), json.dumps(good), json.dumps({"prompt": "q", "chosen": 5, "rejected": "x"})]
     (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
-    cmd = [sys.executable, "-m", "rlhf.cli", "reward", "--out", str(tmp_path / "rm"),
-           "--set", f"reward.model={tiny_sft_model}", "--set", f"reward.train_file={tmp_path / 'prefs.jsonl'}"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = run_cli("reward", "--out", str(tmp_path / "rm"), "--set", f"reward.model={tiny_sft_model}",
+                   "--set", f"reward.train_file={tmp_path / 'prefs.jsonl'}")  # fmt: skip
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {tmp_path / 'prefs.jsonl'}:3: field 'chosen' should be str, got int"]
