@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
@@ -91,7 +92,9 @@ def _auto_precision() -> str:
     return chosen
 
 
-def make_accelerator(precision: Precision) -> Accelerator:
+def make_accelerator(
+    precision: Precision, log_with: Sequence[str] = (), project_dir: str | None = None
+) -> Accelerator:
     """One accelerator per stage: `accelerate launch` turns the same code into DDP / FSDP / DeepSpeed.
 
     accelerate keeps one state per process and refuses a second precision; stages run one after another in
@@ -100,7 +103,14 @@ def make_accelerator(precision: Precision) -> Accelerator:
     mixed_precision = resolve_precision(precision)
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=list(log_with) or None,
+        project_config=ProjectConfiguration(project_dir, logging_dir=f"{project_dir}/trackers")
+        if project_dir
+        else None,
+    )
 
 
 # On a CPU, SDPA's flash kernel has a slow backward in bf16 on short sequences: forward plus backward on one

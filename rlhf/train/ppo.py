@@ -332,7 +332,7 @@ def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokeni
 def run(
     cfg: PPOConfig, resume: bool = False, quiet: bool = False, gold_fn: GoldFn | None = None
 ) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     seed_everything(cfg.seed + rank)
     if cfg.minibatch_size % (cfg.micro_batch_size * world):
@@ -350,7 +350,7 @@ def run(
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
     demonstrations = read_demonstrations(cfg.ptx_file, tokenizer) if cfg.ptx_coef > 0 and cfg.ptx_file else []
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     policy, reference, critic, reward_model = load_models(cfg, checkpoint)
     if cfg.max_new_tokens >= context_length(policy):
@@ -582,5 +582,6 @@ def run(
                    "best_score": guard.best_score if guard_on else None, "policy": cfg.policy,
                    "reward_model": cfg.reward_model, **metrics}  # fmt: skip
         write_json(run_dir.dir / "summary.json", summary)
+    run_dir.finish()
     accelerator.wait_for_everyone()
     return {"stop_reason": guard.stop_reason or "completed", **metrics}

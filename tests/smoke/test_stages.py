@@ -178,3 +178,18 @@ def test_help_lists_stages_and_documents_options() -> None:
     sft_help = runner.invoke(app, ["sft", "--help"]).output
     for option in ("--config", "--set", "--out", "--resume", "--quiet"):
         assert option in sft_help
+
+
+def test_metrics_reach_tensorboard_through_accelerate(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    args = sft_args(tiny_demo, out, "sft.max_steps=3", "sft.log_every=1", "sft.log_with=[tensorboard]")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (events,) = (out / "trackers" / "sft").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent)).Reload()
+    logged = {r["step"]: r["sft/loss"] for r in read_metrics(out / "metrics.jsonl") if "sft/loss" in r}
+    board = {e.step: e.value for e in acc.Scalars("sft/loss")}
+    assert sorted(board) == sorted(logged) == [1, 2, 3]
+    assert all(board[s] == pytest.approx(logged[s], rel=1e-6) for s in board)
