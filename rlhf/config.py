@@ -182,9 +182,10 @@ class LoraSettings(Section):
 
     r: int = Field(0, ge=0, description="adapter rank (0 = off: train all weights)")
     alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="module names that get adapters",
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="module names that get adapters, or all-linear: every linear layer but the head, whatever "
+        "the architecture names them",
     )
 
 

@@ -493,7 +493,7 @@ def load_model(cfg: RewardConfig, checkpoint: Path | None, pad_id: int) -> torch
         else:
             lora = LoraConfig(
                 task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                target_modules=list(cfg.lora.target_modules), modules_to_save=["score"],  # the head trains fully
+                target_modules=cfg.lora.target_modules, modules_to_save=["score"],  # the head trains fully
             )  # fmt: skip
             model = get_peft_model(base, lora)
     # the model's own pooling finds the last real token as the last non-PAD one
