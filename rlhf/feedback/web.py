@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import markupsafe
 from fastapi import Request
 from fastapi.responses import HTMLResponse
-from starlette.templating import Jinja2Templates
 
 from rlhf.feedback.security import CSRF_COOKIE, csrf_token, new_csrf_nonce
+
+if TYPE_CHECKING:
+    import markupsafe
+    from starlette.templating import Jinja2Templates
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -22,8 +24,9 @@ _BIDI_CONTROLS = {c: f"[U+{c:04X}]" for c in (*range(0x202A, 0x202F), *range(0x2
 
 
 def neutralise_bidi(value: Any) -> Any:
-    """Every value a template prints, before escaping: bidi control characters made visible."""
-    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+    """Every value a template prints, before escaping: bidi control characters made visible. (Markup,
+    a str subclass, is left alone: it is this app's own HTML.)"""
+    if type(value) is str:
         return value.translate(_BIDI_CONTROLS)
     return value
 
@@ -37,6 +40,8 @@ def markdown(text: str) -> markupsafe.Markup:
     links); the pages' Content-Security-Policy keeps images and scripts to this origin. Newlines are kept
     as line breaks (model output is mostly plain text). Imported on first use: only task pages need it."""
     global _markdown
+    import markupsafe
+
     if _markdown is None:
         from markdown_it import MarkdownIt
 
@@ -46,16 +51,23 @@ def markdown(text: str) -> markupsafe.Markup:
     return markupsafe.Markup(_markdown.render(text.translate(_BIDI_CONTROLS)))
 
 
-# autoescape=True for every template, whatever its extension: completion text is untrusted model output.
-templates = Jinja2Templates(
-    env=jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        finalize=neutralise_bidi,
+@cache
+def templates() -> Jinja2Templates:
+    """The page templates, loaded on the first page rendered: API-only traffic never imports Jinja2."""
+    import jinja2
+    from starlette.templating import Jinja2Templates
+
+    # autoescape=True for every template, whatever its extension: completion text is untrusted model output.
+    pages = Jinja2Templates(
+        env=jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            finalize=neutralise_bidi,
+        )
     )
-)
-templates.env.filters["markdown"] = markdown
+    pages.env.filters["markdown"] = markdown
+    return pages
 
 
 def render(
@@ -73,7 +85,7 @@ def render(
     if not nonce:
         nonce = new_csrf_nonce()
     ctx = {"csrf_token": csrf_token(secret, nonce), "user": None, "message": None, **(context or {})}
-    response = templates.TemplateResponse(request, name, ctx, status_code=status_code, headers=headers)
+    response = templates().TemplateResponse(request, name, ctx, status_code=status_code, headers=headers)
     response.headers["Cache-Control"] = "no-store"
     # Defence in depth behind autoescaping: no inline script, nothing from other origins, no framing.
     response.headers["Content-Security-Policy"] = (
