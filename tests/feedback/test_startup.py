@@ -28,7 +28,7 @@ def test_app_module_does_not_import_torch_or_page_templates() -> None:
     code = (
         "import sys, rlhf.feedback.main, rlhf.feedback.cli, rlhf.feedback.client, rlhf.feedback.testing;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('torch', 'transformers', 'numpy', 'alembic', 'jinja2'));"
+        "('torch', 'transformers', 'numpy', 'alembic', 'jinja2', 'markdown_it'));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = run_python(code)
