@@ -115,10 +115,13 @@ class FeedbackClient:
         confidence: float | None = None,
         time_to_vote_ms: int | None = None,
         source: str = "api",
+        axes: dict[str, str] | None = None,
+        rewrite: str | None = None,
     ) -> dict[str, Any]:
         """Record a vote: `choice` (A/B/tie/both_bad) for pairwise tasks, `ranking` (rank per position,
-        1 = best) for ranking tasks, `rating` for rating tasks. Returns the stored vote (the original one
-        when `idempotency_key` was used before)."""
+        1 = best) for ranking tasks, `rating` for rating tasks; optionally per-axis judgements (axis ->
+        A/B/same) and a better answer. Returns the stored vote (the original one when `idempotency_key`
+        was used before with the same vote)."""
         body = {
             "task_id": task_id,
             "choice": choice,
@@ -129,6 +132,8 @@ class FeedbackClient:
             "note": note,
             "display_order": list(display_order) if display_order is not None else None,
             "time_to_vote_ms": time_to_vote_ms,
+            "axes": axes,
+            "rewrite": rewrite,
             "idempotency_key": idempotency_key or f"cli-{uuid.uuid4().hex}",
             "source": source,
         }
@@ -164,6 +169,8 @@ class FeedbackClient:
         gold: Sequence[dict[str, Any]] = (),
         overlap: int | None = None,
         gold_rate: float | None = None,
+        guidelines: str | None = None,
+        axes: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Import candidate rows (the generation file's format); retried only when rows have prompt_ids,
         because only then is a repeated import harmless."""
@@ -172,6 +179,10 @@ class FeedbackClient:
             body["overlap"] = overlap
         if gold_rate is not None:
             body["gold_rate"] = gold_rate
+        if guidelines is not None:
+            body["guidelines"] = guidelines
+        if axes is not None:
+            body["axes"] = list(axes)
         safe = all("prompt_id" in r for r in [*candidates, *gold])
         out: dict[str, Any] = self._request(
             "POST", f"/api/projects/{project}/import", json=body, retry=safe
@@ -188,9 +199,17 @@ class FeedbackClient:
         return out
 
     def update_project(
-        self, project: str, overlap: int | None = None, gold_rate: float | None = None
+        self,
+        project: str,
+        overlap: int | None = None,
+        gold_rate: float | None = None,
+        guidelines: str | None = None,
+        axes: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        body = {k: v for k, v in (("overlap", overlap), ("gold_rate", gold_rate)) if v is not None}
+        fields = (("overlap", overlap), ("gold_rate", gold_rate), ("guidelines", guidelines))
+        body: dict[str, Any] = {k: v for k, v in fields if v is not None}
+        if axes is not None:
+            body["axes"] = list(axes)
         out: dict[str, Any] = self._request("PATCH", f"/api/projects/{project}", json=body).json()
         return out
 

@@ -82,20 +82,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 "completions": [{"text": "12 is bigger than 7."}, {"text": "7."}],
             },
         ]
-        admin._request(
-            "POST",
-            "/api/projects/hhh/import",
-            json={
-                "candidates": hhh,
-                "overlap": 3,
-                "guidelines": GUIDELINES,
-                "axes": ["helpful", "honest", "harmless"],
-            },
-        )
+        axes = ["helpful", "honest", "harmless"]
+        admin.import_candidates("hhh", hhh, overlap=3, guidelines=GUIDELINES, axes=axes)
         ranking = [{"prompt": "Rank these", "completions": [{"text": f"answer {c}"} for c in "xyz"]}]
-        admin._request(
-            "POST", "/api/projects/rank/import", json={"candidates": ranking, "task_kind": "ranking"}
-        )
+        admin.import_candidates("rank", ranking, task_kind="ranking")
         yield {"url": url, "admin": admin}
         admin.close()
 

@@ -77,6 +77,12 @@ def test_client_end_to_end(db: Database, db_url: str, make_rows: Any) -> None:
         stats = admin.stats("demo")
         assert stats["votes"] == 2 and stats["labelers"][0]["labeler"] == "ann"
         assert admin.update_project("demo", overlap=2)["overlap"] == 2
+        updated = admin.update_project("demo", guidelines="Be *kind*", axes=["helpful", "harmless"])
+        assert updated["guidelines"] == "Be *kind*" and updated["axes"] == ["helpful", "harmless"]
+        task = admin.next_task("demo")
+        judged = admin.vote(task["id"], choice="B", axes={"harmless": "A"}, rewrite="A kinder answer.")
+        assert judged["axes"] == {"harmless": "A"} and judged["rewrite"] == "A kinder answer."
+        assert [r["response"] for r in admin.export("demo", "sft")] == ["A kinder answer."]
         admin.set_disabled("ann")
         with pytest.raises(FeedbackAPIError) as err:
             ann.next_task("demo")
