@@ -299,7 +299,13 @@ class PPOConfig(TrainConfig):
         -3.0, description="score of a response that never emits EOS, instead of the RM's (None = RM score)"
     )
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value)")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator in the penalty")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="per-token KL estimator (k1 in the reward; k2 or k3 as a loss term)"
+    )
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description="KL to the reference as a per-token penalty in the reward, or as a loss term (GRPO)",
+    )
     adaptive_kl: bool = Field(False, description="adapt beta to keep the KL near kl_target (Ziegler et al.)")
     kl_target: float = Field(
         6.0, gt=0, description="target KL per sequence (nats) of the adaptive controller"
@@ -307,6 +313,23 @@ class PPOConfig(TrainConfig):
     kl_horizon: int = Field(10000, gt=0, description="horizon in rollouts of the adaptive controller")
     whiten_rewards: bool = Field(False, description="scale per-token rewards to std 1 (mean kept)")
     # advantages and losses
+    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = Field(
+        "gae", description="gae = PPO with a critic; rloo, grpo, reinforce_pp: critic-free (docs/methods.md)"
+    )
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="answers sampled per prompt, k (rloo, grpo need k >= 2); batch_size counts answers",
+    )
+    grpo_scale_by_std: bool = Field(True, description="grpo: divide by the group's std (false = Dr. GRPO)")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="upper policy ratio clip (DAPO's clip-higher, e.g. 0.28); unset = clip_eps"
+    )
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="policy loss over tokens: token_mean (PPO, DAPO), seq_mean_token_mean (GRPO), "
+        "seq_mean_token_sum_norm (Dr. GRPO: sum / (rows x max_new_tokens))",
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_eps: float = Field(0.2, gt=0, description="policy ratio clip range")
@@ -336,6 +359,16 @@ class PPOConfig(TrainConfig):
         if self.batch_size % self.minibatch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by minibatch_size ({self.minibatch_size})"
+            )
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by samples_per_prompt ({self.samples_per_prompt})"
+            )
+        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator} needs samples_per_prompt >= 2")
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_in 'loss' needs kl_estimator k2 or k3 (k1's gradient is zero in expectation)"
             )
         return self
 

@@ -87,7 +87,9 @@ def aggregate_tokens(
         return masked_mean(x, mask, dim=1).mean()
     if mode == "seq_mean_token_sum_norm":
         return masked_sum(x, mask) / (x.size(0) * (x.size(1) if max_len is None else max_len))
-    raise ValueError(f"unknown aggregation {mode!r}; expected one of {Aggregation.__args__}")  # type: ignore[attr-defined]
+    raise ValueError(
+        f"unknown aggregation {mode!r}; expected token_mean, seq_mean_token_mean or seq_mean_token_sum_norm"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
