@@ -24,7 +24,6 @@ Training code never sees the demo's gold judge: the guard's gold score, if any, 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -53,7 +52,6 @@ from rlhf.models.loading import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
-    save_pretrained_atomic,
 )
 from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
 from rlhf.rl_math import (
@@ -75,6 +73,7 @@ from rlhf.rl_math import (
 )
 from rlhf.runs import Run, seed_everything, set_rng_state
 from rlhf.train.common import (
+    Actor,
     BatchPlan,
     ModelForward,
     Progress,
@@ -83,6 +82,8 @@ from rlhf.train.common import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    policy_forward,
+    save_policy,
     short_attention,
     trains_in_half,
 )
@@ -109,24 +110,6 @@ def add_lora(model: PreTrainedModel, cfg: PPOConfig, task_type: str) -> PeftMode
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                         target_modules="all-linear", task_type=task_type)  # fmt: skip
     return get_peft_model(model, config)
-
-
-class Actor(ModelForward):
-    """The policy's logits at the real response tokens, (N, V). With `lean`, the LM head runs only there."""
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
-    ) -> Tensor:
-        if self.lean:
-            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
-            # the LM head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
-            n = response_at.numel()
-            rows = F.pad(response_at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
-            return cast(Tensor, self.model.lm_head(hidden.flatten(0, 1)[rows]))[:n]  # (N, V)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).logits
-        return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
 
 
 class Critic(ModelForward):
@@ -158,11 +141,6 @@ def backbone_states(model: PreTrainedModel, lean: bool, *inputs: Tensor) -> Tens
     return backbone(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state
-
-
-def policy_forward(policy: torch.nn.Module, lay: TokenLayout) -> Tensor:
-    """Logits that predict each real response token, (N, V): read at the token before it. `policy`: an Actor."""
-    return cast(Tensor, policy(**lay.inputs, response_at=lay.response_at))
 
 
 def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
@@ -339,13 +317,6 @@ def no_sync(accelerator: Any, *models: torch.nn.Module, sync: bool) -> ExitStack
     return stack
 
 
-def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-    """A plain Hugging Face checkpoint; a LoRA policy is merged into a copy first (the live one keeps training)."""
-    model = copy.deepcopy(policy).merge_and_unload() if isinstance(policy, PeftModel) else policy
-    save_pretrained_atomic(path, model, tokenizer)  # type: ignore[arg-type]
-
-
-@torch.no_grad()
 def rollout_advantages(
     rewards: Tensor, values: Tensor, mask: Tensor, cfg: PPOConfig
 ) -> tuple[Tensor, Tensor]:
