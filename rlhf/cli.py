@@ -291,6 +291,27 @@ def ppo(
     )
 
 
+@app.command()
+def dpo(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO) of the SFT policy on preference data."""
+    from rlhf.train import dpo as stage
+
+    cfg = _config(config, sets, "dpo", out).dpo
+    _setup_logging(quiet)
+    result = stage.run(cfg, resume=resume, quiet=quiet)
+    line = f"dpo ({cfg.loss}): {result['train_pairs']} pairs in {result['train_judgements']} judgements; "
+    if "dpo/eval_accuracy" in result:
+        line += (f"held-out reward accuracy {result['dpo/eval_accuracy']:.3f}, "
+                 f"margin {result['dpo/eval_margin']:.3f}; ")  # fmt: skip
+    typer.echo(line + f"model in {cfg.out_dir}/final")
+
+
 @app.command("eval")
 def eval_(
     policy_a: Annotated[str, typer.Argument(help="policy A (local dir or hub id)")],

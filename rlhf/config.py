@@ -373,6 +373,57 @@ class PPOConfig(TrainConfig):
         return self
 
 
+class DPOConfig(TrainConfig):
+    """`rlhf dpo`: direct preference optimisation of the SFT policy on preference data, no reward model, no sampling.
+
+    `batch_size` and `micro_batch_size` count judgements (a pair, or a ranking with its C(K,2) pairs, each of
+    its answers forwarded once); the loss is the mean over the pairs of the global batch.
+    """
+
+    out_dir: str = Field("runs/dpo", description="run directory")
+    policy: str = Field(
+        "runs/sft/final", description="SFT checkpoint: the initial policy (and the reference)"
+    )
+    reference: str | None = Field(
+        None, description="reference policy of the log-ratios; unset = the initial policy"
+    )
+    train_file: str = Field(
+        "runs/votes.jsonl",
+        description="preference JSONL in any format of docs/formats.md (rankings as pairs)",
+    )
+    format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
+    eval_file: str | None = Field(
+        None, description="held-out preferences; default: a split of train_file by prompt"
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of prompts held out when eval_file is unset"
+    )
+    max_seq_len: int = Field(
+        128, gt=1, description="prompt + answer + EOS tokens; longer answers are cut (and lose their EOS)"
+    )
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid",
+        description="sigmoid = DPO; ipo = IPO's squared loss; simpo = SimPO (length-normalised, no reference)",
+    )
+    beta: float = Field(0.1, gt=0, description="beta: scale of the implicit reward beta * log(pi / pi_ref)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="conservative DPO: assumed rate of flipped labels (sigmoid and simpo)"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin a chosen answer must win by")
+    pack_sequences: bool = Field(
+        True, description="forward a micro-batch's sequences packed end to end into rows, not padded"
+    )
+    lora_r: int = Field(
+        0, ge=0, description="LoRA rank (0 = full fine-tuning); the reference is the adapter-off model"
+    )
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate of AdamW")
+    batch_size: int = Field(32, gt=0, description="judgements (pairs or rankings) per optimiser step")
+    micro_batch_size: int = Field(16, gt=0, description="judgements per forward pass on one process")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
+
+
 class EvalConfig(Section):
     """`rlhf eval A B`: both policies answer the same held-out prompts; a judge compares them in random order."""
 
@@ -471,6 +522,7 @@ class RootConfig(Section):
     panel: PanelConfig = Field(default_factory=PanelConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
 
