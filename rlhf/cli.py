@@ -312,6 +312,27 @@ def dpo(
     typer.echo(line + f"model in {cfg.out_dir}/final")
 
 
+@app.command()
+def bon(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", help="kept answers JSONL (default: bon.out)")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="answers sampled per prompt (default: bon.n)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Best-of-n: sample n answers per prompt, keep the reward model's favourite (SFT data for rejection sampling)."""
+    from rlhf import bon as stage
+
+    overrides = [*(sets or []), *([f"bon.out={out}"] if out else []), *([f"bon.n={n}"] if n else [])]
+    cfg = load_config(config, overrides).bon
+    _setup_logging(quiet)
+    result = stage.run(cfg)
+    typer.echo(
+        f"bon: best of {result['n']} on {result['prompts']} prompts, score {result['best_score']:.3f} "
+        f"(one sample: {result['mean_score']:.3f}, KL <= {result['kl_bound']:.3f} nats); written to {result['out']}"
+    )
+
+
 @app.command("eval")
 def eval_(
     policy_a: Annotated[str, typer.Argument(help="policy A (local dir or hub id)")],

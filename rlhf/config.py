@@ -424,6 +424,31 @@ class DPOConfig(TrainConfig):
     eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
 
 
+class BonConfig(Section):
+    """`rlhf bon`: best-of-n, n answers sampled per prompt, the reward model's favourite kept (rejection sampling)."""
+
+    policy: str = Field(
+        "runs/sft/final", description="policy that samples the n answers (local dir or hub id)"
+    )
+    reward_model: str = Field("runs/reward/final", description="reward model that picks the best (frozen)")
+    prompts_file: str = Field("data/demo/rl_prompts.jsonl", description="JSONL of {prompt} rows")
+    out: str = Field(
+        "runs/bon.jsonl", description="kept answers as SFT demonstrations {prompt, response, score, scores}"
+    )
+    n: int = Field(8, ge=1, le=1024, description="answers sampled per prompt")
+    max_prompts: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    max_new_tokens: int = Field(48, gt=0, description="longest answer in tokens")
+    no_eos_penalty: float | None = Field(
+        -3.0, description="score of an answer that never ends, instead of the RM's (None = RM score)"
+    )
+    seed: int = Field(0, description="sampling seed")
+    batch_size: int = Field(128, gt=0, description="sequences sampled and scored together")
+    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+
+
 class EvalConfig(Section):
     """`rlhf eval A B`: both policies answer the same held-out prompts; a judge compares them in random order."""
 
@@ -523,6 +548,7 @@ class RootConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    bon: BonConfig = Field(default_factory=BonConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
 

@@ -20,7 +20,7 @@ from peft import PeftModel
 
 from rlhf.config import DPOConfig
 from rlhf.errors import DataError
-from rlhf.models.loading import load_causal_lm
+from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train import dpo
 from tests.smoke.test_ppo import max_change
@@ -126,8 +126,6 @@ def test_cached_reference_log_probs_are_the_sft_models(
     dpo.run(cfg, quiet=True)
     cached = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)
     # recompute one answer's log-prob by a plain forward of the SFT model
-    from rlhf.models.loading import load_tokenizer
-
     tokenizer, model = load_tokenizer(str(tiny_sft_model)), load_causal_lm(str(tiny_sft_model))
     items, _ = dpo.read_judgements(str(preferences), cfg, tokenizer, 64)
     train, held = dpo.split_by_prompt(items, cfg.eval_fraction, cfg.seed)
