@@ -38,6 +38,7 @@ class BestOfN:
     answers: list[str]
     scores: list[float]
     ended: list[bool]
+    n_tokens: list[int]  # answer tokens, EOS included
 
     @property
     def best(self) -> int:
@@ -62,6 +63,7 @@ def best_of_n(
     texts: list[str] = []
     scores: list[float] = []
     ended: list[bool] = []
+    n_tokens: list[int] = []
     for i in range(0, len(flat), batch_size):
         gen = generate(policy, flat[i : i + batch_size], params, eos, pad, generator=generator)
         sequences = [
@@ -75,8 +77,9 @@ def best_of_n(
         texts += decode_responses(tokenizer, gen)
         scores += rm.tolist()
         ended += gen.ended.tolist()
+        n_tokens += gen.response_mask.sum(1).tolist()
     return [
-        BestOfN(prompt, texts[k * n : (k + 1) * n], scores[k * n : (k + 1) * n], ended[k * n : (k + 1) * n])
+        BestOfN(prompt, *(x[k * n : (k + 1) * n] for x in (texts, scores, ended, n_tokens)))  # type: ignore[arg-type]
         for k, prompt in enumerate(prompts)
     ]
 

@@ -456,6 +456,13 @@ class EvalConfig(Section):
     n_prompts: int = Field(300, ge=0, description="prompts to answer (0 = all in the file)")
     judge: Literal["gold"] = Field("gold", description="who compares answers: gold = the demo task's utility")
     reference: str | None = Field(None, description="model to measure each policy's KL against; unset = none")
+    best_of_n: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="policy A answers best-of-n: n samples, reward_model's favourite (1 = off)",
+    )
+    reward_model: str | None = Field(None, description="reward model that picks policy A's best-of-n answer")
     max_new_tokens: int = Field(48, gt=0, description="longest answer in tokens")
     temperature: float = Field(0.7, ge=0, description="sampling temperature (0 = greedy)")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = off)")
@@ -464,6 +471,12 @@ class EvalConfig(Section):
     seed: int = Field(0, description="seed of sampling (policy B uses seed + 1) and of the A/B order")
     bootstrap: int = Field(2000, gt=0, description="bootstrap resamples for the win rate's 95% interval")
     precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+
+    @model_validator(mode="after")
+    def _bon_needs_reward_model(self) -> EvalConfig:
+        if self.best_of_n > 1 and not self.reward_model:
+            raise ValueError("best_of_n > 1 needs reward_model (the model that picks the best answer)")
+        return self
 
 
 class LoopConfig(Section):
