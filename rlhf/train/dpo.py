@@ -301,6 +301,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     )
 
     # the reference's log-probs: once per run (read back on resume), then the reference is not needed again
+    reference_s = 0.0
     if cfg.loss != "simpo":
         cache_path = run_dir.dir / REFERENCE_CACHE
         everything = train + held_out
@@ -322,8 +323,10 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                 tmp = cache_path.with_suffix(".tmp")
                 torch.save(cached, tmp)
                 tmp.replace(cache_path)  # atomic: a killed run leaves the old file or none
-            log.info("dpo: reference log-probs of %d answers cached in %.1fs", sum(map(len, cached)),
-                     time.perf_counter() - t0)  # fmt: skip
+            reference_s = time.perf_counter() - t0
+            log.info(
+                "dpo: reference log-probs of %d answers cached in %.1fs", sum(map(len, cached)), reference_s
+            )
         for j, logps in zip(everything, cached, strict=True):
             j.ref_logps = logps
 
@@ -388,7 +391,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"steps": plan.total_steps, "train_judgements": len(train), "train_pairs": n_pairs,
-                              "held_out_pairs": sum(len(j.pairs) for j in held_out), **metrics}  # fmt: skip
+                              "held_out_pairs": sum(len(j.pairs) for j in held_out), "reference_s": reference_s,
+                              **metrics}  # fmt: skip
     if accelerator.is_main_process:
         save_policy(run_dir.dir / "final", actor.model, tokenizer)
         write_json(
