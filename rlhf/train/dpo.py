@@ -9,8 +9,9 @@ the reference is then never run again, and with LoRA it is the policy with its a
 second copy of the model exists at all. SimPO needs no reference.
 
 The loop, per optimiser step over `batch_size` judgements:
-  1. forward: each micro-batch's answers packed into rows (as PPO's rollouts), the LM head only at answer
-     tokens; each answer's log-prob summed (and averaged, for SimPO) over its tokens
+  1. forward: each judgement's prompt once and its answers as branches (a tree attention mask), judgements
+     packed into rows, the LM head only at answer tokens; each answer's log-prob summed (and averaged, for
+     SimPO) over its tokens
   2. loss over the pairs, weighted so the step's loss is the mean over all its pairs
   3. clip and step   4. log (loss, reward accuracy, implicit-reward margins, pairs/s)
   5. evaluate on held-out   6. checkpoint (atomic)
@@ -18,6 +19,7 @@ The loop, per optimiser step over `batch_size` judgements:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -37,11 +39,10 @@ from rlhf.config import DPOConfig
 from rlhf.data.jsonl import write_json
 from rlhf.data.preferences import PreferenceGroup, read_preferences, to_groups
 from rlhf.errors import DataError
-from rlhf.generation import left_pad
 from rlhf.losses import Stats, dpo_loss, simpo_loss
 from rlhf.models import lean_llama
 from rlhf.models.loading import context_length, disable_dropout, load_causal_lm, load_tokenizer
-from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
+from rlhf.models.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.runs import Run, seed_everything
 from rlhf.train.common import (
@@ -53,7 +54,6 @@ from rlhf.train.common import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
-    policy_forward,
     save_policy,
     short_attention,
     trains_in_half,
@@ -61,7 +61,7 @@ from rlhf.train.common import (
 
 log = logging.getLogger(__name__)
 REFERENCE_CACHE = "reference_logps.pt"
-LayoutFn = Callable[[Tensor, Tensor, int], TokenLayout]
+CollateFn = Callable[[list["Judgement"]], "Batch"]
 
 
 @dataclass
@@ -77,15 +77,29 @@ class Judgement:
 
 @dataclass
 class Batch:
-    """A micro-batch: S answers after their left-padded prompts, the pairs indexing into them."""
+    """A micro-batch laid out for one forward: S answers, N answer tokens, the pairs indexing into the answers.
 
-    ids: Tensor  # (S, P + T) left-padded prompt, then right-padded answer
-    mask: Tensor  # (S, P + T)
-    n_prompt: int
-    answer_ids: Tensor  # (S, T)
+    Shared prefix (`collate(..., shared_prefix=True)`): one run of tokens per judgement, its prompt once and then
+    each answer as a branch that sees the prompt and itself (a tree attention mask, positions restarting after
+    the prompt, as rlhf.train.reward does for the reward model), judgements packed into rows. Otherwise one
+    right-padded row per prompt + answer. Either way `response_at` indexes the flattened (R x W) outputs at the
+    position that predicts each answer token: for an answer's first token, the prompt's last.
+    """
+
+    input_ids: Tensor  # (R, W)
+    attention_mask: Tensor  # (R, W), or (R, 1, W, W) with a shared prefix
+    position_ids: Tensor  # (R, W)
+    response_at: Tensor  # (N,)
+    tokens: Tensor  # (N,) the answer tokens
+    answer_of: Tensor  # (N,) which of the S answers each token belongs to
+    n_answers: int
     chosen: Tensor  # (Q,) indices into the S answers
     rejected: Tensor  # (Q,)
     ref_logps: Tensor  # (S,) zeros until cached
+
+    def to(self, device: torch.device) -> Batch:
+        moved: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return dataclasses.replace(self, **moved)
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -129,6 +143,10 @@ def encode(
             answers.append(ids)
         # one prompt window for the whole judgement: the shortest any answer needed
         p_len = min(len(prompt), *(max_len - len(a) for a in answers))
+        if p_len == 0:  # no position to predict an answer's first token from
+            raise DataError(
+                f"a judgement with an empty prompt cannot be trained on (answers {g.completions[:2]!r})"
+            )
         out.append(Judgement(g.prompt, prompt[len(prompt) - p_len :], answers, list(g.pairs)))
     return out, truncated
 
@@ -145,40 +163,76 @@ def split_by_prompt(
     return [j for j in items if j.prompt not in held], [j for j in items if j.prompt in held]
 
 
-def collate(items: list[Judgement], pad_id: int) -> Batch:
-    """Every answer of the micro-batch's judgements as a left-padded prompt and a right-padded answer."""
-    prompts = [j.prompt_ids for j in items for _ in j.answers]
+def judgement_run(j: Judgement) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """One judgement as one run of tokens: (tokens, positions, branches, where each answer token is predicted).
+    The prompt (branch 0, positions 0..P-1) once, then answer k (branch k + 1, positions from P on)."""
+    n = len(j.prompt_ids)
+    tokens, positions, branches, predicted_at = list(j.prompt_ids), list(range(n)), [0] * n, []
+    for k, answer in enumerate(j.answers):
+        start = len(tokens)
+        tokens += answer
+        positions += range(n, n + len(answer))
+        branches += [k + 1] * len(answer)
+        predicted_at.append([n - 1, *range(start, start + len(answer) - 1)])
+    return tokens, positions, branches, predicted_at
+
+
+def collate(
+    items: list[Judgement], pad_id: int, shared_prefix: bool = True, additive: bool = False,
+    hidden_size: int | None = None,
+) -> Batch:  # fmt: skip
+    """The micro-batch's answers laid out for one forward (see Batch): a shared prefix where the attention
+    takes a 4-D mask, else padded rows."""
+    if shared_prefix:
+        runs = [judgement_run(j) for j in items]
+        lengths = [len(tokens) for tokens, *_ in runs]
+    else:  # one run per answer: its prompt, then it
+        runs = [judgement_run(Judgement(j.prompt, j.prompt_ids, [a], [])) for j in items for a in j.answers]
+        lengths = [len(tokens) for tokens, *_ in runs]
+    width = row_width(lengths, hidden_size) if shared_prefix else max(lengths)
+    rows = pack_rows(lengths, width) if shared_prefix else [[i] for i in range(len(runs))]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    group_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    predicted_at: list[list[int]] = [[] for _ in runs]  # per run: flat output index of each answer token
+    for r, members in enumerate(rows):
+        col = 0
+        for g in members:
+            tokens, positions, branches, at = runs[g]
+            span = slice(col, col + len(tokens))
+            input_ids[r, span], position_ids[r, span] = torch.tensor(tokens), torch.tensor(positions)
+            group_ids[r, span], branch_ids[r, span] = g, torch.tensor(branches)
+            predicted_at[g] = [r * width + col + i for answer in at for i in answer]
+            col += len(tokens)
     answers = [a for j in items for a in j.answers]
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # (S, P)
-    width = max(len(a) for a in answers)
-    answer_ids = torch.full((len(answers), width), pad_id, dtype=torch.long)  # (S, T)
-    answer_mask = torch.zeros_like(answer_ids)
-    for row, a in enumerate(answers):
-        answer_ids[row, : len(a)], answer_mask[row, : len(a)] = torch.tensor(a), 1
+    response_at = torch.tensor([i for g in range(len(runs)) for i in predicted_at[g]])  # answers in order
+    answer_tokens = torch.tensor([t for a in answers for t in a])
+    answer_of = torch.tensor([k for k, a in enumerate(answers) for _ in a])
+    if shared_prefix:
+        attention_mask = tree_attention_mask(group_ids, branch_ids, additive)
+    else:
+        attention_mask = (group_ids >= 0).long()
     chosen, rejected, ref, offset = [], [], [], 0
     for j in items:
         chosen += [offset + c for c, _ in j.pairs]
         rejected += [offset + r for _, r in j.pairs]
         ref += j.ref_logps if j.ref_logps is not None else [0.0] * len(j.answers)
         offset += len(j.answers)
-    return Batch(
-        torch.cat([prompt_ids, answer_ids], 1), torch.cat([prompt_mask, answer_mask], 1), prompt_ids.size(1),
-        answer_ids, torch.tensor(chosen), torch.tensor(rejected), torch.tensor(ref),
-    )  # fmt: skip
+    return Batch(input_ids, attention_mask, position_ids, response_at, answer_tokens, answer_of, len(answers),
+                 torch.tensor(chosen), torch.tensor(rejected), torch.tensor(ref))  # fmt: skip
 
 
 # --- the forward and the loss --------------------------------------------------------------------------------
 
 
-def answer_logps(policy: torch.nn.Module, batch: Batch, layout_of: LayoutFn) -> tuple[Tensor, Tensor]:
+def answer_logps(policy: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     """(sum, mean) over its tokens of each answer's log-prob under `policy` (an Actor), (S,) each."""
-    device = batch.ids.device
-    lay = layout_of(batch.ids.to(device), batch.mask.to(device), batch.n_prompt)
-    logits = policy_forward(policy, lay)  # (N, V) only at the answer tokens
-    tokens = batch.answer_ids.to(device)[lay.response_mask]  # (N,)
-    logps = lay.padded(logprobs_from_logits(logits, tokens))  # (S, T), 0 at padding
-    total = logps.sum(1)  # (S,)
-    return total, total / lay.response_mask.sum(1).clamp(min=1)
+    logits = policy(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_at)  # (N, V)
+    logps = logprobs_from_logits(logits, batch.tokens)  # (N,) only at the answer tokens
+    total = logps.new_zeros(batch.n_answers).index_add(0, batch.answer_of, logps)  # (S,)
+    count = torch.bincount(batch.answer_of, minlength=batch.n_answers).clamp(min=1)  # (S,)
+    return total, total / count
 
 
 def pair_loss(cfg: DPOConfig, total: Tensor, mean: Tensor, batch: Batch) -> tuple[Tensor, Stats]:
@@ -192,7 +246,7 @@ def pair_loss(cfg: DPOConfig, total: Tensor, mean: Tensor, batch: Batch) -> tupl
 
 @torch.no_grad()
 def cache_reference(
-    items: list[Judgement], reference: Actor, cfg: DPOConfig, pad_id: int, layout_of: LayoutFn,
+    items: list[Judgement], reference: Actor, cfg: DPOConfig, collate_fn: CollateFn,
     ctx: Callable[[], Any], adapter_off: bool,
 ) -> list[list[float]]:  # fmt: skip
     """The reference's log-prob of every answer, computed once; with `adapter_off`, the LoRA policy's base."""
@@ -201,7 +255,7 @@ def cache_reference(
         chunk = items[i : i + cfg.micro_batch_size]
         off = reference.model.disable_adapter() if adapter_off else nullcontext()
         with ctx(), off:
-            total = answer_logps(reference, collate(chunk, pad_id), layout_of)[0].float().tolist()
+            total = answer_logps(reference, collate_fn(chunk))[0].float().tolist()
         for j in chunk:
             out.append(total[: len(j.answers)])
             total = total[len(j.answers) :]
@@ -210,16 +264,16 @@ def cache_reference(
 
 @torch.no_grad()
 def evaluate(
-    policy: Actor, items: list[Judgement], cfg: DPOConfig, pad_id: int, layout_of: LayoutFn,
+    policy: Actor, items: list[Judgement], cfg: DPOConfig, collate_fn: CollateFn,
     ctx: Callable[[], Any],
 ) -> dict[str, float]:  # fmt: skip
     """Held-out loss, reward accuracy and mean implicit-reward margin, each a mean over pairs."""
     sums: dict[str, float] = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
     n = 0
     for i in range(0, len(items), cfg.micro_batch_size):
-        batch = collate(items[i : i + cfg.micro_batch_size], pad_id)
+        batch = collate_fn(items[i : i + cfg.micro_batch_size])
         with ctx():
-            loss, stats = pair_loss(cfg, *answer_logps(policy, batch, layout_of), batch)
+            loss, stats = pair_loss(cfg, *answer_logps(policy, batch), batch)
         q = len(batch.chosen)
         sums["loss"] += float(loss) * q
         sums["accuracy"] += float(stats["dpo/accuracy"]) * q
@@ -293,12 +347,13 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     policy, optimizer = accelerator.prepare(policy, optimizer)
     actor = cast(Actor, accelerator.unwrap_model(policy))
     ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes outside the prepared module
+    device = accelerator.device
     half = trains_in_half(accelerator)
     pack, additive = takes_4d_mask(policy_model)
     hidden_size = getattr(policy_model.config, "hidden_size", None)
-    layout_of: LayoutFn = lambda ids, mask, n_prompt: layout(  # noqa: E731
-        ids, mask, n_prompt, pad_id, cfg.pack_sequences and pack, additive, hidden_size
-    )
+    # a judgement's prompt forwarded once, its answers as branches, where the attention takes a 4-D mask
+    shared = cfg.pack_sequences and pack
+    collate_fn: CollateFn = lambda items: collate(items, pad_id, shared, additive, hidden_size).to(device)  # noqa: E731
 
     # the reference's log-probs: once per run (read back on resume), then the reference is not needed again
     reference_s = 0.0
@@ -307,7 +362,6 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         everything = train + held_out
         cached = load_reference_cache(cache_path, everything)
         if cached is None:
-            t0 = time.perf_counter()
             if lora and cfg.reference in (None, cfg.policy):
                 reference, adapter_off = actor, True  # the LoRA policy with its adapter off: no second copy
             else:
@@ -317,15 +371,19 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                     Actor(ref_model.to(accelerator.device), lean_llama.supports(ref_model)),
                     False,
                 )
-            cached = cache_reference(everything, reference, cfg, pad_id, layout_of, ctx, adapter_off)
+            t0 = time.perf_counter()  # the time training waits for: the training set's answers
+            cached = cache_reference(train, reference, cfg, collate_fn, ctx, adapter_off)
+            reference_s = time.perf_counter() - t0
+            cached += cache_reference(held_out, reference, cfg, collate_fn, ctx, adapter_off)
             del reference
             if accelerator.is_main_process:
                 tmp = cache_path.with_suffix(".tmp")
                 torch.save(cached, tmp)
                 tmp.replace(cache_path)  # atomic: a killed run leaves the old file or none
-            reference_s = time.perf_counter() - t0
             log.info(
-                "dpo: reference log-probs of %d answers cached in %.1fs", sum(map(len, cached)), reference_s
+                "dpo: reference log-probs of %d answers cached (training set in %.1fs)",
+                sum(map(len, cached)),
+                reference_s,
             )
         for j, logps in zip(everything, cached, strict=True):
             j.ref_logps = logps
@@ -345,12 +403,12 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         sums: dict[str, float] = {}
         tokens = 0
         for k, chunk in enumerate(micro):
-            batch = collate(chunk, pad_id)
-            tokens += int(batch.mask.sum())
+            batch = collate_fn(chunk)
+            tokens += int(batch.tokens.numel())
             sync = accelerator.no_sync(policy) if k < len(micro) - 1 else nullcontext()
-            with sync, short_attention(batch.ids.size(1), accelerator.device, half):
+            with sync, short_attention(batch.input_ids.size(1), device, half):
                 # 1. forward: every answer's summed (and mean) log-prob
-                total, mean = answer_logps(policy, batch, layout_of)  # (S,) each
+                total, mean = answer_logps(policy, batch)  # (S,) each
                 # 2. loss: this micro-batch's pairs weigh their share of the step's pairs
                 loss, stats = pair_loss(cfg, total, mean, batch)
                 share = len(batch.chosen) / step_pairs
@@ -376,7 +434,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             progress.line(done, loss=step_metrics["dpo/loss"], accuracy=step_metrics["dpo/accuracy"])
         # 5. evaluate on the held-out prompts
         if held_out and (done % cfg.eval_every == 0 or done == plan.total_steps):
-            ev = evaluate(actor, held_out[rank::world], cfg, pad_id, layout_of, ctx)
+            ev = evaluate(actor, held_out[rank::world], cfg, collate_fn, ctx)
             ev = dict(zip(ev, accelerator.reduce(torch.tensor(list(ev.values()), device=accelerator.device),
                                                  "mean").tolist(), strict=True))  # fmt: skip
             run_dir.log(done, ev)

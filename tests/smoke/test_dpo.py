@@ -23,6 +23,7 @@ from rlhf.errors import DataError
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train import dpo
+from rlhf.train.common import Actor
 from tests.smoke.test_ppo import max_change
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,17 +126,19 @@ def test_cached_reference_log_probs_are_the_sft_models(
     cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, max_steps=1)
     dpo.run(cfg, quiet=True)
     cached = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)
-    # recompute one answer's log-prob by a plain forward of the SFT model
+    # every answer of the first judgements (a ranking of 3 among them), by a plain forward of prompt + answer
     tokenizer, model = load_tokenizer(str(tiny_sft_model)), load_causal_lm(str(tiny_sft_model))
     items, _ = dpo.read_judgements(str(preferences), cfg, tokenizer, 64)
     train, held = dpo.split_by_prompt(items, cfg.eval_fraction, cfg.seed)
-    first = train[0]
-    ids = torch.tensor([first.prompt_ids + first.answers[0]])
-    with torch.no_grad():
-        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
-    n = len(first.prompt_ids)
-    expected = sum(float(logps[n - 1 + t, tok]) for t, tok in enumerate(first.answers[0]))
-    assert cached[0][0] == pytest.approx(expected, abs=1e-4)
+    assert any(len(j.answers) == 3 for j in train[:4])
+    for j, judgement in enumerate(train[:4]):
+        for k, answer in enumerate(judgement.answers):
+            ids = torch.tensor([judgement.prompt_ids + answer])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            n = len(judgement.prompt_ids)
+            expected = sum(float(logps[n - 1 + t, tok]) for t, tok in enumerate(answer))
+            assert cached[j][k] == pytest.approx(expected, abs=1e-4), (j, k)
     assert len(cached) == len(train) + len(held)
 
 
@@ -182,3 +185,18 @@ def test_killed_run_resumes_to_the_same_result(
         for key in want:
             if key != "dpo/pairs_per_s":
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+
+
+def test_shared_prefix_and_padded_rows_give_the_same_log_probs(
+    tiny_sft_model: Path, preferences: Path
+) -> None:
+    tokenizer, model = load_tokenizer(str(tiny_sft_model)), load_causal_lm(str(tiny_sft_model))
+    cfg = tiny_dpo(Path("unused"), tiny_sft_model, preferences)
+    items = dpo.read_judgements(str(preferences), cfg, tokenizer, 64)[0][:8]
+    policy = Actor(model)
+    with torch.no_grad():
+        shared = dpo.answer_logps(policy, dpo.collate(items, tokenizer.pad_token_id, shared_prefix=True))
+        padded = dpo.answer_logps(policy, dpo.collate(items, tokenizer.pad_token_id, shared_prefix=False))
+    assert shared[0].shape == (sum(len(j.answers) for j in items),)
+    torch.testing.assert_close(shared[0], padded[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(shared[1], padded[1], atol=1e-5, rtol=0)
