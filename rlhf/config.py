@@ -537,6 +537,11 @@ class LoopConfig(Section):
         "continue", description="with too few votes at the timeout: train on what arrived, or stop the loop"
     )
     poll_s: float = Field(2.0, gt=0, description="seconds between two looks at the vote count")
+    method: Literal["ppo", "dpo"] = Field(
+        "ppo",
+        description="how a round trains the policy: ppo = reward model on all votes, then PPO; dpo = online DPO on "
+        "the round's votes (the policy's own answers), from and against the current policy, no reward model",
+    )
     warm_start: bool = Field(True, description="each round's reward model starts from the previous one")
     kl_budget_step: float | None = Field(
         None, gt=0, description="round r's PPO keeps its policy within r x this KL (nats) of the SFT policy"
