@@ -23,8 +23,8 @@ from rlhf.config import BonConfig
 from rlhf.data.jsonl import write_json, write_jsonl
 from rlhf.generate import read_prompts
 from rlhf.generation import SamplingParams, decode_responses, generate, left_pad
-from rlhf.models.heads import load_scalar_model, sequence_rewards
-from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.heads import load_reward_model, sequence_rewards
+from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rlhf.train.common import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     prompts = [p for _, p in read_prompts(cfg.prompts_file, cfg.max_prompts)]  # first: bad input, no output
     tokenizer = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy).eval()
-    reward_model = load_scalar_model(cfg.reward_model).eval()
+    reward_model = load_reward_model(cfg.reward_model).eval()
+    check_same_tokenizer(tokenizer, load_tokenizer(cfg.reward_model), "bon.policy", "bon.reward_model")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     bf16 = resolve_precision(cfg.precision) == "bf16" and not torch.cuda.is_available()
     with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():

@@ -30,7 +30,7 @@ from rlhf.data.jsonl import field, iter_jsonl
 from rlhf.errors import DataError, RlhfError
 from rlhf.eval.judges import Answer, Judge, demo_metrics
 from rlhf.generation import SamplingParams, decode_responses, generate
-from rlhf.models.heads import load_scalar_model
+from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.rl_math import masked_sum
 from rlhf.train.common import resolve_precision
@@ -155,7 +155,7 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
     reference = load_policy(cfg.reference, device) if cfg.reference else None
     bon = None
     if cfg.best_of_n > 1 and cfg.reward_model:
-        bon = load_scalar_model(cfg.reward_model).eval().to(device)  # type: ignore[arg-type]
+        bon = load_reward_model(cfg.reward_model).eval().to(device)  # type: ignore[arg-type]
     answers = {}
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
         log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))

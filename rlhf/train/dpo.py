@@ -41,7 +41,13 @@ from rlhf.data.preferences import PreferenceGroup, read_preferences, to_groups
 from rlhf.errors import DataError
 from rlhf.losses import Stats, dpo_loss, simpo_loss
 from rlhf.models import lean_llama
-from rlhf.models.loading import context_length, disable_dropout, load_causal_lm, load_tokenizer
+from rlhf.models.loading import (
+    check_same_tokenizer,
+    context_length,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
 from rlhf.models.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.runs import Run, seed_everything
@@ -313,7 +319,7 @@ def load_reference_cache(path: Path, items: list[Judgement]) -> list[list[float]
 
 
 def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     seed_everything(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.policy)
@@ -333,7 +339,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     n_pairs = sum(len(j.pairs) for j in train)
     log.info("dpo: %d judgements (%d pairs) to train on, %d held out", len(train), n_pairs, len(held_out))
 
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     policy_model = load_policy(cfg, checkpoint)
     lora = isinstance(policy_model, PeftModel)
@@ -366,6 +372,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                 reference, adapter_off = actor, True  # the LoRA policy with its adapter off: no second copy
             else:
                 ref_model = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
+                check_same_tokenizer(
+                    tokenizer, load_tokenizer(cfg.reference or cfg.policy), "dpo.policy", "dpo.reference"
+                )
                 disable_dropout(ref_model)
                 reference, adapter_off = (
                     Actor(ref_model.to(accelerator.device), lean_llama.supports(ref_model)),
@@ -457,4 +466,5 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             run_dir.dir / "summary.json", {"stage": "dpo", "loss": cfg.loss, "policy": cfg.policy, **result}
         )
     accelerator.wait_for_everyone()
+    run_dir.finish()
     return result
