@@ -36,12 +36,19 @@ def test_two_iterations_train_the_policy_without_a_critic(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     seen = capture_models(monkeypatch)
-    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, **VARIANTS[variant])
+    guard = dict(eval_prompts_file=str(demo_data / "eval_prompts.jsonl"), guard_every=2, guard_prompts=8)
+    cfg = tiny_ppo(
+        tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, **VARIANTS[variant], **guard
+    )
     result = ppo.run(cfg, quiet=True)
 
     assert result["stop_reason"] == "completed"
     assert seen["critic"] is None
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    all_rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    # the reward-hacking guard runs without a critic too: the baseline at 0, then after iteration 2
+    assert [r["step"] for r in all_rows if "ppo/guard_kl" in r] == [0, 2]
+    assert (tmp_path / "run" / "best" / "guard.json").exists()
+    rows = [r for r in all_rows if "ppo/score" in r]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert "ppo/value_loss" not in row
