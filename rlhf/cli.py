@@ -293,6 +293,48 @@ def ppo(
     )
 
 
+@app.command()
+def dpo(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO) of the SFT policy on preference data."""
+    from rlhf.train import dpo as stage
+
+    cfg = _config(config, sets, "dpo", out).dpo
+    _setup_logging(quiet)
+    result = stage.run(cfg, resume=resume, quiet=quiet)
+    line = f"dpo ({cfg.loss}): {result['train_pairs']} pairs in {result['train_judgements']} judgements; "
+    if "dpo/eval_accuracy" in result:
+        line += (f"held-out reward accuracy {result['dpo/eval_accuracy']:.3f}, "
+                 f"margin {result['dpo/eval_margin']:.3f}; ")  # fmt: skip
+    typer.echo(line + f"model in {cfg.out_dir}/final")
+
+
+@app.command()
+def bon(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", help="kept answers JSONL (default: bon.out)")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="answers sampled per prompt (default: bon.n)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Best-of-n: sample n answers per prompt, keep the reward model's favourite (SFT data for rejection sampling)."""
+    from rlhf import bon as stage
+
+    overrides = [*(sets or []), *([f"bon.out={out}"] if out else []), *([f"bon.n={n}"] if n else [])]
+    cfg = load_config(config, overrides).bon
+    _setup_logging(quiet)
+    result = stage.run(cfg)
+    typer.echo(
+        f"bon: best of {result['n']} on {result['prompts']} prompts, score {result['best_score']:.3f} "
+        f"(one sample: {result['mean_score']:.3f}, KL <= {result['kl_bound']:.3f} nats); written to {result['out']}"
+    )
+
+
 @app.command("eval")
 def eval_(
     policy_a: Annotated[str, typer.Argument(help="policy A (local dir or hub id)")],

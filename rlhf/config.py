@@ -306,7 +306,13 @@ class PPOConfig(TrainConfig):
         -3.0, description="score of a response that never emits EOS, instead of the RM's (None = RM score)"
     )
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value)")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator in the penalty")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="per-token KL estimator (k1 in the reward; k2 or k3 as a loss term)"
+    )
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description="KL to the reference as a per-token penalty in the reward, or as a loss term (GRPO)",
+    )
     adaptive_kl: bool = Field(False, description="adapt beta to keep the KL near kl_target (Ziegler et al.)")
     kl_target: float = Field(
         6.0, gt=0, description="target KL per sequence (nats) of the adaptive controller"
@@ -314,6 +320,23 @@ class PPOConfig(TrainConfig):
     kl_horizon: int = Field(10000, gt=0, description="horizon in rollouts of the adaptive controller")
     whiten_rewards: bool = Field(False, description="scale per-token rewards to std 1 (mean kept)")
     # advantages and losses
+    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = Field(
+        "gae", description="gae = PPO with a critic; rloo, grpo, reinforce_pp: critic-free (docs/methods.md)"
+    )
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="answers sampled per prompt, k (rloo, grpo need k >= 2); batch_size counts answers",
+    )
+    grpo_scale_by_std: bool = Field(True, description="grpo: divide by the group's std (false = Dr. GRPO)")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="upper policy ratio clip (DAPO's clip-higher, e.g. 0.28); unset = clip_eps"
+    )
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="policy loss over tokens: token_mean (PPO, DAPO), seq_mean_token_mean (GRPO), "
+        "seq_mean_token_sum_norm (Dr. GRPO: sum / (rows x max_new_tokens))",
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_eps: float = Field(0.2, gt=0, description="policy ratio clip range")
@@ -344,7 +367,93 @@ class PPOConfig(TrainConfig):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by minibatch_size ({self.minibatch_size})"
             )
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by samples_per_prompt ({self.samples_per_prompt})"
+            )
+        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator} needs samples_per_prompt >= 2")
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_in 'loss' needs kl_estimator k2 or k3 (k1's gradient is zero in expectation)"
+            )
         return self
+
+
+class DPOConfig(TrainConfig):
+    """`rlhf dpo`: direct preference optimisation of the SFT policy on preference data, no reward model, no sampling.
+
+    `batch_size` and `micro_batch_size` count judgements (a pair, or a ranking with its C(K,2) pairs, each of
+    its answers forwarded once); the loss is the mean over the pairs of the global batch.
+    """
+
+    out_dir: str = Field("runs/dpo", description="run directory")
+    policy: str = Field(
+        "runs/sft/final", description="SFT checkpoint: the initial policy (and the reference)"
+    )
+    reference: str | None = Field(
+        None, description="reference policy of the log-ratios; unset = the initial policy"
+    )
+    train_file: str = Field(
+        "runs/votes.jsonl",
+        description="preference JSONL in any format of docs/formats.md (rankings as pairs)",
+    )
+    format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
+    eval_file: str | None = Field(
+        None, description="held-out preferences; default: a split of train_file by prompt"
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of prompts held out when eval_file is unset"
+    )
+    max_seq_len: int = Field(
+        128, gt=1, description="prompt + answer + EOS tokens; longer answers are cut (and lose their EOS)"
+    )
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid",
+        description="sigmoid = DPO; ipo = IPO's squared loss; simpo = SimPO (length-normalised, no reference)",
+    )
+    beta: float = Field(0.1, gt=0, description="beta: scale of the implicit reward beta * log(pi / pi_ref)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="conservative DPO: assumed rate of flipped labels (sigmoid and simpo)"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin a chosen answer must win by")
+    pack_sequences: bool = Field(
+        True, description="forward a micro-batch's sequences packed end to end into rows, not padded"
+    )
+    lora_r: int = Field(
+        0, ge=0, description="LoRA rank (0 = full fine-tuning); the reference is the adapter-off model"
+    )
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate of AdamW")
+    batch_size: int = Field(32, gt=0, description="judgements (pairs or rankings) per optimiser step")
+    micro_batch_size: int = Field(16, gt=0, description="judgements per forward pass on one process")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
+
+
+class BonConfig(Section):
+    """`rlhf bon`: best-of-n, n answers sampled per prompt, the reward model's favourite kept (rejection sampling)."""
+
+    policy: str = Field(
+        "runs/sft/final", description="policy that samples the n answers (local dir or hub id)"
+    )
+    reward_model: str = Field("runs/reward/final", description="reward model that picks the best (frozen)")
+    prompts_file: str = Field("data/demo/rl_prompts.jsonl", description="JSONL of {prompt} rows")
+    out: str = Field(
+        "runs/bon.jsonl", description="kept answers as SFT demonstrations {prompt, response, score, scores}"
+    )
+    n: int = Field(8, ge=1, le=1024, description="answers sampled per prompt")
+    max_prompts: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    max_new_tokens: int = Field(48, gt=0, description="longest answer in tokens")
+    no_eos_penalty: float | None = Field(
+        -3.0, description="score of an answer that never ends, instead of the RM's (None = RM score)"
+    )
+    seed: int = Field(0, description="sampling seed")
+    batch_size: int = Field(128, gt=0, description="sequences sampled and scored together")
+    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
 
 
 class EvalConfig(Section):
@@ -354,6 +463,13 @@ class EvalConfig(Section):
     n_prompts: int = Field(300, ge=0, description="prompts to answer (0 = all in the file)")
     judge: Literal["gold"] = Field("gold", description="who compares answers: gold = the demo task's utility")
     reference: str | None = Field(None, description="model to measure each policy's KL against; unset = none")
+    best_of_n: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="policy A answers best-of-n: n samples, reward_model's favourite (1 = off)",
+    )
+    reward_model: str | None = Field(None, description="reward model that picks policy A's best-of-n answer")
     max_new_tokens: int = Field(48, gt=0, description="longest answer in tokens")
     temperature: float = Field(0.7, ge=0, description="sampling temperature (0 = greedy)")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = off)")
@@ -362,6 +478,12 @@ class EvalConfig(Section):
     seed: int = Field(0, description="seed of sampling (policy B uses seed + 1) and of the A/B order")
     bootstrap: int = Field(2000, gt=0, description="bootstrap resamples for the win rate's 95% interval")
     precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+
+    @model_validator(mode="after")
+    def _bon_needs_reward_model(self) -> EvalConfig:
+        if self.best_of_n > 1 and not self.reward_model:
+            raise ValueError("best_of_n > 1 needs reward_model (the model that picks the best answer)")
+        return self
 
 
 class LoopConfig(Section):
@@ -422,6 +544,11 @@ class LoopConfig(Section):
         "continue", description="with too few votes at the timeout: train on what arrived, or stop the loop"
     )
     poll_s: float = Field(2.0, gt=0, description="seconds between two looks at the vote count")
+    method: Literal["ppo", "dpo"] = Field(
+        "ppo",
+        description="how a round trains the policy: ppo = reward model on all votes, then PPO; dpo = online DPO on "
+        "the round's votes (the policy's own answers), from and against the current policy, no reward model",
+    )
     warm_start: bool = Field(True, description="each round's reward model starts from the previous one")
     kl_budget_step: float | None = Field(
         None, gt=0, description="round r's PPO keeps its policy within r x this KL (nats) of the SFT policy"
@@ -445,6 +572,8 @@ class RootConfig(Section):
     panel: PanelConfig = Field(default_factory=PanelConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    bon: BonConfig = Field(default_factory=BonConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
 

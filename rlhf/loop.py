@@ -12,6 +12,8 @@ same transaction as what it produced, and a restarted loop skips the finished on
                 `min_votes` of this round's tasks are answered, or the timeout
   4. reward     retrain the reward model on all votes so far, warm-started from the previous one
   5. ppo        PPO from the current policy against the new reward model, KL to the fixed SFT reference
+     (or, with loop.method = dpo, phases 4-5 are one phase "dpo": online DPO of the current policy on this
+     round's votes, with itself as the reference, and no reward model: the loop's cheaper variant)
   6. eval       the new policy against the SFT policy under the judge (win rate, 95% CI)
   7. register   the new policy version, with its parent, reward model and metrics
 
@@ -334,6 +336,28 @@ def train_policy(
             "ppo/score": result.get("ppo/score")}  # fmt: skip
 
 
+def train_policy_dpo(
+    cfg: RootConfig, db: Database, loop: LoopRun, round_: int, current: PolicyVersion, rdir: Path, quiet: bool
+) -> dict[str, Any]:
+    """Online (iterative) DPO: this round's votes, on the current policy's own answers, train it further with
+    itself (the round's starting point) as the reference, as iterative DPO does (Xu et al. 2023,
+    arXiv:2312.16682); the dpo section's settings, resumed from its checkpoints."""
+    from rlhf.feedback.export import export_records
+    from rlhf.train import dpo
+
+    with db.session() as session:
+        records = [r for r in export_records(session, loop.name, "votes")
+                   if str(r["meta"]["prompt_id"]).startswith(round_prefix(round_))]  # fmt: skip
+    write_jsonl(rdir / "votes.jsonl", records)
+    dpo_cfg = cfg.dpo.model_copy(update={
+        "out_dir": str(rdir / "dpo"), "policy": current.path, "reference": None,
+        "train_file": str(rdir / "votes.jsonl"), "eval_file": None, "seed": cfg.dpo.seed + round_,
+    })  # fmt: skip
+    result = dpo.run(dpo_cfg, resume=True, quiet=quiet)
+    return {"path": str(rdir / "dpo" / "final"), "votes": len(records),
+            **{k: v for k, v in result.items() if k.startswith("dpo/eval_")}}  # fmt: skip
+
+
 def evaluate(cfg: RootConfig, policy: str, rdir: Path) -> dict[str, Any]:
     """The new policy (A) against the SFT policy (B) under the judge, on the held-out prompts."""
     from rlhf.eval.compare import compare
@@ -347,17 +371,19 @@ def evaluate(cfg: RootConfig, policy: str, rdir: Path) -> dict[str, Any]:
 
 
 def policy_version(
-    loop: LoopRun, round_: int, parent: PolicyVersion, rm: RewardModelVersion, trained: dict[str, Any],
+    loop: LoopRun, round_: int, parent: PolicyVersion, rm: RewardModelVersion | None, trained: dict[str, Any],
     ev: dict[str, Any],
 ) -> PolicyVersion:  # fmt: skip
-    """Round `round_`'s policy: its parent, reward model, PPO outcome and evaluation against SFT."""
+    """Round `round_`'s policy: its parent, reward model (none for online DPO), training outcome and evaluation
+    against SFT."""
+    votes = rm.n_votes if rm is not None else trained["votes"]
     metrics = {
-        "win_rate_vs_sft": ev["win_rate_vs_sft"], "ci95": ev["ci95"], "reward_model_votes": rm.n_votes,
+        "win_rate_vs_sft": ev["win_rate_vs_sft"], "ci95": ev["ci95"], "reward_model_votes": votes,
         "eval": {"baseline": SFT, "wins": ev["wins"], "ties": ev["ties"], "losses": ev["losses"]},
         **{k: v for k, v in trained.items() if k != "path"}, **{k: v for k, v in ev.items() if k.startswith("a/")},
     }  # fmt: skip
     return PolicyVersion(loop_id=loop.id, name=f"r{round_}", round=round_, parent=parent.name,
-                         reward_model=rm.name, path=trained["path"], metrics=metrics)  # fmt: skip
+                         reward_model=None if rm is None else rm.name, path=trained["path"], metrics=metrics)  # fmt: skip
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -417,22 +443,28 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
                 info = collect_votes(cfg, db, loop, round_)
                 with db.session() as session:
                     finish_phase(session, loop, round_, "votes", info)
-            # 4. reward: retrain on all votes so far, warm start
-            if pending(done, round_, "reward"):
+            # 4. reward: retrain on all votes so far, warm start (not for online DPO)
+            rm: RewardModelVersion | None = None
+            if lc.method == "ppo" and pending(done, round_, "reward"):
                 rm = train_reward(cfg, db, loop, round_, rdir, rms[-1] if rms else None, quiet)
                 with db.session() as session:
                     finish_phase(
                         session, loop, round_, "reward", {"reward_model": rm.name, "votes": rm.n_votes}, [rm]
                     )
-            with db.session() as session:
-                rm = reward_models(session, loop)[-1]
-            # 5. ppo: from the current policy, against the new reward model, KL to the SFT reference
-            if pending(done, round_, "ppo"):
-                info = train_policy(cfg, current, rm, rdir, quiet)
+            if lc.method == "ppo":
                 with db.session() as session:
-                    finish_phase(session, loop, round_, "ppo", info)
+                    rm = reward_models(session, loop)[-1]
+            # 5. ppo: from the current policy, against the new reward model, KL to the SFT reference;
+            #    or dpo: online DPO on this round's votes, from and against the current policy
+            if pending(done, round_, lc.method):
+                if rm is not None:
+                    info = train_policy(cfg, current, rm, rdir, quiet)
+                else:
+                    info = train_policy_dpo(cfg, db, loop, round_, current, rdir, quiet)
+                with db.session() as session:
+                    finish_phase(session, loop, round_, lc.method, info)
             with db.session() as session:
-                trained = finished_phases(session, loop)[(round_, "ppo")]
+                trained = finished_phases(session, loop)[(round_, lc.method)]
             # 6. eval: win rate against the SFT policy
             if pending(done, round_, "eval"):
                 info = evaluate(cfg, trained["path"], rdir)

@@ -1,5 +1,6 @@
 """Training losses in pure torch: SFT cross entropy, Bradley-Terry reward-model losses (pairwise and
-InstructGPT K-way), and PPO's clipped policy and value losses.
+InstructGPT K-way), PPO's clipped policy and value losses, and the direct preference losses (DPO, conservative
+DPO, IPO, SimPO).
 
 Each loss returns a scalar tensor; those with useful diagnostics also return a dict of detached
 scalar tensors keyed by metric name (`rm/accuracy`, `ppo/clipfrac`, ...), left on the device so that
@@ -13,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from rlhf.rl_math import masked_mean
+from rlhf.rl_math import Aggregation, aggregate_tokens, masked_mean
 
 Stats = dict[str, torch.Tensor]
 
@@ -130,10 +131,16 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    aggregation: Aggregation = "token_mean",
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), per token and masked; all inputs (B, T).
 
-    ratio = exp(logp - old_logp);  loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+    ratio = exp(logp - old_logp);  loss = agg(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))).
+    `clip_eps_high` (default: eps) is DAPO's "clip-higher" (Yu et al. 2025, arXiv:2503.14476): a wider upper
+    bound lets unlikely tokens with a positive advantage grow, against entropy collapse. `aggregation` over
+    tokens and sequences is rl_math.aggregate_tokens's (token_mean: DAPO's token-level loss, and PPO's).
     Stats: `ppo/clipfrac`, the fraction of real tokens where the clipped term was the larger (active)
     one (summarize-from-feedback); `ppo/approx_kl`, the k3 estimate (ratio - 1) - log ratio of
     KL(pi_old || pi), as in cleanrl, which is >= 0 and unbiased under samples from pi_old.
@@ -141,8 +148,9 @@ def ppo_policy_loss(
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     unclipped = -advantages * ratio  # (B, T)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)  # (B, T)
+    loss = aggregate_tokens(torch.max(unclipped, clipped), mask, aggregation, max_len)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         kl = masked_mean((ratio - 1.0) - log_ratio, mask)
@@ -171,9 +179,65 @@ def value_loss(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Extension point: direct preference optimisation
+# Direct preference optimisation: DPO, conservative DPO, IPO, SimPO
 # ---------------------------------------------------------------------------------------------------
-# DPO (Rafailov et al. 2023, arXiv:2305.18290) belongs here as
-#   dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-# over sequence log-probs (rl_math.logprobs_from_logits summed with rl_math.masked_sum over response
-# tokens); it is pairwise_bt_loss applied to beta * (log-ratio of chosen - log-ratio of rejected).
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, Stats]:
+    """DPO's loss over P pairs from sequence log-probs (P,) each, summed over each answer's tokens.
+
+    With h = (logp_c - ref_c) - (logp_r - ref_r), the difference of the two answers' log-ratios:
+      sigmoid (DPO, Rafailov et al. 2023, arXiv:2305.18290, eq. 7):  -log sigmoid(beta * h); log 2 at h = 0.
+        With `label_smoothing` eps, conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+        -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h), for labels flipped with probability eps.
+      ipo (Azar et al. 2023, arXiv:2310.12036, eq. 17): (h - 1 / (2 beta))^2, a squared loss whose target
+        keeps h finite even for pairs that are always preferred (DPO would push h to infinity).
+    Stats: the implicit rewards beta * (logp - ref) of chosen and rejected answers (`dpo/chosen_reward`,
+    `dpo/rejected_reward`), their mean difference `dpo/margin` and `dpo/accuracy`, the share of pairs whose
+    chosen answer has the larger implicit reward (TRL's "rewards/accuracies").
+    """
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps  # (P,)
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps  # (P,)
+    h = chosen_ratio - rejected_ratio  # (P,)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected 'sigmoid' or 'ipo'")
+    return losses.mean(), _implicit_reward_stats(beta * chosen_ratio, beta * rejected_ratio)
+
+
+def simpo_loss(
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, Stats]:
+    """SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6) over P pairs: no reference model; the implicit reward
+    is beta times the answer's MEAN log-prob per token (length-normalised), and the chosen answer must win by
+    a margin gamma:  -log sigmoid(beta * avg_c - beta * avg_r - gamma), label-smoothed as in dpo_loss.
+    Inputs (P,) each; stats as dpo_loss's, with these rewards."""
+    chosen_reward, rejected_reward = beta * chosen_avg_logps, beta * rejected_avg_logps  # (P,) each
+    logits = chosen_reward - rejected_reward - gamma  # (P,)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses.mean(), _implicit_reward_stats(chosen_reward, rejected_reward)
+
+
+def _implicit_reward_stats(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor) -> Stats:
+    with torch.no_grad():
+        return {
+            "dpo/chosen_reward": chosen_reward.mean(),
+            "dpo/rejected_reward": rejected_reward.mean(),
+            "dpo/margin": (chosen_reward - rejected_reward).mean(),
+            "dpo/accuracy": (chosen_reward > rejected_reward).float().mean(),
+        }

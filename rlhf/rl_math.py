@@ -1,5 +1,6 @@
-"""The numerical core of RLHF, in pure torch: masked statistics, KL estimators, reward shaping, GAE,
-KL-coefficient controllers, and log-probabilities/entropy from logits.
+"""The numerical core of RLHF, in pure torch: masked statistics and loss aggregation, KL estimators, reward
+shaping, advantages (GAE; the critic-free RLOO, GRPO and REINFORCE++), KL-coefficient controllers, and
+log-probabilities/entropy from logits.
 
 Shapes: B = batch (rollouts), T = tokens (response positions), V = vocabulary. A `mask` is 1 (or True)
 at real tokens and 0 at padding; padding never enters a statistic and comes back as 0.
@@ -63,6 +64,32 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+
+
+def aggregate_tokens(
+    x: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "token_mean", max_len: int | None = None
+) -> torch.Tensor:
+    """A per-token loss (B, T) reduced to a scalar, as the critic-free papers disagree on:
+    token_mean               sum over all real tokens / their count: every token weighs the same (PPO as
+                             in OpenRLHF; DAPO, Yu et al. 2025, arXiv:2503.14476, sec. 3.3);
+    seq_mean_token_mean      each sequence's token mean, then the mean over sequences (GRPO, Shao et al.
+                             2024): a token of a long answer weighs less, which Dr. GRPO (Liu et al. 2025,
+                             arXiv:2503.20783) shows biases towards long wrong answers;
+    seq_mean_token_sum_norm  sum over real tokens / (B * max_len), a constant (Dr. GRPO's fix); `max_len`
+                             defaults to T.
+    """
+    if mode == "token_mean":
+        return masked_mean(x, mask)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(x, mask, dim=1).mean()
+    if mode == "seq_mean_token_sum_norm":
+        return masked_sum(x, mask) / (x.size(0) * (x.size(1) if max_len is None else max_len))
+    raise ValueError(
+        f"unknown aggregation {mode!r}; expected token_mean, seq_mean_token_mean or seq_mean_token_sum_norm"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,6 +185,62 @@ def compute_gae(
     advantages = advantages * fmask  # (B, T)
     returns = advantages + values  # (B, T); values already 0 at padding
     return advantages, returns
+
+
+def _groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) scores of k consecutive samples per prompt -> (N / k, k); ValueError unless k divides N."""
+    if k < 2 or scores.numel() % k:
+        raise ValueError(
+            f"group advantages need k >= 2 samples per prompt dividing the batch ({scores.numel()}), got k={k}"
+        )
+    return scores.view(-1, k)
+
+
+@torch.no_grad()
+def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, arXiv:2402.14740): each of the k
+    samples of a prompt is compared with the mean of the OTHER k - 1, so the baseline never contains the
+    sample itself and stays unbiased:  A_i = r_i - (sum_j r_j - r_i) / (k - 1).
+    `scores` (N,) hold k consecutive samples per prompt; returns (N,)."""
+    grouped = _groups(scores, k)  # (G, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (G, k)
+    return (grouped - baseline).view(-1)
+
+
+@torch.no_grad()
+def grpo_advantages(
+    scores: torch.Tensor, k: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, arXiv:2402.03300, sec. 4.1.2):
+    A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the std unbiased as in TRL's GRPOTrainer. Dr. GRPO
+    (Liu et al. 2025, arXiv:2503.20783) drops the std (`scale_by_std=False`): dividing by it up-weights prompts
+    that are nearly always right or wrong. `scores` (N,) hold k consecutive samples per prompt; returns (N,)."""
+    grouped = _groups(scores, k)  # (G, k)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (G, k)
+    if scale_by_std:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+@torch.no_grad()
+def cumulative_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Reward-to-go G_t = sum_{s >= t} gamma^(s - t) r_s per row, (B, T); padding gives and gets 0."""
+    rewards = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))  # (B, T)
+    returns = torch.zeros_like(rewards)  # (B, T)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.size(1))):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return torch.where(mask.bool(), returns, torch.zeros_like(returns))
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262; OpenRLHF): the reward-to-go of the per-token rewards
+    (score on the last token, the KL penalty on each), whitened over every real token of the whole batch,
+    not per prompt group: the global statistics keep the estimate stable where one prompt's samples agree.
+    rewards, mask (B, T); returns (B, T), 0 at padding."""
+    return masked_whiten(cumulative_returns(rewards, mask, gamma), mask)
 
 
 # ---------------------------------------------------------------------------------------------------

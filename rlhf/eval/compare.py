@@ -24,11 +24,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.bon import best_of_n, kl_bound
 from rlhf.config import EvalConfig
 from rlhf.data.jsonl import field, iter_jsonl
 from rlhf.errors import DataError, RlhfError
 from rlhf.eval.judges import Answer, Judge, demo_metrics
 from rlhf.generation import SamplingParams, decode_responses, generate
+from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.rl_math import masked_sum
 from rlhf.train.common import resolve_precision
@@ -75,11 +77,20 @@ def sequence_kl(policy: PreTrainedModel, reference: PreTrainedModel, ids: Tensor
 @torch.no_grad()
 def answer(
     policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: EvalConfig, seed: int,
-    reference: PreTrainedModel | None, bf16: bool,
+    reference: PreTrainedModel | None, bf16: bool, reward_model: PreTrainedModel | None = None,
 ) -> PolicyAnswers:  # fmt: skip
+    """Each prompt's sampled answer; with `reward_model`, the best of cfg.best_of_n samples by its score.
+    KL for best-of-n is the analytic bound relative to the sampling policy (the reference when A is it)."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    if reward_model is not None:  # best-of-n: its KL to the sampling policy is the bound log n - (n - 1) / n
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            picked = best_of_n(policy, reward_model, tokenizer, prompts, cfg.best_of_n, params,
+                               batch_size=cfg.batch_size, generator=generator)  # fmt: skip
+        bound = None if reference is None else [kl_bound(cfg.best_of_n)] * len(picked)
+        return PolicyAnswers([r.answers[r.best] for r in picked], [r.ended[r.best] for r in picked],
+                             [r.n_tokens[r.best] for r in picked], bound)  # fmt: skip
     out = PolicyAnswers([], [], [], [] if reference is not None else None)
     for i in range(0, len(prompts), cfg.batch_size):
         ids = tokenizer(prompts[i : i + cfg.batch_size], add_special_tokens=False)["input_ids"]
@@ -142,10 +153,14 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
         if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
             raise RlhfError(f"{path} uses a different tokenizer from {policy_a}; they cannot be compared")
     reference = load_policy(cfg.reference, device) if cfg.reference else None
+    bon = None
+    if cfg.best_of_n > 1 and cfg.reward_model:
+        bon = load_reward_model(cfg.reward_model).eval().to(device)  # type: ignore[arg-type]
     answers = {}
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
         log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))
-        answers[name] = answer(load_policy(path, device), tokenizer, prompts, cfg, seed, reference, bf16)
+        answers[name] = answer(load_policy(path, device), tokenizer, prompts, cfg, seed, reference, bf16,
+                               bon if name == "a" else None)  # fmt: skip
     outcomes, a_first = judge_pairs(judge, prompts, answers["a"], answers["b"], cfg.seed)
     rate, low, high = win_rate(outcomes, cfg.bootstrap, cfg.seed)
     demo = judge.name == "gold"
@@ -157,6 +172,7 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
     return {
         "policy_a": policy_a,
         "policy_b": policy_b,
+        "best_of_n_a": cfg.best_of_n,
         "reference": cfg.reference,
         "judge": judge.name,
         "n_prompts": len(prompts),
@@ -183,7 +199,8 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
 def format_table(summary: dict[str, Any]) -> str:
     """The summary as a plain-text table: one row per metric, a column per policy."""
     lines = [
-        f"A = {summary['policy_a']}",
+        f"A = {summary['policy_a']}"
+        + (f" (best of {n})" if (n := summary.get("best_of_n_a", 1)) > 1 else ""),
         f"B = {summary['policy_b']}",
         f"win rate of A over B ({summary['judge']} judge, {summary['n_prompts']} prompts, ties = 1/2): "
         f"{summary['win_rate_a']:.3f}  95% CI [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]  "

@@ -1,7 +1,9 @@
-"""What every training stage shares: the accelerator, precision, AdamW with warm-up + cosine, batch plans, progress."""
+"""What every training stage shares: the accelerator, precision, the policy's forward (Actor) and saving, AdamW
+with warm-up + cosine, batch plans, progress."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -11,18 +13,24 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
+from peft import PeftModel
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import Precision, TrainConfig
 from rlhf.errors import ConfigError
 from rlhf.models import lean_llama
+from rlhf.models.loading import save_pretrained_atomic
+from rlhf.models.packing import TokenLayout
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +151,35 @@ class ModelForward(torch.nn.Module):
         self.model: Any = model  # a Hugging Face model, or its LoRA wrapper
         self.lean = lean
         self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+
+class Actor(ModelForward):
+    """The policy's logits at the real response tokens, (N, V). With `lean`, the LM head runs only there."""
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
+    ) -> Tensor:
+        if self.lean:
+            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
+            # the LM head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
+            n = response_at.numel()
+            rows = F.pad(response_at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
+            return cast(Tensor, self.model.lm_head(hidden.flatten(0, 1)[rows]))[:n]  # (N, V)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits
+        return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
+
+
+def policy_forward(policy: torch.nn.Module, lay: TokenLayout) -> Tensor:
+    """Logits that predict each real response token, (N, V): read at the token before it. `policy`: an Actor."""
+    return cast(Tensor, policy(**lay.inputs, response_at=lay.response_at))
+
+
+def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A plain Hugging Face checkpoint; a LoRA policy is merged into a copy first (the live one keeps training)."""
+    model = copy.deepcopy(policy).merge_and_unload() if isinstance(policy, PeftModel) else policy
+    save_pretrained_atomic(path, model, tokenizer)  # type: ignore[arg-type]
 
 
 def lean_forward(model: Any, accelerator: Accelerator) -> bool:

@@ -14,12 +14,16 @@ reward model (frozen). Policy and critic have separate AdamW optimisers: they ar
 learning rates differ, and clipping their gradients separately keeps the critic's large early gradients from
 shrinking the policy's steps (a joint clip would).
 
+Critic-free variants (`advantage_estimator`): the same loop without a critic, sampling k answers per prompt and
+taking the baseline from the other answers: RLOO (leave-one-out), GRPO (group mean, optionally / std: Dr. GRPO
+without), REINFORCE++ (per-token returns whitened over the batch). With them, KL can also be a loss term (k2/k3)
+rather than a penalty in the reward, and DAPO's clip-higher and token-level loss are options of the policy loss.
+
 Training code never sees the demo's gold judge: the guard's gold score, if any, comes in as `gold_fn`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -49,24 +53,28 @@ from rlhf.models.loading import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
-    save_pretrained_atomic,
 )
 from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
     KLController,
+    aggregate_tokens,
     approx_kl,
     compute_gae,
     entropy_from_logits,
+    grpo_advantages,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
     masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
     shape_rewards,
 )
 from rlhf.runs import Run, seed_everything, set_rng_state
 from rlhf.train.common import (
+    Actor,
     BatchPlan,
     ModelForward,
     Progress,
@@ -75,6 +83,8 @@ from rlhf.train.common import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    policy_forward,
+    save_policy,
     short_attention,
     trains_in_half,
 )
@@ -101,24 +111,6 @@ def add_lora(model: PreTrainedModel, cfg: PPOConfig, task_type: str) -> PeftMode
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                         target_modules="all-linear", task_type=task_type)  # fmt: skip
     return get_peft_model(model, config)
-
-
-class Actor(ModelForward):
-    """The policy's logits at the real response tokens, (N, V). With `lean`, the LM head runs only there."""
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
-    ) -> Tensor:
-        if self.lean:
-            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
-            # the LM head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
-            n = response_at.numel()
-            rows = F.pad(response_at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
-            return cast(Tensor, self.model.lm_head(hidden.flatten(0, 1)[rows]))[:n]  # (N, V)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).logits
-        return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
 
 
 class Critic(ModelForward):
@@ -150,11 +142,6 @@ def backbone_states(model: PreTrainedModel, lean: bool, *inputs: Tensor) -> Tens
     return backbone(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state
-
-
-def policy_forward(policy: torch.nn.Module, lay: TokenLayout) -> Tensor:
-    """Logits that predict each real response token, (N, V): read at the token before it. `policy`: an Actor."""
-    return cast(Tensor, policy(**lay.inputs, response_at=lay.response_at))
 
 
 def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
@@ -189,7 +176,7 @@ class Rollout:
 
 @torch.no_grad()
 def score_rollout(
-    gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module,
+    gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
     reward_model: PreTrainedModel, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
 ) -> Rollout:  # fmt: skip
     """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch.
@@ -222,7 +209,10 @@ def score_rollout(
             else:
                 ref_logits = policy_forward(reference, lay)
             parts["ref"].append(widen(lay.padded(logprobs_from_logits(ref_logits, tokens, cfg.temperature))))
-            parts["values"].append(widen(response_values(critic, lay)))
+            if critic is not None:  # critic-free: no values (zeros)
+                parts["values"].append(widen(response_values(critic, lay)))
+            else:
+                parts["values"].append(torch.zeros_like(parts["ref"][-1]))
             parts["rm"].append(reward_scores(reward_model, lay))  # read at the last token (EOS)
     out = {k: torch.cat(v) for k, v in parts.items()}  # (B, T) each, 0 at padding; rm (B,)
     # the "EOS trick": an answer that never ends gets a fixed low score whatever the reward model says
@@ -266,7 +256,7 @@ class Guard:
 
 @torch.no_grad()
 def guard_eval(
-    policy: Actor, reference: Actor | None, critic: torch.nn.Module,
+    policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
     reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, gold_fn: GoldFn | None,
     reduce: Callable[[Tensor], Tensor],
@@ -292,18 +282,23 @@ def guard_eval(
 
 def load_models(
     cfg: PPOConfig, checkpoint: Path | None
-) -> tuple[Any, PreTrainedModel | None, Critic, PreTrainedModel]:
-    """Policy, reference (None: the policy with its LoRA adapter off), critic and reward model; dropout off."""
+) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel]:
+    """Policy, reference (None: the policy with its LoRA adapter off), critic (None for the critic-free
+    estimators) and reward model; dropout off."""
     lora = cfg.lora_r > 0
     policy: Any = load_causal_lm(str(checkpoint / "policy") if checkpoint and not lora else cfg.policy)
-    critic_model: Any = load_scalar_model(
-        str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model
-    )
+    critic_model: Any = None
+    if cfg.advantage_estimator == "gae":
+        critic_model = load_scalar_model(
+            str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model
+        )
     if lora and checkpoint:
         policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
-        critic_model = PeftModel.from_pretrained(critic_model, checkpoint / "critic", is_trainable=True)
+        if critic_model is not None:
+            critic_model = PeftModel.from_pretrained(critic_model, checkpoint / "critic", is_trainable=True)
     elif lora:
-        policy, critic_model = add_lora(policy, cfg, "CAUSAL_LM"), add_lora(critic_model, cfg, "SEQ_CLS")
+        policy = add_lora(policy, cfg, "CAUSAL_LM")
+        critic_model = critic_model and add_lora(critic_model, cfg, "SEQ_CLS")
     reference = None
     if not lora or cfg.reference not in (None, cfg.policy):
         reference = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
@@ -311,7 +306,7 @@ def load_models(
     for model in (policy, reference, critic_model, reward_model):
         if model is not None:
             disable_dropout(model)
-    return policy, reference, Critic(critic_model), reward_model
+    return policy, reference, None if critic_model is None else Critic(critic_model), reward_model
 
 
 def no_sync(accelerator: Any, *models: torch.nn.Module, sync: bool) -> ExitStack:
@@ -323,10 +318,28 @@ def no_sync(accelerator: Any, *models: torch.nn.Module, sync: bool) -> ExitStack
     return stack
 
 
-def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-    """A plain Hugging Face checkpoint; a LoRA policy is merged into a copy first (the live one keeps training)."""
-    model = copy.deepcopy(policy).merge_and_unload() if isinstance(policy, PeftModel) else policy
-    save_pretrained_atomic(path, model, tokenizer)  # type: ignore[arg-type]
+def rollout_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, cfg: PPOConfig
+) -> tuple[Tensor, Tensor]:
+    """(advantages, returns), (B, T) each, from the per-token rewards (the score on the last token, the KL
+    penalty, if any, on each). gae: GAE on the critic's values, whitened. rloo, grpo: each answer's total reward
+    against the other answers to its prompt (k consecutive rows), the same advantage on all its tokens.
+    reinforce_pp: reward-to-go whitened over this process's whole batch. Returns are the critic's targets,
+    equal to the advantages where there is no critic."""
+    if cfg.advantage_estimator == "gae":
+        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        return masked_whiten(advantages, mask), returns
+    if cfg.advantage_estimator == "reinforce_pp":
+        advantages = reinforce_pp_advantages(rewards, mask, cfg.gamma)
+    else:
+        totals = masked_sum(rewards, mask, dim=1)  # (B,) score - beta * KL of each answer
+        k = cfg.samples_per_prompt
+        if cfg.advantage_estimator == "rloo":
+            per_answer = rloo_advantages(totals, k)
+        else:
+            per_answer = grpo_advantages(totals, k, cfg.grpo_scale_by_std)  # (B,)
+        advantages = per_answer[:, None] * mask  # (B, T)
+    return advantages, advantages
 
 
 def run(
@@ -338,8 +351,10 @@ def run(
     if cfg.minibatch_size % (cfg.micro_batch_size * world):
         raise ConfigError(f"ppo.minibatch_size ({cfg.minibatch_size}) must be divisible by micro_batch_size x "
                           f"processes ({cfg.micro_batch_size} x {world})")  # fmt: skip
-    if cfg.batch_size % world:
-        raise ConfigError(f"ppo.batch_size ({cfg.batch_size}) must be divisible by the {world} processes")
+    k = cfg.samples_per_prompt  # each process samples whole groups of k answers to a prompt
+    if (cfg.batch_size // k) % world:
+        raise ConfigError(f"ppo.batch_size / samples_per_prompt ({cfg.batch_size // k} prompts) must be divisible "
+                          f"by the {world} processes")  # fmt: skip
     tokenizer = load_tokenizer(cfg.policy)
     for role, path in (("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic)):
         if path:  # the policy's token ids are what the reward model and the critic read
@@ -365,18 +380,21 @@ def run(
 
     # the lean Llama forward wherever a model's weights are whole on this process (not sharded by FSDP/ZeRO)
     policy = Actor(policy, lean_forward(policy, accelerator))
-    critic.lean = lean_forward(critic.base, accelerator)
+    if critic is not None:
+        critic.lean = lean_forward(critic.base, accelerator)
     reference_actor = None if reference is None else Actor(reference, lean_llama.supports(reference))
 
     # optimisers and schedules: one optimiser step per minibatch, per epoch, per iteration
     updates_per_iteration = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
     policy.train()  # dropout is off everywhere, so train() and eval() compute the same function
-    critic.train()
     half = trains_in_half(accelerator)  # policy and critic are loaded in fp32: autocast decides
     policy_opt = make_optimizer(policy, cfg)
-    critic_opt = make_optimizer(critic, cfg.model_copy(update={"lr": cfg.critic_lr}))
     policy_sched = make_scheduler(policy_opt, cfg, cfg.iterations * updates_per_iteration)
-    critic_sched = make_scheduler(critic_opt, cfg, cfg.iterations * updates_per_iteration)
+    critic_opt = critic_sched = None
+    if critic is not None:
+        critic.train()
+        critic_opt = make_optimizer(critic, cfg.model_copy(update={"lr": cfg.critic_lr}))
+        critic_sched = make_scheduler(critic_opt, cfg, cfg.iterations * updates_per_iteration)
     kl_ctl: KLController = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
@@ -385,27 +403,33 @@ def run(
     if checkpoint is not None:
         state = Run.load_state(checkpoint)
         policy_opt.load_state_dict(state["policy_optimizer"])
-        critic_opt.load_state_dict(state["critic_optimizer"])
         policy_sched.load_state_dict(state["policy_scheduler"])
-        critic_sched.load_state_dict(state["critic_scheduler"])
+        if critic_opt is not None and critic_sched is not None:
+            critic_opt.load_state_dict(state["critic_optimizer"])
+            critic_sched.load_state_dict(state["critic_scheduler"])
         kl_ctl.load_state_dict(state["kl_ctl"])
         guard = Guard(**state["guard"])
         set_rng_state(state["rng"])
         start = state["step"]
         run_dir.truncate_metrics(start)
         log.info("ppo: resumed from %s (iteration %d)", checkpoint, start)
-    policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
+    policy, policy_opt = accelerator.prepare(policy, policy_opt)
+    critic_module: Critic | None = None
+    if critic is not None:
+        critic, critic_opt = accelerator.prepare(critic, critic_opt)
+        critic_module = cast(Critic, accelerator.unwrap_model(critic))
     actor = cast(Actor, accelerator.unwrap_model(policy))
     policy_model: Any = actor.model  # the bare model, for generation and saving
-    critic_module = cast(Critic, accelerator.unwrap_model(critic))
+    trained: list[tuple[Any, Any, Any, str]] = [(policy, policy_opt, policy_sched, "ppo/grad_norm")]
+    if critic is not None:
+        trained.append((critic, critic_opt, critic_sched, "ppo/critic_grad_norm"))
     reward_model.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
     ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes of unprepared modules
     # sequences packed into rows when every model takes a 4-D attention mask (SDPA, eager)
-    masks = [
-        takes_4d_mask(m) for m in (policy_model, critic_module.base, reward_model, reference) if m is not None
-    ]
+    critic_base = None if critic_module is None else critic_module.base
+    masks = [takes_4d_mask(m) for m in (policy_model, critic_base, reward_model, reference) if m is not None]
     pack, additive = cfg.pack_sequences and all(ok for ok, _ in masks), any(add for _, add in masks)
     # rows as wide as suits the policy, which computes the most passes (packing.row_width)
     hidden_size = getattr(policy_model.config, "hidden_size", None)
@@ -420,13 +444,18 @@ def run(
             str(path / "policy"), safe_serialization=True
         )  # full model, or the adapter
         tokenizer.save_pretrained(path / "policy")
-        critic_module.model.save_pretrained(str(path / "critic"), safe_serialization=True)
+        if critic_module is not None:
+            critic_module.model.save_pretrained(str(path / "critic"), safe_serialization=True)
 
     def save_checkpoint(iteration: int) -> None:
         accelerator.wait_for_everyone()
-        state = {"policy_optimizer": policy_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
-                 "policy_scheduler": policy_sched.state_dict(), "critic_scheduler": critic_sched.state_dict(),
+        state = {"policy_optimizer": policy_opt.state_dict(), "policy_scheduler": policy_sched.state_dict(),
                  "kl_ctl": kl_ctl.state_dict(), "guard": asdict(guard)}  # fmt: skip
+        if critic_opt is not None and critic_sched is not None:
+            state |= {
+                "critic_optimizer": critic_opt.state_dict(),
+                "critic_scheduler": critic_sched.state_dict(),
+            }
         run_dir.save_checkpoint(iteration, save_files, state, keep=cfg.keep_checkpoints)
 
     def run_guard(iteration: int) -> dict[str, float]:
@@ -439,7 +468,7 @@ def run(
         return m
 
     n_iterations = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
-    plan = BatchPlan(len(prompt_ids), cfg.batch_size, cfg.batch_size // world, epochs=cfg.iterations,
+    plan = BatchPlan(len(prompt_ids), cfg.batch_size // k, cfg.batch_size // k // world, epochs=cfg.iterations,
                      seed=cfg.seed, world_size=world, rank=rank)  # fmt: skip
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -457,8 +486,8 @@ def run(
         seed = (cfg.seed * 1_000_003 + iteration) * 1024 + rank
         rng = torch.Generator().manual_seed(seed)  # minibatch order and PPO-ptx picks
 
-        # 1. generate
-        batch_ids = [prompt_ids[i] for i in next(plan.micro_batches(iteration))]
+        # 1. generate (k answers to each prompt, side by side: rows i*k .. i*k + k - 1)
+        batch_ids = [prompt_ids[i] for i in next(plan.micro_batches(iteration)) for _ in range(k)]
         with ctx():
             gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id,
                            torch.Generator(device=device).manual_seed(seed))  # fmt: skip
@@ -467,15 +496,14 @@ def run(
         r = score_rollout(gen, actor, reference_actor, critic_module, reward_model, cfg, ctx, layout_of)
         rmask = r.response_mask  # (B, T)
 
-        # 3. rewards with KL penalty: -beta * KL on every token, the score on the last (EOS) token
+        # 3. rewards with KL penalty: -beta * KL on every token (unless KL is a loss term), the score on the last
         kl = approx_kl(r.logprobs, r.ref_logprobs, rmask, cfg.kl_estimator)  # (B, T)
-        rewards = shape_rewards(r.scores, kl, rmask, kl_ctl.value)  # (B, T)
+        rewards = shape_rewards(r.scores, kl, rmask, kl_ctl.value if cfg.kl_in == "reward" else 0.0)  # (B, T)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, rmask, shift_mean=False)
 
-        # 4. advantages
-        advantages, returns = compute_gae(rewards, r.values, rmask, cfg.gamma, cfg.lam)  # (B, T) each
-        advantages = masked_whiten(advantages, rmask)
+        # 4. advantages: GAE with the critic; or, critic-free, a baseline from the prompt's other answers
+        advantages, returns = rollout_advantages(rewards, r.values, rmask, cfg)  # (B, T) each
         t_rollout = time.perf_counter() - t0
 
         # 5. update: `epochs` passes over shuffled minibatches, gradients accumulated over micro-batches
@@ -500,7 +528,7 @@ def run(
                         accelerator.backward(cfg.ptx_coef * loss_ptx)
                     stats["ppo/ptx_loss"].append(float(loss_ptx))
                 micro = minibatch.split(cfg.micro_batch_size)
-                for k, idx in enumerate(micro):
+                for j, idx in enumerate(micro):
                     t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
                     lay = layout_of(r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], r.n_prompt)
                     m = rmask[idx, :t]
@@ -508,33 +536,41 @@ def run(
                     adv, ret = advantages[idx, :t], returns[idx, :t]
                     # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
                     with (
-                        no_sync(accelerator, policy, critic, sync=k == len(micro) - 1),
+                        no_sync(accelerator, *(m for m, *_ in trained), sync=j == len(micro) - 1),
                         short_attention(lay.input_ids.size(1), device, half),
                     ):
                         logits = policy_forward(policy, lay)  # (n, V) at the real response tokens
                         tokens = r.response_ids[idx, :t][lay.response_mask]  # (n,)
                         logprobs = lay.padded(logprobs_from_logits(logits, tokens, cfg.temperature))  # (b, t)
-                        pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs, adv, m, cfg.clip_eps)
+                        pg_loss, pg_stats = ppo_policy_loss(
+                            logprobs, old_logprobs, adv, m, cfg.clip_eps, cfg.clip_eps_high,
+                            cfg.loss_aggregation, cfg.max_new_tokens,
+                        )  # fmt: skip
                         loss = pg_loss
+                        if cfg.kl_in == "loss":  # GRPO: KL to the reference as a loss term (k2 or k3)
+                            ref = r.ref_logprobs[idx, :t]
+                            kl_now = approx_kl(logprobs, ref, m, cfg.kl_estimator)  # (b, t)
+                            kl_loss = aggregate_tokens(kl_now, m, cfg.loss_aggregation, cfg.max_new_tokens)
+                            loss = loss + kl_ctl.value * kl_loss
+                            pg_stats["ppo/kl_loss"] = kl_loss.detach()
                         if cfg.entropy_coef > 0:
                             entropy = lay.padded(entropy_from_logits(logits, cfg.temperature))  # (b, t)
                             loss = loss - cfg.entropy_coef * masked_mean(entropy, m)
                         accelerator.backward(loss / len(micro))
-                        values = response_values(critic, lay)  # (b, t)
-                        vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
-                        accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
-                    step_stats = {"ppo/policy_loss": pg_loss.detach(), "ppo/value_loss": vf_loss.detach(),
-                                  "ppo/value_error": masked_mean((values.detach() - ret) ** 2, m),
-                                  **pg_stats, **vf_stats}  # fmt: skip
+                        step_stats = {"ppo/policy_loss": pg_loss.detach(), **pg_stats}
+                        if critic is not None:
+                            values = response_values(critic, lay)  # (b, t)
+                            vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
+                            accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
+                            value_error = masked_mean((values.detach() - ret) ** 2, m)
+                            step_stats |= {"ppo/value_loss": vf_loss.detach(), "ppo/value_error": value_error,
+                                           **vf_stats}  # fmt: skip
                     for key, value in step_stats.items():
                         stats[key].append(float(value))
-                stats["ppo/grad_norm"].append(
-                    float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-                )
-                stats["ppo/critic_grad_norm"].append(
-                    float(accelerator.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm))
-                )
-                for opt, sched in ((policy_opt, policy_sched), (critic_opt, critic_sched)):
+                for model, opt, sched, norm_key in trained:
+                    stats[norm_key].append(
+                        float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                    )
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
@@ -577,7 +613,7 @@ def run(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_policy(run_dir.dir / "final", policy_model, tokenizer)
-        summary = {"stage": "ppo", "iterations": done,
+        summary = {"stage": "ppo", "advantage_estimator": cfg.advantage_estimator, "iterations": done,
                    "stop_reason": guard.stop_reason or "completed", "best_iteration": guard.best_iteration,
                    "best_score": guard.best_score if guard_on else None, "policy": cfg.policy,
                    "reward_model": cfg.reward_model, **metrics}  # fmt: skip

@@ -262,3 +262,29 @@ def test_too_few_votes_by_the_timeout_stops_the_loop_when_asked(setup: tuple[Pat
     assert proc.returncode == 1
     assert f"error: round 1: 0 of the {PAIRS_PER_ROUND} votes needed arrived within 0.5 s" in proc.stderr
     assert (1, "votes") not in store(out)["phases"] and (1, "tasks") in store(out)["phases"]
+
+
+def test_online_dpo_rounds_train_without_a_reward_model(
+    tmp_path: Path, tiny_sft_model: Path, demo_data: Path
+) -> None:
+    from rlhf import loop as stage
+    from rlhf.config import load_config
+
+    out = tmp_path / "loop"
+    config = tiny_config(tmp_path / "loop.yaml", tiny_sft_model, demo_data, out)
+    cfg = load_config(config, ["loop.method=dpo", "dpo.batch_size=4", "dpo.micro_batch_size=4", "dpo.lr=1e-3",
+                               "dpo.max_seq_len=64", "dpo.precision=fp32", "dpo.warmup_steps=0"])  # fmt: skip
+    versions = stage.run(cfg, quiet=True)
+
+    assert [v.name for v in versions] == ["sft", "r1", "r2"]
+    assert [v.parent for v in versions[1:]] == ["sft", "r1"] and all(v.reward_model is None for v in versions)
+    phases = ["generate", "tasks", "votes", "dpo", "eval", "register"]
+    assert set(store(out)["phases"]) == {(0, "register")} | {(r, p) for r in (1, 2) for p in phases}
+    for r in (1, 2):
+        assert not (out / f"round-{r}" / "reward").exists()
+        votes = [json.loads(line) for line in (out / f"round-{r}" / "votes.jsonl").read_text().splitlines()]
+        assert votes and all(v["meta"]["prompt_id"].startswith(f"r{r}:") for v in votes)  # this round's only
+        assert versions[r].metrics["reward_model_votes"] == len(votes)
+    # round 2 starts from round 1's policy and its DPO run takes that policy as the reference
+    r2 = yaml.safe_load((out / "round-2" / "dpo" / "config.yaml").read_text())
+    assert r2["policy"] == versions[1].path and r2["reference"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -35,3 +36,29 @@ def test_a_policy_against_itself_wins_half_the_time(
         summary["samples"][0]
     )
     assert "win rate of A over B" in result.output and "kl_to_reference" in result.output
+
+
+def test_best_of_n_answers_for_policy_a(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    out = tmp_path / "eval.json"
+    sft = str(tiny_sft_model)
+    args = ["eval", sft, sft, "--reference", sft, "--out", str(out),
+            "--set", f"eval.prompts_file={demo_data / 'eval_prompts.jsonl'}", "--set", "eval.n_prompts=8",
+            "--set", "eval.max_new_tokens=12", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=100",
+            "--set", "eval.best_of_n=4", "--set", f"eval.reward_model={tiny_reward_model}"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["best_of_n_a"] == 4
+    # A's KL is best-of-4's bound log 4 - 3/4; B samples the reference itself
+    assert abs(summary["a"]["kl_to_reference"] - (math.log(4) - 0.75)) < 1e-9
+    assert abs(summary["b"]["kl_to_reference"]) < 1e-5
+    assert "(best of 4)" in result.output
+
+
+def test_best_of_n_without_a_reward_model_is_a_config_error(tiny_sft_model: Path) -> None:
+    sft = str(tiny_sft_model)
+    result = CliRunner().invoke(app, ["eval", sft, sft, "--set", "eval.best_of_n=4"])
+    assert result.exit_code != 0
+    assert "best_of_n > 1 needs reward_model" in str(result.exception) + result.output

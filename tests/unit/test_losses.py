@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import grouped_bt_loss, pairwise_bt_loss, ppo_policy_loss, sft_loss, value_loss
+from rlhf.losses import (
+    dpo_loss,
+    grouped_bt_loss,
+    pairwise_bt_loss,
+    ppo_policy_loss,
+    sft_loss,
+    simpo_loss,
+    value_loss,
+)
 
 LN2 = math.log(2.0)
 
@@ -183,3 +191,81 @@ def test_value_loss_without_active_clip_is_half_mse(clip_range: float) -> None:
     )
     close(loss, 0.5 * (0.95**2 + 0.9**2) / 2)
     close(stats["ppo/vf_clipfrac"], 0.0)
+
+
+def test_ppo_policy_loss_clip_higher_widens_only_the_upper_bound() -> None:
+    # DAPO: token 0 (A=1, r=1.5) is clipped at 1 + eps_high instead of 1 + eps; token 1 (A=-1, r=0.5) still at 0.8
+    logprobs = torch.tensor([[math.log(1.5), math.log(0.5)]])
+    advantages, mask = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    loss, _ = ppo_policy_loss(logprobs, torch.zeros(1, 2), advantages, mask, clip_eps=0.2, clip_eps_high=0.28)
+    close(loss, (-1.28 + 0.8) / 2)
+    symmetric, _ = ppo_policy_loss(logprobs, torch.zeros(1, 2), advantages, mask, clip_eps=0.2)
+    close(symmetric, (-1.2 + 0.8) / 2)
+
+
+def test_ppo_policy_loss_sequence_aggregation() -> None:
+    # inside the clip range the per-token loss is -A * r = -A at r = 1
+    advantages = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    zeros = torch.zeros(2, 3)
+    by_seq, _ = ppo_policy_loss(zeros, zeros, advantages, mask, aggregation="seq_mean_token_mean")
+    close(by_seq, -(2.0 + 4.0) / 2)
+    by_const, _ = ppo_policy_loss(
+        zeros, zeros, advantages, mask, aggregation="seq_mean_token_sum_norm", max_len=5
+    )
+    close(by_const, -10.0 / (2 * 5))
+
+
+# --- DPO and its variants -------------------------------------------------------------------------
+
+
+def test_dpo_at_equal_log_ratios_is_log2() -> None:
+    policy_c, policy_r = torch.tensor([-3.0, -7.0]), torch.tensor([-4.0, -2.0])
+    loss, stats = dpo_loss(policy_c, policy_r, policy_c - 1.0, policy_r - 1.0, beta=0.1)  # both ratios 1
+    close(loss, LN2)
+    close(stats["dpo/margin"], 0.0)
+    close(stats["dpo/accuracy"], 0.0)  # a tie is not a correct ranking
+    close(stats["dpo/chosen_reward"], 0.1)
+
+
+def test_dpo_sigmoid_hand_values_and_gradient() -> None:
+    # pair 0: h = (-1 - -2) - (-3 - -3) = 1; pair 1: h = (-5 - -4) - (-2 - -2) = -1; beta = 0.5
+    policy_c = torch.tensor([-1.0, -5.0], requires_grad=True)
+    policy_r, ref_c, ref_r = (
+        torch.tensor([-3.0, -2.0]),
+        torch.tensor([-2.0, -4.0]),
+        torch.tensor([-3.0, -2.0]),
+    )
+    loss, stats = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.5)
+    close(loss, (nll_sigmoid(0.5) + nll_sigmoid(-0.5)) / 2)
+    close(stats["dpo/accuracy"], 0.5)
+    close(stats["dpo/margin"], (0.5 - 0.5) / 2)
+    loss.backward()
+    # d/dlogp_c of -log sigmoid(beta h) / P = -beta * sigmoid(-beta h) / P
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    close(policy_c.grad, [-0.5 * sig(-0.5) / 2, -0.5 * sig(0.5) / 2])
+
+
+def test_conservative_dpo_mixes_both_labels() -> None:
+    c, r, zero = torch.tensor([0.0]), torch.tensor([-2.0]), torch.zeros(1)  # h = 2
+    loss, _ = dpo_loss(c, r, zero, zero, beta=0.5, label_smoothing=0.1)
+    close(loss, 0.9 * nll_sigmoid(1.0) + 0.1 * nll_sigmoid(-1.0))
+
+
+def test_ipo_targets_half_inverse_beta() -> None:
+    zero = torch.zeros(2)
+    # beta = 0.25: target h = 1 / (2 beta) = 2; h = 2 gives 0, h = 0 gives 4
+    loss, _ = dpo_loss(torch.tensor([2.0, 0.0]), zero, zero, zero, beta=0.25, loss_type="ipo")
+    close(loss, (0.0 + 4.0) / 2)
+    with pytest.raises(ValueError, match="unknown DPO loss"):
+        dpo_loss(zero, zero, zero, zero, loss_type="hinge")  # type: ignore[arg-type]
+
+
+def test_simpo_uses_mean_log_probs_and_a_margin() -> None:
+    # beta = 2, gamma = 0.5: logits = 2 * -1 - 2 * -2 - 0.5 = 1.5
+    loss, stats = simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0, gamma=0.5)
+    close(loss, nll_sigmoid(1.5))
+    close(stats["dpo/margin"], 2.0)
+    close(stats["dpo/accuracy"], 1.0)
+    equal, _ = simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.0]), beta=2.0, gamma=0.0)
+    close(equal, LN2)

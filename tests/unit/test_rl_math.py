@@ -10,14 +10,19 @@ from rlhf import rl_math
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
+    aggregate_tokens,
     approx_kl,
     compute_gae,
+    cumulative_returns,
     entropy_from_logits,
+    grpo_advantages,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
     shape_rewards,
 )
 
@@ -245,3 +250,51 @@ def test_entropy_from_logits() -> None:
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -1e4, -1e4]]])
     # uniform over 4 -> ln 4; (1/4, 3/4, 0, 0) -> -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623
     close(entropy_from_logits(logits), [[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+
+
+# --- loss aggregation and critic-free advantages ------------------------------------------------------
+
+
+def test_aggregate_tokens_three_ways() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    close(aggregate_tokens(x, mask, "token_mean"), 10.0 / 4)
+    close(aggregate_tokens(x, mask, "seq_mean_token_mean"), (2.0 + 4.0) / 2)
+    close(aggregate_tokens(x, mask, "seq_mean_token_sum_norm"), 10.0 / (2 * 3))
+    close(aggregate_tokens(x, mask, "seq_mean_token_sum_norm", max_len=5), 10.0 / (2 * 5))
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate_tokens(x, mask, "sum")  # type: ignore[arg-type]
+
+
+def test_rloo_baseline_leaves_the_sample_out() -> None:
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    # prompt 0: baselines (2+3)/2, (1+3)/2, (1+2)/2; prompt 1: all agree, no signal
+    close(rloo_advantages(scores, 3), [1 - 2.5, 2 - 2.0, 3 - 1.5, 0.0, 0.0, 0.0])
+    # raising sample 0's own score raises its advantage one for one: its baseline does not contain it
+    moved = rloo_advantages(torch.tensor([2.0, 2.0, 3.0, 10.0, 10.0, 10.0]), 3)
+    close(moved[0] - rloo_advantages(scores, 3)[0], 1.0)
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(scores, 4)
+
+
+def test_grpo_group_normalisation_with_and_without_std() -> None:
+    scores = torch.tensor([0.0, 0.0, 4.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    std = math.sqrt(16 / 3)  # unbiased std of (0, 0, 4, 4) around 2
+    close(grpo_advantages(scores, 4), [-2 / std, -2 / std, 2 / std, 2 / std, 0.0, 0.0, 0.0, 0.0], atol=1e-5)
+    close(grpo_advantages(scores, 4, scale_by_std=False), [-2.0, -2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_cumulative_returns_by_hand() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    close(cumulative_returns(rewards, mask), [[1.0, 1.0, 1.0], [0.5, 0.0, 0.0]])
+    close(cumulative_returns(rewards, mask, gamma=0.5), [[0.25, 0.5, 1.0], [0.5, 0.0, 0.0]])
+
+
+def test_reinforce_pp_whitens_over_the_whole_batch() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # returns 1, 1, 1, 0.5, 0 over all five tokens: mean 0.7, unbiased variance 0.8 / 4 = 0.2
+    std = math.sqrt(0.2)
+    expected = [[0.3 / std, 0.3 / std, 0.3 / std], [-0.2 / std, -0.7 / std, 0.0]]
+    close(reinforce_pp_advantages(rewards, mask), expected, atol=1e-5)

@@ -1,0 +1,118 @@
+"""`rlhf bon`: best-of-n sampling, n answers to each prompt from a policy and the one the reward model scores
+highest kept (Stiennon et al. 2020; Nakano et al. 2021). As an inference-time policy it is the cheapest
+optimiser of the reward model: no training, and its KL to the sampling policy is at most log n - (n - 1) / n
+nats (Stiennon et al. 2020, appendix G.3). Its output is SFT data for rejection-sampling fine-tuning
+(`rlhf sft --set sft.train_file=runs/bon.jsonl`): one row per prompt,
+  {"prompt", "response", "score", "scores": [all n], "ended", "n", "policy"}.
+Answers that never end score `no_eos_penalty`, as in PPO, so a rambling answer wins only if all n ramble.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import BonConfig
+from rlhf.data.jsonl import write_json, write_jsonl
+from rlhf.generate import read_prompts
+from rlhf.generation import SamplingParams, decode_responses, generate, left_pad
+from rlhf.models.heads import load_reward_model, sequence_rewards
+from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rlhf.train.common import resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BestOfN:
+    """One prompt's n answers, their scores, and which is best."""
+
+    prompt: str
+    answers: list[str]
+    scores: list[float]
+    ended: list[bool]
+    n_tokens: list[int]  # answer tokens, EOS included
+
+    @property
+    def best(self) -> int:
+        return max(range(len(self.scores)), key=self.scores.__getitem__)
+
+
+def kl_bound(n: int) -> float:
+    """Upper bound on KL(best-of-n || policy) in nats: log n - (n - 1) / n (exact for distinct answers)."""
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def best_of_n(
+    policy: PreTrainedModel, reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    n: int, params: SamplingParams, no_eos_penalty: float | None = -3.0, batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> list[BestOfN]:  # fmt: skip
+    """n sampled answers per prompt, scored by the reward model (normalised units) at their last token."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    flat = [ids for ids in prompt_ids for _ in range(n)]  # row i is answer i % n of prompt i // n
+    texts: list[str] = []
+    scores: list[float] = []
+    ended: list[bool] = []
+    n_tokens: list[int] = []
+    for i in range(0, len(flat), batch_size):
+        gen = generate(policy, flat[i : i + batch_size], params, eos, pad, generator=generator)
+        sequences = [
+            p + [t for t, m in zip(ids, mask, strict=True) if m]
+            for p, ids, mask in zip(flat[i : i + batch_size], gen.response_ids.tolist(),
+                                    gen.response_mask.tolist(), strict=True)
+        ]  # fmt: skip
+        rm = sequence_rewards(reward_model, *left_pad(sequences, pad)).float()  # (b,)
+        if no_eos_penalty is not None:
+            rm = torch.where(gen.ended, rm, torch.full_like(rm, no_eos_penalty))
+        texts += decode_responses(tokenizer, gen)
+        scores += rm.tolist()
+        ended += gen.ended.tolist()
+        n_tokens += gen.response_mask.sum(1).tolist()
+    return [
+        BestOfN(prompt, *(x[k * n : (k + 1) * n] for x in (texts, scores, ended, n_tokens)))  # type: ignore[arg-type]
+        for k, prompt in enumerate(prompts)
+    ]
+
+
+def run(cfg: BonConfig) -> dict[str, Any]:
+    """Best-of-n over the prompts file; writes the kept answers (and a summary beside them)."""
+    start = time.perf_counter()
+    prompts = [p for _, p in read_prompts(cfg.prompts_file, cfg.max_prompts)]  # first: bad input, no output
+    tokenizer = load_tokenizer(cfg.policy)
+    policy = load_causal_lm(cfg.policy).eval()
+    reward_model = load_reward_model(cfg.reward_model).eval()
+    check_same_tokenizer(tokenizer, load_tokenizer(cfg.reward_model), "bon.policy", "bon.reward_model")
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
+    bf16 = resolve_precision(cfg.precision) == "bf16" and not torch.cuda.is_available()
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+        results = best_of_n(policy, reward_model, tokenizer, prompts, cfg.n, params, cfg.no_eos_penalty,
+                            cfg.batch_size, torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    rows = [
+        {"prompt": r.prompt, "response": r.answers[r.best], "score": r.scores[r.best], "scores": r.scores,
+         "ended": r.ended[r.best], "n": cfg.n, "policy": cfg.policy}
+        for r in results
+    ]  # fmt: skip
+    write_jsonl(cfg.out, rows)
+    summary = {
+        "stage": "bon",
+        "prompts": len(rows),
+        "n": cfg.n,
+        "best_score": sum(r.scores[r.best] for r in results) / len(results),
+        "mean_score": sum(sum(r.scores) / len(r.scores) for r in results) / len(results),
+        "eos_rate": sum(r.ended[r.best] for r in results) / len(results),
+        "kl_bound": kl_bound(cfg.n),
+        "seconds": time.perf_counter() - start,
+        "out": cfg.out,
+    }
+    write_json(f"{cfg.out}.summary.json", summary)
+    return summary

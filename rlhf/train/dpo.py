@@ -1,0 +1,470 @@
+"""`rlhf dpo`: direct preference optimisation, the policy trained on preference pairs with no reward model and
+no sampling (Rafailov et al. 2023, arXiv:2305.18290); IPO, conservative DPO and SimPO are options of the loss.
+
+Set-up: the preference data the reward model trains on, in any format (rlhf.data.preferences); a ranking of K
+answers becomes one example holding its C(K,2) pairs, each answer forwarded once. Prompts are split into train
+and held-out. The policy is the SFT checkpoint (full or LoRA), dropout off. The reference's log-probs of every
+answer are computed once before training and cached in RUN/reference_logps.pt (TRL's `precompute_ref_log_probs`):
+the reference is then never run again, and with LoRA it is the policy with its adapter switched off, so no
+second copy of the model exists at all. SimPO needs no reference.
+
+The loop, per optimiser step over `batch_size` judgements:
+  1. forward: each judgement's prompt once and its answers as branches (a tree attention mask), judgements
+     packed into rows, the LM head only at answer tokens; each answer's log-prob summed (and averaged, for
+     SimPO) over its tokens
+  2. loss over the pairs, weighted so the step's loss is the mean over all its pairs
+  3. clip and step   4. log (loss, reward accuracy, implicit-reward margins, pairs/s)
+  5. evaluate on held-out   6. checkpoint (atomic)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from rlhf.config import DPOConfig
+from rlhf.data.jsonl import write_json
+from rlhf.data.preferences import PreferenceGroup, read_preferences, to_groups
+from rlhf.errors import DataError
+from rlhf.losses import Stats, dpo_loss, simpo_loss
+from rlhf.models import lean_llama
+from rlhf.models.loading import (
+    check_same_tokenizer,
+    context_length,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
+from rlhf.models.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
+from rlhf.rl_math import logprobs_from_logits
+from rlhf.runs import Run, seed_everything
+from rlhf.train.common import (
+    Actor,
+    BatchPlan,
+    Progress,
+    autocast,
+    lean_forward,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    save_policy,
+    short_attention,
+    trains_in_half,
+)
+
+log = logging.getLogger(__name__)
+REFERENCE_CACHE = "reference_logps.pt"
+CollateFn = Callable[[list["Judgement"]], "Batch"]
+
+
+@dataclass
+class Judgement:
+    """One example: a prompt, its distinct answers (token ids, EOS last if the answer ends) and the pairs."""
+
+    prompt: str
+    prompt_ids: list[int]
+    answers: list[list[int]]
+    pairs: list[tuple[int, int]]  # (chosen, rejected) indices into answers
+    ref_logps: list[float] | None = None  # the reference's log-prob of each answer, once cached
+
+
+@dataclass
+class Batch:
+    """A micro-batch laid out for one forward: S answers, N answer tokens, the pairs indexing into the answers.
+
+    Shared prefix (`collate(..., shared_prefix=True)`): one run of tokens per judgement, its prompt once and then
+    each answer as a branch that sees the prompt and itself (a tree attention mask, positions restarting after
+    the prompt, as rlhf.train.reward does for the reward model), judgements packed into rows. Otherwise one
+    right-padded row per prompt + answer. Either way `response_at` indexes the flattened (R x W) outputs at the
+    position that predicts each answer token: for an answer's first token, the prompt's last.
+    """
+
+    input_ids: Tensor  # (R, W)
+    attention_mask: Tensor  # (R, W), or (R, 1, W, W) with a shared prefix
+    position_ids: Tensor  # (R, W)
+    response_at: Tensor  # (N,)
+    tokens: Tensor  # (N,) the answer tokens
+    answer_of: Tensor  # (N,) which of the S answers each token belongs to
+    n_answers: int
+    chosen: Tensor  # (Q,) indices into the S answers
+    rejected: Tensor  # (Q,)
+    ref_logps: Tensor  # (S,) zeros until cached
+
+    def to(self, device: torch.device) -> Batch:
+        moved: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return dataclasses.replace(self, **moved)
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+def read_judgements(
+    path: str, cfg: DPOConfig, tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> tuple[list[Judgement], int]:
+    """Every judgement of a preference file as token ids; (judgements, answers cut to max_len)."""
+    records = read_preferences(path, cfg.format)
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+
+    try:
+        groups = to_groups(records, render=render if tokenizer.chat_template else None)
+    except ValueError as e:  # conversational rows without a (usable) chat template
+        raise DataError(f"{path}: {e}") from None
+    return encode(groups, tokenizer, max_len)
+
+
+def encode(
+    groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> tuple[list[Judgement], int]:
+    """prompt ids and answer + EOS ids; a prompt longer than half of max_len keeps its end, then an answer that
+    does not fit is cut (no EOS: it did not end within the window)."""
+    eos, truncated, out = tokenizer.eos_token_id, 0, []
+    for g in groups:
+        prompt = tokenizer(g.prompt, add_special_tokens=False)["input_ids"]
+        answers = []
+        for text in g.completions:
+            ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+            p = prompt if len(prompt) + len(ids) <= max_len else prompt[-(max_len // 2) :]
+            if len(p) + len(ids) > max_len:
+                truncated += 1
+                ids = ids[: max_len - len(p)]
+            answers.append(ids)
+        # one prompt window for the whole judgement: the shortest any answer needed
+        p_len = min(len(prompt), *(max_len - len(a) for a in answers))
+        if p_len == 0:  # no position to predict an answer's first token from
+            raise DataError(
+                f"a judgement with an empty prompt cannot be trained on (answers {g.completions[:2]!r})"
+            )
+        out.append(Judgement(g.prompt, prompt[len(prompt) - p_len :], answers, list(g.pairs)))
+    return out, truncated
+
+
+def split_by_prompt(
+    items: list[Judgement], fraction: float, seed: int
+) -> tuple[list[Judgement], list[Judgement]]:
+    """Hold out a `fraction` of the distinct prompts (seeded), so held-out prompts are never trained on."""
+    prompts = sorted({j.prompt for j in items})
+    if fraction == 0 or len(prompts) < 2:
+        return items, []
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, int(len(prompts) * fraction))])
+    return [j for j in items if j.prompt not in held], [j for j in items if j.prompt in held]
+
+
+def judgement_run(j: Judgement) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """One judgement as one run of tokens: (tokens, positions, branches, where each answer token is predicted).
+    The prompt (branch 0, positions 0..P-1) once, then answer k (branch k + 1, positions from P on)."""
+    n = len(j.prompt_ids)
+    tokens, positions, branches, predicted_at = list(j.prompt_ids), list(range(n)), [0] * n, []
+    for k, answer in enumerate(j.answers):
+        start = len(tokens)
+        tokens += answer
+        positions += range(n, n + len(answer))
+        branches += [k + 1] * len(answer)
+        predicted_at.append([n - 1, *range(start, start + len(answer) - 1)])
+    return tokens, positions, branches, predicted_at
+
+
+def collate(
+    items: list[Judgement], pad_id: int, shared_prefix: bool = True, additive: bool = False,
+    hidden_size: int | None = None,
+) -> Batch:  # fmt: skip
+    """The micro-batch's answers laid out for one forward (see Batch): a shared prefix where the attention
+    takes a 4-D mask, else padded rows."""
+    if shared_prefix:
+        runs = [judgement_run(j) for j in items]
+        lengths = [len(tokens) for tokens, *_ in runs]
+    else:  # one run per answer: its prompt, then it
+        runs = [judgement_run(Judgement(j.prompt, j.prompt_ids, [a], [])) for j in items for a in j.answers]
+        lengths = [len(tokens) for tokens, *_ in runs]
+    width = row_width(lengths, hidden_size) if shared_prefix else max(lengths)
+    rows = pack_rows(lengths, width) if shared_prefix else [[i] for i in range(len(runs))]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    group_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    predicted_at: list[list[int]] = [[] for _ in runs]  # per run: flat output index of each answer token
+    for r, members in enumerate(rows):
+        col = 0
+        for g in members:
+            tokens, positions, branches, at = runs[g]
+            span = slice(col, col + len(tokens))
+            input_ids[r, span], position_ids[r, span] = torch.tensor(tokens), torch.tensor(positions)
+            group_ids[r, span], branch_ids[r, span] = g, torch.tensor(branches)
+            predicted_at[g] = [r * width + col + i for answer in at for i in answer]
+            col += len(tokens)
+    answers = [a for j in items for a in j.answers]
+    response_at = torch.tensor([i for g in range(len(runs)) for i in predicted_at[g]])  # answers in order
+    answer_tokens = torch.tensor([t for a in answers for t in a])
+    answer_of = torch.tensor([k for k, a in enumerate(answers) for _ in a])
+    if shared_prefix:
+        attention_mask = tree_attention_mask(group_ids, branch_ids, additive)
+    else:
+        attention_mask = (group_ids >= 0).long()
+    chosen, rejected, ref, offset = [], [], [], 0
+    for j in items:
+        chosen += [offset + c for c, _ in j.pairs]
+        rejected += [offset + r for _, r in j.pairs]
+        ref += j.ref_logps if j.ref_logps is not None else [0.0] * len(j.answers)
+        offset += len(j.answers)
+    return Batch(input_ids, attention_mask, position_ids, response_at, answer_tokens, answer_of, len(answers),
+                 torch.tensor(chosen), torch.tensor(rejected), torch.tensor(ref))  # fmt: skip
+
+
+# --- the forward and the loss --------------------------------------------------------------------------------
+
+
+def answer_logps(policy: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(sum, mean) over its tokens of each answer's log-prob under `policy` (an Actor), (S,) each."""
+    logits = policy(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_at)  # (N, V)
+    logps = logprobs_from_logits(logits, batch.tokens)  # (N,) only at the answer tokens
+    total = logps.new_zeros(batch.n_answers).index_add(0, batch.answer_of, logps)  # (S,)
+    count = torch.bincount(batch.answer_of, minlength=batch.n_answers).clamp(min=1)  # (S,)
+    return total, total / count
+
+
+def pair_loss(cfg: DPOConfig, total: Tensor, mean: Tensor, batch: Batch) -> tuple[Tensor, Stats]:
+    """The configured loss over the micro-batch's pairs (mean over pairs) and its implicit-reward stats."""
+    c, r = batch.chosen.to(total.device), batch.rejected.to(total.device)
+    if cfg.loss == "simpo":
+        return simpo_loss(mean[c], mean[r], cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+    ref = batch.ref_logps.to(total.device)
+    return dpo_loss(total[c], total[r], ref[c], ref[r], cfg.beta, cfg.loss, cfg.label_smoothing)
+
+
+@torch.no_grad()
+def cache_reference(
+    items: list[Judgement], reference: Actor, cfg: DPOConfig, collate_fn: CollateFn,
+    ctx: Callable[[], Any], adapter_off: bool,
+) -> list[list[float]]:  # fmt: skip
+    """The reference's log-prob of every answer, computed once; with `adapter_off`, the LoRA policy's base."""
+    out: list[list[float]] = []
+    for i in range(0, len(items), cfg.micro_batch_size):
+        chunk = items[i : i + cfg.micro_batch_size]
+        off = reference.model.disable_adapter() if adapter_off else nullcontext()
+        with ctx(), off:
+            total = answer_logps(reference, collate_fn(chunk))[0].float().tolist()
+        for j in chunk:
+            out.append(total[: len(j.answers)])
+            total = total[len(j.answers) :]
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    policy: Actor, items: list[Judgement], cfg: DPOConfig, collate_fn: CollateFn,
+    ctx: Callable[[], Any],
+) -> dict[str, float]:  # fmt: skip
+    """Held-out loss, reward accuracy and mean implicit-reward margin, each a mean over pairs."""
+    sums: dict[str, float] = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+    n = 0
+    for i in range(0, len(items), cfg.micro_batch_size):
+        batch = collate_fn(items[i : i + cfg.micro_batch_size])
+        with ctx():
+            loss, stats = pair_loss(cfg, *answer_logps(policy, batch), batch)
+        q = len(batch.chosen)
+        sums["loss"] += float(loss) * q
+        sums["accuracy"] += float(stats["dpo/accuracy"]) * q
+        sums["margin"] += float(stats["dpo/margin"]) * q
+        n += q
+    return {f"dpo/eval_{k}": v / max(1, n) for k, v in sums.items()}
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+def load_policy(cfg: DPOConfig, checkpoint: Path | None) -> Any:
+    """The SFT policy (or the checkpoint to resume), with LoRA adapters on every linear layer if asked; dropout off."""
+    lora = cfg.lora_r > 0
+    policy: Any = load_causal_lm(str(checkpoint / "policy") if checkpoint and not lora else cfg.policy)
+    if lora and checkpoint:
+        policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
+    elif lora:
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                            target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+        policy = get_peft_model(policy, config)
+    disable_dropout(policy)
+    return policy
+
+
+def load_reference_cache(path: Path, items: list[Judgement]) -> list[list[float]] | None:
+    """The cached reference log-probs if they fit these judgements (same answer counts), else None."""
+    if not path.exists():
+        return None
+    cached = torch.load(path, weights_only=True)
+    if [len(x) for x in cached] != [len(j.answers) for j in items]:
+        return None
+    return cast(list[list[float]], cached)
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    seed_everything(cfg.seed + rank)
+    tokenizer = load_tokenizer(cfg.policy)
+    pad_id = int(tokenizer.pad_token_id)
+    # Read everything before any output: a malformed row fails with file:line and leaves nothing behind.
+    model_config = AutoConfig.from_pretrained(cfg.policy)  # the tokenizer loaded, so the directory exists
+    max_len = min(cfg.max_seq_len, context_length(cast(Any, SimpleNamespace(config=model_config))))
+    items, truncated = read_judgements(cfg.train_file, cfg, tokenizer, max_len)
+    if cfg.eval_file:
+        train, held_out = items, read_judgements(cfg.eval_file, cfg, tokenizer, max_len)[0]
+    else:
+        train, held_out = split_by_prompt(items, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise DataError(f"{cfg.train_file}: no comparisons to train on (all ties or empty)")
+    if truncated:
+        log.warning("dpo: %d answers longer than %d tokens with their prompt were cut", truncated, max_len)
+    n_pairs = sum(len(j.pairs) for j in train)
+    log.info("dpo: %d judgements (%d pairs) to train on, %d held out", len(train), n_pairs, len(held_out))
+
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+    policy_model = load_policy(cfg, checkpoint)
+    lora = isinstance(policy_model, PeftModel)
+    plan = BatchPlan(len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, world, rank,
+                     cfg.max_steps)  # fmt: skip
+    policy = Actor(policy_model, lean_forward(policy_model, accelerator))
+    policy.train()  # dropout is off, so train() and eval() compute the same function
+    optimizer = make_optimizer(policy, cfg)
+    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
+    start = run_dir.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    actor = cast(Actor, accelerator.unwrap_model(policy))
+    ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes outside the prepared module
+    device = accelerator.device
+    half = trains_in_half(accelerator)
+    pack, additive = takes_4d_mask(policy_model)
+    hidden_size = getattr(policy_model.config, "hidden_size", None)
+    # a judgement's prompt forwarded once, its answers as branches, where the attention takes a 4-D mask
+    shared = cfg.pack_sequences and pack
+    collate_fn: CollateFn = lambda items: collate(items, pad_id, shared, additive, hidden_size).to(device)  # noqa: E731
+
+    # the reference's log-probs: once per run (read back on resume), then the reference is not needed again
+    reference_s = 0.0
+    if cfg.loss != "simpo":
+        cache_path = run_dir.dir / REFERENCE_CACHE
+        everything = train + held_out
+        cached = load_reference_cache(cache_path, everything)
+        if cached is None:
+            if lora and cfg.reference in (None, cfg.policy):
+                reference, adapter_off = actor, True  # the LoRA policy with its adapter off: no second copy
+            else:
+                ref_model = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
+                check_same_tokenizer(
+                    tokenizer, load_tokenizer(cfg.reference or cfg.policy), "dpo.policy", "dpo.reference"
+                )
+                disable_dropout(ref_model)
+                reference, adapter_off = (
+                    Actor(ref_model.to(accelerator.device), lean_llama.supports(ref_model)),
+                    False,
+                )
+            t0 = time.perf_counter()  # the time training waits for: the training set's answers
+            cached = cache_reference(train, reference, cfg, collate_fn, ctx, adapter_off)
+            reference_s = time.perf_counter() - t0
+            cached += cache_reference(held_out, reference, cfg, collate_fn, ctx, adapter_off)
+            del reference
+            if accelerator.is_main_process:
+                tmp = cache_path.with_suffix(".tmp")
+                torch.save(cached, tmp)
+                tmp.replace(cache_path)  # atomic: a killed run leaves the old file or none
+            log.info(
+                "dpo: reference log-probs of %d answers cached (training set in %.1fs)",
+                sum(map(len, cached)),
+                reference_s,
+            )
+        for j, logps in zip(everything, cached, strict=True):
+            j.ref_logps = logps
+
+    def save_files(path: Path) -> None:
+        actor.model.save_pretrained(
+            str(path / "policy"), safe_serialization=True
+        )  # full model, or the adapter
+        tokenizer.save_pretrained(path / "policy")
+
+    progress = Progress(plan.total_steps, "dpo", accelerator.is_main_process, quiet, initial=start)
+    metrics: dict[str, Any] = {}
+    pairs_seen, t0 = 0, time.perf_counter()
+    for step in range(start, plan.total_steps):
+        micro = [[train[i] for i in mb] for mb in plan.micro_batches(step)]
+        step_pairs = sum(len(j.pairs) for mb in micro for j in mb)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for k, chunk in enumerate(micro):
+            batch = collate_fn(chunk)
+            tokens += int(batch.tokens.numel())
+            sync = accelerator.no_sync(policy) if k < len(micro) - 1 else nullcontext()
+            with sync, short_attention(batch.input_ids.size(1), device, half):
+                # 1. forward: every answer's summed (and mean) log-prob
+                total, mean = answer_logps(policy, batch)  # (S,) each
+                # 2. loss: this micro-batch's pairs weigh their share of the step's pairs
+                loss, stats = pair_loss(cfg, total, mean, batch)
+                share = len(batch.chosen) / step_pairs
+                accelerator.backward(loss * share)
+            for key, value in {"dpo/loss": loss.detach(), **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * share
+        # 3. clip and step
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # 4. log: means over the step's pairs, then over processes
+        done = step + 1
+        pairs_seen += step_pairs * world
+        rate = pairs_seen / max(1e-9, time.perf_counter() - t0)
+        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+        step_metrics = dict(zip(sums, reduced.tolist(), strict=True))
+        progress.update(done, tokens * world, loss=step_metrics["dpo/loss"])
+        if done % cfg.log_every == 0 or done == plan.total_steps:
+            metrics = {**step_metrics, "dpo/grad_norm": float(grad_norm),
+                       "dpo/lr": scheduler.get_last_lr()[0], "dpo/pairs_per_s": rate}  # fmt: skip
+            run_dir.log(done, metrics)
+            progress.line(done, loss=step_metrics["dpo/loss"], accuracy=step_metrics["dpo/accuracy"])
+        # 5. evaluate on the held-out prompts
+        if held_out and (done % cfg.eval_every == 0 or done == plan.total_steps):
+            ev = evaluate(actor, held_out[rank::world], cfg, collate_fn, ctx)
+            ev = dict(zip(ev, accelerator.reduce(torch.tensor(list(ev.values()), device=accelerator.device),
+                                                 "mean").tolist(), strict=True))  # fmt: skip
+            run_dir.log(done, ev)
+            progress.line(done, **{k.removeprefix("dpo/"): v for k, v in ev.items()})
+            metrics.update(ev)
+        # 6. checkpoint (atomic: temp dir, then rename)
+        if done % cfg.save_every == 0 or done == plan.total_steps:
+            accelerator.wait_for_everyone()
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            run_dir.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    result: dict[str, Any] = {"steps": plan.total_steps, "train_judgements": len(train), "train_pairs": n_pairs,
+                              "held_out_pairs": sum(len(j.pairs) for j in held_out), "reference_s": reference_s,
+                              **metrics}  # fmt: skip
+    if accelerator.is_main_process:
+        save_policy(run_dir.dir / "final", actor.model, tokenizer)
+        write_json(
+            run_dir.dir / "summary.json", {"stage": "dpo", "loss": cfg.loss, "policy": cfg.policy, **result}
+        )
+    accelerator.wait_for_everyone()
+    run_dir.finish()
+    return result

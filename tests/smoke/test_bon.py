@@ -1,0 +1,56 @@
+"""`rlhf bon` on tiny models: n answers per prompt, the reward model's favourite kept, written as SFT data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rlhf.bon import kl_bound
+from rlhf.bon import run as run_bon
+from rlhf.config import BonConfig
+from rlhf.errors import DataError
+from rlhf.models.loading import load_tokenizer
+from rlhf.train.sft import read_demonstrations
+
+
+def test_best_of_n_keeps_the_highest_scored_answer(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    out = tmp_path / "bon.jsonl"
+    cfg = BonConfig(policy=str(tiny_sft_model), reward_model=str(tiny_reward_model),
+                    prompts_file=str(demo_data / "eval_prompts.jsonl"), out=str(out), n=4, max_prompts=6,
+                    max_new_tokens=12, batch_size=8, precision="fp32", no_eos_penalty=-3.0)  # fmt: skip
+    summary = run_bon(cfg)
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 == summary["prompts"]
+    for row in rows:
+        assert len(row["scores"]) == 4 and all(math.isfinite(s) for s in row["scores"])
+        assert row["score"] == max(row["scores"])
+        if not row["ended"]:  # an answer that never ends scores the penalty, whatever the reward model says
+            assert row["score"] == -3.0
+    assert summary["best_score"] >= summary["mean_score"]
+    assert summary["kl_bound"] == pytest.approx(math.log(4) - 3 / 4)
+    # the kept answers are SFT demonstrations for rejection-sampling fine-tuning
+    demos = read_demonstrations(out, load_tokenizer(str(tiny_sft_model)))
+    assert [p for p, _ in demos] == [r["prompt"] for r in rows]
+
+
+def test_kl_bound_by_hand() -> None:
+    assert kl_bound(1) == 0.0
+    assert kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+
+
+def test_missing_prompts_file_is_a_clear_error(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path
+) -> None:
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    cfg = BonConfig(policy=str(tiny_sft_model), reward_model=str(tiny_reward_model), prompts_file=str(empty),
+                    out=str(tmp_path / "bon.jsonl"))  # fmt: skip
+    with pytest.raises(DataError, match="no prompts"):
+        run_bon(cfg)
+    assert not (tmp_path / "bon.jsonl").exists()

@@ -1,0 +1,202 @@
+"""`rlhf dpo` on a tiny model: each loss trains the policy from pairs and rankings, the reference's log-probs are
+cached once, LoRA keeps one copy, and a killed run resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from rlhf.config import DPOConfig
+from rlhf.errors import DataError
+from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.runs import read_metrics
+from rlhf.train import dpo
+from rlhf.train.common import Actor
+from tests.smoke.test_ppo import max_change
+
+REPO = Path(__file__).resolve().parents[2]
+METRICS = [
+    "dpo/loss",
+    "dpo/accuracy",
+    "dpo/margin",
+    "dpo/chosen_reward",
+    "dpo/rejected_reward",
+    "dpo/grad_norm",
+]
+
+
+@pytest.fixture(scope="module")
+def preferences(tmp_path_factory: pytest.TempPathFactory, demo_candidates: list[dict[str, Any]]) -> Path:
+    """Pairs (the answer that ends over the one that rambles on) and, for every fourth prompt, a ranking of 3."""
+    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    rows = []
+    distinct = [r for r in demo_candidates if len({c["text"] for c in r["completions"][:3]}) == 3]
+    for n, row in enumerate(distinct[:48]):
+        texts = [c["text"] for c in row["completions"]]
+        if n % 4 == 0:
+            rows.append({"prompt": row["prompt"], "completions": texts[:3], "ranking": [1, 2, 3]})
+        else:
+            rows.append({"prompt": row["prompt"], "chosen": texts[0], "rejected": texts[1]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_dpo(out: Path, sft: Path, data: Path, **overrides: Any) -> DPOConfig:
+    base: dict[str, Any] = dict(
+        out_dir=str(out), policy=str(sft), train_file=str(data), max_seq_len=64, batch_size=8,
+        micro_batch_size=4, lr=1e-3, warmup_steps=0, max_steps=2, precision="fp32", eval_fraction=0.2,
+        eval_every=2, save_every=1, log_every=1, seed=0, beta=0.5,
+    )  # fmt: skip
+    return DPOConfig(**(base | overrides))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"loss": "sigmoid"}, {"loss": "sigmoid", "label_smoothing": 0.1}, {"loss": "ipo"}, {"loss": "simpo"}],
+    ids=["dpo", "cdpo", "ipo", "simpo"],
+)
+def test_two_steps_train_the_policy(
+    settings: dict[str, Any], tmp_path: Path, tiny_sft_model: Path, preferences: Path
+) -> None:
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, **settings)
+    result = dpo.run(cfg, quiet=True)
+
+    # 36 pairs + 12 rankings of 3 answers (3 pairs each), minus the held-out prompts
+    assert result["train_pairs"] + result["held_out_pairs"] == 36 + 12 * 3
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "dpo/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in METRICS:
+            assert math.isfinite(row[key]), (key, row[key])
+    if settings["loss"] != "simpo":
+        # the first step starts at the reference: every implicit reward is 0, the DPO loss log 2
+        assert rows[0]["dpo/margin"] == pytest.approx(0.0, abs=1e-5)
+        if settings == {"loss": "sigmoid"}:
+            assert rows[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert (tmp_path / "run" / dpo.REFERENCE_CACHE).exists()
+    assert math.isfinite(result["dpo/eval_accuracy"])
+    assert (
+        max_change(load_causal_lm(str(tmp_path / "run" / "final")), load_causal_lm(str(tiny_sft_model)))
+        > 1e-4
+    )
+
+
+def test_lora_reference_is_the_adapter_off_policy(
+    tmp_path: Path, tiny_sft_model: Path, preferences: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+    original = dpo.load_policy
+
+    def spy(cfg: DPOConfig, checkpoint: Path | None) -> Any:
+        seen["policy"] = original(cfg, checkpoint)
+        return seen["policy"]
+
+    monkeypatch.setattr(dpo, "load_policy", spy)
+    loads: list[str] = []
+    load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda path: loads.append(path) or load(path))
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, lora_r=4, lr=1e-2)
+    dpo.run(cfg, quiet=True)
+
+    assert loads == [cfg.policy]  # the policy once; no second copy for the reference
+    assert isinstance(seen["policy"], PeftModel)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "dpo/loss" in r]
+    assert rows[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # the adapter starts as a no-op
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "policy" / "adapter_config.json").exists()
+    final = tmp_path / "run" / "final"
+    assert not (final / "adapter_config.json").exists()  # merged into a plain checkpoint
+    assert max_change(load_causal_lm(str(final)), load_causal_lm(str(tiny_sft_model))) > 1e-5
+
+
+def test_cached_reference_log_probs_are_the_sft_models(
+    tmp_path: Path, tiny_sft_model: Path, preferences: Path
+) -> None:
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, max_steps=1)
+    dpo.run(cfg, quiet=True)
+    cached = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)
+    # every answer of the first judgements (a ranking of 3 among them), by a plain forward of prompt + answer
+    tokenizer, model = load_tokenizer(str(tiny_sft_model)), load_causal_lm(str(tiny_sft_model))
+    items, _ = dpo.read_judgements(str(preferences), cfg, tokenizer, 64)
+    train, held = dpo.split_by_prompt(items, cfg.eval_fraction, cfg.seed)
+    assert any(len(j.answers) == 3 for j in train[:4])
+    for j, judgement in enumerate(train[:4]):
+        for k, answer in enumerate(judgement.answers):
+            ids = torch.tensor([judgement.prompt_ids + answer])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            n = len(judgement.prompt_ids)
+            expected = sum(float(logps[n - 1 + t, tok]) for t, tok in enumerate(answer))
+            assert cached[j][k] == pytest.approx(expected, abs=1e-4), (j, k)
+    assert len(cached) == len(train) + len(held)
+
+
+def test_bad_row_is_one_clear_error(tmp_path: Path, tiny_sft_model: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi", "chosen": 3, "rejected": "b"}\n'
+    )
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        dpo.run(tiny_dpo(tmp_path / "run", tiny_sft_model, bad), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_killed_run_resumes_to_the_same_result(
+    tmp_path: Path, tiny_sft_model: Path, preferences: Path
+) -> None:
+    settings = dict(max_steps=4, eval_every=100)
+    whole = tiny_dpo(tmp_path / "whole", tiny_sft_model, preferences, **settings)
+    dpo.run(whole, quiet=True)
+    expected = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, **settings)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"dpo": cfg.model_dump(mode="json")}))
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "rlhf.cli", "dpo", "-q", "-c", str(config_file)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer_state.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "final").exists()
+
+    result = subprocess.run(
+        [*cmd, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    for got, want in zip(rows, expected, strict=True):
+        for key in want:
+            if key != "dpo/pairs_per_s":
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+
+
+def test_shared_prefix_and_padded_rows_give_the_same_log_probs(
+    tiny_sft_model: Path, preferences: Path
+) -> None:
+    tokenizer, model = load_tokenizer(str(tiny_sft_model)), load_causal_lm(str(tiny_sft_model))
+    cfg = tiny_dpo(Path("unused"), tiny_sft_model, preferences)
+    items = dpo.read_judgements(str(preferences), cfg, tokenizer, 64)[0][:8]
+    policy = Actor(model)
+    with torch.no_grad():
+        shared = dpo.answer_logps(policy, dpo.collate(items, tokenizer.pad_token_id, shared_prefix=True))
+        padded = dpo.answer_logps(policy, dpo.collate(items, tokenizer.pad_token_id, shared_prefix=False))
+    assert shared[0].shape == (sum(len(j.answers) for j in items),)
+    torch.testing.assert_close(shared[0], padded[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(shared[1], padded[1], atol=1e-5, rtol=0)
