@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -204,7 +205,9 @@ def test_malformed_requests_among_32_generations_in_flight_harm_none(server: dic
             results = await asyncio.gather(*(good(i) for i in range(32)), *(malformed(i) for i in range(16)))
             return list(results[:32]), list(results[32:])
 
-    goods, bads = asyncio.run(main())
+    # in a thread of its own: a session fixture (Playwright's sync API) may hold this thread's event loop
+    with ThreadPoolExecutor(1) as pool:
+        goods, bads = pool.submit(asyncio.run, main()).result()
     assert [r.status_code for r in goods] == [200] * 32, [r.text for r in goods if r.status_code != 200]
     assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in goods)
     assert all(400 <= r.status_code < 500 for r in bads), [(r.status_code, r.text) for r in bads]
