@@ -38,7 +38,10 @@ typecheck: setup
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
+# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set, every process the tests start (the
+# labeling server, the CLI) would otherwise compile the package again.
 test: setup chromium postgres lint typecheck
+	$(BIN)/python -m compileall -q rlhf
 	$(BIN)/pytest -q -p no:cacheprovider tests
 
 bench: setup

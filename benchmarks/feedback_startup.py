@@ -34,9 +34,11 @@ from benchmarks.feedback_load import cpu_seconds, drop_pg_schema, free_port, pg_
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-# Each phase runs in a fresh interpreter and prints the CPU seconds it took; {db} is a database URL.
+# Each phase runs in a fresh interpreter and prints the CPU seconds it took; {db} is a database URL. The import
+# runs as `rlhf label serve` runs it: the cyclic collector off, pydantic's plugin discovery skipped.
 PHASES = {
-    "import the app": "import rlhf.feedback.main",
+    "import the app": "import gc, os; gc.disable(); os.environ.setdefault('PYDANTIC_DISABLE_PLUGINS', '__all__'); "
+    "t = time.process_time(); import rlhf.feedback.main",
     "build the app": "import rlhf.feedback.main as m; t = time.process_time(); m.create_app()",
     "migrate a fresh database": "from rlhf.feedback.db import Database, upgrade; t = time.process_time(); "
     "upgrade(Database({db!r}))",
@@ -51,7 +53,11 @@ def time_to_healthz(db: str, limit_s: float = 60.0) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "rlhf.feedback", "serve", "--db", db, "--port", str(port)]
     start = time.monotonic()
     proc = subprocess.Popen(
-        [*cmd, "--log-level", "warning"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [*cmd, "--log-level", "warning"],
+        env=ENV,
+        cwd=ENV["PYTHONPATH"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         with httpx.Client(timeout=0.5) as http:
@@ -73,7 +79,12 @@ def phase_cpu(code: str) -> float:
     """CPU seconds of one phase, measured inside a fresh interpreter (from `t` on, or from its start)."""
     script = f"import sys, time\nt = time.process_time()\n{code}\nprint(time.process_time() - t)"
     out = subprocess.run(
-        [sys.executable, "-c", script], env=ENV, cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script],
+        env=ENV,
+        cwd=ENV["PYTHONPATH"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -191,7 +202,12 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
     parser.add_argument("--reps", type=int, default=5, help="starts of each kind (the median is reported)")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument(
+        "--source", help="start the server from this checkout instead (e.g. a worktree of an older commit)"
+    )
     args = parser.parse_args()
+    if args.source:
+        ENV["PYTHONPATH"] = str(Path(args.source).resolve())
     machine = cpu_flags()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,6 +228,7 @@ def main() -> None:
         "command": "python -m benchmarks.feedback_startup " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "reps": args.reps,
+        "source": args.source or "this checkout",
         "machine": machine,
         "results": results,
     }
