@@ -38,11 +38,12 @@ typecheck: setup
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
+# The suite runs on every core (pytest-xdist), a test file to a worker so that module fixtures are built once.
 # Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set, every process the tests start (the
 # labeling server, the CLI) would otherwise compile the package again.
 test: setup chromium postgres lint typecheck
 	$(BIN)/python -m compileall -q rlhf
-	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -p no:cacheprovider -n auto --dist loadfile tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
