@@ -56,7 +56,7 @@ def test_report_numbers_are_the_run_files_numbers(demo_run: Path) -> None:
     rm = json.loads((demo_run / "reward" / "eval.json").read_text())
     low, high = ppo_vs_sft["ci95"]
     assert f"{ppo_vs_sft['win_rate_a']:.3f} [{low:.3f}, {high:.3f}]" in html
-    assert f"{100 * ppo_vs_sft['a']['rude_rate']:.1f}%" in html
+    assert f"{100 * ppo_vs_sft['a']['toxic_rate']:.1f}%" in html
     assert f"{rm['gold/rm_accuracy']['accuracy']:.3f}" in html
     assert f"{rm['gold/label_agreement']['accuracy']:.3f}" in html
     stages = json.loads((demo_run / "stages.json").read_text())

@@ -29,7 +29,17 @@ def test_a_policy_against_itself_wins_half_the_time(
         metrics = summary[side]
         assert abs(metrics["kl_to_reference"]) < 1e-5  # the reference is the same model
         assert 0 < metrics["mean_tokens"] <= 12
-        for key in ("eos_rate", "correct_rate", "rude_rate", "repetitive_rate", "mean_words", "gold_utility"):
+        for key in (
+            "eos_rate",
+            "correct_rate",
+            "toxic_rate",
+            "hallucinated_rate",
+            "harmful_rate",
+            "non_responsive_rate",
+            "repetitive_rate",
+            "mean_words",
+            "gold_utility",
+        ):
             assert key in metrics
     assert len(summary["samples"]) == 20 and {"prompt", "a", "b", "a_first", "outcome_a"} <= set(
         summary["samples"][0]
