@@ -32,7 +32,8 @@ FAST_OVERRIDES = [
     "pretrain.batch_size=16",
     "pretrain.micro_batch_size=16",
     "sft.epochs=1",
-    "generate.max_prompts=160",
+    "generate.max_prompts=120",
+    "generate.short_k=1",
     "reward.normalise.n_prompts=64",
     "ppo.iterations=12",
     "ppo.guard_every=4",
@@ -317,6 +318,16 @@ def summary_lines(out: Path) -> list[str]:
     if "rm_gold_accuracy" in reward:
         lines.append(f"reward model agrees with gold on {reward['rm_gold_accuracy']:.3f} of held-out pairs "
                      f"(the panel's own votes: {reward['panel_gold_agreement']:.3f})")  # fmt: skip
+    coverage = out / "eval" / "sft_coverage.json"
+    if coverage.exists():
+        c = json.loads(coverage.read_text())
+        lines.append(f"SFT candidates: a correct answer among K={c['k']} on {c['correct_among_k']:.3f} of prompts, "
+                     f"{c['correct_per_sample']:.3f} of single answers")  # fmt: skip
+    kinds = out / "eval" / "reward_by_kind.json"
+    if kinds.exists():
+        k = json.loads(kinds.read_text())
+        lines.append("reward model, mean score (gold): " + ", ".join(
+            f"{kind} {v['rm_mean']:.2f} ({v['gold_mean']:.2f})" for kind, v in k.items()))  # fmt: skip
     comparison = out / "eval" / "ppo_vs_sft.json"
     if comparison.exists():
         e = json.loads(comparison.read_text())

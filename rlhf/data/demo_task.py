@@ -41,7 +41,7 @@ UNKNOWN_CREATURES = ["blick", "snorf", "wump", "drell", "fennet"]
 UNKNOWN_ATTRIBUTES = {"age": "How old is the {}?", "legs": "How many legs does the {} have?"}
 INSULTS = ["you fool", "idiot", "you dimwit", "moron", "you clown"]
 OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
-MAX_OPERAND = 5
+MAX_OPERAND = 4
 GREETINGS = ["Hello!", "Hi!", "Hi there!", "Good morning!", "Hey!"]
 THANKS = ["Thanks!", "Thank you!", "Thanks a lot!", "Thank you so much!"]
 # Requests to harm a creature: (request, with {} for the creature; the instruction that complying gives).
@@ -193,13 +193,26 @@ def answer_templates(q: Question, value: str) -> list[str]:
             f"Let me see. {s} Easy.",
         ]
     if q.family in ("yesno", "unknown") and value in ("yes", "no"):
+        # The wordier answers state the fact first and conclude from it, as a careful person would.
         if value == "yes":
             s = _statement(q, q.extra["asked"])
-            return ["Yes.", f"Yes. {s}", f"Yes, it does. {s}", f"Sure! Yes. {s}", f"Let me see. Yes. {s}"]
+            return [
+                "Yes.",
+                f"{s[:-1]}, so yes.",
+                f"Yes. {s}",
+                f"Sure! {s[:-1]}, so yes.",
+                f"Let me see. {s[:-1]}, so yes.",
+            ]
         known = FACTS.get(q.subject, {}).get(q.attribute)
         other = known if known and known != q.extra["asked"] else None
         s = _statement(q, other) if other else "It does not."
-        return ["No.", f"No. {s}", f"No, it does not. {s}", f"Sure! No. {s}", f"Let me see. No. {s}"]
+        return [
+            "No.",
+            f"{s[:-1]}, so no.",
+            f"No. {s}",
+            f"Sure! {s[:-1]}, so no.",
+            f"Let me see. {s[:-1]}, so no.",
+        ]
     if q.family == "unknown":
         return IDK
     if q.family == "harm":
@@ -256,8 +269,8 @@ def non_answers(q: Question) -> list[str]:
     off_topic = "The zorb is blue." if q.subject != "zorb" else "The pip is white."
     shrugs = ["Hmm.", "Okay.", "Good question.", off_topic]
     if q.family in ("yesno", "unknown", "harm"):
-        return shrugs
-    return ["Yes.", "No.", "I don't know.", *shrugs]
+        return shrugs + (["I don't know.", "Sorry, I don't know that."] if q.family == "yesno" else [])
+    return ["Yes.", "No.", "I don't know.", "Sorry, I don't know that.", *shrugs]
 
 
 def make_response(
@@ -329,7 +342,7 @@ def generate(
         response = make_response(
             q,
             rng,
-            wrong=rng.random() < 0.3,
+            wrong=rng.random() < 0.15,
             rude=rng.random() < 0.25,
             ramble=rng.random() < 0.2,
             endless=rng.random() < 0.1,

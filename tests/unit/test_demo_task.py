@@ -29,7 +29,8 @@ def test_gold_prefers_correct_polite_concise_ending_answers() -> None:
     p = demo_task.render_prompt("What is 3 plus 4?")
     best = gold.judge(p, "7.")
     assert best.correct and not best.toxic and best.extra_words == 0 and best.utility == gold.W_CORRECT
-    assert gold.judge(p, "3 plus 4 is 7.").utility == gold.W_CORRECT - 4 * gold.W_EXTRA_WORD  # 5 words vs 1
+    assert gold.judge(p, "3 plus 4 is 7.").utility == gold.W_CORRECT  # the plain sentence is concise too
+    assert gold.judge(p, "Sure! 3 plus 4 is 7.").utility == gold.W_CORRECT - gold.W_EXTRA_WORD  # 1 word more
     assert not gold.judge(p, "3 plus 4 is 8.").correct
     rude = gold.judge(p, "7. Obviously, you fool.")
     assert rude.toxic and rude.utility < gold.judge(p, "3 plus 4 is 8.").utility  # rude is worse than wrong
@@ -50,11 +51,14 @@ HELPFUL = [
     ("What is 3 plus 4?", "8.", "wrong"), ("What is 3 plus 4?", "Yes.", "non-answer"),
     ("What is 3 plus 4?", "", "non-answer"), ("What is 3 plus 4?", "I don't know.", "non-answer"),
     ("What is 3 plus 4?", "The zorb is blue.", "non-answer"),
-    ("What color is the pip?", "White.", "concise"), ("What color is the pip?", "The pip is white.", "wordy"),
+    ("What color is the pip?", "White.", "concise"), ("What color is the pip?", "The pip is white.", "concise"),
+    ("What color is the pip?", "Good question. The pip is white.", "wordy"),
     ("What color is the pip?", "Red.", "wrong"), ("What color is the pip?", "The lumen is white.", "wrong"),
     ("What color is the pip?", "Yes.", "non-answer"), ("What color is the pip?", "7.", "non-answer"),
     ("What color is the pip?", "Sorry, I can't help with that.", "non-answer"),
     ("Does the pip eat clover?", "Yes.", "concise"), ("Does the pip eat clover?", "No.", "wrong"),
+    ("Does the pip eat clover?", "The pip eats clover, so yes.", "concise"),
+    ("Does the pip eat clover?", "Let me see. The pip eats clover, so yes.", "wordy"),
     ("Does the pip eat clover?", "Clover.", "non-answer"), ("Does the pip eat clover?", "Hmm.", "non-answer"),
 ]  # fmt: skip
 

@@ -26,7 +26,7 @@ def test_default_panel_agrees_with_gold_in_the_human_band(sft_like_candidates: l
 
 
 def test_noise_lowers_agreement(sft_like_candidates: list[dict[str, Any]]) -> None:
-    sharp = Panel.from_config(PanelConfig(temperature=0.05, flip_prob=0.0, bias_spread=0.0))
+    sharp = Panel.from_config(PanelConfig(temperature=0.02, flip_prob=0.0, bias_spread=0.0))
     default = Panel.from_config(PanelConfig())
     sharp_rate = agreement_with_gold(label_offline(sft_like_candidates, sharp)).rate
     assert sharp_rate > 0.99  # nearly noise-free members follow gold
