@@ -31,6 +31,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("reward_throughput", [], ["--reps", "1", "--groups", "40", "--no-doc"]),
     ("serve_load", [], ["--seconds", "3", "--clients", "1,8"]),
     ("feedback_load", [], ["--quick"]),
+    ("feedback_startup", [], ["--reps", "2", "--no-doc"]),
 ]
 
 

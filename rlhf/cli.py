@@ -51,6 +51,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _config(config: Path | None, sets: list[str] | None, section: str, out: str | None) -> RootConfig:
+    # Commands read their config before importing their stage (torch, transformers): a bad key or value is
+    # reported at once, not after seconds of imports.
     overrides = list(sets or [])
     if out:
         overrides.append(f"{section}.out_dir={out}")
@@ -67,9 +69,9 @@ def data_demo(
     sets: SetOpt = None,
 ) -> None:
     """Write the demo task: pretraining corpus, SFT demonstrations, RL and evaluation prompts (offline, deterministic)."""
+    cfg = load_config(config, list(sets or [])).data
     from rlhf.data import demo_task
 
-    cfg = load_config(config, list(sets or [])).data
     paths = demo_task.generate(
         out, seed=cfg.seed if seed is None else seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft,
         n_rl_prompts=cfg.n_rl_prompts, n_eval_prompts=cfg.n_eval_prompts, sft_rude_rate=cfg.sft_rude_rate,
@@ -89,9 +91,9 @@ def pretrain(
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain a causal LM on a corpus (next-token prediction on packed blocks)."""
+    cfg = _config(config, sets, "pretrain", out).pretrain
     from rlhf.train import pretrain as stage
 
-    cfg = _config(config, sets, "pretrain", out).pretrain
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
     typer.echo(
@@ -108,9 +110,9 @@ def sft(
     quiet: QuietOpt = False,
 ) -> None:
     """Supervised fine-tuning on prompt -> response demonstrations (loss on response tokens only)."""
+    cfg = _config(config, sets, "sft", out).sft
     from rlhf.train import sft as stage
 
-    cfg = _config(config, sets, "sft", out).sft
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
     typer.echo(
@@ -172,10 +174,10 @@ def data_label_offline(
     sets: SetOpt = None,
 ) -> None:
     """Label candidates with the simulated panel (no web app): vote-format JSONL, plus its agreement with gold."""
+    cfg = load_config(config, list(sets or [])).panel
     from rlhf.data.preferences import write_preferences
     from rlhf.labelers.panel import Panel, agreement_with_gold, label_offline, read_candidates
 
-    cfg = load_config(config, list(sets or [])).panel
     rows = read_candidates(candidates)
     votes = label_offline(rows, Panel.from_config(cfg), cfg.pairs_per_prompt)
     write_preferences(out, votes)
@@ -195,9 +197,9 @@ def reward(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a Bradley-Terry reward model on preference data, initialised from the SFT policy."""
+    cfg = _config(config, sets, "reward", out).reward
     from rlhf.train import reward as stage
 
-    cfg = _config(config, sets, "reward", out).reward
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
     if "eval" not in result:
@@ -276,9 +278,9 @@ def ppo(
     quiet: QuietOpt = False,
 ) -> None:
     """PPO against the reward model with a KL penalty to the SFT reference (and the reward-hacking guard)."""
+    cfg = _config(config, sets, "ppo", out).ppo
     from rlhf.train import ppo as stage
 
-    cfg = _config(config, sets, "ppo", out).ppo
     _setup_logging(quiet)
     gold_fn = None
     if cfg.guard_gold:  # the demo's hidden judge reaches training only here, as the guard's yardstick
@@ -305,11 +307,11 @@ def eval_(
     sets: SetOpt = None,
 ) -> None:
     """Win rate of policy A over policy B under a judge, with a bootstrap 95% CI, KL to a reference and demo metrics."""
+    cfg = load_config(config, list(sets or [])).eval
     from rlhf.data.jsonl import write_json
     from rlhf.eval.compare import compare, format_table
     from rlhf.eval.judges import make_judge
 
-    cfg = load_config(config, list(sets or [])).eval
     if reference:
         cfg.reference = reference
     _setup_logging(quiet=True)
@@ -346,10 +348,10 @@ def loop(
     ctx.obj = (config, overrides)
     if ctx.invoked_subcommand is not None:
         return
+    cfg = load_config(config, overrides)
     from rlhf import loop as stage
     from rlhf.feedback.loop_state import format_lineage, get_loop, lineage
 
-    cfg = load_config(config, overrides)
     _setup_logging(quiet)
     versions = stage.run(cfg, quiet=quiet)
     for v in versions[1:]:
@@ -375,9 +377,9 @@ def _loop_db(cfg: RootConfig, url: str | None) -> Database:
 @loop_app.command("status")
 def loop_status(ctx: typer.Context, db: LoopDbOpt = None) -> None:
     """Rounds and their phases, versions, vote counts, metrics and the leaderboard (reads the store only)."""
+    cfg = load_config(*ctx.obj)
     from rlhf.feedback.loop_state import get_loop, status_text
 
-    cfg = load_config(*ctx.obj)
     store = _loop_db(cfg, db)
     try:
         with store.session() as session:
@@ -393,9 +395,9 @@ def loop_lineage(
     db: LoopDbOpt = None,
 ) -> None:
     """The chain from VERSION back to the SFT policy: each parent, reward model and its vote count."""
+    cfg = load_config(*ctx.obj)
     from rlhf.feedback.loop_state import format_lineage, get_loop, lineage
 
-    cfg = load_config(*ctx.obj)
     store = _loop_db(cfg, db)
     try:
         with store.session() as session:

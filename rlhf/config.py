@@ -16,6 +16,7 @@ from rlhf.data.preference_io import Format
 from rlhf.errors import ConfigError
 
 Precision = Literal["auto", "bf16", "fp32"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 
 class Section(BaseModel):
@@ -79,6 +80,11 @@ class TrainConfig(Section):
     max_steps: int = Field(0, ge=0, description="stop after this many optimiser steps (0 = run all epochs)")
     precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
     log_every: int = Field(10, gt=0, description="log metrics every N steps")
+    log_with: list[Tracker] = Field(
+        default_factory=list,
+        description="also log metrics to these accelerate trackers (tensorboard writes RUN/trackers/; wandb and "
+        "mlflow read their own settings from the environment); metrics.jsonl is always written",
+    )
     eval_every: int = Field(100, gt=0, description="evaluate on the held-out split every N steps")
     save_every: int = Field(200, gt=0, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="keep this many latest checkpoints")
@@ -185,9 +191,10 @@ class LoraSettings(Section):
 
     r: int = Field(0, ge=0, description="adapter rank (0 = off: train all weights)")
     alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="module names that get adapters",
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="module names that get adapters, or all-linear: every linear layer but the head, whatever "
+        "the architecture names them",
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from pydantic import BaseModel
 
 from rlhf.config import dump_config
@@ -32,7 +33,13 @@ STATE_FILE = "trainer_state.pt"
 class Run:
     """One stage's run directory. Only the main process writes."""
 
-    def __init__(self, out_dir: str | Path, config: BaseModel, is_main: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: BaseModel,
+        is_main: bool = True,
+        accelerator: Accelerator | None = None,
+    ) -> None:
         self.dir = Path(out_dir)
         self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -40,6 +47,11 @@ class Run:
         if is_main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.dir / "config.yaml", dump_config(config))
+        # accelerate's trackers (TensorBoard, W&B, MLflow), where the accelerator was made with `log_with`
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
+        if self.accelerator is not None:
+            project = config.__class__.__name__.removesuffix("Config").lower()
+            self.accelerator.init_trackers(project, config=flat_config(config.model_dump(mode="json")))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:
@@ -47,6 +59,14 @@ class Run:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self.accelerator is not None:
+            scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            self.accelerator.log(scalars, step=step)
+
+    def finish(self) -> None:
+        """Close the trackers (they flush what they hold)."""
+        if self.accelerator is not None:
+            self.accelerator.end_training()
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume: drop rows logged after the checkpoint, so the file reads as one uninterrupted run."""
@@ -92,6 +112,17 @@ class Run:
     @staticmethod
     def load_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config as the flat `section.key: scalar` mapping trackers take as hyper-parameters (lists as text)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= flat_config(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -60,6 +62,14 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the labeling server (migrates the database first). Other settings come from RLHF_LABEL_* variables."""
+    # Start-up is mostly imports (FastAPI, pydantic, SQLAlchemy), which make many objects and no garbage: the
+    # cyclic collector's passes over them are wasted, so it is off until the app has started (its lifespan
+    # freezes what start-up made and switches it back on).
+    gc.disable()
+    # pydantic looks for plugins by reading the entry points of every installed package, which in an
+    # environment with the training stack costs more than building the app; PYDANTIC_DISABLE_PLUGINS=
+    # (empty) turns them back on.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     import uvicorn
 
     from rlhf.feedback.main import create_app
@@ -68,7 +78,7 @@ def serve(
     settings = Settings.from_env(db=db)
     open_database(settings.db).dispose()  # migrate first, so a bad URL is one line here, not a traceback
     typer.echo(f"labeling app on http://{host}:{port}  (db: {settings.db.split('@')[-1]})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False, ws="none")
 
 
 @db_app.command("upgrade")

@@ -38,7 +38,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.writer.start()
     # What start-up made (modules, routes, the app) lives as long as the process: moved out of the cyclic
     # collector's reach, later collections scan only requests' garbage, so their pauses stay short.
+    # `rlhf label serve` switches the collector off while it imports (nothing it builds then is garbage).
     gc.freeze()
+    gc.enable()
     yield
     app.state.writer.stop()
     db.dispose()
@@ -66,4 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn rlhf.feedback.main:app` builds the app from the environment on first access; importing this
+    # module (as `rlhf label serve` and the tests do) builds nothing.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse
-from starlette.templating import Jinja2Templates
 
 from rlhf.feedback.security import CSRF_COOKIE, csrf_token, new_csrf_nonce
+
+if TYPE_CHECKING:
+    from starlette.templating import Jinja2Templates
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
 
-# autoescape=True for every template, whatever its extension: completion text is untrusted model output.
-templates = Jinja2Templates(
-    env=jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True, undefined=jinja2.StrictUndefined
+
+@cache
+def templates() -> Jinja2Templates:
+    """The page templates, loaded on the first page rendered: API-only traffic never imports Jinja2."""
+    import jinja2
+    from starlette.templating import Jinja2Templates
+
+    # autoescape=True for every template, whatever its extension: completion text is untrusted model output.
+    return Jinja2Templates(
+        env=jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True, undefined=jinja2.StrictUndefined
+        )
     )
-)
 
 
 def render(
@@ -34,7 +43,7 @@ def render(
     if not nonce:
         nonce = new_csrf_nonce()
     ctx = {"csrf_token": csrf_token(secret, nonce), "user": None, "message": None, **(context or {})}
-    response = templates.TemplateResponse(request, name, ctx, status_code=status_code)
+    response = templates().TemplateResponse(request, name, ctx, status_code=status_code)
     response.headers["Cache-Control"] = "no-store"
     # Defence in depth behind autoescaping: no inline script, nothing from other origins, no framing.
     response.headers["Content-Security-Policy"] = (

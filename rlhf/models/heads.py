@@ -13,7 +13,7 @@ import math
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from rlhf.errors import RlhfError
 
@@ -35,6 +35,20 @@ def build_scalar_model(init_from: str, dtype: torch.dtype = torch.float32, seed:
         torch.nn.init.zeros_(head.bias)
     model.config.problem_type = "regression"
     return model
+
+
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A trained reward model: refuses a checkpoint without a scalar head (a causal LM would get a random one)."""
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError) as e:
+        raise RlhfError(f"cannot load reward model from {path!r}: {str(e).splitlines()[0]}") from None
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise RlhfError(
+            f"{path} is not a reward model ({', '.join(architectures) or 'no architecture'}): train one with "
+            "`rlhf reward`, or point at a sequence-classification checkpoint"
+        )
+    return load_scalar_model(path, dtype)
 
 
 def load_scalar_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

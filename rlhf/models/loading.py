@@ -24,31 +24,64 @@ from rlhf.models.tokenizer import check_tokenizer
 log = logging.getLogger(__name__)
 
 
+# Files one of which a saved tokenizer has (fast, sentencepiece, BPE, WordPiece layouts).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _describe(name_or_path: str) -> str:
-    return f"local directory {name_or_path!r}" if Path(name_or_path).exists() else f"hub id {name_or_path!r}"
+    """How a model or tokenizer source is named in errors; a path that does not exist is an error of its own
+    (a hub id is `name` or `org/name`: anything with more slashes, or starting with / . ~, is a path)."""
+    if Path(name_or_path).expanduser().exists():
+        return f"local directory {name_or_path!r}"
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise RlhfError(f"{name_or_path}: no such directory")
+    return f"hub id {name_or_path!r}"
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """AutoTokenizer from a local dir or hub id, checked for EOS and a distinct PAD."""
+    where = _describe(name_or_path)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        raise RlhfError(
+            f"{name_or_path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}) in this directory"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise RlhfError(
-            f"cannot load tokenizer from {_describe(name_or_path)}: {str(e).splitlines()[0]}"
-        ) from None
+        raise RlhfError(f"cannot load tokenizer from {where}: {str(e).splitlines()[0]}") from None
     check_tokenizer(tokenizer)
     return tokenizer
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """AutoModelForCausalLM from a local dir or hub id (weights kept in `dtype`, fp32 by default)."""
+    where = _describe(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise RlhfError(
-            f"cannot load model from {_describe(name_or_path)}: {str(e).splitlines()[0]}"
-        ) from None
+        raise RlhfError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from None
     return model
+
+
+def check_same_tokenizer(
+    a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what_a: str, what_b: str
+) -> None:
+    """Raise unless two models' tokenizers agree token for token (vocabulary and special tokens): where two
+    models meet (a policy and its reward model or critic), ids from one are read by the other."""
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
+        if getattr(a, name) != getattr(b, name):
+            raise RlhfError(
+                f"{what_a} and {what_b} use different tokenizers: {name} {getattr(a, name)} vs {getattr(b, name)}"
+            )
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        if len(va) != len(vb):
+            why = f"vocabulary sizes {len(va)} vs {len(vb)}"
+        else:
+            token = next(t for t in sorted(va) if vb.get(t) != va[t])
+            why = f"token {token!r} is id {va[token]} vs {vb.get(token)}"
+        raise RlhfError(f"{what_a} and {what_b} use different tokenizers: {why}")
 
 
 def build_causal_lm(arch: ArchConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
@@ -25,28 +27,74 @@ from rlhf.models import lean_llama
 log = logging.getLogger(__name__)
 
 
+# oneDNN ISAs below native bf16 dot products: ONEDNN_MAX_CPU_ISA set to one of these makes its bf16 matmuls emulated.
+ONEDNN_ISAS_WITHOUT_BF16 = {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
+
+
+def native_bf16(cpu_flags: set[str], capability: str, onednn_max_isa: str | None) -> bool:
+    """Whether bf16 matmuls run natively: the CPU has AVX512-BF16 or AMX, torch's kernels are not held below
+    AVX-512 (ATEN_CPU_CAPABILITY) and oneDNN's not below AVX512-BF16 (ONEDNN_MAX_CPU_ISA). Elsewhere bf16 is
+    emulated, many times slower than fp32."""
+    has_flag = bool(cpu_flags & {"avx512_bf16", "amx_bf16"})
+    limited = (onednn_max_isa or "").upper() in ONEDNN_ISAS_WITHOUT_BF16
+    return has_flag and capability.upper().startswith("AVX512") and not limited
+
+
 @cache
 def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    """True when this machine's CPU multiplies bf16 natively (see `native_bf16`), where autocast pays off."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = {
+        f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()
+    }
+    capability = torch.backends.cpu.get_cpu_capability()
+    return native_bf16(flags, capability, os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 def resolve_precision(precision: Precision) -> str:
-    """'bf16' or 'no' (accelerate's names) for this machine."""
+    """'bf16' or 'no' (accelerate's names) for this machine; what `auto` chose is logged once."""
     if precision == "fp32":
         return "no"
     if precision == "bf16":
         return "bf16"
+    return _auto_precision()
+
+
+@cache
+def _auto_precision() -> str:
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_bf16() else "no"
+        chosen, why = (
+            ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("no", "CUDA without bf16")
+        )
+    elif cpu_has_bf16():
+        chosen, why = "bf16", "CPU with native bf16 (AVX512-BF16/AMX)"
+    else:
+        chosen, why = (
+            "no",
+            f"CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): bf16 is emulated",
+        )
+    log.info(
+        "precision auto: %s (%s); set precision: fp32 or bf16 to choose",
+        "bf16" if chosen == "bf16" else "fp32",
+        why,
+    )
+    return chosen
 
 
-def make_accelerator(precision: Precision) -> Accelerator:
+def make_accelerator(
+    precision: Precision, log_with: Sequence[str] = (), project_dir: str | None = None
+) -> Accelerator:
     """One accelerator per stage: `accelerate launch` turns the same code into DDP / FSDP / DeepSpeed.
 
     accelerate keeps one state per process and refuses a second precision; stages run one after another in
@@ -55,7 +103,14 @@ def make_accelerator(precision: Precision) -> Accelerator:
     mixed_precision = resolve_precision(precision)
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=list(log_with) or None,
+        project_config=ProjectConfiguration(project_dir, logging_dir=f"{project_dir}/trackers")
+        if project_dir
+        else None,
+    )
 
 
 # On a CPU, SDPA's flash kernel has a slow backward in bf16 on short sequences: forward plus backward on one

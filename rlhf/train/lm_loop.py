@@ -183,5 +183,6 @@ def fit(
                 **{f"eval_{k}": v for k, v in final.items()},
             },
         )
+    run.finish()
     accelerator.wait_for_everyone()
     return final

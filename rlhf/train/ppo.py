@@ -42,8 +42,9 @@ from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Generation, SamplingParams, decode_responses, generate
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
 from rlhf.models import lean_llama
-from rlhf.models.heads import backbone, head_scores, load_scalar_model, normalisation
+from rlhf.models.heads import backbone, head_scores, load_reward_model, load_scalar_model, normalisation
 from rlhf.models.loading import (
+    check_same_tokenizer,
     context_length,
     disable_dropout,
     load_causal_lm,
@@ -306,7 +307,7 @@ def load_models(
     reference = None
     if not lora or cfg.reference not in (None, cfg.policy):
         reference = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
-    reward_model = load_scalar_model(cfg.reward_model).eval().requires_grad_(False)
+    reward_model = load_reward_model(cfg.reward_model).eval().requires_grad_(False)
     for model in (policy, reference, critic_model, reward_model):
         if model is not None:
             disable_dropout(model)
@@ -331,7 +332,7 @@ def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokeni
 def run(
     cfg: PPOConfig, resume: bool = False, quiet: bool = False, gold_fn: GoldFn | None = None
 ) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     seed_everything(cfg.seed + rank)
     if cfg.minibatch_size % (cfg.micro_batch_size * world):
@@ -340,13 +341,16 @@ def run(
     if cfg.batch_size % world:
         raise ConfigError(f"ppo.batch_size ({cfg.batch_size}) must be divisible by the {world} processes")
     tokenizer = load_tokenizer(cfg.policy)
+    for role, path in (("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic)):
+        if path:  # the policy's token ids are what the reward model and the critic read
+            check_same_tokenizer(tokenizer, load_tokenizer(path), "ppo.policy", role)
     prompts = read_prompts(cfg.prompts_file)  # read before any output: bad input leaves nothing behind
     guard_prompts = read_prompts(cfg.eval_prompts_file)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
     guard_prompts = guard_prompts[rank::world]
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
     demonstrations = read_demonstrations(cfg.ptx_file, tokenizer) if cfg.ptx_coef > 0 and cfg.ptx_file else []
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     policy, reference, critic, reward_model = load_models(cfg, checkpoint)
     if cfg.max_new_tokens >= context_length(policy):
@@ -578,5 +582,6 @@ def run(
                    "best_score": guard.best_score if guard_on else None, "policy": cfg.policy,
                    "reward_model": cfg.reward_model, **metrics}  # fmt: skip
         write_json(run_dir.dir / "summary.json", summary)
+    run_dir.finish()
     accelerator.wait_for_everyone()
     return {"stop_reason": guard.stop_reason or "completed", **metrics}

@@ -70,14 +70,14 @@ def split_docs(docs: list[str], fraction: float, seed: int) -> tuple[list[str], 
 
 
 def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     seed_everything(cfg.seed + accelerator.process_index)
     docs = read_corpus(cfg.train_file)  # read before any output: bad input leaves nothing behind
     if cfg.eval_file:
         train_docs, eval_docs = docs, read_corpus(cfg.eval_file)
     else:
         train_docs, eval_docs = split_docs(docs, cfg.eval_fraction, cfg.seed)
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
 
     # Model and tokenizer: a checkpoint to resume, a given model, or new ones (the tokenizer trained here).

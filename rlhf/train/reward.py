@@ -493,7 +493,7 @@ def load_model(cfg: RewardConfig, checkpoint: Path | None, pad_id: int) -> torch
         else:
             lora = LoraConfig(
                 task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                target_modules=list(cfg.lora.target_modules), modules_to_save=["score"],  # the head trains fully
+                target_modules=cfg.lora.target_modules, modules_to_save=["score"],  # the head trains fully
             )  # fmt: skip
             model = get_peft_model(base, lora)
     # the model's own pooling finds the last real token as the last non-PAD one
@@ -514,7 +514,7 @@ def plain_model(model: torch.nn.Module) -> PreTrainedModel:
 
 
 def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     seed_everything(cfg.seed + accelerator.process_index)
     tokenizer = load_tokenizer(cfg.model)
     pad_id = int(tokenizer.pad_token_id)
@@ -526,7 +526,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         train_groups, held_groups = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
     weights = read_labeler_weights(cfg.labeler_weights)
 
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     model = load_model(cfg, checkpoint, pad_id)
     max_len = min(cfg.max_seq_len, context_length(cast(PreTrainedModel, model)))
@@ -637,5 +637,6 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
             run_dir.dir / "summary.json",
             {"stage": "reward", **{k: v for k, v in result.items() if k != "eval"}},
         )
+    run_dir.finish()
     accelerator.wait_for_everyone()
     return result

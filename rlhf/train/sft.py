@@ -70,7 +70,7 @@ def tokenize_demonstrations(
 
 
 def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     seed_everything(cfg.seed + accelerator.process_index)
     tokenizer = load_tokenizer(cfg.model)
     rows = read_demonstrations(
@@ -80,7 +80,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     if not cfg.eval_file and cfg.eval_fraction > 0:
         n_eval = max(1, int(len(rows) * cfg.eval_fraction))
         rows, held_rows = rows[n_eval:], rows[:n_eval]
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     model = load_causal_lm(str(checkpoint) if checkpoint else cfg.model)
     disable_dropout(model)

@@ -4,12 +4,15 @@ are the run's own; started again, the demo skips every finished stage."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.cli import run_cli
 
 from ..conftest import ARTIFACTS
 
@@ -31,14 +34,16 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_every_stage_ran_and_a_second_run_skips_them(demo_run: Path) -> None:
+def test_every_stage_ran_and_a_second_run_skips_them(
+    demo_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stages = json.loads((demo_run / "stages.json").read_text())
     assert list(stages) == STAGES
     before = (demo_run / "report.html").stat().st_mtime_ns
-    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "demo", "--fast", "--quiet", "--out", str(demo_run)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="rlhf.demo"):
+        proc = run_cli("demo", "--fast", "--quiet", "--out", str(demo_run))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stderr.count("already finished, skipped") == len(STAGES)
+    assert sum("already finished, skipped" in r.getMessage() for r in caplog.records) == len(STAGES)
     assert (demo_run / "report.html").stat().st_mtime_ns == before
 
 

@@ -4,7 +4,9 @@ acknowledged before the kill, and does not run finished phases again."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from sqlalchemy import func, select
 
 from rlhf.feedback.db import Database
 from rlhf.feedback.models import LoopPhase, Task, Vote
+from tests.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -74,11 +77,23 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def finish(config: Path, log: Path) -> str:
-    """Run the loop again to the end; returns what this run logged."""
-    before = log.read_text() if log.exists() else ""
-    proc = start(config, log)
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-    return log.read_text()[len(before) :]
+    """Run the loop again to the end, in this process (no second start-up); returns what this run logged."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("rlhf")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        proc = run_cli("loop", "-c", str(config), "--quiet")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    text = stream.getvalue() + proc.stderr
+    with log.open("a") as f:
+        f.write(text)
+    assert proc.returncode == 0, text[-3000:]
+    return text
 
 
 def store(out: Path) -> dict[str, Any]:
@@ -117,13 +132,16 @@ def test_uninterrupted_run_records_every_phase_and_the_lineage(uninterrupted: di
     assert len(uninterrupted["votes"]) == uninterrupted["tasks"]  # overlap 1, every task answered
     phases = ["generate", "tasks", "votes", "reward", "ppo", "eval", "register"]
     assert set(uninterrupted["phases"]) == {(0, "register")} | {(r, p) for r in (1, 2) for p in phases}
-    cli = [sys.executable, "-m", "rlhf.cli", "loop", "-c", str(uninterrupted["config"])]
-    lineage = subprocess.run([*cli, "lineage", "r2"], capture_output=True, text=True, check=True).stdout
-    lines = lineage.splitlines()
+    cli = ["loop", "-c", str(uninterrupted["config"])]
+    lineage = run_cli(*cli, "lineage", "r2")
+    assert lineage.returncode == 0, lineage.stderr
+    lines = lineage.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["r2", "r1", "sft"]
     assert "reward_model=rm-r2 (votes 24, warm start from rm-r1)" in lines[0]
     assert "reward_model=rm-r1 (votes 12, warm start from SFT)" in lines[1]
-    status = subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout
+    proc = run_cli(*cli, "status")
+    assert proc.returncode == 0, proc.stderr
+    status = proc.stdout
     assert f"round 2: phases {','.join(phases)}; tasks {PAIRS_PER_ROUND}, votes {PAIRS_PER_ROUND}" in status
     assert "(9 active, 3 random pairs)" in status  # round 2: active selection with a 25% random share
     board = status.split("leaderboard")[1].splitlines()[2:]
@@ -240,8 +258,7 @@ def test_too_few_votes_by_the_timeout_stops_the_loop_when_asked(setup: tuple[Pat
     cfg = yaml.safe_load(config.read_text())
     cfg["loop"].update(panel=False, vote_timeout_s=0.5, on_timeout="stop")
     config.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "loop", "-c", str(config), "--quiet"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = run_cli("loop", "-c", str(config), "--quiet")
     assert proc.returncode == 1
     assert f"error: round 1: 0 of the {PAIRS_PER_ROUND} votes needed arrived within 0.5 s" in proc.stderr
     assert (1, "votes") not in store(out)["phases"] and (1, "tasks") in store(out)["phases"]

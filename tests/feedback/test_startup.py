@@ -1,4 +1,7 @@
-"""The server stays light: no torch, and it answers /healthz within 2 seconds of being started."""
+"""The server stays light: no torch, no Alembic on an up-to-date database, no Jinja2 before a page, and it starts.
+
+How fast it starts is a benchmark figure (`python -m benchmarks.feedback_startup`), not a test.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -16,16 +18,45 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def test_app_module_does_not_import_torch() -> None:
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_app_module_does_not_import_torch_or_page_templates() -> None:
     code = (
         "import sys, rlhf.feedback.main, rlhf.feedback.cli, rlhf.feedback.client, rlhf.feedback.testing;"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy'));"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'numpy', 'alembic', 'jinja2'));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    result = run_python(code)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_up_to_date_schema_is_checked_without_alembic(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/store.db"
+    code = (
+        "import sys; from rlhf.feedback.db import Database, upgrade, current_revision, SCHEMA_HEAD;"
+        f"db = Database({url!r}); upgrade(db); fresh = 'alembic' in sys.modules;"
+        "assert current_revision(db) == SCHEMA_HEAD;"
+        "[sys.modules.pop(m) for m in list(sys.modules) if m.split('.')[0] == 'alembic'];"
+        f"upgrade(Database({url!r})); print(fresh, 'alembic' in sys.modules)"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False"]  # migrated with Alembic, then checked without it
+
+
+def test_module_app_is_built_on_first_access() -> None:
+    code = (
+        "import rlhf.feedback.main as m; assert 'app' not in vars(m); app = m.app;"
+        "print(sorted(p for p in app.openapi()['paths'] if p in ('/healthz', '/api/votes')))"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['/api/votes', '/healthz']"
 
 
 def free_port() -> int:
@@ -34,63 +65,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def time_to_healthz(db: str, limit_s: float = 20.0) -> tuple[float, float]:
-    """(wall seconds, server CPU seconds) from starting `python -m rlhf.feedback serve` to its first
-    200 on /healthz."""
+def test_server_starts_on_a_fresh_database_and_answers_healthz(tmp_path) -> None:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlhf.feedback",
-        "serve",
-        "--db",
-        db,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    db = tmp_path / "fresh.db"
+    cmd = [sys.executable, "-m", "rlhf.feedback", "serve", "--db", f"sqlite:///{db}", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--log-level", "warning"], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
-        while time.monotonic() - start < limit_s:
+        deadline = time.monotonic() + 120  # a hang guard only: start-up takes about a second
+        while True:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "server never answered /healthz"
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
-                if r.status_code == 200 and r.json() == {"status": "ok"}:
-                    return time.monotonic() - start, cpu_seconds(proc.pid)
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
             except httpx.TransportError:
-                time.sleep(0.02)
-        raise AssertionError(f"no /healthz answer within {limit_s} s")
+                time.sleep(0.05)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        assert db.exists()
     finally:
         proc.kill()
         proc.wait(timeout=10)
-
-
-def test_server_answers_healthz_within_two_seconds(tmp_path) -> None:
-    """Start on a fresh database (so the migrations run too); best of three starts.
-
-    On a machine busier than its CPU count (other jobs running), wall time says little about the server;
-    there the test checks that the start-up needed under 2 s of CPU, i.e. would answer within 2 s given
-    one free core, and warns with the wall times it saw.
-    """
-    runs = []
-    for attempt in range(3):
-        runs.append(time_to_healthz(f"sqlite:///{tmp_path}/fresh{attempt}.db"))
-        if runs[-1][0] < 2.0:
-            return
-    walls, cpus = [w for w, _ in runs], [c for _, c in runs]
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    assert load > cores, f"start-up wall times {walls} s (CPU {cpus} s) on a machine with load {load:.1f}"
-    assert min(cpus) < 2.0, f"start-up CPU times {cpus} s"
-    warnings.warn(
-        f"machine busy (load {load:.1f} on {cores} CPUs): start-up took {min(walls):.2f} s wall, "
-        f"{min(cpus):.2f} s CPU",
-        stacklevel=1,
-    )

@@ -23,6 +23,7 @@ from rlhf.models.heads import load_scalar_model, sequence_rewards
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train import ppo
+from tests.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ["ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/value_error",
@@ -183,9 +184,7 @@ def test_killed_run_resumes_to_the_same_result(
     proc.wait()
     assert not (tmp_path / "run" / "final").exists()
 
-    result = subprocess.run(
-        [*cmd, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_cli("ppo", "-q", "-c", str(config_file), "--resume")  # in this process: no second start-up
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert_same_metrics(rows, uninterrupted)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from rlhf.cli import app
@@ -26,8 +24,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train import reward
 from rlhf.train.reward import read_groups, reference_sequences
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli import run_cli
 
 
 def padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +155,37 @@ def test_resume_gives_the_same_losses_as_uninterrupted(
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
     sft_embeddings = load_causal_lm(str(tiny_sft_model)).get_input_embeddings().weight
     changed = not torch.equal(final_a.get_input_embeddings().weight, sft_embeddings)
-    assert changed == (lora_rank == 0)  # LoRA trains adapters on attention only, merged on save
+    assert changed == (lora_rank == 0)  # LoRA trains adapters only (the embeddings stay), merged on save
+
+
+def test_lora_reward_model_on_gpt2_adapts_its_linear_layers(
+    tmp_path: Path, tiny_sft_model: Path, demo_candidates: list[dict[str, Any]]
+) -> None:
+    """The default target modules name no architecture: GPT-2's fused Conv1D projections get adapters too."""
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    write_preferences(
+        tmp_path / "votes.jsonl", label_offline(demo_candidates[:16], Panel.from_config(PanelConfig()))
+    )
+    cfg = RewardConfig(out_dir=str(tmp_path / "rm"), model=str(base), train_file=str(tmp_path / "votes.jsonl"),
+                       lr=1e-2, batch_size=4, micro_batch_size=4, max_steps=2, warmup_steps=0, eval_fraction=0,
+                       max_seq_len=64, normalise=NormaliseSettings(enabled=False))  # fmt: skip
+    cfg.lora.r = 4
+    reward.run(cfg, quiet=True)
+    before = load_causal_lm(str(base)).state_dict()
+    after = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final").state_dict()
+    assert not torch.equal(
+        after["transformer.h.0.attn.c_attn.weight"], before["transformer.h.0.attn.c_attn.weight"]
+    )
+    assert not torch.equal(
+        after["transformer.h.1.mlp.c_fc.weight"], before["transformer.h.1.mlp.c_fc.weight"]
+    )
+    assert torch.equal(after["transformer.wte.weight"], before["transformer.wte.weight"])  # adapters only
 
 
 def test_cli_trains_normalises_on_sft_samples_and_prints_gold_numbers(
@@ -197,9 +224,8 @@ def test_malformed_preference_row_is_one_line_with_file_and_line(
     good = {"prompt": "User: Hi!\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}
     lines = [json.dumps(good), json.dumps(good), json.dumps({"prompt": "q", "chosen": 5, "rejected": "x"})]
     (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
-    cmd = [sys.executable, "-m", "rlhf.cli", "reward", "--out", str(tmp_path / "rm"),
-           "--set", f"reward.model={tiny_sft_model}", "--set", f"reward.train_file={tmp_path / 'prefs.jsonl'}"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = run_cli("reward", "--out", str(tmp_path / "rm"), "--set", f"reward.model={tiny_sft_model}",
+                   "--set", f"reward.train_file={tmp_path / 'prefs.jsonl'}")  # fmt: skip
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {tmp_path / 'prefs.jsonl'}:3: field 'chosen' should be str, got int"]

@@ -17,6 +17,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train.lm_loop import NextTokenLoss, evaluate
 from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
+from tests.cli import run_cli
 
 from .conftest import TINY
 
@@ -87,11 +88,14 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tiny_demo: dict[str, Pa
             "sft.micro_batch_size=4",
             "sft.eval_fraction=0",
         )
-        # accelerate's multi-process launcher is --multi_gpu; with no GPU it runs the processes on the CPU (gloo)
-        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"] if n == 2 else []  # fmt: skip
-        cmd = [sys.executable, *launcher, "-m", "rlhf.cli", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if n == 1:
+            proc = run_cli(*args)
+        else:
+            # accelerate's multi-process launcher is --multi_gpu; with no GPU it runs the processes on the CPU (gloo)
+            launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                        "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+            cmd = [sys.executable, *launcher, "-m", "rlhf.cli", *args]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((out / "summary.json").read_text())["processes"] == n
         curves[n] = [r["sft/loss"] for r in read_metrics(out / "metrics.jsonl") if "sft/loss" in r]
@@ -119,12 +123,6 @@ def test_pretrain_cli_writes_run_dir(tiny_demo: dict[str, Path], tmp_path: Path)
         assert (tmp_path / "pt" / name).exists(), name
     assert "max_steps: 3" in (tmp_path / "pt" / "config.yaml").read_text()
     assert load_causal_lm(str(tmp_path / "pt" / "final")).config.hidden_size == 48
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def test_bad_input_is_one_line_and_leaves_no_checkpoint(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
@@ -180,3 +178,18 @@ def test_help_lists_stages_and_documents_options() -> None:
     sft_help = runner.invoke(app, ["sft", "--help"]).output
     for option in ("--config", "--set", "--out", "--resume", "--quiet"):
         assert option in sft_help
+
+
+def test_metrics_reach_tensorboard_through_accelerate(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    args = sft_args(tiny_demo, out, "sft.max_steps=3", "sft.log_every=1", "sft.log_with=[tensorboard]")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (events,) = (out / "trackers" / "sft").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent)).Reload()
+    logged = {r["step"]: r["sft/loss"] for r in read_metrics(out / "metrics.jsonl") if "sft/loss" in r}
+    board = {e.step: e.value for e in acc.Scalars("sft/loss")}
+    assert sorted(board) == sorted(logged) == [1, 2, 3]
+    assert all(board[s] == pytest.approx(logged[s], rel=1e-6) for s in board)

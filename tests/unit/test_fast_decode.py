@@ -8,6 +8,7 @@ from rlhf.fast_decode import LlamaDecoder
 from rlhf.generation import left_pad
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
+from tests.cpu import needs_native_bf16
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,7 @@ def test_long_decoding_over_a_growing_cache_matches_the_transformers_forward(gqa
     assert len(sizes) >= 2  # the cache did grow on the way
 
 
+@needs_native_bf16
 @torch.no_grad()
 def test_bf16_matmuls_stay_as_close_to_fp32_as_autocast(gqa_model) -> None:
     """Under autocast the residual stream and norms stay fp32 and only the matmuls run in bf16; so here."""

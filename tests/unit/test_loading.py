@@ -1,0 +1,81 @@
+"""rlhf.models.loading and the reward-model loader: clear one-line errors for what users point stages at, and
+tokenizers checked for equality where two models meet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import PPOConfig
+from rlhf.errors import RlhfError
+from rlhf.models.heads import load_reward_model
+from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.train import ppo
+
+
+def other_tokenizer_dir(tmp_path: Path, vocab_size: int = 280) -> Path:
+    corpus = [f"User: what is {a} plus {b}?\nAssistant: {a + b}." for a in range(30) for b in range(30)]
+    path = tmp_path / f"tok{vocab_size}"
+    train_bpe_tokenizer(corpus, vocab_size=vocab_size).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./missing", "runs/demo/sft/final"])
+def test_a_missing_local_path_is_named_as_such_not_as_a_hub_id(path: str) -> None:
+    for load in (load_tokenizer, load_causal_lm):
+        with pytest.raises(RlhfError) as e:
+            load(path)
+        assert str(e.value) == f"{path}: no such directory"
+
+
+def test_a_model_folder_without_tokenizer_files_says_so(tmp_path: Path, tiny_sft_model: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_sft_model / f, bare / f)
+    with pytest.raises(RlhfError, match=r"bare: no tokenizer files \(one of tokenizer.json, "):
+        load_tokenizer(str(bare))
+
+
+def test_tokenizers_must_agree_token_for_token(tmp_path: Path, tiny_sft_model: Path) -> None:
+    policy = load_tokenizer(str(tiny_sft_model))
+    check_same_tokenizer(policy, load_tokenizer(str(tiny_sft_model)), "a", "b")  # the same one passes
+    other = load_tokenizer(str(other_tokenizer_dir(tmp_path)))
+    with pytest.raises(RlhfError, match=r"^ppo.policy and ppo.reward_model use different tokenizers: "):
+        check_same_tokenizer(policy, other, "ppo.policy", "ppo.reward_model")
+    # same size, one token moved: still different
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_sft_model, moved, ignore=shutil.ignore_patterns("*.safetensors"))
+    data = json.loads((moved / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(t for t in vocab if vocab[t] > 10)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (moved / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(RlhfError, match=r"use different tokenizers: token .* is id"):
+        check_same_tokenizer(policy, load_tokenizer(str(moved)), "x", "y")
+
+
+def test_reward_model_must_have_a_scalar_head(tiny_sft_model: Path, tiny_reward_model: Path) -> None:
+    with pytest.raises(RlhfError, match=r"is not a reward model \(LlamaForCausalLM\): train one with"):
+        load_reward_model(str(tiny_sft_model))
+    assert load_reward_model(str(tiny_reward_model)).score.out_features == 1
+
+
+def test_ppo_refuses_a_reward_model_with_another_tokenizer_before_any_work(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_reward_model, rm)
+    for f in rm.glob("tokenizer*"):
+        f.unlink()
+    for f in other_tokenizer_dir(tmp_path).iterdir():
+        shutil.copy(f, rm / f.name)
+    cfg = PPOConfig(out_dir=str(tmp_path / "ppo"), policy=str(tiny_sft_model), reward_model=str(rm),
+                    prompts_file=str(demo_data / "rl_prompts.jsonl"), precision="fp32")  # fmt: skip
+    with pytest.raises(RlhfError, match=r"^ppo.policy and ppo.reward_model use different tokenizers"):
+        ppo.run(cfg, quiet=True)
+    assert not (tmp_path / "ppo").exists()
