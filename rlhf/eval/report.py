@@ -270,6 +270,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
             for r in guard_rows
         ]
         body = table(["iteration", "KL to reference", "proxy (RM)", "gold"], rows)
+        body += "<p>Measured on the guard's prompts (the demo's tuning prompts, never the held-out ones).</p>"
         body += f"<p>Stop reason: <b>{html.escape(str(ppo_summary.get('stop_reason')))}</b>; best checkpoint at iteration {ppo_summary.get('best_iteration')}. "
         body += "The guard stops the run and keeps the best checkpoint when the proxy rises while gold falls for several evaluations in a row, or when KL passes its budget.</p>"
         sections.append(("Reward-hacking check", body))
