@@ -54,9 +54,13 @@ class DataConfig(Section):
     n_sft: int = Field(3000, gt=0, description="SFT demonstrations")
     n_rl_prompts: int = Field(2000, gt=0, description="prompts for candidate generation and PPO")
     n_eval_prompts: int = Field(300, gt=0, description="held-out prompts for evaluation")
+    n_tune_prompts: int = Field(200, gt=0, description="tuning prompts (the PPO guard's checkpoint choice)")
     sft_rude_rate: float = Field(0.15, ge=0, le=1, description="share of SFT demonstrations that are rude")
     sft_wrong_rate: float = Field(0.1, ge=0, le=1, description="share of SFT demonstrations that are wrong")
     sft_ramble_rate: float = Field(0.1, ge=0, le=1, description="share of SFT demonstrations that ramble")
+    sft_nonanswer_rate: float = Field(
+        0.05, ge=0, le=1, description="share of SFT demonstrations that do not answer what was asked"
+    )
 
 
 class TrainConfig(Section):
@@ -146,6 +150,11 @@ class GenerateConfig(Section):
         None, description="policy name stored with each completion; default: the model dir name"
     )
     k: int = Field(4, ge=1, le=16, description="candidate answers per prompt")
+    short_k: int = Field(
+        0, ge=0, le=4, description="extra candidates per prompt: the first sentence of sampled answer j < short_k "
+        "(the empty answer where that is already a candidate), so labels teach the reward model what a "
+        "policy that stops early says",
+    )  # fmt: skip
     max_prompts: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")

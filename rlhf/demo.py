@@ -24,6 +24,7 @@ FAST_OVERRIDES = [
     "data.n_sft=800",
     "data.n_rl_prompts=400",
     "data.n_eval_prompts=100",
+    "data.n_tune_prompts=64",
     "pretrain.arch.hidden_size=64",
     "pretrain.arch.intermediate_size=192",
     "pretrain.arch.num_hidden_layers=2",
@@ -31,7 +32,8 @@ FAST_OVERRIDES = [
     "pretrain.batch_size=16",
     "pretrain.micro_batch_size=16",
     "sft.epochs=1",
-    "generate.max_prompts=160",
+    "generate.max_prompts=120",
+    "generate.short_k=1",
     "reward.normalise.n_prompts=64",
     "ppo.iterations=12",
     "ppo.guard_every=4",
@@ -72,7 +74,7 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
         f"ppo.policy={out / 'sft' / 'final'}",
         f"ppo.reward_model={out / 'reward' / 'final'}",
         f"ppo.prompts_file={data / 'rl_prompts.jsonl'}",
-        f"ppo.eval_prompts_file={data / 'eval_prompts.jsonl'}",
+        f"ppo.eval_prompts_file={data / 'tune_prompts.jsonl'}",
         f"eval.prompts_file={data / 'eval_prompts.jsonl'}",
         f"eval.reference={out / 'sft' / 'final'}",
     ]
@@ -136,13 +138,15 @@ def ppo_policy(out: Path) -> Path:
 
 
 def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
-    """PPO vs SFT and pretrained vs SFT under the gold judge, on the held-out prompts."""
+    """PPO vs SFT and pretrained vs SFT under the gold judge, on the held-out prompts; example rows drawn at
+    random (fixed seed) from every question family; what the reward model makes of answers of every kind; how
+    often the correct answer is among the SFT policy's K candidates."""
     from rlhf.eval.compare import compare
     from rlhf.eval.judges import make_judge
 
     judge = make_judge(cfg.eval.judge)
     sft = str(out / "sft" / "final")
-    results = {}
+    results: dict[str, Any] = {}
     for name, policy in (
         ("ppo_vs_sft", str(ppo_policy(out))),
         ("pretrained_vs_sft", str(out / "pretrain" / "final")),
@@ -151,40 +155,128 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
         write_json(out / "eval" / f"{name}.json", summary)
         results[f"{name}_win_rate"] = summary["win_rate_a"]
         if name == "ppo_vs_sft":
-            write_json(
-                out / "eval" / "examples.json",
-                score_examples(summary["samples"][:12], out / "reward" / "final"),
-            )
+            rows = examples_by_family(summary["rows"], per_family=2, seed=cfg.eval.seed)
+            write_json(out / "eval" / "examples.json", score_examples(rows, out / "reward" / "final"))
+    kinds = reward_by_kind(read_prompts(cfg.eval.prompts_file, 200), out / "reward" / "final")
+    write_json(out / "eval" / "reward_by_kind.json", kinds)
+    coverage = candidate_coverage(cfg.generate.out)
+    write_json(out / "eval" / "sft_coverage.json", coverage)
+    results["sft_correct_among_k"] = coverage["correct_among_k"]
     return results
 
 
-def score_examples(samples: list[dict[str, Any]], reward_model: Path) -> list[dict[str, Any]]:
-    """Example answers of PPO (a) and SFT (b) with their gold utility and reward-model score."""
+def read_prompts(path: str, limit: int) -> list[str]:
+    from rlhf.eval.compare import read_prompts as read
+
+    return read(path, limit)
+
+
+def examples_by_family(rows: list[dict[str, Any]], per_family: int, seed: int) -> list[dict[str, Any]]:
+    """`per_family` rows of every question family, drawn at random with a fixed seed (never chosen by score)."""
+    import random
+
+    from rlhf.labelers import gold
+
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_family.setdefault(gold.parse_question(row["prompt"]).family, []).append(row)
+    rng = random.Random(seed)
+    picked = []
+    for family in sorted(by_family):
+        picked += [
+            {**r, "family": family}
+            for r in rng.sample(by_family[family], min(per_family, len(by_family[family])))
+        ]
+    return picked
+
+
+def _rm_scores(reward_model: Path, prompts: list[str], texts: list[str]) -> list[float]:
+    """The reward model's normalised scores of each (prompt, answer), every answer ended with EOS."""
     import torch
 
     from rlhf.generation import left_pad
-    from rlhf.labelers import gold
     from rlhf.models.heads import load_scalar_model, sequence_rewards
     from rlhf.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(reward_model))
     rm = load_scalar_model(str(reward_model)).eval()
-    rows = []
-    for s in samples:
-        texts = [s["a"], s["b"]]
+    scores: list[float] = []
+    for i in range(0, len(texts), 64):
         ids = [
-            tokenizer(s["prompt"] + t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for t in texts
+            tokenizer(p + t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for p, t in zip(prompts[i : i + 64], texts[i : i + 64], strict=True)
         ]
         batch, mask = left_pad(ids, tokenizer.pad_token_id)
         with torch.no_grad():
-            scores = sequence_rewards(rm, batch, mask).tolist()
-        rows.append({
-            "prompt": s["prompt"], "ppo": s["a"], "sft": s["b"],
-            "gold_ppo": gold.utility(s["prompt"], s["a"]), "gold_sft": gold.utility(s["prompt"], s["b"]),
-            "rm_ppo": scores[0], "rm_sft": scores[1],
-        })  # fmt: skip
-    return rows
+            scores += sequence_rewards(rm, batch, mask).tolist()
+    return scores
+
+
+def score_examples(rows: list[dict[str, Any]], reward_model: Path) -> list[dict[str, Any]]:
+    """Example answers of PPO (a) and SFT (b) with their gold utility and reward-model score."""
+    from rlhf.labelers import gold
+
+    prompts = [r["prompt"] for r in rows]
+    rm_ppo = _rm_scores(reward_model, prompts, [r["a"] for r in rows])
+    rm_sft = _rm_scores(reward_model, prompts, [r["b"] for r in rows])
+    return [
+        {"family": r.get("family"), "prompt": r["prompt"], "ppo": r["a"], "sft": r["b"],
+         "gold_ppo": gold.utility(r["prompt"], r["a"], r.get("ended_a")),
+         "gold_sft": gold.utility(r["prompt"], r["b"], r.get("ended_b")), "rm_ppo": a, "rm_sft": b}
+        for r, a, b in zip(rows, rm_ppo, rm_sft, strict=True)
+    ]  # fmt: skip
+
+
+def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
+    """The reward model's mean score of hand-made answers of every kind to the same prompts, beside gold's: a
+    concise correct answer, a wordy one, a wrong attempt, non-answers ("Yes.", "Hmm.", empty), and on the
+    honest and harmless families an invented fact, compliance with harm or a rude retort."""
+    import random
+
+    from rlhf.data import demo_task
+    from rlhf.labelers import gold
+
+    rng = random.Random(0)
+    made: dict[str, list[tuple[str, str]]] = {}
+    for prompt in prompts:
+        q = gold.parse_question(prompt)
+        good = demo_task.answer_templates(q, q.answer)
+        answers = {"concise correct": good[0], "wordy correct": good[-1], "non-answer: Hmm.": "Hmm.",
+                   "non-answer: Yes.": "Yes.", "non-answer: empty": ""}  # fmt: skip
+        if q.family in ("arithmetic", "fact", "yesno", "unknown", "harm", "provocation"):
+            answers["wrong / invented / complying / retort"] = demo_task.make_response(q, rng, wrong=True)
+        for kind, text in answers.items():
+            made.setdefault(kind, []).append((prompt, " " + text if text else ""))
+    out: dict[str, Any] = {}
+    for kind, pairs in made.items():
+        ps, ts = [p for p, _ in pairs], [t for _, t in pairs]
+        scores = _rm_scores(reward_model, ps, ts)
+        golds = [gold.utility(p, t, True) for p, t in pairs]
+        out[kind] = {
+            "n": len(pairs),
+            "rm_mean": sum(scores) / len(scores),
+            "gold_mean": sum(golds) / len(golds),
+        }
+    return out
+
+
+def candidate_coverage(candidates_file: str) -> dict[str, Any]:
+    """How often the SFT policy's K candidates hold a correct answer (what preferences can reward), and how
+    often one sampled answer is correct, over the candidates' prompts by criterion."""
+    from rlhf.labelers import gold
+    from rlhf.labelers.panel import read_candidates
+
+    rows = read_candidates(candidates_file)
+    any_correct = n_correct = n_answers = 0
+    for row in rows:
+        flags = [gold.judge(row["prompt"], c["text"], c.get("finish_reason", "stop") == "stop").correct
+                 for c in row["completions"]]  # fmt: skip
+        any_correct += any(flags)
+        n_correct += sum(flags)
+        n_answers += len(flags)
+    k = max(len(r["completions"]) for r in rows)
+    return {"k": k, "prompts": len(rows), "correct_among_k": any_correct / len(rows),
+            "correct_per_sample": n_correct / n_answers}  # fmt: skip
 
 
 def label(out: Path, cfg: RootConfig) -> dict[str, Any]:
@@ -226,6 +318,16 @@ def summary_lines(out: Path) -> list[str]:
     if "rm_gold_accuracy" in reward:
         lines.append(f"reward model agrees with gold on {reward['rm_gold_accuracy']:.3f} of held-out pairs "
                      f"(the panel's own votes: {reward['panel_gold_agreement']:.3f})")  # fmt: skip
+    coverage = out / "eval" / "sft_coverage.json"
+    if coverage.exists():
+        c = json.loads(coverage.read_text())
+        lines.append(f"SFT candidates: a correct answer among K={c['k']} on {c['correct_among_k']:.3f} of prompts, "
+                     f"{c['correct_per_sample']:.3f} of single answers")  # fmt: skip
+    kinds = out / "eval" / "reward_by_kind.json"
+    if kinds.exists():
+        k = json.loads(kinds.read_text())
+        lines.append("reward model, mean score (gold): " + ", ".join(
+            f"{kind} {v['rm_mean']:.2f} ({v['gold_mean']:.2f})" for kind, v in k.items()))  # fmt: skip
     comparison = out / "eval" / "ppo_vs_sft.json"
     if comparison.exists():
         e = json.loads(comparison.read_text())
@@ -233,9 +335,11 @@ def summary_lines(out: Path) -> list[str]:
         lines += [
             f"PPO vs SFT under the gold judge, {e['n_prompts']} held-out prompts: win rate {e['win_rate_a']:.3f} "
             f"(95% CI {low:.3f}-{high:.3f}), KL to SFT {ppo['kl_to_reference']:.2f} nats",
-            f"{'':>10}  {'SFT':>7}  {'PPO':>7}",
-            *(f"{label:>10}  {sft[key]:7.3f}  {ppo[key]:7.3f}" for label, key in
-              [("correct", "correct_rate"), ("rude", "rude_rate"), ("words", "mean_words"), ("EOS", "eos_rate")]),
+            f"{'':>14}  {'SFT':>7}  {'PPO':>7}",
+            *(f"{label:>14}  {sft[key]:7.3f}  {ppo[key]:7.3f}" for label, key in
+              [("correct", "correct_rate"), ("non-responsive", "non_responsive_rate"),
+               ("hallucinated", "hallucinated_rate"), ("harmful", "harmful_rate"), ("toxic", "toxic_rate"),
+               ("words", "mean_words"), ("EOS", "eos_rate")]),
         ]  # fmt: skip
     if (out / "report.html").exists():
         lines.append(f"report: {out / 'report.html'}")
@@ -262,7 +366,8 @@ def run(
     def data() -> dict[str, Any]:
         demo_task.generate(out / "data", seed=d.seed, n_pretrain=d.n_pretrain, n_sft=d.n_sft, n_rl_prompts=d.n_rl_prompts,
                            n_eval_prompts=d.n_eval_prompts, sft_rude_rate=d.sft_rude_rate, sft_wrong_rate=d.sft_wrong_rate,
-                           sft_ramble_rate=d.sft_ramble_rate)  # fmt: skip
+                           sft_ramble_rate=d.sft_ramble_rate, sft_nonanswer_rate=d.sft_nonanswer_rate,
+                           n_tune_prompts=d.n_tune_prompts)  # fmt: skip
         return {"pretrain_docs": d.n_pretrain, "sft_demonstrations": d.n_sft}
 
     stages.run("data", data)

@@ -4,11 +4,18 @@ Writes the candidates JSONL that the labeling app imports, one row per prompt:
   {"prompt", "prompt_id", "completions": [{"text", "policy", "sampling": {...}, "finish_reason"}]}
 Each completion carries its lineage: the policy version and the sampling parameters that made it.
 finish_reason is "stop" when the policy ended with EOS, "length" when it ran out of max_new_tokens.
+
+With `short_k`, each prompt also gets the policy's own answers cut short: the first sentence of sampled answer
+j < short_k ("Sure!", "Good question.", "Yes."), or the empty answer where that sentence is already a
+candidate. A policy optimised against the reward model finds such answers when it learns to stop early; a
+reward model that never saw them cannot know they are bad (Gao et al. 2022 on overoptimisation), so labelers
+judge them beside the full answers. Their sampling record says `"truncated": "first_sentence"`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,6 +57,29 @@ def policy_name(model: str, policy_version: str | None) -> str:
     return f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name else path.name
 
 
+def first_sentence(text: str) -> str:
+    """The answer up to its first sentence end, leading space kept: " Sure! 3 plus 4 is 7." -> " Sure!"."""
+    match = re.search(r"[.!?](?=\s|$)", text)
+    return text[: match.end()] if match else text
+
+
+def short_answers(completions: list[dict[str, Any]], short_k: int) -> list[dict[str, Any]]:
+    """Up to short_k extra candidates: the first sentence of answer j, or the empty answer where that sentence
+    is already a candidate; none that would repeat a candidate."""
+    seen = {c["text"] for c in completions}
+    extra = []
+    for c in completions[:short_k]:
+        text = first_sentence(c["text"])
+        if text in seen:
+            text = ""
+        if text in seen:
+            continue
+        seen.add(text)
+        extra.append({"text": text, "policy": c["policy"], "sampling": {**c["sampling"], "truncated": "first_sentence"},
+                      "finish_reason": "stop"})  # fmt: skip
+    return extra
+
+
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Sample cfg.k answers to every prompt in batches; write the candidates file; return a summary."""
     start = time.perf_counter()
@@ -87,12 +117,13 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
              "finish_reason": "stop" if ended[j] else "length"}
             for j in answers
         ]  # fmt: skip
+        completions += short_answers(completions, cfg.short_k)
         rows.append({"prompt": prompt, "prompt_id": prompt_id, "completions": completions})
     write_jsonl(cfg.out, rows)
     seconds = time.perf_counter() - start
     return {
         "prompts": len(rows),
-        "completions": len(texts),
+        "completions": sum(len(r["completions"]) for r in rows),
         "eos_rate": ended.count(True) / len(ended),
         "distinct_per_prompt": sum(len({c["text"] for c in r["completions"]}) for r in rows) / len(rows),
         "seconds": seconds,

@@ -2,7 +2,8 @@
 
 The judge sees each pair in a random A/B order. The win rate of A counts ties as half a win; its 95% interval
 comes from a bootstrap over prompts. Beside it, for each policy: its mean KL to a reference model, mean answer
-length, EOS rate and, on the demo task, correctness, rudeness and gold utility.
+length, EOS rate and, on the demo task, the per-criterion rates (correct, non-responsive,
+hallucinated, harmful, toxic) with their 95% intervals, and gold utility.
 
 Sampling defaults to temperature 0.7: policies are used by sampling, so judging samples shows what users would
 see (greedy decoding hides failure modes such as the SFT model's occasional rudeness). A and B use different
@@ -164,10 +165,10 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
     outcomes, a_first = judge_pairs(judge, prompts, answers["a"], answers["b"], cfg.seed)
     rate, low, high = win_rate(outcomes, cfg.bootstrap, cfg.seed)
     demo = judge.name == "gold"
-    samples = [
-        {"prompt": p, "a": answers["a"].texts[i], "b": answers["b"].texts[i], "a_first": a_first[i],
-         "outcome_a": float(outcomes[i])}
-        for i, p in enumerate(prompts[:20])
+    rows = [
+        {"prompt": p, "a": answers["a"].texts[i], "b": answers["b"].texts[i], "ended_a": answers["a"].ended[i],
+         "ended_b": answers["b"].ended[i], "a_first": a_first[i], "outcome_a": float(outcomes[i])}
+        for i, p in enumerate(prompts)
     ]  # fmt: skip
     return {
         "policy_a": policy_a,
@@ -192,7 +193,8 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
         "losses_a": int((outcomes == 0.0).sum()),
         "a": policy_metrics(prompts, answers["a"], demo),
         "b": policy_metrics(prompts, answers["b"], demo),
-        "samples": samples,
+        "samples": rows[:20],
+        "rows": rows,
     }
 
 
@@ -205,12 +207,19 @@ def format_table(summary: dict[str, Any]) -> str:
         f"win rate of A over B ({summary['judge']} judge, {summary['n_prompts']} prompts, ties = 1/2): "
         f"{summary['win_rate_a']:.3f}  95% CI [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]  "
         f"(W/T/L {summary['wins_a']}/{summary['ties']}/{summary['losses_a']})",
-        f"{'metric':<18}{'A':>10}{'B':>10}",
+        f"{'metric':<28}{'A':>10}{'B':>10}",
     ]
+    ci_a, ci_b = summary["a"].get("ci95", {}), summary["b"].get("ci95", {})
     for key in summary["a"]:
         a, b = summary["a"][key], summary["b"][key]
+        if isinstance(a, dict):
+            continue
         cell = lambda v: f"{v:>10.3f}" if isinstance(v, float | int) else f"{'-':>10}"  # noqa: E731
-        lines.append(f"{key:<18}{cell(a)}{cell(b)}")
+        interval = lambda c: f"  [{c[0]:.3f}, {c[1]:.3f}]" if c else ""  # noqa: E731
+        line = f"{key:<28}{cell(a)}{cell(b)}"
+        if key in ci_a:
+            line += f"   95% CI A{interval(ci_a[key])} B{interval(ci_b.get(key))}"
+        lines.append(line)
     if summary["reference"]:
         lines.append(f"(KL in nats per answer, to {summary['reference']})")
     return "\n".join(lines)

@@ -7,8 +7,11 @@ for now; people in the labeling app or an AI judge plug in by implementing `Judg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 from rlhf.labelers import gold
 
@@ -51,14 +54,48 @@ def gold_utilities(prompts: list[str], responses: list[str], ended: list[bool]) 
     return [gold.utility(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)]
 
 
-def demo_metrics(prompts: list[str], responses: list[str], ended: list[bool]) -> dict[str, float]:
-    """What a user of the demo reads: correctness, rudeness, repetition, words and mean gold utility."""
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (Wilson 1927); (nan, nan) when n = 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# Per-criterion rates: (metric key, the judgement's flag, the families it is counted on; None = every answer).
+RATES: list[tuple[str, str, tuple[str, ...] | None]] = [
+    ("correct_rate", "correct", None),
+    ("correct_knowable_rate", "correct", ("arithmetic", "fact", "yesno", "greeting", "thanks")),
+    ("non_responsive_rate", "non_responsive", None),
+    ("idk_on_unknowable_rate", "correct", ("unknown",)),
+    ("hallucinated_rate", "hallucinated", ("unknown",)),
+    ("refusal_rate", "correct", ("harm",)),
+    ("harmful_rate", "harmful", ("harm",)),
+    ("polite_on_provocation_rate", "correct", ("provocation",)),
+    ("toxic_rate", "toxic", None),
+    ("repetitive_rate", "repetitive", None),
+]
+
+
+def demo_metrics(prompts: list[str], responses: list[str], ended: list[bool]) -> dict[str, Any]:
+    """What a user of the demo reads, per criterion: correct, non-responsive, hallucinated on unknowable
+    questions, harmful compliance on harm requests, toxic, words and mean gold utility; each rate with its 95%
+    Wilson interval under "ci95" (the mean words with a normal-approximation interval)."""
     judged = [gold.judge(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)]
-    n = max(1, len(judged))
-    return {
-        "correct_rate": sum(j.correct for j in judged) / n,
-        "rude_rate": sum(j.rude for j in judged) / n,
-        "repetitive_rate": sum(j.repetitive for j in judged) / n,
-        "mean_words": sum(j.n_words for j in judged) / n,
-        "gold_utility": sum(j.utility for j in judged) / n,
-    }
+    out: dict[str, Any] = {}
+    ci: dict[str, list[float]] = {}
+    for key, flag, families in RATES:
+        counted = [j for j in judged if families is None or j.family in families]
+        k = sum(bool(getattr(j, flag)) for j in counted)
+        out[key] = k / len(counted) if counted else float("nan")
+        ci[key] = list(wilson_interval(k, len(counted)))
+        out[key.removesuffix("_rate") + "_n"] = len(counted)
+    words = np.asarray([j.n_words for j in judged], dtype=np.float64)
+    out["mean_words"] = float(words.mean()) if len(words) else float("nan")
+    half = 1.96 * float(words.std(ddof=1)) / math.sqrt(len(words)) if len(words) > 1 else float("nan")
+    ci["mean_words"] = [out["mean_words"] - half, out["mean_words"] + half]
+    out["gold_utility"] = sum(j.utility for j in judged) / max(1, len(judged))
+    out["ci95"] = ci
+    return out

@@ -126,6 +126,59 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
+# (label, metric key) of the per-criterion table; rates are shown as percentages with their 95% intervals.
+AXES = [
+    ("correct", "correct_rate"), ("correct on knowable", "correct_knowable_rate"),
+    ("non-responsive", "non_responsive_rate"), ("\"I don't know\" on unknowable", "idk_on_unknowable_rate"),
+    ("hallucinated on unknowable", "hallucinated_rate"), ("refuses harm", "refusal_rate"),
+    ("harmful compliance", "harmful_rate"), ("polite to provocation", "polite_on_provocation_rate"),
+    ("toxic", "toxic_rate"), ("repetitive", "repetitive_rate"),
+]  # fmt: skip
+
+
+def _rate_ci(m: dict[str, Any], key: str) -> str:
+    ci = m.get("ci95", {}).get(key)
+    if m.get(key) is None:
+        return "–"
+    return _pct(m[key]) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def _words_ci(m: dict[str, Any]) -> str:
+    if "mean_words" not in m:
+        return "–"
+    ci = m.get("ci95", {}).get("mean_words")
+    return f"{m['mean_words']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def comparison_table(ppo_vs_sft: dict[str, Any], pre_vs_sft: dict[str, Any]) -> str:
+    """Rows = measures (win rate, each criterion's rate with its 95% interval, words, tokens, EOS, KL);
+    columns = PPO, SFT, pretrained."""
+    policies = [("PPO", ppo_vs_sft["a"]), ("SFT", ppo_vs_sft["b"])]
+    wins = [
+        f"{ppo_vs_sft['win_rate_a']:.3f} [{ppo_vs_sft['ci95'][0]:.3f}, {ppo_vs_sft['ci95'][1]:.3f}]",
+        "0.500 (baseline)",
+    ]
+    if pre_vs_sft.get("a"):
+        policies.append(("pretrained", pre_vs_sft["a"]))
+        wins.append(
+            f"{pre_vs_sft['win_rate_a']:.3f} [{pre_vs_sft['ci95'][0]:.3f}, {pre_vs_sft['ci95'][1]:.3f}]"
+        )
+    rows: list[list[Any]] = [["gold win rate vs SFT (95% CI)", *wins]]
+    rows += [[label, *(_rate_ci(m, key) for _, m in policies)] for label, key in AXES]
+    rows.append(["words per answer", *(_words_ci(m) for _, m in policies)])
+    rows.append(["mean gold utility", *(m.get("gold_utility") for _, m in policies)])
+    rows.append(["mean tokens", *(m.get("mean_tokens") for _, m in policies)])
+    rows.append(["EOS rate", *(_pct(m.get("eos_rate")) for _, m in policies)])
+    rows.append(["KL to SFT (nats)", *(m.get("kl_to_reference") for _, m in policies)])
+    body = table(["measure", *(name for name, _ in policies)], rows)
+    body += (
+        f"<p>{ppo_vs_sft['n_prompts']} held-out prompts, answers in random A/B order, ties counted half; sampling "
+        f"temperature {ppo_vs_sft['sampling']['temperature']}. Rates with 95% Wilson intervals; hallucination is "
+        "counted on the unknowable questions, harmful compliance on the harm requests.</p>"
+    )
+    return body
+
+
 def demo_sections(run: Path) -> list[tuple[str, str]]:
     """The demo report's sections, every number read from the run directory's files."""
     stages = _load(run / "stages.json")
@@ -169,46 +222,29 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
         sections.append(("Reward model against gold", body))
 
     if ppo_vs_sft:
-        ppo_m, sft_m = ppo_vs_sft["a"], ppo_vs_sft["b"]
-        pre_m = pre_vs_sft.get("a", {})
-        ci = ppo_vs_sft["ci95"]
-        cols = [
-            "policy",
-            "gold win rate vs SFT (95% CI)",
-            "correct",
-            "rude",
-            "mean tokens",
-            "EOS rate",
-            "KL to SFT (nats)",
-        ]
+        sections.append(
+            ("PPO vs SFT vs pretrained, under the gold judge", comparison_table(ppo_vs_sft, pre_vs_sft))
+        )
 
-        def row(name: str, m: dict[str, Any], win: str) -> list[Any]:
-            return [
-                name,
-                win,
-                _pct(m.get("correct_rate")),
-                _pct(m.get("rude_rate")),
-                m.get("mean_tokens"),
-                _pct(m.get("eos_rate")),
-                m.get("kl_to_reference"),
-            ]
-
-        rows = [
-            row("PPO", ppo_m, f"{ppo_vs_sft['win_rate_a']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"),
-            row("SFT", sft_m, "0.500 (baseline)"),
-        ]
-        if pre_m:
-            pci = pre_vs_sft["ci95"]
-            rows.append(
-                row("pretrained", pre_m, f"{pre_vs_sft['win_rate_a']:.3f} [{pci[0]:.3f}, {pci[1]:.3f}]")
+    kinds = _load(run / "eval" / "reward_by_kind.json")
+    coverage = _load(run / "eval" / "sft_coverage.json")
+    if kinds:
+        rows = [[kind, k["n"], k["rm_mean"], k["gold_mean"]] for kind, k in kinds.items()]
+        body = table(
+            ["answer (hand-made, to held-out prompts)", "answers", "reward model, mean", "gold, mean"], rows
+        )
+        body += "<p>A reward model that a non-answer cannot fool scores the non-answers below the correct answers, as gold does.</p>"
+        if coverage:
+            body += (
+                f"<p>The SFT policy's {coverage['k']} candidates per prompt ({coverage['prompts']} prompts) hold a correct answer "
+                f"on {_pct(coverage['correct_among_k'])} of prompts; one sampled answer is correct {_pct(coverage['correct_per_sample'])} of the time.</p>"
             )
-        body = table(cols, rows)
-        body += f"<p>{ppo_vs_sft['n_prompts']} held-out prompts, answers in random A/B order, ties counted half; sampling temperature {ppo_vs_sft['sampling']['temperature']}.</p>"
-        sections.append(("PPO vs SFT vs pretrained, under the gold judge", body))
+        sections.append(("What the reward model makes of answers of every kind", body))
 
     if examples:
         rows = [
             [
+                e.get("family", ""),
                 e["prompt"].replace("User: ", "").replace("\nAssistant:", ""),
                 e["sft"],
                 e["gold_sft"],
@@ -219,9 +255,9 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
             ]
             for e in examples
         ]
-        sections.append(
-            ("Examples", table(["prompt", "SFT answer", "gold", "RM", "PPO answer", "gold", "RM"], rows))
-        )
+        body = table(["family", "prompt", "SFT answer", "gold", "RM", "PPO answer", "gold", "RM"], rows)
+        body += "<p>Rows drawn at random (fixed seed) from every question family of the held-out prompts, never chosen by score.</p>"
+        sections.append(("Examples", body))
 
     if ppo_summary:
         guard_rows = (
@@ -234,6 +270,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
             for r in guard_rows
         ]
         body = table(["iteration", "KL to reference", "proxy (RM)", "gold"], rows)
+        body += "<p>Measured on the guard's prompts (the demo's tuning prompts, never the held-out ones).</p>"
         body += f"<p>Stop reason: <b>{html.escape(str(ppo_summary.get('stop_reason')))}</b>; best checkpoint at iteration {ppo_summary.get('best_iteration')}. "
         body += "The guard stops the run and keeps the best checkpoint when the proxy rises while gold falls for several evaluations in a row, or when KL passes its budget.</p>"
         sections.append(("Reward-hacking check", body))

@@ -61,11 +61,34 @@ def test_report_numbers_are_the_run_files_numbers(demo_run: Path) -> None:
     rm = json.loads((demo_run / "reward" / "eval.json").read_text())
     low, high = ppo_vs_sft["ci95"]
     assert f"{ppo_vs_sft['win_rate_a']:.3f} [{low:.3f}, {high:.3f}]" in html
-    assert f"{100 * ppo_vs_sft['a']['rude_rate']:.1f}%" in html
+    assert f"{100 * ppo_vs_sft['a']['toxic_rate']:.1f}%" in html
     assert f"{rm['gold/rm_accuracy']['accuracy']:.3f}" in html
     assert f"{rm['gold/label_agreement']['accuracy']:.3f}" in html
     stages = json.loads((demo_run / "stages.json").read_text())
     assert f"<td>{stages['ppo']['seconds']:.3f}</td>" in html
+
+
+def test_report_shows_every_criterion_and_examples_from_every_family(demo_run: Path) -> None:
+    from rlhf.labelers import gold
+
+    html = (demo_run / "report.html").read_text()
+    ppo_vs_sft = json.loads((demo_run / "eval" / "ppo_vs_sft.json").read_text())
+    for side in ("a", "b"):
+        m = ppo_vs_sft[side]
+        for key in ("correct_rate", "non_responsive_rate", "hallucinated_rate", "harmful_rate", "toxic_rate"):
+            low, high = m["ci95"][key]
+            assert low <= m[key] <= high
+            assert f"{100 * m[key]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]" in html
+    # two examples from every family the held-out prompts hold, drawn by seed, never chosen by score
+    families = {gold.parse_question(r["prompt"]).family for r in ppo_vs_sft["rows"]}
+    examples = json.loads((demo_run / "eval" / "examples.json").read_text())
+    assert {e["family"] for e in examples} == families and len(families) >= 6
+    assert all(sum(e["family"] == f for e in examples) <= 2 for f in families)
+    kinds = json.loads((demo_run / "eval" / "reward_by_kind.json").read_text())
+    assert {"concise correct", "non-answer: Yes.", "non-answer: empty"} <= set(kinds)
+    assert kinds["concise correct"]["gold_mean"] > kinds["non-answer: Yes."]["gold_mean"]
+    coverage = json.loads((demo_run / "eval" / "sft_coverage.json").read_text())
+    assert coverage["correct_per_sample"] <= coverage["correct_among_k"] <= 1
 
 
 def test_report_renders_with_no_broken_image(demo_run: Path, browser: Any) -> None:

@@ -17,20 +17,30 @@ def test_a_policy_against_itself_wins_half_the_time(
     out = tmp_path / "eval.json"
     sft = str(tiny_sft_model)
     args = ["eval", sft, sft, "--reference", sft, "--out", str(out),
-            "--set", f"eval.prompts_file={demo_data / 'eval_prompts.jsonl'}", "--set", "eval.n_prompts=32",
+            "--set", f"eval.prompts_file={demo_data / 'rl_prompts.jsonl'}", "--set", "eval.n_prompts=64",
             "--set", "eval.max_new_tokens=12", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=500"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
-    assert summary["n_prompts"] == 32 and summary["judge"] == "gold"
-    assert summary["wins_a"] + summary["ties"] + summary["losses_a"] == 32
+    assert summary["n_prompts"] == 64 and summary["judge"] == "gold"
+    assert summary["wins_a"] + summary["ties"] + summary["losses_a"] == 64
     low, high = summary["ci95"]
     assert low <= 0.5 <= high and low <= summary["win_rate_a"] <= high
     for side in ("a", "b"):
         metrics = summary[side]
         assert abs(metrics["kl_to_reference"]) < 1e-5  # the reference is the same model
         assert 0 < metrics["mean_tokens"] <= 12
-        for key in ("eos_rate", "correct_rate", "rude_rate", "repetitive_rate", "mean_words", "gold_utility"):
+        for key in (
+            "eos_rate",
+            "correct_rate",
+            "toxic_rate",
+            "hallucinated_rate",
+            "harmful_rate",
+            "non_responsive_rate",
+            "repetitive_rate",
+            "mean_words",
+            "gold_utility",
+        ):
             assert key in metrics
     assert len(summary["samples"]) == 20 and {"prompt", "a", "b", "a_first", "outcome_a"} <= set(
         summary["samples"][0]

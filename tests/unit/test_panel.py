@@ -9,12 +9,12 @@ import pytest
 
 from rlhf.config import PanelConfig
 from rlhf.data.preferences import PairwiseVote
-from rlhf.labelers.gold import judge
+from rlhf.labelers.gold import W_EXTRA_WORD, judge
 from rlhf.labelers.panel import Member, Panel, agreement_with_gold, gold_order, label_offline
 
 PROMPT = "User: What is 2 plus 3?\nAssistant:"
 GOOD, RUDE = " 2 plus 3 is 5.", " 2 plus 3 is 5. Obviously, you fool."
-WORDY = " Sure! 2 plus 3 is 5."  # correct, 1 word longer than GOOD: gold utility lower by 0.12
+WORDY = " Sure! 2 plus 3 is 5."  # correct, 1 word longer than GOOD: gold utility lower by W_EXTRA_WORD
 
 
 def test_default_panel_agrees_with_gold_in_the_human_band(sft_like_candidates: list[dict[str, Any]]) -> None:
@@ -26,7 +26,7 @@ def test_default_panel_agrees_with_gold_in_the_human_band(sft_like_candidates: l
 
 
 def test_noise_lowers_agreement(sft_like_candidates: list[dict[str, Any]]) -> None:
-    sharp = Panel.from_config(PanelConfig(temperature=0.05, flip_prob=0.0, bias_spread=0.0))
+    sharp = Panel.from_config(PanelConfig(temperature=0.02, flip_prob=0.0, bias_spread=0.0))
     default = Panel.from_config(PanelConfig())
     sharp_rate = agreement_with_gold(label_offline(sft_like_candidates, sharp)).rate
     assert sharp_rate > 0.99  # nearly noise-free members follow gold
@@ -54,12 +54,12 @@ def test_judgements_do_not_depend_on_labeling_order(demo_candidates: list[dict[s
 
 
 def test_choice_frequency_is_bradley_terry_with_flips() -> None:
-    # GOOD vs WORDY: gold gap 0.12; P(A) = (1 - f) * sigmoid(gap / T) + f * (1 - sigmoid(gap / T))
+    # GOOD vs WORDY: gold gap W_EXTRA_WORD; P(A) = (1 - f) * sigmoid(gap / T) + f * (1 - sigmoid(gap / T))
     gap = judge(PROMPT, GOOD).utility - judge(PROMPT, WORDY).utility
-    assert gap == pytest.approx(0.12)
+    assert gap == pytest.approx(W_EXTRA_WORD)
     member = Member("m", temperature=0.5, flip_prob=0.1, length_bias=0.0)
     p = 1 / (1 + math.exp(-gap / 0.5))
-    expected = 0.9 * p + 0.1 * (1 - p)  # 0.5475
+    expected = 0.9 * p + 0.1 * (1 - p)
     n = 4000
     wins = sum(Panel([member], seed=s).compare(PROMPT, GOOD, WORDY, True, True, "m") == "A" for s in range(n))
     assert wins / n == pytest.approx(expected, abs=3 * math.sqrt(expected * (1 - expected) / n))
