@@ -303,9 +303,9 @@ def dpo(
     quiet: QuietOpt = False,
 ) -> None:
     """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO) of the SFT policy on preference data."""
+    cfg = _config(config, sets, "dpo", out).dpo
     from rlhf.train import dpo as stage
 
-    cfg = _config(config, sets, "dpo", out).dpo
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
     line = f"dpo ({cfg.loss}): {result['train_pairs']} pairs in {result['train_judgements']} judgements; "

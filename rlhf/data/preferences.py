@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from rlhf.data.preference_io import (
     CHOICES,
@@ -30,6 +31,7 @@ from rlhf.data.preference_io import (
     split_hh,
     write_preferences,
 )
+from rlhf.errors import DataError
 
 __all__ = [
     "CHOICES",
@@ -40,6 +42,7 @@ __all__ = [
     "Message",
     "PairwiseVote",
     "PreferenceGroup",
+    "read_preference_groups",
     "PreferencePair",
     "Ranking",
     "Rating",
@@ -261,3 +264,21 @@ def _group_by_score(
             pairs.append(pair)
             margins.append(scores[better] - scores[worse] if with_margin else None)
     return PreferenceGroup(prompt, completions, pairs, margins, labeler) if pairs else None
+
+
+def read_preference_groups(path: str, fmt: Format, tokenizer: Any) -> list[PreferenceGroup]:
+    """The groups (`to_groups`) of a preference file in any format; conversational rows are rendered with the
+    tokenizer's own chat template, and a file that has them while the tokenizer has none is a DataError."""
+    records = read_preferences(path, fmt)
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+
+    try:
+        return to_groups(records, render=render if tokenizer.chat_template else None)
+    except ValueError as e:  # conversational rows without a (usable) chat template
+        raise DataError(f"{path}: {e}") from None

@@ -37,7 +37,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from rlhf.config import DPOConfig
 from rlhf.data.jsonl import write_json
-from rlhf.data.preferences import PreferenceGroup, read_preferences, to_groups
+from rlhf.data.preferences import PreferenceGroup, read_preference_groups
 from rlhf.errors import DataError
 from rlhf.losses import Stats, dpo_loss, simpo_loss
 from rlhf.models import lean_llama
@@ -115,19 +115,7 @@ def read_judgements(
     path: str, cfg: DPOConfig, tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> tuple[list[Judgement], int]:
     """Every judgement of a preference file as token ids; (judgements, answers cut to max_len)."""
-    records = read_preferences(path, cfg.format)
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return str(
-            tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        )
-
-    try:
-        groups = to_groups(records, render=render if tokenizer.chat_template else None)
-    except ValueError as e:  # conversational rows without a (usable) chat template
-        raise DataError(f"{path}: {e}") from None
+    groups = read_preference_groups(path, cfg.format, tokenizer)
     return encode(groups, tokenizer, max_len)
 
 

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import RewardConfig
 from rlhf.data.jsonl import field, iter_jsonl, write_json
-from rlhf.data.preferences import PreferenceGroup, read_preferences, to_groups
+from rlhf.data.preferences import PreferenceGroup, read_preference_groups
 from rlhf.errors import ConfigError, DataError
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.generation import SamplingParams, generate
@@ -157,19 +157,7 @@ def split_by_prompt(
 
 def read_groups(path: str, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> list[PreferenceGroup]:
     """Preference groups of a file in any format; conversational rows go through the tokenizer's chat template."""
-    records = read_preferences(path, cfg.format)
-
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return str(
-            tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        )
-
-    try:
-        groups = to_groups(records, render=render if tokenizer.chat_template else None)
-    except ValueError as e:  # conversational rows without a (usable) chat template
-        raise DataError(f"{path}: {e}") from None
+    groups = read_preference_groups(path, cfg.format, tokenizer)
     return merge_sessions(groups) if cfg.group_sessions else groups
 
 
