@@ -9,9 +9,10 @@ JSONL reading and writing live in preference_io and are re-exported here: import
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from rlhf.data.preference_io import (
     CHOICES,
@@ -43,6 +44,7 @@ __all__ = [
     "PairwiseVote",
     "PreferenceGroup",
     "read_preference_groups",
+    "split_by_prompt",
     "PreferencePair",
     "Ranking",
     "Rating",
@@ -282,3 +284,21 @@ def read_preference_groups(path: str, fmt: Format, tokenizer: Any) -> list[Prefe
         return to_groups(records, render=render if tokenizer.chat_template else None)
     except ValueError as e:  # conversational rows without a (usable) chat template
         raise DataError(f"{path}: {e}") from None
+
+
+class _HasPrompt(Protocol):
+    @property
+    def prompt(self) -> str: ...
+
+
+P = TypeVar("P", bound=_HasPrompt)
+
+
+def split_by_prompt(items: list[P], fraction: float, seed: int) -> tuple[list[P], list[P]]:
+    """Hold out a `fraction` of the distinct prompts (seeded), so held-out prompts are never trained on."""
+    prompts = sorted({item.prompt for item in items})
+    if fraction == 0 or len(prompts) < 2:
+        return items, []
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, int(len(prompts) * fraction))])
+    return [i for i in items if i.prompt not in held], [i for i in items if i.prompt in held]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,7 +36,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from rlhf.config import DPOConfig
 from rlhf.data.jsonl import write_json
-from rlhf.data.preferences import PreferenceGroup, read_preference_groups
+from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
 from rlhf.errors import DataError
 from rlhf.losses import Stats, dpo_loss, simpo_loss
 from rlhf.models import lean_llama
@@ -143,18 +142,6 @@ def encode(
             )
         out.append(Judgement(g.prompt, prompt[len(prompt) - p_len :], answers, list(g.pairs)))
     return out, truncated
-
-
-def split_by_prompt(
-    items: list[Judgement], fraction: float, seed: int
-) -> tuple[list[Judgement], list[Judgement]]:
-    """Hold out a `fraction` of the distinct prompts (seeded), so held-out prompts are never trained on."""
-    prompts = sorted({j.prompt for j in items})
-    if fraction == 0 or len(prompts) < 2:
-        return items, []
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[: max(1, int(len(prompts) * fraction))])
-    return [j for j in items if j.prompt not in held], [j for j in items if j.prompt in held]
 
 
 def judgement_run(j: Judgement) -> tuple[list[int], list[int], list[int], list[list[int]]]:

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import RewardConfig
 from rlhf.data.jsonl import field, iter_jsonl, write_json
-from rlhf.data.preferences import PreferenceGroup, read_preference_groups
+from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
 from rlhf.errors import ConfigError, DataError
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.generation import SamplingParams, generate
@@ -141,18 +141,6 @@ def merge_sessions(groups: list[PreferenceGroup]) -> list[PreferenceGroup]:
             target.pairs.append((ids[0], ids[1]))
             target.margins.append(margin)
     return out
-
-
-def split_by_prompt(
-    groups: list[PreferenceGroup], fraction: float, seed: int
-) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
-    """Hold out a `fraction` of the distinct prompts (seeded), so held-out prompts are never trained on."""
-    prompts = sorted({g.prompt for g in groups})
-    if fraction == 0 or len(prompts) < 2:
-        return groups, []
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[: max(1, int(len(prompts) * fraction))])
-    return [g for g in groups if g.prompt not in held], [g for g in groups if g.prompt in held]
 
 
 def read_groups(path: str, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> list[PreferenceGroup]:
