@@ -139,7 +139,7 @@ def machine() -> dict[str, Any]:
                 if line.startswith("model name")), platform.processor())  # fmt: skip
     flags = Path("/proc/cpuinfo").read_text()
     return {"cpu": cpu, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "torch": torch.__version__,
-            "torch_threads": int(ENV["OMP_NUM_THREADS"]), "python": platform.python_version(),
+            "torch_threads": int(ENV.get("OMP_NUM_THREADS", torch.get_num_threads())), "python": platform.python_version(),
             "load_average_at_start": os.getloadavg()[0]}  # fmt: skip
 
 
