@@ -156,13 +156,18 @@ def cpu_flags() -> dict[str, Any]:
     }
 
 
+def yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def doc_section(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         "<!-- feedback_startup:start -->",
         "## Labeling server start-up",
         "",
-        f"Command: `{result['command']}` ({result['date']}). Machine: {m['cpu']}, {m['cores']} cores, Python "
+        f"Command: `{result['command'].strip()}` ({result['date']}). Machine: {m['cpu']}, {m['cores']} cores "
+        f"(AVX-512 {yes(m['avx512f'])}, AVX512-BF16 {yes(m['avx512_bf16'])}, AMX {yes(m['amx_bf16'])}), Python "
         f"{m['python']}, load average {m['load_average_at_start']} at the start. Median of {result['reps']} starts "
         "each, cold (fresh database: the migrations run) and warm (schema already at head: Alembic is not "
         "imported) alternating; CPU is the server process's own time when it first answered /healthz.",
