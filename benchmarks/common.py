@@ -95,9 +95,15 @@ def update_doc(name: str, title: str, result: dict[str, Any], body: list[str]) -
         f"other work (load average {m['load_average_at_start']} at the start), so only ratios measured side by "
         "side, alternating, are meaningful; absolute rates vary from run to run.", "", *body, end,
     ])  # fmt: skip
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    replace_doc_section(start, end, section)
+
+
+def replace_doc_section(start: str, end: str, section: str, doc: Path = DOC) -> None:
+    """Put `section` (which begins with `start` and ends with `end`) in place of the doc's text between those
+    markers, or append it where the doc has none."""
+    text = doc.read_text() if doc.exists() else "# Performance\n"
     if start in text:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import replace_doc_section
 from benchmarks.reward_throughput import ARCH, ENV, ROOT, ensure_trl_venv, machine
 from rlhf.config import PanelConfig
 from rlhf.data import demo_task
@@ -35,7 +36,6 @@ from rlhf.models.loading import build_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 
 RESULTS = ROOT / "benchmarks" / "results" / "dpo_throughput.json"
-DOC = ROOT / "docs" / "performance.md"
 START, END = "<!-- dpo_throughput:start -->", "<!-- dpo_throughput:end -->"
 MAX_LEN = 128
 BATCH, GRAD_ACCUM = 32, 4  # pairs per optimiser step; forward passes per step
@@ -124,12 +124,7 @@ def update_doc(result: dict[str, Any]) -> None:
         "LM head only at answer tokens; TRL forwards chosen and rejected as right-padded rows through "
         "transformers' forward with the LM head at every position.", END,
     ])  # fmt: skip
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if START in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    replace_doc_section(START, END, section)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import DOC, RESULTS
+from benchmarks.common import RESULTS, replace_doc_section
 from benchmarks.feedback_load import cpu_seconds, drop_pg_schema, free_port, pg_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,16 +192,6 @@ def doc_section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_doc(section: str) -> None:
-    start, end = "<!-- feedback_startup:start -->", "<!-- feedback_startup:end -->"
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if start in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
@@ -241,7 +231,9 @@ def main() -> None:
     out = RESULTS / "feedback_startup.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_doc:
-        update_doc(doc_section(result))
+        replace_doc_section(
+            "<!-- feedback_startup:start -->", "<!-- feedback_startup:end -->", doc_section(result)
+        )
     print(f"wrote {out}")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from benchmarks.common import replace_doc_section
 from benchmarks.reward_throughput import machine
 from rlhf.bon import best_of_n
 from rlhf.config import EvalConfig
@@ -214,9 +215,7 @@ def update_doc(result: dict[str, Any]) -> None:
         "scoring them), not training; its KL is the bound log n - (n - 1) / n.", "", *rows, "",
         "![gold and proxy against sqrt KL](images/methods_frontier.png)", END,
     ])  # fmt: skip
-    text = DOC.read_text()
-    text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    DOC.write_text(text)
+    replace_doc_section(START, END, section, DOC)
 
 
 if __name__ == "__main__":

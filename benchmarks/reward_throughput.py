@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import replace_doc_section
 from rlhf.config import ArchConfig, PanelConfig
 from rlhf.data import demo_task
 from rlhf.data.jsonl import write_json, write_jsonl
@@ -42,7 +43,6 @@ from rlhf.runs import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".bench-venvs" / "trl1"
 RESULTS = ROOT / "benchmarks" / "results" / "reward_throughput.json"
-DOC = ROOT / "docs" / "performance.md"
 START, END = "<!-- reward_throughput:start -->", "<!-- reward_throughput:end -->"
 ARCH = ArchConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
@@ -168,16 +168,7 @@ def update_doc(result: dict[str, Any]) -> None:
         "per sequence. Ours also takes SDPA's math backend for rows of at most 160 tokens (see Attention on a "
         "CPU above); TRL runs SDPA as torch picks.", END,
     ])  # fmt: skip
-    text = (
-        DOC.read_text()
-        if DOC.exists()
-        else "# Performance\n\nMeasured numbers, with the command that reproduces each.\n"
-    )
-    if START in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    replace_doc_section(START, END, section)
 
 
 def main() -> None:
