@@ -230,6 +230,10 @@ class RewardConfig(TrainConfig):
         "runs/votes.jsonl", description="preference JSONL in any format of docs/formats.md"
     )
     format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
+    skip_bad_rows: bool = Field(
+        False,
+        description="skip malformed rows of the preference files (counted in the log) instead of stopping",
+    )
     eval_file: str | None = Field(
         None, description="held-out preferences; default: a split of train_file by prompt"
     )
@@ -408,6 +412,10 @@ class DPOConfig(TrainConfig):
         description="preference JSONL in any format of docs/formats.md (rankings as pairs)",
     )
     format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
+    skip_bad_rows: bool = Field(
+        False,
+        description="skip malformed rows of the preference files (counted in the log) instead of stopping",
+    )
     eval_file: str | None = Field(
         None, description="held-out preferences; default: a split of train_file by prompt"
     )

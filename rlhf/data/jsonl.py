@@ -12,8 +12,9 @@ from typing import Any
 from rlhf.errors import DataError
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, object) for each non-blank line; raise DataError naming file:line on bad JSON."""
+def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, object) for each non-blank line; raise DataError naming file:line on bad JSON, or,
+    given a `skipped` list, append that message to it and go on."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -24,10 +25,15 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+                error = f"{path}:{lineno}: not valid JSON ({e.msg})"
+            else:
+                if isinstance(obj, dict):
+                    yield lineno, obj
+                    continue
+                error = f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+            if skipped is None:
+                raise DataError(error)
+            skipped.append(error)
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ Import from rlhf.data.preferences, which re-exports all of this next to the conv
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -98,17 +99,32 @@ class Rating:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+log = logging.getLogger(__name__)
+
 Record = PreferencePair | ConversationalPair | PairwiseVote | Ranking | Rating
 
 
-def read_preferences(path: str | Path, fmt: Format = "auto") -> list[Record]:
+def read_preferences(path: str | Path, fmt: Format = "auto", skip_bad_rows: bool = False) -> list[Record]:
     """Every record of a preference JSONL file; "auto" detects each line's format from its keys.
 
-    Raises DataError "path:line: what is wrong" on the first malformed row, and on an empty file.
+    Raises DataError "path:line: what is wrong" on the first malformed row, or with `skip_bad_rows` skips such
+    rows and logs how many (and the first); raises on a file with no valid record.
     """
-    records = [record_from_json(obj, fmt, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    skipped: list[str] | None = [] if skip_bad_rows else None
+    records = []
+    for lineno, obj in iter_jsonl(path, skipped):
+        try:
+            records.append(record_from_json(obj, fmt, f"{path}:{lineno}"))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    if skipped:
+        log.warning("%s: skipped %d malformed rows (first: %s)", path, len(skipped), skipped[0])
     if not records:
-        raise DataError(f"{path}: no records (empty file)")
+        raise DataError(
+            f"{path}: no records (empty file)" if not skipped else f"{path}: every row is malformed"
+        )
     return records
 
 

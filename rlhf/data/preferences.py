@@ -268,10 +268,12 @@ def _group_by_score(
     return PreferenceGroup(prompt, completions, pairs, margins, labeler) if pairs else None
 
 
-def read_preference_groups(path: str, fmt: Format, tokenizer: Any) -> list[PreferenceGroup]:
+def read_preference_groups(
+    path: str, fmt: Format, tokenizer: Any, skip_bad_rows: bool = False
+) -> list[PreferenceGroup]:
     """The groups (`to_groups`) of a preference file in any format; conversational rows are rendered with the
     tokenizer's own chat template, and a file that has them while the tokenizer has none is a DataError."""
-    records = read_preferences(path, fmt)
+    records = read_preferences(path, fmt, skip_bad_rows)
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return str(

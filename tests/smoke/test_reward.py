@@ -219,7 +219,7 @@ def test_cli_trains_normalises_on_sft_samples_and_prints_gold_numbers(
 
 
 def test_malformed_preference_row_is_one_line_with_file_and_line(
-    tmp_path: Path, tiny_sft_model: Path
+    tmp_path: Path, tiny_sft_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = {"prompt": "User: Hi!\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}
     lines = [json.dumps(good), json.dumps(good), json.dumps({"prompt": "q", "chosen": 5, "rejected": "x"})]
@@ -230,6 +230,15 @@ def test_malformed_preference_row_is_one_line_with_file_and_line(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {tmp_path / 'prefs.jsonl'}:3: field 'chosen' should be str, got int"]
     assert not (tmp_path / "rm").exists()  # nothing written before the data was read
+    # asked to, the stage skips the bad row (and says so) and trains on the rest
+    with caplog.at_level("WARNING", logger="rlhf.data.preference_io"):
+        proc = run_cli("reward", "--quiet", "--out", str(tmp_path / "rm"), "--set", f"reward.model={tiny_sft_model}",
+                       "--set", f"reward.train_file={tmp_path / 'prefs.jsonl'}", "--set", "reward.skip_bad_rows=true",
+                       "--set", "reward.eval_fraction=0", "--set", "reward.normalise.enabled=false",
+                       "--set", "reward.batch_size=2", "--set", "reward.micro_batch_size=2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert any("skipped 1 malformed rows" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "rm" / "final" / "model.safetensors").exists()
 
 
 def test_warm_start_continues_from_the_given_reward_model(trained: RewardConfig, tmp_path: Path) -> None:

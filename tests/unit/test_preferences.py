@@ -467,3 +467,20 @@ def test_formats_module_imports_no_torch() -> None:
     code = "import sys, rlhf.data.preferences; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+def test_malformed_rows_stop_the_read_or_are_skipped_and_counted(tmp_path, caplog) -> None:
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    lines = [json.dumps(good), '{"prompt": "x"', json.dumps(good), json.dumps({**good, "chosen": 5}), "[1]"]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:2: not valid JSON"):
+        read_preferences(path)
+    with caplog.at_level("WARNING"):
+        records = read_preferences(path, skip_bad_rows=True)
+    assert len(records) == 2
+    (message,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert message.startswith(f"{path}: skipped 3 malformed rows (first: {path}:2: not valid JSON")
+    path.write_text('{"prompt": "x"\n')
+    with pytest.raises(DataError, match="every row is malformed"):
+        read_preferences(path, skip_bad_rows=True)
