@@ -8,6 +8,7 @@ the distribution PPO recomputes (without the top-k/top-p truncation, as in TRL a
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -16,8 +17,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rlhf.errors import ConfigError
 from rlhf.fast_decode import LlamaDecoder
 from rlhf.models.lean_llama import attention_mask_4d
+from rlhf.models.loading import context_length
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +63,24 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
             ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s) :] = 1
     return ids, mask
+
+
+def fit_context(prompts: list[list[int]], context: int, max_new_tokens: int) -> list[list[int]]:
+    """Prompts cut from the left to leave `max_new_tokens` of the model's context (the end of a prompt is what
+    the answer follows); how many were cut is logged. A context that cannot hold one prompt token is an error."""
+    limit = context - max_new_tokens
+    if limit < 1:
+        raise ConfigError(
+            f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in a context of {context}"
+        )
+    cut = sum(len(p) > limit for p in prompts)
+    if cut:
+        log.warning(
+            "%d of %d prompts longer than %d tokens (context %d - max_new_tokens %d) were cut from the left",
+            cut, len(prompts), limit, context, max_new_tokens,
+        )  # fmt: skip
+        prompts = [p[-limit:] for p in prompts]
+    return prompts
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -221,6 +244,7 @@ def generate(
     device = next(model.parameters()).device
     if generator is None and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
+    prompts = fit_context(prompts, context_length(model), params.max_new_tokens)
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     (batch, width), steps = prompt_ids.shape, params.max_new_tokens
     attention = torch.ones(batch, width + steps, dtype=torch.long, device=device)  # (B, P + T)

@@ -371,7 +371,15 @@ def run(
     if cfg.max_new_tokens >= context_length(policy):
         raise ConfigError(f"ppo.max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt")
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    prompt_ids = [p for p in prompt_ids if len(p) + cfg.max_new_tokens <= context_length(policy)]
+    fitting = [p for p in prompt_ids if len(p) + cfg.max_new_tokens <= context_length(policy)]
+    if len(fitting) < len(prompt_ids):  # a cut prompt would train on a question that was never asked
+        log.warning("ppo: %d of %d prompts leave no room for max_new_tokens in the context; not used",
+                    len(prompt_ids) - len(fitting), len(prompt_ids))  # fmt: skip
+    if not fitting:
+        raise DataError(
+            f"{cfg.prompts_file}: no prompt fits the context with max_new_tokens {cfg.max_new_tokens}"
+        )
+    prompt_ids = fitting
     ptx = (
         tokenize_demonstrations(demonstrations, tokenizer, context_length(policy))[0]
         if demonstrations

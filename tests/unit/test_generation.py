@@ -128,3 +128,22 @@ def test_finished_rows_leave_the_batch_without_changing_any_answer(model_and_tok
     assert torch.equal(compacted.ended, whole.ended) and int(whole.ended.sum()) >= 5
     assert int(whole.response_mask.sum()) > 5 + 3 * 5  # the others ran on after the shrink
     torch.testing.assert_close(compacted.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+
+
+def test_prompts_longer_than_the_context_are_cut_from_the_left_on_a_learned_position_model(caplog) -> None:
+    """GPT-2 has a position table of n_positions rows: a prompt plus its answer beyond it used to index past it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf.errors import ConfigError
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    long, short = list(range(3, 43)), [5, 6, 7]  # 40 tokens: beyond the 32 positions on its own
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    with caplog.at_level("WARNING", logger="rlhf.generation"):
+        out = generate(model, [long, short], params, eos_id=0, pad_id=1)
+    assert out.response_ids.shape == (2, 8)
+    assert any("1 of 2 prompts longer than 24 tokens" in r.getMessage() for r in caplog.records)
+    alone = generate(model, [long[-24:]], params, eos_id=0, pad_id=1)  # what the cut prompt is
+    assert torch.equal(out.response_ids[0], alone.response_ids[0])
+    with pytest.raises(ConfigError, match=r"max_new_tokens \(32\) leaves no room for a prompt"):
+        generate(model, [short], SamplingParams(max_new_tokens=32), eos_id=0, pad_id=1)
