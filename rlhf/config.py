@@ -218,16 +218,12 @@ class NormaliseSettings(Section):
     scale: bool = Field(False, description="also divide by the std, so reference answers score std 1")
 
 
-class RewardConfig(TrainConfig):
-    """`rlhf reward`: a Bradley-Terry reward model on preference data, initialised from the SFT policy."""
+class PreferenceTrainConfig(TrainConfig):
+    """What the stages that learn from preference files share (the reward model, DPO): the files and their split."""
 
-    out_dir: str = Field("runs/reward", description="run directory")
-    model: str = Field("runs/sft/final", description="SFT checkpoint the reward model starts from")
-    init_from: str | None = Field(
-        None, description="warm start: a trained reward model whose weights and head training continues from"
-    )
     train_file: str = Field(
-        "runs/votes.jsonl", description="preference JSONL in any format of docs/formats.md"
+        "runs/votes.jsonl",
+        description="preference JSONL in any format of docs/formats.md (rankings as their pairs)",
     )
     format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
     skip_bad_rows: bool = Field(
@@ -239,6 +235,16 @@ class RewardConfig(TrainConfig):
     )
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of prompts held out when eval_file is unset"
+    )
+
+
+class RewardConfig(PreferenceTrainConfig):
+    """`rlhf reward`: a Bradley-Terry reward model on preference data, initialised from the SFT policy."""
+
+    out_dir: str = Field("runs/reward", description="run directory")
+    model: str = Field("runs/sft/final", description="SFT checkpoint the reward model starts from")
+    init_from: str | None = Field(
+        None, description="warm start: a trained reward model whose weights and head training continues from"
     )
     max_seq_len: int = Field(
         128, gt=1, description="prompt + completion + EOS tokens; longer ones are cut, EOS kept"
@@ -393,7 +399,7 @@ class PPOConfig(TrainConfig):
         return self
 
 
-class DPOConfig(TrainConfig):
+class DPOConfig(PreferenceTrainConfig):
     """`rlhf dpo`: direct preference optimisation of the SFT policy on preference data, no reward model, no sampling.
 
     `batch_size` and `micro_batch_size` count judgements (a pair, or a ranking with its C(K,2) pairs, each of
@@ -406,21 +412,6 @@ class DPOConfig(TrainConfig):
     )
     reference: str | None = Field(
         None, description="reference policy of the log-ratios; unset = the initial policy"
-    )
-    train_file: str = Field(
-        "runs/votes.jsonl",
-        description="preference JSONL in any format of docs/formats.md (rankings as pairs)",
-    )
-    format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
-    skip_bad_rows: bool = Field(
-        False,
-        description="skip malformed rows of the preference files (counted in the log) instead of stopping",
-    )
-    eval_file: str | None = Field(
-        None, description="held-out preferences; default: a split of train_file by prompt"
-    )
-    eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="share of prompts held out when eval_file is unset"
     )
     max_seq_len: int = Field(
         128, gt=1, description="prompt + answer + EOS tokens; longer answers are cut (and lose their EOS)"

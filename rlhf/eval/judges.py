@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rlhf.eval.reward_metrics import wilson_interval
 from rlhf.labelers import gold
 
 
@@ -52,16 +53,6 @@ def make_judge(name: str) -> Judge:
 def gold_utilities(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
     """Gold utility of each answer: the `gold_fn` that the CLI hands to PPO's reward-hacking guard on the demo."""
     return [gold.utility(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)]
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (Wilson 1927); (nan, nan) when n = 0."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # Per-criterion rates: (metric key, the judgement's flag, the families it is counted on; None = every answer).
