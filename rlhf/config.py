@@ -88,6 +88,19 @@ class TrainConfig(Section):
     eval_every: int = Field(100, gt=0, description="evaluate on the held-out split every N steps")
     save_every: int = Field(200, gt=0, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="keep this many latest checkpoints")
+    fsdp: bool = Field(
+        False,
+        description="shard parameters, gradients and optimiser state across processes with torch FSDP2 "
+        "(fully_shard; launch with accelerate launch or torchrun); checkpoints stay whole models",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False,
+        description="with fsdp: keep the sharded parameters and optimiser state in CPU memory (GPU runs)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in the backward pass: less memory, more compute",
+    )
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:

@@ -234,8 +234,12 @@ def generate(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    synced: bool = False,
 ) -> Generation:
     """Sample one response per prompt (token id lists), stopping each row at EOS or after max_new_tokens.
+
+    `synced`: every process decodes until all processes' rows have ended, as a model sharded across them
+    (FSDP) needs: each step's forward gathers its weights from all of them.
 
     The hot loop does no Python work per row: the attention mask and the outputs are preallocated and
     written a column per step, and the prefill computes logits for the last position only. Finished rows
@@ -271,7 +275,16 @@ def generate(
         n = step + 1
         running = ~finished[rows]  # (b,)
         n_running = int(running.sum())
-        if n_running == 0:
+        if synced:
+            left = torch.tensor([n_running], device=device)
+            torch.distributed.all_reduce(left)
+            if int(left) == 0:
+                break
+            if n_running == 0:  # this process is done; it keeps stepping (masked) while the others finish
+                input_ids = response_ids[rows, step : step + 1]
+                positions = positions[:, -1:] + 1
+                continue
+        elif n_running == 0:
             break
         # finished rows leave the batch (and the cache) once enough of them have, not at every step
         if n_running <= _COMPACT_AT * rows.numel():

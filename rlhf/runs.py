@@ -99,10 +99,11 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
-    def resume(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> int:
-        """Restore optimiser, scheduler and RNG from `checkpoint`, drop metrics logged after it; returns its step."""
+    def resume(self, checkpoint: Path, optimizer: Any, scheduler: Any, load_optimizer: Any = None) -> int:
+        """Restore optimiser, scheduler and RNG from `checkpoint`, drop metrics logged after it; returns its step.
+        `load_optimizer(state)`, if given, restores the optimiser instead (a sharded one: rlhf.train.sharding)."""
         state = self.load_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.truncate_metrics(state["step"])

@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -124,14 +125,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def save_pretrained_atomic(
-    path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
+    path: str | Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """save_pretrained (safetensors) into a temp dir beside `path`, then rename: readers never see half a model."""
+    """save_pretrained (safetensors) into a temp dir beside `path`, then rename: readers never see half a model.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_dir(tmp, path)

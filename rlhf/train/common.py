@@ -182,10 +182,22 @@ def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokeni
     save_pretrained_atomic(path, model, tokenizer)  # type: ignore[arg-type]
 
 
-def lean_forward(model: Any, accelerator: Accelerator) -> bool:
+def lean_forward(model: Any, accelerator: Accelerator, cfg: TrainConfig) -> bool:
     """Whether `model` trains through rlhf.models.lean_llama: a plain Llama whose weights are whole on this
-    process (one process or DDP; FSDP and DeepSpeed shard them, and the lean forward reads them directly)."""
-    whole = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    process (one process or DDP; FSDP and DeepSpeed shard them, and the lean forward reads them directly).
+    With `gradient_checkpointing`, turns it on (Hugging Face's, non-reentrant) and the lean forward off."""
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.2x on
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return False
+    whole = not cfg.fsdp and accelerator.distributed_type not in (
+        DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
+    )
     return whole and lean_llama.supports(model)
 
 

@@ -50,6 +50,7 @@ from rlhf.models.loading import (
 from rlhf.models.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.runs import Run, seed_everything
+from rlhf.train import sharding
 from rlhf.train.common import (
     Actor,
     BatchPlan,
@@ -320,12 +321,18 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     lora = isinstance(policy_model, PeftModel)
     plan = BatchPlan(len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, world, rank,
                      cfg.max_steps)  # fmt: skip
-    policy = Actor(policy_model, lean_forward(policy_model, accelerator))
+    policy = Actor(policy_model, lean_forward(policy_model, accelerator, cfg))
     policy.train()  # dropout is off, so train() and eval() compute the same function
+    is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
+    if is_sharded:  # before the optimiser: sharding replaces the parameters
+        sharding.shard(policy, cfg, accelerator)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = run_dir.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    start = 0
+    if checkpoint is not None:
+        load = lambda state: sharding.load_optimizer_state(policy, optimizer, state, is_sharded)  # noqa: E731
+        start = run_dir.resume(checkpoint, optimizer, scheduler, load)
+    policy, optimizer = sharding.prepare(accelerator, policy, optimizer, is_sharded)
     actor = cast(Actor, accelerator.unwrap_model(policy))
     ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes outside the prepared module
     device = accelerator.device
@@ -351,10 +358,12 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                     tokenizer, load_tokenizer(cfg.reference or cfg.policy), "dpo.policy", "dpo.reference"
                 )
                 disable_dropout(ref_model)
-                reference, adapter_off = (
-                    Actor(ref_model.to(accelerator.device), lean_llama.supports(ref_model)),
-                    False,
+                reference = Actor(
+                    ref_model.to(accelerator.device), not is_sharded and lean_llama.supports(ref_model)
                 )
+                if is_sharded:
+                    sharding.shard(reference, cfg, accelerator)
+                adapter_off = False
             t0 = time.perf_counter()  # the time training waits for: the training set's answers
             cached = cache_reference(train, reference, cfg, collate_fn, ctx, adapter_off)
             reference_s = time.perf_counter() - t0
@@ -372,11 +381,14 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         for j, logps in zip(everything, cached, strict=True):
             j.ref_logps = logps
 
-    def save_files(path: Path) -> None:
-        actor.model.save_pretrained(
-            str(path / "policy"), safe_serialization=True
-        )  # full model, or the adapter
+    def save_files(path: Path) -> None:  # the main process only
+        # full model, or the adapter
+        actor.model.save_pretrained(str(path / "policy"), safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(path / "policy")
+
+    whole: dict[str, Tensor] | None = None  # the gathered weights, when sharded
+    # sharded, every process runs the same forwards: each evaluates all the held-out judgements
+    held_here = held_out if is_sharded else held_out[rank::world]
 
     progress = Progress(plan.total_steps, "dpo", accelerator.is_main_process, quiet, initial=start)
     metrics: dict[str, Any] = {}
@@ -418,7 +430,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             progress.line(done, loss=step_metrics["dpo/loss"], accuracy=step_metrics["dpo/accuracy"])
         # 5. evaluate on the held-out prompts
         if held_out and (done % cfg.eval_every == 0 or done == plan.total_steps):
-            ev = evaluate(actor, held_out[rank::world], cfg, collate_fn, ctx)
+            ev = evaluate(actor, held_here, cfg, collate_fn, ctx)
             ev = dict(zip(ev, accelerator.reduce(torch.tensor(list(ev.values()), device=accelerator.device),
                                                  "mean").tolist(), strict=True))  # fmt: skip
             run_dir.log(done, ev)
@@ -427,7 +439,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         # 6. checkpoint (atomic: temp dir, then rename)
         if done % cfg.save_every == 0 or done == plan.total_steps:
             accelerator.wait_for_everyone()
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            whole = sharding.full_state_dict(actor.model, is_main) if is_sharded else None
+            state = {"optimizer": sharding.optimizer_state(actor, optimizer, cfg.fsdp),
+                     "scheduler": scheduler.state_dict()}  # fmt: skip
             run_dir.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
     progress.close()
 
@@ -435,8 +449,12 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     result: dict[str, Any] = {"steps": plan.total_steps, "train_judgements": len(train), "train_pairs": n_pairs,
                               "held_out_pairs": sum(len(j.pairs) for j in held_out), "reference_s": reference_s,
                               **metrics}  # fmt: skip
-    if accelerator.is_main_process:
-        save_policy(run_dir.dir / "final", actor.model, tokenizer)
+    final_model = actor.model
+    if is_sharded:  # a plain copy on the main process: the policy rebuilt, the gathered weights loaded
+        gathered = sharding.full_state_dict(actor.model, is_main)
+        final_model = sharding.load_whole(load_policy(cfg, None), gathered) if gathered is not None else None
+    if is_main:
+        save_policy(run_dir.dir / "final", final_model, tokenizer)
         write_json(
             run_dir.dir / "summary.json", {"stage": "dpo", "loss": cfg.loss, "policy": cfg.policy, **result}
         )

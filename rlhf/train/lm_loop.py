@@ -24,6 +24,7 @@ from rlhf.losses import sft_loss
 from rlhf.models import lean_llama
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.runs import Run
+from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
     ModelForward,
@@ -113,17 +114,26 @@ def fit(
         len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed,
         accelerator.num_processes, accelerator.process_index, cfg.max_steps,
     )  # fmt: skip
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = run.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     model.train()
-    loss_fn = NextTokenLoss(model, lean_forward(model, accelerator))
-    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    loss_fn = NextTokenLoss(model, lean_forward(model, accelerator, cfg))
+    is_sharded = sharding.sharded(cfg, accelerator)
+    if is_sharded:  # before the optimiser: sharding replaces the parameters
+        sharding.shard(loss_fn, cfg, accelerator)
+    optimizer = make_optimizer(loss_fn, cfg)
+    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
+    start = 0
+    if checkpoint is not None:
+        load = lambda state: sharding.load_optimizer_state(loss_fn, optimizer, state, is_sharded)  # noqa: E731
+        start = run.resume(checkpoint, optimizer, scheduler, load)
+    loss_fn, optimizer = sharding.prepare(accelerator, loss_fn, optimizer, is_sharded)
     unwrapped = cast(NextTokenLoss, accelerator.unwrap_model(loss_fn))
+    is_main = accelerator.is_main_process
 
-    def save_files(path: Path) -> None:
-        unwrapped.model.save_pretrained(path, safe_serialization=True)
+    def save_files(path: Path) -> None:  # the main process only
+        unwrapped.model.save_pretrained(path, safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(path)
+
+    whole: dict[str, Tensor] | None = None  # the gathered weights, when sharded
 
     progress = Progress(plan.total_steps, stage, accelerator.is_main_process, quiet, initial=start)
     metrics: dict[str, Any] = {}
@@ -167,13 +177,16 @@ def fit(
         # 5. checkpoint (atomic: temp dir, then rename)
         if done % cfg.save_every == 0 or done == plan.total_steps:
             accelerator.wait_for_everyone()
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
+            state = {"optimizer": sharding.optimizer_state(unwrapped, optimizer, cfg.fsdp),
+                     "scheduler": scheduler.state_dict()}  # fmt: skip
             run.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
     progress.close()
     accelerator.wait_for_everyone()
     final = evaluate(unwrapped, held_out, pad_id, cfg.micro_batch_size)
-    if accelerator.is_main_process:
-        save_pretrained_atomic(run.dir / "final", unwrapped.model, tokenizer)
+    whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
+    if is_main:
+        save_pretrained_atomic(run.dir / "final", unwrapped.model, tokenizer, state_dict=whole)
         write_json(
             run.dir / "summary.json",
             {

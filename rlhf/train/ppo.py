@@ -73,6 +73,7 @@ from rlhf.rl_math import (
     shape_rewards,
 )
 from rlhf.runs import Run, seed_everything, set_rng_state
+from rlhf.train import sharding
 from rlhf.train.common import (
     Actor,
     BatchPlan,
@@ -149,13 +150,15 @@ def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
     return lay.padded(lay.response(critic(**lay.inputs)))
 
 
-def reward_scores(reward_model: PreTrainedModel, lay: TokenLayout) -> Tensor:
-    """The reward model's normalised score of each sequence, (B,), read at its last token (EOS)."""
-    lean = lean_llama.supports(reward_model)  # frozen and never sharded: whole on every process
-    hidden = backbone_states(
-        reward_model, lean, lay.input_ids, lay.attention_mask, lay.position_ids
-    )  # (R, W, H)
-    return head_scores(reward_model, lay.last(hidden))
+class RewardScores(ModelForward):
+    """The reward model's normalised score of each sequence, (B,), read at its last token (EOS). A module of its
+    own, so that a sharded reward model gathers its weights around this forward (rlhf.train.sharding)."""
+
+    def forward(self, lay: TokenLayout) -> Tensor:
+        hidden = backbone_states(
+            self.model, self.lean, lay.input_ids, lay.attention_mask, lay.position_ids
+        )  # (R, W, H)
+        return head_scores(self.model, lay.last(hidden))
 
 
 @dataclass
@@ -177,7 +180,7 @@ class Rollout:
 @torch.no_grad()
 def score_rollout(
     gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: PreTrainedModel, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
+    reward_model: RewardScores, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
 ) -> Rollout:  # fmt: skip
     """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch.
 
@@ -213,7 +216,7 @@ def score_rollout(
                 parts["values"].append(widen(response_values(critic, lay)))
             else:
                 parts["values"].append(torch.zeros_like(parts["ref"][-1]))
-            parts["rm"].append(reward_scores(reward_model, lay))  # read at the last token (EOS)
+            parts["rm"].append(reward_model(lay))  # read at the last token (EOS)
     out = {k: torch.cat(v) for k, v in parts.items()}  # (B, T) each, 0 at padding; rm (B,)
     # the "EOS trick": an answer that never ends gets a fixed low score whatever the reward model says
     penalty = out["rm"] if cfg.no_eos_penalty is None else torch.full_like(out["rm"], cfg.no_eos_penalty)
@@ -257,9 +260,9 @@ class Guard:
 @torch.no_grad()
 def guard_eval(
     policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    reward_model: RewardScores, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, gold_fn: GoldFn | None,
-    reduce: Callable[[Tensor], Tensor],
+    reduce: Callable[[Tensor], Tensor], synced: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -267,7 +270,9 @@ def guard_eval(
     # a seed of its own, the same at every evaluation: successive evaluations differ only by the policy
     generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed + 1_000_003)
     with ctx():
-        gen = generate(policy.model, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        gen = generate(
+            policy.model, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator, synced
+        )
     r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of)
     kl = masked_sum(
         approx_kl(r.logprobs, r.ref_logprobs, r.response_mask, cfg.kl_estimator), r.response_mask, dim=1
@@ -361,6 +366,9 @@ def run(
             check_same_tokenizer(tokenizer, load_tokenizer(path), "ppo.policy", role)
     prompts = read_prompts(cfg.prompts_file)  # read before any output: bad input leaves nothing behind
     guard_prompts = read_prompts(cfg.eval_prompts_file)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
+    is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
+    if is_sharded:  # sharded models run their forwards on every process together: as many prompts on each
+        guard_prompts = guard_prompts[: len(guard_prompts) // world * world]
     guard_prompts = guard_prompts[rank::world]
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
@@ -387,10 +395,19 @@ def run(
     )
 
     # the lean Llama forward wherever a model's weights are whole on this process (not sharded by FSDP/ZeRO)
-    policy = Actor(policy, lean_forward(policy, accelerator))
+    policy = Actor(policy, lean_forward(policy, accelerator, cfg))
     if critic is not None:
-        critic.lean = lean_forward(critic.base, accelerator)
-    reference_actor = None if reference is None else Actor(reference, lean_llama.supports(reference))
+        critic.lean = lean_forward(critic.base, accelerator, cfg)
+    frozen_lean = lambda m: not is_sharded and lean_llama.supports(m)  # noqa: E731
+    reference_actor = (
+        None if reference is None else Actor(reference.to(accelerator.device), frozen_lean(reference))
+    )
+    scorer = RewardScores(reward_model.to(accelerator.device), frozen_lean(reward_model))
+    if is_sharded:  # before the optimisers: sharding replaces the parameters
+        sharding.shard(policy.model, cfg, accelerator)  # the model itself is the root: generation calls it
+        for module in (critic, reference_actor, scorer):
+            if module is not None:
+                sharding.shard(module, cfg, accelerator)
 
     # optimisers and schedules: one optimiser step per minibatch, per epoch, per iteration
     updates_per_iteration = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
@@ -410,10 +427,10 @@ def run(
     guard, start = Guard(), 0
     if checkpoint is not None:
         state = Run.load_state(checkpoint)
-        policy_opt.load_state_dict(state["policy_optimizer"])
+        sharding.load_optimizer_state(policy, policy_opt, state["policy_optimizer"], is_sharded)
         policy_sched.load_state_dict(state["policy_scheduler"])
-        if critic_opt is not None and critic_sched is not None:
-            critic_opt.load_state_dict(state["critic_optimizer"])
+        if critic is not None and critic_opt is not None and critic_sched is not None:
+            sharding.load_optimizer_state(critic, critic_opt, state["critic_optimizer"], is_sharded)
             critic_sched.load_state_dict(state["critic_scheduler"])
         kl_ctl.load_state_dict(state["kl_ctl"])
         guard = Guard(**state["guard"])
@@ -421,19 +438,16 @@ def run(
         start = state["step"]
         run_dir.truncate_metrics(start)
         log.info("ppo: resumed from %s (iteration %d)", checkpoint, start)
-    policy, policy_opt = accelerator.prepare(policy, policy_opt)
+    policy, policy_opt = sharding.prepare(accelerator, policy, policy_opt, is_sharded)
     critic_module: Critic | None = None
     if critic is not None:
-        critic, critic_opt = accelerator.prepare(critic, critic_opt)
+        critic, critic_opt = sharding.prepare(accelerator, critic, critic_opt, is_sharded)
         critic_module = cast(Critic, accelerator.unwrap_model(critic))
     actor = cast(Actor, accelerator.unwrap_model(policy))
     policy_model: Any = actor.model  # the bare model, for generation and saving
     trained: list[tuple[Any, Any, Any, str]] = [(policy, policy_opt, policy_sched, "ppo/grad_norm")]
     if critic is not None:
         trained.append((critic, critic_opt, critic_sched, "ppo/critic_grad_norm"))
-    reward_model.to(accelerator.device)
-    if reference is not None:
-        reference.to(accelerator.device)
     ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes of unprepared modules
     # sequences packed into rows when every model takes a 4-D attention mask (SDPA, eager)
     critic_base = None if critic_module is None else critic_module.base
@@ -447,30 +461,54 @@ def run(
     device = accelerator.device
     reduce = lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean")  # noqa: E731
 
-    def save_files(path: Path) -> None:
-        policy_model.save_pretrained(
-            str(path / "policy"), safe_serialization=True
-        )  # full model, or the adapter
-        tokenizer.save_pretrained(path / "policy")
-        if critic_module is not None:
-            critic_module.model.save_pretrained(str(path / "critic"), safe_serialization=True)
+    def whole_policy() -> Any:
+        """The policy with all its weights, on the main process (None elsewhere); every process calls it.
+        Sharded: a plain copy rebuilt from the configuration, the gathered weights loaded into it."""
+        if not is_sharded:
+            return policy_model if is_main else None
+        state = sharding.full_state_dict(policy_model, is_main)
+        if state is None:
+            return None
+        model = load_causal_lm(cfg.policy)
+        model = add_lora(model, cfg, "CAUSAL_LM") if cfg.lora_r > 0 else model
+        return sharding.load_whole(model, state)
 
     def save_checkpoint(iteration: int) -> None:
         accelerator.wait_for_everyone()
-        state = {"policy_optimizer": policy_opt.state_dict(), "policy_scheduler": policy_sched.state_dict(),
-                 "kl_ctl": kl_ctl.state_dict(), "guard": asdict(guard)}  # fmt: skip
-        if critic_opt is not None and critic_sched is not None:
+        named = cfg.fsdp  # whole optimiser state keyed by name: resumable on another process count
+        policy_state = sharding.full_state_dict(policy_model, is_main) if is_sharded else None
+        critic_state = None
+        if critic_module is not None and is_sharded:
+            critic_state = sharding.full_state_dict(critic_module.model, is_main)
+        state = {"policy_optimizer": sharding.optimizer_state(actor, policy_opt, named),
+                 "policy_scheduler": policy_sched.state_dict(), "kl_ctl": kl_ctl.state_dict(),
+                 "guard": asdict(guard)}  # fmt: skip
+        if critic_module is not None and critic_opt is not None and critic_sched is not None:
             state |= {
-                "critic_optimizer": critic_opt.state_dict(),
+                "critic_optimizer": sharding.optimizer_state(critic_module, critic_opt, named),
                 "critic_scheduler": critic_sched.state_dict(),
             }
+
+        def save_files(path: Path) -> None:  # the main process only
+            # full model, or the adapter
+            policy_model.save_pretrained(
+                str(path / "policy"), safe_serialization=True, state_dict=policy_state
+            )
+            tokenizer.save_pretrained(path / "policy")
+            if critic_module is not None:
+                critic_module.model.save_pretrained(
+                    str(path / "critic"), safe_serialization=True, state_dict=critic_state
+                )
+
         run_dir.save_checkpoint(iteration, save_files, state, keep=cfg.keep_checkpoints)
 
     def run_guard(iteration: int) -> dict[str, float]:
-        m = guard_eval(actor, reference_actor, critic_module, reward_model, tokenizer, guard_prompts, cfg, ctx,
-                       layout_of, gold_fn, reduce)  # fmt: skip
-        if guard.observe(iteration, m, cfg.guard_patience, cfg.kl_budget) and accelerator.is_main_process:
-            save_policy(run_dir.dir / "best", policy_model, tokenizer)
+        m = guard_eval(actor, reference_actor, critic_module, scorer, tokenizer, guard_prompts, cfg, ctx,
+                       layout_of, gold_fn, reduce, is_sharded)  # fmt: skip
+        best = guard.observe(iteration, m, cfg.guard_patience, cfg.kl_budget)  # the same on every process
+        whole = whole_policy() if best else None
+        if whole is not None:
+            save_policy(run_dir.dir / "best", whole, tokenizer)
             write_json(run_dir.dir / "best" / "guard.json", {"iteration": iteration, **m})
         run_dir.log(iteration, m)
         return m
@@ -498,10 +536,10 @@ def run(
         batch_ids = [prompt_ids[i] for i in next(plan.micro_batches(iteration)) for _ in range(k)]
         with ctx():
             gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id,
-                           torch.Generator(device=device).manual_seed(seed))  # fmt: skip
+                           torch.Generator(device=device).manual_seed(seed), synced=is_sharded)  # fmt: skip
 
         # 2. score: old log-probs, reference log-probs, values, reward-model scores
-        r = score_rollout(gen, actor, reference_actor, critic_module, reward_model, cfg, ctx, layout_of)
+        r = score_rollout(gen, actor, reference_actor, critic_module, scorer, cfg, ctx, layout_of)
         rmask = r.response_mask  # (B, T)
 
         # 3. rewards with KL penalty: -beta * KL on every token (unless KL is a loss term), the score on the last
@@ -619,8 +657,9 @@ def run(
     progress.close()
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_policy(run_dir.dir / "final", policy_model, tokenizer)
+    whole = whole_policy()
+    if whole is not None:
+        save_policy(run_dir.dir / "final", whole, tokenizer)
         summary = {"stage": "ppo", "advantage_estimator": cfg.advantage_estimator, "iterations": done,
                    "stop_reason": guard.stop_reason or "completed", "best_iteration": guard.best_iteration,
                    "best_score": guard.best_score if guard_on else None, "policy": cfg.policy,

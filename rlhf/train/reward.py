@@ -51,6 +51,7 @@ from rlhf.models.loading import (
 )
 from rlhf.models.packing import pack_rows, takes_4d_mask, tree_attention_mask
 from rlhf.runs import Run, seed_everything
+from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
     ModelForward,
@@ -521,20 +522,28 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed,
         accelerator.num_processes, accelerator.process_index, cfg.max_steps,
     )  # fmt: skip
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = run_dir.resume(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
     model.train()
-    scorer = RewardForward(model, lean_forward(model, accelerator))
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    scorer = RewardForward(model, lean_forward(model, accelerator, cfg))
+    is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
+    if is_sharded:  # before the optimiser: sharding replaces the parameters
+        sharding.shard(scorer, cfg, accelerator)
+    optimizer = make_optimizer(scorer, cfg)
+    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
+    start = 0
+    if checkpoint is not None:
+        load = lambda state: sharding.load_optimizer_state(scorer, optimizer, state, is_sharded)  # noqa: E731
+        start = run_dir.resume(checkpoint, optimizer, scheduler, load)
+    scorer, optimizer = sharding.prepare(accelerator, scorer, optimizer, is_sharded)
     unwrapped = cast(RewardForward, accelerator.unwrap_model(scorer))
+    whole: dict[str, Tensor] | None = None  # the gathered weights, when sharded
     shared = uses_shared_prefix(cfg, model)
     half = trains_in_half(accelerator)
     if cfg.shared_prefix and not shared[0]:
         log.info("reward: shared_prefix needs sdpa or eager attention; one row per completion instead")
 
     def save_files(path: Path) -> None:
-        unwrapped.model.save_pretrained(path, safe_serialization=True)  # with LoRA: the adapter and the head
+        # with LoRA: the adapter and the head
+        unwrapped.model.save_pretrained(path, safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(path)
 
     progress = Progress(plan.total_steps, "reward", accelerator.is_main_process, quiet, initial=start)
@@ -588,7 +597,9 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         # 6. checkpoint (atomic: temp dir, then rename)
         if done % cfg.save_every == 0 or done == plan.total_steps:
             accelerator.wait_for_everyone()
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
+            state = {"optimizer": sharding.optimizer_state(unwrapped, optimizer, cfg.fsdp),
+                     "scheduler": scheduler.state_dict()}  # fmt: skip
             run_dir.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
     progress.close()
     accelerator.wait_for_everyone()
@@ -596,7 +607,15 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     # After training: held-out scores, normalisation on the SFT policy's answers, the final model, the report.
     result: dict[str, Any] = {"steps": plan.total_steps, "train_groups": len(train), "train_pairs": n_pairs,
                               "truncated": truncated + held_truncated, **metrics}  # fmt: skip
-    if accelerator.is_main_process:
+    if (
+        is_sharded
+    ):  # the main process goes on with a whole copy: the model rebuilt, the gathered weights loaded
+        whole = sharding.full_state_dict(unwrapped.model, is_main)
+        if is_main:
+            rebuilt = load_model(cfg, None, pad_id)
+            sharding.load_whole(rebuilt, cast(dict[str, Tensor], whole))
+            unwrapped = RewardForward(rebuilt.eval())
+    if is_main:
         scored = score_pairs(unwrapped, held_out, pad_id, cfg, accelerator)[1] if held_out else []
         final = plain_model(unwrapped.model)
         shift, scale = 0.0, 1.0

@@ -1,0 +1,140 @@
+"""Sharded training with torch's FSDP2 (`fully_shard`): parameters, gradients and optimiser state split across
+the processes that `accelerate launch` or `torchrun` starts, on GPUs (NCCL) or CPU processes (gloo).
+
+accelerate's own FSDP plugin covers GPUs only (on CPU processes it silently falls back to DDP), so the stages
+shard here, the same way on every device: each transformer block (the model's `_no_split_modules`) is a unit,
+and the module whose forward the stage calls is the root. With `fsdp` off, every function here leaves the
+module to accelerate (DDP across processes, or nothing on one).
+
+Saving gathers: every process takes part in building the full state dict, the main process writes it as a
+whole Hugging Face model (or LoRA adapter), so a checkpoint loads into one process, another process count or
+`rlhf serve`. The optimiser state is gathered the same way, by parameter name, and scattered again on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from rlhf.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def sharded(cfg: TrainConfig, accelerator: Accelerator) -> bool:
+    """Whether this stage shards its models: `fsdp` on, and more than one process."""
+    return cfg.fsdp and accelerator.num_processes > 1
+
+
+def block_classes(module: torch.nn.Module) -> set[str]:
+    """The class names of the transformer blocks inside `module`, from its models' `_no_split_modules`."""
+    names: set[str] = set()
+    for m in module.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names
+
+
+def shard(module: torch.nn.Module, cfg: TrainConfig, accelerator: Accelerator) -> torch.nn.Module:
+    """fully_shard every transformer block in `module`, then `module` itself as the root (in place).
+
+    Call before the optimiser is made: sharding replaces the parameters. Frozen modules (a reference, a reward
+    model) shard the same way and only run forwards; every process must call the root's forward equally often.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    # each process shards its own copy: they must be equal first (new weights, a LoRA adapter or a scalar head,
+    # were drawn from each process's own seed). DDP broadcasts rank 0's copy the same way.
+    module.to(accelerator.device)
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+    offload = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
+    names = block_classes(module)
+    blocks = [m for m in module.modules() if type(m).__name__ in names]
+    if not blocks:
+        log.warning(
+            "fsdp: no transformer block found in %s; the whole model is one unit", type(module).__name__
+        )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, offload_policy=offload)
+    fully_shard(module, mesh=mesh, offload_policy=offload)
+    log.info("fsdp: %s sharded across %d processes (%d blocks of %s)", type(module).__name__,
+             accelerator.num_processes, len(blocks), ", ".join(sorted(names)) or "none")  # fmt: skip
+    return module
+
+
+def prepare(
+    accelerator: Accelerator, module: torch.nn.Module, optimizer: Any, is_sharded: bool
+) -> tuple[Any, Any]:
+    """accelerate's prepare, except that a sharded module is left as it is (no DDP around FSDP)."""
+    if is_sharded:
+        return module, accelerator.prepare(optimizer)
+    return accelerator.prepare(module, optimizer)  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def full_state_dict(module: torch.nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a sharded `module` on the main process (None elsewhere). Every process calls
+    this: each sharded tensor is gathered in turn, so one full tensor at a time is held outside the main one."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, value in module.state_dict(keep_vars=True).items():  # parameters themselves: tied ones are one
+        if (
+            id(value) in seen
+        ):  # a tied weight (the LM head on the embeddings): written once, as save_pretrained does
+            continue
+        seen.add(id(value))
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if is_main:
+            out[name] = full.detach().to("cpu", copy=True)
+    return out if is_main else None
+
+
+def load_whole(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Load what `full_state_dict` gathered into a plain copy of the model (rebuilt by the caller); a tied
+    weight, written once, is tied again by the model itself."""
+    tied: set[str] = set()
+    seen: set[int] = set()
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            tied.add(name)
+        seen.add(id(value))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    return model
+
+
+def optimizer_state(module: torch.nn.Module, optimizer: Any, named: bool) -> dict[str, Any]:
+    """The optimiser's state dict. `named` (with fsdp on): whole, keyed by parameter name, so that it loads on
+    any process count; every process calls it (the shards are gathered)."""
+    if not named:
+        return optimizer.state_dict()  # type: ignore[no-any-return]
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(module, inner, options=options)
+
+
+def load_optimizer_state(
+    module: torch.nn.Module, optimizer: Any, state: dict[str, Any], is_sharded: bool
+) -> None:
+    """Restore what `optimizer_state` gave (either kind) on this process's shards, or on the whole module."""
+    named = any(isinstance(key, str) for key in state.get("state", {}))
+    if not named and not is_sharded:
+        optimizer.load_state_dict(state)
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(module, inner, state, options=StateDictOptions(full_state_dict=is_sharded))

@@ -1,0 +1,160 @@
+"""FSDP2 (`fsdp: true`) on two CPU processes (gloo): SFT, reward, PPO (full and LoRA) and DPO follow the losses
+of the unsharded runs, and their checkpoints are whole models that load into one process and `rlhf serve`.
+
+Each side is one `accelerate launch` that runs all the stages (tests/smoke/stages_main.py), to pay the start-up
+of two processes once. SFT and reward are also compared with one process at the same global batch. PPO samples
+with a seed per process, so one process draws other answers than two: its sharded run is compared with the
+unsharded (DDP) run on the same two processes, which draws the same answers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from rlhf.config import PanelConfig, RewardConfig, SFTConfig
+from rlhf.data.preferences import write_preferences
+from rlhf.labelers.panel import Panel, label_offline
+from rlhf.models.loading import load_causal_lm
+from rlhf.runs import read_metrics
+from rlhf.serve.main import create_app
+from rlhf.serve.settings import Settings
+from rlhf.train import reward, sft
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+LOSSES = {"sft": ["sft/loss"], "rm": ["rm/loss", "rm/accuracy"], "dpo": ["dpo/loss"],
+          "ppo": ["ppo/policy_loss", "ppo/value_loss", "ppo/score", "ppo/kl"],
+          "ppo_lora": ["ppo/policy_loss", "ppo/value_loss", "ppo/score", "ppo/kl"]}  # fmt: skip
+
+
+def stage_configs(out: Path, fsdp: bool, models: dict[str, Path], data: Path, votes: Path) -> list[list[Any]]:
+    """[stage, config fields] for each stage: a global batch of 8, in micro-batches that give each of two
+    processes whole ones."""
+    common = {"precision": "fp32", "log_every": 1, "seed": 0, "fsdp": fsdp, "warmup_steps": 0}
+    ppo = common | {"policy": str(models["sft"]), "reward_model": str(models["rm"]),
+                    "prompts_file": str(data / "rl_prompts.jsonl"), "iterations": 2, "batch_size": 8,
+                    "minibatch_size": 4, "micro_batch_size": 2, "epochs": 1, "max_new_tokens": 8, "lr": 1e-3,
+                    "critic_lr": 1e-3, "save_every": 1}  # fmt: skip
+    return [
+        ["sft", common | {"out_dir": str(out / "sft"), "model": str(models["sft"]),
+                          "train_file": str(data / "sft.jsonl"), "max_seq_len": 64, "batch_size": 8,
+                          "micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, "eval_fraction": 0}],
+        ["reward", common | {"out_dir": str(out / "rm"), "model": str(models["sft"]), "train_file": str(votes),
+                             "batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "lr": 1e-3,
+                             "max_seq_len": 96, "save_every": 2, "normalise": {"enabled": False}}],
+        ["ppo", ppo | {"out_dir": str(out / "ppo")}],
+        ["ppo", ppo | {"out_dir": str(out / "ppo_lora"), "lora_r": 4}],
+        ["dpo", common | {"out_dir": str(out / "dpo"), "policy": str(models["sft"]), "train_file": str(votes),
+                          "batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-4,
+                          "max_seq_len": 96, "save_every": 1}],
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path,
+    demo_candidates: list[dict[str, Any]],
+) -> dict[str, Path]:  # fmt: skip
+    """{"fsdp", "ddp"}: run directories of every stage on two processes, sharded and not; "votes": the labels."""
+    root = tmp_path_factory.mktemp("fsdp")
+    votes = root / "votes.jsonl"
+    write_preferences(votes, label_offline(demo_candidates[:40], Panel.from_config(PanelConfig())))
+    models = {"sft": tiny_sft_model, "rm": tiny_reward_model}
+    for name, fsdp in (("fsdp", True), ("ddp", False)):
+        spec = root / f"{name}.json"
+        spec.write_text(json.dumps(stage_configs(root / name, fsdp, models, demo_data, votes)))
+        cmd = [sys.executable, *LAUNCH, "-m", "tests.smoke.stages_main", str(spec)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"fsdp": root / "fsdp", "ddp": root / "ddp", "votes": votes, "root": root}
+
+
+def curve(run: Path, key: str) -> list[float]:
+    return [r[key] for r in read_metrics(run / "metrics.jsonl") if key in r]
+
+
+@pytest.mark.parametrize("stage", sorted(LOSSES))
+def test_sharded_stage_follows_the_unsharded_losses(runs: dict[str, Path], stage: str) -> None:
+    for key in LOSSES[stage]:
+        sharded, unsharded = curve(runs["fsdp"] / stage, key), curve(runs["ddp"] / stage, key)
+        assert len(sharded) == len(unsharded) >= 2
+        assert sharded == pytest.approx(unsharded, rel=1e-4, abs=1e-5), key
+
+
+def test_sharded_sft_and_reward_follow_one_process(
+    runs: dict[str, Path], tiny_sft_model: Path, demo_data: Path
+) -> None:
+    configs = dict(stage_configs(runs["root"] / "one", False, {"sft": tiny_sft_model, "rm": tiny_sft_model},
+                                 demo_data, runs["votes"])[:2])  # fmt: skip
+    sft.run(SFTConfig(**configs["sft"]), quiet=True)
+    reward.run(RewardConfig(**configs["reward"]), quiet=True)
+    for stage, key in (("sft", "sft/loss"), ("rm", "rm/loss")):
+        one = curve(runs["root"] / "one" / stage, key)
+        assert curve(runs["fsdp"] / stage, key) == pytest.approx(one, rel=1e-4, abs=1e-5)
+
+
+def test_sharded_checkpoints_are_whole_models(runs: dict[str, Path], tiny_sft_model: Path) -> None:
+    for stage in (
+        "sft/final",
+        "ppo/final",
+        "ppo_lora/final",
+        "ppo/checkpoints/step-0000002/policy",
+        "dpo/final",
+    ):
+        sharded, unsharded = (
+            load_causal_lm(str(runs["fsdp"] / stage)),
+            load_causal_lm(str(runs["ddp"] / stage)),
+        )
+        a, b = sharded.state_dict(), unsharded.state_dict()
+        assert a.keys() == b.keys()
+        # Adam moves a weight by about lr per step whatever its gradient's size: where a gradient is near 0, a
+        # different summation order (reduce-scatter vs all-reduce) can move it by a fraction of lr (1e-3)
+        assert all(torch.allclose(a[k], b[k], atol=2e-4) for k in a), stage
+    # the trained LoRA adapter was merged into the weights: they moved away from the SFT model's
+    merged = load_causal_lm(str(runs["fsdp"] / "ppo_lora/final")).state_dict()
+    start = load_causal_lm(str(tiny_sft_model)).state_dict()
+    assert max(float((merged[k] - start[k]).abs().max()) for k in start) > 1e-4
+
+
+def test_sharded_reward_run_resumes_on_one_process(runs: dict[str, Path]) -> None:
+    """The checkpoint after step 2 of the two-process run, resumed by one process: step 3 as in the run."""
+    resumed = runs["root"] / "resumed_rm"
+    shutil.copytree(runs["fsdp"] / "rm", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000003")
+    shutil.rmtree(resumed / "final")
+    fields = json.loads((runs["root"] / "fsdp.json").read_text())[1][1] | {"out_dir": str(resumed)}
+    reward.run(RewardConfig(**fields), resume=True, quiet=True)
+    assert curve(resumed, "rm/loss") == pytest.approx(
+        curve(runs["fsdp"] / "rm", "rm/loss"), rel=1e-4, abs=1e-5
+    )
+
+
+def test_sharded_ppo_policy_is_served(runs: dict[str, Path]) -> None:
+    settings = Settings(model_dir=str(runs["fsdp"] / "ppo_lora" / "final"), model_name="sharded")
+    with TestClient(create_app(settings)) as http:
+        r = http.post(
+            "/v1/completions",
+            json={"model": "sharded", "prompt": "User: What is 2 plus 3?\nAssistant:", "max_tokens": 6},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_gradient_checkpointing_gives_the_same_losses(
+    runs: dict[str, Path], tiny_sft_model: Path, demo_data: Path
+) -> None:
+    fields = dict(stage_configs(runs["root"] / "ckpt", False, {"sft": tiny_sft_model, "rm": tiny_sft_model},
+                                demo_data, runs["votes"])[:1])["sft"]  # fmt: skip
+    sft.run(SFTConfig(**fields | {"gradient_checkpointing": True}), quiet=True)
+    expected = curve(runs["ddp"] / "sft", "sft/loss")  # the same global batch on two processes
+    assert curve(runs["root"] / "ckpt" / "sft", "sft/loss") == pytest.approx(expected, rel=1e-4, abs=1e-5)
