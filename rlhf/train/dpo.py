@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import Tensor
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
@@ -47,6 +47,7 @@ from rlhf.models.loading import (
     load_causal_lm,
     load_tokenizer,
 )
+from rlhf.models.lora import add_lora
 from rlhf.models.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.runs import Run, seed_everything
@@ -274,9 +275,7 @@ def load_policy(cfg: DPOConfig, checkpoint: Path | None) -> Any:
     if lora and checkpoint:
         policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
     elif lora:
-        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                            target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-        policy = get_peft_model(policy, config)
+        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM")
     disable_dropout(policy)
     return policy
 

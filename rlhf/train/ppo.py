@@ -36,7 +36,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -54,6 +54,7 @@ from rlhf.models.loading import (
     load_causal_lm,
     load_tokenizer,
 )
+from rlhf.models.lora import add_lora
 from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
 from rlhf.rl_math import (
     AdaptiveKLController,
@@ -107,13 +108,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def add_lora(model: PreTrainedModel, cfg: PPOConfig, task_type: str) -> PeftModel:
-    """LoRA on every linear layer (not the LM head or the scalar head, which stays fully trainable)."""
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                        target_modules="all-linear", task_type=task_type)  # fmt: skip
-    return get_peft_model(model, config)
-
-
 class Critic(ModelForward):
     """The value function V(s_t) at every token, in the reward model's normalised units. Its own forward: the
     sequence-classification forward of Hugging Face would pool to the last token only."""
@@ -150,15 +144,21 @@ def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
     return lay.padded(lay.response(critic(**lay.inputs)))
 
 
+def reward_scores(reward_model: PreTrainedModel, lay: TokenLayout, lean: bool | None = None) -> Tensor:
+    """The reward model's normalised score of each sequence, (B,), read at its last token (EOS). `lean`: through
+    rlhf.models.lean_llama (default: wherever it supports the model; never for a sharded one)."""
+    lean = lean_llama.supports(reward_model) if lean is None else lean
+    hidden = backbone_states(
+        reward_model, lean, lay.input_ids, lay.attention_mask, lay.position_ids
+    )  # (R, W, H)
+    return head_scores(reward_model, lay.last(hidden))
+
+
 class RewardScores(ModelForward):
-    """The reward model's normalised score of each sequence, (B,), read at its last token (EOS). A module of its
-    own, so that a sharded reward model gathers its weights around this forward (rlhf.train.sharding)."""
+    """`reward_scores` as a module, so that a sharded reward model gathers its weights around this forward."""
 
     def forward(self, lay: TokenLayout) -> Tensor:
-        hidden = backbone_states(
-            self.model, self.lean, lay.input_ids, lay.attention_mask, lay.position_ids
-        )  # (R, W, H)
-        return head_scores(self.model, lay.last(hidden))
+        return reward_scores(self.model, lay, self.lean)
 
 
 @dataclass
@@ -302,8 +302,8 @@ def load_models(
         if critic_model is not None:
             critic_model = PeftModel.from_pretrained(critic_model, checkpoint / "critic", is_trainable=True)
     elif lora:
-        policy = add_lora(policy, cfg, "CAUSAL_LM")
-        critic_model = critic_model and add_lora(critic_model, cfg, "SEQ_CLS")
+        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM")
+        critic_model = critic_model and add_lora(critic_model, cfg.lora_r, cfg.lora_alpha, "SEQ_CLS")
     reference = None
     if not lora or cfg.reference not in (None, cfg.policy):
         reference = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
@@ -470,7 +470,7 @@ def run(
         if state is None:
             return None
         model = load_causal_lm(cfg.policy)
-        model = add_lora(model, cfg, "CAUSAL_LM") if cfg.lora_r > 0 else model
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM") if cfg.lora_r > 0 else model
         return sharding.load_whole(model, state)
 
     def save_checkpoint(iteration: int) -> None:

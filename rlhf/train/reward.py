@@ -462,17 +462,16 @@ def load_model(cfg: RewardConfig, checkpoint: Path | None, pad_id: int) -> torch
     if cfg.lora.r == 0:
         model = base
     else:
-        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+        from peft import PeftModel
+
+        from rlhf.models.lora import add_lora
 
         base.config.pad_token_id = pad_id
         if checkpoint:
             model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
         else:
-            lora = LoraConfig(
-                task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                target_modules=cfg.lora.target_modules, modules_to_save=["score"],  # the head trains fully
-            )  # fmt: skip
-            model = get_peft_model(base, lora)
+            # the head trains fully
+            model = add_lora(base, cfg.lora.r, cfg.lora.alpha, "SEQ_CLS", cfg.lora.target_modules, ["score"])
     # the model's own pooling finds the last real token as the last non-PAD one
     model.config.pad_token_id = pad_id  # type: ignore[union-attr]
     disable_dropout(model)

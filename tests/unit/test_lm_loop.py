@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from rlhf.config import ArchConfig
+from rlhf.config import ArchConfig, TrainConfig
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.train.common import lean_forward, make_accelerator
@@ -66,11 +66,13 @@ def test_evaluate_counts_only_labelled_tokens(model) -> None:
 
 
 def test_the_loop_takes_the_lean_forward_only_for_a_plain_whole_llama() -> None:
-    accelerator = make_accelerator("fp32")
+    accelerator, cfg = make_accelerator("fp32"), TrainConfig()
     model = build_model()
-    assert lean_forward(model, accelerator)
+    assert lean_forward(model, accelerator, cfg)
+    # sharded weights or recomputed activations: the model's own forward
+    assert not lean_forward(model, accelerator, cfg.model_copy(update={"fsdp": True}))
     # the wrapper names the model's layer class, as FSDP's auto-wrap policy reads it off the prepared module
     assert set(NextTokenLoss(model)._no_split_modules) == {"LlamaDecoderLayer"}
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert not lean_forward(lora, accelerator)
-    assert not lean_forward(lora.get_base_model(), accelerator)  # LoRA layers replaced its projections
+    assert not lean_forward(lora, accelerator, cfg)
+    assert not lean_forward(lora.get_base_model(), accelerator, cfg)  # LoRA layers replaced its projections

@@ -1,0 +1,44 @@
+"""LoRA adapters on any Hugging Face model: every linear layer, and the routed experts of a mixture of experts.
+
+Mixtures of experts (Qwen2-MoE, Mixtral, DeepSeek-style) keep their experts as 3-D parameters (experts, out,
+in) rather than Linear layers, so `target_modules="all-linear"` would adapt the attention, the router and the
+shared expert but leave the routed experts frozen. PEFT adapts such parameters through `target_parameters`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+
+def expert_parameters(model: torch.nn.Module) -> list[str]:
+    """`module.parameter` suffixes of the 3-D weights of `model` (routed experts), as PEFT's
+    `target_parameters` names them."""
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                names.add(f"{module_name.rsplit('.', 1)[-1]}.{name}")
+    return sorted(names)
+
+
+def add_lora(
+    model: torch.nn.Module,
+    r: int,
+    alpha: int,
+    task_type: str,
+    target_modules: str | list[str] = "all-linear",
+    modules_to_save: list[str] | None = None,
+) -> Any:
+    """`model` wrapped by peft with LoRA adapters (dropout 0) on `target_modules` and, with "all-linear", on the
+    routed experts too."""
+    experts = expert_parameters(model) if target_modules == "all-linear" else []
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, task_type=task_type, target_modules=target_modules,
+        target_parameters=experts or None, modules_to_save=modules_to_save,
+    )  # fmt: skip
+    return get_peft_model(model, config)  # type: ignore[arg-type]

@@ -1,0 +1,45 @@
+"""rlhf.models.lora: LoRA on every linear layer and on the routed experts of a mixture of experts."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+from rlhf.models.lora import add_lora, expert_parameters
+
+
+def tiny_moe() -> Qwen2MoeForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            max_position_embeddings=64)  # fmt: skip
+    return Qwen2MoeForCausalLM(config)
+
+
+def test_routed_experts_get_adapters_that_train_and_merge() -> None:
+    model = tiny_moe()
+    assert expert_parameters(model) == ["experts.down_proj", "experts.gate_up_proj"]
+    x = torch.randint(0, 100, (2, 8))
+    peft_model = add_lora(model, r=4, alpha=8, task_type="CAUSAL_LM")
+    expert_lora = {n: p for n, p in peft_model.named_parameters() if "experts" in n and "lora_" in n}
+    assert len(expert_lora) == 2 * 2 * 2  # 2 layers x 2 expert weights x (A, B)
+    assert all(p.requires_grad for p in expert_lora.values())
+    with torch.no_grad():  # B starts at 0 (a no-op adapter): give the experts' adapters weights that matter
+        for name, p in expert_lora.items():
+            if "lora_B" in name:
+                p.normal_()
+    logits = peft_model(x).logits
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert_lora.values())
+    merged = peft_model.merge_and_unload()
+    assert torch.allclose(merged(x).logits, logits, atol=1e-4)
+
+
+def test_a_dense_model_has_no_expert_parameters() -> None:
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    assert expert_parameters(model) == []
+    peft_model = add_lora(model, r=4, alpha=8, task_type="CAUSAL_LM")
+    assert any("q_proj.lora_A" in n for n, _ in peft_model.named_parameters())
