@@ -41,7 +41,8 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import PPOConfig
-from rlhf.data.jsonl import field, iter_jsonl, write_json
+from rlhf.data.jsonl import write_json
+from rlhf.data.prompts import read_prompt_rows
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Generation, SamplingParams, decode_responses, generate
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
@@ -99,11 +100,9 @@ GoldFn = Callable[[list[str], list[str], list[bool]], list[float]]
 LayoutFn = Callable[[Tensor, Tensor, int], TokenLayout]
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    prompts = [field(path, lineno, row, "prompt", str) for lineno, row in iter_jsonl(path)]
-    if not prompts:
-        raise DataError(f"{path}: no prompts (empty file)")
-    return prompts
+def read_prompts(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
+    """The prompts of a {prompt} or {messages} source (rlhf.data.prompts); messages through the chat template."""
+    return [prompt for _, prompt in read_prompt_rows(path, tokenizer=tokenizer)]
 
 
 def add_lora(model: PreTrainedModel, cfg: PPOConfig, task_type: str) -> PeftModel:
@@ -359,8 +358,11 @@ def run(
     for role, path in (("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic)):
         if path:  # the policy's token ids are what the reward model and the critic read
             check_same_tokenizer(tokenizer, load_tokenizer(path), "ppo.policy", role)
-    prompts = read_prompts(cfg.prompts_file)  # read before any output: bad input leaves nothing behind
-    guard_prompts = read_prompts(cfg.eval_prompts_file)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
+    # read before any output: bad input leaves nothing behind
+    prompts = read_prompts(cfg.prompts_file, tokenizer)
+    guard_prompts = (
+        read_prompts(cfg.eval_prompts_file, tokenizer)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
+    )
     guard_prompts = guard_prompts[rank::world]
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
