@@ -11,16 +11,18 @@ from typing import Any
 import datasets
 import pytest
 
+from rlhf.config import load_config
 from rlhf.data.preferences import (
     ConversationalPair,
     Message,
     PreferencePair,
     Ranking,
+    read_preference_groups,
     read_preferences,
     read_records,
 )
 from rlhf.data.sources import iter_rows, parse_source
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 
 USER, ASSISTANT = "user", "assistant"
 
@@ -221,3 +223,18 @@ def test_csv_and_json_files_read_through_datasets(tmp_path: Path) -> None:
     for name in ("p.csv", "p.json"):
         assert read_preferences(tmp_path / name) == [PreferencePair("2+2?", "four", "five", 2.0)]
     assert [w for w, _ in iter_rows(tmp_path / "p.csv")] == [f"{tmp_path / 'p.csv'}:1"]
+
+
+def test_reward_and_dpo_configs_take_layout_and_columns_into_the_groups(tmp_path: Path) -> None:
+    source = write_source(tmp_path, LAYOUTS["mapped_columns"][0], "parquet")
+    cfg = load_config(
+        None, [f"reward.train_file={source}", "reward.format=pairs", "reward.columns={prompt: question, "
+               "chosen: good, rejected: bad}", "dpo.format=ultrafeedback_binarized"]
+    )  # fmt: skip
+    assert cfg.dpo.format == "ultrafeedback_binarized" and cfg.dpo.columns == {}
+    groups = read_preference_groups(
+        cfg.reward.train_file, cfg.reward.format, None, columns=cfg.reward.columns
+    )
+    assert [(g.prompt, g.completions, g.pairs) for g in groups] == [("2+2?", [" 4", " 5"], [(0, 1)])]
+    with pytest.raises(ConfigError, match="format"):
+        load_config(None, ["reward.format=parquet"])
