@@ -47,7 +47,8 @@ def iter_rows(spec: str | Path, skipped: list[str] | None = None) -> Iterator[tu
 
     An unreadable source is a one-line DataError. Given a `skipped` list, JSONL lines that are not JSON objects
     are appended to it instead of raising. Columns that are null in a row are left out of it, as a JSONL row
-    would leave them out.
+    would leave them out; so are null fields of the objects inside it (Arrow gives every message of a column
+    the fields of all of them).
     """
     path, config, split = parse_source(spec)
     local = Path(path)
@@ -57,7 +58,7 @@ def iter_rows(spec: str | Path, skipped: list[str] | None = None) -> Iterator[tu
         return
     dataset = open_dataset(spec)
     for i, row in enumerate(dataset, start=1):
-        yield f"{spec}:{i}", {k: v for k, v in row.items() if v is not None}
+        yield f"{spec}:{i}", _without_nulls(row)
 
 
 def open_dataset(spec: str | Path) -> Any:
@@ -82,6 +83,15 @@ def open_dataset(spec: str | Path) -> Any:
     if local.suffix in (*FILE_LOADERS, ".jsonl") or not HUB_ID.fullmatch(path):
         raise DataError(f"{local}: file not found")
     return _pick_split(spec, _load(spec, lambda d: d.load_dataset(path, config, split=split)), split)
+
+
+def _without_nulls(value: Any) -> Any:
+    """The value with null fields left out of every dict in it, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _load(spec: str | Path, load: Any) -> Any:

@@ -195,7 +195,7 @@ def import_preference_votes(
     skip_bad_rows: bool,
 ) -> None:
     """`label import --preferences`: read every record, then store them all in one transaction."""
-    from typing import get_args
+    from typing import cast, get_args
 
     from rlhf.data.preferences import Format, read_records
     from rlhf.feedback.preference_import import import_preferences
@@ -218,7 +218,7 @@ def import_preference_votes(
             raise DataError(f"--columns {columns!r}: expected FIELD=COLUMN pairs, e.g. prompt=question")
         mapping[ours.strip()] = theirs.strip()
     skipped: list[str] | None = [] if skip_bad_rows else None
-    records = read_records(source, fmt, skipped, mapping)  # type: ignore[arg-type]  # checked above
+    records = read_records(source, cast(Format, fmt), skipped, mapping)
     database = open_database(db)
     with database.session() as session:
         out = import_preferences(session, project, labeler, records, skipped=skipped)

@@ -238,3 +238,24 @@ def test_reward_and_dpo_configs_take_layout_and_columns_into_the_groups(tmp_path
     assert [(g.prompt, g.completions, g.pairs) for g in groups] == [("2+2?", [" 4", " 5"], [(0, 1)])]
     with pytest.raises(ConfigError, match="format"):
         load_config(None, ["reward.format=parquet"])
+
+
+def test_messages_with_fields_of_other_messages_read_from_a_table(tmp_path: Path) -> None:
+    named = [{"role": ASSISTANT, "content": "Hey", "name": "bot"}]
+    rows = [
+        {
+            "prompt": msgs((USER, "Hi")),
+            "chosen": msgs((ASSISTANT, "Hey")),
+            "rejected": msgs((ASSISTANT, "No")),
+        },
+        {"prompt": msgs((USER, "Yo")), "chosen": named, "rejected": msgs((ASSISTANT, "No"))},
+    ]
+    source = write_source(tmp_path, rows, "parquet")  # Arrow gives row 1's messages row 2's 'name', as null
+    skipped: list[str] = []
+    records = [r for _, r in read_records(source, "auto", skipped)]
+    assert records == [
+        ConversationalPair([Message(USER, "Hi")], [Message(ASSISTANT, "Hey")], [Message(ASSISTANT, "No")])
+    ]
+    assert len(skipped) == 1 and skipped[0].startswith(
+        f"{source}:2: chosen[0] should be"
+    )  # a real extra field
