@@ -177,7 +177,9 @@ def record_to_json(r: Record) -> dict[str, Any]:
 
 
 def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
-    """One JSON object as a record of format `fmt` ("auto": detected from its keys).
+    """One JSON object as a record of format `fmt` ("auto": detected from its keys); the dataset layouts
+    (ultrafeedback_binarized, ultrafeedback, ordered, an implicit conversational prompt) go through
+    rlhf.data.layouts first.
 
     Raises DataError "where: what is wrong"; `where` is "path:line" when reading a file.
     Unknown keys are ignored in the external formats (pairs, conversational, hh) and rejected in our own

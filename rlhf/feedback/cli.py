@@ -143,6 +143,11 @@ def import_(
     if (candidates is None) == (preferences is None):
         raise DataError("give either --candidates or --preferences (with --labeler)")
     if preferences is not None:
+        given = [gold, overlap, gold_rate, guidelines, axes, None if task_kind == "pairwise" else task_kind]
+        if any(option is not None for option in given):
+            raise DataError(
+                "--task-kind, --gold, --overlap, --gold-rate, --guidelines and --axes go with --candidates"
+            )
         import_preference_votes(project, preferences, labeler, db, format, columns, skip_bad_rows)
         return
     assert candidates is not None

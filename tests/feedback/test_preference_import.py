@@ -144,3 +144,18 @@ def test_cli_imports_with_skip_bad_rows_and_reports_the_first(db_url: str, tmp_p
         PreferencePair("2+2?", "4", "5"),
         PreferencePair("Hi", "Hello!", "Go away."),
     ]
+
+
+def test_cli_refuses_candidate_options_with_preferences(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n')
+    base = ["import", "--db", f"sqlite:///{tmp_path}/f.db", "--project", "demo", "--preferences", str(path)]
+    for extra, message in (
+        (["--labeler", "ann", "--task-kind", "ranking"], "go with --candidates"),
+        ([], "needs --labeler NAME"),
+        (["--labeler", "ann", "--candidates", str(path)], "give either --candidates or --preferences"),
+        (["--labeler", "ann", "--format", "parquet"], "--format must be one of auto, pairs"),
+        (["--labeler", "ann", "--columns", "prompt"], "expected FIELD=COLUMN pairs"),
+    ):
+        result = CliRunner().invoke(app, [*base, *extra])
+        assert result.exit_code != 0 and message in str(result.exception), (extra, result.exception)
