@@ -306,7 +306,8 @@ class PPOConfig(TrainConfig):
         description="{prompt} or {messages} rows to train on: a file, saved datasets folder or hub id",
     )
     eval_prompts_file: str | None = Field(
-        None, description="held-out JSONL of {prompt} for the reward-hacking guard; unset = no guard"
+        None,
+        description="held-out {prompt} or {messages} rows for the reward-hacking guard; unset = no guard",
     )
     ptx_file: str | None = Field(
         None, description="JSONL of demonstrations for PPO-ptx ({prompt, response} or {messages})"

@@ -3,7 +3,8 @@
 A source is one string (docs/formats.md, "Where the data comes from"):
   FILE.jsonl                     JSON lines, read line by line here: errors name the line, and each row keeps
                                  its own keys (Arrow would give every row every column of the file)
-  FILE.json / .parquet / .csv    datasets' json, parquet and csv loaders
+  FILE.json / .parquet / .csv    datasets' json, parquet and csv loaders (also FILE.jsonl.gz and other
+                                 compressed JSON/CSV, as the Anthropic HH files come)
   FOLDER                         a `save_to_disk` folder (`load_from_disk`), or any other folder as a dataset
                                  repository (data files and/or a README card; `load_dataset(FOLDER)`)
   OWNER/NAME                     a Hugging Face hub dataset (`load_dataset`), downloaded into the HF cache
@@ -24,6 +25,7 @@ from rlhf.data.jsonl import iter_jsonl
 from rlhf.errors import DataError
 
 FILE_LOADERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -68,9 +70,14 @@ def open_dataset(spec: str | Path) -> Any:
     if local.is_file():
         if config is not None or split is not None:
             raise DataError(f"{spec}: a file has no config or split")
-        loader = FILE_LOADERS.get(local.suffix) or ("json" if local.suffix == ".jsonl" else None)
+        suffix = local.suffix
+        if suffix in COMPRESSED and len(local.suffixes) > 1:  # datasets decompresses json and csv files
+            suffix = local.suffixes[-2]
+        loader = FILE_LOADERS.get(suffix) or ("json" if suffix == ".jsonl" else None)
         if loader is None:
-            raise DataError(f"{local}: unknown file type (expected .jsonl, .json, .parquet or .csv)")
+            raise DataError(
+                f"{local}: unknown file type (expected .jsonl, .json, .parquet or .csv, the text ones maybe .gz)"
+            )
         return _load(spec, lambda d: d.load_dataset(loader, data_files=str(local), split="train"))
     if local.is_dir():
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():

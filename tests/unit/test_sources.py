@@ -3,6 +3,7 @@ folder and a local dataset repository folder reads as the same records; errors n
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -259,3 +260,11 @@ def test_messages_with_fields_of_other_messages_read_from_a_table(tmp_path: Path
     assert len(skipped) == 1 and skipped[0].startswith(
         f"{source}:2: chosen[0] should be"
     )  # a real extra field
+
+
+def test_compressed_hh_file_reads_through_datasets(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl.gz"
+    rows = LAYOUTS["anthropic_hh"][0]
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_preferences(path) == LAYOUTS["anthropic_hh"][3]
