@@ -87,7 +87,13 @@ def open_dataset(spec: str | Path) -> Any:
         return _pick_split(
             spec, _load(spec, lambda d: d.load_dataset(str(local), config, split=split)), split
         )
-    if local.suffix in (*FILE_LOADERS, ".jsonl") or not HUB_ID.fullmatch(path):
+    # A missing path is a typo, not a hub id, when it has a file suffix or names a folder that is here.
+    in_local_folder = local.parent != Path(".") and local.parent.is_dir()
+    if (
+        local.suffix in (*FILE_LOADERS, ".jsonl", *COMPRESSED)
+        or not HUB_ID.fullmatch(path)
+        or in_local_folder
+    ):
         raise DataError(f"{local}: file not found")
     return _pick_split(spec, _load(spec, lambda d: d.load_dataset(path, config, split=split)), split)
 

@@ -268,3 +268,13 @@ def test_compressed_hh_file_reads_through_datasets(tmp_path: Path) -> None:
     with gzip.open(path, "wt") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     assert read_preferences(path) == LAYOUTS["anthropic_hh"][3]
+
+
+def test_a_missing_folder_next_to_real_ones_is_not_taken_for_a_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert parse_source("data/saved_prefs") == ("data/saved_prefs", None, None)  # shaped like OWNER/NAME
+    with pytest.raises(DataError, match=r"^data/saved_prefs: file not found$"):
+        read_preferences("data/saved_prefs")  # a local typo: no hub look-up
