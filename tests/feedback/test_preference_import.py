@@ -15,8 +15,10 @@ from rlhf.data.preferences import (
     PairwiseVote,
     PreferencePair,
     Ranking,
+    Rating,
     group_to_pairs,
     ranking_to_group,
+    ratings_to_groups,
     read_preferences,
     read_records,
     record_from_json,
@@ -38,13 +40,25 @@ LAYOUTS_HERE = {
         "auto", {},
         [PairwiseVote("Hi", "Go.", "Hello!", "B", margin=0.5), PairwiseVote("Hi", "Yo", "Hey", "tie")],
     ),
+    "ratings": (
+        [{"prompt": "Hi", "completion": "Hello!", "rating": 6, "labeler": "x"},
+         {"prompt": "Hi", "completion": "Go away.", "rating": 2, "labeler": "y"}],
+        "auto", {},
+        [Rating("Hi", "Hello!", 6.0, "x"), Rating("Hi", "Go away.", 2.0, "y")],
+    ),
 }  # fmt: skip
 
 
 def expected_pairs(records: list[Any]) -> list[Any]:
     """The pairs a labeler's answers in these records stand for, as `export --format pairs` writes them."""
     pairs: list[Any] = []
+    # one labeler's ratings of a prompt, compared with the rating difference as margin (as export does)
+    ratings = [dataclasses.replace(r, labeler="ann") for r in records if isinstance(r, Rating)]
+    for group in ratings_to_groups(ratings, margin=True):
+        pairs += group_to_pairs(group)
     for r in records:
+        if isinstance(r, Rating):
+            continue
         if isinstance(r, Ranking):
             group = ranking_to_group(r)
             pairs += group_to_pairs(group) if group is not None else []
