@@ -116,39 +116,24 @@ def import_preferences(
         new = [e for e in entries if e.vote.idempotency_key not in known]
         result.already = len(entries) - len(new)
         prompt_keys = list(dict.fromkeys(_prompt_key(e) for e in new))
-        prompt_ids = dict(
-            zip(
-                prompt_keys,
-                _insert_ids(
-                    session,
-                    Prompt,
-                    [
-                        {"project_id": project.id, "text": t, "external_id": None, "meta": json.loads(m)}
-                        for t, m in prompt_keys
-                    ],
-                ),  # fmt: skip
-                strict=True,
-            )
-        )
-        completion_ids = iter(
-            _insert_ids(
-                session,
-                Completion,
-                [
-                    {"prompt_id": prompt_ids[_prompt_key(e)], "text": t, "policy": "", "sampling": {}}
-                    for e in new
-                    for t in e.texts
-                ],
-            )  # fmt: skip
-        )
+        prompt_rows = [
+            {"project_id": project.id, "text": text, "external_id": None, "meta": json.loads(meta)}
+            for text, meta in prompt_keys
+        ]
+        prompt_ids = dict(zip(prompt_keys, _insert_ids(session, Prompt, prompt_rows), strict=True))
+        completion_rows = [
+            {"prompt_id": prompt_ids[_prompt_key(e)], "text": text, "policy": "", "sampling": {}}
+            for e in new
+            for text in e.texts
+        ]
+        completion_ids = iter(_insert_ids(session, Completion, completion_rows))
         members = [[next(completion_ids) for _ in e.texts] for e in new]
-        task_ids = _insert_ids(
-            session,
-            Task,
-            [{"project_id": project.id, "prompt_id": prompt_ids[_prompt_key(e)], "kind": e.kind,
-              "is_gold": False, "gold_choice": None, "n_completions": len(e.texts), "n_assigned": 0}
-             for e in new],
-        )  # fmt: skip
+        task_rows = [
+            {"project_id": project.id, "prompt_id": prompt_ids[_prompt_key(e)], "kind": e.kind, "is_gold": False,
+             "gold_choice": None, "n_completions": len(e.texts), "n_assigned": 0}
+            for e in new
+        ]  # fmt: skip
+        task_ids = _insert_ids(session, Task, task_rows)
         links = [
             {"task_id": tid, "position": pos, "completion_id": cid}
             for tid, ids in zip(task_ids, members, strict=True)
