@@ -17,6 +17,7 @@ Folders and hub ids take an optional config and split: `NAME[:CONFIG][@SPLIT]`, 
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,18 @@ def open_dataset(spec: str | Path) -> Any:
             raise DataError(
                 f"{local}: unknown file type (expected .jsonl, .json, .parquet or .csv, the text ones maybe .gz)"
             )
-        return _load(spec, lambda d: d.load_dataset(loader, data_files=str(local), split="train"))
+        return _load(
+            spec, lambda d, **cache: d.load_dataset(loader, data_files=str(local), split="train", **cache)
+        )
     if local.is_dir():
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             if config is not None:
                 raise DataError(f"{spec}: a save_to_disk folder has no config")
-            return _pick_split(spec, _load(spec, lambda d: d.load_from_disk(str(local))), split)
+            return _pick_split(spec, _load(spec, lambda d, **_: d.load_from_disk(str(local))), split)
         return _pick_split(
-            spec, _load(spec, lambda d: d.load_dataset(str(local), config, split=split)), split
+            spec,
+            _load(spec, lambda d, **cache: d.load_dataset(str(local), config, split=split, **cache)),
+            split,
         )
     # A missing path is a typo, not a hub id, when it has a file suffix or names a folder that is here.
     in_local_folder = local.parent != Path(".") and local.parent.is_dir()
@@ -95,7 +100,9 @@ def open_dataset(spec: str | Path) -> Any:
         or in_local_folder
     ):
         raise DataError(f"{local}: file not found")
-    return _pick_split(spec, _load(spec, lambda d: d.load_dataset(path, config, split=split)), split)
+    return _pick_split(
+        spec, _load(spec, lambda d: d.load_dataset(path, config, split=split), local=False), split
+    )
 
 
 def _without_nulls(value: Any) -> Any:
@@ -107,12 +114,18 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def _load(spec: str | Path, load: Any) -> Any:
+def _load(spec: str | Path, load: Any, local: bool = True) -> Any:
+    """load(datasets module, **cache options) with any failure as one line. Local data is converted in a
+    throwaway cache and kept in memory (re-reading a local file is cheap, and a cache entry per file read
+    would pile up); a hub dataset uses the HF cache, so it is downloaded once."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        return load(datasets)
+        if not local:
+            return load(datasets)
+        with tempfile.TemporaryDirectory(prefix="rlhf-datasets-") as cache:
+            return load(datasets, cache_dir=cache, keep_in_memory=True)
     except Exception as e:  # datasets and pyarrow raise many kinds; the user needs the reason on one line
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise DataError(f"{spec}: cannot read it as a dataset ({reason})") from None
