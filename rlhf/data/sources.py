@@ -59,8 +59,9 @@ def iter_rows(spec: str | Path, skipped: list[str] | None = None) -> Iterator[tu
         for lineno, row in iter_jsonl(local, skipped):
             yield f"{local}:{lineno}", row
         return
-    dataset = open_dataset(spec)
-    for i, row in enumerate(dataset, start=1):
+    dataset = open_dataset(spec).with_format("arrow")  # Arrow batches to Python: much quicker than row by row
+    rows = (row for batch in dataset.iter(batch_size=1024) for row in batch.to_pylist())
+    for i, row in enumerate(rows, start=1):
         yield f"{spec}:{i}", _without_nulls(row)
 
 
