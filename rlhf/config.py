@@ -155,7 +155,10 @@ class GenerateConfig(Section):
     """`rlhf generate`: K candidate answers per prompt from a policy, for labelers to compare."""
 
     model: str = Field("runs/sft/final", description="policy checkpoint that samples (local dir or hub id)")
-    prompts_file: str = Field("data/demo/rl_prompts.jsonl", description="JSONL of {prompt, prompt_id?} rows")
+    prompts_file: str = Field(
+        "data/demo/rl_prompts.jsonl",
+        description="{prompt, prompt_id?} or {messages} rows: a file, saved datasets folder or hub id",
+    )
     out: str = Field(
         "runs/candidates.jsonl", description="candidates JSONL written here (the labeling app's import)"
     )
@@ -236,9 +239,14 @@ class PreferenceTrainConfig(TrainConfig):
 
     train_file: str = Field(
         "runs/votes.jsonl",
-        description="preference JSONL in any format of docs/formats.md (rankings as their pairs)",
+        description="preferences in any layout of docs/formats.md: a JSONL/JSON/Parquet/CSV file, a saved "
+        "datasets folder or a hub id NAME[:CONFIG][@SPLIT]",
     )
-    format: Format = Field("auto", description="format of the preference files (auto = detected per line)")
+    format: Format = Field("auto", description="layout of the preference data (auto = detected per row)")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="our field -> the data's column, renamed before reading, e.g. {prompt: question}",
+    )
     skip_bad_rows: bool = Field(
         False,
         description="skip malformed rows of the preference files (counted in the log) instead of stopping",
@@ -306,9 +314,13 @@ class PPOConfig(TrainConfig):
         None, description="reference policy for the KL penalty; unset = the initial policy"
     )
     critic: str | None = Field(None, description="critic initialisation; unset = the reward model")
-    prompts_file: str = Field("data/demo/rl_prompts.jsonl", description="JSONL of {prompt} to train on")
+    prompts_file: str = Field(
+        "data/demo/rl_prompts.jsonl",
+        description="{prompt} or {messages} rows to train on: a file, saved datasets folder or hub id",
+    )
     eval_prompts_file: str | None = Field(
-        None, description="held-out JSONL of {prompt} for the reward-hacking guard; unset = no guard"
+        None,
+        description="held-out {prompt} or {messages} rows for the reward-hacking guard; unset = no guard",
     )
     ptx_file: str | None = Field(
         None, description="JSONL of demonstrations for PPO-ptx ({prompt, response} or {messages})"

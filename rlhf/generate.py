@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from rlhf.config import GenerateConfig
-from rlhf.data.jsonl import field, iter_jsonl, write_jsonl
-from rlhf.errors import DataError
+from rlhf.data.jsonl import write_jsonl
+from rlhf.data.prompts import read_prompt_rows
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.train.common import resolve_precision
@@ -33,19 +33,10 @@ from rlhf.train.common import resolve_precision
 log = logging.getLogger(__name__)
 
 
-def read_prompts(path: str | Path, max_prompts: int = 0) -> list[tuple[str, str]]:
-    """(prompt_id, prompt) pairs; the id is the row's `prompt_id` (or `id`), else "<file stem>:<line>"."""
-    path = Path(path)
-    prompts = []
-    for lineno, row in iter_jsonl(path):
-        prompt = field(path, lineno, row, "prompt", str)
-        given = row.get("prompt_id", row.get("id"))
-        prompts.append((str(given) if given is not None else f"{path.stem}:{lineno}", prompt))
-        if max_prompts and len(prompts) == max_prompts:
-            break
-    if not prompts:
-        raise DataError(f"{path}: no prompts (empty file)")
-    return prompts
+def read_prompts(path: str | Path, max_prompts: int = 0, tokenizer: Any = None) -> list[tuple[str, str]]:
+    """(prompt_id, prompt) pairs of a {prompt} or {messages} source (rlhf.data.prompts); the id is the row's
+    `prompt_id` (or `id`), else "<file stem>:<row>"; messages go through the tokenizer's chat template."""
+    return read_prompt_rows(path, max_prompts, tokenizer)
 
 
 def policy_name(model: str, policy_version: str | None) -> str:
@@ -83,8 +74,9 @@ def short_answers(completions: list[dict[str, Any]], short_k: int) -> list[dict[
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Sample cfg.k answers to every prompt in batches; write the candidates file; return a summary."""
     start = time.perf_counter()
-    prompts = read_prompts(cfg.prompts_file, cfg.max_prompts)  # read first: bad input leaves nothing behind
     tokenizer = load_tokenizer(cfg.model)
+    # read before any output: bad input leaves nothing behind
+    prompts = read_prompts(cfg.prompts_file, cfg.max_prompts, tokenizer)
     policy = load_causal_lm(cfg.model)
     policy.eval()
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)

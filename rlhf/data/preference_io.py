@@ -7,6 +7,9 @@ Formats, one JSON object per line (docs/formats.md shows an example of each):
   vote            one A/B judgement   {"prompt", "completion_a", "completion_b", "choice", "labeler"?, "margin"?, "meta"?}
   ranking         K-way ranking       {"prompt", "completions", "ranking", "labeler"?, "meta"?}; 1 = best, equal = tie
   rating          one score           {"prompt", "completion", "rating", "labeler"?, "meta"?}
+and the layouts of published datasets that rlhf.data.layouts turns into these: conversational with an implicit
+prompt, ultrafeedback_binarized, ultrafeedback (raw, rated completions), ordered (completions best first).
+Files, saved `datasets` folders and hub ids are opened by rlhf.data.sources.
 
 Import from rlhf.data.preferences, which re-exports all of this next to the conversions between formats.
 """
@@ -20,11 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, cast, get_args
 
-from rlhf.data.jsonl import iter_jsonl, write_jsonl
+from rlhf.data import layouts
+from rlhf.data.jsonl import write_jsonl
+from rlhf.data.sources import iter_rows
 from rlhf.errors import DataError
 
 Choice = Literal["A", "B", "tie", "both_bad"]
-Format = Literal["auto", "pairs", "hh", "conversational", "ranking", "rating", "vote"]
+Format = Literal[
+    "auto", "pairs", "hh", "conversational", "ranking", "rating", "vote",
+    "ultrafeedback_binarized", "ultrafeedback", "ordered",
+]  # fmt: skip
 
 CHOICES: tuple[Choice, ...] = get_args(Choice)
 HH_ASSISTANT = "\n\nAssistant:"
@@ -104,23 +112,41 @@ log = logging.getLogger(__name__)
 Record = PreferencePair | ConversationalPair | PairwiseVote | Ranking | Rating
 
 
-def read_preferences(path: str | Path, fmt: Format = "auto", skip_bad_rows: bool = False) -> list[Record]:
-    """Every record of a preference JSONL file; "auto" detects each line's format from its keys.
+def read_preferences(
+    path: str | Path, fmt: Format = "auto", skip_bad_rows: bool = False, columns: dict[str, str] | None = None
+) -> list[Record]:
+    """Every record of a preference source (a JSONL, JSON, Parquet or CSV file, a saved `datasets` folder or a
+    hub id: rlhf.data.sources); "auto" detects each row's format from its keys; `columns` renames the
+    source's columns to ours first ({"prompt": "question"}).
 
-    Raises DataError "path:line: what is wrong" on the first malformed row, or with `skip_bad_rows` skips such
-    rows and logs how many (and the first); raises on a file with no valid record.
+    Raises DataError "source:row: what is wrong" on the first malformed row, or with `skip_bad_rows` skips such
+    rows and logs how many (and the first); raises on a source with no valid record.
     """
     skipped: list[str] | None = [] if skip_bad_rows else None
+    records = [record for _, record in read_records(path, fmt, skipped, columns)]
+    if skipped:
+        log.warning("%s: skipped %d malformed rows (first: %s)", path, len(skipped), skipped[0])
+    return records
+
+
+def read_records(
+    path: str | Path,
+    fmt: Format = "auto",
+    skipped: list[str] | None = None,
+    columns: dict[str, str] | None = None,
+) -> list[tuple[str, Record]]:
+    """("source:row", record) for every valid row (see read_preferences); given a `skipped` list, the message of
+    each malformed row goes there instead of being raised. A source with no valid record is a DataError."""
     records = []
-    for lineno, obj in iter_jsonl(path, skipped):
+    for where, obj in iter_rows(path, skipped):
         try:
-            records.append(record_from_json(obj, fmt, f"{path}:{lineno}"))
+            records.append(
+                (where, record_from_json(layouts.rename_columns(obj, columns or {}, where), fmt, where))
+            )
         except DataError as e:
             if skipped is None:
                 raise
             skipped.append(str(e))
-    if skipped:
-        log.warning("%s: skipped %d malformed rows (first: %s)", path, len(skipped), skipped[0])
     if not records:
         raise DataError(
             f"{path}: no records (empty file)" if not skipped else f"{path}: every row is malformed"
@@ -151,7 +177,9 @@ def record_to_json(r: Record) -> dict[str, Any]:
 
 
 def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
-    """One JSON object as a record of format `fmt` ("auto": detected from its keys).
+    """One JSON object as a record of format `fmt` ("auto": detected from its keys); the dataset layouts
+    (ultrafeedback_binarized, ultrafeedback, ordered, an implicit conversational prompt) go through
+    rlhf.data.layouts first.
 
     Raises DataError "where: what is wrong"; `where` is "path:line" when reading a file.
     Unknown keys are ignored in the external formats (pairs, conversational, hh) and rejected in our own
@@ -160,7 +188,15 @@ def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
     if not isinstance(obj, dict):
         _fail(where, f"expected a JSON object, got {_json_type(obj)}")
     if fmt == "auto":
-        fmt = _detect(obj, where)
+        fmt = cast(Format, layouts.detect_layout(obj)) or _detect(obj, where)
+    if fmt == "ultrafeedback_binarized":
+        fmt, obj = cast(tuple[Format, dict[str, Any]], layouts.ultrafeedback_binarized(obj, where))
+    elif fmt == "ultrafeedback":
+        fmt, obj = "ranking", layouts.ultrafeedback(obj, where)
+    elif fmt == "ordered":
+        fmt, obj = "ranking", layouts.ordered(obj, where)
+    elif fmt == "conversational":
+        obj = layouts.implicit_prompt(obj, where)
     if fmt == "pairs":
         return PreferencePair(
             _get(obj, "prompt", str, where),

@@ -27,6 +27,7 @@ from rlhf.data.preference_io import (
     Rating,
     Record,
     read_preferences,
+    read_records,
     record_from_json,
     record_to_json,
     split_hh,
@@ -50,6 +51,8 @@ __all__ = [
     "Rating",
     "Record",
     "Render",
+    "chat_template",
+    "read_records",
     "group_to_pairs",
     "group_to_ranking",
     "pair_to_group",
@@ -268,12 +271,10 @@ def _group_by_score(
     return PreferenceGroup(prompt, completions, pairs, margins, labeler) if pairs else None
 
 
-def read_preference_groups(
-    path: str, fmt: Format, tokenizer: Any, skip_bad_rows: bool = False
-) -> list[PreferenceGroup]:
-    """The groups (`to_groups`) of a preference file in any format; conversational rows are rendered with the
-    tokenizer's own chat template, and a file that has them while the tokenizer has none is a DataError."""
-    records = read_preferences(path, fmt, skip_bad_rows)
+def chat_template(tokenizer: Any) -> Render | None:
+    """The tokenizer's own chat template as a Render, or None if it has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return str(
@@ -282,8 +283,21 @@ def read_preference_groups(
             )
         )
 
+    return render
+
+
+def read_preference_groups(
+    path: str,
+    fmt: Format,
+    tokenizer: Any,
+    skip_bad_rows: bool = False,
+    columns: dict[str, str] | None = None,
+) -> list[PreferenceGroup]:
+    """The groups (`to_groups`) of a preference source in any layout; conversational rows are rendered with the
+    tokenizer's own chat template, and a source that has them while the tokenizer has none is a DataError."""
+    records = read_preferences(path, fmt, skip_bad_rows, columns)
     try:
-        return to_groups(records, render=render if tokenizer.chat_template else None)
+        return to_groups(records, render=chat_template(tokenizer))
     except ValueError as e:  # conversational rows without a (usable) chat template
         raise DataError(f"{path}: {e}") from None
 

@@ -92,8 +92,36 @@ def db_upgrade(db: DbOpt = DEFAULT_DB) -> None:
 @app.command("import")
 def import_(
     project: Annotated[str, typer.Option(help="Project name (created if missing).")],
-    candidates: Annotated[Path, typer.Option(help="JSONL of {prompt, prompt_id?, completions: [...]} rows.")],
+    candidates: Annotated[
+        Path | None, typer.Option(help="JSONL of {prompt, prompt_id?, completions: [...]} rows.")
+    ] = None,
     db: DbOpt = DEFAULT_DB,
+    preferences: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of candidates: preference records in any layout of docs/formats.md, stored as votes "
+            "of --labeler (a JSONL/JSON/Parquet/CSV file, a saved datasets folder or NAME[:CONFIG][@SPLIT]).",
+        ),
+    ] = None,
+    labeler: Annotated[
+        str | None,
+        typer.Option(help="With --preferences: the labeler the votes belong to (created if missing)."),
+    ] = None,
+    format: Annotated[
+        str, typer.Option(help="With --preferences: their layout (auto = detected per row).")
+    ] = "auto",
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            help="With --preferences: our field=their column, comma-separated, e.g. prompt=question."
+        ),
+    ] = None,
+    skip_bad_rows: Annotated[
+        bool,
+        typer.Option(
+            help="With --preferences: skip malformed rows (counted and reported) instead of stopping."
+        ),
+    ] = False,
     gold: Annotated[
         Path | None, typer.Option(help="JSONL of vote rows whose choice (A/B) is the right answer.")
     ] = None,
@@ -111,7 +139,18 @@ def import_(
         str | None, typer.Option(help="Judgement axes asked beside the choice, e.g. helpful,honest,harmless.")
     ] = None,
 ) -> None:
-    """Create comparison tasks from candidate generations."""
+    """Create comparison tasks from candidate generations, or store existing preferences as a labeler's votes."""
+    if (candidates is None) == (preferences is None):
+        raise DataError("give either --candidates or --preferences (with --labeler)")
+    if preferences is not None:
+        given = [gold, overlap, gold_rate, guidelines, axes, None if task_kind == "pairwise" else task_kind]
+        if any(option is not None for option in given):
+            raise DataError(
+                "--task-kind, --gold, --overlap, --gold-rate, --guidelines and --axes go with --candidates"
+            )
+        import_preference_votes(project, preferences, labeler, db, format, columns, skip_bad_rows)
+        return
+    assert candidates is not None
     from rlhf.feedback.importer import import_candidates, read_rows
     from rlhf.feedback.projects import update_project
     from rlhf.feedback.schemas import MAX_GUIDELINES_CHARS, PROJECT_PATTERN, CandidateRow, GoldRow
@@ -149,6 +188,51 @@ def import_(
         f"{project}: {out.prompts} prompts, {out.completions} completions, {out.tasks} {task_kind} tasks, "
         f"{out.gold_tasks} gold tasks ({out.skipped} rows already there)"
     )
+
+
+def import_preference_votes(
+    project: str,
+    source: str,
+    labeler: str | None,
+    db: str,
+    fmt: str,
+    columns: str | None,
+    skip_bad_rows: bool,
+) -> None:
+    """`label import --preferences`: read every record, then store them all in one transaction."""
+    from typing import cast, get_args
+
+    from rlhf.data.preferences import Format, read_records
+    from rlhf.feedback.preference_import import import_preferences
+    from rlhf.feedback.schemas import NAME_PATTERN, PROJECT_PATTERN
+
+    if not re.match(PROJECT_PATTERN, project):
+        raise DataError(f"project name {project!r}: use letters, digits, '_', '.', '-' (up to 128)")
+    if labeler is None or not re.match(NAME_PATTERN, labeler):
+        raise DataError(
+            f"--preferences needs --labeler NAME (letters, digits, '_', '.', '@', '-'), got {labeler!r}"
+        )
+    if fmt not in get_args(Format):
+        raise DataError(f"--format must be one of {', '.join(get_args(Format))}, got {fmt!r}")
+    mapping = {}
+    for item in (columns or "").split(","):
+        ours, sep, theirs = item.partition("=")
+        if not item.strip():
+            continue
+        if not sep or not ours.strip() or not theirs.strip():
+            raise DataError(f"--columns {columns!r}: expected FIELD=COLUMN pairs, e.g. prompt=question")
+        mapping[ours.strip()] = theirs.strip()
+    skipped: list[str] | None = [] if skip_bad_rows else None
+    records = read_records(source, cast(Format, fmt), skipped, mapping)
+    database = open_database(db)
+    with database.session() as session:
+        out = import_preferences(session, project, labeler, records, skipped=skipped)
+    typer.echo(
+        f"{project}: {out.votes} votes of {labeler} on {out.tasks} tasks ({out.prompts} prompts, "
+        f"{out.completions} completions; {out.already} records already there)"
+    )
+    if out.skipped:
+        typer.echo(f"skipped {len(out.skipped)} malformed rows (first: {out.skipped[0]})")
 
 
 @app.command()

@@ -4,7 +4,8 @@
            tasks; tie and both_bad kept)
 - ranking: {"prompt", "completions", "ranking", "labeler", "meta"}  (ranking: rank per completion, 1 = best)
 - rating:  {"prompt", "completion", "rating", "labeler", "meta"}
-- pairs:   {"prompt", "chosen", "rejected", "margin"?}  (TRL), derived: a pairwise vote A or B gives one pair;
+- pairs:   {"prompt", "chosen", "rejected", "margin"?}  (TRL; conversational, with message lists, for prompts
+           imported as conversations: see preference_import), derived: a pairwise vote A or B gives one pair;
            a ranking of K gives a pair for every two completions with different ranks (up to C(K,2));
            ratings give a pair for every two completions of a prompt that one labeler rated differently,
            with margin = the rating difference. Ties and both_bad give no pair.
@@ -25,6 +26,8 @@ from sqlalchemy.orm import Session
 
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
 from rlhf.feedback.projects import get_project
+
+PROMPT_MESSAGES = "prompt_messages"  # Prompt.meta key of a prompt imported as a conversation
 
 FORMATS = ("votes", "pairs", "ranking", "rating", "axes", "sft")
 
@@ -124,8 +127,16 @@ def _record(
     }
 
 
-def _pair(prompt: str, chosen: str, rejected: str, margin: float | None) -> dict[str, Any]:
-    rec: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+def _pair(prompt: Prompt, chosen: str, rejected: str, margin: float | None) -> dict[str, Any]:
+    """A TRL pair; conversational (message lists) when the prompt was imported as a conversation."""
+    messages = prompt.meta.get(PROMPT_MESSAGES) if isinstance(prompt.meta, dict) else None
+    rec: dict[str, Any] = {"prompt": prompt.text, "chosen": chosen, "rejected": rejected}
+    if isinstance(messages, list):
+        rec = {
+            "prompt": messages,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
     if margin is not None:
         rec["margin"] = margin
     return rec
@@ -135,20 +146,20 @@ def _pairs(session: Session, project: str) -> Iterator[dict[str, Any]]:
     for vote, _task, _labeler, prompt, comps in _rows(session, project, "pairwise"):
         if vote.choice in ("A", "B"):
             win = 0 if vote.choice == "A" else 1
-            yield _pair(prompt.text, comps[win].text, comps[1 - win].text, vote.margin)
+            yield _pair(prompt, comps[win].text, comps[1 - win].text, vote.margin)
     for vote, _task, _labeler, prompt, comps in _rows(session, project, "ranking"):
         ranks = vote.ranking or []
         for i, j in itertools.combinations(range(len(comps)), 2):
             if ranks[i] != ranks[j]:
                 best, worst = (i, j) if ranks[i] < ranks[j] else (j, i)
-                yield _pair(prompt.text, comps[best].text, comps[worst].text, None)
+                yield _pair(prompt, comps[best].text, comps[worst].text, None)
     # Ratings: compare only within one labeler's ratings of one prompt (labelers use the scale differently).
     rated: dict[tuple[int, str], list[tuple[str, float]]] = defaultdict(list)
-    prompts: dict[int, str] = {}
+    prompts: dict[int, Prompt] = {}
     for vote, _task, labeler, prompt, comps in _rows(session, project, "rating"):
         if vote.rating is not None:
             rated[(prompt.id, labeler)].append((comps[0].text, vote.rating))
-            prompts[prompt.id] = prompt.text
+            prompts[prompt.id] = prompt
     for (prompt_id, _labeler), items in rated.items():
         for (text_i, r_i), (text_j, r_j) in itertools.combinations(items, 2):
             if r_i != r_j:

@@ -79,16 +79,7 @@ def import_candidates(
             )
     counts = {"prompts": 0, "completions": 0, "tasks": 0, "gold_tasks": 0, "skipped": 0}
     with db_of(session).write(session):
-        project = session.scalar(select(Project).where(Project.name == project_name))
-        if project is None:
-            project = Project(name=project_name, overlap=overlap or 1, gold_rate=gold_rate or 0.0)
-            session.add(project)
-            session.flush()
-        else:
-            if overlap is not None:
-                project.overlap = overlap
-            if gold_rate is not None:
-                project.gold_rate = gold_rate
+        project = get_or_create_project(session, project_name, overlap, gold_rate)
         known = set(session.scalars(select(Prompt.external_id).where(Prompt.project_id == project.id)))
         # One entry per new prompt: (text, prompt_id, meta, [(text, policy, sampling)], gold answer or None,
         # chosen pairs or None).
@@ -161,6 +152,23 @@ def import_candidates(
         )
     log.info("imported into %s: %s", project_name, counts)
     return ImportOut(project=project_name, **counts)
+
+
+def get_or_create_project(
+    session: Session, name: str, overlap: int | None = None, gold_rate: float | None = None
+) -> Project:
+    """The project `name` (created with overlap 1 and no gold if missing); the settings given are applied."""
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        project = Project(name=name, overlap=overlap or 1, gold_rate=gold_rate or 0.0)
+        session.add(project)
+        session.flush()
+    else:
+        if overlap is not None:
+            project.overlap = overlap
+        if gold_rate is not None:
+            project.gold_rate = gold_rate
+    return project
 
 
 def _task_groups(

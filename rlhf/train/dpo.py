@@ -116,7 +116,7 @@ def read_judgements(
     path: str, cfg: DPOConfig, tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> tuple[list[Judgement], int]:
     """Every judgement of a preference file as token ids; (judgements, answers cut to max_len)."""
-    groups = read_preference_groups(path, cfg.format, tokenizer, cfg.skip_bad_rows)
+    groups = read_preference_groups(path, cfg.format, tokenizer, cfg.skip_bad_rows, cfg.columns)
     return encode(groups, tokenizer, max_len)
 
 

@@ -41,7 +41,8 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import PPOConfig
-from rlhf.data.jsonl import field, iter_jsonl, write_json
+from rlhf.data.jsonl import write_json
+from rlhf.data.prompts import read_prompt_rows
 from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Generation, SamplingParams, decode_responses, generate
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
@@ -101,11 +102,9 @@ GoldFn = Callable[[list[str], list[str], list[bool]], list[float]]
 LayoutFn = Callable[[Tensor, Tensor, int], TokenLayout]
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    prompts = [field(path, lineno, row, "prompt", str) for lineno, row in iter_jsonl(path)]
-    if not prompts:
-        raise DataError(f"{path}: no prompts (empty file)")
-    return prompts
+def read_prompts(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
+    """The prompts of a {prompt} or {messages} source (rlhf.data.prompts); messages through the chat template."""
+    return [prompt for _, prompt in read_prompt_rows(path, tokenizer=tokenizer)]
 
 
 class Critic(ModelForward):
@@ -364,8 +363,11 @@ def run(
     for role, path in (("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic)):
         if path:  # the policy's token ids are what the reward model and the critic read
             check_same_tokenizer(tokenizer, load_tokenizer(path), "ppo.policy", role)
-    prompts = read_prompts(cfg.prompts_file)  # read before any output: bad input leaves nothing behind
-    guard_prompts = read_prompts(cfg.eval_prompts_file)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
+    # read before any output: bad input leaves nothing behind
+    prompts = read_prompts(cfg.prompts_file, tokenizer)
+    guard_prompts = (
+        read_prompts(cfg.eval_prompts_file, tokenizer)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
+    )
     is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
     if is_sharded:  # sharded models run their forwards on every process together: as many prompts on each
         guard_prompts = guard_prompts[: len(guard_prompts) // world * world]

@@ -146,7 +146,7 @@ def merge_sessions(groups: list[PreferenceGroup]) -> list[PreferenceGroup]:
 
 def read_groups(path: str, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> list[PreferenceGroup]:
     """Preference groups of a file in any format; conversational rows go through the tokenizer's chat template."""
-    groups = read_preference_groups(path, cfg.format, tokenizer, cfg.skip_bad_rows)
+    groups = read_preference_groups(path, cfg.format, tokenizer, cfg.skip_bad_rows, cfg.columns)
     return merge_sessions(groups) if cfg.group_sessions else groups
 
 

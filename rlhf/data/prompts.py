@@ -1,0 +1,61 @@
+"""Prompt files of the stages that sample answers (generate, PPO): `{"prompt": str}` or `{"messages": [...]}` rows
+from any source of rlhf.data.sources (JSONL, JSON, Parquet, CSV, a saved `datasets` folder, a hub id).
+
+A `messages` row is the conversation so far; it becomes the prompt text through the tokenizer's chat template
+with the generation prompt appended (the assistant's turn is what gets sampled).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf.data.preferences import Render, chat_template
+from rlhf.data.sources import iter_rows
+from rlhf.errors import DataError
+
+
+def read_prompt_rows(
+    source: str | Path, max_prompts: int = 0, tokenizer: Any = None
+) -> list[tuple[str, str]]:
+    """(prompt_id, prompt text) per row; the id is the row's `prompt_id` (or `id`), else "<source stem>:<row>".
+
+    `messages` rows need a tokenizer with a chat template. Errors name source:row.
+    """
+    render = chat_template(tokenizer) if tokenizer is not None else None
+    stem = Path(str(source)).stem
+    prompts = []
+    for where, row in iter_rows(source):
+        given = row.get("prompt_id", row.get("id"))
+        row_id = where.rsplit(":", 1)[1]
+        prompts.append(
+            (str(given) if given is not None else f"{stem}:{row_id}", prompt_text(row, where, render))
+        )
+        if max_prompts and len(prompts) == max_prompts:
+            break
+    if not prompts:
+        raise DataError(f"{source}: no prompts (empty file)")
+    return prompts
+
+
+def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
+    """The prompt of one row: its `prompt` string, or its `messages` rendered with a generation prompt."""
+    if "prompt" not in row and "messages" in row:
+        messages = row["messages"]
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        if render is None:
+            raise DataError(f"{where}: a 'messages' prompt needs a tokenizer with a chat template")
+        return render([{"role": m["role"], "content": m["content"]} for m in messages], True)
+    if "prompt" not in row:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+    if not isinstance(row["prompt"], str):
+        raise DataError(f"{where}: field 'prompt' should be str, got {type(row['prompt']).__name__}")
+    return row["prompt"]

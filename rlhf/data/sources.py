@@ -1,0 +1,146 @@
+"""Open a data source through Hugging Face `datasets` and yield its rows as dicts, each with a "source:row" label.
+
+A source is one string (docs/formats.md, "Where the data comes from"):
+  FILE.jsonl                     JSON lines, read line by line here: errors name the line, and each row keeps
+                                 its own keys (Arrow would give every row every column of the file)
+  FILE.json / .parquet / .csv    datasets' json, parquet and csv loaders (also FILE.jsonl.gz and other
+                                 compressed JSON/CSV, as the Anthropic HH files come)
+  FOLDER                         a `save_to_disk` folder (`load_from_disk`), or any other folder as a dataset
+                                 repository (data files and/or a README card; `load_dataset(FOLDER)`)
+  OWNER/NAME                     a Hugging Face hub dataset (`load_dataset`), downloaded into the HF cache
+Folders and hub ids take an optional config and split: `NAME[:CONFIG][@SPLIT]`, e.g.
+`HuggingFaceH4/ultrafeedback_binarized@train_prefs`. Without a split: "train" if there is one, else the only one.
+
+`datasets` is imported only when a non-JSONL source is opened, so reading JSONL stays light.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rlhf.data.jsonl import iter_jsonl
+from rlhf.errors import DataError
+
+FILE_LOADERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def parse_source(spec: str | Path) -> tuple[str, str | None, str | None]:
+    """(path or hub id, config, split) of a source string; a path that exists is taken whole."""
+    path = str(spec)
+    if Path(path).exists():
+        return path, None, None
+    config = split = None
+    if "@" in path:
+        path, split = path.rsplit("@", 1)
+    if ":" in path:
+        path, config = path.rsplit(":", 1)
+    if (split is not None and not split) or (config is not None and not config):
+        raise DataError(f"{spec}: an empty config or split (expected NAME[:CONFIG][@SPLIT])")
+    return path, config, split
+
+
+def iter_rows(spec: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("source:row", row) for each row of the source; row numbers count from 1 (JSONL: the line).
+
+    An unreadable source is a one-line DataError. Given a `skipped` list, JSONL lines that are not JSON objects
+    are appended to it instead of raising. Columns that are null in a row are left out of it, as a JSONL row
+    would leave them out; so are null fields of the objects inside it (Arrow gives every message of a column
+    the fields of all of them).
+    """
+    path, config, split = parse_source(spec)
+    local = Path(path)
+    if local.is_file() and local.suffix == ".jsonl" and config is None and split is None:
+        for lineno, row in iter_jsonl(local, skipped):
+            yield f"{local}:{lineno}", row
+        return
+    dataset = open_dataset(spec).with_format("arrow")  # Arrow batches to Python: much quicker than row by row
+    rows = (row for batch in dataset.iter(batch_size=1024) for row in batch.to_pylist())
+    for i, row in enumerate(rows, start=1):
+        yield f"{spec}:{i}", _without_nulls(row)
+
+
+def open_dataset(spec: str | Path) -> Any:
+    """The source as one `datasets.Dataset` (one split); DataError with the reason if it cannot be read."""
+    path, config, split = parse_source(spec)
+    local = Path(path)
+    if local.is_file():
+        if config is not None or split is not None:
+            raise DataError(f"{spec}: a file has no config or split")
+        suffix = local.suffix
+        if suffix in COMPRESSED and len(local.suffixes) > 1:  # datasets decompresses json and csv files
+            suffix = local.suffixes[-2]
+        loader = FILE_LOADERS.get(suffix) or ("json" if suffix == ".jsonl" else None)
+        if loader is None:
+            raise DataError(
+                f"{local}: unknown file type (expected .jsonl, .json, .parquet or .csv, the text ones maybe .gz)"
+            )
+        return _load(
+            spec, lambda d, **cache: d.load_dataset(loader, data_files=str(local), split="train", **cache)
+        )
+    if local.is_dir():
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            if config is not None:
+                raise DataError(f"{spec}: a save_to_disk folder has no config")
+            return _pick_split(spec, _load(spec, lambda d, **_: d.load_from_disk(str(local))), split)
+        return _pick_split(
+            spec,
+            _load(spec, lambda d, **cache: d.load_dataset(str(local), config, split=split, **cache)),
+            split,
+        )
+    # A missing path is a typo, not a hub id, when it has a file suffix or names a folder that is here.
+    in_local_folder = local.parent != Path(".") and local.parent.is_dir()
+    if (
+        local.suffix in (*FILE_LOADERS, ".jsonl", *COMPRESSED)
+        or not HUB_ID.fullmatch(path)
+        or in_local_folder
+    ):
+        raise DataError(f"{local}: file not found")
+    return _pick_split(
+        spec, _load(spec, lambda d: d.load_dataset(path, config, split=split), local=False), split
+    )
+
+
+def _without_nulls(value: Any) -> Any:
+    """The value with null fields left out of every dict in it, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _load(spec: str | Path, load: Any, local: bool = True) -> Any:
+    """load(datasets module, **cache options) with any failure as one line. Local data is converted in a
+    throwaway cache and kept in memory (re-reading a local file is cheap, and a cache entry per file read
+    would pile up); a hub dataset uses the HF cache, so it is downloaded once."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if not local:
+            return load(datasets)
+        with tempfile.TemporaryDirectory(prefix="rlhf-datasets-") as cache:
+            return load(datasets, cache_dir=cache, keep_in_memory=True)
+    except Exception as e:  # datasets and pyarrow raise many kinds; the user needs the reason on one line
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise DataError(f"{spec}: cannot read it as a dataset ({reason})") from None
+
+
+def _pick_split(spec: str | Path, data: Any, split: str | None) -> Any:
+    """One Dataset out of a Dataset or DatasetDict: `split`, else "train", else the only split."""
+    import datasets
+
+    if isinstance(data, datasets.Dataset):
+        return data
+    names = list(data)
+    if split is None:
+        split = "train" if "train" in names else names[0] if len(names) == 1 else None
+    if split not in names:
+        raise DataError(f"{spec}: choose a split with @SPLIT, one of: {', '.join(names)}")
+    return data[split]

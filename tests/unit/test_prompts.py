@@ -1,0 +1,65 @@
+"""rlhf/data/prompts.py: the prompts of generate and PPO as {prompt} or {messages} rows, from files and folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from rlhf.data.prompts import read_prompt_rows
+from rlhf.errors import DataError
+from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.train.ppo import read_prompts
+
+CORPUS = ["User: What is 2 plus 3?\nAssistant: 5."] * 20 + ["User: Hello!\nAssistant: Hello!"] * 20
+ROWS = [
+    {"messages": [{"role": "user", "content": "Hello!"}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"},
+                  {"role": "user", "content": "2+2?"}], "prompt_id": "q2"},
+]  # fmt: skip
+RENDERED = ["User: Hello!\nAssistant:", "User: Hi\nAssistant: Hey</s>\nUser: 2+2?\nAssistant:"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    return train_bpe_tokenizer(CORPUS, vocab_size=300)
+
+
+def test_messages_rows_render_with_the_chat_template_and_a_generation_prompt(
+    tmp_path: Path, tokenizer
+) -> None:
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    # a message list in a table gets every struct field; the other prompt ids are null there
+    datasets.Dataset.from_list(ROWS[::-1]).to_parquet(tmp_path / "prompts.parquet")
+    datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "saved")
+    eos = tokenizer.eos_token
+    rendered = [text.replace("</s>", eos) for text in RENDERED]
+    assert read_prompt_rows(jsonl, tokenizer=tokenizer) == [("prompts:1", rendered[0]), ("q2", rendered[1])]
+    assert read_prompts(tmp_path / "prompts.parquet", tokenizer) == rendered[::-1]
+    assert read_prompt_rows(tmp_path / "saved", 1, tokenizer) == [("saved:1", rendered[0])]
+
+
+def test_prompt_rows_keep_their_text_and_ids(tmp_path: Path) -> None:
+    path = tmp_path / "rl.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "id": 7}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    assert read_prompt_rows(path) == [("7", "2+2?"), ("rl:2", "Hi")]
+
+
+def test_bad_prompt_rows_name_file_and_row(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(
+        DataError, match=r"p.jsonl:1: a 'messages' prompt needs a tokenizer with a chat template"
+    ):
+        read_prompt_rows(path)
+    path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"messages": "Hello"}) + "\n")
+    with pytest.raises(
+        DataError, match=r"p.jsonl:2: 'messages' must be a non-empty list of \{role, content\}"
+    ):
+        read_prompt_rows(path, tokenizer=tokenizer)
+    path.write_text(json.dumps({"text": "Hello"}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl:1: missing field 'prompt' \(or 'messages'\)"):
+        read_prompts(path)
