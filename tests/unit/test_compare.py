@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from rlhf.eval.compare import PolicyAnswers, judge_pairs, win_rate
 from rlhf.eval.judges import Answer, GoldJudge
+from rlhf.judges.base import JudgeBase, Pair
 
 
-class FirstAlwaysWins:
+class FirstAlwaysWins(JudgeBase):
     """A judge with a pure position bias."""
 
     name = "first"
 
-    def compare(self, prompt: str, first: Answer, second: Answer) -> float:
-        return 1.0
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        return [1.0] * len(pairs)
 
 
 def answers(texts: list[str], ended: bool = True) -> PolicyAnswers:
