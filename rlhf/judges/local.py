@@ -59,10 +59,10 @@ class LocalJudge(JudgeBase):
     def judging_prompt(self, prompt: str, first: str, second: str, principle: str | None) -> list[int]:
         text = render(self.template, prompt, first, second, principle)
         if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            text = str(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            ))  # fmt: skip
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(text)["input_ids"])
 
     @torch.no_grad()
