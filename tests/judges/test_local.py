@@ -32,7 +32,9 @@ class FakeJudgeModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> SimpleNamespace:
         logits = torch.zeros(*input_ids.shape, len(self.tokenizer))  # (B, T, V)
         for row, ids in enumerate(input_ids.tolist()):
-            text = self.tokenizer.decode([t for t, m in zip(ids, attention_mask[row].tolist()) if m])
+            text = self.tokenizer.decode(
+                [t for t, m in zip(ids, attention_mask[row].tolist(), strict=True) if m]
+            )
             slot_a = text.split("[Response B]")[0].split("[Response A]")[1]
             logits[row, -1, self.a] = self.bias + (self.skill if "planted" in slot_a else 0.0)
             logits[row, -1, self.b] = self.skill if "planted" not in slot_a else 0.0
@@ -76,7 +78,7 @@ def test_a_real_tiny_model_gives_complementary_probabilities_batched_or_not(tiny
     single = LocalJudge.load(str(tiny_sft_model), batch_size=1).compare_all(pairs)
     swapped = LocalJudge.load(str(tiny_sft_model)).compare_all([(p, b, a) for p, a, b in pairs])
     assert batched == pytest.approx(single, abs=1e-5)  # left padding changes nothing
-    assert [x + y for x, y in zip(batched, swapped)] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert [x + y for x, y in zip(batched, swapped, strict=True)] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert all(0 < x < 1 for x in batched)
 
 
