@@ -239,6 +239,7 @@ def add_verdicts(summary: dict[str, Any], outcomes: list[float | None], cfg: Eva
         "ties": int((judged == 0.5).sum()),
         "losses_a": int((judged < 0.5).sum()),
         "judge_stats": judge_stats or {},
+        "soft": bool(((judged > 0) & (judged < 1) & (judged != 0.5)).any()),
         "samples": summary["rows"][:20],
     }
     return summary
@@ -290,7 +291,7 @@ def format_table(summary: dict[str, Any]) -> str:
         + (f" (best of {n})" if (n := summary.get("best_of_n_a", 1)) > 1 else ""),
         f"B = {summary['policy_b']}",
         f"win rate of A over B ({summary['judge']} judge, {summary.get('n_judged', summary['n_prompts'])} "
-        f"prompts, ties = 1/2): "
+        f"prompts, {'mean P(A better), W/T/L by P vs 1/2' if summary.get('soft') else 'ties = 1/2'}): "
         f"{summary['win_rate_a']:.3f}  95% CI [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]  "
         f"(W/T/L {summary['wins_a']}/{summary['ties']}/{summary['losses_a']})",
     ]
