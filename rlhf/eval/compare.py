@@ -1,9 +1,11 @@
 """`rlhf eval A B`: two policies answer the same held-out prompts and a judge compares them.
 
-The judge sees each pair in a random A/B order. The win rate of A counts ties as half a win; its 95% interval
-comes from a bootstrap over prompts. Beside it, for each policy: its mean KL to a reference model, mean answer
-length, EOS rate and, on the demo task, the per-criterion rates (correct, non-responsive,
-hallucinated, harmful, toxic) with their 95% intervals, and gold utility.
+The judge (`rlhf.judges`: gold, a reward model, a local LM, an endpoint; people through `push_to_people` and
+`collect_from_people`) sees each pair in a random A/B order. The win rate of A is the mean of the judge's
+P(A better), ties counted as half a win; its 95% interval comes from a bootstrap over prompts. Beside it, for
+each policy: its mean KL to a reference model, mean answer length, EOS rate and, on the demo task's prompts
+only, the per-criterion rates (correct, non-responsive, hallucinated, harmful, toxic) with their 95%
+intervals, and gold utility.
 
 Sampling defaults to temperature 0.7: policies are used by sampling, so judging samples shows what users would
 see (greedy decoding hides failure modes such as the SFT model's occasional rudeness). A and B use different
@@ -173,9 +175,8 @@ def answer_both(
     return prompts, answers["a"], answers["b"]
 
 
-def gold_metrics_apply(prompts: list[str], judge: str) -> bool:
+def gold_metrics_apply(demo: bool, judge: str) -> bool:
     """Whether the demo's gold metrics mean anything here: on the demo's prompts, or when asked for (gold)."""
-    demo = all(is_demo_prompt(p) for p in prompts)
     if not demo and judge == "gold":
         log.warning("eval: these prompts are not the demo task's, yet the judge is its gold utility: "
                     "the win rate and the gold metrics (correct, toxic, ...) measure the demo's criteria only")  # fmt: skip
@@ -190,7 +191,8 @@ def summarise(
     a_first: list[bool],
 ) -> dict[str, Any]:  # fmt: skip
     """The JSON summary without the verdicts: per-policy statistics and one row per prompt."""
-    gold_metrics = gold_metrics_apply(prompts, cfg.judge)
+    demo = all(is_demo_prompt(p) for p in prompts)
+    gold_metrics = gold_metrics_apply(demo, cfg.judge)
     rows = [
         {"prompt": p, "a": a.texts[i], "b": b.texts[i], "ended_a": a.ended[i], "ended_b": b.ended[i],
          "a_first": a_first[i], "outcome_a": None}
@@ -206,7 +208,7 @@ def summarise(
         "both_orders": cfg.judge_both_orders,
         "n_prompts": len(prompts),
         "prompts_file": cfg.prompts_file,
-        "demo_prompts": all(is_demo_prompt(p) for p in prompts),
+        "demo_prompts": demo,
         "sampling": {
             "temperature": cfg.temperature,
             "top_k": cfg.top_k,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rlhf.config import EvalConfig
+from rlhf.errors import ConfigError
 from rlhf.eval.reward_metrics import wilson_interval
 from rlhf.judges.base import Answer, Judge, JudgeBase
 from rlhf.judges.gold import GoldJudge, is_demo_prompt
@@ -46,7 +47,8 @@ def make_judge(cfg: EvalConfig) -> Judge:
             requests_per_s=cfg.judge_requests_per_s, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries,
             max_tokens=cfg.judge_max_tokens, cache_path=cfg.judge_cache,
         )  # fmt: skip
-    raise ValueError(f"judge {cfg.judge!r} answers through the labeling app: push and collect (rlhf eval)")
+    raise ConfigError("judge=people answers later, in the labeling app: use `rlhf eval A B --out F` to push "
+                      "the pairs and `rlhf eval --collect F` to read the votes")  # fmt: skip
 
 
 def gold_utilities(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:

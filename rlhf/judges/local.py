@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf.errors import RlhfError
 from rlhf.generation import left_pad
 from rlhf.judges.base import DEFAULT_TEMPLATE, JudgeBase, Pair, PositionBias, check_template, render
-from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
 
 
 def choice_token_ids(tokenizer: PreTrainedTokenizerBase, choice: str) -> list[int]:
@@ -49,6 +49,7 @@ class LocalJudge(JudgeBase):
         self.template, self.both_orders, self.batch_size = template, both_orders, batch_size
         self.ids = [choice_token_ids(tokenizer, c) for c in choices]
         self.position = PositionBias()
+        self.context = context_length(model) if hasattr(model, "config") else None
 
     @classmethod
     def load(cls, path: str, **kwargs: Any) -> LocalJudge:
@@ -62,8 +63,13 @@ class LocalJudge(JudgeBase):
             text = str(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             ))  # fmt: skip
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(text)["input_ids"])
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(self.tokenizer(text)["input_ids"])
+        if self.context is not None and len(ids) > self.context:
+            raise RlhfError(f"a judging prompt of {len(ids)} tokens exceeds the local judge's context of "
+                            f"{self.context}: shorten eval.judge_template or the answers")  # fmt: skip
+        return ids
 
     @torch.no_grad()
     def first_slot_probs(self, texts: Sequence[list[int]]) -> list[float]:

@@ -74,9 +74,12 @@ def test_a_real_tiny_model_gives_complementary_probabilities_batched_or_not(tiny
         (PROMPT, Answer(" 5."), Answer(" I do not know, go away.")),
         (PROMPT + " x", Answer(" 6."), Answer("")),
     ]
-    batched = LocalJudge.load(str(tiny_sft_model), batch_size=8).compare_all(pairs)
-    single = LocalJudge.load(str(tiny_sft_model), batch_size=1).compare_all(pairs)
-    swapped = LocalJudge.load(str(tiny_sft_model)).compare_all([(p, b, a) for p, a, b in pairs])
+    short = "{prompt} A:{first} B:{second} Better:"  # the tiny model's context is 128 tokens
+    batched = LocalJudge.load(str(tiny_sft_model), template=short, batch_size=8).compare_all(pairs)
+    single = LocalJudge.load(str(tiny_sft_model), template=short, batch_size=1).compare_all(pairs)
+    swapped = LocalJudge.load(str(tiny_sft_model), template=short).compare_all(
+        [(p, b, a) for p, a, b in pairs]
+    )
     assert batched == pytest.approx(single, abs=1e-5)  # left padding changes nothing
     assert [x + y for x, y in zip(batched, swapped, strict=True)] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert all(0 < x < 1 for x in batched)
@@ -85,3 +88,9 @@ def test_a_real_tiny_model_gives_complementary_probabilities_batched_or_not(tiny
 def test_a_choice_that_is_not_one_token_is_refused(tiny_sft_model: Path, tokenizer: Any) -> None:
     with pytest.raises(RlhfError, match="not one token"):
         LocalJudge(FakeJudgeModel(tokenizer, 0.0), tokenizer, choices=("First answer", "B"))  # type: ignore[arg-type]
+
+
+def test_a_judging_prompt_longer_than_the_context_is_a_one_line_error(tiny_sft_model: Path) -> None:
+    judge = LocalJudge.load(str(tiny_sft_model))
+    with pytest.raises(RlhfError, match="exceeds the local judge's context of 128"):
+        judge.compare(PROMPT, Answer(" 5." * 100), Answer(" 6."))
