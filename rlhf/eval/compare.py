@@ -306,7 +306,7 @@ def format_table(summary: dict[str, Any]) -> str:
             f"(0.5 = none; {stats['questions_asked']} questions"
             + (", both orders asked: the win rate is corrected)" if summary.get("both_orders", True) else ")")
         )
-    extra = {k: v for k, v in stats.items() if k in ("requests", "retries", "cache_hits", "unparsed")}
+    extra = {k: v for k, v in stats.items() if k in ("requests", "retries", "cache_hits", "read_unparsed")}
     if extra:
         lines.append("judge requests: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
     if "correct_rate" not in summary["a"]:

@@ -4,7 +4,7 @@
 Each judging prompt is sent once to `/chat/completions` at temperature 0. Where the endpoint returns
 log-probabilities, the preference is read from the top log-probabilities of the first answer token
 (P(A) / (P(A) + P(B))); otherwise from the first choice letter in the answer (1 or 0), and an answer that
-names neither counts as a tie (reported as `unparsed`). An endpoint that refuses `logprobs` (a 400 naming
+names neither counts as a tie (reported as `read_unparsed`). An endpoint that refuses `logprobs` (a 400 naming
 it) is asked without them from then on. Pairs are asked in both orders (see `PositionBias`).
 
 Requests are paced to `requests_per_s`, retried with exponential backoff on connection errors, 429 and 5xx
@@ -133,7 +133,7 @@ class EndpointJudge(JudgeBase):
         """P(the first slot wins) for one judging prompt, from the cache or the endpoint."""
         if self.cache is not None and (hit := self.cache.get(self.model, text)) is not None:
             self.counts["cache_hits"] += 1
-            self.counts[hit["how"]] += 1
+            self.counts["read_" + hit["how"]] += 1
             return float(hit["p_first"])
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": text}],
                                 "max_tokens": self.max_tokens, "temperature": 0}  # fmt: skip
@@ -147,7 +147,7 @@ class EndpointJudge(JudgeBase):
         if response.status_code >= 400:
             raise RlhfError(f"judge endpoint answered {response.status_code}: {response.text[:200]}")
         p_first, how = self.read(response.json())
-        self.counts[how] += 1
+        self.counts["read_" + how] += 1
         if self.cache is not None:
             self.cache.put(self.model, text, {"p_first": p_first, "how": how})
         return p_first
@@ -181,4 +181,8 @@ class EndpointJudge(JudgeBase):
         return out
 
     def stats(self) -> dict[str, Any]:
-        return self.position.stats() | {"model": self.model, "logprobs": self.logprobs} | dict(self.counts)
+        return (
+            self.position.stats()
+            | {"model": self.model, "logprobs_supported": self.logprobs}
+            | dict(self.counts)
+        )

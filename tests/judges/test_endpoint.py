@@ -75,7 +75,7 @@ def test_retries_then_reads_logprobs_then_a_rerun_sends_nothing(tmp_path: Path) 
     # both orders, each 0.8 for the green answer: the debiased preference is 0.8
     assert p == pytest.approx([0.8, 0.2], abs=1e-6)
     stats = judge.stats()
-    assert stats["requests"] == 6 and stats["retries"] == 2 and stats["logprobs"] == 4
+    assert stats["requests"] == 6 and stats["retries"] == 2 and stats["read_logprobs"] == 4
     assert sleeps[0] == 0.5 and 3.0 in sleeps  # backoff after the 500, Retry-After after the 429
     assert fake.requests[-1]["temperature"] == 0 and fake.requests[-1]["model"] == "judge-model"
     assert stats["position_bias_first"] == pytest.approx(0.5, abs=1e-6)
@@ -93,7 +93,7 @@ def test_an_endpoint_without_logprobs_is_read_from_the_answer_text(tmp_path: Pat
     judge = make(tmp_path, fake)
     assert judge.compare(PROMPT, Answer("green"), Answer("red")) == 1.0
     assert judge.compare(PROMPT, Answer("red"), Answer("green")) == 0.0
-    assert judge.logprobs is False and judge.stats()["text"] == 4
+    assert judge.logprobs is False and judge.stats()["read_text"] == 4
     assert sum(1 for r in fake.requests if r.get("logprobs")) == 1  # asked once, then never again
 
 

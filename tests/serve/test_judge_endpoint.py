@@ -24,9 +24,13 @@ def test_the_endpoint_judge_talks_to_rlhf_serve(server: dict[str, Any], tmp_path
     first = judge.compare_all(pairs)
     stats = judge.stats()
     judge.close()
-    assert stats["logprobs"] is False  # refused with a 400 naming the field; asked without from then on
+    assert (
+        stats["logprobs_supported"] is False
+    )  # refused with a 400 naming the field; asked without from then on
     assert stats["requests"] == 4 + 1 and stats["questions_asked"] == 4
-    assert stats.get("text", 0) + stats.get("unparsed", 0) == 4  # an untrained model rarely answers A or B
+    assert (
+        stats.get("read_text", 0) + stats.get("read_unparsed", 0) == 4
+    )  # an untrained model rarely answers A or B
     assert all(0.0 <= p <= 1.0 for p in first)
 
     again = EndpointJudge(server["url"] + "/v1", "tiny", cache_path=cache, requests_per_s=100.0, max_tokens=3,
