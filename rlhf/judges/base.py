@@ -3,6 +3,7 @@ two-order debiasing (a judge asked "A or B?" favours one slot; asking both order
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,9 +65,10 @@ def check_template(template: str) -> None:
 
 
 def render(template: str, prompt: str, first: str, second: str, principle: str | None) -> str:
-    # str.replace, not str.format: answers and prompts may hold braces of their own
-    text = template.replace("{principle}", principle or DEFAULT_PRINCIPLE).replace("{prompt}", prompt.strip())
-    return text.replace("{first}", first.strip()).replace("{second}", second.strip())
+    """The judging prompt. One pass over the template, not str.format: answers may hold braces of their own."""
+    values = {"principle": principle or DEFAULT_PRINCIPLE, "prompt": prompt.strip(), "first": first.strip(),
+              "second": second.strip()}  # fmt: skip
+    return re.sub(r"\{(principle|prompt|first|second)\}", lambda m: values[m.group(1)], template)
 
 
 @dataclass

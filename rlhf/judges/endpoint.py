@@ -124,7 +124,8 @@ class EndpointJudge(JudgeBase):
                 continue
             if (response.status_code == 429 or response.status_code >= 500) and attempt < self.retries:
                 self.counts["retries"] += 1
-                self.sleep(retry_after(response) if retry_after(response) is not None else backoff)  # type: ignore[arg-type]
+                asked = retry_after(response)
+                self.sleep(backoff if asked is None else asked)
                 continue
             return response
         raise AssertionError("unreachable")

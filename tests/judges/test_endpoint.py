@@ -110,3 +110,22 @@ def test_requests_are_paced_to_the_rate_limit(tmp_path: Path) -> None:
     judge.compare(PROMPT, Answer("green"), Answer("red"))
     judge.compare(PROMPT, Answer("blue"), Answer("green"))
     assert len(sleeps) == 3 and all(0.4 < s <= 0.5 for s in sleeps)  # before each request but the first
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    from rlhf.judges.endpoint import retry_after
+
+    assert retry_after(httpx.Response(429, headers={"Retry-After": "2.5"})) == 2.5
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 20 < (retry_after(httpx.Response(429, headers={"Retry-After": later})) or 0) <= 30
+    assert retry_after(httpx.Response(429)) is None
+
+
+def test_the_template_keeps_braces_in_answers() -> None:
+    from rlhf.judges.base import render
+
+    text = render("{principle}|{prompt}|{first}|{second}", "Say {x}", " {second} ", "b", None)
+    assert text == "Which response is more helpful, honest and harmless?|Say {x}|{second}|b"
