@@ -244,6 +244,10 @@ def add_verdicts(summary: dict[str, Any], outcomes: list[float | None], cfg: Eva
         "soft": bool(((judged > 0) & (judged < 1) & (judged != 0.5)).any()),
         "samples": summary["rows"][:20],
     }
+    if summary["soft"]:  # a judge's probabilities pull the mean toward 1/2: also count whom it prefers
+        hard = np.where(judged > 0.5, 1.0, np.where(judged < 0.5, 0.0, 0.5))
+        rate, low, high = win_rate(hard, cfg.bootstrap, cfg.seed)
+        summary |= {"win_rate_hard_a": rate, "ci95_hard": [low, high]}
     return summary
 
 
@@ -297,6 +301,10 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{summary['win_rate_a']:.3f}  95% CI [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]  "
         f"(W/T/L {summary['wins_a']}/{summary['ties']}/{summary['losses_a']})",
     ]
+    if "win_rate_hard_a" in summary:
+        low, high = summary["ci95_hard"]
+        lines.append(f"counting only whom the judge prefers (P > 1/2 a win, ties = 1/2): "
+                     f"{summary['win_rate_hard_a']:.3f}  95% CI [{low:.3f}, {high:.3f}]")  # fmt: skip
     if (waiting := summary["n_prompts"] - summary.get("n_judged", summary["n_prompts"])) > 0:
         lines.append(f"({waiting} of {summary['n_prompts']} prompts have no verdict yet and are left out)")
     stats = summary.get("judge_stats") or {}
