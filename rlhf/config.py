@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.data.preference_io import Format
 from rlhf.errors import ConfigError
@@ -531,8 +531,15 @@ class EvalConfig(Section):
             raise ValueError("best_of_n > 1 needs reward_model (the model that picks the best answer)")
         return self
 
+    @field_validator("judge_choices", mode="before")
+    @classmethod
+    def _choices_as_text(cls, value: Any) -> Any:  # --set eval.judge_choices=[1,2] means the tokens "1", "2"
+        return tuple(str(v) for v in value) if isinstance(value, list | tuple) else value
+
     @model_validator(mode="after")
     def _judge_has_what_it_needs(self) -> EvalConfig:
+        if len(set(self.judge_choices)) != 2 or not all(c.strip() for c in self.judge_choices):
+            raise ValueError(f"judge_choices must be two different tokens, got {list(self.judge_choices)}")
         if self.judge in ("reward_model", "local", "endpoint") and not self.judge_model:
             raise ValueError(f"judge={self.judge} needs judge_model")
         if self.judge == "endpoint" and not self.judge_url:

@@ -19,6 +19,7 @@ from rlhf.feedback.client import FeedbackClient
 from rlhf.feedback.db import Database, upgrade
 from rlhf.feedback.export import export_records
 from rlhf.feedback.importer import import_candidates
+from rlhf.feedback.projects import update_project
 from rlhf.feedback.schemas import CandidateRow
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def push_pairs(
         upgrade(store)
         with store.session() as session:
             out = import_candidates(session, project, [CandidateRow.model_validate(r) for r in rows])
+            if guidelines:
+                update_project(session, project, guidelines=guidelines)
             return out.model_dump()
     finally:
         store.dispose()

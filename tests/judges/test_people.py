@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 
 from rlhf.cli import app
 from rlhf.feedback.client import FeedbackClient
+from rlhf.feedback.db import Database
+from rlhf.feedback.projects import get_project
 from rlhf.feedback.testing import make_user, run_server
 from rlhf.judges.people import collect_outcomes, push_pairs
 
@@ -40,8 +42,14 @@ def vote_all(db_url: str, project: str, decide: dict[str, str]) -> int:
 
 def test_votes_come_back_as_outcomes_for_a(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path}/feedback.db"
-    counts = push_pairs(PROMPTS, TEXTS_A, TEXTS_B, "eval-ab", db=db_url)
+    counts = push_pairs(PROMPTS, TEXTS_A, TEXTS_B, "eval-ab", db=db_url, guidelines="Which is more honest?")
     assert counts["tasks"] == 4  # identical answers make no task
+    store = Database(db_url)
+    with store.session() as session:
+        assert (
+            get_project(session, "eval-ab").guidelines == "Which is more honest?"
+        )  # the principle, for people
+    store.dispose()
     n = vote_all(db_url, "eval-ab", {"Question 0?": "good", "Question 1?": "bad", "Question 2?": "tie"})
     outcomes, n_votes = collect_outcomes("eval-ab", len(PROMPTS), db=db_url)
     assert n == n_votes == 3

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rlhf.cli import app
@@ -116,3 +117,14 @@ def test_a_judge_without_its_model_is_a_one_line_config_error(tiny_sft_model: Pa
         app, ["eval", sft, sft, "--set", "eval.judge=endpoint", "--set", "eval.judge_model=m"]
     )
     assert result.exit_code != 0 and "judge=endpoint needs judge_url" in str(result.exception) + result.output
+
+
+def test_judge_choices_are_text_and_must_differ() -> None:
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+
+    assert load_config(None, ["eval.judge_choices=[1,2]"]).eval.judge_choices == ("1", "2")
+    with pytest.raises(ConfigError, match="judge_choices must be two different tokens"):
+        load_config(None, ["eval.judge_choices=[A,A]"])
+    with pytest.raises(ConfigError, match="judge_template lacks {second}"):
+        load_config(None, ["eval.judge_template={prompt} {first}"])
