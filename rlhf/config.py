@@ -494,6 +494,7 @@ class EvalConfig(Section):
     judge_choices: tuple[str, str] = Field(("A", "B"), description="local/endpoint: the two choice tokens")
     judge_both_orders: bool = Field(True, description="local/endpoint: ask each pair in both orders")
     judge_requests_per_s: float = Field(5.0, gt=0, description="endpoint: most requests per second")
+    judge_concurrency: int = Field(4, ge=1, le=64, description="endpoint: requests in flight at once")
     judge_timeout_s: float = Field(60.0, gt=0, description="endpoint: timeout of one request")
     judge_retries: int = Field(5, ge=0, description="endpoint: retries on connection errors, 429 and 5xx")
     judge_max_tokens: int = Field(4, gt=0, description="endpoint: longest judge answer in tokens")

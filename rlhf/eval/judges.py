@@ -45,7 +45,7 @@ def make_judge(cfg: EvalConfig) -> Judge:
             cfg.judge_url, cfg.judge_model, api_key=os.environ.get(cfg.judge_api_key_env),
             template=cfg.judge_template, choices=cfg.judge_choices, both_orders=cfg.judge_both_orders,
             requests_per_s=cfg.judge_requests_per_s, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries,
-            max_tokens=cfg.judge_max_tokens, cache_path=cfg.judge_cache,
+            max_tokens=cfg.judge_max_tokens, cache_path=cfg.judge_cache, concurrency=cfg.judge_concurrency,
         )  # fmt: skip
     raise ConfigError("judge=people answers later, in the labeling app: use `rlhf eval A B --out F` to push "
                       "the pairs and `rlhf eval --collect F` to read the votes")  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,24 @@ def test_the_last_error_is_one_line_after_the_retries(tmp_path: Path) -> None:
 
 def test_requests_are_paced_to_the_rate_limit(tmp_path: Path) -> None:
     sleeps: list[float] = []
-    judge = make(tmp_path, FakeEndpoint(failures=[]), sleeps, requests_per_s=2.0)
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    judge = make(tmp_path, FakeEndpoint(failures=[]), requests_per_s=20.0)
+    judge.sleep = sleep
     judge.compare(PROMPT, Answer("green"), Answer("red"))
     judge.compare(PROMPT, Answer("blue"), Answer("green"))
-    assert len(sleeps) == 3 and all(0.4 < s <= 0.5 for s in sleeps)  # before each request but the first
+    assert len(sleeps) == 3 and all(0.0 < s <= 0.05 for s in sleeps)  # before each request but the first
+
+
+def test_concurrent_requests_give_the_same_verdicts(tmp_path: Path) -> None:
+    pairs = [(f"{PROMPT} {i}", Answer("green" if i % 3 else "red"), Answer("grey")) for i in range(8)]
+    one = make(tmp_path / "one", FakeEndpoint(failures=[])).compare_all(pairs)
+    judge = make(tmp_path / "four", FakeEndpoint(failures=[]), concurrency=4)
+    assert judge.compare_all(pairs) == one == [0.5 if i % 3 == 0 else 0.8 for i in range(8)]
+    assert judge.stats()["requests"] == 16 and judge.stats()["read_logprobs"] == 16
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:
