@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rlhf.data.preference_io import Format
 from rlhf.errors import ConfigError
 from rlhf.judges.base import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
+from rlhf.judges.base import check_template as check_judge_template
 
 Precision = Literal["auto", "bf16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
@@ -547,9 +548,7 @@ class EvalConfig(Section):
             raise ValueError("judge=endpoint needs judge_url (e.g. http://127.0.0.1:8000/v1)")
         if self.judge == "people" and bool(self.judge_db) == bool(self.judge_server):
             raise ValueError("judge=people needs one of judge_db (a database URL) or judge_server (a URL)")
-        missing = [f for f in ("{prompt}", "{first}", "{second}") if f not in self.judge_template]
-        if missing:
-            raise ValueError(f"judge_template lacks {', '.join(missing)}")
+        check_judge_template(self.judge_template)
         return self
 
 

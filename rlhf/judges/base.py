@@ -61,7 +61,7 @@ def check_template(template: str) -> None:
     """A judging template must place the prompt and both answers; {principle} is optional."""
     missing = [f for f in TEMPLATE_FIELDS if f not in template]
     if missing:
-        raise ValueError(f"judge template lacks {', '.join(missing)}")
+        raise ValueError(f"judge_template lacks {', '.join(missing)}")
 
 
 def render(template: str, prompt: str, first: str, second: str, principle: str | None) -> str:
