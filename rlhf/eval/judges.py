@@ -27,6 +27,9 @@ def make_judge(cfg: EvalConfig) -> Judge:
     """The judge `cfg.judge` names, ready to compare answers (people judge through `rlhf.judges.people`)."""
     if cfg.judge == "gold":
         return GoldJudge()
+    if cfg.judge == "people":
+        raise ConfigError("judge=people answers later, in the labeling app: use `rlhf eval A B --out F` to push "
+                          "the pairs and `rlhf eval --collect F` to read the votes")  # fmt: skip
     assert cfg.judge_model is not None  # the config's validator saw to it
     if cfg.judge == "reward_model":
         from rlhf.judges.reward_model import RewardModelJudge
@@ -47,8 +50,7 @@ def make_judge(cfg: EvalConfig) -> Judge:
             requests_per_s=cfg.judge_requests_per_s, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries,
             max_tokens=cfg.judge_max_tokens, cache_path=cfg.judge_cache, concurrency=cfg.judge_concurrency,
         )  # fmt: skip
-    raise ConfigError("judge=people answers later, in the labeling app: use `rlhf eval A B --out F` to push "
-                      "the pairs and `rlhf eval --collect F` to read the votes")  # fmt: skip
+    raise AssertionError(f"unknown judge {cfg.judge!r}")
 
 
 def gold_utilities(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:

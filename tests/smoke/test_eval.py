@@ -128,3 +128,13 @@ def test_judge_choices_are_text_and_must_differ() -> None:
         load_config(None, ["eval.judge_choices=[A,A]"])
     with pytest.raises(ConfigError, match="judge_template lacks {second}"):
         load_config(None, ["eval.judge_template={prompt} {first}"])
+
+
+def test_the_people_judge_cannot_judge_on_the_spot() -> None:
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from rlhf.eval.judges import make_judge
+
+    cfg = load_config(None, ["eval.judge=people", "eval.judge_db=sqlite:///x.db"]).eval
+    with pytest.raises(ConfigError, match="rlhf eval --collect"):
+        make_judge(cfg)
