@@ -35,7 +35,7 @@ from rlhf.bon import best_of_n
 from rlhf.config import EvalConfig
 from rlhf.data.jsonl import write_json
 from rlhf.eval.compare import compare, read_prompts
-from rlhf.eval.judges import make_judge
+from rlhf.eval.judges import GoldJudge
 from rlhf.generation import SamplingParams
 from rlhf.models.heads import load_scalar_model
 from rlhf.models.loading import load_causal_lm, load_tokenizer
@@ -89,7 +89,7 @@ def proxy_score(
 
 def evaluate(policy: str, sft: str, rm: str, cfg: EvalConfig, n: int = 1) -> dict[str, float]:
     cfg = cfg.model_copy(update={"best_of_n": n, "reward_model": rm if n > 1 else None})
-    summary = compare(policy, sft, cfg, make_judge("gold"))
+    summary = compare(policy, sft, cfg, GoldJudge())
     prompts = read_prompts(cfg.prompts_file, cfg.n_prompts)
     return {"gold": summary["a"]["gold_utility"], "kl": summary["a"]["kl_to_reference"],
             "win_rate": summary["win_rate_a"], "proxy": proxy_score(policy, rm, prompts, n, cfg, cfg.seed)}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rlhf.config import RootConfig, load_config
-from rlhf.errors import RlhfError
+from rlhf.errors import ConfigError, RlhfError
 from rlhf.feedback.cli import app as label_app
 
 if TYPE_CHECKING:
@@ -338,26 +339,51 @@ def bon(
 
 @app.command("eval")
 def eval_(
-    policy_a: Annotated[str, typer.Argument(help="policy A (local dir or hub id)")],
-    policy_b: Annotated[str, typer.Argument(help="policy B, the baseline (local dir or hub id)")],
+    policy_a: Annotated[str | None, typer.Argument(help="policy A (local dir or hub id)")] = None,
+    policy_b: Annotated[
+        str | None, typer.Argument(help="policy B, the baseline (local dir or hub id)")
+    ] = None,
     reference: Annotated[
         str | None,
         typer.Option("--reference", help="measure each policy's KL to this model (default: eval.reference)"),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="write the JSON summary here")] = None,
+    collect: Annotated[
+        Path | None,
+        typer.Option("--collect", help="judge=people: read the votes on the pairs this summary pushed"),
+    ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:
-    """Win rate of policy A over policy B under a judge, with a bootstrap 95% CI, KL to a reference and demo metrics."""
+    """Win rate of policy A over policy B under a judge (gold, reward_model, local, endpoint or people), with a
+    bootstrap 95% CI, KL to a reference and, on the demo's prompts, its gold metrics (docs/eval.md)."""
     cfg = load_config(config, list(sets or [])).eval
     from rlhf.data.jsonl import write_json
-    from rlhf.eval.compare import compare, format_table
+    from rlhf.eval.compare import collect_from_people, compare, format_table, push_to_people
     from rlhf.eval.judges import make_judge
 
     if reference:
         cfg.reference = reference
     _setup_logging(quiet=True)
-    summary = compare(policy_a, policy_b, cfg, make_judge(cfg.judge))
+    if collect is not None:
+        if not collect.is_file():
+            raise ConfigError(f"--collect: no such file: {collect}")
+        summary = collect_from_people(json.loads(collect.read_text(encoding="utf-8")), cfg)
+        write_json(out or collect, summary)
+        typer.echo(format_table(summary))
+        return
+    if policy_a is None or policy_b is None:
+        raise ConfigError("rlhf eval needs POLICY_A and POLICY_B (or --collect SUMMARY)")
+    if cfg.judge == "people":
+        if out is None:
+            raise ConfigError("judge=people needs --out: the summary that --collect completes later")
+        pending = push_to_people(policy_a, policy_b, cfg)
+        write_json(out, pending)
+        typer.echo(f"eval: {pending['pushed'].get('tasks', 0)} pairs are in project {cfg.judge_project} for "
+                   f"people to judge; afterwards: rlhf eval --collect {out} (with the same eval.judge_* settings)")  # fmt: skip
+        return
+    judge = make_judge(cfg)
+    summary = compare(policy_a, policy_b, cfg, judge)
     if out:
         write_json(out, summary)
     typer.echo(format_table(summary))

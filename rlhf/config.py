@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.data.preference_io import Format
 from rlhf.errors import ConfigError
+from rlhf.judges.base import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
+from rlhf.judges.base import check_template as check_judge_template
 
 Precision = Literal["auto", "bf16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
@@ -494,7 +496,45 @@ class EvalConfig(Section):
 
     prompts_file: str = Field("data/demo/eval_prompts.jsonl", description="held-out JSONL of {prompt}")
     n_prompts: int = Field(300, ge=0, description="prompts to answer (0 = all in the file)")
-    judge: Literal["gold"] = Field("gold", description="who compares answers: gold = the demo task's utility")
+    judge: Literal["gold", "reward_model", "local", "endpoint", "people"] = Field(
+        "gold",
+        description="who compares answers: gold = the demo task's hidden utility (demo prompts only), "
+        "reward_model, local (a causal LM), endpoint (OpenAI-compatible), people (the labeling app)",
+    )
+    judge_model: str | None = Field(
+        None, description="reward_model/local: checkpoint dir or hub id; endpoint: the served model's name"
+    )
+    judge_url: str | None = Field(
+        None, description="endpoint: base URL of the API, e.g. http://127.0.0.1:8000/v1"
+    )
+    judge_api_key_env: str = Field(
+        "OPENAI_API_KEY", description="endpoint: environment variable holding the API key (unset = no key)"
+    )
+    judge_template: str = Field(
+        DEFAULT_JUDGE_TEMPLATE,
+        description="local/endpoint: judging prompt with {prompt}, {first}, {second} and optional {principle}",
+    )
+    judge_principle: str | None = Field(
+        None, description="local/endpoint: the question the judge answers (unset = helpful, honest, harmless)"
+    )
+    judge_choices: tuple[str, str] = Field(("A", "B"), description="local/endpoint: the two choice tokens")
+    judge_both_orders: bool = Field(True, description="local/endpoint: ask each pair in both orders")
+    judge_requests_per_s: float = Field(5.0, gt=0, description="endpoint: most requests per second")
+    judge_concurrency: int = Field(4, ge=1, le=64, description="endpoint: requests in flight at once")
+    judge_timeout_s: float = Field(60.0, gt=0, description="endpoint: timeout of one request")
+    judge_retries: int = Field(5, ge=0, description="endpoint: retries on connection errors, 429 and 5xx")
+    judge_max_tokens: int = Field(4, gt=0, description="endpoint: longest judge answer in tokens")
+    judge_cache: str | None = Field(
+        "runs/judge_cache.sqlite",
+        description="endpoint: on-disk cache of answers by (model, prompt); unset = off",
+    )
+    judge_db: str | None = Field(None, description="people: feedback store URL (sqlite:///feedback.db)")
+    judge_server: str | None = Field(None, description="people: URL of a running labeling server instead")
+    judge_token_env: str = Field(
+        "RLHF_FEEDBACK_TOKEN",
+        description="people with judge_server: environment variable holding an admin token",
+    )
+    judge_project: str = Field("eval", description="people: labeling project that holds the evaluation pairs")
     reference: str | None = Field(None, description="model to measure each policy's KL against; unset = none")
     best_of_n: int = Field(
         1,
@@ -516,6 +556,24 @@ class EvalConfig(Section):
     def _bon_needs_reward_model(self) -> EvalConfig:
         if self.best_of_n > 1 and not self.reward_model:
             raise ValueError("best_of_n > 1 needs reward_model (the model that picks the best answer)")
+        return self
+
+    @field_validator("judge_choices", mode="before")
+    @classmethod
+    def _choices_as_text(cls, value: Any) -> Any:  # --set eval.judge_choices=[1,2] means the tokens "1", "2"
+        return tuple(str(v) for v in value) if isinstance(value, list | tuple) else value
+
+    @model_validator(mode="after")
+    def _judge_has_what_it_needs(self) -> EvalConfig:
+        if len(set(self.judge_choices)) != 2 or not all(c.strip() for c in self.judge_choices):
+            raise ValueError(f"judge_choices must be two different tokens, got {list(self.judge_choices)}")
+        if self.judge in ("reward_model", "local", "endpoint") and not self.judge_model:
+            raise ValueError(f"judge={self.judge} needs judge_model")
+        if self.judge == "endpoint" and not self.judge_url:
+            raise ValueError("judge=endpoint needs judge_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.judge == "people" and bool(self.judge_db) == bool(self.judge_server):
+            raise ValueError("judge=people needs one of judge_db (a database URL) or judge_server (a URL)")
+        check_judge_template(self.judge_template)
         return self
 
 

@@ -144,7 +144,7 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
     from rlhf.eval.compare import compare
     from rlhf.eval.judges import make_judge
 
-    judge = make_judge(cfg.eval.judge)
+    judge = make_judge(cfg.eval)
     sft = str(out / "sft" / "final")
     results: dict[str, Any] = {}
     for name, policy in (

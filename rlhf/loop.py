@@ -364,7 +364,7 @@ def evaluate(cfg: RootConfig, policy: str, rdir: Path) -> dict[str, Any]:
     from rlhf.eval.judges import make_judge
 
     eval_cfg = cfg.eval.model_copy(update={"reference": cfg.loop.sft_policy})
-    summary = compare(policy, cfg.loop.sft_policy, eval_cfg, make_judge(cfg.eval.judge))
+    summary = compare(policy, cfg.loop.sft_policy, eval_cfg, make_judge(cfg.eval))
     write_json(rdir / "eval.json", summary)
     return {"win_rate_vs_sft": summary["win_rate_a"], "ci95": summary["ci95"], "wins": summary["wins_a"],
             "ties": summary["ties"], "losses": summary["losses_a"], **{f"a/{k}": v for k, v in summary["a"].items()}}  # fmt: skip

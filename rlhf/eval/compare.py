@@ -1,9 +1,11 @@
 """`rlhf eval A B`: two policies answer the same held-out prompts and a judge compares them.
 
-The judge sees each pair in a random A/B order. The win rate of A counts ties as half a win; its 95% interval
-comes from a bootstrap over prompts. Beside it, for each policy: its mean KL to a reference model, mean answer
-length, EOS rate and, on the demo task, the per-criterion rates (correct, non-responsive,
-hallucinated, harmful, toxic) with their 95% intervals, and gold utility.
+The judge (`rlhf.judges`: gold, a reward model, a local LM, an endpoint; people through `push_to_people` and
+`collect_from_people`) sees each pair in a random A/B order. The win rate of A is the mean of the judge's
+P(A better), ties counted as half a win; its 95% interval comes from a bootstrap over prompts. Beside it, for
+each policy: its mean KL to a reference model, mean answer length, EOS rate and, on the demo task's prompts
+only, the per-criterion rates (correct, non-responsive, hallucinated, harmful, toxic) with their 95%
+intervals, and gold utility.
 
 Sampling defaults to temperature 0.7: policies are used by sampling, so judging samples shows what users would
 see (greedy decoding hides failure modes such as the SFT model's occasional rudeness). A and B use different
@@ -17,6 +19,7 @@ KL that PPO's penalty holds down; at other temperatures it is the same quantity 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +32,7 @@ from rlhf.bon import best_of_n, kl_bound
 from rlhf.config import EvalConfig
 from rlhf.data.jsonl import field, iter_jsonl
 from rlhf.errors import DataError, RlhfError
-from rlhf.eval.judges import Answer, Judge, demo_metrics
+from rlhf.eval.judges import Answer, Judge, demo_metrics, is_demo_prompt
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
@@ -117,18 +120,23 @@ def win_rate(outcomes: np.ndarray, n_boot: int, seed: int) -> tuple[float, float
 
 
 def judge_pairs(
-    judge: Judge, prompts: list[str], a: PolicyAnswers, b: PolicyAnswers, seed: int
+    judge: Judge,
+    prompts: list[str],
+    a: PolicyAnswers,
+    b: PolicyAnswers,
+    seed: int,
+    principle: str | None = None,
 ) -> tuple[np.ndarray, list[bool]]:
-    """Outcome for A on each prompt (1, 0.5, 0), and whether A was shown first; the order is random."""
+    """Outcome for A on each prompt (the judge's probability that A is better: 1, 0.5, 0 for a judge that
+    only says which), and whether A was shown first; the order is random."""
     rng = np.random.default_rng(seed)
     a_first = (rng.random(len(prompts)) < 0.5).tolist()
-    outcomes = []
+    pairs = []
     for i, prompt in enumerate(prompts):
         answer_a, answer_b = Answer(a.texts[i], a.ended[i]), Answer(b.texts[i], b.ended[i])
-        if a_first[i]:
-            outcomes.append(judge.compare(prompt, answer_a, answer_b))
-        else:
-            outcomes.append(1.0 - judge.compare(prompt, answer_b, answer_a))
+        pairs.append((prompt, answer_a, answer_b) if a_first[i] else (prompt, answer_b, answer_a))
+    first_wins = judge.compare_all(pairs, principle)
+    outcomes = [p if f else 1.0 - p for p, f in zip(first_wins, a_first, strict=True)]
     return np.asarray(outcomes, dtype=np.float64), a_first
 
 
@@ -144,8 +152,10 @@ def policy_metrics(prompts: list[str], answers: PolicyAnswers, demo: bool) -> di
     return metrics
 
 
-def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict[str, Any]:
-    """Answer, judge and summarise; returns the JSON summary."""
+def answer_both(
+    policy_a: str, policy_b: str, cfg: EvalConfig
+) -> tuple[list[str], PolicyAnswers, PolicyAnswers]:
+    """The evaluation prompts and each policy's answers to them (A with seed, B with seed + 1)."""
     prompts = read_prompts(cfg.prompts_file, cfg.n_prompts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = resolve_precision(cfg.precision) == "bf16"
@@ -162,12 +172,30 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
         log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))
         answers[name] = answer(load_policy(path, device), tokenizer, prompts, cfg, seed, reference, bf16,
                                bon if name == "a" else None)  # fmt: skip
-    outcomes, a_first = judge_pairs(judge, prompts, answers["a"], answers["b"], cfg.seed)
-    rate, low, high = win_rate(outcomes, cfg.bootstrap, cfg.seed)
-    demo = judge.name == "gold"
+    return prompts, answers["a"], answers["b"]
+
+
+def gold_metrics_apply(demo: bool, judge: str) -> bool:
+    """Whether the demo's gold metrics mean anything here: on the demo's prompts, or when asked for (gold)."""
+    if not demo and judge == "gold":
+        log.warning("eval: these prompts are not the demo task's, yet the judge is its gold utility: "
+                    "the win rate and the gold metrics (correct, toxic, ...) measure the demo's criteria only")  # fmt: skip
+    elif not demo:
+        log.warning("eval: these prompts are not the demo task's: its gold metrics (correct, toxic, ...) are "
+                    "left out; the win rate is the %s judge's", judge)  # fmt: skip
+    return demo or judge == "gold"
+
+
+def summarise(
+    policy_a: str, policy_b: str, cfg: EvalConfig, prompts: list[str], a: PolicyAnswers, b: PolicyAnswers,
+    a_first: list[bool],
+) -> dict[str, Any]:  # fmt: skip
+    """The JSON summary without the verdicts: per-policy statistics and one row per prompt."""
+    demo = all(is_demo_prompt(p) for p in prompts)
+    gold_metrics = gold_metrics_apply(demo, cfg.judge)
     rows = [
-        {"prompt": p, "a": answers["a"].texts[i], "b": answers["b"].texts[i], "ended_a": answers["a"].ended[i],
-         "ended_b": answers["b"].ended[i], "a_first": a_first[i], "outcome_a": float(outcomes[i])}
+        {"prompt": p, "a": a.texts[i], "b": b.texts[i], "ended_a": a.ended[i], "ended_b": b.ended[i],
+         "a_first": a_first[i], "outcome_a": None}
         for i, p in enumerate(prompts)
     ]  # fmt: skip
     return {
@@ -175,9 +203,12 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
         "policy_b": policy_b,
         "best_of_n_a": cfg.best_of_n,
         "reference": cfg.reference,
-        "judge": judge.name,
+        "judge": cfg.judge,
+        "judge_model": cfg.judge_model,
+        "both_orders": cfg.judge_both_orders,
         "n_prompts": len(prompts),
         "prompts_file": cfg.prompts_file,
+        "demo_prompts": demo,
         "sampling": {
             "temperature": cfg.temperature,
             "top_k": cfg.top_k,
@@ -186,16 +217,77 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
             "seed_a": cfg.seed,
             "seed_b": cfg.seed + 1,
         },  # fmt: skip
-        "win_rate_a": rate,
-        "ci95": [low, high],
-        "wins_a": int((outcomes == 1.0).sum()),
-        "ties": int((outcomes == 0.5).sum()),
-        "losses_a": int((outcomes == 0.0).sum()),
-        "a": policy_metrics(prompts, answers["a"], demo),
-        "b": policy_metrics(prompts, answers["b"], demo),
-        "samples": rows[:20],
+        "a": policy_metrics(prompts, a, gold_metrics),
+        "b": policy_metrics(prompts, b, gold_metrics),
         "rows": rows,
     }
+
+
+def add_verdicts(summary: dict[str, Any], outcomes: list[float | None], cfg: EvalConfig,
+                 judge_stats: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Fill in the win rate of A (over the prompts with a verdict), its bootstrap CI, W/T/L (A's probability
+    above, at or below 1/2) and the judge's own statistics."""
+    for row, outcome in zip(summary["rows"], outcomes, strict=True):
+        row["outcome_a"] = outcome
+    judged = np.asarray([o for o in outcomes if o is not None], dtype=np.float64)
+    if len(judged) == 0:
+        raise RlhfError("no verdicts yet: nothing to compute a win rate from")
+    rate, low, high = win_rate(judged, cfg.bootstrap, cfg.seed)
+    summary |= {
+        "n_judged": len(judged),
+        "win_rate_a": rate,
+        "ci95": [low, high],
+        "wins_a": int((judged > 0.5).sum()),
+        "ties": int((judged == 0.5).sum()),
+        "losses_a": int((judged < 0.5).sum()),
+        "judge_stats": judge_stats or {},
+        "soft": bool(((judged > 0) & (judged < 1) & (judged != 0.5)).any()),
+        "samples": summary["rows"][:20],
+    }
+    if summary["soft"]:  # a judge's probabilities pull the mean toward 1/2: also count whom it prefers
+        hard = np.where(judged > 0.5, 1.0, np.where(judged < 0.5, 0.0, 0.5))
+        rate, low, high = win_rate(hard, cfg.bootstrap, cfg.seed)
+        summary |= {"win_rate_hard_a": rate, "ci95_hard": [low, high]}
+    return summary
+
+
+def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict[str, Any]:
+    """Answer, judge and summarise; returns the JSON summary."""
+    prompts, a, b = answer_both(policy_a, policy_b, cfg)
+    outcomes, a_first = judge_pairs(judge, prompts, a, b, cfg.seed, cfg.judge_principle)
+    summary = summarise(policy_a, policy_b, cfg, prompts, a, b, a_first)
+    summary["judge"] = judge.name
+    return add_verdicts(summary, outcomes.tolist(), cfg, judge.stats())
+
+
+def push_to_people(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Answer, then hand the pairs to people in the labeling app; returns the summary awaiting their votes
+    (`collect_from_people` completes it). The app shows each pair in a random order of its own."""
+    from rlhf.judges.people import push_pairs
+
+    prompts, a, b = answer_both(policy_a, policy_b, cfg)
+    summary = summarise(policy_a, policy_b, cfg, prompts, a, b, [True] * len(prompts))
+    counts = push_pairs(prompts, a.texts, b.texts, cfg.judge_project, db=cfg.judge_db, server=cfg.judge_server,
+                        token=os.environ.get(cfg.judge_token_env), guidelines=cfg.judge_principle)  # fmt: skip
+    if counts.get("skipped"):
+        log.warning("eval: %d pairs were already in project %s and were not added again", counts["skipped"],
+                    cfg.judge_project)  # fmt: skip
+    return summary | {"status": "awaiting votes", "project": cfg.judge_project, "pushed": counts}
+
+
+def collect_from_people(pending: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    """The votes people cast on a pushed evaluation, read back into its summary (prompts nobody voted on yet
+    are left out of the win rate; identical answers are ties without a vote)."""
+    from rlhf.judges.people import collect_outcomes
+
+    if pending.get("judge") != "people" or "project" not in pending:
+        raise RlhfError("--collect needs the summary that `rlhf eval` wrote when it pushed pairs to people")
+    rows = pending["rows"]
+    outcomes, n_votes = collect_outcomes(pending["project"], len(rows), db=cfg.judge_db, server=cfg.judge_server,
+                                         token=os.environ.get(cfg.judge_token_env))  # fmt: skip
+    outcomes = [0.5 if o is None and r["a"] == r["b"] else o for o, r in zip(outcomes, rows, strict=True)]
+    summary = add_verdicts(dict(pending), outcomes, cfg, {"votes": n_votes, "project": pending["project"]})
+    return summary | {"status": "collected"}
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -204,11 +296,30 @@ def format_table(summary: dict[str, Any]) -> str:
         f"A = {summary['policy_a']}"
         + (f" (best of {n})" if (n := summary.get("best_of_n_a", 1)) > 1 else ""),
         f"B = {summary['policy_b']}",
-        f"win rate of A over B ({summary['judge']} judge, {summary['n_prompts']} prompts, ties = 1/2): "
+        f"win rate of A over B ({summary['judge']} judge, {summary.get('n_judged', summary['n_prompts'])} "
+        f"prompts, {'mean P(A better), W/T/L by P vs 1/2' if summary.get('soft') else 'ties = 1/2'}): "
         f"{summary['win_rate_a']:.3f}  95% CI [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]  "
         f"(W/T/L {summary['wins_a']}/{summary['ties']}/{summary['losses_a']})",
-        f"{'metric':<28}{'A':>10}{'B':>10}",
     ]
+    if "win_rate_hard_a" in summary:
+        low, high = summary["ci95_hard"]
+        lines.append(f"counting only whom the judge prefers (P > 1/2 a win, ties = 1/2): "
+                     f"{summary['win_rate_hard_a']:.3f}  95% CI [{low:.3f}, {high:.3f}]")  # fmt: skip
+    if (waiting := summary["n_prompts"] - summary.get("n_judged", summary["n_prompts"])) > 0:
+        lines.append(f"({waiting} of {summary['n_prompts']} prompts have no verdict yet and are left out)")
+    stats = summary.get("judge_stats") or {}
+    if stats.get("position_bias_first") is not None:
+        lines.append(
+            f"judge position bias: prefers the first slot {stats['position_bias_first']:.3f} of the time "
+            f"(0.5 = none; {stats['questions_asked']} questions"
+            + (", both orders asked: the win rate is corrected)" if summary.get("both_orders", True) else ")")
+        )
+    extra = {k: v for k, v in stats.items() if k in ("requests", "retries", "cache_hits", "read_unparsed")}
+    if extra:
+        lines.append("judge requests: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    if "correct_rate" not in summary["a"]:
+        lines.append("(not the demo task's prompts: its gold metrics are left out)")
+    lines.append(f"{'metric':<28}{'A':>10}{'B':>10}")
     ci_a, ci_b = summary["a"].get("ci95", {}), summary["b"].get("ci95", {})
     for key in summary["a"]:
         a, b = summary["a"][key], summary["b"][key]

@@ -1,53 +1,56 @@
-"""Judges that compare two answers to one prompt, and the demo task's gold scores.
+"""The judge `rlhf eval` uses, built from its config, and the demo task's gold metrics.
 
-A judge sees the two answers in the order the caller chose (the caller randomises it, so a judge with a
-position bias, as people and AI judges have, cannot favour one policy). Only the demo task's gold judge exists
-for now; people in the labeling app or an AI judge plug in by implementing `Judge`.
+The judges themselves live in `rlhf.judges` (gold, reward model, local LM, endpoint, people). A judge sees
+each pair in the order the caller chose (the caller randomises it, so a judge with a position bias, as people
+and AI judges have, cannot favour one policy).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Protocol
+import os
+from typing import Any
 
 import numpy as np
 
+from rlhf.config import EvalConfig
+from rlhf.errors import ConfigError
 from rlhf.eval.reward_metrics import wilson_interval
+from rlhf.judges.base import Answer, Judge, JudgeBase
+from rlhf.judges.gold import GoldJudge, is_demo_prompt
 from rlhf.labelers import gold
 
-
-@dataclass
-class Answer:
-    """One response as a judge sees it."""
-
-    text: str
-    ended: bool  # the model stopped with EOS
+__all__ = ["Answer", "GoldJudge", "Judge", "JudgeBase", "demo_metrics", "is_demo_prompt", "make_judge"]
 
 
-class Judge(Protocol):
-    """Compares two answers to a prompt: 1.0 if the first is better, 0.0 if the second is, 0.5 for a tie."""
-
-    name: str
-
-    def compare(self, prompt: str, first: Answer, second: Answer) -> float: ...
-
-
-class GoldJudge:
-    """The demo task's hidden utility: the higher gold utility wins, equal utilities tie."""
-
-    name = "gold"
-
-    def compare(self, prompt: str, first: Answer, second: Answer) -> float:
-        a = gold.utility(prompt, first.text, first.ended)
-        b = gold.utility(prompt, second.text, second.ended)
-        return 1.0 if a > b else 0.0 if a < b else 0.5
-
-
-def make_judge(name: str) -> Judge:
-    if name == "gold":
+def make_judge(cfg: EvalConfig) -> Judge:
+    """The judge `cfg.judge` names, ready to compare answers (people judge through `rlhf.judges.people`)."""
+    if cfg.judge == "gold":
         return GoldJudge()
-    raise ValueError(f"unknown judge {name!r}; expected 'gold'")
+    if cfg.judge == "people":
+        raise ConfigError("judge=people answers later, in the labeling app: use `rlhf eval A B --out F` to push "
+                          "the pairs and `rlhf eval --collect F` to read the votes")  # fmt: skip
+    assert cfg.judge_model is not None  # the config's validator saw to it
+    if cfg.judge == "reward_model":
+        from rlhf.judges.reward_model import RewardModelJudge
+
+        return RewardModelJudge(cfg.judge_model, batch_size=cfg.batch_size)
+    if cfg.judge == "local":
+        from rlhf.judges.local import LocalJudge
+
+        return LocalJudge.load(cfg.judge_model, template=cfg.judge_template, choices=cfg.judge_choices,
+                               both_orders=cfg.judge_both_orders)  # fmt: skip
+    if cfg.judge == "endpoint":
+        from rlhf.judges.endpoint import EndpointJudge
+
+        assert cfg.judge_url is not None
+        return EndpointJudge(
+            cfg.judge_url, cfg.judge_model, api_key=os.environ.get(cfg.judge_api_key_env),
+            template=cfg.judge_template, choices=cfg.judge_choices, both_orders=cfg.judge_both_orders,
+            requests_per_s=cfg.judge_requests_per_s, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries,
+            max_tokens=cfg.judge_max_tokens, cache_path=cfg.judge_cache, concurrency=cfg.judge_concurrency,
+        )  # fmt: skip
+    raise AssertionError(f"unknown judge {cfg.judge!r}")
 
 
 def gold_utilities(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rlhf.cli import app
@@ -72,3 +73,68 @@ def test_best_of_n_without_a_reward_model_is_a_config_error(tiny_sft_model: Path
     result = CliRunner().invoke(app, ["eval", sft, sft, "--set", "eval.best_of_n=4"])
     assert result.exit_code != 0
     assert "best_of_n > 1 needs reward_model" in str(result.exception) + result.output
+
+
+def test_own_prompts_with_a_reward_model_judge_print_no_gold_metrics(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path
+) -> None:
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"User: Tell me about topic {i}.\nAssistant:"}) + "\n"
+                               for i in range(10)))  # fmt: skip
+    out = tmp_path / "eval.json"
+    sft = str(tiny_sft_model)
+    args = ["eval", sft, sft, "--out", str(out), "--set", f"eval.prompts_file={prompts}",
+            "--set", "eval.max_new_tokens=8", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=200",
+            "--set", "eval.judge=reward_model", "--set", f"eval.judge_model={tiny_reward_model}"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["judge"] == "reward_model" and summary["demo_prompts"] is False
+    assert 0 <= summary["win_rate_a"] <= 1 and len(summary["ci95"]) == 2
+    for side in ("a", "b"):
+        assert {"mean_tokens", "eos_rate"} <= set(summary[side])
+        assert not {"correct_rate", "toxic_rate", "gold_utility", "mean_words"} & set(summary[side])
+    assert "win rate of A over B (reward_model judge, 10 prompts" in result.output
+    for gold_only in ("correct_rate", "toxic_rate", "gold_utility", "hallucinated_rate"):
+        assert gold_only not in result.output
+    assert "not the demo task's prompts" in result.output
+
+
+def test_demo_prompts_are_recognised(demo_data: Path) -> None:
+    from rlhf.eval.judges import is_demo_prompt
+
+    demo = [
+        json.loads(line)["prompt"] for line in (demo_data / "eval_prompts.jsonl").read_text().splitlines()
+    ]
+    assert all(is_demo_prompt(p) for p in demo)
+    assert not is_demo_prompt("User: Tell me a joke about cats.\nAssistant:")
+    assert not is_demo_prompt("Summarise this article: ...")
+
+
+def test_a_judge_without_its_model_is_a_one_line_config_error(tiny_sft_model: Path) -> None:
+    sft = str(tiny_sft_model)
+    result = CliRunner().invoke(
+        app, ["eval", sft, sft, "--set", "eval.judge=endpoint", "--set", "eval.judge_model=m"]
+    )
+    assert result.exit_code != 0 and "judge=endpoint needs judge_url" in str(result.exception) + result.output
+
+
+def test_judge_choices_are_text_and_must_differ() -> None:
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+
+    assert load_config(None, ["eval.judge_choices=[1,2]"]).eval.judge_choices == ("1", "2")
+    with pytest.raises(ConfigError, match="judge_choices must be two different tokens"):
+        load_config(None, ["eval.judge_choices=[A,A]"])
+    with pytest.raises(ConfigError, match="judge_template lacks {second}"):
+        load_config(None, ["eval.judge_template={prompt} {first}"])
+
+
+def test_the_people_judge_cannot_judge_on_the_spot() -> None:
+    from rlhf.config import load_config
+    from rlhf.errors import ConfigError
+    from rlhf.eval.judges import make_judge
+
+    cfg = load_config(None, ["eval.judge=people", "eval.judge_db=sqlite:///x.db"]).eval
+    with pytest.raises(ConfigError, match="rlhf eval --collect"):
+        make_judge(cfg)

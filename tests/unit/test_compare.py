@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import numpy as np
+import pytest
 
 from rlhf.eval.compare import PolicyAnswers, judge_pairs, win_rate
 from rlhf.eval.judges import Answer, GoldJudge
+from rlhf.judges.base import JudgeBase, Pair
 
 
-class FirstAlwaysWins:
+class FirstAlwaysWins(JudgeBase):
     """A judge with a pure position bias."""
 
     name = "first"
 
-    def compare(self, prompt: str, first: Answer, second: Answer) -> float:
-        return 1.0
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        return [1.0] * len(pairs)
 
 
 def answers(texts: list[str], ended: bool = True) -> PolicyAnswers:
@@ -51,3 +56,14 @@ def test_gold_judge_prefers_polite_concise_and_ties_equal_answers() -> None:
     assert judge.compare(prompt, wordy, polite) == 0.0
     assert judge.compare(prompt, polite, Answer(" 5.", True)) == 0.5
     assert judge.compare(prompt, polite, Answer(" 5.", False)) == 1.0  # no EOS: did not end cleanly
+
+
+def test_gold_metrics_only_on_demo_prompts_or_when_gold_judges(caplog: pytest.LogCaptureFixture) -> None:
+    from rlhf.eval.compare import gold_metrics_apply
+
+    with caplog.at_level(logging.WARNING, logger="rlhf.eval.compare"):
+        assert gold_metrics_apply(demo=True, judge="reward_model") and not caplog.records
+        assert not gold_metrics_apply(demo=False, judge="endpoint")
+        assert "left out" in caplog.records[-1].getMessage()
+        assert gold_metrics_apply(demo=False, judge="gold")
+        assert "measure the demo's criteria only" in caplog.records[-1].getMessage()

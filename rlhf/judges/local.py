@@ -1,0 +1,105 @@
+"""A local Hugging Face causal LM as a pairwise judge.
+
+The judging prompt (a template holding the message, both answers and the principle) goes through the
+model's chat template when it has one; the judge's preference is read from the next-token distribution over
+the two choice tokens ("A"/"B" by default), normalised between them. Every pair is asked in both orders and
+the two answers combined (`PositionBias.debias`), so a judge that favours one slot cannot favour one policy;
+how often it prefers the first slot is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.errors import RlhfError
+from rlhf.generation import left_pad
+from rlhf.judges.base import DEFAULT_TEMPLATE, JudgeBase, Pair, PositionBias, check_template, render
+from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
+
+
+def choice_token_ids(tokenizer: PreTrainedTokenizerBase, choice: str) -> list[int]:
+    """The single tokens that spell `choice`, bare or after a space ("A", " A"); an error if neither does."""
+    ids = set()
+    for text in (choice, " " + choice):
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) == 1:
+            ids.add(tokens[0])
+    if not ids:
+        raise RlhfError(
+            f"judge choice {choice!r} is not one token of the judge's tokenizer; set other choices"
+        )
+    return sorted(ids)
+
+
+class LocalJudge(JudgeBase):
+    """Reads P(first) = p(choice 1) / (p(choice 1) + p(choice 2)) after the judging prompt."""
+
+    name = "local"
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_TEMPLATE,
+        choices: tuple[str, str] = ("A", "B"), both_orders: bool = True, batch_size: int = 8,
+    ) -> None:  # fmt: skip
+        check_template(template)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.template, self.both_orders, self.batch_size = template, both_orders, batch_size
+        self.ids = [choice_token_ids(tokenizer, c) for c in choices]
+        self.position = PositionBias()
+        self.context = context_length(model) if hasattr(model, "config") else None
+
+    @classmethod
+    def load(cls, path: str, **kwargs: Any) -> LocalJudge:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_causal_lm(path).to(device)  # type: ignore[arg-type]
+        return cls(model, load_tokenizer(path), **kwargs)
+
+    def judging_prompt(self, prompt: str, first: str, second: str, principle: str | None) -> list[int]:
+        text = render(self.template, prompt, first, second, principle)
+        if getattr(self.tokenizer, "chat_template", None):
+            text = str(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            ))  # fmt: skip
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(self.tokenizer(text)["input_ids"])
+        if self.context is not None and len(ids) > self.context:
+            raise RlhfError(f"a judging prompt of {len(ids)} tokens exceeds the local judge's context of "
+                            f"{self.context}: shorten eval.judge_template or the answers")  # fmt: skip
+        return ids
+
+    @torch.no_grad()
+    def first_slot_probs(self, texts: Sequence[list[int]]) -> list[float]:
+        """P(choice 1) / (P(choice 1) + P(choice 2)) at the next token of each judging prompt."""
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            ids, mask = left_pad(list(texts[i : i + self.batch_size]), pad)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            logits = (
+                self.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=position_ids.to(device),
+                )
+                .logits[:, -1]
+                .float()
+            )  # fmt: skip  (B, V)
+            logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+            choice = torch.stack([logp[:, ids_].logsumexp(-1) for ids_ in self.ids], dim=-1)  # (B, 2)
+            out += torch.softmax(choice, dim=-1)[:, 0].tolist()
+        return out
+
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        ab = self.first_slot_probs([self.judging_prompt(p, a.text, b.text, principle) for p, a, b in pairs])
+        if not self.both_orders:
+            return [self.position.one_order(x) for x in ab]
+        ba = self.first_slot_probs([self.judging_prompt(p, b.text, a.text, principle) for p, a, b in pairs])
+        return [self.position.debias(x, y) for x, y in zip(ab, ba, strict=True)]
+
+    def stats(self) -> dict[str, Any]:
+        return self.position.stats()
