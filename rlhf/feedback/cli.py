@@ -60,6 +60,18 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes (one per core suits PostgreSQL); they share limits and revocations "
+            "through Redis (RLHF_LABEL_REDIS_URL) or else the database.",
+        ),
+    ] = 1,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(envvar="RLHF_LABEL_REDIS_URL", help="Redis shared by the server processes."),
+    ] = None,
 ) -> None:
     """Run the labeling server (migrates the database first). Other settings come from RLHF_LABEL_* variables."""
     # Start-up is mostly imports (FastAPI, pydantic, SQLAlchemy), which make many objects and no garbage: the
@@ -75,10 +87,31 @@ def serve(
     from rlhf.feedback.main import create_app
     from rlhf.feedback.settings import Settings
 
-    settings = Settings.from_env(db=db)
+    settings = Settings.from_env(db=db, workers=workers, redis_url=redis_url)
     open_database(settings.db).dispose()  # migrate first, so a bad URL is one line here, not a traceback
-    typer.echo(f"labeling app on http://{host}:{port}  (db: {settings.db.split('@')[-1]})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False, ws="none")
+    typer.echo(
+        f"labeling app on http://{host}:{port}  (db: {settings.db.split('@')[-1]}, workers: {workers})"
+    )
+    if workers == 1:
+        uvicorn.run(
+            create_app(settings), host=host, port=port, log_level=log_level, access_log=False, ws="none"
+        )
+        return
+    # Worker processes build the app from the environment (uvicorn imports it by name in each one); the
+    # supervisor starts a new worker in place of one that dies.
+    os.environ.update({"RLHF_LABEL_DB": settings.db, "RLHF_LABEL_WORKERS": str(workers)})
+    os.environ["RLHF_LABEL_MIGRATE_ON_START"] = "false"
+    if settings.redis_url:
+        os.environ["RLHF_LABEL_REDIS_URL"] = settings.redis_url
+    uvicorn.run(
+        "rlhf.feedback.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+        ws="none",
+    )
 
 
 @db_app.command("upgrade")

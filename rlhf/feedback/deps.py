@@ -115,11 +115,12 @@ async def get_current_user(request: Request) -> User:
     if not via_cookie:
         token = auth[7:].strip()
         cache: AuthCache = request.app.state.auth_cache
-        user = cache.get(token)
+        epoch = cache.epoch()  # read before the lookup: a change made meanwhile makes the entry stale
+        user = cache.get(token, epoch)
         if user is None:
             user = await run_in_threadpool(_user_by_token, db, token)
             if user is not None:
-                cache.put(token, user)
+                cache.put(token, user, epoch)
     else:
         claim = read_session_cookie(secret, request.cookies.get(SESSION_COOKIE))
         found = await run_in_threadpool(_user_by_id, db, claim[0]) if claim is not None else None

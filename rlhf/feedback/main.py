@@ -18,6 +18,7 @@ from rlhf.feedback.middleware import BodySizeLimit, ServerTiming, add_error_hand
 from rlhf.feedback.routers import health, pages_admin, pages_auth, pages_label, projects, tasks, users, votes
 from rlhf.feedback.security import AuthCache, LoginLimits, RateLimiter
 from rlhf.feedback.settings import Settings
+from rlhf.feedback.shared import open_shared
 from rlhf.feedback.users import app_secret
 from rlhf.feedback.web import STATIC_DIR
 from rlhf.feedback.writer import VoteWriter
@@ -32,10 +33,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     with db.session() as session:
         app.state.secret = settings.secret or app_secret(session)
     app.state.db = db
-    app.state.limiter = RateLimiter(settings.votes_per_minute)
-    app.state.auth_cache = AuthCache(settings.auth_cache_s)
+    # rate limits, login limits and token revocations: shared by every worker (Redis or the database)
+    shared = app.state.shared = open_shared(settings, db)
+    app.state.limiter = RateLimiter(settings.votes_per_minute, shared=shared)
+    app.state.auth_cache = AuthCache(settings.auth_cache_s, shared)
     app.state.login_limits = LoginLimits(
-        settings.login_attempts_per_address, settings.login_failures_per_account, settings.login_window_s
+        settings.login_attempts_per_address,
+        settings.login_failures_per_account,
+        settings.login_window_s,
+        shared,
     )
     app.state.writer = VoteWriter(db)
     app.state.writer.start()
@@ -46,6 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.enable()
     yield
     app.state.writer.stop()
+    shared.close()
     db.dispose()
 
 

@@ -211,6 +211,17 @@ class AppSetting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class RateEvent(Base):
+    """One event counted by a rate limit (a vote, a login attempt) when server processes share the limit
+    through the database (several workers, no Redis). Rows older than the longest window are deleted."""
+
+    __tablename__ = "rate_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(200))
+    at: Mapped[float] = mapped_column(Float)  # Unix time in seconds
+    __table_args__ = (Index("ix_rate_events_key_at", "key", "at"),)
+
+
 # --- the iterative loop (`rlhf loop`): its state lives here, beside the tasks and votes it makes ---------
 
 

@@ -5,7 +5,8 @@ a task they have never been assigned (so never one they voted on or skipped) tha
 `overlap` live assignments, fullest first so tasks reach their overlap early. With probability
 `gold_rate` a gold task is tried first, else the real ones (gold comes when no real task is left);
 gold tasks go to every labeler, outside the overlap count, and count in their progress like any task.
-A claim is a conditional UPDATE (n_assigned < overlap), so two labelers racing cannot exceed the overlap.
+A claim is a conditional UPDATE (n_assigned < overlap), so two labelers racing cannot exceed the overlap,
+whichever server processes they reach (the row lock makes the second UPDATE re-read the count).
 """
 
 from __future__ import annotations
@@ -81,13 +82,21 @@ def next_task(
 
 def _candidates(session: Session, user: User, project: Project, gold: bool) -> list[Task]:
     """Tasks `user` may take next: gold in id order; others those started by more labelers first (so the
-    overlap fills), then in id order, one assignment count at a time."""
-    if gold:
-        return list(session.scalars(candidates_query(user.id, project.id, gold=True)))
-    for n_assigned in range(project.overlap - 1, -1, -1):
-        if tasks := list(
-            session.scalars(candidates_query(user.id, project.id, gold=False, n_assigned=n_assigned))
-        ):
+    overlap fills), then in id order, one assignment count at a time.
+
+    On PostgreSQL the candidates are locked FOR UPDATE SKIP LOCKED: labelers served by other workers at
+    the same moment get other tasks instead of queueing on the same rows (SQLite has one writer anyway,
+    and renders no lock clause)."""
+    queries = (
+        [candidates_query(user.id, project.id, gold=True)]
+        if gold
+        else [
+            candidates_query(user.id, project.id, gold=False, n_assigned=n)
+            for n in range(project.overlap - 1, -1, -1)
+        ]
+    )
+    for query in queries:
+        if tasks := list(session.scalars(query.with_for_update(skip_locked=True, of=Task))):
             return tasks
     return []
 

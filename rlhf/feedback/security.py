@@ -14,14 +14,15 @@ import json
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Hashable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from starlette.concurrency import run_in_threadpool
 
 from rlhf.feedback.errors import RateLimited
 from rlhf.feedback.models import User
+from rlhf.feedback.shared import Shared
 
 SESSION_COOKIE = "rlhf_session"
 CSRF_COOKIE = "rlhf_csrf"
@@ -99,51 +100,62 @@ def check_csrf(secret: str, nonce: str | None, token: str | None) -> bool:
 
 
 class RateLimiter:
-    """A sliding window (one minute unless told) of events per key, kept in this process's memory.
+    """A sliding window (one minute unless told) of events per key, kept where `shared` keeps them: this
+    process's memory by default, or a store every server process sees (see rlhf.feedback.shared)."""
 
-    With several server processes each enforces the limit on its own share of the traffic.
-    """
-
-    MAX_KEYS = 100_000
-
-    def __init__(self, per_window: int, window_s: float = 60.0, what: str = "votes per minute") -> None:
+    def __init__(
+        self,
+        per_window: int,
+        window_s: float = 60.0,
+        what: str = "votes per minute",
+        shared: Shared | None = None,
+        name: str = "votes",
+    ) -> None:
         self.per_minute = per_window
         self.window_s = window_s
         self.what = what
-        self._events: dict[Hashable, deque[float]] = {}
-        self._lock = threading.Lock()
+        self.shared = shared or Shared()
+        self.name = name
 
     def check(self, key: Hashable) -> None:
         """Raise RateLimited if `key` already used up this window's budget."""
-        if self.per_minute <= 0:
-            return
-        with self._lock:
-            self._check(key, time.monotonic())
+        if self.per_minute > 0:
+            self._raise_if(self.shared.take(self._key(key), self.per_minute, self.window_s, add=False))
 
     def record(self, key: Hashable) -> None:
-        if self.per_minute <= 0:
-            return
-        with self._lock:
-            self._events.setdefault(key, deque()).append(time.monotonic())
+        if self.per_minute > 0:
+            self.shared.add(self._key(key), self.window_s)
 
     def take(self, key: Hashable) -> None:
-        """check and record in one step, so parallel requests cannot all pass before any is counted."""
-        if self.per_minute <= 0:
-            return
-        now = time.monotonic()
-        with self._lock:
-            self._check(key, now)
-            self._events[key].append(now)
+        """check and record in one step, so parallel requests (on any worker) cannot all pass before any
+        is counted."""
+        if self.per_minute > 0:
+            self._raise_if(self.shared.take(self._key(key), self.per_minute, self.window_s))
 
-    def _check(self, key: Hashable, now: float) -> None:
-        if len(self._events) > self.MAX_KEYS:  # forget keys whose window has passed: memory stays bounded
-            old = now - self.window_s
-            self._events = {k: w for k, w in self._events.items() if w and w[-1] > old}
-        window = self._events.setdefault(key, deque())
-        while window and window[0] <= now - self.window_s:
-            window.popleft()
-        if len(window) >= self.per_minute:
-            retry = max(1, int(window[0] + self.window_s - now) + 1)
+    async def take_async(self, key: Hashable) -> None:
+        """`take` from the event loop: in the thread pool where it costs a database transaction."""
+        if self.per_minute > 0 and self.shared.slow:
+            await run_in_threadpool(self.take, key)
+        else:
+            self.take(key)
+
+    async def give_back_async(self, key: Hashable) -> None:
+        if self.per_minute > 0 and self.shared.slow:
+            await run_in_threadpool(self.give_back, key)
+        else:
+            self.give_back(key)
+
+    def give_back(self, key: Hashable) -> None:
+        """Uncount the latest `take` of `key` (the action turned out not to count, e.g. a replay)."""
+        if self.per_minute > 0:
+            self.shared.remove_newest(self._key(key))
+
+    def _key(self, key: Hashable) -> str:
+        return f"{self.name}:{key}"
+
+    def _raise_if(self, retry_s: float | None) -> None:
+        if retry_s is not None:
+            retry = max(1, int(retry_s) + 1)
             raise RateLimited(f"rate limit: at most {self.per_minute} {self.what}; retry in {retry} s", retry)
 
 
@@ -151,10 +163,14 @@ class LoginLimits:
     """Login attempts per client address (every attempt) and failed ones per account name, each in a
     sliding window: guessing passwords is slow from one address, and for one account from many."""
 
-    def __init__(self, per_address: int, per_account: int, window_s: float) -> None:
+    def __init__(
+        self, per_address: int, per_account: int, window_s: float, shared: Shared | None = None
+    ) -> None:
         minutes = f"{window_s / 60:g} minutes"
-        self.by_address = RateLimiter(per_address, window_s, f"login attempts per address in {minutes}")
-        self.by_account = RateLimiter(per_account, window_s, f"failed logins per account in {minutes}")
+        what = f"login attempts per address in {minutes}"
+        self.by_address = RateLimiter(per_address, window_s, what, shared, "login_address")
+        what = f"failed logins per account in {minutes}"
+        self.by_account = RateLimiter(per_account, window_s, what, shared, "login_account")
 
     def check(self, name: str, address: str) -> None:
         """Count this attempt; raise RateLimited (with `scope` set) if the address or account is over."""
@@ -175,33 +191,40 @@ class LoginLimits:
 
 class AuthCache:
     """Bearer token -> its user, remembered for `ttl_s` seconds, so most API requests skip a query and a
-    thread-pool hop. Cleared whenever this process changes a user; other server processes see a change
-    within `ttl_s`. Votes check the disabled flag again inside their own transaction, so a disabled
-    labeler never gets a vote in, even from a cache entry that is seconds old."""
+    thread-pool hop. `clear()` after changing a user or token: this process forgets at once; with a shared
+    auth epoch (Redis) every other process does too, on its next request (an entry is good only under the
+    epoch read before its lookup). Without one, other processes see a change within `ttl_s`. Votes check
+    the disabled flag again inside their own transaction, so a disabled labeler never gets a vote in."""
 
     MAX_ENTRIES = 10_000
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, shared: Shared | None = None) -> None:
         self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, User]] = {}
+        self.shared = shared or Shared()
+        self._entries: dict[str, tuple[float, User, int | None]] = {}
         self._lock = threading.Lock()
 
-    def get(self, token: str) -> User | None:
+    def epoch(self) -> int | None:
+        """The shared auth epoch now (read it before looking a token up; pass it to get and put)."""
+        return self.shared.auth_epoch() if self.ttl_s > 0 else None
+
+    def get(self, token: str, epoch: int | None = None) -> User | None:
         if self.ttl_s <= 0:
             return None
         entry = self._entries.get(hash_token(token))
-        if entry is None or entry[0] < time.monotonic():
+        if entry is None or entry[0] < time.monotonic() or entry[2] != epoch:
             return None
         return entry[1]
 
-    def put(self, token: str, user: User) -> None:
+    def put(self, token: str, user: User, epoch: int | None = None) -> None:
         if self.ttl_s <= 0:
             return
         with self._lock:
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[hash_token(token)] = (time.monotonic() + self.ttl_s, user)
+            self._entries[hash_token(token)] = (time.monotonic() + self.ttl_s, user, epoch)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+        self.shared.bump_auth_epoch()

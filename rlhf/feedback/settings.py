@@ -50,6 +50,17 @@ class Settings(BaseModel):
         "NORMAL",
         description="SQLite synchronous mode in WAL: NORMAL survives a killed process, FULL also a power cut",
     )
+    redis_url: str | None = Field(
+        None,
+        description="Redis (redis://HOST:6379/0) that several server processes share rate limits, login "
+        "limits and token revocations through; unset: in memory (one process) or the database (--workers > 1)",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Server processes sharing this store (set by `rlhf label serve --workers`)",
+    )
     migrate_on_start: bool = Field(True, description="Run the Alembic migrations when the server starts")
 
     @classmethod

@@ -101,6 +101,17 @@ def create_token(session: Session, user_name: str, token_name: str = "") -> str:
     return token
 
 
+def revoke_token(session: Session, token: str) -> bool:
+    """Revoke an API token (it is refused from now on); False if it was unknown or already revoked."""
+    with db_of(session).write(session):
+        result = session.execute(
+            update(ApiToken)
+            .where(ApiToken.token_hash == hash_token(token), ApiToken.revoked.is_(False))
+            .values(revoked=True)
+        )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def user_by_token(session: Session, token: str) -> User | None:
     stmt = (
         select(User)

@@ -122,14 +122,18 @@ async def vote(
     request: Request, project: ProjectName, user: PageUser, limiter: LimiterDep, writer: WriterDep
 ) -> Response:
     data = _vote_from_form(await request.form())
-    limiter.check(user.id)
+    await limiter.take_async(user.id)
     try:
         recorded = await writer.record(user, data, "web")
-    except Conflict:
-        return RedirectResponse(f"/label/{project}?msg=conflict", status_code=303)
+    except BaseException as e:
+        await limiter.give_back_async(user.id)
+        if isinstance(e, Conflict):
+            return RedirectResponse(f"/label/{project}?msg=conflict", status_code=303)
+        raise
     if recorded.created:
-        limiter.record(user.id)
         VOTES.labels("web").inc()
+    else:
+        await limiter.give_back_async(user.id)
     return RedirectResponse(f"/label/{project}?voted={recorded.vote.id}", status_code=303)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Request, Response
 
 from rlhf.feedback import users
 from rlhf.feedback.deps import AdminUser, CurrentUser, SessionDep
@@ -17,6 +17,19 @@ UserName = Annotated[str, Path(pattern=NAME_PATTERN)]
 @router.get("/me")
 def me(user: CurrentUser) -> UserOut:
     return UserOut.model_validate(user)
+
+
+@router.post("/logout", status_code=204)
+def logout(user: CurrentUser, session: SessionDep, request: Request) -> Response:
+    """Log out: revoke the bearer token this request carries, or end every browser session of yours
+    (a cookie-authenticated call). Every server process refuses the token from the next request on."""
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        users.revoke_token(session, auth[7:].strip())
+    else:
+        users.end_sessions(session, user.id)
+    request.app.state.auth_cache.clear()
+    return Response(status_code=204)
 
 
 @router.get("/users")

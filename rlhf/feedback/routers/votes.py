@@ -30,13 +30,17 @@ async def create_vote(
     when the idempotency key was seen before (a retry). 409 if you already voted on the task, 429 over
     the rate limit. (Runs on the event loop: the group-commit writer thread stores the vote.)"""
     start = time.perf_counter()
-    limiter.check(user.id)
-    recorded = await writer.record(user, body, body.source)
+    await limiter.take_async(user.id)  # counted up front, so workers together keep to the limit
+    try:
+        recorded = await writer.record(user, body, body.source)
+    except BaseException:
+        await limiter.give_back_async(user.id)
+        raise
     if recorded.created:
-        limiter.record(user.id)
         VOTES.labels(body.source).inc()
         VOTE_SECONDS.observe(time.perf_counter() - start)
     else:
+        await limiter.give_back_async(user.id)
         VOTE_REPLAYS.inc()
         response.status_code = 200
     return store.vote_out(recorded.vote, user.name)
