@@ -36,7 +36,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # rate limits, login limits and token revocations: shared by every worker (Redis or the database)
     shared = app.state.shared = open_shared(settings, db)
     app.state.limiter = RateLimiter(settings.votes_per_minute, shared=shared)
-    app.state.auth_cache = AuthCache(settings.auth_cache_s, shared)
+    # Without Redis, several workers have no cheap shared auth epoch: each request reads the token's row,
+    # so a revoked token is refused by every worker at once.
+    cache_s = 0.0 if shared.where == "database" else settings.auth_cache_s
+    app.state.auth_cache = AuthCache(cache_s, shared)
     app.state.login_limits = LoginLimits(
         settings.login_attempts_per_address,
         settings.login_failures_per_account,

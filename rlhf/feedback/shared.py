@@ -7,14 +7,16 @@ Three places can hold it, chosen by `open_shared(settings, db)`:
   per check (atomic, so the sum over workers respects the limit), and an auth epoch counter that every
   API request reads (one GET) so a revoked token or a changed user is refused by every worker at once;
 - the database (`--workers N` without Redis): a table of recent events, checked and appended in one write
-  transaction (under an advisory lock per key on PostgreSQL; SQLite has one writer anyway). The auth epoch
-  is not shared there: each worker's token cache lives `auth_cache_s` (set 0 for instant revocation).
+  transaction (under an advisory lock per key on PostgreSQL; SQLite has one writer anyway). No auth epoch
+  there: the app turns its token cache off, so each API request reads the token's row (revocation is
+  still instant everywhere, at a query per request).
 
 Times are the shared clock's: Redis's TIME, or the database hosts' wall clocks (keep them in sync).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -103,8 +105,10 @@ class RedisShared(Shared):
     where = "redis"
     PREFIX = "rlhf:label:"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, namespace: str = "") -> None:
+        """`namespace` keeps apps on different stores apart in one Redis (open_shared: the store's URL)."""
         super().__init__()
+        self.prefix = f"{self.PREFIX}{namespace}:"
         try:
             import redis
         except ImportError:
@@ -117,19 +121,19 @@ class RedisShared(Shared):
         except redis.RedisError as e:
             raise ConfigError(f"cannot reach Redis at {url}: {e}") from None
         self._take = self.client.register_script(_TAKE)
-        self._epoch_key = self.PREFIX + "auth_epoch"
+        self._epoch_key = self.prefix + "auth_epoch"
 
     def take(self, key: str, limit: int, window_s: float, add: bool = True) -> float | None:
         member = f"{time.time_ns()}-{random.getrandbits(32)}"
         ms = int(window_s * 1000)
-        retry_ms = int(self._take(keys=[self.PREFIX + key], args=[limit, ms, int(add), member]))
+        retry_ms = int(self._take(keys=[self.prefix + key], args=[limit, ms, int(add), member]))
         return None if retry_ms < 0 else retry_ms / 1000
 
     def add(self, key: str, window_s: float) -> None:
         self.take(key, 2**62, window_s)
 
     def remove_newest(self, key: str) -> None:
-        self.client.zpopmax(self.PREFIX + key)
+        self.client.zpopmax(self.prefix + key)
 
     def auth_epoch(self) -> int | None:
         value = self.client.get(self._epoch_key)
@@ -180,11 +184,16 @@ class DatabaseShared(Shared):
             session.execute(delete(RateEvent).where(RateEvent.id == newest))
 
 
+def redis_namespace(db: Database) -> str:
+    """The Redis key namespace of a store: apps on different stores never share a limit."""
+    return hashlib.sha256(db.url.encode()).hexdigest()[:16]
+
+
 def open_shared(settings: Settings, db: Database) -> Shared:
     """Redis when configured; else the database for several workers; else this process's memory."""
     shared: Shared
     if settings.redis_url:
-        shared = RedisShared(settings.redis_url)
+        shared = RedisShared(settings.redis_url, redis_namespace(db))
     elif settings.workers > 1:
         shared = DatabaseShared(db)
     else:
