@@ -63,7 +63,7 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """`rlhf label serve` in a subprocess, returned once /healthz answers."""
     cmd = [sys.executable, "-m", "rlhf.feedback", "serve", "--db", db_url, "--port", str(port)]
-    cmd += ["--log-level", "warning", "--workers", str(workers)]
+    cmd += ["--log-level", "warning"] + (["--workers", str(workers)] if workers > 1 else [])
     if redis_url:
         cmd += ["--redis-url", redis_url]
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,15 +1,16 @@
-"""Where the server's votes are written: group commit on SQLite, concurrent transactions on PostgreSQL.
+"""Where the server's votes are written: group commit, one writer thread per server process.
 
-SQLite has one writer at a time. Under load many votes arrive while one is being written, so instead of a
-transaction each (each waiting for the write lock, each with its own commit), one writer thread takes every
-vote waiting, writes them in one transaction (a refused vote writes nothing, so it fails alone; a constraint
-hit after a write sends the batch round again with a SAVEPOINT per vote), commits once, and only then
-answers all of them. A vote is acknowledged only after the commit that holds it; if that commit fails,
-every vote in it gets the error. Requests wait on a future, so an API vote costs no thread-pool hop.
+Under load many votes arrive while one is being written, so instead of a transaction each (each waiting
+for SQLite's write lock, or each a thread-pool hop and a commit of its own on PostgreSQL), one writer
+thread takes every vote waiting, writes them in one transaction (a refused vote writes nothing, so it
+fails alone; a constraint hit after a write sends the batch round again with a SAVEPOINT per vote),
+commits once, and only then answers all of them. A vote is acknowledged only after the commit that holds
+it; if that commit fails, every vote in it gets the error. Requests wait on a future, so an API vote costs
+no thread-pool hop.
 
-PostgreSQL runs many writers at once and already shares WAL flushes between concurrent commits, so there
-each vote is its own transaction on the thread pool (`record_vote`); one writer thread would only add
-round trips in series.
+On PostgreSQL several server processes write batches at once: a batch takes its tasks' row locks in task
+order, so two batches cannot deadlock on them, and a batch PostgreSQL still aborts (a deadlock or
+serialization failure elsewhere) is written again, up to RETRIES times.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -44,11 +45,13 @@ class _Pending:
 
 
 class VoteWriter:
+    RETRIES = 3
+
     def __init__(self, db: Database, max_batch: int = 256, group_commit: bool | None = None) -> None:
-        """`group_commit` defaults to on for SQLite, off for PostgreSQL (see the module docstring)."""
+        """`group_commit=False`: each vote in its own transaction on the thread pool (record_vote)."""
         self.db = db
         self.max_batch = max_batch
-        self.group_commit = db.is_sqlite if group_commit is None else group_commit
+        self.group_commit = True if group_commit is None else group_commit  # off: one transaction per vote
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="rlhf-vote-writer", daemon=True)
         self._stopped = False
@@ -104,11 +107,9 @@ class VoteWriter:
                 return
 
     def _write(self, batch: list[_Pending]) -> None:
+        batch.sort(key=lambda item: item.data.task_id)  # row locks in one order: batches cannot deadlock
         try:
-            try:
-                outcomes = self._write_batch(batch, savepoints=False)
-            except _NeedsSavepoints:  # rolled back: write the batch again, each vote in a savepoint
-                outcomes = self._write_batch(batch, savepoints=True)
+            outcomes = self._write_retrying(batch)
         except Exception as e:  # the commit (or the database) failed: nothing in this batch was stored
             log.exception("vote batch of %d failed", len(batch))
             for item in batch:
@@ -119,6 +120,21 @@ class VoteWriter:
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
+
+    def _write_retrying(self, batch: list[_Pending]) -> list[Recorded | FeedbackError]:
+        savepoints = False
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return self._write_batch(batch, savepoints)
+            except _NeedsSavepoints:  # rolled back: write the batch again, each vote in a savepoint
+                savepoints = True
+            except OperationalError as e:  # rolled back by PostgreSQL: a deadlock or serialization failure
+                if getattr(e.orig, "sqlstate", None) not in ("40P01", "40001") or attempt == self.RETRIES:
+                    raise
+                log.warning(
+                    "vote batch of %d aborted by the database (%s); writing it again", len(batch), e.orig
+                )
+        return self._write_batch(batch, savepoints=True)
 
     def _write_batch(self, batch: list[_Pending], savepoints: bool) -> list[Recorded | FeedbackError]:
         """One transaction for the batch. write_vote raises its FeedbackErrors before it writes anything, so

@@ -21,11 +21,12 @@ VoteId = Annotated[int, Path(ge=1, le=MAX_INT32)]
 
 
 @router.post(
-    "", status_code=201, responses={200: {"model": VoteOut, "description": "a replay: the original vote"}}
+    "",
+    status_code=201,
+    response_model=VoteOut,
+    responses={200: {"model": VoteOut, "description": "a replay: the original vote"}},
 )
-async def create_vote(
-    body: VoteIn, user: CurrentUser, writer: WriterDep, limiter: LimiterDep, response: Response
-) -> VoteOut:
+async def create_vote(body: VoteIn, user: CurrentUser, writer: WriterDep, limiter: LimiterDep) -> Response:
     """Record a vote; answered once it is committed. 201 with the new vote; 200 with the original one
     when the idempotency key was seen before (a retry). 409 if you already voted on the task, 429 over
     the rate limit. (Runs on the event loop: the group-commit writer thread stores the vote.)"""
@@ -42,8 +43,9 @@ async def create_vote(
     else:
         await limiter.give_back_async(user.id)
         VOTE_REPLAYS.inc()
-        response.status_code = 200
-    return store.vote_out(recorded.vote, user.name)
+    # serialised here, once: returned as a model, it would be validated again against response_model
+    out = store.vote_out(recorded.vote, user.name).model_dump_json()
+    return Response(out, 201 if recorded.created else 200, media_type="application/json")
 
 
 @router.get("")
