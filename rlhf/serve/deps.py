@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 from fastapi import Depends, Request
 
 from rlhf.serve.errors import APIError
 from rlhf.serve.feedback import FeedbackStore
-from rlhf.serve.policy import Policy
 from rlhf.serve.settings import Settings
+
+if TYPE_CHECKING:  # torch stays out of what the gateway (rlhf.serve.gateway) imports
+    from rlhf.serve.policy import Policy
 
 
 @dataclass
@@ -46,7 +48,14 @@ def get_settings(state: Annotated[ServeState, Depends(get_state)]) -> Settings:
     return state.settings
 
 
-def get_store(state: Annotated[ServeState, Depends(get_state)]) -> FeedbackStore:
+class HasStore(Protocol):
+    """The app state of the model server (ServeState) or of the gateway: both may hold a feedback store."""
+
+    store: FeedbackStore | None
+
+
+def get_store(request: Request) -> FeedbackStore:
+    state: HasStore = request.app.state.serve
     if state.store is None:
         raise APIError(
             "This server records no feedback: start it with --feedback-db.", 404, code="no_feedback"

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from rlhf.feedback.db import Database, db_of, upgrade
 from rlhf.feedback.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -34,8 +37,22 @@ from rlhf.feedback.security import RateLimiter
 from rlhf.feedback.users import app_secret, create_user, get_user
 from rlhf.feedback.votes import Recorded, record_vote
 
+AB_HEADER = "x-rlhf-ab"  # a request opts in to A/B pairs with this header (or `"ab": true` in its body)
+log = logging.getLogger(__name__)
+
 USER_PREFIX = "prod."
 ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class AB:
+    """What an A/B response carries: the pair's id, and the token that lets its receiver vote on it."""
+
+    feedback_id: str
+    feedback_token: str
+
+    def fields(self) -> dict[str, str]:
+        return {"feedback_id": self.feedback_id, "feedback_token": self.feedback_token}
 
 
 @dataclass
@@ -96,6 +113,22 @@ def save_ab_pair(
     with store.db.session() as session:
         result = import_candidates(session, store.project, [row])
     return result.tasks == 1
+
+
+async def save_ab_async(
+    store: FeedbackStore, prompt: str, answers: tuple[Answer, Answer], meta: dict[str, Any]
+) -> AB | None:
+    """Write an A/B pair under a new feedback id (in the thread pool); its id and token, or None (identical
+    answers, or the store failed: the user still gets the answers, only the vote is lost)."""
+    feedback_id = "ab-" + secrets.token_hex(12)
+    try:
+        saved = await run_in_threadpool(
+            save_ab_pair, store, feedback_id, prompt, answers, {"source": "production", **meta}
+        )
+    except Exception:
+        log.exception("could not write an A/B pair to the feedback store")
+        return None
+    return AB(feedback_id, store.token(feedback_id)) if saved else None
 
 
 def record_ab_vote(

@@ -9,6 +9,7 @@ Outputs carry `feedback_id` and `feedback_token` only on A/B responses.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -297,3 +298,16 @@ class FeedbackOut(BaseModel):
     choice: str
     vote_id: int
     replayed: bool = Field(description="true when this repeats an earlier request with the same key")
+
+
+# ---- server-sent events ---------------------------------------------------------------------------------
+
+
+def sse(event: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event in OpenAI's framing."""
+    body = event.model_dump_json() if isinstance(event, BaseModel) else json.dumps(event)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

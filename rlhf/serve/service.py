@@ -8,28 +8,23 @@ choices: two samples of the requested policy, or the main policy and the candida
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from rlhf.serve import metrics
 from rlhf.serve.deps import ServeState
 from rlhf.serve.engine import Delta, Overloaded, RowParams, Sequence
 from rlhf.serve.errors import APIError
-from rlhf.serve.feedback import Answer, save_ab_pair
+from rlhf.serve.feedback import AB, AB_HEADER, Answer, save_ab_async
 from rlhf.serve.policy import Policy
 from rlhf.serve.schemas import SamplingRequest
 
 log = logging.getLogger(__name__)
 
-AB_HEADER = "x-rlhf-ab"
 SEED_MOD = 2**64
 
 
@@ -39,17 +34,6 @@ class ChoiceSpec:
     policy: Policy
     prompt_ids: list[int]
     params: RowParams
-
-
-@dataclass(frozen=True)
-class AB:
-    """What an A/B response carries: the pair's id, and the token that lets its receiver vote on it."""
-
-    feedback_id: str
-    feedback_token: str
-
-    def fields(self) -> dict[str, str]:
-        return {"feedback_id": self.feedback_id, "feedback_token": self.feedback_token}
 
 
 @dataclass
@@ -220,29 +204,11 @@ async def save_ab(
     """Write the A/B pair to the store; its feedback id and token, or None (identical answers, or the store
     failed: the user still gets the answers, only the vote is lost)."""
     assert state.store is not None and len(results) == 2
-    feedback_id = "ab-" + secrets.token_hex(12)
     answers = (
         Answer(results[0].text, specs[0].policy.version, sampling_record(specs[0], results[0])),
         Answer(results[1].text, specs[1].policy.version, sampling_record(specs[1], results[1])),
     )
-    try:
-        saved = await run_in_threadpool(
-            save_ab_pair, state.store, feedback_id, prompt, answers, {"source": "production", **meta}
-        )
-    except Exception:
-        log.exception("could not write an A/B pair to the feedback store")
-        return None
-    if not saved:
-        return None
-    metrics.AB_RESPONSES.labels(meta.get("endpoint", "")).inc()
-    return AB(feedback_id, state.store.token(feedback_id))
-
-
-def sse(event: BaseModel | dict[str, Any]) -> str:
-    """One server-sent event in OpenAI's framing."""
-    body = event.model_dump_json() if isinstance(event, BaseModel) else json.dumps(event)
-    return f"data: {body}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    ab = await save_ab_async(state.store, prompt, answers, meta)
+    if ab is not None:
+        metrics.AB_RESPONSES.labels(meta.get("endpoint", "")).inc()
+    return ab

@@ -62,7 +62,13 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @contextmanager
 def run_server(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
     """Serve the app from a background thread on a free port; yield (base URL, app)."""
-    app = create_app(settings)
+    with run_app(create_app(settings)) as served:
+        yield served
+
+
+@contextmanager
+def run_app(app: FastAPI) -> Iterator[tuple[str, FastAPI]]:
+    """Serve any app (the model server, the gateway) from a background thread on a free port."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -15,6 +15,8 @@ from rlhf.serve.errors import APIError, error_body
 from rlhf.serve.policy import Policy
 from rlhf.serve.schemas import (
     MODEL_ERRORS,
+    SSE_DONE,
+    SSE_HEADERS,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -24,16 +26,14 @@ from rlhf.serve.schemas import (
     ChunkDelta,
     ResponseMessage,
     Usage,
+    sse,
 )
 from rlhf.serve.service import (
-    SSE_DONE,
-    SSE_HEADERS,
     ChoiceRun,
     check_supported,
     plan_choices,
     row_params,
     save_ab,
-    sse,
     wants_ab,
 )
 

@@ -13,16 +13,22 @@ from fastapi.responses import StreamingResponse
 from rlhf.serve.deps import StateDep
 from rlhf.serve.errors import APIError, error_body
 from rlhf.serve.policy import Policy
-from rlhf.serve.schemas import MODEL_ERRORS, Completion, CompletionRequest, TextChoice, Usage
-from rlhf.serve.service import (
+from rlhf.serve.schemas import (
+    MODEL_ERRORS,
     SSE_DONE,
     SSE_HEADERS,
+    Completion,
+    CompletionRequest,
+    TextChoice,
+    Usage,
+    sse,
+)
+from rlhf.serve.service import (
     ChoiceRun,
     check_supported,
     plan_choices,
     row_params,
     save_ab,
-    sse,
     wants_ab,
 )
 

@@ -1,0 +1,418 @@
+"""The A/B feedback gateway: any OpenAI-compatible engine behind it, this project's A/B pairs in front.
+
+    rlhf gateway --upstream http://127.0.0.1:8001/v1 --feedback-db sqlite:///feedback.db --ab-rate 0.1
+    rlhf gateway --upstream http://vllm:8000/v1 --candidate-model policy-v2 --candidate-upstream http://vllm2:8000/v1 ...
+
+The engine (vLLM, TGI, SGLang, Ollama, llama.cpp, or `rlhf serve`) keeps doing the generation. Requests
+pass through as they are, bytes in and bytes out, streams included, over pooled connections. A request
+that opts in to A/B (`"ab": true` in its body or the `x-rlhf-ab: 1` header), asks for one choice, and is
+drawn at `ab_rate`, is sent upstream twice: to the requested model and the candidate (in a random order,
+so the candidate has no side of its own), or to the requested model twice. Its answer carries both as
+choices 0 and 1 (streamed side by side when asked), and a `feedback_id` and `feedback_token`; the pair is
+written to the feedback store with each side's model version, exactly as `rlhf serve` does (it is the same
+code: rlhf.serve.feedback), and POST /v1/feedback records the user's choice. No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.background import BackgroundTask
+
+from rlhf import __version__
+from rlhf.errors import ConfigError
+from rlhf.serve import metrics
+from rlhf.serve.errors import APIError, add_error_handlers, error_body
+from rlhf.serve.feedback import AB_HEADER, Answer, FeedbackStore, save_ab_async
+from rlhf.serve.middleware import BodySizeLimit
+from rlhf.serve.routers import feedback
+from rlhf.serve.schemas import SSE_DONE, SSE_HEADERS, sse
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "RLHF_GATEWAY_"
+# what a request's answer keeps of the upstream's headers (hop-by-hop and length ones are the server's)
+PASSED_HEADERS = ("content-type", "x-request-id", "openai-processing-ms")
+
+
+class GatewaySettings(BaseModel):
+    """Every field can be set by an environment variable named RLHF_GATEWAY_<FIELD> (upper case)."""
+
+    model_config = {"frozen": True}
+
+    upstream: str = Field("http://127.0.0.1:8000/v1", description="The engine's OpenAI API base URL (…/v1)")
+    candidate_model: str | None = Field(
+        None, description="Model id of the candidate side of A/B pairs; unset: the requested model twice"
+    )
+    candidate_upstream: str | None = Field(
+        None, description="Base URL of the engine serving the candidate (default: the upstream)"
+    )
+    upstream_api_key: str | None = Field(
+        None, description="Bearer key sent upstream; unset: the client's Authorization header passes through"
+    )
+    feedback_db: str | None = Field(
+        None, description="Feedback store URL for A/B pairs and votes; unset = off"
+    )
+    feedback_project: str = Field("production", description="Project of the store holding the A/B pairs")
+    ab_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
+    )
+    feedback_per_minute: int = Field(30, ge=0, description="Per-user limit on new A/B votes per minute")
+    host: str = Field("127.0.0.1", description="Interface to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port")
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for an upstream answer (or stream chunk)")
+    max_connections: int = Field(512, ge=1, description="Most pooled connections to each upstream")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 beyond)")
+    seed: int | None = Field(None, description="Seed of the A/B draws (unset: random)")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> GatewaySettings:
+        """Settings from RLHF_GATEWAY_* variables; keyword overrides that are not None win."""
+        values: dict[str, Any] = {n: os.environ[ENV_PREFIX + n.upper()] for n in cls.model_fields
+                                  if ENV_PREFIX + n.upper() in os.environ}  # fmt: skip
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = cls.model_validate(values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"gateway setting {name} ({ENV_PREFIX}{name.upper()}): {err['msg']}") from None
+        if settings.ab_rate > 0 and not settings.feedback_db:
+            raise ConfigError(
+                "gateway: --ab-rate > 0 needs --feedback-db (A/B votes go to the feedback store)"
+            )
+        return settings
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    upstream: httpx.AsyncClient
+    candidate: httpx.AsyncClient  # the upstream itself unless the candidate has an engine of its own
+    store: FeedbackStore | None = None  # read by the /v1/feedback router, as the model server's state is
+    rng: random.Random = field(default_factory=random.Random)
+    versions: dict[str, str] = field(default_factory=dict)  # model id -> version, from upstream /models
+
+
+def _client(base_url: str, s: GatewaySettings) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
+    return httpx.AsyncClient(base_url=base_url.rstrip("/") + "/", timeout=s.timeout_s, limits=limits)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    s: GatewaySettings = app.state.settings
+    upstream = _client(s.upstream, s)
+    candidate = _client(s.candidate_upstream, s) if s.candidate_upstream else upstream
+    store = FeedbackStore(s.feedback_db, s.feedback_project, s.feedback_per_minute) if s.feedback_db else None
+    state = app.state.serve = GatewayState(s, upstream, candidate, store, random.Random(s.seed))
+    for client in {upstream, candidate}:
+        await _learn_versions(state, client)
+    try:
+        yield
+    finally:
+        for client in {upstream, candidate}:
+            await client.aclose()
+        if store is not None:
+            store.close()
+
+
+async def _learn_versions(state: GatewayState, client: httpx.AsyncClient) -> None:
+    """Model versions the engine reports (`rlhf serve` gives name@digest); others get model@fingerprint."""
+    try:
+        r = await client.get("models", headers=_auth(state, None))
+        for m in r.json().get("data", []):
+            state.versions[m["id"]] = str(m.get("version") or m["id"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("could not list the models of %s; versions will come from the answers", client.base_url)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="rlhf-loop A/B feedback gateway",
+        version=__version__,
+        description="An OpenAI-compatible engine behind, A/B pairs and feedback capture in front.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or GatewaySettings.from_env()
+    app.add_middleware(BodySizeLimit, max_bytes=app.state.settings.max_body_bytes)
+    add_error_handlers(app)
+    app.include_router(feedback.router)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        return await proxy(request, "chat/completions")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        return await proxy(request, "completions")
+
+    @app.get("/v1/models", response_model=None)
+    async def models(request: Request) -> Response:
+        state: GatewayState = request.app.state.serve
+        return await _forward(state, state.upstream, "GET", "models", None, request)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _auth(state: GatewayState, request: Request | None) -> dict[str, str]:
+    if state.settings.upstream_api_key:
+        return {"authorization": f"Bearer {state.settings.upstream_api_key}"}
+    given = request.headers.get("authorization") if request is not None else None
+    return {"authorization": given} if given else {}
+
+
+async def proxy(request: Request, path: str) -> Response:
+    """Pass the request through, unless it becomes an A/B pair."""
+    state: GatewayState = request.app.state.serve
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):  # the engine answers malformed requests in its own words
+        return await _forward(state, state.upstream, "POST", path, raw, request)
+    opted = bool(body.pop("ab", False)) or request.headers.get(AB_HEADER, "").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+    if _wants_ab(state, body, opted):
+        return await _ab(state, path, body, request)
+    if opted:  # `ab` is this gateway's field: engines that refuse unknown fields never see it
+        raw = json.dumps(body).encode()
+    return await _forward(state, state.upstream, "POST", path, raw, request)
+
+
+def _wants_ab(state: GatewayState, body: dict[str, Any], opted: bool) -> bool:
+    prompt = body.get("prompt")
+    one_prompt = not isinstance(prompt, list) or len(prompt) == 1 and isinstance(prompt[0], str)
+    if not opted or state.store is None or body.get("n") not in (None, 1) or not one_prompt:
+        return False
+    return state.rng.random() < state.settings.ab_rate
+
+
+async def _forward(
+    state: GatewayState,
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    raw: bytes | None,
+    request: Request,
+) -> Response:
+    """The upstream's answer, as it came: status, body, content type; a stream is relayed chunk by chunk."""
+    headers = {"content-type": "application/json", **_auth(state, request)}
+    try:
+        upstream = await client.send(
+            client.build_request(method, path, content=raw, headers=headers), stream=True
+        )
+    except httpx.HTTPError as e:
+        raise APIError(
+            f"The upstream engine did not answer: {e!r}", 502, code="upstream_unavailable"
+        ) from None
+    kept = {k: v for k, v in upstream.headers.items() if k in PASSED_HEADERS}
+    if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+        return StreamingResponse(
+            upstream.aiter_raw(),
+            upstream.status_code,
+            {**kept, **SSE_HEADERS},
+            background=BackgroundTask(upstream.aclose),
+        )
+    try:
+        content = await upstream.aread()
+    finally:
+        await upstream.aclose()
+    return Response(content, upstream.status_code, kept)
+
+
+async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Request) -> Response:
+    """Two upstream answers to one request, as choices 0 and 1, and the pair in the feedback store."""
+    model = str(body.get("model", ""))
+    sides = [(state.upstream, model), (state.candidate, state.settings.candidate_model or model)]
+    if state.settings.candidate_model:
+        state.rng.shuffle(sides)
+    bodies = [{**body, "model": m} for _, m in sides]
+    if sides[0][1] == sides[1][1] and isinstance(body.get("seed"), int):
+        bodies[1]["seed"] = body["seed"] + 1  # one model sampled twice: two different samples
+    headers = {"content-type": "application/json", **_auth(state, request)}
+    chat = path == "chat/completions"
+    meta = {"endpoint": "chat.completions" if chat else "completions", "model": model,
+            "request_user": body.get("user"), "upstream": str(state.upstream.base_url)}  # fmt: skip
+    prompt = _prompt_text(body, chat)
+    if body.get("stream"):
+        stream = _ab_stream(state, path, sides, bodies, headers, chat, prompt, meta, body)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        answers = await asyncio.gather(
+            *(c.post(path, json=b, headers=headers) for (c, _), b in zip(sides, bodies, strict=True))
+        )
+    except httpx.HTTPError as e:
+        raise APIError(
+            f"The upstream engine did not answer: {e!r}", 502, code="upstream_unavailable"
+        ) from None
+    for r in answers:
+        if r.status_code != 200:  # the engine's own error, as it gave it
+            return Response(r.content, r.status_code, {"content-type": r.headers.get("content-type", "")})
+    out, other = answers[0].json(), answers[1].json()
+    choices = [{**out["choices"][0], "index": 0}, {**other["choices"][0], "index": 1}]
+    texts = [_choice_text(c, chat) for c in choices]
+    pair = _answers(state, sides, bodies, [out, other], texts, [c.get("finish_reason") for c in choices])
+    ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
+    usage = [u for u in (out.get("usage"), other.get("usage")) if u]
+    out.update(model=model, choices=choices, system_fingerprint=None)
+    if len(usage) == 2:
+        done = usage[0].get("completion_tokens", 0) + usage[1].get("completion_tokens", 0)
+        prompt_tokens = usage[0].get("prompt_tokens", 0)
+        out["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": prompt_tokens + done,
+        }
+    if ab is not None:
+        out.update(ab.fields())
+        metrics.AB_RESPONSES.labels(meta["endpoint"]).inc()
+    return JSONResponse(out)
+
+
+async def _ab_stream(
+    state: GatewayState,
+    path: str,
+    sides: list[tuple[httpx.AsyncClient, str]],
+    bodies: list[dict[str, Any]],
+    headers: dict[str, str],
+    chat: bool,
+    prompt: str,
+    meta: dict[str, Any],
+    body: dict[str, Any],
+) -> AsyncIterator[str]:
+    """Both upstream streams relayed as they come, their choices renumbered 0 and 1 under one id; then a
+    last chunk with the usage (when asked) and the feedback id; then [DONE]."""
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
+    texts = ["", ""]
+    finish: list[Any] = [None, None]
+    replies: list[dict[str, Any]] = [{}, {}]
+    prompt_tokens, completion_tokens = [0, 0], [0, 0]
+
+    async def pump(i: int) -> None:
+        try:
+            async with sides[i][0].stream("POST", path, json=bodies[i], headers=headers) as r:
+                if r.status_code != 200:
+                    detail = (await r.aread()).decode(errors="replace")[:500]
+                    raise APIError(
+                        f"The upstream engine answered {r.status_code}: {detail}", 502, code="upstream_error"
+                    )
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+                        await queue.put((i, json.loads(line[6:])))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(2)]
+    try:
+        running = 2
+        while running:
+            i, chunk = await queue.get()
+            if chunk is None:
+                running -= 1
+                continue
+            replies[i] = chunk
+            if chunk.get("usage"):
+                prompt_tokens[i] = chunk["usage"].get("prompt_tokens", 0)
+                completion_tokens[i] += chunk["usage"].get("completion_tokens", 0)
+            choices = chunk.get("choices") or []
+            for c in choices:
+                c["index"] = i
+                texts[i] += _choice_text(c, chat, delta=True)
+                finish[i] = c.get("finish_reason") or finish[i]
+            if choices:
+                yield sse({**chunk, "id": ident, "model": meta["model"], "choices": choices, "usage": None})
+        for t in tasks:
+            t.result()  # an upstream failure ends the stream with its error
+        pair = _answers(state, sides, bodies, replies, texts, finish)
+        ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
+        last: dict[str, Any] = {"id": ident, "object": replies[0].get("object", "chat.completion.chunk"),
+                                "created": int(time.time()), "model": meta["model"], "choices": []}  # fmt: skip
+        if (body.get("stream_options") or {}).get("include_usage"):
+            done = sum(completion_tokens)
+            last["usage"] = {"prompt_tokens": prompt_tokens[0], "completion_tokens": done,
+                             "total_tokens": prompt_tokens[0] + done}  # fmt: skip
+        if ab is not None:
+            last.update(ab.fields())
+            metrics.AB_RESPONSES.labels(meta["endpoint"]).inc()
+        if len(last) > 5:
+            yield sse(last)
+    except APIError as e:
+        yield sse(error_body(e.message, e.status, e.param, e.code))
+    finally:
+        for t in tasks:
+            t.cancel()
+    yield SSE_DONE
+
+
+def _answers(
+    state: GatewayState,
+    sides: list[tuple[httpx.AsyncClient, str]],
+    bodies: list[dict[str, Any]],
+    replies: list[dict[str, Any]],
+    texts: list[str],
+    finish: list[Any],
+) -> tuple[Answer, Answer]:
+    """Both sides with their lineage: the model version and the sampling parameters that wrote them."""
+
+    def one(i: int) -> Answer:
+        model, reply, b = sides[i][1], replies[i], bodies[i]
+        fingerprint = reply.get("system_fingerprint")
+        version = state.versions.get(model) or (f"{model}@{fingerprint}" if fingerprint else model)
+        sampling = {"temperature": b.get("temperature"), "top_p": b.get("top_p"), "seed": b.get("seed"),
+                    "max_new_tokens": b.get("max_completion_tokens") or b.get("max_tokens"), "model": model,
+                    "finish_reason": finish[i]}  # fmt: skip
+        return Answer(texts[i], version, {k: v for k, v in sampling.items() if v is not None})
+
+    return one(0), one(1)
+
+
+def _choice_text(choice: dict[str, Any], chat: bool, delta: bool = False) -> str:
+    if not chat:
+        return str(choice.get("text") or "")
+    message = choice.get("delta" if delta else "message") or {}
+    return str(message.get("content") or "")
+
+
+def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+    """What the store shows as the prompt: the conversation's turns, or the completion prompt."""
+    if not chat:
+        prompt = body.get("prompt", "")
+        return str(prompt[0] if isinstance(prompt, list) and prompt else prompt)
+    turns = []
+    for m in body.get("messages") or []:
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        turns.append(f"{m.get('role', 'user')}: {content or ''}")
+    return "\n".join(turns)
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn rlhf.serve.gateway:app` builds the app from RLHF_GATEWAY_* variables on first access
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,155 @@
+"""rlhf/serve/gateway.py in front of `rlhf serve`, driven by the official openai client: requests pass
+through, A/B pairs come from two upstream answers, and votes land in the gateway's feedback store."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select
+
+from rlhf.errors import ConfigError
+from rlhf.feedback.db import Database
+from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, Vote
+from rlhf.serve.gateway import GatewaySettings, create_app
+from tests.serve.conftest import run_app
+
+HELLO = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The gateway with a store of its own; A/B pairs compare "tiny" with "tiny-candidate" upstream."""
+    db_url = f"sqlite:///{tmp_path_factory.mktemp('gateway')}/feedback.db"
+    settings = GatewaySettings(
+        upstream=server["url"] + "/v1",
+        candidate_model="tiny-candidate",
+        feedback_db=db_url,
+        ab_rate=1.0,
+        seed=0,
+    )
+    with run_app(create_app(settings)) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        yield {"url": url, "db_url": db_url, "client": client}
+
+
+def test_plain_chat_and_completions_pass_through(gateway: dict[str, Any]) -> None:
+    client: openai.OpenAI = gateway["client"]
+    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, seed=3)  # type: ignore[arg-type]
+    assert out.model == "tiny" and len(out.choices) == 1 and out.usage is not None
+    assert "feedback_id" not in (out.model_extra or {})
+    again = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, seed=3)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == out.choices[0].message.content  # seeded: the engine answered
+    text = client.completions.create(model="tiny", prompt="Hello", max_tokens=4)
+    assert text.object == "text_completion" and text.usage is not None and text.usage.completion_tokens >= 1
+    assert {m.id for m in client.models.list()} == {"tiny", "tiny-candidate"}
+
+
+def test_streamed_chat_passes_through(gateway: dict[str, Any]) -> None:
+    client: openai.OpenAI = gateway["client"]
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, stream=True)  # type: ignore[arg-type]
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert {c.choices[0].index for c in chunks if c.choices} == {0}
+
+
+def _ab_pair(client: openai.OpenAI, **kwargs: Any) -> Any:
+    """An A/B response that made a pair (two identical short answers make none: try again)."""
+    for _ in range(10):
+        out = client.chat.completions.create(
+            model="tiny",
+            messages=HELLO,
+            max_tokens=8,
+            extra_body={"ab": True},
+            **kwargs,  # type: ignore[arg-type]
+        )
+        if "feedback_id" in (out.model_extra or {}):
+            return out
+    raise AssertionError("ten A/B responses with identical answers")
+
+
+def test_ab_pair_and_vote_land_in_the_store_with_both_versions(
+    gateway: dict[str, Any], server: dict[str, Any]
+) -> None:
+    out = _ab_pair(gateway["client"], user="alice")
+    extra = out.model_extra
+    assert [c.index for c in out.choices] == [0, 1] and out.model == "tiny"
+    key = "gw-" + uuid.uuid4().hex
+    body = {"feedback_id": extra["feedback_id"], "feedback_token": extra["feedback_token"], "choice": "A"}
+    r = httpx.post(gateway["url"] + "/v1/feedback", json={**body, "idempotency_key": key}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["replayed"] is False
+
+    state = server["state"]  # the upstream's versions (name@digest) are what the pair records
+    db = Database(gateway["db_url"])
+    with db.session() as session:
+        vote = session.scalar(select(Vote).where(Vote.idempotency_key == key))
+        assert vote is not None and vote.source == "production" and vote.choice == "A"
+        task = session.get(Task, vote.task_id)
+        assert task is not None
+        prompt = session.get(Prompt, task.prompt_id)
+        assert prompt is not None and prompt.external_id == extra["feedback_id"]
+        assert prompt.text == "user: Hello!" and prompt.meta["request_user"] == "alice"
+        answers = session.scalars(
+            select(Completion)
+            .join(TaskCompletion, TaskCompletion.completion_id == Completion.id)
+            .where(TaskCompletion.task_id == task.id)
+            .order_by(TaskCompletion.position)
+        ).all()
+    db.dispose()
+    assert [a.text for a in answers] == [c.message.content for c in out.choices]
+    assert sorted(a.policy for a in answers) == sorted([state.main.version, state.candidate.version])
+    assert all(a.sampling["max_new_tokens"] == 8 for a in answers)
+
+
+def test_ab_pair_in_a_stream(gateway: dict[str, Any]) -> None:
+    client: openai.OpenAI = gateway["client"]
+    for _ in range(10):
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=HELLO, max_tokens=8, stream=True, extra_body={"ab": True},  # type: ignore[arg-type]
+                stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+        if "feedback_id" in (chunks[-1].model_extra or {}):
+            break
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens >= 2
+    texts = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    db = Database(gateway["db_url"])
+    with db.session() as session:
+        task_id = session.scalar(
+            select(Task.id)
+            .join(Prompt, Prompt.id == Task.prompt_id)
+            .where(Prompt.external_id == last.model_extra["feedback_id"])
+        )
+        stored = session.scalars(
+            select(Completion.text)
+            .join(TaskCompletion, TaskCompletion.completion_id == Completion.id)
+            .where(TaskCompletion.task_id == task_id)
+            .order_by(TaskCompletion.position)
+        ).all()
+    db.dispose()
+    assert list(stored) == [texts[0], texts[1]] and texts[0] != texts[1]
+
+
+def test_upstream_down_is_a_502_in_openai_shape(tmp_path: Path) -> None:
+    settings = GatewaySettings(upstream="http://127.0.0.1:9/v1")
+    with run_app(create_app(settings)) as (url, _):
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "x", "messages": HELLO}, timeout=30)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_ab_without_a_store_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="feedback-db"):
+        GatewaySettings.from_env(ab_rate=0.5)
