@@ -32,6 +32,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("dpo_throughput", [], ["--reps", "1", "--pairs", "64", "--no-doc"]),
     ("serve_load", [], ["--seconds", "3", "--clients", "1,8"]),
     ("feedback_load", [], ["--quick"]),
+    ("gateway_latency", [], ["--quick"]),
     ("feedback_startup", [], ["--reps", "2", "--no-doc"]),
 ]
 
