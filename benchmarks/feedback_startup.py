@@ -29,10 +29,11 @@ from typing import Any
 import httpx
 
 from benchmarks.common import RESULTS, replace_doc_section
-from benchmarks.feedback_load import cpu_seconds, drop_pg_schema, free_port, pg_schema
+from rlhf.feedback.loadtest import cpu_seconds, drop_pg_schema, free_port, pg_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+PG_URL = os.environ.get("RLHF_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 # Each phase runs in a fresh interpreter and prints the CPU seconds it took; {db} is a database URL. The import
 # runs as `rlhf label serve` runs it: the cyclic collector off, pydantic's plugin discovery skipped.
@@ -101,7 +102,7 @@ def fresh_databases(backend: str, work: Path, n: int) -> tuple[list[str], list[s
     """`n` URLs of empty databases, and the PostgreSQL schemas to drop afterwards."""
     if backend == "sqlite":
         return [f"sqlite:///{work}/fresh{i}.db" for i in range(n)], []
-    made = [pg_schema() for _ in range(n)]
+    made = [pg_schema(PG_URL, "rlhf_bench") for _ in range(n)]
     return [url for _, url in made], [schema for schema, _ in made]
 
 
@@ -130,7 +131,7 @@ def run_backend(backend: str, reps: int, work: Path) -> dict[str, Any]:
             )
     finally:
         for schema in schemas:
-            drop_pg_schema(schema)
+            drop_pg_schema(PG_URL, schema)
     return {
         "backend": backend,
         "cold": {"wall_s": median([w for w, _ in cold]), "cpu_s": median([c for _, c in cold])},
