@@ -34,7 +34,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.secret = settings.secret or app_secret(session)
     app.state.db = db
     # rate limits, login limits and token revocations: shared by every worker (Redis or the database)
-    shared = app.state.shared = open_shared(settings, db)
+    shared = app.state.shared = open_shared(settings, db, app.state.secret)
     app.state.limiter = RateLimiter(settings.votes_per_minute, shared=shared)
     # Without Redis, several workers have no cheap shared auth epoch: each request reads the token's row,
     # so a revoked token is refused by every worker at once.

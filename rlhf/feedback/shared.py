@@ -106,7 +106,7 @@ class RedisShared(Shared):
     PREFIX = "rlhf:label:"
 
     def __init__(self, url: str, namespace: str = "") -> None:
-        """`namespace` keeps apps on different stores apart in one Redis (open_shared: the store's URL)."""
+        """`namespace` keeps apps on different stores apart in one Redis (see redis_namespace)."""
         super().__init__()
         self.prefix = f"{self.PREFIX}{namespace}:"
         try:
@@ -184,16 +184,17 @@ class DatabaseShared(Shared):
             session.execute(delete(RateEvent).where(RateEvent.id == newest))
 
 
-def redis_namespace(db: Database) -> str:
-    """The Redis key namespace of a store: apps on different stores never share a limit."""
-    return hashlib.sha256(db.url.encode()).hexdigest()[:16]
+def redis_namespace(secret: str) -> str:
+    """The Redis key namespace of a store, from its app secret (a hash of it: the secret stays secret).
+    Every process on one store has that secret, however it spells the database URL; other stores differ."""
+    return hashlib.sha256(b"rlhf-redis-namespace:" + secret.encode()).hexdigest()[:16]
 
 
-def open_shared(settings: Settings, db: Database) -> Shared:
+def open_shared(settings: Settings, db: Database, secret: str) -> Shared:
     """Redis when configured; else the database for several workers; else this process's memory."""
     shared: Shared
     if settings.redis_url:
-        shared = RedisShared(settings.redis_url, redis_namespace(db))
+        shared = RedisShared(settings.redis_url, redis_namespace(secret))
     elif settings.workers > 1:
         shared = DatabaseShared(db)
     else:

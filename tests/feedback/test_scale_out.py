@@ -19,6 +19,7 @@ from rlhf.feedback.loadtest import drop_pg_schema, pg_schema, run_load
 from rlhf.feedback.schemas import CandidateRow
 from rlhf.feedback.shared import RedisShared, redis_namespace
 from rlhf.feedback.testing import make_user, run_server
+from rlhf.feedback.users import app_secret
 from tests.feedback.conftest import PG_URL, candidate_rows
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -57,7 +58,9 @@ def sharing(request: pytest.FixtureRequest, db_url: str) -> Iterator[dict[str, A
     # the PostgreSQL test store is reused by later tests: forget what this one counted
     client = redis.Redis.from_url(REDIS_URL)
     db = Database(db_url)
-    keys = list(client.scan_iter(f"{RedisShared.PREFIX}{redis_namespace(db)}:*"))
+    with db.session() as session:
+        secret = app_secret(session)
+    keys = list(client.scan_iter(f"{RedisShared.PREFIX}{redis_namespace(secret)}:*"))
     db.dispose()
     if keys:
         client.delete(*keys)
