@@ -84,9 +84,11 @@ def _candidates(session: Session, user: User, project: Project, gold: bool) -> l
     """Tasks `user` may take next: gold in id order; others those started by more labelers first (so the
     overlap fills), then in id order, one assignment count at a time.
 
-    On PostgreSQL the candidates are locked FOR UPDATE SKIP LOCKED: labelers served by other workers at
-    the same moment get other tasks instead of queueing on the same rows (SQLite has one writer anyway,
-    and renders no lock clause)."""
+    On PostgreSQL one candidate at a time is taken FOR UPDATE SKIP LOCKED: labelers served by other workers
+    at the same moment get other tasks instead of queueing on the same rows, or finding every one of a
+    shared list of candidates claimed by the time they try it. (SQLite runs one write transaction at a
+    time, so its list is fresh.)"""
+    one_at_a_time = not db_of(session).is_sqlite
     queries = (
         [candidates_query(user.id, project.id, gold=True)]
         if gold
@@ -96,7 +98,9 @@ def _candidates(session: Session, user: User, project: Project, gold: bool) -> l
         ]
     )
     for query in queries:
-        if tasks := list(session.scalars(query.with_for_update(skip_locked=True, of=Task))):
+        if one_at_a_time:
+            query = query.limit(1).with_for_update(skip_locked=True, of=Task)
+        if tasks := list(session.scalars(query)):
             return tasks
     return []
 

@@ -114,6 +114,27 @@ def test_a_logout_on_one_worker_is_refused_by_every_worker(db_url: str, sharing:
     assert still == [200] * WORKERS  # only the token that logged out is refused
 
 
+def test_queue_hands_each_task_to_one_labeler_across_workers(db_url: str) -> None:
+    """12 labelers ask 3 workers for their next task at once (overlap 1, 12 tasks): each task goes to
+    exactly one of them, and nobody is left without one."""
+    n = 12
+    tokens = [make_user(db_url, f"lab{i}") for i in range(n)]
+    _seed(db_url, n)
+    with ExitStack() as stack:
+        urls = _servers(stack, db_url, workers=WORKERS)
+
+        def take(i: int) -> int | None:
+            headers = {"Authorization": f"Bearer {tokens[i]}"}
+            r = httpx.post(f"{urls[i % WORKERS]}/api/tasks/next", params={"project": "demo"}, headers=headers)
+            assert r.status_code == 200, r.text
+            task = r.json()["task"]
+            return None if task is None else int(task["id"])
+
+        with ThreadPoolExecutor(n) as pool:
+            got = list(pool.map(take, range(n)))
+    assert None not in got and sorted(got) == list(range(1, n + 1)), got  # type: ignore[type-var]
+
+
 def test_redis_keys_of_two_stores_do_not_mix(tmp_path: Any) -> None:
     """Two apps on one Redis but different stores keep separate limits (keys are namespaced by store)."""
     limit = 2
