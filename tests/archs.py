@@ -132,3 +132,16 @@ def save_tiny(model_type: str, path: Path, seed: int = 0) -> Path:
     build_model(model_type, tokenizer, seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def rigged(model: PreTrainedModel, favourite: int) -> PreTrainedModel:
+    """The model with an output layer that always prefers token `favourite` (zero weights, a bias): a model
+    that says a given token, e.g. an end-of-turn token, whatever it reads."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    head = torch.nn.Linear(model.config.hidden_size, vocab, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[favourite] = 20.0
+    model.set_output_embeddings(head)
+    return model

@@ -22,7 +22,7 @@ from rlhf.models.tokens import (
     stop_ids,
 )
 from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
-from tests.archs import ARCHS, build_model, build_tokenizer, save_tiny
+from tests.archs import ARCHS, build_model, build_tokenizer, rigged, save_tiny
 
 CHAT = [{"role": "user", "content": "Is the sky green?"}, {"role": "assistant", "content": "No, it is blue."}]
 
@@ -89,18 +89,6 @@ def test_end_of_turn_and_stop_ids_follow_the_template() -> None:
     assert names == {"chatml": ["<|endoftext|>", "<|im_end|>"], "gemma": ["<eos>", "<end_of_turn>"]}
     mistral = build_tokenizer("mistral")
     assert end_of_turn_id(mistral) == mistral.eos_token_id and stop_ids(mistral) == [mistral.eos_token_id]
-
-
-def rigged(model: torch.nn.Module, favourite: int) -> torch.nn.Module:
-    """The model with an output layer that always prefers `favourite` (a bias; no weights)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    head = torch.nn.Linear(model.config.hidden_size, vocab, bias=True)
-    torch.nn.init.zeros_(head.weight)
-    with torch.no_grad():
-        head.bias.zero_()
-        head.bias[favourite] = 20.0
-    model.set_output_embeddings(head)
-    return model
 
 
 def test_generation_stops_at_the_end_of_turn_token(tmp_path: Path) -> None:
