@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -86,8 +87,27 @@ def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     return model
 
 
+# What a tokenizer's rules come to, worked out once per tokenizer (and again if its template changes): stages
+# ask per batch or per preference group, and each answer costs a template rendering or two tokenizations.
+_RULES: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[str, tuple[Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _cached(kind: str, tokenizer: PreTrainedTokenizerBase, compute: Callable[[], Any]) -> Any:
+    key = (tokenizer.chat_template, len(tokenizer))
+    rules = _RULES.setdefault(tokenizer, {})
+    if kind not in rules or rules[kind][0] != key:
+        rules[kind] = (key, compute())
+    return rules[kind][1]
+
+
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids the tokenizer puts before any text (BOS for Llama-style tokenizers, [] for GPT-2 or Qwen)."""
+    return list(_cached("prefix", tokenizer, lambda: _special_prefix(tokenizer)))
+
+
+def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(plain) + 1):
@@ -116,6 +136,10 @@ def encode_responses(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token the chat template closes an assistant turn with: the first special token it writes after the
     reply (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, `<end_of_turn>` for Gemma), else EOS."""
+    return int(_cached("end_of_turn", tokenizer, lambda: _end_of_turn_id(tokenizer)))
+
+
+def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if not tokenizer.chat_template:
         return int(tokenizer.eos_token_id)
     turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _PROBE_REPLY}]
