@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.config import RewardConfig
+from rlhf.data.preferences import PreferenceGroup
 from rlhf.errors import RlhfError
 from rlhf.generation import SamplingParams, generate
 from rlhf.models.heads import build_scalar_model
@@ -19,8 +21,10 @@ from rlhf.models.tokens import (
     encode_prompts,
     end_of_turn_id,
     mask_pad,
+    prepare_tokenizer,
     stop_ids,
 )
+from rlhf.train import dpo, reward
 from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
 from tests.archs import ARCHS, build_model, build_tokenizer, rigged, save_tiny
 
@@ -151,3 +155,19 @@ def test_adding_pad_can_be_turned_off(tmp_path: Path) -> None:
         load_tokenizer(str(path), add_pad_token=False)
     gemma = save_tiny("gemma", tmp_path / "g")  # its own PAD: nothing to add, nothing refused
     assert load_tokenizer(str(gemma), add_pad_token=False).pad_token == "<pad>"
+
+
+@pytest.mark.parametrize("family", ["llama", "chatml"])
+def test_reward_and_dpo_score_bos_once_and_keep_the_end_of_turn_token(family: str) -> None:
+    tok = prepare_tokenizer(build_tokenizer(family))
+    turn_end = end_of_turn_id(tok)
+    closed = "No, it is blue." + tok.convert_ids_to_tokens(turn_end) + "\n"  # as a chat template renders it
+    group = PreferenceGroup("User: Is the sky green?\nAssistant:", [" No.", closed], [(1, 0)], [None])
+    (example,), _ = reward.encode_groups([group], tok, 128, RewardConfig(), {})
+    (judgement,), _ = dpo.encode([group], tok, 128)
+    prompt = tok(group.prompt, add_special_tokens=False)["input_ids"]
+    start = [tok.bos_token_id, *prompt] if family == "llama" else prompt  # BOS where the tokenizer adds it
+    for seq in [*example.sequences, *(judgement.prompt_ids + a for a in judgement.answers)]:
+        assert seq[: len(start)] == start and tok.bos_token_id not in seq[len(start) :]
+    assert [s[-1] for s in example.sequences] == [tok.eos_token_id, turn_end]  # plain text gets EOS
+    assert [a[-1] for a in judgement.answers] == [tok.eos_token_id, turn_end]
