@@ -271,8 +271,14 @@ def generate(
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
     input_ids, n = prompt_ids, 0
     for step in range(steps):
-        logits = mask_pad(forward(input_ids, positions, step), pad_id, stops_list)  # (b, V)
+        logits = forward(input_ids, positions, step)  # (b, V)
         next_token, logprob = sample(logits, params, generator)  # (b,) each
+        # PAD is never sampled: a row that drew it draws again without it (rejection sampling, the same
+        # distribution as masking PAD out, and the same draws as before wherever PAD was not drawn)
+        redraw = next_token == pad_id  # (b,)
+        if pad_id not in stops_list and bool(redraw.any()):
+            masked = mask_pad(logits[redraw], pad_id, stops_list)  # (r, V)
+            next_token[redraw], logprob[redraw] = sample(masked, params, generator)
         alive = ~finished[rows]  # (b,)
         response_ids[rows, step] = torch.where(alive, next_token, pad_id)
         logprobs[rows, step] = torch.where(alive, logprob, 0.0)

@@ -9,7 +9,7 @@
   closing the assistant's turn, the demo task's dialogue format), said in one log line.
 - PAD: a tokenizer without PAD, or whose PAD is EOS (GPT-2, Llama 3, Pythia), gets a new `<|pad|>` token;
   `fit_model_to_tokenizer` grows the model's embeddings to hold it. Lengths are carried by attention masks, so
-  the new row is never attended to, never a label, and never sampled (generation masks PAD out).
+  the new row is never attended to, never a label, and never sampled (a PAD drawn is drawn again without it).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from rlhf import generate
@@ -69,7 +70,7 @@ def test_generate_stops_at_the_end_of_turn_token(tmp_path: Path, monkeypatch: py
     assert [(c["text"], c["finish_reason"]) for c in row["completions"]] == [("", "stop")] * 2
 
 
-def test_serve_engine_stops_at_the_end_of_turn_token(tmp_path: Path) -> None:
+def test_serve_engine_stops_at_the_end_of_turn_token_and_never_samples_pad(tmp_path: Path) -> None:
     model_dir = save_tiny("qwen2", tmp_path / "qwen2")
     tok = load_tokenizer(str(model_dir))
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -82,6 +83,13 @@ def test_serve_engine_stops_at_the_end_of_turn_token(tmp_path: Path) -> None:
     finally:
         engine.stop()
     assert got.text(0) == "" and got.deltas[0][-1].finish_reason == "stop"
+    # logits that favour PAD: greedy and sampled rows both take another token
+    logits = torch.zeros(2, len(tok))
+    logits[:, tok.pad_token_id] = 20.0
+    rows = [
+        Sequence([1], RowParams(max_tokens=4, temperature=t), i, got.emit) for i, t in enumerate((0.0, 1.0))
+    ]
+    assert tok.pad_token_id not in engine._sample(logits, rows).tolist()
 
 
 def test_serve_starts_on_a_model_whose_pad_is_eos(tmp_path: Path) -> None:
