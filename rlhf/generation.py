@@ -274,11 +274,13 @@ def generate(
         logits = forward(input_ids, positions, step)  # (b, V)
         next_token, logprob = sample(logits, params, generator)  # (b,) each
         # PAD is never sampled: a row that drew it draws again without it (rejection sampling, the same
-        # distribution as masking PAD out, and the same draws as before wherever PAD was not drawn)
+        # distribution as masking PAD out). The redraw has a random stream of its own, so every other row
+        # draws as it would have.
         redraw = next_token == pad_id  # (b,)
         if pad_id not in stops_list and bool(redraw.any()):
             masked = mask_pad(logits[redraw], pad_id, stops_list)  # (r, V)
-            next_token[redraw], logprob[redraw] = sample(masked, params, generator)
+            own = torch.Generator(device=device).manual_seed((params.seed or 0) * 1_000_003 + step)
+            next_token[redraw], logprob[redraw] = sample(masked, params, own)
         alive = ~finished[rows]  # (b,)
         response_ids[rows, step] = torch.where(alive, next_token, pad_id)
         logprobs[rows, step] = torch.where(alive, logprob, 0.0)
