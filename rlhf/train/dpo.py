@@ -454,7 +454,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     final_model = actor.model
     if is_sharded:  # a plain copy on the main process: the policy rebuilt, the gathered weights loaded
         gathered = sharding.full_state_dict(actor.model, is_main)
-        final_model = sharding.load_whole(load_policy(cfg, None), gathered) if gathered is not None else None
+        final_model = (
+            sharding.load_whole(load_policy(cfg, None, tokenizer), gathered) if gathered is not None else None
+        )
     if is_main:
         save_policy(run_dir.dir / "final", final_model, tokenizer)
         write_json(
