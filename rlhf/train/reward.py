@@ -610,7 +610,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     ):  # the main process goes on with a whole copy: the model rebuilt, the gathered weights loaded
         whole = sharding.full_state_dict(unwrapped.model, is_main)
         if is_main:
-            rebuilt = load_model(cfg, None, pad_id)
+            rebuilt = load_model(cfg, None, tokenizer)
             sharding.load_whole(rebuilt, cast(dict[str, Tensor], whole))
             unwrapped = RewardForward(rebuilt.eval())
     if is_main:
