@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.models.heads import backbone, last_token_index
+from rlhf.models.tokens import encode_completions, encode_prompts
 
 Pair = tuple[int, int, int]  # (prompt index, completion i, completion j)
 
@@ -31,11 +32,13 @@ def last_token_features(
 ) -> Tensor:  # fmt: skip
     """Backbone hidden state at the last real token of prompt + completion + EOS, (N, d), one row per text."""
     model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     out = []
     for s in range(0, len(texts), batch):
         chunk = texts[s : s + batch]
-        ids = [(tokenizer(p + c, add_special_tokens=False)["input_ids"] + [eos])[-max_len:] for p, c in chunk]
+        prompts = encode_prompts(tokenizer, [p for p, _ in chunk])
+        completions = encode_completions(tokenizer, [c for _, c in chunk])
+        ids = [(p + c)[-max_len:] for p, c in zip(prompts, completions, strict=True)]
         input_ids = torch.full((len(ids), max(map(len, ids))), pad, dtype=torch.long)  # (B, T)
         mask = torch.zeros_like(input_ids)  # (B, T)
         for row, seq in enumerate(ids):

@@ -25,6 +25,7 @@ from rlhf.generate import read_prompts
 from rlhf.generation import SamplingParams, decode_responses, generate, left_pad
 from rlhf.models.heads import load_reward_model, sequence_rewards
 from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.train.common import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ def best_of_n(
     generator: torch.Generator | None = None,
 ) -> list[BestOfN]:  # fmt: skip
     """n sampled answers per prompt, scored by the reward model (normalised units) at their last token."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    eos, pad = stop_ids(tokenizer), tokenizer.pad_token_id
+    prompt_ids = encode_prompts(tokenizer, prompts)
     flat = [ids for ids in prompt_ids for _ in range(n)]  # row i is answer i % n of prompt i // n
     texts: list[str] = []
     scores: list[float] = []
@@ -88,10 +89,12 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     """Best-of-n over the prompts file; writes the kept answers (and a summary beside them)."""
     start = time.perf_counter()
     prompts = [p for _, p in read_prompts(cfg.prompts_file, cfg.max_prompts)]  # first: bad input, no output
-    tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy).eval()
+    tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
+    policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
     reward_model = load_reward_model(cfg.reward_model).eval()
-    check_same_tokenizer(tokenizer, load_tokenizer(cfg.reward_model), "bon.policy", "bon.reward_model")
+    check_same_tokenizer(
+        tokenizer, load_tokenizer(cfg.reward_model, cfg.add_pad_token), "bon.policy", "bon.reward_model"
+    )
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     bf16 = resolve_precision(cfg.precision) == "bf16" and not torch.cuda.is_available()
     with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():

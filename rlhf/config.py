@@ -103,6 +103,11 @@ class TrainConfig(Section):
         False,
         description="recompute each block's activations in the backward pass: less memory, more compute",
     )
+    add_pad_token: bool = Field(
+        True,
+        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
+        "row, never attended nor sampled); false = refuse such a tokenizer",
+    )
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:
@@ -183,6 +188,11 @@ class GenerateConfig(Section):
     seed: int = Field(0, description="sampling seed; same seed and batch size, same candidates")
     batch_size: int = Field(128, gt=0, description="sequences sampled together (prompts x K)")
     precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+    add_pad_token: bool = Field(
+        True,
+        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
+        "row, never attended nor sampled); false = refuse such a tokenizer",
+    )
 
 
 class PanelConfig(Section):
@@ -489,6 +499,11 @@ class BonConfig(Section):
     seed: int = Field(0, description="sampling seed")
     batch_size: int = Field(128, gt=0, description="sequences sampled and scored together")
     precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+    add_pad_token: bool = Field(
+        True,
+        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
+        "row, never attended nor sampled); false = refuse such a tokenizer",
+    )
 
 
 class EvalConfig(Section):
@@ -551,6 +566,11 @@ class EvalConfig(Section):
     seed: int = Field(0, description="seed of sampling (policy B uses seed + 1) and of the A/B order")
     bootstrap: int = Field(2000, gt=0, description="bootstrap resamples for the win rate's 95% interval")
     precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+    add_pad_token: bool = Field(
+        True,
+        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
+        "row, never attended nor sampled); false = refuse such a tokenizer",
+    )
 
     @model_validator(mode="after")
     def _bon_needs_reward_model(self) -> EvalConfig:

@@ -197,14 +197,19 @@ def _rm_scores(reward_model: Path, prompts: list[str], texts: list[str]) -> list
     from rlhf.generation import left_pad
     from rlhf.models.heads import load_scalar_model, sequence_rewards
     from rlhf.models.loading import load_tokenizer
+    from rlhf.models.tokens import encode_completions, encode_prompts
 
     tokenizer = load_tokenizer(str(reward_model))
     rm = load_scalar_model(str(reward_model)).eval()
     scores: list[float] = []
     for i in range(0, len(texts), 64):
         ids = [
-            tokenizer(p + t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for p, t in zip(prompts[i : i + 64], texts[i : i + 64], strict=True)
+            p + t
+            for p, t in zip(
+                encode_prompts(tokenizer, prompts[i : i + 64]),
+                encode_completions(tokenizer, texts[i : i + 64]),
+                strict=True,
+            )
         ]
         batch, mask = left_pad(ids, tokenizer.pad_token_id)
         with torch.no_grad():

@@ -28,6 +28,7 @@ from rlhf.data.jsonl import write_jsonl
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.train.common import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,10 @@ def short_answers(completions: list[dict[str, Any]], short_k: int) -> list[dict[
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Sample cfg.k answers to every prompt in batches; write the candidates file; return a summary."""
     start = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
     prompts = read_prompts(cfg.prompts_file, cfg.max_prompts, tokenizer)
-    policy = load_causal_lm(cfg.model)
+    policy = load_causal_lm(cfg.model, tokenizer=tokenizer)
     policy.eval()
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
@@ -87,14 +88,14 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
     # Every prompt K times, sampled in batches; row i of the flat list is answer i % k of prompt i // k.
-    prompt_ids = tokenizer([p for _, p in prompts], add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, [p for _, p in prompts])
     flat = [ids for ids in prompt_ids for _ in range(cfg.k)]
     texts: list[str] = []
     ended: list[bool] = []
     for i in range(0, len(flat), cfg.batch_size):
         with autocast:
             gen = generate(
-                policy, flat[i : i + cfg.batch_size], params, tokenizer.eos_token_id,
+                policy, flat[i : i + cfg.batch_size], params, stop_ids(tokenizer),
                 tokenizer.pad_token_id, generator=generator,
             )  # fmt: skip
         texts.extend(decode_responses(tokenizer, gen))

@@ -1,4 +1,5 @@
-"""Batched sampling with a KV cache: temperature, top-k, top-p (nucleus), each sequence stopping at EOS.
+"""Batched sampling with a KV cache: temperature, top-k, top-p (nucleus), each sequence stopping at EOS (or at
+another stop id: a chat template's end-of-turn token). PAD is never sampled.
 
 Prompts are left-padded so that every row's next token sits in the last column; responses come back
 right-padded with a mask. The log-probs returned are those of the sampled tokens under softmax(logits / T),
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from rlhf.errors import ConfigError
 from rlhf.fast_decode import LlamaDecoder
 from rlhf.models.lean_llama import attention_mask_4d
 from rlhf.models.loading import context_length
+from rlhf.models.tokens import mask_pad, stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class Generation:
     logprobs: (
         Tensor  # (B, T) log-prob of each sampled token under softmax(logits / temperature); 0 on padding
     )
-    ended: Tensor  # (B,) bool: the response ends with EOS
+    ended: Tensor  # (B,) bool: the response ends with EOS (or another stop id)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -231,12 +233,13 @@ def generate(
     model: PreTrainedModel,
     prompts: list[list[int]],
     params: SamplingParams,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     generator: torch.Generator | None = None,
     synced: bool = False,
 ) -> Generation:
-    """Sample one response per prompt (token id lists), stopping each row at EOS or after max_new_tokens.
+    """Sample one response per prompt (token id lists), stopping each row at EOS (`eos_id`: one id, or the
+    stop ids of rlhf.models.tokens.stop_ids) or after max_new_tokens. PAD is masked out of sampling.
 
     `synced`: every process decodes until all processes' rows have ended, as a model sharded across them
     (FSDP) needs: each step's forward gathers its weights from all of them.
@@ -249,6 +252,8 @@ def generate(
     if generator is None and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     prompts = fit_context(prompts, context_length(model), params.max_new_tokens)
+    stops_list = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    stops = torch.tensor(stops_list, dtype=torch.long, device=device)
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     (batch, width), steps = prompt_ids.shape, params.max_new_tokens
     attention = torch.ones(batch, width + steps, dtype=torch.long, device=device)  # (B, P + T)
@@ -266,12 +271,21 @@ def generate(
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
     input_ids, n = prompt_ids, 0
     for step in range(steps):
-        next_token, logprob = sample(forward(input_ids, positions, step), params, generator)  # (b,) each
+        logits = forward(input_ids, positions, step)  # (b, V)
+        next_token, logprob = sample(logits, params, generator)  # (b,) each
+        # PAD is never sampled: a row that drew it draws again without it (rejection sampling, the same
+        # distribution as masking PAD out). The redraw has a random stream of its own, so every other row
+        # draws as it would have.
+        redraw = next_token == pad_id  # (b,)
+        if pad_id not in stops_list and bool(redraw.any()):
+            masked = mask_pad(logits[redraw], pad_id, stops_list)  # (r, V)
+            own = torch.Generator(device=device).manual_seed((params.seed or 0) * 1_000_003 + step)
+            next_token[redraw], logprob[redraw] = sample(masked, params, own)
         alive = ~finished[rows]  # (b,)
         response_ids[rows, step] = torch.where(alive, next_token, pad_id)
         logprobs[rows, step] = torch.where(alive, logprob, 0.0)
         response_mask[rows, step] = alive.long()
-        finished[rows] |= next_token == eos_id
+        finished[rows] |= torch.isin(next_token, stops)
         n = step + 1
         running = ~finished[rows]  # (b,)
         n_running = int(running.sum())
@@ -301,10 +315,10 @@ def generate(
 
 
 def decode_responses(tokenizer, gen: Generation) -> list[str]:  # type: ignore[no-untyped-def]
-    """Response texts without EOS and padding."""
-    texts = []
+    """Response texts without EOS (or the end-of-turn token) and padding."""
+    texts, stops = [], set(stop_ids(tokenizer))
     for ids, mask in zip(gen.response_ids.tolist(), gen.response_mask.tolist(), strict=True):
-        real = [t for t, m in zip(ids, mask, strict=True) if m and t != tokenizer.eos_token_id]
+        real = [t for t, m in zip(ids, mask, strict=True) if m and t not in stops]
         # a byte-level model can sample a NUL byte, which text stores and JSON tools refuse: shown as U+FFFD
         texts.append(tokenizer.decode(real, skip_special_tokens=True).replace("\x00", "\ufffd"))
     return texts

@@ -36,6 +36,7 @@ from rlhf.eval.judges import Answer, Judge, demo_metrics, is_demo_prompt
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
+from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.rl_math import masked_sum
 from rlhf.train.common import resolve_precision
 
@@ -59,8 +60,8 @@ def read_prompts(path: str, limit: int) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
-def load_policy(path: str, device: torch.device) -> PreTrainedModel:
-    model = load_causal_lm(path).eval()
+def load_policy(path: str, device: torch.device, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    model = load_causal_lm(path, tokenizer=tokenizer).eval()
     model.to(device)  # type: ignore[arg-type]  # transformers' typing of .to is off
     disable_dropout(model)
     return model
@@ -97,9 +98,9 @@ def answer(
                              [r.n_tokens[r.best] for r in picked], bound)  # fmt: skip
     out = PolicyAnswers([], [], [], [] if reference is not None else None)
     for i in range(0, len(prompts), cfg.batch_size):
-        ids = tokenizer(prompts[i : i + cfg.batch_size], add_special_tokens=False)["input_ids"]
+        ids = encode_prompts(tokenizer, prompts[i : i + cfg.batch_size])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            gen = generate(policy, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            gen = generate(policy, ids, params, stop_ids(tokenizer), tokenizer.pad_token_id, generator)
             if reference is not None and out.kl is not None:
                 full = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P + T)
                 mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P + T)
@@ -159,18 +160,18 @@ def answer_both(
     prompts = read_prompts(cfg.prompts_file, cfg.n_prompts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = resolve_precision(cfg.precision) == "bf16"
-    tokenizer = load_tokenizer(policy_a)
+    tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
     for path in (policy_b, *([cfg.reference] if cfg.reference else [])):
-        if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        if load_tokenizer(path, cfg.add_pad_token).get_vocab() != tokenizer.get_vocab():
             raise RlhfError(f"{path} uses a different tokenizer from {policy_a}; they cannot be compared")
-    reference = load_policy(cfg.reference, device) if cfg.reference else None
+    reference = load_policy(cfg.reference, device, tokenizer) if cfg.reference else None
     bon = None
     if cfg.best_of_n > 1 and cfg.reward_model:
         bon = load_reward_model(cfg.reward_model).eval().to(device)  # type: ignore[arg-type]
     answers = {}
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
         log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))
-        answers[name] = answer(load_policy(path, device), tokenizer, prompts, cfg, seed, reference, bf16,
+        answers[name] = answer(load_policy(path, device, tokenizer), tokenizer, prompts, cfg, seed, reference, bf16,
                                bon if name == "a" else None)  # fmt: skip
     return prompts, answers["a"], answers["b"]
 

@@ -19,6 +19,7 @@ from rlhf.errors import RlhfError
 from rlhf.generation import left_pad
 from rlhf.judges.base import DEFAULT_TEMPLATE, JudgeBase, Pair, PositionBias, check_template, render
 from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
+from rlhf.models.tokens import encode_prompts
 
 
 def choice_token_ids(tokenizer: PreTrainedTokenizerBase, choice: str) -> list[int]:
@@ -54,8 +55,9 @@ class LocalJudge(JudgeBase):
     @classmethod
     def load(cls, path: str, **kwargs: Any) -> LocalJudge:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_causal_lm(path).to(device)  # type: ignore[arg-type]
-        return cls(model, load_tokenizer(path), **kwargs)
+        tokenizer = load_tokenizer(path)
+        model = load_causal_lm(path, tokenizer=tokenizer).to(device)  # type: ignore[arg-type]
+        return cls(model, tokenizer, **kwargs)
 
     def judging_prompt(self, prompt: str, first: str, second: str, principle: str | None) -> list[int]:
         text = render(self.template, prompt, first, second, principle)
@@ -63,9 +65,7 @@ class LocalJudge(JudgeBase):
             text = str(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             ))  # fmt: skip
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            ids = list(self.tokenizer(text)["input_ids"])
+        ids = encode_prompts(self.tokenizer, [text])[0]  # BOS once, also when the template wrote it
         if self.context is not None and len(ids) > self.context:
             raise RlhfError(f"a judging prompt of {len(ids)} tokens exceeds the local judge's context of "
                             f"{self.context}: shorten eval.judge_template or the answers")  # fmt: skip

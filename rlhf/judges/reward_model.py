@@ -14,6 +14,7 @@ from rlhf.generation import left_pad
 from rlhf.judges.base import JudgeBase, Pair
 from rlhf.models.heads import load_reward_model, sequence_rewards
 from rlhf.models.loading import context_length, load_tokenizer
+from rlhf.models.tokens import encode_completions, encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,11 @@ class RewardModelJudge(JudgeBase):
         tok = self.tokenizer
         out: list[float] = []
         for i in range(0, len(prompts), self.batch_size):
-            texts = [p + a for p, a in zip(prompts[i : i + self.batch_size], answers[i : i + self.batch_size],
-                                           strict=True)]  # fmt: skip
-            ids = [s[-(self.context - 1) :] + [tok.eos_token_id]
-                   for s in tok(texts, add_special_tokens=False)["input_ids"]]  # fmt: skip
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            batch, mask = left_pad(ids, pad)
+            # prompt with BOS where the tokenizer adds it, answer ending with EOS (or the end-of-turn token)
+            p_ids = encode_prompts(tok, prompts[i : i + self.batch_size])
+            a_ids = encode_completions(tok, answers[i : i + self.batch_size])
+            ids = [(p + a)[-self.context :] for p, a in zip(p_ids, a_ids, strict=True)]
+            batch, mask = left_pad(ids, tok.pad_token_id)
             out += sequence_rewards(self.model, batch.to(self.device), mask.to(self.device)).tolist()
         if self.no_eos_penalty is not None:
             out = [r if e else self.no_eos_penalty for r, e in zip(out, ended, strict=True)]

@@ -13,16 +13,28 @@ import math
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhf.errors import RlhfError
+from rlhf.models.tokens import fit_model_to_tokenizer
 
 SHIFT_KEY, SCALE_KEY = "rlhf_reward_shift", "rlhf_reward_scale"
 
 
-def build_scalar_model(init_from: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+def build_scalar_model(
+    init_from: str,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
     """A causal-LM checkpoint (e.g. the SFT policy) with a new scalar head, N(0, 1/sqrt(d+1)) as in
-    Stiennon et al. 2020 / the OpenAI lm-human-preferences code; no bias (or bias 0 where the head has one)."""
+    Stiennon et al. 2020 / the OpenAI lm-human-preferences code; no bias (or bias 0 where the head has one).
+    With the policy's tokenizer, its embeddings hold the tokenizer's added tokens (an added PAD)."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=1, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -34,7 +46,7 @@ def build_scalar_model(init_from: str, dtype: torch.dtype = torch.float32, seed:
     if head.bias is not None:
         torch.nn.init.zeros_(head.bias)
     model.config.problem_type = "regression"
-    return model
+    return fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else model
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

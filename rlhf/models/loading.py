@@ -20,7 +20,7 @@ from transformers import (
 
 from rlhf.config import ArchConfig
 from rlhf.errors import RlhfError
-from rlhf.models.tokenizer import check_tokenizer
+from rlhf.models.tokens import fit_model_to_tokenizer, prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ def _describe(name_or_path: str) -> str:
     return f"hub id {name_or_path!r}"
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """AutoTokenizer from a local dir or hub id, checked for EOS and a distinct PAD."""
+def load_tokenizer(name_or_path: str, add_pad_token: bool = True) -> PreTrainedTokenizerBase:
+    """AutoTokenizer from a local dir or hub id, checked for EOS, with a PAD distinct from EOS (added when
+    missing unless `add_pad_token` is off) and a chat template (see rlhf.models.tokens)."""
     where = _describe(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
@@ -51,18 +52,20 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise RlhfError(f"cannot load tokenizer from {where}: {str(e).splitlines()[0]}") from None
-    check_tokenizer(tokenizer)
-    return tokenizer
+    return prepare_tokenizer(tokenizer, add_pad_token)
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """AutoModelForCausalLM from a local dir or hub id (weights kept in `dtype`, fp32 by default)."""
+def load_causal_lm(
+    name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """AutoModelForCausalLM from a local dir or hub id (weights kept in `dtype`, fp32 by default); with the
+    tokenizer it will read, its embeddings grown to hold the tokenizer's added tokens (an added PAD)."""
     where = _describe(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise RlhfError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from None
-    return model
+    return fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else model
 
 
 def check_same_tokenizer(

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-from rlhf.errors import RlhfError
+from transformers import PreTrainedTokenizerFast
 
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 
@@ -50,16 +48,3 @@ def train_bpe_tokenizer(
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Raise if the tokenizer lacks EOS or PAD, or uses one token for both (then padding would hide EOS)."""
-    if tokenizer.eos_token_id is None:
-        raise RlhfError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
-    if tokenizer.pad_token_id is None:
-        raise RlhfError(f"tokenizer {tokenizer.name_or_path!r} has no PAD token; add one distinct from EOS")
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise RlhfError(
-            f"tokenizer {tokenizer.name_or_path!r}: PAD equals EOS (id {tokenizer.eos_token_id}); "
-            "the reward is read at EOS, so PAD must be a different token"
-        )

@@ -31,6 +31,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from rlhf.generation import left_pad
+from rlhf.models.tokens import mask_pad, stop_ids
 from rlhf.serve import metrics
 from rlhf.serve.sampling import sample_rows
 
@@ -120,7 +121,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.max_queue = max_queue
-        self.eos_id = int(tokenizer.eos_token_id)
+        self.stop_ids = stop_ids(tokenizer)  # EOS and the chat template's end-of-turn token
         self.pad_id = int(tokenizer.pad_token_id)
         self.device = next(model.parameters()).device
         self.batch_sizes: Counter[int] = Counter()  # decode steps by number of rows, for tests and /metrics
@@ -296,7 +297,16 @@ class Engine:
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        return sample_rows(logits, temperature, top_p, top_k, uniforms.to(logits.device))
+        uniforms = uniforms.to(logits.device)
+        tokens = sample_rows(logits, temperature, top_p, top_k, uniforms)  # (B,)
+        # PAD is never sampled: a row that drew it draws again with PAD masked out (as rlhf.generation does)
+        redraw = tokens == self.pad_id  # (B,)
+        if self.pad_id not in self.stop_ids and bool(redraw.any()):
+            masked = mask_pad(logits[redraw], self.pad_id, self.stop_ids)
+            tokens[redraw] = sample_rows(
+                masked, temperature[redraw], top_p[redraw], top_k[redraw], uniforms[redraw]
+            )
+        return tokens
 
     def _advance(self, batch: _Batch) -> None:
         """Append each row's new token, decide whether it is done, and report to its request."""
@@ -306,7 +316,7 @@ class Engine:
             if seq.cancelled:
                 continue
             seq.tokens.append(token)
-            if token == self.eos_id:
+            if token in self.stop_ids:
                 seq.finish_reason = "stop"
             elif len(seq.tokens) >= seq.params.max_tokens:
                 seq.finish_reason = "length"
@@ -330,7 +340,7 @@ class Engine:
             seq.finish_reason = "stop"
 
     def _decode_text(self, seq: Sequence) -> str:
-        ids = seq.tokens[:-1] if seq.tokens and seq.tokens[-1] == self.eos_id else seq.tokens
+        ids = seq.tokens[:-1] if seq.tokens and seq.tokens[-1] in self.stop_ids else seq.tokens
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _prune(self, batch: _Batch) -> _Batch | None:

@@ -67,7 +67,8 @@ def load_model(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
     """A causal LM ready for inference; a PEFT adapter dir is loaded onto its base and merged into it."""
     adapter_config = Path(path) / ADAPTER_CONFIG
     if not adapter_config.is_file():
-        return load_causal_lm(path, dtype).eval(), load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
+        return load_causal_lm(path, dtype, tokenizer=tokenizer).eval(), tokenizer
     from peft import PeftModel
 
     base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
@@ -75,11 +76,12 @@ def load_model(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
         raise RlhfError(
             f"{adapter_config}: no base_model_name_or_path; cannot tell which model to merge onto"
         )
-    base = load_causal_lm(base_path, dtype)
+    has_tokenizer = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(path if has_tokenizer else base_path)
+    base = load_causal_lm(base_path, dtype, tokenizer=tokenizer)
     # Merging once makes serving as fast as the base model: no adapter matmuls per token.
     model = PeftModel.from_pretrained(base, path).merge_and_unload()
-    has_tokenizer = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
-    return model.eval(), load_tokenizer(path if has_tokenizer else base_path)
+    return model.eval(), tokenizer
 
 
 def default_name(path: str) -> str:

@@ -49,6 +49,7 @@ from rlhf.models.loading import (
 )
 from rlhf.models.lora import add_lora
 from rlhf.models.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
+from rlhf.models.tokens import encode_completions, encode_prompts
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.runs import Run, seed_everything
 from rlhf.train import sharding
@@ -123,14 +124,13 @@ def read_judgements(
 def encode(
     groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> tuple[list[Judgement], int]:
-    """prompt ids and answer + EOS ids; a prompt longer than half of max_len keeps its end, then an answer that
-    does not fit is cut (no EOS: it did not end within the window)."""
-    eos, truncated, out = tokenizer.eos_token_id, 0, []
+    """prompt ids (with the tokenizer's BOS) and answer + EOS (or end-of-turn) ids; a prompt longer than half of
+    max_len keeps its end, then an answer that does not fit is cut (no EOS: it did not end within the window)."""
+    truncated, out = 0, []
     for g in groups:
-        prompt = tokenizer(g.prompt, add_special_tokens=False)["input_ids"]
+        prompt = encode_prompts(tokenizer, [g.prompt])[0]
         answers = []
-        for text in g.completions:
-            ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        for ids in encode_completions(tokenizer, g.completions):
             p = prompt if len(prompt) + len(ids) <= max_len else prompt[-(max_len // 2) :]
             if len(p) + len(ids) > max_len:
                 truncated += 1
@@ -268,10 +268,12 @@ def evaluate(
 # --- the model ----------------------------------------------------------------------------------------------
 
 
-def load_policy(cfg: DPOConfig, checkpoint: Path | None) -> Any:
+def load_policy(cfg: DPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase) -> Any:
     """The SFT policy (or the checkpoint to resume), with LoRA adapters on every linear layer if asked; dropout off."""
     lora = cfg.lora_r > 0
-    policy: Any = load_causal_lm(str(checkpoint / "policy") if checkpoint and not lora else cfg.policy)
+    policy: Any = load_causal_lm(
+        str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
+    )
     if lora and checkpoint:
         policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
     elif lora:
@@ -297,7 +299,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     seed_everything(cfg.seed + rank)
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     pad_id = int(tokenizer.pad_token_id)
     # Read everything before any output: a malformed row fails with file:line and leaves nothing behind.
     model_config = AutoConfig.from_pretrained(cfg.policy)  # the tokenizer loaded, so the directory exists
@@ -316,7 +318,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
 
     run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
-    policy_model = load_policy(cfg, checkpoint)
+    policy_model = load_policy(cfg, checkpoint, tokenizer)
     lora = isinstance(policy_model, PeftModel)
     plan = BatchPlan(len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, world, rank,
                      cfg.max_steps)  # fmt: skip
@@ -352,9 +354,10 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             if lora and cfg.reference in (None, cfg.policy):
                 reference, adapter_off = actor, True  # the LoRA policy with its adapter off: no second copy
             else:
-                ref_model = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
+                ref_path = cfg.reference or cfg.policy
+                ref_model = load_causal_lm(ref_path, tokenizer=tokenizer).eval().requires_grad_(False)
                 check_same_tokenizer(
-                    tokenizer, load_tokenizer(cfg.reference or cfg.policy), "dpo.policy", "dpo.reference"
+                    tokenizer, load_tokenizer(ref_path, cfg.add_pad_token), "dpo.policy", "dpo.reference"
                 )
                 disable_dropout(ref_model)
                 reference = Actor(
@@ -451,7 +454,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     final_model = actor.model
     if is_sharded:  # a plain copy on the main process: the policy rebuilt, the gathered weights loaded
         gathered = sharding.full_state_dict(actor.model, is_main)
-        final_model = sharding.load_whole(load_policy(cfg, None), gathered) if gathered is not None else None
+        final_model = (
+            sharding.load_whole(load_policy(cfg, None, tokenizer), gathered) if gathered is not None else None
+        )
     if is_main:
         save_policy(run_dir.dir / "final", final_model, tokenizer)
         write_json(

@@ -57,6 +57,7 @@ from rlhf.models.loading import (
 )
 from rlhf.models.lora import add_lora
 from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
+from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -265,12 +266,12 @@ def guard_eval(
 ) -> dict[str, float]:  # fmt: skip
     """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ids = encode_prompts(tokenizer, prompts)
     # a seed of its own, the same at every evaluation: successive evaluations differ only by the policy
     generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed + 1_000_003)
     with ctx():
         gen = generate(
-            policy.model, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id, generator, synced
+            policy.model, ids, params, stop_ids(tokenizer), tokenizer.pad_token_id, generator, synced
         )
     r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of)
     kl = masked_sum(
@@ -285,12 +286,14 @@ def guard_eval(
 
 
 def load_models(
-    cfg: PPOConfig, checkpoint: Path | None
+    cfg: PPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel]:
     """Policy, reference (None: the policy with its LoRA adapter off), critic (None for the critic-free
     estimators) and reward model; dropout off."""
     lora = cfg.lora_r > 0
-    policy: Any = load_causal_lm(str(checkpoint / "policy") if checkpoint and not lora else cfg.policy)
+    policy: Any = load_causal_lm(
+        str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
+    )
     critic_model: Any = None
     if cfg.advantage_estimator == "gae":
         critic_model = load_scalar_model(
@@ -305,7 +308,9 @@ def load_models(
         critic_model = critic_model and add_lora(critic_model, cfg.lora_r, cfg.lora_alpha, "SEQ_CLS")
     reference = None
     if not lora or cfg.reference not in (None, cfg.policy):
-        reference = load_causal_lm(cfg.reference or cfg.policy).eval().requires_grad_(False)
+        reference = (
+            load_causal_lm(cfg.reference or cfg.policy, tokenizer=tokenizer).eval().requires_grad_(False)
+        )
     reward_model = load_reward_model(cfg.reward_model).eval().requires_grad_(False)
     for model in (policy, reference, critic_model, reward_model):
         if model is not None:
@@ -359,10 +364,10 @@ def run(
     if (cfg.batch_size // k) % world:
         raise ConfigError(f"ppo.batch_size / samples_per_prompt ({cfg.batch_size // k} prompts) must be divisible "
                           f"by the {world} processes")  # fmt: skip
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     for role, path in (("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic)):
         if path:  # the policy's token ids are what the reward model and the critic read
-            check_same_tokenizer(tokenizer, load_tokenizer(path), "ppo.policy", role)
+            check_same_tokenizer(tokenizer, load_tokenizer(path, cfg.add_pad_token), "ppo.policy", role)
     # read before any output: bad input leaves nothing behind
     prompts = read_prompts(cfg.prompts_file, tokenizer)
     guard_prompts = (
@@ -377,10 +382,10 @@ def run(
     demonstrations = read_demonstrations(cfg.ptx_file, tokenizer) if cfg.ptx_coef > 0 and cfg.ptx_file else []
     run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
-    policy, reference, critic, reward_model = load_models(cfg, checkpoint)
+    policy, reference, critic, reward_model = load_models(cfg, checkpoint, tokenizer)
     if cfg.max_new_tokens >= context_length(policy):
         raise ConfigError(f"ppo.max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt")
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, prompts)
     fitting = [p for p in prompt_ids if len(p) + cfg.max_new_tokens <= context_length(policy)]
     if len(fitting) < len(prompt_ids):  # a cut prompt would train on a question that was never asked
         log.warning("ppo: %d of %d prompts leave no room for max_new_tokens in the context; not used",
@@ -471,7 +476,7 @@ def run(
         state = sharding.full_state_dict(policy_model, is_main)
         if state is None:
             return None
-        model = load_causal_lm(cfg.policy)
+        model = load_causal_lm(cfg.policy, tokenizer=tokenizer)
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM") if cfg.lora_r > 0 else model
         return sharding.load_whole(model, state)
 
@@ -519,7 +524,7 @@ def run(
     plan = BatchPlan(len(prompt_ids), cfg.batch_size // k, cfg.batch_size // k // world, epochs=cfg.iterations,
                      seed=cfg.seed, world_size=world, rank=rank)  # fmt: skip
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos_id, pad_id = stop_ids(tokenizer), tokenizer.pad_token_id
     progress = Progress(n_iterations, "ppo", accelerator.is_main_process, quiet, initial=start)
     guard_on = bool(guard_prompts)
     if guard_on and start == 0:

@@ -22,6 +22,7 @@ from rlhf.models.loading import (
     load_tokenizer,
 )
 from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.models.tokens import encode_prompts
 from rlhf.runs import Run, seed_everything
 from rlhf.train.common import make_accelerator
 from rlhf.train.lm_loop import Example, fit
@@ -82,18 +83,20 @@ def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[
 
     # Model and tokenizer: a checkpoint to resume, a given model, or new ones (the tokenizer trained here).
     if checkpoint is not None:
-        tokenizer, model = load_tokenizer(str(checkpoint)), load_causal_lm(str(checkpoint))
+        tokenizer = load_tokenizer(str(checkpoint), cfg.add_pad_token)
+        model = load_causal_lm(str(checkpoint), tokenizer=tokenizer)
     elif cfg.model:
-        tokenizer, model = load_tokenizer(cfg.tokenizer or cfg.model), load_causal_lm(cfg.model)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.add_pad_token)
+        model = load_causal_lm(cfg.model, tokenizer=tokenizer)
     else:
         if cfg.tokenizer:
-            tokenizer = load_tokenizer(cfg.tokenizer)
+            tokenizer = load_tokenizer(cfg.tokenizer, cfg.add_pad_token)
         else:
             tok_dir = run_dir.dir / "tokenizer"
             if accelerator.is_main_process:
                 train_bpe_tokenizer(train_docs, cfg.vocab_size).save_pretrained(tok_dir)
             accelerator.wait_for_everyone()
-            tokenizer = load_tokenizer(str(tok_dir))
+            tokenizer = load_tokenizer(str(tok_dir), cfg.add_pad_token)
         model = build_causal_lm(cfg.arch, tokenizer, seed=cfg.seed)
     disable_dropout(model)
     if cfg.block_size > context_length(model):
@@ -101,7 +104,7 @@ def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[
             f"pretrain.block_size: {cfg.block_size} exceeds the model's context of {context_length(model)} tokens"
         )
 
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda texts: encode_prompts(tokenizer, texts)  # noqa: E731  (each document starts with BOS, if any)
     train = pack(encode(train_docs), tokenizer.eos_token_id, cfg.block_size)
     held_out = (
         pack(encode(eval_docs), tokenizer.eos_token_id, cfg.block_size)[: cfg.max_eval_blocks]

@@ -50,6 +50,7 @@ from rlhf.models.loading import (
     save_pretrained_atomic,
 )
 from rlhf.models.packing import pack_rows, takes_4d_mask, tree_attention_mask
+from rlhf.models.tokens import encode_completions, encode_prompts, end_response, stop_ids
 from rlhf.runs import Run, seed_everything
 from rlhf.train import sharding
 from rlhf.train.common import (
@@ -172,36 +173,26 @@ def encode_groups(
     groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_len: int, cfg: RewardConfig,
     weights: dict[str, float],
 ) -> tuple[list[GroupExample], int]:  # fmt: skip
-    """Token ids of prompt + completion + EOS per completion; over-long ones are cut to max_len with EOS kept
-    last (the reward is read there). Groups whose labeler weighs 0 are dropped. Returns (examples, n_truncated)."""
-    eos = tokenizer.eos_token_id
-    prompt_ids = (
-        tokenizer([g.prompt for g in groups], add_special_tokens=False)["input_ids"] if groups else []
-    )
+    """Token ids of prompt (with the tokenizer's BOS) + completion + EOS (or the chat template's end-of-turn
+    token) per completion; over-long ones are cut to max_len with that last token kept (the reward is read
+    there). Groups whose labeler weighs 0 are dropped. Returns (examples, n_truncated)."""
+    prompt_ids = encode_prompts(tokenizer, [g.prompt for g in groups])
     examples, truncated = [], 0
     for g, p_ids in zip(groups, prompt_ids, strict=True):
         weight = weights.get(g.labeler or "", cfg.default_labeler_weight)
         if weight == 0:
             continue
         sequences = []
-        for c_ids in tokenizer(
-            [strip_eos(c, tokenizer.eos_token) for c in g.completions], add_special_tokens=False
-        )["input_ids"]:
-            seq = [*p_ids, *c_ids, eos]
+        for c_ids in encode_completions(tokenizer, g.completions):
+            seq = [*p_ids, *c_ids]
             if len(seq) > max_len:
                 truncated += 1
-                seq = [*seq[: max_len - 1], eos]
+                seq = [*seq[: max_len - 1], seq[-1]]
             sequences.append(seq)
         examples.append(
             GroupExample(g.prompt, g.completions, sequences, g.pairs, g.margins, weight, g.labeler)
         )
     return examples, truncated
-
-
-def strip_eos(completion: str, eos_token: str | None) -> str:
-    """The completion without a trailing EOS text (a chat template may render one): EOS is appended as a token."""
-    end = completion.rstrip()
-    return end[: -len(eos_token)] if eos_token and end.endswith(eos_token) else completion
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
@@ -397,35 +388,36 @@ def score_pairs(
 def reference_sequences(
     cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_len: int
 ) -> list[list[int]]:
-    """prompt + answer + EOS ids of the reference answers: a given file, or the SFT policy's samples."""
+    """prompt + answer + EOS (or end-of-turn) ids of the reference answers: a given file, or the SFT policy's
+    samples."""
     norm = cfg.normalise
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(tokenizer)
     if norm.completions_file:
         path = norm.completions_file
         rows = [
             (field(path, n, r, "prompt", str), field(path, n, r, "completion", str))
             for n, r in iter_jsonl(path)
         ]
-        p_ids = tokenizer([p for p, _ in rows], add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer([c for _, c in rows], add_special_tokens=False)["input_ids"]
-        return [[*p, *c, eos][-max_len:] for p, c in zip(p_ids, c_ids, strict=True)]
+        p_ids = encode_prompts(tokenizer, [p for p, _ in rows])
+        c_ids = encode_completions(tokenizer, [c for _, c in rows])
+        return [[*p, *c][-max_len:] for p, c in zip(p_ids, c_ids, strict=True)]
     if norm.prompts_file:
         prompts = [field(norm.prompts_file, n, r, "prompt", str) for n, r in iter_jsonl(norm.prompts_file)]
     prompts = sorted(set(prompts))
     random.Random(cfg.seed).shuffle(prompts)
     prompts = prompts[: norm.n_prompts]
-    policy = load_causal_lm(norm.policy or cfg.model)
+    policy = load_causal_lm(norm.policy or cfg.model, tokenizer=tokenizer)
     policy.eval()
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    p_ids = encode_prompts(tokenizer, prompts)
     params = SamplingParams(norm.max_new_tokens, norm.temperature, 0, norm.top_p, cfg.seed)
     sequences = []
     for i in range(0, len(p_ids), 128):
-        gen = generate(policy, p_ids[i : i + 128], params, eos, tokenizer.pad_token_id)
+        gen = generate(policy, p_ids[i : i + 128], params, stops, tokenizer.pad_token_id)
         for p, ids, mask in zip(
             p_ids[i : i + 128], gen.response_ids.tolist(), gen.response_mask.tolist(), strict=True
         ):
-            answer = [t for t, m in zip(ids, mask, strict=True) if m and t != eos]
-            sequences.append([*p, *answer, eos][-max_len:])
+            answer = [t for t, m in zip(ids, mask, strict=True) if m]
+            sequences.append([*p, *end_response(answer, stops)][-max_len:])
     return sequences
 
 
@@ -453,12 +445,19 @@ def normalise(
 # --- the model ----------------------------------------------------------------------------------------------
 
 
-def load_model(cfg: RewardConfig, checkpoint: Path | None, pad_id: int) -> torch.nn.Module:
+def load_model(
+    cfg: RewardConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase
+) -> torch.nn.Module:
     """The SFT checkpoint with a new scalar head, or `init_from` (warm start), or the checkpoint to resume;
     with LoRA, wrapped by peft."""
     model: torch.nn.Module
     start = checkpoint if checkpoint and cfg.lora.r == 0 else cfg.init_from
-    base = load_scalar_model(str(start)) if start else build_scalar_model(cfg.model, seed=cfg.seed)
+    pad_id = tokenizer.pad_token_id
+    base = (
+        load_scalar_model(str(start))
+        if start
+        else build_scalar_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
+    )
     if cfg.lora.r == 0:
         model = base
     else:
@@ -492,7 +491,7 @@ def plain_model(model: torch.nn.Module) -> PreTrainedModel:
 def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     seed_everything(cfg.seed + accelerator.process_index)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
     pad_id = int(tokenizer.pad_token_id)
     # Read everything before any output: a malformed row fails with file:line and leaves nothing behind.
     groups = read_groups(cfg.train_file, cfg, tokenizer)
@@ -504,7 +503,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
 
     run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
-    model = load_model(cfg, checkpoint, pad_id)
+    model = load_model(cfg, checkpoint, tokenizer)
     max_len = min(cfg.max_seq_len, context_length(cast(PreTrainedModel, model)))
     train, truncated = encode_groups(train_groups, tokenizer, max_len, cfg, weights)
     held_out, held_truncated = encode_groups(held_groups, tokenizer, max_len, cfg, weights)
@@ -611,7 +610,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     ):  # the main process goes on with a whole copy: the model rebuilt, the gathered weights loaded
         whole = sharding.full_state_dict(unwrapped.model, is_main)
         if is_main:
-            rebuilt = load_model(cfg, None, pad_id)
+            rebuilt = load_model(cfg, None, tokenizer)
             sharding.load_whole(rebuilt, cast(dict[str, Tensor], whole))
             unwrapped = RewardForward(rebuilt.eval())
     if is_main:

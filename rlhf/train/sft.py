@@ -1,8 +1,9 @@
 """`rlhf sft`: supervised fine-tuning on prompt -> response demonstrations.
 
 Rows are `{prompt, response}` or chat `{messages: [...]}` (rendered with the tokenizer's chat template; the last
-assistant turn is the response). Loss falls on response tokens only, each response ends with EOS, padding is
-masked. The loop is the shared LM loop; after it, a few held-out prompts are answered by sampling, to show
+assistant turn is the response, up to and including the template's end-of-turn token). Loss falls on response
+tokens only, each response ends with EOS or the end-of-turn token, padding is masked; the prompt carries the
+tokenizer's BOS once (rlhf.models.tokens). The loop is the shared LM loop; after it, a few held-out prompts are answered by sampling, to show
 whether the model ends its answers.
 """
 
@@ -20,6 +21,7 @@ from rlhf.data.jsonl import field, iter_jsonl, write_json, write_jsonl
 from rlhf.errors import DataError
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.loading import context_length, disable_dropout, load_causal_lm, load_tokenizer
+from rlhf.models.tokens import chat_demonstration, encode_prompts, encode_responses, end_response, stop_ids
 from rlhf.runs import Run, seed_everything
 from rlhf.train.common import make_accelerator
 from rlhf.train.lm_loop import IGNORE, Example, fit
@@ -39,8 +41,14 @@ def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) ->
                 raise DataError(f"{path}:{lineno}: 'messages' must be a list of {{role, content}} objects")
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{path}:{lineno}: the last message must be the assistant's answer")
-            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            pairs.append((str(prompt), " " + str(messages[-1]["content"])))
+            try:
+                pairs.append(chat_demonstration(tokenizer, messages))
+            except (
+                Exception
+            ) as e:  # the template's own errors (jinja2 TemplateError, ValueError) name the problem
+                raise DataError(
+                    f"{path}:{lineno}: the chat template cannot render these messages: {e}"
+                ) from None
         else:
             pairs.append((field(path, lineno, row, "prompt", str), field(path, lineno, row, "response", str)))
     if not pairs:
@@ -51,14 +59,16 @@ def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) ->
 def tokenize_demonstrations(
     pairs: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> tuple[list[Example], int, int]:
-    """Prompt tokens carry no loss; the response and its EOS do. Returns (examples, n_truncated, n_dropped)."""
+    """Prompt tokens carry no loss; the response and its EOS (or end-of-turn token) do.
+    Returns (examples, n_truncated, n_dropped)."""
     if not pairs:
         return [], 0, 0
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    prompts = encode_prompts(tokenizer, [p for p, _ in pairs])
+    responses = encode_responses(tokenizer, [r for _, r in pairs])
+    stops = stop_ids(tokenizer)
     examples, truncated, dropped = [], 0, 0
     for p, r in zip(prompts, responses, strict=True):
-        r = [*r, tokenizer.eos_token_id]
+        r = end_response(r, stops)
         if len(p) + len(r) > max_len:
             truncated += 1
             if len(p) >= max_len - 1:
@@ -72,7 +82,7 @@ def tokenize_demonstrations(
 def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     seed_everything(cfg.seed + accelerator.process_index)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
     rows = read_demonstrations(
         cfg.train_file, tokenizer
     )  # read before any output: bad input leaves nothing behind
@@ -82,7 +92,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         rows, held_rows = rows[n_eval:], rows[:n_eval]
     run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
     checkpoint = run_dir.latest_checkpoint() if resume else None
-    model = load_causal_lm(str(checkpoint) if checkpoint else cfg.model)
+    model = load_causal_lm(str(checkpoint) if checkpoint else cfg.model, tokenizer=tokenizer)
     disable_dropout(model)
     max_len = cfg.max_seq_len
     if max_len > context_length(model):
@@ -105,9 +115,9 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         final = load_causal_lm(str(run_dir.dir / "final"))
         final.eval()
         prompts = [p for p, _ in held_rows[:64]]
-        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = encode_prompts(tokenizer, prompts)
         gen = generate(final, ids, SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.95, seed=cfg.seed),
-                       tokenizer.eos_token_id, tokenizer.pad_token_id)  # fmt: skip
+                       stop_ids(tokenizer), tokenizer.pad_token_id)  # fmt: skip
         texts = decode_responses(tokenizer, gen)
         write_jsonl(run_dir.dir / "samples.jsonl",
                     [{"prompt": p, "response": t, "ended": bool(e)} for p, t, e in zip(prompts, texts, gen.ended.tolist(), strict=True)])  # fmt: skip

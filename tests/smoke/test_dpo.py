@@ -99,14 +99,16 @@ def test_lora_reference_is_the_adapter_off_policy(
     seen: dict[str, Any] = {}
     original = dpo.load_policy
 
-    def spy(cfg: DPOConfig, checkpoint: Path | None) -> Any:
-        seen["policy"] = original(cfg, checkpoint)
+    def spy(cfg: DPOConfig, checkpoint: Path | None, tokenizer: Any) -> Any:
+        seen["policy"] = original(cfg, checkpoint, tokenizer)
         return seen["policy"]
 
     monkeypatch.setattr(dpo, "load_policy", spy)
     loads: list[str] = []
     load = dpo.load_causal_lm
-    monkeypatch.setattr(dpo, "load_causal_lm", lambda path: loads.append(path) or load(path))
+    monkeypatch.setattr(
+        dpo, "load_causal_lm", lambda path, tokenizer: loads.append(path) or load(path, tokenizer=tokenizer)
+    )
     cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, lora_r=4, lr=1e-2)
     dpo.run(cfg, quiet=True)
 

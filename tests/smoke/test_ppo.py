@@ -45,8 +45,8 @@ def capture_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     original = ppo.load_models
 
-    def spy(cfg: PPOConfig, checkpoint: Path | None) -> Any:
-        models = original(cfg, checkpoint)
+    def spy(cfg: PPOConfig, checkpoint: Path | None, tokenizer: Any) -> Any:
+        models = original(cfg, checkpoint, tokenizer)
         seen.update(zip(["policy", "reference", "critic", "reward_model"], models, strict=True))
         return models
 

@@ -153,7 +153,7 @@ def test_bad_input_is_one_line_and_leaves_no_checkpoint(tiny_demo: dict[str, Pat
     proc = run_cli("sft", "--set", "sft.lr=-1")
     assert proc.returncode == 1 and "sft.lr: Input should be greater than 0" in proc.stderr
 
-    # a tokenizer whose PAD is EOS
+    # a tokenizer whose PAD is EOS, with adding a PAD turned off
     model_dir = tmp_path / "padeos"
     shutil.copytree(tiny_demo["sft"], model_dir)
     cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -167,8 +167,11 @@ def test_bad_input_is_one_line_and_leaves_no_checkpoint(tiny_demo: dict[str, Pat
         f"sft.model={model_dir}",
         "--set",
         f"sft.train_file={tiny_demo['data'] / 'sft.jsonl'}",
+        "--set",
+        "sft.add_pad_token=false",
     )
-    assert proc.returncode == 1 and "PAD equals EOS" in proc.stderr
+    assert proc.returncode == 1 and "uses EOS (id 0) as PAD" in proc.stderr
+    assert "set add_pad_token: true" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_help_lists_stages_and_documents_options() -> None:

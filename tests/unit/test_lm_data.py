@@ -91,9 +91,11 @@ def test_demonstration_formats_and_file_line_errors(tmp_path: Path, tok) -> None
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert (
-        read_demonstrations(path, tok) == [("User: Hi\nAssistant:", " Hello!")] * 2
-    )  # chat rows render the same
+    plain, chat = read_demonstrations(path, tok)
+    assert plain == ("User: Hi\nAssistant:", " Hello!")
+    assert chat == ("User: Hi\nAssistant:", " Hello!<|endoftext|>")  # the template's turn, through its EOS
+    first, second = tokenize_demonstrations([plain, chat], tok, 64)[0]
+    assert first == second  # both train on the same tokens
     path.write_text('{"prompt": "p", "response": "r"}\nnot json\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
         read_demonstrations(path, tok)

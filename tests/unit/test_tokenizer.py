@@ -1,8 +1,6 @@
-import pytest
 from transformers import AutoTokenizer
 
-from rlhf.errors import RlhfError
-from rlhf.models.tokenizer import EOS, PAD, check_tokenizer, train_bpe_tokenizer
+from rlhf.models.tokenizer import EOS, PAD, train_bpe_tokenizer
 
 CORPUS = ["User: What is 2 plus 3?\nAssistant: 2 plus 3 is 5."] * 50 + [
     "User: Hello!\nAssistant: Hello! How can I help?"
@@ -20,7 +18,6 @@ def test_bpe_has_distinct_pad_and_eos_and_round_trips(tmp_path) -> None:
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.pad_token_id == tok.pad_token_id and loaded.eos_token_id == tok.eos_token_id
-    check_tokenizer(loaded)
 
 
 def test_chat_template_renders_the_demo_dialogue_format() -> None:
@@ -33,10 +30,3 @@ def test_chat_template_renders_the_demo_dialogue_format() -> None:
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenize=False
     )
     assert full == f"User: Hi\nAssistant: Hello!{EOS}\n"
-
-
-def test_pad_equal_to_eos_is_refused() -> None:
-    tok = train_bpe_tokenizer(CORPUS, vocab_size=300)
-    tok.pad_token = tok.eos_token
-    with pytest.raises(RlhfError, match="PAD equals EOS"):
-        check_tokenizer(tok)

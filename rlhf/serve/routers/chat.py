@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from rlhf.models.tokens import encode_prompts
 from rlhf.serve.deps import StateDep
 from rlhf.serve.errors import APIError, error_body
 from rlhf.serve.policy import Policy
@@ -47,7 +48,7 @@ async def chat_completions(
     policy = state.policy(body.model)
     check_supported(body)
     prompt = render_chat(policy, body.messages)
-    prompt_ids = policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompts(policy.tokenizer, [prompt])[0]
     if not prompt_ids:
         raise APIError("The messages render to an empty prompt.", param="messages", code="empty_prompt")
     params = row_params(

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from rlhf.models.tokens import encode_prompts
 from rlhf.serve.deps import StateDep
 from rlhf.serve.errors import APIError, error_body
 from rlhf.serve.policy import Policy
@@ -42,7 +43,7 @@ async def completions(
     policy = state.policy(body.model)
     check_supported(body)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    prompts = [policy.tokenizer(t)["input_ids"] for t in texts]
+    prompts = encode_prompts(policy.tokenizer, texts)
     if not all(prompts):
         raise APIError(
             f"An empty prompt cannot be continued: the model '{policy.name}' has no BOS token to start from.",
