@@ -150,7 +150,11 @@ class SFTConfig(TrainConfig):
 
     out_dir: str = Field("runs/sft", description="run directory")
     model: str = Field("runs/pretrain/final", description="checkpoint to fine-tune (local dir or hub id)")
-    train_file: str = Field("data/demo/sft.jsonl", description="JSONL of {prompt, response} or {messages}")
+    train_file: str = Field(
+        "data/demo/sft.jsonl",
+        description="{prompt, response} or {messages} rows: a JSONL, JSON, Parquet or CSV file, a saved datasets "
+        "folder or a hub id (NAME[:CONFIG][@SPLIT])",
+    )
     eval_file: str | None = Field(None, description="held-out demonstrations; default: a split of train_file")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share held out when eval_file is unset")
     max_seq_len: int = Field(128, gt=1, description="prompt + response tokens (longer ones are truncated)")

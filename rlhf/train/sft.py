@@ -17,7 +17,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import SFTConfig
-from rlhf.data.jsonl import field, iter_jsonl, write_json, write_jsonl
+from rlhf.data.jsonl import write_json, write_jsonl
+from rlhf.data.sources import iter_rows
 from rlhf.errors import DataError
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.loading import context_length, disable_dropout, load_causal_lm, load_tokenizer
@@ -30,30 +31,39 @@ log = logging.getLogger(__name__)
 
 
 def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, str]]:
-    """(prompt, response) text pairs from {prompt, response} or {messages} rows, with file:line errors."""
+    """(prompt, response) text pairs from {prompt, response} or {messages} rows of any source of
+    rlhf.data.sources (JSONL, JSON, Parquet, CSV, a saved `datasets` folder, a hub id), with source:row errors."""
     pairs = []
-    for lineno, row in iter_jsonl(path):
+    for where, row in iter_rows(path):
         if "messages" in row:
-            messages = field(path, lineno, row, "messages", list)
-            if not messages or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in messages
+            messages = row["messages"]
+            if (
+                not isinstance(messages, list)
+                or not messages
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
             ):
-                raise DataError(f"{path}:{lineno}: 'messages' must be a list of {{role, content}} objects")
+                raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
             if messages[-1]["role"] != "assistant":
-                raise DataError(f"{path}:{lineno}: the last message must be the assistant's answer")
+                raise DataError(f"{where}: the last message must be the assistant's answer")
             try:
                 pairs.append(chat_demonstration(tokenizer, messages))
             except (
                 Exception
             ) as e:  # the template's own errors (jinja2 TemplateError, ValueError) name the problem
-                raise DataError(
-                    f"{path}:{lineno}: the chat template cannot render these messages: {e}"
-                ) from None
+                raise DataError(f"{where}: the chat template cannot render these messages: {e}") from None
         else:
-            pairs.append((field(path, lineno, row, "prompt", str), field(path, lineno, row, "response", str)))
+            pairs.append((_text(row, "prompt", where), _text(row, "response", where)))
     if not pairs:
         raise DataError(f"{path}: no demonstrations (empty file)")
     return pairs
+
+
+def _text(row: dict[str, Any], key: str, where: str) -> str:
+    if key not in row:
+        raise DataError(f"{where}: missing field {key!r}")
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: field {key!r} should be str, got {type(row[key]).__name__}")
+    return str(row[key])
 
 
 def tokenize_demonstrations(
