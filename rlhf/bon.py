@@ -88,8 +88,9 @@ def best_of_n(
 def run(cfg: BonConfig) -> dict[str, Any]:
     """Best-of-n over the prompts file; writes the kept answers (and a summary beside them)."""
     start = time.perf_counter()
-    prompts = [p for _, p in read_prompts(cfg.prompts_file, cfg.max_prompts)]  # first: bad input, no output
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
+    # read before any output: bad input leaves nothing behind
+    prompts = [p for _, p in read_prompts(cfg.prompts_file, cfg.max_prompts, tokenizer)]
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
     reward_model = load_reward_model(cfg.reward_model).eval()
     check_same_tokenizer(

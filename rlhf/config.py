@@ -487,7 +487,10 @@ class BonConfig(Section):
         "runs/sft/final", description="policy that samples the n answers (local dir or hub id)"
     )
     reward_model: str = Field("runs/reward/final", description="reward model that picks the best (frozen)")
-    prompts_file: str = Field("data/demo/rl_prompts.jsonl", description="JSONL of {prompt} rows")
+    prompts_file: str = Field(
+        "data/demo/rl_prompts.jsonl",
+        description="{prompt} or {messages} rows (any source of docs/formats.md)",
+    )
     out: str = Field(
         "runs/bon.jsonl", description="kept answers as SFT demonstrations {prompt, response, score, scores}"
     )
@@ -513,7 +516,10 @@ class BonConfig(Section):
 class EvalConfig(Section):
     """`rlhf eval A B`: both policies answer the same held-out prompts; a judge compares them in random order."""
 
-    prompts_file: str = Field("data/demo/eval_prompts.jsonl", description="held-out JSONL of {prompt}")
+    prompts_file: str = Field(
+        "data/demo/eval_prompts.jsonl",
+        description="held-out {prompt} or {messages} rows (any source of docs/formats.md)",
+    )
     n_prompts: int = Field(300, ge=0, description="prompts to answer (0 = all in the file)")
     judge: Literal["gold", "reward_model", "local", "endpoint", "people"] = Field(
         "gold",

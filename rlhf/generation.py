@@ -159,6 +159,20 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The forward's keyword for the KV cache: `cache` where the model takes it (transformers 5.2x on, which
+    deprecates `past_key_values` and removes it in 5.40), else `past_key_values`."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 # Finished rows leave the decoded batch once at most half of it still runs, and it shrinks to a power of two
 # (finished rows fill the rest): each shrink copies the cache, and each new batch size costs new matmul
 # kernels (oneDNN and cuBLAS build one per shape), so a few sizes are reused across batches. On the tiny PPO
@@ -173,6 +187,7 @@ Keep = Callable[[Tensor], bool]  # keep only these rows of the batch (cache incl
 def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
     """Decoding steps through the model's own forward and cache."""
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    cache_kw = cache_keyword(model)
     past: Any = None
 
     def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
@@ -181,11 +196,11 @@ def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int)
             input_ids=input_ids,
             attention_mask=attention[:, : width + step],
             position_ids=positions,
-            past_key_values=past,
             use_cache=True,
+            **{cache_kw: past},
             **extra,
         )
-        past = out.past_key_values
+        past = returned_cache(out)
         return out.logits[:, -1, :].float()
 
     def keep(rows: Tensor) -> bool:

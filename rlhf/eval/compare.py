@@ -30,8 +30,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.bon import best_of_n, kl_bound
 from rlhf.config import EvalConfig
-from rlhf.data.jsonl import field, iter_jsonl
-from rlhf.errors import DataError, RlhfError
+from rlhf.data.prompts import read_prompt_rows
+from rlhf.errors import RlhfError
 from rlhf.eval.judges import Answer, Judge, demo_metrics, is_demo_prompt
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.heads import load_reward_model
@@ -53,11 +53,10 @@ class PolicyAnswers:
     kl: list[float] | None  # nats per answer, to the reference; None without a reference
 
 
-def read_prompts(path: str, limit: int) -> list[str]:
-    prompts = [field(path, lineno, row, "prompt", str) for lineno, row in iter_jsonl(path)]
-    if not prompts:
-        raise DataError(f"{path}: no prompts (empty file)")
-    return prompts[:limit] if limit else prompts
+def read_prompts(path: str, limit: int, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
+    """The first `limit` prompts (0: all) of a {prompt} or {messages} source (rlhf.data.prompts); messages
+    through the tokenizer's chat template."""
+    return [prompt for _, prompt in read_prompt_rows(path, limit, tokenizer)]
 
 
 def load_policy(path: str, device: torch.device, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -157,10 +156,10 @@ def answer_both(
     policy_a: str, policy_b: str, cfg: EvalConfig
 ) -> tuple[list[str], PolicyAnswers, PolicyAnswers]:
     """The evaluation prompts and each policy's answers to them (A with seed, B with seed + 1)."""
-    prompts = read_prompts(cfg.prompts_file, cfg.n_prompts)
+    tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
+    prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = resolve_precision(cfg.precision) == "bf16"
-    tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
     for path in (policy_b, *([cfg.reference] if cfg.reference else [])):
         if load_tokenizer(path, cfg.add_pad_token).get_vocab() != tokenizer.get_vocab():
             raise RlhfError(f"{path} uses a different tokenizer from {policy_a}; they cannot be compared")

@@ -30,7 +30,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from rlhf.generation import left_pad
+from rlhf.generation import cache_keyword, left_pad, returned_cache
 from rlhf.models.tokens import mask_pad, stop_ids
 from rlhf.serve import metrics
 from rlhf.serve.sampling import sample_rows
@@ -116,6 +116,7 @@ class Engine:
         seed: int = 0,
     ) -> None:
         self.model = model.eval()
+        self.cache_kw = cache_keyword(model)
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_size = max_batch_size
@@ -257,16 +258,16 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_kw: cache},
         )
         metrics.PROMPT_TOKENS.labels(self.name).inc(int(mask.sum()))
         next_ids = self._sample(out.logits[:, -1, :], seqs)  # (B,)
         now = time.perf_counter()
         for seq in seqs:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.enqueued_at)
-        batch = _Batch(seqs, out.past_key_values, mask, next_ids, mask.sum(-1))
+        batch = _Batch(seqs, returned_cache(out), mask, next_ids, mask.sum(-1))
         self._advance(batch)
         return batch
 
@@ -276,8 +277,8 @@ class Engine:
             input_ids=batch.next_ids[:, None],
             attention_mask=attention,
             position_ids=batch.positions[:, None],
-            past_key_values=batch.cache,
             use_cache=True,
+            **{self.cache_kw: batch.cache},
         )
         metrics.BATCH_SIZE.labels(self.name).observe(len(batch.seqs))
         self.batch_sizes[len(batch.seqs)] += 1
