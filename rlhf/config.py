@@ -238,10 +238,12 @@ class NormaliseSettings(Section):
         None, description="policy whose answers define 0; default: reward.model (the SFT checkpoint)"
     )
     prompts_file: str | None = Field(
-        None, description="JSONL of {prompt}; default: the distinct prompts of the preference data"
+        None,
+        description="{prompt} or {messages} rows (any source of docs/formats.md); default: the distinct "
+        "prompts of the preference data",
     )
     completions_file: str | None = Field(
-        None, description="JSONL of {prompt, completion} to score instead of sampling"
+        None, description="{prompt, completion} rows (any source) to score instead of sampling"
     )
     n_prompts: int = Field(256, gt=0, description="reference prompts answered (one answer each)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of the reference answers")

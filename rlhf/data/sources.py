@@ -65,6 +65,15 @@ def iter_rows(spec: str | Path, skipped: list[str] | None = None) -> Iterator[tu
         yield f"{spec}:{i}", _without_nulls(row)
 
 
+def text_field(row: dict[str, Any], key: str, where: str) -> str:
+    """row[key], which must be a string; a one-line error naming `where` (source:row) otherwise."""
+    if key not in row:
+        raise DataError(f"{where}: missing field {key!r}")
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: field {key!r} should be str, got {type(row[key]).__name__}")
+    return str(row[key])
+
+
 def open_dataset(spec: str | Path) -> Any:
     """The source as one `datasets.Dataset` (one split); DataError with the reason if it cannot be read."""
     path, config, split = parse_source(spec)

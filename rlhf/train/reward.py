@@ -34,8 +34,10 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import RewardConfig
-from rlhf.data.jsonl import field, iter_jsonl, write_json
+from rlhf.data.jsonl import write_json
 from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
+from rlhf.data.prompts import read_prompt_rows
+from rlhf.data.sources import iter_rows, text_field
 from rlhf.errors import ConfigError, DataError
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.generation import SamplingParams, generate
@@ -385,25 +387,42 @@ def score_pairs(
 # --- normalisation ----------------------------------------------------------------------------------------
 
 
+def read_reference(
+    cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The normalisation's given (prompt, completion) rows, or its prompts (either may be empty: then the
+    preference data's prompts are answered). Read before training: a bad file fails before any work."""
+    norm = cfg.normalise
+    if not norm.enabled:
+        return [], []
+    if norm.completions_file:
+        rows = [(text_field(r, "prompt", where), text_field(r, "completion", where))
+                for where, r in iter_rows(norm.completions_file)]  # fmt: skip
+        if not rows:
+            raise DataError(f"{norm.completions_file}: no completions (empty file)")
+        return rows, []
+    if norm.prompts_file:
+        return [], [prompt for _, prompt in read_prompt_rows(norm.prompts_file, 0, tokenizer)]
+    return [], []
+
+
 def reference_sequences(
-    cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_len: int
+    cfg: RewardConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_len: int,
+    given: tuple[list[tuple[str, str]], list[str]] | None = None,
 ) -> list[list[int]]:
     """prompt + answer + EOS (or end-of-turn) ids of the reference answers: a given file, or the SFT policy's
-    samples."""
+    samples (of normalise.prompts_file's prompts, else of `prompts`). `given`: what read_reference read."""
     norm = cfg.normalise
     stops = stop_ids(tokenizer)
-    if norm.completions_file:
-        path = norm.completions_file
-        rows = [
-            (field(path, n, r, "prompt", str), field(path, n, r, "completion", str))
-            for n, r in iter_jsonl(path)
-        ]
-        p_ids = encode_prompts(tokenizer, [p for p, _ in rows])
-        c_ids = encode_completions(tokenizer, [c for _, c in rows])
+    completions, given_prompts = read_reference(cfg, tokenizer) if given is None else given
+    if completions:
+        p_ids = encode_prompts(tokenizer, [p for p, _ in completions])
+        c_ids = encode_completions(tokenizer, [c for _, c in completions])
         return [[*p, *c][-max_len:] for p, c in zip(p_ids, c_ids, strict=True)]
-    if norm.prompts_file:
-        prompts = [field(norm.prompts_file, n, r, "prompt", str) for n, r in iter_jsonl(norm.prompts_file)]
-    prompts = sorted(set(prompts))
+    prompts = sorted(set(given_prompts or prompts))
     random.Random(cfg.seed).shuffle(prompts)
     prompts = prompts[: norm.n_prompts]
     policy = load_causal_lm(norm.policy or cfg.model, tokenizer=tokenizer)
@@ -495,6 +514,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     pad_id = int(tokenizer.pad_token_id)
     # Read everything before any output: a malformed row fails with file:line and leaves nothing behind.
     groups = read_groups(cfg.train_file, cfg, tokenizer)
+    reference_rows = read_reference(cfg, tokenizer)
     if cfg.eval_file:
         train_groups, held_groups = groups, read_groups(cfg.eval_file, cfg, tokenizer)
     else:
@@ -618,7 +638,9 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         final = plain_model(unwrapped.model)
         shift, scale = 0.0, 1.0
         if cfg.normalise.enabled:
-            reference = reference_sequences(cfg, tokenizer, [g.prompt for g in groups], max_len)
+            reference = reference_sequences(
+                cfg, tokenizer, [g.prompt for g in groups], max_len, reference_rows
+            )
             result.update(normalise(final, reference, pad_id, cfg.normalise.scale))
             shift, scale = final.config.rlhf_reward_shift, final.config.rlhf_reward_scale
         save_pretrained_atomic(run_dir.dir / "final", final, tokenizer)

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import SFTConfig
 from rlhf.data.jsonl import write_json, write_jsonl
-from rlhf.data.sources import iter_rows
+from rlhf.data.sources import iter_rows, text_field
 from rlhf.errors import DataError
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.loading import context_length, disable_dropout, load_causal_lm, load_tokenizer
@@ -52,18 +52,10 @@ def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) ->
             ) as e:  # the template's own errors (jinja2 TemplateError, ValueError) name the problem
                 raise DataError(f"{where}: the chat template cannot render these messages: {e}") from None
         else:
-            pairs.append((_text(row, "prompt", where), _text(row, "response", where)))
+            pairs.append((text_field(row, "prompt", where), text_field(row, "response", where)))
     if not pairs:
         raise DataError(f"{path}: no demonstrations (empty file)")
     return pairs
-
-
-def _text(row: dict[str, Any], key: str, where: str) -> str:
-    if key not in row:
-        raise DataError(f"{where}: missing field {key!r}")
-    if not isinstance(row[key], str):
-        raise DataError(f"{where}: field {key!r} should be str, got {type(row[key]).__name__}")
-    return str(row[key])
 
 
 def tokenize_demonstrations(
