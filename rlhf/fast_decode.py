@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.models import cpu_kernels
-from rlhf.models.lean_llama import norm, plain_llama_config, rotary_tables, rotate, swiglu
+from rlhf.models.lean_llama import norm, on_cpu, plain_llama_config, rotary_tables, rotate, swiglu
 
 _SLOT_BLOCK = 32
 
@@ -69,7 +69,12 @@ class LlamaDecoder:
     def supports(model: PreTrainedModel) -> bool:
         """Whether `model` is a plain Llama causal LM whose forward this class reproduces exactly."""
         cfg = getattr(model, "config", None)
-        return cfg is not None and type(model).__name__ == "LlamaForCausalLM" and plain_llama_config(cfg)
+        return (
+            cfg is not None
+            and type(model).__name__ == "LlamaForCausalLM"
+            and plain_llama_config(cfg)
+            and on_cpu(model)  # on a GPU, the model's own attention kernels
+        )
 
     def __init__(self, model: PreTrainedModel, batch: int, max_len: int, dtype: torch.dtype) -> None:
         """`dtype`: the matmuls' dtype (autocast's, or the weights' own). As under autocast, the residual stream

@@ -42,8 +42,11 @@ def plain_llama_config(cfg: Any) -> bool:
 
 
 def supports(model: Any) -> bool:
-    """Whether `model` is a plain Llama causal LM or sequence classifier this forward reproduces exactly."""
+    """Whether `model` is a plain Llama causal LM or sequence classifier this forward reproduces exactly, with
+    its weights on the CPU (where it was measured faster; on a GPU the model's own SDPA/flash attention is)."""
     cfg = getattr(model, "config", None)
+    if not on_cpu(model):
+        return False
     core: Any = getattr(model, "model", None)
     if cfg is None or type(core).__name__ != "LlamaModel":
         return False
@@ -57,6 +60,12 @@ def supports(model: Any) -> bool:
         and plain_llama_config(cfg)
         and not getattr(cfg, "attention_dropout", 0.0)
     )
+
+
+def on_cpu(model: Any) -> bool:
+    """Whether the model's weights are on the CPU."""
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return first is not None and first.device.type == "cpu"
 
 
 def rotary_tables(inv_freq: Tensor, scale: float, positions: Tensor) -> tuple[Tensor, Tensor]:

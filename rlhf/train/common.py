@@ -198,7 +198,8 @@ def lean_forward(model: Any, accelerator: Accelerator, cfg: TrainConfig) -> bool
         DistributedType.FSDP,
         DistributedType.DEEPSPEED,
     )
-    return whole and lean_llama.supports(model)
+    # the model is still on the CPU here: where it will train decides (on a GPU, its own attention kernels)
+    return whole and accelerator.device.type == "cpu" and lean_llama.supports(model)
 
 
 def autocast(accelerator: Accelerator) -> Any:

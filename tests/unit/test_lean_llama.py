@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rlhf.config import ArchConfig
+from rlhf.fast_decode import LlamaDecoder
 from rlhf.models import lean_llama
 from rlhf.models.heads import backbone
 from rlhf.models.loading import build_causal_lm
@@ -87,3 +88,8 @@ def test_supports_plain_whole_llama_only(gqa_model) -> None:
     scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert not lean_llama.supports(scaled)
     assert not lean_llama.supports(torch.nn.Linear(2, 2))
+    # weights off the CPU (a GPU here, the meta device): the model's own forward and its attention kernels
+    off_cpu = build_causal_lm(ARCH, train_bpe_tokenizer(["a b c"] * 10, vocab_size=270))
+    assert lean_llama.supports(off_cpu) and LlamaDecoder.supports(off_cpu)
+    off_cpu.to("meta")
+    assert not lean_llama.supports(off_cpu) and not LlamaDecoder.supports(off_cpu)
