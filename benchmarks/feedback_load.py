@@ -17,15 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import machine, replace_doc_section
 from rlhf.feedback.loadtest import drop_pg_schema, pg_schema, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = str(ROOT / "benchmarks" / "results" / "feedback_load.json")
+MARKERS = ("<!-- feedback_load:start -->", "<!-- feedback_load:end -->")
 PG_URL = os.environ.get("RLHF_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -56,7 +58,9 @@ def main() -> None:
     parser.add_argument("--retry-rate", type=float, default=0.05, help="share of votes re-sent on purpose")
     parser.add_argument("--no-kill", action="store_true", help="do not SIGKILL the server midway")
     parser.add_argument("--quick", action="store_true", help="a smoke pass: 1,000 votes per run")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feedback_load.json"))
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="result JSON (the default also updates docs/scaling.md)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.votes = min(args.votes, 1000)
@@ -85,11 +89,7 @@ def main() -> None:
     out = {
         "benchmark": "feedback_load",
         "command": "python -m benchmarks.feedback_load " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(threads=1),
         "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "results": results,
@@ -97,8 +97,29 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if not args.quick and not args.no_kill and args.out == DEFAULT_OUT:
+        update_doc(out)
     if not all(r["ok"] for r in results):
         sys.exit(1)
+
+
+def update_doc(out: dict[str, Any]) -> None:
+    """docs/scaling.md's table of this run, between its markers."""
+    m, (start, end) = out["machine"], MARKERS
+    rows = [
+        f"| {'SQLite' if r['backend'] == 'sqlite' else 'PostgreSQL'} | {r['workers']} | {r['votes_per_s']:.0f} "
+        f"| {r['latency_ms']['p50']:.0f} / {r['latency_ms']['p99']:.0f} | {r['latency_ms_steady']['p99']:.0f} "
+        f"| {r['server_cpu_ms_per_request']:.2f} | {r['restart_downtime_s']:.1f} | {'yes' if r['ok'] else 'NO'} |"
+        for r in out["results"]
+    ]
+    section = "\n".join([
+        start, f"`{out['command'].strip()}` on {m['cpu']} ({m['cores']} cores), load average "
+        f"{out['load_average_at_start'][0]:.1f} at the start and {out['load_average_at_end'][0]:.1f} at the end; "
+        f"{out['results'][0]['votes_acknowledged']} votes per run; `benchmarks/results/feedback_load.json`.", "",
+        "| store | workers | votes/s | p50 / p99 ms | p99 ms without the kill | server CPU per vote ms "
+        "| downtime s | exactly once |", "|---|---|---|---|---|---|---|---|", *rows, end,
+    ])  # fmt: skip
+    replace_doc_section(start, end, section, ROOT / "docs" / "scaling.md")
 
 
 if __name__ == "__main__":

@@ -16,20 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from benchmarks.common import machine, replace_doc_section
 from benchmarks.serve_load import build_demo_model
 from rlhf.feedback.loadtest import free_port
 
-RESULTS = Path(__file__).parent / "results" / "gateway_latency.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "gateway_latency.json"
 MESSAGES = [{"role": "user", "content": "What is 3 plus 4?"}]
 
 
@@ -131,11 +133,7 @@ def main() -> None:
     out = {
         "benchmark": "gateway_latency",
         "command": "python -m benchmarks.gateway_latency " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(threads=1),
         "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "rounds": args.rounds,
@@ -144,6 +142,29 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if args.out == str(RESULTS):
+        update_doc(out)
+
+
+def update_doc(out: dict[str, Any]) -> None:
+    """docs/scaling.md's table of this run, between its markers."""
+    start, end = "<!-- gateway_latency:start -->", "<!-- gateway_latency:end -->"
+    names = {"chat": "chat completion", "chat_stream": "chat completion, streamed"}
+    rows = [
+        f"| {names[kind]} | {r['direct_ms']['p50']:.1f} / {r['direct_ms']['p99']:.1f} "
+        f"| {r['gateway_ms']['p50']:.1f} / {r['gateway_ms']['p99']:.1f} | {r['added_p50_ms']:.1f} "
+        f"({', '.join(f'{a:.1f}' for a in r['added_p50_ms_per_round'])}) |"
+        for kind, r in out["results"].items()
+    ]
+    m = out["machine"]
+    section = "\n".join([
+        start, f"`{out['command'].strip()}` on {m['cpu']} ({m['cores']} cores), load average "
+        f"{out['load_average_at_start'][0]:.1f} at the start and {out['load_average_at_end'][0]:.1f} at the end; "
+        f"`benchmarks/results/gateway_latency.json`.", "",
+        "| request | direct p50 / p99 ms | through the gateway p50 / p99 ms | added p50 ms (per round) |",
+        "|---|---|---|---|", *rows, end,
+    ])  # fmt: skip
+    replace_doc_section(start, end, section, ROOT / "docs" / "scaling.md")
 
 
 if __name__ == "__main__":
