@@ -437,6 +437,82 @@ def eval_(
     typer.echo(format_table(summary))
 
 
+@app.command()
+def redteam(
+    filter_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--filter", help="instead of a search: write this SFT JSONL without the flagged responses"
+        ),
+    ] = None,
+    filter_list: Annotated[
+        Path | None, typer.Option("--filter-list", help="with --filter: the list (default: OUT/filter.jsonl)")
+    ] = None,
+    filter_out: Annotated[
+        Path | None,
+        typer.Option("--filter-out", help="with --filter: output (default: OUT/sft_filtered.jsonl)"),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Red-team a policy: seed attacks per harm category, mutations of those that work, an optional red-team
+    model; a classifier flags harmful answers; attack success rate per category with 95% CIs, and preference
+    pairs, an SFT filter list and PPO prompts from what was flagged (docs/cai.md). Resumable."""
+    cfg = _config(config, sets, "redteam", out).redteam
+    from rlhf import redteam as stage
+
+    _setup_logging(quiet)
+    if filter_file is not None:
+        listed = filter_list or Path(cfg.out_dir) / "filter.jsonl"
+        target = filter_out or Path(cfg.out_dir) / "sft_filtered.jsonl"
+        for path in (filter_file, listed):
+            if not path.is_file():
+                raise ConfigError(f"--filter: no such file: {path}")
+        kept, removed = stage.apply_filter(str(filter_file), str(listed), str(target))
+        typer.echo(f"redteam filter: kept {kept} rows, removed {removed} flagged responses; wrote {target}")
+        return
+    report = stage.run(cfg, quiet=quiet)
+    typer.echo(stage.format_report(report))
+
+
+cai_app = typer.Typer(
+    help="Constitutional AI: revise answers under a constitution (SL-CAI), label pairs with AI feedback (RL-CAI).",
+    no_args_is_help=True,
+)
+app.add_typer(cai_app, name="cai")
+
+
+@cai_app.command("revise")
+def cai_revise(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
+) -> None:
+    """Critique and revise the policy's answers under randomly drawn principles, n_revisions times; write the
+    final revisions as SFT data and (revision > original) as preference pairs."""
+    cfg = _config(config, sets, "cai", out).cai
+    from rlhf import cai as stage
+
+    _setup_logging(quiet)
+    summary = stage.revise(cfg, quiet=quiet)
+    typer.echo(f"cai revise: {summary['sft_rows']} SFT rows, {summary['pairs']} pairs in {cfg.out_dir}")
+
+
+@cai_app.command("label")
+def cai_label(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
+) -> None:
+    """Sample two answers per prompt; a judge (the eval section's eval.judge*) picks the better under a randomly
+    drawn principle; write the AI labels as preference records, and push them as votes with cai.push_db."""
+    root = _config(config, sets, "cai", out)
+    from rlhf import cai as stage
+
+    _setup_logging(quiet)
+    summary = stage.label(root.cai, root.eval, quiet=quiet)
+    typer.echo(f"cai label: {summary['records']} AI labels by {summary['labeler']} in {root.cai.out_dir}"
+               + (f"; {summary['pushed']} votes pushed to project {root.cai.project}" if "pushed" in summary else ""))  # fmt: skip
+
+
 loop_app = typer.Typer(
     help="Iterative refinement: rounds of generate -> votes -> reward model -> PPO -> eval (docs/loop.md).",
     invoke_without_command=True,
