@@ -57,7 +57,7 @@ def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     row = report["asr_heldout"]["all"]
     assert row["answers"] == 26 and row["successes"] == sum(hits)
     assert row["ci95"] == list(wilson_interval(sum(hits), 26))
-    assert report["flagged_by"].startswith("even-words") and "gold" in report["scored_by"]
+    assert report["flagged_by"] == "even-words" and "gold" in report["scored_by"]
     # data from the search's flagged answers only
     flagged = [(a, t) for a in search for t, f in zip(a.answers, a.flagged, strict=True) if f and t.strip()]
     pairs = read_jsonl(tmp_path / "rt" / "pairs.jsonl")
