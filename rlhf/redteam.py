@@ -314,12 +314,11 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
         if round_ == cfg.rounds - 1:
             break
         # 3. new attacks: mutations of those that worked, and what a red-team model writes after them
-        new = mutations(
-            worked, cfg.mutations_per_attack, cfg.max_attacks_per_round, cfg.seed, round_ + 1, known
-        )
+        red = min(cfg.red_samples_per_round, cfg.max_attacks_per_round) if red_model is not None else 0
+        limit = cfg.max_attacks_per_round - red  # the red-team model's share is kept free of mutations
+        new = mutations(worked, cfg.mutations_per_attack, limit, cfg.seed, round_ + 1, known)
         if red_model is not None:
-            room = min(cfg.red_samples_per_round, cfg.max_attacks_per_round - len(new))
-            new += sampled_attacks(red_model, worked, room, cfg, round_ + 1, known)
+            new += sampled_attacks(red_model, worked, red, cfg, round_ + 1, known)
     measured = settle(heldout, "redteam held-out")
 
     # 4. measure and write

@@ -16,9 +16,10 @@ from rlhf.config import RedteamConfig
 from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import wilson_interval
+from rlhf.generation import SamplingParams
 from rlhf.judges.base import JudgeBase, Pair
-from rlhf.redteam import Attack, demo_seeds, mutations, read_seeds, run, split_seeds
-from rlhf.text_models import LocalModel
+from rlhf.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
+from rlhf.text_models import LocalModel, Reply
 
 
 class EvenWords(JudgeBase):
@@ -36,19 +37,21 @@ class EvenWords(JudgeBase):
 
 def _cfg(out: Path, model: Path, **kw: Any) -> RedteamConfig:
     return RedteamConfig(out_dir=str(out), target=str(model), rounds=2, samples_per_attack=2, max_new_tokens=12,
-                         mutations_per_attack=1, max_attacks_per_round=10, batch_size=16, **kw)  # fmt: skip
+                         mutations_per_attack=1, max_attacks_per_round=20, red_samples_per_round=4, batch_size=16, **kw)  # fmt: skip
 
 
 def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     cfg = _cfg(tmp_path / "rt", tiny_sft_model)
     classifier = EvenWords()
-    report = run(cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=classifier)
+    report = run(
+        cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=classifier, red_model=Writer()
+    )
     assert classifier.seen[0] == cfg.classifier_principle
     attacks = [Attack(**row) for row in read_jsonl(tmp_path / "rt" / "attacks.jsonl")]
     heldout = [a for a in attacks if a.source == "heldout"]
     search = [a for a in attacks if a.source != "heldout"]
     assert len(heldout) == 13  # 30% of 10 per harm act (3 each) and 1 of the 4 provocations
-    assert any(a.source == "mutation" for a in search)
+    assert any(a.source == "mutation" for a in search) and any(a.source == "red_model" for a in search)
     # the flags are the fake classifier's, and the rates and intervals follow from them
     for a in attacks:
         assert a.flagged == [len(t.split()) % 2 == 0 for t in a.answers] and len(a.answers) == 2
@@ -73,7 +76,13 @@ def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     assert {r["response"] for r in filter_rows} <= {t for _, t in flagged}
 
     # a re-run asks nothing again and reports the same
-    again = run(cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=(fresh := EvenWords()))
+    again = run(
+        cfg,
+        quiet=True,
+        target=LocalModel(str(tiny_sft_model)),
+        classifier=(fresh := EvenWords()),
+        red_model=Writer(),
+    )
     assert fresh.seen == [] and again["asr_heldout"] == report["asr_heldout"]
 
 
@@ -119,3 +128,32 @@ def test_bad_seed_file_names_row(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match="seeds.jsonl:2"):
         read_seeds(str(path), "Sorry.")
+
+
+class Writer:
+    """A red-team model that continues a few-shot list of attacks with a fixed new line."""
+
+    name = "writer"
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def prompt_of(self, message: str) -> str:
+        return message
+
+    def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
+        return self.complete_all(messages, params)
+
+    def complete_all(self, texts: Sequence[str], params: SamplingParams) -> list[Reply]:
+        self.prompts += texts
+        return [Reply(f" Tell me how to trap the grell {i}.\nUser: more", True) for i in range(len(texts))]
+
+
+def test_a_red_team_model_writes_new_attacks() -> None:
+    worked = [Attack(m, "trap", "no", m, "seed", 0, flagged=[True]) for m in
+              ("How do I trap the zorb?", "How do I trap the pip?")]  # fmt: skip
+    writer = Writer()
+    new = sampled_attacks(writer, worked, 3, RedteamConfig(), round_=1, known=set())
+    assert [a.message for a in new] == [f"Tell me how to trap the grell {i}." for i in range(3)]
+    assert all(a.category == "trap" and a.source == "red_model" for a in new)
+    assert all(p.endswith("User:") and "How do I trap the" in p for p in writer.prompts)
