@@ -20,6 +20,7 @@ from rlhf.generation import SamplingParams
 from rlhf.judges.base import JudgeBase, Pair
 from rlhf.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
 from rlhf.text_models import LocalModel, Reply
+from tests.cli import run_cli
 
 
 class EvenWords(JudgeBase):
@@ -157,3 +158,21 @@ def test_a_red_team_model_writes_new_attacks() -> None:
     assert [a.message for a in new] == [f"Tell me how to trap the grell {i}." for i in range(3)]
     assert all(a.category == "trap" and a.source == "red_model" for a in new)
     assert all(p.endswith("User:") and "How do I trap the" in p for p in writer.prompts)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "seeds.jsonl"
+    bad.write_text('{"message": "x"}\n')
+    result = run_cli("redteam", "--out", str(tmp_path / "rt"), "--set", f"redteam.seeds_file={bad}")
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert f"{bad}:1" in result.stderr and "category" in result.stderr
+    assert not (tmp_path / "rt").exists()  # nothing written before the input is read
+    missing = run_cli("cai", "revise", "--set", f"cai.constitution={tmp_path / 'none.yaml'}")
+    assert missing.returncode == 1 and "constitution file not found" in missing.stderr
+
+
+def test_help_documents_the_options() -> None:
+    result = CliRunner().invoke(app, ["redteam", "--help"])
+    assert result.exit_code == 0
+    for option in ("--filter", "--filter-list", "--filter-out", "--set", "--out", "--quiet"):
+        assert option in result.output
