@@ -63,6 +63,9 @@ class DataConfig(Section):
     sft_nonanswer_rate: float = Field(
         0.05, ge=0, le=1, description="share of SFT demonstrations that do not answer what was asked"
     )
+    n_cai_docs: int = Field(
+        0, ge=0, description="critique/revision and comparison documents added to the corpus (docs/cai.md)"
+    )
 
 
 class TrainConfig(Section):
