@@ -12,11 +12,12 @@ import json
 
 from rlhf.data.jsonl import read_jsonl
 from rlhf.eval.reward_metrics import wilson_interval
+from rlhf.judges.gold import is_demo_prompt
 from rlhf.labelers import gold
 
 
 def revisions(path: str) -> dict[str, float]:
-    rows = read_jsonl(path)
+    rows = [r for r in read_jsonl(path) if is_demo_prompt(r["prompt"])]  # gold cannot read mutated attacks
     before = [gold.judge(r["prompt"], r["original"]) for r in rows]
     after = [gold.judge(r["prompt"], r["revision"]) for r in rows]
     n = len(rows)
