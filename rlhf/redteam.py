@@ -262,7 +262,8 @@ def make_classifier(cfg: RedteamConfig) -> Judge:
     from rlhf.eval.judges import make_judge
 
     return make_judge(EvalConfig(judge=cfg.classifier, judge_model=cfg.classifier_model,
-                                 judge_url=cfg.classifier_url, judge_cache=None))  # fmt: skip
+                                 judge_url=cfg.classifier_url, judge_template=cfg.classifier_template,
+                                 judge_api_key_env=cfg.api_key_env, judge_cache=None))  # fmt: skip
 
 
 def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None, classifier: Judge | None = None,
@@ -275,8 +276,12 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
     search, heldout = split_seeds(seeds, cfg.heldout_fraction, cfg.seed)
     done: dict[str, Attack] = {}
     if (out / "attacks.jsonl").is_file():
-        for _, row in iter_jsonl(out / "attacks.jsonl"):
-            done[Attack(**row).id] = Attack(**row)
+        for lineno, row in iter_jsonl(out / "attacks.jsonl"):
+            try:
+                attack = Attack(**row)
+            except TypeError:
+                raise DataError(f"{out / 'attacks.jsonl'}:{lineno}: not an attack of this stage") from None
+            done[attack.id] = attack
         log.info("redteam: %d answered attacks found in %s, not asked again", len(done), out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
