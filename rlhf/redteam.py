@@ -324,6 +324,8 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
         new = mutations(worked, cfg.mutations_per_attack, limit, cfg.seed, round_ + 1, known)
         if red_model is not None:
             new += sampled_attacks(red_model, worked, red, cfg, round_ + 1, known)
+    # the held-out seeds are answered from their own seed: their rate does not depend on how long the search ran
+    target.reseed(cfg.seed + 1)
     measured = settle(heldout, "redteam held-out")
 
     # 4. measure and write

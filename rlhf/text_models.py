@@ -40,6 +40,10 @@ class TextModel(Protocol):
         """The text the model is given for a user message (what preference data and SFT data record)."""
         ...
 
+    def reseed(self, seed: int) -> None:
+        """Sample from here on as a fresh model seeded with `seed` would."""
+        ...
+
 
 class LocalModel:
     """A causal LM checkpoint, sampled in batches; one seeded generator, so a run repeats exactly."""
@@ -53,6 +57,9 @@ class LocalModel:
         self.tokenizer = load_tokenizer(path)
         self.batch_size, self.chat_format = batch_size, chat_format
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
 
     def prompt_of(self, message: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -86,6 +93,9 @@ class EndpointModel(EndpointJudge):
 
     def prompt_of(self, message: str) -> str:
         return message
+
+    def reseed(self, seed: int) -> None:
+        self.seed, self.calls = seed, 0
 
     def _reply(self, item: tuple[int, str, SamplingParams]) -> Reply:
         seed, message, params = item

@@ -176,3 +176,13 @@ def test_help_documents_the_options() -> None:
     assert result.exit_code == 0
     for option in ("--filter", "--filter-list", "--filter-out", "--set", "--out", "--quiet"):
         assert option in result.output
+
+
+def test_heldout_answers_do_not_depend_on_the_search(tmp_path: Path, tiny_sft_model: Path) -> None:
+    heldout = []
+    for rounds in (1, 2):
+        cfg = _cfg(tmp_path / f"r{rounds}", tiny_sft_model).model_copy(update={"rounds": rounds})
+        run(cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=EvenWords())
+        rows = read_jsonl(tmp_path / f"r{rounds}" / "attacks.jsonl")
+        heldout.append({r["message"]: r["answers"] for r in rows if r["source"] == "heldout"})
+    assert len(heldout[0]) == 13 and heldout[0] == heldout[1]
