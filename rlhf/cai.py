@@ -172,7 +172,7 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
         for (p, a, b), (pid, x) in zip(
             pairs, judge_under_principles(judge, pairs, constitution, rng), strict=True
         ):
-            choice = "A" if x > 0.5 else "B" if x < 0.5 else "tie"
+            choice = "tie" if abs(x - 0.5) <= cfg.tie_within else "A" if x > 0.5 else "B"
             done[p] = PairwiseVote(p, a, b, choice, labeler, meta={"principle": pid, "p_first": round(x, 6)})  # type: ignore[arg-type]
         write_preferences(path, done.values())
         bar.update(len(chunk))

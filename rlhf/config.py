@@ -802,6 +802,9 @@ class CaiConfig(Section):
     labeler: str | None = Field(
         None, description="label: labeler name of the AI labels (unset = ai:<eval.judge>)"
     )
+    tie_within: float = Field(
+        0.0, ge=0, lt=0.5, description="label: a tie when |P(first) - 0.5| is at most this (unsure labels)"
+    )
     push_db: str | None = Field(
         None, description="label: feedback store URL to push the labels to as votes (unset = file only)"
     )

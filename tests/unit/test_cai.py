@@ -126,3 +126,18 @@ def test_label_writes_records_and_pushes_votes(tmp_path: Path, tiny_sft_model: P
     assert again["records"] == 3
     with db.session() as session:
         assert len(list(session.scalars(select(Vote)))) == 3
+
+
+class Unsure(JudgeBase):
+    name = "unsure"
+
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        return [0.55 if "poison" in p else 0.3 if "useless" in p else 0.5 for p, _, _ in pairs]
+
+
+def test_an_unsure_judge_gives_ties(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tie_within=0.1)
+    summary = label(cfg, EvalConfig(), quiet=True, policy=Scripted(), judge=Unsure())
+    assert summary["ties"] == 2  # 0.55 and 0.5 are within 0.1 of a tie, 0.3 is not
+    rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
+    assert sorted(r["choice"] for r in rows) == ["B", "tie", "tie"]
