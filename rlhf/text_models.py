@@ -21,6 +21,7 @@ from rlhf.errors import RlhfError
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.judges.endpoint import EndpointJudge
 from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.tokens import chat_prompt, encode_prompts, stop_ids
 
 
 @dataclass
@@ -53,8 +54,10 @@ class LocalModel:
     ):
         self.name = path
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_causal_lm(path).eval().to(self.device)  # type: ignore[arg-type]
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = load_tokenizer(
+            path
+        )  # with a PAD of its own where it had none: the model grows to fit
+        self.model = load_causal_lm(path, tokenizer=self.tokenizer).eval().to(self.device)  # type: ignore[arg-type]
         self.batch_size, self.chat_format = batch_size, chat_format
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -63,9 +66,7 @@ class LocalModel:
 
     def prompt_of(self, message: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return str(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
-            ))  # fmt: skip
+            return chat_prompt(self.tokenizer, [{"role": "user", "content": message}])
         return self.chat_format.replace("{message}", message)
 
     def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
@@ -74,10 +75,12 @@ class LocalModel:
     @torch.no_grad()
     def complete_all(self, texts: Sequence[str], params: SamplingParams) -> list[Reply]:
         out: list[Reply] = []
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        stops, pad = stop_ids(self.tokenizer), self.tokenizer.pad_token_id
         for i in range(0, len(texts), self.batch_size):
-            ids = self.tokenizer(list(texts[i : i + self.batch_size]), add_special_tokens=False)["input_ids"]
-            gen = generate(self.model, ids, params, eos, pad if pad is not None else eos, self.generator)
+            ids = encode_prompts(self.tokenizer, texts[i : i + self.batch_size])  # BOS once, where it has one
+            gen = generate(
+                self.model, ids, params, stops, pad if pad is not None else stops[0], self.generator
+            )
             texts_ = decode_responses(self.tokenizer, gen)
             out += [Reply(t, bool(e)) for t, e in zip(texts_, gen.ended.tolist(), strict=True)]
         return out
