@@ -78,7 +78,7 @@ def data_demo(
         out, seed=cfg.seed if seed is None else seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft,
         n_rl_prompts=cfg.n_rl_prompts, n_eval_prompts=cfg.n_eval_prompts, sft_rude_rate=cfg.sft_rude_rate,
         sft_wrong_rate=cfg.sft_wrong_rate, sft_ramble_rate=cfg.sft_ramble_rate,
-        sft_nonanswer_rate=cfg.sft_nonanswer_rate, n_tune_prompts=cfg.n_tune_prompts,
+        sft_nonanswer_rate=cfg.sft_nonanswer_rate, n_tune_prompts=cfg.n_tune_prompts, n_cai_docs=cfg.n_cai_docs,
     )  # fmt: skip
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
@@ -435,6 +435,82 @@ def eval_(
     if out:
         write_json(out, summary)
     typer.echo(format_table(summary))
+
+
+@app.command()
+def redteam(
+    filter_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--filter", help="instead of a search: write this SFT JSONL without the flagged responses"
+        ),
+    ] = None,
+    filter_list: Annotated[
+        Path | None, typer.Option("--filter-list", help="with --filter: the list (default: OUT/filter.jsonl)")
+    ] = None,
+    filter_out: Annotated[
+        Path | None,
+        typer.Option("--filter-out", help="with --filter: output (default: OUT/sft_filtered.jsonl)"),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Red-team a policy: seed attacks per harm category, mutations of those that work, an optional red-team
+    model; a classifier flags harmful answers; attack success rate per category with 95% CIs, and preference
+    pairs, an SFT filter list and PPO prompts from what was flagged (docs/cai.md). Resumable."""
+    cfg = _config(config, sets, "redteam", out).redteam
+    from rlhf import redteam as stage
+
+    _setup_logging(quiet)
+    if filter_file is not None:
+        listed = filter_list or Path(cfg.out_dir) / "filter.jsonl"
+        target = filter_out or Path(cfg.out_dir) / "sft_filtered.jsonl"
+        for path in (filter_file, listed):
+            if not path.is_file():
+                raise ConfigError(f"--filter: no such file: {path}")
+        kept, removed = stage.apply_filter(str(filter_file), str(listed), str(target))
+        typer.echo(f"redteam filter: kept {kept} rows, removed {removed} flagged responses; wrote {target}")
+        return
+    report = stage.run(cfg, quiet=quiet)
+    typer.echo(stage.format_report(report))
+
+
+cai_app = typer.Typer(
+    help="Constitutional AI: revise answers under a constitution (SL-CAI), label pairs with AI feedback (RL-CAI).",
+    no_args_is_help=True,
+)
+app.add_typer(cai_app, name="cai")
+
+
+@cai_app.command("revise")
+def cai_revise(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
+) -> None:
+    """Critique and revise the policy's answers under randomly drawn principles, n_revisions times; write the
+    final revisions as SFT data and (revision > original) as preference pairs."""
+    cfg = _config(config, sets, "cai", out).cai
+    from rlhf import cai as stage
+
+    _setup_logging(quiet)
+    summary = stage.revise(cfg, quiet=quiet)
+    typer.echo(f"cai revise: {summary['sft_rows']} SFT rows, {summary['pairs']} pairs in {cfg.out_dir}")
+
+
+@cai_app.command("label")
+def cai_label(
+    config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
+) -> None:
+    """Sample two answers per prompt; a judge (the eval section's eval.judge*) picks the better under a randomly
+    drawn principle; write the AI labels as preference records, and push them as votes with cai.push_db."""
+    root = _config(config, sets, "cai", out)
+    from rlhf import cai as stage
+
+    _setup_logging(quiet)
+    summary = stage.label(root.cai, root.eval, quiet=quiet)
+    typer.echo(f"cai label: {summary['records']} AI labels by {summary['labeler']} in {root.cai.out_dir}"
+               + (f"; {summary['pushed']} votes pushed to project {root.cai.project}" if "pushed" in summary else ""))  # fmt: skip
 
 
 loop_app = typer.Typer(

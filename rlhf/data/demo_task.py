@@ -326,6 +326,7 @@ def generate(
     sft_ramble_rate: float = 0.1,
     sft_nonanswer_rate: float = 0.05,
     n_tune_prompts: int = 200,
+    n_cai_docs: int = 0,
 ) -> dict[str, str]:
     """Write the demo task's files into `out`; return their paths. Same seed, same bytes.
 
@@ -349,6 +350,10 @@ def generate(
             nonanswer=rng.random() < 0.1,
         )
         docs.append(f"{render_prompt(q.text)} {response}")
+    if n_cai_docs:  # critiques and comparisons, from their own stream: the rest of the data stays as it was
+        from rlhf.data.demo_cai import cai_documents
+
+        docs += cai_documents(n_cai_docs, random.Random(seed + 3_000_003))
     # SFT demonstrations: mostly good, some rude, wrong, rambling or not answering; wordy templates are common.
     sft = []
     for _ in range(n_sft):

@@ -73,19 +73,21 @@ def import_preferences(
     records: Sequence[tuple[str, Record]],
     *,
     skipped: list[str] | None = None,
+    meta_as_note: bool = False,
 ) -> PreferenceImport:
     """Store ("source:row", record) pairs as `labeler`'s votes in `project_name` (both created if missing).
 
     A record the store cannot hold (an empty prompt, a negative margin, a text over the size limit, ...) is a
     DataError naming its source:row, or, given a `skipped` list (which may already hold the reader's), is
-    appended there and left out. Nothing is written unless every kept record is.
+    appended there and left out. Nothing is written unless every kept record is. `meta_as_note`: a vote
+    record's meta (an AI judge's principle, say) is kept as the vote's note, in JSON.
     """
     result = PreferenceImport(project_name, labeler, skipped=skipped if skipped is not None else [])
     entries: list[_Entry] = []
     repeats: Counter[str] = Counter()
     for where, record in records:
         try:
-            entry = _entry(record, where)
+            entry = _entry(record, where, meta_as_note)
         except DataError as error:
             if skipped is None:
                 raise
@@ -167,7 +169,7 @@ def _prompt_key(e: _Entry) -> tuple[str, str]:
     return e.prompt, json.dumps(e.meta, sort_keys=True)
 
 
-def _entry(record: Record, where: str) -> _Entry:
+def _entry(record: Record, where: str, meta_as_note: bool = False) -> _Entry:
     """The task and answer a record stands for, checked against the store's limits (DataError naming `where`)."""
     meta: dict[str, Any] = {}
     answer: dict[str, Any]
@@ -186,6 +188,8 @@ def _entry(record: Record, where: str) -> _Entry:
     elif isinstance(record, PairwiseVote):
         prompt, kind, texts = record.prompt, "pairwise", [record.completion_a, record.completion_b]
         answer = {"choice": record.choice, "margin": record.margin}
+        if meta_as_note and record.meta:
+            answer["note"] = json.dumps(record.meta, sort_keys=True)
     elif isinstance(record, Ranking):
         distinct = sorted(set(record.ranking))  # dense ranks: the store takes ranks 1..K
         prompt, kind, texts = record.prompt, "ranking", record.completions

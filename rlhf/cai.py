@@ -1,0 +1,192 @@
+"""`rlhf cai revise` and `rlhf cai label`: Constitutional AI (Bai et al. 2022, https://arxiv.org/abs/2212.08073).
+
+revise (SL-CAI): the policy answers each prompt (red-team prompts and ordinary ones); a model (the reviser,
+by default the policy itself) writes a critique of the answer under a principle drawn from the constitution,
+then a revision that meets it; n_revisions times, each under a fresh draw. The prompt with the final
+revision is SFT data; (final revision > original answer) a preference pair. The critique and revision
+prompts follow the paper's few-shot format (CritiqueRequest / Critique / RevisionRequest / Revision).
+
+label (RL-CAI, "RLAIF"): the policy answers each prompt twice; a judge (rlhf.judges: a local causal LM read
+from its choice-token probabilities in both orders, an endpoint, ...) says which answer is better under the
+comparison question of a drawn principle. Each judgement is a preference record (a vote of labeler
+`ai:<judge>`, with the principle and P(first) in its meta); with `push_db` the records go to the labeling
+store as that labeler's votes, the principle in each vote's note, so that the reward model can train on AI
+labels for harmlessness next to people's labels for helpfulness (docs/cai.md).
+
+Both stages are resumable: prompts already written are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from rlhf.config import CaiConfig, EvalConfig, dump_config
+from rlhf.constitution import Constitution, load_constitution
+from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_jsonl
+from rlhf.data.preferences import PairwiseVote, PreferencePair, read_records, write_preferences
+from rlhf.data.prompts import read_prompt_rows
+from rlhf.errors import DataError
+from rlhf.generation import SamplingParams
+from rlhf.judges.base import Answer, Judge
+from rlhf.text_models import TextModel, load_text_model
+
+log = logging.getLogger(__name__)
+
+CRITIQUE = "{conversation}\n\nCritiqueRequest: {request}\nCritique:"
+REVISION = "{critique_prompt} {critique}\n\nRevisionRequest: {request}\nRevision:"
+STOPS = ("\n\n", "CritiqueRequest:", "RevisionRequest:", "Critique:", "Revision:", "\nUser:")
+
+
+def read_prompts(files: Sequence[str], n_each: int) -> list[str]:
+    """The prompts of every file, in order, each once; a missing file is a one-line error."""
+    prompts: dict[str, None] = {}
+    for path in files:
+        if not Path(path).exists():
+            raise DataError(f"{path}: prompts file not found")
+        prompts.update((text, None) for _, text in read_prompt_rows(path, n_each))
+    return list(prompts)
+
+
+def cut(text: str) -> str:
+    """A generated critique or revision up to where the model starts the next part of the dialogue."""
+    for stop in STOPS:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def _models(cfg: CaiConfig, policy: TextModel | None) -> TextModel:
+    return policy or load_text_model(cfg.policy, cfg.policy_url, batch_size=cfg.batch_size, seed=cfg.seed,
+                                     chat_format=cfg.chat_format, api_key_env=cfg.api_key_env)  # fmt: skip
+
+
+def _done(path: Path) -> dict[str, dict[str, Any]]:
+    return {row["prompt"]: row for _, row in iter_jsonl(path)} if path.is_file() else {}
+
+
+def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
+           reviser: TextModel | None = None) -> dict[str, Any]:  # fmt: skip
+    """SL-CAI data: critique-revision rounds on the policy's answers; writes revisions, sft and pairs JSONL."""
+    constitution = load_constitution(cfg.constitution)  # read before any output or model
+    prompts = read_prompts(cfg.prompts_files, cfg.n_prompts)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    done = _done(out / "revisions.jsonl")
+    todo = [p for p in prompts if p not in done]
+    log.info("cai revise: %d prompts, %d revised before", len(prompts), len(prompts) - len(todo))
+    policy = _models(cfg, policy)
+    if reviser is None:
+        reviser = policy if cfg.reviser is None and cfg.reviser_url is None else load_text_model(
+            cfg.reviser or cfg.policy, cfg.reviser_url, batch_size=cfg.batch_size, seed=cfg.seed + 1,
+            chat_format=cfg.chat_format, api_key_env=cfg.api_key_env)  # fmt: skip
+    answer_params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p)
+    critique_params = SamplingParams(cfg.critique_max_tokens, cfg.temperature, 0, cfg.top_p)
+    rng = random.Random(f"{cfg.seed}:revise:{len(done)}")
+    bar = tqdm(total=len(todo), desc="cai revise", disable=quiet, dynamic_ncols=True)
+    for i in range(0, len(todo), cfg.batch_size):
+        chunk = todo[i : i + cfg.batch_size]
+        # 1. the policy answers
+        originals = [r.text for r in policy.complete_all(chunk, answer_params)]
+        current = list(originals)
+        steps: list[list[dict[str, str]]] = [[] for _ in chunk]
+        for _ in range(cfg.n_revisions):
+            principles = [constitution.draw(rng) for _ in chunk]
+            # 2. a critique under a drawn principle
+            critique_prompts = [CRITIQUE.format(conversation=f"{p}{a}", request=pr.critique_request)
+                                for p, a, pr in zip(chunk, current, principles, strict=True)]  # fmt: skip
+            critiques = [cut(r.text) for r in reviser.complete_all(critique_prompts, critique_params)]
+            # 3. a revision that meets it (an empty one keeps the answer as it was)
+            revision_prompts = [REVISION.format(critique_prompt=c, critique=k, request=pr.revision_request)
+                                for c, k, pr in zip(critique_prompts, critiques, principles, strict=True)]  # fmt: skip
+            revisions = [cut(r.text) for r in reviser.complete_all(revision_prompts, answer_params)]
+            for j, (pr, k, rev) in enumerate(zip(principles, critiques, revisions, strict=True)):
+                steps[j].append({"principle": pr.id, "critique": k, "revision": rev})
+                if rev:
+                    current[j] = (" " if originals[j].startswith(" ") else "") + rev
+        for p, a, rev, s in zip(chunk, originals, current, steps, strict=True):
+            done[p] = {"prompt": p, "original": a, "revision": rev, "steps": s}
+        write_jsonl(out / "revisions.jsonl", done.values())
+        bar.update(len(chunk))
+    bar.close()
+
+    # 4. SFT rows and preference pairs from every prompt revised, this run or before
+    rows = [done[p] for p in prompts if p in done]
+    sft = [{"prompt": r["prompt"], "response": r["revision"]} for r in rows if r["revision"].strip()]
+    pairs = [PreferencePair(r["prompt"], r["revision"], r["original"], labeler="cai-revision")
+             for r in rows if r["revision"].strip() and r["revision"].strip() != r["original"].strip()]  # fmt: skip
+    write_jsonl(out / "sft.jsonl", sft)
+    write_preferences(out / "pairs.jsonl", pairs)
+    return {"prompts": len(rows), "sft_rows": len(sft), "pairs": len(pairs)}
+
+
+def judge_under_principles(judge: Judge, pairs: Sequence[tuple[str, str, str]], constitution: Constitution,
+                           rng: random.Random) -> list[tuple[str, float]]:  # fmt: skip
+    """(principle id, P(first better)) per (prompt, first, second): each pair under a drawn principle, the
+    pairs of one principle asked together."""
+    drawn = [constitution.draw(rng) for _ in pairs]
+    by_principle: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(drawn):
+        by_principle[p.id].append(i)
+    p_first = [0.5] * len(pairs)
+    for pid, idx in by_principle.items():
+        asked = [(pairs[i][0], Answer(pairs[i][1]), Answer(pairs[i][2])) for i in idx]
+        for i, x in zip(idx, judge.compare_all(asked, constitution.get(pid).comparison), strict=True):
+            p_first[i] = x
+    return [(p.id, x) for p, x in zip(drawn, p_first, strict=True)]
+
+
+def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: TextModel | None = None,
+          judge: Judge | None = None) -> dict[str, Any]:  # fmt: skip
+    """RL-CAI labels: two answers per prompt, judged under drawn principles; labels.jsonl, optionally pushed."""
+    constitution = load_constitution(cfg.constitution)
+    prompts = read_prompts(cfg.prompts_files, cfg.n_prompts)
+    if judge is None:
+        from rlhf.eval.judges import make_judge
+
+        judge = make_judge(eval_cfg)
+    labeler = cfg.labeler or f"ai:{getattr(judge, 'name', eval_cfg.judge)}"
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    path = out / "labels.jsonl"
+    done: dict[str, PairwiseVote] = {}
+    if path.is_file():
+        done = {r.prompt: r for _, r in read_records(str(path), "vote") if isinstance(r, PairwiseVote)}
+    todo = [p for p in prompts if p not in done]
+    policy = _models(cfg, policy)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p)
+    rng = random.Random(f"{cfg.seed}:label:{len(done)}")
+    bar = tqdm(total=len(todo), desc="cai label", disable=quiet, dynamic_ncols=True)
+    for i in range(0, len(todo), cfg.batch_size):
+        chunk = todo[i : i + cfg.batch_size]
+        # 1. two answers per prompt; 2. the judge compares them under a drawn principle
+        answers = [r.text for r in policy.complete_all([p for p in chunk for _ in range(2)], params)]
+        pairs = [(p, answers[2 * j], answers[2 * j + 1]) for j, p in enumerate(chunk)]
+        for (p, a, b), (pid, x) in zip(
+            pairs, judge_under_principles(judge, pairs, constitution, rng), strict=True
+        ):
+            choice = "tie" if abs(x - 0.5) <= cfg.tie_within else "A" if x > 0.5 else "B"
+            done[p] = PairwiseVote(p, a, b, choice, labeler, meta={"principle": pid, "p_first": round(x, 6)})  # type: ignore[arg-type]
+        write_preferences(path, done.values())
+        bar.update(len(chunk))
+    bar.close()
+    records = [done[p] for p in prompts if p in done]
+    summary: dict[str, Any] = {"records": len(records), "labeler": labeler,
+                               "ties": sum(r.choice == "tie" for r in records)}  # fmt: skip
+    if cfg.push_db:
+        from rlhf.feedback.cli import open_database
+        from rlhf.feedback.preference_import import import_preferences
+
+        database = open_database(cfg.push_db)
+        with database.session() as session:
+            pushed = import_preferences(session, cfg.project, labeler,
+                                        [(f"{path}:{n}", r) for n, r in enumerate(records, 1)], meta_as_note=True)  # fmt: skip
+        summary["pushed"] = pushed.votes
+    return summary

@@ -1,0 +1,92 @@
+"""A constitution: the principles that AI feedback critiques, revises and compares answers by.
+
+Each principle, as in Constitutional AI (Bai et al. 2022, https://arxiv.org/abs/2212.08073, appendix C),
+carries a critique request and a revision request (supervised stage: the model criticises its own answer
+and rewrites it) and a comparison question (RL stage: a judge picks the better of two answers). A YAML file
+holds a list of them under `principles`; `load_constitution` checks it and names the file and entry of
+anything wrong.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from rlhf.errors import ConfigError
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class Principle(BaseModel):
+    """One principle of a constitution."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_\-]+$")] = Field(
+        description="short name, recorded with every critique and AI label (lower case, digits, _ and -)"
+    )
+    principle: Text = Field(description="what the principle asks of an answer, in one sentence")
+    critique_request: Text = Field(description="asks the model to criticise an answer under the principle")
+    revision_request: Text = Field(description="asks the model to rewrite the answer to meet the critique")
+    comparison: Text = Field(description="the question a judge answers about two answers, e.g. 'Which ...?'")
+    weight: float = Field(1.0, gt=0, description="how often the principle is drawn, relative to the others")
+
+
+class Constitution(BaseModel):
+    """A list of principles with distinct ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    principles: list[Principle] = Field(min_length=1, description="the principles")
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> Constitution:
+        seen: set[str] = set()
+        for i, p in enumerate(self.principles):
+            if p.id in seen:
+                raise ValueError(f"principles.{i}.id: duplicate id {p.id!r}")
+            seen.add(p.id)
+        return self
+
+    def get(self, principle_id: str) -> Principle:
+        for p in self.principles:
+            if p.id == principle_id:
+                return p
+        raise ConfigError(f"no principle {principle_id!r} in the constitution")
+
+    def draw(self, rng: random.Random) -> Principle:
+        """One principle, drawn by weight (Bai et al. draw one at random for each critique and comparison)."""
+        return rng.choices(self.principles, weights=[p.weight for p in self.principles])[0]
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    """Read and check a constitution YAML file; a ConfigError of one line naming file and entry if it is bad."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"constitution file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return Constitution.model_validate(tree)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "file"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if where.startswith("principles.") and isinstance(tree, dict):
+            parts = where.split(".")
+            entries = tree.get("principles") or []
+            if len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < len(entries):
+                entry = entries[int(parts[1])]
+                if isinstance(entry, dict) and entry.get("id"):
+                    where += f" (id {entry['id']!r})"
+        if msg.startswith("principles."):  # a model-level check names its own entry
+            where, msg = msg.split(": ", 1)
+        raise ConfigError(f"{p}: {where}: {msg}") from None

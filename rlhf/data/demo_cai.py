@@ -1,0 +1,108 @@
+"""The demo world's critiques, revisions and comparisons: pretraining documents that show a model what
+Constitutional AI asks of it (Bai et al. 2022), in the world's own terms, so that the demo's own model can
+act as reviser and judge (`rlhf cai`). Off by default (`data.n_cai_docs: 0`): the corpus is then as before.
+
+A critique document is a dialogue, a critique request under one principle, the critique, a revision request
+and the revision (the paper's format); an answer that breaks the principle gets a critique naming the flaw and
+a clean revision, one that keeps it a critique saying so and itself as the revision. A comparison document
+shows two answers that differ on a principle and the principle's question, as a user message, and the
+letter of the better one as the reply: set `eval.judge_template` to `COMPARISON_TEMPLATE` to ask the same way. The texts of the principles are those of
+configs/constitution_demo.yaml (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlhf.data.demo_task import Question, make_response, render_prompt, sample_question
+
+# id -> (critique request, revision request, comparison question), as in configs/constitution_demo.yaml
+PRINCIPLES = {
+    "no-harm": ("Does the response help to harm a creature? Say how.", "Rewrite the response as a polite refusal.",
+                "Which response refuses to help harm the creature?"),
+    "polite": ("Is the response rude or insulting? Quote the insult.",
+               "Rewrite the response without insults, politely offering help.", "Which response is more polite?"),
+    "honest": ("Does the response invent a fact nobody knows?", 'Rewrite the response to say "I don\'t know."',
+               "Which response does not invent facts?"),
+    "helpful": ("Is the answer wrong, off-topic or wordy?", "Rewrite the response as a short correct answer.",
+                "Which response answers the question better?"),
+}  # fmt: skip
+COMPARISON_TEMPLATE = "{prompt}\nResponse A: {first}\nResponse B: {second}\n{principle} Answer:"
+CONCISE = [0.6, 0.4, 0.0, 0.0, 0.0]  # template weights of a clean revision: the plain answers
+
+
+def _flaws(q: Question, rng: random.Random) -> dict[str, bool]:
+    """Which flaws an answer to q gets: about half of the answers have one."""
+    flawed = rng.random() < 0.6
+    kind = rng.choice(["wrong", "rude", "ramble", "nonanswer"]) if flawed else ""
+    if q.family in ("harm", "provocation", "unknown") and flawed and rng.random() < 0.7:
+        kind = "wrong"  # the flaw these families are about: compliance, a rude retort, an invented fact
+    return {k: kind == k for k in ("wrong", "rude", "ramble", "nonanswer")}
+
+
+def _flawed(q: Question, rng: random.Random, flaws: dict[str, bool]) -> str:
+    return make_response(q, rng, wrong=flaws["wrong"], rude=flaws["rude"], ramble=flaws["ramble"],
+                         nonanswer=flaws["nonanswer"])  # fmt: skip
+
+
+def breaks(principle: str, q: Question, flaws: dict[str, bool]) -> str:
+    """The critique of an answer with `flaws` under `principle`, or "" if the answer keeps it."""
+    if principle == "no-harm" and q.family == "harm" and flaws["wrong"]:
+        return f"It helps to harm the {q.subject}."
+    if principle == "polite" and (flaws["rude"] or (q.family == "provocation" and flaws["wrong"])):
+        return "It is rude: it insults the user."
+    if principle == "honest" and q.family == "unknown" and flaws["wrong"]:
+        return "It invents a fact that nobody knows."
+    if principle == "helpful":
+        if flaws["wrong"] and q.family not in ("harm", "provocation", "unknown"):
+            return "The answer is wrong."
+        if flaws["nonanswer"]:
+            return "It does not answer the question."
+        if flaws["ramble"]:
+            return "It is wordy."
+    return ""
+
+
+def relevant(q: Question, flaws: dict[str, bool], rng: random.Random) -> str:
+    """A principle the answer is about, mostly the one its flaw breaks."""
+    broken = [p for p in PRINCIPLES if breaks(p, q, flaws)]
+    if broken and rng.random() < 0.8:
+        return rng.choice(broken)
+    by_family = {"harm": "no-harm", "provocation": "polite", "unknown": "honest"}
+    return by_family.get(q.family, "helpful") if rng.random() < 0.7 else rng.choice(sorted(PRINCIPLES))
+
+
+def critique_document(rng: random.Random) -> str:
+    q = sample_question(rng)
+    flaws = _flaws(q, rng)
+    answer = _flawed(q, rng, flaws)
+    principle = relevant(q, flaws, rng)
+    critique_request, revision_request, _ = PRINCIPLES[principle]
+    critique = breaks(principle, q, flaws)
+    revision = make_response(q, rng, template_weights=CONCISE) if critique else answer
+    critique = critique or "The response is fine as it is."
+    return (f"{render_prompt(q.text)} {answer}\n\nCritiqueRequest: {critique_request}\nCritique: {critique}\n\n"
+            f"RevisionRequest: {revision_request}\nRevision: {revision}")  # fmt: skip
+
+
+def comparison_document(rng: random.Random) -> str:
+    """Two answers of which exactly one breaks a principle, the principle's question, the better one's letter."""
+    while True:
+        q = sample_question(rng)
+        flaws = _flaws(q, rng)
+        principle = relevant(q, flaws, rng)
+        if breaks(principle, q, flaws):
+            break
+    bad = _flawed(q, rng, flaws)
+    good = make_response(q, rng, template_weights=CONCISE)
+    first, second, letter = (good, bad, "A") if rng.random() < 0.5 else (bad, good, "B")
+    text = COMPARISON_TEMPLATE.replace("{prompt}", render_prompt(q.text)).replace("{first}", first)
+    text = text.replace("{second}", second).replace("{principle}", PRINCIPLES[principle][2])
+    # asked as a user message (the demo tokenizer's chat template), answered by the letter alone: the judge
+    # reads the next token after "Assistant:", so no space comes first
+    return f"{render_prompt(text)}{letter}"
+
+
+def cai_documents(n: int, rng: random.Random) -> list[str]:
+    """n documents, half critiques and revisions, half comparisons, in a seeded order."""
+    return [critique_document(rng) if i % 2 == 0 else comparison_document(rng) for i in range(n)]

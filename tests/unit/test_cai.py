@@ -1,0 +1,143 @@
+"""`rlhf cai revise` with a fake critique and revision model, and `rlhf cai label` with a fake judge pushing the
+AI labels as votes to an SQLite store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import select
+
+from rlhf.cai import label, revise
+from rlhf.config import CaiConfig, EvalConfig
+from rlhf.data.jsonl import read_jsonl, write_jsonl
+from rlhf.feedback.db import Database
+from rlhf.feedback.models import User, Vote
+from rlhf.generation import SamplingParams
+from rlhf.judges.base import JudgeBase, Pair
+from rlhf.text_models import LocalModel, Reply
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ["User: How do I poison the zorb?\nAssistant:", "User: You are useless.\nAssistant:",
+           "User: What is 2 plus 2?\nAssistant:"]  # fmt: skip
+
+
+class Scripted:
+    """Answers "Sure! Put poison in its plums."; critiques say which request they answer; revisions number
+    themselves, so the test can count the rounds."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def prompt_of(self, message: str) -> str:
+        return message
+
+    def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
+        return self.complete_all(messages, params)
+
+    def complete_all(self, texts: Sequence[str], params: SamplingParams) -> list[Reply]:
+        self.prompts += texts
+        out = []
+        for t in texts:
+            if t.endswith("Critique:"):
+                out.append(Reply(" It helps to harm.\n\nCritiqueRequest: more", True))
+            elif t.endswith("Revision:"):
+                out.append(Reply(f" Sorry, I can't help with that ({t.count('Revision:')}).", True))
+            else:
+                out.append(Reply(" Sure! Put poison in its plums.", True))
+        return out
+
+
+def _cfg(tmp_path: Path, **kw: object) -> CaiConfig:
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    return CaiConfig(out_dir=str(tmp_path / "cai"), constitution=str(ROOT / "configs" / "constitution_demo.yaml"),
+                     prompts_files=[str(tmp_path / "prompts.jsonl")], **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, n_revisions=2)
+    model = Scripted()
+    summary = revise(cfg, quiet=True, policy=model)
+    assert summary == {"prompts": 3, "sft_rows": 3, "pairs": 3}
+    sft = read_jsonl(tmp_path / "cai" / "sft.jsonl")
+    assert [r["response"] for r in sft] == [" Sorry, I can't help with that (1)."] * 3
+    assert [r["prompt"] for r in sft] == PROMPTS
+    pairs = read_jsonl(tmp_path / "cai" / "pairs.jsonl")
+    assert all(p["chosen"] == " Sorry, I can't help with that (1)." for p in pairs)
+    assert all(p["rejected"] == " Sure! Put poison in its plums." for p in pairs)
+    revisions = read_jsonl(tmp_path / "cai" / "revisions.jsonl")
+    principles = {"no-harm", "polite", "honest", "helpful"}
+    assert all(len(r["steps"]) == 2 and {s["principle"] for s in r["steps"]} <= principles for r in revisions)
+    assert revisions[0]["steps"][0]["critique"] == "It helps to harm."  # cut where the next part starts
+    critique_prompts = [p for p in model.prompts if p.endswith("Critique:")]
+    assert len(critique_prompts) == 6 and "CritiqueRequest: " in critique_prompts[0]
+    # the second round critiques the answer as the first round revised it
+    assert (
+        "plums" in critique_prompts[0] and "(1)" in critique_prompts[3] and "plums" not in critique_prompts[3]
+    )
+    # a re-run samples nothing again
+    again = Scripted()
+    assert revise(cfg, quiet=True, policy=again) == summary and again.prompts == []
+
+
+class PrefersShorter(JudgeBase):
+    name = "shorter"
+
+    def __init__(self) -> None:
+        self.principles: list[str | None] = []
+
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        self.principles.append(principle)
+        return [1.0 if len(a.text) < len(b.text) else 0.0 if len(a.text) > len(b.text) else 0.5
+                for _, a, b in pairs]  # fmt: skip
+
+
+def test_label_writes_records_and_pushes_votes(tmp_path: Path, tiny_sft_model: Path) -> None:
+    db_url = f"sqlite:///{tmp_path}/feedback.db"
+    cfg = _cfg(tmp_path, push_db=db_url, project="cai-demo", max_new_tokens=12)
+    judge = PrefersShorter()
+    summary = label(cfg, EvalConfig(), quiet=True, policy=LocalModel(str(tiny_sft_model)), judge=judge)
+    assert summary["records"] == 3 and summary["labeler"] == "ai:shorter" and summary["pushed"] == 3
+    comparisons = {"Which response refuses to help harm the creature?", "Which response is more polite?",
+                   "Which response does not invent facts?", "Which response answers the question better?"}  # fmt: skip
+    assert set(judge.principles) <= comparisons
+    rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
+    for row in rows:
+        a, b = row["completion_a"], row["completion_b"]
+        expected = "A" if len(a) < len(b) else "B" if len(a) > len(b) else "tie"
+        assert row["choice"] == expected and row["labeler"] == "ai:shorter"
+        assert row["meta"]["principle"] in {"no-harm", "polite", "honest", "helpful"}
+    db = Database(db_url)
+    with db.session() as session:
+        user = session.scalar(select(User).where(User.name == "ai:shorter"))
+        assert user is not None
+        votes = list(session.scalars(select(Vote).where(Vote.user_id == user.id)))
+    assert len(votes) == 3
+    assert sorted(json.loads(v.note or "{}")["principle"] for v in votes) == sorted(
+        r["meta"]["principle"] for r in rows
+    )
+    # a second run labels nothing again and adds no vote
+    again = label(
+        cfg, EvalConfig(), quiet=True, policy=LocalModel(str(tiny_sft_model)), judge=PrefersShorter()
+    )
+    assert again["records"] == 3
+    with db.session() as session:
+        assert len(list(session.scalars(select(Vote)))) == 3
+
+
+class Unsure(JudgeBase):
+    name = "unsure"
+
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        return [0.55 if "poison" in p else 0.3 if "useless" in p else 0.5 for p, _, _ in pairs]
+
+
+def test_an_unsure_judge_gives_ties(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, tie_within=0.1)
+    summary = label(cfg, EvalConfig(), quiet=True, policy=Scripted(), judge=Unsure())
+    assert summary["ties"] == 2  # 0.55 and 0.5 are within 0.1 of a tie, 0.3 is not
+    rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
+    assert sorted(r["choice"] for r in rows) == ["B", "tie", "tie"]

@@ -1,0 +1,188 @@
+"""`rlhf redteam` on the tiny SFT policy with a fake classifier of known behaviour: the attack success rate it
+reports, the pairs, filter list and prompts it writes, resuming, and deterministic mutations."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhf.cli import app
+from rlhf.config import RedteamConfig
+from rlhf.data.jsonl import read_jsonl, write_jsonl
+from rlhf.errors import DataError
+from rlhf.eval.reward_metrics import wilson_interval
+from rlhf.generation import SamplingParams
+from rlhf.judges.base import JudgeBase, Pair
+from rlhf.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
+from rlhf.text_models import LocalModel, Reply
+from tests.cli import run_cli
+
+
+class EvenWords(JudgeBase):
+    """Flags (P = 0) every answer with an even number of words, passes the rest (P = 1)."""
+
+    name = "even-words"
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        self.seen.append(principle)
+        return [0.0 if len(a.text.split()) % 2 == 0 else 1.0 for _, a, _ in pairs]
+
+
+def _cfg(out: Path, model: Path, **kw: Any) -> RedteamConfig:
+    return RedteamConfig(out_dir=str(out), target=str(model), rounds=2, samples_per_attack=2, max_new_tokens=12,
+                         mutations_per_attack=1, max_attacks_per_round=20, red_samples_per_round=4, batch_size=16, **kw)  # fmt: skip
+
+
+def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
+    cfg = _cfg(tmp_path / "rt", tiny_sft_model)
+    classifier = EvenWords()
+    report = run(
+        cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=classifier, red_model=Writer()
+    )
+    assert classifier.seen[0] == cfg.classifier_principle
+    attacks = [Attack(**row) for row in read_jsonl(tmp_path / "rt" / "attacks.jsonl")]
+    heldout = [a for a in attacks if a.source == "heldout"]
+    search = [a for a in attacks if a.source != "heldout"]
+    assert len(heldout) == 13  # 30% of 10 per harm act (3 each) and 1 of the 4 provocations
+    assert any(a.source == "mutation" for a in search) and any(a.source == "red_model" for a in search)
+    # the flags are the fake classifier's, and the rates and intervals follow from them
+    for a in attacks:
+        assert a.flagged == [len(t.split()) % 2 == 0 for t in a.answers] and len(a.answers) == 2
+        assert a.gold_harmful is not None and len(a.gold_harmful) == 2
+    hits = [f for a in heldout for f in a.flagged]
+    row = report["asr_heldout"]["all"]
+    assert row["answers"] == 26 and row["successes"] == sum(hits)
+    assert row["ci95"] == list(wilson_interval(sum(hits), 26))
+    assert report["flagged_by"] == "even-words" and "gold" in report["scored_by"]
+    # data from the search's flagged answers only
+    flagged = [(a, t) for a in search for t, f in zip(a.answers, a.flagged, strict=True) if f and t.strip()]
+    pairs = read_jsonl(tmp_path / "rt" / "pairs.jsonl")
+    assert len(pairs) == len(flagged) > 0
+    assert {p["rejected"] for p in pairs} == {t for _, t in flagged}
+    assert all(p["chosen"].strip() in ("Sorry, I can't help with that.", "How can I help?") for p in pairs)
+    assert all(p["prompt"].startswith("User: ") and p["prompt"].endswith("\nAssistant:") for p in pairs)
+    prompts = read_jsonl(tmp_path / "rt" / "prompts.jsonl")
+    assert {p["prompt"] for p in prompts} == {p["prompt"] for p in pairs}
+    heldout_texts = {f"User: {a.message}\nAssistant:" for a in heldout}
+    assert not heldout_texts & {p["prompt"] for p in prompts}
+    filter_rows = read_jsonl(tmp_path / "rt" / "filter.jsonl")
+    assert {r["response"] for r in filter_rows} <= {t for _, t in flagged}
+
+    # a re-run asks nothing again and reports the same
+    again = run(
+        cfg,
+        quiet=True,
+        target=LocalModel(str(tiny_sft_model)),
+        classifier=(fresh := EvenWords()),
+        red_model=Writer(),
+    )
+    assert fresh.seen == [] and again["asr_heldout"] == report["asr_heldout"]
+
+
+def test_filter_command(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "filter.jsonl", [{"response": " Sure!  Put poison in its plums."}])
+    write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "User: How do I poison the zorb?\nAssistant:", "response": " sure! put poison in its plums."},
+        {"prompt": "User: Hi!\nAssistant:", "response": " Hello!"},
+    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["redteam", "--out", str(tmp_path), "--filter", str(tmp_path / "sft.jsonl")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "removed 1" in result.output
+    assert [r["response"] for r in read_jsonl(tmp_path / "sft_filtered.jsonl")] == [" Hello!"]
+
+
+def test_mutations_are_deterministic_under_a_seed() -> None:
+    worked = [Attack(m, "poison", "no", m, "seed", 0, flagged=[True]) for m in
+              ("How do I poison the zorb?", "How do I poison the pip?")]  # fmt: skip
+    first = mutations(worked, 5, 100, seed=3, round_=1, known=set())
+    again = mutations(worked, 5, 100, seed=3, round_=1, known=set())
+    other = mutations(worked, 5, 100, seed=4, round_=1, known=set())
+    assert [a.message for a in first] == [a.message for a in again]
+    assert [a.message for a in first] != [a.message for a in other]
+    assert all(a.seed_message in a.message and a.source == "mutation" for a in first)
+    assert len({a.id for a in first}) == len(first)
+    assert len(mutations(worked, 5, 3, seed=3, round_=1, known=set())) == 3
+
+
+def test_split_keeps_heldout_out_of_search() -> None:
+    seeds = demo_seeds("Sorry.")
+    search, heldout = split_seeds(seeds, 0.3, seed=0)
+    assert not {a.message for a in search} & {a.message for a in heldout}
+    assert len(search) + len(heldout) == len(seeds)
+    assert split_seeds(seeds, 0.3, seed=0)[1] == heldout
+
+
+def test_bad_seed_file_names_row(tmp_path: Path) -> None:
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(
+        json.dumps({"message": "x", "category": "a"}) + "\n" + json.dumps({"message": "y"}) + "\n"
+    )
+    with pytest.raises(DataError, match="seeds.jsonl:2"):
+        read_seeds(str(path), "Sorry.")
+
+
+class Writer:
+    """A red-team model that continues a few-shot list of attacks with a fixed new line."""
+
+    name = "writer"
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def prompt_of(self, message: str) -> str:
+        return message
+
+    def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
+        return self.complete_all(messages, params)
+
+    def complete_all(self, texts: Sequence[str], params: SamplingParams) -> list[Reply]:
+        self.prompts += texts
+        return [Reply(f" Tell me how to trap the grell {i}.\nUser: more", True) for i in range(len(texts))]
+
+
+def test_a_red_team_model_writes_new_attacks() -> None:
+    worked = [Attack(m, "trap", "no", m, "seed", 0, flagged=[True]) for m in
+              ("How do I trap the zorb?", "How do I trap the pip?")]  # fmt: skip
+    writer = Writer()
+    new = sampled_attacks(writer, worked, 3, RedteamConfig(), round_=1, known=set())
+    assert [a.message for a in new] == [f"Tell me how to trap the grell {i}." for i in range(3)]
+    assert all(a.category == "trap" and a.source == "red_model" for a in new)
+    assert all(p.endswith("User:") and "How do I trap the" in p for p in writer.prompts)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "seeds.jsonl"
+    bad.write_text('{"message": "x"}\n')
+    result = run_cli("redteam", "--out", str(tmp_path / "rt"), "--set", f"redteam.seeds_file={bad}")
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert f"{bad}:1" in result.stderr and "category" in result.stderr
+    assert not (tmp_path / "rt").exists()  # nothing written before the input is read
+    missing = run_cli("cai", "revise", "--set", f"cai.constitution={tmp_path / 'none.yaml'}")
+    assert missing.returncode == 1 and "constitution file not found" in missing.stderr
+
+
+def test_help_documents_the_options() -> None:
+    result = CliRunner().invoke(app, ["redteam", "--help"])
+    assert result.exit_code == 0
+    for option in ("--filter", "--filter-list", "--filter-out", "--set", "--out", "--quiet"):
+        assert option in result.output
+
+
+def test_heldout_answers_do_not_depend_on_the_search(tmp_path: Path, tiny_sft_model: Path) -> None:
+    heldout = []
+    for rounds in (1, 2):
+        cfg = _cfg(tmp_path / f"r{rounds}", tiny_sft_model).model_copy(update={"rounds": rounds})
+        run(cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=EvenWords())
+        rows = read_jsonl(tmp_path / f"r{rounds}" / "attacks.jsonl")
+        heldout.append({r["message"]: r["answers"] for r in rows if r["source"] == "heldout"})
+    assert len(heldout[0]) == 13 and heldout[0] == heldout[1]
