@@ -63,7 +63,7 @@ def cut(text: str) -> str:
 
 def _models(cfg: CaiConfig, policy: TextModel | None) -> TextModel:
     return policy or load_text_model(cfg.policy, cfg.policy_url, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     chat_format=cfg.chat_format, api_key_env=cfg.api_key_env)  # fmt: skip
+                                     api_key_env=cfg.api_key_env)  # fmt: skip
 
 
 def _done(path: Path) -> dict[str, dict[str, Any]]:
@@ -85,7 +85,7 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
     if reviser is None:
         reviser = policy if cfg.reviser is None and cfg.reviser_url is None else load_text_model(
             cfg.reviser or cfg.policy, cfg.reviser_url, batch_size=cfg.batch_size, seed=cfg.seed + 1,
-            chat_format=cfg.chat_format, api_key_env=cfg.api_key_env)  # fmt: skip
+            api_key_env=cfg.api_key_env)  # fmt: skip
     answer_params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p)
     critique_params = SamplingParams(cfg.critique_max_tokens, cfg.temperature, 0, cfg.top_p)
     rng = random.Random(f"{cfg.seed}:revise:{len(done)}")

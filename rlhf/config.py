@@ -688,9 +688,6 @@ class LoopConfig(Section):
     )
 
 
-DEFAULT_CHAT_FORMAT = "User: {message}\nAssistant:"
-
-
 class RedteamConfig(Section):
     """`rlhf redteam`: attack a policy with harmful requests, mutate the attacks that work, flag harmful answers
     with a classifier; attack success rate per category, and preference pairs, an SFT filter list and PPO
@@ -732,9 +729,6 @@ class RedteamConfig(Section):
     temperature: float = Field(1.0, ge=0, description="sampling temperature of the target")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the target")
     batch_size: int = Field(32, gt=0, description="local models: prompts per generation batch")
-    chat_format: str = Field(
-        DEFAULT_CHAT_FORMAT, description="how a user message is shown to a checkpoint without a chat template"
-    )
     classifier: Literal["reward_model", "local", "endpoint"] = Field(
         "reward_model",
         description="the judge that flags answers: it compares each answer with the category's safe answer",
@@ -796,9 +790,6 @@ class CaiConfig(Section):
     temperature: float = Field(0.7, ge=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     batch_size: int = Field(16, gt=0, description="local models: prompts per generation batch")
-    chat_format: str = Field(
-        DEFAULT_CHAT_FORMAT, description="how a user message is shown to a checkpoint without a chat template"
-    )
     labeler: str | None = Field(
         None, description="label: labeler name of the AI labels (unset = ai:<eval.judge>)"
     )

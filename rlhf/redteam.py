@@ -287,7 +287,7 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     key = dict(api_key_env=cfg.api_key_env, requests_per_s=cfg.requests_per_s, concurrency=cfg.concurrency)
     target = target or load_text_model(cfg.target, cfg.target_url, batch_size=cfg.batch_size, seed=cfg.seed,
-                                       chat_format=cfg.chat_format, **key)  # type: ignore[arg-type]  # fmt: skip
+                                       **key)  # type: ignore[arg-type]  # fmt: skip
     classifier_name = f"{cfg.classifier}:{cfg.classifier_model}" if classifier is None else classifier.name
     classifier = classifier or make_classifier(cfg)
     if red_model is None and cfg.red_model:

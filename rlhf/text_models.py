@@ -1,8 +1,8 @@
 """A model that answers text, as red teaming and Constitutional AI use one: a local checkpoint (sampled with
 rlhf.generation) or any OpenAI-compatible chat endpoint (the judge's client: paced, retried).
 
-`reply_all` answers user messages as an assistant (the checkpoint's chat template, or `chat_format` where it
-has none); `complete_all` continues raw text (a local checkpoint) or sends it as one user message (an
+`reply_all` answers user messages as an assistant (the checkpoint's chat template, or the default one where it
+has none: rlhf.models.tokens); `complete_all` continues raw text (a local checkpoint) or sends it as one user message (an
 endpoint), for critique and revision prompts written out in full.
 """
 
@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import torch
 
-from rlhf.config import DEFAULT_CHAT_FORMAT
 from rlhf.errors import RlhfError
 from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.judges.endpoint import EndpointJudge
@@ -49,25 +48,22 @@ class TextModel(Protocol):
 class LocalModel:
     """A causal LM checkpoint, sampled in batches; one seeded generator, so a run repeats exactly."""
 
-    def __init__(
-        self, path: str, batch_size: int = 16, chat_format: str = DEFAULT_CHAT_FORMAT, seed: int = 0
-    ):
+    def __init__(self, path: str, batch_size: int = 16, seed: int = 0):
         self.name = path
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(
             path
         )  # with a PAD of its own where it had none: the model grows to fit
         self.model = load_causal_lm(path, tokenizer=self.tokenizer).eval().to(self.device)  # type: ignore[arg-type]
-        self.batch_size, self.chat_format = batch_size, chat_format
+        self.batch_size = batch_size
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
     def prompt_of(self, message: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return chat_prompt(self.tokenizer, [{"role": "user", "content": message}])
-        return self.chat_format.replace("{message}", message)
+        """The message as the checkpoint's chat template shows it (the default one where it has none)."""
+        return chat_prompt(self.tokenizer, [{"role": "user", "content": message}])
 
     def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
         return self.complete_all([self.prompt_of(m) for m in messages], params)
@@ -130,10 +126,10 @@ class EndpointModel(EndpointJudge):
 
 
 def load_text_model(model: str, url: str | None = None, *, batch_size: int = 16, seed: int = 0,
-                    chat_format: str = DEFAULT_CHAT_FORMAT, api_key_env: str = "OPENAI_API_KEY",
+                    api_key_env: str = "OPENAI_API_KEY",
                     requests_per_s: float = 5.0, concurrency: int = 4) -> TextModel:  # fmt: skip
     """A checkpoint (`model` a directory or hub id) or, given `url`, the endpoint's model named `model`."""
     if url:
         return EndpointModel(url, model, api_key_env, seed=seed, requests_per_s=requests_per_s,
                              concurrency=concurrency)  # fmt: skip
-    return LocalModel(model, batch_size=batch_size, chat_format=chat_format, seed=seed)
+    return LocalModel(model, batch_size=batch_size, seed=seed)
