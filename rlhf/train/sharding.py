@@ -53,12 +53,7 @@ def shard(module: torch.nn.Module, cfg: TrainConfig, accelerator: Accelerator) -
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    # each process shards its own copy: they must be equal first (new weights, a LoRA adapter or a scalar head,
-    # were drawn from each process's own seed). DDP broadcasts rank 0's copy the same way.
-    module.to(accelerator.device)
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)
+    sent = same_on_every_process(module, accelerator.device)
     offload = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
     names = block_classes(module)
     blocks = [m for m in module.modules() if type(m).__name__ in names]
@@ -69,9 +64,37 @@ def shard(module: torch.nn.Module, cfg: TrainConfig, accelerator: Accelerator) -
     for block in blocks:
         fully_shard(block, mesh=mesh, offload_policy=offload)
     fully_shard(module, mesh=mesh, offload_policy=offload)
-    log.info("fsdp: %s sharded across %d processes (%d blocks of %s)", type(module).__name__,
-             accelerator.num_processes, len(blocks), ", ".join(sorted(names)) or "none")  # fmt: skip
+    log.info("fsdp: %s sharded across %d processes (%d blocks of %s; %d tensors made equal first)",
+             type(module).__name__, accelerator.num_processes, len(blocks), ", ".join(sorted(names)) or "none",
+             sent)  # fmt: skip
     return module
+
+
+@torch.no_grad()
+def same_on_every_process(module: torch.nn.Module, device: torch.device) -> int:
+    """Make every process's copy of `module` rank 0's; returns how many tensors were sent.
+
+    Each process shards its own copy, so the copies must be equal first: weights loaded from one checkpoint
+    are, but new ones (a LoRA adapter, a scalar head) were drawn from each process's own seed. Rather than
+    send the whole model (as DDP does, on the device), a checksum per tensor finds the ones that differ."""
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.numel()]
+
+    def checksum(t: torch.Tensor) -> list[torch.Tensor]:  # the sum, the first and the last value
+        flat = t.detach().reshape(-1)
+        return [t.detach().sum(dtype=torch.float64), flat[0].double(), flat[-1].double()]
+
+    sums = torch.stack([c for t in tensors for c in checksum(t)] or [torch.zeros((), dtype=torch.float64)])
+    low = sums.to(device)
+    high = low.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    unequal = ((low != high) | low.isnan()).tolist()  # 3 values per tensor
+    differ = [t for k, t in enumerate(tensors) if any(unequal[3 * k : 3 * k + 3])]
+    for t in differ:
+        sent = t.data.to(device)
+        torch.distributed.broadcast(sent, src=0)
+        t.data.copy_(sent)
+    return len(differ)
 
 
 def prepare(
