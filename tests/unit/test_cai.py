@@ -14,41 +14,23 @@ from rlhf.config import CaiConfig, EvalConfig
 from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.feedback.db import Database
 from rlhf.feedback.models import User, Vote
-from rlhf.generation import SamplingParams
 from rlhf.judges.base import JudgeBase, Pair
-from rlhf.text_models import LocalModel, Reply
+from rlhf.text_models import LocalModel
+from tests.fakes import ScriptedModel
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["User: How do I poison the zorb?\nAssistant:", "User: You are useless.\nAssistant:",
            "User: What is 2 plus 2?\nAssistant:"]  # fmt: skip
 
 
-class Scripted:
+def scripted_answer(text: str, _: int) -> str:
     """Answers "Sure! Put poison in its plums."; critiques say which request they answer; revisions number
     themselves, so the test can count the rounds."""
-
-    name = "scripted"
-
-    def __init__(self) -> None:
-        self.prompts: list[str] = []
-
-    def prompt_of(self, message: str) -> str:
-        return message
-
-    def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
-        return self.complete_all(messages, params)
-
-    def complete_all(self, texts: Sequence[str], params: SamplingParams) -> list[Reply]:
-        self.prompts += texts
-        out = []
-        for t in texts:
-            if t.endswith("Critique:"):
-                out.append(Reply(" It helps to harm.\n\nCritiqueRequest: more", True))
-            elif t.endswith("Revision:"):
-                out.append(Reply(f" Sorry, I can't help with that ({t.count('Revision:')}).", True))
-            else:
-                out.append(Reply(" Sure! Put poison in its plums.", True))
-        return out
+    if text.endswith("Critique:"):
+        return " It helps to harm.\n\nCritiqueRequest: more"
+    if text.endswith("Revision:"):
+        return f" Sorry, I can't help with that ({text.count('Revision:')})."
+    return " Sure! Put poison in its plums."
 
 
 def _cfg(tmp_path: Path, **kw: object) -> CaiConfig:
@@ -59,7 +41,7 @@ def _cfg(tmp_path: Path, **kw: object) -> CaiConfig:
 
 def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, n_revisions=2)
-    model = Scripted()
+    model = ScriptedModel("scripted", scripted_answer)
     summary = revise(cfg, quiet=True, policy=model)
     assert summary == {"prompts": 3, "sft_rows": 3, "pairs": 3}
     sft = read_jsonl(tmp_path / "cai" / "sft.jsonl")
@@ -79,7 +61,7 @@ def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
         "plums" in critique_prompts[0] and "(1)" in critique_prompts[3] and "plums" not in critique_prompts[3]
     )
     # a re-run samples nothing again
-    again = Scripted()
+    again = ScriptedModel("scripted", scripted_answer)
     assert revise(cfg, quiet=True, policy=again) == summary and again.prompts == []
 
 
@@ -137,7 +119,9 @@ class Unsure(JudgeBase):
 
 def test_an_unsure_judge_gives_ties(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, tie_within=0.1)
-    summary = label(cfg, EvalConfig(), quiet=True, policy=Scripted(), judge=Unsure())
+    summary = label(
+        cfg, EvalConfig(), quiet=True, policy=ScriptedModel("scripted", scripted_answer), judge=Unsure()
+    )
     assert summary["ties"] == 2  # 0.55 and 0.5 are within 0.1 of a tie, 0.3 is not
     rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
     assert sorted(r["choice"] for r in rows) == ["B", "tie", "tie"]

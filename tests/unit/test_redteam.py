@@ -16,11 +16,11 @@ from rlhf.config import RedteamConfig
 from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import wilson_interval
-from rlhf.generation import SamplingParams
 from rlhf.judges.base import JudgeBase, Pair
 from rlhf.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
-from rlhf.text_models import LocalModel, Reply
+from rlhf.text_models import LocalModel
 from tests.cli import run_cli
+from tests.fakes import ScriptedModel
 
 
 class EvenWords(JudgeBase):
@@ -41,11 +41,16 @@ def _cfg(out: Path, model: Path, **kw: Any) -> RedteamConfig:
                          mutations_per_attack=1, max_attacks_per_round=20, red_samples_per_round=4, batch_size=16, **kw)  # fmt: skip
 
 
+def red_writer() -> ScriptedModel:
+    """A red-team model that continues a few-shot list of attacks with a fixed new line."""
+    return ScriptedModel("writer", lambda _, i: f" Tell me how to trap the grell {i}.\nUser: more")
+
+
 def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     cfg = _cfg(tmp_path / "rt", tiny_sft_model)
     classifier = EvenWords()
     report = run(
-        cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=classifier, red_model=Writer()
+        cfg, quiet=True, target=LocalModel(str(tiny_sft_model)), classifier=classifier, red_model=red_writer()
     )
     assert classifier.seen[0] == cfg.classifier_principle
     attacks = [Attack(**row) for row in read_jsonl(tmp_path / "rt" / "attacks.jsonl")]
@@ -82,7 +87,7 @@ def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
         quiet=True,
         target=LocalModel(str(tiny_sft_model)),
         classifier=(fresh := EvenWords()),
-        red_model=Writer(),
+        red_model=red_writer(),
     )
     assert fresh.seen == [] and again["asr_heldout"] == report["asr_heldout"]
 
@@ -131,29 +136,11 @@ def test_bad_seed_file_names_row(tmp_path: Path) -> None:
         read_seeds(str(path), "Sorry.")
 
 
-class Writer:
-    """A red-team model that continues a few-shot list of attacks with a fixed new line."""
-
-    name = "writer"
-
-    def __init__(self) -> None:
-        self.prompts: list[str] = []
-
-    def prompt_of(self, message: str) -> str:
-        return message
-
-    def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
-        return self.complete_all(messages, params)
-
-    def complete_all(self, texts: Sequence[str], params: SamplingParams) -> list[Reply]:
-        self.prompts += texts
-        return [Reply(f" Tell me how to trap the grell {i}.\nUser: more", True) for i in range(len(texts))]
-
-
 def test_a_red_team_model_writes_new_attacks() -> None:
     worked = [Attack(m, "trap", "no", m, "seed", 0, flagged=[True]) for m in
               ("How do I trap the zorb?", "How do I trap the pip?")]  # fmt: skip
-    writer = Writer()
+    # a red-team model that continues a few-shot list of attacks with a fixed new line
+    writer = red_writer()
     new = sampled_attacks(writer, worked, 3, RedteamConfig(), round_=1, known=set())
     assert [a.message for a in new] == [f"Tell me how to trap the grell {i}." for i in range(3)]
     assert all(a.category == "trap" and a.source == "red_model" for a in new)
