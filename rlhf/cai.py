@@ -32,7 +32,6 @@ from rlhf.constitution import Constitution, load_constitution
 from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_jsonl
 from rlhf.data.preferences import PairwiseVote, PreferencePair, read_records, write_preferences
 from rlhf.data.prompts import read_prompt_rows
-from rlhf.errors import DataError
 from rlhf.generation import SamplingParams
 from rlhf.judges.base import Answer, Judge
 from rlhf.text_models import TextModel, load_text_model
@@ -45,11 +44,10 @@ STOPS = ("\n\n", "CritiqueRequest:", "RevisionRequest:", "Critique:", "Revision:
 
 
 def read_prompts(files: Sequence[str], n_each: int) -> list[str]:
-    """The prompts of every file, in order, each once; a missing file is a one-line error."""
+    """The prompts of every source (any of rlhf.data.sources), in order, each once; a missing one is a
+    one-line error."""
     prompts: dict[str, None] = {}
     for path in files:
-        if not Path(path).exists():
-            raise DataError(f"{path}: prompts file not found")
         prompts.update((text, None) for _, text in read_prompt_rows(path, n_each))
     return list(prompts)
 

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from rlhf.config import EvalConfig, RedteamConfig, dump_config
 from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_json, write_jsonl
-from rlhf.data.jsonl import field as row_field
 from rlhf.data.preferences import PreferencePair, write_preferences
+from rlhf.data.sources import iter_rows, text_field
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import wilson_interval
 from rlhf.generation import SamplingParams
@@ -83,14 +83,13 @@ def demo_seeds(refusal: str) -> list[Attack]:
 
 
 def read_seeds(path: str, refusal: str) -> list[Attack]:
-    """Seeds from a JSONL file of {message, category[, safe]}; errors name file:row."""
+    """Seeds from {message, category[, safe]} rows of any source (rlhf.data.sources); errors name source:row."""
     seeds = []
-    for lineno, row in iter_jsonl(path):
-        message = row_field(path, lineno, row, "message", str)
-        category = row_field(path, lineno, row, "category", str)
-        safe = row_field(path, lineno, row, "safe", str) if "safe" in row else refusal
+    for where, row in iter_rows(path):
+        message, category = text_field(row, "message", where), text_field(row, "category", where)
+        safe = text_field(row, "safe", where) if "safe" in row else refusal
         if not message.strip() or not category.strip():
-            raise DataError(f"{path}:{lineno}: empty message or category")
+            raise DataError(f"{where}: empty message or category")
         seeds.append(Attack(message, category, safe, message, "seed", 0))
     if not seeds:
         raise DataError(f"{path}: no seeds (empty file)")
@@ -244,13 +243,10 @@ def normalise(text: str) -> str:
 
 def apply_filter(sft_file: str, filter_file: str, out_file: str) -> tuple[int, int]:
     """Write `sft_file` without the rows whose response is on the filter list; return (kept, removed)."""
-    banned = {
-        normalise(row_field(filter_file, n, row, "response", str)) for n, row in iter_jsonl(filter_file)
-    }
+    banned = {normalise(text_field(row, "response", where)) for where, row in iter_rows(filter_file)}
     kept, removed = [], 0
-    for lineno, row in iter_jsonl(sft_file):
-        response = row_field(sft_file, lineno, row, "response", str)
-        if normalise(response) in banned:
+    for where, row in iter_rows(sft_file):
+        if normalise(text_field(row, "response", where)) in banned:
             removed += 1
         else:
             kept.append(row)

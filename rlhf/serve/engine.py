@@ -299,15 +299,9 @@ class Engine:
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         top_k = torch.tensor([p.top_k for p in params], device=logits.device)
         uniforms = uniforms.to(logits.device)
-        tokens = sample_rows(logits, temperature, top_p, top_k, uniforms)  # (B,)
-        # PAD is never sampled: a row that drew it draws again with PAD masked out (as rlhf.generation does)
-        redraw = tokens == self.pad_id  # (B,)
-        if self.pad_id not in self.stop_ids and bool(redraw.any()):
-            masked = mask_pad(logits[redraw], self.pad_id, self.stop_ids)
-            tokens[redraw] = sample_rows(
-                masked, temperature[redraw], top_p[redraw], top_k[redraw], uniforms[redraw]
-            )
-        return tokens
+        # PAD is never sampled: masked out before the draw (a second draw with the same uniform would hand
+        # PAD's mass to its neighbours in the vocabulary)
+        return sample_rows(mask_pad(logits, self.pad_id, self.stop_ids), temperature, top_p, top_k, uniforms)
 
     def _advance(self, batch: _Batch) -> None:
         """Append each row's new token, decide whether it is done, and report to its request."""

@@ -325,6 +325,12 @@ async def _ab_stream(
                 async for line in r.aiter_lines():
                     if line.startswith("data: ") and line[6:].strip() != "[DONE]":
                         await queue.put((i, json.loads(line[6:])))
+        except httpx.HTTPError as e:  # the connection broke, or timed out, mid-stream
+            raise APIError(f"The upstream engine failed: {e}", 502, code="upstream_error") from None
+        except json.JSONDecodeError as e:
+            raise APIError(
+                f"The upstream engine sent a bad stream line: {e}", 502, code="upstream_error"
+            ) from None
         finally:
             await queue.put((i, None))
 

@@ -389,8 +389,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         tokenizer.save_pretrained(path / "policy")
 
     whole: dict[str, Tensor] | None = None  # the gathered weights, when sharded
-    # sharded, every process runs the same forwards: each evaluates all the held-out judgements
-    held_here = held_out if is_sharded else held_out[rank::world]
+    # sharded, every process must run as many forwards as the others: as many held-out judgements on each
+    held_here = (held_out[: len(held_out) // world * world] if is_sharded else held_out)[rank::world]
 
     progress = Progress(plan.total_steps, "dpo", accelerator.is_main_process, quiet, initial=start)
     metrics: dict[str, Any] = {}

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from rlhf.config import TrainConfig
+from rlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -159,5 +160,8 @@ def load_optimizer_state(
     if not named and not is_sharded:
         optimizer.load_state_dict(state)
         return
+    if not named and state.get("state"):
+        raise ConfigError("this checkpoint's optimiser state was saved without fsdp (by position); resume it "
+                          "with fsdp off, or start a new run with fsdp on")  # fmt: skip
     inner = getattr(optimizer, "optimizer", optimizer)
     set_optimizer_state_dict(module, inner, state, options=StateDictOptions(full_state_dict=is_sharded))
