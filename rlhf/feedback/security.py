@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import secrets
 import threading
 import time
@@ -190,7 +191,7 @@ class LoginLimits:
 
 
 class AuthCache:
-    """Bearer token -> its user, remembered for `ttl_s` seconds, so most API requests skip a query and a
+    """Bearer token -> its user, remembered for up to `ttl_s` seconds, so most API requests skip a query and a
     thread-pool hop. `clear()` after changing a user or token: this process forgets at once; with a shared
     auth epoch (Redis) every other process does too, on its next request (an entry is good only under the
     epoch read before its lookup). Without one, other processes see a change within `ttl_s`. Votes check
@@ -222,7 +223,10 @@ class AuthCache:
         with self._lock:
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[hash_token(token)] = (time.monotonic() + self.ttl_s, user, epoch)
+            # a lifetime drawn from [ttl/2, ttl]: tokens first looked up together (a server just started)
+            # do not all expire, and queue for a lookup, together again
+            expires = time.monotonic() + self.ttl_s * random.uniform(0.5, 1.0)
+            self._entries[hash_token(token)] = (expires, user, epoch)
 
     def clear(self) -> None:
         with self._lock:
