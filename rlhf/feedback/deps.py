@@ -115,7 +115,9 @@ async def get_current_user(request: Request) -> User:
     if not via_cookie:
         token = auth[7:].strip()
         cache: AuthCache = request.app.state.auth_cache
-        epoch = cache.epoch()  # read before the lookup: a change made meanwhile makes the entry stale
+        epoch = (
+            await cache.epoch_async()
+        )  # read before the lookup: a change made meanwhile makes the entry stale
         user = cache.get(token, epoch)
         if user is None:
             # A few lookups at a time: when many tokens miss at once (a server just started), unbounded

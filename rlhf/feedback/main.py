@@ -59,7 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.enable()
     yield
     app.state.writer.stop()
-    shared.close()
+    await shared.aclose()
     db.dispose()
 
 

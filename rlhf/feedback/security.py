@@ -209,6 +209,10 @@ class AuthCache:
         """The shared auth epoch now (read it before looking a token up; pass it to get and put)."""
         return self.shared.auth_epoch() if self.ttl_s > 0 else None
 
+    async def epoch_async(self) -> int | None:
+        """`epoch` from the event loop."""
+        return await self.shared.auth_epoch_async() if self.ttl_s > 0 else None
+
     def get(self, token: str, epoch: int | None = None) -> User | None:
         if self.ttl_s <= 0:
             return None
