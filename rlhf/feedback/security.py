@@ -227,9 +227,9 @@ class AuthCache:
         with self._lock:
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
-            # a lifetime drawn from [ttl/2, ttl]: tokens first looked up together (a server just started)
-            # do not all expire, and queue for a lookup, together again
-            expires = time.monotonic() + self.ttl_s * random.uniform(0.5, 1.0)
+            # a lifetime drawn from [0.8 ttl, ttl]: tokens first looked up together (a server just started)
+            # drift apart, rather than all expiring, and queueing for a lookup, together again and again
+            expires = time.monotonic() + self.ttl_s * random.uniform(0.8, 1.0)
             self._entries[hash_token(token)] = (expires, user, epoch)
 
     def clear(self) -> None:
