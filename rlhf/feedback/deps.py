@@ -115,10 +115,15 @@ async def get_current_user(request: Request) -> User:
     if not via_cookie:
         token = auth[7:].strip()
         cache: AuthCache = request.app.state.auth_cache
-        epoch = cache.epoch()  # read before the lookup: a change made meanwhile makes the entry stale
+        epoch = (
+            await cache.epoch_async()
+        )  # read before the lookup: a change made meanwhile makes the entry stale
         user = cache.get(token, epoch)
         if user is None:
-            user = await run_in_threadpool(_user_by_token, db, token)
+            # A few lookups at a time: when many tokens miss at once (a server just started), unbounded
+            # lookups would each take a thread and a new database connection, and all answer late.
+            async with request.app.state.token_lookups:
+                user = await run_in_threadpool(_user_by_token, db, token)
             if user is not None:
                 cache.put(token, user, epoch)
     else:

@@ -135,10 +135,10 @@ def prepare(db_url: str, n_votes: int, n_clients: int) -> list[str]:
 
 
 def client_loop(
-    base_url: str, token: str, task_ids: list[int], tag: str, retry_rate: float, tally: Tally, seed: int
+    http: httpx.Client, task_ids: list[int], tag: str, retry_rate: float, tally: Tally, seed: int
 ) -> None:
     rng = random.Random(seed)
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+    with http:
         for task_id in task_ids:
             key = f"load-{tag}-{task_id}"
             body = {
@@ -206,10 +206,16 @@ def run_load(
     tally = Tally()
     tag = uuid.uuid4().hex[:8]
     task_ids = list(range(1, n_votes + 1))
+    # Clients are made before the clock starts: each loads the CA certificates (tens of ms of CPU), which
+    # in the timed window would compete with the server for the cores and delay the first answers.
+    clients = [
+        httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        for token in tokens
+    ]
     threads = [
         threading.Thread(
             target=client_loop,
-            args=(base_url, tokens[c], task_ids[c::n_clients], tag, retry_rate, tally, c),
+            args=(clients[c], task_ids[c::n_clients], tag, retry_rate, tally, c),
             daemon=True,
         )
         for c in range(n_clients)

@@ -5,6 +5,7 @@ uvicorn rlhf.feedback.main:app        # or: rlhf label serve --db URL
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ from rlhf.feedback.users import app_secret
 from rlhf.feedback.web import STATIC_DIR
 from rlhf.feedback.writer import VoteWriter
 
+TOKEN_LOOKUPS = 4  # token lookups (cache misses) that run at once; more wait their turn
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +43,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # so a revoked token is refused by every worker at once.
     cache_s = 0.0 if shared.where == "database" else settings.auth_cache_s
     app.state.auth_cache = AuthCache(cache_s, shared)
+    app.state.token_lookups = asyncio.Semaphore(TOKEN_LOOKUPS)
     app.state.login_limits = LoginLimits(
         settings.login_attempts_per_address,
         settings.login_failures_per_account,
@@ -55,7 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.enable()
     yield
     app.state.writer.stop()
-    shared.close()
+    await shared.aclose()
     db.dispose()
 
 

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import secrets
 import threading
 import time
@@ -190,7 +191,7 @@ class LoginLimits:
 
 
 class AuthCache:
-    """Bearer token -> its user, remembered for `ttl_s` seconds, so most API requests skip a query and a
+    """Bearer token -> its user, remembered for up to `ttl_s` seconds, so most API requests skip a query and a
     thread-pool hop. `clear()` after changing a user or token: this process forgets at once; with a shared
     auth epoch (Redis) every other process does too, on its next request (an entry is good only under the
     epoch read before its lookup). Without one, other processes see a change within `ttl_s`. Votes check
@@ -208,6 +209,10 @@ class AuthCache:
         """The shared auth epoch now (read it before looking a token up; pass it to get and put)."""
         return self.shared.auth_epoch() if self.ttl_s > 0 else None
 
+    async def epoch_async(self) -> int | None:
+        """`epoch` from the event loop."""
+        return await self.shared.auth_epoch_async() if self.ttl_s > 0 else None
+
     def get(self, token: str, epoch: int | None = None) -> User | None:
         if self.ttl_s <= 0:
             return None
@@ -222,7 +227,10 @@ class AuthCache:
         with self._lock:
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[hash_token(token)] = (time.monotonic() + self.ttl_s, user, epoch)
+            # a lifetime drawn from [0.8 ttl, ttl]: tokens first looked up together (a server just started)
+            # drift apart, rather than all expiring, and queueing for a lookup, together again and again
+            expires = time.monotonic() + self.ttl_s * random.uniform(0.8, 1.0)
+            self._entries[hash_token(token)] = (expires, user, epoch)
 
     def clear(self) -> None:
         with self._lock:

@@ -5,7 +5,8 @@ Three places can hold it, chosen by `open_shared(settings, db)`:
 - this process's memory: one server process (the default `rlhf label serve`), no round trip at all;
 - Redis (`RLHF_LABEL_REDIS_URL`): a sorted set of event times per limited key, changed by one Lua script
   per check (atomic, so the sum over workers respects the limit), and an auth epoch counter that every
-  API request reads (one GET) so a revoked token or a changed user is refused by every worker at once;
+  API request reads (without blocking the event loop; requests that ask at once share one GET, sent after
+  each of them asked) so a revoked token or a changed user is refused by every worker at once;
 - the database (`--workers N` without Redis): a table of recent events, checked and appended in one write
   transaction (under an advisory lock per key on PostgreSQL; SQLite has one writer anyway). No auth epoch
   there: the app turns its token cache off, so each API request reads the token's row (revocation is
@@ -16,6 +17,7 @@ Times are the shared clock's: Redis's TIME, or the database hosts' wall clocks (
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
@@ -75,11 +77,18 @@ class Shared:
         """A number every process sees change when a user or token changes; None when not shared."""
         return None
 
+    async def auth_epoch_async(self) -> int | None:
+        """`auth_epoch` from the event loop, without blocking it."""
+        return self.auth_epoch()
+
     def bump_auth_epoch(self) -> None:
         """Tell every process that users or tokens changed (their cached token lookups are stale)."""
 
     def close(self) -> None:
         pass
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 # KEYS[1]: the window's sorted set; ARGV: limit, window in ms, 1 to count this event, a unique member.
@@ -111,11 +120,16 @@ class RedisShared(Shared):
         self.prefix = f"{self.PREFIX}{namespace}:"
         try:
             import redis
+            import redis.asyncio
         except ImportError:
             raise ConfigError(
                 "RLHF_LABEL_REDIS_URL needs the redis client: pip install 'rlhf-loop[scale]'"
             ) from None
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # The event loop's reads of the auth epoch (one per API request) go through an asyncio client:
+        # a blocking GET would hold up every other request on the loop for the round trip.
+        self.aclient = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._epoch_read: asyncio.Future[int] | None = None  # the next read, not yet sent
         try:
             self.client.ping()
         except redis.RedisError as e:
@@ -139,11 +153,35 @@ class RedisShared(Shared):
         value = self.client.get(self._epoch_key)
         return int(value) if value is not None else 0
 
+    async def auth_epoch_async(self) -> int | None:
+        """The auth epoch as read by a GET sent after this call: requests that ask while a read is
+        waiting to be sent share it (a read sent earlier could miss a change made before they asked)."""
+        if self._epoch_read is None:
+            self._epoch_read = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(self._read_epoch(self._epoch_read))
+        return await asyncio.shield(self._epoch_read)
+
+    async def _read_epoch(self, result: asyncio.Future[int]) -> None:
+        self._epoch_read = None  # from here on, callers wait for the next read: this one is being sent
+        try:
+            value = await self.aclient.get(self._epoch_key)
+        except Exception as e:  # each caller gets the error
+            result.set_exception(e)
+        except asyncio.CancelledError:  # the app is shutting down
+            result.cancel()
+            raise
+        else:
+            result.set_result(int(value) if value is not None else 0)
+
     def bump_auth_epoch(self) -> None:
         self.client.incr(self._epoch_key)
 
     def close(self) -> None:
         self.client.close()
+
+    async def aclose(self) -> None:
+        self.client.close()
+        await self.aclient.aclose()
 
 
 class DatabaseShared(Shared):

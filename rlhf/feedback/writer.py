@@ -2,14 +2,15 @@
 
 Under load many votes arrive while one is being written, so instead of a transaction each (each waiting
 for SQLite's write lock, or each a thread-pool hop and a commit of its own on PostgreSQL), one writer
-thread takes every vote waiting, writes them in one transaction (a refused vote writes nothing, so it
-fails alone; a constraint hit after a write sends the batch round again with a SAVEPOINT per vote),
+thread takes every vote waiting, writes them in one transaction with a few statements for the whole batch
+(a refused vote writes nothing, so it fails alone; a constraint hit after a write sends the batch round
+again, vote by vote with a SAVEPOINT each),
 commits once, and only then answers all of them. A vote is acknowledged only after the commit that holds
 it; if that commit fails, every vote in it gets the error. Requests wait on a future, so an API vote costs
 no thread-pool hop.
 
-On PostgreSQL several server processes write batches at once: a batch takes its tasks' row locks in task
-order, so two batches cannot deadlock on them, and a batch PostgreSQL still aborts (a deadlock or
+On PostgreSQL several server processes write batches at once: a batch takes its tasks' row locks first,
+in task order, so two batches cannot deadlock on them, and a batch PostgreSQL still aborts (a deadlock or
 serialization failure elsewhere) is written again, up to RETRIES times.
 """
 
@@ -31,7 +32,7 @@ from rlhf.feedback.errors import Conflict, FeedbackError
 from rlhf.feedback.metrics import VOTE_BATCH
 from rlhf.feedback.models import User
 from rlhf.feedback.schemas import VoteIn
-from rlhf.feedback.votes import Recorded, record_vote, settle, write_vote
+from rlhf.feedback.votes import Recorded, record_vote, settle, write_vote, write_votes
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +138,18 @@ class VoteWriter:
         return self._write_batch(batch, savepoints=True)
 
     def _write_batch(self, batch: list[_Pending], savepoints: bool) -> list[Recorded | FeedbackError]:
-        """One transaction for the batch. write_vote raises its FeedbackErrors before it writes anything, so
-        without savepoints a refused vote leaves nothing behind; an IntegrityError comes after writes, so
-        then the whole batch is rolled back and written again with a savepoint per vote (SAVEPOINT and
-        RELEASE cost as much as the vote itself, and the conflicts that need them are rare)."""
+        """One transaction for the batch: write_votes, a few statements for all of it (a refused vote
+        writes nothing). An IntegrityError comes after writes, so then the whole batch is rolled back and
+        written again vote by vote (write_vote) with a savepoint each (SAVEPOINT and RELEASE cost as much as
+        the vote itself, and the conflicts that need them are rare)."""
         outcomes: list[Recorded | FeedbackError] = []
         with self.db.session() as session, self.db.write(session):
             conn = session.connection()
+            if not savepoints:
+                try:
+                    return write_votes(session, [(item.user, item.data, item.source) for item in batch], conn)
+                except IntegrityError as e:
+                    raise _NeedsSavepoints from e
             for item in batch:
                 savepoint = conn.begin_nested() if savepoints else None
                 try:

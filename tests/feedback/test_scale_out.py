@@ -3,6 +3,7 @@ one rate limit for all of them, a logout seen by every one (rlhf/feedback/shared
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -154,3 +155,33 @@ def test_redis_keys_of_two_stores_do_not_mix(tmp_path: Any) -> None:
             ]
         counts.append(codes)
     assert counts == [[201, 201, 429], [201, 201, 429]]
+
+
+def test_concurrent_auth_epoch_reads_share_a_get_sent_after_each_asked() -> None:
+    """Requests asking for the auth epoch at once share one Redis GET, and a change made before a request
+    asks is always seen (the shared GET is sent after every one of them asked)."""
+    shared = RedisShared(REDIS_URL, namespace=f"test-{uuid.uuid4().hex[:8]}")
+    sent: list[str] = []
+    get = shared.aclient.get
+
+    async def counted_get(key: str) -> Any:
+        sent.append(key)
+        return await get(key)
+
+    shared.aclient.get = counted_get  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[int | None, list[int | None], int | None]:
+        before = await shared.auth_epoch_async()
+        shared.bump_auth_epoch()
+        together = await asyncio.gather(*(shared.auth_epoch_async() for _ in range(20)))
+        shared.bump_auth_epoch()
+        after = await shared.auth_epoch_async()
+        await shared.aclose()
+        return before, list(together), after
+
+    try:
+        before, together, after = asyncio.run(scenario())
+    finally:
+        shared.client.delete(shared.prefix + "auth_epoch")
+    assert before == 0 and together == [1] * 20 and after == 2
+    assert len(sent) == 3  # one GET for the 20 callers that asked together

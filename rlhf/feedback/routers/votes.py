@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy import select
 
 from rlhf.feedback import projects
 from rlhf.feedback import votes as store
-from rlhf.feedback.deps import CurrentUser, LimiterDep, SessionDep, SettingsDep, WriterDep
+from rlhf.feedback.deps import CurrentUser, SessionDep, SettingsDep
 from rlhf.feedback.metrics import VOTE_REPLAYS, VOTE_SECONDS, VOTES
 from rlhf.feedback.models import User
 from rlhf.feedback.schemas import API_ERRORS, MAX_INT32, NAME_PATTERN, PROJECT_PATTERN, VoteIn, VoteOut
+from rlhf.feedback.security import RateLimiter
 from rlhf.feedback.users import get_user
+from rlhf.feedback.writer import VoteWriter
 
 router = APIRouter(prefix="/api/votes", tags=["votes"], responses=API_ERRORS)
 VoteId = Annotated[int, Path(ge=1, le=MAX_INT32)]
@@ -26,11 +28,14 @@ VoteId = Annotated[int, Path(ge=1, le=MAX_INT32)]
     response_model=VoteOut,
     responses={200: {"model": VoteOut, "description": "a replay: the original vote"}},
 )
-async def create_vote(body: VoteIn, user: CurrentUser, writer: WriterDep, limiter: LimiterDep) -> Response:
+async def create_vote(request: Request, body: VoteIn, user: CurrentUser) -> Response:
     """Record a vote; answered once it is committed. 201 with the new vote; 200 with the original one
     when the idempotency key was seen before (a retry). 409 if you already voted on the task, 429 over
     the rate limit. (Runs on the event loop: the group-commit writer thread stores the vote.)"""
     start = time.perf_counter()
+    # the app state read directly: as dependencies, writer and limiter cost time on every vote
+    writer: VoteWriter = request.app.state.writer
+    limiter: RateLimiter = request.app.state.limiter
     await limiter.take_async(user.id)  # counted up front, so workers together keep to the limit
     try:
         recorded = await writer.record(user, body, body.source)
