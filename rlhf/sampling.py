@@ -149,28 +149,27 @@ def sample(
     times more than the rest of a decoding step on a CPU.
     """
     rows, vocab = logits.shape
-    uniform: Callable[[int], Tensor]  # attempt -> (B,)
+    uniform: Callable[[int, Tensor | None], Tensor]  # (attempt, rows or None for all) -> (R,)
     if isinstance(draws, RowStreams):
-        attempts, uniform = _ATTEMPTS, draws.uniform
+        streams, attempts = draws, _ATTEMPTS
+        uniform = lambda attempt, at: (streams if at is None else streams[at]).uniform(attempt)  # noqa: E731
     else:
         given = draws.reshape(rows, -1)  # (B, A)
-        attempts, uniform = given.size(1), lambda attempt: given[:, attempt]
+        attempts = given.size(1)
+        uniform = lambda attempt, at: given[:, attempt] if at is None else given[at, attempt]  # noqa: E731
     # a batch-wide SamplingParams stays scalar (no per-row tensors to build and compare)
     temperature: float | Tensor
     top_p: float | Tensor
     top_k: int | Tensor
+    greedy: Tensor | None = None  # (B,) bool, given per row
+    nucleus: Tensor | None = None  # (B,) bool, given per row
     if isinstance(params, SamplingParams):
-        greedy = torch.full((rows,), params.temperature <= 0, device=logits.device)
-        any_greedy, all_greedy = params.temperature <= 0, params.temperature <= 0
+        any_greedy = all_greedy = params.temperature <= 0
         temperature, top_p = (1.0 if all_greedy else params.temperature), params.top_p
-        top_k = params.top_k if 0 < params.top_k < vocab else 0
-        k_max, nucleus = (
-            top_k,
-            torch.full((rows,), not all_greedy and params.top_p < 1.0, device=logits.device),
-        )
+        top_k = k_max = params.top_k if 0 < params.top_k < vocab else 0
         any_nucleus = not all_greedy and params.top_p < 1.0
     else:
-        greedy = params.temperature <= 0  # (B,)
+        greedy = params.temperature <= 0
         any_greedy, all_greedy = bool(greedy.any()), bool(greedy.all())
         temperature = torch.where(greedy, 1.0, params.temperature)[:, None]  # (B, 1)
         top_k = torch.where(greedy | (params.top_k >= vocab), 0, params.top_k)  # (B,)
@@ -194,21 +193,25 @@ def sample(
             )  # (B, 1)
             probs = probs.masked_fill((top_k[:, None] > 0) & (probs < kth), 0.0)
     cdf = probs.cumsum(dim=-1)  # (B, V), computed once for the draw and its redraws
-    token = _invert(cdf, uniform(0))  # (B,)
+    token = _invert(cdf, uniform(0, None))  # (B,)
     if any_nucleus:
         top_p = torch.as_tensor(top_p, device=logits.device).expand(rows, 1)  # (B, 1)
         rejections = attempts - 1  # the last uniform is kept for the sorted draw
-        outside = nucleus & _outside_nucleus(probs, cdf, token, top_p) if rejections else nucleus
+        if rejections:
+            outside = _outside_nucleus(probs, cdf, token, top_p)  # (B,)
+            outside = outside if nucleus is None else outside & nucleus
+        else:
+            outside = torch.ones(rows, dtype=torch.bool, device=logits.device) if nucleus is None else nucleus
         for attempt in range(1, rejections):
             out = outside.nonzero().squeeze(-1)  # (R,) rows drawn outside the nucleus
             if out.numel() == 0:
                 break
-            token[out] = _invert(cdf[out], uniform(attempt)[out])
+            token[out] = _invert(cdf[out], uniform(attempt, out))
             outside[out] = _outside_nucleus(probs[out], cdf[out], token[out], top_p[out])
         out = outside.nonzero().squeeze(-1)
         if out.numel():
-            token[out] = _draw_nucleus(probs[out], top_p[out], uniform(attempts - 1)[out])
-    if any_greedy:
+            token[out] = _draw_nucleus(probs[out], top_p[out], uniform(attempts - 1, out))
+    if greedy is not None and any_greedy:
         token = torch.where(greedy, probs.argmax(dim=-1), token)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
