@@ -95,6 +95,34 @@ def returned_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+class CachedStep:
+    """One decoding step through a transformers model's own forward and KV cache: the last position's logits
+    (B, V) in fp32, and the cache for the next step. `generate` and the server's engine both step through it."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.cache_kw = cache_keyword(model)
+        self.extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any
+    ) -> tuple[Tensor, Any]:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kw: cache},
+            **self.extra,
+        )
+        return out.logits[:, -1, :].float(), returned_cache(out)
+
+
+def never_sampled(pad_id: int, stops: Sequence[int]) -> list[int]:
+    """The token ids a response never samples: PAD, unless PAD also ends a response."""
+    return [] if pad_id in stops else [pad_id]
+
+
 # Finished rows leave the decoded batch once at most half of it still runs, and it shrinks to a power of two
 # (finished rows fill the rest): each shrink copies the cache, and each new batch size costs new matmul
 # kernels (oneDNN and cuBLAS build one per shape), so a few sizes are reused across batches. On the tiny PPO
@@ -108,22 +136,13 @@ Keep = Callable[[Tensor], bool]  # keep only these rows of the batch (cache incl
 
 def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
     """Decoding steps through the model's own forward and cache."""
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    cache_kw = cache_keyword(model)
+    cached_step = CachedStep(model)
     past: Any = None
 
     def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
         nonlocal past
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention[:, : width + step],
-            position_ids=positions,
-            use_cache=True,
-            **{cache_kw: past},
-            **extra,
-        )
-        past = returned_cache(out)
-        return out.logits[:, -1, :].float()
+        logits, past = cached_step(input_ids, attention[:, : width + step], positions, past)
+        return logits
 
     def keep(rows: Tensor) -> bool:
         nonlocal attention
@@ -206,7 +225,7 @@ def generate(
     if seeds is None:
         seeds = _row_keys(batch, params, generator)
     row_keys = seeds.to(device)  # (b,) each row's random stream
-    never = [] if pad_id in stops_list else [pad_id]  # PAD is never sampled (unless it also ends a response)
+    never = never_sampled(pad_id, stops_list)
     forward, keep = (
         _lean_forward(model, attention, width)
         if LlamaDecoder.supports(model)

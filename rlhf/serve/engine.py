@@ -30,7 +30,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from rlhf.generation import cache_keyword, left_pad, returned_cache
+from rlhf.generation import CachedStep, left_pad, never_sampled
 from rlhf.models.tokens import stop_ids
 from rlhf.sampling import RowSampling, RowStreams, sample, stream_keys
 from rlhf.serve import metrics
@@ -116,7 +116,7 @@ class Engine:
         seed: int = 0,
     ) -> None:
         self.model = model.eval()
-        self.cache_kw = cache_keyword(model)
+        self.step = CachedStep(self.model)  # the forward generate steps through too
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_size = max_batch_size
@@ -253,38 +253,26 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> _Batch:
         ids, mask = (t.to(self.device) for t in left_pad([s.prompt_ids for s in seqs], self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kw: cache},
-        )
+        logits, cache = self.step(ids, mask, positions, DynamicCache(config=self.model.config))  # (B, V)
         metrics.PROMPT_TOKENS.labels(self.name).inc(int(mask.sum()))
-        next_ids = self._sample(out.logits[:, -1, :], seqs)  # (B,)
+        next_ids = self._sample(logits, seqs)  # (B,)
         now = time.perf_counter()
         for seq in seqs:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.enqueued_at)
-        batch = _Batch(seqs, returned_cache(out), mask, next_ids, mask.sum(-1))
+        batch = _Batch(seqs, cache, mask, next_ids, mask.sum(-1))
         self._advance(batch)
         return batch
 
     def _decode(self, batch: _Batch) -> _Batch:
         attention = torch.cat([batch.attention, torch.ones_like(batch.attention[:, :1])], dim=-1)  # (B, L+1)
-        out = self.model(
-            input_ids=batch.next_ids[:, None],
-            attention_mask=attention,
-            position_ids=batch.positions[:, None],
-            use_cache=True,
-            **{self.cache_kw: batch.cache},
+        logits, batch.cache = self.step(
+            batch.next_ids[:, None], attention, batch.positions[:, None], batch.cache
         )
         metrics.BATCH_SIZE.labels(self.name).observe(len(batch.seqs))
         self.batch_sizes[len(batch.seqs)] += 1
         batch.attention = attention
         batch.positions = batch.positions + 1
-        batch.next_ids = self._sample(out.logits[:, -1, :], batch.seqs)
+        batch.next_ids = self._sample(logits, batch.seqs)
         self._advance(batch)
         return batch
 
@@ -304,8 +292,7 @@ class Engine:
         keys = torch.tensor([s.stream_key for s in seqs], device=device)  # (B,)
         counters = torch.tensor([len(s.tokens) for s in seqs], device=device)  # (B,) the token each row draws
         # PAD is never sampled: its probability is set to 0 before the draw
-        never = [] if self.pad_id in self.stop_ids else [self.pad_id]
-        return sample(logits, rows, RowStreams(keys, counters), never)[0]
+        return sample(logits, rows, RowStreams(keys, counters), never_sampled(self.pad_id, self.stop_ids))[0]
 
     def _advance(self, batch: _Batch) -> None:
         """Append each row's new token, decide whether it is done, and report to its request."""
