@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.common import SIZES, build_model, machine, save_result, sync, update_doc
 from rlhf.generation import SamplingParams, generate
+from rlhf.sampling import stream_keys
 from rlhf.train.common import cpu_has_bf16
 
 
@@ -42,7 +43,7 @@ def run_ours(
     t0, c0 = time.perf_counter(), time.process_time()
     with ctx:
         gen = generate(
-            model, ids, params, eos_id=-1, pad_id=pad_id, generator=torch.Generator(device).manual_seed(0)
+            model, ids, params, eos_id=-1, pad_id=pad_id, seeds=stream_keys(0, torch.arange(len(ids)))
         )
     sync(device)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0

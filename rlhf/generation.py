@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,23 +22,12 @@ from rlhf.errors import ConfigError
 from rlhf.fast_decode import LlamaDecoder
 from rlhf.models.lean_llama import attention_mask_4d
 from rlhf.models.loading import context_length
-from rlhf.models.tokens import mask_pad, stop_ids
+from rlhf.models.tokens import stop_ids
+from rlhf.sampling import RowStreams, SamplingParams, sample, stream_keys
+
+__all__ = ["Generation", "SamplingParams", "decode_responses", "fit_context", "generate", "left_pad"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SamplingParams:
-    """How to sample; stored with every completion so its lineage is known."""
-
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    seed: int | None = None
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
 
 
 @dataclass
@@ -85,73 +74,6 @@ def fit_context(prompts: list[list[int]], context: int, max_new_tokens: int) -> 
     return prompts
 
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set logits outside the top-k / the nucleus of mass top_p to -inf (at least one token always stays)."""
-    if top_k > 0 and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass before it already reaches top_p (so the first token always stays)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample(
-    logits: Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """(token, log-prob) per row, (B,) each; the log-prob is under softmax(logits / T), untruncated.
-
-    Same distribution as softmax(filter_logits(logits / T)) without sorting the vocabulary: a token is drawn by
-    inverse CDF from the (top-k truncated) distribution, and a draw outside the nucleus is redrawn, which is
-    exact rejection sampling (the nucleus holds at least top_p of the mass, so redraws are rare). Rows still
-    outside after a few redraws take the sorted-nucleus draw. A sort and an exponential race over the vocabulary
-    cost several times more than the rest of a decoding step on a CPU.
-    """
-    if params.temperature <= 0:
-        token = logits.argmax(dim=-1)  # (B,)
-        return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / params.temperature, dim=-1)  # (B, V)
-    probs = logp.exp()
-    if 0 < params.top_k < logits.size(-1):
-        kth = torch.topk(probs, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        probs = probs.masked_fill(probs < kth, 0.0)
-    token = _draw(probs, generator)  # (B, 1)
-    if params.top_p < 1.0:
-        outside = _outside_nucleus(probs, token, params.top_p)  # (B, 1)
-        for _ in range(_REDRAWS):
-            if not bool(outside.any()):
-                break
-            token = torch.where(outside, _draw(probs, generator), token)
-            outside = _outside_nucleus(probs, token, params.top_p)
-        if bool(outside.any()):
-            rows = outside.squeeze(-1).nonzero().squeeze(-1)  # (R,)
-            nucleus = filter_logits(probs[rows].log(), top_p=params.top_p).softmax(-1)
-            token[rows] = _draw(nucleus, generator)
-    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
-
-
-_REDRAWS = 4
-
-
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One token per row (B, 1) drawn from unnormalised probabilities (B, V) by inverse CDF."""
-    cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) * cdf[:, -1:]  # (B, 1)
-    # right=True: the first index whose CDF exceeds u, so a zero-probability token is never chosen
-    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1)
-
-
-def _outside_nucleus(probs: Tensor, token: Tensor, top_p: float) -> Tensor:
-    """(B, 1) bool: the token's more probable tokens already hold top_p of the mass (the sorted rule)."""
-    p = probs.gather(-1, token)  # (B, 1)
-    above = (probs * (probs > p)).sum(-1, keepdim=True) / probs.sum(-1, keepdim=True)
-    return above >= top_p
-
-
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     """Whether the model (or, under a LoRA wrapper, its base model) can compute logits for the last positions only."""
     get_base = getattr(model, "get_base_model", None)
@@ -173,6 +95,34 @@ def returned_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+class CachedStep:
+    """One decoding step through a transformers model's own forward and KV cache: the last position's logits
+    (B, V) in fp32, and the cache for the next step. `generate` and the server's engine both step through it."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.cache_kw = cache_keyword(model)
+        self.extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any
+    ) -> tuple[Tensor, Any]:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kw: cache},
+            **self.extra,
+        )
+        return out.logits[:, -1, :].float(), returned_cache(out)
+
+
+def never_sampled(pad_id: int, stops: Sequence[int]) -> list[int]:
+    """The token ids a response never samples: PAD, unless PAD also ends a response."""
+    return [] if pad_id in stops else [pad_id]
+
+
 # Finished rows leave the decoded batch once at most half of it still runs, and it shrinks to a power of two
 # (finished rows fill the rest): each shrink copies the cache, and each new batch size costs new matmul
 # kernels (oneDNN and cuBLAS build one per shape), so a few sizes are reused across batches. On the tiny PPO
@@ -186,22 +136,13 @@ Keep = Callable[[Tensor], bool]  # keep only these rows of the batch (cache incl
 
 def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
     """Decoding steps through the model's own forward and cache."""
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    cache_kw = cache_keyword(model)
+    cached_step = CachedStep(model)
     past: Any = None
 
     def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
         nonlocal past
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention[:, : width + step],
-            position_ids=positions,
-            use_cache=True,
-            **{cache_kw: past},
-            **extra,
-        )
-        past = returned_cache(out)
-        return out.logits[:, -1, :].float()
+        logits, past = cached_step(input_ids, attention[:, : width + step], positions, past)
+        return logits
 
     def keep(rows: Tensor) -> bool:
         nonlocal attention
@@ -252,6 +193,7 @@ def generate(
     pad_id: int,
     generator: torch.Generator | None = None,
     synced: bool = False,
+    seeds: Tensor | None = None,
 ) -> Generation:
     """Sample one response per prompt (token id lists), stopping each row at EOS (`eos_id`: one id, or the
     stop ids of rlhf.models.tokens.stop_ids) or after max_new_tokens. PAD is masked out of sampling.
@@ -259,13 +201,15 @@ def generate(
     `synced`: every process decodes until all processes' rows have ended, as a model sharded across them
     (FSDP) needs: each step's forward gathers its weights from all of them.
 
+    Each row draws from its own random stream (rlhf.sampling): `seeds` (B,) int64 are their keys (see
+    `stream_keys`), so a row's tokens do not depend on the rows beside it. Without them the keys come from
+    `generator`, else from `params.seed` and the row's index, else from torch's global generator.
+
     The hot loop does no Python work per row: the attention mask and the outputs are preallocated and
     written a column per step, and the prefill computes logits for the last position only. Finished rows
     leave the batch (see _COMPACT_AT), so a batch of mostly short answers does not pay for its longest.
     """
     device = next(model.parameters()).device
-    if generator is None and params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
     prompts = fit_context(prompts, context_length(model), params.max_new_tokens)
     stops_list = [eos_id] if isinstance(eos_id, int) else list(eos_id)
     stops = torch.tensor(stops_list, dtype=torch.long, device=device)
@@ -278,6 +222,10 @@ def generate(
     logprobs = torch.zeros(batch, steps, device=device)  # (B, T)
     response_mask = torch.zeros(batch, steps, dtype=torch.long, device=device)  # (B, T)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    if seeds is None:
+        seeds = _row_keys(batch, params, generator)
+    row_keys = seeds.to(device)  # (b,) each row's random stream
+    never = never_sampled(pad_id, stops_list)
     forward, keep = (
         _lean_forward(model, attention, width)
         if LlamaDecoder.supports(model)
@@ -287,15 +235,7 @@ def generate(
     input_ids, n = prompt_ids, 0
     for step in range(steps):
         logits = forward(input_ids, positions, step)  # (b, V)
-        next_token, logprob = sample(logits, params, generator)  # (b,) each
-        # PAD is never sampled: a row that drew it draws again without it (rejection sampling, the same
-        # distribution as masking PAD out). The redraw has a random stream of its own, so every other row
-        # draws as it would have.
-        redraw = next_token == pad_id  # (b,)
-        if pad_id not in stops_list and bool(redraw.any()):
-            masked = mask_pad(logits[redraw], pad_id, stops_list)  # (r, V)
-            own = torch.Generator(device=device).manual_seed((params.seed or 0) * 1_000_003 + step)
-            next_token[redraw], logprob[redraw] = sample(masked, params, own)
+        next_token, logprob = sample(logits, params, RowStreams(row_keys, step), never)  # (b,) each
         alive = ~finished[rows]  # (b,)
         response_ids[rows, step] = torch.where(alive, next_token, pad_id)
         logprobs[rows, step] = torch.where(alive, logprob, 0.0)
@@ -322,11 +262,21 @@ def generate(
             kept = running.float().argsort(descending=True, stable=True)[:size].sort().values  # (size,)
             if size < rows.numel() and keep(kept):
                 rows, positions = rows[kept], positions[kept]
+                row_keys = row_keys[kept]
         input_ids = response_ids[rows, step : step + 1]
         positions = positions[:, -1:] + 1
     return Generation(
         prompt_ids, prompt_mask, response_ids[:, :n], response_mask[:, :n], logprobs[:, :n], finished
     )
+
+
+def _row_keys(batch: int, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """(B,) stream keys: drawn from `generator`, or from `params.seed` and the row index, or from torch's global
+    generator."""
+    if generator is None and params.seed is not None:
+        return stream_keys(params.seed, torch.arange(batch))
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(-(2**63), 2**63 - 1, (batch,), generator=generator, device=device)
 
 
 def decode_responses(tokenizer, gen: Generation) -> list[str]:  # type: ignore[no-untyped-def]

@@ -30,10 +30,10 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from rlhf.generation import cache_keyword, left_pad, returned_cache
-from rlhf.models.tokens import mask_pad, stop_ids
+from rlhf.generation import CachedStep, left_pad, never_sampled
+from rlhf.models.tokens import stop_ids
+from rlhf.sampling import RowSampling, RowStreams, sample, stream_keys
 from rlhf.serve import metrics
-from rlhf.serve.sampling import sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ class Sequence:
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
-    generator: torch.Generator | None = None
+    stream_key: int | None = None  # the key of the random stream of its tokens; from the seed, if any
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+            self.stream_key = int(stream_keys(self.params.seed))
 
 
 class Overloaded(Exception):
@@ -116,7 +116,7 @@ class Engine:
         seed: int = 0,
     ) -> None:
         self.model = model.eval()
-        self.cache_kw = cache_keyword(model)
+        self.step = CachedStep(self.model)  # the forward generate steps through too
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_size = max_batch_size
@@ -126,7 +126,7 @@ class Engine:
         self.pad_id = int(tokenizer.pad_token_id)
         self.device = next(model.parameters()).device
         self.batch_sizes: Counter[int] = Counter()  # decode steps by number of rows, for tests and /metrics
-        self._rng = torch.Generator().manual_seed(seed)  # uniforms of unseeded rows
+        self._rng = torch.Generator().manual_seed(seed)  # random streams of unseeded rows
         self._incoming: queue.Queue[Sequence | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"rlhf-serve-{name}", daemon=True)
         self._window_start, self._window_tokens = time.perf_counter(), 0
@@ -253,55 +253,46 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> _Batch:
         ids, mask = (t.to(self.device) for t in left_pad([s.prompt_ids for s in seqs], self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kw: cache},
-        )
+        logits, cache = self.step(ids, mask, positions, DynamicCache(config=self.model.config))  # (B, V)
         metrics.PROMPT_TOKENS.labels(self.name).inc(int(mask.sum()))
-        next_ids = self._sample(out.logits[:, -1, :], seqs)  # (B,)
+        next_ids = self._sample(logits, seqs)  # (B,)
         now = time.perf_counter()
         for seq in seqs:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.enqueued_at)
-        batch = _Batch(seqs, returned_cache(out), mask, next_ids, mask.sum(-1))
+        batch = _Batch(seqs, cache, mask, next_ids, mask.sum(-1))
         self._advance(batch)
         return batch
 
     def _decode(self, batch: _Batch) -> _Batch:
         attention = torch.cat([batch.attention, torch.ones_like(batch.attention[:, :1])], dim=-1)  # (B, L+1)
-        out = self.model(
-            input_ids=batch.next_ids[:, None],
-            attention_mask=attention,
-            position_ids=batch.positions[:, None],
-            use_cache=True,
-            **{self.cache_kw: batch.cache},
+        logits, batch.cache = self.step(
+            batch.next_ids[:, None], attention, batch.positions[:, None], batch.cache
         )
         metrics.BATCH_SIZE.labels(self.name).observe(len(batch.seqs))
         self.batch_sizes[len(batch.seqs)] += 1
         batch.attention = attention
         batch.positions = batch.positions + 1
-        batch.next_ids = self._sample(out.logits[:, -1, :], batch.seqs)
+        batch.next_ids = self._sample(logits, batch.seqs)
         self._advance(batch)
         return batch
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
-        rows = len(seqs)
-        uniforms = torch.rand(rows, generator=self._rng)  # (B,)
-        for i, seq in enumerate(seqs):
-            if seq.generator is not None:
-                uniforms[i] = torch.rand(1, generator=seq.generator)[0]
+        for (
+            seq
+        ) in seqs:  # an unseeded row's stream is drawn from the engine's generator when it first samples
+            if seq.stream_key is None:
+                seq.stream_key = int(torch.randint(-(2**63), 2**63 - 1, (), generator=self._rng))
+        device = logits.device
         params = [s.params for s in seqs]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        uniforms = uniforms.to(logits.device)
-        # PAD is never sampled: masked out before the draw (a second draw with the same uniform would hand
-        # PAD's mass to its neighbours in the vocabulary)
-        return sample_rows(mask_pad(logits, self.pad_id, self.stop_ids), temperature, top_p, top_k, uniforms)
+        rows = RowSampling(
+            torch.tensor([p.temperature for p in params], device=device),
+            torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device),
+        )
+        keys = torch.tensor([s.stream_key for s in seqs], device=device)  # (B,)
+        counters = torch.tensor([len(s.tokens) for s in seqs], device=device)  # (B,) the token each row draws
+        # PAD is never sampled: its probability is set to 0 before the draw
+        return sample(logits, rows, RowStreams(keys, counters), never_sampled(self.pad_id, self.stop_ids))[0]
 
     def _advance(self, batch: _Batch) -> None:
         """Append each row's new token, decide whether it is done, and report to its request."""

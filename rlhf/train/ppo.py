@@ -76,6 +76,7 @@ from rlhf.rl_math import (
     shape_rewards,
 )
 from rlhf.runs import Run, seed_everything, set_rng_state
+from rlhf.sampling import stream_keys
 from rlhf.train import sharding
 from rlhf.train.common import (
     Actor,
@@ -163,7 +164,8 @@ class RewardScores(ModelForward):
 
 @dataclass
 class Rollout:
-    """One iteration's experience on this process. P = prompt width, T = response width."""
+    """One iteration's experience: this process's rows, or the whole batch's once gathered. P = prompt width,
+    T = response width."""
 
     ids: Tensor  # (B, P + T) left-padded prompt, then right-padded response
     mask: Tensor  # (B, P + T)
@@ -225,6 +227,27 @@ def score_rollout(
                    out["entropy"])  # fmt: skip
 
 
+def gather_rollout(r: Rollout, ended: Tensor, accelerator: Any, pad_id: int) -> tuple[Rollout, Tensor]:
+    """The whole batch's rollout (and `ended`) on every process, rows in the order of the global batch (each
+    process holds a contiguous share of it): advantages, whitening and minibatches are then those of one
+    process with the same batch. Prompts are left-padded and responses right-padded to the widest."""
+    if accelerator.num_processes == 1:
+        return r, ended
+
+    def whole(x: Tensor, pad: float = 0, left: bool = False) -> Tensor:
+        return accelerator.gather(accelerator.pad_across_processes(x, dim=1, pad_index=pad, pad_first=left))
+
+    prompt_ids, prompt_mask = (
+        whole(r.ids[:, : r.n_prompt], pad_id, True),
+        whole(r.mask[:, : r.n_prompt], 0, True),
+    )
+    response_ids, response_mask = whole(r.response_ids, pad_id), whole(r.response_mask)
+    ids, mask = torch.cat([prompt_ids, response_ids], dim=1), torch.cat([prompt_mask, response_mask], dim=1)
+    out = Rollout(ids, mask, prompt_ids.size(1), response_ids, response_mask, whole(r.logprobs),
+                  whole(r.ref_logprobs), whole(r.values), accelerator.gather(r.scores), whole(r.entropy))  # fmt: skip
+    return out, accelerator.gather(ended.long()).bool()
+
+
 @dataclass
 class Guard:
     """The reward-hacking guard's memory (saved in checkpoints): the last evaluation, the streak, the best."""
@@ -257,21 +280,25 @@ class Guard:
         return False
 
 
+_GUARD_STREAM = -1  # in the place of the iteration in the held-out samples' stream keys
+
+
 @torch.no_grad()
 def guard_eval(
     policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
     reward_model: RewardScores, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, gold_fn: GoldFn | None,
-    reduce: Callable[[Tensor], Tensor], synced: bool = False,
+    reduce: Callable[[Tensor], Tensor], synced: bool = False, index: Tensor | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed."""
+    """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed.
+    `index`: each prompt's place among all processes' held-out prompts, which names its random stream."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     ids = encode_prompts(tokenizer, prompts)
-    # a seed of its own, the same at every evaluation: successive evaluations differ only by the policy
-    generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed + 1_000_003)
+    # streams of their own, the same at every evaluation: successive evaluations differ only by the policy
+    seeds = stream_keys(cfg.seed, _GUARD_STREAM, torch.arange(len(ids)) if index is None else index)
     with ctx():
         gen = generate(
-            policy.model, ids, params, stop_ids(tokenizer), tokenizer.pad_token_id, generator, synced
+            policy.model, ids, params, stop_ids(tokenizer), tokenizer.pad_token_id, synced=synced, seeds=seeds
         )
     r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of)
     kl = masked_sum(
@@ -333,7 +360,7 @@ def rollout_advantages(
     """(advantages, returns), (B, T) each, from the per-token rewards (the score on the last token, the KL
     penalty, if any, on each). gae: GAE on the critic's values, whitened. rloo, grpo: each answer's total reward
     against the other answers to its prompt (k consecutive rows), the same advantage on all its tokens.
-    reinforce_pp: reward-to-go whitened over this process's whole batch. Returns are the critic's targets,
+    reinforce_pp: reward-to-go whitened over the whole batch. Returns are the critic's targets,
     equal to the advantages where there is no critic."""
     if cfg.advantage_estimator == "gae":
         advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -376,6 +403,7 @@ def run(
     is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
     if is_sharded:  # sharded models run their forwards on every process together: as many prompts on each
         guard_prompts = guard_prompts[: len(guard_prompts) // world * world]
+    guard_index = torch.arange(len(guard_prompts))[rank::world]  # (n,) this process's share, by global place
     guard_prompts = guard_prompts[rank::world]
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
@@ -511,7 +539,7 @@ def run(
 
     def run_guard(iteration: int) -> dict[str, float]:
         m = guard_eval(actor, reference_actor, critic_module, scorer, tokenizer, guard_prompts, cfg, ctx,
-                       layout_of, gold_fn, reduce, is_sharded)  # fmt: skip
+                       layout_of, gold_fn, reduce, is_sharded, guard_index)  # fmt: skip
         best = guard.observe(iteration, m, cfg.guard_patience, cfg.kl_budget)  # the same on every process
         whole = whole_policy() if best else None
         if whole is not None:
@@ -535,19 +563,26 @@ def run(
         if guard.stop_reason:
             break
         t0 = time.perf_counter()
-        # each process draws its own samples; seeding per iteration makes a resumed run draw the same ones
-        seed = (cfg.seed * 1_000_003 + iteration) * 1024 + rank
-        rng = torch.Generator().manual_seed(seed)  # minibatch order and PPO-ptx picks
+        # each sample draws from a stream named by (seed, iteration, its place in the global batch), and the
+        # minibatch order is one permutation of the global batch: the same samples and updates on any number of
+        # processes, and a resumed run draws the same ones
+        seed = cfg.seed * 1_000_003 + iteration
+        rng = torch.Generator().manual_seed(seed)  # minibatch order
+        ptx_rng = torch.Generator().manual_seed(seed * 1024 + rank)  # PPO-ptx picks, each process its own
 
-        # 1. generate (k answers to each prompt, side by side: rows i*k .. i*k + k - 1)
+        # 1. generate (k answers to each prompt, side by side: rows i*k .. i*k + k - 1); this process's rows
+        # are a contiguous share of the global batch
         batch_ids = [prompt_ids[i] for i in next(plan.micro_batches(iteration)) for _ in range(k)]
+        places = rank * len(batch_ids) + torch.arange(len(batch_ids))  # (b,) each row's place in the batch
         with ctx():
-            gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id,
-                           torch.Generator(device=device).manual_seed(seed), synced=is_sharded)  # fmt: skip
+            gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id, synced=is_sharded,
+                           seeds=stream_keys(cfg.seed, iteration, places))  # fmt: skip
 
-        # 2. score: old log-probs, reference log-probs, values, reward-model scores
+        # 2. score: old log-probs, reference log-probs, values, reward-model scores; then the whole batch's
+        # rollout on every process, so that whitening, advantages and statistics are global
         r = score_rollout(gen, actor, reference_actor, critic_module, scorer, cfg, ctx, layout_of)
-        rmask = r.response_mask  # (B, T)
+        r, ended = gather_rollout(r, gen.ended, accelerator, pad_id)
+        rmask = r.response_mask  # (B, T) the global batch
 
         # 3. rewards with KL penalty: -beta * KL on every token (unless KL is a loss term), the score on the last
         kl = approx_kl(r.logprobs, r.ref_logprobs, rmask, cfg.kl_estimator)  # (B, T)
@@ -561,12 +596,13 @@ def run(
 
         # 5. update: `epochs` passes over shuffled minibatches, gradients accumulated over micro-batches
         stats: dict[str, list[float]] = defaultdict(list)
-        n_local, share = rmask.size(0), cfg.minibatch_size // world
+        share = cfg.minibatch_size // world
         for _epoch in range(cfg.epochs):
-            order = torch.randperm(n_local, generator=rng)
-            for minibatch in order.split(share):
+            order = torch.randperm(rmask.size(0), generator=rng)
+            for whole_minibatch in order.split(cfg.minibatch_size):
+                minibatch = whole_minibatch[rank * share : (rank + 1) * share]  # this process's share
                 if ptx:  # PPO-ptx (InstructGPT): keep the SFT objective on demonstrations
-                    pick = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=rng)
+                    pick = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=ptx_rng)
                     demos = {
                         k: v.to(device) for k, v in collate([ptx[i] for i in pick.tolist()], pad_id).items()
                     }
@@ -636,7 +672,7 @@ def run(
             "ppo/reward": (r.scores - kl_ctl.value * seq_kl).mean(),
             "ppo/entropy": masked_mean(r.entropy, rmask),
             "ppo/response_length": rmask.sum(1).float().mean(),
-            "ppo/eos_rate": gen.ended.float().mean(),
+            "ppo/eos_rate": ended.float().mean(),
             "ppo/advantages_mean": masked_mean(advantages, rmask),
             "ppo/returns_mean": masked_mean(returns, rmask),
         }
@@ -649,7 +685,7 @@ def run(
                     "ppo/rollout_s": t_rollout, "ppo/iteration_s": time.perf_counter() - t0}  # fmt: skip
         kl_ctl.update(metrics["ppo/kl"], cfg.batch_size)
         done = iteration + 1
-        progress.update(done, int(rmask.sum()) * world, score=metrics["ppo/score"], kl=metrics["ppo/kl"])
+        progress.update(done, int(rmask.sum()), score=metrics["ppo/score"], kl=metrics["ppo/kl"])
         if done % cfg.log_every == 0 or done == n_iterations:
             run_dir.log(done, metrics)
             progress.line(

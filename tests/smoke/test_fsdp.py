@@ -2,9 +2,9 @@
 of the unsharded runs, and their checkpoints are whole models that load into one process and `rlhf serve`.
 
 Each side is one `accelerate launch` that runs all the stages (tests/smoke/stages_main.py), to pay the start-up
-of two processes once. SFT and reward are also compared with one process at the same global batch. PPO samples
-with a seed per process, so one process draws other answers than two: its sharded run is compared with the
-unsharded (DDP) run on the same two processes, which draws the same answers.
+of two processes once. SFT, reward and PPO are also compared with one process at the same global batch: PPO
+draws each answer from a stream named by its place in the global batch and updates on minibatches of one
+global permutation, so one process draws the same answers as two and takes the same steps.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from rlhf.config import PanelConfig, RewardConfig, SFTConfig
+from rlhf.config import PanelConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhf.data.preferences import write_preferences
 from rlhf.labelers.panel import Panel, label_offline
 from rlhf.models.loading import load_causal_lm
 from rlhf.runs import read_metrics
 from rlhf.serve.main import create_app
 from rlhf.serve.settings import Settings
-from rlhf.train import reward, sft
+from rlhf.train import ppo, reward, sft
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -101,6 +101,19 @@ def test_sharded_sft_and_reward_follow_one_process(
     for stage, key in (("sft", "sft/loss"), ("rm", "rm/loss")):
         one = curve(runs["root"] / "one" / stage, key)
         assert curve(runs["fsdp"] / stage, key) == pytest.approx(one, rel=1e-4, abs=1e-5)
+
+
+def test_sharded_ppo_follows_one_process(runs: dict[str, Path], tiny_sft_model: Path, tiny_reward_model: Path,
+                                        demo_data: Path) -> None:  # fmt: skip
+    """Full and LoRA: two iterations on one process, the same global batch, the same losses and rewards."""
+    models = {"sft": tiny_sft_model, "rm": tiny_reward_model}
+    for _, config in stage_configs(runs["root"] / "one", False, models, demo_data, runs["votes"])[2:4]:
+        ppo.run(PPOConfig(**config), quiet=True)
+    for stage in ("ppo", "ppo_lora"):
+        for key in (*LOSSES[stage], "ppo/reward", "ppo/response_length"):
+            one = curve(runs["root"] / "one" / stage, key)
+            assert len(one) == 2, key
+            assert curve(runs["fsdp"] / stage, key) == pytest.approx(one, rel=1e-4, abs=1e-5), (stage, key)
 
 
 def test_sharded_checkpoints_are_whole_models(runs: dict[str, Path], tiny_sft_model: Path) -> None:

@@ -3,33 +3,9 @@ import torch
 
 from rlhf import generation
 from rlhf.config import ArchConfig
-from rlhf.generation import SamplingParams, filter_logits, generate, left_pad, sample
+from rlhf.generation import SamplingParams, generate, left_pad
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
-
-
-def test_top_k_and_top_p_keep_the_right_tokens() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
-    # nucleus 0.7: 0.5 < 0.7 so the second token is needed too; 0.8 >= 0.7 so the third is dropped
-    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.4)).tolist() == [[True, False, False, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
-
-
-@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (0, 0.7), (3, 1.0), (3, 0.6), (0, 0.3)])
-def test_sample_draws_from_the_truncated_distribution(top_k: int, top_p: float) -> None:
-    logits = torch.log(torch.tensor([0.35, 0.25, 0.15, 0.1, 0.08, 0.07]))
-    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
-    n = 40_000
-    tokens, logprobs = sample(logits.expand(n, -1), params, torch.Generator().manual_seed(0))
-    expected = torch.softmax(filter_logits(logits[None] / 0.8, top_k=top_k, top_p=top_p), dim=-1)[0]
-    observed = torch.bincount(tokens, minlength=6).float() / n
-    # 4 standard errors of a binomial proportion: a draw from the wrong set or with the wrong weights fails
-    assert (observed - expected).abs().max() <= 4 * (0.25 / n) ** 0.5 + 1e-6
-    assert observed[expected == 0].sum() == 0  # nothing outside the top-k / the nucleus, ever
-    # the log-prob is the untruncated one under softmax(logits / T), the distribution PPO recomputes
-    torch.testing.assert_close(logprobs, torch.log_softmax(logits / 0.8, -1)[tokens])
 
 
 def test_left_pad() -> None:
