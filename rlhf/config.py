@@ -185,6 +185,11 @@ class GenerateConfig(Section):
         "(the empty answer where that is already a candidate), so labels teach the reward model what a "
         "policy that stops early says",
     )  # fmt: skip
+    extra_models: list[str] = Field(
+        default_factory=list, description="other policies (e.g. the pretrained model) that answer every prompt "
+        "too, extra_k times each, so that labels cover mistakes the main policy rarely makes",
+    )  # fmt: skip
+    extra_k: int = Field(1, ge=0, le=8, description="answers per prompt from each of extra_models")
     max_prompts: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")

@@ -43,6 +43,9 @@ FAST_OVERRIDES = [
 ]
 
 
+DEMO_DIR = "runs/demo/"  # the run directory the demo's config names; `--out` moves it
+
+
 def default_config_path() -> Path | None:
     """configs/demo.yaml of a source checkout, or the copy shipped in the package."""
     for candidate in (
@@ -78,8 +81,17 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
         f"eval.prompts_file={data / 'eval_prompts.jsonl'}",
         f"eval.reference={out / 'sft' / 'final'}",
     ]
-    return load_config(
+    cfg = load_config(
         config or default_config_path(), [*(FAST_OVERRIDES if fast else []), *overrides, *paths]
+    )
+    # other policies that answer the candidates' prompts, named in the config by their place in runs/demo
+    extra = [
+        str(out / m.removeprefix(DEMO_DIR)) if m.startswith(DEMO_DIR) else m
+        for m in cfg.generate.extra_models
+    ]
+    return load_config(
+        config or default_config_path(),
+        [*(FAST_OVERRIDES if fast else []), *overrides, *paths, f"generate.extra_models={json.dumps(extra)}"],
     )
 
 
@@ -152,11 +164,13 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
         ("pretrained_vs_sft", str(out / "pretrain" / "final")),
     ):
         summary = compare(policy, sft, cfg.eval, judge)
-        write_json(out / "eval" / f"{name}.json", summary)
         results[f"{name}_win_rate"] = summary["win_rate_a"]
         if name == "ppo_vs_sft":
+            summary["by_family"] = outcomes_by_family(summary["rows"])
+            summary["ceiling_win_rate"] = ceiling_win_rate(summary["rows"])
             rows = examples_by_family(summary["rows"], per_family=2, seed=cfg.eval.seed)
             write_json(out / "eval" / "examples.json", score_examples(rows, out / "reward" / "final"))
+        write_json(out / "eval" / f"{name}.json", summary)
     kinds = reward_by_kind(read_prompts(cfg.eval.prompts_file, 200), out / "reward" / "final")
     write_json(out / "eval" / "reward_by_kind.json", kinds)
     coverage = candidate_coverage(cfg.generate.out)
@@ -169,6 +183,46 @@ def read_prompts(path: str, limit: int) -> list[str]:
     from rlhf.eval.compare import read_prompts as read
 
     return read(path, limit)
+
+
+def outcomes_by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per question family: wins, ties and losses of A (by gold utility), and how often each policy is correct
+    and how often B's answer is already one of the best there are (which no answer of A can beat)."""
+    from rlhf.labelers import gold
+
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        q = gold.parse_question(row["prompt"])
+        a, b = (
+            gold.judge(row["prompt"], row["a"], row["ended_a"]),
+            gold.judge(row["prompt"], row["b"], row["ended_b"]),
+        )
+        f = out.setdefault(q.family, {"n": 0, "wins_a": 0, "ties": 0, "losses_a": 0, "correct_a": 0, "correct_b": 0,
+                                      "best_b": 0})  # fmt: skip
+        f["n"] += 1
+        f["wins_a" if a.utility > b.utility else "ties" if a.utility == b.utility else "losses_a"] += 1
+        f["correct_a"] += a.correct
+        f["correct_b"] += b.correct
+        f["best_b"] += b.utility >= best_utility(row["prompt"])
+    return dict(sorted(out.items()))
+
+
+def best_utility(prompt: str) -> float:
+    """Gold's utility of the best answer the demo world has to `prompt` (a concise correct one)."""
+    from rlhf.data import demo_task
+    from rlhf.labelers import gold
+
+    q = gold.parse_question(prompt)
+    return max(gold.utility(prompt, " " + t, True) for t in demo_task.answer_templates(q, q.answer))
+
+
+def ceiling_win_rate(rows: list[dict[str, Any]]) -> float:
+    """The win rate (ties half) over B that a policy answering every prompt as well as gold allows would get:
+    a tie wherever B's answer is already one of the best. The most any policy can win against B's answers."""
+    from rlhf.labelers import gold
+
+    best = [gold.utility(r["prompt"], r["b"], r["ended_b"]) >= best_utility(r["prompt"]) for r in rows]
+    return (len(best) - sum(best) / 2) / len(best)
 
 
 def examples_by_family(rows: list[dict[str, Any]], per_family: int, seed: int) -> list[dict[str, Any]]:
@@ -346,6 +400,10 @@ def summary_lines(out: Path) -> list[str]:
                ("hallucinated", "hallucinated_rate"), ("harmful", "harmful_rate"), ("toxic", "toxic_rate"),
                ("words", "mean_words"), ("EOS", "eos_rate")]),
         ]  # fmt: skip
+        if "by_family" in e:
+            lines.append(f"win rate a policy with a best answer to every prompt would get: {e['ceiling_win_rate']:.3f}; "
+                         "W/T/L by family: " + ", ".join(f"{f} {v['wins_a']}/{v['ties']}/{v['losses_a']}"
+                                                         for f, v in e["by_family"].items()))  # fmt: skip
     if (out / "report.html").exists():
         lines.append(f"report: {out / 'report.html'}")
     return lines

@@ -10,6 +10,12 @@ j < short_k ("Sure!", "Good question.", "Yes."), or the empty answer where that 
 candidate. A policy optimised against the reward model finds such answers when it learns to stop early; a
 reward model that never saw them cannot know they are bad (Gao et al. 2022 on overoptimisation), so labelers
 judge them beside the full answers. Their sampling record says `"truncated": "first_sentence"`.
+
+With `extra_models`, each prompt also gets `extra_k` answers from each of those policies (an earlier or a
+weaker checkpoint, such as the pretrained model), named by their own policy version: labels on answers of
+several policies show the reward model mistakes one policy never makes and another optimised against it may
+find (non-answers, answers of the wrong type, invented facts); Llama 2 sampled its comparison pairs from
+different model variants for the same reason (Touvron et al. 2023, sec. 3.2.1).
 """
 
 from __future__ import annotations
@@ -72,24 +78,17 @@ def short_answers(completions: list[dict[str, Any]], short_k: int) -> list[dict[
     return extra
 
 
-def run(cfg: GenerateConfig) -> dict[str, Any]:
-    """Sample cfg.k answers to every prompt in batches; write the candidates file; return a summary."""
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
-    # read before any output: bad input leaves nothing behind
-    prompts = read_prompts(cfg.prompts_file, cfg.max_prompts, tokenizer)
-    policy = load_causal_lm(cfg.model, tokenizer=tokenizer)
+def sample_answers(
+    cfg: GenerateConfig, model: str, tokenizer: Any, prompts: list[str], k: int, seed: int
+) -> tuple[list[str], list[bool]]:
+    """k sampled answers to every prompt by `model`, in batches; item i is answer i % k of prompt i // k."""
+    policy = load_causal_lm(model, tokenizer=tokenizer)
     policy.eval()
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
-    policy_version = policy_name(cfg.model, cfg.policy_version)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed)
+    generator = torch.Generator().manual_seed(seed)
     bf16 = resolve_precision(cfg.precision) == "bf16" and not torch.cuda.is_available()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    # Every prompt K times, sampled in batches; row i of the flat list is answer i % k of prompt i // k.
-    prompt_ids = encode_prompts(tokenizer, [p for _, p in prompts])
-    flat = [ids for ids in prompt_ids for _ in range(cfg.k)]
+    flat = [ids for ids in encode_prompts(tokenizer, prompts) for _ in range(k)]
     texts: list[str] = []
     ended: list[bool] = []
     for i in range(0, len(flat), cfg.batch_size):
@@ -100,7 +99,26 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
             )  # fmt: skip
         texts.extend(decode_responses(tokenizer, gen))
         ended.extend(bool(e) for e in gen.ended.tolist())
-        log.info("generate: %d / %d answers", len(texts), len(flat))
+        log.info("generate: %d / %d answers of %s", len(texts), len(flat), model)
+    return texts, ended
+
+
+def run(cfg: GenerateConfig) -> dict[str, Any]:
+    """Sample cfg.k answers to every prompt in batches; write the candidates file; return a summary."""
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
+    # read before any output: bad input leaves nothing behind
+    prompts = read_prompts(cfg.prompts_file, cfg.max_prompts, tokenizer)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
+    sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+    policy_version = policy_name(cfg.model, cfg.policy_version)
+    texts, ended = sample_answers(cfg, cfg.model, tokenizer, [p for _, p in prompts], cfg.k, cfg.seed)
+    extra: list[tuple[str, list[str], list[bool]]] = []
+    for i, model in enumerate(cfg.extra_models):
+        extra_tokenizer = load_tokenizer(model, cfg.add_pad_token)
+        # each policy samples from a seed of its own, so adding one changes no other policy's answers
+        extra.append((policy_name(model, None), *sample_answers(cfg, model, extra_tokenizer,
+                      [p for _, p in prompts], cfg.extra_k, cfg.seed + 1 + i)))  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     for n, (prompt_id, prompt) in enumerate(prompts):
@@ -111,6 +129,13 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
             for j in answers
         ]  # fmt: skip
         completions += short_answers(completions, cfg.short_k)
+        seen = {c["text"] for c in completions}
+        for name, other_texts, other_ended in extra:
+            for j in range(n * cfg.extra_k, (n + 1) * cfg.extra_k):
+                if other_texts[j] not in seen:
+                    seen.add(other_texts[j])
+                    completions.append({"text": other_texts[j], "policy": name, "sampling": sampling,
+                                        "finish_reason": "stop" if other_ended[j] else "length"})  # fmt: skip
         rows.append({"prompt": prompt, "prompt_id": prompt_id, "completions": completions})
     write_jsonl(cfg.out, rows)
     seconds = time.perf_counter() - start

@@ -63,3 +63,29 @@ def test_cli_generate_then_label_offline(tmp_path: Path, tiny_sft_model: Path, d
     assert len(records) == 18 and all(isinstance(r, PairwiseVote) for r in records)
     assert {r.labeler for r in records} <= {"sim-0", "sim-1"}
     assert {r.meta["policy_a"] for r in records if isinstance(r, PairwiseVote)} == {"v1"}
+
+
+def test_extra_models_add_their_own_answers_and_leave_the_policys_alone(
+    tmp_path: Path, tiny_sft_model: Path, demo_data: Path
+) -> None:
+    import shutil
+
+    other = tmp_path / "pretrain" / "final"
+    shutil.copytree(tiny_sft_model, other)
+    base = GenerateConfig(model=str(tiny_sft_model), prompts_file=str(demo_data / "rl_prompts.jsonl"),
+                          out=str(tmp_path / "a.jsonl"), k=2, max_prompts=4, max_new_tokens=10, seed=3,
+                          batch_size=8, precision="fp32")  # fmt: skip
+    generate.run(base)
+    mixed = base.model_copy(
+        update={"out": str(tmp_path / "b.jsonl"), "extra_models": [str(other)], "extra_k": 3}
+    )
+    summary = generate.run(mixed)
+    plain = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    for p, r in zip(plain, rows, strict=True):
+        assert r["completions"][:2] == p["completions"]  # the policy's own answers are unchanged
+        extra = r["completions"][2:]
+        assert 1 <= len(extra) <= 3 and {c["policy"] for c in extra} == {"pretrain/final"}
+        texts = [c["text"] for c in r["completions"]]
+        assert len(texts) == len(set(texts))  # no answer twice
+    assert summary["completions"] == sum(len(r["completions"]) for r in rows)
