@@ -15,6 +15,8 @@ end the database must hold every acknowledged vote exactly once, with the id its
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import random
 import signal
@@ -37,6 +39,34 @@ from rlhf.feedback.importer import import_candidates
 from rlhf.feedback.models import Vote
 from rlhf.feedback.schemas import CandidateRow
 from rlhf.feedback.users import create_token, create_user
+
+
+class Connection:
+    """One client's keep-alive HTTP/1.1 connection, from the standard library: a small share of httpx's CPU per
+    request, so that on a machine the server shares, the clients are not what the measured latency waits on.
+    A request whose connection broke raises OSError or HTTPException; the next request opens a new one."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
+        """(status, the Server-Timing header, the body)."""
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            self.conn.request("POST", path, body=json.dumps(body), headers=self.headers)
+            response = self.conn.getresponse()
+            return response.status, response.getheader("server-timing", ""), response.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 @dataclass
@@ -135,10 +165,10 @@ def prepare(db_url: str, n_votes: int, n_clients: int) -> list[str]:
 
 
 def client_loop(
-    http: httpx.Client, task_ids: list[int], tag: str, retry_rate: float, tally: Tally, seed: int
+    conn: Connection, task_ids: list[int], tag: str, retry_rate: float, tally: Tally, seed: int
 ) -> None:
     rng = random.Random(seed)
-    with http:
+    try:
         for task_id in task_ids:
             key = f"load-{tag}-{task_id}"
             body = {
@@ -147,25 +177,27 @@ def client_loop(
                 "idempotency_key": key,
                 "source": "simulated",
             }
-            vote_id = send(http, body, tally)
+            vote_id = send(conn, body, tally)
             with tally.lock:
                 tally.acked[key] = vote_id
             if rng.random() < retry_rate:  # a client that did not trust the first answer
-                again = send(http, body, tally, expect_replay=True)
+                again = send(conn, body, tally, expect_replay=True)
                 with tally.lock:
                     tally.deliberate_retries += 1
                     if again != vote_id:
                         tally.errors.append(f"{key}: retry gave vote {again}, first answer was {vote_id}")
+    finally:
+        conn.close()
 
 
-def send(http: httpx.Client, body: dict[str, Any], tally: Tally, expect_replay: bool = False) -> int:
+def send(conn: Connection, body: dict[str, Any], tally: Tally, expect_replay: bool = False) -> int:
     """POST until acknowledged; connection errors (the server was killed) are retried with the same key."""
     deadline = time.monotonic() + 120
     while True:
         start = time.perf_counter()
         try:
-            r = http.post("/api/votes", json=body)
-        except httpx.TransportError:
+            status, timing, data = conn.post("/api/votes", body)
+        except (OSError, http.client.HTTPException):
             with tally.lock:
                 tally.connection_retries += 1
             if time.monotonic() > deadline:
@@ -173,18 +205,19 @@ def send(http: httpx.Client, body: dict[str, Any], tally: Tally, expect_replay: 
             time.sleep(0.05)
             continue
         elapsed_ms = (time.perf_counter() - start) * 1000
-        if r.status_code in (200, 201):
-            if expect_replay and r.status_code != 200:
+        if status in (200, 201):
+            if expect_replay and status != 200:
                 with tally.lock:
-                    tally.errors.append(f"{body['idempotency_key']}: a retry got {r.status_code}, not 200")
-            timing = r.headers.get("server-timing", "dur=nan").split("dur=")[1]
+                    tally.errors.append(f"{body['idempotency_key']}: a retry got {status}, not 200")
+            server_ms = float(timing.split("dur=")[1]) if "dur=" in timing else float("nan")
             with tally.lock:
-                tally.samples.append((start, elapsed_ms, float(timing)))
-            return int(r.json()["id"])
+                tally.samples.append((start, elapsed_ms, server_ms))
+            return int(json.loads(data)["id"])
+        text = data[:200].decode(errors="replace")
         with tally.lock:
-            tally.errors.append(f"{body['idempotency_key']}: HTTP {r.status_code} {r.text[:200]}")
-        if r.status_code < 500 or time.monotonic() > deadline:
-            raise RuntimeError(f"vote refused: {r.status_code} {r.text[:200]}")
+            tally.errors.append(f"{body['idempotency_key']}: HTTP {status} {text}")
+        if status < 500 or time.monotonic() > deadline:
+            raise RuntimeError(f"vote refused: {status} {text}")
         time.sleep(0.05)
 
 
@@ -202,16 +235,10 @@ def run_load(
     port = free_port()
     env = {"RLHF_LABEL_VOTES_PER_MINUTE": "0"}
     server = start_server(db_url, port, env, workers, redis_url)
-    base_url = f"http://127.0.0.1:{port}"
     tally = Tally()
     tag = uuid.uuid4().hex[:8]
     task_ids = list(range(1, n_votes + 1))
-    # Clients are made before the clock starts: each loads the CA certificates (tens of ms of CPU), which
-    # in the timed window would compete with the server for the cores and delay the first answers.
-    clients = [
-        httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-        for token in tokens
-    ]
+    clients = [Connection(port, token) for token in tokens]
     threads = [
         threading.Thread(
             target=client_loop,
