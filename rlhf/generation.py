@@ -290,12 +290,18 @@ def generate(
         next_token, logprob = sample(logits, params, generator)  # (b,) each
         # PAD is never sampled: a row that drew it draws again without it (rejection sampling, the same
         # distribution as masking PAD out). The redraw has a random stream of its own, so every other row
-        # draws as it would have.
+        # draws as it would have. Its log-prob is under the unmasked softmax(logits / T), as every other row's
+        # and as PPO's forward recomputes it.
         redraw = next_token == pad_id  # (b,)
         if pad_id not in stops_list and bool(redraw.any()):
             masked = mask_pad(logits[redraw], pad_id, stops_list)  # (r, V)
             own = torch.Generator(device=device).manual_seed((params.seed or 0) * 1_000_003 + step)
-            next_token[redraw], logprob[redraw] = sample(masked, params, own)
+            redrawn, _ = sample(masked, params, own)  # (r,)
+            temperature = params.temperature if params.temperature > 0 else 1.0
+            next_token[redraw] = redrawn
+            logprob[redraw] = (
+                (logits[redraw] / temperature).log_softmax(-1).gather(-1, redrawn[:, None])[:, 0]
+            )
         alive = ~finished[rows]  # (b,)
         response_ids[rows, step] = torch.where(alive, next_token, pad_id)
         logprobs[rows, step] = torch.where(alive, logprob, 0.0)
