@@ -128,30 +128,22 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--doc-only", action="store_true", help="rewrite the docs table from the saved JSON")
+    parser.add_argument("--name", default="architectures", help="results file: benchmarks/results/NAME.json")
+    parser.add_argument("--merge", nargs="*", default=[], help="with --doc-only: add the blocks of these results "
+                        "files (runs side by side) to architectures.json")  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="keep the saved blocks this run does not measure "
+                        "(their MFU then against this run's matmul peak)")  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="smoke pass: Llama and GPT-NeoX, 1 repetition, no TRL"
     )
     args = parser.parse_args()
     if args.quick:
-        args.archs, args.sizes, args.reps, args.iterations, args.groups = (
-            ["llama", "gpt_neox"],
-            ["4M"],
-            1,
-            2,
-            24,
-        )
+        args.archs, args.sizes, args.reps, args.iterations, args.groups = ["llama", "gpt_neox"], ["4M"], 1, 2, 24  # fmt: skip
         args.no_trl = args.no_doc = True
-    name = "architectures.quick" if args.quick else "architectures"  # a smoke pass keeps the real results
+    name = "architectures.quick" if args.quick else args.name  # a smoke pass keeps the real results
     if args.doc_only:
-        saved = json.loads((RESULTS / "architectures.json").read_text())
-        # an interrupted run: the blocks it finished, against a peak measured now; else MFU from the saved peaks
-        if "matmul_peak" not in saved:
-            finish(saved, matmul_peak.load_or_measure("cpu", args.threads), interrupted=True)
-        else:
-            mp = saved["matmul_peak"]
-            peaks = [mean_peak(mp["before"], mp["after"], mp["dtype"], k) for k in ("flops", "flops_cpu")]
-            for entry in saved["results"].values():
-                add_mfu(entry, *peaks)
+        saved = merged([json.loads((RESULTS / f"{n}.json").read_text()) for n in ["architectures", *args.merge]],
+                       args.threads)  # fmt: skip
         save_result("architectures", saved)
         update_doc("architectures", TITLE, saved, doc_section(saved))
         return
@@ -166,6 +158,14 @@ def main() -> None:
                               "ppo_workload": {"batch": ppo_bench.BATCH, "minibatch": ppo_bench.MINIBATCH,
                                                "epochs": ppo_bench.EPOCHS, "max_new_tokens": ppo_bench.NEW_TOKENS},
                               "results": {}}  # fmt: skip
+    saved_path = RESULTS / f"{name}.json"
+    if args.keep and saved_path.exists():  # the blocks of earlier runs, each with its own settings
+        saved = json.loads(saved_path.read_text())
+        for entry in saved["results"].values():
+            entry.setdefault("iterations", saved["iterations"])
+            entry.setdefault("reps", saved["reps"])
+        result["results"] = saved["results"]
+        result["command"] = f"{saved['command']}; then {result['command']}"
     for size in args.sizes:
         for arch in args.archs:
             key = f"{arch}/{size}"
@@ -173,6 +173,7 @@ def main() -> None:
             entry: dict[str, Any] = {"arch": arch, "size": size, "params": sum(p.numel() for p in model.parameters()),
                                      "matmul_weights": ppo_bench.linear_weights(model),
                                      "lean_path": type(model).__name__ == "LlamaForCausalLM",
+                                     "iterations": args.iterations, "reps": args.reps,
                                      "load_average_before": round(os.getloadavg()[0], 1)}  # fmt: skip
             if "generation" in args.parts:
                 entry["generation"] = generation.bench_size(
@@ -191,6 +192,26 @@ def main() -> None:
     print(json.dumps({k: summary(e) for k, e in result["results"].items()}, indent=1))
     if not args.no_doc:
         update_doc("architectures", TITLE, result, doc_section(result))
+
+
+def merged(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:
+    """The blocks of several runs in one result (the first's machine and settings, every command), each block's
+    MFU against the peak of its own run; a run that was interrupted against a peak measured now."""
+    for run in runs:
+        if "matmul_peak" not in run:
+            finish(run, matmul_peak.load_or_measure("cpu", threads), interrupted=True)
+        mp = run["matmul_peak"]
+        peaks = [mean_peak(mp["before"], mp["after"], mp["dtype"], k) for k in ("flops", "flops_cpu")]
+        for entry in run["results"].values():
+            entry.setdefault("iterations", run["iterations"])
+            entry.setdefault("reps", run["reps"])
+            add_mfu(entry, *peaks)
+            entry["matmul_peak"] = {"flops": peaks[0], "flops_cpu": peaks[1]}
+    out = runs[0]
+    for run in runs[1:]:
+        out["results"] |= run["results"]
+        out["command"] = f"{out['command']}; and beside it {run['command']}"
+    return out
 
 
 def finish(result: dict[str, Any], peak_after: dict[str, Any], interrupted: bool = False) -> None:
@@ -247,16 +268,20 @@ def summary(e: dict[str, Any]) -> dict[str, Any]:
 def doc_section(result: dict[str, Any]) -> list[str]:
     c, mp = result["capabilities"], result["matmul_peak"]
     dtype, w = mp["dtype"], result["ppo_workload"]
+    iterations = " or ".join(
+        dict.fromkeys(str(e.get("iterations", result["iterations"])) for e in result["results"].values())
+    )
     lines = [
         f"CPU capabilities: torch kernels {c['torch_cpu_capability']}, flags {', '.join(c['flags'])}; precision "
-        f"chosen by `precision: auto`: {c['precision']}. Matmul peak ({dtype}, 1024-2048 squares, measured at the "
-        f"start and the end of this run): {mp['before'][dtype]['flops'] / 1e9:.0f} and "
-        f"{mp['after'][dtype]['flops'] / 1e9:.0f} GFLOP/s wall clock, {mp['before'][dtype]['flops_cpu'] / 1e9:.0f} and "
-        f"{mp['after'][dtype]['flops_cpu'] / 1e9:.0f} GFLOP per CPU-second.",
+        f"chosen by `precision: auto`: {c['precision']}. Matmul peak ({dtype}, 1024-2048 squares, measured in the run of "
+        f"each block, at its start and its end{' (after it, for a run that was stopped)' if mp.get('interrupted') else ''}; "
+        "each block's in the JSON): "
+        + ", ".join(f"{e['matmul_peak']['flops_cpu'] / 1e9:.0f}" for e in result["results"].values() if "matmul_peak" in e)
+        + " GFLOP per CPU-second.",
         "",
         "Random-init models of each Hugging Face type with the same width, depth and heads (the demo tokenizer, "
         f"vocab 512). PPO: {w['batch']} prompts, {w['max_new_tokens']} new tokens, {w['epochs']} epochs over 2 "
-        f"minibatches, {result['iterations']} iterations per run (the first dropped), vs TRL 0.29 PPOTrainer with the "
+        f"minibatches, {iterations} iterations per run (the first dropped), vs TRL 0.29 PPOTrainer with the "
         "same checkpoints and hyper-parameters. Reward: the `pairs` setting of the reward benchmark (one pair per "
         "prompt, the same pairs per step), vs TRL RewardTrainer. Generation: batch 64, 48 new tokens, vs transformers "
         "`generate()` in the same precision. Ratios are ours / theirs in throughput (> 1: ours faster), the median "
