@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from rlhf.config import ArchConfig
 from rlhf.data import demo_task
@@ -29,7 +30,14 @@ SIZES = {
                        num_key_value_heads=4, max_position_embeddings=256),
     "small": ArchConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                         num_key_value_heads=8, max_position_embeddings=256),
+    # the sizes of the benchmark over architectures (benchmarks/architectures.py): about 4M and 30M weights
+    "4M": ArchConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=256),
+    "30M": ArchConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=9, num_attention_heads=8,
+                      num_key_value_heads=8, max_position_embeddings=256),
 }  # fmt: skip
+# Hugging Face model types the benchmarks build besides Llama, each from the same ArchConfig
+ARCHS = ("llama", "qwen2", "gpt_neox", "gpt2", "gemma", "mistral")
 
 
 @cache
@@ -42,10 +50,35 @@ def tokenizer_dir() -> Path:
     return work / "tok"
 
 
-def build_model(size: str, device: str = "cpu", seed: int = 0) -> tuple[Any, Any]:
-    """(model, tokenizer): a Llama of the given size with random weights, on `device`."""
+def build_model(size: str, device: str = "cpu", seed: int = 0, arch: str = "llama") -> tuple[Any, Any]:
+    """(model, tokenizer): a model of type `arch` (ARCHS) of the given size with random weights, on `device`."""
     tokenizer = load_tokenizer(str(tokenizer_dir()))
-    return build_causal_lm(SIZES[size], tokenizer, seed=seed).to(device), tokenizer
+    return build_arch(arch, SIZES[size], tokenizer, seed).to(device), tokenizer
+
+
+def build_arch(arch: str, cfg: ArchConfig, tokenizer: Any, seed: int = 0) -> Any:
+    """A random-init causal LM of Hugging Face model type `arch` with `cfg`'s width, depth and heads, and about
+    the same weights whatever the type: a two-matrix MLP (GPT-2, GPT-NeoX) is 1.5x as wide as a gated one."""
+    if arch == "llama":
+        return build_causal_lm(cfg, tokenizer, seed=seed)
+    heads, mlp = cfg.num_attention_heads, cfg.intermediate_size
+    common = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": cfg.tie_word_embeddings,
+              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
+    if arch == "gpt2":
+        fields = {"n_embd": cfg.hidden_size, "n_layer": cfg.num_hidden_layers, "n_head": heads, "n_inner": mlp * 3 // 2,
+                  "n_positions": cfg.max_position_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # fmt: skip
+    else:
+        fields = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": heads,
+                  "max_position_embeddings": cfg.max_position_embeddings}  # fmt: skip
+        if arch == "gpt_neox":
+            fields |= {"intermediate_size": mlp * 3 // 2, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+        else:
+            fields |= {"intermediate_size": mlp, "num_key_value_heads": cfg.num_key_value_heads,
+                       "head_dim": cfg.hidden_size // heads}  # fmt: skip
+    config = CONFIG_MAPPING[arch](**common, **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def sync(device: str) -> None:

@@ -69,8 +69,11 @@ def run_hf(model: Any, ids: list[list[int]], new_tokens: int, pad_id: int, eos_i
     return len(ids) * new_tokens / elapsed, len(ids) * new_tokens / cpu
 
 
-def bench_size(size: str, batch: int, new_tokens: int, reps: int, device: str) -> dict[str, Any]:
-    model, tokenizer = build_model(size, device)
+def bench_size(
+    size: str, batch: int, new_tokens: int, reps: int, device: str, arch: str = "llama"
+) -> dict[str, Any]:
+    """Ours, HF generate() under the same precision and HF in fp32, alternating, on a model of type `arch`."""
+    model, tokenizer = build_model(size, device, arch=arch)
     model.eval()
     amp = device.startswith("cuda") or cpu_has_bf16()
     ids = prompts(batch, len(tokenizer))

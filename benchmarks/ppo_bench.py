@@ -70,13 +70,14 @@ def ensure_trl_venv() -> Path:
 # ---------------------------------------------------------------- workload set-up
 
 
-def prepare(work: Path, size: str, sft_steps: int) -> dict[str, str]:
-    """Prompts, the policy (SFT checkpoint) and the reward model, as Hugging Face checkpoints under `work`."""
+def prepare(work: Path, size: str, sft_steps: int, arch: str = "llama") -> dict[str, str]:
+    """Prompts, the policy (SFT checkpoint) and the reward model, as Hugging Face checkpoints under `work`;
+    the model of Hugging Face type `arch` (benchmarks.common.ARCHS)."""
     from rlhf.train import sft
 
     data = work / "data"
     demo_task.generate(data, seed=0, n_pretrain=200, n_sft=600, n_rl_prompts=512, n_eval_prompts=10)
-    model, tokenizer = build_model(size)
+    model, tokenizer = build_model(size, arch=arch)
     model.save_pretrained(work / "base")
     tokenizer.save_pretrained(work / "base")
     policy = work / "base"
@@ -183,7 +184,13 @@ class RSSMonitor:
 
 
 def linear_weights(model: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    """Weights that multiply activations: the 2-D weights outside embedding tables (Linear layers, GPT-2's
+    Conv1D), and the output layer, tied to the input embeddings or not."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in tables)
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return n + (output.weight.numel() if output is not None and id(output.weight) in tables else 0)
 
 
 def forward_flops(n_linear: int, arch: ArchConfig, lengths: list[int]) -> float:
@@ -378,30 +385,10 @@ def main() -> None:
         paths = prepare(work / size, size, sft_steps=40 if size == "tiny" else 0)
         with_trl = python is not None and size == "tiny"
         reps = args.reps if size == "tiny" else args.small_reps
-        ours, trl = [], []
-        for rep in range(reps):
-            for system in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):
-                if system == "ours":
-                    cmd = [sys.executable, "-m", "benchmarks.ppo_bench", "--worker", "ours", "--size", size,
-                           "--paths", json.dumps(paths), "--out", str(work / size / f"ours-{rep}"),
-                           "--iterations", str(args.iterations if size == "tiny" else args.small_iterations),
-                           "--threads", str(args.threads)]  # fmt: skip
-                    ours.append(run_worker(cmd, env))
-                    print(f"{size} rep {rep} ours: {ours[-1]['iteration_s']:.2f} s/iteration "
-                          f"(CPU {ours[-1]['iteration_cpu_s']:.2f} s) "
-                          f"{json.dumps({k: round(v, 2) for k, v in ours[-1]['phase_s'].items()})}", flush=True)  # fmt: skip
-                elif with_trl:
-                    cmd = [str(python), str(ROOT / "benchmarks" / "trl_ppo_worker.py"), "--paths", json.dumps(paths),
-                           "--out", str(work / size / f"trl-{rep}"), "--iterations", str(args.iterations),
-                           "--hparams", json.dumps({**HPARAMS, "batch": BATCH, "minibatch": MINIBATCH,
-                                                    "micro_batch": MICRO, "epochs": EPOCHS,
-                                                    "max_new_tokens": NEW_TOKENS})]  # fmt: skip
-                    trl.append(run_worker(cmd, env))
-                    print(
-                        f"{size} rep {rep} TRL: {trl[-1]['iteration_s']:.2f} s/iteration "
-                        f"(CPU {trl[-1]['iteration_cpu_s']:.2f} s)",
-                        flush=True,
-                    )
+        iterations = args.iterations if size == "tiny" else args.small_iterations
+        ours, trl = compare(
+            paths, size, work / size, reps, iterations, python if with_trl else None, args.threads, env
+        )
         result["sizes"][size] = summarise(ours, trl, peak_before)
     peak_after = matmul_peak.load_or_measure("cpu", args.threads, quick=True)
     result["matmul_peak"] = {"before": peak_before, "after": peak_after}
@@ -413,6 +400,42 @@ def main() -> None:
     if not args.no_doc and not args.quick:
         update_doc("ppo", "PPO iteration: `rlhf ppo` per phase, MFU, memory; vs TRL PPOTrainer", result,
                    doc_section(result))  # fmt: skip
+
+
+def compare(
+    paths: dict[str, str], size: str, work: Path, reps: int, iterations: int, python: Path | None, threads: int,
+    env: dict[str, str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """(ours, TRL) results of `reps` runs each, alternating (each going first every other repetition), each a
+    fresh process; TRL skipped where `python` (its venv's) is None, and from its first failure on (the error is
+    then TRL's one result, under "error")."""
+    ours: list[dict[str, Any]] = []
+    trl: list[dict[str, Any]] = []
+    for rep in range(reps):
+        for system in ("ours", "trl") if rep % 2 == 0 else ("trl", "ours"):
+            if system == "ours":
+                cmd = [sys.executable, "-m", "benchmarks.ppo_bench", "--worker", "ours", "--size", size,
+                       "--paths", json.dumps(paths), "--out", str(work / f"ours-{rep}"),
+                       "--iterations", str(iterations), "--threads", str(threads)]  # fmt: skip
+                ours.append(run_worker(cmd, env))
+                print(f"{size} rep {rep} ours: {ours[-1]['iteration_s']:.2f} s/iteration "
+                      f"(CPU {ours[-1]['iteration_cpu_s']:.2f} s) "
+                      f"{json.dumps({k: round(v, 2) for k, v in ours[-1]['phase_s'].items()})}", flush=True)  # fmt: skip
+            elif python is not None:
+                cmd = [str(python), str(ROOT / "benchmarks" / "trl_ppo_worker.py"), "--paths", json.dumps(paths),
+                       "--out", str(work / f"trl-{rep}"), "--iterations", str(iterations),
+                       "--hparams", json.dumps({**HPARAMS, "batch": BATCH, "minibatch": MINIBATCH,
+                                                "micro_batch": MICRO, "epochs": EPOCHS,
+                                                "max_new_tokens": NEW_TOKENS})]  # fmt: skip
+                try:
+                    trl.append(run_worker(cmd, env))
+                except RuntimeError as e:  # e.g. a model type TRL's PPO cannot run
+                    print(f"{size} rep {rep} TRL failed: {str(e).strip().splitlines()[-1]}", flush=True)
+                    trl, python = [{"error": str(e).strip().splitlines()[-1]}], None
+                    continue
+                print(f"{size} rep {rep} TRL: {trl[-1]['iteration_s']:.2f} s/iteration "
+                      f"(CPU {trl[-1]['iteration_cpu_s']:.2f} s)", flush=True)  # fmt: skip
+    return ours, trl
 
 
 def summarise(ours: list[dict[str, Any]], trl: list[dict[str, Any]], peak: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +464,9 @@ def summarise(ours: list[dict[str, Any]], trl: list[dict[str, Any]], peak: dict[
     r["ours_final_score"] = med([statistics.fmean(o["score"][-2:]) for o in ours])
     r["ours_first_score"] = med([o["score"][0] for o in ours])
     r["ours_maxrss_mib"] = max(o["maxrss_mib"] for o in ours)
-    if trl:
+    if trl and "error" in trl[0]:
+        r["trl_error"] = trl[0]["error"]
+    elif trl:
         r["trl_iteration_s"] = med([t["iteration_s"] for t in trl])
         r["trl_final_score"] = med([statistics.fmean(t["score"][-2:]) for t in trl])
         r["trl_first_score"] = med([t["score"][0] for t in trl])

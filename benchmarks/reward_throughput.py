@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import replace_doc_section
+from benchmarks.common import build_arch, replace_doc_section
 from rlhf.config import ArchConfig, PanelConfig
 from rlhf.data import demo_task
 from rlhf.data.jsonl import write_json, write_jsonl
 from rlhf.data.preferences import Ranking, group_to_pairs, ranking_to_group, record_to_json
 from rlhf.labelers.panel import Panel
-from rlhf.models.loading import build_causal_lm, load_tokenizer
+from rlhf.models.loading import load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.runs import read_metrics
 
@@ -62,18 +62,24 @@ def ensure_trl_venv() -> Path:
     return python
 
 
-def prepare(work: Path, n_prompts: int, seed: int = 0) -> dict[str, Any]:
-    """Model + tokenizer, and the comparisons of both settings in both systems' formats."""
+def prepare(
+    work: Path, n_prompts: int, seed: int = 0, arch: str = "llama", cfg: ArchConfig = ARCH,
+    names: tuple[str, ...] = ("rankings", "pairs"),
+) -> dict[str, Any]:  # fmt: skip
+    """Model + tokenizer (a model of Hugging Face type `arch`, sized by `cfg`), and the comparisons of the
+    settings `names` in both systems' formats."""
     data = work / "demo"
     demo_task.generate(data, seed=seed, n_pretrain=3000, n_sft=10, n_rl_prompts=10, n_eval_prompts=10)
     corpus = (data / "pretrain.txt").read_text().split("\n\n")
     train_bpe_tokenizer(corpus, vocab_size=512).save_pretrained(work / "model")
     tokenizer = load_tokenizer(str(work / "model"))
-    build_causal_lm(ARCH, tokenizer, seed=seed).save_pretrained(work / "model")
+    build_arch(arch, cfg, tokenizer, seed).save_pretrained(work / "model")
     panel = Panel.from_config(PanelConfig(seed=seed))
     rng = random.Random(seed)
     settings: dict[str, Any] = {}
     for name, k in (("rankings", 4), ("pairs", 2)):
+        if name not in names:
+            continue
         prompts = n_prompts if k == 4 else n_prompts * 6  # the same number of pairs in both settings
         rankings = []
         for _ in range(prompts):

@@ -29,6 +29,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("generation", [], ["--quick"]),
     ("ppo_bench", [], ["--quick"]),
     ("reward_throughput", [], ["--reps", "1", "--groups", "40", "--no-doc"]),
+    ("architectures", [], ["--quick"]),
     ("dpo_throughput", [], ["--reps", "1", "--pairs", "64", "--no-doc"]),
     ("serve_load", [], ["--seconds", "3", "--clients", "1,8"]),
     ("feedback_load", [], ["--quick"]),

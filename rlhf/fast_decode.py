@@ -67,11 +67,15 @@ class LlamaDecoder:
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
-        """Whether `model` is a plain Llama causal LM whose forward this class reproduces exactly."""
+        """Whether `model` is a plain Llama causal LM whose forward this class reproduces exactly (its output
+        layer too: a bias-free Linear, whose weight is all this class reads)."""
         cfg = getattr(model, "config", None)
+        head = getattr(model, "lm_head", None)
         return (
             cfg is not None
             and type(model).__name__ == "LlamaForCausalLM"
+            and type(head) is torch.nn.Linear
+            and head.bias is None
             and plain_llama_config(cfg)
             and on_cpu(model)  # on a GPU, the model's own attention kernels
         )

@@ -56,11 +56,14 @@ def native_bf16(cpu_flags: set[str], capability: str, onednn_max_isa: str | None
     return has_flag and capability.upper().startswith("AVX512") and not limited
 
 
+CPUINFO = Path("/proc/cpuinfo")  # the CPU's flags (Linux); elsewhere absent, and bf16 is not assumed
+
+
 @cache
 def cpu_has_bf16() -> bool:
     """True when this machine's CPU multiplies bf16 natively (see `native_bf16`), where autocast pays off."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        cpuinfo = CPUINFO.read_text()
     except OSError:
         return False
     flags = {

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ from rlhf.config import ArchConfig
 from rlhf.generation import SamplingParams, generate, left_pad
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
+from tests.archs import rigged
 
 
 def test_left_pad() -> None:
@@ -128,3 +131,21 @@ def test_prompts_longer_than_the_context_are_cut_from_the_left_on_a_learned_posi
     assert answer(out, 0) == answer(alone, 0)
     with pytest.raises(ConfigError, match=r"max_new_tokens \(32\) leaves no room for a prompt"):
         generate(model, [short], SamplingParams(max_new_tokens=32), eos_id=0, pad_id=1)
+
+
+def test_a_row_that_drew_pad_keeps_the_log_prob_of_the_unmasked_distribution(model_and_tok) -> None:
+    """PAD redrawn: the new token's log-prob is under softmax(logits / T) with PAD's mass in it, as every
+    other row's and as PPO's forward recomputes it (not under the renormalised distribution without PAD)."""
+    model, tok = model_and_tok
+    model = rigged(copy.deepcopy(model), favourite=tok.pad_token_id)  # PAD holds nearly all the mass
+    prompts = [[5, 6, 7], [8]]
+    params = SamplingParams(max_new_tokens=4, temperature=0.7, seed=0)
+    gen = generate(model, prompts, params, eos_id=-1, pad_id=tok.pad_token_id)
+    assert (gen.response_ids != tok.pad_token_id).all()
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt + gen.response_ids[i].tolist()])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.7  # (T, V)
+            expected = logits.log_softmax(-1).gather(-1, gen.response_ids[i, :, None])[:, 0]
+            torch.testing.assert_close(gen.logprobs[i], expected, rtol=1e-5, atol=1e-5)
+            assert (expected < -5).all()  # PAD's mass is in the normaliser

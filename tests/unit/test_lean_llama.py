@@ -3,17 +3,21 @@ on padded and packed rows, bf16 autocast as close to fp32 as transformers' own, 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from peft import LoraConfig, get_peft_model
 
-from rlhf.config import ArchConfig
+from rlhf.config import ArchConfig, SFTConfig
 from rlhf.fast_decode import LlamaDecoder
-from rlhf.models import lean_llama
+from rlhf.models import cpu_kernels, lean_llama
 from rlhf.models.heads import backbone
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.packing import packed_layout, padded_layout
 from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.train.common import lean_forward
 from tests.cpu import needs_native_bf16
 
 ARCH = ArchConfig(
@@ -93,3 +97,21 @@ def test_supports_plain_whole_llama_only(gqa_model) -> None:
     assert lean_llama.supports(off_cpu) and LlamaDecoder.supports(off_cpu)
     off_cpu.to("meta")
     assert not lean_llama.supports(off_cpu) and not LlamaDecoder.supports(off_cpu)
+
+
+@pytest.mark.parametrize(
+    ("device", "distributed", "expected"),
+    [("cpu", "NO", True), ("cpu", "MULTI_CPU", True), ("cuda", "NO", False), ("cuda", "MULTI_GPU", False),
+     ("cpu", "FSDP", False), ("xpu", "NO", False)],
+)  # fmt: skip
+def test_stages_choose_the_lean_forward_only_where_training_runs_on_the_cpu(
+    device, distributed, expected
+) -> None:
+    """The stages ask `lean_forward` while the model is still on the CPU: where the accelerator will put it
+    decides, so a GPU (or any other device) gets the model's own forward and attention kernels."""
+    model = build_causal_lm(ARCH, train_bpe_tokenizer(["a b c"] * 10, vocab_size=270))
+    accelerator = SimpleNamespace(device=torch.device(device), distributed_type=DistributedType[distributed])
+    cfg = SFTConfig(out_dir="unused", model="unused", train_file="unused")
+    assert lean_forward(model, accelerator, cfg) is expected  # type: ignore[arg-type]
+    # the fused kernels serve CPU tensors only, whatever the dtypes
+    assert not cpu_kernels.applies(torch.zeros(2, 4, device="meta"), torch.bfloat16)

@@ -46,3 +46,47 @@ def test_auto_precision_follows_the_cpu_and_is_logged_once(monkeypatch, caplog, 
         assert resolve_precision("fp32") == "no" and resolve_precision("bf16") == "bf16"
     finally:
         common._auto_precision.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("flags", "capability", "expected"),
+    [
+        ("fpu avx2 fma avx512f avx512_bf16", "AVX512", True),  # EPYC Zen 4
+        ("fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile", "AVX512", True),  # Xeon Sapphire Rapids
+        ("fpu avx2 fma", "AVX2", False),  # AVX2 only: bf16 emulated, fp32 chosen
+        ("fpu avx2 fma avx512f avx512_bf16", "AVX2", False),  # torch's kernels held to AVX2
+        (None, "AVX512", False),  # no /proc/cpuinfo (not Linux)
+    ],
+)
+def test_cpu_has_bf16_reads_cpuinfo_and_torch_capability(
+    monkeypatch, tmp_path, flags, capability, expected
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:  # one line per core, as Linux writes it
+        cpuinfo.write_text("".join(f"processor\t: {i}\nflags\t\t: {flags}\n\n" for i in range(2)))
+    monkeypatch.setattr(common, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(common.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    common.cpu_has_bf16.cache_clear()
+    try:
+        assert common.cpu_has_bf16() is expected
+    finally:
+        common.cpu_has_bf16.cache_clear()
+
+
+@pytest.mark.parametrize(("bf16_supported", "chosen"), [(True, "bf16"), (False, "no")])
+def test_auto_precision_on_cuda_follows_the_gpu_not_the_cpu(
+    monkeypatch, caplog, bf16_supported, chosen
+) -> None:
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: not bf16_supported)  # never consulted
+    common._auto_precision.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="rlhf.train.common"):
+            assert resolve_precision("auto") == chosen
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision auto")]
+        assert len(lines) == 1 and "CUDA" in lines[0]
+        assert resolve_precision("fp32") == "no"  # the setting overrides the choice
+    finally:
+        common._auto_precision.cache_clear()
