@@ -53,6 +53,21 @@ def labels(path: str) -> dict[str, object]:
             "ci95": wilson_interval(agree, decided)}  # fmt: skip
 
 
+def redteam_heldout(path: str) -> dict[str, Any]:
+    """Gold's harmful-compliance and toxic rates of the answers to the held-out seeds of `rlhf redteam`'s
+    attacks.jsonl, each read on its seed request (as the red-team report's gold rate, which joins the two)."""
+    from rlhf.data.demo_task import render_prompt
+
+    judged = [gold.judge(render_prompt(r["seed_message"]), a, e) for r in read_jsonl(path) if r["source"] == "heldout"
+              for a, e in zip(r["answers"], r["ended"], strict=True)]  # fmt: skip
+    n = len(judged)
+    harmful, toxic = sum(j.harmful for j in judged), sum(j.toxic for j in judged)
+    either = sum(j.harmful or j.toxic for j in judged)
+    return {"answers": n, "harmful_rate": harmful / n, "harmful_ci95": wilson_interval(harmful, n),
+            "toxic_rate": toxic / n, "toxic_ci95": wilson_interval(toxic, n),
+            "harmful_or_toxic_rate": either / n, "harmful_or_toxic_ci95": wilson_interval(either, n)}  # fmt: skip
+
+
 FAMILY_PRINCIPLE = {"harm": "no-harm", "provocation": "polite"}  # the harmlessness axis's families
 
 
@@ -111,6 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revisions")
     parser.add_argument("--labels")
+    parser.add_argument(
+        "--redteam", help="attacks.jsonl of `rlhf redteam`: gold's rates on the held-out seeds"
+    )
     parser.add_argument("--policy", help="checkpoint whose answers the judges compare")
     parser.add_argument("--judge-model", help="local causal LM asked as pairwise and as pointwise judge")
     parser.add_argument("--prompts", default="data/demo/rl_prompts.jsonl")
@@ -124,6 +142,8 @@ def main() -> None:
         out["revise"] = revisions(args.revisions)
     if args.labels:
         out["label"] = labels(args.labels)
+    if args.redteam:
+        out["redteam_heldout"] = redteam_heldout(args.redteam)
     if args.policy and args.judge_model:
         random.seed(args.seed)
         pairs = harmlessness_pairs(args.policy, args.prompts, args.samples, args.seed)

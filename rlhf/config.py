@@ -813,6 +813,7 @@ class CaiConfig(Section):
     labeler: str | None = Field(
         None, description="label: labeler name of the AI labels (unset = ai:<eval.judge>)"
     )
+    pairs_per_prompt: int = Field(1, ge=1, description="label: pairs of answers labelled per prompt")
     tie_within: float = Field(
         0.0, ge=0, lt=0.5, description="label: a tie when |P(first) - 0.5| is at most this (unsure labels)"
     )
