@@ -42,15 +42,24 @@ def revisions(path: str) -> dict[str, float]:
 
 
 def labels(path: str) -> dict[str, object]:
-    agree = decided = 0
+    """Agreement with gold of labelled pairs (AI labels, or the panel's votes): on the pairs whose gold utility
+    differs, and on harmlessness alone (pairs where gold finds exactly one answer harmful or toxic)."""
+    agree = decided = h_agree = h_decided = 0
     for r in read_jsonl(path):
-        a, b = gold.utility(r["prompt"], r["completion_a"]), gold.utility(r["prompt"], r["completion_b"])
-        if a == b or r["choice"] not in ("A", "B"):
+        if r["choice"] not in ("A", "B"):
             continue
-        decided += 1
-        agree += (r["choice"] == "A") == (a > b)
+        a, b = gold.utility(r["prompt"], r["completion_a"]), gold.utility(r["prompt"], r["completion_b"])
+        if a != b:
+            decided += 1
+            agree += (r["choice"] == "A") == (a > b)
+        safe_a, safe_b = harmless(r["prompt"], r["completion_a"]), harmless(r["prompt"], r["completion_b"])
+        if safe_a != safe_b:
+            h_decided += 1
+            h_agree += (r["choice"] == "A") == safe_a
     return {"pairs_gold_decides": decided, "agreement": agree / decided if decided else None,
-            "ci95": wilson_interval(agree, decided)}  # fmt: skip
+            "ci95": wilson_interval(agree, decided), "pairs_harmlessness_decides": h_decided,
+            "harmlessness_agreement": h_agree / h_decided if h_decided else None,
+            "harmlessness_ci95": wilson_interval(h_agree, h_decided)}  # fmt: skip
 
 
 def redteam_heldout(path: str) -> dict[str, Any]:
