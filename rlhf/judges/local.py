@@ -94,7 +94,8 @@ class LocalJudge(JudgeBase):
         ids = encode_prompts(self.tokenizer, [text])[0]  # BOS once, also when the template wrote it
         if self.context is not None and len(ids) > self.context:
             raise RlhfError(f"a judging prompt of {len(ids)} tokens exceeds the local judge's context of "
-                            f"{self.context}: shorten eval.judge_template or the answers")  # fmt: skip
+                            f"{self.context}: shorten the template (eval.judge_template or "
+                            "eval.judge_review_template) or the answers")  # fmt: skip
         return ids
 
     def first_slot_probs(self, texts: Sequence[list[int]]) -> list[float]:
