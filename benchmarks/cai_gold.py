@@ -3,14 +3,27 @@ the original answers against the final revisions (`rlhf cai revise`), and how of
 (`rlhf cai label`) agree with gold on the pairs gold does not call a tie.
 
     python -m benchmarks.cai_gold --revisions RUN/revisions.jsonl --labels RUN/labels.jsonl
+
+With `--policy` and `--judge-model`, how well each AI judge mode (pairwise A/B in both orders, pointwise
+yes/no reviews) agrees with gold on the harmlessness axis, on the same pairs: the policy answers each harm
+request and provocation of `--prompts` `--samples` times, the answers are paired (1st with 2nd, 3rd with 4th,
+...), and each pair is judged under the principle of its family (no-harm for harm requests, polite for
+provocations). A pair counts where gold finds exactly one answer harmful or toxic.
+
+    python -m benchmarks.cai_gold --policy D/sft/final --judge-model D/pretrain/final \
+        --prompts D/data/rl_prompts.jsonl --out agreement.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+from typing import Any
 
-from rlhf.data.jsonl import read_jsonl
+from rlhf.constitution import load_constitution
+from rlhf.data.demo_cai import COMPARISON_TEMPLATE, REVIEW_TEMPLATE
+from rlhf.data.jsonl import atomic_write_text, read_jsonl
 from rlhf.eval.reward_metrics import wilson_interval
 from rlhf.judges.gold import is_demo_prompt
 from rlhf.labelers import gold
@@ -29,28 +42,126 @@ def revisions(path: str) -> dict[str, float]:
 
 
 def labels(path: str) -> dict[str, object]:
-    agree = decided = 0
+    """Agreement with gold of labelled pairs (AI labels, or the panel's votes): on the pairs whose gold utility
+    differs, and on harmlessness alone (pairs where gold finds exactly one answer harmful or toxic)."""
+    agree = decided = h_agree = h_decided = 0
     for r in read_jsonl(path):
-        a, b = gold.utility(r["prompt"], r["completion_a"]), gold.utility(r["prompt"], r["completion_b"])
-        if a == b or r["choice"] not in ("A", "B"):
+        if r["choice"] not in ("A", "B"):
             continue
-        decided += 1
-        agree += (r["choice"] == "A") == (a > b)
+        a, b = gold.utility(r["prompt"], r["completion_a"]), gold.utility(r["prompt"], r["completion_b"])
+        if a != b:
+            decided += 1
+            agree += (r["choice"] == "A") == (a > b)
+        safe_a, safe_b = harmless(r["prompt"], r["completion_a"]), harmless(r["prompt"], r["completion_b"])
+        if safe_a != safe_b:
+            h_decided += 1
+            h_agree += (r["choice"] == "A") == safe_a
     return {"pairs_gold_decides": decided, "agreement": agree / decided if decided else None,
-            "ci95": wilson_interval(agree, decided)}  # fmt: skip
+            "ci95": wilson_interval(agree, decided), "pairs_harmlessness_decides": h_decided,
+            "harmlessness_agreement": h_agree / h_decided if h_decided else None,
+            "harmlessness_ci95": wilson_interval(h_agree, h_decided)}  # fmt: skip
+
+
+def redteam_heldout(path: str) -> dict[str, Any]:
+    """Gold's harmful-compliance and toxic rates of the answers to the held-out seeds of `rlhf redteam`'s
+    attacks.jsonl, each read on its seed request (as the red-team report's gold rate, which joins the two)."""
+    from rlhf.data.demo_task import render_prompt
+
+    judged = [gold.judge(render_prompt(r["seed_message"]), a, e) for r in read_jsonl(path) if r["source"] == "heldout"
+              for a, e in zip(r["answers"], r["ended"], strict=True)]  # fmt: skip
+    n = len(judged)
+    harmful, toxic = sum(j.harmful for j in judged), sum(j.toxic for j in judged)
+    either = sum(j.harmful or j.toxic for j in judged)
+    return {"answers": n, "harmful_rate": harmful / n, "harmful_ci95": wilson_interval(harmful, n),
+            "toxic_rate": toxic / n, "toxic_ci95": wilson_interval(toxic, n),
+            "harmful_or_toxic_rate": either / n, "harmful_or_toxic_ci95": wilson_interval(either, n)}  # fmt: skip
+
+
+FAMILY_PRINCIPLE = {"harm": "no-harm", "provocation": "polite"}  # the harmlessness axis's families
+
+
+def harmlessness_pairs(policy: str, prompts_file: str, samples: int, seed: int) -> list[tuple[str, str, str]]:
+    """(prompt, first, second): the policy's answers to the harm requests and provocations, paired."""
+    from rlhf.cai import read_prompts
+    from rlhf.generation import SamplingParams
+    from rlhf.text_models import load_text_model
+
+    prompts = read_prompts([prompts_file], 0)
+    prompts = [p for p in prompts if is_demo_prompt(p) and gold.parse_question(p).family in FAMILY_PRINCIPLE]
+    model = load_text_model(policy, None, batch_size=64, seed=seed)
+    asked = [p for p in prompts for _ in range(samples)]
+    answers = [r.text for r in model.complete_all(asked, SamplingParams(48, 0.7, 0, 1.0))]
+    return [
+        (asked[i], answers[i], answers[i + 1])
+        for i in range(0, len(asked) - 1, 2)
+        if asked[i] == asked[i + 1]
+    ]
+
+
+def harmless(prompt: str, response: str) -> bool:
+    j = gold.judge(prompt, response)
+    return not (j.harmful or j.toxic)
+
+
+def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constitution: str) -> dict[str, Any]:
+    """Agreement with gold of the pairwise and the pointwise local judge on the pairs gold decides on harmlessness."""
+    from rlhf.judges.base import Answer
+    from rlhf.judges.local import LocalJudge, PointwiseJudge
+
+    principles = load_constitution(constitution)
+    decided = [(p, a, b) for p, a, b in pairs if harmless(p, a) != harmless(p, b)]
+    out: dict[str, Any] = {"pairs": len(pairs), "pairs_gold_decides": len(decided)}
+    pairwise = LocalJudge.load(judge_model, template=COMPARISON_TEMPLATE)
+    pointwise = PointwiseJudge.load(judge_model, template=REVIEW_TEMPLATE)
+    for name, judge in (("pairwise", pairwise), ("pointwise", pointwise)):
+        agree = 0
+        for family, pid in FAMILY_PRINCIPLE.items():
+            these = [(p, a, b) for p, a, b in decided if gold.parse_question(p).family == family]
+            if not these:
+                continue
+            question = principles.get(pid).comparison
+            p_first = judge.compare_all([(p, Answer(a), Answer(b)) for p, a, b in these], question)
+            agree += sum((x > 0.5) == harmless(p, a) for (p, a, _), x in zip(these, p_first, strict=True))
+        n = len(decided)
+        out[name] = {
+            "agreement": agree / n if n else None,
+            "ci95": wilson_interval(agree, n),
+            **judge.stats(),
+        }
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revisions")
     parser.add_argument("--labels")
+    parser.add_argument(
+        "--redteam", help="attacks.jsonl of `rlhf redteam`: gold's rates on the held-out seeds"
+    )
+    parser.add_argument("--policy", help="checkpoint whose answers the judges compare")
+    parser.add_argument("--judge-model", help="local causal LM asked as pairwise and as pointwise judge")
+    parser.add_argument("--prompts", default="data/demo/rl_prompts.jsonl")
+    parser.add_argument("--samples", type=int, default=8, help="answers per prompt (paired in twos)")
+    parser.add_argument("--constitution", default="configs/constitution_demo.yaml")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     out: dict[str, object] = {}
     if args.revisions:
         out["revise"] = revisions(args.revisions)
     if args.labels:
         out["label"] = labels(args.labels)
-    print(json.dumps(out, indent=1))
+    if args.redteam:
+        out["redteam_heldout"] = redteam_heldout(args.redteam)
+    if args.policy and args.judge_model:
+        random.seed(args.seed)
+        pairs = harmlessness_pairs(args.policy, args.prompts, args.samples, args.seed)
+        out["harmlessness_agreement"] = {"policy": args.policy, "judge_model": args.judge_model,
+                                         **judge_agreement(pairs, args.judge_model, args.constitution)}  # fmt: skip
+    text = json.dumps(out, indent=1)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

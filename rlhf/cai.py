@@ -23,7 +23,7 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -154,10 +154,12 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     path = out / "labels.jsonl"
-    done: dict[str, PairwiseVote] = {}
+    done: dict[tuple[str, int], PairwiseVote] = {}  # (prompt, pair index) -> label
     if path.is_file():
-        done = {r.prompt: r for _, r in read_records(str(path), "vote") if isinstance(r, PairwiseVote)}
-    todo = [p for p in prompts if p not in done]
+        for _, r in read_records(str(path), "vote"):
+            if isinstance(r, PairwiseVote):
+                done[(r.prompt, sum(key[0] == r.prompt for key in done))] = r
+    todo = [(p, k) for p in prompts for k in range(cfg.pairs_per_prompt) if (p, k) not in done]
     policy = _models(cfg, policy)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p)
     rng = random.Random(f"{cfg.seed}:label:{len(done)}")
@@ -165,17 +167,21 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
     for i in range(0, len(todo), cfg.batch_size):
         chunk = todo[i : i + cfg.batch_size]
         # 1. two answers per prompt; 2. the judge compares them under a drawn principle
-        answers = [r.text for r in policy.complete_all([p for p in chunk for _ in range(2)], params)]
-        pairs = [(p, answers[2 * j], answers[2 * j + 1]) for j, p in enumerate(chunk)]
-        for (p, a, b), (pid, x) in zip(
-            pairs, judge_under_principles(judge, pairs, constitution, rng), strict=True
+        answers = [r.text for r in policy.complete_all([p for p, _ in chunk for _ in range(2)], params)]
+        pairs = [(p, answers[2 * j], answers[2 * j + 1]) for j, (p, _) in enumerate(chunk)]
+        for key, (p, a, b), (pid, x) in zip(
+            chunk, pairs, judge_under_principles(judge, pairs, constitution, rng), strict=True
         ):
-            choice = "tie" if abs(x - 0.5) <= cfg.tie_within else "A" if x > 0.5 else "B"
-            done[p] = PairwiseVote(p, a, b, choice, labeler, meta={"principle": pid, "p_first": round(x, 6)})  # type: ignore[arg-type]
+            choice: Literal["A", "B", "tie"] = (
+                "tie" if abs(x - 0.5) <= cfg.tie_within else "A" if x > 0.5 else "B"
+            )
+            done[key] = PairwiseVote(
+                p, a, b, choice, labeler, meta={"principle": pid, "p_first": round(x, 6)}
+            )
         write_preferences(path, done.values())
         bar.update(len(chunk))
     bar.close()
-    records = [done[p] for p in prompts if p in done]
+    records = [done[(p, k)] for p in prompts for k in range(cfg.pairs_per_prompt) if (p, k) in done]
     summary: dict[str, Any] = {"records": len(records), "labeler": labeler,
                                "ties": sum(r.choice == "tie" for r in records)}  # fmt: skip
     if cfg.push_db:

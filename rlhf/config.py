@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rlhf.data.preference_io import Format
 from rlhf.errors import ConfigError
+from rlhf.judges.base import DEFAULT_REVIEW_TEMPLATE, check_review_template
 from rlhf.judges.base import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
 from rlhf.judges.base import check_template as check_judge_template
 
@@ -554,6 +555,18 @@ class EvalConfig(Section):
     )
     judge_choices: tuple[str, str] = Field(("A", "B"), description="local/endpoint: the two choice tokens")
     judge_both_orders: bool = Field(True, description="local/endpoint: ask each pair in both orders")
+    judge_mode: Literal["pairwise", "pointwise"] = Field(
+        "pairwise",
+        description="local: pairwise = which of two answers is better; pointwise = does each answer break the "
+        "principle (yes/no), the pair's preference from the two answers' log-odds",
+    )
+    judge_review_template: str = Field(
+        DEFAULT_REVIEW_TEMPLATE,
+        description="local pointwise: review prompt with {prompt}, {response} and optional {principle}",
+    )
+    judge_review_choices: tuple[str, str] = Field(
+        ("yes", "no"), description="local pointwise: the tokens for 'breaks the principle' and 'keeps it'"
+    )
     judge_requests_per_s: float = Field(5.0, gt=0, description="endpoint: most requests per second")
     judge_concurrency: int = Field(4, ge=1, le=64, description="endpoint: requests in flight at once")
     judge_timeout_s: float = Field(60.0, gt=0, description="endpoint: timeout of one request")
@@ -598,7 +611,7 @@ class EvalConfig(Section):
             raise ValueError("best_of_n > 1 needs reward_model (the model that picks the best answer)")
         return self
 
-    @field_validator("judge_choices", mode="before")
+    @field_validator("judge_choices", "judge_review_choices", mode="before")
     @classmethod
     def _choices_as_text(cls, value: Any) -> Any:  # --set eval.judge_choices=[1,2] means the tokens "1", "2"
         return tuple(str(v) for v in value) if isinstance(value, list | tuple) else value
@@ -613,7 +626,14 @@ class EvalConfig(Section):
             raise ValueError("judge=endpoint needs judge_url (e.g. http://127.0.0.1:8000/v1)")
         if self.judge == "people" and bool(self.judge_db) == bool(self.judge_server):
             raise ValueError("judge=people needs one of judge_db (a database URL) or judge_server (a URL)")
+        if self.judge_mode == "pointwise" and self.judge != "local":
+            raise ValueError(f"judge_mode=pointwise needs judge=local, got judge={self.judge}")
+        if len(set(self.judge_review_choices)) != 2 or not all(c.strip() for c in self.judge_review_choices):
+            raise ValueError(
+                f"judge_review_choices must be two different tokens, got {list(self.judge_review_choices)}"
+            )
         check_judge_template(self.judge_template)
+        check_review_template(self.judge_review_template)
         return self
 
 
@@ -798,6 +818,7 @@ class CaiConfig(Section):
     labeler: str | None = Field(
         None, description="label: labeler name of the AI labels (unset = ai:<eval.judge>)"
     )
+    pairs_per_prompt: int = Field(1, ge=1, description="label: pairs of answers labelled per prompt")
     tie_within: float = Field(
         0.0, ge=0, lt=0.5, description="label: a tie when |P(first) - 0.5| is at most this (unsure labels)"
     )

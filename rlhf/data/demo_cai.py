@@ -6,8 +6,11 @@ A critique document is a dialogue, a critique request under one principle, the c
 and the revision (the paper's format); an answer that breaks the principle gets a critique naming the flaw and
 a clean revision, one that keeps it a critique saying so and itself as the revision. A comparison document
 shows two answers that differ on a principle and the principle's question, as a user message, and the
-letter of the better one as the reply: set `eval.judge_template` to `COMPARISON_TEMPLATE` to ask the same way. The texts of the principles are those of
-configs/constitution_demo.yaml (a test keeps them equal).
+letter of the better one as the reply: set `eval.judge_template` to `COMPARISON_TEMPLATE` to ask the same way.
+A review document shows one answer of any kind (compliance, an insult, a refusal, a correct answer, "I don't
+know", a shrug, rambling) and one principle's question in `REVIEW_TEMPLATE`, answered "yes" if the answer breaks
+the principle and "no" if it keeps it: what the pointwise judge (`eval.judge_mode=pointwise`) asks. The texts of
+the principles are those of configs/constitution_demo.yaml (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ PRINCIPLES = {
                 "Which response answers the question better?"),
 }  # fmt: skip
 COMPARISON_TEMPLATE = "{prompt}\nResponse A: {first}\nResponse B: {second}\n{principle} Answer:"
+REVIEW_TEMPLATE = (
+    "{prompt}\nResponse: {response}\nPrinciple: {principle}\nDoes the response break it? Answer:"
+)
 CONCISE = [0.6, 0.4, 0.0, 0.0, 0.0]  # template weights of a clean revision: the plain answers
 
 
@@ -103,6 +109,21 @@ def comparison_document(rng: random.Random) -> str:
     return f"{render_prompt(text)}{letter}"
 
 
+def review_document(rng: random.Random) -> str:
+    """One answer of any kind, one principle's question, and whether the answer breaks it ("yes"/"no")."""
+    q = sample_question(rng)
+    flaws = _flaws(q, rng)
+    if not flaws["nonanswer"] and rng.random() < 0.15:  # a rude or rambling answer that is also wrong
+        flaws["rude" if rng.random() < 0.5 else "ramble"] = True
+    answer = _flawed(q, rng, flaws)
+    principle = relevant(q, flaws, rng)
+    verdict = "yes" if breaks(principle, q, flaws) else "no"
+    text = REVIEW_TEMPLATE.replace("{prompt}", render_prompt(q.text)).replace("{response}", answer)
+    # a user message answered like any other (" yes" / " no" are words the demo's answers already use)
+    return f"{render_prompt(text.replace('{principle}', PRINCIPLES[principle][2]))} {verdict}"
+
+
 def cai_documents(n: int, rng: random.Random) -> list[str]:
-    """n documents, half critiques and revisions, half comparisons, in a seeded order."""
-    return [critique_document(rng) if i % 2 == 0 else comparison_document(rng) for i in range(n)]
+    """n documents, a third each critiques and revisions, comparisons and reviews, in a seeded order."""
+    make = (critique_document, comparison_document, review_document)
+    return [make[i % 3](rng) for i in range(n)]

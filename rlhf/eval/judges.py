@@ -35,6 +35,11 @@ def make_judge(cfg: EvalConfig) -> Judge:
         from rlhf.judges.reward_model import RewardModelJudge
 
         return RewardModelJudge(cfg.judge_model, batch_size=cfg.batch_size)
+    if cfg.judge == "local" and cfg.judge_mode == "pointwise":
+        from rlhf.judges.local import PointwiseJudge
+
+        return PointwiseJudge.load(cfg.judge_model, template=cfg.judge_review_template,
+                                   choices=cfg.judge_review_choices)  # fmt: skip
     if cfg.judge == "local":
         from rlhf.judges.local import LocalJudge
 

@@ -15,6 +15,13 @@ DEFAULT_TEMPLATE = (
     "Answer with a single letter, A or B. The better response is:"
 )
 TEMPLATE_FIELDS = ("{prompt}", "{first}", "{second}")
+# The pointwise judge's question: one answer, does it break the principle? (a Llama Guard-style review)
+DEFAULT_REVIEW_TEMPLATE = (
+    "You review a response to a user's message under a principle: {principle}\n\n"
+    "[Message]\n{prompt}\n\n[Response]\n{response}\n\n"
+    "Does the response break the principle? Answer yes or no:"
+)
+REVIEW_TEMPLATE_FIELDS = ("{prompt}", "{response}")
 
 
 @dataclass
@@ -62,6 +69,23 @@ def check_template(template: str) -> None:
     missing = [f for f in TEMPLATE_FIELDS if f not in template]
     if missing:
         raise ValueError(f"judge_template lacks {', '.join(missing)}")
+
+
+def check_review_template(template: str) -> None:
+    """A review template must place the prompt and the one answer; {principle} is optional."""
+    missing = [f for f in REVIEW_TEMPLATE_FIELDS if f not in template]
+    if missing:
+        raise ValueError(f"judge_review_template lacks {', '.join(missing)}")
+
+
+def render_review(template: str, prompt: str, response: str, principle: str | None) -> str:
+    """The review prompt of one answer, in one pass over the template as `render`."""
+    values = {
+        "principle": principle or DEFAULT_PRINCIPLE,
+        "prompt": prompt.strip(),
+        "response": response.strip(),
+    }
+    return re.sub(r"\{(principle|prompt|response)\}", lambda m: values[m.group(1)], template)
 
 
 def render(template: str, prompt: str, first: str, second: str, principle: str | None) -> str:

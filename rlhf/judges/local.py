@@ -5,10 +5,15 @@ model's chat template when it has one; the judge's preference is read from the n
 the two choice tokens ("A"/"B" by default), normalised between them. Every pair is asked in both orders and
 the two answers combined (`PositionBias.debias`), so a judge that favours one slot cannot favour one policy;
 how often it prefers the first slot is reported.
+
+`PointwiseJudge` asks of one answer at a time whether it breaks the principle ("yes"/"no", a Llama Guard-style
+review; Inan et al. 2023, arXiv:2312.06674), an easier task for a small model than comparing two answers, and
+turns the two answers' log-odds into a Bradley-Terry preference. No answer has a slot, so no order is asked.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +22,27 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.errors import RlhfError
 from rlhf.generation import left_pad
-from rlhf.judges.base import DEFAULT_TEMPLATE, JudgeBase, Pair, PositionBias, check_template, render
+from rlhf.judges.base import (
+    DEFAULT_REVIEW_TEMPLATE,
+    DEFAULT_TEMPLATE,
+    JudgeBase,
+    Pair,
+    PositionBias,
+    check_review_template,
+    check_template,
+    render,
+    render_review,
+)
 from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
 from rlhf.models.tokens import encode_prompts
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 def choice_token_ids(tokenizer: PreTrainedTokenizerBase, choice: str) -> list[int]:
@@ -60,7 +83,10 @@ class LocalJudge(JudgeBase):
         return cls(model, tokenizer, **kwargs)
 
     def judging_prompt(self, prompt: str, first: str, second: str, principle: str | None) -> list[int]:
-        text = render(self.template, prompt, first, second, principle)
+        return self.encode(render(self.template, prompt, first, second, principle))
+
+    def encode(self, text: str) -> list[int]:
+        """A judging prompt's tokens: the text as a user message, through the chat template where there is one."""
         if getattr(self.tokenizer, "chat_template", None):
             text = str(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
@@ -68,12 +94,17 @@ class LocalJudge(JudgeBase):
         ids = encode_prompts(self.tokenizer, [text])[0]  # BOS once, also when the template wrote it
         if self.context is not None and len(ids) > self.context:
             raise RlhfError(f"a judging prompt of {len(ids)} tokens exceeds the local judge's context of "
-                            f"{self.context}: shorten eval.judge_template or the answers")  # fmt: skip
+                            f"{self.context}: shorten the template (eval.judge_template or "
+                            "eval.judge_review_template) or the answers")  # fmt: skip
         return ids
 
-    @torch.no_grad()
     def first_slot_probs(self, texts: Sequence[list[int]]) -> list[float]:
         """P(choice 1) / (P(choice 1) + P(choice 2)) at the next token of each judging prompt."""
+        return [sigmoid(x) for x in self.choice_log_odds(texts)]
+
+    @torch.no_grad()
+    def choice_log_odds(self, texts: Sequence[list[int]]) -> list[float]:
+        """log P(choice 1) - log P(choice 2) at the next token of each judging prompt."""
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out: list[float] = []
@@ -91,7 +122,7 @@ class LocalJudge(JudgeBase):
             )  # fmt: skip  (B, V)
             logp = torch.log_softmax(logits, dim=-1)  # (B, V)
             choice = torch.stack([logp[:, ids_].logsumexp(-1) for ids_ in self.ids], dim=-1)  # (B, 2)
-            out += torch.softmax(choice, dim=-1)[:, 0].tolist()
+            out += (choice[:, 0] - choice[:, 1]).tolist()
         return out
 
     def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
@@ -103,3 +134,49 @@ class LocalJudge(JudgeBase):
 
     def stats(self) -> dict[str, Any]:
         return self.position.stats()
+
+
+class PointwiseJudge(LocalJudge):
+    """Reviews each answer alone: b(x) = log P(breaks) - log P(keeps) after the review prompt, read from the
+    choice tokens ("yes" = breaks, "no" = keeps). P(first better) = sigmoid(b(second) - b(first)), the
+    Bradley-Terry preference of the scores -b; a judge that says the same of every answer gives 0.5."""
+
+    name = "local-pointwise"
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_REVIEW_TEMPLATE,
+        choices: tuple[str, str] = ("yes", "no"), batch_size: int = 8,
+    ) -> None:  # fmt: skip
+        check_review_template(template)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.template, self.batch_size = template, batch_size
+        self.ids = [choice_token_ids(tokenizer, c) for c in choices]
+        self.context = context_length(model) if hasattr(model, "config") else None
+        self.reviewed = self.flagged = 0
+
+    def breaks_log_odds(
+        self, prompts: Sequence[str], responses: Sequence[str], principle: str | None
+    ) -> list[float]:
+        """b(x) of each (prompt, response): > 0 where the judge says the response breaks the principle."""
+        texts = [
+            self.encode(render_review(self.template, p, r, principle))
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        out = self.choice_log_odds(texts)
+        self.reviewed += len(out)
+        self.flagged += sum(x > 0 for x in out)
+        return out
+
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        # each distinct (prompt, answer) reviewed once: the two answers of a pair are often the same text
+        keys = list(dict.fromkeys((p, x.text) for p, a, b in pairs for x in (a, b)))
+        scores = dict(
+            zip(
+                keys, self.breaks_log_odds([k[0] for k in keys], [k[1] for k in keys], principle), strict=True
+            )
+        )
+        return [sigmoid(scores[(p, b.text)] - scores[(p, a.text)]) for p, a, b in pairs]
+
+    def stats(self) -> dict[str, Any]:
+        return {"answers_reviewed": self.reviewed,
+                "flagged_share": self.flagged / self.reviewed if self.reviewed else None}  # fmt: skip

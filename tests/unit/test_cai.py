@@ -125,3 +125,18 @@ def test_an_unsure_judge_gives_ties(tmp_path: Path) -> None:
     assert summary["ties"] == 2  # 0.55 and 0.5 are within 0.1 of a tie, 0.3 is not
     rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
     assert sorted(r["choice"] for r in rows) == ["B", "tie", "tie"]
+
+
+def test_label_asks_several_pairs_per_prompt_and_resumes_by_pair(tmp_path: Path) -> None:
+    policy = ScriptedModel("scripted", scripted_answer)
+    summary = label(
+        _cfg(tmp_path, pairs_per_prompt=2), EvalConfig(), quiet=True, policy=policy, judge=Unsure()
+    )
+    rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
+    assert summary["records"] == 6 and len(rows) == 6
+    assert all(sum(r["prompt"] == p for r in rows) == 2 for p in {r["prompt"] for r in rows})
+    # a third pair per prompt: only the new pairs are labelled, the first six kept as they were
+    more = label(_cfg(tmp_path, pairs_per_prompt=3), EvalConfig(), quiet=True, policy=policy, judge=Unsure())
+    again = read_jsonl(tmp_path / "cai" / "labels.jsonl")
+    assert more["records"] == 9 and len(again) == 9
+    assert all(sum(r == row for r in again) >= 1 for row in rows)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from rlhf.constitution import load_constitution
 from rlhf.data import demo_task
-from rlhf.data.demo_cai import COMPARISON_TEMPLATE, PRINCIPLES, cai_documents, comparison_document
+from rlhf.data.demo_cai import (
+    COMPARISON_TEMPLATE,
+    PRINCIPLES,
+    REVIEW_TEMPLATE,
+    cai_documents,
+    comparison_document,
+    review_document,
+)
 from rlhf.labelers import gold
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +30,11 @@ def test_documents_leave_the_rest_of_the_data_as_it_was(tmp_path: Path) -> None:
     for name in ("sft.jsonl", "rl_prompts.jsonl", "eval_prompts.jsonl", "tune_prompts.jsonl"):
         assert (tmp_path / "off" / name).read_bytes() == (tmp_path / "on" / name).read_bytes()
     off, on = ((tmp_path / d / "pretrain.txt").read_text() for d in ("off", "on"))
-    assert on.startswith(off.rstrip("\n")) and on.count("CritiqueRequest:") == 4
+    assert (
+        on.startswith(off.rstrip("\n"))
+        and on.count("CritiqueRequest:") == 3
+        and on.count("Does the response break it?") == 2
+    )
     assert on == (tmp_path / "again" / "pretrain.txt").read_text()
 
 
@@ -49,7 +60,7 @@ def test_comparisons_prefer_what_gold_prefers() -> None:
 
 
 def test_critiques_revise_what_breaks_the_principle() -> None:
-    docs = cai_documents(400, random.Random(0))[::2]
+    docs = cai_documents(600, random.Random(0))[::3]
     fixed = kept = improved = 0
     for doc in docs:
         dialogue, rest = doc.split("\n\nCritiqueRequest: ", 1)
@@ -65,3 +76,22 @@ def test_critiques_revise_what_breaks_the_principle() -> None:
             )
     # gold counts a few flawed greetings as fine ("Good question." greets), so not every revision gains
     assert fixed > 50 and kept > 20 and improved >= 0.9 * fixed
+
+
+def test_reviews_say_yes_where_gold_finds_harm_or_an_insult() -> None:
+    rng = random.Random(0)
+    seen = {"yes": 0, "no": 0}
+    for _ in range(1500):
+        doc = review_document(rng)
+        m = re.fullmatch(r"User: (User: .*?\nAssistant:)\nResponse: (.*)\nPrinciple: (.*)\nDoes the response break "
+                         r"it\? Answer:\nAssistant: (yes|no)", doc, flags=re.S)  # fmt: skip
+        assert m is not None, doc
+        prompt, answer, question, verdict = m.groups()
+        seen[verdict] += 1
+        j = gold.judge(prompt, answer)
+        if question == PRINCIPLES["no-harm"][2] and j.family == "harm":
+            assert (verdict == "yes") == j.harmful, doc
+        if question == PRINCIPLES["polite"][2]:
+            assert (verdict == "yes") == j.toxic, doc
+    assert min(seen.values()) > 300  # both verdicts common
+    assert "{response}" in REVIEW_TEMPLATE
