@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from rlhf.errors import RlhfError
+from rlhf.judges import endpoint
 from rlhf.judges.base import Answer
 from rlhf.judges.endpoint import EndpointJudge
 
@@ -105,18 +105,20 @@ def test_the_last_error_is_one_line_after_the_retries(tmp_path: Path) -> None:
     assert judge.stats()["requests"] == 3
 
 
-def test_requests_are_paced_to_the_rate_limit(tmp_path: Path) -> None:
+def test_requests_are_paced_to_the_rate_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]  # a clock that moves only when the judge sleeps: requests themselves take no time
     sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:
         sleeps.append(seconds)
-        time.sleep(seconds)
+        now[0] += seconds
 
+    monkeypatch.setattr(endpoint.time, "monotonic", lambda: now[0])
     judge = make(tmp_path, FakeEndpoint(failures=[]), requests_per_s=20.0)
     judge.sleep = sleep
     judge.compare(PROMPT, Answer("green"), Answer("red"))
     judge.compare(PROMPT, Answer("blue"), Answer("green"))
-    assert len(sleeps) == 3 and all(0.0 < s <= 0.05 for s in sleeps)  # before each request but the first
+    assert sleeps == pytest.approx([0.05] * 3)  # 1 / 20 s before each request but the first
 
 
 def test_concurrent_requests_give_the_same_verdicts(tmp_path: Path) -> None:
