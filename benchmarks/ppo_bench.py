@@ -202,7 +202,7 @@ def forward_flops(n_linear: int, arch: ArchConfig, lengths: list[int]) -> float:
 
 def worker_ours(args: argparse.Namespace) -> None:
     """One PPO run in this process, with the stage's functions wrapped by timers; prints a JSON line."""
-    from rlhf.train import ppo
+    from rlhf.train import ppo, ppo_models
 
     torch.set_num_threads(args.threads)
     paths = json.loads(args.paths)
@@ -215,7 +215,7 @@ def worker_ours(args: argparse.Namespace) -> None:
     orig_policy_forward, orig_values, orig_rewards = (
         ppo.policy_forward,
         ppo.response_values,
-        ppo.reward_scores,
+        ppo_models.reward_scores,
     )
     state = {"scoring": False, "calls": 0}
     n_linear: dict[str, int] = {}
@@ -265,7 +265,8 @@ def worker_ours(args: argparse.Namespace) -> None:
 
     ppo.generate, ppo.score_rollout, ppo.policy_forward = generate, score_rollout, policy_forward  # type: ignore[assignment]
     ppo.response_values = timed("score_critic", orig_values)  # type: ignore[assignment]
-    ppo.reward_scores = timed("score_reward", orig_rewards)  # type: ignore[assignment]
+    # each function replaced in the module that calls it: reward_scores is called by ppo_models.RewardScores
+    ppo_models.reward_scores = timed("score_reward", orig_rewards)  # type: ignore[assignment]
     out = Path(args.out)
     cfg = ppo_config(paths, out, args.iterations)
     # one Run.log per iteration (log_every=1): the clock between two calls is one whole iteration, as TRL's is

@@ -12,12 +12,16 @@ Models: the policy (full or LoRA), the reference (the initial policy; with LoRA 
 adapter disabled, so no second copy), the critic (initialised from the reward model, full or LoRA) and the
 reward model (frozen). Policy and critic have separate AdamW optimisers: they are separate networks whose good
 learning rates differ, and clipping their gradients separately keeps the critic's large early gradients from
-shrinking the policy's steps (a joint clip would).
+shrinking the policy's steps (a joint clip would). Their loading and the critic's and reward model's forwards
+are in rlhf/train/ppo_models.py, the guard's memory in rlhf/train/guard.py.
 
 Critic-free variants (`advantage_estimator`): the same loop without a critic, sampling k answers per prompt and
 taking the baseline from the other answers: RLOO (leave-one-out), GRPO (group mean, optionally / std: Dr. GRPO
 without), REINFORCE++ (per-token returns whitened over the batch). With them, KL can also be a loss term (k2/k3)
 rather than a penalty in the reward, and DAPO's clip-higher and token-level loss are options of the policy loss.
+
+`run` is the loop: `set_up` prepares a PPOState, then each iteration is `rollout` (generate, score, rewards,
+advantages), `update` (the PPO epochs), the log, and every so often `run_guard` and `save_checkpoint`.
 
 Training code never sees the demo's gold judge: the guard's gold score, if any, comes in as `gold_fn`.
 """
@@ -25,7 +29,6 @@ Training code never sees the demo's gold judge: the guard's gold score, if any, 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -36,9 +39,8 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import PPOConfig
 from rlhf.data.jsonl import write_json
@@ -47,14 +49,7 @@ from rlhf.errors import ConfigError, DataError
 from rlhf.generation import Generation, SamplingParams, decode_responses, generate
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
 from rlhf.models import lean_llama
-from rlhf.models.heads import backbone, head_scores, load_reward_model, load_scalar_model, normalisation
-from rlhf.models.loading import (
-    check_same_tokenizer,
-    context_length,
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-)
+from rlhf.models.loading import check_same_tokenizer, context_length, load_causal_lm, load_tokenizer
 from rlhf.models.lora import add_lora
 from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
 from rlhf.models.tokens import encode_prompts, stop_ids
@@ -81,7 +76,6 @@ from rlhf.train import sharding
 from rlhf.train.common import (
     Actor,
     BatchPlan,
-    ModelForward,
     Progress,
     autocast,
     lean_forward,
@@ -93,7 +87,9 @@ from rlhf.train.common import (
     short_attention,
     trains_in_half,
 )
-from rlhf.train.lm_loop import collate
+from rlhf.train.guard import Guard
+from rlhf.train.lm_loop import Example, collate
+from rlhf.train.ppo_models import Critic, RewardScores, load_models, response_values
 from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
 
 log = logging.getLogger(__name__)
@@ -107,59 +103,6 @@ LayoutFn = Callable[[Tensor, Tensor, int], TokenLayout]
 def read_prompts(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
     """The prompts of a {prompt} or {messages} source (rlhf.data.prompts); messages through the chat template."""
     return [prompt for _, prompt in read_prompt_rows(path, tokenizer=tokenizer)]
-
-
-class Critic(ModelForward):
-    """The value function V(s_t) at every token, in the reward model's normalised units. Its own forward: the
-    sequence-classification forward of Hugging Face would pool to the last token only."""
-
-    def __init__(self, model: PreTrainedModel | PeftModel, lean: bool = False) -> None:
-        super().__init__(model, lean)
-        self.shift, self.scale = normalisation(self.base)
-
-    @property
-    def base(self) -> PreTrainedModel:
-        """The Hugging Face model (LoRA layers, if any, are injected into it in place)."""
-        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        return cast(PreTrainedModel, model)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        hidden = backbone_states(self.base, self.lean, input_ids, attention_mask, position_ids)  # (R, W, H)
-        # the scalar head: a Linear, or PEFT's wrapper that keeps it fully trainable under LoRA
-        head: Any = getattr(self.base, "score", None) or self.base.classifier
-        return (head(hidden).squeeze(-1).float() - self.shift) / self.scale  # (R, W)
-
-
-def backbone_states(model: PreTrainedModel, lean: bool, *inputs: Tensor) -> Tensor:
-    """Final hidden states (R, W, H) of (input_ids, attention_mask, position_ids): lean or Hugging Face's."""
-    if lean:
-        return lean_llama.hidden_states(model, *inputs)
-    input_ids, attention_mask, position_ids = inputs
-    return backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
-
-
-def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
-    """V before each response token, (B, T) (0 at padding): the critic read at the token that precedes it."""
-    return lay.padded(lay.response(critic(**lay.inputs)))
-
-
-def reward_scores(reward_model: PreTrainedModel, lay: TokenLayout, lean: bool | None = None) -> Tensor:
-    """The reward model's normalised score of each sequence, (B,), read at its last token (EOS). `lean`: through
-    rlhf.models.lean_llama (default: wherever it supports the model; never for a sharded one)."""
-    lean = lean_llama.supports(reward_model) if lean is None else lean
-    hidden = backbone_states(
-        reward_model, lean, lay.input_ids, lay.attention_mask, lay.position_ids
-    )  # (R, W, H)
-    return head_scores(reward_model, lay.last(hidden))
-
-
-class RewardScores(ModelForward):
-    """`reward_scores` as a module, so that a sharded reward model gathers its weights around this forward."""
-
-    def forward(self, lay: TokenLayout) -> Tensor:
-        return reward_scores(self.model, lay, self.lean)
 
 
 @dataclass
@@ -248,38 +191,6 @@ def gather_rollout(r: Rollout, ended: Tensor, accelerator: Any, pad_id: int) -> 
     return out, accelerator.gather(ended.long()).bool()
 
 
-@dataclass
-class Guard:
-    """The reward-hacking guard's memory (saved in checkpoints): the last evaluation, the streak, the best."""
-
-    last_proxy: float | None = None
-    last_gold: float | None = None
-    streak: int = 0
-    best_score: float = -math.inf
-    best_iteration: int = -1
-    stop_reason: str | None = None
-
-    def observe(self, iteration: int, m: dict[str, float], patience: int, kl_budget: float | None) -> bool:
-        """Record one evaluation; returns True when it is the best so far (by gold if known, else proxy)."""
-        proxy, gold = m["ppo/guard_proxy"], m.get("ppo/guard_gold")
-        if gold is not None and self.last_proxy is not None and self.last_gold is not None:
-            hacking = proxy > self.last_proxy and gold < self.last_gold
-            self.streak = self.streak + 1 if hacking else 0
-        self.last_proxy, self.last_gold = proxy, gold
-        if self.streak >= patience:
-            self.stop_reason = (
-                f"reward hacking: proxy rose while gold fell in {self.streak} evaluations in a row"
-            )
-        if kl_budget is not None and m["ppo/guard_kl"] > kl_budget:
-            self.stop_reason = f"KL budget: {m['ppo/guard_kl']:.3g} nats > kl_budget {kl_budget:.3g}"
-            return False  # a policy outside the budget is never kept as the best
-        score = proxy if gold is None else gold
-        if score > self.best_score:
-            self.best_score, self.best_iteration = score, iteration
-            return True
-        return False
-
-
 _GUARD_STREAM = -1  # in the place of the iteration in the held-out samples' stream keys
 
 
@@ -310,39 +221,6 @@ def guard_eval(
         stats.append(torch.tensor(gold, dtype=torch.float32).mean())
     values = reduce(torch.stack(stats)).tolist()
     return dict(zip(["ppo/guard_kl", "ppo/guard_proxy", "ppo/guard_gold"], values, strict=False))
-
-
-def load_models(
-    cfg: PPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase
-) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel]:
-    """Policy, reference (None: the policy with its LoRA adapter off), critic (None for the critic-free
-    estimators) and reward model; dropout off."""
-    lora = cfg.lora_r > 0
-    policy: Any = load_causal_lm(
-        str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
-    )
-    critic_model: Any = None
-    if cfg.advantage_estimator == "gae":
-        critic_model = load_scalar_model(
-            str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model
-        )
-    if lora and checkpoint:
-        policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
-        if critic_model is not None:
-            critic_model = PeftModel.from_pretrained(critic_model, checkpoint / "critic", is_trainable=True)
-    elif lora:
-        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM")
-        critic_model = critic_model and add_lora(critic_model, cfg.lora_r, cfg.lora_alpha, "SEQ_CLS")
-    reference = None
-    if not lora or cfg.reference not in (None, cfg.policy):
-        reference = (
-            load_causal_lm(cfg.reference or cfg.policy, tokenizer=tokenizer).eval().requires_grad_(False)
-        )
-    reward_model = load_reward_model(cfg.reward_model).eval().requires_grad_(False)
-    for model in (policy, reference, critic_model, reward_model):
-        if model is not None:
-            disable_dropout(model)
-    return policy, reference, None if critic_model is None else Critic(critic_model), reward_model
 
 
 def no_sync(accelerator: Any, *models: torch.nn.Module, sync: bool) -> ExitStack:
@@ -378,9 +256,74 @@ def rollout_advantages(
     return advantages, advantages
 
 
-def run(
-    cfg: PPOConfig, resume: bool = False, quiet: bool = False, gold_fn: GoldFn | None = None
-) -> dict[str, Any]:
+@dataclass
+class PPOState:
+    """What `set_up` prepares for the loop. `policy` and `critic` are the modules that train (wrapped for
+    DDP/FSDP by `accelerator.prepare`); `actor` and `critic_module` are the same modules unwrapped, for the
+    no-grad forwards and for saving."""
+
+    cfg: PPOConfig
+    accelerator: Any
+    tokenizer: PreTrainedTokenizerBase
+    run_dir: Run
+    prompt_ids: list[list[int]]  # the training prompts that leave room for max_new_tokens
+    guard_prompts: list[str]  # this process's share of the held-out prompts
+    guard_index: Tensor  # (n,) their places among all processes' held-out prompts
+    ptx: list[Example]  # demonstrations for PPO-ptx (none without it)
+    policy: Any
+    actor: Actor
+    reference: Actor | None  # None: the policy with its LoRA adapter off
+    critic: Any  # None for the critic-free estimators
+    critic_module: Critic | None
+    scorer: RewardScores
+    policy_opt: Any
+    policy_sched: Any
+    critic_opt: Any
+    critic_sched: Any
+    kl_ctl: KLController
+    guard: Guard
+    layout_of: LayoutFn
+    is_sharded: bool
+    half: bool  # policy and critic train under half-precision autocast
+    start: int  # the first iteration: 0, or the resumed checkpoint's
+    gold_fn: GoldFn | None
+
+    @property
+    def policy_model(self) -> Any:
+        """The bare policy model, for generation and saving."""
+        return self.actor.model
+
+    @property
+    def trained(self) -> list[tuple[Any, Any, Any, str]]:
+        """(module, optimiser, scheduler, grad-norm metric) of each trained network."""
+        trained = [(self.policy, self.policy_opt, self.policy_sched, "ppo/grad_norm")]
+        if self.critic is not None:
+            trained.append((self.critic, self.critic_opt, self.critic_sched, "ppo/critic_grad_norm"))
+        return trained
+
+    def autocast(self) -> Any:
+        """bf16 for the forward passes of unprepared modules."""
+        return autocast(self.accelerator)
+
+    def reduce(self, t: Tensor) -> Tensor:
+        """The mean over processes."""
+        return cast(Tensor, self.accelerator.reduce(t.to(self.accelerator.device), reduction="mean"))
+
+
+@dataclass
+class Batch:
+    """One iteration's whole batch, scored, with its per-token KL, advantages and returns, (B, T) each."""
+
+    rollout: Rollout
+    ended: Tensor  # (B,) the answer ended with EOS
+    kl: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+
+def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
+    """Accelerator, tokenizer, prompts, models (sharded if so configured), optimisers and schedules, the KL
+    controller and the guard; resumed from the run's latest checkpoint if `resume`."""
     accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     seed_everything(cfg.seed + rank)
@@ -400,7 +343,7 @@ def run(
     guard_prompts = (
         read_prompts(cfg.eval_prompts_file, tokenizer)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
     )
-    is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
+    is_sharded = sharding.sharded(cfg, accelerator)
     if is_sharded:  # sharded models run their forwards on every process together: as many prompts on each
         guard_prompts = guard_prompts[: len(guard_prompts) // world * world]
     guard_index = torch.arange(len(guard_prompts))[rank::world]  # (n,) this process's share, by global place
@@ -422,7 +365,6 @@ def run(
         raise DataError(
             f"{cfg.prompts_file}: no prompt fits the context with max_new_tokens {cfg.max_new_tokens}"
         )
-    prompt_ids = fitting
     ptx = (
         tokenize_demonstrations(demonstrations, tokenizer, context_length(policy))[0]
         if demonstrations
@@ -473,94 +415,233 @@ def run(
         start = state["step"]
         run_dir.truncate_metrics(start)
         log.info("ppo: resumed from %s (iteration %d)", checkpoint, start)
-    policy, policy_opt = sharding.prepare(accelerator, policy, policy_opt, is_sharded)
-    critic_module: Critic | None = None
+    prepared_policy, policy_opt = sharding.prepare(accelerator, policy, policy_opt, is_sharded)
+    prepared_critic, critic_module = None, None
     if critic is not None:
-        critic, critic_opt = sharding.prepare(accelerator, critic, critic_opt, is_sharded)
-        critic_module = cast(Critic, accelerator.unwrap_model(critic))
-    actor = cast(Actor, accelerator.unwrap_model(policy))
-    policy_model: Any = actor.model  # the bare model, for generation and saving
-    trained: list[tuple[Any, Any, Any, str]] = [(policy, policy_opt, policy_sched, "ppo/grad_norm")]
-    if critic is not None:
-        trained.append((critic, critic_opt, critic_sched, "ppo/critic_grad_norm"))
-    ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes of unprepared modules
+        prepared_critic, critic_opt = sharding.prepare(accelerator, critic, critic_opt, is_sharded)
+        critic_module = cast(Critic, accelerator.unwrap_model(prepared_critic))
+    actor = cast(Actor, accelerator.unwrap_model(prepared_policy))
     # sequences packed into rows when every model takes a 4-D attention mask (SDPA, eager)
     critic_base = None if critic_module is None else critic_module.base
-    masks = [takes_4d_mask(m) for m in (policy_model, critic_base, reward_model, reference) if m is not None]
+    masks = [takes_4d_mask(m) for m in (actor.model, critic_base, reward_model, reference) if m is not None]
     pack, additive = cfg.pack_sequences and all(ok for ok, _ in masks), any(add for _, add in masks)
     # rows as wide as suits the policy, which computes the most passes (packing.row_width)
-    hidden_size = getattr(policy_model.config, "hidden_size", None)
+    hidden_size = getattr(actor.model.config, "hidden_size", None)
     layout_of: LayoutFn = lambda ids, mask, n_prompt: layout(  # noqa: E731
         ids, mask, n_prompt, tokenizer.pad_token_id, pack, additive, hidden_size
     )
-    device = accelerator.device
-    reduce = lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean")  # noqa: E731
+    return PPOState(
+        cfg, accelerator, tokenizer, run_dir, fitting, guard_prompts, guard_index, ptx, prepared_policy, actor,
+        reference_actor, prepared_critic, critic_module, scorer, policy_opt, policy_sched, critic_opt,
+        critic_sched, kl_ctl, guard, layout_of, is_sharded, half, start, gold_fn,
+    )  # fmt: skip
 
-    def whole_policy() -> Any:
-        """The policy with all its weights, on the main process (None elsewhere); every process calls it.
-        Sharded: a plain copy rebuilt from the configuration, the gathered weights loaded into it."""
-        if not is_sharded:
-            return policy_model if is_main else None
-        state = sharding.full_state_dict(policy_model, is_main)
-        if state is None:
-            return None
-        model = load_causal_lm(cfg.policy, tokenizer=tokenizer)
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM") if cfg.lora_r > 0 else model
-        return sharding.load_whole(model, state)
 
-    def save_checkpoint(iteration: int) -> None:
-        accelerator.wait_for_everyone()
-        named = cfg.fsdp  # whole optimiser state keyed by name: resumable on another process count
-        policy_state = sharding.full_state_dict(policy_model, is_main) if is_sharded else None
-        critic_state = None
-        if critic_module is not None and is_sharded:
-            critic_state = sharding.full_state_dict(critic_module.model, is_main)
-        state = {"policy_optimizer": sharding.optimizer_state(actor, policy_opt, named),
-                 "policy_scheduler": policy_sched.state_dict(), "kl_ctl": kl_ctl.state_dict(),
-                 "guard": asdict(guard)}  # fmt: skip
-        if critic_module is not None and critic_opt is not None and critic_sched is not None:
-            state |= {
-                "critic_optimizer": sharding.optimizer_state(critic_module, critic_opt, named),
-                "critic_scheduler": critic_sched.state_dict(),
-            }
-
-        def save_files(path: Path) -> None:  # the main process only
-            # full model, or the adapter
-            policy_model.save_pretrained(
-                str(path / "policy"), safe_serialization=True, state_dict=policy_state
-            )
-            tokenizer.save_pretrained(path / "policy")
-            if critic_module is not None:
-                critic_module.model.save_pretrained(
-                    str(path / "critic"), safe_serialization=True, state_dict=critic_state
-                )
-
-        run_dir.save_checkpoint(iteration, save_files, state, keep=cfg.keep_checkpoints)
-
-    def run_guard(iteration: int) -> dict[str, float]:
-        m = guard_eval(actor, reference_actor, critic_module, scorer, tokenizer, guard_prompts, cfg, ctx,
-                       layout_of, gold_fn, reduce, is_sharded, guard_index)  # fmt: skip
-        best = guard.observe(iteration, m, cfg.guard_patience, cfg.kl_budget)  # the same on every process
-        whole = whole_policy() if best else None
-        if whole is not None:
-            save_policy(run_dir.dir / "best", whole, tokenizer)
-            write_json(run_dir.dir / "best" / "guard.json", {"iteration": iteration, **m})
-        run_dir.log(iteration, m)
-        return m
-
-    n_iterations = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
-    plan = BatchPlan(len(prompt_ids), cfg.batch_size // k, cfg.batch_size // k // world, epochs=cfg.iterations,
-                     seed=cfg.seed, world_size=world, rank=rank)  # fmt: skip
+def rollout(s: PPOState, prompts: list[int], iteration: int) -> Batch:
+    """Steps 1-4 of an iteration on these prompts (indices into `s.prompt_ids`, this process's share): the
+    whole batch scored, with KL-shaped rewards turned into advantages and returns."""
+    cfg, k, pad_id = s.cfg, s.cfg.samples_per_prompt, s.tokenizer.pad_token_id
+    # 1. generate (k answers to each prompt, side by side: rows i*k .. i*k + k - 1); this process's rows
+    # are a contiguous share of the global batch
+    batch_ids = [s.prompt_ids[i] for i in prompts for _ in range(k)]
+    places = s.accelerator.process_index * len(batch_ids) + torch.arange(len(batch_ids))  # (b,) global places
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    eos_id, pad_id = stop_ids(tokenizer), tokenizer.pad_token_id
-    progress = Progress(n_iterations, "ppo", accelerator.is_main_process, quiet, initial=start)
-    guard_on = bool(guard_prompts)
-    if guard_on and start == 0:
-        progress.line(0, **run_guard(0))  # the initial policy is the baseline (and the first "best")
+    with s.autocast():
+        gen = generate(s.policy_model, batch_ids, sampling, stop_ids(s.tokenizer), pad_id, synced=s.is_sharded,
+                       seeds=stream_keys(cfg.seed, iteration, places))  # fmt: skip
+
+    # 2. score: old log-probs, reference log-probs, values, reward-model scores; then the whole batch's
+    # rollout on every process, so that whitening, advantages and statistics are global
+    r = score_rollout(gen, s.actor, s.reference, s.critic_module, s.scorer, cfg, s.autocast, s.layout_of)
+    r, ended = gather_rollout(r, gen.ended, s.accelerator, pad_id)
+    rmask = r.response_mask  # (B, T) the global batch
+
+    # 3. rewards with KL penalty: -beta * KL on every token (unless KL is a loss term), the score on the last
+    kl = approx_kl(r.logprobs, r.ref_logprobs, rmask, cfg.kl_estimator)  # (B, T)
+    rewards = shape_rewards(r.scores, kl, rmask, s.kl_ctl.value if cfg.kl_in == "reward" else 0.0)  # (B, T)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, rmask, shift_mean=False)
+
+    # 4. advantages: GAE with the critic; or, critic-free, a baseline from the prompt's other answers
+    advantages, returns = rollout_advantages(rewards, r.values, rmask, cfg)  # (B, T) each
+    return Batch(r, ended, kl, advantages, returns)
+
+
+def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator) -> dict[str, list[float]]:
+    """Step 5: `epochs` passes over minibatches of the whole batch shuffled by `rng` (this process takes its
+    share of each), gradients accumulated over micro-batches; PPO-ptx demonstrations drawn by `ptx_rng`.
+    Returns each statistic's values, one per micro-batch (or minibatch)."""
+    cfg, accelerator, r = s.cfg, s.accelerator, b.rollout
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    rmask, trained = r.response_mask, s.trained
+    stats: dict[str, list[float]] = defaultdict(list)
+    share = cfg.minibatch_size // world
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(rmask.size(0), generator=rng)
+        for whole_minibatch in order.split(cfg.minibatch_size):
+            minibatch = whole_minibatch[rank * share : (rank + 1) * share]  # this process's share
+            if s.ptx:  # PPO-ptx (InstructGPT): keep the SFT objective on demonstrations
+                pick = torch.randint(len(s.ptx), (cfg.ptx_batch_size,), generator=ptx_rng)
+                demos = {
+                    k: v.to(device)
+                    for k, v in collate([s.ptx[i] for i in pick.tolist()], s.tokenizer.pad_token_id).items()
+                }
+                with accelerator.no_sync(s.policy):
+                    rows, width = demos["input_ids"].shape  # right-padded: positions 0, 1, ...
+                    demo_logits = s.policy(
+                        input_ids=demos["input_ids"], attention_mask=demos["attention_mask"],
+                        position_ids=torch.arange(width, device=device).expand(rows, width),
+                        response_at=torch.arange(rows * width, device=device),
+                    ).view(rows, width, -1)  # fmt: skip
+                    loss_ptx = sft_loss(demo_logits.float(), demos["labels"])
+                    accelerator.backward(cfg.ptx_coef * loss_ptx)
+                stats["ppo/ptx_loss"].append(float(loss_ptx))
+            micro = minibatch.split(cfg.micro_batch_size)
+            for j, idx in enumerate(micro):
+                t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
+                lay = s.layout_of(r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], r.n_prompt)
+                m = rmask[idx, :t]
+                old_logprobs, old_values = r.logprobs[idx, :t], r.values[idx, :t]
+                adv, ret = b.advantages[idx, :t], b.returns[idx, :t]
+                # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
+                with (
+                    no_sync(accelerator, *(m for m, *_ in trained), sync=j == len(micro) - 1),
+                    short_attention(lay.input_ids.size(1), device, s.half),
+                ):
+                    logits = policy_forward(s.policy, lay)  # (n, V) at the real response tokens
+                    tokens = r.response_ids[idx, :t][lay.response_mask]  # (n,)
+                    logprobs = lay.padded(logprobs_from_logits(logits, tokens, cfg.temperature))  # (b, t)
+                    pg_loss, pg_stats = ppo_policy_loss(
+                        logprobs, old_logprobs, adv, m, cfg.clip_eps, cfg.clip_eps_high,
+                        cfg.loss_aggregation, cfg.max_new_tokens,
+                    )  # fmt: skip
+                    loss = pg_loss
+                    if cfg.kl_in == "loss":  # GRPO: KL to the reference as a loss term (k2 or k3)
+                        ref = r.ref_logprobs[idx, :t]
+                        kl_now = approx_kl(logprobs, ref, m, cfg.kl_estimator)  # (b, t)
+                        kl_loss = aggregate_tokens(kl_now, m, cfg.loss_aggregation, cfg.max_new_tokens)
+                        loss = loss + s.kl_ctl.value * kl_loss
+                        pg_stats["ppo/kl_loss"] = kl_loss.detach()
+                    if cfg.entropy_coef > 0:
+                        entropy = lay.padded(entropy_from_logits(logits, cfg.temperature))  # (b, t)
+                        loss = loss - cfg.entropy_coef * masked_mean(entropy, m)
+                    accelerator.backward(loss / len(micro))
+                    step_stats = {"ppo/policy_loss": pg_loss.detach(), **pg_stats}
+                    if s.critic is not None:
+                        values = response_values(s.critic, lay)  # (b, t)
+                        vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
+                        accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
+                        value_error = masked_mean((values.detach() - ret) ** 2, m)
+                        step_stats |= {"ppo/value_loss": vf_loss.detach(), "ppo/value_error": value_error,
+                                       **vf_stats}  # fmt: skip
+                for key, value in step_stats.items():
+                    stats[key].append(float(value))
+            for model, opt, sched, norm_key in trained:
+                stats[norm_key].append(
+                    float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                )
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def iteration_metrics(s: PPOState, b: Batch, stats: dict[str, list[float]]) -> dict[str, float]:
+    """Step 6: the rollout's statistics and the means of the update's over its micro-batches, then over
+    processes; the KL coefficient and learning rate they were computed with."""
+    r, rmask = b.rollout, b.rollout.response_mask
+    seq_kl = masked_sum(b.kl, rmask, dim=1)  # (B,) KL of each answer, nats
+    rollout_stats = {
+        "ppo/score": r.scores.mean(),
+        "ppo/kl": seq_kl.mean(),
+        "ppo/reward": (r.scores - s.kl_ctl.value * seq_kl).mean(),
+        "ppo/entropy": masked_mean(r.entropy, rmask),
+        "ppo/response_length": rmask.sum(1).float().mean(),
+        "ppo/eos_rate": b.ended.float().mean(),
+        "ppo/advantages_mean": masked_mean(b.advantages, rmask),
+        "ppo/returns_mean": masked_mean(b.returns, rmask),
+    }
+    local = {
+        **{k: float(v) for k, v in rollout_stats.items()},
+        **{k: sum(v) / len(v) for k, v in stats.items()},
+    }
+    metrics = dict(zip(local, s.reduce(torch.tensor(list(local.values()))).tolist(), strict=True))
+    return metrics | {"ppo/kl_coef": s.kl_ctl.value, "ppo/lr": float(s.policy_sched.get_last_lr()[0])}
+
+
+def whole_policy(s: PPOState) -> Any:
+    """The policy with all its weights, on the main process (None elsewhere); every process calls it.
+    Sharded: a plain copy rebuilt from the configuration, the gathered weights loaded into it."""
+    is_main = s.accelerator.is_main_process
+    if not s.is_sharded:
+        return s.policy_model if is_main else None
+    state = sharding.full_state_dict(s.policy_model, is_main)
+    if state is None:
+        return None
+    model = load_causal_lm(s.cfg.policy, tokenizer=s.tokenizer)
+    model = add_lora(model, s.cfg.lora_r, s.cfg.lora_alpha, "CAUSAL_LM") if s.cfg.lora_r > 0 else model
+    return sharding.load_whole(model, state)
+
+
+def save_checkpoint(s: PPOState, iteration: int) -> None:
+    """Models, optimisers, schedules, KL controller and guard at this iteration (atomic); every process calls it."""
+    s.accelerator.wait_for_everyone()
+    is_main, named = s.accelerator.is_main_process, s.cfg.fsdp  # named: resumable on another process count
+    policy_state = sharding.full_state_dict(s.policy_model, is_main) if s.is_sharded else None
+    critic_state = None
+    if s.critic_module is not None and s.is_sharded:
+        critic_state = sharding.full_state_dict(s.critic_module.model, is_main)
+    state = {"policy_optimizer": sharding.optimizer_state(s.actor, s.policy_opt, named),
+             "policy_scheduler": s.policy_sched.state_dict(), "kl_ctl": s.kl_ctl.state_dict(),
+             "guard": asdict(s.guard)}  # fmt: skip
+    if s.critic_module is not None and s.critic_opt is not None and s.critic_sched is not None:
+        state |= {
+            "critic_optimizer": sharding.optimizer_state(s.critic_module, s.critic_opt, named),
+            "critic_scheduler": s.critic_sched.state_dict(),
+        }
+
+    def save_files(path: Path) -> None:  # the main process only
+        # full model, or the adapter
+        s.policy_model.save_pretrained(str(path / "policy"), safe_serialization=True, state_dict=policy_state)
+        s.tokenizer.save_pretrained(path / "policy")
+        if s.critic_module is not None:
+            s.critic_module.model.save_pretrained(
+                str(path / "critic"), safe_serialization=True, state_dict=critic_state
+            )
+
+    s.run_dir.save_checkpoint(iteration, save_files, state, keep=s.cfg.keep_checkpoints)
+
+
+def run_guard(s: PPOState, iteration: int) -> dict[str, float]:
+    """Step 7: the guard's evaluation, logged; the policy saved as the best if it is. Every process calls it."""
+    m = guard_eval(s.actor, s.reference, s.critic_module, s.scorer, s.tokenizer, s.guard_prompts, s.cfg,
+                   s.autocast, s.layout_of, s.gold_fn, s.reduce, s.is_sharded, s.guard_index)  # fmt: skip
+    best = s.guard.observe(iteration, m, s.cfg.guard_patience, s.cfg.kl_budget)  # the same on every process
+    whole = whole_policy(s) if best else None
+    if whole is not None:
+        save_policy(s.run_dir.dir / "best", whole, s.tokenizer)
+        write_json(s.run_dir.dir / "best" / "guard.json", {"iteration": iteration, **m})
+    s.run_dir.log(iteration, m)
+    return m
+
+
+def run(
+    cfg: PPOConfig, resume: bool = False, quiet: bool = False, gold_fn: GoldFn | None = None
+) -> dict[str, Any]:
+    s = set_up(cfg, resume, gold_fn)
+    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    n_iterations = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
+    prompts_per_batch = cfg.batch_size // cfg.samples_per_prompt
+    plan = BatchPlan(len(s.prompt_ids), prompts_per_batch, prompts_per_batch // world, epochs=cfg.iterations,
+                     seed=cfg.seed, world_size=world, rank=rank)  # fmt: skip
+    progress = Progress(n_iterations, "ppo", s.accelerator.is_main_process, quiet, initial=s.start)
+    guard_on = bool(s.guard_prompts)
+    if guard_on and s.start == 0:
+        progress.line(0, **run_guard(s, 0))  # the initial policy is the baseline (and the first "best")
     metrics: dict[str, float] = {}
-    done = start
-    for iteration in range(start, n_iterations):
-        if guard.stop_reason:
+    done = s.start
+    for iteration in range(s.start, n_iterations):
+        if s.guard.stop_reason:
             break
         t0 = time.perf_counter()
         # each sample draws from a stream named by (seed, iteration, its place in the global batch), and the
@@ -570,144 +651,42 @@ def run(
         rng = torch.Generator().manual_seed(seed)  # minibatch order
         ptx_rng = torch.Generator().manual_seed(seed * 1024 + rank)  # PPO-ptx picks, each process its own
 
-        # 1. generate (k answers to each prompt, side by side: rows i*k .. i*k + k - 1); this process's rows
-        # are a contiguous share of the global batch
-        batch_ids = [prompt_ids[i] for i in next(plan.micro_batches(iteration)) for _ in range(k)]
-        places = rank * len(batch_ids) + torch.arange(len(batch_ids))  # (b,) each row's place in the batch
-        with ctx():
-            gen = generate(policy_model, batch_ids, sampling, eos_id, pad_id, synced=is_sharded,
-                           seeds=stream_keys(cfg.seed, iteration, places))  # fmt: skip
-
-        # 2. score: old log-probs, reference log-probs, values, reward-model scores; then the whole batch's
-        # rollout on every process, so that whitening, advantages and statistics are global
-        r = score_rollout(gen, actor, reference_actor, critic_module, scorer, cfg, ctx, layout_of)
-        r, ended = gather_rollout(r, gen.ended, accelerator, pad_id)
-        rmask = r.response_mask  # (B, T) the global batch
-
-        # 3. rewards with KL penalty: -beta * KL on every token (unless KL is a loss term), the score on the last
-        kl = approx_kl(r.logprobs, r.ref_logprobs, rmask, cfg.kl_estimator)  # (B, T)
-        rewards = shape_rewards(r.scores, kl, rmask, kl_ctl.value if cfg.kl_in == "reward" else 0.0)  # (B, T)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, rmask, shift_mean=False)
-
-        # 4. advantages: GAE with the critic; or, critic-free, a baseline from the prompt's other answers
-        advantages, returns = rollout_advantages(rewards, r.values, rmask, cfg)  # (B, T) each
+        # 1.-4. generate, score, rewards with KL penalty, advantages
+        batch = rollout(s, next(plan.micro_batches(iteration)), iteration)
         t_rollout = time.perf_counter() - t0
 
-        # 5. update: `epochs` passes over shuffled minibatches, gradients accumulated over micro-batches
-        stats: dict[str, list[float]] = defaultdict(list)
-        share = cfg.minibatch_size // world
-        for _epoch in range(cfg.epochs):
-            order = torch.randperm(rmask.size(0), generator=rng)
-            for whole_minibatch in order.split(cfg.minibatch_size):
-                minibatch = whole_minibatch[rank * share : (rank + 1) * share]  # this process's share
-                if ptx:  # PPO-ptx (InstructGPT): keep the SFT objective on demonstrations
-                    pick = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=ptx_rng)
-                    demos = {
-                        k: v.to(device) for k, v in collate([ptx[i] for i in pick.tolist()], pad_id).items()
-                    }
-                    with accelerator.no_sync(policy):
-                        rows, width = demos["input_ids"].shape  # right-padded: positions 0, 1, ...
-                        demo_logits = policy(
-                            input_ids=demos["input_ids"], attention_mask=demos["attention_mask"],
-                            position_ids=torch.arange(width, device=device).expand(rows, width),
-                            response_at=torch.arange(rows * width, device=device),
-                        ).view(rows, width, -1)  # fmt: skip
-                        loss_ptx = sft_loss(demo_logits.float(), demos["labels"])
-                        accelerator.backward(cfg.ptx_coef * loss_ptx)
-                    stats["ppo/ptx_loss"].append(float(loss_ptx))
-                micro = minibatch.split(cfg.micro_batch_size)
-                for j, idx in enumerate(micro):
-                    t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
-                    lay = layout_of(r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], r.n_prompt)
-                    m = rmask[idx, :t]
-                    old_logprobs, old_values = r.logprobs[idx, :t], r.values[idx, :t]
-                    adv, ret = advantages[idx, :t], returns[idx, :t]
-                    # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
-                    with (
-                        no_sync(accelerator, *(m for m, *_ in trained), sync=j == len(micro) - 1),
-                        short_attention(lay.input_ids.size(1), device, half),
-                    ):
-                        logits = policy_forward(policy, lay)  # (n, V) at the real response tokens
-                        tokens = r.response_ids[idx, :t][lay.response_mask]  # (n,)
-                        logprobs = lay.padded(logprobs_from_logits(logits, tokens, cfg.temperature))  # (b, t)
-                        pg_loss, pg_stats = ppo_policy_loss(
-                            logprobs, old_logprobs, adv, m, cfg.clip_eps, cfg.clip_eps_high,
-                            cfg.loss_aggregation, cfg.max_new_tokens,
-                        )  # fmt: skip
-                        loss = pg_loss
-                        if cfg.kl_in == "loss":  # GRPO: KL to the reference as a loss term (k2 or k3)
-                            ref = r.ref_logprobs[idx, :t]
-                            kl_now = approx_kl(logprobs, ref, m, cfg.kl_estimator)  # (b, t)
-                            kl_loss = aggregate_tokens(kl_now, m, cfg.loss_aggregation, cfg.max_new_tokens)
-                            loss = loss + kl_ctl.value * kl_loss
-                            pg_stats["ppo/kl_loss"] = kl_loss.detach()
-                        if cfg.entropy_coef > 0:
-                            entropy = lay.padded(entropy_from_logits(logits, cfg.temperature))  # (b, t)
-                            loss = loss - cfg.entropy_coef * masked_mean(entropy, m)
-                        accelerator.backward(loss / len(micro))
-                        step_stats = {"ppo/policy_loss": pg_loss.detach(), **pg_stats}
-                        if critic is not None:
-                            values = response_values(critic, lay)  # (b, t)
-                            vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
-                            accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
-                            value_error = masked_mean((values.detach() - ret) ** 2, m)
-                            step_stats |= {"ppo/value_loss": vf_loss.detach(), "ppo/value_error": value_error,
-                                           **vf_stats}  # fmt: skip
-                    for key, value in step_stats.items():
-                        stats[key].append(float(value))
-                for model, opt, sched, norm_key in trained:
-                    stats[norm_key].append(
-                        float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    )
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+        # 5. update
+        stats = update(s, batch, rng, ptx_rng)
 
         # 6. log: means over this iteration's micro-batches, then over processes; the KL controller adapts
-        seq_kl = masked_sum(kl, rmask, dim=1)  # (B,) KL of each answer, nats
-        rollout_stats = {
-            "ppo/score": r.scores.mean(),
-            "ppo/kl": seq_kl.mean(),
-            "ppo/reward": (r.scores - kl_ctl.value * seq_kl).mean(),
-            "ppo/entropy": masked_mean(r.entropy, rmask),
-            "ppo/response_length": rmask.sum(1).float().mean(),
-            "ppo/eos_rate": ended.float().mean(),
-            "ppo/advantages_mean": masked_mean(advantages, rmask),
-            "ppo/returns_mean": masked_mean(returns, rmask),
-        }
-        local = {
-            **{k: float(v) for k, v in rollout_stats.items()},
-            **{k: sum(v) / len(v) for k, v in stats.items()},
-        }
-        metrics = dict(zip(local, reduce(torch.tensor(list(local.values()))).tolist(), strict=True))
-        metrics |= {"ppo/kl_coef": kl_ctl.value, "ppo/lr": float(policy_sched.get_last_lr()[0]),
-                    "ppo/rollout_s": t_rollout, "ppo/iteration_s": time.perf_counter() - t0}  # fmt: skip
-        kl_ctl.update(metrics["ppo/kl"], cfg.batch_size)
+        metrics = iteration_metrics(s, batch, stats)
+        metrics |= {"ppo/rollout_s": t_rollout, "ppo/iteration_s": time.perf_counter() - t0}
+        s.kl_ctl.update(metrics["ppo/kl"], cfg.batch_size)
         done = iteration + 1
-        progress.update(done, int(rmask.sum()), score=metrics["ppo/score"], kl=metrics["ppo/kl"])
+        progress.update(done, int(batch.rollout.response_mask.sum()), score=metrics["ppo/score"],
+                        kl=metrics["ppo/kl"])  # fmt: skip
         if done % cfg.log_every == 0 or done == n_iterations:
-            run_dir.log(done, metrics)
+            s.run_dir.log(done, metrics)
             progress.line(
                 done, **{k.removeprefix("ppo/"): metrics[k] for k in ("ppo/score", "ppo/kl", "ppo/clipfrac")}
             )
 
         # 7. reward-hacking guard on held-out prompts; 8. checkpoint (atomic)
         if guard_on and (done % cfg.guard_every == 0 or done == n_iterations):
-            progress.line(done, **run_guard(done))
-        if done % cfg.save_every == 0 or done == n_iterations or guard.stop_reason:
-            save_checkpoint(done)
+            progress.line(done, **run_guard(s, done))
+        if done % cfg.save_every == 0 or done == n_iterations or s.guard.stop_reason:
+            save_checkpoint(s, done)
     progress.close()
 
-    accelerator.wait_for_everyone()
-    whole = whole_policy()
+    s.accelerator.wait_for_everyone()
+    whole = whole_policy(s)
     if whole is not None:
-        save_policy(run_dir.dir / "final", whole, tokenizer)
+        save_policy(s.run_dir.dir / "final", whole, s.tokenizer)
         summary = {"stage": "ppo", "advantage_estimator": cfg.advantage_estimator, "iterations": done,
-                   "stop_reason": guard.stop_reason or "completed", "best_iteration": guard.best_iteration,
-                   "best_score": guard.best_score if guard_on else None, "policy": cfg.policy,
+                   "stop_reason": s.guard.stop_reason or "completed", "best_iteration": s.guard.best_iteration,
+                   "best_score": s.guard.best_score if guard_on else None, "policy": cfg.policy,
                    "reward_model": cfg.reward_model, **metrics}  # fmt: skip
-        write_json(run_dir.dir / "summary.json", summary)
-    run_dir.finish()
-    accelerator.wait_for_everyone()
-    return {"stop_reason": guard.stop_reason or "completed", **metrics}
+        write_json(s.run_dir.dir / "summary.json", summary)
+    s.run_dir.finish()
+    s.accelerator.wait_for_everyone()
+    return {"stop_reason": s.guard.stop_reason or "completed", **metrics}

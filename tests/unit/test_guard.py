@@ -1,10 +1,10 @@
-"""The reward-hacking guard's decisions (rlhf.train.ppo.Guard) on hand-made evaluation sequences."""
+"""The reward-hacking guard's decisions (rlhf.train.guard.Guard) on hand-made evaluation sequences."""
 
 from __future__ import annotations
 
 import math
 
-from rlhf.train.ppo import Guard
+from rlhf.train.guard import Guard
 
 
 def evaluation(kl: float, proxy: float, gold: float | None = None) -> dict[str, float]:

@@ -13,7 +13,8 @@ from rlhf.models.heads import build_scalar_model
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.packing import layout, pack_rows, packed_layout, padded_layout, tree_attention_mask
 from rlhf.rl_math import logprobs_from_logits
-from rlhf.train.ppo import Actor, Critic, policy_forward, response_values, reward_scores
+from rlhf.train.common import Actor, policy_forward
+from rlhf.train.ppo_models import Critic, response_values, reward_scores
 
 # prompt lengths (left-padded to 5) and response lengths (right-padded to 6) of four rollouts
 PROMPTS, RESPONSES = [5, 2, 3, 1], [2, 6, 1, 2]

@@ -1,0 +1,109 @@
+"""PPO's models: loading the policy, reference, critic and reward model, and the forwards of the two scalar ones.
+
+The critic reads a value at every token, the reward model one score at each sequence's last token; both are
+modules of their own (ModelForward) so that DDP, FSDP and autocast wrap their forwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from peft import PeftModel
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import PPOConfig
+from rlhf.models import lean_llama
+from rlhf.models.heads import backbone, head_scores, load_reward_model, load_scalar_model, normalisation
+from rlhf.models.loading import disable_dropout, load_causal_lm
+from rlhf.models.lora import add_lora
+from rlhf.models.packing import TokenLayout
+from rlhf.train.common import ModelForward
+
+
+class Critic(ModelForward):
+    """The value function V(s_t) at every token, in the reward model's normalised units. Its own forward: the
+    sequence-classification forward of Hugging Face would pool to the last token only."""
+
+    def __init__(self, model: PreTrainedModel | PeftModel, lean: bool = False) -> None:
+        super().__init__(model, lean)
+        self.shift, self.scale = normalisation(self.base)
+
+    @property
+    def base(self) -> PreTrainedModel:
+        """The Hugging Face model (LoRA layers, if any, are injected into it in place)."""
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return cast(PreTrainedModel, model)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        hidden = backbone_states(self.base, self.lean, input_ids, attention_mask, position_ids)  # (R, W, H)
+        # the scalar head: a Linear, or PEFT's wrapper that keeps it fully trainable under LoRA
+        head: Any = getattr(self.base, "score", None) or self.base.classifier
+        return (head(hidden).squeeze(-1).float() - self.shift) / self.scale  # (R, W)
+
+
+def backbone_states(model: PreTrainedModel, lean: bool, *inputs: Tensor) -> Tensor:
+    """Final hidden states (R, W, H) of (input_ids, attention_mask, position_ids): lean or Hugging Face's."""
+    if lean:
+        return lean_llama.hidden_states(model, *inputs)
+    input_ids, attention_mask, position_ids = inputs
+    return backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+
+
+def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
+    """V before each response token, (B, T) (0 at padding): the critic read at the token that precedes it."""
+    return lay.padded(lay.response(critic(**lay.inputs)))
+
+
+def reward_scores(reward_model: PreTrainedModel, lay: TokenLayout, lean: bool | None = None) -> Tensor:
+    """The reward model's normalised score of each sequence, (B,), read at its last token (EOS). `lean`: through
+    rlhf.models.lean_llama (default: wherever it supports the model; never for a sharded one)."""
+    lean = lean_llama.supports(reward_model) if lean is None else lean
+    hidden = backbone_states(
+        reward_model, lean, lay.input_ids, lay.attention_mask, lay.position_ids
+    )  # (R, W, H)
+    return head_scores(reward_model, lay.last(hidden))
+
+
+class RewardScores(ModelForward):
+    """`reward_scores` as a module, so that a sharded reward model gathers its weights around this forward."""
+
+    def forward(self, lay: TokenLayout) -> Tensor:
+        return reward_scores(self.model, lay, self.lean)
+
+
+def load_models(
+    cfg: PPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel]:
+    """Policy, reference (None: the policy with its LoRA adapter off), critic (None for the critic-free
+    estimators) and reward model; dropout off."""
+    lora = cfg.lora_r > 0
+    policy: Any = load_causal_lm(
+        str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
+    )
+    critic_model: Any = None
+    if cfg.advantage_estimator == "gae":
+        critic_model = load_scalar_model(
+            str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model
+        )
+    if lora and checkpoint:
+        policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
+        if critic_model is not None:
+            critic_model = PeftModel.from_pretrained(critic_model, checkpoint / "critic", is_trainable=True)
+    elif lora:
+        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM")
+        critic_model = critic_model and add_lora(critic_model, cfg.lora_r, cfg.lora_alpha, "SEQ_CLS")
+    reference = None
+    if not lora or cfg.reference not in (None, cfg.policy):
+        reference = (
+            load_causal_lm(cfg.reference or cfg.policy, tokenizer=tokenizer).eval().requires_grad_(False)
+        )
+    reward_model = load_reward_model(cfg.reward_model).eval().requires_grad_(False)
+    for model in (policy, reference, critic_model, reward_model):
+        if model is not None:
+            disable_dropout(model)
+    return policy, reference, None if critic_model is None else Critic(critic_model), reward_model
