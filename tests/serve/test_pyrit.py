@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -53,7 +54,10 @@ def test_pyrit_attacks_the_server(server: dict[str, Any], client: openai.OpenAI)
         :3
     ]  # a scorer that flags the first answer, and every answer that shares it
     assert marker
-    results = asyncio.run(_attack(server["url"], marker))
+    with ThreadPoolExecutor(
+        1
+    ) as thread:  # a loop of its own: other tests may leave one running in this thread
+        results = thread.submit(asyncio.run, _attack(server["url"], marker)).result()
     assert [objective for objective, _, _ in results] == OBJECTIVES
     for objective, answer, success in results:
         assert answer == greedy[objective]  # PyRIT saw exactly what the server answers

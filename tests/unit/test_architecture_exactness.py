@@ -24,8 +24,9 @@ from rlhf.models.heads import backbone, build_scalar_model, score_head, sequence
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.packing import packed_layout, padded_layout, takes_4d_mask
 from rlhf.rl_math import logprobs_from_logits
+from rlhf.train.common import Actor, policy_forward
 from rlhf.train.lm_loop import NextTokenLoss, collate
-from rlhf.train.ppo import Actor, Critic, policy_forward, response_values, reward_scores
+from rlhf.train.ppo_models import Critic, response_values, reward_scores
 from rlhf.train.reward import GroupExample, RewardForward
 from rlhf.train.reward import collate as reward_collate
 from tests.archs import ARCHS, save_tiny
