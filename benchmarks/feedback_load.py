@@ -2,14 +2,15 @@
 
     python -m benchmarks.feedback_load                     # SQLite and PostgreSQL, 1 and 3 workers
     python -m benchmarks.feedback_load --backends sqlite --workers 1 --votes 2000
-    python -m benchmarks.feedback_load --quick             # a smoke pass: 1,000 votes each
+    python -m benchmarks.feedback_load --quick             # a smoke pass: 1,000 votes each, once
 
 For each backend and worker count: a fresh store with one pairwise task per vote and one labeler per
 client; the server runs as `python -m rlhf.feedback serve --workers N` (with several workers, sharing
 through Redis at --redis-url). 64 client threads post votes with retries; when half are in, the server
 (one worker) is killed with SIGKILL. At the end the database must hold every acknowledged vote exactly
-once (rlhf/feedback/loadtest.py does all of it). Prints a table and writes
-benchmarks/results/feedback_load.json.
+once (rlhf/feedback/loadtest.py does all of it). Every configuration runs --repeat times, the configurations
+taking turns; the table gives the median of each figure over the repetitions (the JSON keeps every run).
+Prints the table and writes benchmarks/results/feedback_load.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -48,6 +50,39 @@ def run_backend(backend: str, workers: int, args: argparse.Namespace) -> dict[st
     return {"backend": backend, "shared_through": "redis" if redis_url else "memory", **result}
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's figures, each the median over its repetitions; every run kept under "runs"."""
+
+    def med(*keys: str) -> float:
+        values = []
+        for r in runs:
+            value: Any = r
+            for key in keys:
+                value = value[key]
+            values.append(value)
+        return round(statistics.median(values), 2)
+
+    return {
+        "backend": runs[0]["backend"],
+        "workers": runs[0]["workers"],
+        "repeats": len(runs),
+        "votes_acknowledged": min(r["votes_acknowledged"] for r in runs),
+        "votes_per_s": med("votes_per_s"),
+        "votes_per_s_excluding_restart": med("votes_per_s_excluding_restart"),
+        "latency_ms": {
+            "p50": med("latency_ms", "p50"),
+            "p99": med("latency_ms", "p99"),
+            "p99_of_each_run": [r["latency_ms"]["p99"] for r in runs],
+        },  # fmt: skip
+        "latency_ms_steady": {"p99": med("latency_ms_steady", "p99")},
+        "server_cpu_ms_per_request": med("server_cpu_ms_per_request"),
+        "client_cpu_ms_per_request": med("client_cpu_ms_per_request"),
+        "restart_downtime_s": med("restart_downtime_s"),
+        "ok": all(r["ok"] for r in runs),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
@@ -61,17 +96,23 @@ def main() -> None:
     parser.add_argument(
         "--out", default=DEFAULT_OUT, help="result JSON (the default also updates docs/scaling.md)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each configuration (the table: medians)"
+    )
     args = parser.parse_args()
     if args.quick:
-        args.votes = min(args.votes, 1000)
+        args.votes, args.repeat = min(args.votes, 1000), 1
 
     load_at_start = os.getloadavg()
-    results = []
-    for backend in args.backends.split(","):
+    configs = [(b, int(w)) for b in args.backends.split(",") for w in args.workers.split(",")]
+    for backend, _ in configs:
         if backend not in ("sqlite", "postgres"):
             parser.error(f"unknown backend {backend!r}")
-        for workers in (int(w) for w in args.workers.split(",")):
-            results.append(run_backend(backend, workers, args))
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {config: [] for config in configs}
+    for _ in range(args.repeat):  # the configurations take turns, so a change in load touches them all
+        for backend, workers in configs:
+            runs[backend, workers].append(run_backend(backend, workers, args))
+    results = [median_run(runs[config]) for config in configs]
 
     header = (
         f"{'backend':<9} {'workers':>7} {'votes':>6} {'votes/s':>8} {'(no restart)':>12} {'p50 ms':>7} {'p99 ms':>7}"
@@ -108,14 +149,17 @@ def update_doc(out: dict[str, Any]) -> None:
     m, (start, end) = out["machine"], MARKERS
     rows = [
         f"| {'SQLite' if r['backend'] == 'sqlite' else 'PostgreSQL'} | {r['workers']} | {r['votes_per_s']:.0f} "
-        f"| {r['latency_ms']['p50']:.0f} / {r['latency_ms']['p99']:.0f} | {r['latency_ms_steady']['p99']:.0f} "
+        f"| {r['latency_ms']['p50']:.0f} / {r['latency_ms']['p99']:.0f} "
+        f"({', '.join(f'{p:.0f}' for p in r['latency_ms']['p99_of_each_run'])}) | {r['latency_ms_steady']['p99']:.0f} "
         f"| {r['server_cpu_ms_per_request']:.2f} | {r['restart_downtime_s']:.1f} | {'yes' if r['ok'] else 'NO'} |"
         for r in out["results"]
     ]
     section = "\n".join([
         start, f"`{out['command'].strip()}` on {m['cpu']} ({m['cores']} cores), load average "
         f"{out['load_average_at_start'][0]:.1f} at the start and {out['load_average_at_end'][0]:.1f} at the end; "
-        f"{out['results'][0]['votes_acknowledged']} votes per run; `benchmarks/results/feedback_load.json`.", "",
+        f"{out['results'][0]['votes_acknowledged']} votes per run; each figure the median of "
+        f"{out['results'][0]['repeats']} runs, the configurations taking turns (the p99 of each run in brackets); "
+        "`benchmarks/results/feedback_load.json`.", "",
         "| store | workers | votes/s | p50 / p99 ms | p99 ms without the kill | server CPU per vote ms "
         "| downtime s | exactly once |", "|---|---|---|---|---|---|---|---|", *rows, end,
     ])  # fmt: skip
