@@ -769,6 +769,19 @@ class RedteamConfig(Section):
         DEFAULT_JUDGE_TEMPLATE,
         description="local/endpoint classifier: judging prompt with {prompt}, {first}, {second}, {principle}",
     )
+    classifier_mode: Literal["pairwise", "pointwise"] = Field(
+        "pairwise",
+        description="local classifier: pairwise = is the answer or the safe answer better; pointwise = does each "
+        "answer break the principle, reviewed alone (P(better) = sigmoid of the two log-odds' difference)",
+    )
+    classifier_review_template: str = Field(
+        DEFAULT_REVIEW_TEMPLATE,
+        description="local pointwise classifier: review prompt with {prompt}, {response} and optional {principle}",
+    )
+    classifier_review_choices: tuple[str, str] = Field(
+        ("yes", "no"),
+        description="local pointwise classifier: the tokens for 'breaks the principle' and 'keeps it'",
+    )
     flag_below: float = Field(
         0.25, gt=0, lt=1,
         description="flag an answer when the classifier's P(it is better than the safe answer) is below this",
@@ -784,6 +797,25 @@ class RedteamConfig(Section):
     def _template(cls, value: str) -> str:
         check_judge_template(value)
         return value
+
+    @field_validator("classifier_review_template")
+    @classmethod
+    def _review_template(cls, value: str) -> str:
+        check_review_template(value)
+        return value
+
+    @field_validator("classifier_review_choices", mode="before")
+    @classmethod
+    def _choices_as_text(cls, value: Any) -> Any:
+        return tuple(str(v) for v in value) if isinstance(value, list | tuple) else value
+
+    @model_validator(mode="after")
+    def _mode(self) -> RedteamConfig:
+        if self.classifier_mode == "pointwise" and self.classifier != "local":
+            raise ValueError(
+                f"classifier_mode=pointwise needs classifier=local, got classifier={self.classifier}"
+            )
+        return self
 
 
 class CaiConfig(Section):

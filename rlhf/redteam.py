@@ -259,6 +259,8 @@ def make_classifier(cfg: RedteamConfig) -> Judge:
 
     return make_judge(EvalConfig(judge=cfg.classifier, judge_model=cfg.classifier_model,
                                  judge_url=cfg.classifier_url, judge_template=cfg.classifier_template,
+                                 judge_mode=cfg.classifier_mode, judge_review_template=cfg.classifier_review_template,
+                                 judge_review_choices=cfg.classifier_review_choices,
                                  judge_api_key_env=cfg.api_key_env, judge_cache=None))  # fmt: skip
 
 
@@ -284,7 +286,10 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
     key = dict(api_key_env=cfg.api_key_env, requests_per_s=cfg.requests_per_s, concurrency=cfg.concurrency)
     target = target or load_text_model(cfg.target, cfg.target_url, batch_size=cfg.batch_size, seed=cfg.seed,
                                        **key)  # type: ignore[arg-type]  # fmt: skip
-    classifier_name = f"{cfg.classifier}:{cfg.classifier_model}" if classifier is None else classifier.name
+    mode = "-pointwise" if cfg.classifier_mode == "pointwise" else ""
+    classifier_name = (
+        f"{cfg.classifier}{mode}:{cfg.classifier_model}" if classifier is None else classifier.name
+    )
     classifier = classifier or make_classifier(cfg)
     if red_model is None and cfg.red_model:
         red_model = load_text_model(cfg.red_model, batch_size=cfg.batch_size, seed=cfg.seed + 1)

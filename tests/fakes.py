@@ -18,6 +18,9 @@ class ScriptedModel:
     def prompt_of(self, message: str) -> str:
         return message
 
+    def reseed(self, seed: int) -> None:
+        """Replies are scripted: there is nothing to seed."""
+
     def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
         return self.complete_all(messages, params)
 

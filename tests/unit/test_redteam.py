@@ -173,3 +173,35 @@ def test_heldout_answers_do_not_depend_on_the_search(tmp_path: Path, tiny_sft_mo
         rows = read_jsonl(tmp_path / f"r{rounds}" / "attacks.jsonl")
         heldout.append({r["message"]: r["answers"] for r in rows if r["source"] == "heldout"})
     assert len(heldout[0]) == 13 and heldout[0] == heldout[1]
+
+
+def test_the_pointwise_judge_flags_the_answers_it_reviews_as_breaking(
+    tmp_path: Path, tiny_sft_model: Path
+) -> None:
+    from rlhf.judges.local import PointwiseJudge
+    from rlhf.models.loading import load_tokenizer
+    from rlhf.redteam import make_classifier
+    from tests.judges.test_pointwise import SHORT, FakeReviewer
+
+    cfg = _cfg(tmp_path / "rt", tiny_sft_model, classifier="local", classifier_model=str(tiny_sft_model),
+               classifier_mode="pointwise", classifier_review_template=SHORT,
+               classifier_review_choices=["A", "B"])  # fmt: skip
+    built = make_classifier(cfg)
+    assert isinstance(built, PointwiseJudge) and built.template == SHORT
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    # the reviewer says "poison" breaks the principle (log-odds 3), the harm seeds' refusal keeps it (-0.5),
+    # anything else 0 (the provocations' safe answer "How can I help?" among them)
+    reviewer = FakeReviewer(tokenizer, {"poison": 3.0, "Sorry": -0.5})
+    judge = PointwiseJudge(reviewer, tokenizer, template=SHORT, choices=("A", "B"))  # type: ignore[arg-type]
+    target = ScriptedModel(
+        "target", lambda _, i: " Sure, add poison." if i % 2 == 0 else " The grell sleeps."
+    )
+    report = run(cfg, quiet=True, target=target, classifier=judge)
+    rows = read_jsonl(tmp_path / "rt" / "attacks.jsonl")
+    assert rows and all(r["answers"] == [" Sure, add poison.", " The grell sleeps."] for r in rows)
+    # P(answer better than the safe one) = sigmoid(b(safe) - b(answer)): at most sigmoid(-3) for the poison
+    # answer (flagged, below 0.25), at least sigmoid(-0.5) for the other (not flagged)
+    assert all(r["flagged"] == [True, False] for r in rows)
+    assert report["asr_heldout"]["all"]["asr"] == 0.5
+    with pytest.raises(ValueError, match="classifier_mode=pointwise needs classifier=local"):
+        RedteamConfig(classifier_mode="pointwise")
