@@ -33,11 +33,11 @@ import torch
 from rlhf.active import select_pairs
 from rlhf.config import load_config
 from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
-from rlhf.generation import left_pad
+from rlhf.engine.decoding import left_pad
 from rlhf.labelers.panel import Panel, gold_order
-from rlhf.loop import candidate_pairs, disagreement_scores
 from rlhf.models.heads import load_scalar_model, sequence_rewards
 from rlhf.models.loading import load_tokenizer
+from rlhf.stages.loop import candidate_pairs, disagreement_scores
 
 log = logging.getLogger("active_selection")
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def candidates(
     run: Path, out: Path, name: str, prompts_file: Path, n: int, seed: int
 ) -> list[dict[str, Any]]:
     """K=4 answers of the SFT policy to the first n prompts (cached in OUT)."""
-    from rlhf import generate
+    from rlhf.stages import generate
 
     path = out / f"{name}.jsonl"
     if not path.exists():
@@ -75,7 +75,7 @@ def rm_accuracy(rm_path: str, test: list[tuple[str, str, str]]) -> float:
 
 
 def train_rm(run: Path, votes: list[dict[str, Any]], out: Path, seed: int) -> str:
-    from rlhf.train import reward
+    from rlhf.stages import reward
 
     write_jsonl(out / "votes.jsonl", votes)
     cfg = load_config(ROOT / "configs" / "demo.yaml").reward.model_copy(update={

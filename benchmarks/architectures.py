@@ -9,9 +9,9 @@ heads for every type; random weights; the demo tokenizer, vocab 512):
               minibatches, bf16 autocast where the CPU has it) by `rlhf ppo` vs TRL 0.29's PPOTrainer
   reward      reward-model training (pairs/s) by `rlhf reward` vs TRL's RewardTrainer on the `pairs` setting of
               benchmarks/reward_throughput.py (one pair per prompt, the same pairs per step, bf16)
-  generation  tokens/s of `rlhf.generation.generate` vs transformers' `generate()`, batch 64, 48 new tokens,
+  generation  tokens/s of `rlhf.engine.decoding.generate` vs transformers' `generate()`, batch 64, 48 new tokens,
               the same precision (benchmarks/generation.py)
-Only a plain Llama on a CPU takes the lean forward (rlhf.models.lean_llama, rlhf.fast_decode); every other type
+Only a plain Llama on a CPU takes the lean forward (rlhf.engine.lean_llama, rlhf.engine.fast_decode); every other type
 runs transformers' own forward inside our loops, so the ratios per type show what the generic path costs.
 The systems alternate (each going first every other repetition; PPO and reward runs are fresh processes) and
 the median of the repetitions is reported. MFU: model FLOPs (2 per weight per token forward, 6 trained, plus

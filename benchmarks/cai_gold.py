@@ -82,8 +82,8 @@ FAMILY_PRINCIPLE = {"harm": "no-harm", "provocation": "polite"}  # the harmlessn
 
 def harmlessness_pairs(policy: str, prompts_file: str, samples: int, seed: int) -> list[tuple[str, str, str]]:
     """(prompt, first, second): the policy's answers to the harm requests and provocations, paired."""
-    from rlhf.cai import read_prompts
-    from rlhf.generation import SamplingParams
+    from rlhf.engine.decoding import SamplingParams
+    from rlhf.stages.cai import read_prompts
     from rlhf.text_models import load_text_model
 
     prompts = read_prompts([prompts_file], 0)

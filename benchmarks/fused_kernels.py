@@ -1,11 +1,11 @@
-"""The lean Llama forward with the fused CPU kernels (rlhf/models/cpu_kernels.c) against the same forward on
+"""The lean Llama forward with the fused CPU kernels (rlhf/engine/cpu_kernels.c) against the same forward on
 torch's ops, side by side in one process.
 
     python -m benchmarks.fused_kernels [--reps 15] [--quick]
 
 For the tiny and small models (benchmarks.common.SIZES), under bf16 autocast, one torch thread: the forward
 and backward of a packed micro-batch as PPO's update runs it, the forward alone as its scoring runs it, and
-a generation of 48 tokens for 64 prompts by the lean decoder (rlhf.fast_decode) as its rollouts run it.
+a generation of 48 tokens for 64 prompts by the lean decoder (rlhf.engine.fast_decode) as its rollouts run it.
 The two paths alternate call by call; each reports its median milliseconds over `--reps` calls (a third as
 many generations) after warm-up calls, and the ratio of the medians. Results: benchmarks/results/fused_kernels.json and a section of
 docs/performance.md.
@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.common import SIZES, alternating_medians, build_model, machine, save_result, update_doc
 from benchmarks.generation import prompts, run_ours
-from rlhf.models import cpu_kernels, lean_llama
+from rlhf.engine import cpu_kernels, lean_llama
 
 # (rows, width) of a packed micro-batch: 32 rollouts of up to 48 + 24 tokens, one per row in the small model's
 # case, and the tiny model's shorter answers two or three to a row

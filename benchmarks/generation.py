@@ -1,4 +1,4 @@
-"""Generation throughput (tokens/s): `rlhf.generation.generate` vs transformers' `model.generate()`.
+"""Generation throughput (tokens/s): `rlhf.engine.decoding.generate` vs transformers' `model.generate()`.
 
     python -m benchmarks.generation [--reps 3] [--batch 64] [--new-tokens 48] [--sizes tiny small]
 
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import SIZES, build_model, machine, save_result, sync, update_doc
-from rlhf.generation import SamplingParams, generate
-from rlhf.sampling import stream_keys
+from rlhf.engine.decoding import SamplingParams, generate
+from rlhf.engine.sampling import stream_keys
 from rlhf.train.common import cpu_has_bf16
 
 
@@ -153,7 +153,7 @@ def main() -> None:
         "generation" + (".quick" if args.quick else ""), result
     )  # a smoke pass keeps the real results
     if not args.no_doc and not args.quick:
-        update_doc("generation", "Generation throughput: `rlhf.generation.generate` vs transformers `generate()`",
+        update_doc("generation", "Generation throughput: `rlhf.engine.decoding.generate` vs transformers `generate()`",
                    result, doc_section(result))  # fmt: skip
 
 

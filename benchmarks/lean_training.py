@@ -5,7 +5,7 @@ side by side in one process.
 
 For the tiny (demo) and small models (benchmarks.common.SIZES), under bf16 autocast, one torch thread, one
 training step as the loops run it: forward, backward, gradient clipping and the fused AdamW step, through the
-loops' own modules (rlhf.train.lm_loop.NextTokenLoss, rlhf.train.reward.RewardForward) with `lean` on and
+loops' own modules (rlhf.train.lm_loop.NextTokenLoss, rlhf.stages.reward.RewardForward) with `lean` on and
 off. The transformers path runs SDPA's math backend for these short rows, as the loops choose
 (rlhf.train.common.short_attention). Micro-batches:
 - pretraining: 32 rows of 128 tokens, every token labelled (configs/demo.yaml's block size and batch);
@@ -33,10 +33,10 @@ from benchmarks.common import SIZES, alternating_medians, build_model, machine, 
 from rlhf.config import RewardConfig, TrainConfig
 from rlhf.losses import grouped_bt_loss
 from rlhf.models.heads import build_scalar_model
+from rlhf.stages.reward import GroupExample, RewardForward, forward_rewards
+from rlhf.stages.reward import collate as reward_collate
 from rlhf.train.common import make_optimizer, short_attention
 from rlhf.train.lm_loop import IGNORE, NextTokenLoss, collate
-from rlhf.train.reward import GroupExample, RewardForward, forward_rewards
-from rlhf.train.reward import collate as reward_collate
 
 LOOPS = ("pretraining", "SFT", "reward")
 

@@ -7,7 +7,7 @@ bf16 autocast where the CPU has it. tiny = the demo model (hidden 128, 4 layers)
 that answers end with EOS; small = hidden 512, 8 layers (random weights: a timing workload). The reward model
 is the policy with a fresh scalar head (normalised to shift 0, scale 1); the critic starts from it.
 
-Ours runs `rlhf.train.ppo.run` in a worker process that wraps the stage's own functions with timers:
+Ours runs `rlhf.stages.ppo.run` in a worker process that wraps the stage's own functions with timers:
 generation (`generate`), scoring (`score_rollout`, split into policy, reference, critic and reward-model
 forwards) and training (the rest of the iteration: PPO epochs). Time per iteration is the median over the
 iterations after the first (which pays one-off allocation). FLOPs: 2·N·tokens per forward, 6·N·tokens per
@@ -73,7 +73,7 @@ def ensure_trl_venv() -> Path:
 def prepare(work: Path, size: str, sft_steps: int, arch: str = "llama") -> dict[str, str]:
     """Prompts, the policy (SFT checkpoint) and the reward model, as Hugging Face checkpoints under `work`;
     the model of Hugging Face type `arch` (benchmarks.common.ARCHS)."""
-    from rlhf.train import sft
+    from rlhf.stages import sft
 
     data = work / "data"
     demo_task.generate(data, seed=0, n_pretrain=200, n_sft=600, n_rl_prompts=512, n_eval_prompts=10)
@@ -202,7 +202,8 @@ def forward_flops(n_linear: int, arch: ArchConfig, lengths: list[int]) -> float:
 
 def worker_ours(args: argparse.Namespace) -> None:
     """One PPO run in this process, with the stage's functions wrapped by timers; prints a JSON line."""
-    from rlhf.train import ppo, ppo_models
+    from rlhf.models import wrappers
+    from rlhf.stages import ppo
 
     torch.set_num_threads(args.threads)
     paths = json.loads(args.paths)
@@ -215,7 +216,7 @@ def worker_ours(args: argparse.Namespace) -> None:
     orig_policy_forward, orig_values, orig_rewards = (
         ppo.policy_forward,
         ppo.response_values,
-        ppo_models.reward_scores,
+        wrappers.reward_scores,
     )
     state = {"scoring": False, "calls": 0}
     n_linear: dict[str, int] = {}
@@ -265,8 +266,8 @@ def worker_ours(args: argparse.Namespace) -> None:
 
     ppo.generate, ppo.score_rollout, ppo.policy_forward = generate, score_rollout, policy_forward  # type: ignore[assignment]
     ppo.response_values = timed("score_critic", orig_values)  # type: ignore[assignment]
-    # each function replaced in the module that calls it: reward_scores is called by ppo_models.RewardScores
-    ppo_models.reward_scores = timed("score_reward", orig_rewards)  # type: ignore[assignment]
+    # each function replaced in the module that calls it: reward_scores is called by wrappers.RewardScores
+    wrappers.reward_scores = timed("score_reward", orig_rewards)  # type: ignore[assignment]
     out = Path(args.out)
     cfg = ppo_config(paths, out, args.iterations)
     # one Run.log per iteration (log_every=1): the clock between two calls is one whole iteration, as TRL's is

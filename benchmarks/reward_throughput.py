@@ -166,7 +166,7 @@ def update_doc(result: dict[str, Any]) -> None:
         f"{MAX_LEN}; one epoch; the same pairs per optimiser step and per forward pass (4 micro-batches a step) for "
         "both.", "", *rows, "",
         "Both systems train the same Hugging Face model; ours runs its backbone through the lean Llama forward "
-        "and its fused CPU kernels (`rlhf/models/lean_llama.py`, the head only where rewards are read), TRL "
+        "and its fused CPU kernels (`rlhf/engine/lean_llama.py`, the head only where rewards are read), TRL "
         "through transformers' forward with SDPA attention. They also differ in what they forward. rankings: ours forwards each of a prompt's 4 answers once and takes its 6 pairs from those rewards (one batch "
         "element); TRL forwards 12 sequences for the same 6 pairs. Both settings: ours forwards a group's prompt "
         "once, its answers as branches under a tree attention mask (`reward.shared_prefix`), and packs groups into "

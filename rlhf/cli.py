@@ -94,7 +94,7 @@ def pretrain(
 ) -> None:
     """Pretrain a causal LM on a corpus (next-token prediction on packed blocks)."""
     cfg = _config(config, sets, "pretrain", out).pretrain
-    from rlhf.train import pretrain as stage
+    from rlhf.stages import pretrain as stage
 
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
@@ -113,7 +113,7 @@ def sft(
 ) -> None:
     """Supervised fine-tuning on prompt -> response demonstrations (loss on response tokens only)."""
     cfg = _config(config, sets, "sft", out).sft
-    from rlhf.train import sft as stage
+    from rlhf.stages import sft as stage
 
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
@@ -131,7 +131,7 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """Run every stage on the built-in demo task; interrupted, it resumes where it stopped."""
-    from rlhf import demo as demo_run
+    from rlhf.stages import demo as demo_run
 
     load_config(config, list(sets or []))  # check the config before any work
     _setup_logging(quiet)
@@ -152,7 +152,7 @@ def generate_candidates(
     quiet: QuietOpt = False,
 ) -> None:
     """Sample K candidate answers per prompt from a policy (nucleus sampling) for labelers to compare."""
-    from rlhf import generate as stage
+    from rlhf.stages import generate as stage
 
     overrides = list(sets or [])
     if out:
@@ -200,7 +200,7 @@ def reward(
 ) -> None:
     """Train a Bradley-Terry reward model on preference data, initialised from the SFT policy."""
     cfg = _config(config, sets, "reward", out).reward
-    from rlhf.train import reward as stage
+    from rlhf.stages import reward as stage
 
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
@@ -328,7 +328,7 @@ def ppo(
 ) -> None:
     """PPO against the reward model with a KL penalty to the SFT reference (and the reward-hacking guard)."""
     cfg = _config(config, sets, "ppo", out).ppo
-    from rlhf.train import ppo as stage
+    from rlhf.stages import ppo as stage
 
     _setup_logging(quiet)
     gold_fn = None
@@ -353,7 +353,7 @@ def dpo(
 ) -> None:
     """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO) of the SFT policy on preference data."""
     cfg = _config(config, sets, "dpo", out).dpo
-    from rlhf.train import dpo as stage
+    from rlhf.stages import dpo as stage
 
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
@@ -373,7 +373,7 @@ def bon(
     quiet: QuietOpt = False,
 ) -> None:
     """Best-of-n: sample n answers per prompt, keep the reward model's favourite (SFT data for rejection sampling)."""
-    from rlhf import bon as stage
+    from rlhf.stages import bon as stage
 
     overrides = [*(sets or []), *([f"bon.out={out}"] if out else []), *([f"bon.n={n}"] if n else [])]
     cfg = load_config(config, overrides).bon
@@ -407,8 +407,8 @@ def eval_(
     bootstrap 95% CI, KL to a reference and, on the demo's prompts, its gold metrics (docs/eval.md)."""
     cfg = load_config(config, list(sets or [])).eval
     from rlhf.data.jsonl import write_json
-    from rlhf.eval.compare import collect_from_people, compare, format_table, push_to_people
     from rlhf.eval.judges import make_judge
+    from rlhf.stages.eval import collect_from_people, compare, format_table, push_to_people
 
     if reference:
         cfg.reference = reference
@@ -461,7 +461,7 @@ def redteam(
     model; a classifier flags harmful answers; attack success rate per category with 95% CIs, and preference
     pairs, an SFT filter list and PPO prompts from what was flagged (docs/cai.md). Resumable."""
     cfg = _config(config, sets, "redteam", out).redteam
-    from rlhf import redteam as stage
+    from rlhf.stages import redteam as stage
 
     _setup_logging(quiet)
     if filter_file is not None:
@@ -491,7 +491,7 @@ def cai_revise(
     """Critique and revise the policy's answers under randomly drawn principles, n_revisions times; write the
     final revisions as SFT data and (revision > original) as preference pairs."""
     cfg = _config(config, sets, "cai", out).cai
-    from rlhf import cai as stage
+    from rlhf.stages import cai as stage
 
     _setup_logging(quiet)
     summary = stage.revise(cfg, quiet=quiet)
@@ -505,7 +505,7 @@ def cai_label(
     """Sample two answers per prompt; a judge (the eval section's eval.judge*) picks the better under a randomly
     drawn principle; write the AI labels as preference records, and push them as votes with cai.push_db."""
     root = _config(config, sets, "cai", out)
-    from rlhf import cai as stage
+    from rlhf.stages import cai as stage
 
     _setup_logging(quiet)
     summary = stage.label(root.cai, root.eval, quiet=quiet)
@@ -541,8 +541,8 @@ def loop(
     if ctx.invoked_subcommand is not None:
         return
     cfg = load_config(config, overrides)
-    from rlhf import loop as stage
     from rlhf.feedback.loop_state import format_lineage, get_loop, lineage
+    from rlhf.stages import loop as stage
 
     _setup_logging(quiet)
     versions = stage.run(cfg, quiet=quiet)
@@ -561,7 +561,7 @@ def loop(
 def _loop_db(cfg: RootConfig, url: str | None) -> Database:
     """The loop's feedback store, migrated."""
     from rlhf.feedback.cli import open_database
-    from rlhf.loop import db_url
+    from rlhf.stages.loop import db_url
 
     return open_database(url or db_url(cfg))
 

@@ -1,5 +1,5 @@
 """A model that answers text, as red teaming and Constitutional AI use one: a local checkpoint (sampled with
-rlhf.generation) or any OpenAI-compatible chat endpoint (the judge's client: paced, retried).
+rlhf.engine.decoding) or any OpenAI-compatible chat endpoint (the judge's client: paced, retried).
 
 `reply_all` answers user messages as an assistant (the checkpoint's chat template, or the default one where it
 has none: rlhf.models.tokens); `complete_all` continues raw text (a local checkpoint) or sends it as one user message (an
@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.errors import RlhfError
-from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.judges.endpoint import EndpointJudge
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.tokens import chat_prompt, encode_prompts, stop_ids

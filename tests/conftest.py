@@ -21,8 +21,8 @@ from rlhf.data import demo_task
 from rlhf.models.heads import build_scalar_model, set_normalisation
 from rlhf.models.loading import build_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
-from rlhf.train import sft
-from rlhf.train.pretrain import read_corpus
+from rlhf.stages import sft
+from rlhf.stages.pretrain import read_corpus
 
 # Tiny models run fastest on one thread, and the test machine's 2 cores are shared: two OpenMP threads per
 # process, spinning against other processes, made the suite 5x slower. Subprocesses inherit the variable.

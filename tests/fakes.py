@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from rlhf.generation import SamplingParams
+from rlhf.engine.decoding import SamplingParams
 from rlhf.text_models import Reply
 
 

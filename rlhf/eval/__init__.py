@@ -1,2 +1,2 @@
-"""Evaluation: reward-model reports, win rates under a judge (with KL to a reference), the demo task's
+"""Evaluation: reward-model reports, judges, the demo task's
 metrics, and (later) reward-KL curves and the final report."""

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.engine.decoding import left_pad
 from rlhf.errors import RlhfError
-from rlhf.generation import left_pad
 from rlhf.judges.base import (
     DEFAULT_REVIEW_TEMPLATE,
     DEFAULT_TEMPLATE,

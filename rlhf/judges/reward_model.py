@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from rlhf.generation import left_pad
+from rlhf.engine.decoding import left_pad
 from rlhf.judges.base import JudgeBase, Pair
 from rlhf.models.heads import load_reward_model, sequence_rewards
 from rlhf.models.loading import context_length, load_tokenizer

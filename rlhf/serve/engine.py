@@ -30,9 +30,9 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from rlhf.generation import CachedStep, left_pad, never_sampled
+from rlhf.engine.decoding import CachedStep, left_pad, never_sampled
+from rlhf.engine.sampling import RowSampling, RowStreams, sample, stream_keys
 from rlhf.models.tokens import stop_ids
-from rlhf.sampling import RowSampling, RowStreams, sample, stream_keys
 from rlhf.serve import metrics
 
 log = logging.getLogger(__name__)

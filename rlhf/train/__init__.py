@@ -1,1 +1,2 @@
-"""Training stages, one per file, each a loop you can read top to bottom."""
+"""Training machinery the stages share: the accelerator, precision, optimisers and schedules, the LM loop,
+sharding, the demonstrations reader and the training guard."""

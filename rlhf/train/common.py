@@ -1,4 +1,4 @@
-"""What every training stage shares: the accelerator, precision, the policy's forward (Actor) and saving, AdamW
+"""What every training stage shares: the accelerator, precision, saving the policy, AdamW
 with warm-up + cosine, batch plans, progress."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
@@ -27,10 +26,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import Precision, TrainConfig
+from rlhf.engine import lean_llama
+from rlhf.engine.packing import TokenLayout
 from rlhf.errors import ConfigError
-from rlhf.models import lean_llama
 from rlhf.models.loading import save_pretrained_atomic
-from rlhf.models.packing import TokenLayout
 
 log = logging.getLogger(__name__)
 
@@ -143,37 +142,6 @@ def short_attention(length: int, device: torch.device, half: bool) -> Any:
     return nullcontext()
 
 
-class ModelForward(torch.nn.Module):
-    """A training loop's forward around a Hugging Face model (PPO's actor and critic, the LM loss, the rewards),
-    as a module of its own so that `accelerator.prepare` (DDP, autocast) wraps it. `lean`: the backbone runs
-    through rlhf.models.lean_llama (`lean_forward` says when). The model's layer classes are named as the model
-    names them, for FSDP's auto-wrap policy."""
-
-    def __init__(self, model: Any, lean: bool = False) -> None:
-        super().__init__()
-        self.model: Any = model  # a Hugging Face model, or its LoRA wrapper
-        self.lean = lean
-        self._no_split_modules = getattr(model, "_no_split_modules", None)
-
-
-class Actor(ModelForward):
-    """The policy's logits at the real response tokens, (N, V). With `lean`, the LM head runs only there."""
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
-    ) -> Tensor:
-        if self.lean:
-            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
-            # the LM head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
-            n = response_at.numel()
-            rows = F.pad(response_at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
-            return cast(Tensor, self.model.lm_head(hidden.flatten(0, 1)[rows]))[:n]  # (N, V)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).logits
-        return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
-
-
 def policy_forward(policy: torch.nn.Module, lay: TokenLayout) -> Tensor:
     """Logits that predict each real response token, (N, V): read at the token before it. `policy`: an Actor."""
     return cast(Tensor, policy(**lay.inputs, response_at=lay.response_at))
@@ -186,7 +154,7 @@ def save_policy(path: Path, policy: torch.nn.Module, tokenizer: PreTrainedTokeni
 
 
 def lean_forward(model: Any, accelerator: Accelerator, cfg: TrainConfig) -> bool:
-    """Whether `model` trains through rlhf.models.lean_llama: a plain Llama whose weights are whole on this
+    """Whether `model` trains through rlhf.engine.lean_llama: a plain Llama whose weights are whole on this
     process (one process or DDP; FSDP and DeepSpeed shard them, and the lean forward reads them directly).
     With `gradient_checkpointing`, turns it on (Hugging Face's, non-reentrant) and the lean forward off."""
     if cfg.gradient_checkpointing:

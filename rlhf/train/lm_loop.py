@@ -20,14 +20,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import TrainConfig
 from rlhf.data.jsonl import write_json
+from rlhf.engine import lean_llama
 from rlhf.losses import sft_loss
-from rlhf.models import lean_llama
 from rlhf.models.loading import save_pretrained_atomic
+from rlhf.models.wrappers import ModelForward
 from rlhf.runs import Run
 from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
-    ModelForward,
     Progress,
     lean_forward,
     make_optimizer,

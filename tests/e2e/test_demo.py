@@ -40,7 +40,7 @@ def test_every_stage_ran_and_a_second_run_skips_them(
     stages = json.loads((demo_run / "stages.json").read_text())
     assert list(stages) == STAGES
     before = (demo_run / "report.html").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="rlhf.demo"):
+    with caplog.at_level(logging.INFO, logger="rlhf.stages.demo"):
         proc = run_cli("demo", "--fast", "--quiet", "--out", str(demo_run))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sum("already finished, skipped" in r.getMessage() for r in caplog.records) == len(STAGES)

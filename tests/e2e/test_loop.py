@@ -267,8 +267,8 @@ def test_too_few_votes_by_the_timeout_stops_the_loop_when_asked(setup: tuple[Pat
 def test_online_dpo_rounds_train_without_a_reward_model(
     tmp_path: Path, tiny_sft_model: Path, demo_data: Path
 ) -> None:
-    from rlhf import loop as stage
     from rlhf.config import load_config
+    from rlhf.stages import loop as stage
 
     out = tmp_path / "loop"
     config = tiny_config(tmp_path / "loop.yaml", tiny_sft_model, demo_data, out)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.generation import left_pad
+from rlhf.engine.decoding import left_pad
 from rlhf.judges.base import Answer
 from rlhf.judges.reward_model import RewardModelJudge
 from rlhf.models.heads import sequence_rewards

@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from rlhf.generation import SamplingParams, decode_responses, generate
+from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.serve.engine import Delta, Engine, RowParams, Sequence
 

@@ -8,7 +8,7 @@ import torch
 from fastapi.testclient import TestClient
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from rlhf.generation import SamplingParams, decode_responses, generate
+from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.serve.main import create_app
 from rlhf.serve.settings import Settings

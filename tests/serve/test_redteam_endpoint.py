@@ -9,7 +9,7 @@ from typing import Any
 from rlhf.config import RedteamConfig
 from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.judges.base import JudgeBase, Pair
-from rlhf.redteam import run
+from rlhf.stages.redteam import run
 
 
 class FlagsAll(JudgeBase):

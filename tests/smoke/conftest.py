@@ -9,7 +9,7 @@ from transformers.utils import logging as hf_logging
 
 from rlhf.config import load_config
 from rlhf.data import demo_task
-from rlhf.train import pretrain, sft
+from rlhf.stages import pretrain, sft
 
 hf_logging.disable_progress_bar()
 

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
-from rlhf.train import dpo, ppo, reward, sft
+from rlhf.stages import dpo, ppo, reward, sft
 
 STAGES: dict[str, tuple[Any, Any]] = {
     "sft": (SFTConfig, sft.run),

@@ -23,7 +23,7 @@ from rlhf.models.tokens import chat_prompt, encode_prompts
 from rlhf.runs import read_metrics
 from rlhf.serve.main import create_app
 from rlhf.serve.settings import Settings
-from rlhf.train import ppo, reward, sft
+from rlhf.stages import ppo, reward, sft
 from tests.archs import save_tiny
 from tests.cli import run_cli
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.bon import kl_bound
-from rlhf.bon import run as run_bon
 from rlhf.config import BonConfig
+from rlhf.engine.best_of_n import kl_bound
 from rlhf.errors import DataError
 from rlhf.models.loading import load_tokenizer
-from rlhf.train.sft import read_demonstrations
+from rlhf.stages.bon import run as run_bon
+from rlhf.train.demonstrations import read_demonstrations
 
 
 def test_best_of_n_keeps_the_highest_scored_answer(

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf.models.loading import load_causal_lm
 from rlhf.runs import read_metrics
-from rlhf.train import ppo
+from rlhf.stages import ppo
 from tests.smoke.test_ppo import assert_same_metrics, capture_models, max_change, tiny_ppo
 
 VARIANTS: dict[str, dict[str, Any]] = {

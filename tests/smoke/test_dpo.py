@@ -21,9 +21,9 @@ from peft import PeftModel
 from rlhf.config import DPOConfig
 from rlhf.errors import DataError
 from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.wrappers import Actor
 from rlhf.runs import read_metrics
-from rlhf.train import dpo
-from rlhf.train.common import Actor
+from rlhf.stages import dpo
 from tests.smoke.test_ppo import max_change
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ from rlhf.models.loading import load_causal_lm
 from rlhf.runs import read_metrics
 from rlhf.serve.main import create_app
 from rlhf.serve.settings import Settings
-from rlhf.train import ppo, reward, sft
+from rlhf.stages import ppo, reward, sft
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from rlhf import generate
 from rlhf.cli import app
 from rlhf.config import GenerateConfig
 from rlhf.data.preferences import PairwiseVote, read_preferences
+from rlhf.stages import generate
 
 
 def test_generate_writes_k_candidates_per_prompt_with_lineage(

@@ -18,11 +18,11 @@ import yaml
 from peft import PeftModel
 
 from rlhf.config import PPOConfig
-from rlhf.generation import left_pad
+from rlhf.engine.decoding import left_pad
 from rlhf.models.heads import load_scalar_model, sequence_rewards
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
-from rlhf.train import ppo
+from rlhf.stages import ppo
 from tests.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ from rlhf.labelers.panel import Panel, label_offline
 from rlhf.models.heads import load_scalar_model, sequence_rewards
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
-from rlhf.train import reward
-from rlhf.train.reward import read_groups, reference_sequences
+from rlhf.stages import reward
+from rlhf.stages.reward import read_groups, reference_sequences
 from tests.cli import run_cli
 
 

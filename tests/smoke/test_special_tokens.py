@@ -12,12 +12,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rlhf import generate
 from rlhf.config import GenerateConfig, SFTConfig
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.serve.engine import Engine, RowParams, Sequence
 from rlhf.serve.settings import Settings
-from rlhf.train import sft
+from rlhf.stages import generate, sft
 from tests.archs import rigged, save_tiny
 from tests.serve.conftest import run_server
 from tests.serve.test_engine import Collector

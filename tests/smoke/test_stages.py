@@ -15,8 +15,8 @@ from rlhf.cli import app
 from rlhf.labelers import gold
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
+from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from rlhf.train.lm_loop import NextTokenLoss, evaluate
-from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
 from tests.cli import run_cli
 
 from .conftest import TINY

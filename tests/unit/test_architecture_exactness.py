@@ -5,7 +5,7 @@ backbone's hidden states times the scalar head for critic values and rewards. Ag
 token log-probs in packed rows and in padded rows (one row per sequence), their gradients, the critic's values
 and the reward model's scores read from the same layouts; the reward trainer's rewards (plain rows and shared
 prefixes) and the judges' `sequence_rewards` on left-padded batches; the SFT loss; and generation's per-step
-log-probs. On a CPU, a plain Llama goes through the lean forward (rlhf.models.lean_llama, rlhf.fast_decode) as
+log-probs. On a CPU, a plain Llama goes through the lean forward (rlhf.engine.lean_llama, rlhf.engine.fast_decode) as
 the stages choose it, so these also hold that path to transformers'.
 """
 
@@ -18,17 +18,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from rlhf.generation import SamplingParams, generate
-from rlhf.models import lean_llama
+from rlhf.engine import lean_llama
+from rlhf.engine.decoding import SamplingParams, generate
+from rlhf.engine.packing import packed_layout, padded_layout, takes_4d_mask
 from rlhf.models.heads import backbone, build_scalar_model, score_head, sequence_rewards, set_normalisation
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.models.packing import packed_layout, padded_layout, takes_4d_mask
+from rlhf.models.wrappers import Actor, Critic, response_values, reward_scores
 from rlhf.rl_math import logprobs_from_logits
-from rlhf.train.common import Actor, policy_forward
+from rlhf.stages.reward import GroupExample, RewardForward
+from rlhf.stages.reward import collate as reward_collate
+from rlhf.train.common import policy_forward
 from rlhf.train.lm_loop import NextTokenLoss, collate
-from rlhf.train.ppo_models import Critic, response_values, reward_scores
-from rlhf.train.reward import GroupExample, RewardForward
-from rlhf.train.reward import collate as reward_collate
 from tests.archs import ARCHS, save_tiny
 
 # fp32 throughout: what differs between two layouts is the order of sums, a few ulps

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from rlhf.cai import label, revise
 from rlhf.config import CaiConfig, EvalConfig
 from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.feedback.db import Database
 from rlhf.feedback.models import User, Vote
 from rlhf.judges.base import JudgeBase, Pair
+from rlhf.stages.cai import label, revise
 from rlhf.text_models import LocalModel
 from tests.fakes import ScriptedModel
 

@@ -1,4 +1,4 @@
-"""Win rate, bootstrap interval and randomised A/B order of rlhf.eval.compare, with judges made by hand."""
+"""Win rate, bootstrap interval and randomised A/B order of rlhf.stages.eval, with judges made by hand."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from rlhf.eval.compare import PolicyAnswers, judge_pairs, win_rate
 from rlhf.eval.judges import Answer, GoldJudge
 from rlhf.judges.base import JudgeBase, Pair
+from rlhf.stages.eval import PolicyAnswers, judge_pairs, win_rate
 
 
 class FirstAlwaysWins(JudgeBase):
@@ -59,9 +59,9 @@ def test_gold_judge_prefers_polite_concise_and_ties_equal_answers() -> None:
 
 
 def test_gold_metrics_only_on_demo_prompts_or_when_gold_judges(caplog: pytest.LogCaptureFixture) -> None:
-    from rlhf.eval.compare import gold_metrics_apply
+    from rlhf.stages.eval import gold_metrics_apply
 
-    with caplog.at_level(logging.WARNING, logger="rlhf.eval.compare"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.stages.eval"):
         assert gold_metrics_apply(demo=True, judge="reward_model") and not caplog.records
         assert not gold_metrics_apply(demo=False, judge="endpoint")
         assert "left out" in caplog.records[-1].getMessage()

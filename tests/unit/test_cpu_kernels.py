@@ -1,4 +1,4 @@
-"""The fused CPU kernels (rlhf.models.cpu_kernels) compute what torch's ops compute: each kernel's output and
+"""The fused CPU kernels (rlhf.engine.cpu_kernels) compute what torch's ops compute: each kernel's output and
 gradients against an fp32 autograd reference rounded to bf16, the whole lean forward against its torch-ops
 path and fp32, on one thread and two; and the library is skipped, not failed, where it cannot be built."""
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.config import ArchConfig
-from rlhf.models import cpu_kernels, lean_llama
+from rlhf.engine import cpu_kernels, lean_llama
+from rlhf.engine.packing import packed_layout
 from rlhf.models.loading import build_causal_lm
-from rlhf.models.packing import packed_layout
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.train.common import cpu_has_bf16
 
@@ -144,7 +144,7 @@ def test_library_is_skipped_where_it_cannot_be_built(monkeypatch, tmp_path, capl
     try:
         monkeypatch.setenv("RLHF_KERNEL_CACHE", str(tmp_path))
         monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-        with caplog.at_level(logging.WARNING, logger="rlhf.models.cpu_kernels"):
+        with caplog.at_level(logging.WARNING, logger="rlhf.engine.cpu_kernels"):
             assert cpu_kernels.library() is None
         assert "could not build cpu_kernels.c" in caplog.text
         assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
@@ -182,8 +182,8 @@ def test_cached_attention_is_softmax_attention_over_the_allowed_slots(threads: i
 def test_decoder_with_kernels_decodes_as_close_to_fp32_as_with_torch_ops(monkeypatch) -> None:
     """bf16 decoding over a growing cache, a row leaving midway: logits of the fused decoder and of the
     torch-ops one against transformers' fp32 forward, step by step."""
-    from rlhf import fast_decode
-    from rlhf.generation import left_pad
+    from rlhf.engine import fast_decode
+    from rlhf.engine.decoding import left_pad
 
     arch = ArchConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)  # fmt: skip

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rlhf import demo
 from rlhf.data import demo_task
+from rlhf.stages import demo
 
 
 def _row(question: str, a: str, b: str) -> dict[str, object]:

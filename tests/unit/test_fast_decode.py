@@ -2,10 +2,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from rlhf import fast_decode
 from rlhf.config import ArchConfig
-from rlhf.fast_decode import LlamaDecoder
-from rlhf.generation import left_pad
+from rlhf.engine import fast_decode
+from rlhf.engine.decoding import left_pad
+from rlhf.engine.fast_decode import LlamaDecoder
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from tests.cpu import needs_native_bf16

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlhf.generate import first_sentence, short_answers
+from rlhf.stages.generate import first_sentence, short_answers
 
 
 def completion(text: str) -> dict[str, object]:

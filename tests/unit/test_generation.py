@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-from rlhf import generation
 from rlhf.config import ArchConfig
-from rlhf.generation import SamplingParams, generate, left_pad
+from rlhf.engine import decoding as generation
+from rlhf.engine.decoding import SamplingParams, generate, left_pad
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from tests.archs import rigged
@@ -119,7 +119,7 @@ def test_prompts_longer_than_the_context_are_cut_from_the_left_on_a_learned_posi
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
     long, short = list(range(3, 43)), [5, 6, 7]  # 40 tokens: beyond the 32 positions on its own
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
-    with caplog.at_level("WARNING", logger="rlhf.generation"):
+    with caplog.at_level("WARNING", logger="rlhf.engine.decoding"):
         out = generate(model, [long, short], params, eos_id=0, pad_id=1)
     assert out.response_ids.shape[0] == 2 and out.response_mask.sum(1).max() <= 8
     assert any("1 of 2 prompts longer than 24 tokens" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""The lean Llama backbone (rlhf.models.lean_llama) computes transformers' function: hidden states and gradients
+"""The lean Llama backbone (rlhf.engine.lean_llama) computes transformers' function: hidden states and gradients
 on padded and packed rows, bf16 autocast as close to fp32 as transformers' own, and only where it applies."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from accelerate.utils import DistributedType
 from peft import LoraConfig, get_peft_model
 
 from rlhf.config import ArchConfig, SFTConfig
-from rlhf.fast_decode import LlamaDecoder
-from rlhf.models import cpu_kernels, lean_llama
+from rlhf.engine import cpu_kernels, lean_llama
+from rlhf.engine.fast_decode import LlamaDecoder
+from rlhf.engine.packing import packed_layout, padded_layout
 from rlhf.models.heads import backbone
 from rlhf.models.loading import build_causal_lm
-from rlhf.models.packing import packed_layout, padded_layout
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.train.common import lean_forward
 from tests.cpu import needs_native_bf16

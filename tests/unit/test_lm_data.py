@@ -7,9 +7,9 @@ import pytest
 
 from rlhf.errors import DataError
 from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.stages.pretrain import pack, read_corpus, split_docs
+from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from rlhf.train.lm_loop import IGNORE, collate, n_loss_tokens
-from rlhf.train.pretrain import pack, read_corpus, split_docs
-from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
 
 CORPUS = ["User: What is 2 plus 3?\nAssistant: 2 plus 3 is 5."] * 40 + [
     "User: Thanks!\nAssistant: You are welcome!"

@@ -14,7 +14,7 @@ from rlhf.errors import RlhfError
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
-from rlhf.train import ppo
+from rlhf.stages import ppo
 
 
 def other_tokenizer_dir(tmp_path: Path, vocab_size: int = 280) -> Path:

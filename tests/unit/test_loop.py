@@ -1,4 +1,4 @@
-"""rlhf/loop.py helpers: each round's prompts are a pure function of (seed, round), new ones never repeat,
+"""rlhf/stages/loop.py helpers: each round's prompts are a pure function of (seed, round), new ones never repeat,
 a share comes back from earlier rounds; candidate pairs leave identical answers out; the loop config loads."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from rlhf.config import load_config
 from rlhf.errors import ConfigError
 from rlhf.feedback.models import PolicyVersion, RewardModelVersion
-from rlhf.loop import candidate_pairs, pending, round_ppo_config, round_prompts
+from rlhf.stages.loop import candidate_pairs, pending, round_ppo_config, round_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Packed rows (rlhf.models.packing): first-fit packing, the block-diagonal mask, and PPO's forwards giving the
+"""Packed rows (rlhf.engine.packing): first-fit packing, the block-diagonal mask, and PPO's forwards giving the
 same log-probs, values, rewards and gradients packed as padded."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.models import packing
+from rlhf.engine import packing
+from rlhf.engine.packing import layout, pack_rows, packed_layout, padded_layout, tree_attention_mask
 from rlhf.models.heads import build_scalar_model
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.models.packing import layout, pack_rows, packed_layout, padded_layout, tree_attention_mask
+from rlhf.models.wrappers import Actor, Critic, response_values, reward_scores
 from rlhf.rl_math import logprobs_from_logits
-from rlhf.train.common import Actor, policy_forward
-from rlhf.train.ppo_models import Critic, response_values, reward_scores
+from rlhf.train.common import policy_forward
 
 # prompt lengths (left-padded to 5) and response lengths (right-padded to 6) of four rollouts
 PROMPTS, RESPONSES = [5, 2, 3, 1], [2, 6, 1, 2]

@@ -11,7 +11,7 @@ import pytest
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.errors import DataError
 from rlhf.models.tokenizer import train_bpe_tokenizer
-from rlhf.train.ppo import read_prompts
+from rlhf.stages.ppo import read_prompts
 
 CORPUS = ["User: What is 2 plus 3?\nAssistant: 5."] * 20 + ["User: Hello!\nAssistant: Hello!"] * 20
 ROWS = [

@@ -17,7 +17,7 @@ from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import wilson_interval
 from rlhf.judges.base import JudgeBase, Pair
-from rlhf.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
+from rlhf.stages.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
 from rlhf.text_models import LocalModel
 from tests.cli import run_cli
 from tests.fakes import ScriptedModel

@@ -13,15 +13,14 @@ import torch
 
 from rlhf.config import RewardConfig
 from rlhf.data.preferences import PairwiseVote, Ranking, to_groups
+from rlhf.engine import lean_llama
+from rlhf.engine.decoding import left_pad
+from rlhf.engine.packing import tree_attention_mask
 from rlhf.errors import DataError
-from rlhf.generation import left_pad
 from rlhf.losses import grouped_bt_loss
-from rlhf.models import lean_llama
 from rlhf.models.heads import build_scalar_model, sequence_rewards
 from rlhf.models.loading import load_tokenizer
-from rlhf.models.packing import tree_attention_mask
-from rlhf.train.common import BatchPlan
-from rlhf.train.reward import (
+from rlhf.stages.reward import (
     GroupExample,
     RewardForward,
     collate,
@@ -34,6 +33,7 @@ from rlhf.train.reward import (
     shared_prefix_row,
     split_by_prompt,
 )
+from rlhf.train.common import BatchPlan
 
 PROMPT = "User: What is 2 plus 3?\nAssistant:"
 ANSWERS = [" 5.", " 2 plus 3 is 5.", " It is 6.", " Go away, you fool."]
@@ -222,14 +222,14 @@ def test_training_code_never_imports_the_gold_judge() -> None:
     ours = lambda: [name for name in sys.modules if name == "rlhf" or name.startswith("rlhf.")]  # noqa: E731
     saved = {name: sys.modules.pop(name) for name in ours()}
     try:  # a fresh import of the stage and everything it pulls in
-        importlib.import_module("rlhf.train.reward")
-        importlib.import_module("rlhf.generate")
+        importlib.import_module("rlhf.stages.reward")
+        importlib.import_module("rlhf.stages.generate")
         imported = set(ours())
     finally:
         for name in ours():
             del sys.modules[name]
         sys.modules.update(saved)
-    assert "rlhf.train.reward" in imported and "rlhf.eval.reward_metrics" in imported
+    assert "rlhf.stages.reward" in imported and "rlhf.eval.reward_metrics" in imported
     assert "rlhf.labelers.gold" not in imported
 
 

@@ -1,4 +1,4 @@
-"""rlhf.sampling: the truncated distribution, per-row greedy, top-k, top-p and temperature checked against
+"""rlhf.engine.sampling: the truncated distribution, per-row greedy, top-k, top-p and temperature checked against
 hand-computed cases, and per-row random streams."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rlhf.config import ArchConfig
-from rlhf.generation import generate
+from rlhf.engine.decoding import generate
+from rlhf.engine.sampling import RowSampling, RowStreams, SamplingParams, filter_logits, sample, stream_keys
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
-from rlhf.sampling import RowSampling, RowStreams, SamplingParams, filter_logits, sample, stream_keys
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))  # probabilities 0.5, 0.3, 0.15, 0.05
 

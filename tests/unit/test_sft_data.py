@@ -10,7 +10,7 @@ from datasets import Dataset
 from rlhf.data.jsonl import write_jsonl
 from rlhf.errors import DataError
 from rlhf.models.loading import load_tokenizer
-from rlhf.train.sft import read_demonstrations
+from rlhf.train.demonstrations import read_demonstrations
 
 ROWS = [
     {"messages": [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."}]},

@@ -11,8 +11,8 @@ import torch
 
 from rlhf.config import RewardConfig
 from rlhf.data.preferences import PreferenceGroup
+from rlhf.engine.decoding import SamplingParams, generate
 from rlhf.errors import RlhfError
-from rlhf.generation import SamplingParams, generate
 from rlhf.models.heads import build_scalar_model
 from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rlhf.models.tokens import (
@@ -24,8 +24,8 @@ from rlhf.models.tokens import (
     prepare_tokenizer,
     stop_ids,
 )
-from rlhf.train import dpo, reward
-from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
+from rlhf.stages import dpo, reward
+from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from tests.archs import ARCHS, build_model, build_tokenizer, rigged, save_tiny
 
 CHAT = [{"role": "user", "content": "Is the sky green?"}, {"role": "assistant", "content": "No, it is blue."}]

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rlhf.engine.fast_decode import LlamaDecoder
+from rlhf.engine.lean_llama import attention_mask_4d
+from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
 from rlhf.errors import ConfigError
-from rlhf.fast_decode import LlamaDecoder
-from rlhf.models.lean_llama import attention_mask_4d
 from rlhf.models.loading import context_length
 from rlhf.models.tokens import stop_ids
-from rlhf.sampling import RowStreams, SamplingParams, sample, stream_keys
 
 __all__ = ["Generation", "SamplingParams", "decode_responses", "fit_context", "generate", "left_pad"]
 
@@ -201,7 +201,7 @@ def generate(
     `synced`: every process decodes until all processes' rows have ended, as a model sharded across them
     (FSDP) needs: each step's forward gathers its weights from all of them.
 
-    Each row draws from its own random stream (rlhf.sampling): `seeds` (B,) int64 are their keys (see
+    Each row draws from its own random stream (rlhf.engine.sampling): `seeds` (B,) int64 are their keys (see
     `stream_keys`), so a row's tokens do not depend on the rows beside it. Without them the keys come from
     `generator`, else from `params.seed` and the row's index, else from torch's global generator.
 

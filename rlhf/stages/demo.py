@@ -121,7 +121,7 @@ PROJECT = "demo"
 def train_reward(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
     """The reward model on the exported votes, then its accuracy against gold beside the panel's."""
     from rlhf.eval.reward_eval import add_gold_eval
-    from rlhf.train import reward
+    from rlhf.stages import reward
 
     result = reward.run(cfg.reward, resume=True, quiet=quiet)
     gold = add_gold_eval(cfg.reward.out_dir, [cfg.reward.train_file], cfg.reward.format)
@@ -135,7 +135,7 @@ def train_reward(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
 def train_ppo(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
     """PPO with the KL penalty; the guard watches held-out KL, proxy reward and gold utility."""
     from rlhf.eval.judges import gold_utilities
-    from rlhf.train import ppo
+    from rlhf.stages import ppo
 
     result = ppo.run(
         cfg.ppo, resume=True, quiet=quiet, gold_fn=gold_utilities if cfg.ppo.guard_gold else None
@@ -153,8 +153,8 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
     """PPO vs SFT and pretrained vs SFT under the gold judge, on the held-out prompts; example rows drawn at
     random (fixed seed) from every question family; what the reward model makes of answers of every kind; how
     often the correct answer is among the SFT policy's K candidates."""
-    from rlhf.eval.compare import compare
     from rlhf.eval.judges import make_judge
+    from rlhf.stages.eval import compare
 
     judge = make_judge(cfg.eval)
     sft = str(out / "sft" / "final")
@@ -180,9 +180,9 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
 
 
 def read_prompts(path: str, limit: int) -> list[str]:
-    from rlhf.eval.compare import read_prompts as read
+    from rlhf.data.prompts import read_prompt_rows
 
-    return read(path, limit)
+    return [prompt for _, prompt in read_prompt_rows(path, limit)]
 
 
 def outcomes_by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -248,7 +248,7 @@ def _rm_scores(reward_model: Path, prompts: list[str], texts: list[str]) -> list
     """The reward model's normalised scores of each (prompt, answer), every answer ended with EOS."""
     import torch
 
-    from rlhf.generation import left_pad
+    from rlhf.engine.decoding import left_pad
     from rlhf.models.heads import load_scalar_model, sequence_rewards
     from rlhf.models.loading import load_tokenizer
     from rlhf.models.tokens import encode_completions, encode_prompts
@@ -416,10 +416,9 @@ def run(
     overrides: list[str] | None = None,
     quiet: bool = False,
 ) -> Stages:
-    from rlhf import generate
     from rlhf.data import demo_task
     from rlhf.eval import report
-    from rlhf.train import pretrain, sft
+    from rlhf.stages import generate, pretrain, sft
 
     cfg = demo_config(out, fast, config, overrides or [])
     out.mkdir(parents=True, exist_ok=True)

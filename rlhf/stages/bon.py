@@ -10,79 +10,22 @@ Answers that never end score `no_eos_penalty`, as in PPO, so a rambling answer w
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import BonConfig
 from rlhf.data.jsonl import write_json, write_jsonl
-from rlhf.generate import read_prompts
-from rlhf.generation import SamplingParams, decode_responses, generate, left_pad
-from rlhf.models.heads import load_reward_model, sequence_rewards
+from rlhf.data.prompts import read_prompt_rows
+from rlhf.engine.best_of_n import best_of_n, kl_bound
+from rlhf.engine.decoding import SamplingParams
+from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
-from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.train.common import resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BestOfN:
-    """One prompt's n answers, their scores, and which is best."""
-
-    prompt: str
-    answers: list[str]
-    scores: list[float]
-    ended: list[bool]
-    n_tokens: list[int]  # answer tokens, EOS included
-
-    @property
-    def best(self) -> int:
-        return max(range(len(self.scores)), key=self.scores.__getitem__)
-
-
-def kl_bound(n: int) -> float:
-    """Upper bound on KL(best-of-n || policy) in nats: log n - (n - 1) / n (exact for distinct answers)."""
-    return math.log(n) - (n - 1) / n
-
-
-@torch.no_grad()
-def best_of_n(
-    policy: PreTrainedModel, reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-    n: int, params: SamplingParams, no_eos_penalty: float | None = -3.0, batch_size: int = 128,
-    generator: torch.Generator | None = None,
-) -> list[BestOfN]:  # fmt: skip
-    """n sampled answers per prompt, scored by the reward model (normalised units) at their last token."""
-    eos, pad = stop_ids(tokenizer), tokenizer.pad_token_id
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    flat = [ids for ids in prompt_ids for _ in range(n)]  # row i is answer i % n of prompt i // n
-    texts: list[str] = []
-    scores: list[float] = []
-    ended: list[bool] = []
-    n_tokens: list[int] = []
-    for i in range(0, len(flat), batch_size):
-        gen = generate(policy, flat[i : i + batch_size], params, eos, pad, generator=generator)
-        sequences = [
-            p + [t for t, m in zip(ids, mask, strict=True) if m]
-            for p, ids, mask in zip(flat[i : i + batch_size], gen.response_ids.tolist(),
-                                    gen.response_mask.tolist(), strict=True)
-        ]  # fmt: skip
-        rm = sequence_rewards(reward_model, *left_pad(sequences, pad)).float()  # (b,)
-        if no_eos_penalty is not None:
-            rm = torch.where(gen.ended, rm, torch.full_like(rm, no_eos_penalty))
-        texts += decode_responses(tokenizer, gen)
-        scores += rm.tolist()
-        ended += gen.ended.tolist()
-        n_tokens += gen.response_mask.sum(1).tolist()
-    return [
-        BestOfN(prompt, *(x[k * n : (k + 1) * n] for x in (texts, scores, ended, n_tokens)))  # type: ignore[arg-type]
-        for k, prompt in enumerate(prompts)
-    ]
 
 
 def run(cfg: BonConfig) -> dict[str, Any]:
@@ -90,7 +33,7 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
-    prompts = [p for _, p in read_prompts(cfg.prompts_file, cfg.max_prompts, tokenizer)]
+    prompts = [p for _, p in read_prompt_rows(cfg.prompts_file, cfg.max_prompts, tokenizer)]
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
     reward_model = load_reward_model(cfg.reward_model).eval()
     check_same_tokenizer(

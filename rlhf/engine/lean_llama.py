@@ -8,7 +8,7 @@ in one pass, attention as baddbmm-softmax-matmul under one additive mask shared 
 to the matmuls' dtype, as in transformers' eager attention; the softmax computes in float32). The residual
 stream and the norms stay in the weights' dtype and the matmuls run in autocast's, as under autocast.
 On a CPU under bf16 autocast, the norms with their casts, the rotation with the split into heads, and SwiGLU
-run as fused kernels, each one pass over memory forward and backward (`rlhf.models.cpu_kernels`), where a C
+run as fused kernels, each one pass over memory forward and backward (`rlhf.engine.cpu_kernels`), where a C
 compiler can build them.
 
 It reads the weights directly, so it serves only a plain Llama backbone whose parameters are whole on this
@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rlhf.models import cpu_kernels
+from rlhf.engine import cpu_kernels
 
 
 def plain_llama_config(cfg: Any) -> bool:
     """A Llama config whose forward the lean code reproduces: SiLU, no biases, unscaled RoPE, no tensor split.
-    (Also `rlhf.fast_decode.LlamaDecoder`'s condition.)"""
+    (Also `rlhf.engine.fast_decode.LlamaDecoder`'s condition.)"""
     rope = getattr(cfg, "rope_parameters", None) or {}
     return (
         cfg.hidden_act == "silu"
@@ -95,7 +95,7 @@ def attention_mask_4d(attention_mask: Tensor) -> Tensor:
 
 def norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype, fused: bool) -> Tensor:
     """RMS norm of the residual stream, cast to the matmuls' dtype; a fused kernel if `fused` (cpu_kernels).
-    (Also `rlhf.fast_decode.LlamaDecoder`'s.)"""
+    (Also `rlhf.engine.fast_decode.LlamaDecoder`'s.)"""
     if fused:
         return cpu_kernels.rms_norm_cast(x, weight, eps)
     return F.rms_norm(x, (x.size(-1),), weight, eps).to(dtype)

@@ -5,7 +5,7 @@ overhead than in arithmetic: module calls, mask building, cache bookkeeping. Thi
 transformers' `LlamaForCausalLM` with about a third of the tensor operations per layer: one fused QKV matmul, one
 fused gate/up matmul, `F.rms_norm`, rotary embeddings computed once per step for all layers, and a KV cache
 written in place into buffers sized for the whole generation. On a CPU under bf16 the norms, the rotation and
-split into heads, SwiGLU and attention over the cache run as fused kernels (`rlhf.models.cpu_kernels`) where a
+split into heads, SwiGLU and attention over the cache run as fused kernels (`rlhf.engine.cpu_kernels`) where a
 C compiler can build them. Models it does not cover (other architectures, biases, scaled RoPE variants, LoRA
 wrappers) use transformers' forward instead: see `LlamaDecoder.supports`.
 """
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rlhf.models import cpu_kernels
-from rlhf.models.lean_llama import norm, on_cpu, plain_llama_config, rotary_tables, rotate, swiglu
+from rlhf.engine import cpu_kernels
+from rlhf.engine.lean_llama import norm, on_cpu, plain_llama_config, rotary_tables, rotate, swiglu
 
 _SLOT_BLOCK = 32
 

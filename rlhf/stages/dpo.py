@@ -37,9 +37,10 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from rlhf.config import DPOConfig
 from rlhf.data.jsonl import write_json
 from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
+from rlhf.engine import lean_llama
+from rlhf.engine.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
 from rlhf.errors import DataError
 from rlhf.losses import Stats, dpo_loss, simpo_loss
-from rlhf.models import lean_llama
 from rlhf.models.loading import (
     check_same_tokenizer,
     context_length,
@@ -48,13 +49,12 @@ from rlhf.models.loading import (
     load_tokenizer,
 )
 from rlhf.models.lora import add_lora
-from rlhf.models.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
 from rlhf.models.tokens import encode_completions, encode_prompts
+from rlhf.models.wrappers import Actor
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.runs import Run, seed_everything
 from rlhf.train import sharding
 from rlhf.train.common import (
-    Actor,
     BatchPlan,
     Progress,
     autocast,
@@ -89,7 +89,7 @@ class Batch:
 
     Shared prefix (`collate(..., shared_prefix=True)`): one run of tokens per judgement, its prompt once and then
     each answer as a branch that sees the prompt and itself (a tree attention mask, positions restarting after
-    the prompt, as rlhf.train.reward does for the reward model), judgements packed into rows. Otherwise one
+    the prompt, as rlhf.stages.reward does for the reward model), judgements packed into rows. Otherwise one
     right-padded row per prompt + answer. Either way `response_at` indexes the flattened (R x W) outputs at the
     position that predicts each answer token: for an answer's first token, the prompt's last.
     """

@@ -111,7 +111,7 @@ def generate_candidates(
 ) -> dict[str, Any]:
     """Each source policy answers the round's prompts (its own atomic file, skipped when present); the answers
     are merged per prompt into candidates.jsonl, the current policy's first."""
-    from rlhf import generate
+    from rlhf.stages import generate
 
     by_prompt: dict[str, dict[str, Any]] = {}
     for n, (version, k) in enumerate(sources):
@@ -275,7 +275,7 @@ def train_reward(
 ) -> RewardModelVersion:  # fmt: skip
     """Every vote so far -> a reward model, warm-started from the previous round's."""
     from rlhf.feedback.export import export_records
-    from rlhf.train import reward
+    from rlhf.stages import reward
 
     with db.session() as session:
         records = export_records(session, loop.name, "votes")
@@ -321,7 +321,7 @@ def train_policy(
 ) -> dict[str, Any]:
     """PPO from the current policy against the new reward model, KL to the SFT reference; resumes from its
     checkpoints. The guard's best checkpoint (when it kept one) is the new policy, as in `rlhf demo`."""
-    from rlhf.train import ppo
+    from rlhf.stages import ppo
 
     ppo_cfg = round_ppo_config(cfg, current, rm, rdir)
     gold_fn = None
@@ -343,7 +343,7 @@ def train_policy_dpo(
     itself (the round's starting point) as the reference, as iterative DPO does (Xu et al. 2023,
     arXiv:2312.16682); the dpo section's settings, resumed from its checkpoints."""
     from rlhf.feedback.export import export_records
-    from rlhf.train import dpo
+    from rlhf.stages import dpo
 
     with db.session() as session:
         records = [r for r in export_records(session, loop.name, "votes")
@@ -360,8 +360,8 @@ def train_policy_dpo(
 
 def evaluate(cfg: RootConfig, policy: str, rdir: Path) -> dict[str, Any]:
     """The new policy (A) against the SFT policy (B) under the judge, on the held-out prompts."""
-    from rlhf.eval.compare import compare
     from rlhf.eval.judges import make_judge
+    from rlhf.stages.eval import compare
 
     eval_cfg = cfg.eval.model_copy(update={"reference": cfg.loop.sft_policy})
     summary = compare(policy, cfg.loop.sft_policy, eval_cfg, make_judge(cfg.eval))

@@ -1,4 +1,4 @@
-/* Fused CPU kernels for the elementwise chains of rlhf.models.lean_llama's training forward.
+/* Fused CPU kernels for the elementwise chains of rlhf.engine.lean_llama's training forward.
 
    Between its matmuls, a Llama layer under bf16 autocast makes many passes over its activations: the RMS
    norm's square, mean, scale and cast, the rotation's products, roll and casts, SwiGLU's SiLU and product,
@@ -7,7 +7,7 @@
    rounding once to bf16 (round to nearest even, as torch does).
 
    Tensors are contiguous and row-major; bf16 travels as uint16_t. Built and loaded by
-   rlhf/models/cpu_kernels.py; `threads` is torch's intra-op thread count. */
+   rlhf/engine/cpu_kernels.py; `threads` is torch's intra-op thread count. */
 
 #include <math.h>
 #include <stdint.h>

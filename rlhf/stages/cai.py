@@ -32,7 +32,7 @@ from rlhf.constitution import Constitution, load_constitution
 from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_jsonl
 from rlhf.data.preferences import PairwiseVote, PreferencePair, read_records, write_preferences
 from rlhf.data.prompts import read_prompt_rows
-from rlhf.generation import SamplingParams
+from rlhf.engine.decoding import SamplingParams
 from rlhf.judges.base import Answer, Judge
 from rlhf.text_models import TextModel, load_text_model
 

@@ -1,6 +1,6 @@
 """Fused CPU kernels (cpu_kernels.c) for the lean Llama forward: RMS norm with its cast to bf16, the QKV split
 with queries and keys rotated, and SwiGLU, each with its backward, as autograd functions; and, for the decoder
-(rlhf.fast_decode), attention over its KV cache.
+(rlhf.engine.fast_decode), attention over its KV cache.
 
 Under bf16 autocast on a CPU the passes between a layer's matmuls are bound by memory, and torch runs each
 elementwise chain as several passes (a norm's backward alone as a dozen). These do each chain in one pass.

@@ -38,11 +38,12 @@ from rlhf.data.jsonl import write_json
 from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.data.sources import iter_rows, text_field
+from rlhf.engine import lean_llama
+from rlhf.engine.decoding import SamplingParams, generate
+from rlhf.engine.packing import pack_rows, takes_4d_mask, tree_attention_mask
 from rlhf.errors import ConfigError, DataError
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
-from rlhf.generation import SamplingParams, generate
 from rlhf.losses import grouped_bt_loss
-from rlhf.models import lean_llama
 from rlhf.models.heads import build_scalar_model, load_scalar_model, sequence_rewards, set_normalisation
 from rlhf.models.loading import (
     context_length,
@@ -51,13 +52,12 @@ from rlhf.models.loading import (
     load_tokenizer,
     save_pretrained_atomic,
 )
-from rlhf.models.packing import pack_rows, takes_4d_mask, tree_attention_mask
 from rlhf.models.tokens import encode_completions, encode_prompts, end_response, stop_ids
+from rlhf.models.wrappers import ModelForward
 from rlhf.runs import Run, seed_everything
 from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
-    ModelForward,
     Progress,
     autocast,
     lean_forward,

@@ -33,9 +33,9 @@ from rlhf.config import EvalConfig, RedteamConfig, dump_config
 from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_json, write_jsonl
 from rlhf.data.preferences import PreferencePair, write_preferences
 from rlhf.data.sources import iter_rows, text_field
+from rlhf.engine.decoding import SamplingParams
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import wilson_interval
-from rlhf.generation import SamplingParams
 from rlhf.judges.base import Answer, Judge
 from rlhf.text_models import TextModel, load_text_model
 

@@ -32,7 +32,7 @@ import torch
 from rlhf.config import GenerateConfig
 from rlhf.data.jsonl import write_jsonl
 from rlhf.data.prompts import read_prompt_rows
-from rlhf.generation import SamplingParams, decode_responses, generate
+from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.train.common import resolve_precision

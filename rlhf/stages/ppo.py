@@ -13,7 +13,7 @@ adapter disabled, so no second copy), the critic (initialised from the reward mo
 reward model (frozen). Policy and critic have separate AdamW optimisers: they are separate networks whose good
 learning rates differ, and clipping their gradients separately keeps the critic's large early gradients from
 shrinking the policy's steps (a joint clip would). Their loading and the critic's and reward model's forwards
-are in rlhf/train/ppo_models.py, the guard's memory in rlhf/train/guard.py.
+are in rlhf/models/wrappers.py, the guard's memory in rlhf/train/guard.py.
 
 Critic-free variants (`advantage_estimator`): the same loop without a critic, sampling k answers per prompt and
 taking the baseline from the other answers: RLOO (leave-one-out), GRPO (group mean, optionally / std: Dr. GRPO
@@ -45,14 +45,16 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.config import PPOConfig
 from rlhf.data.jsonl import write_json
 from rlhf.data.prompts import read_prompt_rows
+from rlhf.engine import lean_llama
+from rlhf.engine.decoding import Generation, SamplingParams, decode_responses, generate
+from rlhf.engine.packing import TokenLayout, layout, takes_4d_mask
+from rlhf.engine.sampling import stream_keys
 from rlhf.errors import ConfigError, DataError
-from rlhf.generation import Generation, SamplingParams, decode_responses, generate
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
-from rlhf.models import lean_llama
 from rlhf.models.loading import check_same_tokenizer, context_length, load_causal_lm, load_tokenizer
 from rlhf.models.lora import add_lora
-from rlhf.models.packing import TokenLayout, layout, takes_4d_mask
 from rlhf.models.tokens import encode_prompts, stop_ids
+from rlhf.models.wrappers import Actor, Critic, RewardScores, load_models, response_values
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -71,10 +73,8 @@ from rlhf.rl_math import (
     shape_rewards,
 )
 from rlhf.runs import Run, seed_everything, set_rng_state
-from rlhf.sampling import stream_keys
 from rlhf.train import sharding
 from rlhf.train.common import (
-    Actor,
     BatchPlan,
     Progress,
     autocast,
@@ -87,10 +87,9 @@ from rlhf.train.common import (
     short_attention,
     trains_in_half,
 )
+from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from rlhf.train.guard import Guard
 from rlhf.train.lm_loop import Example, collate
-from rlhf.train.ppo_models import Critic, RewardScores, load_models, response_values
-from rlhf.train.sft import read_demonstrations, tokenize_demonstrations
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.bon import best_of_n, kl_bound
 from rlhf.config import EvalConfig
 from rlhf.data.prompts import read_prompt_rows
+from rlhf.engine.best_of_n import best_of_n, kl_bound
+from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.errors import RlhfError
 from rlhf.eval.judges import Answer, Judge, demo_metrics, is_demo_prompt
-from rlhf.generation import SamplingParams, decode_responses, generate
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.tokens import encode_prompts, stop_ids

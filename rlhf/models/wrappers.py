@@ -1,7 +1,6 @@
-"""PPO's models: loading the policy, reference, critic and reward model, and the forwards of the two scalar ones.
-
-The critic reads a value at every token, the reward model one score at each sequence's last token; both are
-modules of their own (ModelForward) so that DDP, FSDP and autocast wrap their forwards.
+"""The models a stage trains or reads, as modules of their own (ModelForward) so that DDP, FSDP and autocast wrap
+their forwards: the policy's forward (Actor), the critic, which reads a value at every token, and the reward model,
+one score at each sequence's last token; and loading PPO's policy, reference, critic and reward model.
 """
 
 from __future__ import annotations
@@ -10,17 +9,48 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import PPOConfig
-from rlhf.models import lean_llama
+from rlhf.engine import lean_llama
+from rlhf.engine.packing import TokenLayout
 from rlhf.models.heads import backbone, head_scores, load_reward_model, load_scalar_model, normalisation
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.lora import add_lora
-from rlhf.models.packing import TokenLayout
-from rlhf.train.common import ModelForward
+
+
+class ModelForward(torch.nn.Module):
+    """A training loop's forward around a Hugging Face model (PPO's actor and critic, the LM loss, the rewards),
+    as a module of its own so that `accelerator.prepare` (DDP, autocast) wraps it. `lean`: the backbone runs
+    through rlhf.engine.lean_llama (`lean_forward` says when). The model's layer classes are named as the model
+    names them, for FSDP's auto-wrap policy."""
+
+    def __init__(self, model: Any, lean: bool = False) -> None:
+        super().__init__()
+        self.model: Any = model  # a Hugging Face model, or its LoRA wrapper
+        self.lean = lean
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+
+class Actor(ModelForward):
+    """The policy's logits at the real response tokens, (N, V). With `lean`, the LM head runs only there."""
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
+    ) -> Tensor:
+        if self.lean:
+            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
+            # the LM head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
+            n = response_at.numel()
+            rows = F.pad(response_at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
+            return cast(Tensor, self.model.lm_head(hidden.flatten(0, 1)[rows]))[:n]  # (N, V)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits
+        return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
 
 
 class Critic(ModelForward):
@@ -61,7 +91,7 @@ def response_values(critic: torch.nn.Module, lay: TokenLayout) -> Tensor:
 
 def reward_scores(reward_model: PreTrainedModel, lay: TokenLayout, lean: bool | None = None) -> Tensor:
     """The reward model's normalised score of each sequence, (B,), read at its last token (EOS). `lean`: through
-    rlhf.models.lean_llama (default: wherever it supports the model; never for a sharded one)."""
+    rlhf.engine.lean_llama (default: wherever it supports the model; never for a sharded one)."""
     lean = lean_llama.supports(reward_model) if lean is None else lean
     hidden = backbone_states(
         reward_model, lean, lay.input_ids, lay.attention_mask, lay.position_ids
