@@ -180,7 +180,7 @@ def test_the_pointwise_judge_flags_the_answers_it_reviews_as_breaking(
 ) -> None:
     from rlhf.judges.local import PointwiseJudge
     from rlhf.models.loading import load_tokenizer
-    from rlhf.redteam import make_classifier
+    from rlhf.stages.redteam import make_classifier
     from tests.judges.test_pointwise import SHORT, FakeReviewer
 
     cfg = _cfg(tmp_path / "rt", tiny_sft_model, classifier="local", classifier_model=str(tiny_sft_model),
