@@ -383,12 +383,11 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         for j, logps in zip(everything, cached, strict=True):
             j.ref_logps = logps
 
-    def save_files(path: Path) -> None:  # the main process only
+    def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
         # full model, or the adapter
         actor.model.save_pretrained(str(path / "policy"), safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(path / "policy")
 
-    whole: dict[str, Tensor] | None = None  # the gathered weights, when sharded
     # sharded, every process must run as many forwards as the others: as many held-out judgements on each
     held_here = (held_out[: len(held_out) // world * world] if is_sharded else held_out)[rank::world]
 
@@ -440,11 +439,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             metrics.update(ev)
         # 6. checkpoint (atomic: temp dir, then rename)
         if done % cfg.save_every == 0 or done == plan.total_steps:
-            accelerator.wait_for_everyone()
-            whole = sharding.full_state_dict(actor.model, is_main) if is_sharded else None
-            state = {"optimizer": sharding.optimizer_state(actor, optimizer, cfg.fsdp),
-                     "scheduler": scheduler.state_dict()}  # fmt: skip
-            run_dir.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
+            sharding.save_checkpoint(run_dir, done, actor, optimizer, scheduler, cfg, accelerator, is_sharded,
+                                     save_files)  # fmt: skip
     progress.close()
 
     accelerator.wait_for_everyone()

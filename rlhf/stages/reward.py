@@ -553,13 +553,12 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         start = run_dir.resume(checkpoint, optimizer, scheduler, load)
     scorer, optimizer = sharding.prepare(accelerator, scorer, optimizer, is_sharded)
     unwrapped = cast(RewardForward, accelerator.unwrap_model(scorer))
-    whole: dict[str, Tensor] | None = None  # the gathered weights, when sharded
     shared = uses_shared_prefix(cfg, model)
     half = trains_in_half(accelerator)
     if cfg.shared_prefix and not shared[0]:
         log.info("reward: shared_prefix needs sdpa or eager attention; one row per completion instead")
 
-    def save_files(path: Path) -> None:
+    def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
         # with LoRA: the adapter and the head
         unwrapped.model.save_pretrained(path, safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(path)
@@ -614,11 +613,8 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
             metrics.update(ev)
         # 6. checkpoint (atomic: temp dir, then rename)
         if done % cfg.save_every == 0 or done == plan.total_steps:
-            accelerator.wait_for_everyone()
-            whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
-            state = {"optimizer": sharding.optimizer_state(unwrapped, optimizer, cfg.fsdp),
-                     "scheduler": scheduler.state_dict()}  # fmt: skip
-            run_dir.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
+            sharding.save_checkpoint(run_dir, done, unwrapped, optimizer, scheduler, cfg, accelerator, is_sharded,
+                                     save_files)  # fmt: skip
     progress.close()
     accelerator.wait_for_everyone()
 

@@ -129,11 +129,9 @@ def fit(
     unwrapped = cast(NextTokenLoss, accelerator.unwrap_model(loss_fn))
     is_main = accelerator.is_main_process
 
-    def save_files(path: Path) -> None:  # the main process only
+    def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
         unwrapped.model.save_pretrained(path, safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(path)
-
-    whole: dict[str, Tensor] | None = None  # the gathered weights, when sharded
 
     progress = Progress(plan.total_steps, stage, accelerator.is_main_process, quiet, initial=start)
     metrics: dict[str, Any] = {}
@@ -176,11 +174,8 @@ def fit(
             metrics.update({f"{stage}/eval_{k}": v for k, v in ev.items()})
         # 5. checkpoint (atomic: temp dir, then rename)
         if done % cfg.save_every == 0 or done == plan.total_steps:
-            accelerator.wait_for_everyone()
-            whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
-            state = {"optimizer": sharding.optimizer_state(unwrapped, optimizer, cfg.fsdp),
-                     "scheduler": scheduler.state_dict()}  # fmt: skip
-            run.save_checkpoint(done, save_files, state, keep=cfg.keep_checkpoints)
+            sharding.save_checkpoint(run, done, unwrapped, optimizer, scheduler, cfg, accelerator, is_sharded,
+                                     save_files)  # fmt: skip
     progress.close()
     accelerator.wait_for_everyone()
     final = evaluate(unwrapped, held_out, pad_id, cfg.micro_batch_size)

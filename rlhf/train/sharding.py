@@ -14,7 +14,9 @@ whole Hugging Face model (or LoRA adapter), so a checkpoint loads into one proce
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -150,6 +152,28 @@ def optimizer_state(module: torch.nn.Module, optimizer: Any, named: bool) -> dic
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(module, inner, options=options)
+
+
+def save_checkpoint(
+    run: Any,
+    step: int,
+    module: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    is_sharded: bool,
+    save_files: Callable[[Path, dict[str, torch.Tensor] | None], None],
+) -> None:
+    """A training step's checkpoint through `run` (rlhf.runs.Run: atomic, the last `cfg.keep_checkpoints`
+    kept). Every process calls it: sharded weights and optimiser state are gathered first. `save_files(dir,
+    whole)` writes the model files on the main process; `whole` is the gathered state dict, None unsharded.
+    `module` holds the trained parameters (its `.model` is the Hugging Face model)."""
+    accelerator.wait_for_everyone()
+    model = cast(torch.nn.Module, module.model)
+    whole = full_state_dict(model, accelerator.is_main_process) if is_sharded else None
+    state = {"optimizer": optimizer_state(module, optimizer, cfg.fsdp), "scheduler": scheduler.state_dict()}
+    run.save_checkpoint(step, lambda path: save_files(path, whole), state, keep=cfg.keep_checkpoints)
 
 
 def load_optimizer_state(
