@@ -124,6 +124,10 @@ def main() -> None:
         "--groups", type=int, default=32, help="reward: prompts x 6 pairs, one per prompt (>= 16)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every system")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where generation runs and the matmul peak is measured (the training stages and TRL "
+                             "take the GPU by themselves when there is one); results of a GPU run go to "
+                             "NAME.cuda.json and their own section of docs/performance.md")  # fmt: skip
     parser.add_argument("--no-trl", action="store_true", help="ours only")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
@@ -141,6 +145,9 @@ def main() -> None:
         args.archs, args.sizes, args.reps, args.iterations, args.groups = ["llama", "gpt_neox"], ["4M"], 1, 2, 24  # fmt: skip
         args.no_trl = args.no_doc = True
     name = "architectures.quick" if args.quick else args.name  # a smoke pass keeps the real results
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        name += ".cuda"
     if args.doc_only:
         saved = merged([json.loads((RESULTS / f"{n}.json").read_text()) for n in ["architectures", *args.merge]],
                        args.threads)  # fmt: skip
@@ -151,9 +158,9 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TRL_EXPERIMENTAL_SILENCE="1",
                PYTHONPATH=str(ppo_bench.ROOT), TOKENIZERS_PARALLELISM="false")  # fmt: skip
     work = args.work or Path(tempfile.mkdtemp(prefix="arch-bench-"))
-    peak_before = matmul_peak.load_or_measure("cpu", args.threads)
+    peak_before = matmul_peak.load_or_measure(args.device, args.threads)
     result: dict[str, Any] = {"command": "python -m benchmarks.architectures " + " ".join(sys.argv[1:]),
-                              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.threads),
+                              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.threads, args.device),
                               "capabilities": capabilities(), "reps": args.reps, "iterations": args.iterations,
                               "ppo_workload": {"batch": ppo_bench.BATCH, "minibatch": ppo_bench.MINIBATCH,
                                                "epochs": ppo_bench.EPOCHS, "max_new_tokens": ppo_bench.NEW_TOKENS},
@@ -177,7 +184,7 @@ def main() -> None:
                                      "load_average_before": round(os.getloadavg()[0], 1)}  # fmt: skip
             if "generation" in args.parts:
                 entry["generation"] = generation.bench_size(
-                    size, 64, ppo_bench.NEW_TOKENS, args.reps, "cpu", arch
+                    size, 64, ppo_bench.NEW_TOKENS, args.reps, args.device, arch
                 )
             if "reward" in args.parts:
                 entry["reward"] = bench_reward(arch, size, work / key / "reward", args)
@@ -187,11 +194,12 @@ def main() -> None:
             result["results"][key] = entry
             save_result(name, result)  # what is done so far survives an interrupted run
     result["matmul_peak"] = {"before": peak_before}
-    finish(result, matmul_peak.load_or_measure("cpu", args.threads, quick=True))
+    finish(result, matmul_peak.load_or_measure(args.device, args.threads, quick=True))
     save_result(name, result)
     print(json.dumps({k: summary(e) for k, e in result["results"].items()}, indent=1))
     if not args.no_doc:
-        update_doc("architectures", TITLE, result, doc_section(result))
+        update_doc("architectures_cuda" if on_gpu else "architectures", TITLE + (" (GPU)" if on_gpu else ""),
+                   result, doc_section(result))  # fmt: skip
 
 
 def merged(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:
@@ -217,7 +225,8 @@ def merged(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:
 def finish(result: dict[str, Any], peak_after: dict[str, Any], interrupted: bool = False) -> None:
     """The matmul peak at the end, MFU of every block, the load at the end. `interrupted`: the run stopped
     before its end, and the peak before is the one measured now too."""
-    dtype = "bf16" if result["capabilities"]["native_bf16"] else "fp32"
+    on_gpu = result["machine"]["device"].startswith("cuda")
+    dtype = "bf16" if on_gpu or result["capabilities"]["native_bf16"] else "fp32"
     before = peak_after if interrupted else result["matmul_peak"]["before"]
     result["matmul_peak"] = {
         "before": before,

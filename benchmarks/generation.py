@@ -149,12 +149,12 @@ def main() -> None:
         result["sizes"][size] = r
         print(f"{size}: ours {r['ours_median']:.0f} tok/s, HF {r['hf_median']:.0f} tok/s: {r['ratio']:.2f}x "
               f"(CPU time {r['cpu_ratio']:.2f}x; vs HF fp32 {r['ratio_vs_fp32']:.2f}x)", flush=True)  # fmt: skip
-    save_result(
-        "generation" + (".quick" if args.quick else ""), result
-    )  # a smoke pass keeps the real results
+    on_gpu = args.device.startswith("cuda")  # a GPU's results sit beside the CPU's, not over them
+    name = "generation" + (".cuda" if on_gpu else "")
+    save_result(name + (".quick" if args.quick else ""), result)  # a smoke pass keeps the real results
     if not args.no_doc and not args.quick:
-        update_doc("generation", "Generation throughput: `rlhf.engine.decoding.generate` vs transformers `generate()`",
-                   result, doc_section(result))  # fmt: skip
+        title = "Generation throughput: `rlhf.engine.decoding.generate` vs transformers `generate()`"
+        update_doc(name.replace(".", "_"), title + (" (GPU)" if on_gpu else ""), result, doc_section(result))
 
 
 if __name__ == "__main__":
