@@ -24,7 +24,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 SUITE: list[tuple[str, list[str], list[str]]] = [
     ("matmul_peak", [], ["--quick"]),
     ("attention_backends", [], ["--quick"]),
-    ("fused_kernels", [], ["--quick"]),
     ("lean_training", [], ["--quick"]),
     ("generation", [], ["--quick"]),
     ("ppo_bench", [], ["--quick"]),

@@ -4,9 +4,7 @@ At the sizes RLHF runs on a CPU (and in small-batch decoding anywhere), a decodi
 overhead than in arithmetic: module calls, mask building, cache bookkeeping. This forward does the same maths as
 transformers' `LlamaForCausalLM` with about a third of the tensor operations per layer: one fused QKV matmul, one
 fused gate/up matmul, `F.rms_norm`, rotary embeddings computed once per step for all layers, and a KV cache
-written in place into buffers sized for the whole generation. On a CPU under bf16 the norms, the rotation and
-split into heads, SwiGLU and attention over the cache run as fused kernels (`rlhf.engine.cpu_kernels`) where a
-C compiler can build them. Models it does not cover (other architectures, biases, scaled RoPE variants, LoRA
+written in place into buffers sized for the whole generation. Models it does not cover (other architectures, biases, scaled RoPE variants, LoRA
 wrappers) use transformers' forward instead: see `LlamaDecoder.supports`.
 """
 
@@ -20,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rlhf.engine import cpu_kernels
 from rlhf.engine.lean_llama import norm, on_cpu, plain_llama_config, rotary_tables, rotate, swiglu
 
 _SLOT_BLOCK = 32
@@ -175,26 +172,19 @@ class LlamaDecoder:
         x = F.embedding(input_ids, self.embed)  # (B, S, d) the residual stream, in the weights' dtype
         width, residual = x.size(-1), x.dtype
         q_size = self.heads * self.head_dim
-        # on a CPU under bf16, the norms, the rotation and split, attention and SwiGLU as fused kernels
-        fused = cpu_kernels.applies(x, self.dtype)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            h = norm(x, layer.input_norm, self.eps, self.dtype, fused)
+            h = norm(x, layer.input_norm, self.eps, self.dtype)
             qkv = _linear(h, layer.qkv).view(batch, steps, self.heads + 2 * self.kv_heads, self.head_dim)
-            if fused:
-                q, k, v = cpu_kernels.rotary_split(qkv, cos, sin, self.heads, self.kv_heads)
-                keys[:, :, start:end], values[:, :, start:end] = k, v
-                attn = cpu_kernels.cached_attention(q, keys, values, key_mask, self.scaling)
-            else:
-                # queries and keys rotated together, in fp32
-                qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
-                q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, H or H_kv, S, D)
-                keys[:, :, start:end] = k
-                values[:, :, start:end] = qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)
-                attn = self._attend(q, keys, values, read, key_mask)  # (B, H, S, D)
+            # queries and keys rotated together, in fp32
+            qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
+            q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, H or H_kv, S, D)
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)
+            attn = self._attend(q, keys, values, read, key_mask)  # (B, H, S, D)
             x = x + _linear(attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype), layer.out).to(
                 residual
             )
-            h = norm(x, layer.post_norm, self.eps, self.dtype, fused)
-            x = x + _linear(swiglu(_linear(h, layer.gate_up), fused), layer.down).to(residual)
+            h = norm(x, layer.post_norm, self.eps, self.dtype)
+            x = x + _linear(swiglu(_linear(h, layer.gate_up)), layer.down).to(residual)
         last = F.rms_norm(x[:, -1], (width,), self.final_norm, self.eps).to(self.dtype)  # (B, d)
         return _linear(last, self.lm_head).float()  # (B, V)

@@ -7,9 +7,6 @@ gradients flow back to the model's own parameters), rotary tables computed once 
 in one pass, attention as baddbmm-softmax-matmul under one additive mask shared by all layers (scores rounded
 to the matmuls' dtype, as in transformers' eager attention; the softmax computes in float32). The residual
 stream and the norms stay in the weights' dtype and the matmuls run in autocast's, as under autocast.
-On a CPU under bf16 autocast, the norms with their casts, the rotation with the split into heads, and SwiGLU
-run as fused kernels, each one pass over memory forward and backward (`rlhf.engine.cpu_kernels`), where a C
-compiler can build them.
 
 It reads the weights directly, so it serves only a plain Llama backbone whose parameters are whole on this
 process (not sharded by FSDP or DeepSpeed ZeRO-3, not wrapped by LoRA layers): `supports` says when.
@@ -24,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
-
-from rlhf.engine import cpu_kernels
 
 
 def plain_llama_config(cfg: Any) -> bool:
@@ -93,18 +88,13 @@ def attention_mask_4d(attention_mask: Tensor) -> Tensor:
     return (causal & attention_mask.bool()[:, None, None, :]) | eye
 
 
-def norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype, fused: bool) -> Tensor:
-    """RMS norm of the residual stream, cast to the matmuls' dtype; a fused kernel if `fused` (cpu_kernels).
-    (Also `rlhf.engine.fast_decode.LlamaDecoder`'s.)"""
-    if fused:
-        return cpu_kernels.rms_norm_cast(x, weight, eps)
+def norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """RMS norm of the residual stream, cast to the matmuls' dtype. (Also `rlhf.engine.fast_decode.LlamaDecoder`'s.)"""
     return F.rms_norm(x, (x.size(-1),), weight, eps).to(dtype)
 
 
-def swiglu(gate_up: Tensor, fused: bool) -> Tensor:
-    """silu(gate) * up for the fused gate/up projection (..., 2 I), gate first; a fused kernel if `fused`."""
-    if fused:
-        return cpu_kernels.swiglu(gate_up)
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for the fused gate/up projection (..., 2 I), gate first."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -131,18 +121,15 @@ def hidden_states(
         # all layers: baddbmm then adds it and scales q k^T in one pass
         bias = torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         bias = bias.expand(rows, heads, width, width).reshape(rows * heads, width, width)
-        fused = cpu_kernels.applies(x, dtype)  # one pass per elementwise chain (cpu_kernels.c)
         for layer in core.layers:
             a, mlp = layer.self_attn, layer.mlp
-            h = norm(x, layer.input_layernorm.weight, eps, dtype, fused)
+            h = norm(x, layer.input_layernorm.weight, eps, dtype)
             qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
             qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim)
-            if fused:
-                q, k, v = cpu_kernels.rotary_split(qkv, cos, sin, heads, kv_heads)
-            else:  # queries and keys rotated together, in fp32 as under autocast
-                qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin).to(dtype).transpose(1, 2)
-                q, k = qk.split([heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
-                v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+            # queries and keys rotated together, in fp32 as under autocast
+            qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin).to(dtype).transpose(1, 2)
+            q, k = qk.split([heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
+            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             if group > 1:
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             scores = torch.baddbmm(  # (R H, W, W), rounded to the matmuls' dtype as transformers' eager path
@@ -152,7 +139,7 @@ def hidden_states(
             attn = (probs @ v.reshape(-1, width, head_dim)).view(rows, heads, width, head_dim)
             attn = attn.transpose(1, 2).reshape(rows, width, heads * head_dim)
             x = x + (attn @ a.o_proj.weight.to(dtype).T).to(x.dtype)
-            h = norm(x, layer.post_attention_layernorm.weight, eps, dtype, fused)
+            h = norm(x, layer.post_attention_layernorm.weight, eps, dtype)
             gate_up = h @ torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype).T
-            x = x + (swiglu(gate_up, fused) @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
+            x = x + (swiglu(gate_up) @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
         return F.rms_norm(x, (d,), core.norm.weight, eps)

@@ -11,7 +11,7 @@ from accelerate.utils import DistributedType
 from peft import LoraConfig, get_peft_model
 
 from rlhf.config import ArchConfig, SFTConfig
-from rlhf.engine import cpu_kernels, lean_llama
+from rlhf.engine import lean_llama
 from rlhf.engine.fast_decode import LlamaDecoder
 from rlhf.engine.packing import packed_layout, padded_layout
 from rlhf.models.heads import backbone
@@ -113,5 +113,3 @@ def test_stages_choose_the_lean_forward_only_where_training_runs_on_the_cpu(
     accelerator = SimpleNamespace(device=torch.device(device), distributed_type=DistributedType[distributed])
     cfg = SFTConfig(out_dir="unused", model="unused", train_file="unused")
     assert lean_forward(model, accelerator, cfg) is expected  # type: ignore[arg-type]
-    # the fused kernels serve CPU tensors only, whatever the dtypes
-    assert not cpu_kernels.applies(torch.zeros(2, 4, device="meta"), torch.bfloat16)
