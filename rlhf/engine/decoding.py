@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rlhf.engine import decode_cache
+from rlhf.engine.decode_cache import SlotCache, decode_attention_on
 from rlhf.engine.fast_decode import LlamaDecoder
 from rlhf.engine.lean_llama import attention_mask_4d
 from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
@@ -155,6 +157,37 @@ def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int)
     return forward, keep
 
 
+def _slot_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
+    """The same through the model's own forward over a `SlotCache` (rlhf.engine.decode_cache): the prefill with
+    the model's attention and masks, each decoding step with `decode_attention` under one boolean mask."""
+    cached_step = CachedStep(model)
+    cache = SlotCache()
+    limit = attention.size(1)
+    # (B, slots) the cache slots each row attends to: the prompt's real tokens, then each step's token as it
+    # is written; a mask over whole blocks of slots (see decode_cache) with the unwritten ones out
+    live = torch.zeros(attention.size(0), SlotCache.slots(limit, limit), dtype=torch.bool, device=attention.device)
+    live[:, :width] = attention[:, :width].bool()
+
+    def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
+        if step == 0:
+            return cached_step(input_ids, attention[:, :width], positions, cache)[0]
+        end = width + step
+        live[:, end - 1] = True
+        slots = SlotCache.slots(end, limit)
+        cache.reserve(slots)
+        mask = live[:, :slots].contiguous()[:, None, None]  # (b, 1, 1, slots)
+        with decode_attention_on(model):
+            return cached_step(input_ids, mask, positions, cache)[0]
+
+    def keep(rows: Tensor) -> bool:
+        nonlocal live
+        cache.reorder_cache(rows)
+        live = live[rows]
+        return True
+
+    return forward, keep
+
+
 def _lean_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
     """The same through `LlamaDecoder` (its own KV cache, fused and prepacked projections), in the autocast dtype
     if one is on."""
@@ -226,11 +259,12 @@ def generate(
         seeds = _row_keys(batch, params, generator)
     row_keys = seeds.to(device)  # (b,) each row's random stream
     never = never_sampled(pad_id, stops_list)
-    forward, keep = (
-        _lean_forward(model, attention, width)
-        if LlamaDecoder.supports(model)
-        else _transformers_forward(model, attention, width)
-    )
+    if LlamaDecoder.supports(model):
+        forward, keep = _lean_forward(model, attention, width)
+    elif decode_cache.supports(model, width + steps):
+        forward, keep = _slot_forward(model, attention, width)
+    else:
+        forward, keep = _transformers_forward(model, attention, width)
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
     input_ids, n = prompt_ids, 0
     for step in range(steps):

@@ -1,0 +1,173 @@
+"""Decoding through any transformers causal LM's own forward on a CPU, without the per-step costs of its
+generic machinery: a KV cache written a column per step, one attention mask per step shared by every layer,
+and an attention kernel for one new token over that cache.
+
+Each piece plugs into an extension point transformers maintains, so no architecture is re-implemented:
+  `SlotCache`        a `Cache` whose layers hold their keys and values in buffers that grow by blocks of
+                     _SLOT_BLOCK slots (one copy per block) and are written in place, where `DynamicCache`
+                     concatenates, copying the whole cache, at every step and layer.
+  4-D masks          a (B, 1, 1, slots) boolean mask passed as `attention_mask` is used as is by
+                     `masking_utils` (no mask built per step); the decoder writes one column of it per step.
+  `decode_attention` registered in `AttentionInterface` and selected for the decoding steps only (the prefill
+                     runs the model's configured attention and builds its own mask). On a CPU, for one query
+                     over a short cache, matmul-softmax-matmul (or the fused bf16 kernel of
+                     rlhf.engine.cpu_kernels) is several times faster than SDPA's kernel.
+`supports` says which models this serves; the others decode through `DynamicCache` (rlhf.engine.decoding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from rlhf.engine import cpu_kernels
+from rlhf.engine.lean_llama import on_cpu
+
+DECODE_ATTENTION = "rlhf_cpu_decode"
+# a matmul of a new shape costs a new oneDNN kernel, and the cache grows by one slot per step: attention reads
+# whole blocks of slots, the ones not yet written masked out
+_SLOT_BLOCK = 32
+# layer kinds whose masks a full causal mask over the cache reproduces (a sliding window only while it spans
+# the whole sequence: see `supports`)
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def supports(model: PreTrainedModel, length: int) -> bool:
+    """Whether `model` decodes exactly through this module over sequences of up to `length` tokens: a CPU model
+    with SDPA or eager attention whose layers are all full attention, or sliding windows at least `length`
+    wide (then the window never cuts)."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    cfg = getattr(base, "config", None)
+    if cfg is None or not on_cpu(base):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    # without layer types (Mistral, Phi-3), a window set applies to every layer
+    sliding = "sliding_attention" in layer_types if layer_types else window is not None
+    return (
+        cfg._attn_implementation in ("sdpa", "eager")
+        and set(layer_types or []) <= _LAYER_TYPES
+        and (not sliding or (isinstance(window, int) and window >= length))
+        and not getattr(cfg, "is_encoder_decoder", False)
+    )
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's keys and values (B, H_kv, slots, D): the prefill's as they come, then one slot per step
+    written in place into buffers that `SlotCache.reserve` grows."""
+
+    is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0  # slots written
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.keys, self.values = key_states.contiguous(), value_states.contiguous()
+        self.length = key_states.size(-2)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:  # the prefill: attention reads exactly these
+            self.lazy_initialization(key_states, value_states)
+        else:
+            assert self.keys is not None and self.values is not None
+            start, end = self.length, self.length + key_states.size(-2)
+            self.keys[:, :, start:end] = key_states
+            self.values[:, :, start:end] = value_states
+            self.length = end
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+    def reserve(self, slots: int) -> None:
+        """Grow the buffers to `slots` slots, the written ones copied over and the new ones zero."""
+        assert self.keys is not None and self.values is not None
+        if self.keys.size(-2) < slots:
+            self.keys, self.values = (torch.cat([t, t.new_zeros(*t.shape[:2], slots - t.size(2), t.size(3))], dim=2)
+                                      for t in (self.keys, self.values))  # fmt: skip
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        if self.keys is not None and self.values is not None:
+            self.keys, self.values = self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx)
+
+
+class SlotCache(Cache):
+    """A KV cache for one batch's decoding: layers created on first use, buffers grown by `reserve` before a
+    decoding step so that every layer's attention reads exactly `slots` slots (the step's mask covers as many)."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=_SlotLayer)
+
+    @staticmethod
+    def slots(end: int, limit: int) -> int:
+        """The slots attention reads once `end` are written: whole blocks, at most `limit`."""
+        return min(-(-end // _SLOT_BLOCK) * _SLOT_BLOCK, max(limit, end))
+
+    def reserve(self, slots: int) -> None:
+        for layer in self.layers:
+            layer.reserve(slots)  # type: ignore[attr-defined]
+
+
+def decode_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Attention of query (B, H, S, D) over the cache's key and value (B, H_kv, L, D) under a boolean mask
+    (B, 1, S, L); (B, S, H, D), as transformers' attention functions return it. Query heads sharing a KV head
+    are stacked as extra rows; scores in the cache's dtype, the softmax in fp32 (as transformers' eager
+    attention); the fused kernel where it applies (bf16, no soft-capping)."""
+    assert attention_mask is not None and attention_mask.dtype == torch.bool
+    batch, heads, steps, dim = query.shape
+    scale = dim**-0.5 if scaling is None else scaling
+    if softcap is None and key.dtype == torch.bfloat16 and cpu_kernels.library() is not None:
+        out = cpu_kernels.cached_attention(query, key, value, attention_mask, scale)  # (B, H, S, D)
+        return out.transpose(1, 2).contiguous(), None
+    kv_heads, group = key.size(1), heads // key.size(1)
+    q = query.to(key.dtype).reshape(batch, kv_heads, group * steps, dim)  # (B, H_kv, G S, D)
+    scores = (key @ q.mT).mT.float() * scale  # (B, H_kv, G S, L); K @ q^T reads the keys as they lie
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~attention_mask.repeat(1, 1, group, 1), float("-inf"))
+    probs = scores.softmax(-1).to(value.dtype)
+    out = (probs @ value).view(batch, heads, steps, value.size(-1))
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
+@contextmanager
+def decode_attention_on(model: PreTrainedModel) -> Iterator[None]:
+    """The model's attention layers call `decode_attention` inside this block (its config names it), and
+    their own implementation again after it."""
+    get_base = getattr(model, "get_base_model", None)
+    config = (get_base() if callable(get_base) else model).config
+    configured = config._attn_implementation
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = configured
