@@ -10,13 +10,13 @@ Each piece plugs into an extension point transformers maintains, so no architect
                      `masking_utils` (no mask built per step); the decoder writes one column of it per step.
   `decode_attention` registered in `AttentionInterface` and selected for the decoding steps only (the prefill
                      runs the model's configured attention and builds its own mask). On a CPU, for one query
-                     over a short cache, matmul-softmax-matmul (or the fused bf16 kernel of
-                     rlhf.engine.cpu_kernels) is several times faster than SDPA's kernel.
+                     over a short cache, matmul-softmax-matmul is several times faster than SDPA's kernel.
 `supports` says which models this serves; the others decode through `DynamicCache` (rlhf.engine.decoding).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from rlhf.engine import cpu_kernels
+from rlhf.engine.fast_decode import packed_linear, packer
 from rlhf.engine.lean_llama import on_cpu
 
 DECODE_ATTENTION = "rlhf_cpu_decode"
@@ -75,6 +75,12 @@ class _SlotLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        device = key_states.device.type
+        if torch.is_autocast_enabled(device):
+            # attention's matmuls (SDPA or eager) would cast them to autocast's dtype at every step: held in it,
+            # the cache is read in half the bytes
+            dtype = torch.get_autocast_dtype(device)
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if not self.is_initialized:  # the prefill: attention reads exactly these
             self.lazy_initialization(key_states, value_states)
         else:
@@ -138,13 +144,10 @@ def decode_attention(
     """Attention of query (B, H, S, D) over the cache's key and value (B, H_kv, L, D) under a boolean mask
     (B, 1, S, L); (B, S, H, D), as transformers' attention functions return it. Query heads sharing a KV head
     are stacked as extra rows; scores in the cache's dtype, the softmax in fp32 (as transformers' eager
-    attention); the fused kernel where it applies (bf16, no soft-capping)."""
+    attention)."""
     assert attention_mask is not None and attention_mask.dtype == torch.bool
     batch, heads, steps, dim = query.shape
     scale = dim**-0.5 if scaling is None else scaling
-    if softcap is None and key.dtype == torch.bfloat16 and cpu_kernels.library() is not None:
-        out = cpu_kernels.cached_attention(query, key, value, attention_mask, scale)  # (B, H, S, D)
-        return out.transpose(1, 2).contiguous(), None
     kv_heads, group = key.size(1), heads // key.size(1)
     q = query.to(key.dtype).reshape(batch, kv_heads, group * steps, dim)  # (B, H_kv, G S, D)
     scores = (key @ q.mT).mT.float() * scale  # (B, H_kv, G S, L); K @ q^T reads the keys as they lie
@@ -159,15 +162,51 @@ def decode_attention(
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 
-@contextmanager
-def decode_attention_on(model: PreTrainedModel) -> Iterator[None]:
-    """The model's attention layers call `decode_attention` inside this block (its config names it), and
-    their own implementation again after it."""
-    get_base = getattr(model, "get_base_model", None)
-    config = (get_base() if callable(get_base) else model).config
-    configured = config._attn_implementation
-    config._attn_implementation = DECODE_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = configured
+def _packed_forward(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, x: Tensor) -> Tensor:
+    return packed_linear(x.to(dtype), weight, bias)
+
+
+class DecodeStep:
+    """What a decoding step of `model` runs with: `decode_attention`, and each plain `nn.Linear` multiplying
+    by a copy of its weight in the matmuls' dtype (autocast's, else the weight's), prepacked once for oneDNN
+    (see rlhf.engine.fast_decode.packer), as a product under autocast casts its input and weight.
+    The copies are made once per batch; the model is changed only inside `with step.on():`, so between
+    steps (and after an error) it is as it was."""
+
+    def __init__(self, model: PreTrainedModel, batch: int, whole_weights: bool = True) -> None:
+        """`whole_weights`: the weights are this process's alone (not shards that a wrapper gathers at each
+        forward, as FSDP's); only then are they packed."""
+        get_base = getattr(model, "get_base_model", None)
+        self.config = (get_base() if callable(get_base) else model).config
+        weight = next(model.parameters())
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        pack = packer(weight.device, dtype, batch)
+        self.linears: list[tuple[torch.nn.Module, Any]] = []
+        for module in model.modules() if whole_weights else []:
+            if type(module) is not torch.nn.Linear or not _plain(module.weight):
+                continue
+            packed = pack(module.weight.detach().to(dtype))
+            if packed.is_mkldnn:  # elsewhere the module's own product is as fast
+                bias = None if module.bias is None else module.bias.detach().to(dtype)
+                self.linears.append((module, functools.partial(_packed_forward, packed, bias, dtype)))
+
+    @contextmanager
+    def on(self) -> Iterator[None]:
+        configured = self.config._attn_implementation
+        self.config._attn_implementation = DECODE_ATTENTION  # the attention layers look it up at each call
+        # an instance attribute, which nn.Module.__call__ runs (hooks included); set in the instance's dict, as
+        # nn.Module.__setattr__ costs more than the rest of this per step
+        for module, forward in self.linears:
+            module.__dict__["forward"] = forward
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = configured
+            for module, _ in self.linears:
+                del module.__dict__["forward"]
+
+
+def _plain(weight: Tensor) -> bool:
+    """A weight held whole as an ordinary tensor (not a DTensor shard, not a meta or quantized one)."""
+    return type(weight) is torch.nn.Parameter and weight.dtype.is_floating_point and weight.device.type == "cpu"

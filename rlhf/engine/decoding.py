@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.engine import decode_cache
-from rlhf.engine.decode_cache import SlotCache, decode_attention_on
+from rlhf.engine.decode_cache import DecodeStep, SlotCache
 from rlhf.engine.fast_decode import LlamaDecoder
 from rlhf.engine.lean_llama import attention_mask_4d
 from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
@@ -157,11 +157,12 @@ def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int)
     return forward, keep
 
 
-def _slot_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
+def _slot_forward(model: PreTrainedModel, attention: Tensor, width: int, synced: bool) -> tuple[Forward, Keep]:
     """The same through the model's own forward over a `SlotCache` (rlhf.engine.decode_cache): the prefill with
     the model's attention and masks, each decoding step with `decode_attention` under one boolean mask."""
     cached_step = CachedStep(model)
     cache = SlotCache()
+    decode_step = DecodeStep(model, attention.size(0), whole_weights=not synced)
     limit = attention.size(1)
     # (B, slots) the cache slots each row attends to: the prompt's real tokens, then each step's token as it
     # is written; a mask over whole blocks of slots (see decode_cache) with the unwritten ones out
@@ -176,7 +177,7 @@ def _slot_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tupl
         slots = SlotCache.slots(end, limit)
         cache.reserve(slots)
         mask = live[:, :slots].contiguous()[:, None, None]  # (b, 1, 1, slots)
-        with decode_attention_on(model):
+        with decode_step.on():
             return cached_step(input_ids, mask, positions, cache)[0]
 
     def keep(rows: Tensor) -> bool:
@@ -262,7 +263,7 @@ def generate(
     if LlamaDecoder.supports(model):
         forward, keep = _lean_forward(model, attention, width)
     elif decode_cache.supports(model, width + steps):
-        forward, keep = _slot_forward(model, attention, width)
+        forward, keep = _slot_forward(model, attention, width, synced)
     else:
         forward, keep = _transformers_forward(model, attention, width)
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
