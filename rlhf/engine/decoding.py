@@ -136,8 +136,18 @@ Forward = Callable[[Tensor, Tensor, int], Tensor]
 Keep = Callable[[Tensor], bool]  # keep only these rows of the batch (cache included); False: cannot
 
 
-def _transformers_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
-    """Decoding steps through the model's own forward and cache."""
+def _transformers_forward(
+    model: PreTrainedModel, attention: Tensor, width: int, synced: bool = False
+) -> tuple[Forward, Keep]:
+    """Decoding steps through the model's own forward: over a `SlotCache` where rlhf.engine.decode_cache serves
+    the model, else over transformers' `DynamicCache`."""
+    if decode_cache.supports(model, attention.size(1)):
+        return _slot_forward(model, attention, width, synced)
+    return _dynamic_forward(model, attention, width)
+
+
+def _dynamic_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
+    """The same over transformers' `DynamicCache`, the model's own attention and masks at every step."""
     cached_step = CachedStep(model)
     past: Any = None
 
@@ -260,16 +270,17 @@ def generate(
         seeds = _row_keys(batch, params, generator)
     row_keys = seeds.to(device)  # (b,) each row's random stream
     never = never_sampled(pad_id, stops_list)
-    if LlamaDecoder.supports(model):
-        forward, keep = _lean_forward(model, attention, width)
-    elif decode_cache.supports(model, width + steps):
-        forward, keep = _slot_forward(model, attention, width, synced)
-    else:
-        forward, keep = _transformers_forward(model, attention, width)
+    forward, keep = (
+        _lean_forward(model, attention, width)
+        if LlamaDecoder.supports(model)
+        else _transformers_forward(model, attention, width, synced)
+    )
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
     input_ids, n = prompt_ids, 0
     for step in range(steps):
-        logits = forward(input_ids, positions, step)  # (b, V)
+        # inference mode: no version counters or view tracking on the forward's many small tensors
+        with torch.inference_mode():
+            logits = forward(input_ids, positions, step)  # (b, V)
         next_token, logprob = sample(logits, params, RowStreams(row_keys, step), never)  # (b,) each
         alive = ~finished[rows]  # (b,)
         response_ids[rows, step] = torch.where(alive, next_token, pad_id)
