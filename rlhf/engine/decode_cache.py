@@ -74,7 +74,9 @@ class _SlotLayer(CacheLayerMixin):
         self.length = key_states.size(-2)
         self.is_initialized = True
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
         device = key_states.device.type
         if torch.is_autocast_enabled(device):
             # attention's matmuls (SDPA or eager) would cast them to autocast's dtype at every step: held in it,
@@ -110,7 +112,10 @@ class _SlotLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         if self.keys is not None and self.values is not None:
-            self.keys, self.values = self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx)
+            self.keys, self.values = (
+                self.keys.index_select(0, beam_idx),
+                self.values.index_select(0, beam_idx),
+            )
 
 
 class SlotCache(Cache):
@@ -209,4 +214,6 @@ class DecodeStep:
 
 def _plain(weight: Tensor) -> bool:
     """A weight held whole as an ordinary tensor (not a DTensor shard, not a meta or quantized one)."""
-    return type(weight) is torch.nn.Parameter and weight.dtype.is_floating_point and weight.device.type == "cpu"
+    return (
+        type(weight) is torch.nn.Parameter and weight.dtype.is_floating_point and weight.device.type == "cpu"
+    )

@@ -167,7 +167,9 @@ def _dynamic_forward(model: PreTrainedModel, attention: Tensor, width: int) -> t
     return forward, keep
 
 
-def _slot_forward(model: PreTrainedModel, attention: Tensor, width: int, synced: bool) -> tuple[Forward, Keep]:
+def _slot_forward(
+    model: PreTrainedModel, attention: Tensor, width: int, synced: bool
+) -> tuple[Forward, Keep]:
     """The same through the model's own forward over a `SlotCache` (rlhf.engine.decode_cache): the prefill with
     the model's attention and masks, each decoding step with `decode_attention` under one boolean mask."""
     cached_step = CachedStep(model)
@@ -176,7 +178,9 @@ def _slot_forward(model: PreTrainedModel, attention: Tensor, width: int, synced:
     limit = attention.size(1)
     # (B, slots) the cache slots each row attends to: the prompt's real tokens, then each step's token as it
     # is written; a mask over whole blocks of slots (see decode_cache) with the unwritten ones out
-    live = torch.zeros(attention.size(0), SlotCache.slots(limit, limit), dtype=torch.bool, device=attention.device)
+    live = torch.zeros(
+        attention.size(0), SlotCache.slots(limit, limit), dtype=torch.bool, device=attention.device
+    )
     live[:, :width] = attention[:, :width].bool()
 
     def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:

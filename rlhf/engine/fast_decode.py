@@ -174,16 +174,18 @@ class LlamaDecoder:
         q_size = self.heads * self.head_dim
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             h = norm(x, layer.input_norm, self.eps, self.dtype)
-            qkv = packed_linear(h, layer.qkv).view(batch, steps, self.heads + 2 * self.kv_heads, self.head_dim)
+            qkv = packed_linear(h, layer.qkv).view(
+                batch, steps, self.heads + 2 * self.kv_heads, self.head_dim
+            )
             # queries and keys rotated together, in fp32
             qk = rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
             q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # (B, H or H_kv, S, D)
             keys[:, :, start:end] = k
             values[:, :, start:end] = qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)
             attn = self._attend(q, keys, values, read, key_mask)  # (B, H, S, D)
-            x = x + packed_linear(attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype), layer.out).to(
-                residual
-            )
+            x = x + packed_linear(
+                attn.transpose(1, 2).reshape(batch, steps, q_size).to(self.dtype), layer.out
+            ).to(residual)
             h = norm(x, layer.post_norm, self.eps, self.dtype)
             x = x + packed_linear(swiglu(packed_linear(h, layer.gate_up)), layer.down).to(residual)
         last = F.rms_norm(x[:, -1], (width,), self.final_norm, self.eps).to(self.dtype)  # (B, d)
