@@ -4,6 +4,11 @@ another stop id: a chat template's end-of-turn token). PAD is never sampled.
 Prompts are left-padded so that every row's next token sits in the last column; responses come back
 right-padded with a mask. The log-probs returned are those of the sampled tokens under softmax(logits / T),
 the distribution PPO recomputes (without the top-k/top-p truncation, as in TRL and OpenRLHF).
+
+Three forwards step the batch: a plain Llama on a CPU through `LlamaDecoder` (rlhf.engine.fast_decode); any other
+model on a CPU through its own transformers forward over a cache written in place, with one mask per step and an
+attention kernel for one new token (rlhf.engine.decode_cache); the rest (GPUs, sliding windows shorter than the
+sequence, other attention kinds) through its own forward over transformers' `DynamicCache`.
 """
 
 from __future__ import annotations
@@ -254,8 +259,9 @@ def generate(
     `generator`, else from `params.seed` and the row's index, else from torch's global generator.
 
     The hot loop does no Python work per row: the attention mask and the outputs are preallocated and
-    written a column per step, and the prefill computes logits for the last position only. Finished rows
-    leave the batch (see _COMPACT_AT), so a batch of mostly short answers does not pay for its longest.
+    written a column per step, the prefill computes logits for the last position only, and the forwards run
+    in inference mode. Finished rows leave the batch (see _COMPACT_AT), so a batch of mostly short answers
+    does not pay for its longest.
     """
     device = next(model.parameters()).device
     prompts = fit_context(prompts, context_length(model), params.max_new_tokens)
