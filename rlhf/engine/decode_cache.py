@@ -41,7 +41,7 @@ _LAYER_TYPES = {"full_attention", "sliding_attention"}
 def supports(model: PreTrainedModel, length: int) -> bool:
     """Whether `model` decodes exactly through this module over sequences of up to `length` tokens: a CPU model
     with SDPA or eager attention whose layers are all full attention, or sliding windows at least `length`
-    wide (then the window never cuts)."""
+    wide (then the window never cuts), without attention sinks or attention dropout."""
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     cfg = getattr(base, "config", None)
@@ -56,6 +56,9 @@ def supports(model: PreTrainedModel, length: int) -> bool:
         and set(layer_types or []) <= _LAYER_TYPES
         and (not sliding or (isinstance(window, int) and window >= length))
         and not getattr(cfg, "is_encoder_decoder", False)
+        # attention dropout in training mode, and attention sinks (GPT-OSS), are not in `decode_attention`
+        and not (base.training and getattr(cfg, "attention_dropout", 0.0))
+        and not any(hasattr(m, "sinks") for m in base.modules())
     )
 
 
@@ -151,6 +154,8 @@ def decode_attention(
     are stacked as extra rows; scores in the cache's dtype, the softmax in fp32 (as transformers' eager
     attention)."""
     assert attention_mask is not None and attention_mask.dtype == torch.bool
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError("decode_attention: attention sinks and position biases are not supported")
     batch, heads, steps, dim = query.shape
     scale = dim**-0.5 if scaling is None else scaling
     kv_heads, group = key.size(1), heads // key.size(1)

@@ -288,8 +288,9 @@ def generate(
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
     input_ids, n = prompt_ids, 0
     for step in range(steps):
-        # inference mode: no version counters or view tracking on the forward's many small tensors
-        with torch.inference_mode():
+        # inference mode: no version counters or view tracking on the forward's many small tensors; not for a
+        # sharded model, whose gathered weights live in buffers that its training forwards update in place
+        with torch.inference_mode(not synced):
             logits = forward(input_ids, positions, step)  # (b, V)
         next_token, logprob = sample(logits, params, RowStreams(row_keys, step), never)  # (b,) each
         alive = ~finished[rows]  # (b,)
