@@ -6,8 +6,8 @@ Each piece plugs into an extension point transformers maintains, so no architect
   `SlotCache`        a `Cache` whose layers hold their keys and values in buffers that grow by blocks of
                      _SLOT_BLOCK slots (one copy per block) and are written in place, where `DynamicCache`
                      concatenates, copying the whole cache, at every step and layer.
-  4-D masks          a (B, 1, 1, slots) boolean mask passed as `attention_mask` is used as is by
-                     `masking_utils` (no mask built per step); the decoder writes one column of it per step.
+  4-D masks          a (B, 1, 1, slots) mask passed as `attention_mask` is used as is by `masking_utils` (no
+                     mask built per step): additive, from a boolean one whose column the decoder writes per step.
   `decode_attention` registered in `AttentionInterface` and selected for the decoding steps only (the prefill
                      runs the model's configured attention and builds its own mask). On a CPU, for one query
                      over a short cache, matmul-softmax-matmul is several times faster than SDPA's kernel.
@@ -149,21 +149,25 @@ def decode_attention(
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """Attention of query (B, H, S, D) over the cache's key and value (B, H_kv, L, D) under a boolean mask
-    (B, 1, S, L); (B, S, H, D), as transformers' attention functions return it. Query heads sharing a KV head
-    are stacked as extra rows; scores in the cache's dtype, the softmax in fp32 (as transformers' eager
-    attention)."""
-    assert attention_mask is not None and attention_mask.dtype == torch.bool
+    """Attention of query (B, H, S, D) over the cache's key and value (B, H_kv, L, D) under a mask (B, 1, S, L),
+    boolean or additive in fp32 (0 or -inf: one add per layer, the form `generate` passes); (B, S, H, D), as
+    transformers' attention functions return it. Query heads sharing a KV head are stacked as extra rows;
+    scores in the cache's dtype, the softmax in fp32 (as transformers' eager attention)."""
+    assert attention_mask is not None
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
         raise NotImplementedError("decode_attention: attention sinks and position biases are not supported")
     batch, heads, steps, dim = query.shape
     scale = dim**-0.5 if scaling is None else scaling
     kv_heads, group = key.size(1), heads // key.size(1)
     q = query.to(key.dtype).reshape(batch, kv_heads, group * steps, dim)  # (B, H_kv, G S, D)
-    scores = (key @ q.mT).mT.float() * scale  # (B, H_kv, G S, L); K @ q^T reads the keys as they lie
+    scores = (q @ key.mT).float() * scale  # (B, H_kv, G S, L)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~attention_mask.repeat(1, 1, group, 1), float("-inf"))
+    mask = attention_mask if steps == 1 else attention_mask.repeat(1, 1, group, 1)  # rows (G, S) as scores'
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
     probs = scores.softmax(-1).to(value.dtype)
     out = (probs @ value).view(batch, heads, steps, value.size(-1))
     return out.transpose(1, 2).contiguous(), None

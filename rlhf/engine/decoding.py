@@ -176,7 +176,7 @@ def _slot_forward(
     model: PreTrainedModel, attention: Tensor, width: int, synced: bool
 ) -> tuple[Forward, Keep]:
     """The same through the model's own forward over a `SlotCache` (rlhf.engine.decode_cache): the prefill with
-    the model's attention and masks, each decoding step with `decode_attention` under one boolean mask."""
+    the model's attention and masks, each decoding step with `decode_attention` under one mask."""
     cached_step = CachedStep(model)
     cache = SlotCache()
     decode_step = DecodeStep(model, attention.size(0), whole_weights=not synced)
@@ -195,7 +195,8 @@ def _slot_forward(
         live[:, end - 1] = True
         slots = SlotCache.slots(end, limit)
         cache.reserve(slots)
-        mask = live[:, :slots].contiguous()[:, None, None]  # (b, 1, 1, slots)
+        # additive, so each layer adds it to its scores (attention takes a 4-D mask as is)
+        mask = torch.where(live[:, None, None, :slots], 0.0, float("-inf"))  # (b, 1, 1, slots)
         with decode_step.on():
             return cached_step(input_ids, mask, positions, cache)[0]
 

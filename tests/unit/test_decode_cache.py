@@ -77,12 +77,16 @@ def test_under_bf16_autocast_the_slot_cache_decodes_as_the_dynamic_cache(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_decode_attention_is_sdpa_over_the_allowed_slots(dtype: torch.dtype, kv_heads: int) -> None:
+@pytest.mark.parametrize("additive", [False, True])
+def test_decode_attention_is_sdpa_over_the_allowed_slots(
+    dtype: torch.dtype, kv_heads: int, additive: bool
+) -> None:
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 1, 16, generator=gen).to(dtype)
     k, v = (torch.randn(3, kv_heads, 40, 16, generator=gen).to(dtype) for _ in range(2))
     allowed = torch.rand(3, 1, 1, 40, generator=gen) > 0.3
-    out, _ = decode_attention(torch.nn.Module(), q, k, v, allowed, scaling=0.3)  # (B, S, H, D)
+    mask = torch.where(allowed, 0.0, float("-inf")) if additive else allowed
+    out, _ = decode_attention(torch.nn.Module(), q, k, v, mask, scaling=0.3)  # (B, S, H, D)
     expected = F.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=allowed, scale=0.3, enable_gqa=kv_heads < 4
     )
