@@ -11,10 +11,9 @@ heads for every type; random weights; the demo tokenizer, vocab 512):
               benchmarks/reward_throughput.py (one pair per prompt, the same pairs per step, bf16)
   generation  tokens/s of `rlhf.engine.decoding.generate` vs transformers' `generate()`, batch 64, 48 new tokens,
               the same precision (benchmarks/generation.py)
-Only a plain Llama on a CPU takes the lean forward (rlhf.engine.lean_llama, rlhf.engine.fast_decode); every other type
-runs transformers' own forward inside our loops (generating on a CPU over rlhf.engine.decode_cache's KV cache and
-attention), so the ratios per type show what the generic path costs. A Llama also generates through the generic
-path (`ours_generic`, and `lean_over_generic` in the JSON), which weighs the lean decoder.
+Every type generates through its own transformers forward (on a CPU over rlhf.engine.decode_cache's KV cache and
+attention); only a plain Llama on a CPU trains and scores through the lean forward (rlhf.engine.lean_llama), every
+other type through its own forward inside our loops, so the ratios per type show what the generic path costs.
 The systems alternate (each going first every other repetition; PPO and reward runs are fresh processes) and
 the median of the repetitions is reported. MFU: model FLOPs (2 per weight per token forward, 6 trained, plus
 attention; real tokens only) over the matmul peak measured at the start and the end of this run
@@ -269,9 +268,6 @@ def summary(e: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"params_m": round(e["params"] / 1e6, 2)}
     if "generation" in e:
         out["generation_ratio"] = round(e["generation"]["ratio"], 2)
-        if "lean_over_generic" in e["generation"]:
-            out["generation_generic_ratio"] = round(e["generation"]["generic_ratio"], 2)
-            out["lean_over_generic"] = round(e["generation"]["lean_over_generic"], 2)
     if "reward" in e and "ratio" in e["reward"]:
         out["reward_ratio"] = round(e["reward"]["ratio"], 2)
     if "ppo" in e and "speedup_vs_trl" in e["ppo"]:

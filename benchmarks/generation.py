@@ -18,12 +18,10 @@ import sys
 import time
 from contextlib import nullcontext
 from typing import Any
-from unittest.mock import patch
 
 import torch
 
 from benchmarks.common import SIZES, build_model, machine, save_result, sync, update_doc
-from rlhf.engine import decoding
 from rlhf.engine.decoding import SamplingParams, generate
 from rlhf.engine.sampling import stream_keys
 from rlhf.train.common import cpu_has_bf16
@@ -43,15 +41,12 @@ def run_ours(
     pad_id: int,
     amp: bool,
     device: str,
-    generic: bool = False,
 ) -> tuple[float, float]:
-    """`generic`: a Llama through the path every other architecture takes, not the lean decoder."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=0.95)
     ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if amp else nullcontext()
-    lean = patch.object(decoding.LlamaDecoder, "supports", lambda model: False) if generic else nullcontext()
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    with ctx, lean:
+    with ctx:
         gen = generate(
             model, ids, params, eos_id=-1, pad_id=pad_id, seeds=stream_keys(0, torch.arange(len(ids)))
         )
@@ -82,8 +77,7 @@ def run_hf(model: Any, ids: list[list[int]], new_tokens: int, pad_id: int, eos_i
 def bench_size(
     size: str, batch: int, new_tokens: int, reps: int, device: str, arch: str = "llama"
 ) -> dict[str, Any]:
-    """Ours, HF generate() under the same precision and HF in fp32, alternating, on a model of type `arch`;
-    for a Llama on a CPU also ours through the generic path (`ours_generic`), to weigh the lean decoder."""
+    """Ours, HF generate() under the same precision and HF in fp32, alternating, on a model of type `arch`."""
     model, tokenizer = build_model(size, device, arch=arch)
     model.eval()
     amp = device.startswith("cuda") or cpu_has_bf16()
@@ -93,16 +87,11 @@ def bench_size(
     run_ours(model, ids, new_tokens, pad, amp, device)
     run_hf(model, ids, new_tokens, pad, eos, amp, device)
     runs: dict[str, list[tuple[float, float]]] = {"ours": [], "hf": [], "hf_fp32": []}
-    if decoding.LlamaDecoder.supports(model):
-        runs["ours_generic"] = []
-        run_ours(model, ids, new_tokens, pad, amp, device, generic=True)
     for rep in range(reps):
         order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
         for system in order:
-            if system.startswith("ours"):
-                runs[system].append(
-                    run_ours(model, ids, new_tokens, pad, amp, device, system == "ours_generic")
-                )
+            if system == "ours":
+                runs[system].append(run_ours(model, ids, new_tokens, pad, amp, device))
             else:
                 runs[system].append(run_hf(model, ids, new_tokens, pad, eos, amp and system == "hf", device))
         print(f"{size} rep {rep} tok/s (wall, CPU): " + ", ".join(f"{k} {v[-1][0]:.0f} {v[-1][1]:.0f}" for k, v in runs.items()),
@@ -120,10 +109,6 @@ def bench_size(
     r["ratio_vs_fp32"] = r["ours_median"] / r["hf_fp32_median"]
     r["cpu_ratio"] = r["ours_cpu_median"] / r["hf_cpu_median"]
     r["cpu_ratio_vs_fp32"] = r["ours_cpu_median"] / r["hf_fp32_cpu_median"]
-    if "ours_generic" in runs:
-        r["generic_ratio"] = r["ours_generic_median"] / r["hf_median"]
-        r["lean_over_generic"] = r["ours_median"] / r["ours_generic_median"]
-        r["cpu_lean_over_generic"] = r["ours_cpu_median"] / r["ours_generic_cpu_median"]
     return r
 
 

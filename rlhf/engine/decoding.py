@@ -5,10 +5,9 @@ Prompts are left-padded so that every row's next token sits in the last column; 
 right-padded with a mask. The log-probs returned are those of the sampled tokens under softmax(logits / T),
 the distribution PPO recomputes (without the top-k/top-p truncation, as in TRL and OpenRLHF).
 
-Three forwards step the batch: a plain Llama on a CPU through `LlamaDecoder` (rlhf.engine.fast_decode); any other
-model on a CPU through its own transformers forward over a cache written in place, with one mask per step and an
-attention kernel for one new token (rlhf.engine.decode_cache); the rest (GPUs, sliding windows shorter than the
-sequence, other attention kinds) through its own forward over transformers' `DynamicCache`.
+Every model steps through its own transformers forward: on a CPU over a cache written in place, with one mask
+per step and an attention kernel for one new token (rlhf.engine.decode_cache); elsewhere (GPUs, sliding windows
+shorter than the sequence, other attention kinds) over transformers' `DynamicCache`.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from transformers import PreTrainedModel
 
 from rlhf.engine import decode_cache
 from rlhf.engine.decode_cache import DecodeStep, SlotCache
-from rlhf.engine.fast_decode import LlamaDecoder
-from rlhf.engine.lean_llama import attention_mask_4d
 from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
 from rlhf.errors import ConfigError
 from rlhf.models.loading import context_length
@@ -209,35 +206,6 @@ def _slot_forward(
     return forward, keep
 
 
-def _lean_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
-    """The same through `LlamaDecoder` (its own KV cache, fused and prepacked projections), in the autocast dtype
-    if one is on."""
-    device_type = attention.device.type
-    dtype = (
-        torch.get_autocast_dtype(device_type)
-        if torch.is_autocast_enabled(device_type)
-        else next(model.parameters()).dtype
-    )
-    decoder = LlamaDecoder(model, attention.size(0), attention.size(1), dtype)
-    keys = attention.bool()  # (B, P + T)
-    # causal over the prompts; a padding query attends to itself only, so no row of the mask is empty
-    prefill = attention_mask_4d(attention[:, :width])  # (B, 1, P, P)
-
-    def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
-        start = 0 if step == 0 else width + step - 1
-        mask = prefill if step == 0 else keys[:, None, None, : width + step]
-        with torch.autocast(device_type, enabled=False):
-            return decoder.forward(input_ids, positions, mask, start)
-
-    def keep(rows: Tensor) -> bool:
-        nonlocal keys
-        decoder.keep(rows)
-        keys = keys[rows]
-        return True
-
-    return forward, keep
-
-
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -281,11 +249,7 @@ def generate(
         seeds = _row_keys(batch, params, generator)
     row_keys = seeds.to(device)  # (b,) each row's random stream
     never = never_sampled(pad_id, stops_list)
-    forward, keep = (
-        _lean_forward(model, attention, width)
-        if LlamaDecoder.supports(model)
-        else _transformers_forward(model, attention, width, synced)
-    )
+    forward, keep = _transformers_forward(model, attention, width, synced)
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
     input_ids, n = prompt_ids, 0
     for step in range(steps):

@@ -24,8 +24,7 @@ from transformers import PreTrainedModel
 
 
 def plain_llama_config(cfg: Any) -> bool:
-    """A Llama config whose forward the lean code reproduces: SiLU, no biases, unscaled RoPE, no tensor split.
-    (Also `rlhf.engine.fast_decode.LlamaDecoder`'s condition.)"""
+    """A Llama config whose forward the lean code reproduces: SiLU, no biases, unscaled RoPE, no tensor split."""
     rope = getattr(cfg, "rope_parameters", None) or {}
     return (
         cfg.hidden_act == "silu"
@@ -89,7 +88,7 @@ def attention_mask_4d(attention_mask: Tensor) -> Tensor:
 
 
 def norm(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """RMS norm of the residual stream, cast to the matmuls' dtype. (Also `rlhf.engine.fast_decode.LlamaDecoder`'s.)"""
+    """RMS norm of the residual stream, cast to the matmuls' dtype."""
     return F.rms_norm(x, (x.size(-1),), weight, eps).to(dtype)
 
 

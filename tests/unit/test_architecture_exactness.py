@@ -5,8 +5,9 @@ backbone's hidden states times the scalar head for critic values and rewards. Ag
 token log-probs in packed rows and in padded rows (one row per sequence), their gradients, the critic's values
 and the reward model's scores read from the same layouts; the reward trainer's rewards (plain rows and shared
 prefixes) and the judges' `sequence_rewards` on left-padded batches; the SFT loss; and generation's per-step
-log-probs. On a CPU, a plain Llama goes through the lean forward (rlhf.engine.lean_llama, rlhf.engine.fast_decode) as
-the stages choose it, so these also hold that path to transformers'.
+log-probs. On a CPU, a plain Llama's training and scoring forwards go through the lean forward
+(rlhf.engine.lean_llama) as the stages choose it, so these also hold that path to transformers'; generation
+runs every architecture through rlhf.engine.decode_cache.
 """
 
 from __future__ import annotations

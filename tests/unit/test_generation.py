@@ -73,15 +73,15 @@ def test_sampling_stops_at_eos_and_masks_the_rest(model_and_tok) -> None:
     assert torch.equal(gen.response_ids, again.response_ids)  # seeded sampling is reproducible
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_finished_rows_leave_the_batch_without_changing_any_answer(model_and_tok, monkeypatch, lean) -> None:
+@pytest.mark.parametrize("slots", [True, False])
+def test_finished_rows_leave_the_batch_without_changing_any_answer(model_and_tok, monkeypatch, slots) -> None:
     model, tok = model_and_tok
     texts = ["User: Hi", "User: Hello there", "Hi friend", "User: Hello there friend, how are you", "Assistant:",
              "User: you", "there", "Hello"]  # fmt: skip
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     params = SamplingParams(max_new_tokens=10, temperature=0)
-    if not lean:  # transformers' forward and cache
-        monkeypatch.setattr(generation.LlamaDecoder, "supports", staticmethod(lambda model: False))
+    if not slots:  # transformers' DynamicCache
+        monkeypatch.setattr(generation.decode_cache, "supports", lambda model, length: False)
     # any token can end an answer: take the first token of the most greedy answers (not of all of them)
     endless = generate(model, prompts, params, eos_id=-1, pad_id=tok.pad_token_id)
     firsts = endless.response_ids[:, 0].tolist()
@@ -91,13 +91,13 @@ def test_finished_rows_leave_the_batch_without_changing_any_answer(model_and_tok
     running = [p for p, f in zip(prompts, firsts, strict=True) if f != stop]
     prompts = (ending * 5)[:5] + running[:3]
     kept: list[int] = []
-    keep_rows = generation._lean_forward if lean else generation._transformers_forward
+    keep_rows = generation._slot_forward if slots else generation._dynamic_forward
 
     def counting(*a, **k):
         forward, keep = keep_rows(*a, **k)
         return forward, lambda rows: kept.append(rows.numel()) or keep(rows)
 
-    monkeypatch.setattr(generation, "_lean_forward" if lean else "_transformers_forward", counting)
+    monkeypatch.setattr(generation, "_slot_forward" if slots else "_dynamic_forward", counting)
     compacted = generate(model, prompts, params, eos_id=stop, pad_id=tok.pad_token_id)
     monkeypatch.setattr(generation, "_COMPACT_AT", 0.0)  # never
     whole = generate(model, prompts, params, eos_id=stop, pad_id=tok.pad_token_id)

@@ -12,7 +12,6 @@ from peft import LoraConfig, get_peft_model
 
 from rlhf.config import ArchConfig, SFTConfig
 from rlhf.engine import lean_llama
-from rlhf.engine.fast_decode import LlamaDecoder
 from rlhf.engine.packing import packed_layout, padded_layout
 from rlhf.models.heads import backbone
 from rlhf.models.loading import build_causal_lm
@@ -94,9 +93,9 @@ def test_supports_plain_whole_llama_only(gqa_model) -> None:
     assert not lean_llama.supports(torch.nn.Linear(2, 2))
     # weights off the CPU (a GPU here, the meta device): the model's own forward and its attention kernels
     off_cpu = build_causal_lm(ARCH, train_bpe_tokenizer(["a b c"] * 10, vocab_size=270))
-    assert lean_llama.supports(off_cpu) and LlamaDecoder.supports(off_cpu)
+    assert lean_llama.supports(off_cpu)
     off_cpu.to("meta")
-    assert not lean_llama.supports(off_cpu) and not LlamaDecoder.supports(off_cpu)
+    assert not lean_llama.supports(off_cpu)
 
 
 @pytest.mark.parametrize(
