@@ -64,6 +64,10 @@ class DataConfig(Section):
     sft_nonanswer_rate: float = Field(
         0.05, ge=0, le=1, description="share of SFT demonstrations that do not answer what was asked"
     )
+    sft_template_weights: list[float] = Field(
+        [0.15, 0.35, 0.25, 0.15, 0.1], min_length=1, description="weights of the ways to say an SFT "
+        "demonstration's answer, from the most concise to the wordiest (the last repeats for longer lists)",
+    )
     n_cai_docs: int = Field(
         0, ge=0, description="critique/revision and comparison documents added to the corpus (docs/cai.md)"
     )
