@@ -65,7 +65,9 @@ class DataConfig(Section):
         0.05, ge=0, le=1, description="share of SFT demonstrations that do not answer what was asked"
     )
     sft_template_weights: list[float] = Field(
-        [0.15, 0.35, 0.25, 0.15, 0.1], min_length=1, description="weights of the ways to say an SFT "
+        [0.15, 0.35, 0.25, 0.15, 0.1],
+        min_length=1,
+        description="weights of the ways to say an SFT "
         "demonstration's answer, from the most concise to the wordiest (the last repeats for longer lists)",
     )
     n_cai_docs: int = Field(
@@ -379,6 +381,14 @@ class PPOConfig(TrainConfig):
     # reward
     no_eos_penalty: float | None = Field(
         -3.0, description="score of a response that never emits EOS, instead of the RM's (None = RM score)"
+    )
+    reward_ensemble: list[str] = Field(
+        [],
+        description="further reward models (same tokenizer) scored beside reward_model: the score is "
+        "their mean minus ensemble_penalty x their std (Coste et al. 2023)",
+    )
+    ensemble_penalty: float = Field(
+        0.0, ge=0, description="weight of the reward models' disagreement (std) taken off the score"
     )
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(

@@ -15,6 +15,7 @@ from typing import Any
 
 from rlhf.config import RootConfig, load_config
 from rlhf.data.jsonl import write_json
+from rlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,20 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
     cfg = load_config(
         config or default_config_path(), [*(FAST_OVERRIDES if fast else []), *overrides, *paths]
     )
-    # other policies that answer the candidates' prompts, named in the config by their place in runs/demo
-    extra = [
-        str(out / m.removeprefix(DEMO_DIR)) if m.startswith(DEMO_DIR) else m
-        for m in cfg.generate.extra_models
-    ]
+
+    # other policies that answer the candidates' prompts, and the reward models beside the first one that
+    # PPO scores with, named in the config by their place in runs/demo
+    def moved(paths: list[str]) -> str:
+        return json.dumps(
+            [str(out / m.removeprefix(DEMO_DIR)) if m.startswith(DEMO_DIR) else m for m in paths]
+        )
+
     return load_config(
         config or default_config_path(),
-        [*(FAST_OVERRIDES if fast else []), *overrides, *paths, f"generate.extra_models={json.dumps(extra)}"],
-    )
+        [*(FAST_OVERRIDES if fast else []), *overrides, *paths,
+         f"generate.extra_models={moved(cfg.generate.extra_models)}",
+         f"ppo.reward_ensemble={moved(cfg.ppo.reward_ensemble)}"],
+    )  # fmt: skip
 
 
 class Stages:
@@ -128,6 +134,22 @@ def train_reward(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
         "rm_gold_accuracy": gold["gold/rm_accuracy"]["accuracy"],
         "panel_gold_agreement": gold["gold/label_agreement"]["accuracy"],
     }
+
+
+def train_reward_member(cfg: RootConfig, member: int, quiet: bool) -> dict[str, Any]:
+    """One more reward model of PPO's ensemble (`ppo.reward_ensemble`): the same votes, another seed, written
+    where the config names it (.../final)."""
+    from rlhf.stages import reward
+
+    path = Path(cfg.ppo.reward_ensemble[member - 1])
+    if path.name != "final":
+        raise ConfigError(
+            f"ppo.reward_ensemble: the demo trains its reward models into <run dir>/final, not {path}"
+        )
+    member_cfg = cfg.reward.model_copy(update={"out_dir": str(path.parent), "seed": cfg.reward.seed + member,
+                                               "gold_eval": False})  # fmt: skip
+    result = reward.run(member_cfg, resume=True, quiet=quiet)
+    return {"pairs": result["train_pairs"]}
 
 
 def train_ppo(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
@@ -479,6 +501,8 @@ def run(
     stages.run("generate", lambda: generate.run(cfg.generate))
     stages.run("label", lambda: label(out, cfg))
     stages.run("reward", lambda: train_reward(cfg, quiet))
+    for member in range(1, len(cfg.ppo.reward_ensemble) + 1):
+        stages.run(f"reward-{member}", lambda member=member: train_reward_member(cfg, member, quiet))  # type: ignore[misc]
     stages.run("ppo", lambda: train_ppo(cfg, quiet))
     stages.run("eval", lambda: evaluate(out, cfg))
     stages.run("report", lambda: {"path": str(report.write_demo_report(out))})
