@@ -231,6 +231,11 @@ class PanelConfig(Section):
     pairs_per_prompt: int = Field(
         0, ge=0, description="label_offline: pairs compared per prompt (0 = all C(K,2))"
     )
+    task_kind: Literal["pairwise", "ranking"] = Field(
+        "pairwise",
+        description="the demo's comparison tasks: pairs of answers, or one ranking of a prompt's K "
+        "answers (C(K,2) pairs from one judgement)",
+    )
 
 
 class LoraSettings(Section):

@@ -415,12 +415,15 @@ def label(out: Path, cfg: RootConfig) -> dict[str, Any]:
         upgrade(db)
         with db.session() as session:
             rows = read_rows(cfg.generate.out, CandidateRow, 1 << 30)
-            imported = import_candidates(session, PROJECT, rows, task_kind="pairwise", overlap=1)
+            imported = import_candidates(session, PROJECT, rows, task_kind=cfg.panel.task_kind, overlap=1)
         tokens = panel_tokens(db, panel, "demo panel")
         with run_server(db_url, votes_per_minute=0) as base_url:
             counts = label_through_api(base_url, tokens, panel, PROJECT)
         with db.session() as session:
-            n = write_jsonl(cfg.reward.train_file, export_records(session, PROJECT, "votes"))
+            n = write_jsonl(
+                cfg.reward.train_file,
+                export_records(session, PROJECT, "votes" if cfg.panel.task_kind == "pairwise" else "ranking"),
+            )
     finally:
         db.dispose()
     return {"tasks": imported.tasks, "votes": n, "votes_this_run": sum(counts.values())}
