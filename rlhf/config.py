@@ -64,6 +64,12 @@ class DataConfig(Section):
     sft_nonanswer_rate: float = Field(
         0.05, ge=0, le=1, description="share of SFT demonstrations that do not answer what was asked"
     )
+    sft_template_weights: list[float] = Field(
+        [0.15, 0.35, 0.25, 0.15, 0.1],
+        min_length=1,
+        description="weights of the ways to say an SFT "
+        "demonstration's answer, from the most concise to the wordiest (the last repeats for longer lists)",
+    )
     n_cai_docs: int = Field(
         0, ge=0, description="critique/revision and comparison documents added to the corpus (docs/cai.md)"
     )
@@ -225,6 +231,11 @@ class PanelConfig(Section):
     pairs_per_prompt: int = Field(
         0, ge=0, description="label_offline: pairs compared per prompt (0 = all C(K,2))"
     )
+    task_kind: Literal["pairwise", "ranking"] = Field(
+        "pairwise",
+        description="the demo's comparison tasks: pairs of answers, or one ranking of a prompt's K "
+        "answers (C(K,2) pairs from one judgement)",
+    )
 
 
 class LoraSettings(Section):
@@ -375,6 +386,14 @@ class PPOConfig(TrainConfig):
     # reward
     no_eos_penalty: float | None = Field(
         -3.0, description="score of a response that never emits EOS, instead of the RM's (None = RM score)"
+    )
+    reward_ensemble: list[str] = Field(
+        [],
+        description="further reward models (same tokenizer) scored beside reward_model: the score is "
+        "their mean minus ensemble_penalty x their std (Coste et al. 2023)",
+    )
+    ensemble_penalty: float = Field(
+        0.0, ge=0, description="weight of the reward models' disagreement (std) taken off the score"
     )
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(

@@ -325,6 +325,7 @@ def generate(
     sft_wrong_rate: float = 0.1,
     sft_ramble_rate: float = 0.1,
     sft_nonanswer_rate: float = 0.05,
+    sft_template_weights: list[float] | None = None,
     n_tune_prompts: int = 200,
     n_cai_docs: int = 0,
 ) -> dict[str, str]:
@@ -365,7 +366,7 @@ def generate(
             rude=rng.random() < sft_rude_rate,
             ramble=rng.random() < sft_ramble_rate,
             nonanswer=rng.random() < sft_nonanswer_rate,
-            template_weights=[0.15, 0.35, 0.25, 0.15, 0.1],
+            template_weights=sft_template_weights or [0.15, 0.35, 0.25, 0.15, 0.1],
         )
         sft.append({"prompt": render_prompt(q.text), "response": " " + response})
     rl = [{"prompt": render_prompt(sample_question(rng).text)} for _ in range(n_rl_prompts)]

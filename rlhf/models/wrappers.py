@@ -106,6 +106,23 @@ class RewardScores(ModelForward):
         return reward_scores(self.model, lay, self.lean)
 
 
+class RewardEnsemble(torch.nn.Module):
+    """Several reward models as one score: their mean minus `penalty` x their standard deviation, so that an
+    answer the models disagree on (where their votes taught them little) earns less. Uncertainty-weighted
+    optimisation, Coste et al. 2023 ("Reward model ensembles help mitigate overoptimization")."""
+
+    def __init__(self, members: list[torch.nn.Module], penalty: float) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.penalty = penalty
+        self.last_std: Tensor | None = None  # (B,) the members' disagreement on the last batch scored
+
+    def forward(self, lay: TokenLayout) -> Tensor:
+        scores = torch.stack([m(lay) for m in self.members])  # (M, B)
+        self.last_std = scores.std(0, unbiased=False)  # (B,)
+        return scores.mean(0) - self.penalty * self.last_std
+
+
 def load_models(
     cfg: PPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel]:
@@ -132,8 +149,15 @@ def load_models(
         reference = (
             load_causal_lm(cfg.reference or cfg.policy, tokenizer=tokenizer).eval().requires_grad_(False)
         )
-    reward_model = load_reward_model(cfg.reward_model).eval().requires_grad_(False)
-    for model in (policy, reference, critic_model, reward_model):
+    reward_model = frozen_reward_model(cfg.reward_model)
+    for model in (policy, reference, critic_model):
         if model is not None:
             disable_dropout(model)
     return policy, reference, None if critic_model is None else Critic(critic_model), reward_model
+
+
+def frozen_reward_model(path: str) -> PreTrainedModel:
+    """A reward model to score with only: eval mode, no gradients, dropout off."""
+    model = load_reward_model(path).eval().requires_grad_(False)
+    disable_dropout(model)
+    return model

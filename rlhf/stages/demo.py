@@ -15,6 +15,7 @@ from typing import Any
 
 from rlhf.config import RootConfig, load_config
 from rlhf.data.jsonl import write_json
+from rlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,8 @@ DEMO_DIR = "runs/demo/"  # the run directory the demo's config names; `--out` mo
 
 def default_config_path() -> Path | None:
     """configs/demo.yaml of a source checkout, or the copy shipped in the package."""
-    for candidate in (
-        Path(__file__).parents[1] / "configs" / "demo.yaml",
-        Path(__file__).parent / "_configs" / "demo.yaml",
-    ):
+    package = Path(__file__).parents[1]  # rlhf/
+    for candidate in (package.parent / "configs" / "demo.yaml", package / "_configs" / "demo.yaml"):
         if candidate.is_file():
             return candidate
     return None
@@ -84,15 +83,20 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
     cfg = load_config(
         config or default_config_path(), [*(FAST_OVERRIDES if fast else []), *overrides, *paths]
     )
-    # other policies that answer the candidates' prompts, named in the config by their place in runs/demo
-    extra = [
-        str(out / m.removeprefix(DEMO_DIR)) if m.startswith(DEMO_DIR) else m
-        for m in cfg.generate.extra_models
-    ]
+
+    # other policies that answer the candidates' prompts, and the reward models beside the first one that
+    # PPO scores with, named in the config by their place in runs/demo
+    def moved(paths: list[str]) -> str:
+        return json.dumps(
+            [str(out / m.removeprefix(DEMO_DIR)) if m.startswith(DEMO_DIR) else m for m in paths]
+        )
+
     return load_config(
         config or default_config_path(),
-        [*(FAST_OVERRIDES if fast else []), *overrides, *paths, f"generate.extra_models={json.dumps(extra)}"],
-    )
+        [*(FAST_OVERRIDES if fast else []), *overrides, *paths,
+         f"generate.extra_models={moved(cfg.generate.extra_models)}",
+         f"ppo.reward_ensemble={moved(cfg.ppo.reward_ensemble)}"],
+    )  # fmt: skip
 
 
 class Stages:
@@ -130,6 +134,22 @@ def train_reward(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
         "rm_gold_accuracy": gold["gold/rm_accuracy"]["accuracy"],
         "panel_gold_agreement": gold["gold/label_agreement"]["accuracy"],
     }
+
+
+def train_reward_member(cfg: RootConfig, member: int, quiet: bool) -> dict[str, Any]:
+    """One more reward model of PPO's ensemble (`ppo.reward_ensemble`): the same votes, another seed, written
+    where the config names it (.../final)."""
+    from rlhf.stages import reward
+
+    path = Path(cfg.ppo.reward_ensemble[member - 1])
+    if path.name != "final":
+        raise ConfigError(
+            f"ppo.reward_ensemble: the demo trains its reward models into <run dir>/final, not {path}"
+        )
+    member_cfg = cfg.reward.model_copy(update={"out_dir": str(path.parent), "seed": cfg.reward.seed + member,
+                                               "gold_eval": False})  # fmt: skip
+    result = reward.run(member_cfg, resume=True, quiet=quiet)
+    return {"pairs": result["train_pairs"]}
 
 
 def train_ppo(cfg: RootConfig, quiet: bool) -> dict[str, Any]:
@@ -173,6 +193,7 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
         write_json(out / "eval" / f"{name}.json", summary)
     kinds = reward_by_kind(read_prompts(cfg.eval.prompts_file, 200), out / "reward" / "final")
     write_json(out / "eval" / "reward_by_kind.json", kinds)
+    write_json(out / "eval" / "reward_values.json", reward_value_check(out / "reward" / "final"))
     coverage = candidate_coverage(cfg.generate.out)
     write_json(out / "eval" / "sft_coverage.json", coverage)
     results["sft_correct_among_k"] = coverage["correct_among_k"]
@@ -319,6 +340,43 @@ def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
     return out
 
 
+def reward_value_check(reward_model: Path) -> dict[str, Any]:
+    """Can the reward model check an answer's value? Over every arithmetic question of the demo world and every
+    fact look-up, a correct answer against a wrong one in the same words (the bare value and the plain
+    sentence), for every wrong value of the kind the world's wrong answers take: how often it scores the
+    correct one higher (0.5: it cannot tell them apart)."""
+    from rlhf.data import demo_task
+    from rlhf.labelers import gold
+
+    questions = [f"What is {a} {op} {b}?" for op in demo_task.OPERATIONS for a in range(demo_task.MAX_OPERAND + 1)
+                 for b in range(demo_task.MAX_OPERAND + 1) if not (op == "minus" and b > a)]  # fmt: skip
+    questions += [t.format(c) for t in ("What color is the {}?", "Where does the {} live?", "What does the {} eat?")
+                  for c in sorted(demo_task.FACTS)]  # fmt: skip
+    pairs: list[tuple[str, str, str, str]] = []  # (family, prompt, correct, wrong)
+    for text in questions:
+        prompt = demo_task.render_prompt(text)
+        q = gold.parse_question(prompt)
+        if q.family == "arithmetic":
+            wrong = sorted({str(int(q.answer) + d) for d in (-3, -2, -1, 1, 2, 3)} - {q.answer}, key=int)
+            wrong = [w for w in wrong if int(w) >= 0]
+        else:
+            wrong = [v for v in demo_task.VALUES[q.attribute] if v != q.answer]
+        for w in wrong:
+            for right_text, wrong_text in list(zip(demo_task.answer_templates(q, q.answer),
+                                                   demo_task.answer_templates(q, w), strict=True))[:2]:  # fmt: skip
+                pairs.append((q.family, prompt, " " + right_text, " " + wrong_text))
+    prompts = [p for _, p, _, _ in pairs]
+    right = _rm_scores(reward_model, prompts, [r for _, _, r, _ in pairs])
+    wrong_scores = _rm_scores(reward_model, prompts, [w for _, _, _, w in pairs])
+    out: dict[str, Any] = {}
+    for family in ("arithmetic", "fact"):
+        wins = [r > w for (f, *_), r, w in zip(pairs, right, wrong_scores, strict=True) if f == family]
+        margins = [r - w for (f, *_), r, w in zip(pairs, right, wrong_scores, strict=True) if f == family]
+        out[family] = {"pairs": len(wins), "correct_over_wrong": sum(wins) / len(wins),
+                       "mean_margin": sum(margins) / len(margins)}  # fmt: skip
+    return out
+
+
 def candidate_coverage(candidates_file: str) -> dict[str, Any]:
     """How often the SFT policy's K candidates hold a correct answer (what preferences can reward), and how
     often one sampled answer is correct, over the candidates' prompts by criterion."""
@@ -357,12 +415,15 @@ def label(out: Path, cfg: RootConfig) -> dict[str, Any]:
         upgrade(db)
         with db.session() as session:
             rows = read_rows(cfg.generate.out, CandidateRow, 1 << 30)
-            imported = import_candidates(session, PROJECT, rows, task_kind="pairwise", overlap=1)
+            imported = import_candidates(session, PROJECT, rows, task_kind=cfg.panel.task_kind, overlap=1)
         tokens = panel_tokens(db, panel, "demo panel")
         with run_server(db_url, votes_per_minute=0) as base_url:
             counts = label_through_api(base_url, tokens, panel, PROJECT)
         with db.session() as session:
-            n = write_jsonl(cfg.reward.train_file, export_records(session, PROJECT, "votes"))
+            n = write_jsonl(
+                cfg.reward.train_file,
+                export_records(session, PROJECT, "votes" if cfg.panel.task_kind == "pairwise" else "ranking"),
+            )
     finally:
         db.dispose()
     return {"tasks": imported.tasks, "votes": n, "votes_this_run": sum(counts.values())}
@@ -387,6 +448,11 @@ def summary_lines(out: Path) -> list[str]:
         k = json.loads(kinds.read_text())
         lines.append("reward model, mean score (gold): " + ", ".join(
             f"{kind} {v['rm_mean']:.2f} ({v['gold_mean']:.2f})" for kind, v in k.items()))  # fmt: skip
+    values = out / "eval" / "reward_values.json"
+    if values.exists():
+        v = json.loads(values.read_text())
+        lines.append("reward model, correct over wrong value in the same words: " + ", ".join(
+            f"{family} {c['correct_over_wrong']:.3f} ({c['pairs']} pairs)" for family, c in v.items()))  # fmt: skip
     comparison = out / "eval" / "ppo_vs_sft.json"
     if comparison.exists():
         e = json.loads(comparison.read_text())
@@ -428,7 +494,7 @@ def run(
     def data() -> dict[str, Any]:
         demo_task.generate(out / "data", seed=d.seed, n_pretrain=d.n_pretrain, n_sft=d.n_sft, n_rl_prompts=d.n_rl_prompts,
                            n_eval_prompts=d.n_eval_prompts, sft_rude_rate=d.sft_rude_rate, sft_wrong_rate=d.sft_wrong_rate,
-                           sft_ramble_rate=d.sft_ramble_rate, sft_nonanswer_rate=d.sft_nonanswer_rate,
+                           sft_ramble_rate=d.sft_ramble_rate, sft_nonanswer_rate=d.sft_nonanswer_rate, sft_template_weights=d.sft_template_weights,
                            n_tune_prompts=d.n_tune_prompts, n_cai_docs=d.n_cai_docs)  # fmt: skip
         return {"pretrain_docs": d.n_pretrain, "sft_demonstrations": d.n_sft}
 
@@ -438,6 +504,8 @@ def run(
     stages.run("generate", lambda: generate.run(cfg.generate))
     stages.run("label", lambda: label(out, cfg))
     stages.run("reward", lambda: train_reward(cfg, quiet))
+    for member in range(1, len(cfg.ppo.reward_ensemble) + 1):
+        stages.run(f"reward-{member}", lambda member=member: train_reward_member(cfg, member, quiet))  # type: ignore[misc]
     stages.run("ppo", lambda: train_ppo(cfg, quiet))
     stages.run("eval", lambda: evaluate(out, cfg))
     stages.run("report", lambda: {"path": str(report.write_demo_report(out))})

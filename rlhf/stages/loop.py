@@ -313,6 +313,7 @@ def round_ppo_config(
     return settings.model_copy(update={
         "out_dir": str(rdir / "ppo"), "policy": current.path, "reference": cfg.loop.sft_policy,
         "reward_model": rm.path, "critic": None, "seed": settings.seed + rm.round, "kl_budget": budget,
+        "reward_ensemble": [],  # each round trains one reward model: another run's would score other votes
     })  # fmt: skip
 
 

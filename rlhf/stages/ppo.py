@@ -54,7 +54,15 @@ from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
 from rlhf.models.loading import check_same_tokenizer, context_length, load_causal_lm, load_tokenizer
 from rlhf.models.lora import add_lora
 from rlhf.models.tokens import encode_prompts, stop_ids
-from rlhf.models.wrappers import Actor, Critic, RewardScores, load_models, response_values
+from rlhf.models.wrappers import (
+    Actor,
+    Critic,
+    RewardEnsemble,
+    RewardScores,
+    frozen_reward_model,
+    load_models,
+    response_values,
+)
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -124,7 +132,7 @@ class Rollout:
 @torch.no_grad()
 def score_rollout(
     gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: RewardScores, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
+    reward_model: RewardScores | RewardEnsemble, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
 ) -> Rollout:  # fmt: skip
     """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch.
 
@@ -196,7 +204,7 @@ _GUARD_STREAM = -1  # in the place of the iteration in the held-out samples' str
 @torch.no_grad()
 def guard_eval(
     policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: RewardScores, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    reward_model: RewardScores | RewardEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, gold_fn: GoldFn | None,
     reduce: Callable[[Tensor], Tensor], synced: bool = False, index: Tensor | None = None,
 ) -> dict[str, float]:  # fmt: skip
@@ -274,7 +282,7 @@ class PPOState:
     reference: Actor | None  # None: the policy with its LoRA adapter off
     critic: Any  # None for the critic-free estimators
     critic_module: Critic | None
-    scorer: RewardScores
+    scorer: RewardScores | RewardEnsemble
     policy_opt: Any
     policy_sched: Any
     critic_opt: Any
@@ -334,7 +342,9 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         raise ConfigError(f"ppo.batch_size / samples_per_prompt ({cfg.batch_size // k} prompts) must be divisible "
                           f"by the {world} processes")  # fmt: skip
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
-    for role, path in (("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic)):
+    roles = [("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic),
+             *(("ppo.reward_ensemble", path) for path in cfg.reward_ensemble)]  # fmt: skip
+    for role, path in roles:
         if path:  # the policy's token ids are what the reward model and the critic read
             check_same_tokenizer(tokenizer, load_tokenizer(path, cfg.add_pad_token), "ppo.policy", role)
     # read before any output: bad input leaves nothing behind
@@ -378,10 +388,12 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     reference_actor = (
         None if reference is None else Actor(reference.to(accelerator.device), frozen_lean(reference))
     )
-    scorer = RewardScores(reward_model.to(accelerator.device), frozen_lean(reward_model))
+    members = [reward_model, *(frozen_reward_model(path) for path in cfg.reward_ensemble)]
+    scorers = [RewardScores(m.to(accelerator.device), frozen_lean(m)) for m in members]
+    scorer = RewardEnsemble(list(scorers), cfg.ensemble_penalty) if cfg.reward_ensemble else scorers[0]
     if is_sharded:  # before the optimisers: sharding replaces the parameters
         sharding.shard(policy.model, cfg, accelerator)  # the model itself is the root: generation calls it
-        for module in (critic, reference_actor, scorer):
+        for module in (critic, reference_actor, *scorers):
             if module is not None:
                 sharding.shard(module, cfg, accelerator)
 
@@ -422,7 +434,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     actor = cast(Actor, accelerator.unwrap_model(prepared_policy))
     # sequences packed into rows when every model takes a 4-D attention mask (SDPA, eager)
     critic_base = None if critic_module is None else critic_module.base
-    masks = [takes_4d_mask(m) for m in (actor.model, critic_base, reward_model, reference) if m is not None]
+    masks = [takes_4d_mask(m) for m in (actor.model, critic_base, *members, reference) if m is not None]
     pack, additive = cfg.pack_sequences and all(ok for ok, _ in masks), any(add for _, add in masks)
     # rows as wide as suits the policy, which computes the most passes (packing.row_width)
     hidden_size = getattr(actor.model.config, "hidden_size", None)

@@ -19,7 +19,7 @@ from peft import PeftModel
 
 from rlhf.config import PPOConfig
 from rlhf.engine.decoding import left_pad
-from rlhf.models.heads import load_scalar_model, sequence_rewards
+from rlhf.models.heads import build_scalar_model, load_scalar_model, sequence_rewards, set_normalisation
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.stages import ppo
@@ -241,3 +241,38 @@ def test_kl_budget_stops_the_run(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["best_iteration"] in (0, 1)
     assert "ppo/guard_gold" not in read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+
+
+def test_an_ensemble_of_one_reward_model_twice_trains_as_that_model_alone(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    # scores read from the reward models even where an answer never ends (the tiny policy rarely ends)
+    # the members agree everywhere: their std is 0, so any penalty leaves the score, and the run, unchanged
+    ppo.run(
+        tiny_ppo(tmp_path / "one", tiny_sft_model, tiny_reward_model, demo_data, no_eos_penalty=None),
+        quiet=True,
+    )
+    ppo.run(tiny_ppo(tmp_path / "two", tiny_sft_model, tiny_reward_model, demo_data,
+                     reward_ensemble=[str(tiny_reward_model)], ensemble_penalty=2.0, no_eos_penalty=None), quiet=True)  # fmt: skip
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert [r["ppo/score"] for r in one] == pytest.approx([r["ppo/score"] for r in two], abs=1e-5)
+    assert [r["ppo/kl"] for r in one] == pytest.approx([r["ppo/kl"] for r in two], abs=1e-5)
+    policy = lambda name: load_causal_lm(str(tmp_path / name / "final"))  # noqa: E731
+    assert max_change(policy("one"), policy("two")) < 1e-4
+    # a member that scores otherwise: the first iteration's score is the members' mean, less their std
+    other = tmp_path / "other_rm"
+    model = build_scalar_model(str(tiny_sft_model), seed=1)
+    set_normalisation(model, 0.0, 1.0)
+    model.save_pretrained(other)
+    load_tokenizer(str(tiny_sft_model)).save_pretrained(other)
+    cfg = tiny_ppo(tmp_path / "mixed", tiny_sft_model, tiny_reward_model, demo_data, iterations=1,
+                   reward_ensemble=[str(other)], ensemble_penalty=1.0, no_eos_penalty=None)  # fmt: skip
+    ppo.run(cfg, quiet=True)
+    mixed = read_metrics(tmp_path / "mixed" / "metrics.jsonl")[0]["ppo/score"]
+    ppo.run(
+        tiny_ppo(tmp_path / "other", tiny_sft_model, other, demo_data, iterations=1, no_eos_penalty=None),
+        quiet=True,
+    )
+    other_score = read_metrics(tmp_path / "other" / "metrics.jsonl")[0]["ppo/score"]
+    # the same first rollouts (same seed, same policy): mean of the two scores minus std <= their mean
+    assert mixed < (one[0]["ppo/score"] + other_score) / 2 - 1e-4

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from rlhf.data import demo_task
 from rlhf.stages import demo
 
@@ -35,3 +39,35 @@ def test_outcomes_by_family_count_wins_ties_losses_and_correct_answers() -> None
     assert out["harm"] == {"n": 1, "wins_a": 1, "ties": 0, "losses_a": 0, "correct_a": 1, "correct_b": 0,
                            "best_b": 0}  # fmt: skip
     assert list(out) == sorted(out)
+
+
+def test_value_check_scores_correct_against_wrong_values_in_the_same_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rlhf.labelers import gold
+
+    seen: list[tuple[str, str]] = []
+
+    def by_gold(reward_model: object, prompts: list[str], texts: list[str]) -> list[float]:
+        seen.extend(zip(prompts, texts, strict=True))
+        return [gold.utility(p, t, True) for p, t in zip(prompts, texts, strict=True)]
+
+    monkeypatch.setattr(demo, "_rm_scores", by_gold)
+    out = demo.reward_value_check(Path("unused"))
+    # 65 arithmetic questions (minus only where the result is not negative), each wrong value of them in the
+    # bare value and the plain sentence; 30 fact look-ups against every other value of their attribute
+    assert out["arithmetic"]["correct_over_wrong"] == out["fact"]["correct_over_wrong"] == 1.0
+    assert (
+        out["fact"]["pairs"] == 2 * sum(len(demo_task.VALUES[a]) - 1 for a in ("color", "home", "food")) * 10
+    )
+    prompt = demo_task.render_prompt("What is 1 minus 1?")
+    assert {t for p, t in seen if p == prompt} == {" 0.", " 1.", " 2.", " 3.", " 1 minus 1 is 0.", " 1 minus 1 is 1.",
+                                                   " 1 minus 1 is 2.", " 1 minus 1 is 3."}  # fmt: skip
+    monkeypatch.setattr(demo, "_rm_scores", lambda rm, prompts, texts: [0.0] * len(texts))
+    assert (
+        demo.reward_value_check(Path("unused"))["arithmetic"]["correct_over_wrong"] == 0.0
+    )  # a tie is no win
+
+
+def test_the_demo_reads_the_projects_demo_config() -> None:
+    assert demo.default_config_path() == Path(__file__).parents[2] / "configs" / "demo.yaml"
