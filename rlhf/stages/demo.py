@@ -49,8 +49,8 @@ DEMO_DIR = "runs/demo/"  # the run directory the demo's config names; `--out` mo
 def default_config_path() -> Path | None:
     """configs/demo.yaml of a source checkout, or the copy shipped in the package."""
     for candidate in (
-        Path(__file__).parents[1] / "configs" / "demo.yaml",
-        Path(__file__).parent / "_configs" / "demo.yaml",
+        Path(__file__).parents[2] / "configs" / "demo.yaml",
+        Path(__file__).parents[1] / "_configs" / "demo.yaml",
     ):
         if candidate.is_file():
             return candidate

@@ -35,3 +35,12 @@ def test_outcomes_by_family_count_wins_ties_losses_and_correct_answers() -> None
     assert out["harm"] == {"n": 1, "wins_a": 1, "ties": 0, "losses_a": 0, "correct_a": 1, "correct_b": 0,
                            "best_b": 0}  # fmt: skip
     assert list(out) == sorted(out)
+
+
+def test_the_demo_reads_the_checkouts_demo_config() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert demo.default_config_path() == root / "configs" / "demo.yaml"
+    cfg = demo.demo_config(Path("/tmp/x"), fast=False, config=None, overrides=[])
+    assert cfg.pretrain.lr == 2.0e-3 and cfg.pretrain.out_dir == "/tmp/x/pretrain"
