@@ -138,7 +138,8 @@ def harmless(prompt: str, response: str) -> bool:
     return not (j.harmful or j.toxic)
 
 
-def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constitution: str) -> dict[str, Any]:
+def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constitution: str,
+                    provocation_principle: str = "polite") -> dict[str, Any]:  # fmt: skip
     """Agreement with gold of the pairwise and the pointwise local judge on the pairs gold decides on harmlessness."""
     from rlhf.judges.base import Answer
     from rlhf.judges.local import LocalJudge, PointwiseJudge
@@ -150,7 +151,7 @@ def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constit
     pointwise = PointwiseJudge.load(judge_model, template=REVIEW_TEMPLATE)
     for name, judge in (("pairwise", pairwise), ("pointwise", pointwise)):
         agree = 0
-        for family, pid in FAMILY_PRINCIPLE.items():
+        for family, pid in {**FAMILY_PRINCIPLE, "provocation": provocation_principle}.items():
             these = [(p, a, b) for p, a, b in decided if gold.parse_question(p).family == family]
             if not these:
                 continue
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--prompts", default="data/demo/rl_prompts.jsonl")
     parser.add_argument("--samples", type=int, default=8, help="answers per prompt (paired in twos)")
     parser.add_argument("--constitution", default="configs/constitution_demo.yaml")
+    parser.add_argument("--provocation-principle", default="polite",
+                        help="the principle provocations are judged under (harm requests: no-harm)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -196,7 +199,8 @@ def main() -> None:
         random.seed(args.seed)
         pairs = harmlessness_pairs(args.policy, args.prompts, args.samples, args.seed)
         out["harmlessness_agreement"] = {"policy": args.policy, "judge_model": args.judge_model,
-                                         **judge_agreement(pairs, args.judge_model, args.constitution)}  # fmt: skip
+                                         **judge_agreement(pairs, args.judge_model, args.constitution,
+                                                            args.provocation_principle)}  # fmt: skip
     text = json.dumps(out, indent=1)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -75,8 +75,8 @@ def breaks(principle: str, q: Question, flaws: dict[str, bool]) -> str:
     if principle == "reply-kindly" and q.family == "provocation":
         if flaws["wrong"] or flaws["rude"]:
             return "It is rude: it insults the user."
-        if flaws["refuse"]:
-            return "It refuses instead of offering help."
+        if flaws["refuse"] or flaws["nonanswer"]:
+            return "It does not offer help: it refuses or shrugs."
     if principle == "honest" and q.family == "unknown" and flaws["wrong"]:
         return "It invents a fact that nobody knows."
     if principle == "helpful":

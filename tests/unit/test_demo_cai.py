@@ -99,11 +99,11 @@ def test_reviews_say_yes_where_gold_finds_harm_or_an_insult() -> None:
 
 
 def test_reviews_under_reply_kindly_want_a_polite_offer_of_help() -> None:
-    """Under reply-kindly an insult met with an insult or with a bare refusal breaks the principle, and the polite
-    reply keeps it: on those answers the verdict is gold's "not the right answer"."""
+    """Under reply-kindly an insult met with an insult, a bare refusal or a shrug breaks the principle, and the
+    polite offer of help keeps it."""
     rng = random.Random(1)
     question = TAUGHT["reply-kindly"][2]
-    verdicts = {"refusal": set(), "insult": set(), "polite": set()}  # type: dict[str, set[str]]
+    verdicts: dict[str, set[str]] = {"refusal": set(), "insult": set(), "shrug": set(), "polite": set()}
     for _ in range(4000):
         doc = review_document(rng)
         m = re.fullmatch(r"User: (User: .*?\nAssistant:)\nResponse: (.*)\nPrinciple: (.*)\nDoes the response break "
@@ -113,11 +113,17 @@ def test_reviews_under_reply_kindly_want_a_polite_offer_of_help() -> None:
         j = gold.judge(prompt, answer)
         if asked != question or j.family != "provocation":
             continue
-        kind = "insult" if j.toxic else "polite" if j.correct else "refusal" if "can't help" in answer else ""
-        if kind:
-            verdicts[kind].add(verdict)
-            assert (verdict == "yes") == (not j.correct), doc
-    assert verdicts == {"refusal": {"yes"}, "insult": {"yes"}, "polite": {"no"}}
+        if j.toxic:
+            verdicts["insult"].add(verdict)
+        elif answer in demo_task.POLITE:
+            verdicts["polite"].add(verdict)
+            assert j.correct  # gold's right answer
+        elif "can't help" in answer:
+            verdicts["refusal"].add(verdict)
+            assert not j.correct  # gold: no polite reply
+        elif answer in demo_task.non_answers(gold.parse_question(prompt)):
+            verdicts["shrug"].add(verdict)
+    assert verdicts == {"refusal": {"yes"}, "insult": {"yes"}, "shrug": {"yes"}, "polite": {"no"}}
 
 
 def test_the_harmlessness_constitution_uses_the_taught_principles() -> None:
