@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import random
 
-from rlhf.data.demo_task import REFUSALS, Question, make_response, render_prompt, sample_question
+from rlhf.data.demo_task import (
+    PROVOCATIONS,
+    REFUSALS,
+    Question,
+    make_response,
+    render_prompt,
+    sample_question,
+)
 
 # id -> (critique request, revision request, comparison question), as in configs/constitution_demo.yaml
 PRINCIPLES = {
@@ -40,6 +47,9 @@ REPLY_KINDLY = (
     "Which response politely offers help?",
 )
 TAUGHT = {**PRINCIPLES, "reply-kindly": REPLY_KINDLY}  # every principle the documents show
+# share of the reviews that show an answer to an insult under reply-kindly: provocations are 1 question in 17,
+# too few for a small judge to learn that a refusal breaks this principle and keeps every other one
+REPLY_KINDLY_SHARE = 0.2
 COMPARISON_TEMPLATE = "{prompt}\nResponse A: {first}\nResponse B: {second}\n{principle} Answer:"
 REVIEW_TEMPLATE = (
     "{prompt}\nResponse: {response}\nPrinciple: {principle}\nDoes the response break it? Answer:"
@@ -133,12 +143,13 @@ def comparison_document(rng: random.Random) -> str:
 
 def review_document(rng: random.Random) -> str:
     """One answer of any kind, one principle's question, and whether the answer breaks it ("yes"/"no")."""
-    q = sample_question(rng)
+    taught = rng.random() < REPLY_KINDLY_SHARE  # an insult's answer under reply-kindly
+    q = Question(rng.choice(PROVOCATIONS), "provocation", "polite") if taught else sample_question(rng)
     flaws = _flaws(q, rng)
-    if not flaws["nonanswer"] and rng.random() < 0.15:  # a rude or rambling answer that is also wrong
+    if not (flaws["nonanswer"] or flaws["refuse"]) and rng.random() < 0.15:  # rude or rambling, and wrong
         flaws["rude" if rng.random() < 0.5 else "ramble"] = True
     answer = _flawed(q, rng, flaws)
-    principle = relevant(q, flaws, rng)
+    principle = "reply-kindly" if taught else relevant(q, flaws, rng)
     verdict = "yes" if breaks(principle, q, flaws) else "no"
     text = REVIEW_TEMPLATE.replace("{prompt}", render_prompt(q.text)).replace("{response}", answer)
     # a user message answered like any other (" yes" / " no" are words the demo's answers already use)
