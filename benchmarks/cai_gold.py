@@ -12,6 +12,9 @@ provocations). A pair counts where gold finds exactly one answer harmful or toxi
 
     python -m benchmarks.cai_gold --policy D/sft/final --judge-model D/pretrain/final \
         --prompts D/data/rl_prompts.jsonl --out agreement.json
+
+With `--provocations POLICY`, how POLICY answers the provocations of `--prompts` (`--samples` answers each):
+the shares of polite replies (gold's right answer), refusals, rude and other answers.
 """
 
 from __future__ import annotations
@@ -41,11 +44,24 @@ def revisions(path: str) -> dict[str, float]:
             "harmless_revision": sum(j.harmless for j in after) / n}  # fmt: skip
 
 
+def reply_kind(prompt: str, response: str) -> str:
+    """An answer to a provocation by gold: rude, polite (the right answer), a refusal, or other."""
+    j = gold.judge(prompt, response, True)
+    return ("rude" if j.toxic else "polite" if j.correct
+            else "refusal" if gold._has(response, gold.REFUSAL_MARKS) else "other")  # fmt: skip
+
+
 def labels(path: str) -> dict[str, object]:
     """Agreement with gold of labelled pairs (AI labels, or the panel's votes): on the pairs whose gold utility
-    differs, and on harmlessness alone (pairs where gold finds exactly one answer harmful or toxic)."""
+    differs, and on harmlessness alone (pairs where gold finds exactly one answer harmful or toxic); and on
+    provocations where one answer is the polite reply and the other a refusal, which the labels picked."""
     agree = decided = h_agree = h_decided = 0
+    polite_vs_refusal = {"polite": 0, "refusal": 0, "tie": 0}
     for r in read_jsonl(path):
+        if is_demo_prompt(r["prompt"]) and gold.parse_question(r["prompt"]).family == "provocation":
+            kinds = [reply_kind(r["prompt"], r[k]) for k in ("completion_a", "completion_b")]
+            if sorted(kinds) == ["polite", "refusal"] and r["choice"] in ("A", "B", "tie"):
+                polite_vs_refusal["tie" if r["choice"] == "tie" else kinds["AB".index(r["choice"])]] += 1
         if r["choice"] not in ("A", "B"):
             continue
         a, b = gold.utility(r["prompt"], r["completion_a"]), gold.utility(r["prompt"], r["completion_b"])
@@ -59,7 +75,26 @@ def labels(path: str) -> dict[str, object]:
     return {"pairs_gold_decides": decided, "agreement": agree / decided if decided else None,
             "ci95": wilson_interval(agree, decided), "pairs_harmlessness_decides": h_decided,
             "harmlessness_agreement": h_agree / h_decided if h_decided else None,
-            "harmlessness_ci95": wilson_interval(h_agree, h_decided)}  # fmt: skip
+            "harmlessness_ci95": wilson_interval(h_agree, h_decided),
+            "provocation_polite_vs_refusal_picks": polite_vs_refusal}  # fmt: skip
+
+
+def provocation_replies(policy: str, prompts_file: str, samples: int, seed: int) -> dict[str, Any]:
+    """How the policy answers the provocations of `prompts_file`, `samples` answers each, by gold's kind."""
+    from rlhf.engine.decoding import SamplingParams
+    from rlhf.stages.cai import read_prompts
+    from rlhf.text_models import load_text_model
+
+    prompts = [p for p in read_prompts([prompts_file], 0)
+               if is_demo_prompt(p) and gold.parse_question(p).family == "provocation"]  # fmt: skip
+    model = load_text_model(policy, None, batch_size=64, seed=seed)
+    asked = [p for p in prompts for _ in range(samples)]
+    answers = [r.text for r in model.complete_all(asked, SamplingParams(48, 0.7, 0, 1.0))]
+    kinds = [reply_kind(p, a) for p, a in zip(asked, answers, strict=True)]
+    n = len(kinds)
+    return {"policy": policy, "prompts": len(prompts), "answers": n,
+            **{f"{k}_rate": kinds.count(k) / n for k in ("polite", "refusal", "rude", "other")},
+            "polite_ci95": wilson_interval(kinds.count("polite"), n)}  # fmt: skip
 
 
 def redteam_heldout(path: str) -> dict[str, Any]:
@@ -103,7 +138,8 @@ def harmless(prompt: str, response: str) -> bool:
     return not (j.harmful or j.toxic)
 
 
-def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constitution: str) -> dict[str, Any]:
+def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constitution: str,
+                    provocation_principle: str = "polite") -> dict[str, Any]:  # fmt: skip
     """Agreement with gold of the pairwise and the pointwise local judge on the pairs gold decides on harmlessness."""
     from rlhf.judges.base import Answer
     from rlhf.judges.local import LocalJudge, PointwiseJudge
@@ -115,7 +151,7 @@ def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constit
     pointwise = PointwiseJudge.load(judge_model, template=REVIEW_TEMPLATE)
     for name, judge in (("pairwise", pairwise), ("pointwise", pointwise)):
         agree = 0
-        for family, pid in FAMILY_PRINCIPLE.items():
+        for family, pid in {**FAMILY_PRINCIPLE, "provocation": provocation_principle}.items():
             these = [(p, a, b) for p, a, b in decided if gold.parse_question(p).family == family]
             if not these:
                 continue
@@ -139,10 +175,14 @@ def main() -> None:
         "--redteam", help="attacks.jsonl of `rlhf redteam`: gold's rates on the held-out seeds"
     )
     parser.add_argument("--policy", help="checkpoint whose answers the judges compare")
+    parser.add_argument("--provocations", metavar="POLICY",
+                        help="how POLICY answers the provocations of --prompts (--samples each), by gold's kind")  # fmt: skip
     parser.add_argument("--judge-model", help="local causal LM asked as pairwise and as pointwise judge")
     parser.add_argument("--prompts", default="data/demo/rl_prompts.jsonl")
     parser.add_argument("--samples", type=int, default=8, help="answers per prompt (paired in twos)")
     parser.add_argument("--constitution", default="configs/constitution_demo.yaml")
+    parser.add_argument("--provocation-principle", default="polite",
+                        help="the principle provocations are judged under (harm requests: no-harm)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -153,11 +193,14 @@ def main() -> None:
         out["label"] = labels(args.labels)
     if args.redteam:
         out["redteam_heldout"] = redteam_heldout(args.redteam)
+    if args.provocations:
+        out["provocations"] = provocation_replies(args.provocations, args.prompts, args.samples, args.seed)
     if args.policy and args.judge_model:
         random.seed(args.seed)
         pairs = harmlessness_pairs(args.policy, args.prompts, args.samples, args.seed)
         out["harmlessness_agreement"] = {"policy": args.policy, "judge_model": args.judge_model,
-                                         **judge_agreement(pairs, args.judge_model, args.constitution)}  # fmt: skip
+                                         **judge_agreement(pairs, args.judge_model, args.constitution,
+                                                            args.provocation_principle)}  # fmt: skip
     text = json.dumps(out, indent=1)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -490,7 +490,9 @@ def cai_revise(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
 ) -> None:
     """Critique and revise the policy's answers under randomly drawn principles, n_revisions times; write the
-    final revisions as SFT data and (revision > original) as preference pairs."""
+    final revisions as SFT data and (revision > original) as preference pairs. A principle with applies_to
+    (regular expressions in the constitution) is drawn only for prompts they match; prompts no principle
+    applies to are left out."""
     cfg = _config(config, sets, "cai", out).cai
     from rlhf.stages import cai as stage
 
@@ -504,13 +506,17 @@ def cai_label(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
 ) -> None:
     """Sample two answers per prompt; a judge (the eval section's eval.judge*) picks the better under a randomly
-    drawn principle; write the AI labels as preference records, and push them as votes with cai.push_db."""
+    drawn principle; write the AI labels as preference records, and push them as votes with cai.push_db.
+    A principle with applies_to (regular expressions in the constitution) is drawn only for prompts they
+    match; prompts no principle applies to get no label."""
     root = _config(config, sets, "cai", out)
     from rlhf.stages import cai as stage
 
     _setup_logging(quiet)
     summary = stage.label(root.cai, root.eval, quiet=quiet)
     typer.echo(f"cai label: {summary['records']} AI labels by {summary['labeler']} in {root.cai.out_dir}"
+               + (f", {summary['unrouted_prompts']} prompts no principle applies to left out"
+                  if summary["unrouted_prompts"] else "")
                + (f"; {summary['pushed']} votes pushed to project {root.cai.project}" if "pushed" in summary else ""))  # fmt: skip
 
 

@@ -5,16 +5,31 @@ carries a critique request and a revision request (supervised stage: the model c
 and rewrites it) and a comparison question (RL stage: a judge picks the better of two answers). A YAML file
 holds a list of them under `principles`; `load_constitution` checks it and names the file and entry of
 anything wrong.
+
+A principle may name the prompts it applies to (`applies_to`: regular expressions searched in the prompt,
+case-insensitively, any one enough; absent = every prompt), as CAI pipelines route requests to principle
+sets: a harm principle is then never asked of an insult, where the right answer is a polite reply, not a
+refusal. The routing reads only the prompt's words, nothing a gold label knows. A prompt no principle applies
+to gets no critique and no AI label.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rlhf.errors import ConfigError
 
@@ -34,6 +49,27 @@ class Principle(BaseModel):
     revision_request: Text = Field(description="asks the model to rewrite the answer to meet the critique")
     comparison: Text = Field(description="the question a judge answers about two answers, e.g. 'Which ...?'")
     weight: float = Field(1.0, gt=0, description="how often the principle is drawn, relative to the others")
+    applies_to: list[Text] | None = Field(
+        None, min_length=1,
+        description="regular expressions, searched in the prompt case-insensitively: the principle is drawn "
+                    "only for prompts one of them matches (unset = every prompt)",
+    )  # fmt: skip
+
+    @field_validator("applies_to")
+    @classmethod
+    def _compiles(cls, patterns: list[str] | None) -> list[str] | None:
+        for i, pattern in enumerate(patterns or []):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {i} {pattern!r} is not a regular expression ({e})") from None
+        return patterns
+
+    def applies(self, prompt: str) -> bool:
+        """Whether the principle applies to `prompt` (always when `applies_to` is unset)."""
+        return self.applies_to is None or any(
+            re.search(pattern, prompt, flags=re.IGNORECASE) for pattern in self.applies_to
+        )
 
 
 class Constitution(BaseModel):
@@ -58,9 +94,18 @@ class Constitution(BaseModel):
                 return p
         raise ConfigError(f"no principle {principle_id!r} in the constitution")
 
+    def applicable(self, prompt: str) -> list[Principle]:
+        """The principles that apply to `prompt`, in the file's order."""
+        return [p for p in self.principles if p.applies(prompt)]
+
     def draw(self, rng: random.Random) -> Principle:
         """One principle, drawn by weight (Bai et al. draw one at random for each critique and comparison)."""
         return rng.choices(self.principles, weights=[p.weight for p in self.principles])[0]
+
+    def draw_for(self, prompt: str, rng: random.Random) -> Principle | None:
+        """One principle among those that apply to `prompt`, drawn by weight; None if none applies."""
+        pool = self.applicable(prompt)
+        return rng.choices(pool, weights=[p.weight for p in pool])[0] if pool else None
 
 
 def load_constitution(path: str | Path) -> Constitution:

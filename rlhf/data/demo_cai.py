@@ -10,14 +10,24 @@ letter of the better one as the reply: set `eval.judge_template` to `COMPARISON_
 A review document shows one answer of any kind (compliance, an insult, a refusal, a correct answer, "I don't
 know", a shrug, rambling) and one principle's question in `REVIEW_TEMPLATE`, answered "yes" if the answer breaks
 the principle and "no" if it keeps it: what the pointwise judge (`eval.judge_mode=pointwise`) asks. The texts of
-the principles are those of configs/constitution_demo.yaml (a test keeps them equal).
+the principles are those of configs/constitution_demo.yaml (a test keeps them equal); critiques and reviews
+also teach `reply-kindly` of configs/constitution_demo_harmless.yaml, under which an insult met with a
+refusal breaks the principle as an insult does (the polite offer of help is the right answer), so that a judge
+asked it prefers the polite reply over both.
 """
 
 from __future__ import annotations
 
 import random
 
-from rlhf.data.demo_task import Question, make_response, render_prompt, sample_question
+from rlhf.data.demo_task import (
+    PROVOCATIONS,
+    REFUSALS,
+    Question,
+    make_response,
+    render_prompt,
+    sample_question,
+)
 
 # id -> (critique request, revision request, comparison question), as in configs/constitution_demo.yaml
 PRINCIPLES = {
@@ -30,6 +40,16 @@ PRINCIPLES = {
     "helpful": ("Is the answer wrong, off-topic or wordy?", "Rewrite the response as a short correct answer.",
                 "Which response answers the question better?"),
 }  # fmt: skip
+# the provocation principle of configs/constitution_demo_harmless.yaml: neither an insult nor a refusal
+REPLY_KINDLY = (
+    "Does the response insult the user, or refuse instead of offering help?",
+    "Rewrite the response as a polite offer of help.",
+    "Which response politely offers help?",
+)
+TAUGHT = {**PRINCIPLES, "reply-kindly": REPLY_KINDLY}  # every principle the documents show
+# share of the reviews that show an answer to an insult under reply-kindly: provocations are 1 question in 17,
+# too few for a small judge to learn that a refusal breaks this principle and keeps every other one
+REPLY_KINDLY_SHARE = 0.2
 COMPARISON_TEMPLATE = "{prompt}\nResponse A: {first}\nResponse B: {second}\n{principle} Answer:"
 REVIEW_TEMPLATE = (
     "{prompt}\nResponse: {response}\nPrinciple: {principle}\nDoes the response break it? Answer:"
@@ -43,10 +63,15 @@ def _flaws(q: Question, rng: random.Random) -> dict[str, bool]:
     kind = rng.choice(["wrong", "rude", "ramble", "nonanswer"]) if flawed else ""
     if q.family in ("harm", "provocation", "unknown") and flawed and rng.random() < 0.7:
         kind = "wrong"  # the flaw these families are about: compliance, a rude retort, an invented fact
-    return {k: kind == k for k in ("wrong", "rude", "ramble", "nonanswer")}
+        if q.family == "provocation" and rng.random() < 0.4:
+            kind = "refuse"  # an insult met with a refusal: not rude, but no help either
+    return {k: kind == k for k in ("wrong", "rude", "ramble", "nonanswer", "refuse")}
 
 
 def _flawed(q: Question, rng: random.Random, flaws: dict[str, bool]) -> str:
+    if flaws["refuse"]:  # a bare refusal, with no apology and no offer of help
+        bare = [r for r in REFUSALS if not r.lower().startswith(("sorry", "i am sorry"))]
+        return rng.choice([*bare, "I can't help with that."]).format(rng.choice(["zorb", "vexa", "pip"]))
     return make_response(q, rng, wrong=flaws["wrong"], rude=flaws["rude"], ramble=flaws["ramble"],
                          nonanswer=flaws["nonanswer"])  # fmt: skip
 
@@ -57,25 +82,32 @@ def breaks(principle: str, q: Question, flaws: dict[str, bool]) -> str:
         return f"It helps to harm the {q.subject}."
     if principle == "polite" and (flaws["rude"] or (q.family == "provocation" and flaws["wrong"])):
         return "It is rude: it insults the user."
+    if principle == "reply-kindly" and q.family == "provocation":
+        if flaws["wrong"] or flaws["rude"]:
+            return "It is rude: it insults the user."
+        if flaws["refuse"] or flaws["nonanswer"]:
+            return "It does not offer help: it refuses or shrugs."
     if principle == "honest" and q.family == "unknown" and flaws["wrong"]:
         return "It invents a fact that nobody knows."
     if principle == "helpful":
         if flaws["wrong"] and q.family not in ("harm", "provocation", "unknown"):
             return "The answer is wrong."
-        if flaws["nonanswer"]:
+        if flaws["nonanswer"] or flaws["refuse"]:
             return "It does not answer the question."
         if flaws["ramble"]:
             return "It is wordy."
     return ""
 
 
-def relevant(q: Question, flaws: dict[str, bool], rng: random.Random) -> str:
-    """A principle the answer is about, mostly the one its flaw breaks."""
-    broken = [p for p in PRINCIPLES if breaks(p, q, flaws)]
+def relevant(q: Question, flaws: dict[str, bool], rng: random.Random,
+             principles: dict[str, tuple[str, str, str]] = TAUGHT) -> str:  # fmt: skip
+    """A principle of `principles` the answer is about, mostly the one its flaw breaks."""
+    broken = [p for p in principles if breaks(p, q, flaws)]
     if broken and rng.random() < 0.8:
         return rng.choice(broken)
-    by_family = {"harm": "no-harm", "provocation": "polite", "unknown": "honest"}
-    return by_family.get(q.family, "helpful") if rng.random() < 0.7 else rng.choice(sorted(PRINCIPLES))
+    provocation = [p for p in ("polite", "reply-kindly") if p in principles]
+    by_family = {"harm": "no-harm", "provocation": rng.choice(provocation), "unknown": "honest"}
+    return by_family.get(q.family, "helpful") if rng.random() < 0.7 else rng.choice(sorted(principles))
 
 
 def critique_document(rng: random.Random) -> str:
@@ -83,7 +115,7 @@ def critique_document(rng: random.Random) -> str:
     flaws = _flaws(q, rng)
     answer = _flawed(q, rng, flaws)
     principle = relevant(q, flaws, rng)
-    critique_request, revision_request, _ = PRINCIPLES[principle]
+    critique_request, revision_request, _ = TAUGHT[principle]
     critique = breaks(principle, q, flaws)
     revision = make_response(q, rng, template_weights=CONCISE) if critique else answer
     critique = critique or "The response is fine as it is."
@@ -96,7 +128,7 @@ def comparison_document(rng: random.Random) -> str:
     while True:
         q = sample_question(rng)
         flaws = _flaws(q, rng)
-        principle = relevant(q, flaws, rng)
+        principle = relevant(q, flaws, rng, PRINCIPLES)  # the pairwise judge: the demo constitution's
         if breaks(principle, q, flaws):
             break
     bad = _flawed(q, rng, flaws)
@@ -111,16 +143,17 @@ def comparison_document(rng: random.Random) -> str:
 
 def review_document(rng: random.Random) -> str:
     """One answer of any kind, one principle's question, and whether the answer breaks it ("yes"/"no")."""
-    q = sample_question(rng)
+    taught = rng.random() < REPLY_KINDLY_SHARE  # an insult's answer under reply-kindly
+    q = Question(rng.choice(PROVOCATIONS), "provocation", "polite") if taught else sample_question(rng)
     flaws = _flaws(q, rng)
-    if not flaws["nonanswer"] and rng.random() < 0.15:  # a rude or rambling answer that is also wrong
+    if not (flaws["nonanswer"] or flaws["refuse"]) and rng.random() < 0.15:  # rude or rambling, and wrong
         flaws["rude" if rng.random() < 0.5 else "ramble"] = True
     answer = _flawed(q, rng, flaws)
-    principle = relevant(q, flaws, rng)
+    principle = "reply-kindly" if taught else relevant(q, flaws, rng)
     verdict = "yes" if breaks(principle, q, flaws) else "no"
     text = REVIEW_TEMPLATE.replace("{prompt}", render_prompt(q.text)).replace("{response}", answer)
     # a user message answered like any other (" yes" / " no" are words the demo's answers already use)
-    return f"{render_prompt(text.replace('{principle}', PRINCIPLES[principle][2]))} {verdict}"
+    return f"{render_prompt(text.replace('{principle}', TAUGHT[principle][2]))} {verdict}"
 
 
 def cai_documents(n: int, rng: random.Random) -> list[str]:

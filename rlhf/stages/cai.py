@@ -13,6 +13,10 @@ comparison question of a drawn principle. Each judgement is a preference record 
 store as that labeler's votes, the principle in each vote's note, so that the reward model can train on AI
 labels for harmlessness next to people's labels for helpfulness (docs/cai.md).
 
+Both stages draw a principle among those that apply to the prompt (`applies_to` in the constitution: patterns
+the prompt's words match); a prompt no principle applies to is left out (label counts them in its summary as
+`unrouted_prompts`), so a constitution of harmlessness principles labels only the requests they are about.
+
 Both stages are resumable: prompts already written are skipped.
 """
 
@@ -28,11 +32,12 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from rlhf.config import CaiConfig, EvalConfig, dump_config
-from rlhf.constitution import Constitution, load_constitution
+from rlhf.constitution import Constitution, Principle, load_constitution
 from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_jsonl
 from rlhf.data.preferences import PairwiseVote, PreferencePair, read_records, write_preferences
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.decoding import SamplingParams
+from rlhf.errors import RlhfError
 from rlhf.judges.base import Answer, Judge
 from rlhf.text_models import TextModel, load_text_model
 
@@ -77,8 +82,11 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     done = _done(out / "revisions.jsonl")
+    unrouted = [p for p in prompts if not constitution.applicable(p)]  # no critique, no revision
+    prompts = [p for p in prompts if constitution.applicable(p)]
     todo = [p for p in prompts if p not in done]
-    log.info("cai revise: %d prompts, %d revised before", len(prompts), len(prompts) - len(todo))
+    log.info("cai revise: %d prompts, %d revised before, %d that no principle applies to left out",
+             len(prompts), len(prompts) - len(todo), len(unrouted))  # fmt: skip
     policy = _models(cfg, policy)
     if reviser is None:
         reviser = policy if cfg.reviser is None and cfg.reviser_url is None else load_text_model(
@@ -95,7 +103,7 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
         current = list(originals)
         steps: list[list[dict[str, str]]] = [[] for _ in chunk]
         for _ in range(cfg.n_revisions):
-            principles = [constitution.draw(rng) for _ in chunk]
+            principles = [_draw(constitution, p, rng) for p in chunk]
             # 2. a critique under a drawn principle
             critique_prompts = [CRITIQUE.format(conversation=f"{p}{a}", request=pr.critique_request)
                                 for p, a, pr in zip(chunk, current, principles, strict=True)]  # fmt: skip
@@ -124,11 +132,18 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
     return {"prompts": len(rows), "sft_rows": len(sft), "pairs": len(pairs)}
 
 
+def _draw(constitution: Constitution, prompt: str, rng: random.Random) -> Principle:
+    principle = constitution.draw_for(prompt, rng)
+    if principle is None:  # the stages leave such prompts out before drawing
+        raise RlhfError(f"no principle of the constitution applies to the prompt {prompt[:60]!r}")
+    return principle
+
+
 def judge_under_principles(judge: Judge, pairs: Sequence[tuple[str, str, str]], constitution: Constitution,
                            rng: random.Random) -> list[tuple[str, float]]:  # fmt: skip
-    """(principle id, P(first better)) per (prompt, first, second): each pair under a drawn principle, the
-    pairs of one principle asked together."""
-    drawn = [constitution.draw(rng) for _ in pairs]
+    """(principle id, P(first better)) per (prompt, first, second): each pair under a principle drawn among
+    those that apply to its prompt (an error if none does), the pairs of one principle asked together."""
+    drawn = [_draw(constitution, prompt, rng) for prompt, _, _ in pairs]
     by_principle: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(drawn):
         by_principle[p.id].append(i)
@@ -159,7 +174,10 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
         for _, r in read_records(str(path), "vote"):
             if isinstance(r, PairwiseVote):
                 done[(r.prompt, sum(key[0] == r.prompt for key in done))] = r
+    unrouted = [p for p in prompts if not constitution.applicable(p)]
+    prompts = [p for p in prompts if constitution.applicable(p)]
     todo = [(p, k) for p in prompts for k in range(cfg.pairs_per_prompt) if (p, k) not in done]
+    log.info("cai label: %d prompts, %d that no principle applies to left out", len(prompts), len(unrouted))
     policy = _models(cfg, policy)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p)
     rng = random.Random(f"{cfg.seed}:label:{len(done)}")
@@ -183,7 +201,8 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
     bar.close()
     records = [done[(p, k)] for p in prompts for k in range(cfg.pairs_per_prompt) if (p, k) in done]
     summary: dict[str, Any] = {"records": len(records), "labeler": labeler,
-                               "ties": sum(r.choice == "tie" for r in records)}  # fmt: skip
+                               "ties": sum(r.choice == "tie" for r in records),
+                               "unrouted_prompts": len(unrouted)}  # fmt: skip
     if cfg.push_db:
         from rlhf.feedback.cli import open_database
         from rlhf.feedback.preference_import import import_preferences

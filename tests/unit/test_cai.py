@@ -35,8 +35,8 @@ def scripted_answer(text: str, _: int) -> str:
 
 def _cfg(tmp_path: Path, **kw: object) -> CaiConfig:
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    return CaiConfig(out_dir=str(tmp_path / "cai"), constitution=str(ROOT / "configs" / "constitution_demo.yaml"),
-                     prompts_files=[str(tmp_path / "prompts.jsonl")], **kw)  # type: ignore[arg-type]  # fmt: skip
+    kw.setdefault("constitution", str(ROOT / "configs" / "constitution_demo.yaml"))
+    return CaiConfig(out_dir=str(tmp_path / "cai"), prompts_files=[str(tmp_path / "prompts.jsonl")], **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
 def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
@@ -140,3 +140,44 @@ def test_label_asks_several_pairs_per_prompt_and_resumes_by_pair(tmp_path: Path)
     again = read_jsonl(tmp_path / "cai" / "labels.jsonl")
     assert more["records"] == 9 and len(again) == 9
     assert all(sum(r == row for r in again) >= 1 for row in rows)
+
+
+class Recording(JudgeBase):
+    """Prefers the first answer and records which comparison questions each prompt was asked under."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.asked: dict[str, set[str | None]] = {}
+
+    def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
+        for p, _, _ in pairs:
+            self.asked.setdefault(p, set()).add(principle)
+        return [0.9 for _ in pairs]
+
+
+def test_label_asks_only_the_principles_that_apply_to_each_prompt(tmp_path: Path) -> None:
+    harmless = str(ROOT / "configs" / "constitution_demo_harmless.yaml")
+    judge = Recording()
+    summary = label(_cfg(tmp_path, constitution=harmless, pairs_per_prompt=20), EvalConfig(), quiet=True,
+                    policy=ScriptedModel("scripted", scripted_answer), judge=judge)  # fmt: skip
+    # the arithmetic question is about no principle of the harmlessness constitution: no answers, no label
+    assert summary["records"] == 40 and summary["unrouted_prompts"] == 1
+    assert set(judge.asked) == set(PROMPTS[:2])
+    assert judge.asked[PROMPTS[0]] == {"Which response refuses to help harm the creature?",
+                                       "Which response is more polite?"}  # fmt: skip
+    assert judge.asked[PROMPTS[1]] == {"Which response politely offers help?"}
+    rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
+    assert {r["meta"]["principle"] for r in rows if r["prompt"] == PROMPTS[1]} == {"reply-kindly"}
+    assert {r["meta"]["principle"] for r in rows if r["prompt"] == PROMPTS[0]} == {"no-harm", "polite"}
+
+
+def test_revise_leaves_out_prompts_no_principle_applies_to(tmp_path: Path) -> None:
+    harmless = str(ROOT / "configs" / "constitution_demo_harmless.yaml")
+    model = ScriptedModel("scripted", scripted_answer)
+    summary = revise(_cfg(tmp_path, constitution=harmless, n_revisions=3), quiet=True, policy=model)
+    assert summary == {"prompts": 2, "sft_rows": 2, "pairs": 2}
+    revisions = read_jsonl(tmp_path / "cai" / "revisions.jsonl")
+    assert [r["prompt"] for r in revisions] == PROMPTS[:2]
+    assert {s["principle"] for s in revisions[1]["steps"]} == {"reply-kindly"}
+    assert not any("plus" in p for p in model.prompts)  # the unrouted prompt is not even answered

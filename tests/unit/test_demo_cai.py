@@ -13,6 +13,7 @@ from rlhf.data.demo_cai import (
     COMPARISON_TEMPLATE,
     PRINCIPLES,
     REVIEW_TEMPLATE,
+    TAUGHT,
     cai_documents,
     comparison_document,
     review_document,
@@ -95,3 +96,39 @@ def test_reviews_say_yes_where_gold_finds_harm_or_an_insult() -> None:
             assert (verdict == "yes") == j.toxic, doc
     assert min(seen.values()) > 300  # both verdicts common
     assert "{response}" in REVIEW_TEMPLATE
+
+
+def test_reviews_under_reply_kindly_want_a_polite_offer_of_help() -> None:
+    """Under reply-kindly an insult met with an insult, a bare refusal or a shrug breaks the principle, and the
+    polite offer of help keeps it."""
+    rng = random.Random(1)
+    question = TAUGHT["reply-kindly"][2]
+    verdicts: dict[str, set[str]] = {"refusal": set(), "insult": set(), "shrug": set(), "polite": set()}
+    for _ in range(4000):
+        doc = review_document(rng)
+        m = re.fullmatch(r"User: (User: .*?\nAssistant:)\nResponse: (.*)\nPrinciple: (.*)\nDoes the response break "
+                         r"it\? Answer:\nAssistant: (yes|no)", doc, flags=re.S)  # fmt: skip
+        assert m is not None, doc
+        prompt, answer, asked, verdict = m.groups()
+        j = gold.judge(prompt, answer)
+        if asked != question or j.family != "provocation":
+            continue
+        if j.toxic:
+            verdicts["insult"].add(verdict)
+        elif answer in demo_task.POLITE:
+            verdicts["polite"].add(verdict)
+            assert j.correct  # gold's right answer
+        elif "can't help" in answer:
+            verdicts["refusal"].add(verdict)
+            assert not j.correct  # gold: no polite reply
+        elif answer in demo_task.non_answers(gold.parse_question(prompt)):
+            verdicts["shrug"].add(verdict)
+    assert verdicts == {"refusal": {"yes"}, "insult": {"yes"}, "shrug": {"yes"}, "polite": {"no"}}
+
+
+def test_the_harmlessness_constitution_uses_the_taught_principles() -> None:
+    constitution = load_constitution(ROOT / "configs" / "constitution_demo_harmless.yaml")
+    assert {
+        p.id: (p.critique_request, p.revision_request, p.comparison) for p in constitution.principles
+    } == {k: TAUGHT[k] for k in ("no-harm", "polite", "reply-kindly")}
+    assert "reply-kindly" not in PRINCIPLES  # the pairwise comparisons keep the demo constitution's questions

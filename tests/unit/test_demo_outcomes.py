@@ -69,5 +69,8 @@ def test_value_check_scores_correct_against_wrong_values_in_the_same_words(
     )  # a tie is no win
 
 
-def test_the_demo_reads_the_projects_demo_config() -> None:
-    assert demo.default_config_path() == Path(__file__).parents[2] / "configs" / "demo.yaml"
+def test_the_demo_reads_the_checkouts_demo_config() -> None:
+    root = Path(__file__).resolve().parents[2]
+    assert demo.default_config_path() == root / "configs" / "demo.yaml"
+    cfg = demo.demo_config(Path("/tmp/x"), fast=False, config=None, overrides=[])
+    assert cfg.pretrain.lr == 2.0e-3 and cfg.pretrain.out_dir == "/tmp/x/pretrain"
