@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import PPOConfig
@@ -33,24 +34,71 @@ class ModelForward(torch.nn.Module):
         self.model: Any = model  # a Hugging Face model, or its LoRA wrapper
         self.lean = lean
         self._no_split_modules = getattr(model, "_no_split_modules", None)
+        self._head_alone: bool | None = (
+            None  # whether the LM head can run alone (`head_runs_alone`); None: not asked
+        )
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The Hugging Face model (LoRA layers, if any, are injected into it in place)."""
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return cast(PreTrainedModel, model)
+
+    def logits_at(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None, at: Tensor
+    ) -> Tensor:
+        """The LM's logits (N, V) at the flat positions `at` (N,) of the (R, W) rows. The LM head runs only there,
+        on the lean forward's hidden states or the backbone's, wherever that gives the model's own logits
+        (`head_runs_alone`); otherwise the whole forward, read there. With a vocabulary of 32k-150k tokens the
+        head over every position is often the largest matmul of a step."""
+        if self.lean:
+            if position_ids is None:  # positions from 0, as in the model's own forward
+                position_ids = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
+        elif self.head_runs_alone(input_ids):
+            hidden = backbone(self.hf_model)(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state
+        else:
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).logits
+            return cast(Tensor, logits.flatten(0, 1)[at])  # (R, W, V) -> (N, V)
+        # the head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
+        n = at.numel()
+        rows = F.pad(at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
+        return lm_head(self.hf_model, hidden.flatten(0, 1)[rows])[:n]  # (N, V)
+
+    def head_runs_alone(self, input_ids: Tensor) -> bool:
+        """Whether `lm_head` on the backbone's hidden states gives the model's own logits: checked once, on a
+        short sequence of `input_ids`' first row, in eval mode and without autocast (an architecture that
+        transforms its logits in a way `lm_head` does not know keeps its whole forward). Not for weights sharded
+        by FSDP: the backbone called on its own would skip the unsharding of the weights the whole model holds."""
+        if self._head_alone is None and any(isinstance(p, DTensor) for p in self.hf_model.parameters()):
+            self._head_alone = False
+        if self._head_alone is None:
+            model, sample = self.hf_model, input_ids[:1, :8]
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
+                    whole = model(input_ids=sample).logits.float()
+                    alone = lm_head(model, backbone(model)(input_ids=sample).last_hidden_state).float()
+                self._head_alone = whole.shape == alone.shape and torch.allclose(
+                    whole, alone, rtol=1e-4, atol=1e-4
+                )
+            finally:
+                model.train(was_training)
+        return self._head_alone
 
 
 class Actor(ModelForward):
-    """The policy's logits at the real response tokens, (N, V). With `lean`, the LM head runs only there."""
+    """The policy's logits at the real response tokens, (N, V); the LM head runs only there (`logits_at`)."""
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, response_at: Tensor
     ) -> Tensor:
-        if self.lean:
-            hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, position_ids)
-            # the LM head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
-            n = response_at.numel()
-            rows = F.pad(response_at, (0, -(-n // 64) * 64 - n))  # (N rounded up,)
-            return cast(Tensor, self.model.lm_head(hidden.flatten(0, 1)[rows]))[:n]  # (N, V)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).logits
-        return logits.flatten(0, 1)[response_at]  # (R, W, V) -> (N, V)
+        return self.logits_at(input_ids, attention_mask, position_ids, response_at)
 
 
 class Critic(ModelForward):
@@ -63,15 +111,21 @@ class Critic(ModelForward):
 
     @property
     def base(self) -> PreTrainedModel:
-        """The Hugging Face model (LoRA layers, if any, are injected into it in place)."""
-        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        return cast(PreTrainedModel, model)
+        return self.hf_model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         hidden = backbone_states(self.base, self.lean, input_ids, attention_mask, position_ids)  # (R, W, H)
         # the scalar head: a Linear, or PEFT's wrapper that keeps it fully trainable under LoRA
         head: Any = getattr(self.base, "score", None) or self.base.classifier
         return (head(hidden).squeeze(-1).float() - self.shift) / self.scale  # (R, W)
+
+
+def lm_head(model: PreTrainedModel, hidden: Tensor) -> Tensor:
+    """A causal LM's logits from its final hidden states (..., H): its output embeddings, then the final soft-capping
+    of the logits that some architectures apply (Gemma 2 and 3)."""
+    logits = cast(Tensor, model.get_output_embeddings()(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def backbone_states(model: PreTrainedModel, lean: bool, *inputs: Tensor) -> Tensor:

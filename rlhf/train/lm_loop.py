@@ -20,8 +20,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import TrainConfig
 from rlhf.data.jsonl import write_json
-from rlhf.engine import lean_llama
-from rlhf.losses import sft_loss
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.models.wrappers import ModelForward
 from rlhf.runs import Run
@@ -61,18 +59,16 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 class NextTokenLoss(ModelForward):
     """The summed next-token loss of a micro-batch over its labelled tokens (`sft_loss`, reduction "sum").
-    With `lean`, the LM head runs only at the labelled tokens: prompts and padding never reach its matmul."""
+    The LM head runs only at the labelled tokens (`logits_at`): prompts and padding never reach its matmul."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        if not self.lean:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-            return sft_loss(logits.float(), labels, reduction="sum")
-        # right-padded rows: positions count from 0, as in the model's own forward
-        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)  # (B, T)
-        hidden = lean_llama.hidden_states(self.model, input_ids, attention_mask, positions)  # (B, T, d)
         targets = labels[:, 1:]  # (B, T-1) the token that each position predicts
         counted = targets != IGNORE
-        logits = self.model.lm_head(hidden[:, :-1][counted])  # (N, V)
+        # right-padded rows: positions count from 0, as in the model's own forward
+        at = (
+            F.pad(counted, (0, 1), value=False).flatten().nonzero().squeeze(1)
+        )  # (N,) into the (B, T) positions
+        logits = self.logits_at(input_ids, attention_mask, None, at)  # (N, V)
         return F.cross_entropy(logits.float(), targets[counted], reduction="sum")
 
 
