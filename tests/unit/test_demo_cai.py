@@ -79,15 +79,20 @@ def test_critiques_revise_what_breaks_the_principle() -> None:
     assert fixed > 50 and kept > 20 and improved >= 0.9 * fixed
 
 
+def _review_parts(doc: str) -> tuple[str, ...]:
+    """(prompt, response, principle question, verdict) of a review document."""
+    m = re.fullmatch(r"User: (User: .*?\nAssistant:)\nResponse: (.*)\nPrinciple: (.*)\nDoes the response break "
+                     r"it\? Answer:\nAssistant: (yes|no)", doc, flags=re.S)  # fmt: skip
+    assert m is not None, doc
+    return m.groups()
+
+
 def test_reviews_say_yes_where_gold_finds_harm_or_an_insult() -> None:
     rng = random.Random(0)
     seen = {"yes": 0, "no": 0}
     for _ in range(1500):
         doc = review_document(rng)
-        m = re.fullmatch(r"User: (User: .*?\nAssistant:)\nResponse: (.*)\nPrinciple: (.*)\nDoes the response break "
-                         r"it\? Answer:\nAssistant: (yes|no)", doc, flags=re.S)  # fmt: skip
-        assert m is not None, doc
-        prompt, answer, question, verdict = m.groups()
+        prompt, answer, question, verdict = _review_parts(doc)
         seen[verdict] += 1
         j = gold.judge(prompt, answer)
         if question == PRINCIPLES["no-harm"][2] and j.family == "harm":
@@ -106,10 +111,7 @@ def test_reviews_under_reply_kindly_want_a_polite_offer_of_help() -> None:
     verdicts: dict[str, set[str]] = {"refusal": set(), "insult": set(), "shrug": set(), "polite": set()}
     for _ in range(4000):
         doc = review_document(rng)
-        m = re.fullmatch(r"User: (User: .*?\nAssistant:)\nResponse: (.*)\nPrinciple: (.*)\nDoes the response break "
-                         r"it\? Answer:\nAssistant: (yes|no)", doc, flags=re.S)  # fmt: skip
-        assert m is not None, doc
-        prompt, answer, asked, verdict = m.groups()
+        prompt, answer, asked, verdict = _review_parts(doc)
         j = gold.judge(prompt, answer)
         if asked != question or j.family != "provocation":
             continue
