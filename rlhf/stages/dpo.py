@@ -60,9 +60,8 @@ from rlhf.train.common import (
     autocast,
     lean_forward,
     make_accelerator,
-    make_optimizer,
-    make_scheduler,
     save_policy,
+    set_up_training,
     short_attention,
     trains_in_half,
 )
@@ -324,17 +323,16 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                      cfg.max_steps)  # fmt: skip
     policy = Actor(policy_model, lean_forward(policy_model, accelerator, cfg))
     policy.train()  # dropout is off, so train() and eval() compute the same function
-    is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
-    if is_sharded:  # before the optimiser: sharding replaces the parameters
-        sharding.shard(policy, cfg, accelerator)
-    optimizer = make_optimizer(policy, cfg)
-    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = 0
-    if checkpoint is not None:
-        load = lambda state: sharding.load_optimizer_state(policy, optimizer, state, is_sharded)  # noqa: E731
-        start = run_dir.resume(checkpoint, optimizer, scheduler, load)
-    policy, optimizer = sharding.prepare(accelerator, policy, optimizer, is_sharded)
-    actor = cast(Actor, accelerator.unwrap_model(policy))
+    is_main = accelerator.is_main_process
+    t = set_up_training(policy, cfg, accelerator, run_dir, checkpoint, plan.total_steps)
+    policy, actor, optimizer, scheduler, start, is_sharded = (
+        t.module,
+        cast(Actor, t.unwrapped),
+        t.optimizer,
+        t.scheduler,
+        t.start,
+        t.is_sharded,
+    )
     ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes outside the prepared module
     device = accelerator.device
     half = trains_in_half(accelerator)

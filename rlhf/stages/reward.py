@@ -62,8 +62,7 @@ from rlhf.train.common import (
     autocast,
     lean_forward,
     make_accelerator,
-    make_optimizer,
-    make_scheduler,
+    set_up_training,
     short_attention,
     trains_in_half,
 )
@@ -542,17 +541,16 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     )  # fmt: skip
     model.train()
     scorer = RewardForward(model, lean_forward(model, accelerator, cfg))
-    is_sharded, is_main = sharding.sharded(cfg, accelerator), accelerator.is_main_process
-    if is_sharded:  # before the optimiser: sharding replaces the parameters
-        sharding.shard(scorer, cfg, accelerator)
-    optimizer = make_optimizer(scorer, cfg)
-    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = 0
-    if checkpoint is not None:
-        load = lambda state: sharding.load_optimizer_state(scorer, optimizer, state, is_sharded)  # noqa: E731
-        start = run_dir.resume(checkpoint, optimizer, scheduler, load)
-    scorer, optimizer = sharding.prepare(accelerator, scorer, optimizer, is_sharded)
-    unwrapped = cast(RewardForward, accelerator.unwrap_model(scorer))
+    is_main = accelerator.is_main_process
+    t = set_up_training(scorer, cfg, accelerator, run_dir, checkpoint, plan.total_steps)
+    scorer, unwrapped, optimizer, scheduler, start, is_sharded = (
+        t.module,
+        cast(RewardForward, t.unwrapped),
+        t.optimizer,
+        t.scheduler,
+        t.start,
+        t.is_sharded,
+    )
     shared = uses_shared_prefix(cfg, model)
     half = trains_in_half(accelerator)
     if cfg.shared_prefix and not shared[0]:

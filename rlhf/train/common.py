@@ -30,6 +30,7 @@ from rlhf.engine import lean_llama
 from rlhf.engine.packing import TokenLayout
 from rlhf.errors import ConfigError
 from rlhf.models.loading import save_pretrained_atomic
+from rlhf.train import sharding
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,38 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
+
+
+@dataclass
+class Training:
+    """What `set_up_training` returns: the module as the loop calls it (wrapped by DDP where there is one),
+    the module itself, the optimiser, the schedule, the step to start from, and whether FSDP shards it."""
+
+    module: Any
+    unwrapped: Any
+    optimizer: Any
+    scheduler: Any
+    start: int
+    is_sharded: bool
+
+
+def set_up_training(
+    module: torch.nn.Module, cfg: TrainConfig, accelerator: Accelerator, run: Any, checkpoint: Path | None,
+    total_steps: int,
+) -> Training:  # fmt: skip
+    """A training loop's module sharded (before the optimiser: sharding replaces its parameters), its AdamW and
+    schedule, restored from `checkpoint` (`run`: rlhf.runs.Run) if one is given, and prepared by accelerate."""
+    is_sharded = sharding.sharded(cfg, accelerator)
+    if is_sharded:
+        sharding.shard(module, cfg, accelerator)
+    optimizer = make_optimizer(module, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    start = 0
+    if checkpoint is not None:
+        load = lambda state: sharding.load_optimizer_state(module, optimizer, state, is_sharded)  # noqa: E731
+        start = run.resume(checkpoint, optimizer, scheduler, load)
+    prepared, optimizer = sharding.prepare(accelerator, module, optimizer, is_sharded)
+    return Training(prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, start, is_sharded)
 
 
 @dataclass

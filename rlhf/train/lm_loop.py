@@ -28,8 +28,7 @@ from rlhf.train.common import (
     BatchPlan,
     Progress,
     lean_forward,
-    make_optimizer,
-    make_scheduler,
+    set_up_training,
     short_attention,
     trains_in_half,
 )
@@ -112,17 +111,15 @@ def fit(
     )  # fmt: skip
     model.train()
     loss_fn = NextTokenLoss(model, lean_forward(model, accelerator, cfg))
-    is_sharded = sharding.sharded(cfg, accelerator)
-    if is_sharded:  # before the optimiser: sharding replaces the parameters
-        sharding.shard(loss_fn, cfg, accelerator)
-    optimizer = make_optimizer(loss_fn, cfg)
-    scheduler = make_scheduler(optimizer, cfg, plan.total_steps)
-    start = 0
-    if checkpoint is not None:
-        load = lambda state: sharding.load_optimizer_state(loss_fn, optimizer, state, is_sharded)  # noqa: E731
-        start = run.resume(checkpoint, optimizer, scheduler, load)
-    loss_fn, optimizer = sharding.prepare(accelerator, loss_fn, optimizer, is_sharded)
-    unwrapped = cast(NextTokenLoss, accelerator.unwrap_model(loss_fn))
+    t = set_up_training(loss_fn, cfg, accelerator, run, checkpoint, plan.total_steps)
+    loss_fn, unwrapped, optimizer, scheduler, start, is_sharded = (
+        t.module,
+        cast(NextTokenLoss, t.unwrapped),
+        t.optimizer,
+        t.scheduler,
+        t.start,
+        t.is_sharded,
+    )
     is_main = accelerator.is_main_process
 
     def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
