@@ -107,16 +107,14 @@ class Critic(ModelForward):
 
     def __init__(self, model: PreTrainedModel | PeftModel, lean: bool = False) -> None:
         super().__init__(model, lean)
-        self.shift, self.scale = normalisation(self.base)
-
-    @property
-    def base(self) -> PreTrainedModel:
-        return self.hf_model
+        self.shift, self.scale = normalisation(self.hf_model)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        hidden = backbone_states(self.base, self.lean, input_ids, attention_mask, position_ids)  # (R, W, H)
+        hidden = backbone_states(
+            self.hf_model, self.lean, input_ids, attention_mask, position_ids
+        )  # (R, W, H)
         # the scalar head: a Linear, or PEFT's wrapper that keeps it fully trainable under LoRA
-        head: Any = getattr(self.base, "score", None) or self.base.classifier
+        head: Any = getattr(self.hf_model, "score", None) or self.hf_model.classifier
         return (head(hidden).squeeze(-1).float() - self.shift) / self.scale  # (R, W)
 
 

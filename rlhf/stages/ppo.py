@@ -383,7 +383,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     # the lean Llama forward wherever a model's weights are whole on this process (not sharded by FSDP/ZeRO)
     policy = Actor(policy, lean_forward(policy, accelerator, cfg))
     if critic is not None:
-        critic.lean = lean_forward(critic.base, accelerator, cfg)
+        critic.lean = lean_forward(critic.hf_model, accelerator, cfg)
     frozen_lean = lambda m: not is_sharded and lean_llama.supports(m)  # noqa: E731
     reference_actor = (
         None if reference is None else Actor(reference.to(accelerator.device), frozen_lean(reference))
@@ -433,7 +433,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         critic_module = cast(Critic, accelerator.unwrap_model(prepared_critic))
     actor = cast(Actor, accelerator.unwrap_model(prepared_policy))
     # sequences packed into rows when every model takes a 4-D attention mask (SDPA, eager)
-    critic_base = None if critic_module is None else critic_module.base
+    critic_base = None if critic_module is None else critic_module.hf_model
     masks = [takes_4d_mask(m) for m in (actor.model, critic_base, *members, reference) if m is not None]
     pack, additive = cfg.pack_sequences and all(ok for ok, _ in masks), any(add for _, add in masks)
     # rows as wide as suits the policy, which computes the most passes (packing.row_width)

@@ -102,7 +102,7 @@ def test_packed_rows_give_the_log_probs_values_rewards_and_gradients_of_padded_r
     policy = Actor(load_causal_lm(str(tiny_sft_model)))  # transformers' forward, as any attention takes
     critic = Critic(build_scalar_model(str(tiny_sft_model), seed=1))
     reward_model = build_scalar_model(str(tiny_sft_model), seed=2)
-    for model in (policy.model, critic.base, reward_model):
+    for model in (policy.model, critic.hf_model, reward_model):
         model.config._attn_implementation = attention
     ids, mask, p = rollout(pad_id)
     response_mask = mask[:, p:]
