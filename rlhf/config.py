@@ -192,6 +192,10 @@ class GenerateConfig(Section):
         "(the empty answer where that is already a candidate), so labels teach the reward model what a "
         "policy that stops early says",
     )  # fmt: skip
+    other_k: int = Field(
+        0, ge=0, le=4, description="extra candidates per prompt: answers the policy gave to other prompts, drawn "
+        "at random with the seed, so labels teach the reward model that an answer must fit its own question",
+    )  # fmt: skip
     extra_models: list[str] = Field(
         default_factory=list, description="other policies (e.g. the pretrained model) that answer every prompt "
         "too, extra_k times each, so that labels cover mistakes the main policy rarely makes",

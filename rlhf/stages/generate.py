@@ -11,6 +11,12 @@ candidate. A policy optimised against the reward model finds such answers when i
 reward model that never saw them cannot know they are bad (Gao et al. 2022 on overoptimisation), so labelers
 judge them beside the full answers. Their sampling record says `"truncated": "first_sentence"`.
 
+With `other_k`, each prompt also gets that many answers the policy gave to other prompts, drawn at random
+with the seed: fluent, well-formed and off the question ("I don't know." to an arithmetic question, "You are
+welcome!" to a request, the sum of other numbers). A policy optimised against the reward model drifts towards
+such answers when the reward model scores them by their form alone; labels on them teach it that an answer
+must fit its own question. Their sampling record says `"answer_to": <the other prompt's id>`.
+
 With `extra_models`, each prompt also gets `extra_k` answers from each of those policies (an earlier or a
 weaker checkpoint, such as the pretrained model), named by their own policy version: labels on answers of
 several policies show the reward model mistakes one policy never makes and another optimised against it may
@@ -21,6 +27,7 @@ different model variants for the same reason (Touvron et al. 2023, sec. 3.2.1).
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 from contextlib import nullcontext
@@ -78,6 +85,34 @@ def short_answers(completions: list[dict[str, Any]], short_k: int) -> list[dict[
     return extra
 
 
+def other_answers(
+    n: int,
+    prompts: list[tuple[str, str]],
+    texts: list[str],
+    ended: list[bool],
+    cfg: GenerateConfig,
+    policy: str,
+    sampling: dict[str, Any],
+    rng: random.Random,
+) -> list[dict[str, Any]]:
+    """Up to cfg.other_k extra candidates for prompt n: answers sampled for other prompts (each a random answer
+    of a random other prompt), none that would repeat one of prompt n's own answers or each other."""
+    if cfg.other_k == 0 or len(prompts) < 2:
+        return []
+    own = {texts[j] for j in range(n * cfg.k, (n + 1) * cfg.k)}
+    extra: list[dict[str, Any]] = []
+    for _ in range(cfg.other_k):
+        m = rng.randrange(len(prompts) - 1)
+        m += m >= n  # any prompt but n
+        j = m * cfg.k + rng.randrange(cfg.k)
+        if texts[j] in own:
+            continue
+        own.add(texts[j])
+        extra.append({"text": texts[j], "policy": policy, "sampling": {**sampling, "answer_to": prompts[m][0]},
+                      "finish_reason": "stop" if ended[j] else "length"})  # fmt: skip
+    return extra
+
+
 def sample_answers(
     cfg: GenerateConfig, model: str, tokenizer: Any, prompts: list[str], k: int, seed: int
 ) -> tuple[list[str], list[bool]]:
@@ -121,6 +156,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
                       [p for _, p in prompts], cfg.extra_k, cfg.seed + 1 + i)))  # fmt: skip
 
     rows: list[dict[str, Any]] = []
+    rng = random.Random(cfg.seed)
     for n, (prompt_id, prompt) in enumerate(prompts):
         answers = range(n * cfg.k, (n + 1) * cfg.k)
         completions = [
@@ -129,6 +165,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
             for j in answers
         ]  # fmt: skip
         completions += short_answers(completions, cfg.short_k)
+        completions += other_answers(n, prompts, texts, ended, cfg, policy_version, sampling, rng)
         seen = {c["text"] for c in completions}
         for name, other_texts, other_ended in extra:
             for j in range(n * cfg.extra_k, (n + 1) * cfg.extra_k):

@@ -89,3 +89,30 @@ def test_extra_models_add_their_own_answers_and_leave_the_policys_alone(
         texts = [c["text"] for c in r["completions"]]
         assert len(texts) == len(set(texts))  # no answer twice
     assert summary["completions"] == sum(len(r["completions"]) for r in rows)
+
+
+def test_other_k_adds_answers_the_policy_gave_to_other_prompts(
+    tmp_path: Path, tiny_sft_model: Path, demo_data: Path
+) -> None:
+    base = GenerateConfig(model=str(tiny_sft_model), prompts_file=str(demo_data / "rl_prompts.jsonl"),
+                          out=str(tmp_path / "a.jsonl"), k=3, max_prompts=6, max_new_tokens=10, seed=5,
+                          batch_size=8, precision="fp32")  # fmt: skip
+    generate.run(base)
+    generate.run(base.model_copy(update={"out": str(tmp_path / "b.jsonl"), "other_k": 2}))
+    plain = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    answers = {r["prompt_id"]: [c["text"] for c in r["completions"]] for r in plain}
+    n_other = 0
+    for p, r in zip(plain, rows, strict=True):
+        assert r["completions"][:3] == p["completions"]  # the prompt's own answers are unchanged
+        texts = [c["text"] for c in r["completions"]]
+        assert len(texts) == len(set(texts))  # no answer twice
+        for c in r["completions"][3:]:
+            source = c["sampling"]["answer_to"]
+            assert source != r["prompt_id"] and c["text"] in answers[source]  # another prompt's own answer
+            assert c["policy"] == p["completions"][0]["policy"]
+            n_other += 1
+    assert n_other > 0
+    # the same seed draws the same answers
+    generate.run(base.model_copy(update={"out": str(tmp_path / "c.jsonl"), "other_k": 2}))
+    assert (tmp_path / "c.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
