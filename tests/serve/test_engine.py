@@ -1,8 +1,10 @@
-"""The batching worker: joining a running batch changes no output; seeds hold in any batch; rows free up;
-and concurrent requests through the server are decoded together."""
+"""The batching worker: joining a running batch changes no output; seeds hold in any batch and give what
+`generate` gives; rows free up; a model whose cache cannot be joined is served in static batches; and
+concurrent requests through the server are decoded together."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -13,9 +15,13 @@ from typing import Any
 import openai
 import pytest
 
+from rlhf.engine import decode_cache
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
-from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.engine.sampling import stream_keys
+from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
+from rlhf.models.tokens import stop_ids
 from rlhf.serve.engine import Delta, Engine, RowParams, Sequence
+from tests.archs import save_tiny
 
 PROMPTS = [
     "User: Hello!\nAssistant:",
@@ -142,3 +148,58 @@ def test_concurrent_requests_are_batched(client: openai.OpenAI, server: dict[str
     steps = Counter(engine.batch_sizes)
     steps.subtract(before)
     assert max(size for size, count in steps.items() if count > 0) >= 4
+
+
+def test_seeded_sequences_joining_mid_way_sample_what_generate_samples(engine: Engine) -> None:
+    """The worker decodes through generate's decoder (a SlotCache, on this CPU): seeded rows, each joining a
+    batch already decoding and leaving at its own length, draw the tokens generate draws for them."""
+    tok, stops = engine.tokenizer, stop_ids(engine.tokenizer)
+    assert engine.decode_step is not None  # the packed, in-place path, not DynamicCache
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    rows = [
+        RowParams(max_tokens=8 + 5 * i, temperature=1.0, top_p=0.9, seed=100 + i) for i in range(len(ids))
+    ]
+    expected = []
+    for p, r in zip(ids, rows, strict=True):
+        params = SamplingParams(r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+        gen = generate(engine.model, [p], params, stops, engine.pad_id, seeds=stream_keys(r.seed)[None])
+        expected.append(gen.response_ids[0][gen.response_mask[0].bool()].tolist())
+    got = Collector(len(ids))
+    seqs = [Sequence(p, r, i, got.emit) for i, (p, r) in enumerate(zip(ids, rows, strict=True))]
+    for seq in seqs:
+        engine.submit([seq])
+        while not seq.tokens:  # the next one joins a running batch
+            time.sleep(0.001)
+    got.wait()
+    assert [seq.tokens for seq in seqs] == expected
+
+
+def test_a_sliding_window_model_is_served_by_static_batches(tmp_path: Path) -> None:
+    """A window shorter than the context: transformers' DynamicCache, whose sliding layers cannot be joined;
+    newcomers wait for the running batch, and every row gets generate's greedy answer."""
+    path = save_tiny("mistral", tmp_path / "mistral")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
+    tok = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tokenizer=tok).eval()
+    assert not decode_cache.supports(model, context_length(model))
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    greedy = SamplingParams(12, temperature=0)
+    expected = [generate(model, [p], greedy, -1, int(tok.pad_token_id)).response_ids[0].tolist() for p in ids]
+    engine = Engine(model, tok, "window", batch_wait_s=0.0)
+    engine.stop_ids = []  # every row runs to its length, past the window
+    engine.start()
+    try:
+        assert engine.decode_step is None
+        got = Collector(len(ids))
+        seqs = [Sequence(p, RowParams(max_tokens=12, temperature=0), i, got.emit) for i, p in enumerate(ids)]
+        engine.submit(seqs[:2])
+        while not seqs[0].tokens:
+            time.sleep(0.001)
+        engine.submit(seqs[2:])  # while the first two decode
+        got.wait()
+    finally:
+        engine.stop()
+    assert [seq.tokens for seq in seqs] == expected
+    assert all(got.deltas[i][-1].finish_reason == "length" for i in range(len(ids)))
+    assert max(engine.batch_sizes) == 2  # the newcomers were not joined to the running pair
