@@ -80,9 +80,9 @@ class CachedStep:
 
 
 class DecodeBatch:
-    """A batch of rows decoding through `model`'s own forward, over sequences of up to `limit` slots (prompt
-    columns, padding included, and new tokens: the bound `decode_cache.supports` checks, and the most slots a
-    step's attention reads beyond the last whole block).
+    """A batch of rows decoding through `model`'s own forward. `limit`: the most slots the batch is expected to
+    span (prompt columns, padding included, then new tokens); `decode_cache.supports` checks the model against
+    it (a sliding window must span it), and a step's attention reads whole blocks of slots up to it.
 
     `decode_step`: the packed weights and attention of the decoding steps over a `SlotCache` (one can serve
     every batch of a model); without it, one is made at the prefill, packed for the prefill's batch size.

@@ -1,8 +1,7 @@
 """The generation worker: one thread owns the model and runs every request through one growing batch.
 
 Continuous batching over the decoder `generate` runs on (rlhf.engine.decode_batch.DecodeBatch): on a CPU a
-cache written in place with one mask per step, `decode_attention` and packed weights; elsewhere transformers'
-`DynamicCache`. Between decode steps the worker admits waiting sequences: it prefills their prompts as a
+cache written in place with one mask per step and `decode_attention`; elsewhere transformers' `DynamicCache`. Between decode steps the worker admits waiting sequences: it prefills their prompts as a
 small batch of their own, then joins it to the running batch, the narrower of the two left-padded along the
 cache's slots (each row keeps its own attention mask and position ids, so padding changes nothing it attends
 to). Finished rows leave the batch at once, and leading slots that only padding fills are cut away. When the
@@ -228,13 +227,24 @@ class Engine:
         if not ok:
             return None
         try:
-            return self._start(ok, self._prefill(ok))
+            batch: _Batch | None = self._prefill(ok)
         except Exception as e:
             if len(ok) == 1:
                 self._fail(ok, e)
                 return None
+            batch = self._prefill_good(ok)
+        if batch is None:
+            return None
+        try:
+            return self._start(batch)
+        except Exception as e:  # a bug reporting the first tokens: these rows fail, the worker serves on
+            self._fail(batch.seqs, e)
+            return None
+
+    def _prefill_good(self, seqs: list[Sequence]) -> _Batch | None:
+        """After a batch's prefill failed: fail the rows that fail alone, and prefill the others together."""
         good = []
-        for seq in ok:  # which rows fail alone
+        for seq in seqs:
             try:
                 self._prefill([seq])
             except Exception as e:
@@ -244,7 +254,7 @@ class Engine:
         if not good:
             return None
         try:
-            return self._start(good, self._prefill(good))
+            return self._prefill(good)
         except Exception as e:  # out of memory together
             self._fail(good, e)
             return None
@@ -266,22 +276,20 @@ class Engine:
         for seq in seqs:
             self._emit(seq, Delta(seq.index, "", error=f"generation failed: {e}"))
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[DecodeBatch, Tensor]:
-        """The newcomers' prompts through the model: their batch, and the logits (B, V) of their first tokens."""
+    def _prefill(self, seqs: list[Sequence]) -> _Batch:
+        """The newcomers' prompts through the model, and their first tokens sampled (not yet reported: a row's
+        first token is drawn from its own stream, the same again if this batch is dropped and made anew)."""
         ids, mask = (t.to(self.device) for t in left_pad([s.prompt_ids for s in seqs], self.pad_id))
         decoding = DecodeBatch(self.model, self.context, self.decode_step)
         logits = decoding.prefill(ids, mask)  # (B, V)
-        metrics.PROMPT_TOKENS.labels(self.name).inc(int(mask.sum()))
-        return decoding, logits
+        return _Batch(seqs, decoding, self._sample(logits, seqs))
 
-    def _start(self, seqs: list[Sequence], prefilled: tuple[DecodeBatch, Tensor]) -> _Batch:
-        """Sample the newcomers' first tokens and report them."""
-        decoding, logits = prefilled
-        next_ids = self._sample(logits, seqs)  # (B,)
+    def _start(self, batch: _Batch) -> _Batch:
+        """Report the newcomers' first tokens."""
+        metrics.PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt_ids) for s in batch.seqs))
         now = time.perf_counter()
-        for seq in seqs:
+        for seq in batch.seqs:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.enqueued_at)
-        batch = _Batch(seqs, decoding, next_ids)
         self._advance(batch)
         return batch
 
