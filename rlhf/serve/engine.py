@@ -1,13 +1,14 @@
 """The generation worker: one thread owns the model and runs every request through one growing batch.
 
 Continuous batching over the decoder `generate` runs on (rlhf.engine.decode_batch.DecodeBatch): on a CPU a
-cache written in place with one mask per step and `decode_attention`; elsewhere transformers' `DynamicCache`. Between decode steps the worker admits waiting sequences: it prefills their prompts as a
-small batch of their own, then joins it to the running batch, the narrower of the two left-padded along the
-cache's slots (each row keeps its own attention mask and position ids, so padding changes nothing it attends
-to). Finished rows leave the batch at once, and leading slots that only padding fills are cut away. When the
-worker is idle, the first request waits up to `batch_wait_s` for company before its prefill. Caches whose
-layers are not plain `DynamicLayer`s (sliding windows shorter than the context) cannot be joined; then new
-sequences wait for the running batch to finish (static batching).
+cache written in place with one mask per step and `decode_attention`; elsewhere transformers' `DynamicCache`.
+Between decode steps the worker admits waiting sequences: it prefills their prompts as a small batch of their
+own, then joins it to the running batch, the narrower of the two left-padded along the cache's slots (each
+row keeps its own attention mask and position ids, so padding changes nothing it attends to). Finished rows
+leave the batch at once, and leading slots that only padding fills are cut away. When the worker is idle, the
+first request waits up to `batch_wait_s` for company before its prefill. Caches whose layers are not plain
+`DynamicLayer`s (sliding windows shorter than the context) cannot be joined; then new sequences wait for the
+running batch to finish (static batching).
 
 The scheduling stays here: admission, per-row sampling parameters, stop ids and strings, streaming and
 cancellation.

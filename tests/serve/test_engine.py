@@ -14,8 +14,10 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 
 from rlhf.engine import decode_cache
+from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.engine.sampling import stream_keys
 from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
@@ -203,3 +205,29 @@ def test_a_sliding_window_model_is_served_by_static_batches(tmp_path: Path) -> N
     assert [seq.tokens for seq in seqs] == expected
     assert all(got.deltas[i][-1].finish_reason == "length" for i in range(len(ids)))
     assert max(engine.batch_sizes) == 2  # the newcomers were not joined to the running pair
+
+
+def test_a_row_whose_prefill_fails_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill that fails for the batch: the rows that fail alone get errors, the others are prefilled
+    together and answer as they would have."""
+    tok = engine.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    poison = next(t for t in ids[1] if t not in ids[0] + ids[2])  # a token only the second prompt has
+    greedy = RowParams(max_tokens=6, temperature=0)
+    expected = Collector(2)
+    engine.submit([Sequence(ids[0], greedy, 0, expected.emit), Sequence(ids[2], greedy, 1, expected.emit)])
+    expected.wait()
+    prefill = DecodeBatch.prefill
+
+    def failing(batch: DecodeBatch, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if (input_ids == poison).any():
+            raise RuntimeError("this prompt breaks the model")
+        return prefill(batch, input_ids, mask)
+
+    monkeypatch.setattr(DecodeBatch, "prefill", failing)
+    got = Collector(3)
+    engine.submit([Sequence(p, greedy, i, got.emit) for i, p in enumerate(ids)])  # admitted together
+    got.wait()
+    assert "this prompt breaks the model" in str(got.deltas[1][-1].error)
+    assert [got.text(0), got.text(2)] == [expected.text(0), expected.text(1)]
+    assert got.deltas[0][-1].error is None and got.deltas[2][-1].error is None
