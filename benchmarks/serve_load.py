@@ -6,8 +6,9 @@
 
 Each client sends /v1/completions requests back to back (closed loop) for `--seconds`, with a fixed
 max_tokens and temperature 1. Throughput counts the completion tokens the server reports (usage), over the
-wall time from the first request to the last answer. The server runs in its own process, so the clients
-do not share its interpreter. Results: benchmarks/results/serve_load.json, and a Markdown table on stdout.
+wall time from the first request to the last answer, and (when this script starts the server) over the
+server process's CPU time in that span. The server runs in its own process, so the clients do not share
+its interpreter. Results: benchmarks/results/serve_load.json, and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -78,7 +79,15 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
     raise SystemExit("the server did not start within 120 s")
 
 
-async def run_level(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> dict[str, Any]:
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+
+
+async def run_level(
+    url: str, model: str, clients: int, seconds: float, max_tokens: int, server_pid: int | None = None
+) -> dict[str, Any]:
     """`clients` closed-loop clients for `seconds`; requests in flight at the deadline are waited for."""
     latencies: list[float] = []
     tokens = 0
@@ -102,9 +111,11 @@ async def run_level(url: str, model: str, clients: int, seconds: float, max_toke
                 tokens += r.json()["usage"]["completion_tokens"]
                 n += 1
 
+        cpu_start = process_cpu_s(server_pid) if server_pid else 0.0
         start = time.perf_counter()
         await asyncio.gather(*(client(i, start + seconds) for i in range(clients)))
         elapsed = time.perf_counter() - start
+        cpu = process_cpu_s(server_pid) - cpu_start if server_pid else None
     latencies.sort()
     return {
         "clients": clients,
@@ -115,6 +126,8 @@ async def run_level(url: str, model: str, clients: int, seconds: float, max_toke
         "requests_per_s": round(len(latencies) / elapsed, 2),
         "p50_latency_s": round(statistics.median(latencies), 3),
         "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+        "server_cpu_s": None if cpu is None else round(cpu, 2),
+        "tokens_per_server_cpu_s": None if not cpu else round(tokens / cpu, 1),
     }
 
 
@@ -169,12 +182,13 @@ def main() -> None:
             assert model is not None
             proc = start_server(model, args.port, args)
             url, model_name = f"http://127.0.0.1:{args.port}", "bench"
+        pid = proc.pid if proc is not None else None
         try:
             asyncio.run(run_level(url, model_name, 4, 3, args.max_tokens))  # warm-up
             results = []
             for clients in levels:
                 results.append(
-                    asyncio.run(run_level(url, model_name, clients, args.seconds, args.max_tokens))
+                    asyncio.run(run_level(url, model_name, clients, args.seconds, args.max_tokens, pid))
                 )
                 print(json.dumps(results[-1]), file=sys.stderr)
         finally:
@@ -202,12 +216,14 @@ def main() -> None:
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| clients | requests | tokens/s | requests/s | p50 latency (s) | p99 latency (s) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| clients | requests | tokens/s | tokens per server CPU-s | requests/s | p50 latency (s) | p99 latency (s) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']} | {r['requests_per_s']} "
-            f"| {r['p50_latency_s']} | {r['p99_latency_s']} |"
+            f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']} | {r['tokens_per_server_cpu_s']} "
+            f"| {r['requests_per_s']} | {r['p50_latency_s']} | {r['p99_latency_s']} |"
         )
     for key, value in report.items():
         if key.startswith("throughput_ratio"):

@@ -213,17 +213,20 @@ class DecodeStep:
     The copies are made once per batch; the model is changed only inside `with step.on():`, so between
     steps (and after an error) it is as it was."""
 
-    def __init__(self, model: PreTrainedModel, batch: int, whole_weights: bool = True) -> None:
-        """`whole_weights`: the weights are this process's alone (not shards that a wrapper gathers at each
-        forward, as FSDP's); only then are they packed."""
+    def __init__(self, model: PreTrainedModel, batch: int | None, whole_weights: bool = True) -> None:
+        """`batch`: the batch size the weights are packed for; None: not packed (the products as the modules
+        compute them). `whole_weights`: the weights are this process's alone (not shards that a wrapper
+        gathers at each forward, as FSDP's); only then are they packed."""
         get_base = getattr(model, "get_base_model", None)
         self.config = (get_base() if callable(get_base) else model).config
         weight = next(model.parameters())
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        pack = packer(weight.device, dtype, batch)
         self.linears: list[tuple[torch.nn.Module, Any]] = []
-        for module in model.modules() if whole_weights else []:
+        if batch is None or not whole_weights:
+            return
+        pack = packer(weight.device, dtype, batch)
+        for module in model.modules():
             if type(module) is not torch.nn.Linear or not _plain(module.weight):
                 continue
             packed = pack(module.weight.detach().to(dtype))

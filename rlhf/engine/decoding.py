@@ -5,25 +5,23 @@ Prompts are left-padded so that every row's next token sits in the last column; 
 right-padded with a mask. The log-probs returned are those of the sampled tokens under softmax(logits / T),
 the distribution PPO recomputes (without the top-k/top-p truncation, as in TRL and OpenRLHF).
 
-Every model steps through its own transformers forward: on a CPU over a cache written in place, with one mask
+The rows decode as one `DecodeBatch` (rlhf.engine.decode_batch, which the server's worker decodes through too):
+every model steps through its own transformers forward, on a CPU over a cache written in place, with one mask
 per step and an attention kernel for one new token (rlhf.engine.decode_cache); elsewhere (GPUs, sliding windows
 shorter than the sequence, other attention kinds) over transformers' `DynamicCache`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rlhf.engine import decode_cache
-from rlhf.engine.decode_cache import DecodeStep, SlotCache
+from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
 from rlhf.errors import ConfigError
 from rlhf.models.loading import context_length
@@ -78,50 +76,6 @@ def fit_context(prompts: list[list[int]], context: int, max_new_tokens: int) -> 
     return prompts
 
 
-def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    """Whether the model (or, under a LoRA wrapper, its base model) can compute logits for the last positions only."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def cache_keyword(model: PreTrainedModel) -> str:
-    """The forward's keyword for the KV cache: `cache` where the model takes it (transformers 5.2x on, which
-    deprecates `past_key_values` and removes it in 5.40), else `past_key_values`."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def returned_cache(out: Any) -> Any:
-    """The KV cache a forward returned, under either name."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-class CachedStep:
-    """One decoding step through a transformers model's own forward and KV cache: the last position's logits
-    (B, V) in fp32, and the cache for the next step. `generate` and the server's engine both step through it."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.model = model
-        self.cache_kw = cache_keyword(model)
-        self.extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-
-    def __call__(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any
-    ) -> tuple[Tensor, Any]:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self.cache_kw: cache},
-            **self.extra,
-        )
-        return out.logits[:, -1, :].float(), returned_cache(out)
-
-
 def never_sampled(pad_id: int, stops: Sequence[int]) -> list[int]:
     """The token ids a response never samples: PAD, unless PAD also ends a response."""
     return [] if pad_id in stops else [pad_id]
@@ -132,78 +86,6 @@ def never_sampled(pad_id: int, stops: Sequence[int]) -> list[int]:
 # kernels (oneDNN and cuBLAS build one per shape), so a few sizes are reused across batches. On the tiny PPO
 # workload's rollouts this took generation from 0.198 to 0.159 s (thresholds 0.5-0.75 gave 0.147-0.159 s).
 _COMPACT_AT = 0.5
-
-# (input_ids, positions, step) -> last-position logits (B, V)
-Forward = Callable[[Tensor, Tensor, int], Tensor]
-Keep = Callable[[Tensor], bool]  # keep only these rows of the batch (cache included); False: cannot
-
-
-def _transformers_forward(
-    model: PreTrainedModel, attention: Tensor, width: int, synced: bool = False
-) -> tuple[Forward, Keep]:
-    """Decoding steps through the model's own forward: over a `SlotCache` where rlhf.engine.decode_cache serves
-    the model, else over transformers' `DynamicCache`."""
-    if decode_cache.supports(model, attention.size(1)):
-        return _slot_forward(model, attention, width, synced)
-    return _dynamic_forward(model, attention, width)
-
-
-def _dynamic_forward(model: PreTrainedModel, attention: Tensor, width: int) -> tuple[Forward, Keep]:
-    """The same over transformers' `DynamicCache`, the model's own attention and masks at every step."""
-    cached_step = CachedStep(model)
-    past: Any = None
-
-    def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
-        nonlocal past
-        logits, past = cached_step(input_ids, attention[:, : width + step], positions, past)
-        return logits
-
-    def keep(rows: Tensor) -> bool:
-        nonlocal attention
-        if not callable(getattr(past, "reorder_cache", None)):
-            return False
-        past.reorder_cache(rows)
-        attention = attention[rows]
-        return True
-
-    return forward, keep
-
-
-def _slot_forward(
-    model: PreTrainedModel, attention: Tensor, width: int, synced: bool
-) -> tuple[Forward, Keep]:
-    """The same through the model's own forward over a `SlotCache` (rlhf.engine.decode_cache): the prefill with
-    the model's attention and masks, each decoding step with `decode_attention` under one mask."""
-    cached_step = CachedStep(model)
-    cache = SlotCache()
-    decode_step = DecodeStep(model, attention.size(0), whole_weights=not synced)
-    limit = attention.size(1)
-    # (B, slots) the cache slots each row attends to: the prompt's real tokens, then each step's token as it
-    # is written; a mask over whole blocks of slots (see decode_cache) with the unwritten ones out
-    live = torch.zeros(
-        attention.size(0), SlotCache.slots(limit, limit), dtype=torch.bool, device=attention.device
-    )
-    live[:, :width] = attention[:, :width].bool()
-
-    def forward(input_ids: Tensor, positions: Tensor, step: int) -> Tensor:
-        if step == 0:
-            return cached_step(input_ids, attention[:, :width], positions, cache)[0]
-        end = width + step
-        live[:, end - 1] = True
-        slots = SlotCache.slots(end, limit)
-        cache.reserve(slots)
-        # additive, so each layer adds it to its scores (attention takes a 4-D mask as is)
-        mask = torch.where(live[:, None, None, :slots], 0.0, float("-inf"))  # (b, 1, 1, slots)
-        with decode_step.on():
-            return cached_step(input_ids, mask, positions, cache)[0]
-
-    def keep(rows: Tensor) -> bool:
-        nonlocal live
-        cache.reorder_cache(rows)
-        live = live[rows]
-        return True
-
-    return forward, keep
 
 
 @torch.no_grad()
@@ -227,9 +109,9 @@ def generate(
     `stream_keys`), so a row's tokens do not depend on the rows beside it. Without them the keys come from
     `generator`, else from `params.seed` and the row's index, else from torch's global generator.
 
-    The hot loop does no Python work per row: the attention mask and the outputs are preallocated and
-    written a column per step, the prefill computes logits for the last position only, and the forwards run
-    in inference mode. Finished rows leave the batch (see _COMPACT_AT), so a batch of mostly short answers
+    The hot loop does no Python work per row: the outputs are preallocated and written a column per step,
+    the cache and masks grow by whole blocks (rlhf.engine.decode_batch), the prefill computes logits for the
+    last position only, and the forwards run in inference mode. Finished rows leave the batch (see _COMPACT_AT), so a batch of mostly short answers
     does not pay for its longest.
     """
     device = next(model.parameters()).device
@@ -238,9 +120,6 @@ def generate(
     stops = torch.tensor(stops_list, dtype=torch.long, device=device)
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     (batch, width), steps = prompt_ids.shape, params.max_new_tokens
-    attention = torch.ones(batch, width + steps, dtype=torch.long, device=device)  # (B, P + T)
-    attention[:, :width] = prompt_mask
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     response_ids = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)  # (B, T)
     logprobs = torch.zeros(batch, steps, device=device)  # (B, T)
     response_mask = torch.zeros(batch, steps, dtype=torch.long, device=device)  # (B, T)
@@ -249,14 +128,12 @@ def generate(
         seeds = _row_keys(batch, params, generator)
     row_keys = seeds.to(device)  # (b,) each row's random stream
     never = never_sampled(pad_id, stops_list)
-    forward, keep = _transformers_forward(model, attention, width, synced)
+    decoding = DecodeBatch(model, width + steps, synced=synced)
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
-    input_ids, n = prompt_ids, 0
+    logits, n = decoding.prefill(prompt_ids, prompt_mask), 0  # (b, V)
     for step in range(steps):
-        # inference mode: no version counters or view tracking on the forward's many small tensors; not for a
-        # sharded model, whose gathered weights live in buffers that its training forwards update in place
-        with torch.inference_mode(not synced):
-            logits = forward(input_ids, positions, step)  # (b, V)
+        if step > 0:  # the previous step's tokens in (PAD for finished rows, masked out of the answers)
+            logits = decoding.step(response_ids[rows, step - 1])  # (b, V)
         next_token, logprob = sample(logits, params, RowStreams(row_keys, step), never)  # (b,) each
         alive = ~finished[rows]  # (b,)
         response_ids[rows, step] = torch.where(alive, next_token, pad_id)
@@ -272,8 +149,6 @@ def generate(
             if int(left) == 0:
                 break
             if n_running == 0:  # this process is done; it keeps stepping (masked) while the others finish
-                input_ids = response_ids[rows, step : step + 1]
-                positions = positions[:, -1:] + 1
                 continue
         elif n_running == 0:
             break
@@ -282,11 +157,9 @@ def generate(
             size = 1 << (n_running - 1).bit_length()
             # the running rows, and finished ones to fill the bucket, in their order
             kept = running.float().argsort(descending=True, stable=True)[:size].sort().values  # (size,)
-            if size < rows.numel() and keep(kept):
-                rows, positions = rows[kept], positions[kept]
-                row_keys = row_keys[kept]
-        input_ids = response_ids[rows, step : step + 1]
-        positions = positions[:, -1:] + 1
+            if size < rows.numel() and decoding.keep(kept):
+                decoding.trim()
+                rows, row_keys = rows[kept], row_keys[kept]
     return Generation(
         prompt_ids, prompt_mask, response_ids[:, :n], response_mask[:, :n], logprobs[:, :n], finished
     )

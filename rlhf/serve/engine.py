@@ -1,12 +1,17 @@
 """The generation worker: one thread owns the model and runs every request through one growing batch.
 
-Continuous batching over a Hugging Face KV cache. Between decode steps the worker admits waiting sequences:
-it prefills their prompts as a small batch of their own, then joins the two caches along the batch axis,
-left-padding the shorter one (each row keeps its own attention mask and position ids, so padding changes
-nothing it attends to). Finished rows are dropped from the cache at once, and leading columns that only
-padding uses are cut away. When the worker is idle, the first request waits up to `batch_wait_s` for
-company before its prefill. Caches whose layers are not plain `DynamicLayer`s (sliding windows) cannot be
-joined; then new sequences wait for the running batch to finish (static batching).
+Continuous batching over the decoder `generate` runs on (rlhf.engine.decode_batch.DecodeBatch): on a CPU a
+cache written in place with one mask per step and `decode_attention`; elsewhere transformers' `DynamicCache`.
+Between decode steps the worker admits waiting sequences: it prefills their prompts as a small batch of their
+own, then joins it to the running batch, the narrower of the two left-padded along the cache's slots (each
+row keeps its own attention mask and position ids, so padding changes nothing it attends to). Finished rows
+leave the batch at once, and leading slots that only padding fills are cut away. When the worker is idle, the
+first request waits up to `batch_wait_s` for company before its prefill. Caches whose layers are not plain
+`DynamicLayer`s (sliding windows shorter than the context) cannot be joined; then new sequences wait for the
+running batch to finish (static batching).
+
+The scheduling stays here: admission, per-row sampling parameters, stop ids and strings, streaming and
+cancellation.
 
 Requests talk to the worker through `Sequence` objects: `submit` queues them, the worker calls each one's
 `emit` with `Delta`s (from its own thread: the callback must be thread-safe), and a request that goes
@@ -22,16 +27,17 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.engine.decoding import CachedStep, left_pad, never_sampled
+from rlhf.engine import decode_cache
+from rlhf.engine.decode_batch import DecodeBatch
+from rlhf.engine.decode_cache import DecodeStep
+from rlhf.engine.decoding import left_pad, never_sampled
 from rlhf.engine.sampling import RowSampling, RowStreams, sample, stream_keys
+from rlhf.models.loading import context_length
 from rlhf.models.tokens import stop_ids
 from rlhf.serve import metrics
 
@@ -89,17 +95,19 @@ class Overloaded(Exception):
 
 @dataclass
 class _Batch:
-    """The running rows: their cache and the token each one sampled last (not yet in the cache)."""
+    """The running rows: their sequences, cache, masks and positions, and the token each one sampled last (not
+    yet in the cache)."""
 
     seqs: list[Sequence]
-    cache: DynamicCache
-    attention: Tensor  # (B, L) 1 where the cache holds a real token of the row
+    decoding: DecodeBatch
     next_ids: Tensor  # (B,)
-    positions: Tensor  # (B,) position id of next_ids
 
-    @property
-    def joinable(self) -> bool:
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+    def join(self, other: _Batch) -> _Batch:
+        """This batch's rows, then `other`'s."""
+        self.decoding.join(other.decoding)
+        self.seqs = self.seqs + other.seqs
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        return self
 
 
 class Engine:
@@ -116,7 +124,9 @@ class Engine:
         seed: int = 0,
     ) -> None:
         self.model = model.eval()
-        self.step = CachedStep(self.model)  # the forward generate steps through too
+        self.context = context_length(self.model)
+        # the attention of every batch's decoding steps over a SlotCache, where the model has that path
+        self.decode_step = _decode_step(self.model, self.context)
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_size = max_batch_size
@@ -159,7 +169,7 @@ class Engine:
         while True:
             # 1. admit waiting sequences (block when idle; when running, take what is there)
             room = self.max_batch_size - (len(batch.seqs) if batch else 0)
-            if batch is not None and not batch.joinable:
+            if batch is not None and not batch.decoding.joinable:
                 room = 0
             new, stopping = self._take(room, block=batch is None)
             new = [s for s in new if not s.cancelled]
@@ -167,7 +177,7 @@ class Engine:
             joined = self._prefill_isolated(new) if new else None
             if joined is not None:
                 try:
-                    batch = self._prune(joined if batch is None else _join(batch, joined))
+                    batch = self._prune(joined if batch is None else batch.join(joined))
                 except Exception as e:  # out of memory joining: fail these requests, keep serving
                     self._fail((batch.seqs if batch else []) + joined.seqs, e)
                     batch = None
@@ -218,20 +228,37 @@ class Engine:
         if not ok:
             return None
         try:
-            return self._prefill(ok)
+            batch: _Batch | None = self._prefill(ok)
         except Exception as e:
             if len(ok) == 1:
                 self._fail(ok, e)
                 return None
-        batch: _Batch | None = None
-        for seq in ok:
+            batch = self._prefill_good(ok)
+        if batch is None:
+            return None
+        try:
+            return self._start(batch)
+        except Exception as e:  # a bug reporting the first tokens: these rows fail, the worker serves on
+            self._fail(batch.seqs, e)
+            return None
+
+    def _prefill_good(self, seqs: list[Sequence]) -> _Batch | None:
+        """After a batch's prefill failed: fail the rows that fail alone, and prefill the others together."""
+        good = []
+        for seq in seqs:
             try:
-                alone = self._prefill([seq])
+                self._prefill([seq])
             except Exception as e:
                 self._fail([seq], e)
                 continue
-            batch = alone if batch is None else _join(batch, alone)
-        return batch
+            good.append(seq)
+        if not good:
+            return None
+        try:
+            return self._prefill(good)
+        except Exception as e:  # out of memory together
+            self._fail(good, e)
+            return None
 
     def _refuse(self, seq: Sequence) -> str | None:
         """Why the model cannot take this row (the routers check these first; this keeps the batch safe
@@ -251,27 +278,26 @@ class Engine:
             self._emit(seq, Delta(seq.index, "", error=f"generation failed: {e}"))
 
     def _prefill(self, seqs: list[Sequence]) -> _Batch:
+        """The newcomers' prompts through the model, and their first tokens sampled (not yet reported: a row's
+        first token is drawn from its own stream, the same again if this batch is dropped and made anew)."""
         ids, mask = (t.to(self.device) for t in left_pad([s.prompt_ids for s in seqs], self.pad_id))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        logits, cache = self.step(ids, mask, positions, DynamicCache(config=self.model.config))  # (B, V)
-        metrics.PROMPT_TOKENS.labels(self.name).inc(int(mask.sum()))
-        next_ids = self._sample(logits, seqs)  # (B,)
+        decoding = DecodeBatch(self.model, self.context, self.decode_step)
+        logits = decoding.prefill(ids, mask)  # (B, V)
+        return _Batch(seqs, decoding, self._sample(logits, seqs))
+
+    def _start(self, batch: _Batch) -> _Batch:
+        """Report the newcomers' first tokens."""
+        metrics.PROMPT_TOKENS.labels(self.name).inc(sum(len(s.prompt_ids) for s in batch.seqs))
         now = time.perf_counter()
-        for seq in seqs:
+        for seq in batch.seqs:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.enqueued_at)
-        batch = _Batch(seqs, cache, mask, next_ids, mask.sum(-1))
         self._advance(batch)
         return batch
 
     def _decode(self, batch: _Batch) -> _Batch:
-        attention = torch.cat([batch.attention, torch.ones_like(batch.attention[:, :1])], dim=-1)  # (B, L+1)
-        logits, batch.cache = self.step(
-            batch.next_ids[:, None], attention, batch.positions[:, None], batch.cache
-        )
+        logits = batch.decoding.step(batch.next_ids)  # (B, V)
         metrics.BATCH_SIZE.labels(self.name).observe(len(batch.seqs))
         self.batch_sizes[len(batch.seqs)] += 1
-        batch.attention = attention
-        batch.positions = batch.positions + 1
         batch.next_ids = self._sample(logits, batch.seqs)
         self._advance(batch)
         return batch
@@ -330,23 +356,17 @@ class Engine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _prune(self, batch: _Batch) -> _Batch | None:
-        """Drop finished and cancelled rows from the batch and cut padding-only columns off the cache."""
+        """Drop finished and cancelled rows from the batch and cut padding-only slots off the cache."""
         keep = [i for i, s in enumerate(batch.seqs) if s.finish_reason is None and not s.cancelled]
         if not keep:
             return None
         if len(keep) < len(batch.seqs):
             index = torch.tensor(keep, device=self.device)
-            batch.cache.batch_select_indices(index)
+            if not batch.decoding.keep(index):
+                raise RuntimeError("this model's KV cache cannot drop rows")
+            batch.decoding.trim()
             batch.seqs = [batch.seqs[i] for i in keep]
-            batch.attention = batch.attention[index]
             batch.next_ids = batch.next_ids[index]
-            batch.positions = batch.positions[index]
-            lead = int(batch.attention.any(dim=0).long().argmax())  # first column some row still uses
-            if lead > 0 and batch.joinable:
-                for layer in _kv_layers(batch.cache):
-                    keys, values = cast(Tensor, layer.keys), cast(Tensor, layer.values)  # (B, H, L, D)
-                    layer.keys, layer.values = keys[:, :, lead:, :], values[:, :, lead:, :]
-                batch.attention = batch.attention[:, lead:]
         return batch
 
     def _emit(self, seq: Sequence, delta: Delta) -> None:
@@ -364,31 +384,6 @@ class Engine:
             self._window_start, self._window_tokens = time.perf_counter(), 0
 
 
-def _join(a: _Batch, b: _Batch) -> _Batch:
-    """One batch of a's rows then b's, both caches left-padded to the wider one."""
-    width = max(a.attention.size(1), b.attention.size(1))
-
-    def pad(t: Tensor, dim_from_end: int) -> Tensor:  # left-pad along the given axis up to `width`
-        missing = width - t.size(-dim_from_end)
-        return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else t
-
-    for la, lb in zip(_kv_layers(a.cache), _kv_layers(b.cache), strict=True):
-        ka, kb = cast(Tensor, la.keys), cast(Tensor, lb.keys)  # (B, H, L, D)
-        va, vb = cast(Tensor, la.values), cast(Tensor, lb.values)
-        la.keys = torch.cat([pad(ka, 2), pad(kb, 2)], dim=0)  # (Ba+Bb, H, width, D)
-        la.values = torch.cat([pad(va, 2), pad(vb, 2)], dim=0)
-    a.attention = torch.cat([pad(a.attention, 1), pad(b.attention, 1)], dim=0)  # (Ba+Bb, width)
-    a.next_ids = torch.cat([a.next_ids, b.next_ids])
-    a.positions = torch.cat([a.positions, b.positions])
-    a.seqs = a.seqs + b.seqs
-    return a
-
-
-def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The layers of a joinable cache (every one a plain DynamicLayer holding keys and values)."""
-    return [layer for layer in cache.layers if isinstance(layer, DynamicLayer)]
-
-
 def _safe_length(text: str, stops: tuple[str, ...]) -> int:
     """How much of a running sequence's text can be sent: not a trailing partial character (U+FFFD from
     half a UTF-8 byte sequence), nor a tail that may grow into a stop string."""
@@ -400,3 +395,11 @@ def _safe_length(text: str, stops: tuple[str, ...]) -> int:
                 hold = max(hold, k)
                 break
     return end - hold
+
+
+def _decode_step(model: PreTrainedModel, context: int) -> DecodeStep | None:
+    """What the decoding steps over a `SlotCache` run with, shared by every batch; None where the model decodes
+    over `DynamicCache`. Its weights are not packed: the batch size changes at every admission and exit, and
+    in the load test (docs/performance.md) weights packed once for the largest batch, or per power-of-two
+    batch size, were slower with few clients and no clearly faster with many."""
+    return DecodeStep(model, None) if decode_cache.supports(model, context) else None

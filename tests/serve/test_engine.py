@@ -1,8 +1,10 @@
-"""The batching worker: joining a running batch changes no output; seeds hold in any batch; rows free up;
-and concurrent requests through the server are decoded together."""
+"""The batching worker: joining a running batch changes no output; seeds hold in any batch and give what
+`generate` gives; rows free up; a model whose cache cannot be joined is served in static batches; and
+concurrent requests through the server are decoded together."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -12,10 +14,16 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 
+from rlhf.engine import decode_cache
+from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
-from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.engine.sampling import stream_keys
+from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
+from rlhf.models.tokens import stop_ids
 from rlhf.serve.engine import Delta, Engine, RowParams, Sequence
+from tests.archs import save_tiny
 
 PROMPTS = [
     "User: Hello!\nAssistant:",
@@ -142,3 +150,84 @@ def test_concurrent_requests_are_batched(client: openai.OpenAI, server: dict[str
     steps = Counter(engine.batch_sizes)
     steps.subtract(before)
     assert max(size for size, count in steps.items() if count > 0) >= 4
+
+
+def test_seeded_sequences_joining_mid_way_sample_what_generate_samples(engine: Engine) -> None:
+    """The worker decodes through generate's decoder (a SlotCache, on this CPU): seeded rows, each joining a
+    batch already decoding and leaving at its own length, draw the tokens generate draws for them."""
+    tok, stops = engine.tokenizer, stop_ids(engine.tokenizer)
+    assert engine.decode_step is not None  # the packed, in-place path, not DynamicCache
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    rows = [
+        RowParams(max_tokens=8 + 5 * i, temperature=1.0, top_p=0.9, seed=100 + i) for i in range(len(ids))
+    ]
+    expected = []
+    for p, r in zip(ids, rows, strict=True):
+        params = SamplingParams(r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+        gen = generate(engine.model, [p], params, stops, engine.pad_id, seeds=stream_keys(r.seed)[None])
+        expected.append(gen.response_ids[0][gen.response_mask[0].bool()].tolist())
+    got = Collector(len(ids))
+    seqs = [Sequence(p, r, i, got.emit) for i, (p, r) in enumerate(zip(ids, rows, strict=True))]
+    for seq in seqs:
+        engine.submit([seq])
+        while not seq.tokens:  # the next one joins a running batch
+            time.sleep(0.001)
+    got.wait()
+    assert [seq.tokens for seq in seqs] == expected
+
+
+def test_a_sliding_window_model_is_served_by_static_batches(tmp_path: Path) -> None:
+    """A window shorter than the context: transformers' DynamicCache, whose sliding layers cannot be joined;
+    newcomers wait for the running batch, and every row gets generate's greedy answer."""
+    path = save_tiny("mistral", tmp_path / "mistral")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
+    tok = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tokenizer=tok).eval()
+    assert not decode_cache.supports(model, context_length(model))
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    greedy = SamplingParams(12, temperature=0)
+    expected = [generate(model, [p], greedy, -1, int(tok.pad_token_id)).response_ids[0].tolist() for p in ids]
+    engine = Engine(model, tok, "window", batch_wait_s=0.0)
+    engine.stop_ids = []  # every row runs to its length, past the window
+    engine.start()
+    try:
+        assert engine.decode_step is None
+        got = Collector(len(ids))
+        seqs = [Sequence(p, RowParams(max_tokens=12, temperature=0), i, got.emit) for i, p in enumerate(ids)]
+        engine.submit(seqs[:2])
+        while not seqs[0].tokens:
+            time.sleep(0.001)
+        engine.submit(seqs[2:])  # while the first two decode
+        got.wait()
+    finally:
+        engine.stop()
+    assert [seq.tokens for seq in seqs] == expected
+    assert all(got.deltas[i][-1].finish_reason == "length" for i in range(len(ids)))
+    assert max(engine.batch_sizes) == 2  # the newcomers were not joined to the running pair
+
+
+def test_a_row_whose_prefill_fails_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill that fails for the batch: the rows that fail alone get errors, the others are prefilled
+    together and answer as they would have."""
+    tok = engine.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    poison = next(t for t in ids[1] if t not in ids[0] + ids[2])  # a token only the second prompt has
+    greedy = RowParams(max_tokens=6, temperature=0)
+    expected = Collector(2)
+    engine.submit([Sequence(ids[0], greedy, 0, expected.emit), Sequence(ids[2], greedy, 1, expected.emit)])
+    expected.wait()
+    prefill = DecodeBatch.prefill
+
+    def failing(batch: DecodeBatch, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if (input_ids == poison).any():
+            raise RuntimeError("this prompt breaks the model")
+        return prefill(batch, input_ids, mask)
+
+    monkeypatch.setattr(DecodeBatch, "prefill", failing)
+    got = Collector(3)
+    engine.submit([Sequence(p, greedy, i, got.emit) for i, p in enumerate(ids)])  # admitted together
+    got.wait()
+    assert "this prompt breaks the model" in str(got.deltas[1][-1].error)
+    assert [got.text(0), got.text(2)] == [expected.text(0), expected.text(1)]
+    assert got.deltas[0][-1].error is None and got.deltas[2][-1].error is None

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from rlhf.config import ArchConfig
+from rlhf.engine import decode_cache
 from rlhf.engine import decoding as generation
+from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decoding import SamplingParams, generate, left_pad
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
@@ -81,7 +83,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_answer(model_and_tok
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     params = SamplingParams(max_new_tokens=10, temperature=0)
     if not slots:  # transformers' DynamicCache
-        monkeypatch.setattr(generation.decode_cache, "supports", lambda model, length: False)
+        monkeypatch.setattr(decode_cache, "supports", lambda model, length: False)
     # any token can end an answer: take the first token of the most greedy answers (not of all of them)
     endless = generate(model, prompts, params, eos_id=-1, pad_id=tok.pad_token_id)
     firsts = endless.response_ids[:, 0].tolist()
@@ -91,13 +93,14 @@ def test_finished_rows_leave_the_batch_without_changing_any_answer(model_and_tok
     running = [p for p, f in zip(prompts, firsts, strict=True) if f != stop]
     prompts = (ending * 5)[:5] + running[:3]
     kept: list[int] = []
-    keep_rows = generation._slot_forward if slots else generation._dynamic_forward
+    keep_rows = DecodeBatch.keep
 
-    def counting(*a, **k):
-        forward, keep = keep_rows(*a, **k)
-        return forward, lambda rows: kept.append(rows.numel()) or keep(rows)
+    def counting(batch: DecodeBatch, rows: torch.Tensor) -> bool:
+        assert batch.slotted == slots
+        kept.append(rows.numel())
+        return keep_rows(batch, rows)
 
-    monkeypatch.setattr(generation, "_slot_forward" if slots else "_dynamic_forward", counting)
+    monkeypatch.setattr(DecodeBatch, "keep", counting)
     compacted = generate(model, prompts, params, eos_id=stop, pad_id=tok.pad_token_id)
     monkeypatch.setattr(generation, "_COMPACT_AT", 0.0)  # never
     whole = generate(model, prompts, params, eos_id=stop, pad_id=tok.pad_token_id)

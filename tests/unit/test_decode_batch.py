@@ -1,0 +1,125 @@
+"""The decoding batch (rlhf.engine.decode_batch) under continuous batching: rows that join a running batch
+mid-way (left-padded along the slots) and leave it at different steps (their slots cut once no row uses
+them) draw exactly the tokens that `generate` draws for each row alone, with the same log-probs in fp32, over
+a `SlotCache` and over transformers' `DynamicCache`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from rlhf.engine import decode_cache
+from rlhf.engine.decode_batch import DecodeBatch
+from rlhf.engine.decoding import generate, left_pad, never_sampled
+from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
+from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
+from tests.archs import save_tiny
+
+# (prompt length, the step it joins at, the tokens it draws): rows join a wider and a narrower batch, leave
+# before and after the others, and the cache grows past one block of slots (32)
+SCHEDULE = [(5, 0, 12), (9, 0, 3), (2, 2, 30), (7, 4, 6), (1, 4, 17), (11, 9, 40), (3, 20, 5)]
+PARAMS = SamplingParams(temperature=0.9, top_p=0.9)
+
+
+def _model(arch: str, root: Path):  # type: ignore[no-untyped-def]
+    path = str(save_tiny(arch, root / arch))
+    tok = load_tokenizer(path)
+    return load_causal_lm(path, tokenizer=tok).eval(), tok
+
+
+def _decode_together(model, prompts: list[list[int]], keys: Tensor, pad_id: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Decode SCHEDULE's rows as a server does: newcomers prefilled as a batch of their own and joined to the
+    running one, one step for every row, finished rows dropped and padding-only slots cut."""
+    never = never_sampled(pad_id, [])
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    logprobs: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+    batch: DecodeBatch | None = None
+    rows: list[int] = []  # the sequence of each row of the batch
+    next_ids = torch.zeros(0, dtype=torch.long)
+    trimmed, widest, step = 0, 0, 0
+
+    def draw(logits: Tensor, which: list[int]) -> Tensor:
+        counters = torch.tensor([len(tokens[i]) for i in which])
+        token, logprob = sample(logits, PARAMS, RowStreams(keys[which], counters), never)
+        for i, t, lp in zip(which, token.tolist(), logprob.tolist(), strict=True):
+            tokens[i].append(t)
+            logprobs[i].append(lp)
+        return token
+
+    def prune() -> None:
+        nonlocal batch, rows, next_ids, trimmed
+        assert batch is not None
+        keep = [r for r, i in enumerate(rows) if len(tokens[i]) < SCHEDULE[i][2]]
+        if not keep:  # the batch has ended
+            rows = []
+        elif len(keep) < len(rows):
+            before = batch.length
+            assert batch.keep(torch.tensor(keep, dtype=torch.long))
+            batch.trim()
+            trimmed += before - batch.length
+            rows, next_ids = [rows[r] for r in keep], next_ids[keep]
+
+    while step == 0 or rows or any(join >= step for _, join, _ in SCHEDULE):
+        newcomers = [i for i, (_, join, _) in enumerate(SCHEDULE) if join == step]
+        if newcomers:
+            fresh = DecodeBatch(model, context_length(model))
+            logits = fresh.prefill(*left_pad([prompts[i] for i in newcomers], pad_id))
+            first = draw(logits, newcomers)
+            if batch is None or not rows:
+                batch, rows, next_ids = fresh, newcomers, first
+            else:
+                batch.join(fresh)
+                rows, next_ids = rows + newcomers, torch.cat([next_ids, first])
+            prune()
+        if batch is not None and rows:
+            next_ids = draw(batch.step(next_ids), rows)
+            widest = max(widest, batch.length)
+            prune()
+        step += 1
+    assert batch is not None
+    return {
+        "tokens": tokens,
+        "logprobs": logprobs,
+        "trimmed": trimmed,
+        "widest": widest,
+        "slotted": batch.slotted,
+    }
+
+
+@pytest.mark.parametrize(("arch", "slots"), [("llama", True), ("qwen2", True), ("llama", False)])
+def test_rows_joining_and_leaving_draw_what_each_draws_alone(
+    arch: str, slots: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok = _model(arch, tmp_path)
+    if not slots:
+        monkeypatch.setattr(decode_cache, "supports", lambda model, length: False)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, len(tok), (n,), generator=gen).tolist() for n, _, _ in SCHEDULE]
+    keys = stream_keys(11, torch.arange(len(SCHEDULE)))  # (N,)
+    pad = int(tok.pad_token_id)
+    together = _decode_together(model, prompts, keys, pad)
+    assert together["slotted"] == slots
+    assert together["widest"] > 32  # past the first block of slots
+    assert together["trimmed"] > 0  # the padding of rows that left was cut
+    for i, (prompt, (_, _, n)) in enumerate(zip(prompts, SCHEDULE, strict=True)):
+        params = SamplingParams(max_new_tokens=n, temperature=PARAMS.temperature, top_p=PARAMS.top_p)
+        alone = generate(model, [prompt], params, eos_id=-1, pad_id=pad, seeds=keys[i : i + 1])
+        assert together["tokens"][i] == alone.response_ids[0].tolist()  # type: ignore[index]
+        got = torch.tensor(together["logprobs"][i])  # type: ignore[index]
+        # a batched product rounds differently from a row's own: a few units of fp32's last place
+        torch.testing.assert_close(got, alone.logprobs[0], rtol=0, atol=2e-6)
+
+
+def test_batches_of_different_caches_do_not_join(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tok = _model("llama", tmp_path)
+    slotted = DecodeBatch(model, 64)
+    slotted.prefill(*left_pad([[5, 6, 7]], int(tok.pad_token_id)))
+    monkeypatch.setattr(decode_cache, "supports", lambda model, length: False)
+    dynamic = DecodeBatch(model, 64)
+    dynamic.prefill(*left_pad([[8, 9]], int(tok.pad_token_id)))
+    assert slotted.slotted and not dynamic.slotted
+    with pytest.raises(ValueError, match="cannot be joined"):
+        slotted.join(dynamic)
