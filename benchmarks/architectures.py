@@ -8,7 +8,7 @@ heads for every type; random weights; the demo tokenizer, vocab 512):
   ppo         an iteration of benchmarks/ppo_bench.py's workload (64 prompts, 48 new tokens, 2 epochs over 2
               minibatches, bf16 autocast where the CPU has it) by `rlhf ppo` vs TRL 0.29's PPOTrainer
   reward      reward-model training (pairs/s) by `rlhf reward` vs TRL's RewardTrainer on the `pairs` setting of
-              benchmarks/reward_throughput.py (one pair per prompt, the same pairs per step, bf16)
+              benchmarks/reward_throughput.py (one pair per prompt, the same pairs per step, the same precision)
   generation  tokens/s of `rlhf.engine.decoding.generate` vs transformers' `generate()`, batch 64, 48 new tokens,
               the same precision (benchmarks/generation.py)
 Every type generates through its own transformers forward (on a CPU over rlhf.engine.decode_cache's KV cache and

@@ -3,7 +3,8 @@
     python -m benchmarks.reward_throughput [--reps 3] [--groups 240]
 
 Same model (a demo-size Llama, saved as a Hugging Face checkpoint), same comparisons, same pairs per optimiser
-step, same max length, bf16 autocast for both, one epoch; the two systems alternate, each run in a fresh
+step, same max length, the same precision for both (bf16 autocast where the CPU has native bf16, else fp32: bf16 is
+emulated on AVX2-only CPUs), one epoch; the two systems alternate, each run in a fresh
 process, and the median of the repetitions is reported. Two settings:
   rankings  K=4 answers per prompt ranked by the simulated panel: C(4,2)=6 pairs per prompt. We forward each
             answer once per ranking (InstructGPT grouping); TRL takes the 6 pairs as 12 sequences.
@@ -39,6 +40,7 @@ from rlhf.labelers.panel import Panel
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.runs import read_metrics
+from rlhf.train.common import cpu_has_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".bench-venvs" / "trl1"
@@ -47,6 +49,8 @@ START, END = "<!-- reward_throughput:start -->", "<!-- reward_throughput:end -->
 ARCH = ArchConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
 MAX_LEN = 128
+# both systems in the precision the stages choose on this CPU (rlhf.train.common)
+PRECISION = "bf16" if cpu_has_bf16() else "fp32"
 GRAD_ACCUM = 4
 ENV = dict(os.environ)  # the threads setting (--threads) is added in main()
 
@@ -110,7 +114,7 @@ def run_ours(work: Path, name: str, setting: dict[str, Any], rep: int) -> dict[s
             "reward.group_sessions=false", f"reward.batch_size={setting['ours_batch_groups']}",
             f"reward.micro_batch_size={setting['ours_micro_groups']}", "reward.eval_fraction=0",
             "reward.normalise.enabled=false", "reward.save_every=100000", "reward.log_every=100000",
-            "reward.precision=bf16", f"reward.max_seq_len={MAX_LEN}", "reward.lr=1e-4"]  # fmt: skip
+            f"reward.precision={PRECISION}", f"reward.max_seq_len={MAX_LEN}", "reward.lr=1e-4"]  # fmt: skip
     cmd = [
         sys.executable,
         "-m",
@@ -130,7 +134,7 @@ def run_trl(python: Path, work: Path, name: str, setting: dict[str, Any]) -> dic
     cmd = [str(python), str(ROOT / "benchmarks" / "trl_reward_worker.py"), "--model", str(work / "model"),
            "--data", str(work / f"{name}.trl.jsonl"), "--batch-size", str(setting["trl_micro_pairs"]),
            "--grad-accum", str(setting["grad_accum"]),
-           "--max-length", str(MAX_LEN), "--lr", "1e-4", "--bf16"]  # fmt: skip
+           "--max-length", str(MAX_LEN), "--lr", "1e-4"] + (["--bf16"] if PRECISION == "bf16" else [])  # fmt: skip
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["pairs"] != setting["pairs"]:
@@ -160,7 +164,7 @@ def update_doc(result: dict[str, Any]) -> None:
         START, "## Reward-model training throughput: `rlhf reward` vs TRL RewardTrainer", "",
         f"Command: `{result['command']}` ({result['date']}).", "",
         f"Machine: {m['cpu']}, {m['cores']} cores (shared; load average {m['load_average_at_start']:.1f} at the start), "
-        f"torch {m['torch']}, TRL {result['trl_version']}, bf16 autocast, {m['torch_threads']} torch thread(s) each, "
+        f"torch {m['torch']}, TRL {result['trl_version']}, {result.get('precision', 'bf16')} for both, {m['torch_threads']} torch thread(s) each, "
         f"{result['reps']} alternating repetitions, each run a fresh process.", "",
         f"Model: demo-size Llama (hidden {ARCH.hidden_size}, {ARCH.num_hidden_layers} layers, vocab 512), max length "
         f"{MAX_LEN}; one epoch; the same pairs per optimiser step and per forward pass (4 micro-batches a step) for "
@@ -196,7 +200,7 @@ def main() -> None:
     settings = prepare(work, args.groups)
     print(f"data and model in {work}: {json.dumps(settings)}", flush=True)
     result: dict[str, Any] = {"command": "python -m benchmarks.reward_throughput " + " ".join(sys.argv[1:]),
-                              "date": time.strftime("%Y-%m-%d"), "machine": machine(), "reps": args.reps,
+                              "date": time.strftime("%Y-%m-%d"), "machine": machine(), "reps": args.reps, "precision": PRECISION,
                               "settings": {}}  # fmt: skip
     for name, setting in settings.items():
         ours, trl = [], []
