@@ -34,6 +34,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("feedback_load", [], ["--quick"]),
     ("gateway_latency", [], ["--quick"]),
     ("feedback_startup", [], ["--reps", "2", "--no-doc"]),
+    ("label_queue", [], ["--backends", "sqlite", "--prompts", "60", "--repeat", "1"]),
 ]
 
 

@@ -11,15 +11,17 @@ whichever server processes they reach (the row lock makes the second UPDATE re-r
 
 from __future__ import annotations
 
+import functools
 import random
+from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Select, Table, and_, bindparam, exists, func, select, update
+from sqlalchemy import Connection, Select, Table, bindparam, exists, false, func, insert, select, true, update
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
 from rlhf.feedback.errors import Conflict, Forbidden, NotFound
-from rlhf.feedback.models import Assignment, Completion, Project, Prompt, Task, TaskCompletion, User
+from rlhf.feedback.models import Assignment, Completion, Project, Prompt, Task, TaskCompletion, User, utcnow
 from rlhf.feedback.schemas import CompletionOut, ProgressOut, TaskAdminOut, TaskOut
 
 CANDIDATES_PER_TRY = 8
@@ -42,9 +44,39 @@ def claim(
     return (conn or session.connection()).execute(_CLAIM, {"b_task": task_id, "b_limit": limit}).rowcount == 1
 
 
+@dataclass(frozen=True)
+class QueuedTask:
+    """The columns of a task that the queue hands on to `task_view` (read without building ORM objects)."""
+
+    id: int
+    prompt_id: int
+    kind: str
+    is_gold: bool
+    gold_choice: str | None
+    n_assigned: int
+
+
+_assignments = cast(Table, Assignment.__table__)
+_TASK_COLUMNS = [
+    _tasks.c[name] for name in ("id", "prompt_id", "kind", "is_gold", "gold_choice", "n_assigned")
+]
+_OPEN_TASK = (
+    select(*_TASK_COLUMNS)
+    .join(_assignments, _assignments.c.task_id == _tasks.c.id)
+    .where(
+        _assignments.c.user_id == bindparam("b_user"),
+        _assignments.c.project_id == bindparam("b_project"),
+        _assignments.c.status == "open",
+    )
+    .order_by(_assignments.c.id)
+    .limit(1)
+)
+_INSERT_ASSIGNMENT = insert(_assignments)
+
+
 def next_task(
     session: Session, user: User, project: Project, rng: random.Random | None = None
-) -> Task | None:
+) -> QueuedTask | None:
     """The task `user` should label next in `project` (assigning it to them), or None when nothing is left.
 
     Production projects hold end users' A/B pairs: only the user who got a pair answers it, never a labeler.
@@ -54,17 +86,9 @@ def next_task(
             f"project {project.name!r} holds production A/B pairs; only their end users answer them"
         )
     rng = rng or random.Random()
-    open_task = session.scalar(
-        select(Task)
-        .join(Assignment, Assignment.task_id == Task.id)
-        .where(
-            Assignment.user_id == user.id, Assignment.project_id == project.id, Assignment.status == "open"
-        )
-        .order_by(Assignment.id)
-        .limit(1)
-    )
-    if open_task is not None:
-        return open_task
+    row = session.connection().execute(_OPEN_TASK, {"b_user": user.id, "b_project": project.id}).first()
+    if row is not None:
+        return QueuedTask(*row)
     # Gold first with probability gold_rate, else after the real tasks: every gold task counts in the
     # labeler's progress total from the start (see `progress`), so each one is shown before they are done.
     if project.gold_rate <= 0:
@@ -72,15 +96,18 @@ def next_task(
     else:
         order = [True, False] if rng.random() < project.gold_rate else [False, True]
     with db_of(session).write(session):
+        conn = session.connection()
         for gold in order:
-            for task in _candidates(session, user, project, gold):
-                if claim(session, task.id, task.is_gold, project.overlap):
-                    session.add(Assignment(task_id=task.id, user_id=user.id, project_id=project.id))
+            for task in _candidates(conn, user, project, gold):
+                if claim(session, task.id, task.is_gold, project.overlap, conn):
+                    values = {"task_id": task.id, "user_id": user.id, "project_id": project.id,
+                              "status": "open", "created_at": utcnow()}  # fmt: skip
+                    conn.execute(_INSERT_ASSIGNMENT, values)
                     return task
     return None
 
 
-def _candidates(session: Session, user: User, project: Project, gold: bool) -> list[Task]:
+def _candidates(conn: Connection, user: User, project: Project, gold: bool) -> list[QueuedTask]:
     """Tasks `user` may take next: gold in id order; others those started by more labelers first (so the
     overlap fills), then in id order, one assignment count at a time.
 
@@ -88,34 +115,43 @@ def _candidates(session: Session, user: User, project: Project, gold: bool) -> l
     at the same moment get other tasks instead of queueing on the same rows, or finding every one of a
     shared list of candidates claimed by the time they try it. (SQLite runs one write transaction at a
     time, so its list is fresh.)"""
-    one_at_a_time = not db_of(session).is_sqlite
-    queries = (
-        [candidates_query(user.id, project.id, gold=True)]
-        if gold
-        else [
-            candidates_query(user.id, project.id, gold=False, n_assigned=n)
-            for n in range(project.overlap - 1, -1, -1)
-        ]
-    )
-    for query in queries:
-        if one_at_a_time:
-            query = query.limit(1).with_for_update(skip_locked=True, of=Task)
-        if tasks := list(session.scalars(query)):
-            return tasks
+    one_at_a_time = conn.dialect.name != "sqlite"
+    params: dict[str, Any] = {"b_user": user.id, "b_project": project.id}
+    counts = [None] if gold else range(project.overlap - 1, -1, -1)
+    for n in counts:
+        query = _candidates_template(gold, n is not None, one_at_a_time)
+        if rows := conn.execute(query, {**params, "b_n_assigned": n}).all():
+            return [QueuedTask(*row) for row in rows]
     return []
 
 
-def candidates_query(
-    user_id: int, project_id: int, gold: bool, n_assigned: int | None = None
-) -> Select[Task]:
+@functools.cache
+def _candidates_template(gold: bool, by_count: bool, one_at_a_time: bool) -> Select[Any]:
+    """The candidates query with its values left as parameters (b_user, b_project, b_n_assigned), built once."""
+    mine = exists().where(
+        _assignments.c.task_id == _tasks.c.id, _assignments.c.user_id == bindparam("b_user")
+    )
+    stmt = select(*_TASK_COLUMNS).where(
+        _tasks.c.project_id == bindparam("b_project"),
+        _tasks.c.is_gold.is_(true() if gold else false()),
+        ~mine,
+    )
+    if by_count:
+        stmt = stmt.where(_tasks.c.n_assigned == bindparam("b_n_assigned"))
+    stmt = stmt.order_by(_tasks.c.id).limit(CANDIDATES_PER_TRY)
+    if one_at_a_time:
+        stmt = stmt.limit(1).with_for_update(skip_locked=True, of=_tasks)
+    return stmt
+
+
+def candidates_query(user_id: int, project_id: int, gold: bool, n_assigned: int | None = None) -> Select[Any]:
     """Up to CANDIDATES_PER_TRY tasks of the project not yet `user_id`'s, in id order (of one assignment count
     for non-gold tasks): an index range of ix_tasks_queue already in that order, so no sort of every open task
     and a cost that does not grow with the project."""
-    mine = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user_id)
-    stmt = select(Task).where(Task.project_id == project_id, Task.is_gold.is_(gold), ~mine)
+    values: dict[str, Any] = {"b_user": user_id, "b_project": project_id}
     if n_assigned is not None:
-        stmt = stmt.where(Task.n_assigned == n_assigned)
-    return stmt.order_by(Task.id).limit(CANDIDATES_PER_TRY)
+        values["b_n_assigned"] = n_assigned
+    return _candidates_template(gold, n_assigned is not None, False).params(values)
 
 
 def skip(session: Session, user: User, task_id: int) -> None:
@@ -146,67 +182,82 @@ def unskip(session: Session, user: User, task_id: int) -> None:
         assignment.status = "open"  # the older open assignment: next_task gives it back first
 
 
+# One statement for the three terms of `progress`. Rather than test every task of the project for an
+# assignment of the user's (a NOT EXISTS per task, so a cost that grows with the project), it counts two
+# ranges of ix_tasks_queue (index only) and takes away the user's own assignments among them: a task has
+# at most one assignment per user, and an assignment is in its task's project.
+_mine = (
+    select(_assignments.c.status, _tasks.c.is_gold, _tasks.c.n_assigned)
+    .join(_tasks, _tasks.c.id == _assignments.c.task_id)
+    .where(_assignments.c.user_id == bindparam("b_user"), _assignments.c.project_id == bindparam("b_project"))
+    .subquery()
+)
+_in_project = _tasks.c.project_id == bindparam("b_project")
+_PROGRESS = select(
+    func.count().filter(_mine.c.status == "done"),
+    func.count().filter(_mine.c.status == "open"),
+    func.count().filter(_mine.c.is_gold.is_(false()), _mine.c.n_assigned < bindparam("b_overlap")),
+    func.count().filter(_mine.c.is_gold.is_(true())),
+    select(func.count())
+    .where(_in_project, _tasks.c.is_gold.is_(false()), _tasks.c.n_assigned < bindparam("b_overlap"))
+    .scalar_subquery(),
+    select(func.count()).where(_in_project, _tasks.c.is_gold.is_(true())).scalar_subquery(),
+).select_from(_mine)
+
+
 def progress(session: Session, user: User, project: Project) -> ProgressOut:
     """done = tasks `user` answered; total = done + open + tasks still available to them.
 
     Gold tasks count like any other, in all three terms (a gold task is available to every labeler until
     shown to them), so the total does not move when a gold task is shown: labelers cannot tell gold from
-    real tasks by watching their progress.
+    real tasks by watching their progress. Available: real tasks with fewer than `overlap` live assignments
+    and every gold task (when the project serves gold), less those ever assigned to `user`.
     """
-    by_status = dict(
-        session.execute(
-            select(Assignment.status, func.count())
-            .where(Assignment.user_id == user.id, Assignment.project_id == project.id)
-            .group_by(Assignment.status)
-        ).all()
-    )
-    mine = exists().where(and_(Assignment.task_id == Task.id, Assignment.user_id == user.id))
-    available_real = session.scalar(
-        select(func.count())
-        .select_from(Task)
-        .where(
-            Task.project_id == project.id, Task.is_gold.is_(False), Task.n_assigned < project.overlap, ~mine
-        )
-    )
-    available_gold: int | None = 0
-    if project.gold_rate > 0:
-        available_gold = session.scalar(
-            select(func.count()).select_from(Task).where(Task.project_id == project.id, Task.is_gold, ~mine)
-        )
-    done = int(by_status.get("done", 0))
-    left = int(by_status.get("open", 0)) + int(available_real or 0) + int(available_gold or 0)
-    return ProgressOut(done=done, total=done + left)
+    params = {"b_user": user.id, "b_project": project.id, "b_overlap": project.overlap}
+    row = session.connection().execute(_PROGRESS, params).one()
+    done, open_, mine_real, mine_gold, real, gold = (int(n or 0) for n in row)
+    available = real - mine_real + (gold - mine_gold if project.gold_rate > 0 else 0)
+    return ProgressOut(done=done, total=done + open_ + available)
 
 
-def task_completions(session: Session, task_id: int) -> list[tuple[int, Completion]]:
-    rows = session.execute(
-        select(TaskCompletion.position, Completion)
-        .join(Completion, Completion.id == TaskCompletion.completion_id)
-        .where(TaskCompletion.task_id == task_id)
-        .order_by(TaskCompletion.position)
-    ).all()
-    return [(int(pos), comp) for pos, comp in rows]
+_prompts, _completions, _task_completions = (
+    cast(Table, m.__table__) for m in (Prompt, Completion, TaskCompletion)
+)
+_VIEW = (
+    select(_prompts.c.text, _task_completions.c.position, _completions.c.text, _completions.c.policy)
+    .select_from(_task_completions)
+    .join(_completions, _completions.c.id == _task_completions.c.completion_id)
+    .join(_prompts, _prompts.c.id == bindparam("b_prompt"))
+    .where(_task_completions.c.task_id == bindparam("b_task"))
+    .order_by(_task_completions.c.position)
+)
 
 
 def task_view(
-    session: Session, task: Task, project_name: str, admin: bool = False, rng: random.Random | None = None
+    session: Session,
+    task: Task | QueuedTask,
+    project_name: str,
+    admin: bool = False,
+    rng: random.Random | None = None,
 ) -> TaskOut:
     """The task as shown: prompt, completions by position, and a fresh random display order.
 
     Labelers never see policy versions or gold fields; admins get them in TaskAdminOut.
     """
     rng = rng or random.Random()
-    prompt = session.get(Prompt, task.prompt_id)
-    assert prompt is not None
-    comps = task_completions(session, task.id)
-    order = [pos for pos, _ in comps]
+    conn = session.connection()
+    rows = conn.execute(_VIEW, {"b_prompt": task.prompt_id, "b_task": task.id}).all()
+    prompt = (
+        rows[0][0] if rows else conn.scalar(select(_prompts.c.text).where(_prompts.c.id == task.prompt_id))
+    )
+    order = [int(row[1]) for row in rows]
     rng.shuffle(order)
     fields: dict[str, Any] = {
         "id": task.id,
         "project": project_name,
         "kind": task.kind,
-        "prompt": prompt.text,
-        "completions": [CompletionOut(position=pos, text=c.text) for pos, c in comps],
+        "prompt": prompt,
+        "completions": [CompletionOut(position=pos, text=text) for _, pos, text, _ in rows],
         "display_order": order,
     }
     if admin:
@@ -214,7 +265,7 @@ def task_view(
             **fields,
             is_gold=task.is_gold,
             gold_choice=task.gold_choice,
-            policies=[c.policy for _, c in comps],
+            policies=[policy for *_, policy in rows],
             n_assigned=task.n_assigned,
         )
     return TaskOut(**fields)

@@ -54,7 +54,7 @@ def label_through_api(
     base_url: str, tokens: Mapping[str, str], panel: Panel, project: str, max_votes: int = 0
 ) -> dict[str, int]:
     """Members (name -> API token) vote in turn until every queue is empty; returns votes per member."""
-    clients = {name: FeedbackClient(base_url, token) for name, token in tokens.items()}
+    clients = {name: FeedbackClient(base_url, token, light=True) for name, token in tokens.items()}
     counts = dict.fromkeys(tokens, 0)
     active = set(tokens)
     try:

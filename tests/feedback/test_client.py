@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httpx
@@ -31,11 +32,12 @@ class FlakyTransport(httpx.HTTPTransport):
         return response
 
 
-def test_client_end_to_end(db: Database, db_url: str, make_rows: Any) -> None:
+@pytest.mark.parametrize("light", [False, True], ids=["httpx", "light"])
+def test_client_end_to_end(db: Database, db_url: str, make_rows: Any, light: bool) -> None:
     admin_token = make_user(db_url, "admin", role="admin")
     with run_server(db_url) as url:
         assert url.startswith("http://127.0.0.1:")
-        admin = FeedbackClient(url, admin_token)
+        admin = FeedbackClient(url, admin_token, light=light)
         out = admin.import_candidates("demo", make_rows(3, 2), overlap=1)
         assert (out["prompts"], out["tasks"]) == (3, 3)
         admin.create_user("ann")
@@ -95,3 +97,27 @@ def test_server_timing_header(db_url: str) -> None:
     with run_server(db_url) as url:
         r = httpx.get(f"{url}/healthz")
     assert r.headers["server-timing"].startswith("app;dur=")
+
+
+def test_light_client_reconnects_retries_and_reports_errors(
+    db: Database, db_url: str, make_rows: Any
+) -> None:
+    admin_token = make_user(db_url, "admin", role="admin")
+    with run_server(db_url) as url:
+        admin = FeedbackClient(url, admin_token, light=True, backoff_s=0.01)
+        admin.import_candidates("demo", make_rows(2, 2), overlap=1)
+        task = admin.next_task("demo")
+        assert admin._light is not None and admin._light.conn is not None
+        admin._light.conn.sock.shutdown(socket.SHUT_RDWR)  # as a server's keep-alive timeout leaves it
+        assert admin.next_task("demo")["id"] == task["id"]  # a new connection, the same open task
+        with pytest.raises(FeedbackAPIError) as err:
+            admin.vote(task["id"], choice="maybe")
+        assert err.value.status == 422 and "choice" in err.value.detail
+        with pytest.raises(FeedbackAPIError) as err:
+            FeedbackClient(url, "not-a-token", light=True).next_task("demo")
+        assert err.value.status == 401
+        admin.close()
+    with pytest.raises(httpx.TransportError):  # the server is gone: retried, then the error
+        FeedbackClient(url, admin_token, light=True, retries=2, backoff_s=0.001).next_task("demo")
+    with pytest.raises(ValueError, match="plain http"):
+        FeedbackClient("https://example.org", admin_token, light=True)

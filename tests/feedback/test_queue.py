@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
-from sqlalchemy import select, text
+from sqlalchemy import and_, exists, func, select, text
+from sqlalchemy.orm import Session
 
+from rlhf.feedback import queue
 from rlhf.feedback.db import Database
-from rlhf.feedback.models import Assignment, Task
+from rlhf.feedback.errors import Conflict, NotFound
+from rlhf.feedback.models import Assignment, Project, Task, User
 from rlhf.feedback.queue import candidates_query
+from tests.feedback.conftest import LABELERS
 
 
 def drain(api, who: str, project: str = "demo") -> list[int]:
@@ -126,3 +131,78 @@ def test_progress_does_not_tell_gold_from_real_tasks(api) -> None:
         if task is not None:
             shown.append(task["prompt"])
     assert done == 7 and sum("+" in p for p in shown) == 3  # every gold task shown before the end
+
+
+def progress_by_scan(session: Session, user: User, project: Project) -> tuple[int, int]:
+    """(done, total) as `queue.progress` defines them, counted the slow way: every task of the project
+    tested for an assignment of the user's."""
+    by_status = dict(
+        session.execute(
+            select(Assignment.status, func.count())
+            .where(Assignment.user_id == user.id, Assignment.project_id == project.id)
+            .group_by(Assignment.status)
+        ).all()
+    )
+    mine = exists().where(and_(Assignment.task_id == Task.id, Assignment.user_id == user.id))
+    real = session.scalar(
+        select(func.count()).where(
+            Task.project_id == project.id, Task.is_gold.is_(False), Task.n_assigned < project.overlap, ~mine
+        )
+    )
+    gold = session.scalar(select(func.count()).where(Task.project_id == project.id, Task.is_gold, ~mine))
+    done = by_status.get("done", 0)
+    left = by_status.get("open", 0) + real + (gold if project.gold_rate > 0 else 0)
+    return done, done + left
+
+
+def test_progress_equals_a_scan_of_every_task_on_random_states(api, db: Database) -> None:
+    """Votes, skips, unskips, and changes of overlap and gold rate in a random order: after every step each
+    labeler's progress is the scan's count."""
+    gold = [
+        {"prompt": f"{i}+{i}?", "completion_a": str(2 * i), "completion_b": "5", "choice": "A"}
+        for i in range(3)
+    ]
+    api.seed(n_prompts=10, gold=gold, gold_rate=0.3, overlap=2)
+    rng = random.Random(0)
+    seen: Counter[str] = Counter()
+    for _ in range(80):
+        who, action = rng.choice(LABELERS), rng.random()
+        if action < 0.6 and (task := api.next(who)) is not None:
+            assert api.vote(who, task["id"]).status_code == 201
+        elif action < 0.75 and (task := api.next(who)) is not None:
+            assert api.post(who, f"/api/tasks/{task['id']}/skip").status_code == 204
+        elif action < 0.85:
+            with db.session() as session:
+                user = session.scalar(select(User).where(User.name == who))
+                skipped = session.scalar(
+                    select(Assignment.task_id).where(
+                        Assignment.user_id == user.id, Assignment.status == "skipped"
+                    )
+                )
+                if skipped is not None:
+                    try:
+                        queue.unskip(session, user, skipped)
+                    except (Conflict, NotFound):
+                        pass
+        else:
+            change = (
+                {"overlap": rng.choice([1, 2, 3])}
+                if rng.random() < 0.5
+                else {"gold_rate": rng.choice([0.0, 0.5])}
+            )
+            assert (
+                api.client.patch("/api/projects/demo", json=change, headers=api.team["admin"]).status_code
+                == 200
+            )
+        with db.session() as session:
+            project = session.scalar(select(Project).where(Project.name == "demo"))
+            for user in session.scalars(select(User).where(User.name.in_(LABELERS))):
+                fast = queue.progress(session, user, project)
+                assert (fast.done, fast.total) == progress_by_scan(session, user, project)
+            seen.update(session.scalars(select(Assignment.status)))
+            seen["gold"] += session.scalar(
+                select(func.count()).where(Assignment.task_id == Task.id, Task.is_gold)
+            )
+    assert (
+        seen["done"] and seen["open"] and seen["skipped"] and seen["gold"]
+    )  # every kind of state was checked
