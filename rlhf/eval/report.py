@@ -234,6 +234,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
             ["answer (hand-made, to held-out prompts)", "answers", "reward model, mean", "gold, mean"], rows
         )
         body += "<p>A reward model that a non-answer cannot fool scores the non-answers below the correct answers, as gold does.</p>"
+        body += f"<p>{html.escape(_fooled_by(kinds))}</p>"
         if coverage:
             body += (
                 f"<p>The SFT policy's {coverage['k']} candidates per prompt ({coverage['prompts']} prompts) hold a correct answer "
@@ -279,3 +280,18 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
 
 def write_demo_report(run: Path) -> Path:
     return write_report(run, demo_sections(run))
+
+
+def _fooled_by(kinds: dict[str, dict[str, Any]]) -> str:
+    """The verdict on the table of answer kinds: which non-answers this reward model scores, on average, at or
+    above the lowest-scored kind of correct answer."""
+    correct = [k["rm_mean"] for kind, k in kinds.items() if "correct" in kind and "wrong" not in kind]
+    fooled = [kind.removeprefix("non-answer: ") for kind, k in kinds.items()
+              if kind.startswith("non-answer") and correct and k["rm_mean"] >= min(correct)]  # fmt: skip
+    if not correct or not any(kind.startswith("non-answer") for kind in kinds):
+        return ""
+    if not fooled:
+        return "This one does: every kind of non-answer scores below every kind of correct answer."
+    names = [f'"{f}"' if f != "empty" else "the empty answer" for f in fooled]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"This one does not: it scores {listed} at or above a kind of correct answer, on average."

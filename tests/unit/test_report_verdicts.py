@@ -1,0 +1,35 @@
+"""The report's verdict on the reward model's scores of hand-made answers of every kind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf.eval.report import _fooled_by
+
+
+def kinds(**rm_means: float) -> dict[str, dict[str, Any]]:
+    names = {"concise": "concise correct", "wordy": "wordy correct", "hmm": "non-answer: Hmm.",
+             "yes": "non-answer: Yes.", "empty": "non-answer: empty", "wrong": "wrong / invented / complying / retort"}  # fmt: skip
+    return {names[k]: {"n": 200, "rm_mean": v, "gold_mean": 0.0} for k, v in rm_means.items()}
+
+
+def test_a_reward_model_that_scores_every_non_answer_below_every_correct_one_is_not_fooled() -> None:
+    verdict = _fooled_by(kinds(concise=1.0, wordy=0.5, hmm=0.4, yes=-1.0, empty=-2.0, wrong=3.0))
+    assert verdict.startswith("This one does:")  # a wrong answer above the correct ones is not a non-answer
+
+
+def test_the_non_answers_scored_at_or_above_a_correct_answer_are_named() -> None:
+    verdict = _fooled_by(kinds(concise=0.7, wordy=0.39, hmm=1.08, yes=0.39, empty=-0.9, wrong=0.27))
+    assert (
+        verdict
+        == 'This one does not: it scores "Hmm." and "Yes." at or above a kind of correct answer, on average.'
+    )
+    verdict = _fooled_by(kinds(concise=0.7, wordy=0.6, hmm=0.1, yes=0.2, empty=0.65))
+    assert (
+        verdict
+        == "This one does not: it scores the empty answer at or above a kind of correct answer, on average."
+    )
+
+
+def test_no_verdict_without_both_kinds() -> None:
+    assert _fooled_by(kinds(hmm=1.0)) == "" and _fooled_by(kinds(concise=1.0)) == ""
