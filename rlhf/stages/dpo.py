@@ -324,14 +324,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     policy = Actor(policy_model, lean_forward(policy_model, accelerator, cfg))
     policy.train()  # dropout is off, so train() and eval() compute the same function
     is_main = accelerator.is_main_process
-    t = set_up_training(policy, cfg, accelerator, run_dir, checkpoint, plan.total_steps)
-    policy, actor, optimizer, scheduler, start, is_sharded = (
-        t.module,
-        cast(Actor, t.unwrapped),
-        t.optimizer,
-        t.scheduler,
-        t.start,
-        t.is_sharded,
+    policy, actor, optimizer, scheduler, start, is_sharded = set_up_training(
+        policy, cfg, accelerator, run_dir, checkpoint, plan.total_steps
     )
     ctx = lambda: autocast(accelerator)  # noqa: E731  bf16 for the forward passes outside the prepared module
     device = accelerator.device

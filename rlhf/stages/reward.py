@@ -542,14 +542,8 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     model.train()
     scorer = RewardForward(model, lean_forward(model, accelerator, cfg))
     is_main = accelerator.is_main_process
-    t = set_up_training(scorer, cfg, accelerator, run_dir, checkpoint, plan.total_steps)
-    scorer, unwrapped, optimizer, scheduler, start, is_sharded = (
-        t.module,
-        cast(RewardForward, t.unwrapped),
-        t.optimizer,
-        t.scheduler,
-        t.start,
-        t.is_sharded,
+    scorer, unwrapped, optimizer, scheduler, start, is_sharded = set_up_training(
+        scorer, cfg, accelerator, run_dir, checkpoint, plan.total_steps
     )
     shared = uses_shared_prefix(cfg, model)
     half = trains_in_half(accelerator)

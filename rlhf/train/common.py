@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -211,9 +211,8 @@ def make_scheduler(
     )
 
 
-@dataclass
-class Training:
-    """What `set_up_training` returns: the module as the loop calls it (wrapped by DDP where there is one),
+class Training(NamedTuple):
+    """What `set_up_training` returns, in this order: the module as the loop calls it (wrapped by DDP where there is one),
     the module itself, the optimiser, the schedule, the step to start from, and whether FSDP shards it."""
 
     module: Any

@@ -10,7 +10,7 @@ import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,14 +111,8 @@ def fit(
     )  # fmt: skip
     model.train()
     loss_fn = NextTokenLoss(model, lean_forward(model, accelerator, cfg))
-    t = set_up_training(loss_fn, cfg, accelerator, run, checkpoint, plan.total_steps)
-    loss_fn, unwrapped, optimizer, scheduler, start, is_sharded = (
-        t.module,
-        cast(NextTokenLoss, t.unwrapped),
-        t.optimizer,
-        t.scheduler,
-        t.start,
-        t.is_sharded,
+    loss_fn, unwrapped, optimizer, scheduler, start, is_sharded = set_up_training(
+        loss_fn, cfg, accelerator, run, checkpoint, plan.total_steps
     )
     is_main = accelerator.is_main_process
 
