@@ -150,10 +150,10 @@ def main() -> None:
     if on_gpu:
         name += ".cuda"
     if args.doc_only:
-        saved = merged([json.loads((RESULTS / f"{n}.json").read_text()) for n in ["architectures", *args.merge]],
+        saved = merged([json.loads((RESULTS / f"{n}.json").read_text()) for n in [name, *args.merge]],
                        args.threads)  # fmt: skip
-        save_result("architectures", saved)
-        update_doc("architectures", TITLE, saved, doc_section(saved))
+        save_result(name, saved)
+        update_doc(name.replace(".", "_"), title(saved), saved, doc_section(saved))
         return
     torch.set_num_threads(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TRL_EXPERIMENTAL_SILENCE="1",
@@ -199,8 +199,16 @@ def main() -> None:
     save_result(name, result)
     print(json.dumps({k: summary(e) for k, e in result["results"].items()}, indent=1))
     if not args.no_doc:
-        update_doc("architectures_cuda" if on_gpu else "architectures", TITLE + (" (GPU)" if on_gpu else ""),
-                   result, doc_section(result))  # fmt: skip
+        update_doc(name.replace(".", "_"), title(result), result, doc_section(result))
+
+
+def title(result: dict[str, Any]) -> str:
+    """The section's title names the kind of machine: a GPU, or a CPU by what its matmuls can use."""
+    if result["machine"]["device"].startswith("cuda"):
+        return f"{TITLE} (GPU)"
+    flags = set(result["capabilities"]["flags"])
+    kind = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "other"
+    return f"{TITLE} ({kind} CPU)"
 
 
 def merged(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:

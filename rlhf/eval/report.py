@@ -240,6 +240,9 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
                 f"<p>The SFT policy's {coverage['k']} candidates per prompt ({coverage['prompts']} prompts) hold a correct answer "
                 f"on {_pct(coverage['correct_among_k'])} of prompts; one sampled answer is correct {_pct(coverage['correct_per_sample'])} of the time.</p>"
             )
+        values = _load(run / "eval" / "reward_values.json")
+        if values:
+            body += "<p>" + html.escape(_value_check(values)) + "</p>"
         sections.append(("What the reward model makes of answers of every kind", body))
 
     if examples:
@@ -280,6 +283,17 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
 
 def write_demo_report(run: Path) -> Path:
     return write_report(run, demo_sections(run))
+
+
+def _value_check(values: dict[str, Any]) -> str:
+    """Whether the reward model, and the SFT policy's own likelihood, put a correct value above a wrong one in
+    the same words (eval/reward_values.json)."""
+    rm = ", ".join(f"{family} {c['correct_over_wrong']:.3f}" for family, c in values.items())
+    text = f"A correct value over a wrong one in the same words (0.5: cannot tell them apart): the reward model {rm}"
+    if all("policy_likelihood_correct_over_wrong" in c for c in values.values()):
+        lm = ", ".join(f"{family} {c['policy_likelihood_correct_over_wrong']:.3f}" for family, c in values.items())
+        text += f"; the SFT policy's own likelihood {lm}"
+    return text + "."
 
 
 def _fooled_by(kinds: dict[str, dict[str, Any]]) -> str:

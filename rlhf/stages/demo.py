@@ -193,7 +193,7 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
         write_json(out / "eval" / f"{name}.json", summary)
     kinds = reward_by_kind(read_prompts(cfg.eval.prompts_file, 200), out / "reward" / "final")
     write_json(out / "eval" / "reward_by_kind.json", kinds)
-    write_json(out / "eval" / "reward_values.json", reward_value_check(out / "reward" / "final"))
+    write_json(out / "eval" / "reward_values.json", reward_value_check(out / "reward" / "final", Path(sft)))
     coverage = candidate_coverage(cfg.generate.out)
     write_json(out / "eval" / "sft_coverage.json", coverage)
     results["sft_correct_among_k"] = coverage["correct_among_k"]
@@ -292,6 +292,31 @@ def _rm_scores(reward_model: Path, prompts: list[str], texts: list[str]) -> list
     return scores
 
 
+def _policy_loglik(policy: Path, prompts: list[str], texts: list[str]) -> list[float]:
+    """log p(answer + EOS | prompt) under a causal LM: the sum over the answer's tokens."""
+    import torch
+
+    from rlhf.engine.decoding import left_pad
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.models.tokens import encode_completions, encode_prompts
+
+    tokenizer = load_tokenizer(str(policy))
+    model = load_causal_lm(str(policy), tokenizer=tokenizer).eval()
+    out: list[float] = []
+    for i in range(0, len(texts), 64):
+        prompt_ids = encode_prompts(tokenizer, prompts[i : i + 64])
+        answer_ids = encode_completions(tokenizer, texts[i : i + 64])
+        batch, mask = left_pad([p + a for p, a in zip(prompt_ids, answer_ids, strict=True)], tokenizer.pad_token_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logp = model(input_ids=batch, attention_mask=mask, position_ids=positions).logits.float().log_softmax(-1)
+        for row, answer in enumerate(answer_ids):  # left padding: each answer ends the row
+            n = len(answer)
+            targets = batch[row, -n:]
+            out.append(float(logp[row, -n - 1 : -1].gather(1, targets[:, None]).sum()))
+    return out
+
+
 def score_examples(rows: list[dict[str, Any]], reward_model: Path) -> list[dict[str, Any]]:
     """Example answers of PPO (a) and SFT (b) with their gold utility and reward-model score."""
     from rlhf.labelers import gold
@@ -340,11 +365,13 @@ def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
     return out
 
 
-def reward_value_check(reward_model: Path) -> dict[str, Any]:
+def reward_value_check(reward_model: Path, policy: Path | None = None) -> dict[str, Any]:
     """Can the reward model check an answer's value? Over every arithmetic question of the demo world and every
     fact look-up, a correct answer against a wrong one in the same words (the bare value and the plain
     sentence), for every wrong value of the kind the world's wrong answers take: how often it scores the
-    correct one higher (0.5: it cannot tell them apart)."""
+    correct one higher (0.5: it cannot tell them apart). With `policy` (the SFT policy the reward model starts
+    from), how often that policy's own likelihood puts the correct one higher: the knowledge a reward model
+    could draw on."""
     from rlhf.data import demo_task
     from rlhf.labelers import gold
 
@@ -368,12 +395,18 @@ def reward_value_check(reward_model: Path) -> dict[str, Any]:
     prompts = [p for _, p, _, _ in pairs]
     right = _rm_scores(reward_model, prompts, [r for _, _, r, _ in pairs])
     wrong_scores = _rm_scores(reward_model, prompts, [w for _, _, _, w in pairs])
+    if policy is not None:
+        right_lp = _policy_loglik(policy, prompts, [r for _, _, r, _ in pairs])
+        wrong_lp = _policy_loglik(policy, prompts, [w for _, _, _, w in pairs])
     out: dict[str, Any] = {}
     for family in ("arithmetic", "fact"):
         wins = [r > w for (f, *_), r, w in zip(pairs, right, wrong_scores, strict=True) if f == family]
         margins = [r - w for (f, *_), r, w in zip(pairs, right, wrong_scores, strict=True) if f == family]
         out[family] = {"pairs": len(wins), "correct_over_wrong": sum(wins) / len(wins),
                        "mean_margin": sum(margins) / len(margins)}  # fmt: skip
+        if policy is not None:
+            likelier = [r > w for (f, *_), r, w in zip(pairs, right_lp, wrong_lp, strict=True) if f == family]
+            out[family]["policy_likelihood_correct_over_wrong"] = sum(likelier) / len(likelier)
     return out
 
 
@@ -453,6 +486,9 @@ def summary_lines(out: Path) -> list[str]:
         v = json.loads(values.read_text())
         lines.append("reward model, correct over wrong value in the same words: " + ", ".join(
             f"{family} {c['correct_over_wrong']:.3f} ({c['pairs']} pairs)" for family, c in v.items()))  # fmt: skip
+        if all("policy_likelihood_correct_over_wrong" in c for c in v.values()):
+            lines.append("the SFT policy's own likelihood, correct over wrong: " + ", ".join(
+                f"{family} {c['policy_likelihood_correct_over_wrong']:.3f}" for family, c in v.items()))  # fmt: skip
     comparison = out / "eval" / "ppo_vs_sft.json"
     if comparison.exists():
         e = json.loads(comparison.read_text())

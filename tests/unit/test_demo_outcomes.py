@@ -69,6 +69,23 @@ def test_value_check_scores_correct_against_wrong_values_in_the_same_words(
     )  # a tie is no win
 
 
+def test_value_check_reads_the_policys_likelihood_beside_the_reward_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rlhf.labelers import gold
+
+    monkeypatch.setattr(demo, "_rm_scores", lambda rm, prompts, texts: [0.0] * len(texts))
+    # a policy that finds the correct answers likelier on arithmetic and the wrong ones on facts
+    monkeypatch.setattr(demo, "_policy_loglik", lambda policy, prompts, texts: [
+        (1.0 if gold.utility(p, t, True) > 0 else -1.0) * (1 if "plus" in p or "minus" in p or "times" in p else -1)
+        for p, t in zip(prompts, texts, strict=True)])  # fmt: skip
+    out = demo.reward_value_check(Path("rm"), Path("sft"))
+    assert out["arithmetic"]["policy_likelihood_correct_over_wrong"] == 1.0
+    assert out["fact"]["policy_likelihood_correct_over_wrong"] == 0.0
+    assert out["arithmetic"]["correct_over_wrong"] == 0.0
+    assert "policy_likelihood_correct_over_wrong" not in demo.reward_value_check(Path("rm"))["fact"]
+
+
 def test_the_demo_reads_the_checkouts_demo_config() -> None:
     root = Path(__file__).resolve().parents[2]
     assert demo.default_config_path() == root / "configs" / "demo.yaml"
