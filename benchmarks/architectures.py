@@ -207,7 +207,8 @@ def title(result: dict[str, Any]) -> str:
     if result["machine"]["device"].startswith("cuda"):
         return f"{TITLE} (GPU)"
     flags = set(result["capabilities"]["flags"])
-    kind = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "other"
+    kinds = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx2", "AVX2")]
+    kind = next((name for flag, name in kinds if flag in flags), "other")
     return f"{TITLE} ({kind} CPU)"
 
 

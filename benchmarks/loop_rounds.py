@@ -49,7 +49,10 @@ def table(loop_dir: Path) -> list[str]:
     lines.append("| " + " | ".join(["SFT", "", "", "", "", "0", *axis_cells(sft), ""]) + " |")
     for rdir in done:
         ev = read_json(rdir / "eval.json")
-        rm_eval, rm_sum = read_json(rdir / "reward" / "eval.json"), read_json(rdir / "reward" / "summary.json")
+        rm_eval, rm_sum = (
+            read_json(rdir / "reward" / "eval.json"),
+            read_json(rdir / "reward" / "summary.json"),
+        )
         ppo = read_json(rdir / "ppo" / "summary.json")
         gold = rm_eval.get("gold/rm_accuracy")
         votes = sum(1 for _ in (rdir / "votes.jsonl").open()) if (rdir / "votes.jsonl").exists() else "-"
@@ -67,7 +70,9 @@ def table(loop_dir: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("loop_dir", type=Path)
     parser.add_argument("--doc", action="store_true", help="write the table into docs/loop.md")
     parser.add_argument("--command", default="", help="the command that ran the loop, shown above the table")

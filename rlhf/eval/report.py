@@ -291,7 +291,9 @@ def _value_check(values: dict[str, Any]) -> str:
     rm = ", ".join(f"{family} {c['correct_over_wrong']:.3f}" for family, c in values.items())
     text = f"A correct value over a wrong one in the same words (0.5: cannot tell them apart): the reward model {rm}"
     if all("policy_likelihood_correct_over_wrong" in c for c in values.values()):
-        lm = ", ".join(f"{family} {c['policy_likelihood_correct_over_wrong']:.3f}" for family, c in values.items())
+        lm = ", ".join(
+            f"{family} {c['policy_likelihood_correct_over_wrong']:.3f}" for family, c in values.items()
+        )
         text += f"; the SFT policy's own likelihood {lm}"
     return text + "."
 

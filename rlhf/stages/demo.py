@@ -306,10 +306,16 @@ def _policy_loglik(policy: Path, prompts: list[str], texts: list[str]) -> list[f
     for i in range(0, len(texts), 64):
         prompt_ids = encode_prompts(tokenizer, prompts[i : i + 64])
         answer_ids = encode_completions(tokenizer, texts[i : i + 64])
-        batch, mask = left_pad([p + a for p, a in zip(prompt_ids, answer_ids, strict=True)], tokenizer.pad_token_id)
+        batch, mask = left_pad(
+            [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)], tokenizer.pad_token_id
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logp = model(input_ids=batch, attention_mask=mask, position_ids=positions).logits.float().log_softmax(-1)
+            logp = (
+                model(input_ids=batch, attention_mask=mask, position_ids=positions)
+                .logits.float()
+                .log_softmax(-1)
+            )
         for row, answer in enumerate(answer_ids):  # left padding: each answer ends the row
             n = len(answer)
             targets = batch[row, -n:]
