@@ -12,7 +12,7 @@ heads for every type; random weights; the demo tokenizer, vocab 512):
   generation  tokens/s of `rlhf.engine.decoding.generate` vs transformers' `generate()`, batch 64, 48 new tokens,
               the same precision (benchmarks/generation.py)
 Every type generates through its own transformers forward (on a CPU over rlhf.engine.decode_cache's KV cache and
-attention); only a plain Llama on a CPU trains and scores through the lean forward (rlhf.engine.lean_llama), every
+attention); only a plain Llama or Qwen2 on a CPU trains and scores through the lean forward (rlhf.engine.lean_llama), every
 other type through its own forward inside our loops, so the ratios per type show what the generic path costs.
 The systems alternate (each going first every other repetition; PPO and reward runs are fresh processes) and
 the median of the repetitions is reported. MFU: model FLOPs (2 per weight per token forward, 6 trained, plus
@@ -38,6 +38,7 @@ import torch
 
 from benchmarks import generation, matmul_peak, ppo_bench, reward_throughput
 from benchmarks.common import ARCHS, RESULTS, SIZES, build_model, machine, save_result, update_doc
+from rlhf.engine import lean_llama
 from rlhf.train.common import cpu_has_bf16
 
 PARTS = ("ppo", "reward", "generation")
@@ -180,7 +181,7 @@ def main() -> None:
             model, _ = build_model(size, arch=arch)
             entry: dict[str, Any] = {"arch": arch, "size": size, "params": sum(p.numel() for p in model.parameters()),
                                      "matmul_weights": ppo_bench.linear_weights(model),
-                                     "lean_path": type(model).__name__ == "LlamaForCausalLM",
+                                     "lean_path": lean_llama.supports(model),
                                      "iterations": args.iterations, "reps": args.reps,
                                      "load_average_before": round(os.getloadavg()[0], 1)}  # fmt: skip
             if "generation" in args.parts:
@@ -306,7 +307,7 @@ def doc_section(result: dict[str, Any]) -> list[str]:
         "`generate()` in the same precision. Ratios are ours / theirs in throughput (> 1: ours faster), the median "
         f"of {result['reps']} alternating repetitions, by wall clock and (in brackets, where measured) by CPU time, "
         f"which other jobs on the machine disturb less; MFU by CPU time over the {dtype} peak per CPU-second. Path: the forward "
-        "our loops run (the lean Llama forward and decoder, or transformers' own). Load: the load average before "
+        "our loops train and score through (the lean Llama-family forward, or transformers' own; every type generates through its own). Load: the load average before "
         "and after the block.",
         "",
         "| model | params | path | PPO s/iter ours; TRL | **PPO ratio** (CPU) | PPO MFU (CPU) ours; TRL "
@@ -318,7 +319,7 @@ def doc_section(result: dict[str, Any]) -> list[str]:
         cells = [
             f"{e['arch']} {e['size']}",
             f"{e['params'] / 1e6:.1f}M",
-            "lean Llama" if e["lean_path"] else "transformers",
+            "lean" if e["lean_path"] else "transformers",
         ]
         p = e.get("ppo")
         if p and "trl_iteration_s" in p:

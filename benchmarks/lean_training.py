@@ -64,9 +64,9 @@ def reward_batch(vocab: int, rng: random.Random) -> Any:
     return reward_collate(groups, pad_id=0, shared_prefix=True)
 
 
-def step_fn(size: str, loop: str) -> tuple[Callable[[bool], float], int]:
+def step_fn(size: str, loop: str, arch: str = "llama") -> tuple[Callable[[bool], float], int]:
     """(a function that runs one training step, lean or not, and returns its milliseconds; real tokens)."""
-    model, _ = build_model(size)
+    model, _ = build_model(size, arch=arch)
     rng = random.Random(0)
     if loop == "reward":
         with tempfile.TemporaryDirectory() as tmp:
@@ -107,14 +107,14 @@ def step_fn(size: str, loop: str) -> tuple[Callable[[bool], float], int]:
     return step, tokens
 
 
-def measure(size: str, reps: int) -> dict[str, Any]:
+def measure(size: str, reps: int, arch: str = "llama") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for loop in LOOPS:
-        step, tokens = step_fn(size, loop)
+        step, tokens = step_fn(size, loop, arch)
         lean_ms, hf_ms = alternating_medians(step, reps)
         out[loop] = {"tokens": tokens, "lean_ms": round(lean_ms, 2), "transformers_ms": round(hf_ms, 2),
                      "speedup": round(hf_ms / lean_ms, 3)}  # fmt: skip
-        print(f"{size} {loop}: lean {lean_ms:.1f} ms, transformers {hf_ms:.1f} ms, {hf_ms / lean_ms:.2f}x",
+        print(f"{arch} {size} {loop}: lean {lean_ms:.1f} ms, transformers {hf_ms:.1f} ms, {hf_ms / lean_ms:.2f}x",
               flush=True)  # fmt: skip
     return out
 
@@ -126,28 +126,32 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9, help="steps per path (median reported)")
     parser.add_argument("--quick", action="store_true", help="smoke pass: tiny model, 3 steps")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2"],
+                        help="the model type (the lean forward serves both); results NAME.ARCH for other than llama")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = 3 if args.quick else args.reps
     sizes = ["tiny"] if args.quick else list(SIZES)
     result = {"command": " ".join(["python -m benchmarks.lean_training", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(1), "reps": reps,
-              "sizes": {size: measure(size, reps) for size in sizes}}  # fmt: skip
-    save_result("lean_training" + (".quick" if args.quick else ""), result)
+              "arch": args.arch, "sizes": {size: measure(size, reps, args.arch) for size in sizes}}  # fmt: skip
+    name = "lean_training" + ("" if args.arch == "llama" else f".{args.arch}")
+    save_result(name + (".quick" if args.quick else ""), result)
     if args.quick or args.no_doc:
         return
     body = ["One training step (forward, backward, clipping, fused AdamW) under bf16 autocast, one torch thread, "
             "through the loops' own modules with the lean forward on and off; the two alternate step by step, "
             f"median of {reps} steps each. Micro-batches: pretraining 32 x 128 tokens; SFT 32 demonstrations of "
             "24-96 tokens, the first third without loss; reward 16 groups of 4 answers in shared-prefix rows.", "",
+            f"Model type: {args.arch}.", "",
             "| model | loop | real tokens | lean ms | transformers ms | **speed-up** |",
             "|---|---|---|---|---|---|"]  # fmt: skip
     for size, r in result["sizes"].items():
         for loop in LOOPS:
             body.append(f"| {size} | {loop} | {r[loop]['tokens']} | {r[loop]['lean_ms']} | "
                         f"{r[loop]['transformers_ms']} | **{r[loop]['speedup']:.2f}x** |")  # fmt: skip
-    update_doc("lean_training", "Pretraining, SFT and reward-model steps: lean forward vs transformers'", result,
-               body)  # fmt: skip
+    update_doc(name.replace(".", "_"), f"Pretraining, SFT and reward-model steps: lean forward vs transformers' ({args.arch})",
+               result, body)  # fmt: skip
 
 
 if __name__ == "__main__":

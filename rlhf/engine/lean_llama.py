@@ -1,4 +1,5 @@
-"""A lean, differentiable forward of the Llama backbone, for PPO's scoring and update passes.
+"""A lean, differentiable forward of the Llama-family backbone (Llama, Qwen2), for the training and scoring
+passes.
 
 On a CPU, and for small models anywhere, Hugging Face's forward costs more in framework overhead and in
 elementwise passes than in matmuls. This one computes the same function with fewer, larger operations: one
@@ -8,8 +9,8 @@ in one pass, attention as baddbmm-softmax-matmul under one additive mask shared 
 to the matmuls' dtype, as in transformers' eager attention; the softmax computes in float32). The residual
 stream and the norms stay in the weights' dtype and the matmuls run in autocast's, as under autocast.
 
-It reads the weights directly, so it serves only a plain Llama backbone whose parameters are whole on this
-process (not sharded by FSDP or DeepSpeed ZeRO-3, not wrapped by LoRA layers): `supports` says when.
+It reads the weights directly, so it serves only a plain Llama or Qwen2 backbone whose parameters are whole on
+this process (not sharded by FSDP or DeepSpeed ZeRO-3, not wrapped by LoRA layers): `supports` says when.
 `tests/unit/test_lean_llama.py` checks outputs and gradients against transformers' forward.
 """
 
@@ -22,35 +23,51 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+# the backbones this forward reproduces, with the causal-LM and sequence-classification models built on them:
+# Llama and Qwen2 (Llama's layers with biases on the query, key and value projections)
+LEAN_MODELS = {
+    "LlamaModel": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "Qwen2Model": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+}
+
 
 def plain_llama_config(cfg: Any) -> bool:
-    """A Llama config whose forward the lean code reproduces: SiLU, no biases, unscaled RoPE, no tensor split."""
+    """A Llama-family config whose forward the lean code reproduces: SiLU, unscaled RoPE, no tensor split, full
+    attention in every layer (no sliding window)."""
     rope = getattr(cfg, "rope_parameters", None) or {}
+    layer_types = getattr(cfg, "layer_types", None) or []
     return (
         cfg.hidden_act == "silu"
-        and not getattr(cfg, "attention_bias", False)
-        and not getattr(cfg, "mlp_bias", False)
         and rope.get("rope_type", "default") == "default"
         and getattr(cfg, "pretraining_tp", 1) == 1
+        and not getattr(cfg, "use_sliding_window", False)
+        and all(t == "full_attention" for t in layer_types)
     )
 
 
 def supports(model: Any) -> bool:
-    """Whether `model` is a plain Llama causal LM or sequence classifier this forward reproduces exactly, with
-    its weights on the CPU (where it was measured faster; on a GPU the model's own SDPA/flash attention is)."""
+    """Whether `model` is a plain Llama-family causal LM or sequence classifier (LEAN_MODELS) this forward
+    reproduces exactly, with its weights on the CPU (where it was measured faster; on a GPU the model's own
+    SDPA/flash attention is)."""
     cfg = getattr(model, "config", None)
     if not on_cpu(model):
         return False
     core: Any = getattr(model, "model", None)
-    if cfg is None or type(core).__name__ != "LlamaModel":
+    if cfg is None or type(model).__name__ not in LEAN_MODELS.get(type(core).__name__, ()):
         return False
     projections = [getattr(block, name) for layer in core.layers
                    for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                         (layer.mlp, ("gate_proj", "up_proj", "down_proj")))
                    for name in names]  # fmt: skip
+    fused: list[tuple[Any, ...]] = [
+        (a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in core.layers)
+    ]
+    fused += [(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in core.layers]
+    # a fused matmul adds biases to all of its projections or to none
+    same_bias = all(len({m.bias is None for m in group}) == 1 for group in fused)
     return (
-        type(model).__name__ in ("LlamaForCausalLM", "LlamaForSequenceClassification")
-        and all(type(m) is torch.nn.Linear for m in projections)  # LoRA layers replace them
+        all(type(m) is torch.nn.Linear for m in projections)  # LoRA layers replace them
+        and same_bias
         and plain_llama_config(cfg)
         and not getattr(cfg, "attention_dropout", 0.0)
     )
@@ -98,6 +115,15 @@ def swiglu(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def fused_linear(x: Tensor, layers: tuple[torch.nn.Linear, ...], dtype: torch.dtype) -> Tensor:
+    """The outputs of `layers` side by side from one matmul in `dtype`: their weights (and biases, where they
+    have them) concatenated in the forward, so the gradients flow back to each layer's own parameters."""
+    weight: Tensor = layers[0].weight if len(layers) == 1 else torch.cat([m.weight for m in layers])
+    biases: list[Tensor] = [m.bias for m in layers if m.bias is not None]
+    bias = None if not biases else biases[0] if len(biases) == 1 else torch.cat(biases)
+    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
 def hidden_states(
     model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
 ) -> Tensor:
@@ -123,8 +149,8 @@ def hidden_states(
         for layer in core.layers:
             a, mlp = layer.self_attn, layer.mlp
             h = norm(x, layer.input_layernorm.weight, eps, dtype)
-            qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
-            qkv = (h @ qkv_weight.T).view(rows, width, heads + 2 * kv_heads, head_dim)
+            qkv = fused_linear(h, (a.q_proj, a.k_proj, a.v_proj), dtype)
+            qkv = qkv.view(rows, width, heads + 2 * kv_heads, head_dim)
             # queries and keys rotated together, in fp32 as under autocast
             qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin).to(dtype).transpose(1, 2)
             q, k = qk.split([heads, kv_heads], dim=1)  # (R, H or H_kv, W, D)
@@ -137,8 +163,8 @@ def hidden_states(
             probs = scores.softmax(-1)  # bf16 in and out, fp32 inside
             attn = (probs @ v.reshape(-1, width, head_dim)).view(rows, heads, width, head_dim)
             attn = attn.transpose(1, 2).reshape(rows, width, heads * head_dim)
-            x = x + (attn @ a.o_proj.weight.to(dtype).T).to(x.dtype)
+            x = x + fused_linear(attn, (a.o_proj,), dtype).to(x.dtype)
             h = norm(x, layer.post_attention_layernorm.weight, eps, dtype)
-            gate_up = h @ torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype).T
-            x = x + (swiglu(gate_up) @ mlp.down_proj.weight.to(dtype).T).to(x.dtype)
+            gate_up = fused_linear(h, (mlp.gate_proj, mlp.up_proj), dtype)
+            x = x + fused_linear(swiglu(gate_up), (mlp.down_proj,), dtype).to(x.dtype)
         return F.rms_norm(x, (d,), core.norm.weight, eps)

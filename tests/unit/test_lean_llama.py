@@ -9,6 +9,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from rlhf.config import ArchConfig, SFTConfig
 from rlhf.engine import lean_llama
@@ -30,6 +31,27 @@ def gqa_model():
     return build_causal_lm(ARCH, tok, seed=3).eval()
 
 
+def family_model(kind: str) -> torch.nn.Module:
+    """A Llama-family model of the lean forward's shapes: Qwen2 (biases on q, k, v), or a Llama with biases on
+    every attention and MLP projection; the biases random, so that the forward must add them."""
+    dims = {"vocab_size": 280, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    config = (Qwen2Config(**dims) if kind == "qwen2"
+              else LlamaConfig(**dims, attention_bias=True, mlp_bias=True))  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = AutoModelForCausalLM.from_config(config)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama_biases"])
+def lean_model(request, gqa_model):  # type: ignore[no-untyped-def]
+    return gqa_model if request.param == "llama" else family_model(request.param)
+
+
 def rollouts() -> tuple[torch.Tensor, torch.Tensor, int]:
     """(ids, mask, P): three left-padded prompts with right-padded responses."""
     ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(1))
@@ -45,7 +67,8 @@ def real(hidden: torch.Tensor, lay) -> torch.Tensor:  # type: ignore[no-untyped-
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_hidden_states_and_gradients_match_transformers(gqa_model, packed: bool) -> None:
+def test_hidden_states_and_gradients_match_transformers(lean_model, packed: bool) -> None:
+    gqa_model = lean_model
     assert lean_llama.supports(gqa_model)
     ids, mask, p = rollouts()
     lay = packed_layout(ids, mask, p, pad_id=0) if packed else padded_layout(ids, mask, p)
@@ -70,7 +93,8 @@ def test_hidden_states_and_gradients_match_transformers(gqa_model, packed: bool)
 
 @needs_native_bf16
 @torch.no_grad()
-def test_bf16_autocast_is_as_close_to_fp32_as_transformers(gqa_model) -> None:
+def test_bf16_autocast_is_as_close_to_fp32_as_transformers(lean_model) -> None:
+    gqa_model = lean_model
     ids, mask, p = rollouts()
     lay = packed_layout(ids, mask, p, pad_id=0)
     fp32 = real(backbone(gqa_model)(**lay.inputs).last_hidden_state, lay)
@@ -91,6 +115,12 @@ def test_supports_plain_whole_llama_only(gqa_model) -> None:
     scaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert not lean_llama.supports(scaled)
     assert not lean_llama.supports(torch.nn.Linear(2, 2))
+    # Qwen2 with sliding-window attention in its layers: transformers' forward
+    sliding = Qwen2Config(vocab_size=280, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8)  # fmt: skip
+    assert lean_llama.supports(family_model("qwen2")) and not lean_llama.supports(
+        AutoModelForCausalLM.from_config(sliding)
+    )
     # weights off the CPU (a GPU here, the meta device): the model's own forward and its attention kernels
     off_cpu = build_causal_lm(ARCH, train_bpe_tokenizer(["a b c"] * 10, vocab_size=270))
     assert lean_llama.supports(off_cpu)
