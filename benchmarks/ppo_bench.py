@@ -250,14 +250,16 @@ def worker_ours(args: argparse.Namespace) -> None:
         name = "score_policy" if state["calls"] % 2 == 1 else "score_reference"
         return timed(name, orig_policy_forward)(*a, **k)
 
-    def score_rollout(gen: Any, policy: Any, reference: Any, critic: Any, reward_model: Any, *a: Any) -> Any:
+    def score_rollout(
+        gen: Any, policy: Any, reference: Any, critic: Any, reward_model: Any, *a: Any, **k: Any
+    ) -> Any:
         n_linear.setdefault("critic", linear_weights(critic))
         for name in ("score_policy", "score_reference", "score_critic", "score_reward"):
             times[name].append(0.0)
         state["scoring"], state["calls"] = True, 0
         with mon.track("scoring"):
             t0, c0 = time.perf_counter(), time.process_time()
-            out = orig_score(gen, policy, reference, critic, reward_model, *a)
+            out = orig_score(gen, policy, reference, critic, reward_model, *a, **k)
             times["scoring"].append(time.perf_counter() - t0)
             times["scoring_cpu"].append(time.process_time() - c0)
         state["scoring"] = False

@@ -72,6 +72,7 @@ from rlhf.rl_math import (
     compute_gae,
     entropy_from_logits,
     grpo_advantages,
+    kl_from_logits,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -127,14 +128,17 @@ class Rollout:
     values: Tensor  # (B, T)
     scores: Tensor  # (B,) reward-model score, or the no-EOS penalty
     entropy: Tensor  # (B, T) of the sampling distribution
+    exact_kl: Tensor | None = None  # (B, T) KL to the reference over the whole vocabulary (the guard's)
 
 
 @torch.no_grad()
 def score_rollout(
     gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
     reward_model: RewardScores | RewardEnsemble, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
+    exact_kl: bool = False,
 ) -> Rollout:  # fmt: skip
-    """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch.
+    """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch;
+    with `exact_kl`, also each position's KL to the reference over the whole vocabulary.
 
     The old log-probs come from a forward pass laid out as the update's (`layout_of`), not from generation:
     the KV-cache path rounds differently under bf16, and the first PPO step should see a ratio of 1 (packed
@@ -143,7 +147,7 @@ def score_rollout(
     ids = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P + T)
     mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P + T)
     n_prompt, rmask = gen.prompt_ids.size(1), gen.response_mask
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "ref", "values", "rm", "entropy")}
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "ref", "values", "rm", "entropy", "kl")}
 
     def widen(x: Tensor) -> Tensor:
         """(b, t) -> (b, T), 0 at padding."""
@@ -164,17 +168,19 @@ def score_rollout(
             else:
                 ref_logits = policy_forward(reference, lay)
             parts["ref"].append(widen(lay.padded(logprobs_from_logits(ref_logits, tokens, cfg.temperature))))
+            if exact_kl:
+                parts["kl"].append(widen(lay.padded(kl_from_logits(logits, ref_logits, cfg.temperature))))
             if critic is not None:  # critic-free: no values (zeros)
                 parts["values"].append(widen(response_values(critic, lay)))
             else:
                 parts["values"].append(torch.zeros_like(parts["ref"][-1]))
             parts["rm"].append(reward_model(lay))  # read at the last token (EOS)
-    out = {k: torch.cat(v) for k, v in parts.items()}  # (B, T) each, 0 at padding; rm (B,)
+    out = {k: torch.cat(v) for k, v in parts.items() if v}  # (B, T) each, 0 at padding; rm (B,)
     # the "EOS trick": an answer that never ends gets a fixed low score whatever the reward model says
     penalty = out["rm"] if cfg.no_eos_penalty is None else torch.full_like(out["rm"], cfg.no_eos_penalty)
     scores = torch.where(gen.ended, out["rm"], penalty)  # (B,)
     return Rollout(ids, mask, n_prompt, gen.response_ids, rmask, out["logprobs"], out["ref"], out["values"], scores,
-                   out["entropy"])  # fmt: skip
+                   out["entropy"], out.get("kl"))  # fmt: skip
 
 
 def gather_rollout(r: Rollout, ended: Tensor, accelerator: Any, pad_id: int) -> tuple[Rollout, Tensor]:
@@ -218,10 +224,11 @@ def guard_eval(
         gen = generate(
             policy.model, ids, params, stop_ids(tokenizer), tokenizer.pad_token_id, synced=synced, seeds=seeds
         )
-    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of)
-    kl = masked_sum(
-        approx_kl(r.logprobs, r.ref_logprobs, r.response_mask, cfg.kl_estimator), r.response_mask, dim=1
-    )
+    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of, exact_kl=True)
+    assert r.exact_kl is not None
+    # the exact KL at each visited prefix, summed per answer: a sampled token the policy finds far less likely
+    # than the reference would add exp(log pi_ref - log pi) to k3 and let one answer of many move the mean
+    kl = masked_sum(r.exact_kl, r.response_mask, dim=1)  # (n,)
     stats = [kl.mean(), r.scores.mean()]
     if gold_fn is not None:
         gold = gold_fn(prompts, decode_responses(tokenizer, gen), gen.ended.tolist())

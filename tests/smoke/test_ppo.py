@@ -215,6 +215,9 @@ def test_guard_stops_a_hacked_run_and_keeps_the_best_policy(
     assert result["stop_reason"].startswith("reward hacking")
     guard_rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "ppo/guard_gold" in r]
     assert [r["step"] for r in guard_rows] == list(range(len(guard_rows)))  # iteration 0 is the baseline
+    # the exact KL over the vocabulary: 0 while the policy is the reference, never below 0 (k1 can be)
+    assert guard_rows[0]["ppo/guard_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(r["ppo/guard_kl"] >= 0 for r in guard_rows) and guard_rows[-1]["ppo/guard_kl"] > 0
     stopped_at = guard_rows[-1]["step"]
     assert 2 <= stopped_at < cfg.iterations
     last = guard_rows[-3:]

@@ -16,6 +16,7 @@ from rlhf.rl_math import (
     cumulative_returns,
     entropy_from_logits,
     grpo_advantages,
+    kl_from_logits,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -242,6 +243,10 @@ def test_logprobs_and_entropy_equal_log_softmax_in_any_chunks(monkeypatch, chunk
         torch.testing.assert_close(logprobs_from_logits(logits[0], labels[0], temperature), expected[0])
         entropy = -(logp.exp() * logp).sum(-1)  # (3, 4)
         torch.testing.assert_close(entropy_from_logits(logits, temperature), entropy)
+        ref = logits.roll(1, dims=-1)  # another distribution per position
+        ref_logp = torch.log_softmax(ref / temperature, dim=-1)
+        kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # (3, 4)
+        torch.testing.assert_close(kl_from_logits(logits, ref, temperature), kl)
     half = logprobs_from_logits(logits.bfloat16(), labels)
     assert half.dtype == torch.float32 and half.shape == (3, 4)
 
@@ -250,6 +255,21 @@ def test_entropy_from_logits() -> None:
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -1e4, -1e4]]])
     # uniform over 4 -> ln 4; (1/4, 3/4, 0, 0) -> -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623
     close(entropy_from_logits(logits), [[math.log(4.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+
+
+def test_kl_from_logits_is_exact_and_has_no_tail_where_k3_explodes() -> None:
+    # p = (0.5, 0.3, 0.2), q = (0.2, 0.2, 0.6): KL(p || q) by hand, and 0 against itself
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])
+    close(kl_from_logits(p.log()[None], q.log()[None]), [(p * (p / q).log()).sum().item()])
+    close(kl_from_logits(p.log()[None], p.log()[None]), [0.0])
+    # the policy has all but given up a token the reference likes: KL is about ln 2 (p(0) ~ 1, q(0) = 1/2), but
+    # k3 on a sample of the abandoned token is q/p - 1 - ln(q/p), about 5e5 here: one such sample of many
+    # outweighs every other answer in a mean
+    p, q = torch.tensor([1 - 1e-6, 1e-6]), torch.tensor([0.5, 0.5])
+    exact = kl_from_logits(p.log()[None], q.log()[None])
+    close(exact, [(p * (p / q).log()).sum().item()], atol=1e-5)
+    assert exact.item() < 0.7
+    assert approx_kl(p.log()[None, 1:], q.log()[None, 1:], estimator="k3").item() > 4e5
 
 
 # --- loss aggregation and critic-free advantages ------------------------------------------------------
