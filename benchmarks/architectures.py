@@ -249,6 +249,7 @@ def finish(result: dict[str, Any], peak_after: dict[str, Any], interrupted: bool
     peak_cpu = mean_peak(before, peak_after, dtype, "flops_cpu")
     for entry in result["results"].values():
         add_mfu(entry, peak, peak_cpu)
+        entry["matmul_peak"] = {"flops": peak, "flops_cpu": peak_cpu}  # the doc names each block's peak
     result["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 1)
 
 

@@ -25,7 +25,12 @@ def other_tokenizer_dir(tmp_path: Path, vocab_size: int = 280) -> Path:
 
 
 @pytest.mark.parametrize("path", ["/no/such/model", "./missing", "runs/demo/sft/final"])
-def test_a_missing_local_path_is_named_as_such_not_as_a_hub_id(path: str) -> None:
+def test_a_missing_local_path_is_named_as_such_not_as_a_hub_id(
+    path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(
+        tmp_path
+    )  # relative paths resolve in an empty folder, not in a checkout after `make demo`
     for load in (load_tokenizer, load_causal_lm):
         with pytest.raises(RlhfError) as e:
             load(path)
