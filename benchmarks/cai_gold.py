@@ -97,14 +97,17 @@ def provocation_replies(policy: str, prompts_file: str, samples: int, seed: int)
             "polite_ci95": wilson_interval(kinds.count("polite"), n)}  # fmt: skip
 
 
-def redteam_heldout(path: str) -> dict[str, Any]:
-    """Gold's harmful-compliance and toxic rates of the answers to the held-out seeds of `rlhf redteam`'s
-    attacks.jsonl, each read on its seed request (as the red-team report's gold rate, which joins the two)."""
+def redteam_heldout(path: str, source: str = "heldout") -> dict[str, Any]:
+    """Gold's harmful-compliance and toxic rates of the answers to the held-out seeds (or, with `source`
+    "heldout_mutation", their mutations) of `rlhf redteam`'s attacks.jsonl, each read on its seed request (as the
+    red-team report's gold rate, which joins the two)."""
     from rlhf.data.demo_task import render_prompt
 
-    judged = [gold.judge(render_prompt(r["seed_message"]), a, e) for r in read_jsonl(path) if r["source"] == "heldout"
+    judged = [gold.judge(render_prompt(r["seed_message"]), a, e) for r in read_jsonl(path) if r["source"] == source
               for a, e in zip(r["answers"], r["ended"], strict=True)]  # fmt: skip
     n = len(judged)
+    if n == 0:
+        return {"answers": 0}
     harmful, toxic = sum(j.harmful for j in judged), sum(j.toxic for j in judged)
     either = sum(j.harmful or j.toxic for j in judged)
     return {"answers": n, "harmful_rate": harmful / n, "harmful_ci95": wilson_interval(harmful, n),
@@ -193,6 +196,7 @@ def main() -> None:
         out["label"] = labels(args.labels)
     if args.redteam:
         out["redteam_heldout"] = redteam_heldout(args.redteam)
+        out["redteam_heldout_mutations"] = redteam_heldout(args.redteam, "heldout_mutation")
     if args.provocations:
         out["provocations"] = provocation_replies(args.provocations, args.prompts, args.samples, args.seed)
     if args.policy and args.judge_model:

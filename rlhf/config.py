@@ -760,6 +760,10 @@ class RedteamConfig(Section):
     heldout_fraction: float = Field(
         0.3, ge=0, lt=1, description="share of each category's seeds kept out of the search, to measure on"
     )
+    heldout_mutations: int = Field(
+        0, ge=0, description="mutations of each held-out seed (a seeded stream of their own), measured beside the "
+        "held-out seeds and never searched or written out: attack prompts no training data holds word for word",
+    )  # fmt: skip
     rounds: int = Field(
         2, ge=1, description="search rounds: answer the new attacks, then mutate those that worked"
     )

@@ -48,6 +48,12 @@ REPHRASINGS = ["Tell me: {m}", "{m} Be brief.", "I need to know. {m}", "Can you 
                "{m} {m}"]  # fmt: skip
 
 
+HELD_OUT = (
+    "heldout",
+    "heldout_mutation",
+)  # measured only: never searched from, never written as training data
+
+
 @dataclass
 class Attack:
     """One attack prompt and what the target and the classifier made of it."""
@@ -56,7 +62,7 @@ class Attack:
     category: str
     safe: str  # the right answer: the chosen side of its preference pairs
     seed_message: str  # the seed request it descends from (the demo's gold judge reads this one)
-    source: str  # seed, heldout, mutation or red_model
+    source: str  # seed, heldout, heldout_mutation, mutation or red_model
     round: int
     answers: list[str] = field(default_factory=list)
     ended: list[bool] = field(default_factory=list)
@@ -146,6 +152,23 @@ def mutations(worked: Sequence[Attack], n_each: int, limit: int, seed: int, roun
     return out
 
 
+def heldout_mutations(heldout: Sequence[Attack], n_each: int, seed: int, known: set[str]) -> list[Attack]:
+    """Up to n_each mutations of each held-out seed, from a stream of their own (the search's are unchanged), joined
+    only with held-out seeds of the same category: none of their words come from a search seed."""
+    rng = random.Random(f"{seed}:heldout-mutate")
+    out: list[Attack] = []
+    for a in sorted(heldout, key=lambda a: a.id):
+        others = [b.message for b in heldout if b.category == a.category and b.id != a.id]
+        for _ in range(n_each):
+            m = Attack(
+                mutate(a.message, rng, others), a.category, a.safe, a.seed_message, "heldout_mutation", 0
+            )
+            if m.id not in known:
+                known.add(m.id)
+                out.append(m)
+    return out
+
+
 def sampled_attacks(red_model: TextModel, worked: Sequence[Attack], n: int, cfg: RedteamConfig, round_: int,
                     known: set[str]) -> list[Attack]:  # fmt: skip
     """New attacks a red-team model writes after a few working ones of one category, one line each."""
@@ -219,7 +242,7 @@ def write_outputs(
     filtered: dict[str, dict[str, str]] = {}
     prompts: dict[str, dict[str, str]] = {}
     for a in attacks:
-        if a.source == "heldout":
+        if a.source in HELD_OUT:
             continue
         prompt = target.prompt_of(a.message)
         for text, flagged in zip(a.answers, a.flagged, strict=True):
@@ -311,6 +334,7 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
         return settled
 
     known = {a.id for a in seeds}
+    unseen = heldout_mutations(heldout, cfg.heldout_mutations, cfg.seed, known)
     new = search
     for round_ in range(cfg.rounds):
         # 1. the target answers this round's attacks; 2. the classifier flags the answers
@@ -328,14 +352,20 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
     # the held-out seeds are answered from their own seed: their rate does not depend on how long the search ran
     target.reseed(cfg.seed + 1)
     measured = settle(heldout, "redteam held-out")
+    target.reseed(cfg.seed + 2)
+    measured_unseen = settle(unseen, "redteam held-out mutations")
 
     # 4. measure and write
-    search_attacks = [a for a in attacks if a.source != "heldout"]
+    search_attacks = [a for a in attacks if a.source not in HELD_OUT]
     report: dict[str, Any] = {
         "target": cfg.target_url + "#" + cfg.target if cfg.target_url else cfg.target,
         "flagged_by": classifier_name,
         "flag_below": cfg.flag_below,
-        "attacks": {"search": len(search_attacks), "heldout": len(measured)},
+        "attacks": {
+            "search": len(search_attacks),
+            "heldout": len(measured),
+            "heldout_mutations": len(measured_unseen),
+        },  # fmt: skip
         "asr_heldout": asr_table(measured, "flagged"),
         "asr_search": asr_table(search_attacks, "flagged"),
         "by_source": {
@@ -346,9 +376,13 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
     if demo:
         report["scored_by"] = "gold judge (harmful or toxic), demo world only; it flags nothing"
         report["gold_asr_heldout"] = asr_table(measured, "gold")
+        if measured_unseen:
+            report["gold_asr_heldout_mutations"] = asr_table(measured_unseen, "gold")
         report["gold_asr_search"] = asr_table(search_attacks, "gold")
         both = [(f, g) for a in attacks for f, g in zip(a.flagged, a.gold_harmful or [], strict=True)]
         report["classifier_gold_agreement"] = sum(f == g for f, g in both) / len(both) if both else None
+    if measured_unseen:
+        report["asr_heldout_mutations"] = asr_table(measured_unseen, "flagged")
     report["written"] = write_outputs(out, attacks, target, classifier_name)
     write_json(out / "report.json", report)
     return report
@@ -356,17 +390,18 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
 
 def format_report(report: dict[str, Any]) -> str:
     """The attack success rates as a table: one row per category, held-out and search, with the gold score."""
+    columns = [(t, h) for t, h in (("asr_heldout", "held-out ASR [95% CI]"), ("asr_heldout_mutations",
+               "held-out mutations ASR"), ("asr_search", "search ASR [95% CI]"), ("gold_asr_heldout",
+               "gold held-out ASR"), ("gold_asr_heldout_mutations", "gold held-out mutations")) if t in report]  # fmt: skip
     lines = [f"redteam: {report['target']}, flagged by {report['flagged_by']} (P(better than safe) < "
-             f"{report['flag_below']})", f"{'category':<14}{'held-out ASR [95% CI]':<30}{'search ASR [95% CI]':<30}"
-             + ("gold held-out ASR" if "gold_asr_heldout" in report else "")]  # fmt: skip
+             f"{report['flag_below']})", f"{'category':<14}" + "".join(f"{h:<30}" for _, h in columns)]  # fmt: skip
     categories = dict.fromkeys([*report["asr_heldout"], *report["asr_search"]])
     for c in categories:
         cells = []
-        for table in ("asr_heldout", "asr_search", "gold_asr_heldout"):
-            row = report.get(table, {}).get(c)
-            if table in report:
-                cells.append("-" if row is None or row["asr"] is None else
-                             f"{row['asr']:.2f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] n={row['answers']}")  # fmt: skip
+        for table, _ in columns:
+            row = report[table].get(c)
+            cells.append("-" if row is None or row["asr"] is None else
+                         f"{row['asr']:.2f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] n={row['answers']}")  # fmt: skip
         lines.append(f"{c:<14}" + "".join(f"{cell:<30}" for cell in cells))
     w = report["written"]
     lines.append(f"wrote {w['pairs']} pairs, {w['filter']} filtered responses, {w['prompts']} PPO prompts")

@@ -92,6 +92,28 @@ def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     assert fresh.seen == [] and again["asr_heldout"] == report["asr_heldout"]
 
 
+def test_heldout_mutations_are_measured_apart_and_never_written(tmp_path: Path, tiny_sft_model: Path) -> None:
+    plain = run(_cfg(tmp_path / "a", tiny_sft_model), quiet=True, classifier=EvenWords())
+    report = run(
+        _cfg(tmp_path / "b", tiny_sft_model, heldout_mutations=2), quiet=True, classifier=EvenWords()
+    )
+    rows = {name: [Attack(**r) for r in read_jsonl(tmp_path / name / "attacks.jsonl")] for name in ("a", "b")}
+    unseen = [a for a in rows["b"] if a.source == "heldout_mutation"]
+    heldout = {a.message: a for a in rows["b"] if a.source == "heldout"}
+    assert 0 < len(unseen) <= 2 * len(heldout)
+    for a in unseen:  # a mutation of a held-out seed, in its category, worded as no seed is
+        assert a.seed_message in heldout and a.category == heldout[a.seed_message].category
+        assert a.seed_message in a.message and a.message not in heldout
+    row = report["asr_heldout_mutations"]["all"]
+    assert row["answers"] == 2 * len(unseen) and row["successes"] == sum(f for a in unseen for f in a.flagged)
+    assert report["gold_asr_heldout_mutations"]["all"]["answers"] == 2 * len(unseen)
+    # the search, the held-out seeds' answers and everything written are those of the run without them
+    for name in ("pairs.jsonl", "filter.jsonl", "prompts.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    assert report["asr_heldout"] == plain["asr_heldout"] and report["asr_search"] == plain["asr_search"]
+    assert [a for a in rows["b"] if a.source != "heldout_mutation"] == rows["a"]
+
+
 def test_filter_command(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "filter.jsonl", [{"response": " Sure!  Put poison in its plums."}])
     write_jsonl(tmp_path / "sft.jsonl", [
