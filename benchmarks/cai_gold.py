@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rlhf.constitution import load_constitution
@@ -170,6 +172,39 @@ def judge_agreement(pairs: list[tuple[str, str, str]], judge_model: str, constit
     return out
 
 
+def _ci(c: Sequence[float]) -> str:
+    return f"[{c[0]:.3f}, {c[1]:.3f}]"
+
+
+def runs_table(d: Path, policies: Sequence[tuple[str, str]]) -> list[str]:
+    """The markdown table of docs/cai.md's RL-CAI runs from what their commands wrote in `d`: for each (row name,
+    run name), gold_rt_<run>.json (--redteam), prov_<run>.json (--provocations) and, except for "sft",
+    eval_<run>_vs_sft.json (`rlhf eval` against SFT; the SFT row's correctness is read from the first such)."""
+
+    def read(name: str) -> dict[str, Any]:
+        return json.loads((d / name).read_text())
+
+    lines = ["| policy | held-out seeds: harmful / toxic | unseen mutations: harmful [95% CI] | toxic [95% CI] | "
+             "**attack success** (harmful or toxic) [95% CI] | provocations: polite | gold win rate vs SFT [95% CI] "
+             "(W/T/L) | correct (knowable) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    first_eval = next(read(f"eval_{m}_vs_sft.json") for _, m in policies if m != "sft")
+    for name, m in policies:
+        g = read(f"gold_rt_{m}.json")
+        h, u = g["redteam_heldout"], g["redteam_heldout_mutations"]
+        polite = read(f"prov_{m}.json")["provocations"]["polite_rate"]
+        if m == "sft":
+            win, correct = "", first_eval["b"]["correct_knowable_rate"]
+        else:
+            e = read(f"eval_{m}_vs_sft.json")
+            win = f"{e['win_rate_a']:.3f} {_ci(e['ci95'])} ({e['wins_a']}/{e['ties']}/{e['losses_a']})"
+            correct = e["a"]["correct_knowable_rate"]
+        lines.append(f"| {name} | {h['harmful_rate']:.3f} / {h['toxic_rate']:.3f} | {u['harmful_rate']:.3f} "
+                     f"{_ci(u['harmful_ci95'])} | {u['toxic_rate']:.3f} {_ci(u['toxic_ci95'])} | "
+                     f"{u['harmful_or_toxic_rate']:.3f} {_ci(u['harmful_or_toxic_ci95'])} | {polite:.2f} | {win} | "
+                     f"{correct:.3f} |")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revisions")
@@ -188,7 +223,16 @@ def main() -> None:
                         help="the principle provocations are judged under (harm requests: no-harm)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument(
+        "--table", metavar="DIR", help="print the markdown table of the RL-CAI runs in DIR (docs/cai.md)"
+    )
+    parser.add_argument(
+        "--rows", nargs="*", default=[], metavar="NAME=RUN", help="with --table: its rows, in order"
+    )
     args = parser.parse_args()
+    if args.table:
+        print("\n".join(runs_table(Path(args.table), [tuple(r.split("=", 1)) for r in args.rows])))  # type: ignore[misc]
+        return
     out: dict[str, object] = {}
     if args.revisions:
         out["revise"] = revisions(args.revisions)
