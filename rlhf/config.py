@@ -555,6 +555,12 @@ class EvalConfig(Section):
         description="held-out {prompt} or {messages} rows (any source of docs/formats.md)",
     )
     n_prompts: int = Field(300, ge=0, description="prompts to answer (0 = all in the file)")
+    redteam_samples: int = Field(
+        0, ge=0, description="demo world: answers per held-out red-team attack (`rlhf redteam`'s held-out seeds "
+        "under its default split, and redteam_mutations mutations of each) from each policy, scored by the gold "
+        "judge: the attack success rate of A and of B (0 = off)",
+    )  # fmt: skip
+    redteam_mutations: int = Field(4, ge=0, description="mutations of each held-out seed (redteam_samples)")
     judge: Literal["gold", "reward_model", "local", "endpoint", "people"] = Field(
         "gold",
         description="who compares answers: gold = the demo task's hidden utility (demo prompts only), "

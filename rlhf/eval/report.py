@@ -179,6 +179,33 @@ def comparison_table(ppo_vs_sft: dict[str, Any], pre_vs_sft: dict[str, Any]) -> 
     return body
 
 
+def redteam_table(rt: dict[str, Any]) -> str:
+    """Attack success (gold: harmful or toxic), harmful compliance and toxicity of SFT (before) and PPO (after)
+    on `rlhf redteam`'s held-out seeds and their mutations, with 95% Wilson intervals."""
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        if not r.get("answers"):
+            return "–"
+        low, high = r[f"{key}_ci95"]
+        return f"{_pct(r[f'{key}_rate'])} [{100 * low:.1f}, {100 * high:.1f}]"
+
+    rows = []
+    for key, label in (
+        ("heldout", "held-out seeds"),
+        ("heldout_mutations", "their mutations (unseen wording)"),
+    ):
+        for measure, name in (("attack_success", "attack success"), ("harmful", "harmful compliance"),
+                              ("toxic", "toxic")):  # fmt: skip
+            rows.append([f"{label} ({rt['attacks'][key]} attacks): {name}", cell(rt["b"][key], measure),
+                         cell(rt["a"][key], measure)])  # fmt: skip
+    body = table(["measure", "SFT (before)", "PPO (after)"], rows)
+    return body + (
+        f"<p>Each policy answers every attack {rt['samples_per_attack']} times. The held-out seeds are the harm "
+        "requests and provocations `rlhf redteam` keeps out of its search; the mutations reword them as no "
+        "training data does. The gold judge reads each answer on its seed request.</p>"
+    )
+
+
 def demo_sections(run: Path) -> list[tuple[str, str]]:
     """The demo report's sections, every number read from the run directory's files."""
     stages = _load(run / "stages.json")
@@ -225,6 +252,8 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
         sections.append(
             ("PPO vs SFT vs pretrained, under the gold judge", comparison_table(ppo_vs_sft, pre_vs_sft))
         )
+    if ppo_vs_sft.get("redteam"):
+        sections.append(("Red-team attacks, before and after PPO", redteam_table(ppo_vs_sft["redteam"])))
 
     kinds = _load(run / "eval" / "reward_by_kind.json")
     coverage = _load(run / "eval" / "sft_coverage.json")

@@ -41,6 +41,7 @@ FAST_OVERRIDES = [
     "ppo.guard_prompts=32",
     "ppo.save_every=6",
     "eval.n_prompts=100",
+    "eval.redteam_samples=2",
 ]
 
 

@@ -251,12 +251,57 @@ def add_verdicts(summary: dict[str, Any], outcomes: list[float | None], cfg: Eva
     return summary
 
 
+def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Demo world: each policy answers `rlhf redteam`'s held-out attacks (its default split: seeds no search
+    saw, and mutations of them no training data holds word for word) cfg.redteam_samples times; the gold judge
+    reads each answer on its seed request. Per policy and set: answers, harmful, toxic and attack success
+    (harmful or toxic) rates with Wilson 95% intervals."""
+    from rlhf.config import RedteamConfig
+    from rlhf.data.attacks import Attack, heldout_demo_attacks
+    from rlhf.data.demo_task import render_prompt
+    from rlhf.eval.reward_metrics import wilson_interval
+    from rlhf.labelers import gold
+
+    defaults = RedteamConfig()
+    seeds, mutations = heldout_demo_attacks(defaults.refusal, defaults.heldout_fraction, defaults.seed,
+                                            cfg.redteam_mutations)  # fmt: skip
+    tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = resolve_precision(cfg.precision) == "bf16"
+
+    def rates(attacks: list[Attack], answers: PolicyAnswers) -> dict[str, Any]:
+        seed_prompts = [render_prompt(a.seed_message) for a in attacks for _ in range(cfg.redteam_samples)]
+        judged = [
+            gold.judge(p, t, e) for p, t, e in zip(seed_prompts, answers.texts, answers.ended, strict=True)
+        ]
+        n = len(judged)
+        out: dict[str, Any] = {"answers": n}
+        if n == 0:
+            return out
+        for name, hits in (("harmful", [j.harmful for j in judged]), ("toxic", [j.toxic for j in judged]),
+                           ("attack_success", [j.harmful or j.toxic for j in judged])):  # fmt: skip
+            out[f"{name}_rate"], out[f"{name}_ci95"] = sum(hits) / n, list(wilson_interval(sum(hits), n))
+        return out
+
+    result: dict[str, Any] = {"attacks": {"heldout": len(seeds), "heldout_mutations": len(mutations)},
+                              "samples_per_attack": cfg.redteam_samples}  # fmt: skip
+    for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
+        policy = load_policy(path, device, tokenizer)
+        result[name] = {}
+        for key, attacks in (("heldout", seeds), ("heldout_mutations", mutations)):
+            prompts = [render_prompt(a.message) for a in attacks for _ in range(cfg.redteam_samples)]
+            result[name][key] = rates(attacks, answer(policy, tokenizer, prompts, cfg, seed, None, bf16))
+    return result
+
+
 def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict[str, Any]:
     """Answer, judge and summarise; returns the JSON summary."""
     prompts, a, b = answer_both(policy_a, policy_b, cfg)
     outcomes, a_first = judge_pairs(judge, prompts, a, b, cfg.seed, cfg.judge_principle)
     summary = summarise(policy_a, policy_b, cfg, prompts, a, b, a_first)
     summary["judge"] = judge.name
+    if cfg.redteam_samples and summary["demo_prompts"]:
+        summary["redteam"] = redteam_rates(policy_a, policy_b, cfg)
     return add_verdicts(summary, outcomes.tolist(), cfg, judge.stats())
 
 
@@ -333,4 +378,11 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(line)
     if summary["reference"]:
         lines.append(f"(KL in nats per answer, to {summary['reference']})")
+    if rt := summary.get("redteam"):
+        lines.append(f"red-team attack success (gold: harmful or toxic), {rt['samples_per_attack']} answers per "
+                     "held-out attack:")  # fmt: skip
+        for key, label in (("heldout", "held-out seeds"), ("heldout_mutations", "their mutations")):
+            cells = [f"{p} {r['attack_success_rate']:.3f} [{r['attack_success_ci95'][0]:.3f}, "
+                     f"{r['attack_success_ci95'][1]:.3f}]" for p in ("A", "B") if (r := rt[p.lower()][key])["answers"]]  # fmt: skip
+            lines.append(f"  {label} ({rt['attacks'][key]} attacks): " + ("   ".join(cells) or "none"))
     return "\n".join(lines)

@@ -91,6 +91,22 @@ def test_report_shows_every_criterion_and_examples_from_every_family(demo_run: P
     assert coverage["correct_per_sample"] <= coverage["correct_among_k"] <= 1
 
 
+def test_report_shows_the_red_teams_held_out_attacks_before_and_after(demo_run: Path) -> None:
+    html = (demo_run / "report.html").read_text()
+    rt = json.loads((demo_run / "eval" / "ppo_vs_sft.json").read_text())["redteam"]
+    assert rt["attacks"]["heldout"] == 13 and rt["attacks"]["heldout_mutations"] > 13
+    for side in ("a", "b"):
+        for key in ("heldout", "heldout_mutations"):
+            r = rt[side][key]
+            assert r["answers"] == rt["samples_per_attack"] * rt["attacks"][key]
+            # an answer succeeds when it is harmful or toxic: at least either rate, at most their sum
+            assert max(r["harmful_rate"], r["toxic_rate"]) <= r["attack_success_rate"]
+            assert r["attack_success_rate"] <= r["harmful_rate"] + r["toxic_rate"] + 1e-9
+            low, high = r["attack_success_ci95"]
+            assert f"{100 * r['attack_success_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]" in html
+    assert "Red-team attacks, before and after PPO" in html
+
+
 def test_report_renders_with_no_broken_image(demo_run: Path, browser: Any) -> None:
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto((demo_run / "report.html").as_uri())
