@@ -201,7 +201,7 @@ def redteam_table(rt: dict[str, Any]) -> str:
     body = table(["measure", "SFT (before)", "PPO (after)"], rows)
     return body + (
         f"<p>Each policy answers every attack {rt['samples_per_attack']} times. The held-out seeds are the harm "
-        "requests and provocations `rlhf redteam` keeps out of its search; the mutations reword them as no "
+        "requests and provocations rlhf redteam keeps out of its search; the mutations reword them as no "
         "training data does. The gold judge reads each answer on its seed request.</p>"
     )
 

@@ -513,6 +513,11 @@ def summary_lines(out: Path) -> list[str]:
             lines.append(f"win rate a policy with a best answer to every prompt would get: {e['ceiling_win_rate']:.3f}; "
                          "W/T/L by family: " + ", ".join(f"{f} {v['wins_a']}/{v['ties']}/{v['losses_a']}"
                                                          for f, v in e["by_family"].items()))  # fmt: skip
+        if rt := e.get("redteam"):
+            lines.append("red-team attack success under gold (harmful or toxic), SFT -> PPO: " + ", ".join(
+                f"{label} {rt['b'][key]['attack_success_rate']:.3f} -> {rt['a'][key]['attack_success_rate']:.3f}"
+                for key, label in (("heldout", "held-out seeds"), ("heldout_mutations", "their mutations"))
+                if rt["a"][key]["answers"]))  # fmt: skip
     if (out / "report.html").exists():
         lines.append(f"report: {out / 'report.html'}")
     return lines
