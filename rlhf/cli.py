@@ -18,6 +18,21 @@ from rlhf.feedback.cli import app as label_app
 if TYPE_CHECKING:
     from rlhf.feedback.db import Database
 
+
+def settings_help(section: str) -> str:
+    """A stage's --help epilog: every setting of its config section, with its default and what it does."""
+    from rich.markup import escape
+
+    fields = RootConfig.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+    lines = [
+        f"[bold]Settings[/bold]: the {section}: section of a config file (-c), or --set {section}.KEY=VALUE"
+    ]
+    for name, field in fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"[bold]{name}[/bold] = {escape(repr(default))}: {escape(field.description or '')}")
+    return "\n\n".join(lines)
+
+
 app = typer.Typer(
     help="rlhf-loop: pretrain, SFT, collect human feedback, train a reward model, PPO with KL, serve, iterate.",
     no_args_is_help=True,
@@ -85,7 +100,7 @@ def data_demo(
         typer.echo(f"{name}: {path}")
 
 
-@app.command()
+@app.command(epilog=settings_help("pretrain"))
 def pretrain(
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -104,7 +119,7 @@ def pretrain(
     )
 
 
-@app.command()
+@app.command(epilog=settings_help("sft"))
 def sft(
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -142,7 +157,7 @@ def demo(
     typer.echo(f"run directory: {out}")
 
 
-@app.command("generate")
+@app.command("generate", epilog=settings_help("generate"))
 def generate_candidates(
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -191,7 +206,7 @@ def data_label_offline(
     )
 
 
-@app.command()
+@app.command(epilog=settings_help("reward"))
 def reward(
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -319,7 +334,7 @@ def gateway(
     )
 
 
-@app.command()
+@app.command(epilog=settings_help("ppo"))
 def ppo(
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -344,7 +359,7 @@ def ppo(
     )
 
 
-@app.command()
+@app.command(epilog=settings_help("dpo"))
 def dpo(
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -365,7 +380,7 @@ def dpo(
     typer.echo(line + f"model in {cfg.out_dir}/final")
 
 
-@app.command()
+@app.command(epilog=settings_help("bon"))
 def bon(
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -386,7 +401,7 @@ def bon(
     )
 
 
-@app.command("eval")
+@app.command("eval", epilog=settings_help("eval"))
 def eval_(
     policy_a: Annotated[str | None, typer.Argument(help="policy A (local dir or hub id)")] = None,
     policy_b: Annotated[
@@ -438,7 +453,7 @@ def eval_(
     typer.echo(format_table(summary))
 
 
-@app.command()
+@app.command(epilog=settings_help("redteam"))
 def redteam(
     filter_file: Annotated[
         Path | None,
@@ -485,7 +500,7 @@ cai_app = typer.Typer(
 app.add_typer(cai_app, name="cai")
 
 
-@cai_app.command("revise")
+@cai_app.command("revise", epilog=settings_help("cai"))
 def cai_revise(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
 ) -> None:
@@ -501,7 +516,7 @@ def cai_revise(
     typer.echo(f"cai revise: {summary['sft_rows']} SFT rows, {summary['pairs']} pairs in {cfg.out_dir}")
 
 
-@cai_app.command("label")
+@cai_app.command("label", epilog=settings_help("cai"))
 def cai_label(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
 ) -> None:

@@ -183,6 +183,24 @@ def test_help_lists_stages_and_documents_options() -> None:
         assert option in sft_help
 
 
+@pytest.mark.parametrize(
+    "command, section",
+    [(["pretrain"], "pretrain"), (["sft"], "sft"), (["generate"], "generate"), (["reward"], "reward"),
+     (["ppo"], "ppo"), (["dpo"], "dpo"), (["bon"], "bon"), (["eval"], "eval"), (["redteam"], "redteam"),
+     (["cai", "revise"], "cai"), (["cai", "label"], "cai")],
+)  # fmt: skip
+def test_help_documents_every_setting_of_the_stage(command: list[str], section: str) -> None:
+    from rlhf.config import RootConfig
+
+    fields = RootConfig.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+    text = " ".join(runner.invoke(app, [*command, "--help"]).output.split())  # as one line: rich wraps it
+    assert f"--set {section}.KEY=VALUE" in text
+    for name, field in fields.items():
+        assert f" {name} = " in text, name  # each setting with its default ...
+        if field.description:
+            assert " ".join(field.description.split()[:3]) in text, name  # ... and what it does
+
+
 def test_metrics_reach_tensorboard_through_accelerate(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
