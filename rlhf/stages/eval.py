@@ -11,6 +11,9 @@ Sampling defaults to temperature 0.7: policies are used by sampling, so judging 
 see (greedy decoding hides failure modes such as the SFT model's occasional rudeness). A and B use different
 seeds, so a policy compared with itself shows the sampling noise (win rate near 0.5, within the interval).
 
+With `redteam_samples` (demo world), both policies also answer `rlhf redteam`'s held-out attacks and their
+unseen rewordings, and the gold judge gives each policy's attack success rate (harmful or toxic answers).
+
 KL to the reference is the exact KL between the two next-token distributions (temperature 1), summed over the
 answer's tokens, along each sampled answer: with temperature 1 this is a low-variance estimate of the sequence
 KL that PPO's penalty holds down; at other temperatures it is the same quantity on that policy's samples.

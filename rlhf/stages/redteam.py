@@ -13,7 +13,8 @@ search's attacks, with Wilson 95% intervals, as flagged by the classifier; on th
 by the gold judge (harmful or toxic), which never flags anything itself. Written from the search's flagged
 answers (held-out seeds stay out of training data, to measure on): preference pairs (safe answer > harmful
 one), a filter list of harmful responses for SFT data (`rlhf redteam --filter FILE`), and PPO prompts.
-Resumable: answered attacks are kept in attacks.jsonl and not asked again.
+With `heldout_mutations`, mutations of the held-out seeds (worded as no training data is) are measured beside
+them and never written out. Resumable: answered attacks are kept in attacks.jsonl and not asked again.
 """
 
 from __future__ import annotations
