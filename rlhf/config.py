@@ -401,7 +401,10 @@ class PPOConfig(TrainConfig):
     )
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
-        "k1", description="per-token KL estimator (k1 in the reward; k2 or k3 as a loss term)"
+        "k1",
+        description="per-token KL estimator: k1 in the reward, k2 or k3 as a loss term. k3 in the reward has the "
+        "same mean, but its policy gradient is that of KL(pi||ref) - KL(ref||pi): near the reference it barely "
+        "pulls the policy back (docs/ppo.md)",
     )
     kl_in: Literal["reward", "loss"] = Field(
         "reward",

@@ -110,6 +110,9 @@ def approx_kl(
       k1 = log r                      unbiased, high variance, can be negative per token;
       k2 = 0.5 * (log r)^2            biased, low variance, >= 0;
       k3 = exp(-log r) - 1 + log r    unbiased, low variance, >= 0.
+    Unbiased for the value, not for its gradient: as a reward (no gradient through it) the policy gradient
+    E_pi[k grad log pi] is grad KL(pi || pi_ref) for k1, but grad KL(pi || pi_ref) - grad KL(pi_ref || pi) for k3,
+    which vanishes to second order at pi = pi_ref. k2 and k3 belong in a loss term, k1 in the reward.
     Positions where `mask` is 0 are 0.
     """
     log_ratio = logprobs - ref_logprobs  # (B, T)

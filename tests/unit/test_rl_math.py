@@ -116,6 +116,35 @@ def test_k3_is_nonnegative() -> None:
     assert (approx_kl(logp, ref, estimator="k3") >= 0).all()
 
 
+def test_kl_estimators_in_the_reward_and_the_policy_gradient_they_give() -> None:
+    # In the reward (no gradient through it), a per-token estimate k enters the policy gradient as
+    # E_pi[k * grad log pi]. k1 gives grad KL(pi || ref) exactly. k3 has the same mean, but gives
+    # grad KL(pi || ref) - grad KL(ref || pi), which vanishes to second order at pi = ref: next to the reference it
+    # barely pulls the policy back (docs/ppo.md, "The KL penalty's estimator").
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.softmax(torch.randn(6, generator=gen, dtype=torch.float64), 0)
+
+    def grads(theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        theta = theta.clone().requires_grad_(True)
+        logp = torch.log_softmax(theta, 0)
+        p = logp.exp()
+        out = {}
+        for estimator in ("k1", "k3"):
+            k = approx_kl(logp.detach()[None], ref.log()[None], estimator=estimator)[0]  # (6,) per outcome
+            out[estimator] = torch.autograd.grad((p.detach() * k * logp).sum(), theta, retain_graph=True)[0]
+        reverse = (p * (logp - ref.log())).sum()
+        forward = (ref * (ref.log() - logp)).sum()
+        out["reverse"] = torch.autograd.grad(reverse, theta, retain_graph=True)[0]
+        out["forward"] = torch.autograd.grad(forward, theta)[0]
+        return out
+
+    far = grads(torch.randn(6, generator=gen, dtype=torch.float64))
+    torch.testing.assert_close(far["k1"], far["reverse"])
+    torch.testing.assert_close(far["k3"], far["reverse"] - far["forward"])
+    near = grads(ref.log() + 0.05 * torch.randn(6, generator=gen, dtype=torch.float64))
+    assert near["k3"].norm() < 0.1 * near["k1"].norm()
+
+
 # --- reward shaping -----------------------------------------------------------------------------
 
 
