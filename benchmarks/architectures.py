@@ -37,7 +37,16 @@ from typing import Any
 import torch
 
 from benchmarks import generation, matmul_peak, ppo_bench, reward_throughput
-from benchmarks.common import ARCHS, RESULTS, SIZES, build_model, machine, save_result, update_doc
+from benchmarks.common import (
+    ARCHS,
+    RESULTS,
+    SIZES,
+    build_model,
+    cpu_generation,
+    machine,
+    save_result,
+    update_doc,
+)
 from rlhf.engine import lean_llama
 from rlhf.train.common import cpu_has_bf16
 
@@ -210,7 +219,7 @@ def title(result: dict[str, Any]) -> str:
     flags = set(result["capabilities"]["flags"])
     kinds = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx2", "AVX2")]
     kind = next((name for flag, name in kinds if flag in flags), "other")
-    return f"{TITLE} ({kind} CPU)"
+    return f"{TITLE} ({kind} CPU{cpu_generation(result['machine'])})"
 
 
 def merged(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:

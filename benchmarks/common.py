@@ -102,12 +102,21 @@ def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                platform.processor())  # fmt: skip
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+    field = {
+        k.strip(): v.strip()
+        for k, _, v in (line.partition(":") for line in cpuinfo.split("\n\n")[0].splitlines())
+    }
+    info = {"cpu": cpu, "cpu_family": field.get("cpu family"), "cpu_model": field.get("model"), "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
             "avx512_bf16": "avx512_bf16" in cpuinfo, "amx_bf16": "amx_bf16" in cpuinfo, "device": device,
             "load_average_at_start": round(os.getloadavg()[0], 1)}  # fmt: skip
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def cpu_generation(m: dict[str, Any]) -> str:
+    """' (family 26 model 2)' where the record names them: the model name alone does not tell one EPYC from another."""
+    return f" (family {m['cpu_family']} model {m['cpu_model']})" if m.get("cpu_family") else ""
 
 
 def save_result(name: str, result: dict[str, Any]) -> Path:
@@ -123,7 +132,7 @@ def update_doc(name: str, title: str, result: dict[str, Any], body: list[str]) -
     m = result["machine"]
     section = "\n".join([
         start, f"## {title}", "", f"Command: `{result['command']}` ({result['date']}).", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
+        f"Machine: {m['cpu']}{cpu_generation(m)}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
         f"AVX512-BF16 {'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx_bf16'] else 'no'}; shared with "
         f"other work (load average {m['load_average_at_start']} at the start), so only ratios measured side by "
         "side, alternating, are meaningful; absolute rates vary from run to run.", "", *body, end,
