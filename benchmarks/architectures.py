@@ -219,7 +219,8 @@ def title(result: dict[str, Any]) -> str:
     flags = set(result["capabilities"]["flags"])
     kinds = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx2", "AVX2")]
     kind = next((name for flag, name in kinds if flag in flags), "other")
-    return f"{TITLE} ({kind} CPU{cpu_generation(result['machine'])})"
+    generation = cpu_generation(result["machine"]).strip(" ()")
+    return f"{TITLE} ({kind} CPU{', ' + generation if generation else ''})"
 
 
 def merged(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:

@@ -364,6 +364,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke pass: tiny, 2 iterations, 1 repetition")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--name", default="ppo", help="results file: benchmarks/results/NAME.json")
     parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
     parser.add_argument("--size", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -398,11 +399,11 @@ def main() -> None:
     result["matmul_peak"] = {"before": peak_before, "after": peak_after}
     for r in result["sizes"].values():
         add_mfu(r, peak_before, peak_after)
-    save_result("ppo" + (".quick" if args.quick else ""), result)  # a smoke pass keeps the real results
+    save_result(args.name + (".quick" if args.quick else ""), result)  # a smoke pass keeps the real results
     print(json.dumps({s: {k: v for k, v in r.items() if k not in ("ours", "trl")} for s, r in result["sizes"].items()},
                      indent=1))  # fmt: skip
     if not args.no_doc and not args.quick:
-        update_doc("ppo", "PPO iteration: `rlhf ppo` per phase, MFU, memory; vs TRL PPOTrainer", result,
+        update_doc(args.name.replace(".", "_"), "PPO iteration: `rlhf ppo` per phase, MFU, memory; vs TRL PPOTrainer", result,
                    doc_section(result))  # fmt: skip
 
 
