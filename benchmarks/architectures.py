@@ -219,7 +219,7 @@ def title(result: dict[str, Any]) -> str:
     flags = set(result["capabilities"]["flags"])
     kinds = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx2", "AVX2")]
     kind = next((name for flag, name in kinds if flag in flags), "other")
-    generation = cpu_generation(result["machine"]).strip(" ()")
+    generation = cpu_generation(result["machine"])
     return f"{TITLE} ({kind} CPU{', ' + generation if generation else ''})"
 
 

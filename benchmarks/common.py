@@ -115,8 +115,9 @@ def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
 
 
 def cpu_generation(m: dict[str, Any]) -> str:
-    """' (family 26 model 2)' where the record names them: the model name alone does not tell one EPYC from another."""
-    return f" (family {m['cpu_family']} model {m['cpu_model']})" if m.get("cpu_family") else ""
+    """'family 26 model 2' where the record names them ('' in older records): the model name alone does not tell
+    one EPYC from another."""
+    return f"family {m['cpu_family']} model {m['cpu_model']}" if m.get("cpu_family") else ""
 
 
 def save_result(name: str, result: dict[str, Any]) -> Path:
@@ -132,7 +133,7 @@ def update_doc(name: str, title: str, result: dict[str, Any], body: list[str]) -
     m = result["machine"]
     section = "\n".join([
         start, f"## {title}", "", f"Command: `{result['command']}` ({result['date']}).", "",
-        f"Machine: {m['cpu']}{cpu_generation(m)}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
+        f"Machine: {m['cpu']}{f' ({cpu_generation(m)})' if cpu_generation(m) else ''}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
         f"AVX512-BF16 {'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx_bf16'] else 'no'}; shared with "
         f"other work (load average {m['load_average_at_start']} at the start), so only ratios measured side by "
         "side, alternating, are meaningful; absolute rates vary from run to run.", "", *body, end,
