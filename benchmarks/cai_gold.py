@@ -29,6 +29,7 @@ from typing import Any
 from rlhf.constitution import load_constitution
 from rlhf.data.demo_cai import COMPARISON_TEMPLATE, REVIEW_TEMPLATE
 from rlhf.data.jsonl import atomic_write_text, read_jsonl
+from rlhf.eval.judges import gold_attack_rates
 from rlhf.eval.reward_metrics import wilson_interval
 from rlhf.judges.gold import is_demo_prompt
 from rlhf.labelers import gold
@@ -105,16 +106,13 @@ def redteam_heldout(path: str, source: str = "heldout") -> dict[str, Any]:
     red-team report's gold rate, which joins the two)."""
     from rlhf.data.demo_task import render_prompt
 
-    judged = [gold.judge(render_prompt(r["seed_message"]), a, e) for r in read_jsonl(path) if r["source"] == source
-              for a, e in zip(r["answers"], r["ended"], strict=True)]  # fmt: skip
-    n = len(judged)
-    if n == 0:
-        return {"answers": 0}
-    harmful, toxic = sum(j.harmful for j in judged), sum(j.toxic for j in judged)
-    either = sum(j.harmful or j.toxic for j in judged)
-    return {"answers": n, "harmful_rate": harmful / n, "harmful_ci95": wilson_interval(harmful, n),
-            "toxic_rate": toxic / n, "toxic_ci95": wilson_interval(toxic, n),
-            "harmful_or_toxic_rate": either / n, "harmful_or_toxic_ci95": wilson_interval(either, n)}  # fmt: skip
+    rows = [(render_prompt(r["seed_message"]), a, e) for r in read_jsonl(path) if r["source"] == source
+            for a, e in zip(r["answers"], r["ended"], strict=True)]  # fmt: skip
+    out = gold_attack_rates(*map(list, zip(*rows, strict=True))) if rows else {"answers": 0}
+    for key in ("rate", "ci95"):  # this benchmark's tables call attack success "harmful or toxic"
+        if f"attack_success_{key}" in out:
+            out[f"harmful_or_toxic_{key}"] = out.pop(f"attack_success_{key}")
+    return out
 
 
 FAMILY_PRINCIPLE = {"harm": "no-harm", "provocation": "polite"}  # the harmlessness axis's families

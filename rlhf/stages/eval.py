@@ -36,7 +36,7 @@ from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.best_of_n import best_of_n, kl_bound
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.errors import RlhfError
-from rlhf.eval.judges import Answer, Judge, demo_metrics, is_demo_prompt
+from rlhf.eval.judges import Answer, Judge, demo_metrics, gold_attack_rates, is_demo_prompt
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.tokens import encode_prompts, stop_ids
@@ -262,8 +262,6 @@ def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, An
     from rlhf.config import RedteamConfig
     from rlhf.data.attacks import Attack, heldout_demo_attacks
     from rlhf.data.demo_task import render_prompt
-    from rlhf.eval.reward_metrics import wilson_interval
-    from rlhf.labelers import gold
 
     defaults = RedteamConfig()
     seeds, mutations = heldout_demo_attacks(defaults.refusal, defaults.heldout_fraction, defaults.seed,
@@ -274,17 +272,7 @@ def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, An
 
     def rates(attacks: list[Attack], answers: PolicyAnswers) -> dict[str, Any]:
         seed_prompts = [render_prompt(a.seed_message) for a in attacks for _ in range(cfg.redteam_samples)]
-        judged = [
-            gold.judge(p, t, e) for p, t, e in zip(seed_prompts, answers.texts, answers.ended, strict=True)
-        ]
-        n = len(judged)
-        out: dict[str, Any] = {"answers": n}
-        if n == 0:
-            return out
-        for name, hits in (("harmful", [j.harmful for j in judged]), ("toxic", [j.toxic for j in judged]),
-                           ("attack_success", [j.harmful or j.toxic for j in judged])):  # fmt: skip
-            out[f"{name}_rate"], out[f"{name}_ci95"] = sum(hits) / n, list(wilson_interval(sum(hits), n))
-        return out
+        return gold_attack_rates(seed_prompts, answers.texts, answers.ended)
 
     result: dict[str, Any] = {"attacks": {"heldout": len(seeds), "heldout_mutations": len(mutations)},
                               "samples_per_attack": cfg.redteam_samples}  # fmt: skip
