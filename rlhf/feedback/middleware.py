@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -73,7 +74,9 @@ class BodySizeLimit:
         await self.app(scope, _replay([body], receive), send)
 
 
-_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity")
+# what may hide a value JSON cannot carry: a surrogate escape, NaN or Infinity, or a number that may overflow a
+# float (a three-digit exponent, a long run of digits: 1e999 parses to infinity)
+_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|NaN|Infinity|[eE][+]?[0-9]{3}|[0-9]{300}")
 
 
 class _Unrepresentable(ValueError):
@@ -84,9 +87,16 @@ def _no_constant(name: str) -> Any:
     raise _Unrepresentable(f"{name} is not a number JSON allows; send a finite number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Unrepresentable(f"{text[:40]} is beyond the range of a float; send a finite number")
+    return value
+
+
 def json_body_problem(scope: Scope, body: bytes) -> str | None:
     """Why a JSON request body cannot be taken, or None: NaN or Infinity (Python's parser accepts them, no
-    other does), or a string holding a lone UTF-16 surrogate ("\\ud800": no UTF-8 text can hold one, so it
+    other does), a number beyond a float's range (Python parses it to infinity), or a string holding a lone UTF-16 surrogate ("\\ud800": no UTF-8 text can hold one, so it
     would fail later, when stored or echoed in an error). Bodies FastAPI would not parse as JSON (another
     content type) and malformed JSON are left to the app, which answers those itself."""
     content_type = ""
@@ -98,7 +108,7 @@ def json_body_problem(scope: Scope, body: bytes) -> str | None:
     if not body or _SUSPECT.search(body) is None:
         return None  # the common case: no surrogate escape and no NaN/Infinity anywhere, not even in text
     try:
-        value = json.loads(body, parse_constant=_no_constant)
+        value = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except _Unrepresentable as e:
         return str(e)
     except ValueError:
@@ -189,6 +199,16 @@ def error_page(
     return render(request, "error.html", ctx, status_code=status, headers=headers)
 
 
+def validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """FastAPI's 422 details (type, loc, msg) without the offending input, which it echoes: the input may be a
+    value JSON cannot carry (1e999 parses to infinity), and a long note need not come back in full."""
+    return [
+        {"type": str(e.get("type", "")), "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+         "msg": str(e.get("msg", ""))}
+        for e in exc.errors()
+    ]  # fmt: skip
+
+
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FeedbackError)
     async def _feedback_error(request: Request, exc: FeedbackError) -> Response:
@@ -212,7 +232,7 @@ def add_error_handlers(app: FastAPI) -> None:
         if wants_page(request):
             fields = ", ".join(".".join(str(p) for p in e["loc"][1:]) or "the form" for e in exc.errors())
             return error_page(request, 422, f"The request is incomplete or malformed ({fields}).")
-        return await request_validation_exception_handler(request, exc)
+        return JSONResponse({"detail": validation_details(exc)}, status_code=422)
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, exc: LoginRequired) -> Response:

@@ -113,15 +113,16 @@ def _candidates(conn: Connection, user: User, project: Project, gold: bool) -> l
 
     On PostgreSQL one candidate at a time is taken FOR UPDATE SKIP LOCKED: labelers served by other workers
     at the same moment get other tasks instead of queueing on the same rows, or finding every one of a
-    shared list of candidates claimed by the time they try it. (SQLite runs one write transaction at a
-    time, so its list is fresh.)"""
-    one_at_a_time = conn.dialect.name != "sqlite"
+    shared list of candidates claimed by the time they try it. Where that finds none, the tasks left may only
+    be locked for a moment (a vote being written on one, another labeler claiming it): the plain list then,
+    whose claims wait for those locks. (SQLite runs one write transaction at a time, so its list is fresh.)"""
     params: dict[str, Any] = {"b_user": user.id, "b_project": project.id}
     counts = [None] if gold else range(project.overlap - 1, -1, -1)
-    for n in counts:
-        query = _candidates_template(gold, n is not None, one_at_a_time)
-        if rows := conn.execute(query, {**params, "b_n_assigned": n}).all():
-            return [QueuedTask(*row) for row in rows]
+    for one_at_a_time in (True, False) if conn.dialect.name != "sqlite" else (False,):
+        for n in counts:
+            query = _candidates_template(gold, n is not None, one_at_a_time)
+            if rows := conn.execute(query, {**params, "b_n_assigned": n}).all():
+                return [QueuedTask(*row) for row in rows]
     return []
 
 
@@ -157,6 +158,9 @@ def candidates_query(user_id: int, project_id: int, gold: bool, n_assigned: int 
 def skip(session: Session, user: User, task_id: int) -> None:
     """Give up an open assignment: the slot goes back to others and the task never comes back to `user`."""
     with db_of(session).write(session):
+        # the task's row first, then the assignment: the order a vote takes its locks in (rlhf.feedback.votes),
+        # so a skip and a vote on the same task wait for each other instead of deadlocking on PostgreSQL
+        session.execute(select(Task.id).where(Task.id == task_id).with_for_update())
         assignment = session.scalar(
             select(Assignment).where(Assignment.task_id == task_id, Assignment.user_id == user.id)
         )

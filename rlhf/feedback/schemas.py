@@ -6,6 +6,7 @@ so bad input is a 422, never a 500.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -42,7 +43,11 @@ def _no_surrogates(value: str) -> str:
 
 
 def _clean_json(value: Any) -> Any:
-    """_no_surrogates applied to every string (keys too) of a JSON value."""
+    """_no_surrogates applied to every string (keys too) of a JSON value; a number that is not finite (NaN,
+    Infinity, or one too large for a float, as 1e999) is refused: strict JSON has none, and PostgreSQL's JSON
+    columns reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite (no NaN or Infinity, none beyond the float range)")
     if isinstance(value, str):
         return _no_surrogates(value)
     if isinstance(value, list):

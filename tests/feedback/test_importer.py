@@ -118,6 +118,25 @@ def test_read_rows_names_file_and_line(tmp_path) -> None:
         read_rows(path, CandidateRow, 10)
 
 
+@pytest.mark.parametrize(
+    "row",
+    [
+        '{"prompt": "x", "meta": {"score": Infinity}, "completions": [{"text": "a"}, {"text": "b"}]}',
+        '{"prompt": "x", "completions": [{"text": "a", "sampling": {"bonus": 1e999}}, {"text": "b"}]}',
+        '{"prompt": "x", "completions": [{"text": "a", "sampling": {"extra": [NaN]}}, {"text": "b"}]}',
+    ],
+)
+def test_a_number_json_cannot_carry_is_a_file_and_line_error(tmp_path, row: str) -> None:
+    """Free-form fields (meta, sampling's extra keys) refuse NaN and infinities, which Python's JSON reader
+    accepts and PostgreSQL's JSON columns and strict readers of the exports do not."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "ok", "completions": [{"text": "a"}, {"text": "b"}]}) + "\n" + row + "\n"
+    )
+    with pytest.raises(DataError, match=r"c.jsonl:2: .*finite"):
+        read_rows(path, CandidateRow, 10_000)
+
+
 def test_pairwise_needs_two_completions(api) -> None:
     body = {"candidates": [{"prompt": "p", "completions": [{"text": "only one"}]}]}
     response = api.post("admin", "/api/projects/demo/import", json=body)

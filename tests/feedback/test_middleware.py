@@ -32,6 +32,23 @@ BAD_BODIES = [
         b'{"candidates": [{"prompt": "p", "completions": [{"text": "a", "sampling": {"temperature": NaN}}, {"text": "b"}]}]}',
     ),
     (
+        "a task id beyond a float's range",
+        "/api/votes",
+        b'{"task_id": 1e999, "choice": "A", "idempotency_key": "k-12345678"}',
+    ),
+    (
+        "a rating beyond a float's range",
+        "/api/votes",
+        b'{"task_id": 1, "rating": -1.5E+400, "idempotency_key": "k-12345678"}',
+    ),
+    (
+        "a float of 400 digits in an import's meta",
+        "/api/projects/demo/import",
+        b'{"candidates": [{"prompt": "p", "meta": {"x": 1'
+        + b"0" * 400
+        + b'.0}, "completions": [{"text": "a"}, {"text": "b"}]}]}',
+    ),
+    (
         "lone surrogate in an import's prompt",
         "/api/projects/demo/import",
         b'{"candidates": [{"prompt": "\\ud800", "completions": [{"text": "a"}, {"text": "b"}]}]}',
@@ -45,6 +62,25 @@ def test_unrepresentable_json_is_422(api, name: str, path: str, body: bytes) -> 
     r = api.client.post(path, content=body, headers=headers)
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_a_large_finite_number_is_a_number(api) -> None:
+    """A three-digit exponent within the float range passes the body check and meets the fields' own bounds."""
+    api.seed(n_prompts=1)
+    task = api.next("ann")
+    body = b'{"task_id": %d, "choice": "A", "margin": 1e100, "idempotency_key": "k-big-12345"}' % task["id"]
+    r = api.client.post(
+        "/api/votes", content=body, headers={**api.team["ann"], "content-type": "application/json"}
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "margin"], r.text
+    assert "input" not in r.json()["detail"][0]  # the offending value is not echoed back
+    body = body.replace(b"1e100", b"1e-100")
+    assert (
+        api.client.post(
+            "/api/votes", content=body, headers={**api.team["ann"], "content-type": "application/json"}
+        ).status_code
+        == 201
+    )
 
 
 def test_a_paired_surrogate_escape_is_text(api) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter
+from typing import Any
 
-from sqlalchemy import and_, exists, func, select, text
+from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from rlhf.feedback import queue
@@ -55,6 +57,44 @@ def test_skip_gives_the_slot_to_others_and_never_returns(api, db: Database) -> N
         statuses = dict(s.execute(select(Assignment.user_id, Assignment.status)).all())
     assert sorted(statuses.values()) == ["open", "skipped"]
     assert api.post("ann", f"/api/tasks/{task['id']}/skip").status_code == 404
+
+
+def hold_task_lock(db: Database, task_id: int, then: Any, meanwhile: Any = None) -> dict[str, Any]:
+    """Lock a task's row as a vote being written does (on SQLite: the database's write lock), run `then()` in a
+    thread, give it time to reach the lock, run `meanwhile(conn)` in the locking transaction and commit;
+    `then`'s result."""
+    result: dict[str, Any] = {}
+    with db.engine.connect().execution_options(sqlite_immediate=True) as conn:
+        trans = conn.begin()
+        conn.execute(select(Task.id).where(Task.id == task_id).with_for_update())
+        thread = threading.Thread(target=lambda: result.update(out=then()))
+        thread.start()
+        thread.join(0.5)
+        if meanwhile is not None:
+            meanwhile(conn)
+        trans.commit()
+        thread.join(60)
+    return result
+
+
+def test_a_task_locked_for_a_moment_is_still_served(api, db: Database) -> None:
+    """SKIP LOCKED passes over a task whose row another request holds; the task is not gone for that."""
+    api.seed(n_prompts=1, overlap=2)
+    task = api.next("ann")
+    assert hold_task_lock(db, task["id"], lambda: api.next("bob"))["out"]["id"] == task["id"]
+
+
+def test_a_skip_waits_for_a_vote_on_its_task_instead_of_deadlocking(api, db: Database) -> None:
+    """A vote locks the task, then the assignment; a skip of the same task at the same moment takes them in
+    that order too, so it waits, then finds the task answered (404) instead of a deadlock (a 500)."""
+    api.seed(n_prompts=1, overlap=2)
+    task = api.next("ann")
+
+    def vote_lands(conn: Any) -> None:
+        conn.execute(update(Assignment).where(Assignment.task_id == task["id"]).values(status="done"))
+
+    skip = lambda: api.post("ann", f"/api/tasks/{task['id']}/skip").status_code  # noqa: E731
+    assert hold_task_lock(db, task["id"], skip, vote_lands)["out"] == 404
 
 
 def test_progress(api) -> None:
