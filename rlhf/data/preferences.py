@@ -224,11 +224,14 @@ def to_groups(
     pair -> a group of one pair; vote -> one pair (tie and both_bad: nothing); ranking -> one group of its
     C(K,2) pairs; ratings -> one group per (prompt, labeler), placed where its first rating was (see
     ratings_to_groups). Conversational pairs are rendered to text with `render`, required if any are present.
-    Judgements that compare nothing are skipped.
+    Judgements that compare nothing are skipped, and so are votes on gold items (`meta.is_gold`, as the
+    labeling app exports them): those check the labelers, and every labeler answers each of them.
     """
     slots: list[PreferenceGroup | None] = []
     rated: dict[tuple[str, str | None], tuple[int, list[Rating]]] = {}
     for r in records:
+        if getattr(r, "meta", None) and r.meta.get("is_gold") is True:  # type: ignore[union-attr]
+            continue
         if isinstance(r, Rating):
             slot, group_ratings = rated.setdefault((r.prompt, r.labeler), (len(slots), []))
             if slot == len(slots):

@@ -8,7 +8,8 @@
            imported as conversations: see preference_import), derived: a pairwise vote A or B gives one pair;
            a ranking of K gives a pair for every two completions with different ranks (up to C(K,2));
            ratings give a pair for every two completions of a prompt that one labeler rated differently,
-           with margin = the rating difference. Ties and both_bad give no pair.
+           with margin = the rating difference. Ties and both_bad give no pair, nor do votes on gold items
+           (those check the labelers; the other formats keep them, marked meta.is_gold).
 - axes:    {"prompt", "completion_a", "completion_b", "axis", "choice": "A"|"B"|"same", "labeler", "meta"}
            (one record per judgement axis a pairwise vote answered: helpful, honest, harmless, ...)
 - sft:     {"prompt", "response", "meta"}  (the better answers labelers wrote: SFT demonstrations)
@@ -143,12 +144,12 @@ def _pair(prompt: Prompt, chosen: str, rejected: str, margin: float | None) -> d
 
 
 def _pairs(session: Session, project: str) -> Iterator[dict[str, Any]]:
-    for vote, _task, _labeler, prompt, comps in _rows(session, project, "pairwise"):
-        if vote.choice in ("A", "B"):
+    for vote, task, _labeler, prompt, comps in _rows(session, project, "pairwise"):
+        if vote.choice in ("A", "B") and not task.is_gold:
             win = 0 if vote.choice == "A" else 1
             yield _pair(prompt, comps[win].text, comps[1 - win].text, vote.margin)
-    for vote, _task, _labeler, prompt, comps in _rows(session, project, "ranking"):
-        ranks = vote.ranking or []
+    for vote, task, _labeler, prompt, comps in _rows(session, project, "ranking"):
+        ranks = [] if task.is_gold else vote.ranking or []
         for i, j in itertools.combinations(range(len(comps)), 2):
             if ranks[i] != ranks[j]:
                 best, worst = (i, j) if ranks[i] < ranks[j] else (j, i)
@@ -156,8 +157,8 @@ def _pairs(session: Session, project: str) -> Iterator[dict[str, Any]]:
     # Ratings: compare only within one labeler's ratings of one prompt (labelers use the scale differently).
     rated: dict[tuple[int, str], list[tuple[str, float]]] = defaultdict(list)
     prompts: dict[int, Prompt] = {}
-    for vote, _task, labeler, prompt, comps in _rows(session, project, "rating"):
-        if vote.rating is not None:
+    for vote, task, labeler, prompt, comps in _rows(session, project, "rating"):
+        if vote.rating is not None and not task.is_gold:
             rated[(prompt.id, labeler)].append((comps[0].text, vote.rating))
             prompts[prompt.id] = prompt
     for (prompt_id, _labeler), items in rated.items():

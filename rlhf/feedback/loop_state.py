@@ -56,7 +56,13 @@ def get_or_create_loop(session: Session, name: str, config: dict[str, Any]) -> L
 def get_loop(session: Session, name: str) -> LoopRun:
     loop = session.scalar(select(LoopRun).where(LoopRun.name == name))
     if loop is None:
-        raise NotFound(f"no loop named {name!r} in this feedback store")
+        names = list(session.scalars(select(LoopRun.name).order_by(LoopRun.id)))
+        known = (
+            f"the loops there: {', '.join(names)} (choose one with --set loop.name=NAME)"
+            if names
+            else "it has none"
+        )
+        raise NotFound(f"no loop named {name!r} in this feedback store; {known}")
     return loop
 
 

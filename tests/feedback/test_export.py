@@ -144,3 +144,25 @@ def test_hhh_axes_and_rewrites_are_stored_and_exported(api) -> None:
     assert export("pairs") == [
         {"prompt": "How do I pick a lock?", "chosen": "I can't help.", "rejected": "Use a pin."}
     ]
+
+
+def test_votes_on_gold_items_make_no_pairs_and_no_reward_training(api, db: Database) -> None:
+    """Every labeler answers each gold item, some wrongly: the votes export keeps them (marked), the pairs and
+    the reward model's groups do not."""
+    from rlhf.data.preference_io import PairwiseVote
+    from rlhf.data.preferences import to_groups
+
+    gold = [{"prompt": "gold prompt", "completion_a": "right", "completion_b": "wrong", "choice": "A"}]
+    api.seed(n_prompts=1, gold=gold, gold_rate=1.0, overlap=2)
+    for who, choice in (("ann", "B"), ("bob", "A")):  # each takes the gold item first, then the real task
+        for _ in range(2):
+            task = api.next(who)
+            assert task is not None and api.vote(who, task["id"], choice=choice).status_code == 201
+    with db.session() as s:
+        votes = export_records(s, "demo", "votes")
+        pairs = export_records(s, "demo", "pairs")
+    assert sorted(v["meta"]["is_gold"] for v in votes) == [False, False, True, True]
+    assert [p["prompt"] for p in pairs] == ["prompt 0", "prompt 0"]
+    fields = ("prompt", "completion_a", "completion_b", "choice", "labeler", "meta")
+    groups = to_groups([PairwiseVote(**{k: v[k] for k in fields}) for v in votes])
+    assert [g.prompt for g in groups] == ["prompt 0", "prompt 0"]

@@ -63,6 +63,18 @@ def test_a_phase_is_recorded_once_with_its_rows(db: Database) -> None:
         assert s.scalar(select(func.count(LoopPhase.id))) == 3
 
 
+def test_an_unknown_loop_name_lists_the_loops_there(db: Database) -> None:
+    from rlhf.feedback.errors import NotFound
+
+    with db.session() as s:
+        with pytest.raises(NotFound, match="it has none"):
+            loop_state.get_loop(s, "loop")
+        loop_state.get_or_create_loop(s, "tiny", {})
+        loop_state.get_or_create_loop(s, "big", {})
+        with pytest.raises(NotFound, match=r"no loop named 'loop'.*the loops there: tiny, big"):
+            loop_state.get_loop(s, "loop")
+
+
 def test_tasks_of_a_round_are_keyed_and_counted(api, db: Database) -> None:
     body = {"candidates": cross_version_rows(1, 3)}
     first = api.post("admin", "/api/projects/demo/import", json=body).json()
