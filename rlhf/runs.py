@@ -5,6 +5,12 @@ RUN/metrics.jsonl            one JSON object per logged step
 RUN/checkpoints/step-000200  model (safetensors) + tokenizer + trainer_state.pt, written to a temp dir
                              and renamed into place, so a killed run never leaves half a checkpoint
 RUN/final                    the finished model, loadable by any Hugging Face tool
+
+A run started without `--resume` in a directory holding an earlier run starts over: the earlier run's
+checkpoints, metrics and other records (`EARLIER_RUN`, and what the stage names) are removed first, with a
+warning, so that nothing of it is mixed into the new run (metrics appended, its checkpoints taken by a later
+`--resume`, the new run's first checkpoint pruned as the oldest). Its `final/` stays until the new one
+replaces it. Resuming with settings changed since the run started logs which.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from pydantic import BaseModel
 
@@ -28,6 +35,8 @@ from rlhf.models.loading import replace_dir
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+# what a stage's run leaves in its directory besides final/ (PPO: the guard's best checkpoint)
+EARLIER_RUN = ("checkpoints", "metrics.jsonl", "summary.json", "best")
 
 
 class Run:
@@ -39,12 +48,20 @@ class Run:
         config: BaseModel,
         is_main: bool = True,
         accelerator: Accelerator | None = None,
+        resume: bool = False,
+        records: tuple[str, ...] = (),
     ) -> None:
+        """`resume`: the run continues the one in `out_dir` (else an earlier run there is cleared away, see the
+        module's docstring); `records`: files or folders of the stage's own to clear with it (caches)."""
         self.dir = Path(out_dir)
         self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.is_main = is_main
         if is_main:
+            if resume:
+                _log_changed_settings(self.dir / "config.yaml", config)
+            else:
+                _clear_earlier_run(self.dir, EARLIER_RUN + records)
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.dir / "config.yaml", dump_config(config))
         # accelerate's trackers (TensorBoard, W&B, MLflow), where the accelerator was made with `log_with`
@@ -113,6 +130,35 @@ class Run:
     @staticmethod
     def load_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _clear_earlier_run(run_dir: Path, names: tuple[str, ...]) -> None:
+    found = [run_dir / name for name in names if (run_dir / name).exists()]
+    if not found:
+        return
+    log.warning("%s holds an earlier run and this one does not resume it (--resume): removing its %s",
+                run_dir, ", ".join(p.name for p in found))  # fmt: skip
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _log_changed_settings(stored: Path, config: BaseModel) -> None:
+    """On resume: the settings that differ from those the run started with (more steps are the usual ones)."""
+    if not stored.exists():
+        return
+    try:
+        before = flat_config(yaml.safe_load(stored.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return
+    now = flat_config(config.model_dump(mode="json"))
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k, v) != v]
+    if changed:
+        log.warning(
+            "%s: resuming with settings changed since the run started: %s", stored.parent, "; ".join(changed)
+        )
 
 
 def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from rlhf.errors import RlhfError
+from rlhf.models.loading import describe_source
 from rlhf.models.tokens import fit_model_to_tokenizer
 
 SHIFT_KEY, SCALE_KEY = "rlhf_reward_shift", "rlhf_reward_scale"
@@ -51,10 +52,11 @@ def build_scalar_model(
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A trained reward model: refuses a checkpoint without a scalar head (a causal LM would get a random one)."""
+    where = describe_source(path)
     try:
         architectures = AutoConfig.from_pretrained(path).architectures or []
     except (OSError, ValueError) as e:
-        raise RlhfError(f"cannot load reward model from {path!r}: {str(e).splitlines()[0]}") from None
+        raise RlhfError(f"cannot load reward model from {where}: {str(e).splitlines()[0]}") from None
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise RlhfError(
             f"{path} is not a reward model ({', '.join(architectures) or 'no architecture'}): train one with "

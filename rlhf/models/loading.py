@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -25,16 +26,21 @@ from rlhf.models.tokens import fit_model_to_tokenizer, prepare_tokenizer
 log = logging.getLogger(__name__)
 
 
+# Architectures with a head other than a language model's (reward models, critics, classifiers).
+SCALAR_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 # Files one of which a saved tokenizer has (fast, sentencepiece, BPE, WordPiece layouts).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def _describe(name_or_path: str) -> str:
+def describe_source(name_or_path: str) -> str:
     """How a model or tokenizer source is named in errors; a path that does not exist is an error of its own
-    (a hub id is `name` or `org/name`: anything with more slashes, or starting with / . ~, is a path)."""
+    (a hub id is `name` or `org/name`: anything with more slashes, or starting with / . ~, or whose first part
+    is a local folder, as `runs/sft` beside a `runs/` folder, is a path)."""
     if Path(name_or_path).expanduser().exists():
         return f"local directory {name_or_path!r}"
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+    first = name_or_path.split("/", 1)[0]
+    if (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+            or ("/" in name_or_path and Path(first).is_dir())):  # fmt: skip
         raise RlhfError(f"{name_or_path}: no such directory")
     return f"hub id {name_or_path!r}"
 
@@ -42,7 +48,7 @@ def _describe(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str, add_pad_token: bool = True) -> PreTrainedTokenizerBase:
     """AutoTokenizer from a local dir or hub id, checked for EOS, with a PAD distinct from EOS (added when
     missing unless `add_pad_token` is off) and a chat template (see rlhf.models.tokens)."""
-    where = _describe(name_or_path)
+    where = describe_source(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
         raise RlhfError(
@@ -60,9 +66,19 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """AutoModelForCausalLM from a local dir or hub id (weights kept in `dtype`, fp32 by default); with the
     tokenizer it will read, its embeddings grown to hold the tokenizer's added tokens (an added PAD)."""
-    where = _describe(name_or_path)
+    where = describe_source(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise RlhfError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and all(a.endswith(SCALAR_HEADS) for a in architectures):  # its LM head would be random
+        raise RlhfError(
+            f"{name_or_path} is a reward model or critic ({', '.join(architectures)}), not a causal LM: point at "
+            "a policy (a pretrained, SFT, DPO or PPO checkpoint)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
     except (OSError, ValueError) as e:
         raise RlhfError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from None
     return fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else model

@@ -315,12 +315,14 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     n_pairs = sum(len(j.pairs) for j in train)
     log.info("dpo: %d judgements (%d pairs) to train on, %d held out", len(train), n_pairs, len(held_out))
 
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
+    run_dir = Run(
+        cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume, records=(REFERENCE_CACHE,)
+    )
     checkpoint = run_dir.latest_checkpoint() if resume else None
     policy_model = load_policy(cfg, checkpoint, tokenizer)
     lora = isinstance(policy_model, PeftModel)
     plan = BatchPlan(len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, world, rank,
-                     cfg.max_steps)  # fmt: skip
+                     cfg.max_steps, name="dpo.batch_size", source=cfg.train_file)  # fmt: skip
     policy = Actor(policy_model, lean_forward(policy_model, accelerator, cfg))
     policy.train()  # dropout is off, so train() and eval() compute the same function
     is_main = accelerator.is_main_process

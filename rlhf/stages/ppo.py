@@ -367,7 +367,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
     demonstrations = read_demonstrations(cfg.ptx_file, tokenizer) if cfg.ptx_coef > 0 and cfg.ptx_file else []
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     policy, reference, critic, reward_model = load_models(cfg, checkpoint, tokenizer)
     if cfg.max_new_tokens >= context_length(policy):
@@ -651,7 +651,8 @@ def run(
     n_iterations = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
     prompts_per_batch = cfg.batch_size // cfg.samples_per_prompt
     plan = BatchPlan(len(s.prompt_ids), prompts_per_batch, prompts_per_batch // world, epochs=cfg.iterations,
-                     seed=cfg.seed, world_size=world, rank=rank)  # fmt: skip
+                     seed=cfg.seed, world_size=world, rank=rank, name="prompts per batch (ppo.batch_size / "
+                     "ppo.samples_per_prompt)", source=cfg.prompts_file)  # fmt: skip
     progress = Progress(n_iterations, "ppo", s.accelerator.is_main_process, quiet, initial=s.start)
     guard_on = bool(s.guard_prompts)
     if guard_on and s.start == 0:

@@ -78,7 +78,7 @@ def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[
         train_docs, eval_docs = docs, read_corpus(cfg.eval_file)
     else:
         train_docs, eval_docs = split_docs(docs, cfg.eval_fraction, cfg.seed)
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume)
     checkpoint = run_dir.latest_checkpoint() if resume else None
 
     # Model and tokenizer: a checkpoint to resume, a given model, or new ones (the tokenizer trained here).

@@ -520,7 +520,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         train_groups, held_groups = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
     weights = read_labeler_weights(cfg.labeler_weights)
 
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     model = load_model(cfg, checkpoint, tokenizer)
     max_len = min(cfg.max_seq_len, context_length(cast(PreTrainedModel, model)))
@@ -537,7 +537,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
 
     plan = BatchPlan(
         len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed,
-        accelerator.num_processes, accelerator.process_index, cfg.max_steps,
+        accelerator.num_processes, accelerator.process_index, cfg.max_steps, "reward.batch_size", str(cfg.train_file),
     )  # fmt: skip
     model.train()
     scorer = RewardForward(model, lean_forward(model, accelerator, cfg))

@@ -38,7 +38,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     if not cfg.eval_file and cfg.eval_fraction > 0:
         n_eval = max(1, int(len(rows) * cfg.eval_fraction))
         rows, held_rows = rows[n_eval:], rows[:n_eval]
-    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator)
+    run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     model = load_causal_lm(str(checkpoint) if checkpoint else cfg.model, tokenizer=tokenizer)
     disable_dropout(model)

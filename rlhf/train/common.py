@@ -258,6 +258,8 @@ class BatchPlan:
     world_size: int = 1
     rank: int = 0
     max_steps: int = 0
+    name: str = "batch_size"  # the setting, as errors name it ("sft.batch_size")
+    source: str = ""  # where the examples come from (a file), as errors name it
 
     def __post_init__(self) -> None:
         if self.batch_size % (self.micro_batch_size * self.world_size):
@@ -267,8 +269,9 @@ class BatchPlan:
             )
         self.steps_per_epoch = self.n_examples // self.batch_size
         if self.steps_per_epoch == 0:
+            where = f" in {self.source}" if self.source else ""
             raise ConfigError(
-                f"batch_size ({self.batch_size}) is larger than the training set ({self.n_examples} examples)"
+                f"{self.name} ({self.batch_size}) is larger than the training set ({self.n_examples} examples{where})"
             )
         full = self.steps_per_epoch * self.epochs
         self.total_steps = min(full, self.max_steps) if self.max_steps else full

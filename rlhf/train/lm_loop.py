@@ -105,9 +105,11 @@ def fit(
 ) -> dict[str, Any]:
     """Train `model` on `train`; returns the final held-out metrics. The finished model goes to RUN/final."""
     pad_id = int(tokenizer.pad_token_id)
+    section = type(cfg).__name__.removesuffix("Config").lower()  # pretrain or sft
     plan = BatchPlan(
         len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed,
-        accelerator.num_processes, accelerator.process_index, cfg.max_steps,
+        accelerator.num_processes, accelerator.process_index, cfg.max_steps, f"{section}.batch_size",
+        str(getattr(cfg, "train_file", "") or ""),
     )  # fmt: skip
     model.train()
     loss_fn = NextTokenLoss(model, lean_forward(model, accelerator, cfg))

@@ -37,6 +37,18 @@ def test_a_missing_local_path_is_named_as_such_not_as_a_hub_id(
         assert str(e.value) == f"{path}: no such directory"
 
 
+def test_a_missing_path_inside_a_local_folder_is_not_taken_for_a_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`runs/nothere` beside a `runs/` folder is a mistyped path (a hub lookup would only time out offline)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for load in (load_tokenizer, load_causal_lm, load_reward_model):
+        with pytest.raises(RlhfError) as e:
+            load("runs/nothere")
+        assert str(e.value) == "runs/nothere: no such directory"
+
+
 def test_a_model_folder_without_tokenizer_files_says_so(tmp_path: Path, tiny_sft_model: Path) -> None:
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -68,6 +80,14 @@ def test_reward_model_must_have_a_scalar_head(tiny_sft_model: Path, tiny_reward_
     with pytest.raises(RlhfError, match=r"is not a reward model \(LlamaForCausalLM\): train one with"):
         load_reward_model(str(tiny_sft_model))
     assert load_reward_model(str(tiny_reward_model)).score.out_features == 1
+
+
+def test_a_reward_model_is_refused_where_a_policy_is_read(tiny_reward_model: Path) -> None:
+    """Its LM head would be loaded as random weights: generation would be noise, PPO's reference another noise."""
+    with pytest.raises(
+        RlhfError, match=r"is a reward model or critic \(LlamaForSequenceClassification\), not a causal LM"
+    ):
+        load_causal_lm(str(tiny_reward_model))
 
 
 def test_ppo_refuses_a_reward_model_with_another_tokenizer_before_any_work(

@@ -1,0 +1,68 @@
+"""rlhf/runs.py: a fresh run in a directory holding an earlier one starts clean; a resume says what changed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import SFTConfig
+from rlhf.runs import Run
+
+
+def earlier_run(out: Path, cfg: SFTConfig) -> Run:
+    run = Run(out, cfg)
+    for step in (150, 200):
+        run.save_checkpoint(step, lambda d: (d / "model.txt").write_text("weights"), {"optimizer": {}})
+        run.log(step, {"loss": 1.0})
+    for name in ("final", "best"):
+        (out / name).mkdir()
+    (out / "summary.json").write_text("{}")
+    (out / "cache.pt").write_text("stale")
+    (out / "votes.jsonl").write_text("the user's own file\n")
+    return run
+
+
+def test_a_fresh_run_clears_an_earlier_one_and_keeps_what_is_not_a_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    cfg = SFTConfig(out_dir=str(out), lr=1e-3)
+    earlier_run(out, cfg)
+    with caplog.at_level(logging.WARNING, logger="rlhf.runs"):
+        run = Run(out, cfg, records=("cache.pt",))
+    assert "holds an earlier run" in caplog.text and "checkpoints" in caplog.text
+    assert run.latest_checkpoint() is None and not run.metrics_path.exists()
+    assert (
+        not (out / "best").exists()
+        and not (out / "summary.json").exists()
+        and not (out / "cache.pt").exists()
+    )
+    assert (out / "final").exists() and (out / "votes.jsonl").read_text() == "the user's own file\n"
+    # the new run's first checkpoint is the one kept, not pruned as the oldest
+    run.save_checkpoint(2, lambda d: (d / "model.txt").write_text("new"), {"optimizer": {}})
+    assert run.latest_checkpoint() == out / "checkpoints" / "step-0000002"
+
+
+def test_a_resume_keeps_the_run_and_names_the_settings_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    earlier_run(out, SFTConfig(out_dir=str(out), lr=1e-3, max_steps=200))
+    with caplog.at_level(logging.WARNING, logger="rlhf.runs"):
+        run = Run(out, SFTConfig(out_dir=str(out), lr=3e-3, max_steps=400), resume=True)
+    assert run.latest_checkpoint() == out / "checkpoints" / "step-0000200"
+    assert "settings changed since the run started" in caplog.text
+    assert "lr 0.001 -> 0.003" in caplog.text and "max_steps 200 -> 400" in caplog.text
+    assert "holds an earlier run" not in caplog.text
+
+
+def test_a_batch_larger_than_the_data_names_the_setting_and_the_file() -> None:
+    from rlhf.errors import ConfigError
+    from rlhf.train.common import BatchPlan
+
+    with pytest.raises(
+        ConfigError, match=r"^sft.batch_size \(8\) is larger than the training set \(6 examples in d.jsonl\)$"
+    ):
+        BatchPlan(6, 8, 8, 1, 0, name="sft.batch_size", source="d.jsonl")
