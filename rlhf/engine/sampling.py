@@ -122,7 +122,8 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (so the first token always stays)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        before = probs.cumsum(dim=-1) - probs
+        drop_sorted = (before >= top_p) & (before > 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -176,7 +177,10 @@ def sample(
         k_max = int(top_k.max())
         top_p, nucleus = params.top_p[:, None], ~greedy & (params.top_p < 1.0)  # (B, 1), (B,)
         any_nucleus = bool(nucleus.any())
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    # shifted by the row's largest logit before the division, so that a tiny temperature (1e-40) cannot overflow
+    # float32 into inf - inf = NaN: the same distribution (softmax is shift-invariant), the top token's logit 0
+    logits = logits.float()
+    logp = torch.log_softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # (B, V)
     probs = logp.exp()
     if never:
         probs = probs.index_fill(-1, torch.tensor(list(never), device=logits.device), 0.0)
@@ -227,7 +231,8 @@ def _outside_nucleus(probs: Tensor, cdf: Tensor, token: Tensor, top_p: Tensor) -
     """(B,) bool: the token's more probable tokens already hold top_p (B, 1) of the mass (the sorted rule)."""
     p = probs.gather(-1, token[:, None])  # (B, 1)
     above = torch.where(probs > p, probs, 0.0).sum(-1, keepdim=True)  # (B, 1)
-    return (above >= top_p * cdf[:, -1:]).squeeze(-1)
+    # `above > 0`: the most likely token is never outside, even where top_p * mass underflows to 0
+    return ((above >= top_p * cdf[:, -1:]) & (above > 0)).squeeze(-1)
 
 
 def _draw_nucleus(probs: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
@@ -235,6 +240,7 @@ def _draw_nucleus(probs: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
     of the mass (the most likely token always stays); uniforms u (R,)."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (R, V)
     mass = sorted_probs.cumsum(dim=-1)
-    # a token is dropped when the mass before it already reaches top_p
-    kept = sorted_probs.masked_fill((mass - sorted_probs) >= top_p * mass[:, -1:], 0.0)
+    # a token is dropped when the mass before it already reaches top_p (never the first: its mass before is 0)
+    before = mass - sorted_probs
+    kept = sorted_probs.masked_fill((before >= top_p * mass[:, -1:]) & (before > 0), 0.0)
     return order.gather(-1, _invert(kept.cumsum(dim=-1), u)[:, None]).squeeze(-1)

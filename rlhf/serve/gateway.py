@@ -192,11 +192,13 @@ async def proxy(request: Request, path: str) -> Response:
         body = None
     if not isinstance(body, dict):  # the engine answers malformed requests in its own words
         return await _forward(state, state.upstream, "POST", path, raw, request)
-    opted = bool(body.pop("ab", False)) or request.headers.get(AB_HEADER, "").strip().lower() in (
-        "1",
-        "true",
-        "yes",
-    )
+    ab = body.pop("ab", None)
+    if ab is not None and not isinstance(
+        ab, bool
+    ):  # as strict as the engine's own field: "false" is no opt-in
+        message = f"Invalid value for 'ab': Input should be a valid boolean (got {json.dumps(ab)[:40]})."
+        return JSONResponse(error_body(message, 400, param="ab", code="invalid_value"), status_code=400)
+    opted = bool(ab) or request.headers.get(AB_HEADER, "").strip().lower() in ("1", "true", "yes")
     if _wants_ab(state, body, opted):
         return await _ab(state, path, body, request)
     if opted:  # `ab` is this gateway's field: engines that refuse unknown fields never see it

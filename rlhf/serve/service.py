@@ -59,8 +59,9 @@ def row_params(
     context = policy.context_length
     if prompt_len >= context:
         raise APIError(
-            f"This model's maximum context length is {context} tokens. However, your {prompt_param} is "
-            f"{prompt_len} tokens, which leaves no room for a completion. Please shorten it.",
+            f"This model's maximum context length is {context} tokens. However, your "
+            f"{'messages come to' if prompt_param == 'messages' else 'prompt is'} {prompt_len} tokens, which "
+            "leaves no room for a completion. Please shorten it.",
             param=prompt_param,
             code="context_length_exceeded",
         )
@@ -120,6 +121,16 @@ def _seeded(params: RowParams, offset: int) -> RowParams:
     return RowParams(**{**params.__dict__, "seed": (params.seed + offset) % SEED_MOD})
 
 
+# the status logged for a request whose client went away (nginx's "client closed request": nobody reads it)
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class ChoiceRun:
     """The choices of one request on the engines. Iterate `deltas()`; `cancel()` frees rows left running."""
 
@@ -141,7 +152,10 @@ class ChoiceRun:
         except Overloaded as e:
             self.cancel()
             raise APIError(
-                f"The server is overloaded ({e}); retry shortly.", 429, code="overloaded"
+                f"The server is overloaded ({e}); retry shortly.",
+                429,
+                code="overloaded",
+                headers={"Retry-After": "1"},
             ) from None
 
     def cancel(self) -> None:
@@ -177,6 +191,24 @@ class ChoiceRun:
         finally:
             self.cancel()
         return self.finished()
+
+    async def results_unless_gone(self, request: Request) -> list[ChoiceResult] | None:
+        """`results()`, or None as soon as the client has gone away (a timeout, a closed connection): its rows
+        are freed then, as a stream's are, instead of running to max_tokens for nobody. The server tells of
+        the disconnect on the request's receive channel (the body is read by then), as Starlette's streaming
+        responses listen for it."""
+        results = asyncio.ensure_future(self.results())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if results.done():
+                return results.result()
+            self.cancel()
+            return None
+        finally:
+            for task in (results, gone):
+                if not task.done():
+                    task.cancel()
 
 
 def sampling_record(spec: ChoiceSpec, result: ChoiceResult) -> dict[str, Any]:

@@ -216,3 +216,37 @@ def test_malformed_requests_among_32_generations_in_flight_harm_none(server: dic
 def test_head_healthz_is_200(server: dict[str, Any]) -> None:
     r = httpx.head(server["url"] + "/healthz")
     assert r.status_code == 200 and r.content == b""
+
+
+def test_a_full_queue_is_a_429_that_says_when_to_retry() -> None:
+    """The engine refuses more waiting rows than max_queue: the request's rows already queued are cancelled,
+    and the answer carries Retry-After, as every 429 of the server does."""
+    from types import SimpleNamespace
+
+    from rlhf.serve.engine import Overloaded, RowParams
+    from rlhf.serve.errors import APIError
+    from rlhf.serve.service import ChoiceRun, ChoiceSpec
+
+    class FullAfterOne:
+        def __init__(self) -> None:
+            self.queued: list[Any] = []
+
+        def submit(self, seqs: list[Any]) -> None:
+            if self.queued:
+                raise Overloaded("engine: more than 1 sequences waiting")
+            self.queued += seqs
+
+    engine = FullAfterOne()
+    policy: Any = SimpleNamespace(engine=engine)
+
+    async def start() -> None:
+        run = ChoiceRun(
+            [ChoiceSpec(i, policy, [1, 2], RowParams(max_tokens=4)) for i in range(2)], stream=False
+        )
+        with pytest.raises(APIError) as e:
+            run.start()
+        assert e.value.status == 429 and e.value.code == "overloaded"
+        assert e.value.headers == {"Retry-After": "1"}
+        assert all(seq.cancelled for seq in engine.queued)
+
+    asyncio.run(start())

@@ -153,3 +153,16 @@ def test_upstream_down_is_a_502_in_openai_shape(tmp_path: Path) -> None:
 def test_ab_without_a_store_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="feedback-db"):
         GatewaySettings.from_env(ab_rate=0.5)
+
+
+@pytest.mark.parametrize("value", ["false", 1, "yes"])
+def test_ab_that_is_not_a_boolean_is_a_400_as_the_engine_gives(
+    gateway: dict[str, Any], server: dict[str, Any], value: Any
+) -> None:
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, "ab": value}
+    answers = [
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        for url in (gateway["url"], server["url"])
+    ]
+    for r in answers:
+        assert r.status_code == 400 and r.json()["error"]["param"] == "ab", r.text

@@ -132,17 +132,18 @@ def test_metrics_count_requests_and_tokens(client: openai.OpenAI, server: dict[s
     assert health["status"] == "ok" and set(health["models"]) == {"tiny", "tiny-candidate"}
 
 
-def test_a_client_that_goes_away_frees_its_row(server: dict[str, Any]) -> None:
-    def generated() -> float:
-        for line in httpx.get(server["url"] + "/metrics").text.splitlines():
-            if line.startswith('rlhf_serve_generated_tokens_total{model="tiny"}'):
-                return float(line.split()[-1])
-        return 0.0
+def generated(server: dict[str, Any]) -> float:
+    for line in httpx.get(server["url"] + "/metrics").text.splitlines():
+        if line.startswith('rlhf_serve_generated_tokens_total{model="tiny"}'):
+            return float(line.split()[-1])
+    return 0.0
 
+
+def test_a_client_that_goes_away_frees_its_row(server: dict[str, Any]) -> None:
     body = {"model": "tiny", "prompt": "User: hi", "max_tokens": 120, "temperature": 0}
     full = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60).json()["usage"]
     assert full["completion_tokens"] > 40  # greedy: the stream below would make as many
-    before = generated()
+    before = generated(server)
     with httpx.stream(
         "POST", server["url"] + "/v1/completions", json={**body, "stream": True}, timeout=60
     ) as r:
@@ -150,4 +151,16 @@ def test_a_client_that_goes_away_frees_its_row(server: dict[str, Any]) -> None:
             if i == 4:
                 break  # leave after a couple of tokens
     time.sleep(1.0)
-    assert generated() - before < full["completion_tokens"] / 2
+    assert generated(server) - before < full["completion_tokens"] / 2
+
+
+def test_a_client_that_times_out_before_a_whole_answer_frees_its_rows(server: dict[str, Any]) -> None:
+    """Not only streams: a non-streaming request whose client gives up (a timeout) stops generating."""
+    body = {"model": "tiny", "prompt": "User: hi", "max_tokens": 120, "temperature": 0, "n": 4}
+    full = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60).json()["usage"]
+    assert full["completion_tokens"] > 4 * 40
+    before = generated(server)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server["url"] + "/v1/completions", json=body, timeout=0.02)
+    time.sleep(1.5)
+    assert generated(server) - before < full["completion_tokens"] / 2

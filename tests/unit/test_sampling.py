@@ -120,6 +120,21 @@ def test_a_token_that_is_never_drawn_is_not_drawn_but_keeps_its_log_prob() -> No
     torch.testing.assert_close(logprobs, LOGITS[tokens])  # under the whole distribution, PAD included
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_tiny_temperature_or_top_p_draws_the_top_token_never_nan_or_pad(per_row: bool) -> None:
+    """Values inside the documented ranges at float32's edge: logits / 1e-40 overflow to inf (inf - inf = NaN in
+    the softmax), top_p 1e-300 is 0 in float32 (and 0 >= 0 would drop even the top token)."""
+    logits = torch.tensor([[3.0, 40.0, -2.0, 39.0]]).expand(64, 4)
+    uniforms = torch.rand(64, 3, generator=torch.Generator().manual_seed(0))
+    for temperature, top_p in ((1e-40, 1.0), (1e-40, 0.5), (0.7, 1e-300), (1e-40, 1e-300)):
+        params = (RowSampling(torch.full((64,), temperature), torch.zeros(64, dtype=torch.long), torch.full((64,), top_p))
+                  if per_row else SamplingParams(temperature=temperature, top_p=top_p))  # fmt: skip
+        tokens, logprobs = sample(logits, params, uniforms, never=[0])
+        assert tokens.tolist() == [1] * 64, (temperature, top_p)
+        assert torch.isfinite(logprobs).all(), (temperature, top_p)
+    assert torch.isfinite(filter_logits(logits[:1], top_p=1e-300)).tolist() == [[False, True, False, False]]
+
+
 def test_a_row_draws_the_same_whichever_rows_share_its_batch() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 50, generator=g) * 2  # (8, V)

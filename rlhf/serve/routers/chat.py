@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from rlhf.models.tokens import encode_prompts
 from rlhf.serve.deps import StateDep
@@ -30,6 +30,7 @@ from rlhf.serve.schemas import (
     sse,
 )
 from rlhf.serve.service import (
+    CLIENT_CLOSED_REQUEST,
     ChoiceRun,
     check_supported,
     plan_choices,
@@ -44,7 +45,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=MODEL_ERRORS)
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, state: StateDep
-) -> ChatCompletion | StreamingResponse:
+) -> ChatCompletion | StreamingResponse | Response:
     policy = state.policy(body.model)
     check_supported(body)
     prompt = render_chat(policy, body.messages)
@@ -69,7 +70,9 @@ async def chat_completions(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, run, ab, ident, created, policy, len(prompt_ids), include_usage, prompt, meta)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await run.results()
+    results = await run.results_unless_gone(request)
+    if results is None:  # the client went away: nobody to answer, no A/B pair to store
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     ab_pair = await save_ab(state, specs, results, prompt, meta) if ab else None
     completion_tokens = sum(r.completion_tokens for r in results)
     return ChatCompletion(

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from rlhf.models.tokens import encode_prompts
 from rlhf.serve.deps import StateDep
@@ -25,6 +25,7 @@ from rlhf.serve.schemas import (
     sse,
 )
 from rlhf.serve.service import (
+    CLIENT_CLOSED_REQUEST,
     ChoiceRun,
     check_supported,
     plan_choices,
@@ -39,7 +40,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=MODEL_ERRORS)
 @router.post("/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request, state: StateDep
-) -> Completion | StreamingResponse:
+) -> Completion | StreamingResponse | Response:
     policy = state.policy(body.model)
     check_supported(body)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -63,7 +64,9 @@ async def completions(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, run, ab, ident, created, policy, prompt_tokens, include_usage, texts[0], meta)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await run.results()
+    results = await run.results_unless_gone(request)
+    if results is None:  # the client went away: nobody to answer, no A/B pair to store
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     ab_pair = await save_ab(state, specs, results, texts[0], meta) if ab else None
     completion_tokens = sum(r.completion_tokens for r in results)
     return Completion(
