@@ -19,17 +19,26 @@ if TYPE_CHECKING:
     from rlhf.feedback.db import Database
 
 
-def settings_help(section: str) -> str:
-    """A stage's --help epilog: every setting of its config section, with its default and what it does."""
+def settings_help(section: str, also: tuple[str, str] | None = None) -> str:
+    """A stage's --help epilog: every setting of its config section, with its default and what it does; `also`:
+    (another section, the prefix of its keys the stage reads too), e.g. the judge settings of eval."""
     from rich.markup import escape
 
-    fields = RootConfig.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+    def listed(part: str, prefix: str = "") -> list[str]:
+        fields = RootConfig.model_fields[part].annotation.model_fields  # type: ignore[union-attr]
+        return [f"[bold]{name}[/bold] = {escape(repr(field.get_default(call_default_factory=True)))}: "
+                f"{escape(field.description or '')}" for name, field in fields.items() if name.startswith(prefix)]  # fmt: skip
+
     lines = [
-        f"[bold]Settings[/bold]: the {section}: section of a config file (-c), or --set {section}.KEY=VALUE"
+        f"[bold]Settings[/bold]: the {section}: section of a config file (-c), or --set {section}.KEY=VALUE",
+        *listed(section),
     ]
-    for name, field in fields.items():
-        default = field.get_default(call_default_factory=True)
-        lines.append(f"[bold]{name}[/bold] = {escape(repr(default))}: {escape(field.description or '')}")
+    if also is not None:
+        other, prefix = also
+        lines += [
+            f"[bold]Also read[/bold]: from the {other}: section, --set {other}.KEY=VALUE",
+            *listed(other, prefix),
+        ]
     return "\n\n".join(lines)
 
 
@@ -391,7 +400,11 @@ def bon(
     """Best-of-n: sample n answers per prompt, keep the reward model's favourite (SFT data for rejection sampling)."""
     from rlhf.stages import bon as stage
 
-    overrides = [*(sets or []), *([f"bon.out={out}"] if out else []), *([f"bon.n={n}"] if n else [])]
+    overrides = [
+        *(sets or []),
+        *([f"bon.out={out}"] if out else []),
+        *([f"bon.n={n}"] if n is not None else []),
+    ]
     cfg = load_config(config, overrides).bon
     _setup_logging(quiet)
     result = stage.run(cfg)
@@ -480,6 +493,8 @@ def redteam(
     from rlhf.stages import redteam as stage
 
     _setup_logging(quiet)
+    if filter_file is None and (filter_list is not None or filter_out is not None):
+        raise ConfigError("--filter-list and --filter-out go with --filter FILE (the SFT data to filter)")
     if filter_file is not None:
         listed = filter_list or Path(cfg.out_dir) / "filter.jsonl"
         target = filter_out or Path(cfg.out_dir) / "sft_filtered.jsonl"
@@ -516,7 +531,7 @@ def cai_revise(
     typer.echo(f"cai revise: {summary['sft_rows']} SFT rows, {summary['pairs']} pairs in {cfg.out_dir}")
 
 
-@cai_app.command("label", epilog=settings_help("cai"))
+@cai_app.command("label", epilog=settings_help("cai", ("eval", "judge")))
 def cai_label(
     config: ConfigOpt = None, sets: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False
 ) -> None:

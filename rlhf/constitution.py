@@ -48,7 +48,12 @@ class Principle(BaseModel):
     critique_request: Text = Field(description="asks the model to criticise an answer under the principle")
     revision_request: Text = Field(description="asks the model to rewrite the answer to meet the critique")
     comparison: Text = Field(description="the question a judge answers about two answers, e.g. 'Which ...?'")
-    weight: float = Field(1.0, gt=0, description="how often the principle is drawn, relative to the others")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="how often the principle is drawn, relative to the others (at most 1e6)",
+    )
     applies_to: list[Text] | None = Field(
         None, min_length=1,
         description="regular expressions, searched in the prompt case-insensitively: the principle is drawn "

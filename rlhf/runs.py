@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from rlhf.config import dump_config
 from rlhf.data.jsonl import atomic_write_text
+from rlhf.errors import RlhfError
 from rlhf.models.loading import replace_dir
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,32 @@ def _log_changed_settings(stored: Path, config: BaseModel) -> None:
     if changed:
         log.warning(
             "%s: resuming with settings changed since the run started: %s", stored.parent, "; ".join(changed)
+        )
+
+
+def check_same_settings(
+    out: Path, settings: dict[str, Any], rows: Path, may_change: frozenset[str] = frozenset()
+) -> None:
+    """For a stage that resumes by keeping the rows it wrote (answers, revisions, labels): `rows` were made with
+    the settings in OUT/config.yaml, so a run with others (another model, judge, sampling) in the same folder
+    would report them as its own. A one-line error then; the settings in `may_change` (how many prompts or
+    rounds, batch sizes, request rates) extend or pace a run without changing its rows."""
+    stored = out / "config.yaml"
+    if not rows.is_file() or not stored.is_file():
+        return
+    try:
+        before = flat_config(yaml.safe_load(stored.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return
+    now = flat_config(settings)
+    changed = [
+        k for k, v in now.items() if k in before and before[k] != v and k.split(".")[-1] not in may_change
+    ]
+    if changed:
+        shown = "; ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed[:4])
+        raise RlhfError(
+            f"{out} holds {rows.name} made with other settings ({shown}{'; ...' if len(changed) > 4 else ''}): "
+            f"choose another --out, or delete {out} to start over"
         )
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from tqdm import tqdm
 
 from rlhf.config import CaiConfig, EvalConfig, dump_config
@@ -39,9 +40,14 @@ from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.decoding import SamplingParams
 from rlhf.errors import RlhfError
 from rlhf.judges.base import Answer, Judge
+from rlhf.runs import check_same_settings
 from rlhf.text_models import TextModel, load_text_model
 
 log = logging.getLogger(__name__)
+# settings a resumed run may change: how many prompts and pairs it covers, how fast it asks; the rest made its rows
+RESUMES_WITH = frozenset({"out_dir", "prompts_files", "n_prompts", "pairs_per_prompt", "batch_size", "push_db", "project",
+                          "judge_requests_per_s", "judge_concurrency", "judge_timeout_s", "judge_retries",
+                          "judge_cache", "judge_db", "judge_server", "judge_token_env", "judge_project"})  # fmt: skip
 
 CRITIQUE = "{conversation}\n\nCritiqueRequest: {request}\nCritique:"
 REVISION = "{critique_prompt} {critique}\n\nRevisionRequest: {request}\nRevision:"
@@ -79,6 +85,7 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
     constitution = load_constitution(cfg.constitution)  # read before any output or model
     prompts = read_prompts(cfg.prompts_files, cfg.n_prompts)
     out = Path(cfg.out_dir)
+    check_same_settings(out, cfg.model_dump(mode="json"), out / "revisions.jsonl", RESUMES_WITH)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     done = _done(out / "revisions.jsonl")
@@ -166,8 +173,12 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
         judge = make_judge(eval_cfg)
     labeler = cfg.labeler or f"ai:{getattr(judge, 'name', eval_cfg.judge)}"
     out = Path(cfg.out_dir)
+    # the judge's settings are eval's: recorded beside the stage's, so that a resume checks them too
+    judging = {k: v for k, v in eval_cfg.model_dump(mode="json").items() if k.startswith("judge")}
+    settings = {"cai": cfg.model_dump(mode="json"), "eval": judging}
+    check_same_settings(out, settings, out / "labels.jsonl", RESUMES_WITH)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
     path = out / "labels.jsonl"
     done: dict[tuple[str, int], PairwiseVote] = {}  # (prompt, pair index) -> label
     if path.is_file():

@@ -45,22 +45,40 @@ from rlhf.engine.decoding import SamplingParams
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import wilson_interval
 from rlhf.judges.base import Answer, Judge
+from rlhf.runs import check_same_settings
 from rlhf.text_models import TextModel, load_text_model
 
 log = logging.getLogger(__name__)
+# settings a resumed run may change: how long the search goes on and how fast it asks; the rest made its rows
+RESUMES_WITH = frozenset({"out_dir", "rounds", "max_attacks_per_round", "batch_size", "requests_per_s",
+                          "concurrency", "api_key_env"})  # fmt: skip
 
 
 def read_seeds(path: str, refusal: str) -> list[Attack]:
-    """Seeds from {message, category[, safe]} rows of any source (rlhf.data.sources); errors name source:row."""
-    seeds = []
+    """Seeds from {message, category[, safe]} rows of any source (rlhf.data.sources); errors name source:row.
+    A message listed again is one seed (else one copy could be held out while the other is searched and
+    trained on); listed again under another category, it is an error."""
+    seeds: list[Attack] = []
+    first: dict[str, tuple[str, str]] = {}  # message -> (where, category) of its first row
+    repeats = 0
     for where, row in iter_rows(path):
         message, category = text_field(row, "message", where), text_field(row, "category", where)
         safe = text_field(row, "safe", where) if "safe" in row else refusal
         if not message.strip() or not category.strip():
             raise DataError(f"{where}: empty message or category")
+        if message in first:
+            earlier, earlier_category = first[message]
+            if earlier_category != category:
+                raise DataError(f"{where}: the message of {earlier} again, under category {category!r} "
+                                f"instead of {earlier_category!r}")  # fmt: skip
+            repeats += 1
+            continue
+        first[message] = (where, category)
         seeds.append(Attack(message, category, safe, message, "seed", 0))
     if not seeds:
         raise DataError(f"{path}: no seeds (empty file)")
+    if repeats:
+        log.warning("redteam: %s lists %d message(s) more than once; each is one seed", path, repeats)
     return seeds
 
 
@@ -206,6 +224,7 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
     seeds = read_seeds(cfg.seeds_file, cfg.refusal) if cfg.seeds_file else demo_seeds(cfg.refusal)
     demo = cfg.seeds_file is None
     search, heldout = split_seeds(seeds, cfg.heldout_fraction, cfg.seed)
+    check_same_settings(out, cfg.model_dump(mode="json"), out / "attacks.jsonl", RESUMES_WITH)
     done: dict[str, Attack] = {}
     if (out / "attacks.jsonl").is_file():
         for lineno, row in iter_jsonl(out / "attacks.jsonl"):

@@ -201,6 +201,24 @@ def test_help_documents_every_setting_of_the_stage(command: list[str], section: 
             assert " ".join(field.description.split()[:3]) in text, name  # ... and what it does
 
 
+def test_cai_label_help_documents_the_judge_settings_it_reads_from_eval() -> None:
+    from rlhf.config import EvalConfig
+
+    text = " ".join(runner.invoke(app, ["cai", "label", "--help"]).output.split())
+    judge_keys = [name for name in EvalConfig.model_fields if name.startswith("judge")]
+    assert "--set eval.KEY=VALUE" in text and len(judge_keys) > 10
+    for name in judge_keys:
+        assert f" {name} = " in text, name
+    assert " prompts_file = " not in text.split("Also read")[1]  # eval's other settings are not cai's
+
+
+def test_bon_n_zero_is_refused_not_replaced_by_the_default() -> None:
+    result = runner.invoke(app, ["bon", "--n", "0"])
+    assert result.exit_code != 0 and "bon.n: Input should be greater than or equal to 1" in str(
+        result.exception
+    )
+
+
 def test_metrics_reach_tensorboard_through_accelerate(tiny_demo: dict[str, Path], tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -214,3 +232,8 @@ def test_metrics_reach_tensorboard_through_accelerate(tiny_demo: dict[str, Path]
     board = {e.step: e.value for e in acc.Scalars("sft/loss")}
     assert sorted(board) == sorted(logged) == [1, 2, 3]
     assert all(board[s] == pytest.approx(logged[s], rel=1e-6) for s in board)
+
+
+def test_redteam_filter_options_without_filter_are_refused() -> None:
+    result = runner.invoke(app, ["redteam", "--filter-list", "list.jsonl"])
+    assert result.exit_code != 0 and "go with --filter FILE" in str(result.exception)

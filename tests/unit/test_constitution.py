@@ -54,6 +54,8 @@ def test_draw_follows_weights_and_seed() -> None:
         ("principles: [\n", "not valid YAML"),
         ("principles:\n  - {id: a, principle: '  ', critique_request: c, revision_request: r, comparison: q}\n",
          "principles.0.principle (id 'a')"),
+        ("principles:\n  - {id: a, principle: p, critique_request: c, revision_request: r, comparison: q, weight: .inf}\n",
+         "principles.0.weight (id 'a'): Input should be less than or equal to 1000000"),
     ],
 )  # fmt: skip
 def test_bad_entries_name_file_and_entry(tmp_path: Path, text: str, expected: str) -> None:

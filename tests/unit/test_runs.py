@@ -66,3 +66,25 @@ def test_a_batch_larger_than_the_data_names_the_setting_and_the_file() -> None:
         ConfigError, match=r"^sft.batch_size \(8\) is larger than the training set \(6 examples in d.jsonl\)$"
     ):
         BatchPlan(6, 8, 8, 1, 0, name="sft.batch_size", source="d.jsonl")
+
+
+def test_rows_made_with_other_settings_are_not_resumed(tmp_path: Path) -> None:
+    """A stage that keeps its rows across runs (red team, CAI) refuses a folder whose rows another model made."""
+    import yaml
+
+    from rlhf.errors import RlhfError
+    from rlhf.runs import check_same_settings
+
+    rows = tmp_path / "attacks.jsonl"
+    before = {"target": "runs/sft/final", "rounds": 2, "temperature": 1.0}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(before))
+    check_same_settings(tmp_path, {**before, "target": "runs/ppo/best"}, rows)  # no rows yet: nothing to mix
+    rows.write_text("{}\n")
+    check_same_settings(
+        tmp_path, {**before, "rounds": 4}, rows, frozenset({"rounds"})
+    )  # more rounds: a resume
+    with pytest.raises(
+        RlhfError,
+        match=r"holds attacks.jsonl made with other settings \(target 'runs/sft/final' -> 'runs/ppo/best'\)",
+    ):
+        check_same_settings(tmp_path, {**before, "target": "runs/ppo/best"}, rows, frozenset({"rounds"}))
