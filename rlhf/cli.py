@@ -528,7 +528,9 @@ def cai_revise(
 
     _setup_logging(quiet)
     summary = stage.revise(cfg, quiet=quiet)
-    typer.echo(f"cai revise: {summary['sft_rows']} SFT rows, {summary['pairs']} pairs in {cfg.out_dir}")
+    typer.echo(f"cai revise: {summary['sft_rows']} SFT rows, {summary['pairs']} pairs in {cfg.out_dir}"
+               + (f", {summary['unrouted_prompts']} prompts no principle applies to left out"
+                  if summary["unrouted_prompts"] else ""))  # fmt: skip
 
 
 @cai_app.command("label", epilog=settings_help("cai", ("eval", "judge")))
@@ -544,7 +546,7 @@ def cai_label(
 
     _setup_logging(quiet)
     summary = stage.label(root.cai, root.eval, quiet=quiet)
-    typer.echo(f"cai label: {summary['records']} AI labels by {summary['labeler']} in {root.cai.out_dir}"
+    typer.echo(f"cai label: {summary['records']} AI labels ({summary['ties']} ties) by {summary['labeler']} in {root.cai.out_dir}"
                + (f", {summary['unrouted_prompts']} prompts no principle applies to left out"
                   if summary["unrouted_prompts"] else "")
                + (f"; {summary['pushed']} votes pushed to project {root.cai.project}" if "pushed" in summary else ""))  # fmt: skip

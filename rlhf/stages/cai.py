@@ -136,7 +136,12 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
              for r in rows if r["revision"].strip() and r["revision"].strip() != r["original"].strip()]  # fmt: skip
     write_jsonl(out / "sft.jsonl", sft)
     write_preferences(out / "pairs.jsonl", pairs)
-    return {"prompts": len(rows), "sft_rows": len(sft), "pairs": len(pairs)}
+    return {
+        "prompts": len(rows),
+        "sft_rows": len(sft),
+        "pairs": len(pairs),
+        "unrouted_prompts": len(unrouted),
+    }
 
 
 def _draw(constitution: Constitution, prompt: str, rng: random.Random) -> Principle:
