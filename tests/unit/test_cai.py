@@ -43,7 +43,7 @@ def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, n_revisions=2)
     model = ScriptedModel("scripted", scripted_answer)
     summary = revise(cfg, quiet=True, policy=model)
-    assert summary == {"prompts": 3, "sft_rows": 3, "pairs": 3}
+    assert summary == {"prompts": 3, "sft_rows": 3, "pairs": 3, "unrouted_prompts": 0}
     sft = read_jsonl(tmp_path / "cai" / "sft.jsonl")
     assert [r["response"] for r in sft] == [" Sorry, I can't help with that (1)."] * 3
     assert [r["prompt"] for r in sft] == PROMPTS
@@ -176,7 +176,7 @@ def test_revise_leaves_out_prompts_no_principle_applies_to(tmp_path: Path) -> No
     harmless = str(ROOT / "configs" / "constitution_demo_harmless.yaml")
     model = ScriptedModel("scripted", scripted_answer)
     summary = revise(_cfg(tmp_path, constitution=harmless, n_revisions=3), quiet=True, policy=model)
-    assert summary == {"prompts": 2, "sft_rows": 2, "pairs": 2}
+    assert summary == {"prompts": 2, "sft_rows": 2, "pairs": 2, "unrouted_prompts": 1}
     revisions = read_jsonl(tmp_path / "cai" / "revisions.jsonl")
     assert [r["prompt"] for r in revisions] == PROMPTS[:2]
     assert {s["principle"] for s in revisions[1]["steps"]} == {"reply-kindly"}
