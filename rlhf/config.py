@@ -516,6 +516,12 @@ class DPOConfig(PreferenceTrainConfig):
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
 
+    @model_validator(mode="after")
+    def _smoothing_needs_a_logistic_loss(self) -> DPOConfig:
+        if self.label_smoothing and self.loss == "ipo":  # IPO's squared loss has no flipped-label term
+            raise ValueError("label_smoothing applies to the sigmoid and simpo losses, not ipo")
+        return self
+
 
 class BonConfig(Section):
     """`rlhf bon`: best-of-n, n answers sampled per prompt, the reward model's favourite kept (rejection sampling)."""

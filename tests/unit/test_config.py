@@ -34,6 +34,10 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
         (["pretrain.precision=fp8"], "pretrain.precision: Input should be 'auto', 'bf16' or 'fp32'"),
         (["nosuchstage.lr=1"], "nosuchstage: unknown key"),
         (
+            ["dpo.loss=ipo", "dpo.label_smoothing=0.1"],
+            "dpo: label_smoothing applies to the sigmoid and simpo losses",
+        ),
+        (
             ["pretrain.arch.hidden_size=100", "pretrain.arch.num_attention_heads=3"],
             "hidden_size must be divisible",
         ),
