@@ -36,10 +36,16 @@ def build_scalar_model(
     """A causal-LM checkpoint (e.g. the SFT policy) with a new scalar head, N(0, 1/sqrt(d+1)) as in
     Stiennon et al. 2020 / the OpenAI lm-human-preferences code; no bias (or bias 0 where the head has one).
     With the policy's tokenizer, its embeddings hold the tokenizer's added tokens (an added PAD)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the new head as missing: expected, not news
     try:
         model = AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=1, dtype=dtype)
     except (OSError, ValueError) as e:
         raise RlhfError(f"cannot build a reward model from {init_from!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     head = score_head(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

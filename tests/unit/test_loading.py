@@ -104,3 +104,17 @@ def test_ppo_refuses_a_reward_model_with_another_tokenizer_before_any_work(
     with pytest.raises(RlhfError, match=r"^ppo.policy and ppo.reward_model use different tokenizers"):
         ppo.run(cfg, quiet=True)
     assert not (tmp_path / "ppo").exists()
+
+
+def test_a_new_scalar_head_is_built_without_transformers_load_report(
+    tiny_sft_model: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The report would list the new head as missing weights: expected, and noise in every reward run."""
+    from transformers.utils import logging as hf_logging
+
+    from rlhf.models.heads import build_scalar_model
+
+    before = hf_logging.get_verbosity()
+    model = build_scalar_model(str(tiny_sft_model))
+    assert model.score.out_features == 1 and hf_logging.get_verbosity() == before
+    assert "LOAD REPORT" not in capfd.readouterr().err + caplog.text
