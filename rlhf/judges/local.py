@@ -54,7 +54,9 @@ def choice_token_ids(tokenizer: PreTrainedTokenizerBase, choice: str) -> list[in
             ids.add(tokens[0])
     if not ids:
         raise RlhfError(
-            f"judge choice {choice!r} is not one token of the judge's tokenizer; set other choices"
+            f"judge choice {choice!r} is not one token of the judge's tokenizer; set other choices "
+            "(eval.judge_choices; eval.judge_review_choices for the pointwise judge, "
+            "redteam.classifier_review_choices for the red team's)"
         )
     return sorted(ids)
 
