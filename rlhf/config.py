@@ -880,6 +880,7 @@ class CaiConfig(Section):
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding endpoints' API key")
     prompts_files: list[str] = Field(
         default_factory=lambda: ["runs/redteam/prompts.jsonl", "data/demo/rl_prompts.jsonl"],
+        min_length=1,
         description="JSONL files of {prompt}: red-team prompts and ordinary ones",
     )
     n_prompts: int = Field(200, ge=0, description="prompts read from each file (0 = all)")

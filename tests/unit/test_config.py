@@ -33,6 +33,7 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
         ),
         (["pretrain.precision=fp8"], "pretrain.precision: Input should be 'auto', 'bf16' or 'fp32'"),
         (["nosuchstage.lr=1"], "nosuchstage: unknown key"),
+        (["cai.prompts_files=[]"], "cai.prompts_files: List should have at least 1 item"),
         (
             ["dpo.loss=ipo", "dpo.label_smoothing=0.1"],
             "dpo: label_smoothing applies to the sigmoid and simpo losses",
