@@ -113,6 +113,10 @@ class RowStreams:
         return RowStreams(self.keys[rows], counters)
 
 
+# below this temperature, logits / T may overflow float32 (logits of 1e4 reach 1e7 at 1e-3, far from 3e38)
+_TINY_TEMPERATURE = 1e-3
+
+
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Set logits outside the top-k / the nucleus of mass top_p to -inf (at least one token always stays)."""
     if top_k > 0 and top_k < logits.size(-1):
@@ -177,10 +181,14 @@ def sample(
         k_max = int(top_k.max())
         top_p, nucleus = params.top_p[:, None], ~greedy & (params.top_p < 1.0)  # (B, 1), (B,)
         any_nucleus = bool(nucleus.any())
-    # shifted by the row's largest logit before the division, so that a tiny temperature (1e-40) cannot overflow
-    # float32 into inf - inf = NaN: the same distribution (softmax is shift-invariant), the top token's logit 0
     logits = logits.float()
-    logp = torch.log_softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # (B, V)
+    if (bool((temperature < _TINY_TEMPERATURE).any()) if isinstance(temperature, Tensor)
+            else temperature < _TINY_TEMPERATURE):  # fmt: skip
+        # shifted by the row's largest logit before the division, so that a tiny temperature (1e-40) cannot
+        # overflow float32 into inf - inf = NaN: the same distribution (softmax is shift-invariant); only
+        # then, as it costs two more passes over the vocabulary
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
     probs = logp.exp()
     if never:
         probs = probs.index_fill(-1, torch.tensor(list(never), device=logits.device), 0.0)
