@@ -120,6 +120,11 @@ def validation_error(errors: Any) -> APIError:
         )
     value = err.get("input")
     shown = repr(value) if isinstance(value, int | float | str | bool) else type(value).__name__
+    if not param and isinstance(value, bytes):  # FastAPI reads a body without a JSON content type as bytes
+        return APIError(
+            "The request body was not read as JSON: send it with the header Content-Type: application/json.",
+            code="invalid_content_type",
+        )
     if not param:
         return APIError(f"Invalid request: {err['msg']} (got {shown}).")
     return APIError(f"Invalid value for '{param}': {err['msg']} (got {shown}).", param=param)

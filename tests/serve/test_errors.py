@@ -155,6 +155,17 @@ def test_empty_body_says_what_is_missing(server: dict[str, Any]) -> None:
     assert "empty" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain"])
+def test_a_json_body_without_a_json_content_type_says_so(
+    server: dict[str, Any], content_type: str | None
+) -> None:
+    body = b'{"model": "tiny", "prompt": "hi", "max_tokens": 2}'
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(server["url"] + "/v1/completions", content=body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type", r.text
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+
+
 def test_oversized_body_is_413_in_openai_shape(server: dict[str, Any]) -> None:
     r = httpx.post(server["url"] + "/v1/completions", json={**COMPLETION, "prompt": "x" * 100_000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
