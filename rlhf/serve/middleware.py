@@ -35,10 +35,22 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = getattr(scope.get("route"), "path", None) or _route_of(scope)
             metrics.REQUESTS.labels(endpoint, str(status)).inc()
             metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+
+
+def _route_of(scope: Scope) -> str:
+    """The label of a request answered before routing (a body refused by the middleware below) or by another
+    method than its route's (HEAD): its path where that is one of the API's paths (OpenAPI's, a bounded set
+    of label values), else "unmatched"."""
+    app = scope.get("app")
+    try:
+        known = app.openapi()["paths"] if app is not None and hasattr(app, "openapi") else {}
+    except Exception:  # noqa: BLE001  # a label is not worth failing a request over
+        known = {}
+    path = scope.get("path", "")
+    return path if path in known else "unmatched"
 
 
 class BodySizeLimit:

@@ -261,3 +261,21 @@ def test_a_full_queue_is_a_429_that_says_when_to_retry() -> None:
         assert all(seq.cancelled for seq in engine.queued)
 
     asyncio.run(start())
+
+
+def test_requests_answered_before_routing_are_counted_under_their_route(server: dict[str, Any]) -> None:
+    """A body the middleware refuses (NaN) and a HEAD of a GET route: bounded labels, but the route's own."""
+
+    def count(endpoint: str, status: int) -> float:
+        prefix = f'rlhf_serve_requests_total{{endpoint="{endpoint}",status="{status}"}}'
+        lines = [x for x in httpx.get(server["url"] + "/metrics").text.splitlines() if x.startswith(prefix)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = count("/v1/completions", 400), count("/healthz", 200)
+    body = b'{"model": "tiny", "prompt": "hi", "temperature": NaN}'
+    r = httpx.post(
+        server["url"] + "/v1/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert httpx.head(server["url"] + "/healthz").status_code == 200
+    assert (count("/v1/completions", 400), count("/healthz", 200)) == (before[0] + 1, before[1] + 1)
