@@ -15,6 +15,7 @@ to gets no critique and no AI label.
 
 from __future__ import annotations
 
+import difflib
 import random
 import re
 from pathlib import Path
@@ -125,11 +126,14 @@ def load_constitution(path: str | Path) -> Constitution:
     try:
         return Constitution.model_validate(tree)
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()
+        # a misspelled key is also a missing one: name the misspelling, the cause
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         where = ".".join(str(x) for x in err["loc"]) or "file"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            near = difflib.get_close_matches(str(err["loc"][-1]), list(Principle.model_fields), n=1)
+            msg = "unknown key" + (f" (did you mean {near[0]}?)" if near else "")
         if where.startswith("principles.") and isinstance(tree, dict):
             parts = where.split(".")
             entries = tree.get("principles") or []

@@ -45,6 +45,8 @@ def test_draw_follows_weights_and_seed() -> None:
          "principles.0.comparison (id 'a'): Field required"),
         ("principles:\n  - {id: a, principle: p, critique_request: c, revision_request: r, comparison: q, x: 1}\n",
          "principles.0.x (id 'a'): unknown key"),
+        ("principles:\n  - {id: a, principle: p, critique_request: c, revison_request: r, comparison: q}\n",
+         "principles.0.revison_request (id 'a'): unknown key (did you mean revision_request?)"),
         ("principles:\n  - {id: 'Bad Id', principle: p, critique_request: c, revision_request: r, comparison: q}\n",
          "principles.0.id"),
         ("principles: []\n", "principles: List should have at least 1 item"),
