@@ -6,6 +6,7 @@ a default and a one-line description that doubles as documentation. Errors name 
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -962,13 +963,26 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+def _resembles(loc: tuple[Any, ...]) -> str:
+    """For an unknown key: " (did you mean KEY?)" with the setting of its section it is closest to, or ""."""
+    model: type[BaseModel] = RootConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
 def _format_error(e: ValidationError) -> str:
     msgs = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _resembles(tuple(err["loc"]))
         msgs.append(
             f"{key}: {msg}"
             + (

@@ -24,7 +24,9 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["sft.lrr=1"], "sft.lrr: unknown key"),
+        (["sft.lrr=1"], "sft.lrr: unknown key (did you mean lr?)"),
+        (["ppo.kl_coeff=0.1"], "ppo.kl_coeff: unknown key (did you mean kl_coef?)"),
+        (["sft.zzz=1"], "sft.zzz: unknown key"),
         (["sft.lr=-1"], "sft.lr: Input should be greater than 0"),
         (["sft.epochs=two"], "sft.epochs: Input should be a valid integer"),
         (
