@@ -148,11 +148,8 @@ def _clear_earlier_run(run_dir: Path, names: tuple[str, ...]) -> None:
 
 def _log_changed_settings(stored: Path, config: BaseModel) -> None:
     """On resume: the settings that differ from those the run started with (more steps are the usual ones)."""
-    if not stored.exists():
-        return
-    try:
-        before = flat_config(yaml.safe_load(stored.read_text()) or {})
-    except (OSError, yaml.YAMLError):
+    before = _stored_settings(stored)
+    if before is None:
         return
     now = flat_config(config.model_dump(mode="json"))
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k, v) != v]
@@ -169,12 +166,8 @@ def check_same_settings(
     the settings in OUT/config.yaml, so a run with others (another model, judge, sampling) in the same folder
     would report them as its own. A one-line error then; the settings in `may_change` (how many prompts or
     rounds, batch sizes, request rates) extend or pace a run without changing its rows."""
-    stored = out / "config.yaml"
-    if not rows.is_file() or not stored.is_file():
-        return
-    try:
-        before = flat_config(yaml.safe_load(stored.read_text()) or {})
-    except (OSError, yaml.YAMLError):
+    before = _stored_settings(out / "config.yaml") if rows.is_file() else None
+    if before is None:
         return
     now = flat_config(settings)
     changed = [
@@ -186,6 +179,14 @@ def check_same_settings(
             f"{out} holds {rows.name} made with other settings ({shown}{'; ...' if len(changed) > 4 else ''}): "
             f"choose another --out, or delete {out} to start over"
         )
+
+
+def _stored_settings(stored: Path) -> dict[str, Any] | None:
+    """The flat settings of a run's config.yaml, or None where there is none (or it cannot be read)."""
+    try:
+        return flat_config(yaml.safe_load(stored.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -96,9 +96,10 @@ def _finite_float(text: str) -> float:
 
 def json_body_problem(scope: Scope, body: bytes) -> str | None:
     """Why a JSON request body cannot be taken, or None: NaN or Infinity (Python's parser accepts them, no
-    other does), a number beyond a float's range (Python parses it to infinity), or a string holding a lone UTF-16 surrogate ("\\ud800": no UTF-8 text can hold one, so it
-    would fail later, when stored or echoed in an error). Bodies FastAPI would not parse as JSON (another
-    content type) and malformed JSON are left to the app, which answers those itself."""
+    other does), a number beyond a float's range (Python parses it to infinity), or a string holding a lone
+    UTF-16 surrogate ("\\ud800": no UTF-8 text can hold one, so it would fail later, when stored or echoed in
+    an error). Bodies FastAPI would not parse as JSON (another content type) and malformed JSON are left to
+    the app, which answers those itself."""
     content_type = ""
     for name, value in scope["headers"]:
         if name == b"content-type":

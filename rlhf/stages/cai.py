@@ -172,16 +172,17 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
     """RL-CAI labels: two answers per prompt, judged under drawn principles; labels.jsonl, optionally pushed."""
     constitution = load_constitution(cfg.constitution)
     prompts = read_prompts(cfg.prompts_files, cfg.n_prompts)
+    out = Path(cfg.out_dir)
+    # the judge's settings are eval's: recorded beside the stage's, so that a resume checks them too (before
+    # any model is loaded)
+    judging = {k: v for k, v in eval_cfg.model_dump(mode="json").items() if k.startswith("judge")}
+    settings = {"cai": cfg.model_dump(mode="json"), "eval": judging}
+    check_same_settings(out, settings, out / "labels.jsonl", RESUMES_WITH)
     if judge is None:
         from rlhf.eval.judges import make_judge
 
         judge = make_judge(eval_cfg)
     labeler = cfg.labeler or f"ai:{getattr(judge, 'name', eval_cfg.judge)}"
-    out = Path(cfg.out_dir)
-    # the judge's settings are eval's: recorded beside the stage's, so that a resume checks them too
-    judging = {k: v for k, v in eval_cfg.model_dump(mode="json").items() if k.startswith("judge")}
-    settings = {"cai": cfg.model_dump(mode="json"), "eval": judging}
-    check_same_settings(out, settings, out / "labels.jsonl", RESUMES_WITH)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
     path = out / "labels.jsonl"
