@@ -165,10 +165,12 @@ class FeedbackClient:
     def skip(self, task_id: int) -> None:
         self._request("POST", f"/api/tasks/{task_id}/skip")
 
-    def undo(self, vote_id: int | None = None) -> dict[str, Any]:
-        """Retract a vote of yours (the latest if `vote_id` is None) within the undo window."""
+    def undo(self, vote_id: int | None = None, project: str | None = None) -> dict[str, Any]:
+        """Retract a vote of yours (the latest if `vote_id` is None, in `project` if given) within the undo
+        window."""
         path = "/api/votes/undo" if vote_id is None else f"/api/votes/{vote_id}/undo"
-        out: dict[str, Any] = self._request("POST", path, retry=False).json()
+        params = {"project": project} if project and vote_id is None else None
+        out: dict[str, Any] = self._request("POST", path, retry=False, params=params).json()
         return out
 
     def my_votes(self, project: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:

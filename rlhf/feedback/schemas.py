@@ -277,6 +277,9 @@ class NextTaskOut(BaseModel):
 
 class VoteIn(BaseModel):
     task_id: Annotated[int, Field(ge=1, le=MAX_INT32)]
+    project: Annotated[str, Field(pattern=PROJECT_PATTERN)] | None = Field(
+        None, description="the project the task must belong to: a task of another project is answered 404"
+    )
     choice: Choice | None = Field(None, description="pairwise tasks: A, B, tie or both_bad")
     ranking: (
         Annotated[list[Annotated[int, Field(ge=1, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]

@@ -43,6 +43,7 @@ _SELECT_TASK = (
         _tasks.c.n_completions,
         _tasks.c.is_gold,
         _tasks.c.project_id,
+        _projects.c.name,
         _projects.c.overlap,
         _projects.c.production,
         _projects.c.axes,
@@ -74,6 +75,7 @@ _LOCK_TASKS = (
         _tasks.c.is_gold,
         _tasks.c.n_assigned,
         _tasks.c.project_id,
+        _projects.c.name.label("project"),
         _projects.c.overlap,
         _projects.c.production,
         _projects.c.axes,
@@ -121,8 +123,9 @@ def write_vote(
     row = conn.execute(_SELECT_TASK, {"b_task": data.task_id, "b_user": user.id}).first()
     if row is None:
         raise NotFound(f"no task {data.task_id}")
-    kind, n_completions, is_gold, project_id, overlap, production, axes, assignment_id, status, disabled = row
-    _check_vote(data, source, kind, n_completions, production, axes, bool(disabled), status)
+    (kind, n_completions, is_gold, project_id, project, overlap, production, axes, assignment_id, status,
+     disabled) = row  # fmt: skip
+    _check_vote(data, source, project, kind, n_completions, production, axes, bool(disabled), status)
     if status in (None, "skipped"):
         # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
         if not claim(session, data.task_id, is_gold, overlap, conn):
@@ -221,7 +224,17 @@ def _take_slot(
         raise NotFound(f"no task {data.task_id}")
     key = (data.task_id, user.id)
     assignment_id, status = assignments.get(key, (None, None))
-    _check_vote(data, source, task.kind, task.n_completions, task.production, task.axes, disabled, status)
+    _check_vote(
+        data,
+        source,
+        task.project,
+        task.kind,
+        task.n_completions,
+        task.production,
+        task.axes,
+        disabled,
+        status,
+    )
     if status in (None, "skipped"):
         limit = GOLD_LIMIT if task.is_gold else task.overlap
         if n_assigned[data.task_id] >= limit:
@@ -260,6 +273,7 @@ def _vote_fields(user: User, data: VoteIn, source: str) -> dict[str, object]:
 def _check_vote(
     data: VoteIn,
     source: str,
+    project: str,
     kind: str,
     n_completions: int,
     production: bool,
@@ -270,6 +284,8 @@ def _check_vote(
     """The refusals of a vote, in the order they are reported, given its task and its labeler's assignment."""
     if disabled:
         raise Forbidden("this account is disabled")
+    if data.project is not None and data.project != project:
+        raise NotFound(f"no task {data.task_id} in project {data.project!r}")
     if production and source != "production":
         raise Forbidden(f"task {data.task_id} is a production A/B pair; only its end user answers it")
     _check_answer(kind, n_completions, data)
@@ -352,8 +368,11 @@ def _check_answer(kind: str, k: int, data: VoteIn) -> None:
         raise InvalidInput(f"display_order must be a permutation of 0..{k - 1}")
 
 
-def undo(session: Session, user: User, window_s: float, vote_id: int | None = None) -> Vote:
-    """Retract `user`'s vote (`vote_id`, or their latest) if it is younger than `window_s` seconds.
+def undo(
+    session: Session, user: User, window_s: float, vote_id: int | None = None, project: Project | None = None
+) -> Vote:
+    """Retract `user`'s vote (`vote_id`, or their latest, in `project` if given) if it is younger than
+    `window_s` seconds.
 
     The row is kept with `retracted_at` set; the task reopens for this labeler.
     """
@@ -361,10 +380,15 @@ def undo(session: Session, user: User, window_s: float, vote_id: int | None = No
         stmt = select(Vote).where(Vote.user_id == user.id, Vote.retracted_at.is_(None))
         if vote_id is not None:
             stmt = stmt.where(Vote.id == vote_id)
+        if project is not None:
+            stmt = stmt.join(Task, Task.id == Vote.task_id).where(Task.project_id == project.id)
         vote = session.scalar(stmt.order_by(Vote.created_at.desc(), Vote.id.desc()).limit(1))
         if vote is None:
+            where = "" if project is None else f" in project {project.name!r}"
             raise NotFound(
-                "no vote of yours to undo" if vote_id is None else f"no live vote {vote_id} of yours"
+                f"no vote of yours to undo{where}"
+                if vote_id is None
+                else f"no live vote {vote_id} of yours{where}"
             )
         now = datetime.now(timezone.utc)
         if now - vote.created_at > timedelta(seconds=window_s):

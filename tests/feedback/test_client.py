@@ -59,7 +59,7 @@ def test_client_end_to_end(db: Database, db_url: str, make_rows: Any, light: boo
         with db.session() as s:
             assert s.scalar(select(func.count()).select_from(Vote)) == 1
 
-        assert ann.undo()["retracted"] is True
+        assert ann.undo(project="demo")["retracted"] is True
         again = ann.next_task()  # no project: the first project with work for ann
         assert again is not None and again["id"] == task["id"]
         ann.vote(again["id"], choice="tie")

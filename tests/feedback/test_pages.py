@@ -187,6 +187,8 @@ def test_ranking_and_rating_forms(api, db: Database, make_client) -> None:
         "idempotency_key": re.search(r'name="idempotency_key" value="([^"]+)"', page).group(1),
         "rating": "6",
     }
+    # the form of one project does not take another project's task
+    assert browser.post("/label/demo/vote", data=rating_form, follow_redirects=False).status_code == 404
     assert browser.post("/label/rate/vote", data=rating_form, follow_redirects=False).status_code == 303
     votes = {v["task_id"]: v for v in api.get("admin", "/api/votes").json()}
     assert [v["ranking"] for v in votes.values() if v["ranking"]] == [[2, 3, 1]]

@@ -125,6 +125,24 @@ def test_undo_within_the_window_reopens_the_task(api, db: Database) -> None:
     assert count_votes(db) == 2
 
 
+def test_votes_and_undo_scoped_to_a_project(api, db: Database) -> None:
+    """A vote naming its project is refused on another project's task; an undo naming a project retracts the
+    labeler's latest vote there, not a later one elsewhere."""
+    api.seed(n_prompts=1)
+    api.seed(name="other", n_prompts=1)
+    here, there = api.next("ann"), api.next("ann", project="other")
+    assert api.vote("ann", there["id"], project="demo").status_code == 404
+    assert count_votes(db) == 0
+    first = api.vote("ann", here["id"], project="demo").json()
+    later = api.vote("ann", there["id"], project="other").json()
+    undone = api.post("ann", "/api/votes/undo", params={"project": "demo"})
+    assert undone.status_code == 200 and undone.json()["id"] == first["id"]
+    assert api.post("ann", "/api/votes/undo", params={"project": "demo"}).status_code == 404
+    assert api.post("ann", "/api/votes/undo", params={"project": "nope"}).status_code == 404
+    mine = {v["id"]: v["retracted"] for v in api.get("ann", "/api/votes").json()}
+    assert mine == {first["id"]: True, later["id"]: False}
+
+
 def test_undo_after_the_window_is_refused(make_client, team) -> None:
     client = make_client(undo_window_s=0.2)
     body = {"candidates": [{"prompt": "p", "completions": [{"text": "a"}, {"text": "b"}]}]}

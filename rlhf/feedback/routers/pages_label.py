@@ -89,8 +89,9 @@ def task_page(
     return render(request, "task.html", ctx)
 
 
-def _vote_from_form(form: FormData) -> VoteIn:
-    """The vote of the task page's form; rank_<position> fields carry a ranking."""
+def _vote_from_form(form: FormData, project: str) -> VoteIn:
+    """The vote of `project`'s task page form (a task of another project is refused); rank_<position> fields
+    carry a ranking."""
 
     def value(name: str) -> str | None:
         v = form.get(name)
@@ -101,6 +102,7 @@ def _vote_from_form(form: FormData) -> VoteIn:
         ranks = {int(k[5:]): int(v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str)}
         fields: dict[str, Any] = {
             "task_id": value("task_id"),
+            "project": project,
             "choice": value("choice"),
             "rating": value("rating"),
             "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
@@ -121,7 +123,7 @@ def _vote_from_form(form: FormData) -> VoteIn:
 async def vote(
     request: Request, project: ProjectName, user: PageUser, limiter: LimiterDep, writer: WriterDep
 ) -> Response:
-    data = _vote_from_form(await request.form())
+    data = _vote_from_form(await request.form(), project)
     await limiter.take_async(user.id)
     try:
         recorded = await writer.record(user, data, "web")

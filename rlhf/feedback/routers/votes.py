@@ -80,9 +80,18 @@ def get_vote(vote_id: VoteId, user: CurrentUser, session: SessionDep) -> VoteOut
 
 
 @router.post("/undo")
-def undo_last(user: CurrentUser, session: SessionDep, settings: SettingsDep) -> VoteOut:
-    """Retract your latest vote if it is within the undo window; the task reopens for you."""
-    return store.vote_out(store.undo(session, user, settings.undo_window_s), user.name)
+def undo_last(
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    project: Annotated[
+        str | None, Query(pattern=PROJECT_PATTERN, description="your latest vote in it")
+    ] = None,
+) -> VoteOut:
+    """Retract your latest vote (in `project`, if given) if it is within the undo window; the task reopens
+    for you."""
+    proj = projects.get_project(session, project) if project else None
+    return store.vote_out(store.undo(session, user, settings.undo_window_s, project=proj), user.name)
 
 
 @router.post("/{vote_id}/undo")
