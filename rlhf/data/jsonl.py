@@ -13,17 +13,23 @@ from rlhf.errors import DataError
 
 
 def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, object) for each non-blank line; raise DataError naming file:line on bad JSON, or,
-    given a `skipped` list, append that message to it and go on."""
+    """Yield (line_number, object) for each non-blank line; raise DataError naming file:line on bad JSON or
+    bytes that are not UTF-8, or, given a `skipped` list, append that message to it and go on. A UTF-8 byte
+    order mark at the start of the file is skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open(
+        "rb"
+    ) as f:  # decoded line by line, so that bytes that are not UTF-8 are named by their line
+        for lineno, raw in enumerate(f, start=1):
             try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                if not line.strip():
+                    continue
                 obj = json.loads(line)
+            except UnicodeDecodeError as e:
+                error = f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)"
             except json.JSONDecodeError as e:
                 error = f"{path}:{lineno}: not valid JSON ({e.msg})"
             else:

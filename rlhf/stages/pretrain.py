@@ -38,7 +38,11 @@ def read_corpus(path: str | Path) -> list[str]:
     if path.suffix == ".jsonl":
         docs = [field(path, n, obj, "text", str) for n, obj in iter_jsonl(path)]
     else:
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not text
+        except UnicodeDecodeError as e:
+            line = path.read_bytes().count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text") from None
         docs = [d.strip() for d in text.split("\n\n")]
     docs = [d for d in docs if d]
     if not docs:

@@ -105,3 +105,17 @@ def test_demonstration_formats_and_file_line_errors(tmp_path: Path, tok) -> None
     path.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:1: the last message must be the assistant's answer"):
         read_demonstrations(path, tok)
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_and_a_bom_is_skipped(tmp_path: Path, tok) -> None:
+    latin1 = "Café?".encode("latin-1")
+    (tmp_path / "d.jsonl").write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "' + latin1 + b'"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte 16 of the line\)"):
+        read_demonstrations(tmp_path / "d.jsonl", tok)
+    (tmp_path / "c.txt").write_bytes(b"doc one\n\n" + latin1 + b"\n")
+    with pytest.raises(DataError, match=r"c\.txt:3: not UTF-8 text"):
+        read_corpus(tmp_path / "c.txt")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "p", "response": "r"}\r\n')
+    assert read_demonstrations(tmp_path / "bom.jsonl", tok) == [("p", "r")]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfdoc one\r\n\r\ndoc two\r\n")
+    assert read_corpus(tmp_path / "bom.txt") == ["doc one", "doc two"]
