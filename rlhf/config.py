@@ -135,7 +135,8 @@ class PretrainConfig(TrainConfig):
     out_dir: str = Field("runs/pretrain", description="run directory")
     train_file: str = Field(
         "data/demo/pretrain.txt",
-        description="corpus: .txt (documents split by blank lines) or .jsonl with a `text` field",
+        description="corpus: a text file (documents split by blank lines), or `text` rows of a JSONL, JSON, Parquet "
+        "or CSV file, a saved datasets folder or a hub id (NAME[:CONFIG][@SPLIT])",
     )
     eval_file: str | None = Field(None, description="held-out corpus; default: a split of train_file")
     eval_fraction: float = Field(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import PretrainConfig
-from rlhf.data.jsonl import field, iter_jsonl
+from rlhf.data.sources import COMPRESSED, FILE_LOADERS, iter_rows, text_field
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.loading import (
     build_causal_lm,
@@ -28,22 +28,25 @@ from rlhf.train.common import make_accelerator
 from rlhf.train.lm_loop import Example, fit
 
 log = logging.getLogger(__name__)
+# Files read as rows of a dataset; any other file is plain text.
+DATASET_SUFFIXES = (".jsonl", *FILE_LOADERS, *COMPRESSED)
 
 
 def read_corpus(path: str | Path) -> list[str]:
-    """Documents of a corpus: a .jsonl file's `text` fields, or a text file's blank-line-separated blocks."""
+    """Documents of a corpus: a text file's blank-line-separated blocks, or the `text` field of each row of any
+    other source of rlhf.data.sources (JSONL, JSON, Parquet, CSV, a saved `datasets` folder, a hub id)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if path.suffix == ".jsonl":
-        docs = [field(path, n, obj, "text", str) for n, obj in iter_jsonl(path)]
-    else:
+    if path.suffix == ".txt" or (path.is_file() and path.suffix not in DATASET_SUFFIXES):
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
         try:
             text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not text
         except UnicodeDecodeError as e:
             line = path.read_bytes().count(b"\n", 0, e.start) + 1
             raise DataError(f"{path}:{line}: not UTF-8 text") from None
         docs = [d.strip() for d in text.split("\n\n")]
+    else:
+        docs = [text_field(row, "text", where) for where, row in iter_rows(path)]
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"{path}: the corpus is empty")

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 
 from rlhf.errors import DataError
@@ -44,6 +45,20 @@ def test_corpus_formats_and_errors(tmp_path: Path) -> None:
         read_corpus(tmp_path / "empty.txt")
     with pytest.raises(DataError, match="file not found"):
         read_corpus(tmp_path / "nope.txt")
+
+
+def test_corpus_from_every_dataset_source_reads_its_text_rows(tmp_path: Path) -> None:
+    rows = [{"text": "doc one\n\nsame doc", "id": 1}, {"text": "doc two", "id": 2}]
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(tmp_path / "c.parquet")
+    table.to_csv(tmp_path / "c.csv", index=False)
+    table.save_to_disk(tmp_path / "saved")
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    for source in ("c.parquet", "c.csv", "saved", "c.json"):
+        assert read_corpus(tmp_path / source) == ["doc one\n\nsame doc", "doc two"], source
+    datasets.Dataset.from_list([{"text": "a"}, {"body": "b"}]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet:2: missing field 'text'"):
+        read_corpus(tmp_path / "bad.parquet")
 
 
 def test_split_is_deterministic_and_disjoint() -> None:
