@@ -35,7 +35,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         cfg.train_file, tokenizer
     )  # read before any output: bad input leaves nothing behind
     held_rows = read_demonstrations(cfg.eval_file, tokenizer) if cfg.eval_file else []
-    if not cfg.eval_file and cfg.eval_fraction > 0:
+    if not cfg.eval_file and cfg.eval_fraction > 0 and len(rows) > 1:  # a single demonstration trains
         n_eval = max(1, int(len(rows) * cfg.eval_fraction))
         rows, held_rows = rows[n_eval:], rows[:n_eval]
     run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume)

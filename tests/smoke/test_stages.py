@@ -17,6 +17,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from rlhf.train.lm_loop import NextTokenLoss, evaluate
+from tests.archs import save_tiny
 from tests.cli import run_cli
 
 from .conftest import TINY
@@ -237,3 +238,22 @@ def test_metrics_reach_tensorboard_through_accelerate(tiny_demo: dict[str, Path]
 def test_redteam_filter_options_without_filter_are_refused() -> None:
     result = runner.invoke(app, ["redteam", "--filter-list", "list.jsonl"])
     assert result.exit_code != 0 and "go with --filter FILE" in str(result.exception)
+
+
+def test_sft_on_a_single_demonstration_trains_on_it(tmp_path: Path) -> None:
+    model = save_tiny("llama", tmp_path / "model")
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "User: Hi\nAssistant:", "response": " Hello!"}) + "\n")
+    sets = [
+        f"sft.model={model}",
+        f"sft.train_file={data}",
+        "sft.batch_size=1",
+        "sft.micro_batch_size=1",
+        "sft.max_steps=1",
+        "sft.precision=fp32",
+    ]
+    result = runner.invoke(
+        app, ["sft", "--quiet", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "sft/loss" in r] == [1]
