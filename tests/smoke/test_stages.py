@@ -257,3 +257,29 @@ def test_sft_on_a_single_demonstration_trains_on_it(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "sft/loss" in r] == [1]
+
+
+def test_sft_says_how_many_held_out_demonstrations_were_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = save_tiny("llama", tmp_path / "model")
+    data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"prompt": "User: Hi\nAssistant:", "response": " Hello!"}) + "\n")
+    long = {"prompt": "User: " + "Hi " * 40 + "\nAssistant:", "response": " Hello!"}
+    held.write_text(json.dumps(long) + "\n" + data.read_text())
+    sets = [
+        f"sft.model={model}",
+        f"sft.train_file={data}",
+        f"sft.eval_file={held}",
+        "sft.max_seq_len=32",
+        "sft.batch_size=1",
+        "sft.micro_batch_size=1",
+        "sft.max_steps=1",
+        "sft.precision=fp32",
+    ]
+    with caplog.at_level("WARNING", logger="rlhf.stages.sft"):
+        result = runner.invoke(
+            app, ["sft", "--quiet", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+        )
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 held-out demonstrations longer than 32 tokens were truncated (1 dropped" in caplog.text
