@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def read_corpus(path: str | Path) -> list[str]:
         except UnicodeDecodeError as e:
             line = path.read_bytes().count(b"\n", 0, e.start) + 1
             raise DataError(f"{path}:{line}: not UTF-8 text") from None
-        docs = [d.strip() for d in text.split("\n\n")]
+        docs = [d.strip() for d in re.split(r"\n[^\S\n]*\n", text)]  # a line of spaces is blank too
     else:
         docs = [text_field(row, "text", where) for where, row in iter_rows(path)]
     docs = [d for d in docs if d]

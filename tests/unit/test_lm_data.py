@@ -35,6 +35,8 @@ def test_pack_joins_documents_with_eos_and_cuts_full_blocks() -> None:
 def test_corpus_formats_and_errors(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("doc one\nline two\n\n\ndoc two\n")
     assert read_corpus(tmp_path / "c.txt") == ["doc one\nline two", "doc two"]
+    (tmp_path / "spaces.txt").write_text("doc one\n  \ndoc two\n\t\n\ndoc three\n")
+    assert read_corpus(tmp_path / "spaces.txt") == ["doc one", "doc two", "doc three"]
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n')
     assert read_corpus(tmp_path / "c.jsonl") == ["a", "b"]
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
