@@ -19,9 +19,8 @@ def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[t
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(
-        "rb"
-    ) as f:  # decoded line by line, so that bytes that are not UTF-8 are named by their line
+    # decoded line by line, so that bytes that are not UTF-8 are named by their line
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
