@@ -2,7 +2,11 @@
 from any source of rlhf.data.sources (JSONL, JSON, Parquet, CSV, a saved `datasets` folder, a hub id).
 
 A `messages` row is the conversation so far; it becomes the prompt text through the tokenizer's chat template
-with the generation prompt appended (the assistant's turn is what gets sampled).
+with the generation prompt appended (the assistant's turn is what gets sampled). A conversation that ends with
+assistant turns (ultrafeedback_binarized's `messages`: the prompt and its answer) is cut before them, as the
+preference readers cut one. Where a row has both (ultrafeedback_binarized again, whose `prompt` is the bare user
+text), the conversation is the prompt, so that the policy samples after the text its reward model scored; a
+reader without a tokenizer (the CAI stages) takes the `prompt` string.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ def read_prompt_rows(
 
 
 def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
-    """The prompt of one row: its `prompt` string, or its `messages` rendered with a generation prompt."""
-    if "prompt" not in row and "messages" in row:
+    """The prompt of one row: its `messages` before their trailing assistant turns, rendered with a generation
+    prompt, or its `prompt` string (where there is no `messages`, or no tokenizer to render them)."""
+    if "messages" in row and not ("prompt" in row and render is None):
         messages = row["messages"]
         if not (
             isinstance(messages, list)
@@ -53,7 +58,12 @@ def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         if render is None:
             raise DataError(f"{where}: a 'messages' prompt needs a tokenizer with a chat template")
-        return render([{"role": m["role"], "content": m["content"]} for m in messages], True)
+        end = len(messages)
+        while end and messages[end - 1]["role"] == "assistant":
+            end -= 1
+        if not end:
+            raise DataError(f"{where}: 'messages' holds only assistant turns: no prompt to answer")
+        return render([{"role": m["role"], "content": m["content"]} for m in messages[:end]], True)
     if "prompt" not in row:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
     if not isinstance(row["prompt"], str):

@@ -42,6 +42,21 @@ def test_messages_rows_render_with_the_chat_template_and_a_generation_prompt(
     assert read_prompt_rows(tmp_path / "saved", 1, tokenizer) == [("saved:1", rendered[0])]
 
 
+def test_a_conversation_is_the_prompt_before_its_answer_and_over_a_prompt_string(
+    tmp_path: Path, tokenizer
+) -> None:
+    """ultrafeedback_binarized rows: `messages` holds the prompt and its answer, `prompt` the bare user text; the
+    policy samples after the templated conversation (what the reward model scored), without the answer."""
+    path = tmp_path / "uf.jsonl"
+    turns = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."}]
+    path.write_text(json.dumps({"prompt": "Hello!", "messages": turns, "prompt_id": "u1"}) + "\n")
+    assert read_prompt_rows(path, tokenizer=tokenizer) == [("u1", "User: Hello!\nAssistant:")]
+    assert read_prompt_rows(path) == [("u1", "Hello!")]  # no tokenizer (CAI): the prompt string
+    path.write_text(json.dumps({"messages": turns[1:]}) + "\n")
+    with pytest.raises(DataError, match=r"uf.jsonl:1: 'messages' holds only assistant turns"):
+        read_prompt_rows(path, tokenizer=tokenizer)
+
+
 def test_prompt_rows_keep_their_text_and_ids(tmp_path: Path) -> None:
     path = tmp_path / "rl.jsonl"
     path.write_text(json.dumps({"prompt": "2+2?", "id": 7}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
