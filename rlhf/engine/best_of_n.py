@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.engine.decoding import SamplingParams, decode_responses, generate, left_pad
+from rlhf.engine.decoding import SamplingParams, decode_responses, fit_context, generate, left_pad
 from rlhf.models.heads import sequence_rewards
+from rlhf.models.loading import context_length
 from rlhf.models.tokens import encode_prompts, stop_ids
 
 
@@ -45,7 +46,10 @@ def best_of_n(
 ) -> list[BestOfN]:  # fmt: skip
     """n sampled answers per prompt, scored by the reward model (normalised units) at their last token."""
     eos, pad = stop_ids(tokenizer), tokenizer.pad_token_id
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    # cut here, not only in generate: the reward model scores the prompt the answer was sampled after
+    prompt_ids = fit_context(
+        encode_prompts(tokenizer, prompts), context_length(policy), params.max_new_tokens
+    )
     flat = [ids for ids in prompt_ids for _ in range(n)]  # row i is answer i % n of prompt i // n
     texts: list[str] = []
     scores: list[float] = []

@@ -11,9 +11,11 @@ import pytest
 from rlhf.config import BonConfig
 from rlhf.engine.best_of_n import kl_bound
 from rlhf.errors import DataError
-from rlhf.models.loading import load_tokenizer
+from rlhf.models.heads import build_scalar_model, set_normalisation
+from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.stages.bon import run as run_bon
 from rlhf.train.demonstrations import read_demonstrations
+from tests.archs import CONTEXT, save_tiny
 
 
 def test_best_of_n_keeps_the_highest_scored_answer(
@@ -37,6 +39,34 @@ def test_best_of_n_keeps_the_highest_scored_answer(
     # the kept answers are SFT demonstrations for rejection-sampling fine-tuning
     demos = read_demonstrations(out, load_tokenizer(str(tiny_sft_model)))
     assert [p for p, _ in demos] == [r["prompt"] for r in rows]
+
+
+def test_prompt_longer_than_the_context_is_cut_for_the_reward_model_too(tmp_path: Path) -> None:
+    # GPT-2 has learned positions: a sequence past its context is an IndexError, not a silent extrapolation
+    stock = save_tiny("gpt2", tmp_path / "gpt2")
+    policy = (
+        tmp_path / "policy"
+    )  # with the PAD that load_tokenizer adds (GPT-2's is its EOS), as sft saves it
+    tokenizer = load_tokenizer(str(stock))
+    load_causal_lm(str(stock), tokenizer=tokenizer).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    rm = build_scalar_model(str(policy), seed=0)
+    set_normalisation(rm, 0.0, 1.0)
+    rm.save_pretrained(tmp_path / "rm")
+    load_tokenizer(str(policy)).save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    long = "User: " + "What is 2 plus 3? " * CONTEXT + "\nAssistant:"
+    prompts.write_text(
+        json.dumps({"prompt": "User: Hello!\nAssistant:"}) + "\n" + json.dumps({"prompt": long}) + "\n"
+    )
+    out = tmp_path / "bon.jsonl"
+    cfg = BonConfig(policy=str(policy), reward_model=str(tmp_path / "rm"), prompts_file=str(prompts),
+                    out=str(out), n=2, max_new_tokens=8, precision="fp32", no_eos_penalty=None)  # fmt: skip
+    run_bon(cfg)
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["User: Hello!\nAssistant:", long]
+    assert all(math.isfinite(s) for r in rows for s in r["scores"])
 
 
 def test_kl_bound_by_hand() -> None:
