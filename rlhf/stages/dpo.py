@@ -20,6 +20,7 @@ The loop, per optimiser step over `batch_size` judgements:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -281,14 +282,23 @@ def load_policy(cfg: DPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTo
     return policy
 
 
-def load_reference_cache(path: Path, items: list[Judgement]) -> list[list[float]] | None:
-    """The cached reference log-probs if they fit these judgements (same answer counts), else None."""
+def reference_key(reference: str, items: list[Judgement]) -> str:
+    """What reference log-probs are computed from: the reference and every judgement's tokens, in order."""
+    digest = hashlib.sha256(reference.encode())
+    for j in items:
+        digest.update(repr((j.prompt_ids, j.answers)).encode())
+    return digest.hexdigest()
+
+
+def load_reference_cache(path: Path, key: str) -> list[list[float]] | None:
+    """The cached reference log-probs if they were computed for `key` (reference_key), else None: a resume with
+    another split (seed, eval_fraction), data, max_seq_len or reference computes them again."""
     if not path.exists():
         return None
     cached = torch.load(path, weights_only=True)
-    if [len(x) for x in cached] != [len(j.answers) for j in items]:
+    if not isinstance(cached, dict) or cached.get("key") != key:
         return None
-    return cast(list[list[float]], cached)
+    return cast(list[list[float]], cached["logps"])
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -343,7 +353,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     if cfg.loss != "simpo":
         cache_path = run_dir.dir / REFERENCE_CACHE
         everything = train + held_out
-        cached = load_reference_cache(cache_path, everything)
+        key = reference_key(cfg.reference or cfg.policy, everything)
+        cached = load_reference_cache(cache_path, key)
         if cached is None:
             if lora and cfg.reference in (None, cfg.policy):
                 reference, adapter_off = actor, True  # the LoRA policy with its adapter off: no second copy
@@ -367,7 +378,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             del reference
             if accelerator.is_main_process:
                 tmp = cache_path.with_suffix(".tmp")
-                torch.save(cached, tmp)
+                torch.save({"key": key, "logps": cached}, tmp)
                 tmp.replace(cache_path)  # atomic: a killed run leaves the old file or none
             log.info(
                 "dpo: reference log-probs of %d answers cached (training set in %.1fs)",

@@ -127,7 +127,7 @@ def test_cached_reference_log_probs_are_the_sft_models(
 ) -> None:
     cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, max_steps=1)
     dpo.run(cfg, quiet=True)
-    cached = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)
+    cached = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
     # every answer of the first judgements (a ranking of 3 among them), by a plain forward of prompt + answer
     tokenizer, model = load_tokenizer(str(tiny_sft_model)), load_causal_lm(str(tiny_sft_model))
     items, _ = dpo.read_judgements(str(preferences), cfg, tokenizer, 64)
@@ -142,6 +142,26 @@ def test_cached_reference_log_probs_are_the_sft_models(
             expected = sum(float(logps[n - 1 + t, tok]) for t, tok in enumerate(answer))
             assert cached[j][k] == pytest.approx(expected, abs=1e-4), (j, k)
     assert len(cached) == len(train) + len(held)
+
+
+def test_resume_with_another_split_computes_the_reference_again(
+    tmp_path: Path, tiny_sft_model: Path, preferences: Path
+) -> None:
+    # pairs only: every judgement has two answers, so the cache's shape fits any split
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(line + "\n" for line in preferences.read_text().splitlines() if "chosen" in line)
+    )
+    dpo.run(tiny_dpo(tmp_path / "run", tiny_sft_model, pairs, max_steps=1, seed=0), quiet=True)
+    dpo.run(tiny_dpo(tmp_path / "fresh", tiny_sft_model, pairs, max_steps=1, seed=1), quiet=True)
+    # another seed holds out other prompts: the cache's judgements are no longer in the same order
+    dpo.run(tiny_dpo(tmp_path / "run", tiny_sft_model, pairs, max_steps=2, seed=1), resume=True, quiet=True)
+
+    resumed = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
+    fresh = torch.load(tmp_path / "fresh" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
+    assert len(resumed) == len(fresh)
+    for got, want in zip(resumed, fresh, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_bad_row_is_one_clear_error(tmp_path: Path, tiny_sft_model: Path) -> None:
