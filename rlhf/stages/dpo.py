@@ -118,7 +118,10 @@ def read_judgements(
 ) -> tuple[list[Judgement], int]:
     """Every judgement of a preference file as token ids; (judgements, answers cut to max_len)."""
     groups = read_preference_groups(path, cfg.format, tokenizer, cfg.skip_bad_rows, cfg.columns)
-    return encode(groups, tokenizer, max_len)
+    try:
+        return encode(groups, tokenizer, max_len)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def encode(

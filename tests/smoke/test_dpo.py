@@ -174,6 +174,16 @@ def test_bad_row_is_one_clear_error(tmp_path: Path, tiny_sft_model: Path) -> Non
     assert not (tmp_path / "run").exists()
 
 
+def test_empty_prompt_is_an_error_naming_the_file(tmp_path: Path, tiny_sft_model: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "", "chosen": "a", "rejected": "b"}\n'
+    )
+    with pytest.raises(DataError, match=rf"^{bad}: a judgement with an empty prompt"):
+        dpo.run(tiny_dpo(tmp_path / "run", tiny_sft_model, bad), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_killed_run_resumes_to_the_same_result(
     tmp_path: Path, tiny_sft_model: Path, preferences: Path
 ) -> None:
