@@ -46,6 +46,7 @@ def best_of_n(
 ) -> list[BestOfN]:  # fmt: skip
     """n sampled answers per prompt, scored by the reward model (normalised units) at their last token."""
     eos, pad = stop_ids(tokenizer), tokenizer.pad_token_id
+    rm_device = next(reward_model.parameters()).device
     # cut here, not only in generate: the reward model scores the prompt the answer was sampled after
     prompt_ids = fit_context(
         encode_prompts(tokenizer, prompts), context_length(policy), params.max_new_tokens
@@ -62,9 +63,10 @@ def best_of_n(
             for p, ids, mask in zip(flat[i : i + batch_size], gen.response_ids.tolist(),
                                     gen.response_mask.tolist(), strict=True)
         ]  # fmt: skip
-        rm = sequence_rewards(reward_model, *left_pad(sequences, pad)).float()  # (b,)
+        ids, mask = (t.to(rm_device) for t in left_pad(sequences, pad))  # (b, W) each
+        rm = sequence_rewards(reward_model, ids, mask).float()  # (b,)
         if no_eos_penalty is not None:
-            rm = torch.where(gen.ended, rm, torch.full_like(rm, no_eos_penalty))
+            rm = torch.where(gen.ended.to(rm_device), rm, torch.full_like(rm, no_eos_penalty))
         texts += decode_responses(tokenizer, gen)
         scores += rm.tolist()
         ended += gen.ended.tolist()

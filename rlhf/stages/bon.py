@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -34,14 +33,15 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
     prompts = [p for _, p in read_prompt_rows(cfg.prompts_file, cfg.max_prompts, tokenizer)]
-    policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval()
-    reward_model = load_reward_model(cfg.reward_model).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
+    reward_model = load_reward_model(cfg.reward_model).eval().to(device)  # type: ignore[arg-type]
     check_same_tokenizer(
         tokenizer, load_tokenizer(cfg.reward_model, cfg.add_pad_token), "bon.policy", "bon.reward_model"
     )
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    bf16 = resolve_precision(cfg.precision) == "bf16" and not torch.cuda.is_available()
-    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+    bf16 = resolve_precision(cfg.precision) == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         results = best_of_n(policy, reward_model, tokenizer, prompts, cfg.n, params, cfg.no_eos_penalty,
                             cfg.batch_size, torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     rows = [

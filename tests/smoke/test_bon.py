@@ -7,8 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.config import BonConfig
+from rlhf.engine import best_of_n as bon_engine
 from rlhf.engine.best_of_n import kl_bound
 from rlhf.errors import DataError
 from rlhf.models.heads import build_scalar_model, set_normalisation
@@ -67,6 +69,25 @@ def test_prompt_longer_than_the_context_is_cut_for_the_reward_model_too(tmp_path
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["User: Hello!\nAssistant:", long]
     assert all(math.isfinite(s) for r in rows for s in r["scores"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_best_of_n_samples_and_scores_on_the_gpu(
+    tmp_path: Path,
+    tiny_sft_model: Path,
+    tiny_reward_model: Path,
+    demo_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    devices: list[str] = []
+    score = bon_engine.sequence_rewards
+    monkeypatch.setattr(bon_engine, "sequence_rewards", lambda m, ids, mask: devices.append(ids.device.type)
+                        or score(m, ids, mask))  # fmt: skip
+    cfg = BonConfig(policy=str(tiny_sft_model), reward_model=str(tiny_reward_model),
+                    prompts_file=str(demo_data / "eval_prompts.jsonl"), out=str(tmp_path / "bon.jsonl"), n=2,
+                    max_prompts=4, max_new_tokens=8, precision="fp32")  # fmt: skip
+    assert run_bon(cfg)["prompts"] == 4
+    assert devices and set(devices) == {"cuda"}
 
 
 def test_kl_bound_by_hand() -> None:
