@@ -82,7 +82,7 @@ def _config(config: Path | None, sets: list[str] | None, section: str, out: str 
     overrides = list(sets or [])
     if out:
         overrides.append(f"{section}.out_dir={out}")
-    return load_config(config, overrides)
+    return load_config(config, overrides, section)
 
 
 @data_app.command("demo")

@@ -995,8 +995,14 @@ def _format_error(e: ValidationError) -> str:
     return "config error: " + "; ".join(msgs)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RootConfig:
-    """Read a YAML config (or the defaults), apply `--set` overrides, validate everything."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None
+) -> RootConfig:
+    """Read a YAML config (or the defaults), apply `--set` overrides, validate everything.
+
+    `section`: the stage reading it. A file of that stage's settings alone, without the section's name above
+    them (a run's own config.yaml, rlhf.runs), is read as that section, so a run can be repeated or resumed
+    with `-c RUN/config.yaml`."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -1009,6 +1015,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         tree = loaded or {}
+        if section is not None and tree and not set(tree) & set(RootConfig.model_fields):
+            stage = RootConfig.model_fields[section].annotation
+            if (
+                isinstance(stage, type)
+                and issubclass(stage, BaseModel)
+                and set(tree) <= set(stage.model_fields)
+            ):
+                tree = {section: tree}
     tree = apply_overrides(tree, overrides or [])
     try:
         return RootConfig.model_validate(tree)

@@ -69,3 +69,15 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     dumped = dump_config(cfg)
     again = load_config(write(tmp_path, dumped))
     assert again == cfg
+
+
+def test_a_runs_own_config_is_read_as_its_stage(tmp_path: Path) -> None:
+    """A run's config.yaml holds its stage's settings without the section's name: `-c` of that stage reads it
+    as that section (so a run can be repeated or resumed from it); another stage still finds its keys unknown."""
+    run_config = write(tmp_path, dump_config(load_config(None, ["ppo.lr=3e-6", "ppo.out_dir=runs/x"]).ppo))
+    cfg = load_config(run_config, ["ppo.kl_coef=0.2"], section="ppo")
+    assert (cfg.ppo.lr, cfg.ppo.out_dir, cfg.ppo.kl_coef) == (3e-6, "runs/x", 0.2)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(run_config, section="sft")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(run_config)
