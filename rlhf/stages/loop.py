@@ -408,6 +408,9 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
     pool = [row for _, row in iter_jsonl(lc.prompts_file)]
     for n, row in enumerate(pool):
         row.setdefault("prompt_id", f"{Path(lc.prompts_file).stem}:{n + 1}")
+    from rlhf.models.loading import describe_source
+
+    describe_source(lc.sft_policy)  # a wrong path fails here, not after the store holds it as version 'sft'
     db = Database(db_url(cfg))
     try:
         upgrade(db)

@@ -1,15 +1,19 @@
 """rlhf/stages/loop.py helpers: each round's prompts are a pure function of (seed, round), new ones never repeat,
-a share comes back from earlier rounds; candidate pairs leave identical answers out; the loop config loads."""
+a share comes back from earlier rounds; candidate pairs leave identical answers out; the loop config loads;
+a wrong SFT path fails before the store records it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
 from rlhf.config import load_config
-from rlhf.errors import ConfigError
-from rlhf.feedback.models import PolicyVersion, RewardModelVersion
+from rlhf.errors import ConfigError, RlhfError
+from rlhf.feedback.db import Database, upgrade
+from rlhf.feedback.models import LoopRun, PolicyVersion, RewardModelVersion
+from rlhf.stages import loop
 from rlhf.stages.loop import candidate_pairs, pending, round_ppo_config, round_prompts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +80,21 @@ def test_each_round_widens_the_kl_budget_and_loop_ppo_overrides_the_ppo_section(
 def test_loop_ppo_takes_only_valid_ppo_settings(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_a_wrong_sft_policy_path_is_an_error_before_the_store_records_it(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "q{i}"}}\n' for i in range(20)))
+    cfg = load_config(None, [f"loop.out_dir={tmp_path / 'loop'}", f"loop.prompts_file={prompts}",
+                             f"loop.sft_policy={tmp_path / 'no-such-sft'}", "loop.prompts_per_round=5"])  # fmt: skip
+    with pytest.raises(RlhfError, match="no-such-sft: no such directory"):
+        loop.run(cfg)
+    # nothing registered: started again with the right path, the loop's SFT version is that path
+    db = Database(loop.db_url(cfg))
+    try:
+        upgrade(db)
+        with db.session() as session:
+            assert session.scalar(select(func.count(PolicyVersion.id))) == 0
+            assert session.scalar(select(func.count(LoopRun.id))) == 0
+    finally:
+        db.dispose()
