@@ -390,9 +390,24 @@ def policy_version(
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
+def log_changed_settings(loop: LoopRun, settings: dict[str, Any]) -> None:
+    """Warn of the settings that differ from those the loop started with (more rounds are the usual change)."""
+    from rlhf.runs import flat_config
+
+    before, now = flat_config(loop.config), flat_config(settings)
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items()
+               if before.get(k, v) != v and k != "loop.rounds"]  # fmt: skip
+    if changed:
+        log.warning("loop %s: started again with settings changed since it began, used from here on: %s",
+                    loop.name, "; ".join(changed))  # fmt: skip
+
+
 def start_loop(session: Session, cfg: RootConfig) -> LoopRun:
-    """The loop run of this name (created with the config the first time), with the SFT policy as round 0."""
-    loop = get_or_create_loop(session, cfg.loop.name, cfg.model_dump(mode="json"))
+    """The loop run of this name (created with the config the first time), with the SFT policy as round 0; a
+    loop started again with other settings logs which (they apply to the phases still to run)."""
+    settings = cfg.model_dump(mode="json")
+    loop = get_or_create_loop(session, cfg.loop.name, settings)
+    log_changed_settings(loop, settings)
     if (0, "register") not in finished_phases(session, loop):
         sft = PolicyVersion(loop_id=loop.id, name=SFT, round=0, parent=None, reward_model=None,
                             path=cfg.loop.sft_policy, metrics={})  # fmt: skip

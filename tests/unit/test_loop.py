@@ -98,3 +98,20 @@ def test_a_wrong_sft_policy_path_is_an_error_before_the_store_records_it(tmp_pat
             assert session.scalar(select(func.count(LoopRun.id))) == 0
     finally:
         db.dispose()
+
+
+def test_a_loop_started_again_with_other_settings_says_which(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'feedback.db'}")
+    try:
+        upgrade(db)
+        with caplog.at_level("WARNING", logger="rlhf.stages.loop"), db.session() as session:
+            loop.start_loop(session, load_config(None, ["loop.name=l", "loop.sft_policy=SFT"]))
+            assert not caplog.records  # the first start
+            loop.start_loop(session, load_config(None, ["loop.name=l", "loop.sft_policy=SFT", "loop.seed=5",
+                                                        "ppo.lr=1e-4", "loop.rounds=9"]))  # fmt: skip
+    finally:
+        db.dispose()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "loop.seed 0 -> 5" in warning and "ppo.lr " in warning and "loop.rounds" not in warning
