@@ -1,6 +1,7 @@
 """The policy leaderboard: a Bradley-Terry fit over every pairwise judgement between policy versions.
 
-Judgements come from two places: votes on cross-version pairs (two completions by different policies), and
+Judgements come from two places: votes on cross-version pairs (two completions by different policies, each
+what its policy answered: not an answer cut short or one given to another prompt, see `policies_answered`), and
 each round's evaluation of the new policy against the SFT policy (wins, ties and losses under the judge).
 A tie counts half a win for each side. The fit is Hunter's (2004) MM algorithm for Bradley-Terry,
 P(i beats j) = p_i / (p_i + p_j), with one virtual tie against a reference of strength 1 per version, so a
@@ -106,6 +107,16 @@ def leaderboard(
     return sorted(rows, key=lambda s: -s.score)
 
 
+# sampling keys of the candidates `rlhf generate` makes from a policy's answers, not answered by it: cut to
+# their first sentence (short_k) or given to another prompt (other_k); a vote on one does not rank policies
+MADE_FROM_ANSWERS = ("truncated", "answer_to")
+
+
+def policies_answered(rec: dict[str, Any]) -> bool:
+    """Whether both answers of a vote record are what their policies answered to its prompt."""
+    return not any(key in (s or {}) for s in rec["meta"].get("sampling") or [] for key in MADE_FROM_ANSWERS)
+
+
 def loop_judgements(session: Session, loop: LoopRun) -> tuple[list[str], list[Judgement]]:
     """Version names (the initial policy first) and every judgement between two of them in this loop."""
     versions = policies(session, loop)
@@ -116,7 +127,7 @@ def loop_judgements(session: Session, loop: LoopRun) -> tuple[list[str], list[Ju
         return names, judgements
     for rec in export_records(session, loop.name, "votes") if _has_project(session, loop.name) else []:
         a, b = rec["meta"]["policies"]
-        if a != b and a in known and b in known:
+        if a != b and a in known and b in known and policies_answered(rec):
             judgements.append(Judgement(a, b, OUTCOMES[rec["choice"]], "votes"))
     for v in versions:
         ev: dict[str, Any] | None = v.metrics.get("eval")
@@ -133,7 +144,7 @@ def project_leaderboard(session: Session, project: str, n_boot: int = 200) -> li
     judgements = []
     for rec in export_records(session, project, "votes"):
         a, b = rec["meta"]["policies"]
-        if a and b and a != b:
+        if a and b and a != b and policies_answered(rec):
             names.extend(n for n in (a, b) if n not in names)
             judgements.append(Judgement(a, b, OUTCOMES[rec["choice"]], "votes"))
     return leaderboard(names, judgements, n_boot) if len(names) >= 2 else []

@@ -133,3 +133,19 @@ def test_admin_loop_page_shows_rounds_versions_and_leaderboard(api, db: Database
     assert rows.index('data-policy="r1"') < rows.index('data-policy="sft"')  # 7 wins of 10 against SFT
     assert '<td class="votes">4</td>' in page.text  # rm-r1 learned from 4 votes
     assert browser.get("/admin/loops/nope").status_code == 404
+
+
+def test_the_leaderboard_leaves_out_answers_made_from_a_policys_answers(api, db: Database) -> None:
+    """generate's short_k and other_k candidates carry their policy's name but are not its answers to the prompt:
+    a vote on one does not rank the policies."""
+    register_versions(db)
+    rows = cross_version_rows(1, 3)
+    rows[0]["completions"][2]["sampling"] = {"truncated": "first_sentence"}  # r1's answer cut short
+    rows[1]["completions"][0]["sampling"] = {"answer_to": "p7"}  # sft's answer to another prompt
+    api.post("admin", "/api/projects/demo/import", json={"candidates": rows})
+    while (task := api.next("ann")) is not None:
+        api.vote("ann", task["id"], choice="B")
+    with db.session() as s:
+        judgements = loop_judgements(s, loop_state.get_loop(s, "demo"))[1]
+    # 6 tasks: both of prompt 0 and one of prompt 1 hold a made-up answer
+    assert sum(j.source == "votes" for j in judgements) == 3
