@@ -445,7 +445,13 @@ def eval_(
     if collect is not None:
         if not collect.is_file():
             raise ConfigError(f"--collect: no such file: {collect}")
-        summary = collect_from_people(json.loads(collect.read_text(encoding="utf-8")), cfg)
+        try:
+            pending = json.loads(collect.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--collect: {collect}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(pending, dict):
+            raise ConfigError(f"--collect: {collect} is not the summary that `rlhf eval` wrote")
+        summary = collect_from_people(pending, cfg)
         write_json(out or collect, summary)
         typer.echo(format_table(summary))
         return

@@ -14,6 +14,7 @@ from rlhf.feedback.db import Database
 from rlhf.feedback.projects import get_project
 from rlhf.feedback.testing import make_user, run_server
 from rlhf.judges.people import collect_outcomes, push_pairs
+from tests.cli import run_cli
 
 PROMPTS = [f"Question {i}?" for i in range(5)]
 TEXTS_A = ["good 0", "good 1", "good 2", "same", "good 4"]
@@ -85,3 +86,16 @@ def test_rlhf_eval_pushes_then_collects_a_win_rate(
     assert (summary["wins_a"], summary["ties"], summary["losses_a"]) == (wins, 6 - wins, 0)
     assert summary["win_rate_a"] == (wins + 0.5 * (6 - wins)) / 6
     assert "win rate of A over B (people judge, 6 prompts" in result.output
+
+
+def test_collect_from_a_file_that_is_not_a_summary_is_a_one_line_error(tmp_path: Path) -> None:
+    settings = ["--set", "eval.judge=people", "--set", f"eval.judge_db=sqlite:///{tmp_path}/feedback.db"]
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text('{"prompt": "q"}\n{"prompt": "r"}\n')  # JSONL, not the pushed summary
+    result = run_cli("eval", "--collect", str(votes), *settings)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: --collect: {votes}:2: not valid JSON (Extra data)"
+    listed = tmp_path / "list.json"
+    listed.write_text("[]")
+    result = run_cli("eval", "--collect", str(listed), *settings)
+    assert result.returncode == 1 and "is not the summary that `rlhf eval` wrote" in result.stderr
