@@ -156,6 +156,14 @@ def test_resume_gives_the_same_losses_as_uninterrupted(
     sft_embeddings = load_causal_lm(str(tiny_sft_model)).get_input_embeddings().weight
     changed = not torch.equal(final_a.get_input_embeddings().weight, sft_embeddings)
     assert changed == (lora_rank == 0)  # LoRA trains adapters only (the embeddings stay), merged on save
+    # killed after the last checkpoint (while normalising or saving): the result reports the last step's metrics
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    shutil.rmtree(tmp_path / "c" / "final")
+    resumed = reward.run(cfg.model_copy(update={"out_dir": str(tmp_path / "c")}), resume=True, quiet=True)
+    summary_a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert {k: resumed[k] for k in ("rm/loss", "rm/eval_loss", "rm/eval_accuracy")} == pytest.approx(
+        {k: summary_a[k] for k in ("rm/loss", "rm/eval_loss", "rm/eval_accuracy")}
+    )
 
 
 def test_lora_reward_model_on_gpt2_adapts_its_linear_layers(
