@@ -269,17 +269,31 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
 # --- 4. reward, 5. ppo, 6. eval ------------------------------------------------------------------------------
 
 
+def round_votes(
+    db: Database, loop: LoopRun, rdir: Path, only_round: int | None = None
+) -> list[dict[str, Any]]:
+    """The live votes so far (of `only_round`'s tasks only, if given), exported to round-N/votes.jsonl once: a
+    resumed round trains on that file again, not on votes people cast since, which its checkpoints never saw."""
+    from rlhf.feedback.export import export_records
+
+    path = rdir / "votes.jsonl"
+    if path.exists():
+        return [row for _, row in iter_jsonl(path)]
+    with db.session() as session:
+        records = [r for r in export_records(session, loop.name, "votes") if only_round is None
+                   or str(r["meta"]["prompt_id"]).startswith(round_prefix(only_round))]  # fmt: skip
+    write_jsonl(path, records)
+    return records
+
+
 def train_reward(
     cfg: RootConfig, db: Database, loop: LoopRun, round_: int, rdir: Path, parent: RewardModelVersion | None,
     quiet: bool,
 ) -> RewardModelVersion:  # fmt: skip
     """Every vote so far -> a reward model, warm-started from the previous round's."""
-    from rlhf.feedback.export import export_records
     from rlhf.stages import reward
 
-    with db.session() as session:
-        records = export_records(session, loop.name, "votes")
-    write_jsonl(rdir / "votes.jsonl", records)
+    records = round_votes(db, loop, rdir)
     warm = parent.path if parent is not None and cfg.loop.warm_start else None
     rm_cfg = cfg.reward.model_copy(update={
         "out_dir": str(rdir / "reward"), "model": cfg.loop.sft_policy, "train_file": str(rdir / "votes.jsonl"),
@@ -343,13 +357,9 @@ def train_policy_dpo(
     """Online (iterative) DPO: this round's votes, on the current policy's own answers, train it further with
     itself (the round's starting point) as the reference, as iterative DPO does (Xu et al. 2023,
     arXiv:2312.16682); the dpo section's settings, resumed from its checkpoints."""
-    from rlhf.feedback.export import export_records
     from rlhf.stages import dpo
 
-    with db.session() as session:
-        records = [r for r in export_records(session, loop.name, "votes")
-                   if str(r["meta"]["prompt_id"]).startswith(round_prefix(round_))]  # fmt: skip
-    write_jsonl(rdir / "votes.jsonl", records)
+    records = round_votes(db, loop, rdir, only_round=round_)
     dpo_cfg = cfg.dpo.model_copy(update={
         "out_dir": str(rdir / "dpo"), "policy": current.path, "reference": None,
         "train_file": str(rdir / "votes.jsonl"), "eval_file": None, "seed": cfg.dpo.seed + round_,

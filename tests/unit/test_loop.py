@@ -115,3 +115,33 @@ def test_a_loop_started_again_with_other_settings_says_which(
         db.dispose()
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "loop.seed 0 -> 5" in warning and "ppo.lr " in warning and "loop.rounds" not in warning
+
+
+def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_path: Path) -> None:
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.loop_state import get_or_create_loop
+    from rlhf.feedback.schemas import CandidateRow
+    from rlhf.feedback.testing import make_user, run_server
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    token = make_user(url, "ann")
+    db = Database(url)
+    rows = [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"r1:p{i}", "completions": [
+        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]}) for i in range(3)]  # fmt: skip
+    try:
+        with db.session() as session:
+            loop_run = get_or_create_loop(session, "l", {})
+            import_candidates(session, "l", rows)
+        with run_server(url) as base, FeedbackClient(base, token) as client:
+
+            def vote() -> None:
+                client.vote(client.next_task("l")["id"], choice="A")
+
+            vote()
+            assert len(loop.round_votes(db, loop_run, tmp_path)) == 1  # the round's reward model starts
+            vote()  # cast while it trains, then the loop is killed and started again
+            again = loop.round_votes(db, loop_run, tmp_path)
+    finally:
+        db.dispose()
+    assert len(again) == 1 and len(list((tmp_path / "votes.jsonl").read_text().splitlines())) == 1
