@@ -81,7 +81,7 @@ from rlhf.rl_math import (
     rloo_advantages,
     shape_rewards,
 )
-from rlhf.runs import Run, seed_everything, set_rng_state
+from rlhf.runs import Run, read_metrics, seed_everything, set_rng_state
 from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
@@ -658,6 +658,12 @@ def run(
     if guard_on and s.start == 0:
         progress.line(0, **run_guard(s, 0))  # the initial policy is the baseline (and the first "best")
     metrics: dict[str, float] = {}
+    if s.start and s.accelerator.is_main_process and s.run_dir.metrics_path.exists():
+        # resumed at its last iteration (killed while saving): the result reports that iteration's metrics
+        logged = [
+            row for row in read_metrics(s.run_dir.metrics_path) if row["step"] == s.start and "ppo/kl" in row
+        ]
+        metrics = {k: v for k, v in (logged[-1] if logged else {}).items() if k != "step"}
     done = s.start
     for iteration in range(s.start, n_iterations):
         if s.guard.stop_reason:

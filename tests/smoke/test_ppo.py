@@ -161,6 +161,10 @@ def test_resume_continues_like_an_uninterrupted_run(
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert_same_metrics(rows, uninterrupted)
     assert rows[-1]["ppo/kl_coef"] != cfg.kl_coef  # the adaptive controller moved, and resumed where it was
+    # resumed with nothing left to train (killed while saving the final policy): that iteration's metrics
+    again = ppo.run(cfg.model_copy(update={"max_steps": 0}), resume=True, quiet=True)
+    assert again["ppo/kl"] == rows[-1]["ppo/kl"] and again["ppo/score"] == rows[-1]["ppo/score"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ppo/kl"] == rows[-1]["ppo/kl"]
 
 
 def test_killed_run_resumes_to_the_same_result(
