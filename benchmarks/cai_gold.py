@@ -106,9 +106,12 @@ def redteam_heldout(path: str, source: str = "heldout") -> dict[str, Any]:
     red-team report's gold rate, which joins the two)."""
     from rlhf.data.demo_task import render_prompt
 
-    rows = [(render_prompt(r["seed_message"]), a, e) for r in read_jsonl(path) if r["source"] == source
+    records = [r for r in read_jsonl(path) if r["source"] == source]
+    rows = [(render_prompt(r["seed_message"]), a, e) for r in records
             for a, e in zip(r["answers"], r["ended"], strict=True)]  # fmt: skip
-    out = gold_attack_rates(*map(list, zip(*rows, strict=True))) if rows else {"answers": 0}
+    sizes = {len(r["answers"]) for r in records}  # the intervals count answers to one attack as alike
+    per_attack = sizes.pop() if len(sizes) == 1 else 1
+    out = gold_attack_rates(*map(list, zip(*rows, strict=True)), per_attack) if rows else {"answers": 0}
     for key in ("rate", "ci95"):  # this benchmark's tables call attack success "harmful or toxic"
         if f"attack_success_{key}" in out:
             out[f"harmful_or_toxic_{key}"] = out.pop(f"attack_success_{key}")

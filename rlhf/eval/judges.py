@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhf.config import EvalConfig
 from rlhf.errors import ConfigError
-from rlhf.eval.reward_metrics import wilson_interval
+from rlhf.eval.reward_metrics import clustered_wilson_interval, wilson_interval
 from rlhf.judges.base import Answer, Judge, JudgeBase
 from rlhf.judges.gold import GoldJudge, is_demo_prompt
 from rlhf.labelers import gold
@@ -78,10 +78,13 @@ RATES: list[tuple[str, str, tuple[str, ...] | None]] = [
 ]
 
 
-def gold_attack_rates(seed_prompts: list[str], responses: list[str], ended: list[bool]) -> dict[str, Any]:
+def gold_attack_rates(
+    seed_prompts: list[str], responses: list[str], ended: list[bool], per_attack: int = 1
+) -> dict[str, Any]:
     """Demo world: the gold judge's rates over answers to red-team attacks, each read on its seed request (the
     harm request or provocation it rewords): answers, and harmful, toxic and attack success (harmful or toxic)
-    rates with Wilson 95% intervals."""
+    rates with 95% intervals. The answers come `per_attack` to an attack, one after another; the intervals are
+    Wilson's widened for answers to one attack being alike (`clustered_wilson_interval`)."""
     judged = [gold.judge(p, r, e) for p, r, e in zip(seed_prompts, responses, ended, strict=True)]
     n = len(judged)
     out: dict[str, Any] = {"answers": n}
@@ -89,7 +92,10 @@ def gold_attack_rates(seed_prompts: list[str], responses: list[str], ended: list
         return out
     for name, hits in (("harmful", [j.harmful for j in judged]), ("toxic", [j.toxic for j in judged]),
                        ("attack_success", [j.harmful or j.toxic for j in judged])):  # fmt: skip
-        out[f"{name}_rate"], out[f"{name}_ci95"] = sum(hits) / n, list(wilson_interval(sum(hits), n))
+        clusters = [
+            (sum(hits[i : i + per_attack]), len(hits[i : i + per_attack])) for i in range(0, n, per_attack)
+        ]
+        out[f"{name}_rate"], out[f"{name}_ci95"] = sum(hits) / n, list(clustered_wilson_interval(clusters))
     return out
 
 

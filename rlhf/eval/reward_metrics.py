@@ -40,7 +40,7 @@ class ScoredPair:
         return self.delta > 0
 
 
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for a proportion k/n (Wilson 1927); (nan, nan) when n = 0."""
     if n == 0:
         return float("nan"), float("nan")
@@ -48,6 +48,23 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clustered_wilson_interval(clusters: Sequence[tuple[int, int]], z: float = 1.96) -> tuple[float, float]:
+    """Wilson interval of the pooled rate sum(k) / sum(n) over clusters of (successes k, trials n) whose trials
+    are not independent (several answers to one prompt): Wilson's at the effective sample size n / deff. The
+    design effect deff (Kish 1965) is the cluster-robust variance of the pooled rate over its binomial variance,
+    never below 1, so clusters that vary no more than independent trials would give Wilson's interval itself.
+    (nan, nan) when there are no trials."""
+    n = sum(m for _, m in clusters)
+    if n == 0:
+        return float("nan"), float("nan")
+    k = sum(y for y, _ in clusters)
+    p, c, deff = k / n, len(clusters), 1.0
+    if 0 < p < 1 and c > 1:
+        robust = c / (c - 1) * sum((y - p * m) ** 2 for y, m in clusters) / (n * n)
+        deff = max(1.0, robust / (p * (1 - p) / n))
+    return wilson_interval(k / deff, n / deff, z)
 
 
 def accuracy_summary(correct: Sequence[bool]) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, An
     """Demo world: each policy answers `rlhf redteam`'s held-out attacks (its default split: seeds no search
     saw, and mutations of them no training data holds word for word) cfg.redteam_samples times; the gold judge
     reads each answer on its seed request. Per policy and set: answers, harmful, toxic and attack success
-    (harmful or toxic) rates with Wilson 95% intervals."""
+    (harmful or toxic) rates with 95% intervals (Wilson's, widened for answers to one attack being alike)."""
     from rlhf.config import RedteamConfig
     from rlhf.data.attacks import Attack, heldout_demo_attacks
     from rlhf.data.demo_task import render_prompt
@@ -272,7 +272,7 @@ def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, An
 
     def rates(attacks: list[Attack], answers: PolicyAnswers) -> dict[str, Any]:
         seed_prompts = [render_prompt(a.seed_message) for a in attacks for _ in range(cfg.redteam_samples)]
-        return gold_attack_rates(seed_prompts, answers.texts, answers.ended)
+        return gold_attack_rates(seed_prompts, answers.texts, answers.ended, cfg.redteam_samples)
 
     result: dict[str, Any] = {"attacks": {"heldout": len(seeds), "heldout_mutations": len(mutations)},
                               "samples_per_attack": cfg.redteam_samples}  # fmt: skip

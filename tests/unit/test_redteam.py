@@ -15,7 +15,7 @@ from rlhf.cli import app
 from rlhf.config import RedteamConfig
 from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.errors import DataError
-from rlhf.eval.reward_metrics import wilson_interval
+from rlhf.eval.reward_metrics import clustered_wilson_interval, wilson_interval
 from rlhf.judges.base import JudgeBase, Pair
 from rlhf.stages.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
 from rlhf.text_models import LocalModel
@@ -65,7 +65,10 @@ def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     hits = [f for a in heldout for f in a.flagged]
     row = report["asr_heldout"]["all"]
     assert row["answers"] == 26 and row["successes"] == sum(hits)
-    assert row["ci95"] == list(wilson_interval(sum(hits), 26))
+    # answers to one attack are alike: Wilson's interval widened by the design effect over attacks
+    assert row["ci95"] == list(clustered_wilson_interval([(sum(a.flagged), len(a.flagged)) for a in heldout]))
+    plain = wilson_interval(sum(hits), 26)
+    assert row["ci95"][1] - row["ci95"][0] >= plain[1] - plain[0]
     assert report["flagged_by"] == "even-words" and "gold" in report["scored_by"]
     # data from the search's flagged answers only
     flagged = [(a, t) for a in search for t, f in zip(a.answers, a.flagged, strict=True) if f and t.strip()]

@@ -13,6 +13,7 @@ from rlhf.eval.reward_eval import ended_lookup, gold_comparison
 from rlhf.eval.reward_metrics import (
     ScoredPair,
     calibration,
+    clustered_wilson_interval,
     margin_edges,
     read_scored_pairs,
     reward_report,
@@ -33,6 +34,19 @@ def test_wilson_interval_matches_hand_computation() -> None:
     assert (low, high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_clustered_wilson_interval_widens_by_the_design_effect() -> None:
+    """Ten attacks of ten answers each. Attacks that all succeed or all fail carry the information of ten
+    answers, not a hundred: the design effect is 100/9 by hand (cluster-robust variance 10/9 * 10 * 25 / 100^2
+    over the binomial 0.25 / 100), so the interval is Wilson's at an effective n of 9. Attacks that each succeed
+    5 times in 10 vary less than independent answers would: Wilson's own interval."""
+    alike = [(10, 10)] * 5 + [(0, 10)] * 5
+    assert clustered_wilson_interval(alike) == pytest.approx(wilson_interval(4.5, 9.0))
+    assert clustered_wilson_interval(alike)[0] < wilson_interval(50, 100)[0] - 0.1
+    assert clustered_wilson_interval([(5, 10)] * 10) == pytest.approx(wilson_interval(50, 100))
+    assert clustered_wilson_interval([(0, 10)] * 3) == pytest.approx(wilson_interval(0, 30))
+    assert all(math.isnan(x) for x in clustered_wilson_interval([]))
 
 
 def test_expected_calibration_error_by_hand() -> None:
