@@ -251,9 +251,10 @@ def cache_reference(
 @torch.no_grad()
 def evaluate(
     policy: Actor, items: list[Judgement], cfg: DPOConfig, collate_fn: CollateFn,
-    ctx: Callable[[], Any],
+    ctx: Callable[[], Any], reduce: Callable[[Tensor], Tensor] = lambda t: t,
 ) -> dict[str, float]:  # fmt: skip
-    """Held-out loss, reward accuracy and mean implicit-reward margin, each a mean over pairs."""
+    """Held-out loss, reward accuracy and mean implicit-reward margin, each a mean over pairs; `reduce` sums
+    each process's sums and pair count, so that the means are over every process's pairs."""
     sums: dict[str, float] = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
     n = 0
     for i in range(0, len(items), cfg.micro_batch_size):
@@ -265,7 +266,8 @@ def evaluate(
         sums["accuracy"] += float(stats["dpo/accuracy"]) * q
         sums["margin"] += float(stats["dpo/margin"]) * q
         n += q
-    return {f"dpo/eval_{k}": v / max(1, n) for k, v in sums.items()}
+    totals = reduce(torch.tensor([*sums.values(), float(n)], dtype=torch.float64)).tolist()
+    return {f"dpo/eval_{k}": v / max(1.0, totals[-1]) for k, v in zip(sums, totals, strict=False)}
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -399,12 +401,13 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     # sharded, every process must run as many forwards as the others: as many held-out judgements on each
     held_here = (held_out[: len(held_out) // world * world] if is_sharded else held_out)[rank::world]
 
+    reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
     progress = Progress(plan.total_steps, "dpo", accelerator.is_main_process, quiet, initial=start)
     metrics: dict[str, Any] = {}
     pairs_seen, t0 = 0, time.perf_counter()
     for step in range(start, plan.total_steps):
         micro = [[train[i] for i in mb] for mb in plan.micro_batches(step)]
-        step_pairs = sum(len(j.pairs) for mb in micro for j in mb)
+        step_pairs = sum(len(train[i].pairs) for i in plan.global_batch(step))  # every process's
         sums: dict[str, float] = {}
         tokens = 0
         for k, chunk in enumerate(micro):
@@ -414,10 +417,11 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             with sync, short_attention(batch.input_ids.size(1), device, half):
                 # 1. forward: every answer's summed (and mean) log-prob
                 total, mean = answer_logps(policy, batch)  # (S,) each
-                # 2. loss: this micro-batch's pairs weigh their share of the step's pairs
+                # 2. loss: this micro-batch's pairs weigh their share of the global batch's pairs (a ranking
+                # holds more than a vote); DDP and FSDP average gradients over processes, so scale back by world
                 loss, stats = pair_loss(cfg, total, mean, batch)
                 share = len(batch.chosen) / step_pairs
-                accelerator.backward(loss * share)
+                accelerator.backward(loss * share * world)
             for key, value in {"dpo/loss": loss.detach(), **stats}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
         # 3. clip and step
@@ -425,11 +429,11 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # 4. log: means over the step's pairs, then over processes
+        # 4. log: means over the global batch's pairs (each process holds its share of the sum)
         done = step + 1
-        pairs_seen += step_pairs * world
+        pairs_seen += step_pairs
         rate = pairs_seen / max(1e-9, time.perf_counter() - t0)
-        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
         step_metrics = dict(zip(sums, reduced.tolist(), strict=True))
         progress.update(done, tokens * world, loss=step_metrics["dpo/loss"])
         if done % cfg.log_every == 0 or done == plan.total_steps:
@@ -439,9 +443,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             progress.line(done, loss=step_metrics["dpo/loss"], accuracy=step_metrics["dpo/accuracy"])
         # 5. evaluate on the held-out prompts
         if held_out and (done % cfg.eval_every == 0 or done == plan.total_steps):
-            ev = evaluate(actor, held_here, cfg, collate_fn, ctx)
-            ev = dict(zip(ev, accelerator.reduce(torch.tensor(list(ev.values()), device=accelerator.device),
-                                                 "mean").tolist(), strict=True))  # fmt: skip
+            ev = evaluate(actor, held_here, cfg, collate_fn, ctx, reduce_sum)
             run_dir.log(done, ev)
             progress.line(done, **{k.removeprefix("dpo/"): v for k, v in ev.items()})
             metrics.update(ev)

@@ -24,6 +24,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.wrappers import Actor
 from rlhf.runs import read_metrics
 from rlhf.stages import dpo
+from tests.smoke.test_fsdp import LAUNCH
 from tests.smoke.test_ppo import max_change
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,6 +213,26 @@ def test_killed_run_resumes_to_the_same_result(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    for got, want in zip(rows, expected, strict=True):
+        for key in want:
+            if key != "dpo/pairs_per_s":
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+
+
+def test_two_processes_take_the_steps_of_one(tmp_path: Path, tiny_sft_model: Path, preferences: Path) -> None:
+    """A ranking of 3 holds three pairs and a vote one, so the two processes' shares of a step hold different
+    numbers of pairs: every pair of the global batch still weighs the same, as on one process."""
+    settings = dict(max_steps=3, eval_every=1)
+    dpo.run(tiny_dpo(tmp_path / "one", tiny_sft_model, preferences, **settings), quiet=True)
+    two = tiny_dpo(tmp_path / "two", tiny_sft_model, preferences, **settings)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([["dpo", two.model_dump(mode="json")]]))
+    cmd = [sys.executable, *LAUNCH, "-m", "tests.smoke.stages_main", str(spec)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
     for got, want in zip(rows, expected, strict=True):
         for key in want:
