@@ -111,6 +111,12 @@ class DecodeBatch:
     def __len__(self) -> int:
         return self.live.size(0)
 
+    def no_grad(self) -> Any:
+        """Inference mode; plain no_grad where `synced` (the gathered weights live in buffers that training
+        updates in place). Not `inference_mode(False)`, which turns gradients back on: the forwards would keep
+        their graphs, and a model with gradient checkpointing in training mode would drop its KV cache."""
+        return torch.no_grad() if self.synced else torch.inference_mode()
+
     @property
     def joinable(self) -> bool:
         """Whether `join` and `trim` can reshape the cache (every layer holds whole keys and values)."""
@@ -122,7 +128,7 @@ class DecodeBatch:
         the logits (B, V) of each row's next token."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
         batch, width = ids.shape
-        with torch.inference_mode(not self.synced):
+        with self.no_grad():
             cache = None
             if self.slotted:
                 if self.decode_step is None:
@@ -139,7 +145,7 @@ class DecodeBatch:
         """Feed each row its next token (B,): the logits (B, V) of the token after it."""
         end = self.length + 1
         slots = SlotCache.slots(end, self.limit)  # whole blocks: see decode_cache
-        with torch.inference_mode(not self.synced):
+        with self.no_grad():
             if self.live.size(1) < slots:
                 self.live = _right_aligned([(self.live, self.length)], self.length, slots, dim=1)
             self.live[:, end - 1] = True
@@ -162,7 +168,7 @@ class DecodeBatch:
         where the cache cannot select rows."""
         if not callable(getattr(self.cache, "reorder_cache", None)):
             return False
-        with torch.inference_mode(not self.synced):
+        with self.no_grad():
             self.cache.reorder_cache(rows)
             self.live, self.positions = self.live[rows], self.positions[rows]
         return True
@@ -176,7 +182,7 @@ class DecodeBatch:
         # a SlotCache's buffers of whole blocks (what the next step reserves); a DynamicCache's, exact
         capacity = SlotCache.slots(width, self.limit) if self.slotted else width
         parts = ((self, self.length), (other, other.length))
-        with torch.inference_mode(not self.synced):
+        with self.no_grad():
             for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
                 for name in ("keys", "values"):  # (B, H_kv, slots, D)
                     kv = [
@@ -197,7 +203,7 @@ class DecodeBatch:
         if lead == 0:
             return
         width = self.length - lead
-        with torch.inference_mode(not self.synced):
+        with self.no_grad():
             for layer in self.cache.layers:
                 if (
                     self.slotted

@@ -123,3 +123,28 @@ def test_batches_of_different_caches_do_not_join(tmp_path: Path, monkeypatch: py
     assert slotted.slotted and not dynamic.slotted
     with pytest.raises(ValueError, match="cannot be joined"):
         slotted.join(dynamic)
+
+
+@pytest.mark.parametrize("slots", [True, False], ids=["slot_cache", "dynamic_cache"])
+def test_synced_decoding_keeps_no_graph_and_its_cache(
+    slots: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`synced` (a policy sharded by FSDP, in training mode, as PPO rollouts decode it) runs outside inference
+    mode but without gradients: with gradient checkpointing on, its layers keep the KV cache, and each step's
+    logits are those of the same model decoding in eval mode."""
+    model, tok = _model("llama", tmp_path)
+    if not slots:
+        monkeypatch.setattr(decode_cache, "supports", lambda model, length: False)
+    trained = load_causal_lm(str(tmp_path / "llama"), tokenizer=tok)
+    trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained.train()
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], int(tok.pad_token_id))
+    want, got = DecodeBatch(model, 64), DecodeBatch(trained, 64, synced=True)
+    expected, logits = want.prefill(ids, mask), got.prefill(ids, mask)
+    assert got.slotted == slots
+    for _ in range(3):
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        next_ids = expected.argmax(-1)  # (B,)
+        expected, logits = want.step(next_ids), got.step(next_ids)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert not logits.requires_grad
