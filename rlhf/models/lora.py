@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
+from rlhf.errors import ConfigError
+
 
 def expert_parameters(model: torch.nn.Module) -> list[str]:
     """`module.parameter` suffixes of the 3-D weights of `model` (routed experts), as PEFT's
@@ -35,7 +37,17 @@ def add_lora(
     modules_to_save: list[str] | None = None,
 ) -> Any:
     """`model` wrapped by peft with LoRA adapters (dropout 0) on `target_modules` and, with "all-linear", on the
-    routed experts too."""
+    routed experts too. A listed name that matches no module is a ConfigError (peft adapts the others and
+    ignores it)."""
+    if isinstance(target_modules, list):  # a string is "all-linear" or a regular expression
+        names = [name for name, _ in model.named_modules()]
+        unknown = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unknown:
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
+            raise ConfigError(f"LoRA target_modules {unknown} match no module of {type(model).__name__} (its "
+                              f"linear layers: {', '.join(linear)})")  # fmt: skip
     experts = expert_parameters(model) if target_modules == "all-linear" else []
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=0.0, task_type=task_type, target_modules=target_modules,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from rlhf.errors import ConfigError
 from rlhf.models.lora import add_lora, expert_parameters
 
 
@@ -43,3 +45,19 @@ def test_a_dense_model_has_no_expert_parameters() -> None:
     assert expert_parameters(model) == []
     peft_model = add_lora(model, r=4, alpha=8, task_type="CAUSAL_LM")
     assert any("q_proj.lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_a_target_module_the_model_lacks_is_a_config_error() -> None:
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"\['v_prj'\] match no module of LlamaForCausalLM .*q_proj, up_proj, v_proj"
+    ):
+        add_lora(
+            LlamaForCausalLM(config), r=4, alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_prj"]
+        )
+    # a name or a dotted suffix of one is a match
+    peft_model = add_lora(LlamaForCausalLM(config), r=4, alpha=8, task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "self_attn.v_proj"])  # fmt: skip
+    adapted = {n.split(".")[-4] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}
