@@ -588,9 +588,11 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # 4. log
+        # 4. log: loss and accuracy over every process's groups and pairs
         loss_value = float(accelerator.reduce(step_loss, reduction="sum")) / global_groups
-        pairs_seen += step_pairs * accelerator.num_processes
+        counts = torch.tensor([step_correct, step_pairs], device=accelerator.device)
+        step_correct, step_pairs = accelerator.reduce(counts, reduction="sum").tolist()
+        pairs_seen += step_pairs
         rate = pairs_seen / max(1e-9, time.perf_counter() - t0)
         progress.update(step, step_tokens * accelerator.num_processes, loss=loss_value)
         done = step + 1

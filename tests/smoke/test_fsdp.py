@@ -98,7 +98,7 @@ def test_sharded_sft_and_reward_follow_one_process(
                                  demo_data, runs["votes"])[:2])  # fmt: skip
     sft.run(SFTConfig(**configs["sft"]), quiet=True)
     reward.run(RewardConfig(**configs["reward"]), quiet=True)
-    for stage, key in (("sft", "sft/loss"), ("rm", "rm/loss")):
+    for stage, key in (("sft", "sft/loss"), ("rm", "rm/loss"), ("rm", "rm/accuracy")):
         one = curve(runs["root"] / "one" / stage, key)
         assert curve(runs["fsdp"] / stage, key) == pytest.approx(one, rel=1e-4, abs=1e-5)
 
