@@ -34,8 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def sharded(cfg: TrainConfig, accelerator: Accelerator) -> bool:
-    """Whether this stage shards its models: `fsdp` on, and more than one process."""
-    return cfg.fsdp and accelerator.num_processes > 1
+    """Whether this stage shards its models: `fsdp` on, and more than one process. `fsdp_cpu_offload` then needs
+    GPUs (torch's offload moves the shards to a device for each use): on CPU processes it is a ConfigError."""
+    is_sharded = cfg.fsdp and accelerator.num_processes > 1
+    if is_sharded and cfg.fsdp_cpu_offload and accelerator.device.type == "cpu":
+        section = type(cfg).__name__.removesuffix("Config").lower()
+        raise ConfigError(f"{section}.fsdp_cpu_offload keeps the shards of GPU processes in CPU memory; these "
+                          "processes run on the CPU, where the shards are already: set it to false")  # fmt: skip
+    return is_sharded
 
 
 def block_classes(module: torch.nn.Module) -> set[str]:
