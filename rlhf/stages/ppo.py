@@ -360,8 +360,12 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         read_prompts(cfg.eval_prompts_file, tokenizer)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
     )
     is_sharded = sharding.sharded(cfg, accelerator)
-    if is_sharded:  # sharded models run their forwards on every process together: as many prompts on each
-        guard_prompts = guard_prompts[: len(guard_prompts) // world * world]
+    if 0 < len(guard_prompts) < world:  # a process without one would skip the guard the others wait in
+        raise ConfigError(f"ppo: {len(guard_prompts)} held-out prompts for the guard ({cfg.eval_prompts_file}) are "
+                          f"fewer than the {world} processes that share them")  # fmt: skip
+    # as many prompts on each process: sharded models run their forwards on every process together, and the
+    # mean over processes of each one's means is then the mean over all prompts
+    guard_prompts = guard_prompts[: len(guard_prompts) // world * world]
     guard_index = torch.arange(len(guard_prompts))[rank::world]  # (n,) this process's share, by global place
     guard_prompts = guard_prompts[rank::world]
     if cfg.ptx_coef > 0 and not cfg.ptx_file:

@@ -24,6 +24,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.stages import ppo
 from tests.cli import run_cli
+from tests.smoke.test_fsdp import LAUNCH
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ["ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/value_error",
@@ -248,6 +249,25 @@ def test_kl_budget_stops_the_run(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["best_iteration"] in (0, 1)
     assert "ppo/guard_gold" not in read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+
+
+def test_fewer_guard_prompts_than_processes_is_one_line_on_every_process(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    """Two processes share one held-out prompt: the one without a prompt would skip the guard while the other
+    waited for it in the guard's all-reduce (the run hung); both stop at once instead."""
+    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data,
+                   eval_prompts_file=str(demo_data / "eval_prompts.jsonl"), guard_prompts=1)  # fmt: skip
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"ppo": cfg.model_dump(mode="json")}))
+    cmd = [sys.executable, *LAUNCH, "-m", "rlhf.cli", "ppo", "-q", "-c", str(config_file)]
+    proc = subprocess.run(cmd, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: ppo: 1 held-out prompts for the guard "
+                      f"({demo_data / 'eval_prompts.jsonl'}) are fewer than the 2 processes that share them"] * 2  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_ensemble_of_one_reward_model_twice_trains_as_that_model_alone(
