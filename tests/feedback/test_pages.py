@@ -175,6 +175,13 @@ def test_ranking_and_rating_forms(api, db: Database, make_client) -> None:
     }
     bad = browser.post("/label/demo/vote", data={**form, "display_order": "x,y", "rank_0": "1"})
     assert bad.status_code == 422
+    # ranks of positions the task does not have are refused, not shifted onto the answers it has
+    for made_up in (
+        {"rank_0": "2", "rank_5": "3", "rank_9": "1"},
+        {"rank_-1": "2", "rank_1": "3", "rank_2": "1"},
+    ):
+        assert browser.post("/label/demo/vote", data={**form, **made_up}).status_code == 422
+    assert api.get("admin", "/api/votes").json() == []
     r = browser.post(
         "/label/demo/vote", data={**form, "rank_0": "2", "rank_1": "3", "rank_2": "1"}, follow_redirects=False
     )

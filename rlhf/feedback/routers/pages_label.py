@@ -100,6 +100,8 @@ def _vote_from_form(form: FormData, project: str) -> VoteIn:
     try:
         order = value("display_order")
         ranks = {int(k[5:]): int(v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str)}
+        if sorted(ranks) != list(range(len(ranks))):  # one rank per position 0..K-1, none made up
+            raise ValueError("rank fields must name the positions 0..K-1")
         fields: dict[str, Any] = {
             "task_id": value("task_id"),
             "project": project,
@@ -107,7 +109,7 @@ def _vote_from_form(form: FormData, project: str) -> VoteIn:
             "rating": value("rating"),
             "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
             "display_order": [int(p) for p in order.split(",")] if order else None,
-            "ranking": [ranks[p] for p in sorted(ranks)] if ranks else None,
+            "ranking": [ranks[p] for p in range(len(ranks))] if ranks else None,
             "time_to_vote_ms": value("time_ms"),
             "axes": {k[5:]: v for k, v in form.items() if k.startswith("axis_") and isinstance(v, str)}
             or None,
