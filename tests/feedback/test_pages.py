@@ -219,3 +219,13 @@ def test_skip_can_be_undone_and_errors_are_pages(api, db: Database, make_client)
     forbidden = browser.get("/admin")
     assert forbidden.status_code == 403 and "Not allowed" in forbidden.text
     assert browser.get("/api/projects/none", headers=api.team["admin"]).json()["detail"]  # the API stays JSON
+
+
+def test_task_page_hint_names_only_the_projects_axis_keys(api, db: Database, make_client) -> None:
+    api.seed(n_prompts=1, axes=["helpful", "honest"])
+    browser = make_client()
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo").text
+    assert "<kbd>q</kbd>" in page and "<kbd>e</kbd>" in page and "<kbd>r</kbd>" not in page
+    hint = re.search(r'<p class="hint">Keys: (.*?)</p>', page).group(1)
+    assert "q / e then 1, = or 2 judge an axis" in hint  # not the keys of axes the project lacks
