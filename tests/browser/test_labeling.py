@@ -234,3 +234,23 @@ def test_ranking_by_keys_and_undo_from_the_done_page(page: Page, server: dict[st
     with page.expect_navigation():
         page.keyboard.press("u")
     assert "Vote undone" in page.inner_text("#message") and page.locator("#rank-1").is_visible()
+
+
+def test_phone_width_window(page: Page, server: dict[str, Any], log_in: Any, artifacts: Path) -> None:
+    """At 375 px wide nothing runs off the screen: the answers and the control bar's columns stack, and the
+    note box stays wide enough to type in."""
+    url = server["url"]
+    rows = [{"prompt": "Hi on a phone", "completions": [{"text": "Hello!"}, {"text": "Hi there."}]}]
+    server["admin"].import_candidates("phone", rows, axes=["helpful", "honest", "harmless"])
+    page.set_viewport_size({"width": 375, "height": 700})
+    log_in(page, url, "max")
+    page.goto(f"{url}/label/phone")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    note = page.locator("#note").bounding_box()
+    assert note and note["width"] > 250
+    page.screenshot(path=artifacts / "label_task_phone.png", full_page=True)
+    slots = shown_positions(page)
+    page.keyboard.press("2")
+    with page.expect_navigation():
+        page.click("#submit")
+    assert last_vote(server, "max")["choice"] == ("A" if slots[1] == 0 else "B")
