@@ -8,6 +8,7 @@ import math
 import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhf.feedback.deps import LoginRequired
 from rlhf.feedback.errors import FeedbackError, InvalidInput, RateLimited
+from rlhf.feedback.security import SESSION_COOKIE, return_path
 from rlhf.feedback.web import render
 
 log = logging.getLogger(__name__)
@@ -237,4 +239,15 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, exc: LoginRequired) -> Response:
-        return RedirectResponse("/login", status_code=303)
+        # back to this page after logging in (a form's page: the path above the form's action); where a session
+        # cookie came with a form, the session has ended and what the form sent was not saved: the login says so
+        page = request.url.path if request.method == "GET" else request.url.path.rsplit("/", 1)[0]
+        ended = (
+            ""
+            if SESSION_COOKIE not in request.cookies
+            else "&lost=1"
+            if request.method == "POST"
+            else "&ended=1"
+        )
+        target = f"/login?next={quote(page)}{ended}" if return_path(page) else "/login"
+        return RedirectResponse(target, status_code=303)

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import random
+import re
 import secrets
 import threading
 import time
@@ -236,3 +237,12 @@ class AuthCache:
         with self._lock:
             self._entries.clear()
         self.shared.bump_auth_epoch()
+
+
+# the pages a login may return to: a labeler's or an admin's own page, never another site (an open redirect)
+_RETURN_PATH = re.compile(r"/(label|admin)(/(?!\.+(/|$))[A-Za-z0-9_.-]+)*")  # no "." or ".." segment
+
+
+def return_path(path: str | None) -> bool:
+    """Whether the login may send the browser back to `path` (an app page, not another site)."""
+    return path is not None and len(path) <= 300 and _RETURN_PATH.fullmatch(path) is not None

@@ -37,7 +37,7 @@ def import_script_project(api) -> None:
 def test_task_page_escapes_completions_and_hides_policies(api, db: Database, make_client) -> None:
     import_script_project(api)
     browser = make_client()
-    assert browser.get("/label/demo", follow_redirects=False).headers["location"] == "/login"
+    assert browser.get("/label/demo", follow_redirects=False).headers["location"] == "/login?next=/label/demo"
     log_in(browser, db, "lia")
     page = browser.get("/label/demo")
     assert page.status_code == 200
@@ -104,6 +104,41 @@ def test_vote_skip_and_undo_through_forms(api, db: Database, make_client) -> Non
     )
     assert skipped.status_code == 303
     assert f'name="task_id" value="{task_id}"' not in browser.get("/label/demo").text
+
+
+def test_an_ended_session_says_the_answer_was_lost_and_returns_to_the_task(
+    api, db: Database, make_client
+) -> None:
+    api.seed(n_prompts=2)
+    browser = make_client()
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo").text
+    form = {
+        "csrf_token": csrf_of(page),
+        "task_id": re.search(r'name="task_id" value="(\d+)"', page).group(1),
+        "choice": "A",
+        "idempotency_key": re.search(r'name="idempotency_key" value="([^"]+)"', page).group(1),
+    }
+    with db.session() as s:
+        users.end_sessions(s, users.get_user(s, "lia").id)  # ended elsewhere (log out on another device)
+        s.commit()
+    lost = browser.post("/label/demo/vote", data=form, follow_redirects=False)
+    assert lost.status_code == 303 and lost.headers["location"] == "/login?next=/label/demo&lost=1"
+    assert api.get("admin", "/api/votes").json() == []
+    login = browser.get(lost.headers["location"]).text
+    assert "your last answer was not saved" in login and 'name="next" value="/label/demo"' in login
+    back = browser.post("/login", data={"name": "lia", "password": "lia-password", "csrf_token": csrf_of(login),
+                                        "next": "/label/demo"}, follow_redirects=False)  # fmt: skip
+    assert back.status_code == 303 and back.headers["location"] == "/label/demo"
+    assert browser.get("/label/demo").status_code == 200
+    # never another site, whatever `next` says
+    for elsewhere in ("//evil.example/label", "https://evil.example", "/label/../x", "/labelx"):
+        assert elsewhere not in browser.get("/login", params={"next": elsewhere}).text
+        r = browser.post("/login", data={"name": "lia", "password": "lia-password",
+                                         "csrf_token": csrf_of(login), "next": elsewhere}, follow_redirects=False)  # fmt: skip
+        assert r.headers["location"] == "/label"
+    fresh = make_client()  # never logged in: a plain login
+    assert fresh.get("/label/demo", follow_redirects=False).headers["location"] == "/login?next=/label/demo"
 
 
 def test_admin_pages(api, db: Database, make_client) -> None:

@@ -153,7 +153,7 @@ def test_logout_and_password_change_end_copied_sessions(make_client, db: Databas
         == 303
     )
     assert thief.get("/api/me").status_code == 401  # the copy died with the logout
-    assert thief.get("/label", follow_redirects=False).headers["location"] == "/login"
+    assert thief.get("/label", follow_redirects=False).headers["location"] == "/login?next=/label&ended=1"
 
     assert login(browser, "eve", "eve-password").status_code == 303
     copy_cookie()

@@ -10,7 +10,13 @@ from fastapi.responses import RedirectResponse, Response
 from rlhf.feedback.deps import CsrfChecked, SecretDep, SessionDep, SettingsDep, session_user
 from rlhf.feedback.errors import RateLimited
 from rlhf.feedback.models import User
-from rlhf.feedback.security import SESSION_COOKIE, LoginLimits, make_session_cookie, read_session_cookie
+from rlhf.feedback.security import (
+    SESSION_COOKIE,
+    LoginLimits,
+    make_session_cookie,
+    read_session_cookie,
+    return_path,
+)
 from rlhf.feedback.users import authenticate, end_sessions
 from rlhf.feedback.web import render
 
@@ -26,9 +32,19 @@ def home(request: Request, session: SessionDep, secret: SecretDep) -> Response:
     return RedirectResponse("/admin" if user.role == "admin" else "/label", status_code=303)
 
 
+# what the login page says when a page sent the browser to it because the session had ended
+ENDED = {
+    "ended": "Your session has ended. Log in to go on where you were.",
+    "lost": "Your session had ended, so your last answer was not saved. Log in to answer it again.",
+}
+
+
 @router.get("/login")
 def login_page(request: Request) -> Response:
-    return render(request, "login.html")
+    """The login form; `next` (an app page) is where it goes after logging in."""
+    after = request.query_params.get("next")
+    reason = next((text for key, text in ENDED.items() if key in request.query_params), None)
+    return render(request, "login.html", {"next": after if return_path(after) else None, "message": reason})
 
 
 @router.post("/login", dependencies=[CsrfChecked])
@@ -39,6 +55,7 @@ def login(
     secret: SecretDep,
     name: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=256)],
+    after: Annotated[str | None, Form(alias="next", max_length=300)] = None,
 ) -> Response:
     limits: LoginLimits = request.app.state.login_limits
     address = request.client.host if request.client else ""
@@ -47,12 +64,15 @@ def login(
     except RateLimited as e:
         message = f"Too many login attempts {e.scope}. Try again in {e.retry_after_s} s."
         headers = {"Retry-After": str(e.retry_after_s)}
-        return render(request, "login.html", {"message": message}, status_code=429, headers=headers)
+        context = {"message": message, "next": after if return_path(after) else None}
+        return render(request, "login.html", context, status_code=429, headers=headers)
     user = authenticate(session, name, password)
     if user is None:
         limits.failed(name)
-        return render(request, "login.html", {"message": "Wrong name or password."}, status_code=401)
-    response = RedirectResponse("/admin" if user.role == "admin" else "/label", status_code=303)
+        context = {"message": "Wrong name or password.", "next": after if return_path(after) else None}
+        return render(request, "login.html", context, status_code=401)
+    home = "/admin" if user.role == "admin" else "/label"
+    response = RedirectResponse(after if after is not None and return_path(after) else home, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         make_session_cookie(secret, user.id, settings.session_max_age_s, user.session_generation),
