@@ -349,10 +349,10 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         raise ConfigError(f"ppo.batch_size / samples_per_prompt ({cfg.batch_size // k} prompts) must be divisible "
                           f"by the {world} processes")  # fmt: skip
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
-    roles = [("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic),
+    roles = [("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic), ("ppo.reference", cfg.reference),
              *(("ppo.reward_ensemble", path) for path in cfg.reward_ensemble)]  # fmt: skip
     for role, path in roles:
-        if path:  # the policy's token ids are what the reward model and the critic read
+        if path:  # the policy's token ids are what the reward model, the critic and the reference read
             check_same_tokenizer(tokenizer, load_tokenizer(path, cfg.add_pad_token), "ppo.policy", role)
     # read before any output: bad input leaves nothing behind
     prompts = read_prompts(cfg.prompts_file, tokenizer)

@@ -106,6 +106,25 @@ def test_ppo_refuses_a_reward_model_with_another_tokenizer_before_any_work(
     assert not (tmp_path / "ppo").exists()
 
 
+def test_ppo_refuses_a_reference_with_another_tokenizer_before_any_work(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    """The reference reads the policy's token ids: with another vocabulary its log-probs, and so the KL penalty,
+    would be of other tokens."""
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_sft_model, reference)
+    for f in reference.glob("tokenizer*"):
+        f.unlink()
+    for f in other_tokenizer_dir(tmp_path).iterdir():
+        shutil.copy(f, reference / f.name)
+    cfg = PPOConfig(out_dir=str(tmp_path / "ppo"), policy=str(tiny_sft_model), reward_model=str(tiny_reward_model),
+                    reference=str(reference), prompts_file=str(demo_data / "rl_prompts.jsonl"), precision="fp32",
+                    iterations=1, batch_size=2, minibatch_size=2, micro_batch_size=2, max_new_tokens=4)  # fmt: skip
+    with pytest.raises(RlhfError, match=r"^ppo.policy and ppo.reference use different tokenizers"):
+        ppo.run(cfg, quiet=True)
+    assert not (tmp_path / "ppo").exists()
+
+
 def test_a_new_scalar_head_is_built_without_transformers_load_report(
     tiny_sft_model: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
