@@ -370,6 +370,13 @@ class PPOConfig(TrainConfig):
         None, description="JSONL of demonstrations for PPO-ptx ({prompt, response} or {messages})"
     )
     iterations: int = Field(100, gt=0, description="PPO iterations (generate, score, update)")
+    max_steps: int = Field(
+        0,
+        ge=0,
+        description="stop after this many iterations, the schedule still planned for `iterations` (0 = all)",
+    )
+    log_every: int = Field(10, gt=0, description="log metrics every N iterations")
+    save_every: int = Field(200, gt=0, description="checkpoint every N iterations (and at the end)")
     batch_size: int = Field(64, gt=0, description="rollouts per iteration, over all processes")
     minibatch_size: int = Field(32, gt=0, description="rollouts per optimiser step, over all processes")
     micro_batch_size: int = Field(32, gt=0, description="rollouts per forward pass on one process")

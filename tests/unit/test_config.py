@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import dump_config, load_config
+from rlhf.config import PPOConfig, dump_config, load_config
 from rlhf.errors import ConfigError
 
 
@@ -81,3 +81,10 @@ def test_a_runs_own_config_is_read_as_its_stage(tmp_path: Path) -> None:
         load_config(run_config, section="sft")
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(run_config)
+
+
+def test_ppo_help_counts_iterations_where_ppo_does() -> None:
+    """PPO's loop counts max_steps, log_every and save_every in iterations (each several optimiser steps)."""
+    for name in ("max_steps", "log_every", "save_every"):
+        description = PPOConfig.model_fields[name].description or ""
+        assert "iterations" in description and "steps" not in description, (name, description)
