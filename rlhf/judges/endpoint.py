@@ -155,11 +155,14 @@ class EndpointJudge(JudgeBase):
             return float(hit["p_first"])
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": text}],
                                 "max_tokens": self.max_tokens, "temperature": 0}  # fmt: skip
-        if self.logprobs:
+        asked_logprobs = self.logprobs
+        if asked_logprobs:
             body |= {"logprobs": True, "top_logprobs": 5}
         response = self._post(body)
-        if response.status_code == 400 and self.logprobs and "logprobs" in response.text:
-            log.info("judge endpoint refuses logprobs: reading the answer text instead")
+        # read what this request asked, not the flag: a concurrent request may have turned it off meanwhile
+        if response.status_code == 400 and asked_logprobs and "logprobs" in response.text:
+            if self.logprobs:
+                log.info("judge endpoint refuses logprobs: reading the answer text instead")
             self.logprobs = False
             return self._ask(text)
         if response.status_code >= 400:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,22 @@ def test_the_template_keeps_braces_in_answers() -> None:
 
     text = render("{principle}|{prompt}|{first}|{second}", "Say {x}", " {second} ", "b", None)
     assert text == "Which response is more helpful, honest and harmless?|Say {x}|{second}|b"
+
+
+def test_concurrent_requests_refused_logprobs_all_fall_back_to_the_answer_text(tmp_path: Path) -> None:
+    fake = FakeEndpoint(failures=[], logprobs=False)
+    # the first 4 requests all ask for logprobs before any of them is refused
+    in_flight = threading.Barrier(4, timeout=10)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content).get("logprobs"):
+            in_flight.wait()
+        return fake(request)
+
+    judge = EndpointJudge("http://judge.test/v1", "judge-model", cache_path=str(tmp_path / "cache.sqlite"),
+                          transport=httpx.MockTransport(answer), sleep=lambda s: None, requests_per_s=1000.0,
+                          concurrency=4)  # fmt: skip
+    pairs = [(f"{PROMPT} {i}", Answer("green"), Answer("grey")) for i in range(4)]
+    assert judge.compare_all(pairs) == [1.0] * 4
+    assert judge.logprobs is False and judge.stats()["read_text"] == 8
+    assert sum(1 for r in fake.requests if r.get("logprobs")) == 4
