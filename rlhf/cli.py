@@ -17,6 +17,7 @@ from rlhf.feedback.cli import app as label_app
 
 if TYPE_CHECKING:
     from rlhf.feedback.db import Database
+    from rlhf.feedback.models import PolicyVersion
 
 
 def settings_help(section: str, also: tuple[str, str] | None = None) -> str:
@@ -592,15 +593,21 @@ def loop(
     _setup_logging(quiet)
     versions = stage.run(cfg, quiet=quiet)
     for v in versions[1:]:
-        low, high = v.metrics["ci95"]
-        typer.echo(f"round {v.round}: policy {v.name}, gold win rate vs SFT {v.metrics['win_rate_vs_sft']:.3f} "
-                   f"[{low:.3f}, {high:.3f}], reward model trained on {v.metrics['reward_model_votes']} votes")  # fmt: skip
+        typer.echo(_round_line(v))
     store = _loop_db(cfg, None)
     try:
         with store.session() as session:
             typer.echo(format_lineage(lineage(session, get_loop(session, cfg.loop.name), versions[-1].name)))
     finally:
         store.dispose()
+
+
+def _round_line(v: PolicyVersion) -> str:
+    """One line per finished round; online DPO rounds (no reward model) trained the policy on the votes."""
+    low, high = v.metrics["ci95"]
+    trained = "reward model trained on" if v.reward_model is not None else "online DPO on"
+    return (f"round {v.round}: policy {v.name}, gold win rate vs SFT {v.metrics['win_rate_vs_sft']:.3f} "
+            f"[{low:.3f}, {high:.3f}], {trained} {v.metrics['reward_model_votes']} votes")  # fmt: skip
 
 
 def _loop_db(cfg: RootConfig, url: str | None) -> Database:

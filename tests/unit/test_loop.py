@@ -145,3 +145,19 @@ def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_p
     finally:
         db.dispose()
     assert len(again) == 1 and len(list((tmp_path / "votes.jsonl").read_text().splitlines())) == 1
+
+
+def test_the_round_line_names_what_the_votes_trained() -> None:
+    from rlhf.cli import _round_line
+
+    metrics = {"win_rate_vs_sft": 0.6875, "ci95": [0.4375, 0.875], "reward_model_votes": 40}
+    ppo = PolicyVersion(
+        loop_id=1, name="r1", round=1, parent="sft", reward_model="rm-r1", path="p", metrics=metrics
+    )
+    dpo = PolicyVersion(
+        loop_id=1, name="r1", round=1, parent="sft", reward_model=None, path="p", metrics=metrics
+    )
+    assert _round_line(ppo) == (
+        "round 1: policy r1, gold win rate vs SFT 0.688 [0.438, 0.875], reward model trained on 40 votes"
+    )
+    assert _round_line(dpo).endswith("[0.438, 0.875], online DPO on 40 votes")
