@@ -71,7 +71,11 @@ class GatewaySettings(BaseModel):
     ab_rate: float = Field(
         0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
     )
-    feedback_per_minute: int = Field(30, ge=0, description="Per-user limit on new A/B votes per minute")
+    feedback_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Limit on new A/B votes per minute, per end user and per client address; 0 = off",
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on")
     port: int = Field(8080, ge=0, le=65535, description="TCP port")
     timeout_s: float = Field(600.0, gt=0, description="Longest wait for an upstream answer (or stream chunk)")

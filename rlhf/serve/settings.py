@@ -60,7 +60,9 @@ class Settings(BaseModel):
         0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
     )
     feedback_per_minute: int = Field(
-        30, ge=0, description="Per-user limit on new A/B votes per minute (429 beyond it); 0 = off"
+        30,
+        ge=0,
+        description="Limit on new A/B votes per minute, per end user and per client address (429 beyond it); 0 = off",
     )
     seed: int = Field(0, description="Seed of the server's own randomness (unseeded sampling, A/B draws)")
 
