@@ -606,7 +606,8 @@ def _round_line(v: PolicyVersion) -> str:
     """One line per finished round; online DPO rounds (no reward model) trained the policy on the votes."""
     low, high = v.metrics["ci95"]
     trained = "reward model trained on" if v.reward_model is not None else "online DPO on"
-    return (f"round {v.round}: policy {v.name}, gold win rate vs SFT {v.metrics['win_rate_vs_sft']:.3f} "
+    judge = v.metrics.get("judge", "gold")  # the eval judge's name (rounds recorded before it: gold)
+    return (f"round {v.round}: policy {v.name}, {judge} win rate vs SFT {v.metrics['win_rate_vs_sft']:.3f} "
             f"[{low:.3f}, {high:.3f}], {trained} {v.metrics['reward_model_votes']} votes")  # fmt: skip
 
 

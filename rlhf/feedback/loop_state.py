@@ -148,7 +148,7 @@ def format_lineage(chain: list[LineageStep]) -> str:
         win = p.metrics.get("win_rate_vs_sft")
         if win is not None:
             low, high = p.metrics["ci95"]
-            line += f" gold win rate vs SFT {win:.3f} [{low:.3f}, {high:.3f}]"
+            line += f" {p.metrics.get('judge', 'gold')} win rate vs SFT {win:.3f} [{low:.3f}, {high:.3f}]"
         lines.append(line + f"  {p.path}")
     return "\n".join(lines)
 

@@ -377,7 +377,7 @@ def evaluate(cfg: RootConfig, policy: str, rdir: Path) -> dict[str, Any]:
     eval_cfg = cfg.eval.model_copy(update={"reference": cfg.loop.sft_policy})
     summary = compare(policy, cfg.loop.sft_policy, eval_cfg, make_judge(cfg.eval))
     write_json(rdir / "eval.json", summary)
-    return {"win_rate_vs_sft": summary["win_rate_a"], "ci95": summary["ci95"], "wins": summary["wins_a"],
+    return {"win_rate_vs_sft": summary["win_rate_a"], "judge": summary["judge"], "ci95": summary["ci95"], "wins": summary["wins_a"],
             "ties": summary["ties"], "losses": summary["losses_a"], **{f"a/{k}": v for k, v in summary["a"].items()}}  # fmt: skip
 
 
@@ -389,7 +389,8 @@ def policy_version(
     against SFT."""
     votes = rm.n_votes if rm is not None else trained["votes"]
     metrics = {
-        "win_rate_vs_sft": ev["win_rate_vs_sft"], "ci95": ev["ci95"], "reward_model_votes": votes,
+        "win_rate_vs_sft": ev["win_rate_vs_sft"], "judge": ev.get("judge", "gold"), "ci95": ev["ci95"],
+        "reward_model_votes": votes,
         "eval": {"baseline": SFT, "wins": ev["wins"], "ties": ev["ties"], "losses": ev["losses"]},
         **{k: v for k, v in trained.items() if k != "path"}, **{k: v for k, v in ev.items() if k.startswith("a/")},
     }  # fmt: skip
@@ -504,8 +505,8 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
                 ev = finished_phases(session, loop)[(round_, "eval")]
                 new = policy_version(loop, round_, current, rm, trained, ev)
                 finish_phase(session, loop, round_, "register", {"policy": new.name}, [new])
-            log.info("loop: round %d: policy r%d, gold win rate vs SFT %.3f [%.3f, %.3f]", round_, round_,
-                     ev["win_rate_vs_sft"], *ev["ci95"])  # fmt: skip
+            log.info("loop: round %d: policy r%d, %s win rate vs SFT %.3f [%.3f, %.3f]", round_, round_,
+                     ev.get("judge", "gold"), ev["win_rate_vs_sft"], *ev["ci95"])  # fmt: skip
         with db.session() as session:
             return policies(session, loop)
     finally:

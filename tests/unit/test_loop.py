@@ -161,3 +161,7 @@ def test_the_round_line_names_what_the_votes_trained() -> None:
         "round 1: policy r1, gold win rate vs SFT 0.688 [0.438, 0.875], reward model trained on 40 votes"
     )
     assert _round_line(dpo).endswith("[0.438, 0.875], online DPO on 40 votes")
+    # the win rate is named after the judge that measured it, not always gold
+    judged = PolicyVersion(loop_id=1, name="r1", round=1, parent="sft", reward_model="rm-r1", path="p",
+                           metrics={**metrics, "judge": "reward_model"})  # fmt: skip
+    assert _round_line(judged).startswith("round 1: policy r1, reward_model win rate vs SFT 0.688")
