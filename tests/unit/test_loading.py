@@ -90,15 +90,20 @@ def test_a_reward_model_is_refused_where_a_policy_is_read(tiny_reward_model: Pat
         load_causal_lm(str(tiny_reward_model))
 
 
+def with_other_tokenizer(model: Path, copy: Path, tmp_path: Path) -> Path:
+    """A copy of the model at `copy` whose tokenizer files are another vocabulary's."""
+    shutil.copytree(model, copy)
+    for f in copy.glob("tokenizer*"):
+        f.unlink()
+    for f in other_tokenizer_dir(tmp_path).iterdir():
+        shutil.copy(f, copy / f.name)
+    return copy
+
+
 def test_ppo_refuses_a_reward_model_with_another_tokenizer_before_any_work(
     tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
 ) -> None:
-    rm = tmp_path / "rm"
-    shutil.copytree(tiny_reward_model, rm)
-    for f in rm.glob("tokenizer*"):
-        f.unlink()
-    for f in other_tokenizer_dir(tmp_path).iterdir():
-        shutil.copy(f, rm / f.name)
+    rm = with_other_tokenizer(tiny_reward_model, tmp_path / "rm", tmp_path)
     cfg = PPOConfig(out_dir=str(tmp_path / "ppo"), policy=str(tiny_sft_model), reward_model=str(rm),
                     prompts_file=str(demo_data / "rl_prompts.jsonl"), precision="fp32")  # fmt: skip
     with pytest.raises(RlhfError, match=r"^ppo.policy and ppo.reward_model use different tokenizers"):
@@ -111,12 +116,7 @@ def test_ppo_refuses_a_reference_with_another_tokenizer_before_any_work(
 ) -> None:
     """The reference reads the policy's token ids: with another vocabulary its log-probs, and so the KL penalty,
     would be of other tokens."""
-    reference = tmp_path / "reference"
-    shutil.copytree(tiny_sft_model, reference)
-    for f in reference.glob("tokenizer*"):
-        f.unlink()
-    for f in other_tokenizer_dir(tmp_path).iterdir():
-        shutil.copy(f, reference / f.name)
+    reference = with_other_tokenizer(tiny_sft_model, tmp_path / "reference", tmp_path)
     cfg = PPOConfig(out_dir=str(tmp_path / "ppo"), policy=str(tiny_sft_model), reward_model=str(tiny_reward_model),
                     reference=str(reference), prompts_file=str(demo_data / "rl_prompts.jsonl"), precision="fp32",
                     iterations=1, batch_size=2, minibatch_size=2, micro_batch_size=2, max_new_tokens=4)  # fmt: skip
