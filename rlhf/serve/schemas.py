@@ -94,7 +94,8 @@ class SamplingRequest(BaseModel):
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
-        if self.logprobs or self.top_logprobs:
+        # `logprobs: 0` (completions) still asks for the sampled tokens' log-probs; only false or null is off
+        if (self.logprobs is not None and self.logprobs is not False) or self.top_logprobs:
             return "logprobs"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):

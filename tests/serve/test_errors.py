@@ -43,6 +43,7 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         "messages.0.role",
     ),
     ("logprobs", "/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs"),
+    ("logprobs zero", "/v1/completions", {**COMPLETION, "logprobs": 0}, 400, "logprobs"),
     ("top_k beyond int64", "/v1/completions", {**COMPLETION, "top_k": 2**63}, 400, "top_k"),
     ("seed beyond uint64", "/v1/completions", {**COMPLETION, "seed": 2**64}, 400, "seed"),
     ("n beyond any batch", "/v1/completions", {**COMPLETION, "n": 2**40}, 400, "n"),
@@ -142,7 +143,13 @@ def test_bad_input_gets_an_openai_error(
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(server: dict[str, Any]) -> None:
-    body = {**CHAT, "response_format": {"type": "text"}, "tool_choice": "none", "store": False}
+    body = {
+        **CHAT,
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "store": False,
+        "logprobs": False,
+    }
     r = httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
 
