@@ -266,7 +266,29 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
             "request_user": body.get("user"), "upstream": str(state.upstream.base_url)}  # fmt: skip
     prompt = _prompt_text(body, chat)
     if body.get("stream"):
-        stream = _ab_stream(state, path, sides, bodies, headers, chat, prompt, meta, body)
+        # Both streams are opened before answering, so that an engine's refusal (a 4xx) reaches the client
+        # with its own status, as it does without A/B, rather than as an error event in a 200 stream.
+        opened = await asyncio.gather(
+            *(c.send(c.build_request("POST", path, json=b, headers=headers), stream=True)
+              for (c, _), b in zip(sides, bodies, strict=True)),
+            return_exceptions=True,
+        )  # fmt: skip
+        replies = [r for r in opened if isinstance(r, httpx.Response)]
+        refused = next((r for r in replies if r.status_code != 200), None)
+        if refused is not None or len(replies) < 2:
+            content = await refused.aread() if refused is not None else b""
+            for r in replies:
+                await r.aclose()
+            if refused is not None:  # the engine's own error, as it gave it
+                content_type = refused.headers.get("content-type", "")
+                return Response(content, refused.status_code, {"content-type": content_type})
+            failed = next(e for e in opened if not isinstance(e, httpx.Response))
+            if not isinstance(failed, httpx.HTTPError):
+                raise failed
+            raise APIError(
+                f"The upstream engine did not answer: {failed!r}", 502, code="upstream_unavailable"
+            ) from None
+        stream = _ab_stream(state, replies, sides, bodies, chat, prompt, meta, body)
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         answers = await asyncio.gather(
@@ -302,17 +324,16 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
 
 async def _ab_stream(
     state: GatewayState,
-    path: str,
+    upstreams: list[httpx.Response],
     sides: list[tuple[httpx.AsyncClient, str]],
     bodies: list[dict[str, Any]],
-    headers: dict[str, str],
     chat: bool,
     prompt: str,
     meta: dict[str, Any],
     body: dict[str, Any],
 ) -> AsyncIterator[str]:
-    """Both upstream streams relayed as they come, their choices renumbered 0 and 1 under one id; then a
-    last chunk with the usage (when asked) and the feedback id; then [DONE]."""
+    """Both upstream streams (opened, status 200) relayed as they come, their choices renumbered 0 and 1
+    under one id; then a last chunk with the usage (when asked) and the feedback id; then [DONE]."""
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
     texts = ["", ""]
@@ -322,15 +343,9 @@ async def _ab_stream(
 
     async def pump(i: int) -> None:
         try:
-            async with sides[i][0].stream("POST", path, json=bodies[i], headers=headers) as r:
-                if r.status_code != 200:
-                    detail = (await r.aread()).decode(errors="replace")[:500]
-                    raise APIError(
-                        f"The upstream engine answered {r.status_code}: {detail}", 502, code="upstream_error"
-                    )
-                async for line in r.aiter_lines():
-                    if line.startswith("data: ") and line[6:].strip() != "[DONE]":
-                        await queue.put((i, json.loads(line[6:])))
+            async for line in upstreams[i].aiter_lines():
+                if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+                    await queue.put((i, json.loads(line[6:])))
         except httpx.HTTPError as e:  # the connection broke, or timed out, mid-stream
             raise APIError(f"The upstream engine failed: {e}", 502, code="upstream_error") from None
         except json.JSONDecodeError as e:
@@ -338,6 +353,7 @@ async def _ab_stream(
                 f"The upstream engine sent a bad stream line: {e}", 502, code="upstream_error"
             ) from None
         finally:
+            await upstreams[i].aclose()
             await queue.put((i, None))
 
     tasks = [asyncio.create_task(pump(i)) for i in range(2)]

@@ -166,3 +166,19 @@ def test_ab_that_is_not_a_boolean_is_a_400_as_the_engine_gives(
     ]
     for r in answers:
         assert r.status_code == 400 and r.json()["error"]["param"] == "ab", r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ab_request_the_engine_refuses_gets_its_4xx(
+    gateway: dict[str, Any], server: dict[str, Any], stream: bool
+) -> None:
+    """An opted-in request the engine refuses (max_tokens beyond the context) is answered with the engine's
+    own status and error, streamed or not, as the engine itself answers it."""
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 10_000, "ab": True, "stream": stream}
+    answers = [
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        for url in (gateway["url"], server["url"])
+    ]
+    for r in answers:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
