@@ -53,9 +53,15 @@ def check_supported(req: SamplingRequest) -> None:
 
 
 def row_params(
-    req: SamplingRequest, max_tokens: int | None, prompt_len: int, policy: Policy, prompt_param: str
+    req: SamplingRequest,
+    max_tokens: int | None,
+    prompt_len: int,
+    policy: Policy,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
 ) -> RowParams:
-    """The request's sampling parameters, checked against the model's context length."""
+    """The request's sampling parameters, checked against the model's context length; `max_tokens_param`
+    names the field `max_tokens` came from (chat's `max_completion_tokens`), for the error."""
     context = policy.context_length
     if prompt_len >= context:
         raise APIError(
@@ -70,8 +76,8 @@ def row_params(
         raise APIError(
             f"This model's maximum context length is {context} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, {max_tokens} for the "
-            "completion). Please reduce the length of the prompt or max_tokens.",
-            param="max_tokens",
+            f"completion). Please reduce the length of the prompt or {max_tokens_param}.",
+            param=max_tokens_param,
             code="context_length_exceeded",
         )
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())

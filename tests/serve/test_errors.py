@@ -19,6 +19,13 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("unknown model", "/v1/chat/completions", {**CHAT, "model": "gpt-4o"}, 404, "model"),
     ("missing model", "/v1/completions", {"prompt": "hi"}, 400, "model"),
     ("max_tokens beyond context", "/v1/completions", {**COMPLETION, "max_tokens": 10_000}, 400, "max_tokens"),
+    (
+        "max_completion_tokens beyond context",
+        "/v1/chat/completions",
+        {**CHAT, "max_completion_tokens": 10_000},
+        400,
+        "max_completion_tokens",
+    ),
     ("max_tokens zero", "/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
     ("negative temperature", "/v1/chat/completions", {**CHAT, "temperature": -0.5}, 400, "temperature"),
     ("top_p zero", "/v1/chat/completions", {**CHAT, "top_p": 0}, 400, "top_p"),

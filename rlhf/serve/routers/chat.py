@@ -52,8 +52,14 @@ async def chat_completions(
     prompt_ids = encode_prompts(policy.tokenizer, [prompt])[0]
     if not prompt_ids:
         raise APIError("The messages render to an empty prompt.", param="messages", code="empty_prompt")
+    max_tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     params = row_params(
-        body, body.max_completion_tokens or body.max_tokens, len(prompt_ids), policy, "messages"
+        body,
+        body.max_completion_tokens or body.max_tokens,
+        len(prompt_ids),
+        policy,
+        "messages",
+        max_tokens_param,
     )
     ab = wants_ab(state, body, request, 1)
     specs = plan_choices(state, policy, [prompt_ids], params, body.n or 1, ab)
