@@ -199,10 +199,11 @@ MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
 FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
     **API_ERRORS,
     403: _err("a feedback_token not issued with this feedback_id, or a user other than the response's"),
-    404: _err("no A/B pair with this feedback_id"),
+    404: _err(
+        "no A/B pair with this feedback_id, or this server runs without a feedback store (no_feedback)"
+    ),
     409: _err("the A/B pair already has its vote"),
     429: _err("over the vote rate limit per client address or per user (see Retry-After)"),
-    503: _err("this server runs without a feedback store"),
 }
 
 

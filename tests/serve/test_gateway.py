@@ -182,3 +182,13 @@ def test_ab_request_the_engine_refuses_gets_its_4xx(
     for r in answers:
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_feedback_without_a_store_gets_the_status_its_schema_documents() -> None:
+    settings = GatewaySettings(upstream="http://127.0.0.1:9/v1")
+    vote = {"feedback_id": "ab-x", "feedback_token": "0" * 64, "choice": "A", "idempotency_key": "k" * 10}
+    with run_app(create_app(settings)) as (url, _):
+        r = httpx.post(url + "/v1/feedback", json=vote, timeout=30)
+        documented = httpx.get(url + "/openapi.json").json()["paths"]["/v1/feedback"]["post"]["responses"]
+    assert r.json()["error"]["code"] == "no_feedback"
+    assert "without a feedback store" in documented[str(r.status_code)]["description"]
