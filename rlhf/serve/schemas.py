@@ -58,8 +58,8 @@ class SamplingRequest(BaseModel):
         None, description="sampling temperature; 0 = greedy (default 1)"
     )
     top_p: Unit | None = Field(None, description="nucleus sampling mass in (0, 1] (default 1 = off)")
-    top_k: Annotated[int, Field(ge=0, le=MAX_INT)] | None = Field(
-        None, description="keep the k likeliest tokens; 0 = off"
+    top_k: Annotated[int, Field(ge=-1, le=MAX_INT)] | None = Field(
+        None, description="keep the k likeliest tokens; 0 or -1 (vLLM's off) = off"
     )
     n: Annotated[int, Field(ge=1, le=128)] | None = Field(None, description="choices to generate (default 1)")
     stop: Stop | StopList | None = Field(

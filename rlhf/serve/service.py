@@ -85,7 +85,7 @@ def row_params(
         max_tokens=max_tokens or room,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
+        top_k=max(req.top_k or 0, 0),  # -1: off, as vLLM's clients send it
         seed=req.seed,
         stop=stop,
     )

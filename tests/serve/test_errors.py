@@ -161,6 +161,17 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server: dict[str, Any
     assert r.status_code == 200, r.text
 
 
+def test_top_k_minus_one_is_off_as_vllm_clients_send_it(server: dict[str, Any]) -> None:
+    body = {**COMPLETION, "seed": 7, "temperature": 1.0, "max_tokens": 6}
+    texts = [
+        httpx.post(server["url"] + "/v1/completions", json={**body, "top_k": k}, timeout=60).json()["choices"][0]["text"]
+        for k in (0, -1)
+    ]  # fmt: skip
+    assert texts[0] == texts[1]
+    r = httpx.post(server["url"] + "/v1/completions", json={**body, "top_k": -2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+
+
 def test_empty_body_says_what_is_missing(server: dict[str, Any]) -> None:
     r = httpx.post(
         server["url"] + "/v1/completions", content=b"", headers={"content-type": "application/json"}
