@@ -272,6 +272,9 @@ def serve(
         str | None, typer.Option(help="second policy: A/B pairs compare it with MODEL_DIR")
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="model id clients ask for")] = None,
+    candidate_name: Annotated[
+        str | None, typer.Option(help="model id of --candidate-model (default: from its directory)")
+    ] = None,
     max_n: Annotated[int | None, typer.Option(help="most choices per request")] = None,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default 1; 0 = torch's default)")
@@ -290,7 +293,7 @@ def serve(
     settings = Settings.from_env(
         model_dir=model_dir, feedback_db=feedback_db, host=host, port=port, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, ab_rate=ab_rate, candidate_model=candidate_model, model_name=model_name,
-        max_n=max_n, threads=threads,
+        candidate_name=candidate_name, max_n=max_n, threads=threads,
     )  # fmt: skip
     _setup_logging(quiet=True)
     state = open_state(settings)  # load the models first: a bad path is one line on stderr, not a traceback

@@ -38,7 +38,9 @@ def open_state(s: Settings) -> ServeState:
         )
         if policy.name in policies:
             policy.engine.stop()
-            raise ConfigError(f"two served models are both named {policy.name!r}: set --model-name")
+            raise ConfigError(
+                f"two served models are both named {policy.name!r}: set --model-name or --candidate-name"
+            )
         policies[policy.name] = policy
         return policy
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from rlhf.cli import app
@@ -18,6 +20,7 @@ def test_serve_help_lists_the_options() -> None:
         "--ab-rate",
         "--candidate-model",
         "--model-name",
+        "--candidate-name",
     ):
         assert option in result.output
 
@@ -25,3 +28,10 @@ def test_serve_help_lists_the_options() -> None:
 def test_ab_rate_without_a_feedback_store_is_a_config_error() -> None:
     result = CliRunner().invoke(app, ["serve", "some/model", "--ab-rate", "0.5"])
     assert result.exit_code != 0 and "feedback_db" in str(result.exception)
+
+
+def test_a_candidate_named_like_the_model_is_told_how_to_rename_it(model_dirs: dict[str, Path]) -> None:
+    """Both ids default to their directory's name: the error names the option that renames either."""
+    args = ["serve", str(model_dirs["policy"]), "--candidate-model", str(model_dirs["policy"])]
+    clash = CliRunner().invoke(app, args)
+    assert clash.exit_code != 0 and "--candidate-name" in str(clash.exception)
