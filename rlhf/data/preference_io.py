@@ -4,7 +4,8 @@ Formats, one JSON object per line (docs/formats.md shows an example of each):
   pairs           TRL standard        {"prompt", "chosen", "rejected", "margin"?, "labeler"?}
   conversational  TRL conversational  the same keys, holding lists of {"role", "content"} messages
   hh              Anthropic HH        {"chosen", "rejected"}: whole transcripts, prompt split at the last assistant turn
-  vote            one A/B judgement   {"prompt", "completion_a", "completion_b", "choice", "labeler"?, "margin"?, "meta"?}
+  vote            one A/B judgement   {"prompt", "completion_a", "completion_b", "choice", "labeler"?, "margin"?,
+                                       "axes"? (read into meta), "meta"?}
   ranking         K-way ranking       {"prompt", "completions", "ranking", "labeler"?, "meta"?}; 1 = best, equal = tie
   rating          one score           {"prompt", "completion", "rating", "labeler"?, "meta"?}
 and the layouts of published datasets that rlhf.data.layouts turns into these: conversational with an implicit
@@ -35,6 +36,7 @@ Format = Literal[
 ]  # fmt: skip
 
 CHOICES: tuple[Choice, ...] = get_args(Choice)
+AXIS_CHOICES = ("A", "B", "same")  # a vote's judgement on one axis (helpful, honest, ...)
 HH_ASSISTANT = "\n\nAssistant:"
 
 
@@ -243,6 +245,15 @@ def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
             _fail(where, f"unknown choice {choice!r} (expected one of {', '.join(CHOICES)})")
         a, b = _get(obj, "completion_a", str, where), _get(obj, "completion_b", str, where)
         margin = _number(obj, "margin", where, required=False)
+        axes = _get(obj, "axes", dict, where, required=False)
+        if axes is not None:  # the labeling app's votes export: per-axis judgements, kept in meta
+            bad = [k for k, v in axes.items() if v not in AXIS_CHOICES]
+            if bad:
+                _fail(
+                    where,
+                    f"axes[{bad[0]!r}] should be one of {', '.join(AXIS_CHOICES)}, got {axes[bad[0]]!r}",
+                )
+            meta = {**meta, "axes": axes}
         return PairwiseVote(prompt, a, b, cast(Choice, choice), labeler, margin, meta)
     if fmt == "ranking":
         completions = _get(obj, "completions", list, where)
@@ -270,7 +281,7 @@ _SIGNATURES: dict[Format, set[str]] = {
     "rating": {"completion", "rating"},
 }
 _OWN_KEYS: dict[str, set[str]] = {
-    "vote": {"prompt", "completion_a", "completion_b", "choice", "labeler", "margin", "meta"},
+    "vote": {"prompt", "completion_a", "completion_b", "choice", "labeler", "margin", "axes", "meta"},
     "ranking": {"prompt", "completions", "ranking", "labeler", "meta"},
     "rating": {"prompt", "completion", "rating", "labeler", "meta"},
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from rlhf.data.preferences import PairwiseVote, record_from_json
 from rlhf.feedback.db import Database
 from rlhf.feedback.export import export_records
 
@@ -135,6 +136,9 @@ def test_hhh_axes_and_rewrites_are_stored_and_exported(api) -> None:
         return [json.loads(line) for line in response.text.splitlines()]
 
     assert export("votes")[0]["axes"] == axes
+    # the votes export reads back as preference data (reward training, `label import --preferences`)
+    (vote,) = [record_from_json(row, "auto", f"votes:{i}") for i, row in enumerate(export("votes"), 1)]
+    assert isinstance(vote, PairwiseVote) and vote.choice == "A" and vote.meta["axes"] == axes
     per_axis = {(r["axis"], r["choice"]) for r in export("axes")}
     assert per_axis == {("helpful", "B"), ("honest", "same"), ("harmless", "A")}
     assert all(r["completion_a"] == "I can't help." for r in export("axes"))

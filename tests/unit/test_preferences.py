@@ -112,6 +112,20 @@ def test_explicit_format_reads_the_same_records(tmp_path: Path) -> None:
         read_preferences(path, fmt="ranking")
 
 
+def test_vote_axes_as_the_labeling_app_exports_them_are_read_into_meta(tmp_path: Path) -> None:
+    row = {"prompt": "p", "completion_a": "a", "completion_b": "b", "choice": "B", "labeler": "ann",
+           "axes": {"helpful": "B", "honest": "same"}, "meta": {"task_id": 3}}  # fmt: skip
+    path = write_lines(tmp_path / "votes.jsonl", [json.dumps(row)])
+    (vote,) = read_preferences(path)
+    assert vote == PairwiseVote(
+        "p", "a", "b", "B", "ann", meta={"task_id": 3, "axes": {"helpful": "B", "honest": "same"}}
+    )
+    assert to_groups([vote])[0].pairs == [(0, 1)] and to_groups([vote])[0].completions == ["b", "a"]
+    write_lines(path, [json.dumps({**row, "axes": {"helpful": "C"}})])
+    with pytest.raises(DataError, match=r"votes\.jsonl:1: axes\['helpful'\] should be one of A, B, same"):
+        read_preferences(path)
+
+
 def test_rating_read_as_float_and_json_integers_accepted(tmp_path: Path) -> None:
     path = write_lines(
         tmp_path / "r.jsonl", ['{"prompt": "p", "completion": "c", "rating": 4, "labeler": "a"}']
