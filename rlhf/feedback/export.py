@@ -8,8 +8,9 @@
            imported as conversations: see preference_import), derived: a pairwise vote A or B gives one pair;
            a ranking of K gives a pair for every two completions with different ranks (up to C(K,2));
            ratings give a pair for every two completions of a prompt that one labeler rated differently,
-           with margin = the rating difference. Ties and both_bad give no pair, nor do votes on gold items
-           (those check the labelers; the other formats keep them, marked meta.is_gold).
+           with margin = the rating difference (a text rated more than once: its mean rating). Ties and
+           both_bad give no pair, nor do votes on gold items (those check the labelers; the other formats
+           keep them, marked meta.is_gold).
 - axes:    {"prompt", "completion_a", "completion_b", "axis", "choice": "A"|"B"|"same", "labeler", "meta"}
            (one record per judgement axis a pairwise vote answered: helpful, honest, harmless, ...)
 - sft:     {"prompt", "response", "meta"}  (the better answers labelers wrote: SFT demonstrations)
@@ -154,15 +155,17 @@ def _pairs(session: Session, project: str) -> Iterator[dict[str, Any]]:
             if ranks[i] != ranks[j]:
                 best, worst = (i, j) if ranks[i] < ranks[j] else (j, i)
                 yield _pair(prompt, comps[best].text, comps[worst].text, None)
-    # Ratings: compare only within one labeler's ratings of one prompt (labelers use the scale differently).
-    rated: dict[tuple[int, str], list[tuple[str, float]]] = defaultdict(list)
+    # Ratings: compare only within one labeler's ratings of one prompt (labelers use the scale differently);
+    # a text that labeler rated more than once counts with its mean rating, as in preferences.to_groups.
+    rated: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     prompts: dict[int, Prompt] = {}
     for vote, task, labeler, prompt, comps in _rows(session, project, "rating"):
         if vote.rating is not None and not task.is_gold:
-            rated[(prompt.id, labeler)].append((comps[0].text, vote.rating))
+            rated[(prompt.id, labeler)][comps[0].text].append(vote.rating)
             prompts[prompt.id] = prompt
-    for (prompt_id, _labeler), items in rated.items():
-        for (text_i, r_i), (text_j, r_j) in itertools.combinations(items, 2):
+    for (prompt_id, _labeler), by_text in rated.items():
+        means = [(text, sum(r) / len(r)) for text, r in by_text.items()]
+        for (text_i, r_i), (text_j, r_j) in itertools.combinations(means, 2):
             if r_i != r_j:
                 chosen, rejected = (text_i, text_j) if r_i > r_j else (text_j, text_i)
                 yield _pair(prompts[prompt_id], chosen, rejected, abs(r_i - r_j))

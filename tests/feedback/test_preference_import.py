@@ -46,6 +46,13 @@ LAYOUTS_HERE = {
         "auto", {},
         [Rating("Hi", "Hello!", 6.0, "x"), Rating("Hi", "Go away.", 2.0, "y")],
     ),
+    "ratings of one text twice": (  # counted once, with its mean rating: no pair of a text with itself
+        [{"prompt": "Hi", "completion": "Hello!", "rating": 6},
+         {"prompt": "Hi", "completion": "Hey.", "rating": 3},
+         {"prompt": "Hi", "completion": "Hello!", "rating": 2}],
+        "auto", {},
+        [Rating("Hi", "Hello!", 6.0), Rating("Hi", "Hey.", 3.0), Rating("Hi", "Hello!", 2.0)],
+    ),
 }  # fmt: skip
 
 
