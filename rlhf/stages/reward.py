@@ -44,7 +44,13 @@ from rlhf.engine.packing import pack_rows, takes_4d_mask, tree_attention_mask
 from rlhf.errors import ConfigError, DataError
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.losses import grouped_bt_loss
-from rlhf.models.heads import build_scalar_model, load_scalar_model, sequence_rewards, set_normalisation
+from rlhf.models.heads import (
+    build_scalar_model,
+    load_scalar_model,
+    normalisation,
+    sequence_rewards,
+    set_normalisation,
+)
 from rlhf.models.loading import (
     context_length,
     disable_dropout,
@@ -630,13 +636,13 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     if is_main:
         scored = score_pairs(unwrapped, held_out, pad_id, cfg, accelerator)[1] if held_out else []
         final = plain_model(unwrapped.model)
-        shift, scale = 0.0, 1.0
         if cfg.normalise.enabled:
             reference = reference_sequences(
                 cfg, tokenizer, [g.prompt for g in groups], max_len, reference_rows
             )
             result.update(normalise(final, reference, pad_id, cfg.normalise.scale))
-            shift, scale = final.config.rlhf_reward_shift, final.config.rlhf_reward_scale
+        # the constants the saved model applies: a warm start keeps its own when not normalised here
+        shift, scale = normalisation(final)
         save_pretrained_atomic(run_dir.dir / "final", final, tokenizer)
         report = write_reward_eval(
             run_dir.dir, scored, shift, scale, train_pairs=n_pairs, train_groups=len(train)

@@ -262,3 +262,8 @@ def test_warm_start_continues_from_the_given_reward_model(trained: RewardConfig,
     cold = load_scalar_model(str(tmp_path / "cold" / "final"))
     assert torch.allclose(warm.score.weight, previous.score.weight, atol=1e-6)
     assert not torch.allclose(cold.score.weight, previous.score.weight, atol=1e-2)
+    # not normalised again, the warm start keeps the constants it came with, and its report says so
+    kept = {"shift": previous.config.rlhf_reward_shift, "scale": previous.config.rlhf_reward_scale}
+    assert kept["shift"] != 0.0 and kept["scale"] != 1.0
+    assert (warm.config.rlhf_reward_shift, warm.config.rlhf_reward_scale) == (kept["shift"], kept["scale"])
+    assert json.loads((tmp_path / "warm" / "eval.json").read_text())["rm/normalisation"] == kept
