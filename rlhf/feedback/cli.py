@@ -264,6 +264,10 @@ def import_preference_votes(
         f"{project}: {out.votes} votes of {labeler} on {out.tasks} tasks ({out.prompts} prompts, "
         f"{out.completions} completions; {out.already} records already there)"
     )
+    if out.gold:
+        typer.echo(
+            f"left out {out.gold} votes on gold items (they check a labeler; they are not preferences)"
+        )
     if out.skipped:
         typer.echo(f"skipped {len(out.skipped)} malformed rows (first: {out.skipped[0]})")
 

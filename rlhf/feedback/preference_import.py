@@ -54,6 +54,7 @@ class PreferenceImport:
     tasks: int = 0
     votes: int = 0
     already: int = 0  # records imported before (same project, labeler and record)
+    gold: int = 0  # votes on gold items left out: a check of their labeler, not a preference
     skipped: list[str] = field(default_factory=list)  # messages of the malformed rows left out
 
 
@@ -77,7 +78,9 @@ def import_preferences(
 ) -> PreferenceImport:
     """Store ("source:row", record) pairs as `labeler`'s votes in `project_name` (both created if missing).
 
-    A record the store cannot hold (an empty prompt, a negative margin, a text over the size limit, ...) is a
+    Votes on gold items (`meta.is_gold`, as a votes export marks them) are left out and counted: they check a
+    labeler against a known answer, and training skips them too (rlhf.data.preferences.to_groups). A record
+    the store cannot hold (an empty prompt, a negative margin, a text over the size limit, ...) is a
     DataError naming its source:row, or, given a `skipped` list (which may already hold the reader's), is
     appended there and left out. Nothing is written unless every kept record is. `meta_as_note`: a vote
     record's meta (an AI judge's principle, say) is kept as the vote's note, in JSON.
@@ -86,6 +89,9 @@ def import_preferences(
     entries: list[_Entry] = []
     repeats: Counter[str] = Counter()
     for where, record in records:
+        if (getattr(record, "meta", None) or {}).get("is_gold") is True:  # as training leaves them out
+            result.gold += 1
+            continue
         try:
             entry = _entry(record, where, meta_as_note)
         except DataError as error:

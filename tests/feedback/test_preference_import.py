@@ -109,6 +109,20 @@ def test_importing_again_adds_nothing_and_repeated_rows_stay(db: Database, tmp_p
     assert pairs == [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5}] * 4
 
 
+def test_votes_on_gold_items_are_left_out_and_counted(db: Database, tmp_path: Path) -> None:
+    """A votes export marks votes on gold items; they check a labeler, so an import (like training) leaves them
+    out rather than turn a wrong gold answer into a preference."""
+    path = tmp_path / "votes.jsonl"
+    vote = (
+        '{"prompt": "2+2?", "completion_a": "4", "completion_b": "5", "choice": "%s", "labeler": "ann"%s}\n'
+    )
+    path.write_text(vote % ("A", "") + vote % ("B", ', "meta": {"is_gold": true}'))
+    with db.session() as s:
+        out = import_preferences(s, "demo", "ann", read_records(path))
+        assert (out.votes, out.gold) == (1, 1)
+        assert export_records(s, "demo", "pairs") == [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+
+
 def test_a_failure_inside_the_import_writes_nothing(db: Database, tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n')
