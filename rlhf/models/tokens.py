@@ -62,7 +62,8 @@ def prepare_tokenizer(
 
 def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Grow the embeddings (and a separate output matrix) to hold every token id, e.g. an added PAD, and set
-    the config's special ids. Existing rows are untouched, so the logits of existing tokens stay the same."""
+    the config's special ids: PAD, and the stop ids among the generation config's EOS ids. Existing rows are
+    untouched, so the logits of existing tokens stay the same."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         # New rows start at the mean of the old ones (a tame logit, and no random draw: seeded runs stay the same).
@@ -84,6 +85,11 @@ def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
+        # transformers' generate() (and pipelines) then stop where ours does: at EOS and the end-of-turn token
+        eos = generation_config.eos_token_id
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        ids += [t for t in stop_ids(tokenizer) if t not in ids]
+        generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
     return model
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.config import RewardConfig
 from rlhf.data.preferences import PreferenceGroup
 from rlhf.engine.decoding import SamplingParams, generate
 from rlhf.errors import RlhfError
 from rlhf.models.heads import build_scalar_model
-from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhf.models.tokens import (
     DEFAULT_CHAT_TEMPLATE,
     encode_completions,
@@ -106,6 +107,20 @@ def test_generation_stops_at_the_end_of_turn_token(tmp_path: Path) -> None:
     gen = generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=1.0, seed=0), stop_ids(tok),
                    tok.pad_token_id)  # fmt: skip
     assert gen.response_ids[0].tolist() == [im_end] and bool(gen.ended[0])
+
+
+def test_a_saved_policy_stops_at_the_end_of_turn_token_in_transformers_generate(tmp_path: Path) -> None:
+    path = save_tiny("qwen2", tmp_path / "m")
+    tok = load_tokenizer(str(path))
+    save_pretrained_atomic(tmp_path / "final", load_causal_lm(str(path), tokenizer=tok), tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    model = rigged(AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval(), im_end)
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, im_end]
+    prompt = AutoTokenizer.from_pretrained(tmp_path / "final").apply_chat_template(
+        CHAT[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out[0, prompt["input_ids"].shape[1] :].tolist() == [im_end]
 
 
 def test_pad_is_never_sampled(tmp_path: Path) -> None:
