@@ -29,8 +29,8 @@ class RewardModelJudge(JudgeBase):
                  device: torch.device | None = None) -> None:  # fmt: skip
         self.path = path
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_reward_model(path).eval().to(self.device)  # type: ignore[arg-type]
         self.tokenizer = load_tokenizer(path)
+        self.model = load_reward_model(path, tokenizer=self.tokenizer).eval().to(self.device)  # type: ignore[arg-type]
         self.batch_size = batch_size
         self.no_eos_penalty = no_eos_penalty
         self.context = context_length(self.model)

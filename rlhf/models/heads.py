@@ -56,8 +56,11 @@ def build_scalar_model(
     return fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else model
 
 
-def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A trained reward model: refuses a checkpoint without a scalar head (a causal LM would get a random one)."""
+def load_reward_model(
+    path: str, dtype: torch.dtype = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """A trained reward model: refuses a checkpoint without a scalar head (a causal LM would get a random one).
+    With the tokenizer it will read, its embeddings hold the tokenizer's added tokens (an added PAD)."""
     where = describe_source(path)
     try:
         architectures = AutoConfig.from_pretrained(path).architectures or []
@@ -68,15 +71,20 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrain
             f"{path} is not a reward model ({', '.join(architectures) or 'no architecture'}): train one with "
             "`rlhf reward`, or point at a sequence-classification checkpoint"
         )
-    return load_scalar_model(path, dtype)
+    return load_scalar_model(path, dtype, tokenizer)
 
 
-def load_scalar_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A saved reward model or critic (with its normalisation constants in the config)."""
+def load_scalar_model(
+    path: str, dtype: torch.dtype = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """A saved reward model or critic (with its normalisation constants in the config); with the tokenizer it
+    will read, its embeddings grown to hold the tokenizer's added tokens (a PAD added to a tokenizer whose PAD
+    was EOS, as in checkpoints saved by other tools)."""
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     except (OSError, ValueError) as e:
         raise RlhfError(f"cannot load reward model from {path!r}: {str(e).splitlines()[0]}") from None
+    return fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else model
 
 
 def score_head(model: PreTrainedModel) -> torch.nn.Linear:

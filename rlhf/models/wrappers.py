@@ -187,7 +187,8 @@ def load_models(
     critic_model: Any = None
     if cfg.advantage_estimator == "gae":
         critic_model = load_scalar_model(
-            str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model
+            str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model,
+            tokenizer=tokenizer,
         )
     if lora and checkpoint:
         policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
@@ -201,15 +202,15 @@ def load_models(
         reference = (
             load_causal_lm(cfg.reference or cfg.policy, tokenizer=tokenizer).eval().requires_grad_(False)
         )
-    reward_model = frozen_reward_model(cfg.reward_model)
+    reward_model = frozen_reward_model(cfg.reward_model, tokenizer)
     for model in (policy, reference, critic_model):
         if model is not None:
             disable_dropout(model)
     return policy, reference, None if critic_model is None else Critic(critic_model), reward_model
 
 
-def frozen_reward_model(path: str) -> PreTrainedModel:
-    """A reward model to score with only: eval mode, no gradients, dropout off."""
-    model = load_reward_model(path).eval().requires_grad_(False)
+def frozen_reward_model(path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A reward model to score `tokenizer`'s ids with only: eval mode, no gradients, dropout off."""
+    model = load_reward_model(path, tokenizer=tokenizer).eval().requires_grad_(False)
     disable_dropout(model)
     return model

@@ -35,7 +35,7 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     prompts = [p for _, p in read_prompt_rows(cfg.prompts_file, cfg.max_prompts, tokenizer)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
-    reward_model = load_reward_model(cfg.reward_model).eval().to(device)  # type: ignore[arg-type]
+    reward_model = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
     check_same_tokenizer(
         tokenizer, load_tokenizer(cfg.reward_model, cfg.add_pad_token), "bon.policy", "bon.reward_model"
     )

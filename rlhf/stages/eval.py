@@ -169,7 +169,7 @@ def answer_both(
     reference = load_policy(cfg.reference, device, tokenizer) if cfg.reference else None
     bon = None
     if cfg.best_of_n > 1 and cfg.reward_model:
-        bon = load_reward_model(cfg.reward_model).eval().to(device)  # type: ignore[arg-type]
+        bon = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
     answers = {}
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
         log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))

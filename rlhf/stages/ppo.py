@@ -399,7 +399,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     reference_actor = (
         None if reference is None else Actor(reference.to(accelerator.device), frozen_lean(reference))
     )
-    members = [reward_model, *(frozen_reward_model(path) for path in cfg.reward_ensemble)]
+    members = [reward_model, *(frozen_reward_model(path, tokenizer) for path in cfg.reward_ensemble)]
     scorers = [RewardScores(m.to(accelerator.device), frozen_lean(m)) for m in members]
     scorer = RewardEnsemble(list(scorers), cfg.ensemble_penalty) if cfg.reward_ensemble else scorers[0]
     if is_sharded:  # before the optimisers: sharding replaces the parameters

@@ -478,7 +478,7 @@ def load_model(
     start = checkpoint if checkpoint and cfg.lora.r == 0 else cfg.init_from
     pad_id = tokenizer.pad_token_id
     base = (
-        load_scalar_model(str(start))
+        load_scalar_model(str(start), tokenizer=tokenizer)
         if start
         else build_scalar_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
     )

@@ -5,18 +5,19 @@ on a model whose PAD is EOS."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.config import GenerateConfig, SFTConfig
+from rlhf.config import GenerateConfig, PPOConfig, SFTConfig
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.serve.engine import Engine, RowParams, Sequence
 from rlhf.serve.settings import Settings
-from rlhf.stages import generate, sft
+from rlhf.stages import generate, ppo, sft
 from tests.archs import rigged, save_tiny
 from tests.serve.conftest import run_server
 from tests.serve.test_engine import Collector
@@ -104,3 +105,23 @@ def test_serve_starts_on_a_model_whose_pad_is_eos(tmp_path: Path) -> None:
                        timeout=60)  # fmt: skip
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_ppo_takes_a_reward_model_saved_by_transformers_whose_pad_is_eos(tmp_path: Path) -> None:
+    """A sequence classifier saved by plain transformers with the stock tokenizer (PAD = EOS): PPO's tokenizer adds
+    a PAD, so the reward model and the critic built from it must hold that id too."""
+    model_dir = save_tiny("qwen2", tmp_path / "qwen2")
+    stock = AutoTokenizer.from_pretrained(model_dir)
+    assert stock.pad_token_id == stock.eos_token_id
+    AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(
+        tmp_path / "rm"
+    )
+    stock.save_pretrained(tmp_path / "rm")
+    rows = [{"messages": [{"role": "user", "content": q}]} for q, _ in TURNS * 2]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = PPOConfig(out_dir=str(tmp_path / "ppo"), policy=str(model_dir), reward_model=str(tmp_path / "rm"),
+                    prompts_file=str(tmp_path / "prompts.jsonl"), iterations=1, batch_size=4, minibatch_size=4,
+                    micro_batch_size=4, max_new_tokens=6, guard_prompts=2, precision="fp32", seed=0)  # fmt: skip
+    result = ppo.run(cfg, quiet=True)
+    assert math.isfinite(result["ppo/score"])
+    assert AutoTokenizer.from_pretrained(tmp_path / "ppo" / "final").pad_token == "<|pad|>"
