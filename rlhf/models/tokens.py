@@ -37,7 +37,8 @@ def prepare_tokenizer(
     tokenizer: PreTrainedTokenizerBase, add_pad_token: bool = True
 ) -> PreTrainedTokenizerBase:
     """Check EOS, add a PAD distinct from EOS when missing (unless `add_pad_token` is off), and give a
-    template-less tokenizer DEFAULT_CHAT_TEMPLATE. Changes `tokenizer` in place and returns it."""
+    template-less tokenizer DEFAULT_CHAT_TEMPLATE (after BOS where it adds one). Changes `tokenizer` in place and
+    returns it."""
     name = tokenizer.name_or_path
     if tokenizer.eos_token_id is None:
         raise RlhfError(f"tokenizer {name!r} has no EOS token")
@@ -53,7 +54,10 @@ def prepare_tokenizer(
         tokenizer.add_special_tokens({"pad_token": PAD})
         log.info("tokenizer %r %s: added PAD %r (id %d)", name, problem, PAD, tokenizer.pad_token_id)
     if not tokenizer.chat_template:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        # The template writes the BOS the tokenizer adds, as Llama's and Mistral's do: tools that tokenize a
+        # rendered chat without special tokens (apply_chat_template(tokenize=True), pipelines, vLLM) then see it too.
+        bos = "{{ bos_token }}" if special_prefix(tokenizer) == [tokenizer.bos_token_id] else ""
+        tokenizer.chat_template = bos + DEFAULT_CHAT_TEMPLATE
         log.info(
             "tokenizer %r has no chat template: using the default 'User: ...\\nAssistant: ...<EOS>' one", name
         )

@@ -18,6 +18,7 @@ from rlhf.models.heads import build_scalar_model
 from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhf.models.tokens import (
     DEFAULT_CHAT_TEMPLATE,
+    chat_prompt,
     encode_completions,
     encode_prompts,
     end_of_turn_id,
@@ -85,6 +86,16 @@ def test_chat_data_on_a_tokenizer_without_template_uses_the_default_one(tmp_path
     assert sum("no chat template" in r.getMessage() for r in caplog.records) == 1
     pairs = read_demonstrations(write_chat(tmp_path / "d.jsonl", [CHAT]), tok)
     assert pairs == [("User: Is the sky green?\nAssistant:", " No, it is blue.<|endoftext|>")]
+
+
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_the_default_template_tokenizes_as_our_prompts_do(family: str) -> None:
+    """Tools that tokenize a rendered chat without adding special tokens (pipelines, vLLM) get BOS where we do."""
+    tok = prepare_tokenizer(build_tokenizer(family))
+    ours = encode_prompts(tok, [chat_prompt(tok, CHAT[:1])])[0]
+    theirs = tok.apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert theirs["input_ids"] == ours
+    assert (ours[0] == tok.bos_token_id) == (family == "llama")
 
 
 def test_end_of_turn_and_stop_ids_follow_the_template() -> None:
