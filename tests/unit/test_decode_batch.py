@@ -136,7 +136,7 @@ def test_synced_decoding_keeps_no_graph_and_its_cache(
     if not slots:
         monkeypatch.setattr(decode_cache, "supports", lambda model, length: False)
     trained = load_causal_lm(str(tmp_path / "llama"), tokenizer=tok)
-    trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trained.train()
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], int(tok.pad_token_id))
     want, got = DecodeBatch(model, 64), DecodeBatch(trained, 64, synced=True)
