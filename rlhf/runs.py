@@ -151,12 +151,20 @@ def _log_changed_settings(stored: Path, config: BaseModel) -> None:
     before = _stored_settings(stored)
     if before is None:
         return
-    now = flat_config(config.model_dump(mode="json"))
-    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k, v) != v]
+    changed = changed_settings(before, flat_config(config.model_dump(mode="json")))
     if changed:
         log.warning(
             "%s: resuming with settings changed since the run started: %s", stored.parent, "; ".join(changed)
         )
+
+
+def changed_settings(
+    before: dict[str, Any], now: dict[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """ "key before -> now" for each flat setting (flat_config) that differs, those in `ignore` left out."""
+    return [
+        f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k, v) != v and k not in ignore
+    ]
 
 
 def check_same_settings(

@@ -27,6 +27,7 @@ from rlhf.errors import DataError
 
 FILE_LOADERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+DATASET_SUFFIXES = (*FILE_LOADERS, ".jsonl", *COMPRESSED)  # files read as rows of a dataset
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -104,11 +105,7 @@ def open_dataset(spec: str | Path) -> Any:
         )
     # A missing path is a typo, not a hub id, when it has a file suffix or names a folder that is here.
     in_local_folder = local.parent != Path(".") and local.parent.is_dir()
-    if (
-        local.suffix in (*FILE_LOADERS, ".jsonl", *COMPRESSED)
-        or not HUB_ID.fullmatch(path)
-        or in_local_folder
-    ):
+    if local.suffix in DATASET_SUFFIXES or not HUB_ID.fullmatch(path) or in_local_folder:
         raise DataError(f"{local}: file not found")
     return _pick_split(
         spec, _load(spec, lambda d: d.load_dataset(path, config, split=split), local=False), split

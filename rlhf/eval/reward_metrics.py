@@ -54,15 +54,15 @@ def clustered_wilson_interval(clusters: Sequence[tuple[int, int]], z: float = 1.
     """Wilson interval of the pooled rate sum(k) / sum(n) over clusters of (successes k, trials n) whose trials
     are not independent (several answers to one prompt): Wilson's at the effective sample size n / deff. The
     design effect deff (Kish 1965) is the cluster-robust variance of the pooled rate over its binomial variance,
-    never below 1, so clusters that vary no more than independent trials would give Wilson's interval itself.
-    (nan, nan) when there are no trials."""
+    never below 1, so clusters that vary no more than independent trials (clusters of one trial, among them)
+    give Wilson's interval itself. (nan, nan) when there are no trials."""
     n = sum(m for _, m in clusters)
     if n == 0:
         return float("nan"), float("nan")
     k = sum(y for y, _ in clusters)
-    p, c, deff = k / n, len(clusters), 1.0
-    if 0 < p < 1 and c > 1:
-        robust = c / (c - 1) * sum((y - p * m) ** 2 for y, m in clusters) / (n * n)
+    p, deff = k / n, 1.0
+    if 0 < p < 1:
+        robust = sum((y - p * m) ** 2 for y, m in clusters) / (n * n)
         deff = max(1.0, robust / (p * (1 - p) / n))
     return wilson_interval(k / deff, n / deff, z)
 

@@ -239,9 +239,17 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, exc: LoginRequired) -> Response:
-        # back to this page after logging in (a form's page: the path above the form's action); where a session
-        # cookie came with a form, the session has ended and what the form sent was not saved: the login says so
-        page = request.url.path if request.method == "GET" else request.url.path.rsplit("/", 1)[0]
+        # back to this page after logging in (after a labeler's form, its task page, the path above the form's
+        # action; after an admin's, the admin page); where a session cookie came with a form, the session has
+        # ended and what the form sent was not saved: the login says so
+        path = request.url.path
+        page = (
+            path
+            if request.method == "GET"
+            else path.rsplit("/", 1)[0]
+            if path.startswith("/label/")
+            else "/admin"
+        )
         ended = (
             ""
             if SESSION_COOKIE not in request.cookies

@@ -289,7 +289,13 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
                 f"The upstream engine did not answer: {failed!r}", 502, code="upstream_unavailable"
             ) from None
         stream = _ab_stream(state, replies, sides, bodies, chat, prompt, meta, body)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+        async def close_upstreams() -> None:  # also where the client left before the stream began
+            for r in replies:
+                await r.aclose()
+
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS,
+                                 background=BackgroundTask(close_upstreams))  # fmt: skip
     try:
         answers = await asyncio.gather(
             *(c.post(path, json=b, headers=headers) for (c, _), b in zip(sides, bodies, strict=True))

@@ -403,11 +403,9 @@ def policy_version(
 
 def log_changed_settings(loop: LoopRun, settings: dict[str, Any]) -> None:
     """Warn of the settings that differ from those the loop started with (more rounds are the usual change)."""
-    from rlhf.runs import flat_config
+    from rlhf.runs import changed_settings, flat_config
 
-    before, now = flat_config(loop.config), flat_config(settings)
-    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items()
-               if before.get(k, v) != v and k != "loop.rounds"]  # fmt: skip
+    changed = changed_settings(flat_config(loop.config), flat_config(settings), frozenset({"loop.rounds"}))
     if changed:
         log.warning("loop %s: started again with settings changed since it began, used from here on: %s",
                     loop.name, "; ".join(changed))  # fmt: skip

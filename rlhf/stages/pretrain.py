@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import PretrainConfig
-from rlhf.data.sources import COMPRESSED, FILE_LOADERS, iter_rows, text_field
+from rlhf.data.sources import DATASET_SUFFIXES, iter_rows, text_field
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.loading import (
     build_causal_lm,
@@ -29,8 +29,6 @@ from rlhf.train.common import make_accelerator
 from rlhf.train.lm_loop import Example, fit
 
 log = logging.getLogger(__name__)
-# Files read as rows of a dataset; any other file is plain text.
-DATASET_SUFFIXES = (".jsonl", *FILE_LOADERS, *COMPRESSED)
 
 
 def read_corpus(path: str | Path) -> list[str]:

@@ -595,9 +595,13 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # 4. log: loss and accuracy over every process's groups and pairs
-        loss_value = float(accelerator.reduce(step_loss, reduction="sum")) / global_groups
-        counts = torch.tensor([step_correct, step_pairs], device=accelerator.device)
-        step_correct, step_pairs = accelerator.reduce(counts, reduction="sum").tolist()
+        sums = torch.tensor(
+            [float(step_loss), step_correct, step_pairs], dtype=torch.float64, device=accelerator.device
+        )
+        loss_sum, correct, pairs = accelerator.reduce(
+            sums, reduction="sum"
+        ).tolist()  # one collective for the three
+        loss_value, step_correct, step_pairs = loss_sum / global_groups, int(correct), int(pairs)
         pairs_seen += step_pairs
         rate = pairs_seen / max(1e-9, time.perf_counter() - t0)
         progress.update(step, step_tokens * accelerator.num_processes, loss=loss_value)

@@ -126,7 +126,7 @@ def test_an_ended_session_says_the_answer_was_lost_and_returns_to_the_task(
     assert lost.status_code == 303 and lost.headers["location"] == "/login?next=/label/demo&lost=1"
     assert api.get("admin", "/api/votes").json() == []
     login = browser.get(lost.headers["location"]).text
-    assert "your last answer was not saved" in login and 'name="next" value="/label/demo"' in login
+    assert "what you last sent was not saved" in login and 'name="next" value="/label/demo"' in login
     back = browser.post("/login", data={"name": "lia", "password": "lia-password", "csrf_token": csrf_of(login),
                                         "next": "/label/demo"}, follow_redirects=False)  # fmt: skip
     assert back.status_code == 303 and back.headers["location"] == "/label/demo"

@@ -38,13 +38,15 @@ def test_wilson_interval_matches_hand_computation() -> None:
 
 def test_clustered_wilson_interval_widens_by_the_design_effect() -> None:
     """Ten attacks of ten answers each. Attacks that all succeed or all fail carry the information of ten
-    answers, not a hundred: the design effect is 100/9 by hand (cluster-robust variance 10/9 * 10 * 25 / 100^2
-    over the binomial 0.25 / 100), so the interval is Wilson's at an effective n of 9. Attacks that each succeed
-    5 times in 10 vary less than independent answers would: Wilson's own interval."""
+    answers, not a hundred: the design effect is 10 by hand (cluster-robust variance 10 * 25 / 100^2 over the
+    binomial 0.25 / 100), so the interval is Wilson's at an effective n of 10. Attacks that each succeed 5 times
+    in 10 vary less than independent answers would, and answers one to an attack are independent: Wilson's own
+    interval."""
     alike = [(10, 10)] * 5 + [(0, 10)] * 5
-    assert clustered_wilson_interval(alike) == pytest.approx(wilson_interval(4.5, 9.0))
+    assert clustered_wilson_interval(alike) == pytest.approx(wilson_interval(5, 10))
     assert clustered_wilson_interval(alike)[0] < wilson_interval(50, 100)[0] - 0.1
     assert clustered_wilson_interval([(5, 10)] * 10) == pytest.approx(wilson_interval(50, 100))
+    assert clustered_wilson_interval([(1, 1)] * 3 + [(0, 1)] * 7) == pytest.approx(wilson_interval(3, 10))
     assert clustered_wilson_interval([(0, 10)] * 3) == pytest.approx(wilson_interval(0, 30))
     assert all(math.isnan(x) for x in clustered_wilson_interval([]))
 

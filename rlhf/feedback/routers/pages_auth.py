@@ -35,7 +35,7 @@ def home(request: Request, session: SessionDep, secret: SecretDep) -> Response:
 # what the login page says when a page sent the browser to it because the session had ended
 ENDED = {
     "ended": "Your session has ended. Log in to go on where you were.",
-    "lost": "Your session had ended, so your last answer was not saved. Log in to answer it again.",
+    "lost": "Your session had ended, so what you last sent was not saved. Log in to send it again.",
 }
 
 
@@ -57,6 +57,7 @@ def login(
     password: Annotated[str, Form(max_length=256)],
     after: Annotated[str | None, Form(alias="next", max_length=300)] = None,
 ) -> Response:
+    after = after if return_path(after) else None  # only the app's own pages
     limits: LoginLimits = request.app.state.login_limits
     address = request.client.host if request.client else ""
     try:  # before the password check: a guess refused here costs no argon2 time
@@ -64,15 +65,15 @@ def login(
     except RateLimited as e:
         message = f"Too many login attempts {e.scope}. Try again in {e.retry_after_s} s."
         headers = {"Retry-After": str(e.retry_after_s)}
-        context = {"message": message, "next": after if return_path(after) else None}
+        context = {"message": message, "next": after}
         return render(request, "login.html", context, status_code=429, headers=headers)
     user = authenticate(session, name, password)
     if user is None:
         limits.failed(name)
-        context = {"message": "Wrong name or password.", "next": after if return_path(after) else None}
+        context = {"message": "Wrong name or password.", "next": after}
         return render(request, "login.html", context, status_code=401)
     home = "/admin" if user.role == "admin" else "/label"
-    response = RedirectResponse(after if after is not None and return_path(after) else home, status_code=303)
+    response = RedirectResponse(after or home, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         make_session_cookie(secret, user.id, settings.session_max_age_s, user.session_generation),

@@ -189,7 +189,7 @@ def undo(
     vote_id: Annotated[int, Form(ge=1, le=MAX_INT32)],
 ) -> Response:
     try:
-        store.undo(session, user, settings.undo_window_s, vote_id)
+        store.undo(session, user, settings.undo_window_s, vote_id, projects.get_project(session, project))
     except (Conflict, NotFound):
         return RedirectResponse(f"/label/{project}?msg=undo_failed", status_code=303)
     return RedirectResponse(f"/label/{project}?msg=undone", status_code=303)
