@@ -164,8 +164,9 @@ class SFTConfig(TrainConfig):
     model: str = Field("runs/pretrain/final", description="checkpoint to fine-tune (local dir or hub id)")
     train_file: str = Field(
         "data/demo/sft.jsonl",
-        description="{prompt, response} or {messages} rows: a JSONL, JSON, Parquet or CSV file, a saved datasets "
-        "folder or a hub id (NAME[:CONFIG][@SPLIT])",
+        description="{prompt, completion}, {prompt, response}, {messages} or {text} rows (completion and prompt "
+        "may be message lists): a JSONL, JSON, Parquet or CSV file, a saved datasets folder or a hub id "
+        "(NAME[:CONFIG][@SPLIT])",
     )
     eval_file: str | None = Field(None, description="held-out demonstrations; default: a split of train_file")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share held out when eval_file is unset")
@@ -367,7 +368,7 @@ class PPOConfig(TrainConfig):
         description="held-out {prompt} or {messages} rows for the reward-hacking guard; unset = no guard",
     )
     ptx_file: str | None = Field(
-        None, description="JSONL of demonstrations for PPO-ptx ({prompt, response} or {messages})"
+        None, description="demonstrations for PPO-ptx, rows as sft.train_file's (any data source)"
     )
     iterations: int = Field(100, gt=0, description="PPO iterations (generate, score, update)")
     max_steps: int = Field(

@@ -178,13 +178,15 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
-def chat_demonstration(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> tuple[str, str]:
-    """(prompt, response) texts of a conversation that ends with the assistant's turn, as the template renders
-    them: the response is that turn up to and including the end-of-turn token (what follows it, such as a
-    newline, belongs to no turn). ValueError when the template renders the history differently once the
-    reply follows (no clean cut exists)."""
-    prompt = chat_prompt(tokenizer, messages[:-1])
-    full = str(tokenizer.apply_chat_template(messages, tokenize=False))
+def chat_demonstration(
+    tokenizer: PreTrainedTokenizerBase, prompt_messages: list[dict[str, Any]], reply: list[dict[str, Any]]
+) -> tuple[str, str]:
+    """(prompt, response) texts of a conversation and the reply that follows it (ending with the assistant's
+    turn), as the template renders them: the prompt with the generation prompt, the response up to and
+    including the reply's last end-of-turn token (what follows it, such as a newline, belongs to no turn).
+    ValueError when the template renders the history differently once the reply follows (no clean cut)."""
+    prompt = chat_prompt(tokenizer, prompt_messages)
+    full = str(tokenizer.apply_chat_template(prompt_messages + reply, tokenize=False))
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the conversation differently once the answer follows")
     response = full[len(prompt) :]

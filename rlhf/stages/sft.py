@@ -1,10 +1,12 @@
 """`rlhf sft`: supervised fine-tuning on prompt -> response demonstrations.
 
-Rows are `{prompt, response}` or chat `{messages: [...]}` (rendered with the tokenizer's chat template; the last
-assistant turn is the response, up to and including the template's end-of-turn token). Loss falls on response
-tokens only, each response ends with EOS or the end-of-turn token, padding is masked; the prompt carries the
-tokenizer's BOS once (rlhf.models.tokens). The loop is the shared LM loop; after it, a few held-out prompts are answered by sampling, to show
-whether the model ends its answers.
+Rows are TRL's prompt-completion `{prompt, completion}` (or `{prompt, response}`), conversational
+`{prompt: [...], completion: [...]}` or `{messages: [...]}` (rendered with the tokenizer's chat template; the
+assistant's reply is the response, up to and including the template's end-of-turn token), or plain `{text}` (all
+response). Loss falls on response tokens only, each response ends with EOS or the end-of-turn token, padding is
+masked; the prompt carries the tokenizer's BOS once (rlhf.models.tokens, rlhf.train.demonstrations). The loop
+is the shared LM loop; after it, a few held-out prompts are answered by sampling, to show whether the model
+ends its answers.
 """
 
 from __future__ import annotations
@@ -62,10 +64,10 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                  accelerator=accelerator, run=run_dir, checkpoint=checkpoint, quiet=quiet)  # fmt: skip
 
     # Sample answers to held-out prompts: does the model end its answers with EOS?
-    if accelerator.is_main_process and held_rows:
+    prompts = [p for p, _ in held_rows if p][:64]  # `text` rows have no prompt to answer
+    if accelerator.is_main_process and prompts:
         final = load_causal_lm(str(run_dir.dir / "final"))
         final.eval()
-        prompts = [p for p, _ in held_rows[:64]]
         ids = encode_prompts(tokenizer, prompts)
         gen = generate(final, ids, SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.95, seed=cfg.seed),
                        stop_ids(tokenizer), tokenizer.pad_token_id)  # fmt: skip

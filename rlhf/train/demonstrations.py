@@ -1,12 +1,17 @@
 """SFT demonstrations, read and tokenized: the data of `rlhf sft` and of PPO's pretraining mix (ptx).
 
-Rows are `{prompt, response}` or chat `{messages: [...]}` (rendered with the tokenizer's chat template; the last
-assistant turn is the response). Loss falls on response tokens only, each ending with EOS or the end-of-turn token.
+Rows, in the shapes TRL documents (docs/formats.md, "SFT demonstrations"):
+  {"prompt": str, "completion": str}        prompt-completion; {"prompt", "response"} is read the same way
+  {"prompt": [msgs], "completion": [msgs]}  conversational prompt-completion, rendered with the chat template
+  {"messages": [msgs]}                      a conversation; the last assistant turn is the response
+  {"text": str}                             plain text, all of it the response (no prompt)
+Loss falls on response tokens only, each ending with EOS or the end-of-turn token.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -17,31 +22,57 @@ from rlhf.train.lm_loop import IGNORE, Example
 
 
 def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, str]]:
-    """(prompt, response) text pairs from {prompt, response} or {messages} rows of any source of
-    rlhf.data.sources (JSONL, JSON, Parquet, CSV, a saved `datasets` folder, a hub id), with source:row errors."""
+    """(prompt, response) text pairs from the rows above, of any source of rlhf.data.sources (JSONL, JSON,
+    Parquet, CSV, a saved `datasets` folder, a hub id), with source:row errors. A `text` row's prompt is ""."""
     pairs = []
     for where, row in iter_rows(path):
-        if "messages" in row:
-            messages = row["messages"]
-            if (
-                not isinstance(messages, list)
-                or not messages
-                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-            ):
-                raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        if "messages" in row:  # before `prompt`: ultrafeedback_binarized's SFT split has both
+            messages = _messages(row, "messages", where)
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{where}: the last message must be the assistant's answer")
-            try:
-                pairs.append(chat_demonstration(tokenizer, messages))
-            except (
-                Exception
-            ) as e:  # the template's own errors (jinja2 TemplateError, ValueError) name the problem
-                raise DataError(f"{where}: the chat template cannot render these messages: {e}") from None
+            pairs.append(_render(tokenizer, messages[:-1], messages[-1:], where))
+        elif "text" in row:
+            pairs.append(("", text_field(row, "text", where)))
+        elif isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+            pairs.append(_conversational(tokenizer, row, where))
         else:
-            pairs.append((text_field(row, "prompt", where), text_field(row, "response", where)))
+            reply = "completion" if "completion" in row else "response"
+            pairs.append((text_field(row, "prompt", where), text_field(row, reply, where)))
     if not pairs:
         raise DataError(f"{path}: no demonstrations (empty file)")
     return pairs
+
+
+def _conversational(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], where: str) -> tuple[str, str]:
+    """A TRL conversational prompt-completion row: the completion's messages end with the assistant's turn."""
+    for key in ("prompt", "completion"):
+        if not isinstance(row.get(key), list):
+            raise DataError(f"{where}: 'prompt' and 'completion' should both be message lists or both be str")
+    prompt, completion = _messages(row, "prompt", where), _messages(row, "completion", where)
+    if completion[-1]["role"] != "assistant":
+        roles = [m["role"] for m in completion]
+        raise DataError(f"{where}: 'completion' should end with the assistant's turn, got roles {roles}")
+    return _render(tokenizer, prompt, completion, where)
+
+
+def _messages(row: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    messages = row[key]
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+    ):
+        raise DataError(f"{where}: {key!r} must be a list of {{role, content}} objects")
+    return messages
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, Any]], reply: list[dict[str, Any]], where: str
+) -> tuple[str, str]:
+    try:
+        return chat_demonstration(tokenizer, prompt, reply)
+    except Exception as e:  # the template's own errors (jinja2 TemplateError, ValueError) name the problem
+        raise DataError(f"{where}: the chat template cannot render these messages: {e}") from None
 
 
 def tokenize_demonstrations(
