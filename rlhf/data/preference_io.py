@@ -210,8 +210,8 @@ def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
     if fmt == "conversational":
         return ConversationalPair(
             _messages(obj, "prompt", where),
-            _messages(obj, "chosen", where),
-            _messages(obj, "rejected", where),
+            _reply(obj, "chosen", where),
+            _reply(obj, "rejected", where),
             _number(obj, "margin", where, required=False),
             _get(obj, "labeler", str, where, required=False),
         )
@@ -347,6 +347,17 @@ def _messages(obj: dict[str, Any], key: str, where: str) -> list[Message]:
                 where, f"{key}[{i}] should be {{'role': str, 'content': str}} and nothing else, got {m!r:.80}"
             )
     return [Message(m["role"], m["content"]) for m in value]
+
+
+def _reply(obj: dict[str, Any], key: str, where: str) -> list[Message]:
+    """A conversational reply: messages that start with the assistant's turn (what the reward model scores)."""
+    reply = _messages(obj, key, where)
+    if reply[0].role != "assistant":
+        _fail(
+            where,
+            f"field {key!r} should start with the assistant's turn, got roles {[m.role for m in reply]}",
+        )
+    return reply
 
 
 def split_hh(transcript: str) -> tuple[str, str]:

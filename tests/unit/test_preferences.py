@@ -444,6 +444,11 @@ VALID = json.dumps({"prompt": "p", "completion_a": "a", "completion_b": "b", "ch
             "field 'chosen' is an empty list of messages",
         ),
         (
+            '{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}], '
+            '"rejected": [{"role": "user", "content": "b"}]}',
+            "field 'rejected' should start with the assistant's turn, got roles ['user']",
+        ),
+        (
             '{"prompt": "p", "chosen": "a", "rejected": "b", "rating": 1}',
             "ambiguous record (looks like pairs and rating); keys seen: ['chosen', 'prompt', 'rating', 'rejected']",
         ),
