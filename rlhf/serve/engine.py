@@ -133,6 +133,7 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self.max_queue = max_queue
         self.stop_ids = stop_ids(tokenizer)  # EOS and the chat template's end-of-turn token
+        self.vocab_size = int(self.model.config.vocab_size)  # the token ids a prompt may hold
         self.pad_id = int(tokenizer.pad_token_id)
         self.device = next(model.parameters()).device
         self.batch_sizes: Counter[int] = Counter()  # decode steps by number of rows, for tests and /metrics
@@ -263,10 +264,9 @@ class Engine:
     def _refuse(self, seq: Sequence) -> str | None:
         """Why the model cannot take this row (the routers check these first; this keeps the batch safe
         from a caller that did not), or None."""
-        vocab = int(self.model.config.vocab_size)
         if not seq.prompt_ids:
             return "empty prompt"
-        if any(not 0 <= t < vocab for t in seq.prompt_ids):
+        if any(not 0 <= t < self.vocab_size for t in seq.prompt_ids):
             return "a prompt token id outside the vocabulary"
         if not 0 <= seq.params.top_k < 2**62:
             return f"top_k {seq.params.top_k} out of range"

@@ -101,10 +101,12 @@ def validation_error(errors: Any) -> APIError:
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
             "your HTTP library correctly. The OpenAI API expects a JSON payload.)"
         )
-    # For a union (`stop`: a string or a list) pydantic reports every member that failed; the member whose
-    # type did not even match the input ("should be a valid string" for a list) says the least.
+    # For a union (`stop`: a string or a list) pydantic reports every member that failed; a member whose
+    # type did not even match the input ("should be a valid string" for a list) says the least, and one
+    # whose items matched but broke a bound (a negative token id in a prompt's ids) says the most.
+    bounded = [e for e in errors if not e["type"].endswith("_type") and any(map(_is_union_tag, e["loc"]))]
     telling = [e for e in errors if not (e["type"].endswith("_type") and _is_union_tag(e["loc"][-1]))]
-    err = (telling or errors)[0]
+    err = (bounded or telling or errors)[0]
     loc = [
         str(p) for p in err["loc"] if p not in ("body", "header", "query", "path") and not _is_union_tag(p)
     ]

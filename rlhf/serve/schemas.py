@@ -23,6 +23,7 @@ Unit = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[Stop], Field(max_length=MAX_STOP)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
 
 
 # OpenAI fields this server cannot honour, and the values that ask for nothing (so clients that send the
@@ -142,8 +143,19 @@ class ChatCompletionRequest(SamplingRequest):
     )
 
 
+# a prompt, a list of prompts, a prompt's token ids, or a list of those (as OpenAI and vLLM take them)
+Prompt = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: Prompt = Field(
+        description="a prompt, a list of prompts, a prompt's token ids, or a list of those"
+    )
 
 
 class FeedbackIn(BaseModel):

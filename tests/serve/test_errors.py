@@ -62,6 +62,9 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         "presence_penalty",
     ),
     ("empty prompt without BOS", "/v1/completions", {**COMPLETION, "prompt": ""}, 400, "prompt"),
+    ("token id out of vocabulary", "/v1/completions", {**COMPLETION, "prompt": [5, 10**6]}, 400, "prompt"),
+    ("negative token id", "/v1/completions", {**COMPLETION, "prompt": [[5], [-2]]}, 400, "prompt.1.0"),
+    ("empty token ids", "/v1/completions", {**COMPLETION, "prompt": [[]]}, 400, "prompt.0"),
     ("empty stop string", "/v1/completions", {**COMPLETION, "stop": ""}, 400, "stop"),
     ("empty stop in a list", "/v1/completions", {**COMPLETION, "stop": ["a", ""]}, 400, "stop.1"),
     (
@@ -218,6 +221,7 @@ def test_malformed_requests_among_32_generations_in_flight_harm_none(server: dic
         b'{"model": "\\ud800", "prompt": "hi"}',
         b'{"model": "tiny", "prompt": [',
         {**CHAT, "response_format": {"type": "json_object"}},
+        {**COMPLETION, "prompt": [[5, 6], [10**6]]},
     ]
 
     async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:

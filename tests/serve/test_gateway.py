@@ -184,6 +184,19 @@ def test_ab_request_the_engine_refuses_gets_its_4xx(
         assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_a_prompt_of_token_ids_passes_through_without_ab(
+    gateway: dict[str, Any], server: dict[str, Any]
+) -> None:
+    """The gateway has no tokenizer to store the text of a prompt given as token ids: the engine alone answers."""
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}
+    direct = httpx.post(server["url"] + "/v1/completions", json=body, timeout=30).json()
+    client: openai.OpenAI = gateway["client"]
+    for prompt in ([5, 6, 7], [[5, 6, 7]]):
+        out = client.completions.create(**{**body, "prompt": prompt}, extra_body={"ab": True})
+        assert len(out.choices) == 1 and "feedback_id" not in (out.model_extra or {})
+        assert out.choices[0].text == direct["choices"][0]["text"]
+
+
 def test_feedback_without_a_store_gets_the_status_its_schema_documents() -> None:
     settings = GatewaySettings(upstream="http://127.0.0.1:9/v1")
     vote = {"feedback_id": "ab-x", "feedback_token": "0" * 64, "choice": "A", "idempotency_key": "k" * 10}

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from rlhf.data.demo_task import render_prompt
+from rlhf.models.tokens import encode_prompts
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -91,6 +92,20 @@ def test_completions_with_a_list_of_prompts(client: openai.OpenAI) -> None:
     )
     assert out.object == "text_completion"
     assert [c.index for c in out.choices] == [0, 1, 2, 3] and all(c.finish_reason for c in out.choices)
+
+
+def test_completions_take_prompts_as_token_ids(client: openai.OpenAI, server: dict[str, Any]) -> None:
+    """As OpenAI and vLLM take them: a prompt's token ids, or a list of those, continued as they are."""
+    text = "User: hi\nAssistant:"
+    ids = encode_prompts(server["state"].main.tokenizer, [text])[0]
+    kwargs: dict[str, Any] = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    by_text = client.completions.create(prompt=text, **kwargs)
+    by_ids = client.completions.create(prompt=ids, **kwargs)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage is not None and by_ids.usage.prompt_tokens == len(ids)
+    both = client.completions.create(prompt=[ids, ids[:3]], **kwargs)
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == by_text.choices[0].text
+    assert both.usage is not None and both.usage.prompt_tokens == len(ids) + 3
 
 
 def test_models_list_the_policy_and_candidate_with_versions(client: openai.OpenAI) -> None:

@@ -1,4 +1,4 @@
-"""POST /v1/completions: plain-text prompts (one or a list), continued as they are; JSON or a stream."""
+"""POST /v1/completions: prompts (one or a list, as text or token ids) continued as they are; JSON or a stream."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from rlhf.serve.schemas import (
     SSE_HEADERS,
     Completion,
     CompletionRequest,
+    Prompt,
     TextChoice,
     Usage,
     sse,
@@ -43,14 +44,7 @@ async def completions(
 ) -> Completion | StreamingResponse | Response:
     policy = state.policy(body.model)
     check_supported(body)
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    prompts = encode_prompts(policy.tokenizer, texts)
-    if not all(prompts):
-        raise APIError(
-            f"An empty prompt cannot be continued: the model '{policy.name}' has no BOS token to start from.",
-            param="prompt",
-            code="empty_prompt",
-        )
+    prompts, texts = encode(policy, body.prompt)
     # One set of parameters for all prompts, so the longest prompt decides whether max_tokens fits.
     params = row_params(body, body.max_tokens, max(len(p) for p in prompts), policy, "prompt")
     ab = wants_ab(state, body, request, len(prompts))
@@ -81,6 +75,32 @@ async def completions(
         ),
         **(ab_pair.fields() if ab_pair else {}),
     )
+
+
+def encode(policy: Policy, prompt: Prompt) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids and text. Text is encoded after the tokenizer's BOS, if it adds one; token ids
+    are taken as they are (as OpenAI and vLLM take them) and decoded for the feedback store."""
+    # one prompt (text or ids) becomes a list of one; the schema makes every list all text or all ids
+    items: list[Any] = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+    if isinstance(items[0], str):
+        prompts = encode_prompts(policy.tokenizer, items)
+        if not all(prompts):
+            raise APIError(
+                f"An empty prompt cannot be continued: the model '{policy.name}' has no BOS token to start "
+                "from.",
+                param="prompt",
+                code="empty_prompt",
+            )
+        return prompts, items
+    vocab = policy.engine.vocab_size
+    bad = next((t for ids in items for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise APIError(
+            f"Token id {bad} is out of vocabulary: the model '{policy.name}' takes ids 0 to {vocab - 1}.",
+            param="prompt",
+            code="invalid_token_id",
+        )
+    return items, [str(policy.tokenizer.decode(ids)) for ids in items]
 
 
 async def _stream(
