@@ -41,8 +41,13 @@ NEUTRAL: dict[str, list[Any]] = {
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    # extra="allow": options other servers define (vLLM's continuous_usage_stats) still count as given
+    model_config = ConfigDict(strict=True, extra="allow")
     include_usage: bool = False
+
+    def given(self) -> bool:
+        """Whether any option is set: `{}` asks for nothing, as vLLM reads it."""
+        return bool(self.model_fields_set or self.model_extra)
 
 
 class SamplingRequest(BaseModel):

@@ -45,6 +45,9 @@ class ChoiceResult:
 
 
 def check_supported(req: SamplingRequest) -> None:
+    """A 400 for a parameter this server does not implement, or one that only applies to streams."""
+    if req.stream_options is not None and req.stream_options.given() and not req.stream:
+        raise APIError("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
     field = req.unsupported()
     if field is not None:
         raise APIError(

@@ -65,6 +65,20 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("token id out of vocabulary", "/v1/completions", {**COMPLETION, "prompt": [5, 10**6]}, 400, "prompt"),
     ("negative token id", "/v1/completions", {**COMPLETION, "prompt": [[5], [-2]]}, 400, "prompt.1.0"),
     ("empty token ids", "/v1/completions", {**COMPLETION, "prompt": [[]]}, 400, "prompt.0"),
+    (
+        "stream_options without stream",
+        "/v1/chat/completions",
+        {**CHAT, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    (
+        "stream_options with stream false",
+        "/v1/completions",
+        {**COMPLETION, "stream": False, "stream_options": {"include_usage": False}},
+        400,
+        "stream_options",
+    ),
     ("empty stop string", "/v1/completions", {**COMPLETION, "stop": ""}, 400, "stop"),
     ("empty stop in a list", "/v1/completions", {**COMPLETION, "stop": ["a", ""]}, 400, "stop.1"),
     (
@@ -164,6 +178,13 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server: dict[str, Any
     assert r.status_code == 200, r.text
 
 
+def test_stream_options_that_ask_for_nothing_need_no_stream(server: dict[str, Any]) -> None:
+    """As vLLM reads them: null or {} without `stream` is no request for stream options."""
+    for options in (None, {}):
+        r = httpx.post(server["url"] + "/v1/chat/completions", json={**CHAT, "stream_options": options})
+        assert r.status_code == 200, r.text
+
+
 def test_top_k_minus_one_is_off_as_vllm_clients_send_it(server: dict[str, Any]) -> None:
     body = {**COMPLETION, "seed": 7, "temperature": 1.0, "max_tokens": 6}
     texts = [
@@ -222,6 +243,7 @@ def test_malformed_requests_among_32_generations_in_flight_harm_none(server: dic
         b'{"model": "tiny", "prompt": [',
         {**CHAT, "response_format": {"type": "json_object"}},
         {**COMPLETION, "prompt": [[5, 6], [10**6]]},
+        {**CHAT, "stream_options": {"include_usage": True}},
     ]
 
     async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:

@@ -184,6 +184,21 @@ def test_ab_request_the_engine_refuses_gets_its_4xx(
         assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_an_ab_request_with_stream_options_but_no_stream_gets_the_engines_400(
+    gateway: dict[str, Any], server: dict[str, Any]
+) -> None:
+    body = {
+        "model": "tiny",
+        "messages": HELLO,
+        "max_tokens": 2,
+        "ab": True,
+        "stream_options": {"include_usage": True},
+    }
+    for url in (gateway["url"], server["url"]):
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+
+
 def test_a_prompt_of_token_ids_passes_through_without_ab(
     gateway: dict[str, Any], server: dict[str, Any]
 ) -> None:
