@@ -54,6 +54,8 @@ class RowParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # chat: the answer is shown without its leading whitespace, so no stop string is looked for in it
+    skip_leading_space: bool = False
 
 
 @dataclass
@@ -346,7 +348,8 @@ class Engine:
 
     def _update_text(self, seq: Sequence) -> None:
         seq.text = self._decode_text(seq)
-        cut = min((i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0), default=-1)
+        start = len(seq.text) - len(seq.text.lstrip()) if seq.params.skip_leading_space else 0
+        cut = min((i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0), default=-1)
         if cut >= 0:
             seq.text = seq.text[:cut]
             seq.finish_reason = "stop"

@@ -8,9 +8,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 from rlhf.data.demo_task import render_prompt
-from rlhf.models.tokens import encode_prompts
+from rlhf.models.tokens import encode_prompts, encode_responses
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -106,6 +107,27 @@ def test_completions_take_prompts_as_token_ids(client: openai.OpenAI, server: di
     both = client.completions.create(prompt=[ids, ids[:3]], **kwargs)
     assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == by_text.choices[0].text
     assert both.usage is not None and both.usage.prompt_tokens == len(ids) + 3
+
+
+def test_chat_stop_strings_are_not_looked_for_in_the_dropped_leading_space(
+    client: openai.OpenAI, server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat answer is shown without its leading whitespace; a stop string met only there (a newline right
+    after "Assistant:") must not end an answer the user sees nothing of. Completions keep every character."""
+    engine = server["state"].main.engine
+    script = encode_responses(engine.tokenizer, [" \nHi there\nUser: more"])[0]
+
+    def scripted(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:  # the tokens of `script`, in order
+        return torch.tensor([script[min(len(s.tokens), len(script) - 1)] for s in seqs])
+
+    monkeypatch.setattr(engine, "_sample", scripted)
+    kwargs: dict[str, Any] = {"model": "tiny", "max_tokens": len(script), "stop": ["\n"]}
+    chat = client.chat.completions.create(messages=HELLO, **kwargs).choices[0]  # type: ignore[arg-type]
+    assert (chat.message.content, chat.finish_reason) == ("Hi there", "stop")
+    chunks = client.chat.completions.create(messages=HELLO, stream=True, **kwargs)  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi there"
+    text = client.completions.create(prompt="User: hi\nAssistant:", **kwargs).choices[0]
+    assert (text.text, text.finish_reason) == (" ", "stop")
 
 
 def test_models_list_the_policy_and_candidate_with_versions(client: openai.OpenAI) -> None:

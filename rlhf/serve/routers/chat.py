@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -61,6 +62,8 @@ async def chat_completions(
         "messages",
         max_tokens_param,
     )
+    # the answer's leading whitespace (the space after "Assistant:") is dropped below: stops skip it too
+    params = replace(params, skip_leading_space=True)
     ab = wants_ab(state, body, request, 1)
     specs = plan_choices(state, policy, [prompt_ids], params, body.n or 1, ab)
     meta: dict[str, Any] = {
