@@ -37,6 +37,7 @@ FAST_OVERRIDES = [
     "generate.short_k=1",
     "reward.normalise.n_prompts=64",
     "ppo.iterations=12",
+    "ppo.lr=2e-4",  # a dozen iterations: the larger steps the full demo gave up for its 80
     "ppo.guard_every=4",
     "ppo.guard_prompts=32",
     "ppo.save_every=6",
