@@ -35,11 +35,16 @@ from rlhf.engine.decode_cache import DecodeStep, SlotCache
 __all__ = ["CachedStep", "DecodeBatch"]
 
 
-def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    """Whether the model (or, under a LoRA wrapper, its base model) can compute logits for the last positions only."""
+def _step_options(model: PreTrainedModel) -> dict[str, Any]:
+    """Forward keywords for a decoding step that the model (or, under a LoRA wrapper, its base model) takes:
+    logits for the last position only, and no router logits. A mixture of experts whose config asks for them
+    (`output_router_logits`, for training) would compute its load-balancing loss at every step, over an
+    attention mask that covers the cache while the router logits cover the new tokens: a size mismatch."""
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    accepted = inspect.signature(base.forward).parameters
+    options = {"logits_to_keep": 1, "output_router_logits": False}
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def cache_keyword(model: PreTrainedModel) -> str:
@@ -63,7 +68,7 @@ class CachedStep:
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.cache_kw = cache_keyword(model)
-        self.extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        self.extra = _step_options(model)
 
     def __call__(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any

@@ -60,10 +60,32 @@ def tree_attention_mask(groups: Tensor, branches: Tensor | None = None, additive
 
 def takes_4d_mask(model: Any) -> tuple[bool, bool]:
     """(a custom 4-D mask works, it must be additive): SDPA takes a boolean one, eager an additive one;
-    flash-attention kernels take none. Looks through DDP and peft wrappers to the model's config."""
+    flash-attention kernels take none, and ALiBi models (Bloom, Falcon with `alibi`) build their position bias
+    from a 2-D mask. Looks through DDP and peft wrappers to the model's config. A sliding window is not in the
+    mask: see `sliding_window`."""
     model = getattr(model, "module", model)
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return attention in ("sdpa", "eager"), attention == "eager"
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    alibi = getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
+    return attention in ("sdpa", "eager") and not alibi, attention == "eager"
+
+
+def sliding_window(model: Any) -> int | None:
+    """The window of the model's sliding-window layers, None where every layer attends to the whole sequence.
+    A custom 4-D mask replaces the model's own, window included, so it is exact only for sequences no longer
+    than this. Without `layer_types` (Mistral, Phi-3, Starcoder2) a window set applies to every layer."""
+    model = getattr(model, "module", model)
+    get_base = getattr(model, "get_base_model", None)
+    config = getattr(get_base() if callable(get_base) else model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = "sliding_attention" in layer_types if layer_types else window is not None
+    return int(window) if sliding and isinstance(window, int) else None
+
+
+def within_window(window: int | None, longest: int) -> bool:
+    """Whether sequences of up to `longest` tokens never reach past a sliding window of `window` (None: none)."""
+    return window is None or longest <= window
 
 
 @dataclass(frozen=True)
@@ -212,8 +234,11 @@ def layout(
     pack: bool,
     additive: bool,
     hidden_size: int | None = None,
+    window: int | None = None,
 ) -> TokenLayout:
-    """Packed rows when asked for and possible (every prompt has a token), else padded rows."""
-    if pack and bool(mask[:, :n_prompt].any(1).all()):
+    """Packed rows when asked for and possible (every prompt has a token, and no sequence is longer than the
+    models' sliding `window`, which a custom mask would drop), else padded rows."""
+    longest = int(mask.sum(1).max()) if mask.numel() else 0
+    if pack and within_window(window, longest) and bool(mask[:, :n_prompt].any(1).all()):
         return packed_layout(ids, mask, n_prompt, pad_id, additive, hidden_size)
     return padded_layout(ids, mask, n_prompt)

@@ -39,7 +39,14 @@ from rlhf.config import DPOConfig
 from rlhf.data.jsonl import write_json
 from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
 from rlhf.engine import lean_llama
-from rlhf.engine.packing import pack_rows, row_width, takes_4d_mask, tree_attention_mask
+from rlhf.engine.packing import (
+    pack_rows,
+    row_width,
+    sliding_window,
+    takes_4d_mask,
+    tree_attention_mask,
+    within_window,
+)
 from rlhf.errors import DataError
 from rlhf.losses import Stats, dpo_loss, simpo_loss
 from rlhf.models.loading import (
@@ -350,7 +357,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     pack, additive = takes_4d_mask(policy_model)
     hidden_size = getattr(policy_model.config, "hidden_size", None)
     # a judgement's prompt forwarded once, its answers as branches, where the attention takes a 4-D mask
-    shared = cfg.pack_sequences and pack
+    shared = cfg.pack_sequences and pack and within_window(sliding_window(policy_model), max_len)
     collate_fn: CollateFn = lambda items: collate(items, pad_id, shared, additive, hidden_size).to(device)  # noqa: E731
 
     # the reference's log-probs: once per run (read back on resume), then the reference is not needed again

@@ -47,7 +47,7 @@ from rlhf.data.jsonl import write_json
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine import lean_llama
 from rlhf.engine.decoding import Generation, SamplingParams, decode_responses, generate
-from rlhf.engine.packing import TokenLayout, layout, takes_4d_mask
+from rlhf.engine.packing import TokenLayout, layout, sliding_window, takes_4d_mask
 from rlhf.engine.sampling import stream_keys
 from rlhf.errors import ConfigError, DataError
 from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
@@ -447,10 +447,15 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     critic_base = None if critic_module is None else critic_module.hf_model
     masks = [takes_4d_mask(m) for m in (actor.model, critic_base, *members, reference) if m is not None]
     pack, additive = cfg.pack_sequences and all(ok for ok, _ in masks), any(add for _, add in masks)
+    # a batch with a sequence longer than a model's sliding window goes in padded rows, where the model masks
+    windows = [
+        w for m in (actor.model, critic_base, *members, reference) if (w := sliding_window(m)) is not None
+    ]
+    window = min(windows, default=None)
     # rows as wide as suits the policy, which computes the most passes (packing.row_width)
     hidden_size = getattr(actor.model.config, "hidden_size", None)
     layout_of: LayoutFn = lambda ids, mask, n_prompt: layout(  # noqa: E731
-        ids, mask, n_prompt, tokenizer.pad_token_id, pack, additive, hidden_size
+        ids, mask, n_prompt, tokenizer.pad_token_id, pack, additive, hidden_size, window
     )
     return PPOState(
         cfg, accelerator, tokenizer, run_dir, fitting, guard_prompts, guard_index, ptx, prepared_policy, actor,

@@ -40,7 +40,7 @@ from rlhf.data.prompts import read_prompt_rows
 from rlhf.data.sources import iter_rows, text_field
 from rlhf.engine import lean_llama
 from rlhf.engine.decoding import SamplingParams, generate
-from rlhf.engine.packing import pack_rows, takes_4d_mask, tree_attention_mask
+from rlhf.engine.packing import pack_rows, sliding_window, takes_4d_mask, tree_attention_mask, within_window
 from rlhf.errors import ConfigError, DataError
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.losses import grouped_bt_loss
@@ -295,9 +295,10 @@ def micro_batches_by_length(
 
 
 def uses_shared_prefix(cfg: RewardConfig, model: torch.nn.Module) -> tuple[bool, bool]:
-    """(shared prefix on, additive mask): on when configured and the attention takes a custom 4-D mask."""
+    """(shared prefix on, additive mask): on when configured, the attention takes a custom 4-D mask, and no
+    sliding window is shorter than `max_seq_len` (the custom mask would drop it)."""
     works, additive = takes_4d_mask(model)
-    return cfg.shared_prefix and works, additive
+    return cfg.shared_prefix and works and within_window(sliding_window(model), cfg.max_seq_len), additive
 
 
 def scalar_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -554,7 +555,10 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     shared = uses_shared_prefix(cfg, model)
     half = trains_in_half(accelerator)
     if cfg.shared_prefix and not shared[0]:
-        log.info("reward: shared_prefix needs sdpa or eager attention; one row per completion instead")
+        log.info(
+            "reward: shared_prefix needs sdpa or eager attention, no ALiBi and no sliding window shorter than "
+            "max_seq_len; one row per completion instead"
+        )
 
     def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
         # with LoRA: the adapter and the head

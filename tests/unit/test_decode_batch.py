@@ -148,3 +148,19 @@ def test_synced_decoding_keeps_no_graph_and_its_cache(
         expected, logits = want.step(next_ids), got.step(next_ids)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     assert not logits.requires_grad
+
+
+def test_a_mixture_of_experts_that_outputs_router_logits_decodes_as_one_that_does_not(tmp_path: Path) -> None:
+    """A Mixtral whose config asks for router logits (`output_router_logits`, for its load-balancing loss in
+    training) samples the same tokens as without them: the decoding steps turn them off."""
+    path = save_tiny("mixtral", tmp_path / "moe")
+    tok = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tokenizer=tok).eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    plain = generate(model, prompts, params, int(tok.eos_token_id), int(tok.pad_token_id))
+    model.config.output_router_logits = True
+    routed = generate(model, prompts, params, int(tok.eos_token_id), int(tok.pad_token_id))
+    assert int(plain.response_mask.sum()) > len(prompts)
+    assert torch.equal(routed.response_ids, plain.response_ids)
+    torch.testing.assert_close(routed.logprobs, plain.logprobs)

@@ -4,9 +4,11 @@ same log-probs, values, rewards and gradients packed as padded."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from rlhf.engine import packing
 from rlhf.engine.packing import layout, pack_rows, packed_layout, padded_layout, tree_attention_mask
@@ -15,6 +17,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.wrappers import Actor, Critic, response_values, reward_scores
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.train.common import policy_forward
+from tests.archs import build_tokenizer
 
 # prompt lengths (left-padded to 5) and response lengths (right-padded to 6) of four rollouts
 PROMPTS, RESPONSES = [5, 2, 3, 1], [2, 6, 1, 2]
@@ -131,3 +134,32 @@ def test_packed_rows_give_the_log_probs_values_rewards_and_gradients_of_padded_r
     assert len(g_a) == len(g_b) and all(torch.isfinite(g).all() for g in g_b)
     for a, b in zip(g_a, g_b, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_a_sliding_window_shorter_than_a_sequence_keeps_padded_rows(tmp_path: Path) -> None:
+    """A custom 4-D mask replaces the model's own, sliding window included: a Mistral whose window (3) is
+    shorter than the sequences gets padded rows, and its log-probs are those of each sequence alone; an ALiBi
+    model (Bloom) takes no custom mask at all."""
+    tokenizer = build_tokenizer("mistral")
+    config = CONFIG_MAPPING["mistral"](
+        vocab_size=len(tokenizer), sliding_window=3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    pad_id = len(tokenizer) - 1
+    ids, mask, p = rollout(pad_id)
+    window = packing.sliding_window(model)
+    assert window == 3 and not packing.within_window(window, 8) and packing.within_window(window, 3)
+    lay = layout(ids, mask, p, pad_id, pack=True, additive=False, window=window)
+    assert lay.attention_mask.dim() == 2  # padded rows: the model applies its window itself
+    logprobs = logprobs_from_logits(policy_forward(Actor(model), lay), ids[:, p:][lay.response_mask])  # (N,)
+    expected = []
+    for i in range(len(ids)):
+        seq = ids[i][mask[i].bool()][None]  # (1, L) the sequence alone
+        n_prompt = int(mask[i, :p].sum())
+        logits = model(input_ids=seq).logits[0, n_prompt - 1 : -1]
+        expected.append(logits.log_softmax(-1).gather(-1, seq[0, n_prompt:, None])[:, 0])
+    torch.testing.assert_close(logprobs, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    bloom = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", model_type="bloom"))
+    assert packing.takes_4d_mask(bloom) == (False, False)
