@@ -4,7 +4,8 @@
            tasks; tie and both_bad kept)
 - ranking: {"prompt", "completions", "ranking", "labeler", "meta"}  (ranking: rank per completion, 1 = best)
 - rating:  {"prompt", "completion", "rating", "labeler", "meta"}
-- pairs:   {"prompt", "chosen", "rejected", "margin"?}  (TRL; conversational, with message lists, for prompts
+- pairs:   {"prompt", "chosen", "rejected", "margin"?}  (TRL; margin on every pair when any has one, 0 where
+           none was given; conversational, with message lists, for prompts
            imported as conversations: see preference_import), derived: a pairwise vote A or B gives one pair;
            a ranking of K gives a pair for every two completions with different ranks (up to C(K,2));
            ratings give a pair for every two completions of a prompt that one labeler rated differently,
@@ -39,7 +40,13 @@ def export_records(session: Session, project: str, kind: str) -> list[dict[str, 
     if kind not in FORMATS:
         raise ValueError(f"unknown export format {kind!r}")
     if kind == "pairs":
-        return list(_pairs(session, project))
+        pairs = list(_pairs(session, project))
+        # a margin on every pair or on none: TRL's RewardTrainer reads the column whole, and a pair without
+        # one (a vote without a margin, a ranking's pair) counts as margin 0, as the reward stage reads it
+        if any("margin" in p for p in pairs):
+            for p in pairs:
+                p.setdefault("margin", 0.0)
+        return pairs
     if kind == "axes":
         return list(_axes(session, project))
     if kind == "sft":

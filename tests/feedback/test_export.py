@@ -34,7 +34,7 @@ def test_votes_keep_ties_and_pairs_drop_them(api, db: Database) -> None:
     assert "margin" not in votes[1]
     assert pairs == [
         {"prompt": "prompt 0", "chosen": "answer 0.0", "rejected": "answer 0.1", "margin": 0.5},
-        {"prompt": "prompt 1", "chosen": "answer 1.1", "rejected": "answer 1.0"},
+        {"prompt": "prompt 1", "chosen": "answer 1.1", "rejected": "answer 1.0", "margin": 0.0},
     ]
 
 
@@ -51,7 +51,7 @@ def test_ranking_gives_all_untied_pairs(api, db: Database) -> None:
     assert set(ranking[0]) == {"prompt", "completions", "ranking", "labeler", "meta"}
     got = {(p["chosen"][-1], p["rejected"][-1]) for p in pairs}
     assert got == {("0", "1"), ("2", "0"), ("0", "3"), ("2", "1"), ("2", "3")}  # C(4,2) = 6 minus the tie
-    assert len(pairs) == 5
+    assert len(pairs) == 5 and not any("margin" in p for p in pairs)  # no pair has one: no column
 
 
 def test_ratings_give_pairs_within_one_labeler(api, db: Database) -> None:
