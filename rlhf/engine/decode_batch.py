@@ -14,8 +14,8 @@ padding fills.
 
 On a CPU, for the models rlhf.engine.decode_cache serves, the cache is a `SlotCache` written in place, each
 step runs under one additive mask with `decode_attention` and packed weights (`DecodeStep`); elsewhere (GPUs,
-sliding windows shorter than the sequence, other attention kinds) over transformers' `DynamicCache` with the
-model's own masks. A `DynamicCache` whose layers are not all plain `DynamicLayer`s (sliding windows) cannot be
+sliding windows shorter than the sequence, ALiBi, other attention kinds) over transformers' `DynamicCache`
+with the model's own masks, built from each row's 2-D mask of the slots written. A `DynamicCache` whose layers are not all plain `DynamicLayer`s (sliding windows) cannot be
 joined or trimmed (`joinable`).
 """
 

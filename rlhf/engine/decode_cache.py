@@ -27,6 +27,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rlhf.engine.lean_llama import on_cpu
+from rlhf.engine.packing import uses_alibi
 
 
 def packer(device: torch.device, dtype: torch.dtype, batch: int) -> Callable[[Tensor], Tensor]:
@@ -67,7 +68,9 @@ _LAYER_TYPES = {"full_attention", "sliding_attention"}
 def supports(model: PreTrainedModel, length: int) -> bool:
     """Whether `model` decodes exactly through this module over sequences of up to `length` tokens: a CPU model
     with SDPA or eager attention whose layers are all full attention, or sliding windows at least `length`
-    wide (then the window never cuts), without attention sinks or attention dropout."""
+    wide (then the window never cuts), without attention sinks or attention dropout, and without ALiBi (Bloom
+    and Falcon's `alibi` build their position biases from a 2-D mask of the slots written: they decode over
+    `DynamicCache` with the model's own masks, as `generate` does)."""
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     cfg = getattr(base, "config", None)
@@ -82,6 +85,7 @@ def supports(model: PreTrainedModel, length: int) -> bool:
         and set(layer_types or []) <= _LAYER_TYPES
         and (not sliding or (isinstance(window, int) and window >= length))
         and not getattr(cfg, "is_encoder_decoder", False)
+        and not uses_alibi(cfg)
         # attention dropout in training mode, and attention sinks (GPT-OSS), are not in `decode_attention`
         and not (base.training and getattr(cfg, "attention_dropout", 0.0))
         and not any(hasattr(m, "sinks") for m in base.modules())

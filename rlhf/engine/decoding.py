@@ -8,7 +8,7 @@ the distribution PPO recomputes (without the top-k/top-p truncation, as in TRL a
 The rows decode as one `DecodeBatch` (rlhf.engine.decode_batch, which the server's worker decodes through too):
 every model steps through its own transformers forward, on a CPU over a cache written in place, with one mask
 per step and an attention kernel for one new token (rlhf.engine.decode_cache); elsewhere (GPUs, sliding windows
-shorter than the sequence, other attention kinds) over transformers' `DynamicCache`.
+shorter than the sequence, ALiBi, other attention kinds) over transformers' `DynamicCache`.
 """
 
 from __future__ import annotations

@@ -66,8 +66,14 @@ def takes_4d_mask(model: Any) -> tuple[bool, bool]:
     model = getattr(model, "module", model)
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None)
-    alibi = getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
-    return attention in ("sdpa", "eager") and not alibi, attention == "eager"
+    return attention in ("sdpa", "eager") and not uses_alibi(config), attention == "eager"
+
+
+def uses_alibi(config: Any) -> bool:
+    """Whether a model's config asks for ALiBi position biases (Bloom, Falcon with `alibi`), which its forward
+    builds from a 2-D attention mask (each row's positions counted over its real tokens), not from position
+    ids: such a model takes neither a custom 4-D mask nor one over slots it has not written."""
+    return getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
 
 
 def sliding_window(model: Any) -> int | None:

@@ -16,7 +16,7 @@ from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decoding import generate, left_pad, never_sampled
 from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
 from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
-from tests.archs import save_tiny
+from tests.archs import ALIBI, save_tiny
 
 # (prompt length, the step it joins at, the tokens it draws): rows join a wider and a narrower batch, leave
 # before and after the others, and the cache grows past one block of slots (32)
@@ -89,7 +89,9 @@ def _decode_together(model, prompts: list[list[int]], keys: Tensor, pad_id: int)
     }
 
 
-@pytest.mark.parametrize(("arch", "slots"), [("llama", True), ("qwen2", True), ("llama", False)])
+@pytest.mark.parametrize(
+    ("arch", "slots"), [("llama", True), ("qwen2", True), ("llama", False), ("falcon_alibi", False)]
+)
 def test_rows_joining_and_leaving_draw_what_each_draws_alone(
     arch: str, slots: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,6 +113,25 @@ def test_rows_joining_and_leaving_draw_what_each_draws_alone(
         got = torch.tensor(together["logprobs"][i])  # type: ignore[index]
         # a batched product rounds differently from a row's own: a few units of fp32's last place
         torch.testing.assert_close(got, alone.logprobs[0], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "bloom", "falcon_alibi"])
+def test_greedy_decoding_draws_what_transformers_generate_draws(arch: str, tmp_path: Path) -> None:
+    """Left-padded prompts of different lengths, greedy: the same tokens as `model.generate(do_sample=False)`,
+    over a `SlotCache` where the model takes one, and over `DynamicCache` for ALiBi models (Bloom, Falcon with
+    `alibi`), whose position biases come from each row's 2-D mask."""
+    model, tok = _model(arch, tmp_path)
+    assert decode_cache.supports(model, 64) == (arch not in ALIBI)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, len(tok), (n,), generator=gen).tolist() for n in (6, 2, 9, 4)]
+    eos, pad = int(tok.eos_token_id), int(tok.pad_token_id)
+    ours = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0.0), eos, pad)
+    ids, mask = left_pad(prompts, pad)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                             eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+    assert int(ours.response_mask.sum()) > 2 * len(prompts)
+    assert ours.response_ids.tolist() == out[:, ids.size(1) :].tolist()
 
 
 def test_batches_of_different_caches_do_not_join(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
