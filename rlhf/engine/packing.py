@@ -109,6 +109,7 @@ class TokenLayout:
     response_mask: Tensor  # (B, T) bool: the real response tokens
     response_at: Tensor  # (N,)
     last_at: Tensor  # (B,)
+    real: Tensor  # (R, W) 1 at each sequence's tokens, 0 at padding
 
     @property
     def inputs(self) -> dict[str, Tensor]:
@@ -144,7 +145,7 @@ def padded_layout(ids: Tensor, mask: Tensor, n_prompt: int) -> TokenLayout:
     positions = torch.arange(width, device=ids.device)
     last_at = rows[:, 0] + (positions * mask).argmax(dim=-1)  # (B,)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W) correct for the left-padded prompt
-    return TokenLayout(ids, mask, position_ids, response_mask, response_at, last_at)
+    return TokenLayout(ids, mask, position_ids, response_mask, response_at, last_at, mask)
 
 
 # Packed rows come ROW_MULTIPLE rows of WIDTH_MULTIPLE tokens at a time (empty rows and columns are padding):
@@ -229,6 +230,7 @@ def packed_layout(
         response_mask,
         response_at,
         last_at,
+        (sequence >= 0).long().view(rows_shape),
     )
 
 

@@ -5,6 +5,8 @@ one score at each sequence's last token; and loading PPO's policy, reference, cr
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,6 +16,7 @@ from peft import PeftModel
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.mixtral import modeling_mixtral
 
 from rlhf.config import PPOConfig
 from rlhf.engine import lean_llama
@@ -27,7 +30,11 @@ class ModelForward(torch.nn.Module):
     """A training loop's forward around a Hugging Face model (PPO's actor and critic, the LM loss, the rewards),
     as a module of its own so that `accelerator.prepare` (DDP, autocast) wraps it. `lean`: the backbone runs
     through rlhf.engine.lean_llama (`lean_forward` says when). The model's layer classes are named as the model
-    names them, for FSDP's auto-wrap policy."""
+    names them, for FSDP's auto-wrap policy.
+
+    A mixture of experts whose config sets `output_router_logits` returns its routers' logits from every forward
+    of its backbone: they are kept (`router_logits`) for `aux_loss`, the load-balancing loss a training loop adds
+    with weight `aux_coef`."""
 
     def __init__(self, model: Any, lean: bool = False) -> None:
         super().__init__()
@@ -37,6 +44,30 @@ class ModelForward(torch.nn.Module):
         self._head_alone: bool | None = (
             None  # whether the LM head can run alone (`head_runs_alone`); None: not asked
         )
+        self.aux_coef = router_aux_coef(self.hf_model)
+        self.router_logits: tuple[Tensor, ...] | None = None  # (R W, E) per MoE layer, of the last forward
+        if self.aux_coef is not None:
+            # caught on the backbone's way out: the scalar heads' forwards and the backbone alone drop them
+            backbone(self.hf_model).register_forward_hook(self._catch_router_logits)
+
+    def _catch_router_logits(self, _module: torch.nn.Module, _inputs: Any, out: Any) -> None:
+        self.router_logits = getattr(out, "router_logits", None)
+
+    def aux_loss(self, token_weights: Tensor) -> Tensor:
+        """The routers' load-balancing loss over the last forward's (R, W) rows, as transformers computes a
+        causal LM's `aux_loss` (the model family's `load_balancing_loss_func`), each position weighted by
+        `token_weights` (R, W): 1 for a token, 0 for padding, k for a shared prefix that k sequences read. That
+        function takes its mask as per-token weights, so packed rows and shared prefixes give the loss of every
+        sequence in a row of its own; a 4-D attention mask, as transformers would pass it, does not fit."""
+        router_logits, self.router_logits = self.router_logits, None
+        if router_logits is None:
+            raise RuntimeError("aux_loss: the last forward returned no router logits")
+        config = self.hf_model.config
+        experts = getattr(config, "num_local_experts", None) or config.num_experts
+        loss = _balancing_loss(self.hf_model)(
+            router_logits, experts, config.num_experts_per_tok, token_weights
+        )
+        return cast(Tensor, loss)
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -90,6 +121,21 @@ class ModelForward(torch.nn.Module):
             finally:
                 model.train(was_training)
         return self._head_alone
+
+
+def router_aux_coef(model: PreTrainedModel) -> float | None:
+    """The weight of a mixture of experts' load-balancing loss in training (`router_aux_loss_coef`) where its
+    config asks for that loss (`output_router_logits`, as transformers and TRL read it); None otherwise."""
+    config = model.config
+    if not getattr(config, "output_router_logits", False):
+        return None
+    return float(getattr(config, "router_aux_loss_coef", 0.0))
+
+
+def _balancing_loss(model: PreTrainedModel) -> Callable[..., Any]:
+    """`load_balancing_loss_func` of the model's own modeling module; Mixtral's, which most copy, elsewhere."""
+    module = sys.modules.get(type(backbone(model)).__module__)
+    return getattr(module, "load_balancing_loss_func", modeling_mixtral.load_balancing_loss_func)
 
 
 class Actor(ModelForward):

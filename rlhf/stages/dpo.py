@@ -111,6 +111,7 @@ class Batch:
     chosen: Tensor  # (Q,) indices into the S answers
     rejected: Tensor  # (Q,)
     ref_logps: Tensor  # (S,) zeros until cached
+    token_weights: Tensor  # (R, W) the answers that read each position: 0 padding, k a prompt shared by k
 
     def to(self, device: torch.device) -> Batch:
         moved: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
@@ -188,6 +189,7 @@ def collate(
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     group_ids = torch.full((len(rows), width), -1, dtype=torch.long)
     branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    token_weights = torch.zeros((len(rows), width), dtype=torch.long)
     predicted_at: list[list[int]] = [[] for _ in runs]  # per run: flat output index of each answer token
     for r, members in enumerate(rows):
         col = 0
@@ -196,6 +198,7 @@ def collate(
             span = slice(col, col + len(tokens))
             input_ids[r, span], position_ids[r, span] = torch.tensor(tokens), torch.tensor(positions)
             group_ids[r, span], branch_ids[r, span] = g, torch.tensor(branches)
+            token_weights[r, span] = torch.where(branch_ids[r, span] == 0, len(at), 1)  # at: one per answer
             predicted_at[g] = [r * width + col + i for answer in at for i in answer]
             col += len(tokens)
     answers = [a for j in items for a in j.answers]
@@ -213,7 +216,7 @@ def collate(
         ref += j.ref_logps if j.ref_logps is not None else [0.0] * len(j.answers)
         offset += len(j.answers)
     return Batch(input_ids, attention_mask, position_ids, response_at, answer_tokens, answer_of, len(answers),
-                 torch.tensor(chosen), torch.tensor(rejected), torch.tensor(ref))  # fmt: skip
+                 torch.tensor(chosen), torch.tensor(rejected), torch.tensor(ref), token_weights)  # fmt: skip
 
 
 # --- the forward and the loss --------------------------------------------------------------------------------
@@ -427,6 +430,11 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                 # 2. loss: this micro-batch's pairs weigh their share of the global batch's pairs (a ranking
                 # holds more than a vote); DDP and FSDP average gradients over processes, so scale back by world
                 loss, stats = pair_loss(cfg, total, mean, batch)
+                # a mixture of experts' load-balancing loss, where its config sets `output_router_logits`
+                if actor.aux_coef is not None:
+                    aux = actor.aux_loss(batch.token_weights)
+                    loss = loss + actor.aux_coef * aux
+                    stats["dpo/aux_loss"] = aux.detach()
                 share = len(batch.chosen) / step_pairs
                 accelerator.backward(loss * share * world)
             for key, value in {"dpo/loss": loss.detach(), **stats}.items():

@@ -552,6 +552,11 @@ def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator
                     if cfg.entropy_coef > 0:
                         entropy = lay.padded(entropy_from_logits(logits, cfg.temperature))  # (b, t)
                         loss = loss - cfg.entropy_coef * masked_mean(entropy, m)
+                    # a mixture of experts' load-balancing loss, where its config sets `output_router_logits`
+                    if s.actor.aux_coef is not None:
+                        aux = s.actor.aux_loss(lay.real)
+                        loss = loss + s.actor.aux_coef * aux
+                        pg_stats["ppo/aux_loss"] = aux.detach()
                     accelerator.backward(loss / len(micro))
                     step_stats = {"ppo/policy_loss": pg_loss.detach(), **pg_stats}
                     if s.critic is not None:

@@ -120,6 +120,8 @@ class Batch:
     n_tokens: int = 0  # real tokens forwarded
     position_ids: Tensor | None = None  # (R, T) with a shared prefix
     reward_at: Tensor | None = None  # (N, 2) row and column of each completion's last token
+    # (R, T) the completions that read each position: 0 padding, k a prefix shared by k
+    token_weights: Tensor | None = None
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -243,6 +245,7 @@ def collate(
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         group_ids = torch.full((len(rows), width), -1, dtype=torch.long)
         branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        token_weights = torch.zeros((len(rows), width), dtype=torch.long)
         ends_at: list[list[tuple[int, int]]] = [[] for _ in examples]
         for r, members in enumerate(rows):
             col = 0
@@ -251,6 +254,7 @@ def collate(
                 span = slice(col, col + len(tokens))
                 input_ids[r, span], position_ids[r, span] = torch.tensor(tokens), torch.tensor(positions)
                 group_ids[r, span], branch_ids[r, span] = g, torch.tensor(branches)
+                token_weights[r, span] = torch.where(branch_ids[r, span] == 0, len(ends), 1)  # ends: one each
                 ends_at[g] = [(r, col + end) for end in ends]
                 col += len(tokens)
         reward_at = torch.tensor([at for group in ends_at for at in group])  # completions in example order
@@ -265,6 +269,7 @@ def collate(
             input_ids[row, : len(s)] = torch.tensor(s)
             attention_mask[row, : len(s)] = 1
         n_tokens = sum(len(s) for s in sequences)
+        token_weights = attention_mask
     chosen, rejected, group, margins, weights = [], [], [], [], []
     offset = 0
     for g, e in enumerate(examples):
@@ -278,6 +283,7 @@ def collate(
     return Batch(
         input_ids, attention_mask, torch.tensor(chosen), torch.tensor(rejected), torch.tensor(group),
         torch.tensor(margins), torch.tensor(weights), len(examples), n_tokens, position_ids, reward_at,
+        token_weights,
     )  # fmt: skip
 
 
@@ -575,6 +581,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     for step in range(start, plan.total_steps):
         global_groups = plan.batch_size
         step_loss = torch.zeros((), dtype=torch.float64)
+        step_aux = torch.zeros((), dtype=torch.float64)  # a mixture of experts' load-balancing loss
         step_correct = step_pairs = step_tokens = 0
         micro = micro_batches_by_length(plan, step, train, shared[0])
         for k, indices in enumerate(micro):
@@ -589,6 +596,12 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
                     rewards, batch.chosen_idx, batch.rejected_idx, batch.group_idx, batch.num_groups,
                     batch.margins, batch.weights,
                 )  # fmt: skip
+                # a mixture of experts' load-balancing loss, where its config sets `output_router_logits`
+                if unwrapped.aux_coef is not None:
+                    assert batch.token_weights is not None
+                    aux = unwrapped.aux_loss(batch.token_weights)
+                    loss = loss + unwrapped.aux_coef * aux
+                    step_aux += aux.detach().double() * batch.num_groups
                 accelerator.backward(loss * batch.num_groups * accelerator.num_processes / global_groups)
             step_loss += loss.detach().double() * batch.num_groups
             step_pairs += len(batch.chosen_idx)
@@ -600,11 +613,12 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         optimizer.zero_grad(set_to_none=True)
         # 4. log: loss and accuracy over every process's groups and pairs
         sums = torch.tensor(
-            [float(step_loss), step_correct, step_pairs], dtype=torch.float64, device=accelerator.device
-        )
-        loss_sum, correct, pairs = accelerator.reduce(
+            [float(step_loss), step_correct, step_pairs, float(step_aux)],
+            dtype=torch.float64, device=accelerator.device,
+        )  # fmt: skip
+        loss_sum, correct, pairs, aux_sum = accelerator.reduce(
             sums, reduction="sum"
-        ).tolist()  # one collective for the three
+        ).tolist()  # one collective for the four
         loss_value, step_correct, step_pairs = loss_sum / global_groups, int(correct), int(pairs)
         pairs_seen += step_pairs
         rate = pairs_seen / max(1e-9, time.perf_counter() - t0)
@@ -614,6 +628,8 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
             metrics = {"rm/loss": loss_value, "rm/accuracy": step_correct / max(1, step_pairs),
                        "rm/lr": scheduler.get_last_lr()[0], "rm/grad_norm": float(grad_norm),
                        "rm/pairs_per_s": rate}  # fmt: skip
+            if unwrapped.aux_coef is not None:  # rm/loss holds coef x this
+                metrics["rm/aux_loss"] = aux_sum / global_groups
             run_dir.log(done, metrics)
             progress.line(done, loss=loss_value, pairs_per_s=rate)
         # 5. evaluate on the held-out prompts

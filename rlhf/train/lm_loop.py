@@ -129,6 +129,7 @@ def fit(
         # 1. forward and backward over this process's micro-batches; loss normalised by the global token count
         global_tokens = sum(n_loss_tokens(train[i]) for i in plan.global_batch(step))
         step_loss = torch.zeros((), dtype=torch.float64)
+        step_aux = torch.zeros((), dtype=torch.float64)  # a mixture of experts' load-balancing loss
         seen_tokens = 0
         micro = list(plan.micro_batches(step))
         for k, indices in enumerate(micro):
@@ -139,7 +140,14 @@ def fit(
             with sync, short_attention(ids.size(1), ids.device, half):
                 loss_sum = loss_fn(ids, batch["attention_mask"], batch["labels"])
                 # DDP averages gradients over processes; scale back so the sum over the global batch is exact
-                accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
+                objective = loss_sum * accelerator.num_processes / global_tokens
+                # a mixture of experts whose config sets `output_router_logits`: + coef x its load-balancing
+                # loss, as transformers adds it, averaged over micro-batches (and, by DDP, over processes)
+                if unwrapped.aux_coef is not None:
+                    aux = unwrapped.aux_loss(batch["attention_mask"]) / len(micro)
+                    objective = objective + unwrapped.aux_coef * aux
+                    step_aux += aux.detach().double()
+                accelerator.backward(objective)
             step_loss += loss_sum.detach().double()
         # 2. clip and step
         grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), cfg.max_grad_norm)
@@ -148,10 +156,15 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         # 3. log
         loss = float(accelerator.reduce(step_loss, reduction="sum")) / global_tokens
+        aux_metrics = {}
+        if unwrapped.aux_coef is not None:  # the loss trained on: the next-token loss + coef x aux
+            aux_value = float(accelerator.reduce(step_aux, reduction="mean"))
+            loss += unwrapped.aux_coef * aux_value
+            aux_metrics = {f"{stage}/aux_loss": aux_value}
         rate = progress.update(step, seen_tokens * accelerator.num_processes, loss=loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == plan.total_steps:
-            metrics = {f"{stage}/loss": loss, f"{stage}/lr": scheduler.get_last_lr()[0],
+            metrics = {f"{stage}/loss": loss, **aux_metrics, f"{stage}/lr": scheduler.get_last_lr()[0],
                        f"{stage}/grad_norm": float(grad_norm), f"{stage}/tokens_per_s": rate}  # fmt: skip
             run.log(done, metrics)
             progress.line(done, loss=loss)

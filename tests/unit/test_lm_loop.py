@@ -1,17 +1,23 @@
 """The LM loop's loss (rlhf.train.lm_loop.NextTokenLoss): the lean forward gives transformers' loss and gradients,
-and the loop takes it exactly where the weights are a plain, whole Llama."""
+and the loop takes it exactly where the weights are a plain, whole Llama; a mixture of experts whose config asks
+for router logits trains on transformers' loss with its load-balancing term."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig
 
-from rlhf.config import ArchConfig, TrainConfig
-from rlhf.models.loading import build_causal_lm
+from rlhf.config import ArchConfig, SFTConfig, TrainConfig
+from rlhf.models.loading import build_causal_lm, load_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.runs import Run, read_metrics
 from rlhf.train.common import lean_forward, make_accelerator
-from rlhf.train.lm_loop import IGNORE, NextTokenLoss, collate, evaluate
+from rlhf.train.lm_loop import IGNORE, NextTokenLoss, collate, evaluate, fit
+from tests.archs import save_tiny
 
 ARCH = ArchConfig(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -76,3 +82,39 @@ def test_the_loop_takes_the_lean_forward_only_for_a_plain_whole_llama() -> None:
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert not lean_forward(lora, accelerator, cfg)
     assert not lean_forward(lora.get_base_model(), accelerator, cfg)  # LoRA layers replaced its projections
+
+
+@pytest.mark.parametrize("routed", [True, False], ids=["output_router_logits", "no_router_logits"])
+def test_a_mixture_of_experts_trains_on_its_load_balancing_loss_where_its_config_asks(
+    tmp_path: Path, routed: bool
+) -> None:
+    """A Mixtral whose config sets `output_router_logits`: the loss of a step is transformers' loss for the same
+    batch with labels, the next-token loss + router_aux_loss_coef x its `aux_loss`, which is logged; without
+    it, the next-token loss alone."""
+    path = save_tiny("mixtral", tmp_path / "moe")
+    config = AutoConfig.from_pretrained(path)  # the checkpoint's config, as a user sets it
+    config.output_router_logits = routed
+    config.router_aux_loss_coef = 0.5  # far from 0, so that the term shows in the loss
+    config.save_pretrained(path)
+    tok = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tokenizer=tok)
+    train = examples()
+    batch = collate(train, int(tok.pad_token_id))
+    assert (batch["attention_mask"] == 0).any()  # padding, which the load-balancing loss leaves out
+    with torch.no_grad():
+        routed_out = model(**batch, output_router_logits=True)
+        nll = model(**batch, output_router_logits=False).loss
+    cfg = SFTConfig(out_dir=str(tmp_path / "run"), batch_size=3, micro_batch_size=3, max_steps=1, lr=1e-3)
+    run = Run(cfg.out_dir, cfg)
+    fit(stage="sft", model=model, tokenizer=tok, train=train, held_out=[], cfg=cfg,
+        accelerator=make_accelerator("fp32"), run=run, checkpoint=None, quiet=True)  # fmt: skip
+    logged = read_metrics(run.metrics_path)[0]
+    aux = float(routed_out.aux_loss)
+    assert aux > 0
+    if routed:
+        assert logged["sft/loss"] == pytest.approx(float(routed_out.loss), rel=1e-5)
+        assert logged["sft/loss"] == pytest.approx(float(nll) + 0.5 * aux, rel=1e-5)
+        assert logged["sft/aux_loss"] == pytest.approx(aux, rel=1e-5)
+    else:
+        assert logged["sft/loss"] == pytest.approx(float(nll), rel=1e-5)
+        assert "sft/aux_loss" not in logged

@@ -17,7 +17,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.wrappers import Actor, Critic, response_values, reward_scores
 from rlhf.rl_math import logprobs_from_logits
 from rlhf.train.common import policy_forward
-from tests.archs import build_tokenizer
+from tests.archs import build_tokenizer, save_tiny
 
 # prompt lengths (left-padded to 5) and response lengths (right-padded to 6) of four rollouts
 PROMPTS, RESPONSES = [5, 2, 3, 1], [2, 6, 1, 2]
@@ -163,3 +163,30 @@ def test_a_sliding_window_shorter_than_a_sequence_keeps_padded_rows(tmp_path: Pa
     torch.testing.assert_close(logprobs, torch.cat(expected), rtol=1e-5, atol=1e-5)
     bloom = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", model_type="bloom"))
     assert packing.takes_4d_mask(bloom) == (False, False)
+
+
+def test_packed_rows_give_a_mixture_of_experts_the_load_balancing_loss_of_padded_rows(tmp_path: Path) -> None:
+    """A Mixtral whose config sets `output_router_logits`: the routers' loss over packed rows, each position
+    weighted by `real`, is transformers' `aux_loss` over the same rollouts in padded rows (which a 4-D mask, as
+    transformers would read it, does not give), and so are its gradients."""
+    path = save_tiny("mixtral", tmp_path / "moe")
+    tokenizer = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tokenizer=tokenizer)
+    model.config.output_router_logits = True
+    policy = Actor(model)
+    ids, mask, p = rollout(int(tokenizer.pad_token_id))
+    expected = model(input_ids=ids, attention_mask=mask).aux_loss
+    model.zero_grad()
+    expected.backward()
+    expected_grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    lay = packed_layout(ids, mask, p, int(tokenizer.pad_token_id))
+    assert lay.input_ids.numel() > int(lay.real.sum()) == int(mask.sum())  # rows with padding
+    policy_forward(policy, lay)
+    model.zero_grad()
+    aux = policy.aux_loss(lay.real)
+    aux.backward()
+    torch.testing.assert_close(aux, expected, atol=1e-6, rtol=0)
+    grads = {n: q.grad for n, q in model.named_parameters() if q.grad is not None}
+    assert grads.keys() == expected_grads.keys() and any("gate" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
