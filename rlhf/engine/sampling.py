@@ -228,6 +228,16 @@ def sample(
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
+def raw_logprobs(logits: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The tokens' log-probabilities (R,) under the model's own distribution, log_softmax(logits) at temperature 1
+    before any top-k / top-p, and each row's k likeliest tokens, (R, k) log-probs and (R, k) ids, most likely
+    first: what vLLM's OpenAI server reports by default (its "raw_logprobs" mode) and OpenAI's API shows."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)  # (R,)
+    top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)  # sorted, largest first
+    return chosen, top.values, top.indices
+
+
 def _invert(cdf: Tensor, u: Tensor) -> Tensor:
     """One token per row (B,) by inverse CDF: the unnormalised cumulative probabilities (B, V), uniforms u (B,)."""
     target = u[:, None].to(cdf.dtype) * cdf[:, -1:]  # (B, 1)

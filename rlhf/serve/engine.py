@@ -10,8 +10,8 @@ first request waits up to `batch_wait_s` for company before its prefill. Caches 
 `DynamicLayer`s (sliding windows shorter than the context) cannot be joined; then new sequences wait for the
 running batch to finish (static batching).
 
-The scheduling stays here: admission, per-row sampling parameters, stop ids and strings, streaming and
-cancellation.
+The scheduling stays here: admission, per-row sampling parameters, stop ids and strings, streaming,
+log-probs (computed only for the rows that ask) and cancellation.
 
 Requests talk to the worker through `Sequence` objects: `submit` queues them, the worker calls each one's
 `emit` with `Delta`s (from its own thread: the callback must be thread-safe), and a request that goes
@@ -21,12 +21,13 @@ away sets `cancelled`, which frees its row at the next step.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ from rlhf.engine import decode_cache
 from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decode_cache import DecodeStep
 from rlhf.engine.decoding import left_pad, never_sampled
-from rlhf.engine.sampling import RowSampling, RowStreams, sample, stream_keys
+from rlhf.engine.sampling import RowSampling, RowStreams, raw_logprobs, sample, stream_keys
 from rlhf.models.loading import context_length
 from rlhf.models.tokens import stop_ids
 from rlhf.serve import metrics
@@ -56,6 +57,19 @@ class RowParams:
     stop: tuple[str, ...] = ()
     # chat: the answer is shown without its leading whitespace, so no stop string is looked for in it
     skip_leading_space: bool = False
+    # report each token's log-prob and this many likeliest alternatives; None = off
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-prob under the model's raw distribution (temperature 1, before top-k / top-p), its
+    likeliest alternatives as (id, log-prob), most likely first, and where its text starts in the choice's."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int = 0
 
 
 @dataclass
@@ -67,6 +81,7 @@ class Delta:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" | None while running
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # rows that ask: the tokens whose text this delta completes
 
 
 @dataclass(eq=False)
@@ -80,8 +95,13 @@ class Sequence:
     stream: bool = False
     cancelled: bool = False
     tokens: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far (streaming or stop strings only), cut at a stop string
+    text: str = ""  # decoded so far (streaming, stop strings or logprobs only), cut at a stop string
     sent: int = 0  # characters of `text` already emitted
+    decoded: int = 0  # characters the tokens decode to, before any cut
+    cut: bool = False  # the text was cut at a stop string
+    next_logprob: TokenLogprob | None = None  # of the token just sampled, until it is appended
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token (rows that ask)
+    reported: int = 0  # entries of `logprobs` already emitted
     finish_reason: str | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
     stream_key: int | None = None  # the key of the random stream of its tokens; from the seed, if any
@@ -89,6 +109,11 @@ class Sequence:
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.stream_key = int(stream_keys(self.params.seed))
+
+    @property
+    def tracks_text(self) -> bool:
+        """Whether its text is decoded at every token: to stream it, find stop strings or place logprobs."""
+        return self.stream or bool(self.params.stop) or self.params.logprobs is not None
 
 
 class Overloaded(Exception):
@@ -320,7 +345,23 @@ class Engine:
         keys = torch.tensor([s.stream_key for s in seqs], device=device)  # (B,)
         counters = torch.tensor([len(s.tokens) for s in seqs], device=device)  # (B,) the token each row draws
         # PAD is never sampled: its probability is set to 0 before the draw
-        return sample(logits, rows, RowStreams(keys, counters), never_sampled(self.pad_id, self.stop_ids))[0]
+        never = never_sampled(self.pad_id, self.stop_ids)
+        tokens, _ = sample(logits, rows, RowStreams(keys, counters), never)
+        asking = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if asking:  # only those rows pay for a log-softmax over the vocabulary
+            self._note_logprobs(logits, tokens, asking, seqs)
+        return tokens
+
+    def _note_logprobs(self, logits: Tensor, tokens: Tensor, asking: list[int], seqs: list[Sequence]) -> None:
+        """Each asking row's `next_logprob`: its sampled token's log-prob and its top alternatives."""
+        rows = torch.tensor(asking, device=logits.device)  # (R,)
+        k = max(seqs[i].params.logprobs or 0 for i in asking)
+        chosen, top_values, top_ids = raw_logprobs(logits[rows], tokens[rows], k)  # (R,), (R, k), (R, k)
+        for i, token, logprob, values, ids in zip(
+            asking, tokens[rows].tolist(), chosen.tolist(), top_values.tolist(), top_ids.tolist(), strict=True
+        ):
+            n = seqs[i].params.logprobs or 0
+            seqs[i].next_logprob = TokenLogprob(token, logprob, list(zip(ids[:n], values[:n], strict=True)))
 
     def _advance(self, batch: _Batch) -> None:
         """Append each row's new token, decide whether it is done, and report to its request."""
@@ -334,25 +375,62 @@ class Engine:
                 seq.finish_reason = "stop"
             elif len(seq.tokens) >= seq.params.max_tokens:
                 seq.finish_reason = "length"
-            if seq.stream or seq.params.stop:
-                self._update_text(seq)
+            start = self._update_text(seq) if seq.tracks_text else 0
+            if seq.next_logprob is not None:
+                _place(seq, seq.next_logprob, start)
+                seq.next_logprob = None
             if seq.finish_reason is not None:
-                if not (seq.stream or seq.params.stop):
+                if not seq.tracks_text:
                     seq.text = self._decode_text(seq)
-                self._emit(seq, Delta(seq.index, seq.text[seq.sent :], seq.finish_reason, len(seq.tokens)))
+                text = seq.text[seq.sent :]
+                self._emit(
+                    seq,
+                    Delta(seq.index, text, seq.finish_reason, len(seq.tokens), logprobs=self._report(seq)),
+                )
             elif seq.stream:
                 ready = _safe_length(seq.text, seq.params.stop)
                 if ready > seq.sent:
-                    self._emit(seq, Delta(seq.index, seq.text[seq.sent : ready]))
+                    self._emit(
+                        seq, Delta(seq.index, seq.text[seq.sent : ready], logprobs=self._report(seq, ready))
+                    )
                     seq.sent = ready
 
-    def _update_text(self, seq: Sequence) -> None:
-        seq.text = self._decode_text(seq)
+    def _report(self, seq: Sequence, ready: int | None = None) -> list[TokenLogprob] | None:
+        """The log-probs a delta carries (None for rows that did not ask): while running, of the tokens whose
+        text ends within the first `ready` characters; at the end, of the rest of the tokens of the text,
+        that is, neither an ending EOS / end-of-turn token nor the tokens of a stop string."""
+        if seq.params.logprobs is None:
+            return None
+        entries = seq.logprobs
+        if ready is None and seq.cut:
+            end = sum(1 for e in entries if e.offset < len(seq.text))
+        elif ready is None:
+            end = len(entries) - (1 if seq.tokens and seq.tokens[-1] in self.stop_ids else 0)
+        else:  # a token's text ends where the next one's begins (the last one's, where the text does)
+            end = seq.reported
+            while (
+                end < len(entries)
+                and (entries[end + 1].offset if end + 1 < len(entries) else seq.decoded) <= ready
+            ):
+                end += 1
+        out = entries[seq.reported : end]
+        seq.reported = max(seq.reported, end)
+        return out
+
+    def _update_text(self, seq: Sequence) -> int:
+        """Decode the text with the new token and cut it at a stop string; where the new token's text begins:
+        the length of what the text before and after it share (a token that completes a character begun by
+        the ones before begins where that character does)."""
+        old, seq.text = seq.text, self._decode_text(seq)
+        begins = len(old) if seq.text.startswith(old) else len(os.path.commonprefix([old, seq.text]))
+        seq.decoded = len(seq.text)
         start = len(seq.text) - len(seq.text.lstrip()) if seq.params.skip_leading_space else 0
         cut = min((i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0), default=-1)
         if cut >= 0:
             seq.text = seq.text[:cut]
             seq.finish_reason = "stop"
+            seq.cut = True
+        return begins
 
     def _decode_text(self, seq: Sequence) -> str:
         ids = seq.tokens[:-1] if seq.tokens and seq.tokens[-1] in self.stop_ids else seq.tokens
@@ -385,6 +463,16 @@ class Engine:
         if elapsed >= 1.0:
             metrics.TOKENS_PER_SECOND.labels(self.name).set(self._window_tokens / elapsed)
             self._window_start, self._window_tokens = time.perf_counter(), 0
+
+
+def _place(seq: Sequence, logprob: TokenLogprob, begins: int) -> None:
+    """Add a token's log-prob where its text begins; tokens not yet reported that seemed to begin later (parts
+    of a character this token completes) begin there too."""
+    for i in range(len(seq.logprobs) - 1, seq.reported - 1, -1):
+        if seq.logprobs[i].offset <= begins:
+            break
+        seq.logprobs[i] = replace(seq.logprobs[i], offset=begins)
+    seq.logprobs.append(replace(logprob, offset=begins))
 
 
 def _safe_length(text: str, stops: tuple[str, ...]) -> int:

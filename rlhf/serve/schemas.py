@@ -2,9 +2,9 @@
 
 Inputs follow OpenAI's field names and ranges, every number bounded; fields this server does not know are
 ignored, as OpenAI clients and frameworks send extras (`store`, `metadata`, ...). Fields it knows but does
-not implement (logprobs, penalties, tools, tool_choice, response_format, ...) are refused with a 400
-naming the field rather than silently dropped. Extensions: `top_k`, and `ab` (opt in to A/B).
-Outputs carry `feedback_id` and `feedback_token` only on A/B responses.
+not implement (penalties, tools, tool_choice, response_format, echo, ...) are refused with a 400 naming the
+field rather than silently dropped. Extensions: `top_k`, and `ab` (opt in to A/B).
+Outputs carry `feedback_id` and `feedback_token` only on A/B responses, and `logprobs` when asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from rlhf.feedback.schemas import KEY_PATTERN
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_INT = 2**31 - 1
+MAX_LOGPROBS = 20  # most alternatives per token: OpenAI's chat bound, and vLLM's default max_logprobs
 Unit = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -79,8 +80,6 @@ class SamplingRequest(BaseModel):
     user: Annotated[str, Field(max_length=256)] | None = None
     ab: bool | None = Field(None, description="opt in to A/B pairs (also: header X-RLHF-AB: 1)")
     # Known to OpenAI clients, not implemented here: refused unless left at their neutral values.
-    logprobs: bool | Annotated[int, Field(ge=0, le=20)] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
@@ -100,9 +99,6 @@ class SamplingRequest(BaseModel):
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
-        # `logprobs: 0` (completions) still asks for the sampled tokens' log-probs; only false or null is off
-        if (self.logprobs is not None and self.logprobs is not False) or self.top_logprobs:
-            return "logprobs"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 return name
@@ -146,6 +142,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = Field(
         None, description="the newer name of max_tokens"
     )
+    logprobs: bool | None = Field(None, description="return each answer token's log-probability")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        None, description="with logprobs: also the 0-20 likeliest tokens at each position"
+    )
 
 
 # a prompt, a list of prompts, a prompt's token ids, or a list of those (as OpenAI and vLLM take them)
@@ -160,6 +160,9 @@ Prompt = (
 class CompletionRequest(SamplingRequest):
     prompt: Prompt = Field(
         description="a prompt, a list of prompts, a prompt's token ids, or a list of those"
+    )
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        None, description="return each token's log-probability and those of the 0-20 likeliest tokens"
     )
 
 
@@ -230,6 +233,31 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="the UTF-8 bytes of `token`")
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(
+        description="the likeliest tokens at this position, most likely first"
+    )
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] = Field(
+        description="per token: the likeliest tokens and the sampled one, token -> log-prob"
+    )
+    text_offset: list[int] = Field(description="where each token's text begins in the choice's text")
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -238,7 +266,7 @@ class ResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -262,7 +290,7 @@ class ChunkDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -281,7 +309,7 @@ class ChatCompletionChunk(BaseModel):
 class TextChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

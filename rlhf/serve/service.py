@@ -14,14 +14,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.serve import metrics
 from rlhf.serve.deps import ServeState
-from rlhf.serve.engine import Delta, Overloaded, RowParams, Sequence
+from rlhf.serve.engine import Delta, Overloaded, RowParams, Sequence, TokenLogprob
 from rlhf.serve.errors import APIError
 from rlhf.serve.feedback import AB, AB_HEADER, Answer, save_ab_async
 from rlhf.serve.policy import Policy
-from rlhf.serve.schemas import SamplingRequest
+from rlhf.serve.schemas import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    SamplingRequest,
+    TokenLogprobOut,
+    TopLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ class ChoiceResult:
     text: str
     finish_reason: str
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # of the text's tokens, when asked for
 
 
 def check_supported(req: SamplingRequest) -> None:
@@ -62,9 +70,11 @@ def row_params(
     policy: Policy,
     prompt_param: str,
     max_tokens_param: str = "max_tokens",
+    logprobs: int | None = None,
 ) -> RowParams:
     """The request's sampling parameters, checked against the model's context length; `max_tokens_param`
-    names the field `max_tokens` came from (chat's `max_completion_tokens`), for the error."""
+    names the field `max_tokens` came from (chat's `max_completion_tokens`), for the error; `logprobs`: how
+    many alternatives to report with each token's log-prob (None: no log-probs)."""
     context = policy.context_length
     if prompt_len >= context:
         raise APIError(
@@ -91,6 +101,7 @@ def row_params(
         top_k=max(req.top_k or 0, 0),  # -1: off, as vLLM's clients send it
         seed=req.seed,
         stop=stop,
+        logprobs=logprobs,
     )
 
 
@@ -149,6 +160,7 @@ class ChoiceRun:
         self._queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.seqs = [Sequence(s.prompt_ids, s.params, s.index, self._emit, stream) for s in specs]
         self._texts: dict[int, list[str]] = {}
+        self._logprobs = {s.index: list[TokenLogprob]() for s in specs if s.params.logprobs is not None}
         self._done: dict[int, ChoiceResult] = {}
 
     def _emit(self, delta: Delta) -> None:  # called on an engine's thread
@@ -181,11 +193,17 @@ class ChoiceRun:
                 self.cancel()
                 raise APIError(delta.error, 500, code="generation_failed")
             self._texts.setdefault(delta.index, []).append(delta.text)
+            if delta.logprobs:
+                self._logprobs[delta.index].extend(delta.logprobs)
             if delta.finish_reason is not None:
                 running -= 1
                 text = "".join(self._texts[delta.index])
                 self._done[delta.index] = ChoiceResult(
-                    delta.index, text, delta.finish_reason, delta.completion_tokens
+                    delta.index,
+                    text,
+                    delta.finish_reason,
+                    delta.completion_tokens,
+                    self._logprobs.get(delta.index),
                 )
             yield delta
 
@@ -218,6 +236,48 @@ class ChoiceRun:
             for task in (results, gone):
                 if not task.done():
                     task.cancel()
+
+
+# JSON has no -inf: a token the model rules out entirely is reported at this log-prob, as vLLM does
+MIN_LOGPROB = -9999.0
+
+
+def _token_texts(tokenizer: PreTrainedTokenizerBase, entries: list[TokenLogprob]) -> dict[int, str]:
+    """Each token's text, decoded alone (as vLLM shows tokens; a token holding part of a character reads
+    U+FFFD)."""
+    ids = {e.token for e in entries} | {t for e in entries for t, _ in e.top}
+    return {t: str(tokenizer.decode([t])) for t in ids}
+
+
+def chat_logprobs(tokenizer: PreTrainedTokenizerBase, entries: list[TokenLogprob]) -> ChatLogprobs:
+    """OpenAI's chat `logprobs`: per token its text, log-prob, UTF-8 bytes and top alternatives."""
+    texts = _token_texts(tokenizer, entries)
+
+    def top(token: int, logprob: float) -> TopLogprob:
+        text = texts[token]
+        return TopLogprob(token=text, logprob=max(logprob, MIN_LOGPROB), bytes=list(text.encode()))
+
+    content = [
+        TokenLogprobOut(**top(e.token, e.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in e.top])
+        for e in entries
+    ]
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(
+    tokenizer: PreTrainedTokenizerBase, entries: list[TokenLogprob]
+) -> CompletionLogprobs:
+    """OpenAI's legacy `logprobs`: tokens, their log-probs, per token the likeliest tokens and the sampled one
+    (up to N + 1, as OpenAI and vLLM give them), and where each token's text begins in the choice's text."""
+    texts = _token_texts(tokenizer, entries)
+    return CompletionLogprobs(
+        tokens=[texts[e.token] for e in entries],
+        token_logprobs=[max(e.logprob, MIN_LOGPROB) for e in entries],
+        top_logprobs=[
+            {texts[t]: max(lp, MIN_LOGPROB) for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries
+        ],
+        text_offset=[e.offset for e in entries],
+    )
 
 
 def sampling_record(spec: ChoiceSpec, result: ChoiceResult) -> dict[str, Any]:

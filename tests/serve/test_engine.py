@@ -231,3 +231,34 @@ def test_a_row_whose_prefill_fails_fails_alone(engine: Engine, monkeypatch: pyte
     assert "this prompt breaks the model" in str(got.deltas[1][-1].error)
     assert [got.text(0), got.text(2)] == [expected.text(0), expected.text(1)]
     assert got.deltas[0][-1].error is None and got.deltas[2][-1].error is None
+
+
+def test_rows_that_ask_for_logprobs_get_the_raw_log_softmax_of_their_tokens(engine: Engine) -> None:
+    """Sampled rows (temperature 0.8, top-p 0.9) with and without logprobs in one batch, one streamed: each
+    asking row reports every token it emitted but an ending EOS, with its log-prob under log_softmax(logits)
+    of the whole prefix, recomputed without the cache, and its likeliest alternatives; the others report none."""
+    tok = engine.tokenizer
+    rows = [
+        RowParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=60 + i, logprobs=[None, 0, 3, 2][i])
+        for i in range(4)
+    ]
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    got = Collector(4)
+    seqs = [
+        Sequence(p, r, i, got.emit, stream=i == 3) for i, (p, r) in enumerate(zip(ids, rows, strict=True))
+    ]
+    engine.submit(seqs)
+    got.wait()
+    assert all(d.logprobs is None for d in got.deltas[0])
+    for i in (1, 2, 3):
+        reported = [e for d in got.deltas[i] for e in d.logprobs or []]
+        tokens = seqs[i].tokens
+        assert [e.token for e in reported] == (tokens[:-1] if tokens[-1] in engine.stop_ids else tokens)
+        for k, entry in enumerate(reported):
+            with torch.no_grad():
+                logits = engine.model(torch.tensor([ids[i] + tokens[:k]])).logits[0, -1]
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+            assert entry.logprob == pytest.approx(float(logp[entry.token]), abs=1e-4)
+            n = rows[i].logprobs or 0
+            assert [lp for _, lp in entry.top] == pytest.approx(logp.topk(n).values.tolist(), abs=1e-4)
+            assert all(float(logp[t]) == pytest.approx(lp, abs=1e-4) for t, lp in entry.top)

@@ -143,6 +143,40 @@ def test_ab_pair_in_a_stream(gateway: dict[str, Any]) -> None:
     assert list(stored) == [texts[0], texts[1]] and texts[0] != texts[1]
 
 
+def test_logprobs_pass_through_plain_ab_and_streamed(gateway: dict[str, Any]) -> None:
+    """The gateway neither strips nor refuses logprobs: the engine's come back on every side of a pair."""
+    client: openai.OpenAI = gateway["client"]
+    out = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=4, logprobs=True, top_logprobs=2
+    )  # type: ignore[arg-type]
+    content = out.choices[0].logprobs.content if out.choices[0].logprobs else None
+    assert content and all(len(e.top_logprobs) == 2 for e in content)
+    pair = _ab_pair(client, logprobs=True, top_logprobs=2)
+    assert all(c.logprobs is not None and c.logprobs.content for c in pair.choices)
+    text = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=4, logprobs=1, extra_body={"ab": True}
+    )
+    assert all(c.logprobs is not None and c.logprobs.tokens for c in text.choices)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HELLO,
+            max_tokens=6,
+            stream=True,
+            logprobs=True,
+            extra_body={"ab": True},  # type: ignore[arg-type]
+        )
+    )
+    sides = {c.choices[0].index for c in chunks if c.choices and c.choices[0].logprobs}
+    assert sides == {0, 1}
+    refused = httpx.post(
+        gateway["url"] + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "logprobs": 21}
+    )
+    assert (
+        refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    )  # the engine's answer
+
+
 def test_upstream_down_is_a_502_in_openai_shape(tmp_path: Path) -> None:
     settings = GatewaySettings(upstream="http://127.0.0.1:9/v1")
     with run_app(create_app(settings)) as (url, _):

@@ -10,7 +10,15 @@ import torch
 
 from rlhf.config import ArchConfig
 from rlhf.engine.decoding import generate
-from rlhf.engine.sampling import RowSampling, RowStreams, SamplingParams, filter_logits, sample, stream_keys
+from rlhf.engine.sampling import (
+    RowSampling,
+    RowStreams,
+    SamplingParams,
+    filter_logits,
+    raw_logprobs,
+    sample,
+    stream_keys,
+)
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
 
@@ -189,3 +197,14 @@ def test_generate_gives_a_seeded_row_the_same_answer_in_any_batch(model_and_tok)
         model, prompts, params, tok.eos_token_id, tok.pad_token_id, seeds=stream_keys(6, torch.arange(4))
     )
     assert not torch.equal(again.response_ids[:, :4], batch.response_ids[:, :4])
+
+
+def test_raw_logprobs_are_log_softmax_at_temperature_one_with_the_top_tokens_first() -> None:
+    # probabilities 1/8, 3/8, 4/8: logits ln 1, ln 3, ln 4
+    logits = torch.tensor([[0.0, math.log(3.0), math.log(4.0)]])
+    chosen, values, ids = raw_logprobs(logits, torch.tensor([1]), 2)
+    assert chosen.tolist() == pytest.approx([math.log(3 / 8)])
+    assert ids.tolist() == [[2, 1]] and values[0].tolist() == pytest.approx(
+        [math.log(4 / 8), math.log(3 / 8)]
+    )
+    assert raw_logprobs(logits, torch.tensor([0]), 0)[1].shape == (1, 0)

@@ -24,6 +24,7 @@ from rlhf.serve.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
     ChatMessage,
     ChunkDelta,
     ResponseMessage,
@@ -33,6 +34,7 @@ from rlhf.serve.schemas import (
 from rlhf.serve.service import (
     CLIENT_CLOSED_REQUEST,
     ChoiceRun,
+    chat_logprobs,
     check_supported,
     plan_choices,
     row_params,
@@ -61,6 +63,7 @@ async def chat_completions(
         policy,
         "messages",
         max_tokens_param,
+        asked_logprobs(body),
     )
     # the answer's leading whitespace (the space after "Assistant:") is dropped below: stops skip it too
     params = replace(params, skip_leading_space=True)
@@ -90,7 +93,10 @@ async def chat_completions(
         model=policy.name,
         choices=[
             ChatChoice(
-                index=r.index, message=ResponseMessage(content=r.text.lstrip()), finish_reason=r.finish_reason
+                index=r.index,
+                message=ResponseMessage(content=r.text.lstrip()),
+                logprobs=None if r.logprobs is None else chat_logprobs(policy.tokenizer, r.logprobs),
+                finish_reason=r.finish_reason,
             )
             for r in results
         ],
@@ -101,6 +107,14 @@ async def chat_completions(
         ),
         **(ab_pair.fields() if ab_pair else {}),
     )
+
+
+def asked_logprobs(body: ChatCompletionRequest) -> int | None:
+    """How many alternatives to report with each token's log-prob, or None when log-probs are off; a 400 for
+    top_logprobs without logprobs (as OpenAI and vLLM answer it; 0 asks for nothing and passes)."""
+    if body.top_logprobs and not body.logprobs:
+        raise APIError("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def render_chat(policy: Policy, messages: list[ChatMessage]) -> str:
@@ -133,8 +147,10 @@ async def _stream(
     """Chunks: the role first, then content deltas, then each choice's finish_reason; a last chunk with
     the usage (when asked) and the feedback id (A/B pairs); then [DONE]."""
 
-    def chunk(index: int, delta: ChunkDelta, finish_reason: str | None = None) -> str:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+    def chunk(
+        index: int, delta: ChunkDelta, finish_reason: str | None = None, logprobs: ChatLogprobs | None = None
+    ) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
         return sse(ChatCompletionChunk(id=ident, created=created, model=policy.name, choices=[choice]))
 
     started: set[int] = set()  # choices whose content has begun (leading whitespace is dropped before)
@@ -145,7 +161,9 @@ async def _stream(
             content = d.text if d.index in started else d.text.lstrip()
             if content:
                 started.add(d.index)
-                yield chunk(d.index, ChunkDelta(content=content))
+            if content or d.logprobs:  # the tokens of dropped leading whitespace still have their log-probs
+                logprobs = chat_logprobs(policy.tokenizer, d.logprobs) if d.logprobs else None
+                yield chunk(d.index, ChunkDelta(content=content), logprobs=logprobs)
             if d.finish_reason is not None:
                 yield chunk(d.index, ChunkDelta(), d.finish_reason)
         results = run.finished()

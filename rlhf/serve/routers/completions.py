@@ -29,6 +29,7 @@ from rlhf.serve.service import (
     CLIENT_CLOSED_REQUEST,
     ChoiceRun,
     check_supported,
+    completion_logprobs,
     plan_choices,
     row_params,
     save_ab,
@@ -46,7 +47,9 @@ async def completions(
     check_supported(body)
     prompts, texts = encode(policy, body.prompt)
     # One set of parameters for all prompts, so the longest prompt decides whether max_tokens fits.
-    params = row_params(body, body.max_tokens, max(len(p) for p in prompts), policy, "prompt")
+    params = row_params(
+        body, body.max_tokens, max(len(p) for p in prompts), policy, "prompt", logprobs=body.logprobs
+    )
     ab = wants_ab(state, body, request, len(prompts))
     specs = plan_choices(state, policy, prompts, params, body.n or 1, ab)
     meta: dict[str, Any] = {"endpoint": "completions", "model": policy.name, "request_user": body.user}
@@ -67,7 +70,15 @@ async def completions(
         id=ident,
         created=created,
         model=policy.name,
-        choices=[TextChoice(index=r.index, text=r.text, finish_reason=r.finish_reason) for r in results],
+        choices=[
+            TextChoice(
+                index=r.index,
+                text=r.text,
+                logprobs=None if r.logprobs is None else completion_logprobs(policy.tokenizer, r.logprobs),
+                finish_reason=r.finish_reason,
+            )
+            for r in results
+        ],
         usage=Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -124,7 +135,10 @@ async def _stream(
     try:
         async for d in run.deltas():
             if d.text or d.finish_reason is not None:
-                yield chunk([TextChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)])
+                logprobs = None if d.logprobs is None else completion_logprobs(policy.tokenizer, d.logprobs)
+                yield chunk(
+                    [TextChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)]
+                )
         results = run.finished()
         ab_pair = await save_ab(state, run.specs, results, prompt, meta) if ab else None
         if include_usage or ab_pair:
