@@ -90,7 +90,9 @@ class TrainConfig(Section):
     batch_size: int = Field(32, gt=0, description="sequences per optimiser step, over all processes")
     micro_batch_size: int = Field(16, gt=0, description="sequences per forward pass on one process")
     epochs: int = Field(1, gt=0, description="passes over the training data")
-    max_steps: int = Field(0, ge=0, description="stop after this many optimiser steps (0 = run all epochs)")
+    max_steps: int = Field(
+        0, ge=0, description="train for this many optimiser steps, in place of `epochs` (0 = run all epochs)"
+    )
     precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
     log_every: int = Field(10, gt=0, description="log metrics every N steps")
     log_with: list[Tracker] = Field(

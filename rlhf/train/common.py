@@ -244,7 +244,8 @@ def set_up_training(
 
 @dataclass
 class BatchPlan:
-    """Which examples each optimiser step uses, fixed by the seed, so a resumed run sees the same batches.
+    """Which examples each optimiser step uses, fixed by the seed, so a resumed run sees the same batches:
+    `epochs` passes over the data, or `max_steps` steps where set (each epoch in its own order).
 
     Every process knows the whole global batch (to normalise losses by its token count) and takes its own
     contiguous share, cut into micro-batches.
@@ -273,8 +274,9 @@ class BatchPlan:
             raise ConfigError(
                 f"{self.name} ({self.batch_size}) is larger than the training set ({self.n_examples} examples{where})"
             )
-        full = self.steps_per_epoch * self.epochs
-        self.total_steps = min(full, self.max_steps) if self.max_steps else full
+        # max_steps, where set, is the number of optimiser steps, over as many epochs as that takes: capping it
+        # at `epochs` made a small data set take fewer steps than asked, without a word
+        self.total_steps = self.max_steps or self.steps_per_epoch * self.epochs
         self.grad_accum = self.batch_size // (self.micro_batch_size * self.world_size)
 
     def global_batch(self, step: int) -> list[int]:

@@ -94,6 +94,32 @@ def test_two_steps_train_the_policy(
     )
 
 
+def optimizer_steps(checkpoint: Path) -> set[int]:
+    """The step count AdamW holds for each parameter in a checkpoint: the optimiser steps taken."""
+    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return {int(p["step"]) for p in state["optimizer"]["state"].values()}
+
+
+def test_max_steps_takes_that_many_steps_past_the_epochs(
+    tmp_path: Path, tiny_sft_model: Path, preferences: Path
+) -> None:
+    """A training set of one batch of 32 (two micro-batches of 16) holds one step per epoch: max_steps 2 still
+    takes 2 optimiser steps, and a resume with max_steps 3 a third."""
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, batch_size=32, micro_batch_size=16)
+    result = dpo.run(cfg, quiet=True)
+    assert result["train_judgements"] < 2 * 32  # one epoch is one step
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "dpo/loss" in r] == [1, 2]
+    assert rows[-1]["step"] == 2 and result["steps"] == 2
+    assert optimizer_steps(tmp_path / "run" / "checkpoints" / "step-0000002") == {2}
+
+    dpo.run(cfg.model_copy(update={"max_steps": 3}), resume=True, quiet=True)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "dpo/loss" in r] == [1, 2, 3]
+    assert rows[-1]["step"] == 3
+    assert optimizer_steps(tmp_path / "run" / "checkpoints" / "step-0000003") == {3}
+
+
 def test_lora_reference_is_the_adapter_off_policy(
     tmp_path: Path, tiny_sft_model: Path, preferences: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -68,6 +68,17 @@ def test_a_batch_larger_than_the_data_names_the_setting_and_the_file() -> None:
         BatchPlan(6, 8, 8, 1, 0, name="sft.batch_size", source="d.jsonl")
 
 
+def test_max_steps_goes_on_past_the_epochs_in_a_new_order() -> None:
+    from rlhf.train.common import BatchPlan
+
+    plan = BatchPlan(6, 4, 2, epochs=1, seed=0, max_steps=3)  # one step per epoch (4 of the 6 examples)
+    assert plan.total_steps == 3 and BatchPlan(6, 4, 2, 1, 0).total_steps == 1
+    batches = [plan.global_batch(step) for step in range(plan.total_steps)]
+    assert all(len(b) == 4 and len(set(b)) == 4 for b in batches)
+    assert len({tuple(b) for b in batches}) == 3  # each epoch shuffled anew
+    assert BatchPlan(40, 4, 2, epochs=2, seed=0, max_steps=3).total_steps == 3  # and stops early
+
+
 def test_rows_made_with_other_settings_are_not_resumed(tmp_path: Path) -> None:
     """A stage that keeps its rows across runs (red team, CAI) refuses a folder whose rows another model made."""
     import yaml
