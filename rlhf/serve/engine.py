@@ -10,8 +10,8 @@ first request waits up to `batch_wait_s` for company before its prefill. Caches 
 `DynamicLayer`s (sliding windows shorter than the context) cannot be joined; then new sequences wait for the
 running batch to finish (static batching).
 
-The scheduling stays here: admission, per-row sampling parameters, stop ids and strings, streaming,
-log-probs (computed only for the rows that ask) and cancellation.
+The scheduling stays here: admission, per-row sampling parameters, stop ids and strings, streaming and
+cancellation; the log-probs of the rows that ask are kept and reported by rlhf.serve.logprobs.
 
 Requests talk to the worker through `Sequence` objects: `submit` queues them, the worker calls each one's
 `emit` with `Delta`s (from its own thread: the callback must be thread-safe), and a request that goes
@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,10 +37,11 @@ from rlhf.engine import decode_cache
 from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decode_cache import DecodeStep
 from rlhf.engine.decoding import left_pad, never_sampled
-from rlhf.engine.sampling import RowSampling, RowStreams, raw_logprobs, sample, stream_keys
+from rlhf.engine.sampling import RowSampling, RowStreams, sample, stream_keys
 from rlhf.models.loading import context_length
 from rlhf.models.tokens import stop_ids
 from rlhf.serve import metrics
+from rlhf.serve.logprobs import ChoiceLogprobs, TokenLogprob, sampled_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,6 @@ class RowParams:
     skip_leading_space: bool = False
     # report each token's log-prob and this many likeliest alternatives; None = off
     logprobs: int | None = None
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-prob under the model's raw distribution (temperature 1, before top-k / top-p), its
-    likeliest alternatives as (id, log-prob), most likely first, and where its text starts in the choice's."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-    offset: int = 0
 
 
 @dataclass
@@ -99,9 +89,7 @@ class Sequence:
     sent: int = 0  # characters of `text` already emitted
     decoded: int = 0  # characters the tokens decode to, before any cut
     cut: bool = False  # the text was cut at a stop string
-    next_logprob: TokenLogprob | None = None  # of the token just sampled, until it is appended
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token (rows that ask)
-    reported: int = 0  # entries of `logprobs` already emitted
+    logprobs: ChoiceLogprobs = field(default_factory=ChoiceLogprobs)  # one per token (rows that ask)
     finish_reason: str | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
     stream_key: int | None = None  # the key of the random stream of its tokens; from the seed, if any
@@ -348,20 +336,11 @@ class Engine:
         never = never_sampled(self.pad_id, self.stop_ids)
         tokens, _ = sample(logits, rows, RowStreams(keys, counters), never)
         asking = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if asking:  # only those rows pay for a log-softmax over the vocabulary
-            self._note_logprobs(logits, tokens, asking, seqs)
+        if asking:  # each asking row's sampled token's log-prob, appended with the token
+            top_n = [seqs[i].params.logprobs or 0 for i in asking]
+            for i, entry in zip(asking, sampled_logprobs(logits, tokens, asking, top_n), strict=True):
+                seqs[i].logprobs.pending = entry
         return tokens
-
-    def _note_logprobs(self, logits: Tensor, tokens: Tensor, asking: list[int], seqs: list[Sequence]) -> None:
-        """Each asking row's `next_logprob`: its sampled token's log-prob and its top alternatives."""
-        rows = torch.tensor(asking, device=logits.device)  # (R,)
-        k = max(seqs[i].params.logprobs or 0 for i in asking)
-        chosen, top_values, top_ids = raw_logprobs(logits[rows], tokens[rows], k)  # (R,), (R, k), (R, k)
-        for i, token, logprob, values, ids in zip(
-            asking, tokens[rows].tolist(), chosen.tolist(), top_values.tolist(), top_ids.tolist(), strict=True
-        ):
-            n = seqs[i].params.logprobs or 0
-            seqs[i].next_logprob = TokenLogprob(token, logprob, list(zip(ids[:n], values[:n], strict=True)))
 
     def _advance(self, batch: _Batch) -> None:
         """Append each row's new token, decide whether it is done, and report to its request."""
@@ -376,9 +355,7 @@ class Engine:
             elif len(seq.tokens) >= seq.params.max_tokens:
                 seq.finish_reason = "length"
             start = self._update_text(seq) if seq.tracks_text else 0
-            if seq.next_logprob is not None:
-                _place(seq, seq.next_logprob, start)
-                seq.next_logprob = None
+            seq.logprobs.place(start)
             if seq.finish_reason is not None:
                 if not seq.tracks_text:
                     seq.text = self._decode_text(seq)
@@ -397,25 +374,13 @@ class Engine:
 
     def _report(self, seq: Sequence, ready: int | None = None) -> list[TokenLogprob] | None:
         """The log-probs a delta carries (None for rows that did not ask): while running, of the tokens whose
-        text ends within the first `ready` characters; at the end, of the rest of the tokens of the text,
-        that is, neither an ending EOS / end-of-turn token nor the tokens of a stop string."""
+        text ends within the first `ready` characters; at the end, of the rest of the text's tokens."""
         if seq.params.logprobs is None:
             return None
-        entries = seq.logprobs
-        if ready is None and seq.cut:
-            end = sum(1 for e in entries if e.offset < len(seq.text))
-        elif ready is None:
-            end = len(entries) - (1 if seq.tokens and seq.tokens[-1] in self.stop_ids else 0)
-        else:  # a token's text ends where the next one's begins (the last one's, where the text does)
-            end = seq.reported
-            while (
-                end < len(entries)
-                and (entries[end + 1].offset if end + 1 < len(entries) else seq.decoded) <= ready
-            ):
-                end += 1
-        out = entries[seq.reported : end]
-        seq.reported = max(seq.reported, end)
-        return out
+        if ready is not None:
+            return seq.logprobs.completed(ready, seq.decoded)
+        ends_with_stop_token = bool(seq.tokens) and seq.tokens[-1] in self.stop_ids
+        return seq.logprobs.remaining(seq.text, seq.cut, ends_with_stop_token)
 
     def _update_text(self, seq: Sequence) -> int:
         """Decode the text with the new token and cut it at a stop string; where the new token's text begins:
@@ -463,16 +428,6 @@ class Engine:
         if elapsed >= 1.0:
             metrics.TOKENS_PER_SECOND.labels(self.name).set(self._window_tokens / elapsed)
             self._window_start, self._window_tokens = time.perf_counter(), 0
-
-
-def _place(seq: Sequence, logprob: TokenLogprob, begins: int) -> None:
-    """Add a token's log-prob where its text begins; tokens not yet reported that seemed to begin later (parts
-    of a character this token completes) begin there too."""
-    for i in range(len(seq.logprobs) - 1, seq.reported - 1, -1):
-        if seq.logprobs[i].offset <= begins:
-            break
-        seq.logprobs[i] = replace(seq.logprobs[i], offset=begins)
-    seq.logprobs.append(replace(logprob, offset=begins))
 
 
 def _safe_length(text: str, stops: tuple[str, ...]) -> int:

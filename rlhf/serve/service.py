@@ -18,9 +18,10 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.serve import metrics
 from rlhf.serve.deps import ServeState
-from rlhf.serve.engine import Delta, Overloaded, RowParams, Sequence, TokenLogprob
+from rlhf.serve.engine import Delta, Overloaded, RowParams, Sequence
 from rlhf.serve.errors import APIError
 from rlhf.serve.feedback import AB, AB_HEADER, Answer, save_ab_async
+from rlhf.serve.logprobs import TokenLogprob
 from rlhf.serve.policy import Policy
 from rlhf.serve.schemas import (
     ChatLogprobs,
