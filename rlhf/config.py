@@ -745,6 +745,12 @@ class LoopConfig(Section):
         "continue", description="with too few votes at the timeout: train on what arrived, or stop the loop"
     )
     poll_s: float = Field(2.0, gt=0, description="seconds between two looks at the vote count")
+    undo_window_s: float = Field(
+        60.0,
+        ge=0,
+        description="the labeling app's undo window (RLHF_LABEL_UNDO_WINDOW_S): a person's vote counts, and is "
+        "trained on, once it can no longer be undone",
+    )
     method: Literal["ppo", "dpo"] = Field(
         "ppo",
         description="how a round trains the policy: ppo = reward model on all votes, then PPO; dpo = online DPO on "

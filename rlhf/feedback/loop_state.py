@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -97,8 +98,11 @@ def policies(session: Session, loop: LoopRun) -> list[PolicyVersion]:
     return list(session.scalars(stmt.order_by(PolicyVersion.round)))
 
 
-def round_counts(session: Session, project: str, round_: int) -> tuple[int, int]:
-    """(tasks, live votes) of round `round_` in `project`."""
+def round_counts(
+    session: Session, project: str, round_: int, settled_before: datetime | None = None
+) -> tuple[int, int]:
+    """(tasks, live votes) of round `round_` in `project`; with `settled_before`, only the votes that can no
+    longer be undone: cast before it, or by the simulated panel (which never undoes)."""
     project_id = session.scalar(select(Project.id).where(Project.name == project))
     if project_id is None:
         return 0, 0
@@ -111,8 +115,15 @@ def round_counts(session: Session, project: str, round_: int) -> tuple[int, int]
         .join(Task, Task.id == Vote.task_id)
         .join(Prompt, Prompt.id == Task.prompt_id)
         .where(in_round, Vote.retracted_at.is_(None))
+        .where(true() if settled_before is None else settled(settled_before))
     )
     return int(tasks or 0), int(votes or 0)
+
+
+def settled(before: datetime) -> ColumnElement[bool]:
+    """Votes no one can undo any more: cast before `before` (now less the labeling app's undo window), or by
+    the simulated panel."""
+    return (Vote.created_at <= before) | (Vote.source == "simulated")
 
 
 @dataclass

@@ -34,6 +34,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -235,12 +236,13 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
 
     lc = cfg.loop
     with db.session() as session:
-        tasks, votes = round_counts(session, loop.name, round_)
+        tasks, votes = round_counts(session, loop.name, round_, settled_before(lc.undo_window_s))
     need = min(lc.min_votes, tasks * lc.overlap) if lc.min_votes else tasks * lc.overlap
     panel = Panel.from_config(cfg.panel) if lc.panel else None
     tokens = panel_tokens(db, panel, "loop panel") if panel else {}
     deadline = time.monotonic() + lc.vote_timeout_s
     log.info("loop: round %d: waiting for %d votes on %d tasks (%d so far)", round_, need, tasks, votes)
+    settling = False
     with labeling_server(cfg, db.url) if panel else nullcontext(None) as base_url:
         while True:
             cast = 0
@@ -249,9 +251,14 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
                     label_through_api(base_url, tokens, panel, loop.name, lc.panel_votes_per_poll).values()
                 )
             with db.session() as session:
-                votes = round_counts(session, loop.name, round_)[1]
+                live = round_counts(session, loop.name, round_)[1]
+                votes = round_counts(session, loop.name, round_, settled_before(lc.undo_window_s))[1]
             if votes >= need:
                 break
+            if live >= need and not settling:  # the last votes may still be undone: wait out the undo window
+                log.info("loop: round %d: %d votes, waiting up to %g s until they can no longer be undone",
+                         round_, live, lc.undo_window_s)  # fmt: skip
+                settling = True
             stall_point(f"r{round_}.votes")
             if time.monotonic() > deadline:
                 message = f"round {round_}: {votes} of the {need} votes needed arrived within {lc.vote_timeout_s:g} s"
@@ -269,19 +276,33 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
 # --- 4. reward, 5. ppo, 6. eval ------------------------------------------------------------------------------
 
 
+def settled_before(undo_window_s: float) -> datetime:
+    """Votes cast before this moment can no longer be undone in the labeling app."""
+    return datetime.now(timezone.utc) - timedelta(seconds=undo_window_s)
+
+
 def round_votes(
-    db: Database, loop: LoopRun, rdir: Path, only_round: int | None = None
+    db: Database, loop: LoopRun, rdir: Path, undo_window_s: float, only_round: int | None = None
 ) -> list[dict[str, Any]]:
-    """The live votes so far (of `only_round`'s tasks only, if given), exported to round-N/votes.jsonl once: a
-    resumed round trains on that file again, not on votes people cast since, which its checkpoints never saw."""
+    """The live votes so far (of `only_round`'s tasks only, if given) that can no longer be undone (see
+    `settled`), exported to round-N/votes.jsonl once: a resumed round trains on that file again, not on votes
+    people cast since, which its checkpoints never saw. A vote still in its undo window waits for the next
+    round's export, so no vote its labeler takes back is trained on."""
     from rlhf.feedback.export import export_records
 
     path = rdir / "votes.jsonl"
     if path.exists():
         return [row for _, row in iter_jsonl(path)]
+    before = settled_before(undo_window_s)
+
+    def wanted(meta: dict[str, Any]) -> bool:
+        in_round = only_round is None or str(meta["prompt_id"]).startswith(round_prefix(only_round))
+        return in_round and (
+            meta["source"] == "simulated" or datetime.fromisoformat(meta["created_at"]) <= before
+        )
+
     with db.session() as session:
-        records = [r for r in export_records(session, loop.name, "votes") if only_round is None
-                   or str(r["meta"]["prompt_id"]).startswith(round_prefix(only_round))]  # fmt: skip
+        records = [r for r in export_records(session, loop.name, "votes") if wanted(r["meta"])]
     write_jsonl(path, records)
     return records
 
@@ -293,7 +314,7 @@ def train_reward(
     """Every vote so far -> a reward model, warm-started from the previous round's."""
     from rlhf.stages import reward
 
-    records = round_votes(db, loop, rdir)
+    records = round_votes(db, loop, rdir, cfg.loop.undo_window_s)
     warm = parent.path if parent is not None and cfg.loop.warm_start else None
     rm_cfg = cfg.reward.model_copy(update={
         "out_dir": str(rdir / "reward"), "model": cfg.loop.sft_policy, "train_file": str(rdir / "votes.jsonl"),
@@ -359,7 +380,7 @@ def train_policy_dpo(
     arXiv:2312.16682); the dpo section's settings, resumed from its checkpoints."""
     from rlhf.stages import dpo
 
-    records = round_votes(db, loop, rdir, only_round=round_)
+    records = round_votes(db, loop, rdir, cfg.loop.undo_window_s, only_round=round_)
     dpo_cfg = cfg.dpo.model_copy(update={
         "out_dir": str(rdir / "dpo"), "policy": current.path, "reference": None,
         "train_file": str(rdir / "votes.jsonl"), "eval_file": None, "seed": cfg.dpo.seed + round_,

@@ -223,7 +223,7 @@ def test_people_vote_in_a_running_labeling_app_and_the_loop_waits(tmp_path: Path
     url = f"sqlite:///{tmp_path / 'team.db'}"
     config = tiny_config(tmp_path / "loop.yaml", tiny_sft_model, demo_data, out)
     cfg = yaml.safe_load(config.read_text())
-    cfg["loop"].update(rounds=1, panel=False, min_votes=8, db=url, vote_timeout_s=120)
+    cfg["loop"].update(rounds=1, panel=False, min_votes=8, db=url, vote_timeout_s=120, undo_window_s=1)
     cfg["reward"].update(batch_size=4, micro_batch_size=4)  # 8 votes by one person make 5 groups
     config.write_text(yaml.safe_dump(cfg))
     token = make_user(url, "lia")

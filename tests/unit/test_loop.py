@@ -139,12 +139,54 @@ def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_p
                 client.vote(client.next_task("l")["id"], choice="A")
 
             vote()
-            assert len(loop.round_votes(db, loop_run, tmp_path)) == 1  # the round's reward model starts
+            assert (
+                len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
+            )  # the round's reward model starts
             vote()  # cast while it trains, then the loop is killed and started again
-            again = loop.round_votes(db, loop_run, tmp_path)
+            again = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
     finally:
         db.dispose()
     assert len(again) == 1 and len(list((tmp_path / "votes.jsonl").read_text().splitlines())) == 1
+
+
+def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_be_taken_back(
+    tmp_path: Path,
+) -> None:
+    """People may undo a vote for undo_window_s after casting it: a round whose count is reached by votes still
+    inside that window waits, and exports only votes past it (the simulated panel's count at once)."""
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.loop_state import get_or_create_loop
+    from rlhf.feedback.schemas import CandidateRow
+    from rlhf.feedback.testing import make_user, run_server
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    token = make_user(url, "ann")
+    db = Database(url)
+    rows = [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"r1:p{i}", "completions": [
+        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]}) for i in range(3)]  # fmt: skip
+    settings = ["loop.name=l", "loop.panel=false", "loop.min_votes=2", "loop.vote_timeout_s=0.3",
+                "loop.poll_s=0.05", "loop.on_timeout=stop"]  # fmt: skip
+    try:
+        with db.session() as session:
+            loop_run = get_or_create_loop(session, "l", {})
+            import_candidates(session, "l", rows)
+        with run_server(url) as base, FeedbackClient(base, token) as client:
+            for _ in range(2):
+                client.vote(client.next_task("l")["id"], choice="A")
+            with pytest.raises(loop.LoopStopped, match="0 of the 2 votes needed"):
+                loop.collect_votes(load_config(None, settings), db, loop_run, 1)
+            assert loop.round_votes(db, loop_run, tmp_path / "now", undo_window_s=60) == []
+            client.undo()  # within the window: this vote is never trained on
+            client.vote(client.next_task("l")["id"], choice="B", source="simulated")
+            info = loop.collect_votes(load_config(None, [*settings, "loop.undo_window_s=0"]), db, loop_run, 1)
+            assert info["votes"] == 2
+            kept = loop.round_votes(db, loop_run, tmp_path / "later", undo_window_s=0)
+            simulated = loop.round_votes(db, loop_run, tmp_path / "panel", undo_window_s=60)
+    finally:
+        db.dispose()
+    assert [r["choice"] for r in kept] == ["A", "B"]
+    assert [r["meta"]["source"] for r in simulated] == ["simulated"]
 
 
 def test_the_round_line_names_what_the_votes_trained() -> None:
