@@ -46,12 +46,22 @@ class ModelForward(torch.nn.Module):
         )
         self.aux_coef = router_aux_coef(self.hf_model)
         self.router_logits: tuple[Tensor, ...] | None = None  # (R W, E) per MoE layer, of the last forward
+        # set around a whole forward that asks only its backbone for router logits (`logits_at`)
+        self._routed_backbone = False
         if self.aux_coef is not None:
             # caught on the backbone's way out: the scalar heads' forwards and the backbone alone drop them
             backbone(self.hf_model).register_forward_hook(self._catch_router_logits)
+            backbone(self.hf_model).register_forward_pre_hook(self._ask_router_logits, with_kwargs=True)
 
     def _catch_router_logits(self, _module: torch.nn.Module, _inputs: Any, out: Any) -> None:
         self.router_logits = getattr(out, "router_logits", None)
+
+    def _ask_router_logits(
+        self, _module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self._routed_backbone:
+            kwargs["output_router_logits"] = True
+        return args, kwargs
 
     def aux_loss(self, token_weights: Tensor) -> Tensor:
         """The routers' load-balancing loss over the last forward's (R, W) rows, as transformers computes a
@@ -91,9 +101,17 @@ class ModelForward(torch.nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
             ).last_hidden_state
         else:
-            logits = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            ).logits
+            # a mixture of experts' causal LM would compute its own load-balancing loss over `attention_mask`,
+            # which fails on a 4-D mask: it is asked for none, and its backbone alone for the router logits
+            routed = self.aux_coef is not None
+            options = {"output_router_logits": False} if routed else {}
+            self._routed_backbone = routed
+            try:
+                logits = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **options
+                ).logits
+            finally:
+                self._routed_backbone = False
             return cast(Tensor, logits.flatten(0, 1)[at])  # (R, W, V) -> (N, V)
         # the head on whole blocks of 64 rows, so that its matmul keeps a few shapes (see packing.py)
         n = at.numel()

@@ -190,3 +190,23 @@ def test_packed_rows_give_a_mixture_of_experts_the_load_balancing_loss_of_padded
     assert grads.keys() == expected_grads.keys() and any("gate" in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_mixture_of_experts_whole_forward_takes_packed_rows(tmp_path: Path) -> None:
+    """Where the LM head cannot run alone (weights sharded by FSDP), the whole causal-LM forward runs over the
+    packed rows' 4-D mask: it gives the logits of the head alone and the same load-balancing loss, rather than
+    failing in transformers' own `aux_loss`, which reads the mask as one weight per token."""
+    path = save_tiny("mixtral", tmp_path / "moe")
+    tokenizer = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tokenizer=tokenizer)
+    model.config.output_router_logits = True
+    ids, mask, p = rollout(int(tokenizer.pad_token_id))
+    lay = packed_layout(ids, mask, p, int(tokenizer.pad_token_id))
+    assert lay.attention_mask.dim() == 4
+    alone, whole = Actor(model), Actor(model)
+    whole._head_alone = False  # as for sharded weights (`head_runs_alone`)
+    expected = policy_forward(alone, lay)
+    expected_aux = alone.aux_loss(lay.real)
+    logits = policy_forward(whole, lay)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole.aux_loss(lay.real), expected_aux, atol=1e-6, rtol=0)
