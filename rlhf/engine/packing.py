@@ -246,7 +246,8 @@ def layout(
 ) -> TokenLayout:
     """Packed rows when asked for and possible (every prompt has a token, and no sequence is longer than the
     models' sliding `window`, which a custom mask would drop), else padded rows."""
-    longest = int(mask.sum(1).max()) if mask.numel() else 0
-    if pack and within_window(window, longest) and bool(mask[:, :n_prompt].any(1).all()):
+    # the longest sequence is read (a device sync) only where a sliding window may forbid packing
+    fits = window is None or not pack or within_window(window, int(mask.sum(1).max()) if mask.numel() else 0)
+    if pack and fits and bool(mask[:, :n_prompt].any(1).all()):
         return packed_layout(ids, mask, n_prompt, pad_id, additive, hidden_size)
     return padded_layout(ids, mask, n_prompt)
