@@ -655,15 +655,16 @@ def loop_lineage(
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 1."""
+    """Entry point: user errors become one line on stderr and exit status 1; Ctrl-C says so, with status 130."""
     try:
         app()
     except RlhfError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit with status 130
+        if e.code == 130:
+            typer.echo("interrupted (run it again to continue; a training stage with --resume)", err=True)
+        raise
 
 
 if __name__ == "__main__":

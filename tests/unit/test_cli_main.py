@@ -1,0 +1,41 @@
+"""rlhf/cli.py main(): how the command line ends on user errors and on Ctrl-C."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+from rlhf import cli
+from rlhf.errors import ConfigError
+
+
+def _app_raising(exc: BaseException) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    def run() -> None:
+        raise exc
+
+    @app.command()
+    def other() -> None:  # two commands, so `run` is named on the command line
+        pass
+
+    return app
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "app", _app_raising(KeyboardInterrupt()))
+    monkeypatch.setattr("sys.argv", ["rlhf", "run"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted")
+
+
+def test_a_user_error_is_one_line_and_exits_1(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "app", _app_raising(ConfigError("ppo.lr: should be > 0")))
+    monkeypatch.setattr("sys.argv", ["rlhf", "run"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    assert capsys.readouterr().err == "error: ppo.lr: should be > 0\n"
