@@ -21,6 +21,7 @@ from transformers.models.mixtral import modeling_mixtral
 from rlhf.config import PPOConfig
 from rlhf.engine import lean_llama
 from rlhf.engine.packing import TokenLayout
+from rlhf.errors import ConfigError
 from rlhf.models.heads import backbone, head_scores, load_reward_model, load_scalar_model, normalisation
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.lora import add_lora
@@ -45,6 +46,7 @@ class ModelForward(torch.nn.Module):
             None  # whether the LM head can run alone (`head_runs_alone`); None: not asked
         )
         self.aux_coef = router_aux_coef(self.hf_model)
+        self.experts = 0 if self.aux_coef is None else expert_count(self.hf_model.config)
         self.router_logits: tuple[Tensor, ...] | None = None  # (R W, E) per MoE layer, of the last forward
         # set around a whole forward that asks only its backbone for router logits (`logits_at`)
         self._routed_backbone = False
@@ -72,12 +74,11 @@ class ModelForward(torch.nn.Module):
         router_logits, self.router_logits = self.router_logits, None
         if router_logits is None:
             raise RuntimeError("aux_loss: the last forward returned no router logits")
-        config = self.hf_model.config
-        experts = getattr(config, "num_local_experts", None) or config.num_experts
         loss = _balancing_loss(self.hf_model)(
-            router_logits, experts, config.num_experts_per_tok, token_weights
+            router_logits, self.experts, self.hf_model.config.num_experts_per_tok, token_weights
         )
-        return cast(Tensor, loss)
+        # the function returns the int 0 when it finds no router logits to weigh
+        return loss if isinstance(loss, Tensor) else token_weights.new_zeros((), dtype=torch.float32)
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -148,6 +149,19 @@ def router_aux_coef(model: PreTrainedModel) -> float | None:
     if not getattr(config, "output_router_logits", False):
         return None
     return float(getattr(config, "router_aux_loss_coef", 0.0))
+
+
+def expert_count(config: Any) -> int:
+    """A mixture of experts' number of experts, under the names its families give it; a one-line error where
+    the config names none (before any work, rather than at the first training step)."""
+    names = ("num_local_experts", "num_experts", "n_routed_experts")
+    experts = next((n for n in (getattr(config, k, None) for k in names) if n), None)
+    if not isinstance(experts, int):
+        raise ConfigError(
+            f"{config.model_type}: output_router_logits is set but the config names no expert count "
+            f"({', '.join(names)}); set output_router_logits: false to train without the load-balancing loss"
+        )
+    return experts
 
 
 def _balancing_loss(model: PreTrainedModel) -> Callable[..., Any]:

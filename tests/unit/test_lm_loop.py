@@ -118,3 +118,16 @@ def test_a_mixture_of_experts_trains_on_its_load_balancing_loss_where_its_config
     else:
         assert logged["sft/loss"] == pytest.approx(float(nll), rel=1e-5)
         assert "sft/aux_loss" not in logged
+
+
+def test_the_expert_count_is_read_under_each_familys_name_and_its_absence_is_a_config_error() -> None:
+    from types import SimpleNamespace
+
+    from rlhf.errors import ConfigError
+    from rlhf.models.wrappers import expert_count
+
+    assert expert_count(SimpleNamespace(num_local_experts=8)) == 8  # Mixtral
+    assert expert_count(SimpleNamespace(num_local_experts=None, num_experts=60)) == 60  # Qwen2-MoE
+    assert expert_count(SimpleNamespace(n_routed_experts=64)) == 64  # DeepSeek
+    with pytest.raises(ConfigError, match="no expert count"):
+        expert_count(SimpleNamespace(model_type="dbrx"))
