@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,7 @@ from rlhf.engine.sampling import RowSampling, RowStreams, sample, stream_keys
 from rlhf.models.loading import context_length
 from rlhf.models.tokens import stop_ids
 from rlhf.serve import metrics
+from rlhf.serve.detokenize import IncrementalText, decode
 from rlhf.serve.logprobs import ChoiceLogprobs, TokenLogprob, sampled_logprobs
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class Sequence:
     cancelled: bool = False
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # decoded so far (streaming, stop strings or logprobs only), cut at a stop string
+    detokenizer: IncrementalText = field(default_factory=IncrementalText)  # decodes `text` token by token
     sent: int = 0  # characters of `text` already emitted
     decoded: int = 0  # characters the tokens decode to, before any cut
     cut: bool = False  # the text was cut at a stop string
@@ -358,7 +361,7 @@ class Engine:
             seq.logprobs.place(start)
             if seq.finish_reason is not None:
                 if not seq.tracks_text:
-                    seq.text = self._decode_text(seq)
+                    seq.text = decode(self.tokenizer, self._text_ids(seq))
                 text = seq.text[seq.sent :]
                 self._emit(
                     seq,
@@ -385,21 +388,26 @@ class Engine:
     def _update_text(self, seq: Sequence) -> int:
         """Decode the text with the new token and cut it at a stop string; where the new token's text begins:
         the length of what the text before and after it share (a token that completes a character begun by
-        the ones before begins where that character does)."""
-        old, seq.text = seq.text, self._decode_text(seq)
-        begins = len(old) if seq.text.startswith(old) else len(os.path.commonprefix([old, seq.text]))
+        the ones before begins where that character does). Work per token is bounded by the last tokens'
+        text, not the whole answer's: the decoding is incremental, and only text the token may have changed
+        is compared and searched for stop strings."""
+        old, seq.text = seq.text, seq.detokenizer.update(self.tokenizer, self._text_ids(seq))
+        kept = seq.detokenizer.kept
+        begins = kept + len(os.path.commonprefix([old[kept:], seq.text[kept:]]))
         seq.decoded = len(seq.text)
-        start = len(seq.text) - len(seq.text.lstrip()) if seq.params.skip_leading_space else 0
-        cut = min((i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0), default=-1)
+        start = _leading_space(seq.text) if seq.params.skip_leading_space else 0
+        # a stop string found now has a character at or past `begins`: the text before it was searched already
+        found = (seq.text.find(s, max(start, begins - len(s) + 1)) for s in seq.params.stop)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut >= 0:
             seq.text = seq.text[:cut]
             seq.finish_reason = "stop"
             seq.cut = True
         return begins
 
-    def _decode_text(self, seq: Sequence) -> str:
-        ids = seq.tokens[:-1] if seq.tokens and seq.tokens[-1] in self.stop_ids else seq.tokens
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+    def _text_ids(self, seq: Sequence) -> list[int]:
+        """The tokens the text is made of: not an ending stop token."""
+        return seq.tokens[:-1] if seq.tokens and seq.tokens[-1] in self.stop_ids else seq.tokens
 
     def _prune(self, batch: _Batch) -> _Batch | None:
         """Drop finished and cancelled rows from the batch and cut padding-only slots off the cache."""
@@ -433,7 +441,9 @@ class Engine:
 def _safe_length(text: str, stops: tuple[str, ...]) -> int:
     """How much of a running sequence's text can be sent: not a trailing partial character (U+FFFD from
     half a UTF-8 byte sequence), nor a tail that may grow into a stop string."""
-    end = len(text.rstrip("\ufffd"))
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, end), 0, -1):
@@ -441,6 +451,12 @@ def _safe_length(text: str, stops: tuple[str, ...]) -> int:
                 hold = max(hold, k)
                 break
     return end - hold
+
+
+def _leading_space(text: str) -> int:
+    """How many whitespace characters `text` starts with (as `str.lstrip` strips them), without copying it."""
+    match = re.match(r"\s*", text)
+    return match.end() if match else 0
 
 
 def _decode_step(model: PreTrainedModel, context: int) -> DecodeStep | None:

@@ -5,6 +5,8 @@ concurrent requests through the server are decoded together."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import threading
 import time
 from collections import Counter
@@ -262,3 +264,27 @@ def test_rows_that_ask_for_logprobs_get_the_raw_log_softmax_of_their_tokens(engi
             n = rows[i].logprobs or 0
             assert [lp for _, lp in entry.top] == pytest.approx(logp.topk(n).values.tolist(), abs=1e-4)
             assert all(float(logp[t]) == pytest.approx(lp, abs=1e-4) for t, lp in entry.top)
+
+
+def test_incremental_text_cuts_and_offsets_match_decoding_the_whole_answer(engine: Engine) -> None:
+    """`_update_text` against what decoding every token list whole gives: the text, where each token's text
+    begins, and the cut at the first stop string (chat rows skip the leading whitespace)."""
+    tok, rng = engine.tokenizer, random.Random(0)
+    for trial in range(60):
+        ids = [rng.randrange(len(tok)) for _ in range(40)]
+        whole = tok.decode(ids, skip_special_tokens=True)
+        stop = whole[rng.randrange(len(whole)) :][:3] if whole.strip() and trial % 3 else ""
+        params = RowParams(max_tokens=100, stop=(stop,) if stop else (), skip_leading_space=trial % 2 == 0)
+        seq, text = Sequence([], params, 0, lambda d: None, stream=True), ""
+        for token in ids:
+            seq.tokens.append(token)
+            new = tok.decode(seq.tokens, skip_special_tokens=True)
+            begins = len(os.path.commonprefix([text, new]))
+            assert engine._update_text(seq) == begins
+            start = len(new) - len(new.lstrip()) if params.skip_leading_space else 0
+            cut = new.find(stop, start) if stop else -1
+            assert seq.text == (new[:cut] if cut >= 0 else new)
+            if cut >= 0:
+                assert seq.finish_reason == "stop" and seq.cut
+                break
+            text = new
