@@ -27,7 +27,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rlhf.engine.lean_llama import on_cpu
-from rlhf.engine.packing import uses_alibi
+from rlhf.engine.packing import sliding_window, uses_alibi, within_window
 
 
 def packer(device: torch.device, dtype: torch.dtype, batch: int) -> Callable[[Tensor], Tensor]:
@@ -76,14 +76,10 @@ def supports(model: PreTrainedModel, length: int) -> bool:
     cfg = getattr(base, "config", None)
     if cfg is None or not on_cpu(base):
         return False
-    window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None)
-    # without layer types (Mistral, Phi-3), a window set applies to every layer
-    sliding = "sliding_attention" in layer_types if layer_types else window is not None
     return (
         cfg._attn_implementation in ("sdpa", "eager")
-        and set(layer_types or []) <= _LAYER_TYPES
-        and (not sliding or (isinstance(window, int) and window >= length))
+        and set(getattr(cfg, "layer_types", None) or []) <= _LAYER_TYPES
+        and within_window(sliding_window(base), length)
         and not getattr(cfg, "is_encoder_decoder", False)
         and not uses_alibi(cfg)
         # attention dropout in training mode, and attention sinks (GPT-OSS), are not in `decode_attention`
