@@ -414,8 +414,11 @@ def bon(
     result = stage.run(cfg)
     typer.echo(
         f"bon: best of {result['n']} on {result['prompts']} prompts, score {result['best_score']:.3f} "
-        f"(one sample: {result['mean_score']:.3f}, KL <= {result['kl_bound']:.3f} nats); written to {result['out']}"
-    )
+        f"(one sample: {result['mean_score']:.3f}, KL <= {result['kl_bound']:.3f} nats); {result['written']} written "
+        f"to {result['out']}"
+        + (f" ({result['unfinished']} whose answers never ended left out)" if result["written"] < result["prompts"]
+           else "")
+    )  # fmt: skip
 
 
 @app.command("eval", epilog=settings_help("eval"))

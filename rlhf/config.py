@@ -566,6 +566,11 @@ class BonConfig(Section):
         description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
         "row, never attended nor sampled); false = refuse such a tokenizer",
     )
+    keep_unfinished: bool = Field(
+        False,
+        description="write the prompts whose best answer never ended too (false: left out and counted, since "
+        "SFT would teach the cut answer and an EOS after it)",
+    )
 
 
 class EvalConfig(Section):

@@ -4,7 +4,8 @@ optimiser of the reward model: no training, and its KL to the sampling policy is
 nats (Stiennon et al. 2020, appendix G.3). Its output is SFT data for rejection-sampling fine-tuning
 (`rlhf sft --set sft.train_file=runs/bon.jsonl`): one row per prompt,
   {"prompt", "response", "score", "scores": [all n], "ended", "n", "policy"}.
-Answers that never end score `no_eos_penalty`, as in PPO, so a rambling answer wins only if all n ramble.
+Answers that never end score `no_eos_penalty`, as in PPO, so a rambling answer wins only if all n ramble; such a
+prompt is left out of the file (`keep_unfinished` keeps it), since SFT would learn the cut answer.
 """
 
 from __future__ import annotations
@@ -47,12 +48,18 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     rows = [
         {"prompt": r.prompt, "response": r.answers[r.best], "score": r.scores[r.best], "scores": r.scores,
          "ended": r.ended[r.best], "n": cfg.n, "policy": cfg.policy}
-        for r in results
+        for r in results if cfg.keep_unfinished or r.ended[r.best]
     ]  # fmt: skip
+    unfinished = sum(not r.ended[r.best] for r in results)
+    if unfinished and not cfg.keep_unfinished:
+        log.warning("bon: %d of %d prompts left out: none of their %d answers ended within max_new_tokens (%d)",
+                    unfinished, len(results), cfg.n, cfg.max_new_tokens)  # fmt: skip
     write_jsonl(cfg.out, rows)
     summary = {
         "stage": "bon",
-        "prompts": len(rows),
+        "prompts": len(results),
+        "written": len(rows),
+        "unfinished": unfinished,
         "n": cfg.n,
         "best_score": sum(r.scores[r.best] for r in results) / len(results),
         "mean_score": sum(sum(r.scores) / len(r.scores) for r in results) / len(results),

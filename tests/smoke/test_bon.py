@@ -30,12 +30,10 @@ def test_best_of_n_keeps_the_highest_scored_answer(
     summary = run_bon(cfg)
 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 6 == summary["prompts"]
+    assert summary["prompts"] == 6 and len(rows) == summary["written"] == 6 - summary["unfinished"]
     for row in rows:
         assert len(row["scores"]) == 4 and all(math.isfinite(s) for s in row["scores"])
-        assert row["score"] == max(row["scores"])
-        if not row["ended"]:  # an answer that never ends scores the penalty, whatever the reward model says
-            assert row["score"] == -3.0
+        assert row["score"] == max(row["scores"]) and row["ended"]  # SFT data: answers that end
     assert summary["best_score"] >= summary["mean_score"]
     assert summary["kl_bound"] == pytest.approx(math.log(4) - 3 / 4)
     # the kept answers are SFT demonstrations for rejection-sampling fine-tuning
@@ -63,7 +61,8 @@ def test_prompt_longer_than_the_context_is_cut_for_the_reward_model_too(tmp_path
     )
     out = tmp_path / "bon.jsonl"
     cfg = BonConfig(policy=str(policy), reward_model=str(tmp_path / "rm"), prompts_file=str(prompts),
-                    out=str(out), n=2, max_new_tokens=8, precision="fp32", no_eos_penalty=None)  # fmt: skip
+                    out=str(out), n=2, max_new_tokens=8, precision="fp32", no_eos_penalty=None,
+                    keep_unfinished=True)  # fmt: skip
     run_bon(cfg)
 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -105,3 +104,18 @@ def test_missing_prompts_file_is_a_clear_error(
     with pytest.raises(DataError, match="no prompts"):
         run_bon(cfg)
     assert not (tmp_path / "bon.jsonl").exists()
+
+
+def test_a_prompt_whose_answers_never_end_is_left_out_unless_kept(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    """With room for 1 token no answer ends: SFT on them would learn a cut answer followed by EOS."""
+    base = dict(policy=str(tiny_sft_model), reward_model=str(tiny_reward_model),
+                prompts_file=str(demo_data / "eval_prompts.jsonl"), n=2, max_prompts=3, max_new_tokens=1,
+                precision="fp32", no_eos_penalty=-3.0)  # fmt: skip
+    left_out = run_bon(BonConfig(**base, out=str(tmp_path / "a.jsonl")))
+    assert left_out["prompts"] == left_out["unfinished"] == 3 and left_out["written"] == 0
+    assert (tmp_path / "a.jsonl").read_text() == ""
+    kept = run_bon(BonConfig(**base, out=str(tmp_path / "b.jsonl"), keep_unfinished=True))
+    rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert kept["written"] == 3 and [r["ended"] for r in rows] == [False] * 3
