@@ -237,3 +237,15 @@ def _plain(v: Any) -> Any:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All rows of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def metrics_at(path: str | Path, step: int) -> dict[str, Any]:
+    """Every metric logged at `step` (training and held-out rows merged), {} without a metrics file: what a run
+    resumed at its last step reports, having no step left to train."""
+    if not step or not Path(path).exists():
+        return {}
+    merged: dict[str, Any] = {}
+    for row in read_metrics(path):
+        if row["step"] == step:
+            merged |= {k: v for k, v in row.items() if k != "step"}
+    return merged

@@ -60,7 +60,7 @@ from rlhf.models.lora import add_lora
 from rlhf.models.tokens import encode_completions, encode_prompts
 from rlhf.models.wrappers import Actor
 from rlhf.rl_math import logprobs_from_logits
-from rlhf.runs import Run, seed_everything
+from rlhf.runs import Run, metrics_at, seed_everything
 from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
@@ -413,7 +413,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
 
     reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
     progress = Progress(plan.total_steps, "dpo", accelerator.is_main_process, quiet, initial=start)
-    metrics: dict[str, Any] = {}
+    # resumed: the metrics of the checkpoint's step, reported as they were when no step is left to train
+    metrics: dict[str, Any] = metrics_at(run_dir.metrics_path, start) if is_main else {}
     pairs_seen, t0 = 0, time.perf_counter()
     for step in range(start, plan.total_steps):
         micro = [[train[i] for i in mb] for mb in plan.micro_batches(step)]

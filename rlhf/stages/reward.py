@@ -60,7 +60,7 @@ from rlhf.models.loading import (
 )
 from rlhf.models.tokens import encode_completions, encode_prompts, end_response, stop_ids
 from rlhf.models.wrappers import ModelForward
-from rlhf.runs import Run, read_metrics, seed_everything
+from rlhf.runs import Run, metrics_at, seed_everything
 from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
@@ -572,11 +572,8 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         tokenizer.save_pretrained(path)
 
     progress = Progress(plan.total_steps, "reward", accelerator.is_main_process, quiet, initial=start)
-    metrics: dict[str, Any] = {}
-    if start and is_main and run_dir.metrics_path.exists():  # resumed: the metrics of the checkpoint's step,
-        for row in read_metrics(run_dir.metrics_path):  # reported as they were when no step is left to train
-            if row["step"] == start:
-                metrics |= {k: v for k, v in row.items() if k != "step"}
+    # resumed: the metrics of the checkpoint's step, reported as they were when no step is left to train
+    metrics: dict[str, Any] = metrics_at(run_dir.metrics_path, start) if is_main else {}
     pairs_seen, t0 = 0, time.perf_counter()
     for step in range(start, plan.total_steps):
         global_groups = plan.batch_size

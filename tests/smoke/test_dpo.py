@@ -119,6 +119,11 @@ def test_max_steps_takes_that_many_steps_past_the_epochs(
     assert rows[-1]["step"] == 3
     assert optimizer_steps(tmp_path / "run" / "checkpoints" / "step-0000003") == {3}
 
+    # resumed once more with no step left: the last step's metrics, held-out ones included, as they were logged
+    again = dpo.run(cfg.model_copy(update={"max_steps": 3}), resume=True, quiet=True)
+    last = {k: v for r in rows if r["step"] == 3 for k, v in r.items() if k != "step"}
+    assert "dpo/eval_accuracy" in last and all(again[k] == v for k, v in last.items())
+
 
 def test_lora_reference_is_the_adapter_off_policy(
     tmp_path: Path, tiny_sft_model: Path, preferences: Path, monkeypatch: pytest.MonkeyPatch
