@@ -66,6 +66,13 @@ ResumeOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="plain log lines instead of progress bars")]
 
 
+def _summary(line: str) -> None:
+    """A training stage's closing line, printed once: by the main process where `accelerate launch` or torchrun
+    started several (they set RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(line)
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -124,7 +131,7 @@ def pretrain(
 
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
-    typer.echo(
+    _summary(
         f"pretrain: held-out loss {result.get('loss', float('nan')):.4f}, ppl {result.get('ppl', float('nan')):.2f}; model in {cfg.out_dir}/final"
     )
 
@@ -143,7 +150,7 @@ def sft(
 
     _setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
-    typer.echo(
+    _summary(
         f"sft: held-out response loss {result.get('loss', float('nan')):.4f}; model in {cfg.out_dir}/final"
     )
 
@@ -237,16 +244,16 @@ def reward(
     if acc.get("n"):
         low, high = acc["ci95"]
         line += f"held-out accuracy {acc['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}, {acc['n']} pairs); "
-    typer.echo(line + f"model in {cfg.out_dir}/final")
+    _summary(line + f"model in {cfg.out_dir}/final")
     if cfg.gold_eval:
         from rlhf.eval.reward_eval import add_gold_eval
 
         files = [cfg.train_file, *([cfg.eval_file] if cfg.eval_file else [])]
         gold = add_gold_eval(cfg.out_dir, files, cfg.format)
         if not gold["gold/pairs"]:
-            typer.echo("reward vs gold: no held-out pairs that gold orders (set reward.eval_fraction > 0)")
+            _summary("reward vs gold: no held-out pairs that gold orders (set reward.eval_fraction > 0)")
             return
-        typer.echo(
+        _summary(
             f"reward vs gold on {gold['gold/pairs']} held-out pairs: reward model "
             f"{gold['gold/rm_accuracy']['accuracy']:.3f}, labels (panel) {gold['gold/label_agreement']['accuracy']:.3f}"
         )
@@ -366,7 +373,7 @@ def ppo(
 
         gold_fn = gold_utilities
     result = stage.run(cfg, resume=resume, quiet=quiet, gold_fn=gold_fn)
-    typer.echo(
+    _summary(
         f"ppo: {result['stop_reason']}; score {result.get('ppo/score', float('nan')):.3f}, "
         f"KL {result.get('ppo/kl', float('nan')):.3f}; model in {cfg.out_dir}/final"
     )
@@ -390,7 +397,7 @@ def dpo(
     if "dpo/eval_accuracy" in result:
         line += (f"held-out reward accuracy {result['dpo/eval_accuracy']:.3f}, "
                  f"margin {result['dpo/eval_margin']:.3f}; ")  # fmt: skip
-    typer.echo(line + f"model in {cfg.out_dir}/final")
+    _summary(line + f"model in {cfg.out_dir}/final")
 
 
 @app.command(epilog=settings_help("bon"))

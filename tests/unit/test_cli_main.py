@@ -39,3 +39,15 @@ def test_a_user_error_is_one_line_and_exits_1(monkeypatch, capsys) -> None:
         cli.main()
     assert info.value.code == 1
     assert capsys.readouterr().err == "error: ppo.lr: should be > 0\n"
+
+
+@pytest.mark.parametrize(("rank", "printed"), [(None, True), ("0", True), ("1", False)])
+def test_a_training_stages_closing_line_is_printed_by_the_main_process_only(
+    rank: str | None, printed: bool, monkeypatch, capsys
+) -> None:
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    cli._summary("sft: held-out response loss 0.1234; model in runs/sft/final")
+    assert (capsys.readouterr().out != "") is printed
