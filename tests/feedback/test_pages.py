@@ -264,3 +264,27 @@ def test_task_page_hint_names_only_the_projects_axis_keys(api, db: Database, mak
     assert "<kbd>q</kbd>" in page and "<kbd>e</kbd>" in page and "<kbd>r</kbd>" not in page
     hint = re.search(r'<p class="hint">Keys: (.*?)</p>', page).group(1)
     assert "q / e then 1, = or 2 judge an axis" in hint  # not the keys of axes the project lacks
+
+
+def test_a_projects_page_offers_and_takes_only_its_own_vote_and_skip(api, db: Database, make_client) -> None:
+    """A link or form naming another project's vote or task neither shows an undo button here nor acts."""
+    api.seed(n_prompts=2)
+    api.seed(name="other", n_prompts=2)
+    browser = make_client()
+    log_in(browser, db, "lia")
+    there = browser.get("/label/other").text
+    task_id = re.search(r'name="task_id" value="(\d+)"', there).group(1)
+    order = re.search(r'name="display_order" value="([\d,]+)"', there).group(1)
+    key = re.search(r'name="idempotency_key" value="([^"]+)"', there).group(1)
+    form = {"csrf_token": csrf_of(there), "task_id": task_id, "choice": "A", "display_order": order,
+            "idempotency_key": key, "time_ms": "900"}  # fmt: skip
+    voted = browser.post("/label/other/vote", data=form, follow_redirects=False).headers["location"]
+    vote_id = voted.rsplit("voted=", 1)[1]
+    assert 'id="undo"' in browser.get(voted).text  # on its own project's page
+    here = browser.get(f"/label/demo?voted={vote_id}&skipped={task_id}").text
+    assert 'id="undo"' not in here and "Undo skip" not in here
+    other_task = re.search(r'name="task_id" value="(\d+)"', browser.get("/label/other").text).group(1)
+    for action in ("skip", "unskip"):
+        r = browser.post(f"/label/demo/{action}", data={"csrf_token": csrf_of(here), "task_id": other_task})
+        assert r.status_code == 404, action
+    assert re.search(r'name="task_id" value="(\d+)"', browser.get("/label/other").text).group(1) == other_task

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
 from rlhf.feedback import projects, queue
@@ -16,7 +17,7 @@ from rlhf.feedback import votes as store
 from rlhf.feedback.deps import CsrfChecked, LimiterDep, PageUser, SessionDep, SettingsDep, WriterDep
 from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
 from rlhf.feedback.metrics import VOTES
-from rlhf.feedback.models import Vote
+from rlhf.feedback.models import Project, Task, Vote
 from rlhf.feedback.schemas import MAX_INT32, PROJECT_PATTERN, VoteIn
 from rlhf.feedback.web import render
 
@@ -57,9 +58,16 @@ def task_page(
     if voted is not None:
         vote = session.get(Vote, voted)
         window = timedelta(seconds=settings.undo_window_s)
-        if vote and vote.user_id == user.id and vote.retracted_at is None:
+        if (
+            vote
+            and vote.user_id == user.id
+            and vote.retracted_at is None
+            and _in_project(session, proj, vote.task_id)
+        ):
             if datetime.now(timezone.utc) - vote.created_at <= window:
                 undo_vote = vote.id
+    # the undo buttons offer only this project's own vote and skip (a link may name another's)
+    skipped = skipped if skipped is not None and _in_project(session, proj, skipped) else None
     task = queue.next_task(session, user, proj)
     ctx: dict[str, Any] = {
         "user": user,
@@ -148,6 +156,8 @@ def skip(
     session: SessionDep,
     task_id: Annotated[int, Form(ge=1, le=MAX_INT32)],
 ) -> Response:
+    if not _in_project(session, projects.get_project(session, project), task_id):
+        raise NotFound(f"task {task_id} is not in project {project!r}")
     try:
         queue.skip(session, user, task_id)
     except NotFound:
@@ -163,6 +173,8 @@ def unskip(
     task_id: Annotated[int, Form(ge=1, le=MAX_INT32)],
 ) -> Response:
     """Undo a skip: the task comes back as the open one, if it still has room for this labeler."""
+    if not _in_project(session, projects.get_project(session, project), task_id):
+        raise NotFound(f"task {task_id} is not in project {project!r}")
     try:
         queue.unskip(session, user, task_id)
     except (Conflict, NotFound):
@@ -193,3 +205,9 @@ def undo(
     except (Conflict, NotFound):
         return RedirectResponse(f"/label/{project}?msg=undo_failed", status_code=303)
     return RedirectResponse(f"/label/{project}?msg=undone", status_code=303)
+
+
+def _in_project(session: Session, proj: Project, task_id: int) -> bool:
+    """Whether task `task_id` exists and belongs to `proj`."""
+    task = session.get(Task, task_id)
+    return task is not None and task.project_id == proj.id
