@@ -14,6 +14,13 @@ def csrf_of(html: str) -> str:
     return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
 
 
+def vote_form(page: str, choice: str) -> dict[str, str]:
+    """The pairwise form on a task page, filled in with `choice`."""
+    field = lambda name, pattern: re.search(rf'name="{name}" value="({pattern})"', page).group(1)  # noqa: E731
+    return {"csrf_token": csrf_of(page), "task_id": field("task_id", r"\d+"), "choice": choice,
+            "display_order": field("display_order", r"[\d,]+"), "idempotency_key": field("idempotency_key", '[^"]+')}  # fmt: skip
+
+
 def log_in(client, db: Database, name: str, role: str = "labeler") -> None:
     with db.session() as s:
         users.create_user(s, name, role, f"{name}-password")
@@ -65,18 +72,8 @@ def test_vote_skip_and_undo_through_forms(api, db: Database, make_client) -> Non
     browser = make_client()
     log_in(browser, db, "lia")
     page = browser.get("/label/demo").text
-    task_id = re.search(r'name="task_id" value="(\d+)"', page).group(1)
-    order = re.search(r'name="display_order" value="([\d,]+)"', page).group(1)
-    key = re.search(r'name="idempotency_key" value="([^"]+)"', page).group(1)
-    form = {
-        "csrf_token": csrf_of(page),
-        "task_id": task_id,
-        "choice": "B",
-        "display_order": order,
-        "idempotency_key": key,
-        "time_ms": "1234",
-        "note": "close call",
-    }
+    form = {**vote_form(page, "B"), "time_ms": "1234", "note": "close call"}
+    task_id, order = form["task_id"], form["display_order"]
     assert (
         browser.post("/label/demo/vote", data={**form, "csrf_token": ""}, follow_redirects=False).status_code
         == 403
@@ -272,12 +269,8 @@ def test_a_projects_page_offers_and_takes_only_its_own_vote_and_skip(api, db: Da
     api.seed(name="other", n_prompts=2)
     browser = make_client()
     log_in(browser, db, "lia")
-    there = browser.get("/label/other").text
-    task_id = re.search(r'name="task_id" value="(\d+)"', there).group(1)
-    order = re.search(r'name="display_order" value="([\d,]+)"', there).group(1)
-    key = re.search(r'name="idempotency_key" value="([^"]+)"', there).group(1)
-    form = {"csrf_token": csrf_of(there), "task_id": task_id, "choice": "A", "display_order": order,
-            "idempotency_key": key, "time_ms": "900"}  # fmt: skip
+    form = vote_form(browser.get("/label/other").text, "A")
+    task_id = form["task_id"]
     voted = browser.post("/label/other/vote", data=form, follow_redirects=False).headers["location"]
     vote_id = voted.rsplit("voted=", 1)[1]
     assert 'id="undo"' in browser.get(voted).text  # on its own project's page
