@@ -1,7 +1,8 @@
 """Rows decoded together: the KV cache, each row's attention mask and positions, and the moves that batching
 needs, shared by `generate` (rlhf.engine.decoding) and the server's worker (rlhf.serve.engine).
 
-    prefill(ids, mask)  start on left-padded prompts; the logits of each row's next token
+    prefill(ids, mask)  start on left-padded prompts (their real tokens packed into rows where that saves
+                        enough: `PackedPrefill`); the logits of each row's next token
     step(next_ids)      feed each row its next token; the logits of the token after it
     keep(rows)          keep these rows, in this order (finished rows leave)
     join(other)         append another batch's rows (continuous batching: newcomers join a running batch)
@@ -31,6 +32,8 @@ from transformers.cache_utils import DynamicLayer
 
 from rlhf.engine import decode_cache
 from rlhf.engine.decode_cache import DecodeStep, SlotCache
+from rlhf.engine.packing import TokenLayout, layout, sliding_window, takes_4d_mask
+from rlhf.models.heads import backbone
 
 __all__ = ["CachedStep", "DecodeBatch"]
 
@@ -53,6 +56,12 @@ def cache_keyword(model: PreTrainedModel) -> str:
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _base(model: PreTrainedModel) -> PreTrainedModel:
+    """The model under a LoRA wrapper (whose adapters sit in its modules), else the model."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def returned_cache(out: Any) -> Any:
@@ -84,6 +93,56 @@ class CachedStep:
         return out.logits[:, -1, :].float(), returned_cache(out)
 
 
+# A prefill packs the prompts' real tokens into rows (rlhf.engine.packing) where that leaves at most this share
+# of the padded batch's positions to compute; above it, the rearranging of the cache and the block-diagonal
+# mask cost about what packing saves.
+_PACK_PREFILL_AT = 0.85
+
+
+class PackedPrefill:
+    """A prefill over the prompts' real tokens only, packed end to end into rows with a block-diagonal mask
+    (as the training forwards are), through the model's own backbone and output layer: the LM head runs at
+    each prompt's last token alone, and the cache's keys and values are then laid out left-padded, as a
+    padded prefill leaves them. Left padding costs a batch of prompts of unequal lengths the widest one's
+    compute in every row (vLLM packs its prefills for the same reason)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.base = _base(model)
+        self.backbone = backbone(self.base)
+        self.cache_kw = (
+            "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
+        )
+        accepted = inspect.signature(self.backbone.forward).parameters
+        self.extra = {"output_router_logits": False} if "output_router_logits" in accepted else {}
+        self.ok, self.additive = takes_4d_mask(self.base)
+        self.window = sliding_window(self.base)
+        self.pad_id = getattr(self.base.config, "pad_token_id", None) or 0
+
+    def layout(self, ids: Tensor, mask: Tensor) -> TokenLayout | None:
+        """The packed layout of left-padded prompts, or None where the model cannot take it (a mask the
+        attention does not read as is, a prompt without tokens) or it saves too little to pay."""
+        if not self.ok or ids.size(0) < 2:
+            return None
+        hidden = getattr(self.base.config, "hidden_size", None)
+        lay = layout(ids, mask, ids.size(1), self.pad_id, True, self.additive, hidden, self.window)
+        packed = lay.attention_mask.dim() == 4
+        return lay if packed and lay.tokens <= _PACK_PREFILL_AT * ids.numel() else None
+
+    def __call__(self, lay: TokenLayout, mask: Tensor, cache: SlotCache) -> Tensor:
+        """Run the packed prefill into `cache` and lay its keys and values out as the left-padded `mask` (B, P)
+        says; the logits (B, V) of each prompt's next token, in fp32."""
+        from rlhf.models.wrappers import lm_head  # the wrappers import the engine
+
+        out = self.backbone(**lay.inputs, use_cache=True, **{self.cache_kw: cache}, **self.extra)
+        logits = lm_head(self.base, lay.last(out.last_hidden_state)).float()  # (B, V)
+        real = mask.bool()  # (B, P): each row's real tokens, right-aligned and in order
+        lengths = real.sum(1)  # (B,)
+        starts = lay.last_at - lengths + 1  # (B,) flat position of each prompt's first token
+        packed_at = (starts[:, None] + real.cumsum(1) - 1)[real]  # (N,) in row-major order of `real`
+        cache.unpack(packed_at, real)
+        return logits
+
+
 class DecodeBatch:
     """A batch of rows decoding through `model`'s own forward. `limit`: the most slots the batch is expected to
     span (prompt columns, padding included, then new tokens); `decode_cache.supports` checks the model against
@@ -108,6 +167,7 @@ class DecodeBatch:
         self.decode_step = decode_step
         self.synced = synced
         self.forward = CachedStep(model)
+        self.packed_prefill = PackedPrefill(model) if self.slotted and not synced else None
         self.cache: Any = None
         self.live = torch.zeros(0, 0, dtype=torch.bool)  # (B, capacity) the slots each row attends to
         self.positions = torch.zeros(0, dtype=torch.long)  # (B,) position id of each row's next token
@@ -130,7 +190,9 @@ class DecodeBatch:
 
     def prefill(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Start on left-padded prompts `ids`, `mask` (B, P), with the model's configured attention and masks:
-        the logits (B, V) of each row's next token."""
+        the logits (B, V) of each row's next token. Over a `SlotCache` the prompts' real tokens are packed
+        (`PackedPrefill`) where that saves enough; a sharded model (`synced`) runs its whole forward, which
+        gathers its weights."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
         batch, width = ids.shape
         with self.no_grad():
@@ -139,7 +201,13 @@ class DecodeBatch:
                 if self.decode_step is None:
                     self.decode_step = DecodeStep(self.model, batch, whole_weights=not self.synced)
                 cache = SlotCache()
-            logits, self.cache = self.forward(ids, mask, positions, cache)
+            packing = self.packed_prefill
+            lay = packing.layout(ids, mask) if packing is not None else None
+            if lay is not None:
+                assert packing is not None and cache is not None
+                logits, self.cache = packing(lay, mask, cache), cache
+            else:
+                logits, self.cache = self.forward(ids, mask, positions, cache)
             self.live = torch.zeros(batch, width, dtype=torch.bool, device=ids.device)
             self.live[:] = mask.bool()
             self.positions = positions[:, -1] + 1

@@ -163,6 +163,20 @@ class SlotCache(Cache):
         for layer in self.layers:
             layer.reserve(slots)  # type: ignore[attr-defined]
 
+    def unpack(self, packed_at: Tensor, real: Tensor) -> None:
+        """Lay out a packed prefill's keys and values (R, H_kv, W, D) as a left-padded one's (B, H_kv, P, D):
+        `real` (B, P) marks each row's prompt tokens, and `packed_at` (N,) gives, in the row-major order of
+        `real`, where each sits among the packed rows' R x W positions. Padding slots hold zeros."""
+        rows, cols = real.nonzero(as_tuple=True)  # (N,) each
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                packed = getattr(layer, name)  # (R, H_kv, W, D)
+                flat = packed.transpose(1, 2).flatten(0, 1)  # (R W, H_kv, D)
+                out = packed.new_zeros(real.size(0), real.size(1), *packed.shape[1:2], packed.size(3))
+                out[rows, cols] = flat[packed_at]
+                setattr(layer, name, out.transpose(1, 2).contiguous())  # (B, H_kv, P, D)
+            layer.length = real.size(1)  # type: ignore[attr-defined]
+
 
 def decode_attention(
     module: torch.nn.Module,

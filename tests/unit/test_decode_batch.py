@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from rlhf.engine import decode_cache
+from rlhf.engine import decode_batch, decode_cache
 from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decoding import generate, left_pad, never_sampled
 from rlhf.engine.sampling import RowStreams, SamplingParams, sample, stream_keys
@@ -185,3 +185,28 @@ def test_a_mixture_of_experts_that_outputs_router_logits_decodes_as_one_that_doe
     assert int(plain.response_mask.sum()) > len(prompts)
     assert torch.equal(routed.response_ids, plain.response_ids)
     torch.testing.assert_close(routed.logprobs, plain.logprobs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
+def test_a_packed_prefill_computes_what_a_padded_one_does(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts of very unequal lengths are prefilled packed (their real tokens end to end in rows, one
+    block-diagonal mask): the prefill's logits, and those of the steps after it over the cache it laid out
+    left-padded, are the padded prefill's (SDPA's boolean mask and eager attention's additive one)."""
+    model, tok = _model(arch, tmp_path)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, len(tok), (n,), generator=gen).tolist() for n in (40, 3, 6, 2, 5, 4, 3, 6)]
+    ids, mask = left_pad(prompts, int(tok.pad_token_id))
+    packed, padded = DecodeBatch(model, 64), DecodeBatch(model, 64)
+    assert packed.packed_prefill is not None and packed.packed_prefill.layout(ids, mask) is not None
+    got = packed.prefill(ids, mask)
+    monkeypatch.setattr(decode_batch, "_PACK_PREFILL_AT", 0.0)  # packing never saves enough
+    assert padded.packed_prefill is not None and padded.packed_prefill.layout(ids, mask) is None
+    want = padded.prefill(ids, mask)
+    for _ in range(4):  # the first step reads what the prefill cached; the cache grows past one block at 32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        next_ids = want.argmax(-1)  # (B,)
+        got, want = packed.step(next_ids), padded.step(next_ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert packed.length == padded.length == ids.size(1) + 4
