@@ -82,9 +82,11 @@ class Run:
             self.accelerator.log(scalars, step=step)
 
     def finish(self) -> None:
-        """Close the trackers (they flush what they hold)."""
+        """Close the trackers (they flush what they hold). Not `accelerator.end_training()`: that also destroys
+        the process group, which a later stage run in the same process still needs."""
         if self.accelerator is not None:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume: drop rows logged after the checkpoint, so the file reads as one uninterrupted run."""

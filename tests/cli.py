@@ -5,6 +5,7 @@ for those imports again on every call."""
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -25,3 +26,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ):
         main()
     return subprocess.CompletedProcess(list(args), exit_.value.code or 0, out.getvalue(), err.getvalue())
+
+
+def launch_two(*args: str) -> list[str]:
+    """The command that runs `python ARGS` on two CPU processes (gloo) through accelerate's launcher, on a port
+    free now: test files run side by side, and two launchers on the default port 29500 collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *args]  # fmt: skip

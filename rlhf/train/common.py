@@ -3,6 +3,7 @@ with warm-up + cosine, batch plans, progress."""
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import math
@@ -114,7 +115,7 @@ def make_accelerator(
     mixed_precision = resolve_precision(precision)
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=mixed_precision,
         cpu=not torch.cuda.is_available(),
         log_with=list(log_with) or None,
@@ -122,6 +123,22 @@ def make_accelerator(
         if project_dir
         else None,
     )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _close_process_group_at_exit()
+    return accelerator
+
+
+@cache
+def _close_process_group_at_exit() -> None:
+    """The process group lives as long as the process (stages run one after another share it), and is
+    destroyed before the interpreter shuts down: left to finalization, gloo's worker threads can abort the
+    process (SIGABRT, "terminate called without an active exception") after all its work is done."""
+    atexit.register(_close_process_group)
+
+
+def _close_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # On a CPU, SDPA's flash kernel has a slow backward in bf16 on short sequences: forward plus backward on one

@@ -24,7 +24,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.wrappers import Actor
 from rlhf.runs import read_metrics
 from rlhf.stages import dpo
-from tests.smoke.test_fsdp import LAUNCH
+from tests.cli import launch_two
 from tests.smoke.test_ppo import max_change
 
 REPO = Path(__file__).resolve().parents[2]
@@ -259,7 +259,7 @@ def test_two_processes_take_the_steps_of_one(tmp_path: Path, tiny_sft_model: Pat
     two = tiny_dpo(tmp_path / "two", tiny_sft_model, preferences, **settings)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps([["dpo", two.model_dump(mode="json")]]))
-    cmd = [sys.executable, *LAUNCH, "-m", "tests.smoke.stages_main", str(spec)]
+    cmd = launch_two("-m", "tests.smoke.stages_main", str(spec))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = read_metrics(tmp_path / "one" / "metrics.jsonl")

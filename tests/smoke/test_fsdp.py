@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,9 @@ from rlhf.runs import read_metrics
 from rlhf.serve.main import create_app
 from rlhf.serve.settings import Settings
 from rlhf.stages import ppo, reward, sft
+from tests.cli import launch_two
 
 REPO = Path(__file__).resolve().parents[2]
-LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 LOSSES = {"sft": ["sft/loss"], "rm": ["rm/loss", "rm/accuracy"], "dpo": ["dpo/loss"],
           "ppo": ["ppo/policy_loss", "ppo/value_loss", "ppo/score", "ppo/kl"],
           "ppo_lora": ["ppo/policy_loss", "ppo/value_loss", "ppo/score", "ppo/kl"]}  # fmt: skip
@@ -73,7 +71,7 @@ def runs(
     for name, fsdp in (("fsdp", True), ("ddp", False)):
         spec = root / f"{name}.json"
         spec.write_text(json.dumps(stage_configs(root / name, fsdp, models, demo_data, votes)))
-        cmd = [sys.executable, *LAUNCH, "-m", "tests.smoke.stages_main", str(spec)]
+        cmd = launch_two("-m", "tests.smoke.stages_main", str(spec))
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"fsdp": root / "fsdp", "ddp": root / "ddp", "votes": votes, "root": root}

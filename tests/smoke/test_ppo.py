@@ -23,8 +23,7 @@ from rlhf.models.heads import build_scalar_model, load_scalar_model, sequence_re
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.stages import ppo
-from tests.cli import run_cli
-from tests.smoke.test_fsdp import LAUNCH
+from tests.cli import launch_two, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ["ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/value_error",
@@ -260,7 +259,7 @@ def test_fewer_guard_prompts_than_processes_is_one_line_on_every_process(
                    eval_prompts_file=str(demo_data / "eval_prompts.jsonl"), guard_prompts=1)  # fmt: skip
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump({"ppo": cfg.model_dump(mode="json")}))
-    cmd = [sys.executable, *LAUNCH, "-m", "rlhf.cli", "ppo", "-q", "-c", str(config_file)]
+    cmd = launch_two("-m", "rlhf.cli", "ppo", "-q", "-c", str(config_file))
     proc = subprocess.run(cmd, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0

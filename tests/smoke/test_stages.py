@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from rlhf.runs import read_metrics
 from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from rlhf.train.lm_loop import NextTokenLoss, evaluate
 from tests.archs import save_tiny
-from tests.cli import run_cli
+from tests.cli import launch_two, run_cli
 
 from .conftest import TINY
 
@@ -93,9 +92,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tiny_demo: dict[str, Pa
             proc = run_cli(*args)
         else:
             # accelerate's multi-process launcher is --multi_gpu; with no GPU it runs the processes on the CPU (gloo)
-            launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                        "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-            cmd = [sys.executable, *launcher, "-m", "rlhf.cli", *args]
+            cmd = launch_two("-m", "rlhf.cli", *args)
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((out / "summary.json").read_text())["processes"] == n
