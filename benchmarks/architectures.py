@@ -42,34 +42,16 @@ from benchmarks.common import (
     RESULTS,
     SIZES,
     build_model,
+    capabilities,
     cpu_generation,
     machine,
     save_result,
     update_doc,
 )
 from rlhf.engine import lean_llama
-from rlhf.train.common import cpu_has_bf16
 
 PARTS = ("ppo", "reward", "generation")
 TITLE = "Architectures: PPO, reward-model training and generation vs TRL and transformers"
-
-
-def capabilities() -> dict[str, Any]:
-    """What the CPU offers the matmuls: torch's kernel level, the flags that decide bf16, and the precision the
-    stages choose here (rlhf.train.common)."""
-    flags = set()
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-    return {
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "flags": [f for f in wanted if f in flags],
-        "native_bf16": cpu_has_bf16(),
-        "precision": "bf16 autocast" if cpu_has_bf16() else "fp32",
-    }
 
 
 def mean_peak(before: dict[str, Any], after: dict[str, Any], dtype: str, key: str) -> float:

@@ -19,6 +19,7 @@ from rlhf.config import ArchConfig
 from rlhf.data import demo_task
 from rlhf.models.loading import build_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
+from rlhf.train.common import cpu_has_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -118,6 +119,24 @@ def cpu_generation(m: dict[str, Any]) -> str:
     """'family 26 model 2' where the record names them ('' in older records): the model name alone does not tell
     one EPYC from another."""
     return f"family {m['cpu_family']} model {m['cpu_model']}" if m.get("cpu_family") else ""
+
+
+def capabilities() -> dict[str, Any]:
+    """What the CPU offers the matmuls: torch's kernel level, the flags that decide bf16, and the precision the
+    stages choose here (rlhf.train.common)."""
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    return {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in wanted if f in flags],
+        "native_bf16": cpu_has_bf16(),
+        "precision": "bf16 autocast" if cpu_has_bf16() else "fp32",
+    }
 
 
 def save_result(name: str, result: dict[str, Any]) -> Path:

@@ -23,6 +23,7 @@ joined or trimmed (`joinable`).
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -203,11 +204,12 @@ class DecodeBatch:
                 cache = SlotCache()
             packing = self.packed_prefill
             lay = packing.layout(ids, mask) if packing is not None else None
-            if lay is not None:
-                assert packing is not None and cache is not None
-                logits, self.cache = packing(lay, mask, cache), cache
-            else:
-                logits, self.cache = self.forward(ids, mask, positions, cache)
+            with self.decode_step.packed() if self.decode_step is not None else nullcontext():
+                if lay is not None:
+                    assert packing is not None and cache is not None
+                    logits, self.cache = packing(lay, mask, cache), cache
+                else:
+                    logits, self.cache = self.forward(ids, mask, positions, cache)
             self.live = torch.zeros(batch, width, dtype=torch.bool, device=ids.device)
             self.live[:] = mask.bool()
             self.positions = positions[:, -1] + 1

@@ -9,8 +9,8 @@ Each piece plugs into an extension point transformers maintains, so no architect
   4-D masks          a (B, 1, 1, slots) mask passed as `attention_mask` is used as is by `masking_utils` (no
                      mask built per step): additive, from a boolean one whose column the decoder writes per step.
   `decode_attention` registered in `AttentionInterface` and selected for the decoding steps only (the prefill
-                     runs the model's configured attention and builds its own mask). On a CPU, for one query
-                     over a short cache, matmul-softmax-matmul is several times faster than SDPA's kernel.
+                     runs the model's configured attention and builds its own mask): matmul-softmax-matmul,
+                     or SDPA's fused kernel where that measured faster (`_fused_in`).
 `supports` says which models this serves; the others decode through `DynamicCache` (rlhf.engine.decoding).
 """
 
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -191,8 +192,8 @@ def decode_attention(
 ) -> tuple[Tensor, None]:
     """Attention of query (B, H, S, D) over the cache's key and value (B, H_kv, L, D) under a mask (B, 1, S, L),
     boolean or additive in fp32 (0 or -inf: one add per layer, the form `generate` passes); (B, S, H, D), as
-    transformers' attention functions return it. Query heads sharing a KV head are stacked as extra rows;
-    scores in the cache's dtype, the softmax in fp32 (as transformers' eager attention)."""
+    transformers' attention functions return it. Query heads sharing a KV head are stacked as extra rows, for
+    `matmul_attention` or, where it is the faster (`_fused_in`), `fused_attention`."""
     assert attention_mask is not None
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
         raise NotImplementedError("decode_attention: attention sinks and position biases are not supported")
@@ -200,20 +201,56 @@ def decode_attention(
     scale = dim**-0.5 if scaling is None else scaling
     kv_heads, group = key.size(1), heads // key.size(1)
     q = query.to(key.dtype).reshape(batch, kv_heads, group * steps, dim)  # (B, H_kv, G S, D)
-    scores = (q @ key.mT).float() * scale  # (B, H_kv, G S, L)
+    mask = attention_mask if steps == 1 else attention_mask.repeat(1, 1, group, 1)  # rows (G, S) as q's
+    attend = fused_attention if softcap is None and _fused_in(q, key) else matmul_attention
+    out = attend(q, key, value, mask, scale, softcap)  # (B, H_kv, G S, D)
+    return out.view(batch, heads, steps, value.size(-1)).transpose(1, 2).contiguous(), None
+
+
+def matmul_attention(
+    q: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float, softcap: float | None = None
+) -> Tensor:
+    """q (B, H_kv, R, D) over key and value (B, H_kv, L, D) under a mask (B, 1, R, L), boolean or additive:
+    (B, H_kv, R, D). Scores in the cache's dtype, the softmax in fp32 (as transformers' eager attention)."""
+    scores = (q @ key.mT).float() * scale  # (B, H_kv, R, L)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    mask = attention_mask if steps == 1 else attention_mask.repeat(1, 1, group, 1)  # rows (G, S) as scores'
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
         scores = scores + mask
-    probs = scores.softmax(-1).to(value.dtype)
-    out = (probs @ value).view(batch, heads, steps, value.size(-1))
-    return out.transpose(1, 2).contiguous(), None
+    return scores.softmax(-1).to(value.dtype) @ value
+
+
+def fused_attention(
+    q: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float, softcap: float | None = None
+) -> Tensor:
+    """`matmul_attention` in SDPA's fused kernel (without soft-capping, which SDPA does not apply)."""
+    assert softcap is None
+    return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale)
 
 
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
+def _fused_in(q: Tensor, key: Tensor) -> bool:
+    """Whether attention of `q` (B, H_kv, R, D) over the cache runs faster in SDPA's fused CPU kernel than as
+    matmul-softmax-matmul: for one query row per KV head over a bf16/fp16 cache, on a CPU with AMX. There each
+    row's matmuls are matrix-vector products, which the fused kernel ran 1.5-1.7x as fast at 32-256 slots;
+    with grouped queries stacked as rows, and in fp32, the two were even, one or the other ahead by up to 20%
+    (`python -m benchmarks.decode_attention`, docs/performance.md). CPUs without AMX keep the matmuls."""
+    return (
+        q.size(2) == 1
+        and key.dtype in (torch.bfloat16, torch.float16)
+        and key.device.type == "cpu"
+        and _amx()
+    )
+
+
+@functools.cache
+def _amx() -> bool:
+    """The CPU has AMX tiles enabled and torch's kernels are not held below AVX-512 (ATEN_CPU_CAPABILITY)."""
+    return torch.cpu._is_amx_tile_supported() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _packed_forward(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, x: Tensor) -> Tensor:
@@ -250,8 +287,19 @@ class DecodeStep:
 
     @contextmanager
     def on(self) -> Iterator[None]:
+        """A decoding step: `decode_attention` and the packed weights."""
         configured = self.config._attn_implementation
         self.config._attn_implementation = DECODE_ATTENTION  # the attention layers look it up at each call
+        try:
+            with self.packed():
+                yield
+        finally:
+            self.config._attn_implementation = configured
+
+    @contextmanager
+    def packed(self) -> Iterator[None]:
+        """The packed weights alone (the prefill's, which would otherwise cast every weight at every product,
+        as autocast does outside grad mode)."""
         # an instance attribute, which nn.Module.__call__ runs (hooks included); set in the instance's dict, as
         # nn.Module.__setattr__ costs more than the rest of this per step
         for module, forward in self.linears:
@@ -259,7 +307,6 @@ class DecodeStep:
         try:
             yield
         finally:
-            self.config._attn_implementation = configured
             for module, _ in self.linears:
                 del module.__dict__["forward"]
 

@@ -75,12 +75,25 @@ def test_under_bf16_autocast_the_slot_cache_decodes_as_the_dynamic_cache(
     torch.testing.assert_close(slots.logprobs[same], dynamic.logprobs[same], rtol=0, atol=0.05)
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("additive", [False, True])
 def test_decode_attention_is_sdpa_over_the_allowed_slots(
-    dtype: torch.dtype, kv_heads: int, additive: bool
+    dtype: torch.dtype, kv_heads: int, additive: bool, amx: bool, monkeypatch
 ) -> None:
+    """Whichever form the CPU's kind selects (`_fused_in`): on an AMX CPU a bf16 cache read by one query row
+    per KV head goes through SDPA's fused kernel, every other case through the matmuls."""
+    monkeypatch.setattr(decode_cache, "_amx", lambda: amx)
+    fused = amx and dtype == torch.bfloat16 and kv_heads == 4
+    forms = {"fused": decode_cache.fused_attention, "matmul": decode_cache.matmul_attention}
+    taken: list[str] = []
+    for name, form in forms.items():
+        monkeypatch.setattr(
+            decode_cache,
+            f"{name}_attention",
+            lambda *a, _f=form, _n=name, **kw: taken.append(_n) or _f(*a, **kw),
+        )
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 1, 16, generator=gen).to(dtype)
     k, v = (torch.randn(3, kv_heads, 40, 16, generator=gen).to(dtype) for _ in range(2))
@@ -92,6 +105,7 @@ def test_decode_attention_is_sdpa_over_the_allowed_slots(
     )
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 0.02}
     torch.testing.assert_close(out.float(), expected.transpose(1, 2), **tol)
+    assert taken == ["fused" if fused else "matmul"]
 
 
 def test_decode_attention_soft_caps_the_scores() -> None:
