@@ -67,9 +67,9 @@ def doc_section(result: dict[str, Any]) -> list[str]:
         f"CPU capabilities: torch kernels {caps['torch_cpu_capability']}, flags {', '.join(caps['flags'])}. "
         f"What a decoding step uses on this machine (`decode_cache._fused_in`): {chosen}.",
         "",
-        "One query per head over a cache of `slots` keys and values (a quarter of them masked), 9 layers each "
-        "over its own cache; µs per layer, median of the repetitions; a ratio above 1: the fused kernel is "
-        "the faster.",
+        "A new token's query heads (those that share a KV head stacked as rows) over a cache of `slots` keys "
+        "and values, a quarter of them masked, 9 layers each over its own cache; µs per layer, median of the "
+        "repetitions; a ratio above 1: the fused kernel is the faster.",
         "", *rows,
     ]  # fmt: skip
 
@@ -95,7 +95,7 @@ def main() -> None:
             rows.append(row)
             print(shape, length, {k: f"fused {v['fused']:.0f} matmul {v['matmul']:.0f} µs" for k, v in row.items()
                                   if isinstance(v, dict)}, flush=True)  # fmt: skip
-    result = {"command": "python -m benchmarks.decode_attention " + " ".join(sys.argv[1:]),
+    result = {"command": " ".join(["python -m benchmarks.decode_attention", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(1), "capabilities": capabilities(),
               "reps": reps, "rows": rows,
               "chosen": {f"{label}, {rows} query row(s) per KV head":

@@ -24,6 +24,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SUITE: list[tuple[str, list[str], list[str]]] = [
     ("matmul_peak", [], ["--quick"]),
     ("attention_backends", [], ["--quick"]),
+    ("decode_attention", [], ["--quick"]),
     ("lean_training", [], ["--quick"]),
     ("generation", [], ["--quick"]),
     ("ppo_bench", [], ["--quick"]),

@@ -236,8 +236,8 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 def _fused_in(q: Tensor, key: Tensor) -> bool:
     """Whether attention of `q` (B, H_kv, R, D) over the cache runs faster in SDPA's fused CPU kernel than as
     matmul-softmax-matmul: for one query row per KV head over a bf16/fp16 cache, on a CPU with AMX. There each
-    row's matmuls are matrix-vector products, which the fused kernel ran 1.5-1.7x as fast at 32-256 slots;
-    with grouped queries stacked as rows, and in fp32, the two were even, one or the other ahead by up to 20%
+    row's matmuls are matrix-vector products, which the fused kernel ran 1.5-1.8x as fast at 32-256 slots;
+    with grouped queries stacked as rows, and in fp32, neither was the faster throughout (each ahead by up to 30%)
     (`python -m benchmarks.decode_attention`, docs/performance.md). CPUs without AMX keep the matmuls."""
     return (
         q.size(2) == 1
