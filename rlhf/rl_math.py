@@ -56,9 +56,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     """Normalise `x` to mean 0 and std 1 over the real tokens; padded positions are set to 0.
 
     Follows TRL/summarize-from-feedback `whiten`: with `shift_mean=False` only the scale changes and the
-    mean is added back (used for rewards, whose sign carries meaning).
+    mean is added back (used for rewards, whose sign carries meaning). Fewer than two real tokens have no
+    spread to scale by (TRL raises there): the scale stays 1, so one token's whitened advantage is 0 and its
+    reward is kept as it is.
     """
     mean = masked_mean(x, mask)
+    if int(mask.sum()) < 2:
+        return torch.where(mask.bool(), x - mean if shift_mean else x, torch.zeros_like(x))
     var = masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # same shape as x
     if not shift_mean:

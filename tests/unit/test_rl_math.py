@@ -71,6 +71,15 @@ def test_masked_whiten_hand_values_and_padding_zero() -> None:
     close(masked_whiten(x, mask, shift_mean=False), [[3.0, 4.0, 5.0, 0.0]], atol=1e-5)
 
 
+def test_masked_whiten_of_one_real_token_centres_it_without_scaling() -> None:
+    """A rollout of one prompt whose answer is one token (EOS at once) has no spread: no error, no inf."""
+    x = torch.tensor([[5.0, 7.0, 9.0]])
+    one, none = torch.tensor([[0, 1, 0]]), torch.zeros(1, 3, dtype=torch.long)
+    close(masked_whiten(x, one), [[0.0, 0.0, 0.0]])
+    close(masked_whiten(x, one, shift_mean=False), [[0.0, 7.0, 0.0]])
+    close(masked_whiten(x, none), [[0.0, 0.0, 0.0]])
+
+
 def test_masked_whiten_ignores_padded_values() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=gen)
