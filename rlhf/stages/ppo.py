@@ -560,9 +560,15 @@ def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator
                     accelerator.backward(loss / len(micro))
                     step_stats = {"ppo/policy_loss": pg_loss.detach(), **pg_stats}
                     if s.critic is not None:
+                        assert s.critic_module is not None
                         values = response_values(s.critic, lay)  # (b, t)
                         vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
-                        accelerator.backward(cfg.vf_coef * vf_loss / len(micro))
+                        critic_loss = cfg.vf_coef * vf_loss
+                        if s.critic_module.aux_coef is not None:  # the critic's own routers, as the policy's
+                            critic_aux = s.critic_module.aux_loss(lay.real)
+                            critic_loss = critic_loss + s.critic_module.aux_coef * critic_aux
+                            vf_stats["ppo/critic_aux_loss"] = critic_aux.detach()
+                        accelerator.backward(critic_loss / len(micro))
                         value_error = masked_mean((values.detach() - ret) ** 2, m)
                         step_stats |= {"ppo/value_loss": vf_loss.detach(), "ppo/value_error": value_error,
                                        **vf_stats}  # fmt: skip

@@ -56,6 +56,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_sft_reward_ppo_eval_serve(arch: str, data: Path, tmp_path: Path) -> None:
     base = save_tiny(arch, tmp_path / "base")
+    routed = arch.endswith("_moe")  # a mixture of experts that asks for its load-balancing loss in training
+    if routed:
+        config = json.loads((base / "config.json").read_text())
+        config |= {"output_router_logits": True, "router_aux_loss_coef": 0.02}
+        (base / "config.json").write_text(json.dumps(config))
     common = {"precision": "fp32", "warmup_steps": 0, "log_every": 1, "save_every": 1000}
 
     # 1. SFT on chat rows: the checkpoint's tokenizer has a PAD of its own
@@ -79,8 +84,15 @@ def test_sft_reward_ppo_eval_serve(arch: str, data: Path, tmp_path: Path) -> Non
                       prompts_file=str(data / "prompts.jsonl"), iterations=2, batch_size=4, minibatch_size=2,
                       micro_batch_size=2, epochs=1, max_new_tokens=6, lr=1e-3, critic_lr=1e-3, **common),
             quiet=True)  # fmt: skip
-    scores = [r["ppo/score"] for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "ppo/score" in r]
+    ppo_rows = [r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "ppo/score" in r]
+    scores = [r["ppo/score"] for r in ppo_rows]
     assert len(scores) == 2 and all(map(torch.isfinite, torch.tensor(scores)))
+    if (
+        routed
+    ):  # every model that trains adds its routers' loss: SFT, the reward model, PPO's policy and critic
+        assert read_metrics(tmp_path / "sft" / "metrics.jsonl")[0]["sft/aux_loss"] > 0
+        assert read_metrics(tmp_path / "rm" / "metrics.jsonl")[0]["rm/aux_loss"] > 0
+        assert all(r["ppo/aux_loss"] > 0 and r["ppo/critic_aux_loss"] > 0 for r in ppo_rows)
     before, after = (
         load_causal_lm(str(policy)).state_dict(),
         load_causal_lm(str(tmp_path / "ppo" / "final")).state_dict(),
