@@ -521,8 +521,12 @@ def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator
                         response_at=torch.arange(rows * width, device=device),
                     ).view(rows, width, -1)  # fmt: skip
                     loss_ptx = sft_loss(demo_logits.float(), demos["labels"])
+                    if s.actor.aux_coef is not None:  # SFT's loss, its routers' term included
+                        ptx_aux = s.actor.aux_loss(demos["attention_mask"])
+                        loss_ptx = loss_ptx + s.actor.aux_coef * ptx_aux
+                        stats["ppo/ptx_aux_loss"].append(float(ptx_aux.detach()))
                     accelerator.backward(cfg.ptx_coef * loss_ptx)
-                stats["ppo/ptx_loss"].append(float(loss_ptx))
+                stats["ppo/ptx_loss"].append(float(loss_ptx.detach()))
             micro = minibatch.split(cfg.micro_batch_size)
             for j, idx in enumerate(micro):
                 t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding

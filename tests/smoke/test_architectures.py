@@ -82,7 +82,8 @@ def test_sft_reward_ppo_eval_serve(arch: str, data: Path, tmp_path: Path) -> Non
     # 3. two PPO iterations on chat prompts: the policy moves
     ppo.run(PPOConfig(out_dir=str(tmp_path / "ppo"), policy=str(policy), reward_model=str(tmp_path / "rm" / "final"),
                       prompts_file=str(data / "prompts.jsonl"), iterations=2, batch_size=4, minibatch_size=2,
-                      micro_batch_size=2, epochs=1, max_new_tokens=6, lr=1e-3, critic_lr=1e-3, **common),
+                      micro_batch_size=2, epochs=1, max_new_tokens=6, lr=1e-3, critic_lr=1e-3,
+                      ptx_file=str(data / "sft.jsonl"), ptx_coef=0.5 if routed else 0.0, ptx_batch_size=2, **common),
             quiet=True)  # fmt: skip
     ppo_rows = [r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "ppo/score" in r]
     scores = [r["ppo/score"] for r in ppo_rows]
@@ -92,7 +93,7 @@ def test_sft_reward_ppo_eval_serve(arch: str, data: Path, tmp_path: Path) -> Non
     ):  # every model that trains adds its routers' loss: SFT, the reward model, PPO's policy and critic
         assert read_metrics(tmp_path / "sft" / "metrics.jsonl")[0]["sft/aux_loss"] > 0
         assert read_metrics(tmp_path / "rm" / "metrics.jsonl")[0]["rm/aux_loss"] > 0
-        assert all(r["ppo/aux_loss"] > 0 and r["ppo/critic_aux_loss"] > 0 for r in ppo_rows)
+        assert all(r[f"ppo/{k}aux_loss"] > 0 for r in ppo_rows for k in ("", "critic_", "ptx_"))
     before, after = (
         load_causal_lm(str(policy)).state_dict(),
         load_causal_lm(str(tmp_path / "ppo" / "final")).state_dict(),
