@@ -235,10 +235,10 @@ AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 
 def _fused_in(q: Tensor, key: Tensor) -> bool:
     """Whether attention of `q` (B, H_kv, R, D) over the cache runs faster in SDPA's fused CPU kernel than as
-    matmul-softmax-matmul: for one query row per KV head over a bf16/fp16 cache, on a CPU with AMX. There each
-    row's matmuls are matrix-vector products, which the fused kernel ran 1.5-1.8x as fast at 32-256 slots;
-    with grouped queries stacked as rows, and in fp32, neither was the faster throughout (each ahead by up to 30%)
-    (`python -m benchmarks.decode_attention`, docs/performance.md). CPUs without AMX keep the matmuls."""
+    matmul-softmax-matmul: for one query row per KV head over a bf16/fp16 cache, on a CPU with AMX, where each
+    row's matmuls are matrix-vector products. With grouped queries stacked as rows, and in fp32, neither form
+    was the faster throughout, and CPUs without AMX keep the matmuls (`python -m benchmarks.decode_attention`,
+    docs/performance.md, "Attention of one new token")."""
     return (
         q.size(2) == 1
         and key.dtype in (torch.bfloat16, torch.float16)

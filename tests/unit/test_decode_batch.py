@@ -111,8 +111,8 @@ def test_rows_joining_and_leaving_draw_what_each_draws_alone(
         alone = generate(model, [prompt], params, eos_id=-1, pad_id=pad, seeds=keys[i : i + 1])
         assert together["tokens"][i] == alone.response_ids[0].tolist()  # type: ignore[index]
         got = torch.tensor(together["logprobs"][i])  # type: ignore[index]
-        # a batched product rounds differently from a row's own: a few tens of units of fp32's last place (which
-        # kernels a CPU's instruction set selects decides how many; 2.4e-6 at a log-prob of -2.1 on an AMX Xeon)
+        # a batched product rounds differently from a row's own: some units of fp32's last place, relative to
+        # the log-prob's size (how many depends on the kernels a CPU's instruction set selects)
         torch.testing.assert_close(got, alone.logprobs[0], rtol=4e-6, atol=2e-6)
 
 
