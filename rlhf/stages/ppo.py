@@ -232,7 +232,7 @@ def guard_eval(
     stats = [kl.mean(), r.scores.mean()]
     if gold_fn is not None:
         gold = gold_fn(prompts, decode_responses(tokenizer, gen), gen.ended.tolist())
-        stats.append(torch.tensor(gold, dtype=torch.float32).mean())
+        stats.append(torch.tensor(gold, dtype=torch.float32, device=kl.device).mean())
     values = reduce(torch.stack(stats)).tolist()
     return dict(zip(["ppo/guard_kl", "ppo/guard_proxy", "ppo/guard_gold"], values, strict=False))
 

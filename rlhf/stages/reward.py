@@ -18,6 +18,7 @@ save RUN/final (a plain AutoModelForSequenceClassification), and write the held-
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -122,6 +123,10 @@ class Batch:
     reward_at: Tensor | None = None  # (N, 2) row and column of each completion's last token
     # (R, T) the completions that read each position: 0 padding, k a prefix shared by k
     token_weights: Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        moved: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return dataclasses.replace(self, **moved)
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -370,9 +375,10 @@ def score_pairs(
     was_training = scorer.training
     scorer.eval()
     total, pairs = 0.0, []
+    device = next(scorer.parameters()).device  # the training device, or the CPU for a rebuilt whole copy
     for i in range(0, len(examples), cfg.micro_batch_size):
         chunk = examples[i : i + cfg.micro_batch_size]
-        batch = collate(chunk, pad_id, cfg.use_margins, *uses_shared_prefix(cfg, scorer.model))
+        batch = collate(chunk, pad_id, cfg.use_margins, *uses_shared_prefix(cfg, scorer.model)).to(device)
         with autocast(accelerator):
             rewards = forward_rewards(scorer, batch)  # (N,)
         loss, _ = grouped_bt_loss(
@@ -424,9 +430,11 @@ def reference_sequences(
     prompts: list[str],
     max_len: int,
     given: tuple[list[tuple[str, str]], list[str]] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[list[int]]:
     """prompt + answer + EOS (or end-of-turn) ids of the reference answers: a given file, or the SFT policy's
-    samples (of normalise.prompts_file's prompts, else of `prompts`). `given`: what read_reference read."""
+    samples on `device` (of normalise.prompts_file's prompts, else of `prompts`). `given`: what read_reference
+    read."""
     norm = cfg.normalise
     stops = stop_ids(tokenizer)
     completions, given_prompts = read_reference(cfg, tokenizer) if given is None else given
@@ -437,7 +445,7 @@ def reference_sequences(
     prompts = sorted(set(given_prompts or prompts))
     random.Random(cfg.seed).shuffle(prompts)
     prompts = prompts[: norm.n_prompts]
-    policy = load_causal_lm(norm.policy or cfg.model, tokenizer=tokenizer)
+    policy = load_causal_lm(norm.policy or cfg.model, tokenizer=tokenizer).to(device)
     policy.eval()
     p_ids = encode_prompts(tokenizer, prompts)
     params = SamplingParams(norm.max_new_tokens, norm.temperature, 0, norm.top_p, cfg.seed)
@@ -459,13 +467,14 @@ def normalise(
     """Set shift (and scale) in the model's config so the reference sequences score mean 0 (std 1)."""
     model.eval()
     rewards = []
+    device = next(model.parameters()).device
     for i in range(0, len(sequences), batch):
         chunk = sequences[i : i + batch]
         ids = torch.full((len(chunk), max(len(s) for s in chunk)), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, s in enumerate(chunk):
             ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
-        rewards.append(sequence_rewards(model, ids, mask, normalise=False))
+        rewards.append(sequence_rewards(model, ids.to(device), mask.to(device), normalise=False))
     r = torch.cat(rewards)  # (R,)
     shift = float(r.mean())
     std = float(r.std(unbiased=False)) if len(r) > 1 else 1.0
@@ -577,12 +586,14 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     pairs_seen, t0 = 0, time.perf_counter()
     for step in range(start, plan.total_steps):
         global_groups = plan.batch_size
-        step_loss = torch.zeros((), dtype=torch.float64)
-        step_aux = torch.zeros((), dtype=torch.float64)  # a mixture of experts' load-balancing loss
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        step_aux = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # a mixture of experts'
         step_correct = step_pairs = step_tokens = 0
         micro = micro_batches_by_length(plan, step, train, shared[0])
         for k, indices in enumerate(micro):
-            batch = collate([train[i] for i in indices], pad_id, cfg.use_margins, *shared)
+            batch = collate([train[i] for i in indices], pad_id, cfg.use_margins, *shared).to(
+                accelerator.device
+            )
             step_tokens += batch.n_tokens
             sync = accelerator.no_sync(scorer) if k < len(micro) - 1 else nullcontext()
             with sync, short_attention(batch.input_ids.size(1), batch.input_ids.device, half):
@@ -659,7 +670,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         final = plain_model(unwrapped.model)
         if cfg.normalise.enabled:
             reference = reference_sequences(
-                cfg, tokenizer, [g.prompt for g in groups], max_len, reference_rows
+                cfg, tokenizer, [g.prompt for g in groups], max_len, reference_rows, accelerator.device
             )
             result.update(normalise(final, reference, pad_id, cfg.normalise.scale))
         # the constants the saved model applies: a warm start keeps its own when not normalised here

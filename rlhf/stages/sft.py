@@ -66,7 +66,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     # Sample answers to held-out prompts: does the model end its answers with EOS?
     prompts = [p for p, _ in held_rows if p][:64]  # `text` rows have no prompt to answer
     if accelerator.is_main_process and prompts:
-        final = load_causal_lm(str(run_dir.dir / "final"))
+        final = load_causal_lm(str(run_dir.dir / "final")).to(accelerator.device)
         final.eval()
         ids = encode_prompts(tokenizer, prompts)
         gen = generate(final, ids, SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.95, seed=cfg.seed),

@@ -81,8 +81,11 @@ def evaluate(
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
+    device = next(loss_fn.parameters()).device
     for i in range(0, len(examples), micro_batch_size):
-        batch = collate(examples[i : i + micro_batch_size], pad_id)
+        batch = {
+            name: t.to(device) for name, t in collate(examples[i : i + micro_batch_size], pad_id).items()
+        }
         total += float(loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"]))
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
     loss_fn.train(was_training)
@@ -116,7 +119,7 @@ def fit(
     loss_fn, unwrapped, optimizer, scheduler, start, is_sharded = set_up_training(
         loss_fn, cfg, accelerator, run, checkpoint, plan.total_steps
     )
-    is_main = accelerator.is_main_process
+    is_main, device = accelerator.is_main_process, accelerator.device
 
     def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
         unwrapped.model.save_pretrained(path, safe_serialization=True, state_dict=whole)
@@ -128,12 +131,12 @@ def fit(
     for step in range(start, plan.total_steps):
         # 1. forward and backward over this process's micro-batches; loss normalised by the global token count
         global_tokens = sum(n_loss_tokens(train[i]) for i in plan.global_batch(step))
-        step_loss = torch.zeros((), dtype=torch.float64)
-        step_aux = torch.zeros((), dtype=torch.float64)  # a mixture of experts' load-balancing loss
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        step_aux = torch.zeros((), dtype=torch.float64, device=device)  # a mixture of experts' balancing loss
         seen_tokens = 0
         micro = list(plan.micro_batches(step))
         for k, indices in enumerate(micro):
-            batch = collate([train[i] for i in indices], pad_id)
+            batch = {name: t.to(device) for name, t in collate([train[i] for i in indices], pad_id).items()}
             seen_tokens += int(batch["attention_mask"].sum())
             sync = accelerator.no_sync(loss_fn) if k < len(micro) - 1 else nullcontext()
             ids = batch["input_ids"]

@@ -193,7 +193,7 @@ def test_resume_with_another_split_computes_the_reference_again(
     fresh = torch.load(tmp_path / "fresh" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
     assert len(resumed) == len(fresh)
     for got, want in zip(resumed, fresh, strict=True):
-        assert got == pytest.approx(want, abs=1e-5)
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-5)  # sums of ~100 log-probs: fp32's rounding
 
 
 def test_bad_row_is_one_clear_error(tmp_path: Path, tiny_sft_model: Path) -> None:

@@ -56,7 +56,7 @@ def capture_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def max_change(a: torch.nn.Module, b: torch.nn.Module) -> float:
     sa, sb = a.state_dict(), b.state_dict()
-    return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+    return max(float((sa[k].float().cpu() - sb[k].float().cpu()).abs().max()) for k in sa)
 
 
 def test_two_iterations_train_policy_and_critic_only(
@@ -104,7 +104,8 @@ def test_lora_keeps_one_copy_and_merges_at_the_end(
     cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, lora_r=4, lr=1e-2)
     ppo.run(cfg, quiet=True)
 
-    policy, sft = seen["policy"], load_causal_lm(str(tiny_sft_model))
+    # the policy as it trained (on the GPU where there is one), compared on the CPU
+    policy, sft = seen["policy"].cpu(), load_causal_lm(str(tiny_sft_model))
     assert seen["reference"] is None  # the reference is the policy itself with its adapter disabled
     assert isinstance(policy, PeftModel)
     n_base = sum(p.numel() for p in sft.parameters())
