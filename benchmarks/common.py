@@ -150,9 +150,10 @@ def update_doc(name: str, title: str, result: dict[str, Any], body: list[str]) -
     """Replace (or append) this benchmark's section of docs/performance.md, between its markers."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     m = result["machine"]
+    gpu = f"GPU {m['gpu']}, " if m.get("gpu") else ""
     section = "\n".join([
         start, f"## {title}", "", f"Command: `{result['command']}` ({result['date']}).", "",
-        f"Machine: {m['cpu']}{f' ({cpu_generation(m)})' if cpu_generation(m) else ''}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
+        f"Machine: {gpu}{m['cpu']}{f' ({cpu_generation(m)})' if cpu_generation(m) else ''}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
         f"AVX512-BF16 {'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx_bf16'] else 'no'}; shared with "
         f"other work (load average {m['load_average_at_start']} at the start), so only ratios measured side by "
         "side, alternating, are meaningful; absolute rates vary from run to run.", "", *body, end,
