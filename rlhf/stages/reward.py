@@ -19,6 +19,7 @@ save RUN/final (a plain AutoModelForSequenceClassification), and write the held-
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import random
 import time
@@ -306,10 +307,22 @@ def micro_batches_by_length(
 
 
 def uses_shared_prefix(cfg: RewardConfig, model: torch.nn.Module) -> tuple[bool, bool]:
-    """(shared prefix on, additive mask): on when configured, the attention takes a custom 4-D mask, and no
-    sliding window is shorter than `max_seq_len` (the custom mask would drop it)."""
+    """(shared prefix on, additive mask): on when configured, the attention takes a custom 4-D mask, no sliding
+    window is shorter than `max_seq_len` (the custom mask would drop it), and the model's forward takes the
+    position ids that restart each branch (`takes_position_ids`)."""
     works, additive = takes_4d_mask(model)
-    return cfg.shared_prefix and works and within_window(sliding_window(model), cfg.max_seq_len), additive
+    works = works and within_window(sliding_window(model), cfg.max_seq_len) and takes_position_ids(model)
+    return cfg.shared_prefix and works, additive
+
+
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the sequence-classification forward passes `position_ids` on to its backbone. Some take none and
+    drop them with their other keyword arguments (Falcon's, MPT's): a branch after a shared prefix would then
+    be read at the positions of its place in the row."""
+    inner = getattr(model, "module", model)
+    get_base = getattr(inner, "get_base_model", None)
+    inner = get_base() if callable(get_base) else inner
+    return "position_ids" in inspect.signature(inner.forward).parameters
 
 
 def scalar_head(model: torch.nn.Module) -> torch.nn.Module:

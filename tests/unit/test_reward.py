@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import FalconConfig, FalconForCausalLM
 
 from rlhf.config import RewardConfig
 from rlhf.data.preferences import PairwiseVote, Ranking, to_groups
@@ -32,8 +33,10 @@ from rlhf.stages.reward import (
     read_labeler_weights,
     shared_prefix_row,
     split_by_prompt,
+    uses_shared_prefix,
 )
 from rlhf.train.common import BatchPlan
+from tests.archs import build_tokenizer
 
 PROMPT = "User: What is 2 plus 3?\nAssistant:"
 ANSWERS = [" 5.", " 2 plus 3 is 5.", " It is 6.", " Go away, you fool."]
@@ -203,6 +206,32 @@ def test_a_shared_prefix_gives_the_rewards_and_gradients_of_one_row_per_completi
         assert len(g_plain) == len(g_other) and all(torch.isfinite(g).all() for g in g_other)
         for a, b in zip(g_plain, g_other, strict=True):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_whose_forward_drops_position_ids_scores_each_completion_in_a_row_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """Falcon's sequence-classification forward takes no `position_ids`: a shared prefix would read every
+    branch at its place in the row (rotary positions off by the prefix), so its completions keep rows of their
+    own and score what each scores alone."""
+    tokenizer = build_tokenizer("gpt2")
+    config = FalconConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          alibi=False, bias=True, max_position_embeddings=128, initializer_range=0.3,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    FalconForCausalLM(config).save_pretrained(tmp_path / "falcon")
+    tokenizer.save_pretrained(tmp_path / "falcon")
+    model = build_scalar_model(str(tmp_path / "falcon"), seed=1).eval()
+    assert uses_shared_prefix(RewardConfig(), model) == (False, False)
+    examples, _ = encode_groups(to_groups([Ranking(PROMPT, ANSWERS, [1, 2, 3, 4], labeler="ann")]), tokenizer,
+                                128, RewardConfig(), {})  # fmt: skip
+    with torch.no_grad():
+        rewards = forward_rewards(
+            RewardForward(model),
+            collate(examples, tokenizer.pad_token_id, True, *uses_shared_prefix(RewardConfig(), model)),
+        )
+        alone = torch.stack([model(input_ids=torch.tensor([s])).logits[0, 0] for s in examples[0].sequences])
+    torch.testing.assert_close(rewards, alone, atol=1e-5, rtol=0)
 
 
 def test_the_shared_prefix_is_the_common_prompt_and_leaves_each_answer_its_eos() -> None:
