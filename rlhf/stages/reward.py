@@ -600,7 +600,8 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     for step in range(start, plan.total_steps):
         global_groups = plan.batch_size
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        step_aux = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # a mixture of experts'
+        # a mixture of experts' load-balancing loss
+        step_aux = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         step_correct = step_pairs = step_tokens = 0
         micro = micro_batches_by_length(plan, step, train, shared[0])
         for k, indices in enumerate(micro):
