@@ -10,9 +10,15 @@
 # MFU against the bf16 matmul peak of the same GPU measured in the same run.
 # Results: benchmarks/results/generation.cuda.json and architectures.cuda.json, each with its own section of
 # docs/performance.md beside the CPU's.
+# First, the training stages' smoke tests on the GPU (the stages take it by themselves; the GPU-only best-of-n
+# test runs): the two-process tests need two devices, and the killed-run tests race a run that a GPU finishes
+# before its first checkpoint is seen, so those are left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this script times a GPU")'
+"$python" -m pytest -q -p no:cacheprovider -n 4 tests/smoke/test_bon.py tests/smoke/test_reward.py \
+    tests/smoke/test_dpo.py tests/smoke/test_ppo.py tests/smoke/test_critic_free.py tests/smoke/test_stages.py \
+    -k "not two_processes and not fewer_guard_prompts and not killed_run"
 "$python" -m benchmarks.generation --device cuda --sizes tiny small
 "$python" -m benchmarks.architectures --device cuda --sizes 4M 30M "$@"
