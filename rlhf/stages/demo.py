@@ -267,7 +267,7 @@ def examples_by_family(rows: list[dict[str, Any]], per_family: int, seed: int) -
     return picked
 
 
-def _rm_scores(reward_model: Path, prompts: list[str], texts: list[str]) -> list[float]:
+def reward_model_scores(reward_model: Path, prompts: list[str], texts: list[str]) -> list[float]:
     """The reward model's normalised scores of each (prompt, answer), every answer ended with EOS."""
     import torch
 
@@ -330,8 +330,8 @@ def score_examples(rows: list[dict[str, Any]], reward_model: Path) -> list[dict[
     from rlhf.labelers import gold
 
     prompts = [r["prompt"] for r in rows]
-    rm_ppo = _rm_scores(reward_model, prompts, [r["a"] for r in rows])
-    rm_sft = _rm_scores(reward_model, prompts, [r["b"] for r in rows])
+    rm_ppo = reward_model_scores(reward_model, prompts, [r["a"] for r in rows])
+    rm_sft = reward_model_scores(reward_model, prompts, [r["b"] for r in rows])
     return [
         {"family": r.get("family"), "prompt": r["prompt"], "ppo": r["a"], "sft": r["b"],
          "gold_ppo": gold.utility(r["prompt"], r["a"], r.get("ended_a")),
@@ -363,7 +363,7 @@ def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind, pairs in made.items():
         ps, ts = [p for p, _ in pairs], [t for _, t in pairs]
-        scores = _rm_scores(reward_model, ps, ts)
+        scores = reward_model_scores(reward_model, ps, ts)
         golds = [gold.utility(p, t, True) for p, t in pairs]
         out[kind] = {
             "n": len(pairs),
@@ -373,13 +373,10 @@ def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
     return out
 
 
-def reward_value_check(reward_model: Path, policy: Path | None = None) -> dict[str, Any]:
-    """Can the reward model check an answer's value? Over every arithmetic question of the demo world and every
-    fact look-up, a correct answer against a wrong one in the same words (the bare value and the plain
-    sentence), for every wrong value of the kind the world's wrong answers take: how often it scores the
-    correct one higher (0.5: it cannot tell them apart). With `policy` (the SFT policy the reward model starts
-    from), how often that policy's own likelihood puts the correct one higher: the knowledge a reward model
-    could draw on."""
+def value_check_pairs() -> list[tuple[str, str, str, str]]:
+    """(family, prompt, correct answer, wrong answer) over every arithmetic question of the demo world and every
+    fact look-up: a correct answer against each wrong value of the kind the world's wrong answers take, in the
+    same words (the bare value and the plain sentence)."""
     from rlhf.data import demo_task
     from rlhf.labelers import gold
 
@@ -387,7 +384,7 @@ def reward_value_check(reward_model: Path, policy: Path | None = None) -> dict[s
                  for b in range(demo_task.MAX_OPERAND + 1) if not (op == "minus" and b > a)]  # fmt: skip
     questions += [t.format(c) for t in ("What color is the {}?", "Where does the {} live?", "What does the {} eat?")
                   for c in sorted(demo_task.FACTS)]  # fmt: skip
-    pairs: list[tuple[str, str, str, str]] = []  # (family, prompt, correct, wrong)
+    pairs: list[tuple[str, str, str, str]] = []
     for text in questions:
         prompt = demo_task.render_prompt(text)
         q = gold.parse_question(prompt)
@@ -400,9 +397,18 @@ def reward_value_check(reward_model: Path, policy: Path | None = None) -> dict[s
             for right_text, wrong_text in list(zip(demo_task.answer_templates(q, q.answer),
                                                    demo_task.answer_templates(q, w), strict=True))[:2]:  # fmt: skip
                 pairs.append((q.family, prompt, " " + right_text, " " + wrong_text))
+    return pairs
+
+
+def reward_value_check(reward_model: Path, policy: Path | None = None) -> dict[str, Any]:
+    """Can the reward model check an answer's value? Over `value_check_pairs`, how often it scores the correct
+    answer higher (0.5: it cannot tell them apart). With `policy` (the SFT policy the reward model starts from),
+    how often that policy's own likelihood puts the correct one higher: the knowledge a reward model could draw
+    on."""
+    pairs = value_check_pairs()
     prompts = [p for _, p, _, _ in pairs]
-    right = _rm_scores(reward_model, prompts, [r for _, _, r, _ in pairs])
-    wrong_scores = _rm_scores(reward_model, prompts, [w for _, _, _, w in pairs])
+    right = reward_model_scores(reward_model, prompts, [r for _, _, r, _ in pairs])
+    wrong_scores = reward_model_scores(reward_model, prompts, [w for _, _, _, w in pairs])
     if policy is not None:
         right_lp = _policy_loglik(policy, prompts, [r for _, _, r, _ in pairs])
         wrong_lp = _policy_loglik(policy, prompts, [w for _, _, _, w in pairs])

@@ -52,7 +52,7 @@ def test_value_check_scores_correct_against_wrong_values_in_the_same_words(
         seen.extend(zip(prompts, texts, strict=True))
         return [gold.utility(p, t, True) for p, t in zip(prompts, texts, strict=True)]
 
-    monkeypatch.setattr(demo, "_rm_scores", by_gold)
+    monkeypatch.setattr(demo, "reward_model_scores", by_gold)
     out = demo.reward_value_check(Path("unused"))
     # 65 arithmetic questions (minus only where the result is not negative), each wrong value of them in the
     # bare value and the plain sentence; 30 fact look-ups against every other value of their attribute
@@ -63,7 +63,7 @@ def test_value_check_scores_correct_against_wrong_values_in_the_same_words(
     prompt = demo_task.render_prompt("What is 1 minus 1?")
     assert {t for p, t in seen if p == prompt} == {" 0.", " 1.", " 2.", " 3.", " 1 minus 1 is 0.", " 1 minus 1 is 1.",
                                                    " 1 minus 1 is 2.", " 1 minus 1 is 3."}  # fmt: skip
-    monkeypatch.setattr(demo, "_rm_scores", lambda rm, prompts, texts: [0.0] * len(texts))
+    monkeypatch.setattr(demo, "reward_model_scores", lambda rm, prompts, texts: [0.0] * len(texts))
     assert (
         demo.reward_value_check(Path("unused"))["arithmetic"]["correct_over_wrong"] == 0.0
     )  # a tie is no win
@@ -74,7 +74,7 @@ def test_value_check_reads_the_policys_likelihood_beside_the_reward_model(
 ) -> None:
     from rlhf.labelers import gold
 
-    monkeypatch.setattr(demo, "_rm_scores", lambda rm, prompts, texts: [0.0] * len(texts))
+    monkeypatch.setattr(demo, "reward_model_scores", lambda rm, prompts, texts: [0.0] * len(texts))
     # a policy that finds the correct answers likelier on arithmetic and the wrong ones on facts
     monkeypatch.setattr(demo, "_policy_loglik", lambda policy, prompts, texts: [
         (1.0 if gold.utility(p, t, True) > 0 else -1.0) * (1 if "plus" in p or "minus" in p or "times" in p else -1)
