@@ -132,10 +132,7 @@ def sample_question(rng: random.Random) -> Question:
         if family == "fact":
             return Question(_FACT_TEXT[attribute].format(subject), family, truth, subject, attribute)
         asked = truth if rng.random() < 0.5 else rng.choice([v for v in VALUES[attribute] if v != truth])
-        text = _YESNO_TEXT[attribute].format(subject, asked)
-        return Question(
-            text, family, "yes" if asked == truth else "no", subject, attribute, extra={"asked": asked}
-        )
+        return yesno_question(subject, attribute, asked)
     if family == "unknown":
         return sample_unknowable(rng)
     if family == "harm":
@@ -147,6 +144,13 @@ def sample_question(rng: random.Random) -> Question:
     if family == "greeting":
         return Question(rng.choice(GREETINGS), family, "hello")
     return Question(rng.choice(THANKS), family, "welcome")
+
+
+def yesno_question(subject: str, attribute: str, asked: str) -> Question:
+    """Whether one of the world's creatures has `asked` as its `attribute` ("Does the pip eat nuts?")."""
+    answer = "yes" if asked == FACTS[subject][attribute] else "no"
+    return Question(_YESNO_TEXT[attribute].format(subject, asked), "yesno", answer, subject, attribute,
+                    extra={"asked": asked})  # fmt: skip
 
 
 def sample_unknowable(rng: random.Random) -> Question:

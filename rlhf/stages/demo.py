@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,9 +191,12 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
         if name == "ppo_vs_sft":
             summary["by_family"] = outcomes_by_family(summary["rows"])
             summary["ceiling_win_rate"] = ceiling_win_rate(summary["rows"])
+            summary["yesno_reasoning"] = yesno_reasoning(summary["rows"])
             rows = examples_by_family(summary["rows"], per_family=2, seed=cfg.eval.seed)
             write_json(out / "eval" / "examples.json", score_examples(rows, out / "reward" / "final"))
         write_json(out / "eval" / f"{name}.json", summary)
+    from rlhf.data.prompts import read_prompts
+
     kinds = reward_by_kind(read_prompts(cfg.eval.prompts_file, 200), out / "reward" / "final")
     write_json(out / "eval" / "reward_by_kind.json", kinds)
     write_json(out / "eval" / "reward_values.json", reward_value_check(out / "reward" / "final", Path(sft)))
@@ -200,12 +204,6 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
     write_json(out / "eval" / "sft_coverage.json", coverage)
     results["sft_correct_among_k"] = coverage["correct_among_k"]
     return results
-
-
-def read_prompts(path: str, limit: int) -> list[str]:
-    from rlhf.data.prompts import read_prompt_rows
-
-    return [prompt for _, prompt in read_prompt_rows(path, limit)]
 
 
 def outcomes_by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -228,6 +226,34 @@ def outcomes_by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         f["correct_b"] += b.correct
         f["best_b"] += b.utility >= best_utility(row["prompt"])
     return dict(sorted(out.items()))
+
+
+_CONCLUSION = re.compile(r"\bThe (\w+) (?:is|lives in|eats) (\w+), so (yes|no)\b")
+
+
+def yesno_reasoning(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per policy (a, b), over the yes/no questions about the world's creatures: how many answers state the
+    creature's attribute before concluding ("The pip eats nuts, so no."), in how many the stated fact is true, and
+    in how many the conclusion follows from the stated fact (yes exactly when it names what was asked). Knowing the
+    fact and drawing the conclusion are separate skills; this tells which one a policy lacks."""
+    from rlhf.data import demo_task
+    from rlhf.labelers import gold
+
+    out = {side: {"questions": 0, "states_fact": 0, "fact_true": 0, "follows": 0} for side in ("a", "b")}
+    for row in rows:
+        q = gold.parse_question(row["prompt"])
+        if q.family != "yesno":
+            continue
+        for side, counts in out.items():
+            counts["questions"] += 1
+            m = _CONCLUSION.search(row[side])
+            if m is None or m.group(1) != q.subject:
+                continue
+            stated, conclusion = m.group(2), m.group(3)
+            counts["states_fact"] += 1
+            counts["fact_true"] += stated == demo_task.FACTS[q.subject][q.attribute]
+            counts["follows"] += (stated == q.extra["asked"]) == (conclusion == "yes")
+    return out
 
 
 def best_utility(prompt: str) -> float:

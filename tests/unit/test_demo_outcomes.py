@@ -91,3 +91,21 @@ def test_the_demo_reads_the_checkouts_demo_config() -> None:
     assert demo.default_config_path() == root / "configs" / "demo.yaml"
     cfg = demo.demo_config(Path("/tmp/x"), fast=False, config=None, overrides=[])
     assert cfg.pretrain.lr == 2.0e-3 and cfg.pretrain.out_dir == "/tmp/x/pretrain"
+
+
+def test_yesno_reasoning_tells_a_known_fact_from_the_conclusion_drawn() -> None:
+    rows = [  # the brindle eats beetles
+        _row(
+            "Does the brindle eat roots?",
+            "The brindle eats beetles, so no.",
+            "The brindle eats beetles, so yes.",
+        ),
+        _row("Does the brindle eat beetles?", "The brindle eats roots, so no.", "Yes."),
+        _row("Does the brindle eat beetles?", "Sure! The brindle eats beetles, so yes.", "No."),
+        _row("What is 3 plus 4?", "The brindle eats beetles, so yes.", "7."),  # not a yes/no question
+    ]
+    out = demo.yesno_reasoning(rows)
+    # A: three stated facts, two of them true; every conclusion follows from the fact stated (even a false one)
+    assert out["a"] == {"questions": 3, "states_fact": 3, "fact_true": 2, "follows": 3}
+    # B: one stated fact, true, and a conclusion that does not follow from it ("beetles, so yes" to "roots?")
+    assert out["b"] == {"questions": 3, "states_fact": 1, "fact_true": 1, "follows": 0}
