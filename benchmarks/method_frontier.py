@@ -33,12 +33,13 @@ from benchmarks.common import replace_doc_section
 from benchmarks.reward_throughput import machine
 from rlhf.config import EvalConfig
 from rlhf.data.jsonl import write_json
+from rlhf.data.prompts import read_prompts
 from rlhf.engine.best_of_n import best_of_n
 from rlhf.engine.decoding import SamplingParams
 from rlhf.eval.judges import GoldJudge
 from rlhf.models.heads import load_scalar_model
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.stages.eval import compare, read_prompts
+from rlhf.stages.eval import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "method_frontier.json"

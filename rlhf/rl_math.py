@@ -250,6 +250,33 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     return masked_whiten(cumulative_returns(rewards, mask, gamma), mask)
 
 
+AdvantageEstimator = Literal["gae", "rloo", "grpo", "reinforce_pp"]
+
+
+def estimate_advantages(
+    estimator: AdvantageEstimator, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+    gamma: float, lam: float, k: int, grpo_scale_by_std: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(advantages, returns), (B, T) each, from the per-token rewards (the score on the last token, the KL
+    penalty, if any, on each). gae: GAE on the critic's values, whitened. rloo, grpo: each answer's total reward
+    against the other answers to its prompt (k consecutive rows), the same advantage on all its tokens.
+    reinforce_pp: reward-to-go whitened over the whole batch. Returns are the critic's targets, equal to the
+    advantages where there is no critic."""
+    if estimator == "gae":
+        advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+        return masked_whiten(advantages, mask), returns
+    if estimator == "reinforce_pp":
+        advantages = reinforce_pp_advantages(rewards, mask, gamma)
+    else:
+        totals = masked_sum(rewards, mask, dim=1)  # (B,) score - beta * KL of each answer
+        if estimator == "rloo":
+            per_answer = rloo_advantages(totals, k)
+        else:
+            per_answer = grpo_advantages(totals, k, grpo_scale_by_std)  # (B,)
+        advantages = per_answer[:, None] * mask  # (B, T)
+    return advantages, advantages
+
+
 # ---------------------------------------------------------------------------------------------------
 # KL-coefficient controllers
 # ---------------------------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ def read_prompt_rows(
     return prompts
 
 
+def read_prompts(source: str | Path, limit: int = 0, tokenizer: Any = None) -> list[str]:
+    """The prompt texts of `read_prompt_rows`: the first `limit` (0: all)."""
+    return [prompt for _, prompt in read_prompt_rows(source, limit, tokenizer)]
+
+
 def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
     """The prompt of one row: its `messages` before their trailing assistant turns, rendered with a generation
     prompt, or its `prompt` string (where there is no `messages`, or no tokenizer to render them)."""

@@ -68,6 +68,7 @@ from rlhf.train.common import (
     autocast,
     lean_forward,
     make_accelerator,
+    no_sync,
     save_policy,
     set_up_training,
     short_attention,
@@ -424,7 +425,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         for k, chunk in enumerate(micro):
             batch = collate_fn(chunk)
             tokens += int(batch.tokens.numel())
-            sync = accelerator.no_sync(policy) if k < len(micro) - 1 else nullcontext()
+            sync = no_sync(accelerator, policy, sync=k == len(micro) - 1)
             with sync, short_attention(batch.input_ids.size(1), device, half):
                 # 1. forward: every answer's summed (and mean) log-prob
                 total, mean = answer_logps(policy, batch)  # (S,) each

@@ -32,7 +32,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import EvalConfig
-from rlhf.data.prompts import read_prompt_rows
+from rlhf.data.prompts import read_prompts
 from rlhf.engine.best_of_n import best_of_n, kl_bound
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.errors import RlhfError
@@ -54,12 +54,6 @@ class PolicyAnswers:
     ended: list[bool]
     n_tokens: list[int]
     kl: list[float] | None  # nats per answer, to the reference; None without a reference
-
-
-def read_prompts(path: str, limit: int, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
-    """The first `limit` prompts (0: all) of a {prompt} or {messages} source (rlhf.data.prompts); messages
-    through the tokenizer's chat template."""
-    return [prompt for _, prompt in read_prompt_rows(path, limit, tokenizer)]
 
 
 def load_policy(path: str, device: torch.device, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -47,12 +47,6 @@ from rlhf.train.common import resolve_precision
 log = logging.getLogger(__name__)
 
 
-def read_prompts(path: str | Path, max_prompts: int = 0, tokenizer: Any = None) -> list[tuple[str, str]]:
-    """(prompt_id, prompt) pairs of a {prompt} or {messages} source (rlhf.data.prompts); the id is the row's
-    `prompt_id` (or `id`), else "<file stem>:<row>"; messages go through the tokenizer's chat template."""
-    return read_prompt_rows(path, max_prompts, tokenizer)
-
-
 def policy_name(model: str, policy_version: str | None) -> str:
     """The policy version stored with each completion: the given name, else the checkpoint's directory name
     (its parent's too when that is a generic 'final', e.g. runs/sft/final -> 'sft/final')."""
@@ -143,7 +137,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
-    prompts = read_prompts(cfg.prompts_file, cfg.max_prompts, tokenizer)
+    prompts = read_prompt_rows(cfg.prompts_file, cfg.max_prompts, tokenizer)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
     policy_version = policy_name(cfg.model, cfg.policy_version)

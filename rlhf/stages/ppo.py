@@ -21,9 +21,8 @@ without), REINFORCE++ (per-token returns whitened over the batch). With them, KL
 rather than a penalty in the reward, and DAPO's clip-higher and token-level loss are options of the policy loss.
 
 `run` is the loop: `set_up` prepares a PPOState, then each iteration is `rollout` (generate, score, rewards,
-advantages), `update` (the PPO epochs), the log, and every so often `run_guard` and `save_checkpoint`.
-
-Training code never sees the demo's gold judge: the guard's gold score, if any, comes in as `gold_fn`.
+advantages), `update` (the PPO epochs), the log, and every so often `run_guard` and `save_checkpoint`. Training
+code never sees the demo's gold judge: the guard's gold score, if any, comes in as `gold_fn`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -44,7 +42,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import PPOConfig
 from rlhf.data.jsonl import write_json
-from rlhf.data.prompts import read_prompt_rows
+from rlhf.data.prompts import read_prompts
 from rlhf.engine import lean_llama
 from rlhf.engine.decoding import Generation, SamplingParams, decode_responses, generate
 from rlhf.engine.packing import TokenLayout, layout, sliding_window, takes_4d_mask
@@ -69,16 +67,13 @@ from rlhf.rl_math import (
     KLController,
     aggregate_tokens,
     approx_kl,
-    compute_gae,
     entropy_from_logits,
-    grpo_advantages,
+    estimate_advantages,
     kl_from_logits,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
     masked_whiten,
-    reinforce_pp_advantages,
-    rloo_advantages,
     shape_rewards,
 )
 from rlhf.runs import Run, read_metrics, seed_everything, set_rng_state
@@ -91,6 +86,7 @@ from rlhf.train.common import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    no_sync,
     policy_forward,
     save_policy,
     short_attention,
@@ -106,11 +102,6 @@ log = logging.getLogger(__name__)
 GoldFn = Callable[[list[str], list[str], list[bool]], list[float]]
 # (ids, mask, n_prompt) of prompt + response sequences -> their layout for a forward pass (packed or padded)
 LayoutFn = Callable[[Tensor, Tensor, int], TokenLayout]
-
-
-def read_prompts(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
-    """The prompts of a {prompt} or {messages} source (rlhf.data.prompts); messages through the chat template."""
-    return [prompt for _, prompt in read_prompt_rows(path, tokenizer=tokenizer)]
 
 
 @dataclass
@@ -237,39 +228,6 @@ def guard_eval(
     return dict(zip(["ppo/guard_kl", "ppo/guard_proxy", "ppo/guard_gold"], values, strict=False))
 
 
-def no_sync(accelerator: Any, *models: torch.nn.Module, sync: bool) -> ExitStack:
-    """Skip DDP's gradient all-reduce for these models unless `sync` (gradient accumulation)."""
-    stack = ExitStack()
-    if not sync:
-        for model in models:
-            stack.enter_context(accelerator.no_sync(model))
-    return stack
-
-
-def rollout_advantages(
-    rewards: Tensor, values: Tensor, mask: Tensor, cfg: PPOConfig
-) -> tuple[Tensor, Tensor]:
-    """(advantages, returns), (B, T) each, from the per-token rewards (the score on the last token, the KL
-    penalty, if any, on each). gae: GAE on the critic's values, whitened. rloo, grpo: each answer's total reward
-    against the other answers to its prompt (k consecutive rows), the same advantage on all its tokens.
-    reinforce_pp: reward-to-go whitened over the whole batch. Returns are the critic's targets,
-    equal to the advantages where there is no critic."""
-    if cfg.advantage_estimator == "gae":
-        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        return masked_whiten(advantages, mask), returns
-    if cfg.advantage_estimator == "reinforce_pp":
-        advantages = reinforce_pp_advantages(rewards, mask, cfg.gamma)
-    else:
-        totals = masked_sum(rewards, mask, dim=1)  # (B,) score - beta * KL of each answer
-        k = cfg.samples_per_prompt
-        if cfg.advantage_estimator == "rloo":
-            per_answer = rloo_advantages(totals, k)
-        else:
-            per_answer = grpo_advantages(totals, k, cfg.grpo_scale_by_std)  # (B,)
-        advantages = per_answer[:, None] * mask  # (B, T)
-    return advantages, advantages
-
-
 @dataclass
 class PPOState:
     """What `set_up` prepares for the loop. `policy` and `critic` are the modules that train (wrapped for
@@ -355,9 +313,9 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         if path:  # the policy's token ids are what the reward model, the critic and the reference read
             check_same_tokenizer(tokenizer, load_tokenizer(path, cfg.add_pad_token), "ppo.policy", role)
     # read before any output: bad input leaves nothing behind
-    prompts = read_prompts(cfg.prompts_file, tokenizer)
+    prompts = read_prompts(cfg.prompts_file, tokenizer=tokenizer)
     guard_prompts = (
-        read_prompts(cfg.eval_prompts_file, tokenizer)[: cfg.guard_prompts] if cfg.eval_prompts_file else []
+        read_prompts(cfg.eval_prompts_file, cfg.guard_prompts, tokenizer) if cfg.eval_prompts_file else []
     )
     is_sharded = sharding.sharded(cfg, accelerator)
     if 0 < len(guard_prompts) < world:  # a process without one would skip the guard the others wait in
@@ -490,7 +448,8 @@ def rollout(s: PPOState, prompts: list[int], iteration: int) -> Batch:
         rewards = masked_whiten(rewards, rmask, shift_mean=False)
 
     # 4. advantages: GAE with the critic; or, critic-free, a baseline from the prompt's other answers
-    advantages, returns = rollout_advantages(rewards, r.values, rmask, cfg)  # (B, T) each
+    advantages, returns = estimate_advantages(cfg.advantage_estimator, rewards, r.values, rmask, cfg.gamma, cfg.lam,
+                                              cfg.samples_per_prompt, cfg.grpo_scale_by_std)  # fmt: skip
     return Batch(r, ended, kl, advantages, returns)
 
 

@@ -23,7 +23,6 @@ import inspect
 import logging
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -70,6 +69,7 @@ from rlhf.train.common import (
     autocast,
     lean_forward,
     make_accelerator,
+    no_sync,
     set_up_training,
     short_attention,
     trains_in_half,
@@ -609,7 +609,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
                 accelerator.device
             )
             step_tokens += batch.n_tokens
-            sync = accelerator.no_sync(scorer) if k < len(micro) - 1 else nullcontext()
+            sync = no_sync(accelerator, scorer, sync=k == len(micro) - 1)
             with sync, short_attention(batch.input_ids.size(1), batch.input_ids.device, half):
                 # 1. forward: all distinct completions of these groups at once, rewards at the last real token
                 rewards = forward_rewards(scorer, batch)  # (N,)

@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -194,6 +194,16 @@ def lean_forward(model: Any, accelerator: Accelerator, cfg: TrainConfig) -> bool
 def autocast(accelerator: Accelerator) -> Any:
     """bf16 autocast for forward passes outside prepared modules (reference, reward model, generation)."""
     return accelerator.autocast() if accelerator.mixed_precision == "bf16" else nullcontext()
+
+
+def no_sync(accelerator: Any, *models: torch.nn.Module, sync: bool) -> ExitStack:
+    """Skip DDP's gradient all-reduce for these models unless `sync`: gradient accumulation over micro-batches
+    all-reduces once, in the backward of the last."""
+    stack = ExitStack()
+    if not sync:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

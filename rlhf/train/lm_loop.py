@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from rlhf.train.common import (
     BatchPlan,
     Progress,
     lean_forward,
+    no_sync,
     set_up_training,
     short_attention,
     trains_in_half,
@@ -138,7 +138,7 @@ def fit(
         for k, indices in enumerate(micro):
             batch = {name: t.to(device) for name, t in collate([train[i] for i in indices], pad_id).items()}
             seen_tokens += int(batch["attention_mask"].sum())
-            sync = accelerator.no_sync(loss_fn) if k < len(micro) - 1 else nullcontext()
+            sync = no_sync(accelerator, loss_fn, sync=k == len(micro) - 1)
             ids = batch["input_ids"]
             with sync, short_attention(ids.size(1), ids.device, half):
                 loss_sum = loss_fn(ids, batch["attention_mask"], batch["labels"])

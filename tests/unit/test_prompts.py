@@ -8,10 +8,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from rlhf.data.prompts import read_prompt_rows
+from rlhf.data.prompts import read_prompt_rows, read_prompts
 from rlhf.errors import DataError
 from rlhf.models.tokenizer import train_bpe_tokenizer
-from rlhf.stages.ppo import read_prompts
 
 CORPUS = ["User: What is 2 plus 3?\nAssistant: 5."] * 20 + ["User: Hello!\nAssistant: Hello!"] * 20
 ROWS = [
@@ -38,7 +37,7 @@ def test_messages_rows_render_with_the_chat_template_and_a_generation_prompt(
     eos = tokenizer.eos_token
     rendered = [text.replace("</s>", eos) for text in RENDERED]
     assert read_prompt_rows(jsonl, tokenizer=tokenizer) == [("prompts:1", rendered[0]), ("q2", rendered[1])]
-    assert read_prompts(tmp_path / "prompts.parquet", tokenizer) == rendered[::-1]
+    assert read_prompts(tmp_path / "prompts.parquet", tokenizer=tokenizer) == rendered[::-1]
     assert read_prompt_rows(tmp_path / "saved", 1, tokenizer) == [("saved:1", rendered[0])]
 
 
