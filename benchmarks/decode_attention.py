@@ -1,6 +1,6 @@
 """Attention of one new token over a KV cache on a CPU: SDPA's fused kernel against matmul-softmax-matmul.
 
-    python -m benchmarks.decode_attention [--reps 5] [--quick] [--no-doc]
+    python -m benchmarks.decode_attention [--reps 5] [--quick] [--no-doc] [--name NAME]
 
 A decoding step's attention (rlhf.engine.decode_cache: `fused_attention` and `matmul_attention`, the two forms
 `decode_attention` chooses between) for three head shapes (batch, query heads, KV heads, head dim) at cache
@@ -83,6 +83,9 @@ def main() -> None:
         "--quick", action="store_true", help="smoke pass: one shape, two lengths, 1 repetition"
     )
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument(
+        "--name", default="decode_attention", help="results file: benchmarks/results/NAME.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     shapes, lengths, reps = (SHAPES[:1], LENGTHS[:2], 1) if args.quick else (SHAPES, LENGTHS, args.reps)
@@ -101,10 +104,12 @@ def main() -> None:
               "chosen": {f"{label}, {rows} query row(s) per KV head":
                          _fused_in(torch.empty(1, 1, rows, 1), torch.empty(0, dtype=dtype))
                          for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)) for rows in (1, 4)}}  # fmt: skip
-    save_result("decode_attention.quick" if args.quick else "decode_attention", result)
+    save_result(f"{args.name}.quick" if args.quick else args.name, result)
     if not args.no_doc and not args.quick:
-        update_doc("decode_attention", "Attention of one new token: SDPA's fused kernel vs matmul-softmax-matmul",
-                   result, doc_section(result))  # fmt: skip
+        cpu = result["machine"]
+        title = "Attention of one new token: SDPA's fused kernel vs matmul-softmax-matmul"
+        title += f" ({cpu['cpu']}, family {cpu['cpu_family']} model {cpu['cpu_model']})"
+        update_doc(args.name.replace(".", "_"), title, result, doc_section(result))
 
 
 if __name__ == "__main__":

@@ -237,8 +237,9 @@ def _fused_in(q: Tensor, key: Tensor) -> bool:
     """Whether attention of `q` (B, H_kv, R, D) over the cache runs faster in SDPA's fused CPU kernel than as
     matmul-softmax-matmul: for one query row per KV head over a bf16/fp16 cache, on a CPU with AMX, where each
     row's matmuls are matrix-vector products. With grouped queries stacked as rows, and in fp32, neither form
-    was the faster throughout, and CPUs without AMX keep the matmuls (`python -m benchmarks.decode_attention`,
-    docs/performance.md, "Attention of one new token")."""
+    was the faster throughout; on an AVX512-BF16 CPU without AMX the fused kernel took 1.7-3.4x the matmuls'
+    time in bf16 (`python -m benchmarks.decode_attention`, docs/performance.md, "Attention of one new
+    token")."""
     return (
         q.size(2) == 1
         and key.dtype in (torch.bfloat16, torch.float16)
