@@ -356,3 +356,26 @@ def test_reinforce_pp_whitens_over_the_whole_batch() -> None:
     std = math.sqrt(0.2)
     expected = [[0.3 / std, 0.3 / std, 0.3 / std], [-0.2 / std, -0.7 / std, 0.0]]
     close(reinforce_pp_advantages(rewards, mask), expected, atol=1e-5)
+
+
+def test_critic_free_advantages_give_each_answer_its_total_against_its_group_on_every_token() -> None:
+    # two prompts, two answers each; per-token rewards (score on the last token, a KL penalty on each)
+    rewards = torch.tensor([[0.0, -0.5, 2.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])  # totals 1.5, 1.0 | 3.0, -1.0
+    advantages, returns = rl_math.estimate_advantages(
+        "rloo", rewards, torch.zeros(4, 3), mask, 1.0, 1.0, 2, True
+    )
+    close(advantages, [[0.5] * 3, [-0.5, -0.5, 0.0], [4.0, 0.0, 0.0], [-4.0] * 3])
+    assert returns is advantages  # no critic: its targets are the advantages themselves
+    grpo, _ = rl_math.estimate_advantages("grpo", rewards, torch.zeros(4, 3), mask, 1.0, 1.0, 2, False)
+    close(grpo, [[0.25] * 3, [-0.25, -0.25, 0.0], [2.0, 0.0, 0.0], [-2.0] * 3])
+
+
+def test_gae_advantages_are_whitened_and_its_returns_are_not() -> None:
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 3.0]])
+    values, mask = torch.tensor([[0.5, 0.5], [0.0, 1.0]]), torch.ones(2, 2)
+    advantages, returns = rl_math.estimate_advantages("gae", rewards, values, mask, 1.0, 1.0, 1, True)
+    raw, expected_returns = compute_gae(rewards, values, mask, 1.0, 1.0)
+    close(returns, expected_returns)
+    close(advantages, masked_whiten(raw, mask))
+    assert abs(float(advantages.mean())) < 1e-6 and not torch.allclose(advantages, raw)
