@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import machine, save_result
+from benchmarks.common import machine, save_result, shape_sweep
 
 SHAPES = [(32, 4, 32), (8, 8, 64), (4, 32, 128)]  # (batch, heads, head dim): demo model, small, 7B-like
 LENGTHS = [52, 128, 160, 192, 256, 512]
@@ -58,21 +58,19 @@ def main() -> None:
         "--quick", action="store_true", help="smoke pass: one shape, two lengths, 1 repetition"
     )
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    shapes, lengths, reps = (SHAPES[:1], LENGTHS[:2], 1) if args.quick else (SHAPES, LENGTHS, args.reps)
-    rows: list[dict[str, Any]] = []
-    for shape in shapes:
-        for length in lengths:
-            row: dict[str, Any] = {"shape": list(shape), "length": length}
-            for label, dtype, backward in (("bf16 fwd+bwd", torch.bfloat16, True), ("fp32 fwd+bwd", torch.float32, True),
-                                           ("bf16 fwd", torch.bfloat16, False)):  # fmt: skip
-                ms = {
-                    name: time_ms(shape, length, be, dtype, backward, reps) for name, be in BACKENDS.items()
-                }
-                row[label] = {**ms, "math_speedup": ms["flash"] / ms["math"]}
-            rows.append(row)
-            print(shape, length, {k: f"{v['flash']:.1f}/{v['math']:.1f} ms" for k, v in row.items() if isinstance(v, dict)},
-                  flush=True)  # fmt: skip
+    passes = (("bf16 fwd+bwd", torch.bfloat16, True), ("fp32 fwd+bwd", torch.float32, True),
+              ("bf16 fwd", torch.bfloat16, False))  # fmt: skip
+
+    def measure(shape: Any, length: int, reps: int) -> dict[str, Any]:
+        row = {}
+        for label, dtype, backward in passes:
+            ms = {name: time_ms(shape, length, be, dtype, backward, reps) for name, be in BACKENDS.items()}
+            row[label] = {**ms, "math_speedup": ms["flash"] / ms["math"]}
+        return row
+
+    rows, reps = shape_sweep(SHAPES, LENGTHS, args.reps, args.quick, measure,
+                             lambda row: str({k: f"{v['flash']:.1f}/{v['math']:.1f} ms" for k, v in row.items()
+                                              if isinstance(v, dict)}))  # fmt: skip
     name = "attention_backends.quick" if args.quick else "attention_backends"
     save_result(name, {"command": "python -m benchmarks.attention_backends", "machine": machine(1),
                        "reps": reps, "rows": rows})  # fmt: skip

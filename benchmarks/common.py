@@ -139,6 +139,23 @@ def capabilities() -> dict[str, Any]:
     }
 
 
+def shape_sweep(
+    shapes: list[Any], lengths: list[int], reps: int, quick: bool,
+    measure: Callable[[Any, int, int], dict[str, Any]], show: Callable[[dict[str, Any]], str],
+) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """(one row per shape and sequence length, the repetitions used) on one torch thread: `measure(shape, length,
+    reps)` gives a row's timings by label, `show(row)` its progress line. `quick`: the first shape, the first two
+    lengths, one repetition."""
+    torch.set_num_threads(1)
+    shapes, lengths, reps = (shapes[:1], lengths[:2], 1) if quick else (shapes, lengths, reps)
+    rows: list[dict[str, Any]] = []
+    for shape in shapes:
+        for length in lengths:
+            rows.append({"shape": list(shape), "length": length, **measure(shape, length, reps)})
+            print(shape, length, show(rows[-1]), flush=True)
+    return rows, reps
+
+
 def save_result(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import capabilities, machine, save_result, update_doc
+from benchmarks.common import capabilities, machine, save_result, shape_sweep, update_doc
 from rlhf.engine.decode_cache import _fused_in, fused_attention, matmul_attention
 
 # (batch, query heads, KV heads, head dim): the 30M benchmark model, the same with grouped queries, 7B-like
@@ -87,17 +87,13 @@ def main() -> None:
         "--name", default="decode_attention", help="results file: benchmarks/results/NAME.json"
     )
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    shapes, lengths, reps = (SHAPES[:1], LENGTHS[:2], 1) if args.quick else (SHAPES, LENGTHS, args.reps)
-    rows: list[dict[str, Any]] = []
-    for shape in shapes:
-        for length in lengths:
-            row: dict[str, Any] = {"shape": list(shape), "length": length}
-            for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-                row[label] = time_us(shape, length, dtype, reps)
-            rows.append(row)
-            print(shape, length, {k: f"fused {v['fused']:.0f} matmul {v['matmul']:.0f} µs" for k, v in row.items()
-                                  if isinstance(v, dict)}, flush=True)  # fmt: skip
+    dtypes = (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    rows, reps = shape_sweep(
+        SHAPES, LENGTHS, args.reps, args.quick,
+        lambda shape, length, reps: {label: time_us(shape, length, dtype, reps) for label, dtype in dtypes},
+        lambda row: str({k: f"fused {v['fused']:.0f} matmul {v['matmul']:.0f} µs" for k, v in row.items()
+                         if isinstance(v, dict)}),
+    )  # fmt: skip
     result = {"command": " ".join(["python -m benchmarks.decode_attention", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(1), "capabilities": capabilities(),
               "reps": reps, "rows": rows,
