@@ -1,0 +1,150 @@
+"""A whole config file (RootConfig, one section per stage): read from YAML with dotted `--set` overrides and
+validated, errors naming the dotted key (and the setting an unknown key resembles); a resolved section
+written back as YAML."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from rlhf.config.base import DataConfig, Section
+from rlhf.config.generation import BonConfig, EvalConfig, GenerateConfig, PanelConfig
+from rlhf.config.loop import LoopConfig
+from rlhf.config.ppo import PPOConfig
+from rlhf.config.preference import DPOConfig, RewardConfig
+from rlhf.config.safety import CaiConfig, RedteamConfig
+from rlhf.config.supervised import PretrainConfig, SFTConfig
+from rlhf.errors import ConfigError
+
+
+class RootConfig(Section):
+    """A whole config file: one section per stage."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    panel: PanelConfig = Field(default_factory=PanelConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    bon: BonConfig = Field(default_factory=BonConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    redteam: RedteamConfig = Field(default_factory=RedteamConfig)
+    cai: CaiConfig = Field(default_factory=CaiConfig)
+
+    def loop_ppo(self) -> PPOConfig:
+        """The ppo section with the loop's own ppo settings (loop.ppo) laid over it."""
+        return PPOConfig.model_validate({**self.ppo.model_dump(), **self.loop.ppo})
+
+    @model_validator(mode="after")
+    def _loop_ppo_is_ppo(self) -> RootConfig:
+        unknown = sorted(set(self.loop.ppo) - set(PPOConfig.model_fields))
+        if unknown:
+            raise ValueError(f"loop.ppo: not ppo settings: {', '.join(unknown)}")
+        self.loop_ppo()
+        return self
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`sft.lr=3e-4` -> (["sft", "lr"], 0.0003); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.lr=3e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = tree
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts)}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _resembles(loc: tuple[Any, ...]) -> str:
+    """For an unknown key: " (did you mean KEY?)" with the setting of its section it is closest to, or ""."""
+    model: type[BaseModel] = RootConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _format_error(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + _resembles(tuple(err["loc"]))
+        msgs.append(
+            f"{key}: {msg}"
+            + (
+                f" (got {err['input']!r})"
+                if err["type"] != "extra_forbidden" and not isinstance(err["input"], dict)
+                else ""
+            )
+        )
+    return "config error: " + "; ".join(msgs)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None
+) -> RootConfig:
+    """Read a YAML config (or the defaults), apply `--set` overrides, validate everything.
+
+    `section`: the stage reading it. A file of that stage's settings alone, without the section's name above
+    them (a run's own config.yaml, rlhf.runs), is read as that section, so a run can be repeated or resumed
+    with `-c RUN/config.yaml`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        tree = loaded or {}
+        if section is not None and tree and not set(tree) & set(RootConfig.model_fields):
+            stage = RootConfig.model_fields[section].annotation
+            if (
+                isinstance(stage, type)
+                and issubclass(stage, BaseModel)
+                and set(tree) <= set(stage.model_fields)
+            ):
+                tree = {section: tree}
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return RootConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def dump_config(section: BaseModel) -> str:
+    """The resolved config as YAML (written into each run directory)."""
+    return yaml.safe_dump(section.model_dump(mode="json"), sort_keys=False)
