@@ -1,6 +1,6 @@
 """Typed configs, one per stage (pydantic v2), loaded from YAML with dotted `--set` overrides.
 
-A config file holds one section per stage (`data`, `model`, `pretrain`, `sft`, ...). Every field has a type,
+A config file holds one section per stage (`data`, `pretrain`, `sft`, `generate`, ...). Every field has a type,
 a default and a one-line description that doubles as documentation. Errors name the dotted key.
 
 Where each section lives: `base` (the Section base, a new model's architecture, the demo data, what every
