@@ -2,7 +2,7 @@
 
     python -m benchmarks.run            # the full suite (tens of minutes on a 2-core CPU)
     python -m benchmarks.run --quick    # a smoke pass of each (minutes); results go to NAME.quick.json
-    python -m benchmarks.run --only generation ppo_bench
+    python -m benchmarks.run --only generation ppo_bench targets
 
 Benchmarks run one after another, never in parallel (they would measure each other). A benchmark that fails
 is reported and the others still run; the exit status is 1 if any failed. Not part of `make test`.
@@ -36,6 +36,8 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("gateway_latency", [], ["--quick"]),
     ("feedback_startup", [], ["--reps", "2", "--no-doc"]),
     ("label_queue", [], ["--backends", "sqlite", "--prompts", "60", "--repeat", "1"]),
+    # last: the targets table of docs/performance.md from every results file, those just written included
+    ("targets", [], ["--no-doc"]),
 ]
 
 
