@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, read_yaml
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -117,12 +116,7 @@ class Constitution(BaseModel):
 def load_constitution(path: str | Path) -> Constitution:
     """Read and check a constitution YAML file; a ConfigError of one line naming file and entry if it is bad."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"constitution file not found: {p}")
-    try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    tree = read_yaml(p, "constitution file")
     try:
         return Constitution.model_validate(tree)
     except ValidationError as e:

@@ -18,7 +18,7 @@ from rlhf.config.ppo import PPOConfig
 from rlhf.config.preference import DPOConfig, RewardConfig
 from rlhf.config.safety import CaiConfig, RedteamConfig
 from rlhf.config.supervised import PretrainConfig, SFTConfig
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, read_yaml
 
 
 class RootConfig(Section):
@@ -121,12 +121,7 @@ def load_config(
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        loaded = read_yaml(p, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         tree = loaded or {}

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import yaml
 from accelerate import Accelerator
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,7 +41,7 @@ from rlhf.data.sources import iter_rows, text_field
 from rlhf.engine import lean_llama
 from rlhf.engine.decoding import SamplingParams, generate
 from rlhf.engine.packing import pack_rows, sliding_window, takes_4d_mask, tree_attention_mask, within_window
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import DataError, read_yaml
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.losses import grouped_bt_loss
 from rlhf.models.heads import (
@@ -171,12 +170,7 @@ def read_labeler_weights(path: str | None) -> dict[str, float]:
     if path is None:
         return {}
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"reward.labeler_weights: file not found: {p}")
-    try:
-        mapping = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML reads JSON too
-    except yaml.YAMLError as e:
-        raise DataError(f"{p}: not valid JSON/YAML ({str(e).splitlines()[0]})") from None
+    mapping = read_yaml(p, "reward.labeler_weights: file", DataError)
     if not isinstance(mapping, dict) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in mapping.values()
     ):
