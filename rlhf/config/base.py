@@ -3,12 +3,21 @@ the demo data, and what every training stage shares (TrainConfig)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Precision = Literal["auto", "bf16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
+# Settings that every stage loading a model or tokenizer has, described once
+PrecisionSetting = Annotated[Precision, Field(description="auto = bf16 autocast where the hardware has it")]
+AddPadToken = Annotated[
+    bool,
+    Field(
+        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
+        "row, never attended nor sampled); false = refuse such a tokenizer"
+    ),
+]
 
 
 class Section(BaseModel):
@@ -81,7 +90,7 @@ class TrainConfig(Section):
     max_steps: int = Field(
         0, ge=0, description="train for this many optimiser steps, in place of `epochs` (0 = run all epochs)"
     )
-    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
+    precision: PrecisionSetting = "auto"
     log_every: int = Field(10, gt=0, description="log metrics every N steps")
     log_with: list[Tracker] = Field(
         default_factory=list,
@@ -104,11 +113,7 @@ class TrainConfig(Section):
         False,
         description="recompute each block's activations in the backward pass: less memory, more compute",
     )
-    add_pad_token: bool = Field(
-        True,
-        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
-        "row, never attended nor sampled); false = refuse such a tokenizer",
-    )
+    add_pad_token: AddPadToken = True
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:

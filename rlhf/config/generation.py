@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhf.config.base import Precision, Section
+from rlhf.config.base import AddPadToken, PrecisionSetting, Section
 from rlhf.judges.base import DEFAULT_REVIEW_TEMPLATE, check_review_template
 from rlhf.judges.base import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
 from rlhf.judges.base import check_template as check_judge_template
@@ -52,12 +52,8 @@ class GenerateConfig(Section):
     )
     seed: int = Field(0, description="sampling seed; same seed and batch size, same candidates")
     batch_size: int = Field(128, gt=0, description="sequences sampled together (prompts x K)")
-    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
-    add_pad_token: bool = Field(
-        True,
-        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
-        "row, never attended nor sampled); false = refuse such a tokenizer",
-    )
+    precision: PrecisionSetting = "auto"
+    add_pad_token: AddPadToken = True
 
 
 class PanelConfig(Section):
@@ -109,12 +105,8 @@ class BonConfig(Section):
     )
     seed: int = Field(0, description="sampling seed")
     batch_size: int = Field(128, gt=0, description="sequences sampled and scored together")
-    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
-    add_pad_token: bool = Field(
-        True,
-        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
-        "row, never attended nor sampled); false = refuse such a tokenizer",
-    )
+    precision: PrecisionSetting = "auto"
+    add_pad_token: AddPadToken = True
     keep_unfinished: bool = Field(
         False,
         description="write the prompts whose best answer never ended too (false: left out and counted, since "
@@ -202,12 +194,8 @@ class EvalConfig(Section):
     batch_size: int = Field(64, gt=0, description="prompts per generation batch")
     seed: int = Field(0, description="seed of sampling (policy B uses seed + 1) and of the A/B order")
     bootstrap: int = Field(2000, gt=0, description="bootstrap resamples for the win rate's 95% interval")
-    precision: Precision = Field("auto", description="auto = bf16 autocast where the hardware has it")
-    add_pad_token: bool = Field(
-        True,
-        description="give a tokenizer without PAD, or whose PAD is EOS, a new PAD token (embeddings grow by one "
-        "row, never attended nor sampled); false = refuse such a tokenizer",
-    )
+    precision: PrecisionSetting = "auto"
+    add_pad_token: AddPadToken = True
 
     @model_validator(mode="after")
     def _bon_needs_reward_model(self) -> EvalConfig:
