@@ -103,19 +103,22 @@ def grouped_bt_loss(
 
     `rewards` (N,) scores every completion in the batch once; pair p compares completion
     `chosen_idx[p]` (preferred) with `rejected_idx[p]` and belongs to group `group_idx[p]`, one group
-    per prompt's ranking. Each group's loss is the (weighted, by per-pair `weights`) mean over its
-    pairs, and the loss is the mean over groups that have pairs: a ranking of K answers gives C(K, 2)
-    pairs yet weighs as one batch element, which keeps the model from overfitting to prompts with
-    many pairs. Stats: `rm/accuracy` over all pairs.
+    per prompt's ranking. Each group's loss is the mean over its pairs, and the loss is the mean over
+    groups that have pairs: a ranking of K answers gives C(K, 2) pairs yet weighs as one batch element,
+    which keeps the model from overfitting to prompts with many pairs. Per-pair `weights` (a labeler's
+    reliability) weigh the pairs within their group and the group by their mean, so a group of weight w
+    counts w times as much as one of weight 1, whatever else is in the batch. Stats: `rm/accuracy` over
+    all pairs.
     """
     chosen = rewards[chosen_idx]  # (P,)
     rejected = rewards[rejected_idx]  # (P,)
     losses = _bt_pair_losses(chosen, rejected, margin)  # (P,)
     pair_weights = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)  # (P,)
-    group_loss = losses.new_zeros(num_groups).index_add(0, group_idx, losses * pair_weights)  # (G,)
-    group_weight = losses.new_zeros(num_groups).index_add(0, group_idx, pair_weights)  # (G,)
-    has_pairs = group_weight > 0  # (G,)
-    loss = (group_loss[has_pairs] / group_weight[has_pairs]).mean()
+    weighted = losses.new_zeros(num_groups).index_add(0, group_idx, losses * pair_weights)  # (G,)
+    n_pairs = losses.new_zeros(num_groups).index_add(0, group_idx, torch.ones_like(losses))  # (G,)
+    has_pairs = n_pairs > 0  # (G,)
+    # sum_p w_p l_p / n_pairs = (mean pair weight) * (weighted mean of the pair losses)
+    loss = (weighted[has_pairs] / n_pairs[has_pairs]).mean()
     accuracy = (chosen > rejected).float().mean()
     return loss, {"rm/accuracy": accuracy.detach()}
 

@@ -125,10 +125,17 @@ def test_grouped_bt_each_group_weighs_as_one() -> None:
 def test_grouped_bt_pair_weights_margin_and_empty_group() -> None:
     rewards, chosen, rejected, groups = _ranking_batch()
     weights = torch.tensor([1.0, 1.0, 2.0, 5.0])
-    # group 0: (nll(1) + nll(2) + 2 nll(1)) / 4; group 1 has one pair, so its weight cancels: ln 2
-    expected = ((3 * nll_sigmoid(1.0) + nll_sigmoid(2.0)) / 4 + LN2) / 2
+    # group 0: weight 4/3 (its pairs' mean) times (nll(1) + nll(2) + 2 nll(1)) / 4; group 1: 5 ln 2
+    expected = ((3 * nll_sigmoid(1.0) + nll_sigmoid(2.0)) / 3 + 5 * LN2) / 2
     loss, _ = grouped_bt_loss(rewards, chosen, rejected, groups, num_groups=3, weights=weights)
     close(loss, expected)  # group 2 has no pairs and is left out of the mean
+    # a labeler's weight counts even where all its pairs are in one group: a quarter of the loss, not the same
+    one_group = torch.tensor([0, 0, 0, 0])
+    full, _ = grouped_bt_loss(rewards, chosen, rejected, one_group, num_groups=1)
+    quarter, _ = grouped_bt_loss(
+        rewards, chosen, rejected, one_group, num_groups=1, weights=torch.full((4,), 0.25)
+    )
+    close(quarter, full / 4)
     # a margin of 1 turns group 0's gaps into 0, 1, 0 and group 1's into -1
     loss, _ = grouped_bt_loss(rewards, chosen, rejected, groups, num_groups=2, margin=1.0)
     close(loss, ((2 * LN2 + nll_sigmoid(1.0)) / 3 + nll_sigmoid(-1.0)) / 2)

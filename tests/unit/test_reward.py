@@ -126,7 +126,16 @@ def test_labeler_weights_from_yaml_or_json_and_zero_drops(tmp_path: Path, tiny_s
     examples, _ = encode_groups(to_groups(votes), tokenizer, 64, RewardConfig(default_labeler_weight=0.7),
                                 {"ann": 2.0, "bob": 0.0})  # fmt: skip
     assert [(e.labeler, e.weight) for e in examples] == [("ann", 2.0), ("cy", 0.7)]
-    assert collate(examples, tokenizer.pad_token_id).weights.tolist() == pytest.approx([2.0, 0.7])
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert batch.weights.tolist() == pytest.approx([2.0, 0.7])
+    # each labeler's group counts by its weight in the loss: ann's pair twice, cy's 0.7 times
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.5])  # ann: a 1, b 0; cy: a 0, b 0.5 (a chosen in both)
+    loss, _ = grouped_bt_loss(rewards, batch.chosen_idx, batch.rejected_idx, batch.group_idx, batch.num_groups,
+                              batch.margins, batch.weights)  # fmt: skip
+    softplus = torch.nn.functional.softplus
+    torch.testing.assert_close(
+        loss, (2.0 * softplus(torch.tensor(-1.0)) + 0.7 * softplus(torch.tensor(0.5))) / 2
+    )
 
 
 def test_length_sorted_micro_batches_cover_the_same_groups() -> None:
