@@ -157,7 +157,7 @@ def main() -> None:
                               "capabilities": capabilities(), "reps": args.reps, "iterations": args.iterations,
                               "ppo_workload": {"batch": ppo_bench.BATCH, "minibatch": ppo_bench.MINIBATCH,
                                                "epochs": ppo_bench.EPOCHS, "max_new_tokens": ppo_bench.NEW_TOKENS},
-                              "results": {}}  # fmt: skip
+                              "results": {}, "matmul_peak": {"before": peak_before}}  # fmt: skip
     saved_path = RESULTS / f"{name}.json"
     if args.keep and saved_path.exists():  # the blocks of earlier runs, each with its own settings
         saved = json.loads(saved_path.read_text())
@@ -172,7 +172,7 @@ def main() -> None:
             model, _ = build_model(size, arch=arch)
             entry: dict[str, Any] = {"arch": arch, "size": size, "params": sum(p.numel() for p in model.parameters()),
                                      "matmul_weights": ppo_bench.linear_weights(model),
-                                     "lean_path": lean_llama.supports(model),
+                                     "lean_path": not on_gpu and lean_llama.supports(model),  # the stages take it on a CPU only
                                      "iterations": args.iterations, "reps": args.reps,
                                      "load_average_before": round(os.getloadavg()[0], 1)}  # fmt: skip
             if "generation" in args.parts:
@@ -186,7 +186,6 @@ def main() -> None:
             entry["load_average_after"] = round(os.getloadavg()[0], 1)
             result["results"][key] = entry
             save_result(name, result)  # what is done so far survives an interrupted run
-    result["matmul_peak"] = {"before": peak_before}
     finish(result, matmul_peak.load_or_measure(args.device, args.threads, quick=True))
     save_result(name, result)
     print(json.dumps({k: summary(e) for k, e in result["results"].items()}, indent=1))
@@ -207,17 +206,22 @@ def title(result: dict[str, Any]) -> str:
 
 def merged(runs: list[dict[str, Any]], threads: int) -> dict[str, Any]:
     """The blocks of several runs in one result (the first's machine and settings, every command), each block's
-    MFU against the peak of its own run; a run that was interrupted against a peak measured now."""
+    MFU against the peak of its own run; a run that was interrupted against the peak it measured at its start
+    (one that saved none, against a CPU peak measured now). Merging the result again changes nothing."""
     for run in runs:
-        if "matmul_peak" not in run:
-            finish(run, matmul_peak.load_or_measure("cpu", threads), interrupted=True)
+        if "after" not in run.get("matmul_peak", {}):
+            before = run.get("matmul_peak", {}).get("before")
+            if before is None and run["machine"]["device"].startswith("cuda"):
+                sys.exit("an interrupted GPU run saved no matmul peak: its MFU cannot be computed here")
+            finish(run, before or matmul_peak.load_or_measure("cpu", threads), interrupted=True)
         mp = run["matmul_peak"]
         peaks = [mean_peak(mp["before"], mp["after"], mp["dtype"], k) for k in ("flops", "flops_cpu")]
         for entry in run["results"].values():
             entry.setdefault("iterations", run["iterations"])
             entry.setdefault("reps", run["reps"])
-            add_mfu(entry, *peaks)
-            entry["matmul_peak"] = {"flops": peaks[0], "flops_cpu": peaks[1]}
+            # a block merged before keeps the peak of the run that measured it
+            entry.setdefault("matmul_peak", {"flops": peaks[0], "flops_cpu": peaks[1]})
+            add_mfu(entry, entry["matmul_peak"]["flops"], entry["matmul_peak"]["flops_cpu"])
     out = runs[0]
     for run in runs[1:]:
         out["results"] |= run["results"]
@@ -287,7 +291,7 @@ def doc_section(result: dict[str, Any]) -> list[str]:
     lines = [
         f"CPU capabilities: torch kernels {c['torch_cpu_capability']}, flags {', '.join(c['flags'])}; precision "
         f"chosen by `precision: auto`: {c['precision']}. Matmul peak ({dtype}, 1024-2048 squares, measured in the run of "
-        f"each block, at its start and its end{' (after it, for a run that was stopped)' if mp.get('interrupted') else ''}; "
+        f"each block, at its start and its end{' (once, for a run that was stopped)' if mp.get('interrupted') else ''}; "
         "each block's in the JSON): "
         + ", ".join(f"{e['matmul_peak']['flops_cpu'] / 1e9:.0f}" for e in result["results"].values() if "matmul_peak" in e)
         + " GFLOP per CPU-second.",

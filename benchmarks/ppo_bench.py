@@ -48,11 +48,15 @@ from rlhf.config import ArchConfig, PPOConfig, SFTConfig
 from rlhf.data import demo_task
 from rlhf.models.heads import build_scalar_model, set_normalisation
 from rlhf.runs import read_metrics
+from rlhf.train.common import resolve_precision
 
 VENV = ROOT / ".bench-venvs" / "trl029"
 BATCH, MINIBATCH, MICRO, EPOCHS, NEW_TOKENS = 64, 32, 32, 2, 48
 HPARAMS = {"lr": 3e-5, "kl_coef": 0.05, "clip_eps": 0.2, "value_clip": 0.2, "vf_coef": 0.1, "gamma": 1.0,
            "lam": 0.95, "temperature": 1.0, "max_grad_norm": 1.0, "seed": 0}  # fmt: skip
+# TRL in the precision that `precision: auto` gives ours here: bf16 autocast on a GPU with it or a CPU with native
+# bf16, else fp32 (bf16 emulated on an AVX2-only CPU would slow TRL down, not the work)
+BF16 = resolve_precision("auto") == "bf16"
 
 
 def ensure_trl_venv() -> Path:
@@ -431,7 +435,7 @@ def compare(
                        "--out", str(work / f"trl-{rep}"), "--iterations", str(iterations),
                        "--hparams", json.dumps({**HPARAMS, "batch": BATCH, "minibatch": MINIBATCH,
                                                 "micro_batch": MICRO, "epochs": EPOCHS,
-                                                "max_new_tokens": NEW_TOKENS})]  # fmt: skip
+                                                "max_new_tokens": NEW_TOKENS, "bf16": BF16})]  # fmt: skip
                 try:
                     trl.append(run_worker(cmd, env))
                 except RuntimeError as e:  # e.g. a model type TRL's PPO cannot run

@@ -40,7 +40,7 @@ from rlhf.labelers.panel import Panel
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.runs import read_metrics
-from rlhf.train.common import cpu_has_bf16
+from rlhf.train.common import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".bench-venvs" / "trl1"
@@ -49,8 +49,9 @@ START, END = "<!-- reward_throughput:start -->", "<!-- reward_throughput:end -->
 ARCH = ArchConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
 MAX_LEN = 128
-# both systems in the precision the stages choose on this CPU (rlhf.train.common)
-PRECISION = "bf16" if cpu_has_bf16() else "fp32"
+# both systems in the precision the stages choose on this machine (rlhf.train.common: bf16 on a GPU with it or a CPU
+# with native bf16, else fp32)
+PRECISION = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
 GRAD_ACCUM = 4
 ENV = dict(os.environ)  # the threads setting (--threads) is added in main()
 

@@ -71,7 +71,7 @@ def main() -> None:
         kl_coef=h["kl_coef"], kl_estimator="k1", cliprange=h["clip_eps"], cliprange_value=h["value_clip"],
         vf_coef=h["vf_coef"], gamma=h["gamma"], lam=h["lam"], temperature=h["temperature"], missing_eos_penalty=None,
         stop_token="eos", max_grad_norm=h["max_grad_norm"], adam_beta2=0.999, weight_decay=0.0, seed=h["seed"],
-        bf16=True, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, num_sample_generations=0,
+        bf16=h["bf16"], use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=1, num_sample_generations=0,
         dataloader_num_workers=0,
     )  # fmt: skip
     clock = Clock()

@@ -9,6 +9,7 @@ import argparse
 import json
 import tempfile
 
+import torch
 import trl
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -35,7 +36,7 @@ def main() -> None:
             output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
             gradient_accumulation_steps=args.grad_accum,
             learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.01,
-            max_grad_norm=1.0, bf16=args.bf16, use_cpu=True, report_to="none", save_strategy="no",
+            max_grad_norm=1.0, bf16=args.bf16, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
             logging_steps=10_000, max_length=args.max_length, disable_dropout=True, disable_tqdm=True,
             dataloader_num_workers=0, seed=0,
         )  # fmt: skip
