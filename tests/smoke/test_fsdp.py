@@ -1,10 +1,11 @@
 """FSDP2 (`fsdp: true`) on two CPU processes (gloo): SFT, reward, PPO (full and LoRA) and DPO follow the losses
-of the unsharded runs, and their checkpoints are whole models that load into one process and `rlhf serve`.
+of one unsharded process at the same global batch, and their checkpoints are whole models that load into one
+process and `rlhf serve`.
 
-Each side is one `accelerate launch` that runs all the stages (tests/smoke/stages_main.py), to pay the start-up
-of two processes once. SFT, reward and PPO are also compared with one process at the same global batch: PPO
-draws each answer from a stream named by its place in the global batch and updates on minibatches of one
-global permutation, so one process draws the same answers as two and takes the same steps.
+The sharded side is one `accelerate launch` that runs all the stages (tests/smoke/stages_main.py), to pay the
+start-up of two processes once. PPO draws each answer from a stream named by its place in the global batch and
+updates on minibatches of one global permutation, so one process draws the same answers as two and takes the
+same steps. Two unsharded (DDP) processes against one: tests/smoke/test_stages.py and test_dpo.py.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from rlhf.config import PanelConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhf.config import PanelConfig, RewardConfig, SFTConfig
 from rlhf.data.preferences import write_preferences
 from rlhf.labelers.panel import Panel, label_offline
 from rlhf.models.loading import load_causal_lm
 from rlhf.runs import read_metrics
 from rlhf.serve.main import create_app
 from rlhf.serve.settings import Settings
-from rlhf.stages import ppo, reward, sft
+from rlhf.stages import reward, sft
 from tests.cli import launch_two
+from tests.smoke.stages_main import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 LOSSES = {"sft": ["sft/loss"], "rm": ["rm/loss", "rm/accuracy"], "dpo": ["dpo/loss"],
@@ -63,18 +65,20 @@ def runs(
     tmp_path_factory: pytest.TempPathFactory, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path,
     demo_candidates: list[dict[str, Any]],
 ) -> dict[str, Path]:  # fmt: skip
-    """{"fsdp", "ddp"}: run directories of every stage on two processes, sharded and not; "votes": the labels."""
+    """{"fsdp": run directories of every stage sharded over two processes, "one": the same stages on this one
+    process at the same global batch, "votes": the labels}."""
     root = tmp_path_factory.mktemp("fsdp")
     votes = root / "votes.jsonl"
     write_preferences(votes, label_offline(demo_candidates[:40], Panel.from_config(PanelConfig())))
     models = {"sft": tiny_sft_model, "rm": tiny_reward_model}
-    for name, fsdp in (("fsdp", True), ("ddp", False)):
-        spec = root / f"{name}.json"
-        spec.write_text(json.dumps(stage_configs(root / name, fsdp, models, demo_data, votes)))
-        cmd = launch_two("-m", "tests.smoke.stages_main", str(spec))
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"fsdp": root / "fsdp", "ddp": root / "ddp", "votes": votes, "root": root}
+    spec = root / "fsdp.json"
+    spec.write_text(json.dumps(stage_configs(root / "fsdp", True, models, demo_data, votes)))
+    proc = subprocess.run(launch_two("-m", "tests.smoke.stages_main", str(spec)), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage, fields in stage_configs(root / "one", False, models, demo_data, votes):
+        STAGES[stage][1](STAGES[stage][0](**fields), quiet=True)
+    return {"fsdp": root / "fsdp", "one": root / "one", "votes": votes, "root": root}
 
 
 def curve(run: Path, key: str) -> list[float]:
@@ -82,36 +86,14 @@ def curve(run: Path, key: str) -> list[float]:
 
 
 @pytest.mark.parametrize("stage", sorted(LOSSES))
-def test_sharded_stage_follows_the_unsharded_losses(runs: dict[str, Path], stage: str) -> None:
-    for key in LOSSES[stage]:
-        sharded, unsharded = curve(runs["fsdp"] / stage, key), curve(runs["ddp"] / stage, key)
-        assert len(sharded) == len(unsharded) >= 2
-        assert sharded == pytest.approx(unsharded, rel=1e-4, abs=1e-5), key
-
-
-def test_sharded_sft_and_reward_follow_one_process(
-    runs: dict[str, Path], tiny_sft_model: Path, demo_data: Path
-) -> None:
-    configs = dict(stage_configs(runs["root"] / "one", False, {"sft": tiny_sft_model, "rm": tiny_sft_model},
-                                 demo_data, runs["votes"])[:2])  # fmt: skip
-    sft.run(SFTConfig(**configs["sft"]), quiet=True)
-    reward.run(RewardConfig(**configs["reward"]), quiet=True)
-    for stage, key in (("sft", "sft/loss"), ("rm", "rm/loss"), ("rm", "rm/accuracy")):
-        one = curve(runs["root"] / "one" / stage, key)
-        assert curve(runs["fsdp"] / stage, key) == pytest.approx(one, rel=1e-4, abs=1e-5)
-
-
-def test_sharded_ppo_follows_one_process(runs: dict[str, Path], tiny_sft_model: Path, tiny_reward_model: Path,
-                                        demo_data: Path) -> None:  # fmt: skip
-    """Full and LoRA: two iterations on one process, the same global batch, the same losses and rewards."""
-    models = {"sft": tiny_sft_model, "rm": tiny_reward_model}
-    for _, config in stage_configs(runs["root"] / "one", False, models, demo_data, runs["votes"])[2:4]:
-        ppo.run(PPOConfig(**config), quiet=True)
-    for stage in ("ppo", "ppo_lora"):
-        for key in (*LOSSES[stage], "ppo/reward", "ppo/response_length"):
-            one = curve(runs["root"] / "one" / stage, key)
-            assert len(one) == 2, key
-            assert curve(runs["fsdp"] / stage, key) == pytest.approx(one, rel=1e-4, abs=1e-5), (stage, key)
+def test_sharded_stage_follows_one_process(runs: dict[str, Path], stage: str) -> None:
+    """SFT, reward, DPO and PPO (full and LoRA): the same losses (and PPO's rewards and answer lengths) step by
+    step as one process at the same global batch."""
+    keys = [*LOSSES[stage], *(("ppo/reward", "ppo/response_length") if stage.startswith("ppo") else ())]
+    for key in keys:
+        sharded, one = curve(runs["fsdp"] / stage, key), curve(runs["one"] / stage, key)
+        assert len(sharded) == len(one) >= 2, key
+        assert sharded == pytest.approx(one, rel=1e-4, abs=1e-5), key
 
 
 def test_sharded_checkpoints_are_whole_models(runs: dict[str, Path], tiny_sft_model: Path) -> None:
@@ -124,12 +106,12 @@ def test_sharded_checkpoints_are_whole_models(runs: dict[str, Path], tiny_sft_mo
     ):
         sharded, unsharded = (
             load_causal_lm(str(runs["fsdp"] / stage)),
-            load_causal_lm(str(runs["ddp"] / stage)),
+            load_causal_lm(str(runs["one"] / stage)),
         )
         a, b = sharded.state_dict(), unsharded.state_dict()
         assert a.keys() == b.keys()
         # Adam moves a weight by about lr per step whatever its gradient's size: where a gradient is near 0, a
-        # different summation order (reduce-scatter vs all-reduce) can move it by a fraction of lr (1e-3)
+        # different summation order (reduce-scatter vs one process's sum) can move it by a fraction of lr (1e-3)
         assert all(torch.allclose(a[k], b[k], atol=2e-4) for k in a), stage
     # the trained LoRA adapter was merged into the weights: they moved away from the SFT model's
     merged = load_causal_lm(str(runs["fsdp"] / "ppo_lora/final")).state_dict()
@@ -167,5 +149,5 @@ def test_gradient_checkpointing_gives_the_same_losses(
     fields = dict(stage_configs(runs["root"] / "ckpt", False, {"sft": tiny_sft_model, "rm": tiny_sft_model},
                                 demo_data, runs["votes"])[:1])["sft"]  # fmt: skip
     sft.run(SFTConfig(**fields | {"gradient_checkpointing": True}), quiet=True)
-    expected = curve(runs["ddp"] / "sft", "sft/loss")  # the same global batch on two processes
+    expected = curve(runs["one"] / "sft", "sft/loss")  # the same global batch without checkpointing
     assert curve(runs["root"] / "ckpt" / "sft", "sft/loss") == pytest.approx(expected, rel=1e-4, abs=1e-5)
