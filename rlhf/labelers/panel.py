@@ -175,7 +175,8 @@ def label_offline(
     rows: Iterable[dict[str, Any]], panel: Panel, pairs_per_prompt: int = 0
 ) -> list[PairwiseVote]:
     """Votes on candidate rows as labelers in the app would give them: one member per prompt (like one
-    comparison task) judges all C(K,2) pairs of its answers, or `pairs_per_prompt` of them drawn by the seed.
+    comparison task) judges all C(K,2) pairs of its answers (the pairs the row names, where it names them, as
+    the app's importer takes them), or `pairs_per_prompt` of them drawn by the seed.
 
     Each vote's meta keeps the prompt id, whether each answer ended with EOS and the policies that wrote them,
     so that evaluation can judge the same answers the panel saw.
@@ -184,7 +185,10 @@ def label_offline(
     for n, row in enumerate(rows):
         prompt, completions = row["prompt"], row["completions"]
         prompt_id = str(row.get("prompt_id", n))
-        pairs = list(itertools.combinations(range(len(completions)), 2))
+        named = row.get("pairs")
+        pairs = (
+            [(i, j) for i, j in named] if named else list(itertools.combinations(range(len(completions)), 2))
+        )
         if 0 < pairs_per_prompt < len(pairs):
             pairs = sorted(_rng(panel.seed, "pairs", prompt_id).sample(pairs, pairs_per_prompt))
         member = panel.member(None, prompt_id)

@@ -129,3 +129,11 @@ def test_agreement_skips_ties_and_gold_equal_pairs() -> None:
     ]
     agreement = agreement_with_gold(votes)
     assert (agreement.agree, agreement.n) == (2, 3)
+
+
+def test_offline_labels_judge_the_pairs_a_row_names(demo_candidates: list[dict[str, Any]]) -> None:
+    row = next(r for r in demo_candidates if len({c["text"] for c in r["completions"]}) >= 3)
+    texts = [c["text"] for c in row["completions"]]
+    votes = label_offline([row | {"pairs": [[0, 2]]}], Panel.from_config(PanelConfig()))
+    assert [(v.completion_a, v.completion_b) for v in votes] == [(texts[0], texts[2])]
+    assert len(label_offline([row], Panel.from_config(PanelConfig()))) == len(texts) * (len(texts) - 1) // 2
