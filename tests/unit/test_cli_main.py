@@ -1,4 +1,4 @@
-"""rlhf/cli.py main(): how the command line ends on user errors and on Ctrl-C."""
+"""rlhf.cli.main(): how the command line ends on user errors and on Ctrl-C; a closing line on one process only."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import typer
 
 from rlhf import cli
+from rlhf.cli.common import summary
 from rlhf.errors import ConfigError
 
 
@@ -49,5 +50,5 @@ def test_a_training_stages_closing_line_is_printed_by_the_main_process_only(
         monkeypatch.delenv("RANK", raising=False)
     else:
         monkeypatch.setenv("RANK", rank)
-    cli._summary("sft: held-out response loss 0.1234; model in runs/sft/final")
+    summary("sft: held-out response loss 0.1234; model in runs/sft/final")
     assert (capsys.readouterr().out != "") is printed

@@ -190,7 +190,7 @@ def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_b
 
 
 def test_the_round_line_names_what_the_votes_trained() -> None:
-    from rlhf.cli import _round_line
+    from rlhf.cli.loop import round_line
 
     metrics = {"win_rate_vs_sft": 0.6875, "ci95": [0.4375, 0.875], "reward_model_votes": 40}
     ppo = PolicyVersion(
@@ -199,11 +199,11 @@ def test_the_round_line_names_what_the_votes_trained() -> None:
     dpo = PolicyVersion(
         loop_id=1, name="r1", round=1, parent="sft", reward_model=None, path="p", metrics=metrics
     )
-    assert _round_line(ppo) == (
+    assert round_line(ppo) == (
         "round 1: policy r1, gold win rate vs SFT 0.688 [0.438, 0.875], reward model trained on 40 votes"
     )
-    assert _round_line(dpo).endswith("[0.438, 0.875], online DPO on 40 votes")
+    assert round_line(dpo).endswith("[0.438, 0.875], online DPO on 40 votes")
     # the win rate is named after the judge that measured it, not always gold
     judged = PolicyVersion(loop_id=1, name="r1", round=1, parent="sft", reward_model="rm-r1", path="p",
                            metrics={**metrics, "judge": "reward_model"})  # fmt: skip
-    assert _round_line(judged).startswith("round 1: policy r1, reward_model win rate vs SFT 0.688")
+    assert round_line(judged).startswith("round 1: policy r1, reward_model win rate vs SFT 0.688")

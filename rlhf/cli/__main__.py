@@ -1,0 +1,5 @@
+"""`python -m rlhf.cli ...`, as `accelerate launch -m rlhf.cli` and torchrun run it."""
+
+from rlhf.cli import main
+
+main()
