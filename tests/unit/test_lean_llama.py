@@ -18,7 +18,6 @@ from rlhf.models.heads import backbone
 from rlhf.models.loading import build_causal_lm
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.train.common import lean_forward
-from tests.cpu import needs_native_bf16
 
 ARCH = ArchConfig(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -91,7 +90,6 @@ def test_hidden_states_and_gradients_match_transformers(lean_model, packed: bool
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-@needs_native_bf16
 @torch.no_grad()
 def test_bf16_autocast_is_as_close_to_fp32_as_transformers(lean_model) -> None:
     gqa_model = lean_model
