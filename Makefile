@@ -15,10 +15,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-compile "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q --no-compile -e ".[test]"
-	@# bytecode on every core at once (pip writes it file by file); a file that does not compile is left to import
-	$(BIN)/python -m compileall -q -j 0 $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))") >/dev/null || true
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 demo: setup
@@ -40,12 +38,16 @@ typecheck: setup
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
-# The suite runs on every core (pytest-xdist), a test file to a worker so that module fixtures are built once.
-# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set, every process the tests start (the
-# labeling server, the CLI) would otherwise compile the package again.
-test: setup chromium postgres lint typecheck
+# The suite runs on every core (pytest-xdist), a test file to a worker so that module fixtures are built once;
+# the type check (one process, under a minute) runs beside it, in the time the suite's workers wait on the
+# processes and servers its tests start. Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set,
+# every process the tests start (the labeling server, the CLI) would otherwise compile the package again.
+test: setup chromium postgres lint
 	$(BIN)/python -m compileall -q rlhf
-	$(BIN)/pytest -q -p no:cacheprovider -n auto --dist loadfile tests
+	@log=$$(mktemp); $(BIN)/mypy rlhf >$$log 2>&1 & typecheck=$$!; \
+	$(BIN)/pytest -q -p no:cacheprovider -n auto --dist loadfile tests; tests=$$?; \
+	wait $$typecheck; typed=$$?; echo "mypy rlhf:"; cat $$log; rm -f $$log; \
+	[ $$tests -eq 0 ] && [ $$typed -eq 0 ]
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
