@@ -38,16 +38,12 @@ typecheck: setup
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
-# The suite runs on every core (pytest-xdist), a test file to a worker so that module fixtures are built once;
-# the type check (one process, under a minute) runs beside it, in the time the suite's workers wait on the
-# processes and servers its tests start. Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set,
-# every process the tests start (the labeling server, the CLI) would otherwise compile the package again.
-test: setup chromium postgres lint
+# The suite runs on every core (pytest-xdist), a test file to a worker so that module fixtures are built once.
+# Bytecode is compiled once here: where PYTHONDONTWRITEBYTECODE is set, every process the tests start (the
+# labeling server, the CLI) would otherwise compile the package again.
+test: setup chromium postgres lint typecheck
 	$(BIN)/python -m compileall -q rlhf
-	@log=$$(mktemp); $(BIN)/mypy rlhf >$$log 2>&1 & typecheck=$$!; \
-	$(BIN)/pytest -q -p no:cacheprovider -n auto --dist loadfile tests; tests=$$?; \
-	wait $$typecheck; typed=$$?; echo "mypy rlhf:"; cat $$log; rm -f $$log; \
-	[ $$tests -eq 0 ] && [ $$typed -eq 0 ]
+	$(BIN)/pytest -q -p no:cacheprovider -n auto --dist loadfile tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
