@@ -24,7 +24,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.wrappers import Actor
 from rlhf.runs import read_metrics
 from rlhf.stages import dpo
-from tests.cli import launch_two
+from tests.cli import launch_two, run_cli
 from tests.smoke.test_ppo import max_change
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,9 +239,7 @@ def test_killed_run_resumes_to_the_same_result(
     proc.wait()
     assert not (tmp_path / "run" / "final").exists()
 
-    result = subprocess.run(
-        [*cmd, "--resume"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_cli("dpo", "-q", "-c", str(config_file), "--resume")  # in this process: no second start-up
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in expected]
