@@ -89,7 +89,7 @@ def gateway(
     """
     import uvicorn
 
-    from rlhf.serve.gateway import ENV_PREFIX, GatewaySettings, create_app
+    from rlhf.serve.gateway import GatewaySettings, create_app
 
     settings = GatewaySettings.from_env(
         upstream=upstream, feedback_db=feedback_db, ab_rate=ab_rate, candidate_model=candidate_model,
@@ -100,7 +100,7 @@ def gateway(
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
         return
     for name, value in settings.model_dump(exclude_none=True).items():  # each worker reads the environment
-        os.environ[ENV_PREFIX + name.upper()] = str(value)
+        os.environ[GatewaySettings.env_prefix + name.upper()] = str(value)
     uvicorn.run(
         "rlhf.serve.gateway:app", host=host, port=port, workers=workers, log_level=log_level, access_log=False
     )

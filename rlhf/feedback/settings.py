@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field
 
-from rlhf.errors import ConfigError
-
-ENV_PREFIX = "RLHF_LABEL_"
+from rlhf.config.env import EnvSettings
 
 
-class Settings(BaseModel):
+class Settings(EnvSettings):
     """Every field can be set by an environment variable named RLHF_LABEL_<FIELD> (upper case)."""
 
-    model_config = {"frozen": True}
+    env_prefix: ClassVar[str] = "RLHF_LABEL_"
+    label: ClassVar[str] = "label"
 
     db: str = Field("sqlite:///feedback.db", description="Database URL: sqlite:///FILE or postgresql://...")
     secret: str | None = Field(
@@ -62,19 +60,3 @@ class Settings(BaseModel):
         description="Server processes sharing this store (set by `rlhf label serve --workers`)",
     )
     migrate_on_start: bool = Field(True, description="Run the Alembic migrations when the server starts")
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> Settings:
-        """Settings from RLHF_LABEL_* variables; keyword overrides that are not None win."""
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            env = os.environ.get(ENV_PREFIX + name.upper())
-            if env is not None:
-                values[name] = env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(values)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"label setting {field} ({ENV_PREFIX}{field.upper()}): {err['msg']}") from None

@@ -13,9 +13,9 @@ running batch to finish (static batching).
 The scheduling stays here: admission, per-row sampling parameters, stop ids and strings, streaming and
 cancellation; the log-probs of the rows that ask are kept and reported by rlhf.serve.logprobs.
 
-Requests talk to the worker through `Sequence` objects: `submit` queues them, the worker calls each one's
-`emit` with `Delta`s (from its own thread: the callback must be thread-safe), and a request that goes
-away sets `cancelled`, which frees its row at the next step.
+Requests talk to the worker through `Sequence` objects (rlhf.serve.sequence): `submit` queues them, the
+worker calls each one's `emit` with `Delta`s (from its own thread: the callback must be thread-safe), and a
+request that goes away sets `cancelled`, which frees its row at the next step.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -38,77 +36,15 @@ from rlhf.engine import decode_cache
 from rlhf.engine.decode_batch import DecodeBatch
 from rlhf.engine.decode_cache import DecodeStep
 from rlhf.engine.decoding import left_pad, never_sampled
-from rlhf.engine.sampling import RowSampling, RowStreams, sample, stream_keys
+from rlhf.engine.sampling import RowSampling, RowStreams, sample
 from rlhf.models.loading import context_length
 from rlhf.models.tokens import stop_ids
 from rlhf.serve import metrics
-from rlhf.serve.detokenize import IncrementalText, decode
-from rlhf.serve.logprobs import ChoiceLogprobs, TokenLogprob, sampled_logprobs
+from rlhf.serve.detokenize import decode
+from rlhf.serve.logprobs import TokenLogprob, sampled_logprobs
+from rlhf.serve.sequence import Delta, Overloaded, Sequence, leading_space, safe_length
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RowParams:
-    """How one choice is sampled (the OpenAI request's parameters, resolved)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    # chat: the answer is shown without its leading whitespace, so no stop string is looked for in it
-    skip_leading_space: bool = False
-    # report each token's log-prob and this many likeliest alternatives; None = off
-    logprobs: int | None = None
-
-
-@dataclass
-class Delta:
-    """What a sequence reports: new text; at the end, also why it stopped and how many tokens it made."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" | None while running
-    completion_tokens: int = 0
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # rows that ask: the tokens whose text this delta completes
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One choice being generated, and the state the worker keeps for it."""
-
-    prompt_ids: list[int]
-    params: RowParams
-    index: int
-    emit: Callable[[Delta], None]
-    stream: bool = False
-    cancelled: bool = False
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far (streaming, stop strings or logprobs only), cut at a stop string
-    detokenizer: IncrementalText = field(default_factory=IncrementalText)  # decodes `text` token by token
-    sent: int = 0  # characters of `text` already emitted
-    decoded: int = 0  # characters the tokens decode to, before any cut
-    cut: bool = False  # the text was cut at a stop string
-    logprobs: ChoiceLogprobs = field(default_factory=ChoiceLogprobs)  # one per token (rows that ask)
-    finish_reason: str | None = None
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    stream_key: int | None = None  # the key of the random stream of its tokens; from the seed, if any
-
-    def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.stream_key = int(stream_keys(self.params.seed))
-
-    @property
-    def tracks_text(self) -> bool:
-        """Whether its text is decoded at every token: to stream it, find stop strings or place logprobs."""
-        return self.stream or bool(self.params.stop) or self.params.logprobs is not None
-
-
-class Overloaded(Exception):
-    """The queue is full; the request should be retried later."""
 
 
 @dataclass
@@ -368,7 +304,7 @@ class Engine:
                     Delta(seq.index, text, seq.finish_reason, len(seq.tokens), logprobs=self._report(seq)),
                 )
             elif seq.stream:
-                ready = _safe_length(seq.text, seq.params.stop)
+                ready = safe_length(seq.text, seq.params.stop)
                 if ready > seq.sent:
                     self._emit(
                         seq, Delta(seq.index, seq.text[seq.sent : ready], logprobs=self._report(seq, ready))
@@ -395,7 +331,7 @@ class Engine:
         kept = seq.detokenizer.kept
         begins = kept + len(os.path.commonprefix([old[kept:], seq.text[kept:]]))
         seq.decoded = len(seq.text)
-        start = _leading_space(seq.text) if seq.params.skip_leading_space else 0
+        start = leading_space(seq.text) if seq.params.skip_leading_space else 0
         # a stop string found now has a character at or past `begins`: the text before it was searched already
         found = (seq.text.find(s, max(start, begins - len(s) + 1)) for s in seq.params.stop)
         cut = min((i for i in found if i >= 0), default=-1)
@@ -436,27 +372,6 @@ class Engine:
         if elapsed >= 1.0:
             metrics.TOKENS_PER_SECOND.labels(self.name).set(self._window_tokens / elapsed)
             self._window_start, self._window_tokens = time.perf_counter(), 0
-
-
-def _safe_length(text: str, stops: tuple[str, ...]) -> int:
-    """How much of a running sequence's text can be sent: not a trailing partial character (U+FFFD from
-    half a UTF-8 byte sequence), nor a tail that may grow into a stop string."""
-    end = len(text)
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[end - k : end] == stop[:k]:
-                hold = max(hold, k)
-                break
-    return end - hold
-
-
-def _leading_space(text: str) -> int:
-    """How many whitespace characters `text` starts with (as `str.lstrip` strips them), without copying it."""
-    match = re.match(r"\s*", text)
-    return match.end() if match else 0
 
 
 def _decode_step(model: PreTrainedModel, context: int) -> DecodeStep | None:

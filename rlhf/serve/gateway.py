@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 import uuid
@@ -30,76 +29,21 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
 from starlette.background import BackgroundTask
 
 from rlhf import __version__
-from rlhf.errors import ConfigError
 from rlhf.serve import metrics
 from rlhf.serve.errors import APIError, add_error_handlers, error_body
 from rlhf.serve.feedback import AB_HEADER, Answer, FeedbackStore, save_ab_async
 from rlhf.serve.middleware import BodySizeLimit
 from rlhf.serve.routers import feedback
 from rlhf.serve.schemas import SSE_DONE, SSE_HEADERS, sse
+from rlhf.serve.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-ENV_PREFIX = "RLHF_GATEWAY_"
 # what a request's answer keeps of the upstream's headers (hop-by-hop and length ones are the server's)
 PASSED_HEADERS = ("content-type", "x-request-id", "openai-processing-ms")
-
-
-class GatewaySettings(BaseModel):
-    """Every field can be set by an environment variable named RLHF_GATEWAY_<FIELD> (upper case)."""
-
-    model_config = {"frozen": True}
-
-    upstream: str = Field("http://127.0.0.1:8000/v1", description="The engine's OpenAI API base URL (…/v1)")
-    candidate_model: str | None = Field(
-        None, description="Model id of the candidate side of A/B pairs; unset: the requested model twice"
-    )
-    candidate_upstream: str | None = Field(
-        None, description="Base URL of the engine serving the candidate (default: the upstream)"
-    )
-    upstream_api_key: str | None = Field(
-        None, description="Bearer key sent upstream; unset: the client's Authorization header passes through"
-    )
-    feedback_db: str | None = Field(
-        None, description="Feedback store URL for A/B pairs and votes; unset = off"
-    )
-    feedback_project: str = Field("production", description="Project of the store holding the A/B pairs")
-    ab_rate: float = Field(
-        0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
-    )
-    feedback_per_minute: int = Field(
-        30,
-        ge=0,
-        description="Limit on new A/B votes per minute, per end user and per client address; 0 = off",
-    )
-    host: str = Field("127.0.0.1", description="Interface to listen on")
-    port: int = Field(8080, ge=0, le=65535, description="TCP port")
-    timeout_s: float = Field(600.0, gt=0, description="Longest wait for an upstream answer (or stream chunk)")
-    max_connections: int = Field(512, ge=1, description="Most pooled connections to each upstream")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 beyond)")
-    seed: int | None = Field(None, description="Seed of the A/B draws (unset: random)")
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> GatewaySettings:
-        """Settings from RLHF_GATEWAY_* variables; keyword overrides that are not None win."""
-        values: dict[str, Any] = {n: os.environ[ENV_PREFIX + n.upper()] for n in cls.model_fields
-                                  if ENV_PREFIX + n.upper() in os.environ}  # fmt: skip
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            settings = cls.model_validate(values)
-        except ValidationError as e:
-            err = e.errors()[0]
-            name = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"gateway setting {name} ({ENV_PREFIX}{name.upper()}): {err['msg']}") from None
-        if settings.ab_rate > 0 and not settings.feedback_db:
-            raise ConfigError(
-                "gateway: --ab-rate > 0 needs --feedback-db (A/B votes go to the feedback store)"
-            )
-        return settings
 
 
 @dataclass

@@ -18,7 +18,6 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.serve import metrics
 from rlhf.serve.deps import ServeState
-from rlhf.serve.engine import Delta, Overloaded, RowParams, Sequence
 from rlhf.serve.errors import APIError
 from rlhf.serve.feedback import AB, AB_HEADER, Answer, save_ab_async
 from rlhf.serve.logprobs import TokenLogprob
@@ -30,6 +29,7 @@ from rlhf.serve.schemas import (
     TokenLogprobOut,
     TopLogprob,
 )
+from rlhf.serve.sequence import Delta, Overloaded, RowParams, Sequence
 
 log = logging.getLogger(__name__)
 

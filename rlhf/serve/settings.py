@@ -1,24 +1,25 @@
-"""Settings of the model server, read from the environment (RLHF_SERVE_<FIELD>), overridable in code.
+"""Settings of the model server (RLHF_SERVE_<FIELD>) and of the A/B feedback gateway (RLHF_GATEWAY_<FIELD>), read
+from the environment, overridable in code.
 
-`rlhf serve` passes its options as overrides; `uvicorn rlhf.serve.main:app` reads only the environment.
+`rlhf serve` and `rlhf gateway` pass their options as overrides; `uvicorn rlhf.serve.main:app` reads only the
+environment.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from rlhf.errors import ConfigError
-
-ENV_PREFIX = "RLHF_SERVE_"
+from rlhf.config.env import EnvSettings
 
 
-class Settings(BaseModel):
-    """Every field can be set by an environment variable named RLHF_SERVE_<FIELD> (upper case)."""
+class Settings(EnvSettings):
+    """The model server's (`rlhf serve`): every field can be set by an environment variable named
+    RLHF_SERVE_<FIELD> (upper case)."""
 
-    model_config = {"frozen": True}
+    env_prefix: ClassVar[str] = "RLHF_SERVE_"
+    label: ClassVar[str] = "serve"
 
     model_dir: str = Field(
         "runs/demo/sft/final",
@@ -72,19 +73,47 @@ class Settings(BaseModel):
             raise ValueError("ab_rate > 0 needs feedback_db: A/B votes are written to the feedback store")
         return self
 
-    @classmethod
-    def from_env(cls, **overrides: Any) -> Settings:
-        """Settings from RLHF_SERVE_* variables; keyword overrides that are not None win."""
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            env = os.environ.get(ENV_PREFIX + name.upper())
-            if env is not None:
-                values[name] = env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(values)
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            where = f"serve setting {field} ({ENV_PREFIX}{field.upper()})" if field else "serve settings"
-            raise ConfigError(f"{where}: {err['msg']}") from None
+
+class GatewaySettings(EnvSettings):
+    """The A/B feedback gateway's (`rlhf gateway`): every field can be set by an environment variable named
+    RLHF_GATEWAY_<FIELD> (upper case)."""
+
+    env_prefix: ClassVar[str] = "RLHF_GATEWAY_"
+    label: ClassVar[str] = "gateway"
+
+    upstream: str = Field("http://127.0.0.1:8000/v1", description="The engine's OpenAI API base URL (…/v1)")
+    candidate_model: str | None = Field(
+        None, description="Model id of the candidate side of A/B pairs; unset: the requested model twice"
+    )
+    candidate_upstream: str | None = Field(
+        None, description="Base URL of the engine serving the candidate (default: the upstream)"
+    )
+    upstream_api_key: str | None = Field(
+        None, description="Bearer key sent upstream; unset: the client's Authorization header passes through"
+    )
+    feedback_db: str | None = Field(
+        None, description="Feedback store URL for A/B pairs and votes; unset = off"
+    )
+    feedback_project: str = Field("production", description="Project of the store holding the A/B pairs")
+    ab_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
+    )
+    feedback_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Limit on new A/B votes per minute, per end user and per client address; 0 = off",
+    )
+    host: str = Field("127.0.0.1", description="Interface to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port")
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for an upstream answer (or stream chunk)")
+    max_connections: int = Field(512, ge=1, description="Most pooled connections to each upstream")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 beyond)")
+    seed: int | None = Field(None, description="Seed of the A/B draws (unset: random)")
+
+    @model_validator(mode="after")
+    def _ab_needs_store(self) -> GatewaySettings:
+        if self.ab_rate > 0 and not self.feedback_db:
+            raise ValueError(
+                "ab_rate > 0 needs feedback_db (--feedback-db): A/B votes go to the feedback store"
+            )
+        return self

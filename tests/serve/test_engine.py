@@ -24,7 +24,8 @@ from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.engine.sampling import stream_keys
 from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
 from rlhf.models.tokens import stop_ids
-from rlhf.serve.engine import Delta, Engine, RowParams, Sequence
+from rlhf.serve.engine import Engine
+from rlhf.serve.sequence import Delta, RowParams, Sequence
 from tests.archs import save_tiny
 
 PROMPTS = [

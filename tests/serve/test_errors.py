@@ -315,8 +315,8 @@ def test_a_full_queue_is_a_429_that_says_when_to_retry() -> None:
     and the answer carries Retry-After, as every 429 of the server does."""
     from types import SimpleNamespace
 
-    from rlhf.serve.engine import Overloaded, RowParams
     from rlhf.serve.errors import APIError
+    from rlhf.serve.sequence import Overloaded, RowParams
     from rlhf.serve.service import ChoiceRun, ChoiceSpec
 
     class FullAfterOne:

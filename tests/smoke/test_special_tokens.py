@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.config import GenerateConfig, PPOConfig, SFTConfig
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.serve.engine import Engine, RowParams, Sequence
+from rlhf.serve.engine import Engine
+from rlhf.serve.sequence import RowParams, Sequence
 from rlhf.serve.settings import Settings
 from rlhf.stages import generate, ppo, sft
 from tests.archs import rigged, save_tiny
