@@ -32,7 +32,8 @@ from rlhf.feedback.errors import Conflict, FeedbackError
 from rlhf.feedback.metrics import VOTE_BATCH
 from rlhf.feedback.models import User
 from rlhf.feedback.schemas import VoteIn
-from rlhf.feedback.votes import Recorded, record_vote, settle, write_vote, write_votes
+from rlhf.feedback.vote_batch import write_votes
+from rlhf.feedback.votes import Recorded, record_vote, settle, write_vote
 
 log = logging.getLogger(__name__)
 
