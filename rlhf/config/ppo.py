@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -75,6 +76,22 @@ class PPOConfig(TrainConfig):
     ensemble_penalty: float = Field(
         0.0, ge=0, description="weight of the reward models' disagreement (std) taken off the score"
     )
+    safety_reward_model: str | None = Field(
+        None,
+        description="a second reward model, for safety (Llama 2's two reward models): it alone scores the answers "
+        "to the prompts safety_prompts match (and, with safety_threshold, any answer it scores below that); "
+        "reward_model (and reward_ensemble) the rest",
+    )
+    safety_prompts: list[str] = Field(
+        [],
+        description="regular expressions searched in each prompt's text (chat template included), case-"
+        "insensitively: a prompt one of them matches is scored by safety_reward_model",
+    )
+    safety_threshold: float | None = Field(
+        None,
+        description="an answer to any prompt that safety_reward_model scores below this is scored by it "
+        "(unset = routed by the prompt only)",
+    )
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
         "k1",
@@ -146,6 +163,19 @@ class PPOConfig(TrainConfig):
             )
         if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator} needs samples_per_prompt >= 2")
+        if self.safety_reward_model and not (self.safety_prompts or self.safety_threshold is not None):
+            raise ValueError("safety_reward_model needs safety_prompts or safety_threshold (what it scores)")
+        if (self.safety_prompts or self.safety_threshold is not None) and not self.safety_reward_model:
+            raise ValueError(
+                "safety_prompts and safety_threshold need safety_reward_model (where they route)"
+            )
+        for n, pattern in enumerate(self.safety_prompts):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(
+                    f"safety_prompts.{n}: {pattern!r} is not a regular expression: {e}"
+                ) from None
         if self.kl_in == "loss" and self.kl_estimator == "k1":
             raise ValueError(
                 "kl_in 'loss' needs kl_estimator k2 or k3 (k1's gradient is zero in expectation)"

@@ -5,6 +5,7 @@ one score at each sequence's last token; and loading PPO's policy, reference, cr
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -251,6 +252,55 @@ class RewardEnsemble(torch.nn.Module):
         scores = torch.stack([m(lay) for m in self.members])  # (M, B)
         self.last_std = scores.std(0, unbiased=False)  # (B,)
         return scores.mean(0) - self.penalty * self.last_std
+
+
+class SafetyRouted(torch.nn.Module):
+    """Two reward models as one score, as Llama 2 combines its helpfulness and safety reward models (Touvron et
+    al. 2023, section 3.2.2): the safety model's score for the answers to prompts tagged as safety-relevant, and
+    for any answer it scores below `threshold`; the helpfulness model's for the rest. Each model then learns
+    only what its labels teach, and a preference for how to refuse never reaches the answers to questions."""
+
+    def __init__(self, helpful: torch.nn.Module, safety: torch.nn.Module, threshold: float | None) -> None:
+        super().__init__()
+        self.helpful, self.safety, self.threshold = helpful, safety, threshold
+        self.last_routed: Tensor | None = None  # (B,) the answers the safety model scored in the last batch
+
+    def forward(self, lay: TokenLayout, tagged: Tensor) -> Tensor:
+        """`tagged`: (B,) bool, the rows whose prompt is safety-relevant."""
+        helpful, safety = self.helpful(lay), self.safety(lay)  # (B,) each
+        routed = tagged.to(safety.device)
+        if self.threshold is not None:
+            routed = routed | (safety < self.threshold)
+        self.last_routed = routed
+        return torch.where(routed, safety, helpful)
+
+
+Scorer = RewardScores | RewardEnsemble | SafetyRouted
+
+
+def reward_scorer(
+    cfg: PPOConfig, members: list[PreTrainedModel], device: Any, lean: Callable[[PreTrainedModel], bool]
+) -> tuple[Scorer, list[RewardScores]]:
+    """PPO's score from its frozen reward models (`reward_model`, then `reward_ensemble`, then
+    `safety_reward_model`): the first alone, or the ensemble's penalised mean, either routed with the safety
+    model if there is one; and each model's forward, to shard."""
+    scorers = [RewardScores(m.to(device), lean(m)) for m in members]
+    helpful = scorers[: len(scorers) - bool(cfg.safety_reward_model)]
+    scorer: Scorer = (
+        RewardEnsemble(list(helpful), cfg.ensemble_penalty) if cfg.reward_ensemble else helpful[0]
+    )
+    if cfg.safety_reward_model:
+        scorer = SafetyRouted(scorer, scorers[-1], cfg.safety_threshold)
+    return scorer, scorers
+
+
+def safety_tagged(cfg: PPOConfig, prompts: list[str]) -> Tensor | None:
+    """(N,) bool: the prompts one of `safety_prompts` is found in, case-insensitively; None without
+    `safety_reward_model`."""
+    if not cfg.safety_reward_model:
+        return None
+    compiled = [re.compile(p, flags=re.IGNORECASE) for p in cfg.safety_prompts]
+    return torch.tensor([any(c.search(prompt) for c in compiled) for prompt in prompts], dtype=torch.bool)
 
 
 def load_models(

@@ -474,12 +474,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     result: dict[str, Any] = {"steps": plan.total_steps, "train_judgements": len(train), "train_pairs": n_pairs,
                               "held_out_pairs": sum(len(j.pairs) for j in held_out), "reference_s": reference_s,
                               **metrics}  # fmt: skip
-    final_model = actor.model
-    if is_sharded:  # a plain copy on the main process: the policy rebuilt, the gathered weights loaded
-        gathered = sharding.full_state_dict(actor.model, is_main)
-        final_model = (
-            sharding.load_whole(load_policy(cfg, None, tokenizer), gathered) if gathered is not None else None
-        )
+    final_model = sharding.whole_model(
+        actor.model, is_sharded, is_main, lambda: load_policy(cfg, None, tokenizer)
+    )
     if is_main:
         save_policy(run_dir.dir / "final", final_model, tokenizer)
         write_json(

@@ -48,18 +48,19 @@ from rlhf.engine.decoding import Generation, SamplingParams, decode_responses, g
 from rlhf.engine.packing import TokenLayout, layout, sliding_window, takes_4d_mask
 from rlhf.engine.sampling import stream_keys
 from rlhf.errors import ConfigError, DataError
-from rlhf.losses import ppo_policy_loss, sft_loss, value_loss
+from rlhf.losses import ppo_policy_loss, value_loss
 from rlhf.models.loading import check_same_tokenizer, context_length, load_causal_lm, load_tokenizer
 from rlhf.models.lora import add_lora
 from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.models.wrappers import (
     Actor,
     Critic,
-    RewardEnsemble,
-    RewardScores,
+    Scorer,
     frozen_reward_model,
     load_models,
     response_values,
+    reward_scorer,
+    safety_tagged,
 )
 from rlhf.rl_math import (
     AdaptiveKLController,
@@ -94,7 +95,7 @@ from rlhf.train.common import (
 )
 from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from rlhf.train.guard import Guard
-from rlhf.train.lm_loop import Example, collate
+from rlhf.train.lm_loop import Example, collate, demonstration_loss
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,11 @@ class Rollout:
 @torch.no_grad()
 def score_rollout(
     gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: RewardScores | RewardEnsemble, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
-    exact_kl: bool = False,
+    reward_model: Scorer, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, exact_kl: bool = False,
+    tagged: Tensor | None = None,
 ) -> Rollout:  # fmt: skip
     """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch;
-    with `exact_kl`, also each position's KL to the reference over the whole vocabulary.
+    with `exact_kl`, also each position's KL to the reference over the whole vocabulary; `tagged`: SafetyRouted.
 
     The old log-probs come from a forward pass laid out as the update's (`layout_of`), not from generation:
     the KV-cache path rounds differently under bf16, and the first PPO step should see a ratio of 1 (packed
@@ -165,7 +166,8 @@ def score_rollout(
                 parts["values"].append(widen(response_values(critic, lay)))
             else:
                 parts["values"].append(torch.zeros_like(parts["ref"][-1]))
-            parts["rm"].append(reward_model(lay))  # read at the last token (EOS)
+            rm = reward_model(lay) if tagged is None else reward_model(lay, tagged[rows])  # (b,) at EOS
+            parts["rm"].append(rm)
     out = {k: torch.cat(v) for k, v in parts.items() if v}  # (B, T) each, 0 at padding; rm (B,)
     # the "EOS trick": an answer that never ends gets a fixed low score whatever the reward model says
     penalty = out["rm"] if cfg.no_eos_penalty is None else torch.full_like(out["rm"], cfg.no_eos_penalty)
@@ -201,7 +203,7 @@ _GUARD_STREAM = -1  # in the place of the iteration in the held-out samples' str
 @torch.no_grad()
 def guard_eval(
     policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: RewardScores | RewardEnsemble, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    reward_model: Scorer, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, gold_fn: GoldFn | None,
     reduce: Callable[[Tensor], Tensor], synced: bool = False, index: Tensor | None = None,
 ) -> dict[str, float]:  # fmt: skip
@@ -215,7 +217,8 @@ def guard_eval(
         gen = generate(
             policy.model, ids, params, stop_ids(tokenizer), tokenizer.pad_token_id, synced=synced, seeds=seeds
         )
-    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of, exact_kl=True)
+    tagged = safety_tagged(cfg, prompts)  # (n,) bool, or None
+    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of, True, tagged)
     assert r.exact_kl is not None
     # the exact KL at each visited prefix, summed per answer: a sampled token the policy finds far less likely
     # than the reference would add exp(log pi_ref - log pi) to k3 and let one answer of many move the mean
@@ -239,6 +242,7 @@ class PPOState:
     tokenizer: PreTrainedTokenizerBase
     run_dir: Run
     prompt_ids: list[list[int]]  # the training prompts that leave room for max_new_tokens
+    prompt_tagged: Tensor | None  # (N,) bool: those the safety reward model scores (None: no such model)
     guard_prompts: list[str]  # this process's share of the held-out prompts
     guard_index: Tensor  # (n,) their places among all processes' held-out prompts
     ptx: list[Example]  # demonstrations for PPO-ptx (none without it)
@@ -247,7 +251,7 @@ class PPOState:
     reference: Actor | None  # None: the policy with its LoRA adapter off
     critic: Any  # None for the critic-free estimators
     critic_module: Critic | None
-    scorer: RewardScores | RewardEnsemble
+    scorer: Scorer
     policy_opt: Any
     policy_sched: Any
     critic_opt: Any
@@ -308,6 +312,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
                           f"by the {world} processes")  # fmt: skip
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     roles = [("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic), ("ppo.reference", cfg.reference),
+             ("ppo.safety_reward_model", cfg.safety_reward_model),
              *(("ppo.reward_ensemble", path) for path in cfg.reward_ensemble)]  # fmt: skip
     for role, path in roles:
         if path:  # the policy's token ids are what the reward model, the critic and the reference read
@@ -335,7 +340,8 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     if cfg.max_new_tokens >= context_length(policy):
         raise ConfigError(f"ppo.max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt")
     prompt_ids = encode_prompts(tokenizer, prompts)
-    fitting = [p for p in prompt_ids if len(p) + cfg.max_new_tokens <= context_length(policy)]
+    keep = [i for i, p in enumerate(prompt_ids) if len(p) + cfg.max_new_tokens <= context_length(policy)]
+    fitting = [prompt_ids[i] for i in keep]
     if len(fitting) < len(prompt_ids):  # a cut prompt would train on a question that was never asked
         log.warning("ppo: %d of %d prompts leave no room for max_new_tokens in the context; not used",
                     len(prompt_ids) - len(fitting), len(prompt_ids))  # fmt: skip
@@ -357,9 +363,12 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     reference_actor = (
         None if reference is None else Actor(reference.to(accelerator.device), frozen_lean(reference))
     )
-    members = [reward_model, *(frozen_reward_model(path, tokenizer) for path in cfg.reward_ensemble)]
-    scorers = [RewardScores(m.to(accelerator.device), frozen_lean(m)) for m in members]
-    scorer = RewardEnsemble(list(scorers), cfg.ensemble_penalty) if cfg.reward_ensemble else scorers[0]
+    others = [*cfg.reward_ensemble, *([cfg.safety_reward_model] if cfg.safety_reward_model else [])]
+    members = [reward_model, *(frozen_reward_model(path, tokenizer) for path in others)]
+    scorer, scorers = reward_scorer(cfg, members, accelerator.device, frozen_lean)
+    prompt_tagged = safety_tagged(cfg, [prompts[i] for i in keep])
+    if prompt_tagged is not None:
+        log.info("ppo: %d of %d prompts go to ppo.safety_reward_model", int(prompt_tagged.sum()), len(keep))
     if is_sharded:  # before the optimisers: sharding replaces the parameters
         sharding.shard(policy.model, cfg, accelerator)  # the model itself is the root: generation calls it
         for module in (critic, reference_actor, *scorers):
@@ -416,9 +425,9 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         ids, mask, n_prompt, tokenizer.pad_token_id, pack, additive, hidden_size, window
     )
     return PPOState(
-        cfg, accelerator, tokenizer, run_dir, fitting, guard_prompts, guard_index, ptx, prepared_policy, actor,
-        reference_actor, prepared_critic, critic_module, scorer, policy_opt, policy_sched, critic_opt,
-        critic_sched, kl_ctl, guard, layout_of, is_sharded, half, start, gold_fn,
+        cfg, accelerator, tokenizer, run_dir, fitting, prompt_tagged, guard_prompts, guard_index, ptx,
+        prepared_policy, actor, reference_actor, prepared_critic, critic_module, scorer, policy_opt, policy_sched,
+        critic_opt, critic_sched, kl_ctl, guard, layout_of, is_sharded, half, start, gold_fn,
     )  # fmt: skip
 
 
@@ -437,7 +446,9 @@ def rollout(s: PPOState, prompts: list[int], iteration: int) -> Batch:
 
     # 2. score: old log-probs, reference log-probs, values, reward-model scores; then the whole batch's
     # rollout on every process, so that whitening, advantages and statistics are global
-    r = score_rollout(gen, s.actor, s.reference, s.critic_module, s.scorer, cfg, s.autocast, s.layout_of)
+    tagged = None if s.prompt_tagged is None else s.prompt_tagged[prompts].repeat_interleave(k)  # (b,)
+    r = score_rollout(gen, s.actor, s.reference, s.critic_module, s.scorer, cfg, s.autocast, s.layout_of,
+                      tagged=tagged)  # fmt: skip
     r, ended = gather_rollout(r, gen.ended, s.accelerator, pad_id)
     rmask = r.response_mask  # (B, T) the global batch
 
@@ -473,19 +484,11 @@ def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator
                     for k, v in collate([s.ptx[i] for i in pick.tolist()], s.tokenizer.pad_token_id).items()
                 }
                 with accelerator.no_sync(s.policy):
-                    rows, width = demos["input_ids"].shape  # right-padded: positions 0, 1, ...
-                    demo_logits = s.policy(
-                        input_ids=demos["input_ids"], attention_mask=demos["attention_mask"],
-                        position_ids=torch.arange(width, device=device).expand(rows, width),
-                        response_at=torch.arange(rows * width, device=device),
-                    ).view(rows, width, -1)  # fmt: skip
-                    loss_ptx = sft_loss(demo_logits.float(), demos["labels"])
-                    if s.actor.aux_coef is not None:  # SFT's loss, its routers' term included
-                        ptx_aux = s.actor.aux_loss(demos["attention_mask"])
-                        loss_ptx = loss_ptx + s.actor.aux_coef * ptx_aux
-                        stats["ppo/ptx_aux_loss"].append(float(ptx_aux.detach()))
+                    loss_ptx, ptx_aux = demonstration_loss(s.policy, s.actor, demos)
                     accelerator.backward(cfg.ptx_coef * loss_ptx)
                 stats["ppo/ptx_loss"].append(float(loss_ptx.detach()))
+                if ptx_aux is not None:
+                    stats["ppo/ptx_aux_loss"].append(float(ptx_aux.detach()))
             micro = minibatch.split(cfg.micro_batch_size)
             for j, idx in enumerate(micro):
                 t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
@@ -571,17 +574,13 @@ def iteration_metrics(s: PPOState, b: Batch, stats: dict[str, list[float]]) -> d
 
 
 def whole_policy(s: PPOState) -> Any:
-    """The policy with all its weights, on the main process (None elsewhere); every process calls it.
-    Sharded: a plain copy rebuilt from the configuration, the gathered weights loaded into it."""
-    is_main = s.accelerator.is_main_process
-    if not s.is_sharded:
-        return s.policy_model if is_main else None
-    state = sharding.full_state_dict(s.policy_model, is_main)
-    if state is None:
-        return None
-    model = load_causal_lm(s.cfg.policy, tokenizer=s.tokenizer)
-    model = add_lora(model, s.cfg.lora_r, s.cfg.lora_alpha, "CAUSAL_LM") if s.cfg.lora_r > 0 else model
-    return sharding.load_whole(model, state)
+    """The policy with all its weights, on the main process (None elsewhere); every process calls it."""
+
+    def rebuild() -> Any:  # from the configuration
+        model = load_causal_lm(s.cfg.policy, tokenizer=s.tokenizer)
+        return add_lora(model, s.cfg.lora_r, s.cfg.lora_alpha, "CAUSAL_LM") if s.cfg.lora_r > 0 else model
+
+    return sharding.whole_model(s.policy_model, s.is_sharded, s.accelerator.is_main_process, rebuild)
 
 
 def save_checkpoint(s: PPOState, iteration: int) -> None:

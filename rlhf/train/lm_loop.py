@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import TrainConfig
 from rlhf.data.jsonl import write_json
+from rlhf.losses import sft_loss
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.models.wrappers import ModelForward
 from rlhf.runs import Run
@@ -69,6 +70,24 @@ class NextTokenLoss(ModelForward):
         )  # (N,) into the (B, T) positions
         logits = self.logits_at(input_ids, attention_mask, None, at)  # (N, V)
         return F.cross_entropy(logits.float(), targets[counted], reduction="sum")
+
+
+def demonstration_loss(policy: Any, actor: Any, demos: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """SFT's mean loss on a collated batch of demonstrations through `policy` (the Actor, wrapped for DDP/FSDP;
+    `actor` the same unwrapped), its routers' term included, and that term (None without routers): the
+    objective PPO-ptx keeps (InstructGPT)."""
+    rows, width = demos["input_ids"].shape  # right-padded: positions 0, 1, ...
+    device = demos["input_ids"].device
+    logits = policy(
+        input_ids=demos["input_ids"], attention_mask=demos["attention_mask"],
+        position_ids=torch.arange(width, device=device).expand(rows, width),
+        response_at=torch.arange(rows * width, device=device),
+    ).view(rows, width, -1)  # fmt: skip
+    loss, aux = sft_loss(logits.float(), demos["labels"]), None
+    if actor.aux_coef is not None:
+        aux = actor.aux_loss(demos["attention_mask"])
+        loss = loss + actor.aux_coef * aux
+    return loss, aux
 
 
 @torch.no_grad()

@@ -150,6 +150,17 @@ def load_whole(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.
     return model
 
 
+def whole_model(
+    model: torch.nn.Module, is_sharded: bool, is_main: bool, rebuild: Callable[[], torch.nn.Module]
+) -> Any:
+    """The model with all its weights on the main process (None elsewhere); every process calls it. Sharded:
+    a plain copy, `rebuild()`, with the gathered weights loaded into it."""
+    if not is_sharded:
+        return model if is_main else None
+    state = full_state_dict(model, is_main)
+    return None if state is None else load_whole(rebuild(), state)
+
+
 def optimizer_state(module: torch.nn.Module, optimizer: Any, named: bool) -> dict[str, Any]:
     """The optimiser's state dict. `named` (with fsdp on): whole, keyed by parameter name, so that it loads on
     any process count; every process calls it (the shards are gathered)."""

@@ -303,3 +303,35 @@ def test_an_ensemble_of_one_reward_model_twice_trains_as_that_model_alone(
     other_score = read_metrics(tmp_path / "other" / "metrics.jsonl")[0]["ppo/score"]
     # the same first rollouts (same seed, same policy): mean of the two scores minus std <= their mean
     assert mixed < (one[0]["ppo/score"] + other_score) / 2 - 1e-4
+
+
+def test_a_safety_reward_model_scores_the_prompts_it_is_given(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    """The safety model is the reward model shifted by +100: each routed answer's score rises by exactly 100,
+    in the rollouts and in the guard's proxy score, and an answer not routed keeps its score."""
+    safety = tmp_path / "safety_rm"
+    model = load_scalar_model(str(tiny_reward_model))
+    set_normalisation(model, -100.0, 1.0)
+    model.save_pretrained(safety)
+    load_tokenizer(str(tiny_reward_model)).save_pretrained(safety)
+    common = dict(iterations=1, no_eos_penalty=None, eval_prompts_file=str(demo_data / "eval_prompts.jsonl"),
+                  guard_prompts=4, guard_every=1)  # fmt: skip
+    runs = {
+        "plain": {},
+        "none": dict(
+            safety_reward_model=str(safety), safety_prompts=["(?!)"]
+        ),  # a pattern that never matches
+        "all": dict(safety_reward_model=str(safety), safety_prompts=["."]),
+        "below": dict(safety_reward_model=str(safety), safety_threshold=1000.0),  # every score is below it
+    }
+    rows = {}
+    for name, extra in runs.items():
+        ppo.run(tiny_ppo(tmp_path / name, tiny_sft_model, tiny_reward_model, demo_data, **common, **extra),
+                quiet=True)  # fmt: skip
+        rows[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    for key in ("ppo/score", "ppo/guard_proxy"):
+        plain = next(r[key] for r in rows["plain"] if key in r)  # the first rollouts, or the initial guard
+        for name, offset in (("none", 0.0), ("all", 100.0), ("below", 100.0)):
+            got = next(r[key] for r in rows[name] if key in r)
+            assert got == pytest.approx(plain + offset, abs=1e-3), (name, key)

@@ -44,6 +44,12 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
             ["pretrain.arch.hidden_size=100", "pretrain.arch.num_attention_heads=3"],
             "hidden_size must be divisible",
         ),
+        (["ppo.safety_reward_model=rm"], "safety_reward_model needs safety_prompts or safety_threshold"),
+        (["ppo.safety_threshold=0"], "safety_prompts and safety_threshold need safety_reward_model"),
+        (
+            ["ppo.safety_reward_model=rm", "ppo.safety_prompts=['(poison']"],
+            "safety_prompts.0: '(poison' is not a regular expression",
+        ),
     ],
 )
 def test_bad_values_name_the_key_in_one_line(overrides: list[str], message: str) -> None:

@@ -1,10 +1,12 @@
-"""The reward-model ensemble PPO scores with: the members' mean, less a penalty on their disagreement."""
+"""How PPO combines reward models: an ensemble's mean, less a penalty on the members' disagreement; a safety
+reward model for the prompts tagged as safety-relevant (Llama 2's two reward models)."""
 
 from __future__ import annotations
 
 import torch
 
-from rlhf.models.wrappers import RewardEnsemble
+from rlhf.config import PPOConfig
+from rlhf.models.wrappers import RewardEnsemble, SafetyRouted, safety_tagged
 
 
 class Fixed(torch.nn.Module):
@@ -25,3 +27,22 @@ def test_ensemble_scores_the_mean_less_the_penalty_times_the_members_std() -> No
     # the first answer: mean 2, std 1 (the members disagree); the others: std 0, no penalty
     assert torch.allclose(ensemble(None), torch.tensor([1.5, 0.0, 2.0]))
     assert ensemble.last_std is not None and torch.allclose(ensemble.last_std, torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_the_safety_model_scores_the_tagged_rows_and_with_a_threshold_any_it_scores_below_it() -> None:
+    helpful, safety = Fixed([1.0, 2.0, 3.0, 4.0]), Fixed([-1.0, 0.5, -2.0, 5.0])
+    tagged = torch.tensor([True, False, False, True])
+    routed = SafetyRouted(helpful, safety, threshold=None)
+    assert torch.equal(routed(None, tagged), torch.tensor([-1.0, 2.0, 3.0, 5.0]))
+    # the third answer's prompt is not tagged, but the safety model finds it unsafe: its score counts
+    routed = SafetyRouted(helpful, safety, threshold=0.0)
+    assert torch.equal(routed(None, tagged), torch.tensor([-1.0, 2.0, -2.0, 5.0]))
+    assert routed.last_routed is not None and routed.last_routed.tolist() == [True, False, True, True]
+
+
+def test_prompts_are_tagged_by_any_pattern_case_insensitively() -> None:
+    prompts = ["How do I POISON the vexa?", "What does the pip eat?", "You are useless.", "Trapped?"]
+    cfg = PPOConfig(safety_reward_model="rm", safety_prompts=[r"\bpoison\b", r"\b(useless|stupid)\b"])
+    tagged = safety_tagged(cfg, prompts)
+    assert tagged is not None and tagged.tolist() == [True, False, True, False]
+    assert safety_tagged(PPOConfig(), prompts) is None  # no safety model: nothing is routed
