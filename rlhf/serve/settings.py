@@ -14,7 +14,34 @@ from pydantic import Field, model_validator
 from rlhf.config.env import EnvSettings
 
 
-class Settings(EnvSettings):
+class ABSettings(EnvSettings):
+    """What the model server and the gateway share: where A/B pairs and votes go, and how often."""
+
+    feedback_db: str | None = Field(
+        None, description="Feedback store URL (sqlite:///FILE or postgresql://...) for A/B votes; unset = off"
+    )
+    feedback_project: str = Field(
+        "production", description="Project of the feedback store that holds production A/B pairs"
+    )
+    ab_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
+    )
+    feedback_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Limit on new A/B votes per minute, per end user and per client address (429 beyond it); 0 = off",
+    )
+
+    @model_validator(mode="after")
+    def _ab_needs_store(self) -> ABSettings:
+        if self.ab_rate > 0 and not self.feedback_db:
+            raise ValueError(
+                "ab_rate > 0 needs feedback_db (--feedback-db): A/B votes go to the feedback store"
+            )
+        return self
+
+
+class Settings(ABSettings):
     """The model server's (`rlhf serve`): every field can be set by an environment variable named
     RLHF_SERVE_<FIELD> (upper case)."""
 
@@ -51,30 +78,10 @@ class Settings(EnvSettings):
     max_queue: int = Field(1024, ge=1, description="Most sequences waiting for a slot (429 beyond it)")
     max_n: int = Field(8, ge=1, le=128, description="Most choices per request (n, times prompts)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 beyond)")
-    feedback_db: str | None = Field(
-        None, description="Feedback store URL (sqlite:///FILE or postgresql://...) for A/B votes; unset = off"
-    )
-    feedback_project: str = Field(
-        "production", description="Project of the feedback store that holds production A/B pairs"
-    )
-    ab_rate: float = Field(
-        0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
-    )
-    feedback_per_minute: int = Field(
-        30,
-        ge=0,
-        description="Limit on new A/B votes per minute, per end user and per client address (429 beyond it); 0 = off",
-    )
     seed: int = Field(0, description="Seed of the server's own randomness (unseeded sampling, A/B draws)")
 
-    @model_validator(mode="after")
-    def _ab_needs_store(self) -> Settings:
-        if self.ab_rate > 0 and not self.feedback_db:
-            raise ValueError("ab_rate > 0 needs feedback_db: A/B votes are written to the feedback store")
-        return self
 
-
-class GatewaySettings(EnvSettings):
+class GatewaySettings(ABSettings):
     """The A/B feedback gateway's (`rlhf gateway`): every field can be set by an environment variable named
     RLHF_GATEWAY_<FIELD> (upper case)."""
 
@@ -91,29 +98,9 @@ class GatewaySettings(EnvSettings):
     upstream_api_key: str | None = Field(
         None, description="Bearer key sent upstream; unset: the client's Authorization header passes through"
     )
-    feedback_db: str | None = Field(
-        None, description="Feedback store URL for A/B pairs and votes; unset = off"
-    )
-    feedback_project: str = Field("production", description="Project of the store holding the A/B pairs")
-    ab_rate: float = Field(
-        0.0, ge=0, le=1, description="Share of opted-in requests answered with an A/B pair"
-    )
-    feedback_per_minute: int = Field(
-        30,
-        ge=0,
-        description="Limit on new A/B votes per minute, per end user and per client address; 0 = off",
-    )
     host: str = Field("127.0.0.1", description="Interface to listen on")
     port: int = Field(8080, ge=0, le=65535, description="TCP port")
     timeout_s: float = Field(600.0, gt=0, description="Longest wait for an upstream answer (or stream chunk)")
     max_connections: int = Field(512, ge=1, description="Most pooled connections to each upstream")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 beyond)")
     seed: int | None = Field(None, description="Seed of the A/B draws (unset: random)")
-
-    @model_validator(mode="after")
-    def _ab_needs_store(self) -> GatewaySettings:
-        if self.ab_rate > 0 and not self.feedback_db:
-            raise ValueError(
-                "ab_rate > 0 needs feedback_db (--feedback-db): A/B votes go to the feedback store"
-            )
-        return self
