@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,7 @@ STAGES = ["data", "pretrain", "sft", "generate", "label", "reward", "ppo", "eval
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
-    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "demo", "--fast", "--quiet", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    proc = run_cli("demo", "--fast", "--quiet", "--out", str(out))  # in this process: no second start-up
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run directory: {out}" in proc.stdout
     assert f"report: {out / 'report.html'}" in proc.stdout
