@@ -11,6 +11,12 @@ checkpoints, metrics and other records (`EARLIER_RUN`, and what the stage names)
 warning, so that nothing of it is mixed into the new run (metrics appended, its checkpoints taken by a later
 `--resume`, the new run's first checkpoint pruned as the oldest). Its `final/` stays until the new one
 replaces it. Resuming with settings changed since the run started logs which.
+
+Until the run writes its first metrics or checkpoint, nothing of the earlier run is lost: its records wait in
+`RUN/.earlier-run/`, and a stage that stops with an error before then (a bad setting, a model of the wrong kind, a
+batch larger than the data) puts them back and removes what it wrote (`abandon_unstarted_runs`, which the `rlhf`
+command calls on an error), so bad input leaves no partial run directory behind. Interrupted (Ctrl-C), a run
+stays for `--resume` and the earlier one is removed, as once it has written (`keep_unstarted_runs`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 # what a stage's run leaves in its directory besides final/ (PPO: the guard's best checkpoint)
 EARLIER_RUN = ("checkpoints", "metrics.jsonl", "summary.json", "best")
+STASH = ".earlier-run"  # an earlier run's records until the new run writes its first metrics or checkpoint
+_unstarted: list[Run] = []  # runs of this process that have not written metrics or a checkpoint yet
 
 
 class Run:
@@ -58,22 +66,55 @@ class Run:
         self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.is_main = is_main
+        if is_main:  # left by a process killed before its run wrote anything: that run had started over
+            shutil.rmtree(self.dir / STASH, ignore_errors=True)
+        self._existed = self.dir.exists()
+        config_path = self.dir / "config.yaml"
+        self._old_config = config_path.read_text() if is_main and config_path.is_file() else None
+        self._had_checkpoints = self.checkpoints.exists()
         if is_main:
             if resume:
-                _log_changed_settings(self.dir / "config.yaml", config)
+                _log_changed_settings(config_path, config)
             else:
                 _clear_earlier_run(self.dir, EARLIER_RUN + records)
             self.checkpoints.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.dir / "config.yaml", dump_config(config))
+            atomic_write_text(config_path, dump_config(config))
+            _unstarted.append(self)
         # accelerate's trackers (TensorBoard, W&B, MLflow), where the accelerator was made with `log_with`
         self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
         if self.accelerator is not None:
             project = config.__class__.__name__.removesuffix("Config").lower()
             self.accelerator.init_trackers(project, config=flat_config(config.model_dump(mode="json")))
 
+    def started(self) -> None:
+        """The run writes its first output: the earlier run it replaces is gone for good."""
+        if self in _unstarted:
+            _unstarted.remove(self)
+            shutil.rmtree(self.dir / STASH, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """The stage stopped before its first output: remove what it wrote, put the earlier run back."""
+        if self not in _unstarted:
+            return
+        _unstarted.remove(self)
+        if not self._existed:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        if not self._had_checkpoints:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        else:  # resumed: only its temp dirs are this run's (a fresh run's earlier checkpoints are in the stash)
+            for tmp in self.checkpoints.glob(".tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self._old_config is not None:
+            atomic_write_text(self.dir / "config.yaml", self._old_config)
+        else:
+            (self.dir / "config.yaml").unlink(missing_ok=True)
+        _restore_stash(self.dir)
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:
             return
+        self.started()
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -84,6 +125,7 @@ class Run:
     def finish(self) -> None:
         """Close the trackers (they flush what they hold). Not `accelerator.end_training()`: that also destroys
         the process group, which a later stage run in the same process still needs."""
+        self.started()
         if self.accelerator is not None:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
@@ -106,6 +148,7 @@ class Run:
         """`save_files(dir)` writes model files; `state` (optimiser, scheduler, RNG...) goes to trainer_state.pt."""
         if not self.is_main:
             return None
+        self.started()
         target = self.checkpoints / f"step-{step:07d}"
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
         try:
@@ -135,17 +178,46 @@ class Run:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def abandon_unstarted_runs() -> None:
+    """After an error: every run of this process that wrote no metrics or checkpoint yet is undone (Run.abandon)."""
+    for run in list(_unstarted):
+        run.abandon()
+
+
+def keep_unstarted_runs() -> None:
+    """After an interruption (Ctrl-C): the runs stay for `--resume`, and the earlier runs they replace go."""
+    for run in list(_unstarted):
+        run.started()
+
+
 def _clear_earlier_run(run_dir: Path, names: tuple[str, ...]) -> None:
+    """Move an earlier run's records into RUN/.earlier-run/, deleted once the new run writes its first output."""
     found = [run_dir / name for name in names if (run_dir / name).exists()]
     if not found:
         return
-    log.warning("%s holds an earlier run and this one does not resume it (--resume): removing its %s",
-                run_dir, ", ".join(p.name for p in found))  # fmt: skip
+    log.warning("%s holds an earlier run and this one does not resume it (--resume): removing its %s once this "
+                "one writes its first metrics or checkpoint", run_dir, ", ".join(p.name for p in found))  # fmt: skip
+    stash = run_dir / STASH
+    stash.mkdir()
     for path in found:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        path.rename(stash / path.name)
+    if (run_dir / "config.yaml").is_file():  # the earlier run's settings go back with it
+        shutil.copy2(run_dir / "config.yaml", stash / "config.yaml")
+
+
+def _restore_stash(run_dir: Path) -> None:
+    """Put an earlier run's records back from RUN/.earlier-run/, replacing what is in their place."""
+    stash = run_dir / STASH
+    if not stash.is_dir():
+        return
+    for path in stash.iterdir():
+        target = run_dir / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        path.rename(target)
+    stash.rmdir()
 
 
 def _log_changed_settings(stored: Path, config: BaseModel) -> None:

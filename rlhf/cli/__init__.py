@@ -18,14 +18,30 @@ from rlhf.errors import RlhfError
 __all__ = ["app", "main"]
 
 
+def settle_unstarted_runs(interrupted: bool = False) -> None:
+    """Undo the run directories of stages that stopped with an error before their first output, or keep them
+    for --resume when interrupted (rlhf.runs); not imported here before a stage has (it brings torch)."""
+    runs = sys.modules.get("rlhf.runs")
+    if runs is not None and interrupted:
+        runs.keep_unstarted_runs()
+    elif runs is not None:
+        runs.abandon_unstarted_runs()
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1; Ctrl-C says so, with status 130."""
     try:
         app()
     except RlhfError as e:
+        settle_unstarted_runs()  # a stage that stopped before its first output leaves no run directory behind
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
     except SystemExit as e:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit with status 130
+        if e.code not in (0, None):
+            settle_unstarted_runs(interrupted=e.code == 130)
         if e.code == 130:
             typer.echo("interrupted (run it again to continue; a training stage with --resume)", err=True)
+        raise
+    except BaseException:
+        settle_unstarted_runs()
         raise

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from rlhf.cli import app
@@ -146,6 +147,36 @@ def test_bad_input_is_one_line_and_leaves_no_checkpoint(tiny_demo: dict[str, Pat
     )
     assert (
         proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path / 'missing.txt'}: file not found"
+    )
+
+
+def test_a_setting_refused_after_set_up_leaves_the_earlier_run_as_it_was(
+    tiny_demo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Errors found once the run directory is set up (a batch larger than the data, a model of the wrong kind)
+    leave no new run directory, and an earlier run in it keeps its checkpoints, metrics and config."""
+    data = tiny_demo["data"] / "sft.jsonl"
+    sets = ["--set", f"sft.model={tiny_demo['sft']}", "--set", f"sft.train_file={data}", "--set", "sft.max_steps=1",
+            "--set", "sft.batch_size=4", "--set", "sft.micro_batch_size=4", "--set", "sft.eval_fraction=0"]  # fmt: skip
+    out = tmp_path / "run"
+    assert run_cli("sft", "--quiet", "--out", str(out), *sets).returncode == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run_cli("sft", "--quiet", "--out", str(out), *sets, "--set", "sft.batch_size=100000")
+    assert proc.returncode == 1 and "sft.batch_size (100000) is larger than the training set" in proc.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    reward_model = tmp_path / "rm"  # the policy with a scalar head: a reward model where a policy belongs
+    AutoModelForSequenceClassification.from_pretrained(tiny_demo["sft"], num_labels=1).save_pretrained(
+        reward_model
+    )
+    AutoTokenizer.from_pretrained(tiny_demo["sft"]).save_pretrained(reward_model)
+    proc = run_cli(
+        "sft", "--quiet", "--out", str(tmp_path / "new"), *sets, "--set", f"sft.model={reward_model}"
+    )
+    assert (
+        proc.returncode == 1
+        and "is a reward model or critic" in proc.stderr
+        and not (tmp_path / "new").exists()
     )
 
     proc = run_cli("sft", "--set", "sft.lr=-1")

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rlhf.config import SFTConfig
 from rlhf.runs import Run
+
+
+@pytest.fixture(autouse=True)
+def _no_unstarted_runs_left() -> Iterator[None]:
+    """A run a test leaves unstarted must not be undone by a later test's error."""
+    yield
+    from rlhf import runs
+
+    runs._unstarted.clear()
 
 
 def earlier_run(out: Path, cfg: SFTConfig) -> Run:
@@ -99,3 +109,80 @@ def test_rows_made_with_other_settings_are_not_resumed(tmp_path: Path) -> None:
         match=r"holds attacks.jsonl made with other settings \(target 'runs/sft/final' -> 'runs/ppo/best'\)",
     ):
         check_same_settings(tmp_path, {**before, "target": "runs/ppo/best"}, rows, frozenset({"rounds"}))
+
+
+def test_a_run_that_stops_before_its_first_output_puts_the_earlier_run_back(tmp_path: Path) -> None:
+    """A bad setting found after the run directory is set up (a batch larger than the data, a reward model
+    given as the policy) must not cost the earlier run its checkpoints, metrics and config."""
+    from rlhf.runs import abandon_unstarted_runs
+
+    out = tmp_path / "run"
+    earlier_run(out, SFTConfig(out_dir=str(out), lr=1e-3))
+    (out / "summary.json").write_text('{"steps": 200}')
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    Run(out, SFTConfig(out_dir=str(out), lr=3e-3), records=("cache.pt",))
+    assert not (out / "metrics.jsonl").exists() and "lr: 0.003" in (out / "config.yaml").read_text()
+    abandon_unstarted_runs()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # checkpoints, metrics, summary, cache and config.yaml as they were
+
+    new = tmp_path / "new"
+    Run(new, SFTConfig(out_dir=str(new)))
+    abandon_unstarted_runs()
+    assert not new.exists()  # a directory this run made is removed whole
+
+
+def test_a_run_that_wrote_output_is_not_undone(tmp_path: Path) -> None:
+    from rlhf.runs import STASH, abandon_unstarted_runs
+
+    out = tmp_path / "run"
+    earlier_run(out, SFTConfig(out_dir=str(out), lr=1e-3))
+    run = Run(out, SFTConfig(out_dir=str(out), lr=3e-3))
+    run.log(1, {"loss": 2.0})
+    assert not (out / STASH).exists()  # the earlier run is gone once the new one has written
+    abandon_unstarted_runs()
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert run.latest_checkpoint() is None and "lr: 0.003" in (out / "config.yaml").read_text()
+
+
+def test_the_command_undoes_a_stage_that_failed_before_its_first_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import rlhf.cli
+    from rlhf.errors import ConfigError
+
+    out = tmp_path / "run"
+    earlier_run(out, SFTConfig(out_dir=str(out), lr=1e-3))
+
+    def stage() -> None:
+        Run(out, SFTConfig(out_dir=str(out), batch_size=64))
+        raise ConfigError("sft.batch_size (64) is larger than the training set (51 examples in d.jsonl)")
+
+    monkeypatch.setattr(rlhf.cli, "app", stage)
+    with pytest.raises(SystemExit) as exit_:
+        rlhf.cli.main()
+    assert exit_.value.code == 1 and capsys.readouterr().err.startswith("error: sft.batch_size (64)")
+    assert (out / "checkpoints" / "step-0000200" / "model.txt").read_text() == "weights"
+    assert (out / "metrics.jsonl").exists() and "batch_size: 64" not in (out / "config.yaml").read_text()
+
+
+def test_an_interrupted_run_stays_for_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C before the first output: the new run stays (with what it wrote, e.g. DPO's reference cache), and
+    the earlier run it replaces is removed, as the run would have done on its first output."""
+    import rlhf.cli
+    from rlhf.runs import STASH
+
+    out = tmp_path / "run"
+    earlier_run(out, SFTConfig(out_dir=str(out), lr=1e-3))
+
+    def stage() -> None:
+        Run(out, SFTConfig(out_dir=str(out), lr=3e-3), records=("cache.pt",))
+        (out / "cache.pt").write_text("the new run's")
+        raise SystemExit(130)
+
+    monkeypatch.setattr(rlhf.cli, "app", stage)
+    with pytest.raises(SystemExit):
+        rlhf.cli.main()
+    assert not (out / STASH).exists() and not (out / "metrics.jsonl").exists()
+    assert not any((out / "checkpoints").iterdir()) and "lr: 0.003" in (out / "config.yaml").read_text()
+    assert (out / "cache.pt").read_text() == "the new run's"
