@@ -46,12 +46,14 @@ from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.losses import grouped_bt_loss
 from rlhf.models.heads import (
     build_scalar_model,
+    load_reward_model,
     load_scalar_model,
     normalisation,
     sequence_rewards,
     set_normalisation,
 )
 from rlhf.models.loading import (
+    check_same_tokenizer,
     context_length,
     disable_dropout,
     load_causal_lm,
@@ -498,13 +500,13 @@ def load_model(
     """The SFT checkpoint with a new scalar head, or `init_from` (warm start), or the checkpoint to resume;
     with LoRA, wrapped by peft."""
     model: torch.nn.Module
-    start = checkpoint if checkpoint and cfg.lora.r == 0 else cfg.init_from
     pad_id = tokenizer.pad_token_id
-    base = (
-        load_scalar_model(str(start), tokenizer=tokenizer)
-        if start
-        else build_scalar_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
-    )
+    if checkpoint and cfg.lora.r == 0:
+        base = load_scalar_model(str(checkpoint), tokenizer=tokenizer)
+    elif cfg.init_from:  # a reward model: a causal LM here would get a random head, not a warm start
+        base = load_reward_model(cfg.init_from, tokenizer=tokenizer)
+    else:
+        base = build_scalar_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
     if cfg.lora.r == 0:
         model = base
     else:
@@ -539,6 +541,10 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     seed_everything(cfg.seed + accelerator.process_index)
     tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
+    if cfg.init_from:  # its embeddings read the ids of reward.model's tokenizer, which the run saves with it
+        check_same_tokenizer(
+            tokenizer, load_tokenizer(cfg.init_from, cfg.add_pad_token), "reward.model", "reward.init_from"
+        )
     pad_id = int(tokenizer.pad_token_id)
     # Read everything before any output: a malformed row fails with file:line and leaves nothing behind.
     groups = read_groups(cfg.train_file, cfg, tokenizer)

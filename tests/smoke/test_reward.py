@@ -17,13 +17,15 @@ from rlhf.cli import app
 from rlhf.config import NormaliseSettings, PanelConfig, RewardConfig
 from rlhf.data.jsonl import write_jsonl
 from rlhf.data.preferences import write_preferences
+from rlhf.errors import RlhfError
 from rlhf.eval.reward_eval import add_gold_eval
 from rlhf.labelers.panel import Panel, label_offline
 from rlhf.models.heads import load_scalar_model, sequence_rewards
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.runs import read_metrics
+from rlhf.runs import abandon_unstarted_runs, read_metrics
 from rlhf.stages import reward
 from rlhf.stages.reward import read_groups, reference_sequences
+from tests.archs import save_tiny
 from tests.cli import run_cli
 
 
@@ -267,3 +269,33 @@ def test_warm_start_continues_from_the_given_reward_model(trained: RewardConfig,
     assert kept["shift"] != 0.0 and kept["scale"] != 1.0
     assert (warm.config.rlhf_reward_shift, warm.config.rlhf_reward_scale) == (kept["shift"], kept["scale"])
     assert json.loads((tmp_path / "warm" / "eval.json").read_text())["rm/normalisation"] == kept
+
+
+def test_warm_start_from_a_policy_is_refused(trained: RewardConfig, tmp_path: Path) -> None:
+    """`init_from` names a reward model; the SFT policy there would get a new random head, not a warm start."""
+    cfg = trained.model_copy(
+        update={"out_dir": str(tmp_path / "warm"), "init_from": trained.model, "max_steps": 1}
+    )
+    with pytest.raises(
+        RlhfError, match=r"is not a reward model \(\w+ForCausalLM\): train one with `rlhf reward`"
+    ):
+        reward.run(cfg, quiet=True)
+    abandon_unstarted_runs()  # as the `rlhf` command does after an error: no run directory is left
+    assert not (tmp_path / "warm").exists()
+
+
+def test_warm_start_from_a_reward_model_of_another_tokenizer_is_refused(
+    trained: RewardConfig, tmp_path: Path
+) -> None:
+    """Its embeddings would read the ids of reward.model's tokenizer, and the run would save it with that one."""
+    other = save_tiny("gpt2", tmp_path / "gpt2")
+    AutoModelForSequenceClassification.from_pretrained(other, num_labels=1).save_pretrained(
+        tmp_path / "gpt2_rm"
+    )
+    load_tokenizer(str(other)).save_pretrained(tmp_path / "gpt2_rm")
+    cfg = trained.model_copy(
+        update={"out_dir": str(tmp_path / "warm"), "init_from": str(tmp_path / "gpt2_rm"), "max_steps": 1}
+    )
+    with pytest.raises(RlhfError, match=r"^reward.model and reward.init_from use different tokenizers: "):
+        reward.run(cfg, quiet=True)
+    assert not (tmp_path / "warm").exists()
