@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,11 +165,18 @@ def answer_both(
     bon = None
     if cfg.best_of_n > 1 and cfg.reward_model:
         bon = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
+    # best-of-n's KL is known (the bound) only to the policy that samples it: to the reference when A is it
+    a_reference = reference
+    if bon is not None and cfg.reference and Path(policy_a).resolve() != Path(cfg.reference).resolve():
+        log.warning("eval: A answers best-of-%d of %s, not of the reference %s: its KL to the reference is "
+                    "left out (the bound log n - (n - 1)/n is to A's own samples)", cfg.best_of_n, policy_a,
+                    cfg.reference)  # fmt: skip
+        a_reference = None
     answers = {}
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
         log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))
-        answers[name] = answer(load_policy(path, device, tokenizer), tokenizer, prompts, cfg, seed, reference, bf16,
-                               bon if name == "a" else None)  # fmt: skip
+        answers[name] = answer(load_policy(path, device, tokenizer), tokenizer, prompts, cfg, seed,
+                               a_reference if name == "a" else reference, bf16, bon if name == "a" else None)  # fmt: skip
     return prompts, answers["a"], answers["b"]
 
 

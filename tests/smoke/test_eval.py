@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,24 @@ def test_best_of_n_answers_for_policy_a(
     assert abs(summary["a"]["kl_to_reference"] - (math.log(4) - 0.75)) < 1e-9
     assert abs(summary["b"]["kl_to_reference"]) < 1e-5
     assert "(best of 4)" in result.output
+
+
+def test_best_of_n_of_another_policy_than_the_reference_has_no_kl_to_it(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    """The bound log n - (n - 1)/n is best-of-n's KL to the policy it samples, not to a reference A is not."""
+    other = tmp_path / "other"  # another policy (here a copy: what counts is that A is not the reference)
+    shutil.copytree(tiny_sft_model, other)
+    out = tmp_path / "eval.json"
+    sft = str(tiny_sft_model)
+    args = ["eval", str(other), sft, "--reference", sft, "--out", str(out),
+            "--set", f"eval.prompts_file={demo_data / 'eval_prompts.jsonl'}", "--set", "eval.n_prompts=4",
+            "--set", "eval.max_new_tokens=8", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=100",
+            "--set", "eval.best_of_n=4", "--set", f"eval.reward_model={tiny_reward_model}"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["a"]["kl_to_reference"] is None and abs(summary["b"]["kl_to_reference"]) < 1e-5
 
 
 def test_best_of_n_without_a_reward_model_is_a_config_error(tiny_sft_model: Path) -> None:
