@@ -309,6 +309,8 @@ def load_models(
     """Policy, reference (None: the policy with its LoRA adapter off), critic (None for the critic-free
     estimators) and reward model; dropout off."""
     lora = cfg.lora_r > 0
+    # first: a causal LM given as the reward model fails here, before the critic made from it gets a new head
+    reward_model = frozen_reward_model(cfg.reward_model, tokenizer)
     policy: Any = load_causal_lm(
         str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
     )
@@ -330,7 +332,6 @@ def load_models(
         reference = (
             load_causal_lm(cfg.reference or cfg.policy, tokenizer=tokenizer).eval().requires_grad_(False)
         )
-    reward_model = frozen_reward_model(cfg.reward_model, tokenizer)
     for model in (policy, reference, critic_model):
         if model is not None:
             disable_dropout(model)

@@ -335,3 +335,25 @@ def test_a_safety_reward_model_scores_the_prompts_it_is_given(
         for name, offset in (("none", 0.0), ("all", 100.0), ("below", 100.0)):
             got = next(r[key] for r in rows[name] if key in r)
             assert got == pytest.approx(plain + offset, abs=1e-3), (name, key)
+
+
+def test_a_causal_lm_as_the_reward_model_fails_before_a_critic_is_made_from_it(
+    tmp_path: Path, tiny_sft_model: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-line error comes first: no critic is loaded from that path (it would get a new, random value
+    head and print transformers' missing-weights report before the error)."""
+    from rlhf.errors import RlhfError
+    from rlhf.models import wrappers
+
+    critics: list[str] = []
+    original = wrappers.load_scalar_model
+
+    def spy(path: str, *args: Any, **kwargs: Any) -> Any:
+        critics.append(path)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(wrappers, "load_scalar_model", spy)
+    cfg = tiny_ppo(tmp_path / "ppo", tiny_sft_model, tiny_sft_model, demo_data)
+    with pytest.raises(RlhfError, match=r"is not a reward model \(\w+ForCausalLM\)"):
+        ppo.run(cfg, quiet=True)
+    assert critics == []
