@@ -47,6 +47,11 @@ class SFTConfig(TrainConfig):
         "may be message lists): a JSONL, JSON, Parquet or CSV file, a saved datasets folder or a hub id "
         "(NAME[:CONFIG][@SPLIT])",
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="our field -> the data's column, renamed before reading (train and eval files), e.g. "
+        "{prompt: instruction, completion: output}",
+    )
     eval_file: str | None = Field(None, description="held-out demonstrations; default: a split of train_file")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share held out when eval_file is unset")
     max_seq_len: int = Field(128, gt=1, description="prompt + response tokens (longer ones are truncated)")

@@ -3,10 +3,10 @@
 Rows are TRL's prompt-completion `{prompt, completion}` (or `{prompt, response}`), conversational
 `{prompt: [...], completion: [...]}` or `{messages: [...]}` (rendered with the tokenizer's chat template; the
 assistant's reply is the response, up to and including the template's end-of-turn token), or plain `{text}` (all
-response). Loss falls on response tokens only, each response ends with EOS or the end-of-turn token, padding is
-masked; the prompt carries the tokenizer's BOS once (rlhf.models.tokens, rlhf.train.demonstrations). The loop
-is the shared LM loop; after it, a few held-out prompts are answered by sampling, to show whether the model
-ends its answers.
+response); `sft.columns` renames other columns to these ({prompt: instruction, completion: output}). Loss falls
+on response tokens only, each response ends with EOS or the end-of-turn token, padding is masked; the prompt
+carries the tokenizer's BOS once (rlhf.models.tokens, rlhf.train.demonstrations). The loop is the shared LM loop;
+after it, a few held-out prompts are answered by sampling, to show whether the model ends its answers.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     accelerator = make_accelerator(cfg.precision, cfg.log_with, cfg.out_dir)
     seed_everything(cfg.seed + accelerator.process_index)
     tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
-    rows = read_demonstrations(
-        cfg.train_file, tokenizer
-    )  # read before any output: bad input leaves nothing behind
-    held_rows = read_demonstrations(cfg.eval_file, tokenizer) if cfg.eval_file else []
+    # read before any output: bad input leaves nothing behind
+    rows = read_demonstrations(cfg.train_file, tokenizer, cfg.columns)
+    held_rows = read_demonstrations(cfg.eval_file, tokenizer, cfg.columns) if cfg.eval_file else []
     if not cfg.eval_file and cfg.eval_fraction > 0 and len(rows) > 1:  # a single demonstration trains
         n_eval = max(1, int(len(rows) * cfg.eval_fraction))
         rows, held_rows = rows[n_eval:], rows[:n_eval]

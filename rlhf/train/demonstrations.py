@@ -5,7 +5,8 @@ Rows, in the shapes TRL documents (docs/formats.md, "SFT demonstrations"):
   {"prompt": [msgs], "completion": [msgs]}  conversational prompt-completion, rendered with the chat template
   {"messages": [msgs]}                      a conversation; the last assistant turn is the response
   {"text": str}                             plain text, all of it the response (no prompt)
-Loss falls on response tokens only, each ending with EOS or the end-of-turn token.
+Loss falls on response tokens only, each ending with EOS or the end-of-turn token. Other column names are read
+through a mapping from our field to the data's column ({"prompt": "instruction", "completion": "output"}).
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.data.layouts import rename_columns
 from rlhf.data.sources import iter_rows, text_field
 from rlhf.errors import DataError
 from rlhf.models.tokens import chat_demonstration, encode_prompts, encode_responses, end_response, stop_ids
 from rlhf.train.lm_loop import IGNORE, Example
 
 
-def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, str]]:
+def read_demonstrations(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, columns: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
     """(prompt, response) text pairs from the rows above, of any source of rlhf.data.sources (JSONL, JSON,
-    Parquet, CSV, a saved `datasets` folder, a hub id), with source:row errors. A `text` row's prompt is ""."""
+    Parquet, CSV, a saved `datasets` folder, a hub id), with source:row errors. A `text` row's prompt is "".
+    `columns` renames the source's columns to ours first, as the preference readers do ({"prompt": "question"})."""
     pairs = []
     for where, row in iter_rows(path):
+        row = rename_columns(row, columns or {}, where)
         if "messages" in row:  # before `prompt`: ultrafeedback_binarized's SFT split has both
             messages = _messages(row, "messages", where)
             if messages[-1]["role"] != "assistant":
@@ -36,11 +42,22 @@ def read_demonstrations(path: str | Path, tokenizer: PreTrainedTokenizerBase) ->
         elif isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
             pairs.append(_conversational(tokenizer, row, where))
         else:
-            reply = "completion" if "completion" in row else "response"
-            pairs.append((text_field(row, "prompt", where), text_field(row, reply, where)))
+            pairs.append(_prompt_completion(row, where))
     if not pairs:
         raise DataError(f"{path}: no demonstrations (empty file)")
     return pairs
+
+
+def _prompt_completion(row: dict[str, Any], where: str) -> tuple[str, str]:
+    """A prompt-completion row of strings. A missing field is named with every name it may have, beside the
+    keys the row does have, so that a file of other column names shows what to map (`columns`)."""
+    has = f"the row's keys are {', '.join(repr(k) for k in row)}" if row else "the row has no keys"
+    if "prompt" not in row:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages' or 'text'); {has}")
+    reply = "completion" if "completion" in row else "response"
+    if reply not in row:
+        raise DataError(f"{where}: missing field 'completion' (or 'response'); {has}")
+    return text_field(row, "prompt", where), text_field(row, reply, where)
 
 
 def _conversational(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], where: str) -> tuple[str, str]:

@@ -311,3 +311,40 @@ def test_sft_says_how_many_held_out_demonstrations_were_cut(
         )
     assert result.exit_code == 0, result.output
     assert "1 of 2 held-out demonstrations longer than 32 tokens were truncated (1 dropped" in caplog.text
+
+
+def test_sft_columns_train_on_alpaca_rows(tmp_path: Path) -> None:
+    """`sft.columns` renames the train and eval files' columns, as `reward.columns` does the preference files'."""
+    model = save_tiny("llama", tmp_path / "model")
+    data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    data.write_text(
+        json.dumps({"instruction": "User: Hi\nAssistant:", "input": "", "output": " Hello!"}) + "\n"
+    )
+    held.write_text(
+        json.dumps({"instruction": "User: Thank you.\nAssistant:", "output": " You are welcome."}) + "\n"
+    )
+    sets = [
+        f"sft.model={model}",
+        f"sft.train_file={data}",
+        f"sft.eval_file={held}",
+        "sft.columns={prompt: instruction, completion: output}",
+        "sft.batch_size=1",
+        "sft.micro_batch_size=1",
+        "sft.max_steps=1",
+        "sft.precision=fp32",
+    ]
+    result = runner.invoke(
+        app, ["sft", "--quiet", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "sft/loss" in r] == [1]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["User: Thank you.\nAssistant:"]  # the held-out file, mapped too
+    # without the mapping, the error names the keys the row has
+    unmapped = [a for s in sets if not s.startswith("sft.columns") for a in ("--set", s)]
+    result = runner.invoke(app, ["sft", "--quiet", "--out", str(tmp_path / "run2"), *unmapped])
+    assert result.exit_code != 0
+    assert str(result.exception) == (
+        f"{data}:1: missing field 'prompt' (or 'messages' or 'text'); the row's keys are 'instruction', 'input', "
+        "'output'"
+    )

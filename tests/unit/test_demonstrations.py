@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from datasets import Dataset
 
+from rlhf.config import load_config
 from rlhf.errors import DataError
 from rlhf.models.tokens import prepare_tokenizer
 from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
@@ -111,6 +112,14 @@ def test_text_rows_train_on_every_token_but_bos(tmp_path: Path, llama: Any) -> N
             "'prompt' and 'completion' should both be message lists or both be str",
         ),
         ({"text": ["a", "b"]}, "field 'text' should be str, got list"),
+        # every name the missing field may have, and the keys the row has (what a column mapping would read)
+        ({"prompt": "Hi"}, "missing field 'completion' \\(or 'response'\\); the row's keys are 'prompt'$"),
+        (
+            {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            "missing field 'prompt' \\(or 'messages' or 'text'\\); the row's keys are 'instruction', 'input', "
+            "'output'$",
+        ),
+        ({}, "missing field 'prompt' \\(or 'messages' or 'text'\\); the row has no keys$"),
     ],
 )
 def test_a_malformed_row_names_its_file_and_row(
@@ -119,3 +128,21 @@ def test_a_malformed_row_names_its_file_and_row(
     good = {"prompt": [USER], "completion": [ASSISTANT]}
     with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'd.jsonl'))}:2: {message}"):
         read_demonstrations(write_rows(tmp_path / "d.jsonl", [good, bad]), chatml)
+
+
+def test_sft_columns_read_alpaca_rows_as_prompt_completion(tmp_path: Path, llama: Any) -> None:
+    """`sft.columns` maps our fields to the data's columns, as `reward.columns` and `dpo.columns` do."""
+    cfg = load_config(None, ["sft.columns={prompt: instruction, completion: output}"])
+    assert cfg.sft.columns == {"prompt": "instruction", "completion": "output"}
+    alpaca = [{"instruction": "Is the sky green?", "input": "", "output": " No, it is blue."}]
+    pairs = read_demonstrations(write_rows(tmp_path / "a.jsonl", alpaca), llama, cfg.sft.columns)
+    assert pairs == [("Is the sky green?", " No, it is blue.")]
+    plain = [{"prompt": "Is the sky green?", "completion": " No, it is blue."}]
+    assert pairs == read_demonstrations(write_rows(tmp_path / "p.jsonl", plain), llama)
+    # a mapped column the row lacks is named as the preference readers name it
+    rows = [*alpaca, {"instruction": "Hi", "response": " Hello!"}]
+    with pytest.raises(
+        DataError,
+        match=r"a\.jsonl:2: missing column 'output' \(the column mapping reads 'completion' from it\)$",
+    ):
+        read_demonstrations(write_rows(tmp_path / "a.jsonl", rows), llama, cfg.sft.columns)

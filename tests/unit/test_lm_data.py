@@ -117,7 +117,7 @@ def test_demonstration_formats_and_file_line_errors(tmp_path: Path, tok) -> None
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
         read_demonstrations(path, tok)
     path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'response'"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'completion' \(or 'response'\)"):
         read_demonstrations(path, tok)
     path.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:1: the last message must be the assistant's answer"):

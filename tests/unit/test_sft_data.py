@@ -41,5 +41,5 @@ def test_a_bad_row_names_its_source_and_row(tmp_path: Path, tiny_sft_model: Path
     table([ROWS[1], {"prompt": "User: Hi\nAssistant:", "answer": " Hi."}]).to_parquet(
         str(tmp_path / "bad.parquet")
     )
-    with pytest.raises(DataError, match=r"bad\.parquet:2: missing field 'response'"):
+    with pytest.raises(DataError, match=r"bad\.parquet:2: missing field 'completion' \(or 'response'\)"):
         read_demonstrations(tmp_path / "bad.parquet", load_tokenizer(str(tiny_sft_model)))
