@@ -92,7 +92,9 @@ class BonConfig(Section):
         description="{prompt} or {messages} rows (any source of docs/formats.md)",
     )
     out: str = Field(
-        "runs/bon.jsonl", description="kept answers as SFT demonstrations {prompt, response, score, scores}"
+        "runs/bon.jsonl",
+        description="kept answers as SFT demonstrations {prompt, response, score, scores}, with `messages` (the "
+        "prompt's and the answer's turns) where the prompt came as messages",
     )
     n: int = Field(8, ge=1, le=1024, description="answers sampled per prompt")
     max_prompts: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")

@@ -26,15 +26,29 @@ def read_prompt_rows(
 
     `messages` rows need a tokenizer with a chat template. Errors name source:row.
     """
+    return [(row_id, text) for row_id, text, _ in _read(source, max_prompts, tokenizer)]
+
+
+def read_prompt_conversations(
+    source: str | Path, max_prompts: int = 0, tokenizer: Any = None
+) -> list[tuple[str, list[dict[str, str]] | None]]:
+    """(prompt text, the messages it renders) per row of `read_prompt_rows`; None for a `prompt` string. A stage
+    that writes answers as demonstrations (bon) keeps the conversation, so that SFT renders the answer's turn
+    with the chat template, end-of-turn token included."""
+    return [(text, messages) for _, text, messages in _read(source, max_prompts, tokenizer)]
+
+
+def _read(
+    source: str | Path, max_prompts: int, tokenizer: Any
+) -> list[tuple[str, str, list[dict[str, str]] | None]]:
     render = chat_template(tokenizer) if tokenizer is not None else None
     stem = Path(str(source)).stem
     prompts = []
     for where, row in iter_rows(source):
         given = row.get("prompt_id", row.get("id"))
         row_id = where.rsplit(":", 1)[1]
-        prompts.append(
-            (str(given) if given is not None else f"{stem}:{row_id}", prompt_text(row, where, render))
-        )
+        text, messages = prompt_text(row, where, render), prompt_messages(row, where, render)
+        prompts.append((str(given) if given is not None else f"{stem}:{row_id}", text, messages))
         if max_prompts and len(prompts) == max_prompts:
             break
     if not prompts:
@@ -50,6 +64,19 @@ def read_prompts(source: str | Path, limit: int = 0, tokenizer: Any = None) -> l
 def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
     """The prompt of one row: its `messages` before their trailing assistant turns, rendered with a generation
     prompt, or its `prompt` string (where there is no `messages`, or no tokenizer to render them)."""
+    messages = prompt_messages(row, where, render)
+    if messages is not None and render is not None:
+        return render(messages, True)
+    if "prompt" not in row:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+    if not isinstance(row["prompt"], str):
+        raise DataError(f"{where}: field 'prompt' should be str, got {type(row['prompt']).__name__}")
+    return row["prompt"]
+
+
+def prompt_messages(row: dict[str, Any], where: str, render: Render | None) -> list[dict[str, str]] | None:
+    """The conversation a row's prompt is: its `messages` before their trailing assistant turns, as {role,
+    content}; None where the prompt is its `prompt` string (no `messages`, or no tokenizer to render them)."""
     if "messages" in row and not ("prompt" in row and render is None):
         messages = row["messages"]
         if not (
@@ -68,9 +95,5 @@ def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
             end -= 1
         if not end:
             raise DataError(f"{where}: 'messages' holds only assistant turns: no prompt to answer")
-        return render([{"role": m["role"], "content": m["content"]} for m in messages[:end]], True)
-    if "prompt" not in row:
-        raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
-    if not isinstance(row["prompt"], str):
-        raise DataError(f"{where}: field 'prompt' should be str, got {type(row['prompt']).__name__}")
-    return row["prompt"]
+        return [{"role": m["role"], "content": m["content"]} for m in messages[:end]]
+    return None

@@ -3,7 +3,10 @@ highest kept (Stiennon et al. 2020; Nakano et al. 2021). As an inference-time po
 optimiser of the reward model: no training, and its KL to the sampling policy is at most log n - (n - 1) / n
 nats (Stiennon et al. 2020, appendix G.3). Its output is SFT data for rejection-sampling fine-tuning
 (`rlhf sft --set sft.train_file=runs/bon.jsonl`): one row per prompt,
-  {"prompt", "response", "score", "scores": [all n], "ended", "n", "policy"}.
+  {"prompt", "response", "score", "scores": [all n], "ended", "n", "policy"},
+with `messages` too (the prompt's conversation and the answer as the assistant's turn) where the prompt came as
+messages: SFT reads that conversation with the chat template, so the answer's turn ends with the template's
+end-of-turn token (`<|im_end|>`), as the policy's own turns do, and not with the EOS a plain response gets.
 Answers that never end score `no_eos_penalty`, as in PPO, so a rambling answer wins only if all n ramble; such a
 prompt is left out of the file (`keep_unfinished` keeps it), since SFT would learn the cut answer.
 """
@@ -18,8 +21,8 @@ import torch
 
 from rlhf.config import BonConfig
 from rlhf.data.jsonl import write_json, write_jsonl
-from rlhf.data.prompts import read_prompt_rows
-from rlhf.engine.best_of_n import best_of_n, kl_bound
+from rlhf.data.prompts import read_prompt_conversations
+from rlhf.engine.best_of_n import BestOfN, best_of_n, kl_bound
 from rlhf.engine.decoding import SamplingParams
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
@@ -33,7 +36,8 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
-    prompts = [p for _, p in read_prompt_rows(cfg.prompts_file, cfg.max_prompts, tokenizer)]
+    conversations = read_prompt_conversations(cfg.prompts_file, cfg.max_prompts, tokenizer)
+    prompts = [text for text, _ in conversations]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
     reward_model = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
@@ -46,10 +50,10 @@ def run(cfg: BonConfig) -> dict[str, Any]:
         results = best_of_n(policy, reward_model, tokenizer, prompts, cfg.n, params, cfg.no_eos_penalty,
                             cfg.batch_size, torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     rows = [
-        {"prompt": r.prompt, "response": r.answers[r.best], "score": r.scores[r.best], "scores": r.scores,
-         "ended": r.ended[r.best], "n": cfg.n, "policy": cfg.policy}
-        for r in results if cfg.keep_unfinished or r.ended[r.best]
-    ]  # fmt: skip
+        _row(r, messages, cfg)
+        for r, (_, messages) in zip(results, conversations, strict=True)
+        if cfg.keep_unfinished or r.ended[r.best]
+    ]
     unfinished = sum(not r.ended[r.best] for r in results)
     if unfinished and not cfg.keep_unfinished:
         log.warning("bon: %d of %d prompts left out: none of their %d answers ended within max_new_tokens (%d)",
@@ -70,3 +74,15 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     }
     write_json(f"{cfg.out}.summary.json", summary)
     return summary
+
+
+def _row(result: BestOfN, messages: list[dict[str, str]] | None, cfg: BonConfig) -> dict[str, Any]:
+    """One prompt's kept answer as an SFT row; a prompt that came as messages keeps them, the answer as the
+    assistant's turn after them, which SFT reads before `prompt` and renders with the chat template."""
+    answer = result.answers[result.best]
+    best = result.best
+    row = {"prompt": result.prompt, "response": answer, "score": result.scores[best], "scores": result.scores,
+           "ended": result.ended[best], "n": cfg.n, "policy": cfg.policy}  # fmt: skip
+    if messages is not None:
+        row["messages"] = [*messages, {"role": "assistant", "content": answer}]
+    return row

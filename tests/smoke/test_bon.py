@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 from rlhf.config import BonConfig
 from rlhf.engine import best_of_n as bon_engine
@@ -15,8 +16,11 @@ from rlhf.engine.best_of_n import kl_bound
 from rlhf.errors import DataError
 from rlhf.models.heads import build_scalar_model, set_normalisation
 from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.tokens import stop_ids
+from rlhf.stages import bon as bon_stage
 from rlhf.stages.bon import run as run_bon
-from rlhf.train.demonstrations import read_demonstrations
+from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
+from rlhf.train.lm_loop import IGNORE
 from tests.archs import CONTEXT, save_tiny
 
 
@@ -119,3 +123,68 @@ def test_a_prompt_whose_answers_never_end_is_left_out_unless_kept(
     kept = run_bon(BonConfig(**base, out=str(tmp_path / "b.jsonl"), keep_unfinished=True))
     rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert kept["written"] == 3 and [r["ended"] for r in rows] == [False] * 3
+
+
+def ends_its_turn_early(model: PreTrainedModel, end_of_turn: int, special: list[int]) -> PreTrainedModel:
+    """The model with an output layer of the same odds whatever it reads: about one in five for the end-of-turn
+    token, none for other special tokens, the rest shared by the text tokens; so answers end after a few words."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    head = torch.nn.Linear(model.config.hidden_size, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[special] = -100.0
+        head.bias[end_of_turn] = math.log(vocab / 4)
+    model.set_output_embeddings(head)
+    return model
+
+
+def test_an_answer_to_a_chat_prompt_trains_sft_through_the_end_of_turn_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rejection-sampling SFT on a chat model: a prompt given as messages comes back as messages with the answer
+    as the assistant's turn, so SFT trains the turn to end with <|im_end|> (as a `messages` demonstration of the
+    same text does, and as the policy ends its turns), not with EOS. A plain-text prompt keeps EOS, as before."""
+    stock = save_tiny("qwen2", tmp_path / "qwen2")  # ChatML: <|im_end|> ends a turn, EOS is <|endoftext|>
+    policy = tmp_path / "policy"  # with the PAD of its own that load_tokenizer adds, as sft saves it
+    tokenizer = load_tokenizer(str(stock))
+    load_causal_lm(str(stock), tokenizer=tokenizer).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    rm = build_scalar_model(str(policy), seed=0)
+    set_normalisation(rm, 0.0, 1.0)
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    eos, im_end = stop_ids(tokenizer)
+    load = bon_stage.load_causal_lm
+    monkeypatch.setattr(bon_stage, "load_causal_lm", lambda *a, **k: ends_its_turn_early(
+        load(*a, **k), im_end, [t for t in tokenizer.all_special_ids if t != im_end]))  # fmt: skip
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the sky green?"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"messages": chat}) + "\n" + json.dumps({"prompt": "User: Hello!\nAssistant:"}) + "\n"
+    )
+    out = tmp_path / "bon.jsonl"
+    run_bon(BonConfig(policy=str(policy), reward_model=str(tmp_path / "rm"), prompts_file=str(prompts),
+                      out=str(out), n=2, max_new_tokens=16, precision="fp32", keep_unfinished=True))  # fmt: skip
+
+    chat_row, plain_row = [json.loads(line) for line in out.read_text().splitlines()]
+    assert chat_row["ended"] and chat_row["response"]  # a few words, then the end of the turn
+    assert chat_row["messages"] == [*chat, {"role": "assistant", "content": chat_row["response"]}]
+    assert chat_row["prompt"] == tokenizer.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
+    assert "messages" not in plain_row
+    demos = read_demonstrations(out, tokenizer)
+    assert [p for p, _ in demos] == [chat_row["prompt"], plain_row["prompt"]]  # what the policy sampled after
+    (from_chat, from_plain), _, _ = tokenize_demonstrations(demos, tokenizer, CONTEXT)
+    answer = [t for t in from_chat["labels"] if t != IGNORE]
+    assert answer[-1] == im_end and eos not in answer
+    assert tokenizer.decode(answer[:-1]) == chat_row["response"]
+    # the same as a `messages` demonstration of the same conversation and answer
+    demonstration = tmp_path / "demonstration.jsonl"
+    demonstration.write_text(json.dumps({"messages": chat_row["messages"]}) + "\n")
+    (expected,), _, _ = tokenize_demonstrations(
+        read_demonstrations(demonstration, tokenizer), tokenizer, CONTEXT
+    )
+    assert from_chat == expected
+    assert from_plain["labels"][-1] == eos  # a plain-text prompt's answer ends with EOS, as before
