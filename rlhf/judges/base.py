@@ -48,6 +48,10 @@ class Judge(Protocol):
         """What the judge noticed about itself (position bias, requests, cache hits), for the summary."""
         ...
 
+    def answer_room(self, prompts: Sequence[str], principle: str | None = None) -> int | None:
+        """Tokens the judge has for each answer after the longest of `prompts`; None: no limit known."""
+        ...
+
 
 class JudgeBase:
     """Defaults for a judge: `compare` of one pair through `compare_all`, and no statistics."""
@@ -62,6 +66,10 @@ class JudgeBase:
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+    def answer_room(self, prompts: Sequence[str], principle: str | None = None) -> int | None:
+        """Tokens the judge has for each answer after the longest of `prompts`; None: no limit known."""
+        return None
 
 
 def check_template(template: str) -> None:

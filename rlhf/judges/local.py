@@ -89,16 +89,29 @@ class LocalJudge(JudgeBase):
 
     def encode(self, text: str) -> list[int]:
         """A judging prompt's tokens: the text as a user message, through the chat template where there is one."""
+        ids = self.tokens(text)
+        if self.context is not None and len(ids) > self.context:
+            raise RlhfError(f"a judging prompt of {len(ids)} tokens exceeds the local judge's context of "
+                            f"{self.context}: shorten the template (eval.judge_template or "
+                            "eval.judge_review_template) or the answers (eval.max_new_tokens)")  # fmt: skip
+        return ids
+
+    def tokens(self, text: str) -> list[int]:
+        """`encode` without the check of the judge's context."""
         if getattr(self.tokenizer, "chat_template", None):
             text = str(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             ))  # fmt: skip
-        ids = encode_prompts(self.tokenizer, [text])[0]  # BOS once, also when the template wrote it
-        if self.context is not None and len(ids) > self.context:
-            raise RlhfError(f"a judging prompt of {len(ids)} tokens exceeds the local judge's context of "
-                            f"{self.context}: shorten the template (eval.judge_template or "
-                            "eval.judge_review_template) or the answers")  # fmt: skip
-        return ids
+        return encode_prompts(self.tokenizer, [text])[0]  # BOS once, also when the template wrote it
+
+    def answer_room(self, prompts: Sequence[str], principle: str | None = None) -> int | None:
+        """Judge tokens left for each answer of a pair by the longest judging prompt with both answers empty
+        (None: the judge's context is not known), so that an evaluation can say before any answer is sampled
+        that its answers may not fit."""
+        if self.context is None or not prompts:
+            return None
+        longest = max(len(self.tokens(render(self.template, p, "", "", principle))) for p in prompts)
+        return (self.context - longest) // 2
 
     def first_slot_probs(self, texts: Sequence[list[int]]) -> list[float]:
         """P(choice 1) / (P(choice 1) + P(choice 2)) at the next token of each judging prompt."""
@@ -155,6 +168,14 @@ class PointwiseJudge(LocalJudge):
         self.ids = [choice_token_ids(tokenizer, c) for c in choices]
         self.context = context_length(model) if hasattr(model, "config") else None
         self.reviewed = self.flagged = 0
+
+    def answer_room(self, prompts: Sequence[str], principle: str | None = None) -> int | None:
+        """Judge tokens left for the one answer a review reads, by the longest review prompt of an empty answer."""
+        if self.context is None or not prompts:
+            return None
+        return self.context - max(
+            len(self.tokens(render_review(self.template, p, "", principle))) for p in prompts
+        )
 
     def breaks_log_odds(
         self, prompts: Sequence[str], responses: Sequence[str], principle: str | None

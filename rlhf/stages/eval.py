@@ -289,6 +289,7 @@ def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, An
 
 def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict[str, Any]:
     """Answer, judge and summarise; returns the JSON summary."""
+    check_answer_room(judge, policy_a, cfg)
     prompts, a, b = answer_both(policy_a, policy_b, cfg)
     outcomes, a_first = judge_pairs(judge, prompts, a, b, cfg.seed, cfg.judge_principle)
     summary = summarise(policy_a, policy_b, cfg, prompts, a, b, a_first)
@@ -296,6 +297,23 @@ def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict
     if cfg.redteam_samples and summary["demo_prompts"]:
         summary["redteam"] = redteam_rates(policy_a, policy_b, cfg)
     return add_verdicts(summary, outcomes.tolist(), cfg, judge.stats())
+
+
+def check_answer_room(judge: Judge, policy_a: str, cfg: EvalConfig) -> None:
+    """Before any answer is sampled: an error where the judging prompts alone fill the judge's context, and a
+    warning where answers of eval.max_new_tokens may not fit (a pair that does not stops the evaluation once
+    both policies have answered every prompt)."""
+    prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, load_tokenizer(policy_a, cfg.add_pad_token))
+    room = judge.answer_room(prompts, cfg.judge_principle)
+    if room is None or room >= cfg.max_new_tokens:
+        return
+    if room <= 0:
+        raise RlhfError(f"eval: the judging prompts fill the {judge.name} judge's context before any answer is in "
+                        "them: shorten the template (eval.judge_template or eval.judge_review_template) or the "
+                        "prompts, or choose a judge with a longer context")  # fmt: skip
+    log.warning("eval: the %s judge has room for answers of about %d tokens each after the longest prompt, and "
+                "answers may reach eval.max_new_tokens (%d); a pair that does not fit stops the evaluation once "
+                "both policies have answered", judge.name, room, cfg.max_new_tokens)  # fmt: skip
 
 
 def push_to_people(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, Any]:

@@ -157,3 +157,42 @@ def test_the_people_judge_cannot_judge_on_the_spot() -> None:
     cfg = load_config(None, ["eval.judge=people", "eval.judge_db=sqlite:///x.db"]).eval
     with pytest.raises(ConfigError, match="rlhf eval --collect"):
         make_judge(cfg)
+
+
+def test_a_local_judge_too_small_for_the_answers_is_found_before_any_answer_is_sampled(
+    tiny_sft_model: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tiny model as its own judge (a context of 128 tokens): a short template leaves room for answers of
+    fewer than 100 tokens, a warning before sampling; the default template alone fills the context, an error
+    before sampling (it used to come after both policies had answered every prompt)."""
+    from rlhf.config import load_config
+    from rlhf.errors import RlhfError
+    from rlhf.eval.judges import make_judge
+    from rlhf.stages import eval as eval_stage
+
+    sampled: list[str] = []
+
+    def answer_both(policy_a: str, *_: object) -> None:
+        sampled.append(policy_a)
+        raise RuntimeError("sampled")
+
+    monkeypatch.setattr(eval_stage, "answer_both", answer_both)
+    sft = str(tiny_sft_model)
+    sets = [f"eval.prompts_file={demo_data / 'rl_prompts.jsonl'}", "eval.n_prompts=8", "eval.judge=local",
+            f"eval.judge_model={sft}"]  # fmt: skip
+    short = "eval.judge_template={prompt} A:{first} B:{second} Better:"
+    cfg = load_config(None, [*sets, short, "eval.max_new_tokens=100"]).eval
+    with caplog.at_level("WARNING", logger="rlhf.stages.eval"), pytest.raises(RuntimeError, match="sampled"):
+        eval_stage.compare(sft, sft, cfg, make_judge(cfg))
+    assert "answers may reach eval.max_new_tokens (100)" in caplog.text and sampled == [sft]
+
+    caplog.clear()
+    cfg = load_config(None, [*sets, short, "eval.max_new_tokens=12"]).eval
+    with caplog.at_level("WARNING", logger="rlhf.stages.eval"), pytest.raises(RuntimeError, match="sampled"):
+        eval_stage.compare(sft, sft, cfg, make_judge(cfg))
+    assert "max_new_tokens" not in caplog.text  # room for answers of 12 tokens: nothing to say
+
+    cfg = load_config(None, sets).eval
+    with pytest.raises(RlhfError, match=r"the judging prompts fill the local judge's context"):
+        eval_stage.compare(sft, sft, cfg, make_judge(cfg))
+    assert len(sampled) == 2
