@@ -303,6 +303,8 @@ def check_answer_room(judge: Judge, policy_a: str, cfg: EvalConfig) -> None:
     """Before any answer is sampled: an error where the judging prompts alone fill the judge's context, and a
     warning where answers of eval.max_new_tokens may not fit (a pair that does not stops the evaluation once
     both policies have answered every prompt)."""
+    if getattr(judge, "context", None) is None:  # a judge without a context length (gold, endpoints)
+        return
     prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, load_tokenizer(policy_a, cfg.add_pad_token))
     room = judge.answer_room(prompts, cfg.judge_principle)
     if room is None or room >= cfg.max_new_tokens:
