@@ -283,6 +283,10 @@ def eval_(
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="accepted as by the other stages: eval logs plain lines anyway"),
+    ] = False,
 ) -> None:
     """Win rate of policy A over policy B under a judge (gold, reward_model, local, endpoint or people), with a
     bootstrap 95% CI, KL to a reference and, on the demo's prompts, its gold metrics (docs/eval.md)."""
@@ -293,7 +297,7 @@ def eval_(
 
     if reference:
         cfg.reference = reference
-    setup_logging(quiet=True)
+    setup_logging(quiet=True)  # no progress bars here, with --quiet or without
     if collect is not None:
         if not collect.is_file():
             raise ConfigError(f"--collect: no such file: {collect}")

@@ -18,7 +18,7 @@ def test_a_policy_against_itself_wins_half_the_time(
 ) -> None:
     out = tmp_path / "eval.json"
     sft = str(tiny_sft_model)
-    args = ["eval", sft, sft, "--reference", sft, "--out", str(out),
+    args = ["eval", sft, sft, "--reference", sft, "--out", str(out), "--quiet",  # as every stage takes it
             "--set", f"eval.prompts_file={demo_data / 'rl_prompts.jsonl'}", "--set", "eval.n_prompts=64",
             "--set", "eval.max_new_tokens=12", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=500"]  # fmt: skip
     result = CliRunner().invoke(app, args)
