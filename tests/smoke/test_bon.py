@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,19 +46,23 @@ def test_best_of_n_keeps_the_highest_scored_answer(
     assert [p for p, _ in demos] == [r["prompt"] for r in rows]
 
 
-def test_prompt_longer_than_the_context_is_cut_for_the_reward_model_too(tmp_path: Path) -> None:
-    # GPT-2 has learned positions: a sequence past its context is an IndexError, not a silent extrapolation
-    stock = save_tiny("gpt2", tmp_path / "gpt2")
-    policy = (
-        tmp_path / "policy"
-    )  # with the PAD that load_tokenizer adds (GPT-2's is its EOS), as sft saves it
+def policy_and_reward_model(stock: Path, tmp_path: Path) -> tuple[Path, Any]:
+    """TMP/policy: `stock` with the PAD that load_tokenizer adds where it has none of its own (GPT-2's is its
+    EOS), as sft saves it; TMP/rm: a reward model with a fresh head on it. The policy's path and tokenizer."""
+    policy = tmp_path / "policy"
     tokenizer = load_tokenizer(str(stock))
     load_causal_lm(str(stock), tokenizer=tokenizer).save_pretrained(policy)
     tokenizer.save_pretrained(policy)
     rm = build_scalar_model(str(policy), seed=0)
     set_normalisation(rm, 0.0, 1.0)
     rm.save_pretrained(tmp_path / "rm")
-    load_tokenizer(str(policy)).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    return policy, tokenizer
+
+
+def test_prompt_longer_than_the_context_is_cut_for_the_reward_model_too(tmp_path: Path) -> None:
+    # GPT-2 has learned positions: a sequence past its context is an IndexError, not a silent extrapolation
+    policy, _ = policy_and_reward_model(save_tiny("gpt2", tmp_path / "gpt2"), tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     long = "User: " + "What is 2 plus 3? " * CONTEXT + "\nAssistant:"
     prompts.write_text(
@@ -145,15 +150,8 @@ def test_an_answer_to_a_chat_prompt_trains_sft_through_the_end_of_turn_token(
     """Rejection-sampling SFT on a chat model: a prompt given as messages comes back as messages with the answer
     as the assistant's turn, so SFT trains the turn to end with <|im_end|> (as a `messages` demonstration of the
     same text does, and as the policy ends its turns), not with EOS. A plain-text prompt keeps EOS, as before."""
-    stock = save_tiny("qwen2", tmp_path / "qwen2")  # ChatML: <|im_end|> ends a turn, EOS is <|endoftext|>
-    policy = tmp_path / "policy"  # with the PAD of its own that load_tokenizer adds, as sft saves it
-    tokenizer = load_tokenizer(str(stock))
-    load_causal_lm(str(stock), tokenizer=tokenizer).save_pretrained(policy)
-    tokenizer.save_pretrained(policy)
-    rm = build_scalar_model(str(policy), seed=0)
-    set_normalisation(rm, 0.0, 1.0)
-    rm.save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    # ChatML: <|im_end|> ends a turn, EOS is <|endoftext|>
+    policy, tokenizer = policy_and_reward_model(save_tiny("qwen2", tmp_path / "qwen2"), tmp_path)
     eos, im_end = stop_ids(tokenizer)
     load = bon_stage.load_causal_lm
     monkeypatch.setattr(bon_stage, "load_causal_lm", lambda *a, **k: ends_its_turn_early(

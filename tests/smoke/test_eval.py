@@ -50,16 +50,20 @@ def test_a_policy_against_itself_wins_half_the_time(
     assert "win rate of A over B" in result.output and "kl_to_reference" in result.output
 
 
+def best_of_4_eval(a: str, b: str, out: Path, data: Path, rm: Path, prompts: int, tokens: int) -> list[str]:
+    """`rlhf eval A B` with A answering best-of-4 under `rm`, B's policy as the reference, in fp32."""
+    sets = [f"eval.prompts_file={data / 'eval_prompts.jsonl'}", f"eval.n_prompts={prompts}",
+            f"eval.max_new_tokens={tokens}", "eval.precision=fp32", "eval.bootstrap=100", "eval.best_of_n=4",
+            f"eval.reward_model={rm}"]  # fmt: skip
+    return ["eval", a, b, "--reference", b, "--out", str(out), *[x for s in sets for x in ("--set", s)]]
+
+
 def test_best_of_n_answers_for_policy_a(
     tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
 ) -> None:
     out = tmp_path / "eval.json"
     sft = str(tiny_sft_model)
-    args = ["eval", sft, sft, "--reference", sft, "--out", str(out),
-            "--set", f"eval.prompts_file={demo_data / 'eval_prompts.jsonl'}", "--set", "eval.n_prompts=8",
-            "--set", "eval.max_new_tokens=12", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=100",
-            "--set", "eval.best_of_n=4", "--set", f"eval.reward_model={tiny_reward_model}"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, best_of_4_eval(sft, sft, out, demo_data, tiny_reward_model, 8, 12))
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
     assert summary["best_of_n_a"] == 4
@@ -77,11 +81,7 @@ def test_best_of_n_of_another_policy_than_the_reference_has_no_kl_to_it(
     shutil.copytree(tiny_sft_model, other)
     out = tmp_path / "eval.json"
     sft = str(tiny_sft_model)
-    args = ["eval", str(other), sft, "--reference", sft, "--out", str(out),
-            "--set", f"eval.prompts_file={demo_data / 'eval_prompts.jsonl'}", "--set", "eval.n_prompts=4",
-            "--set", "eval.max_new_tokens=8", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=100",
-            "--set", "eval.best_of_n=4", "--set", f"eval.reward_model={tiny_reward_model}"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, best_of_4_eval(str(other), sft, out, demo_data, tiny_reward_model, 4, 8))
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
     assert summary["a"]["kl_to_reference"] is None and abs(summary["b"]["kl_to_reference"]) < 1e-5

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -268,21 +269,18 @@ def test_redteam_filter_options_without_filter_are_refused() -> None:
     assert result.exit_code != 0 and "go with --filter FILE" in str(result.exception)
 
 
+def one_step_sft(out: Path, model: Path, *sets: str) -> Any:
+    """`rlhf sft` of one step of one demonstration in fp32, with `sets` (train_file and the rest) added."""
+    base = ("sft.batch_size=1", "sft.micro_batch_size=1", "sft.max_steps=1", "sft.precision=fp32")
+    args = [a for s in (f"sft.model={model}", *base, *sets) for a in ("--set", s)]
+    return runner.invoke(app, ["sft", "--quiet", "--out", str(out), *args])
+
+
 def test_sft_on_a_single_demonstration_trains_on_it(tmp_path: Path) -> None:
     model = save_tiny("llama", tmp_path / "model")
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "User: Hi\nAssistant:", "response": " Hello!"}) + "\n")
-    sets = [
-        f"sft.model={model}",
-        f"sft.train_file={data}",
-        "sft.batch_size=1",
-        "sft.micro_batch_size=1",
-        "sft.max_steps=1",
-        "sft.precision=fp32",
-    ]
-    result = runner.invoke(
-        app, ["sft", "--quiet", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
-    )
+    result = one_step_sft(tmp_path / "run", model, f"sft.train_file={data}")
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "sft/loss" in r] == [1]
 
@@ -295,20 +293,9 @@ def test_sft_says_how_many_held_out_demonstrations_were_cut(
     data.write_text(json.dumps({"prompt": "User: Hi\nAssistant:", "response": " Hello!"}) + "\n")
     long = {"prompt": "User: " + "Hi " * 40 + "\nAssistant:", "response": " Hello!"}
     held.write_text(json.dumps(long) + "\n" + data.read_text())
-    sets = [
-        f"sft.model={model}",
-        f"sft.train_file={data}",
-        f"sft.eval_file={held}",
-        "sft.max_seq_len=32",
-        "sft.batch_size=1",
-        "sft.micro_batch_size=1",
-        "sft.max_steps=1",
-        "sft.precision=fp32",
-    ]
     with caplog.at_level("WARNING", logger="rlhf.stages.sft"):
-        result = runner.invoke(
-            app, ["sft", "--quiet", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
-        )
+        result = one_step_sft(tmp_path / "run", model, f"sft.train_file={data}", f"sft.eval_file={held}",
+                              "sft.max_seq_len=32")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "1 of 2 held-out demonstrations longer than 32 tokens were truncated (1 dropped" in caplog.text
 
@@ -323,26 +310,16 @@ def test_sft_columns_train_on_alpaca_rows(tmp_path: Path) -> None:
     held.write_text(
         json.dumps({"instruction": "User: Thank you.\nAssistant:", "output": " You are welcome."}) + "\n"
     )
-    sets = [
-        f"sft.model={model}",
-        f"sft.train_file={data}",
-        f"sft.eval_file={held}",
-        "sft.columns={prompt: instruction, completion: output}",
-        "sft.batch_size=1",
-        "sft.micro_batch_size=1",
-        "sft.max_steps=1",
-        "sft.precision=fp32",
-    ]
-    result = runner.invoke(
-        app, ["sft", "--quiet", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    files = (f"sft.train_file={data}", f"sft.eval_file={held}")
+    result = one_step_sft(
+        tmp_path / "run", model, *files, "sft.columns={prompt: instruction, completion: output}"
     )
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "sft/loss" in r] == [1]
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == ["User: Thank you.\nAssistant:"]  # the held-out file, mapped too
     # without the mapping, the error names the keys the row has
-    unmapped = [a for s in sets if not s.startswith("sft.columns") for a in ("--set", s)]
-    result = runner.invoke(app, ["sft", "--quiet", "--out", str(tmp_path / "run2"), *unmapped])
+    result = one_step_sft(tmp_path / "run2", model, *files)
     assert result.exit_code != 0
     assert str(result.exception) == (
         f"{data}:1: missing field 'prompt' (or 'messages' or 'text'); the row's keys are 'instruction', 'input', "
