@@ -195,3 +195,23 @@ def test_rate_limit_answers_429(make_client, team) -> None:
         "/api/votes", json={"task_id": 5, "choice": "A", "idempotency_key": "rate-5-bob"}, headers=team["bob"]
     )
     assert ok.status_code == 201
+
+
+def test_retry_of_a_stored_vote_is_answered_at_the_rate_limit(make_client, team) -> None:
+    """A retry (same key, same answer) of an acknowledged vote gets the original back (200) even when its
+    labeler is at the limit: it is no new vote. A new vote, or the key with another answer, is not."""
+    client = make_client(votes_per_minute=2)
+    rows = [{"prompt": f"p{i}", "completions": [{"text": "a"}, {"text": "b"}]} for i in range(3)]
+    client.post("/api/projects/demo/import", json={"candidates": rows}, headers=team["admin"])
+
+    def vote(task_id: int, key: str, choice: str = "A") -> httpx.Response:
+        body = {"task_id": task_id, "choice": choice, "idempotency_key": key}
+        return client.post("/api/votes", json=body, headers=team["ann"])
+
+    first, second = vote(1, "limit-retry-1"), vote(2, "limit-retry-2")
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert vote(3, "limit-retry-3").status_code == 429  # a new vote over the limit
+    again = vote(1, "limit-retry-1")
+    assert again.status_code == 200 and again.json() == first.json()
+    assert vote(1, "limit-retry-1", choice="B").status_code == 422  # the key reused for another answer
+    assert vote(3, "limit-retry-3").status_code == 429  # still limited

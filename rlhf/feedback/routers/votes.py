@@ -7,12 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from rlhf.feedback import projects
 from rlhf.feedback import votes as store
+from rlhf.feedback.db import Database
 from rlhf.feedback.deps import CurrentUser, SessionDep, SettingsDep
+from rlhf.feedback.errors import RateLimited
 from rlhf.feedback.metrics import VOTE_REPLAYS, VOTE_SECONDS, VOTES
-from rlhf.feedback.models import User
+from rlhf.feedback.models import User, Vote
 from rlhf.feedback.schemas import API_ERRORS, MAX_INT32, NAME_PATTERN, PROJECT_PATTERN, VoteIn, VoteOut
 from rlhf.feedback.security import RateLimiter
 from rlhf.feedback.users import get_user
@@ -36,7 +39,18 @@ async def create_vote(request: Request, body: VoteIn, user: CurrentUser) -> Resp
     # the app state read directly: as dependencies, writer and limiter cost time on every vote
     writer: VoteWriter = request.app.state.writer
     limiter: RateLimiter = request.app.state.limiter
-    await limiter.take_async(user.id)  # counted up front, so workers together keep to the limit
+    try:
+        await limiter.take_async(user.id)  # counted up front, so workers together keep to the limit
+    except RateLimited:
+        # a retry of a vote already stored is no new vote: it gets its original back, even at the limit
+        db: Database = request.app.state.db
+        earlier = await run_in_threadpool(_replayed, db, user, body)
+        if earlier is None:
+            raise
+        VOTE_REPLAYS.inc()
+        return Response(
+            store.vote_out(earlier.vote, user.name).model_dump_json(), 200, media_type="application/json"
+        )
     try:
         recorded = await writer.record(user, body, body.source)
     except BaseException:
@@ -51,6 +65,14 @@ async def create_vote(request: Request, body: VoteIn, user: CurrentUser) -> Resp
     # serialised here, once: returned as a model, it would be validated again against response_model
     out = store.vote_out(recorded.vote, user.name).model_dump_json()
     return Response(out, 201 if recorded.created else 200, media_type="application/json")
+
+
+def _replayed(db: Database, user: User, body: VoteIn) -> store.Recorded | None:
+    """The vote stored earlier under this idempotency key, when `body` is a retry of it (else None; a
+    key of another labeler or of another answer raises as a replay would)."""
+    with db.session() as session:
+        earlier = session.scalar(select(Vote).where(Vote.idempotency_key == body.idempotency_key))
+        return None if earlier is None else store.replay(earlier, user, body)
 
 
 @router.get("")
