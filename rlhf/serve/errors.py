@@ -91,6 +91,9 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(APIError("The server had an error while processing your request.", 500))
 
 
+SHOWN_CHARS = 80  # most characters of an invalid value an error message quotes
+
+
 def validation_error(errors: Any) -> APIError:
     """The most telling validation error as OpenAI words it: a JSON parse error, or a field and its fault."""
     errors = list(errors)
@@ -122,6 +125,9 @@ def validation_error(errors: Any) -> APIError:
         )
     value = err.get("input")
     shown = repr(value) if isinstance(value, int | float | str | bool) else type(value).__name__
+    if len(shown) > SHOWN_CHARS:  # a long value is not echoed whole: the message says what is wrong with it
+        length = f", {len(value)} characters" if isinstance(value, str) else ""
+        shown = f"{shown[:SHOWN_CHARS]}...{length}"
     if not param and isinstance(value, bytes):  # FastAPI reads a body without a JSON content type as bytes
         return APIError(
             "The request body was not read as JSON: send it with the header Content-Type: application/json.",

@@ -360,3 +360,15 @@ def test_requests_answered_before_routing_are_counted_under_their_route(server: 
     assert r.status_code == 400
     assert httpx.head(server["url"] + "/healthz").status_code == 200
     assert (count("/v1/completions", 400), count("/healthz", 200)) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_long_invalid_value_is_not_echoed_whole() -> None:
+    """A 100,000-character `user` is refused with a short message naming the field, not echoed back."""
+    from rlhf.serve.errors import validation_error
+
+    err = validation_error(
+        [{"type": "string_too_long", "loc": ("body", "user"), "msg": "too long", "input": "u" * 100_000}]
+    )
+    assert err.param == "user" and "100000 characters" in err.message and len(err.message) < 200
+    short = validation_error([{"type": "int_parsing", "loc": ("body", "n"), "msg": "no", "input": "2"}])
+    assert short.message == "Invalid value for 'n': no (got '2')."
