@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Request
@@ -113,6 +114,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def models(request: Request) -> Response:
         state: GatewayState = request.app.state.serve
         return await _forward(state, state.upstream, "GET", "models", None, request)
+
+    @app.get("/v1/models/{model:path}", response_model=None)
+    async def model(request: Request, model: str) -> Response:
+        """One model as the engine describes it (`client.models.retrieve`); ids may hold slashes ("org/name")."""
+        if any(
+            part in ("", ".", "..") for part in model.split("/")
+        ):  # the engine's other paths stay out of reach
+            raise APIError(f"The model id {model[:80]!r} is not one the engine serves.", 404, param="model",
+                           code="model_not_found")  # fmt: skip
+        state: GatewayState = request.app.state.serve
+        return await _forward(state, state.upstream, "GET", f"models/{quote(model, safe='/')}", None, request)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -50,6 +50,16 @@ def test_plain_chat_and_completions_pass_through(gateway: dict[str, Any]) -> Non
     assert {m.id for m in client.models.list()} == {"tiny", "tiny-candidate"}
 
 
+def test_one_model_is_retrieved_through_the_gateway_as_from_the_engine(gateway: dict[str, Any]) -> None:
+    client: openai.OpenAI = gateway["client"]
+    assert client.models.retrieve("tiny-candidate").id == "tiny-candidate"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")  # the engine's own 404, passed through
+    # a dot segment would reach the engine's other paths: refused here
+    raw = httpx.get(gateway["url"] + "/v1/models/tiny/%2E%2E/%2E%2E/healthz", timeout=30)
+    assert raw.status_code == 404 and raw.json()["error"]["code"] == "model_not_found"
+
+
 def test_streamed_chat_passes_through(gateway: dict[str, Any]) -> None:
     client: openai.OpenAI = gateway["client"]
     chunks = list(
