@@ -10,7 +10,15 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    model_validator,
+)
 
 MAX_NOTE_CHARS = 2000
 MAX_TEXT_CHARS = 100_000
@@ -107,6 +115,26 @@ API_ERRORS: dict[int | str, dict[str, Any]] = {
 # ---- import -------------------------------------------------------------------------------------------
 
 
+def _json_number(value: object) -> object:
+    """A JSON number as it came: a string or a boolean is refused, not read as a number (13.0 is 13, as JSON
+    Schema's integers allow)."""
+    if isinstance(value, bool | str):
+        raise ValueError("Input should be a number, not a string or a boolean")
+    return value
+
+
+def _not_a_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("Input should be a valid integer, not a boolean")
+    return value
+
+
+# The JSON API's numbers and flags are taken as JSON types only: a string or a boolean where a number is asked
+# for (or a number or string where a flag is) is a 422, not read as one.
+Overlap = Annotated[int, Field(ge=1, le=100), BeforeValidator(_json_number)]
+GoldRate = Annotated[float, Field(ge=0, le=1), BeforeValidator(_json_number)]
+
+
 class SamplingIn(BaseModel):
     """Sampling parameters of a completion; extra keys are kept as given."""
 
@@ -166,8 +194,8 @@ class ImportIn(BaseModel):
     task_kind: TaskKind = "pairwise"
     candidates: Annotated[list[CandidateRow], Field(max_length=200_000)]
     gold: Annotated[list[GoldRow], Field(max_length=100_000)] = []
-    overlap: Annotated[int, Field(ge=1, le=100)] | None = None
-    gold_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    overlap: Overlap | None = None
+    gold_rate: GoldRate | None = None
     guidelines: Guidelines | None = Field(None, description="Markdown shown to labelers with every task")
     axes: Axes | None = Field(None, description="judgement axes asked beside the overall choice (pairwise)")
 
@@ -186,13 +214,13 @@ class ImportOut(BaseModel):
 
 class ProjectIn(BaseModel):
     name: ProjectName
-    overlap: Annotated[int, Field(ge=1, le=100)] = 1
-    gold_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    overlap: Overlap = 1
+    gold_rate: GoldRate = 0.0
 
 
 class ProjectUpdate(BaseModel):
-    overlap: Annotated[int, Field(ge=1, le=100)] | None = None
-    gold_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    overlap: Overlap | None = None
+    gold_rate: GoldRate | None = None
     guidelines: Guidelines | None = Field(None, description="Markdown shown to labelers with every task")
     axes: Axes | None = Field(None, description="judgement axes asked beside the overall choice (pairwise)")
 
@@ -217,7 +245,7 @@ class UserIn(BaseModel):
 
 
 class UserUpdate(BaseModel):
-    disabled: bool | None = None
+    disabled: StrictBool | None = None  # "yes" or 1 is refused, not read as true
     role: Role | None = None
     password: Password | None = None
 
@@ -276,7 +304,8 @@ class NextTaskOut(BaseModel):
 
 
 class VoteIn(BaseModel):
-    task_id: Annotated[int, Field(ge=1, le=MAX_INT32)]
+    # not a boolean (true is no task 1); the task page's form sends the id as text, read as a number
+    task_id: Annotated[int, Field(ge=1, le=MAX_INT32), BeforeValidator(_not_a_bool)]
     project: Annotated[str, Field(pattern=PROJECT_PATTERN)] | None = Field(
         None, description="the project the task must belong to: a task of another project is answered 404"
     )

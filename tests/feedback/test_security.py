@@ -195,3 +195,25 @@ def test_admins_cannot_lock_themselves_or_everyone_out(api, db: Database) -> Non
     assert api.client.patch("/api/users/admin", json={"role": "labeler"}, headers=root2).status_code == 200
     with db.session() as s, pytest.raises(Conflict, match="last enabled admin"):
         users.update_user(s, "root2", disabled=True)
+
+
+def test_json_numbers_and_flags_are_not_read_from_strings_or_booleans(api) -> None:
+    """A flag given as "yes" once disabled the user, and a task id given as true voted on task 1: the JSON API
+    takes its numbers and flags as JSON numbers and booleans only (422 otherwise, nothing changed)."""
+    api.seed(n_prompts=1)
+    admin = api.team["admin"]
+    for bad in ("yes", 1, "true"):
+        r = api.client.patch("/api/users/bob", json={"disabled": bad}, headers=admin)
+        assert r.status_code == 422, bad
+    assert not any(u["disabled"] for u in api.get("admin", "/api/users").json())
+    for body in ({"overlap": "3"}, {"overlap": True}, {"gold_rate": "0.5"}):
+        assert api.client.patch("/api/projects/demo", json=body, headers=admin).status_code == 422, body
+    assert (
+        api.client.patch("/api/projects/demo", json={"overlap": 2, "gold_rate": 0}, headers=admin).status_code
+        == 200
+    )
+    task = api.next("ann")
+    assert task["id"] == 1
+    r = api.post("ann", "/api/votes", json={"task_id": True, "choice": "A", "idempotency_key": "k-true-1"})
+    assert r.status_code == 422
+    assert api.vote("ann", task["id"]).status_code == 201  # the task is still open to a real vote
