@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from rlhf import __version__
+from rlhf.feedback.export import PROMPT_MESSAGES
 from rlhf.serve import metrics
 from rlhf.serve.errors import APIError, add_error_handlers, error_body
 from rlhf.serve.feedback import AB_HEADER, Answer, FeedbackStore, save_ab_async
@@ -221,6 +222,10 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
     meta = {"endpoint": "chat.completions" if chat else "completions", "model": model,
             "request_user": body.get("user"), "upstream": str(state.upstream.base_url)}  # fmt: skip
     prompt = _prompt_text(body, chat)
+    if chat:  # the conversation itself: its pairs export as conversations, for any model's chat template
+        meta[PROMPT_MESSAGES] = [
+            {"role": str(m.get("role", "user")), "content": _content(m)} for m in _turns(body)
+        ]
     if body.get("stream"):
         # Both streams are opened before answering, so that an engine's refusal (a 4xx) reaches the client
         # with its own status, as it does without A/B, rather than as an error event in a 200 stream.
@@ -394,13 +399,19 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str:
     if not chat:
         prompt = body.get("prompt", "")
         return str(prompt[0] if isinstance(prompt, list) and prompt else prompt)
-    turns = []
-    for m in body.get("messages") or []:
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        turns.append(f"{m.get('role', 'user')}: {content or ''}")
-    return "\n".join(turns)
+    return "\n".join(f"{m.get('role', 'user')}: {_content(m)}" for m in _turns(body))
+
+
+def _turns(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in body.get("messages") or [] if isinstance(m, dict)]
+
+
+def _content(message: dict[str, Any]) -> str:
+    """A message's text: content parts reduced to their text ones."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content or "")
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from rlhf.errors import ConfigError
 from rlhf.feedback.db import Database
-from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, Vote
+from rlhf.feedback.export import export_records
+from rlhf.feedback.models import Completion, Project, Prompt, Task, TaskCompletion, Vote
 from rlhf.serve.gateway import GatewaySettings, create_app
 from tests.serve.conftest import run_app
 
@@ -107,6 +108,10 @@ def test_ab_pair_and_vote_land_in_the_store_with_both_versions(
         prompt = session.get(Prompt, task.prompt_id)
         assert prompt is not None and prompt.external_id == extra["feedback_id"]
         assert prompt.text == "user: Hello!" and prompt.meta["request_user"] == "alice"
+        assert prompt.meta["prompt_messages"] == HELLO  # the conversation, for any model's chat template
+        project = session.get(Project, prompt.project_id)
+        assert project is not None
+        exported = [p for p in export_records(session, project.name, "pairs") if p["prompt"] == HELLO]
         answers = session.scalars(
             select(Completion)
             .join(TaskCompletion, TaskCompletion.completion_id == Completion.id)
@@ -115,6 +120,9 @@ def test_ab_pair_and_vote_land_in_the_store_with_both_versions(
         ).all()
     db.dispose()
     assert [a.text for a in answers] == [c.message.content for c in out.choices]
+    # the vote chose A: exported as a conversational pair, the answers as assistant turns
+    assert {"prompt": HELLO, "chosen": [{"role": "assistant", "content": answers[0].text}],
+            "rejected": [{"role": "assistant", "content": answers[1].text}]} in exported  # fmt: skip
     assert sorted(a.policy for a in answers) == sorted([state.main.version, state.candidate.version])
     assert all(a.sampling["max_new_tokens"] == 8 for a in answers)
 
