@@ -200,9 +200,7 @@ def _clear_earlier_run(run_dir: Path, names: tuple[str, ...]) -> None:
     stash = run_dir / STASH
     stash.mkdir()
     for path in found:
-        path.rename(stash / path.name)
-    if (run_dir / "config.yaml").is_file():  # the earlier run's settings go back with it
-        shutil.copy2(run_dir / "config.yaml", stash / "config.yaml")
+        path.rename(stash / path.name)  # its config.yaml goes back from memory (Run.abandon)
 
 
 def _restore_stash(run_dir: Path) -> None:
