@@ -35,7 +35,7 @@ from starlette.background import BackgroundTask
 from rlhf import __version__
 from rlhf.feedback.export import PROMPT_MESSAGES
 from rlhf.serve import metrics
-from rlhf.serve.errors import APIError, add_error_handlers, error_body
+from rlhf.serve.errors import SHOWN_CHARS, APIError, add_error_handlers, error_body
 from rlhf.serve.feedback import AB_HEADER, Answer, FeedbackStore, save_ab_async
 from rlhf.serve.middleware import BodySizeLimit
 from rlhf.serve.routers import feedback
@@ -119,11 +119,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.get("/v1/models/{model:path}", response_model=None)
     async def model(request: Request, model: str) -> Response:
         """One model as the engine describes it (`client.models.retrieve`); ids may hold slashes ("org/name")."""
-        if any(
-            part in ("", ".", "..") for part in model.split("/")
-        ):  # the engine's other paths stay out of reach
-            raise APIError(f"The model id {model[:80]!r} is not one the engine serves.", 404, param="model",
-                           code="model_not_found")  # fmt: skip
+        # a dot segment would reach the engine's other paths
+        if {"", ".", ".."} & set(model.split("/")):
+            raise APIError(f"The model id {model[:SHOWN_CHARS]!r} is not one the engine serves.", 404,
+                           param="model", code="model_not_found")  # fmt: skip
         state: GatewayState = request.app.state.serve
         return await _forward(state, state.upstream, "GET", f"models/{quote(model, safe='/')}", None, request)
 
