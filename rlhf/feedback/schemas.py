@@ -211,14 +211,20 @@ class ImportOut(BaseModel):
 
 # ---- projects and users -------------------------------------------------------------------------------
 
+# An admin's request names only fields there are: a mistyped one ("overlapp", "label" for a token's name) is a 422,
+# not a request that quietly leaves the setting as it was.
+ADMIN_BODY = ConfigDict(extra="forbid")
+
 
 class ProjectIn(BaseModel):
+    model_config = ADMIN_BODY
     name: ProjectName
     overlap: Overlap = 1
     gold_rate: GoldRate = 0.0
 
 
 class ProjectUpdate(BaseModel):
+    model_config = ADMIN_BODY
     overlap: Overlap | None = None
     gold_rate: GoldRate | None = None
     guidelines: Guidelines | None = Field(None, description="Markdown shown to labelers with every task")
@@ -239,12 +245,14 @@ class ProjectOut(BaseModel):
 
 
 class UserIn(BaseModel):
+    model_config = ADMIN_BODY
     name: UserName
     role: Role = "labeler"
     password: Password | None = None
 
 
 class UserUpdate(BaseModel):
+    model_config = ADMIN_BODY
     disabled: StrictBool | None = None  # "yes" or 1 is refused, not read as true
     role: Role | None = None
     password: Password | None = None
@@ -259,6 +267,7 @@ class UserOut(BaseModel):
 
 
 class TokenIn(BaseModel):
+    model_config = ADMIN_BODY
     name: Label = ""
 
 

@@ -217,3 +217,17 @@ def test_json_numbers_and_flags_are_not_read_from_strings_or_booleans(api) -> No
     r = api.post("ann", "/api/votes", json={"task_id": True, "choice": "A", "idempotency_key": "k-true-1"})
     assert r.status_code == 422
     assert api.vote("ann", task["id"]).status_code == 201  # the task is still open to a real vote
+
+
+def test_an_admin_body_with_a_field_there_is_not_is_refused(api) -> None:
+    """A mistyped setting ("overlapp") or a token's label under the CLI's name ("label") is a 422, not a 200
+    that quietly leaves the setting as it was."""
+    api.seed(n_prompts=1)
+    admin = api.team["admin"]
+    before = api.get("admin", "/api/projects/demo").json()
+    r = api.client.patch("/api/projects/demo", json={"overlapp": 3}, headers=admin)
+    assert r.status_code == 422 and "overlapp" in r.text
+    assert api.get("admin", "/api/projects/demo").json() == before
+    assert api.post("admin", "/api/users/bob/tokens", json={"label": "laptop"}).status_code == 422
+    assert api.post("admin", "/api/users/bob/tokens", json={"name": "laptop"}).status_code == 201
+    assert api.post("admin", "/api/users", json={"name": "eve", "rol": "admin"}).status_code == 422
