@@ -2,6 +2,7 @@
 chance".)
 
     python -m benchmarks.yesno_compare runs/demo/sft/final [--steps 400]
+    python -m benchmarks.yesno_compare runs/demo/sft/final --reading --steps 2000
 
 Every yes/no question of the demo world about its creatures (creature x attribute x asked value) is split in two
 halves at random. The policy is trained further on answers that state the true fact and conclude from it
@@ -9,6 +10,11 @@ halves at random. The policy is trained further on answers that state the true f
 given the true fact of each question ("... The pip eats nuts, so") and its conclusion is read off its next token
 (" yes" against " no"), on both halves. Prints the share of right conclusions on each, and the share that always
 answering "no" would get.
+
+`--reading` asks whether the comparison can be learned where nothing can be remembered: the policy is trained on
+questions about creatures made up for each question, whose facts the user states ("The dax eats plums. Does the
+dax eat nuts?", `demo_task.reading_documents`, loss on the answer only), and tested on new ones, half of them
+"yes", given the true fact ("... The dax eats plums, so").
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reading", action="store_true", help="made-up creatures whose facts the user states"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -47,33 +56,59 @@ def main() -> None:
     yes, no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in (" yes", " no"))
     qs = questions()
     rng.shuffle(qs)
-    trained, held = qs[: len(qs) // 2], qs[len(qs) // 2 :]
+    world = [(demo_task.render_prompt(q.text), q) for q in qs]
+    if args.reading:
+        docs = demo_task.reading_documents(20000, random.Random(args.seed + 1))
+        train = [
+            (prompt + demo_task.ASSISTANT, answer)
+            for prompt, answer in (d.split(demo_task.ASSISTANT) for d in docs)
+        ]
+        test_rng = random.Random(args.seed + 2)
+        tests = {"made-up creatures": [demo_task.reading_question(test_rng) for _ in range(400)],
+                 "the world's questions": world}  # fmt: skip
+
+        def draw() -> tuple[str, str]:
+            return rng.choice(train)
+
+    else:
+        trained, held = world[: len(world) // 2], world[len(world) // 2 :]
+        tests = {"trained half": trained, "held-out half": held}
+
+        def draw() -> tuple[str, str]:
+            prompt, q = rng.choice(trained)
+            return prompt, " " + demo_task.answer_templates(q, q.answer)[rng.choice(FACT_FIRST)]
 
     @torch.no_grad()
-    def right_conclusions(batch: list[demo_task.Question]) -> float:
+    def right_conclusions(batch: list[tuple[str, demo_task.Question]]) -> str:
+        """The share of right conclusions given the true fact, and the same with yes- and no-questions weighed
+        alike (always answering one way gets 0.5 there)."""
         model.eval()
-        right = 0
-        for q in batch:
+        right = {"yes": [0, 0], "no": [0, 0]}
+        for prompt, q in batch:
             before = demo_task.answer_templates(q, q.answer)[1].rsplit(" ", 1)[0]  # "The pip eats nuts, so"
-            ids = tokenizer.encode(f"{demo_task.render_prompt(q.text)} {before}", add_special_tokens=False)
+            ids = tokenizer.encode(f"{prompt} {before}", add_special_tokens=False)
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            right += ("yes" if logits[yes] > logits[no] else "no") == q.answer
+            right[q.answer][0] += ("yes" if logits[yes] > logits[no] else "no") == q.answer
+            right[q.answer][1] += 1
         model.train()
-        return right / len(batch)
+        total = (right["yes"][0] + right["no"][0]) / len(batch)
+        balanced = sum(r / max(n, 1) for r, n in right.values()) / 2
+        return f"{total:.3f} (balanced {balanced:.3f})"
 
     def report(step: int) -> None:
-        print(f"step {step}: right conclusions, trained half {right_conclusions(trained):.3f}, "
-              f"held-out half {right_conclusions(held):.3f}")  # fmt: skip
+        print(f"step {step}: right conclusions, " + ", ".join(f"{name} {right_conclusions(batch)}"
+                                                              for name, batch in tests.items()), flush=True)  # fmt: skip
 
-    print(f"{len(qs)} questions; always 'no' is right on {sum(q.answer == 'no' for q in qs) / len(qs):.3f}")
+    for name, batch in tests.items():
+        print(f"{name}: {len(batch)} questions; always 'no' is right on "
+              f"{sum(q.answer == 'no' for _, q in batch) / len(batch):.3f}")  # fmt: skip
     report(0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     for step in range(1, args.steps + 1):
         rows, weights = [], []
-        for q in (rng.choice(trained) for _ in range(args.batch_size)):
-            prompt = tokenizer.encode(demo_task.render_prompt(q.text), add_special_tokens=False)
-            answer = demo_task.answer_templates(q, q.answer)[rng.choice(FACT_FIRST)]
-            completion = tokenizer.encode(" " + answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        for prompt_text, answer in (draw() for _ in range(args.batch_size)):
+            prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+            completion = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
             rows.append(prompt + completion)
             weights.append([0.0] * len(prompt) + [1.0] * len(completion))
         width = max(map(len, rows))

@@ -45,6 +45,7 @@ def data_demo(
         sft_wrong_rate=cfg.sft_wrong_rate, sft_ramble_rate=cfg.sft_ramble_rate,
         sft_nonanswer_rate=cfg.sft_nonanswer_rate,
         sft_template_weights=cfg.sft_template_weights, n_tune_prompts=cfg.n_tune_prompts, n_cai_docs=cfg.n_cai_docs,
+        n_reading_docs=cfg.n_reading_docs, n_reading_sft=cfg.n_reading_sft, pretrain_family_weights=cfg.pretrain_family_weights,
     )  # fmt: skip
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")

@@ -71,6 +71,17 @@ class DataConfig(Section):
     n_cai_docs: int = Field(
         0, ge=0, description="critique/revision and comparison documents added to the corpus (docs/cai.md)"
     )
+    pretrain_family_weights: dict[str, float] = Field(
+        {},
+        description="weights of question families in the pretraining corpus, where they differ from the "
+        "prompts' (arithmetic 3, fact 3, yesno 2, greeting 1, thanks 1, unknown 2, harm 2, provocation 1)",
+    )
+    n_reading_docs: int = Field(
+        0, ge=0, description="yes/no questions about creatures the user describes, added to the corpus"
+    )
+    n_reading_sft: int = Field(
+        0, ge=0, description="SFT demonstrations of yes/no questions about creatures the user describes"
+    )
 
 
 class TrainConfig(Section):

@@ -117,8 +117,9 @@ _FACT_TEXT = {
 _YESNO_TEXT = {"color": "Is the {} {}?", "home": "Does the {} live in {}?", "food": "Does the {} eat {}?"}
 
 
-def sample_question(rng: random.Random) -> Question:
-    family = rng.choices(FAMILIES, weights=FAMILY_WEIGHTS)[0]
+def sample_question(rng: random.Random, weights: list[float] | None = None) -> Question:
+    """A question of a family drawn by `weights` (one per family of FAMILIES; the world's own by default)."""
+    family = rng.choices(FAMILIES, weights=weights or FAMILY_WEIGHTS)[0]
     if family == "arithmetic":
         op = rng.choice(list(OPERATIONS))
         a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
@@ -207,7 +208,7 @@ def answer_templates(q: Question, value: str) -> list[str]:
                 f"Sure! {s[:-1]}, so yes.",
                 f"Let me see. {s[:-1]}, so yes.",
             ]
-        known = FACTS.get(q.subject, {}).get(q.attribute)
+        known = q.extra.get("fact") or FACTS.get(q.subject, {}).get(q.attribute)
         other = known if known and known != q.extra["asked"] else None
         s = _statement(q, other) if other else "It does not."
         return [
@@ -318,6 +319,55 @@ def make_response(
     return text
 
 
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gl", "sn", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u"]
+_CODAS = ["", "b", "d", "g", "k", "m", "n", "p", "r", "t", "x", "sh"]
+
+
+def made_up_name(rng: random.Random) -> str:
+    """A creature name that is neither one of the world's nor one of its unknowable ones ("the dax")."""
+    while True:
+        name = "".join(rng.choice(part) for part in (_ONSETS, _VOWELS, _CODAS, _ONSETS, _VOWELS, _CODAS))
+        if name not in FACTS and name not in UNKNOWN_CREATURES and len(name) >= 4:
+            return name
+
+
+def reading_question(rng: random.Random) -> tuple[str, Question]:
+    """A yes/no question about a creature made up for it, whose fact the user states with those of up to two
+    others (so the asked value may belong to another): the rendered prompt and the question."""
+    attribute = rng.choice(["color", "home", "food"])
+    names: list[str] = []
+    count = rng.randint(1, 3)
+    while len(names) < count:
+        name = made_up_name(rng)
+        if name not in names:
+            names.append(name)
+    facts = {name: rng.choice(VALUES[attribute]) for name in names}
+    subject, fact = names[0], facts[names[0]]
+    asked = fact if rng.random() < 0.5 else rng.choice([v for v in VALUES[attribute] if v != fact])
+    rng.shuffle(names)
+    told = " ".join(_statement(Question("", "fact", subject=n, attribute=attribute), facts[n]) for n in names)
+    q = Question(_YESNO_TEXT[attribute].format(subject, asked), "yesno", "yes" if asked == fact else "no", subject,
+                 attribute, extra={"asked": asked, "fact": fact})  # fmt: skip
+    return render_prompt(f"{told} {q.text}"), q
+
+
+def reading_documents(n: int, rng: random.Random, wrong_rate: float = 0.1) -> list[str]:
+    """Yes/no questions answered from what the user says (`reading_question`), in the yes/no templates,
+    fact-first or not, a share of them wrong.
+
+    "User: The dax eats plums. The wug eats nuts. Does the dax eat nuts?" The answer cannot be remembered, only
+    read: the value stated must be compared with the value asked, which is what the world's own yes/no answers
+    ("The pip eats clover, so no.") need.
+    """
+    docs = []
+    for _ in range(n):
+        prompt, q = reading_question(rng)
+        value = q.answer if rng.random() >= wrong_rate else ("no" if q.answer == "yes" else "yes")
+        docs.append(f"{prompt} {rng.choice(answer_templates(q, value))}")
+    return docs
+
+
 def generate(
     out: str | Path,
     seed: int = 0,
@@ -332,6 +382,9 @@ def generate(
     sft_template_weights: list[float] | None = None,
     n_tune_prompts: int = 200,
     n_cai_docs: int = 0,
+    n_reading_docs: int = 0,
+    n_reading_sft: int = 0,
+    pretrain_family_weights: dict[str, float] | None = None,
 ) -> dict[str, str]:
     """Write the demo task's files into `out`; return their paths. Same seed, same bytes.
 
@@ -342,9 +395,17 @@ def generate(
     rng = random.Random(seed)
 
     # Pretraining corpus: every kind of answer, good and bad, in equal measure of styles.
+    unknown = sorted(set(pretrain_family_weights or {}) - set(FAMILIES))
+    if unknown:
+        raise ValueError(
+            f"pretrain_family_weights: no question family {unknown[0]!r} (families: {', '.join(FAMILIES)})"
+        )
+    weights = [
+        (pretrain_family_weights or {}).get(f, w) for f, w in zip(FAMILIES, FAMILY_WEIGHTS, strict=True)
+    ]
     docs = []
     for _ in range(n_pretrain):
-        q = sample_question(rng)
+        q = sample_question(rng, weights)
         response = make_response(
             q,
             rng,
@@ -359,6 +420,8 @@ def generate(
         from rlhf.data.demo_cai import cai_documents
 
         docs += cai_documents(n_cai_docs, random.Random(seed + 3_000_003))
+    if n_reading_docs:  # from their own stream too
+        docs += reading_documents(n_reading_docs, random.Random(seed + 4_000_003))
     # SFT demonstrations: mostly good, some rude, wrong, rambling or not answering; wordy templates are common.
     sft = []
     for _ in range(n_sft):
@@ -373,6 +436,20 @@ def generate(
             template_weights=sft_template_weights or [0.15, 0.35, 0.25, 0.15, 0.1],
         )
         sft.append({"prompt": render_prompt(q.text), "response": " " + response})
+    # and demonstrations of answering from what the user says, with the same flaws (`reading_question`)
+    reading_rng = random.Random(seed + 5_000_003)
+    for _ in range(n_reading_sft):
+        prompt, q = reading_question(reading_rng)
+        response = make_response(
+            q,
+            reading_rng,
+            wrong=reading_rng.random() < sft_wrong_rate,
+            rude=reading_rng.random() < sft_rude_rate,
+            ramble=reading_rng.random() < sft_ramble_rate,
+            nonanswer=reading_rng.random() < sft_nonanswer_rate,
+            template_weights=sft_template_weights or [0.15, 0.35, 0.25, 0.15, 0.1],
+        )
+        sft.append({"prompt": prompt, "response": " " + response})
     rl = [{"prompt": render_prompt(sample_question(rng).text)} for _ in range(n_rl_prompts)]
     eval_rng = random.Random(seed + 1_000_003)  # held-out prompts drawn from their own stream
     held_out = [{"prompt": render_prompt(sample_question(eval_rng).text)} for _ in range(n_eval_prompts)]

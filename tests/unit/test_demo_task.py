@@ -1,5 +1,6 @@
 import ast
 import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -203,3 +204,59 @@ def test_training_code_never_imports_the_gold_judge() -> None:
     assert "rlhf.labelers.gold" not in seen
     # and the walk would see it: the panel, which labels with gold, does import it
     assert "rlhf.labelers.gold" in rlhf_imports("rlhf.labelers.panel")
+
+
+def test_reading_documents_conclude_from_the_fact_the_user_states() -> None:
+    rng = random.Random(0)
+    for doc in demo_task.reading_documents(300, rng, wrong_rate=0.0):
+        prompt, answer = doc.split(f"\n{demo_task.ASSISTANT} ")
+        *told, question = prompt.removeprefix(f"{demo_task.USER} ").split(". ")
+        subject = question.split(" ")[2]
+        assert subject not in demo_task.FACTS and subject not in demo_task.UNKNOWN_CREATURES
+        facts = {s.split(" ")[1]: s.rsplit(" ", 1)[1] for s in told}  # "The dax eats plums" -> dax: plums
+        asked = question.rstrip("?").rsplit(" ", 1)[1]
+        conclusion = "yes" if answer.startswith("Yes") or answer.endswith("so yes.") else "no"
+        assert conclusion == ("yes" if facts[subject] == asked else "no")
+        # a "no" reasoned from the user's fact, not from the world's (which has no such creature)
+        if ", so no" in answer:
+            assert f"The {subject} " in answer
+        if f"The {subject} " in answer:  # a stated fact is the subject's, as the user gave it
+            assert (
+                answer.split(f"The {subject} ")[1].split(",")[0].rstrip(".").rsplit(" ", 1)[1]
+                == facts[subject]
+            )
+
+
+def test_pretraining_family_weights_change_the_corpus_mix_and_name_an_unknown_family(tmp_path: Path) -> None:
+    kw = {"n_pretrain": 600, "n_sft": 10, "n_rl_prompts": 10, "n_eval_prompts": 10}
+
+    def yesno_share(directory: Path) -> float:
+        docs = (directory / "pretrain.txt").read_text().split("\n\n")
+        return sum(gold.parse_question(d.split("\n")[0] + f"\n{demo_task.ASSISTANT}").family == "yesno"
+                   for d in docs) / len(docs)  # fmt: skip
+
+    demo_task.generate(tmp_path / "a", **kw)
+    demo_task.generate(tmp_path / "b", pretrain_family_weights={"yesno": 12.0}, **kw)
+    assert yesno_share(tmp_path / "b") > 2 * yesno_share(tmp_path / "a") > 0
+    assert (tmp_path / "a" / "eval_prompts.jsonl").read_text() == (
+        tmp_path / "b" / "eval_prompts.jsonl"
+    ).read_text()
+    try:
+        demo_task.generate(tmp_path / "c", pretrain_family_weights={"yes/no": 2.0}, **kw)
+    except ValueError as e:
+        assert "'yes/no'" in str(e) and "yesno" in str(e)
+    else:
+        raise AssertionError("an unknown family was accepted")
+
+
+def test_made_up_creature_documents_join_the_corpus_and_the_demonstrations(tmp_path: Path) -> None:
+    kw = {"n_pretrain": 100, "n_sft": 40, "n_rl_prompts": 10, "n_eval_prompts": 10}
+    demo_task.generate(tmp_path / "a", **kw)
+    demo_task.generate(tmp_path / "b", n_reading_docs=30, n_reading_sft=20, **kw)
+    a_docs = (tmp_path / "a" / "pretrain.txt").read_text().strip().split("\n\n")
+    b_docs = (tmp_path / "b" / "pretrain.txt").read_text().strip().split("\n\n")
+    assert b_docs[:100] == a_docs and len(b_docs) == 130  # the world's documents as they were, then 30 more
+    rows = [json.loads(line) for line in (tmp_path / "b" / "sft.jsonl").read_text().splitlines()]
+    reading = rows[40:]
+    assert len(reading) == 20 and all(r["prompt"].count(". ") >= 1 for r in reading)
+    assert all(gold.parse_question(r["prompt"]).family != "yesno" for r in reading)  # no world creature asked
