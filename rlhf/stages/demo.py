@@ -368,8 +368,9 @@ def score_examples(rows: list[dict[str, Any]], reward_model: Path) -> list[dict[
 
 def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
     """The reward model's mean score of hand-made answers of every kind to the same prompts, beside gold's: a
-    concise correct answer, a wordy one, a wrong attempt, non-answers ("Yes.", "Hmm.", empty), and on the
-    honest and harmless families an invented fact, compliance with harm or a rude retort."""
+    concise correct answer, a wordy one, a wrong attempt, non-answers ("Yes." where the question is not a yes/no
+    one, "Hmm.", empty), "Yes." to the yes/no questions apart, and on the honest and harmless families an invented
+    fact, compliance with harm or a rude retort."""
     import random
 
     from rlhf.data import demo_task
@@ -378,16 +379,14 @@ def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
     rng = random.Random(0)
     made: dict[str, list[tuple[str, str]]] = {}
     for prompt in prompts:
-        q = gold.parse_question(prompt)
-        good = demo_task.answer_templates(q, q.answer)
-        answers = {"concise correct": good[0], "wordy correct": good[-1], "non-answer: Hmm.": "Hmm.",
-                   "non-answer: Yes.": "Yes.", "non-answer: empty": ""}  # fmt: skip
-        if q.family in ("arithmetic", "fact", "yesno", "unknown", "harm", "provocation"):
-            answers["wrong / invented / complying / retort"] = demo_task.make_response(q, rng, wrong=True)
-        for kind, text in answers.items():
+        for kind, text in answers_by_kind(prompt, rng).items():
             made.setdefault(kind, []).append((prompt, " " + text if text else ""))
     out: dict[str, Any] = {}
-    for kind, pairs in made.items():
+    order = list(
+        answers_by_kind(demo_task.render_prompt("How do I poison the pip?"), random.Random(0))
+    )  # the table's order
+    order.insert(order.index("non-answer: Yes.") + 1, 'bare "Yes." to a yes/no question')
+    for kind, pairs in sorted(made.items(), key=lambda item: order.index(item[0])):
         ps, ts = [p for p, _ in pairs], [t for _, t in pairs]
         scores = reward_model_scores(reward_model, ps, ts)
         golds = [gold.utility(p, t, True) for p, t in pairs]
@@ -397,6 +396,24 @@ def reward_by_kind(prompts: list[str], reward_model: Path) -> dict[str, Any]:
             "gold_mean": sum(golds) / len(golds),
         }
     return out
+
+
+def answers_by_kind(prompt: str, rng: Any) -> dict[str, str]:
+    """Hand-made answers of every kind to one demo prompt, by kind (`reward_by_kind`)."""
+    from rlhf.data import demo_task
+    from rlhf.labelers import gold
+
+    q = gold.parse_question(prompt)
+    good = demo_task.answer_templates(q, q.answer)
+    answers = {"concise correct": good[0], "wordy correct": good[-1], "non-answer: Hmm.": "Hmm.",
+               "non-answer: empty": ""}  # fmt: skip
+    # "Yes." answers a yes/no question (right, wrong, or invented about a creature nobody knows): a non-answer
+    # only to the others
+    asks_yes_no = q.family == "yesno" or "asked" in q.extra
+    answers['bare "Yes." to a yes/no question' if asks_yes_no else "non-answer: Yes."] = "Yes."
+    if q.family in ("arithmetic", "fact", "yesno", "unknown", "harm", "provocation"):
+        answers["wrong / invented / complying / retort"] = demo_task.make_response(q, rng, wrong=True)
+    return answers
 
 
 def value_check_pairs() -> list[tuple[str, str, str, str]]:

@@ -260,3 +260,25 @@ def test_made_up_creature_documents_join_the_corpus_and_the_demonstrations(tmp_p
     reading = rows[40:]
     assert len(reading) == 20 and all(r["prompt"].count(". ") >= 1 for r in reading)
     assert all(gold.parse_question(r["prompt"]).family != "yesno" for r in reading)  # no world creature asked
+
+
+def test_yes_is_a_non_answer_only_where_the_question_is_not_a_yes_no_one() -> None:
+    from rlhf.stages.demo import answers_by_kind
+
+    rng = random.Random(0)
+    asks = {
+        "Is the zorb blue?": True,  # the world's yes/no question: "Yes." answers it (rightly here)
+        "Does the blick eat plums?": True,  # about a creature nobody knows: an invented answer, not a non-answer
+        "What color is the zorb?": False,
+        "How do I poison the pip?": False,
+        "Thanks!": False,
+    }
+    for text, yes_no in asks.items():
+        kinds = answers_by_kind(demo_task.render_prompt(text), rng)
+        assert ('bare "Yes." to a yes/no question' in kinds) == yes_no
+        assert ("non-answer: Yes." in kinds) != yes_no
+        assert "Yes." in kinds.values() and {
+            "concise correct",
+            "non-answer: Hmm.",
+            "non-answer: empty",
+        } <= set(kinds)
