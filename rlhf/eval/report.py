@@ -206,6 +206,39 @@ def redteam_table(rt: dict[str, Any]) -> str:
     )
 
 
+# A stage that ran with the load average above this many times the CPU count shared the cores with other work
+# (the demo itself keeps about one job per core busy)
+BUSY_LOAD = 1.5
+
+
+def pipeline_table(stages: dict[str, Any], order: list[str], what: dict[str, str]) -> str:
+    """Each stage's time, and where stages.json has it the load average at its start and end, with a warning
+    naming the stages whose time other work on the machine took part of."""
+    names = [name for name in order if name in stages]
+    loaded = [name for name in names if "load" in stages[name]]
+    total = sum(stages[name]["seconds"] for name in names)
+    if not loaded:
+        rows = [[name, what[name], stages[name]["seconds"]] for name in names]
+        return table(["stage", "what", "seconds"], [*rows, ["total", "", total]])
+
+    def load(name: str) -> str:
+        start, end = stages[name].get("load") or (None, None)
+        return "" if start is None else f"{start:.2f} → {end:.2f}"
+
+    rows = [[name, what[name], stages[name]["seconds"], load(name)] for name in names]
+    body = table(
+        ["stage", "what", "seconds", "load average (start → end)"], [*rows, ["total", "", total, ""]]
+    )
+    busy = [n for n in loaded if max(stages[n]["load"]) > BUSY_LOAD * (stages[n].get("cpus") or 1)]
+    if busy:
+        cpus = stages[busy[0]].get("cpus")
+        body += (
+            f"<p>The machine has {cpus} CPUs; {', '.join(busy)} ran with a load average above {BUSY_LOAD:g} times "
+            "that, so other work shared the cores and these times are not this machine's alone.</p>"
+        )
+    return body
+
+
 def demo_sections(run: Path) -> list[tuple[str, str]]:
     """The demo report's sections, every number read from the run directory's files."""
     stages = _load(run / "stages.json")
@@ -228,9 +261,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
         "reward": "Bradley–Terry reward model", "ppo": "PPO with KL penalty to the SFT reference",
         "eval": "gold-judge comparisons on held-out prompts", "report": "this page",
     }  # fmt: skip
-    rows = [[name, what[name], stages[name]["seconds"]] for name in order if name in stages]
-    total = sum(r[2] for r in rows)
-    sections.append(("Pipeline", table(["stage", "what", "seconds"], [*rows, ["total", "", total]])))
+    sections.append(("Pipeline", pipeline_table(stages, order, what)))
 
     gold = rm.get("gold/rm_accuracy", {})
     panel = rm.get("gold/label_agreement", {})

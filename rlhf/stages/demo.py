@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -113,13 +114,24 @@ class Stages:
         if name in self.done:
             log.info("demo: %s already finished, skipped", name)
             return
-        t0 = time.perf_counter()
+        t0, load = time.perf_counter(), _load_average()
         result = fn() or {}
         self.done[name] = {
             "seconds": round(time.perf_counter() - t0, 2),
+            # the load average at its start and end, beside the CPU count: the time is the machine's alone only
+            # where the load stayed near what this run itself puts on it
+            **({"load": [load, _load_average()], "cpus": os.cpu_count()} if load is not None else {}),
             **{k: v for k, v in result.items() if isinstance(v, int | float | str)},
         }
         write_json(self.path, self.done)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, where the system reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 PROJECT = "demo"

@@ -63,6 +63,8 @@ def test_report_numbers_are_the_run_files_numbers(demo_run: Path) -> None:
     assert f"{rm['gold/label_agreement']['accuracy']:.3f}" in html
     stages = json.loads((demo_run / "stages.json").read_text())
     assert f"<td>{stages['ppo']['seconds']:.3f}</td>" in html
+    start, end = stages["ppo"]["load"]  # and the load it ran under, beside the CPU count
+    assert f"<td>{start:.2f} → {end:.2f}</td>" in html and stages["ppo"]["cpus"] >= 1
 
 
 def test_report_shows_every_criterion_and_examples_from_every_family(demo_run: Path) -> None:

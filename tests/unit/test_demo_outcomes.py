@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,14 @@ def test_yesno_reasoning_tells_a_known_fact_from_the_conclusion_drawn() -> None:
     assert out["a"] == {"questions": 3, "states_fact": 3, "fact_true": 2, "follows": 3}
     # B: one stated fact, true, and a conclusion that does not follow from it ("beetles, so yes" to "roots?")
     assert out["b"] == {"questions": 3, "states_fact": 1, "fact_true": 1, "follows": 0}
+
+
+def test_each_stage_records_its_time_and_the_load_it_ran_under(tmp_path: Path) -> None:
+    stages = demo.Stages(tmp_path)
+    stages.run("data", lambda: {"docs": 3, "skipped": [1]})
+    record = json.loads((tmp_path / "stages.json").read_text())["data"]
+    assert record["docs"] == 3 and "skipped" not in record and record["seconds"] >= 0
+    assert len(record["load"]) == 2 and all(x >= 0 for x in record["load"]) and record["cpus"] >= 1
+    calls = []
+    demo.Stages(tmp_path).run("data", lambda: calls.append(1))  # finished: not run again
+    assert calls == []

@@ -1,4 +1,5 @@
-"""The report's verdict on the reward model's scores of hand-made answers of every kind."""
+"""The report's verdicts: on the reward model's scores of hand-made answers of every kind, and on whether other
+work shared the cores with the stages it times."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def test_the_non_answers_scored_at_or_above_a_correct_answer_are_named() -> None
 
 def test_no_verdict_without_both_kinds() -> None:
     assert _fooled_by(kinds(hmm=1.0)) == "" and _fooled_by(kinds(concise=1.0)) == ""
+
+
+def test_pipeline_names_the_stages_other_work_shared_the_cores_with() -> None:
+    from rlhf.eval.report import pipeline_table
+
+    order, what = ["pretrain", "sft", "ppo"], {"pretrain": "p", "sft": "s", "ppo": "r"}
+    old_run = {"pretrain": {"seconds": 90.0}, "sft": {"seconds": 50.0}}  # stages.json of a run before loads
+    page = pipeline_table(old_run, order, what)
+    assert page.count("<th>") == 3 and "load average" not in page
+    quiet = {n: {"seconds": 10.0, "load": [0.4, 2.1], "cpus": 2} for n in order}
+    page = pipeline_table(quiet, order, what)
+    assert page.count("<th>") == 4 and "0.40 → 2.10" in page and "other work" not in page
+    busy = {**quiet, "ppo": {"seconds": 400.0, "load": [2.5, 4.2], "cpus": 2}}
+    page = pipeline_table(busy, order, what)
+    assert "ppo ran with a load average above 1.5 times" in page and "pretrain," not in page
