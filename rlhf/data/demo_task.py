@@ -422,34 +422,28 @@ def generate(
         docs += cai_documents(n_cai_docs, random.Random(seed + 3_000_003))
     if n_reading_docs:  # from their own stream too
         docs += reading_documents(n_reading_docs, random.Random(seed + 4_000_003))
+
     # SFT demonstrations: mostly good, some rude, wrong, rambling or not answering; wordy templates are common.
+    def demonstration(prompt: str, q: Question, r: random.Random) -> dict[str, str]:
+        response = make_response(
+            q,
+            r,
+            wrong=r.random() < sft_wrong_rate,
+            rude=r.random() < sft_rude_rate,
+            ramble=r.random() < sft_ramble_rate,
+            nonanswer=r.random() < sft_nonanswer_rate,
+            template_weights=sft_template_weights or [0.15, 0.35, 0.25, 0.15, 0.1],
+        )
+        return {"prompt": prompt, "response": " " + response}
+
     sft = []
     for _ in range(n_sft):
         q = sample_question(rng)
-        response = make_response(
-            q,
-            rng,
-            wrong=rng.random() < sft_wrong_rate,
-            rude=rng.random() < sft_rude_rate,
-            ramble=rng.random() < sft_ramble_rate,
-            nonanswer=rng.random() < sft_nonanswer_rate,
-            template_weights=sft_template_weights or [0.15, 0.35, 0.25, 0.15, 0.1],
-        )
-        sft.append({"prompt": render_prompt(q.text), "response": " " + response})
+        sft.append(demonstration(render_prompt(q.text), q, rng))
     # and demonstrations of answering from what the user says, with the same flaws (`reading_question`)
     reading_rng = random.Random(seed + 5_000_003)
     for _ in range(n_reading_sft):
-        prompt, q = reading_question(reading_rng)
-        response = make_response(
-            q,
-            reading_rng,
-            wrong=reading_rng.random() < sft_wrong_rate,
-            rude=reading_rng.random() < sft_rude_rate,
-            ramble=reading_rng.random() < sft_ramble_rate,
-            nonanswer=reading_rng.random() < sft_nonanswer_rate,
-            template_weights=sft_template_weights or [0.15, 0.35, 0.25, 0.15, 0.1],
-        )
-        sft.append({"prompt": prompt, "response": " " + response})
+        sft.append(demonstration(*reading_question(reading_rng), reading_rng))
     rl = [{"prompt": render_prompt(sample_question(rng).text)} for _ in range(n_rl_prompts)]
     eval_rng = random.Random(seed + 1_000_003)  # held-out prompts drawn from their own stream
     held_out = [{"prompt": render_prompt(sample_question(eval_rng).text)} for _ in range(n_eval_prompts)]
