@@ -225,13 +225,12 @@ def pipeline_table(stages: dict[str, Any], order: list[str], what: dict[str, str
         start, end = stages[name].get("load") or (None, None)
         return "" if start is None else f"{start:.2f} → {end:.2f}"
 
+    cpus = stages[loaded[0]].get("cpus") or 1
     rows = [[name, what[name], stages[name]["seconds"], load(name)] for name in names]
-    body = table(
-        ["stage", "what", "seconds", "load average (start → end)"], [*rows, ["total", "", total, ""]]
-    )
+    header = f"load average (start → end), {cpus} CPUs"
+    body = table(["stage", "what", "seconds", header], [*rows, ["total", "", total, ""]])
     busy = [n for n in loaded if max(stages[n]["load"]) > BUSY_LOAD * (stages[n].get("cpus") or 1)]
     if busy:
-        cpus = stages[busy[0]].get("cpus")
         body += (
             f"<p>The machine has {cpus} CPUs; {', '.join(busy)} ran with a load average above {BUSY_LOAD:g} times "
             "that, so other work shared the cores and these times are not this machine's alone.</p>"
