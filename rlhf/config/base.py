@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Precision = Literal["auto", "bf16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
@@ -82,6 +82,20 @@ class DataConfig(Section):
     n_reading_sft: int = Field(
         0, ge=0, description="SFT demonstrations of yes/no questions about creatures the user describes"
     )
+
+    @field_validator("pretrain_family_weights")
+    @classmethod
+    def _known_families(cls, weights: dict[str, float]) -> dict[str, float]:
+        from rlhf.data.demo_task import FAMILIES, FAMILY_WEIGHTS
+
+        for family, weight in weights.items():
+            if family not in FAMILIES:
+                raise ValueError(f"no question family {family!r} (families: {', '.join(FAMILIES)})")
+            if weight < 0:
+                raise ValueError(f"the weight of {family!r} is {weight}; weights are 0 or more")
+        if not any(weights.get(f, w) for f, w in zip(FAMILIES, FAMILY_WEIGHTS, strict=True)):
+            raise ValueError("every family's weight is 0: the corpus would have no question to draw")
+        return weights
 
 
 class TrainConfig(Section):

@@ -282,3 +282,16 @@ def test_yes_is_a_non_answer_only_where_the_question_is_not_a_yes_no_one() -> No
             "non-answer: Hmm.",
             "non-answer: empty",
         } <= set(kinds)
+
+
+def test_the_data_config_names_a_bad_family_weight() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from rlhf.config.base import DataConfig
+
+    assert DataConfig(pretrain_family_weights={"yesno": 6}).pretrain_family_weights == {"yesno": 6.0}
+    for weights, named in (({"yes/no": 2}, "'yes/no'"), ({"harm": -1}, "0 or more"),
+                           (dict.fromkeys(demo_task.FAMILIES, 0), "every family")):  # fmt: skip
+        with pytest.raises(ValidationError, match=named):
+            DataConfig(pretrain_family_weights=weights)
