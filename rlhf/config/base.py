@@ -86,15 +86,9 @@ class DataConfig(Section):
     @field_validator("pretrain_family_weights")
     @classmethod
     def _known_families(cls, weights: dict[str, float]) -> dict[str, float]:
-        from rlhf.data.demo_task import FAMILIES, FAMILY_WEIGHTS
+        from rlhf.data.demo_task import family_weights
 
-        for family, weight in weights.items():
-            if family not in FAMILIES:
-                raise ValueError(f"no question family {family!r} (families: {', '.join(FAMILIES)})")
-            if weight < 0:
-                raise ValueError(f"the weight of {family!r} is {weight}; weights are 0 or more")
-        if not any(weights.get(f, w) for f, w in zip(FAMILIES, FAMILY_WEIGHTS, strict=True)):
-            raise ValueError("every family's weight is 0: the corpus would have no question to draw")
+        family_weights(weights)  # raises, naming what is wrong
         return weights
 
 

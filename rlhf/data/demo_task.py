@@ -117,6 +117,20 @@ _FACT_TEXT = {
 _YESNO_TEXT = {"color": "Is the {} {}?", "home": "Does the {} live in {}?", "food": "Does the {} eat {}?"}
 
 
+def family_weights(overrides: dict[str, float]) -> list[float]:
+    """One weight per family of FAMILIES: the world's, with `overrides` by family name. An unknown family, a
+    negative weight or all weights zero is a ValueError naming it."""
+    for family, weight in overrides.items():
+        if family not in FAMILIES:
+            raise ValueError(f"no question family {family!r} (families: {', '.join(FAMILIES)})")
+        if weight < 0:
+            raise ValueError(f"the weight of {family!r} is {weight}; weights are 0 or more")
+    weights = [overrides.get(f, w) for f, w in zip(FAMILIES, FAMILY_WEIGHTS, strict=True)]
+    if not any(weights):
+        raise ValueError("every family's weight is 0: the corpus would have no question to draw")
+    return weights
+
+
 def sample_question(rng: random.Random, weights: list[float] | None = None) -> Question:
     """A question of a family drawn by `weights` (one per family of FAMILIES; the world's own by default)."""
     family = rng.choices(FAMILIES, weights=weights or FAMILY_WEIGHTS)[0]
@@ -395,14 +409,7 @@ def generate(
     rng = random.Random(seed)
 
     # Pretraining corpus: every kind of answer, good and bad, in equal measure of styles.
-    unknown = sorted(set(pretrain_family_weights or {}) - set(FAMILIES))
-    if unknown:
-        raise ValueError(
-            f"pretrain_family_weights: no question family {unknown[0]!r} (families: {', '.join(FAMILIES)})"
-        )
-    weights = [
-        (pretrain_family_weights or {}).get(f, w) for f, w in zip(FAMILIES, FAMILY_WEIGHTS, strict=True)
-    ]
+    weights = family_weights(pretrain_family_weights or {})
     docs = []
     for _ in range(n_pretrain):
         q = sample_question(rng, weights)
