@@ -68,6 +68,12 @@ class PPOConfig(TrainConfig):
     no_eos_penalty: float | None = Field(
         -3.0, description="score of a response that never emits EOS, instead of the RM's (None = RM score)"
     )
+    length_penalty: float = Field(
+        0.0,
+        ge=0,
+        description="taken off each answer's score per response token, for a reward model that misses the "
+        "people's preference for concise answers (0 = off; docs/ppo.md: the demo keeps it off)",
+    )
     reward_ensemble: list[str] = Field(
         [],
         description="further reward models (same tokenizer) scored beside reward_model: the score is "

@@ -123,6 +123,14 @@ class Rollout:
     exact_kl: Tensor | None = None  # (B, T) KL to the reference over the whole vocabulary (the guard's)
 
 
+def final_scores(rm: Tensor, ended: Tensor, n_tokens: Tensor, cfg: PPOConfig) -> Tensor:
+    """Each answer's score (B,): the reward model's, a fixed low one for an answer that never ends (the "EOS
+    trick", whatever the reward model says), less `length_penalty` per response token."""
+    penalty = rm if cfg.no_eos_penalty is None else torch.full_like(rm, cfg.no_eos_penalty)
+    scores = torch.where(ended, rm, penalty)
+    return scores - cfg.length_penalty * n_tokens.to(scores.dtype) if cfg.length_penalty else scores
+
+
 @torch.no_grad()
 def score_rollout(
     gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
@@ -169,9 +177,7 @@ def score_rollout(
             rm = reward_model(lay) if tagged is None else reward_model(lay, tagged[rows])  # (b,) at EOS
             parts["rm"].append(rm)
     out = {k: torch.cat(v) for k, v in parts.items() if v}  # (B, T) each, 0 at padding; rm (B,)
-    # the "EOS trick": an answer that never ends gets a fixed low score whatever the reward model says
-    penalty = out["rm"] if cfg.no_eos_penalty is None else torch.full_like(out["rm"], cfg.no_eos_penalty)
-    scores = torch.where(gen.ended, out["rm"], penalty)  # (B,)
+    scores = final_scores(out["rm"], gen.ended, rmask.sum(1), cfg)  # (B,)
     return Rollout(ids, mask, n_prompt, gen.response_ids, rmask, out["logprobs"], out["ref"], out["values"], scores,
                    out["entropy"], out.get("kl"))  # fmt: skip
 

@@ -46,3 +46,17 @@ def test_prompts_are_tagged_by_any_pattern_case_insensitively() -> None:
     tagged = safety_tagged(cfg, prompts)
     assert tagged is not None and tagged.tolist() == [True, False, True, False]
     assert safety_tagged(PPOConfig(), prompts) is None  # no safety model: nothing is routed
+
+
+def test_final_scores_fix_an_unended_answer_and_take_the_length_penalty_per_token() -> None:
+    from rlhf.stages.ppo import final_scores
+
+    rm = torch.tensor([1.0, 2.0, 0.5])
+    ended = torch.tensor([True, False, True])
+    n_tokens = torch.tensor([4, 48, 10])
+    cfg = PPOConfig(policy="p", reward_model="r", prompts_file="f", no_eos_penalty=-3.0)
+    assert torch.equal(final_scores(rm, ended, n_tokens, cfg), torch.tensor([1.0, -3.0, 0.5]))
+    cfg = cfg.model_copy(update={"length_penalty": 0.05})
+    assert torch.allclose(final_scores(rm, ended, n_tokens, cfg), torch.tensor([0.8, -5.4, 0.0]))
+    cfg = cfg.model_copy(update={"no_eos_penalty": None})  # the reward model's score stands for an unended answer
+    assert torch.allclose(final_scores(rm, ended, n_tokens, cfg), torch.tensor([0.8, -0.4, 0.0]))
