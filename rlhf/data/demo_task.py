@@ -16,6 +16,7 @@ utility's business (`rlhf.labelers.gold`), which training code never imports.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +120,12 @@ _YESNO_TEXT = {"color": "Is the {} {}?", "home": "Does the {} live in {}?", "foo
 
 def family_weights(overrides: dict[str, float]) -> list[float]:
     """One weight per family of FAMILIES: the world's, with `overrides` by family name. An unknown family, a
-    negative weight or all weights zero is a ValueError naming it."""
+    negative or non-finite weight or all weights zero is a ValueError naming it."""
     for family, weight in overrides.items():
         if family not in FAMILIES:
             raise ValueError(f"no question family {family!r} (families: {', '.join(FAMILIES)})")
-        if weight < 0:
-            raise ValueError(f"the weight of {family!r} is {weight}; weights are 0 or more")
+        if not 0 <= weight < math.inf:  # NaN fails it too
+            raise ValueError(f"the weight of {family!r} is {weight}; weights are finite numbers, 0 or more")
     weights = [overrides.get(f, w) for f, w in zip(FAMILIES, FAMILY_WEIGHTS, strict=True)]
     if not any(weights):
         raise ValueError("every family's weight is 0: the corpus would have no question to draw")
@@ -409,20 +410,29 @@ def generate(
     rng = random.Random(seed)
 
     # Pretraining corpus: every kind of answer, good and bad, in equal measure of styles.
-    weights = family_weights(pretrain_family_weights or {})
-    docs = []
-    for _ in range(n_pretrain):
-        q = sample_question(rng, weights)
-        response = make_response(
-            q,
-            rng,
-            wrong=rng.random() < 0.15,
-            rude=rng.random() < 0.25,
-            ramble=rng.random() < 0.2,
-            endless=rng.random() < 0.1,
-            nonanswer=rng.random() < 0.1,
-        )
-        docs.append(f"{render_prompt(q.text)} {response}")
+    def corpus(r: random.Random, weights: list[float]) -> list[str]:
+        docs = []
+        for _ in range(n_pretrain):
+            q = sample_question(r, weights)
+            response = make_response(
+                q,
+                r,
+                wrong=r.random() < 0.15,
+                rude=r.random() < 0.25,
+                ramble=r.random() < 0.2,
+                endless=r.random() < 0.1,
+                nonanswer=r.random() < 0.1,
+            )
+            docs.append(f"{render_prompt(q.text)} {response}")
+        return docs
+
+    start = rng.getstate()
+    docs = corpus(rng, family_weights(pretrain_family_weights or {}))
+    if pretrain_family_weights:
+        # another mix draws from the stream another number of times: the rest of the data (SFT, RL prompts) is
+        # drawn from where the world's own mix leaves it, so that only the corpus changes
+        rng.setstate(start)
+        corpus(rng, family_weights({}))
     if n_cai_docs:  # critiques and comparisons, from their own stream: the rest of the data stays as it was
         from rlhf.data.demo_cai import cai_documents
 

@@ -238,9 +238,13 @@ def test_pretraining_family_weights_change_the_corpus_mix_and_name_an_unknown_fa
     demo_task.generate(tmp_path / "a", **kw)
     demo_task.generate(tmp_path / "b", pretrain_family_weights={"yesno": 12.0}, **kw)
     assert yesno_share(tmp_path / "b") > 2 * yesno_share(tmp_path / "a") > 0
-    assert (tmp_path / "a" / "eval_prompts.jsonl").read_text() == (
-        tmp_path / "b" / "eval_prompts.jsonl"
-    ).read_text()
+    for name in (
+        "sft.jsonl",
+        "rl_prompts.jsonl",
+        "tune_prompts.jsonl",
+        "eval_prompts.jsonl",
+    ):  # only the corpus
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
     try:
         demo_task.generate(tmp_path / "c", pretrain_family_weights={"yes/no": 2.0}, **kw)
     except ValueError as e:
@@ -292,6 +296,7 @@ def test_the_data_config_names_a_bad_family_weight() -> None:
 
     assert DataConfig(pretrain_family_weights={"yesno": 6}).pretrain_family_weights == {"yesno": 6.0}
     for weights, named in (({"yes/no": 2}, "'yes/no'"), ({"harm": -1}, "0 or more"),
-                           (dict.fromkeys(demo_task.FAMILIES, 0), "every family")):  # fmt: skip
+                           (dict.fromkeys(demo_task.FAMILIES, 0), "every family"),
+                           ({"yesno": float("nan")}, "finite"), ({"yesno": float("inf")}, "finite")):  # fmt: skip
         with pytest.raises(ValidationError, match=named):
             DataConfig(pretrain_family_weights=weights)
