@@ -117,11 +117,13 @@ class Stages:
         t0, load = time.perf_counter(), _load_average()
         result = fn() or {}
         self.done[name] = {
+            # the stage's own figures, but its time is the timer's: a stage that times part of its work (generate
+            # its sampling) does not replace the whole stage's
+            **{k: v for k, v in result.items() if isinstance(v, int | float | str) and k != "seconds"},
             "seconds": round(time.perf_counter() - t0, 2),
             # the load average at its start and end, beside the CPU count: the time is the machine's alone only
             # where the load stayed near what this run itself puts on it
             **({"load": [load, _load_average()], "cpus": os.cpu_count()} if load is not None else {}),
-            **{k: v for k, v in result.items() if isinstance(v, int | float | str)},
         }
         write_json(self.path, self.done)
 

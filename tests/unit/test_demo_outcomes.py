@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,13 @@ def test_each_stage_records_its_time_and_the_load_it_ran_under(tmp_path: Path) -
     calls = []
     demo.Stages(tmp_path).run("data", lambda: calls.append(1))  # finished: not run again
     assert calls == []
+
+
+def test_a_stage_that_times_part_of_its_work_does_not_replace_the_stage_time(tmp_path: Path) -> None:
+    def stage() -> dict[str, float]:
+        time.sleep(0.05)
+        return {"seconds": 0.0, "prompts": 4}  # generate reports its sampling time alone
+
+    demo.Stages(tmp_path).run("generate", stage)
+    record = json.loads((tmp_path / "stages.json").read_text())["generate"]
+    assert record["prompts"] == 4 and record["seconds"] >= 0.05
