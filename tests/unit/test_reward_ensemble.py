@@ -58,5 +58,16 @@ def test_final_scores_fix_an_unended_answer_and_take_the_length_penalty_per_toke
     assert torch.equal(final_scores(rm, ended, n_tokens, cfg), torch.tensor([1.0, -3.0, 0.5]))
     cfg = cfg.model_copy(update={"length_penalty": 0.05})
     assert torch.allclose(final_scores(rm, ended, n_tokens, cfg), torch.tensor([0.8, -5.4, 0.0]))
-    cfg = cfg.model_copy(update={"no_eos_penalty": None})  # the reward model's score stands for an unended answer
+    cfg = cfg.model_copy(
+        update={"no_eos_penalty": None}
+    )  # the reward model's score stands for an unended answer
     assert torch.allclose(final_scores(rm, ended, n_tokens, cfg), torch.tensor([0.8, -0.4, 0.0]))
+
+
+def test_the_length_penalty_is_a_finite_amount_of_0_or_more() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    for bad in (-0.05, float("inf"), float("nan")):
+        with pytest.raises(ValidationError, match="length_penalty"):
+            PPOConfig(policy="p", reward_model="r", prompts_file="f", length_penalty=bad)
