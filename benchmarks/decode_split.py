@@ -25,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import rlhf.engine.decode_cache as decode_cache
 import rlhf.engine.decoding as decoding
-from benchmarks.common import SIZES, build_model, capabilities
+from benchmarks.common import ARCHS, SIZES, build_model, capabilities
 from benchmarks.generation import prompts, run_ours
 from rlhf.train.common import cpu_has_bf16
 
@@ -117,10 +117,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--archs", nargs="+", default=["llama", "gpt_neox"])
+    parser.add_argument("--archs", nargs="+", default=["llama", "gpt_neox"], choices=ARCHS)
     parser.add_argument("--size", default="30M", choices=sorted(SIZES))
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    if args.reps < 1:
+        parser.error("--reps must be 1 or more")
     torch.set_num_threads(1)
     print(f"CPU: {capabilities()}")
     for arch in args.archs:

@@ -6,9 +6,9 @@ chance".)
 
 Every yes/no question of the demo world about its creatures (creature x attribute x asked value) is split in two
 halves at random. The policy is trained further on answers that state the true fact and conclude from it
-("The pip eats nuts, so no.") for the questions of one half; after every 100 steps, and before the first, it is
-given the true fact of each question ("... The pip eats nuts, so") and its conclusion is read off its next token
-(" yes" against " no"), on both halves. Prints the share of right conclusions on each, and the share that always
+("The pip eats nuts, so no.") for the questions of one half; before the first step, after every 100 and after the
+last, it is given the true fact of each question ("... The pip eats nuts, so") and its conclusion is read off its
+next token (" yes" against " no"), on both halves. Prints the share of right conclusions on each, and the share that always
 answering "no" would get.
 
 `--reading` asks whether the comparison can be learned where nothing can be remembered: the policy is trained on
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.data import demo_task
+from rlhf.errors import RlhfError
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 
 FACT_FIRST = (1, 3, 4)  # the answer templates that state the fact before concluding
@@ -41,7 +42,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("policy", help="a causal LM trained on the demo world (its tokenizer beside it)")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument(
+        "--steps", type=int, default=400, help="training steps, 0 or more (reported every 100)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -49,10 +52,15 @@ def main() -> None:
         "--reading", action="store_true", help="made-up creatures whose facts the user states"
     )
     args = parser.parse_args()
+    if args.steps < 0 or args.batch_size < 1:
+        parser.error("--steps must be 0 or more and --batch-size 1 or more")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tokenizer = load_tokenizer(args.policy)
-    model = load_causal_lm(args.policy, tokenizer=tokenizer)
+    try:
+        tokenizer = load_tokenizer(args.policy)
+        model = load_causal_lm(args.policy, tokenizer=tokenizer)
+    except RlhfError as e:
+        parser.error(str(e))
     yes, no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in (" yes", " no"))
     qs = questions()
     rng.shuffle(qs)
@@ -127,7 +135,7 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 100 == 0:
+        if step % 100 == 0 or step == args.steps:
             report(step)
 
 
