@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.pytorch_utils import Conv1D
 
 from rlhf.engine.lean_llama import on_cpu
 from rlhf.engine.packing import sliding_window, uses_alibi, within_window
@@ -259,9 +260,9 @@ def _packed_forward(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, x: 
 
 
 class DecodeStep:
-    """What a decoding step of `model` runs with: `decode_attention`, and each plain `nn.Linear` multiplying
-    by a copy of its weight in the matmuls' dtype (autocast's, else the weight's), prepacked once for oneDNN
-    (see `packer`), as a product under autocast casts its input and weight.
+    """What a decoding step of `model` runs with: `decode_attention`, and each plain `nn.Linear` (or GPT-2's
+    `Conv1D`) multiplying by a copy of its weight in the matmuls' dtype (autocast's, else the weight's),
+    prepacked once for oneDNN (see `packer`), as a product under autocast casts its input and weight.
     The copies are made once per batch; the model is changed only inside `with step.on():`, so between
     steps (and after an error) it is as it was."""
 
@@ -279,9 +280,11 @@ class DecodeStep:
             return
         pack = packer(weight.device, dtype, batch)
         for module in model.modules():
-            if type(module) is not torch.nn.Linear or not _plain(module.weight):
+            # transformers' Conv1D (GPT-2's products) holds its weight as (in, out): x @ W + b
+            if type(module) not in (torch.nn.Linear, Conv1D) or not _plain(module.weight):
                 continue
-            packed = pack(module.weight.detach().to(dtype))
+            w = module.weight.detach()
+            packed = pack((w.t() if type(module) is Conv1D else w).contiguous().to(dtype))
             if packed.is_mkldnn:  # elsewhere the module's own product is as fast
                 bias = None if module.bias is None else module.bias.detach().to(dtype)
                 self.linears.append((module, functools.partial(_packed_forward, packed, bias, dtype)))

@@ -43,7 +43,7 @@ def _both(model, tok, monkeypatch, eos: int):  # type: ignore[no-untyped-def]
     return slots, dynamic
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox", "gemma2", "gpt2"])
 def test_slot_cache_decodes_as_the_dynamic_cache(arch: str, tmp_path: Path, monkeypatch) -> None:
     """fp32: the same tokens and log-probs, with rows ending early (the batch shrinks: the cache's rows go
     with it) and a cache that grows over more than one block of slots."""
@@ -59,7 +59,7 @@ def test_slot_cache_decodes_as_the_dynamic_cache(arch: str, tmp_path: Path, monk
     torch.testing.assert_close(slots.logprobs, dynamic.logprobs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox", "gpt2"])
 def test_under_bf16_autocast_the_slot_cache_decodes_as_the_dynamic_cache(
     arch: str, tmp_path: Path, monkeypatch
 ) -> None:
@@ -133,6 +133,21 @@ def test_a_decoding_step_leaves_the_model_as_it_was_even_when_it_fails(tmp_path:
     assert not any("forward" in m.__dict__ for m in model.modules())
     # sharded weights (FSDP) are not copied: only the attention changes
     assert DecodeStep(model, batch=4, whole_weights=False).linears == []
+
+
+def test_gpt2s_conv1d_products_are_packed_as_the_linears_are(tmp_path: Path) -> None:
+    """GPT-2 multiplies through transformers' Conv1D (x @ W + b, W held as (in, out)): packed transposed, each
+    gives what the module gives."""
+    from transformers.pytorch_utils import Conv1D
+
+    model, _ = _model("gpt2", tmp_path)
+    convs = [m for m in model.modules() if type(m) is Conv1D]
+    step = DecodeStep(model, batch=3)
+    assert convs and {id(m) for m in convs} <= {id(m) for m, _ in step.linears}
+    x = torch.randn(3, 1, convs[0].weight.size(0))
+    expected = convs[0](x)
+    with step.packed():
+        torch.testing.assert_close(convs[0](x), expected, rtol=1e-5, atol=1e-5)
 
 
 def _mistral(window: int | None):  # type: ignore[no-untyped-def]
