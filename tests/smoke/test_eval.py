@@ -50,6 +50,22 @@ def test_a_policy_against_itself_wins_half_the_time(
     assert "win rate of A over B" in result.output and "kl_to_reference" in result.output
 
 
+def test_the_answers_do_not_depend_on_how_many_prompts_are_sampled_together(
+    tmp_path: Path, tiny_sft_model: Path, demo_data: Path
+) -> None:
+    sft = str(tiny_sft_model)
+    rows = []
+    for batch in (5, 64):  # 24 prompts: five batches and a short one, or one
+        out = tmp_path / f"eval{batch}.json"
+        args = ["eval", sft, sft, "--out", str(out), "--quiet", "--set", f"eval.prompts_file={demo_data / 'rl_prompts.jsonl'}",
+                "--set", "eval.n_prompts=24", "--set", "eval.max_new_tokens=12", "--set", "eval.precision=fp32",
+                "--set", "eval.bootstrap=100", "--set", f"eval.batch_size={batch}"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        rows.append(json.loads(out.read_text())["rows"])
+    assert rows[0] == rows[1] and len({r["a"] for r in rows[0]}) > 1
+
+
 def best_of_4_eval(a: str, b: str, out: Path, data: Path, rm: Path, prompts: int, tokens: int) -> list[str]:
     """`rlhf eval A B` with A answering best-of-4 under `rm`, B's policy as the reference, in fp32."""
     sets = [f"eval.prompts_file={data / 'eval_prompts.jsonl'}", f"eval.n_prompts={prompts}",
