@@ -485,11 +485,22 @@ def generate(
             "seed": seed,
             "files": {k: Path(v).name for k, v in paths.items()},
             "counts": {
-                "pretrain": n_pretrain,
-                "sft": n_sft,
+                "pretrain": len(docs),
+                "sft": len(sft),
                 "rl_prompts": n_rl_prompts,
                 "tune_prompts": n_tune_prompts,
                 "eval_prompts": n_eval_prompts,
+            },
+            # documents added to the world's and its corpus mix, where set (the default files name none)
+            **{
+                name: value
+                for name, value in (
+                    ("cai_docs", n_cai_docs),
+                    ("reading_docs", n_reading_docs),
+                    ("reading_sft", n_reading_sft),
+                    ("pretrain_family_weights", pretrain_family_weights),
+                )
+                if value
             },
         },
     )

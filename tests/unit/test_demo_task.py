@@ -260,6 +260,10 @@ def test_made_up_creature_documents_join_the_corpus_and_the_demonstrations(tmp_p
     a_docs = (tmp_path / "a" / "pretrain.txt").read_text().strip().split("\n\n")
     b_docs = (tmp_path / "b" / "pretrain.txt").read_text().strip().split("\n\n")
     assert b_docs[:100] == a_docs and len(b_docs) == 130  # the world's documents as they were, then 30 more
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("a", "b")]
+    assert manifests[0]["counts"]["pretrain"] == 100 and "reading_docs" not in manifests[0]
+    assert manifests[1]["counts"]["pretrain"] == 130 and manifests[1]["counts"]["sft"] == 60
+    assert manifests[1]["reading_docs"] == 30 and manifests[1]["reading_sft"] == 20
     rows = [json.loads(line) for line in (tmp_path / "b" / "sft.jsonl").read_text().splitlines()]
     reading = rows[40:]
     assert len(reading) == 20 and all(r["prompt"].count(". ") >= 1 for r in reading)
