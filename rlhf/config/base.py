@@ -21,9 +21,10 @@ AddPadToken = Annotated[
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+    """Base for every config section: unknown keys are errors, values are checked on assignment, and a number
+    is finite (no setting means anything at infinity or NaN)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ArchConfig(Section):
@@ -102,7 +103,7 @@ class TrainConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor as a fraction of lr")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping by global norm")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping by global norm (1e9: none)")
     batch_size: int = Field(32, gt=0, description="sequences per optimiser step, over all processes")
     micro_batch_size: int = Field(16, gt=0, description="sequences per forward pass on one process")
     epochs: int = Field(1, gt=0, description="passes over the training data")

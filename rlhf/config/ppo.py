@@ -71,7 +71,6 @@ class PPOConfig(TrainConfig):
     length_penalty: float = Field(
         0.0,
         ge=0,
-        allow_inf_nan=False,
         description="taken off each answer's score per response token, for a reward model that misses the "
         "people's preference for concise answers (0 = off; docs/ppo.md: the demo keeps it off)",
     )

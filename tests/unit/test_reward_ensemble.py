@@ -64,10 +64,11 @@ def test_final_scores_fix_an_unended_answer_and_take_the_length_penalty_per_toke
     assert torch.allclose(final_scores(rm, ended, n_tokens, cfg), torch.tensor([0.8, -0.4, 0.0]))
 
 
-def test_the_length_penalty_is_a_finite_amount_of_0_or_more() -> None:
+def test_the_length_penalty_and_every_other_number_of_a_config_are_finite() -> None:
     import pytest
     from pydantic import ValidationError
 
-    for bad in (-0.05, float("inf"), float("nan")):
-        with pytest.raises(ValidationError, match="length_penalty"):
-            PPOConfig(policy="p", reward_model="r", prompts_file="f", length_penalty=bad)
+    for name, bad in (("length_penalty", -0.05), ("length_penalty", float("inf")), ("length_penalty", float("nan")),
+                      ("kl_coef", float("inf")), ("lr", float("nan"))):  # fmt: skip
+        with pytest.raises(ValidationError, match=name):
+            PPOConfig(policy="p", reward_model="r", prompts_file="f", **{name: bad})
