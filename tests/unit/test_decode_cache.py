@@ -150,6 +150,21 @@ def test_gpt2s_conv1d_products_are_packed_as_the_linears_are(tmp_path: Path) -> 
         torch.testing.assert_close(convs[0](x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_gpt2s_seven_operation_gelu_is_torchs_fused_one_inside_a_step_only(tmp_path: Path) -> None:
+    from transformers.activations import NewGELUActivation
+
+    model, _ = _model("gpt2", tmp_path)
+    gelus = [m for m in model.modules() if type(m) is NewGELUActivation]
+    step = DecodeStep(model, batch=None)  # unpacked products: the activations are fused all the same
+    assert gelus and {id(m) for m, _ in step.activations} == {id(m) for m in gelus}
+    x = 3 * torch.randn(4, 1, 64)
+    expected = gelus[0](x)
+    with step.packed():
+        assert "forward" in gelus[0].__dict__
+        torch.testing.assert_close(gelus[0](x), expected, rtol=0, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def _mistral(window: int | None):  # type: ignore[no-untyped-def]
     config = CONFIG_MAPPING["mistral"](vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, num_key_value_heads=2, sliding_window=window)  # fmt: skip
