@@ -39,14 +39,8 @@ def data_demo(
     cfg = load_config(config, list(sets or [])).data
     from rlhf.data import demo_task
 
-    paths = demo_task.generate(
-        out, seed=cfg.seed if seed is None else seed, n_pretrain=cfg.n_pretrain, n_sft=cfg.n_sft,
-        n_rl_prompts=cfg.n_rl_prompts, n_eval_prompts=cfg.n_eval_prompts, sft_rude_rate=cfg.sft_rude_rate,
-        sft_wrong_rate=cfg.sft_wrong_rate, sft_ramble_rate=cfg.sft_ramble_rate,
-        sft_nonanswer_rate=cfg.sft_nonanswer_rate,
-        sft_template_weights=cfg.sft_template_weights, n_tune_prompts=cfg.n_tune_prompts, n_cai_docs=cfg.n_cai_docs,
-        n_reading_docs=cfg.n_reading_docs, n_reading_sft=cfg.n_reading_sft, pretrain_family_weights=cfg.pretrain_family_weights,
-    )  # fmt: skip
+    # the data section's fields are generate's arguments, by name
+    paths = demo_task.generate(out, **(cfg.model_dump() | ({} if seed is None else {"seed": seed})))
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 

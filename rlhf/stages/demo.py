@@ -601,15 +601,12 @@ def run(
     cfg = demo_config(out, fast, config, overrides or [])
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
-    d = cfg.data
 
     def data() -> dict[str, Any]:
-        demo_task.generate(out / "data", seed=d.seed, n_pretrain=d.n_pretrain, n_sft=d.n_sft, n_rl_prompts=d.n_rl_prompts,
-                           n_eval_prompts=d.n_eval_prompts, sft_rude_rate=d.sft_rude_rate, sft_wrong_rate=d.sft_wrong_rate,
-                           sft_ramble_rate=d.sft_ramble_rate, sft_nonanswer_rate=d.sft_nonanswer_rate, sft_template_weights=d.sft_template_weights,
-                           n_tune_prompts=d.n_tune_prompts, n_cai_docs=d.n_cai_docs, n_reading_docs=d.n_reading_docs, n_reading_sft=d.n_reading_sft,
-                           pretrain_family_weights=d.pretrain_family_weights)  # fmt: skip
-        return {"pretrain_docs": d.n_pretrain, "sft_demonstrations": d.n_sft}
+        # the data section's fields are generate's arguments, by name
+        demo_task.generate(out / "data", **cfg.data.model_dump())
+        counts = json.loads((out / "data" / "manifest.json").read_text())["counts"]
+        return {"pretrain_docs": counts["pretrain"], "sft_demonstrations": counts["sft"]}
 
     stages.run("data", data)
     stages.run("pretrain", lambda: pretrain.run(cfg.pretrain, resume=True, quiet=quiet))
