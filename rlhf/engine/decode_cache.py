@@ -280,6 +280,8 @@ class DecodeStep:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         self.linears: list[tuple[torch.nn.Module, Any]] = []
         self.activations = [(m, _gelu_tanh) for m in model.modules() if type(m) in _TANH_GELUS]
+        # what `packed` swaps in: the activations, and the products packed below
+        self.swaps = self.activations
         if batch is None or not whole_weights:
             return
         pack = packer(weight.device, dtype, batch)
@@ -292,6 +294,7 @@ class DecodeStep:
             if packed.is_mkldnn:  # elsewhere the module's own product is as fast
                 bias = None if module.bias is None else module.bias.detach().to(dtype)
                 self.linears.append((module, functools.partial(_packed_forward, packed, bias, dtype)))
+        self.swaps = self.linears + self.activations
 
     @contextmanager
     def on(self) -> Iterator[None]:
@@ -310,13 +313,12 @@ class DecodeStep:
         would otherwise cast every weight at every product, as autocast does outside grad mode)."""
         # an instance attribute, which nn.Module.__call__ runs (hooks included); set in the instance's dict, as
         # nn.Module.__setattr__ costs more than the rest of this per step
-        swaps = self.linears + self.activations
-        for module, forward in swaps:
+        for module, forward in self.swaps:
             module.__dict__["forward"] = forward
         try:
             yield
         finally:
-            for module, _ in swaps:
+            for module, _ in self.swaps:
                 del module.__dict__["forward"]
 
 
