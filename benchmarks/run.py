@@ -26,6 +26,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("attention_backends", [], ["--quick"]),
     ("decode_attention", [], ["--quick"]),
     ("lean_training", [], ["--quick"]),
+    ("sft_packing", [], ["--quick"]),
     ("generation", [], ["--quick"]),
     ("ppo_bench", [], ["--quick"]),
     ("reward_throughput", [], ["--reps", "1", "--groups", "40", "--no-doc"]),

@@ -55,5 +55,8 @@ class SFTConfig(TrainConfig):
     eval_file: str | None = Field(None, description="held-out demonstrations; default: a split of train_file")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share held out when eval_file is unset")
     max_seq_len: int = Field(128, gt=1, description="prompt + response tokens (longer ones are truncated)")
+    pack_sequences: bool = Field(
+        True, description="train on a micro-batch's demonstrations packed end to end into rows, not padded"
+    )
     lr: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
     epochs: int = Field(2, gt=0, description="passes over the demonstrations")

@@ -60,7 +60,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     if not train:
         raise DataError(f"{cfg.train_file}: no demonstration fits in {max_len} tokens")
     result = fit(stage="sft", model=model, tokenizer=tokenizer, train=train, held_out=held_out, cfg=cfg,
-                 accelerator=accelerator, run=run_dir, checkpoint=checkpoint, quiet=quiet)  # fmt: skip
+                 accelerator=accelerator, run=run_dir, checkpoint=checkpoint, quiet=quiet, pack=cfg.pack_sequences)  # fmt: skip
 
     # Sample answers to held-out prompts: does the model end its answers with EOS?
     prompts = [p for p, _ in held_rows if p][:64]  # `text` rows have no prompt to answer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import TrainConfig
 from rlhf.data.jsonl import write_json
+from rlhf.engine.packing import (
+    ROW_MULTIPLE,
+    pack_rows,
+    row_width,
+    sliding_window,
+    takes_4d_mask,
+    tree_attention_mask,
+    within_window,
+)
 from rlhf.losses import sft_loss
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.models.wrappers import ModelForward
@@ -37,14 +47,17 @@ from rlhf.train.common import (
 log = logging.getLogger(__name__)
 IGNORE = -100
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with IGNORE where there is no loss
+Batch = dict[
+    str, Tensor
+]  # input_ids, labels, attention_mask (2-D, or 4-D for packed rows), position_ids, real
 
 
 def n_loss_tokens(example: Example) -> int:
     return sum(1 for t in example["labels"][1:] if t != IGNORE)
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding gets attention 0 and label IGNORE."""
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad a micro-batch; padding gets attention 0 and label IGNORE. `real` marks the tokens."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -54,21 +67,66 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    position_ids = torch.arange(width).expand(len(examples), width)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "real": mask,
+    }
+
+
+def collate_packed(examples: list[Example], pad_id: int, additive: bool, hidden_size: int | None) -> Batch:
+    """A micro-batch's sequences end to end in rows (rlhf.engine.packing's rows and widths), each seeing only
+    itself: positions restart at 0 and attention is block-diagonal, so every token gets the loss it gets in a
+    padded row. A sequence's first label is never predicted (nothing comes before it in its sequence), so it
+    becomes IGNORE: the last token of the sequence before it in the row must not learn to predict it."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    width = row_width(lengths, hidden_size)
+    rows = pack_rows(lengths, width)
+    rows += [[] for _ in range(-(-len(rows) // ROW_MULTIPLE) * ROW_MULTIPLE - len(rows))]  # a few shapes only
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    sequence = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, col : col + n] = torch.tensor(examples[i]["input_ids"])
+            labels[r, col + 1 : col + n] = torch.tensor(examples[i]["labels"][1:])
+            positions[r, col : col + n] = torch.arange(n)
+            sequence[r, col : col + n] = i
+            col += n
+    mask = tree_attention_mask(sequence, additive=additive)  # (R, 1, W, W)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions,
+            "real": (sequence >= 0).long()}  # fmt: skip
+
+
+def packs(model: Any, examples: list[Example]) -> tuple[bool, bool]:
+    """(pack a micro-batch's sequences into rows, with an additive mask): where the model's attention takes a
+    custom 4-D mask and no sequence reaches past a sliding window (rlhf.engine.packing), and the sequences
+    differ in length (blocks of one length fill their rows already)."""
+    works, additive = takes_4d_mask(model)
+    lengths = {len(e["input_ids"]) for e in examples}
+    fits = within_window(sliding_window(model), max(lengths, default=0))
+    return works and fits and len(lengths) > 1, additive
 
 
 class NextTokenLoss(ModelForward):
     """The summed next-token loss of a micro-batch over its labelled tokens (`sft_loss`, reduction "sum").
     The LM head runs only at the labelled tokens (`logits_at`): prompts and padding never reach its matmul."""
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        targets = labels[:, 1:]  # (B, T-1) the token that each position predicts
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
+        targets = labels[:, 1:]  # (R, W-1) the token that each position predicts
         counted = targets != IGNORE
-        # right-padded rows: positions count from 0, as in the model's own forward
         at = (
             F.pad(counted, (0, 1), value=False).flatten().nonzero().squeeze(1)
-        )  # (N,) into the (B, T) positions
-        logits = self.logits_at(input_ids, attention_mask, None, at)  # (N, V)
+        )  # (N,) into the (R, W) positions
+        logits = self.logits_at(input_ids, attention_mask, position_ids, at)  # (N, V)
         return F.cross_entropy(logits.float(), targets[counted], reduction="sum")
 
 
@@ -92,9 +150,12 @@ def demonstration_loss(policy: Any, actor: Any, demos: dict[str, Tensor]) -> tup
 
 @torch.no_grad()
 def evaluate(
-    loss_fn: NextTokenLoss, examples: list[Example], pad_id: int, micro_batch_size: int
+    loss_fn: NextTokenLoss,
+    examples: list[Example],
+    batch_of: Callable[[list[Example]], Batch],
+    micro_batch_size: int,
 ) -> dict[str, float]:
-    """Mean next-token loss per labelled token, and its perplexity."""
+    """Mean next-token loss per labelled token, and its perplexity. `batch_of` lays out a micro-batch."""
     if not examples:
         return {}
     was_training = loss_fn.training
@@ -102,10 +163,10 @@ def evaluate(
     total, count = 0.0, 0
     device = next(loss_fn.parameters()).device
     for i in range(0, len(examples), micro_batch_size):
-        batch = {
-            name: t.to(device) for name, t in collate(examples[i : i + micro_batch_size], pad_id).items()
-        }
-        total += float(loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        batch = {name: t.to(device) for name, t in batch_of(examples[i : i + micro_batch_size]).items()}
+        total += float(
+            loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
+        )
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
     loss_fn.train(was_training)
     loss = total / max(1, count)
@@ -124,9 +185,19 @@ def fit(
     run: Run,
     checkpoint: Path | None,
     quiet: bool = False,
+    pack: bool = False,
 ) -> dict[str, Any]:
-    """Train `model` on `train`; returns the final held-out metrics. The finished model goes to RUN/final."""
+    """Train `model` on `train`; returns the final held-out metrics. The finished model goes to RUN/final.
+    `pack`: a micro-batch's sequences end to end in rows where the model allows it (`packs`), not padded."""
     pad_id = int(tokenizer.pad_token_id)
+    packed, additive = packs(model, train + held_out) if pack else (False, False)
+    hidden_size = getattr(model.config, "hidden_size", None)
+
+    def batch_of(examples: list[Example]) -> Batch:
+        return (
+            collate_packed(examples, pad_id, additive, hidden_size) if packed else collate(examples, pad_id)
+        )
+
     section = type(cfg).__name__.removesuffix("Config").lower()  # pretrain or sft
     plan = BatchPlan(
         len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed,
@@ -155,18 +226,18 @@ def fit(
         seen_tokens = 0
         micro = list(plan.micro_batches(step))
         for k, indices in enumerate(micro):
-            batch = {name: t.to(device) for name, t in collate([train[i] for i in indices], pad_id).items()}
-            seen_tokens += int(batch["attention_mask"].sum())
+            batch = {name: t.to(device) for name, t in batch_of([train[i] for i in indices]).items()}
+            seen_tokens += int(batch["real"].sum())
             sync = no_sync(accelerator, loss_fn, sync=k == len(micro) - 1)
             ids = batch["input_ids"]
             with sync, short_attention(ids.size(1), ids.device, half):
-                loss_sum = loss_fn(ids, batch["attention_mask"], batch["labels"])
+                loss_sum = loss_fn(ids, batch["attention_mask"], batch["labels"], batch["position_ids"])
                 # DDP averages gradients over processes; scale back so the sum over the global batch is exact
                 objective = loss_sum * accelerator.num_processes / global_tokens
                 # a mixture of experts whose config sets `output_router_logits`: + coef x its load-balancing
                 # loss, as transformers adds it, averaged over micro-batches (and, by DDP, over processes)
                 if unwrapped.aux_coef is not None:
-                    aux = unwrapped.aux_loss(batch["attention_mask"]) / len(micro)
+                    aux = unwrapped.aux_loss(batch["real"]) / len(micro)
                     objective = objective + unwrapped.aux_coef * aux
                     step_aux += aux.detach().double()
                 accelerator.backward(objective)
@@ -192,7 +263,7 @@ def fit(
             progress.line(done, loss=loss)
         # 4. evaluate on the held-out split
         if done % cfg.eval_every == 0 or done == plan.total_steps:
-            ev = evaluate(unwrapped, held_out, pad_id, cfg.micro_batch_size)
+            ev = evaluate(unwrapped, held_out, batch_of, cfg.micro_batch_size)
             run.log(done, {f"{stage}/eval_{k}": v for k, v in ev.items()})
             progress.line(done, **{f"eval_{k}": v for k, v in ev.items()})
             metrics.update({f"{stage}/eval_{k}": v for k, v in ev.items()})
@@ -202,7 +273,7 @@ def fit(
                                      save_files)  # fmt: skip
     progress.close()
     accelerator.wait_for_everyone()
-    final = evaluate(unwrapped, held_out, pad_id, cfg.micro_batch_size)
+    final = evaluate(unwrapped, held_out, batch_of, cfg.micro_batch_size)
     whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
     if is_main:
         save_pretrained_atomic(run.dir / "final", unwrapped.model, tokenizer, state_dict=whole)

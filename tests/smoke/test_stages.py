@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from rlhf.labelers import gold
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.runs import read_metrics
 from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
-from rlhf.train.lm_loop import NextTokenLoss, evaluate
+from rlhf.train.lm_loop import NextTokenLoss, collate, evaluate
 from tests.archs import save_tiny
 from tests.cli import launch_two, run_cli
 
@@ -37,8 +38,9 @@ def test_sft_response_loss_is_clearly_below_the_pretrained_model(tiny_demo: dict
     held_out = read_demonstrations(tiny_demo["data"] / "sft.jsonl", tok)[:30]  # the split SFT held out
     examples, _, _ = tokenize_demonstrations(held_out, tok, 64)
     pretrained, sft = (NextTokenLoss(load_causal_lm(str(tiny_demo[k]))) for k in ("pretrain", "sft"))
-    before = evaluate(pretrained, examples, tok.pad_token_id, 16)["loss"]
-    after = evaluate(sft, examples, tok.pad_token_id, 16)["loss"]
+    padded = partial(collate, pad_id=tok.pad_token_id)
+    before = evaluate(pretrained, examples, padded, 16)["loss"]
+    after = evaluate(sft, examples, padded, 16)["loss"]
     assert after < 0.85 * before, (before, after)
 
 

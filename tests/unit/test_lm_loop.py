@@ -16,7 +16,7 @@ from rlhf.models.loading import build_causal_lm, load_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.runs import Run, read_metrics
 from rlhf.train.common import lean_forward, make_accelerator
-from rlhf.train.lm_loop import IGNORE, NextTokenLoss, collate, evaluate, fit
+from rlhf.train.lm_loop import IGNORE, NextTokenLoss, collate, collate_packed, evaluate, fit, packs
 from tests.archs import save_tiny
 
 ARCH = ArchConfig(
@@ -67,8 +67,52 @@ def test_evaluate_counts_only_labelled_tokens(model) -> None:
         loss_sum = NextTokenLoss(model)(batch["input_ids"], batch["attention_mask"], batch["labels"])
     n_labelled = (11 - 4) + (6 - 2) + (9 - 1)  # no prediction of a row's first token
     for lean in (False, True):
-        result = evaluate(NextTokenLoss(model, lean), examples(), pad_id=0, micro_batch_size=2)
-        assert result["loss"] == pytest.approx(float(loss_sum) / n_labelled, rel=1e-5)
+        for batch_of in (lambda ex: collate(ex, 0), lambda ex: collate_packed(ex, 0, False, None)):
+            result = evaluate(NextTokenLoss(model, lean), examples(), batch_of, micro_batch_size=2)
+            assert result["loss"] == pytest.approx(float(loss_sum) / n_labelled, rel=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_give_the_padded_rows_loss_and_gradients(attention: str) -> None:
+    """Sequences end to end in a row, each seeing only itself from position 0, train as in rows of their own:
+    the same summed loss and gradients through transformers' forward and the lean one; a sequence's first
+    label (never predicted) is not learned from the end of the sequence before it."""
+    model = build_model()
+    model.config._attn_implementation = attention
+    # + a fully labelled sequence that first-fit packing puts right after the first one, in its row
+    train = [*examples(), {"input_ids": [7, 8, 9, 10, 11], "labels": [7, 8, 9, 10, 11]}]
+    works, additive = packs(model, train)
+    assert works and additive == (attention == "eager")
+    padded = collate(train, pad_id=0)
+    packed = collate_packed(train, 0, additive, hidden_size=None)
+    assert packed["input_ids"][0, 11:16].tolist() == [7, 8, 9, 10, 11]  # second in its row
+    assert packed["attention_mask"].dim() == 4 and int(packed["real"].sum()) == 11 + 6 + 9 + 5
+    results = []
+    for batch, lean in ((padded, False), (packed, False), (packed, True)):
+        model.zero_grad()
+        loss = NextTokenLoss(model, lean)(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]
+        )
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_ref, grads_ref), *others = results
+    for loss, grads in others:
+        torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+        for name, grad in grads_ref.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_loop_packs_only_sequences_of_different_lengths_into_a_model_that_takes_the_mask(model) -> None:
+    assert packs(model, examples())[0]
+    same_length = [
+        {"input_ids": [5] * 8, "labels": [5] * 8}
+    ] * 3  # pretraining blocks fill their rows already
+    assert not packs(model, same_length)[0]
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom 4-D mask
+    try:
+        assert not packs(model, examples())[0]
+    finally:
+        model.config._attn_implementation = "sdpa"
 
 
 def test_the_loop_takes_the_lean_forward_only_for_a_plain_whole_llama() -> None:
@@ -84,13 +128,15 @@ def test_the_loop_takes_the_lean_forward_only_for_a_plain_whole_llama() -> None:
     assert not lean_forward(lora.get_base_model(), accelerator, cfg)  # LoRA layers replaced its projections
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("routed", [True, False], ids=["output_router_logits", "no_router_logits"])
 def test_a_mixture_of_experts_trains_on_its_load_balancing_loss_where_its_config_asks(
-    tmp_path: Path, routed: bool
+    tmp_path: Path, routed: bool, pack: bool
 ) -> None:
     """A Mixtral whose config sets `output_router_logits`: the loss of a step is transformers' loss for the same
     batch with labels, the next-token loss + router_aux_loss_coef x its `aux_loss`, which is logged; without
-    it, the next-token loss alone."""
+    it, the next-token loss alone. Packed rows give the loss of padded ones: the load-balancing term weighs
+    each real token once."""
     path = save_tiny("mixtral", tmp_path / "moe")
     config = AutoConfig.from_pretrained(path)  # the checkpoint's config, as a user sets it
     config.output_router_logits = routed
@@ -99,7 +145,8 @@ def test_a_mixture_of_experts_trains_on_its_load_balancing_loss_where_its_config
     tok = load_tokenizer(str(path))
     model = load_causal_lm(str(path), tokenizer=tok)
     train = examples()
-    batch = collate(train, int(tok.pad_token_id))
+    padded = collate(train, int(tok.pad_token_id))
+    batch = {k: padded[k] for k in ("input_ids", "attention_mask", "labels")}
     assert (batch["attention_mask"] == 0).any()  # padding, which the load-balancing loss leaves out
     with torch.no_grad():
         routed_out = model(**batch, output_router_logits=True)
@@ -107,7 +154,7 @@ def test_a_mixture_of_experts_trains_on_its_load_balancing_loss_where_its_config
     cfg = SFTConfig(out_dir=str(tmp_path / "run"), batch_size=3, micro_batch_size=3, max_steps=1, lr=1e-3)
     run = Run(cfg.out_dir, cfg)
     fit(stage="sft", model=model, tokenizer=tok, train=train, held_out=[], cfg=cfg,
-        accelerator=make_accelerator("fp32"), run=run, checkpoint=None, quiet=True)  # fmt: skip
+        accelerator=make_accelerator("fp32"), run=run, checkpoint=None, quiet=True, pack=pack)  # fmt: skip
     logged = read_metrics(run.metrics_path)[0]
     aux = float(routed_out.aux_loss)
     assert aux > 0
