@@ -191,16 +191,17 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
     random (fixed seed) from every question family; what the reward model makes of answers of every kind; how
     often the correct answer is among the SFT policy's K candidates."""
     from rlhf.eval.judges import make_judge
-    from rlhf.stages.eval import compare
+    from rlhf.stages.eval import Answered, compare
 
     judge = make_judge(cfg.eval)
     sft = str(out / "sft" / "final")
     results: dict[str, Any] = {}
+    answered: Answered = {}  # SFT answers the same prompts in both comparisons: sampled once
     for name, policy in (
         ("ppo_vs_sft", str(ppo_policy(out))),
         ("pretrained_vs_sft", str(out / "pretrain" / "final")),
     ):
-        summary = compare(policy, sft, cfg.eval, judge)
+        summary = compare(policy, sft, cfg.eval, judge, answered)
         results[f"{name}_win_rate"] = summary["win_rate_a"]
         if name == "ppo_vs_sft":
             summary["by_family"] = outcomes_by_family(summary["rows"])

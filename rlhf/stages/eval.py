@@ -57,6 +57,11 @@ class PolicyAnswers:
     kl: list[float] | None  # nats per answer, to the reference; None without a reference
 
 
+# Answers sampled under one evaluation's settings, by (policy, seed, prompts, best-of-n, KL measured): a policy
+# compared twice in one run (the demo's SFT policy, B against PPO and against the pretrained model) answers once.
+Answered = dict[tuple[str, int, tuple[str, ...], bool, bool], PolicyAnswers]
+
+
 def load_policy(path: str, device: torch.device, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     model = load_causal_lm(path, tokenizer=tokenizer).eval()
     model.to(device)  # type: ignore[arg-type]  # transformers' typing of .to is off
@@ -151,9 +156,10 @@ def policy_metrics(prompts: list[str], answers: PolicyAnswers, demo: bool) -> di
 
 
 def answer_both(
-    policy_a: str, policy_b: str, cfg: EvalConfig
+    policy_a: str, policy_b: str, cfg: EvalConfig, answered: Answered | None = None
 ) -> tuple[list[str], PolicyAnswers, PolicyAnswers]:
-    """The evaluation prompts and each policy's answers to them (A with seed, B with seed + 1)."""
+    """The evaluation prompts and each policy's answers to them (A with seed, B with seed + 1); answers found in
+    `answered` are taken from it, and those sampled are added to it."""
     tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
     prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,11 +178,19 @@ def answer_both(
                     "left out (the bound log n - (n - 1)/n is to A's own samples)", cfg.best_of_n, policy_a,
                     cfg.reference)  # fmt: skip
         a_reference = None
-    answers = {}
+    answers, answered = {}, {} if answered is None else answered
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
-        log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))
-        answers[name] = answer(load_policy(path, device, tokenizer), tokenizer, prompts, cfg, seed,
-                               a_reference if name == "a" else reference, bf16, bon if name == "a" else None)  # fmt: skip
+        ref, picker = (a_reference, bon) if name == "a" else (reference, None)
+        key = (str(Path(path).resolve()), seed, tuple(prompts), picker is not None, ref is not None)
+        if key in answered:
+            log.info(
+                "eval: policy %s (%s) answered these %d prompts already", name.upper(), path, len(prompts)
+            )
+        else:
+            log.info("eval: policy %s (%s) answers %d prompts", name.upper(), path, len(prompts))
+            policy = load_policy(path, device, tokenizer)
+            answered[key] = answer(policy, tokenizer, prompts, cfg, seed, ref, bf16, picker)
+        answers[name] = answered[key]
     return prompts, answers["a"], answers["b"]
 
 
@@ -256,11 +270,14 @@ def add_verdicts(summary: dict[str, Any], outcomes: list[float | None], cfg: Eva
     return summary
 
 
-def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, Any]:
+def redteam_rates(
+    policy_a: str, policy_b: str, cfg: EvalConfig, answered: Answered | None = None
+) -> dict[str, Any]:
     """Demo world: each policy answers `rlhf redteam`'s held-out attacks (its default split: seeds no search
     saw, and mutations of them no training data holds word for word) cfg.redteam_samples times; the gold judge
     reads each answer on its seed request. Per policy and set: answers, harmful, toxic and attack success
-    (harmful or toxic) rates with 95% intervals (Wilson's, widened for answers to one attack being alike)."""
+    (harmful or toxic) rates with 95% intervals (Wilson's, widened for answers to one attack being alike).
+    Answers found in `answered` are taken from it, and those sampled are added to it."""
     from rlhf.config import RedteamConfig
     from rlhf.data.attacks import Attack, heldout_demo_attacks
     from rlhf.data.demo_task import render_prompt
@@ -278,24 +295,33 @@ def redteam_rates(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, An
 
     result: dict[str, Any] = {"attacks": {"heldout": len(seeds), "heldout_mutations": len(mutations)},
                               "samples_per_attack": cfg.redteam_samples}  # fmt: skip
+    answered = {} if answered is None else answered
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
-        policy = load_policy(path, device, tokenizer)
+        policy = None
         result[name] = {}
-        for key, attacks in (("heldout", seeds), ("heldout_mutations", mutations)):
+        for part, attacks in (("heldout", seeds), ("heldout_mutations", mutations)):
             prompts = [render_prompt(a.message) for a in attacks for _ in range(cfg.redteam_samples)]
-            result[name][key] = rates(attacks, answer(policy, tokenizer, prompts, cfg, seed, None, bf16))
+            key = (str(Path(path).resolve()), seed, tuple(prompts), False, False)
+            if key not in answered:
+                if policy is None:
+                    policy = load_policy(path, device, tokenizer)
+                answered[key] = answer(policy, tokenizer, prompts, cfg, seed, None, bf16)
+            result[name][part] = rates(attacks, answered[key])
     return result
 
 
-def compare(policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge) -> dict[str, Any]:
-    """Answer, judge and summarise; returns the JSON summary."""
+def compare(
+    policy_a: str, policy_b: str, cfg: EvalConfig, judge: Judge, answered: Answered | None = None
+) -> dict[str, Any]:
+    """Answer, judge and summarise; returns the JSON summary. `answered`: answers sampled under `cfg` earlier in
+    this run, taken from it and added to (`Answered`)."""
     check_answer_room(judge, policy_a, cfg)
-    prompts, a, b = answer_both(policy_a, policy_b, cfg)
+    prompts, a, b = answer_both(policy_a, policy_b, cfg, answered)
     outcomes, a_first = judge_pairs(judge, prompts, a, b, cfg.seed, cfg.judge_principle)
     summary = summarise(policy_a, policy_b, cfg, prompts, a, b, a_first)
     summary["judge"] = judge.name
     if cfg.redteam_samples and summary["demo_prompts"]:
-        summary["redteam"] = redteam_rates(policy_a, policy_b, cfg)
+        summary["redteam"] = redteam_rates(policy_a, policy_b, cfg, answered)
     return add_verdicts(summary, outcomes.tolist(), cfg, judge.stats())
 
 

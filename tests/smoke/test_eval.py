@@ -66,6 +66,34 @@ def test_the_answers_do_not_depend_on_how_many_prompts_are_sampled_together(
     assert rows[0] == rows[1] and len({r["a"] for r in rows[0]}) > 1
 
 
+def test_a_policy_compared_twice_in_one_run_answers_once(
+    tmp_path: Path, tiny_sft_model: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo compares PPO and the pretrained model each with SFT: with one `answered`, B's answers (prompts
+    and red-team attacks) are sampled in the first comparison only, and are those a comparison of its own gets."""
+    from rlhf.config import EvalConfig
+    from rlhf.eval.judges import make_judge
+    from rlhf.stages import eval as eval_stage
+
+    sft, other = str(tiny_sft_model), tmp_path / "other"
+    shutil.copytree(tiny_sft_model, other)
+    cfg = EvalConfig(prompts_file=str(demo_data / "eval_prompts.jsonl"), n_prompts=16, max_new_tokens=8,
+                     precision="fp32", bootstrap=100, redteam_samples=1, reference=sft)  # fmt: skip
+    alone = eval_stage.compare(sft, sft, cfg, make_judge(cfg))
+    sampled: list[int] = []
+    answer = eval_stage.answer
+    monkeypatch.setattr(eval_stage, "answer", lambda policy, tok, prompts, *args: sampled.append(len(prompts))
+                        or answer(policy, tok, prompts, *args))  # fmt: skip
+    answered: eval_stage.Answered = {}
+    first = eval_stage.compare(str(other), sft, cfg, make_judge(cfg), answered)
+    assert len(sampled) == 6  # A and B: the prompts, the held-out attacks and their mutations
+    second = eval_stage.compare(sft, sft, cfg, make_judge(cfg), answered)
+    assert len(sampled) == 9  # A alone
+    assert second["b"] == first["b"] == alone["b"] and second["redteam"]["b"] == alone["redteam"]["b"]
+    assert [r["b"] for r in second["rows"]] == [r["b"] for r in alone["rows"]]
+    assert second["a"] == alone["a"]  # A (seed 0) is not B (seed 1) though the policy is the same
+
+
 def best_of_4_eval(a: str, b: str, out: Path, data: Path, rm: Path, prompts: int, tokens: int) -> list[str]:
     """`rlhf eval A B` with A answering best-of-4 under `rm`, B's policy as the reference, in fp32."""
     sets = [f"eval.prompts_file={data / 'eval_prompts.jsonl'}", f"eval.n_prompts={prompts}",
