@@ -92,7 +92,7 @@ def test_the_demo_reads_the_checkouts_demo_config() -> None:
     root = Path(__file__).resolve().parents[2]
     assert demo.default_config_path() == root / "configs" / "demo.yaml"
     cfg = demo.demo_config(Path("/tmp/x"), fast=False, config=None, overrides=[])
-    assert cfg.pretrain.lr == 2.0e-3 and cfg.pretrain.out_dir == "/tmp/x/pretrain"
+    assert cfg.pretrain.lr == 3.0e-3 and cfg.pretrain.out_dir == "/tmp/x/pretrain"
 
 
 def test_yesno_reasoning_tells_a_known_fact_from_the_conclusion_drawn() -> None:
