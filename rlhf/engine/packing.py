@@ -14,6 +14,7 @@ computed per response token then runs on those N alone, not on the (B, T) grid w
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,16 @@ def uses_alibi(config: Any) -> bool:
     builds from a 2-D attention mask (each row's positions counted over its real tokens), not from position
     ids: such a model takes neither a custom 4-D mask nor one over slots it has not written."""
     return getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
+
+
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model's forward (a causal LM's or a sequence classifier's) passes `position_ids` on to its
+    backbone. Some take none and drop them with their other keyword arguments (Falcon's, MPT's): a sequence packed
+    after another, or a branch after a shared prefix, would then be read at the positions of its place in the row."""
+    inner = getattr(model, "module", model)
+    get_base = getattr(inner, "get_base_model", None)
+    inner = get_base() if callable(get_base) else inner
+    return "position_ids" in inspect.signature(inner.forward).parameters
 
 
 def sliding_window(model: Any) -> int | None:

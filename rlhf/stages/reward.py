@@ -19,7 +19,6 @@ save RUN/final (a plain AutoModelForSequenceClassification), and write the held-
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import random
 import time
@@ -40,7 +39,14 @@ from rlhf.data.prompts import read_prompt_rows
 from rlhf.data.sources import iter_rows, text_field
 from rlhf.engine import lean_llama
 from rlhf.engine.decoding import SamplingParams, generate
-from rlhf.engine.packing import pack_rows, sliding_window, takes_4d_mask, tree_attention_mask, within_window
+from rlhf.engine.packing import (
+    pack_rows,
+    sliding_window,
+    takes_4d_mask,
+    takes_position_ids,
+    tree_attention_mask,
+    within_window,
+)
 from rlhf.errors import DataError, read_yaml
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.losses import grouped_bt_loss
@@ -309,16 +315,6 @@ def uses_shared_prefix(cfg: RewardConfig, model: torch.nn.Module) -> tuple[bool,
     works, additive = takes_4d_mask(model)
     works = works and within_window(sliding_window(model), cfg.max_seq_len) and takes_position_ids(model)
     return cfg.shared_prefix and works, additive
-
-
-def takes_position_ids(model: torch.nn.Module) -> bool:
-    """Whether the sequence-classification forward passes `position_ids` on to its backbone. Some take none and
-    drop them with their other keyword arguments (Falcon's, MPT's): a branch after a shared prefix would then
-    be read at the positions of its place in the row."""
-    inner = getattr(model, "module", model)
-    get_base = getattr(inner, "get_base_model", None)
-    inner = get_base() if callable(get_base) else inner
-    return "position_ids" in inspect.signature(inner.forward).parameters
 
 
 def scalar_head(model: torch.nn.Module) -> torch.nn.Module:

@@ -26,6 +26,7 @@ from rlhf.engine.packing import (
     row_width,
     sliding_window,
     takes_4d_mask,
+    takes_position_ids,
     tree_attention_mask,
     within_window,
 )
@@ -106,11 +107,12 @@ def collate_packed(examples: list[Example], pad_id: int, additive: bool, hidden_
 
 def packs(model: Any, examples: list[Example]) -> tuple[bool, bool]:
     """(pack a micro-batch's sequences into rows, with an additive mask): where the model's attention takes a
-    custom 4-D mask and no sequence reaches past a sliding window (rlhf.engine.packing), and the sequences
-    differ in length (blocks of one length fill their rows already)."""
+    custom 4-D mask, no sequence reaches past a sliding window, the forward takes position ids that restart each
+    sequence (rlhf.engine.packing), and the sequences differ in length (blocks of one length fill their rows
+    already)."""
     works, additive = takes_4d_mask(model)
     lengths = {len(e["input_ids"]) for e in examples}
-    fits = within_window(sliding_window(model), max(lengths, default=0))
+    fits = within_window(sliding_window(model), max(lengths, default=0)) and takes_position_ids(model)
     return works and fits and len(lengths) > 1, additive
 
 
