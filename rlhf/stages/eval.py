@@ -62,6 +62,13 @@ class PolicyAnswers:
 Answered = dict[tuple[str, int, tuple[str, ...], bool, bool], PolicyAnswers]
 
 
+def answered_key(
+    policy: str, seed: int, prompts: list[str], best_of_n: bool = False, kl: bool = False
+) -> tuple[str, int, tuple[str, ...], bool, bool]:
+    """A policy's answers' key in `Answered`."""
+    return str(Path(policy).resolve()), seed, tuple(prompts), best_of_n, kl
+
+
 def load_policy(path: str, device: torch.device, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     model = load_causal_lm(path, tokenizer=tokenizer).eval()
     model.to(device)  # type: ignore[arg-type]  # transformers' typing of .to is off
@@ -181,7 +188,7 @@ def answer_both(
     answers, answered = {}, {} if answered is None else answered
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
         ref, picker = (a_reference, bon) if name == "a" else (reference, None)
-        key = (str(Path(path).resolve()), seed, tuple(prompts), picker is not None, ref is not None)
+        key = answered_key(path, seed, prompts, best_of_n=picker is not None, kl=ref is not None)
         if key in answered:
             log.info(
                 "eval: policy %s (%s) answered these %d prompts already", name.upper(), path, len(prompts)
@@ -301,7 +308,7 @@ def redteam_rates(
         result[name] = {}
         for part, attacks in (("heldout", seeds), ("heldout_mutations", mutations)):
             prompts = [render_prompt(a.message) for a in attacks for _ in range(cfg.redteam_samples)]
-            key = (str(Path(path).resolve()), seed, tuple(prompts), False, False)
+            key = answered_key(path, seed, prompts)
             if key not in answered:
                 if policy is None:
                     policy = load_policy(path, device, tokenizer)

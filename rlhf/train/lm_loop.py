@@ -48,9 +48,8 @@ from rlhf.train.common import (
 log = logging.getLogger(__name__)
 IGNORE = -100
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with IGNORE where there is no loss
-Batch = dict[
-    str, Tensor
-]  # input_ids, labels, attention_mask (2-D, or 4-D for packed rows), position_ids, real
+# a laid-out micro-batch: input_ids, labels, attention_mask (2-D, or 4-D for packed rows), position_ids, real
+Batch = dict[str, Tensor]
 
 
 def n_loss_tokens(example: Example) -> int:
