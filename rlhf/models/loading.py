@@ -132,15 +132,26 @@ def context_length(model: PreTrainedModel) -> int:
     )
 
 
+def _dropout_rate(name: str, value: Any) -> bool:
+    """Whether an attribute holds a dropout probability (attention_dropout, resid_pdrop, layerdrop, ...)."""
+    return isinstance(value, float) and ("dropout" in name or name.endswith("pdrop") or name == "layerdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere: RLHF's log-prob ratios and reward reads must be deterministic."""
+    """Dropout off everywhere: RLHF's log-prob ratios and reward reads must be deterministic. Besides the
+    Dropout modules, the rates many layers copy from their config when built and read in their forward (OPT's
+    `dropout`, Llama's `attention_dropout`, OPT's `layerdrop`), and the config's own, for what is built later."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if _dropout_rate(name, value):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if config is not None and isinstance(getattr(config, key, None), float):
-            setattr(config, key, 0.0)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if _dropout_rate(key, value):
+                setattr(config, key, 0.0)
 
 
 def save_pretrained_atomic(

@@ -8,13 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.config import PPOConfig
 from rlhf.errors import RlhfError
 from rlhf.models.heads import load_reward_model
-from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rlhf.models.loading import check_same_tokenizer, disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.tokenizer import train_bpe_tokenizer
 from rlhf.stages import ppo
+from tests.archs import ALIBI, ARCHS, save_tiny
 
 
 def other_tokenizer_dir(tmp_path: Path, vocab_size: int = 280) -> Path:
@@ -137,3 +139,26 @@ def test_a_new_scalar_head_is_built_without_transformers_load_report(
     model = build_scalar_model(str(tiny_sft_model))
     assert model.score.out_features == 1 and hf_logging.get_verbosity() == before
     assert "LOAD REPORT" not in capfd.readouterr().err + caplog.text
+
+
+@pytest.mark.parametrize("model_type", [*ARCHS, *ALIBI])
+def test_no_dropout_is_left_after_disable_dropout(tmp_path: Path, model_type: str) -> None:
+    """Two training-mode forwards give the same logits: the Dropout modules and the rates layers copied from
+    their config when built (OPT keeps its `dropout` as a float on each layer) are all off."""
+    path = save_tiny(model_type, tmp_path / model_type)
+    model = load_causal_lm(str(path), tokenizer=load_tokenizer(str(path)))
+    model.config.update(
+        {k: 0.5 for k, v in model.config.to_dict().items() if isinstance(v, float) and "drop" in k}
+    )
+    for module in model.modules():  # every rate on, as a model trained with dropout would have it
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(module, name, 0.5)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    ids = torch.arange(3, 19).view(2, 8)
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout on: the test can tell
+        disable_dropout(model)
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
