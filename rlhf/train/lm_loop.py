@@ -81,11 +81,15 @@ def collate_packed(examples: list[Example], pad_id: int, additive: bool, hidden_
     """A micro-batch's sequences end to end in rows (rlhf.engine.packing's rows and widths), each seeing only
     itself: positions restart at 0 and attention is block-diagonal, so every token gets the loss it gets in a
     padded row. A sequence's first label is never predicted (nothing comes before it in its sequence), so it
-    becomes IGNORE: the last token of the sequence before it in the row must not learn to predict it."""
+    becomes IGNORE: the last token of the sequence before it in the row must not learn to predict it. Where the
+    packed rows would compute no fewer positions than padded ones (a few sequences, or all of one length; rows
+    come in multiples of ROW_MULTIPLE), the padded rows (`collate`)."""
     lengths = [len(e["input_ids"]) for e in examples]
     width = row_width(lengths, hidden_size)
     rows = pack_rows(lengths, width)
     rows += [[] for _ in range(-(-len(rows) // ROW_MULTIPLE) * ROW_MULTIPLE - len(rows))]  # a few shapes only
+    if len(rows) * width >= len(examples) * max(lengths):
+        return collate(examples, pad_id)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -105,14 +109,12 @@ def collate_packed(examples: list[Example], pad_id: int, additive: bool, hidden_
 
 
 def packs(model: Any, examples: list[Example]) -> tuple[bool, bool]:
-    """(pack a micro-batch's sequences into rows, with an additive mask): where the model's attention takes a
-    custom 4-D mask, no sequence reaches past a sliding window, the forward takes position ids that restart each
-    sequence (rlhf.engine.packing), and the sequences differ in length (blocks of one length fill their rows
-    already)."""
+    """(sequences may be packed into rows, with an additive mask): where the model's attention takes a custom 4-D
+    mask, no sequence reaches past a sliding window, and the forward takes position ids that restart each
+    sequence (rlhf.engine.packing)."""
     works, additive = takes_4d_mask(model)
-    lengths = {len(e["input_ids"]) for e in examples}
-    fits = within_window(sliding_window(model), max(lengths, default=0)) and takes_position_ids(model)
-    return works and fits and len(lengths) > 1, additive
+    longest = max((len(e["input_ids"]) for e in examples), default=0)
+    return works and within_window(sliding_window(model), longest) and takes_position_ids(model), additive
 
 
 class NextTokenLoss(ModelForward):
@@ -192,6 +194,9 @@ def fit(
     `pack`: a micro-batch's sequences end to end in rows where the model allows it (`packs`), not padded."""
     pad_id = int(tokenizer.pad_token_id)
     packed, additive = packs(model, train + held_out) if pack else (False, False)
+    if pack:
+        log.info("%s: %s", stage, "sequences packed into rows wherever that computes fewer positions" if packed else
+                 "padded rows: this model takes no packed rows (its attention, window or position ids)")  # fmt: skip
     hidden_size = getattr(model.config, "hidden_size", None)
 
     def batch_of(examples: list[Example]) -> Batch:

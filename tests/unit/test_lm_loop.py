@@ -79,14 +79,18 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(attention: str) -> 
     label (never predicted) is not learned from the end of the sequence before it."""
     model = build_model()
     model.config._attn_implementation = attention
-    # + a fully labelled sequence that first-fit packing puts right after the first one, in its row
-    train = [*examples(), {"input_ids": [7, 8, 9, 10, 11], "labels": [7, 8, 9, 10, 11]}]
+    # + fully labelled sequences, some of which first-fit packing puts after another one in its row
+    g = torch.Generator().manual_seed(3)
+    extra = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 3, 7, 4, 2, 5, 3, 6, 4, 5, 3, 4)]
+    train = [*examples(), *({"input_ids": ids, "labels": ids} for ids in extra)]
     works, additive = packs(model, train)
     assert works and additive == (attention == "eager")
     padded = collate(train, pad_id=0)
     packed = collate_packed(train, 0, additive, hidden_size=None)
-    assert packed["input_ids"][0, 11:16].tolist() == [7, 8, 9, 10, 11]  # second in its row
-    assert packed["attention_mask"].dim() == 4 and int(packed["real"].sum()) == 11 + 6 + 9 + 5
+    assert packed["attention_mask"].dim() == 4 and packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert int(packed["real"].sum()) == int(padded["real"].sum())
+    starts = (packed["position_ids"] == 0) & (packed["real"] == 1)
+    assert starts[:, 1:].any()  # a sequence that starts within a row, after another
     results = []
     for batch, lean in ((padded, False), (packed, False), (packed, True)):
         model.zero_grad()
@@ -102,12 +106,17 @@ def test_packed_rows_give_the_padded_rows_loss_and_gradients(attention: str) -> 
             torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_the_loop_packs_only_sequences_of_different_lengths_into_a_model_that_takes_the_mask(model) -> None:
+def test_packed_rows_only_where_they_compute_fewer_positions(model) -> None:
+    """Sequences of one length (pretraining blocks), or a few whose rows would round up to ROW_MULTIPLE, stay
+    padded; a model whose attention takes no custom mask, or whose forward drops position ids, is never packed."""
+    same_length = [{"input_ids": [5] * 8, "labels": [5] * 8}] * 9
+    assert collate_packed(same_length, 0, False, None)["attention_mask"].dim() == 2
+    assert (
+        collate_packed(examples(), 0, False, None)["attention_mask"].dim() == 2
+    )  # 3 sequences: 4 rows of 16
+    many = examples() * 4  # 12 sequences of 11, 6 and 9 tokens: 8 rows of 16 against 12 of 11
+    assert collate_packed(many, 0, False, None)["attention_mask"].dim() == 4
     assert packs(model, examples())[0]
-    same_length = [
-        {"input_ids": [5] * 8, "labels": [5] * 8}
-    ] * 3  # pretraining blocks fill their rows already
-    assert not packs(model, same_length)[0]
     model.config._attn_implementation = "flash_attention_2"  # takes no custom 4-D mask
     try:
         assert not packs(model, examples())[0]
