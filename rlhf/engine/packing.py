@@ -186,6 +186,14 @@ def row_width(lengths: list[int], hidden_size: int | None = None) -> int:
     return min(range(narrowest, 2 * narrowest + 1, WIDTH_MULTIPLE), key=cost)
 
 
+def packed_rows(lengths: list[int], hidden_size: int | None = None) -> tuple[int, list[list[int]]]:
+    """(row width, the sequences of each row): `row_width`'s rows filled first-fit decreasing (pack_rows), then
+    empty rows up to a multiple of ROW_MULTIPLE."""
+    width = row_width(lengths, hidden_size)
+    rows = pack_rows(lengths, width)
+    return width, rows + [[] for _ in range(_round_up(len(rows), ROW_MULTIPLE) - len(rows))]
+
+
 def packed_layout(
     ids: Tensor,
     mask: Tensor,
@@ -204,9 +212,7 @@ def packed_layout(
     prompt_len = mask[:, :n_prompt].sum(1).tolist()
     response_len = mask[:, n_prompt:].sum(1).tolist()
     lengths = [p + r for p, r in zip(prompt_len, response_len, strict=True)]
-    width = row_width(lengths, hidden_size)
-    rows = pack_rows(lengths, width)
-    rows += [[] for _ in range(_round_up(len(rows), ROW_MULTIPLE) - len(rows))]
+    width, rows = packed_rows(lengths, hidden_size)
     row_of, start_of = [0] * batch, [0] * batch
     for r, members in enumerate(rows):
         col = 0

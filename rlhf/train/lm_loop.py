@@ -21,9 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf.config import TrainConfig
 from rlhf.data.jsonl import write_json
 from rlhf.engine.packing import (
-    ROW_MULTIPLE,
-    pack_rows,
-    row_width,
+    packed_rows,
     sliding_window,
     takes_4d_mask,
     takes_position_ids,
@@ -85,9 +83,7 @@ def collate_packed(examples: list[Example], pad_id: int, additive: bool, hidden_
     packed rows would compute no fewer positions than padded ones (a few sequences, or all of one length; rows
     come in multiples of ROW_MULTIPLE), the padded rows (`collate`)."""
     lengths = [len(e["input_ids"]) for e in examples]
-    width = row_width(lengths, hidden_size)
-    rows = pack_rows(lengths, width)
-    rows += [[] for _ in range(-(-len(rows) // ROW_MULTIPLE) * ROW_MULTIPLE - len(rows))]  # a few shapes only
+    width, rows = packed_rows(lengths, hidden_size)
     if len(rows) * width >= len(examples) * max(lengths):
         return collate(examples, pad_id)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
