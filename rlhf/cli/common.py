@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
 from rlhf.config import RootConfig, load_config
 from rlhf.feedback.cli import app as label_app
@@ -20,10 +21,23 @@ def settings_help(section: str, also: tuple[str, str] | None = None) -> str:
     (another section, the prefix of its keys the stage reads too), e.g. the judge settings of eval."""
     from rich.markup import escape
 
-    def listed(part: str, prefix: str = "") -> list[str]:
-        fields = RootConfig.model_fields[part].annotation.model_fields  # type: ignore[union-attr]
-        return [f"[bold]{name}[/bold] = {escape(repr(field.get_default(call_default_factory=True)))}: "
-                f"{escape(field.description or '')}" for name, field in fields.items() if name.startswith(prefix)]  # fmt: skip
+    def described(model: type[BaseModel], prefix: str = "", keep: str = "") -> list[str]:
+        """Each field of `model` whose name starts with `keep`; a nested section as its own fields, dotted."""
+        lines = []
+        for name, field in model.model_fields.items():
+            if not name.startswith(keep):
+                continue
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):  # lora, arch, normalise
+                lines.append(f"[bold]{prefix}{name}[/bold].KEY: {escape(field.description or '')}")
+                lines += described(annotation, f"{prefix}{name}.")
+            else:
+                default = escape(repr(field.get_default(call_default_factory=True)))
+                lines.append(f"[bold]{prefix}{name}[/bold] = {default}: {escape(field.description or '')}")
+        return lines
+
+    def listed(part: str, keep: str = "") -> list[str]:
+        return described(RootConfig.model_fields[part].annotation, keep=keep)  # type: ignore[arg-type]
 
     lines = [
         f"[bold]Settings[/bold]: the {section}: section of a config file (-c), or --set {section}.KEY=VALUE",

@@ -3,20 +3,19 @@
 A config file holds one section per stage (`data`, `pretrain`, `sft`, `generate`, ...). Every field has a type,
 a default and a one-line description that doubles as documentation. Errors name the dotted key.
 
-Where each section lives: `base` (the Section base, a new model's architecture, the demo data, what every
+Where each section lives: `base` (the Section base, a new model's architecture, the demo data, LoRA, what every
 training stage shares), `supervised` (pretrain, sft), `preference` (reward, dpo), `ppo`, `generation`
 (generate, panel, bon, eval), `loop`, `safety` (redteam, cai); `loading` holds RootConfig, the whole file,
 and reads and writes it. Import them from here: `from rlhf.config import PPOConfig, load_config`.
 """
 
-from rlhf.config.base import ArchConfig, DataConfig, Precision, Section, Tracker, TrainConfig
+from rlhf.config.base import ArchConfig, DataConfig, LoraSettings, Precision, Section, Tracker, TrainConfig
 from rlhf.config.generation import BonConfig, EvalConfig, GenerateConfig, PanelConfig
 from rlhf.config.loading import RootConfig, apply_overrides, dump_config, load_config, parse_override
 from rlhf.config.loop import LoopConfig
 from rlhf.config.ppo import PPOConfig
 from rlhf.config.preference import (
     DPOConfig,
-    LoraSettings,
     NormaliseSettings,
     PreferenceTrainConfig,
     RewardConfig,

@@ -1,9 +1,9 @@
 """The base of every config section, and the sections the others build on: the architecture of a new model,
-the demo data, and what every training stage shares (TrainConfig)."""
+the demo data, LoRA adapters, and what every training stage shares (TrainConfig)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,6 +25,31 @@ class Section(BaseModel):
     is finite (no setting means anything at infinity or NaN)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class LoraSettings(Section):
+    """LoRA adapters (peft) instead of full fine-tuning; merged into the weights when saved."""
+
+    r: int = Field(0, ge=0, description="adapter rank (0 = off: train all weights)")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="module names that get adapters, or all-linear: every linear layer but the head, whatever "
+        "the architecture names them",
+    )
+
+
+def lift_flat_lora(data: Any) -> Any:
+    """A section's `lora_r` and `lora_alpha`, as earlier configs of PPO and DPO wrote them, read as `lora.r` and
+    `lora.alpha`: every stage says LoRA one way, and a run written before still resumes."""
+    if not isinstance(data, dict) or not {"lora_r", "lora_alpha"} & set(data):
+        return data
+    data = dict(data)
+    lora = dict(data.get("lora") or {})
+    for flat, nested in (("lora_r", "r"), ("lora_alpha", "alpha")):
+        if flat in data:
+            lora.setdefault(nested, data.pop(flat))
+    return {**data, "lora": lora}
 
 
 class ArchConfig(Section):

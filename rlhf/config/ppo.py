@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.config.base import TrainConfig
+from rlhf.config.base import LoraSettings, TrainConfig, lift_flat_lora
 
 
 class PPOConfig(TrainConfig):
@@ -143,9 +143,12 @@ class PPOConfig(TrainConfig):
     entropy_coef: float = Field(0.0, ge=0, description="weight of the entropy bonus")
     ptx_coef: float = Field(0.0, ge=0, description="weight of the SFT loss on ptx_file (PPO-ptx); 0 = off")
     ptx_batch_size: int = Field(16, gt=0, description="demonstrations per optimiser step for PPO-ptx")
-    # LoRA
-    lora_r: int = Field(0, ge=0, description="LoRA rank for policy and critic (0 = full fine-tuning)")
-    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings,
+        description="LoRA adapters on policy and critic instead of full fine-tuning; the reference is the "
+        "adapter-off policy",
+    )
+
     # reward-hacking guard
     guard_every: int = Field(10, gt=0, description="run the guard on held-out prompts every N iterations")
     guard_prompts: int = Field(64, gt=0, description="held-out prompts per guard evaluation")
@@ -156,6 +159,11 @@ class PPOConfig(TrainConfig):
     guard_gold: bool = Field(
         False, description="score guard answers with the demo task's gold judge (demo only; never trained on)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_lora_keys(cls, data: Any) -> Any:
+        return lift_flat_lora(data)
 
     @model_validator(mode="after")
     def _sizes_divide(self) -> PPOConfig:

@@ -1,26 +1,14 @@
-"""Sections of the stages that learn from preference files: the reward model (`rlhf reward`, with its LoRA
-and normalisation settings) and DPO (`rlhf dpo`)."""
+"""Sections of the stages that learn from preference files: the reward model (`rlhf reward`, with its
+normalisation settings) and DPO (`rlhf dpo`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.config.base import Section, TrainConfig
+from rlhf.config.base import LoraSettings, Section, TrainConfig, lift_flat_lora
 from rlhf.data.preference_io import Format
-
-
-class LoraSettings(Section):
-    """LoRA adapters (peft) instead of full fine-tuning; merged into the weights when saved."""
-
-    r: int = Field(0, ge=0, description="adapter rank (0 = off: train all weights)")
-    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    target_modules: Literal["all-linear"] | list[str] = Field(
-        "all-linear",
-        description="module names that get adapters, or all-linear: every linear layer but the head, whatever "
-        "the architecture names them",
-    )
 
 
 class NormaliseSettings(Section):
@@ -138,15 +126,21 @@ class DPOConfig(PreferenceTrainConfig):
     pack_sequences: bool = Field(
         True, description="forward a micro-batch's sequences packed end to end into rows, not padded"
     )
-    lora_r: int = Field(
-        0, ge=0, description="LoRA rank (0 = full fine-tuning); the reference is the adapter-off model"
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings,
+        description="LoRA adapters instead of full fine-tuning; the reference is then the adapter-off policy",
     )
-    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+
     lr: float = Field(1e-5, gt=0, description="peak learning rate of AdamW")
     batch_size: int = Field(32, gt=0, description="judgements (pairs or rankings) per optimiser step")
     micro_batch_size: int = Field(16, gt=0, description="judgements per forward pass on one process")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_lora_keys(cls, data: Any) -> Any:
+        return lift_flat_lora(data)
 
     @model_validator(mode="after")
     def _smoothing_needs_a_logistic_loss(self) -> DPOConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from rlhf.config.base import ArchConfig, TrainConfig
+from rlhf.config.base import ArchConfig, LoraSettings, TrainConfig
 
 
 class PretrainConfig(TrainConfig):
@@ -57,6 +57,10 @@ class SFTConfig(TrainConfig):
     max_seq_len: int = Field(128, gt=1, description="prompt + response tokens (longer ones are truncated)")
     pack_sequences: bool = Field(
         True, description="train on a micro-batch's demonstrations packed end to end into rows, not padded"
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings,
+        description="LoRA adapters instead of full fine-tuning (checkpoints hold the adapters; final is merged)",
     )
     lr: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
     epochs: int = Field(2, gt=0, description="passes over the demonstrations")

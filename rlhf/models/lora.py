@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
+from rlhf.config import LoraSettings
 from rlhf.errors import ConfigError
 
 
@@ -29,16 +30,12 @@ def expert_parameters(model: torch.nn.Module) -> list[str]:
 
 
 def add_lora(
-    model: torch.nn.Module,
-    r: int,
-    alpha: int,
-    task_type: str,
-    target_modules: str | list[str] = "all-linear",
-    modules_to_save: list[str] | None = None,
+    model: torch.nn.Module, lora: LoraSettings, task_type: str, modules_to_save: list[str] | None = None
 ) -> Any:
-    """`model` wrapped by peft with LoRA adapters (dropout 0) on `target_modules` and, with "all-linear", on the
-    routed experts too. A listed name that matches no module is a ConfigError (peft adapts the others and
-    ignores it)."""
+    """`model` wrapped by peft with LoRA adapters (rank `lora.r`, dropout 0) on `lora.target_modules` and, with
+    "all-linear", on the routed experts too. A listed name that matches no module is a ConfigError (peft adapts
+    the others and ignores it)."""
+    target_modules = lora.target_modules
     if isinstance(target_modules, list):  # a string is "all-linear" or a regular expression
         names = [name for name, _ in model.named_modules()]
         unknown = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
@@ -50,7 +47,7 @@ def add_lora(
                               f"linear layers: {', '.join(linear)})")  # fmt: skip
     experts = expert_parameters(model) if target_modules == "all-linear" else []
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.0, task_type=task_type, target_modules=target_modules,
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, task_type=task_type, target_modules=target_modules,
         target_parameters=experts or None, modules_to_save=modules_to_save,
     )  # fmt: skip
     return get_peft_model(model, config)  # type: ignore[arg-type]

@@ -308,7 +308,7 @@ def load_models(
 ) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel]:
     """Policy, reference (None: the policy with its LoRA adapter off), critic (None for the critic-free
     estimators) and reward model; dropout off."""
-    lora = cfg.lora_r > 0
+    lora = cfg.lora.r > 0
     # first: a causal LM given as the reward model fails here, before the critic made from it gets a new head
     reward_model = frozen_reward_model(cfg.reward_model, tokenizer)
     policy: Any = load_causal_lm(
@@ -325,8 +325,8 @@ def load_models(
         if critic_model is not None:
             critic_model = PeftModel.from_pretrained(critic_model, checkpoint / "critic", is_trainable=True)
     elif lora:
-        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM")
-        critic_model = critic_model and add_lora(critic_model, cfg.lora_r, cfg.lora_alpha, "SEQ_CLS")
+        policy = add_lora(policy, cfg.lora, "CAUSAL_LM")
+        critic_model = critic_model and add_lora(critic_model, cfg.lora, "SEQ_CLS")
     reference = None
     if not lora or cfg.reference not in (None, cfg.policy):
         reference = (

@@ -286,14 +286,14 @@ def evaluate(
 
 def load_policy(cfg: DPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase) -> Any:
     """The SFT policy (or the checkpoint to resume), with LoRA adapters on every linear layer if asked; dropout off."""
-    lora = cfg.lora_r > 0
+    lora = cfg.lora.r > 0
     policy: Any = load_causal_lm(
         str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
     )
     if lora and checkpoint:
         policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
     elif lora:
-        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, "CAUSAL_LM")
+        policy = add_lora(policy, cfg.lora, "CAUSAL_LM")
     disable_dropout(policy)
     return policy
 

@@ -584,7 +584,7 @@ def whole_policy(s: PPOState) -> Any:
 
     def rebuild() -> Any:  # from the configuration
         model = load_causal_lm(s.cfg.policy, tokenizer=s.tokenizer)
-        return add_lora(model, s.cfg.lora_r, s.cfg.lora_alpha, "CAUSAL_LM") if s.cfg.lora_r > 0 else model
+        return add_lora(model, s.cfg.lora, "CAUSAL_LM") if s.cfg.lora.r > 0 else model
 
     return sharding.whole_model(s.policy_model, s.is_sharded, s.accelerator.is_main_process, rebuild)
 

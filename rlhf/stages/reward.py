@@ -515,7 +515,7 @@ def load_model(
             model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
         else:
             # the head trains fully
-            model = add_lora(base, cfg.lora.r, cfg.lora.alpha, "SEQ_CLS", cfg.lora.target_modules, ["score"])
+            model = add_lora(base, cfg.lora, "SEQ_CLS", ["score"])
     # the model's own pooling finds the last real token as the last non-PAD one
     model.config.pad_token_id = pad_id  # type: ignore[union-attr]
     disable_dropout(model)

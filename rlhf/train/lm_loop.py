@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -38,6 +39,7 @@ from rlhf.train.common import (
     Progress,
     lean_forward,
     no_sync,
+    save_policy,
     set_up_training,
     short_attention,
     trains_in_half,
@@ -185,9 +187,11 @@ def fit(
     checkpoint: Path | None,
     quiet: bool = False,
     pack: bool = False,
+    rebuild: Callable[[], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on `train`; returns the final held-out metrics. The finished model goes to RUN/final.
-    `pack`: a micro-batch's sequences end to end in rows where the model allows it (`packs`), not padded."""
+    """Train `model` on `train`; returns the final held-out metrics. The finished model goes to RUN/final (a LoRA
+    model merged into a plain checkpoint). `pack`: a micro-batch's sequences end to end in rows where the model
+    allows it (`packs`), not padded. `rebuild`: a new copy of the LoRA model, to gather sharded weights into."""
     pad_id = int(tokenizer.pad_token_id)
     packed, additive = packs(model, train + held_out) if pack else (False, False)
     if pack:
@@ -276,9 +280,16 @@ def fit(
     progress.close()
     accelerator.wait_for_everyone()
     final = evaluate(unwrapped, held_out, batch_of, cfg.micro_batch_size)
-    whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
+    if isinstance(unwrapped.model, PeftModel):  # the adapters merged into a copy of the whole model
+        assert rebuild is not None, "a LoRA model needs `rebuild`"
+        whole_model = sharding.whole_model(unwrapped.model, is_sharded, is_main, rebuild)
+        if is_main:
+            save_policy(run.dir / "final", whole_model, tokenizer)
+    else:
+        whole = sharding.full_state_dict(unwrapped.model, is_main) if is_sharded else None
+        if is_main:
+            save_pretrained_atomic(run.dir / "final", unwrapped.model, tokenizer, state_dict=whole)
     if is_main:
-        save_pretrained_atomic(run.dir / "final", unwrapped.model, tokenizer, state_dict=whole)
         write_json(
             run.dir / "summary.json",
             {

@@ -141,7 +141,7 @@ def test_lora_reference_is_the_adapter_off_policy(
     monkeypatch.setattr(
         dpo, "load_causal_lm", lambda path, tokenizer: loads.append(path) or load(path, tokenizer=tokenizer)
     )
-    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, lora_r=4, lr=1e-2)
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, lora={"r": 4}, lr=1e-2)
     dpo.run(cfg, quiet=True)
 
     assert loads == [cfg.policy]  # the policy once; no second copy for the reference

@@ -1,4 +1,4 @@
-"""FSDP2 (`fsdp: true`) on two CPU processes (gloo): SFT, reward, PPO (full and LoRA) and DPO follow the losses
+"""FSDP2 (`fsdp: true`) on two CPU processes (gloo): SFT and PPO (full and LoRA), reward and DPO follow the losses
 of one unsharded process at the same global batch, and their checkpoints are whole models that load into one
 process and `rlhf serve`.
 
@@ -32,7 +32,7 @@ from tests.cli import launch_two
 from tests.smoke.stages_main import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-LOSSES = {"sft": ["sft/loss"], "rm": ["rm/loss", "rm/accuracy"], "dpo": ["dpo/loss"],
+LOSSES = {"sft": ["sft/loss"], "sft_lora": ["sft/loss"], "rm": ["rm/loss", "rm/accuracy"], "dpo": ["dpo/loss"],
           "ppo": ["ppo/policy_loss", "ppo/value_loss", "ppo/score", "ppo/kl"],
           "ppo_lora": ["ppo/policy_loss", "ppo/value_loss", "ppo/score", "ppo/kl"]}  # fmt: skip
 
@@ -45,18 +45,19 @@ def stage_configs(out: Path, fsdp: bool, models: dict[str, Path], data: Path, vo
                     "prompts_file": str(data / "rl_prompts.jsonl"), "iterations": 2, "batch_size": 8,
                     "minibatch_size": 4, "micro_batch_size": 2, "epochs": 1, "max_new_tokens": 8, "lr": 1e-3,
                     "critic_lr": 1e-3, "save_every": 1}  # fmt: skip
+    sft = common | {"model": str(models["sft"]), "train_file": str(data / "sft.jsonl"), "max_seq_len": 64,
+                    "batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, "eval_fraction": 0}  # fmt: skip
     return [
-        ["sft", common | {"out_dir": str(out / "sft"), "model": str(models["sft"]),
-                          "train_file": str(data / "sft.jsonl"), "max_seq_len": 64, "batch_size": 8,
-                          "micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, "eval_fraction": 0}],
+        ["sft", sft | {"out_dir": str(out / "sft")}],
         ["reward", common | {"out_dir": str(out / "rm"), "model": str(models["sft"]), "train_file": str(votes),
                              "batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "lr": 1e-3,
                              "max_seq_len": 96, "save_every": 2, "normalise": {"enabled": False}}],
         ["ppo", ppo | {"out_dir": str(out / "ppo")}],
-        ["ppo", ppo | {"out_dir": str(out / "ppo_lora"), "lora_r": 4}],
+        ["ppo", ppo | {"out_dir": str(out / "ppo_lora"), "lora": {"r": 4}}],
         ["dpo", common | {"out_dir": str(out / "dpo"), "policy": str(models["sft"]), "train_file": str(votes),
                           "batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-4,
                           "max_seq_len": 96, "save_every": 1}],
+        ["sft", sft | {"out_dir": str(out / "sft_lora"), "lora": {"r": 4}, "lr": 1e-2}],
     ]  # fmt: skip
 
 
@@ -87,7 +88,7 @@ def curve(run: Path, key: str) -> list[float]:
 
 @pytest.mark.parametrize("stage", sorted(LOSSES))
 def test_sharded_stage_follows_one_process(runs: dict[str, Path], stage: str) -> None:
-    """SFT, reward, DPO and PPO (full and LoRA): the same losses (and PPO's rewards and answer lengths) step by
+    """SFT and PPO (full and LoRA), reward and DPO: the same losses (and PPO's rewards and answer lengths) step by
     step as one process at the same global batch."""
     keys = [*LOSSES[stage], *(("ppo/reward", "ppo/response_length") if stage.startswith("ppo") else ())]
     for key in keys:
@@ -99,6 +100,7 @@ def test_sharded_stage_follows_one_process(runs: dict[str, Path], stage: str) ->
 def test_sharded_checkpoints_are_whole_models(runs: dict[str, Path], tiny_sft_model: Path) -> None:
     for stage in (
         "sft/final",
+        "sft_lora/final",
         "ppo/final",
         "ppo_lora/final",
         "ppo/checkpoints/step-0000002/policy",
@@ -113,10 +115,11 @@ def test_sharded_checkpoints_are_whole_models(runs: dict[str, Path], tiny_sft_mo
         # Adam moves a weight by about lr per step whatever its gradient's size: where a gradient is near 0, a
         # different summation order (reduce-scatter vs one process's sum) can move it by a fraction of lr (1e-3)
         assert all(torch.allclose(a[k], b[k], atol=2e-4) for k in a), stage
-    # the trained LoRA adapter was merged into the weights: they moved away from the SFT model's
-    merged = load_causal_lm(str(runs["fsdp"] / "ppo_lora/final")).state_dict()
+    # the trained LoRA adapters were merged into the weights: they moved away from the SFT model's
     start = load_causal_lm(str(tiny_sft_model)).state_dict()
-    assert max(float((merged[k] - start[k]).abs().max()) for k in start) > 1e-4
+    for stage in ("ppo_lora/final", "sft_lora/final"):
+        merged = load_causal_lm(str(runs["fsdp"] / stage)).state_dict()
+        assert max(float((merged[k] - start[k]).abs().max()) for k in start) > 1e-4, stage
 
 
 def test_sharded_reward_run_resumes_on_one_process(runs: dict[str, Path]) -> None:

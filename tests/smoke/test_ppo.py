@@ -101,7 +101,7 @@ def test_lora_keeps_one_copy_and_merges_at_the_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen = capture_models(monkeypatch)
-    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, lora_r=4, lr=1e-2)
+    cfg = tiny_ppo(tmp_path / "run", tiny_sft_model, tiny_reward_model, demo_data, lora={"r": 4}, lr=1e-2)
     ppo.run(cfg, quiet=True)
 
     # the policy as it trained (on the GPU where there is one), compared on the CPU

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from rlhf.config import DPOConfig, LoraSettings, PPOConfig
 from rlhf.errors import ConfigError
 from rlhf.models.lora import add_lora, expert_parameters
 
@@ -23,7 +24,7 @@ def test_routed_experts_get_adapters_that_train_and_merge() -> None:
     model = tiny_moe()
     assert expert_parameters(model) == ["experts.down_proj", "experts.gate_up_proj"]
     x = torch.randint(0, 100, (2, 8))
-    peft_model = add_lora(model, r=4, alpha=8, task_type="CAUSAL_LM")
+    peft_model = add_lora(model, LoraSettings(r=4, alpha=8), "CAUSAL_LM")
     expert_lora = {n: p for n, p in peft_model.named_parameters() if "experts" in n and "lora_" in n}
     assert len(expert_lora) == 2 * 2 * 2  # 2 layers x 2 expert weights x (A, B)
     assert all(p.requires_grad for p in expert_lora.values())
@@ -43,7 +44,7 @@ def test_a_dense_model_has_no_expert_parameters() -> None:
                          num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
     model = LlamaForCausalLM(config)
     assert expert_parameters(model) == []
-    peft_model = add_lora(model, r=4, alpha=8, task_type="CAUSAL_LM")
+    peft_model = add_lora(model, LoraSettings(r=4, alpha=8), "CAUSAL_LM")
     assert any("q_proj.lora_A" in n for n, _ in peft_model.named_parameters())
 
 
@@ -54,10 +55,22 @@ def test_a_target_module_the_model_lacks_is_a_config_error() -> None:
         ConfigError, match=r"\['v_prj'\] match no module of LlamaForCausalLM .*q_proj, up_proj, v_proj"
     ):
         add_lora(
-            LlamaForCausalLM(config), r=4, alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_prj"]
+            LlamaForCausalLM(config),
+            LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_prj"]),
+            "CAUSAL_LM",
         )
     # a name or a dotted suffix of one is a match
-    peft_model = add_lora(LlamaForCausalLM(config), r=4, alpha=8, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "self_attn.v_proj"])  # fmt: skip
+    lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "self_attn.v_proj"])
+    peft_model = add_lora(LlamaForCausalLM(config), lora, "CAUSAL_LM")
     adapted = {n.split(".")[-4] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("section", [PPOConfig, DPOConfig])
+def test_the_flat_keys_of_earlier_configs_read_as_the_lora_section(section: type) -> None:
+    """`lora_r` and `lora_alpha`, as PPO and DPO configs wrote them before every stage took a `lora` section."""
+    cfg = section(lora_r=8, lora_alpha=32)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (8, 32, "all-linear")
+    assert section(lora={"r": 4}).lora.alpha == 16
+    assert section(lora_r=4, lora={"target_modules": ["q_proj"]}).lora.target_modules == ["q_proj"]
+    assert "lora_r" not in section(lora_r=4).model_dump()
