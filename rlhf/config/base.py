@@ -3,9 +3,12 @@ the demo data, LoRA adapters, and what every training stage shares (TrainConfig)
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "bf16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
@@ -37,6 +40,12 @@ class LoraSettings(Section):
         description="module names that get adapters, or all-linear: every linear layer but the head, whatever "
         "the architecture names them",
     )
+
+    @model_validator(mode="after")
+    def _targets_need_a_rank(self) -> LoraSettings:
+        if self.r == 0 and self.target_modules != "all-linear":
+            log.warning("lora.target_modules is set but lora.r is 0: LoRA is off, every weight trains")
+        return self
 
 
 def lift_flat_lora(data: Any) -> Any:

@@ -88,7 +88,14 @@ def _resembles(loc: tuple[Any, ...]) -> str:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
-    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    key = str(loc[-1])
+    for name, field in model.model_fields.items():  # lora_r for lora.r: a section's setting, written flat
+        section = field.annotation
+        if key.startswith(f"{name}_") and isinstance(section, type) and issubclass(section, BaseModel):
+            inner = difflib.get_close_matches(key.removeprefix(f"{name}_"), list(section.model_fields), n=1)
+            if inner:
+                return f" (did you mean {name}.{inner[0]}?)"
+    near = difflib.get_close_matches(key, list(model.model_fields), n=1)
     return f" (did you mean {near[0]}?)" if near else ""
 
 

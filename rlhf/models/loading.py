@@ -154,6 +154,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(config, key, 0.0)
 
 
+def save_model_files(model: Any, path: str | Path, state_dict: dict[str, Any] | None = None) -> None:
+    """A checkpoint's model files (safetensors): the whole model, or a LoRA model's adapters (and the heads it
+    trains) alone. peft would add the whole embedding matrix wherever it was grown for an added PAD; it stays
+    frozen, and loading the base model with the same tokenizer grows it the same way, so it is left out.
+    `state_dict`: a sharded model's weights, gathered."""
+    lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+    model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict, **lora)
+
+
 def save_pretrained_atomic(
     path: str | Path,
     model: PreTrainedModel,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers.pytorch_utils import Conv1D
 
 from rlhf.config import LoraSettings
 from rlhf.errors import ConfigError
@@ -40,9 +41,8 @@ def add_lora(
         names = [name for name, _ in model.named_modules()]
         unknown = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
         if unknown:
-            linear = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-            )
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear | Conv1D)})  # fmt: skip
             raise ConfigError(f"LoRA target_modules {unknown} match no module of {type(model).__name__} (its "
                               f"linear layers: {', '.join(linear)})")  # fmt: skip
     experts = expert_parameters(model) if target_modules == "all-linear" else []

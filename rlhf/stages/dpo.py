@@ -55,6 +55,7 @@ from rlhf.models.loading import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    save_model_files,
 )
 from rlhf.models.lora import add_lora
 from rlhf.models.tokens import encode_completions, encode_prompts
@@ -405,8 +406,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             j.ref_logps = logps
 
     def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
-        # full model, or the adapter
-        actor.model.save_pretrained(str(path / "policy"), safe_serialization=True, state_dict=whole)
+        save_model_files(actor.model, path / "policy", whole)  # full model, or the adapter
         tokenizer.save_pretrained(path / "policy")
 
     # sharded, every process must run as many forwards as the others: as many held-out judgements on each

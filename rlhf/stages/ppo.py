@@ -49,7 +49,13 @@ from rlhf.engine.packing import TokenLayout, layout, sliding_window, takes_4d_ma
 from rlhf.engine.sampling import stream_keys
 from rlhf.errors import ConfigError, DataError
 from rlhf.losses import ppo_policy_loss, value_loss
-from rlhf.models.loading import check_same_tokenizer, context_length, load_causal_lm, load_tokenizer
+from rlhf.models.loading import (
+    check_same_tokenizer,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    save_model_files,
+)
 from rlhf.models.lora import add_lora
 from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.models.wrappers import (
@@ -608,12 +614,10 @@ def save_checkpoint(s: PPOState, iteration: int) -> None:
 
     def save_files(path: Path) -> None:  # the main process only
         # full model, or the adapter
-        s.policy_model.save_pretrained(str(path / "policy"), safe_serialization=True, state_dict=policy_state)
+        save_model_files(s.policy_model, path / "policy", policy_state)
         s.tokenizer.save_pretrained(path / "policy")
         if s.critic_module is not None:
-            s.critic_module.model.save_pretrained(
-                str(path / "critic"), safe_serialization=True, state_dict=critic_state
-            )
+            save_model_files(s.critic_module.model, path / "critic", critic_state)
 
     s.run_dir.save_checkpoint(iteration, save_files, state, keep=s.cfg.keep_checkpoints)
 

@@ -64,6 +64,7 @@ from rlhf.models.loading import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    save_model_files,
     save_pretrained_atomic,
 )
 from rlhf.models.tokens import encode_completions, encode_prompts, end_response, stop_ids
@@ -585,8 +586,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         )
 
     def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
-        # with LoRA: the adapter and the head
-        unwrapped.model.save_pretrained(path, safe_serialization=True, state_dict=whole)
+        save_model_files(unwrapped.model, path, whole)  # with LoRA: the adapter and the head
         tokenizer.save_pretrained(path)
 
     progress = Progress(plan.total_steps, "reward", accelerator.is_main_process, quiet, initial=start)

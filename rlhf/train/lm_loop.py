@@ -30,7 +30,7 @@ from rlhf.engine.packing import (
     within_window,
 )
 from rlhf.losses import sft_loss
-from rlhf.models.loading import save_pretrained_atomic
+from rlhf.models.loading import save_model_files, save_pretrained_atomic
 from rlhf.models.wrappers import ModelForward
 from rlhf.runs import Run
 from rlhf.train import sharding
@@ -218,7 +218,7 @@ def fit(
     is_main, device = accelerator.is_main_process, accelerator.device
 
     def save_files(path: Path, whole: dict[str, Tensor] | None) -> None:  # the main process only
-        unwrapped.model.save_pretrained(path, safe_serialization=True, state_dict=whole)
+        save_model_files(unwrapped.model, path, whole)
         tokenizer.save_pretrained(path)
 
     progress = Progress(plan.total_steps, stage, accelerator.is_main_process, quiet, initial=start)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from pydantic import BaseModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -125,6 +126,34 @@ def test_lora_sft_trains_adapters_merges_them_and_resumes(tiny_demo: dict[str, P
     assert sorted(b) == list(range(1, 17))
     for step in range(9, 17):
         assert b[step] == pytest.approx(a[step], rel=1e-4)
+
+
+def test_lora_checkpoints_leave_out_the_embeddings_grown_for_a_pad(
+    tiny_demo: dict[str, Path], tmp_path: Path
+) -> None:
+    """A tokenizer without PAD grows the embeddings by a row; they stay frozen under LoRA, so a checkpoint holds
+    the adapters alone, and a resumed run grows the loaded model's embeddings again, to the same losses."""
+    model = save_tiny("qwen2", tmp_path / "model")
+    sets = (f"sft.train_file={tiny_demo['data'] / 'sft.jsonl'}", "sft.lora.r=4", "sft.max_steps=4",
+            "sft.save_every=2", "sft.log_every=1", "sft.batch_size=4", "sft.micro_batch_size=4")  # fmt: skip
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert one_step_sft(full, model, *sets).exit_code == 0
+    adapter = safetensors.torch.load_file(full / "checkpoints" / "step-0000002" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter), sorted(adapter)
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000004")
+    shutil.rmtree(cut / "final")
+    args = [a for s in (f"sft.model={model}", "sft.precision=fp32", *sets) for a in ("--set", s)]
+    result = runner.invoke(app, ["sft", "--quiet", "--resume", "--out", str(cut), *args])
+    assert result.exit_code == 0, result.output
+
+    def losses(run: Path) -> list[float]:
+        return [r["sft/loss"] for r in read_metrics(run / "metrics.jsonl") if "sft/loss" in r]
+
+    assert len(losses(cut)) == 4
+    assert losses(cut) == pytest.approx(losses(full), rel=1e-5)
+    grown = load_causal_lm(str(cut / "final")).get_input_embeddings().weight.shape[0]
+    assert grown == load_causal_lm(str(model)).get_input_embeddings().weight.shape[0] + 1
 
 
 def test_two_processes_follow_the_same_loss_curve_as_one(tiny_demo: dict[str, Path], tmp_path: Path) -> None:

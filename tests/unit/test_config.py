@@ -26,6 +26,14 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
     [
         (["sft.lrr=1"], "sft.lrr: unknown key (did you mean lr?)"),
         (["ppo.kl_coeff=0.1"], "ppo.kl_coeff: unknown key (did you mean kl_coef?)"),
+        (
+            ["sft.lora_r=8"],
+            "sft.lora_r: unknown key (did you mean lora.r?)",
+        ),  # a section's setting, written flat
+        (
+            ["pretrain.arch_hidden_size=8"],
+            "pretrain.arch_hidden_size: unknown key (did you mean arch.hidden_size?)",
+        ),
         (["sft.zzz=1"], "sft.zzz: unknown key"),
         (["sft.lr=-1"], "sft.lr: Input should be greater than 0"),
         (["sft.epochs=two"], "sft.epochs: Input should be a valid integer"),
@@ -94,3 +102,14 @@ def test_ppo_help_counts_iterations_where_ppo_does() -> None:
     for name in ("max_steps", "log_every", "save_every"):
         description = PPOConfig.model_fields[name].description or ""
         assert "iterations" in description and "steps" not in description, (name, description)
+
+
+def test_lora_target_modules_without_a_rank_are_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """LoRA is off at rank 0: target modules set without a rank would otherwise train every weight unsaid."""
+    with caplog.at_level("WARNING", logger="rlhf.config.base"):
+        load_config(None, ["sft.lora.target_modules=[q_proj]"])
+    assert "lora.target_modules is set but lora.r is 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf.config.base"):
+        load_config(None, ["sft.lora.target_modules=[q_proj]", "sft.lora.r=8"])
+    assert caplog.text == ""

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 from rlhf.config import DPOConfig, LoraSettings, PPOConfig
 from rlhf.errors import ConfigError
@@ -59,6 +66,10 @@ def test_a_target_module_the_model_lacks_is_a_config_error() -> None:
             LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_prj"]),
             "CAUSAL_LM",
         )
+    # GPT-2's projections are transformers' Conv1D layers, not Linear ones: named all the same
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(ConfigError, match=r"its linear layers: c_attn, c_fc, c_proj, lm_head\)"):
+        add_lora(gpt2, LoraSettings(r=4, target_modules=["q_proj"]), "CAUSAL_LM")
     # a name or a dotted suffix of one is a match
     lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "self_attn.v_proj"])
     peft_model = add_lora(LlamaForCausalLM(config), lora, "CAUSAL_LM")
