@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from rlhf.config.base import DataConfig, Section
+from rlhf.config.base import DataConfig, Section, lift_flat_lora
 from rlhf.config.generation import BonConfig, EvalConfig, GenerateConfig, PanelConfig
 from rlhf.config.loop import LoopConfig
 from rlhf.config.ppo import PPOConfig
@@ -39,12 +39,17 @@ class RootConfig(Section):
     cai: CaiConfig = Field(default_factory=CaiConfig)
 
     def loop_ppo(self) -> PPOConfig:
-        """The ppo section with the loop's own ppo settings (loop.ppo) laid over it."""
-        return PPOConfig.model_validate({**self.ppo.model_dump(), **self.loop.ppo})
+        """The ppo section with the loop's own ppo settings (loop.ppo) laid over it; a nested section (lora) key
+        by key, so that `loop.ppo: {lora: {r: 8}}` keeps the ppo section's alpha."""
+        settings = self.ppo.model_dump()
+        for key, value in lift_flat_lora(self.loop.ppo).items():
+            nested = isinstance(value, dict) and isinstance(settings.get(key), dict)
+            settings[key] = {**settings[key], **value} if nested else value
+        return PPOConfig.model_validate(settings)
 
     @model_validator(mode="after")
     def _loop_ppo_is_ppo(self) -> RootConfig:
-        unknown = sorted(set(self.loop.ppo) - set(PPOConfig.model_fields))
+        unknown = sorted(set(lift_flat_lora(self.loop.ppo)) - set(PPOConfig.model_fields))
         if unknown:
             raise ValueError(f"loop.ppo: not ppo settings: {', '.join(unknown)}")
         self.loop_ppo()

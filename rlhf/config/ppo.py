@@ -148,7 +148,6 @@ class PPOConfig(TrainConfig):
         description="LoRA adapters on policy and critic instead of full fine-tuning; the reference is the "
         "adapter-off policy",
     )
-
     # reward-hacking guard
     guard_every: int = Field(10, gt=0, description="run the guard on held-out prompts every N iterations")
     guard_prompts: int = Field(64, gt=0, description="held-out prompts per guard evaluation")

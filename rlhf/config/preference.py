@@ -130,7 +130,6 @@ class DPOConfig(PreferenceTrainConfig):
         default_factory=LoraSettings,
         description="LoRA adapters instead of full fine-tuning; the reference is then the adapter-off policy",
     )
-
     lr: float = Field(1e-5, gt=0, description="peak learning rate of AdamW")
     batch_size: int = Field(32, gt=0, description="judgements (pairs or rankings) per optimiser step")
     micro_batch_size: int = Field(16, gt=0, description="judgements per forward pass on one process")

@@ -73,6 +73,16 @@ def test_each_round_widens_the_kl_budget_and_loop_ppo_overrides_the_ppo_section(
     )
 
 
+def test_loop_ppo_lays_a_nested_section_over_the_ppo_sections_key_by_key() -> None:
+    cfg = load_config(
+        None, ["ppo.lora.alpha=32", "ppo.lora.target_modules=[q_proj]", "loop.ppo={lora: {r: 8}}"]
+    )
+    assert cfg.loop_ppo().lora.model_dump() == {"r": 8, "alpha": 32, "target_modules": ["q_proj"]}
+    assert cfg.ppo.lora.r == 0
+    flat = load_config(None, ["ppo.lora.alpha=32", "loop.ppo={lora_r: 4}"])  # the flat key PPO configs took
+    assert (flat.loop_ppo().lora.r, flat.loop_ppo().lora.alpha) == (4, 32)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [("loop.ppo={learning_rate: 1}", "not ppo settings: learning_rate"), ("loop.ppo={lr: -1}", "lr")],
