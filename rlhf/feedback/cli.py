@@ -213,8 +213,9 @@ def import_(
     database = open_database(db)
     with database.session() as session:
         out = import_candidates(
-            session, project, rows, task_kind=task_kind, gold=gold_rows, overlap=overlap, gold_rate=gold_rate
-        )
+            session, project, rows, task_kind=task_kind, gold=gold_rows, overlap=overlap, gold_rate=gold_rate,
+            source=str(candidates),
+        )  # fmt: skip
         if guideline_text is not None or axis_list is not None:
             update_project(session, project, guidelines=guideline_text, axes=axis_list)
     typer.echo(

@@ -69,14 +69,15 @@ def import_candidates(
     gold: Sequence[GoldRow] = (),
     overlap: int | None = None,
     gold_rate: float | None = None,
+    source: str | None = None,
 ) -> ImportOut:
-    """Create the project if needed, then its prompts, completions and tasks, in one transaction."""
+    """Create the project if needed, then its prompts, completions and tasks, in one transaction. `source`: the
+    file the rows came from, as errors name it."""
     min_k = 1 if task_kind == "rating" else 2
     for i, row in enumerate(candidates):
         if len(row.completions) < min_k:
-            raise InvalidInput(
-                f"candidate row {i + 1}: a {task_kind} task needs at least {min_k} completions"
-            )
+            where = f"{source}: record {i + 1}" if source else f"candidate row {i + 1}"
+            raise InvalidInput(f"{where}: a {task_kind} task needs at least {min_k} completions")
     counts = {"prompts": 0, "completions": 0, "tasks": 0, "gold_tasks": 0, "skipped": 0}
     with db_of(session).write(session):
         project = get_or_create_project(session, project_name, overlap, gold_rate)

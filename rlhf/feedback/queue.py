@@ -7,6 +7,10 @@ a task they have never been assigned (so never one they voted on or skipped) tha
 gold tasks go to every labeler, outside the overlap count, and count in their progress like any task.
 A claim is a conditional UPDATE (n_assigned < overlap), so two labelers racing cannot exceed the overlap,
 whichever server processes they reach (the row lock makes the second UPDATE re-read the count).
+
+A task someone opened and left holds its slot; a labeler with nothing else left takes over such a slot once it
+is `stale_after_s` old, or at once where its labeler's account was disabled: the old assignment becomes
+"expired" (its labeler may still vote on the task while a slot is free, as on a skipped one).
 """
 
 from __future__ import annotations
@@ -14,9 +18,23 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Select, Table, bindparam, exists, false, func, insert, select, true, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    Table,
+    bindparam,
+    exists,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
@@ -75,9 +93,10 @@ _INSERT_ASSIGNMENT = insert(_assignments)
 
 
 def next_task(
-    session: Session, user: User, project: Project, rng: random.Random | None = None
+    session: Session, user: User, project: Project, rng: random.Random | None = None, stale_after_s: float = 0
 ) -> QueuedTask | None:
-    """The task `user` should label next in `project` (assigning it to them), or None when nothing is left.
+    """The task `user` should label next in `project` (assigning it to them), or None when nothing is left;
+    with `stale_after_s` > 0, a slot another labeler left open that long (see the module's docstring).
 
     Production projects hold end users' A/B pairs: only the user who got a pair answers it, never a labeler.
     """
@@ -104,6 +123,56 @@ def next_task(
                               "status": "open", "created_at": utcnow()}  # fmt: skip
                     conn.execute(_INSERT_ASSIGNMENT, values)
                     return task
+        if stale_after_s > 0:
+            return _take_over(conn, user, project, stale_after_s)
+    return None
+
+
+_users = cast(Table, User.__table__)
+_theirs = _assignments.alias("theirs")
+_STALE = (
+    select(_assignments.c.id, *_TASK_COLUMNS)
+    .join(_tasks, _tasks.c.id == _assignments.c.task_id)
+    .join(_users, _users.c.id == _assignments.c.user_id)
+    .where(
+        _assignments.c.project_id == bindparam("b_project"),
+        _assignments.c.status == "open",
+        _tasks.c.is_gold.is_(false()),  # a gold task holds no slot another labeler could want
+        or_(
+            _assignments.c.created_at < bindparam("b_before", type_=_assignments.c.created_at.type),
+            _users.c.disabled.is_(true()),
+        ),
+        ~exists().where(_theirs.c.task_id == _tasks.c.id, _theirs.c.user_id == bindparam("b_user")),
+    )
+    .order_by(_assignments.c.id)
+    .limit(1)
+)
+_EXPIRE = (
+    update(_assignments)
+    .where(_assignments.c.id == bindparam("b_assignment"), _assignments.c.status == "open")
+    .values(status="expired")
+)
+
+
+def _take_over(conn: Connection, user: User, project: Project, stale_after_s: float) -> QueuedTask | None:
+    """A slot of a task that its labeler opened over `stale_after_s` ago, or whose labeler is disabled, made
+    `user`'s (the task keeps its count of labelers); None if there is none. Within next_task's transaction."""
+    stale = (
+        _STALE.with_for_update(skip_locked=True, of=_assignments) if conn.dialect.name != "sqlite" else _STALE
+    )
+    params = {
+        "b_project": project.id,
+        "b_user": user.id,
+        "b_before": utcnow() - timedelta(seconds=stale_after_s),
+    }
+    for _ in range(CANDIDATES_PER_TRY):  # another labeler may take the same one first
+        row = conn.execute(stale, params).first()
+        if row is None:
+            return None
+        if conn.execute(_EXPIRE, {"b_assignment": row[0]}).rowcount == 1:
+            conn.execute(_INSERT_ASSIGNMENT, {"task_id": row[1], "user_id": user.id, "project_id": project.id,
+                                              "status": "open", "created_at": utcnow()})  # fmt: skip
+            return QueuedTask(*row[1:])
     return None
 
 

@@ -123,12 +123,6 @@ def _json_number(value: object) -> object:
     return value
 
 
-def _not_a_bool(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("Input should be a valid integer, not a boolean")
-    return value
-
-
 # The JSON API's numbers and flags are taken as JSON types only: a string or a boolean where a number is asked
 # for (or a number or string where a flag is) is a 422, not read as one.
 Overlap = Annotated[int, Field(ge=1, le=100), BeforeValidator(_json_number)]
@@ -313,8 +307,12 @@ class NextTaskOut(BaseModel):
 
 
 class VoteIn(BaseModel):
-    # not a boolean (true is no task 1); the task page's form sends the id as text, read as a number
-    task_id: Annotated[int, Field(ge=1, le=MAX_INT32), BeforeValidator(_not_a_bool)]
+    """A vote as the JSON API takes it: numbers as JSON numbers, and no key it does not know (a misspelt
+    `ratting` is a 422, not a vote without its rating). The task page's form is read into one (pages_label)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: Annotated[int, Field(ge=1, le=MAX_INT32), BeforeValidator(_json_number)]
     project: Annotated[str, Field(pattern=PROJECT_PATTERN)] | None = Field(
         None, description="the project the task must belong to: a task of another project is answered 404"
     )
@@ -323,9 +321,15 @@ class VoteIn(BaseModel):
         Annotated[list[Annotated[int, Field(ge=1, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]
         | None
     ) = Field(None, description="ranking tasks: rank of each completion by position, 1 = best, equal = tie")
-    rating: Finite | None = Field(None, description="rating tasks: the score given")
-    margin: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
-    confidence: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    rating: Annotated[Finite, BeforeValidator(_json_number)] | None = Field(
+        None, description="rating tasks: the score given"
+    )
+    margin: (
+        Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False), BeforeValidator(_json_number)] | None
+    ) = None
+    confidence: (
+        Annotated[float, Field(ge=0, le=1, allow_inf_nan=False), BeforeValidator(_json_number)] | None
+    ) = None
     note: NoteText | None = None
     axes: Annotated[dict[Axis, AxisJudgement], Field(max_length=MAX_AXES)] | None = Field(
         None, description="pairwise tasks: per judgement axis of the project, which answer is better"
@@ -337,7 +341,7 @@ class VoteIn(BaseModel):
         Annotated[list[Annotated[int, Field(ge=0, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]
         | None
     ) = Field(None, description="positions in the order they were shown, left to right")
-    time_to_vote_ms: Annotated[int, Field(ge=0, le=86_400_000)] | None = None
+    time_to_vote_ms: Annotated[int, Field(ge=0, le=86_400_000), BeforeValidator(_json_number)] | None = None
     idempotency_key: Annotated[str, Field(pattern=KEY_PATTERN)] = Field(
         description="client-chosen; a retry with the same key returns the original vote"
     )

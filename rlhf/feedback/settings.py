@@ -23,6 +23,12 @@ class Settings(EnvSettings):
     undo_window_s: float = Field(
         60.0, ge=0, description="Seconds during which a labeler may undo their last vote"
     )
+    stale_assignment_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds after which a task a labeler opened and left unanswered goes to another labeler "
+        "who has nothing else (a disabled labeler's at once); 0 keeps it theirs",
+    )
     votes_per_minute: int = Field(
         120, ge=0, description="Per-labeler limit on new votes per minute (429 beyond it); 0 turns it off"
     )

@@ -160,7 +160,7 @@ def _take_slot(
         disabled,
         status,
     )
-    if status in (None, "skipped"):
+    if status in (None, "skipped", "expired"):  # a slot to claim
         limit = GOLD_LIMIT if task.is_gold else task.overlap
         if n_assigned[data.task_id] >= limit:
             raise Conflict(f"task {data.task_id} already has its {task.overlap} labelers")

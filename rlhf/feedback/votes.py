@@ -82,7 +82,7 @@ def write_vote(
     (kind, n_completions, is_gold, project_id, project, overlap, production, axes, assignment_id, status,
      disabled) = row  # fmt: skip
     check_vote(data, source, project, kind, n_completions, production, axes, bool(disabled), status)
-    if status in (None, "skipped"):
+    if status in (None, "skipped", "expired"):  # a slot to claim
         # Voting straight on a task (API clients, production A/B) claims a slot like next_task does.
         if not claim(session, data.task_id, is_gold, overlap, conn):
             raise Conflict(f"task {data.task_id} already has its {overlap} labelers")

@@ -76,6 +76,10 @@ def test_user_errors_are_one_line(tmp_path) -> None:
     bad.write_text('{"prompt": "p", "completions": [{"text": "a"}, {"text": "b"}]}\n{oops\n')
     result = runner.invoke(app, ["import", "--db", db_url, "--project", "demo", "--candidates", str(bad)])
     assert result.exit_code != 0 and "bad.jsonl:2: not valid JSON" in str(result.exception)
+    bad.write_text('{"prompt": "p", "completions": [{"text": "a"}, {"text": "b"}]}\n'
+                   '{"prompt": "q", "completions": [{"text": "a"}]}\n')  # fmt: skip
+    result = runner.invoke(app, ["import", "--db", db_url, "--project", "demo", "--candidates", str(bad)])
+    assert f"{bad}: record 2: a pairwise task needs at least 2 completions" in str(result.exception)
     result = runner.invoke(
         app, ["export", "--db", db_url, "--project", "nope", "--out", str(tmp_path / "o.jsonl")]
     )

@@ -228,6 +228,11 @@ def test_ranking_and_rating_forms(api, db: Database, make_client) -> None:
     }
     # the form of one project does not take another project's task
     assert browser.post("/label/demo/vote", data=rating_form, follow_redirects=False).status_code == 404
+    for off_scale in ("0", "8", "9", "5.5", "x"):  # the form's scale is 1..7, as its buttons
+        r = browser.post(
+            "/label/rate/vote", data={**rating_form, "rating": off_scale}, follow_redirects=False
+        )
+        assert r.status_code == 422, off_scale
     assert browser.post("/label/rate/vote", data=rating_form, follow_redirects=False).status_code == 303
     votes = {v["task_id"]: v for v in api.get("admin", "/api/votes").json()}
     assert [v["ranking"] for v in votes.values() if v["ranking"]] == [[2, 3, 1]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, text, update
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session
 from rlhf.feedback import queue
 from rlhf.feedback.db import Database
 from rlhf.feedback.errors import Conflict, NotFound
-from rlhf.feedback.models import Assignment, Project, Task, User
+from rlhf.feedback.models import Assignment, Project, Task, User, utcnow
 from rlhf.feedback.queue import candidates_query
 from tests.feedback.conftest import LABELERS
 
@@ -57,6 +58,32 @@ def test_skip_gives_the_slot_to_others_and_never_returns(api, db: Database) -> N
         statuses = dict(s.execute(select(Assignment.user_id, Assignment.status)).all())
     assert sorted(statuses.values()) == ["open", "skipped"]
     assert api.post("ann", f"/api/tasks/{task['id']}/skip").status_code == 404
+
+
+def test_a_slot_left_open_goes_to_a_labeler_with_nothing_else(api, db: Database) -> None:
+    """A task its labeler opened and left holds its slot for `stale_assignment_s` (an hour); after that, or at once
+    where the labeler is disabled, a labeler who has nothing else takes it over, and the count stays."""
+    api.seed(n_prompts=2, overlap=1)
+    first, second = api.next("ann"), api.next("bob")
+    assert api.next("cat") is None  # both slots held, not yet stale
+    with db.session() as s, s.begin():  # ann opened hers an hour and a minute ago
+        s.execute(update(Assignment).values(created_at=utcnow() - timedelta(seconds=3660))
+                  .where(Assignment.task_id == first["id"]))  # fmt: skip
+    assert api.next("cat")["id"] == first["id"]
+    assert api.next("ann") is None  # hers went to cat; the other task is bob's, and fresh
+    assert api.vote("ann", first["id"]).status_code == 409  # one labeler a task, and cat has it
+    assert (
+        api.client.patch("/api/users/bob", json={"disabled": True}, headers=api.team["admin"]).status_code
+        == 200
+    )
+    assert api.next("ann")["id"] == second["id"]  # a disabled labeler's slot, at once
+    assert (
+        api.vote("cat", first["id"]).status_code == 201 and api.vote("ann", second["id"]).status_code == 201
+    )
+    with db.session() as s:
+        statuses = sorted(s.execute(select(Assignment.status)).scalars())
+        assert statuses == ["done", "done", "expired", "expired"]
+        assert {t.n_assigned for t in s.scalars(select(Task))} == {1}
 
 
 def hold_task_lock(db: Database, task_id: int, then: Any, meanwhile: Any = None) -> dict[str, Any]:

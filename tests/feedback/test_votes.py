@@ -110,6 +110,22 @@ def test_answer_must_fit_the_task(api) -> None:
     assert api.vote("ann", task["id"], ranking=[2, 1, 2], display_order=[2, 0, 1]).status_code == 201
 
 
+def test_a_vote_body_takes_json_numbers_and_no_unknown_key(api) -> None:
+    """A misspelt key is a 422, not a vote without what it meant; a number sent as text or a boolean is refused."""
+    api.seed(n_prompts=1, task_kind="rating")
+    task = api.next("ann")
+    for fields in (
+        {"rating": 5, "ratting": 3},
+        {"rating": "5"},
+        {"rating": True},
+        {"rating": 5, "margin": "1"},
+    ):
+        r = api.vote("ann", task["id"], **fields)
+        assert r.status_code == 422, fields
+    assert api.vote("ann", str(task["id"]), rating=5).status_code == 422  # the task id too
+    assert api.vote("ann", task["id"], rating=5).status_code == 201
+
+
 def test_undo_within_the_window_reopens_the_task(api, db: Database) -> None:
     api.seed(n_prompts=2)
     task = api.next("ann")

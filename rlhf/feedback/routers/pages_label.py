@@ -68,7 +68,7 @@ def task_page(
                 undo_vote = vote.id
     # the undo buttons offer only this project's own vote and skip (a link may name another's)
     skipped = skipped if skipped is not None and _in_project(session, proj, skipped) else None
-    task = queue.next_task(session, user, proj)
+    task = queue.next_task(session, user, proj, stale_after_s=settings.stale_assignment_s)
     ctx: dict[str, Any] = {
         "user": user,
         "project": proj.name,
@@ -105,28 +105,39 @@ def _vote_from_form(form: FormData, project: str) -> VoteIn:
         v = form.get(name)
         return v if isinstance(v, str) and v != "" else None
 
+    def number(name: str) -> int | None:  # the form's numbers come as text
+        v = value(name)
+        return None if v is None else int(v)
+
     try:
+        rating = number("rating")
+        if rating is not None and rating not in RATING_SCALE:
+            raise ValueError(f"rating must be {RATING_SCALE.start}..{RATING_SCALE.stop - 1}")
         order = value("display_order")
         ranks = {int(k[5:]): int(v) for k, v in form.items() if k.startswith("rank_") and isinstance(v, str)}
         if sorted(ranks) != list(range(len(ranks))):  # one rank per position 0..K-1, none made up
             raise ValueError("rank fields must name the positions 0..K-1")
         fields: dict[str, Any] = {
-            "task_id": value("task_id"),
+            "task_id": number("task_id"),
             "project": project,
             "choice": value("choice"),
-            "rating": value("rating"),
+            "rating": rating,
             "note": (value("note") or "").replace("\r\n", "\n") or None,  # browsers send CRLF line ends
             "display_order": [int(p) for p in order.split(",")] if order else None,
             "ranking": [ranks[p] for p in range(len(ranks))] if ranks else None,
-            "time_to_vote_ms": value("time_ms"),
+            "time_to_vote_ms": number("time_ms"),
             "axes": {k[5:]: v for k, v in form.items() if k.startswith("axis_") and isinstance(v, str)}
             or None,
             "rewrite": (value("rewrite") or "").replace("\r\n", "\n").strip() or None,
             "idempotency_key": value("idempotency_key"),
         }
         return VoteIn.model_validate({k: v for k, v in fields.items() if v is not None})
-    except (ValidationError, ValueError):
-        raise InvalidInput("the vote form is incomplete or malformed") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidInput(f"the vote form is incomplete or malformed: {where}: {err['msg']}") from None
+    except ValueError as e:
+        raise InvalidInput(f"the vote form is incomplete or malformed: {e}") from None
 
 
 @router.post("/{project}/vote", dependencies=[CsrfChecked])

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 
 from rlhf.feedback import projects, queue
-from rlhf.feedback.deps import CurrentUser, SessionDep
+from rlhf.feedback.deps import CurrentUser, SessionDep, SettingsDep
 from rlhf.feedback.errors import NotFound
 from rlhf.feedback.models import Assignment, Project, Task
 from rlhf.feedback.schemas import API_ERRORS, MAX_INT32, PROJECT_PATTERN, NextTaskOut, TaskAdminOut, TaskOut
@@ -21,6 +21,7 @@ TaskId = Annotated[int, Path(ge=1, le=MAX_INT32)]
 def next_task(
     user: CurrentUser,
     session: SessionDep,
+    settings: SettingsDep,
     project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
 ) -> NextTaskOut:
     """Assign and return your next task (in `project`, or in the first project that has one for you).
@@ -33,7 +34,7 @@ def next_task(
         else projects.list_projects(session, for_labelers=True)
     )
     for proj in candidates:
-        task = queue.next_task(session, user, proj)
+        task = queue.next_task(session, user, proj, stale_after_s=settings.stale_assignment_s)
         if task is not None:
             return NextTaskOut(
                 task=queue.task_view(session, task, proj.name), progress=queue.progress(session, user, proj)
