@@ -185,7 +185,7 @@ TITLES = {
     405: "Not allowed",
     409: "Conflict",
     413: "Too large",
-    422: "Something is missing",
+    422: "Something is wrong with the input",
     429: "Slow down",
 }
 

@@ -75,6 +75,7 @@ class QueuedTask:
 
 
 _assignments = cast(Table, Assignment.__table__)
+_users = cast(Table, User.__table__)
 _TASK_COLUMNS = [
     _tasks.c[name] for name in ("id", "prompt_id", "kind", "is_gold", "gold_choice", "n_assigned")
 ]
@@ -116,6 +117,13 @@ def next_task(
         order = [True, False] if rng.random() < project.gold_rate else [False, True]
     with db_of(session).write(session):
         conn = session.connection()
+        # One claim at a time per labeler: two of their requests at once (two tabs, a retried request) would
+        # each find no open task above and claim one each. The second waits here, then finds the first's.
+        if conn.dialect.name != "sqlite":  # (SQLite's write transaction already runs one at a time)
+            conn.execute(select(_users.c.id).where(_users.c.id == user.id).with_for_update())
+        row = conn.execute(_OPEN_TASK, {"b_user": user.id, "b_project": project.id}).first()
+        if row is not None:
+            return QueuedTask(*row)
         for gold in order:
             for task in _candidates(conn, user, project, gold):
                 if claim(session, task.id, task.is_gold, project.overlap, conn):
@@ -128,7 +136,6 @@ def next_task(
     return None
 
 
-_users = cast(Table, User.__table__)
 _theirs = _assignments.alias("theirs")
 _STALE = (
     select(_assignments.c.id, *_TASK_COLUMNS)

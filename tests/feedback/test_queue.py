@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -84,6 +85,16 @@ def test_a_slot_left_open_goes_to_a_labeler_with_nothing_else(api, db: Database)
         statuses = sorted(s.execute(select(Assignment.status)).scalars())
         assert statuses == ["done", "done", "expired", "expired"]
         assert {t.n_assigned for t in s.scalars(select(Task))} == {1}
+
+
+def test_a_labelers_requests_at_once_get_one_task(api, db: Database) -> None:
+    """Two tabs (or a retried request) asking at the same moment get the same task, not one each."""
+    api.seed(n_prompts=8, overlap=1)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: api.next("ann")["id"], range(8)))
+    assert len(set(got)) == 1, got
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Assignment)) == 1
 
 
 def hold_task_lock(db: Database, task_id: int, then: Any, meanwhile: Any = None) -> dict[str, Any]:
