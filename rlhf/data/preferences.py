@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from rlhf.data.preference_io import (
@@ -38,6 +38,7 @@ from rlhf.errors import DataError
 __all__ = [
     "CHOICES",
     "HH_ASSISTANT",
+    "PROMPT_MESSAGES",
     "Choice",
     "ConversationalPair",
     "Format",
@@ -65,6 +66,7 @@ __all__ = [
     "record_from_json",
     "record_to_json",
     "render_conversational",
+    "render_judgement",
     "split_hh",
     "to_groups",
     "vote_to_pair",
@@ -75,6 +77,11 @@ __all__ = [
 Render = Callable[[list[dict[str, str]], bool], str]
 """A chat template, render(messages, add_generation_prompt) -> text; with a Hugging Face tokenizer:
 lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)."""
+
+PROMPT_MESSAGES = "prompt_messages"
+"""The `meta` key of a vote, ranking or rating whose prompt was a conversation (as the labeling app exports the
+chats the model server and the gateway recorded, and conversational imports): its messages, which `to_groups`
+renders through the chat template in place of the prompt's plain text."""
 
 
 @dataclass
@@ -110,6 +117,33 @@ def render_conversational(p: ConversationalPair, render: Render) -> PreferencePa
             raise ValueError("the chat template renders the prompt differently when a reply follows it")
         replies.append(text[len(prompt) :])
     return PreferencePair(prompt, replies[0], replies[1], p.margin, p.labeler)
+
+
+def render_judgement(
+    r: PairwiseVote | Ranking | Rating, render: Render | None
+) -> PairwiseVote | Ranking | Rating:
+    """A vote, ranking or rating whose prompt was a conversation (`meta[PROMPT_MESSAGES]`), its prompt and
+    answers rendered through the chat template as a conversational pair's are (`render_conversational`);
+    anything else, or without a template, as it is."""
+    messages = r.meta.get(PROMPT_MESSAGES)
+    if render is None or not isinstance(messages, list) or not messages:
+        return r
+    history = [asdict(Message(**m)) for m in messages]  # a malformed message: a TypeError
+    prompt = render(history, True)
+
+    def reply(text: str) -> str:
+        full = render([*history, {"role": "assistant", "content": text}], False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the prompt differently when a reply follows it")
+        return full[len(prompt) :]
+
+    if isinstance(r, PairwiseVote):
+        return replace(
+            r, prompt=prompt, completion_a=reply(r.completion_a), completion_b=reply(r.completion_b)
+        )
+    if isinstance(r, Ranking):
+        return replace(r, prompt=prompt, completions=[reply(c) for c in r.completions])
+    return replace(r, prompt=prompt, completion=reply(r.completion))
 
 
 def pair_to_vote(p: PreferencePair) -> PairwiseVote:
@@ -223,7 +257,8 @@ def to_groups(
 
     pair -> a group of one pair; vote -> one pair (tie and both_bad: nothing); ranking -> one group of its
     C(K,2) pairs; ratings -> one group per (prompt, labeler), placed where its first rating was (see
-    ratings_to_groups). Conversational pairs are rendered to text with `render`, required if any are present.
+    ratings_to_groups). Conversational pairs are rendered to text with `render`, required if any are present;
+    so are the votes, rankings and ratings on a conversation (`render_judgement`), where it is given.
     Judgements that compare nothing are skipped, and so are votes on gold items (`meta.is_gold`, as the
     labeling app exports them): those check the labelers, and every labeler answers each of them.
     """
@@ -232,6 +267,8 @@ def to_groups(
     for r in records:
         if getattr(r, "meta", None) and r.meta.get("is_gold") is True:  # type: ignore[union-attr]
             continue
+        if isinstance(r, PairwiseVote | Ranking | Rating):
+            r = render_judgement(r, render)
         if isinstance(r, Rating):
             slot, group_ratings = rated.setdefault((r.prompt, r.labeler), (len(slots), []))
             if slot == len(slots):

@@ -27,10 +27,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from rlhf.data.preferences import PROMPT_MESSAGES
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
 from rlhf.feedback.projects import get_project
 
-PROMPT_MESSAGES = "prompt_messages"  # Prompt.meta key of a prompt imported as a conversation
+# PROMPT_MESSAGES: the Prompt.meta key of a prompt that was a conversation (the model server's and the gateway's
+# chats, conversational imports), which the exports keep: as the prompt of a conversational pair (pairs), under
+# meta for the other formats, which the reward model renders through the chat template (to_groups)
 
 FORMATS = ("votes", "pairs", "ranking", "rating", "axes", "sft")
 
@@ -83,7 +86,9 @@ def _rows(
 
 
 def _meta(vote: Vote, task: Task, prompt: Prompt, comps: list[Completion]) -> dict[str, Any]:
+    messages = prompt.meta.get(PROMPT_MESSAGES) if isinstance(prompt.meta, dict) else None
     return {
+        **({PROMPT_MESSAGES: messages} if isinstance(messages, list) else {}),
         "task_id": task.id,
         "vote_id": vote.id,
         "prompt_id": prompt.external_id,

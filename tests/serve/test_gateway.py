@@ -112,6 +112,9 @@ def test_ab_pair_and_vote_land_in_the_store_with_both_versions(
         project = session.get(Project, prompt.project_id)
         assert project is not None
         exported = [p for p in export_records(session, project.name, "pairs") if p["prompt"] == HELLO]
+        # the votes format keeps the conversation under meta, where the reward model renders it (to_groups)
+        voted = [v for v in export_records(session, project.name, "votes") if v["meta"]["task_id"] == task.id]
+        assert [v["meta"]["prompt_messages"] for v in voted] == [HELLO]
         answers = session.scalars(
             select(Completion)
             .join(TaskCompletion, TaskCompletion.completion_id == Completion.id)

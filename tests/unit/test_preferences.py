@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,27 @@ def test_conversational_pair_renders_through_the_chat_template() -> None:
     assert pair.chosen == "Hello!<|end|>\n"
     assert pair.rejected == "Hello, you fool.<|end|>\n<|assistant|>Really.<|end|>\n"
     assert (pair.margin, pair.labeler) == (0.0, "bob")
+
+
+def test_judgements_on_a_conversation_render_through_the_chat_template() -> None:
+    """A vote, ranking or rating whose meta holds the conversation (the labeling app's export of recorded chats)
+    trains on the chat template's text, as the conversational pair of the same judgement does."""
+    chat = [{"role": "user", "content": "Hi"}]
+    meta = {"prompt_messages": chat}
+    vote = PairwiseVote("user: Hi", "Hello!", "Go away.", "A", "ann", meta=meta)
+    (group,) = to_groups([vote], render=chatml)
+    (pair,) = to_groups([ConversationalPair([Message("user", "Hi")], [Message("assistant", "Hello!")],
+                                            [Message("assistant", "Go away.")], labeler="ann")], render=chatml)  # fmt: skip
+    assert group == pair
+    assert group.prompt == "<|user|>Hi<|end|>\n<|assistant|>" and group.completions[0] == "Hello!<|end|>\n"
+    ranked = to_groups([Ranking("user: Hi", ["a", "b"], [2, 1], meta=meta)], render=chatml)
+    assert ranked[0].completions == ["a<|end|>\n", "b<|end|>\n"]
+    rated = to_groups([Rating("user: Hi", "a", 1.0, "ann", meta), Rating("user: Hi", "b", 3.0, "ann", meta)],
+                      render=chatml)  # fmt: skip
+    assert rated[0].prompt == group.prompt and rated[0].pairs == [(1, 0)]
+    # without a template, or without the conversation, the text as it is
+    assert to_groups([vote])[0].prompt == "user: Hi"
+    assert to_groups([replace(vote, meta={})], render=chatml)[0].prompt == "user: Hi"
 
 
 def test_conversational_needs_a_template_that_keeps_the_prompt() -> None:
