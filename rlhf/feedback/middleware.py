@@ -10,6 +10,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -25,8 +26,14 @@ from rlhf.feedback.web import render
 log = logging.getLogger(__name__)
 
 
+# Seconds to wait for each part of a request body (nginx's client_body_timeout): a client that announced more
+# than it sends would otherwise hold its request, and a worker's connection, open for ever
+BODY_TIMEOUT_S = 60.0
+
+
 class BodySizeLimit:
-    """Answer 413 when a request body is larger than allowed: by Content-Length up front, or while streaming.
+    """Answer 413 when a request body is larger than allowed: by Content-Length up front, or while streaming;
+    408 when a part of it does not come within BODY_TIMEOUT_S.
 
     Import endpoints (paths ending in /import) get `import_bytes`; every other path `max_bytes`.
     """
@@ -55,7 +62,12 @@ class BodySizeLimit:
         received = 0
         more = True
         while more:
-            message = await receive()
+            with anyio.move_on_after(BODY_TIMEOUT_S) as waited:
+                message = await receive()
+            if waited.cancelled_caught:
+                late = f"request body not received within {BODY_TIMEOUT_S:g} s"
+                await JSONResponse({"detail": late}, status_code=408)(scope, receive, send)
+                return
             if message["type"] != "http.request":
                 await self.app(scope, _replay([message], receive), send)
                 return

@@ -1,20 +1,25 @@
 """ASGI middleware: request metrics (count by endpoint and status, latency to the end of the body) and a
-request body size limit that answers 413 in OpenAI's error shape."""
+request body size limit that answers 413 in OpenAI's error shape (408 for a body that stops coming)."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rlhf.feedback.middleware import json_body_problem
+from rlhf.feedback.middleware import BODY_TIMEOUT_S, json_body_problem
 from rlhf.serve import metrics
 from rlhf.serve.errors import error_body
 
+# nginx's code for a request its client closed before any response: counted apart from the server's 500s
+CLIENT_CLOSED = 499
+
 
 class RequestMetrics:
-    """Counts every HTTP request by its route template (not the raw path: bounded label values)."""
+    """Counts every HTTP request by its route template (not the raw path: bounded label values); a request the
+    client closed before any response as 499, one that failed before its response as 500."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -24,7 +29,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status: int | None = None
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -34,6 +39,10 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_and_watch)
+            status = status or CLIENT_CLOSED  # returned without answering: the client went away
+        except BaseException:
+            status = status or 500
+            raise
         finally:
             endpoint = getattr(scope.get("route"), "path", None) or _route_of(scope)
             metrics.REQUESTS.labels(endpoint, str(status)).inc()
@@ -71,7 +80,13 @@ class BodySizeLimit:
         chunks: list[bytes] = []
         received = 0
         while True:
-            message = await receive()
+            with anyio.move_on_after(BODY_TIMEOUT_S) as waited:
+                message = await receive()
+            if waited.cancelled_caught:
+                await self._send_error(
+                    send, 408, f"Request body not received within {BODY_TIMEOUT_S:g} s.", "timeout"
+                )
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             chunk = message.get("body", b"")
@@ -103,7 +118,7 @@ class BodySizeLimit:
         await self._send_error(send, 413, message, "request_too_large")
 
     async def _send_error(self, send: Send, status: int, message: str, code: str) -> None:
-        body = json.dumps(error_body(message, status, code=code)).encode()
+        body = json.dumps(error_body(message, status, code=code), separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
