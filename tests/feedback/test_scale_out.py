@@ -21,6 +21,7 @@ from rlhf.feedback.schemas import CandidateRow
 from rlhf.feedback.shared import RedisShared, redis_namespace
 from rlhf.feedback.testing import make_user, run_server
 from rlhf.feedback.users import app_secret
+from tests import aio
 from tests.feedback.conftest import PG_URL, candidate_rows
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -180,7 +181,7 @@ def test_concurrent_auth_epoch_reads_share_a_get_sent_after_each_asked() -> None
         return before, list(together), after
 
     try:
-        before, together, after = asyncio.run(scenario())
+        before, together, after = aio.run(scenario())
     finally:
         shared.client.delete(shared.prefix + "auth_epoch")
     assert before == 0 and together == [1] * 20 and after == 2

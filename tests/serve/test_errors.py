@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import aio
+
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 
@@ -341,7 +343,7 @@ def test_a_full_queue_is_a_429_that_says_when_to_retry() -> None:
         assert e.value.headers == {"Retry-After": "1"}
         assert all(seq.cancelled for seq in engine.queued)
 
-    asyncio.run(start())
+    aio.run(start())
 
 
 def test_requests_answered_before_routing_are_counted_under_their_route(server: dict[str, Any]) -> None:

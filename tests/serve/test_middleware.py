@@ -10,6 +10,7 @@ import pytest
 
 from rlhf.serve import metrics, middleware
 from rlhf.serve.middleware import BodySizeLimit, RequestMetrics
+from tests import aio
 
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/completions",
          "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}  # fmt: skip
@@ -28,7 +29,7 @@ def drive(app: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(app(dict(SCOPE), receive, send))
+    aio.run(app(dict(SCOPE), receive, send))
     return sent
 
 
