@@ -10,7 +10,8 @@ A run started without `--resume` in a directory holding an earlier run starts ov
 checkpoints, metrics and other records (`EARLIER_RUN`, and what the stage names) are removed first, with a
 warning, so that nothing of it is mixed into the new run (metrics appended, its checkpoints taken by a later
 `--resume`, the new run's first checkpoint pruned as the oldest). Its `final/` stays until the new one
-replaces it. Resuming with settings changed since the run started logs which.
+replaces it. Resuming with another setting of what the run trains on (its data, models or method:
+FIXED_ON_RESUME) is an error; other settings changed since the run started are logged.
 
 Until the run writes its first metrics or checkpoint, nothing of the earlier run is lost: its records wait in
 `RUN/.earlier-run/`, and a stage that stops with an error before then (a bad setting, a model of the wrong kind, a
@@ -218,12 +219,38 @@ def _restore_stash(run_dir: Path) -> None:
     stash.rmdir()
 
 
+# What a resumed run keeps: the data it trains on and how its held-out split is drawn, the models it starts from
+# and the method. With another, it would be two runs in one (held-out prompts it has trained on, a critic dropped
+# half-way, adapters on a run that trained every weight); other settings (more steps, another lr, logging) may
+# change, and are logged.
+FIXED_ON_RESUME = frozenset({
+    "train_file", "eval_file", "eval_fraction", "columns", "format", "seed", "model", "tokenizer", "policy",
+    "reference", "reward_model", "critic", "init_from", "prompts_file", "advantage_estimator",
+    "samples_per_prompt", "loss", "vocab_size",
+})  # fmt: skip
+FIXED_SECTIONS_ON_RESUME = ("arch", "lora")
+
+
+def _fixed_on_resume(key: str) -> bool:
+    return key in FIXED_ON_RESUME or key.split(".", 1)[0] in FIXED_SECTIONS_ON_RESUME
+
+
 def _log_changed_settings(stored: Path, config: BaseModel) -> None:
-    """On resume: the settings that differ from those the run started with (more steps are the usual ones)."""
+    """On resume: a one-line error for a setting the run must keep (FIXED_ON_RESUME); the others that differ
+    from those the run started with are logged (more steps are the usual ones)."""
     before = _stored_settings(stored)
     if before is None:
         return
-    changed = changed_settings(before, flat_config(config.model_dump(mode="json")))
+    now = flat_config(config.model_dump(mode="json"))
+    fixed = [k for k, v in now.items() if k in before and before[k] != v and _fixed_on_resume(k)]
+    if fixed:
+        shown = "; ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in fixed[:4])
+        raise RlhfError(
+            f"{stored.parent} was started with other settings of what it trains on ({shown}"
+            f"{'; ...' if len(fixed) > 4 else ''}): --resume continues a run as it began; resume with its own "
+            f"settings ({stored}), or start a new run in another --out"
+        )
+    changed = changed_settings(before, now)
     if changed:
         log.warning(
             "%s: resuming with settings changed since the run started: %s", stored.parent, "; ".join(changed)

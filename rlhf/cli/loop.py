@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rlhf.cli.common import ConfigOpt, QuietOpt, SetOpt, app, setup_logging
+from rlhf.cli.common import ConfigOpt, QuietOpt, SetOpt, app, settings_help, setup_logging
 from rlhf.config import RootConfig, load_config
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 loop_app = typer.Typer(
     help="Iterative refinement: rounds of generate -> votes -> reward model -> PPO -> eval (docs/loop.md).",
     invoke_without_command=True,
+    epilog=settings_help("loop"),
 )
 app.add_typer(loop_app, name="loop")
 LoopDbOpt = Annotated[
@@ -61,8 +62,11 @@ def round_line(v: PolicyVersion) -> str:
     low, high = v.metrics["ci95"]
     trained = "reward model trained on" if v.reward_model is not None else "online DPO on"
     judge = v.metrics.get("judge", "gold")  # the eval judge's name (rounds recorded before it: gold)
+    from rlhf.feedback.loop_state import UNCHANGED
+
+    unchanged = UNCHANGED if v.metrics.get("unchanged") else ""
     return (f"round {v.round}: policy {v.name}, {judge} win rate vs SFT {v.metrics['win_rate_vs_sft']:.3f} "
-            f"[{low:.3f}, {high:.3f}], {trained} {v.metrics['reward_model_votes']} votes")  # fmt: skip
+            f"[{low:.3f}, {high:.3f}], {trained} {v.metrics['reward_model_votes']} votes{unchanged}")  # fmt: skip
 
 
 def loop_db(cfg: RootConfig, url: str | None) -> Database:

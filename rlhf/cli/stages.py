@@ -206,9 +206,13 @@ def ppo(
 
         gold_fn = gold_utilities
     result = stage.run(cfg, resume=resume, quiet=quiet, gold_fn=gold_fn)
+    # the guard's choice, where it kept one (the policy `rlhf demo` and `rlhf loop` go on with), and the last
+    best = Path(cfg.out_dir) / "best"
+    kept = (f"the guard's best (iteration {result['best_iteration']}) in {best}, the last in {cfg.out_dir}/final"
+            if best.is_dir() and result.get("best_iteration") is not None else f"model in {cfg.out_dir}/final")  # fmt: skip
     summary(
         f"ppo: {result['stop_reason']}; score {result.get('ppo/score', float('nan')):.3f}, "
-        f"KL {result.get('ppo/kl', float('nan')):.3f}; model in {cfg.out_dir}/final"
+        f"KL {result.get('ppo/kl', float('nan')):.3f}; {kept}"
     )
 
 

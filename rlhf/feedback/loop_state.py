@@ -35,6 +35,9 @@ from rlhf.feedback.models import (
 
 log = logging.getLogger(__name__)
 
+# said of a round whose PPO kept its starting policy: its win rate against SFT is the parent's, sampled again
+UNCHANGED = "; unchanged: PPO's guard found no iteration better than its start, so the policy is its parent's"
+
 
 def round_prefix(round_: int) -> str:
     """The external-id prefix of round `round_`'s prompts in the loop's project."""

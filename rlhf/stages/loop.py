@@ -45,6 +45,7 @@ from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
 from rlhf.errors import RlhfError
 from rlhf.feedback.db import Database, upgrade
 from rlhf.feedback.loop_state import (
+    UNCHANGED,
     finish_phase,
     finished_phases,
     get_or_create_loop,
@@ -368,8 +369,10 @@ def train_policy(
     result = ppo.run(ppo_cfg, resume=True, quiet=quiet, gold_fn=gold_fn)
     best = rdir / "ppo" / "best"
     path = best if best.exists() else rdir / "ppo" / "final"
+    # the guard's best at iteration 0: no later iteration did better, and the round's policy is its parent
+    unchanged = best.exists() and result.get("best_iteration") == 0
     return {"path": str(path), "stop_reason": result["stop_reason"], "ppo/kl": result.get("ppo/kl"),
-            "ppo/score": result.get("ppo/score")}  # fmt: skip
+            "ppo/score": result.get("ppo/score"), "unchanged": unchanged}  # fmt: skip
 
 
 def train_policy_dpo(
@@ -524,8 +527,8 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
                 ev = finished_phases(session, loop)[(round_, "eval")]
                 new = policy_version(loop, round_, current, rm, trained, ev)
                 finish_phase(session, loop, round_, "register", {"policy": new.name}, [new])
-            log.info("loop: round %d: policy r%d, %s win rate vs SFT %.3f [%.3f, %.3f]", round_, round_,
-                     ev.get("judge", "gold"), ev["win_rate_vs_sft"], *ev["ci95"])  # fmt: skip
+            log.info("loop: round %d: policy r%d, %s win rate vs SFT %.3f [%.3f, %.3f]%s", round_, round_,
+                     ev.get("judge", "gold"), ev["win_rate_vs_sft"], *ev["ci95"], UNCHANGED if trained.get("unchanged") else "")  # fmt: skip
         with db.session() as session:
             return policies(session, loop)
     finally:

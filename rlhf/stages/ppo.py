@@ -706,4 +706,8 @@ def run(
         write_json(s.run_dir.dir / "summary.json", summary)
     s.run_dir.finish()
     s.accelerator.wait_for_everyone()
-    return {"stop_reason": s.guard.stop_reason or "completed", **metrics}
+    return {
+        "stop_reason": s.guard.stop_reason or "completed",
+        "best_iteration": s.guard.best_iteration,
+        **metrics,
+    }

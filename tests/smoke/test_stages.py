@@ -295,7 +295,7 @@ def test_help_lists_stages_and_documents_options() -> None:
     "command, section",
     [(["pretrain"], "pretrain"), (["sft"], "sft"), (["generate"], "generate"), (["reward"], "reward"),
      (["ppo"], "ppo"), (["dpo"], "dpo"), (["bon"], "bon"), (["eval"], "eval"), (["redteam"], "redteam"),
-     (["cai", "revise"], "cai"), (["cai", "label"], "cai")],
+     (["cai", "revise"], "cai"), (["cai", "label"], "cai"), (["loop"], "loop")],
 )  # fmt: skip
 def test_help_documents_every_setting_of_the_stage(command: list[str], section: str) -> None:
     from rlhf.config import RootConfig

@@ -217,3 +217,8 @@ def test_the_round_line_names_what_the_votes_trained() -> None:
     judged = PolicyVersion(loop_id=1, name="r1", round=1, parent="sft", reward_model="rm-r1", path="p",
                            metrics={**metrics, "judge": "reward_model"})  # fmt: skip
     assert round_line(judged).startswith("round 1: policy r1, reward_model win rate vs SFT 0.688")
+    # a round whose PPO kept its starting policy says so: its win rate is its parent's, sampled again
+    kept = PolicyVersion(loop_id=1, name="r1", round=1, parent="sft", reward_model="rm-r1", path="p",
+                         metrics={**metrics, "unchanged": True})  # fmt: skip
+    assert round_line(kept).endswith("40 votes; unchanged: PPO's guard found no iteration better than its start, "
+                                     "so the policy is its parent's")  # fmt: skip

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rlhf.config import SFTConfig
+from rlhf.errors import RlhfError
 from rlhf.runs import Run
 
 
@@ -66,6 +69,26 @@ def test_a_resume_keeps_the_run_and_names_the_settings_changed(
     assert "settings changed since the run started" in caplog.text
     assert "lr 0.001 -> 0.003" in caplog.text and "max_steps 200 -> 400" in caplog.text
     assert "holds an earlier run" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [({"train_file": "other.jsonl"}, "train_file 'data/demo/sft.jsonl' -> 'other.jsonl'"), ({"seed": 1}, "seed 0 -> 1"),
+     ({"lora": {"r": 8}}, "lora.r 0 -> 8")],
+)  # fmt: skip
+def test_a_resume_refuses_another_setting_of_what_the_run_trains_on(
+    tmp_path: Path, change: dict[str, Any], shown: str
+) -> None:
+    """Another data file or seed would move the held-out split onto what the run trained on; adapters on a run
+    that trained every weight would make two runs of one. The run is left as it was."""
+    out = tmp_path / "run"
+    earlier_run(out, SFTConfig(out_dir=str(out), max_steps=200))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(
+        RlhfError, match=f"was started with other settings of what it trains on \\({re.escape(shown)}\\)"
+    ):
+        Run(out, SFTConfig(out_dir=str(out), max_steps=400, **change), resume=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_a_batch_larger_than_the_data_names_the_setting_and_the_file() -> None:
