@@ -19,7 +19,7 @@ import yaml
 from peft import PeftModel
 
 from rlhf.config import DPOConfig
-from rlhf.errors import DataError
+from rlhf.errors import DataError, RlhfError
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.wrappers import Actor
 from rlhf.runs import read_metrics
@@ -176,22 +176,35 @@ def test_cached_reference_log_probs_are_the_sft_models(
     assert len(cached) == len(train) + len(held)
 
 
-def test_resume_with_another_split_computes_the_reference_again(
+def test_resume_with_other_lengths_computes_the_reference_again(
     tmp_path: Path, tiny_sft_model: Path, preferences: Path
 ) -> None:
-    # pairs only: every judgement has two answers, so the cache's shape fits any split
+    # pairs only: every judgement has two answers, so the cache's shape fits any length
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(
         "".join(line + "\n" for line in preferences.read_text().splitlines() if "chosen" in line)
     )
-    dpo.run(tiny_dpo(tmp_path / "run", tiny_sft_model, pairs, max_steps=1, seed=0), quiet=True)
-    dpo.run(tiny_dpo(tmp_path / "fresh", tiny_sft_model, pairs, max_steps=1, seed=1), quiet=True)
-    # another seed holds out other prompts: the cache's judgements are no longer in the same order
-    dpo.run(tiny_dpo(tmp_path / "run", tiny_sft_model, pairs, max_steps=2, seed=1), resume=True, quiet=True)
+    dpo.run(tiny_dpo(tmp_path / "run", tiny_sft_model, pairs, max_steps=1), quiet=True)
+    before = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
+    dpo.run(tiny_dpo(tmp_path / "fresh", tiny_sft_model, pairs, max_steps=1, max_seq_len=24), quiet=True)
+    # answers cut shorter: the cached log-probs are of other tokens
+    dpo.run(
+        tiny_dpo(tmp_path / "run", tiny_sft_model, pairs, max_steps=2, max_seq_len=24),
+        resume=True,
+        quiet=True,
+    )
+    # another seed would hold out other prompts, some of which the run trained on: refused
+    with pytest.raises(
+        RlhfError, match="was started with other settings of what it trains on \\(seed 0 -> 1\\)"
+    ):
+        dpo.run(
+            tiny_dpo(tmp_path / "run", tiny_sft_model, pairs, max_steps=3, seed=1), resume=True, quiet=True
+        )
 
     resumed = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
     fresh = torch.load(tmp_path / "fresh" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
-    assert len(resumed) == len(fresh)
+    assert len(resumed) == len(fresh) == len(before)
+    assert any(got != pytest.approx(want, rel=1e-6, abs=1e-5) for got, want in zip(before, fresh, strict=True))
     for got, want in zip(resumed, fresh, strict=True):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-5)  # sums of ~100 log-probs: fp32's rounding
 
