@@ -139,8 +139,15 @@ def upgrade(db: Database, revision: str = "head") -> None:
         return
     from alembic import command
 
-    with db._write_lock, db.engine.begin() as conn:
-        command.upgrade(_alembic_config(conn), revision)
+    # Alembic's own lines (a dozen "setup plugin ..." and one per migration) say no more than the one below
+    alembic_log = logging.getLogger("alembic")
+    level = alembic_log.level
+    alembic_log.setLevel(max(level, logging.WARNING))
+    try:
+        with db._write_lock, db.engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), revision)
+    finally:
+        alembic_log.setLevel(level)
     log.info(
         "feedback store at %s migrated to %s", db.engine.url.render_as_string(hide_password=True), revision
     )
