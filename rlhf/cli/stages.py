@@ -230,7 +230,8 @@ def dpo(
 
     setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
-    line = f"dpo ({cfg.loss}): {result['train_pairs']} pairs in {result['train_judgements']} judgements; "
+    loss = cfg.loss + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+    line = f"dpo ({loss}): {result['train_pairs']} pairs in {result['train_judgements']} judgements; "
     if "dpo/eval_accuracy" in result:
         line += (f"held-out reward accuracy {result['dpo/eval_accuracy']:.3f}, "
                  f"margin {result['dpo/eval_margin']:.3f}; ")  # fmt: skip
