@@ -16,6 +16,7 @@ Folders and hub ids take an optional config and split: `NAME[:CONFIG][@SPLIT]`, 
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from collections.abc import Iterator
@@ -128,14 +129,30 @@ def _load(spec: str | Path, load: Any, local: bool = True) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets logs each failure itself, over several lines, before raising it: the one line below says it
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
     try:
         if not local:
             return load(datasets)
         with tempfile.TemporaryDirectory(prefix="rlhf-datasets-") as cache:
             return load(datasets, cache_dir=cache, keep_in_memory=True)
     except Exception as e:  # datasets and pyarrow raise many kinds; the user needs the reason on one line
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise DataError(f"{spec}: cannot read it as a dataset ({reason})") from None
+        raise DataError(f"{spec}: cannot read it as a dataset ({_first_cause(e)})") from None
+    finally:
+        datasets_log.setLevel(level)
+
+
+def _first_cause(e: BaseException) -> str:
+    """The first line of the innermost exception `e` was raised from (datasets wraps a CSV's bad byte or unclosed
+    quote in "An error occurred while generating the dataset"), with its type where it says little alone."""
+    seen = {id(e)}
+    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _pick_split(spec: str | Path, data: Any, split: str | None) -> Any:
@@ -147,6 +164,8 @@ def _pick_split(spec: str | Path, data: Any, split: str | None) -> Any:
     names = list(data)
     if split is None:
         split = "train" if "train" in names else names[0] if len(names) == 1 else None
-    if split not in names:
+    if split is None:
         raise DataError(f"{spec}: choose a split with @SPLIT, one of: {', '.join(names)}")
+    if split not in names:
+        raise DataError(f"{spec}: no split {split!r}; its splits: {', '.join(names)}")
     return data[split]

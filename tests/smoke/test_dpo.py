@@ -204,7 +204,9 @@ def test_resume_with_other_lengths_computes_the_reference_again(
     resumed = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
     fresh = torch.load(tmp_path / "fresh" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
     assert len(resumed) == len(fresh) == len(before)
-    assert any(got != pytest.approx(want, rel=1e-6, abs=1e-5) for got, want in zip(before, fresh, strict=True))
+    assert any(
+        got != pytest.approx(want, rel=1e-6, abs=1e-5) for got, want in zip(before, fresh, strict=True)
+    )
     for got, want in zip(resumed, fresh, strict=True):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-5)  # sums of ~100 log-probs: fp32's rounding
 

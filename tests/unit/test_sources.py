@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,30 @@ def test_saved_dataset_dict_needs_a_split_when_it_has_no_train(tmp_path: Path) -
     ):
         read_preferences(tmp_path / "saved")
     assert len(read_preferences(f"{tmp_path / 'saved'}@test_prefs")) == 1
+    with pytest.raises(
+        DataError, match=r"saved@test_pref: no split 'test_pref'; its splits: train_prefs, test_prefs$"
+    ):
+        read_preferences(f"{tmp_path / 'saved'}@test_pref")
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [(b"prompt,chosen,rejected\np,\xffa,b\n", r"(?i)utf-?8"),
+     (b'prompt,chosen,rejected\np,"a,b\n', "EOF inside string")],
+)  # fmt: skip
+def test_a_csv_that_cannot_be_read_says_why_in_one_line(
+    tmp_path: Path, content: bytes, cause: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """datasets wraps the reason ("An error occurred while generating the dataset") and logs it over lines of
+    its own: the error names the file and the reason, and nothing else is printed."""
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        read_preferences(bad)
+    assert str(err.value).startswith(f"{bad}: cannot read it as a dataset (") and re.search(
+        cause, str(err.value)
+    )
+    assert "\n" not in str(err.value) and capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "saved"])
