@@ -8,7 +8,9 @@ JSONL reading and writing live in preference_io and are re-exported here: import
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -34,6 +36,8 @@ from rlhf.data.preference_io import (
     write_preferences,
 )
 from rlhf.errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHOICES",
@@ -337,9 +341,18 @@ def read_preference_groups(
     tokenizer's own chat template, and a source that has them while the tokenizer has none is a DataError."""
     records = read_preferences(path, fmt, skip_bad_rows, columns)
     try:
-        return to_groups(records, render=chat_template(tokenizer))
+        groups = to_groups(records, render=chat_template(tokenizer))
     except ValueError as e:  # conversational rows without a (usable) chat template
         raise DataError(f"{path}: {e}") from None
+    kinds = collections.Counter(RECORD_KINDS[type(r)] for r in records)
+    log.info("%s: %d records (%s) -> %d judgements that compare answers (ties, identical answers and gold items "
+             "compare none)", path, len(records), ", ".join(f"{n} {k}" for k, n in kinds.most_common()), len(groups))  # fmt: skip
+    return groups
+
+
+# what each kind of record is called where a source is summed up (HH and the dataset layouts read as pairs)
+RECORD_KINDS: dict[type, str] = {PreferencePair: "pairs", ConversationalPair: "conversational pairs",
+                                 PairwiseVote: "votes", Ranking: "rankings", Rating: "ratings"}  # fmt: skip
 
 
 class _HasPrompt(Protocol):

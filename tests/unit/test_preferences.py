@@ -26,6 +26,7 @@ from rlhf.data.preferences import (
     pairs_to_ranking,
     ranking_to_group,
     ratings_to_groups,
+    read_preference_groups,
     read_preferences,
     record_from_json,
     record_to_json,
@@ -525,3 +526,20 @@ def test_malformed_rows_stop_the_read_or_are_skipped_and_counted(tmp_path, caplo
     path.write_text('{"prompt": "x"\n')
     with pytest.raises(DataError, match="every row is malformed"):
         read_preferences(path, skip_bad_rows=True)
+
+
+def test_reading_a_source_says_what_it_held_and_what_compares_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "a"},
+            {"prompt": "r", "completion_a": "a", "completion_b": "b", "choice": "tie"},
+            {"prompt": "s", "completions": ["a", "b", "c"], "ranking": [1, 2, 3]}]  # fmt: skip
+    source = tmp_path / "mixed.jsonl"
+    write_jsonl(source, rows)
+    with caplog.at_level("INFO", logger="rlhf.data.preferences"):
+        groups = read_preference_groups(str(source), "auto", tokenizer=None)
+    assert len(groups) == 2  # the identical pair and the tie compare nothing
+    assert (
+        f"{source}: 4 records (2 pairs, 1 votes, 1 rankings) -> 2 judgements that compare answers"
+        in caplog.text
+    )
