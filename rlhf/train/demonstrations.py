@@ -74,12 +74,12 @@ def _conversational(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], whe
 
 def _messages(row: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
     messages = row[key]
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-    ):
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise DataError(f"{where}: {key!r} must be a list of {{role, content}} objects")
+    for i, m in enumerate(messages):  # content: text, or a list of parts (multimodal templates)
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str | list):
+            shown = {k: m.get(k) for k in ("role", "content")}
+            raise DataError(f"{where}: {key}[{i}] needs a 'role' and a 'content' string, got {shown}"[:300])
     return messages
 
 

@@ -105,7 +105,11 @@ def test_text_rows_train_on_every_token_but_bos(tmp_path: Path, llama: Any) -> N
         ({"prompt": [USER], "completion": []}, "'completion' must be a list of \\{role, content\\} objects"),
         (
             {"prompt": [USER], "completion": [{"content": "No."}]},
-            "'completion' must be a list of \\{role, content\\}",
+            "completion\\[0\\] needs a 'role' and a 'content' string, got \\{'role': None, 'content': 'No.'\\}",
+        ),
+        (  # a null content: named, not left to the chat template to fail on
+            {"messages": [USER, {"role": "assistant", "content": None}]},
+            "messages\\[1\\] needs a 'role' and a 'content' string",
         ),
         (
             {"prompt": "User: Hi\nAssistant:", "completion": [ASSISTANT]},
