@@ -145,8 +145,8 @@ def encode(
         answers = []
         for ids in encode_completions(tokenizer, g.completions):
             p = prompt if len(prompt) + len(ids) <= max_len else prompt[-(max_len // 2) :]
+            truncated += len(prompt) + len(ids) > max_len  # this answer did not fit with its whole prompt
             if len(p) + len(ids) > max_len:
-                truncated += 1
                 ids = ids[: max_len - len(p)]
             answers.append(ids)
         # one prompt window for the whole judgement: the shortest any answer needed
@@ -338,7 +338,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     if not train:
         raise DataError(f"{cfg.train_file}: no comparisons to train on (all ties or empty)")
     if truncated:
-        log.warning("dpo: %d answers longer than %d tokens with their prompt were cut", truncated, max_len)
+        log.warning("dpo: %d answers did not fit in %d tokens with their prompt: the prompt keeps its end, then "
+                    "the answer is cut", truncated, max_len)  # fmt: skip
     n_pairs = sum(len(j.pairs) for j in train)
     log.info("dpo: %d judgements (%d pairs) to train on, %d held out", len(train), n_pairs, len(held_out))
 

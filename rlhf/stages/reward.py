@@ -192,19 +192,27 @@ def encode_groups(
     weights: dict[str, float],
 ) -> tuple[list[GroupExample], int]:  # fmt: skip
     """Token ids of prompt (with the tokenizer's BOS) + completion + EOS (or the chat template's end-of-turn
-    token) per completion; over-long ones are cut to max_len with that last token kept (the reward is read
-    there). Groups whose labeler weighs 0 are dropped. Returns (examples, n_truncated)."""
+    token) per completion; where they do not fit in max_len, the prompt keeps its end and then a completion is cut
+    with that last token kept (the reward is read there). Groups whose labeler weighs 0 are dropped. Returns (examples, n_truncated)."""
     prompt_ids = encode_prompts(tokenizer, [g.prompt for g in groups])
     examples, truncated = [], 0
     for g, p_ids in zip(groups, prompt_ids, strict=True):
         weight = weights.get(g.labeler or "", cfg.default_labeler_weight)
         if weight == 0:
             continue
+        completions = encode_completions(tokenizer, g.completions)
+        # A prompt too long to leave its answers room keeps its end, in one window for the whole group (the
+        # shortest any answer needs, at least half of max_len): cut from its end, the answers would all be
+        # the same prompt tokens, and the labels a preference between identical sequences.
+        room = max_len - max(len(c) for c in completions)
+        keep = min(len(p_ids), max(room, max_len // 2))
         sequences = []
-        for c_ids in encode_completions(tokenizer, g.completions):
-            seq = [*p_ids, *c_ids]
-            if len(seq) > max_len:
-                truncated += 1
+        for c_ids in completions:
+            seq = [*p_ids[len(p_ids) - keep :], *c_ids]
+            truncated += len(p_ids) + len(c_ids) > max_len  # this answer did not fit with its whole prompt
+            if (
+                len(seq) > max_len
+            ):  # the answer itself is cut, its last token (EOS) kept: the reward is read there
                 seq = [*seq[: max_len - 1], seq[-1]]
             sequences.append(seq)
         examples.append(
@@ -559,8 +567,8 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     train, truncated = encode_groups(train_groups, tokenizer, max_len, cfg, weights)
     held_out, held_truncated = encode_groups(held_groups, tokenizer, max_len, cfg, weights)
     if truncated or held_truncated:
-        log.warning("reward: %d completions longer than %d tokens were cut (EOS kept last)",
-                    truncated + held_truncated, max_len)  # fmt: skip
+        log.warning("reward: %d answers did not fit in %d tokens with their prompt: the prompt keeps its end, "
+                    "then the answer is cut (its EOS kept last)", truncated + held_truncated, max_len)  # fmt: skip
     if not train:
         raise DataError(f"{cfg.train_file}: no comparisons to train on (all ties, or every labeler weighs 0)")
     n_pairs = sum(len(e.pairs) for e in train)

@@ -113,6 +113,28 @@ def test_over_long_completions_are_cut_with_eos_last(tiny_sft_model: Path) -> No
     assert len(cut) == 24 and cut[-1] == tokenizer.eos_token_id and short[-1] == tokenizer.eos_token_id
 
 
+def test_a_prompt_too_long_for_its_answers_keeps_its_end(tiny_sft_model: Path) -> None:
+    """Cut from its end, the answers would be the same prompt tokens: a preference between identical sequences."""
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    prompt = "User: " + "tell me about the zorb " * 40 + "What does the zorb eat?\nAssistant:"
+    (example,), truncated = encode_groups(
+        to_groups([PairwiseVote(prompt, " Clover.", " Berries.", "A", "ann")]),
+        tokenizer,
+        32,
+        RewardConfig(),
+        {},
+    )
+    assert truncated == 2
+    a, b = example.sequences
+    answers = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (" Clover.", " Berries.")]
+    assert a[-1] == b[-1] == tokenizer.eos_token_id and len(a) <= 32 and len(b) <= 32
+    assert a[-1 - len(answers[0]) : -1] == answers[0] and b[-1 - len(answers[1]) : -1] == answers[1]
+    end = tokenizer(prompt, add_special_tokens=False)["input_ids"][
+        -8:
+    ]  # the question, right before the answers
+    assert a[-1 - len(answers[0]) - 8 : -1 - len(answers[0])] == end
+
+
 def test_labeler_weights_from_yaml_or_json_and_zero_drops(tmp_path: Path, tiny_sft_model: Path) -> None:
     (tmp_path / "w.yaml").write_text("ann: 2.0\nbob: 0\n")
     (tmp_path / "w.json").write_text('{"ann": 0.5}')
