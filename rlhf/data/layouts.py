@@ -79,6 +79,9 @@ def ultrafeedback_binarized(row: dict[str, Any], where: str) -> tuple[str, dict[
     """(format, row): the pair (conversational when its replies are message lists), margin = the score gap."""
     scores = [row.get("score_chosen"), row.get("score_rejected")]
     if "margin" not in row and all(_is_number(s) for s in scores):
+        if float(scores[0]) < float(scores[1]):  # type: ignore[arg-type]
+            _fail(where, f"score_chosen ({scores[0]}) is below score_rejected ({scores[1]}): the labels contradict "
+                  "the scores")  # fmt: skip
         row = {**row, "margin": float(scores[0]) - float(scores[1])}  # type: ignore[arg-type]
     if isinstance(row.get("chosen"), list):
         return "conversational", implicit_prompt(row, where)

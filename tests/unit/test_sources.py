@@ -14,6 +14,7 @@ import datasets
 import pytest
 
 from rlhf.config import load_config
+from rlhf.data.jsonl import write_jsonl
 from rlhf.data.preferences import (
     ConversationalPair,
     Message,
@@ -303,3 +304,12 @@ def test_a_missing_folder_next_to_real_ones_is_not_taken_for_a_hub_id(
     assert parse_source("data/saved_prefs") == ("data/saved_prefs", None, None)  # shaped like OWNER/NAME
     with pytest.raises(DataError, match=r"^data/saved_prefs: file not found$"):
         read_preferences("data/saved_prefs")  # a local typo: no hub look-up
+
+
+def test_an_ultrafeedback_row_whose_scores_contradict_its_labels_is_refused(tmp_path: Path) -> None:
+    """score_chosen below score_rejected: a margin of the wrong sign would train the pair backwards."""
+    row = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "score_chosen": 2.0, "score_rejected": 8.5}
+    source = tmp_path / "uf.jsonl"
+    write_jsonl(source, [row])
+    with pytest.raises(DataError, match=r"uf.jsonl:1: score_chosen \(2.0\) is below score_rejected \(8.5\)"):
+        read_preferences(source)
