@@ -31,7 +31,7 @@ ROLES = ("admin", "labeler")
 TASK_KINDS = ("pairwise", "ranking", "rating")
 CHOICES = ("A", "B", "tie", "both_bad")
 SOURCES = ("web", "api", "production", "simulated")
-ASSIGNMENT_STATUSES = ("open", "done", "skipped")
+ASSIGNMENT_STATUSES = ("open", "done", "skipped", "expired")  # expired: left open, taken over (queue.py)
 
 
 def utcnow() -> datetime:
@@ -151,7 +151,8 @@ class TaskCompletion(Base):
 
 
 class Assignment(Base):
-    """Task <-> labeler. open: shown, not yet answered; done: voted; skipped: gives the slot back."""
+    """Task <-> labeler. open: shown, not yet answered; done: voted; skipped: gives the slot back; expired: left
+    open too long, the slot taken over by another labeler."""
 
     __tablename__ = "assignments"
     __table_args__ = (
