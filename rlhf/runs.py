@@ -73,6 +73,9 @@ class Run:
         config_path = self.dir / "config.yaml"
         self._old_config = config_path.read_text() if is_main and config_path.is_file() else None
         self._had_checkpoints = self.checkpoints.exists()
+        # resumed before its first checkpoint: the run starts again at step 0, and its earlier rows go when it
+        # logs its first (kept until then, should it stop before)
+        self._restarts = resume and self.latest_checkpoint() is None and self.metrics_path.exists()
         if is_main:
             if resume:
                 _log_changed_settings(config_path, config)
@@ -116,6 +119,9 @@ class Run:
         if not self.is_main:
             return
         self.started()
+        if self._restarts:
+            self.truncate_metrics(-1)
+            self._restarts = False
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

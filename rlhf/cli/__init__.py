@@ -40,7 +40,9 @@ def main() -> None:
         if e.code not in (0, None):
             settle_unstarted_runs(interrupted=e.code == 130)
         if e.code == 130:
-            typer.echo("interrupted (run it again to continue; a training stage with --resume)", err=True)
+            again = "run it again to continue" + ("" if "loop" in sys.argv[1:2] or "demo" in sys.argv[1:2] else
+                                                  ", with --resume for a training stage")  # fmt: skip
+            typer.echo(f"interrupted ({again})", err=True)
         raise
     except BaseException:
         settle_unstarted_runs()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -69,12 +70,19 @@ def round_line(v: PolicyVersion) -> str:
             f"[{low:.3f}, {high:.3f}], {trained} {v.metrics['reward_model_votes']} votes{unchanged}")  # fmt: skip
 
 
-def loop_db(cfg: RootConfig, url: str | None) -> Database:
-    """The loop's feedback store, migrated."""
+def loop_db(cfg: RootConfig, url: str | None, read_only: bool = False) -> Database:
+    """The loop's feedback store, migrated; `read_only` (status, lineage): one that is there, never a new one."""
+    from sqlalchemy.engine import make_url
+
+    from rlhf.errors import ConfigError
     from rlhf.feedback.cli import open_database
     from rlhf.stages.loop import db_url
 
-    return open_database(url or db_url(cfg))
+    url = url or db_url(cfg)
+    parsed = make_url(url)
+    if read_only and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        raise ConfigError(f"no feedback store at {url} (give the loop's store with --db)")
+    return open_database(url)
 
 
 @loop_app.command("status")
@@ -83,7 +91,7 @@ def loop_status(ctx: typer.Context, db: LoopDbOpt = None) -> None:
     cfg = load_config(*ctx.obj)
     from rlhf.feedback.loop_state import get_loop, status_text
 
-    store = loop_db(cfg, db)
+    store = loop_db(cfg, db, read_only=True)
     try:
         with store.session() as session:
             typer.echo(status_text(session, get_loop(session, cfg.loop.name)))
@@ -101,7 +109,7 @@ def loop_lineage(
     cfg = load_config(*ctx.obj)
     from rlhf.feedback.loop_state import format_lineage, get_loop, lineage
 
-    store = loop_db(cfg, db)
+    store = loop_db(cfg, db, read_only=True)
     try:
         with store.session() as session:
             typer.echo(format_lineage(lineage(session, get_loop(session, cfg.loop.name), version)))

@@ -62,7 +62,7 @@ def get_loop(session: Session, name: str) -> LoopRun:
     if loop is None:
         names = list(session.scalars(select(LoopRun.name).order_by(LoopRun.id)))
         known = (
-            f"the loops there: {', '.join(names)} (choose one with --set loop.name=NAME)"
+            f"the loops there: {', '.join(names)} (choose one: rlhf loop --set loop.name=NAME status --db URL)"
             if names
             else "it has none"
         )

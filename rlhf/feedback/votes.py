@@ -236,6 +236,8 @@ def undo(
                 if vote_id is None
                 else f"no live vote {vote_id} of yours{where}"
             )
+        if vote.source == "simulated":  # `rlhf loop` trains on a simulated vote at once, not after the window
+            raise Conflict(f"vote {vote.id} is a simulated labeler's, final once cast: it cannot be undone")
         now = datetime.now(timezone.utc)
         if now - vote.created_at > timedelta(seconds=window_s):
             raise Conflict(f"votes can be undone only within {window_s:g} s")

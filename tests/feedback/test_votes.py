@@ -126,6 +126,16 @@ def test_a_vote_body_takes_json_numbers_and_no_unknown_key(api) -> None:
     assert api.vote("ann", task["id"], rating=5).status_code == 201
 
 
+def test_a_simulated_vote_is_final(api) -> None:
+    """`rlhf loop` counts a simulated panel's vote at once, without the undo window: taken back, it would have
+    trained the reward model all the same."""
+    api.seed(n_prompts=1)
+    task = api.next("ann")
+    assert api.vote("ann", task["id"], source="simulated").status_code == 201
+    undone = api.post("ann", "/api/votes/undo")
+    assert undone.status_code == 409 and "cannot be undone" in undone.text
+
+
 def test_undo_within_the_window_reopens_the_task(api, db: Database) -> None:
     api.seed(n_prompts=2)
     task = api.next("ann")

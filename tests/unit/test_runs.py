@@ -12,7 +12,7 @@ import pytest
 
 from rlhf.config import SFTConfig
 from rlhf.errors import RlhfError
-from rlhf.runs import Run
+from rlhf.runs import Run, read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +89,23 @@ def test_a_resume_refuses_another_setting_of_what_the_run_trains_on(
     ):
         Run(out, SFTConfig(out_dir=str(out), max_steps=400, **change), resume=True)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_run_resumed_before_its_first_checkpoint_logs_from_step_0_once(tmp_path: Path) -> None:
+    """Interrupted before any checkpoint, a resumed run starts again at step 0: its file reads as one run."""
+    out, cfg = tmp_path / "run", SFTConfig(out_dir=str(tmp_path / "run"))
+    first = Run(out, cfg)
+    for step in (0, 1):
+        first.log(step, {"loss": 2.0})
+    again = Run(out, cfg, resume=True)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]  # kept until it logs
+    for step in (0, 1, 2):
+        again.log(step, {"loss": 1.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl")] == [
+        (0, 1.0),
+        (1, 1.0),
+        (2, 1.0),
+    ]
 
 
 def test_a_batch_larger_than_the_data_names_the_setting_and_the_file() -> None:
