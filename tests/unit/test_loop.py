@@ -222,3 +222,16 @@ def test_the_round_line_names_what_the_votes_trained() -> None:
                          metrics={**metrics, "unchanged": True})  # fmt: skip
     assert round_line(kept).endswith("40 votes; unchanged: PPO's guard found no iteration better than its start, "
                                      "so the policy is its parent's")  # fmt: skip
+
+
+def test_loop_status_reads_a_store_and_never_makes_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rlhf.cli import app
+
+    missing = tmp_path / "nothere.db"
+    result = CliRunner().invoke(app, ["loop", "status", "--db", f"sqlite:///{missing}"])
+    assert result.exit_code != 0 and not missing.exists()
+    assert (
+        str(result.exception) == f"no feedback store at sqlite:///{missing} (give the loop's store with --db)"
+    )
