@@ -22,8 +22,10 @@ stays for `--resume` and the earlier one is removed, as once it has written (`ke
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -47,6 +49,33 @@ STATE_FILE = "trainer_state.pt"
 EARLIER_RUN = ("checkpoints", "metrics.jsonl", "summary.json", "best")
 STASH = ".earlier-run"  # an earlier run's records until the new run writes its first metrics or checkpoint
 _unstarted: list[Run] = []  # runs of this process that have not written metrics or a checkpoint yet
+LOCK = ".lock"
+_locks: dict[Path, Any] = {}  # run directories this process holds, and the open lock file of each
+
+
+def lock_run_dir(path: Path) -> None:
+    """Hold `path` for this process until it exits: a second run into the same directory at the same time (from
+    another process) would interleave its metrics and checkpoints with this one's and remove its files. A one-line
+    error for that second run; this process may open the same directory again (stages run one after another)."""
+    key = path.resolve()
+    if key in _locks:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    handle = (path / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RlhfError(
+            f"{path} is in use by another run ({holder}): wait for it to end, or choose another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _locks[key] = handle
 
 
 class Run:
@@ -67,9 +96,11 @@ class Run:
         self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.is_main = is_main
-        if is_main:  # left by a process killed before its run wrote anything: that run had started over
-            shutil.rmtree(self.dir / STASH, ignore_errors=True)
         self._existed = self.dir.exists()
+        if is_main:  # first: another process's run there keeps all it has
+            lock_run_dir(self.dir)
+            # left by a process killed before its run wrote anything: that run had started over
+            shutil.rmtree(self.dir / STASH, ignore_errors=True)
         config_path = self.dir / "config.yaml"
         self._old_config = config_path.read_text() if is_main and config_path.is_file() else None
         self._had_checkpoints = self.checkpoints.exists()
@@ -102,6 +133,9 @@ class Run:
             return
         _unstarted.remove(self)
         if not self._existed:
+            handle = _locks.pop(self.dir.resolve(), None)
+            if handle is not None:
+                handle.close()
             shutil.rmtree(self.dir, ignore_errors=True)
             return
         if not self._had_checkpoints:

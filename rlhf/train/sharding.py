@@ -37,6 +37,9 @@ def sharded(cfg: TrainConfig, accelerator: Accelerator) -> bool:
     """Whether this stage shards its models: `fsdp` on, and more than one process. `fsdp_cpu_offload` then needs
     GPUs (torch's offload moves the shards to a device for each use): on CPU processes it is a ConfigError."""
     is_sharded = cfg.fsdp and accelerator.num_processes > 1
+    if cfg.fsdp and not is_sharded:
+        log.warning("fsdp is on, but this is one process: nothing to shard, the model trains whole (launch with "
+                    "accelerate launch --multi_gpu --num_processes N, or torchrun, to shard it)")  # fmt: skip
     if is_sharded and cfg.fsdp_cpu_offload and accelerator.device.type == "cpu":
         section = type(cfg).__name__.removesuffix("Config").lower()
         raise ConfigError(f"{section}.fsdp_cpu_offload keeps the shards of GPU processes in CPU memory; these "

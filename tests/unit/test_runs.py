@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import re
 from collections.abc import Iterator
@@ -106,6 +107,23 @@ def test_a_run_resumed_before_its_first_checkpoint_logs_from_step_0_once(tmp_pat
         (1, 1.0),
         (2, 1.0),
     ]
+
+
+def test_a_directory_another_process_runs_in_is_refused(tmp_path: Path) -> None:
+    """Two runs into one directory at once would interleave their metrics and remove each other's files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with (out / ".lock").open(
+        "a+"
+    ) as other:  # another process's hold: a lock on another open file description
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 999")
+        other.flush()
+        with pytest.raises(RlhfError, match=r"run is in use by another run \(pid 999\): wait for it to end"):
+            Run(out, SFTConfig(out_dir=str(out)))
+    assert not (out / "checkpoints").exists()
+    Run(out, SFTConfig(out_dir=str(out)))  # its hold released: this process runs there, and may again
+    Run(out, SFTConfig(out_dir=str(out)), resume=True)
 
 
 def test_a_batch_larger_than_the_data_names_the_setting_and_the_file() -> None:
