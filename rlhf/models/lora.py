@@ -7,14 +7,17 @@ shared expert but leave the routed experts frozen. PEFT adapts such parameters t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from rlhf.config import LoraSettings
 from rlhf.errors import ConfigError
+from rlhf.models.loading import disable_dropout, load_causal_lm
 
 
 def expert_parameters(model: torch.nn.Module) -> list[str]:
@@ -51,3 +54,21 @@ def add_lora(
         target_parameters=experts or None, modules_to_save=modules_to_save,
     )  # fmt: skip
     return get_peft_model(model, config)  # type: ignore[arg-type]
+
+
+def trainable_causal_lm(
+    start: str, saved: Path | None, lora: LoraSettings, tokenizer: PreTrainedTokenizerBase
+) -> Any:
+    """The causal LM a stage trains: `saved` (a checkpoint's model folder, to resume), else `start`; with `lora.r`,
+    adapters on the frozen `start` model, a LoRA checkpoint holding the adapters alone. Dropout off."""
+    model: Any = load_causal_lm(
+        str(saved) if saved is not None and lora.r == 0 else start, tokenizer=tokenizer
+    )
+    if lora.r > 0:
+        model = (
+            PeftModel.from_pretrained(model, str(saved), is_trainable=True)
+            if saved is not None
+            else add_lora(model, lora, "CAUSAL_LM")
+        )
+    disable_dropout(model)
+    return model

@@ -57,7 +57,7 @@ from rlhf.models.loading import (
     load_tokenizer,
     save_model_files,
 )
-from rlhf.models.lora import add_lora
+from rlhf.models.lora import trainable_causal_lm
 from rlhf.models.tokens import encode_completions, encode_prompts
 from rlhf.models.wrappers import Actor
 from rlhf.rl_math import logprobs_from_logits
@@ -285,20 +285,6 @@ def evaluate(
 # --- the model ----------------------------------------------------------------------------------------------
 
 
-def load_policy(cfg: DPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase) -> Any:
-    """The SFT policy (or the checkpoint to resume), with LoRA adapters on every linear layer if asked; dropout off."""
-    lora = cfg.lora.r > 0
-    policy: Any = load_causal_lm(
-        str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
-    )
-    if lora and checkpoint:
-        policy = PeftModel.from_pretrained(policy, checkpoint / "policy", is_trainable=True)
-    elif lora:
-        policy = add_lora(policy, cfg.lora, "CAUSAL_LM")
-    disable_dropout(policy)
-    return policy
-
-
 def reference_key(reference: str, items: list[Judgement]) -> str:
     """What reference log-probs are computed from: the reference and every judgement's tokens, in order."""
     digest = hashlib.sha256(reference.encode())
@@ -347,7 +333,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume, records=(REFERENCE_CACHE,)
     )
     checkpoint = run_dir.latest_checkpoint() if resume else None
-    policy_model = load_policy(cfg, checkpoint, tokenizer)
+    policy_model = trainable_causal_lm(cfg.policy, checkpoint and checkpoint / "policy", cfg.lora, tokenizer)
     lora = isinstance(policy_model, PeftModel)
     plan = BatchPlan(len(train), cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, world, rank,
                      cfg.max_steps, name="dpo.batch_size", source=cfg.train_file)  # fmt: skip
@@ -476,7 +462,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                               "held_out_pairs": sum(len(j.pairs) for j in held_out), "reference_s": reference_s,
                               **metrics}  # fmt: skip
     final_model = sharding.whole_model(
-        actor.model, is_sharded, is_main, lambda: load_policy(cfg, None, tokenizer)
+        actor.model, is_sharded, is_main, lambda: trainable_causal_lm(cfg.policy, None, cfg.lora, tokenizer)
     )
     if is_main:
         save_policy(run_dir.dir / "final", final_model, tokenizer)

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-from typing import Any, cast
-
-from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import Any
 
 from rlhf.config import SFTConfig
 from rlhf.data.jsonl import write_json, write_jsonl
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.errors import DataError
-from rlhf.models.loading import context_length, disable_dropout, load_causal_lm, load_tokenizer
-from rlhf.models.lora import add_lora
+from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
+from rlhf.models.lora import trainable_causal_lm
 from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.runs import Run, seed_everything
 from rlhf.train.common import make_accelerator
@@ -32,23 +28,6 @@ from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstratio
 from rlhf.train.lm_loop import fit
 
 log = logging.getLogger(__name__)
-
-
-def load_model(
-    cfg: SFTConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase
-) -> PreTrainedModel:
-    """The model to fine-tune, or the checkpoint to resume; with `sft.lora.r`, wrapped by peft with adapters on
-    the frozen model (a LoRA run's checkpoints hold the adapters alone). Dropout off."""
-    lora = cfg.lora.r > 0
-    model: Any = load_causal_lm(
-        str(checkpoint) if checkpoint and not lora else cfg.model, tokenizer=tokenizer
-    )
-    if lora and checkpoint:
-        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
-    elif lora:
-        model = add_lora(model, cfg.lora, "CAUSAL_LM")
-    disable_dropout(model)
-    return cast(PreTrainedModel, model)
 
 
 def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -63,7 +42,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         rows, held_rows = rows[n_eval:], rows[:n_eval]
     run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume)
     checkpoint = run_dir.latest_checkpoint() if resume else None
-    model = load_model(cfg, checkpoint, tokenizer)
+    model = trainable_causal_lm(cfg.model, checkpoint, cfg.lora, tokenizer)
     max_len = cfg.max_seq_len
     if max_len > context_length(model):
         log.warning(
@@ -82,7 +61,7 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         raise DataError(f"{cfg.train_file}: no demonstration fits in {max_len} tokens")
     result = fit(stage="sft", model=model, tokenizer=tokenizer, train=train, held_out=held_out, cfg=cfg,
                  accelerator=accelerator, run=run_dir, checkpoint=checkpoint, quiet=quiet, pack=cfg.pack_sequences,
-                 rebuild=lambda: load_model(cfg, None, tokenizer))  # fmt: skip
+                 rebuild=lambda: trainable_causal_lm(cfg.model, None, cfg.lora, tokenizer))  # fmt: skip
 
     # Sample answers to held-out prompts: does the model end its answers with EOS?
     prompts = [p for p, _ in held_rows if p][:64]  # `text` rows have no prompt to answer

@@ -20,6 +20,7 @@ from peft import PeftModel
 
 from rlhf.config import DPOConfig
 from rlhf.errors import DataError, RlhfError
+from rlhf.models import lora as lora_module
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.wrappers import Actor
 from rlhf.runs import read_metrics
@@ -129,18 +130,21 @@ def test_lora_reference_is_the_adapter_off_policy(
     tmp_path: Path, tiny_sft_model: Path, preferences: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: dict[str, Any] = {}
-    original = dpo.load_policy
+    original = dpo.trainable_causal_lm
 
-    def spy(cfg: DPOConfig, checkpoint: Path | None, tokenizer: Any) -> Any:
-        seen["policy"] = original(cfg, checkpoint, tokenizer)
+    def spy(*args: Any) -> Any:
+        seen["policy"] = original(*args)
         return seen["policy"]
 
-    monkeypatch.setattr(dpo, "load_policy", spy)
+    monkeypatch.setattr(dpo, "trainable_causal_lm", spy)
     loads: list[str] = []
     load = dpo.load_causal_lm
-    monkeypatch.setattr(
-        dpo, "load_causal_lm", lambda path, tokenizer: loads.append(path) or load(path, tokenizer=tokenizer)
-    )
+    for module in (dpo, lora_module):  # the reference's load, and the policy's
+        monkeypatch.setattr(
+            module,
+            "load_causal_lm",
+            lambda path, tokenizer: loads.append(path) or load(path, tokenizer=tokenizer),
+        )
     cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, lora={"r": 4}, lr=1e-2)
     dpo.run(cfg, quiet=True)
 
