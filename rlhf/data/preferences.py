@@ -114,13 +114,21 @@ def render_conversational(p: ConversationalPair, render: Render) -> PreferencePa
     """
     history = [asdict(m) for m in p.prompt]
     prompt = render(history, True)
-    replies = []
-    for reply in (p.chosen, p.rejected):
-        text = render(history + [asdict(m) for m in reply], False)
-        if not text.startswith(prompt):
-            raise ValueError("the chat template renders the prompt differently when a reply follows it")
-        replies.append(text[len(prompt) :])
-    return PreferencePair(prompt, replies[0], replies[1], p.margin, p.labeler)
+    chosen, rejected = (
+        _reply_text(render, history, prompt, [asdict(m) for m in r]) for r in (p.chosen, p.rejected)
+    )
+    return PreferencePair(prompt, chosen, rejected, p.margin, p.labeler)
+
+
+def _reply_text(
+    render: Render, history: list[dict[str, str]], prompt: str, reply: list[dict[str, str]]
+) -> str:
+    """The text the chat template gives `reply` after `history`, whose own rendering is `prompt`: the rendering
+    of both, that prompt text cut off its front (ValueError where it is not at the front)."""
+    text = render(history + reply, False)
+    if not text.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently when a reply follows it")
+    return text[len(prompt) :]
 
 
 def render_judgement(
@@ -136,10 +144,7 @@ def render_judgement(
     prompt = render(history, True)
 
     def reply(text: str) -> str:
-        full = render([*history, {"role": "assistant", "content": text}], False)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template renders the prompt differently when a reply follows it")
-        return full[len(prompt) :]
+        return _reply_text(render, history, prompt, [{"role": "assistant", "content": text}])
 
     if isinstance(r, PairwiseVote):
         return replace(
