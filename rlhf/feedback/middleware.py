@@ -31,6 +31,29 @@ log = logging.getLogger(__name__)
 BODY_TIMEOUT_S = 60.0
 
 
+async def read_body(receive: Receive, limit: int) -> bytes | Message | int:
+    """A request's whole body, bounded by `limit`: its bytes; the message that came instead of the rest (the
+    client went away); or the status to answer with, 413 past `limit` or 408 where a part of it does not come
+    within BODY_TIMEOUT_S."""
+    chunks: list[bytes] = []
+    received = 0
+    more = True
+    while more:
+        with anyio.move_on_after(BODY_TIMEOUT_S) as waited:
+            message = await receive()
+        if waited.cancelled_caught:
+            return 408
+        if message["type"] != "http.request":
+            return message
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            return 413
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
 class BodySizeLimit:
     """Answer 413 when a request body is larger than allowed: by Content-Length up front, or while streaming;
     408 when a part of it does not come within BODY_TIMEOUT_S.
@@ -58,27 +81,18 @@ class BodySizeLimit:
                     await _too_large(limit)(scope, receive, send)
                     return
         # Read the whole body first (it is bounded by `limit`), then hand it to the app in one message.
-        chunks: list[bytes] = []
-        received = 0
-        more = True
-        while more:
-            with anyio.move_on_after(BODY_TIMEOUT_S) as waited:
-                message = await receive()
-            if waited.cancelled_caught:
-                late = f"request body not received within {BODY_TIMEOUT_S:g} s"
-                await JSONResponse({"detail": late}, status_code=408)(scope, receive, send)
-                return
-            if message["type"] != "http.request":
-                await self.app(scope, _replay([message], receive), send)
-                return
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > limit:
-                await _too_large(limit)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        data = b"".join(chunks)
+        data = await read_body(receive, limit)
+        if data == 408:
+            late = f"request body not received within {BODY_TIMEOUT_S:g} s"
+            await JSONResponse({"detail": late}, status_code=408)(scope, receive, send)
+            return
+        if data == 413:
+            await _too_large(limit)(scope, receive, send)
+            return
+        if isinstance(data, dict):  # the client went away: the app hears it
+            await self.app(scope, _replay([data], receive), send)
+            return
+        assert isinstance(data, bytes)
         problem = json_body_problem(scope, data)
         if problem is not None:
             detail = [{"loc": ["body"], "msg": problem, "type": "value_error"}]  # FastAPI's 422 shape

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import time
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rlhf.feedback.middleware import BODY_TIMEOUT_S, json_body_problem
+from rlhf.feedback import middleware as feedback_middleware
+from rlhf.feedback.middleware import json_body_problem, read_body
 from rlhf.serve import metrics
 from rlhf.serve.errors import error_body
 
@@ -77,27 +77,16 @@ class BodySizeLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await self._too_large(send)
                 return
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            with anyio.move_on_after(BODY_TIMEOUT_S) as waited:
-                message = await receive()
-            if waited.cancelled_caught:
-                await self._send_error(
-                    send, 408, f"Request body not received within {BODY_TIMEOUT_S:g} s.", "timeout"
-                )
-                return
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > self.max_bytes:
-                await self._too_large(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        data = b"".join(chunks)
+        data = await read_body(receive, self.max_bytes)
+        if data == 408:
+            message = f"Request body not received within {feedback_middleware.BODY_TIMEOUT_S:g} s."
+            await self._send_error(send, 408, message, "timeout")
+            return
+        if data == 413:
+            await self._too_large(send)
+            return
+        if not isinstance(data, bytes):  # the client went away
+            return
         problem = json_body_problem(scope, data)
         if problem is not None:
             await self._send_error(send, 400, problem, "invalid_value")

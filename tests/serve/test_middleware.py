@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from rlhf.serve import metrics, middleware
+from rlhf.feedback import middleware as feedback_middleware
+from rlhf.serve import metrics
 from rlhf.serve.middleware import BodySizeLimit, RequestMetrics
 from tests import aio
 
@@ -38,7 +39,7 @@ async def never_called(scope: Any, receive: Any, send: Any) -> None:
 
 
 def test_a_body_that_stops_coming_is_a_408(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(middleware, "BODY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(feedback_middleware, "BODY_TIMEOUT_S", 0.05)  # the body reader both servers share
     sent = drive(
         BodySizeLimit(never_called, 1024), [{"type": "http.request", "body": b'{"a"', "more_body": True}]
     )
@@ -66,8 +67,6 @@ def test_a_request_its_client_closed_counts_as_499_and_a_failure_as_500() -> Non
 
 
 def test_the_labeling_apps_body_that_stops_coming_is_a_408_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rlhf.feedback import middleware as feedback_middleware
-
     monkeypatch.setattr(feedback_middleware, "BODY_TIMEOUT_S", 0.05)
     app = feedback_middleware.BodySizeLimit(never_called, 1024, 1024)
     sent = drive(app, [{"type": "http.request", "body": b'{"a"', "more_body": True}])
