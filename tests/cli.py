@@ -30,10 +30,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def launch_two(*args: str) -> list[str]:
     """The command that runs `python ARGS` on two CPU processes (gloo) through accelerate's launcher, on a port
-    free now: test files run side by side, and two launchers on the default port 29500 collide."""
+    free now: test files run side by side, and two launchers on the default port 29500 collide. The launcher looks
+    at its processes once a second: when one fails it stops the other, and at its default 0.1 s, on a loaded
+    machine, it stopped a process that was a moment from reporting the same error."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
-            "--dynamo_backend", "no", *args]  # fmt: skip
+            "--dynamo_backend", "no", "--monitor_interval", "1", *args]  # fmt: skip
