@@ -137,13 +137,14 @@ def upgrade(db: Database, revision: str = "head") -> None:
     """Bring the schema to `revision` with Alembic (programmatic; the scripts ship inside the package)."""
     if revision == "head" and _stored_revision(db) == SCHEMA_HEAD:
         return
-    from alembic import command
-
-    # Alembic's own lines (a dozen "setup plugin ..." and one per migration) say no more than the one below
+    # Alembic's own lines (a dozen "setup plugin ..." as it is imported, one per migration) say no more than the
+    # one below
     alembic_log = logging.getLogger("alembic")
     level = alembic_log.level
     alembic_log.setLevel(max(level, logging.WARNING))
     try:
+        from alembic import command
+
         with db._write_lock, db.engine.begin() as conn:
             command.upgrade(_alembic_config(conn), revision)
     finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -91,3 +94,16 @@ def test_loop_tables_migrate_onto_an_existing_store(tmp_path) -> None:
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT name FROM projects")).scalars().all() == ["p"]
     db.dispose()
+
+
+def test_a_first_migration_prints_one_line(tmp_path) -> None:
+    """Alembic logs a dozen "setup plugin ..." lines as it is first imported and one per migration: in a fresh
+    process with INFO logging on, creating a store says only that it migrated."""
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(name)s %(message)s')\n"
+        "from rlhf.feedback.db import Database, upgrade\n"
+        f"upgrade(Database('sqlite:///{tmp_path}/f.db'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "migrated to head" in lines[0], out
