@@ -96,6 +96,21 @@ def aggregate_tokens(
     )
 
 
+def accumulation_weight(
+    mode: Aggregation, micro_tokens: int, minibatch_tokens: int, n_micro: int, processes: int = 1
+) -> float:
+    """What one micro-batch's aggregated loss is multiplied by before its backward, so that the gradients
+    summed over a minibatch's `n_micro` micro-batches on each process, then averaged over `processes` (as DDP
+    and FSDP reduce them), are those of the whole minibatch's aggregate (`aggregate_tokens`). For token_mean
+    that is the micro-batch's share of the minibatch's real tokens (`minibatch_tokens`, over all processes):
+    divided by `n_micro` instead, a token of a micro-batch of short answers would weigh more than one of a
+    micro-batch of long ones, and `micro_batch_size`, a memory setting, would change what is optimised. The
+    per-sequence modes are means over sequences, which micro-batches of equal size split evenly."""
+    if mode == "token_mean":
+        return micro_tokens * processes / max(minibatch_tokens, 1)
+    return 1.0 / n_micro
+
+
 # ---------------------------------------------------------------------------------------------------
 # KL penalty and reward shaping
 # ---------------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
     KLController,
+    accumulation_weight,
     aggregate_tokens,
     approx_kl,
     entropy_from_logits,
@@ -502,10 +503,18 @@ def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator
                 if ptx_aux is not None:
                     stats["ppo/ptx_aux_loss"].append(float(ptx_aux.detach()))
             micro = minibatch.split(cfg.micro_batch_size)
+            minibatch_tokens = int(rmask[whole_minibatch].sum())  # every process holds the whole rollout
             for j, idx in enumerate(micro):
                 t = int(rmask[idx].sum(1).max())  # columns after the longest response are padding
                 lay = s.layout_of(r.ids[idx, : r.n_prompt + t], r.mask[idx, : r.n_prompt + t], r.n_prompt)
                 m = rmask[idx, :t]
+                # each term's weight in the minibatch's loss: a token mean's by the micro-batch's real tokens
+                tokens_w = accumulation_weight(
+                    "token_mean", int(m.sum()), minibatch_tokens, len(micro), world
+                )
+                agg_w = accumulation_weight(
+                    cfg.loss_aggregation, int(m.sum()), minibatch_tokens, len(micro), world
+                )
                 old_logprobs, old_values = r.logprobs[idx, :t], r.values[idx, :t]
                 adv, ret = b.advantages[idx, :t], b.returns[idx, :t]
                 # gradients are all-reduced once per minibatch, by the backward of its last micro-batch
@@ -520,33 +529,33 @@ def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator
                         logprobs, old_logprobs, adv, m, cfg.clip_eps, cfg.clip_eps_high,
                         cfg.loss_aggregation, cfg.max_new_tokens,
                     )  # fmt: skip
-                    loss = pg_loss
+                    loss = agg_w * pg_loss
                     if cfg.kl_in == "loss":  # GRPO: KL to the reference as a loss term (k2 or k3)
                         ref = r.ref_logprobs[idx, :t]
                         kl_now = approx_kl(logprobs, ref, m, cfg.kl_estimator)  # (b, t)
                         kl_loss = aggregate_tokens(kl_now, m, cfg.loss_aggregation, cfg.max_new_tokens)
-                        loss = loss + s.kl_ctl.value * kl_loss
+                        loss = loss + agg_w * s.kl_ctl.value * kl_loss
                         pg_stats["ppo/kl_loss"] = kl_loss.detach()
                     if cfg.entropy_coef > 0:
                         entropy = lay.padded(entropy_from_logits(logits, cfg.temperature))  # (b, t)
-                        loss = loss - cfg.entropy_coef * masked_mean(entropy, m)
+                        loss = loss - tokens_w * cfg.entropy_coef * masked_mean(entropy, m)
                     # a mixture of experts' load-balancing loss, where its config sets `output_router_logits`
                     if s.actor.aux_coef is not None:
                         aux = s.actor.aux_loss(lay.real)
-                        loss = loss + s.actor.aux_coef * aux
+                        loss = loss + s.actor.aux_coef * aux / len(micro)
                         pg_stats["ppo/aux_loss"] = aux.detach()
-                    accelerator.backward(loss / len(micro))
+                    accelerator.backward(loss)
                     step_stats = {"ppo/policy_loss": pg_loss.detach(), **pg_stats}
                     if s.critic is not None:
                         assert s.critic_module is not None
                         values = response_values(s.critic, lay)  # (b, t)
                         vf_loss, vf_stats = value_loss(values, old_values, ret, m, cfg.value_clip)
-                        critic_loss = cfg.vf_coef * vf_loss
+                        critic_loss = tokens_w * cfg.vf_coef * vf_loss
                         if s.critic_module.aux_coef is not None:  # the critic's own routers, as the policy's
                             critic_aux = s.critic_module.aux_loss(lay.real)
-                            critic_loss = critic_loss + s.critic_module.aux_coef * critic_aux
+                            critic_loss = critic_loss + s.critic_module.aux_coef * critic_aux / len(micro)
                             vf_stats["ppo/critic_aux_loss"] = critic_aux.detach()
-                        accelerator.backward(critic_loss / len(micro))
+                        accelerator.backward(critic_loss)
                         value_error = masked_mean((values.detach() - ret) ** 2, m)
                         step_stats |= {"ppo/value_loss": vf_loss.detach(), "ppo/value_error": value_error,
                                        **vf_stats}  # fmt: skip

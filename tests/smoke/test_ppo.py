@@ -151,6 +151,24 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_sft_model: Path
 RESUMABLE: dict[str, Any] = dict(iterations=4, adaptive_kl=True, kl_target=0.5, kl_horizon=50, save_every=2)
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batch_size_does_not_change_the_update(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path, aggregation: str
+) -> None:
+    """Micro-batches only bound memory: minibatches of 4 answers of different lengths in one micro-batch or in
+    micro-batches of 1 (48 new tokens: some answers end sooner) give the same gradients (norms before clipping) and so the same policy."""
+    runs = []
+    for micro in (4, 1):
+        cfg = tiny_ppo(tmp_path / f"micro{micro}", tiny_sft_model, tiny_reward_model, demo_data, iterations=1,
+                       epochs=1, micro_batch_size=micro, loss_aggregation=aggregation, max_new_tokens=48)  # fmt: skip
+        ppo.run(cfg, quiet=True)
+        runs.append(read_metrics(tmp_path / f"micro{micro}" / "metrics.jsonl")[0])
+    one, many = runs
+    assert one["ppo/response_length"] == many["ppo/response_length"] < 48  # the same rollout, lengths that differ
+    for key in ("ppo/grad_norm", "ppo/critic_grad_norm"):
+        assert many[key] == pytest.approx(one[key], rel=1e-4), key
+
+
 def test_resume_continues_like_an_uninterrupted_run(
     tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path,
     uninterrupted: list[dict[str, Any]],

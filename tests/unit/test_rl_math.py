@@ -10,6 +10,7 @@ from rlhf import rl_math
 from rlhf.rl_math import (
     AdaptiveKLController,
     FixedKLController,
+    accumulation_weight,
     aggregate_tokens,
     approx_kl,
     compute_gae,
@@ -322,6 +323,34 @@ def test_aggregate_tokens_three_ways() -> None:
     close(aggregate_tokens(x, mask, "seq_mean_token_sum_norm", max_len=5), 10.0 / (2 * 5))
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate_tokens(x, mask, "sum")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("processes, micro", [(1, 2), (1, 4), (2, 2), (2, 1)])
+def test_accumulated_micro_batches_give_the_minibatch_loss(mode: str, processes: int, micro: int) -> None:
+    """A minibatch of answers of very different lengths, split between processes and into micro-batches: the
+    weighted micro-batch losses summed on each process, then averaged over processes (the all-reduce), are
+    the whole minibatch's loss. For token_mean, weighing micro-batches equally would not be."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(8.0)[:, None] + torch.randn(8, 6, generator=g)  # a loss that differs by answer
+    lengths = torch.tensor([6, 5, 6, 4, 1, 2, 1, 1])
+    mask = (torch.arange(6)[None] < lengths[:, None]).float()
+    whole = aggregate_tokens(x, mask, mode)  # type: ignore[arg-type]
+    share = 8 // processes
+    total = int(mask.sum())
+    per_process = []
+    for p in range(processes):
+        rows = torch.arange(p * share, (p + 1) * share).split(micro)
+        per_process.append(sum(
+            accumulation_weight(mode, int(mask[i].sum()), total, len(rows), processes)  # type: ignore[arg-type]
+            * aggregate_tokens(x[i], mask[i], mode, max_len=6)  # type: ignore[arg-type]
+            for i in rows
+        ))  # fmt: skip
+    close(sum(per_process) / processes, float(whole))
+    if mode == "token_mean":  # the equal weights the update used to give its micro-batches
+        rows = torch.arange(8).split(2)
+        equal = sum(aggregate_tokens(x[i], mask[i], "token_mean") for i in rows) / len(rows)
+        assert abs(float(equal) - float(whole)) > 0.05
 
 
 def test_rloo_baseline_leaves_the_sample_out() -> None:
