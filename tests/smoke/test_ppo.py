@@ -164,7 +164,9 @@ def test_micro_batch_size_does_not_change_the_update(
         ppo.run(cfg, quiet=True)
         runs.append(read_metrics(tmp_path / f"micro{micro}" / "metrics.jsonl")[0])
     one, many = runs
-    assert one["ppo/response_length"] == many["ppo/response_length"] < 48  # the same rollout, lengths that differ
+    assert (
+        one["ppo/response_length"] == many["ppo/response_length"] < 48
+    )  # the same rollout, lengths that differ
     for key in ("ppo/grad_norm", "ppo/critic_grad_norm"):
         assert many[key] == pytest.approx(one[key], rel=1e-4), key
 
