@@ -61,6 +61,17 @@ def lift_flat_lora(data: Any) -> Any:
     return {**data, "lora": lora}
 
 
+def choices_as_text(value: Any) -> Any:
+    """A judge's answer tokens as text: `--set eval.judge_choices=[1,2]` means the tokens "1" and "2". YAML reads
+    an unquoted yes/no/on/off as a boolean, whose text ("True") is not what was written, and a judge would read
+    the wrong tokens: refused, with the quoting that keeps the words."""
+    if not isinstance(value, list | tuple):
+        return value
+    if any(isinstance(v, bool) for v in value):
+        raise ValueError("YAML reads unquoted yes/no/on/off as true/false; quote the words: ['yes', 'no']")
+    return tuple(str(v) for v in value)
+
+
 class ArchConfig(Section):
     """Architecture of a new causal LM (Llama-style) built from scratch; ignored when loading a checkpoint."""
 

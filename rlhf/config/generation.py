@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhf.config.base import AddPadToken, PrecisionSetting, Section
+from rlhf.config.base import AddPadToken, PrecisionSetting, Section, choices_as_text
 from rlhf.judges.base import DEFAULT_REVIEW_TEMPLATE, check_review_template
 from rlhf.judges.base import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
 from rlhf.judges.base import check_template as check_judge_template
@@ -207,8 +207,8 @@ class EvalConfig(Section):
 
     @field_validator("judge_choices", "judge_review_choices", mode="before")
     @classmethod
-    def _choices_as_text(cls, value: Any) -> Any:  # --set eval.judge_choices=[1,2] means the tokens "1", "2"
-        return tuple(str(v) for v in value) if isinstance(value, list | tuple) else value
+    def _choices_as_text(cls, value: Any) -> Any:
+        return choices_as_text(value)
 
     @model_validator(mode="after")
     def _judge_has_what_it_needs(self) -> EvalConfig:

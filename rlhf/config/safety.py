@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhf.config.base import Section
+from rlhf.config.base import Section, choices_as_text
 from rlhf.judges.base import DEFAULT_REVIEW_TEMPLATE, check_review_template
 from rlhf.judges.base import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
 from rlhf.judges.base import check_template as check_judge_template
@@ -110,7 +110,7 @@ class RedteamConfig(Section):
     @field_validator("classifier_review_choices", mode="before")
     @classmethod
     def _choices_as_text(cls, value: Any) -> Any:
-        return tuple(str(v) for v in value) if isinstance(value, list | tuple) else value
+        return choices_as_text(value)
 
     @model_validator(mode="after")
     def _mode(self) -> RedteamConfig:

@@ -58,6 +58,12 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
             ["ppo.safety_reward_model=rm", "ppo.safety_prompts=['(poison']"],
             "safety_prompts.0: '(poison' is not a regular expression",
         ),
+        # YAML's booleans: the judge would read the tokens "True" and "False"
+        (["eval.judge_review_choices=[yes,no]"], "eval.judge_review_choices: YAML reads unquoted yes/no"),
+        (
+            ["redteam.classifier_review_choices=[Yes,No]"],
+            "redteam.classifier_review_choices: YAML reads unquoted",
+        ),
     ],
 )
 def test_bad_values_name_the_key_in_one_line(overrides: list[str], message: str) -> None:
@@ -65,6 +71,11 @@ def test_bad_values_name_the_key_in_one_line(overrides: list[str], message: str)
         load_config(None, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_quoted_yes_and_no_are_judge_choices() -> None:
+    cfg = load_config(None, ["eval.judge_review_choices=['yes','no']", "eval.judge_choices=[1,2]"])
+    assert cfg.eval.judge_review_choices == ("yes", "no") and cfg.eval.judge_choices == ("1", "2")
 
 
 def test_unknown_key_in_file_and_bad_yaml(tmp_path: Path) -> None:
