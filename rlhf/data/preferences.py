@@ -273,32 +273,44 @@ def to_groups(
     """
     slots: list[PreferenceGroup | None] = []
     rated: dict[tuple[str, str | None], tuple[int, list[Rating]]] = {}
-    for r in records:
+    for i, r in enumerate(records, 1):
         if getattr(r, "meta", None) and r.meta.get("is_gold") is True:  # type: ignore[union-attr]
             continue
-        if isinstance(r, PairwiseVote | Ranking | Rating):
-            r = render_judgement(r, render)
-        if isinstance(r, Rating):
-            slot, group_ratings = rated.setdefault((r.prompt, r.labeler), (len(slots), []))
-            if slot == len(slots):
-                slots.append(None)  # filled once all of this (prompt, labeler)'s ratings are in
-            group_ratings.append(r)
-        elif isinstance(r, ConversationalPair):
-            if render is None:
-                raise ValueError("conversational preference pairs need a chat template: pass render=")
-            slots.append(pair_to_group(render_conversational(r, render)))
-        elif isinstance(r, PreferencePair):
-            slots.append(pair_to_group(r))
-        elif isinstance(r, PairwiseVote):
-            pair = vote_to_pair(r)
-            slots.append(pair_to_group(pair) if pair is not None else None)
-        elif isinstance(r, Ranking):
-            slots.append(ranking_to_group(r))
-        else:
-            raise TypeError(f"not a preference record: {type(r).__name__}")
+        try:
+            slots.extend(_rendered_group(r, render, rated, len(slots)))
+        except ValueError as e:
+            raise ValueError(f"record {i}: {e}") from None
     for slot, group_ratings in rated.values():
         slots[slot] = next(iter(ratings_to_groups(group_ratings, margin=rating_margins)), None)
     return [g for g in slots if g is not None]
+
+
+def _rendered_group(
+    r: Record,
+    render: Render | None,
+    rated: dict[tuple[str, str | None], tuple[int, list[Rating]]],
+    n_slots: int,
+) -> list[PreferenceGroup | None]:
+    """`to_groups`'s slots for one record: its group (None where it compares nothing), or for a rating, a slot
+    the first time its (prompt, labeler) is seen, filled once all of their ratings are in (`rated`)."""
+    if isinstance(r, PairwiseVote | Ranking | Rating):
+        r = render_judgement(r, render)
+    if isinstance(r, Rating):
+        slot, group_ratings = rated.setdefault((r.prompt, r.labeler), (n_slots, []))
+        group_ratings.append(r)
+        return [None] if slot == n_slots else []
+    if isinstance(r, ConversationalPair):
+        if render is None:
+            raise ValueError("conversational preference pairs need a chat template: pass render=")
+        return [pair_to_group(render_conversational(r, render))]
+    if isinstance(r, PreferencePair):
+        return [pair_to_group(r)]
+    if isinstance(r, PairwiseVote):
+        pair = vote_to_pair(r)
+        return [pair_to_group(pair) if pair is not None else None]
+    if isinstance(r, Ranking):
+        return [ranking_to_group(r)]
+    raise TypeError(f"not a preference record: {type(r).__name__}")
 
 
 def _group_by_score(
@@ -326,11 +338,15 @@ def chat_template(tokenizer: Any) -> Render | None:
         return None
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return str(
-            tokenizer.apply_chat_template(
+        try:
+            text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        )
+        except (
+            Exception
+        ) as e:  # the template's own refusals (jinja2's TemplateError, ValueError) say what is wrong
+            raise ValueError(f"the chat template cannot render these messages: {e}") from None
+        return str(text)
 
     return render
 

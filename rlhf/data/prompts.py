@@ -66,7 +66,10 @@ def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
     prompt, or its `prompt` string (where there is no `messages`, or no tokenizer to render them)."""
     messages = prompt_messages(row, where, render)
     if messages is not None and render is not None:
-        return render(messages, True)
+        try:
+            return render(messages, True)
+        except ValueError as e:  # the template refused them (chat_template says why)
+            raise DataError(f"{where}: {e}") from None
     if "prompt" not in row:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
     if not isinstance(row["prompt"], str):

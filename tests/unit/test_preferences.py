@@ -342,6 +342,31 @@ def test_conversational_needs_a_template_that_keeps_the_prompt() -> None:
     assert group.completions == ["Hello!<|end|>\n", "Hello, you fool.<|end|>\n<|assistant|>Really.<|end|>\n"]
 
 
+def test_a_conversation_the_chat_template_refuses_names_its_file_and_record(tmp_path: Path) -> None:
+    """A template that raises (Gemma's, on a system turn): one line with the file, the record and the
+    template's reason, for the reward model and DPO alike."""
+    import jinja2
+
+    class Refusing:
+        chat_template = "gemma-like"
+
+        def apply_chat_template(self, messages: list[dict[str, str]], **_: object) -> str:
+            if messages[0]["role"] == "system":
+                raise jinja2.exceptions.TemplateError("System role not supported")
+            return chatml(messages, False)
+
+    def row(system: bool) -> dict[str, object]:
+        prompt = [{"role": "user", "content": "Q?"}]
+        return {"prompt": ([{"role": "system", "content": "Be brief."}] if system else []) + prompt,
+                "chosen": [{"role": "assistant", "content": "A."}], "rejected": [{"role": "assistant", "content": "B."}]}  # fmt: skip
+
+    path = tmp_path / "prefs.jsonl"
+    write_jsonl(path, [row(False), row(True)])
+    with pytest.raises(DataError, match=r"prefs.jsonl: record 2: the chat template cannot render these messages: "
+                                        r"System role not supported"):  # fmt: skip
+        read_preference_groups(str(path), "auto", Refusing())
+
+
 # --- to_groups -----------------------------------------------------------------------------------------
 
 

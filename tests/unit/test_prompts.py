@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -77,3 +78,21 @@ def test_bad_prompt_rows_name_file_and_row(tmp_path: Path, tokenizer) -> None:
     path.write_text(json.dumps({"text": "Hello"}) + "\n")
     with pytest.raises(DataError, match=r"p.jsonl:1: missing field 'prompt' \(or 'messages'\)"):
         read_prompts(path)
+
+
+def test_a_conversation_the_chat_template_refuses_names_its_row(tmp_path: Path, tokenizer) -> None:
+    """Gemma's template raises on a system turn: a prompts file with one is one line naming the row, as SFT's
+    demonstrations are, in every stage that reads prompts."""
+    refusing = copy.deepcopy(tokenizer)
+    refusing.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    path = tmp_path / "p.jsonl"
+    system = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(system) + "\n")
+    with pytest.raises(
+        DataError,
+        match=r"p.jsonl:2: the chat template cannot render these messages: System role not supported",
+    ):
+        read_prompt_rows(path, tokenizer=refusing)
