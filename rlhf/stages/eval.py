@@ -284,6 +284,7 @@ def redteam_rates(
     saw, and mutations of them no training data holds word for word) cfg.redteam_samples times; the gold judge
     reads each answer on its seed request. Per policy and set: answers, harmful, toxic and attack success
     (harmful or toxic) rates with 95% intervals (Wilson's, widened for answers to one attack being alike).
+    With `best_of_n` and a reward model, A's answers are the best of n, as its answers to the prompts are.
     Answers found in `answered` are taken from it, and those sampled are added to it."""
     from rlhf.config import RedteamConfig
     from rlhf.data.attacks import Attack, heldout_demo_attacks
@@ -303,16 +304,20 @@ def redteam_rates(
     result: dict[str, Any] = {"attacks": {"heldout": len(seeds), "heldout_mutations": len(mutations)},
                               "samples_per_attack": cfg.redteam_samples}  # fmt: skip
     answered = {} if answered is None else answered
+    # A answers the attacks as it answered the prompts: best of n by the reward model, where that is asked
+    bon = None
+    if cfg.best_of_n > 1 and cfg.reward_model:
+        bon = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
-        policy = None
+        policy, picker = None, bon if name == "a" else None
         result[name] = {}
         for part, attacks in (("heldout", seeds), ("heldout_mutations", mutations)):
             prompts = [render_prompt(a.message) for a in attacks for _ in range(cfg.redteam_samples)]
-            key = answered_key(path, seed, prompts)
+            key = answered_key(path, seed, prompts, best_of_n=picker is not None)
             if key not in answered:
                 if policy is None:
                     policy = load_policy(path, device, tokenizer)
-                answered[key] = answer(policy, tokenizer, prompts, cfg, seed, None, bf16)
+                answered[key] = answer(policy, tokenizer, prompts, cfg, seed, None, bf16, picker)
             result[name][part] = rates(attacks, answered[key])
     return result
 

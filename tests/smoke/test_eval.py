@@ -117,6 +117,27 @@ def test_best_of_n_answers_for_policy_a(
     assert "(best of 4)" in result.output
 
 
+def test_best_of_n_answers_the_red_team_attacks_too(
+    tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's red-team rates are measured on answers chosen as its answers to the prompts are: best of n."""
+    from rlhf.config import EvalConfig
+    from rlhf.eval.judges import make_judge
+    from rlhf.stages import eval as eval_stage
+
+    sft = str(tiny_sft_model)
+    cfg = EvalConfig(prompts_file=str(demo_data / "eval_prompts.jsonl"), n_prompts=4, max_new_tokens=8,
+                     precision="fp32", bootstrap=100, redteam_samples=1, best_of_n=2,
+                     reward_model=str(tiny_reward_model))  # fmt: skip
+    picked: list[tuple[int, bool]] = []  # (prompts, best of n) per call
+    answer = eval_stage.answer
+    monkeypatch.setattr(eval_stage, "answer", lambda policy, tok, prompts, *args: picked.append(
+        (len(prompts), len(args) > 4 and args[4] is not None)) or answer(policy, tok, prompts, *args))  # fmt: skip
+    summary = eval_stage.compare(sft, sft, cfg, make_judge(cfg))
+    assert "redteam" in summary and len(picked) == 6  # A and B: the prompts, the attacks, their mutations
+    assert [best for _, best in picked] == [True, False, True, True, False, False]
+
+
 def test_best_of_n_of_another_policy_than_the_reference_has_no_kl_to_it(
     tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
 ) -> None:
