@@ -236,8 +236,13 @@ def _clear_earlier_run(run_dir: Path, names: tuple[str, ...]) -> None:
     found = [run_dir / name for name in names if (run_dir / name).exists()]
     if not found:
         return
+    kept = (
+        " (its final/ is the earlier run's model until this one writes its own)"
+        if (run_dir / "final").exists()
+        else ""
+    )
     log.warning("%s holds an earlier run and this one does not resume it (--resume): removing its %s once this "
-                "one writes its first metrics or checkpoint", run_dir, ", ".join(p.name for p in found))  # fmt: skip
+                "one writes its first metrics or checkpoint%s", run_dir, ", ".join(p.name for p in found), kept)  # fmt: skip
     stash = run_dir / STASH
     stash.mkdir()
     for path in found:
@@ -260,13 +265,16 @@ def _restore_stash(run_dir: Path) -> None:
 
 
 # What a resumed run keeps: the data it trains on and how its held-out split is drawn, the models it starts from
-# and the method. With another, it would be two runs in one (held-out prompts it has trained on, a critic dropped
-# half-way, adapters on a run that trained every weight); other settings (more steps, another lr, logging) may
-# change, and are logged.
+# and the method, with the settings that make one method another (GRPO's and Dr. GRPO's loss aggregation, KL in
+# the reward or in the loss, advantages scaled by the group's spread or not; DPO and conservative DPO). With
+# another, it would be two runs in one (held-out prompts it has trained on, a critic dropped half-way, adapters on
+# a run that trained every weight); other settings (more steps, another lr or beta, logging) may change, and are
+# logged.
 FIXED_ON_RESUME = frozenset({
     "train_file", "eval_file", "eval_fraction", "columns", "format", "seed", "model", "tokenizer", "policy",
     "reference", "reward_model", "critic", "init_from", "prompts_file", "advantage_estimator",
-    "samples_per_prompt", "loss", "vocab_size",
+    "samples_per_prompt", "loss", "vocab_size", "loss_aggregation", "kl_in", "kl_estimator", "grpo_scale_by_std",
+    "label_smoothing",
 })  # fmt: skip
 FIXED_SECTIONS_ON_RESUME = ("arch", "lora")
 

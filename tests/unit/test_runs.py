@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from rlhf.config import SFTConfig
+from rlhf.config import DPOConfig, PPOConfig, SFTConfig
 from rlhf.errors import RlhfError
 from rlhf.runs import Run, read_metrics
 
@@ -25,7 +25,7 @@ def _no_unstarted_runs_left() -> Iterator[None]:
     runs._unstarted.clear()
 
 
-def earlier_run(out: Path, cfg: SFTConfig) -> Run:
+def earlier_run(out: Path, cfg: Any) -> Run:
     run = Run(out, cfg)
     for step in (150, 200):
         run.save_checkpoint(step, lambda d: (d / "model.txt").write_text("weights"), {"optimizer": {}})
@@ -47,6 +47,7 @@ def test_a_fresh_run_clears_an_earlier_one_and_keeps_what_is_not_a_runs(
     with caplog.at_level(logging.WARNING, logger="rlhf.runs"):
         run = Run(out, cfg, records=("cache.pt",))
     assert "holds an earlier run" in caplog.text and "checkpoints" in caplog.text
+    assert "its final/ is the earlier run's model" in caplog.text
     assert run.latest_checkpoint() is None and not run.metrics_path.exists()
     assert (
         not (out / "best").exists()
@@ -90,6 +91,25 @@ def test_a_resume_refuses_another_setting_of_what_the_run_trains_on(
     ):
         Run(out, SFTConfig(out_dir=str(out), max_steps=400, **change), resume=True)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("cls", "change", "shown"),
+    [(PPOConfig, {"loss_aggregation": "seq_mean_token_sum_norm"},
+      "loss_aggregation 'token_mean' -> 'seq_mean_token_sum_norm'"),
+     (PPOConfig, {"grpo_scale_by_std": False}, "grpo_scale_by_std True -> False"),
+     (PPOConfig, {"kl_in": "loss", "kl_estimator": "k3"}, "kl_in 'reward' -> 'loss'"),
+     (DPOConfig, {"label_smoothing": 0.1}, "label_smoothing 0.0 -> 0.1")],
+)  # fmt: skip
+def test_a_resume_refuses_another_method(
+    tmp_path: Path, cls: Any, change: dict[str, Any], shown: str
+) -> None:
+    """GRPO resumed as Dr. GRPO, or DPO as conservative DPO, would optimise two objectives in one run."""
+    out = tmp_path / "run"
+    earlier_run(out, cls(out_dir=str(out)))
+    with pytest.raises(RlhfError, match=re.escape(shown)):
+        Run(out, cls(out_dir=str(out), **change), resume=True)
+    Run(out, cls(out_dir=str(out), lr=3e-4), resume=True)  # another step size is the same method
 
 
 def test_a_run_resumed_before_its_first_checkpoint_logs_from_step_0_once(tmp_path: Path) -> None:
