@@ -53,7 +53,13 @@ def add_lora(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, task_type=task_type, target_modules=target_modules,
         target_parameters=experts or None, modules_to_save=modules_to_save,
     )  # fmt: skip
-    return get_peft_model(model, config)  # type: ignore[arg-type]
+    peft_model = get_peft_model(model, config)  # type: ignore[arg-type]
+    # the base model's path goes into every adapter checkpoint: a local folder named as the stage was given it
+    # (relative to where it ran) would not be found from anywhere else, so it is written whole
+    base = peft_model.peft_config["default"].base_model_name_or_path
+    if base and Path(base).expanduser().is_dir():
+        peft_model.peft_config["default"].base_model_name_or_path = str(Path(base).expanduser().resolve())
+    return peft_model
 
 
 def trainable_causal_lm(

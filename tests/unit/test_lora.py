@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -85,3 +88,18 @@ def test_the_flat_keys_of_earlier_configs_read_as_the_lora_section(section: type
     assert section(lora={"r": 4}).lora.alpha == 16
     assert section(lora_r=4, lora={"target_modules": ["q_proj"]}).lora.target_modules == ["q_proj"]
     assert "lora_r" not in section(lora_r=4).model_dump()
+
+
+def test_adapters_of_a_model_named_by_a_relative_folder_name_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter checkpoint names its base model: a folder given relative to where training ran would not
+    be found by `rlhf serve` started elsewhere."""
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    model = LlamaForCausalLM.from_pretrained("models/base")
+    add_lora(model, LoraSettings(r=4), "CAUSAL_LM").save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "models" / "base")
