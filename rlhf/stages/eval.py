@@ -334,6 +334,10 @@ def compare(
     summary["judge"] = judge.name
     if cfg.redteam_samples and summary["demo_prompts"]:
         summary["redteam"] = redteam_rates(policy_a, policy_b, cfg, answered)
+    elif cfg.redteam_samples:
+        log.warning("eval: redteam_samples is left out: the red team's held-out attacks are the demo world's, "
+                    "read by its gold judge, and these are not the demo's prompts (rlhf redteam attacks any "
+                    "policy: docs/cai.md)")  # fmt: skip
     return add_verdicts(summary, outcomes.tolist(), cfg, judge.stats())
 
 

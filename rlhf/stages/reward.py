@@ -174,6 +174,19 @@ def read_groups(path: str, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase
     return merge_sessions(groups) if cfg.group_sessions else groups
 
 
+def warn_unmatched_labelers(
+    weights: dict[str, float], groups: list[PreferenceGroup], path: str | None
+) -> None:
+    """A weight for a labeler the data does not hold weighs nothing, most often a misspelt name: say so, with
+    the names the data does hold."""
+    present = {g.labeler or "" for g in groups}
+    unmatched = sorted(set(weights) - present)
+    if unmatched:
+        shown = ", ".join(sorted(present - {""})[:10]) or "none"
+        log.warning("reward.labeler_weights (%s): no judgement in the data is by %s; its labelers: %s",
+                    path, ", ".join(unmatched), shown)  # fmt: skip
+
+
 def read_labeler_weights(path: str | None) -> dict[str, float]:
     """A JSON or YAML mapping labeler -> weight (>= 0), e.g. from their agreement with gold questions."""
     if path is None:
@@ -559,6 +572,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     else:
         train_groups, held_groups = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
     weights = read_labeler_weights(cfg.labeler_weights)
+    warn_unmatched_labelers(weights, train_groups + held_groups, cfg.labeler_weights)
 
     run_dir = Run(cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume)
     checkpoint = run_dir.latest_checkpoint() if resume else None

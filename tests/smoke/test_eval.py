@@ -160,7 +160,7 @@ def test_best_of_n_without_a_reward_model_is_a_config_error(tiny_sft_model: Path
 
 
 def test_own_prompts_with_a_reward_model_judge_print_no_gold_metrics(
-    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"User: Tell me about topic {i}.\nAssistant:"}) + "\n"
@@ -169,11 +169,14 @@ def test_own_prompts_with_a_reward_model_judge_print_no_gold_metrics(
     sft = str(tiny_sft_model)
     args = ["eval", sft, sft, "--out", str(out), "--set", f"eval.prompts_file={prompts}",
             "--set", "eval.max_new_tokens=8", "--set", "eval.precision=fp32", "--set", "eval.bootstrap=200",
-            "--set", "eval.judge=reward_model", "--set", f"eval.judge_model={tiny_reward_model}"]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+            "--set", "eval.judge=reward_model", "--set", f"eval.judge_model={tiny_reward_model}",
+            "--set", "eval.redteam_samples=2"]  # fmt: skip
+    with caplog.at_level("WARNING", logger="rlhf.stages.eval"):
+        result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
     assert summary["judge"] == "reward_model" and summary["demo_prompts"] is False
+    assert "redteam" not in summary and "redteam_samples is left out" in caplog.text  # said, not dropped
     assert 0 <= summary["win_rate_a"] <= 1 and len(summary["ci95"]) == 2
     for side in ("a", "b"):
         assert {"mean_tokens", "eos_rate"} <= set(summary[side])

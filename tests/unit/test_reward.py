@@ -34,6 +34,7 @@ from rlhf.stages.reward import (
     shared_prefix_row,
     split_by_prompt,
     uses_shared_prefix,
+    warn_unmatched_labelers,
 )
 from rlhf.train.common import BatchPlan
 from tests.archs import build_tokenizer
@@ -307,3 +308,16 @@ def test_conversational_pairs_render_through_the_chat_template_with_one_eos(
     chosen = examples[0].sequences[0]
     assert tokenizer.decode(chosen) == "User: Hi!\nAssistant: Hello!<|endoftext|>"
     assert chosen.count(tokenizer.eos_token_id) == 1
+
+
+def test_a_weight_for_a_labeler_the_data_lacks_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    groups = to_groups([PairwiseVote("p", "a", "b", "A", "redteam:reward_model:runs/demo/reward/final"),
+                        PairwiseVote("q", "a", "b", "B", "ai:local-pointwise")])  # fmt: skip
+    with caplog.at_level("WARNING", logger="rlhf.stages.reward"):
+        warn_unmatched_labelers({"ai:local-pointwise": 0.5}, groups, "w.yaml")
+    assert not caplog.text
+    with caplog.at_level("WARNING", logger="rlhf.stages.reward"):
+        warn_unmatched_labelers({"ai:local": 0.5, "ai:local-pointwise": 0.5}, groups, "w.yaml")
+    assert (
+        "no judgement in the data is by ai:local; its labelers: ai:local-pointwise, redteam:" in caplog.text
+    )
