@@ -108,7 +108,9 @@ class Run:
         # logs its first (kept until then, should it stop before)
         self._restarts = resume and self.latest_checkpoint() is None and self.metrics_path.exists()
         if is_main:
-            if resume:
+            if resume and not self._existed:  # a mistyped --out would otherwise start over unannounced
+                log.info("%s: no run to resume there, so a new one starts", self.dir)
+            elif resume:
                 _log_changed_settings(config_path, config)
             else:
                 _clear_earlier_run(self.dir, EARLIER_RUN + records)

@@ -97,6 +97,9 @@ class RewardConfig(PreferenceTrainConfig):
     eval_every: int = Field(50, gt=0, description="evaluate on the held-out split every N steps")
 
 
+SIMPO_BETA = 2.0  # Meng et al. 2024's default
+
+
 class DPOConfig(PreferenceTrainConfig):
     """`rlhf dpo`: direct preference optimisation of the SFT policy on preference data, no reward model, no sampling.
 
@@ -118,7 +121,11 @@ class DPOConfig(PreferenceTrainConfig):
         "sigmoid",
         description="sigmoid = DPO; ipo = IPO's squared loss; simpo = SimPO (length-normalised, no reference)",
     )
-    beta: float = Field(0.1, gt=0, description="beta: scale of the implicit reward beta * log(pi / pi_ref)")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="beta: scale of the implicit reward beta * log(pi / pi_ref); unset with simpo: 2.0",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="conservative DPO: assumed rate of flipped labels (sigmoid and simpo)"
     )
@@ -139,10 +146,17 @@ class DPOConfig(PreferenceTrainConfig):
     @model_validator(mode="before")
     @classmethod
     def _flat_lora_keys(cls, data: Any) -> Any:
-        return lift_flat_lora(data)
+        data = lift_flat_lora(data)
+        # SimPO's beta scales a mean log-prob per token, not a log-ratio: its paper's 2.0 where none is given
+        # (at DPO's 0.1, the default margin of 0.5 would ask the chosen answer to win by 5 nats a token)
+        if isinstance(data, dict) and data.get("loss") == "simpo" and "beta" not in data:
+            data = {**data, "beta": SIMPO_BETA}
+        return data
 
     @model_validator(mode="after")
     def _smoothing_needs_a_logistic_loss(self) -> DPOConfig:
         if self.label_smoothing and self.loss == "ipo":  # IPO's squared loss has no flipped-label term
             raise ValueError("label_smoothing applies to the sigmoid and simpo losses, not ipo")
+        if self.loss == "simpo" and self.reference:
+            raise ValueError("loss simpo has no reference model: unset reference")
         return self

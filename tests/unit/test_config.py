@@ -58,6 +58,7 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
             ["ppo.safety_reward_model=rm", "ppo.safety_prompts=['(poison']"],
             "safety_prompts.0: '(poison' is not a regular expression",
         ),
+        (["dpo.loss=simpo", "dpo.reference=runs/sft/final"], "dpo: loss simpo has no reference model"),
         # YAML's booleans: the judge would read the tokens "True" and "False"
         (["eval.judge_review_choices=[yes,no]"], "eval.judge_review_choices: YAML reads unquoted yes/no"),
         (
@@ -71,6 +72,12 @@ def test_bad_values_name_the_key_in_one_line(overrides: list[str], message: str)
         load_config(None, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_simpo_takes_its_papers_beta_unless_one_is_set() -> None:
+    assert load_config(None, ["dpo.loss=simpo"]).dpo.beta == 2.0
+    assert load_config(None, ["dpo.loss=simpo", "dpo.beta=0.5"]).dpo.beta == 0.5
+    assert load_config(None, ["dpo.loss=sigmoid"]).dpo.beta == 0.1
 
 
 def test_quoted_yes_and_no_are_judge_choices() -> None:

@@ -264,3 +264,13 @@ def test_an_interrupted_run_stays_for_resume(tmp_path: Path, monkeypatch: pytest
     assert not (out / STASH).exists() and not (out / "metrics.jsonl").exists()
     assert not any((out / "checkpoints").iterdir()) and "lr: 0.003" in (out / "config.yaml").read_text()
     assert (out / "cache.pt").read_text() == "the new run's"
+
+
+def test_resuming_in_a_folder_that_does_not_exist_says_a_new_run_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "typo"
+    with caplog.at_level(logging.INFO, logger="rlhf.runs"):
+        run = Run(out, SFTConfig(out_dir=str(out)), resume=True)
+    assert f"{out}: no run to resume there, so a new one starts" in caplog.text
+    assert run.latest_checkpoint() is None
