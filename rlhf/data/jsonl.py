@@ -30,7 +30,9 @@ def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[t
             except UnicodeDecodeError as e:
                 error = f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)"
             except json.JSONDecodeError as e:
-                error = f"{path}:{lineno}: not valid JSON ({e.msg})"
+                error = (
+                    f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at character {e.colno})"
+                )
             else:
                 if isinstance(obj, dict):
                     yield lineno, obj

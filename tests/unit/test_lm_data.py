@@ -116,6 +116,11 @@ def test_demonstration_formats_and_file_line_errors(tmp_path: Path, tok) -> None
     path.write_text('{"prompt": "p", "response": "r"}\nnot json\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
         read_demonstrations(path, tok)
+    path.write_text('{"prompt": "p", "response": "r\tr"}\n')  # a raw tab inside a string: where it is
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:1: not valid JSON \(Invalid control character at character 31\)"
+    ):
+        read_demonstrations(path, tok)
     path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'completion' \(or 'response'\)"):
         read_demonstrations(path, tok)
