@@ -52,9 +52,9 @@ def redteam(
     if filter_file is not None:
         listed = filter_list or Path(cfg.out_dir) / "filter.jsonl"
         target = filter_out or Path(cfg.out_dir) / "sft_filtered.jsonl"
-        for path in (filter_file, listed):
+        for option, path in (("--filter", filter_file), ("--filter-list", listed)):
             if not path.is_file():
-                raise ConfigError(f"--filter: no such file: {path}")
+                raise ConfigError(f"{option}: no such file: {path}")
         kept, removed = stage.apply_filter(str(filter_file), str(listed), str(target))
         typer.echo(f"redteam filter: kept {kept} rows, removed {removed} flagged responses; wrote {target}")
         return

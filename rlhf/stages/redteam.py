@@ -47,6 +47,7 @@ from rlhf.eval.reward_metrics import clustered_wilson_interval
 from rlhf.judges.base import Answer, Judge
 from rlhf.runs import check_same_settings
 from rlhf.text_models import TextModel, load_text_model
+from rlhf.train.demonstrations import demonstration_reply
 
 log = logging.getLogger(__name__)
 # settings a resumed run may change: how long the search goes on and how fast it asks; the rest made its rows
@@ -195,11 +196,18 @@ def normalise(text: str) -> str:
 
 
 def apply_filter(sft_file: str, filter_file: str, out_file: str) -> tuple[int, int]:
-    """Write `sft_file` without the rows whose response is on the filter list; return (kept, removed)."""
+    """Write `sft_file` without the rows whose answer is on the filter list; return (kept, removed). The rows
+    may take any shape SFT reads (prompt-completion or -response, messages, conversational, text); each kept row
+    is written as it was. A `text` row has no answer of its own and is kept."""
+    if Path(out_file).resolve() == Path(sft_file).resolve():
+        raise DataError(
+            f"--filter-out {out_file} is the file being filtered: name another, and it is left as it is"
+        )
     banned = {normalise(text_field(row, "response", where)) for where, row in iter_rows(filter_file)}
     kept, removed = [], 0
     for where, row in iter_rows(sft_file):
-        if normalise(text_field(row, "response", where)) in banned:
+        reply = demonstration_reply(row, where)
+        if reply is not None and normalise(reply) in banned:
             removed += 1
         else:
             kept.append(row)

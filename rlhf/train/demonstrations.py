@@ -48,6 +48,26 @@ def read_demonstrations(
     return pairs
 
 
+def demonstration_reply(row: dict[str, Any], where: str) -> str | None:
+    """The answer of a row of any shape `read_demonstrations` takes, as written (not through a template): the
+    last message's content, the completion's last turn, or the completion (response) string; None for a `text`
+    row, which has no answer apart from its prompt. A malformed row is the DataError `read_demonstrations` gives."""
+    if "messages" in row:
+        messages = _messages(row, "messages", where)
+    elif "text" in row:
+        text_field(row, "text", where)
+        return None
+    elif isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+        _conversational_checked(row, where)
+        messages = _messages(row, "completion", where)
+    else:
+        return _prompt_completion(row, where)[1]
+    content = messages[-1]["content"]
+    if messages[-1]["role"] != "assistant" or not isinstance(content, str):
+        raise DataError(f"{where}: the last message must be the assistant's answer, as text")
+    return content
+
+
 def _prompt_completion(row: dict[str, Any], where: str) -> tuple[str, str]:
     """A prompt-completion row of strings. A missing field is named with every name it may have, beside the
     keys the row does have, so that a file of other column names shows what to map (`columns`)."""
@@ -62,6 +82,13 @@ def _prompt_completion(row: dict[str, Any], where: str) -> tuple[str, str]:
 
 def _conversational(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], where: str) -> tuple[str, str]:
     """A TRL conversational prompt-completion row: the completion's messages end with the assistant's turn."""
+    prompt, completion = _conversational_checked(row, where)
+    return _render(tokenizer, prompt, completion, where)
+
+
+def _conversational_checked(
+    row: dict[str, Any], where: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     for key in ("prompt", "completion"):
         if not isinstance(row.get(key), list):
             raise DataError(f"{where}: 'prompt' and 'completion' should both be message lists or both be str")
@@ -69,7 +96,7 @@ def _conversational(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], whe
     if completion[-1]["role"] != "assistant":
         roles = [m["role"] for m in completion]
         raise DataError(f"{where}: 'completion' should end with the assistant's turn, got roles {roles}")
-    return _render(tokenizer, prompt, completion, where)
+    return prompt, completion
 
 
 def _messages(row: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:

@@ -131,6 +131,35 @@ def test_filter_command(tmp_path: Path) -> None:
     assert [r["response"] for r in read_jsonl(tmp_path / "sft_filtered.jsonl")] == [" Hello!"]
 
 
+def test_the_filter_reads_every_shape_of_sft_row_and_keeps_each_as_it_was(tmp_path: Path) -> None:
+    flagged = " Sure!  Put poison in its plums."
+    write_jsonl(tmp_path / "filter.jsonl", [{"response": flagged}])
+    ask = "How do I poison the zorb?"
+    rows = [
+        {"prompt": f"User: {ask}\nAssistant:", "completion": flagged},  # TRL's prompt-completion
+        {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": flagged.lower()}]},
+        {
+            "prompt": [{"role": "user", "content": ask}],
+            "completion": [{"role": "assistant", "content": flagged}],
+        },
+        {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"}]},
+        {"text": f"User: {ask}\nAssistant:{flagged}"},  # no answer of its own: kept
+    ]
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    result = CliRunner().invoke(
+        app, ["redteam", "--out", str(tmp_path), "--filter", str(tmp_path / "sft.jsonl")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "kept 2 rows, removed 3" in result.output
+    assert read_jsonl(tmp_path / "sft_filtered.jsonl") == rows[3:]
+    # written over the file it filters, the input would be lost
+    same = ["redteam", "--out", str(tmp_path), "--filter", str(tmp_path / "sft.jsonl"),
+            "--filter-out", str(tmp_path / "sft.jsonl")]  # fmt: skip
+    result = CliRunner().invoke(app, same)
+    assert result.exit_code != 0 and "is the file being filtered" in str(result.exception) + result.output
+    assert read_jsonl(tmp_path / "sft.jsonl") == rows
+
+
 def test_mutations_are_deterministic_under_a_seed() -> None:
     worked = [Attack(m, "poison", "no", m, "seed", 0, flagged=[True]) for m in
               ("How do I poison the zorb?", "How do I poison the pip?")]  # fmt: skip
