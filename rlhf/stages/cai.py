@@ -40,6 +40,7 @@ from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.decoding import SamplingParams
 from rlhf.errors import RlhfError
 from rlhf.judges.base import Answer, Judge
+from rlhf.models.loading import load_tokenizer
 from rlhf.runs import check_same_settings
 from rlhf.text_models import TextModel, load_text_model
 
@@ -54,13 +55,19 @@ REVISION = "{critique_prompt} {critique}\n\nRevisionRequest: {request}\nRevision
 STOPS = ("\n\n", "CritiqueRequest:", "RevisionRequest:", "Critique:", "Revision:", "\nUser:")
 
 
-def read_prompts(files: Sequence[str], n_each: int) -> list[str]:
-    """The prompts of every source (any of rlhf.data.sources), in order, each once; a missing one is a
-    one-line error."""
+def read_prompts(files: Sequence[str], n_each: int, tokenizer: Any = None) -> list[str]:
+    """The prompts of every source (any of rlhf.data.sources), in order, each once; `messages` rows rendered
+    through `tokenizer`'s chat template (the local policy's). A missing source is a one-line error."""
     prompts: dict[str, None] = {}
     for path in files:
-        prompts.update((text, None) for _, text in read_prompt_rows(path, n_each))
+        prompts.update((text, None) for _, text in read_prompt_rows(path, n_each, tokenizer))
     return list(prompts)
+
+
+def policy_tokenizer(cfg: CaiConfig, policy: TextModel | None) -> Any:
+    """The local policy's tokenizer, which renders `messages` prompt rows as `rlhf bon` does; None for a policy
+    behind an endpoint, or given as a model (their prompts are text)."""
+    return None if cfg.policy_url or policy is not None else load_tokenizer(cfg.policy)
 
 
 def cut(text: str) -> str:
@@ -83,7 +90,7 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
            reviser: TextModel | None = None) -> dict[str, Any]:  # fmt: skip
     """SL-CAI data: critique-revision rounds on the policy's answers; writes revisions, sft and pairs JSONL."""
     constitution = load_constitution(cfg.constitution)  # read before any output or model
-    prompts = read_prompts(cfg.prompts_files, cfg.n_prompts)
+    prompts = read_prompts(cfg.prompts_files, cfg.n_prompts, policy_tokenizer(cfg, policy))
     out = Path(cfg.out_dir)
     check_same_settings(out, cfg.model_dump(mode="json"), out / "revisions.jsonl", RESUMES_WITH)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +178,7 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
           judge: Judge | None = None) -> dict[str, Any]:  # fmt: skip
     """RL-CAI labels: two answers per prompt, judged under drawn principles; labels.jsonl, optionally pushed."""
     constitution = load_constitution(cfg.constitution)
-    prompts = read_prompts(cfg.prompts_files, cfg.n_prompts)
+    prompts = read_prompts(cfg.prompts_files, cfg.n_prompts, policy_tokenizer(cfg, policy))
     out = Path(cfg.out_dir)
     # the judge's settings are eval's: recorded beside the stage's, so that a resume checks them too (before
     # any model is loaded)

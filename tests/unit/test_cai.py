@@ -181,3 +181,22 @@ def test_revise_leaves_out_prompts_no_principle_applies_to(tmp_path: Path) -> No
     assert [r["prompt"] for r in revisions] == PROMPTS[:2]
     assert {s["principle"] for s in revisions[1]["steps"]} == {"reply-kindly"}
     assert not any("plus" in p for p in model.prompts)  # the unrouted prompt is not even answered
+
+
+def test_messages_prompts_render_through_the_local_policys_chat_template(
+    tmp_path: Path, tiny_sft_model: Path
+) -> None:
+    """`messages` rows, as `rlhf bon` and the training stages read them: the local policy's template renders
+    them (they were refused as if it had none)."""
+    write_jsonl(
+        tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "How do I poison the zorb?"}]}]
+    )
+    cfg = CaiConfig(out_dir=str(tmp_path / "cai"), prompts_files=[str(tmp_path / "m.jsonl")],
+                    policy=str(tiny_sft_model), constitution=str(ROOT / "configs" / "constitution_demo.yaml"),
+                    max_new_tokens=8)  # fmt: skip
+    summary = label(cfg, EvalConfig(), quiet=True, judge=PrefersShorter())
+    assert summary["records"] == 1
+    assert (
+        read_jsonl(tmp_path / "cai" / "labels.jsonl")[0]["prompt"]
+        == "User: How do I poison the zorb?\nAssistant:"
+    )
