@@ -22,6 +22,7 @@ Both stages are resumable: prompts already written are skipped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections import defaultdict
@@ -70,6 +71,19 @@ def policy_tokenizer(cfg: CaiConfig, policy: TextModel | None) -> Any:
     return None if cfg.policy_url or policy is not None else load_tokenizer(cfg.policy)
 
 
+def check_same_constitution(out: Path, rows: Path, constitution: str) -> None:
+    """The constitution's content, kept in OUT/constitution.sha256: a resume with the file edited in place would
+    label (or revise) the rest of the prompts under other principles than the rows already written. A one-line
+    error then, as `check_same_settings` gives for another setting."""
+    digest = hashlib.sha256(Path(constitution).read_bytes()).hexdigest()
+    kept = out / "constitution.sha256"
+    if rows.is_file() and kept.is_file() and kept.read_text().strip() != digest:
+        raise RlhfError(f"{out} holds {rows.name} made under another version of {constitution}: choose another "
+                        f"--out, or delete {out} to start over")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(kept, digest + "\n")
+
+
 def cut(text: str) -> str:
     """A generated critique or revision up to where the model starts the next part of the dialogue."""
     for stop in STOPS:
@@ -93,6 +107,7 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
     prompts = read_prompts(cfg.prompts_files, cfg.n_prompts, policy_tokenizer(cfg, policy))
     out = Path(cfg.out_dir)
     check_same_settings(out, cfg.model_dump(mode="json"), out / "revisions.jsonl", RESUMES_WITH)
+    check_same_constitution(out, out / "revisions.jsonl", cfg.constitution)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     done = _done(out / "revisions.jsonl")
@@ -185,6 +200,7 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
     judging = {k: v for k, v in eval_cfg.model_dump(mode="json").items() if k.startswith("judge")}
     settings = {"cai": cfg.model_dump(mode="json"), "eval": judging}
     check_same_settings(out, settings, out / "labels.jsonl", RESUMES_WITH)
+    check_same_constitution(out, out / "labels.jsonl", cfg.constitution)
     if judge is None:
         from rlhf.eval.judges import make_judge
 

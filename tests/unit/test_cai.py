@@ -7,10 +7,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from rlhf.config import CaiConfig, EvalConfig
 from rlhf.data.jsonl import read_jsonl, write_jsonl
+from rlhf.errors import RlhfError
 from rlhf.feedback.db import Database
 from rlhf.feedback.models import User, Vote
 from rlhf.judges.base import JudgeBase, Pair
@@ -200,3 +202,28 @@ def test_messages_prompts_render_through_the_local_policys_chat_template(
         read_jsonl(tmp_path / "cai" / "labels.jsonl")[0]["prompt"]
         == "User: How do I poison the zorb?\nAssistant:"
     )
+
+
+def test_a_resume_under_a_constitution_edited_in_place_is_refused(tmp_path: Path) -> None:
+    """The rows already labelled were asked under the old principles: the rest would be under others."""
+    constitution = tmp_path / "constitution.yaml"
+    constitution.write_text((ROOT / "configs" / "constitution_demo.yaml").read_text())
+    policy = ScriptedModel("scripted", scripted_answer)
+    label(
+        _cfg(tmp_path, constitution=str(constitution)),
+        EvalConfig(),
+        quiet=True,
+        policy=policy,
+        judge=Unsure(),
+    )
+    before = (tmp_path / "cai" / "labels.jsonl").read_text()
+    constitution.write_text(constitution.read_text().replace("more polite", "kinder"))
+    with pytest.raises(RlhfError, match="made under another version of"):
+        label(
+            _cfg(tmp_path, constitution=str(constitution)),
+            EvalConfig(),
+            quiet=True,
+            policy=policy,
+            judge=Unsure(),
+        )
+    assert (tmp_path / "cai" / "labels.jsonl").read_text() == before
