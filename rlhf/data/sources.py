@@ -151,7 +151,13 @@ def _first_cause(e: BaseException) -> str:
     while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
         seen.add(id(inner))
         e = inner
-    line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if "corresponds to no data" in (lines or [""])[0]:  # a CSV of a header alone, a folder of empty files
+        return "no rows"
+    # pyarrow's cast errors print both schemas, then the reason ("because column names don't match": a
+    # dataset folder whose splits have different columns)
+    reason = next((line for line in reversed(lines[1:]) if line.startswith("because ")), None)
+    line = " ".join(x for x in (lines[0] if lines else "", reason) if x)
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 

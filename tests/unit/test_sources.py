@@ -241,6 +241,18 @@ def test_unreadable_sources_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "rows.txt").write_text("x\n")
     with pytest.raises(DataError, match=r"rows.txt: unknown file type"):
         read_preferences(tmp_path / "rows.txt")
+    (tmp_path / "header.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(DataError, match=r"header.csv: cannot read it as a dataset \(no rows\)$"):
+        read_preferences(tmp_path / "header.csv")
+    # a repository folder whose splits have different columns: pyarrow's reason, not only "Couldn't cast"
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    datasets.Dataset.from_list([{"prompt": "a", "messages": [{"role": "user", "content": "x"}]}]).to_parquet(
+        repo / "train_sft-00000-of-00001.parquet")  # fmt: skip
+    datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]).to_parquet(
+        repo / "train_prefs-00000-of-00001.parquet")  # fmt: skip
+    with pytest.raises(DataError, match=r"Couldn't cast because column names don't match\)$"):
+        read_preferences(f"{tmp_path / 'repo'}@train_prefs")
 
 
 def test_csv_and_json_files_read_through_datasets(tmp_path: Path) -> None:
