@@ -85,6 +85,8 @@ class LocalModel:
 class EndpointModel(EndpointJudge):
     """An OpenAI-compatible chat endpoint, through the judge's paced and retried client."""
 
+    role = "model endpoint"
+
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", seed: int = 0,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(url, model, api_key=os.environ.get(api_key_env), **kwargs)

@@ -80,6 +80,7 @@ def retry_after(response: httpx.Response) -> float | None:
 
 class EndpointJudge(JudgeBase):
     name = "endpoint"
+    role = "judge endpoint"  # what its errors call it
 
     def __init__(
         self, url: str, model: str, api_key: str | None = None, template: str = DEFAULT_TEMPLATE,
@@ -126,7 +127,7 @@ class EndpointJudge(JudgeBase):
                 response = self.http.post("/chat/completions", json=body)
             except httpx.TransportError as e:
                 if attempt == self.retries:
-                    raise RlhfError(f"judge endpoint {self.http.base_url}: {type(e).__name__}: {e}") from None
+                    raise RlhfError(f"{self.role} {self.http.base_url}: {type(e).__name__}: {e}") from None
                 self._count("retries")
                 self.sleep(backoff)
                 continue
@@ -162,11 +163,13 @@ class EndpointJudge(JudgeBase):
         # read what this request asked, not the flag: a concurrent request may have turned it off meanwhile
         if response.status_code == 400 and asked_logprobs and "logprobs" in response.text:
             if self.logprobs:
-                log.info("judge endpoint refuses logprobs: reading the answer text instead")
+                log.info("%s refuses logprobs: reading the answer text instead", self.role)
             self.logprobs = False
             return self._ask(text)
         if response.status_code >= 400:
-            raise RlhfError(f"judge endpoint answered {response.status_code}: {response.text[:200]}")
+            raise RlhfError(
+                f"{self.role} {self.http.base_url} answered {response.status_code}: {response.text[:200]}"
+            )
         p_first, how = self.read(response.json())
         self._count("read_" + how)
         if self.cache is not None:

@@ -12,10 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
+from rlhf.engine.decoding import SamplingParams
 from rlhf.errors import RlhfError
 from rlhf.judges import endpoint
 from rlhf.judges.base import Answer
 from rlhf.judges.endpoint import EndpointJudge
+from rlhf.text_models import EndpointModel
 
 PROMPT = "Write a haiku about tea."
 
@@ -101,9 +103,14 @@ def test_an_endpoint_without_logprobs_is_read_from_the_answer_text(tmp_path: Pat
 
 def test_the_last_error_is_one_line_after_the_retries(tmp_path: Path) -> None:
     judge = make(tmp_path, FakeEndpoint(failures=[httpx.Response(503, text="down")] * 10), retries=2)
-    with pytest.raises(RlhfError, match="judge endpoint answered 503"):
+    with pytest.raises(RlhfError, match="judge endpoint http://judge.test/v1/ answered 503"):
         judge.compare(PROMPT, Answer("a"), Answer("b"))
     assert judge.stats()["requests"] == 3
+    # a model answering (a red-team target, a CAI policy) through the same client is not called a judge
+    model = EndpointModel("http://target.test/v1", "m", transport=httpx.MockTransport(
+        lambda request: httpx.Response(503, text="down")), retries=0, sleep=lambda s: None)  # fmt: skip
+    with pytest.raises(RlhfError, match="^model endpoint http://target.test/v1/ answered 503"):
+        model.complete_all(["hi"], SamplingParams(max_new_tokens=4))
 
 
 def test_requests_are_paced_to_the_rate_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
