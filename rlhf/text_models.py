@@ -106,14 +106,14 @@ class EndpointModel(EndpointJudge):
         response = self._post(body)
         if response.status_code >= 400:
             raise RlhfError(
-                f"endpoint {self.http.base_url} answered {response.status_code}: {response.text[:200]}"
+                f"{self.role} {self.http.base_url} answered {response.status_code}: {response.text[:200]}"
             )
         try:
             choice = response.json()["choices"][0]
             return Reply(str(choice["message"].get("content") or ""), choice.get("finish_reason") == "stop")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RlhfError(
-                f"endpoint {self.http.base_url}: not a chat completion: {response.text[:200]}"
+                f"{self.role} {self.http.base_url}: not a chat completion: {response.text[:200]}"
             ) from None
 
     def reply_all(self, messages: Sequence[str], params: SamplingParams) -> list[Reply]:
