@@ -209,16 +209,8 @@ def test_a_resume_under_a_constitution_edited_in_place_is_refused(tmp_path: Path
     constitution = tmp_path / "constitution.yaml"
     constitution.write_text((ROOT / "configs" / "constitution_demo.yaml").read_text())
     policy = ScriptedModel("scripted", scripted_answer)
-    label(
-        _cfg(tmp_path, constitution=str(constitution)),
-        EvalConfig(),
-        quiet=True,
-        policy=policy,
-        judge=Unsure(),
-    )
-    before = (tmp_path / "cai" / "labels.jsonl").read_text()
-    constitution.write_text(constitution.read_text().replace("more polite", "kinder"))
-    with pytest.raises(RlhfError, match="made under another version of"):
+
+    def again() -> None:
         label(
             _cfg(tmp_path, constitution=str(constitution)),
             EvalConfig(),
@@ -226,4 +218,10 @@ def test_a_resume_under_a_constitution_edited_in_place_is_refused(tmp_path: Path
             policy=policy,
             judge=Unsure(),
         )
+
+    again()
+    before = (tmp_path / "cai" / "labels.jsonl").read_text()
+    constitution.write_text(constitution.read_text().replace("more polite", "kinder"))
+    with pytest.raises(RlhfError, match="made under another version of"):
+        again()
     assert (tmp_path / "cai" / "labels.jsonl").read_text() == before
