@@ -342,9 +342,8 @@ def chat_template(tokenizer: Any) -> Render | None:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        except (
-            Exception
-        ) as e:  # the template's own refusals (jinja2's TemplateError, ValueError) say what is wrong
+        # the template's own refusals (jinja2's TemplateError, a ValueError) say what is wrong
+        except Exception as e:
             raise ValueError(f"the chat template cannot render these messages: {e}") from None
         return str(text)
 
