@@ -103,4 +103,6 @@ def cai_label(
     typer.echo(f"cai label: {summary['records']} AI labels ({summary['ties']} ties) by {summary['labeler']} in {root.cai.out_dir}"
                + (f", {summary['unrouted_prompts']} prompts no principle applies to left out"
                   if summary["unrouted_prompts"] else "")
+               + (f" (its labels.jsonl also keeps {summary['kept_beyond']} of an earlier run beyond these)"
+                  if summary["kept_beyond"] else "")
                + (f"; {summary['pushed']} votes pushed to project {root.cai.project}" if "pushed" in summary else ""))  # fmt: skip

@@ -240,9 +240,14 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
         bar.update(len(chunk))
     bar.close()
     records = [done[(p, k)] for p in prompts for k in range(cfg.pairs_per_prompt) if (p, k) in done]
+    if len(done) > len(
+        records
+    ):  # resumed with fewer prompts or pairs, or prompts no principle now applies to
+        log.warning("cai label: %s also holds %d labels of an earlier run beyond this one's prompts and pairs: "
+                    "counted here, and pushed, are the %d of this run", path, len(done) - len(records), len(records))  # fmt: skip
     summary: dict[str, Any] = {"records": len(records), "labeler": labeler,
                                "ties": sum(r.choice == "tie" for r in records),
-                               "unrouted_prompts": len(unrouted)}  # fmt: skip
+                               "unrouted_prompts": len(unrouted), "kept_beyond": len(done) - len(records)}  # fmt: skip
     if cfg.push_db:
         from rlhf.feedback.cli import open_database
         from rlhf.feedback.preference_import import import_preferences

@@ -140,8 +140,12 @@ def test_label_asks_several_pairs_per_prompt_and_resumes_by_pair(tmp_path: Path)
     # a third pair per prompt: only the new pairs are labelled, the first six kept as they were
     more = label(_cfg(tmp_path, pairs_per_prompt=3), EvalConfig(), quiet=True, policy=policy, judge=Unsure())
     again = read_jsonl(tmp_path / "cai" / "labels.jsonl")
-    assert more["records"] == 9 and len(again) == 9
+    assert more["records"] == 9 and len(again) == 9 and more["kept_beyond"] == 0
     assert all(sum(r == row for r in again) >= 1 for row in rows)
+    # one pair per prompt: the file keeps the labels it has, and the summary says how many it does not count
+    fewer = label(_cfg(tmp_path, pairs_per_prompt=1), EvalConfig(), quiet=True, policy=policy, judge=Unsure())
+    assert fewer["records"] == 3 and fewer["kept_beyond"] == 6
+    assert len(read_jsonl(tmp_path / "cai" / "labels.jsonl")) == 9
 
 
 class Recording(JudgeBase):
