@@ -57,7 +57,9 @@ class RootConfig(Section):
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`sft.lr=3e-4` -> (["sft", "lr"], 0.0003); the value is parsed as YAML."""
+    """`sft.lr=3e-4` -> (["sft", "lr"], 0.0003); the value is parsed as YAML, but for text that YAML would read
+    as a mapping without braces (`Better:`, `Rule: be honest`, a judge's template): that stays the text it is,
+    and a mapping is written `{a: 1}`."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.lr=3e-4")
     key, raw = item.split("=", 1)
@@ -67,6 +69,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
         value = raw
     return parts, value
 

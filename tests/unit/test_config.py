@@ -74,6 +74,15 @@ def test_bad_values_name_the_key_in_one_line(overrides: list[str], message: str)
     assert "\n" not in str(err.value)
 
 
+def test_text_with_a_colon_is_text_and_braces_make_a_mapping() -> None:
+    """YAML reads `Better:` as a mapping: a judge's template or principle set on the command line stays text."""
+    template = "Question {prompt} A:{first} B:{second} Better:"
+    cfg = load_config(None, [f"eval.judge_template={template}", "eval.judge_principle=Rule: be honest",
+                             "ppo.lora={r: 4, alpha: 8}"])  # fmt: skip
+    assert cfg.eval.judge_template == template and cfg.eval.judge_principle == "Rule: be honest"
+    assert (cfg.ppo.lora.r, cfg.ppo.lora.alpha) == (4, 8)
+
+
 def test_simpo_takes_its_papers_beta_unless_one_is_set() -> None:
     assert load_config(None, ["dpo.loss=simpo"]).dpo.beta == 2.0
     assert load_config(None, ["dpo.loss=simpo", "dpo.beta=0.5"]).dpo.beta == 0.5
