@@ -142,12 +142,14 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
     policy_version = policy_name(cfg.model, cfg.policy_version)
     texts, ended = sample_answers(cfg, cfg.model, tokenizer, [p for _, p in prompts], cfg.k, cfg.seed)
-    extra: list[tuple[str, list[str], list[bool]]] = []
+    extra: list[tuple[str, dict[str, Any], list[str], list[bool]]] = []
     for i, model in enumerate(cfg.extra_models):
         extra_tokenizer = load_tokenizer(model, cfg.add_pad_token)
-        # each policy samples from a seed of its own, so adding one changes no other policy's answers
-        extra.append((policy_name(model, None), *sample_answers(cfg, model, extra_tokenizer,
-                      [p for _, p in prompts], cfg.extra_k, cfg.seed + 1 + i)))  # fmt: skip
+        # each policy samples from a seed of its own, so adding one changes no other policy's answers; its
+        # answers record that seed
+        seed = cfg.seed + 1 + i
+        extra.append((policy_name(model, None), sampling | {"seed": seed}, *sample_answers(cfg, model,
+                      extra_tokenizer, [p for _, p in prompts], cfg.extra_k, seed)))  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     rng = random.Random(cfg.seed)
@@ -161,11 +163,11 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         completions += short_answers(completions, cfg.short_k)
         completions += other_answers(n, prompts, texts, ended, cfg, policy_version, sampling, rng)
         seen = {c["text"] for c in completions}
-        for name, other_texts, other_ended in extra:
+        for name, other_sampling, other_texts, other_ended in extra:
             for j in range(n * cfg.extra_k, (n + 1) * cfg.extra_k):
                 if other_texts[j] not in seen:
                     seen.add(other_texts[j])
-                    completions.append({"text": other_texts[j], "policy": name, "sampling": sampling,
+                    completions.append({"text": other_texts[j], "policy": name, "sampling": other_sampling,
                                         "finish_reason": "stop" if other_ended[j] else "length"})  # fmt: skip
         rows.append({"prompt": prompt, "prompt_id": prompt_id, "completions": completions})
     write_jsonl(cfg.out, rows)

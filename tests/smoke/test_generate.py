@@ -86,6 +86,7 @@ def test_extra_models_add_their_own_answers_and_leave_the_policys_alone(
         assert r["completions"][:2] == p["completions"]  # the policy's own answers are unchanged
         extra = r["completions"][2:]
         assert 1 <= len(extra) <= 3 and {c["policy"] for c in extra} == {"pretrain/final"}
+        assert {c["sampling"]["seed"] for c in extra} == {4}  # its own seed, the one it sampled from
         texts = [c["text"] for c in r["completions"]]
         assert len(texts) == len(set(texts))  # no answer twice
     assert summary["completions"] == sum(len(r["completions"]) for r in rows)
