@@ -48,8 +48,8 @@ def prepare_tokenizer(
         if not add_pad_token:
             raise RlhfError(
                 f"tokenizer {name!r} {problem}; the reward is read at EOS, so PAD must be a different token: "
-                "set add_pad_token: true (e.g. --set sft.add_pad_token=true) to add one, or save a tokenizer "
-                "with its own PAD"
+                "set add_pad_token: true in this stage's section (--set STAGE.add_pad_token=true, e.g. "
+                "generate.add_pad_token) to add one, or save a tokenizer with its own PAD"
             )
         tokenizer.add_special_tokens({"pad_token": PAD})
         log.info("tokenizer %r %s: added PAD %r (id %d)", name, problem, PAD, tokenizer.pad_token_id)
