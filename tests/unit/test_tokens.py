@@ -177,7 +177,10 @@ def test_a_reward_model_from_the_policy_gets_the_same_tokenizer(tmp_path: Path) 
 
 def test_adding_pad_can_be_turned_off(tmp_path: Path) -> None:
     path = save_tiny("gpt2", tmp_path / "m")
-    with pytest.raises(RlhfError, match=r"uses EOS \(id 0\) as PAD.*set add_pad_token: true in this stage.s section \(--set STAGE.add_pad_token=true"):
+    with pytest.raises(
+        RlhfError,
+        match=r"uses EOS \(id 0\) as PAD.*set add_pad_token: true in this stage.s section \(--set STAGE.add_pad_token=true",
+    ):
         load_tokenizer(str(path), add_pad_token=False)
     gemma = save_tiny("gemma", tmp_path / "g")  # its own PAD: nothing to add, nothing refused
     assert load_tokenizer(str(gemma), add_pad_token=False).pad_token == "<pad>"
