@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf.config.env import EnvSettings
 
@@ -104,3 +104,11 @@ class GatewaySettings(ABSettings):
     max_connections: int = Field(512, ge=1, description="Most pooled connections to each upstream")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 beyond)")
     seed: int | None = Field(None, description="Seed of the A/B draws (unset: random)")
+
+    @field_validator("upstream", "candidate_upstream")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        """An upstream without its scheme would start the gateway and fail every request (502)."""
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL (e.g. http://{value})")
+        return value

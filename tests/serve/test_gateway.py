@@ -210,6 +210,19 @@ def test_ab_without_a_store_is_a_config_error() -> None:
         GatewaySettings.from_env(ab_rate=0.5)
 
 
+def test_an_upstream_without_its_scheme_is_a_config_error() -> None:
+    """It would start, then answer every request 502: said at start instead."""
+    with pytest.raises(
+        ConfigError, match=r"setting upstream .*'127.0.0.1:8002' is not an http:// or https:// URL"
+    ):
+        GatewaySettings.from_env(upstream="127.0.0.1:8002")
+    with pytest.raises(ConfigError, match="setting candidate_upstream"):
+        GatewaySettings.from_env(candidate_upstream="localhost:9000/v1")
+    assert (
+        GatewaySettings.from_env(upstream="https://engine.example/v1").upstream == "https://engine.example/v1"
+    )
+
+
 @pytest.mark.parametrize("value", ["false", 1, "yes"])
 def test_ab_that_is_not_a_boolean_is_a_400_as_the_engine_gives(
     gateway: dict[str, Any], server: dict[str, Any], value: Any
