@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -72,17 +71,14 @@ def round_line(v: PolicyVersion) -> str:
 
 def loop_db(cfg: RootConfig, url: str | None, read_only: bool = False) -> Database:
     """The loop's feedback store, migrated; `read_only` (status, lineage): one that is there, never a new one."""
-    from sqlalchemy.engine import make_url
-
     from rlhf.errors import ConfigError
     from rlhf.feedback.cli import open_database
     from rlhf.stages.loop import db_url
 
-    url = url or db_url(cfg)
-    parsed = make_url(url)
-    if read_only and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-        raise ConfigError(f"no feedback store at {url} (give the loop's store with --db)")
-    return open_database(url)
+    try:
+        return open_database(url or db_url(cfg), existing=read_only)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (give the loop's store with --db)") from None
 
 
 @loop_app.command("status")

@@ -36,12 +36,18 @@ DbOpt = Annotated[
 DEFAULT_DB = "sqlite:///feedback.db"
 
 
-def open_database(url: str) -> Database:
-    """The database at `url`, migrated; an unreachable or unusable one is a one-line ConfigError."""
+def open_database(url: str, existing: bool = False) -> Database:
+    """The database at `url`, migrated; an unreachable or unusable one is a one-line ConfigError. `existing`: a
+    store read from must be there already; an SQLite file that is not (a mistyped path) is an error, never a new
+    empty store."""
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import OperationalError
 
     from rlhf.feedback.db import Database, upgrade
 
+    parsed = make_url(url)
+    if existing and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        raise ConfigError(f"no feedback store at {url}")
     db = Database(url)
     try:
         upgrade(db)

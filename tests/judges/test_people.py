@@ -4,11 +4,14 @@ outcomes for policy A read back; and the same round trip through `rlhf eval`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rlhf.cli import app
+from rlhf.errors import ConfigError
 from rlhf.feedback.client import FeedbackClient
 from rlhf.feedback.db import Database
 from rlhf.feedback.projects import get_project
@@ -99,3 +102,11 @@ def test_collect_from_a_file_that_is_not_a_summary_is_a_one_line_error(tmp_path:
     listed.write_text("[]")
     result = run_cli("eval", "--collect", str(listed), *settings)
     assert result.returncode == 1 and "is not the summary that `rlhf eval` wrote" in result.stderr
+
+
+def test_collecting_from_a_store_that_is_not_there_says_so_and_creates_none(tmp_path: Path) -> None:
+    """A mistyped store path: one line, and no empty database left where it pointed."""
+    missing = tmp_path / "other.db"
+    with pytest.raises(ConfigError, match=f"^no feedback store at sqlite:///{re.escape(str(missing))}$"):
+        collect_outcomes("eval-a-vs-b", 4, db=f"sqlite:///{missing}")
+    assert not missing.exists()
