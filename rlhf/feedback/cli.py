@@ -95,6 +95,12 @@ def serve(
 
     settings = Settings.from_env(db=db, workers=workers, redis_url=redis_url)
     open_database(settings.db).dispose()  # migrate first, so a bad URL is one line here, not a traceback
+    if (
+        settings.redis_url
+    ):  # and Redis: one unreachable is one line here, not each worker's start-up traceback
+        from rlhf.feedback.shared import RedisShared
+
+        RedisShared(settings.redis_url).client.close()
     typer.echo(
         f"labeling app on http://{host}:{port}  (db: {settings.db.split('@')[-1]}, workers: {workers})"
     )

@@ -88,3 +88,7 @@ def test_user_errors_are_one_line(tmp_path) -> None:
     assert "user name 'x y'" in str(result.exception)
     result = runner.invoke(app, ["db", "upgrade", "--db", "postgresql://nobody@127.0.0.1:1/none"])
     assert isinstance(result.exception, ConfigError) and "cannot open the database" in str(result.exception)
+    # a Redis nobody listens on: said before the server starts (it was each worker's start-up traceback)
+    result = runner.invoke(app, ["serve", "--db", db_url, "--redis-url", "redis://127.0.0.1:1/0"])
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception).startswith("cannot reach Redis at redis://127.0.0.1:1/0")
