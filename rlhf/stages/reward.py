@@ -580,6 +580,9 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     max_len = min(cfg.max_seq_len, context_length(cast(PreTrainedModel, model)))
     train, truncated = encode_groups(train_groups, tokenizer, max_len, cfg, weights)
     held_out, held_truncated = encode_groups(held_groups, tokenizer, max_len, cfg, weights)
+    if held_groups and not held_out:
+        log.warning("reward: every held-out judgement is by a labeler weighted 0: nothing is held out to "
+                    "evaluate on (set eval_file, or another weight)")  # fmt: skip
     if truncated or held_truncated:
         log.warning("reward: %d answers did not fit in %d tokens with their prompt: the prompt keeps its end, "
                     "then the answer is cut (its EOS kept last)", truncated + held_truncated, max_len)  # fmt: skip

@@ -123,3 +123,13 @@ def test_ended_lookup_reads_vote_and_ranking_meta() -> None:
         ("q", "x"): False,
         ("q", "y"): True,
     }
+
+
+def test_an_eval_with_nothing_held_out_is_strict_json(tmp_path: Path) -> None:
+    """Every labeler of the held-out prompts weighted 0: means of nothing are null, not NaN, which Python's
+    JSON writer emits and strict readers (and `json.loads(..., parse_constant=...)`) refuse."""
+    write_reward_eval(tmp_path, [])
+    text = (tmp_path / "eval.json").read_text()
+    assert "NaN" not in text
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in eval.json"))
+    assert report["rm/mean_reward_chosen"] is None
