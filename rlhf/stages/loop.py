@@ -139,13 +139,18 @@ def generate_candidates(
 
 
 def candidate_pairs(rows: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
-    """Every pair of distinct answers to each prompt: (row index, i, j)."""
+    """Every pair of distinct answers to each prompt, each pair of texts once: (row index, i, j). Two policies
+    give the same answer often (the current one and its parent): as two pairs of the same texts, a selection
+    would spend two of its comparisons on one task, which the labeling app keeps once."""
     pairs: list[tuple[int, int, int]] = []
+    seen: set[tuple[str, frozenset[str]]] = set()
     for p, row in enumerate(rows):
         texts = [c["text"] for c in row["completions"]]
-        pairs.extend(
-            (p, i, j) for i, j in itertools.combinations(range(len(texts)), 2) if texts[i] != texts[j]
-        )
+        for i, j in itertools.combinations(range(len(texts)), 2):
+            key = (row["prompt"], frozenset((texts[i], texts[j])))
+            if texts[i] != texts[j] and key not in seen:
+                seen.add(key)
+                pairs.append((p, i, j))
     return pairs
 
 

@@ -32,9 +32,12 @@ def test_round_prompts_are_fixed_by_seed_and_round_and_mix_old_and_new() -> None
     assert {row["prompt_id"] for row in round_prompts(pool, 1, other)} != ids[0]
 
 
-def test_candidate_pairs_skip_identical_answers() -> None:
-    rows = [{"prompt": "q", "completions": [{"text": "a"}, {"text": "b"}, {"text": "a"}]}]
-    assert candidate_pairs(rows) == [(0, 0, 1), (0, 1, 2)]
+def test_candidate_pairs_skip_identical_answers_and_repeated_pairs() -> None:
+    """An answer two policies both gave makes one pair with each other answer, not two: the labeling app keeps
+    one task for the same texts, and a selection of N pairs would make fewer than N tasks."""
+    rows = [{"prompt": "q", "completions": [{"text": "a"}, {"text": "b"}, {"text": "a"}, {"text": "c"}]},
+            {"prompt": "r", "completions": [{"text": "a"}, {"text": "b"}]}]  # fmt: skip
+    assert candidate_pairs(rows) == [(0, 0, 1), (0, 0, 3), (0, 1, 3), (1, 0, 1)]
 
 
 def test_pending_reads_the_finished_phases() -> None:
