@@ -72,7 +72,7 @@ def round_line(v: PolicyVersion) -> str:
 def loop_db(cfg: RootConfig, url: str | None, read_only: bool = False) -> Database:
     """The loop's feedback store, migrated; `read_only` (status, lineage): one that is there, never a new one."""
     from rlhf.errors import ConfigError
-    from rlhf.feedback.cli import open_database
+    from rlhf.feedback.db import open_database
     from rlhf.stages.loop import db_url
 
     try:

@@ -96,6 +96,10 @@ def gateway(
         candidate_upstream=candidate_upstream, host=host, port=port,
     )  # fmt: skip
     setup_logging(quiet=True)
+    if settings.feedback_db:  # one that cannot be opened: one line here, not the app's start-up traceback
+        from rlhf.feedback.db import open_database
+
+        open_database(settings.feedback_db).dispose()
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
         return

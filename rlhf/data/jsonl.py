@@ -102,10 +102,12 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return len(lines)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """`obj` as strict JSON, atomically: a NaN or infinite number (a mean of nothing) is written as null, which
-    every JSON reader takes (Python's own NaN is not JSON)."""
-    atomic_write_text(path, json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+def write_json(path: str | Path, obj: Any, strict: bool = False) -> None:
+    """`obj` as JSON, atomically. `strict`: a NaN or infinite number (a mean of nothing) is written as null,
+    which every JSON reader takes (Python's NaN is not JSON), for files read by other tools than this one."""
+    if strict:
+        obj = _finite(obj)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=not strict) + "\n")
 
 
 def _finite(obj: Any) -> Any:

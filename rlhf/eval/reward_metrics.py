@@ -188,7 +188,7 @@ def write_reward_eval(
     run_dir = Path(run_dir)
     write_jsonl(run_dir / PAIRS_FILE, [asdict(p) for p in pairs])
     report = {**reward_report(pairs, shift, scale), **extra}
-    write_json(run_dir / EVAL_FILE, report)
+    write_json(run_dir / EVAL_FILE, report, strict=True)  # nothing held out: its means are null, not NaN
     if pairs:
         plot_rewards(pairs, run_dir / PLOT_FILE, shift, scale)
     return report

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import DataError
 
 if TYPE_CHECKING:
     from rlhf.feedback.db import Database
@@ -37,25 +37,10 @@ DEFAULT_DB = "sqlite:///feedback.db"
 
 
 def open_database(url: str, existing: bool = False) -> Database:
-    """The database at `url`, migrated; an unreachable or unusable one is a one-line ConfigError. `existing`: a
-    store read from must be there already; an SQLite file that is not (a mistyped path) is an error, never a new
-    empty store."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError
+    """rlhf.feedback.db.open_database, imported when a command runs (SQLAlchemy is heavy for `--help`)."""
+    from rlhf.feedback.db import open_database as open_store
 
-    from rlhf.feedback.db import Database, upgrade
-
-    parsed = make_url(url)
-    if existing and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-        raise ConfigError(f"no feedback store at {url}")
-    db = Database(url)
-    try:
-        upgrade(db)
-    except OperationalError as e:
-        where = db.engine.url.render_as_string(hide_password=True)
-        reason = str(e.orig or e).strip().splitlines()[0]
-        raise ConfigError(f"cannot open the database {where}: {reason}") from None
-    return db
+    return open_store(url, existing)
 
 
 @app.command()
@@ -303,7 +288,7 @@ def export(
 
     if format not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    database = open_database(db)
+    database = open_database(db, existing=True)  # votes come from a store that is there, never a new one
     with database.session() as session:
         n = write_jsonl(out, export_records(session, project, format))
     typer.echo(f"wrote {n} {format} records to {out}")

@@ -182,3 +182,20 @@ def head_revision() -> str:
 
 def table_names(db: Database) -> list[str]:
     return sorted(inspect(db.engine).get_table_names())
+
+
+def open_database(url: str, existing: bool = False) -> Database:
+    """The database at `url`, migrated; an unreachable or unusable one is a one-line ConfigError. `existing`: a
+    store read from must be there already; an SQLite file that is not (a mistyped path) is an error, never a new
+    empty store."""
+    parsed = make_url(url)
+    if existing and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        raise ConfigError(f"no feedback store at {url}")
+    db = Database(url)
+    try:
+        upgrade(db)
+    except OperationalError as e:
+        where = db.engine.url.render_as_string(hide_password=True)
+        reason = str(e.orig or e).strip().splitlines()[0]
+        raise ConfigError(f"cannot open the database {where}: {reason}") from None
+    return db

@@ -69,7 +69,7 @@ def collect_outcomes(
         with FeedbackClient(server, token or "") as client:
             records = client.export(project, "votes")
     elif db:
-        from rlhf.feedback.cli import open_database
+        from rlhf.feedback.db import open_database
 
         store = open_database(db, existing=True)  # votes are read from a store that is there, never a new one
         try:

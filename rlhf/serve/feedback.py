@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from rlhf.feedback.db import Database, db_of, upgrade
+from rlhf.feedback.db import db_of, open_database
 from rlhf.feedback.errors import Conflict, Forbidden, InvalidInput, NotFound
 from rlhf.feedback.importer import import_candidates
 from rlhf.feedback.models import Project, Prompt, Task, User, Vote
@@ -68,8 +68,7 @@ class FeedbackStore:
     """The feedback store as the model server uses it: a migrated database, a project, a vote rate limit."""
 
     def __init__(self, url: str, project: str, votes_per_minute: int) -> None:
-        self.db = Database(url)
-        upgrade(self.db)
+        self.db = open_database(url)  # migrated; one that cannot be opened is a one-line error
         self.project = project
         self.limiter = RateLimiter(votes_per_minute)  # keyed by end user (ids >= 0) and address (< 0)
         with self.db.session() as session:

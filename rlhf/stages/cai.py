@@ -249,7 +249,7 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
                                "ties": sum(r.choice == "tie" for r in records),
                                "unrouted_prompts": len(unrouted), "kept_beyond": len(done) - len(records)}  # fmt: skip
     if cfg.push_db:
-        from rlhf.feedback.cli import open_database
+        from rlhf.feedback.db import open_database
         from rlhf.feedback.preference_import import import_preferences
 
         database = open_database(cfg.push_db)

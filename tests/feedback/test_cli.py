@@ -84,6 +84,11 @@ def test_user_errors_are_one_line(tmp_path) -> None:
         app, ["export", "--db", db_url, "--project", "nope", "--out", str(tmp_path / "o.jsonl")]
     )
     assert "no project named 'nope'" in str(result.exception)
+    missing = tmp_path / "nothere.db"  # a mistyped store: said, and no new empty store left there
+    result = runner.invoke(
+        app, ["export", "--db", f"sqlite:///{missing}", "--project", "p", "--out", str(tmp_path / "o.jsonl")]
+    )
+    assert str(result.exception) == f"no feedback store at sqlite:///{missing}" and not missing.exists()
     result = runner.invoke(app, ["user", "add", "--db", db_url, "--name", "x y", "--password", ""])
     assert "user name 'x y'" in str(result.exception)
     result = runner.invoke(app, ["db", "upgrade", "--db", "postgresql://nobody@127.0.0.1:1/none"])
