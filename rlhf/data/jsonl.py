@@ -32,7 +32,7 @@ def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[t
                 error = f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)"
             except json.JSONDecodeError as e:
                 error = (
-                    f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at character {e.colno})"
+                    f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at character {e.pos + 1})"
                 )
             else:
                 if isinstance(obj, dict):

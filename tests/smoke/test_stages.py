@@ -216,7 +216,10 @@ def test_bad_input_is_one_line_and_leaves_no_checkpoint(tiny_demo: dict[str, Pat
         f"sft.train_file={bad}",
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:2: not valid JSON (Expecting ',' delimiter)"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: {bad}:2: not valid JSON (Expecting ',' delimiter at character 16)"
+    )
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir()
     )
