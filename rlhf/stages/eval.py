@@ -162,6 +162,13 @@ def policy_metrics(prompts: list[str], answers: PolicyAnswers, demo: bool) -> di
     return metrics
 
 
+def best_of_n_picker(cfg: EvalConfig, tokenizer: Any, device: torch.device) -> PreTrainedModel | None:
+    """The reward model that picks A's best of cfg.best_of_n samples, where that is asked; None otherwise."""
+    if cfg.best_of_n > 1 and cfg.reward_model:
+        return load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
+    return None
+
+
 def answer_both(
     policy_a: str, policy_b: str, cfg: EvalConfig, answered: Answered | None = None
 ) -> tuple[list[str], PolicyAnswers, PolicyAnswers]:
@@ -175,9 +182,7 @@ def answer_both(
         if load_tokenizer(path, cfg.add_pad_token).get_vocab() != tokenizer.get_vocab():
             raise RlhfError(f"{path} uses a different tokenizer from {policy_a}; they cannot be compared")
     reference = load_policy(cfg.reference, device, tokenizer) if cfg.reference else None
-    bon = None
-    if cfg.best_of_n > 1 and cfg.reward_model:
-        bon = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
+    bon = best_of_n_picker(cfg, tokenizer, device)
     # best-of-n's KL is known (the bound) only to the policy that samples it: to the reference when A is it
     a_reference = reference
     if bon is not None and cfg.reference and Path(policy_a).resolve() != Path(cfg.reference).resolve():
@@ -305,18 +310,17 @@ def redteam_rates(
                               "samples_per_attack": cfg.redteam_samples}  # fmt: skip
     answered = {} if answered is None else answered
     # A answers the attacks as it answered the prompts: best of n by the reward model, where that is asked
-    bon = None
-    if cfg.best_of_n > 1 and cfg.reward_model:
-        bon = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
+    bon = cfg.best_of_n > 1 and cfg.reward_model is not None
     for name, path, seed in (("a", policy_a, cfg.seed), ("b", policy_b, cfg.seed + 1)):
-        policy, picker = None, bon if name == "a" else None
+        policy, picker = None, None
         result[name] = {}
         for part, attacks in (("heldout", seeds), ("heldout_mutations", mutations)):
             prompts = [render_prompt(a.message) for a in attacks for _ in range(cfg.redteam_samples)]
-            key = answered_key(path, seed, prompts, best_of_n=picker is not None)
-            if key not in answered:
+            key = answered_key(path, seed, prompts, best_of_n=bon and name == "a")
+            if key not in answered:  # the models are loaded only for answers not sampled already
                 if policy is None:
                     policy = load_policy(path, device, tokenizer)
+                    picker = best_of_n_picker(cfg, tokenizer, device) if name == "a" else None
                 answered[key] = answer(policy, tokenizer, prompts, cfg, seed, None, bf16, picker)
             result[name][part] = rates(attacks, answered[key])
     return result
