@@ -138,9 +138,11 @@ def data_label_offline(
 ) -> None:
     """Label candidates with the simulated panel (no web app): vote-format JSONL, plus its agreement with gold."""
     cfg = load_config(config, list(sets or [])).panel
+    from rlhf.data.jsonl import check_output_file
     from rlhf.data.preferences import write_preferences
     from rlhf.labelers.panel import Panel, agreement_with_gold, label_offline, read_candidates
 
+    check_output_file(out, "--out")
     rows = read_candidates(candidates)
     votes = label_offline(rows, Panel.from_config(cfg), cfg.pairs_per_prompt)
     write_preferences(out, votes)
@@ -291,13 +293,15 @@ def eval_(
     """Win rate of policy A over policy B under a judge (gold, reward_model, local, endpoint or people), with a
     bootstrap 95% CI, KL to a reference and, on the demo's prompts, its gold metrics (docs/eval.md)."""
     cfg = load_config(config, list(sets or [])).eval
-    from rlhf.data.jsonl import write_json
+    from rlhf.data.jsonl import check_output_file, write_json
     from rlhf.eval.judges import make_judge
     from rlhf.stages.eval import collect_from_people, compare, format_table, push_to_people
 
     if reference:
         cfg.reference = reference
     setup_logging(quiet=True)  # no progress bars here, with --quiet or without
+    if out is not None:
+        check_output_file(out, "--out")
     if collect is not None:
         if not collect.is_file():
             raise ConfigError(f"--collect: no such file: {collect}")
@@ -308,7 +312,7 @@ def eval_(
         if not isinstance(pending, dict):
             raise ConfigError(f"--collect: {collect} is not the summary that `rlhf eval` wrote")
         summary = collect_from_people(pending, cfg)
-        write_json(out or collect, summary)
+        write_json(out or collect, summary, strict=True)
         typer.echo(format_table(summary))
         return
     if policy_a is None or policy_b is None:
@@ -317,12 +321,12 @@ def eval_(
         if out is None:
             raise ConfigError("judge=people needs --out: the summary that --collect completes later")
         pending = push_to_people(policy_a, policy_b, cfg)
-        write_json(out, pending)
+        write_json(out, pending, strict=True)
         typer.echo(f"eval: {pending['pushed'].get('tasks', 0)} pairs are in project {cfg.judge_project} for "
                    f"people to judge; afterwards: rlhf eval --collect {out} (with the same eval.judge_* settings)")  # fmt: skip
         return
     judge = make_judge(cfg)
     summary = compare(policy_a, policy_b, cfg, judge)
     if out:
-        write_json(out, summary)
+        write_json(out, summary, strict=True)
     typer.echo(format_table(summary))

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 
 
 def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -67,6 +67,19 @@ def field(path: str | Path, lineno: int, obj: dict[str, Any], key: str, kind: ty
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise DataError(f"{path}:{lineno}: field {key!r} should be {names}, got {type(value).__name__}")
     return value
+
+
+def check_output_file(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a file output that cannot be written where it is asked for: `path` is a
+    directory, or a folder above it is a file. `what` names the setting ("--out", "generate.out")."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a directory; name the file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{what}: {parent} is a file, so {path} cannot be written")
+            break
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

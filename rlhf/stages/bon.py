@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rlhf.config import BonConfig
-from rlhf.data.jsonl import write_json, write_jsonl
+from rlhf.data.jsonl import check_output_file, write_json, write_jsonl
 from rlhf.data.prompts import read_prompt_conversations
 from rlhf.engine.best_of_n import BestOfN, best_of_n, kl_bound
 from rlhf.engine.decoding import SamplingParams
@@ -37,6 +37,7 @@ def run(cfg: BonConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
     conversations = read_prompt_conversations(cfg.prompts_file, cfg.max_prompts, tokenizer)
+    check_output_file(cfg.out, "bon.out")
     prompts = [text for text, _ in conversations]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from rlhf.config import GenerateConfig
-from rlhf.data.jsonl import write_jsonl
+from rlhf.data.jsonl import check_output_file, write_jsonl
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.models.loading import load_causal_lm, load_tokenizer
@@ -138,6 +138,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
     prompts = read_prompt_rows(cfg.prompts_file, cfg.max_prompts, tokenizer)
+    check_output_file(cfg.out, "generate.out")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
     policy_version = policy_name(cfg.model, cfg.policy_version)

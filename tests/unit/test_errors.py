@@ -23,3 +23,22 @@ def test_read_yaml_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         read_yaml(bad, "weights file", DataError)
     assert str(e.value).startswith(f"{bad}: not valid YAML (") and "\n" not in str(e.value)
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path) -> None:
+    from rlhf.data.jsonl import check_output_file
+    from tests.cli import run_cli
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    check_output_file(tmp_path / "new" / "eval.json", "--out")  # folders that do not exist yet are made
+    with pytest.raises(ConfigError, match=r"^generate.out: .*/out is a directory; name the file to write$"):
+        check_output_file(tmp_path / "out", "generate.out")
+    with pytest.raises(
+        ConfigError, match=r"^--out: .*/a_file is a file, so .*/a_file/eval.json cannot be written$"
+    ):
+        check_output_file(tmp_path / "a_file" / "eval.json", "--out")
+    # rlhf eval checks before it loads a policy (these do not exist): it used to fail after judging every pair
+    result = run_cli("eval", str(tmp_path / "no_a"), str(tmp_path / "no_b"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: --out: {tmp_path / 'out'} is a directory; name the file to write"
