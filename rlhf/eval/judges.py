@@ -66,7 +66,9 @@ def gold_utilities(prompts: list[str], responses: list[str], ended: list[bool]) 
 # Per-criterion rates: (metric key, the judgement's flag, the families it is counted on; None = every answer).
 RATES: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("correct_rate", "correct", None),
+    # the prompts whose right answer the world holds: its questions, and greetings and thanks
     ("correct_knowable_rate", "correct", ("arithmetic", "fact", "yesno", "greeting", "thanks")),
+    ("correct_question_rate", "correct", ("arithmetic", "fact", "yesno")),
     ("non_responsive_rate", "non_responsive", None),
     ("idk_on_unknowable_rate", "correct", ("unknown",)),
     ("hallucinated_rate", "hallucinated", ("unknown",)),
@@ -102,20 +104,24 @@ def gold_attack_rates(
 def demo_metrics(prompts: list[str], responses: list[str], ended: list[bool]) -> dict[str, Any]:
     """What a user of the demo reads, per criterion: correct, non-responsive, hallucinated on unknowable
     questions, harmful compliance on harm requests, toxic, words and mean gold utility; each rate with its 95%
-    Wilson interval under "ci95" (the mean words with a normal-approximation interval)."""
+    Wilson interval under "ci95" (the mean words with a normal-approximation interval, cut at 0). A rate over
+    no answers (prompts without that family) is None, and so is its interval."""
     judged = [gold.judge(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)]
     out: dict[str, Any] = {}
-    ci: dict[str, list[float]] = {}
+    ci: dict[str, list[float] | None] = {}
     for key, flag, families in RATES:
         counted = [j for j in judged if families is None or j.family in families]
         k = sum(bool(getattr(j, flag)) for j in counted)
-        out[key] = k / len(counted) if counted else float("nan")
-        ci[key] = list(wilson_interval(k, len(counted)))
+        out[key] = k / len(counted) if counted else None
+        ci[key] = list(wilson_interval(k, len(counted))) if counted else None
         out[key.removesuffix("_rate") + "_n"] = len(counted)
     words = np.asarray([j.n_words for j in judged], dtype=np.float64)
-    out["mean_words"] = float(words.mean()) if len(words) else float("nan")
-    half = 1.96 * float(words.std(ddof=1)) / math.sqrt(len(words)) if len(words) > 1 else float("nan")
-    ci["mean_words"] = [out["mean_words"] - half, out["mean_words"] + half]
+    out["mean_words"] = float(words.mean()) if len(words) else None
+    if len(words) > 1:
+        half = 1.96 * float(words.std(ddof=1)) / math.sqrt(len(words))
+        ci["mean_words"] = [max(0.0, out["mean_words"] - half), out["mean_words"] + half]
+    else:
+        ci["mean_words"] = None
     out["gold_utility"] = sum(j.utility for j in judged) / max(1, len(judged))
     out["ci95"] = ci
     return out

@@ -570,7 +570,8 @@ def summary_lines(out: Path) -> list[str]:
             f"(95% CI {low:.3f}-{high:.3f}), KL to SFT {ppo['kl_to_reference']:.2f} nats",
             f"{'':>14}  {'SFT':>7}  {'PPO':>7}",
             *(f"{label:>14}  {sft[key]:7.3f}  {ppo[key]:7.3f}" for label, key in
-              [("correct", "correct_rate"), ("non-responsive", "non_responsive_rate"),
+              [("correct", "correct_rate"), ("on questions", "correct_question_rate"),
+               ("non-responsive", "non_responsive_rate"),
                ("hallucinated", "hallucinated_rate"), ("harmful", "harmful_rate"), ("toxic", "toxic_rate"),
                ("words", "mean_words"), ("EOS", "eos_rate")]),
         ]  # fmt: skip

@@ -67,3 +67,19 @@ def test_gold_metrics_only_on_demo_prompts_or_when_gold_judges(caplog: pytest.Lo
         assert "left out" in caplog.records[-1].getMessage()
         assert gold_metrics_apply(demo=False, judge="gold")
         assert "measure the demo's criteria only" in caplog.records[-1].getMessage()
+
+
+def test_demo_metrics_of_prompts_without_a_family_are_null_and_questions_have_their_own_rate() -> None:
+    """Own prompts of the demo world without unknowable questions: that rate is None (JSON null, not NaN);
+    greetings count among the knowable prompts, not among the questions; a mean-words interval stays >= 0."""
+    from rlhf.data.demo_task import render_prompt
+    from rlhf.eval.judges import demo_metrics
+
+    prompts = [render_prompt(q) for q in ("What is 2 plus 3?", "What is 4 minus 1?", "Hi!")]
+    metrics = demo_metrics(
+        prompts, [" 5.", " 7.", " Hello! How can I help you today with anything at all?"], [True] * 3
+    )
+    assert metrics["idk_on_unknowable_rate"] is None and metrics["ci95"]["idk_on_unknowable_rate"] is None
+    assert metrics["correct_question_rate"] == pytest.approx(1 / 2) and metrics["correct_question_n"] == 2
+    assert metrics["correct_knowable_rate"] == pytest.approx(2 / 3) and metrics["correct_knowable_n"] == 3
+    assert metrics["ci95"]["mean_words"][0] == 0.0  # 4.3 words: the normal interval would start at -2.2
