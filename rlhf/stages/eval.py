@@ -389,6 +389,8 @@ def collect_from_people(pending: dict[str, Any], cfg: EvalConfig) -> dict[str, A
     rows = pending["rows"]
     outcomes, n_votes = collect_outcomes(pending["project"], len(rows), db=cfg.judge_db, server=cfg.judge_server,
                                          token=os.environ.get(cfg.judge_token_env))  # fmt: skip
+    if n_votes == 0:
+        raise RlhfError(f"no verdicts yet: nobody has voted on the pairs in project {pending['project']}")
     outcomes = [0.5 if o is None and r["a"] == r["b"] else o for o, r in zip(outcomes, rows, strict=True)]
     summary = add_verdicts(dict(pending), outcomes, cfg, {"votes": n_votes, "project": pending["project"]})
     return summary | {"status": "collected"}

@@ -110,3 +110,20 @@ def test_collecting_from_a_store_that_is_not_there_says_so_and_creates_none(tmp_
     with pytest.raises(ConfigError, match=f"^no feedback store at sqlite:///{re.escape(str(missing))}$"):
         collect_outcomes("eval-a-vs-b", 4, db=f"sqlite:///{missing}")
     assert not missing.exists()
+
+
+def test_collecting_before_anyone_voted_reports_no_win_rate(tmp_path: Path) -> None:
+    """A pair of identical answers is a tie without a vote, but with no vote at all there is no verdict: the
+    summary stays as it was pushed."""
+    db_url = f"sqlite:///{tmp_path}/feedback.db"
+    push_pairs(PROMPTS, TEXTS_A, TEXTS_B, "eval-ab", db=db_url)
+    pending = tmp_path / "eval.json"
+    rows = [{"prompt": p, "a": a, "b": b} for p, a, b in zip(PROMPTS, TEXTS_A, TEXTS_B, strict=True)]
+    pending.write_text(json.dumps({"judge": "people", "project": "eval-ab", "n_prompts": 5, "rows": rows}))
+    before = pending.read_text()
+    result = run_cli(
+        "eval", "--collect", str(pending), "--set", "eval.judge=people", "--set", f"eval.judge_db={db_url}"
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: no verdicts yet: nobody has voted on the pairs in project eval-ab"
+    assert pending.read_text() == before
