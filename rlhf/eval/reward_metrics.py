@@ -55,15 +55,19 @@ def clustered_wilson_interval(clusters: Sequence[tuple[int, int]], z: float = 1.
     are not independent (several answers to one prompt): Wilson's at the effective sample size n / deff. The
     design effect deff (Kish 1965) is the cluster-robust variance of the pooled rate over its binomial variance,
     never below 1, so clusters that vary no more than independent trials (clusters of one trial, among them)
-    give Wilson's interval itself. (nan, nan) when there are no trials."""
+    give Wilson's interval itself. With no success, or no failure, the trials cannot show how alike a cluster's
+    are: the interval takes the largest design effect, the mean cluster size (trials as alike as can be, one
+    observation a cluster), rather than the smallest. (nan, nan) when there are no trials."""
     n = sum(m for _, m in clusters)
     if n == 0:
         return float("nan"), float("nan")
     k = sum(y for y, _ in clusters)
-    p, deff = k / n, 1.0
+    p = k / n
     if 0 < p < 1:
         robust = sum((y - p * m) ** 2 for y, m in clusters) / (n * n)
         deff = max(1.0, robust / (p * (1 - p) / n))
+    else:
+        deff = n / sum(1 for _, m in clusters if m)
     return wilson_interval(k / deff, n / deff, z)
 
 
