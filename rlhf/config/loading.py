@@ -141,14 +141,20 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         tree = loaded or {}
-        if section is not None and tree and not set(tree) & set(RootConfig.model_fields):
-            stage = RootConfig.model_fields[section].annotation
-            if (
-                isinstance(stage, type)
-                and issubclass(stage, BaseModel)
-                and set(tree) <= set(stage.model_fields)
-            ):
+        if tree and not set(tree) & set(RootConfig.model_fields):
+            stages = [name for name, field in RootConfig.model_fields.items()
+                      if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                      and set(tree) <= set(field.annotation.model_fields)]  # fmt: skip
+            if section in stages:
                 tree = {section: tree}
+            elif stages:
+                raise ConfigError(
+                    f"{p}: holds one {' or '.join(stages)} stage's settings without the section name above them (a "
+                    f"run's config.yaml); only that stage reads such a file, other commands need sections "
+                    f"(`{stages[0]}:` above its settings)"
+                )
+        # a section named with nothing under it (`eval:`) takes its defaults
+        tree = {k: {} if v is None and k in RootConfig.model_fields else v for k, v in tree.items()}
     tree = apply_overrides(tree, overrides or [])
     try:
         return RootConfig.model_validate(tree)
