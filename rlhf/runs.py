@@ -107,12 +107,14 @@ class Run:
         # resumed before its first checkpoint: the run starts again at step 0, and its earlier rows go when it
         # logs its first (kept until then, should it stop before)
         self._restarts = resume and self.latest_checkpoint() is None and self.metrics_path.exists()
+        if resume and self._existed:
+            # every process refuses a setting the run must keep, not the main one alone: the others would go
+            # on to load a checkpoint that does not fit and end in a traceback
+            _log_changed_settings(config_path, config, log_changes=is_main)
         if is_main:
             if resume and not self._existed:  # a mistyped --out would otherwise start over unannounced
                 log.info("%s: no run to resume there, so a new one starts", self.dir)
-            elif resume:
-                _log_changed_settings(config_path, config)
-            else:
+            elif not resume:
                 _clear_earlier_run(self.dir, EARLIER_RUN + records)
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             atomic_write_text(config_path, dump_config(config))
@@ -285,9 +287,9 @@ def _fixed_on_resume(key: str) -> bool:
     return key in FIXED_ON_RESUME or key.split(".", 1)[0] in FIXED_SECTIONS_ON_RESUME
 
 
-def _log_changed_settings(stored: Path, config: BaseModel) -> None:
+def _log_changed_settings(stored: Path, config: BaseModel, log_changes: bool = True) -> None:
     """On resume: a one-line error for a setting the run must keep (FIXED_ON_RESUME); the others that differ
-    from those the run started with are logged (more steps are the usual ones)."""
+    from those the run started with are logged (more steps are the usual ones) where `log_changes`."""
     before = _stored_settings(stored)
     if before is None:
         return
@@ -301,7 +303,7 @@ def _log_changed_settings(stored: Path, config: BaseModel) -> None:
             f"settings ({stored}), or start a new run in another --out"
         )
     changed = changed_settings(before, now)
-    if changed:
+    if changed and log_changes:
         log.warning(
             "%s: resuming with settings changed since the run started: %s", stored.parent, "; ".join(changed)
         )

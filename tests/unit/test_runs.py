@@ -86,11 +86,13 @@ def test_a_resume_refuses_another_setting_of_what_the_run_trains_on(
     out = tmp_path / "run"
     earlier_run(out, SFTConfig(out_dir=str(out), max_steps=200))
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    with pytest.raises(
-        RlhfError, match=f"was started with other settings of what it trains on \\({re.escape(shown)}\\)"
-    ):
+    refused = f"was started with other settings of what it trains on \\({re.escape(shown)}\\)"
+    with pytest.raises(RlhfError, match=refused):
         Run(out, SFTConfig(out_dir=str(out), max_steps=400, **change), resume=True)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    # every process of a launch refuses, not the main one alone (the others went on to a traceback)
+    with pytest.raises(RlhfError, match=refused):
+        Run(out, SFTConfig(out_dir=str(out), max_steps=400, **change), is_main=False, resume=True)
 
 
 @pytest.mark.parametrize(
