@@ -396,8 +396,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         save_model_files(actor.model, path / "policy", whole)  # full model, or the adapter
         tokenizer.save_pretrained(path / "policy")
 
-    # sharded, every process must run as many forwards as the others: as many held-out judgements on each
-    held_here = (held_out[: len(held_out) // world * world] if is_sharded else held_out)[rank::world]
+    # sharded, every process must run as many forwards as the others: each evaluates every held-out judgement
+    # (as the reward stage does; `evaluate`'s sums over processes then count each world times, its means once)
+    held_here = held_out if is_sharded else held_out[rank::world]
 
     reduce_sum = lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()  # noqa: E731
     progress = Progress(plan.total_steps, "dpo", accelerator.is_main_process, quiet, initial=start)

@@ -236,12 +236,15 @@ def guard_eval(
     # the exact KL at each visited prefix, summed per answer: a sampled token the policy finds far less likely
     # than the reference would add exp(log pi_ref - log pi) to k3 and let one answer of many move the mean
     kl = masked_sum(r.exact_kl, r.response_mask, dim=1)  # (n,)
-    stats = [kl.mean(), r.scores.mean()]
+    # sums and the count, reduced over processes (whose shares may differ by one): means over all prompts
+    stats = [kl.sum(), r.scores.sum()]
     if gold_fn is not None:
         gold = gold_fn(prompts, decode_responses(tokenizer, gen), gen.ended.tolist())
-        stats.append(torch.tensor(gold, dtype=torch.float32, device=kl.device).mean())
-    values = reduce(torch.stack(stats)).tolist()
-    return dict(zip(["ppo/guard_kl", "ppo/guard_proxy", "ppo/guard_gold"], values, strict=False))
+        stats.append(torch.tensor(gold, dtype=torch.float32, device=kl.device).sum())
+    *sums, count = reduce(torch.stack([*stats, torch.tensor(float(len(prompts)), device=kl.device)])).tolist()
+    return dict(
+        zip(["ppo/guard_kl", "ppo/guard_proxy", "ppo/guard_gold"], (v / count for v in sums), strict=False)
+    )
 
 
 @dataclass
@@ -339,9 +342,13 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     if 0 < len(guard_prompts) < world:  # a process without one would skip the guard the others wait in
         raise ConfigError(f"ppo: {len(guard_prompts)} held-out prompts for the guard ({cfg.eval_prompts_file}) are "
                           f"fewer than the {world} processes that share them")  # fmt: skip
-    # as many prompts on each process: sharded models run their forwards on every process together, and the
-    # mean over processes of each one's means is then the mean over all prompts
-    guard_prompts = guard_prompts[: len(guard_prompts) // world * world]
+    if is_sharded and len(guard_prompts) % world:
+        # as many prompts on each process: sharded models run their forwards on every process together
+        kept = len(guard_prompts) // world * world
+        if accelerator.is_main_process:
+            log.warning("ppo: the guard evaluates %d of its %d held-out prompts, a multiple of the %d processes "
+                        "that share a sharded model", kept, len(guard_prompts), world)  # fmt: skip
+        guard_prompts = guard_prompts[:kept]
     guard_index = torch.arange(len(guard_prompts))[rank::world]  # (n,) this process's share, by global place
     guard_prompts = guard_prompts[rank::world]
     if cfg.ptx_coef > 0 and not cfg.ptx_file:

@@ -97,6 +97,15 @@ def test_sharded_stage_follows_one_process(runs: dict[str, Path], stage: str) ->
         assert sharded == pytest.approx(one, rel=1e-4, abs=1e-5), key
 
 
+def test_sharded_dpo_evaluates_every_held_out_judgement(runs: dict[str, Path]) -> None:
+    """Held-out loss and accuracy as one process measures them: sharded, each process evaluates every held-out
+    judgement (it used to drop the odd one, so that both had as many)."""
+    for key in ("dpo/eval_loss", "dpo/eval_accuracy", "dpo/eval_margin"):
+        sharded, one = curve(runs["fsdp"] / "dpo", key), curve(runs["one"] / "dpo", key)
+        assert len(sharded) == len(one) >= 1, key
+        assert sharded == pytest.approx(one, rel=1e-4, abs=1e-5), key
+
+
 def test_sharded_checkpoints_are_whole_models(runs: dict[str, Path], tiny_sft_model: Path) -> None:
     for stage in (
         "sft/final",
