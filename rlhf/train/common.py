@@ -113,6 +113,10 @@ def make_accelerator(
     accelerate keeps one state per process and refuses a second precision; stages run one after another in
     one process (`rlhf demo`, the tests) may differ, so that state is reset (the process group kept) first.
     """
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # accelerate's FSDP plugin fails on CPU processes with a traceback from every one of them
+        raise ConfigError("accelerate launch --use_fsdp does not shard CPU processes: launch without it and set "
+                          "STAGE.fsdp=true (docs/scaling.md)")  # fmt: skip
     mixed_precision = resolve_precision(precision)
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)

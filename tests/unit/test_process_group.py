@@ -8,6 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from rlhf.errors import ConfigError
+from rlhf.train.common import make_accelerator
+
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
@@ -34,3 +40,15 @@ def test_the_process_group_outlives_the_stages_and_is_destroyed_at_exit(tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == ["after the stages: True", "at exit: False"]
+
+
+def test_accelerates_fsdp_plugin_on_cpu_processes_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`accelerate launch --use_fsdp` (which sets ACCELERATE_USE_FSDP) fails inside accelerate on CPU processes,
+    a traceback from each: refused in one line that names the stage setting that shards them."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    if torch.cuda.is_available():
+        pytest.skip("accelerate's plugin shards GPU processes")
+    with pytest.raises(
+        ConfigError, match=r"^accelerate launch --use_fsdp does not shard CPU processes: .*fsdp=true"
+    ):
+        make_accelerator("fp32")
