@@ -294,6 +294,9 @@ def _log_changed_settings(stored: Path, config: BaseModel, log_changes: bool = T
     if before is None:
         return
     now = flat_config(config.model_dump(mode="json"))
+    if other := _other_stage(before, config):
+        raise RlhfError(f"{stored.parent} holds a run of {other}, not of this stage: --resume continues a run of "
+                        "its own stage; choose another --out")  # fmt: skip
     fixed = [k for k, v in now.items() if k in before and before[k] != v and _fixed_on_resume(k)]
     if fixed:
         shown = "; ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in fixed[:4])
@@ -338,6 +341,20 @@ def check_same_settings(
             f"{out} holds {rows.name} made with other settings ({shown}{'; ...' if len(changed) > 4 else ''}): "
             f"choose another --out, or delete {out} to start over"
         )
+
+
+def _other_stage(before: dict[str, Any], config: BaseModel) -> str:
+    """The stage (or stages) whose settings a stored run's are, where they are not `config`'s: settings it does not
+    have are another stage's, not an older version of its own (versions add settings)."""
+    from rlhf.config import RootConfig
+
+    stored = {key.split(".")[0] for key in before}
+    if stored <= set(type(config).model_fields):
+        return ""
+    stages = [name for name, field in RootConfig.model_fields.items()
+              if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+              and stored <= set(field.annotation.model_fields)]  # fmt: skip
+    return f"the {' or '.join(stages)} stage" if stages else "another stage"
 
 
 def _stored_settings(stored: Path) -> dict[str, Any] | None:

@@ -276,3 +276,16 @@ def test_resuming_in_a_folder_that_does_not_exist_says_a_new_run_starts(
         run = Run(out, SFTConfig(out_dir=str(out)), resume=True)
     assert f"{out}: no run to resume there, so a new one starts" in caplog.text
     assert run.latest_checkpoint() is None
+
+
+def test_a_resume_into_another_stages_run_names_that_stage(tmp_path: Path) -> None:
+    """A reward run's folder resumed as DPO: its data settings may match, and it used to go on to a missing
+    checkpoint folder; the stored settings say whose run it is."""
+    out = tmp_path / "run"
+    earlier_run(out, SFTConfig(out_dir=str(out), max_steps=200))
+    with pytest.raises(
+        RlhfError, match=f"^{re.escape(str(out))} holds a run of the sft stage, not of this stage"
+    ):
+        Run(out, DPOConfig(out_dir=str(out)), resume=True)
+    with pytest.raises(RlhfError, match="holds a run of the sft stage"):
+        Run(out, DPOConfig(out_dir=str(out)), is_main=False, resume=True)
