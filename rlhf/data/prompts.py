@@ -90,7 +90,10 @@ def prompt_messages(row: dict[str, Any], where: str, render: Render | None) -> l
                 for m in messages
             )
         ):
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+            # a CSV cell is text: a conversation does not fit in one
+            text = " (it is text, as a CSV cell always is: give conversations as JSONL, JSON or Parquet)"
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+                            + (text if isinstance(messages, str) else ""))  # fmt: skip
         if render is None:
             raise DataError(f"{where}: a 'messages' prompt needs a tokenizer with a chat template")
         end = len(messages)

@@ -78,6 +78,12 @@ def test_bad_prompt_rows_name_file_and_row(tmp_path: Path, tokenizer) -> None:
     path.write_text(json.dumps({"text": "Hello"}) + "\n")
     with pytest.raises(DataError, match=r"p.jsonl:1: missing field 'prompt' \(or 'messages'\)"):
         read_prompts(path)
+    csv = tmp_path / "p.csv"  # a conversation as JSON in a CSV cell is text
+    csv.write_text('messages\n"[{""role"": ""user"", ""content"": ""Hi""}]"\n')
+    with pytest.raises(
+        DataError, match=r"p.csv:1: 'messages' must be .* \(it is text, as a CSV cell always is: give"
+    ):
+        read_prompt_rows(csv, tokenizer=tokenizer)
 
 
 def test_a_conversation_the_chat_template_refuses_names_its_row(tmp_path: Path, tokenizer) -> None:
