@@ -235,8 +235,9 @@ def summarise(
         "best_of_n_a": cfg.best_of_n,
         "reference": cfg.reference,
         "judge": cfg.judge,
-        "judge_model": cfg.judge_model,
-        "both_orders": cfg.judge_both_orders,
+        # what the judge read: settings a judge has no use for are not its provenance
+        "judge_model": cfg.judge_model if cfg.judge in ("reward_model", "local", "endpoint") else None,
+        "both_orders": cfg.judge_both_orders if cfg.judge in ("local", "endpoint") else None,
         "n_prompts": len(prompts),
         "prompts_file": cfg.prompts_file,
         "demo_prompts": demo,

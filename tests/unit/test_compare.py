@@ -83,3 +83,17 @@ def test_demo_metrics_of_prompts_without_a_family_are_null_and_questions_have_th
     assert metrics["correct_question_rate"] == pytest.approx(1 / 2) and metrics["correct_question_n"] == 2
     assert metrics["correct_knowable_rate"] == pytest.approx(2 / 3) and metrics["correct_knowable_n"] == 3
     assert metrics["ci95"]["mean_words"][0] == 0.0  # 4.3 words: the normal interval would start at -2.2
+
+
+def test_the_summary_names_only_settings_its_judge_read() -> None:
+    """A judge_model or both_orders left in a config that a gold judge never read is not its provenance."""
+    from rlhf.config import EvalConfig
+    from rlhf.stages.eval import summarise
+
+    prompts = ["User: Hi!\nAssistant:"]
+    gold = EvalConfig(judge="gold", judge_model="runs/demo/reward/final")
+    summary = summarise("A", "B", gold, prompts, answers([" Hello!"]), answers([" Hi."]), [True])
+    assert (summary["judge"], summary["judge_model"], summary["both_orders"]) == ("gold", None, None)
+    local = EvalConfig(judge="local", judge_model="runs/demo/sft/final", judge_both_orders=False)
+    summary = summarise("A", "B", local, prompts, answers([" Hello!"]), answers([" Hi."]), [True])
+    assert (summary["judge_model"], summary["both_orders"]) == ("runs/demo/sft/final", False)
