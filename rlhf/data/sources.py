@@ -35,6 +35,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 def parse_source(spec: str | Path) -> tuple[str, str | None, str | None]:
     """(path or hub id, config, split) of a source string; a path that exists is taken whole."""
     path = str(spec)
+    if not path.strip():  # Path("") is the working directory, which would be read as a dataset folder
+        raise DataError("an empty data path: name a file, a dataset folder or a hub dataset")
     if Path(path).exists():
         return path, None, None
     config = split = None

@@ -316,6 +316,11 @@ def test_a_missing_folder_next_to_real_ones_is_not_taken_for_a_hub_id(
     assert parse_source("data/saved_prefs") == ("data/saved_prefs", None, None)  # shaped like OWNER/NAME
     with pytest.raises(DataError, match=r"^data/saved_prefs: file not found$"):
         read_preferences("data/saved_prefs")  # a local typo: no hub look-up
+    # an empty setting (`--set eval.prompts_file=`) is not the working directory read as a dataset folder
+    with pytest.raises(
+        DataError, match=r"^an empty data path: name a file, a dataset folder or a hub dataset$"
+    ):
+        read_preferences("")
 
 
 def test_an_ultrafeedback_row_whose_scores_contradict_its_labels_is_refused(tmp_path: Path) -> None:
