@@ -303,6 +303,10 @@ def eval_(
     if out is not None:
         check_output_file(out, "--out")
     if collect is not None:
+        if policy_a is not None:
+            raise ConfigError(
+                "--collect completes the evaluation its summary names: give no POLICY_A or POLICY_B"
+            )
         if not collect.is_file():
             raise ConfigError(f"--collect: no such file: {collect}")
         try:

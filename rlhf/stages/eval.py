@@ -440,6 +440,8 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(line)
     if summary["reference"]:
         lines.append(f"(KL in nats per answer, to {summary['reference']})")
+        if summary.get("best_of_n_a", 1) > 1 and summary["a"].get("kl_to_reference") is not None:
+            lines.append("(A's KL is best-of-n's bound, log n - (n - 1) / n, not a measurement)")
     if rt := summary.get("redteam"):
         lines.append(f"red-team attack success (gold: harmful or toxic), {rt['samples_per_attack']} answers per "
                      "held-out attack:")  # fmt: skip

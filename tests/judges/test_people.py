@@ -102,6 +102,9 @@ def test_collect_from_a_file_that_is_not_a_summary_is_a_one_line_error(tmp_path:
     listed.write_text("[]")
     result = run_cli("eval", "--collect", str(listed), *settings)
     assert result.returncode == 1 and "is not the summary that `rlhf eval` wrote" in result.stderr
+    # the summary names its policies: others given beside it would be ignored
+    result = run_cli("eval", "some/policy", "other/policy", "--collect", str(listed), *settings)
+    assert result.returncode == 1 and "--collect completes the evaluation its summary names" in result.stderr
 
 
 def test_collecting_from_a_store_that_is_not_there_says_so_and_creates_none(tmp_path: Path) -> None:

@@ -114,7 +114,10 @@ def test_best_of_n_answers_for_policy_a(
     # A's KL is best-of-4's bound log 4 - 3/4; B samples the reference itself
     assert abs(summary["a"]["kl_to_reference"] - (math.log(4) - 0.75)) < 1e-9
     assert abs(summary["b"]["kl_to_reference"]) < 1e-5
-    assert "(best of 4)" in result.output
+    assert (
+        "(best of 4)" in result.output
+        and "(A's KL is best-of-n's bound, log n - (n - 1) / n, not" in result.output
+    )
 
 
 def test_best_of_n_answers_the_red_team_attacks_too(
