@@ -290,6 +290,26 @@ def test_fewer_guard_prompts_than_processes_is_one_line_on_every_process(
     assert not (tmp_path / "run").exists()
 
 
+def test_the_guard_on_two_processes_evaluates_every_held_out_prompt(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    """Three held-out prompts on two processes (DDP): the guard's first evaluation, of the SFT policy, is the one
+    process's, over all three (it dropped the third, so the process count chose the checkpoint's prompts)."""
+    fields = dict(eval_prompts_file=str(demo_data / "eval_prompts.jsonl"), guard_prompts=3, guard_every=1,
+                  iterations=1, no_eos_penalty=None)  # fmt: skip
+    ppo.run(tiny_ppo(tmp_path / "one", tiny_sft_model, tiny_reward_model, demo_data, **fields), quiet=True)
+    cfg = tiny_ppo(tmp_path / "two", tiny_sft_model, tiny_reward_model, demo_data, **fields)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"ppo": cfg.model_dump(mode="json")}))
+    proc = subprocess.run(launch_two("-m", "rlhf.cli", "ppo", "-q", "-c", str(config_file)), cwd=REPO,
+                          env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = {run: next(r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "ppo/guard_proxy" in r)
+             for run in ("one", "two")}  # fmt: skip
+    for key in ("ppo/guard_proxy", "ppo/guard_kl"):
+        assert first["two"][key] == pytest.approx(first["one"][key], abs=1e-5), key
+
+
 def test_an_ensemble_of_one_reward_model_twice_trains_as_that_model_alone(
     tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
 ) -> None:
