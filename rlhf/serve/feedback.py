@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -165,14 +165,16 @@ def record_ab_vote(
             store.limiter.check(key)
         if session.scalar(select(Vote.id).where(Vote.task_id == task_id, Vote.retracted_at.is_(None))):
             raise Conflict(f"the A/B pair {feedback_id!r} already has its vote")
-        made = account is None
-        account = account or _production_user(session, name)
+        made = False
+        if account is None:
+            account, made = _production_user(session, name)
+        user_id = account.id
         vote = VoteIn(task_id=task_id, choice=choice, idempotency_key=idempotency_key)
         try:
             recorded = record_vote(session, account, vote, source="production")
         except Exception:
             if made:  # a refused vote leaves no user behind (a concurrent vote took the pair)
-                _drop_user(session, account)
+                _drop_unused_user(session, user_id)
             raise
         if recorded.created:
             for key in {_anonymous_key(client), account.id} if owner else {_anonymous_key(client)}:
@@ -194,9 +196,11 @@ def _pair(session: Session, project: str, feedback_id: str) -> tuple[int, str | 
     return int(row[0]), owner if isinstance(owner, str) and owner else None
 
 
-def _drop_user(session: Session, account: User) -> None:
+def _drop_unused_user(session: Session, user_id: int) -> None:
+    """Delete an account this request made, unless it holds a vote by now: a concurrent request of the same
+    user may have found it and voted with it (a delete would take that acknowledged vote with it)."""
     with db_of(session).write(session):
-        session.delete(account)
+        session.execute(delete(User).where(User.id == user_id, ~exists().where(Vote.user_id == user_id)))
 
 
 def _storable(value: Any) -> Any:
@@ -211,11 +215,12 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _production_user(session: Session, full: str) -> User:
+def _production_user(session: Session, full: str) -> tuple[User, bool]:
+    """The end user's store account, and whether this call made it (not a concurrent request)."""
     try:
-        return create_user(session, full, "labeler")  # no password: it can never log in
-    except Conflict:  # created by a concurrent request
-        return get_user(session, full)
+        return create_user(session, full, "labeler"), True  # no password: it can never log in
+    except Conflict:  # made by a concurrent request
+        return get_user(session, full), False
 
 
 def _anonymous_key(client: str) -> int:

@@ -7,11 +7,14 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 from sqlalchemy import func, select
 
 from rlhf.feedback.db import Database
+from rlhf.feedback.errors import Conflict
 from rlhf.feedback.export import export_records
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
+from rlhf.serve import feedback as ab
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -232,3 +235,29 @@ def test_ab_by_header_and_in_a_stream(client: openai.OpenAI, server: dict[str, A
     body = {"feedback_id": last["feedback_id"], "feedback_token": last["feedback_token"]}
     r = _vote(server, **body, choice="A", idempotency_key=_key())
     assert r.status_code == 200 and r.json()["replayed"] is False
+
+
+def test_a_vote_that_loses_the_race_for_a_first_pair_keeps_the_winners(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two votes on a new user's first pair at once (a double click): the second finds no account, then the
+    first makes it and votes. The second must not take the account it did not make, and the first's
+    acknowledged vote with it (ON DELETE CASCADE), when its own vote is refused."""
+    store = ab.FeedbackStore(f"sqlite:///{tmp_path}/fb.db", "production", 60)
+    answers = (ab.Answer("yes", "v1", {}), ab.Answer("no", "v2", {}))
+    assert ab.save_ab_pair(store, "ab-1", "Hi?", answers, {"request_user": "ann"})
+    token = store.token("ab-1")
+    make_account = ab._production_user
+
+    def first_request_wins_meanwhile(session: Any, name: str) -> Any:
+        monkeypatch.setattr(ab, "_production_user", make_account)
+        ab.record_ab_vote(store, "ab-1", token, "A", "key-first", user="ann", client="10.0.0.1")
+        return make_account(session, name)
+
+    monkeypatch.setattr(ab, "_production_user", first_request_wins_meanwhile)
+    with pytest.raises(Conflict):
+        ab.record_ab_vote(store, "ab-1", token, "B", "key-second", user="ann", client="10.0.0.2")
+    with store.db.session() as session:
+        votes = session.execute(select(Vote.choice, User.name).join(User, User.id == Vote.user_id)).all()
+    store.close()
+    assert [tuple(v) for v in votes] == [("A", "prod.ann")]
