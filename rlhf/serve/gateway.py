@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,7 +161,9 @@ async def proxy(request: Request, path: str) -> Response:
     opted = bool(ab) or request.headers.get(AB_HEADER, "").strip().lower() in ("1", "true", "yes")
     if _wants_ab(state, body, opted):
         return await _ab(state, path, body, request)
-    if opted:  # `ab` is this gateway's field: engines that refuse unknown fields never see it
+    if (
+        ab is not None
+    ):  # `ab` is this gateway's field, opted in or not: engines that refuse unknown fields never see it
         raw = json.dumps(body).encode()
     return await _forward(state, state.upstream, "POST", path, raw, request)
 
@@ -170,6 +172,8 @@ def _wants_ab(state: GatewayState, body: dict[str, Any], opted: bool) -> bool:
     prompt = body.get("prompt")
     one_prompt = not isinstance(prompt, list) or len(prompt) == 1 and isinstance(prompt[0], str)
     if not opted or state.store is None or body.get("n") not in (None, 1) or not one_prompt:
+        return False
+    if not isinstance(body.get("model"), str):  # the engine refuses it in its own words
         return False
     return state.rng.random() < state.settings.ab_rate
 
@@ -183,7 +187,10 @@ async def _forward(
     request: Request,
 ) -> Response:
     """The upstream's answer, as it came: status, body, content type; a stream is relayed chunk by chunk."""
-    headers = {"content-type": "application/json", **_auth(state, request)}
+    headers = {
+        "content-type": request.headers.get("content-type", "application/json"),
+        **_auth(state, request),
+    }
     try:
         upstream = await client.send(
             client.build_request(method, path, content=raw, headers=headers), stream=True
@@ -234,7 +241,8 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
             return_exceptions=True,
         )  # fmt: skip
         replies = [r for r in opened if isinstance(r, httpx.Response)]
-        refused = next((r for r in replies if r.status_code != 200), None)
+        refused = next((r for r in _requested_first(state, sides, model, opened) if isinstance(r, httpx.Response)
+                        and r.status_code != 200), None)  # fmt: skip
         if refused is not None or len(replies) < 2:
             content = await refused.aread() if refused is not None else b""
             for r in replies:
@@ -264,11 +272,16 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
         raise APIError(
             f"The upstream engine did not answer: {e!r}", 502, code="upstream_unavailable"
         ) from None
-    for r in answers:
+    for r in _requested_first(state, sides, model, answers):
         if r.status_code != 200:  # the engine's own error, as it gave it
             return Response(r.content, r.status_code, {"content-type": r.headers.get("content-type", "")})
-    out, other = answers[0].json(), answers[1].json()
-    choices = [{**out["choices"][0], "index": 0}, {**other["choices"][0], "index": 1}]
+    try:
+        out, other = answers[0].json(), answers[1].json()
+        choices = [{**out["choices"][0], "index": 0}, {**other["choices"][0], "index": 1}]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise APIError(
+            "The upstream engine answered 200 without a completion", 502, code="upstream_error"
+        ) from None
     texts = [_choice_text(c, chat) for c in choices]
     pair = _answers(state, sides, bodies, [out, other], texts, [c.get("finish_reason") for c in choices])
     ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
@@ -330,6 +343,13 @@ async def _ab_stream(
             if chunk is None:
                 running -= 1
                 continue
+            if "error" in chunk:  # the engine failed mid-stream: its answer is cut short, no pair to store
+                error = (
+                    chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+                )
+                raise APIError(
+                    f"The upstream engine failed: {error.get('message', '')}", 502, code="upstream_error"
+                )
             replies[i] = chunk
             if chunk.get("usage"):
                 prompt_tokens[i] = chunk["usage"].get("prompt_tokens", 0)
@@ -362,6 +382,15 @@ async def _ab_stream(
         for t in tasks:
             t.cancel()
     yield SSE_DONE
+
+
+def _requested_first(
+    state: GatewayState, sides: list[tuple[httpx.AsyncClient, str]], model: str, items: Sequence[Any]
+) -> list[Any]:
+    """`items` (one per side) with the requested model's side first: an error both sides give is told in its
+    words, so that an error never names the candidate the user is not told of."""
+    order = sorted(range(len(sides)), key=lambda i: (sides[i][0] is not state.upstream, sides[i][1] != model))
+    return [items[i] for i in order]
 
 
 def _answers(

@@ -3,6 +3,7 @@ through, A/B pairs come from two upstream answers, and votes land in the gateway
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
 from rlhf.errors import ConfigError
@@ -288,3 +291,53 @@ def test_feedback_without_a_store_gets_the_status_its_schema_documents() -> None
         documented = httpx.get(url + "/openapi.json").json()["paths"]["/v1/feedback"]["post"]["responses"]
     assert r.json()["error"]["code"] == "no_feedback"
     assert "without a feedback store" in documented[str(r.status_code)]["description"]
+
+
+def broken_engine(received: list[dict[str, Any]]) -> FastAPI:
+    """An engine that answers 200 without a completion, and streams one token and then an error event (as
+    `rlhf serve` does when its worker fails mid-answer); it keeps the bodies it received."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        received.append(body)
+        if not body.get("stream"):
+            return JSONResponse({"id": "x", "object": "chat.completion", "choices": []})
+        first = {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": "Hello"}}],
+        }
+        events = [first, {"error": {"message": "the worker failed", "type": "server_error"}}]
+        return StreamingResponse(iter([f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]),
+                                 media_type="text/event-stream")  # fmt: skip
+
+    return app
+
+
+def test_an_engine_that_fails_gives_a_502_and_no_pair(tmp_path: Path) -> None:
+    """A 200 without a completion is a 502, not a 500; an error event mid-stream reaches the client, and the
+    cut-off answer is no pair to vote on; an `ab` field, even false, never reaches the engine."""
+    received: list[dict[str, Any]] = []
+    db_url = f"sqlite:///{tmp_path}/feedback.db"
+    with run_app(broken_engine(received)) as (engine, _):
+        settings = GatewaySettings(upstream=engine + "/v1", candidate_model="other", feedback_db=db_url,
+                                   ab_rate=1.0, seed=0)  # fmt: skip
+        with run_app(create_app(settings)) as (url, _):
+            body = {"model": "m", "messages": HELLO, "ab": True}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
+            r = httpx.post(url + "/v1/chat/completions", json=body | {"stream": True}, timeout=30)
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert r.status_code == 200 and "the worker failed" in events[-2] and events[-1] == "[DONE]"
+            assert not any("feedback_id" in e for e in events)
+            received.clear()
+            httpx.post(
+                url + "/v1/chat/completions", json={"model": "m", "messages": HELLO, "ab": False}, timeout=30
+            )
+            assert received and "ab" not in received[0]
+    db = Database(db_url)
+    with db.session() as session:
+        assert session.scalars(select(Prompt)).first() is None
+    db.dispose()
