@@ -52,6 +52,13 @@ def update_user(
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     losing_admin = role not in (None, "admin") or disabled is True
     with db_of(session).write(session):
+        if losing_admin:
+            # the enabled admins' rows, locked until this change commits: two admins disabling each other at
+            # once (two workers on PostgreSQL) would each count the other as the admin left (SQLite's write
+            # transactions are one at a time already)
+            session.execute(
+                select(User.id).where(User.role == "admin", User.disabled.is_(False)).with_for_update()
+            ).all()
         user = get_user(session, name)
         if losing_admin and user.role == "admin" and not user.disabled:
             if acting is not None and acting.id == user.id:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sqlalchemy import select
 
@@ -195,6 +197,55 @@ def test_admins_cannot_lock_themselves_or_everyone_out(api, db: Database) -> Non
     assert api.client.patch("/api/users/admin", json={"role": "labeler"}, headers=root2).status_code == 200
     with db.session() as s, pytest.raises(Conflict, match="last enabled admin"):
         users.update_user(s, "root2", disabled=True)
+
+
+def test_two_admins_disabling_each_other_at_once_leave_one_enabled(
+    db: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers (two connections), each admin disabling the other, both past their first read before either
+    writes: one is refused. Each counted the other as the admin left, and both went through (PostgreSQL)."""
+    with db.session() as s:  # the store, migrated
+        users.create_user(s, "root1", "admin")
+        users.create_user(s, "root2", "admin")
+    both_read = threading.Barrier(2)
+    get_user = users.get_user
+
+    def read_then_wait(session: object, name: str) -> User:
+        user = get_user(session, name)  # type: ignore[arg-type]
+        try:  # wait for the other worker's read, unless it waits on this one's lock
+            both_read.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return user
+
+    monkeypatch.setattr(users, "get_user", read_then_wait)
+    outcomes: list[str] = []
+
+    def disable(actor: str, other: str) -> None:
+        worker = Database(db_url)
+        try:
+            with worker.session() as s:
+                acting = get_user(s, actor)
+                users.update_user(s, other, disabled=True, acting=acting)
+            outcomes.append("done")
+        except Conflict:
+            outcomes.append("refused")
+        finally:
+            worker.dispose()
+
+    threads = [
+        threading.Thread(target=disable, args=pair) for pair in (("root1", "root2"), ("root2", "root1"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcomes) == ["done", "refused"]
+    check = Database(db_url)
+    with check.session() as s:
+        enabled = s.scalars(select(User.name).where(User.role == "admin", User.disabled.is_(False))).all()
+    check.dispose()
+    assert len(enabled) == 1
 
 
 def test_json_numbers_and_flags_are_not_read_from_strings_or_booleans(api) -> None:
