@@ -8,7 +8,8 @@ Tasks made from a prompt with K completions:
 - rating: one task per completion.
 A candidate row may name its pairs (`pairs`, e.g. chosen by active selection): then exactly those become
 pairwise tasks. Gold rows become pairwise tasks with `is_gold` and the known answer. Rows whose `prompt_id` the project
-already holds are skipped, so importing the same file twice adds nothing.
+already holds are skipped, and so are rows whose prompt and answers it holds (but in a production project, whose
+pairs are each a user's), so importing the same file twice adds nothing, with prompt ids or without.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhf.data.jsonl import iter_jsonl
@@ -78,9 +80,31 @@ def import_candidates(
         if len(row.completions) < min_k:
             where = f"{source}: record {i + 1}" if source else f"candidate row {i + 1}"
             raise InvalidInput(f"{where}: a {task_kind} task needs at least {min_k} completions")
+    try:
+        counts = _import(session, project_name, candidates, task_kind, gold, overlap, gold_rate)
+    except IntegrityError:
+        # another import made the project, or the same prompts, at the same moment (two workers): once its
+        # rows are there, this one skips them
+        counts = _import(session, project_name, candidates, task_kind, gold, overlap, gold_rate)
+    log.info("imported into %s: %s", project_name, counts)
+    return ImportOut(project=project_name, **counts)
+
+
+def _import(
+    session: Session,
+    project_name: str,
+    candidates: Sequence[CandidateRow],
+    task_kind: str,
+    gold: Sequence[GoldRow],
+    overlap: int | None,
+    gold_rate: float | None,
+) -> dict[str, int]:
     counts = {"prompts": 0, "completions": 0, "tasks": 0, "gold_tasks": 0, "skipped": 0}
     with db_of(session).write(session):
         project = get_or_create_project(session, project_name, overlap, gold_rate)
+        # one import into a project at a time (PostgreSQL; SQLite writes one at a time already): the next
+        # reads what this one added
+        session.execute(select(Project.id).where(Project.id == project.id).with_for_update()).all()
         known = set(session.scalars(select(Prompt.external_id).where(Prompt.project_id == project.id)))
         # One entry per new prompt: (text, prompt_id, meta, [(text, policy, sampling)], gold answer or None,
         # chosen pairs or None).
@@ -90,9 +114,11 @@ def import_candidates(
                 list[tuple[int, int]] | None,
             ]
         ] = []  # fmt: skip
-        # A row repeating an earlier one of this import (same prompt, same answers) would only make
-        # duplicate tasks, each answered separately and counted twice in the exported pairs.
-        seen: set[tuple[str, tuple[str, ...]]] = set()
+        # A row repeating one of the project's or an earlier one of this import (same prompt, same answers)
+        # would only make duplicate tasks, each answered separately and counted twice in the exported pairs;
+        # a row without a prompt_id (gold rows, often) is known by that alone. Production pairs are each a
+        # user's own, however alike.
+        seen = set() if project.production else _contents(session, project.id)
         for row in candidates:
             content = (row.prompt, tuple(sorted(c.text for c in row.completions)))
             if (row.prompt_id is not None and row.prompt_id in known) or content in seen:
@@ -151,8 +177,22 @@ def import_candidates(
             tasks=len(task_ids) - n_gold,
             gold_tasks=n_gold,
         )
-    log.info("imported into %s: %s", project_name, counts)
-    return ImportOut(project=project_name, **counts)
+    return counts
+
+
+def _contents(session: Session, project_id: int) -> set[tuple[str, tuple[str, ...]]]:
+    """(prompt, its answers sorted) of every prompt the project holds."""
+    answers: dict[int, list[str]] = {}
+    texts: dict[int, str] = {}
+    rows = session.execute(
+        select(Prompt.id, Prompt.text, Completion.text)
+        .join(Completion, Completion.prompt_id == Prompt.id)
+        .where(Prompt.project_id == project_id)
+    )
+    for pid, prompt, answer in rows:
+        texts[pid] = prompt
+        answers.setdefault(pid, []).append(answer)
+    return {(texts[pid], tuple(sorted(a))) for pid, a in answers.items()}
 
 
 def get_or_create_project(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from sqlalchemy import func, select
@@ -10,7 +11,7 @@ from sqlalchemy import func, select
 from rlhf.errors import DataError
 from rlhf.feedback.db import Database
 from rlhf.feedback.importer import import_candidates, pair_indices, read_rows
-from rlhf.feedback.models import Completion, Task, TaskCompletion
+from rlhf.feedback.models import Completion, Project, Task, TaskCompletion
 from rlhf.feedback.schemas import CandidateRow, GoldRow
 
 
@@ -71,6 +72,27 @@ def test_reimport_skips_known_prompts_and_identical_pairs(db: Database, make_row
         again = import_candidates(s, "demo", parsed)
     assert (first.prompts, first.tasks) == (3, 2)
     assert (again.prompts, again.tasks, again.skipped) == (0, 0, 3)
+
+
+def test_reimport_without_prompt_ids_adds_nothing_but_production_pairs_repeat(
+    db: Database, make_rows
+) -> None:
+    """Rows without a prompt_id (gold rows often) are known again by their prompt and answers: a second import
+    of the same file made every task and gold item twice. A production project's pairs are each a user's."""
+    rows = make_rows(3, 2)
+    for r in rows:
+        del r["prompt_id"]
+    parsed = [CandidateRow.model_validate(r) for r in rows]
+    gold = [GoldRow(prompt="2+2?", completion_a="4", completion_b="5", choice="A")]
+    with db.session() as s:
+        first = import_candidates(s, "demo", parsed, gold=gold)
+        again = import_candidates(s, "demo", parsed, gold=gold)
+        assert (first.tasks, first.gold_tasks) == (3, 1)
+        assert (again.prompts, again.tasks, again.gold_tasks, again.skipped) == (0, 0, 0, 4)
+        s.add(Project(name="production", production=True))
+        s.commit()
+        ab = [CandidateRow.model_validate({**rows[0], "prompt_id": f"ab-{i}"}) for i in range(2)]
+        assert [import_candidates(s, "production", [row]).tasks for row in ab] == [1, 1]
 
 
 def test_duplicate_rows_and_pairs_in_an_import_make_one_task(db: Database, make_rows) -> None:
@@ -142,3 +164,30 @@ def test_pairwise_needs_two_completions(api) -> None:
     response = api.post("admin", "/api/projects/demo/import", json=body)
     assert response.status_code == 422
     assert "at least 2" in response.json()["detail"][0]["msg"]
+
+
+def test_imports_at_once_into_a_new_project_add_its_rows_once(db: Database, db_url: str) -> None:
+    """Three imports of one file into a project that does not exist yet, from three workers at once (a client
+    retrying after a timeout): one adds the rows, the others skip them; none fails on the project's or a
+    prompt's unique name (a 500 on PostgreSQL)."""
+    rows = [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"p{i}",
+                                         "completions": [{"text": "a"}, {"text": "b"}]}) for i in range(60)]  # fmt: skip
+    added: list[int] = []
+    errors: list[str] = []
+
+    def import_once() -> None:
+        worker = Database(db_url)
+        try:
+            with worker.session() as s:
+                added.append(import_candidates(s, "new", rows).tasks)
+        except Exception as e:  # noqa: BLE001 - the test reports whatever a worker raised
+            errors.append(repr(e))
+        finally:
+            worker.dispose()
+
+    threads = [threading.Thread(target=import_once) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and sorted(added) == [0, 0, 60]
