@@ -127,6 +127,10 @@ def test_an_ended_session_says_the_answer_was_lost_and_returns_to_the_task(
     back = browser.post("/login", data={"name": "lia", "password": "lia-password", "csrf_token": csrf_of(login),
                                         "next": "/label/demo"}, follow_redirects=False)  # fmt: skip
     assert back.status_code == 303 and back.headers["location"] == "/label/demo"
+    # the browser keeps the cookie past the session's end (it dropped it at that end, and with it the only sign
+    # that a form sent after it came from an ended session: the answer was lost unsaid)
+    max_age = int(re.search(r"Max-Age=(\d+)", back.headers["set-cookie"], re.IGNORECASE).group(1))
+    assert max_age > browser.app.state.settings.session_max_age_s
     assert browser.get("/label/demo").status_code == 200
     # never another site, whatever `next` says
     for elsewhere in ("//evil.example/label", "https://evil.example", "/label/../x", "/labelx"):

@@ -32,6 +32,8 @@ def home(request: Request, session: SessionDep, secret: SecretDep) -> Response:
     return RedirectResponse("/admin" if user.role == "admin" else "/label", status_code=303)
 
 
+# how long the browser keeps a session cookie after the session has ended (the server refuses it by then)
+COOKIE_AFTER_SESSION_S = 7 * 24 * 3600
 # what the login page says when a page sent the browser to it because the session had ended
 ENDED = {
     "ended": "Your session has ended. Log in to go on where you were.",
@@ -77,7 +79,9 @@ def login(
     response.set_cookie(
         SESSION_COOKIE,
         make_session_cookie(secret, user.id, settings.session_max_age_s, user.session_generation),
-        max_age=settings.session_max_age_s,
+        # kept by the browser past the session's end, which the signed cookie carries: a form sent after it
+        # still brings the cookie, so the login can say that the answer was not saved
+        max_age=settings.session_max_age_s + COOKIE_AFTER_SESSION_S,
         httponly=True,
         samesite="lax",
         secure=settings.cookie_secure,
