@@ -183,6 +183,12 @@ class GoldRow(BaseModel):
     prompt_id: ExternalId | None = None
     meta: Meta = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _answers_differ(self) -> GoldRow:
+        if self.completion_a == self.completion_b:  # as candidate pairs of one text: nothing to judge
+            raise ValueError("completion_a and completion_b are the same text: no answer can be the right one")
+        return self
+
 
 class ImportIn(BaseModel):
     task_kind: TaskKind = "pairwise"

@@ -124,6 +124,8 @@ def test_gold_rows_become_gold_tasks(db: Database, make_rows) -> None:
         gold_tasks = list(s.scalars(select(Task).where(Task.is_gold.is_(True))))
     assert (out.tasks, out.gold_tasks) == (2, 1)
     assert [(t.kind, t.gold_choice) for t in gold_tasks] == [("pairwise", "A")]
+    with pytest.raises(ValueError, match="completion_a and completion_b are the same text"):
+        GoldRow(prompt="g", completion_a="a", completion_b="a", choice="A")  # nobody could answer it right
 
 
 def test_read_rows_names_file_and_line(tmp_path) -> None:
