@@ -173,6 +173,15 @@ def test_admin_pages(api, db: Database, make_client) -> None:
         == 200
     )
     assert api.get("admin", "/api/projects/demo").json()["axes"] == ["helpful", "honest"]
+    for axes, said in (
+        ("a,b,c,d,e,f,g,h,i,j", "10 axes: at most 8"),
+        ("x" * 100, "a name of a-z and _ that starts with a letter"),
+    ):
+        # refused on a page, as the API refuses them (the form kept the first 8, or wiped every axis)
+        refused = admin.post("/admin/projects/demo/settings", data={"csrf_token": csrf_of(page), **settings,
+                                                                     "axes": axes})  # fmt: skip
+        assert refused.status_code == 422 and said in refused.text and "<html" in refused.text.lower()
+    assert api.get("admin", "/api/projects/demo").json()["axes"] == ["helpful", "honest"]
     task = api.next("cat")
     assert api.vote("cat", task["id"], choice="B", axes={"helpful": "B", "honest": "A"}).status_code == 201
     page = admin.get("/admin/projects/demo").text

@@ -11,6 +11,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from rlhf.feedback import loop_state, projects, users
 from rlhf.feedback.deps import CsrfChecked, PageAdmin, SessionDep
+from rlhf.feedback.errors import InvalidInput
 from rlhf.feedback.export import FORMATS
 from rlhf.feedback.leaderboard import loop_leaderboard, project_leaderboard
 from rlhf.feedback.schemas import MAX_AXES, MAX_GUIDELINES_CHARS, NAME_PATTERN, NO_NUL, PROJECT_PATTERN
@@ -88,9 +89,15 @@ def project_settings(
 ) -> Response:
     """Overlap, gold rate, guidelines (Markdown) and judgement axes (comma-separated) of a project."""
     axis_list = None
-    if axes is not None:
-        axis_list = [a for a in (a.strip() for a in axes.split(",")) if re.match(r"^[a-z][a-z_]{0,31}$", a)]
-        axis_list = axis_list[:MAX_AXES]
+    if axes is not None:  # as the API takes them: a name it refuses, or one too many, is said, not dropped
+        axis_list = [a for a in (a.strip() for a in axes.split(",")) if a]
+        wrong = [a for a in axis_list if not re.match(r"^[a-z][a-z_]{0,31}$", a)]
+        if wrong:
+            raise InvalidInput(
+                f"axis {wrong[0][:40]!r}: a name of a-z and _ that starts with a letter, at most 32"
+            )
+        if len(axis_list) > MAX_AXES:
+            raise InvalidInput(f"{len(axis_list)} axes: at most {MAX_AXES}")
     projects.update_project(
         session, name, overlap=overlap, gold_rate=gold_rate, guidelines=guidelines, axes=axis_list
     )
