@@ -78,16 +78,16 @@ class BodySizeLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await _too_large(limit)(scope, receive, send)
+                    await _too_large(scope, limit)(scope, receive, send)
                     return
         # Read the whole body first (it is bounded by `limit`), then hand it to the app in one message.
         data = await read_body(receive, limit)
         if data == 408:
             late = f"request body not received within {BODY_TIMEOUT_S:g} s"
-            await JSONResponse({"detail": late}, status_code=408)(scope, receive, send)
+            await _refusal(scope, 408, late)(scope, receive, send)
             return
         if data == 413:
-            await _too_large(limit)(scope, receive, send)
+            await _too_large(scope, limit)(scope, receive, send)
             return
         if isinstance(data, dict):  # the client went away: the app hears it
             await self.app(scope, _replay([data], receive), send)
@@ -197,8 +197,18 @@ class ServerTiming:
         await self.app(scope, receive, timed_send)
 
 
-def _too_large(limit: int) -> Response:
-    return JSONResponse({"detail": f"request body over the limit of {limit} bytes"}, status_code=413)
+def _too_large(scope: Scope, limit: int) -> Response:
+    return _refusal(scope, 413, f"request body over the limit of {limit} bytes")
+
+
+def _refusal(scope: Scope, status: int, detail: str) -> Response:
+    """A body refused before the app reads it: JSON for the API, a page for a person (a long text typed into a
+    form would otherwise end on a line of raw JSON)."""
+    request = Request(scope)
+    if "app" in scope and wants_page(request):
+        said = "The form sent more than this server takes at once; shorten the text and send it again."
+        return error_page(request, status, f"{said} ({detail})" if status == 413 else detail)
+    return JSONResponse({"detail": detail}, status_code=status)
 
 
 # Paths answered in JSON whatever went wrong: the API and the machine-facing endpoints.

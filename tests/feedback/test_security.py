@@ -132,6 +132,14 @@ def test_size_limits(make_client, team) -> None:
     assert (
         client.post("/api/votes", json={**vote, "note": "x" * 2000}, headers=team["ann"]).status_code == 201
     )
+    # a form too long for the limit (a long better answer typed on a task page) is a page, not a line of JSON
+    page = client.post("/label/demo/vote", data={"rewrite": "你好" * 1000})
+    assert page.status_code == 413 and "shorten the text" in page.text and "<html" in page.text.lower()
+    assert (
+        client.post("/api/votes", content=b" " * 5000, headers=team["ann"])
+        .json()["detail"]
+        .startswith("request body over the limit")
+    )
 
 
 def csrf_of(client) -> str:
