@@ -186,7 +186,9 @@ class GoldRow(BaseModel):
     @model_validator(mode="after")
     def _answers_differ(self) -> GoldRow:
         if self.completion_a == self.completion_b:  # as candidate pairs of one text: nothing to judge
-            raise ValueError("completion_a and completion_b are the same text: no answer can be the right one")
+            raise ValueError(
+                "completion_a and completion_b are the same text: no answer can be the right one"
+            )
         return self
 
 
@@ -324,7 +326,10 @@ class VoteIn(BaseModel):
     )
     choice: Choice | None = Field(None, description="pairwise tasks: A, B, tie or both_bad")
     ranking: (
-        Annotated[list[Annotated[int, Field(ge=1, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]
+        Annotated[
+            list[Annotated[int, Field(ge=1, le=MAX_COMPLETIONS), BeforeValidator(_json_number)]],
+            Field(max_length=MAX_COMPLETIONS),
+        ]
         | None
     ) = Field(None, description="ranking tasks: rank of each completion by position, 1 = best, equal = tie")
     rating: Annotated[Finite, BeforeValidator(_json_number)] | None = Field(
@@ -344,7 +349,10 @@ class VoteIn(BaseModel):
         None, description="a better answer written by the labeler (exported as SFT data)"
     )
     display_order: (
-        Annotated[list[Annotated[int, Field(ge=0, le=MAX_COMPLETIONS)]], Field(max_length=MAX_COMPLETIONS)]
+        Annotated[
+            list[Annotated[int, Field(ge=0, le=MAX_COMPLETIONS), BeforeValidator(_json_number)]],
+            Field(max_length=MAX_COMPLETIONS),
+        ]
         | None
     ) = Field(None, description="positions in the order they were shown, left to right")
     time_to_vote_ms: Annotated[int, Field(ge=0, le=86_400_000), BeforeValidator(_json_number)] | None = None

@@ -275,6 +275,9 @@ def test_json_numbers_and_flags_are_not_read_from_strings_or_booleans(api) -> No
     assert task["id"] == 1
     r = api.post("ann", "/api/votes", json={"task_id": True, "choice": "A", "idempotency_key": "k-true-1"})
     assert r.status_code == 422
+    for bad in ({"display_order": ["1", "0"]}, {"display_order": [True, 0]}):  # the list's items too
+        body = {"task_id": task["id"], "choice": "A", "idempotency_key": "k-list-1", **bad}
+        assert api.post("ann", "/api/votes", json=body).status_code == 422, bad
     assert api.vote("ann", task["id"]).status_code == 201  # the task is still open to a real vote
 
 
