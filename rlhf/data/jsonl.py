@@ -19,7 +19,8 @@ def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[t
     order mark at the start of the file is skipped."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        what = "a directory, not a file" if path.is_dir() else "not a regular file" if path.exists() else None
+        raise DataError(f"{path}: {what or 'file not found'}")
     # decoded line by line, so that bytes that are not UTF-8 are named by their line
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):

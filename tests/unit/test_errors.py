@@ -42,3 +42,13 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     result = run_cli("eval", str(tmp_path / "no_a"), str(tmp_path / "no_b"), "--out", str(tmp_path / "out"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: --out: {tmp_path / 'out'} is a directory; name the file to write"
+
+
+def test_a_jsonl_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    """`--candidates /tmp` said "file not found" of a folder that is there."""
+    from rlhf.data.jsonl import iter_jsonl
+
+    with pytest.raises(DataError, match=rf"^{tmp_path}: a directory, not a file$"):
+        list(iter_jsonl(tmp_path))
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'none.jsonl'}: file not found$"):
+        list(iter_jsonl(tmp_path / "none.jsonl"))
