@@ -52,6 +52,13 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         "messages.0.role",
     ),
     (
+        "user content null",
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": None}]},
+        400,
+        "messages.0.content",
+    ),
+    (
         "top_logprobs above 20",
         "/v1/chat/completions",
         {**CHAT, "logprobs": True, "top_logprobs": 21},
