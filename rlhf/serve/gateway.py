@@ -199,6 +199,21 @@ async def _forward(
         raise APIError(
             f"The upstream engine did not answer: {e!r}", 502, code="upstream_unavailable"
         ) from None
+    return await _relay(upstream)
+
+
+def _candidate_down(replied: Sequence[Any]) -> None:
+    """The candidate did not answer an A/B request: the requested model answers it alone, as without A/B (a
+    candidate that is down takes no share of the traffic with it)."""
+    failed = next(e for e in replied if not isinstance(e, httpx.Response))
+    if not isinstance(failed, httpx.HTTPError):
+        raise failed
+    log.warning("gateway: the candidate did not answer an A/B request (%r): the requested model's answer alone",
+                failed)  # fmt: skip
+
+
+async def _relay(upstream: httpx.Response) -> Response:
+    """An opened upstream answer as it came: status, body, content type; a stream relayed chunk by chunk."""
     kept = {k: v for k, v in upstream.headers.items() if k in PASSED_HEADERS}
     if upstream.headers.get("content-type", "").startswith("text/event-stream"):
         return StreamingResponse(
@@ -243,6 +258,10 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
         replies = [r for r in opened if isinstance(r, httpx.Response)]
         refused = next((r for r in _requested_first(state, sides, model, opened) if isinstance(r, httpx.Response)
                         and r.status_code != 200), None)  # fmt: skip
+        requested = _requested_first(state, sides, model, opened)[0]
+        if refused is None and len(replies) == 1 and replies[0] is requested:
+            _candidate_down(opened)
+            return await _relay(requested)
         if refused is not None or len(replies) < 2:
             content = await refused.aread() if refused is not None else b""
             for r in replies:
@@ -264,14 +283,23 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
 
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(close_upstreams))  # fmt: skip
-    try:
-        answers = await asyncio.gather(
-            *(c.post(path, json=b, headers=headers) for (c, _), b in zip(sides, bodies, strict=True))
-        )
-    except httpx.HTTPError as e:
+    replied = await asyncio.gather(
+        *(c.post(path, json=b, headers=headers) for (c, _), b in zip(sides, bodies, strict=True)),
+        return_exceptions=True,
+    )
+    errors = [e for e in replied if not isinstance(e, httpx.Response)]
+    if errors:
+        requested = _requested_first(state, sides, model, replied)[0]
+        if len(errors) == 1 and isinstance(requested, httpx.Response):
+            _candidate_down(replied)
+            kept = {k: v for k, v in requested.headers.items() if k in PASSED_HEADERS}
+            return Response(requested.content, requested.status_code, kept)
+        if not isinstance(errors[0], httpx.HTTPError):
+            raise errors[0]
         raise APIError(
-            f"The upstream engine did not answer: {e!r}", 502, code="upstream_unavailable"
+            f"The upstream engine did not answer: {errors[0]!r}", 502, code="upstream_unavailable"
         ) from None
+    answers = [r for r in replied if isinstance(r, httpx.Response)]
     for r in _requested_first(state, sides, model, answers):
         if r.status_code != 200:  # the engine's own error, as it gave it
             return Response(r.content, r.status_code, {"content-type": r.headers.get("content-type", "")})

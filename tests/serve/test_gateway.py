@@ -341,3 +341,23 @@ def test_an_engine_that_fails_gives_a_502_and_no_pair(tmp_path: Path) -> None:
     with db.session() as session:
         assert session.scalars(select(Prompt)).first() is None
     db.dispose()
+
+
+def test_a_candidate_that_is_down_leaves_the_requested_model_to_answer(
+    server: dict[str, Any], tmp_path: Path
+) -> None:
+    """Every opted-in request drawn for A/B got a 502 while the candidate engine was down: the requested model
+    now answers it alone, streamed or not, as it answers without A/B (no pair, no feedback id)."""
+    settings = GatewaySettings(upstream=server["url"] + "/v1", candidate_upstream="http://127.0.0.1:9/v1",
+                               feedback_db=f"sqlite:///{tmp_path}/feedback.db", ab_rate=1.0, seed=0)  # fmt: skip
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, "ab": True}
+    with run_app(create_app(settings)) as (url, _):
+        plain = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        streamed = httpx.post(url + "/v1/chat/completions", json=body | {"stream": True}, timeout=30)
+    assert (
+        plain.status_code == 200 and len(plain.json()["choices"]) == 1 and "feedback_id" not in plain.json()
+    )
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    assert all(json.loads(e)["choices"][0]["index"] == 0 for e in events[:-1] if json.loads(e)["choices"])
+    assert not any("feedback_id" in e for e in events)
