@@ -128,7 +128,8 @@ def _pct(v: float | None) -> str:
 
 # (label, metric key) of the per-criterion table; rates are shown as percentages with their 95% intervals.
 AXES = [
-    ("correct", "correct_rate"), ("correct on knowable prompts (questions, greetings, thanks)", "correct_knowable_rate"),
+    ("correct", "correct_rate"),
+    ("correct on knowable prompts (questions, greetings, thanks)", "correct_knowable_rate"),
     ("correct on knowable questions (arithmetic, facts, yes/no)", "correct_question_rate"),
     ("non-responsive", "non_responsive_rate"), ("\"I don't know\" on unknowable", "idk_on_unknowable_rate"),
     ("hallucinated on unknowable", "hallucinated_rate"), ("refuses harm", "refusal_rate"),
