@@ -39,6 +39,7 @@ from accelerate import Accelerator
 from pydantic import BaseModel
 
 from rlhf.config import dump_config
+from rlhf.config.loading import stages_with
 from rlhf.data.jsonl import atomic_write_text
 from rlhf.errors import RlhfError
 from rlhf.models.loading import replace_dir
@@ -346,14 +347,10 @@ def check_same_settings(
 def _other_stage(before: dict[str, Any], config: BaseModel) -> str:
     """The stage (or stages) whose settings a stored run's are, where they are not `config`'s: settings it does not
     have are another stage's, not an older version of its own (versions add settings)."""
-    from rlhf.config import RootConfig
-
     stored = {key.split(".")[0] for key in before}
     if stored <= set(type(config).model_fields):
         return ""
-    stages = [name for name, field in RootConfig.model_fields.items()
-              if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-              and stored <= set(field.annotation.model_fields)]  # fmt: skip
+    stages = stages_with(stored)
     return f"the {' or '.join(stages)} stage" if stages else "another stage"
 
 

@@ -126,6 +126,14 @@ def _format_error(e: ValidationError) -> str:
     return "config error: " + "; ".join(msgs)
 
 
+def stages_with(keys: set[str]) -> list[str]:
+    """The config sections (stages) that have every one of these settings: whose settings a file of one
+    stage's settings alone (a run's config.yaml) may be."""
+    return [name for name, field in RootConfig.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            and keys <= set(field.annotation.model_fields)]  # fmt: skip
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None
 ) -> RootConfig:
@@ -142,9 +150,7 @@ def load_config(
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         tree = loaded or {}
         if tree and not set(tree) & set(RootConfig.model_fields):
-            stages = [name for name, field in RootConfig.model_fields.items()
-                      if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-                      and set(tree) <= set(field.annotation.model_fields)]  # fmt: skip
+            stages = stages_with(set(tree))
             if section in stages:
                 tree = {section: tree}
             elif stages:
