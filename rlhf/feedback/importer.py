@@ -116,7 +116,7 @@ def _import(
         ] = []  # fmt: skip
         # A row repeating one of the project's or an earlier one of this import (same prompt, same answers)
         # would only make duplicate tasks, each answered separately and counted twice in the exported pairs;
-        # a row without a prompt_id (gold rows, often) is known by that alone. Production pairs are each a
+        # a row without a prompt_id (gold rows, often) is known by these alone. Production pairs are each a
         # user's own, however alike.
         seen = set() if project.production else _contents(session, project.id)
         for row in candidates:
