@@ -101,6 +101,7 @@ def open_dataset(spec: str | Path) -> Any:
             if config is not None:
                 raise DataError(f"{spec}: a save_to_disk folder has no config")
             return _pick_split(spec, _load(spec, lambda d, **_: d.load_from_disk(str(local))), split)
+        _one_format(spec, local)
         return _pick_split(
             spec,
             _load(spec, lambda d, **cache: d.load_dataset(str(local), config, split=split, **cache)),
@@ -163,11 +164,30 @@ def _first_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
+def _one_format(spec: str | Path, folder: Path) -> None:
+    """A folder of data files is read as one format: `datasets` takes the files of one and leaves the others out
+    without a word, so a folder that mixes them is an error."""
+    kinds = set()
+    for f in folder.rglob("*"):
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts):
+            suffix = f.suffixes[-2] if f.suffix in COMPRESSED and len(f.suffixes) > 1 else f.suffix
+            kind = {**FILE_LOADERS, ".jsonl": "json", ".txt": "text"}.get(suffix)
+            if kind is not None:
+                kinds.add(kind)
+    if len(kinds) > 1:
+        raise DataError(f"{spec}: the folder mixes {', '.join(sorted(kinds))} files, and a folder is read as one "
+                        "format (the others would be left out): keep one format there, or name each file")  # fmt: skip
+
+
 def _pick_split(spec: str | Path, data: Any, split: str | None) -> Any:
-    """One Dataset out of a Dataset or DatasetDict: `split`, else "train", else the only split."""
+    """One Dataset out of a Dataset or DatasetDict: `split`, else "train", else the only split. A single Dataset
+    asked for another split than its own is an error (a saved one-split folder's "@test" was all of it)."""
     import datasets
 
     if isinstance(data, datasets.Dataset):
+        own = str(data.split) if data.split is not None else "train"
+        if split is not None and split != own:
+            raise DataError(f"{spec}: no split {split!r}; it holds one dataset (split {own!r})")
         return data
     names = list(data)
     if split is None:

@@ -119,6 +119,10 @@ def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[
     )
     if not train:
         raise DataError(f"{cfg.train_file}: too little text for one block of {cfg.block_size} tokens")
+    if eval_docs and not held_out:
+        log.warning("pretrain: the %d held-out documents hold too little text for one block of %d tokens: no "
+                    "held-out loss (a larger eval_fraction, or an eval_file, gives one)", len(eval_docs),
+                    cfg.block_size)  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "pretrain: %d blocks of %d tokens, %d held out, model %.2fM parameters",

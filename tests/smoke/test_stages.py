@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from functools import partial
@@ -411,3 +412,22 @@ def test_sft_columns_train_on_alpaca_rows(tmp_path: Path) -> None:
         f"{data}:1: missing field 'prompt' (or 'messages' or 'text'); the row's keys are 'instruction', 'input', "
         "'output'"
     )
+
+
+def test_pretrain_with_held_out_documents_too_short_for_a_block_says_so(
+    tiny_demo: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The held-out documents were taken out of training and gave no held-out loss (NaN), without a word."""
+    short = tmp_path / "short.txt"
+    short.write_text("Hi.\n")
+    sets = [s for s in TINY if s.startswith("pretrain.")] + [
+        f"pretrain.train_file={tiny_demo['data'] / 'pretrain.txt'}", f"pretrain.eval_file={short}",
+        "pretrain.max_steps=1",
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="rlhf.stages.pretrain"):
+        result = runner.invoke(
+            app,
+            ["pretrain", "--quiet", "--out", str(tmp_path / "pt"), *[a for s in sets for a in ("--set", s)]],
+        )
+    assert result.exit_code == 0, result.output
+    assert "hold too little text for one block" in caplog.text

@@ -330,3 +330,25 @@ def test_an_ultrafeedback_row_whose_scores_contradict_its_labels_is_refused(tmp_
     write_jsonl(source, [row])
     with pytest.raises(DataError, match=r"uf.jsonl:1: score_chosen \(2.0\) is below score_rejected \(8.5\)"):
         read_preferences(source)
+
+
+def test_a_folder_of_two_formats_or_a_split_a_saved_dataset_lacks_is_an_error(tmp_path: Path) -> None:
+    """`datasets` reads a folder as one format, leaving the other files out without a word; and a saved folder
+    of one dataset gave all of its rows for any split asked (train@train and train@test, the same rows)."""
+    import datasets
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text(json.dumps({"prompt": "1+1?", "chosen": "2", "rejected": "3"}) + "\n")
+    datasets.Dataset.from_list([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]).to_parquet(
+        mixed / "b.parquet"
+    )
+    with pytest.raises(
+        DataError, match=r"the folder mixes json, parquet files, and a folder is read as one format"
+    ):
+        read_preferences(str(mixed))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]).save_to_disk(str(saved))
+    assert [r.prompt for r in read_preferences(f"{saved}@train")] == ["2+2?"]  # type: ignore[union-attr]
+    with pytest.raises(DataError, match=r"no split 'test'; it holds one dataset \(split 'train'\)"):
+        read_preferences(f"{saved}@test")
