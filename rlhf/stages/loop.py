@@ -38,6 +38,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhf.config import PPOConfig, RootConfig
@@ -54,7 +55,7 @@ from rlhf.feedback.loop_state import (
     round_counts,
     round_prefix,
 )
-from rlhf.feedback.models import LoopRun, PolicyVersion, RewardModelVersion
+from rlhf.feedback.models import LoopRun, PolicyVersion, Project, RewardModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,9 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
     lc = cfg.loop
     with db.session() as session:
         tasks, votes = round_counts(session, loop.name, round_, settled_before(lc.undo_window_s))
-    need = min(lc.min_votes, tasks * lc.overlap) if lc.min_votes else tasks * lc.overlap
+        # the overlap the round's tasks were imported with (a loop resumed with another gets it from the next)
+        overlap = session.scalar(select(Project.overlap).where(Project.name == loop.name)) or lc.overlap
+    need = min(lc.min_votes, tasks * overlap) if lc.min_votes else tasks * overlap
     panel = Panel.from_config(cfg.panel) if lc.panel else None
     tokens = panel_tokens(db, panel, "loop panel") if panel else {}
     deadline = time.monotonic() + lc.vote_timeout_s
@@ -430,11 +433,26 @@ def policy_version(
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
+# settings a loop keeps from its first round (log_changed_settings)
+SEQUENCE_SETTINGS = ("loop.prompts_per_round", "loop.share_old_prompts")
+
+
 def log_changed_settings(loop: LoopRun, settings: dict[str, Any]) -> None:
     """Warn of the settings that differ from those the loop started with (more rounds are the usual change)."""
     from rlhf.runs import changed_settings, flat_config
 
-    changed = changed_settings(flat_config(loop.config), flat_config(settings), frozenset({"loop.rounds"}))
+    before, now = flat_config(loop.config), flat_config(settings)
+    # each round's prompts follow the earlier rounds' in one shuffled sequence, at prompts_per_round a round
+    # (round_prompts): another size would draw prompts already asked, or skip some for good
+    kept = [
+        f"{k} {before[k]!r} -> {now.get(k)!r}"
+        for k in SEQUENCE_SETTINGS
+        if k in before and before[k] != now.get(k)
+    ]
+    if kept:
+        raise RlhfError(f"loop {loop.name}: {'; '.join(kept)}: the rounds' prompts follow one another at the size "
+                        "the loop began with; continue with it, or start a loop of another loop.name")  # fmt: skip
+    changed = changed_settings(before, now, frozenset({"loop.rounds"}))
     if changed:
         log.warning("loop %s: started again with settings changed since it began, used from here on: %s",
                     loop.name, "; ".join(changed))  # fmt: skip

@@ -238,3 +238,50 @@ def test_loop_status_reads_a_store_and_never_makes_one(tmp_path: Path) -> None:
     assert (
         str(result.exception) == f"no feedback store at sqlite:///{missing} (give the loop's store with --db)"
     )
+
+
+def test_a_loop_resumed_with_another_overlap_waits_for_its_tasks_own(tmp_path: Path) -> None:
+    """The round's tasks were imported with overlap 1; resumed with loop.overlap=2 the round waited for twice the
+    votes the labeling app would ever hand out, until its timeout."""
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.loop_state import get_or_create_loop
+    from rlhf.feedback.schemas import CandidateRow
+
+    db = Database(f"sqlite:///{tmp_path / 'feedback.db'}")
+    upgrade(db)
+    rows = [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"r1:p{i}", "completions": [
+        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]}) for i in range(3)]  # fmt: skip
+    settings = ["loop.name=l", "loop.panel=false", "loop.vote_timeout_s=0.2", "loop.poll_s=0.05",
+                "loop.on_timeout=stop", "loop.overlap=2"]  # fmt: skip
+    try:
+        with db.session() as session:
+            loop_run = get_or_create_loop(session, "l", {})
+            import_candidates(session, "l", rows, overlap=1)
+        with pytest.raises(loop.LoopStopped, match="0 of the 3 votes needed"):
+            loop.collect_votes(load_config(None, settings), db, loop_run, 1)
+    finally:
+        db.dispose()
+
+
+def test_a_loop_keeps_the_size_of_its_rounds(tmp_path: Path) -> None:
+    """Each round's prompts follow the earlier rounds' at prompts_per_round a round: resumed with another size,
+    round 3 drew prompts rounds 1 and 2 had asked (or skipped some for good), under a warning alone."""
+    from rlhf.feedback.loop_state import get_or_create_loop
+
+    db = Database(f"sqlite:///{tmp_path / 'feedback.db'}")
+    upgrade(db)
+    first = load_config(None, ["loop.name=l", "loop.prompts_per_round=20"]).model_dump(mode="json")
+    try:
+        with db.session() as session:
+            loop_run = get_or_create_loop(session, "l", first)
+            loop.log_changed_settings(
+                loop_run, first | {"loop": {**first["loop"], "rounds": 9}}
+            )  # more rounds: fine
+            with pytest.raises(
+                RlhfError, match=r"loop l: loop.prompts_per_round 20 -> 6: the rounds' prompts"
+            ):
+                loop.log_changed_settings(
+                    loop_run, first | {"loop": {**first["loop"], "prompts_per_round": 6}}
+                )
+    finally:
+        db.dispose()
