@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from rlhf.errors import ConfigError
@@ -192,10 +192,15 @@ def open_database(url: str, existing: bool = False) -> Database:
     if existing and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         raise ConfigError(f"no feedback store at {url}")
     db = Database(url)
+    where = db.engine.url.render_as_string(hide_password=True)
     try:
+        # a store read from is one already: a database of other tables (or an empty one) is not made into one
+        if existing and not inspect(db.engine).has_table("alembic_version"):
+            db.dispose()
+            raise ConfigError(f"{where} is not a feedback store (it holds none of its tables)")
         upgrade(db)
-    except OperationalError as e:
-        where = db.engine.url.render_as_string(hide_password=True)
+    except DatabaseError as e:  # unreachable, refused, or a file that is not a database at all
+        db.dispose()
         reason = str(e.orig or e).strip().splitlines()[0]
         raise ConfigError(f"cannot open the database {where}: {reason}") from None
     return db

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import httpx
 from typer.testing import CliRunner
@@ -89,6 +90,23 @@ def test_user_errors_are_one_line(tmp_path) -> None:
         app, ["export", "--db", f"sqlite:///{missing}", "--project", "p", "--out", str(tmp_path / "o.jsonl")]
     )
     assert str(result.exception) == f"no feedback store at sqlite:///{missing}" and not missing.exists()
+    # a file that is there but no store (another app's database, or no database at all): said, and left as it was
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE x (a INTEGER)").connection.commit()
+    result = runner.invoke(
+        app, ["export", "--db", f"sqlite:///{other}", "--project", "p", "--out", str(tmp_path / "o.jsonl")]
+    )
+    assert str(result.exception) == f"sqlite:///{other} is not a feedback store (it holds none of its tables)"
+    assert [r[0] for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")] == ["x"]
+    text_file = tmp_path / "votes.jsonl"
+    text_file.write_text('{"prompt": "q"}\n' * 100)
+    result = runner.invoke(
+        app,
+        ["export", "--db", f"sqlite:///{text_file}", "--project", "p", "--out", str(tmp_path / "o.jsonl")],
+    )
+    assert str(result.exception).startswith(
+        f"cannot open the database sqlite:///{text_file}: file is not a database"
+    )
     result = runner.invoke(app, ["user", "add", "--db", db_url, "--name", "x y", "--password", ""])
     assert "user name 'x y'" in str(result.exception)
     result = runner.invoke(app, ["db", "upgrade", "--db", "postgresql://nobody@127.0.0.1:1/none"])
