@@ -163,6 +163,8 @@ def format_lineage(chain: list[LineageStep]) -> str:
         if win is not None:
             low, high = p.metrics["ci95"]
             line += f" {p.metrics.get('judge', 'gold')} win rate vs SFT {win:.3f} [{low:.3f}, {high:.3f}]"
+        if p.metrics.get("unchanged"):
+            line += UNCHANGED
         lines.append(line + f"  {p.path}")
     return "\n".join(lines)
 
@@ -195,6 +197,7 @@ def status_text(session: Session, loop: LoopRun) -> str:
             p = versions[r]
             low, high = p.metrics["ci95"]
             line += f"; policy {p.name}: win rate vs SFT {p.metrics['win_rate_vs_sft']:.3f} [{low:.3f}, {high:.3f}]"
+            line += UNCHANGED if p.metrics.get("unchanged") else ""
         lines.append(line)
     lines += ["", "leaderboard (Bradley-Terry over cross-version votes and evaluations; SFT = 0):"]
     lines.append(format_leaderboard(loop_leaderboard(session, loop)))

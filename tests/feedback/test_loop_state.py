@@ -149,3 +149,17 @@ def test_the_leaderboard_leaves_out_answers_made_from_a_policys_answers(api, db:
         judgements = loop_judgements(s, loop_state.get_loop(s, "demo"))[1]
     # 6 tasks: both of prompt 0 and one of prompt 1 hold a made-up answer
     assert sum(j.source == "votes" for j in judgements) == 3
+
+
+def test_status_and_lineage_say_when_a_rounds_policy_is_its_parents(db: Database) -> None:
+    """docs/loop.md: a round whose PPO kept its starting policy says so in its line (the loop's own summary
+    did; status and lineage did not)."""
+    register_versions(db)
+    with db.session() as s:
+        r1 = s.scalars(select(PolicyVersion).where(PolicyVersion.name == "r1")).one()
+        r1.metrics = {**r1.metrics, "unchanged": True}
+        s.commit()
+        loop = loop_state.get_loop(s, "demo")
+        status = loop_state.status_text(s, loop)
+        lineage = loop_state.format_lineage(loop_state.lineage(s, loop, "r1"))
+    assert loop_state.UNCHANGED in status.splitlines()[1] and loop_state.UNCHANGED in lineage.splitlines()[0]
