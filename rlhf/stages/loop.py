@@ -244,13 +244,15 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
     lc = cfg.loop
     with db.session() as session:
         tasks, votes = round_counts(session, loop.name, round_, settled_before(lc.undo_window_s))
+        cast_so_far = round_counts(session, loop.name, round_)[1]
         # the overlap the round's tasks were imported with (a loop resumed with another gets it from the next)
         overlap = session.scalar(select(Project.overlap).where(Project.name == loop.name)) or lc.overlap
     need = min(lc.min_votes, tasks * overlap) if lc.min_votes else tasks * overlap
     panel = Panel.from_config(cfg.panel) if lc.panel else None
     tokens = panel_tokens(db, panel, "loop panel") if panel else {}
     deadline = time.monotonic() + lc.vote_timeout_s
-    log.info("loop: round %d: waiting for %d votes on %d tasks (%d so far)", round_, need, tasks, votes)
+    log.info("loop: round %d: waiting for %d votes on %d tasks (%d so far, and %d within the undo window)",
+             round_, need, tasks, votes, cast_so_far - votes)  # fmt: skip
     settling = False
     with labeling_server(cfg, db.url) if panel else nullcontext(None) as base_url:
         while True:
@@ -271,6 +273,8 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
             stall_point(f"r{round_}.votes")
             if time.monotonic() > deadline:
                 message = f"round {round_}: {votes} of the {need} votes needed arrived within {lc.vote_timeout_s:g} s"
+                if live > votes:  # cast, but still within the labeling app's undo window
+                    message += f" ({live - votes} more cast, which may still be undone)"
                 if lc.on_timeout == "stop":
                     raise LoopStopped(message + " (loop.on_timeout = stop)")
                 log.warning(
