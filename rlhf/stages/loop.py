@@ -238,6 +238,7 @@ def labeling_server(cfg: RootConfig, url: str) -> Iterator[str]:
 
 def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> dict[str, Any]:
     """Let the panel vote (if on), then poll the store until the round has min_votes or the timeout passes."""
+    from rlhf.feedback.client import FeedbackAPIError
     from rlhf.labelers.api_panel import label_through_api, panel_tokens
     from rlhf.labelers.panel import Panel
 
@@ -258,9 +259,19 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
         while True:
             cast = 0
             if panel is not None and base_url is not None:
-                cast = sum(
-                    label_through_api(base_url, tokens, panel, loop.name, lc.panel_votes_per_poll).values()
-                )
+                try:
+                    cast = sum(
+                        label_through_api(
+                            base_url, tokens, panel, loop.name, lc.panel_votes_per_poll
+                        ).values()
+                    )
+                except FeedbackAPIError as e:
+                    if e.status != 401 or not lc.feedback_url:
+                        raise
+                    # the panel's tokens are made in the loop's store (--db): a server of another store knows none
+                    raise RlhfError(f"the labeling server at {lc.feedback_url} does not know the loop panel's "
+                                    f"tokens: it serves another store than the loop's "
+                                    f"({db.engine.url.render_as_string(hide_password=True)})") from None  # fmt: skip
             with db.session() as session:
                 live = round_counts(session, loop.name, round_)[1]
                 votes = round_counts(session, loop.name, round_, settled_before(lc.undo_window_s))[1]

@@ -288,3 +288,32 @@ def test_a_loop_keeps_the_size_of_its_rounds(tmp_path: Path) -> None:
                 )
     finally:
         db.dispose()
+
+
+def test_a_feedback_url_of_another_store_is_said_in_one_line(tmp_path: Path) -> None:
+    """The panel's tokens are made in the loop's store: a labeling server of another store answered 401, and
+    the loop stopped on "labeling API answered 401: not authenticated"."""
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.loop_state import get_or_create_loop
+    from rlhf.feedback.schemas import CandidateRow
+    from rlhf.feedback.testing import run_server
+
+    db = Database(f"sqlite:///{tmp_path / 'loop.db'}")
+    upgrade(db)
+    other = Database(f"sqlite:///{tmp_path / 'other.db'}")
+    upgrade(other)
+    other.dispose()
+    rows = [CandidateRow.model_validate({"prompt": "q", "prompt_id": "r1:p0", "completions": [
+        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]})]  # fmt: skip
+    try:
+        with db.session() as session:
+            loop_run = get_or_create_loop(session, "l", {})
+            import_candidates(session, "l", rows)
+        with run_server(f"sqlite:///{tmp_path / 'other.db'}") as base:
+            settings = ["loop.name=l", f"loop.feedback_url={base}", "loop.vote_timeout_s=5"]
+            with pytest.raises(
+                RlhfError, match=f"the labeling server at {base} does not know the loop panel's"
+            ):
+                loop.collect_votes(load_config(None, settings), db, loop_run, 1)
+    finally:
+        db.dispose()
