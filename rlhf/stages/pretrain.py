@@ -103,6 +103,9 @@ def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[
                 train_bpe_tokenizer(train_docs, cfg.vocab_size).save_pretrained(tok_dir)
             accelerator.wait_for_everyone()
             tokenizer = load_tokenizer(str(tok_dir), cfg.add_pad_token)
+            # a small corpus has fewer merges to make than asked, and the byte alphabet needs 256 at least
+            log.info("pretrain: a tokenizer of %d tokens trained on the corpus (pretrain.vocab_size %d)",
+                     len(tokenizer), cfg.vocab_size)  # fmt: skip
         model = build_causal_lm(cfg.arch, tokenizer, seed=cfg.seed)
     disable_dropout(model)
     if cfg.block_size > context_length(model):

@@ -417,17 +417,22 @@ def test_sft_columns_train_on_alpaca_rows(tmp_path: Path) -> None:
 def test_pretrain_with_held_out_documents_too_short_for_a_block_says_so(
     tiny_demo: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The held-out documents were taken out of training and gave no held-out loss (NaN), without a word."""
+    """The held-out documents were taken out of training and gave no held-out loss (NaN), without a word; and
+    the tokenizer trained on the corpus says its size (a small corpus makes fewer tokens than vocab_size)."""
     short = tmp_path / "short.txt"
     short.write_text("Hi.\n")
     sets = [s for s in TINY if s.startswith("pretrain.")] + [
         f"pretrain.train_file={tiny_demo['data'] / 'pretrain.txt'}", f"pretrain.eval_file={short}",
         "pretrain.max_steps=1",
     ]  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="rlhf.stages.pretrain"):
+    with caplog.at_level(logging.INFO, logger="rlhf.stages.pretrain"):
         result = runner.invoke(
             app,
             ["pretrain", "--quiet", "--out", str(tmp_path / "pt"), *[a for s in sets for a in ("--set", s)]],
         )
     assert result.exit_code == 0, result.output
     assert "hold too little text for one block" in caplog.text
+    tokens = len(load_tokenizer(str(tmp_path / "pt" / "final")))
+    assert (
+        f"a tokenizer of {tokens} tokens trained on the corpus" in caplog.text
+    )  # its size, which may differ
