@@ -161,9 +161,8 @@ async def proxy(request: Request, path: str) -> Response:
     opted = bool(ab) or request.headers.get(AB_HEADER, "").strip().lower() in ("1", "true", "yes")
     if _wants_ab(state, body, opted):
         return await _ab(state, path, body, request)
-    if (
-        ab is not None
-    ):  # `ab` is this gateway's field, opted in or not: engines that refuse unknown fields never see it
+    # `ab` is this gateway's field, opted in or not: engines that refuse unknown fields never see it
+    if ab is not None:
         raw = json.dumps(body).encode()
     return await _forward(state, state.upstream, "POST", path, raw, request)
 
@@ -202,14 +201,16 @@ async def _forward(
     return await _relay(upstream)
 
 
-def _candidate_down(replied: Sequence[Any]) -> None:
-    """The candidate did not answer an A/B request: the requested model answers it alone, as without A/B (a
-    candidate that is down takes no share of the traffic with it)."""
+def _candidate_down(replied: Sequence[Any]) -> bool:
+    """Whether the candidate's side of an A/B request failed as an engine that is down does (an HTTP error, not
+    a bug here): then the requested model answers alone, as without A/B, so that a candidate that is down takes
+    no share of the traffic with it. Logged."""
     failed = next(e for e in replied if not isinstance(e, httpx.Response))
     if not isinstance(failed, httpx.HTTPError):
-        raise failed
+        return False
     log.warning("gateway: the candidate did not answer an A/B request (%r): the requested model's answer alone",
                 failed)  # fmt: skip
+    return True
 
 
 async def _relay(upstream: httpx.Response) -> Response:
@@ -259,8 +260,7 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
         refused = next((r for r in _requested_first(state, sides, model, opened) if isinstance(r, httpx.Response)
                         and r.status_code != 200), None)  # fmt: skip
         requested = _requested_first(state, sides, model, opened)[0]
-        if refused is None and len(replies) == 1 and replies[0] is requested:
-            _candidate_down(opened)
+        if refused is None and len(replies) == 1 and replies[0] is requested and _candidate_down(opened):
             return await _relay(requested)
         if refused is not None or len(replies) < 2:
             content = await refused.aread() if refused is not None else b""
@@ -290,8 +290,7 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
     errors = [e for e in replied if not isinstance(e, httpx.Response)]
     if errors:
         requested = _requested_first(state, sides, model, replied)[0]
-        if len(errors) == 1 and isinstance(requested, httpx.Response):
-            _candidate_down(replied)
+        if len(errors) == 1 and isinstance(requested, httpx.Response) and _candidate_down(replied):
             kept = {k: v for k, v in requested.headers.items() if k in PASSED_HEADERS}
             return Response(requested.content, requested.status_code, kept)
         if not isinstance(errors[0], httpx.HTTPError):
