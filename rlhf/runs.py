@@ -47,7 +47,7 @@ from rlhf.models.loading import replace_dir
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 # what a stage's run leaves in its directory besides final/ (PPO: the guard's best checkpoint)
-EARLIER_RUN = ("checkpoints", "metrics.jsonl", "summary.json", "best")
+EARLIER_RUN = ("checkpoints", "metrics.jsonl", "summary.json", "best", "trackers")
 STASH = ".earlier-run"  # an earlier run's records until the new run writes its first metrics or checkpoint
 _unstarted: list[Run] = []  # runs of this process that have not written metrics or a checkpoint yet
 LOCK = ".lock"
@@ -124,7 +124,18 @@ class Run:
         self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
         if self.accelerator is not None:
             project = config.__class__.__name__.removesuffix("Config").lower()
-            self.accelerator.init_trackers(project, config=flat_config(config.model_dump(mode="json")))
+            # resumed, TensorBoard drops what the run logged after its checkpoint, which the run logs again
+            checkpoint = self.latest_checkpoint() if resume else None
+            purge = {"tensorboard": {"purge_step": int(checkpoint.name.removeprefix("step-")) + 1 if checkpoint
+                                     else 0}} if resume else {}  # fmt: skip
+            try:
+                self.accelerator.init_trackers(project, config=flat_config(config.model_dump(mode="json")),
+                                               init_kwargs=purge)  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - each tracker fails in its own way; the user needs its reason
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RlhfError(
+                    f"log_with {self.accelerator.log_with}: the tracker did not start ({reason})"
+                ) from None
 
     def started(self) -> None:
         """The run writes its first output: the earlier run it replaces is gone for good."""
@@ -165,7 +176,8 @@ class Run:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.accelerator is not None:
-            scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            scalars = {k: v for k, v in row.items()
+                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
             self.accelerator.log(scalars, step=step)
 
     def finish(self) -> None:

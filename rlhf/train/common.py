@@ -113,6 +113,10 @@ def make_accelerator(
     accelerate keeps one state per process and refuses a second precision; stages run one after another in
     one process (`rlhf demo`, the tests) may differ, so that state is reset (the process group kept) first.
     """
+    missing = [name for name in log_with if not _tracker_installed(name)]
+    if missing:  # accelerate drops a tracker it cannot import, with a warning at most (none beside another)
+        raise ConfigError(f"log_with: {', '.join(missing)} is not installed (pip install {' '.join(missing)}, or "
+                          "the project's extra: pip install 'rlhf-loop[tracking]')")  # fmt: skip
     if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         # accelerate's FSDP plugin fails on CPU processes with a traceback from every one of them
         raise ConfigError("accelerate launch --use_fsdp does not shard CPU processes: launch without it and set "
@@ -131,6 +135,17 @@ def make_accelerator(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         _close_process_group_at_exit()
     return accelerator
+
+
+def _tracker_installed(name: str) -> bool:
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    checks = {
+        "tensorboard": is_tensorboard_available,
+        "wandb": is_wandb_available,
+        "mlflow": is_mlflow_available,
+    }
+    return checks[name]() if name in checks else True
 
 
 # How long the main thread lets gloo's worker threads take the GIL before the interpreter shuts down.

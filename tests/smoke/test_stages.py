@@ -351,6 +351,41 @@ def test_metrics_reach_tensorboard_through_accelerate(tiny_demo: dict[str, Path]
     assert all(board[s] == pytest.approx(logged[s], rel=1e-6) for s in board)
 
 
+def test_tensorboard_on_resume_and_over_an_earlier_run_holds_each_step_once(
+    tiny_demo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed from step 2 of 4, the run logs steps 3 and 4 again: TensorBoard held them twice (metrics.jsonl,
+    cut back to the checkpoint, once). A new run in the folder kept the earlier run's event files. The row's
+    step is no scalar of its own. A tracker that is not installed was dropped with a warning at most."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf.train import common
+
+    out = tmp_path / "tb"
+    sets = (
+        "sft.max_steps=4",
+        "sft.log_every=1",
+        "sft.save_every=2",
+        "sft.eval_every=100",
+        "sft.log_with=[tensorboard]",
+    )
+    assert runner.invoke(app, sft_args(tiny_demo, out, *sets)).exit_code == 0
+    shutil.rmtree(out / "checkpoints" / "step-0000004")
+    assert runner.invoke(app, [*sft_args(tiny_demo, out, *sets), "--resume"]).exit_code == 0
+
+    def steps(tag: str) -> list[int]:
+        acc = EventAccumulator(str(out / "trackers" / "sft")).Reload()
+        return sorted(e.step for e in acc.Scalars(tag)) if tag in acc.Tags()["scalars"] else []
+
+    assert steps("sft/loss") == [1, 2, 3, 4] and steps("step") == []
+    assert runner.invoke(app, sft_args(tiny_demo, out, "sft.max_steps=1", "sft.log_every=1",
+                                       "sft.log_with=[tensorboard]")).exit_code == 0  # fmt: skip
+    assert steps("sft/loss") == [1]
+    monkeypatch.setattr(common, "_tracker_installed", lambda name: name != "wandb")
+    result = runner.invoke(app, sft_args(tiny_demo, tmp_path / "wb", "sft.log_with=[tensorboard,wandb]"))
+    assert result.exit_code != 0 and "log_with: wandb is not installed" in str(result.exception)
+
+
 def test_redteam_filter_options_without_filter_are_refused() -> None:
     result = runner.invoke(app, ["redteam", "--filter-list", "list.jsonl"])
     assert result.exit_code != 0 and "go with --filter FILE" in str(result.exception)

@@ -289,3 +289,20 @@ def test_a_resume_into_another_stages_run_names_that_stage(tmp_path: Path) -> No
         Run(out, DPOConfig(out_dir=str(out)), resume=True)
     with pytest.raises(RlhfError, match="holds a run of the sft stage"):
         Run(out, DPOConfig(out_dir=str(out)), is_main=False, resume=True)
+
+
+def test_a_tracker_that_fails_to_start_is_one_line(tmp_path: Path) -> None:
+    """MLflow's refusal of a file store, W&B's of an unknown mode: an 85-line traceback before training."""
+
+    class Refusing:
+        log_with = ["mlflow"]
+
+        def init_trackers(self, *args: Any, **kwargs: Any) -> None:
+            raise ValueError(
+                "The filesystem tracking backend is not allowed\nset MLFLOW_ALLOW_FILE_STORE=true"
+            )
+
+    with pytest.raises(
+        RlhfError, match=r"^log_with \['mlflow'\]: the tracker did not start \(The filesystem .*allowed\)$"
+    ):
+        Run(tmp_path / "run", SFTConfig(out_dir=str(tmp_path / "run")), accelerator=Refusing())  # type: ignore[arg-type]
