@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import zlib
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from rlhf.feedback.db import db_of, open_database
 from rlhf.feedback.errors import Conflict, Forbidden, InvalidInput, NotFound
 from rlhf.feedback.importer import import_candidates
 from rlhf.feedback.models import Project, Prompt, Task, User, Vote
-from rlhf.feedback.schemas import CandidateRow, Choice, CompletionIn, SamplingIn, VoteIn
+from rlhf.feedback.schemas import NAME_PATTERN, CandidateRow, Choice, CompletionIn, SamplingIn, VoteIn
 from rlhf.feedback.security import RateLimiter
 from rlhf.feedback.users import app_secret, create_user, get_user
 from rlhf.feedback.votes import Recorded, record_vote
@@ -151,7 +152,7 @@ def record_ab_vote(
         task_id, owner = _pair(session, store.project, feedback_id)
         if user is not None and user != (owner or ANONYMOUS):
             raise Forbidden("this A/B response was made for another user")
-        name = USER_PREFIX + (owner or ANONYMOUS)
+        name = _account_name(owner or ANONYMOUS)
         replay = session.scalar(select(Vote).where(Vote.idempotency_key == idempotency_key))
         if replay is not None:
             if replay.task_id != task_id or replay.choice != choice:
@@ -221,6 +222,16 @@ def _production_user(session: Session, full: str) -> tuple[User, bool]:
         return create_user(session, full, "labeler"), True  # no password: it can never log in
     except Conflict:  # made by a concurrent request
         return get_user(session, full), False
+
+
+def _account_name(user: str) -> str:
+    """The store account of an end user: "prod.<user>", or, for a name the store's names cannot hold (longer
+    than 64 characters in all, or other characters), "prod.u-" and a digest of it: the same user, the same
+    account, whatever the client sends."""
+    name = USER_PREFIX + user
+    if re.fullmatch(NAME_PATTERN, name):
+        return name
+    return USER_PREFIX + "u-" + hashlib.sha256(user.encode()).hexdigest()[:32]
 
 
 def _anonymous_key(client: str) -> int:

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import quote
 
@@ -60,7 +61,11 @@ class GatewayState:
 
 def _client(base_url: str, s: GatewaySettings) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
-    return httpx.AsyncClient(base_url=base_url.rstrip("/") + "/", timeout=s.timeout_s, limits=limits)
+    # a jar that keeps no cookie: one an upstream sets (a load balancer's, a proxy's session) would otherwise go
+    # with every later request, whichever client sent it
+    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.AsyncClient(base_url=base_url.rstrip("/") + "/", timeout=s.timeout_s, limits=limits,
+                             cookies=no_cookies)  # fmt: skip
 
 
 @asynccontextmanager
@@ -241,8 +246,12 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
         bodies[1]["seed"] = body["seed"] + 1  # one model sampled twice: two different samples
     headers = {"content-type": "application/json", **_auth(state, request)}
     chat = path == "chat/completions"
-    meta = {"endpoint": "chat.completions" if chat else "completions", "model": model,
-            "request_user": body.get("user"), "upstream": str(state.upstream.base_url)}  # fmt: skip
+    meta = {
+        "endpoint": "chat.completions" if chat else "completions",
+        "model": model,
+        "request_user": body.get("user"),
+        "upstream": str(state.upstream.base_url.copy_with(userinfo=b"")),  # a password in it is not stored
+    }
     prompt = _prompt_text(body, chat)
     if chat:  # the conversation itself: its pairs export as conversations, for any model's chat template
         meta[PROMPT_MESSAGES] = [

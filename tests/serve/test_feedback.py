@@ -261,3 +261,18 @@ def test_a_vote_that_loses_the_race_for_a_first_pair_keeps_the_winners(
         votes = session.execute(select(Vote.choice, User.name).join(User, User.id == Vote.user_id)).all()
     store.close()
     assert [tuple(v) for v in votes] == [("A", "prod.ann")]
+
+
+def test_an_end_user_name_the_store_cannot_hold_gets_an_account_it_can() -> None:
+    """A client's `user` of 222 characters or of other characters became a store user the store's names refuse
+    (on PostgreSQL, a name over 64 characters fails the vote with a 500): such a user gets a digest of it."""
+    import re
+
+    from rlhf.feedback.schemas import NAME_PATTERN
+
+    assert ab._account_name("bob") == "prod.bob"
+    for user in ("<svg onload=alert(1)> " + "x" * 200, "x" * 60):
+        name = ab._account_name(user)
+        assert re.fullmatch(NAME_PATTERN, name) and name == ab._account_name(user) != ab._account_name(
+            user + "!"
+        )

@@ -361,3 +361,52 @@ def test_a_candidate_that_is_down_leaves_the_requested_model_to_answer(
     assert streamed.status_code == 200 and events[-1] == "[DONE]"
     assert all(json.loads(e)["choices"][0]["index"] == 0 for e in events[:-1] if json.loads(e)["choices"])
     assert not any("feedback_id" in e for e in events)
+
+
+def cookie_engine(seen: list[str | None]) -> FastAPI:
+    """An engine behind a proxy that sets a cookie on every answer; it keeps the Cookie header of each request."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Any:
+        seen.append(request.headers.get("cookie"))
+        answer = JSONResponse({"object": "list", "data": []})
+        answer.set_cookie("sticky", "engine-1")
+        return answer
+
+    return app
+
+
+def test_an_upstream_cookie_is_never_sent_on_another_clients_request(tmp_path: Path) -> None:
+    """httpx keeps cookies by default: a load balancer's or a proxy's cookie set on one client's answer went
+    with every later request of every client."""
+    seen: list[str | None] = []
+    with run_app(cookie_engine(seen)) as (engine, _):
+        with run_app(
+            create_app(
+                GatewaySettings(upstream="http://user:s3cret@" + engine.removeprefix("http://") + "/v1")
+            )
+        ) as (url, _):
+            for _ in range(3):
+                assert httpx.get(url + "/v1/models", timeout=30).status_code == 200
+    assert seen[-2:] == [None, None]
+
+
+def test_a_password_in_the_upstream_url_is_not_stored_with_the_pairs(
+    server: dict[str, Any], tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path}/feedback.db"
+    upstream = server["url"].replace("http://", "http://svc:s3cret@") + "/v1"
+    settings = GatewaySettings(
+        upstream=upstream, candidate_model="tiny-candidate", feedback_db=db_url, ab_rate=1.0
+    )
+    with run_app(create_app(settings)) as (url, _):
+        for _ in range(5):  # identical answers make no pair
+            body = {"model": "tiny", "messages": HELLO, "max_tokens": 8, "ab": True}
+            if "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json():
+                break
+    db = Database(db_url)
+    with db.session() as session:
+        stored = [p.meta["upstream"] for p in session.scalars(select(Prompt))]
+    db.dispose()
+    assert stored and all("s3cret" not in u and u.startswith("http://127.0.0.1") for u in stored)
