@@ -13,8 +13,16 @@ from rlhf.config import load_config
 from rlhf.errors import ConfigError, RlhfError
 from rlhf.feedback.db import Database, upgrade
 from rlhf.feedback.models import LoopRun, PolicyVersion, RewardModelVersion
+from rlhf.feedback.schemas import CandidateRow
 from rlhf.stages import loop
 from rlhf.stages.loop import candidate_pairs, pending, round_ppo_config, round_prompts
+
+
+def round_one_rows(n: int) -> list[CandidateRow]:
+    """n candidate rows of round 1, two answers each."""
+    return [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"r1:p{i}", "completions": [
+        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]}) for i in range(n)]  # fmt: skip
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,14 +142,12 @@ def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_p
     from rlhf.feedback.client import FeedbackClient
     from rlhf.feedback.importer import import_candidates
     from rlhf.feedback.loop_state import get_or_create_loop
-    from rlhf.feedback.schemas import CandidateRow
     from rlhf.feedback.testing import make_user, run_server
 
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     token = make_user(url, "ann")
     db = Database(url)
-    rows = [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"r1:p{i}", "completions": [
-        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]}) for i in range(3)]  # fmt: skip
+    rows = round_one_rows(3)
     try:
         with db.session() as session:
             loop_run = get_or_create_loop(session, "l", {})
@@ -170,14 +176,12 @@ def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_b
     from rlhf.feedback.client import FeedbackClient
     from rlhf.feedback.importer import import_candidates
     from rlhf.feedback.loop_state import get_or_create_loop
-    from rlhf.feedback.schemas import CandidateRow
     from rlhf.feedback.testing import make_user, run_server
 
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     token = make_user(url, "ann")
     db = Database(url)
-    rows = [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"r1:p{i}", "completions": [
-        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]}) for i in range(3)]  # fmt: skip
+    rows = round_one_rows(3)
     settings = ["loop.name=l", "loop.panel=false", "loop.min_votes=2", "loop.vote_timeout_s=0.3",
                 "loop.poll_s=0.05", "loop.on_timeout=stop"]  # fmt: skip
     try:
@@ -248,12 +252,10 @@ def test_a_loop_resumed_with_another_overlap_waits_for_its_tasks_own(tmp_path: P
     votes the labeling app would ever hand out, until its timeout."""
     from rlhf.feedback.importer import import_candidates
     from rlhf.feedback.loop_state import get_or_create_loop
-    from rlhf.feedback.schemas import CandidateRow
 
     db = Database(f"sqlite:///{tmp_path / 'feedback.db'}")
     upgrade(db)
-    rows = [CandidateRow.model_validate({"prompt": f"q{i}", "prompt_id": f"r1:p{i}", "completions": [
-        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]}) for i in range(3)]  # fmt: skip
+    rows = round_one_rows(3)
     settings = ["loop.name=l", "loop.panel=false", "loop.vote_timeout_s=0.2", "loop.poll_s=0.05",
                 "loop.on_timeout=stop", "loop.overlap=2"]  # fmt: skip
     try:
@@ -295,7 +297,6 @@ def test_a_feedback_url_of_another_store_is_said_in_one_line(tmp_path: Path) -> 
     the loop stopped on "labeling API answered 401: not authenticated"."""
     from rlhf.feedback.importer import import_candidates
     from rlhf.feedback.loop_state import get_or_create_loop
-    from rlhf.feedback.schemas import CandidateRow
     from rlhf.feedback.testing import run_server
 
     db = Database(f"sqlite:///{tmp_path / 'loop.db'}")
@@ -303,8 +304,7 @@ def test_a_feedback_url_of_another_store_is_said_in_one_line(tmp_path: Path) -> 
     other = Database(f"sqlite:///{tmp_path / 'other.db'}")
     upgrade(other)
     other.dispose()
-    rows = [CandidateRow.model_validate({"prompt": "q", "prompt_id": "r1:p0", "completions": [
-        {"text": "a", "policy": "sft"}, {"text": "b", "policy": "sft"}]})]  # fmt: skip
+    rows = round_one_rows(1)
     try:
         with db.session() as session:
             loop_run = get_or_create_loop(session, "l", {})
