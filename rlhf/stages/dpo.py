@@ -432,6 +432,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         # 3. clip and step
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the step's own, before the schedule moves on
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # 4. log: means over the global batch's pairs (each process holds its share of the sum)
@@ -443,7 +444,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         progress.update(done, tokens * world, loss=step_metrics["dpo/loss"])
         if done % cfg.log_every == 0 or done == plan.total_steps:
             metrics = {**step_metrics, "dpo/grad_norm": float(grad_norm),
-                       "dpo/lr": scheduler.get_last_lr()[0], "dpo/pairs_per_s": rate}  # fmt: skip
+                       "dpo/lr": lr, "dpo/pairs_per_s": rate}  # fmt: skip
             run_dir.log(done, metrics)
             progress.line(done, loss=step_metrics["dpo/loss"], accuracy=step_metrics["dpo/accuracy"])
         # 5. evaluate on the held-out prompts

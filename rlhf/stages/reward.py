@@ -652,6 +652,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         # 3. clip and step
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the step's own, before the schedule moves on
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # 4. log: loss and accuracy over every process's groups and pairs
@@ -669,7 +670,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
         done = step + 1
         if done % cfg.log_every == 0 or done == plan.total_steps:
             metrics = {"rm/loss": loss_value, "rm/accuracy": step_correct / max(1, step_pairs),
-                       "rm/lr": scheduler.get_last_lr()[0], "rm/grad_norm": float(grad_norm),
+                       "rm/lr": lr, "rm/grad_norm": float(grad_norm),
                        "rm/pairs_per_s": rate}  # fmt: skip
             if unwrapped.aux_coef is not None:  # rm/loss holds coef x this
                 metrics["rm/aux_loss"] = aux_sum / global_groups

@@ -251,6 +251,7 @@ def fit(
         # 2. clip and step
         grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the step's own, before the schedule moves on
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # 3. log
@@ -263,7 +264,7 @@ def fit(
         rate = progress.update(step, seen_tokens * accelerator.num_processes, loss=loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == plan.total_steps:
-            metrics = {f"{stage}/loss": loss, **aux_metrics, f"{stage}/lr": scheduler.get_last_lr()[0],
+            metrics = {f"{stage}/loss": loss, **aux_metrics, f"{stage}/lr": lr,
                        f"{stage}/grad_norm": float(grad_norm), f"{stage}/tokens_per_s": rate}  # fmt: skip
             run.log(done, metrics)
             progress.line(done, loss=loss)

@@ -386,6 +386,17 @@ def test_tensorboard_on_resume_and_over_an_earlier_run_holds_each_step_once(
     assert result.exit_code != 0 and "log_with: wandb is not installed" in str(result.exception)
 
 
+def test_the_logged_learning_rate_is_the_one_the_step_trained_at(
+    tiny_demo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Warm-up over 10 steps to 1e-3: step 1 trains at 1e-4, step 2 at 2e-4 (the log read the schedule after it
+    had moved on, one step ahead)."""
+    sets = ("sft.lr=1e-3", "sft.warmup_steps=10", "sft.max_steps=2", "sft.log_every=1", "sft.eval_every=100")
+    assert runner.invoke(app, sft_args(tiny_demo, tmp_path / "lr", *sets)).exit_code == 0
+    logged = [r["sft/lr"] for r in read_metrics(tmp_path / "lr" / "metrics.jsonl") if "sft/lr" in r]
+    assert logged == pytest.approx([1e-4, 2e-4])
+
+
 def test_redteam_filter_options_without_filter_are_refused() -> None:
     result = runner.invoke(app, ["redteam", "--filter-list", "list.jsonl"])
     assert result.exit_code != 0 and "go with --filter FILE" in str(result.exception)
