@@ -21,11 +21,11 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -38,12 +38,13 @@ from rlhf.feedback.export import PROMPT_MESSAGES
 from rlhf.serve import metrics
 from rlhf.serve.errors import SHOWN_CHARS, APIError, add_error_handlers, error_body
 from rlhf.serve.feedback import AB_HEADER, Answer, FeedbackStore, save_ab_async
-from rlhf.serve.middleware import BodySizeLimit
+from rlhf.serve.middleware import CLIENT_CLOSED, BodySizeLimit
 from rlhf.serve.routers import feedback
 from rlhf.serve.schemas import SSE_DONE, SSE_HEADERS, sse
 from rlhf.serve.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # what a request's answer keeps of the upstream's headers (hop-by-hop and length ones are the server's)
 PASSED_HEADERS = ("content-type", "x-request-id", "openai-processing-ms")
@@ -196,14 +197,36 @@ async def _forward(
         **_auth(state, request),
     }
     try:
-        upstream = await client.send(
-            client.build_request(method, path, content=raw, headers=headers), stream=True
+        upstream = await _unless_client_leaves(
+            request,
+            client.send(client.build_request(method, path, content=raw, headers=headers), stream=True),
         )
     except httpx.HTTPError as e:
         raise APIError(
             f"The upstream engine did not answer: {e!r}", 502, code="upstream_unavailable"
         ) from None
     return await _relay(upstream)
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work` (an upstream request), cancelled if the client goes away before it is done: its connection to
+    the engine closes, and the engine stops generating an answer nobody would read (two, for an A/B pair)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise APIError("The client closed the request", CLIENT_CLOSED, code="client_closed")
+    return task.result()
+
+
+async def _client_left(request: Request) -> None:
+    """Returns when the client has gone away (its request's body already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _candidate_down(replied: Sequence[Any]) -> bool:
@@ -292,9 +315,12 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
 
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(close_upstreams))  # fmt: skip
-    replied = await asyncio.gather(
-        *(c.post(path, json=b, headers=headers) for (c, _), b in zip(sides, bodies, strict=True)),
-        return_exceptions=True,
+    replied = await _unless_client_leaves(
+        request,
+        asyncio.gather(
+            *(c.post(path, json=b, headers=headers) for (c, _), b in zip(sides, bodies, strict=True)),
+            return_exceptions=True,
+        ),
     )
     errors = [e for e in replied if not isinstance(e, httpx.Response)]
     if errors:

@@ -3,7 +3,9 @@ through, A/B pairs come from two upstream answers, and votes land in the gateway
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -410,3 +412,38 @@ def test_a_password_in_the_upstream_url_is_not_stored_with_the_pairs(
         stored = [p.meta["upstream"] for p in session.scalars(select(Prompt))]
     db.dispose()
     assert stored and all("s3cret" not in u and u.startswith("http://127.0.0.1") for u in stored)
+
+
+def slow_engine(outcomes: list[str]) -> FastAPI:
+    """An engine that takes 5 s to answer, and notes whether its client (the gateway) stayed for it."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        for _ in range(100):
+            if await request.is_disconnected():
+                outcomes.append("left")
+                return JSONResponse({})
+            await asyncio.sleep(0.05)
+        outcomes.append("answered")
+        return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": "late"}}]})
+
+    return app
+
+
+@pytest.mark.parametrize("ab", [False, True])
+def test_a_client_that_leaves_frees_the_engine(tmp_path: Path, ab: bool) -> None:
+    """A client that gave up on a plain (not streamed) request left the engine generating for nobody, twice for an
+    A/B pair: the gateway now closes its upstream requests when the client goes."""
+    outcomes: list[str] = []
+    with run_app(slow_engine(outcomes)) as (engine, _):
+        settings = GatewaySettings(upstream=engine + "/v1", candidate_model="other", ab_rate=1.0,
+                                   feedback_db=f"sqlite:///{tmp_path}/feedback.db")  # fmt: skip
+        with run_app(create_app(settings)) as (url, _):
+            body = {"model": "m", "messages": HELLO, "ab": ab}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
+            deadline = time.monotonic() + 4
+            while len(outcomes) < (2 if ab else 1) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert outcomes == ["left"] * (2 if ab else 1)
