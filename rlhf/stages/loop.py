@@ -453,7 +453,8 @@ SEQUENCE_SETTINGS = ("loop.prompts_per_round", "loop.share_old_prompts")
 
 
 def log_changed_settings(loop: LoopRun, settings: dict[str, Any]) -> None:
-    """Warn of the settings that differ from those the loop started with (more rounds are the usual change)."""
+    """Warn of the settings that differ from those the loop started with (more rounds are the usual change);
+    refuse another value of those it keeps (SEQUENCE_SETTINGS)."""
     from rlhf.runs import changed_settings, flat_config
 
     before, now = flat_config(loop.config), flat_config(settings)
