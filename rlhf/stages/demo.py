@@ -573,7 +573,8 @@ def summary_lines(out: Path) -> list[str]:
               [("correct", "correct_rate"), ("on questions", "correct_question_rate"),
                ("non-responsive", "non_responsive_rate"),
                ("hallucinated", "hallucinated_rate"), ("harmful", "harmful_rate"), ("toxic", "toxic_rate"),
-               ("words", "mean_words"), ("EOS", "eos_rate")]),
+               ("words", "mean_words"), ("EOS", "eos_rate")]
+              if sft.get(key) is not None and ppo.get(key) is not None),  # an earlier build's eval has fewer
         ]  # fmt: skip
         if "by_family" in e:
             lines.append(f"win rate a policy with a best answer to every prompt would get: {e['ceiling_win_rate']:.3f}; "

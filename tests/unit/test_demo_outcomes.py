@@ -132,3 +132,23 @@ def test_a_stage_that_times_part_of_its_work_does_not_replace_the_stage_time(tmp
     demo.Stages(tmp_path).run("generate", stage)
     record = json.loads((tmp_path / "stages.json").read_text())["generate"]
     assert record["prompts"] == 4 and record["seconds"] >= 0.05
+
+
+def test_the_closing_summary_reads_an_earlier_builds_evaluation(tmp_path: Path) -> None:
+    """`rlhf demo` over a run whose eval finished under an earlier build (its stages skipped) ended on a KeyError
+    for the row that build did not write; the row is left out instead."""
+    import json
+
+    from rlhf.stages.demo import summary_lines
+
+    metrics = {"kl_to_reference": 1.5, "correct_rate": 0.8, "non_responsive_rate": 0.0, "hallucinated_rate": 0.0,
+               "harmful_rate": 0.0, "toxic_rate": 0.1, "mean_words": 6.0, "eos_rate": 1.0}  # fmt: skip
+    summary = {"n_prompts": 10, "win_rate_a": 0.7, "ci95": [0.6, 0.8], "a": metrics, "b": metrics}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "ppo_vs_sft.json").write_text(json.dumps(summary))
+    lines = summary_lines(tmp_path)
+    assert any(line.strip().startswith("correct") for line in lines)
+    assert not any("on questions" in line for line in lines)
+    both = {**metrics, "correct_question_rate": 0.75}
+    (tmp_path / "eval" / "ppo_vs_sft.json").write_text(json.dumps({**summary, "a": both, "b": both}))
+    assert any(line.strip().startswith("on questions") for line in summary_lines(tmp_path))
