@@ -53,7 +53,10 @@ class SFTConfig(TrainConfig):
         "{prompt: instruction, completion: output}",
     )
     eval_file: str | None = Field(None, description="held-out demonstrations; default: a split of train_file")
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share held out when eval_file is unset")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share held out when eval_file is unset: the file's first rows, in its order "
+        "(a file sorted by source holds out one source: shuffle it, or give eval_file)",
+    )  # fmt: skip
     max_seq_len: int = Field(128, gt=1, description="prompt + response tokens (longer ones are truncated)")
     pack_sequences: bool = Field(
         True, description="train on a micro-batch's demonstrations packed end to end into rows, not padded"
