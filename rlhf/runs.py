@@ -125,9 +125,11 @@ class Run:
         if self.accelerator is not None:
             project = config.__class__.__name__.removesuffix("Config").lower()
             # resumed, TensorBoard drops what the run logged after its checkpoint, which the run logs again
-            checkpoint = self.latest_checkpoint() if resume else None
-            purge = {"tensorboard": {"purge_step": int(checkpoint.name.removeprefix("step-")) + 1 if checkpoint
-                                     else 0}} if resume else {}  # fmt: skip
+            purge: dict[str, Any] = {}
+            if resume:
+                checkpoint = self.latest_checkpoint()
+                first = int(checkpoint.name.removeprefix("step-")) + 1 if checkpoint is not None else 0
+                purge = {"tensorboard": {"purge_step": first}}
             try:
                 self.accelerator.init_trackers(project, config=flat_config(config.model_dump(mode="json")),
                                                init_kwargs=purge)  # fmt: skip

@@ -28,6 +28,8 @@ from rlhf.errors import DataError
 
 FILE_LOADERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+# the loader `datasets` reads a folder's files of each suffix with (`_one_format`)
+FOLDER_LOADERS = {**FILE_LOADERS, ".jsonl": "json", ".txt": "text"}
 DATASET_SUFFIXES = (*FILE_LOADERS, ".jsonl", *COMPRESSED)  # files read as rows of a dataset
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -88,7 +90,7 @@ def open_dataset(spec: str | Path) -> Any:
         suffix = local.suffix
         if suffix in COMPRESSED and len(local.suffixes) > 1:  # datasets decompresses json and csv files
             suffix = local.suffixes[-2]
-        loader = FILE_LOADERS.get(suffix) or ("json" if suffix == ".jsonl" else None)
+        loader = FILE_LOADERS.get(suffix) or ("json" if suffix == ".jsonl" else None)  # a file: no .txt
         if loader is None:
             raise DataError(
                 f"{local}: unknown file type (expected .jsonl, .json, .parquet or .csv, the text ones maybe .gz)"
@@ -171,7 +173,7 @@ def _one_format(spec: str | Path, folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts):
             suffix = f.suffixes[-2] if f.suffix in COMPRESSED and len(f.suffixes) > 1 else f.suffix
-            kind = {**FILE_LOADERS, ".jsonl": "json", ".txt": "text"}.get(suffix)
+            kind = FOLDER_LOADERS.get(suffix)
             if kind is not None:
                 kinds.add(kind)
     if len(kinds) > 1:

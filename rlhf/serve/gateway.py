@@ -289,9 +289,9 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
             return_exceptions=True,
         )  # fmt: skip
         replies = [r for r in opened if isinstance(r, httpx.Response)]
-        refused = next((r for r in _requested_first(state, sides, model, opened) if isinstance(r, httpx.Response)
-                        and r.status_code != 200), None)  # fmt: skip
-        requested = _requested_first(state, sides, model, opened)[0]
+        in_order = _requested_first(state, sides, model, opened)
+        refused = next((r for r in in_order if isinstance(r, httpx.Response) and r.status_code != 200), None)
+        requested = in_order[0]
         if refused is None and len(replies) == 1 and replies[0] is requested and _candidate_down(opened):
             return await _relay(requested)
         if refused is not None or len(replies) < 2:
