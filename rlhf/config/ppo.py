@@ -64,6 +64,13 @@ class PPOConfig(TrainConfig):
     temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use logits / T)")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0 = off)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1.0 = off)")
+    ref_temperature: float | None = Field(
+        None,
+        gt=0,
+        description="temperature the reference's log-probs are read at for the KL penalty (None = temperature): "
+        "lower pulls the policy towards the reference's likelier answers where the reward says nothing; "
+        "the guard's KL is still to the reference at `temperature` (docs/ppo.md: the demo keeps it off)",
+    )
     # reward
     no_eos_penalty: float | None = Field(
         -3.0, description="score of a response that never emits EOS, instead of the RM's (None = RM score)"

@@ -174,7 +174,8 @@ def score_rollout(
                     ref_logits = policy_forward(policy, lay)
             else:
                 ref_logits = policy_forward(reference, lay)
-            parts["ref"].append(widen(lay.padded(logprobs_from_logits(ref_logits, tokens, cfg.temperature))))
+            ref_logprobs = logprobs_from_logits(ref_logits, tokens, cfg.ref_temperature or cfg.temperature)
+            parts["ref"].append(widen(lay.padded(ref_logprobs)))
             if exact_kl:
                 parts["kl"].append(widen(lay.padded(kl_from_logits(logits, ref_logits, cfg.temperature))))
             if critic is not None:  # critic-free: no values (zeros)

@@ -271,6 +271,25 @@ def test_kl_budget_stops_the_run(
     assert "ppo/guard_gold" not in read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
 
 
+def test_a_colder_reference_is_what_the_penalty_reads_and_the_guard_does_not(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
+) -> None:
+    """At the first iteration the policy is the reference: its penalty is 0 unless the reference is read at
+    another temperature; the guard's KL, to the reference at the sampling temperature, is 0 either way."""
+    kls = {}
+    for ref_temperature in (None, 0.3):
+        out = tmp_path / str(ref_temperature)
+        cfg = tiny_ppo(out, tiny_sft_model, tiny_reward_model, demo_data, iterations=1, temperature=0.7,
+                       ref_temperature=ref_temperature, eval_prompts_file=str(demo_data / "eval_prompts.jsonl"),
+                       guard_every=1, guard_prompts=8)  # fmt: skip
+        ppo.run(cfg, quiet=True)
+        rows = read_metrics(out / "metrics.jsonl")
+        assert rows[0]["step"] == 0 and rows[0]["ppo/guard_kl"] == pytest.approx(0, abs=1e-5)
+        kls[ref_temperature] = next(r["ppo/kl"] for r in rows if r["step"] == 1)
+    assert kls[None] == pytest.approx(0, abs=1e-5)
+    assert kls[0.3] > 0.05
+
+
 def test_fewer_guard_prompts_than_processes_is_one_line_on_every_process(
     tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path, demo_data: Path
 ) -> None:
