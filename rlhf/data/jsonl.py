@@ -6,23 +6,26 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rlhf.errors import ConfigError, DataError
 
 
-def iter_jsonl(path: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(
+    path: str | Path, skipped: list[str] | None = None, opener: Callable[..., IO[bytes]] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, object) for each non-blank line; raise DataError naming file:line on bad JSON or
     bytes that are not UTF-8, or, given a `skipped` list, append that message to it and go on. A UTF-8 byte
-    order mark at the start of the file is skipped."""
+    order mark at the start of the file is skipped. `opener` opens the file for reading bytes (a decompressor;
+    default: the file as it is)."""
     path = Path(path)
     if not path.is_file():
         what = "a directory, not a file" if path.is_dir() else "not a regular file" if path.exists() else None
         raise DataError(f"{path}: {what or 'file not found'}")
     # decoded line by line, so that bytes that are not UTF-8 are named by their line
-    with path.open("rb") as f:
+    with (opener or Path.open)(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")

@@ -1,25 +1,31 @@
 """Open a data source through Hugging Face `datasets` and yield its rows as dicts, each with a "source:row" label.
 
 A source is one string (docs/formats.md, "Where the data comes from"):
-  FILE.jsonl                     JSON lines, read line by line here: errors name the line, and each row keeps
-                                 its own keys (Arrow would give every row every column of the file)
-  FILE.json / .parquet / .csv    datasets' json, parquet and csv loaders (also FILE.jsonl.gz and other
-                                 compressed JSON/CSV, as the Anthropic HH files come)
+  FILE.jsonl / FILE.json         JSON lines, or (.json) an array of objects, read here, also gzip, bzip2 or xz
+                                 compressed (FILE.jsonl.gz, as the Anthropic HH files come): errors name the
+                                 line or row, and each row keeps its own keys and value types (Arrow would give
+                                 every row every column, and datasets writes a column whose types differ
+                                 between rows as JSON text)
+  FILE.parquet / .csv            datasets' parquet and csv loaders (also compressed CSV, and .zst JSON)
   FOLDER                         a `save_to_disk` folder (`load_from_disk`), or any other folder as a dataset
                                  repository (data files and/or a README card; `load_dataset(FOLDER)`)
   OWNER/NAME                     a Hugging Face hub dataset (`load_dataset`), downloaded into the HF cache
 Folders and hub ids take an optional config and split: `NAME[:CONFIG][@SPLIT]`, e.g.
 `HuggingFaceH4/ultrafeedback_binarized@train_prefs`. Without a split: "train" if there is one, else the only one.
 
-`datasets` is imported only when a non-JSONL source is opened, so reading JSONL stays light.
+`datasets` is imported only when a source other than a JSON file is opened, so reading JSON stays light.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import json
 import logging
+import lzma
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +34,21 @@ from rlhf.errors import DataError
 
 FILE_LOADERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+# the compressed JSON files read here (.zst is left to datasets, which reads it with zstandard)
+DECOMPRESSORS: dict[str, Callable[..., Any]] = {
+    ".gz": gzip.open,
+    ".bz2": bz2.open,
+    ".xz": lzma.open,
+}
 # the loader `datasets` reads a folder's files of each suffix with (`_one_format`)
 FOLDER_LOADERS = {**FILE_LOADERS, ".jsonl": "json", ".txt": "text"}
 DATASET_SUFFIXES = (*FILE_LOADERS, ".jsonl", *COMPRESSED)  # files read as rows of a dataset
+# what the loaders are told: a JSON column whose types differ between rows is an error, not JSON text ('"good"'
+# for good); only an empty CSV cell is missing, not the texts pandas takes for missing ("None", "NA", "null", ...)
+LOADER_OPTIONS: dict[str, dict[str, Any]] = {
+    "json": {"on_mixed_types": None},
+    "csv": {"keep_default_na": False, "na_values": [""]},
+}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -61,10 +79,15 @@ def iter_rows(spec: str | Path, skipped: list[str] | None = None) -> Iterator[tu
     """
     path, config, split = parse_source(spec)
     local = Path(path)
-    if local.is_file() and local.suffix == ".jsonl" and config is None and split is None:
-        for lineno, row in iter_jsonl(local, skipped):
-            yield f"{local}:{lineno}", row
+    if local.is_file() and config is None and split is None and _json_here(local):
+        yield from _json_file_rows(local, skipped)
         return
+    if local.is_dir() and not _saved(local) and _one_format(spec, local) == "json":
+        files = _split_files(spec, local, config, split)
+        if all(_json_here(f) for f in files):
+            for f in files:
+                yield from _json_file_rows(f, skipped)
+            return
     dataset = open_dataset(spec).with_format("arrow")  # Arrow batches to Python: much quicker than row by row
     rows = (row for batch in dataset.iter(batch_size=1024) for row in batch.to_pylist())
     for i, row in enumerate(rows, start=1):
@@ -87,26 +110,30 @@ def open_dataset(spec: str | Path) -> Any:
     if local.is_file():
         if config is not None or split is not None:
             raise DataError(f"{spec}: a file has no config or split")
-        suffix = local.suffix
-        if suffix in COMPRESSED and len(local.suffixes) > 1:  # datasets decompresses json and csv files
-            suffix = local.suffixes[-2]
+        suffix = data_suffix(local)  # datasets decompresses json and csv files
         loader = FILE_LOADERS.get(suffix) or ("json" if suffix == ".jsonl" else None)  # a file: no .txt
         if loader is None:
             raise DataError(
                 f"{local}: unknown file type (expected .jsonl, .json, .parquet or .csv, the text ones maybe .gz)"
             )
+        options = LOADER_OPTIONS.get(loader, {})
         return _load(
-            spec, lambda d, **cache: d.load_dataset(loader, data_files=str(local), split="train", **cache)
+            spec,
+            lambda d, **cache: d.load_dataset(
+                loader, data_files=str(local), split="train", **cache, **options
+            ),
         )
     if local.is_dir():
-        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+        if _saved(local):
             if config is not None:
                 raise DataError(f"{spec}: a save_to_disk folder has no config")
             return _pick_split(spec, _load(spec, lambda d, **_: d.load_from_disk(str(local))), split)
-        _one_format(spec, local)
+        options = LOADER_OPTIONS.get(_one_format(spec, local) or "", {})
         return _pick_split(
             spec,
-            _load(spec, lambda d, **cache: d.load_dataset(str(local), config, split=split, **cache)),
+            _load(
+                spec, lambda d, **cache: d.load_dataset(str(local), config, split=split, **cache, **options)
+            ),
             split,
         )
     # A missing path is a typo, not a hub id, when it has a file suffix or names a folder that is here.
@@ -116,6 +143,78 @@ def open_dataset(spec: str | Path) -> Any:
     return _pick_split(
         spec, _load(spec, lambda d: d.load_dataset(path, config, split=split), local=False), split
     )
+
+
+def data_suffix(path: Path) -> str:
+    """The suffix that says what a data file holds: ".json" for "x.json.gz"."""
+    return path.suffixes[-2] if path.suffix in COMPRESSED and len(path.suffixes) > 1 else path.suffix
+
+
+def _json_here(path: Path) -> bool:
+    """Whether a file is JSON that is read here, not by datasets (whose json loader writes a column whose values
+    differ in type between rows as JSON text, '"good"' for good): so that each row keeps its own values, and an
+    error names its line or row."""
+    readable = path.suffix not in COMPRESSED or path.suffix in DECOMPRESSORS
+    return readable and data_suffix(path) in (".json", ".jsonl")
+
+
+def _json_file_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line or row", row) for each row of a JSON file `_json_here` reads."""
+    if data_suffix(path) == ".jsonl":
+        for lineno, row in iter_jsonl(path, skipped, DECOMPRESSORS.get(path.suffix)):
+            yield f"{path}:{lineno}", row
+        return
+    for where, row in _json_rows(path, skipped):
+        yield where, _without_nulls(row)  # as datasets gave them (pandas writes absent values as null)
+
+
+def _saved(folder: Path) -> bool:
+    """Whether a folder was written by `save_to_disk`."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _split_files(spec: str | Path, folder: Path, config: str | None, split: str | None) -> list[Path]:
+    """The data files of a dataset folder's split, as `datasets` resolves them (its README's configs, or the
+    file names: train.json, data/test-*.json, ...)."""
+    builder = _load(
+        spec, lambda d, cache_dir, **_: d.load_dataset_builder(str(folder), config, cache_dir=cache_dir)
+    )
+    splits = {
+        str(name): [Path(f) for f in files] for name, files in (builder.config.data_files or {}).items()
+    }
+    if not splits:
+        raise DataError(f"{spec}: no data files")
+    return list(_pick_split(spec, splits, split))
+
+
+def _json_rows(local: Path, skipped: list[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a JSON file (maybe compressed): an array of objects, or one object per line. Read here, not
+    by datasets, whose json loader writes a column whose values differ in type between rows as JSON text
+    ('"good"' for good), so that each row keeps its own values and an error names its row."""
+    opener = DECOMPRESSORS.get(local.suffix)
+    try:
+        with (opener or Path.open)(local, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{local}: not UTF-8 text (byte {e.start + 1})") from None
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"{local}: cannot read it ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":  # one object per line parses as its first object, then "Extra data"
+            raise DataError(f"{local}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        for lineno, row in iter_jsonl(local, skipped, opener):
+            yield f"{local}:{lineno}", row
+        return
+    if isinstance(data, dict) and len(text.strip().splitlines()) > 1:
+        raise DataError(
+            f"{local}: one JSON object, not rows (expected an array of objects, or one object per line)"
+        )
+    for i, row in enumerate(data if isinstance(data, list) else [data], start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{local}:{i}: expected a JSON object, got {type(row).__name__}")
+        yield f"{local}:{i}", row
 
 
 def _without_nulls(value: Any) -> Any:
@@ -166,19 +265,20 @@ def _first_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
-def _one_format(spec: str | Path, folder: Path) -> None:
-    """A folder of data files is read as one format: `datasets` takes the files of one and leaves the others out
-    without a word, so a folder that mixes them is an error."""
+def _one_format(spec: str | Path, folder: Path) -> str | None:
+    """The loader of the folder's data files (None: it has none). A folder of data files is read as one format:
+    `datasets` takes the files of one and leaves the others out without a word, so a folder that mixes them is
+    an error."""
     kinds = set()
     for f in folder.rglob("*"):
         if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts):
-            suffix = f.suffixes[-2] if f.suffix in COMPRESSED and len(f.suffixes) > 1 else f.suffix
-            kind = FOLDER_LOADERS.get(suffix)
+            kind = FOLDER_LOADERS.get(data_suffix(f))
             if kind is not None:
                 kinds.add(kind)
     if len(kinds) > 1:
         raise DataError(f"{spec}: the folder mixes {', '.join(sorted(kinds))} files, and a folder is read as one "
                         "format (the others would be left out): keep one format there, or name each file")  # fmt: skip
+    return next(iter(kinds), None)
 
 
 def _pick_split(spec: str | Path, data: Any, split: str | None) -> Any:

@@ -255,7 +255,7 @@ def test_unreadable_sources_are_one_line_errors(tmp_path: Path) -> None:
         read_preferences(f"{tmp_path / 'repo'}@train_prefs")
 
 
-def test_csv_and_json_files_read_through_datasets(tmp_path: Path) -> None:
+def test_csv_and_json_files_read_as_pairs(tmp_path: Path) -> None:
     rows = [{"prompt": "2+2?", "chosen": "four", "rejected": "five", "margin": 2}]
     datasets.Dataset.from_list(rows).to_csv(tmp_path / "p.csv", index=False)
     (tmp_path / "p.json").write_text(json.dumps(rows))
@@ -300,7 +300,7 @@ def test_messages_with_fields_of_other_messages_read_from_a_table(tmp_path: Path
     )  # a real extra field
 
 
-def test_compressed_hh_file_reads_through_datasets(tmp_path: Path) -> None:
+def test_compressed_hh_file_reads_as_pairs(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl.gz"
     rows = LAYOUTS["anthropic_hh"][0]
     with gzip.open(path, "wt") as f:
@@ -352,3 +352,53 @@ def test_a_folder_of_two_formats_or_a_split_a_saved_dataset_lacks_is_an_error(tm
     assert [r.prompt for r in read_preferences(f"{saved}@train")] == ["2+2?"]  # type: ignore[union-attr]
     with pytest.raises(DataError, match=r"no split 'test'; it holds one dataset \(split 'train'\)"):
         read_preferences(f"{saved}@test")
+
+
+def test_json_rows_keep_their_own_types_and_errors_name_the_row(tmp_path: Path) -> None:
+    """datasets' json loader wrote a column whose types differ between rows as JSON text: every good row's
+    answer came back quoted and the bad row's number as "5", and training ran on that."""
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": "bad"} for i in range(5)]
+    rows.append({"prompt": "p5", "chosen": 5, "rejected": "bad"})
+    (tmp_path / "mixed.json").write_text(json.dumps(rows))
+    with gzip.open(tmp_path / "mixed.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    (repo / "train.json").write_text(json.dumps(rows))
+    (repo / "test.json").write_text(json.dumps(rows[:2]))
+    for source, where in (("mixed.json", "mixed.json"), ("mixed.jsonl.gz", "mixed.jsonl.gz"),
+                          ("repo", "repo/data/train.json")):  # fmt: skip
+        with pytest.raises(DataError, match=rf"{where}:6: field 'chosen' should be str, got int$"):
+            read_preferences(tmp_path / source)
+    assert read_preferences(f"{tmp_path / 'repo'}@test") == [PreferencePair("p0", "good 0", "bad"),
+                                                             PreferencePair("p1", "good 1", "bad")]  # fmt: skip
+    # a plain pair and a conversational one in one array, as in one JSONL file
+    mixed = [{"prompt": "2+2?", "chosen": " 4", "rejected": " 5"},
+             {"prompt": msgs((USER, "Hi")), "chosen": msgs((ASSISTANT, "Hello!")), "rejected": msgs((ASSISTANT, "Go"))}]  # fmt: skip
+    (tmp_path / "both.json").write_text(json.dumps(mixed))
+    records = [r for _, r in read_records(tmp_path / "both.json", "auto", None)]
+    assert records[0] == PreferencePair("2+2?", " 4", " 5")
+    assert records[1] == ConversationalPair([Message(USER, "Hi")], [Message(ASSISTANT, "Hello!")],
+                                            [Message(ASSISTANT, "Go")])  # fmt: skip
+    # one object per line in a .json file, and what is not rows
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert [w for w, _ in iter_rows(tmp_path / "lines.json")] == [
+        f"{tmp_path / 'lines.json'}:{i}" for i in (1, 2)
+    ]
+    (tmp_path / "object.json").write_text(json.dumps({"data": rows[:2]}, indent=1))
+    with pytest.raises(DataError, match=r"object.json: one JSON object, not rows"):
+        read_preferences(tmp_path / "object.json")
+    (tmp_path / "broken.json").write_text('[{"prompt": "a",\n "chosen": }]')
+    with pytest.raises(DataError, match=r"broken.json:2: not valid JSON"):
+        read_preferences(tmp_path / "broken.json")
+
+
+def test_a_csv_cell_reading_none_or_na_is_that_text(tmp_path: Path) -> None:
+    """pandas reads "None", "NA", "null", "N/A" and "nan" as missing: a row whose answer was "None" was
+    refused as missing it (or dropped with skip_bad_rows). Only an empty cell is missing."""
+    (tmp_path / "na.csv").write_text("prompt,chosen,rejected\np,None,NA\nq,null,N/A\n")
+    assert read_preferences(tmp_path / "na.csv") == [PreferencePair("p", "None", "NA"),
+                                                     PreferencePair("q", "null", "N/A")]  # fmt: skip
+    (tmp_path / "empty.csv").write_text("prompt,chosen,rejected\np,,b\n")
+    with pytest.raises(DataError, match=r"empty.csv:1: missing field 'chosen'$"):
+        read_preferences(tmp_path / "empty.csv")
