@@ -451,6 +451,11 @@ def read_reference(
     return [], []
 
 
+def answerable(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """The prompts' ids, less those with no token to answer from (an empty prompt, without a BOS token)."""
+    return [ids for ids in encode_prompts(tokenizer, prompts) if ids]
+
+
 def reference_sequences(
     cfg: RewardConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -469,12 +474,11 @@ def reference_sequences(
         p_ids = encode_prompts(tokenizer, [p for p, _ in completions])
         c_ids = encode_completions(tokenizer, [c for _, c in completions])
         return [[*p, *c][-max_len:] for p, c in zip(p_ids, c_ids, strict=True)]
-    prompts = sorted(set(given_prompts or prompts))
-    random.Random(cfg.seed).shuffle(prompts)
-    prompts = prompts[: norm.n_prompts]
+    p_ids = answerable(tokenizer, sorted(set(given_prompts or prompts)))
+    random.Random(cfg.seed).shuffle(p_ids)
+    p_ids = p_ids[: norm.n_prompts]
     policy = load_causal_lm(norm.policy or cfg.model, tokenizer=tokenizer).to(device)
     policy.eval()
-    p_ids = encode_prompts(tokenizer, prompts)
     params = SamplingParams(norm.max_new_tokens, norm.temperature, 0, norm.top_p, cfg.seed)
     sequences = []
     for i in range(0, len(p_ids), 128):
@@ -567,6 +571,12 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     # Read everything before any output: a malformed row fails with file:line and leaves nothing behind.
     groups = read_groups(cfg.train_file, cfg, tokenizer)
     reference_rows = read_reference(cfg, tokenizer)
+    if cfg.normalise.enabled and not reference_rows[0]:
+        prompts = reference_rows[1] or [g.prompt for g in groups]
+        if not answerable(tokenizer, prompts):
+            source = cfg.normalise.prompts_file or cfg.train_file
+            raise DataError(f"{source}: every prompt is empty, so the policy has nothing to answer for the "
+                            "normalisation: give reward.normalise.prompts_file or completions_file")  # fmt: skip
     if cfg.eval_file:
         train_groups, held_groups = groups, read_groups(cfg.eval_file, cfg, tokenizer)
     else:

@@ -299,3 +299,23 @@ def test_warm_start_from_a_reward_model_of_another_tokenizer_is_refused(
     with pytest.raises(RlhfError, match=r"^reward.model and reward.init_from use different tokenizers: "):
         reward.run(cfg, quiet=True)
     assert not (tmp_path / "warm").exists()
+
+
+def test_prompts_with_nothing_to_answer_from_are_refused_before_training(
+    trained: RewardConfig, tmp_path: Path
+) -> None:
+    """With no BOS token an empty prompt has no token to sample an answer from: the normalisation ended in a
+    reshape error after training, with no final model. Now it is refused before any work, and among other
+    prompts an empty one is left out of the normalisation's samples."""
+    assert load_tokenizer(trained.model)("")["input_ids"] == []  # the tiny tokenizer has no BOS
+    write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "", "chosen": "a", "rejected": "b"}])
+    cfg = trained.model_copy(update={"out_dir": str(tmp_path / "rm"), "train_file": str(tmp_path / "empty.jsonl"),
+                                     "eval_fraction": 0.0, "normalise": NormaliseSettings(n_prompts=4)})  # fmt: skip
+    with pytest.raises(
+        RlhfError, match=r"empty.jsonl: every prompt is empty, so the policy has nothing to answer"
+    ):
+        reward.run(cfg, quiet=True)
+    abandon_unstarted_runs()
+    assert not (tmp_path / "rm").exists()
+    sequences = reference_sequences(cfg, load_tokenizer(trained.model), ["", "User: Hi\nAssistant:"], 64)
+    assert len(sequences) == 1
