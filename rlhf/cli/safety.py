@@ -35,6 +35,14 @@ def redteam(
         Path | None,
         typer.Option("--filter-out", help="with --filter: output (default: OUT/sft_filtered.jsonl)"),
     ] = None,
+    by_answer: Annotated[
+        bool,
+        typer.Option(
+            "--filter-by-answer",
+            help="with --filter: drop every row giving a flagged answer, whatever its request (default: only "
+            "rows giving it to the request it was flagged for)",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     out: OutOpt = None,
@@ -47,15 +55,17 @@ def redteam(
     from rlhf.stages import redteam as stage
 
     setup_logging(quiet)
-    if filter_file is None and (filter_list is not None or filter_out is not None):
-        raise ConfigError("--filter-list and --filter-out go with --filter FILE (the SFT data to filter)")
+    if filter_file is None and (filter_list is not None or filter_out is not None or by_answer):
+        raise ConfigError(
+            "--filter-list, --filter-out and --filter-by-answer go with --filter FILE (the SFT data to filter)"
+        )
     if filter_file is not None:
         listed = filter_list or Path(cfg.out_dir) / "filter.jsonl"
         target = filter_out or Path(cfg.out_dir) / "sft_filtered.jsonl"
         for option, path in (("--filter", filter_file), ("--filter-list", listed)):
             if not path.is_file():
                 raise ConfigError(f"{option}: no such file: {path}")
-        kept, removed = stage.apply_filter(str(filter_file), str(listed), str(target))
+        kept, removed = stage.apply_filter(str(filter_file), str(listed), str(target), by_answer)
         typer.echo(f"redteam filter: kept {kept} rows, removed {removed} flagged responses; wrote {target}")
         return
     report = stage.run(cfg, quiet=quiet)

@@ -182,8 +182,9 @@ def write_outputs(
             chosen = (" " if text.startswith(" ") else "") + a.safe
             if text.strip() and text.strip() != a.safe.strip():
                 pairs.append(PreferencePair(prompt, chosen, text, labeler=f"redteam:{classifier_name}"))
-                filtered.setdefault(normalise(text), {"response": text, "category": a.category,
-                                                      "flagged_by": classifier_name})  # fmt: skip
+                filtered.setdefault(normalise(a.message) + "\0" + normalise(text),
+                                    {"response": text, "request": a.message, "prompt": prompt,
+                                     "category": a.category, "flagged_by": classifier_name})  # fmt: skip
             prompts.setdefault(prompt, {"prompt": prompt, "category": a.category})
     write_preferences(out / "pairs.jsonl", pairs)
     write_jsonl(out / "filter.jsonl", filtered.values())
@@ -195,19 +196,34 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def apply_filter(sft_file: str, filter_file: str, out_file: str) -> tuple[int, int]:
-    """Write `sft_file` without the rows whose answer is on the filter list; return (kept, removed). The rows
+def apply_filter(sft_file: str, filter_file: str, out_file: str, by_answer: bool = False) -> tuple[int, int]:
+    """Write `sft_file` without the rows that give a flagged answer to its request; return (kept, removed).
+
+    An answer is flagged for the request it answered: "Hi there! How can I help?" to "Help me hurt the okra" is
+    a failure to refuse, and the same words to "Hi!" a right answer. So a row goes when its answer and its
+    request (the prompt string, or the last user message; the list holds both the attack's message and its
+    rendered prompt) are those of an entry. `by_answer`, or an entry without its request (an older list), goes
+    by the answer alone, whatever it answered. Texts are compared case- and whitespace-insensitively. The rows
     may take any shape SFT reads (prompt-completion or -response, messages, conversational, text); each kept row
     is written as it was. A `text` row has no answer of its own and is kept."""
-    if Path(out_file).resolve() == Path(sft_file).resolve():
-        raise DataError(
-            f"--filter-out {out_file} is the file being filtered: name another, and it is left as it is"
-        )
-    banned = {normalise(text_field(row, "response", where)) for where, row in iter_rows(filter_file)}
+    for option, path in (("--filter", sft_file), ("--filter-list", filter_file)):
+        if Path(out_file).resolve() == Path(path).resolve():
+            raise DataError(
+                f"--filter-out {out_file} is the {option} file: name another, and it is left as it is"
+            )
+    answers: set[str] = set()
+    pairs: set[tuple[str, str]] = set()
+    for where, row in iter_rows(filter_file):
+        answer = normalise(text_field(row, "response", where))
+        asked = [normalise(text_field(row, key, where)) for key in ("request", "prompt") if key in row]
+        if by_answer or not asked:
+            answers.add(answer)
+        pairs.update((request, answer) for request in asked)
     kept, removed = [], 0
     for where, row in iter_rows(sft_file):
-        reply = demonstration_reply(row, where)
-        if reply is not None and normalise(reply) in banned:
+        given = demonstration_reply(row, where)  # None: a text row, no answer of its own
+        request, answer = (normalise(given[0]), normalise(given[1])) if given is not None else ("", "")
+        if given is not None and (answer in answers or (request, answer) in pairs):
             removed += 1
         else:
             kept.append(row)

@@ -48,24 +48,26 @@ def read_demonstrations(
     return pairs
 
 
-def demonstration_reply(row: dict[str, Any], where: str) -> str | None:
-    """The answer of a row of any shape `read_demonstrations` takes, as written (not through a template): the
-    last message's content, the completion's last turn, or the completion (response) string; None for a `text`
-    row, which has no answer apart from its prompt. A malformed row is the DataError `read_demonstrations` gives."""
+def demonstration_reply(row: dict[str, Any], where: str) -> tuple[str, str] | None:
+    """(request, answer) of a row of any shape `read_demonstrations` takes, as written (not through a template):
+    the last user message's content and the last message's (or the completion's last turn's), or the prompt
+    and completion (response) strings; None for a `text` row, which has no answer apart from its prompt. A
+    malformed row is the DataError `read_demonstrations` gives."""
     if "messages" in row:
         messages = _messages(row, "messages", where)
     elif "text" in row:
         text_field(row, "text", where)
         return None
     elif isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
-        _conversational_checked(row, where)
-        messages = _messages(row, "completion", where)
+        prompt, completion = _conversational_checked(row, where)
+        messages = prompt + completion
     else:
-        return _prompt_completion(row, where)[1]
+        return _prompt_completion(row, where)
     content = messages[-1]["content"]
     if messages[-1]["role"] != "assistant" or not isinstance(content, str):
         raise DataError(f"{where}: the last message must be the assistant's answer, as text")
-    return content
+    asked = [m["content"] for m in messages[:-1] if m["role"] == "user" and isinstance(m["content"], str)]
+    return (asked[-1] if asked else ""), content
 
 
 def _prompt_completion(row: dict[str, Any], where: str) -> tuple[str, str]:

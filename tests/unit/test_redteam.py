@@ -83,6 +83,8 @@ def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     assert not heldout_texts & {p["prompt"] for p in prompts}
     filter_rows = read_jsonl(tmp_path / "rt" / "filter.jsonl")
     assert {r["response"] for r in filter_rows} <= {t for _, t in flagged}
+    assert {(r["request"], r["response"]) for r in filter_rows} == {(a.message, t) for a, t in flagged}
+    assert all(r["prompt"] == f"User: {r['request']}\nAssistant:" for r in filter_rows)
 
     # a re-run asks nothing again and reports the same
     again = run(
@@ -156,8 +158,36 @@ def test_the_filter_reads_every_shape_of_sft_row_and_keeps_each_as_it_was(tmp_pa
     same = ["redteam", "--out", str(tmp_path), "--filter", str(tmp_path / "sft.jsonl"),
             "--filter-out", str(tmp_path / "sft.jsonl")]  # fmt: skip
     result = CliRunner().invoke(app, same)
-    assert result.exit_code != 0 and "is the file being filtered" in str(result.exception) + result.output
+    assert result.exit_code != 0 and "is the --filter file" in str(result.exception) + result.output
     assert read_jsonl(tmp_path / "sft.jsonl") == rows
+
+
+def test_a_flagged_answer_leaves_only_the_rows_giving_it_to_its_request(tmp_path: Path) -> None:
+    """A greeting flagged as an answer to a harmful request removed every right answer to "Hi!" in the SFT
+    data (29 of 36 rows a helper's filter removed). An entry now goes with its request, in either of its forms;
+    `--filter-by-answer` drops every row giving the answer, and the output never replaces the list."""
+    hurt, greeting = "Help me hurt the okra. Thanks!", " Hi there! How can I help you?"
+    write_jsonl(tmp_path / "filter.jsonl", [
+        {"response": greeting, "request": hurt, "prompt": f"User: {hurt}\nAssistant:", "category": "hurt"},
+    ])  # fmt: skip
+    rows = [
+        {"prompt": "User: Hi!\nAssistant:", "response": greeting},
+        {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": greeting}]},
+        {"prompt": f"User: {hurt}\nAssistant:", "response": greeting.upper()},
+        {"messages": [{"role": "user", "content": hurt}, {"role": "assistant", "content": greeting}]},
+    ]
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    base = ["redteam", "--out", str(tmp_path), "--filter", str(tmp_path / "sft.jsonl")]
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(tmp_path / "sft_filtered.jsonl") == rows[:2]
+    result = CliRunner().invoke(
+        app, [*base, "--filter-by-answer", "--filter-out", str(tmp_path / "all.jsonl")]
+    )
+    assert "kept 0 rows, removed 4" in result.output
+    result = CliRunner().invoke(app, [*base, "--filter-out", str(tmp_path / "filter.jsonl")])
+    assert result.exit_code != 0 and "is the --filter-list file" in str(result.exception) + result.output
+    assert read_jsonl(tmp_path / "filter.jsonl")[0]["response"] == greeting
 
 
 def test_mutations_are_deterministic_under_a_seed() -> None:
