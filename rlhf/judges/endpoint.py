@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class ResponseCache:
-    """(model, judging prompt) -> the judge's reading, in an SQLite file."""
+    """(judge, judging prompt) -> the judge's reading, in an SQLite file; a judge is its endpoint and model
+    (`EndpointJudge.cache_id`), so another server with a model of the same name is asked again."""
 
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +99,7 @@ class EndpointJudge(JudgeBase):
             base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
         )
         self.cache = ResponseCache(cache_path) if cache_path else None
+        self.cache_id = f"{self.http.base_url} {model}"
         self.logprobs = True  # until the endpoint refuses them
         self.counts: Counter[str] = Counter()
         self.position = PositionBias()
@@ -151,7 +153,7 @@ class EndpointJudge(JudgeBase):
             raise
 
     def _ask(self, text: str) -> float:
-        if self.cache is not None and (hit := self.cache.get(self.model, text)) is not None:
+        if self.cache is not None and (hit := self.cache.get(self.cache_id, text)) is not None:
             self._count("cache_hits", "read_" + hit["how"])
             return float(hit["p_first"])
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": text}],
@@ -170,10 +172,19 @@ class EndpointJudge(JudgeBase):
             raise RlhfError(
                 f"{self.role} {self.http.base_url} answered {response.status_code}: {response.text[:200]}"
             )
-        p_first, how = self.read(response.json())
+        try:
+            reply = response.json()
+            message = reply["choices"][0]["message"]
+        except (ValueError, LookupError, TypeError):  # not JSON, or JSON of another shape
+            raise RlhfError(
+                f"{self.role} {self.http.base_url}: not a chat completion: {response.text[:200]}"
+            ) from None
+        if not isinstance(message, dict):
+            raise RlhfError(f"{self.role} {self.http.base_url}: not a chat completion: {response.text[:200]}")
+        p_first, how = self.read(reply)
         self._count("read_" + how)
-        if self.cache is not None:
-            self.cache.put(self.model, text, {"p_first": p_first, "how": how})
+        if self.cache is not None and how != "unparsed":  # a reply naming neither choice is asked again
+            self.cache.put(self.cache_id, text, {"p_first": p_first, "how": how})
         return p_first
 
     def read(self, reply: dict[str, Any]) -> tuple[float, str]:
@@ -202,8 +213,12 @@ class EndpointJudge(JudgeBase):
         texts = [render(self.template, p, a.text, b.text, principle) for p, a, b in pairs]
         if self.both_orders:
             texts += [render(self.template, p, b.text, a.text, principle) for p, a, b in pairs]
+        unparsed = self.counts["read_unparsed"]
         with ThreadPoolExecutor(self.concurrency) as pool:  # requests in flight at once; still paced
             p_first = list(pool.map(self.ask, texts))
+        if (missed := self.counts["read_unparsed"] - unparsed) > 0:
+            log.warning("%s %s: %d of %d replies named neither %s nor %s: each read as a tie (0.5)",
+                        self.role, self.http.base_url, missed, len(texts), *self.choices)  # fmt: skip
         if not self.both_orders:
             return [self.position.one_order(x) for x in p_first]
         n = len(pairs)

@@ -173,3 +173,41 @@ def test_concurrent_requests_refused_logprobs_all_fall_back_to_the_answer_text(t
     assert judge.compare_all(pairs) == [1.0] * 4
     assert judge.logprobs is False and judge.stats()["read_text"] == 8
     assert sum(1 for r in fake.requests if r.get("logprobs")) == 4
+
+
+def test_a_reply_that_is_not_a_chat_completion_is_one_line(tmp_path: Path) -> None:
+    """A 200 whose body was HTML ended in a JSONDecodeError traceback; one without choices was read as a tie."""
+    for body, content_type in ((b"<html>oops</html>", "text/html"), (b'{"choices": []}', "application/json")):
+        judge = make(tmp_path, lambda r, b=body, c=content_type: httpx.Response(200, content=b, headers={"content-type": c}))  # type: ignore[misc]  # fmt: skip
+        with pytest.raises(RlhfError, match=r"^judge endpoint http://judge.test/v1/?: not a chat completion: "):
+            judge.compare(PROMPT, Answer("green"), Answer("red"))
+        judge.close()
+
+
+def test_a_reply_naming_neither_choice_is_warned_of_and_not_cached(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broken judge's ties were cached, so a later run against a working one read them back without asking."""
+    judge = make(tmp_path, lambda r: httpx.Response(200, json=reply("I cannot decide.")), both_orders=False)
+    with caplog.at_level("WARNING"):
+        assert judge.compare(PROMPT, Answer("green"), Answer("red")) == 0.5
+    assert "1 of 1 replies named neither A nor B" in caplog.text
+    judge.close()
+    fake = FakeEndpoint(failures=[])
+    working = make(tmp_path, fake, both_orders=False)
+    assert working.compare(PROMPT, Answer("green"), Answer("red")) == pytest.approx(0.8)
+    assert len(fake.requests) == 1 and "cache_hits" not in working.stats()
+    working.close()
+
+
+def test_the_cache_tells_two_endpoints_with_a_model_of_one_name_apart(tmp_path: Path) -> None:
+    fake = FakeEndpoint(failures=[])
+    judge = make(tmp_path, fake, both_orders=False)
+    assert judge.compare(PROMPT, Answer("green"), Answer("red")) == pytest.approx(0.8)
+    judge.close()
+    other = FakeEndpoint(failures=[])
+    elsewhere = EndpointJudge("http://other.test/v1", "judge-model", cache_path=str(tmp_path / "cache.sqlite"),
+                              transport=httpx.MockTransport(other), sleep=lambda s: None, both_orders=False)  # fmt: skip
+    elsewhere.compare(PROMPT, Answer("green"), Answer("red"))
+    assert len(other.requests) == 1
+    elsewhere.close()
