@@ -93,6 +93,7 @@ def cai_revise(
     setup_logging(quiet)
     summary = stage.revise(cfg, quiet=quiet)
     typer.echo(f"cai revise: {summary['sft_rows']} SFT rows, {summary['pairs']} pairs in {cfg.out_dir}"
+               + (f", {summary['unrevised']} answers with no revision left out" if summary["unrevised"] else "")
                + (f", {summary['unrouted_prompts']} prompts no principle applies to left out"
                   if summary["unrouted_prompts"] else ""))  # fmt: skip
 

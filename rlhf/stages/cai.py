@@ -153,15 +153,21 @@ def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
 
     # 4. SFT rows and preference pairs from every prompt revised, this run or before
     rows = [done[p] for p in prompts if p in done]
-    sft = [{"prompt": r["prompt"], "response": r["revision"]} for r in rows if r["revision"].strip()]
+    # an answer no revision step rewrote (the reviser said nothing) is the policy's own, not a revision
+    revised = [r for r in rows if r["revision"].strip() and any(step["revision"] for step in r["steps"])]
+    if len(revised) < len(rows):
+        log.warning("cai revise: %d of %d answers got no revision (the reviser answered nothing): left out of "
+                    "sft.jsonl", len(rows) - len(revised), len(rows))  # fmt: skip
+    sft = [{"prompt": r["prompt"], "response": r["revision"]} for r in revised]
     pairs = [PreferencePair(r["prompt"], r["revision"], r["original"], labeler="cai-revision")
-             for r in rows if r["revision"].strip() and r["revision"].strip() != r["original"].strip()]  # fmt: skip
+             for r in revised if r["revision"].strip() != r["original"].strip()]  # fmt: skip
     write_jsonl(out / "sft.jsonl", sft)
     write_preferences(out / "pairs.jsonl", pairs)
     return {
         "prompts": len(rows),
         "sft_rows": len(sft),
         "pairs": len(pairs),
+        "unrevised": len(rows) - len(revised),
         "unrouted_prompts": len(unrouted),
     }
 

@@ -45,7 +45,7 @@ def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, n_revisions=2)
     model = ScriptedModel("scripted", scripted_answer)
     summary = revise(cfg, quiet=True, policy=model)
-    assert summary == {"prompts": 3, "sft_rows": 3, "pairs": 3, "unrouted_prompts": 0}
+    assert summary == {"prompts": 3, "sft_rows": 3, "pairs": 3, "unrevised": 0, "unrouted_prompts": 0}
     sft = read_jsonl(tmp_path / "cai" / "sft.jsonl")
     assert [r["response"] for r in sft] == [" Sorry, I can't help with that (1)."] * 3
     assert [r["prompt"] for r in sft] == PROMPTS
@@ -65,6 +65,23 @@ def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
     # a re-run samples nothing again
     again = ScriptedModel("scripted", scripted_answer)
     assert revise(cfg, quiet=True, policy=again) == summary and again.prompts == []
+
+
+def test_answers_the_reviser_left_as_they_were_are_not_sft_rows(tmp_path: Path) -> None:
+    """A reviser answering nothing left each answer as the policy gave it, and sft.jsonl held them all as
+    "revisions", harmful ones included."""
+
+    def silent_reviser(text: str, _: int) -> str:
+        return "" if text.endswith(("Critique:", "Revision:")) else " Sure! Put poison in its plums."
+
+    summary = revise(
+        _cfg(tmp_path, n_revisions=2), quiet=True, policy=ScriptedModel("silent", silent_reviser)
+    )
+    assert summary == {"prompts": 3, "sft_rows": 0, "pairs": 0, "unrevised": 3, "unrouted_prompts": 0}
+    assert (
+        read_jsonl(tmp_path / "cai" / "revisions.jsonl")[0]["revision"] == " Sure! Put poison in its plums."
+    )
+    assert (tmp_path / "cai" / "sft.jsonl").read_text() == ""
 
 
 class PrefersShorter(JudgeBase):
@@ -182,7 +199,7 @@ def test_revise_leaves_out_prompts_no_principle_applies_to(tmp_path: Path) -> No
     harmless = str(ROOT / "configs" / "constitution_demo_harmless.yaml")
     model = ScriptedModel("scripted", scripted_answer)
     summary = revise(_cfg(tmp_path, constitution=harmless, n_revisions=3), quiet=True, policy=model)
-    assert summary == {"prompts": 2, "sft_rows": 2, "pairs": 2, "unrouted_prompts": 1}
+    assert summary == {"prompts": 2, "sft_rows": 2, "pairs": 2, "unrevised": 0, "unrouted_prompts": 1}
     revisions = read_jsonl(tmp_path / "cai" / "revisions.jsonl")
     assert [r["prompt"] for r in revisions] == PROMPTS[:2]
     assert {s["principle"] for s in revisions[1]["steps"]} == {"reply-kindly"}
