@@ -28,6 +28,25 @@ def read_yaml(path: str | Path, missing: str, error: type[RlhfError] = ConfigErr
     if not p.is_file():
         raise ConfigError(f"{missing} not found: {p}")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
-        raise error(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{where}: not valid YAML ({problem})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader for which a key given twice in one mapping is an error: YAML would keep the last silently
+    (a second `principles:` list replacing the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)

@@ -65,7 +65,7 @@ def test_bad_entries_name_file_and_entry(tmp_path: Path, text: str, expected: st
     with pytest.raises(ConfigError) as e:
         load_constitution(path)
     message = str(e.value)
-    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+    assert message.startswith(f"{path}:") and expected in message and "\n" not in message
 
 
 def test_missing_file(tmp_path: Path) -> None:

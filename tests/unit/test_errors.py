@@ -22,7 +22,24 @@ def test_read_yaml_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:
     bad.write_text("principles: [\n  - a: 1\n")
     with pytest.raises(DataError) as e:
         read_yaml(bad, "weights file", DataError)
-    assert str(e.value).startswith(f"{bad}: not valid YAML (") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{bad}:2: not valid YAML (") and "\n" not in str(e.value)
+
+
+def test_a_key_given_twice_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: a constitution's second `principles:` list replaced its first
+    without a word, and so did a config's second `ppo:` section."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("principles:\n  - {id: a}\nprinciples:\n  - {id: b}\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{twice}:3: not valid YAML \(the key 'principles' is given twice\)$"
+    ):
+        read_yaml(twice, "constitution file")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("ppo:\n  lr: 1.0e-5\n  epochs: 2\n  lr: 3.0e-5\n")
+    with pytest.raises(ConfigError, match=r":4: not valid YAML \(the key 'lr' is given twice\)$"):
+        read_yaml(nested, "config file")
+    (tmp_path / "lists.yaml").write_text("- {id: a}\n- {id: a}\n")  # equal items of a list are not keys
+    assert read_yaml(tmp_path / "lists.yaml", "file") == [{"id": "a"}, {"id": "a"}]
 
 
 def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path) -> None:
