@@ -88,6 +88,13 @@ chats the model server and the gateway recorded, and conversational imports): it
 renders through the chat template in place of the prompt's plain text."""
 
 
+def as_content(answer: str) -> str:
+    """An answer sampled after a chat template's generation prompt, as the assistant message's content: without
+    the whitespace it opened with, which the template puts between the turn's header and its content itself
+    (the built-in template's "Assistant:" is followed by " Hello!", and its turn renders "Assistant: Hello!")."""
+    return answer.lstrip()
+
+
 @dataclass
 class PreferenceGroup:
     """One reward-model batch element: every pair from one judgement of one prompt (InstructGPT)."""
@@ -144,7 +151,7 @@ def render_judgement(
     prompt = render(history, True)
 
     def reply(text: str) -> str:
-        return _reply_text(render, history, prompt, [{"role": "assistant", "content": text}])
+        return _reply_text(render, history, prompt, [{"role": "assistant", "content": as_content(text)}])
 
     if isinstance(r, PairwiseVote):
         return replace(

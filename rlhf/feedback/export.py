@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rlhf.data.preferences import PROMPT_MESSAGES
+from rlhf.data.preferences import PROMPT_MESSAGES, as_content
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
 from rlhf.feedback.projects import get_project
 
@@ -148,8 +148,8 @@ def _pair(prompt: Prompt, chosen: str, rejected: str, margin: float | None) -> d
     if isinstance(messages, list):
         rec = {
             "prompt": messages,
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
+            "chosen": [{"role": "assistant", "content": as_content(chosen)}],
+            "rejected": [{"role": "assistant", "content": as_content(rejected)}],
         }
     if margin is not None:
         rec["margin"] = margin

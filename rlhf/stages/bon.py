@@ -21,6 +21,7 @@ import torch
 
 from rlhf.config import BonConfig
 from rlhf.data.jsonl import check_output_file, write_json, write_jsonl
+from rlhf.data.preferences import as_content
 from rlhf.data.prompts import read_prompt_conversations
 from rlhf.engine.best_of_n import BestOfN, best_of_n, kl_bound
 from rlhf.engine.decoding import SamplingParams
@@ -85,5 +86,5 @@ def _row(result: BestOfN, messages: list[dict[str, str]] | None, cfg: BonConfig)
     row = {"prompt": result.prompt, "response": answer, "score": result.scores[best], "scores": result.scores,
            "ended": result.ended[best], "n": cfg.n, "policy": cfg.policy}  # fmt: skip
     if messages is not None:
-        row["messages"] = [*messages, {"role": "assistant", "content": answer}]
+        row["messages"] = [*messages, {"role": "assistant", "content": as_content(answer)}]
     return row

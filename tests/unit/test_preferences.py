@@ -568,3 +568,21 @@ def test_reading_a_source_says_what_it_held_and_what_compares_answers(
         f"{source}: 4 records (2 pairs, 1 votes, 1 rankings) -> 2 judgements that compare answers"
         in caplog.text
     )
+
+
+def test_a_sampled_answer_on_a_conversation_renders_as_the_policy_said_it() -> None:
+    """An answer sampled after the built-in template's "Assistant:" opens with a space; as the assistant
+    message's content it rendered "Assistant:  Hello!", so DPO and the reward model trained on a space token
+    the policy never says. Its content is the answer without that space."""
+    from rlhf.models.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["User: Hi\nAssistant: Hello! Go away."] * 20, vocab_size=300)
+
+    def render(messages: list[dict[str, str]], gen: bool) -> str:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
+
+    vote = PairwiseVote("User: Hi\nAssistant:", " Hello!", " Go away.", "A", "ann",
+                        meta={"prompt_messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+    (group,) = to_groups([vote], render=render)
+    assert group.prompt == "User: Hi\nAssistant:"
+    assert group.completions == [" Hello!<|endoftext|>\n", " Go away.<|endoftext|>\n"]
