@@ -85,6 +85,12 @@ def import_preferences(
     appended there and left out. Nothing is written unless every kept record is. `meta_as_note`: a vote
     record's meta (an AI judge's principle, say) is kept as the vote's note, in JSON.
     """
+    raters = sorted({r.labeler for _, r in records if isinstance(r, Rating) and r.labeler is not None})
+    if len(raters) > 1:  # one labeler's ratings are compared with each other, never with another's
+        source = records[0][0].rsplit(":", 1)[0]
+        raise DataError(f"{source}: ratings by {len(raters)} labelers ({', '.join(raters[:3])}"
+                        f"{', ...' if len(raters) > 3 else ''}): stored as --labeler {labeler}'s, their scales would be "
+                        "compared with each other; import each labeler's ratings apart, as that labeler")  # fmt: skip
     result = PreferenceImport(project_name, labeler, skipped=skipped if skipped is not None else [])
     entries: list[_Entry] = []
     repeats: Counter[str] = Counter()
@@ -204,6 +210,8 @@ def _entry(record: Record, where: str, meta_as_note: bool = False) -> _Entry:
         prompt, kind, texts, answer = record.prompt, "rating", [record.completion], {"rating": record.rating}
     else:
         raise TypeError(f"not a preference record: {type(record).__name__}")
+    if isinstance(record, ConversationalPair | PreferencePair) and texts[0] == texts[1]:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same text, so neither can be preferred")
     try:
         CandidateRow.model_validate({"prompt": prompt, "completions": [{"text": t} for t in texts]})
         vote = VoteIn.model_validate({"task_id": 1, "idempotency_key": "pending-key", **answer})

@@ -40,11 +40,11 @@ LAYOUTS_HERE = {
         "auto", {},
         [PairwiseVote("Hi", "Go.", "Hello!", "B", margin=0.5), PairwiseVote("Hi", "Yo", "Hey", "tie")],
     ),
-    "ratings": (
+    "ratings": (  # one labeler's: ratings of two are refused (test_ratings_of_two_labelers_are_refused)
         [{"prompt": "Hi", "completion": "Hello!", "rating": 6, "labeler": "x"},
-         {"prompt": "Hi", "completion": "Go away.", "rating": 2, "labeler": "y"}],
+         {"prompt": "Hi", "completion": "Go away.", "rating": 2, "labeler": "x"}],
         "auto", {},
-        [Rating("Hi", "Hello!", 6.0, "x"), Rating("Hi", "Go away.", 2.0, "y")],
+        [Rating("Hi", "Hello!", 6.0, "x"), Rating("Hi", "Go away.", 2.0, "x")],
     ),
     "ratings of one text twice": (  # counted once, with its mean rating: no pair of a text with itself
         [{"prompt": "Hi", "completion": "Hello!", "rating": 6},
@@ -148,6 +148,28 @@ def test_rows_the_store_cannot_hold_name_their_row_or_are_skipped(db: Database, 
         out = import_preferences(s, "demo", "ann", read_records(path), skipped=[])
     assert out.votes == 1
     assert [m.split(": ")[0] for m in out.skipped] == [f"{path}:2", f"{path}:3"]
+
+
+def test_ratings_of_two_labelers_and_a_pair_of_one_text_are_refused(db: Database, tmp_path: Path) -> None:
+    """Stored as one labeler's, ann's 6 for "Hello!" and bob's 1 for it were averaged and compared with ann's
+    other ratings on one scale, and the pairs export turned ann's preference round. A pair whose two answers
+    are one text was stored and exported back as a pair."""
+    path = tmp_path / "ratings.jsonl"
+    path.write_text('{"prompt": "Hi", "completion": "Hello!", "rating": 6, "labeler": "ann"}\n'
+                    '{"prompt": "Hi", "completion": "Go away.", "rating": 2, "labeler": "ann"}\n'
+                    '{"prompt": "Hi", "completion": "Go away.", "rating": 9, "labeler": "bob"}\n')  # fmt: skip
+    same = tmp_path / "same.jsonl"
+    same.write_text(
+        '{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "p", "chosen": "a", "rejected": "a"}\n'
+    )
+    with db.session() as s:
+        with pytest.raises(
+            DataError, match=rf"^{path}: ratings by 2 labelers \(ann, bob\): stored as --labeler imp"
+        ):
+            import_preferences(s, "demo", "imp", read_records(path))
+        with pytest.raises(DataError, match=rf"^{same}:2: 'chosen' and 'rejected' are the same text"):
+            import_preferences(s, "demo", "imp", read_records(same))
+        assert s.scalar(select(func.count()).select_from(Vote)) == 0
 
 
 def test_cli_imports_with_skip_bad_rows_and_reports_the_first(db_url: str, tmp_path: Path) -> None:
