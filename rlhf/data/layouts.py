@@ -78,6 +78,9 @@ def implicit_prompt(row: dict[str, Any], where: str) -> dict[str, Any]:
 def ultrafeedback_binarized(row: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     """(format, row): the pair (conversational when its replies are message lists), margin = the score gap."""
     scores = [row.get("score_chosen"), row.get("score_rejected")]
+    for key, score in zip(("score_chosen", "score_rejected"), scores, strict=True):
+        if score is not None and not _is_number(score):  # "8" would leave the pair without its margin
+            _fail(where, f"field {key!r} should be a number, got {type(score).__name__}")
     if "margin" not in row and all(_is_number(s) for s in scores):
         if float(scores[0]) < float(scores[1]):  # type: ignore[arg-type]
             _fail(where, f"score_chosen ({scores[0]}) is below score_rejected ({scores[1]}): the labels contradict "

@@ -204,7 +204,7 @@ def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
             _get(obj, "prompt", str, where),
             _get(obj, "chosen", str, where),
             _get(obj, "rejected", str, where),
-            _number(obj, "margin", where, required=False),
+            _margin(obj, where),
             _get(obj, "labeler", str, where, required=False),
         )
     if fmt == "conversational":
@@ -212,7 +212,7 @@ def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
             _messages(obj, "prompt", where),
             _reply(obj, "chosen", where),
             _reply(obj, "rejected", where),
-            _number(obj, "margin", where, required=False),
+            _margin(obj, where),
             _get(obj, "labeler", str, where, required=False),
         )
     if fmt == "hh":
@@ -244,7 +244,7 @@ def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
         if choice not in CHOICES:
             _fail(where, f"unknown choice {choice!r} (expected one of {', '.join(CHOICES)})")
         a, b = _get(obj, "completion_a", str, where), _get(obj, "completion_b", str, where)
-        margin = _number(obj, "margin", where, required=False)
+        margin = _margin(obj, where)
         axes = _get(obj, "axes", dict, where, required=False)
         if axes is not None:  # the labeling app's votes export: per-axis judgements, kept in meta
             bad = [k for k, v in axes.items() if v not in AXIS_CHOICES]
@@ -331,6 +331,18 @@ def _number(obj: dict[str, Any], key: str, where: str, *, required: bool = True)
     if value is not None and not math.isfinite(value):
         _fail(where, f"field {key!r} should be a finite number, got {value}")
     return None if value is None else float(value)
+
+
+def _margin(obj: dict[str, Any], where: str) -> float | None:
+    """The optional margin: how much better the preferred answer is, so never below 0 (the labeling store
+    refuses one below 0 too)."""
+    margin = _number(obj, "margin", where, required=False)
+    if margin is not None and margin < 0:
+        _fail(
+            where,
+            f"field 'margin' should be 0 or more (how much better the preferred answer is), got {margin}",
+        )
+    return margin
 
 
 def _messages(obj: dict[str, Any], key: str, where: str) -> list[Message]:

@@ -140,7 +140,7 @@ def test_rows_the_store_cannot_hold_name_their_row_or_are_skipped(db: Database, 
     path.write_text(
         '{"prompt": "a", "chosen": "x", "rejected": "y"}\n'
         '{"prompt": "", "chosen": "x", "rejected": "y"}\n'
-        '{"prompt": "b", "chosen": "x", "rejected": "y", "margin": -1}\n'
+        '{"prompt": "b", "chosen": "x\\u0000", "rejected": "y"}\n'  # a NUL the store refuses
     )
     with db.session() as s:
         with pytest.raises(DataError, match=rf"^{path}:2: prompt: String should have at least 1 character$"):

@@ -179,7 +179,9 @@ def test_a_reply_that_is_not_a_chat_completion_is_one_line(tmp_path: Path) -> No
     """A 200 whose body was HTML ended in a JSONDecodeError traceback; one without choices was read as a tie."""
     for body, content_type in ((b"<html>oops</html>", "text/html"), (b'{"choices": []}', "application/json")):
         judge = make(tmp_path, lambda r, b=body, c=content_type: httpx.Response(200, content=b, headers={"content-type": c}))  # type: ignore[misc]  # fmt: skip
-        with pytest.raises(RlhfError, match=r"^judge endpoint http://judge.test/v1/?: not a chat completion: "):
+        with pytest.raises(
+            RlhfError, match=r"^judge endpoint http://judge.test/v1/?: not a chat completion: "
+        ):
             judge.compare(PROMPT, Answer("green"), Answer("red"))
         judge.close()
 

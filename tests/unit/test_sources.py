@@ -402,3 +402,17 @@ def test_a_csv_cell_reading_none_or_na_is_that_text(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("prompt,chosen,rejected\np,,b\n")
     with pytest.raises(DataError, match=r"empty.csv:1: missing field 'chosen'$"):
         read_preferences(tmp_path / "empty.csv")
+
+
+def test_a_negative_margin_or_a_score_given_as_text_is_a_row_error(tmp_path: Path) -> None:
+    """Training took a margin of -2 (a looser loss than none) where the labeling store refused it; an
+    ultrafeedback_binarized row whose scores were strings lost its margin and its contradiction check."""
+    (tmp_path / "neg.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": -2}\n')
+    with pytest.raises(DataError, match=r"neg.jsonl:1: field 'margin' should be 0 or more"):
+        read_preferences(tmp_path / "neg.jsonl")
+    row = {"prompt": "Hi", "chosen": "a", "rejected": "b", "score_chosen": "8", "score_rejected": 7}
+    (tmp_path / "uf.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"uf.jsonl:1: field 'score_chosen' should be a number, got str"):
+        read_preferences(tmp_path / "uf.jsonl")
+    (tmp_path / "zero.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 0}\n')
+    assert read_preferences(tmp_path / "zero.jsonl") == [PreferencePair("p", "a", "b", 0.0)]
