@@ -22,15 +22,15 @@ ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "tru
 
 
 def rename_columns(row: dict[str, Any], columns: dict[str, str], where: str) -> dict[str, Any]:
-    """The row with each `columns[field]` column renamed to `field` (replacing a column of that name)."""
+    """The row with each `columns[field]` column renamed to `field` (replacing a column of that name), all at
+    once: {chosen: rejected, rejected: chosen} swaps the two, and two fields may read one column."""
     if not columns:
         return row
-    row = dict(row)
     for ours, theirs in columns.items():
         if theirs not in row:
             _fail(where, f"missing column {theirs!r} (the column mapping reads {ours!r} from it)")
-        row[ours] = row.pop(theirs)
-    return row
+    renamed = {k: v for k, v in row.items() if k not in set(columns.values())}
+    return renamed | {ours: row[theirs] for ours, theirs in columns.items()}
 
 
 def detect_layout(row: dict[str, Any]) -> str | None:

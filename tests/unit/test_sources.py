@@ -416,3 +416,11 @@ def test_a_negative_margin_or_a_score_given_as_text_is_a_row_error(tmp_path: Pat
         read_preferences(tmp_path / "uf.jsonl")
     (tmp_path / "zero.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 0}\n')
     assert read_preferences(tmp_path / "zero.jsonl") == [PreferencePair("p", "a", "b", 0.0)]
+
+
+def test_a_column_mapping_is_applied_at_once(tmp_path: Path) -> None:
+    """Renamed one column at a time, a swap read 'missing field chosen', and two fields reading one column
+    said that column was missing."""
+    (tmp_path / "swap.jsonl").write_text('{"prompt": "p", "chosen": "worse", "rejected": "better", "x": 1}\n')
+    swapped = read_preferences(tmp_path / "swap.jsonl", columns={"chosen": "rejected", "rejected": "chosen"})
+    assert swapped == [PreferencePair("p", "better", "worse")]
