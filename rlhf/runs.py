@@ -40,7 +40,7 @@ from pydantic import BaseModel
 
 from rlhf.config import dump_config
 from rlhf.config.loading import stages_with
-from rlhf.data.jsonl import atomic_write_text
+from rlhf.data.jsonl import atomic_write_text, open_mode
 from rlhf.errors import RlhfError
 from rlhf.models.loading import replace_dir
 
@@ -212,6 +212,7 @@ class Run:
         target = self.checkpoints / f"step-{step:07d}"
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
         try:
+            tmp.chmod(open_mode(directory=True))
             save_files(tmp)
             torch.save({"step": step, "rng": rng_state(), **state}, tmp / STATE_FILE)
             replace_dir(tmp, target)

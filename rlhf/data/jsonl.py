@@ -86,12 +86,32 @@ def check_output_file(path: str | Path, what: str) -> None:
             break
 
 
+def umask() -> int:
+    """The process's umask: from /proc where Linux gives it, else by setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_mode(directory: bool = False) -> int:
+    """The mode a file (or directory) made the usual way would get. `tempfile` makes its files 0600 and its
+    directories 0700, which the atomic writes' renames would keep: outputs others on the machine cannot read."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, open_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

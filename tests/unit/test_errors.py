@@ -69,3 +69,25 @@ def test_a_jsonl_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
         list(iter_jsonl(tmp_path))
     with pytest.raises(DataError, match=rf"^{tmp_path / 'none.jsonl'}: file not found$"):
         list(iter_jsonl(tmp_path / "none.jsonl"))
+
+
+def test_atomic_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """Written through tempfile, every output was 0600 and every model folder 0700 whatever the umask: files
+    others on the machine (a team's labelers, a serving account) could not read."""
+    import os
+
+    from rlhf.data.jsonl import atomic_write_text
+    from rlhf.models.loading import save_pretrained_atomic
+
+    class Saves:
+        def save_pretrained(self, folder: Path, **_: object) -> None:
+            (Path(folder) / "config.json").write_text("{}")
+
+    previous = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "votes.jsonl", "{}\n")
+        save_pretrained_atomic(tmp_path / "final", Saves())  # type: ignore[arg-type]
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "votes.jsonl").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o750
