@@ -47,7 +47,7 @@ from rlhf.engine.packing import (
     tree_attention_mask,
     within_window,
 )
-from rlhf.errors import DataError, read_yaml
+from rlhf.errors import ConfigError, DataError, read_yaml
 from rlhf.eval.reward_metrics import ScoredPair, write_reward_eval
 from rlhf.losses import grouped_bt_loss
 from rlhf.models.heads import (
@@ -588,6 +588,10 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     checkpoint = run_dir.latest_checkpoint() if resume else None
     model = load_model(cfg, checkpoint, tokenizer)
     max_len = min(cfg.max_seq_len, context_length(cast(PreTrainedModel, model)))
+    context = context_length(cast(PreTrainedModel, model))  # the policy's: the reward model is made from it
+    if cfg.normalise.enabled and not reference_rows[0] and cfg.normalise.max_new_tokens >= context:
+        raise ConfigError(f"reward.normalise.max_new_tokens ({cfg.normalise.max_new_tokens}) leaves no room for a "
+                          f"prompt in the model's context of {context} tokens: lower it")  # fmt: skip
     train, truncated = encode_groups(train_groups, tokenizer, max_len, cfg, weights)
     held_out, held_truncated = encode_groups(held_groups, tokenizer, max_len, cfg, weights)
     if held_groups and not held_out:

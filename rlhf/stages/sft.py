@@ -69,7 +69,8 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         final = load_causal_lm(str(run_dir.dir / "final")).to(accelerator.device)
         final.eval()
         ids = encode_prompts(tokenizer, prompts)
-        gen = generate(final, ids, SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.95, seed=cfg.seed),
+        longest = min(48, context_length(final) // 2)  # room for the prompt in a short context
+        gen = generate(final, ids, SamplingParams(longest, temperature=0.7, top_p=0.95, seed=cfg.seed),
                        stop_ids(tokenizer), tokenizer.pad_token_id)  # fmt: skip
         texts = decode_responses(tokenizer, gen)
         write_jsonl(run_dir.dir / "samples.jsonl",

@@ -319,3 +319,30 @@ def test_prompts_with_nothing_to_answer_from_are_refused_before_training(
     assert not (tmp_path / "rm").exists()
     sequences = reference_sequences(cfg, load_tokenizer(trained.model), ["", "User: Hi\nAssistant:"], 64)
     assert len(sequences) == 1
+
+
+def test_a_context_too_short_for_the_normalisation_is_refused_before_training(
+    trained: RewardConfig, tmp_path: Path, demo_data: Path
+) -> None:
+    """In a 32-token context the normalisation's 48-token answers ended the run after training, with no final
+    model, naming `max_new_tokens` of no stage; SFT's own sample answers ended its run the same way."""
+    from rlhf.config import SFTConfig
+    from rlhf.stages import sft
+
+    tokenizer = load_tokenizer(trained.model)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    sft.run(SFTConfig(out_dir=str(tmp_path / "sft"), model=str(tmp_path / "gpt2"), max_seq_len=32, max_steps=2,
+                      train_file=str(demo_data / "sft.jsonl"), batch_size=8, micro_batch_size=8,
+                      eval_fraction=0.1, precision="fp32"), quiet=True)  # fmt: skip
+    samples = [json.loads(line) for line in (tmp_path / "sft" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(isinstance(s["response"], str) for s in samples)
+    cfg = trained.model_copy(update={"out_dir": str(tmp_path / "rm"), "model": str(tmp_path / "sft" / "final"),
+                                     "max_seq_len": 32, "normalise": NormaliseSettings()})  # fmt: skip
+    with pytest.raises(RlhfError, match=r"^reward.normalise.max_new_tokens \(48\) leaves no room for a prompt in "
+                                        r"the model's context of 32 tokens"):  # fmt: skip
+        reward.run(cfg, quiet=True)
+    abandon_unstarted_runs()
+    assert not (tmp_path / "rm").exists()
