@@ -88,9 +88,11 @@ def load_causal_lm(
 def check_same_tokenizer(
     a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what_a: str, what_b: str
 ) -> None:
-    """Raise unless two models' tokenizers agree token for token (vocabulary and special tokens): where two
-    models meet (a policy and its reward model or critic), ids from one are read by the other."""
-    for name in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
+    """Raise unless two models' tokenizers agree token for token (vocabulary and the special tokens the stages
+    place: EOS, PAD, BOS): where two models meet (a policy and its reward model or critic), ids from one are
+    read by the other. UNK is left out: it only names what text some tokenizer class maps unknown characters
+    to (Qwen2's class sets it, the generic one of the same files does not), never an id one model hands another."""
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         if getattr(a, name) != getattr(b, name):
             raise RlhfError(
                 f"{what_a} and {what_b} use different tokenizers: {name} {getattr(a, name)} vs {getattr(b, name)}"

@@ -76,6 +76,11 @@ def test_tokenizers_must_agree_token_for_token(tmp_path: Path, tiny_sft_model: P
     (moved / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(RlhfError, match=r"use different tokenizers: token .* is id"):
         check_same_tokenizer(policy, load_tokenizer(str(moved)), "x", "y")
+    # the same files loaded as another class, which names no UNK: the same ids either way
+    unk = load_tokenizer(str(tiny_sft_model))
+    unk.unk_token = None
+    assert unk.unk_token_id is None and policy.unk_token_id is not None
+    check_same_tokenizer(policy, unk, "ppo.policy", "ppo.reward_model")
 
 
 def test_reward_model_must_have_a_scalar_head(tiny_sft_model: Path, tiny_reward_model: Path) -> None:
