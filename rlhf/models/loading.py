@@ -68,6 +68,12 @@ def load_causal_lm(
     """AutoModelForCausalLM from a local dir or hub id (weights kept in `dtype`, fp32 by default); with the
     tokenizer it will read, its embeddings grown to hold the tokenizer's added tokens (an added PAD)."""
     where = describe_source(name_or_path)
+    local = Path(name_or_path)
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        raise RlhfError(
+            f"{name_or_path} holds LoRA adapters, not a whole model: point at the run's final/ (the adapters "
+            "merged into the model), or serve it as it is with `rlhf serve`, which merges them onto their base"
+        )
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:

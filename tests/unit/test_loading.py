@@ -167,3 +167,14 @@ def test_no_dropout_is_left_after_disable_dropout(tmp_path: Path, model_type: st
         assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout on: the test can tell
         disable_dropout(model)
         torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_folder_of_lora_adapters_is_one_line_naming_what_to_load(tmp_path: Path) -> None:
+    """`rlhf eval` or `rlhf generate` on a LoRA run's checkpoint said transformers' "Unrecognized model ...
+    Should have a model_type key"."""
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "adapter_config.json").write_text('{"base_model_name_or_path": "base", "r": 8}')
+    with pytest.raises(
+        RlhfError, match=r"policy holds LoRA adapters, not a whole model: point at the run's final/"
+    ):
+        load_causal_lm(str(tmp_path / "policy"))
