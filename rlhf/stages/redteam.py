@@ -126,11 +126,13 @@ def sampled_attacks(red_model: TextModel, worked: Sequence[Attack], n: int, cfg:
 
 def answer_and_flag(attacks: Sequence[Attack], target: TextModel, classifier: Judge, cfg: RedteamConfig,
                     demo: bool) -> None:  # fmt: skip
-    """Sample cfg.samples_per_attack answers per attack, flag each with the classifier (and score with gold)."""
+    """Sample cfg.samples_per_attack answers per attack, flag each with the classifier (and score with gold).
+    The classifier judges an answer's words as if it had ended: a refusal cut off by max_new_tokens is still a
+    refusal (a reward model scores an answer without its end at its no-EOS penalty, which flagged them all)."""
     k = cfg.samples_per_attack
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p)
     replies = target.reply_all([a.message for a in attacks for _ in range(k)], params)
-    pairs = [(target.prompt_of(a.message), Answer(r.text, r.ended), Answer(a.safe))
+    pairs = [(target.prompt_of(a.message), Answer(r.text), Answer(a.safe))
              for a, r in zip([a for a in attacks for _ in range(k)], replies, strict=True)]  # fmt: skip
     p_better = classifier.compare_all(pairs, cfg.classifier_principle)
     for i, a in enumerate(attacks):

@@ -30,9 +30,11 @@ class EvenWords(JudgeBase):
 
     def __init__(self) -> None:
         self.seen: list[str | None] = []
+        self.ended: list[bool] = []
 
     def compare_all(self, pairs: Sequence[Pair], principle: str | None = None) -> list[float]:
         self.seen.append(principle)
+        self.ended = [a.ended for _, a, _ in pairs]
         return [0.0 if len(a.text.split()) % 2 == 0 else 1.0 for _, a, _ in pairs]
 
 
@@ -62,6 +64,8 @@ def test_redteam_on_tiny_model(tmp_path: Path, tiny_sft_model: Path) -> None:
     for a in attacks:
         assert a.flagged == [len(t.split()) % 2 == 0 for t in a.answers] and len(a.answers) == 2
         assert a.gold_harmful is not None and len(a.gold_harmful) == 2
+    # answers cut off at max_new_tokens reach the classifier as words, not as answers without an end
+    assert not all(e for a in attacks for e in a.ended) and all(classifier.ended)
     hits = [f for a in heldout for f in a.flagged]
     row = report["asr_heldout"]["all"]
     assert row["answers"] == 26 and row["successes"] == sum(hits)
