@@ -13,6 +13,9 @@ from rlhf.judges.base import DEFAULT_REVIEW_TEMPLATE, check_review_template
 from rlhf.judges.base import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
 from rlhf.judges.base import check_template as check_judge_template
 
+GREEDY_BEST_OF_N = ("temperature 0 samples the one greedy answer {n} times, so there is no best to pick: "
+                    "sample at a temperature above 0, or set {n}: 1")  # fmt: skip
+
 
 class GenerateConfig(Section):
     """`rlhf generate`: K candidate answers per prompt from a policy, for labelers to compare."""
@@ -115,6 +118,12 @@ class BonConfig(Section):
         "SFT would teach the cut answer and an EOS after it)",
     )
 
+    @model_validator(mode="after")
+    def _samples_differ(self) -> BonConfig:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(GREEDY_BEST_OF_N.format(n="n"))
+        return self
+
 
 class EvalConfig(Section):
     """`rlhf eval A B`: both policies answer the same held-out prompts; a judge compares them in random order."""
@@ -203,6 +212,8 @@ class EvalConfig(Section):
     def _bon_needs_reward_model(self) -> EvalConfig:
         if self.best_of_n > 1 and not self.reward_model:
             raise ValueError("best_of_n > 1 needs reward_model (the model that picks the best answer)")
+        if self.best_of_n > 1 and self.temperature == 0:
+            raise ValueError(GREEDY_BEST_OF_N.format(n="best_of_n"))
         return self
 
     @field_validator("judge_choices", "judge_review_choices", mode="before")

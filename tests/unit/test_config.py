@@ -146,3 +146,12 @@ def test_lora_target_modules_without_a_rank_are_named_in_a_warning(caplog: pytes
     with caplog.at_level("WARNING", logger="rlhf.config.base"):
         load_config(None, ["sft.lora.target_modules=[q_proj]", "sft.lora.r=8"])
     assert caplog.text == ""
+
+
+def test_best_of_n_at_temperature_0_is_refused() -> None:
+    """All n answers were the one greedy answer, and the summary still gave a KL bound for picking among n."""
+    with pytest.raises(ConfigError, match=r"temperature 0 samples the one greedy answer n times"):
+        load_config(None, ["bon.temperature=0", "bon.n=4"])
+    with pytest.raises(ConfigError, match=r"greedy answer best_of_n times"):
+        load_config(None, ["eval.temperature=0", "eval.best_of_n=4", "eval.reward_model=rm"])
+    assert load_config(None, ["bon.temperature=0", "bon.n=1"]).bon.n == 1
