@@ -139,7 +139,7 @@ def encode(
 ) -> tuple[list[Judgement], int]:
     """prompt ids (with the tokenizer's BOS) and answer + EOS (or end-of-turn) ids; a prompt longer than half of
     max_len keeps its end, then an answer that does not fit is cut (no EOS: it did not end within the window)."""
-    truncated, out = 0, []
+    truncated, alike, out = 0, 0, []
     for g in groups:
         prompt = encode_prompts(tokenizer, [g.prompt])[0]
         answers = []
@@ -155,7 +155,14 @@ def encode(
             raise DataError(
                 f"a judgement with an empty prompt cannot be trained on (answers {g.completions[:2]!r})"
             )
-        out.append(Judgement(g.prompt, prompt[len(prompt) - p_len :], answers, list(g.pairs)))
+        # two answers cut to the same tokens teach nothing (a loss of log 2 and no gradient), and would count
+        # as a miss in dpo/accuracy
+        pairs = [(c, r) for c, r in g.pairs if answers[c] != answers[r]]
+        alike += len(g.pairs) - len(pairs)
+        if pairs:
+            out.append(Judgement(g.prompt, prompt[len(prompt) - p_len :], answers, pairs))
+    if alike:
+        log.warning("dpo: %d pairs whose answers are the same once cut to %d tokens left out", alike, max_len)
     return out, truncated
 
 

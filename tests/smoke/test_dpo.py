@@ -72,7 +72,8 @@ def tiny_dpo(out: Path, sft: Path, data: Path, **overrides: Any) -> DPOConfig:
 def test_two_steps_train_the_policy(
     settings: dict[str, Any], tmp_path: Path, tiny_sft_model: Path, preferences: Path
 ) -> None:
-    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, **settings)
+    # wide enough that no two answers are cut to the same tokens (such a pair is left out)
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, preferences, max_seq_len=128, **settings)
     result = dpo.run(cfg, quiet=True)
 
     # 36 pairs + 12 rankings of 3 answers (3 pairs each), minus the held-out prompts
@@ -207,8 +208,9 @@ def test_resume_with_other_lengths_computes_the_reference_again(
 
     resumed = torch.load(tmp_path / "run" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
     fresh = torch.load(tmp_path / "fresh" / dpo.REFERENCE_CACHE, weights_only=True)["logps"]
-    assert len(resumed) == len(fresh) == len(before)
-    assert any(
+    assert len(resumed) == len(fresh)
+    # shorter answers: other log-probs, and pairs cut to the same tokens left out
+    assert len(fresh) < len(before) or any(
         got != pytest.approx(want, rel=1e-6, abs=1e-5) for got, want in zip(before, fresh, strict=True)
     )
     for got, want in zip(resumed, fresh, strict=True):

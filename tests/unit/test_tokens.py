@@ -200,3 +200,19 @@ def test_reward_and_dpo_score_bos_once_and_keep_the_end_of_turn_token(family: st
         assert seq[: len(start)] == start and tok.bos_token_id not in seq[len(start) :]
     assert [s[-1] for s in example.sequences] == [tok.eos_token_id, turn_end]  # plain text gets EOS
     assert [a[-1] for a in judgement.answers] == [tok.eos_token_id, turn_end]
+
+
+def test_dpo_leaves_out_a_pair_whose_answers_are_the_same_once_cut(caplog: pytest.LogCaptureFixture) -> None:
+    """Two answers that differ only past max_len were trained on as a pair: a loss of log 2 with no gradient,
+    counted as a miss in dpo/accuracy (163 of 3,942 demo pairs at max_seq_len 8)."""
+    tok = prepare_tokenizer(build_tokenizer("llama"))
+    prompt = "User: Is the sky green?\nAssistant:"
+    answers = [" No, it is blue and always has been.", " No, it is blue and never was green.", " Yes."]
+    group = PreferenceGroup(prompt, answers, [(0, 1), (0, 2)], [None, None])
+    width = len(encode_prompts(tok, [prompt])[0]) + 6  # room for the first six tokens of an answer
+    with caplog.at_level("WARNING"):
+        (judgement,), _ = dpo.encode([group], tok, width)
+    assert judgement.answers[0] == judgement.answers[1] and judgement.pairs == [(0, 2)]
+    assert "1 pairs whose answers are the same once cut" in caplog.text
+    only, _ = dpo.encode([PreferenceGroup(prompt, answers[:2], [(0, 1)], [None])], tok, width)
+    assert only == []
