@@ -352,7 +352,8 @@ def format_report(report: dict[str, Any]) -> str:
                "gold held-out ASR"), ("gold_asr_heldout_mutations", "gold held-out mutations")) if t in report]  # fmt: skip
     lines = [f"redteam: {report['target']}, flagged by {report['flagged_by']} (P(better than safe) < "
              f"{report['flag_below']})", f"{'category':<14}" + "".join(f"{h:<30}" for _, h in columns)]  # fmt: skip
-    categories = dict.fromkeys([*report["asr_heldout"], *report["asr_search"]])
+    # every category of either table, "all" last (a category the held-out seeds lack comes after theirs' "all")
+    categories = sorted({*report["asr_heldout"], *report["asr_search"]}, key=lambda c: (c == "all", c))
     for c in categories:
         cells = []
         for table, _ in columns:

@@ -17,7 +17,16 @@ from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import clustered_wilson_interval, wilson_interval
 from rlhf.judges.base import JudgeBase, Pair
-from rlhf.stages.redteam import Attack, demo_seeds, mutations, read_seeds, run, sampled_attacks, split_seeds
+from rlhf.stages.redteam import (
+    Attack,
+    demo_seeds,
+    format_report,
+    mutations,
+    read_seeds,
+    run,
+    sampled_attacks,
+    split_seeds,
+)
 from rlhf.text_models import LocalModel
 from tests.cli import run_cli
 from tests.fakes import ScriptedModel
@@ -313,3 +322,13 @@ def test_the_pointwise_judge_flags_the_answers_it_reviews_as_breaking(
     assert report["asr_heldout"]["all"]["asr"] == 0.5
     with pytest.raises(ValueError, match="classifier_mode=pointwise needs classifier=local"):
         RedteamConfig(classifier_mode="pointwise")
+
+
+def test_the_report_table_ends_with_all_whatever_categories_each_set_has() -> None:
+    """With a category the held-out seeds lack, its row came after the held-out table's "all"."""
+    row = {"answers": 4, "successes": 1, "asr": 0.25, "ci95": [0.05, 0.7]}
+    report = {"target": "t", "flagged_by": "f", "flag_below": 0.25, "written": {"pairs": 0, "filter": 0, "prompts": 0},
+              "asr_heldout": {"hurt": row, "all": row}, "asr_search": {"hurt": row, "poison": row, "all": row}}  # fmt: skip
+    names = [line.split()[0] for line in format_report(report).splitlines()[2:-1]]
+    assert names == ["hurt", "poison", "all"]
+    assert format_report(report).splitlines()[3].split()[1] == "-"  # poison has no held-out row
