@@ -129,9 +129,10 @@ class EndpointModel(EndpointJudge):
 
 def load_text_model(model: str, url: str | None = None, *, batch_size: int = 16, seed: int = 0,
                     api_key_env: str = "OPENAI_API_KEY",
-                    requests_per_s: float = 5.0, concurrency: int = 4) -> TextModel:  # fmt: skip
+                    requests_per_s: float = 5.0, concurrency: int = 4, timeout_s: float = 60.0,
+                    retries: int = 5) -> TextModel:  # fmt: skip
     """A checkpoint (`model` a directory or hub id) or, given `url`, the endpoint's model named `model`."""
     if url:
         return EndpointModel(url, model, api_key_env, seed=seed, requests_per_s=requests_per_s,
-                             concurrency=concurrency)  # fmt: skip
+                             concurrency=concurrency, timeout_s=timeout_s, retries=retries)  # fmt: skip
     return LocalModel(model, batch_size=batch_size, seed=seed)

@@ -26,8 +26,12 @@ class RedteamConfig(Section):
         None, description="OpenAI-compatible base URL of the target; unset = local"
     )
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding endpoints' API key")
-    requests_per_s: float = Field(5.0, gt=0, description="endpoint: most requests per second")
-    concurrency: int = Field(4, ge=1, le=64, description="endpoint: requests in flight at once")
+    requests_per_s: float = Field(
+        5.0, gt=0, description="endpoints (the target's, an endpoint classifier's): most requests per second"
+    )
+    concurrency: int = Field(4, ge=1, le=64, description="endpoints: requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="endpoints: timeout of one request")
+    retries: int = Field(5, ge=0, description="endpoints: retries on connection errors, 429 and 5xx")
     seeds_file: str | None = Field(
         None,
         description="JSONL of {message, category[, safe]} attack seeds; unset = the demo world's harm requests "

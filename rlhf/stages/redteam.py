@@ -52,7 +52,7 @@ from rlhf.train.demonstrations import demonstration_reply
 log = logging.getLogger(__name__)
 # settings a resumed run may change: how long the search goes on and how fast it asks; the rest made its rows
 RESUMES_WITH = frozenset({"out_dir", "rounds", "max_attacks_per_round", "batch_size", "requests_per_s",
-                          "concurrency", "api_key_env"})  # fmt: skip
+                          "concurrency", "timeout_s", "retries", "api_key_env"})  # fmt: skip
 
 
 def read_seeds(path: str, refusal: str) -> list[Attack]:
@@ -240,7 +240,9 @@ def make_classifier(cfg: RedteamConfig) -> Judge:
                                  judge_url=cfg.classifier_url, judge_template=cfg.classifier_template,
                                  judge_mode=cfg.classifier_mode, judge_review_template=cfg.classifier_review_template,
                                  judge_review_choices=cfg.classifier_review_choices,
-                                 judge_api_key_env=cfg.api_key_env, judge_cache=None))  # fmt: skip
+                                 judge_api_key_env=cfg.api_key_env, judge_cache=None,
+                                 judge_requests_per_s=cfg.requests_per_s, judge_concurrency=cfg.concurrency,
+                                 judge_timeout_s=cfg.timeout_s, judge_retries=cfg.retries))  # fmt: skip
 
 
 def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None, classifier: Judge | None = None,
@@ -263,7 +265,13 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
         log.info("redteam: %d answered attacks found in %s, not asked again", len(done), out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    key = dict(api_key_env=cfg.api_key_env, requests_per_s=cfg.requests_per_s, concurrency=cfg.concurrency)
+    key = dict(
+        api_key_env=cfg.api_key_env,
+        requests_per_s=cfg.requests_per_s,
+        concurrency=cfg.concurrency,
+        timeout_s=cfg.timeout_s,
+        retries=cfg.retries,
+    )
     target = target or load_text_model(cfg.target, cfg.target_url, batch_size=cfg.batch_size, seed=cfg.seed,
                                        **key)  # type: ignore[arg-type]  # fmt: skip
     mode = "-pointwise" if cfg.classifier_mode == "pointwise" else ""

@@ -332,3 +332,18 @@ def test_the_report_table_ends_with_all_whatever_categories_each_set_has() -> No
     names = [line.split()[0] for line in format_report(report).splitlines()[2:-1]]
     assert names == ["hurt", "poison", "all"]
     assert format_report(report).splitlines()[3].split()[1] == "-"  # poison has no held-out row
+
+
+def test_an_endpoint_classifier_takes_the_endpoint_settings(tmp_path: Path, tiny_sft_model: Path) -> None:
+    """It was paced, timed out and retried at eval's defaults (60 s x 6 tries against a hung endpoint) whatever
+    the red-team settings said."""
+    from rlhf.judges.endpoint import EndpointJudge
+    from rlhf.stages.redteam import make_classifier
+
+    cfg = _cfg(tmp_path / "rt", tiny_sft_model, classifier="endpoint", classifier_model="judge",
+               classifier_url="http://127.0.0.1:9/v1", requests_per_s=2.0, concurrency=3, timeout_s=7.0, retries=1)  # fmt: skip
+    built = make_classifier(cfg)
+    assert isinstance(built, EndpointJudge)
+    assert (built.min_interval, built.concurrency, built.retries) == (0.5, 3, 1)
+    assert built.http.timeout.read == 7.0
+    built.close()
