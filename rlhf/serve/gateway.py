@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -48,6 +49,9 @@ T = TypeVar("T")
 
 # what a request's answer keeps of the upstream's headers (hop-by-hop and length ones are the server's)
 PASSED_HEADERS = ("content-type", "x-request-id", "openai-processing-ms")
+# An upstream's model list is taken as current this long (a checkpoint redeployed under its model id has its
+# new version in the pairs stored after it), and asked again at most this often for a model it lacked.
+VERSIONS_TTL_S, VERSIONS_RETRY_S = 30.0, 2.0
 
 
 @dataclass
@@ -58,6 +62,9 @@ class GatewayState:
     store: FeedbackStore | None = None  # read by the /v1/feedback router, as the model server's state is
     rng: random.Random = field(default_factory=random.Random)
     versions: dict[str, str] = field(default_factory=dict)  # model id -> version, from upstream /models
+    listed_at: dict[str, float] = field(
+        default_factory=dict
+    )  # upstream URL -> when its models were last asked
 
 
 def _client(base_url: str, s: GatewaySettings) -> httpx.AsyncClient:
@@ -89,12 +96,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _learn_versions(state: GatewayState, client: httpx.AsyncClient) -> None:
     """Model versions the engine reports (`rlhf serve` gives name@digest); others get model@fingerprint."""
+    state.listed_at[str(client.base_url)] = time.monotonic()
     try:
         r = await client.get("models", headers=_auth(state, None))
         for m in r.json().get("data", []):
             state.versions[m["id"]] = str(m.get("version") or m["id"])
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("could not list the models of %s; versions will come from the answers", client.base_url)
+
+
+async def _current_versions(state: GatewayState, sides: Sequence[tuple[httpx.AsyncClient, str]]) -> None:
+    """Ask an upstream for its models again before a pair is stored, when its list is older than VERSIONS_TTL_S
+    (a checkpoint redeployed under the same model id gets its new version) or lacks a model of the pair (the
+    engine was not up when the gateway started), at most every VERSIONS_RETRY_S."""
+    now = time.monotonic()
+    for client, model in sides:
+        age = now - state.listed_at.get(str(client.base_url), -math.inf)
+        if age > VERSIONS_TTL_S or (model not in state.versions and age > VERSIONS_RETRY_S):
+            await _learn_versions(state, client)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -246,7 +265,7 @@ async def _relay(upstream: httpx.Response) -> Response:
     kept = {k: v for k, v in upstream.headers.items() if k in PASSED_HEADERS}
     if upstream.headers.get("content-type", "").startswith("text/event-stream"):
         return StreamingResponse(
-            upstream.aiter_raw(),
+            upstream.aiter_bytes(),  # decoded: the content-encoding it came in is not passed on
             upstream.status_code,
             {**kept, **SSE_HEADERS},
             background=BackgroundTask(upstream.aclose),
@@ -345,6 +364,7 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
             "The upstream engine answered 200 without a completion", 502, code="upstream_error"
         ) from None
     texts = [_choice_text(c, chat) for c in choices]
+    await _current_versions(state, sides)
     pair = _answers(state, sides, bodies, [out, other], texts, [c.get("finish_reason") for c in choices])
     ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
     usage = [u for u in (out.get("usage"), other.get("usage")) if u]
@@ -425,6 +445,7 @@ async def _ab_stream(
                 yield sse({**chunk, "id": ident, "model": meta["model"], "choices": choices, "usage": None})
         for t in tasks:
             t.result()  # an upstream failure ends the stream with its error
+        await _current_versions(state, sides)
         pair = _answers(state, sides, bodies, replies, texts, finish)
         ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
         last: dict[str, Any] = {"id": ident, "object": replies[0].get("object", "chat.completion.chunk"),

@@ -110,8 +110,10 @@ class SamplingRequest(BaseModel):
             return "echo"
         if self.suffix:
             return "suffix"
-        if self.tools or self.functions:
+        if self.tools:
             return "tools"
+        if self.functions:
+            return "functions"
         for name, neutral in NEUTRAL.items():
             value = getattr(self, name)
             if value is not None and value not in neutral:
@@ -130,6 +132,16 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
+    tool_calls: Any = Field(None, description="refused: this server calls no tools (an assistant turn that did "
+                            "would be shown without them)")  # fmt: skip
+    function_call: Any = Field(None, description="refused, as tool_calls")
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_tool_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(f"'{info.field_name}' in a message is not supported: this server calls no tools")
+        return value
 
     @field_validator("content")
     @classmethod
@@ -183,8 +195,8 @@ class FeedbackIn(BaseModel):
         description="the feedback_token sent with the A/B response: proof of having received it"
     )
     choice: Literal["A", "B", "tie", "both_bad"]
-    user: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,58}$")] | None = Field(
-        None, description="optional; must be the `user` the completion request named, if any"
+    user: Annotated[str, Field(max_length=256)] | None = Field(
+        None, description="optional; must be the `user` the completion request named, if any (any id it took)"
     )
     idempotency_key: Annotated[str, Field(pattern=KEY_PATTERN)] | None = Field(
         None,

@@ -180,6 +180,34 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         400,
         "choice",
     ),
+    (  # an assistant turn that called a tool was shown without its calls
+        "a message with tool calls",
+        "/v1/chat/completions",
+        {
+            **CHAT,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]},
+                {"role": "user", "content": "and?"},
+            ],
+        },
+        400,
+        "messages.1.tool_calls",
+    ),
+    ("functions", "/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
+    (  # any user id the completion request took (a digest of 64 characters, a name with a space)
+        "feedback for a long user id, with a token not issued for it",
+        "/v1/feedback",
+        {
+            "feedback_id": "ab-x",
+            "feedback_token": "0" * 64,
+            "choice": "A",
+            "idempotency_key": "k" * 10,
+            "user": "John Doe " + "a" * 64,
+        },
+        403,
+        None,
+    ),
     (
         "feedback with a token not issued for it",
         "/v1/feedback",

@@ -447,3 +447,61 @@ def test_a_client_that_leaves_frees_the_engine(tmp_path: Path, ab: bool) -> None
             while len(outcomes) < (2 if ab else 1) and time.monotonic() < deadline:
                 time.sleep(0.05)
     assert outcomes == ["left"] * (2 if ab else 1)
+
+
+def redeployed_engine(version: list[str]) -> FastAPI:
+    """An engine whose model list names `version[0]` (changed by the test, as a redeploy would), answering
+    each model with its own words, and streaming gzip-compressed as a proxy in front of an engine may."""
+    import gzip
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": m, "object": "model", "version": f"{m}@{version[0]}"}
+                                           for m in ("m", "other")]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        words = f"I am {body['model']}."
+        if body.get("stream"):
+            chunk = {"id": "x", "object": "chat.completion.chunk", "model": body["model"],
+                     "choices": [{"index": 0, "delta": {"content": words}, "finish_reason": "stop"}]}  # fmt: skip
+            packed = gzip.compress(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+            return StreamingResponse(iter([packed]), media_type="text/event-stream",
+                                     headers={"content-encoding": "gzip"})  # fmt: skip
+        return {"id": "x", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": words}, "finish_reason": "stop"}]}  # fmt: skip
+
+    return app
+
+
+def test_a_redeployed_model_is_stored_with_its_new_version_and_a_gzip_stream_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway read the upstream's versions once, at start: pairs after a redeploy under the same model id
+    were credited to the old checkpoint (and, with an engine not yet up at start, to the bare model id). A
+    stream an upstream compressed reached the client compressed, without its content-encoding."""
+    from rlhf.serve import gateway
+
+    monkeypatch.setattr(gateway, "VERSIONS_TTL_S", 0.0)  # every pair asks again
+    version = ["v1"]
+    db_url = f"sqlite:///{tmp_path}/feedback.db"
+    with run_app(redeployed_engine(version)) as (engine, _):
+        settings = GatewaySettings(upstream=engine + "/v1", candidate_model="other", feedback_db=db_url,
+                                   ab_rate=1.0, seed=0)  # fmt: skip
+        with run_app(create_app(settings)) as (url, _):
+            body = {"model": "m", "messages": HELLO, "ab": True}
+            assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
+            version[0] = "v2"
+            assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
+            streamed = httpx.post(url + "/v1/chat/completions", json={**body, "ab": False, "stream": True},
+                                  timeout=30)  # fmt: skip
+    assert streamed.status_code == 200 and "content-encoding" not in streamed.headers
+    assert "I am m." in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    db = Database(db_url)
+    with db.session() as session:
+        policies = [c.policy for c in session.scalars(select(Completion).order_by(Completion.id))]
+    db.dispose()
+    assert sorted(policies[:2]) == ["m@v1", "other@v1"] and sorted(policies[2:]) == ["m@v2", "other@v2"]
