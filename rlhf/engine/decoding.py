@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,9 +77,11 @@ def fit_context(prompts: list[list[int]], context: int, max_new_tokens: int) -> 
     return prompts
 
 
-def never_sampled(pad_id: int, stops: Sequence[int]) -> list[int]:
-    """The token ids a response never samples: PAD, unless PAD also ends a response."""
-    return [] if pad_id in stops else [pad_id]
+def never_sampled(pad_id: int, stops: Sequence[int], model: Any = None) -> list[int]:
+    """The token ids a response never samples: PAD, unless PAD also ends a response, and the model's
+    generation config's `suppress_tokens` (the rows past its tokenizer's last id: rlhf.models.tokens)."""
+    suppressed = list(getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or ())
+    return ([] if pad_id in stops else [pad_id]) + [t for t in suppressed if t != pad_id and t not in stops]
 
 
 # Finished rows leave the decoded batch once at most half of it still runs, and it shrinks to a power of two
@@ -127,7 +130,7 @@ def generate(
     if seeds is None:
         seeds = _row_keys(batch, params, generator)
     row_keys = seeds.to(device)  # (b,) each row's random stream
-    never = never_sampled(pad_id, stops_list)
+    never = never_sampled(pad_id, stops_list, model)
     decoding = DecodeBatch(model, width + steps, synced=synced)
     rows = torch.arange(batch, device=device)  # (b,) the row of each sequence still decoded
     logits, n = decoding.prefill(prompt_ids, prompt_mask), 0  # (b, V)

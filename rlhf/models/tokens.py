@@ -89,6 +89,11 @@ def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.pad_token_id = tokenizer.pad_token_id
+        if rows > len(
+            tokenizer
+        ):  # rows past the tokenizer's last id (Qwen2.5, Phi-3): no text, never sampled
+            unused = range(len(tokenizer), rows)
+            generation_config.suppress_tokens = sorted({*(generation_config.suppress_tokens or ()), *unused})
         # transformers' generate() (and pipelines) then stop where ours does: at EOS and the end-of-turn token
         eos = generation_config.eos_token_id
         ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

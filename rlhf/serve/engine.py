@@ -89,6 +89,7 @@ class Engine:
         self.stop_ids = stop_ids(tokenizer)  # EOS and the chat template's end-of-turn token
         self.vocab_size = int(self.model.config.vocab_size)  # the token ids a prompt may hold
         self.pad_id = int(tokenizer.pad_token_id)
+        self.never = never_sampled(self.pad_id, self.stop_ids, self.model)  # PAD, and rows without text
         self.device = next(model.parameters()).device
         self.batch_sizes: Counter[int] = Counter()  # decode steps by number of rows, for tests and /metrics
         self._rng = torch.Generator().manual_seed(seed)  # random streams of unseeded rows
@@ -271,9 +272,8 @@ class Engine:
         )
         keys = torch.tensor([s.stream_key for s in seqs], device=device)  # (B,)
         counters = torch.tensor([len(s.tokens) for s in seqs], device=device)  # (B,) the token each row draws
-        # PAD is never sampled: its probability is set to 0 before the draw
-        never = never_sampled(self.pad_id, self.stop_ids)
-        tokens, _ = sample(logits, rows, RowStreams(keys, counters), never)
+        # PAD (and rows past the tokenizer) never sampled: their probability is set to 0 before the draw
+        tokens, _ = sample(logits, rows, RowStreams(keys, counters), self.never)
         asking = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if asking:  # each asking row's sampled token's log-prob, appended with the token
             top_n = [seqs[i].params.logprobs or 0 for i in asking]

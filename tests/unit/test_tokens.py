@@ -216,3 +216,26 @@ def test_dpo_leaves_out_a_pair_whose_answers_are_the_same_once_cut(caplog: pytes
     assert "1 pairs whose answers are the same once cut" in caplog.text
     only, _ = dpo.encode([PreferenceGroup(prompt, answers[:2], [(0, 1)], [None])], tok, width)
     assert only == []
+
+
+def test_rows_past_the_tokenizer_are_never_sampled(tmp_path: Path) -> None:
+    """Qwen2.5 and Phi-3 have embedding rows past their tokenizer's last id: sampled, they decoded to "" and
+    PPO trained on them (43 of 237 tokens of a tiny model). They go into the generation config's
+    suppress_tokens, which the decoder and `rlhf serve` never sample."""
+    from transformers import Qwen2Config
+
+    tok = prepare_tokenizer(build_tokenizer("chatml"))
+    config = Qwen2Config(vocab_size=len(tok) + 100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model = load_causal_lm(str(tmp_path / "m"), tokenizer=load_tokenizer(str(tmp_path / "m")))
+    assert set(range(len(tok), len(tok) + 100)) <= set(model.generation_config.suppress_tokens)
+    prompts = [tok("User: hi\nAssistant:", add_special_tokens=False)["input_ids"]] * 16
+    gen = generate(
+        model, prompts, SamplingParams(24, temperature=1.5, seed=0), stop_ids(tok), tok.pad_token_id
+    )
+    sampled = gen.response_ids[gen.response_mask.bool()]
+    assert sampled.numel() > 100 and int(sampled.max()) < len(tok)
