@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import os
 import tempfile
@@ -26,7 +27,7 @@ def iter_jsonl(
         raise DataError(f"{path}: {what or 'file not found'}")
     # decoded line by line, so that bytes that are not UTF-8 are named by their line
     with (opener or Path.open)(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_lines(f, path), start=1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if not line.strip():
@@ -46,6 +47,14 @@ def iter_jsonl(
             if skipped is None:
                 raise DataError(error)
             skipped.append(error)
+
+
+def _lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
+    """The file's lines; a file its decompressor cannot read (not gzip at all, cut short) is a one-line error."""
+    try:
+        yield from f
+    except (OSError, EOFError, lzma.LZMAError) as e:  # gzip's BadGzipFile and bz2's are OSErrors
+        raise DataError(f"{path}: cannot decompress it ({e})") from None
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:

@@ -424,3 +424,14 @@ def test_a_column_mapping_is_applied_at_once(tmp_path: Path) -> None:
     (tmp_path / "swap.jsonl").write_text('{"prompt": "p", "chosen": "worse", "rejected": "better", "x": 1}\n')
     swapped = read_preferences(tmp_path / "swap.jsonl", columns={"chosen": "rejected", "rejected": "chosen"})
     assert swapped == [PreferencePair("p", "better", "worse")]
+
+
+def test_a_compressed_file_that_cannot_be_decompressed_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "plain.jsonl.gz").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')  # not gzip
+    with pytest.raises(DataError, match=r"plain.jsonl.gz: cannot decompress it \(Not a gzipped file"):
+        read_preferences(tmp_path / "plain.jsonl.gz")
+    whole = gzip.compress(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 50)
+    for name in ("cut.jsonl.gz", "cut.json.gz"):
+        (tmp_path / name).write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(DataError, match=rf"{name}: cannot (decompress|read) it"):
+            read_preferences(tmp_path / name)
