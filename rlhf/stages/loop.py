@@ -43,6 +43,8 @@ from sqlalchemy.orm import Session
 
 from rlhf.config import PPOConfig, RootConfig
 from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
+from rlhf.data.preference_io import record_from_json
+from rlhf.data.preferences import to_groups
 from rlhf.errors import RlhfError
 from rlhf.feedback.db import Database, upgrade
 from rlhf.feedback.loop_state import (
@@ -327,6 +329,11 @@ def round_votes(
 
     with db.session() as session:
         records = [r for r in export_records(session, loop.name, "votes") if wanted(r["meta"])]
+    if not any(g.pairs for g in to_groups(record_from_json(r) for r in records)):
+        # not written: a file without a comparison would stop this round's training at every later start
+        raise RlhfError(f"loop: {rdir.name}: none of the {len(records)} votes that can no longer "
+                        "be undone compares two answers (no votes yet, or only ties and both_bad): nothing to "
+                        "train on; let people vote, then start the loop again")  # fmt: skip
     write_jsonl(path, records)
     return records
 

@@ -573,7 +573,7 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
     reference_rows = read_reference(cfg, tokenizer)
     if cfg.normalise.enabled and not reference_rows[0]:
         prompts = reference_rows[1] or [g.prompt for g in groups]
-        if not answerable(tokenizer, prompts):
+        if prompts and not answerable(tokenizer, prompts):  # no prompts at all: no comparisons (below)
             source = cfg.normalise.prompts_file or cfg.train_file
             raise DataError(f"{source}: every prompt is empty, so the policy has nothing to answer for the "
                             "normalisation: give reward.normalise.prompts_file or completions_file")  # fmt: skip

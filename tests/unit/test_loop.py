@@ -168,6 +168,37 @@ def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_p
     assert len(again) == 1 and len(list((tmp_path / "votes.jsonl").read_text().splitlines())) == 1
 
 
+def test_a_round_without_a_comparison_writes_no_votes_file_and_a_later_start_trains_on_new_votes(
+    tmp_path: Path,
+) -> None:
+    """A round that went on with no votes (loop.on_timeout = continue), or only ties, wrote an empty votes.jsonl
+    once: the reward stage failed on it at every later start, whatever people voted since."""
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.loop_state import get_or_create_loop
+    from rlhf.feedback.testing import make_user, run_server
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    token = make_user(url, "ann")
+    db = Database(url)
+    try:
+        with db.session() as session:
+            loop_run = get_or_create_loop(session, "l", {})
+            import_candidates(session, "l", round_one_rows(3))
+        with run_server(url) as base, FeedbackClient(base, token) as client:
+            client.vote(client.next_task("l")["id"], choice="tie")
+            with pytest.raises(RlhfError, match=r"none of the 1 votes .* compares two answers .* only ties"):
+                loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
+            assert not (tmp_path / "votes.jsonl").exists()
+            client.vote(client.next_task("l")["id"], choice="A")
+            assert [r["choice"] for r in loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)] == [
+                "tie",
+                "A",
+            ]
+    finally:
+        db.dispose()
+
+
 def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_be_taken_back(
     tmp_path: Path,
 ) -> None:
@@ -196,7 +227,10 @@ def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_b
                 match=r"0 of the 2 votes needed .* \(2 more cast, which may still be undone\)",
             ):
                 loop.collect_votes(load_config(None, settings), db, loop_run, 1)
-            assert loop.round_votes(db, loop_run, tmp_path / "now", undo_window_s=60) == []
+            with pytest.raises(
+                RlhfError, match=r"^loop: now: none of the 0 votes that can no longer be undone"
+            ):
+                loop.round_votes(db, loop_run, tmp_path / "now", undo_window_s=60)
             client.undo()  # within the window: this vote is never trained on
             client.vote(client.next_task("l")["id"], choice="B", source="simulated")
             info = loop.collect_votes(load_config(None, [*settings, "loop.undo_window_s=0"]), db, loop_run, 1)
