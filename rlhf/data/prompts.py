@@ -44,11 +44,17 @@ def _read(
     render = chat_template(tokenizer) if tokenizer is not None else None
     stem = Path(str(source)).stem
     prompts = []
+    seen: dict[str, tuple[str, str]] = {}  # id -> (where, text): answers are filed under their prompt's id
     for where, row in iter_rows(source):
         given = row.get("prompt_id", row.get("id"))
         row_id = where.rsplit(":", 1)[1]
         text, messages = prompt_text(row, where, render), prompt_messages(row, where, render)
-        prompts.append((str(given) if given is not None else f"{stem}:{row_id}", text, messages))
+        prompt_id = str(given) if given is not None else f"{stem}:{row_id}"
+        first = seen.setdefault(prompt_id, (where, text))
+        if first[1] != text:
+            raise DataError(f"{where}: prompt_id {prompt_id!r} is also the id of another prompt "
+                            f"({first[0]}): give each prompt its own")  # fmt: skip
+        prompts.append((prompt_id, text, messages))
         if max_prompts and len(prompts) == max_prompts:
             break
     if not prompts:

@@ -63,6 +63,21 @@ def test_prompt_rows_keep_their_text_and_ids(tmp_path: Path) -> None:
     assert read_prompt_rows(path) == [("7", "2+2?"), ("rl:2", "Hi")]
 
 
+def test_one_id_for_two_prompts_is_an_error_naming_both_rows(tmp_path: Path) -> None:
+    """Answers are filed under their prompt's id: in the loop, the second prompt's answers went to the first,
+    and labelers judged answers about a cat as answers about an egg."""
+    path = tmp_path / "dup.jsonl"
+    rows = [{"prompt": "How do I boil an egg?", "prompt_id": "x"}, {"prompt": "Hello!", "prompt_id": "y"},
+            {"prompt": "A name for a cat?", "prompt_id": "x"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        DataError, match=r"dup.jsonl:3: prompt_id 'x' is also the id of another prompt \(.*dup.jsonl:1\)"
+    ):
+        read_prompt_rows(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[:1]))  # the same prompt again
+    assert [i for i, _ in read_prompt_rows(path)] == ["x", "y", "x"]
+
+
 def test_bad_prompt_rows_name_file_and_row(tmp_path: Path, tokenizer) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n")
