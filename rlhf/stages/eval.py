@@ -138,7 +138,9 @@ def judge_pairs(
     principle: str | None = None,
 ) -> tuple[np.ndarray, list[bool]]:
     """Outcome for A on each prompt (the judge's probability that A is better: 1, 0.5, 0 for a judge that
-    only says which), and whether A was shown first; the order is random."""
+    only says which), and whether A was shown first; the order is random. Two answers that are one answer (the
+    same text, both ended or both cut off) are a tie, whatever the judge's rounding says (a reward model scores
+    one text a little differently in another batch row: 0.49999988)."""
     rng = np.random.default_rng(seed)
     a_first = (rng.random(len(prompts)) < 0.5).tolist()
     pairs = []
@@ -146,7 +148,8 @@ def judge_pairs(
         answer_a, answer_b = Answer(a.texts[i], a.ended[i]), Answer(b.texts[i], b.ended[i])
         pairs.append((prompt, answer_a, answer_b) if a_first[i] else (prompt, answer_b, answer_a))
     first_wins = judge.compare_all(pairs, principle)
-    outcomes = [p if f else 1.0 - p for p, f in zip(first_wins, a_first, strict=True)]
+    outcomes = [0.5 if first == second else p if f else 1.0 - p
+                for p, f, (_, first, second) in zip(first_wins, a_first, pairs, strict=True)]  # fmt: skip
     return np.asarray(outcomes, dtype=np.float64), a_first
 
 

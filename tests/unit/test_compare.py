@@ -36,12 +36,23 @@ def test_win_rate_counts_ties_as_half_and_brackets_the_mean() -> None:
 
 def test_random_order_cancels_a_position_bias() -> None:
     prompts = [f"User: What is {i % 10} plus 1?\nAssistant:" for i in range(400)]
-    a, b = answers(["Same."] * 400), answers(["Same."] * 400)
+    a, b = answers(["Yes."] * 400), answers(["No."] * 400)
     outcomes, a_first = judge_pairs(FirstAlwaysWins(), prompts, a, b, seed=0)
     assert 150 < sum(a_first) < 250  # both orders occur
     assert list(outcomes) == [1.0 if f else 0.0 for f in a_first]
     rate, low, high = win_rate(outcomes, 1000, 0)
     assert low < 0.5 < high
+
+
+def test_one_answer_given_by_both_policies_is_a_tie_whatever_the_judge_says() -> None:
+    """A reward model scores one text a little differently in another batch row: identical answers counted as
+    wins and losses (W/T/L 9/0/3 where 4 of the 12 answers were the same)."""
+    prompts = ["User: Hi\nAssistant:"] * 3
+    a = PolicyAnswers([" Hello!", " Hello!", " Hello!"], [True, False, True], [1, 1, 1], None)
+    b = PolicyAnswers([" Hello!", " Hello!", " Hey."], [True, True, True], [1, 1, 1], None)
+    outcomes, a_first = judge_pairs(FirstAlwaysWins(), prompts, a, b, seed=0)
+    assert outcomes[0] == 0.5  # the same answer
+    assert outcomes[1:].tolist() == [1.0 if f else 0.0 for f in a_first[1:]]  # cut off once; other words
 
 
 def test_gold_judge_prefers_polite_concise_and_ties_equal_answers() -> None:
