@@ -27,7 +27,9 @@ candidates-VERSION.jsonl, candidates.jsonl, votes.jsonl, reward/, ppo/, eval.jso
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -109,6 +111,22 @@ def round_prompts(pool: list[dict[str, Any]], round_: int, cfg: RootConfig) -> l
     new = order[start : start + n_new[-1]]
     old = random.Random(f"{lc.seed}-{round_}").sample(order[:start], min(n_old[-1], start))
     return [pool[i] for i in sorted(new + old)]
+
+
+def prompts_digest(pool: list[dict[str, Any]]) -> dict[str, Any]:
+    """What identifies the prompts file the rounds draw from: its size and a digest of its rows in order."""
+    digest = hashlib.sha256(json.dumps(pool, sort_keys=True).encode()).hexdigest()[:16]
+    return {"prompts": len(pool), "sha256": digest}
+
+
+def check_same_pool(session: Session, loop: LoopRun, pool_digest: dict[str, Any], prompts_file: str) -> None:
+    """Refuse a prompts file other than the one the loop's first round drew from (`prompts_digest`)."""
+    drawn = finished_phases(session, loop).get((1, "generate"), {}).get("pool")
+    if drawn is not None and drawn != pool_digest:  # loops begun before this check recorded none
+        raise RlhfError(f"loop {loop.name}: {prompts_file} is not the file its rounds began drawing from "
+                        f"({drawn['prompts']} prompts then, {pool_digest['prompts']} now): the rounds take their "
+                        "prompts in turn from one shuffled order of it, so another file would ask prompts again "
+                        "and skip others; keep it as it was, or start a loop of another loop.name")  # fmt: skip
 
 
 def generate_candidates(
@@ -508,8 +526,10 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
     db = Database(db_url(cfg))
     try:
         upgrade(db)
+        pool_digest = prompts_digest(pool)
         with db.session() as session:
             loop = start_loop(session, cfg)
+            check_same_pool(session, loop, pool_digest, lc.prompts_file)
         for round_ in range(1, lc.rounds + 1):
             rdir = out / f"round-{round_}"
             rdir.mkdir(parents=True, exist_ok=True)
@@ -528,7 +548,7 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
                 sources = [(current, lc.k)]
                 if lc.cross_version and current.parent is not None:
                     sources.append((next(v for v in versions if v.name == current.parent), lc.k_previous))
-                info = generate_candidates(cfg, round_, rdir, sources)
+                info = generate_candidates(cfg, round_, rdir, sources) | {"pool": pool_digest}
                 with db.session() as session:
                     finish_phase(session, loop, round_, "generate", info)
             # 2. tasks: active (or random) pairs -> comparison tasks, keyed by round and prompt

@@ -351,3 +351,32 @@ def test_a_feedback_url_of_another_store_is_said_in_one_line(tmp_path: Path) -> 
                 loop.collect_votes(load_config(None, settings), db, loop_run, 1)
     finally:
         db.dispose()
+
+
+def test_a_loop_refuses_a_prompts_file_other_than_the_one_its_rounds_drew_from(tmp_path: Path) -> None:
+    """Prompts added to the file between rounds reshuffled its order: round 3 asked prompts round 2 had asked,
+    and some were never reached, with no word."""
+    from rlhf.feedback.loop_state import finish_phase, get_or_create_loop
+
+    pool = [{"prompt": f"User: question {i}?\nAssistant:", "prompt_id": f"q{i}"} for i in range(40)]
+    db = Database(f"sqlite:///{tmp_path / 'feedback.db'}")
+    try:
+        upgrade(db)
+        with db.session() as session:
+            run = get_or_create_loop(session, "l", {})
+            loop.check_same_pool(
+                session, run, loop.prompts_digest(pool), "p.jsonl"
+            )  # before round 1: anything
+            finish_phase(session, run, 1, "generate", {"pool": loop.prompts_digest(pool)})
+            loop.check_same_pool(session, run, loop.prompts_digest(pool), "p.jsonl")  # the same file
+            grown = pool + [{"prompt": "User: one more?\nAssistant:", "prompt_id": "q40"}]
+            with pytest.raises(
+                RlhfError,
+                match=r"p.jsonl is not the file its rounds began drawing from \(40 prompts then, 41 now\)",
+            ):
+                loop.check_same_pool(session, run, loop.prompts_digest(grown), "p.jsonl")
+            reordered = pool[::-1]
+            with pytest.raises(RlhfError, match=r"\(40 prompts then, 40 now\)"):
+                loop.check_same_pool(session, run, loop.prompts_digest(reordered), "p.jsonl")
+    finally:
+        db.dispose()
