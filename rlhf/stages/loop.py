@@ -48,7 +48,7 @@ from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
 from rlhf.data.preference_io import record_from_json
 from rlhf.data.preferences import to_groups
 from rlhf.errors import RlhfError
-from rlhf.feedback.db import Database, upgrade
+from rlhf.feedback.db import Database, open_database
 from rlhf.feedback.loop_state import (
     UNCHANGED,
     finish_phase,
@@ -258,6 +258,8 @@ def labeling_server(cfg: RootConfig, url: str) -> Iterator[str]:
 
 def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> dict[str, Any]:
     """Let the panel vote (if on), then poll the store until the round has min_votes or the timeout passes."""
+    import httpx
+
     from rlhf.feedback.client import FeedbackAPIError
     from rlhf.labelers.api_panel import label_through_api, panel_tokens
     from rlhf.labelers.panel import Panel
@@ -285,6 +287,9 @@ def collect_votes(cfg: RootConfig, db: Database, loop: LoopRun, round_: int) -> 
                             base_url, tokens, panel, loop.name, lc.panel_votes_per_poll
                         ).values()
                     )
+                except httpx.TransportError as e:  # the labeling server is not there (loop.feedback_url)
+                    raise RlhfError(f"the labeling server at {base_url} did not answer: {type(e).__name__}: "
+                                    f"{e}") from None  # fmt: skip
                 except FeedbackAPIError as e:
                     if e.status != 401 or not lc.feedback_url:
                         raise
@@ -523,9 +528,8 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
     from rlhf.models.loading import describe_source
 
     describe_source(lc.sft_policy)  # a wrong path fails here, not after the store holds it as version 'sft'
-    db = Database(db_url(cfg))
+    db = open_database(db_url(cfg))  # unreachable or not a database: one line
     try:
-        upgrade(db)
         pool_digest = prompts_digest(pool)
         with db.session() as session:
             loop = start_loop(session, cfg)

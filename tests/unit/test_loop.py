@@ -380,3 +380,46 @@ def test_a_loop_refuses_a_prompts_file_other_than_the_one_its_rounds_drew_from(t
                 loop.check_same_pool(session, run, loop.prompts_digest(reordered), "p.jsonl")
     finally:
         db.dispose()
+
+
+def test_an_unreachable_store_or_labeling_server_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ended in tracebacks of 80 and 146 lines (httpx's, SQLAlchemy's)."""
+    from functools import partialmethod
+
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.loop_state import get_or_create_loop
+
+    monkeypatch.setattr(
+        FeedbackClient, "__init__", partialmethod(FeedbackClient.__init__, retries=0)
+    )  # no backoff
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "User: Hi!\\nAssistant:"}\n')
+    cfg = load_config(None, ["loop.name=l", f"loop.sft_policy={tmp_path}", f"loop.prompts_file={prompts}",
+                             "loop.db=postgresql://127.0.0.1:9/none", f"loop.out_dir={tmp_path / 'out'}"])  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"^cannot open the database postgresql\+psycopg://127.0.0.1:9/none: "
+    ):
+        loop.run(cfg, quiet=True)
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    db = Database(url)
+    try:
+        upgrade(db)
+        with db.session() as session:
+            run = get_or_create_loop(session, "l", {})
+            import_candidates(session, "l", round_one_rows(3))
+        settings = [
+            "loop.name=l",
+            "loop.panel=true",
+            "loop.feedback_url=http://127.0.0.1:9",
+            "loop.vote_timeout_s=5",
+        ]
+        with pytest.raises(
+            RlhfError, match=r"^the labeling server at http://127.0.0.1:9\S* did not answer: "
+        ):
+            loop.collect_votes(load_config(None, settings), db, run, 1)
+    finally:
+        db.dispose()
