@@ -27,6 +27,7 @@ candidates-VERSION.jsonl, candidates.jsonl, votes.jsonl, reward/, ppo/, eval.jso
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -518,10 +519,24 @@ def start_loop(session: Session, cfg: RootConfig) -> LoopRun:
 
 
 def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
-    """Run rounds 1..loop.rounds, skipping what the store records as finished; returns the policy versions."""
+    """Run rounds 1..loop.rounds, skipping what the store records as finished; returns the policy versions.
+    One process at a time per out_dir: a second is a one-line error, not a second trainer in the same folders."""
+    out = Path(cfg.loop.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".loop.lock").open("a") as lock:
+        try:
+            fcntl.flock(
+                lock, fcntl.LOCK_EX | fcntl.LOCK_NB
+            )  # released when the file closes, or the process ends
+        except BlockingIOError:
+            raise RlhfError(f"loop {cfg.loop.name}: another `rlhf loop` is running in {out}; let it finish, or "
+                            "stop it first") from None  # fmt: skip
+        return _rounds(cfg, quiet)
+
+
+def _rounds(cfg: RootConfig, quiet: bool) -> list[PolicyVersion]:
     lc = cfg.loop
     out = Path(lc.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pool = [row for _, row in iter_jsonl(lc.prompts_file)]
     for n, row in enumerate(pool):
         row.setdefault("prompt_id", f"{Path(lc.prompts_file).stem}:{n + 1}")

@@ -423,3 +423,15 @@ def test_an_unreachable_store_or_labeling_server_is_one_line(
             loop.collect_votes(load_config(None, settings), db, run, 1)
     finally:
         db.dispose()
+
+
+def test_a_second_loop_in_the_same_folder_is_one_line(tmp_path: Path) -> None:
+    """Two `rlhf loop` processes of one loop: the second died in a UniqueViolation traceback, or both trained
+    into the same round folders."""
+    import fcntl
+
+    cfg = load_config(None, ["loop.name=l", f"loop.out_dir={tmp_path}"])
+    with (tmp_path / ".loop.lock").open("a") as held:  # the first process's
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RlhfError, match=r"^loop l: another `rlhf loop` is running in "):
+            loop.run(cfg, quiet=True)
