@@ -320,7 +320,9 @@ def test_prompts_with_nothing_to_answer_from_are_refused_before_training(
     sequences = reference_sequences(cfg, load_tokenizer(trained.model), ["", "User: Hi\nAssistant:"], 64)
     assert len(sequences) == 1
     # votes that compare nothing (ties) are that, not prompts without a token
-    ties = [{"prompt": "User: Hi\nAssistant:", "completion_a": " Hi", "completion_b": " Hey", "choice": "tie"}]
+    ties = [
+        {"prompt": "User: Hi\nAssistant:", "completion_a": " Hi", "completion_b": " Hey", "choice": "tie"}
+    ]
     write_jsonl(tmp_path / "ties.jsonl", ties)
     with pytest.raises(RlhfError, match=r"ties.jsonl: no comparisons to train on"):
         reward.run(cfg.model_copy(update={"train_file": str(tmp_path / "ties.jsonl")}), quiet=True)
