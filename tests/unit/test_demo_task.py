@@ -308,3 +308,21 @@ def test_the_data_config_names_a_bad_family_weight() -> None:
                            ({"yesno": float("nan")}, "finite"), ({"yesno": float("inf")}, "finite")):  # fmt: skip
         with pytest.raises(ValidationError, match=named):
             DataConfig(pretrain_family_weights=weights)
+
+
+def test_no_as_a_determiner_is_not_an_answer() -> None:
+    """ "I have no time for this." to a yes/no question whose answer is no read as "no": the best score there is,
+    for an answer a person would not sign. "No one knows." on an unknowable question read as an invented no."""
+    truth = {
+        q: gold.parse_question(demo_task.render_prompt(q)).answer
+        for q in ("Is the zorb blue?", "Is the zorb red?")
+    }
+    no_question = next(q for q, a in truth.items() if a == "no")
+    prompt = demo_task.render_prompt(no_question)
+    for dodge in (" I have no time for this.", " I have no idea.", " No one can say."):
+        verdict = gold.judge(prompt, dodge)
+        assert not verdict.correct and verdict.non_responsive, dodge
+    for answer in (" No.", " No, it is not.", " The zorb is blue, so no."):
+        assert gold.judge(prompt, answer).correct, answer
+    unknowable = demo_task.render_prompt("What color is the blick?")
+    assert gold.judge(unknowable, " I don't know. No one knows.").correct
