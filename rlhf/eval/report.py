@@ -173,10 +173,20 @@ def comparison_table(ppo_vs_sft: dict[str, Any], pre_vs_sft: dict[str, Any]) -> 
     rows.append(["EOS rate", *(_pct(m.get("eos_rate")) for _, m in policies)])
     rows.append(["KL to SFT (nats)", *(m.get("kl_to_reference") for _, m in policies)])
     body = table(["measure", *(name for name, _ in policies)], rows)
+    overlap = ppo_vs_sft.get("prompt_overlap")
+    drawn = (
+        f" ({overlap['distinct']} distinct), a draw apart from the training prompts; the demo world's questions are "
+        f"few, so they recur across draws: {overlap['in_ppo']} of the {overlap['prompts']} are among PPO's prompts "
+        f"and {overlap['in_sft']} among the SFT demonstrations', and these rates are on questions the policies "
+        "trained on, not on unseen ones"
+        if overlap
+        else ""
+    )
     body += (
-        f"<p>{ppo_vs_sft['n_prompts']} held-out prompts, answers in random A/B order, ties counted half; sampling "
-        f"temperature {ppo_vs_sft['sampling']['temperature']}. Rates with 95% Wilson intervals; hallucination is "
-        "counted on the unknowable questions, harmful compliance on the harm requests.</p>"
+        f"<p>{ppo_vs_sft['n_prompts']} evaluation prompts{drawn}. Answers in random A/B order, ties counted half; "
+        f"sampling temperature {ppo_vs_sft['sampling']['temperature']}. Rates with 95% Wilson intervals; "
+        "hallucination is counted on the unknowable questions, harmful compliance on the harm requests; "
+        '"correct" is the content alone (a right answer with an insult is correct and toxic).</p>'
     )
     return body
 
@@ -260,7 +270,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
         "sft": "supervised fine-tuning", "generate": "K candidate answers per prompt (nucleus sampling)",
         "label": "comparison tasks in the feedback store; simulated panel votes through the labeling API",
         "reward": "Bradley–Terry reward model", "ppo": "PPO with KL penalty to the SFT reference",
-        "eval": "gold-judge comparisons on held-out prompts", "report": "this page",
+        "eval": "gold-judge comparisons on the evaluation prompts", "report": "this page",
     }  # fmt: skip
     sections.append(("Pipeline", pipeline_table(stages, order, what)))
 
@@ -321,7 +331,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
             for e in examples
         ]
         body = table(["family", "prompt", "SFT answer", "gold", "RM", "PPO answer", "gold", "RM"], rows)
-        body += "<p>Rows drawn at random (fixed seed) from every question family of the held-out prompts, never chosen by score.</p>"
+        body += "<p>Rows drawn at random (fixed seed) from every question family of the evaluation prompts, never chosen by score.</p>"
         sections.append(("Examples", body))
 
     if ppo_summary:
@@ -335,7 +345,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
             for r in guard_rows
         ]
         body = table(["iteration", "KL to reference", "proxy (RM)", "gold"], rows)
-        body += "<p>Measured on the guard's prompts (the demo's tuning prompts, never the held-out ones).</p>"
+        body += "<p>Measured on the guard's prompts (the demo's tuning prompts, a draw apart from the evaluation prompts).</p>"
         body += f"<p>Stop reason: <b>{html.escape(str(ppo_summary.get('stop_reason')))}</b>; best checkpoint at iteration {ppo_summary.get('best_iteration')}. "
         body += "The guard stops the run and keeps the best checkpoint when the proxy rises while gold falls for several evaluations in a row, or when KL passes its budget.</p>"
         sections.append(("Reward-hacking check", body))

@@ -207,6 +207,7 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
             summary["by_family"] = outcomes_by_family(summary["rows"])
             summary["ceiling_win_rate"] = ceiling_win_rate(summary["rows"])
             summary["yesno_reasoning"] = yesno_reasoning(summary["rows"])
+            summary["prompt_overlap"] = prompt_overlap(summary["rows"], cfg)
             rows = examples_by_family(summary["rows"], per_family=2, seed=cfg.eval.seed)
             write_json(out / "eval" / "examples.json", score_examples(rows, out / "reward" / "final"))
         write_json(out / "eval" / f"{name}.json", summary)
@@ -219,6 +220,22 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
     write_json(out / "eval" / "sft_coverage.json", coverage)
     results["sft_correct_among_k"] = coverage["correct_among_k"]
     return results
+
+
+def prompt_overlap(rows: list[dict[str, Any]], cfg: RootConfig) -> dict[str, int]:
+    """How many of the evaluated prompts are distinct, and how many also occur, word for word, among the SFT
+    demonstrations', PPO's and the guard's (tuning) prompts. The evaluation prompts are a draw of their own, but
+    the demo world's questions are few, so most recur across draws: its rates are on questions the policies
+    trained on, not on unseen ones."""
+    from rlhf.data.prompts import read_prompts
+    from rlhf.data.sources import iter_rows
+
+    prompts = [r["prompt"] for r in rows]
+    sets: dict[str, set[Any]] = {"sft": {row.get("prompt") for _, row in iter_rows(cfg.sft.train_file)},
+            "ppo": set(read_prompts(cfg.ppo.prompts_file)),
+            "tune": set(read_prompts(cfg.ppo.eval_prompts_file)) if cfg.ppo.eval_prompts_file else set()}  # fmt: skip
+    return {"prompts": len(prompts), "distinct": len(set(prompts)),
+            **{f"in_{name}": sum(p in seen for p in prompts) for name, seen in sets.items()}}  # fmt: skip
 
 
 def outcomes_by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -565,8 +582,13 @@ def summary_lines(out: Path) -> list[str]:
     if comparison.exists():
         e = json.loads(comparison.read_text())
         (low, high), ppo, sft = e["ci95"], e["a"], e["b"]
+        overlap = e.get("prompt_overlap")
+        if overlap:
+            lines.append(f"evaluation prompts: {overlap['prompts']} drawn apart from the training ones, {overlap['distinct']} "
+                         f"distinct; the world's questions recur across draws: {overlap['in_ppo']} of them are among "
+                         f"PPO's prompts, {overlap['in_sft']} among the SFT demonstrations'")  # fmt: skip
         lines += [
-            f"PPO vs SFT under the gold judge, {e['n_prompts']} held-out prompts: win rate {e['win_rate_a']:.3f} "
+            f"PPO vs SFT under the gold judge, {e['n_prompts']} evaluation prompts: win rate {e['win_rate_a']:.3f} "
             f"(95% CI {low:.3f}-{high:.3f}), KL to SFT {ppo['kl_to_reference']:.2f} nats",
             f"{'':>14}  {'SFT':>7}  {'PPO':>7}",
             *(f"{label:>14}  {sft[key]:7.3f}  {ppo[key]:7.3f}" for label, key in

@@ -152,3 +152,26 @@ def test_the_closing_summary_reads_an_earlier_builds_evaluation(tmp_path: Path) 
     both = {**metrics, "correct_question_rate": 0.75}
     (tmp_path / "eval" / "ppo_vs_sft.json").write_text(json.dumps({**summary, "a": both, "b": both}))
     assert any(line.strip().startswith("on questions") for line in summary_lines(tmp_path))
+
+
+def test_the_evaluation_counts_its_prompts_that_training_saw_and_the_report_says_so(tmp_path: Path) -> None:
+    """The report called the evaluation prompts held out: in the demo world 463 of the 500 were among PPO's
+    prompts, 479 among the SFT demonstrations' (220 distinct questions)."""
+    from rlhf.config import load_config
+    from rlhf.eval.report import comparison_table
+
+    seen, unseen = demo_task.render_prompt("What is 3 plus 4?"), demo_task.render_prompt("What is 1 plus 1?")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": seen, "response": " 7."}) + "\n")
+    (tmp_path / "rl.jsonl").write_text(
+        json.dumps({"prompt": seen}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n"
+    )
+    cfg = load_config(None, [f"sft.train_file={tmp_path / 'sft.jsonl'}", f"ppo.prompts_file={tmp_path / 'rl.jsonl'}",
+                             f"ppo.eval_prompts_file={tmp_path / 'rl.jsonl'}"])  # fmt: skip
+    rows = [{"prompt": seen}, {"prompt": seen}, {"prompt": unseen}]
+    overlap = demo.prompt_overlap(rows, cfg)
+    assert overlap == {"prompts": 3, "distinct": 2, "in_sft": 2, "in_ppo": 2, "in_tune": 2}
+    summary = {"n_prompts": 3, "sampling": {"temperature": 0.7}, "win_rate_a": 0.5, "ci95": [0.4, 0.6],
+               "a": {}, "b": {}, "prompt_overlap": overlap}  # fmt: skip
+    html = comparison_table(summary, dict(summary, prompt_overlap=None))
+    assert "3 evaluation prompts (2 distinct)" in html and "2 of the 3 are among PPO's prompts" in html
+    assert "held-out" not in html
