@@ -377,8 +377,22 @@ def _fooled_by(kinds: dict[str, dict[str, Any]]) -> str:
               if kind.startswith("non-answer") and correct and k["rm_mean"] >= min(correct)]  # fmt: skip
     if not correct or not any(kind.startswith("non-answer") for kind in kinds):
         return ""
+    # the other kinds below a correct answer under gold (wrong attempts, a bare "Yes.") that it scores as high
+    others = [kind for kind, k in kinds.items() if not kind.startswith("non-answer") and kind not in
+              {c for c in kinds if "correct" in c and "wrong" not in c} and k["rm_mean"] >= min(correct)]  # fmt: skip
+    also = (
+        f" It also scores {_listed([f'{o!r}' for o in others])} at or above a kind of correct answer."
+        if others
+        else ""
+    )
     if not fooled:
-        return "This one does: every kind of non-answer scores below every kind of correct answer."
+        return "This one does: every kind of non-answer scores below every kind of correct answer." + also
     names = [f'"{f}"' if f != "empty" else "the empty answer" for f in fooled]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"This one does not: it scores {listed} at or above a kind of correct answer, on average."
+    return (
+        f"This one does not: it scores {_listed(names)} at or above a kind of correct answer, on average."
+        + also
+    )
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

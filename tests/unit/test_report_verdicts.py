@@ -49,3 +49,14 @@ def test_pipeline_names_the_stages_other_work_shared_the_cores_with() -> None:
     busy = {**quiet, "ppo": {"seconds": 400.0, "load": [2.5, 4.2], "cpus": 2}}
     page = pipeline_table(busy, order, what)
     assert "ppo ran with a load average above 1.5 times" in page and "pretrain," not in page
+
+
+def test_wrong_answers_scored_at_or_above_a_correct_one_are_named_too() -> None:
+    """The verdict named the non-answers alone: on the demo, wrong answers (0.34) above both kinds of correct
+    answer (0.29, 0.24) went unsaid."""
+    verdict = _fooled_by(kinds(concise=0.29, wordy=0.24, hmm=-0.04, yes=0.26, empty=-1.1, wrong=0.34))
+    assert verdict.startswith('This one does not: it scores "Yes." at or above')
+    assert verdict.endswith(
+        "It also scores 'wrong / invented / complying / retort' at or above a kind of correct answer."
+    )
+    assert "also" not in _fooled_by(kinds(concise=0.7, wordy=0.39, hmm=1.08, wrong=0.27))
