@@ -178,7 +178,8 @@ def comparison_table(ppo_vs_sft: dict[str, Any], pre_vs_sft: dict[str, Any]) -> 
         f" ({overlap['distinct']} distinct), a draw apart from the training prompts; the demo world's questions are "
         f"few, so they recur across draws: {overlap['in_ppo']} of the {overlap['prompts']} are among PPO's prompts "
         f"and {overlap['in_sft']} among the SFT demonstrations', and these rates are on questions the policies "
-        "trained on, not on unseen ones"
+        f"trained on, not on unseen ones. The PPO policy is the checkpoint the guard kept by gold on the tuning "
+        f"prompts, among which {overlap['in_tune']} of the evaluation prompts recur too"
         if overlap
         else ""
     )

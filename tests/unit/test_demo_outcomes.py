@@ -174,4 +174,4 @@ def test_the_evaluation_counts_its_prompts_that_training_saw_and_the_report_says
                "a": {}, "b": {}, "prompt_overlap": overlap}  # fmt: skip
     html = comparison_table(summary, dict(summary, prompt_overlap=None))
     assert "3 evaluation prompts (2 distinct)" in html and "2 of the 3 are among PPO's prompts" in html
-    assert "held-out" not in html
+    assert "held-out" not in html and "2 of the evaluation prompts recur too" in html
