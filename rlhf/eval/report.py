@@ -303,7 +303,7 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
     if kinds:
         rows = [[kind, k["n"], k["rm_mean"], k["gold_mean"]] for kind, k in kinds.items()]
         body = table(
-            ["answer (hand-made, to held-out prompts)", "answers", "reward model, mean", "gold, mean"], rows
+            ["answer (hand-made, to evaluation prompts)", "answers", "reward model, mean", "gold, mean"], rows
         )
         body += "<p>A reward model that a non-answer cannot fool scores the non-answers below the correct answers, as gold does.</p>"
         body += f"<p>{html.escape(_fooled_by(kinds))}</p>"
