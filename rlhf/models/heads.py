@@ -61,6 +61,12 @@ def load_reward_model(
 ) -> PreTrainedModel:
     """A trained reward model: refuses a checkpoint without a scalar head (a causal LM would get a random one).
     With the tokenizer it will read, its embeddings hold the tokenizer's added tokens (an added PAD)."""
+    check_reward_model(path)
+    return load_scalar_model(path, dtype, tokenizer)
+
+
+def check_reward_model(path: str) -> None:
+    """Refuse, from its config alone (no weights read), a checkpoint that is not a reward model."""
     where = describe_source(path)
     try:
         architectures = AutoConfig.from_pretrained(path).architectures or []
@@ -71,7 +77,6 @@ def load_reward_model(
             f"{path} is not a reward model ({', '.join(architectures) or 'no architecture'}): train one with "
             "`rlhf reward`, or point at a sequence-classification checkpoint"
         )
-    return load_scalar_model(path, dtype, tokenizer)
 
 
 def load_scalar_model(

@@ -543,6 +543,10 @@ def _rounds(cfg: RootConfig, quiet: bool) -> list[PolicyVersion]:
     from rlhf.models.loading import describe_source
 
     describe_source(lc.sft_policy)  # a wrong path fails here, not after the store holds it as version 'sft'
+    if cfg.eval.judge == "reward_model":  # each round's eval: refused now, not after its training
+        from rlhf.models.heads import check_reward_model
+
+        check_reward_model(str(cfg.eval.judge_model))
     db = open_database(db_url(cfg))  # unreachable or not a database: one line
     try:
         pool_digest = prompts_digest(pool)

@@ -435,3 +435,17 @@ def test_a_second_loop_in_the_same_folder_is_one_line(tmp_path: Path) -> None:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(RlhfError, match=r"^loop l: another `rlhf loop` is running in "):
             loop.run(cfg, quiet=True)
+
+
+def test_a_judge_that_is_no_reward_model_is_refused_before_round_one(
+    tmp_path: Path, tiny_sft_model: Path
+) -> None:
+    """It was refused at the first round's eval phase, after the round's reward model and PPO had trained."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "User: Hi!\\nAssistant:"}\n')
+    cfg = load_config(None, ["loop.name=l", f"loop.sft_policy={tiny_sft_model}", f"loop.prompts_file={prompts}",
+                             f"loop.db=sqlite:///{tmp_path / 'f.db'}", f"loop.out_dir={tmp_path / 'out'}",
+                             "eval.judge=reward_model", f"eval.judge_model={tiny_sft_model}"])  # fmt: skip
+    with pytest.raises(RlhfError, match=r"is not a reward model \(LlamaForCausalLM\)"):
+        loop.run(cfg, quiet=True)
+    assert not (tmp_path / "f.db").exists()
