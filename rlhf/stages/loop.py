@@ -543,6 +543,13 @@ def _rounds(cfg: RootConfig, quiet: bool) -> list[PolicyVersion]:
     from rlhf.models.loading import describe_source
 
     describe_source(lc.sft_policy)  # a wrong path fails here, not after the store holds it as version 'sft'
+    if lc.panel:
+        from rlhf.judges.gold import is_demo_prompt
+
+        if not all(is_demo_prompt(str(row.get("prompt", ""))) for row in pool):
+            log.warning("loop: the simulated panel votes by the demo world's gold utility, and %s holds prompts "
+                        "not of that world: its votes there measure the demo's criteria only (people vote with "
+                        "loop.panel: false)", lc.prompts_file)  # fmt: skip
     if cfg.eval.judge == "reward_model":  # each round's eval: refused now, not after its training
         from rlhf.models.heads import check_reward_model
 

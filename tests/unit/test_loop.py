@@ -449,3 +449,19 @@ def test_a_judge_that_is_no_reward_model_is_refused_before_round_one(
     with pytest.raises(RlhfError, match=r"is not a reward model \(LlamaForCausalLM\)"):
         loop.run(cfg, quiet=True)
     assert not (tmp_path / "f.db").exists()
+
+
+def test_the_panel_on_prompts_of_another_world_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The simulated panel votes by the demo world's gold utility: on one's own prompts it voted without a word."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "User: How do I boil an egg?\\nAssistant:"}\n')
+    cfg = load_config(None, ["loop.name=l", f"loop.sft_policy={tmp_path}", f"loop.prompts_file={prompts}",
+                             "loop.panel=true", "loop.db=postgresql://127.0.0.1:9/none"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="rlhf.stages.loop"), pytest.raises(ConfigError):
+        loop.run(
+            cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"out_dir": str(tmp_path / "o")})}),
+            quiet=True,
+        )
+    assert "the simulated panel votes by the demo world's gold utility" in caplog.text
