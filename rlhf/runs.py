@@ -40,7 +40,7 @@ from pydantic import BaseModel
 
 from rlhf.config import dump_config
 from rlhf.config.loading import stages_with
-from rlhf.data.jsonl import atomic_write_text, open_mode
+from rlhf.data.jsonl import atomic_write_text, give_open_modes
 from rlhf.errors import RlhfError
 from rlhf.models.loading import replace_dir
 
@@ -212,9 +212,9 @@ class Run:
         target = self.checkpoints / f"step-{step:07d}"
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
         try:
-            tmp.chmod(open_mode(directory=True))
             save_files(tmp)
             torch.save({"step": step, "rng": rng_state(), **state}, tmp / STATE_FILE)
+            give_open_modes(tmp)
             replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -114,6 +114,14 @@ def open_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask()
 
 
+def give_open_modes(folder: Path) -> None:
+    """The folder and everything in it get the modes `open_mode` gives: safetensors, like tempfile, writes its
+    files 0600."""
+    folder.chmod(open_mode(directory=True))
+    for path in folder.rglob("*"):
+        path.chmod(open_mode(directory=path.is_dir()))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
     path = Path(path)

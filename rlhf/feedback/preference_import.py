@@ -212,6 +212,10 @@ def _entry(record: Record, where: str, meta_as_note: bool = False) -> _Entry:
         raise TypeError(f"not a preference record: {type(record).__name__}")
     if isinstance(record, ConversationalPair | PreferencePair) and texts[0] == texts[1]:
         raise DataError(f"{where}: 'chosen' and 'rejected' are the same text, so neither can be preferred")
+    if isinstance(record, PairwiseVote) and texts[0] == texts[1]:  # training reads such a vote as no pair
+        raise DataError(
+            f"{where}: 'completion_a' and 'completion_b' are the same text: no task compares them"
+        )
     try:
         CandidateRow.model_validate({"prompt": prompt, "completions": [{"text": t} for t in texts]})
         vote = VoteIn.model_validate({"task_id": 1, "idempotency_key": "pending-key", **answer})

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from rlhf.config import ArchConfig
-from rlhf.data.jsonl import open_mode
+from rlhf.data.jsonl import give_open_modes
 from rlhf.errors import RlhfError
 from rlhf.models.tokens import fit_model_to_tokenizer, prepare_tokenizer
 
@@ -184,10 +184,10 @@ def save_pretrained_atomic(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
-        tmp.chmod(open_mode(directory=True))
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        give_open_modes(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

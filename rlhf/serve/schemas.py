@@ -139,7 +139,7 @@ class ChatMessage(BaseModel):
     @field_validator("tool_calls", "function_call")
     @classmethod
     def _no_tool_calls(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None:
+        if value:  # an empty list (some clients always send one) calls nothing
             raise ValueError(f"'{info.field_name}' in a message is not supported: this server calls no tools")
         return value
 

@@ -162,6 +162,8 @@ def test_ratings_of_two_labelers_and_a_pair_of_one_text_are_refused(db: Database
     same.write_text(
         '{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "p", "chosen": "a", "rejected": "a"}\n'
     )
+    vote = tmp_path / "vote.jsonl"
+    vote.write_text('{"prompt": "Hi", "completion_a": " x", "completion_b": " x", "choice": "A"}\n')
     with db.session() as s:
         with pytest.raises(
             DataError, match=rf"^{path}: ratings by 2 labelers \(ann, bob\): stored as --labeler imp"
@@ -169,6 +171,10 @@ def test_ratings_of_two_labelers_and_a_pair_of_one_text_are_refused(db: Database
             import_preferences(s, "demo", "imp", read_records(path))
         with pytest.raises(DataError, match=rf"^{same}:2: 'chosen' and 'rejected' are the same text"):
             import_preferences(s, "demo", "imp", read_records(same))
+        with pytest.raises(
+            DataError, match=rf"^{vote}:1: 'completion_a' and 'completion_b' are the same text"
+        ):
+            import_preferences(s, "demo", "imp", read_records(vote))
         assert s.scalar(select(func.count()).select_from(Vote)) == 0
 
 

@@ -40,6 +40,9 @@ def test_a_key_given_twice_is_an_error_naming_its_line(tmp_path: Path) -> None:
         read_yaml(nested, "config file")
     (tmp_path / "lists.yaml").write_text("- {id: a}\n- {id: a}\n")  # equal items of a list are not keys
     assert read_yaml(tmp_path / "lists.yaml", "file") == [{"id": "a"}, {"id": "a"}]
+    # a merge key brings another mapping's keys in, which the mapping may give again (YAML's override)
+    (tmp_path / "merged.yaml").write_text("base: &b {lr: 1, epochs: 2}\nreward:\n  <<: *b\n  lr: 3\n")
+    assert read_yaml(tmp_path / "merged.yaml", "config file")["reward"] == {"lr": 3, "epochs": 2}
 
 
 def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -82,6 +85,9 @@ def test_atomic_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
     class Saves:
         def save_pretrained(self, folder: Path, **_: object) -> None:
             (Path(folder) / "config.json").write_text("{}")
+            weights = Path(folder) / "model.safetensors"
+            weights.write_bytes(b"")
+            weights.chmod(0o600)  # as safetensors writes its files
 
     previous = os.umask(0o027)
     try:
@@ -91,3 +97,4 @@ def test_atomic_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
         os.umask(previous)
     assert (tmp_path / "votes.jsonl").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "final").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o640
