@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,17 @@ def test_feedback_without_a_store_gets_the_status_its_schema_documents() -> None
     assert "without a feedback store" in documented[str(r.status_code)]["description"]
 
 
+@contextmanager
+def ab_gateway(engine: FastAPI, db_url: str) -> Iterator[str]:
+    """The URL of a gateway in front of `engine` that draws every request for A/B against the candidate model
+    "other" on the same engine, storing its pairs in db_url."""
+    with run_app(engine) as (upstream, _):
+        settings = GatewaySettings(upstream=upstream + "/v1", candidate_model="other", feedback_db=db_url,
+                                   ab_rate=1.0, seed=0)  # fmt: skip
+        with run_app(create_app(settings)) as (url, _):
+            yield url
+
+
 def broken_engine(received: list[dict[str, Any]]) -> FastAPI:
     """An engine that answers 200 without a completion, and streams one token and then an error event (as
     `rlhf serve` does when its worker fails mid-answer); it keeps the bodies it received."""
@@ -323,22 +335,19 @@ def test_an_engine_that_fails_gives_a_502_and_no_pair(tmp_path: Path) -> None:
     cut-off answer is no pair to vote on; an `ab` field, even false, never reaches the engine."""
     received: list[dict[str, Any]] = []
     db_url = f"sqlite:///{tmp_path}/feedback.db"
-    with run_app(broken_engine(received)) as (engine, _):
-        settings = GatewaySettings(upstream=engine + "/v1", candidate_model="other", feedback_db=db_url,
-                                   ab_rate=1.0, seed=0)  # fmt: skip
-        with run_app(create_app(settings)) as (url, _):
-            body = {"model": "m", "messages": HELLO, "ab": True}
-            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
-            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
-            r = httpx.post(url + "/v1/chat/completions", json=body | {"stream": True}, timeout=30)
-            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-            assert r.status_code == 200 and "the worker failed" in events[-2] and events[-1] == "[DONE]"
-            assert not any("feedback_id" in e for e in events)
-            received.clear()
-            httpx.post(
-                url + "/v1/chat/completions", json={"model": "m", "messages": HELLO, "ab": False}, timeout=30
-            )
-            assert received and "ab" not in received[0]
+    with ab_gateway(broken_engine(received), db_url) as url:
+        body = {"model": "m", "messages": HELLO, "ab": True}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
+        r = httpx.post(url + "/v1/chat/completions", json=body | {"stream": True}, timeout=30)
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and "the worker failed" in events[-2] and events[-1] == "[DONE]"
+        assert not any("feedback_id" in e for e in events)
+        received.clear()
+        httpx.post(
+            url + "/v1/chat/completions", json={"model": "m", "messages": HELLO, "ab": False}, timeout=30
+        )
+        assert received and "ab" not in received[0]
     db = Database(db_url)
     with db.session() as session:
         assert session.scalars(select(Prompt)).first() is None
@@ -488,16 +497,13 @@ def test_a_redeployed_model_is_stored_with_its_new_version_and_a_gzip_stream_is_
     monkeypatch.setattr(gateway, "VERSIONS_TTL_S", 0.0)  # every pair asks again
     version = ["v1"]
     db_url = f"sqlite:///{tmp_path}/feedback.db"
-    with run_app(redeployed_engine(version)) as (engine, _):
-        settings = GatewaySettings(upstream=engine + "/v1", candidate_model="other", feedback_db=db_url,
-                                   ab_rate=1.0, seed=0)  # fmt: skip
-        with run_app(create_app(settings)) as (url, _):
-            body = {"model": "m", "messages": HELLO, "ab": True}
-            assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
-            version[0] = "v2"
-            assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
-            streamed = httpx.post(url + "/v1/chat/completions", json={**body, "ab": False, "stream": True},
-                                  timeout=30)  # fmt: skip
+    with ab_gateway(redeployed_engine(version), db_url) as url:
+        body = {"model": "m", "messages": HELLO, "ab": True}
+        assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
+        version[0] = "v2"
+        assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
+        streamed = httpx.post(url + "/v1/chat/completions", json={**body, "ab": False, "stream": True},
+                              timeout=30)  # fmt: skip
     assert streamed.status_code == 200 and "content-encoding" not in streamed.headers
     assert "I am m." in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
     db = Database(db_url)
