@@ -379,8 +379,9 @@ def _fooled_by(kinds: dict[str, dict[str, Any]]) -> str:
     if not correct or not any(kind.startswith("non-answer") for kind in kinds):
         return ""
     # the other kinds below a correct answer under gold (wrong attempts, a bare "Yes.") that it scores as high
-    others = [kind for kind, k in kinds.items() if not kind.startswith("non-answer") and kind not in
-              {c for c in kinds if "correct" in c and "wrong" not in c} and k["rm_mean"] >= min(correct)]  # fmt: skip
+    right = {kind for kind in kinds if "correct" in kind and "wrong" not in kind}
+    others = [kind for kind, k in kinds.items()
+              if not kind.startswith("non-answer") and kind not in right and k["rm_mean"] >= min(correct)]  # fmt: skip
     also = (
         f" It also scores {_listed([f'{o!r}' for o in others])} at or above a kind of correct answer."
         if others

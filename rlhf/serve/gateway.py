@@ -62,9 +62,8 @@ class GatewayState:
     store: FeedbackStore | None = None  # read by the /v1/feedback router, as the model server's state is
     rng: random.Random = field(default_factory=random.Random)
     versions: dict[str, str] = field(default_factory=dict)  # model id -> version, from upstream /models
-    listed_at: dict[str, float] = field(
-        default_factory=dict
-    )  # upstream URL -> when its models were last asked
+    # upstream URL -> when its models were last asked (`_current_versions`)
+    listed_at: dict[str, float] = field(default_factory=dict)
 
 
 def _client(base_url: str, s: GatewaySettings) -> httpx.AsyncClient:

@@ -524,10 +524,8 @@ def run(cfg: RootConfig, quiet: bool = False) -> list[PolicyVersion]:
     out = Path(cfg.loop.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".loop.lock").open("a") as lock:
-        try:
-            fcntl.flock(
-                lock, fcntl.LOCK_EX | fcntl.LOCK_NB
-            )  # released when the file closes, or the process ends
+        try:  # released when the file closes, or the process ends
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RlhfError(f"loop {cfg.loop.name}: another `rlhf loop` is running in {out}; let it finish, or "
                             "stop it first") from None  # fmt: skip
