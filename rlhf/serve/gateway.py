@@ -379,7 +379,10 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
     if ab is not None:
         out.update(ab.fields())
         metrics.AB_RESPONSES.labels(meta["endpoint"]).inc()
-    return JSONResponse(out)
+    # the requested model's request id and timing, as a plain answer passes them on (not its content type)
+    requested = _requested_first(state, sides, model, answers)[0]
+    kept = {k: v for k, v in requested.headers.items() if k in PASSED_HEADERS and k != "content-type"}
+    return JSONResponse(out, headers=kept)
 
 
 async def _ab_stream(

@@ -480,8 +480,9 @@ def redeployed_engine(version: list[str]) -> FastAPI:
             packed = gzip.compress(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
             return StreamingResponse(iter([packed]), media_type="text/event-stream",
                                      headers={"content-encoding": "gzip"})  # fmt: skip
-        return {"id": "x", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": words}, "finish_reason": "stop"}]}  # fmt: skip
+        answer = {"id": "x", "object": "chat.completion", "model": body["model"],
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": words}, "finish_reason": "stop"}]}  # fmt: skip
+        return JSONResponse(answer, headers={"x-request-id": f"req-{body['model']}"})
 
     return app
 
@@ -499,7 +500,9 @@ def test_a_redeployed_model_is_stored_with_its_new_version_and_a_gzip_stream_is_
     db_url = f"sqlite:///{tmp_path}/feedback.db"
     with ab_gateway(redeployed_engine(version), db_url) as url:
         body = {"model": "m", "messages": HELLO, "ab": True}
-        assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
+        first = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        # an A/B answer carries the requested model's request id, as a plain answer does
+        assert "feedback_id" in first.json() and first.headers["x-request-id"] == "req-m"
         version[0] = "v2"
         assert "feedback_id" in httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
         streamed = httpx.post(url + "/v1/chat/completions", json={**body, "ab": False, "stream": True},
