@@ -49,6 +49,7 @@ def gold_comparison(pairs: Sequence[ScoredPair], ended: EndedLookup | None = Non
     ended = ended or {}
     rm_right: list[bool] = []
     labels_right: list[bool] = []
+    prompts: list[str] = []  # the pairs of one prompt are alike: the intervals count them as one cluster
     for p in pairs:
         order = gold_order(
             p.prompt, p.chosen, p.rejected, ended.get((p.prompt, p.chosen)), ended.get((p.prompt, p.rejected))
@@ -57,7 +58,8 @@ def gold_comparison(pairs: Sequence[ScoredPair], ended: EndedLookup | None = Non
             continue
         labels_right.append(order > 0)
         rm_right.append((p.delta > 0) if order > 0 else (p.delta < 0))
-    rm, labels = accuracy_summary(rm_right), accuracy_summary(labels_right)
+        prompts.append(p.prompt)
+    rm, labels = accuracy_summary(rm_right, prompts), accuracy_summary(labels_right, prompts)
     return {
         "gold/rm_accuracy": rm,
         "gold/label_agreement": labels,

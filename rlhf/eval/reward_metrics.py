@@ -71,10 +71,17 @@ def clustered_wilson_interval(clusters: Sequence[tuple[int, int]], z: float = 1.
     return wilson_interval(k / deff, n / deff, z)
 
 
-def accuracy_summary(correct: Sequence[bool]) -> dict[str, Any]:
-    """{"n", "accuracy", "ci95": [low, high]} (Wilson)."""
+def accuracy_summary(correct: Sequence[bool], groups: Sequence[Any] | None = None) -> dict[str, Any]:
+    """{"n", "accuracy", "ci95": [low, high]}: Wilson's interval, or, given each pair's group (its prompt: the
+    pairs of one prompt are alike), the clustered one (`clustered_wilson_interval`)."""
     k, n = sum(correct), len(correct)
-    low, high = wilson_interval(k, n)
+    if groups is None:
+        low, high = wilson_interval(k, n)
+    else:
+        by_group: dict[Any, list[bool]] = {}
+        for right, group in zip(correct, groups, strict=True):
+            by_group.setdefault(group, []).append(right)
+        low, high = clustered_wilson_interval([(sum(v), len(v)) for v in by_group.values()])
     return {"n": n, "accuracy": k / n if n else float("nan"), "ci95": [low, high]}
 
 
@@ -137,7 +144,7 @@ def reward_report(pairs: Sequence[ScoredPair], shift: float = 0.0, scale: float 
         by_labeler.setdefault(p.labeler or "(anonymous)", []).append(p.correct)
     margins = [p.margin for p in pairs if p.margin is not None]
     report: dict[str, Any] = {
-        "rm/accuracy": accuracy_summary([p.correct for p in pairs]),
+        "rm/accuracy": accuracy_summary([p.correct for p in pairs], [p.prompt for p in pairs]),
         "rm/by_labeler": {k: accuracy_summary(v) for k, v in sorted(by_labeler.items())},
         "rm/by_confidence": _bucketed(pairs, CONFIDENCE_EDGES, lambda p: sigmoid(abs(p.delta))),
         "rm/calibration": calibration([p.delta for p in pairs]),

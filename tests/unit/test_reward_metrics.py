@@ -114,6 +114,22 @@ def test_gold_comparison_counts_rm_and_label_agreement() -> None:
     assert gold_comparison([wordy], {(PROMPT, GOOD): False})["gold/rm_accuracy"]["accuracy"] == 0.0
 
 
+def test_gold_agreement_intervals_count_the_pairs_of_one_prompt_as_alike() -> None:
+    """307 held-out pairs came from 24 prompts, yet the intervals treated them as independent. Pairs of one
+    prompt that agree alike widen the interval (by the design effect); one pair a prompt gives Wilson's."""
+    prompts = [f"User: What is {i} plus 1?\nAssistant:" for i in range(4)]
+    alike = [ScoredPair(p, f" {i + 1}.", f" {i + 5}.", 1.0 if i < 3 else -1.0, 0.0)
+             for i, p in enumerate(prompts) for _ in range(5)]  # fmt: skip
+    result = gold_comparison(alike)["gold/rm_accuracy"]
+    assert result["accuracy"] == 0.75 and result["n"] == 20
+    plain = wilson_interval(15, 20)
+    assert result["ci95"][1] - result["ci95"][0] > plain[1] - plain[0]
+    one_each = [
+        ScoredPair(p, f" {i + 1}.", f" {i + 5}.", 1.0 if i < 3 else -1.0, 0.0) for i, p in enumerate(prompts)
+    ]
+    assert gold_comparison(one_each)["gold/rm_accuracy"]["ci95"] == list(wilson_interval(3, 4))
+
+
 def test_ended_lookup_reads_vote_and_ranking_meta() -> None:
     records = [
         PairwiseVote(PROMPT, GOOD, RUDE, "A", meta={"ended_a": True, "ended_b": False}),
