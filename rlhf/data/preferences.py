@@ -323,19 +323,21 @@ def _rendered_group(
 def _group_by_score(
     prompt: str, texts: Sequence[str], scores: Sequence[float], labeler: str | None, with_margin: bool
 ) -> PreferenceGroup | None:
-    """Pairs (better, worse) for every i < j whose scores differ (higher = better); equal texts are one completion."""
+    """Pairs (better, worse) for every i < j whose scores differ (higher = better); equal texts are one completion,
+    scored with their mean (a text ranked both first and third would otherwise be both above and below the second)."""
     completions = list(dict.fromkeys(texts))
-    index = {text: k for k, text in enumerate(completions)}
+    given: dict[str, list[float]] = {}
+    for text, score in zip(texts, scores, strict=True):
+        given.setdefault(text, []).append(score)
+    mean = [sum(given[t]) / len(given[t]) for t in completions]
     pairs: list[tuple[int, int]] = []
     margins: list[float | None] = []
-    for i, j in itertools.combinations(range(len(texts)), 2):
-        if scores[i] == scores[j] or texts[i] == texts[j]:
+    for i, j in itertools.combinations(range(len(completions)), 2):
+        if mean[i] == mean[j]:
             continue
-        better, worse = (i, j) if scores[i] > scores[j] else (j, i)
-        pair = (index[texts[better]], index[texts[worse]])
-        if pair not in pairs:
-            pairs.append(pair)
-            margins.append(scores[better] - scores[worse] if with_margin else None)
+        better, worse = (i, j) if mean[i] > mean[j] else (j, i)
+        pairs.append((better, worse))
+        margins.append(mean[better] - mean[worse] if with_margin else None)
     return PreferenceGroup(prompt, completions, pairs, margins, labeler) if pairs else None
 
 

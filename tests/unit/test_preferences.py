@@ -586,3 +586,11 @@ def test_a_sampled_answer_on_a_conversation_renders_as_the_policy_said_it() -> N
     (group,) = to_groups([vote], render=render)
     assert group.prompt == "User: Hi\nAssistant:"
     assert group.completions == [" Hello!<|endoftext|>\n", " Go away.<|endoftext|>\n"]
+
+
+def test_a_text_ranked_twice_counts_once_at_its_mean_rank() -> None:
+    """["a", "b", "a"] ranked 1, 2, 3 gave both a > b and b > a: contradictory pairs, trained on."""
+    assert ranking_to_group(Ranking("p", ["a", "b", "a"], [1, 2, 3])) is None  # a at 2 on average: b's rank
+    group = ranking_to_group(Ranking("p", ["a", "b", "a", "c"], [1, 3, 2, 4]))
+    assert group is not None and group.completions == ["a", "b", "c"]
+    assert group.pairs == [(0, 1), (0, 2), (1, 2)]  # a (1.5) > b (3) > c (4), each pair once
