@@ -181,7 +181,10 @@ def classify(q: Question, response: str) -> tuple[bool, bool, bool, bool]:
         return correct, not said, False, False
     if q.family == "yesno":
         said_yn = _first_yes_no(response)
-        return said_yn == q.answer, said_yn is None, False, False
+        # a conclusion drawn about another creature ("The pip is white, so yes." to "Is the okra brown?") is not
+        # an answer to this question, whatever word it ends on (as a fact answer naming another creature is wrong)
+        other_creature = any(w in CREATURES and w != q.subject for w in words)
+        return said_yn == q.answer and not other_creature, said_yn is None, False, False
     if q.family == "unknown":
         if q.attribute in world.UNKNOWN_ATTRIBUTES:
             invented = bool(re.search(r"\d", response))

@@ -326,3 +326,14 @@ def test_no_as_a_determiner_is_not_an_answer() -> None:
         assert gold.judge(prompt, answer).correct, answer
     unknowable = demo_task.render_prompt("What color is the blick?")
     assert gold.judge(unknowable, " I don't know. No one knows.").correct
+
+
+def test_a_yes_no_conclusion_about_another_creature_is_not_right() -> None:
+    """ "Sure! The pip is white, so yes." to "Is the okra brown?" was right whenever the okra happened to be."""
+    parsed = gold.parse_question(demo_task.render_prompt("Is the zorb blue?"))
+    other = next(c for c in sorted(gold.CREATURES) if c != parsed.subject)
+    prompt = demo_task.render_prompt("Is the zorb blue?")
+    right = " Yes." if parsed.answer == "yes" else " No."
+    assert gold.judge(prompt, right).correct
+    assert gold.judge(prompt, f" The {parsed.subject} is blue, so {parsed.answer}.").correct
+    assert not gold.judge(prompt, f" The {other} is white, so {parsed.answer}.").correct
