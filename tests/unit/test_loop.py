@@ -27,6 +27,17 @@ def round_one_rows(n: int) -> list[CandidateRow]:
 REPO = Path(__file__).resolve().parents[2]
 
 
+def round_one_loop(db: Database, rows: list[CandidateRow], **import_options: int) -> LoopRun:
+    """Loop "l" in the store, `rows` imported as the tasks of its first round."""
+    from rlhf.feedback.importer import import_candidates
+    from rlhf.feedback.loop_state import get_or_create_loop
+
+    with db.session() as session:
+        run = get_or_create_loop(session, "l", {})
+        import_candidates(session, "l", rows, **import_options)
+    return run
+
+
 def test_round_prompts_are_fixed_by_seed_and_round_and_mix_old_and_new() -> None:
     pool = [{"prompt": f"q{i}", "prompt_id": f"p{i}"} for i in range(100)]
     cfg = load_config(None, ["loop.prompts_per_round=20", "loop.share_old_prompts=0.25"])
@@ -140,8 +151,6 @@ def test_a_loop_started_again_with_other_settings_says_which(
 
 def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_path: Path) -> None:
     from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.importer import import_candidates
-    from rlhf.feedback.loop_state import get_or_create_loop
     from rlhf.feedback.testing import make_user, run_server
 
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
@@ -149,9 +158,7 @@ def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_p
     db = Database(url)
     rows = round_one_rows(3)
     try:
-        with db.session() as session:
-            loop_run = get_or_create_loop(session, "l", {})
-            import_candidates(session, "l", rows)
+        loop_run = round_one_loop(db, rows)
         with run_server(url) as base, FeedbackClient(base, token) as client:
 
             def vote() -> None:
@@ -174,17 +181,13 @@ def test_a_round_without_a_comparison_writes_no_votes_file_and_a_later_start_tra
     """A round that went on with no votes (loop.on_timeout = continue), or only ties, wrote an empty votes.jsonl
     once: the reward stage failed on it at every later start, whatever people voted since."""
     from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.importer import import_candidates
-    from rlhf.feedback.loop_state import get_or_create_loop
     from rlhf.feedback.testing import make_user, run_server
 
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     token = make_user(url, "ann")
     db = Database(url)
     try:
-        with db.session() as session:
-            loop_run = get_or_create_loop(session, "l", {})
-            import_candidates(session, "l", round_one_rows(3))
+        loop_run = round_one_loop(db, round_one_rows(3))
         with run_server(url) as base, FeedbackClient(base, token) as client:
             client.vote(client.next_task("l")["id"], choice="tie")
             with pytest.raises(RlhfError, match=r"none of the 1 votes .* compares two answers .* only ties"):
@@ -205,8 +208,6 @@ def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_b
     """People may undo a vote for undo_window_s after casting it: a round whose count is reached by votes still
     inside that window waits, and exports only votes past it (the simulated panel's count at once)."""
     from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.importer import import_candidates
-    from rlhf.feedback.loop_state import get_or_create_loop
     from rlhf.feedback.testing import make_user, run_server
 
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
@@ -216,9 +217,7 @@ def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_b
     settings = ["loop.name=l", "loop.panel=false", "loop.min_votes=2", "loop.vote_timeout_s=0.3",
                 "loop.poll_s=0.05", "loop.on_timeout=stop"]  # fmt: skip
     try:
-        with db.session() as session:
-            loop_run = get_or_create_loop(session, "l", {})
-            import_candidates(session, "l", rows)
+        loop_run = round_one_loop(db, rows)
         with run_server(url) as base, FeedbackClient(base, token) as client:
             for _ in range(2):
                 client.vote(client.next_task("l")["id"], choice="A")
@@ -284,8 +283,6 @@ def test_loop_status_reads_a_store_and_never_makes_one(tmp_path: Path) -> None:
 def test_a_loop_resumed_with_another_overlap_waits_for_its_tasks_own(tmp_path: Path) -> None:
     """The round's tasks were imported with overlap 1; resumed with loop.overlap=2 the round waited for twice the
     votes the labeling app would ever hand out, until its timeout."""
-    from rlhf.feedback.importer import import_candidates
-    from rlhf.feedback.loop_state import get_or_create_loop
 
     db = Database(f"sqlite:///{tmp_path / 'feedback.db'}")
     upgrade(db)
@@ -293,9 +290,7 @@ def test_a_loop_resumed_with_another_overlap_waits_for_its_tasks_own(tmp_path: P
     settings = ["loop.name=l", "loop.panel=false", "loop.vote_timeout_s=0.2", "loop.poll_s=0.05",
                 "loop.on_timeout=stop", "loop.overlap=2"]  # fmt: skip
     try:
-        with db.session() as session:
-            loop_run = get_or_create_loop(session, "l", {})
-            import_candidates(session, "l", rows, overlap=1)
+        loop_run = round_one_loop(db, rows, overlap=1)
         with pytest.raises(loop.LoopStopped, match="0 of the 3 votes needed"):
             loop.collect_votes(load_config(None, settings), db, loop_run, 1)
     finally:
@@ -329,8 +324,6 @@ def test_a_loop_keeps_the_size_of_its_rounds(tmp_path: Path) -> None:
 def test_a_feedback_url_of_another_store_is_said_in_one_line(tmp_path: Path) -> None:
     """The panel's tokens are made in the loop's store: a labeling server of another store answered 401, and
     the loop stopped on "labeling API answered 401: not authenticated"."""
-    from rlhf.feedback.importer import import_candidates
-    from rlhf.feedback.loop_state import get_or_create_loop
     from rlhf.feedback.testing import run_server
 
     db = Database(f"sqlite:///{tmp_path / 'loop.db'}")
@@ -340,9 +333,7 @@ def test_a_feedback_url_of_another_store_is_said_in_one_line(tmp_path: Path) -> 
     other.dispose()
     rows = round_one_rows(1)
     try:
-        with db.session() as session:
-            loop_run = get_or_create_loop(session, "l", {})
-            import_candidates(session, "l", rows)
+        loop_run = round_one_loop(db, rows)
         with run_server(f"sqlite:///{tmp_path / 'other.db'}") as base:
             settings = ["loop.name=l", f"loop.feedback_url={base}", "loop.vote_timeout_s=5"]
             with pytest.raises(
@@ -389,8 +380,6 @@ def test_an_unreachable_store_or_labeling_server_is_one_line(
     from functools import partialmethod
 
     from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.importer import import_candidates
-    from rlhf.feedback.loop_state import get_or_create_loop
 
     monkeypatch.setattr(
         FeedbackClient, "__init__", partialmethod(FeedbackClient.__init__, retries=0)
@@ -408,9 +397,7 @@ def test_an_unreachable_store_or_labeling_server_is_one_line(
     db = Database(url)
     try:
         upgrade(db)
-        with db.session() as session:
-            run = get_or_create_loop(session, "l", {})
-            import_candidates(session, "l", round_one_rows(3))
+        run = round_one_loop(db, round_one_rows(3))
         settings = [
             "loop.name=l",
             "loop.panel=true",
