@@ -34,7 +34,9 @@ class BestOfN:
 
 
 def kl_bound(n: int) -> float:
-    """Upper bound on KL(best-of-n || policy) in nats: log n - (n - 1) / n (exact for distinct answers)."""
+    """Upper bound on KL(best-of-n || policy) in nats: log n - (n - 1) / n. It is reached only as every answer's
+    probability goes to 0 (Beirami et al. 2024); where the policy repeats its answers the true KL is lower, e.g.
+    0.131 against 0.193 for two answers of probability 0.5 at n = 2."""
     return math.log(n) - (n - 1) / n
 
 
