@@ -315,6 +315,9 @@ def demo_sections(run: Path) -> list[tuple[str, str]]:
         values = _load(run / "eval" / "reward_values.json")
         if values:
             body += "<p>" + html.escape(_value_check(values)) + "</p>"
+            prior = _value_prior(values, _load(run / "eval" / "ppo_vs_sft.json"))
+            if prior:
+                body += "<p>" + html.escape(prior) + "</p>"
         sections.append(("What the reward model makes of answers of every kind", body))
 
     if examples:
@@ -368,6 +371,40 @@ def _value_check(values: dict[str, Any]) -> str:
         )
         text += f"; the SFT policy's own likelihood {lm}"
     return text + "."
+
+
+def _value_prior(values: dict[str, Any], comparison: dict[str, Any] | None) -> str:
+    """What the reward model scores an arithmetic answer by, whatever the question (its mean score by the value
+    stated), against its margin for the right value; and the value PPO states more often than SFT does."""
+    arithmetic = values.get("arithmetic", {})
+    by_value = arithmetic.get("by_value")
+    if not by_value:
+        return ""
+    ranked = sorted(by_value.items(), key=lambda kv: -kv[1]["score"])
+    (top, best), (bottom, worst) = ranked[0], ranked[-1]
+    text = (
+        f"By the value an arithmetic answer states, whatever the question, the reward model's mean score ranges "
+        f"from {worst['score']:.2f} ({bottom}) to {best['score']:.2f} ({top})"
+    )
+    if "mean_margin" in arithmetic:
+        text += f"; a right value's mean margin over a wrong one in the same words is {arithmetic['mean_margin']:.2f}"
+    text += "."
+    stated = (comparison or {}).get("arithmetic_values")
+    if stated:
+        a, b = stated["a"], stated["b"]
+        none = {"stated": 0, "right": 0}
+        drift = max(
+            a["values"],
+            key=lambda v: (a["values"][v]["stated"] - b["values"].get(v, none)["stated"], -int(v)),
+        )
+        va, vb = a["values"][drift], b["values"].get(drift, none)
+        if va["stated"] > vb["stated"]:
+            text += (
+                f" PPO states {drift} (scored {by_value[drift]['score']:.2f} as a value) in {va['stated']} of its "
+                f"{a['questions']} arithmetic answers, {va['right']} of them right; SFT in {vb['stated']} of "
+                f"{b['questions']}, {vb['right']} right."
+            )
+    return text
 
 
 def _fooled_by(kinds: dict[str, dict[str, Any]]) -> str:

@@ -146,7 +146,7 @@ def _has(response: str, marks: tuple[str, ...]) -> bool:
     return any(mark in low for mark in marks)
 
 
-def _stated_numbers(q: Question, response: str) -> list[str]:
+def stated_numbers(q: Question, response: str) -> list[str]:
     """Numbers the answer states as its result (the question's operands, restated, do not count)."""
     numbers = re.findall(r"-?\d+", response)
     if q.args is None:
@@ -171,7 +171,7 @@ def classify(q: Question, response: str) -> tuple[bool, bool, bool, bool]:
     if not words:
         return False, True, False, False
     if q.family == "arithmetic":
-        stated = _stated_numbers(q, response)
+        stated = stated_numbers(q, response)
         return bool(stated) and all(n == q.answer for n in stated), not stated, False, False
     if q.family == "fact":
         values = {v.lower() for v in VALUES[q.attribute]}

@@ -207,6 +207,7 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
             summary["by_family"] = outcomes_by_family(summary["rows"])
             summary["ceiling_win_rate"] = ceiling_win_rate(summary["rows"])
             summary["yesno_reasoning"] = yesno_reasoning(summary["rows"])
+            summary["arithmetic_values"] = arithmetic_values(summary["rows"])
             summary["prompt_overlap"] = prompt_overlap(summary["rows"], cfg)
             rows = examples_by_family(summary["rows"], per_family=2, seed=cfg.eval.seed)
             write_json(out / "eval" / "examples.json", score_examples(rows, out / "reward" / "final"))
@@ -215,7 +216,9 @@ def evaluate(out: Path, cfg: RootConfig) -> dict[str, Any]:
 
     kinds = reward_by_kind(read_prompts(cfg.eval.prompts_file, 200), out / "reward" / "final")
     write_json(out / "eval" / "reward_by_kind.json", kinds)
-    write_json(out / "eval" / "reward_values.json", reward_value_check(out / "reward" / "final", Path(sft)))
+    values = reward_value_check(out / "reward" / "final", Path(sft))
+    values["arithmetic"].update(value_prior(out / "reward" / "final"))
+    write_json(out / "eval" / "reward_values.json", values)
     coverage = candidate_coverage(cfg.generate.out)
     write_json(out / "eval" / "sft_coverage.json", coverage)
     results["sft_correct_among_k"] = coverage["correct_among_k"]
@@ -285,6 +288,32 @@ def yesno_reasoning(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
             counts["states_fact"] += 1
             counts["fact_true"] += stated == demo_task.FACTS[q.subject][q.attribute]
             counts["follows"] += (stated == q.extra["asked"]) == (conclusion == "yes")
+    return out
+
+
+def arithmetic_values(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per policy (a, b), over the arithmetic questions: how many answers state a result, and how often each value
+    is stated and how often it is then right. A policy whose reward model cannot check values drifts towards the
+    values that reward model favours whatever the question (`reward_value_check`'s `by_value`); this shows it."""
+    from rlhf.labelers import gold
+
+    out: dict[str, dict[str, Any]] = {side: {"questions": 0, "values": {}} for side in ("a", "b")}
+    for row in rows:
+        q = gold.parse_question(row["prompt"])
+        if q.family != "arithmetic":
+            continue
+        for side, counts in out.items():
+            counts["questions"] += 1
+            stated = gold.stated_numbers(q, row[side])
+            if not stated:
+                continue
+            value = counts["values"].setdefault(stated[-1], {"stated": 0, "right": 0})
+            value["stated"] += 1
+            value["right"] += stated[-1] == q.answer
+    for counts in out.values():
+        counts["values"] = dict(
+            sorted(counts["values"].items(), key=lambda kv: (-kv[1]["stated"], int(kv[0])))
+        )
     return out
 
 
@@ -499,6 +528,34 @@ def reward_value_check(reward_model: Path, policy: Path | None = None) -> dict[s
     return out
 
 
+def value_prior(reward_model: Path) -> dict[str, Any]:
+    """The reward model's mean score of an arithmetic answer by the value it states, whatever the question: every
+    arithmetic question of the demo world answered with every value from 0 to the largest result, in the bare value
+    and the plain sentence (`by_value`: the mean score, and for how many of the questions that value is right). A
+    reward model that cannot check values still scores some values above others; a policy trained against it
+    drifts towards those (`arithmetic_values`)."""
+    from rlhf.data import demo_task
+    from rlhf.labelers import gold
+
+    questions = [gold.parse_question(demo_task.render_prompt(f"What is {a} {op} {b}?"))
+                 for op in demo_task.OPERATIONS for a in range(demo_task.MAX_OPERAND + 1)
+                 for b in range(demo_task.MAX_OPERAND + 1) if not (op == "minus" and b > a)]  # fmt: skip
+    values = [str(v) for v in range(max(int(q.answer) for q in questions) + 1)]
+    prompts, texts, stated = [], [], []
+    for q in questions:
+        for v in values:
+            for text in demo_task.answer_templates(q, v)[:2]:
+                prompts.append(demo_task.render_prompt(q.text))
+                texts.append(" " + text)
+                stated.append(v)
+    scores = reward_model_scores(reward_model, prompts, texts)
+    by_value = {}
+    for v in values:
+        mine = [s for s, x in zip(scores, stated, strict=True) if x == v]
+        by_value[v] = {"score": sum(mine) / len(mine), "right_for": sum(q.answer == v for q in questions)}
+    return {"by_value": by_value}
+
+
 def candidate_coverage(candidates_file: str) -> dict[str, Any]:
     """How often the SFT policy's K candidates hold a correct answer (what preferences can reward), and how
     often one sampled answer is correct, over the candidates' prompts by criterion."""
@@ -578,6 +635,11 @@ def summary_lines(out: Path) -> list[str]:
         if all("policy_likelihood_correct_over_wrong" in c for c in v.values()):
             lines.append("the SFT policy's own likelihood, correct over wrong: " + ", ".join(
                 f"{family} {c['policy_likelihood_correct_over_wrong']:.3f}" for family, c in v.items()))  # fmt: skip
+        by_value = v.get("arithmetic", {}).get("by_value")
+        if by_value:
+            ranked = sorted(by_value.items(), key=lambda kv: -kv[1]["score"])
+            lines.append("reward model by the arithmetic value stated, whatever the question: " + ", ".join(
+                f"{value} {b['score']:.2f}" for value, b in ranked[:3]) + f", ..., {ranked[-1][0]} {ranked[-1][1]['score']:.2f}")  # fmt: skip
     comparison = out / "eval" / "ppo_vs_sft.json"
     if comparison.exists():
         e = json.loads(comparison.read_text())

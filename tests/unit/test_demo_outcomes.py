@@ -113,6 +113,55 @@ def test_yesno_reasoning_tells_a_known_fact_from_the_conclusion_drawn() -> None:
     assert out["b"] == {"questions": 3, "states_fact": 1, "fact_true": 1, "follows": 0}
 
 
+def test_arithmetic_values_count_the_values_each_policy_states_and_how_often_they_are_right() -> None:
+    rows = [
+        _row("What is 3 plus 4?", "Sure! 3 plus 4 is 0.", "7."),
+        _row("What is 2 minus 2?", "0.", "Good question. 2 minus 2 is 0."),
+        _row("What is 1 times 4?", "0.", "Hmm."),  # B states nothing
+        _row("Is the pip white?", "0.", "No."),  # not arithmetic
+    ]
+    out = demo.arithmetic_values(rows)
+    # the operands restated ("3 plus 4") are not the result
+    assert out["a"] == {"questions": 3, "values": {"0": {"stated": 3, "right": 1}}}
+    assert out["b"] == {
+        "questions": 3,
+        "values": {"0": {"stated": 1, "right": 1}, "7": {"stated": 1, "right": 1}},
+    }
+
+
+def test_value_prior_scores_every_value_on_every_arithmetic_question_and_the_report_names_the_drift(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reward model that scores an arithmetic answer by its value alone (here 1 for 0, else 0): the report says
+    how far apart the values score and which value PPO states more often than SFT."""
+    from rlhf.eval.report import _value_prior
+
+    seen: list[tuple[str, str]] = []
+
+    def by_value(reward_model: object, prompts: list[str], texts: list[str]) -> list[float]:
+        seen.extend(zip(prompts, texts, strict=True))
+        return [1.0 if t.rstrip(".").endswith(" 0") else 0.0 for t in texts]
+
+    monkeypatch.setattr(demo, "reward_model_scores", by_value)
+    out = demo.value_prior(Path("unused"))["by_value"]
+    assert list(out) == [str(v) for v in range(17)]  # up to 4 times 4
+    assert out["0"] == {"score": 1.0, "right_for": 15} and out["7"] == {"score": 0.0, "right_for": 2}
+    assert sum(b["right_for"] for b in out.values()) == 65
+    prompt = demo_task.render_prompt("What is 4 times 4?")
+    assert (prompt, " 4 times 4 is 9.") in seen and (prompt, " 9.") in seen
+    rows = [_row("What is 3 plus 4?", "0.", "7."), _row("What is 2 minus 2?", "0.", "0.")]
+    text = _value_prior({"arithmetic": {"by_value": out, "mean_margin": 0.05}},
+                        {"arithmetic_values": demo.arithmetic_values(rows)})  # fmt: skip
+    assert (
+        "ranges from 0.00 (16) to 1.00 (0)" in text
+        and "mean margin over a wrong one in the same words is 0.05" in text
+    )
+    assert (
+        "PPO states 0 (scored 1.00 as a value) in 2 of its 2 arithmetic answers, 1 of them right; SFT in 1 of 2, 1 right."
+        in text
+    )
+
+
 def test_each_stage_records_its_time_and_the_load_it_ran_under(tmp_path: Path) -> None:
     stages = demo.Stages(tmp_path)
     stages.run("data", lambda: {"docs": 3, "skipped": [1]})
