@@ -99,8 +99,11 @@ class FeedbackStore:
 def save_ab_pair(
     store: FeedbackStore, feedback_id: str, prompt: str, answers: tuple[Answer, Answer], meta: dict[str, Any]
 ) -> bool:
-    """Store the prompt and both answers as one pairwise task; False when the answers are identical
-    (the importer makes no task of them: there is nothing to choose between)."""
+    """Store the prompt and both answers as one pairwise task; False, storing nothing, when the answers are
+    identical (there is nothing to choose between, and a prompt without a task would only keep the user's
+    words)."""
+    if _storable(answers[0].text) == _storable(answers[1].text):
+        return False
     row = CandidateRow(
         prompt=_storable(prompt),
         prompt_id=feedback_id,

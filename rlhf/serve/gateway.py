@@ -33,6 +33,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from typing_extensions import TypeIs
 
 from rlhf import __version__
 from rlhf.feedback.export import PROMPT_MESSAGES
@@ -61,7 +62,8 @@ class GatewayState:
     candidate: httpx.AsyncClient  # the upstream itself unless the candidate has an engine of its own
     store: FeedbackStore | None = None  # read by the /v1/feedback router, as the model server's state is
     rng: random.Random = field(default_factory=random.Random)
-    versions: dict[str, str] = field(default_factory=dict)  # model id -> version, from upstream /models
+    # model id -> the version upstream /models lists for it (None: listed without one), as last listed
+    versions: dict[str, str | None] = field(default_factory=dict)
     # upstream URL -> when its models were last asked (`_current_versions`)
     listed_at: dict[str, float] = field(default_factory=dict)
 
@@ -99,7 +101,8 @@ async def _learn_versions(state: GatewayState, client: httpx.AsyncClient) -> Non
     try:
         r = await client.get("models", headers=_auth(state, None))
         for m in r.json().get("data", []):
-            state.versions[m["id"]] = str(m.get("version") or m["id"])
+            version = m.get("version")
+            state.versions[m["id"]] = str(version) if version else None
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("could not list the models of %s; versions will come from the answers", client.base_url)
 
@@ -247,16 +250,48 @@ async def _client_left(request: Request) -> None:
         pass
 
 
-def _candidate_down(replied: Sequence[Any]) -> bool:
-    """Whether the candidate's side of an A/B request failed as an engine that is down does (an HTTP error, not
-    a bug here): then the requested model answers alone, as without A/B, so that a candidate that is down takes
-    no share of the traffic with it. Logged."""
-    failed = next(e for e in replied if not isinstance(e, httpx.Response))
-    if not isinstance(failed, httpx.HTTPError):
-        return False
-    log.warning("gateway: the candidate did not answer an A/B request (%r): the requested model's answer alone",
-                failed)  # fmt: skip
-    return True
+def _ok(reply: Any) -> TypeIs[httpx.Response]:
+    return isinstance(reply, httpx.Response) and reply.status_code == 200
+
+
+def _candidate_failed(candidate: Any, why: str = "") -> None:
+    """The candidate's side of an A/B request failed (its engine down or timing out, an error status, an answer
+    that is no completion) while the requested model answered: that one answers alone, as without A/B, so that
+    the candidate the user is not told of neither fails the request nor shows its error. Logged. A failure that
+    is a bug here, not the engine's, is raised."""
+    if isinstance(candidate, BaseException) and not isinstance(candidate, httpx.HTTPError):
+        raise candidate
+    what = why or (
+        f"status {candidate.status_code}" if isinstance(candidate, httpx.Response) else repr(candidate)
+    )
+    log.warning("gateway: the candidate did not answer an A/B request (%s): the requested model's answer alone",
+                what)  # fmt: skip
+
+
+async def _requested_failed(requested: Any) -> Response:
+    """The requested model's side failed: its engine's error as it gave it, else a 502 (a bug here is raised)."""
+    if isinstance(requested, httpx.Response):
+        content = await requested.aread()
+        return Response(
+            content, requested.status_code, {"content-type": requested.headers.get("content-type", "")}
+        )
+    if not isinstance(requested, httpx.HTTPError):
+        raise requested
+    raise APIError(
+        f"The upstream engine did not answer: {requested!r}", 502, code="upstream_unavailable"
+    ) from None
+
+
+def _completion(reply: httpx.Response) -> dict[str, Any] | None:
+    """A 200 answer's completion (its first choice there), or None where it holds none."""
+    try:
+        out = reply.json()
+        choices = out["choices"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    return out  # type: ignore[no-any-return]
 
 
 async def _relay(upstream: httpx.Response) -> Response:
@@ -307,25 +342,24 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
             return_exceptions=True,
         )  # fmt: skip
         replies = [r for r in opened if isinstance(r, httpx.Response)]
-        in_order = _requested_first(state, sides, model, opened)
-        refused = next((r for r in in_order if isinstance(r, httpx.Response) and r.status_code != 200), None)
-        requested = in_order[0]
-        if refused is None and len(replies) == 1 and replies[0] is requested and _candidate_down(opened):
+        mine = _requested_index(state, sides, model)
+        requested, candidate = opened[mine], opened[1 - mine]
+        if not _ok(requested):  # its error, as the engine gave it
+            try:
+                return await _requested_failed(requested)
+            finally:
+                for r in replies:
+                    await r.aclose()
+        if not _ok(candidate):
+            if isinstance(candidate, httpx.Response):
+                await candidate.aclose()
+            try:
+                _candidate_failed(candidate)
+            except BaseException:
+                await requested.aclose()
+                raise
             return await _relay(requested)
-        if refused is not None or len(replies) < 2:
-            content = await refused.aread() if refused is not None else b""
-            for r in replies:
-                await r.aclose()
-            if refused is not None:  # the engine's own error, as it gave it
-                content_type = refused.headers.get("content-type", "")
-                return Response(content, refused.status_code, {"content-type": content_type})
-            failed = next(e for e in opened if not isinstance(e, httpx.Response))
-            if not isinstance(failed, httpx.HTTPError):
-                raise failed
-            raise APIError(
-                f"The upstream engine did not answer: {failed!r}", 502, code="upstream_unavailable"
-            ) from None
-        stream = _ab_stream(state, replies, sides, bodies, chat, prompt, meta, body)
+        stream = _ab_stream(state, replies, sides, bodies, chat, prompt, meta, body, mine)
 
         async def close_upstreams() -> None:  # also where the client left before the stream began
             for r in replies:
@@ -340,28 +374,19 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
             return_exceptions=True,
         ),
     )
-    errors = [e for e in replied if not isinstance(e, httpx.Response)]
-    if errors:
-        requested = _requested_first(state, sides, model, replied)[0]
-        if len(errors) == 1 and isinstance(requested, httpx.Response) and _candidate_down(replied):
-            kept = {k: v for k, v in requested.headers.items() if k in PASSED_HEADERS}
-            return Response(requested.content, requested.status_code, kept)
-        if not isinstance(errors[0], httpx.HTTPError):
-            raise errors[0]
-        raise APIError(
-            f"The upstream engine did not answer: {errors[0]!r}", 502, code="upstream_unavailable"
-        ) from None
-    answers = [r for r in replied if isinstance(r, httpx.Response)]
-    for r in _requested_first(state, sides, model, answers):
-        if r.status_code != 200:  # the engine's own error, as it gave it
-            return Response(r.content, r.status_code, {"content-type": r.headers.get("content-type", "")})
-    try:
-        out, other = answers[0].json(), answers[1].json()
-        choices = [{**out["choices"][0], "index": 0}, {**other["choices"][0], "index": 1}]
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        raise APIError(
-            "The upstream engine answered 200 without a completion", 502, code="upstream_error"
-        ) from None
+    mine = _requested_index(state, sides, model)
+    requested, candidate = replied[mine], replied[1 - mine]
+    if not _ok(requested):
+        return await _requested_failed(requested)
+    completions = [_completion(r) if _ok(r) else None for r in replied]
+    if completions[mine] is None:
+        raise APIError("The upstream engine answered 200 without a completion", 502, code="upstream_error")
+    out, other = completions
+    if out is None or other is None:  # the candidate's
+        _candidate_failed(candidate, "answered 200 without a completion" if _ok(candidate) else "")
+        kept = {k: v for k, v in requested.headers.items() if k in PASSED_HEADERS}
+        return Response(requested.content, requested.status_code, kept)
+    choices = [{**out["choices"][0], "index": 0}, {**other["choices"][0], "index": 1}]
     texts = [_choice_text(c, chat) for c in choices]
     await _current_versions(state, sides)
     pair = _answers(state, sides, bodies, [out, other], texts, [c.get("finish_reason") for c in choices])
@@ -380,7 +405,6 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
         out.update(ab.fields())
         metrics.AB_RESPONSES.labels(meta["endpoint"]).inc()
     # the requested model's request id and timing, as a plain answer passes them on (not its content type)
-    requested = _requested_first(state, sides, model, answers)[0]
     kept = {k: v for k, v in requested.headers.items() if k in PASSED_HEADERS and k != "content-type"}
     return JSONResponse(out, headers=kept)
 
@@ -394,13 +418,18 @@ async def _ab_stream(
     prompt: str,
     meta: dict[str, Any],
     body: dict[str, Any],
+    mine: int,
 ) -> AsyncIterator[str]:
     """Both upstream streams (opened, status 200) relayed as they come, their choices renumbered 0 and 1
-    under one id; then a last chunk with the usage (when asked) and the feedback id; then [DONE]."""
+    under one id; then a last chunk with the usage (when asked) and the feedback id; then [DONE]. The requested
+    model's side is `mine`: its failure ends the stream with its error; the other side's is logged and stops
+    that side, and the requested answer goes on alone. A pair is stored only when both answers finished (a
+    `finish_reason` came for each): an answer cut off, or a stream that held none, is no answer to compare."""
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
     texts = ["", ""]
     finish: list[Any] = [None, None]
+    failed: list[str | None] = [None, None]
     replies: list[dict[str, Any]] = [{}, {}]
     prompt_tokens, completion_tokens = [0, 0], [0, 0]
 
@@ -410,11 +439,9 @@ async def _ab_stream(
                 if line.startswith("data: ") and line[6:].strip() != "[DONE]":
                     await queue.put((i, json.loads(line[6:])))
         except httpx.HTTPError as e:  # the connection broke, or timed out, mid-stream
-            raise APIError(f"The upstream engine failed: {e}", 502, code="upstream_error") from None
+            failed[i] = f"The upstream engine failed: {e}"
         except json.JSONDecodeError as e:
-            raise APIError(
-                f"The upstream engine sent a bad stream line: {e}", 502, code="upstream_error"
-            ) from None
+            failed[i] = f"The upstream engine sent a bad stream line: {e}"
         finally:
             await upstreams[i].aclose()
             await queue.put((i, None))
@@ -426,36 +453,49 @@ async def _ab_stream(
             i, chunk = await queue.get()
             if chunk is None:
                 running -= 1
-                continue
-            if "error" in chunk:  # the engine failed mid-stream: its answer is cut short, no pair to store
+            elif (
+                failed[i] is None and "error" in chunk
+            ):  # the engine failed mid-stream: the answer is cut short
                 error = (
                     chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
                 )
-                raise APIError(
-                    f"The upstream engine failed: {error.get('message', '')}", 502, code="upstream_error"
-                )
-            replies[i] = chunk
-            if chunk.get("usage"):
-                prompt_tokens[i] = chunk["usage"].get("prompt_tokens", 0)
-                completion_tokens[i] += chunk["usage"].get("completion_tokens", 0)
-            choices = chunk.get("choices") or []
-            for c in choices:
-                c["index"] = i
-                texts[i] += _choice_text(c, chat, delta=True)
-                finish[i] = c.get("finish_reason") or finish[i]
-            if choices:
-                yield sse({**chunk, "id": ident, "model": meta["model"], "choices": choices, "usage": None})
+                failed[i] = f"The upstream engine failed: {error.get('message', '')}"
+            elif failed[i] is None:
+                replies[i] = chunk
+                if chunk.get("usage"):
+                    prompt_tokens[i] = chunk["usage"].get("prompt_tokens", 0)
+                    completion_tokens[i] += chunk["usage"].get("completion_tokens", 0)
+                choices = chunk.get("choices") or []
+                for c in choices:
+                    c["index"] = i
+                    texts[i] += _choice_text(c, chat, delta=True)
+                    finish[i] = c.get("finish_reason") or finish[i]
+                if choices:
+                    yield sse(
+                        {**chunk, "id": ident, "model": meta["model"], "choices": choices, "usage": None}
+                    )
+            if (failure := failed[mine]) is not None:
+                raise APIError(failure, 502, code="upstream_error")
         for t in tasks:
-            t.result()  # an upstream failure ends the stream with its error
-        await _current_versions(state, sides)
-        pair = _answers(state, sides, bodies, replies, texts, finish)
-        ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
-        last: dict[str, Any] = {"id": ident, "object": replies[0].get("object", "chat.completion.chunk"),
+            t.result()  # a failure here, not the engine's, is raised
+        other = 1 - mine
+        if failed[other] is not None or finish[other] is None:
+            _candidate_failed(None, failed[other] or "its stream ended without a finished answer")
+        elif finish[mine] is None:
+            log.warning(
+                "gateway: the requested model's stream ended without a finished answer: no A/B pair stored"
+            )
+        ab = None
+        if failed[other] is None and None not in finish:
+            await _current_versions(state, sides)
+            pair = _answers(state, sides, bodies, replies, texts, finish)
+            ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
+        last: dict[str, Any] = {"id": ident, "object": replies[mine].get("object", "chat.completion.chunk"),
                                 "created": int(time.time()), "model": meta["model"], "choices": []}  # fmt: skip
         if (body.get("stream_options") or {}).get("include_usage"):
             done = sum(completion_tokens)
-            last["usage"] = {"prompt_tokens": prompt_tokens[0], "completion_tokens": done,
-                             "total_tokens": prompt_tokens[0] + done}  # fmt: skip
+            last["usage"] = {"prompt_tokens": prompt_tokens[mine], "completion_tokens": done,
+                             "total_tokens": prompt_tokens[mine] + done}  # fmt: skip
         if ab is not None:
             last.update(ab.fields())
             metrics.AB_RESPONSES.labels(meta["endpoint"]).inc()
@@ -469,13 +509,11 @@ async def _ab_stream(
     yield SSE_DONE
 
 
-def _requested_first(
-    state: GatewayState, sides: list[tuple[httpx.AsyncClient, str]], model: str, items: Sequence[Any]
-) -> list[Any]:
-    """`items` (one per side) with the requested model's side first: an error both sides give is told in its
-    words, so that an error never names the candidate the user is not told of."""
-    order = sorted(range(len(sides)), key=lambda i: (sides[i][0] is not state.upstream, sides[i][1] != model))
-    return [items[i] for i in order]
+def _requested_index(state: GatewayState, sides: list[tuple[httpx.AsyncClient, str]], model: str) -> int:
+    """Which side is the requested model's (the other the candidate's, or the same model's second sample): its
+    answer is the one a failure of the other side leaves to answer alone, and its error the one told, so that an
+    error never names the candidate the user is not told of."""
+    return min(range(len(sides)), key=lambda i: (sides[i][0] is not state.upstream, sides[i][1] != model))
 
 
 def _answers(
@@ -492,9 +530,9 @@ def _answers(
         model, reply, b = sides[i][1], replies[i], bodies[i]
         fingerprint = reply.get("system_fingerprint")
         version = state.versions.get(model) or (f"{model}@{fingerprint}" if fingerprint else model)
-        sampling = {"temperature": b.get("temperature"), "top_p": b.get("top_p"), "seed": b.get("seed"),
-                    "max_new_tokens": b.get("max_completion_tokens") or b.get("max_tokens"), "model": model,
-                    "finish_reason": finish[i]}  # fmt: skip
+        sampling = {"temperature": b.get("temperature"), "top_p": b.get("top_p"), "top_k": b.get("top_k"),
+                    "seed": b.get("seed"), "max_new_tokens": b.get("max_completion_tokens") or b.get("max_tokens"),
+                    "stop": b.get("stop"), "model": model, "finish_reason": finish[i]}  # fmt: skip
         return Answer(texts[i], version, {k: v for k, v in sampling.items() if v is not None})
 
     return one(0), one(1)

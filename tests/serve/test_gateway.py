@@ -128,7 +128,8 @@ def test_ab_pair_and_vote_land_in_the_store_with_both_versions(
             .order_by(TaskCompletion.position)
         ).all()
     db.dispose()
-    assert [a.text for a in answers] == [c.message.content for c in out.choices]
+    # as the client got them, a NUL the byte-level model sampled stored as U+FFFD (PostgreSQL stores no NUL)
+    assert [a.text for a in answers] == [c.message.content.replace("\x00", "\ufffd") for c in out.choices]
     # the vote chose A: exported as a conversational pair, the answers as assistant turns
     assert {"prompt": HELLO, "chosen": [{"role": "assistant", "content": answers[0].text}],
             "rejected": [{"role": "assistant", "content": answers[1].text}]} in exported  # fmt: skip
@@ -514,3 +515,98 @@ def test_a_redeployed_model_is_stored_with_its_new_version_and_a_gzip_stream_is_
         policies = [c.policy for c in session.scalars(select(Completion).order_by(Completion.id))]
     db.dispose()
     assert sorted(policies[:2]) == ["m@v1", "other@v1"] and sorted(policies[2:]) == ["m@v2", "other@v2"]
+
+
+def flaky_candidate_engine(mode: str, answer: str = "I am m.") -> FastAPI:
+    """An engine whose model "m" answers well (`answer`, with a system fingerprint, and listed without a
+    version as vLLM lists its models) and whose model "other" fails as `mode` says: an error status, a 200
+    that holds no completion, a stream that holds no events, an error event mid-stream (a 503 unstreamed), an
+    answer too slow for the gateway's timeout; "same": it answers as "m" does."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": m, "object": "model"} for m in ("m", "other")]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        stream = bool(body.get("stream"))
+        words = answer
+        if body["model"] == "other":
+            if mode == "status" or (mode == "midway" and not stream):
+                return JSONResponse(
+                    {"error": {"message": "candidate boom"}}, status_code=500 if mode == "status" else 503
+                )
+            if mode == "slow":
+                await asyncio.sleep(3)
+            if mode == "empty":
+                if stream:
+                    return StreamingResponse(iter([""]), media_type="text/event-stream")
+                return JSONResponse({"id": "x", "object": "chat.completion", "choices": []})
+            if mode == "midway" and stream:
+                events = [{"id": "x", "object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": {"content": "I am"}}]},
+                          {"error": {"message": "candidate boom", "type": "server_error"}}]  # fmt: skip
+                return StreamingResponse(iter([f"data: {json.dumps(e)}\n\n" for e in events]),
+                                         media_type="text/event-stream")  # fmt: skip
+            if mode != "same":
+                words = "I am other."
+        if stream:
+            chunk = {"id": "x", "object": "chat.completion.chunk", "model": body["model"], "system_fingerprint": "fp1",
+                     "choices": [{"index": 0, "delta": {"content": words}, "finish_reason": "stop"}]}  # fmt: skip
+            return StreamingResponse(iter([f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"]),
+                                     media_type="text/event-stream")  # fmt: skip
+        return JSONResponse({"id": "x", "object": "chat.completion", "model": body["model"], "system_fingerprint": "fp1",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": words},
+                                          "finish_reason": "stop"}]})  # fmt: skip
+
+    return app
+
+
+@pytest.mark.parametrize("mode", ["status", "empty", "midway", "slow"])
+def test_a_candidate_that_fails_leaves_the_requested_model_to_answer_and_stores_no_pair(
+    tmp_path: Path, mode: str
+) -> None:
+    """A candidate's 500 failed the user's request with the candidate's own error, a candidate that timed out
+    was a 502, and a candidate stream with no events stored an empty answer as a pair to vote on: now the
+    requested model answers alone, as when the candidate's engine is down, and no pair is stored."""
+    db_url = f"sqlite:///{tmp_path}/feedback.db"
+    body = {"model": "m", "messages": HELLO, "ab": True}
+    with run_app(flaky_candidate_engine(mode)) as (upstream, _):
+        settings = GatewaySettings(upstream=upstream + "/v1", candidate_model="other", feedback_db=db_url,
+                                   ab_rate=1.0, seed=0, timeout_s=1.0)  # fmt: skip
+        with run_app(create_app(settings)) as (url, _):
+            plain = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+            streamed = httpx.post(url + "/v1/chat/completions", json=body | {"stream": True}, timeout=30)
+    assert plain.status_code == 200, plain.text
+    assert [c["message"]["content"] for c in plain.json()["choices"]] == ["I am m."]
+    assert "feedback_id" not in plain.json()
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    assert not any("error" in json.loads(e) or "feedback_id" in e for e in events[:-1])
+    mine = [c["delta"]["content"] for e in events[:-1] for c in json.loads(e)["choices"] if c["index"] == 0]
+    assert "I am m." in mine
+    db = Database(db_url)
+    with db.session() as session:
+        assert session.scalars(select(Prompt)).first() is None
+    db.dispose()
+
+
+def test_a_model_listed_without_a_version_is_stored_by_its_fingerprint_and_identical_answers_store_nothing(
+    tmp_path: Path,
+) -> None:
+    """An engine that lists its models without a version (vLLM) had every pair stored under the bare model id:
+    the model@system_fingerprint fallback never ran. Two identical answers left the user's prompt and both
+    answers in the store, with no task to vote on."""
+    for mode, stored in (("works", ["m@fp1", "other@fp1"]), ("same", [])):
+        db_url = f"sqlite:///{tmp_path}/{mode}.db"
+        with ab_gateway(flaky_candidate_engine(mode), db_url) as url:
+            r = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": HELLO, "ab": True},
+                           timeout=30)  # fmt: skip
+        assert r.status_code == 200 and ("feedback_id" in r.json()) == bool(stored)
+        db = Database(db_url)
+        with db.session() as session:
+            assert sorted(c.policy for c in session.scalars(select(Completion))) == stored
+            assert (session.scalars(select(Prompt)).first() is None) == (not stored)
+        db.dispose()
