@@ -241,6 +241,13 @@ def undo(
         now = datetime.now(timezone.utc)
         if now - vote.created_at > timedelta(seconds=window_s):
             raise Conflict(f"votes can be undone only within {window_s:g} s")
+        # The task's row first (the order a vote and a skip take their locks in), then the vote read again under
+        # its lock: an undo of the same vote that committed meanwhile (a double press, a retried request) leaves
+        # it retracted, and this one must not reopen the task beside a vote cast since.
+        session.execute(select(Task.id).where(Task.id == vote.task_id).with_for_update())
+        session.refresh(vote, with_for_update=True)
+        if vote.retracted_at is not None:
+            raise NotFound(f"vote {vote.id} is already undone")
         vote.retracted_at = now
         assignment = session.scalar(
             select(Assignment).where(Assignment.task_id == vote.task_id, Assignment.user_id == user.id)

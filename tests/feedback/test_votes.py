@@ -151,6 +151,60 @@ def test_undo_within_the_window_reopens_the_task(api, db: Database) -> None:
     assert count_votes(db) == 2
 
 
+def test_two_undos_of_one_vote_racing_a_new_vote_leave_the_task_done(
+    api, db: Database, backend: str, monkeypatch
+) -> None:
+    """On PostgreSQL, an undo sent twice (a double press, a retried request) could both succeed: the later one,
+    having read the vote before the first committed, reopened the task after the labeler had voted on it again.
+    The task was then served to them forever (every vote a 409), and a skip of it freed its slot for another
+    labeler: an overlap-1 task with two live votes. Here the first undo reads the vote, then waits while a
+    second undo and a new vote go through; it must then find the vote undone."""
+    import pytest
+
+    from rlhf.feedback import votes
+    from rlhf.feedback.models import Assignment, User
+
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one write transaction at a time: two undos cannot interleave there")
+    api.seed(n_prompts=1)
+    task = api.next("ann")
+    first = api.vote("ann", task["id"]).json()
+    read, go_on = threading.Event(), threading.Event()
+
+    class PausedClock(votes.datetime):  # type: ignore[name-defined,misc]
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def]
+            if threading.current_thread().name == "late-undo":
+                read.set()
+                go_on.wait(10)
+            return super().now(tz)
+
+    monkeypatch.setattr(votes, "datetime", PausedClock)
+    outcome: list[object] = []
+
+    def late_undo() -> None:
+        with db.session() as session:
+            ann = session.scalar(select(User).where(User.name == "ann"))
+            try:
+                outcome.append(votes.undo(session, ann, 600.0, first["id"]).id)
+            except Exception as e:  # what the API would answer
+                outcome.append(e)
+
+    late = threading.Thread(target=late_undo, name="late-undo")
+    late.start()
+    assert read.wait(10)  # the late undo has read the vote, still live
+    assert api.post("ann", f"/api/votes/{first['id']}/undo").status_code == 200
+    again = api.vote("ann", task["id"], choice="B")
+    assert again.status_code == 201
+    go_on.set()
+    late.join(10)
+    assert len(outcome) == 1 and type(outcome[0]).__name__ == "NotFound"
+    with db.session() as session:
+        status = session.scalar(select(Assignment.status).where(Assignment.task_id == task["id"]))
+    assert status == "done"
+    assert api.next("ann") is None  # nothing left for ann
+
+
 def test_votes_and_undo_scoped_to_a_project(api, db: Database) -> None:
     """A vote naming its project is refused on another project's task; an undo naming a project retracts the
     labeler's latest vote there, not a later one elsewhere."""
