@@ -112,8 +112,20 @@ def same_on_every_process(module: torch.nn.Module, device: torch.device) -> int:
 def prepare(
     accelerator: Accelerator, module: torch.nn.Module, optimizer: Any, is_sharded: bool
 ) -> tuple[Any, Any]:
-    """accelerate's prepare, except that a sharded module is left as it is (no DDP around FSDP)."""
+    """accelerate's prepare, except that a sharded module is not wrapped (no DDP around FSDP): under mixed
+    precision its forward runs in the autocast accelerate's prepare puts around a module, outputs in fp32, so
+    that a sharded run computes what one process or DDP computes in the same precision."""
     if is_sharded:
+        if accelerator.mixed_precision in ("bf16", "fp16"):
+            from accelerate.utils import convert_outputs_to_fp32
+
+            forward = module.forward
+
+            def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+                with accelerator.autocast():
+                    return forward(*args, **kwargs)
+
+            module.forward = convert_outputs_to_fp32(autocast_forward)  # type: ignore[method-assign]
         return module, accelerator.prepare(optimizer)
     return accelerator.prepare(module, optimizer)  # type: ignore[no-any-return]
 

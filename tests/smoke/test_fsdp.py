@@ -58,6 +58,8 @@ def stage_configs(out: Path, fsdp: bool, models: dict[str, Path], data: Path, vo
                           "batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "lr": 1e-4,
                           "max_seq_len": 96, "save_every": 1}],
         ["sft", sft | {"out_dir": str(out / "sft_lora"), "lora": {"r": 4}, "lr": 1e-2}],
+        ["sft", sft | {"out_dir": str(out / "sft_bf16"), "precision": "bf16", "max_steps": 1,
+                        "gradient_checkpointing": True}],  # transformers' forward on one process too
     ]  # fmt: skip
 
 
@@ -95,6 +97,21 @@ def test_sharded_stage_follows_one_process(runs: dict[str, Path], stage: str) ->
         sharded, one = curve(runs["fsdp"] / stage, key), curve(runs["one"] / stage, key)
         assert len(sharded) == len(one) >= 2, key
         assert sharded == pytest.approx(one, rel=1e-4, abs=1e-5), key
+
+
+def test_a_sharded_stage_trains_in_the_precision_it_is_given(runs: dict[str, Path]) -> None:
+    """Sharded, `precision: bf16` (or `auto` choosing it) trained in fp32 while the log said bf16: the module
+    FSDP wraps was left out of accelerate's prepare, which is what puts the autocast around a forward."""
+    sharded, one = curve(runs["fsdp"] / "sft_bf16", "sft/loss"), curve(runs["one"] / "sft_bf16", "sft/loss")
+    fp32 = curve(runs["one"] / "sft", "sft/loss")[:1]
+    assert len(sharded) == len(one) == 1
+    assert sharded == pytest.approx(one, rel=1e-7, abs=0), (
+        sharded,
+        one,
+        fp32,
+    )  # the first step: no reduction yet
+    # and not the fp32 loss, which bf16 moves far more than sharding does
+    assert abs(sharded[0] - fp32[0]) > 10 * abs(sharded[0] - one[0]), (sharded, one, fp32)
 
 
 def test_sharded_dpo_evaluates_every_held_out_judgement(runs: dict[str, Path]) -> None:
