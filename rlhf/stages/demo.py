@@ -103,12 +103,62 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
     )  # fmt: skip
 
 
-class Stages:
-    """RUN/stages.json: which stages finished, and how long each took."""
+# the config sections each stage runs on: a finished stage records them, so that a later run of the demo in the
+# same directory with other settings is refused rather than reporting the earlier settings' results as its own
+STAGE_SECTIONS = {"data": ("data",), "pretrain": ("pretrain",), "sft": ("sft",), "generate": ("generate",),
+                  "label": ("panel",), "reward": ("reward",), "ppo": ("ppo",), "eval": ("eval",)}  # fmt: skip
 
-    def __init__(self, out: Path) -> None:
+
+def stage_settings(cfg: RootConfig, out: Path, name: str) -> dict[str, Any] | None:
+    """The settings stage `name` runs with (its config sections, dotted keys, the run directory as "RUN" so that
+    a moved run directory is the same run), or None for a stage that reads none (the report)."""
+    sections = STAGE_SECTIONS.get(name.split("-")[0])  # reward-1, reward-2: the reward section
+    if sections is None:
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            inside = isinstance(value, str) and (value == str(out) or value.startswith(f"{out}/"))
+            flat[prefix] = "RUN" + value[len(str(out)) :] if inside else value
+
+    for section in sections:
+        walk(section, getattr(cfg, section).model_dump(mode="json"))
+    return flat
+
+
+class Stages:
+    """RUN/stages.json: which stages finished, how long each took, and the settings each ran with."""
+
+    def __init__(self, out: Path, cfg: RootConfig | None = None) -> None:
+        self.out, self.cfg = out, cfg
         self.path = out / "stages.json"
         self.done: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def check_settings(self) -> None:
+        """ConfigError where a finished stage ran with other settings than this run's (stages recorded by a build
+        that kept no settings are taken as they are)."""
+        assert self.cfg is not None
+        changed = []
+        for name, info in self.done.items():
+            before, now = info.get("settings"), stage_settings(self.cfg, self.out, name)
+            if before is None or now is None:
+                continue
+            # a setting only one build has (added or removed since) is not a change of this run's
+            keys = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
+            if not keys:
+                continue
+            shown = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in keys[:3])
+            changed.append(f"{name} ({shown}{f', and {len(keys) - 3} more' if len(keys) > 3 else ''})")
+        if changed:
+            raise ConfigError(
+                f"{self.out} holds finished stages that ran with other settings: {'; '.join(changed)}. A finished "
+                "stage is not run again, so its results would be reported as this run's: use another --out, or "
+                f"remove {self.out} to run every stage with these settings"
+            )
 
     def run(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         if name in self.done:
@@ -116,6 +166,7 @@ class Stages:
             return
         t0, load = time.perf_counter(), _load_average()
         result = fn() or {}
+        settings = None if self.cfg is None else stage_settings(self.cfg, self.out, name)
         self.done[name] = {
             # the stage's own figures, but its time is the timer's: a stage that times part of its work (generate
             # its sampling) does not replace the whole stage's
@@ -124,6 +175,7 @@ class Stages:
             # the load average at its start and end, beside the CPU count: the time is the machine's alone only
             # where the load stayed near what this run itself puts on it
             **({"load": [load, _load_average()], "cpus": os.cpu_count()} if load is not None else {}),
+            **({"settings": settings} if settings is not None else {}),
         }
         write_json(self.path, self.done)
 
@@ -686,8 +738,9 @@ def run(
     from rlhf.stages import generate, pretrain, sft
 
     cfg = demo_config(out, fast, config, overrides or [])
+    stages = Stages(out, cfg)
+    stages.check_settings()
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
 
     def data() -> dict[str, Any]:
         # the data section's fields are generate's arguments, by name

@@ -224,3 +224,40 @@ def test_the_evaluation_counts_its_prompts_that_training_saw_and_the_report_says
     html = comparison_table(summary, dict(summary, prompt_overlap=None))
     assert "3 evaluation prompts (2 distinct)" in html and "2 of the 3 are among PPO's prompts" in html
     assert "held-out" not in html and "2 of the evaluation prompts recur too" in html
+
+
+def test_a_finished_stage_run_with_other_settings_is_refused_not_reported_as_this_runs(
+    tmp_path: Path,
+) -> None:
+    """`rlhf demo --out RUN --set sft.lr=...` on a finished run skipped every stage and reported the earlier
+    settings' results as its own (and `rlhf demo` over a `--fast` run, the fast demo's)."""
+    from rlhf.errors import ConfigError
+
+    out = tmp_path / "run"
+    cfg = demo.demo_config(out, fast=True, config=None, overrides=[])
+    stages = demo.Stages(out, cfg)
+    out.mkdir()
+    for name in ("data", "sft", "report"):
+        stages.run(name, dict)
+    demo.Stages(out, cfg).check_settings()  # the same settings: nothing to say
+    changed = demo.demo_config(out, fast=True, config=None, overrides=["sft.lr=0.01"])
+    with pytest.raises(ConfigError, match=r"sft \(sft.lr 0.001 -> 0.01\)") as e:
+        demo.Stages(out, changed).check_settings()
+    assert "data (" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"data \(data.n_eval_prompts 100 -> 500"):
+        demo.Stages(out, demo.demo_config(out, fast=False, config=None, overrides=[])).check_settings()
+    # a stage not yet run takes the new settings; a moved run directory is the same run
+    demo.Stages(out, demo.demo_config(out, fast=True, config=None, overrides=["ppo.lr=0.5"])).check_settings()
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    demo.Stages(moved, demo.demo_config(moved, fast=True, config=None, overrides=[])).check_settings()
+    # a setting the earlier build did not have is no change
+    record = json.loads((moved / "stages.json").read_text())
+    del record["sft"]["settings"]["sft.lr"]
+    (moved / "stages.json").write_text(json.dumps(record))
+    changed = demo.demo_config(moved, fast=True, config=None, overrides=["sft.lr=0.01"])
+    demo.Stages(moved, changed).check_settings()
+    # stages recorded by a build that kept no settings are taken as they are
+    record = json.loads((moved / "stages.json").read_text())
+    (moved / "stages.json").write_text(json.dumps({k: {"seconds": v["seconds"]} for k, v in record.items()}))
+    demo.Stages(moved, changed).check_settings()
