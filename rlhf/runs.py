@@ -227,8 +227,8 @@ class Run:
         """Restore optimiser, scheduler and RNG from `checkpoint`, drop metrics logged after it; returns its step.
         `load_optimizer(state)`, if given, restores the optimiser instead (a sharded one: rlhf.train.sharding)."""
         state = self.load_state(checkpoint)
-        (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        restore_schedule(optimizer, scheduler, load_optimizer or optimizer.load_state_dict, state["optimizer"],
+                         state["scheduler"])  # fmt: skip
         set_rng_state(state["rng"])
         self.truncate_metrics(state["step"])
         log.info("%s: resumed from %s (step %d)", self.dir, checkpoint, state["step"])
@@ -237,6 +237,30 @@ class Run:
     @staticmethod
     def load_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore_schedule(
+    optimizer: Any,
+    scheduler: Any,
+    load_optimizer: Any,
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+) -> None:
+    """An optimiser and its learning-rate schedule (a LambdaLR) from a checkpoint, at this run's peak learning
+    rate: the checkpoint holds the rate the run started with (the schedule's base rates, each group's
+    `initial_lr`), so a run resumed with another lr, which resuming allows and logs, kept training at the old one
+    while its config.yaml named the new. The schedule's shape (warm-up, decay over the steps) is this run's
+    config's either way."""
+    configured = [group["initial_lr"] for group in optimizer.param_groups]
+    load_optimizer(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    if list(scheduler.base_lrs) == configured:
+        return
+    scheduler.base_lrs = configured
+    for group, base, factor in zip(optimizer.param_groups, configured, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def abandon_unstarted_runs() -> None:

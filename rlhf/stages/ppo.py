@@ -84,7 +84,7 @@ from rlhf.rl_math import (
     masked_whiten,
     shape_rewards,
 )
-from rlhf.runs import Run, read_metrics, seed_everything, set_rng_state
+from rlhf.runs import Run, read_metrics, restore_schedule, seed_everything, set_rng_state
 from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
@@ -414,11 +414,13 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     guard, start = Guard(), 0
     if checkpoint is not None:
         state = Run.load_state(checkpoint)
-        sharding.load_optimizer_state(policy, policy_opt, state["policy_optimizer"], is_sharded)
-        policy_sched.load_state_dict(state["policy_scheduler"])
+        restore_schedule(policy_opt, policy_sched,
+                         lambda s: sharding.load_optimizer_state(policy, policy_opt, s, is_sharded),
+                         state["policy_optimizer"], state["policy_scheduler"])  # fmt: skip
         if critic is not None and critic_opt is not None and critic_sched is not None:
-            sharding.load_optimizer_state(critic, critic_opt, state["critic_optimizer"], is_sharded)
-            critic_sched.load_state_dict(state["critic_scheduler"])
+            restore_schedule(critic_opt, critic_sched,
+                             lambda s: sharding.load_optimizer_state(critic, critic_opt, s, is_sharded),
+                             state["critic_optimizer"], state["critic_scheduler"])  # fmt: skip
         kl_ctl.load_state_dict(state["kl_ctl"])
         guard = Guard(**state["guard"])
         set_rng_state(state["rng"])

@@ -306,3 +306,30 @@ def test_a_tracker_that_fails_to_start_is_one_line(tmp_path: Path) -> None:
         RlhfError, match=r"^log_with \['mlflow'\]: the tracker did not start \(The filesystem .*allowed\)$"
     ):
         Run(tmp_path / "run", SFTConfig(out_dir=str(tmp_path / "run")), accelerator=Refusing())  # type: ignore[arg-type]
+
+
+def test_a_run_resumed_with_another_lr_trains_at_it_from_its_step_on() -> None:
+    """The checkpoint's schedule held the lr the run started with: resumed with --set STAGE.lr=..., the run logged
+    the change and wrote the new lr to its config.yaml, but kept training at the old one."""
+    import torch
+
+    from rlhf.runs import restore_schedule
+
+    def made(lr: float) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=lr)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * (1 - s / 20))
+
+    opt, sched = made(1e-3)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    saved = (opt.state_dict(), sched.state_dict())
+    factor = min(1.0, 7 / 4) * (1 - 6 / 20)
+    for lr in (1e-3, 2e-3):
+        again, again_sched = made(lr)
+        restore_schedule(again, again_sched, again.load_state_dict, *saved)
+        assert again.param_groups[0]["lr"] == pytest.approx(lr * factor)
+        assert again_sched.get_last_lr() == pytest.approx([lr * factor]) and again_sched.last_epoch == 6
+        again.step()
+        again_sched.step()  # and the schedule goes on from there, at this lr
+        assert again.param_groups[0]["lr"] == pytest.approx(lr * (1 - 7 / 20))
