@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel
 
-from rlhf.config import RootConfig, load_config
+from rlhf.config import RootConfig, load_config, text_override
 from rlhf.feedback.cli import app as label_app
 
 
@@ -98,5 +98,5 @@ def stage_config(config: Path | None, sets: list[str] | None, section: str, out:
     # reported at once, not after seconds of imports.
     overrides = list(sets or [])
     if out:
-        overrides.append(f"{section}.out_dir={out}")
+        overrides.append(text_override(f"{section}.out_dir", out))
     return load_config(config, overrides, section)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rlhf.cli.common import ConfigOpt, QuietOpt, SetOpt, app, settings_help, setup_logging
-from rlhf.config import RootConfig, load_config
+from rlhf.config import RootConfig, load_config, text_override
 
 if TYPE_CHECKING:
     from rlhf.feedback.db import Database
@@ -36,7 +36,7 @@ def loop(
     quiet: QuietOpt = False,
 ) -> None:
     """Run the loop's rounds (resumes where a killed run stopped); `status` and `lineage` read its state."""
-    overrides = [*(sets or []), *([f"loop.out_dir={out}"] if out else [])]
+    overrides = [*(sets or []), *([text_override("loop.out_dir", out)] if out else [])]
     overrides += [f"loop.feedback_url={feedback_url}"] if feedback_url else []
     ctx.obj = (config, overrides)
     if ctx.invoked_subcommand is not None:

@@ -22,7 +22,7 @@ from rlhf.cli.common import (
     stage_config,
     summary,
 )
-from rlhf.config import load_config
+from rlhf.config import load_config, text_override
 from rlhf.errors import ConfigError
 
 
@@ -117,7 +117,7 @@ def generate_candidates(
 
     overrides = list(sets or [])
     if out:
-        overrides.append(f"generate.out={out}")
+        overrides.append(text_override("generate.out", out))
     if policy_version:
         overrides.append(f"generate.policy_version={policy_version}")
     cfg = load_config(config, overrides).generate
@@ -253,7 +253,7 @@ def bon(
 
     overrides = [
         *(sets or []),
-        *([f"bon.out={out}"] if out else []),
+        *([text_override("bon.out", out)] if out else []),
         *([f"bon.n={n}"] if n is not None else []),
     ]
     cfg = load_config(config, overrides).bon

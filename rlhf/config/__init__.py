@@ -11,7 +11,14 @@ and reads and writes it. Import them from here: `from rlhf.config import PPOConf
 
 from rlhf.config.base import ArchConfig, DataConfig, LoraSettings, Precision, Section, Tracker, TrainConfig
 from rlhf.config.generation import BonConfig, EvalConfig, GenerateConfig, PanelConfig
-from rlhf.config.loading import RootConfig, apply_overrides, dump_config, load_config, parse_override
+from rlhf.config.loading import (
+    RootConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    parse_override,
+    text_override,
+)
 from rlhf.config.loop import LoopConfig
 from rlhf.config.ppo import PPOConfig
 from rlhf.config.preference import (
@@ -50,4 +57,5 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_override",
+    "text_override",
 ]

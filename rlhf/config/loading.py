@@ -5,8 +5,11 @@ written back as YAML."""
 from __future__ import annotations
 
 import difflib
+import json
+import typing
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -59,13 +62,20 @@ class RootConfig(Section):
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`sft.lr=3e-4` -> (["sft", "lr"], 0.0003); the value is parsed as YAML, but for text that YAML would read
     as a mapping without braces (`Better:`, `Rule: be honest`, a judge's template): that stays the text it is,
-    and a mapping is written `{a: 1}`."""
+    and a mapping is written `{a: 1}`. A setting that is text (a path, a model name) takes an unquoted value as
+    written (`--set sft.model=2024`, `--set sft.train_file=data/a #1.jsonl`), or `null` where it may be unset;
+    a quoted one is YAML's string."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.lr=3e-4")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {item!r}: malformed key {key!r}")
+    text = _text_setting(parts)
+    if text is not None and not raw.lstrip().startswith(("'", '"')):
+        if text and raw.strip() in ("null", "~", "Null", "NULL"):
+            return parts, None
+        return parts, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -73,6 +83,34 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
         value = raw
     return parts, value
+
+
+def text_override(key: str, value: str | Path) -> str:
+    """A `--set` item giving the text setting `key` exactly this value (a run directory, a path), whatever YAML
+    would make of it: quoted, as JSON's strings are YAML's."""
+    return f"{key}={json.dumps(str(value), ensure_ascii=False)}"
+
+
+def _text_setting(parts: list[str]) -> bool | None:
+    """For the dotted setting `parts` of RootConfig: None unless it is text alone (str, or str or None), else
+    whether it may be None."""
+    model: type[BaseModel] = RootConfig
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    field = model.model_fields.get(parts[-1])
+    if field is None:
+        return None
+    kinds = set(typing.get_args(field.annotation)) if typing.get_origin(field.annotation) in (Union, UnionType) \
+        else {field.annotation}  # fmt: skip
+    if kinds == {str}:
+        return False
+    if kinds == {str, type(None)}:
+        return True
+    return None
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -134,6 +172,15 @@ def stages_with(keys: set[str]) -> list[str]:
             and keys <= set(field.annotation.model_fields)]  # fmt: skip
 
 
+def _mostly_of(section: str, keys: set[str]) -> bool:
+    """Whether settings `keys` are mostly (four in five) `section`'s: a stage's config.yaml with a key mistyped."""
+    field = RootConfig.model_fields.get(section)
+    annotation = field.annotation if field is not None else None
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return False
+    return len(keys & set(annotation.model_fields)) >= 0.8 * len(keys)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None
 ) -> RootConfig:
@@ -151,7 +198,8 @@ def load_config(
         tree = loaded or {}
         if tree and not set(tree) & set(RootConfig.model_fields):
             stages = stages_with(set(tree))
-            if section in stages:
+            if section in stages or (section is not None and _mostly_of(section, set(tree))):
+                # a run's own config.yaml, with any key it does not know reported as that section's
                 tree = {section: tree}
             elif stages:
                 raise ConfigError(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import RootConfig, load_config
+from rlhf.config import RootConfig, load_config, text_override
 from rlhf.data.jsonl import write_json
 from rlhf.errors import ConfigError
 
@@ -64,25 +64,25 @@ def demo_config(out: Path, fast: bool, config: Path | None, overrides: list[str]
     """The demo's config with every path pointed into the run directory."""
     data = out / "data"
     paths = [
-        f"pretrain.out_dir={out / 'pretrain'}",
-        f"pretrain.train_file={data / 'pretrain.txt'}",
-        f"sft.out_dir={out / 'sft'}",
-        f"sft.model={out / 'pretrain' / 'final'}",
-        f"sft.train_file={data / 'sft.jsonl'}",
-        f"generate.model={out / 'sft' / 'final'}",
-        f"generate.prompts_file={data / 'rl_prompts.jsonl'}",
-        f"generate.out={out / 'candidates.jsonl'}",
+        text_override("pretrain.out_dir", out / "pretrain"),
+        text_override("pretrain.train_file", data / "pretrain.txt"),
+        text_override("sft.out_dir", out / "sft"),
+        text_override("sft.model", out / "pretrain" / "final"),
+        text_override("sft.train_file", data / "sft.jsonl"),
+        text_override("generate.model", out / "sft" / "final"),
+        text_override("generate.prompts_file", data / "rl_prompts.jsonl"),
+        text_override("generate.out", out / "candidates.jsonl"),
         "generate.policy_version=sft",
-        f"reward.out_dir={out / 'reward'}",
-        f"reward.model={out / 'sft' / 'final'}",
-        f"reward.train_file={out / 'votes.jsonl'}",
-        f"ppo.out_dir={out / 'ppo'}",
-        f"ppo.policy={out / 'sft' / 'final'}",
-        f"ppo.reward_model={out / 'reward' / 'final'}",
-        f"ppo.prompts_file={data / 'rl_prompts.jsonl'}",
-        f"ppo.eval_prompts_file={data / 'tune_prompts.jsonl'}",
-        f"eval.prompts_file={data / 'eval_prompts.jsonl'}",
-        f"eval.reference={out / 'sft' / 'final'}",
+        text_override("reward.out_dir", out / "reward"),
+        text_override("reward.model", out / "sft" / "final"),
+        text_override("reward.train_file", out / "votes.jsonl"),
+        text_override("ppo.out_dir", out / "ppo"),
+        text_override("ppo.policy", out / "sft" / "final"),
+        text_override("ppo.reward_model", out / "reward" / "final"),
+        text_override("ppo.prompts_file", data / "rl_prompts.jsonl"),
+        text_override("ppo.eval_prompts_file", data / "tune_prompts.jsonl"),
+        text_override("eval.prompts_file", data / "eval_prompts.jsonl"),
+        text_override("eval.reference", out / "sft" / "final"),
     ]
     cfg = load_config(
         config or default_config_path(), [*(FAST_OVERRIDES if fast else []), *overrides, *paths]

@@ -155,3 +155,26 @@ def test_best_of_n_at_temperature_0_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"greedy answer best_of_n times"):
         load_config(None, ["eval.temperature=0", "eval.best_of_n=4", "eval.reward_model=rm"])
     assert load_config(None, ["bon.temperature=0", "bon.n=1"]).bon.n == 1
+
+
+def test_a_path_setting_is_taken_as_written() -> None:
+    """`--out 2024` was a config error (an int), `--out yes` a bool, `--out 'runs/exp #2'` wrote to runs/exp (YAML
+    read ` #2` as a comment), and `--set sft.model=123` was refused: a text setting takes an unquoted value as
+    written, a quoted one as YAML's string, and `null` where it may be unset."""
+    from rlhf.cli.common import stage_config
+
+    for out in ("2024", "2024-01-01", "yes", "null", "runs/exp #2", "'q'", "|", "dir: x"):
+        assert stage_config(None, None, "sft", out).sft.out_dir == out
+    cfg = load_config(None, ["sft.model=123", "sft.train_file=data/a #1.jsonl", "eval.reference=null",
+                             "ppo.policy='quoted'", "sft.lr=1e-3", "eval.judge_model=~"])  # fmt: skip
+    assert (cfg.sft.model, cfg.sft.train_file, cfg.eval.reference) == ("123", "data/a #1.jsonl", None)
+    assert cfg.ppo.policy == "quoted" and cfg.sft.lr == 1e-3 and cfg.eval.judge_model is None
+
+
+def test_a_runs_own_config_with_a_mistyped_key_names_that_key(tmp_path: Path) -> None:
+    """A run's config.yaml with one key mistyped was read as a whole config: every one of its keys unknown."""
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(load_config(None, []).pretrain).replace("\nlr:", "\nlrr:"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [], "pretrain")
+    assert str(e.value) == "config error: pretrain.lrr: unknown key (did you mean lr?)"
