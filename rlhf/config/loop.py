@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf.config.base import Section
 
@@ -78,6 +78,12 @@ class LoopConfig(Section):
         description="how a round trains the policy: ppo = reward model on all votes, then PPO; dpo = online DPO on "
         "the round's votes (the policy's own answers), from and against the current policy, no reward model",
     )
+    extra_projects: list[str] = Field(
+        default_factory=list,
+        description="other projects of the loop's feedback store whose pairwise votes each round's reward model "
+        "also trains on, e.g. [production] (the A/B votes users cast through `rlhf serve` or `rlhf gateway`); "
+        "method ppo only",
+    )
     warm_start: bool = Field(True, description="each round's reward model starts from the previous one")
     kl_budget_step: float | None = Field(
         None, gt=0, description="round r's PPO keeps its policy within r x this KL (nats) of the SFT policy"
@@ -89,3 +95,16 @@ class LoopConfig(Section):
     seed: int = Field(
         0, description="seed of prompt sampling, generation and pair selection (plus the round)"
     )
+
+    @model_validator(mode="after")
+    def _extra_projects_train_a_reward_model(self) -> LoopConfig:
+        if self.name in self.extra_projects or len(set(self.extra_projects)) < len(self.extra_projects):
+            raise ValueError(
+                f"loop.extra_projects: each project once, and not the loop's own ({self.name!r})"
+            )
+        # online DPO trains on the round's own answers, from and against the current policy: production pairs
+        # come from whatever policy was served, and all of them so far would be trained on again every round
+        if self.extra_projects and self.method == "dpo":
+            raise ValueError("loop.extra_projects: their votes train the reward model, and loop.method dpo has "
+                             "none (it trains on the round's own answers); use method ppo")  # fmt: skip
+        return self

@@ -190,8 +190,13 @@ def status_text(session: Session, loop: LoopRun) -> str:
         if r in rms:
             rm = rms[r]
             gold = rm.metrics.get("gold/rm_accuracy")
-            line += f"; {rm.name} on {rm.n_votes} votes" + (
-                f" (gold accuracy {gold:.3f})" if gold is not None else ""
+            # votes of loop.extra_projects (production A/B votes), counted per project in the metrics
+            extra = [f"{n} of project {k.removeprefix('votes/')}" for k, n in rm.metrics.items()
+                     if k.startswith("votes/") and k != f"votes/{loop.name}"]  # fmt: skip
+            line += (
+                f"; {rm.name} on {rm.n_votes} votes"
+                + (f" ({', '.join(extra)})" if extra else "")
+                + (f" (gold accuracy {gold:.3f})" if gold is not None else "")
             )
         if r in versions:
             p = versions[r]

@@ -11,7 +11,7 @@ feedback id under the store's secret, which the vote must bring back. The vote i
 completion request named (its `user` field), stored as user "prod.<user>" ("prod.anonymous" without one)
 so they never mix with labelers, and created only when a vote of theirs is accepted. New votes are rate
 limited per client address and per end user, so a client cannot sidestep the limit by renaming its user.
-The loop exports the project like any other: `export_records(session, "production", ...)`.
+`rlhf loop` trains its reward model on the project's votes with `loop.extra_projects: [production]`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ same transaction as what it produced, and a restarted loop skips the finished on
                 import of the same round create nothing
   3. votes      the simulated panel votes through the labeling API (as people do in the web app); wait until
                 `min_votes` of this round's tasks are answered, or the timeout
-  4. reward     retrain the reward model on all votes so far, warm-started from the previous one
+  4. reward     retrain the reward model on all votes so far (with those of loop.extra_projects, such as
+                the production A/B votes of `rlhf serve`), warm-started from the previous one
   5. ppo        PPO from the current policy against the new reward model, KL to the fixed SFT reference
      (or, with loop.method = dpo, phases 4-5 are one phase "dpo": online DPO of the current policy on this
      round's votes, with itself as the reference, and no reward model: the loop's cheaper variant)
@@ -27,6 +28,7 @@ candidates-VERSION.jsonl, candidates.jsonl, votes.jsonl, reward/, ppo/, eval.jso
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import itertools
@@ -35,7 +37,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -48,7 +50,7 @@ from rlhf.config import PPOConfig, RootConfig
 from rlhf.data.jsonl import iter_jsonl, write_json, write_jsonl
 from rlhf.data.preference_io import record_from_json
 from rlhf.data.preferences import to_groups
-from rlhf.errors import RlhfError
+from rlhf.errors import ConfigError, RlhfError
 from rlhf.feedback.db import Database, open_database
 from rlhf.feedback.loop_state import (
     UNCHANGED,
@@ -332,17 +334,21 @@ def settled_before(undo_window_s: float) -> datetime:
 
 
 def round_votes(
-    db: Database, loop: LoopRun, rdir: Path, undo_window_s: float, only_round: int | None = None
-) -> list[dict[str, Any]]:
+    db: Database, loop: LoopRun, rdir: Path, undo_window_s: float, only_round: int | None = None,
+    extra_projects: Sequence[str] = (),
+) -> list[dict[str, Any]]:  # fmt: skip
     """The live votes so far (of `only_round`'s tasks only, if given) that can no longer be undone (see
-    `settled`), exported to round-N/votes.jsonl once: a resumed round trains on that file again, not on votes
-    people cast since, which its checkpoints never saw. A vote still in its undo window waits for the next
-    round's export, so no vote its labeler takes back is trained on."""
+    `settled`), the loop's own and then those of `extra_projects` (loop.extra_projects: production A/B votes),
+    each marked with its project in meta, exported to round-N/votes.jsonl once: a resumed round trains on that
+    file again, not on votes people cast since, which its checkpoints never saw. A vote still in its undo
+    window waits for the next round's export, so no vote its labeler takes back is trained on."""
     from rlhf.feedback.export import export_records
 
     path = rdir / "votes.jsonl"
     if path.exists():
-        return [row for _, row in iter_jsonl(path)]
+        records = [row for _, row in iter_jsonl(path)]
+        log_vote_counts(rdir, loop, records)
+        return records
     before = settled_before(undo_window_s)
 
     def wanted(meta: dict[str, Any]) -> bool:
@@ -351,8 +357,12 @@ def round_votes(
             meta["source"] == "simulated" or datetime.fromisoformat(meta["created_at"]) <= before
         )
 
+    records = []
     with db.session() as session:
-        records = [r for r in export_records(session, loop.name, "votes") if wanted(r["meta"])]
+        for project in (loop.name, *extra_projects):
+            exported = [r for r in export_records(session, project, "votes") if wanted(r["meta"])]
+            records.extend({**r, "meta": {**r["meta"], "project": project}} for r in exported)
+    log_vote_counts(rdir, loop, records)
     if not any(g.pairs for g in to_groups(record_from_json(r) for r in records)):
         # not written: a file without a comparison would stop this round's training at every later start
         raise RlhfError(f"loop: {rdir.name}: none of the {len(records)} votes that can no longer "
@@ -362,14 +372,27 @@ def round_votes(
     return records
 
 
+def votes_by_project(loop: LoopRun, records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of `records` each project gave (a votes file written before records named theirs: the loop's)."""
+    counts = collections.Counter(str(r["meta"].get("project", loop.name)) for r in records)
+    return {loop.name: counts.pop(loop.name, 0), **counts}
+
+
+def log_vote_counts(rdir: Path, loop: LoopRun, records: list[dict[str, Any]]) -> None:
+    counts = votes_by_project(loop, records)
+    log.info("loop: %s: %d votes to train on (%s)", rdir.name, len(records),
+             ", ".join(f"{n} of project {p}" for p, n in counts.items()))  # fmt: skip
+
+
 def train_reward(
     cfg: RootConfig, db: Database, loop: LoopRun, round_: int, rdir: Path, parent: RewardModelVersion | None,
     quiet: bool,
 ) -> RewardModelVersion:  # fmt: skip
-    """Every vote so far -> a reward model, warm-started from the previous round's."""
+    """Every vote so far (the loop's, and loop.extra_projects') -> a reward model, warm-started from the previous
+    round's; its metrics count the votes of each project (`votes/PROJECT`)."""
     from rlhf.stages import reward
 
-    records = round_votes(db, loop, rdir, cfg.loop.undo_window_s)
+    records = round_votes(db, loop, rdir, cfg.loop.undo_window_s, extra_projects=cfg.loop.extra_projects)
     warm = parent.path if parent is not None and cfg.loop.warm_start else None
     rm_cfg = cfg.reward.model_copy(update={
         "out_dir": str(rdir / "reward"), "model": cfg.loop.sft_policy, "train_file": str(rdir / "votes.jsonl"),
@@ -377,6 +400,7 @@ def train_reward(
     })  # fmt: skip
     result = reward.run(rm_cfg, resume=True, quiet=quiet)
     metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    metrics |= {f"votes/{project}": n for project, n in votes_by_project(loop, records).items()}
     if cfg.reward.gold_eval:
         from rlhf.eval.reward_eval import add_gold_eval
 
@@ -505,6 +529,16 @@ def log_changed_settings(loop: LoopRun, settings: dict[str, Any]) -> None:
                     loop.name, "; ".join(changed))  # fmt: skip
 
 
+def check_extra_projects(session: Session, cfg: RootConfig) -> None:
+    """Refuse a project in loop.extra_projects that the store does not hold (a misspelt name, or the model
+    server not yet started on this store), before round 1 rather than at its reward phase."""
+    held = set(session.scalars(select(Project.name)))
+    missing = [p for p in cfg.loop.extra_projects if p not in held]
+    if missing:
+        raise ConfigError(f"loop.extra_projects: the feedback store holds no project {', '.join(map(repr, missing))} "
+                          f"(it holds {', '.join(sorted(held)) or 'none'})")  # fmt: skip
+
+
 def start_loop(session: Session, cfg: RootConfig) -> LoopRun:
     """The loop run of this name (created with the config the first time), with the SFT policy as round 0; a
     loop started again with other settings logs which (they apply to the phases still to run)."""
@@ -556,6 +590,7 @@ def _rounds(cfg: RootConfig, quiet: bool) -> list[PolicyVersion]:
     try:
         pool_digest = prompts_digest(pool)
         with db.session() as session:
+            check_extra_projects(session, cfg)
             loop = start_loop(session, cfg)
             check_same_pool(session, loop, pool_digest, lc.prompts_file)
         for round_ in range(1, lc.rounds + 1):

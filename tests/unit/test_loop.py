@@ -4,7 +4,9 @@ a wrong SFT path fails before the store records it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -452,3 +454,113 @@ def test_the_panel_on_prompts_of_another_world_is_warned_of(
             quiet=True,
         )
     assert "the simulated panel votes by the demo world's gold utility" in caplog.text
+
+
+def production_votes(url: str) -> None:
+    """Two A/B pairs of the model server's production project with their users' votes: a completion prompt
+    (the plain `rlhf serve` kind) and a chat through `rlhf gateway` (its conversation in meta)."""
+    from rlhf.feedback.export import PROMPT_MESSAGES
+    from rlhf.serve import feedback as ab
+
+    store = ab.FeedbackStore(url, "production", 60)
+    try:
+        plain = (ab.Answer(" Paris.", "r1@abc", {}), ab.Answer(" Lyon.", "r1@abc", {}))
+        assert ab.save_ab_pair(store, "ab-1", "User: Capital of France?\nAssistant:", plain, {})
+        chat = (ab.Answer("Hello there.", "r1@abc", {}), ab.Answer("Go away.", "r1@abc", {}))
+        messages = [{"role": "user", "content": "Hello!"}]
+        assert ab.save_ab_pair(store, "ab-2", "user: Hello!", chat, {PROMPT_MESSAGES: messages})
+        ab.record_ab_vote(store, "ab-1", store.token("ab-1"), "A", "vote-key-1")
+        ab.record_ab_vote(store, "ab-2", store.token("ab-2"), "A", "vote-key-2")
+    finally:
+        store.close()
+
+
+def test_production_votes_train_each_rounds_reward_model_with_loop_extra_projects(
+    tmp_path: Path, tiny_sft_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/serving.md called production A/B votes what the loop's next round trains on, while the reward phase
+    exported the loop's own project alone and no setting added another."""
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.loop_state import finish_phase, status_text
+    from rlhf.feedback.testing import make_user, run_server
+    from rlhf.models.loading import load_tokenizer
+    from rlhf.stages import reward
+    from rlhf.stages.reward import read_groups
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    token = make_user(url, "ann")
+    production_votes(url)
+    db = Database(url)
+    read: dict[str, list[str]] = {}
+
+    def fake_reward_run(rm_cfg: Any, resume: bool, quiet: bool) -> dict[str, Any]:
+        groups = read_groups(rm_cfg.train_file, rm_cfg, load_tokenizer(str(tiny_sft_model)))
+        read[rm_cfg.out_dir] = [g.prompt for g in groups]
+        return {"rm/accuracy": 1.0}
+
+    monkeypatch.setattr(reward, "run", fake_reward_run)
+    settings = ["loop.name=l", "loop.undo_window_s=0", "reward.gold_eval=false"]
+    try:
+        loop_run = round_one_loop(db, round_one_rows(3))
+        with run_server(url) as base, FeedbackClient(base, token) as client:
+            client.vote(client.next_task("l")["id"], choice="A")
+        with_production = load_config(None, [*settings, "loop.extra_projects=[production]"])
+        rm = loop.train_reward(with_production, db, loop_run, 1, tmp_path / "on", None, quiet=True)
+        alone = loop.train_reward(
+            load_config(None, settings), db, loop_run, 1, tmp_path / "off", None, quiet=True
+        )
+        # a resumed round reads its file again: the same votes, counted the same way
+        again = loop.train_reward(with_production, db, loop_run, 1, tmp_path / "on", None, quiet=True)
+        with db.session() as session:
+            finish_phase(session, loop_run, 1, "reward", {}, [rm])
+            status = status_text(session, loop_run)
+    finally:
+        db.dispose()
+    exported = [json.loads(line) for line in (tmp_path / "on" / "votes.jsonl").read_text().splitlines()]
+    assert [(r["meta"]["project"], r["meta"]["source"]) for r in exported] == [
+        ("l", "api"), ("production", "production"), ("production", "production")]  # fmt: skip
+    assert (rm.n_votes, rm.metrics["votes/l"], rm.metrics["votes/production"]) == (3, 1, 2)
+    assert len(rm.vote_ids) == 3 and again.metrics == rm.metrics and again.vote_ids == rm.vote_ids
+    assert (alone.n_votes, alone.metrics["votes/l"], "votes/production" in alone.metrics) == (1, 1, False)
+    assert "; rm-r1 on 3 votes (2 of project production)" in status
+    # the gateway's chat reaches the reward model through the chat template, as the policy saw it
+    assert read[str(tmp_path / "on" / "reward")] == [
+        "q0", "User: Capital of France?\nAssistant:", "User: Hello!\nAssistant:"]  # fmt: skip
+    assert read[str(tmp_path / "off" / "reward")] == ["q0"]
+
+
+def test_a_project_of_loop_extra_projects_the_store_lacks_is_one_line_before_round_one(
+    tmp_path: Path,
+) -> None:
+    production_votes(f"sqlite:///{tmp_path / 'feedback.db'}")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "User: Hi!\\nAssistant:"}\n')
+    cfg = load_config(None, ["loop.name=l", f"loop.sft_policy={tmp_path}", f"loop.prompts_file={prompts}",
+                             "loop.panel=false", "loop.extra_projects=[production, prodution]",
+                             f"loop.db=sqlite:///{tmp_path / 'feedback.db'}", f"loop.out_dir={tmp_path / 'out'}"])  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^loop.extra_projects: the feedback store holds no project 'prodution' \(it holds production\)$",
+    ):
+        loop.run(cfg, quiet=True)
+    db = Database(loop.db_url(cfg))
+    try:
+        with db.session() as session:
+            assert session.scalar(select(func.count(LoopRun.id))) == 0
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["loop.extra_projects=[production]", "loop.method=dpo"], "loop.method dpo has none"),
+        (["loop.name=l", "loop.extra_projects=[l]"], "not the loop's own \\('l'\\)"),
+        (["loop.extra_projects=[production, production]"], "each project once"),
+    ],
+)
+def test_loop_extra_projects_train_a_reward_model_of_other_projects(
+    settings: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, settings)
