@@ -26,6 +26,7 @@ import fcntl
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -194,13 +195,25 @@ class Run:
         """On resume: drop rows logged after the checkpoint, so the file reads as one uninterrupted run."""
         if not self.is_main or not self.metrics_path.exists():
             return
-        rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r).get("step", 0) <= after_step]
+        kept = [
+            json.dumps(row) for row in read_metrics(self.metrics_path) if row.get("step", 0) <= after_step
+        ]
         atomic_write_text(self.metrics_path, "".join(r + "\n" for r in kept))
 
     def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint that can be read; a newer one that cannot (a file cut short or damaged on
+        disk) is passed over with a warning, so the run resumes from the one before it."""
         found = sorted(p for p in self.checkpoints.glob("step-*") if (p / STATE_FILE).exists())
-        return found[-1] if found else None
+        for checkpoint in reversed(found):
+            damage = unreadable(checkpoint)
+            if damage is None:
+                return checkpoint
+            log.warning("%s cannot be read (%s): passed over, the run resumes from an earlier checkpoint",
+                        checkpoint, damage)  # fmt: skip
+        if found:
+            raise RlhfError(f"{self.checkpoints}: no checkpoint can be read ({unreadable(found[-1])}): start "
+                            "again without --resume")  # fmt: skip
+        return None
 
     def save_checkpoint(
         self, step: int, save_files: Any, state: dict[str, Any], keep: int = 2
@@ -236,7 +249,11 @@ class Run:
 
     @staticmethod
     def load_state(checkpoint: Path) -> dict[str, Any]:
-        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # damaged inside its data
+            raise RlhfError(f"{checkpoint / STATE_FILE}: cannot be read ({str(e).splitlines()[0]}): remove "
+                            f"{checkpoint} to resume from the checkpoint before it") from None  # fmt: skip
 
 
 def restore_schedule(
@@ -439,8 +456,37 @@ def _plain(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All rows of a metrics.jsonl file; a last line cut short (the process killed while appending it) is left
+    out, any other line that is not JSON is an error naming it."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1:
+                log.warning("%s: line %d was cut short (%s): left out", path, i, e.msg)
+                continue
+            raise RlhfError(f"{path}:{i}: not a metrics row ({e.msg})") from None
+    return rows
+
+
+def unreadable(checkpoint: Path) -> str | None:
+    """Why a checkpoint's files cannot be read (its trainer state, an archive whose index is gone; a safetensors
+    file whose header or size is wrong), or None. Only what opening reads: a file damaged inside its data is
+    found when it is loaded."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        zipfile.ZipFile(checkpoint / STATE_FILE).close()
+        for weights in checkpoint.rglob("*.safetensors"):
+            with safe_open(str(weights), "pt"):
+                pass
+    except (OSError, zipfile.BadZipFile, SafetensorError) as e:
+        return f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
 
 
 def metrics_at(path: str | Path, step: int) -> dict[str, Any]:

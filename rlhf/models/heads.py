@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -42,7 +43,7 @@ def build_scalar_model(
     hf_logging.set_verbosity_error()  # its load report lists the new head as missing: expected, not news
     try:
         model = AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=1, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise RlhfError(f"cannot build a reward model from {init_from!r}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -87,7 +88,11 @@ def load_scalar_model(
     was EOS, as in checkpoints saved by other tools)."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (
+        OSError,
+        ValueError,
+        SafetensorError,
+    ) as e:  # SafetensorError: a weights file cut short or damaged
         raise RlhfError(f"cannot load reward model from {path!r}: {str(e).splitlines()[0]}") from None
     return fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else model
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -37,6 +38,7 @@ def describe_source(name_or_path: str) -> str:
     """How a model or tokenizer source is named in errors; a path that does not exist is an error of its own
     (a hub id is `name` or `org/name`: anything with more slashes, or starting with / . ~, or whose first part
     is a local folder, as `runs/sft` beside a `runs/` folder, is a path)."""
+    restore_replaced(Path(name_or_path).expanduser())
     if Path(name_or_path).expanduser().exists():
         return f"local directory {name_or_path!r}"
     first = name_or_path.split("/", 1)[0]
@@ -58,7 +60,8 @@ def load_tokenizer(name_or_path: str, add_pad_token: bool = True) -> PreTrainedT
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise RlhfError(f"cannot load tokenizer from {where}: {str(e).splitlines()[0]}") from None
+        # its message in one line, whole: the first line of some ends on a colon, before what is missing
+        raise RlhfError(f"cannot load tokenizer from {where}: {' '.join(str(e).split())}") from None
     return prepare_tokenizer(tokenizer, add_pad_token)
 
 
@@ -86,7 +89,11 @@ def load_causal_lm(
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (
+        OSError,
+        ValueError,
+        SafetensorError,
+    ) as e:  # SafetensorError: a weights file cut short or damaged
         raise RlhfError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from None
     return fit_model_to_tokenizer(model, tokenizer) if tokenizer is not None else model
 
@@ -195,8 +202,20 @@ def save_pretrained_atomic(
     return path
 
 
+def restore_replaced(path: Path) -> None:
+    """Put back the directory `replace_dir` had moved aside when the process stopped between its two renames
+    (`path` gone, `.NAME.old` beside it), so that what was there is read rather than reported missing."""
+    old = path.with_name(f".{path.name}.old")
+    if path.name and not path.exists() and old.is_dir():
+        old.rename(path)
+        log.warning(
+            "%s: put back from %s, left there by a process that stopped while replacing it", path, old.name
+        )
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory `src` to `dst`, replacing what was there with two renames."""
+    """Move the finished directory `src` to `dst`, replacing what was there with two renames (a process stopped
+    between them leaves `dst` at `.NAME.old`, which `restore_replaced` puts back)."""
     old = dst.with_name(f".{dst.name}.old")
     if old.exists():
         shutil.rmtree(old)

@@ -178,3 +178,34 @@ def test_a_folder_of_lora_adapters_is_one_line_naming_what_to_load(tmp_path: Pat
         RlhfError, match=r"policy holds LoRA adapters, not a whole model: point at the run's final/"
     ):
         load_causal_lm(str(tmp_path / "policy"))
+
+
+def test_damaged_weights_and_a_tokenizer_without_its_vocabulary_are_one_line(
+    tmp_path: Path, tiny_sft_model: Path, tiny_reward_model: Path
+) -> None:
+    """A model.safetensors cut short was a SafetensorError traceback; a folder with tokenizer_config.json but no
+    tokenizer.json gave HF's message cut at its first line ("... from one of: "), naming nothing."""
+    for source, load in ((tiny_sft_model, load_causal_lm), (tiny_reward_model, load_reward_model)):
+        cut = tmp_path / f"cut-{source.name}"
+        shutil.copytree(source, cut)
+        (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
+        with pytest.raises(RlhfError, match=r"^cannot load (reward )?model from .*cut-") as e:
+            load(str(cut))
+        assert "\n" not in str(e.value)
+    no_vocab = tmp_path / "no-vocab"
+    shutil.copytree(tiny_sft_model, no_vocab)
+    (no_vocab / "tokenizer.json").unlink()
+    with pytest.raises(RlhfError) as e:
+        load_tokenizer(str(no_vocab))
+    assert "\n" not in str(e.value) and not str(e.value).rstrip().endswith(":")
+
+
+def test_a_model_folder_left_aside_by_an_interrupted_replace_is_put_back(
+    tmp_path: Path, tiny_sft_model: Path
+) -> None:
+    """A process stopped between replace_dir's two renames left final/ at .final.old: it read as missing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tiny_sft_model, run / ".final.old")
+    assert load_causal_lm(str(run / "final")).config.model_type == "llama"
+    assert (run / "final").is_dir() and not (run / ".final.old").exists()

@@ -333,3 +333,52 @@ def test_a_run_resumed_with_another_lr_trains_at_it_from_its_step_on() -> None:
         again.step()
         again_sched.step()  # and the schedule goes on from there, at this lr
         assert again.param_groups[0]["lr"] == pytest.approx(lr * (1 - 7 / 20))
+
+
+def test_a_damaged_checkpoint_is_passed_over_and_a_damaged_file_is_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint whose trainer state or weights were cut short stopped --resume with a traceback
+    (PytorchStreamReader, SafetensorError) instead of resuming from the checkpoint before it."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    cfg = SFTConfig(out_dir=str(out))
+    run = Run(out, cfg)
+    for step in (1, 2, 3):
+        run.save_checkpoint(step, lambda d: save_file({"w": torch.ones(64)}, str(d / "model.safetensors")),
+                            {"optimizer": {"x": torch.ones(256)}})  # fmt: skip
+    ckpt = out / "checkpoints"
+    assert run.latest_checkpoint() == ckpt / "step-0000003"
+    state = (ckpt / "step-0000003" / "trainer_state.pt").read_bytes()
+    (ckpt / "step-0000003" / "trainer_state.pt").write_bytes(state[:100])
+    with caplog.at_level(logging.WARNING, logger="rlhf.runs"):
+        assert run.latest_checkpoint() == ckpt / "step-0000002"
+    assert "step-0000003 cannot be read" in caplog.text
+    weights = ckpt / "step-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # its data shorter than its header says
+    with pytest.raises(RlhfError, match="no checkpoint can be read"):
+        run.latest_checkpoint()
+    # damaged inside its data, past what opening reads: loading it is one line naming it
+    broken = bytearray(state)
+    broken[len(broken) // 2 : len(broken) // 2 + 64] = b"\0" * 64
+    (ckpt / "step-0000003" / "trainer_state.pt").write_bytes(bytes(broken))
+    with pytest.raises(RlhfError, match=r"trainer_state.pt: cannot be read .*remove .*step-0000003"):
+        Run.load_state(ckpt / "step-0000003")
+
+
+def test_a_metrics_line_cut_short_is_left_out_on_resume(tmp_path: Path) -> None:
+    """A run killed while appending a metrics row left a torn last line: --resume stopped on a JSONDecodeError."""
+    out = tmp_path / "run"
+    run = Run(out, SFTConfig(out_dir=str(out)))
+    for step in (1, 2, 3):
+        run.log(step, {"loss": 1.0})
+    with run.metrics_path.open("a") as f:
+        f.write('{"step": 4, "sft/lo')
+    assert [r["step"] for r in read_metrics(run.metrics_path)] == [1, 2, 3]
+    run.truncate_metrics(2)
+    assert [r["step"] for r in read_metrics(run.metrics_path)] == [1, 2]
+    run.metrics_path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(RlhfError, match=r"metrics.jsonl:2: not a metrics row"):
+        read_metrics(run.metrics_path)
