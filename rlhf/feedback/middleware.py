@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhf.feedback.deps import LoginRequired
 from rlhf.feedback.errors import FeedbackError, InvalidInput, RateLimited
+from rlhf.feedback.schemas import MAX_PROJECT_BYTES, MAX_VOTE_BYTES
 from rlhf.feedback.security import SESSION_COOKIE, return_path
 from rlhf.feedback.web import render
 
@@ -54,11 +55,18 @@ async def read_body(receive: Receive, limit: int) -> bytes | Message | int:
     return b"".join(chunks)
 
 
+# Paths whose bodies carry long texts: a vote (its better answer and note), as the API and the task page send
+# it; a project's settings (its guidelines), as the API and the admin page send them.
+_VOTE_PATHS = re.compile(r"^(/api/votes|/label/[^/]+/vote)$")
+_PROJECT_PATHS = re.compile(r"^(/api/projects(/[^/]+)?|/admin/projects/[^/]+/settings)$")
+
+
 class BodySizeLimit:
     """Answer 413 when a request body is larger than allowed: by Content-Length up front, or while streaming;
     408 when a part of it does not come within BODY_TIMEOUT_S.
 
-    Import endpoints (paths ending in /import) get `import_bytes`; every other path `max_bytes`.
+    Import endpoints (paths ending in /import) get `import_bytes`; votes and project settings at least what
+    their longest texts take (MAX_VOTE_BYTES, MAX_PROJECT_BYTES); every other path `max_bytes`.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, import_bytes: int) -> None:
@@ -66,11 +74,21 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
         self.import_bytes = import_bytes
 
+    def limit(self, path: str) -> int:
+        """The largest body taken on `path`."""
+        if path.endswith("/import"):
+            return self.import_bytes
+        if _VOTE_PATHS.match(path):
+            return max(self.max_bytes, MAX_VOTE_BYTES)
+        if _PROJECT_PATHS.match(path):
+            return max(self.max_bytes, MAX_PROJECT_BYTES)
+        return self.max_bytes
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.import_bytes if scope["path"].endswith("/import") else self.max_bytes
+        limit = self.limit(scope["path"])
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -268,8 +286,10 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        if wants_page(request):
-            fields = ", ".join(".".join(str(p) for p in e["loc"][1:]) or "the form" for e in exc.errors())
+        if wants_page(request):  # each field named with what is wrong with it (a length: its limit)
+            fields = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'][1:]) or 'the form'}: {e['msg']}" for e in exc.errors()
+            )
             return error_page(request, 422, f"The request is incomplete or malformed ({fields}).")
         return JSONResponse({"detail": validation_details(exc)}, status_code=422)
 

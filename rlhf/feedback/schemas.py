@@ -33,6 +33,15 @@ AxisJudgement = Literal["A", "B", "same"]
 MAX_AXES = 8
 MAX_GUIDELINES_CHARS = 20_000
 
+# The largest body that text within these limits makes: 12 bytes a character at worst (a 4-byte UTF-8
+# character percent-encoded by a form, %F0%9F%98%80, or escaped in JSON as a surrogate pair,
+# \ud83d\ude00), plus room for the other fields. Votes and project settings take bodies this large whatever
+# the general body limit, so a text the pages or the API let a person write is never refused for its size.
+BYTES_PER_CHAR = 12
+OTHER_FIELDS_BYTES = 16 * 1024
+MAX_VOTE_BYTES = BYTES_PER_CHAR * (MAX_TEXT_CHARS + MAX_NOTE_CHARS) + OTHER_FIELDS_BYTES
+MAX_PROJECT_BYTES = BYTES_PER_CHAR * MAX_GUIDELINES_CHARS + OTHER_FIELDS_BYTES
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
 PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"

@@ -254,3 +254,18 @@ def test_phone_width_window(page: Page, server: dict[str, Any], log_in: Any, art
     with page.expect_navigation():
         page.click("#submit")
     assert last_vote(server, "max")["choice"] == ("A" if slots[1] == 0 else "B")
+
+
+def test_login_page_loads_without_errors(page: Page, server: dict[str, Any]) -> None:
+    """No request of the login page fails (the icon browsers ask for included) and nothing is logged as an
+    error in the console."""
+    failed: list[str] = []
+    errors: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{server['url']}/login", wait_until="networkidle")
+    icon = page.get_attribute("link[rel=icon]", "href")
+    assert icon is not None
+    assert page.request.get(f"{server['url']}{icon}").status == 200
+    assert page.request.get(f"{server['url']}/favicon.ico").status == 200
+    assert failed == [] and errors == []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from rlhf.feedback import users
 from rlhf.feedback.db import Database
+from rlhf.feedback.schemas import MAX_GUIDELINES_CHARS, MAX_NOTE_CHARS, MAX_TEXT_CHARS
 
 SCRIPT = "<script>window.__pwned = 1</script>"
 
@@ -299,3 +301,73 @@ def test_a_projects_page_offers_and_takes_only_its_own_vote_and_skip(api, db: Da
         r = browser.post(f"/label/demo/{action}", data={"csrf_token": csrf_of(here), "task_id": other_task})
         assert r.status_code == 404, action
     assert re.search(r'name="task_id" value="(\d+)"', browser.get("/label/other").text).group(1) == other_task
+
+
+def send_json(api, as_: str, method: str, path: str, body: dict) -> object:
+    """`body` as Python's json.dumps writes it (ensure_ascii: every non-ASCII character escaped, an emoji as
+    a surrogate pair of 12 bytes), the largest a client's JSON of these characters gets."""
+    headers = {**api.team[as_], "Content-Type": "application/json"}
+    return api.client.request(method, path, content=json.dumps(body), headers=headers)
+
+
+def test_the_longest_better_answer_and_note_the_page_takes_are_recorded(
+    api, db: Database, make_client
+) -> None:
+    """The task page's text boxes take MAX_TEXT_CHARS and MAX_NOTE_CHARS characters (UTF-16 units, as
+    maxlength counts them); at the default body limit, the form with both full of 3-byte characters (9 bytes
+    each, percent-encoded) is a vote, not a 413 page that loses them; the API takes the same texts as JSON."""
+    api.seed(n_prompts=2)
+    browser = make_client()
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo").text
+    assert f'maxlength="{MAX_TEXT_CHARS}"' in page and f'maxlength="{MAX_NOTE_CHARS}"' in page
+    rewrite, note = "你" * (MAX_TEXT_CHARS - 1) + "\n", "好" * MAX_NOTE_CHARS  # browsers send CRLF line ends
+    form = {**vote_form(page, "A"), "rewrite": rewrite.replace("\n", "\r\n"), "note": note}
+    r = browser.post("/label/demo/vote", data=form, follow_redirects=False)
+    assert r.status_code == 303 and "voted=" in r.headers["location"]
+    (stored,) = browser.get("/api/votes").json()  # by the session cookie
+    assert stored["rewrite"] == rewrite.strip() and stored["note"] == note
+    body = {"task_id": api.next("ann")["id"], "choice": "B", "idempotency_key": "long-json-rewrite"}
+    body |= {"rewrite": "😀" * MAX_TEXT_CHARS, "note": "😀" * MAX_NOTE_CHARS}
+    sent = send_json(api, "ann", "POST", "/api/votes", body)
+    assert sent.status_code == 201 and sent.json()["rewrite"] == "😀" * MAX_TEXT_CHARS
+    # one character more is refused for its length (422), the limit named, not for the body's size
+    body |= {"rewrite": "😀" * (MAX_TEXT_CHARS + 1), "idempotency_key": "long-json-rewrite-2"}
+    refused = send_json(api, "bob", "POST", "/api/votes", body)
+    assert refused.status_code == 422 and f"at most {MAX_TEXT_CHARS} characters" in refused.text
+
+
+def test_too_long_form_fields_name_their_limit(api, db: Database, make_client) -> None:
+    api.seed(n_prompts=1)
+    admin = make_client()
+    log_in(admin, db, "boss", role="admin")
+    page = admin.get("/admin/projects/demo").text
+    assert f'maxlength="{MAX_GUIDELINES_CHARS}"' in page
+    settings = {"csrf_token": csrf_of(page), "overlap": "1", "gold_rate": "0"}
+    too_long = admin.post("/admin/projects/demo/settings", data={**settings, "guidelines": "g" * 20_001})
+    assert too_long.status_code == 422 and f"at most {MAX_GUIDELINES_CHARS}" in too_long.text
+    # as long as the textarea takes, in 3-byte characters and with line breaks (sent as CRLF): taken
+    guidelines = ("规则\n" * (MAX_GUIDELINES_CHARS // 3))[:-1]
+    sent = {**settings, "guidelines": guidelines.replace("\n", "\r\n")}
+    assert admin.post("/admin/projects/demo/settings", data=sent).status_code == 200
+    assert api.get("admin", "/api/projects/demo").json()["guidelines"] == guidelines
+    # the API takes the same guidelines as JSON with every character escaped
+    patched = send_json(
+        api, "admin", "PATCH", "/api/projects/demo", {"guidelines": "规" * MAX_GUIDELINES_CHARS}
+    )
+    assert patched.status_code == 200
+    # the login form's fields, over their limits, say them too
+    login = admin.post("/login", data={"csrf_token": csrf_of(page), "name": "n" * 65, "password": "p" * 257})
+    assert login.status_code == 422
+    assert "name: String should have at most 64 characters" in login.text
+    assert "password: String should have at most 256 characters" in login.text
+
+
+def test_pages_declare_an_icon_that_is_served(make_client) -> None:
+    browser = make_client()
+    login = browser.get("/login").text
+    icon = re.search(r'<link rel="icon" href="([^"]+)" type="image/svg\+xml">', login).group(1)
+    for path in (icon, "/favicon.ico"):  # the declared one, and where browsers look without one
+        r = browser.get(path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+        assert r.text.startswith("<svg")

@@ -11,6 +11,7 @@ from rlhf.feedback import users
 from rlhf.feedback.db import Database
 from rlhf.feedback.errors import Conflict
 from rlhf.feedback.models import ApiToken, User
+from rlhf.feedback.schemas import MAX_VOTE_BYTES
 from rlhf.feedback.security import make_session_cookie, read_session_cookie
 
 
@@ -113,32 +114,37 @@ def test_size_limits(make_client, team) -> None:
         client.post("/api/projects/demo/import", json={"candidates": big}, headers=admin).status_code == 413
     )
     vote = {"task_id": 1, "choice": "A", "idempotency_key": "size-limit-1"}
+    # a vote's body may take its longest texts whatever the general limit: a note too long is a 422, not a 413
     assert (
-        client.post("/api/votes", json={**vote, "note": "x" * 2001}, headers=team["ann"]).status_code == 422
-    )
-    assert (
-        client.post("/api/votes", json={**vote, "note": "x" * 5000}, headers=team["ann"]).status_code == 413
+        client.post("/api/votes", json={**vote, "note": "x" * 5000}, headers=team["ann"]).status_code == 422
     )
     assert client.post("/api/votes", json={**vote, "note": "nul\x00"}, headers=team["ann"]).status_code == 422
+    assert (
+        client.post("/api/votes", content=b" " * (MAX_VOTE_BYTES + 1), headers=team["ann"])
+        .json()["detail"]
+        .startswith(f"request body over the limit of {MAX_VOTE_BYTES} bytes")
+    )
+    user = {"name": "zed", "role": "labeler"}
 
     def chunks():  # no Content-Length: the limit holds while streaming too
         for _ in range(10):
             yield b" " * 1000
 
     streamed = client.post(
-        "/api/votes", content=chunks(), headers={**team["ann"], "Content-Type": "application/json"}
+        "/api/users", content=chunks(), headers={**admin, "Content-Type": "application/json"}
     )
     assert streamed.status_code == 413
+    assert client.post("/api/users", json={**user, "pad": "x" * 5000}, headers=admin).status_code == 413
     assert (
         client.post("/api/votes", json={**vote, "note": "x" * 2000}, headers=team["ann"]).status_code == 201
     )
-    # a form too long for the limit (a long better answer typed on a task page) is a page, not a line of JSON
-    page = client.post("/label/demo/vote", data={"rewrite": "你好" * 1000})
+    # a form too long for the limit is a page, not a line of JSON
+    page = client.post("/label/demo/skip", data={"task_id": "1", "pad": "你好" * 1000})
     assert page.status_code == 413 and "shorten the text" in page.text and "<html" in page.text.lower()
     assert (
-        client.post("/api/votes", content=b" " * 5000, headers=team["ann"])
+        client.post("/api/users", content=b" " * 5000, headers=admin)
         .json()["detail"]
-        .startswith("request body over the limit")
+        .startswith("request body over the limit of 4096 bytes")
     )
 
 

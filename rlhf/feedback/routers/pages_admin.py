@@ -42,6 +42,7 @@ def project_page(request: Request, name: ProjectName, user: PageAdmin, session: 
         "leaderboard": project_leaderboard(session, name),
         "chart": _bars([(d.day, d.votes) for d in stats.votes_per_day[-60:]], peak),
         "formats": FORMATS,
+        "max_guidelines_chars": MAX_GUIDELINES_CHARS,
     }
     return render(request, "admin_project.html", ctx)
 
@@ -84,10 +85,17 @@ def project_settings(
     session: SessionDep,
     overlap: Annotated[int, Form(ge=1, le=100)],
     gold_rate: Annotated[float, Form(ge=0, le=1)],
-    guidelines: Annotated[str | None, Form(max_length=MAX_GUIDELINES_CHARS, pattern=NO_NUL)] = None,
+    guidelines: Annotated[str | None, Form(pattern=NO_NUL)] = None,
     axes: Annotated[str | None, Form(max_length=300, pattern=r"^[a-z_, ]*$")] = None,
 ) -> Response:
     """Overlap, gold rate, guidelines (Markdown) and judgement axes (comma-separated) of a project."""
+    if guidelines is not None:
+        # counted as the page's textarea counts them: a line break is one character (browsers send CRLF)
+        guidelines = guidelines.replace("\r\n", "\n")
+        if len(guidelines) > MAX_GUIDELINES_CHARS:
+            raise InvalidInput(
+                f"guidelines: {len(guidelines)} characters, at most {MAX_GUIDELINES_CHARS} are taken"
+            )
     axis_list = None
     if axes is not None:  # as the API takes them: a name it refuses, or one too many, is said, not dropped
         axis_list = [a for a in (a.strip() for a in axes.split(",")) if a]

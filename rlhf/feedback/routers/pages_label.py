@@ -18,7 +18,7 @@ from rlhf.feedback.deps import CsrfChecked, LimiterDep, PageUser, SessionDep, Se
 from rlhf.feedback.errors import Conflict, InvalidInput, NotFound
 from rlhf.feedback.metrics import VOTES
 from rlhf.feedback.models import Project, Task, Vote
-from rlhf.feedback.schemas import MAX_INT32, PROJECT_PATTERN, VoteIn
+from rlhf.feedback.schemas import MAX_INT32, MAX_NOTE_CHARS, MAX_TEXT_CHARS, PROJECT_PATTERN, VoteIn
 from rlhf.feedback.web import render
 
 router = APIRouter(prefix="/label", include_in_schema=False)
@@ -93,6 +93,8 @@ def task_page(
         display_order=",".join(str(p) for p in view.display_order),
         idempotency_key=f"web-{uuid.uuid4().hex}",
         rating_scale=list(RATING_SCALE),
+        max_rewrite_chars=MAX_TEXT_CHARS,  # the body limit of a vote fits them (schemas.MAX_VOTE_BYTES)
+        max_note_chars=MAX_NOTE_CHARS,
     )
     return render(request, "task.html", ctx)
 
