@@ -95,6 +95,7 @@ class Run:
         """`resume`: the run continues the one in `out_dir` (else an earlier run there is cleared away, see the
         module's docstring); `records`: files or folders of the stage's own to clear with it (caches)."""
         self.dir = Path(out_dir)
+        _refuse_inputs_inside(self.dir, config)
         self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.is_main = is_main
@@ -254,6 +255,25 @@ class Run:
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # damaged inside its data
             raise RlhfError(f"{checkpoint / STATE_FILE}: cannot be read ({str(e).splitlines()[0]}): remove "
                             f"{checkpoint} to resume from the checkpoint before it") from None  # fmt: skip
+
+
+# the settings naming a model a stage reads (FIXED_ON_RESUME names them among others)
+INPUT_MODELS = ("model", "policy", "reference", "reward_model", "critic", "init_from", "tokenizer")
+
+
+def _refuse_inputs_inside(out_dir: Path, config: BaseModel) -> None:
+    """RlhfError where a model the stage reads lies inside the run directory it writes: a new run there clears
+    the checkpoints, and its final/ replaces the model it started from, whose config.yaml then names itself as
+    its start (`rlhf sft --set sft.model=runs/x/final --out runs/x` over a pretraining run)."""
+    out = out_dir.expanduser().resolve()
+    for key in INPUT_MODELS:
+        value = getattr(config, key, None)
+        if not isinstance(value, str) or not value or not Path(value).expanduser().exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        if path == out or out in path.parents:
+            raise RlhfError(f"{key} {value} lies inside this run's directory {out_dir}, whose final/ and checkpoints "
+                            "the run replaces: copy the model elsewhere, or choose another --out")  # fmt: skip
 
 
 def restore_schedule(

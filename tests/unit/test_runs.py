@@ -382,3 +382,18 @@ def test_a_metrics_line_cut_short_is_left_out_on_resume(tmp_path: Path) -> None:
     run.metrics_path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(RlhfError, match=r"metrics.jsonl:2: not a metrics row"):
         read_metrics(run.metrics_path)
+
+
+def test_a_run_refuses_to_start_from_a_model_inside_its_own_directory(tmp_path: Path) -> None:
+    """`rlhf sft --set sft.model=runs/x/final --out runs/x` replaced the pretrained model it started from, and its
+    config.yaml named the SFT model as its own start."""
+    out = tmp_path / "x"
+    (out / "final").mkdir(parents=True)
+    with pytest.raises(RlhfError, match=r"^model .*x/final lies inside this run's directory"):
+        Run(out, SFTConfig(out_dir=str(out), model=str(out / "final")))
+    assert not (out / "config.yaml").exists()
+    elsewhere = tmp_path / "pretrain" / "final"
+    elsewhere.mkdir(parents=True)
+    Run(out, SFTConfig(out_dir=str(out), model=str(elsewhere)))  # beside it is fine
+    with pytest.raises(RlhfError, match=r"^reward_model "):
+        Run(out, PPOConfig(out_dir=str(out), policy=str(elsewhere), reward_model=str(out / "final")))
