@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -109,7 +110,7 @@ def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
     }
     info = {"cpu": cpu, "cpu_family": field.get("cpu family"), "cpu_model": field.get("model"), "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
             "avx512_bf16": "avx512_bf16" in cpuinfo, "amx_bf16": "amx_bf16" in cpuinfo, "device": device,
-            "load_average_at_start": round(os.getloadavg()[0], 1)}  # fmt: skip
+            "load_average_at_start": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info

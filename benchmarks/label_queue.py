@@ -193,6 +193,7 @@ def main() -> None:
                 runs[f"{backend}/{kind}"].append(run)
                 print(f"{backend:9} {kind:6} rep {rep}: {json.dumps(run)}", file=sys.stderr, flush=True)
     result = {
+        "command": "python -m benchmarks.label_queue " + " ".join(sys.argv[1:]),
         "machine": machine(threads=1),
         "prompts": args.prompts,
         "k": args.k,

@@ -142,12 +142,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from benchmarks.common import machine as host
+
+    # the CPU's family, model and bf16/AMX flags, the date and torch as every results file has them; the server
+    # runs in its own process with its own threads, so "torch_threads" is this process's
     return {
+        **host(torch.get_num_threads()),
         "cpu": cpu,
-        "cores": os.cpu_count(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
-        "torch": torch.__version__,
     }
 
 

@@ -60,6 +60,9 @@ def main() -> None:
     if args.reps < 1:
         parser.error("--reps must be at least 1")
     reps = 1 if args.quick else args.reps
+    torch.set_num_threads(
+        1
+    )  # as every benchmark here: a second thread on a small shared machine times the neighbours
     model, examples, pad_id = prepare(Path(tempfile.mkdtemp(prefix="sft-packing-")), 600)
     half = resolve_precision("auto") == "bf16"
     loss_fn = NextTokenLoss(model, lean=True).train()

@@ -9,6 +9,7 @@ import argparse
 import json
 import tempfile
 
+import transformers
 import trl
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +51,7 @@ def main() -> None:
         seconds = float(trainer.train().metrics["train_runtime"])
         accuracy = float(trainer.evaluate()["eval_rewards/accuracies"])
     print(json.dumps({"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
-                      "eval_accuracy": accuracy, "trl": trl.__version__}))  # fmt: skip
+                      "eval_accuracy": accuracy, "trl": trl.__version__, "transformers": transformers.__version__}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+import transformers
 import trl
 from datasets import Dataset
 from transformers import (
@@ -63,9 +64,16 @@ def main() -> None:
     with open(paths["prompts"]) as f:
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
     dataset = Dataset.from_dict({"input_ids": tokenizer(prompts, add_special_tokens=False)["input_ids"]})
+    # TRL's rollout batch is per_device_train_batch_size x gradient_accumulation_steps, and its accelerator steps
+    # the optimiser every gradient_accumulation_steps micro-batches across minibatches: with the rollout batch
+    # made of accumulation (the builds before this one), it stepped once per epoch where ours steps once per
+    # minibatch. Here the rollout batch is one "device batch" cut into minibatches of one micro-batch each, so
+    # both take an optimiser step per minibatch.
+    if h["micro_batch"] != h["minibatch"]:
+        raise SystemExit("TRL's PPOTrainer steps once per minibatch only when a minibatch is one micro-batch")
     config = PPOConfig(
-        output_dir=args.out, per_device_train_batch_size=h["micro_batch"],
-        gradient_accumulation_steps=h["batch"] // h["micro_batch"], num_mini_batches=h["batch"] // h["minibatch"],
+        output_dir=args.out, per_device_train_batch_size=h["batch"], gradient_accumulation_steps=1,
+        num_mini_batches=h["batch"] // h["minibatch"],
         num_ppo_epochs=h["epochs"], total_episodes=args.iterations * h["batch"], response_length=h["max_new_tokens"],
         local_rollout_forward_batch_size=h["batch"], learning_rate=h["lr"], lr_scheduler_type="constant",
         kl_coef=h["kl_coef"], kl_estimator="k1", cliprange=h["clip_eps"], cliprange_value=h["value_clip"],
@@ -83,7 +91,7 @@ def main() -> None:
     keep = slice(1, None) if len(clock.times) > 1 else slice(None)  # the first iteration pays one-off costs
     print(json.dumps({"iteration_s": statistics.median(clock.times[keep]),
                       "iteration_cpu_s": statistics.median(clock.cpu_times[keep]), "times": clock.times, "score": clock.scores,
-                      "kl": clock.kl, "trl": trl.__version__,
+                      "kl": clock.kl, "trl": trl.__version__, "transformers": transformers.__version__,
                       "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))  # fmt: skip
 
 

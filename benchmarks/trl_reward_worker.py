@@ -10,6 +10,7 @@ import json
 import tempfile
 
 import torch
+import transformers
 import trl
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -46,7 +47,13 @@ def main() -> None:
     seconds = float(metrics["train_runtime"])
     print(
         json.dumps(
-            {"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds, "trl": trl.__version__}
+            {
+                "pairs": pairs,
+                "seconds": seconds,
+                "pairs_per_s": pairs / seconds,
+                "trl": trl.__version__,
+                "transformers": transformers.__version__,
+            }
         )
     )
 
