@@ -175,20 +175,24 @@ class LoginLimits:
         self.by_account = RateLimiter(per_account, window_s, what, shared, "login_account")
 
     def check(self, name: str, address: str) -> None:
-        """Count this attempt; raise RateLimited (with `scope` set) if the address or account is over."""
+        """Count this attempt, against its address and (until it succeeds: `succeeded`) its account, in one step
+        each, so that attempts sent together cannot all pass before any is counted; raise RateLimited (with
+        `scope` set) if the address or account is over."""
         try:
-            self.by_account.check(name.casefold())
+            self.by_account.take(name.casefold())
         except RateLimited as e:
             e.scope = "for this account"
             raise
         try:
             self.by_address.take(address)
         except RateLimited as e:
+            self.by_account.give_back(name.casefold())
             e.scope = "from your address"
             raise
 
-    def failed(self, name: str) -> None:
-        self.by_account.record(name.casefold())
+    def succeeded(self, name: str) -> None:
+        """The attempt `check` counted against its account logged in: only failed ones count there."""
+        self.by_account.give_back(name.casefold())
 
 
 class AuthCache:

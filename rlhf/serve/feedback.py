@@ -165,24 +165,35 @@ def record_ab_vote(
             return Recorded(replay, created=False)
         account = session.scalar(select(User).where(User.name == name))
         keys = [_anonymous_key(client)] + ([account.id] if account is not None and owner else [])
-        for key in keys:
-            store.limiter.check(key)
-        if session.scalar(select(Vote.id).where(Vote.task_id == task_id, Vote.retracted_at.is_(None))):
-            raise Conflict(f"the A/B pair {feedback_id!r} already has its vote")
-        made = False
-        if account is None:
-            account, made = _production_user(session, name)
-        user_id = account.id
-        vote = VoteIn(task_id=task_id, choice=choice, idempotency_key=idempotency_key)
+        # counted before the vote and given back if it makes none: votes sent together cannot all pass the
+        # limit before any of them is counted
+        taken: list[int] = []
         try:
-            recorded = record_vote(session, account, vote, source="production")
-        except Exception:
-            if made:  # a refused vote leaves no user behind (a concurrent vote took the pair)
-                _drop_unused_user(session, user_id)
+            for key in keys:
+                store.limiter.take(key)
+                taken.append(key)
+            if session.scalar(select(Vote.id).where(Vote.task_id == task_id, Vote.retracted_at.is_(None))):
+                raise Conflict(f"the A/B pair {feedback_id!r} already has its vote")
+            made = False
+            if account is None:
+                account, made = _production_user(session, name)
+            user_id = account.id
+            vote = VoteIn(task_id=task_id, choice=choice, idempotency_key=idempotency_key)
+            try:
+                recorded = record_vote(session, account, vote, source="production")
+            except Exception:
+                if made:  # a refused vote leaves no user behind (a concurrent vote took the pair)
+                    _drop_unused_user(session, user_id)
+                raise
+        except BaseException:
+            for key in taken:
+                store.limiter.give_back(key)
             raise
-        if recorded.created:
-            for key in {_anonymous_key(client), account.id} if owner else {_anonymous_key(client)}:
-                store.limiter.record(key)
+        if not recorded.created:
+            for key in taken:
+                store.limiter.give_back(key)
+        elif owner and account.id not in taken:  # the end user's account, made by this vote
+            store.limiter.record(account.id)
         return recorded
 
 

@@ -392,7 +392,11 @@ async def _ab(state: GatewayState, path: str, body: dict[str, Any], request: Req
     pair = _answers(state, sides, bodies, [out, other], texts, [c.get("finish_reason") for c in choices])
     ab = await save_ab_async(state.store, prompt, pair, meta) if state.store else None
     usage = [u for u in (out.get("usage"), other.get("usage")) if u]
-    out.update(model=model, choices=choices, system_fingerprint=None)
+    # the answer of one engine carries both choices: its id, time and fingerprint are told as neither's, so that
+    # which answer is whose (the candidate's engine) is not told by them
+    out = {"object": out.get("object", "chat.completion" if chat else "text_completion")}
+    out.update(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()), model=model,
+               choices=choices, system_fingerprint=None)  # fmt: skip
     if len(usage) == 2:
         done = usage[0].get("completion_tokens", 0) + usage[1].get("completion_tokens", 0)
         prompt_tokens = usage[0].get("prompt_tokens", 0)
@@ -425,7 +429,7 @@ async def _ab_stream(
     model's side is `mine`: its failure ends the stream with its error; the other side's is logged and stops
     that side, and the requested answer goes on alone. A pair is stored only when both answers finished (a
     `finish_reason` came for each): an answer cut off, or a stream that held none, is no answer to compare."""
-    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    ident, created = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time())
     queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
     texts = ["", ""]
     finish: list[Any] = [None, None]
@@ -470,10 +474,10 @@ async def _ab_stream(
                     c["index"] = i
                     texts[i] += _choice_text(c, chat, delta=True)
                     finish[i] = c.get("finish_reason") or finish[i]
-                if choices:
-                    yield sse(
-                        {**chunk, "id": ident, "model": meta["model"], "choices": choices, "usage": None}
-                    )
+                if choices:  # in the words of neither engine: which answer is whose is not told
+                    yield sse({"id": ident, "object": chunk.get("object", "chat.completion.chunk" if chat else
+                               "text_completion"), "created": created, "model": meta["model"],
+                               "system_fingerprint": None, "choices": choices, "usage": None})  # fmt: skip
             if (failure := failed[mine]) is not None:
                 raise APIError(failure, 502, code="upstream_error")
         for t in tasks:

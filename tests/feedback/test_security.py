@@ -299,3 +299,26 @@ def test_an_admin_body_with_a_field_there_is_not_is_refused(api) -> None:
     assert api.post("admin", "/api/users/bob/tokens", json={"label": "laptop"}).status_code == 422
     assert api.post("admin", "/api/users/bob/tokens", json={"name": "laptop"}).status_code == 201
     assert api.post("admin", "/api/users", json={"name": "eve", "rol": "admin"}).status_code == 422
+
+
+def test_login_attempts_sent_together_count_against_the_account_before_the_password_is_checked() -> None:
+    """Failed logins were counted after the password check: 28 wrong passwords sent at once for one account
+    were all checked against a limit of 10. Each attempt now counts as it arrives, and a login that succeeds
+    gives its count back."""
+    from rlhf.feedback.errors import RateLimited
+    from rlhf.feedback.security import LoginLimits
+
+    limits = LoginLimits(per_address=100, per_account=3, window_s=60)
+    limits.check("Eve", "10.0.0.1")
+    limits.succeeded("eve")  # a login: no failure left behind
+    for address in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):  # three attempts in flight, none answered yet
+        limits.check("eve", address)
+    with pytest.raises(RateLimited) as e:
+        limits.check("EVE", "10.0.0.4")
+    assert e.value.scope == "for this account"
+    limited = LoginLimits(per_address=1, per_account=3, window_s=60)
+    limited.check("ann", "10.0.0.9")
+    with pytest.raises(RateLimited):  # over for the address: not counted against the account either
+        limited.check("bob", "10.0.0.9")
+    for address in ("10.0.0.10", "10.0.0.11", "10.0.0.12"):
+        limited.check("bob", address)

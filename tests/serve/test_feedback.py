@@ -279,3 +279,38 @@ def test_an_end_user_name_the_store_cannot_hold_gets_an_account_it_can() -> None
         assert re.fullmatch(NAME_PATTERN, name) and name == ab._account_name(user) != ab._account_name(
             user + "!"
         )
+
+
+def test_votes_sent_together_cannot_all_pass_the_rate_limit(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit was checked before a vote's transaction and counted after it: 60 votes sent at once from one
+    address got 37 through a limit of 30. Here a second vote arrives while the first is being written (with a
+    limit of one a minute): it must be refused, and the first kept."""
+    from rlhf.feedback.errors import RateLimited
+
+    store = ab.FeedbackStore(f"sqlite:///{tmp_path}/fb.db", "production", 1)
+    for i, user in enumerate(("ann", "bob")):
+        answers = (ab.Answer("yes", "v1", {}), ab.Answer("no", "v2", {}))
+        assert ab.save_ab_pair(store, f"ab-{i}", "Hi?", answers, {"request_user": user})
+    make_account = ab._production_user
+    meanwhile: list[object] = []
+
+    def another_vote_arrives(session: Any, name: str) -> Any:
+        monkeypatch.setattr(ab, "_production_user", make_account)
+        try:
+            ab.record_ab_vote(
+                store, "ab-1", store.token("ab-1"), "A", "key-bob-1", user="bob", client="10.0.0.1"
+            )
+        except RateLimited as e:
+            meanwhile.append(e)
+        return make_account(session, name)
+
+    monkeypatch.setattr(ab, "_production_user", another_vote_arrives)
+    assert ab.record_ab_vote(
+        store, "ab-0", store.token("ab-0"), "B", "key-ann-1", user="ann", client="10.0.0.1"
+    ).created
+    with store.db.session() as session:
+        votes = session.execute(select(Vote.choice, User.name).join(User, User.id == Vote.user_id)).all()
+    store.close()
+    assert len(meanwhile) == 1 and [tuple(v) for v in votes] == [("B", "prod.ann")]

@@ -518,7 +518,7 @@ def test_a_redeployed_model_is_stored_with_its_new_version_and_a_gzip_stream_is_
 
 
 def flaky_candidate_engine(mode: str, answer: str = "I am m.") -> FastAPI:
-    """An engine whose model "m" answers well (`answer`, with a system fingerprint, and listed without a
+    """An engine whose model "m" answers well (`answer`, with a system fingerprint of its own, and listed without a
     version as vLLM lists its models) and whose model "other" fails as `mode` says: an error status, a 200
     that holds no completion, a stream that holds no events, an error event mid-stream (a 503 unstreamed), an
     answer too slow for the gateway's timeout; "same": it answers as "m" does."""
@@ -553,11 +553,11 @@ def flaky_candidate_engine(mode: str, answer: str = "I am m.") -> FastAPI:
             if mode != "same":
                 words = "I am other."
         if stream:
-            chunk = {"id": "x", "object": "chat.completion.chunk", "model": body["model"], "system_fingerprint": "fp1",
+            chunk = {"id": "x", "object": "chat.completion.chunk", "model": body["model"], "system_fingerprint": f"fp-{body['model']}",
                      "choices": [{"index": 0, "delta": {"content": words}, "finish_reason": "stop"}]}  # fmt: skip
             return StreamingResponse(iter([f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"]),
                                      media_type="text/event-stream")  # fmt: skip
-        return JSONResponse({"id": "x", "object": "chat.completion", "model": body["model"], "system_fingerprint": "fp1",
+        return JSONResponse({"id": "x", "object": "chat.completion", "model": body["model"], "system_fingerprint": f"fp-{body['model']}",
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": words},
                                           "finish_reason": "stop"}]})  # fmt: skip
 
@@ -599,7 +599,7 @@ def test_a_model_listed_without_a_version_is_stored_by_its_fingerprint_and_ident
     """An engine that lists its models without a version (vLLM) had every pair stored under the bare model id:
     the model@system_fingerprint fallback never ran. Two identical answers left the user's prompt and both
     answers in the store, with no task to vote on."""
-    for mode, stored in (("works", ["m@fp1", "other@fp1"]), ("same", [])):
+    for mode, stored in (("works", ["m@fp-m", "other@fp-other"]), ("same", [])):
         db_url = f"sqlite:///{tmp_path}/{mode}.db"
         with ab_gateway(flaky_candidate_engine(mode), db_url) as url:
             r = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": HELLO, "ab": True},
@@ -610,3 +610,22 @@ def test_a_model_listed_without_a_version_is_stored_by_its_fingerprint_and_ident
             assert sorted(c.policy for c in session.scalars(select(Completion))) == stored
             assert (session.scalars(select(Prompt)).first() is None) == (not stored)
         db.dispose()
+
+
+def test_an_ab_answer_does_not_tell_which_engine_wrote_which_choice(tmp_path: Path) -> None:
+    """Streamed, every chunk kept the system_fingerprint of the engine that wrote it, so a user could tell the
+    candidate's answer from the requested model's; unstreamed, the answer kept the id and time of the engine
+    whose reply carried both choices."""
+    with ab_gateway(flaky_candidate_engine("works"), f"sqlite:///{tmp_path}/feedback.db") as url:
+        body = {"model": "m", "messages": HELLO, "ab": True}
+        plain = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        streamed = httpx.post(url + "/v1/chat/completions", json=body | {"stream": True}, timeout=30)
+    assert "feedback_id" in plain.json() and "feedback_id" in streamed.text
+    for text in (plain.text, streamed.text):
+        assert (
+            "fp-m" not in text
+            and "fp-other" not in text
+            and '"id": "x"' not in text
+            and '"id":"x"' not in text
+        )
+    assert plain.json()["id"].startswith("chatcmpl-") and plain.json()["system_fingerprint"] is None

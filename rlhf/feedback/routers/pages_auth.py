@@ -77,10 +77,10 @@ def login(
         context = {"message": message, "next": after}
         return render(request, "login.html", context, status_code=429, headers=headers)
     user = authenticate(session, name, password)
-    if user is None:
-        limits.failed(name)
+    if user is None:  # counted by check: a failed attempt
         context = {"message": "Wrong name or password.", "next": after}
         return render(request, "login.html", context, status_code=401)
+    limits.succeeded(name)
     home = "/admin" if user.role == "admin" else "/label"
     response = RedirectResponse(after or home, status_code=303)
     response.set_cookie(
