@@ -14,7 +14,8 @@ shorter than the sequence, ALiBi, other attention kinds) over transformers' `Dyn
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,38 @@ def generate(
     last position only, and the forwards run in inference mode. Finished rows leave the batch (see _COMPACT_AT), so a batch of mostly short answers
     does not pay for its longest.
     """
+    with evaluating(model):
+        return _generate(model, prompts, params, eos_id, pad_id, generator, synced, seeds)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode while it samples, each module's mode put back after: a model in training mode
+    with gradient checkpointing drops its KV cache in some architectures' own forwards (GPT-2, Bloom, Falcon:
+    `gradient_checkpointing and self.training`, whether or not gradients are on), and PPO samples from the
+    policy it trains. Dropout is off in every stage's models, so nothing else changes."""
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _generate(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    eos_id: int | Sequence[int],
+    pad_id: int,
+    generator: torch.Generator | None,
+    synced: bool,
+    seeds: Tensor | None,
+) -> Generation:
     device = next(model.parameters()).device
     prompts = fit_context(prompts, context_length(model), params.max_new_tokens)
     stops_list = [eos_id] if isinstance(eos_id, int) else list(eos_id)

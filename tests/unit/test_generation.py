@@ -152,3 +152,23 @@ def test_a_row_that_drew_pad_keeps_the_log_prob_of_the_unmasked_distribution(mod
             expected = logits.log_softmax(-1).gather(-1, gen.response_ids[i, :, None])[:, 0]
             torch.testing.assert_close(gen.logprobs[i], expected, rtol=1e-5, atol=1e-5)
             assert (expected < -5).all()  # PAD's mass is in the normaliser
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bloom", "llama"])
+def test_a_model_training_with_gradient_checkpointing_samples_as_in_eval_mode(model_type: str) -> None:
+    """PPO samples from the policy it trains: GPT-2 (and Bloom, Falcon) drop their KV cache in their own forward
+    when `gradient_checkpointing and self.training`, and decoding failed on a shape mismatch. Sampling now runs
+    in eval mode, each module's mode put back after."""
+    from tests.archs import _spec, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(_spec(model_type)[1])
+    model = build_model(model_type, tokenizer)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    prompts, pad = [[5, 6, 7], [8, 9]], tokenizer.pad_token_id or 0
+    eval_answer = generate(model.eval(), prompts, params, eos_id=-1, pad_id=pad)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.get_output_embeddings().eval()  # a module held in another mode keeps it
+    answer = generate(model, prompts, params, eos_id=-1, pad_id=pad)
+    assert torch.equal(answer.response_ids, eval_answer.response_ids)
+    assert model.training and model.base_model.training and not model.get_output_embeddings().training
