@@ -110,6 +110,12 @@ def generate_candidates(
     policy_version: Annotated[
         str | None, typer.Option("--policy-version", help="policy name stored with each completion")
     ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint", help="OpenAI-compatible engine that samples (base URL; default: generate.endpoint)"
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Sample K candidate answers per prompt from a policy (nucleus sampling) for labelers to compare."""
@@ -120,12 +126,15 @@ def generate_candidates(
         overrides.append(text_override("generate.out", out))
     if policy_version:
         overrides.append(f"generate.policy_version={policy_version}")
+    if endpoint:
+        overrides.append(text_override("generate.endpoint", endpoint))
     cfg = load_config(config, overrides).generate
     setup_logging(quiet)
     result = stage.run(cfg)
     typer.echo(
         f"generate: {result['completions']} answers to {result['prompts']} prompts by {result['policy']} "
-        f"(EOS rate {result['eos_rate']:.2f}) in {result['seconds']:.1f}s; written to {result['out']}"
+        f"{' at ' + result['endpoint'] if result['endpoint'] else ''} (EOS rate {result['eos_rate']:.2f}) in "
+        f"{result['seconds']:.1f}s; written to {result['out']}"
     )
 
 

@@ -20,7 +20,11 @@ GREEDY_BEST_OF_N = ("temperature 0 samples the one greedy answer {n} times, so t
 class GenerateConfig(Section):
     """`rlhf generate`: K candidate answers per prompt from a policy, for labelers to compare."""
 
-    model: str = Field("runs/sft/final", description="policy checkpoint that samples (local dir or hub id)")
+    model: str = Field(
+        "runs/sft/final",
+        description="policy checkpoint that samples (local dir or hub id); with endpoint, its tokenizer renders "
+        "the prompts",
+    )
     prompts_file: str = Field(
         "data/demo/rl_prompts.jsonl",
         description="{prompt, prompt_id?} or {messages} rows: a file, saved datasets folder or hub id",
@@ -29,7 +33,9 @@ class GenerateConfig(Section):
         "runs/candidates.jsonl", description="candidates JSONL written here (the labeling app's import)"
     )
     policy_version: str | None = Field(
-        None, description="policy name stored with each completion; default: the model dir name"
+        None,
+        description="policy name stored with each completion; default: the model dir name, or with "
+        "endpoint the version the engine lists (else model@system_fingerprint, else the served name)",
     )
     k: int = Field(4, ge=1, le=16, description="candidate answers per prompt")
     short_k: int = Field(
@@ -57,6 +63,26 @@ class GenerateConfig(Section):
     batch_size: int = Field(128, gt=0, description="sequences sampled together (prompts x K)")
     precision: PrecisionSetting = "auto"
     add_pad_token: AddPadToken = True
+    endpoint: str | None = Field(
+        None, description="sample from an OpenAI-compatible engine at this base URL (vLLM, TGI, SGLang, rlhf "
+        "serve), e.g. http://127.0.0.1:8000/v1; model then only renders the prompts (unset = sample locally)",
+    )  # fmt: skip
+    endpoint_model: str | None = Field(None, description="endpoint: the served model's name; default: model")
+    endpoint_api_key_env: str = Field(
+        "OPENAI_API_KEY", description="endpoint: environment variable holding the API key (unset = no key)"
+    )
+    endpoint_concurrency: int = Field(8, ge=1, le=256, description="endpoint: requests in flight at once")
+    endpoint_timeout_s: float = Field(300.0, gt=0, description="endpoint: timeout of one request")
+    endpoint_retries: int = Field(5, ge=0, description="endpoint: retries on connection errors, 429 and 5xx")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"endpoint must be an http(s) base URL such as http://127.0.0.1:8000/v1, got {value!r}"
+            )
+        return value
 
 
 class PanelConfig(Section):

@@ -22,24 +22,40 @@ weaker checkpoint, such as the pretrained model), named by their own policy vers
 several policies show the reward model mistakes one policy never makes and another optimised against it may
 find (non-answers, answers of the wrong type, invented facts); Llama 2 sampled its comparison pairs from
 different model variants for the same reason (Touvron et al. 2023, sec. 3.2.1).
+
+With `endpoint`, an OpenAI-compatible engine (vLLM, TGI, SGLang, `rlhf serve`) samples the main policy's
+answers instead: `model` only loads the tokenizer that renders each prompt as it does locally (chat template
+included), and the rendered text goes to POST {endpoint}/completions with n = k and the sampling settings, with
+a seed per prompt derived from `seed` and the prompt's place, so a rerun asks the same where the engine honours
+seeds. The policy version is the one the engine lists under /models (`rlhf serve` lists name@digest), else
+model@system_fingerprint, else the served model's name; the sampling record names the endpoint. short_k and
+other_k work on those answers as on local ones; extra_models still sample locally.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import random
 import re
 import time
+import urllib.parse
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from rlhf.config import GenerateConfig
 from rlhf.data.jsonl import check_output_file, write_jsonl
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
+from rlhf.errors import RlhfError
+from rlhf.judges.endpoint import retry_after
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.tokens import encode_prompts, stop_ids
 from rlhf.train.common import resolve_precision
@@ -85,12 +101,13 @@ def other_answers(
     texts: list[str],
     ended: list[bool],
     cfg: GenerateConfig,
-    policy: str,
+    policies: list[str],
     sampling: dict[str, Any],
     rng: random.Random,
 ) -> list[dict[str, Any]]:
     """Up to cfg.other_k extra candidates for prompt n: answers sampled for other prompts (each a random answer
-    of a random other prompt), none that would repeat one of prompt n's own answers or each other."""
+    of a random other prompt), none that would repeat one of prompt n's own answers or each other; policies[m]
+    is the version that answered prompt m."""
     if cfg.other_k == 0 or len(prompts) < 2:
         return []
     own = {texts[j] for j in range(n * cfg.k, (n + 1) * cfg.k)}
@@ -102,7 +119,7 @@ def other_answers(
         if texts[j] in own:
             continue
         own.add(texts[j])
-        extra.append({"text": texts[j], "policy": policy, "sampling": {**sampling, "answer_to": prompts[m][0]},
+        extra.append({"text": texts[j], "policy": policies[m], "sampling": {**sampling, "answer_to": prompts[m][0]},
                       "finish_reason": "stop" if ended[j] else "length"})  # fmt: skip
     return extra
 
@@ -132,6 +149,131 @@ def sample_answers(
     return texts, ended
 
 
+def credential_free(url: str) -> str:
+    """The endpoint as records and errors name it: without a user, password, query or fragment (a key may hide
+    in any of them), and without a trailing slash."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def excerpt(text: str) -> str:
+    """The start of an engine's reply on one line (an HTML error page has many)."""
+    return " ".join(text[:200].split())
+
+
+def request_seed(seed: int, n: int) -> int:
+    """The seed of prompt n's request: fixed by the run's seed and the prompt's place, unrelated between
+    neighbouring seeds (seed + n would give prompt 1 of seed 0 the answers of prompt 0 of seed 1); 31 bits,
+    which every engine takes."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{n}".encode()).digest()[:4], "big") >> 1
+
+
+def send(http: httpx.Client, method: str, path: str, body: dict[str, Any] | None, cfg: GenerateConfig,
+         url: str) -> httpx.Response:  # fmt: skip
+    """The engine's response, after retries with exponential backoff on connection errors, timeouts, 429 and 5xx
+    (a Retry-After header is honoured); the last connection error is raised as one line naming the endpoint."""
+    for attempt in range(cfg.endpoint_retries + 1):
+        backoff = 2.0 ** min(attempt, 6)
+        try:
+            response = http.request(method, path, json=body)
+        except httpx.TransportError as e:
+            if attempt == cfg.endpoint_retries:
+                raise RlhfError(f"generate.endpoint {url}: {type(e).__name__}: {excerpt(str(e))}") from None
+            log.warning("generate.endpoint %s: %s; retrying in %.0fs", url, type(e).__name__, backoff)
+            time.sleep(backoff)
+            continue
+        if (response.status_code == 429 or response.status_code >= 500) and attempt < cfg.endpoint_retries:
+            wait = retry_after(response)
+            wait = backoff if wait is None else wait
+            log.warning(
+                "generate.endpoint %s answered %d; retrying in %.0fs", url, response.status_code, wait
+            )
+            time.sleep(wait)
+            continue
+        return response
+    raise AssertionError("unreachable")
+
+
+def listed_version(http: httpx.Client, cfg: GenerateConfig, url: str, model: str) -> str | None:
+    """The version the engine lists for `model` under /models, or None: listed without one, not listed (TGI
+    answers under any name), or no usable listing (the completions then tell whether the endpoint works)."""
+    response = send(http, "GET", "/models", None, cfg, url)
+    if response.status_code in (401, 403):
+        raise RlhfError(f"generate.endpoint {url} refused the key in ${cfg.endpoint_api_key_env} "
+                        f"({response.status_code}): {excerpt(response.text)}")  # fmt: skip
+    try:
+        listed = {m["id"]: m.get("version") for m in response.json()["data"]}
+    except (ValueError, LookupError, TypeError, AttributeError):
+        log.warning("generate.endpoint %s: no model list (%d); versions come from the answers", url,
+                    response.status_code)  # fmt: skip
+        return None
+    version = listed.get(model)
+    return str(version) if version else None
+
+
+def read_completion(response: httpx.Response, k: int, url: str) -> tuple[list[str], list[bool], str | None]:
+    """(texts, ended, system_fingerprint) of a text completion with k choices; anything else is one line."""
+    if response.status_code >= 400:
+        raise RlhfError(f"generate.endpoint {url} answered {response.status_code}: {excerpt(response.text)}")
+    try:
+        reply = response.json()
+        choices = sorted(reply["choices"], key=lambda c: int(c.get("index", 0)))
+        texts = [c["text"] for c in choices]
+        reasons = [c.get("finish_reason") for c in choices]
+        if len(texts) != k or not all(isinstance(t, str) for t in texts):
+            raise TypeError
+    except (ValueError, LookupError, TypeError, AttributeError):  # not JSON, or JSON of another shape
+        raise RlhfError(
+            f"generate.endpoint {url}: not a completion of {k} choices: {excerpt(response.text)}"
+        ) from None
+    fingerprint = reply.get("system_fingerprint")
+    # "length" is the one reason an answer was cut; engines name an ended one "stop" (TGI also "eos_token")
+    return texts, [r != "length" for r in reasons], str(fingerprint) if fingerprint else None
+
+
+def endpoint_answers(cfg: GenerateConfig, prompts: list[str]) -> tuple[list[str], list[bool], list[str]]:
+    """cfg.k answers to every prompt from cfg.endpoint, laid out as `sample_answers` lays them out, and the
+    policy version of each prompt's answers. Up to endpoint_concurrency prompts are asked at once."""
+    assert cfg.endpoint is not None
+    url, model = credential_free(cfg.endpoint), cfg.endpoint_model or cfg.model
+    key = os.environ.get(cfg.endpoint_api_key_env)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body: dict[str, Any] = {"model": model, "n": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                            "max_tokens": cfg.max_new_tokens}  # fmt: skip
+    if cfg.top_k:
+        body["top_k"] = cfg.top_k  # not OpenAI's; vLLM, SGLang and rlhf serve take it
+    limits = httpx.Limits(max_connections=cfg.endpoint_concurrency)
+    with httpx.Client(base_url=cfg.endpoint.rstrip("/"), headers=headers, timeout=cfg.endpoint_timeout_s,
+                      limits=limits) as http:  # fmt: skip
+        listed = listed_version(http, cfg, url, model)
+
+        def ask(n: int) -> tuple[list[str], list[bool], str]:
+            prompt = {"prompt": prompts[n], "seed": request_seed(cfg.seed, n)}
+            response = send(http, "POST", "/completions", body | prompt, cfg, url)
+            texts, ended, fingerprint = read_completion(response, cfg.k, url)
+            return texts, ended, listed or (f"{model}@{fingerprint}" if fingerprint else model)
+
+        replies = []
+        with ThreadPoolExecutor(cfg.endpoint_concurrency) as pool:
+            futures = [pool.submit(ask, n) for n in range(len(prompts))]
+            try:
+                for done, future in enumerate(futures, 1):
+                    replies.append(future.result())
+                    if done % 100 == 0 or done == len(prompts):
+                        log.info(
+                            "generate: %d / %d prompts answered by %s at %s", done, len(prompts), model, url
+                        )
+            except BaseException:  # the first failure ends the run: the prompts not yet asked are not asked
+                for f in futures:
+                    f.cancel()
+                raise
+    return ([t for r in replies for t in r[0]], [e for r in replies for e in r[1]],
+            [cfg.policy_version or r[2] for r in replies])  # fmt: skip
+
+
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Sample cfg.k answers to every prompt in batches; write the candidates file; return a summary."""
     start = time.perf_counter()
@@ -140,16 +282,23 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     prompts = read_prompt_rows(cfg.prompts_file, cfg.max_prompts, tokenizer)
     check_output_file(cfg.out, "generate.out")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    sampling = {k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
-    policy_version = policy_name(cfg.model, cfg.policy_version)
-    texts, ended = sample_answers(cfg, cfg.model, tokenizer, [p for _, p in prompts], cfg.k, cfg.seed)
+    sampling: dict[str, Any] = {
+        k: params.as_dict()[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+    }
+    if cfg.endpoint:
+        sampling["endpoint"] = credential_free(cfg.endpoint)
+        texts, ended, policies = endpoint_answers(cfg, [p for _, p in prompts])
+    else:
+        texts, ended = sample_answers(cfg, cfg.model, tokenizer, [p for _, p in prompts], cfg.k, cfg.seed)
+        policies = [policy_name(cfg.model, cfg.policy_version)] * len(prompts)
+    sampling_extra = {k: v for k, v in sampling.items() if k != "endpoint"}
     extra: list[tuple[str, dict[str, Any], list[str], list[bool]]] = []
     for i, model in enumerate(cfg.extra_models):
         extra_tokenizer = load_tokenizer(model, cfg.add_pad_token)
         # each policy samples from a seed of its own, so adding one changes no other policy's answers; its
         # answers record that seed
         seed = cfg.seed + 1 + i
-        extra.append((policy_name(model, None), sampling | {"seed": seed}, *sample_answers(cfg, model,
+        extra.append((policy_name(model, None), sampling_extra | {"seed": seed}, *sample_answers(cfg, model,
                       extra_tokenizer, [p for _, p in prompts], cfg.extra_k, seed)))  # fmt: skip
 
     rows: list[dict[str, Any]] = []
@@ -157,12 +306,12 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     for n, (prompt_id, prompt) in enumerate(prompts):
         answers = range(n * cfg.k, (n + 1) * cfg.k)
         completions = [
-            {"text": texts[j], "policy": policy_version, "sampling": sampling,
+            {"text": texts[j], "policy": policies[n], "sampling": sampling,
              "finish_reason": "stop" if ended[j] else "length"}
             for j in answers
         ]  # fmt: skip
         completions += short_answers(completions, cfg.short_k)
-        completions += other_answers(n, prompts, texts, ended, cfg, policy_version, sampling, rng)
+        completions += other_answers(n, prompts, texts, ended, cfg, policies, sampling, rng)
         seen = {c["text"] for c in completions}
         for name, other_sampling, other_texts, other_ended in extra:
             for j in range(n * cfg.extra_k, (n + 1) * cfg.extra_k):
@@ -179,6 +328,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         "eos_rate": ended.count(True) / len(ended),
         "distinct_per_prompt": sum(len({c["text"] for c in r["completions"]}) for r in rows) / len(rows),
         "seconds": seconds,
-        "policy": policy_version,
+        "policy": Counter(policies).most_common(1)[0][0],
+        "endpoint": sampling.get("endpoint"),
         "out": cfg.out,
     }

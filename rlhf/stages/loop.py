@@ -143,9 +143,10 @@ def generate_candidates(
     for n, (version, k) in enumerate(sources):
         out = rdir / f"candidates-{version.name}.jsonl"
         if not out.exists():
+            # each round's policy is a checkpoint of this run, which no engine serves: sampled here
             gen_cfg = cfg.generate.model_copy(update={
                 "model": version.path, "prompts_file": str(rdir / "prompts.jsonl"), "out": str(out),
-                "policy_version": version.name, "k": k, "max_prompts": 0,
+                "policy_version": version.name, "k": k, "max_prompts": 0, "endpoint": None,
                 "seed": cfg.loop.seed * 100_003 + round_ * 101 + n,
             })  # fmt: skip
             generate.run(gen_cfg)
