@@ -74,6 +74,11 @@ class GenerateConfig(Section):
     endpoint_concurrency: int = Field(8, ge=1, le=256, description="endpoint: requests in flight at once")
     endpoint_timeout_s: float = Field(300.0, gt=0, description="endpoint: timeout of one request")
     endpoint_retries: int = Field(5, ge=0, description="endpoint: retries on connection errors, 429 and 5xx")
+    endpoint_prompt: Literal["tokens", "text"] = Field(
+        "tokens", description="endpoint: send each prompt as the token ids the local tokenizer gives it (vLLM, "
+        "SGLang, rlhf serve: no second BOS, no other split of the template's special tokens), or as its text "
+        "(engines that take no token ids, such as TGI)",
+    )  # fmt: skip
 
     @field_validator("endpoint")
     @classmethod

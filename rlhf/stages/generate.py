@@ -234,9 +234,12 @@ def read_completion(response: httpx.Response, k: int, url: str) -> tuple[list[st
     return texts, [r != "length" for r in reasons], str(fingerprint) if fingerprint else None
 
 
-def endpoint_answers(cfg: GenerateConfig, prompts: list[str]) -> tuple[list[str], list[bool], list[str]]:
-    """cfg.k answers to every prompt from cfg.endpoint, laid out as `sample_answers` lays them out, and the
-    policy version of each prompt's answers. Up to endpoint_concurrency prompts are asked at once."""
+def endpoint_answers(
+    cfg: GenerateConfig, prompts: list[str] | list[list[int]]
+) -> tuple[list[str], list[bool], list[str]]:
+    """cfg.k answers to every prompt (its text, or its token ids: `endpoint_prompt`) from cfg.endpoint, laid out
+    as `sample_answers` lays them out, and the policy version of each prompt's answers. Up to
+    endpoint_concurrency prompts are asked at once."""
     assert cfg.endpoint is not None
     url, model = credential_free(cfg.endpoint), cfg.endpoint_model or cfg.model
     key = os.environ.get(cfg.endpoint_api_key_env)
@@ -287,7 +290,11 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     }
     if cfg.endpoint:
         sampling["endpoint"] = credential_free(cfg.endpoint)
-        texts, ended, policies = endpoint_answers(cfg, [p for _, p in prompts])
+        texts_in = [p for _, p in prompts]
+        # as token ids by default: an engine tokenizing the rendered text again may add a second BOS (vLLM's
+        # completions add special tokens) or split the template's special tokens otherwise
+        asked = encode_prompts(tokenizer, texts_in) if cfg.endpoint_prompt == "tokens" else texts_in
+        texts, ended, policies = endpoint_answers(cfg, asked)
     else:
         texts, ended = sample_answers(cfg, cfg.model, tokenizer, [p for _, p in prompts], cfg.k, cfg.seed)
         policies = [policy_name(cfg.model, cfg.policy_version)] * len(prompts)

@@ -15,8 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from rlhf.config import GenerateConfig
+from rlhf.data.prompts import read_prompt_rows
 from rlhf.errors import RlhfError
 from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.tokens import encode_prompts
 from rlhf.serve.settings import Settings
 from rlhf.stages import generate
 from tests.serve.conftest import run_app, run_server
@@ -154,7 +156,12 @@ def test_a_failing_engine_is_retried_and_its_answers_kept_in_order(
     assert bodies[0]["model"] == "big" and bodies[0]["n"] == 2 and bodies[0]["max_tokens"] == 8
     assert bodies[0]["top_p"] == 0.9 and "top_k" not in bodies[0]  # top_k 0: not sent
     assert bodies[0]["seed"] == generate.request_seed(3, 0) != generate.request_seed(3, 1)
-    assert bodies[0]["prompt"].endswith("Hello!") or "Hello!" in bodies[0]["prompt"]  # the rendered chat
+    # the rendered chat as the local tokenizer's ids (BOS once), or as its text with endpoint_prompt: text
+    tokenizer = load_tokenizer(str(model_dirs["policy"]))
+    (rendered,) = [p for _, p in read_prompt_rows(str(prompts_file), 1, tokenizer)]
+    assert bodies[0]["prompt"] == encode_prompts(tokenizer, [rendered])[0]
+    generate.run(cfg.model_copy(update={"endpoint_prompt": "text"}))
+    assert fake_engine["bodies"][-1]["prompt"] == rendered
     (row,) = read_rows(out)
     completions = row["completions"]
     assert [c["text"][:9] for c in completions] == [" answer 0", " answer 1"]  # by the choices' index
