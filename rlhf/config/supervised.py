@@ -57,7 +57,12 @@ class SFTConfig(TrainConfig):
         0.05, ge=0, lt=1, description="share held out when eval_file is unset: the file's first rows, in its order "
         "(a file sorted by source holds out one source: shuffle it, or give eval_file)",
     )  # fmt: skip
-    max_seq_len: int = Field(128, gt=1, description="prompt + response tokens (longer ones are truncated)")
+    max_seq_len: int = Field(
+        128,
+        gt=1,
+        description="prompt + response tokens: a longer demonstration's response is "
+        "cut at the end; one whose prompt alone fills them is dropped (both counted in the log)",
+    )
     pack_sequences: bool = Field(
         True, description="train on a micro-batch's demonstrations packed end to end into rows, not padded"
     )

@@ -131,13 +131,17 @@ def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], plain_text: bool = False
+) -> list[list[int]]:
     """Token ids of texts that start a sequence (prompts, documents): the tokenizer's leading special tokens
-    once (not twice when the text, e.g. a rendered chat template, already starts with BOS), none at the end."""
+    once (not twice when the text, e.g. a rendered chat template, already starts with BOS), none at the end.
+    `plain_text`: the texts hold no markup (a corpus's documents): a special token's text in them ("<|pad|>",
+    "<|endoftext|>") is text, not that token, which a rendered chat template needs it to be."""
     if not texts:
         return []
     prefix = special_prefix(tokenizer)
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=plain_text)["input_ids"]
     return [list(s) if prefix and s[: len(prefix)] == prefix else prefix + list(s) for s in ids]
 
 

@@ -38,18 +38,41 @@ def read_corpus(path: str | Path) -> list[str]:
     if path.suffix == ".txt" or (path.is_file() and path.suffix not in DATASET_SUFFIXES):
         if not path.is_file():
             raise DataError(f"{path}: file not found")
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not text
-        except UnicodeDecodeError as e:
-            line = path.read_bytes().count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text") from None
-        docs = [d.strip() for d in re.split(r"\n[^\S\n]*\n", text)]  # a line of spaces is blank too
+        docs = text_blocks(path)
+    elif text_folder(path):  # a folder of text files: each read as one is, not a document per line
+        docs = [d for f in text_folder(path) for d in text_blocks(f)]
     else:
         docs = [text_field(row, "text", where) for where, row in iter_rows(path)]
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"{path}: the corpus is empty")
     return docs
+
+
+def text_blocks(path: Path) -> list[str]:
+    """A text file's documents: its blocks between blank lines (a line of spaces is blank too)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not text
+    except UnicodeDecodeError as e:
+        line = path.read_bytes().count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
+    return [d.strip() for d in re.split(r"\n[^\S\n]*\n", text)]
+
+
+def text_folder(path: Path) -> list[Path]:
+    """The .txt files of a folder that holds text files and no other data files nor a saved `datasets` folder
+    (sorted, subfolders included), else []: `datasets`' text loader would make each of their lines a document,
+    cutting every document of several lines (code, verse) and putting EOS after each line."""
+    if not path.is_dir() or (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return []
+    files = sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+    )
+    texts = [f for f in files if f.suffix == ".txt"]
+    others = [f for f in files if f.suffix in DATASET_SUFFIXES or f.name.endswith((".jsonl.gz", ".json.gz"))]
+    return texts if texts and not others else []
 
 
 def pack(docs: list[list[int]], eos_id: int, block_size: int) -> list[Example]:
@@ -113,7 +136,9 @@ def run(cfg: PretrainConfig, resume: bool = False, quiet: bool = False) -> dict[
             f"pretrain.block_size: {cfg.block_size} exceeds the model's context of {context_length(model)} tokens"
         )
 
-    encode = lambda texts: encode_prompts(tokenizer, texts)  # noqa: E731  (each document starts with BOS, if any)
+    # each document starts with BOS, if any; a special token's text in a document is text (one that mentions
+    # "<|endoftext|>" is not cut there)
+    encode = lambda texts: encode_prompts(tokenizer, texts, plain_text=True)  # noqa: E731
     train = pack(encode(train_docs), tokenizer.eos_token_id, cfg.block_size)
     held_out = (
         pack(encode(eval_docs), tokenizer.eos_token_id, cfg.block_size)[: cfg.max_eval_blocks]

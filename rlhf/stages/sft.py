@@ -52,11 +52,13 @@ def run(cfg: SFTConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     train, truncated, dropped = tokenize_demonstrations(rows, tokenizer, max_len)
     held_out, held_truncated, held_dropped = tokenize_demonstrations(held_rows, tokenizer, max_len)
     if truncated:
-        log.warning("sft: %d of %d demonstrations longer than %d tokens were truncated (%d dropped: prompt alone too long)",
-                    truncated, len(rows), max_len, dropped)  # fmt: skip
+        log.warning("sft: %d of %d demonstrations are longer than %d tokens: %d cut at the end of their response, "
+                    "%d dropped (their prompt alone fills the context)", truncated, len(rows), max_len,
+                    truncated - dropped, dropped)  # fmt: skip
     if held_truncated:
-        log.warning("sft: %d of %d held-out demonstrations longer than %d tokens were truncated (%d dropped: prompt alone too long)",
-                    held_truncated, len(held_rows), max_len, held_dropped)  # fmt: skip
+        log.warning("sft: %d of %d held-out demonstrations are longer than %d tokens: %d cut at the end of their "
+                    "response, %d dropped (their prompt alone fills the context)", held_truncated, len(held_rows),
+                    max_len, held_truncated - held_dropped, held_dropped)  # fmt: skip
     if not train:
         raise DataError(f"{cfg.train_file}: no demonstration fits in {max_len} tokens")
     result = fit(stage="sft", model=model, tokenizer=tokenizer, train=train, held_out=held_out, cfg=cfg,

@@ -136,7 +136,7 @@ def tokenize_demonstrations(
         r = end_response(r, stops)
         if len(p) + len(r) > max_len:
             truncated += 1
-            if len(p) >= max_len - 1:
+            if len(p) >= max_len:
                 dropped += 1  # no room for a single response token
                 continue
             r = r[: max_len - len(p)]

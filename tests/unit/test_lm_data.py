@@ -141,3 +141,43 @@ def test_bytes_that_are_not_utf8_are_named_by_line_and_a_bom_is_skipped(tmp_path
     assert read_demonstrations(tmp_path / "bom.jsonl", tok) == [("p", "r")]
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfdoc one\r\n\r\ndoc two\r\n")
     assert read_corpus(tmp_path / "bom.txt") == ["doc one", "doc two"]
+
+
+def test_a_demonstration_with_room_for_one_response_token_is_kept(tok) -> None:
+    """A prompt one token short of max_len was dropped as if it left no room for a response token."""
+    from rlhf.models.tokens import encode_prompts
+
+    prompt = "User: Thanks!\nAssistant:"
+    n = len(encode_prompts(tok, [prompt])[0])
+    (example,), truncated, dropped = tokenize_demonstrations([(prompt, " welcome")], tok, max_len=n + 1)
+    assert (truncated, dropped) == (1, 0) and len(example["input_ids"]) == n + 1
+    assert example["labels"][:n] == [IGNORE] * n and example["labels"][n] != IGNORE
+    assert tokenize_demonstrations([(prompt, " welcome")], tok, max_len=n)[1:] == (1, 1)
+
+
+def test_a_folder_of_text_files_is_read_as_each_file_is(tmp_path: Path) -> None:
+    """A folder of .txt files went to datasets' text loader: a document per line, a document of several lines
+    (code) cut into several, with EOS after each line."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("def f(x):\n    return x\n\nsecond doc\n")
+    (tmp_path / "c" / "sub").mkdir()
+    (tmp_path / "c" / "sub" / "b.txt").write_text("\ufeffthird\r\nstill third\r\n")
+    assert read_corpus(tmp_path / "c") == ["def f(x):\n    return x", "second doc", "third\nstill third"]
+    (tmp_path / "c" / "rows.jsonl").write_text('{"text": "a row"}\n')  # other data files: a dataset folder
+    with pytest.raises(DataError):
+        read_corpus(tmp_path / "c")
+
+
+def test_a_special_tokens_text_in_a_document_is_text(tmp_path: Path) -> None:
+    """A pretraining document mentioning "<|endoftext|>" or the PAD token's text got those tokens: an EOS inside
+    it, and PAD trained as a label."""
+    from rlhf.models.tokens import encode_prompts
+
+    tokenizer = train_bpe_tokenizer(CORPUS, vocab_size=300)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    doc = "write <|pad|> and <|endoftext|> here"
+    (ids,) = encode_prompts(tokenizer, [doc], plain_text=True)
+    assert tokenizer.pad_token_id not in ids and tokenizer.eos_token_id not in ids
+    assert tokenizer.decode(ids) == doc
+    # a rendered chat template's special tokens are still tokens
+    assert tokenizer.pad_token_id in encode_prompts(tokenizer, [doc])[0]
