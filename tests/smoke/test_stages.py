@@ -430,7 +430,10 @@ def test_sft_says_how_many_held_out_demonstrations_were_cut(
         result = one_step_sft(tmp_path / "run", model, f"sft.train_file={data}", f"sft.eval_file={held}",
                               "sft.max_seq_len=32")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "1 of 2 held-out demonstrations longer than 32 tokens were truncated (1 dropped" in caplog.text
+    assert (
+        "1 of 2 held-out demonstrations are longer than 32 tokens: 0 cut at the end of their response, 1 dropped"
+        in caplog.text
+    )
 
 
 def test_sft_columns_train_on_alpaca_rows(tmp_path: Path) -> None:
