@@ -190,7 +190,9 @@ def reward(
         files = [cfg.train_file, *([cfg.eval_file] if cfg.eval_file else [])]
         gold = add_gold_eval(cfg.out_dir, files, cfg.format)
         if not gold["gold/pairs"]:
-            summary("reward vs gold: no held-out pairs that gold orders (set reward.eval_fraction > 0)")
+            summary("reward vs gold: no held-out pairs that gold orders ("
+                    + (f"reward.eval_file {cfg.eval_file} has none)" if cfg.eval_file
+                       else "set reward.eval_fraction > 0, or reward.eval_file)"))  # fmt: skip
             return
         summary(
             f"reward vs gold on {gold['gold/pairs']} held-out pairs: reward model "

@@ -78,5 +78,5 @@ def add_gold_eval(
     result = gold_comparison(read_scored_pairs(run_dir), ended_lookup(records))
     eval_path = run_dir / EVAL_FILE
     report = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.exists() else {}
-    write_json(eval_path, {**report, **result})
+    write_json(eval_path, {**report, **result}, strict=True)  # a mean of nothing is null, as JSON has it
     return result

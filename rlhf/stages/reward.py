@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -194,9 +195,10 @@ def read_labeler_weights(path: str | None) -> dict[str, float]:
     p = Path(path)
     mapping = read_yaml(p, "reward.labeler_weights: file", DataError)
     if not isinstance(mapping, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in mapping.values()
-    ):
-        raise DataError(f"{p}: expected a mapping of labeler name -> non-negative weight")
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in mapping.values()
+    ):  # an infinite weight made the loss infinite and the model NaN
+        raise DataError(f"{p}: expected a mapping of labeler name -> non-negative finite weight")
     return {str(k): float(v) for k, v in mapping.items()}
 
 
@@ -594,9 +596,16 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
                           f"prompt in the model's context of {context} tokens: lower it")  # fmt: skip
     train, truncated = encode_groups(train_groups, tokenizer, max_len, cfg, weights)
     held_out, held_truncated = encode_groups(held_groups, tokenizer, max_len, cfg, weights)
+    # what to change where nothing is held out: the held-out file, or the share of the training file
+    where = (f"reward.eval_file {cfg.eval_file} has none" if cfg.eval_file
+             else "set reward.eval_fraction > 0, or reward.eval_file")  # fmt: skip
     if held_groups and not held_out:
         log.warning("reward: every held-out judgement is by a labeler weighted 0: nothing is held out to "
-                    "evaluate on (set eval_file, or another weight)")  # fmt: skip
+                    "evaluate on (%s)", "give them another weight" if cfg.eval_file else "set eval_file, or "
+                    "another weight")  # fmt: skip
+    elif not held_groups:
+        log.warning("reward: no held-out judgement compares two answers, so there is no held-out accuracy (%s)",
+                    where)  # fmt: skip
     if truncated or held_truncated:
         log.warning("reward: %d answers did not fit in %d tokens with their prompt: the prompt keeps its end, "
                     "then the answer is cut (its EOS kept last)", truncated + held_truncated, max_len)  # fmt: skip

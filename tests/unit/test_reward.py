@@ -144,6 +144,9 @@ def test_labeler_weights_from_yaml_or_json_and_zero_drops(tmp_path: Path, tiny_s
     (tmp_path / "bad.json").write_text('{"ann": -1}')
     with pytest.raises(DataError, match="non-negative"):
         read_labeler_weights(str(tmp_path / "bad.json"))
+    (tmp_path / "inf.yaml").write_text("bob: .inf\n")  # made the loss infinite and the model NaN
+    with pytest.raises(DataError, match="non-negative finite weight"):
+        read_labeler_weights(str(tmp_path / "inf.yaml"))
     tokenizer = load_tokenizer(str(tiny_sft_model))
     votes = [PairwiseVote(PROMPT, "a", "b", "A", who) for who in ("ann", "bob", "cy")]
     examples, _ = encode_groups(to_groups(votes), tokenizer, 64, RewardConfig(default_labeler_weight=0.7),
@@ -321,3 +324,20 @@ def test_a_weight_for_a_labeler_the_data_lacks_is_named(caplog: pytest.LogCaptur
     assert (
         "no judgement in the data is by ai:local; its labelers: ai:local-pointwise, redteam:" in caplog.text
     )
+
+
+def test_gold_evaluation_of_nothing_held_out_writes_json_every_reader_takes(tmp_path: Path) -> None:
+    """eval.json got bare NaN for the gold accuracies of an empty held-out split, which JSON readers refuse."""
+    import json
+
+    from rlhf.eval.reward_eval import add_gold_eval
+
+    (tmp_path / "heldout_pairs.jsonl").write_text("")
+    (tmp_path / "eval.json").write_text('{"rm/accuracy": {"accuracy": null}}')
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text(
+        json.dumps({"prompt": PROMPT, "completion_a": " a", "completion_b": " b", "choice": "A"}) + "\n"
+    )
+    assert add_gold_eval(tmp_path, [str(votes)])["gold/pairs"] == 0
+    text = (tmp_path / "eval.json").read_text()
+    assert "NaN" not in text and json.loads(text)["gold/rm_accuracy"]["accuracy"] is None
