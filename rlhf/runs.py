@@ -26,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -252,7 +251,7 @@ class Run:
     def load_state(checkpoint: Path) -> dict[str, Any]:
         try:
             return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)  # type: ignore[no-any-return]
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # damaged inside its data
+        except Exception as e:  # noqa: BLE001  damaged inside its data, a pickle can fail in any way
             raise RlhfError(f"{checkpoint / STATE_FILE}: cannot be read ({str(e).splitlines()[0]}): remove "
                             f"{checkpoint} to resume from the checkpoint before it") from None  # fmt: skip
 

@@ -360,10 +360,17 @@ def test_a_damaged_checkpoint_is_passed_over_and_a_damaged_file_is_one_line(
     weights.write_bytes(weights.read_bytes()[:-8])  # its data shorter than its header says
     with pytest.raises(RlhfError, match="no checkpoint can be read"):
         run.latest_checkpoint()
-    # damaged inside its data, past what opening reads: loading it is one line naming it
-    broken = bytearray(state)
-    broken[len(broken) // 2 : len(broken) // 2 + 64] = b"\0" * 64
-    (ckpt / "step-0000003" / "trainer_state.pt").write_bytes(bytes(broken))
+    # damaged inside its data, past what opening reads (a whole archive, its pickle garbled): loading it is one
+    # line naming it
+    import zipfile
+
+    path = ckpt / "step-0000003" / "trainer_state.pt"
+    path.write_bytes(state)
+    with zipfile.ZipFile(path) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, b"\x80\x02garbage" if name.endswith("data.pkl") else data)
     with pytest.raises(RlhfError, match=r"trainer_state.pt: cannot be read .*remove .*step-0000003"):
         Run.load_state(ckpt / "step-0000003")
 
