@@ -196,10 +196,17 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
         tree = loaded or {}
-        if tree and not set(tree) & set(RootConfig.model_fields):
+        if (
+            section is not None
+            and not set(tree) <= set(RootConfig.model_fields)
+            and _mostly_of(section, set(tree))
+        ):
+            # a run's own config.yaml (mostly the section's settings, even where a mistyped key is a section's
+            # name, `reward:` for `reward_model:`), with any key it does not know reported as that section's
+            tree = {section: tree}
+        elif tree and not set(tree) & set(RootConfig.model_fields):
             stages = stages_with(set(tree))
-            if section in stages or (section is not None and _mostly_of(section, set(tree))):
-                # a run's own config.yaml, with any key it does not know reported as that section's
+            if section in stages:
                 tree = {section: tree}
             elif stages:
                 raise ConfigError(

@@ -109,6 +109,11 @@ STAGE_SECTIONS = {"data": ("data",), "pretrain": ("pretrain",), "sft": ("sft",),
                   "label": ("panel",), "reward": ("reward",), "ppo": ("ppo",), "eval": ("eval",)}  # fmt: skip
 
 
+# settings that change how a stage runs but not what it produces
+RESULT_NEUTRAL = frozenset({"log_every", "save_every", "keep_checkpoints", "log_with", "endpoint_concurrency",
+                            "endpoint_retries", "endpoint_timeout_s", "endpoint_api_key_env"})  # fmt: skip
+
+
 def stage_settings(cfg: RootConfig, out: Path, name: str) -> dict[str, Any] | None:
     """The settings stage `name` runs with (its config sections, dotted keys, the run directory as "RUN" so that
     a moved run directory is the same run), or None for a stage that reads none (the report)."""
@@ -147,8 +152,10 @@ class Stages:
             before, now = info.get("settings"), stage_settings(self.cfg, self.out, name)
             if before is None or now is None:
                 continue
-            # a setting only one build has (added or removed since) is not a change of this run's
-            keys = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
+            # a setting only one build has (added or removed since) is not a change of this run's, nor is one that
+            # cannot change a stage's results (how often it logs or keeps checkpoints, how it reaches an engine)
+            keys = sorted(k for k in before.keys() & now.keys()
+                          if before[k] != now[k] and k.rsplit(".", 1)[-1] not in RESULT_NEUTRAL)  # fmt: skip
             if not keys:
                 continue
             shown = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in keys[:3])

@@ -249,7 +249,12 @@ def endpoint_answers(
     if cfg.top_k:
         body["top_k"] = cfg.top_k  # not OpenAI's; vLLM, SGLang and rlhf serve take it
     limits = httpx.Limits(max_connections=cfg.endpoint_concurrency)
-    with httpx.Client(base_url=cfg.endpoint.rstrip("/"), headers=headers, timeout=cfg.endpoint_timeout_s,
+    # a query in the endpoint (Azure's api-version, a key some gateways take) goes with every request, after its
+    # path: in the base URL, the paths would be appended to the query
+    parts = urllib.parse.urlsplit(cfg.endpoint)
+    base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+    params = httpx.QueryParams(parts.query)
+    with httpx.Client(base_url=base, params=params, headers=headers, timeout=cfg.endpoint_timeout_s,
                       limits=limits) as http:  # fmt: skip
         listed = listed_version(http, cfg, url, model)
 

@@ -129,6 +129,7 @@ def fake_engine() -> Iterator[dict[str, Any]]:
     async def completions(request: Request) -> JSONResponse:
         body = await request.json()
         state["bodies"].append(body)
+        state["queries"] = [*state.get("queries", []), dict(request.query_params)]
         if state["fail"] > 0:
             state["fail"] -= 1
             return JSONResponse({"error": "overloaded"}, status_code=500, headers={"Retry-After": "0"})
@@ -200,3 +201,16 @@ def test_an_unknown_model_and_an_unreachable_endpoint_are_one_line_errors(
         generate.run(config(model_dirs, prompts_file, out, endpoint=closed, endpoint_model="tiny"))
     assert str(error.value).startswith(f"generate.endpoint {closed}: ConnectError")
     assert "\n" not in str(error.value) and not out.exists()
+
+
+def test_a_query_in_the_endpoint_goes_with_every_request(
+    fake_engine: dict[str, Any], model_dirs: dict[str, Path], prompts_file: Path, tmp_path: Path
+) -> None:
+    """`--endpoint http://host/v1?api-version=...` asked /v1?api-version=.../completions: a 404 whose message,
+    naming the endpoint without its query, hid why."""
+    out = tmp_path / "candidates.jsonl"
+    cfg = config(model_dirs, prompts_file, out, endpoint=fake_engine["url"] + "/v1?api-version=2024-06-01",
+                 endpoint_model="big", k=2, max_prompts=1)  # fmt: skip
+    generate.run(cfg)
+    assert fake_engine["queries"] == [{"api-version": "2024-06-01"}]
+    assert read_rows(out)[0]["completions"][0]["sampling"]["endpoint"] == fake_engine["url"] + "/v1"

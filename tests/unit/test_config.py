@@ -178,3 +178,16 @@ def test_a_runs_own_config_with_a_mistyped_key_names_that_key(tmp_path: Path) ->
     with pytest.raises(ConfigError) as e:
         load_config(path, [], "pretrain")
     assert str(e.value) == "config error: pretrain.lrr: unknown key (did you mean lr?)"
+
+
+def test_a_runs_own_config_with_a_key_mistyped_as_a_sections_name_names_that_key(tmp_path: Path) -> None:
+    """`reward:` for `reward_model:` in a PPO run's config.yaml made the file read as a config of sections: every
+    other key unknown. A config of sections alone is still read as one, even by a stage with a setting of
+    that name (the loop's `ppo`)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(load_config(None, []).ppo).replace("\nreward_model:", "\nreward:"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [], "ppo")
+    assert str(e.value) == "config error: ppo.reward: unknown key (did you mean reward_model?)"
+    path.write_text("ppo:\n  lr: 0.5\n")
+    assert load_config(path, [], "loop").ppo.lr == 0.5

@@ -246,6 +246,9 @@ def test_a_finished_stage_run_with_other_settings_is_refused_not_reported_as_thi
     assert "data (" not in str(e.value)
     with pytest.raises(ConfigError, match=r"data \(data.n_eval_prompts 100 -> 500"):
         demo.Stages(out, demo.demo_config(out, fast=False, config=None, overrides=[])).check_settings()
+    # how often a stage logs or keeps checkpoints changes none of its results
+    demo.Stages(out, demo.demo_config(out, fast=True, config=None, overrides=["sft.log_every=5",
+                "sft.save_every=7", "sft.keep_checkpoints=1", "generate.endpoint_retries=2"])).check_settings()  # fmt: skip
     # a stage not yet run takes the new settings; a moved run directory is the same run
     demo.Stages(out, demo.demo_config(out, fast=True, config=None, overrides=["ppo.lr=0.5"])).check_settings()
     moved = tmp_path / "elsewhere"

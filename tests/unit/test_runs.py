@@ -356,6 +356,12 @@ def test_a_damaged_checkpoint_is_passed_over_and_a_damaged_file_is_one_line(
     with caplog.at_level(logging.WARNING, logger="rlhf.runs"):
         assert run.latest_checkpoint() == ckpt / "step-0000002"
     assert "step-0000003 cannot be read" in caplog.text
+    # bits damaged inside the optimiser's tensors, the archive whole: its checksum tells (resumed, the run went NaN)
+    ones = b"\x00\x00\x80\x3f" * 16  # torch.ones(256) in the optimiser state, as stored
+    assert ones in state
+    (ckpt / "step-0000003" / "trainer_state.pt").write_bytes(state.replace(ones, b"\xff" * len(ones), 1))
+    assert run.latest_checkpoint() == ckpt / "step-0000002"
+    assert "does not match its checksum" in caplog.text
     weights = ckpt / "step-0000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])  # its data shorter than its header says
     with pytest.raises(RlhfError, match="no checkpoint can be read"):
