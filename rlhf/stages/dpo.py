@@ -67,6 +67,7 @@ from rlhf.train.common import (
     BatchPlan,
     Progress,
     autocast,
+    finite_grad_norm,
     lean_forward,
     make_accelerator,
     no_sync,
@@ -437,7 +438,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
             for key, value in {"dpo/loss": loss.detach(), **stats}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
         # 3. clip and step
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        grad_norm = finite_grad_norm(
+            accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm), f"dpo: step {step + 1}"
+        )
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the step's own, before the schedule moves on
         scheduler.step()

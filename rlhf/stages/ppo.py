@@ -90,6 +90,7 @@ from rlhf.train.common import (
     BatchPlan,
     Progress,
     autocast,
+    finite_grad_norm,
     lean_forward,
     make_accelerator,
     make_optimizer,
@@ -572,9 +573,9 @@ def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator
                 for key, value in step_stats.items():
                     stats[key].append(float(value))
             for model, opt, sched, norm_key in trained:
-                stats[norm_key].append(
-                    float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                )
+                stats[norm_key].append(finite_grad_norm(
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm),
+                    f"ppo: the {'policy' if norm_key == 'ppo/grad_norm' else 'critic'}'s update"))  # fmt: skip
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

@@ -76,6 +76,7 @@ from rlhf.train.common import (
     BatchPlan,
     Progress,
     autocast,
+    finite_grad_norm,
     lean_forward,
     make_accelerator,
     no_sync,
@@ -673,7 +674,9 @@ def run(cfg: RewardConfig, resume: bool = False, quiet: bool = False) -> dict[st
             step_pairs += len(batch.chosen_idx)
             step_correct += int((rewards[batch.chosen_idx] > rewards[batch.rejected_idx]).sum())
         # 3. clip and step
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+        grad_norm = finite_grad_norm(
+            accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm), f"reward: step {step + 1}"
+        )
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the step's own, before the schedule moves on
         scheduler.step()

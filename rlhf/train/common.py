@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.config import Precision, TrainConfig
 from rlhf.engine import lean_llama
 from rlhf.engine.packing import TokenLayout
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, RlhfError
 from rlhf.models.loading import save_pretrained_atomic
 from rlhf.train import sharding
 
@@ -221,6 +221,20 @@ def lean_forward(model: Any, accelerator: Accelerator, cfg: TrainConfig) -> bool
     )
     # the model is still on the CPU here: where it will train decides (on a GPU, its own attention kernels)
     return whole and accelerator.device.type == "cpu" and lean_llama.supports(model)
+
+
+def finite_grad_norm(grad_norm: Any, what: str) -> float:
+    """The gradient norm `clip_grad_norm_` gave, as a float, before the optimiser steps; RlhfError where it is
+    not finite (every process computes the same norm, so all stop together). A NaN or infinite gradient, taken,
+    would make every weight NaN, and the run would go on to save that model as its final/ one."""
+    value = float(grad_norm)
+    if not math.isfinite(value):
+        raise RlhfError(
+            f"{what}: the gradient norm is {value}: training diverged (a learning rate too high, or data the "
+            "model cannot take), so it stopped before the optimiser step and no weight took it; --resume continues "
+            "from the last checkpoint, with a lower lr"
+        )
+    return value
 
 
 def autocast(accelerator: Accelerator) -> Any:

@@ -37,6 +37,7 @@ from rlhf.train import sharding
 from rlhf.train.common import (
     BatchPlan,
     Progress,
+    finite_grad_norm,
     lean_forward,
     no_sync,
     save_policy,
@@ -249,7 +250,9 @@ def fit(
                 accelerator.backward(objective)
             step_loss += loss_sum.detach().double()
         # 2. clip and step
-        grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), cfg.max_grad_norm)
+        grad_norm = finite_grad_norm(
+            accelerator.clip_grad_norm_(loss_fn.parameters(), cfg.max_grad_norm), f"{stage}: step {step + 1}"
+        )
         optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the step's own, before the schedule moves on
         scheduler.step()

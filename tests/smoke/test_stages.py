@@ -418,6 +418,26 @@ def test_sft_on_a_single_demonstration_trains_on_it(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "sft/loss" in r] == [1]
 
 
+def test_a_training_step_whose_gradient_is_not_finite_stops_the_run_before_any_weight_takes_it(
+    tmp_path: Path,
+) -> None:
+    """A diverged run (here a weight already infinite) took the NaN step, went on and saved a NaN model as its
+    final/ with exit status 0."""
+    from rlhf.models.loading import load_causal_lm
+
+    model_dir = save_tiny("llama", tmp_path / "model")
+    model = load_causal_lm(str(model_dir))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(model_dir)
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "User: Hi\nAssistant:", "response": " Hello!"}) + "\n")
+    result = one_step_sft(tmp_path / "run", model_dir, f"sft.train_file={data}")
+    assert result.exit_code == 1
+    assert str(result.exception).startswith("sft: step 1: the gradient norm is nan: training diverged")
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_sft_says_how_many_held_out_demonstrations_were_cut(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
