@@ -23,6 +23,7 @@ stays for `--resume` and the earlier one is removed, as once it has written (`ke
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -94,6 +95,7 @@ class Run:
         """`resume`: the run continues the one in `out_dir` (else an earlier run there is cleared away, see the
         module's docstring); `records`: files or folders of the stage's own to clear with it (caches)."""
         self.dir = Path(out_dir)
+        self._passed_over: set[tuple[Path, str]] = set()  # damaged checkpoints already warned of
         _refuse_inputs_inside(self.dir, config)
         self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -208,8 +210,10 @@ class Run:
             damage = unreadable(checkpoint)
             if damage is None:
                 return checkpoint
-            log.warning("%s cannot be read (%s): passed over, the run resumes from an earlier checkpoint",
-                        checkpoint, damage)  # fmt: skip
+            if (checkpoint, damage) not in self._passed_over:  # said once, however often the run asks
+                self._passed_over.add((checkpoint, damage))
+                log.warning("%s cannot be read (%s): passed over, the run resumes from an earlier checkpoint",
+                            checkpoint, damage)  # fmt: skip
         if found:
             raise RlhfError(f"{self.checkpoints}: no checkpoint can be read ({unreadable(found[-1])}): start "
                             "again without --resume")  # fmt: skip
@@ -493,7 +497,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def unreadable(checkpoint: Path) -> str | None:
     """Why a checkpoint's files cannot be read (its trainer state: an archive whose index is gone or a member that
     fails its checksum; a safetensors file whose header or size is wrong), or None. Safetensors files carry no
-    checksum: weights damaged inside their data are not found here."""
+    checksum: weights damaged inside their data are not found here. Read once per process and state file (a
+    resume asks several times, and the checksums read the whole optimiser state)."""
+    state = checkpoint / STATE_FILE
+    try:
+        stat = state.stat()
+    except OSError as e:
+        return f"{e.__class__.__name__}: {e}"
+    return _unreadable(checkpoint, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _unreadable(checkpoint: Path, mtime_ns: int, size: int) -> str | None:
     import zipfile
 
     from safetensors import SafetensorError, safe_open

@@ -353,7 +353,7 @@ def yesno_reasoning(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def arithmetic_values(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per policy (a, b), over the arithmetic questions: how many answers state a result, and how often each value
     is stated and how often it is then right. A policy whose reward model cannot check values drifts towards the
-    values that reward model favours whatever the question (`reward_value_check`'s `by_value`); this shows it."""
+    values that reward model favours whatever the question (`value_prior`); this shows it."""
     from rlhf.labelers import gold
 
     out: dict[str, dict[str, Any]] = {side: {"questions": 0, "values": {}} for side in ("a", "b")}
