@@ -499,16 +499,16 @@ def unreadable(checkpoint: Path) -> str | None:
     fails its checksum; a safetensors file whose header or size is wrong), or None. Safetensors files carry no
     checksum: weights damaged inside their data are not found here. Read once per process and state file (a
     resume asks several times, and the checksums read the whole optimiser state)."""
-    state = checkpoint / STATE_FILE
-    try:
-        stat = state.stat()
+    try:  # the files it reads, as they are now: a file changed since is read again
+        files = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size)
+                      for f in sorted([checkpoint / STATE_FILE, *checkpoint.rglob("*.safetensors")]))  # fmt: skip
     except OSError as e:
         return f"{e.__class__.__name__}: {e}"
-    return _unreadable(checkpoint, stat.st_mtime_ns, stat.st_size)
+    return _unreadable(checkpoint, files)
 
 
 @functools.cache
-def _unreadable(checkpoint: Path, mtime_ns: int, size: int) -> str | None:
+def _unreadable(checkpoint: Path, files: tuple[tuple[str, int, int], ...]) -> str | None:
     import zipfile
 
     from safetensors import SafetensorError, safe_open
