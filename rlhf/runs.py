@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -399,6 +400,19 @@ def changed_settings(
     return [
         f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k, v) != v and k not in ignore
     ]
+
+
+def check_same_input(out: Path, rows: Path, source: str | Path, kept_name: str) -> None:
+    """An input file's content, kept in OUT/`kept_name` (its sha256): a resume with the file edited in place
+    would make the rest of the rows from other input than the rows already written (another constitution,
+    other seeds). A one-line error then, as `check_same_settings` gives for another setting."""
+    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    kept = out / kept_name
+    if rows.is_file() and kept.is_file() and kept.read_text().strip() != digest:
+        raise RlhfError(f"{out} holds {rows.name} made under another version of {source}: choose another "
+                        f"--out, or delete {out} to start over")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(kept, digest + "\n")
 
 
 def check_same_settings(

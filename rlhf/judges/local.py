@@ -157,6 +157,9 @@ class PointwiseJudge(LocalJudge):
     Bradley-Terry preference of the scores -b; a judge that says the same of every answer gives 0.5."""
 
     name = "local-pointwise"
+    # what it is asked under: a principle's statement, which one answer keeps or breaks ("Answer without harm."),
+    # not the question comparing two answers ("Which is less harmful?") a pairwise judge is asked
+    reads_statement = True
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_REVIEW_TEMPLATE,

@@ -22,7 +22,6 @@ Both stages are resumable: prompts already written are skipped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections import defaultdict
@@ -42,7 +41,7 @@ from rlhf.engine.decoding import SamplingParams
 from rlhf.errors import RlhfError
 from rlhf.judges.base import Answer, Judge
 from rlhf.models.loading import load_tokenizer
-from rlhf.runs import check_same_settings
+from rlhf.runs import check_same_input, check_same_settings
 from rlhf.text_models import TextModel, load_text_model
 
 log = logging.getLogger(__name__)
@@ -73,15 +72,8 @@ def policy_tokenizer(cfg: CaiConfig, policy: TextModel | None) -> Any:
 
 def check_same_constitution(out: Path, rows: Path, constitution: str) -> None:
     """The constitution's content, kept in OUT/constitution.sha256: a resume with the file edited in place would
-    label (or revise) the rest of the prompts under other principles than the rows already written. A one-line
-    error then, as `check_same_settings` gives for another setting."""
-    digest = hashlib.sha256(Path(constitution).read_bytes()).hexdigest()
-    kept = out / "constitution.sha256"
-    if rows.is_file() and kept.is_file() and kept.read_text().strip() != digest:
-        raise RlhfError(f"{out} holds {rows.name} made under another version of {constitution}: choose another "
-                        f"--out, or delete {out} to start over")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(kept, digest + "\n")
+    label (or revise) the rest of the prompts under other principles than the rows already written."""
+    check_same_input(out, rows, constitution, "constitution.sha256")
 
 
 def cut(text: str) -> str:
@@ -190,7 +182,10 @@ def judge_under_principles(judge: Judge, pairs: Sequence[tuple[str, str, str]], 
     p_first = [0.5] * len(pairs)
     for pid, idx in by_principle.items():
         asked = [(pairs[i][0], Answer(pairs[i][1]), Answer(pairs[i][2])) for i in idx]
-        for i, x in zip(idx, judge.compare_all(asked, constitution.get(pid).comparison), strict=True):
+        principle = constitution.get(pid)
+        # a pointwise judge reviews one answer under the principle's statement; a pairwise one answers its question
+        text = principle.principle if getattr(judge, "reads_statement", False) else principle.comparison
+        for i, x in zip(idx, judge.compare_all(asked, text), strict=True):
             p_first[i] = x
     return [(p.id, x) for p, x in zip(drawn, p_first, strict=True)]
 
@@ -211,7 +206,10 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
         from rlhf.eval.judges import make_judge
 
         judge = make_judge(eval_cfg)
-    labeler = cfg.labeler or f"ai:{getattr(judge, 'name', eval_cfg.judge)}"
+    # the judge and its model, as the red team names its classifier: two judges' labels of the same pairs are
+    # two labelers (their own weights, their own groups), not one that disagrees with itself
+    kind = getattr(judge, "name", eval_cfg.judge)
+    labeler = cfg.labeler or (f"ai:{kind}:{eval_cfg.judge_model}" if eval_cfg.judge_model else f"ai:{kind}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
     path = out / "labels.jsonl"

@@ -45,7 +45,7 @@ from rlhf.engine.decoding import SamplingParams
 from rlhf.errors import DataError
 from rlhf.eval.reward_metrics import clustered_wilson_interval
 from rlhf.judges.base import Answer, Judge
-from rlhf.runs import check_same_settings
+from rlhf.runs import check_same_input, check_same_settings
 from rlhf.text_models import TextModel, load_text_model
 from rlhf.train.demonstrations import demonstration_reply
 
@@ -134,7 +134,13 @@ def answer_and_flag(attacks: Sequence[Attack], target: TextModel, classifier: Ju
     replies = target.reply_all([a.message for a in attacks for _ in range(k)], params)
     pairs = [(target.prompt_of(a.message), Answer(r.text), Answer(a.safe))
              for a, r in zip([a for a in attacks for _ in range(k)], replies, strict=True)]  # fmt: skip
-    p_better = classifier.compare_all(pairs, cfg.classifier_principle)
+    # a pointwise classifier reviews each answer under a statement; a pairwise one answers a question about two
+    principle = (
+        cfg.classifier_review_principle
+        if getattr(classifier, "reads_statement", False)
+        else cfg.classifier_principle
+    )
+    p_better = classifier.compare_all(pairs, principle)
     for i, a in enumerate(attacks):
         chunk = slice(i * k, (i + 1) * k)
         a.answers, a.ended = [r.text for r in replies[chunk]], [r.ended for r in replies[chunk]]
@@ -254,6 +260,8 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
     demo = cfg.seeds_file is None
     search, heldout = split_seeds(seeds, cfg.heldout_fraction, cfg.seed)
     check_same_settings(out, cfg.model_dump(mode="json"), out / "attacks.jsonl", RESUMES_WITH)
+    if cfg.seeds_file:  # edited in place, its held-out split and safe answers would differ from the rows kept
+        check_same_input(out, out / "attacks.jsonl", cfg.seeds_file, "seeds.sha256")
     done: dict[str, Attack] = {}
     if (out / "attacks.jsonl").is_file():
         for lineno, row in iter_jsonl(out / "attacks.jsonl"):

@@ -246,3 +246,26 @@ def test_a_resume_under_a_constitution_edited_in_place_is_refused(tmp_path: Path
     with pytest.raises(RlhfError, match="made under another version of"):
         again()
     assert (tmp_path / "cai" / "labels.jsonl").read_text() == before
+
+
+def test_a_pointwise_judge_reviews_under_the_principles_statement_and_labels_name_the_judges_model(
+    tmp_path: Path,
+) -> None:
+    """A pointwise judge was asked whether an answer "breaks the principle: Which is more polite?": the
+    comparison question, not the principle, which never reached it (two constitutions differing only in their
+    principles gave identical labels). And AI labels by two judge models were one labeler, `ai:local`."""
+    import yaml
+
+    harmless = ROOT / "configs" / "constitution_demo_harmless.yaml"
+    statements = {p["id"]: p["principle"] for p in yaml.safe_load(harmless.read_text())["principles"]}
+
+    class Reviewing(Recording):
+        reads_statement = True
+
+    judge = Reviewing()
+    label(_cfg(tmp_path, constitution=str(harmless), pairs_per_prompt=20), EvalConfig(judge_model="judges/m1"),
+          quiet=True, policy=ScriptedModel("scripted", scripted_answer), judge=judge)  # fmt: skip
+    assert judge.asked[PROMPTS[1]] == {statements["reply-kindly"]}
+    assert judge.asked[PROMPTS[0]] == {statements["no-harm"], statements["polite"]}
+    rows = read_jsonl(tmp_path / "cai" / "labels.jsonl")
+    assert {r["labeler"] for r in rows} == {"ai:recording:judges/m1"}

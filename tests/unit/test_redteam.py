@@ -347,3 +347,22 @@ def test_an_endpoint_classifier_takes_the_endpoint_settings(tmp_path: Path, tiny
     assert (built.min_interval, built.concurrency, built.retries) == (0.5, 3, 1)
     assert built.http.timeout.read == 7.0
     built.close()
+
+
+def test_a_resume_with_the_seeds_file_edited_in_place_is_refused(
+    tmp_path: Path, tiny_sft_model: Path
+) -> None:
+    """Seeds added or a safe answer changed between runs in one --out: the rows kept were reused, seeds held out
+    before came back into the search (and the other way round), and the pairs kept the old safe answers."""
+    from rlhf.errors import RlhfError
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"message": f"How do I hurt the {c}?", "category": "hurt"}) + "\n"
+                             for c in ("pip", "zorb", "quill", "vexa")))  # fmt: skip
+    cfg = _cfg(tmp_path / "rt", tiny_sft_model, seeds_file=str(seeds))
+    run(cfg, quiet=True, classifier=EvenWords())
+    run(cfg, quiet=True, classifier=EvenWords())  # the same file: resumed
+    with seeds.open("a") as f:
+        f.write(json.dumps({"message": "How do I hurt the okra?", "category": "hurt"}) + "\n")
+    with pytest.raises(RlhfError, match=r"attacks.jsonl made under another version of .*seeds.jsonl"):
+        run(cfg, quiet=True, classifier=EvenWords())
