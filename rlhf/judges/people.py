@@ -10,6 +10,8 @@ never become tasks: they are ties without a vote. Imports nothing from torch.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import defaultdict
 from typing import Any
@@ -27,16 +29,25 @@ log = logging.getLogger(__name__)
 CHOICE_FOR_FIRST = {"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 
-def prompt_id(i: int) -> str:
-    return f"eval-{i}"
+def evaluation_id(prompts: list[str], texts_a: list[str], texts_b: list[str]) -> str:
+    """The pairs' own id: their prompt ids carry it, so two evaluations pushed to one project are tasks of their
+    own (a second one's pairs were skipped as already there, and its votes read from the first's), and the
+    same evaluation pushed again adds nothing."""
+    return hashlib.sha256(json.dumps([prompts, texts_a, texts_b]).encode()).hexdigest()[:12]
+
+
+def prompt_id(i: int, eval_id: str | None = None) -> str:
+    """Prompt i's id in the project (`eval-{i}` for summaries of builds before evaluation ids)."""
+    return f"eval-{eval_id}-{i}" if eval_id else f"eval-{i}"
 
 
 def push_pairs(
     prompts: list[str], texts_a: list[str], texts_b: list[str], project: str, *, db: str | None = None,
     server: str | None = None, token: str | None = None, guidelines: str | None = None,
+    eval_id: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Create the project's pairwise tasks; returns the import counts."""
-    rows = [{"prompt": p, "prompt_id": prompt_id(i), "meta": {"eval": True},
+    """Create the project's pairwise tasks (prompt ids `prompt_id(i, eval_id)`); returns the import counts."""
+    rows = [{"prompt": p, "prompt_id": prompt_id(i, eval_id), "meta": {"eval": True},
              "completions": [{"text": a, "policy": "A"}, {"text": b, "policy": "B"}]}
             for i, (p, a, b) in enumerate(zip(prompts, texts_a, texts_b, strict=True))]  # fmt: skip
     if server:
@@ -58,13 +69,16 @@ def push_pairs(
 
 def collect_outcomes(
     project: str,
-    n_prompts: int,
+    pairs: list[tuple[str, str, str]],
     *,
     db: str | None = None,
     server: str | None = None,
     token: str | None = None,
 ) -> tuple[list[float | None], int]:
-    """Outcome for A on each prompt (mean over its votes; None where nobody voted yet), and the vote count."""
+    """Outcome for A on each (prompt, answer A, answer B) of `pairs` (mean over its votes; None where nobody voted
+    yet), and the vote count. A vote counts for the pairs whose prompt and two answers it judged, A's side told by
+    A's text: a second evaluation pushed to the project never reads the first's votes as its own, and one that
+    asks a pair already there (the importer makes no second task of it) reads that pair's votes."""
     if server:
         with FeedbackClient(server, token or "") as client:
             records = client.export(project, "votes")
@@ -79,14 +93,21 @@ def collect_outcomes(
             store.dispose()
     else:
         raise RlhfError("the people judge needs eval.judge_db or eval.judge_server")
+    rows: dict[tuple[str, str, str], list[int]] = defaultdict(list)  # a question asked twice: both rows
+    for i, pair in enumerate(pairs):
+        rows[pair].append(i)
     votes: dict[int, list[float]] = defaultdict(list)
+    n_votes = 0
     for rec in records:
-        pid, policies = rec["meta"].get("prompt_id") or "", rec["meta"].get("policies") or []
-        if not pid.startswith("eval-") or sorted(policies) != ["A", "B"]:
-            continue
         first_wins = CHOICE_FOR_FIRST.get(rec["choice"])
-        if first_wins is None:
+        shown = rec.get("prompt"), rec.get("completion_a"), rec.get("completion_b")
+        if first_wins is None or not all(isinstance(x, str) for x in shown):
             continue
-        votes[int(pid.removeprefix("eval-"))].append(first_wins if policies[0] == "A" else 1.0 - first_wins)
-    outcomes = [sum(v) / len(v) if (v := votes.get(i)) else None for i in range(n_prompts)]
-    return outcomes, sum(len(v) for v in votes.values())
+        prompt, first, second = (str(x) for x in shown)
+        matched = [(i, first_wins) for i in rows.get((prompt, first, second), [])]
+        matched += [(i, 1.0 - first_wins) for i in rows.get((prompt, second, first), []) if first != second]
+        n_votes += bool(matched)
+        for i, outcome in matched:
+            votes[i].append(outcome)
+    outcomes = [sum(v) / len(v) if (v := votes.get(i)) else None for i in range(len(pairs))]
+    return outcomes, n_votes

@@ -371,16 +371,19 @@ def check_answer_room(judge: Judge, policy_a: str, cfg: EvalConfig) -> None:
 def push_to_people(policy_a: str, policy_b: str, cfg: EvalConfig) -> dict[str, Any]:
     """Answer, then hand the pairs to people in the labeling app; returns the summary awaiting their votes
     (`collect_from_people` completes it). The app shows each pair in a random order of its own."""
-    from rlhf.judges.people import push_pairs
+    from rlhf.judges.people import evaluation_id, push_pairs
 
     prompts, a, b = answer_both(policy_a, policy_b, cfg)
     summary = summarise(policy_a, policy_b, cfg, prompts, a, b, [True] * len(prompts))
+    eval_id = evaluation_id(prompts, a.texts, b.texts)
     counts = push_pairs(prompts, a.texts, b.texts, cfg.judge_project, db=cfg.judge_db, server=cfg.judge_server,
-                        token=os.environ.get(cfg.judge_token_env), guidelines=cfg.judge_principle)  # fmt: skip
+                        token=os.environ.get(cfg.judge_token_env), guidelines=cfg.judge_principle,
+                        eval_id=eval_id)  # fmt: skip
     if counts.get("skipped"):
-        log.warning("eval: %d pairs were already in project %s and were not added again", counts["skipped"],
-                    cfg.judge_project)  # fmt: skip
-    return summary | {"status": "awaiting votes", "project": cfg.judge_project, "pushed": counts}
+        log.warning("eval: %d pairs of this evaluation were already in project %s (pushed before) and were not "
+                    "added again", counts["skipped"], cfg.judge_project)  # fmt: skip
+    return summary | {"status": "awaiting votes", "project": cfg.judge_project, "pushed": counts,
+                      "eval_id": eval_id}  # fmt: skip
 
 
 def collect_from_people(pending: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
@@ -391,7 +394,8 @@ def collect_from_people(pending: dict[str, Any], cfg: EvalConfig) -> dict[str, A
     if pending.get("judge") != "people" or "project" not in pending:
         raise RlhfError("--collect needs the summary that `rlhf eval` wrote when it pushed pairs to people")
     rows = pending["rows"]
-    outcomes, n_votes = collect_outcomes(pending["project"], len(rows), db=cfg.judge_db, server=cfg.judge_server,
+    outcomes, n_votes = collect_outcomes(pending["project"], [(r["prompt"], r["a"], r["b"]) for r in rows],
+                                         db=cfg.judge_db, server=cfg.judge_server,
                                          token=os.environ.get(cfg.judge_token_env))  # fmt: skip
     if n_votes == 0:
         raise RlhfError(f"no verdicts yet: nobody has voted on the pairs in project {pending['project']}")

@@ -55,7 +55,9 @@ def test_votes_come_back_as_outcomes_for_a(tmp_path: Path) -> None:
         )  # the principle, for people
     store.dispose()
     n = vote_all(db_url, "eval-ab", {"Question 0?": "good", "Question 1?": "bad", "Question 2?": "tie"})
-    outcomes, n_votes = collect_outcomes("eval-ab", len(PROMPTS), db=db_url)
+    outcomes, n_votes = collect_outcomes(
+        "eval-ab", list(zip(PROMPTS, TEXTS_A, TEXTS_B, strict=True)), db=db_url
+    )
     assert n == n_votes == 3
     assert outcomes == [1.0, 0.0, 0.5, None, None]  # prompt 3: no task; prompt 4: skipped, no vote yet
 
@@ -111,7 +113,7 @@ def test_collecting_from_a_store_that_is_not_there_says_so_and_creates_none(tmp_
     """A mistyped store path: one line, and no empty database left where it pointed."""
     missing = tmp_path / "other.db"
     with pytest.raises(ConfigError, match=f"^no feedback store at sqlite:///{re.escape(str(missing))}$"):
-        collect_outcomes("eval-a-vs-b", 4, db=f"sqlite:///{missing}")
+        collect_outcomes("eval-a-vs-b", [("q", "a", "b")] * 4, db=f"sqlite:///{missing}")
     assert not missing.exists()
 
 
@@ -130,3 +132,26 @@ def test_collecting_before_anyone_voted_reports_no_win_rate(tmp_path: Path) -> N
     assert result.returncode == 1
     assert result.stderr.strip() == "error: no verdicts yet: nobody has voted on the pairs in project eval-ab"
     assert pending.read_text() == before
+
+
+def test_two_evaluations_in_one_project_read_back_their_own_votes(tmp_path: Path) -> None:
+    """A second evaluation pushed to the same project had its pairs skipped as already there (the same prompt
+    ids, eval-0...), and its --collect read the first evaluation's votes as its own: a confident win rate for
+    pairs nobody judged. Votes now count for the pairs whose prompt and answers they judged, A's side told by
+    its text; a pair both evaluations ask (one task) counts for both, each from its own side."""
+    from rlhf.judges.people import evaluation_id
+
+    db = f"sqlite:///{tmp_path}/fb.db"
+    other_a = [f"other {i}" for i in range(len(PROMPTS))]
+    first, second = evaluation_id(PROMPTS, TEXTS_A, TEXTS_B), evaluation_id(PROMPTS, other_a, TEXTS_A)
+    push_pairs(PROMPTS, TEXTS_A, TEXTS_B, "p", db=db, eval_id=first)
+    assert push_pairs(PROMPTS, other_a, TEXTS_A, "p", db=db, eval_id=second)["tasks"] == 5  # its own tasks
+    assert push_pairs(PROMPTS, TEXTS_A, TEXTS_B, "p", db=db, eval_id=first)["skipped"] == 5  # pushed again
+    vote_all(db, "p", {p: "good" for p in PROMPTS[:3]})  # the first's tasks: the good answer wins
+    firsts, n = collect_outcomes("p", list(zip(PROMPTS, TEXTS_A, TEXTS_B, strict=True)), db=db)
+    seconds, m = collect_outcomes("p", list(zip(PROMPTS, other_a, TEXTS_A, strict=True)), db=db)
+    assert firsts[:3] == [1.0, 1.0, 1.0] and n == 3
+    # the second's own pairs were voted on too (good 0 beats other 0: B wins), none read from the first's
+    assert seconds[:3] == [0.0, 0.0, 0.0] and m == 3
+    swapped, _ = collect_outcomes("p", list(zip(PROMPTS, TEXTS_B, TEXTS_A, strict=True)), db=db)
+    assert swapped[:3] == [0.0, 0.0, 0.0]  # the first's pairs asked the other way round: from B's side
