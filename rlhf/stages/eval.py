@@ -439,7 +439,9 @@ def format_table(summary: dict[str, Any]) -> str:
         a, b = summary["a"][key], summary["b"][key]
         if isinstance(a, dict):
             continue
-        cell = lambda v: f"{v:>10.3f}" if isinstance(v, float | int) else f"{'-':>10}"  # noqa: E731
+        # a count as a count (correct_n 30, not 30.000), a rate or a mean to three places
+        cell = lambda v: (f"{v:>10d}" if isinstance(v, int) and not isinstance(v, bool) else f"{v:>10.3f}"  # noqa: E731
+                          if isinstance(v, float | int) else f"{'-':>10}")  # fmt: skip
         interval = lambda c: f"  [{c[0]:.3f}, {c[1]:.3f}]" if c else ""  # noqa: E731
         line = f"{key:<28}{cell(a)}{cell(b)}"
         if key in ci_a:
