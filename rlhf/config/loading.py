@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union
@@ -91,16 +92,24 @@ def text_override(key: str, value: str | Path) -> str:
     return f"{key}={json.dumps(str(value), ensure_ascii=False)}"
 
 
-def _text_setting(parts: list[str]) -> bool | None:
-    """For the dotted setting `parts` of RootConfig: None unless it is text alone (str, or str or None), else
-    whether it may be None."""
+def _section(path: Sequence[Any]) -> type[BaseModel] | None:
+    """The config section (model) at dotted `path` from RootConfig, or None where a part is not a section."""
     model: type[BaseModel] = RootConfig
-    for part in parts[:-1]:
-        field = model.model_fields.get(part)
+    for part in path:
+        field = model.model_fields.get(str(part))
         annotation = field.annotation if field is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
+    return model
+
+
+def _text_setting(parts: list[str]) -> bool | None:
+    """For the dotted setting `parts` of RootConfig: None unless it is text alone (str, or str or None), else
+    whether it may be None."""
+    model = _section(parts[:-1])
+    if model is None:
+        return None
     field = model.model_fields.get(parts[-1])
     if field is None:
         return None
@@ -128,13 +137,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _resembles(loc: tuple[Any, ...]) -> str:
     """For an unknown key: " (did you mean KEY?)" with the setting of its section it is closest to, or ""."""
-    model: type[BaseModel] = RootConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
+    model = _section(loc[:-1])
+    if model is None:
+        return ""
     key = str(loc[-1])
     for name, field in model.model_fields.items():  # lora_r for lora.r: a section's setting, written flat
         section = field.annotation
@@ -174,11 +179,8 @@ def stages_with(keys: set[str]) -> list[str]:
 
 def _mostly_of(section: str, keys: set[str]) -> bool:
     """Whether settings `keys` are mostly (four in five) `section`'s: a stage's config.yaml with a key mistyped."""
-    field = RootConfig.model_fields.get(section)
-    annotation = field.annotation if field is not None else None
-    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-        return False
-    return len(keys & set(annotation.model_fields)) >= 0.8 * len(keys)
+    model = _section([section])
+    return model is not None and len(keys & set(model.model_fields)) >= 0.8 * len(keys)
 
 
 def load_config(
