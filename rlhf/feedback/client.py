@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import json
 import select
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 
 from rlhf.errors import RlhfError
+from rlhf.retry import send_retrying
 
 RETRY_STATUS = (429, 502, 503, 504)
 
@@ -81,33 +81,23 @@ class FeedbackClient:
         self, method: str, path: str, *, retry: bool = True, params: Any = None, body: Any = None
     ) -> httpx.Response:
         """Send a request; with `retry`, resend it on connection errors and 429/5xx-unavailable answers."""
-        attempts = self.retries + 1 if retry else 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
+
+        def sent() -> httpx.Response:
+            if self._light is not None:
+                return self._light.request(method, path, params, body)
+            return self._http.request(method, path, params=params, json=body)
+
+        response = send_retrying(sent, retries=self.retries if retry else 0, backoff_s=self.backoff_s,
+                                 retry_status=RETRY_STATUS.__contains__)  # fmt: skip
+        if response.status_code >= 400:
             try:
-                if self._light is not None:
-                    response = self._light.request(method, path, params, body)
-                else:
-                    response = self._http.request(method, path, params=params, json=body)
-            except httpx.TransportError:
-                if last:
-                    raise
-                time.sleep(self.backoff_s * 2 ** min(attempt, 5))
-                continue
-            if response.status_code in RETRY_STATUS and not last:
-                wait = response.headers.get("Retry-After")
-                time.sleep(float(wait) if wait and wait.isdigit() else self.backoff_s * 2 ** min(attempt, 5))
-                continue
-            if response.status_code >= 400:
-                try:
-                    detail = response.json().get("detail", response.text)
-                except (ValueError, AttributeError):
-                    detail = response.text
-                raise FeedbackAPIError(
-                    response.status_code, detail if isinstance(detail, str) else json.dumps(detail)
-                )
-            return response
-        raise AssertionError("unreachable")
+                detail = response.json().get("detail", response.text)
+            except (ValueError, AttributeError):
+                detail = response.text
+            raise FeedbackAPIError(
+                response.status_code, detail if isinstance(detail, str) else json.dumps(detail)
+            )
+        return response
 
     # ---- labeling ------------------------------------------------------------------------------------
 

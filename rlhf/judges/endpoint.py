@@ -13,7 +13,6 @@ Up to `concurrency` requests are in flight at once, paced to `requests_per_s`, r
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import logging
@@ -32,6 +31,7 @@ import httpx
 
 from rlhf.errors import RlhfError
 from rlhf.judges.base import DEFAULT_TEMPLATE, JudgeBase, Pair, PositionBias, check_template, render
+from rlhf.retry import send_retrying
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,6 @@ class ResponseCache:
 
     def close(self) -> None:
         self.db.close()
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date), or None."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 class EndpointJudge(JudgeBase):
@@ -115,8 +101,9 @@ class EndpointJudge(JudgeBase):
             self.cache.close()
 
     def _post(self, body: dict[str, Any]) -> httpx.Response:
-        """POST to /chat/completions, paced and retried; the last error is raised as one line."""
-        for attempt in range(self.retries + 1):
+        """POST to /chat/completions, paced and retried (`rlhf.retry`); the last error is raised as one line."""
+
+        def paced() -> httpx.Response:
             with self._lock:  # book the next free slot of the rate limit, then wait for it outside the lock
                 now = time.monotonic()
                 wait = self._next_slot - now
@@ -124,22 +111,13 @@ class EndpointJudge(JudgeBase):
                 self.counts["requests"] += 1
             if wait > 0:
                 self.sleep(wait)
-            backoff = self.backoff_s * 2 ** min(attempt, 6)
-            try:
-                response = self.http.post("/chat/completions", json=body)
-            except httpx.TransportError as e:
-                if attempt == self.retries:
-                    raise RlhfError(f"{self.role} {self.http.base_url}: {type(e).__name__}: {e}") from None
-                self._count("retries")
-                self.sleep(backoff)
-                continue
-            if (response.status_code == 429 or response.status_code >= 500) and attempt < self.retries:
-                self._count("retries")
-                asked = retry_after(response)
-                self.sleep(backoff if asked is None else asked)
-                continue
-            return response
-        raise AssertionError("unreachable")
+            return self.http.post("/chat/completions", json=body)
+
+        try:
+            return send_retrying(paced, retries=self.retries, backoff_s=self.backoff_s, sleep=self.sleep,
+                                 on_retry=lambda reason, wait: self._count("retries"))  # fmt: skip
+        except httpx.TransportError as e:
+            raise RlhfError(f"{self.role} {self.http.base_url}: {type(e).__name__}: {e}") from None
 
     def ask(self, text: str) -> float:
         """P(the first slot wins) for one judging prompt, from the cache or the endpoint; after one request

@@ -55,9 +55,9 @@ from rlhf.data.jsonl import check_output_file, write_jsonl
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
 from rlhf.errors import RlhfError
-from rlhf.judges.endpoint import retry_after
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.tokens import encode_prompts, stop_ids
+from rlhf.retry import send_retrying
 from rlhf.train.common import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -173,28 +173,17 @@ def request_seed(seed: int, n: int) -> int:
 
 def send(http: httpx.Client, method: str, path: str, body: dict[str, Any] | None, cfg: GenerateConfig,
          url: str) -> httpx.Response:  # fmt: skip
-    """The engine's response, after retries with exponential backoff on connection errors, timeouts, 429 and 5xx
-    (a Retry-After header is honoured); the last connection error is raised as one line naming the endpoint."""
-    for attempt in range(cfg.endpoint_retries + 1):
-        backoff = 2.0 ** min(attempt, 6)
-        try:
-            response = http.request(method, path, json=body)
-        except httpx.TransportError as e:
-            if attempt == cfg.endpoint_retries:
-                raise RlhfError(f"generate.endpoint {url}: {type(e).__name__}: {excerpt(str(e))}") from None
-            log.warning("generate.endpoint %s: %s; retrying in %.0fs", url, type(e).__name__, backoff)
-            time.sleep(backoff)
-            continue
-        if (response.status_code == 429 or response.status_code >= 500) and attempt < cfg.endpoint_retries:
-            wait = retry_after(response)
-            wait = backoff if wait is None else wait
-            log.warning(
-                "generate.endpoint %s answered %d; retrying in %.0fs", url, response.status_code, wait
-            )
-            time.sleep(wait)
-            continue
-        return response
-    raise AssertionError("unreachable")
+    """The engine's response, retried on connection errors, timeouts, 429 and 5xx (`rlhf.retry`); the last
+    connection error is raised as one line naming the endpoint."""
+
+    def warn(reason: str, wait: float) -> None:
+        log.warning("generate.endpoint %s: %s; retrying in %.0fs", url, reason, wait)
+
+    try:
+        return send_retrying(lambda: http.request(method, path, json=body), retries=cfg.endpoint_retries,
+                             backoff_s=1.0, on_retry=warn)  # fmt: skip
+    except httpx.TransportError as e:
+        raise RlhfError(f"generate.endpoint {url}: {type(e).__name__}: {excerpt(str(e))}") from None
 
 
 def listed_version(http: httpx.Client, cfg: GenerateConfig, url: str, model: str) -> str | None:

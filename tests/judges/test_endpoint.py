@@ -137,18 +137,6 @@ def test_concurrent_requests_give_the_same_verdicts(tmp_path: Path) -> None:
     assert judge.stats()["requests"] == 16 and judge.stats()["read_logprobs"] == 16
 
 
-def test_retry_after_reads_seconds_and_http_dates() -> None:
-    from datetime import UTC, datetime, timedelta
-    from email.utils import format_datetime
-
-    from rlhf.judges.endpoint import retry_after
-
-    assert retry_after(httpx.Response(429, headers={"Retry-After": "2.5"})) == 2.5
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    assert 20 < (retry_after(httpx.Response(429, headers={"Retry-After": later})) or 0) <= 30
-    assert retry_after(httpx.Response(429)) is None
-
-
 def test_the_template_keeps_braces_in_answers() -> None:
     from rlhf.judges.base import render
 
