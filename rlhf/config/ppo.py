@@ -21,11 +21,16 @@ class PPOConfig(TrainConfig):
     policy: str = Field(
         "runs/sft/final", description="SFT checkpoint: the initial policy (and the reference)"
     )
-    reward_model: str = Field("runs/reward/final", description="reward model checkpoint (frozen)")
+    reward_model: str | None = Field(
+        "runs/reward/final",
+        description="reward model checkpoint (frozen); null = reward_functions alone score the answers",
+    )
     reference: str | None = Field(
         None, description="reference policy for the KL penalty; unset = the initial policy"
     )
-    critic: str | None = Field(None, description="critic initialisation; unset = the reward model")
+    critic: str | None = Field(
+        None, description="critic initialisation; unset = the reward model (without one, the policy)"
+    )
     prompts_file: str = Field(
         "data/demo/rl_prompts.jsonl",
         description="{prompt} or {messages} rows to train on: a file, saved datasets folder or hub id",
@@ -80,6 +85,15 @@ class PPOConfig(TrainConfig):
         ge=0,
         description="taken off each answer's score per response token, for a reward model that misses the "
         "people's preference for concise answers (0 = off; docs/ppo.md: the demo keeps it off)",
+    )
+    reward_functions: list[str] = Field(
+        [],
+        description="Python reward functions ('module:function' or 'file.py:function'), called as TRL's "
+        "reward_funcs are; each value, times its weight, is added to the reward model's score "
+        "(rlhf/train/reward_functions.py)",
+    )
+    reward_function_weights: list[float] | None = Field(
+        None, description="one weight per reward function (unset = 1 each)"
     )
     reward_ensemble: list[str] = Field(
         [],
@@ -183,6 +197,19 @@ class PPOConfig(TrainConfig):
             )
         if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator} needs samples_per_prompt >= 2")
+        if not self.reward_model and not self.reward_functions:
+            raise ValueError(
+                "reward_model is unset and there are no reward_functions: nothing scores the answers"
+            )
+        if not self.reward_model and (self.reward_ensemble or self.safety_reward_model):
+            raise ValueError(
+                "reward_ensemble and safety_reward_model score beside reward_model, which is unset"
+            )
+        if self.reward_function_weights is not None and len(self.reward_function_weights) != len(
+            self.reward_functions
+        ):
+            raise ValueError(f"reward_function_weights has {len(self.reward_function_weights)} weights for "
+                             f"{len(self.reward_functions)} reward_functions")  # fmt: skip
         if self.safety_reward_model and not (self.safety_prompts or self.safety_threshold is not None):
             raise ValueError("safety_reward_model needs safety_prompts or safety_threshold (what it scores)")
         if (self.safety_prompts or self.safety_threshold is not None) and not self.safety_reward_model:

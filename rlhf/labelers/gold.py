@@ -253,3 +253,10 @@ def judge(prompt: str, response: str, ended: bool | None = None) -> Judgement:
 
 def utility(prompt: str, response: str, ended: bool | None = None) -> float:
     return judge(prompt, response, ended).utility
+
+
+def reward(prompts: list[str], completions: list[str], **_: object) -> list[float]:
+    """The gold utility as a reward function (`ppo.reward_functions: ["rlhf.labelers.gold:reward"]`), to train
+    against the demo's hidden judge itself: what a reward model learned from the panel's votes can at best
+    approach. Each answer counts as ended: PPO gives an answer that never ends its `no_eos_penalty` instead."""
+    return [utility(p, c, ended=True) for p, c in zip(prompts, completions, strict=True)]

@@ -280,11 +280,13 @@ Scorer = RewardScores | RewardEnsemble | SafetyRouted
 
 def reward_scorer(
     cfg: PPOConfig, members: list[PreTrainedModel], device: Any, lean: Callable[[PreTrainedModel], bool]
-) -> tuple[Scorer, list[RewardScores]]:
+) -> tuple[Scorer | None, list[RewardScores]]:
     """PPO's score from its frozen reward models (`reward_model`, then `reward_ensemble`, then
     `safety_reward_model`): the first alone, or the ensemble's penalised mean, either routed with the safety
-    model if there is one; and each model's forward, to shard."""
+    model if there is one (None without a reward model); and each model's forward, to shard."""
     scorers = [RewardScores(m.to(device), lean(m)) for m in members]
+    if not scorers:
+        return None, []
     helpful = scorers[: len(scorers) - bool(cfg.safety_reward_model)]
     scorer: Scorer = (
         RewardEnsemble(list(helpful), cfg.ensemble_penalty) if cfg.reward_ensemble else helpful[0]
@@ -305,19 +307,21 @@ def safety_tagged(cfg: PPOConfig, prompts: list[str]) -> Tensor | None:
 
 def load_models(
     cfg: PPOConfig, checkpoint: Path | None, tokenizer: PreTrainedTokenizerBase
-) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel]:
+) -> tuple[Any, PreTrainedModel | None, Critic | None, PreTrainedModel | None]:
     """Policy, reference (None: the policy with its LoRA adapter off), critic (None for the critic-free
-    estimators) and reward model; dropout off."""
+    estimators) and reward model (None: reward functions alone score); dropout off."""
     lora = cfg.lora.r > 0
     # first: a causal LM given as the reward model fails here, before the critic made from it gets a new head
-    reward_model = frozen_reward_model(cfg.reward_model, tokenizer)
+    reward_model = frozen_reward_model(cfg.reward_model, tokenizer) if cfg.reward_model else None
     policy: Any = load_causal_lm(
         str(checkpoint / "policy") if checkpoint and not lora else cfg.policy, tokenizer=tokenizer
     )
     critic_model: Any = None
     if cfg.advantage_estimator == "gae":
         critic_model = load_scalar_model(
-            str(checkpoint / "critic") if checkpoint and not lora else cfg.critic or cfg.reward_model,
+            str(checkpoint / "critic")
+            if checkpoint and not lora
+            else cfg.critic or cfg.reward_model or cfg.policy,
             tokenizer=tokenizer,
         )
     if lora and checkpoint:

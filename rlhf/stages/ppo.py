@@ -104,6 +104,7 @@ from rlhf.train.common import (
 from rlhf.train.demonstrations import read_demonstrations, tokenize_demonstrations
 from rlhf.train.guard import Guard
 from rlhf.train.lm_loop import Example, collate, demonstration_loss
+from rlhf.train.reward_functions import RewardFunctions, prompt_rows
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,12 @@ def final_scores(rm: Tensor, ended: Tensor, n_tokens: Tensor, cfg: PPOConfig) ->
 @torch.no_grad()
 def score_rollout(
     gen: Generation, policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: Scorer, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, exact_kl: bool = False,
-    tagged: Tensor | None = None,
+    reward_model: Scorer | None, cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn,
+    exact_kl: bool = False, tagged: Tensor | None = None, function_scores: Tensor | None = None,
 ) -> Rollout:  # fmt: skip
     """Old log-probs, reference log-probs, values and scores, each one batched forward pass per micro-batch;
     with `exact_kl`, also each position's KL to the reference over the whole vocabulary; `tagged`: SafetyRouted.
+    `function_scores` (B,): the reward functions' part of each score, added to the reward model's (if any).
 
     The old log-probs come from a forward pass laid out as the update's (`layout_of`), not from generation:
     the KV-cache path rounds differently under bf16, and the first PPO step should see a ratio of 1 (packed
@@ -183,12 +185,33 @@ def score_rollout(
                 parts["values"].append(widen(response_values(critic, lay)))
             else:
                 parts["values"].append(torch.zeros_like(parts["ref"][-1]))
-            rm = reward_model(lay) if tagged is None else reward_model(lay, tagged[rows])  # (b,) at EOS
-            parts["rm"].append(rm)
+            if reward_model is not None:
+                rm = reward_model(lay) if tagged is None else reward_model(lay, tagged[rows])  # (b,) at EOS
+                parts["rm"].append(rm)
     out = {k: torch.cat(v) for k, v in parts.items() if v}  # (B, T) each, 0 at padding; rm (B,)
-    scores = final_scores(out["rm"], gen.ended, rmask.sum(1), cfg)  # (B,)
+    rm = out.get("rm", torch.zeros(ids.size(0), device=rmask.device))  # (B,)
+    if function_scores is not None:
+        rm = rm + function_scores.to(rm)
+    scores = final_scores(rm, gen.ended, rmask.sum(1), cfg)  # (B,)
     return Rollout(ids, mask, n_prompt, gen.response_ids, rmask, out["logprobs"], out["ref"], out["values"], scores,
                    out["entropy"], out.get("kl"))  # fmt: skip
+
+
+def function_scores(
+    functions: RewardFunctions,
+    rows: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    gen: Generation,
+) -> tuple[Tensor | None, dict[str, float]]:
+    """The reward functions' part of each answer's score (B,) (None without reward functions), and each
+    function's mean value. `rows[i]`: answer i's prompt row."""
+    if not functions:
+        return None, {}
+    stops = set(stop_ids(tokenizer))
+    ids = [[t for t, m in zip(row, mask, strict=True) if m and t not in stops]
+           for row, mask in zip(gen.response_ids.tolist(), gen.response_mask.tolist(), strict=True)]  # fmt: skip
+    totals, means = functions(rows, decode_responses(tokenizer, gen), ids)
+    return torch.tensor(totals, dtype=torch.float32, device=gen.response_ids.device), means
 
 
 def gather_rollout(r: Rollout, ended: Tensor, accelerator: Any, pad_id: int) -> tuple[Rollout, Tensor]:
@@ -218,12 +241,14 @@ _GUARD_STREAM = -1  # in the place of the iteration in the held-out samples' str
 @torch.no_grad()
 def guard_eval(
     policy: Actor, reference: Actor | None, critic: torch.nn.Module | None,
-    reward_model: Scorer, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    reward_model: Scorer | None, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     cfg: PPOConfig, ctx: Callable[[], Any], layout_of: LayoutFn, gold_fn: GoldFn | None,
     reduce: Callable[[Tensor], Tensor], synced: bool = False, index: Tensor | None = None,
+    functions: RewardFunctions | None = None, rows: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Held-out KL to the reference (nats per answer), proxy score and gold score, sampled with a fixed seed.
-    `index`: each prompt's place among all processes' held-out prompts, which names its random stream."""
+    `index`: each prompt's place among all processes' held-out prompts, which names its random stream. The
+    proxy is the training score: the reward model's plus the reward `functions`' (on the prompts' `rows`)."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     ids = encode_prompts(tokenizer, prompts)
     # streams of their own, the same at every evaluation: successive evaluations differ only by the policy
@@ -233,7 +258,8 @@ def guard_eval(
             policy.model, ids, params, stop_ids(tokenizer), tokenizer.pad_token_id, synced=synced, seeds=seeds
         )
     tagged = safety_tagged(cfg, prompts)  # (n,) bool, or None
-    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of, True, tagged)
+    scores = function_scores(functions, rows or [], tokenizer, gen)[0] if functions else None
+    r = score_rollout(gen, policy, reference, critic, reward_model, cfg, ctx, layout_of, True, tagged, scores)
     assert r.exact_kl is not None
     # the exact KL at each visited prefix, summed per answer: a sampled token the policy finds far less likely
     # than the reference would add exp(log pi_ref - log pi) to k3 and let one answer of many move the mean
@@ -269,7 +295,12 @@ class PPOState:
     reference: Actor | None  # None: the policy with its LoRA adapter off
     critic: Any  # None for the critic-free estimators
     critic_module: Critic | None
-    scorer: Scorer
+    scorer: Scorer | None  # None: reward functions alone score
+    reward_functions: RewardFunctions
+    prompt_rows: list[
+        dict[str, Any]
+    ]  # the rows of `prompt_ids`, for the reward functions (empty without them)
+    guard_rows: list[dict[str, Any]]  # the rows of `guard_prompts`, likewise
     policy_opt: Any
     policy_sched: Any
     critic_opt: Any
@@ -313,6 +344,7 @@ class Batch:
     kl: Tensor
     advantages: Tensor
     returns: Tensor
+    function_means: dict[str, float]  # each reward function's mean value on this process's answers
 
 
 def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
@@ -340,6 +372,12 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     guard_prompts = (
         read_prompts(cfg.eval_prompts_file, cfg.guard_prompts, tokenizer) if cfg.eval_prompts_file else []
     )
+    functions = RewardFunctions(cfg.reward_functions, cfg.reward_function_weights)
+    guard_rows = (
+        prompt_rows(cfg.eval_prompts_file)[: len(guard_prompts)]
+        if functions and cfg.eval_prompts_file
+        else []
+    )
     is_sharded = sharding.sharded(cfg, accelerator)
     if 0 < len(guard_prompts) < world:  # a process without one would skip the guard the others wait in
         raise ConfigError(f"ppo: {len(guard_prompts)} held-out prompts for the guard ({cfg.eval_prompts_file}) are "
@@ -350,9 +388,9 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         if accelerator.is_main_process:
             log.warning("ppo: the guard evaluates %d of its %d held-out prompts, a multiple of the %d processes "
                         "that share a sharded model", kept, len(guard_prompts), world)  # fmt: skip
-        guard_prompts = guard_prompts[:kept]
+        guard_prompts, guard_rows = guard_prompts[:kept], guard_rows[:kept]
     guard_index = torch.arange(len(guard_prompts))[rank::world]  # (n,) this process's share, by global place
-    guard_prompts = guard_prompts[rank::world]
+    guard_prompts, guard_rows = guard_prompts[rank::world], guard_rows[rank::world]
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_file (demonstrations for the SFT loss)")
     demonstrations = read_demonstrations(cfg.ptx_file, tokenizer) if cfg.ptx_coef > 0 and cfg.ptx_file else []
@@ -364,6 +402,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     prompt_ids = encode_prompts(tokenizer, prompts)
     keep = [i for i, p in enumerate(prompt_ids) if len(p) + cfg.max_new_tokens <= context_length(policy)]
     fitting = [prompt_ids[i] for i in keep]
+    rows = prompt_rows(cfg.prompts_file, keep) if functions else []
     if len(fitting) < len(prompt_ids):  # a cut prompt would train on a question that was never asked
         log.warning("ppo: %d of %d prompts leave no room for max_new_tokens in the context; not used",
                     len(prompt_ids) - len(fitting), len(prompt_ids))  # fmt: skip
@@ -386,7 +425,9 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         None if reference is None else Actor(reference.to(accelerator.device), frozen_lean(reference))
     )
     others = [*cfg.reward_ensemble, *([cfg.safety_reward_model] if cfg.safety_reward_model else [])]
-    members = [reward_model, *(frozen_reward_model(path, tokenizer) for path in others)]
+    members = (
+        [] if reward_model is None else [reward_model, *(frozen_reward_model(p, tokenizer) for p in others)]
+    )
     scorer, scorers = reward_scorer(cfg, members, accelerator.device, frozen_lean)
     prompt_tagged = safety_tagged(cfg, [prompts[i] for i in keep])
     if prompt_tagged is not None:
@@ -450,7 +491,8 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     )
     return PPOState(
         cfg, accelerator, tokenizer, run_dir, fitting, prompt_tagged, guard_prompts, guard_index, ptx,
-        prepared_policy, actor, reference_actor, prepared_critic, critic_module, scorer, policy_opt, policy_sched,
+        prepared_policy, actor, reference_actor, prepared_critic, critic_module, scorer, functions, rows,
+        guard_rows, policy_opt, policy_sched,
         critic_opt, critic_sched, kl_ctl, guard, layout_of, is_sharded, half, start, gold_fn,
     )  # fmt: skip
 
@@ -468,11 +510,13 @@ def rollout(s: PPOState, prompts: list[int], iteration: int) -> Batch:
         gen = generate(s.policy_model, batch_ids, sampling, stop_ids(s.tokenizer), pad_id, synced=s.is_sharded,
                        seeds=stream_keys(cfg.seed, iteration, places))  # fmt: skip
 
-    # 2. score: old log-probs, reference log-probs, values, reward-model scores; then the whole batch's
-    # rollout on every process, so that whitening, advantages and statistics are global
+    # 2. score: old log-probs, reference log-probs, values, reward-model and reward-function scores; then the
+    # whole batch's rollout on every process, so that whitening, advantages and statistics are global
     tagged = None if s.prompt_tagged is None else s.prompt_tagged[prompts].repeat_interleave(k)  # (b,)
+    rows = [s.prompt_rows[i] for i in prompts for _ in range(k)] if s.reward_functions else []
+    functions, function_means = function_scores(s.reward_functions, rows, s.tokenizer, gen)
     r = score_rollout(gen, s.actor, s.reference, s.critic_module, s.scorer, cfg, s.autocast, s.layout_of,
-                      tagged=tagged)  # fmt: skip
+                      tagged=tagged, function_scores=functions)  # fmt: skip
     r, ended = gather_rollout(r, gen.ended, s.accelerator, pad_id)
     rmask = r.response_mask  # (B, T) the global batch
 
@@ -485,7 +529,7 @@ def rollout(s: PPOState, prompts: list[int], iteration: int) -> Batch:
     # 4. advantages: GAE with the critic; or, critic-free, a baseline from the prompt's other answers
     advantages, returns = estimate_advantages(cfg.advantage_estimator, rewards, r.values, rmask, cfg.gamma, cfg.lam,
                                               cfg.samples_per_prompt, cfg.grpo_scale_by_std)  # fmt: skip
-    return Batch(r, ended, kl, advantages, returns)
+    return Batch(r, ended, kl, advantages, returns, function_means)
 
 
 def update(s: PPOState, b: Batch, rng: torch.Generator, ptx_rng: torch.Generator) -> dict[str, list[float]]:
@@ -596,6 +640,7 @@ def iteration_metrics(s: PPOState, b: Batch, stats: dict[str, list[float]]) -> d
         "ppo/eos_rate": b.ended.float().mean(),
         "ppo/advantages_mean": masked_mean(b.advantages, rmask),
         "ppo/returns_mean": masked_mean(b.returns, rmask),
+        **{f"ppo/reward_fn/{name}": torch.tensor(mean) for name, mean in b.function_means.items()},
     }
     local = {
         **{k: float(v) for k, v in rollout_stats.items()},
@@ -645,7 +690,8 @@ def save_checkpoint(s: PPOState, iteration: int) -> None:
 def run_guard(s: PPOState, iteration: int) -> dict[str, float]:
     """Step 7: the guard's evaluation, logged; the policy saved as the best if it is. Every process calls it."""
     m = guard_eval(s.actor, s.reference, s.critic_module, s.scorer, s.tokenizer, s.guard_prompts, s.cfg,
-                   s.autocast, s.layout_of, s.gold_fn, s.reduce, s.is_sharded, s.guard_index)  # fmt: skip
+                   s.autocast, s.layout_of, s.gold_fn, s.reduce, s.is_sharded, s.guard_index, s.reward_functions,
+                   s.guard_rows)  # fmt: skip
     best = s.guard.observe(iteration, m, s.cfg.guard_patience, s.cfg.kl_budget)  # the same on every process
     whole = whole_policy(s) if best else None
     if whole is not None:
