@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from rlhf.feedback.db import Database
 from rlhf.feedback.errors import Conflict
 from rlhf.feedback.export import export_records
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
+from rlhf.models.loading import load_tokenizer
 from rlhf.serve import feedback as ab
+from rlhf.serve.main import create_app
+from rlhf.serve.settings import Settings
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -314,3 +320,36 @@ def test_votes_sent_together_cannot_all_pass_the_rate_limit(
         votes = session.execute(select(Vote.choice, User.name).join(User, User.id == Vote.user_id)).all()
     store.close()
     assert len(meanwhile) == 1 and [tuple(v) for v in votes] == [("B", "prod.ann")]
+
+
+def test_ab_candidate_reads_the_chat_in_its_own_template(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A candidate with another chat template answers the chat rendered by that template, as it would alone."""
+    candidate_dir = tmp_path / "candidate"
+    shutil.copytree(model_dirs["policy"], candidate_dir)  # the same weights: only the template differs
+    tokenizer = load_tokenizer(str(candidate_dir))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ 'Human: ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Bot:' }}{% endif %}"
+    )
+    tokenizer.save_pretrained(candidate_dir)
+    settings = Settings(
+        model_dir=str(model_dirs["policy"]),
+        model_name="tiny",
+        candidate_model=str(candidate_dir),
+        candidate_name="tiny-human",
+        feedback_db=f"sqlite:///{tmp_path}/feedback.db",
+        ab_rate=1.0,
+    )
+    body = {"messages": HELLO, "max_tokens": 3, "temperature": 0, "logprobs": True}
+
+    def logprobs(choice: dict[str, Any]) -> list[float]:
+        return [t["logprob"] for t in choice["logprobs"]["content"]]
+
+    with TestClient(create_app(settings)) as http:
+        alone = [
+            http.post("/v1/chat/completions", json={**body, "model": m}).json()
+            for m in ("tiny", "tiny-human")
+        ]
+        pair = http.post("/v1/chat/completions", json={**body, "model": "tiny", "ab": True}).json()
+    assert logprobs(alone[0]["choices"][0]) != logprobs(alone[1]["choices"][0])
+    assert sorted(logprobs(c) for c in pair["choices"]) == sorted(logprobs(a["choices"][0]) for a in alone)

@@ -31,6 +31,7 @@ from rlhf.serve.schemas import (
     Usage,
     sse,
 )
+from rlhf.serve.sequence import RowParams
 from rlhf.serve.service import (
     CLIENT_CLOSED_REQUEST,
     ChoiceRun,
@@ -55,20 +56,16 @@ async def chat_completions(
     prompt_ids = encode_prompts(policy.tokenizer, [prompt])[0]
     if not prompt_ids:
         raise APIError("The messages render to an empty prompt.", param="messages", code="empty_prompt")
-    max_tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    params = row_params(
-        body,
-        body.max_completion_tokens or body.max_tokens,
-        len(prompt_ids),
-        policy,
-        "messages",
-        max_tokens_param,
-        asked_logprobs(body),
-    )
-    # the answer's leading whitespace (the space after "Assistant:") is dropped below: stops skip it too
-    params = replace(params, skip_leading_space=True)
+    params = chat_params(body, policy, prompt_ids)
     ab = wants_ab(state, body, request, 1)
     specs = plan_choices(state, policy, [prompt_ids], params, body.n or 1, ab)
+    for spec in specs:
+        if spec.policy is not policy:  # an A/B pair's other policy reads the chat in its own chat template
+            spec.prompt_ids = encode_prompts(
+                spec.policy.tokenizer, [render_chat(spec.policy, body.messages)]
+            )[0]
+            spec.params = replace(chat_params(body, spec.policy, spec.prompt_ids), seed=spec.params.seed)
+    tokenizers = {spec.index: spec.policy.tokenizer for spec in specs}
     meta: dict[str, Any] = {
         "endpoint": "chat.completions",
         "model": policy.name,
@@ -95,7 +92,7 @@ async def chat_completions(
             ChatChoice(
                 index=r.index,
                 message=ResponseMessage(content=r.text.lstrip()),
-                logprobs=None if r.logprobs is None else chat_logprobs(policy.tokenizer, r.logprobs),
+                logprobs=None if r.logprobs is None else chat_logprobs(tokenizers[r.index], r.logprobs),
                 finish_reason=r.finish_reason,
             )
             for r in results
@@ -107,6 +104,21 @@ async def chat_completions(
         ),
         **(ab_pair.fields() if ab_pair else {}),
     )
+
+
+def chat_params(body: ChatCompletionRequest, policy: Policy, prompt_ids: list[int]) -> RowParams:
+    """The request's sampling parameters for `policy` given the chat rendered as `prompt_ids`."""
+    params = row_params(
+        body,
+        body.max_completion_tokens or body.max_tokens,
+        len(prompt_ids),
+        policy,
+        "messages",
+        "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+        asked_logprobs(body),
+    )
+    # the answer's leading whitespace (the space after "Assistant:") is dropped below: stops skip it too
+    return replace(params, skip_leading_space=True)
 
 
 def asked_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -153,6 +165,7 @@ async def _stream(
         choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
         return sse(ChatCompletionChunk(id=ident, created=created, model=policy.name, choices=[choice]))
 
+    tokenizers = {spec.index: spec.policy.tokenizer for spec in run.specs}
     started: set[int] = set()  # choices whose content has begun (leading whitespace is dropped before)
     try:
         for spec in run.specs:
@@ -162,7 +175,7 @@ async def _stream(
             if content:
                 started.add(d.index)
             if content or d.logprobs:  # the tokens of dropped leading whitespace still have their log-probs
-                logprobs = chat_logprobs(policy.tokenizer, d.logprobs) if d.logprobs else None
+                logprobs = chat_logprobs(tokenizers[d.index], d.logprobs) if d.logprobs else None
                 yield chunk(d.index, ChunkDelta(content=content), logprobs=logprobs)
             if d.finish_reason is not None:
                 yield chunk(d.index, ChunkDelta(), d.finish_reason)
