@@ -7,7 +7,8 @@
 - pairs:   {"prompt", "chosen", "rejected", "margin"?}  (TRL; margin on every pair when any has one, 0 where
            none was given; conversational, with message lists, for prompts
            imported as conversations: see preference_import), derived: a pairwise vote A or B gives one pair;
-           a ranking of K gives a pair for every two completions with different ranks (up to C(K,2));
+           a ranking of K gives a pair for every two completions with different ranks (up to C(K,2); a text
+           listed twice counts once, at its mean rank, as in preferences.ranking_to_group);
            ratings give a pair for every two completions of a prompt that one labeler rated differently,
            with margin = the rating difference (a text rated more than once: its mean rating). Ties and
            both_bad give no pair, nor do votes on gold items (those check the labelers; the other formats
@@ -27,7 +28,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rlhf.data.preferences import PROMPT_MESSAGES, as_content
+from rlhf.data.preferences import PROMPT_MESSAGES, Ranking, as_content, group_to_pairs, ranking_to_group
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
 from rlhf.feedback.projects import get_project
 
@@ -162,11 +163,13 @@ def _pairs(session: Session, project: str) -> Iterator[dict[str, Any]]:
             win = 0 if vote.choice == "A" else 1
             yield _pair(prompt, comps[win].text, comps[1 - win].text, vote.margin)
     for vote, task, _labeler, prompt, comps in _rows(session, project, "ranking"):
-        ranks = [] if task.is_gold else vote.ranking or []
-        for i, j in itertools.combinations(range(len(comps)), 2):
-            if ranks[i] != ranks[j]:
-                best, worst = (i, j) if ranks[i] < ranks[j] else (j, i)
-                yield _pair(prompt, comps[best].text, comps[worst].text, None)
+        if task.is_gold or not vote.ranking:
+            continue
+        # as training reads a ranking: a text listed twice (a policy that sampled one answer twice) is one
+        # completion at its mean rank, never a pair with itself or both above and below another
+        group = ranking_to_group(Ranking(prompt.text, [c.text for c in comps], vote.ranking))
+        for pair in group_to_pairs(group) if group is not None else []:
+            yield _pair(prompt, pair.chosen, pair.rejected, None)
     # Ratings: compare only within one labeler's ratings of one prompt (labelers use the scale differently);
     # a text that labeler rated more than once counts with its mean rating, as in preferences.to_groups.
     rated: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

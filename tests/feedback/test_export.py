@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from rlhf.data.preferences import PairwiseVote, record_from_json
+from rlhf.data.preferences import (
+    PairwiseVote,
+    Ranking,
+    group_to_pairs,
+    ranking_to_group,
+    record_from_json,
+)
 from rlhf.feedback.db import Database
 from rlhf.feedback.export import export_records
 
@@ -52,6 +58,22 @@ def test_ranking_gives_all_untied_pairs(api, db: Database) -> None:
     got = {(p["chosen"][-1], p["rejected"][-1]) for p in pairs}
     assert got == {("0", "1"), ("2", "0"), ("0", "3"), ("2", "1"), ("2", "3")}  # C(4,2) = 6 minus the tie
     assert len(pairs) == 5 and not any("margin" in p for p in pairs)  # no pair has one: no column
+
+
+def test_ranking_with_a_repeated_answer_gives_the_pairs_training_reads(api, db: Database) -> None:
+    # a policy that sampled one answer twice: "x" is one completion at its mean rank (2), tied with "y"
+    rows = [{"prompt": "p", "completions": [{"text": t} for t in ("x", "x", "y", "z")]}]
+    body = {"task_kind": "ranking", "candidates": rows}
+    assert api.post("admin", "/api/projects/dup/import", json=body).status_code == 201
+    assert api.vote("ann", api.next("ann", "dup")["id"], ranking=[1, 3, 2, 4]).status_code == 201
+    with db.session() as s:
+        ranking = export_records(s, "dup", "ranking")
+        pairs = export_records(s, "dup", "pairs")
+    assert ranking[0]["completions"] == ["x", "x", "y", "z"]
+    record = record_from_json(ranking[0])
+    assert isinstance(record, Ranking) and (group := ranking_to_group(record)) is not None
+    assert [(p.chosen, p.rejected) for p in group_to_pairs(group)] == [("x", "z"), ("y", "z")]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("x", "z"), ("y", "z")]
 
 
 def test_ratings_give_pairs_within_one_labeler(api, db: Database) -> None:
