@@ -72,7 +72,7 @@ def parse_source(spec: str | Path) -> tuple[str, str | None, str | None]:
 def iter_rows(spec: str | Path, skipped: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ("source:row", row) for each row of the source; row numbers count from 1 (JSONL: the line).
 
-    An unreadable source is a one-line DataError. Given a `skipped` list, JSONL lines that are not JSON objects
+    An unreadable source is a one-line DataError. Given a `skipped` list, JSON rows that are not objects
     are appended to it instead of raising. Columns that are null in a row are left out of it, as a JSONL row
     would leave them out; so are null fields of the objects inside it (Arrow gives every message of a column
     the fields of all of them).
@@ -212,9 +212,13 @@ def _json_rows(local: Path, skipped: list[str] | None) -> Iterator[tuple[str, di
             f"{local}: one JSON object, not rows (expected an array of objects, or one object per line)"
         )
     for i, row in enumerate(data if isinstance(data, list) else [data], start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{local}:{i}: expected a JSON object, got {type(row).__name__}")
-        yield f"{local}:{i}", row
+        if isinstance(row, dict):
+            yield f"{local}:{i}", row
+            continue
+        error = f"{local}:{i}: expected a JSON object, got {type(row).__name__}"
+        if skipped is None:
+            raise DataError(error)
+        skipped.append(error)
 
 
 def _without_nulls(value: Any) -> Any:

@@ -435,3 +435,18 @@ def test_a_compressed_file_that_cannot_be_decompressed_is_one_line(tmp_path: Pat
         (tmp_path / name).write_bytes(whole[: len(whole) // 2])
         with pytest.raises(DataError, match=rf"{name}: cannot (decompress|read) it"):
             read_preferences(tmp_path / name)
+
+
+def test_a_json_array_entry_that_is_no_object_can_be_skipped(tmp_path: Path) -> None:
+    """With skip_bad_rows, an array entry that is not an object (a null left by an export) stopped the read,
+    where the same line of a JSONL file is skipped and counted."""
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps([{"prompt": "a", "chosen": "x", "rejected": "y"}, None, "b"]))
+    with pytest.raises(DataError, match=rf"^{path}:2: expected a JSON object, got NoneType$"):
+        read_preferences(path)
+    skipped: list[str] = []
+    assert read_records(path, "auto", skipped) == [(f"{path}:1", PreferencePair("a", "x", "y"))]
+    assert skipped == [
+        f"{path}:2: expected a JSON object, got NoneType",
+        f"{path}:3: expected a JSON object, got str",
+    ]
