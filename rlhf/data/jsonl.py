@@ -123,8 +123,15 @@ def give_open_modes(folder: Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
+    """Write a file so that readers see the old content or the new, never half of it. A symlink is written
+    through, its target replaced; what is no file nor folder (`--out /dev/stdout` on a terminal or a pipe) is
+    written to as it is, since renaming over it would replace the link (/dev/stdout itself) and write nowhere."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # exists/is_file follow the links
+        with path.open("w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -98,3 +98,27 @@ def test_atomic_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
     assert (tmp_path / "votes.jsonl").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "final").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_atomic_outputs_write_through_a_symlink_and_into_a_pipe(tmp_path: Path) -> None:
+    """`label export --out /dev/stdout` renamed its temporary file over the /dev/stdout link: nothing reached
+    the terminal or pipe, and (as root) /dev/stdout was left a plain file for every later program."""
+    import os
+    import threading
+
+    from rlhf.data.jsonl import write_jsonl
+
+    (tmp_path / "round3.jsonl").write_text("old\n")
+    (tmp_path / "latest.jsonl").symlink_to(tmp_path / "round3.jsonl")
+    write_jsonl(tmp_path / "latest.jsonl", [{"a": 1}])
+    assert (tmp_path / "latest.jsonl").is_symlink()
+    assert (tmp_path / "round3.jsonl").read_text() == '{"a": 1}\n'
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "stdout").symlink_to(tmp_path / "pipe")  # as /dev/stdout -> /proc/self/fd/1 -> a pipe
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append((tmp_path / "pipe").read_text()), daemon=True)
+    reader.start()
+    write_jsonl(tmp_path / "stdout", [{"b": 2}])
+    reader.join(timeout=10)
+    assert received == ['{"b": 2}\n'] and (tmp_path / "stdout").is_symlink()
