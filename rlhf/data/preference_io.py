@@ -151,7 +151,9 @@ def read_records(
             skipped.append(str(e))
     if not records:
         raise DataError(
-            f"{path}: no records (empty file)" if not skipped else f"{path}: every row is malformed"
+            f"{path}: no records (empty file)"
+            if not skipped
+            else f"{path}: every row is malformed ({len(skipped)} rows; first: {skipped[0]})"
         )
     return records
 

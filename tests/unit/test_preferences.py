@@ -548,8 +548,11 @@ def test_malformed_rows_stop_the_read_or_are_skipped_and_counted(tmp_path, caplo
     assert len(records) == 2
     (message,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert message.startswith(f"{path}: skipped 3 malformed rows (first: {path}:2: not valid JSON")
-    path.write_text('{"prompt": "x"\n')
-    with pytest.raises(DataError, match="every row is malformed"):
+    path.write_text('{"prompt": "x"\n{"prompt": "y"}\n')
+    # the reason, not only that there is one: a wrong column mapping or format makes every row malformed
+    with pytest.raises(
+        DataError, match=rf"^{path}: every row is malformed \(2 rows; first: {path}:1: not valid JSON .*\)$"
+    ):
         read_preferences(path, skip_bad_rows=True)
 
 
