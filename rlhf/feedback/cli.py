@@ -291,7 +291,9 @@ def export(
     database = open_database(db, existing=True)  # votes come from a store that is there, never a new one
     with database.session() as session:
         n = write_jsonl(out, export_records(session, project, format))
-    typer.echo(f"wrote {n} {format} records to {out}")
+    typer.echo(
+        f"wrote {n} {format} records to {out}", err=True
+    )  # `--out /dev/stdout | jq` gets the records alone
 
 
 @user_app.command("add")
