@@ -336,17 +336,22 @@ def settled_before(undo_window_s: float) -> datetime:
 
 def round_votes(
     db: Database, loop: LoopRun, rdir: Path, undo_window_s: float, only_round: int | None = None,
-    extra_projects: Sequence[str] = (),
+    extra_projects: Sequence[str] = (), run: str = "reward",
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The live votes so far (of `only_round`'s tasks only, if given) that can no longer be undone (see
     `settled`), the loop's own and then those of `extra_projects` (loop.extra_projects: production A/B votes),
-    each marked with its project in meta, exported to round-N/votes.jsonl once: a resumed round trains on that
-    file again, not on votes people cast since, which its checkpoints never saw. A vote still in its undo
-    window waits for the next round's export, so no vote its labeler takes back is trained on."""
+    each marked with its project in meta, exported to round-N/votes.jsonl: a resumed round whose training run
+    (round-N/`run`) has saved a checkpoint trains on that file again, not on votes people cast since, which its
+    checkpoints never saw. A vote still in its undo window waits for the next round's export, so no vote its
+    labeler takes back is trained on."""
     from rlhf.feedback.export import export_records
 
     path = rdir / "votes.jsonl"
-    if path.exists():
+    # before its first checkpoint (training failed on too few votes, or was killed early) the round exports
+    # again: a file kept then would hold the round to those votes, however many people cast since
+    if path.exists() and (
+        any((rdir / run / "checkpoints").glob("step-*")) or (rdir / run / "final").exists()
+    ):
         records = [row for _, row in iter_jsonl(path)]
         log_vote_counts(rdir, loop, records)
         return records
@@ -462,7 +467,7 @@ def train_policy_dpo(
     arXiv:2312.16682); the dpo section's settings, resumed from its checkpoints."""
     from rlhf.stages import dpo
 
-    records = round_votes(db, loop, rdir, cfg.loop.undo_window_s, only_round=round_)
+    records = round_votes(db, loop, rdir, cfg.loop.undo_window_s, only_round=round_, run="dpo")
     dpo_cfg = cfg.dpo.model_copy(update={
         "out_dir": str(rdir / "dpo"), "policy": current.path, "reference": None,
         "train_file": str(rdir / "votes.jsonl"), "eval_file": None, "seed": cfg.dpo.seed + round_,

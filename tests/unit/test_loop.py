@@ -167,14 +167,37 @@ def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_p
                 client.vote(client.next_task("l")["id"], choice="A")
 
             vote()
-            assert (
-                len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
-            )  # the round's reward model starts
+            assert len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
+            (tmp_path / "reward" / "checkpoints" / "step-0000001").mkdir(
+                parents=True
+            )  # its training saved one
             vote()  # cast while it trains, then the loop is killed and started again
             again = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
     finally:
         db.dispose()
     assert len(again) == 1 and len(list((tmp_path / "votes.jsonl").read_text().splitlines())) == 1
+
+
+def test_a_round_whose_training_saved_nothing_exports_the_votes_again(tmp_path: Path) -> None:
+    """A round whose reward training failed before its first checkpoint (one vote, reward.batch_size 4) kept
+    that one vote in votes.jsonl, and failed the same way at every later start, however many people voted."""
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.testing import make_user, run_server
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    token = make_user(url, "ann")
+    db = Database(url)
+    try:
+        loop_run = round_one_loop(db, round_one_rows(3))
+        with run_server(url) as base, FeedbackClient(base, token) as client:
+            client.vote(client.next_task("l")["id"], choice="A")
+            assert len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
+            client.vote(client.next_task("l")["id"], choice="B")  # the loop is started again after this vote
+            again = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
+    finally:
+        db.dispose()
+    assert [r["choice"] for r in again] == ["A", "B"]
+    assert len((tmp_path / "votes.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_round_without_a_comparison_writes_no_votes_file_and_a_later_start_trains_on_new_votes(
