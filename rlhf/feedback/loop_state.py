@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhf.feedback.db import db_of
-from rlhf.feedback.errors import NotFound
+from rlhf.feedback.errors import Conflict, NotFound
 from rlhf.feedback.models import (
     LoopPhase,
     LoopRun,
@@ -83,11 +83,19 @@ def finished_phases(session: Session, loop: LoopRun) -> dict[tuple[int, str], di
 def finish_phase(
     session: Session, loop: LoopRun, round_: int, phase: str, info: dict[str, Any], rows: Sequence[Any] = ()
 ) -> None:
-    """Record `phase` of `round_` as finished, together with its rows (versions), in one transaction."""
-    with db_of(session).write(session):
-        for row in rows:
-            session.add(row)
-        session.add(LoopPhase(loop_id=loop.id, round=round_, phase=phase, info=info))
+    """Record `phase` of `round_` as finished, together with its rows (versions), in one transaction; a phase
+    recorded already (by another `rlhf loop` of this name on this store) is a one-line error, and neither is
+    written."""
+    try:
+        with db_of(session).write(session):
+            for row in rows:
+                session.add(row)
+            session.add(LoopPhase(loop_id=loop.id, round=round_, phase=phase, info=info))
+    except IntegrityError:
+        # the .loop.lock of out_dir keeps out a second process there, not one with another out_dir or machine
+        raise Conflict(f"loop {loop.name}: round {round_}'s {phase} phase was recorded meanwhile by another "
+                       "`rlhf loop` of this name on this feedback store (from another loop.out_dir or machine); "
+                       "run one at a time: let it finish, then start this one again") from None  # fmt: skip
     log.info("loop %s: round %d: %s finished %s", loop.name, round_, phase, info)
 
 

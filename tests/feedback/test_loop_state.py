@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from rlhf.feedback import loop_state
 from rlhf.feedback.db import Database
+from rlhf.feedback.errors import Conflict
 from rlhf.feedback.leaderboard import loop_judgements
 from rlhf.feedback.models import LoopPhase, PolicyVersion, RewardModelVersion
 
@@ -56,7 +56,10 @@ def test_a_phase_is_recorded_once_with_its_rows(db: Database) -> None:
         assert set(loop_state.finished_phases(s, loop)) == {(0, "register"), (1, "reward"), (1, "register")}
         again = RewardModelVersion(loop_id=loop.id, name="rm-r1b", round=1, parent=None, path="/x", n_votes=0,
                                    vote_ids=[], metrics={})  # fmt: skip
-        with pytest.raises(IntegrityError):  # the phase is already finished: neither row is written
+        # the phase is already finished (another `rlhf loop` of this name): one line, and neither row is written
+        with pytest.raises(
+            Conflict, match=r"^loop demo: round 1's reward phase was recorded meanwhile by another"
+        ):
             loop_state.finish_phase(s, loop, 1, "reward", {}, [again])
     with db.session() as s:
         assert s.scalar(select(func.count(RewardModelVersion.id))) == 1
