@@ -236,6 +236,30 @@ def simpo_loss(
     return losses.mean(), _implicit_reward_stats(chosen_reward, rejected_reward)
 
 
+def orpo_loss(
+    chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, lam: float = 0.1
+) -> tuple[torch.Tensor, Stats]:
+    """ORPO (Hong et al. 2024, arXiv:2403.07691, eq. 6-7) over P pairs: no reference model, and the SFT loss
+    built in. With P(y) = exp(the answer's mean log-prob per token) and odds(y) = P / (1 - P):
+      NLL of the chosen answer (its mean per token) - lam * log sigmoid(log odds(chosen) - log odds(rejected)).
+    Inputs (P,) each. Stats as dpo_loss's with the log odds as rewards, and `dpo/nll`."""
+    log_odds_c = chosen_avg_logps - _log1mexp(chosen_avg_logps)  # (P,) log(P / (1 - P))
+    log_odds_r = rejected_avg_logps - _log1mexp(rejected_avg_logps)  # (P,)
+    nll = -chosen_avg_logps.mean()
+    loss = nll - lam * F.logsigmoid(log_odds_c - log_odds_r).mean()
+    stats = _implicit_reward_stats(lam * chosen_avg_logps, lam * rejected_avg_logps)
+    with torch.no_grad():
+        stats["dpo/nll"] = nll.detach()
+        stats["dpo/log_odds_ratio"] = (log_odds_c - log_odds_r).mean()
+    return loss, stats
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without rounding 1 - exp(x) to 0 near x = 0 (Machler 2012)."""
+    x = x.clamp(max=-1e-7)  # a mean log-prob of exactly 0 (certain of every token) has infinite odds
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def _implicit_reward_stats(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor) -> Stats:
     with torch.no_grad():
         return {

@@ -98,6 +98,7 @@ class RewardConfig(PreferenceTrainConfig):
 
 
 SIMPO_BETA = 2.0  # Meng et al. 2024's default
+REFERENCE_FREE = ("simpo", "orpo")  # DPO losses without a reference model
 
 
 class DPOConfig(PreferenceTrainConfig):
@@ -117,14 +118,16 @@ class DPOConfig(PreferenceTrainConfig):
     max_seq_len: int = Field(
         128, gt=1, description="prompt + answer + EOS tokens; longer answers are cut (and lose their EOS)"
     )
-    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
         "sigmoid",
-        description="sigmoid = DPO; ipo = IPO's squared loss; simpo = SimPO (length-normalised, no reference)",
+        description="sigmoid = DPO; ipo = IPO's squared loss; simpo = SimPO (length-normalised, no reference); "
+        "orpo = ORPO (the chosen answer's NLL plus an odds-ratio term, no reference)",
     )
     beta: float = Field(
         0.1,
         gt=0,
-        description="beta: scale of the implicit reward beta * log(pi / pi_ref); unset with simpo: 2.0",
+        description="beta: scale of the implicit reward beta * log(pi / pi_ref); unset with simpo: 2.0; with "
+        "orpo, lambda: the odds-ratio term's weight beside the NLL",
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="conservative DPO: assumed rate of flipped labels (sigmoid and simpo)"
@@ -155,8 +158,8 @@ class DPOConfig(PreferenceTrainConfig):
 
     @model_validator(mode="after")
     def _smoothing_needs_a_logistic_loss(self) -> DPOConfig:
-        if self.label_smoothing and self.loss == "ipo":  # IPO's squared loss has no flipped-label term
-            raise ValueError("label_smoothing applies to the sigmoid and simpo losses, not ipo")
-        if self.loss == "simpo" and self.reference:
-            raise ValueError("loss simpo has no reference model: unset reference")
+        if self.label_smoothing and self.loss in ("ipo", "orpo"):  # no flipped-label term in their losses
+            raise ValueError(f"label_smoothing applies to the sigmoid and simpo losses, not {self.loss}")
+        if self.loss in REFERENCE_FREE and self.reference:
+            raise ValueError(f"loss {self.loss} has no reference model: unset reference")
         return self

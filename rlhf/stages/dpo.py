@@ -1,12 +1,12 @@
 """`rlhf dpo`: direct preference optimisation, the policy trained on preference pairs with no reward model and
-no sampling (Rafailov et al. 2023, arXiv:2305.18290); IPO, conservative DPO and SimPO are options of the loss.
+no sampling (Rafailov et al. 2023, arXiv:2305.18290); IPO, conservative DPO, SimPO and ORPO are options of the loss.
 
 Set-up: the preference data the reward model trains on, in any format (rlhf.data.preferences); a ranking of K
 answers becomes one example holding its C(K,2) pairs, each answer forwarded once. Prompts are split into train
 and held-out. The policy is the SFT checkpoint (full or LoRA), dropout off. The reference's log-probs of every
 answer are computed once before training and cached in RUN/reference_logps.pt (TRL's `precompute_ref_log_probs`):
 the reference is then never run again, and with LoRA it is the policy with its adapter switched off, so no
-second copy of the model exists at all. SimPO needs no reference.
+second copy of the model exists at all. SimPO and ORPO need no reference.
 
 The loop, per optimiser step over `batch_size` judgements:
   1. forward: each judgement's prompt once and its answers as branches (a tree attention mask), judgements
@@ -36,6 +36,7 @@ from torch import Tensor
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from rlhf.config import DPOConfig
+from rlhf.config.preference import REFERENCE_FREE
 from rlhf.data.jsonl import write_json
 from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
 from rlhf.engine import lean_llama
@@ -48,7 +49,7 @@ from rlhf.engine.packing import (
     within_window,
 )
 from rlhf.errors import DataError
-from rlhf.losses import Stats, dpo_loss, simpo_loss
+from rlhf.losses import Stats, dpo_loss, orpo_loss, simpo_loss
 from rlhf.models.loading import (
     check_same_tokenizer,
     context_length,
@@ -246,6 +247,8 @@ def pair_loss(cfg: DPOConfig, total: Tensor, mean: Tensor, batch: Batch) -> tupl
     c, r = batch.chosen.to(total.device), batch.rejected.to(total.device)
     if cfg.loss == "simpo":
         return simpo_loss(mean[c], mean[r], cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+    if cfg.loss == "orpo":
+        return orpo_loss(mean[c], mean[r], cfg.beta)
     ref = batch.ref_logps.to(total.device)
     return dpo_loss(total[c], total[r], ref[c], ref[r], cfg.beta, cfg.loss, cfg.label_smoothing)
 
@@ -362,7 +365,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
 
     # the reference's log-probs: once per run (read back on resume), then the reference is not needed again
     reference_s = 0.0
-    if cfg.loss != "simpo":
+    if cfg.loss not in REFERENCE_FREE:
         cache_path = run_dir.dir / REFERENCE_CACHE
         everything = train + held_out
         key = reference_key(cfg.reference or cfg.policy, everything)

@@ -66,8 +66,14 @@ def tiny_dpo(out: Path, sft: Path, data: Path, **overrides: Any) -> DPOConfig:
 
 @pytest.mark.parametrize(
     "settings",
-    [{"loss": "sigmoid"}, {"loss": "sigmoid", "label_smoothing": 0.1}, {"loss": "ipo"}, {"loss": "simpo"}],
-    ids=["dpo", "cdpo", "ipo", "simpo"],
+    [
+        {"loss": "sigmoid"},
+        {"loss": "sigmoid", "label_smoothing": 0.1},
+        {"loss": "ipo"},
+        {"loss": "simpo"},
+        {"loss": "orpo"},
+    ],
+    ids=["dpo", "cdpo", "ipo", "simpo", "orpo"],
 )
 def test_two_steps_train_the_policy(
     settings: dict[str, Any], tmp_path: Path, tiny_sft_model: Path, preferences: Path
@@ -83,7 +89,10 @@ def test_two_steps_train_the_policy(
     for row in rows:
         for key in METRICS:
             assert math.isfinite(row[key]), (key, row[key])
-    if settings["loss"] != "simpo":
+    if settings["loss"] == "orpo":  # the chosen answers' NLL is part of the loss, and no reference is run
+        assert all(0 < r["dpo/nll"] < r["dpo/loss"] for r in rows)
+        assert not (tmp_path / "run" / dpo.REFERENCE_CACHE).exists()
+    if settings["loss"] not in ("simpo", "orpo"):
         # the first step starts at the reference: every implicit reward is 0, the DPO loss log 2
         assert rows[0]["dpo/margin"] == pytest.approx(0.0, abs=1e-5)
         if settings == {"loss": "sigmoid"}:

@@ -59,6 +59,11 @@ def test_yaml_and_dotted_overrides_are_typed(tmp_path: Path) -> None:
             "safety_prompts.0: '(poison' is not a regular expression",
         ),
         (["dpo.loss=simpo", "dpo.reference=runs/sft/final"], "dpo: loss simpo has no reference model"),
+        (["dpo.loss=orpo", "dpo.reference=runs/sft/final"], "dpo: loss orpo has no reference model"),
+        (
+            ["dpo.loss=orpo", "dpo.label_smoothing=0.1"],
+            "dpo: label_smoothing applies to the sigmoid and simpo losses, not orpo",
+        ),
         # YAML's booleans: the judge would read the tokens "True" and "False"
         (["eval.judge_review_choices=[yes,no]"], "eval.judge_review_choices: YAML reads unquoted yes/no"),
         (

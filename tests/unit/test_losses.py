@@ -8,6 +8,7 @@ import torch
 from rlhf.losses import (
     dpo_loss,
     grouped_bt_loss,
+    orpo_loss,
     pairwise_bt_loss,
     ppo_policy_loss,
     sft_loss,
@@ -276,3 +277,22 @@ def test_simpo_uses_mean_log_probs_and_a_margin() -> None:
     close(stats["dpo/accuracy"], 1.0)
     equal, _ = simpo_loss(torch.tensor([-1.0]), torch.tensor([-1.0]), beta=2.0, gamma=0.0)
     close(equal, LN2)
+
+
+def test_orpo_adds_an_odds_ratio_term_to_the_chosen_answers_nll() -> None:
+    # mean log-probs ln 0.5 and ln 0.2: odds 1 and 0.25, log odds ratio ln 4; NLL ln 2 (of the chosen only)
+    chosen, rejected = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)])
+    loss, stats = orpo_loss(chosen, rejected, lam=0.1)
+    close(loss, LN2 + 0.1 * nll_sigmoid(math.log(4.0)))
+    close(stats["dpo/nll"], LN2)
+    close(stats["dpo/log_odds_ratio"], math.log(4.0))
+    close(stats["dpo/accuracy"], 1.0)
+    # equal answers: the odds term is log 2 whatever their probability
+    equal, _ = orpo_loss(torch.tensor([-3.0, -0.01]), torch.tensor([-3.0, -0.01]), lam=1.0)
+    close(equal, 3.01 / 2 + LN2)
+    # a chosen answer the policy is all but certain of: finite, and its gradient pushes the rejected down
+    certain = torch.tensor([-1e-9], requires_grad=True)
+    other = torch.tensor([-1.0], requires_grad=True)
+    loss, _ = orpo_loss(certain, other, lam=0.1)
+    loss.backward()
+    assert math.isfinite(float(loss)) and other.grad is not None and float(other.grad) > 0
