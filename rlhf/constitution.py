@@ -113,6 +113,20 @@ class Constitution(BaseModel):
         return rng.choices(pool, weights=[p.weight for p in pool])[0] if pool else None
 
 
+def find_constitution(path: str | Path) -> Path:
+    """`path` where it is a file; a `configs/NAME` missing there (the default, the docs' examples) is the file of
+    that name in this source checkout or, installed from a wheel, the copy shipped in the package (rlhf/_configs),
+    so that they work from any directory."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute() or p.parts[:1] != ("configs",):
+        return p
+    package = Path(__file__).parent  # rlhf/
+    for candidate in (package.parent / p, package / "_configs" / p.relative_to("configs")):
+        if candidate.is_file():
+            return candidate
+    return p
+
+
 def load_constitution(path: str | Path) -> Constitution:
     """Read and check a constitution YAML file; a ConfigError of one line naming file and entry if it is bad."""
     p = Path(path)

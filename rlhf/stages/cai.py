@@ -33,7 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from rlhf.config import CaiConfig, EvalConfig, dump_config
-from rlhf.constitution import Constitution, Principle, load_constitution
+from rlhf.constitution import Constitution, Principle, find_constitution, load_constitution
 from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_jsonl
 from rlhf.data.preferences import PairwiseVote, PreferencePair, read_records, write_preferences
 from rlhf.data.prompts import read_prompt_rows
@@ -70,7 +70,7 @@ def policy_tokenizer(cfg: CaiConfig, policy: TextModel | None) -> Any:
     return None if cfg.policy_url or policy is not None else load_tokenizer(cfg.policy)
 
 
-def check_same_constitution(out: Path, rows: Path, constitution: str) -> None:
+def check_same_constitution(out: Path, rows: Path, constitution: Path) -> None:
     """The constitution's content, kept in OUT/constitution.sha256: a resume with the file edited in place would
     label (or revise) the rest of the prompts under other principles than the rows already written."""
     check_same_input(out, rows, constitution, "constitution.sha256")
@@ -95,11 +95,12 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
            reviser: TextModel | None = None) -> dict[str, Any]:  # fmt: skip
     """SL-CAI data: critique-revision rounds on the policy's answers; writes revisions, sft and pairs JSONL."""
-    constitution = load_constitution(cfg.constitution)  # read before any output or model
+    constitution_file = find_constitution(cfg.constitution)
+    constitution = load_constitution(constitution_file)  # read before any output or model
     prompts = read_prompts(cfg.prompts_files, cfg.n_prompts, policy_tokenizer(cfg, policy))
     out = Path(cfg.out_dir)
     check_same_settings(out, cfg.model_dump(mode="json"), out / "revisions.jsonl", RESUMES_WITH)
-    check_same_constitution(out, out / "revisions.jsonl", cfg.constitution)
+    check_same_constitution(out, out / "revisions.jsonl", constitution_file)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     done = _done(out / "revisions.jsonl")
@@ -193,7 +194,8 @@ def judge_under_principles(judge: Judge, pairs: Sequence[tuple[str, str, str]], 
 def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: TextModel | None = None,
           judge: Judge | None = None) -> dict[str, Any]:  # fmt: skip
     """RL-CAI labels: two answers per prompt, judged under drawn principles; labels.jsonl, optionally pushed."""
-    constitution = load_constitution(cfg.constitution)
+    constitution_file = find_constitution(cfg.constitution)
+    constitution = load_constitution(constitution_file)
     prompts = read_prompts(cfg.prompts_files, cfg.n_prompts, policy_tokenizer(cfg, policy))
     out = Path(cfg.out_dir)
     # the judge's settings are eval's: recorded beside the stage's, so that a resume checks them too (before
@@ -201,7 +203,7 @@ def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: Tex
     judging = {k: v for k, v in eval_cfg.model_dump(mode="json").items() if k.startswith("judge")}
     settings = {"cai": cfg.model_dump(mode="json"), "eval": judging}
     check_same_settings(out, settings, out / "labels.jsonl", RESUMES_WITH)
-    check_same_constitution(out, out / "labels.jsonl", cfg.constitution)
+    check_same_constitution(out, out / "labels.jsonl", constitution_file)
     if judge is None:
         from rlhf.eval.judges import make_judge
 

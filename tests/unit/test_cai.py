@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from rlhf.config import CaiConfig, EvalConfig
+from rlhf.constitution import load_constitution
 from rlhf.data.jsonl import read_jsonl, write_jsonl
 from rlhf.errors import RlhfError
 from rlhf.feedback.db import Database
@@ -65,6 +66,18 @@ def test_revise_writes_sft_rows_and_pairs(tmp_path: Path) -> None:
     # a re-run samples nothing again
     again = ScriptedModel("scripted", scripted_answer)
     assert revise(cfg, quiet=True, policy=again) == summary and again.prompts == []
+
+
+def test_the_default_constitution_is_found_outside_the_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an installed package run from the user's own directory: no configs/ there
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path, constitution=CaiConfig().constitution)
+    assert revise(cfg, quiet=True, policy=ScriptedModel("scripted", scripted_answer))["prompts"] == 3
+    shipped = {p.id for p in load_constitution(ROOT / "configs" / "constitution.yaml").principles}
+    drawn = {s["principle"] for r in read_jsonl(tmp_path / "cai" / "revisions.jsonl") for s in r["steps"]}
+    assert drawn and drawn <= shipped
 
 
 def test_answers_the_reviser_left_as_they_were_are_not_sft_rows(tmp_path: Path) -> None:
