@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Unpack, cast
+from typing import Any, cast
 
 from sqlalchemy import Connection, Row, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
+from typing_extensions import Unpack
 
 from rlhf.feedback.errors import Conflict, FeedbackError, NotFound
 from rlhf.feedback.models import Assignment, Project, Task, User, Vote, utcnow
