@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import httpx
@@ -11,7 +11,7 @@ from rlhf.retry import retry_after, send_retrying, transient
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after(httpx.Response(429, headers={"Retry-After": "2.5"})) == 2.5
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 20 < (retry_after(httpx.Response(429, headers={"Retry-After": later})) or 0) <= 30
     assert retry_after(httpx.Response(429, headers={"Retry-After": "soon"})) is None
     assert retry_after(httpx.Response(429)) is None
