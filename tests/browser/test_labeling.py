@@ -256,6 +256,21 @@ def test_phone_width_window(page: Page, server: dict[str, Any], log_in: Any, art
     assert last_vote(server, "max")["choice"] == ("A" if slots[1] == 0 else "B")
 
 
+def test_long_code_line_keeps_answers_side_by_side(page: Page, server: dict[str, Any], log_in: Any) -> None:
+    """A code block with a line wider than its pane scrolls inside the pane: it does not widen its column and
+    push the other answer off the screen."""
+    url = server["url"]
+    code = "```python\nx = 1  # " + "a long comment " * 40 + "\n```"
+    rows = [{"prompt": "Show code", "completions": [{"text": code}, {"text": "No code."}]}]
+    server["admin"].import_candidates("wide", rows)
+    log_in(page, url, "lia")
+    page.goto(f"{url}/label/wide")
+    one, two = page.locator("#completion-1").bounding_box(), page.locator("#completion-2").bounding_box()
+    assert one and two and abs(one["y"] - two["y"]) < 2
+    assert abs(one["width"] - two["width"]) < 2 and two["x"] + two["width"] <= 1280
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+
+
 def test_login_page_loads_without_errors(page: Page, server: dict[str, Any]) -> None:
     """No request of the login page fails (the icon browsers ask for included) and nothing is logged as an
     error in the console."""
