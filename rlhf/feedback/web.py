@@ -48,7 +48,18 @@ def markdown(text: str) -> markupsafe.Markup:
         _markdown = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(
             ["table", "strikethrough"]
         )
+        _markdown.core.ruler.push("dir_auto", _dir_auto)
     return markupsafe.Markup(_markdown.render(text.translate(_BIDI_CONTROLS)))
+
+
+def _dir_auto(state: Any) -> None:
+    """Every top-level block (paragraph, list, heading, ...) gets dir="auto": it reads in the direction of its
+    first letter, so an Arabic or Hebrew answer runs right to left with its punctuation at its end, beside
+    English blocks that stay left to right. Nested blocks follow theirs (a list item given its own dir would
+    hide its text from its list's, leaving the list's markers on the wrong side). Code blocks stay as they are."""
+    for token in state.tokens:
+        if token.nesting == 1 and token.level == 0:
+            token.attrSet("dir", "auto")
 
 
 @cache

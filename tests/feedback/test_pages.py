@@ -69,6 +69,25 @@ def test_bidi_controls_in_answers_are_shown_not_obeyed(api, db: Database, make_c
     assert "photo[U+202E]gnp.exe" in page and "a[U+2067]b[U+2069]" in page
 
 
+def test_right_to_left_answers_read_right_to_left(api, db: Database, make_client) -> None:
+    """Each Markdown block takes the direction of its own text: a Hebrew answer's paragraph and list read right
+    to left (punctuation at their end), while English beside them stays left to right."""
+    hebrew = "הבירה היא טוקיו.\n\n- פריט ראשון!\n- פריט שני"
+    rows = [{"prompt": "שאלה?", "completions": [{"text": hebrew}, {"text": "It is Tokyo."}]}]
+    assert api.post("admin", "/api/projects/demo/import", json={"candidates": rows}).status_code == 201
+    browser = make_client()
+    log_in(browser, db, "lia")
+    page = browser.get("/label/demo").text
+    for block in (
+        "<p>שאלה?</p>",
+        "<p>הבירה היא טוקיו.</p>",
+        "<ul>",
+        "<p>It is Tokyo.</p>",
+    ):
+        assert block.replace(">", ' dir="auto">', 1) in page
+    assert "<li>פריט ראשון!</li>" in page  # an item follows its list
+
+
 def test_vote_skip_and_undo_through_forms(api, db: Database, make_client) -> None:
     api.seed(n_prompts=3)
     browser = make_client()
