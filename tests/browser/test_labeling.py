@@ -236,6 +236,23 @@ def test_ranking_by_keys_and_undo_from_the_done_page(page: Page, server: dict[st
     assert "Vote undone" in page.inner_text("#message") and page.locator("#rank-1").is_visible()
 
 
+def test_ranking_keys_go_on_from_a_rank_picked_with_the_mouse(
+    page: Page, server: dict[str, Any], log_in: Any
+) -> None:
+    """Ranking the best answer in its box, then typing the others' numbers, ranks those 2nd and 3rd: no
+    accidental tie with the one picked by mouse."""
+    url = server["url"]
+    rows = [{"prompt": "Rank by hand", "completions": [{"text": f"option {c}"} for c in "pqr"]}]
+    server["admin"].import_candidates("mixed-rank", rows, task_kind="ranking")
+    log_in(page, url, "max")
+    page.goto(f"{url}/label/mixed-rank")
+    page.select_option("#rank-2", "1")
+    page.focus("body")
+    for key in ("3", "1"):
+        page.keyboard.press(key)
+    assert [page.input_value(f"#rank-{s}") for s in (1, 2, 3)] == ["3", "1", "2"]
+
+
 def test_phone_width_window(page: Page, server: dict[str, Any], log_in: Any, artifacts: Path) -> None:
     """At 375 px wide nothing runs off the screen: the answers and the control bar's columns stack, and the
     note box stays wide enough to type in."""

@@ -8,7 +8,6 @@
   var form = document.getElementById("vote-form");
   var started = performance.now();
   var pendingAxis = null;  // the axis whose key was pressed last, waiting for 1 / = / 2
-  var ranked = [];  // ranking tasks: slots typed so far, best first
 
   function inTextField(el) {
     return el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && el.type !== "radio") || el.tagName === "SELECT");
@@ -41,16 +40,19 @@
   }
 
   function rankKey(key) {
+    // The next rank follows the answers already ranked, by key or with the mouse: a rank picked in a box
+    // counts, so typing the rest never gives an answer a rank another already holds.
     var selects = form.querySelectorAll("select[data-slot]");
-    if (key === "0") {
-      ranked = [];
-      for (var i = 0; i < selects.length; i++) selects[i].value = "";
-      return true;
+    var ranked = 0;
+    for (var i = 0; i < selects.length; i++) {
+      if (key === "0") selects[i].value = "";
+      if (selects[i].value !== "") ranked++;
     }
+    if (key === "0") return true;
     var slot = parseInt(key, 10);
-    if (!(slot >= 1 && slot <= selects.length) || ranked.indexOf(slot) >= 0) return false;
-    ranked.push(slot);
-    form.querySelector('select[data-slot="' + slot + '"]').value = String(ranked.length);
+    var select = form.querySelector('select[data-slot="' + slot + '"]');
+    if (!(slot >= 1 && slot <= selects.length) || select.value !== "") return false;
+    select.value = String(ranked + 1);
     return true;
   }
 
