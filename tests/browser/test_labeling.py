@@ -251,6 +251,12 @@ def test_ranking_keys_go_on_from_a_rank_picked_with_the_mouse(
     for key in ("3", "1"):
         page.keyboard.press(key)
     assert [page.input_value(f"#rank-{s}") for s in (1, 2, 3)] == ["3", "1", "2"]
+    page.keyboard.press("0")  # clears every rank; now the worst picked by mouse, the others typed
+    page.select_option("#rank-2", "3")
+    page.focus("body")
+    for key in ("1", "3"):
+        page.keyboard.press(key)
+    assert [page.input_value(f"#rank-{s}") for s in (1, 2, 3)] == ["1", "3", "2"]
 
 
 def test_phone_width_window(page: Page, server: dict[str, Any], log_in: Any, artifacts: Path) -> None:

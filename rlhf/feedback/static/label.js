@@ -40,19 +40,21 @@
   }
 
   function rankKey(key) {
-    // The next rank follows the answers already ranked, by key or with the mouse: a rank picked in a box
-    // counts, so typing the rest never gives an answer a rank another already holds.
+    // A typed answer takes the best rank no answer holds yet, by key or with the mouse: a rank picked in a
+    // box counts, so typing the rest never gives an answer a rank another already holds.
     var selects = form.querySelectorAll("select[data-slot]");
-    var ranked = 0;
+    var used = {};
     for (var i = 0; i < selects.length; i++) {
       if (key === "0") selects[i].value = "";
-      if (selects[i].value !== "") ranked++;
+      if (selects[i].value !== "") used[selects[i].value] = true;
     }
     if (key === "0") return true;
     var slot = parseInt(key, 10);
     var select = form.querySelector('select[data-slot="' + slot + '"]');
     if (!(slot >= 1 && slot <= selects.length) || select.value !== "") return false;
-    select.value = String(ranked + 1);
+    var next = 1;
+    while (used[String(next)]) next++;
+    select.value = String(next);
     return true;
   }
 
