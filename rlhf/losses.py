@@ -254,6 +254,49 @@ def orpo_loss(
     return loss, stats
 
 
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_policy_logps: torch.Tensor,
+    kl_ref_logps: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, Stats]:
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8) over A answers each judged alone, (A,) each, log-probs
+    summed over each answer's tokens; `desirable` (A,) bool. With r = logp - ref, the answer's log-ratio, and z the
+    reference point: the log-ratio of answers to other prompts (kl_*, (M,) each) averaged, floored at 0 and held
+    constant (no gradient), as TRL's KTOTrainer estimates the policy's KL to the reference:
+      desirable:   desirable_weight * (1 - sigmoid(beta * (r - z)))
+      undesirable: undesirable_weight * (1 - sigmoid(beta * (z - r)))
+    The mean over the answers. Stats: `dpo/chosen_reward` and `dpo/rejected_reward` (beta * r of the desirable and
+    undesirable answers; 0 where there are none), `dpo/kl` (z), `dpo/margin` (their difference) and `dpo/accuracy`
+    (the share of answers on their label's side of z)."""
+    r = policy_logps - ref_logps  # (A,)
+    z = (
+        (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
+        if kl_policy_logps.numel()
+        else r.new_zeros(())
+    )
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - r))),
+    )  # (A,)
+    with torch.no_grad():
+        good = (beta * r[desirable]).mean() if desirable.any() else r.new_zeros(())
+        bad = (beta * r[~desirable]).mean() if (~desirable).any() else r.new_zeros(())
+        stats: Stats = {
+            "dpo/chosen_reward": good,
+            "dpo/rejected_reward": bad,
+            "dpo/margin": good - bad,
+            "dpo/kl": z,
+            "dpo/accuracy": torch.where(desirable, r > z, r < z).float().mean(),
+        }
+    return losses.mean(), stats
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, without rounding 1 - exp(x) to 0 near x = 0 (Machler 2012)."""
     x = x.clamp(max=-1e-7)  # a mean log-prob of exactly 0 (certain of every token) has infinite odds

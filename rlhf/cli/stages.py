@@ -237,14 +237,16 @@ def dpo(
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO) of the SFT policy on preference data."""
+    """Direct preference optimisation (DPO, IPO, conservative DPO, SimPO, ORPO, KTO) of the SFT policy on preference
+    data."""
     cfg = stage_config(config, sets, "dpo", out).dpo
     from rlhf.stages import dpo as stage
 
     setup_logging(quiet)
     result = stage.run(cfg, resume=resume, quiet=quiet)
     loss = cfg.loss + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
-    line = f"dpo ({loss}): {result['train_pairs']} pairs in {result['train_judgements']} judgements; "
+    terms = "judged answers" if cfg.loss == "kto" else "pairs"
+    line = f"dpo ({loss}): {result['train_pairs']} {terms} in {result['train_judgements']} judgements; "
     if "dpo/eval_accuracy" in result:
         line += (f"held-out reward accuracy {result['dpo/eval_accuracy']:.3f}, "
                  f"margin {result['dpo/eval_margin']:.3f}; ")  # fmt: skip

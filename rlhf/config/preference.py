@@ -118,10 +118,11 @@ class DPOConfig(PreferenceTrainConfig):
     max_seq_len: int = Field(
         128, gt=1, description="prompt + answer + EOS tokens; longer answers are cut (and lose their EOS)"
     )
-    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = Field(
         "sigmoid",
         description="sigmoid = DPO; ipo = IPO's squared loss; simpo = SimPO (length-normalised, no reference); "
-        "orpo = ORPO (the chosen answer's NLL plus an odds-ratio term, no reference)",
+        "orpo = ORPO (the chosen answer's NLL plus an odds-ratio term, no reference); kto = KTO (answers judged "
+        "good or bad one at a time: feedback records, and the winners and losers of comparisons)",
     )
     beta: float = Field(
         0.1,
@@ -133,6 +134,14 @@ class DPOConfig(PreferenceTrainConfig):
         0.0, ge=0, lt=0.5, description="conservative DPO: assumed rate of flipped labels (sigmoid and simpo)"
     )
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin a chosen answer must win by")
+    kto_desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="kto: weight of a desirable answer's loss (lambda_D; raise it where they are fewer)",
+    )
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0, description="kto: weight of an undesirable answer's loss"
+    )
     pack_sequences: bool = Field(
         True, description="forward a micro-batch's sequences packed end to end into rows, not padded"
     )
@@ -158,7 +167,11 @@ class DPOConfig(PreferenceTrainConfig):
 
     @model_validator(mode="after")
     def _smoothing_needs_a_logistic_loss(self) -> DPOConfig:
-        if self.label_smoothing and self.loss in ("ipo", "orpo"):  # no flipped-label term in their losses
+        if self.label_smoothing and self.loss in (
+            "ipo",
+            "orpo",
+            "kto",
+        ):  # no flipped-label term in their losses
             raise ValueError(f"label_smoothing applies to the sigmoid and simpo losses, not {self.loss}")
         if self.loss in REFERENCE_FREE and self.reference:
             raise ValueError(f"loss {self.loss} has no reference model: unset reference")

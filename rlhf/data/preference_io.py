@@ -8,6 +8,9 @@ Formats, one JSON object per line (docs/formats.md shows an example of each):
                                        "axes"? (read into meta), "meta"?}
   ranking         K-way ranking       {"prompt", "completions", "ranking", "labeler"?, "meta"?}; 1 = best, equal = tie
   rating          one score           {"prompt", "completion", "rating", "labeler"?, "meta"?}
+  feedback        TRL unpaired (KTO)  {"prompt", "completion", "label": true | false, "labeler"?, "meta"?}: one
+                                      answer judged good or bad (a thumbs up or down); prompt and completion may
+                                      be messages, as in the conversational format
 and the layouts of published datasets that rlhf.data.layouts turns into these: conversational with an implicit
 prompt, ultrafeedback_binarized, ultrafeedback (raw, rated completions), ordered (completions best first).
 Files, saved `datasets` folders and hub ids are opened by rlhf.data.sources.
@@ -31,7 +34,7 @@ from rlhf.errors import DataError
 
 Choice = Literal["A", "B", "tie", "both_bad"]
 Format = Literal[
-    "auto", "pairs", "hh", "conversational", "ranking", "rating", "vote",
+    "auto", "pairs", "hh", "conversational", "ranking", "rating", "vote", "feedback",
     "ultrafeedback_binarized", "ultrafeedback", "ordered",
 ]  # fmt: skip
 
@@ -109,9 +112,22 @@ class Rating:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Feedback:
+    """One answer judged good (`label` true) or bad, compared with nothing: TRL's unpaired preference format,
+    which KTO trains on (a thumbs up or down). `prompt` and `completion` are text, or messages as in the
+    conversational format (the completion starting with the assistant's turn)."""
+
+    prompt: str | list[Message]
+    completion: str | list[Message]
+    label: bool
+    labeler: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 log = logging.getLogger(__name__)
 
-Record = PreferencePair | ConversationalPair | PairwiseVote | Ranking | Rating
+Record = PreferencePair | ConversationalPair | PairwiseVote | Ranking | Rating | Feedback
 
 
 def read_preferences(
@@ -174,7 +190,7 @@ def write_preferences(path: str | Path, records: Iterable[Record]) -> int:
 
 def record_to_json(r: Record) -> dict[str, Any]:
     """The record as a JSON object in its own format; fields that are None, and an empty meta, are left out."""
-    if not isinstance(r, PreferencePair | ConversationalPair | PairwiseVote | Ranking | Rating):
+    if not isinstance(r, PreferencePair | ConversationalPair | PairwiseVote | Ranking | Rating | Feedback):
         raise TypeError(f"not a preference record: {type(r).__name__}")
     # Field names are the JSON keys; asdict turns Messages into {"role", "content"} objects.
     return {k: v for k, v in asdict(r).items() if v is not None and v != {}}
@@ -232,6 +248,16 @@ def record_from_json(obj: Any, fmt: Format = "auto", where: str = "") -> Record:
                 "'chosen' and 'rejected' have different prompts (the text up to their last assistant turn)",
             )
         return PreferencePair(prompts[0], replies[0], replies[1])
+    if fmt == "feedback":  # TRL's format: its datasets' other columns are ignored, as the pairs format's are
+        label = _get(obj, "label", bool, where)
+        chat = isinstance(obj.get("prompt"), list) or isinstance(obj.get("completion"), list)
+        return Feedback(
+            _messages(obj, "prompt", where) if chat else _get(obj, "prompt", str, where),
+            _reply(obj, "completion", where) if chat else _get(obj, "completion", str, where),
+            label,
+            _get(obj, "labeler", str, where, required=False),
+            _get(obj, "meta", dict, where, required=False) or {},
+        )
     if fmt not in _OWN_KEYS:
         raise ValueError(f"unknown preference format {fmt!r}; expected one of {get_args(Format)}")
 
@@ -290,6 +316,11 @@ _OWN_KEYS: dict[str, set[str]] = {
 
 
 def _detect(obj: dict[str, Any], where: str) -> Format:
+    if {
+        "completion",
+        "label",
+    } <= obj.keys() and "rating" not in obj:  # a rating's keys, but judged, not scored
+        return "feedback"
     matches = [fmt for fmt, keys in _SIGNATURES.items() if keys & obj.keys()]
     if len(matches) != 1:
         what = (

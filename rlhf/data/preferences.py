@@ -21,6 +21,7 @@ from rlhf.data.preference_io import (
     HH_ASSISTANT,
     Choice,
     ConversationalPair,
+    Feedback,
     Format,
     Message,
     PairwiseVote,
@@ -45,6 +46,7 @@ __all__ = [
     "PROMPT_MESSAGES",
     "Choice",
     "ConversationalPair",
+    "Feedback",
     "Format",
     "Message",
     "PairwiseVote",
@@ -70,6 +72,7 @@ __all__ = [
     "record_from_json",
     "record_to_json",
     "render_conversational",
+    "render_feedback",
     "render_judgement",
     "split_hh",
     "to_groups",
@@ -125,6 +128,24 @@ def render_conversational(p: ConversationalPair, render: Render) -> PreferencePa
         _reply_text(render, history, prompt, [asdict(m) for m in r]) for r in (p.chosen, p.rejected)
     )
     return PreferencePair(prompt, chosen, rejected, p.margin, p.labeler)
+
+
+def render_feedback(f: Feedback, render: Render | None) -> Feedback:
+    """A feedback record whose prompt is messages, as plain text through a chat template (as
+    `render_conversational` renders a pair); one in text as it is. ValueError where messages meet no template."""
+    if isinstance(f.prompt, str) and isinstance(f.completion, str):
+        return f
+    if render is None:
+        raise ValueError("conversational feedback records need a chat template")
+    history = (
+        [asdict(m) for m in f.prompt]
+        if isinstance(f.prompt, list)
+        else [{"role": "user", "content": f.prompt}]
+    )
+    prompt = render(history, True)
+    reply = [asdict(m) for m in f.completion] if isinstance(f.completion, list) else [
+        {"role": "assistant", "content": f.completion}]  # fmt: skip
+    return replace(f, prompt=prompt, completion=_reply_text(render, history, prompt, reply))
 
 
 def _reply_text(
@@ -317,6 +338,10 @@ def _rendered_group(
         return [pair_to_group(pair) if pair is not None else None]
     if isinstance(r, Ranking):
         return [ranking_to_group(r)]
+    if isinstance(
+        r, Feedback
+    ):  # one answer judged alone: KTO's (rlhf dpo, loss kto), no pair for the reward model
+        return [None]
     raise TypeError(f"not a preference record: {type(r).__name__}")
 
 
@@ -374,6 +399,9 @@ def read_preference_groups(
     except ValueError as e:  # conversational rows without a (usable) chat template
         raise DataError(f"{path}: {e}") from None
     kinds = collections.Counter(RECORD_KINDS[type(r)] for r in records)
+    if kinds["feedback"]:
+        log.warning("%s: %d feedback records (answers judged alone) compare nothing and are left out; KTO trains on "
+                    "them (rlhf dpo --set dpo.loss=kto)", path, kinds["feedback"])  # fmt: skip
     log.info("%s: %d records (%s) -> %d judgements that compare answers (ties, identical answers and gold items "
              "compare none)", path, len(records), ", ".join(f"{n} {k}" for k, n in kinds.most_common()), len(groups))  # fmt: skip
     return groups
@@ -381,7 +409,8 @@ def read_preference_groups(
 
 # what each kind of record is called where a source is summed up (HH and the dataset layouts read as pairs)
 RECORD_KINDS: dict[type, str] = {PreferencePair: "pairs", ConversationalPair: "conversational pairs",
-                                 PairwiseVote: "votes", Ranking: "rankings", Rating: "ratings"}  # fmt: skip
+                                 PairwiseVote: "votes", Ranking: "rankings", Rating: "ratings",
+                                 Feedback: "feedback"}  # fmt: skip
 
 
 class _HasPrompt(Protocol):

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from rlhf.data.preferences import (
     ConversationalPair,
+    Feedback,
     PairwiseVote,
     PreferencePair,
     Ranking,
@@ -208,6 +209,9 @@ def _entry(record: Record, where: str, meta_as_note: bool = False) -> _Entry:
         answer = {"ranking": [distinct.index(r) + 1 for r in record.ranking]}
     elif isinstance(record, Rating):
         prompt, kind, texts, answer = record.prompt, "rating", [record.completion], {"rating": record.rating}
+    elif isinstance(record, Feedback):
+        raise DataError(f"{where}: a feedback record (one answer judged good or bad) has no task kind in the "
+                        "labeling store; train on the file with KTO (rlhf dpo --set dpo.loss=kto)")  # fmt: skip
     else:
         raise TypeError(f"not a preference record: {type(record).__name__}")
     if isinstance(record, ConversationalPair | PreferencePair) and texts[0] == texts[1]:

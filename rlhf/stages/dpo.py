@@ -1,5 +1,7 @@
 """`rlhf dpo`: direct preference optimisation, the policy trained on preference pairs with no reward model and
-no sampling (Rafailov et al. 2023, arXiv:2305.18290); IPO, conservative DPO, SimPO and ORPO are options of the loss.
+no sampling (Rafailov et al. 2023, arXiv:2305.18290); IPO, conservative DPO, SimPO and ORPO are options of the loss,
+and so is KTO, which trains on answers judged one at a time (feedback records, and the comparisons' winners and
+losers), each judgement reading another's answer as well for KTO's reference point.
 
 Set-up: the preference data the reward model trains on, in any format (rlhf.data.preferences); a ranking of K
 answers becomes one example holding its C(K,2) pairs, each answer forwarded once. Prompts are split into train
@@ -38,7 +40,18 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from rlhf.config import DPOConfig
 from rlhf.config.preference import REFERENCE_FREE
 from rlhf.data.jsonl import write_json
-from rlhf.data.preferences import PreferenceGroup, read_preference_groups, split_by_prompt
+from rlhf.data.preferences import (
+    Feedback,
+    PreferenceGroup,
+    Record,
+    Render,
+    chat_template,
+    read_preference_groups,
+    read_preferences,
+    render_feedback,
+    split_by_prompt,
+    to_groups,
+)
 from rlhf.engine import lean_llama
 from rlhf.engine.packing import (
     pack_rows,
@@ -49,7 +62,7 @@ from rlhf.engine.packing import (
     within_window,
 )
 from rlhf.errors import DataError
-from rlhf.losses import Stats, dpo_loss, orpo_loss, simpo_loss
+from rlhf.losses import Stats, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from rlhf.models.loading import (
     check_same_tokenizer,
     context_length,
@@ -92,6 +105,13 @@ class Judgement:
     answers: list[list[int]]
     pairs: list[tuple[int, int]]  # (chosen, rejected) indices into answers
     ref_logps: list[float] | None = None  # the reference's log-prob of each answer, once cached
+    labels: list[bool | None] | None = None  # KTO: each answer desirable or not; None: not trained on
+    kl_answers: int = 0  # KTO: the last answers are another judgement's, for the KL estimate
+
+    @property
+    def terms(self) -> int:
+        """How many terms of the loss it holds: its pairs, or with KTO its judged answers."""
+        return len(self.pairs) if self.labels is None else sum(label is not None for label in self.labels)
 
 
 @dataclass
@@ -116,6 +136,9 @@ class Batch:
     rejected: Tensor  # (Q,)
     ref_logps: Tensor  # (S,) zeros until cached
     token_weights: Tensor  # (R, W) the answers that read each position: 0 padding, k a prompt shared by k
+    labels: Tensor  # (S,) KTO: 1 desirable, 0 undesirable, -1 not judged (every answer of a DPO batch)
+    kl_answers: Tensor  # (S,) bool, KTO: answers to another prompt, for the KL estimate
+    n_terms: int  # the loss terms: pairs, or with KTO judged answers
 
     def to(self, device: torch.device) -> Batch:
         moved: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
@@ -128,21 +151,79 @@ class Batch:
 def read_judgements(
     path: str, cfg: DPOConfig, tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> tuple[list[Judgement], int]:
-    """Every judgement of a preference file as token ids; (judgements, answers cut to max_len)."""
-    groups = read_preference_groups(path, cfg.format, tokenizer, cfg.skip_bad_rows, cfg.columns)
+    """Every judgement of a preference file as token ids; (judgements, answers cut to max_len). With KTO, every
+    answer judged alone (`feedback` records) and those a comparison ranks (kto_labels)."""
+    if cfg.loss == "kto":
+        records = read_preferences(path, cfg.format, cfg.skip_bad_rows, cfg.columns)
+        try:
+            groups, labels = kto_labels(records, chat_template(tokenizer))
+        except ValueError as e:  # conversational rows without a (usable) chat template
+            raise DataError(f"{path}: {e}") from None
+    else:
+        groups, labels = (
+            read_preference_groups(path, cfg.format, tokenizer, cfg.skip_bad_rows, cfg.columns),
+            None,
+        )
     try:
-        return encode(groups, tokenizer, max_len)
+        return encode(groups, tokenizer, max_len, labels)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
 
 
+def kto_labels(
+    records: list[Record], render: Render | None
+) -> tuple[list[PreferenceGroup], list[list[bool | None]]]:
+    """KTO's judged answers: a feedback record's answer as labelled, and of a comparison (pair, vote, ranking,
+    ratings) each answer that only wins desirable and each that only loses undesirable (TRL's unpairing; a
+    ranking's middle answers, which do both, are not judged). One group per judgement, with its labels."""
+    groups: list[PreferenceGroup] = []
+    labels: list[list[bool | None]] = []
+    for r in records:
+        if isinstance(r, Feedback):
+            f = render_feedback(r, render)
+            assert isinstance(f.prompt, str) and isinstance(f.completion, str)
+            groups.append(PreferenceGroup(f.prompt, [f.completion], [], [None], f.labeler))
+            labels.append([f.label])
+    for g in to_groups([r for r in records if not isinstance(r, Feedback)], render):
+        wins, losses = {c for c, _ in g.pairs}, {r for _, r in g.pairs}
+        groups.append(g)
+        labels.append(
+            [None if (k in wins) == (k in losses) else k in wins for k in range(len(g.completions))]
+        )
+    return groups, labels
+
+
+def add_kl_answers(items: list[Judgement], max_len: int) -> None:
+    """KTO's reference point: each judgement also reads the next one's first judged answer (the last's, the
+    first's), cut to fit its prompt's window, as TRL pairs each prompt with another's completion."""
+    if len(items) < 2:
+        return  # no other prompt's answer: the reference point stays 0
+    firsts = [next(a for a, label in zip(j.answers, j.labels or [], strict=True) if label is not None)
+              for j in items]  # fmt: skip
+    for i, j in enumerate(items):
+        other = firsts[(i + 1) % len(items)][: max_len - len(j.prompt_ids)]
+        if other and j.labels is not None:
+            j.answers.append(other)
+            j.labels.append(None)
+            j.kl_answers = 1
+
+
 def encode(
-    groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_len: int
-) -> tuple[list[Judgement], int]:
+    groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_len: int,
+    labels: list[list[bool | None]] | None = None,
+) -> tuple[list[Judgement], int]:  # fmt: skip
     """prompt ids (with the tokenizer's BOS) and answer + EOS (or end-of-turn) ids; a prompt longer than half of
-    max_len keeps its end, then an answer that does not fit is cut (no EOS: it did not end within the window)."""
+    max_len keeps its end, then an answer that does not fit is cut (no EOS: it did not end within the window).
+    With KTO's `labels` (one list per group), the judged answers alone."""
     truncated, alike, out = 0, 0, []
-    for g in groups:
+    for n, g in enumerate(groups):
+        if labels is not None:  # KTO: the judged answers, each trained on alone
+            judged = [
+                (c, label) for c, label in zip(g.completions, labels[n], strict=True) if label is not None
+            ]
+            if not judged:
+                continue
+            g = PreferenceGroup(g.prompt, [c for c, _ in judged], [], [], g.labeler)
         prompt = encode_prompts(tokenizer, [g.prompt])[0]
         answers = []
         for ids in encode_completions(tokenizer, g.completions):
@@ -157,6 +238,10 @@ def encode(
             raise DataError(
                 f"a judgement with an empty prompt cannot be trained on (answers {g.completions[:2]!r})"
             )
+        if labels is not None:
+            kept: list[bool | None] = [label for _, label in judged]
+            out.append(Judgement(g.prompt, prompt[len(prompt) - p_len :], answers, [], labels=kept))
+            continue
         # two answers cut to the same tokens teach nothing (a loss of log 2 and no gradient), and would count
         # as a miss in dpo/accuracy
         pairs = [(c, r) for c, r in g.pairs if answers[c] != answers[r]]
@@ -220,14 +305,19 @@ def collate(
         attention_mask = tree_attention_mask(group_ids, branch_ids, additive)
     else:
         attention_mask = (group_ids >= 0).long()
-    chosen, rejected, ref, offset = [], [], [], 0
+    chosen, rejected, ref, labels, kl, offset = [], [], [], [], [], 0
     for j in items:
         chosen += [offset + c for c, _ in j.pairs]
         rejected += [offset + r for _, r in j.pairs]
         ref += j.ref_logps if j.ref_logps is not None else [0.0] * len(j.answers)
+        given = j.labels if j.labels is not None else [None] * len(j.answers)
+        labels += [-1 if label is None else int(label) for label in given]
+        kl += [k >= len(j.answers) - j.kl_answers for k in range(len(j.answers))]
         offset += len(j.answers)
     return Batch(input_ids, attention_mask, position_ids, response_at, answer_tokens, answer_of, len(answers),
-                 torch.tensor(chosen), torch.tensor(rejected), torch.tensor(ref), token_weights)  # fmt: skip
+                 torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long), torch.tensor(ref),
+                 token_weights, torch.tensor(labels, dtype=torch.long), torch.tensor(kl, dtype=torch.bool),
+                 sum(j.terms for j in items))  # fmt: skip
 
 
 # --- the forward and the loss --------------------------------------------------------------------------------
@@ -249,6 +339,15 @@ def pair_loss(cfg: DPOConfig, total: Tensor, mean: Tensor, batch: Batch) -> tupl
         return simpo_loss(mean[c], mean[r], cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
     if cfg.loss == "orpo":
         return orpo_loss(mean[c], mean[r], cfg.beta)
+    if cfg.loss == "kto":
+        labels, kl, ref = (
+            batch.labels.to(total.device),
+            batch.kl_answers.to(total.device),
+            batch.ref_logps.to(total),
+        )
+        judged = labels >= 0
+        return kto_loss(total[judged], ref[judged], labels[judged] == 1, total[kl], ref[kl], cfg.beta,
+                        cfg.kto_desirable_weight, cfg.kto_undesirable_weight)  # fmt: skip
     ref = batch.ref_logps.to(total.device)
     return dpo_loss(total[c], total[r], ref[c], ref[r], cfg.beta, cfg.loss, cfg.label_smoothing)
 
@@ -284,7 +383,7 @@ def evaluate(
         batch = collate_fn(items[i : i + cfg.micro_batch_size])
         with ctx():
             loss, stats = pair_loss(cfg, *answer_logps(policy, batch), batch)
-        q = len(batch.chosen)
+        q = batch.n_terms
         sums["loss"] += float(loss) * q
         sums["accuracy"] += float(stats["dpo/accuracy"]) * q
         sums["margin"] += float(stats["dpo/margin"]) * q
@@ -337,8 +436,12 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     if truncated:
         log.warning("dpo: %d answers did not fit in %d tokens with their prompt: the prompt keeps its end, then "
                     "the answer is cut", truncated, max_len)  # fmt: skip
-    n_pairs = sum(len(j.pairs) for j in train)
-    log.info("dpo: %d judgements (%d pairs) to train on, %d held out", len(train), n_pairs, len(held_out))
+    if cfg.loss == "kto":  # each answer's KL term reads another judgement's answer under its prompt
+        add_kl_answers(train, max_len)
+        add_kl_answers(held_out, max_len)
+    n_pairs = sum(j.terms for j in train)
+    log.info("dpo: %d judgements (%d %s) to train on, %d held out", len(train), n_pairs,
+             "judged answers" if cfg.loss == "kto" else "pairs", len(held_out))  # fmt: skip
 
     run_dir = Run(
         cfg.out_dir, cfg, accelerator.is_main_process, accelerator, resume=resume, records=(REFERENCE_CACHE,)
@@ -418,7 +521,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
     pairs_seen, t0 = 0, time.perf_counter()
     for step in range(start, plan.total_steps):
         micro = [[train[i] for i in mb] for mb in plan.micro_batches(step)]
-        step_pairs = sum(len(train[i].pairs) for i in plan.global_batch(step))  # every process's
+        step_pairs = sum(train[i].terms for i in plan.global_batch(step))  # every process's
         sums: dict[str, float] = {}
         tokens = 0
         for k, chunk in enumerate(micro):
@@ -436,7 +539,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                     aux = actor.aux_loss(batch.token_weights)
                     loss = loss + actor.aux_coef * aux
                     stats["dpo/aux_loss"] = aux.detach()
-                share = len(batch.chosen) / step_pairs
+                share = batch.n_terms / step_pairs
                 accelerator.backward(loss * share * world)
             for key, value in {"dpo/loss": loss.detach(), **stats}.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
@@ -474,7 +577,7 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
 
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {"steps": plan.total_steps, "train_judgements": len(train), "train_pairs": n_pairs,
-                              "held_out_pairs": sum(len(j.pairs) for j in held_out), "reference_s": reference_s,
+                              "held_out_pairs": sum(j.terms for j in held_out), "reference_s": reference_s,
                               **metrics}  # fmt: skip
     final_model = sharding.whole_model(
         actor.model, is_sharded, is_main, lambda: trainable_causal_lm(cfg.policy, None, cfg.lora, tokenizer)

@@ -175,6 +175,12 @@ def test_ratings_of_two_labelers_and_a_pair_of_one_text_are_refused(db: Database
             DataError, match=rf"^{vote}:1: 'completion_a' and 'completion_b' are the same text"
         ):
             import_preferences(s, "demo", "imp", read_records(vote))
+        feedback = tmp_path / "feedback.jsonl"  # KTO's: one answer judged alone has no task kind to be
+        feedback.write_text(
+            '{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "Hi", "completion": "Yo", "label": true}\n'
+        )
+        with pytest.raises(DataError, match=rf"^{feedback}:2: a feedback record .* dpo.loss=kto"):
+            import_preferences(s, "demo", "imp", read_records(feedback))
         assert s.scalar(select(func.count()).select_from(Vote)) == 0
 
 

@@ -105,6 +105,52 @@ def test_two_steps_train_the_policy(
     )
 
 
+def test_kto_trains_on_answers_judged_alone_and_on_comparisons(
+    tmp_path: Path, tiny_sft_model: Path, preferences: Path
+) -> None:
+    """KTO reads feedback rows (one answer, good or bad) beside the comparisons' winners and losers (a ranking's
+    middle answer is neither), and estimates its reference point from another prompt's answer."""
+    rows = [json.loads(line) for line in preferences.read_text().splitlines()]
+    feedback = [{"prompt": r["prompt"], "completion": r["chosen"], "label": n % 3 != 0}
+                for n, r in enumerate(rows) if "chosen" in r]  # fmt: skip
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*feedback, *rows]))
+    cfg = tiny_dpo(tmp_path / "run", tiny_sft_model, data, max_seq_len=128, loss="kto", eval_fraction=0.0)
+    items, _ = dpo.read_judgements(str(data), cfg, load_tokenizer(str(tiny_sft_model)), 128)
+    # a feedback row: 1 judged answer; a pair: chosen desirable, rejected undesirable; a ranking of 3: best, worst
+    n_pairs, n_rankings = sum("chosen" in r for r in rows), sum("ranking" in r for r in rows)
+    assert len(items) == len(feedback) + n_pairs + n_rankings
+    assert [j.labels for j in items[: len(feedback)]] == [[f["label"]] for f in feedback]
+    assert all(j.labels == [True, False] for j in items if len(j.answers) == 2)
+    result = dpo.run(cfg, quiet=True)
+
+    assert result["train_pairs"] == len(feedback) + 2 * n_pairs + 2 * n_rankings  # the judged answers
+    rows_logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "dpo/loss" in r]
+    assert [r["step"] for r in rows_logged] == [1, 2]
+    for row in rows_logged:
+        for key in [*METRICS, "dpo/kl"]:
+            assert math.isfinite(row[key]), (key, row[key])
+    # the first step is at the reference: every log-ratio and the reference point are 0, each term 1 - sigmoid(0)
+    assert rows_logged[0]["dpo/loss"] == pytest.approx(0.5, abs=1e-5)
+    assert (tmp_path / "run" / dpo.REFERENCE_CACHE).exists()
+    assert (
+        max_change(load_causal_lm(str(tmp_path / "run" / "final")), load_causal_lm(str(tiny_sft_model)))
+        > 1e-4
+    )
+
+
+def test_kto_reads_each_judgements_kl_answer_from_the_next() -> None:
+    items = [dpo.Judgement("p", [1, 2], [[5, 6, 7]], [], labels=[True]),
+             dpo.Judgement("q", [3], [[8, 9], [4]], [], labels=[None, False])]  # fmt: skip
+    dpo.add_kl_answers(items, max_len=3)
+    assert items[0].answers[-1] == [4] and items[0].kl_answers == 1  # q's first judged answer
+    assert items[1].answers[-1] == [5, 6]  # p's judged answer, cut to fit its window: 3 - 1 tokens
+    assert items[1].labels == [None, False, None]
+    batch = dpo.collate(items, pad_id=0)
+    assert batch.labels.tolist() == [1, -1, -1, 0, -1] and batch.kl_answers.tolist() == [0, 1, 0, 0, 1]
+    assert batch.n_terms == 2
+
+
 def optimizer_steps(checkpoint: Path) -> set[int]:
     """The step count AdamW holds for each parameter in a checkpoint: the optimiser steps taken."""
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)

@@ -8,6 +8,7 @@ import torch
 from rlhf.losses import (
     dpo_loss,
     grouped_bt_loss,
+    kto_loss,
     orpo_loss,
     pairwise_bt_loss,
     ppo_policy_loss,
@@ -296,3 +297,29 @@ def test_orpo_adds_an_odds_ratio_term_to_the_chosen_answers_nll() -> None:
     loss, _ = orpo_loss(certain, other, lam=0.1)
     loss.backward()
     assert math.isfinite(float(loss)) and other.grad is not None and float(other.grad) > 0
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_weighs_each_answer_against_a_reference_point_from_other_prompts_answers() -> None:
+    # log-ratios 2 (desirable) and 1 (undesirable); mismatched answers' log-ratios 0.5 and 1.5: z = 1
+    policy, ref = torch.tensor([2.0, 1.0]), torch.zeros(2)
+    desirable = torch.tensor([True, False])
+    kl_policy, kl_ref = torch.tensor([0.5, 1.5]), torch.zeros(2)
+    loss, stats = kto_loss(policy, ref, desirable, kl_policy, kl_ref, beta=0.5, desirable_weight=2.0)
+    close(loss, (2.0 * (1 - sigmoid(0.5 * (2 - 1))) + 1.0 * (1 - sigmoid(0.5 * (1 - 1)))) / 2)
+    close(stats["dpo/kl"], 1.0)
+    close(stats["dpo/chosen_reward"], 1.0)
+    close(stats["dpo/rejected_reward"], 0.5)
+    close(stats["dpo/accuracy"], 0.5)  # the desirable answer above z; the undesirable one at it, not below
+    # a negative estimate is floored at 0, and the reference point takes no gradient
+    kl_policy = torch.tensor([-3.0], requires_grad=True)
+    loss, stats = kto_loss(policy.requires_grad_(), ref, desirable, kl_policy, torch.zeros(1), beta=0.5)
+    close(stats["dpo/kl"], 0.0)
+    loss.backward()
+    assert kl_policy.grad is None or float(kl_policy.grad.abs().sum()) == 0.0
+    # no mismatched answers (one judgement alone): z = 0
+    loss, stats = kto_loss(policy, ref, desirable, torch.zeros(0), torch.zeros(0), beta=0.5)
+    close(loss, ((1 - sigmoid(1.0)) + (1 - sigmoid(-0.5))) / 2)

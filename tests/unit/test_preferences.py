@@ -13,6 +13,7 @@ import pytest
 from rlhf.data.jsonl import write_jsonl
 from rlhf.data.preferences import (
     ConversationalPair,
+    Feedback,
     Message,
     PairwiseVote,
     PreferenceGroup,
@@ -31,6 +32,7 @@ from rlhf.data.preferences import (
     record_from_json,
     record_to_json,
     render_conversational,
+    render_feedback,
     split_hh,
     to_groups,
     vote_to_pair,
@@ -419,8 +421,17 @@ def test_to_groups_keeps_input_order_and_places_ratings_at_their_first() -> None
             {"prompt": "p", "completion_a": "a", "completion_b": "b", "choice": "tie", "meta": {"id": 3}},
             PairwiseVote("p", "a", "b", "tie", meta={"id": 3}),
         ),
+        ({"prompt": "p", "completion": "a", "label": False, "source": "x"}, Feedback("p", "a", False)),
+        (
+            {
+                "prompt": [{"role": "user", "content": "p"}],
+                "completion": [{"role": "assistant", "content": "a"}],
+                "label": True,
+            },
+            Feedback([Message("user", "p")], [Message("assistant", "a")], True),
+        ),
     ],
-    ids=["pairs", "hh", "conversational", "ranking", "rating", "vote"],
+    ids=["pairs", "hh", "conversational", "ranking", "rating", "vote", "feedback", "conversational_feedback"],
 )
 def test_auto_detects_each_format(tmp_path: Path, row: dict[str, object], expected: object) -> None:
     path = tmp_path / "one.jsonl"
@@ -464,6 +475,12 @@ VALID = json.dumps({"prompt": "p", "completion_a": "a", "completion_b": "b", "ch
             "field 'completions' should be a list of str",
         ),
         ('{"prompt": "p", "completion_a": "a", "completion_b": "b", "choice": "C"}', "unknown choice 'C'"),
+        ('{"prompt": "p", "completion": "a", "label": 1}', "field 'label' should be bool, got int"),
+        (
+            '{"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "user", "content": "a"}], '
+            '"label": true}',
+            "field 'completion' should start with the assistant's turn",
+        ),
         (
             '{"prompt": "p", "completion_a": "a", "completion_b": "b", "choice": "A", "task": 1}',
             "unknown field 'task'",
@@ -597,3 +614,22 @@ def test_a_text_ranked_twice_counts_once_at_its_mean_rank() -> None:
     group = ranking_to_group(Ranking("p", ["a", "b", "a", "c"], [1, 3, 2, 4]))
     assert group is not None and group.completions == ["a", "b", "c"]
     assert group.pairs == [(0, 1), (0, 2), (1, 2)]  # a (1.5) > b (3) > c (4), each pair once
+
+
+def test_feedback_compares_nothing_for_the_reward_model_and_renders_through_a_template(
+    tmp_path: Path,
+) -> None:
+    records = [Feedback("p", "a", True), PreferencePair("p", "a", "b"), Feedback("q", "c", False, "ann")]
+    path = tmp_path / "mixed.jsonl"
+    write_preferences(path, records)
+    assert read_preferences(path) == records  # round trip
+    assert [(g.prompt, g.completions) for g in to_groups(records)] == [("p", ["a", "b"])]
+    chat = Feedback([Message("user", "hi")], [Message("assistant", "yo")], True)
+
+    def render(messages: list[dict[str, str]], gen: bool) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if gen else "")
+
+    assert render_feedback(chat, render) == Feedback("<user>hi<assistant>", "yo", True)
+    assert render_feedback(records[0], None) is records[0]
+    with pytest.raises(ValueError, match="need a chat template"):
+        render_feedback(chat, None)
