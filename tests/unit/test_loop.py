@@ -5,6 +5,8 @@ a wrong SFT path fails before the store records it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,23 @@ def round_one_loop(db: Database, rows: list[CandidateRow], **import_options: int
         run = get_or_create_loop(session, "l", {})
         import_candidates(session, "l", rows, **import_options)
     return run
+
+
+@contextmanager
+def labeler_on_round_one(tmp_path: Path, n: int = 3) -> Iterator[tuple[Database, LoopRun, Any]]:
+    """Loop "l" with `n` tasks in round 1, in a store served over HTTP, and a client of its labeler "ann"."""
+    from rlhf.feedback.client import FeedbackClient
+    from rlhf.feedback.testing import make_user, run_server
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    token = make_user(url, "ann")
+    db = Database(url)
+    try:
+        loop_run = round_one_loop(db, round_one_rows(n))
+        with run_server(url) as base, FeedbackClient(base, token) as client:
+            yield db, loop_run, client
+    finally:
+        db.dispose()
 
 
 def test_round_prompts_are_fixed_by_seed_and_round_and_mix_old_and_new() -> None:
@@ -152,50 +171,25 @@ def test_a_loop_started_again_with_other_settings_says_which(
 
 
 def test_a_resumed_round_trains_on_the_votes_it_exported_not_on_later_ones(tmp_path: Path) -> None:
-    from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.testing import make_user, run_server
-
-    url = f"sqlite:///{tmp_path / 'feedback.db'}"
-    token = make_user(url, "ann")
-    db = Database(url)
-    rows = round_one_rows(3)
-    try:
-        loop_run = round_one_loop(db, rows)
-        with run_server(url) as base, FeedbackClient(base, token) as client:
-
-            def vote() -> None:
-                client.vote(client.next_task("l")["id"], choice="A")
-
-            vote()
-            assert len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
-            (tmp_path / "reward" / "checkpoints" / "step-0000001").mkdir(
-                parents=True
-            )  # its training saved one
-            vote()  # cast while it trains, then the loop is killed and started again
-            again = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
-    finally:
-        db.dispose()
+    with labeler_on_round_one(tmp_path) as (db, loop_run, client):
+        client.vote(client.next_task("l")["id"], choice="A")
+        assert len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
+        (tmp_path / "reward" / "checkpoints" / "step-0000001").mkdir(parents=True)  # its training saved one
+        client.vote(
+            client.next_task("l")["id"], choice="A"
+        )  # cast while it trains; then killed, started again
+        again = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
     assert len(again) == 1 and len(list((tmp_path / "votes.jsonl").read_text().splitlines())) == 1
 
 
 def test_a_round_whose_training_saved_nothing_exports_the_votes_again(tmp_path: Path) -> None:
     """A round whose reward training failed before its first checkpoint (one vote, reward.batch_size 4) kept
     that one vote in votes.jsonl, and failed the same way at every later start, however many people voted."""
-    from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.testing import make_user, run_server
-
-    url = f"sqlite:///{tmp_path / 'feedback.db'}"
-    token = make_user(url, "ann")
-    db = Database(url)
-    try:
-        loop_run = round_one_loop(db, round_one_rows(3))
-        with run_server(url) as base, FeedbackClient(base, token) as client:
-            client.vote(client.next_task("l")["id"], choice="A")
-            assert len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
-            client.vote(client.next_task("l")["id"], choice="B")  # the loop is started again after this vote
-            again = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
-    finally:
-        db.dispose()
+    with labeler_on_round_one(tmp_path) as (db, loop_run, client):
+        client.vote(client.next_task("l")["id"], choice="A")
+        assert len(loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)) == 1
+        client.vote(client.next_task("l")["id"], choice="B")  # the loop is started again after this vote
+        again = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
     assert [r["choice"] for r in again] == ["A", "B"]
     assert len((tmp_path / "votes.jsonl").read_text().splitlines()) == 2
 
@@ -205,26 +199,14 @@ def test_a_round_without_a_comparison_writes_no_votes_file_and_a_later_start_tra
 ) -> None:
     """A round that went on with no votes (loop.on_timeout = continue), or only ties, wrote an empty votes.jsonl
     once: the reward stage failed on it at every later start, whatever people voted since."""
-    from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.testing import make_user, run_server
-
-    url = f"sqlite:///{tmp_path / 'feedback.db'}"
-    token = make_user(url, "ann")
-    db = Database(url)
-    try:
-        loop_run = round_one_loop(db, round_one_rows(3))
-        with run_server(url) as base, FeedbackClient(base, token) as client:
-            client.vote(client.next_task("l")["id"], choice="tie")
-            with pytest.raises(RlhfError, match=r"none of the 1 votes .* compares two answers .* only ties"):
-                loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
-            assert not (tmp_path / "votes.jsonl").exists()
-            client.vote(client.next_task("l")["id"], choice="A")
-            assert [r["choice"] for r in loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)] == [
-                "tie",
-                "A",
-            ]
-    finally:
-        db.dispose()
+    with labeler_on_round_one(tmp_path) as (db, loop_run, client):
+        client.vote(client.next_task("l")["id"], choice="tie")
+        with pytest.raises(RlhfError, match=r"none of the 1 votes .* compares two answers .* only ties"):
+            loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
+        assert not (tmp_path / "votes.jsonl").exists()
+        client.vote(client.next_task("l")["id"], choice="A")
+        votes = loop.round_votes(db, loop_run, tmp_path, undo_window_s=0)
+    assert [r["choice"] for r in votes] == ["tie", "A"]
 
 
 def test_a_round_waits_out_the_undo_window_and_never_trains_on_a_vote_that_may_be_taken_back(
