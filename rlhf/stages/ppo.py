@@ -373,8 +373,9 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
         read_prompts(cfg.eval_prompts_file, cfg.guard_prompts, tokenizer) if cfg.eval_prompts_file else []
     )
     functions = RewardFunctions(cfg.reward_functions, cfg.reward_function_weights)
+    rows = prompt_rows(cfg.prompts_file) if functions else []  # those of the prompts that fit are kept below
     guard_rows = (
-        prompt_rows(cfg.eval_prompts_file)[: len(guard_prompts)]
+        prompt_rows(cfg.eval_prompts_file, rows[0])[: len(guard_prompts)]  # the training file's columns too
         if functions and cfg.eval_prompts_file
         else []
     )
@@ -402,7 +403,7 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     prompt_ids = encode_prompts(tokenizer, prompts)
     keep = [i for i, p in enumerate(prompt_ids) if len(p) + cfg.max_new_tokens <= context_length(policy)]
     fitting = [prompt_ids[i] for i in keep]
-    rows = prompt_rows(cfg.prompts_file, keep) if functions else []
+    rows = [rows[i] for i in keep] if functions else []
     if len(fitting) < len(prompt_ids):  # a cut prompt would train on a question that was never asked
         log.warning("ppo: %d of %d prompts leave no room for max_new_tokens in the context; not used",
                     len(prompt_ids) - len(fitting), len(prompt_ids))  # fmt: skip

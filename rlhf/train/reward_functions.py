@@ -21,7 +21,7 @@ import importlib.util
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,13 @@ def load_reward_function(spec: str) -> RewardFunction:
     return function
 
 
-def prompt_rows(source: str, keep: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """The rows of a prompts file, in its order (the order `read_prompts` gives), or those at `keep`."""
+def prompt_rows(source: str, columns: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a prompts file, in its order (the order `read_prompts` gives), each with every column of the
+    file and of `columns` (None where it lacks one): a function that names a column gets it whatever rows a
+    batch, or a process's share of the guard's prompts, happens to hold."""
     rows = [row for _, row in iter_rows(source)]
-    return rows if keep is None else [rows[i] for i in keep]
+    names = ({key for row in rows for key in row} | set(columns)) - set(_PROMPT_KEYS)
+    return [{**dict.fromkeys(sorted(names)), **row} for row in rows]
 
 
 class RewardFunctions:

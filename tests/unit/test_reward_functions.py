@@ -100,15 +100,32 @@ def test_config_needs_something_to_score_and_a_weight_per_function(tmp_path: Pat
     assert PPOConfig(reward_model=None, reward_functions=["m:f"]).reward_model is None
 
 
-def test_prompt_rows_keep_the_file_order(tmp_path: Path) -> None:
+def test_prompt_rows_keep_the_file_order_and_give_every_row_every_column(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "answer": 1}\n{"prompt": "b"}\n{"prompt": "c", "answer": 3}\n')
-    assert prompt_rows(str(path)) == [
+    rows = prompt_rows(str(path))
+    assert rows == [
         {"prompt": "a", "answer": 1},
-        {"prompt": "b"},
+        {"prompt": "b", "answer": None},
         {"prompt": "c", "answer": 3},
     ]
-    assert prompt_rows(str(path), [2, 0]) == [{"prompt": "c", "answer": 3}, {"prompt": "a", "answer": 1}]
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"messages": [{"role": "user", "content": "d"}], "level": 2}\n')
+    assert prompt_rows(str(held_out), rows[0]) == [  # the training file's columns, not its prompt key
+        {"messages": [{"role": "user", "content": "d"}], "level": 2, "answer": None}
+    ]
+
+
+def test_a_batch_whose_rows_lack_a_column_of_the_file_still_passes_it(tmp_path: Path) -> None:
+    path = write_module(
+        tmp_path,
+        "def exact(completions, answer, **kw):\n    return [None if a is None else 1.0 for a in answer]\n",
+    )
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "answer": 1}\n{"prompt": "b"}\n{"prompt": "c"}\n')
+    rows = prompt_rows(str(prompts))
+    totals, means = RewardFunctions([f"{path}:exact"])([rows[1], rows[2]], ["x", "y"], [[1], [2]])
+    assert totals == [0.0, 0.0] and means == {"exact": 0.0}  # a batch of the rows without an answer
 
 
 def test_the_gold_judge_is_a_reward_function() -> None:
