@@ -102,10 +102,16 @@ def prompt_messages(row: dict[str, Any], where: str, render: Render | None) -> l
                             + (text if isinstance(messages, str) else ""))  # fmt: skip
         if render is None:
             raise DataError(f"{where}: a 'messages' prompt needs a tokenizer with a chat template")
-        end = len(messages)
-        while end and messages[end - 1]["role"] == "assistant":
-            end -= 1
-        if not end:
+        conversation = before_answer(messages)
+        if not conversation:
             raise DataError(f"{where}: 'messages' holds only assistant turns: no prompt to answer")
-        return [{"role": m["role"], "content": m["content"]} for m in messages[:end]]
+        return [{"role": m["role"], "content": m["content"]} for m in conversation]
     return None
+
+
+def before_answer(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A conversation cut before its trailing assistant turns: the prompt they answer."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return messages[:end]

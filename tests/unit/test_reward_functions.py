@@ -84,6 +84,9 @@ def fails(prompts, completions, **kw):
     messages = [{"role": "user", "content": "Hi"}]
     totals, _ = RewardFunctions([f"{path}:echo"])([{"messages": messages}], ["abc"], [[1]])
     assert totals == [1.0 + 3]  # the prompt as its messages, the answer as an assistant message
+    answered = [*messages, {"role": "assistant", "content": "A reference answer."}]
+    totals, _ = RewardFunctions([f"{path}:echo"])([{"messages": answered}], ["abc"], [[1]])
+    assert totals == [1.0 + 3]  # the conversation the policy answered: not the row's own answer
     for name, says in [("nan", "returned nan for answer 0"), ("few", "returned 1 values for 2 answers"),
                        ("text", "returned 'good' for answer 0"), ("fails", "raised KeyError")]:  # fmt: skip
         with pytest.raises(RlhfError, match=f"{name} {says}"):
