@@ -118,9 +118,12 @@ class RewardFunctions:
         given = {**kwargs, "prompts": prompts, "completions": completions, "completion_ids": ids}
         given = given if takes_any else {k: v for k, v in given.items() if k in named}
         try:
-            values = list(function(**given))
+            returned = function(**given)
         except Exception as e:
             raise RlhfError(f"reward function {spec} raised {type(e).__name__}: {e}") from None
+        if isinstance(returned, str) or not isinstance(returned, Iterable):
+            raise RlhfError(f"reward function {spec} returned {returned!r}: a list of one value per answer")
+        values = list(returned)
         if len(values) != len(completions):
             raise RlhfError(
                 f"reward function {spec} returned {len(values)} values for {len(completions)} answers"

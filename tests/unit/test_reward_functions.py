@@ -79,6 +79,8 @@ def text(prompts, completions, **kw):
     return ["good"] * len(prompts)
 def fails(prompts, completions, **kw):
     raise KeyError("answer")
+def one(prompts, completions, **kw):
+    return 1.0
 """,
     )
     messages = [{"role": "user", "content": "Hi"}]
@@ -88,7 +90,8 @@ def fails(prompts, completions, **kw):
     totals, _ = RewardFunctions([f"{path}:echo"])([{"messages": answered}], ["abc"], [[1]])
     assert totals == [1.0 + 3]  # the conversation the policy answered: not the row's own answer
     for name, says in [("nan", "returned nan for answer 0"), ("few", "returned 1 values for 2 answers"),
-                       ("text", "returned 'good' for answer 0"), ("fails", "raised KeyError")]:  # fmt: skip
+                       ("text", "returned 'good' for answer 0"), ("fails", "raised KeyError"),
+                       ("one", "returned 1.0: a list of one value per answer")]:  # fmt: skip
         with pytest.raises(RlhfError, match=f"{name} {says}"):
             RewardFunctions([f"{path}:{name}"])([{"prompt": "a"}, {"prompt": "b"}], ["x", "y"], [[1], [2]])
 
