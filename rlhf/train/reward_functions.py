@@ -78,7 +78,10 @@ class RewardFunctions:
         self.specs = list(specs)
         self.functions = [load_reward_function(spec) for spec in specs]
         self.weights = [1.0] * len(specs) if weights is None else list(weights)
-        self.names = [getattr(f, "__name__", spec) for f, spec in zip(self.functions, specs, strict=True)]
+        names = [getattr(f, "__name__", spec) for f, spec in zip(self.functions, specs, strict=True)]
+        # two functions of one name (reward in a.py and in b.py) are logged apart: NAME, NAME_2, ...
+        self.names = [name if names[:n].count(name) == 0 else f"{name}_{names[:n].count(name) + 1}"
+                      for n, name in enumerate(names)]  # fmt: skip
 
     def __bool__(self) -> bool:
         return bool(self.functions)
@@ -121,6 +124,8 @@ class RewardFunctions:
             returned = function(**given)
         except Exception as e:
             raise RlhfError(f"reward function {spec} raised {type(e).__name__}: {e}") from None
+        if hasattr(returned, "tolist"):  # a tensor or an array, as TRL takes them
+            returned = returned.tolist()
         if isinstance(returned, str) or not isinstance(returned, Iterable):
             raise RlhfError(f"reward function {spec} returned {returned!r}: a list of one value per answer")
         values = list(returned)

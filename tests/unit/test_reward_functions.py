@@ -65,6 +65,14 @@ def short(completions, completion_ids):  # no **kwargs: it gets the arguments it
     assert call["completion_ids"] == [[7], [1, 2, 3], [8]]
 
 
+def test_tensors_are_taken_and_functions_of_one_name_are_logged_apart(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.py", tmp_path / "two.py"
+    one.write_text("import torch\ndef reward(completions, **kw):\n    return torch.ones(len(completions))\n")
+    two.write_text("def reward(completions, **kw):\n    return [2.0] * len(completions)\n")
+    totals, means = RewardFunctions([f"{one}:reward", f"{two}:reward"])([{"prompt": "p"}], ["a"], [[1]])
+    assert totals == [3.0] and means == {"reward": 1.0, "reward_2": 2.0}
+
+
 def test_chat_rows_get_messages_and_bad_values_name_the_function_and_answer(tmp_path: Path) -> None:
     path = write_module(
         tmp_path,
