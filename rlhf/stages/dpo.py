@@ -194,14 +194,15 @@ def kto_labels(
 
 
 def add_kl_answers(items: list[Judgement], max_len: int) -> None:
-    """KTO's reference point: each judgement also reads the next one's first judged answer (the last's, the
-    first's), cut to fit its prompt's window, as TRL pairs each prompt with another's completion."""
-    if len(items) < 2:
-        return  # no other prompt's answer: the reference point stays 0
+    """KTO's reference point: each judgement also reads the first judged answer of the next judgement on another
+    prompt (wrapping round), cut to fit its prompt's window, as TRL pairs each prompt with another's completion;
+    one whose prompt no other judgement shares reads none."""
     firsts = [next(a for a, label in zip(j.answers, j.labels or [], strict=True) if label is not None)
               for j in items]  # fmt: skip
     for i, j in enumerate(items):
-        other = firsts[(i + 1) % len(items)][: max_len - len(j.prompt_ids)]
+        # the next on another prompt: rows of one prompt often come together (several answers judged in turn)
+        n = next((n for n in range(1, len(items)) if items[(i + n) % len(items)].prompt != j.prompt), None)
+        other = [] if n is None else firsts[(i + n) % len(items)][: max_len - len(j.prompt_ids)]
         if other and j.labels is not None:
             j.answers.append(other)
             j.labels.append(None)

@@ -149,6 +149,13 @@ def test_kto_reads_each_judgements_kl_answer_from_the_next() -> None:
     batch = dpo.collate(items, pad_id=0)
     assert batch.labels.tolist() == [1, -1, -1, 0, -1] and batch.kl_answers.tolist() == [0, 1, 0, 0, 1]
     assert batch.n_terms == 2
+    # answers judged in turn on one prompt read the next judgement on another prompt, never their own prompt's
+    same = [dpo.Judgement(p, [1], [[10 + n]], [], labels=[True]) for n, p in enumerate("aab")]
+    dpo.add_kl_answers(same, max_len=8)
+    assert [j.answers[-1] for j in same] == [[12], [12], [10]]
+    alone = [dpo.Judgement("a", [1], [[n]], [], labels=[False]) for n in range(2)]
+    dpo.add_kl_answers(alone, max_len=8)  # no other prompt: no KL answer, the reference point stays 0
+    assert all(j.kl_answers == 0 and len(j.answers) == 1 for j in alone)
 
 
 def optimizer_steps(checkpoint: Path) -> set[int]:
