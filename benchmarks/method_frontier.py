@@ -1,12 +1,13 @@
-"""The reward-KL frontier of every method on the demo world: PPO, RLOO, GRPO, REINFORCE++, DPO, IPO and best-of-n.
+"""The reward-KL frontier of every method on the demo world: PPO, RLOO, GRPO, REINFORCE++, DPO, IPO, ORPO, KTO and
+best-of-n.
 
     rlhf demo --fast --out runs/demo_fast             # the SFT policy, reward model and votes they all start from
     python -m benchmarks.method_frontier --demo runs/demo_fast [--seeds 0 1 2]
 
 Every method starts from the same SFT policy; the RL methods train against the same reward model with the demo's
 PPO settings (RUN/ppo/config.yaml: the same prompts, answers per iteration, KL coefficient and learning rate),
-the critic-free ones sampling k answers per prompt instead of training a critic; DPO and IPO train on the votes
-the reward model learned from; best-of-n needs no training. Each resulting policy answers the held-out prompts
+the critic-free ones sampling k answers per prompt instead of training a critic; DPO, IPO, ORPO and KTO train on
+the votes the reward model learned from (KTO on their winners and losers, each judged alone); best-of-n needs no training. Each resulting policy answers the held-out prompts
 (`rlhf eval` against the SFT policy with the gold judge): gold utility, win rate against SFT, KL to SFT in nats
 (the exact per-token KL along the samples; for best-of-n the analytic bound log n - (n - 1) / n), and the proxy,
 the reward model's mean score of the answers. Wall time and peak memory (max RSS) are those of the training
@@ -59,6 +60,8 @@ RL: dict[str, dict[str, Any]] = {
 DPO: dict[str, dict[str, Any]] = {
     "dpo": {"loss": "sigmoid", "beta": 0.1},
     "ipo": {"loss": "ipo", "beta": 0.1},
+    "orpo": {"loss": "orpo", "beta": 0.1},
+    "kto": {"loss": "kto", "beta": 0.1},
 }
 BON_N = [1, 2, 4, 8, 16, 32, 64]
 
