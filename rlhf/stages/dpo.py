@@ -93,6 +93,8 @@ from rlhf.train.common import (
 
 log = logging.getLogger(__name__)
 REFERENCE_CACHE = "reference_logps.pt"
+REWARDS = ("dpo/chosen_reward", "dpo/rejected_reward")  # each a mean over its own answers (reward_means)
+REWARD_COUNTS = tuple(f"{key}_n" for key in REWARDS)
 CollateFn = Callable[[list["Judgement"]], "Batch"]
 
 
@@ -139,6 +141,13 @@ class Batch:
     labels: Tensor  # (S,) KTO: 1 desirable, 0 undesirable, -1 not judged (every answer of a DPO batch)
     kl_answers: Tensor  # (S,) bool, KTO: answers to another prompt, for the KL estimate
     n_terms: int  # the loss terms: pairs, or with KTO judged answers
+
+    def reward_counts(self) -> tuple[int, int]:
+        """How many answers `dpo/chosen_reward` and `dpo/rejected_reward` are means over: one of each per pair,
+        or with KTO the desirable and the undesirable answers."""
+        if bool((self.labels >= 0).any()):
+            return int((self.labels == 1).sum()), int((self.labels == 0).sum())
+        return len(self.chosen), len(self.rejected)
 
     def to(self, device: torch.device) -> Batch:
         moved: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
@@ -376,10 +385,10 @@ def evaluate(
     policy: Actor, items: list[Judgement], cfg: DPOConfig, collate_fn: CollateFn,
     ctx: Callable[[], Any], reduce: Callable[[Tensor], Tensor] = lambda t: t,
 ) -> dict[str, float]:  # fmt: skip
-    """Held-out loss, reward accuracy and mean implicit-reward margin, each a mean over pairs; `reduce` sums
-    each process's sums and pair count, so that the means are over every process's pairs."""
-    sums: dict[str, float] = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-    n = 0
+    """Held-out loss and reward accuracy, each a mean over pairs (with KTO, judged answers), and the implicit
+    rewards' margin (reward_means); `reduce` sums each process's sums and counts, so that the means are over
+    every process's pairs."""
+    sums = dict.fromkeys(["loss", "accuracy", "terms", *REWARDS, *REWARD_COUNTS], 0.0)
     for i in range(0, len(items), cfg.micro_batch_size):
         batch = collate_fn(items[i : i + cfg.micro_batch_size])
         with ctx():
@@ -387,10 +396,32 @@ def evaluate(
         q = batch.n_terms
         sums["loss"] += float(loss) * q
         sums["accuracy"] += float(stats["dpo/accuracy"]) * q
-        sums["margin"] += float(stats["dpo/margin"]) * q
-        n += q
-    totals = reduce(torch.tensor([*sums.values(), float(n)], dtype=torch.float64)).tolist()
-    return {f"dpo/eval_{k}": v / max(1.0, totals[-1]) for k, v in zip(sums, totals, strict=False)}
+        sums["terms"] += q
+        add_reward_sums(sums, stats, batch)
+    totals = dict(
+        zip(sums, reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist(), strict=True)
+    )
+    n = max(1.0, totals["terms"])
+    return {"dpo/eval_loss": totals["loss"] / n, "dpo/eval_accuracy": totals["accuracy"] / n,
+            "dpo/eval_margin": reward_means(totals)["dpo/margin"]}  # fmt: skip
+
+
+def add_reward_sums(sums: dict[str, float], stats: Stats, batch: Batch) -> None:
+    """Adds the micro-batch's implicit rewards to `sums` as sums over their answers, with the answers' counts,
+    for reward_means."""
+    for key, n_key, count in zip(REWARDS, REWARD_COUNTS, batch.reward_counts(), strict=True):
+        sums[key] = sums.get(key, 0.0) + float(stats[key]) * count
+        sums[n_key] = sums.get(n_key, 0.0) + count
+
+
+def reward_means(sums: dict[str, float]) -> dict[str, float]:
+    """The implicit rewards' means over their own answers, from add_reward_sums's, and the margin as their
+    difference. Not a mean of micro-batch means: a KTO micro-batch may hold no desirable (or no undesirable)
+    answer, whose mean of none its stats give as 0."""
+    chosen, rejected = (
+        sums[key] / max(1.0, sums[n_key]) for key, n_key in zip(REWARDS, REWARD_COUNTS, strict=True)
+    )
+    return {"dpo/chosen_reward": chosen, "dpo/rejected_reward": rejected, "dpo/margin": chosen - rejected}
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -543,7 +574,9 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
                 share = batch.n_terms / step_pairs
                 accelerator.backward(loss * share * world)
             for key, value in {"dpo/loss": loss.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * share
+                if key not in (*REWARDS, "dpo/margin"):
+                    sums[key] = sums.get(key, 0.0) + float(value) * share
+            add_reward_sums(sums, stats, batch)
         # 3. clip and step
         grad_norm = finite_grad_norm(
             accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm), f"dpo: step {step + 1}"
@@ -557,7 +590,8 @@ def run(cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict[str, 
         pairs_seen += step_pairs
         rate = pairs_seen / max(1e-9, time.perf_counter() - t0)
         reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
-        step_metrics = dict(zip(sums, reduced.tolist(), strict=True))
+        totals = dict(zip(sums, reduced.tolist(), strict=True))
+        step_metrics = {k: v for k, v in totals.items() if k not in REWARD_COUNTS} | reward_means(totals)
         progress.update(done, tokens * world, loss=step_metrics["dpo/loss"])
         if done % cfg.log_every == 0 or done == plan.total_steps:
             metrics = {**step_metrics, "dpo/grad_norm": float(grad_norm),

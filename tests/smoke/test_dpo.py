@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,32 @@ def test_kto_reads_each_judgements_kl_answer_from_the_next() -> None:
     alone = [dpo.Judgement("a", [1], [[n]], [], labels=[False]) for n in range(2)]
     dpo.add_kl_answers(alone, max_len=8)  # no other prompt: no KL answer, the reference point stays 0
     assert all(j.kl_answers == 0 and len(j.answers) == 1 for j in alone)
+
+
+def test_kto_held_out_margin_is_the_desirable_answers_mean_reward_minus_the_undesirable_ones(
+    tiny_sft_model: Path, preferences: Path
+) -> None:
+    """A held-out micro-batch may hold no desirable (or no undesirable) answer: the margin is still the mean
+    implicit reward of every desirable answer minus that of every undesirable one, however they are batched."""
+    tokenizer = load_tokenizer(str(tiny_sft_model))
+    rows = [json.loads(line) for line in preferences.read_text().splitlines() if "chosen" in line][:6]
+    data = Path(preferences).with_name("kto_eval.jsonl")
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"], "label": n < 2}) + "\n"
+                            for n, r in enumerate(rows)))  # fmt: skip
+    cfg = tiny_dpo(Path("unused"), tiny_sft_model, data, loss="kto", beta=0.5)
+    items = dpo.read_judgements(str(data), cfg, tokenizer, 64)[0]
+    for j in items:
+        j.ref_logps = [0.0] * len(j.answers)  # the log-ratio is then the policy's log-prob
+    policy = Actor(load_causal_lm(str(tiny_sft_model)))
+    collate_fn: dpo.CollateFn = lambda chunk: dpo.collate(chunk, tokenizer.pad_token_id)  # noqa: E731
+    with torch.no_grad():
+        logps = dpo.answer_logps(policy, collate_fn(items))[0]  # (6,)
+    expected = 0.5 * (float(logps[:2].mean()) - float(logps[2:].mean()))
+    for size in (1, 2, 6):
+        ev = dpo.evaluate(
+            policy, items, cfg.model_copy(update={"micro_batch_size": size}), collate_fn, nullcontext
+        )
+        assert ev["dpo/eval_margin"] == pytest.approx(expected, rel=1e-4), size
 
 
 def optimizer_steps(checkpoint: Path) -> set[int]:
