@@ -38,7 +38,7 @@ from rlhf.feedback.db import db_of
 from rlhf.feedback.export import PROMPT_MESSAGES
 from rlhf.feedback.importer import _insert_ids, get_or_create_project
 from rlhf.feedback.models import Completion, Prompt, Task, TaskCompletion, User, Vote
-from rlhf.feedback.schemas import CandidateRow, VoteIn
+from rlhf.feedback.schemas import MAX_AXES, CandidateRow, VoteIn
 from rlhf.feedback.votes import write_vote
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,16 @@ def import_preferences(
     result.skipped.sort(key=_row_number)  # the reader's and ours, in file order
     with db_of(session).write(session):
         project = get_or_create_project(session, project_name)
+        # the judgement axes the votes carry become the project's too, so that they are stored and exported
+        carried = [axis for e in entries for axis in e.vote.axes or {}]
+        added = [axis for axis in dict.fromkeys(carried) if axis not in (project.axes or [])]
+        if added:
+            if len(project.axes or []) + len(added) > MAX_AXES:
+                raise DataError(f"{project_name}: the votes carry judgement axes {added}, which would give the project "
+                                f"more than {MAX_AXES}")  # fmt: skip
+            project.axes = [*(project.axes or []), *added]
+            session.flush()
+            log.info("project %s: judgement axes %s added, as the imported votes carry them", project_name, added)
         user = session.scalar(select(User).where(User.name == labeler))
         if user is None:
             user = User(name=labeler, role="labeler", password_hash=None)
@@ -201,6 +211,8 @@ def _entry(record: Record, where: str, meta_as_note: bool = False) -> _Entry:
     elif isinstance(record, PairwiseVote):
         prompt, kind, texts = record.prompt, "pairwise", [record.completion_a, record.completion_b]
         answer = {"choice": record.choice, "margin": record.margin}
+        if record.meta.get("axes"):  # per-axis judgements, as the app's votes export writes them
+            answer["axes"] = record.meta["axes"]
         if meta_as_note and record.meta:
             answer["note"] = json.dumps(record.meta, sort_keys=True)
     elif isinstance(record, Ranking):

@@ -109,6 +109,25 @@ def test_importing_again_adds_nothing_and_repeated_rows_stay(db: Database, tmp_p
     assert pairs == [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5}] * 4
 
 
+def test_per_axis_judgements_of_imported_votes_are_stored_and_exported(db: Database, tmp_path: Path) -> None:
+    """The app's votes export writes each vote's axes; imported again they were dropped without a word, and
+    `export --format axes` gave nothing. The project gains the axes the votes carry."""
+    from rlhf.feedback.projects import get_project, update_project
+
+    path = tmp_path / "votes.jsonl"
+    vote = '{"prompt": "2+2?", "completion_a": "4", "completion_b": "5", "choice": "A", "axes": %s}\n'
+    path.write_text(vote % '{"helpful": "A", "honest": "same"}' + vote % '{"harmless": "B"}')
+    with db.session() as s:
+        import_preferences(s, "demo", "ann", read_records(path))
+        assert [(r["axis"], r["choice"]) for r in export_records(s, "demo", "axes")] == [
+            ("helpful", "A"), ("honest", "same"), ("harmless", "B")]  # fmt: skip
+        import_preferences(s, "other", "ann", [])  # an existing project with axes of its own keeps them first
+        update_project(s, "other", axes=["concise"])
+        import_preferences(s, "other", "ann", read_records(path))
+        assert get_project(s, "demo").axes == ["helpful", "honest", "harmless"]
+        assert get_project(s, "other").axes == ["concise", "helpful", "honest", "harmless"]
+
+
 def test_votes_on_gold_items_are_left_out_and_counted(db: Database, tmp_path: Path) -> None:
     """A votes export marks votes on gold items; they check a labeler, so an import (like training) leaves them
     out rather than turn a wrong gold answer into a preference."""
