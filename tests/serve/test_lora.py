@@ -49,3 +49,30 @@ def test_lora_adapter_is_served_merged(model_dirs: dict[str, Path], tmp_path: Pa
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected
         assert http.get("/v1/models").json()["data"][0]["version"].startswith("tiny-lora@")
+
+
+def test_an_adapter_naming_its_base_by_a_path_not_found_here_says_so(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT writes the base model's path as training was given it: from another directory a relative one is
+    not there, which the error traces to adapter_config.json rather than naming a directory out of nowhere."""
+    import json
+
+    import pytest
+
+    from rlhf.errors import RlhfError
+    from rlhf.serve.policy import load_model
+
+    adapter_dir = tmp_path / "adapter"
+    get_peft_model(
+        load_causal_lm(str(model_dirs["policy"])), LoraConfig(r=2, target_modules=["q_proj"])
+    ).save_pretrained(adapter_dir)
+    config = adapter_dir / "adapter_config.json"
+    config.write_text(
+        json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "runs/f/ppo/final"})
+    )
+    with pytest.raises(
+        RlhfError,
+        match=r"adapter_config.json: base_model_name_or_path 'runs/f/ppo/final' is not a directory from here",
+    ):
+        load_model(str(adapter_dir), torch.float32)
