@@ -30,7 +30,9 @@ from sqlalchemy.types import TypeDecorator
 ROLES = ("admin", "labeler")
 TASK_KINDS = ("pairwise", "ranking", "rating")
 CHOICES = ("A", "B", "tie", "both_bad")
-SOURCES = ("web", "api", "production", "simulated")
+# where a vote came from (Vote.source): the labeling page, the API, a production A/B vote, the simulated panel, or
+# `rlhf label import --preferences` and `rlhf cai label` (preference_import.SOURCE)
+SOURCES = ("web", "api", "production", "simulated", "import")
 ASSIGNMENT_STATUSES = ("open", "done", "skipped", "expired")  # expired: left open, taken over (queue.py)
 
 
