@@ -327,6 +327,12 @@ def _detect(obj: dict[str, Any], where: str) -> Format:
             f"ambiguous record (looks like {' and '.join(matches)})" if matches else "unknown record format"
         )
         _fail(where, f"{what}; keys seen: {sorted(obj)}")
+    # an answer without its judgement: a feedback record's label may be what is missing, as much as a rating
+    if matches[0] == "rating" and "rating" not in obj:
+        _fail(
+            where,
+            f"missing field 'label' (true or false: feedback) or 'rating' (a number); keys seen: {sorted(obj)}",
+        )
     if matches[0] == "pairs":
         if "prompt" not in obj:
             return "hh"

@@ -497,7 +497,15 @@ VALID = json.dumps({"prompt": "p", "completion_a": "a", "completion_b": "b", "ch
             '{"prompt": "p", "completion": "c", "rating": true}',
             "field 'rating' should be int or float, got bool",
         ),
-        ('{"prompt": "p", "completion": "c"}', "missing field 'rating'"),
+        (
+            '{"prompt": "p", "completion": "c"}',
+            "missing field 'label' (true or false: feedback) or 'rating' (a number); keys seen: ['completion', "
+            "'prompt']",
+        ),
+        (  # a conversational feedback record without its label: not blamed on its prompt's type
+            '{"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}',
+            "missing field 'label' (true or false: feedback) or 'rating' (a number)",
+        ),
         ('{"chosen": "\\n\\nHuman: hi", "rejected": "x"}', "field 'chosen': no '\\n\\nAssistant:' turn"),
         (
             '{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "a", '
