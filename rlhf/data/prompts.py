@@ -1,5 +1,6 @@
 """Prompt files of the stages that sample answers (generate, PPO): `{"prompt": str}` or `{"messages": [...]}` rows
-from any source of rlhf.data.sources (JSONL, JSON, Parquet, CSV, a saved `datasets` folder, a hub id).
+(or `{"prompt": [...]}`, TRL's conversational prompt-only rows, read as `messages`) from any source of
+rlhf.data.sources (JSONL, JSON, Parquet, CSV, a saved `datasets` folder, a hub id).
 
 A `messages` row is the conversation so far; it becomes the prompt text through the tokenizer's chat template
 with the generation prompt appended (the assistant's turn is what gets sampled). A conversation that ends with
@@ -84,10 +85,12 @@ def prompt_text(row: dict[str, Any], where: str, render: Render | None) -> str:
 
 
 def prompt_messages(row: dict[str, Any], where: str, render: Render | None) -> list[dict[str, str]] | None:
-    """The conversation a row's prompt is: its `messages` before their trailing assistant turns, as {role,
-    content}; None where the prompt is its `prompt` string (no `messages`, or no tokenizer to render them)."""
-    if "messages" in row and not ("prompt" in row and render is None):
-        messages = row["messages"]
+    """The conversation a row's prompt is: its `messages` (or a `prompt` list, TRL's conversational prompt-only
+    rows) before their trailing assistant turns, as {role, content}; None where the prompt is its `prompt`
+    string (no conversation, or no tokenizer to render `messages` beside it)."""
+    key = conversation_key(row)
+    if key is not None and not (key == "messages" and "prompt" in row and render is None):
+        messages = row[key]
         if not (
             isinstance(messages, list)
             and messages
@@ -98,15 +101,23 @@ def prompt_messages(row: dict[str, Any], where: str, render: Render | None) -> l
         ):
             # a CSV cell is text: a conversation does not fit in one
             text = " (it is text, as a CSV cell always is: give conversations as JSONL, JSON or Parquet)"
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+            raise DataError(f"{where}: {key!r} must be a non-empty list of {{role, content}} objects"
                             + (text if isinstance(messages, str) else ""))  # fmt: skip
         if render is None:
-            raise DataError(f"{where}: a 'messages' prompt needs a tokenizer with a chat template")
+            raise DataError(f"{where}: a conversation in {key!r} needs a tokenizer with a chat template")
         conversation = before_answer(messages)
         if not conversation:
-            raise DataError(f"{where}: 'messages' holds only assistant turns: no prompt to answer")
+            raise DataError(f"{where}: {key!r} holds only assistant turns: no prompt to answer")
         return [{"role": m["role"], "content": m["content"]} for m in conversation]
     return None
+
+
+def conversation_key(row: dict[str, Any]) -> str | None:
+    """The column holding a row's conversation: `messages`, or `prompt` where it is a list (TRL's conversational
+    prompt-only rows); None where the prompt is text."""
+    if isinstance(row.get("prompt"), list):
+        return "prompt"
+    return "messages" if "messages" in row else None
 
 
 def before_answer(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,9 +4,9 @@ written for TRL works here unchanged:
 
     def reward(prompts, completions, completion_ids, **columns) -> list[float | None]
 
-- `prompts`: each answer's prompt as its row gives it: the `prompt` string, or the `messages` list (before any
-  trailing assistant turns, as the policy was prompted);
-- `completions`: each answer's text, or [{"role": "assistant", "content": text}] where the row has `messages`;
+- `prompts`: each answer's prompt as its row gives it: the `prompt` string, or the `messages` (or `prompt`) list
+  (before any trailing assistant turns, as the policy was prompted);
+- `completions`: each answer's text, or [{"role": "assistant", "content": text}] where the prompt is a list;
 - `completion_ids`: each answer's token ids (its EOS or end-of-turn token left out);
 - `columns`: every other column of the prompt rows (say `answer`), one value per answer, None where a row
   lacks it.
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf.data.prompts import before_answer
+from rlhf.data.prompts import before_answer, conversation_key
 from rlhf.data.sources import iter_rows
 from rlhf.errors import ConfigError, RlhfError
 
@@ -91,11 +91,16 @@ class RewardFunctions:
     ) -> tuple[list[float], dict[str, float]]:
         """Each answer's weighted sum of the functions' values, and each function's mean value over the answers
         (None counted as 0), by the function's name. `rows[i]` is answer i's prompt row."""
-        chat = ["messages" in row and "prompt" not in row for row in rows]
-        # a conversation as the policy answered it: without the answer a row's `messages` may end with
+        # a conversation as the policy answered it (without the answer a row's `messages` may end with): a
+        # `prompt` list (TRL's conversational rows), or `messages` where no `prompt` string is beside them
+        keys = [conversation_key(row) for row in rows]
+        chat = [
+            key is not None and not isinstance(row.get("prompt"), str)
+            for key, row in zip(keys, rows, strict=True)
+        ]
         prompts = [
-            before_answer(row["messages"]) if c else row.get("prompt")
-            for row, c in zip(rows, chat, strict=True)
+            before_answer(row[key]) if key is not None and c else row.get("prompt")
+            for row, key, c in zip(rows, keys, chat, strict=True)
         ]
         completions = [
             [{"role": "assistant", "content": t}] if c else t for t, c in zip(texts, chat, strict=True)

@@ -57,6 +57,19 @@ def test_a_conversation_is_the_prompt_before_its_answer_and_over_a_prompt_string
         read_prompt_rows(path, tokenizer=tokenizer)
 
 
+def test_a_prompt_list_is_a_conversation_as_in_trl_prompt_only_rows(tmp_path: Path, tokenizer) -> None:
+    """TRL's conversational prompt-only rows ({"prompt": [messages]}, as its GRPO datasets give them) render as a
+    `messages` row does."""
+    path = tmp_path / "trl.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["messages"], "answer": "4"}) + "\n" for r in ROWS))
+    eos = tokenizer.eos_token
+    assert read_prompts(path, tokenizer=tokenizer) == [text.replace("</s>", eos) for text in RENDERED]
+    with pytest.raises(
+        DataError, match=r"trl.jsonl:1: a conversation in 'prompt' needs a tokenizer with a chat"
+    ):
+        read_prompts(path)  # no tokenizer (CAI): a conversation cannot be read as text
+
+
 def test_prompt_rows_keep_their_text_and_ids(tmp_path: Path) -> None:
     path = tmp_path / "rl.jsonl"
     path.write_text(json.dumps({"prompt": "2+2?", "id": 7}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
@@ -82,7 +95,7 @@ def test_bad_prompt_rows_name_file_and_row(tmp_path: Path, tokenizer) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n")
     with pytest.raises(
-        DataError, match=r"p.jsonl:1: a 'messages' prompt needs a tokenizer with a chat template"
+        DataError, match=r"p.jsonl:1: a conversation in 'messages' needs a tokenizer with a chat template"
     ):
         read_prompt_rows(path)
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"messages": "Hello"}) + "\n")

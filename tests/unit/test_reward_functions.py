@@ -97,6 +97,8 @@ def one(prompts, completions, **kw):
     answered = [*messages, {"role": "assistant", "content": "A reference answer."}]
     totals, _ = RewardFunctions([f"{path}:echo"])([{"messages": answered}], ["abc"], [[1]])
     assert totals == [1.0 + 3]  # the conversation the policy answered: not the row's own answer
+    totals, _ = RewardFunctions([f"{path}:echo"])([{"prompt": answered}], ["abc"], [[1]])
+    assert totals == [1.0 + 3]  # TRL's conversational prompt-only row: a `prompt` list is messages too
     for name, says in [("nan", "returned nan for answer 0"), ("few", "returned 1 values for 2 answers"),
                        ("text", "returned 'good' for answer 0"), ("fails", "raised KeyError"),
                        ("one", "returned 1.0: a list of one value per answer")]:  # fmt: skip
