@@ -125,7 +125,9 @@ def import_preferences(
                                 f"more than {MAX_AXES}")  # fmt: skip
             project.axes = [*(project.axes or []), *added]
             session.flush()
-            log.info("project %s: judgement axes %s added, as the imported votes carry them", project_name, added)
+            log.info(
+                "project %s: judgement axes %s added, as the imported votes carry them", project_name, added
+            )
         user = session.scalar(select(User).where(User.name == labeler))
         if user is None:
             user = User(name=labeler, role="labeler", password_hash=None)
