@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
@@ -40,15 +40,20 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def parse_url(url: str) -> URL:
+    """The normalised URL, parsed; one that does not parse (a port that is no number) is a ConfigError."""
+    try:
+        return make_url(normalize_url(url))
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"not a database URL: {url!r}") from None
+
+
 class Database:
     """One engine and its session factory. `write(session)` wraps a write transaction."""
 
     def __init__(self, url: str, sqlite_synchronous: str = "NORMAL", pool_size: int = 20) -> None:
         self.url = normalize_url(url)
-        try:
-            parsed = make_url(self.url)
-        except ArgumentError:
-            raise ConfigError(f"not a database URL: {url!r}") from None
+        parsed = parse_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite:
             if parsed.database in (None, "", ":memory:"):
@@ -188,7 +193,7 @@ def open_database(url: str, existing: bool = False) -> Database:
     """The database at `url`, migrated; an unreachable or unusable one is a one-line ConfigError. `existing`: a
     store read from must be there already; an SQLite file that is not (a mistyped path) is an error, never a new
     empty store."""
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if existing and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         raise ConfigError(f"no feedback store at {url}")
     db = Database(url)

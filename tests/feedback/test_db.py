@@ -17,6 +17,7 @@ from rlhf.feedback.db import (
     current_revision,
     head_revision,
     normalize_url,
+    open_database,
     table_names,
     upgrade,
 )
@@ -75,6 +76,20 @@ def test_urls() -> None:
         Database("sqlite:///:memory:")
     with pytest.raises(ConfigError):
         Database("mysql://u@h/db")
+
+
+def test_a_bare_path_opens_an_sqlite_store(tmp_path) -> None:
+    """`--db runs/f/feedback.db`, as normalize_url reads it: the store at that file, new or existing."""
+    db = open_database(str(tmp_path / "f.db"))
+    assert current_revision(db) == SCHEMA_HEAD
+    db.dispose()
+    db = open_database(str(tmp_path / "f.db"), existing=True)
+    assert "projects" in table_names(db)
+    db.dispose()
+    with pytest.raises(ConfigError, match="no feedback store"):
+        open_database(str(tmp_path / "none.db"), existing=True)
+    with pytest.raises(ConfigError, match="not a database URL"):
+        open_database("postgresql://host:port/db")
 
 
 def test_loop_tables_migrate_onto_an_existing_store(tmp_path) -> None:
