@@ -283,11 +283,12 @@ def export(
     ] = "votes",
 ) -> None:
     """Write the project's live votes as preference records."""
-    from rlhf.data.jsonl import write_jsonl
+    from rlhf.data.jsonl import check_output_file, write_jsonl
     from rlhf.feedback.export import FORMATS, export_records
 
     if format not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_output_file(out, "--out")
     database = open_database(db, existing=True)  # votes come from a store that is there, never a new one
     with database.session() as session:
         n = write_jsonl(out, export_records(session, project, format))

@@ -109,6 +109,15 @@ def test_user_errors_are_one_line(tmp_path) -> None:
     assert str(result.exception).startswith(
         f"cannot open the database sqlite:///{text_file}: file is not a database"
     )
+    # an --out that cannot be written: said before the store is read (it was an IsADirectoryError traceback)
+    result = runner.invoke(app, ["export", "--db", db_url, "--project", "demo", "--out", str(tmp_path)])
+    assert str(result.exception) == f"--out: {tmp_path} is a directory; name the file to write"
+    result = runner.invoke(
+        app, ["export", "--db", db_url, "--project", "demo", "--out", str(text_file / "o.jsonl")]
+    )
+    assert (
+        str(result.exception) == f"--out: {text_file} is a file, so {text_file / 'o.jsonl'} cannot be written"
+    )
     result = runner.invoke(app, ["user", "add", "--db", db_url, "--name", "x y", "--password", ""])
     assert "user name 'x y'" in str(result.exception)
     result = runner.invoke(app, ["db", "upgrade", "--db", "postgresql://nobody@127.0.0.1:1/none"])
