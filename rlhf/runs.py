@@ -63,6 +63,11 @@ def lock_run_dir(path: Path) -> None:
     key = path.resolve()
     if key in _locks:
         return
+    blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise RlhfError(
+            f"{blocking} is a file, so the run directory {path} cannot be made: choose another --out"
+        )
     path.mkdir(parents=True, exist_ok=True)
     handle = (path / LOCK).open("a+")
     try:

@@ -397,6 +397,16 @@ def test_a_metrics_line_cut_short_is_left_out_on_resume(tmp_path: Path) -> None:
         read_metrics(run.metrics_path)
 
 
+def test_a_run_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    """`--out notes.txt` (or a folder under it) ended in a FileExistsError traceback; the file stays as it was."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out in (notes, notes / "run"):
+        with pytest.raises(RlhfError, match=rf"^{re.escape(str(notes))} is a file, so the run directory "):
+            Run(out, SFTConfig(out_dir=str(out)))
+    assert notes.read_text() == "mine"
+
+
 def test_a_run_refuses_to_start_from_a_model_inside_its_own_directory(tmp_path: Path) -> None:
     """`rlhf sft --set sft.model=runs/x/final --out runs/x` replaced the pretrained model it started from, and its
     config.yaml named the SFT model as its own start."""
