@@ -29,6 +29,8 @@ def read_yaml(path: str | Path, missing: str, error: type[RlhfError] = ConfigErr
         raise ConfigError(f"{missing} not found: {p}")
     try:
         return yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except UnicodeDecodeError as e:  # an image or a checkpoint given for the YAML
+        raise error(f"{p}: not valid YAML (not UTF-8 text at byte {e.start + 1})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)

@@ -23,6 +23,10 @@ def test_read_yaml_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         read_yaml(bad, "weights file", DataError)
     assert str(e.value).startswith(f"{bad}:2: not valid YAML (") and "\n" not in str(e.value)
+    binary = tmp_path / "plot.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    with pytest.raises(ConfigError, match=rf"^{binary}: not valid YAML \(not UTF-8 text at byte 1\)$"):
+        read_yaml(binary, "config file")
 
 
 def test_a_key_given_twice_is_an_error_naming_its_line(tmp_path: Path) -> None:
