@@ -42,7 +42,7 @@ from pydantic import BaseModel
 
 from rlhf.config import dump_config
 from rlhf.config.loading import stages_with
-from rlhf.data.jsonl import atomic_write_text, give_open_modes
+from rlhf.data.jsonl import atomic_write_text, check_output_dir, give_open_modes
 from rlhf.errors import RlhfError
 from rlhf.models.loading import replace_dir
 
@@ -63,11 +63,7 @@ def lock_run_dir(path: Path) -> None:
     key = path.resolve()
     if key in _locks:
         return
-    blocking = next((p for p in (path, *path.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise RlhfError(
-            f"{blocking} is a file, so the run directory {path} cannot be made: choose another --out"
-        )
+    check_output_dir(path, "--out")
     path.mkdir(parents=True, exist_ok=True)
     handle = (path / LOCK).open("a+")
     try:

@@ -38,6 +38,9 @@ def data_demo(
     """Write the demo task: pretraining corpus, SFT demonstrations, RL and evaluation prompts (offline, deterministic)."""
     cfg = load_config(config, list(sets or [])).data
     from rlhf.data import demo_task
+    from rlhf.data.jsonl import check_output_dir
+
+    check_output_dir(out, "--out")
 
     # the data section's fields are generate's arguments, by name
     paths = demo_task.generate(out, **(cfg.model_dump() | ({} if seed is None else {"seed": seed})))

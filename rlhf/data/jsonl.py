@@ -95,6 +95,15 @@ def check_output_file(path: str | Path, what: str) -> None:
             break
 
 
+def check_output_dir(path: str | Path, what: str) -> None:
+    """Refuse, before any work, an output directory that cannot be made: `path`, or a folder above it, is a
+    file. `what` names the setting ("--out")."""
+    path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"{what}: {blocking} is a file, so the directory {path} cannot be made")
+
+
 def umask() -> int:
     """The process's umask: from /proc where Linux gives it, else by setting it and putting it back."""
     try:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from rlhf.config import CaiConfig, EvalConfig, dump_config
 from rlhf.constitution import Constitution, Principle, find_constitution, load_constitution
-from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_jsonl
+from rlhf.data.jsonl import atomic_write_text, check_output_dir, iter_jsonl, write_jsonl
 from rlhf.data.preferences import PairwiseVote, PreferencePair, read_records, write_preferences
 from rlhf.data.prompts import read_prompt_rows
 from rlhf.engine.decoding import SamplingParams
@@ -95,6 +95,7 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 def revise(cfg: CaiConfig, quiet: bool = False, policy: TextModel | None = None,
            reviser: TextModel | None = None) -> dict[str, Any]:  # fmt: skip
     """SL-CAI data: critique-revision rounds on the policy's answers; writes revisions, sft and pairs JSONL."""
+    check_output_dir(cfg.out_dir, "--out")
     constitution_file = find_constitution(cfg.constitution)
     constitution = load_constitution(constitution_file)  # read before any output or model
     prompts = read_prompts(cfg.prompts_files, cfg.n_prompts, policy_tokenizer(cfg, policy))
@@ -194,6 +195,7 @@ def judge_under_principles(judge: Judge, pairs: Sequence[tuple[str, str, str]], 
 def label(cfg: CaiConfig, eval_cfg: EvalConfig, quiet: bool = False, policy: TextModel | None = None,
           judge: Judge | None = None) -> dict[str, Any]:  # fmt: skip
     """RL-CAI labels: two answers per prompt, judged under drawn principles; labels.jsonl, optionally pushed."""
+    check_output_dir(cfg.out_dir, "--out")
     constitution_file = find_constitution(cfg.constitution)
     constitution = load_constitution(constitution_file)
     prompts = read_prompts(cfg.prompts_files, cfg.n_prompts, policy_tokenizer(cfg, policy))

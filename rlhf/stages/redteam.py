@@ -38,7 +38,7 @@ from rlhf.data.attacks import (
     mutate,
     split_seeds,
 )
-from rlhf.data.jsonl import atomic_write_text, iter_jsonl, write_json, write_jsonl
+from rlhf.data.jsonl import atomic_write_text, check_output_dir, iter_jsonl, write_json, write_jsonl
 from rlhf.data.preferences import PreferencePair, write_preferences
 from rlhf.data.sources import iter_rows, text_field
 from rlhf.engine.decoding import SamplingParams
@@ -255,6 +255,7 @@ def run(cfg: RedteamConfig, quiet: bool = False, target: TextModel | None = None
         red_model: TextModel | None = None) -> dict[str, Any]:  # fmt: skip
     """Search for attacks, measure, write the data; models given as arguments replace the configured ones."""
     out = Path(cfg.out_dir)
+    check_output_dir(out, "--out")
     # read before any output or model: bad input leaves nothing behind
     seeds = read_seeds(cfg.seeds_file, cfg.refusal) if cfg.seeds_file else demo_seeds(cfg.refusal)
     demo = cfg.seeds_file is None

@@ -68,6 +68,23 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     assert result.stderr.strip() == f"error: --out: {tmp_path / 'out'} is a directory; name the file to write"
 
 
+def test_an_output_directory_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    """`rlhf data demo --out notes.txt` (and redteam, cai) ended in a FileExistsError traceback."""
+    from tests.cli import run_cli
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for command in (["data", "demo"], ["redteam"], ["cai", "revise"], ["cai", "label"]):
+        for out in (notes, notes / "run"):
+            result = run_cli(*command, "--out", str(out))
+            assert result.returncode == 1, result.stderr
+            assert (
+                result.stderr.strip()
+                == f"error: --out: {notes} is a file, so the directory {out} cannot be made"
+            )
+    assert notes.read_text() == "mine"
+
+
 def test_a_jsonl_path_that_is_a_folder_says_so(tmp_path: Path) -> None:
     """`--candidates /tmp` said "file not found" of a folder that is there."""
     from rlhf.data.jsonl import iter_jsonl

@@ -402,7 +402,7 @@ def test_a_run_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     for out in (notes, notes / "run"):
-        with pytest.raises(RlhfError, match=rf"^{re.escape(str(notes))} is a file, so the run directory "):
+        with pytest.raises(RlhfError, match=rf"^--out: {re.escape(str(notes))} is a file, so the directory "):
             Run(out, SFTConfig(out_dir=str(out)))
     assert notes.read_text() == "mine"
 
