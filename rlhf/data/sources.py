@@ -128,7 +128,11 @@ def open_dataset(spec: str | Path) -> Any:
             if config is not None:
                 raise DataError(f"{spec}: a save_to_disk folder has no config")
             return _pick_split(spec, _load(spec, lambda d, **_: d.load_from_disk(str(local))), split)
-        options = LOADER_OPTIONS.get(_one_format(spec, local) or "", {})
+        kind = _one_format(spec, local)
+        if kind is None:  # datasets would say it "couldn't resolve pattern **"
+            raise DataError(f"{spec}: no data files in this folder (.jsonl, .json, .parquet, .csv or .txt files, "
+                            "or a save_to_disk folder)")  # fmt: skip
+        options = LOADER_OPTIONS.get(kind, {})
         return _pick_split(
             spec,
             _load(

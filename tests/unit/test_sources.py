@@ -354,6 +354,16 @@ def test_a_folder_of_two_formats_or_a_split_a_saved_dataset_lacks_is_an_error(tm
         read_preferences(f"{saved}@test")
 
 
+def test_a_folder_without_data_files_says_so(tmp_path: Path) -> None:
+    """An empty folder (or one of images) was "cannot read it as a dataset (FileNotFoundError: Couldn't resolve
+    pattern ** with resolver functools.partial(...))"."""
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "plot.png").write_bytes(b"\x89PNG")
+    with pytest.raises(DataError, match=rf"^{empty}: no data files in this folder"):
+        list(iter_rows(str(empty)))
+
+
 def test_json_rows_keep_their_own_types_and_errors_name_the_row(tmp_path: Path) -> None:
     """datasets' json loader wrote a column whose types differ between rows as JSON text: every good row's
     answer came back quoted and the bad row's number as "5", and training ran on that."""
