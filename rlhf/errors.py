@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,16 @@ class ConfigError(RlhfError):
 
 class DataError(RlhfError):
     """A data file is missing, empty or malformed (the message names file:line)."""
+
+
+@contextmanager
+def from_setting(name: str) -> Iterator[None]:
+    """Errors raised inside name the setting whose value they are about: "ppo.reward_model: runs/reward/final: no
+    such directory", where a default nobody set would otherwise appear from nowhere."""
+    try:
+        yield
+    except RlhfError as e:
+        raise type(e)(f"{name}: {e}") from None
 
 
 def read_yaml(path: str | Path, missing: str, error: type[RlhfError] = ConfigError) -> Any:

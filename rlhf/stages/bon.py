@@ -25,6 +25,7 @@ from rlhf.data.preferences import as_content
 from rlhf.data.prompts import read_prompt_conversations
 from rlhf.engine.best_of_n import BestOfN, best_of_n, kl_bound
 from rlhf.engine.decoding import SamplingParams
+from rlhf.errors import from_setting
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rlhf.train.common import resolve_precision
@@ -35,17 +36,19 @@ log = logging.getLogger(__name__)
 def run(cfg: BonConfig) -> dict[str, Any]:
     """Best-of-n over the prompts file; writes the kept answers (and a summary beside them)."""
     start = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
+    with from_setting("bon.policy"):
+        tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     # read before any output: bad input leaves nothing behind
-    conversations = read_prompt_conversations(cfg.prompts_file, cfg.max_prompts, tokenizer)
+    with from_setting("bon.prompts_file"):
+        conversations = read_prompt_conversations(cfg.prompts_file, cfg.max_prompts, tokenizer)
     check_output_file(cfg.out, "bon.out")
     prompts = [text for text, _ in conversations]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_causal_lm(cfg.policy, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
     reward_model = load_reward_model(cfg.reward_model, tokenizer=tokenizer).eval().to(device)  # type: ignore[arg-type]
-    check_same_tokenizer(
-        tokenizer, load_tokenizer(cfg.reward_model, cfg.add_pad_token), "bon.policy", "bon.reward_model"
-    )
+    with from_setting("bon.reward_model"):
+        rm_tokenizer = load_tokenizer(cfg.reward_model, cfg.add_pad_token)
+    check_same_tokenizer(tokenizer, rm_tokenizer, "bon.policy", "bon.reward_model")
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     bf16 = resolve_precision(cfg.precision) == "bf16"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -36,7 +36,7 @@ from rlhf.config import EvalConfig
 from rlhf.data.prompts import read_prompts
 from rlhf.engine.best_of_n import best_of_n, kl_bound
 from rlhf.engine.decoding import SamplingParams, decode_responses, generate
-from rlhf.errors import RlhfError
+from rlhf.errors import RlhfError, from_setting
 from rlhf.eval.judges import Answer, Judge, demo_metrics, gold_attack_rates, is_demo_prompt
 from rlhf.models.heads import load_reward_model
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
@@ -177,12 +177,19 @@ def answer_both(
 ) -> tuple[list[str], PolicyAnswers, PolicyAnswers]:
     """The evaluation prompts and each policy's answers to them (A with seed, B with seed + 1); answers found in
     `answered` are taken from it, and those sampled are added to it."""
-    tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
-    prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, tokenizer)
+    with from_setting("policy A"):
+        tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
+    with from_setting("eval.prompts_file"):
+        prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = resolve_precision(cfg.precision) == "bf16"
-    for path in (policy_b, *([cfg.reference] if cfg.reference else [])):
-        if load_tokenizer(path, cfg.add_pad_token).get_vocab() != tokenizer.get_vocab():
+    for name, path in (
+        ("policy B", policy_b),
+        *([("eval.reference", cfg.reference)] if cfg.reference else []),
+    ):
+        with from_setting(name):
+            other = load_tokenizer(path, cfg.add_pad_token)
+        if other.get_vocab() != tokenizer.get_vocab():
             raise RlhfError(f"{path} uses a different tokenizer from {policy_a}; they cannot be compared")
     reference = load_policy(cfg.reference, device, tokenizer) if cfg.reference else None
     bon = best_of_n_picker(cfg, tokenizer, device)
@@ -355,7 +362,10 @@ def check_answer_room(judge: Judge, policy_a: str, cfg: EvalConfig) -> None:
     both policies have answered every prompt)."""
     if getattr(judge, "context", None) is None:  # a judge without a context length (gold, endpoints)
         return
-    prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, load_tokenizer(policy_a, cfg.add_pad_token))
+    with from_setting("policy A"):
+        tokenizer = load_tokenizer(policy_a, cfg.add_pad_token)
+    with from_setting("eval.prompts_file"):
+        prompts = read_prompts(cfg.prompts_file, cfg.n_prompts, tokenizer)
     room = judge.answer_room(prompts, cfg.judge_principle)
     if room is None or room >= cfg.max_new_tokens:
         return

@@ -47,7 +47,7 @@ from rlhf.engine import lean_llama
 from rlhf.engine.decoding import Generation, SamplingParams, decode_responses, generate
 from rlhf.engine.packing import TokenLayout, layout, sliding_window, takes_4d_mask
 from rlhf.engine.sampling import stream_keys
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import ConfigError, DataError, from_setting
 from rlhf.losses import ppo_policy_loss, value_loss
 from rlhf.models.loading import (
     check_same_tokenizer,
@@ -360,18 +360,23 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     if (cfg.batch_size // k) % world:
         raise ConfigError(f"ppo.batch_size / samples_per_prompt ({cfg.batch_size // k} prompts) must be divisible "
                           f"by the {world} processes")  # fmt: skip
-    tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
+    with from_setting("ppo.policy"):
+        tokenizer = load_tokenizer(cfg.policy, cfg.add_pad_token)
     roles = [("ppo.reward_model", cfg.reward_model), ("ppo.critic", cfg.critic), ("ppo.reference", cfg.reference),
              ("ppo.safety_reward_model", cfg.safety_reward_model),
              *(("ppo.reward_ensemble", path) for path in cfg.reward_ensemble)]  # fmt: skip
     for role, path in roles:
         if path:  # the policy's token ids are what the reward model, the critic and the reference read
-            check_same_tokenizer(tokenizer, load_tokenizer(path, cfg.add_pad_token), "ppo.policy", role)
+            with from_setting(role):
+                other = load_tokenizer(path, cfg.add_pad_token)
+            check_same_tokenizer(tokenizer, other, "ppo.policy", role)
     # read before any output: bad input leaves nothing behind
-    prompts = read_prompts(cfg.prompts_file, tokenizer=tokenizer)
-    guard_prompts = (
-        read_prompts(cfg.eval_prompts_file, cfg.guard_prompts, tokenizer) if cfg.eval_prompts_file else []
-    )
+    with from_setting("ppo.prompts_file"):
+        prompts = read_prompts(cfg.prompts_file, tokenizer=tokenizer)
+    with from_setting("ppo.eval_prompts_file"):
+        guard_prompts = (
+            read_prompts(cfg.eval_prompts_file, cfg.guard_prompts, tokenizer) if cfg.eval_prompts_file else []
+        )
     functions = RewardFunctions(cfg.reward_functions, cfg.reward_function_weights)
     rows = prompt_rows(cfg.prompts_file) if functions else []  # those of the prompts that fit are kept below
     guard_rows = (

@@ -143,3 +143,27 @@ def test_atomic_outputs_write_through_a_symlink_and_into_a_pipe(tmp_path: Path) 
     write_jsonl(tmp_path / "stdout", [{"b": 2}])
     reader.join(timeout=10)
     assert received == ['{"b": 2}\n'] and (tmp_path / "stdout").is_symlink()
+
+
+def test_a_path_that_is_not_there_names_the_setting_it_came_from(
+    tmp_path: Path, tiny_sft_model: Path
+) -> None:
+    """`rlhf ppo --set ppo.policy=...` said "runs/reward/final: no such directory": the default of a setting the
+    user never set, with nothing naming it."""
+    from tests.cli import run_cli
+
+    missing = tmp_path / "nothing" / "here"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    cases = [
+        (["ppo", "--set", f"ppo.policy={tiny_sft_model}", "--set", f"ppo.prompts_file={prompts}",
+          "--set", f"ppo.reward_model={missing}"], "ppo.reward_model"),
+        (["ppo", "--set", f"ppo.policy={tiny_sft_model}", "--set", f"ppo.reward_model={tiny_sft_model}",
+          "--set", f"ppo.prompts_file={missing}.jsonl"], "ppo.prompts_file"),
+        (["bon", "--set", f"bon.policy={missing}"], "bon.policy"),
+        (["eval", str(tiny_sft_model), str(missing), "--set", f"eval.prompts_file={prompts}"], "policy B"),
+    ]  # fmt: skip
+    for args, setting in cases:
+        result = run_cli(*args, "--out", str(tmp_path / "out"))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().startswith(f"error: {setting}: {missing}"), (setting, result.stderr)
