@@ -39,6 +39,8 @@ def describe_source(name_or_path: str) -> str:
     (a hub id is `name` or `org/name`: anything with more slashes, or starting with / . ~, or whose first part
     is a local folder, as `runs/sft` beside a `runs/` folder, is a path)."""
     restore_replaced(Path(name_or_path).expanduser())
+    if Path(name_or_path).expanduser().is_file():  # a checkpoint file, a config, ... given for its folder
+        raise RlhfError(f"{name_or_path}: a file, not a model directory")
     if Path(name_or_path).expanduser().exists():
         return f"local directory {name_or_path!r}"
     first = name_or_path.split("/", 1)[0]

@@ -161,9 +161,13 @@ def test_a_path_that_is_not_there_names_the_setting_it_came_from(
         (["ppo", "--set", f"ppo.policy={tiny_sft_model}", "--set", f"ppo.reward_model={tiny_sft_model}",
           "--set", f"ppo.prompts_file={missing}.jsonl"], "ppo.prompts_file"),
         (["bon", "--set", f"bon.policy={missing}"], "bon.policy"),
+        (["bon", "--set", f"bon.policy={prompts}"], "bon.policy"),  # a file where a model directory is due
         (["eval", str(tiny_sft_model), str(missing), "--set", f"eval.prompts_file={prompts}"], "policy B"),
     ]  # fmt: skip
     for args, setting in cases:
         result = run_cli(*args, "--out", str(tmp_path / "out"))
         assert result.returncode == 1, result.stderr
-        assert result.stderr.strip().startswith(f"error: {setting}: {missing}"), (setting, result.stderr)
+        if args[-1] == f"bon.policy={prompts}":
+            assert result.stderr.strip() == f"error: bon.policy: {prompts}: a file, not a model directory"
+        else:
+            assert result.stderr.strip().startswith(f"error: {setting}: {missing}"), (setting, result.stderr)
