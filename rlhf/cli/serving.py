@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from rlhf.cli.common import app, setup_logging
+from rlhf.feedback.cli import check_port_free
 
 
 @app.command()
@@ -55,6 +56,7 @@ def serve(
         candidate_name=candidate_name, max_n=max_n, threads=threads,
     )  # fmt: skip
     setup_logging(quiet=True)
+    check_port_free(settings.host, settings.port)  # before the models load, which may take minutes
     state = open_state(settings)  # load the models first: a bad path is one line on stderr, not a traceback
     uvicorn.run(create_app(state=state), host=settings.host, port=settings.port, log_level=log_level)
 
@@ -96,6 +98,7 @@ def gateway(
         candidate_upstream=candidate_upstream, host=host, port=port,
     )  # fmt: skip
     setup_logging(quiet=True)
+    check_port_free(host, port)
     if settings.feedback_db:  # one that cannot be opened: one line here, not the app's start-up traceback
         from rlhf.feedback.db import open_database
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import gc
 import os
 import re
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rlhf.errors import DataError
+from rlhf.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from rlhf.feedback.db import Database
@@ -34,6 +35,22 @@ DbOpt = Annotated[
     ),
 ]
 DEFAULT_DB = "sqlite:///feedback.db"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A port another process listens on, as one line before start-up (models, migrations), where uvicorn would
+    say "Application startup complete" and then fail to bind. rlhf serve and rlhf gateway call it too. A process
+    that takes the port between this check and uvicorn's bind still meets uvicorn's own error."""
+    if port == 0:  # any free port
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
 
 
 def open_database(url: str, existing: bool = False) -> Database:
@@ -79,6 +96,7 @@ def serve(
     from rlhf.feedback.settings import Settings
 
     settings = Settings.from_env(db=db, workers=workers, redis_url=redis_url)
+    check_port_free(host, port)
     open_database(settings.db).dispose()  # migrate first, so a bad URL is one line here, not a traceback
     if (
         settings.redis_url

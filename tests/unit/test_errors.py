@@ -171,3 +171,26 @@ def test_a_path_that_is_not_there_names_the_setting_it_came_from(
             assert result.stderr.strip() == f"error: bon.policy: {prompts}: a file, not a model directory"
         else:
             assert result.stderr.strip().startswith(f"error: {setting}: {missing}"), (setting, result.stderr)
+
+
+def test_a_port_in_use_is_one_line_before_start_up(tmp_path: Path, tiny_sft_model: Path) -> None:
+    """A server started on a port another process listens on printed "Application startup complete" (after
+    loading its models) and then uvicorn's bind error."""
+    import socket
+
+    from tests.cli import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (
+            ["serve", str(tiny_sft_model)],
+            ["gateway", "--upstream", "http://127.0.0.1:9/v1"],
+            ["label", "serve", "--db", f"sqlite:///{tmp_path / 'f.db'}"],
+        ):
+            result = run_cli(*args, "--port", str(port))
+            assert result.returncode == 1, (args, result.stderr)
+            assert result.stderr.strip().startswith(f"error: --port {port}: cannot listen on 127.0.0.1:{port}"), (
+                args, result.stderr)  # fmt: skip
+    assert not (tmp_path / "f.db").exists()  # checked before the store was made
