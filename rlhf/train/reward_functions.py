@@ -78,10 +78,16 @@ class RewardFunctions:
         self.specs = list(specs)
         self.functions = [load_reward_function(spec) for spec in specs]
         self.weights = [1.0] * len(specs) if weights is None else list(weights)
-        names = [getattr(f, "__name__", spec) for f, spec in zip(self.functions, specs, strict=True)]
-        # two functions of one name (reward in a.py and in b.py) are logged apart: NAME, NAME_2, ...
-        self.names = [name if names[:n].count(name) == 0 else f"{name}_{names[:n].count(name) + 1}"
-                      for n, name in enumerate(names)]  # fmt: skip
+        # two functions of one name (reward in a.py and in b.py) are logged apart: NAME, NAME_2, ... (a suffix
+        # another function's own name already holds is passed over)
+        self.names: list[str] = []
+        for function, spec in zip(self.functions, specs, strict=True):
+            name = unique = getattr(function, "__name__", spec)
+            n = 1
+            while unique in self.names:
+                n += 1
+                unique = f"{name}_{n}"
+            self.names.append(unique)
 
     def __bool__(self) -> bool:
         return bool(self.functions)

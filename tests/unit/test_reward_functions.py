@@ -71,6 +71,13 @@ def test_tensors_are_taken_and_functions_of_one_name_are_logged_apart(tmp_path: 
     two.write_text("def reward(completions, **kw):\n    return [2.0] * len(completions)\n")
     totals, means = RewardFunctions([f"{one}:reward", f"{two}:reward"])([{"prompt": "p"}], ["a"], [[1]])
     assert totals == [3.0] and means == {"reward": 1.0, "reward_2": 2.0}
+    # a function whose own name is the suffixed one: each of the three keeps its own key
+    two.write_text(
+        two.read_text() + "def reward_2(completions, **kw):\n    return [4.0] * len(completions)\n"
+    )
+    functions = RewardFunctions([f"{one}:reward", f"{two}:reward", f"{two}:reward_2"])
+    totals, means = functions([{"prompt": "p"}], ["a"], [[1]])
+    assert totals == [7.0] and means == {"reward": 1.0, "reward_2": 2.0, "reward_2_2": 4.0}
 
 
 def test_chat_rows_get_messages_and_bad_values_name_the_function_and_answer(tmp_path: Path) -> None:
