@@ -188,7 +188,9 @@ def kto_labels(
     groups: list[PreferenceGroup] = []
     labels: list[list[bool | None]] = []
     for r in records:
-        if isinstance(r, Feedback):
+        if (
+            isinstance(r, Feedback) and r.meta.get("is_gold") is not True
+        ):  # gold items check labelers, as in to_groups
             f = render_feedback(r, render)
             assert isinstance(f.prompt, str) and isinstance(f.completion, str)
             groups.append(PreferenceGroup(f.prompt, [f.completion], [], [None], f.labeler))

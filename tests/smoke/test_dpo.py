@@ -159,6 +159,15 @@ def test_kto_reads_each_judgements_kl_answer_from_the_next() -> None:
     assert all(j.kl_answers == 0 and len(j.answers) == 1 for j in alone)
 
 
+def test_kto_leaves_out_feedback_on_gold_items_as_comparisons_are() -> None:
+    from rlhf.data.preferences import Feedback, PairwiseVote
+
+    records = [Feedback("p", "a", True, meta={"is_gold": True}), Feedback("q", "b", False),
+               PairwiseVote("r", "c", "d", "A", meta={"is_gold": True})]  # fmt: skip
+    groups, labels = dpo.kto_labels(records, None)
+    assert [(g.prompt, g.completions) for g in groups] == [("q", ["b"])] and labels == [[False]]
+
+
 def test_kto_held_out_margin_is_the_desirable_answers_mean_reward_minus_the_undesirable_ones(
     tiny_sft_model: Path, preferences: Path
 ) -> None:
