@@ -267,7 +267,8 @@ def kto_loss(
     """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8) over A answers each judged alone, (A,) each, log-probs
     summed over each answer's tokens; `desirable` (A,) bool. With r = logp - ref, the answer's log-ratio, and z the
     reference point: the log-ratio of answers to other prompts (kl_*, (M,) each) averaged, floored at 0 and held
-    constant (no gradient), as TRL's KTOTrainer estimates the policy's KL to the reference:
+    constant (no gradient), TRL's KTOTrainer's estimate of the policy's KL to the reference, over the answers given
+    (the caller's micro-batch: TRL averages it over the whole batch and every process):
       desirable:   desirable_weight * (1 - sigmoid(beta * (r - z)))
       undesirable: undesirable_weight * (1 - sigmoid(beta * (z - r)))
     The mean over the answers. Stats: `dpo/chosen_reward` and `dpo/rejected_reward` (beta * r of the desirable and

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.errors import RlhfError
-from rlhf.models.loading import context_length, load_causal_lm, load_tokenizer
+from rlhf.models.loading import context_length, describe_source, load_causal_lm, load_tokenizer
 from rlhf.serve.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,14 @@ def load_model(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
         raise RlhfError(
             f"{adapter_config}: no base_model_name_or_path; cannot tell which model to merge onto"
         )
-    local = base_path.startswith((".", "/", "~")) or base_path.count("/") > 1  # a hub id is "org/name"
-    if local and not Path(base_path).expanduser().is_dir():
+    try:
+        describe_source(base_path)  # a path that is not there (a hub id passes)
+    except RlhfError:
         raise RlhfError(
             f"{adapter_config}: base_model_name_or_path {base_path!r} is not a directory from here (the adapter "
             "names its base model as it was given at training, relative to where that ran): run from there, or "
             "set it to the base model's path"
-        )
+        ) from None
     has_tokenizer = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
     tokenizer = load_tokenizer(path if has_tokenizer else base_path)
     base = load_causal_lm(base_path, dtype, tokenizer=tokenizer)
