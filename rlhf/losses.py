@@ -242,7 +242,8 @@ def orpo_loss(
     """ORPO (Hong et al. 2024, arXiv:2403.07691, eq. 6-7) over P pairs: no reference model, and the SFT loss
     built in. With P(y) = exp(the answer's mean log-prob per token) and odds(y) = P / (1 - P):
       NLL of the chosen answer (its mean per token) - lam * log sigmoid(log odds(chosen) - log odds(rejected)).
-    Inputs (P,) each. Stats as dpo_loss's with the log odds as rewards, and `dpo/nll`."""
+    Inputs (P,) each. Stats as dpo_loss's with lam times the mean log-probs as rewards (as TRL logs them), and
+    `dpo/nll` and `dpo/log_odds_ratio`."""
     log_odds_c = chosen_avg_logps - _log1mexp(chosen_avg_logps)  # (P,) log(P / (1 - P))
     log_odds_r = rejected_avg_logps - _log1mexp(rejected_avg_logps)  # (P,)
     nll = -chosen_avg_logps.mean()

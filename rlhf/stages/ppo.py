@@ -380,7 +380,9 @@ def set_up(cfg: PPOConfig, resume: bool, gold_fn: GoldFn | None) -> PPOState:
     functions = RewardFunctions(cfg.reward_functions, cfg.reward_function_weights)
     rows = prompt_rows(cfg.prompts_file) if functions else []  # those of the prompts that fit are kept below
     guard_rows = (
-        prompt_rows(cfg.eval_prompts_file, rows[0])[: len(guard_prompts)]  # the training file's columns too
+        prompt_rows(cfg.eval_prompts_file, rows[0].keys())[
+            : len(guard_prompts)
+        ]  # the training file's columns too
         if functions and cfg.eval_prompts_file
         else []
     )
